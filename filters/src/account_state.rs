@@ -1,0 +1,347 @@
+//! How upstream answers change an account's state: cooldowns from reset hints, error streaks,
+//! automatic disabling (DESIGN §8).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::accounts::Account;
+
+/// Thresholds and default cooldowns.
+#[derive(Debug, Clone)]
+pub struct StateRules {
+    pub cooldown_429: Duration,
+    pub cooldown_529: Duration,
+    pub cooldown_5xx: Duration,
+    pub server_error_threshold: u32,
+    pub account_error_threshold: u32,
+}
+
+impl Default for StateRules {
+    fn default() -> Self {
+        StateRules {
+            cooldown_429: Duration::from_secs(60),
+            cooldown_529: Duration::from_secs(120),
+            cooldown_5xx: Duration::from_secs(300),
+            server_error_threshold: 3,
+            account_error_threshold: 5,
+        }
+    }
+}
+
+/// What one attempt ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response head with this status; `reset_at_ms` from the provider's reset hints.
+    Status {
+        status: u16,
+        reset_at_ms: Option<i64>,
+        blocked: bool,
+    },
+    /// Connecting failed or timed out.
+    ConnectError,
+    /// No response head in time, or the connection broke before it.
+    Timeout,
+}
+
+/// The state change to persist and count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateChange {
+    None,
+    /// Cooling until this epoch ms; `reason` is the metric label.
+    Cooldown {
+        reason: &'static str,
+        until_ms: i64,
+    },
+    /// Taken out of scheduling (`status` error or blocked).
+    Disabled {
+        status: &'static str,
+        reason: String,
+    },
+    /// Back to healthy after errors.
+    Recovered,
+}
+
+/// Applies `outcome` to the account's live state and says what changed.
+pub fn apply_outcome(
+    account: &Account,
+    outcome: Outcome,
+    rules: &StateRules,
+    now_ms: i64,
+) -> StateChange {
+    let st = &account.state;
+    let cooldown = |reason: &'static str, d: Duration, hint: Option<i64>| {
+        let until = hint
+            .filter(|t| *t > now_ms)
+            .unwrap_or(now_ms + d.as_millis() as i64);
+        st.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
+        StateChange::Cooldown {
+            reason,
+            until_ms: until,
+        }
+    };
+    match outcome {
+        Outcome::Status {
+            status: 200..=399, ..
+        } => {
+            st.consecutive_server_errors.store(0, Ordering::Relaxed);
+            if st.consecutive_errors.swap(0, Ordering::Relaxed) > 0 {
+                StateChange::Recovered
+            } else {
+                StateChange::None
+            }
+        }
+        Outcome::Status {
+            status: 429,
+            reset_at_ms,
+            ..
+        } => cooldown("rate_limited", rules.cooldown_429, reset_at_ms),
+        Outcome::Status { status: 529, .. } => cooldown("overloaded", rules.cooldown_529, None),
+        Outcome::Status {
+            status: 401 | 403,
+            blocked,
+            ..
+        } => {
+            let n = st.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1;
+            if blocked {
+                st.schedulable.store(false, Ordering::Relaxed);
+                StateChange::Disabled {
+                    status: "blocked",
+                    reason: "the provider reports the organization or account disabled".into(),
+                }
+            } else if n >= rules.account_error_threshold {
+                st.schedulable.store(false, Ordering::Relaxed);
+                StateChange::Disabled {
+                    status: "error",
+                    reason: format!("{n} authentication errors in a row"),
+                }
+            } else {
+                StateChange::None
+            }
+        }
+        Outcome::Status {
+            status: 500..=599, ..
+        }
+        | Outcome::ConnectError
+        | Outcome::Timeout => {
+            let n = st.consecutive_server_errors.fetch_add(1, Ordering::Relaxed) + 1;
+            if n >= rules.server_error_threshold {
+                st.consecutive_server_errors.store(0, Ordering::Relaxed);
+                cooldown("server_errors", rules.cooldown_5xx, None)
+            } else {
+                StateChange::None
+            }
+        }
+        Outcome::Status { .. } => StateChange::None,
+    }
+}
+
+/// The earliest time the provider says the limit resets, from response headers
+/// (`retry-after`, `anthropic-ratelimit-unified-reset`, `x-ratelimit-reset-*`).
+pub fn reset_hint(headers: &http::HeaderMap, now_ms: i64) -> Option<i64> {
+    let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
+    let mut best: Option<i64> = None;
+    let mut take = |t: Option<i64>| {
+        if let Some(t) = t.filter(|t| *t > now_ms) {
+            best = Some(best.map_or(t, |b| b.max(t)));
+        }
+    };
+    // Retry-After: delta seconds (an HTTP date is rare from these providers; ignored).
+    take(
+        get("retry-after")
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|s| now_ms + (s * 1000.0) as i64),
+    );
+    // Anthropic unified limits: epoch seconds.
+    take(
+        get("anthropic-ratelimit-unified-reset")
+            .and_then(|v| v.parse::<i64>().ok())
+            .map(|s| s * 1000),
+    );
+    // OpenAI: durations such as "1s", "6m0s", "20ms".
+    for name in ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"] {
+        take(
+            get(name)
+                .and_then(parse_go_duration_ms)
+                .map(|ms| now_ms + ms),
+        );
+    }
+    best
+}
+
+/// `error.resets_in_seconds` from a 429 body (ChatGPT Codex backend).
+pub fn body_reset_hint(body: &[u8], now_ms: i64) -> Option<i64> {
+    #[derive(serde::Deserialize)]
+    struct Outer {
+        error: Inner,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        resets_in_seconds: Option<f64>,
+    }
+    let o: Outer = serde_json::from_slice(body).ok()?;
+    o.error
+        .resets_in_seconds
+        .map(|s| now_ms + (s * 1000.0) as i64)
+}
+
+/// Whether a 401/403 body says the organization or account is disabled for good.
+pub fn is_blocking_error(body: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(&body[..body.len().min(4096)]).to_ascii_lowercase();
+    [
+        "organization has been disabled",
+        "organization is disabled",
+        "account has been disabled",
+        "account is disabled",
+        "deactivated",
+    ]
+    .iter()
+    .any(|p| text.contains(p))
+}
+
+fn parse_go_duration_ms(s: &str) -> Option<i64> {
+    let mut total = 0f64;
+    let mut num = String::new();
+    let mut chars = s.chars().peekable();
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let v: f64 = num.parse().ok()?;
+        num.clear();
+        let unit = match c {
+            'h' => 3_600_000.0,
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                1.0
+            }
+            'm' => 60_000.0,
+            's' => 1000.0,
+            _ => return None,
+        };
+        total += v * unit;
+        any = true;
+    }
+    if !num.is_empty() {
+        total += num.parse::<f64>().ok()? * 1000.0;
+        any = true;
+    }
+    any.then_some(total as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accounts::tests::account;
+    use crate::AccountType;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_go_duration_ms("1s"), Some(1000));
+        assert_eq!(parse_go_duration_ms("6m0s"), Some(360_000));
+        assert_eq!(parse_go_duration_ms("20ms"), Some(20));
+        assert_eq!(parse_go_duration_ms("1.5s"), Some(1500));
+        assert_eq!(parse_go_duration_ms("x"), None);
+    }
+
+    #[test]
+    fn hints() {
+        let mut h = http::HeaderMap::new();
+        h.insert("retry-after", "30".parse().unwrap());
+        assert_eq!(reset_hint(&h, 1000), Some(31_000));
+        h.insert("anthropic-ratelimit-unified-reset", "100".parse().unwrap());
+        assert_eq!(reset_hint(&h, 1000), Some(100_000));
+        assert_eq!(
+            body_reset_hint(
+                br#"{"error":{"type":"usage_limit_reached","resets_in_seconds":12}}"#,
+                0
+            ),
+            Some(12_000)
+        );
+        assert!(is_blocking_error(
+            br#"{"error":{"message":"This organization has been disabled."}}"#
+        ));
+    }
+
+    #[test]
+    fn transitions() {
+        let rules = StateRules::default();
+        let a = account("a", AccountType::Claude, 50, 1);
+        let s429 = Outcome::Status {
+            status: 429,
+            reset_at_ms: None,
+            blocked: false,
+        };
+        assert_eq!(
+            apply_outcome(&a, s429, &rules, 0),
+            StateChange::Cooldown {
+                reason: "rate_limited",
+                until_ms: 60_000
+            }
+        );
+        assert!(!a.usable(59_999));
+        assert!(a.usable(60_000));
+        let hinted = Outcome::Status {
+            status: 429,
+            reset_at_ms: Some(90_000),
+            blocked: false,
+        };
+        assert_eq!(
+            apply_outcome(&a, hinted, &rules, 0),
+            StateChange::Cooldown {
+                reason: "rate_limited",
+                until_ms: 90_000
+            }
+        );
+        for _ in 0..2 {
+            assert_eq!(
+                apply_outcome(&a, Outcome::Timeout, &rules, 0),
+                StateChange::None
+            );
+        }
+        assert!(matches!(
+            apply_outcome(&a, Outcome::ConnectError, &rules, 0),
+            StateChange::Cooldown {
+                reason: "server_errors",
+                ..
+            }
+        ));
+        let auth = Outcome::Status {
+            status: 401,
+            reset_at_ms: None,
+            blocked: false,
+        };
+        for _ in 0..4 {
+            assert_eq!(apply_outcome(&a, auth, &rules, 0), StateChange::None);
+        }
+        assert!(matches!(
+            apply_outcome(&a, auth, &rules, 0),
+            StateChange::Disabled {
+                status: "error",
+                ..
+            }
+        ));
+        assert!(!a.usable(i64::MAX));
+        let b = account("b", AccountType::Claude, 50, 1);
+        apply_outcome(&b, auth, &rules, 0);
+        let ok = Outcome::Status {
+            status: 200,
+            reset_at_ms: None,
+            blocked: false,
+        };
+        assert_eq!(apply_outcome(&b, ok, &rules, 0), StateChange::Recovered);
+        let blocked = Outcome::Status {
+            status: 403,
+            reset_at_ms: None,
+            blocked: true,
+        };
+        assert!(matches!(
+            apply_outcome(&b, blocked, &rules, 0),
+            StateChange::Disabled {
+                status: "blocked",
+                ..
+            }
+        ));
+    }
+}

@@ -1,0 +1,455 @@
+//! Upstream accounts as the scheduler sees them: static settings plus live state (in-flight
+//! count, cooldown, error streak), and the rules that pick one (DESIGN §8).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rand::Rng;
+use serde::Deserialize;
+
+use crate::{AccountType, Protocol};
+
+/// An account credential: never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential(String);
+
+impl Credential {
+    /// Wraps a decrypted credential.
+    pub fn new(s: String) -> Self {
+        Credential(s)
+    }
+    /// The secret itself, for the one place that sends it upstream.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Credential(***)")
+    }
+}
+
+/// Where an account's requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix kept in front of every upstream path, without trailing slash.
+    pub path_prefix: String,
+}
+
+impl BaseUrl {
+    /// Parses `http(s)://host[:port][/prefix]`.
+    pub fn parse(url: &str) -> Result<BaseUrl, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!(
+                "base URL must start with http:// or https://: {url}"
+            ));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+                let port = p
+                    .parse::<u16>()
+                    .map_err(|_| format!("bad port in base URL: {url}"))?;
+                (h, port)
+            }
+            _ => (authority, if tls { 443 } else { 80 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("base URL has no host: {url}"));
+        }
+        Ok(BaseUrl {
+            tls,
+            host: host.to_string(),
+            port,
+            path_prefix: path.trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+/// One upstream account with its live state.
+#[derive(Debug)]
+pub struct Account {
+    pub id: String,
+    pub name: String,
+    pub account_type: AccountType,
+    pub base_url: BaseUrl,
+    pub credential: Credential,
+    /// Lower is preferred (default 50).
+    pub priority: i64,
+    /// Relative share inside a priority tier (default 1).
+    pub weight: u32,
+    /// Models served; empty = all.
+    pub models: Vec<String>,
+    /// Client model → upstream model.
+    pub model_map: HashMap<String, String>,
+    pub max_concurrency: Option<u32>,
+    /// ChatGPT account id for `openai-responses` accounts with a ChatGPT token.
+    pub chatgpt_account_id: Option<String>,
+    pub state: Arc<AccountState>,
+}
+
+/// Live, shared state of an account; survives reloads of its settings.
+#[derive(Debug, Default)]
+pub struct AccountState {
+    /// Enabled and status `valid` (cleared by the error threshold or an admin).
+    pub schedulable: AtomicBool,
+    pub inflight: AtomicU32,
+    /// Epoch ms until which the account is cooling down.
+    pub cooldown_until_ms: AtomicI64,
+    pub consecutive_errors: AtomicU32,
+    pub consecutive_server_errors: AtomicU32,
+    pub last_used_ms: AtomicI64,
+    /// Round-robin and request counter.
+    pub requests: AtomicU64,
+}
+
+impl Account {
+    /// Whether this account serves `protocol` and `model` at all (ignoring live state).
+    pub fn serves(&self, protocol: Protocol, model: Option<&str>) -> bool {
+        if !self.account_type.serves(protocol) {
+            return false;
+        }
+        match model {
+            Some(m) if !self.models.is_empty() => {
+                self.models.iter().any(|x| x == m) || self.model_map.contains_key(m)
+            }
+            _ => true,
+        }
+    }
+
+    /// Whether the account can take one more request now.
+    pub fn usable(&self, now_ms: i64) -> bool {
+        self.state.schedulable.load(Ordering::Relaxed)
+            && self.state.cooldown_until_ms.load(Ordering::Relaxed) <= now_ms
+            && self
+                .max_concurrency
+                .is_none_or(|cap| self.state.inflight.load(Ordering::Relaxed) < cap)
+    }
+
+    /// The model name sent upstream.
+    pub fn map_model<'a>(&'a self, model: &'a str) -> &'a str {
+        self.model_map
+            .get(model)
+            .map(String::as_str)
+            .unwrap_or(model)
+    }
+}
+
+/// The current set of accounts; implemented by the binary's cache.
+pub trait AccountDirectory: Send + Sync {
+    /// Every account (a snapshot).
+    fn accounts(&self) -> Arc<Vec<Arc<Account>>>;
+    /// One account by id.
+    fn get(&self, id: &str) -> Option<Arc<Account>>;
+}
+
+/// How an account is chosen inside the best priority tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PickStrategy {
+    #[default]
+    Weighted,
+    Lru,
+    LeastInflight,
+    RoundRobin,
+}
+
+/// Picks an account for a request: usable, serving the protocol and model, not in `exclude`,
+/// lowest priority number first, then `strategy` inside that tier.
+pub fn select_account(
+    accounts: &[Arc<Account>],
+    protocol: Protocol,
+    model: Option<&str>,
+    exclude: &[String],
+    strategy: PickStrategy,
+    now_ms: i64,
+    rr_counter: &AtomicU64,
+) -> Option<Arc<Account>> {
+    let mut best: Option<i64> = None;
+    let mut tier: Vec<&Arc<Account>> = Vec::new();
+    for a in accounts {
+        if !a.serves(protocol, model) || !a.usable(now_ms) || exclude.iter().any(|x| *x == a.id) {
+            continue;
+        }
+        match best {
+            Some(p) if a.priority > p => continue,
+            Some(p) if a.priority == p => tier.push(a),
+            _ => {
+                best = Some(a.priority);
+                tier.clear();
+                tier.push(a);
+            }
+        }
+    }
+    let chosen = match strategy {
+        PickStrategy::Weighted => {
+            let total: u64 = tier.iter().map(|a| u64::from(a.weight.max(1))).sum();
+            if total == 0 {
+                return None;
+            }
+            let mut roll = rand::rng().random_range(0..total);
+            tier.iter()
+                .find(|a| {
+                    let w = u64::from(a.weight.max(1));
+                    if roll < w {
+                        true
+                    } else {
+                        roll -= w;
+                        false
+                    }
+                })
+                .copied()
+        }
+        PickStrategy::Lru => tier
+            .iter()
+            .min_by_key(|a| a.state.last_used_ms.load(Ordering::Relaxed))
+            .copied(),
+        PickStrategy::LeastInflight => tier
+            .iter()
+            .min_by_key(|a| a.state.inflight.load(Ordering::Relaxed))
+            .copied(),
+        PickStrategy::RoundRobin => {
+            if tier.is_empty() {
+                None
+            } else {
+                let n = rr_counter.fetch_add(1, Ordering::Relaxed) as usize;
+                tier.get(n % tier.len()).copied()
+            }
+        }
+    };
+    chosen.cloned()
+}
+
+/// An in-flight slot on an account, released when dropped.
+pub struct InflightLease(Arc<AccountState>);
+
+impl InflightLease {
+    /// Takes a slot on `account`, marking it used now.
+    pub fn acquire(account: &Account, now_ms: i64) -> Self {
+        account.state.inflight.fetch_add(1, Ordering::Relaxed);
+        account.state.last_used_ms.store(now_ms, Ordering::Relaxed);
+        account.state.requests.fetch_add(1, Ordering::Relaxed);
+        InflightLease(account.state.clone())
+    }
+}
+
+impl Drop for InflightLease {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn account(id: &str, t: AccountType, priority: i64, weight: u32) -> Arc<Account> {
+        let state = AccountState::default();
+        state.schedulable.store(true, Ordering::Relaxed);
+        Arc::new(Account {
+            id: id.into(),
+            name: id.into(),
+            account_type: t,
+            base_url: BaseUrl::parse("http://127.0.0.1:9").unwrap(),
+            credential: Credential::new(format!("secret-{id}")),
+            priority,
+            weight,
+            models: vec![],
+            model_map: HashMap::new(),
+            max_concurrency: None,
+            chatgpt_account_id: None,
+            state: Arc::new(state),
+        })
+    }
+
+    #[test]
+    fn base_urls() {
+        let b = BaseUrl::parse("https://example.com/openai/").unwrap();
+        assert_eq!((b.tls, b.host.as_str(), b.port), (true, "example.com", 443));
+        assert_eq!(b.path_prefix, "/openai");
+        let b = BaseUrl::parse("http://127.0.0.1:8089").unwrap();
+        assert_eq!((b.tls, b.port, b.path_prefix.as_str()), (false, 8089, ""));
+        let b = BaseUrl::parse("http://[::1]:81/x").unwrap();
+        assert_eq!((b.host.as_str(), b.port), ("::1", 81));
+        assert!(BaseUrl::parse("ftp://x").is_err());
+        assert!(BaseUrl::parse("http://x:notaport").is_err());
+    }
+
+    #[test]
+    fn credential_never_prints() {
+        let c = Credential::new("sk-ant-secret".into());
+        assert!(!format!("{c:?}").contains("secret"));
+    }
+
+    #[test]
+    fn lowest_priority_tier_wins_and_exclusions_hold() {
+        let rr = AtomicU64::new(0);
+        let a = account("a", AccountType::Claude, 10, 1);
+        let b = account("b", AccountType::Claude, 50, 1);
+        let o = account("o", AccountType::Openai, 1, 1);
+        let all = vec![a.clone(), b.clone(), o];
+        for _ in 0..20 {
+            let s = select_account(
+                &all,
+                Protocol::Anthropic,
+                None,
+                &[],
+                PickStrategy::Weighted,
+                0,
+                &rr,
+            );
+            assert_eq!(s.unwrap().id, "a");
+        }
+        let s = select_account(
+            &all,
+            Protocol::Anthropic,
+            None,
+            &["a".into()],
+            PickStrategy::Weighted,
+            0,
+            &rr,
+        );
+        assert_eq!(s.unwrap().id, "b");
+        a.state.cooldown_until_ms.store(100, Ordering::Relaxed);
+        let s = select_account(
+            &all,
+            Protocol::Anthropic,
+            None,
+            &[],
+            PickStrategy::Lru,
+            50,
+            &rr,
+        );
+        assert_eq!(s.unwrap().id, "b");
+        let s = select_account(
+            &all,
+            Protocol::Anthropic,
+            None,
+            &["b".into()],
+            PickStrategy::Lru,
+            50,
+            &rr,
+        );
+        assert!(s.is_none());
+    }
+
+    #[test]
+    fn weighted_spreads_by_weight() {
+        let rr = AtomicU64::new(0);
+        let all = vec![
+            account("a", AccountType::Claude, 50, 3),
+            account("b", AccountType::Claude, 50, 1),
+        ];
+        let mut a = 0;
+        for _ in 0..4000 {
+            if select_account(
+                &all,
+                Protocol::Anthropic,
+                None,
+                &[],
+                PickStrategy::Weighted,
+                0,
+                &rr,
+            )
+            .unwrap()
+            .id == "a"
+            {
+                a += 1;
+            }
+        }
+        assert!((2700..3300).contains(&a), "a picked {a} of 4000");
+    }
+
+    #[test]
+    fn concurrency_cap_and_models() {
+        let rr = AtomicU64::new(0);
+        let mut acc = Arc::try_unwrap(account("a", AccountType::Claude, 50, 1)).unwrap();
+        acc.max_concurrency = Some(1);
+        acc.models = vec!["claude-sonnet-4-5".into()];
+        let acc = Arc::new(acc);
+        let all = vec![acc.clone()];
+        assert!(select_account(
+            &all,
+            Protocol::Anthropic,
+            Some("claude-opus-4-1"),
+            &[],
+            PickStrategy::Weighted,
+            0,
+            &rr
+        )
+        .is_none());
+        let lease = InflightLease::acquire(&acc, 0);
+        assert!(select_account(
+            &all,
+            Protocol::Anthropic,
+            Some("claude-sonnet-4-5"),
+            &[],
+            PickStrategy::Weighted,
+            0,
+            &rr
+        )
+        .is_none());
+        drop(lease);
+        assert!(select_account(
+            &all,
+            Protocol::Anthropic,
+            Some("claude-sonnet-4-5"),
+            &[],
+            PickStrategy::Weighted,
+            0,
+            &rr
+        )
+        .is_some());
+    }
+
+    #[test]
+    fn round_robin_and_least_inflight() {
+        let rr = AtomicU64::new(0);
+        let all = vec![
+            account("a", AccountType::Gemini, 50, 1),
+            account("b", AccountType::Gemini, 50, 1),
+        ];
+        let ids: Vec<String> = (0..4)
+            .map(|_| {
+                select_account(
+                    &all,
+                    Protocol::Gemini,
+                    None,
+                    &[],
+                    PickStrategy::RoundRobin,
+                    0,
+                    &rr,
+                )
+                .unwrap()
+                .id
+                .clone()
+            })
+            .collect();
+        assert_eq!(ids, ["a", "b", "a", "b"]);
+        let _l = InflightLease::acquire(&all[0], 0);
+        let s = select_account(
+            &all,
+            Protocol::Gemini,
+            None,
+            &[],
+            PickStrategy::LeastInflight,
+            0,
+            &rr,
+        );
+        assert_eq!(s.unwrap().id, "b");
+    }
+}

@@ -1,0 +1,301 @@
+//! `api_key_auth`: relay API key → key entry and user, with the key's platform and model rules.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+
+use crate::chain::{Flow, RequestFilter, RequestView};
+use crate::context::{AuthInfo, RequestCtx};
+use crate::error::{ErrorKind, Rejection};
+
+/// What the in-process key cache holds for one key (no secret: only the hash is known).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyEntry {
+    pub id: String,
+    pub name: String,
+    pub user_id: String,
+    pub username: String,
+    /// Key and owner are both enabled.
+    pub enabled: bool,
+    /// Epoch ms after which the key is refused.
+    pub expires_at: Option<i64>,
+    /// Platforms (`claude`, `openai`, `gemini`) the key may use; empty = all.
+    pub allowed_platforms: Vec<String>,
+    /// Models (exact or glob with `*` / `?`) the key may use; empty = all.
+    pub allowed_models: Vec<String>,
+    pub rpm_limit: Option<u32>,
+    pub max_concurrency: Option<u32>,
+    pub daily_cost_limit: Option<i64>,
+    pub total_cost_limit: Option<i64>,
+    /// The owner's price rate, ten-thousandths (10000 = 1.0).
+    pub price_rate: i64,
+}
+
+impl KeyEntry {
+    /// Whether the key may call `model`.
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.allowed_models.is_empty() || self.allowed_models.iter().any(|p| glob_match(p, model))
+    }
+
+    /// Whether the key may use `platform`.
+    pub fn allows_platform(&self, platform: &str) -> bool {
+        self.allowed_platforms.is_empty() || self.allowed_platforms.iter().any(|p| p == platform)
+    }
+}
+
+/// Lookup of keys by their peppered hash; implemented by the binary's cache.
+pub trait KeyStore: Send + Sync {
+    /// The key entry for a hash, from memory (never a database round trip).
+    fn lookup(&self, key_hash: &str) -> Option<Arc<KeyEntry>>;
+    /// The server secret mixed into every key hash.
+    fn pepper(&self) -> &[u8];
+}
+
+/// Hex SHA-256 of `pepper || key`: what is stored instead of the key.
+pub fn hash_api_key(pepper: &[u8], key: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(pepper);
+    h.update(key.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Matches `*` (any run) and `?` (one char) globs.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == b'*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// Extracts the client's relay key: `x-api-key`, `Authorization: Bearer`, `x-goog-api-key`,
+/// or `?key=` (Gemini).
+pub fn client_key<'a>(headers: &'a http::HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    header("x-api-key")
+        .or_else(|| {
+            header("authorization").and_then(|v| {
+                let (scheme, rest) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+            })
+        })
+        .or_else(|| header("x-goog-api-key"))
+        .or_else(|| {
+            query?
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("key="))
+                .filter(|v| !v.is_empty())
+        })
+}
+
+/// The filter: authenticates the key and checks its platform and model rules.
+pub struct ApiKeyAuth {
+    keys: Arc<dyn KeyStore>,
+}
+
+impl ApiKeyAuth {
+    /// A filter reading keys from `keys`.
+    pub fn new(keys: Arc<dyn KeyStore>) -> Self {
+        ApiKeyAuth { keys }
+    }
+
+    /// Resolves and checks the key; the same rules as the filter, usable without a chain.
+    pub fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        query: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Arc<KeyEntry>, Rejection> {
+        let Some(key) = client_key(headers, query) else {
+            return Err(Rejection::new(
+                ErrorKind::Authentication,
+                "missing API key: send it as x-api-key or Authorization: Bearer",
+            ));
+        };
+        let entry = self
+            .keys
+            .lookup(&hash_api_key(self.keys.pepper(), key))
+            .ok_or_else(|| Rejection::new(ErrorKind::Authentication, "invalid API key"))?;
+        if !entry.enabled {
+            return Err(Rejection::new(
+                ErrorKind::Authentication,
+                "API key is disabled",
+            ));
+        }
+        if entry.expires_at.is_some_and(|t| t <= now_ms) {
+            return Err(Rejection::new(
+                ErrorKind::Authentication,
+                "API key has expired",
+            ));
+        }
+        Ok(entry)
+    }
+}
+
+#[async_trait]
+impl RequestFilter for ApiKeyAuth {
+    fn name(&self) -> &'static str {
+        "api_key_auth"
+    }
+
+    async fn on_request(&self, ctx: &mut RequestCtx, req: &RequestView<'_>) -> Flow {
+        let entry = match self.authenticate(req.headers, req.query, ctx.started_ms) {
+            Ok(e) => e,
+            Err(r) => return Flow::Reject(r),
+        };
+        let platform = ctx.protocol().platform();
+        if !entry.allows_platform(platform) {
+            return Flow::Reject(Rejection::new(
+                ErrorKind::Permission,
+                format!("this API key may not use the {platform} platform"),
+            ));
+        }
+        if let Some(model) = ctx.requested_model() {
+            if !entry.allows_model(model) {
+                return Flow::Reject(Rejection::new(
+                    ErrorKind::Permission,
+                    format!("this API key may not use model {model}"),
+                ));
+            }
+        }
+        ctx.auth = Some(AuthInfo { key: entry });
+        Flow::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct Keys(HashMap<String, Arc<KeyEntry>>);
+    impl KeyStore for Keys {
+        fn lookup(&self, h: &str) -> Option<Arc<KeyEntry>> {
+            self.0.get(h).cloned()
+        }
+        fn pepper(&self) -> &[u8] {
+            b"pepper"
+        }
+    }
+
+    fn store(entries: &[(&str, KeyEntry)]) -> Arc<dyn KeyStore> {
+        Arc::new(Keys(
+            entries
+                .iter()
+                .map(|(k, e)| (hash_api_key(b"pepper", k), Arc::new(e.clone())))
+                .collect(),
+        ))
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn key_sources() {
+        type Case<'a> = (
+            &'a [(&'static str, &'a str)],
+            Option<&'a str>,
+            Option<&'a str>,
+        );
+        let cases: &[Case] = &[
+            (&[("x-api-key", "a")], None, Some("a")),
+            (&[("authorization", "Bearer b")], None, Some("b")),
+            (&[("authorization", "bearer  c ")], None, Some("c")),
+            (&[("authorization", "Basic x")], None, None),
+            (&[("x-goog-api-key", "d")], None, Some("d")),
+            (&[], Some("alt=sse&key=e"), Some("e")),
+            (&[], Some("key="), None),
+            (&[("x-api-key", "")], None, None),
+        ];
+        for (h, q, want) in cases {
+            assert_eq!(client_key(&headers(h), *q), *want, "{h:?} {q:?}");
+        }
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("claude-*", "claude-sonnet-4-5"));
+        assert!(glob_match("*sonnet*", "claude-sonnet-4-5"));
+        assert!(glob_match("gpt-?o", "gpt-4o"));
+        assert!(!glob_match("claude-*", "gpt-5"));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("exact", "exactly"));
+    }
+
+    #[test]
+    fn authenticate_rules() {
+        let live = KeyEntry {
+            id: "k1".into(),
+            enabled: true,
+            ..Default::default()
+        };
+        let disabled = KeyEntry {
+            enabled: false,
+            ..live.clone()
+        };
+        let expired = KeyEntry {
+            expires_at: Some(1000),
+            ..live.clone()
+        };
+        let auth = ApiKeyAuth::new(store(&[
+            ("live", live),
+            ("off", disabled),
+            ("old", expired),
+        ]));
+        let try_key = |k: &str| auth.authenticate(&headers(&[("x-api-key", k)]), None, 2000);
+        assert!(try_key("live").is_ok());
+        for (k, msg) in [
+            ("off", "API key is disabled"),
+            ("old", "API key has expired"),
+            ("nope", "invalid API key"),
+        ] {
+            let r = try_key(k).unwrap_err();
+            assert_eq!(r.kind, ErrorKind::Authentication);
+            assert_eq!(r.message, msg);
+        }
+        assert!(auth.authenticate(&headers(&[]), None, 0).is_err());
+    }
+
+    #[test]
+    fn model_and_platform_rules() {
+        let e = KeyEntry {
+            allowed_models: vec!["claude-sonnet-*".into()],
+            allowed_platforms: vec!["claude".into()],
+            ..Default::default()
+        };
+        assert!(e.allows_model("claude-sonnet-4-5"));
+        assert!(!e.allows_model("claude-opus-4-1"));
+        assert!(e.allows_platform("claude"));
+        assert!(!e.allows_platform("openai"));
+        assert!(KeyEntry::default().allows_model("anything"));
+    }
+}

@@ -1,0 +1,204 @@
+//! The filter chain: the phase traits every filter implements, what a filter answers, and the
+//! one place that builds the chain from config.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use crate::accounts::AccountDirectory;
+use crate::api_key_auth::{ApiKeyAuth, KeyStore};
+use crate::context::RequestCtx;
+use crate::cost::{CostFilter, PriceSource};
+use crate::error::Rejection;
+use crate::header_rewrite::{HeaderRewrite, HeaderRules};
+use crate::request_body::RequestBody;
+use crate::session_hash::{SessionHash, SessionStrategy};
+use crate::session_store::SessionStore;
+use crate::sse_usage::SseUsage;
+use crate::sticky_upstream::{StickyConfig, StickyUpstream};
+
+/// What a request filter decides.
+#[derive(Debug)]
+pub enum Flow {
+    /// Go on with the next filter.
+    Continue,
+    /// Stop and answer the client with this error.
+    Reject(Rejection),
+}
+
+/// What a response filter does with a body chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChunkAction {
+    /// Forward the chunk unchanged.
+    Forward,
+    /// Forward these bytes instead.
+    Replace(bytes::Bytes),
+}
+
+/// The parts of the client request a filter may read.
+pub struct RequestView<'a> {
+    pub headers: &'a http::HeaderMap,
+    pub query: Option<&'a str>,
+    pub body: &'a [u8],
+    pub parsed: &'a RequestBody<'a>,
+}
+
+/// A filter of the request phase (before the upstream exchange).
+#[async_trait]
+pub trait RequestFilter: Send + Sync {
+    /// The filter's `kind` in config.
+    fn name(&self) -> &'static str;
+    /// Runs once per request; may fill the context or reject.
+    async fn on_request(&self, ctx: &mut RequestCtx, req: &RequestView<'_>) -> Flow;
+}
+
+/// A filter of the response phase: synchronous and incremental, it must never block or buffer
+/// the stream.
+pub trait ResponseFilter: Send + Sync {
+    /// The filter's `kind` in config.
+    fn name(&self) -> &'static str;
+    /// The upstream answered with this head (after failover settled).
+    fn on_response_head(&self, _ctx: &mut RequestCtx, _status: u16, _headers: &http::HeaderMap) {}
+    /// One body chunk on its way to the client.
+    fn on_body_chunk(&self, _ctx: &mut RequestCtx, _chunk: &[u8]) -> ChunkAction {
+        ChunkAction::Forward
+    }
+    /// The exchange ended (completely or not); runs for every request that reached an upstream.
+    fn on_end(&self, _ctx: &mut RequestCtx) {}
+}
+
+/// One `[[filters]]` entry of the config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FilterConfig {
+    ApiKeyAuth {},
+    SessionHash {
+        #[serde(default)]
+        strategy: Option<SessionStrategy>,
+        #[serde(default)]
+        message_count: Option<usize>,
+    },
+    StickyUpstream {},
+    HeaderRewrite {
+        #[serde(flatten)]
+        rules: HeaderRules,
+    },
+    SseUsage {},
+    Cost {},
+}
+
+impl FilterConfig {
+    /// The chain used when the config names none.
+    pub fn default_chain() -> Vec<FilterConfig> {
+        vec![
+            FilterConfig::ApiKeyAuth {},
+            FilterConfig::SessionHash {
+                strategy: None,
+                message_count: None,
+            },
+            FilterConfig::StickyUpstream {},
+            FilterConfig::HeaderRewrite {
+                rules: HeaderRules::default(),
+            },
+            FilterConfig::SseUsage {},
+            FilterConfig::Cost {},
+        ]
+    }
+}
+
+/// What the filters need from the outside world.
+pub struct ChainDeps {
+    pub keys: Arc<dyn KeyStore>,
+    pub accounts: Arc<dyn AccountDirectory>,
+    pub sessions: Arc<dyn SessionStore>,
+    pub prices: Arc<dyn PriceSource>,
+    pub sticky: StickyConfig,
+    /// Default session strategy and message count (per-filter config overrides).
+    pub session_strategy: SessionStrategy,
+    pub session_message_count: usize,
+}
+
+/// The built chain. The scheduler and rewriter are kept apart as well, for failover.
+pub struct Chain {
+    pub request: Vec<Arc<dyn RequestFilter>>,
+    pub response: Vec<Arc<dyn ResponseFilter>>,
+    pub sticky: Option<Arc<StickyUpstream>>,
+    pub rewrite: Option<Arc<HeaderRewrite>>,
+    pub auth: Option<Arc<ApiKeyAuth>>,
+}
+
+impl Chain {
+    /// Builds the chain in config order. Reading this match tells the whole list of filters.
+    pub fn build(configs: &[FilterConfig], deps: &ChainDeps) -> Result<Chain, String> {
+        let mut chain = Chain {
+            request: Vec::new(),
+            response: Vec::new(),
+            sticky: None,
+            rewrite: None,
+            auth: None,
+        };
+        for config in configs {
+            match config {
+                FilterConfig::ApiKeyAuth {} => {
+                    let f = Arc::new(ApiKeyAuth::new(deps.keys.clone()));
+                    chain.auth = Some(f.clone());
+                    chain.request.push(f);
+                }
+                FilterConfig::SessionHash {
+                    strategy,
+                    message_count,
+                } => chain.request.push(Arc::new(SessionHash::new(
+                    strategy.unwrap_or(deps.session_strategy),
+                    message_count.unwrap_or(deps.session_message_count),
+                ))),
+                FilterConfig::StickyUpstream {} => {
+                    let f = Arc::new(StickyUpstream::new(
+                        deps.accounts.clone(),
+                        deps.sessions.clone(),
+                        deps.sticky.clone(),
+                    ));
+                    chain.sticky = Some(f.clone());
+                    chain.request.push(f);
+                }
+                FilterConfig::HeaderRewrite { rules } => {
+                    let f = Arc::new(HeaderRewrite::new(rules)?);
+                    chain.rewrite = Some(f.clone());
+                    chain.request.push(f);
+                }
+                FilterConfig::SseUsage {} => chain.response.push(Arc::new(SseUsage)),
+                FilterConfig::Cost {} => chain
+                    .response
+                    .push(Arc::new(CostFilter::new(deps.prices.clone()))),
+            }
+        }
+        if chain.sticky.is_none() || chain.rewrite.is_none() {
+            return Err("the filter chain needs sticky_upstream and header_rewrite".into());
+        }
+        Ok(chain)
+    }
+
+    /// Runs the request filters in order; the first rejection wins.
+    pub async fn run_request(&self, ctx: &mut RequestCtx, req: &RequestView<'_>) -> Flow {
+        for f in &self.request {
+            if let Flow::Reject(r) = f.on_request(ctx, req).await {
+                return Flow::Reject(r);
+            }
+        }
+        Flow::Continue
+    }
+}
+
+#[async_trait]
+impl RequestFilter for SessionHash {
+    fn name(&self) -> &'static str {
+        "session_hash"
+    }
+
+    async fn on_request(&self, ctx: &mut RequestCtx, req: &RequestView<'_>) -> Flow {
+        if let Some(auth) = &ctx.auth {
+            ctx.session.key = self.key(ctx.protocol(), &auth.key.id, req.headers, req.parsed);
+        }
+        Flow::Continue
+    }
+}

@@ -1,0 +1,143 @@
+//! The typed request context every filter reads and writes; filters talk to each other only
+//! through it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::accounts::Account;
+use crate::api_key_auth::KeyEntry;
+use crate::route::ApiRoute;
+use crate::sse_usage::UsageMeter;
+use crate::{Protocol, TokenUsage};
+
+/// Everything the chain learns about one request, grouped by the phase that fills it.
+pub struct RequestCtx {
+    /// Request id: the client's `x-request-id` or a fresh uuid v7.
+    pub request_id: String,
+    /// When the request arrived.
+    pub started: Instant,
+    /// Epoch milliseconds when the request arrived.
+    pub started_ms: i64,
+    pub route: ApiRoute,
+    pub request: RequestInfo,
+    /// Filled by `api_key_auth`.
+    pub auth: Option<AuthInfo>,
+    /// Filled by `session_hash`.
+    pub session: SessionInfo,
+    /// Filled by `sticky_upstream` and `header_rewrite`, once per attempt.
+    pub upstream: UpstreamInfo,
+    /// Filled by the response filters.
+    pub usage: UsageInfo,
+}
+
+/// What the body said (the few fields routing needs, owned).
+#[derive(Debug, Default, Clone)]
+pub struct RequestInfo {
+    pub model: Option<String>,
+    pub stream: bool,
+    pub previous_response_id: Option<String>,
+    /// Chat: the client asked for the usage chunk itself.
+    pub include_usage_requested: bool,
+    pub body_len: usize,
+}
+
+/// The authenticated key and its owner.
+#[derive(Debug, Clone)]
+pub struct AuthInfo {
+    pub key: Arc<KeyEntry>,
+}
+
+/// Session identity and the outcome of the sticky lookup.
+#[derive(Debug, Default, Clone)]
+pub struct SessionInfo {
+    /// `{api_key_id}:{protocol}:{digest}`, or none when stickiness is off.
+    pub key: Option<String>,
+    pub sticky: Option<StickyResult>,
+}
+
+/// How the account was found (`relay_sticky_total{result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StickyResult {
+    Hit,
+    Miss,
+    Rebind,
+}
+
+impl StickyResult {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StickyResult::Hit => "hit",
+            StickyResult::Miss => "miss",
+            StickyResult::Rebind => "rebind",
+        }
+    }
+}
+
+/// The account of the current attempt and the request prepared for it.
+#[derive(Default)]
+pub struct UpstreamInfo {
+    pub account: Option<Arc<Account>>,
+    /// Accounts tried already in this request (never tried twice).
+    pub tried: Vec<String>,
+    pub request: Option<UpstreamRequest>,
+    pub failovers: u32,
+    /// Model sent upstream after the account's model map.
+    pub model: Option<String>,
+}
+
+/// Everything needed to send the request to one account.
+#[derive(Debug, Clone)]
+pub struct UpstreamRequest {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub method: &'static str,
+    pub path_and_query: String,
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// A rewritten body (model mapped, usage requested); `None` sends the client's body as is.
+    pub body: Option<bytes::Bytes>,
+}
+
+/// Metering and cost, settled at the end.
+#[derive(Default)]
+pub struct UsageInfo {
+    pub meter: Option<UsageMeter>,
+    pub tokens: TokenUsage,
+    pub upstream_model: Option<String>,
+    pub response_id: Option<String>,
+    pub base_cost: i64,
+    pub billed_cost: i64,
+    pub unpriced: bool,
+    pub estimated: bool,
+}
+
+impl RequestCtx {
+    /// A fresh context for a proxied route.
+    pub fn new(request_id: String, route: ApiRoute, started_ms: i64) -> Self {
+        RequestCtx {
+            request_id,
+            started: Instant::now(),
+            started_ms,
+            route,
+            request: RequestInfo::default(),
+            auth: None,
+            session: SessionInfo::default(),
+            upstream: UpstreamInfo::default(),
+            usage: UsageInfo::default(),
+        }
+    }
+
+    /// The client protocol.
+    pub fn protocol(&self) -> Protocol {
+        self.route.protocol
+    }
+
+    /// The model the client asked for (body, or path for Gemini).
+    pub fn requested_model(&self) -> Option<&str> {
+        self.request
+            .model
+            .as_deref()
+            .or(self.route.path_model.as_deref())
+    }
+}

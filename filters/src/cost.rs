@@ -1,0 +1,992 @@
+//! Model prices and the cost of one request in integer micro-USD (DESIGN §9).
+//!
+//! Prices are micro-USD per million tokens, so every amount is an integer; the cost of a
+//! request is computed once from its token totals and rounded half up, then multiplied by the
+//! user's price rate (ten-thousandths) and rounded half up again.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::TokenUsage;
+
+/// Prices are per this many tokens.
+const TOKENS_PER_PRICE: i128 = 1_000_000;
+
+/// A price rate of this value means 1.0×.
+const RATE_ONE: i128 = 10_000;
+
+/// Prices of one model in micro-USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    /// Uncached input tokens.
+    pub input: i64,
+    /// Output tokens (reasoning included).
+    pub output: i64,
+    /// Cache writes with the 5-minute TTL; unset means 1.25× input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_5m: Option<i64>,
+    /// Cache writes with the 1-hour TTL; unset means 2× input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_1h: Option<i64>,
+    /// Cache reads (cached input); unset means 0.1× input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_read: Option<i64>,
+}
+
+impl ModelPrice {
+    /// The 5-minute cache write price, 1.25× input (rounded half up) when unset.
+    pub fn cache_write_5m_or_default(&self) -> i64 {
+        self.cache_write_5m
+            .unwrap_or_else(|| scale(self.input, 5, 4))
+    }
+
+    /// The 1-hour cache write price, 2× input when unset.
+    pub fn cache_write_1h_or_default(&self) -> i64 {
+        self.cache_write_1h
+            .unwrap_or_else(|| scale(self.input, 2, 1))
+    }
+
+    /// The cache read price, 0.1× input (rounded half up) when unset.
+    pub fn cache_read_or_default(&self) -> i64 {
+        self.cache_read.unwrap_or_else(|| scale(self.input, 1, 10))
+    }
+}
+
+/// Why a price list could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PriceError {
+    /// A line is not part of the accepted format.
+    #[error("pricing line {line}: {message}")]
+    Syntax {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A model table lacks a required price.
+    #[error("pricing model {model:?}: missing `{field}`")]
+    MissingField {
+        /// The model name.
+        model: String,
+        /// The missing key.
+        field: &'static str,
+    },
+    /// The same model has two tables.
+    #[error("pricing model {model:?} is defined twice")]
+    DuplicateModel {
+        /// The model name.
+        model: String,
+    },
+}
+
+/// Model name → price, with a fallback from dated model ids to their undated name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PriceTable {
+    models: BTreeMap<String, ModelPrice>,
+}
+
+impl PriceTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads a price list in the format of `conf/pricing.toml`.
+    ///
+    /// The accepted format is the TOML subset that file uses: comments, blank lines,
+    /// `[models."<name>"]` (or `[models.<bare-name>]`) tables, and `key = integer` lines with
+    /// keys `input`, `output` (required), `cache_write_5m`, `cache_write_1h`, `cache_read`.
+    /// Anything else is an error, so a typo never silently prices a model at 0.
+    // Hand-written because the filters crate has no TOML dependency; the binary, which has
+    // one, can equally deserialize `[models]` into `ModelPrice`s and `insert` them.
+    pub fn from_toml_str(s: &str) -> Result<PriceTable, PriceError> {
+        let mut table = PriceTable::new();
+        let mut current: Option<(String, PartialPrice)> = None;
+        for (index, raw) in s.lines().enumerate() {
+            let line_no = index + 1;
+            let line = strip_comment(raw).trim();
+            if line.is_empty() {
+                continue;
+            }
+            if line.starts_with('[') {
+                let name = parse_table_header(line).map_err(|m| syntax(line_no, m))?;
+                if let Some((model, partial)) = current.take() {
+                    table.add_parsed(model, partial)?;
+                }
+                if table.models.contains_key(&name) {
+                    return Err(PriceError::DuplicateModel { model: name });
+                }
+                current = Some((name, PartialPrice::default()));
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                return Err(syntax(
+                    line_no,
+                    "expected `[models.\"<name>\"]` or `key = integer`",
+                ));
+            };
+            let key = key.trim();
+            let Some((_, partial)) = current.as_mut() else {
+                return Err(syntax(
+                    line_no,
+                    format!("`{key}` outside a [models.\"<name>\"] table"),
+                ));
+            };
+            let slot = match key {
+                "input" => &mut partial.input,
+                "output" => &mut partial.output,
+                "cache_write_5m" => &mut partial.cache_write_5m,
+                "cache_write_1h" => &mut partial.cache_write_1h,
+                "cache_read" => &mut partial.cache_read,
+                _ => return Err(syntax(line_no, format!("unknown key `{key}`"))),
+            };
+            if slot.is_some() {
+                return Err(syntax(line_no, format!("`{key}` is set twice")));
+            }
+            let price = parse_price(value.trim()).ok_or_else(|| {
+                syntax(
+                    line_no,
+                    format!(
+                        "`{key}` must be a non-negative integer (micro-USD per million tokens)"
+                    ),
+                )
+            })?;
+            *slot = Some(price);
+        }
+        if let Some((model, partial)) = current {
+            table.add_parsed(model, partial)?;
+        }
+        Ok(table)
+    }
+
+    /// Sets the price of `model`, replacing any earlier one (admin overrides go on top).
+    pub fn insert(&mut self, model: &str, price: ModelPrice) {
+        self.models.insert(model.to_owned(), price);
+    }
+
+    /// The price of `model`: its exact name, else its name without a trailing `-YYYYMMDD` or
+    /// `-YYYY-MM-DD` (so `claude-sonnet-4-5-20250929` finds `claude-sonnet-4-5`).
+    ///
+    /// Nothing else is stripped, so a model is never priced as another one
+    /// (`claude-opus-4-1` does not find `claude-opus-4`).
+    pub fn get(&self, model: &str) -> Option<&ModelPrice> {
+        self.models
+            .get(model)
+            .or_else(|| self.models.get(strip_date_suffix(model)?))
+    }
+
+    /// Every priced model, by name.
+    pub fn models(&self) -> impl Iterator<Item = (&str, &ModelPrice)> {
+        self.models
+            .iter()
+            .map(|(name, price)| (name.as_str(), price))
+    }
+
+    /// Number of priced models.
+    pub fn len(&self) -> usize {
+        self.models.len()
+    }
+
+    /// Whether no model is priced.
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+    }
+
+    fn add_parsed(&mut self, model: String, p: PartialPrice) -> Result<(), PriceError> {
+        let missing = |field| PriceError::MissingField {
+            model: model.clone(),
+            field,
+        };
+        let price = ModelPrice {
+            input: p.input.ok_or_else(|| missing("input"))?,
+            output: p.output.ok_or_else(|| missing("output"))?,
+            cache_write_5m: p.cache_write_5m,
+            cache_write_1h: p.cache_write_1h,
+            cache_read: p.cache_read,
+        };
+        self.models.insert(model, price);
+        Ok(())
+    }
+}
+
+/// The cost of one request in micro-USD.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cost {
+    /// Cost at list price, before the user's price rate.
+    pub base: i64,
+    /// Cost charged to the user: `base` × price rate.
+    pub billed: i64,
+    /// Tokens were used but the model has no price (billed 0, counted in a metric).
+    pub unpriced: bool,
+}
+
+/// Prices `usage` of `model` and applies `price_rate` (ten-thousandths: 10000 = 1.0×).
+///
+/// base = round_half_up(Σ tokens × price per million / 1 000 000), computed once from the
+/// totals (no per-category rounding); billed = round_half_up(base × price_rate / 10 000).
+/// A missing or unknown model costs 0 and is flagged `unpriced`; a request without any tokens
+/// costs 0 and is not flagged, since there was nothing to price.
+pub fn compute_cost(
+    table: &PriceTable,
+    model: Option<&str>,
+    usage: &TokenUsage,
+    price_rate: i64,
+) -> Cost {
+    if usage.is_empty() {
+        return Cost::default();
+    }
+    let Some(price) = model.and_then(|m| table.get(m)) else {
+        return Cost {
+            base: 0,
+            billed: 0,
+            unpriced: true,
+        };
+    };
+    let terms = [
+        (usage.input_tokens, price.input),
+        (usage.output_tokens, price.output),
+        (
+            usage.cache_write_5m_tokens,
+            price.cache_write_5m_or_default(),
+        ),
+        (
+            usage.cache_write_1h_tokens,
+            price.cache_write_1h_or_default(),
+        ),
+        (usage.cache_read_tokens, price.cache_read_or_default()),
+    ];
+    // Saturating: absurd counts from a hostile upstream must not panic or wrap.
+    let micro_usd_x_million = terms.iter().fold(0i128, |sum, &(tokens, per_million)| {
+        sum.saturating_add(i128::from(tokens).saturating_mul(i128::from(per_million)))
+    });
+    let base = clamp_i64(div_round_half_up(micro_usd_x_million, TOKENS_PER_PRICE));
+    let billed = clamp_i64(div_round_half_up(
+        i128::from(base).saturating_mul(i128::from(price_rate)),
+        RATE_ONE,
+    ));
+    Cost {
+        base,
+        billed,
+        unpriced: false,
+    }
+}
+
+/// `n / d` rounded half up (toward +∞ on a tie), for `d > 0`.
+fn div_round_half_up(n: i128, d: i128) -> i128 {
+    // floor((2n + d) / 2d) = floor(n/d + 1/2), exact for any d.
+    n.saturating_mul(2)
+        .saturating_add(d)
+        .div_euclid(d.saturating_mul(2))
+}
+
+fn clamp_i64(v: i128) -> i64 {
+    i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
+}
+
+/// `v × num / den`, rounded half up.
+fn scale(v: i64, num: i128, den: i128) -> i64 {
+    clamp_i64(div_round_half_up(i128::from(v).saturating_mul(num), den))
+}
+
+/// `model` without a trailing `-YYYYMMDD` or `-YYYY-MM-DD` date, if it has one.
+fn strip_date_suffix(model: &str) -> Option<&str> {
+    let b = model.as_bytes();
+    let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
+    let plausible = |month: &[u8], day: &[u8]| {
+        let n = |s: &[u8]| {
+            s.iter()
+                .fold(0u32, |acc, &c| acc * 10 + u32::from(c - b'0'))
+        };
+        (1..=12).contains(&n(month)) && (1..=31).contains(&n(day))
+    };
+    // -YYYYMMDD (Anthropic: claude-sonnet-4-5-20250929)
+    if b.len() > 9 {
+        let (head, tail) = b.split_at(b.len() - 9);
+        if tail[0] == b'-' && digits(&tail[1..]) && plausible(&tail[5..7], &tail[7..9]) {
+            return std::str::from_utf8(head).ok();
+        }
+    }
+    // -YYYY-MM-DD (OpenAI: gpt-4o-2024-08-06)
+    if b.len() > 11 {
+        let (head, tail) = b.split_at(b.len() - 11);
+        if tail[0] == b'-'
+            && tail[5] == b'-'
+            && tail[8] == b'-'
+            && digits(&tail[1..5])
+            && digits(&tail[6..8])
+            && digits(&tail[9..11])
+            && plausible(&tail[6..8], &tail[9..11])
+        {
+            return std::str::from_utf8(head).ok();
+        }
+    }
+    None
+}
+
+#[derive(Default)]
+struct PartialPrice {
+    input: Option<i64>,
+    output: Option<i64>,
+    cache_write_5m: Option<i64>,
+    cache_write_1h: Option<i64>,
+    cache_read: Option<i64>,
+}
+
+fn syntax(line: usize, message: impl Into<String>) -> PriceError {
+    PriceError::Syntax {
+        line,
+        message: message.into(),
+    }
+}
+
+/// The line without its `#` comment (a `#` inside a quoted key is kept).
+fn strip_comment(line: &str) -> &str {
+    let mut quote = None;
+    for (i, c) in line.char_indices() {
+        match (quote, c) {
+            (None, '#') => return &line[..i],
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), _) if c == q => quote = None,
+            _ => {}
+        }
+    }
+    line
+}
+
+/// The model name of a `[models."<name>"]` / `[models.<name>]` header.
+fn parse_table_header(line: &str) -> Result<String, String> {
+    let bad = || format!("expected `[models.\"<name>\"]`, found `{line}`");
+    let inner = line
+        .strip_prefix('[')
+        .and_then(|l| l.strip_suffix(']'))
+        .ok_or_else(bad)?
+        .trim();
+    if inner.starts_with('[') {
+        return Err("arrays of tables are not supported".into());
+    }
+    let key = inner
+        .strip_prefix("models")
+        .map(str::trim_start)
+        .and_then(|k| k.strip_prefix('.'))
+        .map(str::trim_start)
+        .ok_or_else(bad)?;
+    let name = match key.chars().next() {
+        Some(q @ ('"' | '\'')) => {
+            let body = &key[1..];
+            let end = body.find(q).ok_or_else(bad)?;
+            if !body[end + 1..].trim().is_empty() {
+                return Err(bad());
+            }
+            let name = &body[..end];
+            if q == '"' && name.contains('\\') {
+                return Err("escapes in model names are not supported".into());
+            }
+            name
+        }
+        _ if !key.is_empty()
+            && key
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_') =>
+        {
+            key
+        }
+        _ => return Err(bad()),
+    };
+    if name.is_empty() {
+        return Err("empty model name".into());
+    }
+    Ok(name.to_owned())
+}
+
+/// A TOML decimal integer (`3000000`, `3_000_000`) that is not negative.
+fn parse_price(value: &str) -> Option<i64> {
+    let digits = value.strip_prefix('+').unwrap_or(value);
+    let bytes = digits.as_bytes();
+    let first = *bytes.first()?;
+    let last = *bytes.last()?;
+    // TOML: underscores only between digits, no leading zeros.
+    if !first.is_ascii_digit() || !last.is_ascii_digit() || digits.contains("__") {
+        return None;
+    }
+    if first == b'0' && bytes.len() > 1 {
+        return None;
+    }
+    bytes
+        .iter()
+        .filter(|&&c| c != b'_')
+        .try_fold(0i64, |acc, &c| {
+            if !c.is_ascii_digit() {
+                return None;
+            }
+            acc.checked_mul(10)?.checked_add(i64::from(c - b'0'))
+        })
+}
+
+/// Where the cost filter reads the current price table from (the binary's cache).
+pub trait PriceSource: Send + Sync {
+    /// The current table.
+    fn table(&self) -> std::sync::Arc<PriceTable>;
+}
+
+/// The `cost` filter: prices the metered usage once, at the end of the exchange.
+pub struct CostFilter {
+    prices: std::sync::Arc<dyn PriceSource>,
+}
+
+impl CostFilter {
+    /// A filter reading prices from `prices`.
+    pub fn new(prices: std::sync::Arc<dyn PriceSource>) -> Self {
+        CostFilter { prices }
+    }
+}
+
+impl crate::chain::ResponseFilter for CostFilter {
+    fn name(&self) -> &'static str {
+        "cost"
+    }
+
+    fn on_end(&self, ctx: &mut crate::context::RequestCtx) {
+        if !ctx.route.billed {
+            return;
+        }
+        let rate = ctx.auth.as_ref().map_or(10_000, |a| a.key.price_rate);
+        let table = self.prices.table();
+        // The model the upstream says it ran, else the one sent to it.
+        let model = ctx
+            .usage
+            .upstream_model
+            .as_deref()
+            .filter(|m| table.get(m).is_some())
+            .or(ctx.upstream.model.as_deref())
+            .or(ctx.usage.upstream_model.as_deref());
+        let cost = compute_cost(&table, model, &ctx.usage.tokens, rate);
+        ctx.usage.base_cost = cost.base;
+        ctx.usage.billed_cost = cost.billed;
+        ctx.usage.unpriced = cost.unpriced;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+mod tests {
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../../conf/pricing.toml");
+
+    fn price(input: i64, output: i64) -> ModelPrice {
+        ModelPrice {
+            input,
+            output,
+            cache_write_5m: None,
+            cache_write_1h: None,
+            cache_read: None,
+        }
+    }
+
+    fn table(entries: &[(&str, ModelPrice)]) -> PriceTable {
+        let mut t = PriceTable::new();
+        for (name, p) in entries {
+            t.insert(name, *p);
+        }
+        t
+    }
+
+    fn tokens(input: u64, output: u64, w5m: u64, w1h: u64, read: u64) -> TokenUsage {
+        TokenUsage {
+            input_tokens: input,
+            output_tokens: output,
+            cache_write_5m_tokens: w5m,
+            cache_write_1h_tokens: w1h,
+            cache_read_tokens: read,
+            reasoning_tokens: 0,
+        }
+    }
+
+    fn priced(base: i64, billed: i64) -> Cost {
+        Cost {
+            base,
+            billed,
+            unpriced: false,
+        }
+    }
+
+    #[test]
+    fn cost_examples_computed_by_hand() {
+        let sonnet = ModelPrice {
+            input: 3_000_000,
+            output: 15_000_000,
+            cache_write_5m: Some(3_750_000),
+            cache_write_1h: Some(6_000_000),
+            cache_read: Some(300_000),
+        };
+        let t = table(&[
+            ("claude-sonnet-4-5", sonnet),
+            // Only input/output: cache prices default to 1.25x, 2x and 0.1x input.
+            ("plain", price(3_000_000, 15_000_000)),
+            ("half", price(500_000, 500_000)),
+            ("tiny", price(400_000, 400_000)),
+            ("odd", price(1_500_000, 1_499_999)),
+        ]);
+        let cases: &[(&str, &str, TokenUsage, i64, Cost)] = &[
+            // 1000 × $3 + 500 × $15 per MTok = $0.0105 = 10 500 µUSD.
+            (
+                "input and output",
+                "claude-sonnet-4-5",
+                tokens(1000, 500, 0, 0, 0),
+                10_000,
+                priced(10_500, 10_500),
+            ),
+            // The fixture of anthropic.stream.sse: 12×3 + 187×15 + 1536×3.75 + 20480×0.3 = 14 745 µUSD.
+            (
+                "all categories",
+                "claude-sonnet-4-5",
+                tokens(12, 187, 1536, 0, 20480),
+                10_000,
+                priced(14_745, 14_745),
+            ),
+            // 1000 × 3.75 + 1000 × 6 + 10 000 × 0.3 = 12 750 µUSD, from the defaults.
+            (
+                "cache defaults",
+                "plain",
+                tokens(0, 0, 1000, 1000, 10_000),
+                10_000,
+                priced(12_750, 12_750),
+            ),
+            (
+                "explicit cache prices",
+                "claude-sonnet-4-5",
+                tokens(0, 0, 1000, 1000, 10_000),
+                10_000,
+                priced(12_750, 12_750),
+            ),
+            // 10 500 × 1.5 = 15 750.
+            (
+                "rate 1.5x",
+                "claude-sonnet-4-5",
+                tokens(1000, 500, 0, 0, 0),
+                15_000,
+                priced(10_500, 15_750),
+            ),
+            (
+                "rate 0.8x",
+                "claude-sonnet-4-5",
+                tokens(1000, 500, 0, 0, 0),
+                8_000,
+                priced(10_500, 8_400),
+            ),
+            (
+                "rate 0",
+                "claude-sonnet-4-5",
+                tokens(1000, 500, 0, 0, 0),
+                0,
+                priced(10_500, 0),
+            ),
+            // 1 token × $1.5 = 1.5 µUSD → 2 (half up); 3 tokens → 4.5 → 5.
+            (
+                "half up",
+                "odd",
+                tokens(1, 0, 0, 0, 0),
+                10_000,
+                priced(2, 2),
+            ),
+            (
+                "half up odd",
+                "odd",
+                tokens(3, 0, 0, 0, 0),
+                10_000,
+                priced(5, 5),
+            ),
+            // 1.499999 µUSD → 1.
+            (
+                "just below half",
+                "odd",
+                tokens(0, 1, 0, 0, 0),
+                10_000,
+                priced(1, 1),
+            ),
+            // Rounded once from the sum: 0.5 + 0.5 = 1, not round(0.5) + round(0.5) = 2.
+            (
+                "no per-category rounding up",
+                "half",
+                tokens(1, 1, 0, 0, 0),
+                10_000,
+                priced(1, 1),
+            ),
+            // 0.4 + 0.4 = 0.8 → 1, not 0 + 0.
+            (
+                "no per-category rounding down",
+                "tiny",
+                tokens(1, 1, 0, 0, 0),
+                10_000,
+                priced(1, 1),
+            ),
+            // base 3 × 1.5 = 4.5 → 5; base 1 × 1.5 = 1.5 → 2; base 1 × 1.25 = 1.25 → 1.
+            (
+                "billed half up",
+                "odd",
+                tokens(2, 0, 0, 0, 0),
+                15_000,
+                priced(3, 5),
+            ),
+            (
+                "billed half up small",
+                "odd",
+                tokens(1, 0, 0, 0, 0),
+                7_500,
+                priced(2, 2),
+            ),
+            (
+                "billed below half",
+                "half",
+                tokens(1, 1, 0, 0, 0),
+                12_500,
+                priced(1, 1),
+            ),
+            // Reasoning is inside output and not billed again.
+            (
+                "reasoning not billed twice",
+                "plain",
+                TokenUsage {
+                    reasoning_tokens: 999,
+                    ..tokens(0, 1000, 0, 0, 0)
+                },
+                10_000,
+                priced(15_000, 15_000),
+            ),
+        ];
+        for (name, model, usage, rate, expected) in cases {
+            assert_eq!(
+                compute_cost(&t, Some(model), usage, *rate),
+                *expected,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn default_cache_prices_round_half_up() {
+        let p = price(3_000_000, 0);
+        assert_eq!(p.cache_write_5m_or_default(), 3_750_000);
+        assert_eq!(p.cache_write_1h_or_default(), 6_000_000);
+        assert_eq!(p.cache_read_or_default(), 300_000);
+        let p = price(3, 0);
+        assert_eq!(p.cache_write_5m_or_default(), 4); // 3.75
+        assert_eq!(p.cache_read_or_default(), 0); // 0.3
+        let p = price(5, 0);
+        assert_eq!(p.cache_read_or_default(), 1); // 0.5
+        assert_eq!(p.cache_write_5m_or_default(), 6); // 6.25
+        let explicit = ModelPrice {
+            cache_write_5m: Some(1),
+            cache_write_1h: Some(2),
+            cache_read: Some(3),
+            ..price(100, 0)
+        };
+        assert_eq!(
+            (
+                explicit.cache_write_5m_or_default(),
+                explicit.cache_write_1h_or_default(),
+                explicit.cache_read_or_default()
+            ),
+            (1, 2, 3)
+        );
+    }
+
+    #[test]
+    fn unknown_or_missing_model_is_unpriced() {
+        let t = table(&[("gpt-4o", price(2_500_000, 10_000_000))]);
+        let used = tokens(100, 100, 0, 0, 0);
+        let unpriced = Cost {
+            base: 0,
+            billed: 0,
+            unpriced: true,
+        };
+        assert_eq!(compute_cost(&t, Some("gpt-9"), &used, 10_000), unpriced);
+        assert_eq!(compute_cost(&t, None, &used, 10_000), unpriced);
+        // Nothing used: nothing to price, not flagged.
+        assert_eq!(
+            compute_cost(&t, Some("gpt-9"), &TokenUsage::default(), 10_000),
+            Cost::default()
+        );
+        assert_eq!(
+            compute_cost(&t, Some("gpt-4o"), &TokenUsage::default(), 10_000),
+            Cost::default()
+        );
+    }
+
+    #[test]
+    fn dated_ids_fall_back_but_never_to_another_model() {
+        let t = table(&[
+            ("claude-sonnet-4-5", price(3, 3)),
+            ("claude-opus-4", price(15, 15)),
+            ("gpt-4o", price(25, 25)),
+            ("gpt-4o-mini", price(1, 1)),
+            ("gpt-5", price(12, 12)),
+            ("exact-20250101", price(7, 7)),
+            ("exact", price(8, 8)),
+        ]);
+        let cases: &[(&str, Option<i64>)] = &[
+            ("claude-sonnet-4-5", Some(3)),
+            ("claude-sonnet-4-5-20250929", Some(3)),
+            ("claude-opus-4-20250514", Some(15)),
+            ("gpt-4o-2024-08-06", Some(25)),
+            ("gpt-4o-mini-2024-07-18", Some(1)),
+            ("gpt-5-2025-08-07", Some(12)),
+            ("exact-20250101", Some(7)),
+            ("exact-20250102", Some(8)),
+            // Different models, even when one name starts with the other.
+            ("claude-opus-4-1", None),
+            ("claude-opus-4-1-20250805", None),
+            ("claude-opus-4-5-20251101", None),
+            ("claude-sonnet-4", None),
+            ("claude-sonnet-4-5-thinking", None),
+            ("gpt-4o-audio-preview", None),
+            ("gpt-4", None),
+            ("gpt-5.1", None),
+            // Only a real trailing date is stripped.
+            ("gpt-5-2025", None),
+            ("gpt-4o-2024-13-01", None),
+            ("claude-sonnet-4-5-20251399", None),
+            ("claude-sonnet-4-5-2025092", None),
+            ("claude-sonnet-4-5-20250929-20250929", None),
+            ("-20250929", None),
+            ("", None),
+        ];
+        for (model, expected) in cases {
+            assert_eq!(t.get(model).map(|p| p.input), *expected, "{model}");
+        }
+        let t = table(&[("claude-opus-4-1", price(15, 15))]);
+        assert_eq!(t.get("claude-opus-4"), None);
+        assert_eq!(t.get("claude-opus-4-20250514"), None);
+    }
+
+    #[test]
+    fn inserted_prices_override_the_file() {
+        let mut t = PriceTable::from_toml_str(SHIPPED).unwrap();
+        let custom = price(1, 2);
+        t.insert("claude-sonnet-4-5", custom);
+        t.insert("my-finetune", custom);
+        assert_eq!(t.get("claude-sonnet-4-5-20250929"), Some(&custom));
+        assert_eq!(t.get("my-finetune"), Some(&custom));
+    }
+
+    #[test]
+    fn shipped_price_list_parses_with_known_prices() {
+        let t = PriceTable::from_toml_str(SHIPPED).unwrap();
+        assert!(t.len() >= 40);
+        let sonnet = t.get("claude-sonnet-4-5-20250929").unwrap();
+        assert_eq!(
+            *sonnet,
+            ModelPrice {
+                input: 3_000_000,
+                output: 15_000_000,
+                cache_write_5m: Some(3_750_000),
+                cache_write_1h: Some(6_000_000),
+                cache_read: Some(300_000),
+            }
+        );
+        assert_eq!(
+            t.get("claude-opus-4-1-20250805").unwrap().output,
+            75_000_000
+        );
+        assert_eq!(t.get("claude-opus-4-5").unwrap().input, 5_000_000);
+        assert_eq!(
+            t.get("claude-haiku-4-5-20251001").unwrap().cache_write_1h,
+            Some(2_000_000)
+        );
+        assert_eq!(
+            t.get("gpt-4o-mini-2024-07-18").unwrap().cache_read,
+            Some(75_000)
+        );
+        assert_eq!(t.get("gpt-5").unwrap().input, 1_250_000);
+        assert_eq!(t.get("gemini-2.5-flash").unwrap().output, 2_500_000);
+        for model in [
+            "claude-opus-4-1",
+            "claude-opus-4",
+            "claude-opus-4-5",
+            "claude-sonnet-4-5",
+            "claude-sonnet-4",
+            "claude-3-7-sonnet",
+            "claude-haiku-4-5",
+            "claude-3-5-haiku",
+            "gpt-5",
+            "gpt-5-mini",
+            "gpt-5-nano",
+            "gpt-5-codex",
+            "gpt-4.1",
+            "gpt-4.1-mini",
+            "gpt-4o",
+            "gpt-4o-mini",
+            "o3",
+            "o4-mini",
+            "gemini-2.5-pro",
+            "gemini-2.5-flash",
+            "gemini-2.5-flash-lite",
+            "gemini-2.0-flash",
+        ] {
+            assert!(t.get(model).is_some(), "{model} has no price");
+        }
+        for (model, p) in t.models() {
+            assert!(p.input > 0 && p.output > p.input, "{model}");
+            assert!(p.cache_read_or_default() < p.input, "{model}");
+            if model.starts_with("claude-") {
+                assert!(
+                    p.cache_write_5m.is_some()
+                        && p.cache_write_1h.is_some()
+                        && p.cache_read.is_some(),
+                    "{model}"
+                );
+            } else {
+                assert!(
+                    p.cache_read.is_some() || model == "gemini-2.0-flash-lite",
+                    "{model}"
+                );
+            }
+        }
+        // The fixtures' costs, as the relay will book them.
+        let cost = compute_cost(
+            &t,
+            Some("claude-sonnet-4-5-20250929"),
+            &tokens(12, 187, 1536, 0, 20480),
+            10_000,
+        );
+        assert_eq!(cost, priced(14_745, 14_745));
+        // gpt-5-mini: 307 × 0.25 + 352 × 2 + 1536 × 0.025 = 76.75 + 704 + 38.4 = 819.15 → 819.
+        let cost = compute_cost(
+            &t,
+            Some("gpt-5-mini-2025-08-07"),
+            &tokens(307, 352, 0, 0, 1536),
+            15_000,
+        );
+        assert_eq!(cost, priced(819, 1_229));
+    }
+
+    #[test]
+    fn price_list_format_errors_name_the_line() {
+        let ok = "[models.\"m\"]\ninput = 1\noutput = 2\n";
+        assert!(PriceTable::from_toml_str(ok).is_ok());
+        let syntax_cases: &[(&str, &str, usize)] = &[
+            (
+                "unknown key",
+                "[models.\"m\"]\ninput = 1\noutput = 2\ncache_write = 3\n",
+                4,
+            ),
+            ("key outside table", "input = 1\n", 1),
+            ("negative", "[models.m]\ninput = -1\noutput = 2\n", 2),
+            ("float", "[models.m]\ninput = 1.5\noutput = 2\n", 2),
+            ("string", "[models.m]\ninput = \"1\"\noutput = 2\n", 2),
+            ("empty value", "[models.m]\ninput =\noutput = 2\n", 2),
+            ("leading zero", "[models.m]\ninput = 01\noutput = 2\n", 2),
+            (
+                "bad underscore",
+                "[models.m]\ninput = 1__0\noutput = 2\n",
+                2,
+            ),
+            (
+                "overflow",
+                "[models.m]\ninput = 99999999999999999999\noutput = 2\n",
+                2,
+            ),
+            (
+                "set twice",
+                "[models.m]\ninput = 1\ninput = 2\noutput = 2\n",
+                3,
+            ),
+            ("not models", "[prices.m]\ninput = 1\noutput = 2\n", 1),
+            ("array of tables", "[[models]]\n", 1),
+            ("unclosed header", "[models.\"m\"\n", 1),
+            ("unclosed quote", "[models.\"m]\n", 1),
+            ("junk after name", "[models.\"m\" x]\n", 1),
+            (
+                "dotted bare name",
+                "[models.gpt-4.1]\ninput = 1\noutput = 2\n",
+                1,
+            ),
+            (
+                "escape",
+                "[models.\"a\\u0041\"]\ninput = 1\noutput = 2\n",
+                1,
+            ),
+            ("empty name", "[models.\"\"]\ninput = 1\noutput = 2\n", 1),
+            ("garbage", "[models.m]\nhello\n", 2),
+        ];
+        for (name, text, line) in syntax_cases {
+            match PriceTable::from_toml_str(text) {
+                Err(PriceError::Syntax { line: got, .. }) => assert_eq!(got, *line, "{name}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            PriceTable::from_toml_str("[models.m]\ninput = 1\n"),
+            Err(PriceError::MissingField {
+                model: "m".into(),
+                field: "output"
+            })
+        );
+        assert_eq!(
+            PriceTable::from_toml_str(
+                "[models.m]\noutput = 1\n[models.n]\ninput = 1\noutput = 1\n"
+            ),
+            Err(PriceError::MissingField {
+                model: "m".into(),
+                field: "input"
+            })
+        );
+        assert_eq!(
+            PriceTable::from_toml_str("[models.m]\ninput = 1\noutput = 1\n[models.\"m\"]\n"),
+            Err(PriceError::DuplicateModel { model: "m".into() })
+        );
+    }
+
+    #[test]
+    fn price_list_accepts_toml_spellings() {
+        let text = "# header\n\n[ models . 'single-quoted' ]  # trailing comment\ninput = +3_000_000 # $3\noutput=15000000\n\n[models.bare_name-1]\ninput = 0\noutput = 1\n[models.\"with # hash\"]\ninput = 1\noutput = 2\n";
+        let t = PriceTable::from_toml_str(text).unwrap();
+        assert_eq!(t.get("single-quoted").unwrap().input, 3_000_000);
+        assert_eq!(t.get("single-quoted").unwrap().output, 15_000_000);
+        assert_eq!(t.get("bare_name-1").unwrap().input, 0);
+        assert_eq!(t.get("with # hash").unwrap().output, 2);
+        assert_eq!(
+            t.models().map(|(m, _)| m).collect::<Vec<_>>(),
+            ["bare_name-1", "single-quoted", "with # hash"]
+        );
+        assert!(PriceTable::from_toml_str("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn model_price_serde_matches_the_file_format() {
+        let p: ModelPrice =
+            serde_json::from_str(r#"{"input":1,"output":2,"cache_read":3}"#).unwrap();
+        assert_eq!(
+            p,
+            ModelPrice {
+                cache_read: Some(3),
+                ..price(1, 2)
+            }
+        );
+        assert!(serde_json::from_str::<ModelPrice>(r#"{"input":1,"output":2,"cache":3}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&p).unwrap(),
+            r#"{"input":1,"output":2,"cache_read":3}"#
+        );
+    }
+
+    #[test]
+    fn absurd_numbers_saturate_instead_of_panicking() {
+        let t = table(&[
+            ("m", price(i64::MAX, i64::MAX)),
+            ("neg", price(-3_000_000, 0)),
+        ]);
+        let huge = tokens(u64::MAX, u64::MAX, u64::MAX, u64::MAX, u64::MAX);
+        let cost = compute_cost(&t, Some("m"), &huge, i64::MAX);
+        assert_eq!(cost.base, i64::MAX);
+        assert_eq!(cost.billed, i64::MAX);
+        let cost = compute_cost(&t, Some("m"), &huge, i64::MIN);
+        assert_eq!(cost.billed, i64::MIN);
+        // A negative admin price (a credit) rounds half up too: -4.5 → -4.
+        let cost = compute_cost(&t, Some("neg"), &tokens(1, 0, 0, 0, 0), 15_000);
+        assert_eq!(cost, priced(-3, -4));
+        assert_eq!(price(i64::MAX, 0).cache_write_1h_or_default(), i64::MAX);
+    }
+}

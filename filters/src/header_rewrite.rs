@@ -1,0 +1,388 @@
+//! `header_rewrite`: turns the client's request into the request for the chosen account:
+//! client credentials and hop-by-hop / client-IP headers out, the account's credential, host,
+//! path and model in (DESIGN §8).
+
+use async_trait::async_trait;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::Deserialize;
+
+use crate::accounts::Account;
+use crate::chain::{Flow, RequestFilter, RequestView};
+use crate::context::{RequestCtx, UpstreamRequest};
+use crate::error::{ErrorKind, Rejection};
+use crate::request_body::rewrite_model;
+use crate::{AccountType, Protocol};
+
+/// Headers never forwarded upstream.
+const DROPPED: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "x-goog-api-key",
+    "cookie",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "forwarded",
+    "x-real-ip",
+    "accept-encoding",
+];
+
+/// Anthropic's beta flag for OAuth tokens (`claude-official` accounts).
+const OAUTH_BETA: &str = "oauth-2025-04-20";
+
+/// Operator rules applied after the built-in rewriting.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRules {
+    /// Set (replace) these headers.
+    #[serde(default)]
+    pub set: Vec<(String, String)>,
+    /// Append these headers.
+    #[serde(default)]
+    pub add: Vec<(String, String)>,
+    /// Remove these headers.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// The filter.
+#[derive(Default)]
+pub struct HeaderRewrite {
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+impl HeaderRewrite {
+    /// Validates `rules` into a filter.
+    pub fn new(rules: &HeaderRules) -> Result<Self, String> {
+        let pair = |(k, v): &(String, String)| -> Result<(HeaderName, HeaderValue), String> {
+            Ok((
+                HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("bad header name {k}"))?,
+                HeaderValue::from_str(v).map_err(|_| format!("bad value for header {k}"))?,
+            ))
+        };
+        Ok(HeaderRewrite {
+            set: rules.set.iter().map(pair).collect::<Result<_, _>>()?,
+            add: rules.add.iter().map(pair).collect::<Result<_, _>>()?,
+            remove: rules
+                .remove
+                .iter()
+                .map(|k| {
+                    HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("bad header name {k}"))
+                })
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Builds the upstream request for `account`.
+    pub fn build(
+        &self,
+        ctx: &mut RequestCtx,
+        account: &Account,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        body: &[u8],
+    ) -> Result<UpstreamRequest, Rejection> {
+        let mut out: Vec<(HeaderName, HeaderValue)> = Vec::with_capacity(headers.len() + 4);
+        for (name, value) in headers {
+            let n = name.as_str();
+            if DROPPED.contains(&n) || n.starts_with("x-forwarded-") {
+                continue;
+            }
+            out.push((name.clone(), value.clone()));
+        }
+        let secret = account.credential.expose();
+        let value = |s: &str| {
+            HeaderValue::from_str(s).map_err(|_| {
+                Rejection::new(
+                    ErrorKind::Upstream,
+                    "account credential is not a valid header value",
+                )
+            })
+        };
+        match account.account_type {
+            AccountType::Claude => {
+                let mut v = value(secret)?;
+                v.set_sensitive(true);
+                out.push((HeaderName::from_static("x-api-key"), v));
+            }
+            AccountType::ClaudeOfficial => {
+                let mut v = value(&format!("Bearer {secret}"))?;
+                v.set_sensitive(true);
+                out.push((http::header::AUTHORIZATION, v));
+                let beta = headers
+                    .get("anthropic-beta")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if !beta.split(',').any(|b| b.trim() == OAUTH_BETA) {
+                    out.retain(|(n, _)| n.as_str() != "anthropic-beta");
+                    let joined = if beta.is_empty() {
+                        OAUTH_BETA.to_string()
+                    } else {
+                        format!("{beta},{OAUTH_BETA}")
+                    };
+                    out.push((HeaderName::from_static("anthropic-beta"), value(&joined)?));
+                }
+            }
+            AccountType::Openai | AccountType::OpenaiResponses => {
+                let mut v = value(&format!("Bearer {secret}"))?;
+                v.set_sensitive(true);
+                out.push((http::header::AUTHORIZATION, v));
+                if let Some(id) = &account.chatgpt_account_id {
+                    out.push((HeaderName::from_static("chatgpt-account-id"), value(id)?));
+                }
+            }
+            AccountType::Gemini => {
+                let mut v = value(secret)?;
+                v.set_sensitive(true);
+                out.push((HeaderName::from_static("x-goog-api-key"), v));
+            }
+        }
+        if ctx.protocol() == Protocol::Anthropic && !headers.contains_key("anthropic-version") {
+            out.push((
+                HeaderName::from_static("anthropic-version"),
+                HeaderValue::from_static("2023-06-01"),
+            ));
+        }
+        out.push((
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        ));
+        if !headers.contains_key("x-request-id") {
+            out.push((
+                HeaderName::from_static("x-request-id"),
+                value(&ctx.request_id)?,
+            ));
+        }
+        let host = if account.base_url.port == 443 && account.base_url.tls
+            || account.base_url.port == 80 && !account.base_url.tls
+        {
+            account.base_url.host.clone()
+        } else {
+            format!("{}:{}", account.base_url.host, account.base_url.port)
+        };
+        out.push((http::header::HOST, value(&host)?));
+        for name in &self.remove {
+            out.retain(|(n, _)| n != name);
+        }
+        for (name, v) in &self.set {
+            out.retain(|(n, _)| n != name);
+            out.push((name.clone(), v.clone()));
+        }
+        out.extend(self.add.iter().cloned());
+
+        // Model map: rewrite the body's model (or the Gemini path's) when the account renames it.
+        let mut path = ctx.route.upstream_path.clone();
+        let mut new_body = None;
+        let requested = ctx.requested_model().map(str::to_string);
+        ctx.upstream.model = requested.clone();
+        if let Some(model) = requested {
+            let mapped = account.map_model(&model);
+            if mapped != model {
+                if ctx.protocol() == Protocol::Gemini {
+                    path = path.replacen(
+                        &format!("/models/{model}:"),
+                        &format!("/models/{mapped}:"),
+                        1,
+                    );
+                } else {
+                    new_body = rewrite_model(body, mapped).map(bytes::Bytes::from);
+                }
+                ctx.upstream.model = Some(mapped.to_string());
+            }
+        }
+        let mut path_and_query = format!("{}{}", account.base_url.path_prefix, path);
+        if let Some(q) = query {
+            // The client's `?key=` is a relay credential: never forwarded.
+            let kept: Vec<&str> = q
+                .split('&')
+                .filter(|kv| !kv.is_empty() && !kv.starts_with("key="))
+                .collect();
+            if !kept.is_empty() {
+                path_and_query.push('?');
+                path_and_query.push_str(&kept.join("&"));
+            }
+        }
+        Ok(UpstreamRequest {
+            tls: account.base_url.tls,
+            host: account.base_url.host.clone(),
+            port: account.base_url.port,
+            method: "POST",
+            path_and_query,
+            headers: out,
+            body: new_body,
+        })
+    }
+}
+
+#[async_trait]
+impl RequestFilter for HeaderRewrite {
+    fn name(&self) -> &'static str {
+        "header_rewrite"
+    }
+
+    async fn on_request(&self, ctx: &mut RequestCtx, req: &RequestView<'_>) -> Flow {
+        let Some(account) = ctx.upstream.account.clone() else {
+            return Flow::Continue;
+        };
+        match self.build(ctx, &account, req.headers, req.query, req.body) {
+            Ok(r) => {
+                ctx.upstream.request = Some(r);
+                Flow::Continue
+            }
+            Err(r) => Flow::Reject(r),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accounts::{tests::account, BaseUrl};
+    use crate::route::ApiRoute;
+    use std::sync::Arc;
+
+    fn ctx(protocol: Protocol, path: &str) -> RequestCtx {
+        let route = ApiRoute {
+            protocol,
+            upstream_path: path.into(),
+            path_model: None,
+            path_stream: false,
+            billed: true,
+        };
+        let mut c = RequestCtx::new("req-1".into(), route, 0);
+        c.request.model = Some("claude-sonnet-4-5".into());
+        c
+    }
+
+    fn client_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("x-api-key", "sk-relay-client"),
+            ("authorization", "Bearer sk-relay-client"),
+            ("cookie", "a=b"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
+            ("forwarded", "for=1.2.3.4"),
+            ("expect", "100-continue"),
+            ("accept-encoding", "gzip, br"),
+            ("anthropic-beta", "claude-code-20250219"),
+            ("x-claude-code-session-id", "abc"),
+            ("connection", "keep-alive"),
+            ("host", "relay.example"),
+        ] {
+            h.insert(k, v.parse().unwrap());
+        }
+        h
+    }
+
+    fn get<'a>(r: &'a UpstreamRequest, name: &str) -> Vec<&'a str> {
+        r.headers
+            .iter()
+            .filter(|(n, _)| n.as_str() == name)
+            .map(|(_, v)| v.to_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn claude_api_key_account() {
+        let acc = account("a", AccountType::Claude, 50, 1);
+        let mut c = ctx(Protocol::Anthropic, "/v1/messages");
+        let r = HeaderRewrite::default()
+            .build(&mut c, &acc, &client_headers(), Some("beta=true"), b"{}")
+            .unwrap();
+        assert_eq!(get(&r, "x-api-key"), ["secret-a"]);
+        assert!(get(&r, "authorization").is_empty());
+        for gone in [
+            "cookie",
+            "x-forwarded-for",
+            "x-real-ip",
+            "forwarded",
+            "expect",
+            "connection",
+        ] {
+            assert!(get(&r, gone).is_empty(), "{gone} forwarded");
+        }
+        assert_eq!(get(&r, "accept-encoding"), ["identity"]);
+        assert_eq!(get(&r, "anthropic-version"), ["2023-06-01"]);
+        assert_eq!(get(&r, "x-request-id"), ["req-1"]);
+        assert_eq!(get(&r, "host"), ["127.0.0.1:9"]);
+        assert_eq!(get(&r, "x-claude-code-session-id"), ["abc"]);
+        assert_eq!(r.path_and_query, "/v1/messages?beta=true");
+        assert!(r.body.is_none());
+    }
+
+    #[test]
+    fn oauth_account_gets_bearer_and_beta() {
+        let acc = account("o", AccountType::ClaudeOfficial, 50, 1);
+        let mut c = ctx(Protocol::Anthropic, "/v1/messages");
+        let r = HeaderRewrite::default()
+            .build(&mut c, &acc, &client_headers(), None, b"{}")
+            .unwrap();
+        assert_eq!(get(&r, "authorization"), ["Bearer secret-o"]);
+        assert!(get(&r, "x-api-key").is_empty());
+        assert_eq!(
+            get(&r, "anthropic-beta"),
+            ["claude-code-20250219,oauth-2025-04-20"]
+        );
+    }
+
+    #[test]
+    fn openai_prefix_and_gemini_key_query() {
+        let mut acc = Arc::try_unwrap(account("x", AccountType::Openai, 50, 1)).unwrap();
+        acc.base_url = BaseUrl::parse("https://example.com/openai").unwrap();
+        let mut c = ctx(Protocol::OpenaiResponses, "/responses");
+        let r = HeaderRewrite::default()
+            .build(&mut c, &acc, &client_headers(), None, b"{}")
+            .unwrap();
+        assert_eq!(r.path_and_query, "/openai/responses");
+        assert!(r.tls);
+        assert_eq!(get(&r, "host"), ["example.com"]);
+        let g = account("g", AccountType::Gemini, 50, 1);
+        let mut c = ctx(Protocol::Gemini, "/v1beta/models/m:streamGenerateContent");
+        let r = HeaderRewrite::default()
+            .build(
+                &mut c,
+                &g,
+                &HeaderMap::new(),
+                Some("alt=sse&key=sk-relay-x"),
+                b"{}",
+            )
+            .unwrap();
+        assert_eq!(
+            r.path_and_query,
+            "/v1beta/models/m:streamGenerateContent?alt=sse"
+        );
+        assert_eq!(get(&r, "x-goog-api-key"), ["secret-g"]);
+    }
+
+    #[test]
+    fn operator_rules() {
+        let rules = HeaderRules {
+            set: vec![("user-agent".into(), "relay".into())],
+            add: vec![("x-extra".into(), "1".into())],
+            remove: vec!["x-claude-code-session-id".into()],
+        };
+        let acc = account("a", AccountType::Claude, 50, 1);
+        let mut c = ctx(Protocol::Anthropic, "/v1/messages");
+        let mut h = client_headers();
+        h.insert("user-agent", "claude-cli".parse().unwrap());
+        let r = HeaderRewrite::new(&rules)
+            .unwrap()
+            .build(&mut c, &acc, &h, None, b"{}")
+            .unwrap();
+        assert_eq!(get(&r, "user-agent"), ["relay"]);
+        assert_eq!(get(&r, "x-extra"), ["1"]);
+        assert!(get(&r, "x-claude-code-session-id").is_empty());
+    }
+}

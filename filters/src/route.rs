@@ -1,0 +1,157 @@
+//! Path → route: which protocol a request speaks and what the upstream path is (DESIGN §4).
+//! Routing looks at the method and path only, never at the body.
+
+use crate::Protocol;
+
+/// What a request asks the relay to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Proxied to an upstream account.
+    Api(ApiRoute),
+    /// `GET /v1/models`: the models the key may use.
+    ListModels,
+    /// `GET /healthz` and Claude Code's `HEAD /` probe: answered at once, no auth.
+    Health,
+}
+
+/// A proxied API call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiRoute {
+    pub protocol: Protocol,
+    /// Path appended to the account's base URL (without query).
+    pub upstream_path: String,
+    /// Model named in the path (Gemini).
+    pub path_model: Option<String>,
+    /// Streaming decided by the path (Gemini `:streamGenerateContent`).
+    pub path_stream: bool,
+    /// Whether the call is billed (`count_tokens` is not).
+    pub billed: bool,
+}
+
+/// Matches a request line to a route; `None` is a 404.
+pub fn match_route(method: &str, path: &str) -> Option<Route> {
+    let path = path.split('?').next().unwrap_or(path);
+    match (method, path) {
+        ("GET", "/healthz") | ("HEAD", "/healthz") | ("HEAD", "/") => return Some(Route::Health),
+        ("GET", "/v1/models") | ("GET", "/models") => return Some(Route::ListModels),
+        _ => {}
+    }
+    if method != "POST" {
+        return None;
+    }
+    let api = |protocol, upstream_path: &str, billed| {
+        Some(Route::Api(ApiRoute {
+            protocol,
+            upstream_path: upstream_path.to_string(),
+            path_model: None,
+            path_stream: false,
+            billed,
+        }))
+    };
+    match path {
+        "/v1/messages" | "/api/v1/messages" => api(Protocol::Anthropic, "/v1/messages", true),
+        "/v1/messages/count_tokens" | "/api/v1/messages/count_tokens" => {
+            api(Protocol::Anthropic, "/v1/messages/count_tokens", false)
+        }
+        "/v1/chat/completions" | "/chat/completions" => {
+            api(Protocol::OpenaiChat, "/chat/completions", true)
+        }
+        "/v1/responses" | "/responses" => api(Protocol::OpenaiResponses, "/responses", true),
+        "/v1/responses/compact" | "/responses/compact" => {
+            api(Protocol::OpenaiResponses, "/responses/compact", true)
+        }
+        _ => gemini_route(path),
+    }
+}
+
+/// Gemini: `/v1beta/models/{model}:{method}`, also under `/v1/models/` and the `/gemini` prefix.
+fn gemini_route(path: &str) -> Option<Route> {
+    let path = path.strip_prefix("/gemini").unwrap_or(path);
+    let rest = path
+        .strip_prefix("/v1beta/models/")
+        .or_else(|| path.strip_prefix("/v1/models/"))?;
+    let (model, method) = rest.rsplit_once(':')?;
+    if model.is_empty() || model.contains('/') {
+        return None;
+    }
+    let path_stream = match method {
+        "generateContent" => false,
+        "streamGenerateContent" => true,
+        _ => return None,
+    };
+    Some(Route::Api(ApiRoute {
+        protocol: Protocol::Gemini,
+        upstream_path: format!("/v1beta/models/{model}:{method}"),
+        path_model: Some(model.to_string()),
+        path_stream,
+        billed: true,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(method: &str, path: &str) -> ApiRoute {
+        match match_route(method, path) {
+            Some(Route::Api(r)) => r,
+            other => panic!("{method} {path}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn anthropic_paths() {
+        for p in ["/v1/messages", "/v1/messages?beta=true", "/api/v1/messages"] {
+            let r = api("POST", p);
+            assert_eq!(r.protocol, Protocol::Anthropic);
+            assert_eq!(r.upstream_path, "/v1/messages");
+            assert!(r.billed);
+        }
+        assert!(!api("POST", "/v1/messages/count_tokens").billed);
+    }
+
+    #[test]
+    fn openai_paths() {
+        assert_eq!(
+            api("POST", "/v1/chat/completions").protocol,
+            Protocol::OpenaiChat
+        );
+        for p in ["/v1/responses", "/responses"] {
+            assert_eq!(api("POST", p).upstream_path, "/responses");
+        }
+        for p in ["/v1/responses/compact", "/responses/compact"] {
+            assert_eq!(api("POST", p).upstream_path, "/responses/compact");
+        }
+    }
+
+    #[test]
+    fn gemini_paths() {
+        let r = api(
+            "POST",
+            "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse",
+        );
+        assert_eq!(r.protocol, Protocol::Gemini);
+        assert_eq!(r.path_model.as_deref(), Some("gemini-2.5-pro"));
+        assert!(r.path_stream);
+        assert_eq!(
+            r.upstream_path,
+            "/v1beta/models/gemini-2.5-pro:streamGenerateContent"
+        );
+        let r = api("POST", "/gemini/v1/models/gemini-2.5-flash:generateContent");
+        assert!(!r.path_stream);
+        assert_eq!(
+            r.upstream_path,
+            "/v1beta/models/gemini-2.5-flash:generateContent"
+        );
+        assert!(match_route("POST", "/v1beta/models/x:deleteEverything").is_none());
+    }
+
+    #[test]
+    fn others() {
+        assert_eq!(match_route("HEAD", "/"), Some(Route::Health));
+        assert_eq!(match_route("GET", "/healthz"), Some(Route::Health));
+        assert_eq!(match_route("GET", "/v1/models"), Some(Route::ListModels));
+        assert_eq!(match_route("GET", "/v1/messages"), None);
+        assert_eq!(match_route("POST", "/nope"), None);
+    }
+}

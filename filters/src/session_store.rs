@@ -1,0 +1,237 @@
+//! Session bindings (session key → account) and the store trait behind them, with the bounded
+//! in-memory store used when no Redis is configured (DESIGN §7).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// What a session is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    pub account_id: String,
+    pub account_type: String,
+    pub platform: String,
+    pub model: Option<String>,
+    pub user_id: String,
+    pub api_key_id: String,
+    /// Epoch ms.
+    pub created_at: i64,
+    /// Epoch ms.
+    pub last_used_at: i64,
+    pub request_count: u64,
+}
+
+/// A binding with the time it has left.
+#[derive(Debug, Clone)]
+pub struct StoredBinding {
+    pub binding: Binding,
+    pub remaining: Duration,
+}
+
+/// Errors of a session store backend (the caller falls back, never fails the request).
+#[derive(Debug, thiserror::Error)]
+#[error("session store unavailable: {0}")]
+pub struct StoreUnavailable(pub String);
+
+/// Where bindings live: in memory or in Redis.
+#[async_trait]
+pub trait SessionStore: Send + Sync {
+    /// The binding of `key`, if any.
+    async fn get(&self, key: &str) -> Result<Option<StoredBinding>, StoreUnavailable>;
+    /// Stores `binding` unless one exists; returns the binding that holds afterwards, so two
+    /// nodes racing end on one account.
+    async fn set_if_absent(
+        &self,
+        key: &str,
+        binding: &Binding,
+        ttl: Duration,
+    ) -> Result<Binding, StoreUnavailable>;
+    /// Stores `binding`, replacing any other.
+    async fn put(
+        &self,
+        key: &str,
+        binding: &Binding,
+        ttl: Duration,
+    ) -> Result<(), StoreUnavailable>;
+    /// Removes a binding.
+    async fn delete(&self, key: &str) -> Result<(), StoreUnavailable>;
+    /// Number of bindings held (approximate for Redis).
+    fn len_hint(&self) -> u64;
+}
+
+#[derive(Clone)]
+struct Entry {
+    binding: Binding,
+    expires: Instant,
+}
+
+struct PerEntryTtl;
+
+impl moka::Expiry<String, Entry> for PerEntryTtl {
+    fn expire_after_create(&self, _k: &String, v: &Entry, now: Instant) -> Option<Duration> {
+        Some(v.expires.saturating_duration_since(now))
+    }
+    fn expire_after_update(
+        &self,
+        _k: &String,
+        v: &Entry,
+        now: Instant,
+        _d: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.expires.saturating_duration_since(now))
+    }
+}
+
+/// Bounded in-process store: LRU eviction at `capacity`, per-entry TTL.
+pub struct MemorySessionStore {
+    cache: moka::sync::Cache<String, Entry>,
+}
+
+impl MemorySessionStore {
+    /// A store holding at most `capacity` bindings.
+    pub fn new(capacity: u64) -> Arc<Self> {
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(capacity)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .expire_after(PerEntryTtl)
+            .build();
+        Arc::new(MemorySessionStore { cache })
+    }
+
+    /// Drops expired entries and applies pending evictions (run periodically).
+    pub fn purge(&self) {
+        self.cache.run_pending_tasks();
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemorySessionStore {
+    async fn get(&self, key: &str) -> Result<Option<StoredBinding>, StoreUnavailable> {
+        let now = Instant::now();
+        Ok(self.cache.get(key).and_then(|e| {
+            (e.expires > now).then(|| StoredBinding {
+                remaining: e.expires - now,
+                binding: e.binding,
+            })
+        }))
+    }
+
+    async fn set_if_absent(
+        &self,
+        key: &str,
+        binding: &Binding,
+        ttl: Duration,
+    ) -> Result<Binding, StoreUnavailable> {
+        let now = Instant::now();
+        let entry = self.cache.entry(key.to_string()).or_insert_with_if(
+            || Entry {
+                binding: binding.clone(),
+                expires: now + ttl,
+            },
+            |existing| existing.expires <= now,
+        );
+        Ok(entry.into_value().binding)
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        binding: &Binding,
+        ttl: Duration,
+    ) -> Result<(), StoreUnavailable> {
+        self.cache.insert(
+            key.to_string(),
+            Entry {
+                binding: binding.clone(),
+                expires: Instant::now() + ttl,
+            },
+        );
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreUnavailable> {
+        self.cache.invalidate(key);
+        Ok(())
+    }
+
+    fn len_hint(&self) -> u64 {
+        self.cache.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(account: &str) -> Binding {
+        Binding {
+            account_id: account.into(),
+            account_type: "claude".into(),
+            platform: "claude".into(),
+            model: None,
+            user_id: "u".into(),
+            api_key_id: "k".into(),
+            created_at: 0,
+            last_used_at: 0,
+            request_count: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn set_if_absent_keeps_the_first() {
+        let s = MemorySessionStore::new(100);
+        let ttl = Duration::from_secs(60);
+        assert_eq!(
+            s.set_if_absent("k", &binding("a"), ttl)
+                .await
+                .unwrap()
+                .account_id,
+            "a"
+        );
+        assert_eq!(
+            s.set_if_absent("k", &binding("b"), ttl)
+                .await
+                .unwrap()
+                .account_id,
+            "a"
+        );
+        s.put("k", &binding("c"), ttl).await.unwrap();
+        assert_eq!(s.get("k").await.unwrap().unwrap().binding.account_id, "c");
+        s.delete("k").await.unwrap();
+        assert!(s.get("k").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn entries_expire() {
+        let s = MemorySessionStore::new(100);
+        s.put("k", &binding("a"), Duration::from_millis(30))
+            .await
+            .unwrap();
+        let got = s.get("k").await.unwrap().unwrap();
+        assert!(got.remaining <= Duration::from_millis(30));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(s.get("k").await.unwrap().is_none());
+        // An expired binding is replaced by set_if_absent.
+        assert_eq!(
+            s.set_if_absent("k", &binding("b"), Duration::from_secs(5))
+                .await
+                .unwrap()
+                .account_id,
+            "b"
+        );
+    }
+
+    #[tokio::test]
+    async fn bounded() {
+        let s = MemorySessionStore::new(10);
+        for i in 0..100 {
+            s.put(&format!("k{i}"), &binding("a"), Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+        s.purge();
+        assert!(s.len_hint() <= 10, "{}", s.len_hint());
+    }
+}

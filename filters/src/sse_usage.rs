@@ -1,0 +1,2082 @@
+//! Usage metering of upstream responses: an incremental Server-Sent-Events parser and one meter
+//! per protocol and mode that reads token counts as the body streams past (DESIGN §9).
+//!
+//! Everything here runs synchronously in the response body filter, once per upstream chunk, so
+//! it never re-buffers the stream: the SSE parser keeps only the incomplete last line and the
+//! current event's data, lends complete events straight out of the chunk when it can, and the
+//! meters parse JSON only for the few events that can carry usage.
+
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+use memchr::{memchr, memchr2};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::types::{Protocol, TokenUsage};
+
+/// Default cap on what an [`SseParser`] carries between chunks (partial line + event data).
+pub const DEFAULT_MAX_SSE_BUFFER: usize = 16 << 20;
+
+/// Default cap on a non-streamed body a [`UsageMeter`] accumulates before it gives up.
+pub const DEFAULT_MAX_JSON_BODY: usize = 64 << 20;
+
+/// Longest `event:` name accepted; no provider sends more than a few dozen bytes.
+const MAX_EVENT_NAME: usize = 256;
+
+/// Longest model, id or error type kept from an upstream, so a hostile one cannot make the
+/// usage record arbitrarily large.
+const MAX_KEPT_STRING: usize = 256;
+
+/// Buffers that grew past this are shrunk back after use, so one huge event does not pin
+/// megabytes for the rest of a long stream.
+const SHRINK_ABOVE: usize = 1 << 20;
+const SHRINK_TO: usize = 64 << 10;
+
+static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+static ERROR_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
+
+// ---------------------------------------------------------------------------------------------
+// SSE parser
+// ---------------------------------------------------------------------------------------------
+
+/// One complete Server-Sent Event, borrowed from the chunk or from the parser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SseEvent<'a> {
+    /// The `event:` field, `""` when the event had none (or it was not UTF-8).
+    pub event: &'a str,
+    /// The event's `data:` lines joined with `\n` (no trailing newline).
+    pub data: &'a [u8],
+}
+
+/// Incremental Server-Sent-Events parser (WHATWG HTML, "Interpreting an event stream").
+///
+/// Lines end with `\n`, `\r\n` or `\r`; a blank line dispatches the event; `data:` lines are
+/// joined with `\n`; lines starting with `:` are comments; one space after the colon is
+/// stripped; `id:` and `retry:` are ignored (the relay never reconnects). Any split of the
+/// byte stream yields the same events.
+#[derive(Debug)]
+pub struct SseParser {
+    /// Incomplete last line of the previous chunk(s).
+    tail: Vec<u8>,
+    /// `event:` name of the event being built.
+    name: Vec<u8>,
+    /// Data of the event being built, when it could not be lent from a chunk.
+    data: Vec<u8>,
+    /// The event being built has at least one `data:` line (in `data` or lent from the chunk).
+    has_data: bool,
+    /// The previous chunk ended with `\r`: a `\n` starting the next chunk belongs to it.
+    skip_lf: bool,
+    /// Drop bytes until the end of the current line (it overflowed the cap).
+    discard_line: bool,
+    /// Drop lines until the blank line that ends the current event (it overflowed the cap).
+    discard_event: bool,
+    /// Some event was dropped because it overflowed the cap.
+    overflowed: bool,
+    /// No line has been seen yet (a leading UTF-8 BOM is skipped).
+    at_stream_start: bool,
+    /// Cap on `tail.len() + data.len()`.
+    max_buffer: usize,
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SseParser {
+    /// A parser that carries at most [`DEFAULT_MAX_SSE_BUFFER`] bytes between chunks.
+    pub fn new() -> Self {
+        Self::with_max_buffer(DEFAULT_MAX_SSE_BUFFER)
+    }
+
+    /// A parser that carries at most `max_buffer` bytes (partial line + event data).
+    pub fn with_max_buffer(max_buffer: usize) -> Self {
+        SseParser {
+            tail: Vec::new(),
+            name: Vec::new(),
+            data: Vec::new(),
+            has_data: false,
+            skip_lf: false,
+            discard_line: false,
+            discard_event: false,
+            overflowed: false,
+            at_stream_start: true,
+            max_buffer,
+        }
+    }
+
+    /// Whether some event was dropped because it outgrew the buffer cap.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
+    /// Parses the next chunk of the stream, calling `on_event` for every event it completes.
+    pub fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(SseEvent<'_>)) {
+        let mut pos = 0;
+        if self.skip_lf && !chunk.is_empty() {
+            self.skip_lf = false;
+            if chunk[0] == b'\n' {
+                pos = 1;
+            }
+        }
+        // Data of the current event that still sits in `chunk` (start, end): lent to
+        // `on_event` without a copy if the event completes within this chunk.
+        let mut lent: Option<(usize, usize)> = None;
+
+        if !self.tail.is_empty() || self.discard_line {
+            let Some(i) = memchr2(b'\r', b'\n', &chunk[pos..]) else {
+                self.carry(&chunk[pos..]);
+                return;
+            };
+            let end = pos + i;
+            self.carry(&chunk[pos..end]);
+            if self.discard_line {
+                self.discard_line = false;
+            } else {
+                let tail = std::mem::take(&mut self.tail);
+                self.line(&tail, None, chunk, &mut lent, &mut on_event);
+                self.tail = tail;
+                self.tail.clear();
+                shrink(&mut self.tail);
+            }
+            pos = self.after_line_end(chunk, end);
+        }
+
+        while pos < chunk.len() {
+            match memchr2(b'\r', b'\n', &chunk[pos..]) {
+                Some(i) => {
+                    let end = pos + i;
+                    self.line(&chunk[pos..end], Some(pos), chunk, &mut lent, &mut on_event);
+                    pos = self.after_line_end(chunk, end);
+                }
+                None => {
+                    self.carry(&chunk[pos..]);
+                    break;
+                }
+            }
+        }
+
+        // The event goes on in the next chunk: its lent data must outlive this one.
+        if let Some((start, end)) = lent {
+            let in_line = !self.tail.is_empty();
+            self.append_data(&[slice(chunk, start, end)], in_line);
+        }
+    }
+
+    /// Ends the stream: a last line without line end is taken as complete, and an event not
+    /// followed by a blank line is dispatched.
+    pub fn finish(&mut self, mut on_event: impl FnMut(SseEvent<'_>)) {
+        self.skip_lf = false;
+        let mut lent = None;
+        if self.discard_line {
+            self.discard_line = false;
+            self.tail.clear();
+        } else if !self.tail.is_empty() {
+            let tail = std::mem::take(&mut self.tail);
+            self.line(&tail, None, &[], &mut lent, &mut on_event);
+            self.tail = tail;
+            self.tail.clear();
+            shrink(&mut self.tail);
+        }
+        self.dispatch(&[], &mut lent, &mut on_event);
+    }
+
+    /// Position after the line end that starts at `end` (`\n`, `\r\n` or `\r`).
+    fn after_line_end(&mut self, chunk: &[u8], end: usize) -> usize {
+        if chunk.get(end) == Some(&b'\r') {
+            match chunk.get(end + 1) {
+                Some(b'\n') => end + 2,
+                Some(_) => end + 1,
+                None => {
+                    self.skip_lf = true;
+                    end + 1
+                }
+            }
+        } else {
+            end + 1
+        }
+    }
+
+    /// Keeps an incomplete line for the next chunk, within the cap.
+    fn carry(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() || self.discard_line {
+            return;
+        }
+        if self.tail.len() + self.data.len() + bytes.len() > self.max_buffer {
+            self.overflow(true);
+            return;
+        }
+        self.tail.extend_from_slice(bytes);
+    }
+
+    /// Appends to the owned event data, within the cap.
+    fn append_data(&mut self, parts: &[&[u8]], in_line: bool) {
+        let add: usize = parts.iter().map(|p| p.len()).sum();
+        if self.tail.len() + self.data.len() + add > self.max_buffer {
+            self.overflow(in_line);
+            return;
+        }
+        for part in parts {
+            self.data.extend_from_slice(part);
+        }
+    }
+
+    /// Drops the current event (and the rest of the current line when `in_line`).
+    fn overflow(&mut self, in_line: bool) {
+        self.overflowed = true;
+        self.discard_event = true;
+        self.has_data = false;
+        self.data = Vec::new();
+        self.tail = Vec::new();
+        if in_line {
+            self.discard_line = true;
+        }
+    }
+
+    /// Interprets one complete line; `at` is its offset in `chunk` when it lies there.
+    fn line(
+        &mut self,
+        line: &[u8],
+        at: Option<usize>,
+        chunk: &[u8],
+        lent: &mut Option<(usize, usize)>,
+        on_event: &mut impl FnMut(SseEvent<'_>),
+    ) {
+        let (line, at) = if self.at_stream_start {
+            self.at_stream_start = false;
+            match line.strip_prefix(b"\xEF\xBB\xBF") {
+                Some(rest) => (rest, at.map(|a| a + 3)),
+                None => (line, at),
+            }
+        } else {
+            (line, at)
+        };
+        if line.is_empty() {
+            self.dispatch(chunk, lent, on_event);
+            return;
+        }
+        if self.discard_event || line[0] == b':' {
+            return;
+        }
+        let (field, value_start) = match memchr(b':', line) {
+            Some(colon) if line.get(colon + 1) == Some(&b' ') => (&line[..colon], colon + 2),
+            Some(colon) => (&line[..colon], colon + 1),
+            None => (line, line.len()),
+        };
+        let value = &line[value_start..];
+        match field {
+            b"data" => self.data_line(value, at.map(|a| a + value_start), chunk, lent),
+            b"event" if value.len() > MAX_EVENT_NAME => self.overflow(false),
+            b"event" => {
+                self.name.clear();
+                self.name.extend_from_slice(value);
+            }
+            _ => {}
+        }
+    }
+
+    /// Adds one `data:` value; `value_at` is its offset in `chunk` when it lies there.
+    fn data_line(
+        &mut self,
+        value: &[u8],
+        value_at: Option<usize>,
+        chunk: &[u8],
+        lent: &mut Option<(usize, usize)>,
+    ) {
+        if !self.has_data {
+            self.has_data = true;
+            match value_at {
+                Some(start) => *lent = Some((start, start + value.len())),
+                None => self.append_data(&[value], false),
+            }
+        } else if let Some((start, end)) = lent.take() {
+            self.append_data(&[slice(chunk, start, end), b"\n", value], false);
+        } else {
+            self.append_data(&[b"\n", value], false);
+        }
+    }
+
+    /// Blank line: hands the event over (if it has data) and starts the next one.
+    fn dispatch(
+        &mut self,
+        chunk: &[u8],
+        lent: &mut Option<(usize, usize)>,
+        on_event: &mut impl FnMut(SseEvent<'_>),
+    ) {
+        let lent = lent.take();
+        if self.discard_event {
+            self.discard_event = false;
+        } else if self.has_data {
+            let data = match lent {
+                Some((start, end)) => slice(chunk, start, end),
+                None => &self.data[..],
+            };
+            let event = std::str::from_utf8(&self.name).unwrap_or("");
+            on_event(SseEvent { event, data });
+        }
+        self.name.clear();
+        self.data.clear();
+        shrink(&mut self.data);
+        self.has_data = false;
+    }
+}
+
+/// `bytes[start..end]`, or nothing if out of range (never, by construction; no panic anyway).
+fn slice(bytes: &[u8], start: usize, end: usize) -> &[u8] {
+    bytes.get(start..end).unwrap_or(&[])
+}
+
+fn shrink(buf: &mut Vec<u8>) {
+    if buf.capacity() > SHRINK_ABOVE {
+        buf.shrink_to(SHRINK_TO);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Meters
+// ---------------------------------------------------------------------------------------------
+
+/// What a meter learnt from one upstream response.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeterResult {
+    /// Token counts, normalised across protocols.
+    pub usage: TokenUsage,
+    /// Model the upstream reported (Anthropic `message.model`, OpenAI `model`, Gemini `modelVersion`).
+    pub model: Option<String>,
+    /// Upstream response id (Anthropic message id, OpenAI chat/response id, Gemini `responseId`).
+    pub response_id: Option<String>,
+    /// The upstream's terminal event (or the whole JSON body) was seen.
+    pub complete: bool,
+    /// Type of an upstream `error` event or error JSON, if any.
+    pub upstream_error: Option<String>,
+}
+
+/// Reads token usage from an upstream response body as it streams past.
+#[derive(Debug)]
+pub enum UsageMeter {
+    /// Anthropic Messages, `stream: true`.
+    AnthropicStream(StreamMeter),
+    /// Anthropic Messages, one JSON body.
+    AnthropicJson(JsonMeter),
+    /// OpenAI Chat Completions, `stream: true`.
+    OpenaiChatStream(StreamMeter),
+    /// OpenAI Chat Completions, one JSON body.
+    OpenaiChatJson(JsonMeter),
+    /// OpenAI Responses, `stream: true`.
+    OpenaiResponsesStream(StreamMeter),
+    /// OpenAI Responses, one JSON body.
+    OpenaiResponsesJson(JsonMeter),
+    /// Gemini `streamGenerateContent?alt=sse`.
+    GeminiStream(StreamMeter),
+    /// Gemini `generateContent`, or `streamGenerateContent` without `alt=sse` (a JSON array).
+    GeminiJson(JsonMeter),
+}
+
+/// Meter state of an SSE response: the parser and what the events said so far.
+#[derive(Debug)]
+pub struct StreamMeter {
+    parser: SseParser,
+    state: StreamState,
+}
+
+/// Meter state of a JSON response: the body so far, parsed at the end.
+#[derive(Debug)]
+pub struct JsonMeter {
+    body: Vec<u8>,
+    max_body: usize,
+    gave_up: bool,
+    result: Option<MeterResult>,
+}
+
+#[derive(Debug, Default)]
+struct StreamState {
+    result: MeterResult,
+    anthropic: AnthropicCounts,
+    gemini: GeminiCounts,
+    /// OpenAI Chat: the first chunk (which names the id and model) was parsed.
+    seen_first_chunk: bool,
+}
+
+impl UsageMeter {
+    /// A meter for a response of `protocol`, streamed (SSE) or not (JSON).
+    pub fn new(protocol: Protocol, stream: bool) -> Self {
+        let max = if stream {
+            DEFAULT_MAX_SSE_BUFFER
+        } else {
+            DEFAULT_MAX_JSON_BODY
+        };
+        Self::with_limit(protocol, stream, max)
+    }
+
+    /// Like [`UsageMeter::new`], with `limit` bytes as the SSE carry cap or the JSON body cap.
+    pub fn with_limit(protocol: Protocol, stream: bool, limit: usize) -> Self {
+        let sse = || StreamMeter {
+            parser: SseParser::with_max_buffer(limit),
+            state: StreamState::default(),
+        };
+        let json = || JsonMeter {
+            body: Vec::new(),
+            max_body: limit,
+            gave_up: false,
+            result: None,
+        };
+        match (protocol, stream) {
+            (Protocol::Anthropic, true) => UsageMeter::AnthropicStream(sse()),
+            (Protocol::Anthropic, false) => UsageMeter::AnthropicJson(json()),
+            (Protocol::OpenaiChat, true) => UsageMeter::OpenaiChatStream(sse()),
+            (Protocol::OpenaiChat, false) => UsageMeter::OpenaiChatJson(json()),
+            (Protocol::OpenaiResponses, true) => UsageMeter::OpenaiResponsesStream(sse()),
+            (Protocol::OpenaiResponses, false) => UsageMeter::OpenaiResponsesJson(json()),
+            (Protocol::Gemini, true) => UsageMeter::GeminiStream(sse()),
+            (Protocol::Gemini, false) => UsageMeter::GeminiJson(json()),
+        }
+    }
+
+    /// Reads the next upstream body chunk.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        match self {
+            UsageMeter::AnthropicStream(m) => {
+                let state = &mut m.state;
+                m.parser.feed(chunk, |ev| anthropic_event(state, ev));
+            }
+            UsageMeter::OpenaiChatStream(m) => {
+                let state = &mut m.state;
+                m.parser.feed(chunk, |ev| chat_event(state, ev));
+            }
+            UsageMeter::OpenaiResponsesStream(m) => {
+                let state = &mut m.state;
+                m.parser.feed(chunk, |ev| responses_event(state, ev));
+            }
+            UsageMeter::GeminiStream(m) => {
+                let state = &mut m.state;
+                m.parser.feed(chunk, |ev| gemini_event(state, ev));
+            }
+            UsageMeter::AnthropicJson(m)
+            | UsageMeter::OpenaiChatJson(m)
+            | UsageMeter::OpenaiResponsesJson(m)
+            | UsageMeter::GeminiJson(m) => m.feed(chunk),
+        }
+    }
+
+    /// Ends the body and returns everything learnt; calling it again returns the same.
+    pub fn finish(&mut self) -> MeterResult {
+        match self {
+            UsageMeter::AnthropicStream(m) => {
+                let state = &mut m.state;
+                m.parser.finish(|ev| anthropic_event(state, ev));
+                m.state.result.clone()
+            }
+            UsageMeter::OpenaiChatStream(m) => {
+                let state = &mut m.state;
+                m.parser.finish(|ev| chat_event(state, ev));
+                m.state.result.clone()
+            }
+            UsageMeter::OpenaiResponsesStream(m) => {
+                let state = &mut m.state;
+                m.parser.finish(|ev| responses_event(state, ev));
+                m.state.result.clone()
+            }
+            UsageMeter::GeminiStream(m) => {
+                let state = &mut m.state;
+                m.parser.finish(|ev| gemini_event(state, ev));
+                m.state.result.clone()
+            }
+            UsageMeter::AnthropicJson(m) => m.finish(parse_anthropic_json),
+            UsageMeter::OpenaiChatJson(m) => m.finish(parse_chat_json),
+            UsageMeter::OpenaiResponsesJson(m) => m.finish(parse_responses_json),
+            UsageMeter::GeminiJson(m) => m.finish(parse_gemini_json),
+        }
+    }
+
+    /// What is known so far without ending the body (for streams the client cut).
+    pub fn snapshot(&self) -> MeterResult {
+        match self {
+            UsageMeter::AnthropicStream(m)
+            | UsageMeter::OpenaiChatStream(m)
+            | UsageMeter::OpenaiResponsesStream(m)
+            | UsageMeter::GeminiStream(m) => m.state.result.clone(),
+            UsageMeter::AnthropicJson(m)
+            | UsageMeter::OpenaiChatJson(m)
+            | UsageMeter::OpenaiResponsesJson(m)
+            | UsageMeter::GeminiJson(m) => m.result.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Whether metering hit its cap (an SSE event or the JSON body was too large) and dropped data.
+    pub fn gave_up(&self) -> bool {
+        match self {
+            UsageMeter::AnthropicStream(m)
+            | UsageMeter::OpenaiChatStream(m)
+            | UsageMeter::OpenaiResponsesStream(m)
+            | UsageMeter::GeminiStream(m) => m.parser.overflowed(),
+            UsageMeter::AnthropicJson(m)
+            | UsageMeter::OpenaiChatJson(m)
+            | UsageMeter::OpenaiResponsesJson(m)
+            | UsageMeter::GeminiJson(m) => m.gave_up,
+        }
+    }
+}
+
+impl JsonMeter {
+    fn feed(&mut self, chunk: &[u8]) {
+        if self.gave_up || self.result.is_some() {
+            return;
+        }
+        if self.body.len() + chunk.len() > self.max_body {
+            self.gave_up = true;
+            self.body = Vec::new();
+            return;
+        }
+        self.body.extend_from_slice(chunk);
+    }
+
+    fn finish(&mut self, parse: fn(&[u8]) -> Option<MeterResult>) -> MeterResult {
+        if let Some(result) = &self.result {
+            return result.clone();
+        }
+        let result = if self.gave_up {
+            MeterResult::default()
+        } else {
+            parse(&self.body).unwrap_or_default()
+        };
+        self.body = Vec::new();
+        self.result = Some(result.clone());
+        result
+    }
+}
+
+/// Whether an OpenAI Chat stream chunk only carries usage (`choices` empty, `usage` not null):
+/// the chunk the relay asked for with `stream_options.include_usage` and does not forward.
+pub fn is_usage_only_chunk(data: &[u8]) -> bool {
+    // Cheap reject first: with include_usage every chunk has `"usage":null`.
+    if !has_non_null_usage(data) {
+        return false;
+    }
+    #[derive(Deserialize)]
+    struct Probe<'a> {
+        #[serde(borrow)]
+        choices: Option<&'a RawValue>,
+        #[serde(borrow)]
+        usage: Option<&'a RawValue>,
+    }
+    match serde_json::from_slice::<Probe<'_>>(data) {
+        Ok(probe) => probe.usage.is_some() && is_empty_array(probe.choices),
+        Err(_) => false,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wire shapes (only the fields the meters read; serde skips the rest)
+// ---------------------------------------------------------------------------------------------
+
+/// Anthropic `usage` (message_start.message.usage, message_delta.usage, JSON body).
+#[derive(Deserialize)]
+struct AnthropicUsageWire {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation: Option<AnthropicCacheCreationWire>,
+}
+
+#[derive(Deserialize)]
+struct AnthropicCacheCreationWire {
+    ephemeral_5m_input_tokens: Option<u64>,
+    ephemeral_1h_input_tokens: Option<u64>,
+}
+
+/// Anthropic message (message_start.message, or the JSON body itself).
+#[derive(Deserialize)]
+struct AnthropicMessageWire<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    usage: Option<AnthropicUsageWire>,
+    error: Option<ErrorWire>,
+}
+
+#[derive(Deserialize)]
+struct AnthropicMessageStartWire<'a> {
+    #[serde(borrow)]
+    message: AnthropicMessageWire<'a>,
+}
+
+#[derive(Deserialize)]
+struct AnthropicMessageDeltaWire {
+    usage: Option<AnthropicUsageWire>,
+}
+
+/// OpenAI Chat `usage`.
+#[derive(Deserialize)]
+struct ChatUsageWire {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    prompt_tokens_details: Option<CachedTokensWire>,
+    completion_tokens_details: Option<ReasoningTokensWire>,
+}
+
+#[derive(Deserialize)]
+struct CachedTokensWire {
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ReasoningTokensWire {
+    reasoning_tokens: Option<u64>,
+}
+
+/// OpenAI Chat stream chunk or JSON body.
+#[derive(Deserialize)]
+struct ChatWire<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow)]
+    choices: Option<&'a RawValue>,
+    usage: Option<ChatUsageWire>,
+    error: Option<ErrorWire>,
+}
+
+/// OpenAI Responses `usage`.
+#[derive(Deserialize)]
+struct ResponsesUsageWire {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    input_tokens_details: Option<CachedTokensWire>,
+    output_tokens_details: Option<ReasoningTokensWire>,
+}
+
+/// OpenAI Responses response object (stream `response` field, or the JSON body).
+#[derive(Deserialize)]
+struct ResponseWire<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    usage: Option<ResponsesUsageWire>,
+    /// `null` on success, `{code, message}` when the response failed.
+    error: Option<ErrorWire>,
+}
+
+#[derive(Deserialize)]
+struct ResponseEventWire<'a> {
+    #[serde(borrow)]
+    response: Option<ResponseWire<'a>>,
+}
+
+/// Gemini `usageMetadata`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GeminiUsageWire {
+    prompt_token_count: Option<u64>,
+    cached_content_token_count: Option<u64>,
+    candidates_token_count: Option<u64>,
+    thoughts_token_count: Option<u64>,
+    tool_use_prompt_token_count: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GeminiCandidateWire {
+    finish_reason: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GeminiPromptFeedbackWire {
+    block_reason: Option<IgnoredAny>,
+}
+
+/// One Gemini GenerateContentResponse (an SSE event, the JSON body, or an array element).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GeminiChunkWire<'a> {
+    candidates: Option<Vec<GeminiCandidateWire>>,
+    prompt_feedback: Option<GeminiPromptFeedbackWire>,
+    usage_metadata: Option<GeminiUsageWire>,
+    #[serde(borrow)]
+    model_version: Option<&'a RawValue>,
+    #[serde(borrow)]
+    response_id: Option<&'a RawValue>,
+    error: Option<ErrorWire>,
+}
+
+/// The error object of every provider: Anthropic/OpenAI `type`, OpenAI `code`, Gemini `status`.
+#[derive(Deserialize)]
+struct ErrorWire {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    code: Option<serde_json::Value>,
+    status: Option<String>,
+}
+
+/// A stream `error` event: `{"error": {...}}` or the error fields at the top level
+/// (OpenAI Responses: `{"type":"error","code":...,"message":...}`).
+#[derive(Deserialize)]
+struct ErrorEventWire {
+    error: Option<ErrorWire>,
+    #[serde(flatten)]
+    top: ErrorWire,
+}
+
+impl ErrorWire {
+    /// The most specific stable name the error carries.
+    fn kind(self) -> String {
+        let kind = self.kind.filter(|k| k != "error");
+        let code = match self.code {
+            Some(serde_json::Value::String(s)) => Some(s),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        bounded(
+            kind.or(self.status)
+                .or(code)
+                .unwrap_or_else(|| "error".to_owned()),
+        )
+    }
+}
+
+fn error_event_kind(data: &[u8]) -> String {
+    match serde_json::from_slice::<ErrorEventWire>(data) {
+        Ok(ErrorEventWire { error: Some(e), .. }) => e.kind(),
+        Ok(ErrorEventWire { top, .. }) => top.kind(),
+        Err(_) => "error".to_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-protocol rules
+// ---------------------------------------------------------------------------------------------
+
+/// Anthropic counters as last reported, field by field (message_delta usage is cumulative and
+/// may carry only some fields).
+#[derive(Debug, Default)]
+struct AnthropicCounts {
+    input: Option<u64>,
+    output: Option<u64>,
+    cache_creation: Option<u64>,
+    cache_read: Option<u64>,
+    ephemeral_5m: Option<u64>,
+    ephemeral_1h: Option<u64>,
+}
+
+impl AnthropicCounts {
+    fn merge(&mut self, u: AnthropicUsageWire) {
+        override_with(&mut self.input, u.input_tokens);
+        override_with(&mut self.output, u.output_tokens);
+        override_with(&mut self.cache_creation, u.cache_creation_input_tokens);
+        override_with(&mut self.cache_read, u.cache_read_input_tokens);
+        if let Some(split) = u.cache_creation {
+            override_with(&mut self.ephemeral_5m, split.ephemeral_5m_input_tokens);
+            override_with(&mut self.ephemeral_1h, split.ephemeral_1h_input_tokens);
+        }
+    }
+
+    fn usage(&self) -> TokenUsage {
+        let total = self.cache_creation.unwrap_or(0);
+        let (write_5m, write_1h) = if self.ephemeral_5m.is_none() && self.ephemeral_1h.is_none() {
+            // Before the TTL split existed every cache write was a 5-minute one.
+            (total, 0)
+        } else {
+            let w5 = self.ephemeral_5m.unwrap_or(0);
+            let w1 = self.ephemeral_1h.unwrap_or(0);
+            // The split sums to the total; should a later total outgrow a stale split, bill the
+            // rest at the 5-minute price rather than lose it.
+            let rest = total.saturating_sub(w5.saturating_add(w1));
+            (w5.saturating_add(rest), w1)
+        };
+        TokenUsage {
+            input_tokens: self.input.unwrap_or(0),
+            output_tokens: self.output.unwrap_or(0),
+            cache_write_5m_tokens: write_5m,
+            cache_write_1h_tokens: write_1h,
+            cache_read_tokens: self.cache_read.unwrap_or(0),
+            reasoning_tokens: 0,
+        }
+    }
+}
+
+/// Gemini counters as last reported, field by field (usageMetadata is cumulative).
+#[derive(Debug, Default)]
+struct GeminiCounts {
+    prompt: Option<u64>,
+    cached: Option<u64>,
+    candidates: Option<u64>,
+    thoughts: Option<u64>,
+    tool_use: Option<u64>,
+}
+
+impl GeminiCounts {
+    fn merge(&mut self, u: GeminiUsageWire) {
+        override_with(&mut self.prompt, u.prompt_token_count);
+        override_with(&mut self.cached, u.cached_content_token_count);
+        override_with(&mut self.candidates, u.candidates_token_count);
+        override_with(&mut self.thoughts, u.thoughts_token_count);
+        override_with(&mut self.tool_use, u.tool_use_prompt_token_count);
+    }
+
+    fn usage(&self) -> TokenUsage {
+        let cached = self.cached.unwrap_or(0);
+        let thoughts = self.thoughts.unwrap_or(0);
+        TokenUsage {
+            // promptTokenCount includes cachedContentTokenCount; tool-use prompts (e.g. search
+            // grounding) are billed as input.
+            input_tokens: self
+                .prompt
+                .unwrap_or(0)
+                .saturating_sub(cached)
+                .saturating_add(self.tool_use.unwrap_or(0)),
+            // Thinking is billed at the output price.
+            output_tokens: self.candidates.unwrap_or(0).saturating_add(thoughts),
+            cache_write_5m_tokens: 0,
+            cache_write_1h_tokens: 0,
+            cache_read_tokens: cached,
+            reasoning_tokens: thoughts,
+        }
+    }
+}
+
+fn chat_usage(u: &ChatUsageWire) -> TokenUsage {
+    let cached = cached_tokens(u.prompt_tokens_details.as_ref());
+    TokenUsage {
+        input_tokens: u.prompt_tokens.unwrap_or(0).saturating_sub(cached),
+        output_tokens: u.completion_tokens.unwrap_or(0),
+        cache_write_5m_tokens: 0,
+        cache_write_1h_tokens: 0,
+        cache_read_tokens: cached,
+        reasoning_tokens: reasoning_tokens(u.completion_tokens_details.as_ref()),
+    }
+}
+
+fn responses_usage(u: &ResponsesUsageWire) -> TokenUsage {
+    let cached = cached_tokens(u.input_tokens_details.as_ref());
+    TokenUsage {
+        input_tokens: u.input_tokens.unwrap_or(0).saturating_sub(cached),
+        output_tokens: u.output_tokens.unwrap_or(0),
+        cache_write_5m_tokens: 0,
+        cache_write_1h_tokens: 0,
+        cache_read_tokens: cached,
+        reasoning_tokens: reasoning_tokens(u.output_tokens_details.as_ref()),
+    }
+}
+
+fn cached_tokens(d: Option<&CachedTokensWire>) -> u64 {
+    d.and_then(|d| d.cached_tokens).unwrap_or(0)
+}
+
+fn reasoning_tokens(d: Option<&ReasoningTokensWire>) -> u64 {
+    d.and_then(|d| d.reasoning_tokens).unwrap_or(0)
+}
+
+fn anthropic_event(st: &mut StreamState, ev: SseEvent<'_>) {
+    match event_name(&ev) {
+        "message_start" => {
+            let Ok(start) = serde_json::from_slice::<AnthropicMessageStartWire<'_>>(ev.data) else {
+                return;
+            };
+            let message = start.message;
+            set_once(&mut st.result.response_id, message.id);
+            set_once(&mut st.result.model, message.model);
+            if let Some(usage) = message.usage {
+                st.anthropic.merge(usage);
+                st.result.usage = st.anthropic.usage();
+            }
+        }
+        "message_delta" => {
+            let Ok(delta) = serde_json::from_slice::<AnthropicMessageDeltaWire>(ev.data) else {
+                return;
+            };
+            if let Some(usage) = delta.usage {
+                st.anthropic.merge(usage);
+                st.result.usage = st.anthropic.usage();
+            }
+        }
+        "message_stop" => st.result.complete = true,
+        "error" => st.result.upstream_error = Some(error_event_kind(ev.data)),
+        // content_block_*, ping: nothing to meter, and nothing parsed.
+        _ => {}
+    }
+}
+
+fn chat_event(st: &mut StreamState, ev: SseEvent<'_>) {
+    let data = ev.data.trim_ascii();
+    if data == b"[DONE]" {
+        st.result.complete = true;
+        return;
+    }
+    // Only the first chunk (id, model), the usage chunk and errors are parsed; content chunks
+    // cost two memmem scans.
+    let worth_parsing = !st.seen_first_chunk
+        || ev.event == "error"
+        || has_non_null_usage(data)
+        || ERROR_KEY.find(data).is_some();
+    if !worth_parsing {
+        return;
+    }
+    st.seen_first_chunk = true;
+    let Ok(chunk) = serde_json::from_slice::<ChatWire<'_>>(data) else {
+        if ev.event == "error" {
+            st.result.upstream_error = Some(error_event_kind(data));
+        }
+        return;
+    };
+    set_once(&mut st.result.response_id, chunk.id);
+    set_once(&mut st.result.model, chunk.model);
+    if let Some(usage) = &chunk.usage {
+        st.result.usage = chat_usage(usage);
+        // Some compatible upstreams repeat usage on every chunk; only the usage-only chunk
+        // that OpenAI sends last ends the stream.
+        if is_empty_array(chunk.choices) {
+            st.result.complete = true;
+        }
+    }
+    if let Some(error) = chunk.error {
+        st.result.upstream_error = Some(error.kind());
+    } else if ev.event == "error" {
+        st.result.upstream_error = Some(error_event_kind(data));
+    }
+}
+
+fn responses_event(st: &mut StreamState, ev: SseEvent<'_>) {
+    let name = event_name(&ev);
+    let terminal = matches!(
+        name,
+        "response.completed" | "response.incomplete" | "response.failed"
+    );
+    match name {
+        "response.created"
+        | "response.in_progress"
+        | "response.completed"
+        | "response.incomplete"
+        | "response.failed" => {
+            if !terminal && st.result.response_id.is_some() && st.result.model.is_some() {
+                return;
+            }
+            let Ok(event) = serde_json::from_slice::<ResponseEventWire<'_>>(ev.data) else {
+                return;
+            };
+            let Some(response) = event.response else {
+                return;
+            };
+            set_once(&mut st.result.response_id, response.id);
+            set_once(&mut st.result.model, response.model);
+            if !terminal {
+                return;
+            }
+            if let Some(usage) = &response.usage {
+                st.result.usage = responses_usage(usage);
+            }
+            st.result.complete = true;
+            if name == "response.failed" {
+                let kind = response.error.map(ErrorWire::kind);
+                st.result.upstream_error = Some(kind.unwrap_or_else(|| "response_failed".into()));
+            }
+        }
+        "error" => st.result.upstream_error = Some(error_event_kind(ev.data)),
+        // Output deltas and item events: nothing to meter, and nothing parsed.
+        _ => {}
+    }
+}
+
+fn gemini_event(st: &mut StreamState, ev: SseEvent<'_>) {
+    // Every Gemini chunk carries the cumulative usageMetadata, so every chunk is parsed; serde
+    // skips the candidates' content without allocating.
+    if let Ok(chunk) = serde_json::from_slice::<GeminiChunkWire<'_>>(ev.data) {
+        apply_gemini_chunk(&mut st.result, &mut st.gemini, chunk);
+    }
+}
+
+fn apply_gemini_chunk(result: &mut MeterResult, counts: &mut GeminiCounts, c: GeminiChunkWire<'_>) {
+    set_once(&mut result.response_id, c.response_id);
+    set_once(&mut result.model, c.model_version);
+    if let Some(usage) = c.usage_metadata {
+        counts.merge(usage);
+        result.usage = counts.usage();
+    }
+    let finished = c
+        .candidates
+        .iter()
+        .flatten()
+        .any(|cand| cand.finish_reason.is_some());
+    let blocked = c.prompt_feedback.is_some_and(|f| f.block_reason.is_some());
+    // Sticky: a chunk after the finishing one may only refine the counts.
+    if finished || blocked {
+        result.complete = true;
+    }
+    if let Some(error) = c.error {
+        result.upstream_error = Some(error.kind());
+    }
+}
+
+fn parse_anthropic_json(body: &[u8]) -> Option<MeterResult> {
+    let message = serde_json::from_slice::<AnthropicMessageWire<'_>>(body).ok()?;
+    let mut result = MeterResult {
+        complete: true,
+        ..MeterResult::default()
+    };
+    set_once(&mut result.response_id, message.id);
+    set_once(&mut result.model, message.model);
+    if let Some(usage) = message.usage {
+        let mut counts = AnthropicCounts::default();
+        counts.merge(usage);
+        result.usage = counts.usage();
+    }
+    result.upstream_error = message.error.map(ErrorWire::kind);
+    Some(result)
+}
+
+fn parse_chat_json(body: &[u8]) -> Option<MeterResult> {
+    let chat = serde_json::from_slice::<ChatWire<'_>>(body).ok()?;
+    let mut result = MeterResult {
+        complete: true,
+        ..MeterResult::default()
+    };
+    set_once(&mut result.response_id, chat.id);
+    set_once(&mut result.model, chat.model);
+    if let Some(usage) = &chat.usage {
+        result.usage = chat_usage(usage);
+    }
+    result.upstream_error = chat.error.map(ErrorWire::kind);
+    Some(result)
+}
+
+fn parse_responses_json(body: &[u8]) -> Option<MeterResult> {
+    let response = serde_json::from_slice::<ResponseWire<'_>>(body).ok()?;
+    let mut result = MeterResult {
+        complete: true,
+        ..MeterResult::default()
+    };
+    set_once(&mut result.response_id, response.id);
+    set_once(&mut result.model, response.model);
+    if let Some(usage) = &response.usage {
+        result.usage = responses_usage(usage);
+    }
+    result.upstream_error = response.error.map(ErrorWire::kind);
+    Some(result)
+}
+
+fn parse_gemini_json(body: &[u8]) -> Option<MeterResult> {
+    let chunks = if body.trim_ascii_start().first() == Some(&b'[') {
+        serde_json::from_slice::<Vec<GeminiChunkWire<'_>>>(body).ok()?
+    } else {
+        vec![serde_json::from_slice::<GeminiChunkWire<'_>>(body).ok()?]
+    };
+    let mut result = MeterResult::default();
+    let mut counts = GeminiCounts::default();
+    for chunk in chunks {
+        apply_gemini_chunk(&mut result, &mut counts, chunk);
+    }
+    result.complete = true;
+    Some(result)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------------
+
+/// The event's name: the `event:` field, else the leading `"type"` of its JSON data (for
+/// proxies that drop `event:` lines; Anthropic and OpenAI put `type` first).
+fn event_name<'a>(ev: &SseEvent<'a>) -> &'a str {
+    if !ev.event.is_empty() {
+        return ev.event;
+    }
+    leading_type(ev.data).unwrap_or("")
+}
+
+/// `T` of data that starts with `{"type":"T"`, without parsing the rest.
+fn leading_type(data: &[u8]) -> Option<&str> {
+    let rest = data.trim_ascii_start().strip_prefix(b"{")?;
+    let rest = rest.trim_ascii_start().strip_prefix(b"\"type\"")?;
+    let rest = rest.trim_ascii_start().strip_prefix(b":")?;
+    let rest = rest.trim_ascii_start().strip_prefix(b"\"")?;
+    let end = memchr2(b'"', b'\\', rest)?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    std::str::from_utf8(&rest[..end]).ok()
+}
+
+/// Whether `data` has a `"usage"` key whose value is not `null` (a cheap, conservative test:
+/// a false positive only costs a JSON parse).
+fn has_non_null_usage(data: &[u8]) -> bool {
+    USAGE_KEY.find_iter(data).any(|at| {
+        let rest = data[at + b"\"usage\"".len()..].trim_ascii_start();
+        match rest.strip_prefix(b":") {
+            Some(value) => {
+                let value = value.trim_ascii_start();
+                !value.is_empty() && !value.starts_with(b"null")
+            }
+            None => false,
+        }
+    })
+}
+
+/// Whether a raw JSON value is `[]` (or absent, as some compatible upstreams send it).
+fn is_empty_array(raw: Option<&RawValue>) -> bool {
+    let Some(raw) = raw else {
+        return true;
+    };
+    let text = raw.get().as_bytes();
+    match text.strip_prefix(b"[") {
+        Some(inner) => inner.trim_ascii() == b"]",
+        None => false,
+    }
+}
+
+/// A later report overrides an earlier one only for the fields it carries.
+fn override_with(slot: &mut Option<u64>, value: Option<u64>) {
+    if value.is_some() {
+        *slot = value;
+    }
+}
+
+/// Keeps the first string reported for a field (ids and models do not change mid-response).
+fn set_once(slot: &mut Option<String>, raw: Option<&RawValue>) {
+    if slot.is_some() {
+        return;
+    }
+    if let Some(raw) = raw {
+        if let Ok(s) = serde_json::from_str::<String>(raw.get()) {
+            *slot = Some(bounded(s));
+        }
+    }
+}
+
+/// Cuts an upstream string to [`MAX_KEPT_STRING`] bytes at a character boundary.
+fn bounded(mut s: String) -> String {
+    if s.len() > MAX_KEPT_STRING {
+        let mut end = MAX_KEPT_STRING;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// The `sse_usage` filter: feeds every upstream chunk of a successful answer to the protocol's
+/// meter (incremental, synchronous, no copy of the stream) and settles the counts at the end.
+pub struct SseUsage;
+
+impl crate::chain::ResponseFilter for SseUsage {
+    fn name(&self) -> &'static str {
+        "sse_usage"
+    }
+
+    fn on_response_head(
+        &self,
+        ctx: &mut crate::context::RequestCtx,
+        status: u16,
+        headers: &http::HeaderMap,
+    ) {
+        if !(200..300).contains(&status) {
+            return;
+        }
+        // The content type decides the parser: some upstreams stream without `stream: true`.
+        let event_stream = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        ctx.usage.meter = Some(UsageMeter::new(ctx.protocol(), event_stream));
+    }
+
+    fn on_body_chunk(
+        &self,
+        ctx: &mut crate::context::RequestCtx,
+        chunk: &[u8],
+    ) -> crate::chain::ChunkAction {
+        if let Some(m) = ctx.usage.meter.as_mut() {
+            m.feed(chunk);
+        }
+        crate::chain::ChunkAction::Forward
+    }
+
+    fn on_end(&self, ctx: &mut crate::context::RequestCtx) {
+        let Some(meter) = ctx.usage.meter.as_mut() else {
+            return;
+        };
+        let result = meter.finish();
+        ctx.usage.tokens = result.usage;
+        if result.model.is_some() {
+            ctx.usage.upstream_model = result.model;
+        }
+        ctx.usage.response_id = result.response_id;
+        if !result.complete {
+            // Counts from a stream that did not finish: what was seen is billed.
+            tracing::debug!(request_id = %ctx.request_id, "usage from an incomplete response");
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+mod tests {
+    use super::*;
+
+    const ANTHROPIC_STREAM: &[u8] =
+        include_bytes!("../../tests/fixtures/streams/anthropic.stream.sse");
+    const ANTHROPIC_CACHE_1H_STREAM: &[u8] =
+        include_bytes!("../../tests/fixtures/streams/anthropic.cache-1h.stream.sse");
+    const ANTHROPIC_JSON: &[u8] = include_bytes!("../../tests/fixtures/streams/anthropic.json");
+    const CHAT_STREAM: &[u8] =
+        include_bytes!("../../tests/fixtures/streams/openai-chat.stream.sse");
+    const CHAT_JSON: &[u8] = include_bytes!("../../tests/fixtures/streams/openai-chat.json");
+    const RESPONSES_STREAM: &[u8] =
+        include_bytes!("../../tests/fixtures/streams/openai-responses.stream.sse");
+    const RESPONSES_JSON: &[u8] =
+        include_bytes!("../../tests/fixtures/streams/openai-responses.json");
+    const GEMINI_STREAM: &[u8] = include_bytes!("../../tests/fixtures/streams/gemini.stream.sse");
+    const GEMINI_JSON: &[u8] = include_bytes!("../../tests/fixtures/streams/gemini.json");
+    const GEMINI_ARRAY_JSON: &[u8] =
+        include_bytes!("../../tests/fixtures/streams/gemini.array.json");
+
+    type Events = Vec<(String, Vec<u8>)>;
+
+    fn usage(input: u64, output: u64, w5m: u64, w1h: u64, read: u64, reasoning: u64) -> TokenUsage {
+        TokenUsage {
+            input_tokens: input,
+            output_tokens: output,
+            cache_write_5m_tokens: w5m,
+            cache_write_1h_tokens: w1h,
+            cache_read_tokens: read,
+            reasoning_tokens: reasoning,
+        }
+    }
+
+    fn done(usage: TokenUsage, model: &str, id: &str) -> MeterResult {
+        MeterResult {
+            usage,
+            model: Some(model.to_owned()),
+            response_id: Some(id.to_owned()),
+            complete: true,
+            upstream_error: None,
+        }
+    }
+
+    fn parse_chunks<'a>(
+        parser: &mut SseParser,
+        chunks: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Events {
+        let mut events = Events::new();
+        let mut push = |ev: SseEvent<'_>| events.push((ev.event.to_owned(), ev.data.to_vec()));
+        for chunk in chunks {
+            parser.feed(chunk, &mut push);
+        }
+        parser.finish(&mut push);
+        events
+    }
+
+    fn parse_all(input: &[u8]) -> Events {
+        parse_chunks(&mut SseParser::new(), [input])
+    }
+
+    /// Every way of cutting `input` the tests try: whole, in two at every byte, byte by byte,
+    /// and in three around every byte.
+    fn splits(input: &[u8]) -> Vec<Vec<&[u8]>> {
+        let mut out = vec![vec![input]];
+        for cut in 0..=input.len() {
+            out.push(vec![&input[..cut], &input[cut..]]);
+        }
+        out.push(input.chunks(1).collect());
+        for cut in 1..input.len() {
+            out.push(vec![&input[..cut - 1], &input[cut - 1..cut], &input[cut..]]);
+        }
+        out
+    }
+
+    fn meter(protocol: Protocol, stream: bool, chunks: &[&[u8]]) -> MeterResult {
+        let mut meter = UsageMeter::new(protocol, stream);
+        for chunk in chunks {
+            meter.feed(chunk);
+        }
+        meter.finish()
+    }
+
+    fn owned(events: &[(&str, &str)]) -> Events {
+        events
+            .iter()
+            .map(|(e, d)| ((*e).to_owned(), d.as_bytes().to_vec()))
+            .collect()
+    }
+
+    // ---- SSE parser ----
+
+    #[test]
+    fn sse_parser_follows_the_event_stream_rules_under_any_split() {
+        // (name, stream bytes, expected (event, data) pairs)
+        type Case<'a> = (&'a str, &'a [u8], &'a [(&'a str, &'a str)]);
+        let cases: &[Case<'_>] = &[
+            ("one event", b"data: a\n\n", &[("", "a")]),
+            (
+                "named event",
+                b"event: ping\ndata: {}\n\n",
+                &[("ping", "{}")],
+            ),
+            (
+                "crlf",
+                b"event: x\r\ndata: y\r\n\r\nevent: z\r\ndata: w\r\n\r\n",
+                &[("x", "y"), ("z", "w")],
+            ),
+            (
+                "cr only",
+                b"event: x\rdata: y\r\rdata: w\r\r",
+                &[("x", "y"), ("", "w")],
+            ),
+            (
+                "mixed endings",
+                b"data: a\r\ndata: b\rdata: c\n\r\n",
+                &[("", "a\nb\nc")],
+            ),
+            (
+                "multi-line data",
+                b"data: {\"a\":\ndata:  1}\n\n",
+                &[("", "{\"a\":\n 1}")],
+            ),
+            (
+                "comments",
+                b": keep-alive\n\n:x\ndata: z\n: mid\ndata: q\n\n",
+                &[("", "z\nq")],
+            ),
+            ("no space after colon", b"data:x\n\n", &[("", "x")]),
+            ("only one space stripped", b"data:  x \n\n", &[("", " x ")]),
+            ("field without colon", b"data\n\n", &[("", "")]),
+            (
+                "empty data",
+                b"data:\n\ndata:\ndata:\n\n",
+                &[("", ""), ("", "\n")],
+            ),
+            (
+                "event without data",
+                b"event: ping\n\ndata: after\n\n",
+                &[("", "after")],
+            ),
+            (
+                "ignored fields",
+                b"id: 7\nretry: 10\nfoo: bar\ndata: q\n\n",
+                &[("", "q")],
+            ),
+            (
+                "name resets",
+                b"event: a\ndata: 1\n\ndata: 2\n\n",
+                &[("a", "1"), ("", "2")],
+            ),
+            (
+                "last name wins",
+                b"event: a\nevent: b\ndata: 1\n\n",
+                &[("b", "1")],
+            ),
+            ("bom", b"\xEF\xBB\xBFdata: b\n\n", &[("", "b")]),
+            ("colon in value", b"data: a: b\n\n", &[("", "a: b")]),
+            (
+                "flush at finish",
+                b"data: a\n\ndata: last",
+                &[("", "a"), ("", "last")],
+            ),
+            (
+                "flush without blank line",
+                b"event: e\ndata: last\n",
+                &[("e", "last")],
+            ),
+            ("blank lines only", b"\n\n\r\n\r\r", &[]),
+            (
+                "utf-8",
+                "event: é\ndata: 日本 ☕ 🚀\n\n".as_bytes(),
+                &[("é", "日本 ☕ 🚀")],
+            ),
+        ];
+        for (name, input, expected) in cases {
+            let expected = owned(expected);
+            for chunks in splits(input) {
+                let got = parse_chunks(&mut SseParser::new(), chunks.iter().copied());
+                assert_eq!(got, expected, "{name}: chunks {chunks:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn sse_parser_gives_identical_events_for_every_fixture_split() {
+        for input in [
+            ANTHROPIC_STREAM,
+            ANTHROPIC_CACHE_1H_STREAM,
+            CHAT_STREAM,
+            RESPONSES_STREAM,
+            GEMINI_STREAM,
+        ] {
+            let whole = parse_all(input);
+            assert!(whole.len() >= 3);
+            for chunks in splits(input) {
+                assert_eq!(parse_chunks(&mut SseParser::new(), chunks), whole);
+            }
+        }
+    }
+
+    #[test]
+    fn sse_parser_lends_events_from_the_chunk_without_copying() {
+        let chunk = b"event: a\ndata: {\"x\":1}\n\nevent: b\ndata: {\"y\":2}\n\n";
+        let range = chunk.as_ptr_range();
+        let mut parser = SseParser::new();
+        let mut seen = 0;
+        parser.feed(chunk, |ev| {
+            assert!(
+                range.contains(&ev.data.as_ptr()),
+                "event {} was copied",
+                ev.event
+            );
+            seen += 1;
+        });
+        assert_eq!(seen, 2);
+        assert!(parser.tail.capacity() == 0 && parser.data.capacity() == 0);
+    }
+
+    #[test]
+    fn sse_parser_carries_only_the_unfinished_line() {
+        let mut parser = SseParser::new();
+        parser.feed(b"data: complete\n\ndata: partial", |_| {});
+        assert_eq!(parser.tail, b"data: partial");
+        assert!(parser.data.is_empty());
+        let mut got = Vec::new();
+        parser.feed(b" end\n\n", |ev| got.push(ev.data.to_vec()));
+        assert_eq!(got, vec![b"partial end".to_vec()]);
+    }
+
+    #[test]
+    fn sse_parser_drops_an_event_over_the_cap_and_recovers() {
+        let big = "x".repeat(200);
+        let input = format!("data: ok1\n\nevent: huge\ndata: {big}\ndata: {big}\n\ndata: ok2\n\n");
+        for chunks in [
+            input.as_bytes().chunks(7).collect::<Vec<_>>(),
+            input.as_bytes().chunks(1).collect(),
+        ] {
+            let mut parser = SseParser::with_max_buffer(64);
+            let mut events = Events::new();
+            for chunk in &chunks {
+                parser.feed(chunk, |ev| {
+                    events.push((ev.event.to_owned(), ev.data.to_vec()))
+                });
+                assert!(parser.tail.len() + parser.data.len() <= 64);
+            }
+            parser.finish(|ev| events.push((ev.event.to_owned(), ev.data.to_vec())));
+            assert_eq!(events, owned(&[("", "ok1"), ("", "ok2")]));
+            assert!(parser.overflowed());
+        }
+    }
+
+    #[test]
+    fn sse_parser_bounds_a_line_that_never_ends() {
+        let mut parser = SseParser::with_max_buffer(1024);
+        let mut events = 0;
+        parser.feed(b"data: ", |_| events += 1);
+        for _ in 0..10_000 {
+            parser.feed(&[b'a'; 100], |_| events += 1);
+            assert!(parser.tail.len() <= 1024);
+        }
+        assert!(parser.overflowed());
+        // The stream goes on normally after the runaway line and its event end.
+        parser.feed(b"\n\ndata: next\n\n", |ev| {
+            assert_eq!(ev.data, b"next");
+            events += 1;
+        });
+        assert_eq!(events, 1);
+    }
+
+    #[test]
+    fn sse_parser_caps_copied_multi_line_data_and_long_names() {
+        let mut parser = SseParser::with_max_buffer(16);
+        let mut events = Events::new();
+        let input = b"data: 0123456789\ndata: 0123456789\n\ndata: small\n\n";
+        parser.feed(input, |ev| {
+            events.push((ev.event.to_owned(), ev.data.to_vec()))
+        });
+        assert_eq!(events, owned(&[("", "small")]));
+        assert!(parser.overflowed());
+
+        let mut parser = SseParser::new();
+        let name = "n".repeat(MAX_EVENT_NAME + 1);
+        let input = format!("event: {name}\ndata: x\n\ndata: y\n\n");
+        let got = parse_chunks(&mut parser, [input.as_bytes()]);
+        assert_eq!(got, owned(&[("", "y")]));
+        assert!(parser.overflowed());
+    }
+
+    #[test]
+    fn sse_parser_lends_a_large_event_that_fits_one_chunk() {
+        // The cap bounds what is carried between chunks, not what a chunk lends.
+        let big = "y".repeat(100);
+        let input = format!("data: {big}\n\n");
+        let got = parse_chunks(&mut SseParser::with_max_buffer(16), [input.as_bytes()]);
+        assert_eq!(got, vec![(String::new(), big.into_bytes())]);
+    }
+
+    // ---- meters on recorded responses ----
+
+    fn fixture_cases() -> Vec<(&'static str, Protocol, bool, &'static [u8], MeterResult)> {
+        vec![
+            (
+                "anthropic.stream.sse",
+                Protocol::Anthropic,
+                true,
+                ANTHROPIC_STREAM,
+                done(
+                    usage(12, 187, 1536, 0, 20480, 0),
+                    "claude-sonnet-4-5-20250929",
+                    "msg_01HCMSeK3sAq9vBQ5o3tW8ZL",
+                ),
+            ),
+            (
+                "anthropic.cache-1h.stream.sse",
+                Protocol::Anthropic,
+                true,
+                ANTHROPIC_CACHE_1H_STREAM,
+                done(
+                    usage(3, 503, 1024, 3072, 0, 0),
+                    "claude-opus-4-1-20250805",
+                    "msg_01Ek4bWVcW6LcLAwFK2G8nQY",
+                ),
+            ),
+            (
+                "anthropic.json",
+                Protocol::Anthropic,
+                false,
+                ANTHROPIC_JSON,
+                done(
+                    usage(2095, 503, 248, 0, 1800, 0),
+                    "claude-haiku-4-5-20251001",
+                    "msg_013Zva2CMHLNnXjNJJKqJ2EF",
+                ),
+            ),
+            (
+                "openai-chat.stream.sse",
+                Protocol::OpenaiChat,
+                true,
+                CHAT_STREAM,
+                done(
+                    usage(307, 352, 0, 0, 1536, 256),
+                    "gpt-5-mini-2025-08-07",
+                    "chatcmpl-CKz1xSWs7bD2lOAcPX4TcbNqC9vfz",
+                ),
+            ),
+            (
+                "openai-chat.json",
+                Protocol::OpenaiChat,
+                false,
+                CHAT_JSON,
+                done(
+                    usage(1476, 350, 0, 0, 1024, 0),
+                    "gpt-4.1-2025-04-14",
+                    "chatcmpl-CKz4mW0y2WcXLkqDFbI5Sg2uQ8r1H",
+                ),
+            ),
+            (
+                "openai-responses.stream.sse",
+                Protocol::OpenaiResponses,
+                true,
+                RESPONSES_STREAM,
+                done(
+                    usage(366, 412, 0, 0, 4864, 256),
+                    "gpt-5-2025-08-07",
+                    "resp_68dd3c5f0a1c8190b2f3a0c1d4e5f6a70e2b9c8d7f6a5b4c",
+                ),
+            ),
+            (
+                "openai-responses.json",
+                Protocol::OpenaiResponses,
+                false,
+                RESPONSES_JSON,
+                done(
+                    usage(1278, 1180, 0, 0, 8064, 896),
+                    "gpt-5-codex",
+                    "resp_68dd40a0b9c481909f8e7d6c5b4a39280e2b9c8d7f6a5b4c",
+                ),
+            ),
+            (
+                "gemini.stream.sse",
+                Protocol::Gemini,
+                true,
+                GEMINI_STREAM,
+                done(
+                    usage(2072, 945, 0, 0, 2048, 734),
+                    "gemini-2.5-flash",
+                    "mLvdaNWnIvOXz7IPqZ6e6Q0",
+                ),
+            ),
+            (
+                "gemini.json",
+                Protocol::Gemini,
+                false,
+                GEMINI_JSON,
+                done(
+                    usage(1336, 1590, 0, 0, 0, 1210),
+                    "gemini-2.5-pro",
+                    "3MvdaJ2xBJ6mz7IP8u2SgQs",
+                ),
+            ),
+            (
+                "gemini.array.json",
+                Protocol::Gemini,
+                false,
+                GEMINI_ARRAY_JSON,
+                done(
+                    usage(56, 148, 0, 0, 0, 0),
+                    "gemini-2.0-flash",
+                    "9MvdaKfLK8Wgz7IPsdaKmAQ",
+                ),
+            ),
+        ]
+    }
+
+    #[test]
+    fn meters_read_the_recorded_numbers_under_any_split() {
+        for (name, protocol, stream, bytes, expected) in fixture_cases() {
+            for chunks in splits(bytes) {
+                assert_eq!(
+                    meter(protocol, stream, &chunks),
+                    expected,
+                    "{name}: {} chunks",
+                    chunks.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn meters_read_the_same_with_other_line_endings_or_without_event_lines() {
+        for (name, protocol, stream, bytes, expected) in fixture_cases() {
+            if !stream {
+                continue;
+            }
+            let text = String::from_utf8(bytes.to_vec())
+                .unwrap()
+                .replace("\r\n", "\n");
+            let variants = [
+                text.replace('\n', "\r\n"),
+                text.replace('\n', "\r"),
+                text.lines()
+                    .filter(|l| !l.starts_with("event:"))
+                    .map(|l| format!("{l}\n"))
+                    .collect::<String>(),
+                format!(
+                    ": connected\n\n{}",
+                    text.replace("\n\n", "\n: keep-alive\n\n")
+                ),
+            ];
+            for variant in variants {
+                for chunks in [
+                    vec![variant.as_bytes()],
+                    variant.as_bytes().chunks(5).collect(),
+                ] {
+                    assert_eq!(
+                        meter(protocol, stream, &chunks),
+                        expected,
+                        "{name}: {variant:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn finish_is_idempotent_and_snapshot_matches() {
+        for (name, protocol, stream, bytes, expected) in fixture_cases() {
+            let mut m = UsageMeter::new(protocol, stream);
+            m.feed(bytes);
+            assert_eq!(m.finish(), expected, "{name}");
+            assert_eq!(m.finish(), expected, "{name}");
+            assert_eq!(m.snapshot(), expected, "{name}");
+            assert!(!m.gave_up());
+        }
+    }
+
+    #[test]
+    fn snapshot_of_a_cut_stream_has_what_was_seen() {
+        let half = |b: &'static [u8]| &b[..b.len() / 2];
+        let cases = [
+            (
+                Protocol::Anthropic,
+                ANTHROPIC_STREAM,
+                usage(12, 1, 1536, 0, 20480, 0),
+                Some("claude-sonnet-4-5-20250929"),
+            ),
+            (
+                Protocol::OpenaiChat,
+                CHAT_STREAM,
+                TokenUsage::default(),
+                Some("gpt-5-mini-2025-08-07"),
+            ),
+            (
+                Protocol::OpenaiResponses,
+                RESPONSES_STREAM,
+                TokenUsage::default(),
+                Some("gpt-5-2025-08-07"),
+            ),
+            // Only the first chunk: thoughts so far, no candidates yet.
+            (
+                Protocol::Gemini,
+                GEMINI_STREAM,
+                usage(2072, 734, 0, 0, 2048, 734),
+                Some("gemini-2.5-flash"),
+            ),
+        ];
+        for (protocol, bytes, expected_usage, model) in cases {
+            let mut m = UsageMeter::new(protocol, true);
+            m.feed(half(bytes));
+            let snap = m.snapshot();
+            assert_eq!(snap.usage, expected_usage, "{protocol:?}");
+            assert_eq!(snap.model.as_deref(), model, "{protocol:?}");
+            assert!(!snap.complete, "{protocol:?}");
+            // The rest arrives after all: same totals as the whole stream.
+            m.feed(&bytes[bytes.len() / 2..]);
+            assert!(m.finish().complete);
+        }
+        let mut m = UsageMeter::new(Protocol::Anthropic, false);
+        m.feed(half(ANTHROPIC_JSON));
+        assert_eq!(m.snapshot(), MeterResult::default());
+        assert_eq!(m.finish(), MeterResult::default());
+    }
+
+    // ---- protocol rules ----
+
+    fn stream_result(protocol: Protocol, text: &str) -> MeterResult {
+        let mut m = UsageMeter::new(protocol, true);
+        m.feed(text.as_bytes());
+        m.finish()
+    }
+
+    #[test]
+    fn anthropic_message_delta_overrides_only_the_fields_it_carries() {
+        let start = r#"event: message_start
+data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5","usage":{"input_tokens":10,"cache_creation_input_tokens":300,"cache_read_input_tokens":40,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200},"output_tokens":1}}}
+
+"#;
+        let cases: &[(&str, &str, TokenUsage)] = &[
+            (
+                "output only",
+                r#"{"output_tokens":77}"#,
+                usage(10, 77, 100, 200, 40, 0),
+            ),
+            (
+                "all fields",
+                r#"{"input_tokens":11,"cache_creation_input_tokens":300,"cache_read_input_tokens":41,"output_tokens":78}"#,
+                usage(11, 78, 100, 200, 41, 0),
+            ),
+            (
+                "null is absent",
+                r#"{"input_tokens":null,"output_tokens":5}"#,
+                usage(10, 5, 100, 200, 40, 0),
+            ),
+            (
+                "new split",
+                r#"{"cache_creation_input_tokens":500,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":500},"output_tokens":9}"#,
+                usage(10, 9, 0, 500, 40, 0),
+            ),
+            (
+                "total outgrows a stale split",
+                r#"{"cache_creation_input_tokens":350,"output_tokens":9}"#,
+                usage(10, 9, 150, 200, 40, 0),
+            ),
+        ];
+        for (name, delta, expected) in cases {
+            let text = format!(
+                "{start}event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"end_turn\"}},\"usage\":{delta}}}\n\nevent: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n"
+            );
+            let got = stream_result(Protocol::Anthropic, &text);
+            assert_eq!(got.usage, *expected, "{name}");
+            assert!(got.complete, "{name}");
+        }
+    }
+
+    #[test]
+    fn anthropic_error_event_is_reported_and_not_complete() {
+        let cut = &ANTHROPIC_STREAM[..ANTHROPIC_STREAM.len() / 2];
+        let mut m = UsageMeter::new(Protocol::Anthropic, true);
+        m.feed(cut);
+        m.feed(b"\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n");
+        let got = m.finish();
+        assert_eq!(got.upstream_error.as_deref(), Some("overloaded_error"));
+        assert!(!got.complete);
+        assert_eq!(got.usage.input_tokens, 12);
+
+        let body = br#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#;
+        let got = meter(Protocol::Anthropic, false, &[body]);
+        assert_eq!(got.upstream_error.as_deref(), Some("rate_limit_error"));
+        assert!(got.usage.is_empty());
+    }
+
+    #[test]
+    fn openai_chat_stream_without_usage_and_with_errors() {
+        let text = "data: {\"id\":\"c1\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n";
+        let got = stream_result(Protocol::OpenaiChat, text);
+        assert!(got.complete && got.usage.is_empty());
+        assert_eq!(got.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(got.response_id.as_deref(), Some("c1"));
+
+        let text = "data: {\"id\":\"c1\",\"model\":\"gpt-4o\",\"choices\":[]}\n\ndata: {\"error\":{\"message\":\"boom\",\"type\":\"server_error\",\"code\":null}}\n\n";
+        let got = stream_result(Protocol::OpenaiChat, text);
+        assert_eq!(got.upstream_error.as_deref(), Some("server_error"));
+        assert!(!got.complete);
+
+        let text = "event: error\ndata: not json\n\n";
+        assert_eq!(
+            stream_result(Protocol::OpenaiChat, text)
+                .upstream_error
+                .as_deref(),
+            Some("error")
+        );
+
+        // A compatible upstream that repeats usage on content chunks: last wins, and only the
+        // usage-only chunk (or [DONE]) completes the stream.
+        let text = "data: {\"id\":\"c2\",\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\ndata: {\"id\":\"c2\",\"choices\":[{\"delta\":{\"content\":\"b\"}}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n";
+        let got = stream_result(Protocol::OpenaiChat, text);
+        assert_eq!(got.usage, usage(5, 2, 0, 0, 0, 0));
+        assert!(!got.complete);
+    }
+
+    #[test]
+    fn usage_only_chunk_detection() {
+        let cases: &[(&str, &[u8], bool)] = &[
+            (
+                "usage chunk",
+                br#"{"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+                true,
+            ),
+            (
+                "spaced",
+                br#"{"id": "c", "choices": [ ], "usage": {"prompt_tokens": 1}}"#,
+                true,
+            ),
+            (
+                "no choices field",
+                br#"{"id":"c","usage":{"prompt_tokens":1}}"#,
+                true,
+            ),
+            (
+                "content with usage null",
+                br#"{"id":"c","choices":[{"delta":{"content":"x"}}],"usage":null}"#,
+                false,
+            ),
+            (
+                "content with usage",
+                br#"{"id":"c","choices":[{"delta":{"content":"x"}}],"usage":{"prompt_tokens":1}}"#,
+                false,
+            ),
+            ("no usage", br#"{"id":"c","choices":[]}"#, false),
+            (
+                "escaped usage in text",
+                br#"{"choices":[{"delta":{"content":"\"usage\": {}"}}],"usage":null}"#,
+                false,
+            ),
+            (
+                "usage key in nested object",
+                br#"{"choices":[{"delta":{"usage":{"a":1}}}],"usage":null}"#,
+                false,
+            ),
+            ("not json", br#""usage": {"#, false),
+            ("done", b"[DONE]", false),
+            ("empty", b"", false),
+        ];
+        for (name, data, expected) in cases {
+            assert_eq!(is_usage_only_chunk(data), *expected, "{name}");
+        }
+        let usage_chunks = CHAT_STREAM
+            .split(|&b| b == b'\n')
+            .filter_map(|l| l.strip_prefix(b"data: "))
+            .filter(|d| is_usage_only_chunk(d))
+            .count();
+        assert_eq!(usage_chunks, 1);
+    }
+
+    #[test]
+    fn openai_responses_terminal_events() {
+        let created = r#"event: response.created
+data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","model":"gpt-5","status":"in_progress","usage":null,"error":null}}
+
+"#;
+        let usage_json = r#"{"input_tokens":100,"input_tokens_details":{"cached_tokens":60},"output_tokens":30,"output_tokens_details":{"reasoning_tokens":20},"total_tokens":130}"#;
+        let cases = [
+            (
+                "response.incomplete",
+                r#""status":"incomplete","incomplete_details":{"reason":"max_output_tokens"},"error":null"#,
+                None,
+            ),
+            (
+                "response.failed",
+                r#""status":"failed","error":{"code":"server_error","message":"x"}"#,
+                Some("server_error"),
+            ),
+            (
+                "response.failed",
+                r#""status":"failed","error":null"#,
+                Some("response_failed"),
+            ),
+        ];
+        for (event, fields, error) in cases {
+            let text = format!(
+                "{created}event: {event}\ndata: {{\"type\":\"{event}\",\"response\":{{\"id\":\"resp_1\",\"model\":\"gpt-5\",{fields},\"usage\":{usage_json}}}}}\n\n"
+            );
+            let got = stream_result(Protocol::OpenaiResponses, &text);
+            assert_eq!(got.usage, usage(40, 30, 0, 0, 60, 20), "{event}");
+            assert!(got.complete);
+            assert_eq!(got.upstream_error.as_deref(), error, "{event} {fields}");
+            assert_eq!(got.response_id.as_deref(), Some("resp_1"));
+        }
+
+        let text = format!(
+            "{created}event: error\ndata: {{\"type\":\"error\",\"code\":\"rate_limit_exceeded\",\"message\":\"slow\",\"param\":null,\"sequence_number\":2}}\n\n"
+        );
+        let got = stream_result(Protocol::OpenaiResponses, &text);
+        assert_eq!(got.upstream_error.as_deref(), Some("rate_limit_exceeded"));
+        assert!(!got.complete);
+
+        let body = br#"{"error":{"message":"bad key","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#;
+        let got = meter(Protocol::OpenaiResponses, false, &[body]);
+        assert_eq!(got.upstream_error.as_deref(), Some("invalid_request_error"));
+        let got = meter(Protocol::OpenaiChat, false, &[body]);
+        assert_eq!(got.upstream_error.as_deref(), Some("invalid_request_error"));
+    }
+
+    #[test]
+    fn gemini_rules() {
+        let chunk = |usage: &str, extra: &str| {
+            format!("data: {{\"candidates\": [{{\"content\": {{\"parts\": [{{\"text\": \"x\"}}]}}{extra}}}],\"usageMetadata\": {usage},\"modelVersion\": \"gemini-2.5-flash\"}}\r\n\r\n")
+        };
+        // Tool-use prompt tokens are input; a later chunk without a field keeps the earlier value.
+        let text = chunk(
+            r#"{"promptTokenCount": 100, "toolUsePromptTokenCount": 7, "thoughtsTokenCount": 50}"#,
+            "",
+        ) + &chunk(
+            r#"{"promptTokenCount": 100, "candidatesTokenCount": 9}"#,
+            r#","finishReason": "STOP""#,
+        );
+        let got = stream_result(Protocol::Gemini, &text);
+        assert_eq!(got.usage, usage(107, 59, 0, 0, 0, 50));
+        assert!(got.complete);
+        assert_eq!(got.response_id, None);
+
+        let blocked = r#"data: {"promptFeedback": {"blockReason": "SAFETY"},"usageMetadata": {"promptTokenCount": 12,"totalTokenCount": 12},"modelVersion": "gemini-2.5-pro"}"#;
+        let got = stream_result(Protocol::Gemini, &format!("{blocked}\r\n\r\n"));
+        assert!(got.complete);
+        assert_eq!(got.usage, usage(12, 0, 0, 0, 0, 0));
+
+        let not_finished = chunk(r#"{"promptTokenCount": 3}"#, "");
+        assert!(!stream_result(Protocol::Gemini, &not_finished).complete);
+
+        let error = br#"{"error": {"code": 429, "message": "Resource has been exhausted", "status": "RESOURCE_EXHAUSTED"}}"#;
+        let got = meter(Protocol::Gemini, false, &[error]);
+        assert_eq!(got.upstream_error.as_deref(), Some("RESOURCE_EXHAUSTED"));
+        let got = stream_result(
+            Protocol::Gemini,
+            &format!("data: {}\r\n\r\n", std::str::from_utf8(error).unwrap()),
+        );
+        assert_eq!(got.upstream_error.as_deref(), Some("RESOURCE_EXHAUSTED"));
+
+        let array = br#"[{"usageMetadata": {"promptTokenCount": 5}}, {"error": {"code": 503, "status": "UNAVAILABLE"}}]"#;
+        let got = meter(Protocol::Gemini, false, &[array]);
+        assert_eq!(got.upstream_error.as_deref(), Some("UNAVAILABLE"));
+        assert_eq!(got.usage.input_tokens, 5);
+    }
+
+    #[test]
+    fn json_meter_gives_up_past_its_cap() {
+        let mut m = UsageMeter::with_limit(Protocol::Anthropic, false, 100);
+        for chunk in ANTHROPIC_JSON.chunks(50) {
+            m.feed(chunk);
+        }
+        assert!(m.gave_up());
+        assert_eq!(m.finish(), MeterResult::default());
+
+        let mut m = UsageMeter::with_limit(Protocol::Anthropic, false, ANTHROPIC_JSON.len());
+        m.feed(ANTHROPIC_JSON);
+        assert!(!m.gave_up());
+        assert_eq!(m.finish().usage.input_tokens, 2095);
+    }
+
+    #[test]
+    fn stream_meter_over_its_cap_reports_giving_up() {
+        let mut m = UsageMeter::with_limit(Protocol::Anthropic, true, 64);
+        for chunk in ANTHROPIC_STREAM.chunks(10) {
+            m.feed(chunk);
+        }
+        let got = m.finish();
+        assert!(m.gave_up());
+        // message_start and message_delta are longer than 64 bytes: no usage, but no panic.
+        assert!(got.usage.is_empty());
+        assert!(got.complete);
+    }
+
+    #[test]
+    fn hostile_bodies_never_panic() {
+        let nasty: &[&[u8]] = &[
+            b"",
+            b"\xff\xfe\x00garbage",
+            b"data: {\"usage\": {\"prompt_tokens\": -1}}\n\n",
+            b"data: {\"usage\": {\"prompt_tokens\": 1e30, \"completion_tokens\": 18446744073709551615}}\n\n",
+            b"data: {\"usageMetadata\": {\"promptTokenCount\": 18446744073709551615, \"toolUsePromptTokenCount\": 18446744073709551615, \"candidatesTokenCount\": 18446744073709551615, \"thoughtsTokenCount\": 5}}\n\n",
+            b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"cache_creation_input_tokens\":5,\"cache_creation\":{\"ephemeral_5m_input_tokens\":18446744073709551615,\"ephemeral_1h_input_tokens\":18446744073709551615}}}}\n\n",
+            b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"\\ud800\",\"id\":[1,2]}}\n\n",
+            b"event: error\ndata: {\"error\": 5}\n\n",
+            b"event: response.completed\ndata: {\"response\": \"nope\"}\n\n",
+            b"data: [{\"usageMetadata\": []}]\n\n",
+            b"[",
+            b"{\"usage\":{\"prompt_tokens\":3,\"prompt_tokens_details\":{\"cached_tokens\":9}}}",
+        ];
+        // A cheap deterministic generator: no randomness source needed.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let alphabet = b"data: {}\"usage\r\n:[]0123456789,event";
+        let mut noise = Vec::new();
+        for _ in 0..4096 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            noise.push(alphabet[(state % alphabet.len() as u64) as usize]);
+        }
+        for protocol in [
+            Protocol::Anthropic,
+            Protocol::OpenaiChat,
+            Protocol::OpenaiResponses,
+            Protocol::Gemini,
+        ] {
+            for stream in [true, false] {
+                for input in nasty.iter().copied().chain([&noise[..]]) {
+                    for chunks in [vec![input], input.chunks(3).collect()] {
+                        let result = meter(protocol, stream, &chunks);
+                        assert!(result
+                            .model
+                            .as_ref()
+                            .is_none_or(|m| m.len() <= MAX_KEPT_STRING));
+                    }
+                }
+            }
+        }
+        let got = meter(Protocol::OpenaiChat, false, &[nasty[11]]);
+        assert_eq!(got.usage, usage(0, 0, 0, 0, 9, 0));
+    }
+
+    #[test]
+    fn kept_strings_are_bounded_at_a_char_boundary() {
+        let long = "é".repeat(300);
+        let body =
+            format!("{{\"id\":\"{long}\",\"model\":\"{long}\",\"usage\":{{\"prompt_tokens\":1}}}}");
+        let got = meter(Protocol::OpenaiChat, false, &[body.as_bytes()]);
+        let id = got.response_id.unwrap();
+        assert!(id.len() <= MAX_KEPT_STRING && id.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn leading_type_reads_only_a_leading_type_field() {
+        let cases: &[(&[u8], Option<&str>)] = &[
+            (br#"{"type":"message_stop"}"#, Some("message_stop")),
+            (br#" { "type" : "ping" }"#, Some("ping")),
+            (br#"{"index":0,"type":"x"}"#, None),
+            (br#"{"type":"a\"b"}"#, None),
+            (br#"{"type":1}"#, None),
+            (b"", None),
+        ];
+        for (data, expected) in cases {
+            assert_eq!(leading_type(data), *expected);
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! `sticky_upstream`: keeps a conversation on the account it started on, else picks one by
+//! priority and strategy and binds it (DESIGN §7, §8). Also picks the next account on failover.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::accounts::{select_account, Account, AccountDirectory, PickStrategy};
+use crate::chain::{Flow, RequestFilter, RequestView};
+use crate::context::{RequestCtx, StickyResult};
+use crate::error::{ErrorKind, Rejection};
+use crate::session_store::{Binding, SessionStore};
+use crate::Protocol;
+
+/// Binding lifetimes and the pick strategy.
+#[derive(Debug, Clone)]
+pub struct StickyConfig {
+    /// Binding TTL for every protocol but Responses.
+    pub ttl: Duration,
+    /// Binding TTL for OpenAI Responses.
+    pub responses_ttl: Duration,
+    /// A hit renews the binding when less than this is left.
+    pub renew_threshold: Duration,
+    pub strategy: PickStrategy,
+}
+
+impl Default for StickyConfig {
+    fn default() -> Self {
+        StickyConfig {
+            ttl: Duration::from_secs(3600),
+            responses_ttl: Duration::from_secs(1800),
+            renew_threshold: Duration::from_secs(300),
+            strategy: PickStrategy::Weighted,
+        }
+    }
+}
+
+/// The filter.
+pub struct StickyUpstream {
+    accounts: Arc<dyn AccountDirectory>,
+    sessions: Arc<dyn SessionStore>,
+    config: StickyConfig,
+    round_robin: AtomicU64,
+}
+
+impl StickyUpstream {
+    /// A scheduler over `accounts` keeping bindings in `sessions`.
+    pub fn new(
+        accounts: Arc<dyn AccountDirectory>,
+        sessions: Arc<dyn SessionStore>,
+        config: StickyConfig,
+    ) -> Self {
+        StickyUpstream {
+            accounts,
+            sessions,
+            config,
+            round_robin: AtomicU64::new(0),
+        }
+    }
+
+    fn ttl(&self, protocol: Protocol) -> Duration {
+        if protocol == Protocol::OpenaiResponses {
+            self.config.responses_ttl
+        } else {
+            self.config.ttl
+        }
+    }
+
+    fn pick(&self, ctx: &RequestCtx) -> Option<Arc<Account>> {
+        let all = self.accounts.accounts();
+        select_account(
+            &all,
+            ctx.protocol(),
+            ctx.requested_model(),
+            &ctx.upstream.tried,
+            self.config.strategy,
+            ctx.started_ms,
+            &self.round_robin,
+        )
+    }
+
+    fn binding_for(&self, ctx: &RequestCtx, account: &Account) -> Binding {
+        let (user_id, api_key_id) = ctx
+            .auth
+            .as_ref()
+            .map(|a| (a.key.user_id.clone(), a.key.id.clone()))
+            .unwrap_or_default();
+        Binding {
+            account_id: account.id.clone(),
+            account_type: account.account_type.as_str().to_string(),
+            platform: ctx.protocol().platform().to_string(),
+            model: ctx.requested_model().map(str::to_string),
+            user_id,
+            api_key_id,
+            created_at: ctx.started_ms,
+            last_used_at: ctx.started_ms,
+            request_count: 1,
+        }
+    }
+
+    fn usable_for(&self, ctx: &RequestCtx, id: &str) -> Option<Arc<Account>> {
+        self.accounts.get(id).filter(|a| {
+            a.serves(ctx.protocol(), ctx.requested_model())
+                && a.usable(ctx.started_ms)
+                && !ctx.upstream.tried.iter().any(|t| t == id)
+        })
+    }
+
+    /// Chooses the account of the first attempt, honouring and updating the binding.
+    pub async fn choose(&self, ctx: &mut RequestCtx) -> Result<Arc<Account>, Rejection> {
+        let ttl = self.ttl(ctx.protocol());
+        let Some(key) = ctx.session.key.clone() else {
+            return self.pick(ctx).ok_or_else(no_account);
+        };
+        let existing = self.sessions.get(&key).await.ok().flatten();
+        if let Some(stored) = existing {
+            if let Some(account) = self.usable_for(ctx, &stored.binding.account_id) {
+                if stored.remaining < self.config.renew_threshold {
+                    let mut b = stored.binding;
+                    b.last_used_at = ctx.started_ms;
+                    b.request_count += 1;
+                    let _ = self.sessions.put(&key, &b, ttl).await;
+                }
+                ctx.session.sticky = Some(StickyResult::Hit);
+                return Ok(account);
+            }
+            let account = self.pick(ctx).ok_or_else(no_account)?;
+            let _ = self
+                .sessions
+                .put(&key, &self.binding_for(ctx, &account), ttl)
+                .await;
+            ctx.session.sticky = Some(StickyResult::Rebind);
+            return Ok(account);
+        }
+        let account = self.pick(ctx).ok_or_else(no_account)?;
+        ctx.session.sticky = Some(StickyResult::Miss);
+        match self
+            .sessions
+            .set_if_absent(&key, &self.binding_for(ctx, &account), ttl)
+            .await
+        {
+            // Another node bound this session first: follow it when that account can serve.
+            Ok(winner) if winner.account_id != account.id => {
+                Ok(self.usable_for(ctx, &winner.account_id).unwrap_or(account))
+            }
+            _ => Ok(account),
+        }
+    }
+
+    /// Picks another account after a failed attempt (never one already tried) and rebinds
+    /// the session to it.
+    pub async fn failover(&self, ctx: &mut RequestCtx) -> Option<Arc<Account>> {
+        let account = self.pick(ctx)?;
+        if let Some(key) = ctx.session.key.clone() {
+            let _ = self
+                .sessions
+                .put(
+                    &key,
+                    &self.binding_for(ctx, &account),
+                    self.ttl(ctx.protocol()),
+                )
+                .await;
+            ctx.session.sticky = Some(StickyResult::Rebind);
+        }
+        Some(account)
+    }
+}
+
+fn no_account() -> Rejection {
+    Rejection::new(
+        ErrorKind::NoAvailableAccount,
+        "no upstream account is available for this request",
+    )
+}
+
+#[async_trait]
+impl RequestFilter for StickyUpstream {
+    fn name(&self) -> &'static str {
+        "sticky_upstream"
+    }
+
+    async fn on_request(&self, ctx: &mut RequestCtx, _req: &RequestView<'_>) -> Flow {
+        match self.choose(ctx).await {
+            Ok(account) => {
+                ctx.upstream.tried.push(account.id.clone());
+                ctx.upstream.account = Some(account);
+                Flow::Continue
+            }
+            Err(r) => Flow::Reject(r),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accounts::tests::account;
+    use crate::route::ApiRoute;
+    use crate::session_store::MemorySessionStore;
+    use crate::AccountType;
+    use std::sync::atomic::Ordering;
+
+    struct Dir(Arc<Vec<Arc<Account>>>);
+    impl AccountDirectory for Dir {
+        fn accounts(&self) -> Arc<Vec<Arc<Account>>> {
+            self.0.clone()
+        }
+        fn get(&self, id: &str) -> Option<Arc<Account>> {
+            self.0.iter().find(|a| a.id == id).cloned()
+        }
+    }
+
+    fn ctx(session: Option<&str>) -> RequestCtx {
+        let route = ApiRoute {
+            protocol: Protocol::Anthropic,
+            upstream_path: "/v1/messages".into(),
+            path_model: None,
+            path_stream: false,
+            billed: true,
+        };
+        let mut c = RequestCtx::new("r".into(), route, 1_000);
+        c.session.key = session.map(str::to_string);
+        c
+    }
+
+    #[tokio::test]
+    async fn sticky_then_rebind_when_unusable() {
+        let a = account("a", AccountType::Claude, 50, 1);
+        let b = account("b", AccountType::Claude, 50, 1);
+        let dir = Arc::new(Dir(Arc::new(vec![a.clone(), b.clone()])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(100), StickyConfig::default());
+        let mut c1 = ctx(Some("s1"));
+        let first = s.choose(&mut c1).await.unwrap();
+        assert_eq!(c1.session.sticky, Some(StickyResult::Miss));
+        for _ in 0..10 {
+            let mut c = ctx(Some("s1"));
+            assert_eq!(s.choose(&mut c).await.unwrap().id, first.id);
+            assert_eq!(c.session.sticky, Some(StickyResult::Hit));
+        }
+        first
+            .state
+            .cooldown_until_ms
+            .store(i64::MAX, Ordering::Relaxed);
+        let mut c = ctx(Some("s1"));
+        let second = s.choose(&mut c).await.unwrap();
+        assert_ne!(second.id, first.id);
+        assert_eq!(c.session.sticky, Some(StickyResult::Rebind));
+        first.state.cooldown_until_ms.store(0, Ordering::Relaxed);
+        let mut c = ctx(Some("s1"));
+        assert_eq!(
+            s.choose(&mut c).await.unwrap().id,
+            second.id,
+            "new binding holds"
+        );
+    }
+
+    #[tokio::test]
+    async fn failover_excludes_tried_and_rebinds() {
+        let a = account("a", AccountType::Claude, 50, 1);
+        let b = account("b", AccountType::Claude, 50, 1);
+        let dir = Arc::new(Dir(Arc::new(vec![a, b])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(100), StickyConfig::default());
+        let mut c = ctx(Some("s"));
+        let first = s.choose(&mut c).await.unwrap();
+        c.upstream.tried.push(first.id.clone());
+        let next = s.failover(&mut c).await.unwrap();
+        assert_ne!(next.id, first.id);
+        c.upstream.tried.push(next.id.clone());
+        assert!(s.failover(&mut c).await.is_none());
+        let mut again = ctx(Some("s"));
+        assert_eq!(s.choose(&mut again).await.unwrap().id, next.id);
+    }
+
+    #[tokio::test]
+    async fn no_account_is_503() {
+        let dir = Arc::new(Dir(Arc::new(vec![account(
+            "o",
+            AccountType::Openai,
+            50,
+            1,
+        )])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(10), StickyConfig::default());
+        let err = s.choose(&mut ctx(None)).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NoAvailableAccount);
+    }
+}

@@ -1,0 +1,167 @@
+//! Plain data shared by every filter: protocols, account types, token usage and the usage record.
+
+use serde::{Deserialize, Serialize};
+
+/// The client-facing API a request speaks, decided by its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// Anthropic Messages (`/v1/messages`).
+    Anthropic,
+    /// OpenAI Chat Completions (`/v1/chat/completions`).
+    OpenaiChat,
+    /// OpenAI Responses (`/v1/responses`).
+    OpenaiResponses,
+    /// Google Gemini (`:generateContent`).
+    Gemini,
+}
+
+impl Protocol {
+    /// Stable lower-case name used in session keys, records and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Anthropic => "anthropic",
+            Protocol::OpenaiChat => "openai_chat",
+            Protocol::OpenaiResponses => "openai_responses",
+            Protocol::Gemini => "gemini",
+        }
+    }
+
+    /// The platform name used in a key's allowed-platform list.
+    pub fn platform(self) -> &'static str {
+        match self {
+            Protocol::Anthropic => "claude",
+            Protocol::OpenaiChat | Protocol::OpenaiResponses => "openai",
+            Protocol::Gemini => "gemini",
+        }
+    }
+}
+
+/// Kind of upstream account, as operators name them (DESIGN §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AccountType {
+    #[serde(rename = "claude")]
+    Claude,
+    #[serde(rename = "claude-official")]
+    ClaudeOfficial,
+    #[serde(rename = "openai")]
+    Openai,
+    #[serde(rename = "openai-responses")]
+    OpenaiResponses,
+    #[serde(rename = "gemini")]
+    Gemini,
+}
+
+impl AccountType {
+    pub const ALL: [AccountType; 5] = [
+        AccountType::Claude,
+        AccountType::ClaudeOfficial,
+        AccountType::Openai,
+        AccountType::OpenaiResponses,
+        AccountType::Gemini,
+    ];
+
+    /// The name stored in the database and shown to operators.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountType::Claude => "claude",
+            AccountType::ClaudeOfficial => "claude-official",
+            AccountType::Openai => "openai",
+            AccountType::OpenaiResponses => "openai-responses",
+            AccountType::Gemini => "gemini",
+        }
+    }
+
+    /// Parses an operator-facing name.
+    pub fn parse(s: &str) -> Option<AccountType> {
+        AccountType::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// Whether accounts of this type can serve requests of `protocol`.
+    pub fn serves(self, protocol: Protocol) -> bool {
+        matches!(
+            (self, protocol),
+            (
+                AccountType::Claude | AccountType::ClaudeOfficial,
+                Protocol::Anthropic
+            ) | (AccountType::Openai, Protocol::OpenaiChat)
+                | (
+                    AccountType::Openai | AccountType::OpenaiResponses,
+                    Protocol::OpenaiResponses
+                )
+                | (AccountType::Gemini, Protocol::Gemini)
+        )
+    }
+
+    /// Default upstream base URL of this account type.
+    pub fn default_base_url(self) -> &'static str {
+        match self {
+            AccountType::Claude | AccountType::ClaudeOfficial => "https://api.anthropic.com",
+            AccountType::Openai => "https://api.openai.com/v1",
+            AccountType::OpenaiResponses => "https://chatgpt.com/backend-api/codex",
+            AccountType::Gemini => "https://generativelanguage.googleapis.com",
+        }
+    }
+}
+
+/// Token counts of one request, normalised across protocols.
+///
+/// `input_tokens` counts only uncached input (billed at the input price); cache writes and
+/// cache reads are counted apart, so that the sum of the fields is the whole prompt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenUsage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Cache writes with the 5-minute TTL (Anthropic `ephemeral_5m_input_tokens`, or the whole
+    /// `cache_creation_input_tokens` when the split is absent).
+    pub cache_write_5m_tokens: u64,
+    /// Cache writes with the 1-hour TTL (Anthropic `ephemeral_1h_input_tokens`).
+    pub cache_write_1h_tokens: u64,
+    pub cache_read_tokens: u64,
+    /// Reasoning tokens, already included in `output_tokens` (informational).
+    pub reasoning_tokens: u64,
+}
+
+impl TokenUsage {
+    /// Whether the upstream reported any usage at all.
+    pub fn is_empty(&self) -> bool {
+        *self == TokenUsage::default()
+    }
+}
+
+/// One served request, as booked (DESIGN §9). Money is integer micro-USD.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// Request id (uuid v7 or the client's `x-request-id`).
+    pub id: String,
+    /// Epoch milliseconds when the request arrived.
+    pub created_at: i64,
+    pub user_id: Option<String>,
+    pub api_key_id: Option<String>,
+    pub account_id: Option<String>,
+    pub session_key: Option<String>,
+    /// `Protocol::as_str()`.
+    pub protocol: String,
+    pub requested_model: Option<String>,
+    pub upstream_model: Option<String>,
+    pub stream: bool,
+    /// HTTP status sent to the client.
+    pub status: u16,
+    pub usage: TokenUsage,
+    /// Cost before the user's price rate.
+    pub base_cost: i64,
+    /// Cost the user is charged: `base_cost` × price rate.
+    pub billed_cost: i64,
+    /// The user's price rate in ten-thousandths (10000 = 1.0) at the time of the request.
+    pub price_rate: i64,
+    pub latency_ms: i64,
+    /// Milliseconds until the first response byte reached the client.
+    pub ttfb_ms: Option<i64>,
+    pub failover_count: u32,
+    /// Stable error type when the request failed (`upstream_error`, `rate_limit_error`, ...).
+    pub error_type: Option<String>,
+    /// The model had no price: cost 0.
+    pub unpriced: bool,
+    /// Token counts are incomplete (client went away and the upstream was not drained).
+    pub estimated: bool,
+}
