@@ -1,0 +1,463 @@
+//! Upstream accounts: provider credentials (encrypted by the caller with `secrets::SecretBox`),
+//! scheduling fields and health state.
+
+use std::collections::BTreeMap;
+
+use relay_filters::AccountType;
+use serde::{Deserialize, Serialize};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{
+    from_json, get_bool, new_id, now_ms, page_bounds, require_non_empty, to_json, Page, Param,
+    Result, SqlParts, SqlStore, StoreError,
+};
+
+/// Columns of `accounts`, read by name in [`account_from_row`].
+const ACCOUNT_COLUMNS: &str = "id, name, account_type, base_url, credential_enc, \
+     credential_key_id, refresh_token_enc, priority, weight, models, model_map, max_concurrency, \
+     enabled, status, consecutive_error_count, cooldown_until, last_used_at, extra, created_at, \
+     updated_at";
+
+/// Health state of an account as the relay judged it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountStatus {
+    /// Usable.
+    Valid,
+    /// Too many auth errors in a row: not scheduled until an operator or a health check clears it.
+    Error,
+    /// The provider blocked it ("organization disabled"): not scheduled.
+    Blocked,
+}
+
+impl AccountStatus {
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountStatus::Valid => "valid",
+            AccountStatus::Error => "error",
+            AccountStatus::Blocked => "blocked",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<AccountStatus> {
+        match s {
+            "valid" => Some(AccountStatus::Valid),
+            "error" => Some(AccountStatus::Error),
+            "blocked" => Some(AccountStatus::Blocked),
+            _ => None,
+        }
+    }
+}
+
+/// A row of `accounts`; encrypted secrets are never serialized.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Account {
+    /// uuid v7.
+    pub id: String,
+    /// Unique name shown to operators and in metrics.
+    pub name: String,
+    /// Kind of upstream.
+    pub account_type: AccountType,
+    /// Upstream base URL; `None` = the type's default.
+    pub base_url: Option<String>,
+    /// Credential encrypted by `SecretBox::encrypt`.
+    #[serde(skip)]
+    pub credential_enc: String,
+    /// Id of the key the credential is encrypted with.
+    pub credential_key_id: String,
+    /// OAuth refresh token encrypted by `SecretBox::encrypt`.
+    #[serde(skip)]
+    pub refresh_token_enc: Option<String>,
+    /// Whether a refresh token is stored (the token itself is never shown).
+    pub has_refresh_token: bool,
+    /// Lower is picked first.
+    pub priority: i64,
+    /// Relative share inside a priority tier (`weighted` strategy).
+    pub weight: i64,
+    /// Models it serves; empty = all.
+    pub models: Vec<String>,
+    /// Requested model → upstream model.
+    pub model_map: BTreeMap<String, String>,
+    /// Requests in flight at once.
+    pub max_concurrency: Option<i64>,
+    /// Operator switch.
+    pub enabled: bool,
+    /// Health state.
+    pub status: AccountStatus,
+    /// Auth errors in a row.
+    pub consecutive_error_count: i64,
+    /// Epoch ms until which it is not scheduled.
+    pub cooldown_until: Option<i64>,
+    /// Epoch ms of the newest recorded request.
+    pub last_used_at: Option<i64>,
+    /// Type-specific data (e.g. `chatgpt_account_id`), a JSON object.
+    pub extra: serde_json::Value,
+    /// Epoch ms.
+    pub created_at: i64,
+    /// Epoch ms of the last change.
+    pub updated_at: i64,
+}
+
+/// Fields of an account to create; [`NewAccount::new`] fills the defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewAccount {
+    /// Unique name.
+    pub name: String,
+    /// Kind of upstream.
+    pub account_type: AccountType,
+    /// Upstream base URL; `None` = the type's default.
+    pub base_url: Option<String>,
+    /// Credential encrypted by `SecretBox::encrypt`.
+    pub credential_enc: String,
+    /// Id of the key the credential is encrypted with.
+    pub credential_key_id: String,
+    /// OAuth refresh token encrypted by `SecretBox::encrypt`.
+    pub refresh_token_enc: Option<String>,
+    /// Lower is picked first (default 50).
+    pub priority: i64,
+    /// Relative share inside a tier (default 1).
+    pub weight: i64,
+    /// Models it serves; empty = all.
+    pub models: Vec<String>,
+    /// Requested model → upstream model.
+    pub model_map: BTreeMap<String, String>,
+    /// Requests in flight at once.
+    pub max_concurrency: Option<i64>,
+    /// Operator switch (default on).
+    pub enabled: bool,
+    /// Type-specific data, a JSON object (default `{}`).
+    pub extra: serde_json::Value,
+}
+
+impl NewAccount {
+    /// An account with the default priority (50), weight (1), all models, enabled.
+    pub fn new(
+        name: impl Into<String>,
+        account_type: AccountType,
+        credential_enc: String,
+        credential_key_id: String,
+    ) -> NewAccount {
+        NewAccount {
+            name: name.into(),
+            account_type,
+            base_url: None,
+            credential_enc,
+            credential_key_id,
+            refresh_token_enc: None,
+            priority: 50,
+            weight: 1,
+            models: Vec::new(),
+            model_map: BTreeMap::new(),
+            max_concurrency: None,
+            enabled: true,
+            extra: serde_json::Value::Object(serde_json::Map::new()),
+        }
+    }
+}
+
+/// Changes to an account: `None` leaves a field as it is; `Some(None)` clears a nullable field.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AccountPatch {
+    /// New unique name.
+    pub name: Option<String>,
+    /// New type.
+    pub account_type: Option<AccountType>,
+    /// New base URL, or the type's default.
+    pub base_url: Option<Option<String>>,
+    /// New encrypted credential and the id of its key.
+    pub credential: Option<(String, String)>,
+    /// New encrypted refresh token, or none.
+    pub refresh_token_enc: Option<Option<String>>,
+    /// New priority.
+    pub priority: Option<i64>,
+    /// New weight.
+    pub weight: Option<i64>,
+    /// New model list.
+    pub models: Option<Vec<String>>,
+    /// New model map.
+    pub model_map: Option<BTreeMap<String, String>>,
+    /// New concurrency limit, or none.
+    pub max_concurrency: Option<Option<i64>>,
+    /// Enable or disable.
+    pub enabled: Option<bool>,
+    /// New health state (e.g. an operator clearing `error`).
+    pub status: Option<AccountStatus>,
+    /// New error count (e.g. 0 when clearing `error`).
+    pub consecutive_error_count: Option<i64>,
+    /// New cooldown end, or none.
+    pub cooldown_until: Option<Option<i64>>,
+    /// New type-specific data (a JSON object).
+    pub extra: Option<serde_json::Value>,
+}
+
+/// Builds an [`Account`] from a row selected with [`ACCOUNT_COLUMNS`].
+fn account_from_row(row: &AnyRow) -> Result<Account> {
+    let account_type: String = row.try_get("account_type")?;
+    let status: String = row.try_get("status")?;
+    let models: String = row.try_get("models")?;
+    let model_map: String = row.try_get("model_map")?;
+    let extra: String = row.try_get("extra")?;
+    let refresh_token_enc: Option<String> = row.try_get("refresh_token_enc")?;
+    Ok(Account {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        account_type: AccountType::parse(&account_type).ok_or_else(|| {
+            StoreError::Invalid(format!("unknown account type {account_type:?} in accounts"))
+        })?,
+        base_url: row.try_get("base_url")?,
+        credential_enc: row.try_get("credential_enc")?,
+        credential_key_id: row.try_get("credential_key_id")?,
+        has_refresh_token: refresh_token_enc.is_some(),
+        refresh_token_enc,
+        priority: row.try_get("priority")?,
+        weight: row.try_get("weight")?,
+        models: from_json(&models, "accounts.models")?,
+        model_map: from_json(&model_map, "accounts.model_map")?,
+        max_concurrency: row.try_get("max_concurrency")?,
+        enabled: get_bool(row, "enabled")?,
+        status: AccountStatus::parse(&status)
+            .ok_or_else(|| StoreError::Invalid(format!("unknown status {status:?} in accounts")))?,
+        consecutive_error_count: row.try_get("consecutive_error_count")?,
+        cooldown_until: row.try_get("cooldown_until")?,
+        last_used_at: row.try_get("last_used_at")?,
+        extra: from_json(&extra, "accounts.extra")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// Rejects a non-object `extra`.
+fn check_extra(extra: &serde_json::Value) -> Result<()> {
+    if !extra.is_object() {
+        return Err(StoreError::Invalid(
+            "account extra must be a JSON object".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Rejects negative weights and limits.
+fn check_non_negative(what: &str, value: Option<i64>) -> Result<()> {
+    if value.is_some_and(|v| v < 0) {
+        return Err(StoreError::Invalid(format!("{what} must not be negative")));
+    }
+    Ok(())
+}
+
+/// Maps a unique violation on `accounts.name` to a readable conflict.
+fn name_conflict(name: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
+    move |e| match StoreError::from(e) {
+        StoreError::Conflict(_) => StoreError::Conflict(format!("account {name:?} exists")),
+        other => other,
+    }
+}
+
+impl SqlStore {
+    /// Creates an account; a taken name is `Conflict`.
+    pub async fn create_account(&self, new: &NewAccount) -> Result<Account> {
+        require_non_empty("account name", &new.name)?;
+        check_extra(&new.extra)?;
+        check_non_negative("weight", Some(new.weight))?;
+        check_non_negative("max_concurrency", new.max_concurrency)?;
+        let id = new_id();
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO accounts (id, name, account_type, base_url, credential_enc, \
+             credential_key_id, refresh_token_enc, priority, weight, models, model_map, \
+             max_concurrency, enabled, status, consecutive_error_count, cooldown_until, \
+             last_used_at, extra, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, \
+             $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
+        )
+        .bind(&id)
+        .bind(&new.name)
+        .bind(new.account_type.as_str())
+        .bind(&new.base_url)
+        .bind(&new.credential_enc)
+        .bind(&new.credential_key_id)
+        .bind(&new.refresh_token_enc)
+        .bind(new.priority)
+        .bind(new.weight)
+        .bind(to_json(&new.models)?)
+        .bind(to_json(&new.model_map)?)
+        .bind(new.max_concurrency)
+        .bind(i64::from(new.enabled))
+        .bind(AccountStatus::Valid.as_str())
+        .bind(0_i64)
+        .bind(None::<i64>)
+        .bind(None::<i64>)
+        .bind(to_json(&new.extra)?)
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(name_conflict(&new.name))?;
+        self.account_by_id(&id).await?.ok_or(StoreError::NotFound)
+    }
+
+    /// The account with this id, if any.
+    pub async fn account_by_id(&self, id: &str) -> Result<Option<Account>> {
+        let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(account_from_row).transpose()
+    }
+
+    /// One page of accounts, by name.
+    pub async fn list_accounts(&self, page: i64, per_page: i64) -> Result<Page<Account>> {
+        let (page, per_page, offset) = page_bounds(page, per_page);
+        let sql =
+            format!("SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY name LIMIT $1 OFFSET $2");
+        let rows = sqlx::query(&sql)
+            .bind(per_page)
+            .bind(offset)
+            .fetch_all(&self.pool)
+            .await?;
+        let items = rows
+            .iter()
+            .map(account_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        let total: i64 = sqlx::query("SELECT COUNT(*) FROM accounts")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        Ok(Page {
+            items,
+            total,
+            page,
+            per_page,
+        })
+    }
+
+    /// Every account with its encrypted credentials, by priority then name (for the scheduler).
+    pub async fn load_accounts(&self) -> Result<Vec<Account>> {
+        let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY priority, name");
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter().map(account_from_row).collect()
+    }
+
+    /// Applies a patch to an account and returns the account as it now is.
+    pub async fn update_account(&self, id: &str, patch: &AccountPatch) -> Result<Account> {
+        let mut parts = SqlParts::default();
+        if let Some(name) = &patch.name {
+            require_non_empty("account name", name)?;
+            parts.set("name", Param::Text(Some(name.clone())));
+        }
+        if let Some(account_type) = patch.account_type {
+            parts.set(
+                "account_type",
+                Param::Text(Some(account_type.as_str().to_owned())),
+            );
+        }
+        if let Some(base_url) = &patch.base_url {
+            parts.set("base_url", Param::Text(base_url.clone()));
+        }
+        if let Some((credential_enc, key_id)) = &patch.credential {
+            parts.set("credential_enc", Param::Text(Some(credential_enc.clone())));
+            parts.set("credential_key_id", Param::Text(Some(key_id.clone())));
+        }
+        if let Some(refresh) = &patch.refresh_token_enc {
+            parts.set("refresh_token_enc", Param::Text(refresh.clone()));
+        }
+        if let Some(priority) = patch.priority {
+            parts.set("priority", Param::Int(Some(priority)));
+        }
+        if let Some(weight) = patch.weight {
+            check_non_negative("weight", Some(weight))?;
+            parts.set("weight", Param::Int(Some(weight)));
+        }
+        if let Some(models) = &patch.models {
+            parts.set("models", Param::Text(Some(to_json(models)?)));
+        }
+        if let Some(model_map) = &patch.model_map {
+            parts.set("model_map", Param::Text(Some(to_json(model_map)?)));
+        }
+        if let Some(max_concurrency) = patch.max_concurrency {
+            check_non_negative("max_concurrency", max_concurrency)?;
+            parts.set("max_concurrency", Param::Int(max_concurrency));
+        }
+        if let Some(enabled) = patch.enabled {
+            parts.set("enabled", Param::Int(Some(i64::from(enabled))));
+        }
+        if let Some(status) = patch.status {
+            parts.set("status", Param::Text(Some(status.as_str().to_owned())));
+        }
+        if let Some(count) = patch.consecutive_error_count {
+            parts.set("consecutive_error_count", Param::Int(Some(count)));
+        }
+        if let Some(cooldown_until) = patch.cooldown_until {
+            parts.set("cooldown_until", Param::Int(cooldown_until));
+        }
+        if let Some(extra) = &patch.extra {
+            check_extra(extra)?;
+            parts.set("extra", Param::Text(Some(to_json(extra)?)));
+        }
+        if !parts.is_empty() {
+            parts.bump_updated_at();
+            let sql = format!(
+                "UPDATE accounts SET {} WHERE id = ${}",
+                parts.joined(", "),
+                parts.param_count() + 1
+            );
+            let name = patch.name.as_deref().unwrap_or_default();
+            let done = parts
+                .bind(sqlx::query(&sql))
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(name_conflict(name))?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+        }
+        self.account_by_id(id).await?.ok_or(StoreError::NotFound)
+    }
+
+    /// Records the health state the relay observed (status, auth errors in a row, cooldown).
+    pub async fn record_account_state(
+        &self,
+        id: &str,
+        status: AccountStatus,
+        consecutive_error_count: i64,
+        cooldown_until: Option<i64>,
+    ) -> Result<()> {
+        let mut parts = SqlParts::default();
+        parts.set("status", Param::Text(Some(status.as_str().to_owned())));
+        parts.set(
+            "consecutive_error_count",
+            Param::Int(Some(consecutive_error_count)),
+        );
+        parts.set("cooldown_until", Param::Int(cooldown_until));
+        parts.bump_updated_at();
+        let sql = format!(
+            "UPDATE accounts SET {} WHERE id = ${}",
+            parts.joined(", "),
+            parts.param_count() + 1
+        );
+        let done = parts
+            .bind(sqlx::query(&sql))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// Deletes an account.
+    pub async fn delete_account(&self, id: &str) -> Result<()> {
+        let done = sqlx::query("DELETE FROM accounts WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+}

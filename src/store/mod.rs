@@ -1,0 +1,421 @@
+//! Durable storage of llm-relay on SQLite or PostgreSQL through one `sqlx::AnyPool`: users, API
+//! keys, accounts, prices, usage records and daily rollups, settings, audit log, admin sessions.
+//!
+//! Every query is written once in a portable dialect (`$1, $2, ...` placeholders in ascending
+//! order, BIGINT for numbers and booleans, TEXT for ids and JSON) and runs unchanged on both.
+
+mod accounts;
+mod admin_sessions;
+mod api_keys;
+mod prices;
+mod settings;
+mod usage;
+mod users;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
+use sqlx::query::Query;
+use sqlx::{Any, AnyPool, Executor, Row};
+
+pub use accounts::{Account, AccountPatch, AccountStatus, NewAccount};
+pub use admin_sessions::AdminSession;
+pub use api_keys::{ActiveApiKey, ApiKey, ApiKeyPatch, NewApiKey};
+pub use prices::{ModelPrice, ModelPriceRow};
+pub use settings::AuditEntry;
+pub use usage::{utc_day, RecordFilter, UsageDailyRow, UsageDim, UsageRow, UsageTotals};
+pub use users::{NewUser, Role, User};
+
+/// Largest page size a list call returns; larger requests are clamped.
+pub const MAX_PER_PAGE: i64 = 500;
+
+/// What went wrong in a store call.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The row addressed by id (or key) does not exist.
+    #[error("not found")]
+    NotFound,
+    /// A unique constraint refused the write (duplicate username, account name, key hash...).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The request or a stored value breaks a rule of the store.
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// The database failed or could not be reached.
+    #[error("database error: {0}")]
+    Db(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::RowNotFound => StoreError::NotFound,
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                StoreError::Conflict(db.message().to_owned())
+            }
+            other => StoreError::Db(other),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Db(sqlx::Error::Migrate(Box::new(e)))
+    }
+}
+
+/// Result of a store call.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// One page of a list, with the total number of rows matching the query.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Page<T> {
+    /// Rows of this page, in the list's order.
+    pub items: Vec<T>,
+    /// Rows matching the query across all pages.
+    pub total: i64,
+    /// 1-based page number actually served (after clamping).
+    pub page: i64,
+    /// Page size actually served (after clamping to `1..=MAX_PER_PAGE`).
+    pub per_page: i64,
+}
+
+/// Change fingerprint of one table: any insert, update or delete changes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TableMarker {
+    /// Number of rows.
+    pub rows: i64,
+    /// Largest `updated_at`.
+    pub max_updated_at: i64,
+    /// Sum of `updated_at`; every update raises a row's `updated_at` by at least 1 ms.
+    pub sum_updated_at: i64,
+}
+
+/// Change fingerprints of the tables the in-process caches mirror; nodes poll and compare it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ChangeMarker {
+    /// Fingerprint of `users`.
+    pub users: TableMarker,
+    /// Fingerprint of `api_keys`.
+    pub api_keys: TableMarker,
+    /// Fingerprint of `accounts`.
+    pub accounts: TableMarker,
+}
+
+/// Handle on the relay database; cheap to clone (the pool is shared).
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    postgres: bool,
+}
+
+impl SqlStore {
+    /// Opens a pool on a `sqlite://...` or `postgres://...` URL.
+    ///
+    /// For SQLite the parent directory and the file are created when missing, the journal is
+    /// switched to WAL, and every connection gets `busy_timeout` 5 s and foreign keys on.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<SqlStore> {
+        sqlx::any::install_default_drivers();
+        let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        let sqlite = url.starts_with("sqlite:");
+        if !postgres && !sqlite {
+            return Err(StoreError::Invalid(
+                "database URL must start with sqlite:// or postgres://".to_owned(),
+            ));
+        }
+        let mut options = AnyPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(10));
+        let url = if sqlite {
+            let (url, in_memory) = prepare_sqlite_url(url)?;
+            if in_memory {
+                // Each new connection would open a new, empty in-memory database: keep one.
+                options = options
+                    .max_connections(1)
+                    .min_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None);
+            }
+            options = options.after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    conn.execute(
+                        "PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON; \
+                         PRAGMA synchronous = NORMAL;",
+                    )
+                    .await?;
+                    Ok(())
+                })
+            });
+            url
+        } else {
+            url.to_owned()
+        };
+        let pool = options.connect(&url).await?;
+        if sqlite {
+            // WAL is a property of the database file: set once, it holds for every connection.
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .fetch_optional(&pool)
+                .await?;
+        }
+        Ok(SqlStore { pool, postgres })
+    }
+
+    /// Applies the embedded migrations that are not yet applied (idempotent).
+    pub async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("./migrations").run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").fetch_one(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Whether the database is PostgreSQL (else SQLite).
+    pub fn is_postgres(&self) -> bool {
+        self.postgres
+    }
+
+    /// The underlying pool, for callers that need a query the store does not offer.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Closes every connection of the pool; later calls fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Current change fingerprints of users, API keys and accounts, in one cheap query.
+    pub async fn change_marker(&self) -> Result<ChangeMarker> {
+        let part = |t: &str| {
+            format!(
+                "(SELECT COUNT(*) FROM {t}), (SELECT COALESCE(MAX(updated_at), 0) FROM {t}), \
+                 (SELECT CAST(COALESCE(SUM(updated_at), 0) AS BIGINT) FROM {t})"
+            )
+        };
+        let sql = format!(
+            "SELECT {}, {}, {}",
+            part("users"),
+            part("api_keys"),
+            part("accounts")
+        );
+        let row = sqlx::query(&sql).fetch_one(&self.pool).await?;
+        let table = |base: usize| -> Result<TableMarker> {
+            Ok(TableMarker {
+                rows: row.try_get(base)?,
+                max_updated_at: row.try_get(base + 1)?,
+                sum_updated_at: row.try_get(base + 2)?,
+            })
+        };
+        Ok(ChangeMarker {
+            users: table(0)?,
+            api_keys: table(3)?,
+            accounts: table(6)?,
+        })
+    }
+}
+
+/// Rewrites a SQLite URL so the file is created when missing, and creates its directory.
+/// Returns the URL and whether the database is in memory.
+fn prepare_sqlite_url(url: &str) -> Result<(String, bool)> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let in_memory = path.is_empty() || path == ":memory:" || query.contains("mode=memory");
+    if in_memory {
+        return Ok((url.to_owned(), true));
+    }
+    if let Some(parent) = Path::new(path)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            StoreError::Invalid(format!(
+                "cannot create database directory {}: {e}",
+                parent.display()
+            ))
+        })?;
+    }
+    let has_mode = query.split('&').any(|kv| kv.starts_with("mode="));
+    let url = match (query.is_empty(), has_mode) {
+        (_, true) => url.to_owned(),
+        (true, false) => format!("{url}?mode=rwc"),
+        (false, false) => format!("{url}&mode=rwc"),
+    };
+    Ok((url, false))
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A new time-ordered id (uuid v7, hyphenated lower case).
+pub(crate) fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Serializes a JSON column value.
+pub(crate) fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::Invalid(format!("JSON encoding: {e}")))
+}
+
+/// Parses a JSON column value, naming the column when it is corrupt.
+pub(crate) fn from_json<T: DeserializeOwned>(text: &str, column: &str) -> Result<T> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Invalid(format!("column {column} holds invalid JSON: {e}")))
+}
+
+/// Reads a 0/1 BIGINT column as a bool.
+pub(crate) fn get_bool(row: &AnyRow, column: &str) -> Result<bool> {
+    Ok(row.try_get::<i64, _>(column)? != 0)
+}
+
+/// Clamps page numbers: returns (page, per_page, offset).
+pub(crate) fn page_bounds(page: i64, per_page: i64) -> (i64, i64, i64) {
+    let page = page.max(1);
+    let per_page = per_page.clamp(1, MAX_PER_PAGE);
+    let offset = (page - 1).saturating_mul(per_page);
+    (page, per_page, offset)
+}
+
+/// Rejects empty (or blank) names.
+pub(crate) fn require_non_empty(what: &str, value: &str) -> Result<()> {
+    if value.trim().is_empty() {
+        return Err(StoreError::Invalid(format!("{what} must not be empty")));
+    }
+    Ok(())
+}
+
+/// A value bound into a dynamically built statement.
+#[derive(Debug, Clone)]
+pub(crate) enum Param {
+    /// TEXT (or NULL).
+    Text(Option<String>),
+    /// BIGINT (or NULL).
+    Int(Option<i64>),
+}
+
+/// Builds the SET list of an UPDATE or the WHERE list of a SELECT with numbered placeholders,
+/// so each placeholder is used once and in ascending order (the portable form).
+#[derive(Debug, Default)]
+pub(crate) struct SqlParts {
+    clauses: Vec<String>,
+    params: Vec<Param>,
+}
+
+impl SqlParts {
+    /// Adds `fragment` where every `?` is replaced by the next placeholder of its parameter.
+    pub(crate) fn push(&mut self, fragment: &str, params: Vec<Param>) {
+        let mut out = String::with_capacity(fragment.len() + 4);
+        let mut next = params.into_iter();
+        for ch in fragment.chars() {
+            if ch == '?' {
+                if let Some(p) = next.next() {
+                    self.params.push(p);
+                    out.push_str(&format!("${}", self.params.len()));
+                    continue;
+                }
+            }
+            out.push(ch);
+        }
+        self.clauses.push(out);
+    }
+
+    /// Adds `column = ?` with one parameter.
+    pub(crate) fn set(&mut self, column: &str, param: Param) {
+        self.push(&format!("{column} = ?"), vec![param]);
+    }
+
+    /// Adds `updated_at` moved to now, or one millisecond past its old value when that is later,
+    /// so every update changes the row's `updated_at` (see [`TableMarker`]).
+    pub(crate) fn bump_updated_at(&mut self) {
+        let now = now_ms();
+        self.push(
+            "updated_at = CASE WHEN updated_at < ? THEN ? ELSE updated_at + 1 END",
+            vec![Param::Int(Some(now)), Param::Int(Some(now))],
+        );
+    }
+
+    /// Whether no clause was added.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.clauses.is_empty()
+    }
+
+    /// Number of parameters so far (the last placeholder number).
+    pub(crate) fn param_count(&self) -> usize {
+        self.params.len()
+    }
+
+    /// The clauses joined by `sep`.
+    pub(crate) fn joined(&self, sep: &str) -> String {
+        self.clauses.join(sep)
+    }
+
+    /// Binds the parameters, in order, to `query`.
+    pub(crate) fn bind<'q>(
+        &self,
+        mut query: Query<'q, Any, AnyArguments<'q>>,
+    ) -> Query<'q, Any, AnyArguments<'q>> {
+        for p in &self.params {
+            query = match p.clone() {
+                Param::Text(v) => query.bind(v),
+                Param::Int(v) => query.bind(v),
+            };
+        }
+        query
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sql_parts_number_placeholders_in_order() {
+        let mut parts = SqlParts::default();
+        parts.set("name", Param::Text(Some("a".into())));
+        parts.bump_updated_at();
+        parts.push("x IS NULL OR x > ?", vec![Param::Int(Some(1))]);
+        assert_eq!(
+            parts.joined(", "),
+            "name = $1, updated_at = CASE WHEN updated_at < $2 THEN $3 ELSE updated_at + 1 END, \
+             x IS NULL OR x > $4"
+        );
+        assert_eq!(parts.param_count(), 4);
+    }
+
+    #[test]
+    fn page_bounds_clamp() {
+        assert_eq!(page_bounds(0, 0), (1, 1, 0));
+        assert_eq!(page_bounds(3, 20), (3, 20, 40));
+        assert_eq!(page_bounds(2, 10_000), (2, MAX_PER_PAGE, MAX_PER_PAGE));
+    }
+
+    #[test]
+    fn sqlite_urls_gain_create_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/b/relay.db");
+        let url = format!("sqlite://{}", path.display());
+        let (out, mem) = prepare_sqlite_url(&url).unwrap();
+        assert_eq!(out, format!("{url}?mode=rwc"));
+        assert!(!mem);
+        assert!(path.parent().unwrap().is_dir());
+        let (out, _) = prepare_sqlite_url(&format!("{url}?cache=shared")).unwrap();
+        assert_eq!(out, format!("{url}?cache=shared&mode=rwc"));
+        let (out, _) = prepare_sqlite_url(&format!("{url}?mode=ro")).unwrap();
+        assert_eq!(out, format!("{url}?mode=ro"));
+        assert!(prepare_sqlite_url("sqlite::memory:").unwrap().1);
+    }
+}

@@ -1,0 +1,137 @@
+//! Model prices: micro-USD per million tokens for each token category.
+
+use serde::{Deserialize, Serialize};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{now_ms, require_non_empty, Result, SqlStore, StoreError};
+
+/// Prices of one model in micro-USD per million tokens; unset cache prices use the defaults
+/// (1.25×, 2× and 0.1× input, DESIGN §9), applied by the cost filter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelPrice {
+    /// Uncached input.
+    pub input: i64,
+    /// Output (reasoning included).
+    pub output: i64,
+    /// Cache write with the 5-minute TTL.
+    pub cache_write_5m: Option<i64>,
+    /// Cache write with the 1-hour TTL.
+    pub cache_write_1h: Option<i64>,
+    /// Cache read.
+    pub cache_read: Option<i64>,
+}
+
+/// A row of `model_prices`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelPriceRow {
+    /// Model name as the upstream reports it.
+    pub model: String,
+    /// Uncached input.
+    pub input: i64,
+    /// Output.
+    pub output: i64,
+    /// Cache write with the 5-minute TTL.
+    pub cache_write_5m: Option<i64>,
+    /// Cache write with the 1-hour TTL.
+    pub cache_write_1h: Option<i64>,
+    /// Cache read.
+    pub cache_read: Option<i64>,
+    /// Epoch ms of the last change.
+    pub updated_at: i64,
+}
+
+impl ModelPriceRow {
+    /// The prices without the model name and timestamp.
+    pub fn price(&self) -> ModelPrice {
+        ModelPrice {
+            input: self.input,
+            output: self.output,
+            cache_write_5m: self.cache_write_5m,
+            cache_write_1h: self.cache_write_1h,
+            cache_read: self.cache_read,
+        }
+    }
+}
+
+/// Builds a [`ModelPriceRow`] from a `model_prices` row.
+fn price_from_row(row: &AnyRow) -> Result<ModelPriceRow> {
+    Ok(ModelPriceRow {
+        model: row.try_get("model")?,
+        input: row.try_get("input")?,
+        output: row.try_get("output")?,
+        cache_write_5m: row.try_get("cache_write_5m")?,
+        cache_write_1h: row.try_get("cache_write_1h")?,
+        cache_read: row.try_get("cache_read")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+impl SqlStore {
+    /// Sets the prices of a model, creating or replacing its row.
+    pub async fn upsert_price(&self, model: &str, price: &ModelPrice) -> Result<ModelPriceRow> {
+        require_non_empty("model", model)?;
+        let all = [
+            Some(price.input),
+            Some(price.output),
+            price.cache_write_5m,
+            price.cache_write_1h,
+            price.cache_read,
+        ];
+        if all.iter().flatten().any(|p| *p < 0) {
+            return Err(StoreError::Invalid(
+                "prices must not be negative".to_owned(),
+            ));
+        }
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO model_prices (model, input, output, cache_write_5m, cache_write_1h, \
+             cache_read, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (model) DO UPDATE SET input = excluded.input, \
+             output = excluded.output, cache_write_5m = excluded.cache_write_5m, \
+             cache_write_1h = excluded.cache_write_1h, cache_read = excluded.cache_read, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(model)
+        .bind(price.input)
+        .bind(price.output)
+        .bind(price.cache_write_5m)
+        .bind(price.cache_write_1h)
+        .bind(price.cache_read)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(ModelPriceRow {
+            model: model.to_owned(),
+            input: price.input,
+            output: price.output,
+            cache_write_5m: price.cache_write_5m,
+            cache_write_1h: price.cache_write_1h,
+            cache_read: price.cache_read,
+            updated_at: now,
+        })
+    }
+
+    /// Removes a model's prices (its requests are then `unpriced`).
+    pub async fn delete_price(&self, model: &str) -> Result<()> {
+        let done = sqlx::query("DELETE FROM model_prices WHERE model = $1")
+            .bind(model)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// Every model price, by model name.
+    pub async fn list_prices(&self) -> Result<Vec<ModelPriceRow>> {
+        let rows = sqlx::query(
+            "SELECT model, input, output, cache_write_5m, cache_write_1h, cache_read, updated_at \
+             FROM model_prices ORDER BY model",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(price_from_row).collect()
+    }
+}

@@ -1,0 +1,650 @@
+//! Usage records (one per served request) and their daily rollups per user, key, account and
+//! model, written in idempotent batches by the usage writer.
+
+use std::collections::{BTreeMap, HashSet};
+
+use relay_filters::UsageRecord;
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{get_bool, page_bounds, Page, Param, Result, SqlParts, SqlStore, StoreError};
+
+/// Columns of `request_logs`, in insert order.
+const RECORD_COLUMNS: [&str; 26] = [
+    "id",
+    "created_at",
+    "user_id",
+    "api_key_id",
+    "account_id",
+    "session_key",
+    "protocol",
+    "requested_model",
+    "upstream_model",
+    "stream",
+    "status",
+    "input_tokens",
+    "output_tokens",
+    "cache_write_5m_tokens",
+    "cache_write_1h_tokens",
+    "cache_read_tokens",
+    "reasoning_tokens",
+    "base_cost",
+    "billed_cost",
+    "price_rate",
+    "latency_ms",
+    "ttfb_ms",
+    "failover_count",
+    "error_type",
+    "unpriced",
+    "estimated",
+];
+
+/// Columns of `usage_daily`, in insert order.
+const DAILY_COLUMNS: [&str; 10] = [
+    "day",
+    "dim",
+    "dim_id",
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cache_write_tokens",
+    "cache_read_tokens",
+    "base_cost",
+    "billed_cost",
+];
+
+/// Records per INSERT statement: 26 × 200 parameters stays far under SQLite's 32 766.
+const RECORDS_PER_STATEMENT: usize = 200;
+/// Rollup rows per upsert statement (10 parameters each).
+const ROLLUPS_PER_STATEMENT: usize = 500;
+
+/// What a daily rollup row is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageDim {
+    /// Per user id.
+    User,
+    /// Per API key id.
+    Key,
+    /// Per account id.
+    Account,
+    /// Per model (upstream model, else requested model).
+    Model,
+}
+
+impl UsageDim {
+    /// The name stored in `usage_daily.dim`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageDim::User => "user",
+            UsageDim::Key => "key",
+            UsageDim::Account => "account",
+            UsageDim::Model => "model",
+        }
+    }
+}
+
+/// A row of `request_logs`, flat, booleans as bool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageRow {
+    /// Request id.
+    pub id: String,
+    /// Epoch ms when the request arrived.
+    pub created_at: i64,
+    /// User, when authenticated.
+    pub user_id: Option<String>,
+    /// API key, when authenticated.
+    pub api_key_id: Option<String>,
+    /// Account that served it (the last one tried).
+    pub account_id: Option<String>,
+    /// Session key used for stickiness.
+    pub session_key: Option<String>,
+    /// `Protocol::as_str()`.
+    pub protocol: String,
+    /// Model the client asked for.
+    pub requested_model: Option<String>,
+    /// Model sent upstream.
+    pub upstream_model: Option<String>,
+    /// Streaming request.
+    pub stream: bool,
+    /// HTTP status sent to the client.
+    pub status: i64,
+    /// Uncached input tokens.
+    pub input_tokens: i64,
+    /// Output tokens (reasoning included).
+    pub output_tokens: i64,
+    /// Cache writes, 5-minute TTL.
+    pub cache_write_5m_tokens: i64,
+    /// Cache writes, 1-hour TTL.
+    pub cache_write_1h_tokens: i64,
+    /// Cache reads.
+    pub cache_read_tokens: i64,
+    /// Reasoning tokens (already in output).
+    pub reasoning_tokens: i64,
+    /// Micro-USD before the price rate.
+    pub base_cost: i64,
+    /// Micro-USD charged to the user.
+    pub billed_cost: i64,
+    /// Price rate in ten-thousandths at the time.
+    pub price_rate: i64,
+    /// Total duration.
+    pub latency_ms: i64,
+    /// Time to the first byte sent to the client.
+    pub ttfb_ms: Option<i64>,
+    /// Accounts tried before the one that answered.
+    pub failover_count: i64,
+    /// Stable error type of a failed request.
+    pub error_type: Option<String>,
+    /// No price for the model: cost 0.
+    pub unpriced: bool,
+    /// Token counts incomplete.
+    pub estimated: bool,
+}
+
+/// Which records to list; every set field narrows the list. Times are epoch ms.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordFilter {
+    /// Only this user's records.
+    pub user_id: Option<String>,
+    /// Only this key's records.
+    pub api_key_id: Option<String>,
+    /// Only this account's records.
+    pub account_id: Option<String>,
+    /// Created at or after (inclusive).
+    pub from: Option<i64>,
+    /// Created before (exclusive).
+    pub to: Option<i64>,
+}
+
+/// A row of `usage_daily`: one entity's totals over one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageDailyRow {
+    /// UTC day, `YYYY-MM-DD`.
+    pub day: String,
+    /// `user`, `key`, `account` or `model`.
+    pub dim: String,
+    /// Id (or model name) of the entity.
+    pub dim_id: String,
+    /// Records counted.
+    pub requests: i64,
+    /// Uncached input tokens.
+    pub input_tokens: i64,
+    /// Output tokens.
+    pub output_tokens: i64,
+    /// Cache write tokens (5 m + 1 h).
+    pub cache_write_tokens: i64,
+    /// Cache read tokens.
+    pub cache_read_tokens: i64,
+    /// Micro-USD before price rates.
+    pub base_cost: i64,
+    /// Micro-USD charged.
+    pub billed_cost: i64,
+}
+
+/// Sums of daily rollups over a range of days.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct UsageTotals {
+    /// Records counted.
+    pub requests: i64,
+    /// Uncached input tokens.
+    pub input_tokens: i64,
+    /// Output tokens.
+    pub output_tokens: i64,
+    /// Cache write tokens (5 m + 1 h).
+    pub cache_write_tokens: i64,
+    /// Cache read tokens.
+    pub cache_read_tokens: i64,
+    /// Micro-USD before price rates.
+    pub base_cost: i64,
+    /// Micro-USD charged.
+    pub billed_cost: i64,
+}
+
+impl UsageTotals {
+    /// Adds one record's figures.
+    fn add_record(&mut self, r: &UsageRecord) {
+        let u = &r.usage;
+        self.requests = self.requests.saturating_add(1);
+        self.input_tokens = self.input_tokens.saturating_add(int(u.input_tokens));
+        self.output_tokens = self.output_tokens.saturating_add(int(u.output_tokens));
+        self.cache_write_tokens = self.cache_write_tokens.saturating_add(int(u
+            .cache_write_5m_tokens
+            .saturating_add(u.cache_write_1h_tokens)));
+        self.cache_read_tokens = self
+            .cache_read_tokens
+            .saturating_add(int(u.cache_read_tokens));
+        self.base_cost = self.base_cost.saturating_add(r.base_cost);
+        self.billed_cost = self.billed_cost.saturating_add(r.billed_cost);
+    }
+}
+
+/// Token counts are u64 in memory and BIGINT in the database; saturate rather than wrap.
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The UTC day (`YYYY-MM-DD`) of an epoch-ms instant; an instant outside the calendar's range
+/// counts on today, so a record is never refused for its timestamp.
+pub fn utc_day(epoch_ms: i64) -> String {
+    let date = time::OffsetDateTime::from_unix_timestamp(epoch_ms.div_euclid(1000))
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
+        .date();
+    format!(
+        "{:04}-{:02}-{:02}",
+        date.year(),
+        u8::from(date.month()),
+        date.day()
+    )
+}
+
+/// Rejects day bounds that are not `YYYY-MM-DD` (they compare as text).
+fn check_day(day: &str) -> Result<()> {
+    let b = day.as_bytes();
+    let ok = b.len() == 10
+        && b.iter().enumerate().all(|(i, c)| {
+            if i == 4 || i == 7 {
+                *c == b'-'
+            } else {
+                c.is_ascii_digit()
+            }
+        });
+    if !ok {
+        return Err(StoreError::Invalid(format!(
+            "day {day:?} is not in YYYY-MM-DD form"
+        )));
+    }
+    Ok(())
+}
+
+/// Builds a [`UsageRow`] from a `request_logs` row.
+fn usage_from_row(row: &AnyRow) -> Result<UsageRow> {
+    Ok(UsageRow {
+        id: row.try_get("id")?,
+        created_at: row.try_get("created_at")?,
+        user_id: row.try_get("user_id")?,
+        api_key_id: row.try_get("api_key_id")?,
+        account_id: row.try_get("account_id")?,
+        session_key: row.try_get("session_key")?,
+        protocol: row.try_get("protocol")?,
+        requested_model: row.try_get("requested_model")?,
+        upstream_model: row.try_get("upstream_model")?,
+        stream: get_bool(row, "stream")?,
+        status: row.try_get("status")?,
+        input_tokens: row.try_get("input_tokens")?,
+        output_tokens: row.try_get("output_tokens")?,
+        cache_write_5m_tokens: row.try_get("cache_write_5m_tokens")?,
+        cache_write_1h_tokens: row.try_get("cache_write_1h_tokens")?,
+        cache_read_tokens: row.try_get("cache_read_tokens")?,
+        reasoning_tokens: row.try_get("reasoning_tokens")?,
+        base_cost: row.try_get("base_cost")?,
+        billed_cost: row.try_get("billed_cost")?,
+        price_rate: row.try_get("price_rate")?,
+        latency_ms: row.try_get("latency_ms")?,
+        ttfb_ms: row.try_get("ttfb_ms")?,
+        failover_count: row.try_get("failover_count")?,
+        error_type: row.try_get("error_type")?,
+        unpriced: get_bool(row, "unpriced")?,
+        estimated: get_bool(row, "estimated")?,
+    })
+}
+
+/// `($n, $n+1, ...), (...)` for `rows` rows of `cols` placeholders each.
+fn values_placeholders(rows: usize, cols: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let row = (1..=cols)
+                .map(|c| format!("${}", r * cols + c))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("({row})")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The filter as a WHERE clause (or nothing) and its parameters.
+fn record_where(filter: &RecordFilter) -> SqlParts {
+    let mut parts = SqlParts::default();
+    for (column, value) in [
+        ("user_id", &filter.user_id),
+        ("api_key_id", &filter.api_key_id),
+        ("account_id", &filter.account_id),
+    ] {
+        if let Some(value) = value {
+            parts.push(
+                &format!("{column} = ?"),
+                vec![Param::Text(Some(value.clone()))],
+            );
+        }
+    }
+    if let Some(from) = filter.from {
+        parts.push("created_at >= ?", vec![Param::Int(Some(from))]);
+    }
+    if let Some(to) = filter.to {
+        parts.push("created_at < ?", vec![Param::Int(Some(to))]);
+    }
+    parts
+}
+
+/// `WHERE a AND b` for non-empty parts, else nothing.
+fn where_sql(parts: &SqlParts) -> String {
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", parts.joined(" AND "))
+    }
+}
+
+/// The daily-rollup WHERE clause for one dim, an optional entity and an optional day range.
+fn daily_where(
+    dim: UsageDim,
+    dim_id: Option<&str>,
+    from_day: Option<&str>,
+    to_day: Option<&str>,
+) -> Result<SqlParts> {
+    let mut parts = SqlParts::default();
+    parts.push("dim = ?", vec![Param::Text(Some(dim.as_str().to_owned()))]);
+    if let Some(dim_id) = dim_id {
+        parts.push("dim_id = ?", vec![Param::Text(Some(dim_id.to_owned()))]);
+    }
+    if let Some(from_day) = from_day {
+        check_day(from_day)?;
+        parts.push("day >= ?", vec![Param::Text(Some(from_day.to_owned()))]);
+    }
+    if let Some(to_day) = to_day {
+        check_day(to_day)?;
+        parts.push("day <= ?", vec![Param::Text(Some(to_day.to_owned()))]);
+    }
+    Ok(parts)
+}
+
+impl SqlStore {
+    /// Stores a batch of records and adds them to the daily rollups, in one transaction.
+    ///
+    /// Idempotent: a record whose id is already stored (a replayed batch, a spool file read
+    /// twice) is skipped and not counted again. Also moves `last_used_at` of the keys and
+    /// accounts named, without touching their `updated_at` (so caches are not invalidated).
+    pub async fn insert_usage_batch(&self, records: &[UsageRecord]) -> Result<()> {
+        // One id twice in a batch would be inserted once but counted twice: keep the first.
+        let mut seen = HashSet::with_capacity(records.len());
+        let unique: Vec<&UsageRecord> = records
+            .iter()
+            .filter(|r| seen.insert(r.id.as_str()))
+            .collect();
+        if unique.is_empty() {
+            return Ok(());
+        }
+
+        let mut tx = self.pool.begin().await?;
+        let mut inserted: HashSet<String> = HashSet::with_capacity(unique.len());
+        for chunk in unique.chunks(RECORDS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO request_logs ({}) VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id",
+                RECORD_COLUMNS.join(", "),
+                values_placeholders(chunk.len(), RECORD_COLUMNS.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for r in chunk {
+                let u = &r.usage;
+                query = query
+                    .bind(r.id.as_str())
+                    .bind(r.created_at)
+                    .bind(r.user_id.as_deref())
+                    .bind(r.api_key_id.as_deref())
+                    .bind(r.account_id.as_deref())
+                    .bind(r.session_key.as_deref())
+                    .bind(r.protocol.as_str())
+                    .bind(r.requested_model.as_deref())
+                    .bind(r.upstream_model.as_deref())
+                    .bind(i64::from(r.stream))
+                    .bind(i64::from(r.status))
+                    .bind(int(u.input_tokens))
+                    .bind(int(u.output_tokens))
+                    .bind(int(u.cache_write_5m_tokens))
+                    .bind(int(u.cache_write_1h_tokens))
+                    .bind(int(u.cache_read_tokens))
+                    .bind(int(u.reasoning_tokens))
+                    .bind(r.base_cost)
+                    .bind(r.billed_cost)
+                    .bind(r.price_rate)
+                    .bind(r.latency_ms)
+                    .bind(r.ttfb_ms)
+                    .bind(i64::from(r.failover_count))
+                    .bind(r.error_type.as_deref())
+                    .bind(i64::from(r.unpriced))
+                    .bind(i64::from(r.estimated));
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                inserted.insert(row.try_get(0)?);
+            }
+        }
+
+        // Sorted maps: every node touches rollup and key rows in the same order, so concurrent
+        // writers on PostgreSQL queue instead of deadlocking.
+        let mut rollups: BTreeMap<(String, UsageDim, String), UsageTotals> = BTreeMap::new();
+        let mut key_used: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut account_used: BTreeMap<&str, i64> = BTreeMap::new();
+        for r in unique.iter().filter(|r| inserted.contains(&r.id)) {
+            let day = utc_day(r.created_at);
+            let model = r.upstream_model.as_ref().or(r.requested_model.as_ref());
+            for (dim, id) in [
+                (UsageDim::User, r.user_id.as_ref()),
+                (UsageDim::Key, r.api_key_id.as_ref()),
+                (UsageDim::Account, r.account_id.as_ref()),
+                (UsageDim::Model, model),
+            ] {
+                if let Some(id) = id {
+                    rollups
+                        .entry((day.clone(), dim, id.clone()))
+                        .or_default()
+                        .add_record(r);
+                }
+            }
+            if let Some(key) = r.api_key_id.as_deref() {
+                let at = key_used.entry(key).or_insert(r.created_at);
+                *at = (*at).max(r.created_at);
+            }
+            if let Some(account) = r.account_id.as_deref() {
+                let at = account_used.entry(account).or_insert(r.created_at);
+                *at = (*at).max(r.created_at);
+            }
+        }
+
+        let rollups: Vec<_> = rollups.into_iter().collect();
+        for chunk in rollups.chunks(ROLLUPS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO usage_daily ({}) VALUES {} ON CONFLICT (day, dim, dim_id) DO UPDATE \
+                 SET requests = usage_daily.requests + excluded.requests, \
+                 input_tokens = usage_daily.input_tokens + excluded.input_tokens, \
+                 output_tokens = usage_daily.output_tokens + excluded.output_tokens, \
+                 cache_write_tokens = usage_daily.cache_write_tokens + excluded.cache_write_tokens, \
+                 cache_read_tokens = usage_daily.cache_read_tokens + excluded.cache_read_tokens, \
+                 base_cost = usage_daily.base_cost + excluded.base_cost, \
+                 billed_cost = usage_daily.billed_cost + excluded.billed_cost",
+                DAILY_COLUMNS.join(", "),
+                values_placeholders(chunk.len(), DAILY_COLUMNS.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for ((day, dim, id), t) in chunk {
+                query = query
+                    .bind(day.as_str())
+                    .bind(dim.as_str())
+                    .bind(id.as_str())
+                    .bind(t.requests)
+                    .bind(t.input_tokens)
+                    .bind(t.output_tokens)
+                    .bind(t.cache_write_tokens)
+                    .bind(t.cache_read_tokens)
+                    .bind(t.base_cost)
+                    .bind(t.billed_cost);
+            }
+            query.execute(&mut *tx).await?;
+        }
+
+        for (table, used) in [("api_keys", &key_used), ("accounts", &account_used)] {
+            let sql = format!(
+                "UPDATE {table} SET last_used_at = $1 WHERE id = $2 \
+                 AND (last_used_at IS NULL OR last_used_at < $3)"
+            );
+            for (id, at) in used {
+                sqlx::query(&sql)
+                    .bind(*at)
+                    .bind(*id)
+                    .bind(*at)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// One page of records matching `filter`, newest first.
+    pub async fn list_usage_records(
+        &self,
+        filter: &RecordFilter,
+        page: i64,
+        per_page: i64,
+    ) -> Result<Page<UsageRow>> {
+        let (page, per_page, offset) = page_bounds(page, per_page);
+        let parts = record_where(filter);
+        let where_sql = where_sql(&parts);
+        let n = parts.param_count();
+        let sql = format!(
+            "SELECT {} FROM request_logs {where_sql} ORDER BY created_at DESC, id DESC \
+             LIMIT ${} OFFSET ${}",
+            RECORD_COLUMNS.join(", "),
+            n + 1,
+            n + 2
+        );
+        let rows = parts
+            .bind(sqlx::query(&sql))
+            .bind(per_page)
+            .bind(offset)
+            .fetch_all(&self.pool)
+            .await?;
+        let items = rows
+            .iter()
+            .map(usage_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        let count_sql = format!("SELECT COUNT(*) FROM request_logs {where_sql}");
+        let total: i64 = parts
+            .bind(sqlx::query(&count_sql))
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        Ok(Page {
+            items,
+            total,
+            page,
+            per_page,
+        })
+    }
+
+    /// Number of stored records.
+    pub async fn count_records(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT COUNT(*) FROM request_logs")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// Daily rollups of one dim from `from_day` to `to_day` (inclusive, `YYYY-MM-DD`), for one
+    /// entity (`Some`) or all of them (`None`), by day then entity.
+    pub async fn usage_daily(
+        &self,
+        dim: UsageDim,
+        dim_id: Option<&str>,
+        from_day: &str,
+        to_day: &str,
+    ) -> Result<Vec<UsageDailyRow>> {
+        let parts = daily_where(dim, dim_id, Some(from_day), Some(to_day))?;
+        let sql = format!(
+            "SELECT {} FROM usage_daily {} ORDER BY day, dim_id",
+            DAILY_COLUMNS.join(", "),
+            where_sql(&parts)
+        );
+        let rows = parts.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(UsageDailyRow {
+                    day: row.try_get("day")?,
+                    dim: row.try_get("dim")?,
+                    dim_id: row.try_get("dim_id")?,
+                    requests: row.try_get("requests")?,
+                    input_tokens: row.try_get("input_tokens")?,
+                    output_tokens: row.try_get("output_tokens")?,
+                    cache_write_tokens: row.try_get("cache_write_tokens")?,
+                    cache_read_tokens: row.try_get("cache_read_tokens")?,
+                    base_cost: row.try_get("base_cost")?,
+                    billed_cost: row.try_get("billed_cost")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Sums of the daily rollups of one dim over a day range (either bound open with `None`),
+    /// for one entity or all; e.g. a key's billed cost today and over its life.
+    pub async fn usage_totals(
+        &self,
+        dim: UsageDim,
+        dim_id: Option<&str>,
+        from_day: Option<&str>,
+        to_day: Option<&str>,
+    ) -> Result<UsageTotals> {
+        let parts = daily_where(dim, dim_id, from_day, to_day)?;
+        // SUM of BIGINT is NUMERIC on PostgreSQL, which the Any driver cannot decode: cast back.
+        let sum = |c: &str| format!("CAST(COALESCE(SUM({c}), 0) AS BIGINT)");
+        let sql = format!(
+            "SELECT {}, {}, {}, {}, {}, {}, {} FROM usage_daily {}",
+            sum("requests"),
+            sum("input_tokens"),
+            sum("output_tokens"),
+            sum("cache_write_tokens"),
+            sum("cache_read_tokens"),
+            sum("base_cost"),
+            sum("billed_cost"),
+            where_sql(&parts)
+        );
+        let row = parts.bind(sqlx::query(&sql)).fetch_one(&self.pool).await?;
+        Ok(UsageTotals {
+            requests: row.try_get(0)?,
+            input_tokens: row.try_get(1)?,
+            output_tokens: row.try_get(2)?,
+            cache_write_tokens: row.try_get(3)?,
+            cache_read_tokens: row.try_get(4)?,
+            base_cost: row.try_get(5)?,
+            billed_cost: row.try_get(6)?,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_days() {
+        assert_eq!(utc_day(0), "1970-01-01");
+        assert_eq!(utc_day(-1), "1969-12-31");
+        // 2026-11-22T23:59:59.999Z and one millisecond later.
+        assert_eq!(utc_day(1_795_391_999_999), "2026-11-22");
+        assert_eq!(utc_day(1_795_392_000_000), "2026-11-23");
+        assert_eq!(utc_day(i64::MAX).len(), 10, "out of range counts on today");
+    }
+
+    #[test]
+    fn day_bounds_are_checked() {
+        assert!(check_day("2026-11-22").is_ok());
+        for bad in ["2026-1-22", "20261122", "2026/11/22", "", "2026-11-22 "] {
+            assert!(check_day(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn placeholders_run_across_rows() {
+        assert_eq!(values_placeholders(2, 3), "($1, $2, $3), ($4, $5, $6)");
+    }
+}
