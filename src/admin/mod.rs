@@ -1,0 +1,73 @@
+//! The admin service (Axum): JSON API for accounts, users, keys and usage, login sessions,
+//! `/metrics`, `/healthz` and `/readyz`. Runs on its own port inside the relay process.
+
+pub mod auth;
+pub mod error;
+mod routes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+
+use crate::cache::{AccountCache, KeyCache, PriceCache};
+use crate::secrets::SecretBox;
+use crate::store::SqlStore;
+
+/// What every admin handler can reach.
+#[derive(Clone)]
+pub struct AdminState {
+    pub store: SqlStore,
+    pub secrets: Arc<SecretBox>,
+    pub pepper: Arc<Vec<u8>>,
+    pub admin_token: Option<String>,
+    pub max_keys_per_user: u32,
+    pub keys: Arc<KeyCache>,
+    pub accounts: Arc<AccountCache>,
+    pub prices: Arc<PriceCache>,
+    /// Failed logins per user name and address, for throttling.
+    pub login_failures: moka::sync::Cache<String, u32>,
+    /// Whether Redis is configured (for `/readyz`).
+    pub redis: Option<redis::Client>,
+    /// Wakes the cache refresher after a change made on this node.
+    pub refresh: Arc<tokio::sync::Notify>,
+}
+
+impl AdminState {
+    /// Builds the state; login failures are remembered for 15 minutes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: SqlStore,
+        secrets: Arc<SecretBox>,
+        pepper: Arc<Vec<u8>>,
+        admin_token: Option<String>,
+        max_keys_per_user: u32,
+        keys: Arc<KeyCache>,
+        accounts: Arc<AccountCache>,
+        prices: Arc<PriceCache>,
+        redis: Option<redis::Client>,
+        refresh: Arc<tokio::sync::Notify>,
+    ) -> Self {
+        AdminState {
+            store,
+            secrets,
+            pepper,
+            admin_token,
+            max_keys_per_user,
+            keys,
+            accounts,
+            prices,
+            login_failures: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(15 * 60))
+                .build(),
+            redis,
+            refresh,
+        }
+    }
+}
+
+/// The admin router.
+pub fn router(state: AdminState) -> Router {
+    routes::router().with_state(state)
+}

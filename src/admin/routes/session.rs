@@ -1,0 +1,111 @@
+//! Login, logout and the current caller.
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+use std::net::SocketAddr;
+
+use super::now_ms;
+use crate::admin::auth::{token_hash, Caller, SESSION_COOKIE};
+use crate::admin::error::{AppError, AppResult};
+use crate::admin::AdminState;
+use crate::secrets::{random_token, verify_password};
+
+/// Sessions last 12 hours.
+const SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
+/// Failed attempts per user name and address before logins are refused for a while.
+const MAX_FAILURES: u32 = 5;
+
+#[derive(Deserialize)]
+pub struct Login {
+    username: String,
+    password: String,
+}
+
+pub async fn login(
+    State(state): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Json(body): Json<Login>,
+) -> AppResult<impl IntoResponse> {
+    let throttle_key = format!("{}|{}", body.username, peer.ip());
+    if state.login_failures.get(&throttle_key).unwrap_or(0) >= MAX_FAILURES {
+        return Err(AppError::TooManyRequests);
+    }
+    let user = state.store.user_by_username(&body.username).await?;
+    let password = body.password;
+    let (ok, user) = match user {
+        Some(u) => {
+            let hash = u.password_hash.clone();
+            let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+                .await
+                .unwrap_or(false);
+            (ok && u.enabled, Some(u))
+        }
+        None => {
+            // Spend the same time as a real check, so user names cannot be probed by timing.
+            let _ =
+                tokio::task::spawn_blocking(move || crate::secrets::hash_password(&password)).await;
+            (false, None)
+        }
+    };
+    let Some(user) = user.filter(|_| ok) else {
+        let n = state.login_failures.get(&throttle_key).unwrap_or(0) + 1;
+        state.login_failures.insert(throttle_key, n);
+        return Err(AppError::Unauthorized);
+    };
+    state.login_failures.invalidate(&throttle_key);
+    let token = random_token();
+    let csrf = random_token();
+    let now = now_ms();
+    state
+        .store
+        .create_admin_session(&token_hash(&token), &user.id, &csrf, now + SESSION_TTL_MS)
+        .await?;
+    let _ = state
+        .store
+        .append_audit(&user.username, "login", &user.id, &serde_json::json!({}))
+        .await;
+    let cookie = format!(
+        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        SESSION_TTL_MS / 1000
+    );
+    Ok((
+        [(header::SET_COOKIE, cookie)],
+        Json(serde_json::json!({ "user": user, "csrf_token": csrf })),
+    ))
+}
+
+pub async fn logout(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    caller: Caller,
+) -> AppResult<impl IntoResponse> {
+    if let Some(token) = headers
+        .get(header::COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.split(';')
+                .find_map(|kv| kv.trim().strip_prefix(&format!("{SESSION_COOKIE}=")))
+        })
+    {
+        state.store.delete_admin_session(&token_hash(token)).await?;
+    }
+    let _ = caller;
+    Ok((
+        [(
+            header::SET_COOKIE,
+            format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
+        )],
+        Json(serde_json::json!({ "ok": true })),
+    ))
+}
+
+pub async fn me(caller: Caller) -> AppResult<impl IntoResponse> {
+    Ok(Json(serde_json::json!({
+        "user_id": caller.user_id,
+        "name": caller.name,
+        "role": caller.role,
+    })))
+}

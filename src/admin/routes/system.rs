@@ -1,0 +1,44 @@
+//! Liveness, readiness and the Prometheus endpoint.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+
+use crate::admin::AdminState;
+
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready when the database (and Redis, when configured) answers.
+pub async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    let db = state.store.ping().await.is_ok();
+    let redis = match &state.redis {
+        None => None,
+        Some(client) => Some(match client.get_multiplexed_async_connection().await {
+            Ok(mut c) => redis::cmd("PING")
+                .query_async::<String>(&mut c)
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }),
+    };
+    let ok = db && redis.unwrap_or(true);
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({ "database": db, "redis": redis })),
+    )
+}
+
+pub async fn metrics() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(),
+    )
+}

@@ -1,0 +1,235 @@
+//! Assembles a relay node from its configuration: secrets, database, caches, the filter chain,
+//! the Pingora server with the proxy service and the control-plane background service.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use relay_filters::account_state::StateRules;
+use relay_filters::chain::{Chain, ChainDeps};
+use relay_filters::cost::PriceTable;
+use relay_filters::session_store::MemorySessionStore;
+use relay_filters::sticky_upstream::StickyConfig;
+
+use crate::background::account_events::AccountEvents;
+use crate::background::usage_writer::{usage_channel, WriterSettings};
+use crate::background::{cache_refresh, ControlPlane};
+use crate::cache::{AccountCache, KeyCache, PriceCache};
+use crate::config::{parse_hex_key, Config};
+use crate::proxy::{ProxySettings, RelayProxy, Resolver};
+use crate::secrets::{hash_password, load_or_create_key_file, SecretBox};
+use crate::store::{NewUser, Role, SqlStore};
+
+/// Secrets of this node: the credential encryption key and the API key pepper.
+pub struct NodeSecrets {
+    pub secrets: SecretBox,
+    pub pepper: Vec<u8>,
+}
+
+/// Loads the secrets from the config, or from generated files in the data directory.
+pub fn load_secrets(config: &Config) -> anyhow::Result<NodeSecrets> {
+    let key = match &config.encryption_key {
+        Some(k) => parse_hex_key(k.expose()).context("encryption_key must be 64 hex characters")?,
+        None => load_or_create_key_file(&config.data_dir.join("encryption.key"))
+            .context("cannot read or create the encryption key file")?,
+    };
+    let pepper = match &config.key_pepper {
+        Some(k) => parse_hex_key(k.expose()).context("key_pepper must be 64 hex characters")?,
+        None => load_or_create_key_file(&config.data_dir.join("key-pepper.key"))
+            .context("cannot read or create the key pepper file")?,
+    };
+    // The key id names the key without revealing it: a digest prefix.
+    let key_id = {
+        use sha2::Digest;
+        hex::encode(&sha2::Sha256::digest(key)[..4])
+    };
+    Ok(NodeSecrets {
+        secrets: SecretBox::new(key_id, key),
+        pepper: pepper.to_vec(),
+    })
+}
+
+/// Runs a future on a short-lived runtime (start-up and CLI work, before Pingora starts its own).
+pub fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    Ok(rt.block_on(f))
+}
+
+/// Opens the database and applies the migrations.
+pub async fn open_store(config: &Config) -> anyhow::Result<SqlStore> {
+    std::fs::create_dir_all(&config.data_dir).context("cannot create the data directory")?;
+    let store = SqlStore::connect(&config.database_url(), 4)
+        .await
+        .context("cannot open the database")?;
+    store.migrate().await.context("cannot apply migrations")?;
+    Ok(store)
+}
+
+/// Creates the first admin when there is no user yet; prints the password once and writes it
+/// to `data/initial-admin.txt` (mode 0600).
+pub async fn bootstrap_admin(store: &SqlStore, config: &Config) -> anyhow::Result<()> {
+    if store.count_users().await? > 0 {
+        return Ok(());
+    }
+    let (password, generated) = match &config.admin_password {
+        Some(p) => (p.expose().to_string(), false),
+        None => (crate::secrets::random_token(), true),
+    };
+    let hash = hash_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
+    store
+        .create_user(&NewUser {
+            username: "admin".into(),
+            password_hash: hash,
+            role: Role::Admin,
+            price_rate: 10_000,
+        })
+        .await?;
+    if generated {
+        let path = config.data_dir.join("initial-admin.txt");
+        write_private(&path, &format!("username: admin\npassword: {password}\n"))?;
+        println!("Created the first admin.\n  username: admin\n  password: {password}\n(also written to {})", path.display());
+    } else {
+        println!("Created the first admin (username: admin) with the password from RELAY_ADMIN_PASSWORD.");
+    }
+    Ok(())
+}
+
+/// Writes a file readable by its owner only.
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// Loads the shipped price list.
+pub fn load_prices(config: &Config) -> anyhow::Result<PriceTable> {
+    let text = std::fs::read_to_string(&config.pricing_file).with_context(|| {
+        format!(
+            "cannot read the price list {}",
+            config.pricing_file.display()
+        )
+    })?;
+    PriceTable::from_toml_str(&text).map_err(|e| anyhow::anyhow!("price list: {e}"))
+}
+
+/// Builds and runs the node; returns only on fatal start-up errors.
+pub fn serve(config: Config) -> anyhow::Result<()> {
+    let node = load_secrets(&config)?;
+    let keys = Arc::new(KeyCache::new(node.pepper.clone()));
+    let accounts = Arc::new(AccountCache::default());
+    let prices = Arc::new(PriceCache::new(load_prices(&config)?));
+    block_on(async {
+        let store = open_store(&config).await?;
+        bootstrap_admin(&store, &config).await?;
+        cache_refresh::load_all(&store, &keys, &accounts, &prices, &node.secrets).await?;
+        store.close().await;
+        anyhow::Ok(())
+    })??;
+    cache_refresh::publish_account_states(&accounts);
+
+    let sessions = MemorySessionStore::new(config.session.memory_capacity);
+    let deps = ChainDeps {
+        keys: keys.clone(),
+        accounts: accounts.clone(),
+        sessions,
+        prices: prices.clone(),
+        sticky: StickyConfig {
+            ttl: config.session.ttl,
+            responses_ttl: config.session.responses_ttl,
+            renew_threshold: config.session.renew_threshold,
+            strategy: config.scheduler.strategy,
+        },
+        session_strategy: config.session.strategy,
+        session_message_count: config.session.message_count,
+    };
+    let chain = Chain::build(&config.filter_chain(), &deps)
+        .map_err(|e| anyhow::anyhow!("filter chain: {e}"))?;
+    let (usage, writer) = usage_channel(config.usage.queue_capacity, config.data_dir.join("spool"));
+    let (account_events, account_rx) = AccountEvents::channel();
+
+    let mut server_conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(config.shutdown.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(config.shutdown.graceful_shutdown_timeout_seconds),
+        ..ServerConf::default()
+    };
+    server_conf.upstream_keepalive_pool_size = 1024;
+    let mut server = Server::new_with_opt_and_conf(None, server_conf);
+    server.bootstrap();
+
+    let proxy = RelayProxy {
+        chain,
+        settings: ProxySettings {
+            max_body_bytes: config.max_body_bytes,
+            connect_timeout: config.upstream.connect_timeout,
+            header_timeout: config.upstream.header_timeout,
+            idle_timeout: config.upstream.idle_timeout,
+            pool_idle_timeout: config.upstream.pool_idle_timeout,
+            max_attempts: config.upstream.max_attempts,
+            failover_statuses: config.upstream.failover_statuses.clone(),
+            drain_on_disconnect: config.upstream.on_client_disconnect == "drain",
+            drain_timeout: config.upstream.drain_timeout,
+            state_rules: StateRules {
+                cooldown_429: config.scheduler.cooldown_429,
+                cooldown_529: config.scheduler.cooldown_529,
+                cooldown_5xx: config.scheduler.cooldown_5xx,
+                server_error_threshold: config.scheduler.server_error_threshold,
+                account_error_threshold: config.scheduler.account_error_threshold,
+            },
+        },
+        connector: pingora::connectors::http::Connector::new(None),
+        resolver: Resolver::default(),
+        usage,
+        account_events,
+        accounts: accounts.clone(),
+        prices: prices.clone(),
+    };
+    let mut proxy_service =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "relay proxy");
+    proxy_service.add_tcp(&config.proxy_addr);
+
+    let redis = match &config.redis_url {
+        Some(url) => Some(redis::Client::open(url.as_str()).context("redis_url is not valid")?),
+        None => None,
+    };
+    let admin_addr = config.admin_addr.parse().context("admin_addr")?;
+    let control = ControlPlane {
+        database_url: config.database_url(),
+        admin_addr,
+        admin_token: config.admin_token.as_ref().map(|t| t.expose().to_string()),
+        max_keys_per_user: config.max_keys_per_user,
+        refresh_interval: config.cache_refresh_interval,
+        writer_settings: WriterSettings {
+            batch_size: config.usage.batch_size,
+            flush_interval: config.usage.flush_interval,
+        },
+        secrets: Arc::new(node.secrets),
+        pepper: Arc::new(node.pepper),
+        keys,
+        accounts,
+        prices,
+        redis,
+        writer: Mutex::new(Some(writer)),
+        account_events: Mutex::new(Some(account_rx)),
+    };
+    server.add_service(proxy_service);
+    server.add_service(pingora::services::background::background_service(
+        "control plane",
+        control,
+    ));
+    tracing::info!(proxy = %config.proxy_addr, admin = %config.admin_addr, "llm-relay starting");
+    server.run_forever();
+}

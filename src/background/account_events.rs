@@ -1,0 +1,79 @@
+//! Account state changes seen by the proxy (cooldowns, automatic disabling), persisted to the
+//! database off the request path so every node and the admin UI see them.
+
+use relay_filters::account_state::StateChange;
+use relay_filters::accounts::Account;
+use std::sync::atomic::Ordering;
+use tokio::sync::mpsc;
+
+use crate::metrics::metrics;
+use crate::store::{AccountStatus, SqlStore};
+
+/// One change to persist.
+#[derive(Debug)]
+pub struct AccountEvent {
+    pub account_id: String,
+    pub status: AccountStatus,
+    pub consecutive_errors: i64,
+    pub cooldown_until: Option<i64>,
+}
+
+/// The proxy's end.
+#[derive(Clone)]
+pub struct AccountEvents {
+    tx: mpsc::UnboundedSender<AccountEvent>,
+}
+
+impl AccountEvents {
+    /// Creates the channel.
+    pub fn channel() -> (AccountEvents, mpsc::UnboundedReceiver<AccountEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (AccountEvents { tx }, rx)
+    }
+
+    /// Counts a change and hands it to the persister; `None` changes cost nothing.
+    pub fn send(&self, account: &Account, change: StateChange) {
+        let (status, cooldown_until) = match &change {
+            StateChange::None => return,
+            StateChange::Cooldown { reason, until_ms } => {
+                metrics()
+                    .account_cooldowns
+                    .with_label_values(&[reason])
+                    .inc();
+                tracing::warn!(account = %account.name, reason, until_ms, "account cooling down");
+                (AccountStatus::Valid, Some(*until_ms))
+            }
+            StateChange::Disabled { status, reason } => {
+                tracing::warn!(account = %account.name, reason = %reason, "account taken out of scheduling");
+                (
+                    AccountStatus::parse(status).unwrap_or(AccountStatus::Error),
+                    None,
+                )
+            }
+            StateChange::Recovered => (AccountStatus::Valid, None),
+        };
+        let _ = self.tx.send(AccountEvent {
+            account_id: account.id.clone(),
+            status,
+            consecutive_errors: i64::from(account.state.consecutive_errors.load(Ordering::Relaxed)),
+            cooldown_until,
+        });
+    }
+}
+
+/// Persists events until the channel closes.
+pub async fn persist(store: SqlStore, mut rx: mpsc::UnboundedReceiver<AccountEvent>) {
+    while let Some(ev) = rx.recv().await {
+        if let Err(e) = store
+            .record_account_state(
+                &ev.account_id,
+                ev.status,
+                ev.consecutive_errors,
+                ev.cooldown_until,
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "account state could not be stored");
+        }
+    }
+}

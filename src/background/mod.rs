@@ -1,0 +1,116 @@
+//! Background work of a relay node, run as one Pingora background service with its own
+//! runtime: the usage writer, account state persistence, cache refresh and the admin service.
+
+pub mod account_events;
+pub mod cache_refresh;
+pub mod usage_writer;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::sync::mpsc;
+
+use crate::admin::{self, AdminState};
+use crate::cache::{AccountCache, KeyCache, PriceCache};
+use crate::secrets::SecretBox;
+use crate::store::SqlStore;
+use account_events::AccountEvent;
+use usage_writer::{UsageWriter, WriterSettings};
+
+/// Everything the control plane starts with.
+pub struct ControlPlane {
+    pub database_url: String,
+    pub admin_addr: SocketAddr,
+    pub admin_token: Option<String>,
+    pub max_keys_per_user: u32,
+    pub refresh_interval: std::time::Duration,
+    pub writer_settings: WriterSettings,
+    pub secrets: Arc<SecretBox>,
+    pub pepper: Arc<Vec<u8>>,
+    pub keys: Arc<KeyCache>,
+    pub accounts: Arc<AccountCache>,
+    pub prices: Arc<PriceCache>,
+    pub redis: Option<redis::Client>,
+    pub writer: Mutex<Option<UsageWriter>>,
+    pub account_events: Mutex<Option<mpsc::UnboundedReceiver<AccountEvent>>>,
+}
+
+fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
+    match slot.lock() {
+        Ok(mut g) => g.take(),
+        Err(p) => p.into_inner().take(),
+    }
+}
+
+#[async_trait]
+impl BackgroundService for ControlPlane {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let store = loop {
+            match SqlStore::connect(&self.database_url, 8).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::error!(error = %e, "database unreachable, retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(writer) = take(&self.writer) {
+            tasks.spawn(writer.run(
+                store.clone(),
+                self.writer_settings.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if let Some(rx) = take(&self.account_events) {
+            tasks.spawn(account_events::persist(store.clone(), rx));
+        }
+        let refresh = Arc::new(tokio::sync::Notify::new());
+        tasks.spawn(cache_refresh::run(
+            store.clone(),
+            self.keys.clone(),
+            self.accounts.clone(),
+            self.prices.clone(),
+            self.secrets.clone(),
+            self.refresh_interval,
+            refresh.clone(),
+            shutdown.clone(),
+        ));
+        let state = AdminState::new(
+            store.clone(),
+            self.secrets.clone(),
+            self.pepper.clone(),
+            self.admin_token.clone(),
+            self.max_keys_per_user,
+            self.keys.clone(),
+            self.accounts.clone(),
+            self.prices.clone(),
+            self.redis.clone(),
+            refresh,
+        );
+        let app = admin::router(state).into_make_service_with_connect_info::<SocketAddr>();
+        match tokio::net::TcpListener::bind(self.admin_addr).await {
+            Ok(listener) => {
+                tracing::info!(addr = %self.admin_addr, "admin service listening");
+                let mut stop = shutdown.clone();
+                tasks.spawn(async move {
+                    let served = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        })
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "admin service failed");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!(addr = %self.admin_addr, error = %e, "admin service cannot listen")
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}

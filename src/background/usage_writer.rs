@@ -1,0 +1,250 @@
+//! The usage record writer: a bounded queue fed by the proxy, drained in batches (one
+//! transaction each, rollups included) into the database. When the database is unreachable,
+//! batches go to an append-only spool under `data/spool/` and are replayed later. A record, once
+//! queued, is never dropped: what is still queued when the writer stops is spooled on the spot.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_filters::UsageRecord;
+use tokio::sync::mpsc;
+
+use crate::metrics::metrics;
+use crate::store::SqlStore;
+
+/// The proxy's end of the queue.
+#[derive(Clone)]
+pub struct UsageQueue {
+    tx: mpsc::Sender<UsageRecord>,
+    spool_dir: PathBuf,
+}
+
+impl UsageQueue {
+    /// Queues a record; waits when the queue is full (back-pressure, never loss). If the writer
+    /// is gone (shutdown), the record is spooled directly.
+    pub async fn push(&self, record: UsageRecord) {
+        metrics().usage_queue_depth.inc();
+        if let Err(mpsc::error::SendError(record)) = self.tx.send(record).await {
+            metrics().usage_queue_depth.dec();
+            if let Err(e) = spool(&self.spool_dir, std::slice::from_ref(&record)) {
+                tracing::error!(error = %e, request_id = %record.id, "usage record could not be spooled");
+            }
+        }
+    }
+}
+
+/// Creates the queue and its writer.
+pub fn usage_channel(capacity: usize, spool_dir: PathBuf) -> (UsageQueue, UsageWriter) {
+    let (tx, rx) = mpsc::channel(capacity);
+    (
+        UsageQueue {
+            tx,
+            spool_dir: spool_dir.clone(),
+        },
+        UsageWriter {
+            rx: Some(rx),
+            spool_dir,
+        },
+    )
+}
+
+/// The writer's end: owns the receiver and spools whatever is left when dropped.
+pub struct UsageWriter {
+    rx: Option<mpsc::Receiver<UsageRecord>>,
+    spool_dir: PathBuf,
+}
+
+impl Drop for UsageWriter {
+    fn drop(&mut self) {
+        let Some(rx) = self.rx.as_mut() else { return };
+        rx.close();
+        let mut left = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            left.push(r);
+        }
+        if !left.is_empty() {
+            metrics().usage_queue_depth.sub(left.len() as i64);
+            metrics().usage_spilled.inc_by(left.len() as u64);
+            if let Err(e) = spool(&self.spool_dir, &left) {
+                tracing::error!(error = %e, count = left.len(), "usage records could not be spooled at shutdown");
+            }
+        }
+    }
+}
+
+/// Writer settings.
+#[derive(Debug, Clone)]
+pub struct WriterSettings {
+    pub batch_size: usize,
+    pub flush_interval: Duration,
+}
+
+impl UsageWriter {
+    /// Runs until `shutdown` turns true, then flushes what is queued and returns.
+    pub async fn run(
+        mut self,
+        store: SqlStore,
+        settings: WriterSettings,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let Some(mut rx) = self.rx.take() else { return };
+        let mut batch: Vec<UsageRecord> = Vec::with_capacity(settings.batch_size);
+        let mut replay_tick = tokio::time::interval(Duration::from_secs(5));
+        let mut stopping = false;
+        loop {
+            let flush_wait = if stopping {
+                Duration::from_millis(50)
+            } else {
+                settings.flush_interval
+            };
+            tokio::select! {
+                got = rx.recv_many(&mut batch, settings.batch_size) => {
+                    if got == 0 {
+                        break;
+                    }
+                    // Let a batch fill a little under load, without delaying a lone record long.
+                    if batch.len() < settings.batch_size {
+                        let _ = tokio::time::timeout(flush_wait.min(Duration::from_millis(100)), async {
+                            while batch.len() < settings.batch_size {
+                                let room = settings.batch_size - batch.len();
+                                if rx.recv_many(&mut batch, room).await == 0 {
+                                    break;
+                                }
+                            }
+                        }).await;
+                    }
+                    metrics().usage_queue_depth.sub(batch.len() as i64);
+                    write_batch(&store, &self.spool_dir, &batch).await;
+                    batch.clear();
+                }
+                _ = replay_tick.tick() => {
+                    replay_spool(&store, &self.spool_dir, settings.batch_size).await;
+                }
+                changed = shutdown.changed(), if !stopping => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        stopping = true;
+                    }
+                }
+            }
+        }
+        self.rx = Some(rx);
+    }
+}
+
+/// Writes one batch, retrying briefly, spooling it when the database stays unreachable.
+async fn write_batch(store: &SqlStore, spool_dir: &Path, batch: &[UsageRecord]) {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 0..3 {
+        match store.insert_usage_batch(batch).await {
+            Ok(()) => {
+                metrics().usage_written.inc_by(batch.len() as u64);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, count = batch.len(), "usage batch write failed");
+                tokio::time::sleep(delay).await;
+                delay *= 4;
+            }
+        }
+    }
+    metrics().usage_spilled.inc_by(batch.len() as u64);
+    if let Err(e) = spool(spool_dir, batch) {
+        tracing::error!(error = %e, count = batch.len(), "usage batch could not be spooled");
+    }
+}
+
+/// Appends records to a new spool file (JSON lines), synced to disk.
+fn spool(dir: &Path, records: &[UsageRecord]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!("usage-{}.jsonl", uuid::Uuid::now_v7()));
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    for r in records {
+        serde_json::to_writer(&mut file, r)?;
+        file.write_all(b"\n")?;
+    }
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+/// Replays spooled files into the database; a file is removed only after all of it is stored.
+/// Inserts are idempotent by request id, so a replay interrupted halfway is safe to repeat.
+pub async fn replay_spool(store: &SqlStore, dir: &Path, batch_size: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    for path in files {
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let mut records = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match serde_json::from_str::<UsageRecord>(line) {
+                Ok(r) => records.push(r),
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "unreadable spooled record kept in place")
+                }
+            }
+        }
+        let mut ok = true;
+        for chunk in records.chunks(batch_size.max(1)) {
+            if let Err(e) = store.insert_usage_batch(chunk).await {
+                tracing::debug!(error = %e, "spool replay postponed: database still unreachable");
+                ok = false;
+                break;
+            }
+        }
+        if !ok {
+            return;
+        }
+        metrics().usage_written.inc_by(records.len() as u64);
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::error!(file = %path.display(), error = %e, "replayed spool file could not be removed");
+        } else {
+            tracing::info!(file = %path.display(), count = records.len(), "spooled usage records replayed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn queue_spools_when_writer_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (queue, writer) = usage_channel(4, dir.path().to_path_buf());
+        queue
+            .push(UsageRecord {
+                id: "a".into(),
+                ..Default::default()
+            })
+            .await;
+        // Dropping the writer spools what it still holds; later pushes spool directly.
+        drop(writer);
+        queue
+            .push(UsageRecord {
+                id: "b".into(),
+                ..Default::default()
+            })
+            .await;
+        let mut ids: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flat_map(|e| {
+                let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+                text.lines()
+                    .map(|l| serde_json::from_str::<UsageRecord>(l).unwrap().id)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        ids.sort();
+        assert_eq!(ids, ["a", "b"]);
+    }
+}

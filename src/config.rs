@@ -1,0 +1,410 @@
+//! Configuration: `conf/relay.toml` (optional) under `RELAY_*` environment variables, parsed
+//! into a file model and validated into the runtime settings.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use relay_filters::accounts::PickStrategy;
+use relay_filters::chain::FilterConfig;
+use relay_filters::session_hash::SessionStrategy;
+use serde::Deserialize;
+
+/// A configuration value that must never be printed (passwords, tokens).
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret value.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The whole configuration, as read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Proxy listener.
+    pub proxy_addr: String,
+    /// Admin API, UI and metrics listener.
+    pub admin_addr: String,
+    /// Where the SQLite file, generated secrets and the usage spool live.
+    pub data_dir: PathBuf,
+    /// `sqlite://...` or `postgres://...`; empty = `sqlite://{data_dir}/relay.db`.
+    pub database_url: String,
+    /// Redis for sessions, cooldowns and counters across nodes; unset = in-memory.
+    pub redis_url: Option<String>,
+    /// Password of the first admin (instead of a random one).
+    pub admin_password: Option<Secret>,
+    /// Static bearer token the admin API accepts (automation); unset = none.
+    pub admin_token: Option<Secret>,
+    /// AES-256-GCM key for credentials at rest, 64 hex chars; unset = generated file in data_dir.
+    pub encryption_key: Option<Secret>,
+    /// Server secret mixed into API key hashes, 64 hex chars; unset = generated file in data_dir.
+    pub key_pepper: Option<Secret>,
+    /// Request bodies larger than this are refused with 413.
+    pub max_body_bytes: usize,
+    /// The shipped price list (admins override per model in the database).
+    pub pricing_file: PathBuf,
+    /// Keys one user may own.
+    pub max_keys_per_user: u32,
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// How often each node polls the database for admin changes.
+    #[serde(with = "humantime_serde")]
+    pub cache_refresh_interval: Duration,
+    pub upstream: UpstreamConfig,
+    pub session: SessionConfig,
+    pub scheduler: SchedulerConfig,
+    pub usage: UsageConfig,
+    pub shutdown: ShutdownConfig,
+    /// The filter chain, in order; empty = the default chain.
+    pub filters: Vec<FilterConfig>,
+}
+
+/// Talking to upstream accounts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed until the response head arrives.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Longest silence between two body chunks.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long an idle pooled connection is kept.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// Attempts per request, failovers included.
+    pub max_attempts: u32,
+    /// Upstream statuses that trigger failover (before any byte reached the client).
+    pub failover_statuses: Vec<u16>,
+    /// `drain` (read the upstream to its end for exact usage) or `abort`.
+    pub on_client_disconnect: String,
+    /// Upper bound for draining after the client left.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+/// Session identity and bindings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    pub strategy: SessionStrategy,
+    /// Messages hashed after the system prompt when no explicit session id exists.
+    pub message_count: usize,
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub responses_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub renew_threshold: Duration,
+    /// Bindings held by the in-memory store.
+    pub memory_capacity: u64,
+}
+
+/// Account selection and account state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    pub strategy: PickStrategy,
+    #[serde(with = "humantime_serde")]
+    pub cooldown_429: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cooldown_529: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cooldown_5xx: Duration,
+    /// Server errors in a row before the 5xx cooldown.
+    pub server_error_threshold: u32,
+    /// 401/403 answers in a row before the account is disabled.
+    pub account_error_threshold: u32,
+}
+
+/// The usage record writer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    pub queue_capacity: usize,
+    pub batch_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Time between the signal and closing listeners.
+    pub grace_period_seconds: u64,
+    /// Time in-flight requests get to finish after that.
+    pub graceful_shutdown_timeout_seconds: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            proxy_addr: "0.0.0.0:8080".into(),
+            admin_addr: "127.0.0.1:8081".into(),
+            data_dir: PathBuf::from("./data"),
+            database_url: String::new(),
+            redis_url: None,
+            admin_password: None,
+            admin_token: None,
+            encryption_key: None,
+            key_pepper: None,
+            max_body_bytes: 32 * 1024 * 1024,
+            pricing_file: PathBuf::from("conf/pricing.toml"),
+            max_keys_per_user: 10,
+            threads: 2,
+            log_format: "text".into(),
+            cache_refresh_interval: Duration::from_millis(500),
+            upstream: UpstreamConfig::default(),
+            session: SessionConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            usage: UsageConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            filters: Vec::new(),
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            connect_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(300),
+            pool_idle_timeout: Duration::from_secs(90),
+            max_attempts: 3,
+            failover_statuses: vec![429, 529, 500, 502, 503, 504],
+            on_client_disconnect: "drain".into(),
+            drain_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            strategy: SessionStrategy::Content,
+            message_count: 1,
+            ttl: Duration::from_secs(3600),
+            responses_ttl: Duration::from_secs(1800),
+            renew_threshold: Duration::from_secs(300),
+            memory_capacity: 10_000,
+        }
+    }
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            strategy: PickStrategy::Weighted,
+            cooldown_429: Duration::from_secs(60),
+            cooldown_529: Duration::from_secs(120),
+            cooldown_5xx: Duration::from_secs(300),
+            server_error_threshold: 3,
+            account_error_threshold: 5,
+        }
+    }
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            queue_capacity: 10_000,
+            batch_size: 500,
+            flush_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace_period_seconds: 5,
+            graceful_shutdown_timeout_seconds: 30,
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads `path` (if it exists, or must exist when given explicitly) under `RELAY_*`
+    /// variables (`RELAY_SESSION__TTL` reaches `[session] ttl`).
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut fig = Figment::new();
+        match path {
+            Some(p) => {
+                if !p.exists() {
+                    return Err(ConfigError::Invalid(format!(
+                        "config file {} does not exist",
+                        p.display()
+                    )));
+                }
+                fig = fig.merge(Toml::file(p));
+            }
+            None => fig = fig.merge(Toml::file("conf/relay.toml")),
+        }
+        // RELAY_LOG (log filter), RELAY_NEW_PASSWORD (CLI) and RELAY_TEST_* are not options.
+        let env = Env::prefixed("RELAY_")
+            .filter(|k| {
+                let k = k.as_str().to_ascii_lowercase();
+                k != "log" && k != "new_password" && !k.starts_with("test_")
+            })
+            .split("__");
+        fig = fig.merge(env);
+        let config: Config = fig.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.proxy_addr.parse::<SocketAddr>().is_err() {
+            return bad(format!("proxy_addr is not an address: {}", self.proxy_addr));
+        }
+        if self.admin_addr.parse::<SocketAddr>().is_err() {
+            return bad(format!("admin_addr is not an address: {}", self.admin_addr));
+        }
+        let url = self.database_url();
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return bad("database_url must be sqlite:... or postgres://...".into());
+        }
+        if let Some(r) = &self.redis_url {
+            if !(r.starts_with("redis://") || r.starts_with("rediss://")) {
+                return bad("redis_url must start with redis:// or rediss://".into());
+            }
+        }
+        if self.max_body_bytes == 0 {
+            return bad("max_body_bytes must be positive".into());
+        }
+        if self.upstream.max_attempts == 0 {
+            return bad("upstream.max_attempts must be at least 1".into());
+        }
+        if !matches!(
+            self.upstream.on_client_disconnect.as_str(),
+            "drain" | "abort"
+        ) {
+            return bad("upstream.on_client_disconnect must be drain or abort".into());
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return bad("log_format must be text or json".into());
+        }
+        if self.threads == 0 || self.usage.batch_size == 0 || self.usage.queue_capacity == 0 {
+            return bad(
+                "threads, usage.batch_size and usage.queue_capacity must be positive".into(),
+            );
+        }
+        for key in [&self.encryption_key, &self.key_pepper]
+            .into_iter()
+            .flatten()
+        {
+            if parse_hex_key(key.expose()).is_none() {
+                return bad("encryption_key and key_pepper must be 64 hex characters".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The database URL, defaulting to a SQLite file in the data directory.
+    pub fn database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            format!("sqlite://{}", self.data_dir.join("relay.db").display())
+        } else {
+            self.database_url.clone()
+        }
+    }
+
+    /// The filter chain to build.
+    pub fn filter_chain(&self) -> Vec<FilterConfig> {
+        if self.filters.is_empty() {
+            FilterConfig::default_chain()
+        } else {
+            self.filters.clone()
+        }
+    }
+}
+
+/// Parses a 32-byte key written as 64 hex characters.
+pub fn parse_hex_key(s: &str) -> Option<[u8; 32]> {
+    let bytes = hex::decode(s.trim()).ok()?;
+    bytes.try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_is_valid_and_complete() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/relay.example.toml");
+        let text = std::fs::read_to_string(&path).expect("example config");
+        let parsed: Config = Figment::new()
+            .merge(Toml::string(&text))
+            .extract()
+            .expect("example parses");
+        parsed.validate().expect("example validates");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let r: Result<Config, _> = Figment::new()
+            .merge(Toml::string("proxy_adr = \"x\""))
+            .extract();
+        assert!(r.is_err());
+        let r: Result<Config, _> = Figment::new()
+            .merge(Toml::string(
+                "[[filters]]\nkind = \"api_key_auth\"\nextra = 1",
+            ))
+            .extract();
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = Config {
+            admin_password: Some(Secret("hunter2".into())),
+            ..Default::default()
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn validation() {
+        let c = Config {
+            database_url: "mysql://x".into(),
+            ..Default::default()
+        };
+        assert!(c.validate().is_err());
+        assert!(Config::default().validate().is_ok());
+        assert_eq!(Config::default().database_url(), "sqlite://./data/relay.db");
+    }
+}

@@ -1,0 +1,194 @@
+//! The `llm-relay` command: serve (default), migrate, admin and key management, config checks.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use llm_relay::app::{block_on, bootstrap_admin, load_secrets, open_store};
+use llm_relay::config::Config;
+use llm_relay::secrets::{api_key_hash, api_key_prefix, generate_api_key, hash_password};
+use llm_relay::store::{NewApiKey, NewUser, Role};
+
+#[derive(Parser)]
+#[command(name = "llm-relay", version, about = "Multi-tenant LLM API relay")]
+struct Cli {
+    /// Config file (default: conf/relay.toml when present).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Check the configuration and exit.
+    #[arg(long, global = true)]
+    check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay (default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Manage admin users.
+    Admin {
+        #[command(subcommand)]
+        action: AdminAction,
+    },
+    /// Manage relay API keys.
+    Keys {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+    /// Check the configuration (and every file given) and exit.
+    CheckConfig {
+        /// More files to check.
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// Create a user (admin role by default).
+    Create {
+        username: String,
+        /// Password; read from RELAY_NEW_PASSWORD when not given.
+        #[arg(long, env = "RELAY_NEW_PASSWORD")]
+        password: String,
+        /// Create a plain user instead of an admin.
+        #[arg(long)]
+        user: bool,
+    },
+    /// Set a new password.
+    ResetPassword {
+        username: String,
+        #[arg(long, env = "RELAY_NEW_PASSWORD")]
+        password: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Create a key for a user and print it (shown once).
+    Create {
+        /// Owner's user name.
+        #[arg(long)]
+        user: String,
+        /// Key name.
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Allowed models (exact or glob), repeatable; none = all.
+        #[arg(long = "model")]
+        models: Vec<String>,
+    },
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RELAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if config.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::CheckConfig { files }) = &cli.command {
+        let mut paths: Vec<Option<PathBuf>> = vec![cli.config.clone()];
+        paths.extend(files.iter().cloned().map(Some));
+        for p in paths {
+            let c = Config::load(p.as_deref())?;
+            llm_relay::app::load_prices(&c)?;
+            println!(
+                "{}: ok",
+                p.map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "configuration".into())
+            );
+        }
+        return Ok(());
+    }
+    let config = Config::load(cli.config.as_deref())?;
+    if cli.check_config {
+        llm_relay::app::load_prices(&config)?;
+        println!("configuration: ok");
+        return Ok(());
+    }
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            init_logging(&config);
+            llm_relay::app::serve(config)
+        }
+        Command::Migrate => block_on(async {
+            open_store(&config).await?;
+            println!("migrations applied");
+            anyhow::Ok(())
+        })?,
+        Command::Admin { action } => block_on(async {
+            let store = open_store(&config).await?;
+            match action {
+                AdminAction::Create {
+                    username,
+                    password,
+                    user,
+                } => {
+                    let hash = hash_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let role = if user { Role::User } else { Role::Admin };
+                    let u = store
+                        .create_user(&NewUser {
+                            username,
+                            password_hash: hash,
+                            role,
+                            price_rate: 10_000,
+                        })
+                        .await?;
+                    println!("created {} ({})", u.username, u.id);
+                }
+                AdminAction::ResetPassword { username, password } => {
+                    let u = store
+                        .user_by_username(&username)
+                        .await?
+                        .context("no such user")?;
+                    let hash = hash_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    store.set_user_password(&u.id, &hash).await?;
+                    println!("password of {username} changed");
+                }
+            }
+            anyhow::Ok(())
+        })?,
+        Command::Keys { action } => block_on(async {
+            let store = open_store(&config).await?;
+            bootstrap_admin(&store, &config).await?;
+            let node = load_secrets(&config)?;
+            match action {
+                KeyAction::Create { user, name, models } => {
+                    let owner = store
+                        .user_by_username(&user)
+                        .await?
+                        .context("no such user")?;
+                    let key = generate_api_key();
+                    let created = store
+                        .create_api_key(
+                            &NewApiKey {
+                                user_id: owner.id,
+                                name,
+                                key_hash: api_key_hash(&node.pepper, &key),
+                                key_prefix: api_key_prefix(&key),
+                                allowed_models: models,
+                                ..Default::default()
+                            },
+                            i64::from(config.max_keys_per_user),
+                        )
+                        .await?;
+                    println!("{key}");
+                    eprintln!(
+                        "key {} created for {user}; it is shown only this once",
+                        created.id
+                    );
+                }
+            }
+            anyhow::Ok(())
+        })?,
+        Command::CheckConfig { .. } => Ok(()),
+    }
+}

@@ -1,0 +1,456 @@
+//! The upstream exchange done by the relay itself through Pingora's connector: send the buffered
+//! body, fail over before the first byte reaches the client, then pump the response chunk by
+//! chunk through the response filters while watching the client (DESIGN §5).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::protocols::http::client::HttpSession;
+use pingora::proxy::Session;
+use relay_filters::account_state::{
+    apply_outcome, body_reset_hint, is_blocking_error, reset_hint, Outcome,
+};
+use relay_filters::accounts::InflightLease;
+use relay_filters::chain::ChunkAction;
+use relay_filters::context::UpstreamRequest;
+use relay_filters::error::{stream_error_event, ErrorKind};
+
+use super::{now_ms, upstream_error_body, ProxyCtx, RelayProxy};
+use crate::metrics::metrics;
+
+/// Hop-by-hop headers never copied from the upstream response.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Largest error body read from an upstream answer that triggers failover.
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// Why an attempt did not produce a usable response head.
+enum AttemptError {
+    Connect(String),
+    Timeout(String),
+}
+
+struct Attempt {
+    upstream: HttpSession,
+    peer: HttpPeer,
+    head: ResponseHeader,
+}
+
+impl RelayProxy {
+    async fn peer_for(&self, req: &UpstreamRequest) -> Result<HttpPeer, AttemptError> {
+        let addr = self
+            .resolver
+            .resolve(&req.host, req.port)
+            .await
+            .map_err(|e| AttemptError::Connect(format!("cannot resolve upstream host: {e}")))?;
+        let mut peer = HttpPeer::new(addr, req.tls, req.host.clone());
+        peer.options.connection_timeout = Some(self.settings.connect_timeout);
+        peer.options.total_connection_timeout = Some(self.settings.connect_timeout);
+        peer.options.idle_timeout = Some(self.settings.pool_idle_timeout);
+        peer.options.read_timeout = Some(self.settings.idle_timeout);
+        peer.options.write_timeout = Some(self.settings.idle_timeout);
+        Ok(peer)
+    }
+
+    /// Connects (or reuses a pooled connection), sends the request and reads the response head.
+    async fn attempt(&self, req: &UpstreamRequest, body: &Bytes) -> Result<Attempt, AttemptError> {
+        let peer = self.peer_for(req).await?;
+        let payload = req.body.clone().unwrap_or_else(|| body.clone());
+        // A pooled connection may have been closed by the upstream meanwhile: one fresh retry.
+        for fresh_retry in [false, true] {
+            let (mut up, reused) = match self.connector.get_http_session(&peer).await {
+                Ok(s) => s,
+                Err(e) => {
+                    return Err(AttemptError::Connect(format!(
+                        "cannot connect upstream: {e}"
+                    )))
+                }
+            };
+            let sent = async {
+                let mut head = RequestHeader::build(
+                    req.method,
+                    req.path_and_query.as_bytes(),
+                    Some(req.headers.len() + 1),
+                )?;
+                for (name, value) in &req.headers {
+                    head.append_header(name.clone(), value.clone())?;
+                }
+                head.insert_header(http::header::CONTENT_LENGTH, payload.len().to_string())?;
+                up.write_request_header(Box::new(head)).await?;
+                up.write_request_body(payload.clone(), true).await?;
+                up.finish_request_body().await?;
+                loop {
+                    up.read_response_header().await?;
+                    match up.response_header() {
+                        Some(h) if h.status.as_u16() >= 200 => {
+                            return Ok::<ResponseHeader, Box<pingora::Error>>(h.clone())
+                        }
+                        // 1xx informational: keep reading for the real head.
+                        _ => continue,
+                    }
+                }
+            };
+            match tokio::time::timeout(self.settings.header_timeout, sent).await {
+                Ok(Ok(head)) => {
+                    return Ok(Attempt {
+                        upstream: up,
+                        peer,
+                        head,
+                    })
+                }
+                Ok(Err(e)) if reused && !fresh_retry => {
+                    tracing::debug!(error = %e, "pooled upstream connection failed, retrying on a new one");
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    return Err(AttemptError::Timeout(format!(
+                        "upstream failed before answering: {e}"
+                    )))
+                }
+                Err(_) => {
+                    return Err(AttemptError::Timeout(
+                        "upstream did not answer in time".into(),
+                    ))
+                }
+            }
+        }
+        Err(AttemptError::Timeout("upstream connection failed".into()))
+    }
+
+    /// Runs the exchange with failover and pumps the response to the client.
+    pub(super) async fn exchange(
+        &self,
+        session: &mut Session,
+        ctx: &mut ProxyCtx,
+        client_headers: &http::HeaderMap,
+        query: Option<&str>,
+        body: Bytes,
+    ) -> pingora::Result<()> {
+        let Some(rctx) = ctx.req.as_mut() else {
+            return Ok(());
+        };
+        let protocol = rctx.protocol();
+        let (Some(sticky), Some(rewrite)) = (self.chain.sticky.clone(), self.chain.rewrite.clone())
+        else {
+            return Ok(());
+        };
+        let max_attempts = self.settings.max_attempts.max(1);
+        let mut last_failure: Option<(u16, ResponseHeader, Bytes)> = None;
+        let mut attempt_no = 0u32;
+        let mut established: Option<Attempt> = None;
+        while attempt_no < max_attempts {
+            attempt_no += 1;
+            let (Some(account), Some(req)) =
+                (rctx.upstream.account.clone(), rctx.upstream.request.clone())
+            else {
+                break;
+            };
+            ctx.lease = Some(InflightLease::acquire(&account, now_ms()));
+            let started = Instant::now();
+            let result = self.attempt(&req, &body).await;
+            ctx.upstream_time += started.elapsed();
+            let now = now_ms();
+            let failure_reason: &'static str;
+            match result {
+                Ok(mut att) => {
+                    let head = att.head.clone();
+                    let status = head.status.as_u16();
+                    metrics()
+                        .upstream_ttfb
+                        .with_label_values(&[protocol.as_str(), &account.name])
+                        .observe(started.elapsed().as_secs_f64());
+                    let is_failover = self.settings.failover_statuses.contains(&status);
+                    let is_auth_error = matches!(status, 401 | 403);
+                    if !is_failover && !is_auth_error {
+                        let change = apply_outcome(
+                            &account,
+                            Outcome::Status {
+                                status,
+                                reset_at_ms: None,
+                                blocked: false,
+                            },
+                            &self.settings.state_rules,
+                            now,
+                        );
+                        self.account_events.send(&account, change);
+                        established = Some(att);
+                        break;
+                    }
+                    // Read the (small) error body: it may carry a reset hint or say "disabled".
+                    let err_body = read_limited(&mut att.upstream, ERROR_BODY_LIMIT).await;
+                    let reset =
+                        reset_hint(&head.headers, now).or_else(|| body_reset_hint(&err_body, now));
+                    let outcome = Outcome::Status {
+                        status,
+                        reset_at_ms: reset,
+                        blocked: is_auth_error && is_blocking_error(&err_body),
+                    };
+                    let change = apply_outcome(&account, outcome, &self.settings.state_rules, now);
+                    self.account_events.send(&account, change);
+                    att.upstream.shutdown().await;
+                    if is_auth_error {
+                        // An account credential problem is not the client's: pass it on as is
+                        // unless another account can serve.
+                        last_failure = Some((status, head, err_body));
+                        failure_reason = "auth_error";
+                    } else {
+                        last_failure = Some((status, head, err_body));
+                        failure_reason = match status {
+                            429 => "rate_limited",
+                            529 => "overloaded",
+                            _ => "server_error",
+                        };
+                    }
+                }
+                Err(AttemptError::Connect(msg)) => {
+                    tracing::warn!(account = %account.name, error = %msg, "upstream connect failed");
+                    let change = apply_outcome(
+                        &account,
+                        Outcome::ConnectError,
+                        &self.settings.state_rules,
+                        now,
+                    );
+                    self.account_events.send(&account, change);
+                    failure_reason = "connect_error";
+                }
+                Err(AttemptError::Timeout(msg)) => {
+                    tracing::warn!(account = %account.name, error = %msg, "upstream failed before its response head");
+                    let change =
+                        apply_outcome(&account, Outcome::Timeout, &self.settings.state_rules, now);
+                    self.account_events.send(&account, change);
+                    failure_reason = "timeout";
+                }
+            }
+            ctx.lease = None;
+            if attempt_no >= max_attempts {
+                break;
+            }
+            let Some(next) = sticky.failover(rctx).await else {
+                break;
+            };
+            metrics()
+                .failovers
+                .with_label_values(&[failure_reason])
+                .inc();
+            rctx.upstream.failovers += 1;
+            rctx.upstream.tried.push(next.id.clone());
+            match rewrite.build(rctx, &next, client_headers, query, &body) {
+                Ok(r) => {
+                    rctx.upstream.request = Some(r);
+                    rctx.upstream.account = Some(next);
+                }
+                Err(_) => break,
+            }
+        }
+
+        let Some(att) = established else {
+            // Every attempt failed: pass the last upstream answer through, or 502.
+            ctx.lease = None;
+            return match last_failure {
+                Some((status, head, err_body)) => {
+                    ctx.status = status;
+                    ctx.error_type = Some(ErrorKind::Upstream.type_name());
+                    let mut resp = copy_head(&head, &rctx.request_id, true);
+                    resp.insert_header(http::header::CONTENT_LENGTH, err_body.len().to_string())?;
+                    session.write_response_header(Box::new(resp), false).await?;
+                    session.write_response_body(Some(err_body), true).await?;
+                    Ok(())
+                }
+                None => {
+                    ctx.status = 502;
+                    ctx.error_type = Some(ErrorKind::Upstream.type_name());
+                    let body =
+                        upstream_error_body(protocol, 502, "no upstream account could be reached");
+                    Self::respond(
+                        session,
+                        502,
+                        "application/json",
+                        body,
+                        &[("x-request-id", rctx.request_id.clone())],
+                    )
+                    .await
+                }
+            };
+        };
+        self.pump(session, ctx, att).await
+    }
+
+    /// Writes the response head and streams the body through the response filters.
+    async fn pump(
+        &self,
+        session: &mut Session,
+        ctx: &mut ProxyCtx,
+        att: Attempt,
+    ) -> pingora::Result<()> {
+        let Attempt {
+            upstream: mut up,
+            peer,
+            head,
+        } = att;
+        let Some(rctx) = ctx.req.as_mut() else {
+            return Ok(());
+        };
+        let status = head.status.as_u16();
+        ctx.status = status;
+        if status >= 400 {
+            ctx.error_type = Some(ErrorKind::Upstream.type_name());
+        }
+        for f in &self.chain.response {
+            f.on_response_head(rctx, status, &head.headers);
+        }
+        let resp = copy_head(&head, &rctx.request_id, false);
+        let mut client_gone = session
+            .write_response_header(Box::new(resp), false)
+            .await
+            .is_err();
+        let started = Instant::now();
+        let mut drain_deadline: Option<Instant> = None;
+        let mut watch_client = true;
+        let mut complete = false;
+        let mut cut = false;
+        loop {
+            if client_gone && drain_deadline.is_none() {
+                if !self.settings.drain_on_disconnect {
+                    rctx.usage.estimated = true;
+                    break;
+                }
+                drain_deadline = Some(Instant::now() + self.settings.drain_timeout);
+            }
+            let next = if let Some(deadline) = drain_deadline {
+                match tokio::time::timeout_at(deadline.into(), up.read_response_body()).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        rctx.usage.estimated = true;
+                        break;
+                    }
+                }
+            } else if watch_client {
+                tokio::select! {
+                    r = up.read_response_body() => r,
+                    idle = session.as_downstream_mut().read_body_or_idle(true) => {
+                        match idle {
+                            Err(_) => client_gone = true,
+                            // Unexpected bytes from the client: stop watching, keep serving.
+                            Ok(_) => watch_client = false,
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                up.read_response_body().await
+            };
+            match next {
+                Ok(Some(chunk)) => {
+                    let mut out = chunk;
+                    for f in &self.chain.response {
+                        if let ChunkAction::Replace(b) = f.on_body_chunk(rctx, &out) {
+                            out = b;
+                        }
+                    }
+                    if !client_gone && !out.is_empty() {
+                        if ctx.ttfb.is_none() {
+                            ctx.ttfb = Some(rctx.started.elapsed());
+                        }
+                        if session.write_response_body(Some(out), false).await.is_err() {
+                            client_gone = true;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    complete = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(request_id = %rctx.request_id, error = %e, "upstream stream cut");
+                    cut = true;
+                    break;
+                }
+            }
+        }
+        ctx.upstream_time += started.elapsed();
+        for f in &self.chain.response {
+            f.on_end(rctx);
+        }
+        if cut {
+            ctx.error_type = Some(ErrorKind::Upstream.type_name());
+            if !client_gone && rctx.request.stream {
+                let ev = Bytes::from(stream_error_event(
+                    rctx.protocol(),
+                    "the upstream ended the stream early",
+                ));
+                let _ = session.write_response_body(Some(ev), false).await;
+            }
+        } else if client_gone {
+            ctx.error_type.get_or_insert("client_disconnected");
+        }
+        if !client_gone {
+            let _ = session.write_response_body(None, true).await;
+            let _ = session.as_downstream_mut().finish_body().await;
+        }
+        if complete && up.response_done() {
+            self.connector
+                .release_http_session(up, &peer, Some(self.settings.pool_idle_timeout))
+                .await;
+        } else {
+            up.shutdown().await;
+        }
+        ctx.lease = None;
+        Ok(())
+    }
+}
+
+/// The client-facing copy of an upstream response head.
+fn copy_head(head: &ResponseHeader, request_id: &str, keep_length: bool) -> ResponseHeader {
+    // `build` only fails on an invalid status code, which a parsed head cannot carry.
+    let mut resp = match ResponseHeader::build(head.status, Some(head.headers.len() + 1)) {
+        Ok(r) => r,
+        Err(_) => head.clone(),
+    };
+    for (name, value) in head.headers.iter() {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n)
+            || (!keep_length && n == "content-length" && is_event_stream(head))
+        {
+            continue;
+        }
+        if keep_length && n == "content-length" {
+            continue;
+        }
+        let _ = resp.append_header(name.clone(), value.clone());
+    }
+    let _ = resp.insert_header("x-request-id", request_id);
+    resp
+}
+
+fn is_event_stream(head: &ResponseHeader) -> bool {
+    head.headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+/// Reads at most `limit` bytes of a (small) response body; the rest is left unread.
+async fn read_limited(up: &mut HttpSession, limit: usize) -> Bytes {
+    let mut buf = Vec::new();
+    let read = async {
+        while let Ok(Some(chunk)) = up.read_response_body().await {
+            buf.extend_from_slice(&chunk);
+            if buf.len() >= limit {
+                buf.truncate(limit);
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    Bytes::from(buf)
+}

@@ -1,0 +1,470 @@
+//! The Pingora `ProxyHttp` implementation. It stays thin: it reads the request, hands each phase
+//! to the filter chain, does the upstream exchange itself (DESIGN §5) and books the result.
+
+mod dns;
+mod exchange;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::http::ResponseHeader;
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{ProxyHttp, Session};
+use relay_filters::account_state::StateRules;
+use relay_filters::accounts::InflightLease;
+use relay_filters::chain::{Chain, Flow, RequestView};
+use relay_filters::context::RequestCtx;
+use relay_filters::cost::PriceSource;
+use relay_filters::error::{error_body, ErrorKind, Rejection};
+use relay_filters::request_body::{parse_request_body, validate_for};
+use relay_filters::route::{match_route, Route};
+use relay_filters::{Protocol, UsageRecord};
+
+use crate::background::account_events::AccountEvents;
+use crate::background::usage_writer::UsageQueue;
+use crate::cache::{AccountCache, PriceCache};
+use crate::metrics::{metrics, status_class};
+
+pub use dns::Resolver;
+
+/// Proxy settings taken from the config.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub max_body_bytes: usize,
+    pub connect_timeout: Duration,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub max_attempts: u32,
+    pub failover_statuses: Vec<u16>,
+    pub drain_on_disconnect: bool,
+    pub drain_timeout: Duration,
+    pub state_rules: StateRules,
+}
+
+/// Everything the proxy service shares between requests.
+pub struct RelayProxy {
+    pub chain: Chain,
+    pub settings: ProxySettings,
+    pub connector: pingora::connectors::http::Connector,
+    pub resolver: Resolver,
+    pub usage: UsageQueue,
+    pub account_events: AccountEvents,
+    pub accounts: Arc<AccountCache>,
+    pub prices: Arc<PriceCache>,
+}
+
+/// Per-request state of the proxy around the filters' context.
+#[derive(Default)]
+pub struct ProxyCtx {
+    /// Set once the route is an API call.
+    pub req: Option<RequestCtx>,
+    /// Status sent to the client.
+    pub status: u16,
+    pub error_type: Option<&'static str>,
+    /// Time until the first response byte went to the client.
+    pub ttfb: Option<Duration>,
+    /// Time spent waiting on upstreams (for the overhead metric).
+    pub upstream_time: Duration,
+    pub lease: Option<InflightLease>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn header_map(session: &Session) -> &http::HeaderMap {
+    &session.req_header().headers
+}
+
+impl RelayProxy {
+    /// Writes a complete response (head + body) to the client.
+    async fn respond(
+        session: &mut Session,
+        status: u16,
+        content_type: &str,
+        body: Bytes,
+        extra: &[(&str, String)],
+    ) -> pingora::Result<()> {
+        let mut resp = ResponseHeader::build(status, Some(4))?;
+        resp.insert_header("content-type", content_type)?;
+        resp.insert_header("content-length", body.len().to_string())?;
+        for (k, v) in extra {
+            resp.insert_header(k.to_string(), v.as_str())?;
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(())
+    }
+
+    async fn reject(
+        session: &mut Session,
+        ctx: &mut ProxyCtx,
+        protocol: Protocol,
+        rejection: &Rejection,
+        request_id: &str,
+    ) -> pingora::Result<bool> {
+        let status = rejection.kind.status();
+        ctx.status = status;
+        ctx.error_type = Some(rejection.kind.type_name());
+        let mut extra = vec![("x-request-id", request_id.to_string())];
+        if let Some(s) = rejection.retry_after {
+            extra.push(("retry-after", s.to_string()));
+        }
+        let body = Bytes::from(rejection.body(protocol));
+        Self::respond(session, status, "application/json", body, &extra).await?;
+        Ok(true)
+    }
+
+    /// Reads the whole request body, refusing it past `max_body_bytes`.
+    async fn read_body(&self, session: &mut Session) -> pingora::Result<Result<Bytes, Rejection>> {
+        let max = self.settings.max_body_bytes;
+        let declared = header_map(session)
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return Ok(Err(too_large(max)));
+        }
+        let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(max));
+        while let Some(chunk) = session.read_request_body().await? {
+            if buf.len() + chunk.len() > max {
+                return Ok(Err(too_large(max)));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(Ok(buf.freeze()))
+    }
+
+    async fn handle_api(
+        &self,
+        session: &mut Session,
+        ctx: &mut ProxyCtx,
+        route: relay_filters::route::ApiRoute,
+        request_id: String,
+    ) -> pingora::Result<bool> {
+        let protocol = route.protocol;
+        let query = session.req_header().uri.query().map(str::to_string);
+        // Cheap header-only check first, so unauthenticated clients never make us read a body.
+        if let Some(auth) = &self.chain.auth {
+            if let Err(r) = auth.authenticate(header_map(session), query.as_deref(), now_ms()) {
+                session.set_keepalive(None);
+                return Self::reject(session, ctx, protocol, &r, &request_id).await;
+            }
+        }
+        let expects_continue = header_map(session)
+            .get(http::header::EXPECT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+        let declared_too_large = header_map(session)
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .is_some_and(|n| n > self.settings.max_body_bytes);
+        if expects_continue && !declared_too_large {
+            session.write_continue_response().await?;
+        }
+        let body = match self.read_body(session).await? {
+            Ok(b) => b,
+            Err(r) => {
+                session.set_keepalive(None);
+                return Self::reject(session, ctx, protocol, &r, &request_id).await;
+            }
+        };
+
+        let mut rctx = RequestCtx::new(request_id.clone(), route, now_ms());
+        let parsed =
+            match parse_request_body(&body).and_then(|p| validate_for(protocol, &p).map(|_| p)) {
+                Ok(p) => p,
+                Err(e) => {
+                    let r = Rejection::new(ErrorKind::InvalidRequest, e.to_string());
+                    return Self::reject(session, ctx, protocol, &r, &request_id).await;
+                }
+            };
+        rctx.request.model = parsed.model.as_deref().map(str::to_string);
+        rctx.request.stream = parsed.stream || rctx.route.path_stream;
+        rctx.request.previous_response_id =
+            parsed.previous_response_id.as_deref().map(str::to_string);
+        rctx.request.include_usage_requested = parsed.stream_options_include_usage;
+        rctx.request.body_len = body.len();
+
+        let headers = header_map(session).clone();
+        let view = RequestView {
+            headers: &headers,
+            query: query.as_deref(),
+            body: &body,
+            parsed: &parsed,
+        };
+        let flow = self.chain.run_request(&mut rctx, &view).await;
+        drop(parsed);
+        ctx.req = Some(rctx);
+        if let Flow::Reject(r) = flow {
+            return Self::reject(session, ctx, protocol, &r, &request_id).await;
+        }
+        if let Some(s) = ctx.req.as_ref().and_then(|r| r.session.sticky) {
+            metrics().sticky.with_label_values(&[s.as_str()]).inc();
+        }
+        self.exchange(session, ctx, &headers, query.as_deref(), body)
+            .await?;
+        Ok(true)
+    }
+
+    fn list_models(&self, session: &Session) -> Result<Bytes, Rejection> {
+        let query = session.req_header().uri.query();
+        let Some(auth) = &self.chain.auth else {
+            return Err(Rejection::new(
+                ErrorKind::Authentication,
+                "no authentication configured",
+            ));
+        };
+        let key = auth.authenticate(header_map(session), query, now_ms())?;
+        let mut models: Vec<(String, &'static str)> = Vec::new();
+        let accounts = self.accounts.snapshot();
+        for a in accounts.iter() {
+            let owner = a.account_type.as_str();
+            for m in a.models.iter().chain(a.model_map.keys()) {
+                models.push((m.clone(), owner));
+            }
+        }
+        for m in self.prices.table().models().map(|(m, _)| m.to_string()) {
+            let owner = if m.starts_with("claude") {
+                "anthropic"
+            } else if m.starts_with("gemini") {
+                "google"
+            } else {
+                "openai"
+            };
+            models.push((m, owner));
+        }
+        models.sort();
+        models.dedup_by(|a, b| a.0 == b.0);
+        let data: Vec<serde_json::Value> = models
+            .into_iter()
+            .filter(|(m, _)| key.allows_model(m))
+            .map(|(id, owner)| {
+                serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": owner, "type": "model", "display_name": id})
+            })
+            .collect();
+        Ok(Bytes::from(
+            serde_json::to_vec(
+                &serde_json::json!({"object": "list", "data": data, "has_more": false}),
+            )
+            .unwrap_or_default(),
+        ))
+    }
+
+    /// Builds and queues the usage record of a request that reached the chain.
+    async fn book(&self, ctx: &mut ProxyCtx) {
+        let Some(r) = ctx.req.as_mut() else { return };
+        let Some(auth) = r.auth.as_ref() else { return };
+        let elapsed = r.started.elapsed();
+        let record = UsageRecord {
+            id: r.request_id.clone(),
+            created_at: r.started_ms,
+            user_id: Some(auth.key.user_id.clone()),
+            api_key_id: Some(auth.key.id.clone()),
+            account_id: r.upstream.account.as_ref().map(|a| a.id.clone()),
+            session_key: r.session.key.clone(),
+            protocol: r.route.protocol.as_str().to_string(),
+            requested_model: r.requested_model().map(str::to_string),
+            upstream_model: r
+                .usage
+                .upstream_model
+                .clone()
+                .or_else(|| r.upstream.model.clone()),
+            stream: r.request.stream,
+            status: ctx.status,
+            usage: r.usage.tokens,
+            base_cost: r.usage.base_cost,
+            billed_cost: r.usage.billed_cost,
+            price_rate: auth.key.price_rate,
+            latency_ms: elapsed.as_millis() as i64,
+            ttfb_ms: ctx.ttfb.map(|d| d.as_millis() as i64),
+            failover_count: r.upstream.failovers,
+            error_type: ctx.error_type.map(str::to_string),
+            unpriced: r.usage.unpriced,
+            estimated: r.usage.estimated,
+        };
+        let protocol = r.route.protocol.as_str();
+        let account = r
+            .upstream
+            .account
+            .as_ref()
+            .map(|a| a.name.as_str())
+            .unwrap_or("none");
+        let model = record
+            .upstream_model
+            .as_deref()
+            .filter(|m| self.prices.table().get(m).is_some())
+            .unwrap_or("other");
+        let m = metrics();
+        m.requests
+            .with_label_values(&[protocol, account, model, status_class(ctx.status)])
+            .inc();
+        m.request_duration
+            .with_label_values(&[protocol, if record.stream { "true" } else { "false" }])
+            .observe(elapsed.as_secs_f64());
+        m.overhead
+            .with_label_values(&[protocol])
+            .observe(elapsed.saturating_sub(ctx.upstream_time).as_secs_f64());
+        let u = &record.usage;
+        for (kind, n) in [
+            ("input", u.input_tokens),
+            ("output", u.output_tokens),
+            (
+                "cache_write",
+                u.cache_write_5m_tokens + u.cache_write_1h_tokens,
+            ),
+            ("cache_read", u.cache_read_tokens),
+        ] {
+            if n > 0 {
+                m.tokens
+                    .with_label_values(&[protocol, model, kind])
+                    .inc_by(n);
+            }
+        }
+        if record.billed_cost > 0 {
+            m.cost
+                .with_label_values(&[protocol, model])
+                .inc_by(record.billed_cost as u64);
+        }
+        if record.unpriced {
+            m.unpriced.with_label_values(&[protocol]).inc();
+        }
+        tracing::info!(
+            request_id = %record.id,
+            protocol,
+            account,
+            model = record.upstream_model.as_deref().unwrap_or("-"),
+            status = record.status,
+            input = u.input_tokens,
+            output = u.output_tokens,
+            cost = record.billed_cost,
+            latency_ms = record.latency_ms,
+            failovers = record.failover_count,
+            "request"
+        );
+        self.usage.push(record).await;
+    }
+}
+
+fn too_large(max: usize) -> Rejection {
+    Rejection::new(
+        ErrorKind::RequestTooLarge,
+        format!("request body is larger than the limit of {max} bytes"),
+    )
+}
+
+#[async_trait]
+impl ProxyHttp for RelayProxy {
+    type CTX = ProxyCtx;
+
+    fn new_ctx(&self) -> ProxyCtx {
+        ProxyCtx::default()
+    }
+
+    /// Runs the whole request: route, body, filters, upstream exchange. Always answers the
+    /// client itself and returns `Ok(true)`, so Pingora's own upstream phases never run.
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut ProxyCtx,
+    ) -> pingora::Result<bool> {
+        let request_id = header_map(session)
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .map(str::to_string)
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let method = session.req_header().method.as_str().to_string();
+        let path = session.req_header().uri.path().to_string();
+        match match_route(&method, &path) {
+            Some(Route::Health) => {
+                ctx.status = 200;
+                Self::respond(session, 200, "text/plain", Bytes::from_static(b"ok"), &[]).await?;
+                Ok(true)
+            }
+            Some(Route::ListModels) => {
+                match self.list_models(session) {
+                    Ok(body) => {
+                        ctx.status = 200;
+                        Self::respond(
+                            session,
+                            200,
+                            "application/json",
+                            body,
+                            &[("x-request-id", request_id)],
+                        )
+                        .await?;
+                    }
+                    Err(r) => {
+                        Self::reject(session, ctx, Protocol::OpenaiChat, &r, &request_id).await?;
+                    }
+                }
+                Ok(true)
+            }
+            Some(Route::Api(route)) => {
+                let protocol = route.protocol;
+                let gauge = metrics().inflight.with_label_values(&[protocol.as_str()]);
+                gauge.inc();
+                let result = self.handle_api(session, ctx, route, request_id).await;
+                gauge.dec();
+                result
+            }
+            None => {
+                // Unknown path: answer in the shape its prefix suggests.
+                let protocol = if path.contains("/messages") {
+                    Protocol::Anthropic
+                } else if path.contains("models/") || path.starts_with("/gemini") {
+                    Protocol::Gemini
+                } else {
+                    Protocol::OpenaiChat
+                };
+                let r =
+                    Rejection::new(ErrorKind::NotFound, format!("no route for {method} {path}"));
+                session.set_keepalive(None);
+                Self::reject(session, ctx, protocol, &r, &request_id).await
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut ProxyCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        // Never reached: request_filter answers every request itself.
+        Err(pingora::Error::explain(
+            pingora::ErrorType::InternalError,
+            "upstream_peer is not used: the relay does its own upstream exchange",
+        ))
+    }
+
+    /// Books the request: usage, cost, metrics and the usage record, for every request.
+    async fn logging(
+        &self,
+        _session: &mut Session,
+        e: Option<&pingora::Error>,
+        ctx: &mut ProxyCtx,
+    ) {
+        if let Some(e) = e {
+            if ctx.status == 0 {
+                ctx.status = 499;
+                ctx.error_type.get_or_insert("client_error");
+            }
+            tracing::debug!(error = %e, "request ended with an error");
+        }
+        ctx.lease.take();
+        self.book(ctx).await;
+    }
+}
+
+/// The error body for an upstream failure, in the client protocol's shape.
+pub(crate) fn upstream_error_body(protocol: Protocol, status: u16, message: &str) -> Bytes {
+    Bytes::from(error_body(protocol, ErrorKind::Upstream, status, message))
+}
