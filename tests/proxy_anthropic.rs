@@ -1,0 +1,611 @@
+//! End to end on the Anthropic Messages route: a real relay process, a mock Anthropic upstream,
+//! the admin API to set things up, and the usage records to check the booking.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::mock_upstream::{MockUpstream, MockUsage};
+use common::{conversation, messages_body, Relay};
+use futures::StreamExt;
+
+const MODEL: &str = "claude-sonnet-4-5";
+
+struct Setup {
+    relay: Relay,
+    mock: MockUpstream,
+    key: String,
+    key_id: String,
+    user_id: String,
+}
+
+async fn setup_with(price_rate: i64, key_extra: serde_json::Value) -> Setup {
+    let mock = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    let user_id = relay.create_user("alice", price_rate).await;
+    relay
+        .create_account(
+            "claude-a",
+            "claude",
+            &mock.url(),
+            "sk-ant-upstream-secret-a",
+        )
+        .await;
+    let (key_id, key) = relay.create_key(&user_id, key_extra).await;
+    relay.wait_key_active(&key).await;
+    Setup {
+        relay,
+        mock,
+        key,
+        key_id,
+        user_id,
+    }
+}
+
+async fn setup() -> Setup {
+    setup_with(10_000, serde_json::json!({})).await
+}
+
+fn assert_anthropic_error(v: &serde_json::Value, kind: &str) {
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], kind, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn keys_are_checked_and_errors_have_anthropic_shape() {
+    let s = setup_with(
+        10_000,
+        serde_json::json!({"allowed_models": ["claude-haiku-*"]}),
+    )
+    .await;
+    let body = messages_body("claude-haiku-4-5", false, conversation("auth", 1));
+
+    // No key at all.
+    let r = s
+        .relay
+        .http
+        .post(format!("{}/v1/messages", s.relay.proxy))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_anthropic_error(&r.json().await.unwrap(), "authentication_error");
+
+    // A key the relay never issued.
+    let r = s
+        .relay
+        .post("/v1/messages", "sk-relay-not-a-real-key")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_anthropic_error(&r.json().await.unwrap(), "authentication_error");
+
+    // A valid key as Bearer (the anthropic Python SDK) passes.
+    let r = s
+        .relay
+        .http
+        .post(format!("{}/v1/messages", s.relay.proxy))
+        .bearer_auth(&s.key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // A model outside the allow-list.
+    let r = s
+        .relay
+        .post("/v1/messages", &s.key)
+        .json(&messages_body(
+            "claude-opus-4-1",
+            false,
+            conversation("auth", 1),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_anthropic_error(&r.json().await.unwrap(), "permission_error");
+
+    // An expired key.
+    let (_, expired) = s
+        .relay
+        .create_key(&s.user_id, serde_json::json!({"expires_at": 1000}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = s
+        .relay
+        .post("/v1/messages", &expired)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_anthropic_error(&v, "authentication_error");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("expired"),
+        "{v}"
+    );
+
+    // Disabling the key takes effect within a second.
+    let (st, _) = s
+        .relay
+        .admin_patch(
+            &format!("/api/admin/api-keys/{}", s.key_id),
+            serde_json::json!({"enabled": false}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut served_meanwhile = 0;
+    loop {
+        let r = s
+            .relay
+            .post("/v1/messages", &s.key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            served_meanwhile += 1;
+        }
+        if r.status() == 401 {
+            assert_anthropic_error(&r.json().await.unwrap(), "authentication_error");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "disabled key still accepted after 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Refused requests never reach the upstream.
+    assert_eq!(s.mock.count(), 1 + served_meanwhile);
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors() {
+    let s = setup().await;
+    let r = s
+        .relay
+        .post("/v1/messages", &s.key)
+        .body("{not json")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_anthropic_error(&r.json().await.unwrap(), "invalid_request_error");
+
+    let r = s
+        .relay
+        .post("/v1/messages", &s.key)
+        .json(&serde_json::json!({"messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_anthropic_error(&v, "invalid_request_error");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("model"),
+        "{v}"
+    );
+
+    let r = s
+        .relay
+        .post("/v1/messages", &s.key)
+        .json(&serde_json::json!({"model": 5, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // Unknown route.
+    let r = s
+        .relay
+        .post("/v1/nothing", &s.key)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(s.mock.count(), 0);
+
+    // Claude Code's probe and the health check need no key.
+    let r = s
+        .relay
+        .http
+        .head(format!("{}/", s.relay.proxy))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn body_over_limit_is_413() {
+    let mock = MockUpstream::start().await;
+    let relay = Relay::start_with(common::RelayOptions {
+        env: vec![("RELAY_MAX_BODY_BYTES".into(), "100000".into())],
+        ..Default::default()
+    })
+    .await;
+    let user = relay.create_user("bob", 10_000).await;
+    relay
+        .create_account("a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    let (_, key) = relay.create_key(&user, serde_json::json!({})).await;
+    relay.wait_key_active(&key).await;
+    let big = "x".repeat(200_000);
+    let body = messages_body(
+        MODEL,
+        false,
+        serde_json::json!([{"role": "user", "content": big}]),
+    );
+    let r = relay
+        .post("/v1/messages", &key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_anthropic_error(&r.json().await.unwrap(), "request_too_large");
+    assert_eq!(mock.count(), 0);
+}
+
+#[tokio::test]
+async fn no_account_is_503() {
+    let relay = Relay::start().await;
+    let user = relay.create_user("carol", 10_000).await;
+    let (_, key) = relay.create_key(&user, serde_json::json!({})).await;
+    relay.wait_key_active(&key).await;
+    let r = relay
+        .post("/v1/messages", &key)
+        .json(&messages_body(MODEL, false, conversation("x", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_anthropic_error(&r.json().await.unwrap(), "no_available_account");
+}
+
+#[tokio::test]
+async fn streaming_is_not_buffered() {
+    let s = setup().await;
+    s.mock
+        .set(|b| b.pause_after_first = Duration::from_millis(500));
+    let r = s
+        .relay
+        .post("/v1/messages", &s.key)
+        .json(&messages_body(MODEL, true, conversation("stream", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let mut stream = r.bytes_stream();
+    let mut seen = Vec::new();
+    let mut first_event_at = None;
+    while let Some(chunk) = stream.next().await {
+        seen.extend_from_slice(&chunk.unwrap());
+        if first_event_at.is_none()
+            && seen.windows(15).any(|w| w == b"event: message_")
+            && seen.windows(2).any(|w| w == b"\n\n")
+        {
+            first_event_at = Some(Instant::now());
+        }
+    }
+    let first = first_event_at.expect("first event");
+    let second_sent = s
+        .mock
+        .second_event_sent
+        .lock()
+        .unwrap()
+        .expect("mock sent the second event");
+    assert!(
+        first < second_sent,
+        "the first event reached the client only after the mock sent the second"
+    );
+    let text = String::from_utf8(seen).unwrap();
+    assert!(text.contains("event: message_stop"), "{text}");
+}
+
+#[tokio::test]
+async fn credentials_are_swapped_and_5_mib_body_arrives_intact() {
+    let s = setup().await;
+    // 5 MiB of varied content in one message.
+    let filler: String = (0u64..5 * 1024 * 1024 / 16)
+        .map(|i| format!("{:015x}|", i * 7919))
+        .collect();
+    let body = serde_json::to_vec(&messages_body(
+        MODEL,
+        false,
+        serde_json::json!([{"role": "user", "content": filler}]),
+    ))
+    .unwrap();
+    assert!(body.len() > 5 * 1024 * 1024);
+    let r = s
+        .relay
+        .post("/v1/messages", &s.key)
+        .header("content-type", "application/json")
+        .header("cookie", "session=abc")
+        .header("x-forwarded-for", "203.0.113.9")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-request-id"));
+    let got = s.mock.requests();
+    assert_eq!(got.len(), 1);
+    let req = &got[0];
+    assert_eq!(req.path, "/v1/messages");
+    assert!(
+        req.body == body,
+        "upstream body differs ({} vs {} bytes)",
+        req.body.len(),
+        body.len()
+    );
+    assert_eq!(req.header("x-api-key"), Some("sk-ant-upstream-secret-a"));
+    assert_eq!(req.header("authorization"), None);
+    assert_eq!(req.header("cookie"), None);
+    assert_eq!(req.header("x-forwarded-for"), None);
+    assert_eq!(req.header("accept-encoding"), Some("identity"));
+    assert_eq!(req.header("anthropic-version"), Some("2023-06-01"));
+    for (k, v) in &req.headers {
+        assert!(!v.contains(&s.key), "client key leaked upstream in {k}");
+    }
+
+    // The same body again, announced with Expect: 100-continue over a raw connection.
+    let addr = s.relay.proxy.trim_start_matches("http://").to_string();
+    let key = s.key.clone();
+    let body2 = body.clone();
+    let (status_line, saw_continue) = tokio::task::spawn_blocking(move || {
+        let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let head = format!(
+            "POST /v1/messages HTTP/1.1\r\nhost: {addr}\r\nx-api-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
+            body2.len()
+        );
+        sock.write_all(head.as_bytes()).unwrap();
+        let mut buf = [0u8; 256];
+        let n = sock.read(&mut buf).unwrap();
+        let interim = String::from_utf8_lossy(&buf[..n]).to_string();
+        let saw_continue = interim.starts_with("HTTP/1.1 100");
+        sock.write_all(&body2).unwrap();
+        let mut rest = Vec::new();
+        let mut tmp = [0u8; 65536];
+        loop {
+            let n = sock.read(&mut tmp).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            rest.extend_from_slice(&tmp[..n]);
+            if rest.windows(4).any(|w| w == b"\r\n\r\n") && String::from_utf8_lossy(&rest).contains("msg_mock_1") {
+                break;
+            }
+        }
+        let all = format!("{interim}{}", String::from_utf8_lossy(&rest));
+        let final_status = all.lines().find(|l| l.starts_with("HTTP/1.1 2") || l.starts_with("HTTP/1.1 4") || l.starts_with("HTTP/1.1 5")).unwrap_or("").to_string();
+        (final_status, saw_continue)
+    })
+    .await
+    .unwrap();
+    assert!(saw_continue, "the relay did not answer 100 Continue");
+    assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
+    let got = s.mock.requests();
+    assert_eq!(got.len(), 2);
+    assert!(got[1].body == body, "body sent after 100-continue differs");
+    assert_eq!(got[1].header("expect"), None, "Expect was forwarded");
+}
+
+#[tokio::test]
+async fn client_disconnect_still_books_final_usage() {
+    let s = setup().await;
+    s.mock.set(|b| {
+        b.usage = MockUsage {
+            input: 321,
+            output: 654,
+            ..Default::default()
+        };
+        b.deltas = 20;
+        b.pause_after_first = Duration::from_millis(200);
+        b.event_delay = Duration::from_millis(30);
+    });
+    let r = s
+        .relay
+        .post("/v1/messages", &s.key)
+        .json(&messages_body(MODEL, true, conversation("bye", 1)))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.expect("first chunk").unwrap();
+    assert!(!first.is_empty());
+    drop(stream); // the client goes away mid-stream
+    let records = s.relay.wait_records(1).await;
+    let rec = &records[0];
+    assert_eq!(rec["input_tokens"], 321, "{rec}");
+    assert_eq!(rec["output_tokens"], 654, "{rec}");
+    assert_eq!(
+        *s.mock.streams_completed.lock().unwrap(),
+        1,
+        "the relay did not drain the upstream"
+    );
+}
+
+#[tokio::test]
+async fn conversations_stick_and_spread() {
+    let mock_a = MockUpstream::start().await;
+    let mock_b = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    let user = relay.create_user("dave", 10_000).await;
+    relay
+        .create_account("claude-a", "claude", &mock_a.url(), "sk-ant-a")
+        .await;
+    relay
+        .create_account("claude-b", "claude", &mock_b.url(), "sk-ant-b")
+        .await;
+    let (_, key) = relay.create_key(&user, serde_json::json!({})).await;
+    relay.wait_key_active(&key).await;
+
+    // Each conversation: turn 1 (1 message), then turn 2 (3 messages) must hit the same account.
+    let mut per_conversation = Vec::new();
+    for c in 0..12 {
+        let topic = format!("conversation {c}");
+        let before = (mock_a.count(), mock_b.count());
+        for turns in [1, 2] {
+            let r = relay
+                .post("/v1/messages", &key)
+                .json(&messages_body(MODEL, false, conversation(&topic, turns)))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        let after = (mock_a.count(), mock_b.count());
+        let (da, db) = (after.0 - before.0, after.1 - before.1);
+        assert!(
+            (da, db) == (2, 0) || (da, db) == (0, 2),
+            "conversation {c} split across accounts: {da}/{db}"
+        );
+        per_conversation.push(da == 2);
+    }
+    let on_a = per_conversation.iter().filter(|x| **x).count();
+    assert!(
+        on_a > 0 && on_a < 12,
+        "12 conversations all landed on one account ({on_a} on a)"
+    );
+}
+
+#[tokio::test]
+async fn usage_records_carry_exact_tokens_and_cost() {
+    // Price rate 1.5; claude-sonnet-4-5: input $3, output $15, 5m write $3.75, 1h write $6,
+    // read $0.30 per million tokens.
+    let s = setup_with(15_000, serde_json::json!({})).await;
+    s.mock.set(|b| {
+        b.usage = MockUsage {
+            input: 1234,
+            output: 567,
+            cache_write_5m: 2000,
+            cache_write_1h: 1000,
+            cache_read: 4321,
+        };
+    });
+    // base = 1234*3 + 567*15 + 2000*3.75 + 1000*6 + 4321*0.3 = 27003.3 -> 27003 micro-USD
+    // billed = 27003 * 1.5 = 40504.5 -> 40505 (half up)
+    for stream in [false, true] {
+        let r = s
+            .relay
+            .post("/v1/messages", &s.key)
+            .json(&messages_body(
+                MODEL,
+                stream,
+                conversation(&format!("cost {stream}"), 1),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await.unwrap();
+    }
+    let records = s.relay.wait_records(2).await;
+    for rec in &records {
+        assert_eq!(rec["input_tokens"], 1234, "{rec}");
+        assert_eq!(rec["output_tokens"], 567, "{rec}");
+        assert_eq!(rec["cache_write_5m_tokens"], 2000, "{rec}");
+        assert_eq!(rec["cache_write_1h_tokens"], 1000, "{rec}");
+        assert_eq!(rec["cache_read_tokens"], 4321, "{rec}");
+        assert_eq!(rec["base_cost"], 27003, "{rec}");
+        assert_eq!(rec["billed_cost"], 40505, "{rec}");
+        assert_eq!(rec["status"], 200, "{rec}");
+        assert_eq!(rec["user_id"], s.user_id.as_str(), "{rec}");
+        assert_eq!(rec["api_key_id"], s.key_id.as_str(), "{rec}");
+        assert_eq!(rec["upstream_model"], "claude-sonnet-4-5-20250929", "{rec}");
+    }
+    let streams: Vec<bool> = records
+        .iter()
+        .map(|r| r["stream"].as_bool().unwrap())
+        .collect();
+    assert!(streams.contains(&true) && streams.contains(&false));
+}
+
+#[tokio::test]
+async fn failover_on_429_and_cut_streams_end_with_error_event() {
+    let mock_a = MockUpstream::start().await;
+    let mock_b = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    let user = relay.create_user("erin", 10_000).await;
+    relay
+        .create_account("claude-a", "claude", &mock_a.url(), "sk-ant-a")
+        .await;
+    relay
+        .create_account("claude-b", "claude", &mock_b.url(), "sk-ant-b")
+        .await;
+    let (_, key) = relay.create_key(&user, serde_json::json!({})).await;
+    relay.wait_key_active(&key).await;
+    mock_a.set(|b| {
+        b.status = 429;
+        b.error_body =
+            r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#.into();
+        b.extra_headers = vec![("retry-after".into(), "30".into())];
+    });
+    for i in 0..4 {
+        let r = relay
+            .post("/v1/messages", &key)
+            .json(&messages_body(
+                MODEL,
+                false,
+                conversation(&format!("f{i}"), 1),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i} was not failed over");
+    }
+    assert!(
+        mock_a.count() <= 1,
+        "a cooling account kept receiving requests: {}",
+        mock_a.count()
+    );
+    assert_eq!(mock_b.count(), 4);
+
+    // A stream cut midway: the client sees Anthropic's error event, and the usage seen is booked.
+    mock_b.set(|b| {
+        b.cut_after = Some(4);
+        b.usage = MockUsage {
+            input: 77,
+            output: 5,
+            ..Default::default()
+        };
+    });
+    let r = relay
+        .post("/v1/messages", &key)
+        .json(&messages_body(MODEL, true, conversation("cut", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(text.contains("event: error"), "{text}");
+    assert!(!text.contains("message_stop"));
+    let records = relay.wait_records(5).await;
+    let cut = records
+        .iter()
+        .find(|r| r["stream"] == true)
+        .expect("cut record");
+    assert_eq!(cut["input_tokens"], 77, "{cut}");
+    assert_eq!(cut["error_type"], "upstream_error", "{cut}");
+}
