@@ -64,6 +64,10 @@ pub trait ResponseFilter: Send + Sync {
     fn on_body_chunk(&self, _ctx: &mut RequestCtx, _chunk: &[u8]) -> ChunkAction {
         ChunkAction::Forward
     }
+    /// The upstream body ended cleanly: bytes still held back by the filter, to send last.
+    fn on_body_end(&self, _ctx: &mut RequestCtx) -> Option<bytes::Bytes> {
+        None
+    }
     /// The exchange ended (completely or not); runs for every request that reached an upstream.
     fn on_end(&self, _ctx: &mut RequestCtx) {}
 }

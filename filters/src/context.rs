@@ -110,6 +110,9 @@ pub struct UsageInfo {
     pub billed_cost: i64,
     pub unpriced: bool,
     pub estimated: bool,
+    /// Chat: the relay asked upstream for the usage chunk the client did not ask for, and
+    /// removes it from the stream (DESIGN §9).
+    pub strip_usage_chunk: Option<crate::sse_usage::UsageChunkStripper>,
 }
 
 impl RequestCtx {

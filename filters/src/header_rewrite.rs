@@ -201,6 +201,18 @@ impl HeaderRewrite {
                 ctx.upstream.model = Some(mapped.to_string());
             }
         }
+        // Chat streams carry usage only when asked: ask for it, and hide the extra chunk from a
+        // client that did not (DESIGN §9).
+        if ctx.protocol() == Protocol::OpenaiChat
+            && ctx.request.stream
+            && !ctx.request.include_usage_requested
+        {
+            let base: &[u8] = new_body.as_deref().unwrap_or(body);
+            if let Some(b) = crate::request_body::add_stream_include_usage(base) {
+                new_body = Some(bytes::Bytes::from(b));
+                ctx.usage.strip_usage_chunk = Some(Default::default());
+            }
+        }
         let mut path_and_query = format!("{}{}", account.base_url.path_prefix, path);
         if let Some(q) = query {
             // The client's `?key=` is a relay credential: never forwarded.

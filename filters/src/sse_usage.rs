@@ -1159,6 +1159,59 @@ fn bounded(mut s: String) -> String {
     s
 }
 
+/// Removes the usage-only chunk from an OpenAI Chat stream whose client did not ask for it.
+/// Complete events pass through in order; only a trailing partial event is held back until its
+/// end arrives (clients act on complete events only, so nothing is delayed that matters).
+#[derive(Debug, Default)]
+pub struct UsageChunkStripper {
+    pending: Vec<u8>,
+}
+
+impl UsageChunkStripper {
+    /// Takes one upstream chunk; returns the bytes to forward now.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(self.pending.len());
+        let mut start = 0;
+        while let Some((end, sep)) = next_event_end(&self.pending[start..]) {
+            let event = &self.pending[start..start + end + sep];
+            if !is_usage_only_event(event) {
+                out.extend_from_slice(event);
+            }
+            start += end + sep;
+        }
+        self.pending.drain(..start);
+        out
+    }
+
+    /// What is left at the end of the stream (an unterminated last event).
+    pub fn finish(&mut self) -> Vec<u8> {
+        let rest = std::mem::take(&mut self.pending);
+        if is_usage_only_event(&rest) {
+            Vec::new()
+        } else {
+            rest
+        }
+    }
+}
+
+/// Offset and length of the first blank-line event separator (`\n\n` or `\r\n\r\n`).
+fn next_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| (i, 2));
+    let crlf = memchr::memmem::find(buf, b"\r\n\r\n").map(|i| (i, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+fn is_usage_only_event(event: &[u8]) -> bool {
+    event
+        .split(|&b| b == b'\n')
+        .filter_map(|l| l.strip_prefix(b"data:"))
+        .any(|d| is_usage_only_chunk(d.trim_ascii()))
+}
+
 /// The `sse_usage` filter: feeds every upstream chunk of a successful answer to the protocol's
 /// meter (incremental, synchronous, no copy of the stream) and settles the counts at the end.
 pub struct SseUsage;
@@ -1193,7 +1246,15 @@ impl crate::chain::ResponseFilter for SseUsage {
         if let Some(m) = ctx.usage.meter.as_mut() {
             m.feed(chunk);
         }
-        crate::chain::ChunkAction::Forward
+        match ctx.usage.strip_usage_chunk.as_mut() {
+            Some(s) => crate::chain::ChunkAction::Replace(bytes::Bytes::from(s.push(chunk))),
+            None => crate::chain::ChunkAction::Forward,
+        }
+    }
+
+    fn on_body_end(&self, ctx: &mut crate::context::RequestCtx) -> Option<bytes::Bytes> {
+        let rest = ctx.usage.strip_usage_chunk.as_mut()?.finish();
+        (!rest.is_empty()).then(|| bytes::Bytes::from(rest))
     }
 
     fn on_end(&self, ctx: &mut crate::context::RequestCtx) {
@@ -2078,5 +2139,27 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
         for (data, expected) in cases {
             assert_eq!(leading_type(data), *expected);
         }
+    }
+
+    #[test]
+    fn usage_chunk_is_stripped_at_any_split() {
+        let stream: &[u8] = b"data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n\
+data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n\
+data: [DONE]\n\n";
+        let want: &[u8] = b"data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\ndata: [DONE]\n\n";
+        for cut in 0..=stream.len() {
+            let mut s = UsageChunkStripper::default();
+            let mut out = s.push(&stream[..cut]);
+            out.extend(s.push(&stream[cut..]));
+            out.extend(s.finish());
+            assert_eq!(out, want, "split at {cut}");
+        }
+        let mut s = UsageChunkStripper::default();
+        let mut out = Vec::new();
+        for b in stream {
+            out.extend(s.push(std::slice::from_ref(b)));
+        }
+        out.extend(s.finish());
+        assert_eq!(out, want);
     }
 }

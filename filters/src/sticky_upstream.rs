@@ -108,9 +108,34 @@ impl StickyUpstream {
         })
     }
 
+    /// Remembers which account produced a Responses answer, so a later request naming it in
+    /// `previous_response_id` goes back there (DESIGN §7).
+    pub async fn remember_response(&self, ctx: &RequestCtx) {
+        if ctx.protocol() != Protocol::OpenaiResponses {
+            return;
+        }
+        let (Some(id), Some(account)) = (&ctx.usage.response_id, &ctx.upstream.account) else {
+            return;
+        };
+        let binding = self.binding_for(ctx, account);
+        let _ = self
+            .sessions
+            .put(&response_key(id), &binding, self.config.responses_ttl)
+            .await;
+    }
+
     /// Chooses the account of the first attempt, honouring and updating the binding.
     pub async fn choose(&self, ctx: &mut RequestCtx) -> Result<Arc<Account>, Rejection> {
         let ttl = self.ttl(ctx.protocol());
+        // A continued response must go to the account that holds it, whatever the session says.
+        if let Some(prev) = ctx.request.previous_response_id.clone() {
+            if let Ok(Some(stored)) = self.sessions.get(&response_key(&prev)).await {
+                if let Some(account) = self.usable_for(ctx, &stored.binding.account_id) {
+                    ctx.session.sticky = Some(StickyResult::Hit);
+                    return Ok(account);
+                }
+            }
+        }
         let Some(key) = ctx.session.key.clone() else {
             return self.pick(ctx).ok_or_else(no_account);
         };
@@ -166,6 +191,10 @@ impl StickyUpstream {
         }
         Some(account)
     }
+}
+
+fn response_key(response_id: &str) -> String {
+    format!("response:{response_id}")
 }
 
 fn no_account() -> Rejection {
@@ -271,6 +300,31 @@ mod tests {
         assert!(s.failover(&mut c).await.is_none());
         let mut again = ctx(Some("s"));
         assert_eq!(s.choose(&mut again).await.unwrap().id, next.id);
+    }
+
+    #[tokio::test]
+    async fn previous_response_id_goes_back_to_its_account() {
+        let a = account("a", AccountType::Openai, 50, 1);
+        let b = account("b", AccountType::Openai, 50, 1);
+        let dir = Arc::new(Dir(Arc::new(vec![a, b])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(100), StickyConfig::default());
+        let responses = |session: Option<&str>| {
+            let mut c = ctx(session);
+            c.route.protocol = Protocol::OpenaiResponses;
+            c
+        };
+        let mut first = responses(None);
+        let acc = s.choose(&mut first).await.unwrap();
+        first.upstream.account = Some(acc.clone());
+        first.usage.response_id = Some("resp_1".into());
+        s.remember_response(&first).await;
+        for i in 0..20 {
+            // Different (or no) session keys: the response id wins.
+            let key = format!("other-{i}");
+            let mut next = responses(Some(&key));
+            next.request.previous_response_id = Some("resp_1".into());
+            assert_eq!(s.choose(&mut next).await.unwrap().id, acc.id);
+        }
     }
 
     #[tokio::test]

@@ -282,7 +282,13 @@ impl RelayProxy {
                 }
             };
         };
-        self.pump(session, ctx, att).await
+        let pumped = self.pump(session, ctx, att).await;
+        if let Some(r) = ctx.req.as_ref() {
+            if r.usage.response_id.is_some() {
+                sticky.remember_response(r).await;
+            }
+        }
+        pumped
     }
 
     /// Writes the response head and streams the body through the response filters.
@@ -368,6 +374,18 @@ impl RelayProxy {
                 }
                 Ok(None) => {
                     complete = true;
+                    for f in &self.chain.response {
+                        if let Some(rest) = f.on_body_end(rctx) {
+                            if !client_gone
+                                && session
+                                    .write_response_body(Some(rest), false)
+                                    .await
+                                    .is_err()
+                            {
+                                client_gone = true;
+                            }
+                        }
+                    }
                     break;
                 }
                 Err(e) => {
