@@ -10,6 +10,7 @@ use pingora::server::Server;
 use relay_filters::account_state::StateRules;
 use relay_filters::chain::{Chain, ChainDeps};
 use relay_filters::cost::PriceTable;
+use relay_filters::key_limits::{utc_day, MemoryLimits};
 use relay_filters::session_store::MemorySessionStore;
 use relay_filters::sticky_upstream::StickyConfig;
 
@@ -26,6 +27,13 @@ use crate::store::{NewUser, Role, SqlStore};
 pub struct NodeSecrets {
     pub secrets: SecretBox,
     pub pepper: Vec<u8>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Loads the secrets from the config, or from generated files in the data directory.
@@ -131,10 +139,15 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let keys = Arc::new(KeyCache::new(node.pepper.clone()));
     let accounts = Arc::new(AccountCache::default());
     let prices = Arc::new(PriceCache::new(load_prices(&config)?));
+    let limits = Arc::new(MemoryLimits::default());
     block_on(async {
         let store = open_store(&config).await?;
         bootstrap_admin(&store, &config).await?;
         cache_refresh::load_all(&store, &keys, &accounts, &prices, &node.secrets).await?;
+        let today = utc_day(now_ms());
+        for s in store.key_spend(&today).await? {
+            limits.seed_cost(&s.key_id, &today, s.today, s.total);
+        }
         store.close().await;
         anyhow::Ok(())
     })??;
@@ -146,6 +159,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         accounts: accounts.clone(),
         sessions,
         prices: prices.clone(),
+        limits,
+        lease_ttl: config.concurrency_lease_ttl,
         sticky: StickyConfig {
             ttl: config.session.ttl,
             responses_ttl: config.session.responses_ttl,

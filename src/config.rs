@@ -63,6 +63,9 @@ pub struct Config {
     pub threads: usize,
     /// `text` or `json`.
     pub log_format: String,
+    /// A key's concurrency slot expires after this when its node never gives it back.
+    #[serde(with = "humantime_serde")]
+    pub concurrency_lease_ttl: Duration,
     /// How often each node polls the database for admin changes.
     #[serde(with = "humantime_serde")]
     pub cache_refresh_interval: Duration,
@@ -172,6 +175,7 @@ impl Default for Config {
             max_keys_per_user: 10,
             threads: 2,
             log_format: "text".into(),
+            concurrency_lease_ttl: Duration::from_secs(900),
             cache_refresh_interval: Duration::from_millis(500),
             upstream: UpstreamConfig::default(),
             session: SessionConfig::default(),

@@ -12,6 +12,7 @@ use crate::context::RequestCtx;
 use crate::cost::{CostFilter, PriceSource};
 use crate::error::Rejection;
 use crate::header_rewrite::{HeaderRewrite, HeaderRules};
+use crate::key_limits::{KeyLimits, LimitStore};
 use crate::request_body::RequestBody;
 use crate::session_hash::{SessionHash, SessionStrategy};
 use crate::session_store::SessionStore;
@@ -77,6 +78,7 @@ pub trait ResponseFilter: Send + Sync {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum FilterConfig {
     ApiKeyAuth {},
+    KeyLimits {},
     SessionHash {
         #[serde(default)]
         strategy: Option<SessionStrategy>,
@@ -97,6 +99,7 @@ impl FilterConfig {
     pub fn default_chain() -> Vec<FilterConfig> {
         vec![
             FilterConfig::ApiKeyAuth {},
+            FilterConfig::KeyLimits {},
             FilterConfig::SessionHash {
                 strategy: None,
                 message_count: None,
@@ -117,6 +120,9 @@ pub struct ChainDeps {
     pub accounts: Arc<dyn AccountDirectory>,
     pub sessions: Arc<dyn SessionStore>,
     pub prices: Arc<dyn PriceSource>,
+    pub limits: Arc<dyn LimitStore>,
+    /// Concurrency leases expire after this when never released.
+    pub lease_ttl: std::time::Duration,
     pub sticky: StickyConfig,
     /// Default session strategy and message count (per-filter config overrides).
     pub session_strategy: SessionStrategy,
@@ -130,6 +136,7 @@ pub struct Chain {
     pub sticky: Option<Arc<StickyUpstream>>,
     pub rewrite: Option<Arc<HeaderRewrite>>,
     pub auth: Option<Arc<ApiKeyAuth>>,
+    pub limits: Option<Arc<KeyLimits>>,
 }
 
 impl Chain {
@@ -141,12 +148,18 @@ impl Chain {
             sticky: None,
             rewrite: None,
             auth: None,
+            limits: None,
         };
         for config in configs {
             match config {
                 FilterConfig::ApiKeyAuth {} => {
                     let f = Arc::new(ApiKeyAuth::new(deps.keys.clone()));
                     chain.auth = Some(f.clone());
+                    chain.request.push(f);
+                }
+                FilterConfig::KeyLimits {} => {
+                    let f = Arc::new(KeyLimits::new(deps.limits.clone(), deps.lease_ttl));
+                    chain.limits = Some(f.clone());
                     chain.request.push(f);
                 }
                 FilterConfig::SessionHash {

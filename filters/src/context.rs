@@ -28,6 +28,14 @@ pub struct RequestCtx {
     pub upstream: UpstreamInfo,
     /// Filled by the response filters.
     pub usage: UsageInfo,
+    /// Filled by `key_limits`: what must be given back at the end.
+    pub limits: LimitsInfo,
+}
+
+/// Limit bookkeeping of one request.
+#[derive(Debug, Default)]
+pub struct LimitsInfo {
+    pub slot: Option<crate::key_limits::SlotLease>,
 }
 
 /// What the body said (the few fields routing needs, owned).
@@ -128,6 +136,7 @@ impl RequestCtx {
             session: SessionInfo::default(),
             upstream: UpstreamInfo::default(),
             usage: UsageInfo::default(),
+            limits: LimitsInfo::default(),
         }
     }
 

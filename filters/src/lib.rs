@@ -11,6 +11,7 @@ pub mod context;
 pub mod cost;
 pub mod error;
 pub mod header_rewrite;
+pub mod key_limits;
 pub mod request_body;
 pub mod route;
 pub mod session_hash;

@@ -461,6 +461,28 @@ impl ProxyHttp for RelayProxy {
         }
         ctx.lease.take();
         self.book(ctx).await;
+        self.settle_limits(ctx).await;
+    }
+}
+
+impl RelayProxy {
+    /// Gives the key's concurrency slot back and books the cost against its limits.
+    async fn settle_limits(&self, ctx: &mut ProxyCtx) {
+        let (Some(limits), Some(r)) = (&self.chain.limits, ctx.req.as_mut()) else {
+            return;
+        };
+        if let Some(lease) = r.limits.slot.take() {
+            limits.store().release_slot(&lease).await;
+        }
+        if let Some(auth) = &r.auth {
+            if r.usage.billed_cost > 0 {
+                let day = relay_filters::key_limits::utc_day(r.started_ms);
+                limits
+                    .store()
+                    .add_cost(&auth.key.id, &day, r.usage.billed_cost)
+                    .await;
+            }
+        }
     }
 }
 

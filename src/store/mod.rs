@@ -7,6 +7,7 @@
 mod accounts;
 mod admin_sessions;
 mod api_keys;
+mod limits;
 mod prices;
 mod settings;
 mod usage;
@@ -24,6 +25,7 @@ use sqlx::{Any, AnyPool, Executor, Row};
 pub use accounts::{Account, AccountPatch, AccountStatus, NewAccount};
 pub use admin_sessions::AdminSession;
 pub use api_keys::{ActiveApiKey, ApiKey, ApiKeyPatch, NewApiKey};
+pub use limits::KeySpend;
 pub use prices::{ModelPrice, ModelPriceRow};
 pub use settings::AuditEntry;
 pub use usage::{utc_day, RecordFilter, UsageDailyRow, UsageDim, UsageRow, UsageTotals};

@@ -1,0 +1,187 @@
+//! Per-key limits end to end: rpm, concurrency and cost limits with the statuses and error types
+//! of DESIGN §4.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::mock_upstream::{MockUpstream, MockUsage};
+use common::{conversation, messages_body, Relay};
+
+const MODEL: &str = "claude-sonnet-4-5";
+
+async fn setup(key_extra: serde_json::Value) -> (Relay, MockUpstream, String) {
+    let mock = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    let user = relay.create_user("limited", 10_000).await;
+    let (_, key) = relay.create_key(&user, key_extra).await;
+    relay.wait_key_active(&key).await;
+    (relay, mock, key)
+}
+
+fn body(i: usize) -> serde_json::Value {
+    messages_body(MODEL, false, conversation(&format!("limits {i}"), 1))
+}
+
+#[tokio::test]
+async fn rpm_limit_answers_429_with_retry_after() {
+    let (relay, mock, key) = setup(serde_json::json!({"rpm_limit": 3})).await;
+    for i in 0..3 {
+        let r = relay
+            .post("/v1/messages", &key)
+            .json(&body(i))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+    }
+    let r = relay
+        .post("/v1/messages", &key)
+        .json(&body(9))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=20).contains(&retry), "retry-after {retry}");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert_eq!(mock.count(), 3);
+}
+
+#[tokio::test]
+async fn concurrency_limit_holds_under_a_burst() {
+    let (relay, mock, key) = setup(serde_json::json!({"max_concurrency": 5})).await;
+    let hold = Duration::from_millis(400);
+    mock.set(|b| b.head_delay = hold);
+    let relay = std::sync::Arc::new(relay);
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let relay = relay.clone();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = relay
+                .post("/v1/messages", &key)
+                .json(&body(i))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let retry = r.headers().get("retry-after").is_some();
+            let _ = r.bytes().await;
+            (status, retry)
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let (status, retry) = t.await.unwrap();
+        match status {
+            200 => ok += 1,
+            429 => assert!(retry, "429 without Retry-After"),
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    // Each upstream request is held `hold` long: the largest number that started within one
+    // hold window of each other is the peak concurrency the upstream saw.
+    let mut starts: Vec<Instant> = mock.requests().iter().map(|r| r.at).collect();
+    starts.sort();
+    let peak = starts
+        .iter()
+        .map(|t| {
+            starts
+                .iter()
+                .filter(|s| **s >= *t && **s < *t + hold)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(peak <= 5, "{peak} requests upstream at once");
+    assert!(peak >= 2, "the burst never ran concurrently (peak {peak})");
+    assert_eq!(ok, mock.count());
+    assert!(ok >= 5, "only {ok} requests served");
+}
+
+#[tokio::test]
+async fn daily_cost_limit_is_not_overshot_by_more_than_in_flight() {
+    // Each request: 1000 input + 1000 output tokens of claude-sonnet-4-5 = 3000 + 15000 = 18000 µUSD.
+    let per_request = 18_000;
+    let limit = 50_000;
+    let (relay, mock, key) = setup(serde_json::json!({"daily_cost_limit": limit})).await;
+    mock.set(|b| {
+        b.usage = MockUsage {
+            input: 1000,
+            output: 1000,
+            ..Default::default()
+        }
+    });
+    let mut served = 0;
+    for i in 0..10 {
+        let r = relay
+            .post("/v1/messages", &key)
+            .json(&body(i))
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            200 => {
+                served += 1;
+                let _ = r.bytes().await;
+            }
+            402 => {
+                let v: serde_json::Value = r.json().await.unwrap();
+                assert_eq!(v["error"]["type"], "insufficient_quota", "{v}");
+                break;
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    // Sequential requests: one in flight at a time, so spend ends in [limit, limit + one request).
+    let spent = served * per_request;
+    assert!(
+        spent >= limit && spent < limit + per_request,
+        "served {served}, spent {spent}"
+    );
+    let records = relay.wait_records(served as usize).await;
+    let booked: i64 = records
+        .iter()
+        .map(|r| r["billed_cost"].as_i64().unwrap())
+        .sum();
+    assert_eq!(booked, spent);
+}
+
+#[tokio::test]
+async fn total_cost_limit_answers_402() {
+    let (relay, mock, key) = setup(serde_json::json!({"total_cost_limit": 1})).await;
+    mock.set(|b| {
+        b.usage = MockUsage {
+            input: 10,
+            output: 10,
+            ..Default::default()
+        }
+    });
+    let r = relay
+        .post("/v1/messages", &key)
+        .json(&body(0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    let r = relay
+        .post("/v1/messages", &key)
+        .json(&body(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 402);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "insufficient_quota");
+}
