@@ -132,21 +132,27 @@ impl UsageWriter {
     }
 }
 
+/// Longest wait for one batch write: an unreachable database must not hold the queue.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Writes one batch, retrying briefly, spooling it when the database stays unreachable.
 async fn write_batch(store: &SqlStore, spool_dir: &Path, batch: &[UsageRecord]) {
     let mut delay = Duration::from_millis(100);
     for attempt in 0..3 {
-        match store.insert_usage_batch(batch).await {
-            Ok(()) => {
+        match tokio::time::timeout(WRITE_TIMEOUT, store.insert_usage_batch(batch)).await {
+            Ok(Ok(())) => {
                 metrics().usage_written.inc_by(batch.len() as u64);
                 return;
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, attempt, count = batch.len(), "usage batch write failed");
-                tokio::time::sleep(delay).await;
-                delay *= 4;
+            }
+            Err(_) => {
+                tracing::warn!(attempt, count = batch.len(), "usage batch write timed out");
             }
         }
+        tokio::time::sleep(delay).await;
+        delay *= 4;
     }
     metrics().usage_spilled.inc_by(batch.len() as u64);
     if let Err(e) = spool(spool_dir, batch) {
@@ -195,8 +201,10 @@ pub async fn replay_spool(store: &SqlStore, dir: &Path, batch_size: usize) {
         }
         let mut ok = true;
         for chunk in records.chunks(batch_size.max(1)) {
-            if let Err(e) = store.insert_usage_batch(chunk).await {
-                tracing::debug!(error = %e, "spool replay postponed: database still unreachable");
+            let written =
+                tokio::time::timeout(WRITE_TIMEOUT, store.insert_usage_batch(chunk)).await;
+            if !matches!(written, Ok(Ok(()))) {
+                tracing::debug!("spool replay postponed: database still unreachable");
                 ok = false;
                 break;
             }

@@ -130,7 +130,7 @@ impl SqlStore {
         }
         let mut options = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(10));
+            .acquire_timeout(Duration::from_secs(3));
         let url = if sqlite {
             let (url, in_memory) = prepare_sqlite_url(url)?;
             if in_memory {

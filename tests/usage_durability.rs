@@ -1,0 +1,281 @@
+//! Usage records survive a database outage and a shutdown: the writer spools what it cannot
+//! store and replays it later; SIGTERM flushes the queue (DESIGN §9).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::mock_upstream::{MockUpstream, MockUsage};
+use common::{conversation, free_port, messages_body, Db, Relay, RelayOptions};
+
+const MODEL: &str = "claude-sonnet-4-5";
+
+/// A private PostgreSQL server on a free port that the test may stop and start.
+struct PrivatePg {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+}
+
+fn as_postgres(args: &[&str]) -> std::process::Output {
+    // PostgreSQL refuses to run as root.
+    let mut cmd = if unsafe_is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]);
+        c
+    } else {
+        Command::new("env")
+    };
+    cmd.args(args).output().expect("run a PostgreSQL command")
+}
+
+fn unsafe_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+impl PrivatePg {
+    fn start() -> PrivatePg {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .expect("initdb");
+        let dir = std::env::temp_dir().join(format!("relay-pg-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        if unsafe_is_root() {
+            Command::new("chown")
+                .args(["-R", "postgres", dir.to_str().unwrap()])
+                .status()
+                .unwrap();
+        }
+        let data = dir.join("data");
+        let out = as_postgres(&[
+            bin.join("initdb").to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+        ]);
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pg = PrivatePg {
+            dir,
+            bin,
+            port: free_port(),
+        };
+        pg.up();
+        pg
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn up(&self) {
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let out = as_postgres(&[
+            self.bin.join("pg_ctl").to_str().unwrap(),
+            "-D",
+            self.dir.join("data").to_str().unwrap(),
+            "-o",
+            &opts,
+            "-l",
+            self.dir.join("log").to_str().unwrap(),
+            "-w",
+            "start",
+        ]);
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn down(&self) {
+        let out = as_postgres(&[
+            self.bin.join("pg_ctl").to_str().unwrap(),
+            "-D",
+            self.dir.join("data").to_str().unwrap(),
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ]);
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let _ = as_postgres(&[
+            self.bin.join("pg_ctl").to_str().unwrap_or(""),
+            "-D",
+            self.dir.join("data").to_str().unwrap_or(""),
+            "-m",
+            "immediate",
+            "stop",
+        ]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn send(relay: &Relay, key: &str, i: usize) -> bool {
+    let r = relay
+        .post("/v1/messages", key)
+        .json(&messages_body(
+            MODEL,
+            i % 2 == 0,
+            conversation(&format!("durable {i}"), 1),
+        ))
+        .send()
+        .await
+        .unwrap();
+    let ok = r.status() == 200;
+    let _ = r.bytes().await;
+    ok
+}
+
+#[tokio::test]
+async fn records_survive_a_database_outage() {
+    let pg = PrivatePg::start();
+    let mock = MockUpstream::start().await;
+    mock.set(|b| {
+        b.usage = MockUsage {
+            input: 100,
+            output: 10,
+            ..Default::default()
+        }
+    });
+    let relay = Relay::start_with(RelayOptions {
+        db: Db::Postgres(pg.url()),
+        ..Default::default()
+    })
+    .await;
+    relay
+        .create_account("a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    let user = relay.create_user("durable", 10_000).await;
+    let (_, key) = relay.create_key(&user, serde_json::json!({})).await;
+    relay.wait_key_active(&key).await;
+
+    let mut served = 0;
+    for i in 0..10 {
+        served += usize::from(send(&relay, &key, i).await);
+    }
+    pg.down();
+    // The proxy keeps serving from its caches while the database is gone.
+    for i in 10..30 {
+        served += usize::from(send(&relay, &key, i).await);
+    }
+    assert_eq!(served, 30, "requests failed while the database was down");
+    // Give the writer time to give up and spool, then bring the database back.
+    let spool = relay.data_dir.join("spool");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing was spooled during the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pg.up();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let records = loop {
+        let v = relay
+            .http
+            .get(format!(
+                "{}/api/admin/usage/records?per_page=500",
+                relay.admin
+            ))
+            .bearer_auth(common::ADMIN_TOKEN)
+            .send()
+            .await;
+        if let Ok(r) = v {
+            if r.status().is_success() {
+                let v: serde_json::Value = r.json().await.unwrap();
+                let items = v["items"].as_array().cloned().unwrap_or_default();
+                if items.len() >= served {
+                    break items;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "records did not all arrive after the database came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        records.len(),
+        served,
+        "exactly one record per served request"
+    );
+    let input: i64 = records
+        .iter()
+        .map(|r| r["input_tokens"].as_i64().unwrap())
+        .sum();
+    assert_eq!(input, 100 * served as i64);
+    let mut ids: Vec<&str> = records.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), served, "a record was stored twice");
+    // Replayed spool files are removed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0) > 0 {
+        assert!(Instant::now() < deadline, "spool files left after replay");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The queue-to-spool path at shutdown itself is covered by the writer's unit test
+/// (`queue_spools_when_writer_is_gone`); this checks the whole process keeps every record across
+/// a SIGTERM and a restart.
+#[tokio::test]
+async fn records_made_before_sigterm_are_all_kept() {
+    let mock = MockUpstream::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start_with(RelayOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await;
+    relay
+        .create_account("a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    let user = relay.create_user("flush", 10_000).await;
+    let (_, key) = relay.create_key(&user, serde_json::json!({})).await;
+    relay.wait_key_active(&key).await;
+    for i in 0..12 {
+        assert!(send(&relay, &key, i).await);
+    }
+    relay.terminate();
+    // Start again on the same data: every record is there (stored at shutdown, or spooled and
+    // replayed now).
+    let relay = Relay::start_with(RelayOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await;
+    let records = relay.wait_records(12).await;
+    assert_eq!(records.len(), 12);
+}
