@@ -1,6 +1,8 @@
 //! Usage records survive a database outage and a shutdown: the writer spools what it cannot
 //! store and replays it later; SIGTERM flushes the queue (DESIGN §9).
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::PathBuf;
