@@ -11,7 +11,7 @@ use relay_filters::account_state::StateRules;
 use relay_filters::chain::{Chain, ChainDeps};
 use relay_filters::cost::PriceTable;
 use relay_filters::key_limits::{utc_day, MemoryLimits};
-use relay_filters::session_store::MemorySessionStore;
+use relay_filters::session_store::{MemorySessionStore, SessionStore};
 use relay_filters::sticky_upstream::StickyConfig;
 
 use crate::background::account_events::AccountEvents;
@@ -21,6 +21,7 @@ use crate::cache::{AccountCache, KeyCache, PriceCache};
 use crate::config::{parse_hex_key, Config};
 use crate::proxy::{ProxySettings, RelayProxy, Resolver};
 use crate::secrets::{hash_password, load_or_create_key_file, SecretBox};
+use crate::store::redis_sessions::{FallbackSessionStore, RedisLink, RedisSessionStore};
 use crate::store::{NewUser, Role, SqlStore};
 
 /// Secrets of this node: the credential encryption key and the API key pepper.
@@ -153,7 +154,19 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     })??;
     cache_refresh::publish_account_states(&accounts);
 
-    let sessions = MemorySessionStore::new(config.session.memory_capacity);
+    let memory_sessions = MemorySessionStore::new(config.session.memory_capacity);
+    // With Redis, bindings are shared by every node; memory serves while Redis is unreachable.
+    // Opening the link does no I/O: it connects in the background once the proxy runs.
+    let sessions: Arc<dyn SessionStore> = match &config.redis_url {
+        Some(url) => {
+            let link = RedisLink::open(url).context("redis_url is not valid")?;
+            Arc::new(FallbackSessionStore::new(
+                RedisSessionStore::new(link, ""),
+                memory_sessions,
+            ))
+        }
+        None => memory_sessions,
+    };
     let deps = ChainDeps {
         keys: keys.clone(),
         accounts: accounts.clone(),

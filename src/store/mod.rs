@@ -9,6 +9,7 @@ mod admin_sessions;
 mod api_keys;
 mod limits;
 mod prices;
+pub mod redis_sessions;
 mod settings;
 mod usage;
 mod users;
@@ -27,6 +28,9 @@ pub use admin_sessions::AdminSession;
 pub use api_keys::{ActiveApiKey, ApiKey, ApiKeyPatch, NewApiKey};
 pub use limits::KeySpend;
 pub use prices::{ModelPrice, ModelPriceRow};
+pub use redis_sessions::{
+    FallbackSessionStore, RedisCooldowns, RedisLink, RedisLinkConfig, RedisSessionStore,
+};
 pub use settings::AuditEntry;
 pub use usage::{utc_day, RecordFilter, UsageDailyRow, UsageDim, UsageRow, UsageTotals};
 pub use users::{NewUser, Role, User};
