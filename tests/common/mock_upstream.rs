@@ -1,6 +1,11 @@
 //! A mock upstream speaking the providers' wire formats over plain HTTP/1.1 on a loopback
 //! port: JSON and SSE answers with chosen usage, delays between events, cuts, error statuses;
 //! it records every request it receives.
+//!
+//! The request path decides the protocol of the answer, as it does at the real providers:
+//! `…/chat/completions` → OpenAI Chat, `…/responses` → OpenAI Responses,
+//! `…/models/{m}:generateContent` / `:streamGenerateContent` → Gemini, anything else →
+//! Anthropic Messages. Any prefix before those (an account's base-URL path) is ignored.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -10,7 +15,16 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Token counts the mock reports.
+/// Token counts the mock reports, as each wire format's own fields (not normalised):
+///
+/// | field | Anthropic | OpenAI Chat | OpenAI Responses | Gemini |
+/// |---|---|---|---|---|
+/// | `input` | `input_tokens` (uncached) | `prompt_tokens` (cached included) | `input_tokens` (cached included) | `promptTokenCount` (cached included) |
+/// | `output` | `output_tokens` | `completion_tokens` (reasoning included) | `output_tokens` (reasoning included) | `candidatesTokenCount` (thoughts apart) |
+/// | `cache_read` | `cache_read_input_tokens` | `cached_tokens` | `cached_tokens` | `cachedContentTokenCount` |
+/// | `cache_write_*` | `cache_creation.ephemeral_*` | — | — | — |
+///
+/// Reasoning and Gemini tool-use counts are in [`Behavior::extra_usage`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MockUsage {
     pub input: u64,
@@ -18,6 +32,43 @@ pub struct MockUsage {
     pub cache_write_5m: u64,
     pub cache_write_1h: u64,
     pub cache_read: u64,
+}
+
+/// Counts only some protocols report.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExtraUsage {
+    /// OpenAI `reasoning_tokens` (inside the output count), Gemini `thoughtsTokenCount`
+    /// (apart from it); omitted when 0.
+    pub reasoning: u64,
+    /// Gemini `toolUsePromptTokenCount`; omitted when 0.
+    pub tool_use: u64,
+}
+
+/// The wire protocol a request path implies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireProtocol {
+    Anthropic,
+    OpenaiChat,
+    OpenaiResponses,
+    Gemini,
+}
+
+impl WireProtocol {
+    /// The protocol of a request path (query ignored), whatever prefix precedes it.
+    pub fn of_path(path: &str) -> WireProtocol {
+        let path = path.split('?').next().unwrap_or(path);
+        if path.ends_with("/chat/completions") {
+            WireProtocol::OpenaiChat
+        } else if path.ends_with("/responses") || path.ends_with("/responses/compact") {
+            WireProtocol::OpenaiResponses
+        } else if path.contains("/models/")
+            && (path.ends_with(":generateContent") || path.ends_with(":streamGenerateContent"))
+        {
+            WireProtocol::Gemini
+        } else {
+            WireProtocol::Anthropic
+        }
+    }
 }
 
 /// What the mock answers.
@@ -28,7 +79,12 @@ pub struct Behavior {
     pub extra_headers: Vec<(String, String)>,
     pub error_body: String,
     pub usage: MockUsage,
+    pub extra_usage: ExtraUsage,
+    /// Model reported by Anthropic answers.
     pub model: String,
+    /// Model reported by OpenAI and Gemini answers; `None` echoes the requested model (body
+    /// `model`, or the Gemini path's).
+    pub upstream_model: Option<String>,
     /// Text deltas in a stream.
     pub deltas: usize,
     /// Pause after the first SSE event.
@@ -54,7 +110,9 @@ impl Default for Behavior {
                 cache_write_1h: 0,
                 cache_read: 0,
             },
+            extra_usage: ExtraUsage::default(),
             model: "claude-sonnet-4-5-20250929".into(),
+            upstream_model: None,
             deltas: 3,
             pause_after_first: Duration::ZERO,
             event_delay: Duration::ZERO,
@@ -81,6 +139,85 @@ impl Received {
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON (`Null` when it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The path without its query.
+    pub fn path_only(&self) -> &str {
+        self.path.split('?').next().unwrap_or(&self.path)
+    }
+
+    /// The query string, if any.
+    pub fn query(&self) -> Option<&str> {
+        self.path.split_once('?').map(|(_, q)| q)
+    }
+}
+
+/// What the mock knows about a request when it builds the answer.
+#[derive(Debug, Clone)]
+pub struct AnswerFor {
+    pub protocol: WireProtocol,
+    /// The model the request named (body `model`, or the Gemini path's).
+    pub requested_model: Option<String>,
+    /// Whether the answer is a stream (body `stream`, or Gemini `:streamGenerateContent`).
+    pub stream: bool,
+    /// Gemini `:streamGenerateContent` with `alt=sse` (else a JSON array).
+    pub gemini_sse: bool,
+    /// Chat `stream_options.include_usage` is `true`.
+    pub include_usage: bool,
+    /// Response / completion id, unique per mock and request.
+    pub id: String,
+}
+
+impl AnswerFor {
+    /// Reads what matters from the request line and body.
+    pub fn of(path: &str, body: &[u8], port: u16, seq: usize) -> AnswerFor {
+        let protocol = WireProtocol::of_path(path);
+        let json = serde_json::from_slice::<serde_json::Value>(body).unwrap_or_default();
+        let (path_only, query) = match path.split_once('?') {
+            Some((p, q)) => (p, q),
+            None => (path, ""),
+        };
+        let gemini_method = path_only.rsplit_once(':').map(|(_, m)| m).unwrap_or("");
+        let requested_model = match protocol {
+            WireProtocol::Gemini => path_only
+                .rsplit_once("/models/")
+                .and_then(|(_, rest)| rest.split_once(':'))
+                .map(|(m, _)| m.to_string()),
+            _ => json
+                .get("model")
+                .and_then(|m| m.as_str())
+                .map(str::to_string),
+        };
+        let stream = match protocol {
+            WireProtocol::Gemini => gemini_method == "streamGenerateContent",
+            _ => json
+                .get("stream")
+                .and_then(|s| s.as_bool())
+                .unwrap_or(false),
+        };
+        AnswerFor {
+            protocol,
+            requested_model,
+            stream,
+            gemini_sse: query.split('&').any(|kv| kv == "alt=sse"),
+            include_usage: json
+                .pointer("/stream_options/include_usage")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            id: format!("mock_{port}_{seq}"),
+        }
+    }
+
+    fn model(&self, b: &Behavior) -> String {
+        b.upstream_model
+            .clone()
+            .or_else(|| self.requested_model.clone())
+            .unwrap_or_else(|| "mock-model".into())
     }
 }
 
@@ -177,17 +314,18 @@ impl MockUpstream {
                 buf.extend_from_slice(&chunk[..n]);
             }
             let body: Vec<u8> = buf.drain(..len).collect();
-            let stream = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("stream").and_then(|s| s.as_bool()))
-                .unwrap_or(false);
-            self.received.lock().unwrap().push(Received {
-                method,
-                path,
-                headers,
-                body,
-                at: Instant::now(),
-            });
+            let answer = {
+                let mut received = self.received.lock().unwrap();
+                let answer = AnswerFor::of(&path, &body, self.port, received.len() + 1);
+                received.push(Received {
+                    method,
+                    path,
+                    headers,
+                    body,
+                    at: Instant::now(),
+                });
+                answer
+            };
             let b = self.behavior.lock().unwrap().clone();
             if !b.head_delay.is_zero() {
                 tokio::time::sleep(b.head_delay).await;
@@ -206,15 +344,31 @@ impl MockUpstream {
                 sock.write_all(resp.as_bytes()).await?;
                 continue;
             }
-            if stream {
-                self.write_stream(&mut sock, &b).await?;
+            // Gemini streams are SSE only with `alt=sse`, a JSON array otherwise.
+            let sse =
+                answer.stream && (answer.protocol != WireProtocol::Gemini || answer.gemini_sse);
+            if sse {
+                let events = match answer.protocol {
+                    WireProtocol::Anthropic => anthropic_events(&b),
+                    WireProtocol::OpenaiChat => chat_events(&b, &answer),
+                    WireProtocol::OpenaiResponses => responses_events(&b, &answer),
+                    WireProtocol::Gemini => gemini_events(&b, &answer),
+                };
+                self.write_stream(&mut sock, &b, &events).await?;
                 if b.cut_after.is_some() {
                     return Ok(());
                 }
             } else {
-                let json = anthropic_json(&b);
+                let (json, extra) = match answer.protocol {
+                    WireProtocol::Anthropic => (anthropic_json(&b), "request-id: req_mock\r\n"),
+                    WireProtocol::OpenaiChat => (chat_json(&b, &answer), ""),
+                    WireProtocol::OpenaiResponses => (responses_json(&b, &answer), ""),
+                    // `:streamGenerateContent` without `alt=sse` answers one JSON array.
+                    WireProtocol::Gemini if answer.stream => (gemini_array(&b, &answer), ""),
+                    WireProtocol::Gemini => (gemini_json(&b, &answer), ""),
+                };
                 let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nrequest-id: req_mock\r\ncontent-length: {}\r\n\r\n{}",
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n{}",
                     json.len(),
                     json
                 );
@@ -223,10 +377,14 @@ impl MockUpstream {
         }
     }
 
-    async fn write_stream(&self, sock: &mut TcpStream, b: &Behavior) -> std::io::Result<()> {
+    async fn write_stream(
+        &self,
+        sock: &mut TcpStream,
+        b: &Behavior,
+        events: &[String],
+    ) -> std::io::Result<()> {
         sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n")
             .await?;
-        let events = anthropic_events(b);
         for (i, ev) in events.iter().enumerate() {
             if b.cut_after == Some(i) {
                 sock.shutdown().await?;
@@ -308,4 +466,269 @@ pub fn anthropic_events(b: &Behavior) -> Vec<String> {
         serde_json::json!({"type": "message_stop"}),
     ));
     out
+}
+
+/// OpenAI Chat `usage` (cached input inside `prompt_tokens`, reasoning inside
+/// `completion_tokens`).
+fn chat_usage_json(u: &MockUsage, x: &ExtraUsage) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_tokens": u.input,
+        "completion_tokens": u.output,
+        "total_tokens": u.input + u.output,
+        "prompt_tokens_details": {"cached_tokens": u.cache_read, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": x.reasoning,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0
+        }
+    })
+}
+
+/// A non-streamed OpenAI Chat Completions answer.
+pub fn chat_json(b: &Behavior, a: &AnswerFor) -> String {
+    serde_json::json!({
+        "id": format!("chatcmpl-{}", a.id),
+        "object": "chat.completion",
+        "created": 1_759_327_400,
+        "model": a.model(b),
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello from the mock.", "refusal": null},
+            "logprobs": null,
+            "finish_reason": "stop"
+        }],
+        "usage": chat_usage_json(&b.usage, &b.extra_usage),
+        "service_tier": "default",
+        "system_fingerprint": null
+    })
+    .to_string()
+}
+
+/// The SSE events of a streamed OpenAI Chat answer: `data:` chunks only, the usage-only chunk
+/// (`choices: []`) only when the request asked for it, then `data: [DONE]`.
+pub fn chat_events(b: &Behavior, a: &AnswerFor) -> Vec<String> {
+    let model = a.model(b);
+    let id = format!("chatcmpl-{}", a.id);
+    let chunk = |choices: serde_json::Value, usage: serde_json::Value| {
+        let mut v = serde_json::json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": 1_759_327_400,
+            "model": model,
+            "system_fingerprint": null,
+            "choices": choices,
+        });
+        // With include_usage every chunk carries `"usage": null` until the last one.
+        if a.include_usage {
+            v["usage"] = usage;
+        }
+        format!("data: {v}\n\n")
+    };
+    let mut out = vec![chunk(
+        serde_json::json!([{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": null}, "finish_reason": null}]),
+        serde_json::Value::Null,
+    )];
+    for i in 0..b.deltas {
+        out.push(chunk(
+            serde_json::json!([{"index": 0, "delta": {"content": format!("word{i} ")}, "finish_reason": null}]),
+            serde_json::Value::Null,
+        ));
+    }
+    out.push(chunk(
+        serde_json::json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+        serde_json::Value::Null,
+    ));
+    if a.include_usage {
+        out.push(chunk(
+            serde_json::json!([]),
+            chat_usage_json(&b.usage, &b.extra_usage),
+        ));
+    }
+    out.push("data: [DONE]\n\n".to_string());
+    out
+}
+
+/// OpenAI Responses `usage`.
+fn responses_usage_json(u: &MockUsage, x: &ExtraUsage) -> serde_json::Value {
+    serde_json::json!({
+        "input_tokens": u.input,
+        "input_tokens_details": {"cached_tokens": u.cache_read},
+        "output_tokens": u.output,
+        "output_tokens_details": {"reasoning_tokens": x.reasoning},
+        "total_tokens": u.input + u.output
+    })
+}
+
+/// An OpenAI Responses `response` object.
+fn response_object(
+    b: &Behavior,
+    a: &AnswerFor,
+    status: &str,
+    text: Option<&str>,
+) -> serde_json::Value {
+    let output = match text {
+        Some(t) => serde_json::json!([{
+            "id": format!("msg_{}", a.id),
+            "type": "message",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": t}]
+        }]),
+        None => serde_json::json!([]),
+    };
+    serde_json::json!({
+        "id": format!("resp_{}", a.id),
+        "object": "response",
+        "created_at": 1_759_329_375,
+        "status": status,
+        "error": null,
+        "incomplete_details": null,
+        "instructions": null,
+        "model": a.model(b),
+        "output": output,
+        "parallel_tool_calls": true,
+        "previous_response_id": null,
+        "store": false,
+        "usage": if status == "completed" { responses_usage_json(&b.usage, &b.extra_usage) } else { serde_json::Value::Null },
+        "metadata": {}
+    })
+}
+
+/// A non-streamed OpenAI Responses answer.
+pub fn responses_json(b: &Behavior, a: &AnswerFor) -> String {
+    response_object(b, a, "completed", Some("Hello from the mock.")).to_string()
+}
+
+/// The SSE events of a streamed OpenAI Responses answer: `response.created` …
+/// `response.completed` (which carries the usage).
+pub fn responses_events(b: &Behavior, a: &AnswerFor) -> Vec<String> {
+    let mut seq = 0u64;
+    let mut ev = |name: &str, mut data: serde_json::Value| {
+        data["type"] = serde_json::Value::String(name.to_string());
+        data["sequence_number"] = seq.into();
+        seq += 1;
+        format!("event: {name}\ndata: {data}\n\n")
+    };
+    let item_id = format!("msg_{}", a.id);
+    let text: String = (0..b.deltas).map(|i| format!("word{i} ")).collect();
+    let mut out = vec![
+        ev(
+            "response.created",
+            serde_json::json!({"response": response_object(b, a, "in_progress", None)}),
+        ),
+        ev(
+            "response.in_progress",
+            serde_json::json!({"response": response_object(b, a, "in_progress", None)}),
+        ),
+        ev(
+            "response.output_item.added",
+            serde_json::json!({"output_index": 0, "item": {"id": item_id, "type": "message", "status": "in_progress", "content": [], "role": "assistant"}}),
+        ),
+        ev(
+            "response.content_part.added",
+            serde_json::json!({"item_id": item_id, "output_index": 0, "content_index": 0, "part": {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}}),
+        ),
+    ];
+    for i in 0..b.deltas {
+        out.push(ev(
+            "response.output_text.delta",
+            serde_json::json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": format!("word{i} "), "logprobs": []}),
+        ));
+    }
+    out.push(ev(
+        "response.output_text.done",
+        serde_json::json!({"item_id": item_id, "output_index": 0, "content_index": 0, "text": text, "logprobs": []}),
+    ));
+    out.push(ev(
+        "response.content_part.done",
+        serde_json::json!({"item_id": item_id, "output_index": 0, "content_index": 0, "part": {"type": "output_text", "annotations": [], "logprobs": [], "text": text}}),
+    ));
+    out.push(ev(
+        "response.output_item.done",
+        serde_json::json!({"output_index": 0, "item": {"id": item_id, "type": "message", "status": "completed", "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}], "role": "assistant"}}),
+    ));
+    out.push(ev(
+        "response.completed",
+        serde_json::json!({"response": response_object(b, a, "completed", Some(&text))}),
+    ));
+    out
+}
+
+/// Gemini `usageMetadata` with `candidates` output tokens so far (cumulative, as Gemini
+/// reports it in every chunk).
+fn gemini_usage_json(u: &MockUsage, x: &ExtraUsage, candidates: Option<u64>) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "promptTokenCount": u.input,
+        "totalTokenCount": u.input + candidates.unwrap_or(0) + x.reasoning + x.tool_use,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": u.input}],
+    });
+    if let Some(c) = candidates {
+        v["candidatesTokenCount"] = c.into();
+    }
+    if u.cache_read > 0 {
+        v["cachedContentTokenCount"] = u.cache_read.into();
+    }
+    if x.reasoning > 0 {
+        v["thoughtsTokenCount"] = x.reasoning.into();
+    }
+    if x.tool_use > 0 {
+        v["toolUsePromptTokenCount"] = x.tool_use.into();
+    }
+    v
+}
+
+/// One Gemini GenerateContentResponse.
+fn gemini_chunk(
+    b: &Behavior,
+    a: &AnswerFor,
+    text: &str,
+    finished: bool,
+    candidates: Option<u64>,
+) -> serde_json::Value {
+    let mut candidate = serde_json::json!({
+        "content": {"parts": [{"text": text}], "role": "model"},
+        "index": 0
+    });
+    if finished {
+        candidate["finishReason"] = "STOP".into();
+    }
+    serde_json::json!({
+        "candidates": [candidate],
+        "usageMetadata": gemini_usage_json(&b.usage, &b.extra_usage, candidates),
+        "modelVersion": a.model(b),
+        "responseId": a.id,
+    })
+}
+
+/// A non-streamed Gemini `generateContent` answer.
+pub fn gemini_json(b: &Behavior, a: &AnswerFor) -> String {
+    gemini_chunk(b, a, "Hello from the mock.", true, Some(b.usage.output)).to_string()
+}
+
+/// The chunks of a Gemini stream: output tokens grow chunk by chunk to `usage.output` in the
+/// last one, which carries `finishReason`.
+fn gemini_chunks(b: &Behavior, a: &AnswerFor) -> Vec<serde_json::Value> {
+    let n = b.deltas.max(1) as u64;
+    (0..n)
+        .map(|i| {
+            // The first chunk has no candidatesTokenCount yet, like Gemini's own first chunk.
+            let candidates = (i > 0).then(|| b.usage.output * (i + 1) / n);
+            gemini_chunk(b, a, &format!("word{i} "), i + 1 == n, candidates)
+        })
+        .collect()
+}
+
+/// The SSE events of a Gemini `:streamGenerateContent?alt=sse` answer (`\r\n` line endings,
+/// as Gemini sends them).
+pub fn gemini_events(b: &Behavior, a: &AnswerFor) -> Vec<String> {
+    gemini_chunks(b, a)
+        .into_iter()
+        .map(|c| format!("data: {c}\r\n\r\n"))
+        .collect()
+}
+
+/// A Gemini `:streamGenerateContent` answer without `alt=sse`: one JSON array.
+pub fn gemini_array(b: &Behavior, a: &AnswerFor) -> String {
+    serde_json::Value::Array(gemini_chunks(b, a)).to_string()
 }

@@ -376,3 +376,283 @@ pub fn conversation(topic: &str, turns: usize) -> serde_json::Value {
     }
     serde_json::Value::Array(msgs)
 }
+
+// ---------------------------------------------------------------------------------------------
+// OpenAI and Gemini helpers
+// ---------------------------------------------------------------------------------------------
+
+impl Relay {
+    /// Creates an account from a whole create body (`chatgpt_account_id`, `models`, ...) and
+    /// returns its id.
+    pub async fn create_account_with(&self, body: serde_json::Value) -> String {
+        let (s, v) = self.admin_post("/api/admin/accounts", body).await;
+        assert_eq!(s, 201, "{v}");
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    /// A POST to the proxy with no credential and no protocol header.
+    pub fn post_bare(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.post(format!("{}{}", self.proxy, path))
+    }
+
+    /// Waits until the proxy's account cache holds at least `n` accounts: the cache refresh
+    /// publishes `relay_account_state` once it has replaced the accounts.
+    pub async fn wait_accounts_loaded(&self, n: i64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self
+                .http
+                .get(format!("{}/metrics", self.admin))
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .unwrap_or_default();
+            let loaded: i64 = text
+                .lines()
+                .filter(|l| l.starts_with("relay_account_state{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+                .sum();
+            if loaded >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy loaded {loaded} of {n} accounts"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The usage record with request id `id` (sent as `x-request-id`).
+pub fn record_by_id<'a>(records: &'a [serde_json::Value], id: &str) -> &'a serde_json::Value {
+    records
+        .iter()
+        .find(|r| r["id"] == id)
+        .unwrap_or_else(|| panic!("no usage record {id} among {records:?}"))
+}
+
+/// An OpenAI Chat Completions request body.
+pub fn chat_body(model: &str, stream: bool, messages: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "model": model,
+        "stream": stream,
+        "messages": messages,
+    })
+}
+
+/// A Chat conversation with `turns` user turns: a system message, then [`conversation`].
+pub fn chat_conversation(topic: &str, turns: usize) -> serde_json::Value {
+    let mut msgs =
+        vec![serde_json::json!({"role": "system", "content": "You are a helpful assistant."})];
+    if let serde_json::Value::Array(rest) = conversation(topic, turns) {
+        msgs.extend(rest);
+    }
+    serde_json::Value::Array(msgs)
+}
+
+/// A Gemini request body: a system instruction and a conversation of `turns` user turns
+/// (and the model turns between them).
+pub fn gemini_body(topic: &str, turns: usize) -> serde_json::Value {
+    let mut contents = Vec::new();
+    for i in 0..turns {
+        if i > 0 {
+            contents.push(
+                serde_json::json!({"role": "model", "parts": [{"text": format!("answer {i}")}]}),
+            );
+        }
+        contents.push(
+            serde_json::json!({"role": "user", "parts": [{"text": format!("{topic}: question {i}")}]}),
+        );
+    }
+    serde_json::json!({
+        "systemInstruction": {"parts": [{"text": "You are a helpful assistant."}]},
+        "contents": contents,
+        "generationConfig": {"temperature": 0.2},
+    })
+}
+
+/// A captured client request from `tests/fixtures/client-requests/`.
+#[derive(Debug, Clone)]
+pub struct ClientFixture {
+    pub method: String,
+    pub path: String,
+    /// Headers as captured (lower-case names); the credential is `<KEY>`.
+    pub headers: Vec<(String, String)>,
+    pub body: serde_json::Value,
+}
+
+/// Headers a test client never copies from a capture: reqwest sets them itself.
+const TRANSPORT_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "connection",
+    "accept-encoding",
+    "transfer-encoding",
+];
+
+impl ClientFixture {
+    /// Loads `tests/fixtures/client-requests/{name}`.
+    pub fn load(name: &str) -> ClientFixture {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/client-requests")
+            .join(name);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let headers = v["headers"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str().unwrap().to_string()))
+            .collect();
+        ClientFixture {
+            method: v["method"].as_str().unwrap().to_string(),
+            path: v["path"].as_str().unwrap().to_string(),
+            headers,
+            body: v["body"].clone(),
+        }
+    }
+
+    /// First captured value of a header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Replaces `from` by `to` in every header value and everywhere in the body (to make a
+    /// new conversation out of a captured one).
+    pub fn replace_everywhere(&self, from: &str, to: &str) -> ClientFixture {
+        let mut out = self.clone();
+        for (_, v) in &mut out.headers {
+            *v = v.replace(from, to);
+        }
+        let body = serde_json::to_string(&self.body).unwrap().replace(from, to);
+        out.body = serde_json::from_str(&body).unwrap();
+        out
+    }
+
+    /// The body bytes this fixture sends.
+    pub fn body_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.body).unwrap()
+    }
+
+    /// The captured request sent to the relay at `path`, with `key` in place of the captured
+    /// credential (`<KEY>`), in the header the client used.
+    pub fn request(&self, relay: &Relay, path: &str, key: &str) -> reqwest::RequestBuilder {
+        let mut rb = relay.http.post(format!("{}{}", relay.proxy, path));
+        for (k, v) in &self.headers {
+            if TRANSPORT_HEADERS.contains(&k.as_str()) {
+                continue;
+            }
+            rb = rb.header(k, v.replace("<KEY>", key));
+        }
+        rb.body(self.body_bytes())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin API helpers: login sessions and raw calls
+// ---------------------------------------------------------------------------------------------
+
+/// Password of the `admin` user every test relay bootstraps.
+pub const ADMIN_PASSWORD: &str = "admin-password-1";
+
+/// A login session on the admin API: the session cookie and its CSRF token.
+#[derive(Debug, Clone)]
+pub struct LoginSession {
+    /// `relay_session=...`, as sent back in `cookie`.
+    pub cookie: String,
+    /// The whole `set-cookie` header of the login answer.
+    pub set_cookie: String,
+    pub csrf: String,
+    /// The login answer's body.
+    pub body: serde_json::Value,
+}
+
+impl Relay {
+    /// `POST /api/auth/login`; the raw answer.
+    pub async fn login_raw(&self, username: &str, password: &str) -> reqwest::Response {
+        self.http
+            .post(format!("{}/api/auth/login", self.admin))
+            .json(&serde_json::json!({"username": username, "password": password}))
+            .send()
+            .await
+            .expect("login call")
+    }
+
+    /// Logs in, asserting success.
+    pub async fn login(&self, username: &str, password: &str) -> LoginSession {
+        let r = self.login_raw(username, password).await;
+        assert_eq!(r.status(), 200, "login of {username}");
+        let set_cookie = r
+            .headers()
+            .get("set-cookie")
+            .and_then(|v| v.to_str().ok())
+            .expect("set-cookie")
+            .to_string();
+        let cookie = set_cookie.split(';').next().unwrap().trim().to_string();
+        let body: serde_json::Value = r.json().await.expect("login json");
+        LoginSession {
+            cookie,
+            set_cookie,
+            csrf: body["csrf_token"].as_str().expect("csrf_token").to_string(),
+            body,
+        }
+    }
+
+    /// An admin API call with a login session: the cookie always, the CSRF header when
+    /// `csrf`. Returns the status and the raw body text.
+    pub async fn session_call(
+        &self,
+        session: &LoginSession,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        csrf: bool,
+    ) -> (u16, String) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{}", self.admin, path))
+            .header("cookie", &session.cookie);
+        if csrf {
+            req = req.header("x-csrf-token", &session.csrf);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let r = req.send().await.expect("admin call");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    }
+
+    /// An admin API call with the static token (`None` = no credential at all); the status
+    /// and the raw body text.
+    pub async fn token_call(
+        &self,
+        token: Option<&str>,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, String) {
+        let mut req = self.http.request(method, format!("{}{}", self.admin, path));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let r = req.send().await.expect("admin call");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    }
+
+    /// `DELETE` on the admin API with the static token.
+    pub async fn admin_delete(&self, path: &str) -> (u16, serde_json::Value) {
+        let (status, text) = self
+            .token_call(Some(ADMIN_TOKEN), reqwest::Method::DELETE, path, None)
+            .await;
+        (status, serde_json::from_str(&text).unwrap_or_default())
+    }
+}

@@ -1,0 +1,1369 @@
+//! End to end on the OpenAI Chat Completions, OpenAI Responses (Codex) and Gemini routes: a real
+//! relay process, mock upstreams answering in the protocol the path implies, real client
+//! captures from `tests/fixtures/client-requests/`, and the usage records to check the booking.
+
+mod common;
+
+use common::mock_upstream::{ExtraUsage, MockUpstream, MockUsage, Received};
+use common::{chat_body, chat_conversation, gemini_body, record_by_id, ClientFixture, Relay};
+
+/// Upstream credentials of the test accounts (never the relay key).
+const OPENAI_SECRET: &str = "sk-openai-upstream-secret-0123";
+const GEMINI_SECRET: &str = "AIza-gemini-upstream-secret-0123";
+
+/// A relay with one user and one key, plus the key's id.
+async fn relay_with_key(key_extra: serde_json::Value) -> (Relay, String, String, String) {
+    let relay = Relay::start().await;
+    let user_id = relay.create_user("alice", 10_000).await;
+    let (key_id, key) = relay.create_key(&user_id, key_extra).await;
+    relay.wait_key_active(&key).await;
+    (relay, user_id, key_id, key)
+}
+
+/// Neither the path, a header nor the body of an upstream request carries the relay key.
+fn assert_no_relay_key(req: &Received, key: &str) {
+    assert!(
+        !req.path.contains(key),
+        "relay key in upstream path {}",
+        req.path
+    );
+    for (k, v) in &req.headers {
+        assert!(!v.contains(key), "relay key leaked upstream in header {k}");
+    }
+    assert!(
+        !String::from_utf8_lossy(&req.body).contains(key),
+        "relay key leaked upstream in the body"
+    );
+}
+
+fn assert_openai_error(v: &serde_json::Value, kind: &str, code: &str) {
+    assert_eq!(v["error"]["type"], kind, "{v}");
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    assert!(
+        v.get("type").is_none(),
+        "Anthropic shape on an OpenAI route: {v}"
+    );
+}
+
+fn assert_gemini_error(v: &serde_json::Value, code: u16, status: &str) {
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert_eq!(v["error"]["status"], status, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+}
+
+/// The `data:` payloads of an SSE body, in order.
+fn sse_data(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.trim().to_string())
+        .collect()
+}
+
+/// The `event:` names of an SSE body, in order.
+fn sse_events(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("event:"))
+        .map(|d| d.trim().to_string())
+        .collect()
+}
+
+/// Sends `turns` 1 and 2 of twelve conversations built by `request(topic, turns)`: both turns of
+/// each conversation must reach one account, and the conversations must not all reach the same.
+async fn assert_conversations_stick_and_spread(
+    mock_a: &MockUpstream,
+    mock_b: &MockUpstream,
+    request: impl Fn(&str, usize) -> reqwest::RequestBuilder,
+) {
+    let mut on_a = 0;
+    for c in 0..12 {
+        let topic = format!("conversation {c}");
+        let before = (mock_a.count(), mock_b.count());
+        for turns in [1, 2] {
+            let r = request(&topic, turns).send().await.expect("relay answers");
+            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+            let _ = r.bytes().await.expect("answer body");
+        }
+        let (da, db) = (mock_a.count() - before.0, mock_b.count() - before.1);
+        assert!(
+            (da, db) == (2, 0) || (da, db) == (0, 2),
+            "conversation {c} split across accounts: {da}/{db}"
+        );
+        if da == 2 {
+            on_a += 1;
+        }
+    }
+    assert!(
+        on_a > 0 && on_a < 12,
+        "12 conversations all landed on one account ({on_a} on a)"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// OpenAI Chat Completions
+// ---------------------------------------------------------------------------------------------
+
+/// Chat reasoning tokens (inside `completion_tokens`).
+const CHAT_EXTRA: ExtraUsage = ExtraUsage {
+    reasoning: 64,
+    tool_use: 0,
+};
+
+/// gpt-4.1: input $2, output $8, cached input $0.50 per million tokens.
+/// prompt 1500 of which 400 cached, completion 250 (64 reasoning):
+/// 1100×2 + 250×8 + 400×0.5 = 4400 micro-USD.
+const CHAT_USAGE: MockUsage = MockUsage {
+    input: 1500,
+    output: 250,
+    cache_write_5m: 0,
+    cache_write_1h: 0,
+    cache_read: 400,
+};
+
+#[tokio::test]
+async fn chat_json_and_streams_swap_credentials_and_book_normalised_usage() {
+    let mock = MockUpstream::start().await;
+    let (relay, user_id, key_id, key) = relay_with_key(serde_json::json!({})).await;
+    let account_id = relay
+        .create_account(
+            "openai-a",
+            "openai",
+            &format!("{}/v1", mock.url()),
+            OPENAI_SECRET,
+        )
+        .await;
+    relay.wait_accounts_loaded(1).await;
+    mock.set(|b| {
+        b.usage = CHAT_USAGE;
+        b.extra_usage = CHAT_EXTRA;
+        b.upstream_model = Some("gpt-4.1-2025-04-14".into());
+    });
+
+    // 1. JSON, key as Bearer (the openai SDK), with the SDK's own headers.
+    let sdk = ClientFixture::load("sdk-openai-chat.turn1.json");
+    let mut body = sdk.body.clone();
+    body["model"] = "gpt-4.1".into();
+    let sent = serde_json::to_vec(&body).unwrap();
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .header("user-agent", sdk.header("user-agent").unwrap())
+        .header("x-stainless-lang", "python")
+        .header("x-request-id", "chat-json")
+        .body(sent.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "chat-json");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion", "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "Hello from the mock."
+    );
+    // The answer reaches the client as the upstream sent it.
+    assert_eq!(v["usage"]["prompt_tokens"], 1500, "{v}");
+    let got = mock.requests();
+    assert_eq!(got.len(), 1);
+    let up = &got[0];
+    assert_eq!(up.path, "/v1/chat/completions");
+    assert_eq!(
+        up.header("authorization"),
+        Some(format!("Bearer {OPENAI_SECRET}").as_str())
+    );
+    assert_eq!(up.header("x-api-key"), None);
+    assert_eq!(up.header("x-stainless-lang"), Some("python"));
+    assert_eq!(up.header("accept-encoding"), Some("identity"));
+    assert!(up.body == sent, "a non-stream Chat body was changed");
+    assert_no_relay_key(up, &key);
+
+    // 2. A stream from a client that did not ask for usage: the relay asks for it upstream and
+    //    hides the extra chunk from the client.
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .bearer_auth(&key)
+        .header("x-request-id", "chat-stream-hidden")
+        .json(&chat_body("gpt-4.1", true, chat_conversation("stream", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = r.text().await.unwrap();
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+    assert_eq!(
+        data.len(),
+        3 + 2 + 1,
+        "role, 3 deltas, finish, [DONE]: {text}"
+    );
+    assert!(
+        !text.contains("\"prompt_tokens\""),
+        "usage chunk forwarded to a client that did not ask for it: {text}"
+    );
+    assert!(text.contains("word2 "), "{text}");
+    let up = &mock.requests()[1];
+    assert_eq!(up.path, "/v1/chat/completions");
+    assert_eq!(
+        up.json()["stream_options"]["include_usage"],
+        true,
+        "{}",
+        up.json()
+    );
+    assert_no_relay_key(up, &key);
+
+    // 2b. `include_usage: false` is forced to true upstream, and the chunk still hidden.
+    let mut declined = chat_body("gpt-4.1", true, chat_conversation("declined", 1));
+    declined["stream_options"] = serde_json::json!({"include_usage": false});
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .bearer_auth(&key)
+        .header("x-request-id", "chat-stream-declined")
+        .json(&declined)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert_eq!(
+        sse_data(&text).last().map(String::as_str),
+        Some("[DONE]"),
+        "{text}"
+    );
+    assert!(!text.contains("\"prompt_tokens\""), "{text}");
+    let up = mock.requests()[2].json();
+    assert_eq!(up["stream_options"]["include_usage"], true, "{up}");
+    assert_eq!(up["messages"], declined["messages"], "{up}");
+
+    // 3. A stream from a client that asked for usage: the usage chunk reaches it, body intact.
+    let mut asked = chat_body("gpt-4.1", true, chat_conversation("usage", 1));
+    asked["stream_options"] = serde_json::json!({"include_usage": true});
+    let sent = serde_json::to_vec(&asked).unwrap();
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .header("x-request-id", "chat-stream-asked")
+        .body(sent.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+    let usage_chunk: serde_json::Value =
+        serde_json::from_str(&data[data.len() - 2]).unwrap_or_default();
+    assert_eq!(usage_chunk["choices"], serde_json::json!([]), "{text}");
+    assert_eq!(usage_chunk["usage"]["prompt_tokens"], 1500, "{text}");
+    assert!(
+        mock.requests()[3].body == sent,
+        "a Chat body asking for usage was changed"
+    );
+
+    // 4. The `/chat/completions` alias, key as x-api-key.
+    let r = relay
+        .post_bare("/chat/completions")
+        .header("x-api-key", &key)
+        .header("x-request-id", "chat-alias")
+        .json(&chat_body("gpt-4.1", false, chat_conversation("alias", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let up = &mock.requests()[4];
+    assert_eq!(up.path, "/v1/chat/completions");
+    assert_eq!(
+        up.header("authorization"),
+        Some(format!("Bearer {OPENAI_SECRET}").as_str())
+    );
+    assert_no_relay_key(up, &key);
+
+    // Every answer booked with input = prompt − cached, cache_read = cached.
+    let records = relay.wait_records(5).await;
+    for (id, stream) in [
+        ("chat-json", false),
+        ("chat-stream-hidden", true),
+        ("chat-stream-declined", true),
+        ("chat-stream-asked", true),
+        ("chat-alias", false),
+    ] {
+        let rec = record_by_id(&records, id);
+        assert_eq!(rec["protocol"], "openai_chat", "{rec}");
+        assert_eq!(rec["stream"], stream, "{rec}");
+        assert_eq!(rec["status"], 200, "{rec}");
+        assert_eq!(rec["input_tokens"], 1100, "{rec}");
+        assert_eq!(rec["cache_read_tokens"], 400, "{rec}");
+        assert_eq!(rec["output_tokens"], 250, "{rec}");
+        assert_eq!(rec["reasoning_tokens"], 64, "{rec}");
+        assert_eq!(rec["cache_write_5m_tokens"], 0, "{rec}");
+        assert_eq!(rec["cache_write_1h_tokens"], 0, "{rec}");
+        assert_eq!(rec["requested_model"], "gpt-4.1", "{rec}");
+        assert_eq!(rec["upstream_model"], "gpt-4.1-2025-04-14", "{rec}");
+        assert_eq!(rec["base_cost"], 4400, "{rec}");
+        assert_eq!(rec["billed_cost"], 4400, "{rec}");
+        assert_eq!(rec["account_id"], account_id.as_str(), "{rec}");
+        assert_eq!(rec["user_id"], user_id.as_str(), "{rec}");
+        assert_eq!(rec["api_key_id"], key_id.as_str(), "{rec}");
+    }
+}
+
+#[tokio::test]
+async fn chat_errors_have_openai_shape() {
+    let mock = MockUpstream::start().await;
+    let (relay, user_id, _, key) = relay_with_key(serde_json::json!({})).await;
+    relay
+        .create_account(
+            "openai-a",
+            "openai",
+            &format!("{}/v1", mock.url()),
+            OPENAI_SECRET,
+        )
+        .await;
+    relay.wait_accounts_loaded(1).await;
+    let body = chat_body("gpt-4.1", false, chat_conversation("errors", 1));
+
+    // No key at all.
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_openai_error(
+        &r.json().await.unwrap(),
+        "authentication_error",
+        "invalid_api_key",
+    );
+
+    // The Responses route answers in the same shape.
+    let r = relay
+        .post_bare("/v1/responses")
+        .json(&serde_json::json!({"model": "gpt-5", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_openai_error(
+        &r.json().await.unwrap(),
+        "authentication_error",
+        "invalid_api_key",
+    );
+
+    // A key the relay never issued, as Bearer.
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .bearer_auth("sk-relay-not-a-real-key")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_openai_error(
+        &r.json().await.unwrap(),
+        "authentication_error",
+        "invalid_api_key",
+    );
+
+    // Malformed JSON.
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body("{\"model\": \"gpt-4.1\", \"messages\": [")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_openai_error(
+        &r.json().await.unwrap(),
+        "invalid_request_error",
+        "invalid_request",
+    );
+
+    // No model.
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_openai_error(&v, "invalid_request_error", "invalid_request");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("model"),
+        "{v}"
+    );
+
+    // A model outside the key's allow-list.
+    let (_, limited) = relay
+        .create_key(&user_id, serde_json::json!({"allowed_models": ["gpt-5*"]}))
+        .await;
+    relay.wait_key_active(&limited).await;
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .bearer_auth(&limited)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_openai_error(
+        &r.json().await.unwrap(),
+        "permission_error",
+        "model_not_allowed",
+    );
+
+    assert_eq!(mock.count(), 0, "a refused request reached the upstream");
+}
+
+#[tokio::test]
+async fn chat_is_served_by_openai_accounts_only() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    // `openai-responses` and `gemini` accounts do not serve Chat Completions (DESIGN §4).
+    relay
+        .create_account(
+            "codex",
+            "openai-responses",
+            &format!("{}/backend-api/codex", mock.url()),
+            OPENAI_SECRET,
+        )
+        .await;
+    relay
+        .create_account("gemini", "gemini", &mock.url(), GEMINI_SECRET)
+        .await;
+    relay.wait_accounts_loaded(2).await;
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .bearer_auth(&key)
+        .json(&chat_body("gpt-4.1", false, chat_conversation("pool", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_openai_error(
+        &r.json().await.unwrap(),
+        "no_available_account",
+        "no_available_account",
+    );
+    assert_eq!(mock.count(), 0);
+}
+
+#[tokio::test]
+async fn chat_conversations_stick_and_spread() {
+    let mock_a = MockUpstream::start().await;
+    let mock_b = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    relay
+        .create_account(
+            "openai-a",
+            "openai",
+            &format!("{}/v1", mock_a.url()),
+            "sk-a",
+        )
+        .await;
+    relay
+        .create_account(
+            "openai-b",
+            "openai",
+            &format!("{}/v1", mock_b.url()),
+            "sk-b",
+        )
+        .await;
+    relay.wait_accounts_loaded(2).await;
+    assert_conversations_stick_and_spread(&mock_a, &mock_b, |topic, turns| {
+        relay
+            .post_bare("/v1/chat/completions")
+            .bearer_auth(&key)
+            .json(&chat_body(
+                "gpt-4.1",
+                turns == 2,
+                chat_conversation(topic, turns),
+            ))
+    })
+    .await;
+    for r in mock_a.requests().iter().chain(mock_b.requests().iter()) {
+        assert_eq!(r.path, "/v1/chat/completions");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// OpenAI Responses
+// ---------------------------------------------------------------------------------------------
+
+/// Responses reasoning tokens (inside `output_tokens`).
+const RESPONSES_EXTRA: ExtraUsage = ExtraUsage {
+    reasoning: 256,
+    tool_use: 0,
+};
+
+/// The usage of `openai-responses.stream.sse`: input 5230 of which 4864 cached, output 412 of
+/// which 256 reasoning.
+const RESPONSES_USAGE: MockUsage = MockUsage {
+    input: 5230,
+    output: 412,
+    cache_write_5m: 0,
+    cache_write_1h: 0,
+    cache_read: 4864,
+};
+
+#[tokio::test]
+async fn responses_through_an_openai_account_with_a_path_prefix() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    // Only an `openai` account: it serves Responses too, in the same pool (DESIGN §4).
+    let account_id = relay
+        .create_account(
+            "openai-a",
+            "openai",
+            &format!("{}/openai", mock.url()),
+            OPENAI_SECRET,
+        )
+        .await;
+    relay.wait_accounts_loaded(1).await;
+    mock.set(|b| {
+        b.usage = RESPONSES_USAGE;
+        b.extra_usage = RESPONSES_EXTRA;
+        b.upstream_model = Some("gpt-5-2025-08-07".into());
+    });
+
+    // `/v1/responses`, JSON, with the openai SDK's body.
+    let sdk = ClientFixture::load("sdk-openai-responses.turn1.json");
+    let mut json_body = sdk.body.clone();
+    json_body["stream"] = false.into();
+    let r = relay
+        .post_bare("/v1/responses")
+        .bearer_auth(&key)
+        .header("x-request-id", "responses-json")
+        .json(&json_body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "response", "{v}");
+    assert_eq!(v["status"], "completed", "{v}");
+
+    // `/responses` (Codex with a base URL without `/v1`), streamed.
+    let r = relay
+        .post_bare("/responses")
+        .bearer_auth(&key)
+        .header("x-request-id", "responses-stream")
+        .json(&sdk.body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    let text = r.text().await.unwrap();
+    let events = sse_events(&text);
+    assert_eq!(
+        events.first().map(String::as_str),
+        Some("response.created"),
+        "{text}"
+    );
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("response.completed"),
+        "{text}"
+    );
+
+    // `/v1/responses/compact` (Codex's remote compaction) keeps its suffix.
+    let r = relay
+        .post_bare("/v1/responses/compact")
+        .bearer_auth(&key)
+        .header("x-request-id", "responses-compact")
+        .json(&json_body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    let _ = r.bytes().await.unwrap();
+
+    let got = mock.requests();
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[2].path, "/openai/responses/compact");
+    for (i, up) in got.iter().enumerate() {
+        if i < 2 {
+            assert_eq!(up.path, "/openai/responses");
+        }
+        assert_eq!(
+            up.header("authorization"),
+            Some(format!("Bearer {OPENAI_SECRET}").as_str())
+        );
+        assert_eq!(up.header("chatgpt-account-id"), None);
+        assert_no_relay_key(up, &key);
+    }
+
+    // 5230 − 4864 = 366 uncached input; gpt-5: $1.25 in, $10 out, $0.125 cached per MTok:
+    // 366×1.25 + 412×10 + 4864×0.125 = 5185.5 → 5186 (half up).
+    let records = relay.wait_records(3).await;
+    for (id, stream) in [
+        ("responses-json", false),
+        ("responses-stream", true),
+        ("responses-compact", false),
+    ] {
+        let rec = record_by_id(&records, id);
+        assert_eq!(rec["protocol"], "openai_responses", "{rec}");
+        assert_eq!(rec["stream"], stream, "{rec}");
+        assert_eq!(rec["input_tokens"], 366, "{rec}");
+        assert_eq!(rec["cache_read_tokens"], 4864, "{rec}");
+        assert_eq!(rec["output_tokens"], 412, "{rec}");
+        assert_eq!(rec["reasoning_tokens"], 256, "{rec}");
+        assert_eq!(rec["upstream_model"], "gpt-5-2025-08-07", "{rec}");
+        assert_eq!(rec["base_cost"], 5186, "{rec}");
+        assert_eq!(rec["account_id"], account_id.as_str(), "{rec}");
+    }
+}
+
+/// The session id Codex put in `codex-cli.turn{1,2}.json` (headers and body).
+const CODEX_SESSION: &str = "01a20188-841c-7b93-8f2e-518885e65f8d";
+
+#[tokio::test]
+async fn codex_turns_stick_and_conversations_spread() {
+    let mock_a = MockUpstream::start().await;
+    let mock_b = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    let id_a = relay
+        .create_account(
+            "codex-a",
+            "openai-responses",
+            &format!("{}/backend-api/codex", mock_a.url()),
+            "sk-proj-upstream-a",
+        )
+        .await;
+    let id_b = relay
+        .create_account(
+            "codex-b",
+            "openai-responses",
+            &format!("{}/backend-api/codex", mock_b.url()),
+            "sk-proj-upstream-b",
+        )
+        .await;
+    relay.wait_accounts_loaded(2).await;
+    for m in [&mock_a, &mock_b] {
+        m.set(|b| {
+            b.usage = RESPONSES_USAGE;
+            b.extra_usage = RESPONSES_EXTRA;
+            b.upstream_model = Some("gpt-5.5".into());
+        });
+    }
+    let turn1 = ClientFixture::load("codex-cli.turn1.json");
+    let turn2 = ClientFixture::load("codex-cli.turn2.json");
+    assert_eq!(turn1.header("session-id"), Some(CODEX_SESSION));
+    assert_eq!(turn1.path, "/v1/responses");
+
+    // The captured conversation itself: both turns on one account, sent as Codex sent them.
+    let mut first_account = None;
+    for (n, t) in [(1, &turn1), (2, &turn2)] {
+        let before = (mock_a.count(), mock_b.count());
+        let r = t
+            .request(&relay, &t.path, &key)
+            .header("x-request-id", format!("codex-turn-{n}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+        let text = r.text().await.unwrap();
+        assert_eq!(
+            sse_events(&text).last().map(String::as_str),
+            Some("response.completed"),
+            "{text}"
+        );
+        let on_a = mock_a.count() > before.0;
+        let (mock, secret) = if on_a {
+            (&mock_a, "sk-proj-upstream-a")
+        } else {
+            (&mock_b, "sk-proj-upstream-b")
+        };
+        assert_eq!(
+            *first_account.get_or_insert(on_a),
+            on_a,
+            "turn {n} changed account"
+        );
+        let up = mock.requests().pop().unwrap();
+        assert_eq!(up.path, "/backend-api/codex/responses");
+        assert_eq!(
+            up.header("authorization"),
+            Some(format!("Bearer {secret}").as_str())
+        );
+        assert_eq!(up.header("session-id"), Some(CODEX_SESSION));
+        assert_eq!(up.header("originator"), t.header("originator"));
+        assert_eq!(
+            up.header("x-codex-turn-metadata"),
+            t.header("x-codex-turn-metadata")
+        );
+        // An API-key account sends no ChatGPT account id.
+        assert_eq!(up.header("chatgpt-account-id"), None);
+        assert!(
+            up.body == t.body_bytes(),
+            "turn {n}: Codex body changed upstream"
+        );
+        assert_no_relay_key(&up, &key);
+    }
+    // Streamed usage from `response.completed`, exactly. gpt-5.5: $5 in, $30 out, $0.50
+    // cached per MTok: 366×5 + 412×30 + 4864×0.5 = 16622.
+    let records = relay.wait_records(2).await;
+    let expected_account = if first_account == Some(true) {
+        &id_a
+    } else {
+        &id_b
+    };
+    for id in ["codex-turn-1", "codex-turn-2"] {
+        let rec = record_by_id(&records, id);
+        assert_eq!(rec["stream"], true, "{rec}");
+        assert_eq!(rec["requested_model"], "gpt-5.5", "{rec}");
+        assert_eq!(rec["input_tokens"], 366, "{rec}");
+        assert_eq!(rec["cache_read_tokens"], 4864, "{rec}");
+        assert_eq!(rec["output_tokens"], 412, "{rec}");
+        assert_eq!(rec["reasoning_tokens"], 256, "{rec}");
+        assert_eq!(rec["base_cost"], 16622, "{rec}");
+        assert_eq!(rec["account_id"], expected_account.as_str(), "{rec}");
+    }
+
+    // Other Codex conversations (a new session id each; older Codex versions send the
+    // header as `session_id`): turns stick, conversations spread.
+    let mut on_a = 0;
+    for c in 0..12 {
+        let session = uuid::Uuid::now_v7().to_string();
+        let before = (mock_a.count(), mock_b.count());
+        for t in [&turn1, &turn2] {
+            let mut t = t.replace_everywhere(CODEX_SESSION, &session);
+            if c % 2 == 1 {
+                for (k, _) in &mut t.headers {
+                    if k == "session-id" {
+                        *k = "session_id".into();
+                    }
+                }
+            }
+            let r = t
+                .request(&relay, "/v1/responses", &key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let _ = r.bytes().await.unwrap();
+        }
+        let (da, db) = (mock_a.count() - before.0, mock_b.count() - before.1);
+        assert!(
+            (da, db) == (2, 0) || (da, db) == (0, 2),
+            "Codex conversation {c} split across accounts: {da}/{db}"
+        );
+        if da == 2 {
+            on_a += 1;
+        }
+    }
+    assert!(
+        on_a > 0 && on_a < 12,
+        "12 Codex conversations all landed on one account ({on_a} on a)"
+    );
+}
+
+#[tokio::test]
+async fn chatgpt_token_sends_chatgpt_account_id() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    let token = "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ0ZXN0In0.c2lnbmF0dXJl";
+    relay
+        .create_account_with(serde_json::json!({
+            "name": "chatgpt",
+            "type": "openai-responses",
+            "base_url": format!("{}/backend-api/codex", mock.url()),
+            "credential": token,
+            "chatgpt_account_id": "9f8e7d6c-chatgpt-account",
+        }))
+        .await;
+    relay.wait_accounts_loaded(1).await;
+    let turn1 = ClientFixture::load("codex-cli-root-base-url.turn1.json");
+    assert_eq!(turn1.path, "/responses");
+    let r = turn1
+        .request(&relay, "/responses", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    let _ = r.bytes().await.unwrap();
+    let got = mock.requests();
+    assert_eq!(got.len(), 1);
+    let up = &got[0];
+    assert_eq!(up.path, "/backend-api/codex/responses");
+    assert_eq!(
+        up.header("authorization"),
+        Some(format!("Bearer {token}").as_str())
+    );
+    assert_eq!(
+        up.header("chatgpt-account-id"),
+        Some("9f8e7d6c-chatgpt-account")
+    );
+    assert_no_relay_key(up, &key);
+}
+
+#[tokio::test]
+async fn previous_response_id_returns_to_its_account() {
+    let mock_a = MockUpstream::start().await;
+    let mock_b = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    relay
+        .create_account("codex-a", "openai-responses", &mock_a.url(), "sk-a")
+        .await;
+    relay
+        .create_account("codex-b", "openai-responses", &mock_b.url(), "sk-b")
+        .await;
+    relay.wait_accounts_loaded(2).await;
+    for i in 0..8 {
+        let r = relay
+            .post_bare("/v1/responses")
+            .bearer_auth(&key)
+            .json(&serde_json::json!({
+                "model": "gpt-5", "instructions": format!("first {i}"), "input": "hello",
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = r.json().await.unwrap();
+        let response_id = v["id"].as_str().unwrap().to_string();
+        let before_a = mock_a.count();
+        // Different instructions: only previous_response_id ties this request to the first.
+        let r = relay
+            .post_bare("/v1/responses")
+            .bearer_auth(&key)
+            .json(&serde_json::json!({
+                "model": "gpt-5", "instructions": format!("other {i}"), "input": "more",
+                "previous_response_id": response_id,
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let served_by_a = mock_a.count() > before_a;
+        let produced_by_a = mock_a
+            .requests()
+            .iter()
+            .any(|q| q.json()["instructions"] == format!("first {i}"));
+        assert_eq!(
+            served_by_a, produced_by_a,
+            "round {i}: previous_response_id {response_id} went to the other account"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gemini
+// ---------------------------------------------------------------------------------------------
+
+/// How a Gemini answer comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// `:generateContent`: one JSON object.
+    Json,
+    /// `:streamGenerateContent?alt=sse`: SSE chunks.
+    Sse,
+    /// `:streamGenerateContent` without `alt=sse`: one JSON array of chunks.
+    Array,
+}
+
+/// Gemini thoughts and search-grounding prompt tokens.
+const GEMINI_EXTRA: ExtraUsage = ExtraUsage {
+    reasoning: 734,
+    tool_use: 312,
+};
+
+/// Gemini usage as `gemini.stream.sse` reports it, plus search grounding: prompt 4120 of which
+/// 2048 cached, candidates 211, thoughts 734, tool-use prompt 312.
+const GEMINI_USAGE: MockUsage = MockUsage {
+    input: 4120,
+    output: 211,
+    cache_write_5m: 0,
+    cache_write_1h: 0,
+    cache_read: 2048,
+};
+
+#[tokio::test]
+async fn gemini_keys_are_swapped_aliases_route_and_thoughts_are_billed() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    let account_id = relay
+        .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
+        .await;
+    relay.wait_accounts_loaded(1).await;
+    mock.set(|b| {
+        b.usage = GEMINI_USAGE;
+        b.extra_usage = GEMINI_EXTRA;
+    });
+    let sdk = ClientFixture::load("sdk-gemini.turn1.json");
+    let model_path = "/v1beta/models/gemini-2.5-flash";
+    let upstream_json = format!("{model_path}:generateContent");
+    let upstream_stream = format!("{model_path}:streamGenerateContent?alt=sse");
+
+    // (request id, client path, key in header?, expected upstream path, answer shape)
+    let cases = [
+        (
+            "g-header",
+            format!("{model_path}:generateContent"),
+            true,
+            upstream_json.clone(),
+            Shape::Json,
+        ),
+        (
+            "g-query",
+            format!("{model_path}:generateContent?key={key}"),
+            false,
+            upstream_json.clone(),
+            Shape::Json,
+        ),
+        (
+            "g-stream",
+            format!("{model_path}:streamGenerateContent?alt=sse&key={key}"),
+            false,
+            upstream_stream.clone(),
+            Shape::Sse,
+        ),
+        (
+            "g-array",
+            format!("{model_path}:streamGenerateContent"),
+            true,
+            format!("{model_path}:streamGenerateContent"),
+            Shape::Array,
+        ),
+        (
+            "g-v1-alias",
+            "/v1/models/gemini-2.5-flash:generateContent".to_string(),
+            true,
+            upstream_json.clone(),
+            Shape::Json,
+        ),
+        (
+            "g-prefix-alias",
+            "/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse".to_string(),
+            true,
+            upstream_stream.clone(),
+            Shape::Sse,
+        ),
+    ];
+    for (i, (id, path, key_in_header, upstream_path, shape)) in cases.iter().enumerate() {
+        let mut rb = relay
+            .post_bare(path)
+            .header("content-type", "application/json")
+            .header(
+                "x-goog-api-client",
+                sdk.header("x-goog-api-client").unwrap(),
+            )
+            .header("x-request-id", *id);
+        if *key_in_header {
+            rb = rb.header("x-goog-api-key", &key);
+        }
+        let r = rb.json(&sdk.body).send().await.unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "{id}: {}",
+            r.text().await.unwrap_or_default()
+        );
+        let content_type = r.headers()["content-type"].to_str().unwrap().to_string();
+        let text = r.text().await.unwrap();
+        let chunks: Vec<serde_json::Value> = match shape {
+            Shape::Sse => {
+                assert!(
+                    content_type.starts_with("text/event-stream"),
+                    "{id}: {content_type}"
+                );
+                sse_data(&text)
+                    .iter()
+                    .map(|d| serde_json::from_str(d).unwrap())
+                    .collect()
+            }
+            Shape::Array => serde_json::from_str(&text).unwrap(),
+            Shape::Json => vec![serde_json::from_str(&text).unwrap()],
+        };
+        let last = chunks.last().unwrap();
+        assert_eq!(
+            chunks.len(),
+            if *shape == Shape::Json { 1 } else { 3 },
+            "{id}: {text}"
+        );
+        assert_eq!(
+            last["candidates"][0]["finishReason"], "STOP",
+            "{id}: {text}"
+        );
+        assert_eq!(
+            last["usageMetadata"]["candidatesTokenCount"], 211,
+            "{id}: {text}"
+        );
+        assert_eq!(
+            last["usageMetadata"]["thoughtsTokenCount"], 734,
+            "{id}: {text}"
+        );
+        let up = &mock.requests()[i];
+        assert_eq!(&up.path, upstream_path, "{id}");
+        assert_eq!(up.header("x-goog-api-key"), Some(GEMINI_SECRET), "{id}");
+        assert_eq!(up.header("authorization"), None, "{id}");
+        assert_eq!(up.header("x-api-key"), None, "{id}");
+        assert!(
+            !up.query()
+                .unwrap_or("")
+                .split('&')
+                .any(|kv| kv.starts_with("key=")),
+            "{id}: key query parameter forwarded: {}",
+            up.path
+        );
+        assert_eq!(
+            up.header("x-goog-api-client"),
+            sdk.header("x-goog-api-client"),
+            "{id}"
+        );
+        assert!(
+            up.body == serde_json::to_vec(&sdk.body).unwrap(),
+            "{id}: body changed"
+        );
+        assert_no_relay_key(up, &key);
+    }
+
+    // input = 4120 − 2048 + 312 = 2384; output = 211 + 734 thoughts = 945; gemini-2.5-flash:
+    // $0.30 in, $2.50 out, $0.03 cached per MTok: 715.2 + 2362.5 + 61.44 = 3139.14 → 3139.
+    let records = relay.wait_records(cases.len()).await;
+    for (id, _, _, _, shape) in &cases {
+        let rec = record_by_id(&records, id);
+        assert_eq!(rec["protocol"], "gemini", "{rec}");
+        assert_eq!(rec["stream"], *shape != Shape::Json, "{rec}");
+        assert_eq!(rec["requested_model"], "gemini-2.5-flash", "{rec}");
+        assert_eq!(rec["input_tokens"], 2384, "{rec}");
+        assert_eq!(rec["output_tokens"], 945, "{rec}");
+        assert_eq!(rec["reasoning_tokens"], 734, "{rec}");
+        assert_eq!(rec["cache_read_tokens"], 2048, "{rec}");
+        assert_eq!(rec["base_cost"], 3139, "{rec}");
+        assert_eq!(rec["account_id"], account_id.as_str(), "{rec}");
+    }
+}
+
+#[tokio::test]
+async fn gemini_errors_have_gemini_shape() {
+    let mock = MockUpstream::start().await;
+    let (relay, user_id, _, key) = relay_with_key(serde_json::json!({})).await;
+    relay
+        .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
+        .await;
+    relay.wait_accounts_loaded(1).await;
+    let path = "/v1beta/models/gemini-2.5-flash:generateContent";
+    let body = gemini_body("errors", 1);
+
+    // No key.
+    let r = relay.post_bare(path).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_gemini_error(&r.json().await.unwrap(), 401, "UNAUTHENTICATED");
+
+    // An unknown key, in the query as the SDKs' REST examples do.
+    let r = relay
+        .post_bare(&format!("{path}?key=sk-relay-not-a-real-key"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_gemini_error(&r.json().await.unwrap(), 401, "UNAUTHENTICATED");
+
+    // Malformed JSON.
+    let r = relay
+        .post_bare(path)
+        .header("x-goog-api-key", &key)
+        .header("content-type", "application/json")
+        .body("{\"contents\": [")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_gemini_error(&r.json().await.unwrap(), 400, "INVALID_ARGUMENT");
+
+    // A key limited to Claude models.
+    let (_, claude_only) = relay
+        .create_key(
+            &user_id,
+            serde_json::json!({"allowed_models": ["claude-*"]}),
+        )
+        .await;
+    relay.wait_key_active(&claude_only).await;
+    let r = relay
+        .post_bare(path)
+        .header("x-goog-api-key", &claude_only)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_gemini_error(&r.json().await.unwrap(), 403, "PERMISSION_DENIED");
+
+    assert_eq!(mock.count(), 0, "a refused request reached the upstream");
+}
+
+#[tokio::test]
+async fn gemini_conversations_stick_and_spread() {
+    let mock_a = MockUpstream::start().await;
+    let mock_b = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    relay
+        .create_account("gemini-a", "gemini", &mock_a.url(), "AIza-a")
+        .await;
+    relay
+        .create_account("gemini-b", "gemini", &mock_b.url(), "AIza-b")
+        .await;
+    relay.wait_accounts_loaded(2).await;
+    assert_conversations_stick_and_spread(&mock_a, &mock_b, |topic, turns| {
+        // Turn 1 as JSON, turn 2 streamed: the session key ignores the method.
+        let method = if turns == 1 {
+            "generateContent"
+        } else {
+            "streamGenerateContent?alt=sse"
+        };
+        relay
+            .post_bare(&format!("/v1beta/models/gemini-2.5-flash:{method}"))
+            .header("x-goog-api-key", &key)
+            .json(&gemini_body(topic, turns))
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model listing
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn model_list_follows_the_key_allow_list() {
+    let mock = MockUpstream::start().await;
+    let (relay, user_id, _, open_key) = relay_with_key(serde_json::json!({})).await;
+    relay
+        .create_account_with(serde_json::json!({
+            "name": "openai-a", "type": "openai", "base_url": mock.url(),
+            "credential": OPENAI_SECRET, "models": ["gpt-custom-1"],
+        }))
+        .await;
+    relay.wait_accounts_loaded(1).await;
+    let (_, claude_key) = relay
+        .create_key(
+            &user_id,
+            serde_json::json!({"allowed_models": ["claude-*"]}),
+        )
+        .await;
+    relay.wait_key_active(&claude_key).await;
+
+    let list = |key: String| {
+        let relay = &relay;
+        async move {
+            let r = relay
+                .http
+                .get(format!("{}/v1/models", relay.proxy))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let v: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(v["object"], "list", "{v}");
+            v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+
+    let claude = list(claude_key).await;
+    assert!(
+        claude.iter().any(|m| m == "claude-sonnet-4-5"),
+        "{claude:?}"
+    );
+    assert!(
+        claude.iter().all(|m| m.starts_with("claude-")),
+        "a claude-* key sees other models: {claude:?}"
+    );
+
+    let all = list(open_key).await;
+    for m in [
+        "claude-sonnet-4-5",
+        "gpt-4.1",
+        "gemini-2.5-flash",
+        "gpt-custom-1",
+    ] {
+        assert!(all.iter().any(|x| x == m), "{m} missing from {all:?}");
+    }
+
+    let r = relay
+        .http
+        .get(format!("{}/v1/models", relay.proxy))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model maps and cut streams, per protocol
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn model_map_renames_the_chat_body_model_and_the_gemini_path_model() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    relay
+        .create_account_with(serde_json::json!({
+            "name": "openai-a", "type": "openai", "base_url": format!("{}/v1", mock.url()),
+            "credential": OPENAI_SECRET, "model_map": {"gpt-4.1": "gpt-4.1-2025-04-14"},
+        }))
+        .await;
+    relay
+        .create_account_with(serde_json::json!({
+            "name": "gemini-a", "type": "gemini", "base_url": mock.url(),
+            "credential": GEMINI_SECRET,
+            "model_map": {"gemini-2.5-flash": "gemini-2.5-flash-preview-09-2025"},
+        }))
+        .await;
+    relay.wait_accounts_loaded(2).await;
+
+    // A Chat stream: the model is renamed and usage is asked for, every other field kept.
+    let mut body = chat_body("gpt-4.1", true, chat_conversation("map", 1));
+    body["temperature"] = 0.5.into();
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .bearer_auth(&key)
+        .header("x-request-id", "map-chat")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert_eq!(sse_data(&text).last().map(String::as_str), Some("[DONE]"));
+    let up = mock.requests()[0].json();
+    assert_eq!(up["model"], "gpt-4.1-2025-04-14", "{up}");
+    assert_eq!(up["stream_options"]["include_usage"], true, "{up}");
+    assert_eq!(up["messages"], body["messages"], "{up}");
+    assert_eq!(up["temperature"], 0.5, "{up}");
+
+    // Gemini: the model is in the path.
+    let r = relay
+        .post_bare("/v1beta/models/gemini-2.5-flash:generateContent")
+        .header("x-goog-api-key", &key)
+        .header("x-request-id", "map-gemini")
+        .json(&gemini_body("map", 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await.unwrap();
+    let up = &mock.requests()[1];
+    assert_eq!(
+        up.path,
+        "/v1beta/models/gemini-2.5-flash-preview-09-2025:generateContent"
+    );
+    assert_eq!(up.json(), gemini_body("map", 1));
+
+    let records = relay.wait_records(2).await;
+    let rec = record_by_id(&records, "map-chat");
+    assert_eq!(rec["requested_model"], "gpt-4.1", "{rec}");
+    assert_eq!(rec["upstream_model"], "gpt-4.1-2025-04-14", "{rec}");
+    let rec = record_by_id(&records, "map-gemini");
+    assert_eq!(rec["requested_model"], "gemini-2.5-flash", "{rec}");
+    assert_eq!(
+        rec["upstream_model"], "gemini-2.5-flash-preview-09-2025",
+        "{rec}"
+    );
+}
+
+#[tokio::test]
+async fn cut_streams_end_with_the_protocols_error_event_and_book_what_was_seen() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    relay
+        .create_account(
+            "openai-a",
+            "openai",
+            &format!("{}/v1", mock.url()),
+            OPENAI_SECRET,
+        )
+        .await;
+    relay
+        .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
+        .await;
+    relay.wait_accounts_loaded(2).await;
+    mock.set(|b| {
+        b.usage = GEMINI_USAGE;
+        b.extra_usage = GEMINI_EXTRA;
+        b.deltas = 6;
+        b.cut_after = Some(3);
+    });
+
+    // Chat: `data: {"error": ...}` and no `[DONE]`.
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .bearer_auth(&key)
+        .header("x-request-id", "cut-chat")
+        .json(&chat_body("gpt-4.1", true, chat_conversation("cut", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let data = sse_data(&text);
+    assert!(!data.iter().any(|d| d == "[DONE]"), "{text}");
+    let last: serde_json::Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["type"], "upstream_error", "{text}");
+
+    // Responses: `event: error`, no `response.completed`.
+    let r = relay
+        .post_bare("/v1/responses")
+        .bearer_auth(&key)
+        .header("x-request-id", "cut-responses")
+        .json(&serde_json::json!({"model": "gpt-5", "input": "cut", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let events = sse_events(&text);
+    assert_eq!(events.last().map(String::as_str), Some("error"), "{text}");
+    assert!(!events.iter().any(|e| e == "response.completed"), "{text}");
+
+    // Gemini: `data: {"error": ...}` after three chunks whose cumulative usage is booked.
+    let r = relay
+        .post_bare("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse")
+        .header("x-goog-api-key", &key)
+        .header("x-request-id", "cut-gemini")
+        .json(&gemini_body("cut", 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let data = sse_data(&text);
+    assert_eq!(data.len(), 4, "three chunks and the error: {text}");
+    let last: serde_json::Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["status"], "UNAVAILABLE", "{text}");
+
+    let records = relay.wait_records(3).await;
+    for id in ["cut-chat", "cut-responses", "cut-gemini"] {
+        let rec = record_by_id(&records, id);
+        assert_eq!(rec["error_type"], "upstream_error", "{rec}");
+    }
+    // The third Gemini chunk reported 211 × 3 / 6 = 105 candidate tokens so far.
+    let rec = record_by_id(&records, "cut-gemini");
+    assert_eq!(rec["input_tokens"], 2384, "{rec}");
+    assert_eq!(rec["output_tokens"], 105 + 734, "{rec}");
+}
