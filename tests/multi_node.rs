@@ -12,14 +12,25 @@ const MODEL: &str = "claude-sonnet-4-5";
 
 async fn two_nodes() -> (PgDb, Relay, Relay) {
     let pg = PgDb::create().await;
-    let redis = std::env::var("RELAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis =
+        std::env::var("RELAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let shared = vec![
         ("RELAY_REDIS_URL".to_string(), redis),
         ("RELAY_ENCRYPTION_KEY".to_string(), "11".repeat(32)),
         ("RELAY_KEY_PEPPER".to_string(), "22".repeat(32)),
     ];
-    let a = Relay::start_with(RelayOptions { db: Db::Postgres(pg.url.clone()), env: shared.clone(), ..Default::default() }).await;
-    let b = Relay::start_with(RelayOptions { db: Db::Postgres(pg.url.clone()), env: shared, ..Default::default() }).await;
+    let a = Relay::start_with(RelayOptions {
+        db: Db::Postgres(pg.url.clone()),
+        env: shared.clone(),
+        ..Default::default()
+    })
+    .await;
+    let b = Relay::start_with(RelayOptions {
+        db: Db::Postgres(pg.url.clone()),
+        env: shared,
+        ..Default::default()
+    })
+    .await;
     (pg, a, b)
 }
 
@@ -28,8 +39,10 @@ async fn two_nodes_share_bindings_cooldowns_and_admin_changes() {
     let (_pg, a, b) = two_nodes().await;
     let mock_1 = MockUpstream::start().await;
     let mock_2 = MockUpstream::start().await;
-    a.create_account("claude-1", "claude", &mock_1.url(), "sk-ant-1").await;
-    a.create_account("claude-2", "claude", &mock_2.url(), "sk-ant-2").await;
+    a.create_account("claude-1", "claude", &mock_1.url(), "sk-ant-1")
+        .await;
+    a.create_account("claude-2", "claude", &mock_2.url(), "sk-ant-2")
+        .await;
     let user = a.create_user("multi", 10_000).await;
     let (key_id, key) = a.create_key(&user, serde_json::json!({})).await;
     a.wait_key_active(&key).await;
@@ -41,24 +54,42 @@ async fn two_nodes_share_bindings_cooldowns_and_admin_changes() {
         let before = (mock_1.count(), mock_2.count());
         for turn in 1..=4 {
             let node = if turn % 2 == 0 { &b } else { &a };
-            let r = node.post("/v1/messages", &key).json(&messages_body(MODEL, false, conversation(&topic, turn))).send().await.unwrap();
+            let r = node
+                .post("/v1/messages", &key)
+                .json(&messages_body(MODEL, false, conversation(&topic, turn)))
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 200);
         }
         let d = (mock_1.count() - before.0, mock_2.count() - before.1);
-        assert!(d == (4, 0) || d == (0, 4), "conversation {c} split across accounts: {d:?}");
+        assert!(
+            d == (4, 0) || d == (0, 4),
+            "conversation {c} split across accounts: {d:?}"
+        );
     }
 
     // A 429 on node A puts the account in cooldown; node B does not pick it either.
     mock_1.set(|b| {
         b.status = 429;
-        b.error_body = r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#.into();
+        b.error_body =
+            r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#.into();
         b.extra_headers = vec![("retry-after".into(), "120".into())];
     });
     // Node A sends new conversations until one is picked for account 1 (which fails over).
     let mut i = 0;
     let base_1 = mock_1.count();
     while mock_1.count() == base_1 {
-        let r = a.post("/v1/messages", &key).json(&messages_body(MODEL, false, conversation(&format!("cool {i}"), 1))).send().await.unwrap();
+        let r = a
+            .post("/v1/messages", &key)
+            .json(&messages_body(
+                MODEL,
+                false,
+                conversation(&format!("cool {i}"), 1),
+            ))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "failover to account 2 failed");
         i += 1;
         assert!(i < 100, "account 1 was never picked");
@@ -67,21 +98,47 @@ async fn two_nodes_share_bindings_cooldowns_and_admin_changes() {
     // The cooldown reaches node B within a second.
     tokio::time::sleep(Duration::from_secs(1)).await;
     for i in 0..10 {
-        let r = b.post("/v1/messages", &key).json(&messages_body(MODEL, false, conversation(&format!("after {i}"), 1))).send().await.unwrap();
+        let r = b
+            .post("/v1/messages", &key)
+            .json(&messages_body(
+                MODEL,
+                false,
+                conversation(&format!("after {i}"), 1),
+            ))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "request {i} on node B");
     }
-    assert_eq!(mock_1.count(), hits_1, "node B sent requests to the account cooling down on node A");
+    assert_eq!(
+        mock_1.count(),
+        hits_1,
+        "node B sent requests to the account cooling down on node A"
+    );
 
     // A key disabled through node A's admin API is refused by node B within a second.
-    let (st, _) = a.admin_patch(&format!("/api/admin/api-keys/{key_id}"), serde_json::json!({"enabled": false})).await;
+    let (st, _) = a
+        .admin_patch(
+            &format!("/api/admin/api-keys/{key_id}"),
+            serde_json::json!({"enabled": false}),
+        )
+        .await;
     assert_eq!(st, 200);
     let changed = Instant::now();
     loop {
-        let r = b.post("/v1/messages", &key).json(&messages_body(MODEL, false, conversation("off", 1))).send().await.unwrap();
+        let r = b
+            .post("/v1/messages", &key)
+            .json(&messages_body(MODEL, false, conversation("off", 1)))
+            .send()
+            .await
+            .unwrap();
         if r.status() == 401 {
             break;
         }
-        assert!(changed.elapsed() < Duration::from_secs(1), "node B still accepts the disabled key");
+        assert!(
+            changed.elapsed() < Duration::from_secs(1),
+            "node B still accepts the disabled key"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -138,7 +138,12 @@ impl HeaderRewrite {
                 let mut v = value(&format!("Bearer {secret}"))?;
                 v.set_sensitive(true);
                 out.push((http::header::AUTHORIZATION, v));
-                if let Some(id) = &account.chatgpt_account_id {
+                // Only a ChatGPT token (a JWT) goes with the account id header.
+                if let Some(id) = account
+                    .chatgpt_account_id
+                    .as_ref()
+                    .filter(|_| secret.starts_with("eyJ"))
+                {
                     out.push((HeaderName::from_static("chatgpt-account-id"), value(id)?));
                 }
             }

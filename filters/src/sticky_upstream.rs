@@ -120,7 +120,11 @@ impl StickyUpstream {
         let binding = self.binding_for(ctx, account);
         let _ = self
             .sessions
-            .put(&response_key(id), &binding, self.config.responses_ttl)
+            .put(
+                &response_key(&binding.api_key_id, id),
+                &binding,
+                self.config.responses_ttl,
+            )
             .await;
     }
 
@@ -129,7 +133,8 @@ impl StickyUpstream {
         let ttl = self.ttl(ctx.protocol());
         // A continued response must go to the account that holds it, whatever the session says.
         if let Some(prev) = ctx.request.previous_response_id.clone() {
-            if let Ok(Some(stored)) = self.sessions.get(&response_key(&prev)).await {
+            let key_id = ctx.auth.as_ref().map(|a| a.key.id.as_str()).unwrap_or("");
+            if let Ok(Some(stored)) = self.sessions.get(&response_key(key_id, &prev)).await {
                 if let Some(account) = self.usable_for(ctx, &stored.binding.account_id) {
                     ctx.session.sticky = Some(StickyResult::Hit);
                     return Ok(account);
@@ -193,8 +198,9 @@ impl StickyUpstream {
     }
 }
 
-fn response_key(response_id: &str) -> String {
-    format!("response:{response_id}")
+/// Scoped per API key like every binding: another tenant naming the id gets no say.
+fn response_key(api_key_id: &str, response_id: &str) -> String {
+    format!("response:{api_key_id}:{response_id}")
 }
 
 fn no_account() -> Rejection {
@@ -325,6 +331,44 @@ mod tests {
             next.request.previous_response_id = Some("resp_1".into());
             assert_eq!(s.choose(&mut next).await.unwrap().id, acc.id);
         }
+    }
+
+    #[tokio::test]
+    async fn response_ids_are_scoped_per_key() {
+        use crate::api_key_auth::KeyEntry;
+        use crate::context::AuthInfo;
+        let a = account("a", AccountType::Openai, 50, 1);
+        let b = account("b", AccountType::Openai, 50, 1);
+        let dir = Arc::new(Dir(Arc::new(vec![a, b])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(100), StickyConfig::default());
+        let with_key = |key: &str| {
+            let mut c = ctx(None);
+            c.route.protocol = Protocol::OpenaiResponses;
+            c.auth = Some(AuthInfo {
+                key: Arc::new(KeyEntry {
+                    id: key.into(),
+                    ..Default::default()
+                }),
+            });
+            c
+        };
+        let mut first = with_key("tenant-1");
+        let acc = s.choose(&mut first).await.unwrap();
+        first.upstream.account = Some(acc.clone());
+        first.usage.response_id = Some("resp_x".into());
+        s.remember_response(&first).await;
+        let mut elsewhere = 0;
+        for _ in 0..40 {
+            let mut other = with_key("tenant-2");
+            other.request.previous_response_id = Some("resp_x".into());
+            if s.choose(&mut other).await.unwrap().id != acc.id {
+                elsewhere += 1;
+            }
+        }
+        assert!(
+            elsewhere > 0,
+            "another tenant's response id steered the pick"
+        );
     }
 
     #[tokio::test]
