@@ -10,7 +10,7 @@ use pingora::server::Server;
 use relay_filters::account_state::StateRules;
 use relay_filters::chain::{Chain, ChainDeps};
 use relay_filters::cost::PriceTable;
-use relay_filters::key_limits::{utc_day, MemoryLimits};
+use relay_filters::key_limits::{utc_day, LimitStore, MemoryLimits};
 use relay_filters::session_store::{MemorySessionStore, SessionStore};
 use relay_filters::sticky_upstream::StickyConfig;
 
@@ -21,7 +21,10 @@ use crate::cache::{AccountCache, KeyCache, PriceCache};
 use crate::config::{parse_hex_key, Config};
 use crate::proxy::{ProxySettings, RelayProxy, Resolver};
 use crate::secrets::{hash_password, load_or_create_key_file, SecretBox};
-use crate::store::redis_sessions::{FallbackSessionStore, RedisLink, RedisSessionStore};
+use crate::store::redis_limits::RedisLimits;
+use crate::store::redis_sessions::{
+    FallbackSessionStore, RedisCooldowns, RedisLink, RedisSessionStore,
+};
 use crate::store::{NewUser, Role, SqlStore};
 
 /// Secrets of this node: the credential encryption key and the API key pepper.
@@ -140,33 +143,42 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let keys = Arc::new(KeyCache::new(node.pepper.clone()));
     let accounts = Arc::new(AccountCache::default());
     let prices = Arc::new(PriceCache::new(load_prices(&config)?));
-    let limits = Arc::new(MemoryLimits::default());
+    let memory_limits = Arc::new(MemoryLimits::default());
     block_on(async {
         let store = open_store(&config).await?;
         bootstrap_admin(&store, &config).await?;
         cache_refresh::load_all(&store, &keys, &accounts, &prices, &node.secrets).await?;
         let today = utc_day(now_ms());
         for s in store.key_spend(&today).await? {
-            limits.seed_cost(&s.key_id, &today, s.today, s.total);
+            memory_limits.seed_cost(&s.key_id, &today, s.today, s.total);
         }
         store.close().await;
         anyhow::Ok(())
     })??;
     cache_refresh::publish_account_states(&accounts);
 
+    // With Redis, bindings, limit counters and cooldowns are shared by every node; memory
+    // serves while Redis is unreachable. Opening the link does no I/O: it connects in the
+    // background once the services run.
+    let redis_link = match &config.redis_url {
+        Some(url) => Some(RedisLink::open(url).context("redis_url is not valid")?),
+        None => None,
+    };
     let memory_sessions = MemorySessionStore::new(config.session.memory_capacity);
-    // With Redis, bindings are shared by every node; memory serves while Redis is unreachable.
-    // Opening the link does no I/O: it connects in the background once the proxy runs.
-    let sessions: Arc<dyn SessionStore> = match &config.redis_url {
-        Some(url) => {
-            let link = RedisLink::open(url).context("redis_url is not valid")?;
-            Arc::new(FallbackSessionStore::new(
-                RedisSessionStore::new(link, ""),
-                memory_sessions,
-            ))
-        }
+    let sessions: Arc<dyn SessionStore> = match &redis_link {
+        Some(link) => Arc::new(FallbackSessionStore::new(
+            RedisSessionStore::new(link.clone(), ""),
+            memory_sessions,
+        )),
         None => memory_sessions,
     };
+    let limits: Arc<dyn LimitStore> = match &redis_link {
+        Some(link) => Arc::new(RedisLimits::new(link.clone(), "", memory_limits)),
+        None => memory_limits,
+    };
+    let cooldowns = redis_link
+        .as_ref()
+        .map(|link| Arc::new(RedisCooldowns::new(link.clone(), "")));
     let deps = ChainDeps {
         keys: keys.clone(),
         accounts: accounts.clone(),
@@ -252,6 +264,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         redis,
         writer: Mutex::new(Some(writer)),
         account_events: Mutex::new(Some(account_rx)),
+        cooldowns,
     };
     server.add_service(proxy_service);
     server.add_service(pingora::services::background::background_service(

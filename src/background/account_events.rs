@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 
 use crate::metrics::metrics;
-use crate::store::{AccountStatus, SqlStore};
+use crate::store::{AccountStatus, RedisCooldowns, SqlStore};
 
 /// One change to persist.
 #[derive(Debug)]
@@ -61,9 +61,17 @@ impl AccountEvents {
     }
 }
 
-/// Persists events until the channel closes.
-pub async fn persist(store: SqlStore, mut rx: mpsc::UnboundedReceiver<AccountEvent>) {
+/// Persists events until the channel closes; cooldowns also go to Redis when configured, so
+/// other nodes see them without waiting for the database poll.
+pub async fn persist(
+    store: SqlStore,
+    mut rx: mpsc::UnboundedReceiver<AccountEvent>,
+    cooldowns: Option<std::sync::Arc<RedisCooldowns>>,
+) {
     while let Some(ev) = rx.recv().await {
+        if let (Some(c), Some(until)) = (&cooldowns, ev.cooldown_until) {
+            let _ = c.publish(&ev.account_id, until).await;
+        }
         if let Err(e) = store
             .record_account_state(
                 &ev.account_id,

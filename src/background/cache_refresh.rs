@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::cache::{AccountCache, KeyCache, PriceCache};
 use crate::secrets::SecretBox;
-use crate::store::{ChangeMarker, SqlStore};
+use crate::store::{ChangeMarker, RedisCooldowns, SqlStore};
 
 /// Loads everything once; used at start-up and on every change.
 pub async fn load_all(
@@ -33,6 +33,7 @@ pub async fn run(
     secrets: Arc<SecretBox>,
     interval: Duration,
     wake: Arc<tokio::sync::Notify>,
+    cooldowns: Option<Arc<RedisCooldowns>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut last: Option<ChangeMarker> = None;
@@ -44,6 +45,9 @@ pub async fn run(
             _ = shutdown.changed() => {
                 if *shutdown.borrow() { return; }
             }
+        }
+        if let Some(c) = &cooldowns {
+            apply_shared_cooldowns(c, &accounts).await;
         }
         match store.change_marker().await {
             Ok(marker) if Some(marker) != last => {
@@ -65,6 +69,21 @@ pub async fn run(
                 }
             }
             Err(e) => tracing::debug!(error = %e, "change poll failed"),
+        }
+    }
+}
+
+/// Takes the cooldowns other nodes published in Redis.
+async fn apply_shared_cooldowns(cooldowns: &RedisCooldowns, accounts: &AccountCache) {
+    use std::sync::atomic::Ordering;
+    let snapshot = accounts.snapshot();
+    let ids: Vec<String> = snapshot.iter().map(|a| a.id.clone()).collect();
+    let shared = cooldowns.fetch_all(&ids).await;
+    for a in snapshot.iter() {
+        if let Some(until) = shared.get(&a.id) {
+            a.state
+                .cooldown_until_ms
+                .fetch_max(*until, Ordering::Relaxed);
         }
     }
 }

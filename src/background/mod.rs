@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::admin::{self, AdminState};
 use crate::cache::{AccountCache, KeyCache, PriceCache};
 use crate::secrets::SecretBox;
-use crate::store::SqlStore;
+use crate::store::{RedisCooldowns, SqlStore};
 use account_events::AccountEvent;
 use usage_writer::{UsageWriter, WriterSettings};
 
@@ -36,6 +36,8 @@ pub struct ControlPlane {
     pub redis: Option<redis::Client>,
     pub writer: Mutex<Option<UsageWriter>>,
     pub account_events: Mutex<Option<mpsc::UnboundedReceiver<AccountEvent>>>,
+    /// Cooldowns shared through Redis, when configured.
+    pub cooldowns: Option<Arc<RedisCooldowns>>,
 }
 
 fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
@@ -66,7 +68,11 @@ impl BackgroundService for ControlPlane {
             ));
         }
         if let Some(rx) = take(&self.account_events) {
-            tasks.spawn(account_events::persist(store.clone(), rx));
+            tasks.spawn(account_events::persist(
+                store.clone(),
+                rx,
+                self.cooldowns.clone(),
+            ));
         }
         let refresh = Arc::new(tokio::sync::Notify::new());
         tasks.spawn(cache_refresh::run(
@@ -77,6 +83,7 @@ impl BackgroundService for ControlPlane {
             self.secrets.clone(),
             self.refresh_interval,
             refresh.clone(),
+            self.cooldowns.clone(),
             shutdown.clone(),
         ));
         let state = AdminState::new(

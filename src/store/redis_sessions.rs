@@ -177,7 +177,7 @@ impl RedisLink {
 
     /// Runs `op` on the connection within the operation timeout, failing fast while Redis is
     /// marked down; an outage marks it down for the retry interval.
-    async fn run<T, F, Fut>(self: &Arc<Self>, op: F) -> Result<T, StoreUnavailable>
+    pub(crate) async fn run<T, F, Fut>(self: &Arc<Self>, op: F) -> Result<T, StoreUnavailable>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,

@@ -1,0 +1,232 @@
+//! Per-key limit counters in Redis, atomic across nodes (DESIGN §6): GCRA for rpm, a sorted set
+//! of expiring leases for concurrency (a dead node's slots free themselves), and cost counters.
+//! Every operation falls back to this node's in-process counters when Redis is unreachable.
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use relay_filters::key_limits::{LimitStore, MemoryLimits, SlotLease};
+
+use super::redis_sessions::RedisLink;
+use crate::metrics::metrics;
+
+/// GCRA over a stored arrival time; returns 0 when allowed, else the milliseconds to wait.
+static RPM: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"local now = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[1])
+if tat < now then tat = now end
+local new = tat + interval
+if new - now > burst then return new - now - burst end
+redis.call('SET', KEYS[1], new, 'PX', new - now + 1000)
+return 0",
+    )
+});
+
+/// Drops expired leases, then takes one if fewer than the limit are held: 1 taken, 0 full.
+static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) - tonumber(ARGV[1]) + 1000)
+return 1",
+    )
+});
+
+/// Reads (daily, total), seeding absent counters with this node's values (from the database).
+static SPENT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[2]) end
+return {tonumber(redis.call('GET', KEYS[1])), tonumber(redis.call('GET', KEYS[2]))}",
+    )
+});
+
+/// Adds a cost to (daily, total), seeding absent counters first so no history is lost.
+static ADD_COST: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4]) end
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[3]) end
+redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('INCRBY', KEYS[2], ARGV[1])
+return 1",
+    )
+});
+
+/// Daily counters outlive their day by a day (late bookings across midnight still land).
+const DAILY_TTL_MS: i64 = 2 * 86_400_000;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Limit counters shared by every node through Redis.
+pub struct RedisLimits {
+    link: Arc<RedisLink>,
+    prefix: String,
+    memory: Arc<MemoryLimits>,
+}
+
+impl RedisLimits {
+    /// Counters under `{prefix}limit:...` and `{prefix}cost:apikey:...`; `memory` serves when
+    /// Redis cannot be reached and seeds Redis counters that do not exist yet.
+    pub fn new(link: Arc<RedisLink>, prefix: &str, memory: Arc<MemoryLimits>) -> Self {
+        RedisLimits {
+            link,
+            prefix: prefix.to_string(),
+            memory,
+        }
+    }
+
+    fn fallback(&self, what: &str, e: &dyn std::fmt::Display) {
+        metrics().session_store_fallback.inc();
+        tracing::debug!(error = %e, "Redis {what} failed, counting in memory");
+    }
+}
+
+#[async_trait]
+impl LimitStore for RedisLimits {
+    async fn hit_rpm(&self, key_id: &str, limit: u32, now_ms: i64) -> Result<(), u64> {
+        let limit = limit.max(1);
+        let interval = 60_000 / i64::from(limit);
+        let burst = interval * i64::from(limit);
+        let key = format!("{}limit:rpm:{key_id}", self.prefix);
+        let res: Result<i64, _> = self
+            .link
+            .run(|mut c| async move {
+                RPM.key(key)
+                    .arg(now_ms)
+                    .arg(interval)
+                    .arg(burst)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+        match res {
+            Ok(0) => Ok(()),
+            Ok(wait_ms) => Err((wait_ms.max(1) as u64).div_ceil(1000)),
+            Err(e) => {
+                // Same rule, this node's view only.
+                self.fallback("rate limit", &e);
+                self.memory.hit_rpm(key_id, limit, now_ms).await
+            }
+        }
+    }
+
+    async fn acquire_slot(
+        &self,
+        key_id: &str,
+        limit: u32,
+        lease_ttl: Duration,
+    ) -> Option<SlotLease> {
+        let key = format!("{}limit:slots:{key_id}", self.prefix);
+        let lease_id = uuid::Uuid::now_v7().to_string();
+        let now = now_ms();
+        let expires = now + i64::try_from(lease_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let id = lease_id.clone();
+        let res: Result<i64, _> = self
+            .link
+            .run(|mut c| async move {
+                ACQUIRE
+                    .key(key)
+                    .arg(now)
+                    .arg(expires)
+                    .arg(limit)
+                    .arg(id)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+        match res {
+            Ok(1) => Some(SlotLease {
+                key_id: key_id.to_string(),
+                lease_id,
+            }),
+            Ok(_) => None,
+            Err(e) => {
+                self.fallback("concurrency slot", &e);
+                self.memory.acquire_slot(key_id, limit, lease_ttl).await
+            }
+        }
+    }
+
+    async fn release_slot(&self, lease: &SlotLease) {
+        // A lease taken in memory (Redis was down) has no id.
+        if lease.lease_id.is_empty() {
+            return self.memory.release_slot(lease).await;
+        }
+        let key = format!("{}limit:slots:{}", self.prefix, lease.key_id);
+        let id = lease.lease_id.clone();
+        let res: Result<i64, _> = self
+            .link
+            .run(|mut c| async move {
+                redis::cmd("ZREM")
+                    .arg(key)
+                    .arg(id)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+        if let Err(e) = res {
+            // The lease expires by itself.
+            self.fallback("slot release", &e);
+        }
+    }
+
+    async fn spent(&self, key_id: &str, day: &str) -> (i64, i64) {
+        let (seed_day, seed_total) = self.memory.spent(key_id, day).await;
+        let daily = format!("{}cost:apikey:daily:{key_id}:{day}", self.prefix);
+        let total = format!("{}cost:apikey:total:{key_id}", self.prefix);
+        let res: Result<(i64, i64), _> = self
+            .link
+            .run(|mut c| async move {
+                SPENT
+                    .key(daily)
+                    .key(total)
+                    .arg(seed_day)
+                    .arg(seed_total)
+                    .arg(DAILY_TTL_MS)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+        match res {
+            Ok(v) => v,
+            Err(e) => {
+                self.fallback("cost read", &e);
+                (seed_day, seed_total)
+            }
+        }
+    }
+
+    async fn add_cost(&self, key_id: &str, day: &str, micro_usd: i64) {
+        let (seed_day, seed_total) = self.memory.spent(key_id, day).await;
+        self.memory.add_cost(key_id, day, micro_usd).await;
+        let daily = format!("{}cost:apikey:daily:{key_id}:{day}", self.prefix);
+        let total = format!("{}cost:apikey:total:{key_id}", self.prefix);
+        let res: Result<i64, _> = self
+            .link
+            .run(|mut c| async move {
+                ADD_COST
+                    .key(daily)
+                    .key(total)
+                    .arg(micro_usd)
+                    .arg(seed_day)
+                    .arg(seed_total)
+                    .arg(DAILY_TTL_MS)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+        if let Err(e) = res {
+            self.fallback("cost booking", &e);
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Per-key limits in Redis are shared by nodes: two limit stores on one Redis (two nodes) see
+//! one rpm budget, one set of concurrency slots and one cost counter; a slot a dead node never
+//! gave back frees itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use llm_relay::store::redis_limits::RedisLimits;
+use llm_relay::store::RedisLink;
+use relay_filters::key_limits::{LimitStore, MemoryLimits};
+
+fn redis_url() -> String {
+    std::env::var("RELAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+async fn two_nodes() -> (RedisLimits, RedisLimits, String) {
+    let prefix = format!("relaytest:{}:", uuid::Uuid::now_v7().simple());
+    let node = || async {
+        let link = RedisLink::open(&redis_url()).expect("redis url");
+        assert!(link.ready(Duration::from_secs(5)).await, "Redis reachable");
+        RedisLimits::new(link, &prefix, Arc::new(MemoryLimits::default()))
+    };
+    let a = node().await;
+    let b = node().await;
+    (a, b, prefix)
+}
+
+async fn cleanup(prefix: &str) {
+    let client = redis::Client::open(redis_url()).expect("client");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut c)
+        .await
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
+    }
+}
+
+#[tokio::test]
+async fn rpm_budget_is_shared() {
+    let (a, b, prefix) = two_nodes().await;
+    let now = 1_000_000;
+    for i in 0..4 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        assert!(node.hit_rpm("key", 4, now).await.is_ok(), "request {i}");
+    }
+    assert_eq!(a.hit_rpm("key", 4, now).await, Err(15));
+    assert_eq!(b.hit_rpm("key", 4, now).await, Err(15));
+    assert!(b.hit_rpm("key", 4, now + 15_000).await.is_ok());
+    cleanup(&prefix).await;
+}
+
+#[tokio::test]
+async fn concurrency_slots_are_shared_and_expire() {
+    let (a, b, prefix) = two_nodes().await;
+    let ttl = Duration::from_secs(60);
+    let s1 = a.acquire_slot("key", 3, ttl).await.expect("slot 1");
+    let _s2 = b.acquire_slot("key", 3, ttl).await.expect("slot 2");
+    let _s3 = a.acquire_slot("key", 3, ttl).await.expect("slot 3");
+    assert!(
+        b.acquire_slot("key", 3, ttl).await.is_none(),
+        "a 4th slot across nodes"
+    );
+    a.release_slot(&s1).await;
+    assert!(b.acquire_slot("key", 3, ttl).await.is_some());
+    // A node that dies holding a slot: its lease runs out.
+    let short = b
+        .acquire_slot("other", 1, Duration::from_millis(300))
+        .await
+        .expect("slot");
+    drop(short);
+    assert!(a.acquire_slot("other", 1, ttl).await.is_none());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        a.acquire_slot("other", 1, ttl).await.is_some(),
+        "an expired lease still holds its slot"
+    );
+    cleanup(&prefix).await;
+}
+
+#[tokio::test]
+async fn cost_counters_are_shared_and_seeded() {
+    let prefix = format!("relaytest:{}:", uuid::Uuid::now_v7().simple());
+    let seeded = Arc::new(MemoryLimits::default());
+    // This node knows (from the database) that the key already spent 100 today, 1000 in all.
+    seeded.seed_cost("key", "2026-11-22", 100, 1000);
+    let link = RedisLink::open(&redis_url()).expect("redis url");
+    assert!(link.ready(Duration::from_secs(5)).await);
+    let a = RedisLimits::new(link.clone(), &prefix, seeded);
+    let b = RedisLimits::new(link, &prefix, Arc::new(MemoryLimits::default()));
+    a.add_cost("key", "2026-11-22", 5).await;
+    b.add_cost("key", "2026-11-22", 7).await;
+    assert_eq!(a.spent("key", "2026-11-22").await, (112, 1012));
+    assert_eq!(b.spent("key", "2026-11-22").await, (112, 1012));
+    cleanup(&prefix).await;
+}
