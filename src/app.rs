@@ -21,6 +21,7 @@ use crate::cache::{AccountCache, KeyCache, PriceCache};
 use crate::config::{parse_hex_key, Config};
 use crate::proxy::{ProxySettings, RelayProxy, Resolver};
 use crate::secrets::{hash_password, load_or_create_key_file, SecretBox};
+use crate::store::redis_counters::RedisUsageCounters;
 use crate::store::redis_limits::RedisLimits;
 use crate::store::redis_sessions::{
     FallbackSessionStore, RedisCooldowns, RedisLink, RedisSessionStore,
@@ -236,6 +237,9 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         account_events,
         accounts: accounts.clone(),
         prices: prices.clone(),
+        counters: redis_link
+            .as_ref()
+            .map(|link| Arc::new(RedisUsageCounters::new(link.clone(), ""))),
     };
     let mut proxy_service =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "relay proxy");

@@ -84,6 +84,71 @@ async fn concurrency_slots_are_shared_and_expire() {
 }
 
 #[tokio::test]
+async fn usage_counters_of_design_section_9() {
+    use llm_relay::store::redis_counters::RedisUsageCounters;
+    use relay_filters::{TokenUsage, UsageRecord};
+    let prefix = format!("relaytest:{}:", uuid::Uuid::now_v7().simple());
+    let link = RedisLink::open(&redis_url()).expect("redis url");
+    assert!(link.ready(Duration::from_secs(5)).await);
+    let counters = RedisUsageCounters::new(link, &prefix);
+    let record = |cost| UsageRecord {
+        id: uuid::Uuid::now_v7().to_string(),
+        created_at: 1_795_305_600_000, // 2026-11-22
+        user_id: Some("u1".into()),
+        api_key_id: Some("k1".into()),
+        usage: TokenUsage {
+            input_tokens: 10,
+            output_tokens: 3,
+            cache_read_tokens: 7,
+            ..Default::default()
+        },
+        billed_cost: cost,
+        ..Default::default()
+    };
+    counters.book(&record(100)).await.unwrap();
+    counters.book(&record(50)).await.unwrap();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let get = |k: String, f: &'static str| {
+        let mut c = c.clone();
+        async move {
+            redis::cmd("HGET")
+                .arg(k)
+                .arg(f)
+                .query_async::<i64>(&mut c)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(get(format!("{prefix}usage:total:u1"), "requests").await, 2);
+    assert_eq!(
+        get(format!("{prefix}usage:daily:u1:2026-11-22"), "input_tokens").await,
+        20
+    );
+    assert_eq!(
+        get(
+            format!("{prefix}usage:monthly:u1:2026-11"),
+            "cache_read_tokens"
+        )
+        .await,
+        14
+    );
+    assert_eq!(get(format!("{prefix}usage:apikey:k1"), "cost").await, 150);
+    let total: i64 = redis::cmd("GET")
+        .arg(format!("{prefix}cost:total:u1"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let daily: i64 = redis::cmd("GET")
+        .arg(format!("{prefix}cost:daily:u1:2026-11-22"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!((total, daily), (150, 150));
+    cleanup(&prefix).await;
+}
+
+#[tokio::test]
 async fn cost_counters_are_shared_and_seeded() {
     let prefix = format!("relaytest:{}:", uuid::Uuid::now_v7().simple());
     let seeded = Arc::new(MemoryLimits::default());

@@ -26,6 +26,7 @@ use crate::background::account_events::AccountEvents;
 use crate::background::usage_writer::UsageQueue;
 use crate::cache::{AccountCache, PriceCache};
 use crate::metrics::{metrics, status_class};
+use crate::store::redis_counters::RedisUsageCounters;
 
 pub use dns::Resolver;
 
@@ -54,6 +55,8 @@ pub struct RelayProxy {
     pub account_events: AccountEvents,
     pub accounts: Arc<AccountCache>,
     pub prices: Arc<PriceCache>,
+    /// Usage counters in Redis, when configured.
+    pub counters: Option<Arc<RedisUsageCounters>>,
 }
 
 /// Per-request state of the proxy around the filters' context.
@@ -349,6 +352,15 @@ impl RelayProxy {
             failovers = record.failover_count,
             "request"
         );
+        if let Some(counters) = self.counters.clone() {
+            let r = record.clone();
+            // Counters are bookkeeping: never on the request's path.
+            tokio::spawn(async move {
+                if let Err(e) = counters.book(&r).await {
+                    tracing::debug!(error = %e, "usage counters not updated in Redis");
+                }
+            });
+        }
         self.usage.push(record).await;
     }
 }

@@ -9,6 +9,7 @@ mod admin_sessions;
 mod api_keys;
 mod limits;
 mod prices;
+pub mod redis_counters;
 pub mod redis_limits;
 pub mod redis_sessions;
 mod settings;
