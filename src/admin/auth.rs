@@ -34,6 +34,23 @@ impl Caller {
             Err(AppError::Forbidden("admin role required".into()))
         }
     }
+
+    /// Whether the caller is an admin.
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+
+    /// The caller's own user id, for the calls about "my" keys and usage; the static admin
+    /// token belongs to no user.
+    pub fn own_user_id(&self) -> Result<&str, AppError> {
+        self.user_id.as_deref().ok_or_else(|| {
+            AppError::BadRequest(
+                "the admin token belongs to no user: log in as a user, or use the \
+                 /api/admin/... calls"
+                    .into(),
+            )
+        })
+    }
 }
 
 /// Hex SHA-256 of a session token (only the hash is stored).

@@ -1,6 +1,7 @@
 //! `AppError`: the one error type of the admin API; it turns itself into a JSON response and
 //! hides the internals of server errors.
 
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -60,6 +61,26 @@ impl From<StoreError> for AppError {
             StoreError::Invalid(m) => AppError::BadRequest(m),
             other => AppError::Internal(other.to_string()),
         }
+    }
+}
+
+// Malformed input gets the same JSON error shape as every other failure, with the parser's
+// explanation (which names the field), instead of axum's plain-text rejection.
+impl From<JsonRejection> for AppError {
+    fn from(e: JsonRejection) -> Self {
+        AppError::BadRequest(format!("invalid JSON body: {}", e.body_text()))
+    }
+}
+
+impl From<QueryRejection> for AppError {
+    fn from(e: QueryRejection) -> Self {
+        AppError::BadRequest(format!("invalid query string: {}", e.body_text()))
+    }
+}
+
+impl From<PathRejection> for AppError {
+    fn from(e: PathRejection) -> Self {
+        AppError::BadRequest(format!("invalid path: {}", e.body_text()))
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod error;
+mod extract;
 mod routes;
 
 use std::sync::Arc;
@@ -64,6 +65,40 @@ impl AdminState {
             redis,
             refresh,
         }
+    }
+
+    /// Reloads this node's key cache (keys with their owners' state and price rates), so a
+    /// change holds for the next proxied request once the admin call has answered, and wakes
+    /// the refresher. Other nodes follow through the change marker they poll.
+    pub async fn keys_changed(&self) {
+        match self.store.load_api_keys_with_users().await {
+            Ok(keys) => self.keys.replace(keys),
+            Err(e) => tracing::warn!(error = %e, "key cache reload after an admin change failed"),
+        }
+        self.refresh.notify_one();
+    }
+
+    /// Reloads this node's account cache (live account state is kept) and wakes the refresher.
+    pub async fn accounts_changed(&self) {
+        match self.store.load_accounts().await {
+            Ok(rows) => {
+                self.accounts.replace(rows, &self.secrets);
+                crate::background::cache_refresh::publish_account_states(&self.accounts);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "account cache reload after an admin change failed")
+            }
+        }
+        self.refresh.notify_one();
+    }
+
+    /// Reloads this node's price table (shipped prices + overrides) and wakes the refresher.
+    pub async fn prices_changed(&self) {
+        match self.store.list_prices().await {
+            Ok(rows) => self.prices.replace(rows),
+            Err(e) => tracing::warn!(error = %e, "price reload after an admin change failed"),
+        }
+        self.refresh.notify_one();
     }
 }
 

@@ -1,10 +1,11 @@
-//! Model prices: micro-USD per million tokens for each token category.
+//! Model prices (micro-USD per million tokens for each token category) and the users' price
+//! rates applied on top of them.
 
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{now_ms, require_non_empty, Result, SqlStore, StoreError};
+use super::{now_ms, require_non_empty, Param, Result, SqlParts, SqlStore, StoreError};
 
 /// Prices of one model in micro-USD per million tokens; unset cache prices use the defaults
 /// (1.25×, 2× and 0.1× input, DESIGN §9), applied by the cost filter.
@@ -133,5 +134,25 @@ impl SqlStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(price_from_row).collect()
+    }
+
+    /// Sets the price rate (ten-thousandths, 10000 = 1.0) of every user in one statement;
+    /// returns how many users were updated. Their `updated_at` moves, so every node's key
+    /// cache picks the new rate up.
+    pub async fn set_all_price_rates(&self, rate: i64) -> Result<u64> {
+        if rate < 0 {
+            return Err(StoreError::Invalid(
+                "price rate must not be negative".to_owned(),
+            ));
+        }
+        let mut parts = SqlParts::default();
+        parts.set("price_rate", Param::Int(Some(rate)));
+        parts.bump_updated_at();
+        let sql = format!("UPDATE users SET {}", parts.joined(", "));
+        Ok(parts
+            .bind(sqlx::query(&sql))
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 }

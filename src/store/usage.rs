@@ -1,7 +1,7 @@
-//! Usage records (one per served request) and their daily rollups per user, key, account and
-//! model, written in idempotent batches by the usage writer.
+//! Usage records (one per served request) and their daily rollups per user, key, account,
+//! model and user × model, written in idempotent batches by the usage writer.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use relay_filters::UsageRecord;
 use serde::Serialize;
@@ -162,7 +162,7 @@ pub struct RecordFilter {
 pub struct UsageDailyRow {
     /// UTC day, `YYYY-MM-DD`.
     pub day: String,
-    /// `user`, `key`, `account` or `model`.
+    /// `user`, `key`, `account`, `model`, or `user_model:{user_id}` (that user's models).
     pub dim: String,
     /// Id (or model name) of the entity.
     pub dim_id: String,
@@ -256,6 +256,50 @@ fn check_day(day: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// `CAST(COALESCE(SUM(expr), 0) AS BIGINT)`: SUM of BIGINT is NUMERIC on PostgreSQL, which the
+/// Any driver cannot decode.
+fn sum(expr: &str) -> String {
+    format!("CAST(COALESCE(SUM({expr}), 0) AS BIGINT)")
+}
+
+/// The seven sums of `usage_daily` columns, in [`totals_from_row`] order.
+fn daily_sums() -> String {
+    [
+        "requests",
+        "input_tokens",
+        "output_tokens",
+        "cache_write_tokens",
+        "cache_read_tokens",
+        "base_cost",
+        "billed_cost",
+    ]
+    .map(sum)
+    .join(", ")
+}
+
+/// Reads seven sums starting at column `base`.
+fn totals_from_row(row: &AnyRow, base: usize) -> Result<UsageTotals> {
+    Ok(UsageTotals {
+        requests: row.try_get(base)?,
+        input_tokens: row.try_get(base + 1)?,
+        output_tokens: row.try_get(base + 2)?,
+        cache_write_tokens: row.try_get(base + 3)?,
+        cache_read_tokens: row.try_get(base + 4)?,
+        base_cost: row.try_get(base + 5)?,
+        billed_cost: row.try_get(base + 6)?,
+    })
+}
+
+/// The `dim` of one user's per-model rollups (their `dim_id` is the model). The user is in
+/// `dim` rather than in `dim_id` so that "this user's models over these days" is an equality
+/// on the leading column of the `(dim, dim_id, day)` index, whatever the database collation.
+fn user_model_dim(user_id: &str) -> String {
+    format!("user_model:{user_id}")
+}
+
+/// Ids per `IN (...)` list, far under SQLite's parameter limit.
+const IDS_PER_STATEMENT: usize = 500;
 
 /// Builds a [`UsageRow`] from a `request_logs` row.
 fn usage_from_row(row: &AnyRow) -> Result<UsageRow> {
@@ -422,21 +466,24 @@ impl SqlStore {
 
         // Sorted maps: every node touches rollup and key rows in the same order, so concurrent
         // writers on PostgreSQL queue instead of deadlocking.
-        let mut rollups: BTreeMap<(String, UsageDim, String), UsageTotals> = BTreeMap::new();
+        // Keyed (day, dim, dim_id).
+        let mut rollups: BTreeMap<(String, String, String), UsageTotals> = BTreeMap::new();
         let mut key_used: BTreeMap<&str, i64> = BTreeMap::new();
         let mut account_used: BTreeMap<&str, i64> = BTreeMap::new();
         for r in unique.iter().filter(|r| inserted.contains(&r.id)) {
             let day = utc_day(r.created_at);
             let model = r.upstream_model.as_ref().or(r.requested_model.as_ref());
+            let user_model = r.user_id.as_deref().map(user_model_dim);
             for (dim, id) in [
-                (UsageDim::User, r.user_id.as_ref()),
-                (UsageDim::Key, r.api_key_id.as_ref()),
-                (UsageDim::Account, r.account_id.as_ref()),
-                (UsageDim::Model, model),
+                (Some(UsageDim::User.as_str()), r.user_id.as_ref()),
+                (Some(UsageDim::Key.as_str()), r.api_key_id.as_ref()),
+                (Some(UsageDim::Account.as_str()), r.account_id.as_ref()),
+                (Some(UsageDim::Model.as_str()), model),
+                (user_model.as_deref(), model),
             ] {
-                if let Some(id) = id {
+                if let (Some(dim), Some(id)) = (dim, id) {
                     rollups
-                        .entry((day.clone(), dim, id.clone()))
+                        .entry((day.clone(), dim.to_owned(), id.clone()))
                         .or_default()
                         .add_record(r);
                 }
@@ -594,29 +641,73 @@ impl SqlStore {
         to_day: Option<&str>,
     ) -> Result<UsageTotals> {
         let parts = daily_where(dim, dim_id, from_day, to_day)?;
-        // SUM of BIGINT is NUMERIC on PostgreSQL, which the Any driver cannot decode: cast back.
-        let sum = |c: &str| format!("CAST(COALESCE(SUM({c}), 0) AS BIGINT)");
         let sql = format!(
-            "SELECT {}, {}, {}, {}, {}, {}, {} FROM usage_daily {}",
-            sum("requests"),
-            sum("input_tokens"),
-            sum("output_tokens"),
-            sum("cache_write_tokens"),
-            sum("cache_read_tokens"),
-            sum("base_cost"),
-            sum("billed_cost"),
+            "SELECT {} FROM usage_daily {}",
+            daily_sums(),
             where_sql(&parts)
         );
         let row = parts.bind(sqlx::query(&sql)).fetch_one(&self.pool).await?;
-        Ok(UsageTotals {
-            requests: row.try_get(0)?,
-            input_tokens: row.try_get(1)?,
-            output_tokens: row.try_get(2)?,
-            cache_write_tokens: row.try_get(3)?,
-            cache_read_tokens: row.try_get(4)?,
-            base_cost: row.try_get(5)?,
-            billed_cost: row.try_get(6)?,
-        })
+        totals_from_row(&row, 0)
+    }
+
+    /// Sums of the daily rollups of one dim over a day range (either bound open with `None`),
+    /// for each of `ids`, in one indexed query per 500 ids; ids without usage are absent from
+    /// the map. For a page of keys with their request counts and costs.
+    pub async fn usage_totals_by_ids(
+        &self,
+        dim: UsageDim,
+        ids: &[String],
+        from_day: Option<&str>,
+        to_day: Option<&str>,
+    ) -> Result<HashMap<String, UsageTotals>> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(IDS_PER_STATEMENT) {
+            let mut parts = daily_where(dim, None, from_day, to_day)?;
+            let marks = vec!["?"; chunk.len()].join(", ");
+            parts.push(
+                &format!("dim_id IN ({marks})"),
+                chunk
+                    .iter()
+                    .map(|id| Param::Text(Some(id.clone())))
+                    .collect(),
+            );
+            let sql = format!(
+                "SELECT dim_id, {} FROM usage_daily {} GROUP BY dim_id",
+                daily_sums(),
+                where_sql(&parts)
+            );
+            for row in parts.bind(sqlx::query(&sql)).fetch_all(&self.pool).await? {
+                out.insert(row.try_get(0)?, totals_from_row(&row, 1)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One user's totals per model over a day range (either bound open with `None`), most
+    /// billed first, from the user's per-model rollups (one index range, whatever the traffic).
+    pub async fn usage_by_model_for_user(
+        &self,
+        user_id: &str,
+        from_day: Option<&str>,
+        to_day: Option<&str>,
+    ) -> Result<Vec<(String, UsageTotals)>> {
+        let mut parts = SqlParts::default();
+        parts.push("dim = ?", vec![Param::Text(Some(user_model_dim(user_id)))]);
+        for (bound, day) in [("day >= ?", from_day), ("day <= ?", to_day)] {
+            if let Some(day) = day {
+                check_day(day)?;
+                parts.push(bound, vec![Param::Text(Some(day.to_owned()))]);
+            }
+        }
+        let sql = format!(
+            "SELECT dim_id, {} FROM usage_daily {} GROUP BY dim_id ORDER BY 8 DESC, 1",
+            daily_sums(),
+            where_sql(&parts)
+        );
+        let rows = parts.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, totals_from_row(row, 1)?)))
+            .collect()
     }
 }
 

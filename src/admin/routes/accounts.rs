@@ -1,19 +1,58 @@
-//! Upstream accounts: create (credential encrypted at rest, never returned), list, update.
+//! Upstream accounts (admins only): create, list, get, update, delete. The credential is
+//! encrypted at rest and never returned: answers carry a mask of it (first and last four
+//! characters of a long credential, nothing of a short one).
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
 use relay_filters::accounts::BaseUrl;
 use relay_filters::AccountType;
-use serde::Deserialize;
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
 
-use super::PageQuery;
+use super::{audit, PageQuery};
 use crate::admin::auth::Caller;
 use crate::admin::error::{AppError, AppResult};
+use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
+use crate::secrets::SecretBox;
 use crate::store::{Account, AccountPatch, AccountStatus, NewAccount, Page};
+
+/// Credentials shorter than this show no character at all in the mask.
+const MASK_MIN_LEN: usize = 20;
+
+/// An account as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct AccountView {
+    #[serde(flatten)]
+    pub account: Account,
+    /// `sk-a…wxyz` for a long credential, `…` for a short one; `null` when it cannot be
+    /// decrypted (encrypted with another key).
+    pub credential_masked: Option<String>,
+}
+
+/// The mask of a credential: enough to tell two apart, not enough to use one.
+fn mask(secret: &str) -> String {
+    let chars: Vec<char> = secret.chars().collect();
+    if chars.len() < MASK_MIN_LEN {
+        return "…".into();
+    }
+    let head: String = chars[..4].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}…{tail}")
+}
+
+fn view(account: Account, secrets: &SecretBox) -> AccountView {
+    let credential_masked = secrets
+        .decrypt(&account.credential_enc)
+        .ok()
+        .map(|c| mask(c.expose_secret()));
+    AccountView {
+        account,
+        credential_masked,
+    }
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,11 +96,12 @@ fn check_url(url: &Option<String>) -> AppResult<()> {
     Ok(())
 }
 
+/// `POST /api/admin/accounts`.
 pub async fn create(
     State(state): State<AdminState>,
     caller: Caller,
     Json(body): Json<CreateAccount>,
-) -> AppResult<(StatusCode, Json<Account>)> {
+) -> AppResult<(StatusCode, Json<AccountView>)> {
     caller.require_admin()?;
     let account_type = parse_type(&body.account_type)?;
     check_url(&body.base_url)?;
@@ -92,27 +132,78 @@ pub async fn create(
         new.extra = serde_json::json!({ "chatgpt_account_id": id });
     }
     let account = state.store.create_account(&new).await?;
-    let _ = state
-        .store
-        .append_audit(
-            &caller.name,
-            "account.create",
-            &account.id,
-            &serde_json::json!({ "name": account.name, "type": account.account_type }),
-        )
-        .await;
-    state.refresh.notify_one();
-    Ok((StatusCode::CREATED, Json(account)))
+    audit(
+        &state,
+        &caller,
+        "account.create",
+        &account.id,
+        serde_json::json!({ "name": account.name, "type": account.account_type }),
+    )
+    .await;
+    state.accounts_changed().await;
+    Ok((StatusCode::CREATED, Json(view(account, &state.secrets))))
 }
 
+/// `GET /api/admin/accounts?page=&per_page=`: oldest first.
 pub async fn list(
     State(state): State<AdminState>,
     caller: Caller,
     Query(q): Query<PageQuery>,
-) -> AppResult<Json<Page<Account>>> {
+) -> AppResult<Json<Page<AccountView>>> {
     caller.require_admin()?;
     let (page, per_page) = q.get();
-    Ok(Json(state.store.list_accounts(page, per_page).await?))
+    let page = state.store.list_accounts(page, per_page).await?;
+    Ok(Json(Page {
+        items: page
+            .items
+            .into_iter()
+            .map(|a| view(a, &state.secrets))
+            .collect(),
+        total: page.total,
+        page: page.page,
+        per_page: page.per_page,
+    }))
+}
+
+/// `GET /api/admin/accounts/{id}`.
+pub async fn get(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<Json<AccountView>> {
+    caller.require_admin()?;
+    let account = state
+        .store
+        .account_by_id(&id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    Ok(Json(view(account, &state.secrets)))
+}
+
+/// `DELETE /api/admin/accounts/{id}`: its usage records stay; sessions bound to it are moved
+/// to another account on their next request.
+pub async fn delete(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<Json<serde_json::Value>> {
+    caller.require_admin()?;
+    let account = state
+        .store
+        .account_by_id(&id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    state.store.delete_account(&id).await?;
+    audit(
+        &state,
+        &caller,
+        "account.delete",
+        &id,
+        serde_json::json!({ "name": account.name, "type": account.account_type }),
+    )
+    .await;
+    state.accounts_changed().await;
+    Ok(Json(serde_json::json!({ "deleted": id })))
 }
 
 #[derive(Deserialize)]
@@ -135,13 +226,21 @@ pub struct UpdateAccount {
     status: Option<String>,
 }
 
+/// `PATCH /api/admin/accounts/{id}`: a new `credential` replaces the stored one.
 pub async fn update(
     State(state): State<AdminState>,
     caller: Caller,
     Path(id): Path<String>,
     Json(body): Json<UpdateAccount>,
-) -> AppResult<Json<Account>> {
+) -> AppResult<Json<AccountView>> {
     caller.require_admin()?;
+    if body
+        .credential
+        .as_deref()
+        .is_some_and(|c| c.trim().is_empty())
+    {
+        return Err(AppError::BadRequest("credential must not be empty".into()));
+    }
     if let Some(Some(u)) = &body.base_url {
         check_url(&Some(u.clone()))?;
     }
@@ -172,16 +271,21 @@ pub async fn update(
         status,
         ..Default::default()
     };
+    let credential_changed = patch.credential.is_some();
     let account = state.store.update_account(&id, &patch).await?;
-    let _ = state
-        .store
-        .append_audit(
-            &caller.name,
-            "account.update",
-            &id,
-            &serde_json::json!({ "enabled": account.enabled, "status": account.status }),
-        )
-        .await;
-    state.refresh.notify_one();
-    Ok(Json(account))
+    audit(
+        &state,
+        &caller,
+        "account.update",
+        &id,
+        serde_json::json!({
+            "name": account.name,
+            "enabled": account.enabled,
+            "status": account.status,
+            "credential_changed": credential_changed,
+        }),
+    )
+    .await;
+    state.accounts_changed().await;
+    Ok(Json(view(account, &state.secrets)))
 }

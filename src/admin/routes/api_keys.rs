@@ -1,16 +1,21 @@
-//! Relay API keys: create (the plaintext is returned once), list with owners, update.
+//! Relay API keys. Admins create, list (with owners and usage), change and delete anybody's
+//! keys under `/api/admin/api-keys`; every user manages its own under `/api/keys`. The
+//! plaintext key is returned once, at creation.
 
-use axum::extract::{Path, Query, State};
+use std::collections::HashMap;
+
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use super::PageQuery;
+use super::usage::BilledTotals;
+use super::{audit, PageQuery};
 use crate::admin::auth::Caller;
 use crate::admin::error::{AppError, AppResult};
+use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
 use crate::secrets::{api_key_hash, api_key_prefix, generate_api_key};
-use crate::store::{ApiKey, ApiKeyPatch, NewApiKey, Page};
+use crate::store::{ApiKey, ApiKeyPatch, NewApiKey, Page, UsageDim, UsageTotals};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,30 +54,14 @@ fn check_platforms(p: &[String]) -> AppResult<()> {
     }
 }
 
-pub async fn create(
-    State(state): State<AdminState>,
-    caller: Caller,
-    Json(body): Json<CreateKey>,
+/// Issues a key to `owner`; the answer holds the plaintext under `key`.
+async fn issue(
+    state: &AdminState,
+    caller: &Caller,
+    owner: String,
+    body: CreateKey,
 ) -> AppResult<(StatusCode, Json<serde_json::Value>)> {
-    let user_id = match (&body.user_id, &body.username) {
-        (Some(id), _) => id.clone(),
-        (None, Some(name)) => {
-            state
-                .store
-                .user_by_username(name)
-                .await?
-                .ok_or_else(|| AppError::BadRequest(format!("no user named {name}")))?
-                .id
-        }
-        (None, None) => caller
-            .user_id
-            .clone()
-            .ok_or_else(|| AppError::BadRequest("user_id or username is required".into()))?,
-    };
-    if caller.user_id.as_deref() != Some(user_id.as_str()) {
-        caller.require_admin()?;
-    }
-    if state.store.user_by_id(&user_id).await?.is_none() {
+    if state.store.user_by_id(&owner).await?.is_none() {
         return Err(AppError::BadRequest("owner does not exist".into()));
     }
     if body.name.trim().is_empty() {
@@ -80,11 +69,13 @@ pub async fn create(
     }
     check_platforms(&body.allowed_platforms)?;
     let key = generate_api_key();
+    // The store counts the owner's keys and inserts in one transaction: the cap holds under
+    // concurrent creations, and its refusal names the cap.
     let created = state
         .store
         .create_api_key(
             &NewApiKey {
-                user_id,
+                user_id: owner,
                 name: body.name.trim().to_string(),
                 key_hash: api_key_hash(&state.pepper, &key),
                 key_prefix: api_key_prefix(&key),
@@ -99,22 +90,61 @@ pub async fn create(
             i64::from(state.max_keys_per_user),
         )
         .await?;
-    let _ = state
-        .store
-        .append_audit(
-            &caller.name,
-            "api_key.create",
-            &created.id,
-            &serde_json::json!({ "name": created.name, "user_id": created.user_id }),
-        )
-        .await;
-    state.refresh.notify_one();
+    audit(
+        state,
+        caller,
+        "api_key.create",
+        &created.id,
+        serde_json::json!({ "name": created.name, "user_id": created.user_id }),
+    )
+    .await;
+    state.keys_changed().await;
     let mut value =
         serde_json::to_value(&created).map_err(|e| AppError::Internal(e.to_string()))?;
     value["key"] = serde_json::Value::String(key);
     Ok((StatusCode::CREATED, Json(value)))
 }
 
+/// `POST /api/admin/api-keys`: a key for any user (`user_id` or `username`; the caller's own
+/// user by default).
+pub async fn create(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Json(body): Json<CreateKey>,
+) -> AppResult<(StatusCode, Json<serde_json::Value>)> {
+    caller.require_admin()?;
+    let owner = match (&body.user_id, &body.username) {
+        (Some(id), _) => id.clone(),
+        (None, Some(name)) => {
+            state
+                .store
+                .user_by_username(name)
+                .await?
+                .ok_or_else(|| AppError::BadRequest(format!("no user named {name}")))?
+                .id
+        }
+        (None, None) => caller
+            .user_id
+            .clone()
+            .ok_or_else(|| AppError::BadRequest("user_id or username is required".into()))?,
+    };
+    issue(&state, &caller, owner, body).await
+}
+
+/// `POST /api/keys`: a key for the caller. Limits may be set (they only restrict the key).
+pub async fn own_create(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Json(body): Json<CreateKey>,
+) -> AppResult<(StatusCode, Json<serde_json::Value>)> {
+    let owner = caller.own_user_id()?.to_string();
+    if body.user_id.is_some() || body.username.is_some() {
+        return Err(AppError::BadRequest(
+            "keys created here belong to you: leave out user_id and username".into(),
+        ));
+    }
+    issue(&state, &caller, owner, body).await
+}
 #[derive(Deserialize)]
 pub struct KeyListQuery {
     page: Option<i64>,
@@ -122,29 +152,87 @@ pub struct KeyListQuery {
     user_id: Option<String>,
 }
 
+/// A key with its usage over its life; admins see `base_cost` too.
+#[derive(Debug, Serialize)]
+pub struct KeyWithUsage<T> {
+    #[serde(flatten)]
+    pub key: ApiKey,
+    #[serde(flatten)]
+    pub usage: T,
+}
+
+/// Adds each key's life-time totals, from the per-key daily rollups, in one query per page.
+async fn with_usage(
+    state: &AdminState,
+    page: Page<ApiKey>,
+) -> AppResult<Page<KeyWithUsage<UsageTotals>>> {
+    let ids: Vec<String> = page.items.iter().map(|k| k.id.clone()).collect();
+    let mut usage: HashMap<String, UsageTotals> = state
+        .store
+        .usage_totals_by_ids(UsageDim::Key, &ids, None, None)
+        .await?;
+    Ok(Page {
+        items: page
+            .items
+            .into_iter()
+            .map(|key| KeyWithUsage {
+                usage: usage.remove(&key.id).unwrap_or_default(),
+                key,
+            })
+            .collect(),
+        total: page.total,
+        page: page.page,
+        per_page: page.per_page,
+    })
+}
+
+/// `GET /api/admin/api-keys?user_id=&page=&per_page=`: every key (or one user's), newest
+/// first, with its owner's name, request count and costs.
 pub async fn list(
     State(state): State<AdminState>,
     caller: Caller,
     Query(q): Query<KeyListQuery>,
-) -> AppResult<Json<Page<ApiKey>>> {
+) -> AppResult<Json<Page<KeyWithUsage<UsageTotals>>>> {
+    caller.require_admin()?;
     let (page, per_page) = PageQuery {
         page: q.page,
         per_page: q.per_page,
     }
     .get();
-    let user = if caller.require_admin().is_ok() {
-        q.user_id
-    } else {
-        caller.user_id.clone()
-    };
-    Ok(Json(
-        state
-            .store
-            .list_api_keys(user.as_deref(), page, per_page)
-            .await?,
-    ))
+    let keys = state
+        .store
+        .list_api_keys(q.user_id.as_deref(), page, per_page)
+        .await?;
+    Ok(Json(with_usage(&state, keys).await?))
 }
 
+/// `GET /api/keys?page=&per_page=`: the caller's keys, newest first, with their request count
+/// and billed cost.
+pub async fn own_list(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Query(q): Query<PageQuery>,
+) -> AppResult<Json<Page<KeyWithUsage<BilledTotals>>>> {
+    let (page, per_page) = q.get();
+    let keys = state
+        .store
+        .list_api_keys(Some(caller.own_user_id()?), page, per_page)
+        .await?;
+    let page = with_usage(&state, keys).await?;
+    Ok(Json(Page {
+        items: page
+            .items
+            .into_iter()
+            .map(|k| KeyWithUsage {
+                key: k.key,
+                usage: k.usage.into(),
+            })
+            .collect(),
+        total: page.total,
+        page: page.page,
+        per_page: page.per_page,
+    }))
+}
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateKey {
@@ -164,20 +252,14 @@ pub struct UpdateKey {
     total_cost_limit: Option<Option<i64>>,
 }
 
+/// `PATCH /api/admin/api-keys/{id}`: changes any field of any key.
 pub async fn update(
     State(state): State<AdminState>,
     caller: Caller,
     Path(id): Path<String>,
     Json(body): Json<UpdateKey>,
 ) -> AppResult<Json<ApiKey>> {
-    let existing = state
-        .store
-        .api_key_by_id(&id)
-        .await?
-        .ok_or(AppError::NotFound)?;
-    if caller.user_id.as_deref() != Some(existing.user_id.as_str()) {
-        caller.require_admin()?;
-    }
+    caller.require_admin()?;
     if let Some(p) = &body.allowed_platforms {
         check_platforms(p)?;
     }
@@ -192,16 +274,114 @@ pub async fn update(
         daily_cost_limit: body.daily_cost_limit,
         total_cost_limit: body.total_cost_limit,
     };
-    let updated = state.store.update_api_key(&id, &patch).await?;
-    let _ = state
-        .store
-        .append_audit(
-            &caller.name,
-            "api_key.update",
-            &id,
-            &serde_json::json!({ "enabled": updated.enabled }),
-        )
-        .await;
-    state.refresh.notify_one();
+    apply(&state, &caller, &id, &patch).await
+}
+
+async fn apply(
+    state: &AdminState,
+    caller: &Caller,
+    id: &str,
+    patch: &ApiKeyPatch,
+) -> AppResult<Json<ApiKey>> {
+    let updated = state.store.update_api_key(id, patch).await?;
+    audit(
+        state,
+        caller,
+        "api_key.update",
+        id,
+        serde_json::json!({
+            "user_id": updated.user_id,
+            "name": patch.name,
+            "enabled": patch.enabled,
+            "limits_changed": patch.expires_at.is_some()
+                || patch.allowed_platforms.is_some()
+                || patch.allowed_models.is_some()
+                || patch.rpm_limit.is_some()
+                || patch.max_concurrency.is_some()
+                || patch.daily_cost_limit.is_some()
+                || patch.total_cost_limit.is_some(),
+        }),
+    )
+    .await;
+    state.keys_changed().await;
     Ok(Json(updated))
+}
+
+/// What a user may change on its own key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateOwnKey {
+    name: Option<String>,
+    enabled: Option<bool>,
+}
+
+/// The caller's key `id`; somebody else's key is "not found", so ids cannot be probed.
+async fn own_key(state: &AdminState, caller: &Caller, id: &str) -> AppResult<ApiKey> {
+    let user_id = caller.own_user_id()?;
+    state
+        .store
+        .api_key_by_id(id)
+        .await?
+        .filter(|k| k.user_id == user_id)
+        .ok_or(AppError::NotFound)
+}
+
+/// `PATCH /api/keys/{id}` `{"name"?, "enabled"?}`: renames, enables or disables an own key.
+pub async fn own_update(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<UpdateOwnKey>,
+) -> AppResult<Json<ApiKey>> {
+    own_key(&state, &caller, &id).await?;
+    if body.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        return Err(AppError::BadRequest("name must not be empty".into()));
+    }
+    let patch = ApiKeyPatch {
+        name: body.name.map(|n| n.trim().to_string()),
+        enabled: body.enabled,
+        ..ApiKeyPatch::default()
+    };
+    apply(&state, &caller, &id, &patch).await
+}
+
+async fn remove(state: &AdminState, caller: &Caller, key: &ApiKey) -> AppResult<()> {
+    state.store.delete_api_key(&key.id).await?;
+    audit(
+        state,
+        caller,
+        "api_key.delete",
+        &key.id,
+        serde_json::json!({ "name": key.name, "user_id": key.user_id }),
+    )
+    .await;
+    state.keys_changed().await;
+    Ok(())
+}
+
+/// `DELETE /api/admin/api-keys/{id}`; its usage records stay.
+pub async fn delete(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<Json<serde_json::Value>> {
+    caller.require_admin()?;
+    let key = state
+        .store
+        .api_key_by_id(&id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    remove(&state, &caller, &key).await?;
+    Ok(Json(serde_json::json!({ "deleted": id })))
+}
+
+/// `DELETE /api/keys/{id}`: deletes an own key.
+pub async fn own_delete(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<Json<serde_json::Value>> {
+    let key = own_key(&state, &caller, &id).await?;
+    remove(&state, &caller, &key).await?;
+    Ok(Json(serde_json::json!({ "deleted": id })))
 }

@@ -1,7 +1,11 @@
-//! The admin API routes, one file per resource.
+//! The admin API routes, one file per resource. `/api/admin/...` is for admins only;
+//! `/api/keys` and `/api/usage/...` are every logged-in user's own keys and usage.
 
 mod accounts;
 mod api_keys;
+mod audit;
+mod days;
+mod pricing;
 mod session;
 mod system;
 mod usage;
@@ -11,6 +15,7 @@ use axum::routing::{get, patch, post};
 use axum::Router;
 use serde::Deserialize;
 
+use super::auth::Caller;
 use super::AdminState;
 
 /// Page and size of a list request (`?page=1&per_page=50`, at most 500 per page).
@@ -38,26 +43,96 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Writes a state-changing call to the audit log. The change is already committed when this
+/// runs, so a failed write is logged rather than turned into an error for the caller.
+pub async fn audit(
+    state: &AdminState,
+    caller: &Caller,
+    action: &str,
+    target: &str,
+    detail: serde_json::Value,
+) {
+    if let Err(e) = state
+        .store
+        .append_audit(&caller.name, action, target, &detail)
+        .await
+    {
+        tracing::error!(error = %e, action, target, "audit log write failed");
+    }
+}
+
 pub fn router() -> Router<AdminState> {
     Router::new()
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))
         .route("/metrics", get(system::metrics))
+        // Login sessions.
         .route("/api/auth/login", post(session::login))
         .route("/api/auth/logout", post(session::logout))
         .route("/api/auth/me", get(session::me))
+        // Every user: own keys and usage.
+        .route(
+            "/api/keys",
+            get(api_keys::own_list).post(api_keys::own_create),
+        )
+        .route(
+            "/api/keys/{id}",
+            patch(api_keys::own_update).delete(api_keys::own_delete),
+        )
+        .route("/api/usage/summary", get(usage::summary))
+        .route("/api/usage/daily", get(usage::daily))
+        .route("/api/usage/monthly", get(usage::monthly))
+        .route("/api/usage/stats", get(usage::stats))
+        .route("/api/usage/records", get(usage::own_records))
+        .route("/api/usage/models", get(usage::models))
+        // Admins.
         .route("/api/admin/users", get(users::list).post(users::create))
+        .route(
+            "/api/admin/users/batch-price-rate",
+            post(users::batch_price_rate),
+        )
+        .route(
+            "/api/admin/users/all-price-rate",
+            post(users::all_price_rate),
+        )
+        .route(
+            "/api/admin/users/{id}",
+            get(users::get).patch(users::update).delete(users::delete),
+        )
+        .route(
+            "/api/admin/users/{id}/usage/summary",
+            get(usage::user_summary),
+        )
         .route(
             "/api/admin/api-keys",
             get(api_keys::list).post(api_keys::create),
         )
-        .route("/api/admin/api-keys/{id}", patch(api_keys::update))
+        .route(
+            "/api/admin/api-keys/{id}",
+            patch(api_keys::update).delete(api_keys::delete),
+        )
+        .route("/api/admin/api-keys/{id}/logs", get(usage::key_logs))
         .route(
             "/api/admin/accounts",
             get(accounts::list).post(accounts::create),
         )
-        .route("/api/admin/accounts/{id}", patch(accounts::update))
+        .route(
+            "/api/admin/accounts/{id}",
+            get(accounts::get)
+                .patch(accounts::update)
+                .delete(accounts::delete),
+        )
+        .route(
+            "/api/admin/pricing",
+            get(pricing::list).post(pricing::upsert),
+        )
+        // `*`: model ids may hold a `/` (`models/gemini-...`).
+        .route(
+            "/api/admin/pricing/{*model}",
+            axum::routing::delete(pricing::delete),
+        )
         .route("/api/admin/usage/records", get(usage::records))
+        .route("/api/admin/audit", get(audit::list))
 }
 
 /// Deserializes a field that may be absent (`None`), `null` (`Some(None)`) or a value.

@@ -1,15 +1,16 @@
 //! Login, logout and the current caller.
 
+use std::net::SocketAddr;
+
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap};
 use axum::response::IntoResponse;
-use axum::Json;
-use serde::Deserialize;
-use std::net::SocketAddr;
+use serde::{Deserialize, Serialize};
 
 use super::now_ms;
 use crate::admin::auth::{token_hash, Caller, SESSION_COOKIE};
 use crate::admin::error::{AppError, AppResult};
+use crate::admin::extract::Json;
 use crate::admin::AdminState;
 use crate::secrets::{random_token, verify_password};
 
@@ -18,12 +19,24 @@ const SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
 /// Failed attempts per user name and address before logins are refused for a while.
 const MAX_FAILURES: u32 = 5;
 
+/// Who logged in; the price rate is not shown (users never see theirs).
+#[derive(Serialize)]
+struct LoggedIn {
+    id: String,
+    username: String,
+    role: crate::store::Role,
+}
+
 #[derive(Deserialize)]
 pub struct Login {
     username: String,
     password: String,
 }
 
+/// `POST /api/auth/login` `{"username", "password"}`: sets the session cookie (HttpOnly,
+/// SameSite=Strict) and answers `{"user", "csrf_token"}`; state-changing calls made with the
+/// cookie must send the token in `x-csrf-token`. Five failures per user name and address
+/// block logins there for 15 minutes (429).
 pub async fn login(
     State(state): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -63,20 +76,27 @@ pub async fn login(
         .store
         .create_admin_session(&token_hash(&token), &user.id, &csrf, now + SESSION_TTL_MS)
         .await?;
-    let _ = state
+    if let Err(e) = state
         .store
         .append_audit(&user.username, "login", &user.id, &serde_json::json!({}))
-        .await;
+        .await
+    {
+        tracing::error!(error = %e, "audit log write failed");
+    }
     let cookie = format!(
         "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
         SESSION_TTL_MS / 1000
     );
     Ok((
         [(header::SET_COOKIE, cookie)],
-        Json(serde_json::json!({ "user": user, "csrf_token": csrf })),
+        Json(serde_json::json!({
+            "user": LoggedIn { id: user.id, username: user.username, role: user.role },
+            "csrf_token": csrf,
+        })),
     ))
 }
 
+/// `POST /api/auth/logout`: ends the session and clears the cookie.
 pub async fn logout(
     State(state): State<AdminState>,
     headers: HeaderMap,
@@ -92,7 +112,14 @@ pub async fn logout(
     {
         state.store.delete_admin_session(&token_hash(token)).await?;
     }
-    let _ = caller;
+    super::audit(
+        &state,
+        &caller,
+        "logout",
+        caller.user_id.as_deref().unwrap_or(""),
+        serde_json::json!({}),
+    )
+    .await;
     Ok((
         [(
             header::SET_COOKIE,
@@ -102,6 +129,7 @@ pub async fn logout(
     ))
 }
 
+/// `GET /api/auth/me`: the caller.
 pub async fn me(caller: Caller) -> AppResult<impl IntoResponse> {
     Ok(Json(serde_json::json!({
         "user_id": caller.user_id,

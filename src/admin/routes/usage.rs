@@ -1,65 +1,533 @@
-//! Usage records (paginated, newest first). Admins see every record with base and billed cost;
-//! users see their own, billed cost only.
+//! Usage statistics and records. Every caller sees its own usage under `/api/usage/...`, with
+//! the billed cost only (never the base cost, price rate or accounts: DESIGN §9); admins also
+//! see any user's summary, any key's records and every record, with both costs.
 
-use axum::extract::{Query, State};
-use axum::Json;
-use serde::Deserialize;
+use std::collections::HashMap;
 
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+
+use super::days::{self, DayRange};
 use super::PageQuery;
 use crate::admin::auth::Caller;
-use crate::admin::error::AppResult;
+use crate::admin::error::{AppError, AppResult};
+use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
-use crate::store::RecordFilter;
+use crate::store::{Page, RecordFilter, Role, UsageDailyRow, UsageDim, UsageRow, UsageTotals};
 
-#[derive(Deserialize)]
+/// Totals as a user sees them: billed cost only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BilledTotals {
+    pub requests: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub cache_read_tokens: i64,
+    /// Micro-USD charged.
+    pub billed_cost: i64,
+}
+
+impl From<UsageTotals> for BilledTotals {
+    fn from(t: UsageTotals) -> Self {
+        BilledTotals {
+            requests: t.requests,
+            input_tokens: t.input_tokens,
+            output_tokens: t.output_tokens,
+            cache_write_tokens: t.cache_write_tokens,
+            cache_read_tokens: t.cache_read_tokens,
+            billed_cost: t.billed_cost,
+        }
+    }
+}
+
+impl From<&UsageDailyRow> for UsageTotals {
+    fn from(r: &UsageDailyRow) -> Self {
+        UsageTotals {
+            requests: r.requests,
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            cache_write_tokens: r.cache_write_tokens,
+            cache_read_tokens: r.cache_read_tokens,
+            base_cost: r.base_cost,
+            billed_cost: r.billed_cost,
+        }
+    }
+}
+
+/// One day's totals.
+#[derive(Debug, Serialize)]
+pub struct DayUsage<T> {
+    pub day: String,
+    #[serde(flatten)]
+    pub totals: T,
+}
+
+/// A usage record as its user sees it: no base cost, price rate, account or session.
+#[derive(Debug, Serialize)]
+pub struct OwnRecord {
+    pub id: String,
+    pub created_at: i64,
+    pub api_key_id: Option<String>,
+    pub protocol: String,
+    pub requested_model: Option<String>,
+    pub upstream_model: Option<String>,
+    pub stream: bool,
+    pub status: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_write_5m_tokens: i64,
+    pub cache_write_1h_tokens: i64,
+    pub cache_read_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub billed_cost: i64,
+    pub latency_ms: i64,
+    pub ttfb_ms: Option<i64>,
+    pub error_type: Option<String>,
+    pub unpriced: bool,
+    pub estimated: bool,
+}
+
+impl From<UsageRow> for OwnRecord {
+    fn from(r: UsageRow) -> Self {
+        OwnRecord {
+            id: r.id,
+            created_at: r.created_at,
+            api_key_id: r.api_key_id,
+            protocol: r.protocol,
+            requested_model: r.requested_model,
+            upstream_model: r.upstream_model,
+            stream: r.stream,
+            status: r.status,
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            cache_write_5m_tokens: r.cache_write_5m_tokens,
+            cache_write_1h_tokens: r.cache_write_1h_tokens,
+            cache_read_tokens: r.cache_read_tokens,
+            reasoning_tokens: r.reasoning_tokens,
+            billed_cost: r.billed_cost,
+            latency_ms: r.latency_ms,
+            ttfb_ms: r.ttfb_ms,
+            error_type: r.error_type,
+            unpriced: r.unpriced,
+            estimated: r.estimated,
+        }
+    }
+}
+
+fn page_map<T, U>(page: Page<T>, f: impl FnMut(T) -> U) -> Page<U> {
+    Page {
+        items: page.items.into_iter().map(f).collect(),
+        total: page.total,
+        page: page.page,
+        per_page: page.per_page,
+    }
+}
+
+/// Today, this month and all time.
+#[derive(Debug, Serialize)]
+pub struct Summary<T> {
+    /// Today (UTC), `YYYY-MM-DD`.
+    pub day: String,
+    /// This month (UTC), `YYYY-MM`.
+    pub month: String,
+    pub today: T,
+    pub this_month: T,
+    pub all_time: T,
+}
+
+async fn summary_of(state: &AdminState, user_id: &str) -> AppResult<Summary<UsageTotals>> {
+    let today = days::today();
+    let day = days::format_day(today);
+    let month = DayRange::month(None)?;
+    let totals = |from: Option<String>, to: Option<String>| async move {
+        state
+            .store
+            .usage_totals(
+                UsageDim::User,
+                Some(user_id),
+                from.as_deref(),
+                to.as_deref(),
+            )
+            .await
+    };
+    Ok(Summary {
+        today: totals(Some(day.clone()), Some(day.clone())).await?,
+        this_month: totals(Some(month.first_day()), Some(month.last_day())).await?,
+        all_time: totals(None, None).await?,
+        day,
+        month: days::format_month(today),
+    })
+}
+
+/// `GET /api/usage/summary`: the caller's requests, tokens and billed cost today, this month
+/// and over all time.
+pub async fn summary(
+    State(state): State<AdminState>,
+    caller: Caller,
+) -> AppResult<Json<Summary<BilledTotals>>> {
+    let s = summary_of(&state, caller.own_user_id()?).await?;
+    Ok(Json(Summary {
+        day: s.day,
+        month: s.month,
+        today: s.today.into(),
+        this_month: s.this_month.into(),
+        all_time: s.all_time.into(),
+    }))
+}
+
+/// A user's summary for admins: with base cost and the user's current price rate.
+#[derive(Debug, Serialize)]
+pub struct UserSummary {
+    pub user_id: String,
+    pub username: String,
+    pub role: Role,
+    pub price_rate: i64,
+    #[serde(flatten)]
+    pub summary: Summary<UsageTotals>,
+}
+
+/// `GET /api/admin/users/{id}/usage/summary`.
+pub async fn user_summary(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<Json<UserSummary>> {
+    caller.require_admin()?;
+    let user = state
+        .store
+        .user_by_id(&id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    Ok(Json(UserSummary {
+        summary: summary_of(&state, &user.id).await?,
+        user_id: user.id,
+        username: user.username,
+        role: user.role,
+        price_rate: user.price_rate,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RangeQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// Per-day usage over a range, with its totals.
+#[derive(Debug, Serialize)]
+pub struct DailyUsage {
+    pub from: String,
+    pub to: String,
+    pub totals: BilledTotals,
+    /// Every day of the range, days without usage as zeros.
+    pub days: Vec<DayUsage<BilledTotals>>,
+}
+
+async fn daily_of(state: &AdminState, user_id: &str, range: DayRange) -> AppResult<DailyUsage> {
+    let rows = state
+        .store
+        .usage_daily(
+            UsageDim::User,
+            Some(user_id),
+            &range.first_day(),
+            &range.last_day(),
+        )
+        .await?;
+    let by_day: HashMap<&str, &UsageDailyRow> = rows.iter().map(|r| (r.day.as_str(), r)).collect();
+    let mut totals = BilledTotals::default();
+    let days = range
+        .days()
+        .map(|d| {
+            let day = days::format_day(d);
+            let t: BilledTotals = by_day
+                .get(day.as_str())
+                .map(|r| UsageTotals::from(*r).into())
+                .unwrap_or_default();
+            totals.requests += t.requests;
+            totals.input_tokens += t.input_tokens;
+            totals.output_tokens += t.output_tokens;
+            totals.cache_write_tokens += t.cache_write_tokens;
+            totals.cache_read_tokens += t.cache_read_tokens;
+            totals.billed_cost += t.billed_cost;
+            DayUsage { day, totals: t }
+        })
+        .collect();
+    Ok(DailyUsage {
+        from: range.first_day(),
+        to: range.last_day(),
+        totals,
+        days,
+    })
+}
+
+/// `GET /api/usage/daily?from=YYYY-MM-DD&to=YYYY-MM-DD`: the caller's usage per UTC day (the
+/// last 30 days by default, at most 366).
+pub async fn daily(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Query(q): Query<RangeQuery>,
+) -> AppResult<Json<DailyUsage>> {
+    let range = DayRange::from_query(
+        q.from.as_deref(),
+        q.to.as_deref(),
+        Some(days::MAX_LISTED_DAYS),
+    )?;
+    Ok(Json(daily_of(&state, caller.own_user_id()?, range).await?))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct MonthQuery {
+    month: Option<String>,
+}
+
+/// One month's usage.
+#[derive(Debug, Serialize)]
+pub struct MonthlyUsage {
+    pub month: String,
+    #[serde(flatten)]
+    pub usage: DailyUsage,
+}
+
+/// `GET /api/usage/monthly?month=YYYY-MM`: the caller's usage over a month (this one by
+/// default), per day.
+pub async fn monthly(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Query(q): Query<MonthQuery>,
+) -> AppResult<Json<MonthlyUsage>> {
+    let range = DayRange::month(q.month.as_deref())?;
+    Ok(Json(MonthlyUsage {
+        month: days::format_month(range.from),
+        usage: daily_of(&state, caller.own_user_id()?, range).await?,
+    }))
+}
+
+/// One of the caller's keys with its usage over the range.
+#[derive(Debug, Serialize)]
+pub struct KeyUsage {
+    pub api_key_id: String,
+    pub name: String,
+    pub key_prefix: String,
+    pub enabled: bool,
+    #[serde(flatten)]
+    pub totals: BilledTotals,
+}
+
+/// Totals over a range, and per key.
+#[derive(Debug, Serialize)]
+pub struct RangeStats {
+    pub from: String,
+    pub to: String,
+    /// Every request of the caller (keys deleted since included).
+    pub totals: BilledTotals,
+    /// The caller's current keys, newest first.
+    pub by_key: Vec<KeyUsage>,
+}
+
+/// `GET /api/usage/stats?from=&to=`: the caller's totals over a range of days (the last 30 by
+/// default) and the same per key.
+pub async fn stats(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Query(q): Query<RangeQuery>,
+) -> AppResult<Json<RangeStats>> {
+    let user_id = caller.own_user_id()?;
+    let range = DayRange::from_query(q.from.as_deref(), q.to.as_deref(), None)?;
+    let (from, to) = (range.first_day(), range.last_day());
+    let totals = state
+        .store
+        .usage_totals(UsageDim::User, Some(user_id), Some(&from), Some(&to))
+        .await?;
+    // A user owns at most `max_keys_per_user` keys: one page holds them all.
+    let keys = state
+        .store
+        .list_api_keys(Some(user_id), 1, crate::store::MAX_PER_PAGE)
+        .await?
+        .items;
+    let ids: Vec<String> = keys.iter().map(|k| k.id.clone()).collect();
+    let mut per_key = state
+        .store
+        .usage_totals_by_ids(UsageDim::Key, &ids, Some(&from), Some(&to))
+        .await?;
+    let by_key = keys
+        .into_iter()
+        .map(|k| KeyUsage {
+            totals: per_key.remove(&k.id).unwrap_or_default().into(),
+            api_key_id: k.id,
+            name: k.name,
+            key_prefix: k.key_prefix,
+            enabled: k.enabled,
+        })
+        .collect();
+    Ok(Json(RangeStats {
+        from,
+        to,
+        totals: totals.into(),
+        by_key,
+    }))
+}
+
+/// One model's usage.
+#[derive(Debug, Serialize)]
+pub struct ModelUsage {
+    pub model: String,
+    #[serde(flatten)]
+    pub totals: BilledTotals,
+}
+
+/// Usage per model over a range.
+#[derive(Debug, Serialize)]
+pub struct ModelsUsage {
+    pub from: String,
+    pub to: String,
+    /// Most billed first.
+    pub models: Vec<ModelUsage>,
+}
+
+/// `GET /api/usage/models?from=&to=`: the caller's usage per model over a range of days (the
+/// last 30 by default).
+pub async fn models(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Query(q): Query<RangeQuery>,
+) -> AppResult<Json<ModelsUsage>> {
+    let range = DayRange::from_query(q.from.as_deref(), q.to.as_deref(), None)?;
+    let models = state
+        .store
+        .usage_by_model_for_user(
+            caller.own_user_id()?,
+            Some(&range.first_day()),
+            Some(&range.last_day()),
+        )
+        .await?
+        .into_iter()
+        .map(|(model, t)| ModelUsage {
+            model,
+            totals: t.into(),
+        })
+        .collect();
+    Ok(Json(ModelsUsage {
+        from: range.first_day(),
+        to: range.last_day(),
+        models,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
 pub struct RecordQuery {
     page: Option<i64>,
     per_page: Option<i64>,
     user_id: Option<String>,
     api_key_id: Option<String>,
     account_id: Option<String>,
-    from: Option<i64>,
-    to: Option<i64>,
+    /// Epoch ms or `YYYY-MM-DD`, inclusive.
+    from: Option<String>,
+    /// Epoch ms (exclusive) or `YYYY-MM-DD` (inclusive).
+    to: Option<String>,
 }
 
+impl RecordQuery {
+    fn page(&self) -> (i64, i64) {
+        PageQuery {
+            page: self.page,
+            per_page: self.per_page,
+        }
+        .get()
+    }
+
+    fn filter(&self) -> AppResult<RecordFilter> {
+        Ok(RecordFilter {
+            user_id: self.user_id.clone(),
+            api_key_id: self.api_key_id.clone(),
+            account_id: self.account_id.clone(),
+            from: self
+                .from
+                .as_deref()
+                .map(|s| days::parse_bound("from", s, false))
+                .transpose()?,
+            to: self
+                .to
+                .as_deref()
+                .map(|s| days::parse_bound("to", s, true))
+                .transpose()?,
+        })
+    }
+}
+
+async fn own_records_page(
+    state: &AdminState,
+    caller: &Caller,
+    q: &RecordQuery,
+) -> AppResult<Page<OwnRecord>> {
+    if q.user_id.is_some() || q.account_id.is_some() {
+        return Err(AppError::BadRequest(
+            "user_id and account_id are not filters of your own records".into(),
+        ));
+    }
+    let filter = RecordFilter {
+        user_id: Some(caller.own_user_id()?.to_string()),
+        ..q.filter()?
+    };
+    let (page, per_page) = q.page();
+    let rows = state
+        .store
+        .list_usage_records(&filter, page, per_page)
+        .await?;
+    Ok(page_map(rows, OwnRecord::from))
+}
+
+/// `GET /api/usage/records?page=&per_page=&from=&to=&api_key_id=`: the caller's records,
+/// newest first.
+pub async fn own_records(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Query(q): Query<RecordQuery>,
+) -> AppResult<Json<Page<OwnRecord>>> {
+    Ok(Json(own_records_page(&state, &caller, &q).await?))
+}
+
+/// `GET /api/admin/usage/records?user_id=&api_key_id=&account_id=&from=&to=&page=&per_page=`:
+/// every record with both costs, newest first. Callers that are not admins get their own
+/// records, as `/api/usage/records` gives them.
 pub async fn records(
     State(state): State<AdminState>,
     caller: Caller,
     Query(q): Query<RecordQuery>,
 ) -> AppResult<Json<serde_json::Value>> {
-    let admin = caller.require_admin().is_ok();
-    let (page, per_page) = PageQuery {
-        page: q.page,
-        per_page: q.per_page,
-    }
-    .get();
-    let filter = RecordFilter {
-        user_id: if admin {
-            q.user_id
-        } else {
-            caller.user_id.clone()
-        },
-        api_key_id: q.api_key_id,
-        account_id: if admin { q.account_id } else { None },
-        from: q.from,
-        to: q.to,
+    let value = if caller.is_admin() {
+        let (page, per_page) = q.page();
+        serde_json::to_value(
+            state
+                .store
+                .list_usage_records(&q.filter()?, page, per_page)
+                .await?,
+        )
+    } else {
+        serde_json::to_value(own_records_page(&state, &caller, &q).await?)
     };
-    let page = state
-        .store
-        .list_usage_records(&filter, page, per_page)
-        .await?;
-    let mut value = serde_json::to_value(&page)
-        .map_err(|e| crate::admin::error::AppError::Internal(e.to_string()))?;
-    if !admin {
-        if let Some(items) = value.get_mut("items").and_then(|v| v.as_array_mut()) {
-            for item in items {
-                if let Some(obj) = item.as_object_mut() {
-                    obj.remove("base_cost");
-                    obj.remove("price_rate");
-                    obj.remove("account_id");
-                }
-            }
-        }
-    }
-    Ok(Json(value))
+    Ok(Json(value.map_err(|e| AppError::Internal(e.to_string()))?))
+}
+
+/// `GET /api/admin/api-keys/{id}/logs?from=&to=&page=&per_page=`: one key's records, newest
+/// first (the key may have been deleted since).
+pub async fn key_logs(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<RecordQuery>,
+) -> AppResult<Json<Page<UsageRow>>> {
+    caller.require_admin()?;
+    let filter = RecordFilter {
+        api_key_id: Some(id),
+        user_id: None,
+        account_id: None,
+        ..q.filter()?
+    };
+    let (page, per_page) = q.page();
+    Ok(Json(
+        state
+            .store
+            .list_usage_records(&filter, page, per_page)
+            .await?,
+    ))
 }

@@ -1,16 +1,49 @@
-//! Users: create and list (admins only).
+//! Users (admins only): create, list, get, change (role, enabled, password, price rate),
+//! delete, and set price rates in bulk.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
 use serde::Deserialize;
 
-use super::PageQuery;
+use super::{audit, PageQuery};
 use crate::admin::auth::Caller;
 use crate::admin::error::{AppError, AppResult};
+use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
 use crate::secrets::hash_password;
 use crate::store::{NewUser, Page, Role, User};
+
+/// Ids per `UPDATE ... WHERE id IN (...)`.
+const IDS_PER_UPDATE: usize = 500;
+
+fn check_password(password: &str) -> AppResult<()> {
+    if password.len() < 8 {
+        return Err(AppError::BadRequest(
+            "password must be at least 8 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_rate(rate: i64) -> AppResult<()> {
+    if rate < 0 {
+        return Err(AppError::BadRequest(
+            "price_rate must not be negative (ten-thousandths: 10000 = 1.0)".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_role(r: &str) -> AppResult<Role> {
+    Role::parse(r).ok_or_else(|| AppError::BadRequest("role must be admin or user".into()))
+}
+
+async fn hash(password: String) -> AppResult<String> {
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| AppError::Internal(e.to_string()))?
+        .map_err(|e| AppError::Internal(e.to_string()))
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,6 +57,7 @@ pub struct CreateUser {
     price_rate: Option<i64>,
 }
 
+/// `POST /api/admin/users` `{"username", "password", "role"?, "price_rate"?}`.
 pub async fn create(
     State(state): State<AdminState>,
     caller: Caller,
@@ -36,43 +70,40 @@ pub async fn create(
             "username must be 1 to 64 characters".into(),
         ));
     }
-    if body.password.len() < 8 {
-        return Err(AppError::BadRequest(
-            "password must be at least 8 characters".into(),
-        ));
-    }
+    check_password(&body.password)?;
     let role = match body.role.as_deref() {
         None => Role::User,
-        Some(r) => Role::parse(r)
-            .ok_or_else(|| AppError::BadRequest("role must be admin or user".into()))?,
+        Some(r) => parse_role(r)?,
     };
-    let password = body.password;
-    let password_hash = tokio::task::spawn_blocking(move || hash_password(&password))
-        .await
-        .map_err(|e| AppError::Internal(e.to_string()))?
-        .map_err(|e| AppError::Internal(e.to_string()))?;
+    let price_rate = body.price_rate.unwrap_or(10_000);
+    check_rate(price_rate)?;
+    let password_hash = hash(body.password).await?;
     let user = state
         .store
         .create_user(&NewUser {
             username,
             password_hash,
             role,
-            price_rate: body.price_rate.unwrap_or(10_000),
+            price_rate,
         })
         .await?;
-    let _ = state
-        .store
-        .append_audit(
-            &caller.name,
-            "user.create",
-            &user.id,
-            &serde_json::json!({ "username": user.username, "role": user.role }),
-        )
-        .await;
-    state.refresh.notify_one();
+    audit(
+        &state,
+        &caller,
+        "user.create",
+        &user.id,
+        serde_json::json!({
+            "username": user.username,
+            "role": user.role,
+            "price_rate": user.price_rate,
+        }),
+    )
+    .await;
+    state.keys_changed().await;
     Ok((StatusCode::CREATED, Json(user)))
 }
 
+/// `GET /api/admin/users?page=&per_page=`: oldest first.
 pub async fn list(
     State(state): State<AdminState>,
     caller: Caller,
@@ -81,4 +112,196 @@ pub async fn list(
     caller.require_admin()?;
     let (page, per_page) = q.get();
     Ok(Json(state.store.list_users(page, per_page).await?))
+}
+
+/// `GET /api/admin/users/{id}`.
+pub async fn get(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<Json<User>> {
+    caller.require_admin()?;
+    Ok(Json(
+        state
+            .store
+            .user_by_id(&id)
+            .await?
+            .ok_or(AppError::NotFound)?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUser {
+    role: Option<String>,
+    enabled: Option<bool>,
+    password: Option<String>,
+    /// Ten-thousandths (10000 = 1.0).
+    price_rate: Option<i64>,
+}
+
+/// `PATCH /api/admin/users/{id}` `{"role"?, "enabled"?, "password"?, "price_rate"?}`.
+/// Disabling a user or setting its password ends its login sessions. Admins cannot demote or
+/// disable themselves (so the last admin cannot lock everybody out by mistake).
+pub async fn update(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<UpdateUser>,
+) -> AppResult<Json<User>> {
+    caller.require_admin()?;
+    let role = body.role.as_deref().map(parse_role).transpose()?;
+    if let Some(p) = &body.password {
+        check_password(p)?;
+    }
+    if let Some(rate) = body.price_rate {
+        check_rate(rate)?;
+    }
+    let is_self = caller.user_id.as_deref() == Some(id.as_str());
+    if is_self && (role == Some(Role::User) || body.enabled == Some(false)) {
+        return Err(AppError::BadRequest(
+            "you cannot demote or disable yourself".into(),
+        ));
+    }
+    if state.store.user_by_id(&id).await?.is_none() {
+        return Err(AppError::NotFound);
+    }
+    if let Some(role) = role {
+        state.store.set_user_role(&id, role).await?;
+    }
+    if let Some(enabled) = body.enabled {
+        state.store.set_user_enabled(&id, enabled).await?;
+    }
+    let password_changed = body.password.is_some();
+    if let Some(password) = body.password {
+        let password_hash = hash(password).await?;
+        state.store.set_user_password(&id, &password_hash).await?;
+    }
+    if let Some(rate) = body.price_rate {
+        state
+            .store
+            .set_price_rate(std::slice::from_ref(&id), rate)
+            .await?;
+    }
+    if body.enabled == Some(false) || password_changed {
+        state.store.delete_admin_sessions_of_user(&id).await?;
+    }
+    audit(
+        &state,
+        &caller,
+        "user.update",
+        &id,
+        serde_json::json!({
+            "role": role,
+            "enabled": body.enabled,
+            "password_changed": password_changed,
+            "price_rate": body.price_rate,
+        }),
+    )
+    .await;
+    state.keys_changed().await;
+    Ok(Json(
+        state
+            .store
+            .user_by_id(&id)
+            .await?
+            .ok_or(AppError::NotFound)?,
+    ))
+}
+
+/// `DELETE /api/admin/users/{id}`: with its keys and sessions; its usage records stay.
+pub async fn delete(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<Json<serde_json::Value>> {
+    caller.require_admin()?;
+    if caller.user_id.as_deref() == Some(id.as_str()) {
+        return Err(AppError::BadRequest("you cannot delete yourself".into()));
+    }
+    let user = state
+        .store
+        .user_by_id(&id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    state.store.delete_user(&id).await?;
+    audit(
+        &state,
+        &caller,
+        "user.delete",
+        &id,
+        serde_json::json!({ "username": user.username }),
+    )
+    .await;
+    state.keys_changed().await;
+    Ok(Json(serde_json::json!({ "deleted": id })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchPriceRate {
+    user_ids: Vec<String>,
+    /// Ten-thousandths (10000 = 1.0).
+    price_rate: i64,
+}
+
+/// `POST /api/admin/users/batch-price-rate` `{"user_ids": [...], "price_rate": 15000}` →
+/// `{"updated": n}`. Requests priced after the answer use the new rate.
+pub async fn batch_price_rate(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Json(body): Json<BatchPriceRate>,
+) -> AppResult<Json<serde_json::Value>> {
+    caller.require_admin()?;
+    check_rate(body.price_rate)?;
+    if body.user_ids.is_empty() {
+        return Err(AppError::BadRequest("user_ids must not be empty".into()));
+    }
+    let mut updated = 0;
+    for chunk in body.user_ids.chunks(IDS_PER_UPDATE) {
+        updated += state.store.set_price_rate(chunk, body.price_rate).await?;
+    }
+    audit(
+        &state,
+        &caller,
+        "user.price_rate",
+        "batch",
+        serde_json::json!({
+            "user_ids": body.user_ids,
+            "price_rate": body.price_rate,
+            "updated": updated,
+        }),
+    )
+    .await;
+    state.keys_changed().await;
+    Ok(Json(serde_json::json!({ "updated": updated })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllPriceRate {
+    /// Ten-thousandths (10000 = 1.0).
+    price_rate: i64,
+}
+
+/// `POST /api/admin/users/all-price-rate` `{"price_rate": 10000}` → `{"updated": n}`: every
+/// user, admins included.
+pub async fn all_price_rate(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Json(body): Json<AllPriceRate>,
+) -> AppResult<Json<serde_json::Value>> {
+    caller.require_admin()?;
+    check_rate(body.price_rate)?;
+    let updated = state.store.set_all_price_rates(body.price_rate).await?;
+    audit(
+        &state,
+        &caller,
+        "user.price_rate",
+        "all",
+        serde_json::json!({ "price_rate": body.price_rate, "updated": updated }),
+    )
+    .await;
+    state.keys_changed().await;
+    Ok(Json(serde_json::json!({ "updated": updated })))
 }

@@ -1,0 +1,705 @@
+//! End to end on the admin API: a real relay process, login sessions (cookie + CSRF), the
+//! static token, what users may see, credentials that never come back, the audit log, and
+//! price changes that reach the next proxied request (through a mock Anthropic upstream).
+
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
+mod common;
+
+use common::mock_upstream::{MockUpstream, MockUsage};
+use common::{
+    conversation, messages_body, Db, LoginSession, PgDb, Relay, RelayOptions, ADMIN_PASSWORD,
+    ADMIN_TOKEN,
+};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const MODEL: &str = "claude-sonnet-4-5";
+/// The model id the mock upstream reports (and the relay prices).
+const UPSTREAM_MODEL: &str = "claude-sonnet-4-5-20250929";
+
+fn parse(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// GET with a login session; asserts 200 and returns the raw text.
+async fn session_get(relay: &Relay, s: &LoginSession, path: &str) -> String {
+    let (status, text) = relay.session_call(s, Method::GET, path, None, false).await;
+    assert_eq!(status, 200, "GET {path}: {text}");
+    text
+}
+
+/// A call with the static token; the status and the raw text.
+async fn token(relay: &Relay, method: Method, path: &str, body: Option<Value>) -> (u16, String) {
+    relay
+        .token_call(Some(ADMIN_TOKEN), method, path, body)
+        .await
+}
+
+/// Sends one non-streaming request through the proxy and returns its usage record (found by
+/// the `x-request-id` the relay answers with) once the usage writer has stored it.
+async fn proxied_record(relay: &Relay, key: &str, topic: &str) -> Value {
+    let r = relay
+        .post("/v1/messages", key)
+        .json(&messages_body(MODEL, false, conversation(topic, 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let _ = r.bytes().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let page = relay
+            .admin_get("/api/admin/usage/records?per_page=500")
+            .await;
+        if let Some(rec) = page["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|r| r["id"] == id.as_str()))
+        {
+            return rec.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "record {id} never arrived"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn sum(records: &[Value], field: &str) -> i64 {
+    records.iter().map(|r| r[field].as_i64().unwrap()).sum()
+}
+
+fn audit_actions(audit: &Value) -> Vec<String> {
+    audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn login_cookie_is_strict_and_changes_need_the_csrf_token() {
+    let relay = Relay::start().await;
+    let s = relay.login("admin", ADMIN_PASSWORD).await;
+    let attrs: Vec<String> = s
+        .set_cookie
+        .split(';')
+        .map(|a| a.trim().to_ascii_lowercase())
+        .collect();
+    assert!(s.cookie.starts_with("relay_session="), "{}", s.set_cookie);
+    assert!(attrs.contains(&"httponly".to_string()), "{}", s.set_cookie);
+    assert!(
+        attrs.contains(&"samesite=strict".to_string()),
+        "{}",
+        s.set_cookie
+    );
+    assert!(!s.csrf.is_empty());
+    assert_eq!(s.body["user"]["role"], "admin");
+    assert!(s.body["user"].get("price_rate").is_none(), "{}", s.body);
+
+    // Reading needs no CSRF token.
+    let me = parse(&session_get(&relay, &s, "/api/auth/me").await);
+    assert_eq!(me["name"], "admin");
+
+    let new_user = json!({"username": "dora", "password": "password-123"});
+    let (status, text) = relay
+        .session_call(
+            &s,
+            Method::POST,
+            "/api/admin/users",
+            Some(new_user.clone()),
+            false,
+        )
+        .await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("CSRF"), "{text}");
+    let wrong = LoginSession {
+        csrf: "not-the-token".into(),
+        ..s.clone()
+    };
+    let (status, _) = relay
+        .session_call(
+            &wrong,
+            Method::POST,
+            "/api/admin/users",
+            Some(new_user.clone()),
+            true,
+        )
+        .await;
+    assert_eq!(status, 403);
+    let (status, text) = relay
+        .session_call(&s, Method::POST, "/api/admin/users", Some(new_user), true)
+        .await;
+    assert_eq!(status, 201, "{text}");
+
+    // The static token works; a wrong one or none at all does not.
+    let (status, text) = token(&relay, Method::GET, "/api/admin/users", None).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(parse(&text)["total"], 2);
+    let (status, text) = relay
+        .token_call(Some("wrong-token"), Method::GET, "/api/admin/users", None)
+        .await;
+    assert_eq!(status, 401, "{text}");
+    assert_eq!(parse(&text)["error"]["code"], "unauthorized");
+    let (status, _) = relay
+        .token_call(None, Method::GET, "/api/admin/users", None)
+        .await;
+    assert_eq!(status, 401);
+
+    // The token belongs to no user: "my usage" is refused with a hint.
+    let (status, text) = token(&relay, Method::GET, "/api/usage/summary", None).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("log in as a user"), "{text}");
+    // The admin's own usage, through its login.
+    let mine = parse(&session_get(&relay, &s, "/api/usage/summary").await);
+    assert_eq!(mine["all_time"]["requests"], 0, "{mine}");
+
+    // After logout the cookie is worthless.
+    let (status, _) = relay
+        .session_call(&s, Method::POST, "/api/auth/logout", None, true)
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = relay
+        .session_call(&s, Method::GET, "/api/auth/me", None, false)
+        .await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn five_wrong_passwords_block_logins() {
+    let relay = Relay::start().await;
+    for _ in 0..5 {
+        let r = relay.login_raw("admin", "not-the-password").await;
+        assert_eq!(r.status(), 401);
+    }
+    let r = relay.login_raw("admin", ADMIN_PASSWORD).await;
+    assert_eq!(r.status(), 429);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "too_many_requests", "{v}");
+    // The token is not throttled.
+    let (status, _) = token(&relay, Method::GET, "/api/auth/me", None).await;
+    assert_eq!(status, 200);
+}
+
+async fn start(db: Db) -> Relay {
+    Relay::start_with(RelayOptions {
+        db,
+        ..RelayOptions::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn users_see_only_their_own_keys_and_usage_sqlite() {
+    users_see_only_their_own_keys_and_usage(Db::Sqlite).await;
+}
+
+#[tokio::test]
+async fn users_see_only_their_own_keys_and_usage_postgres() {
+    let pg = PgDb::create().await;
+    users_see_only_their_own_keys_and_usage(Db::Postgres(pg.url.clone())).await;
+}
+
+async fn users_see_only_their_own_keys_and_usage(db: Db) {
+    let mock = MockUpstream::start().await;
+    mock.set(|b| {
+        b.usage = MockUsage {
+            input: 1000,
+            output: 500,
+            cache_write_5m: 200,
+            cache_write_1h: 0,
+            cache_read: 300,
+        }
+    });
+    let relay = start(db).await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-upstream-a")
+        .await;
+    let bob = relay.create_user("bob", 15_000).await;
+    let carol = relay.create_user("carol", 10_000).await;
+    let (carol_key_id, carol_key) = relay.create_key(&carol, json!({})).await;
+    let s = relay.login("bob", "password-123").await;
+    assert_eq!(s.body["user"]["role"], "user");
+    assert!(!s.body.to_string().contains("price_rate"), "{}", s.body);
+
+    // Admin calls are refused.
+    for path in [
+        "/api/admin/users",
+        "/api/admin/api-keys",
+        "/api/admin/audit",
+        "/api/admin/accounts",
+        "/api/admin/pricing",
+    ] {
+        let (status, text) = relay.session_call(&s, Method::GET, path, None, false).await;
+        assert_eq!(status, 403, "{path}: {text}");
+    }
+    let (status, _) = relay
+        .session_call(
+            &s,
+            Method::PATCH,
+            &format!("/api/admin/api-keys/{carol_key_id}"),
+            Some(json!({"rpm_limit": null})),
+            true,
+        )
+        .await;
+    assert_eq!(status, 403);
+
+    // Own keys: create, list, rename, disable and enable; somebody else's is not found.
+    let (status, text) = relay
+        .session_call(
+            &s,
+            Method::POST,
+            "/api/keys",
+            Some(json!({"name": "bob-1"})),
+            true,
+        )
+        .await;
+    assert_eq!(status, 201, "{text}");
+    let created = parse(&text);
+    let bob_key_id = created["id"].as_str().unwrap().to_string();
+    let bob_key = created["key"].as_str().unwrap().to_string();
+    assert!(bob_key.starts_with("sk-relay-"));
+    let (status, _) = relay
+        .session_call(
+            &s,
+            Method::PATCH,
+            &format!("/api/keys/{carol_key_id}"),
+            Some(json!({"enabled": false})),
+            true,
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = relay
+        .session_call(
+            &s,
+            Method::PATCH,
+            &format!("/api/keys/{bob_key_id}"),
+            Some(json!({"rpm_limit": 1})),
+            true,
+        )
+        .await;
+    assert_eq!(status, 400, "users change only name and enabled");
+    for body in [
+        json!({"name": "bob-main"}),
+        json!({"enabled": false}),
+        json!({"enabled": true}),
+    ] {
+        let (status, text) = relay
+            .session_call(
+                &s,
+                Method::PATCH,
+                &format!("/api/keys/{bob_key_id}"),
+                Some(body.clone()),
+                true,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}: {text}");
+    }
+    let keys = parse(&session_get(&relay, &s, "/api/keys").await);
+    assert_eq!(keys["total"], 1, "{keys}");
+    assert_eq!(keys["items"][0]["id"], bob_key_id.as_str());
+    assert_eq!(keys["items"][0]["name"], "bob-main");
+    assert_eq!(keys["items"][0]["enabled"], true);
+
+    // Traffic: two requests of bob, one of carol.
+    relay.wait_key_active(&bob_key).await;
+    relay.wait_key_active(&carol_key).await;
+    let mut bob_records = Vec::new();
+    for topic in ["bob one", "bob two"] {
+        bob_records.push(proxied_record(&relay, &bob_key, topic).await);
+    }
+    let carol_record = proxied_record(&relay, &carol_key, "carol").await;
+    // sonnet 4.5: 1000×3 + 500×15 + 200×3.75 + 300×0.3 = 11340 micro-USD; ×1.5 = 17010.
+    for r in &bob_records {
+        assert_eq!(r["base_cost"], 11340, "{r}");
+        assert_eq!(r["billed_cost"], 17010, "{r}");
+    }
+    assert_eq!(carol_record["billed_cost"], 11340);
+
+    // Records: only bob's, without base cost, price rate or account.
+    let text = session_get(&relay, &s, "/api/usage/records").await;
+    for hidden in ["base_cost", "price_rate", "account_id", "session_key"] {
+        assert!(!text.contains(hidden), "{hidden} shown to a user: {text}");
+    }
+    let records = parse(&text);
+    assert_eq!(records["total"], 2, "{records}");
+    for r in records["items"].as_array().unwrap() {
+        assert_eq!(r["api_key_id"], bob_key_id.as_str(), "{r}");
+        assert_eq!(r["billed_cost"], 17010, "{r}");
+    }
+    // The admin path gives a user the same view.
+    let text = session_get(&relay, &s, "/api/admin/usage/records").await;
+    assert!(!text.contains("base_cost"), "{text}");
+    assert_eq!(parse(&text)["total"], 2);
+
+    // Summary, daily, monthly, stats and models add up to bob's records.
+    let billed = sum(&bob_records, "billed_cost");
+    let input = sum(&bob_records, "input_tokens");
+    let text = session_get(&relay, &s, "/api/usage/summary").await;
+    assert!(!text.contains("base_cost"), "{text}");
+    let summary = parse(&text);
+    for period in ["today", "this_month", "all_time"] {
+        assert_eq!(summary[period]["requests"], 2, "{summary}");
+        assert_eq!(summary[period]["billed_cost"], billed, "{summary}");
+        assert_eq!(summary[period]["input_tokens"], input, "{summary}");
+        assert_eq!(summary[period]["cache_write_tokens"], 400, "{summary}");
+        assert_eq!(summary[period]["cache_read_tokens"], 600, "{summary}");
+    }
+    let today = summary["day"].as_str().unwrap().to_string();
+    let daily = parse(&session_get(&relay, &s, "/api/usage/daily").await);
+    assert_eq!(daily["days"].as_array().unwrap().len(), 30, "{daily}");
+    assert_eq!(daily["to"], today.as_str());
+    let row = daily["days"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["day"] == today.as_str())
+        .unwrap();
+    assert_eq!(row["requests"], 2, "{daily}");
+    assert_eq!(row["billed_cost"], billed, "{daily}");
+    assert_eq!(daily["totals"]["billed_cost"], billed, "{daily}");
+    let daily = parse(
+        &session_get(
+            &relay,
+            &s,
+            &format!("/api/usage/daily?from={today}&to={today}"),
+        )
+        .await,
+    );
+    assert_eq!(daily["days"].as_array().unwrap().len(), 1, "{daily}");
+    assert_eq!(daily["totals"]["requests"], 2, "{daily}");
+    let monthly = parse(
+        &session_get(
+            &relay,
+            &s,
+            &format!("/api/usage/monthly?month={}", &today[..7]),
+        )
+        .await,
+    );
+    assert_eq!(monthly["totals"]["billed_cost"], billed, "{monthly}");
+    let stats = parse(&session_get(&relay, &s, "/api/usage/stats").await);
+    assert_eq!(stats["totals"]["requests"], 2, "{stats}");
+    assert_eq!(stats["by_key"].as_array().unwrap().len(), 1, "{stats}");
+    assert_eq!(stats["by_key"][0]["api_key_id"], bob_key_id.as_str());
+    assert_eq!(stats["by_key"][0]["billed_cost"], billed, "{stats}");
+    let models = parse(&session_get(&relay, &s, "/api/usage/models").await);
+    assert_eq!(models["models"][0]["model"], UPSTREAM_MODEL, "{models}");
+    assert_eq!(models["models"][0]["requests"], 2, "{models}");
+    assert_eq!(models["models"][0]["billed_cost"], billed, "{models}");
+    let keys = parse(&session_get(&relay, &s, "/api/keys").await);
+    assert_eq!(keys["items"][0]["requests"], 2, "{keys}");
+    assert_eq!(keys["items"][0]["billed_cost"], billed, "{keys}");
+    assert!(keys["items"][0].get("base_cost").is_none(), "{keys}");
+    let (status, text) = relay
+        .session_call(
+            &s,
+            Method::GET,
+            "/api/usage/daily?from=2024-13-01",
+            None,
+            false,
+        )
+        .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("YYYY-MM-DD"), "{text}");
+
+    // Admins see the same with base cost.
+    let (status, text) = token(
+        &relay,
+        Method::GET,
+        &format!("/api/admin/users/{bob}/usage/summary"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let admin_view = parse(&text);
+    assert_eq!(admin_view["price_rate"], 15_000);
+    assert_eq!(admin_view["today"]["billed_cost"], billed);
+    assert_eq!(
+        admin_view["all_time"]["base_cost"],
+        sum(&bob_records, "base_cost")
+    );
+
+    // The key cap: bob holds 1 key; 9 more pass, the 11th is refused with a clear message.
+    for i in 2..=10 {
+        let (status, text) = relay
+            .session_call(
+                &s,
+                Method::POST,
+                "/api/keys",
+                Some(json!({"name": format!("bob-{i}")})),
+                true,
+            )
+            .await;
+        assert_eq!(status, 201, "key {i}: {text}");
+    }
+    let (status, text) = relay
+        .session_call(
+            &s,
+            Method::POST,
+            "/api/keys",
+            Some(json!({"name": "bob-11"})),
+            true,
+        )
+        .await;
+    assert!(status == 400 || status == 409, "{status} {text}");
+    let message = parse(&text)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("maximum is 10"), "{message}");
+    let keys = parse(&session_get(&relay, &s, "/api/keys?per_page=100").await);
+    assert_eq!(keys["total"], 10);
+}
+
+#[tokio::test]
+async fn account_credentials_never_come_back() {
+    let relay = Relay::start().await;
+    let secret = "sk-ant-api03-very-secret-credential-0123456789abcdef";
+    let secret2 = "sk-ant-api03-another-secret-credential-9876543210";
+    let assert_hidden = |what: &str, text: &str| {
+        for s in [secret, secret2] {
+            assert!(!text.contains(s), "{what} shows the credential: {text}");
+        }
+    };
+    let (status, text) = token(
+        &relay,
+        Method::POST,
+        "/api/admin/accounts",
+        Some(json!({"name": "acct", "type": "claude", "credential": secret})),
+    )
+    .await;
+    assert_eq!(status, 201, "{text}");
+    assert_hidden("create", &text);
+    let id = parse(&text)["id"].as_str().unwrap().to_string();
+    assert_eq!(parse(&text)["credential_masked"], "sk-a…cdef");
+
+    let (status, text) = token(&relay, Method::GET, "/api/admin/accounts", None).await;
+    assert_eq!(status, 200);
+    assert_hidden("list", &text);
+    assert_eq!(parse(&text)["total"], 1);
+    let path = format!("/api/admin/accounts/{id}");
+    let (status, text) = token(&relay, Method::GET, &path, None).await;
+    assert_eq!(status, 200, "{text}");
+    assert_hidden("get", &text);
+    assert_eq!(parse(&text)["name"], "acct");
+    let (status, text) = token(
+        &relay,
+        Method::PATCH,
+        &path,
+        Some(json!({"credential": secret2, "priority": 10})),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert_hidden("update", &text);
+    assert_eq!(parse(&text)["priority"], 10);
+    let (_, text) = token(&relay, Method::GET, &path, None).await;
+    assert_hidden("get after update", &text);
+    assert_eq!(parse(&text)["credential_masked"], "sk-a…3210");
+    let (status, text) = token(&relay, Method::GET, "/api/admin/audit?per_page=500", None).await;
+    assert_eq!(status, 200);
+    assert_hidden("audit", &text);
+
+    // Deletes are audited; a deleted account is gone.
+    let user = relay.create_user("erin", 10_000).await;
+    let (key_id, _) = relay.create_key(&user, json!({})).await;
+    let (status, v) = relay
+        .admin_delete(&format!("/api/admin/api-keys/{key_id}"))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, _) = relay
+        .admin_delete(&format!("/api/admin/api-keys/{key_id}"))
+        .await;
+    assert_eq!(status, 404);
+    let (status, v) = relay.admin_delete(&path).await;
+    assert_eq!(status, 200, "{v}");
+    let (status, _) = token(&relay, Method::GET, &path, None).await;
+    assert_eq!(status, 404);
+    let audit = relay.admin_get("/api/admin/audit?per_page=500").await;
+    let actions = audit_actions(&audit);
+    for action in [
+        "account.create",
+        "account.update",
+        "account.delete",
+        "user.create",
+        "api_key.create",
+        "api_key.delete",
+    ] {
+        assert!(
+            actions.iter().any(|a| a == action),
+            "{action} missing: {actions:?}"
+        );
+    }
+    let entry = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "account.delete")
+        .unwrap();
+    assert_eq!(entry["target"], id.as_str());
+    assert_eq!(entry["actor"], "admin-token");
+}
+
+#[tokio::test]
+async fn price_rates_and_overrides_change_the_next_request_sqlite() {
+    price_rates_and_overrides_change_the_next_request(Db::Sqlite).await;
+}
+
+#[tokio::test]
+async fn price_rates_and_overrides_change_the_next_request_postgres() {
+    let pg = PgDb::create().await;
+    price_rates_and_overrides_change_the_next_request(Db::Postgres(pg.url.clone())).await;
+}
+
+async fn price_rates_and_overrides_change_the_next_request(db: Db) {
+    let mock = MockUpstream::start().await;
+    mock.set(|b| {
+        b.usage = MockUsage {
+            input: 1000,
+            output: 1000,
+            ..MockUsage::default()
+        }
+    });
+    let relay = start(db).await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-upstream-a")
+        .await;
+    let user = relay.create_user("frank", 10_000).await;
+    let other = relay.create_user("gina", 10_000).await;
+    let (key_id, key) = relay.create_key(&user, json!({})).await;
+    relay.wait_key_active(&key).await;
+    let mut records = Vec::new();
+
+    // sonnet 4.5 at $3 / $15: 1000×3 + 1000×15 = 18000 micro-USD.
+    let r = proxied_record(&relay, &key, "rate 1.0").await;
+    assert_eq!(
+        (r["base_cost"].as_i64(), r["billed_cost"].as_i64()),
+        (Some(18_000), Some(18_000))
+    );
+    records.push(r);
+
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/users/batch-price-rate",
+            json!({"user_ids": [user, other], "price_rate": 15_000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["updated"], 2);
+    let r = proxied_record(&relay, &key, "rate 1.5").await;
+    assert_eq!(r["base_cost"], 18_000, "{r}");
+    assert_eq!(r["billed_cost"], 27_000, "{r}");
+    assert_eq!(r["price_rate"], 15_000, "{r}");
+    records.push(r);
+
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/users/all-price-rate",
+            json!({"price_rate": 20_000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["updated"], 3, "admin, frank and gina");
+    let (status, _) = relay
+        .admin_post("/api/admin/users/all-price-rate", json!({"price_rate": -1}))
+        .await;
+    assert_eq!(status, 400);
+    let r = proxied_record(&relay, &key, "rate 2.0").await;
+    assert_eq!(r["billed_cost"], 36_000, "{r}");
+    records.push(r);
+
+    // An override of the reported model: $1 / $2 → 3000 base, 6000 billed at 2.0.
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/pricing",
+            json!({"model": UPSTREAM_MODEL, "input": 1_000_000, "output": 2_000_000,
+                   "cache_write_5m": null, "cache_write_1h": null, "cache_read": 100_000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["override"], true);
+    let r = proxied_record(&relay, &key, "override").await;
+    assert_eq!(r["base_cost"], 3_000, "{r}");
+    assert_eq!(r["billed_cost"], 6_000, "{r}");
+    records.push(r);
+
+    let prices = relay.admin_get("/api/admin/pricing").await;
+    let items = prices["items"].as_array().unwrap();
+    let find = |m: &str| items.iter().find(|p| p["model"] == m).cloned();
+    let over = find(UPSTREAM_MODEL).expect("override listed");
+    assert_eq!(over["override"], true, "{over}");
+    assert_eq!(over["input"], 1_000_000);
+    assert_eq!(over["cache_read"], 100_000);
+    let shipped = find(MODEL).expect("shipped price listed");
+    assert_eq!(shipped["override"], false, "{shipped}");
+    assert_eq!(shipped["input"], 3_000_000);
+    let (status, _) = relay
+        .admin_post(
+            "/api/admin/pricing",
+            json!({"model": "m", "input": -1, "output": 1}),
+        )
+        .await;
+    assert_eq!(status, 400);
+
+    // Removing the override brings the shipped price back.
+    let (status, v) = relay
+        .admin_delete(&format!("/api/admin/pricing/{UPSTREAM_MODEL}"))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, _) = relay
+        .admin_delete(&format!("/api/admin/pricing/{UPSTREAM_MODEL}"))
+        .await;
+    assert_eq!(status, 404);
+    let r = proxied_record(&relay, &key, "override removed").await;
+    assert_eq!(r["base_cost"], 18_000, "{r}");
+    assert_eq!(r["billed_cost"], 36_000, "{r}");
+    records.push(r);
+
+    // Keys with owner, request count and cost; the key's logs; the user's summary.
+    let billed = sum(&records, "billed_cost");
+    let base = sum(&records, "base_cost");
+    let keys = relay.admin_get("/api/admin/api-keys").await;
+    let entry = keys["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == key_id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(entry["username"], "frank", "{entry}");
+    assert_eq!(entry["requests"], 5, "{entry}");
+    assert_eq!(entry["billed_cost"], billed, "{entry}");
+    assert_eq!(entry["base_cost"], base, "{entry}");
+    let logs = relay
+        .admin_get(&format!("/api/admin/api-keys/{key_id}/logs?per_page=2"))
+        .await;
+    assert_eq!(logs["total"], 5, "{logs}");
+    assert_eq!(logs["items"].as_array().unwrap().len(), 2);
+    assert!(
+        logs["items"][0].get("base_cost").is_some(),
+        "admins see base cost"
+    );
+    let summary = relay
+        .admin_get(&format!("/api/admin/users/{user}/usage/summary"))
+        .await;
+    assert_eq!(summary["today"]["requests"], 5, "{summary}");
+    assert_eq!(summary["today"]["billed_cost"], billed, "{summary}");
+    assert_eq!(summary["all_time"]["base_cost"], base, "{summary}");
+    assert_eq!(summary["price_rate"], 20_000);
+
+    let audit = relay.admin_get("/api/admin/audit?per_page=500").await;
+    let actions = audit_actions(&audit);
+    for action in ["user.price_rate", "price.upsert", "price.delete"] {
+        assert!(
+            actions.iter().any(|a| a == action),
+            "{action} missing: {actions:?}"
+        );
+    }
+    assert_eq!(
+        actions.iter().filter(|a| *a == "user.price_rate").count(),
+        2,
+        "the refused change is not audited: {actions:?}"
+    );
+}
