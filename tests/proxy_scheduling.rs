@@ -1,0 +1,271 @@
+//! Scheduling and failover end to end: failover of a 5 MiB body, connect errors and header
+//! timeouts before the first byte, strategies and session modes from config, the per-account
+//! concurrency cap, and the metrics that count all of it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::mock_upstream::MockUpstream;
+use common::{conversation, free_port, messages_body, Relay, RelayOptions};
+
+const MODEL: &str = "claude-sonnet-4-5";
+
+async fn relay_with(env: &[(&str, &str)]) -> Relay {
+    Relay::start_with(RelayOptions {
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    })
+    .await
+}
+
+async fn key_for(relay: &Relay, accounts: i64) -> String {
+    let user = relay.create_user("sched", 10_000).await;
+    let (_, key) = relay.create_key(&user, serde_json::json!({})).await;
+    relay.wait_key_active(&key).await;
+    relay.wait_accounts_loaded(accounts).await;
+    key
+}
+
+fn rate_limited(mock: &MockUpstream) {
+    mock.set(|b| {
+        b.status = 429;
+        b.error_body =
+            r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#.into();
+        b.extra_headers = vec![(
+            "anthropic-ratelimit-unified-reset".into(),
+            "4102444800".into(),
+        )];
+    });
+}
+
+#[tokio::test]
+async fn a_5_mib_request_fails_over_byte_identical() {
+    let bad = MockUpstream::start().await;
+    let good = MockUpstream::start().await;
+    rate_limited(&bad);
+    let relay = Relay::start().await;
+    // The 429-ing account is preferred (lower priority number): every request tries it first.
+    relay
+        .create_account_with(serde_json::json!({"name": "bad", "type": "claude", "base_url": bad.url(), "credential": "sk-bad", "priority": 1}))
+        .await;
+    relay
+        .create_account("good", "claude", &good.url(), "sk-good")
+        .await;
+    let key = key_for(&relay, 2).await;
+    let filler: String = (0u64..5 * 1024 * 1024 / 16)
+        .map(|i| format!("{:015x}.", i * 31))
+        .collect();
+    let body = serde_json::to_vec(&messages_body(
+        MODEL,
+        true,
+        serde_json::json!([{"role": "user", "content": filler}]),
+    ))
+    .unwrap();
+    let r = relay
+        .post("/v1/messages", &key)
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(text.contains("message_stop"));
+    assert_eq!(bad.count(), 1);
+    assert!(
+        bad.requests()[0].body == body,
+        "first attempt got a different body"
+    );
+    assert_eq!(good.count(), 1);
+    assert!(good.requests()[0].body == body, "failover body differs");
+    assert_eq!(good.requests()[0].header("x-api-key"), Some("sk-good"));
+    // The account is cooling until the reset the provider announced: no second try.
+    let r = relay
+        .post("/v1/messages", &key)
+        .json(&messages_body(MODEL, false, conversation("again", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(bad.count(), 1, "a cooling account was tried again");
+    let records = relay.wait_records(2).await;
+    assert!(
+        records.iter().any(|r| r["failover_count"] == 1),
+        "no record counts the failover"
+    );
+
+    let metrics = relay
+        .http
+        .get(format!("{}/metrics", relay.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "relay_failovers_total{reason=\"rate_limited\"} 1",
+        "relay_account_cooldowns_total{reason=\"rate_limited\"} 1",
+        "relay_sticky_total{result=\"miss\"}",
+        "relay_account_state{state=\"cooling\"} 1",
+        "relay_requests_total{",
+        "relay_tokens_total{",
+    ] {
+        assert!(metrics.contains(needle), "metrics lack {needle}");
+    }
+    assert!(!metrics.contains(&key), "a key leaked into the metrics");
+}
+
+#[tokio::test]
+async fn connect_errors_and_header_timeouts_fail_over() {
+    let slow = MockUpstream::start().await;
+    let good = MockUpstream::start().await;
+    slow.set(|b| b.head_delay = Duration::from_secs(3));
+    let relay = relay_with(&[
+        ("RELAY_UPSTREAM__HEADER_TIMEOUT", "1s"),
+        ("RELAY_UPSTREAM__MAX_ATTEMPTS", "3"),
+    ])
+    .await;
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    relay
+        .create_account_with(serde_json::json!({"name": "closed", "type": "claude", "base_url": closed, "credential": "sk-1", "priority": 1}))
+        .await;
+    relay
+        .create_account_with(serde_json::json!({"name": "slow", "type": "claude", "base_url": slow.url(), "credential": "sk-2", "priority": 2}))
+        .await;
+    relay
+        .create_account_with(serde_json::json!({"name": "good", "type": "claude", "base_url": good.url(), "credential": "sk-3", "priority": 3}))
+        .await;
+    let key = key_for(&relay, 3).await;
+    let r = relay
+        .post("/v1/messages", &key)
+        .json(&messages_body(MODEL, false, conversation("timeouts", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(slow.count(), 1, "the slow account was not tried second");
+    assert_eq!(good.count(), 1);
+    let records = relay.wait_records(1).await;
+    assert_eq!(records[0]["failover_count"], 2, "{}", records[0]);
+
+    // With every attempt failing, the client gets a 502 in its protocol's shape.
+    let relay = relay_with(&[("RELAY_UPSTREAM__MAX_ATTEMPTS", "2")]).await;
+    relay
+        .create_account(
+            "closed",
+            "claude",
+            &format!("http://127.0.0.1:{}", free_port()),
+            "sk-1",
+        )
+        .await;
+    let key = key_for(&relay, 1).await;
+    let r = relay
+        .post("/v1/messages", &key)
+        .json(&messages_body(MODEL, false, conversation("down", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "upstream_error");
+}
+
+#[tokio::test]
+async fn strategies_and_session_modes_come_from_config() {
+    // round_robin: new conversations alternate between the two accounts.
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    let relay = relay_with(&[("RELAY_SCHEDULER__STRATEGY", "round_robin")]).await;
+    relay.create_account("a", "claude", &a.url(), "sk-a").await;
+    relay.create_account("b", "claude", &b.url(), "sk-b").await;
+    let key = key_for(&relay, 2).await;
+    for i in 0..6 {
+        let r = relay
+            .post("/v1/messages", &key)
+            .json(&messages_body(
+                MODEL,
+                false,
+                conversation(&format!("rr {i}"), 1),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!((a.count(), b.count()), (3, 3));
+
+    // api_key: every conversation of a key on one account.
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    let relay = relay_with(&[("RELAY_SESSION__STRATEGY", "api_key")]).await;
+    relay.create_account("a", "claude", &a.url(), "sk-a").await;
+    relay.create_account("b", "claude", &b.url(), "sk-b").await;
+    let key = key_for(&relay, 2).await;
+    for i in 0..8 {
+        let r = relay
+            .post("/v1/messages", &key)
+            .json(&messages_body(
+                MODEL,
+                false,
+                conversation(&format!("k {i}"), 1),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert!(
+        a.count() == 8 || b.count() == 8,
+        "api_key strategy split a key: {}/{}",
+        a.count(),
+        b.count()
+    );
+}
+
+#[tokio::test]
+async fn account_concurrency_cap_moves_requests_to_another_account() {
+    let capped = MockUpstream::start().await;
+    let other = MockUpstream::start().await;
+    capped.set(|b| b.head_delay = Duration::from_millis(600));
+    other.set(|b| b.head_delay = Duration::from_millis(600));
+    let relay = relay_with(&[("RELAY_SESSION__STRATEGY", "none")]).await;
+    relay
+        .create_account_with(serde_json::json!({"name": "capped", "type": "claude", "base_url": capped.url(), "credential": "sk-c", "priority": 1, "max_concurrency": 1}))
+        .await;
+    relay
+        .create_account_with(serde_json::json!({"name": "other", "type": "claude", "base_url": other.url(), "credential": "sk-o", "priority": 2}))
+        .await;
+    let key = key_for(&relay, 2).await;
+    let relay = std::sync::Arc::new(relay);
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let relay = relay.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                relay
+                    .post("/v1/messages", &key)
+                    .json(&messages_body(
+                        MODEL,
+                        false,
+                        conversation(&format!("cap {i}"), 1),
+                    ))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    // The preferred account took one request at a time: with 4 at once, it took exactly one.
+    assert_eq!(capped.count(), 1);
+    assert_eq!(other.count(), 3);
+}
