@@ -1,9 +1,9 @@
 //! Keeps the in-process caches in step with the database: a cheap change fingerprint is polled
 //! (default every 500 ms) and the caches reload when it moves, or at once after a change made
-//! through this node's admin API. Prices reload every few seconds.
+//! through this node's admin API.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::cache::{AccountCache, KeyCache, PriceCache};
 use crate::secrets::SecretBox;
@@ -37,7 +37,6 @@ pub async fn run(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut last: Option<ChangeMarker> = None;
-    let mut last_prices = Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -52,24 +51,15 @@ pub async fn run(
         match store.change_marker().await {
             Ok(marker) if Some(marker) != last => {
                 match load_all(&store, &keys, &accounts, &prices, &secrets).await {
-                    Ok(()) => {
-                        last = Some(marker);
-                        last_prices = Instant::now();
-                        publish_account_states(&accounts);
-                    }
+                    Ok(()) => last = Some(marker),
                     Err(e) => tracing::warn!(error = %e, "cache reload failed"),
                 }
             }
-            Ok(_) => {
-                if last_prices.elapsed() > Duration::from_secs(5) {
-                    if let Ok(rows) = store.list_prices().await {
-                        prices.replace(rows);
-                    }
-                    last_prices = Instant::now();
-                }
-            }
+            Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "change poll failed"),
         }
+        // Cooldowns end by themselves: the gauge follows the clock, not only reloads.
+        publish_account_states(&accounts);
     }
 }
 

@@ -111,6 +111,8 @@ pub struct ChangeMarker {
     pub api_keys: TableMarker,
     /// Fingerprint of `accounts`.
     pub accounts: TableMarker,
+    /// Fingerprint of `model_prices` (price overrides).
+    pub prices: TableMarker,
 }
 
 /// Handle on the relay database; cheap to clone (the pool is shared).
@@ -207,10 +209,11 @@ impl SqlStore {
             )
         };
         let sql = format!(
-            "SELECT {}, {}, {}",
+            "SELECT {}, {}, {}, {}",
             part("users"),
             part("api_keys"),
-            part("accounts")
+            part("accounts"),
+            part("model_prices")
         );
         let row = sqlx::query(&sql).fetch_one(&self.pool).await?;
         let table = |base: usize| -> Result<TableMarker> {
@@ -224,6 +227,7 @@ impl SqlStore {
             users: table(0)?,
             api_keys: table(3)?,
             accounts: table(6)?,
+            prices: table(9)?,
         })
     }
 }
