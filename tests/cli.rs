@@ -1,0 +1,113 @@
+//! The command line: migrate, admin and key creation, config checks.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{Relay, RelayOptions};
+
+fn relay_cmd(data: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llm-relay"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RELAY_DATA_DIR", data)
+        .env("RELAY_ADMIN_PASSWORD", "admin-password-1")
+        .output()
+        .expect("run llm-relay")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test]
+async fn keys_created_on_the_command_line_work_on_the_proxy() {
+    let data = tempfile::tempdir().unwrap();
+    let out = relay_cmd(data.path(), &["migrate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(data.path().join("relay.db").exists());
+
+    let out = relay_cmd(
+        data.path(),
+        &[
+            "admin",
+            "create",
+            "bob",
+            "--password",
+            "bob-password-1",
+            "--user",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("created bob"));
+    // The same name twice is refused.
+    let out = relay_cmd(
+        data.path(),
+        &["admin", "create", "bob", "--password", "bob-password-1"],
+    );
+    assert!(!out.status.success());
+
+    let out = relay_cmd(
+        data.path(),
+        &["keys", "create", "--user", "bob", "--name", "laptop"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(key.starts_with("sk-relay-") && key.len() == 9 + 43, "{key}");
+    let out = relay_cmd(data.path(), &["keys", "create", "--user", "nobody"]);
+    assert!(!out.status.success());
+
+    let relay = Relay::start_with(RelayOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await;
+    relay.wait_key_active(&key).await;
+    let r = relay
+        .http
+        .get(format!("{}/v1/models", relay.proxy))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = relay
+        .http
+        .get(format!("{}/v1/models", relay.proxy))
+        .bearer_auth("sk-relay-wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[test]
+fn check_config_validates_files() {
+    let data = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = relay_cmd(
+        data.path(),
+        &[
+            "check-config",
+            root.join("conf/relay.example.toml").to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let bad = data.path().join("bad.toml");
+    std::fs::write(&bad, "proxy_addr = \"not an address\"\n").unwrap();
+    let out = relay_cmd(data.path(), &["check-config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("proxy_addr"), "{}", text(&out));
+    let typo = data.path().join("typo.toml");
+    std::fs::write(&typo, "[upstream]\nmax_attempt = 3\n").unwrap();
+    let out = relay_cmd(data.path(), &["check-config", typo.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("max_attempt"), "{}", text(&out));
+}
