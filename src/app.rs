@@ -11,6 +11,7 @@ use relay_filters::account_state::StateRules;
 use relay_filters::chain::{Chain, ChainDeps};
 use relay_filters::cost::PriceTable;
 use relay_filters::key_limits::{utc_day, LimitStore, MemoryLimits};
+use relay_filters::now_ms;
 use relay_filters::session_store::{MemorySessionStore, SessionStore};
 use relay_filters::sticky_upstream::StickyConfig;
 
@@ -32,13 +33,6 @@ use crate::store::{NewUser, Role, SqlStore};
 pub struct NodeSecrets {
     pub secrets: SecretBox,
     pub pepper: Vec<u8>,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Loads the secrets from the config, or from generated files in the data directory.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use relay_filters::accounts::{Account, AccountDirectory, AccountState, BaseUrl, Credential};
 use relay_filters::api_key_auth::{KeyEntry, KeyStore};
-use relay_filters::cost::{ModelPrice, PriceSource, PriceTable};
+use relay_filters::cost::{PriceSource, PriceTable};
 
 use crate::secrets::SecretBox;
 use crate::store::{Account as AccountRow, AccountStatus, ActiveApiKey, ModelPriceRow};
@@ -203,16 +203,7 @@ impl PriceCache {
     pub fn replace(&self, overrides: Vec<ModelPriceRow>) {
         let mut table = self.base.clone();
         for row in overrides {
-            table.insert(
-                &row.model,
-                ModelPrice {
-                    input: row.input,
-                    output: row.output,
-                    cache_write_5m: row.cache_write_5m,
-                    cache_write_1h: row.cache_write_1h,
-                    cache_read: row.cache_read,
-                },
-            );
+            table.insert(&row.model, row.price());
         }
         write(&self.table, Arc::new(table));
     }

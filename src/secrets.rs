@@ -228,10 +228,8 @@ pub fn generate_api_key() -> String {
 
 /// The stored form of a key: hex SHA-256 of `pepper || key`.
 pub fn api_key_hash(pepper: &[u8], key: &str) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(pepper);
-    hasher.update(key.as_bytes());
-    hex::encode(hasher.finalize())
+    // One definition: the proxy's key lookup hashes with the same function.
+    relay_filters::api_key_auth::hash_api_key(pepper, key)
 }
 
 /// The display form of a key: its first 12 characters and an ellipsis.

@@ -17,7 +17,7 @@ const TOKENS_PER_PRICE: i128 = 1_000_000;
 const RATE_ONE: i128 = 10_000;
 
 /// Prices of one model in micro-USD per million tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelPrice {
     /// Uncached input tokens.

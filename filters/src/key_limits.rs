@@ -39,8 +39,16 @@ pub trait LimitStore: Send + Sync {
     async fn add_cost(&self, key_id: &str, day: &str, micro_usd: i64);
 }
 
-/// UTC day `YYYY-MM-DD` of an epoch-ms time (civil-from-days, no calendar crate needed).
+/// UTC day `YYYY-MM-DD` of an epoch-ms time (civil-from-days, no calendar crate needed); a
+/// time outside years 0000–9999 counts as today.
 pub fn utc_day(ms: i64) -> String {
+    const MIN_MS: i64 = -62_167_219_200_000; // 0000-01-01
+    const MAX_MS: i64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999
+    let ms = if (MIN_MS..=MAX_MS).contains(&ms) {
+        ms
+    } else {
+        crate::now_ms()
+    };
     let days = ms.div_euclid(86_400_000);
     let z = days + 719_468;
     let era = z.div_euclid(146_097);

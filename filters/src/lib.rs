@@ -20,4 +20,4 @@ pub mod sse_usage;
 pub mod sticky_upstream;
 pub mod types;
 
-pub use types::{AccountType, Protocol, TokenUsage, UsageRecord};
+pub use types::{now_ms, AccountType, Protocol, TokenUsage, UsageRecord};

@@ -81,10 +81,7 @@ async fn apply_shared_cooldowns(cooldowns: &RedisCooldowns, accounts: &AccountCa
 /// Sets `relay_account_state{state}` from the cache.
 pub fn publish_account_states(accounts: &AccountCache) {
     use std::sync::atomic::Ordering;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+    let now = relay_filters::now_ms();
     let (mut ok, mut cooling, mut off) = (0, 0, 0);
     for a in accounts.snapshot().iter() {
         if !a.state.schedulable.load(Ordering::Relaxed) {

@@ -20,7 +20,7 @@ use relay_filters::cost::PriceSource;
 use relay_filters::error::{error_body, ErrorKind, Rejection};
 use relay_filters::request_body::{parse_request_body, validate_for};
 use relay_filters::route::{match_route, Route};
-use relay_filters::{Protocol, UsageRecord};
+use relay_filters::{now_ms, Protocol, UsageRecord};
 
 use crate::background::account_events::AccountEvents;
 use crate::background::usage_writer::UsageQueue;
@@ -72,13 +72,6 @@ pub struct ProxyCtx {
     /// Time spent waiting on upstreams (for the overhead metric).
     pub upstream_time: Duration,
     pub lease: Option<InflightLease>,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn header_map(session: &Session) -> &http::HeaderMap {

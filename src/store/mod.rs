@@ -17,7 +17,7 @@ mod usage;
 mod users;
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -265,12 +265,7 @@ fn prepare_sqlite_url(url: &str) -> Result<(String, bool)> {
 }
 
 /// Milliseconds since the Unix epoch, now.
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use relay_filters::now_ms;
 
 /// A new time-ordered id (uuid v7, hyphenated lower case).
 pub(crate) fn new_id() -> String {

@@ -1,27 +1,14 @@
 //! Model prices (micro-USD per million tokens for each token category) and the users' price
 //! rates applied on top of them.
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{now_ms, require_non_empty, Param, Result, SqlParts, SqlStore, StoreError};
 
-/// Prices of one model in micro-USD per million tokens; unset cache prices use the defaults
-/// (1.25×, 2× and 0.1× input, DESIGN §9), applied by the cost filter.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModelPrice {
-    /// Uncached input.
-    pub input: i64,
-    /// Output (reasoning included).
-    pub output: i64,
-    /// Cache write with the 5-minute TTL.
-    pub cache_write_5m: Option<i64>,
-    /// Cache write with the 1-hour TTL.
-    pub cache_write_1h: Option<i64>,
-    /// Cache read.
-    pub cache_read: Option<i64>,
-}
+/// Prices of one model (micro-USD per million tokens): the same type the cost filter prices with.
+pub use relay_filters::cost::ModelPrice;
 
 /// A row of `model_prices`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

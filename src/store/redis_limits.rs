@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use relay_filters::key_limits::{LimitStore, MemoryLimits, SlotLease};
+use relay_filters::now_ms;
 
 use super::redis_sessions::RedisLink;
 use crate::metrics::metrics;
@@ -59,13 +60,6 @@ return 1",
 
 /// Daily counters outlive their day by a day (late bookings across midnight still land).
 const DAILY_TTL_MS: i64 = 2 * 86_400_000;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// Limit counters shared by every node through Redis.
 pub struct RedisLimits {

@@ -224,19 +224,7 @@ fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// The UTC day (`YYYY-MM-DD`) of an epoch-ms instant; an instant outside the calendar's range
-/// counts on today, so a record is never refused for its timestamp.
-pub fn utc_day(epoch_ms: i64) -> String {
-    let date = time::OffsetDateTime::from_unix_timestamp(epoch_ms.div_euclid(1000))
-        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
-        .date();
-    format!(
-        "{:04}-{:02}-{:02}",
-        date.year(),
-        u8::from(date.month()),
-        date.day()
-    )
-}
+pub use relay_filters::key_limits::utc_day;
 
 /// Rejects day bounds that are not `YYYY-MM-DD` (they compare as text).
 fn check_day(day: &str) -> Result<()> {
