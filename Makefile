@@ -25,3 +25,13 @@ test:
 	cargo build --bin llm-relay
 	cargo run --quiet --bin llm-relay -- check-config conf/relay.example.toml
 	cargo test --workspace
+
+# Criterion micro-benchmarks, then the load test (benches/load/run.sh: mock upstream, nginx
+# baseline, relay). Installs nginx-light, wrk and curl when missing. BENCH_ARGS goes to criterion
+# (e.g. BENCH_ARGS=--quick); BENCH_DURATION, BENCH_STREAMS tune the load test.
+BENCH_ARGS ?=
+bench: deps
+	@benches/load/install.sh
+	cargo bench --bench sse_usage --bench session_key --bench api_key --bench filter_chain -- $(BENCH_ARGS)
+	cargo build --release --bin llm-relay --example load_mock
+	benches/load/run.sh
