@@ -10,10 +10,11 @@ use relay_filters::accounts::BaseUrl;
 use relay_filters::AccountType;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::{audit, PageQuery};
+use super::{audit, Deleted, PageQuery};
 use crate::admin::auth::Caller;
-use crate::admin::error::{AppError, AppResult};
+use crate::admin::error::{AppError, AppResult, ErrorBody};
 use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
 use crate::secrets::SecretBox;
@@ -54,10 +55,12 @@ fn view(account: Account, secrets: &SecretBox) -> AccountView {
     }
 }
 
-#[derive(Deserialize)]
+/// A new upstream account; the credential is encrypted at rest and never returned.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateAccount {
     name: String,
+    /// `claude`, `claude-official`, `openai`, `openai-responses` or `gemini`.
     #[serde(rename = "type", alias = "account_type")]
     account_type: String,
     #[serde(default)]
@@ -97,6 +100,11 @@ fn check_url(url: &Option<String>) -> AppResult<()> {
 }
 
 /// `POST /api/admin/accounts`.
+#[utoipa::path(post, path = "/api/admin/accounts", tag = "accounts", request_body = CreateAccount,
+    responses(
+        (status = 201, description = "The account, credential masked (`credential_masked`)", body = serde_json::Value),
+        (status = 400, description = "Bad type, URL, name, credential or weight", body = ErrorBody),
+    ))]
 pub async fn create(
     State(state): State<AdminState>,
     caller: Caller,
@@ -145,6 +153,11 @@ pub async fn create(
 }
 
 /// `GET /api/admin/accounts?page=&per_page=`: oldest first.
+#[utoipa::path(get, path = "/api/admin/accounts", tag = "accounts", params(PageQuery),
+    responses(
+        (status = 200, description = "A page of accounts, credentials masked", body = super::openapi::ListPage),
+        (status = 400, description = "Bad query", body = ErrorBody),
+    ))]
 pub async fn list(
     State(state): State<AdminState>,
     caller: Caller,
@@ -166,6 +179,11 @@ pub async fn list(
 }
 
 /// `GET /api/admin/accounts/{id}`.
+#[utoipa::path(get, path = "/api/admin/accounts/{id}", tag = "accounts", params(("id" = String, Path, description = "Account id")),
+    responses(
+        (status = 200, description = "The account, credential masked", body = serde_json::Value),
+        (status = 404, description = "No such account", body = ErrorBody),
+    ))]
 pub async fn get(
     State(state): State<AdminState>,
     caller: Caller,
@@ -182,11 +200,16 @@ pub async fn get(
 
 /// `DELETE /api/admin/accounts/{id}`: its usage records stay; sessions bound to it are moved
 /// to another account on their next request.
+#[utoipa::path(delete, path = "/api/admin/accounts/{id}", tag = "accounts", params(("id" = String, Path, description = "Account id")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 404, description = "No such account", body = ErrorBody),
+    ))]
 pub async fn delete(
     State(state): State<AdminState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> AppResult<Json<serde_json::Value>> {
+) -> AppResult<Json<Deleted>> {
     caller.require_admin()?;
     let account = state
         .store
@@ -203,10 +226,11 @@ pub async fn delete(
     )
     .await;
     state.accounts_changed().await;
-    Ok(Json(serde_json::json!({ "deleted": id })))
+    Ok(Json(Deleted { deleted: id }))
 }
 
-#[derive(Deserialize)]
+/// Fields to change; absent ones stay, `null` clears `base_url` or `max_concurrency`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateAccount {
     name: Option<String>,
@@ -227,6 +251,12 @@ pub struct UpdateAccount {
 }
 
 /// `PATCH /api/admin/accounts/{id}`: a new `credential` replaces the stored one.
+#[utoipa::path(patch, path = "/api/admin/accounts/{id}", tag = "accounts", params(("id" = String, Path, description = "Account id")), request_body = UpdateAccount,
+    responses(
+        (status = 200, description = "The account as changed, credential masked", body = serde_json::Value),
+        (status = 400, description = "Bad field", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
+    ))]
 pub async fn update(
     State(state): State<AdminState>,
     caller: Caller,

@@ -7,17 +7,19 @@ use std::collections::HashMap;
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::usage::BilledTotals;
-use super::{audit, PageQuery};
+use super::{audit, Deleted, PageQuery};
 use crate::admin::auth::Caller;
-use crate::admin::error::{AppError, AppResult};
+use crate::admin::error::{AppError, AppResult, ErrorBody};
 use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
 use crate::secrets::{api_key_hash, api_key_prefix, generate_api_key};
 use crate::store::{ApiKey, ApiKeyPatch, NewApiKey, Page, UsageDim, UsageTotals};
 
-#[derive(Deserialize)]
+/// A new key; limits are optional and only restrict it. Costs in micro-USD, times in epoch ms.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     /// Owner; defaults to the caller.
@@ -29,8 +31,10 @@ pub struct CreateKey {
     name: String,
     #[serde(default)]
     expires_at: Option<i64>,
+    /// `claude`, `openai`, `gemini`; empty for all.
     #[serde(default)]
     allowed_platforms: Vec<String>,
+    /// Empty for all.
     #[serde(default)]
     allowed_models: Vec<String>,
     #[serde(default)]
@@ -107,6 +111,11 @@ async fn issue(
 
 /// `POST /api/admin/api-keys`: a key for any user (`user_id` or `username`; the caller's own
 /// user by default).
+#[utoipa::path(post, path = "/api/admin/api-keys", tag = "api-keys", request_body = CreateKey,
+    responses(
+        (status = 201, description = "The key, with its plaintext under `key` (shown this once)", body = serde_json::Value),
+        (status = 400, description = "Bad field, unknown owner or key cap reached", body = ErrorBody),
+    ))]
 pub async fn create(
     State(state): State<AdminState>,
     caller: Caller,
@@ -132,6 +141,11 @@ pub async fn create(
 }
 
 /// `POST /api/keys`: a key for the caller. Limits may be set (they only restrict the key).
+#[utoipa::path(post, path = "/api/keys", tag = "own", request_body = CreateKey,
+    responses(
+        (status = 201, description = "The key, with its plaintext under `key` (shown this once)", body = serde_json::Value),
+        (status = 400, description = "Bad field, owner given, or key cap reached", body = ErrorBody),
+    ))]
 pub async fn own_create(
     State(state): State<AdminState>,
     caller: Caller,
@@ -145,10 +159,14 @@ pub async fn own_create(
     }
     issue(&state, &caller, owner, body).await
 }
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct KeyListQuery {
+    /// 1-based page number (default 1).
     page: Option<i64>,
+    /// Rows per page (default 50, at most 500).
     per_page: Option<i64>,
+    /// Only this user's keys.
     user_id: Option<String>,
 }
 
@@ -188,6 +206,11 @@ async fn with_usage(
 
 /// `GET /api/admin/api-keys?user_id=&page=&per_page=`: every key (or one user's), newest
 /// first, with its owner's name, request count and costs.
+#[utoipa::path(get, path = "/api/admin/api-keys", tag = "api-keys", params(KeyListQuery),
+    responses(
+        (status = 200, description = "A page of keys with usage", body = super::openapi::ListPage),
+        (status = 400, description = "Bad query", body = ErrorBody),
+    ))]
 pub async fn list(
     State(state): State<AdminState>,
     caller: Caller,
@@ -208,6 +231,11 @@ pub async fn list(
 
 /// `GET /api/keys?page=&per_page=`: the caller's keys, newest first, with their request count
 /// and billed cost.
+#[utoipa::path(get, path = "/api/keys", tag = "own", params(PageQuery),
+    responses(
+        (status = 200, description = "A page of the caller's keys with usage", body = super::openapi::ListPage),
+        (status = 400, description = "Bad query, or the static admin token (no user)", body = ErrorBody),
+    ))]
 pub async fn own_list(
     State(state): State<AdminState>,
     caller: Caller,
@@ -233,7 +261,8 @@ pub async fn own_list(
         per_page: page.per_page,
     }))
 }
-#[derive(Deserialize)]
+/// Fields to change; absent ones stay, `null` clears a limit.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateKey {
     name: Option<String>,
@@ -253,6 +282,12 @@ pub struct UpdateKey {
 }
 
 /// `PATCH /api/admin/api-keys/{id}`: changes any field of any key.
+#[utoipa::path(patch, path = "/api/admin/api-keys/{id}", tag = "api-keys", params(("id" = String, Path, description = "API key id")), request_body = UpdateKey,
+    responses(
+        (status = 200, description = "The key as changed", body = serde_json::Value),
+        (status = 400, description = "Bad field", body = ErrorBody),
+        (status = 404, description = "No such key", body = ErrorBody),
+    ))]
 pub async fn update(
     State(state): State<AdminState>,
     caller: Caller,
@@ -308,7 +343,7 @@ async fn apply(
 }
 
 /// What a user may change on its own key.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateOwnKey {
     name: Option<String>,
@@ -327,6 +362,12 @@ async fn own_key(state: &AdminState, caller: &Caller, id: &str) -> AppResult<Api
 }
 
 /// `PATCH /api/keys/{id}` `{"name"?, "enabled"?}`: renames, enables or disables an own key.
+#[utoipa::path(patch, path = "/api/keys/{id}", tag = "own", params(("id" = String, Path, description = "API key id")), request_body = UpdateOwnKey,
+    responses(
+        (status = 200, description = "The key as changed", body = serde_json::Value),
+        (status = 400, description = "Empty name", body = ErrorBody),
+        (status = 404, description = "No such key of the caller", body = ErrorBody),
+    ))]
 pub async fn own_update(
     State(state): State<AdminState>,
     caller: Caller,
@@ -360,11 +401,16 @@ async fn remove(state: &AdminState, caller: &Caller, key: &ApiKey) -> AppResult<
 }
 
 /// `DELETE /api/admin/api-keys/{id}`; its usage records stay.
+#[utoipa::path(delete, path = "/api/admin/api-keys/{id}", tag = "api-keys", params(("id" = String, Path, description = "API key id")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 404, description = "No such key", body = ErrorBody),
+    ))]
 pub async fn delete(
     State(state): State<AdminState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> AppResult<Json<serde_json::Value>> {
+) -> AppResult<Json<Deleted>> {
     caller.require_admin()?;
     let key = state
         .store
@@ -372,16 +418,21 @@ pub async fn delete(
         .await?
         .ok_or(AppError::NotFound)?;
     remove(&state, &caller, &key).await?;
-    Ok(Json(serde_json::json!({ "deleted": id })))
+    Ok(Json(Deleted { deleted: id }))
 }
 
 /// `DELETE /api/keys/{id}`: deletes an own key.
+#[utoipa::path(delete, path = "/api/keys/{id}", tag = "own", params(("id" = String, Path, description = "API key id")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 404, description = "No such key of the caller", body = ErrorBody),
+    ))]
 pub async fn own_delete(
     State(state): State<AdminState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> AppResult<Json<serde_json::Value>> {
+) -> AppResult<Json<Deleted>> {
     let key = own_key(&state, &caller, &id).await?;
     remove(&state, &caller, &key).await?;
-    Ok(Json(serde_json::json!({ "deleted": id })))
+    Ok(Json(Deleted { deleted: id }))
 }

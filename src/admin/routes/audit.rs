@@ -4,12 +4,17 @@ use axum::extract::State;
 
 use super::PageQuery;
 use crate::admin::auth::Caller;
-use crate::admin::error::AppResult;
+use crate::admin::error::{AppResult, ErrorBody};
 use crate::admin::extract::{Json, Query};
 use crate::admin::AdminState;
 use crate::store::{AuditEntry, Page};
 
 /// `GET /api/admin/audit?page=&per_page=`.
+#[utoipa::path(get, path = "/api/admin/audit", tag = "audit", params(PageQuery),
+    responses(
+        (status = 200, description = "A page of audit entries, newest first", body = super::openapi::ListPage),
+        (status = 400, description = "Bad query", body = ErrorBody),
+    ))]
 pub async fn list(
     State(state): State<AdminState>,
     caller: Caller,

@@ -5,6 +5,7 @@ mod accounts;
 mod api_keys;
 mod audit;
 mod days;
+mod openapi;
 mod pricing;
 mod session;
 mod system;
@@ -13,16 +14,32 @@ mod users;
 
 use axum::routing::{get, patch, post};
 use axum::Router;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Caller;
 use super::AdminState;
 
 /// Page and size of a list request (`?page=1&per_page=50`, at most 500 per page).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// 1-based page number (default 1).
     pub page: Option<i64>,
+    /// Rows per page (default 50, at most 500).
     pub per_page: Option<i64>,
+}
+
+/// Answer of a delete: the id (or model) removed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Deleted {
+    pub deleted: String,
+}
+
+/// Answer of a bulk change: how many rows it changed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Updated {
+    pub updated: u64,
 }
 
 impl PageQuery {
@@ -66,6 +83,7 @@ pub fn router() -> Router<AdminState> {
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))
         .route("/metrics", get(system::metrics))
+        .route("/api/openapi.json", get(openapi::document))
         // Login sessions.
         .route("/api/auth/login", post(session::login))
         .route("/api/auth/logout", post(session::logout))

@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use axum::extract::State;
 use relay_filters::cost::PriceSource;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::audit;
+use super::{audit, Deleted};
 use crate::admin::auth::Caller;
-use crate::admin::error::{AppError, AppResult};
+use crate::admin::error::{AppError, AppResult, ErrorBody};
 use crate::admin::extract::{Json, Path};
 use crate::admin::AdminState;
 use crate::store::{ModelPrice, ModelPriceRow};
@@ -20,7 +21,7 @@ const MAX_MODEL_LEN: usize = 200;
 
 /// One model's prices in micro-USD per million tokens; unset cache prices default to 1.25×,
 /// 2× and 0.1× input (DESIGN §9).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PriceView {
     pub model: String,
     pub input: i64,
@@ -51,7 +52,7 @@ impl From<ModelPriceRow> for PriceView {
 }
 
 /// The merged table.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PriceList {
     /// By model name.
     pub items: Vec<PriceView>,
@@ -60,6 +61,8 @@ pub struct PriceList {
 
 /// `GET /api/admin/pricing`: every priced model by name, overrides marked. The list is the
 /// size of the shipped price file plus the overrides, so it comes whole.
+#[utoipa::path(get, path = "/api/admin/pricing", tag = "pricing",
+    responses((status = 200, description = "Every priced model", body = PriceList)))]
 pub async fn list(State(state): State<AdminState>, caller: Caller) -> AppResult<Json<PriceList>> {
     caller.require_admin()?;
     let overrides = state.store.list_prices().await?;
@@ -93,7 +96,8 @@ pub async fn list(State(state): State<AdminState>, caller: Caller) -> AppResult<
     }))
 }
 
-#[derive(Debug, Deserialize)]
+/// A model's price override, in micro-USD per million tokens.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PriceOverride {
     model: String,
@@ -111,6 +115,11 @@ pub struct PriceOverride {
 /// "cache_write_1h"?, "cache_read"?}` (micro-USD per million tokens): creates or replaces the
 /// override of a model. The model is matched as the upstream reports it; a dated id falls
 /// back to its undated name.
+#[utoipa::path(post, path = "/api/admin/pricing", tag = "pricing", request_body = PriceOverride,
+    responses(
+        (status = 200, description = "The override as stored", body = PriceView),
+        (status = 400, description = "Bad model name or body", body = ErrorBody),
+    ))]
 pub async fn upsert(
     State(state): State<AdminState>,
     caller: Caller,
@@ -145,11 +154,17 @@ pub async fn upsert(
 
 /// `DELETE /api/admin/pricing/{model}`: removes an override; the shipped price (if any)
 /// applies again.
+#[utoipa::path(delete, path = "/api/admin/pricing/{model}", tag = "pricing",
+    params(("model" = String, Path, description = "Model name; may contain `/`")),
+    responses(
+        (status = 200, description = "Override removed", body = Deleted),
+        (status = 404, description = "No override for this model", body = ErrorBody),
+    ))]
 pub async fn delete(
     State(state): State<AdminState>,
     caller: Caller,
     Path(model): Path<String>,
-) -> AppResult<Json<serde_json::Value>> {
+) -> AppResult<Json<Deleted>> {
     caller.require_admin()?;
     state.store.delete_price(&model).await?;
     audit(
@@ -161,5 +176,5 @@ pub async fn delete(
     )
     .await;
     state.prices_changed().await;
-    Ok(Json(serde_json::json!({ "deleted": model })))
+    Ok(Json(Deleted { deleted: model }))
 }

@@ -6,10 +6,11 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap};
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::now_ms;
 use crate::admin::auth::{token_hash, Caller, SESSION_COOKIE};
-use crate::admin::error::{AppError, AppResult};
+use crate::admin::error::{AppError, AppResult, ErrorBody};
 use crate::admin::extract::Json;
 use crate::admin::AdminState;
 use crate::secrets::{random_token, verify_password};
@@ -20,14 +21,41 @@ const SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
 const MAX_FAILURES: u32 = 5;
 
 /// Who logged in; the price rate is not shown (users never see theirs).
-#[derive(Serialize)]
-struct LoggedIn {
+#[derive(Serialize, ToSchema)]
+pub struct LoggedIn {
     id: String,
     username: String,
+    /// `admin` or `user`.
+    #[schema(value_type = String, example = "user")]
     role: crate::store::Role,
 }
 
-#[derive(Deserialize)]
+/// Answer of a login.
+#[derive(Serialize, ToSchema)]
+pub struct LoginAnswer {
+    user: LoggedIn,
+    /// Send it in `x-csrf-token` on every state-changing call made with the cookie.
+    csrf_token: String,
+}
+
+/// Answer of a logout.
+#[derive(Serialize, ToSchema)]
+pub struct LoggedOut {
+    ok: bool,
+}
+
+/// The caller.
+#[derive(Serialize, ToSchema)]
+pub struct Me {
+    /// `null` for the static admin token.
+    user_id: Option<String>,
+    name: String,
+    /// `admin` or `user`.
+    #[schema(value_type = String, example = "admin")]
+    role: crate::store::Role,
+}
+
+#[derive(Deserialize, ToSchema)]
 pub struct Login {
     username: String,
     password: String,
@@ -37,6 +65,13 @@ pub struct Login {
 /// SameSite=Strict) and answers `{"user", "csrf_token"}`; state-changing calls made with the
 /// cookie must send the token in `x-csrf-token`. Five failures per user name and address
 /// block logins there for 15 minutes (429).
+#[utoipa::path(post, path = "/api/auth/login", tag = "session", request_body = Login,
+    responses(
+        (status = 200, description = "Logged in; sets the `relay_session` cookie", body = LoginAnswer),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 401, description = "Wrong user name or password, or user disabled", body = ErrorBody),
+        (status = 429, description = "Too many failed attempts", body = ErrorBody),
+    ))]
 pub async fn login(
     State(state): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -89,14 +124,20 @@ pub async fn login(
     );
     Ok((
         [(header::SET_COOKIE, cookie)],
-        Json(serde_json::json!({
-            "user": LoggedIn { id: user.id, username: user.username, role: user.role },
-            "csrf_token": csrf,
-        })),
+        Json(LoginAnswer {
+            user: LoggedIn {
+                id: user.id,
+                username: user.username,
+                role: user.role,
+            },
+            csrf_token: csrf,
+        }),
     ))
 }
 
 /// `POST /api/auth/logout`: ends the session and clears the cookie.
+#[utoipa::path(post, path = "/api/auth/logout", tag = "session",
+    responses((status = 200, description = "Logged out; the cookie is cleared", body = LoggedOut)))]
 pub async fn logout(
     State(state): State<AdminState>,
     headers: HeaderMap,
@@ -125,15 +166,17 @@ pub async fn logout(
             header::SET_COOKIE,
             format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
         )],
-        Json(serde_json::json!({ "ok": true })),
+        Json(LoggedOut { ok: true }),
     ))
 }
 
 /// `GET /api/auth/me`: the caller.
-pub async fn me(caller: Caller) -> AppResult<impl IntoResponse> {
-    Ok(Json(serde_json::json!({
-        "user_id": caller.user_id,
-        "name": caller.name,
-        "role": caller.role,
-    })))
+#[utoipa::path(get, path = "/api/auth/me", tag = "session",
+    responses((status = 200, description = "The caller", body = Me)))]
+pub async fn me(caller: Caller) -> AppResult<Json<Me>> {
+    Ok(Json(Me {
+        user_id: caller.user_id,
+        name: caller.name,
+        role: caller.role,
+    }))
 }

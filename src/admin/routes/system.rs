@@ -7,11 +7,19 @@ use axum::Json;
 
 use crate::admin::AdminState;
 
+/// Liveness: answers `ok` while the process runs.
+#[utoipa::path(get, path = "/healthz", tag = "system",
+    responses((status = 200, description = "Alive", body = String, content_type = "text/plain")))]
 pub async fn healthz() -> &'static str {
     "ok"
 }
 
 /// Ready when the database (and Redis, when configured) answers.
+#[utoipa::path(get, path = "/readyz", tag = "system",
+    responses(
+        (status = 200, description = "Ready: `{\"database\": true, \"redis\": true|null}`", body = serde_json::Value),
+        (status = 503, description = "The database or Redis does not answer", body = serde_json::Value),
+    ))]
 pub async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     let db = state.store.ping().await.is_ok();
     let redis = match &state.redis {
@@ -36,6 +44,9 @@ pub async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     )
 }
 
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "system",
+    responses((status = 200, description = "Metrics", body = String, content_type = "text/plain; version=0.0.4")))]
 pub async fn metrics() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

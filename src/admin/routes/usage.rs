@@ -6,17 +6,18 @@ use std::collections::HashMap;
 
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::days::{self, DayRange};
 use super::PageQuery;
 use crate::admin::auth::Caller;
-use crate::admin::error::{AppError, AppResult};
+use crate::admin::error::{AppError, AppResult, ErrorBody};
 use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
 use crate::store::{Page, RecordFilter, Role, UsageDailyRow, UsageDim, UsageRow, UsageTotals};
 
 /// Totals as a user sees them: billed cost only.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct BilledTotals {
     pub requests: i64,
     pub input_tokens: i64,
@@ -55,7 +56,7 @@ impl From<&UsageDailyRow> for UsageTotals {
 }
 
 /// One day's totals.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DayUsage<T> {
     pub day: String,
     #[serde(flatten)]
@@ -63,7 +64,7 @@ pub struct DayUsage<T> {
 }
 
 /// A usage record as its user sees it: no base cost, price rate, account or session.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct OwnRecord {
     pub id: String,
     pub created_at: i64,
@@ -124,7 +125,7 @@ fn page_map<T, U>(page: Page<T>, f: impl FnMut(T) -> U) -> Page<U> {
 }
 
 /// Today, this month and all time.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Summary<T> {
     /// Today (UTC), `YYYY-MM-DD`.
     pub day: String,
@@ -161,6 +162,11 @@ async fn summary_of(state: &AdminState, user_id: &str) -> AppResult<Summary<Usag
 
 /// `GET /api/usage/summary`: the caller's requests, tokens and billed cost today, this month
 /// and over all time.
+#[utoipa::path(get, path = "/api/usage/summary", tag = "own",
+    responses(
+        (status = 200, description = "The caller's totals", body = Summary<BilledTotals>),
+        (status = 400, description = "The static admin token (no user)", body = ErrorBody),
+    ))]
 pub async fn summary(
     State(state): State<AdminState>,
     caller: Caller,
@@ -187,6 +193,12 @@ pub struct UserSummary {
 }
 
 /// `GET /api/admin/users/{id}/usage/summary`.
+#[utoipa::path(get, path = "/api/admin/users/{id}/usage/summary", tag = "users",
+    params(("id" = String, Path, description = "User id")),
+    responses(
+        (status = 200, description = "The user's totals with base and billed cost, role and price rate", body = serde_json::Value),
+        (status = 404, description = "No such user", body = ErrorBody),
+    ))]
 pub async fn user_summary(
     State(state): State<AdminState>,
     caller: Caller,
@@ -207,14 +219,17 @@ pub async fn user_summary(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RangeQuery {
+    /// First day, `YYYY-MM-DD` (UTC).
     from: Option<String>,
+    /// Last day, `YYYY-MM-DD` (UTC), inclusive.
     to: Option<String>,
 }
 
 /// Per-day usage over a range, with its totals.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DailyUsage {
     pub from: String,
     pub to: String,
@@ -262,6 +277,11 @@ async fn daily_of(state: &AdminState, user_id: &str, range: DayRange) -> AppResu
 
 /// `GET /api/usage/daily?from=YYYY-MM-DD&to=YYYY-MM-DD`: the caller's usage per UTC day (the
 /// last 30 days by default, at most 366).
+#[utoipa::path(get, path = "/api/usage/daily", tag = "own", params(RangeQuery),
+    responses(
+        (status = 200, description = "The caller's usage per day", body = DailyUsage),
+        (status = 400, description = "Bad range, or the static admin token (no user)", body = ErrorBody),
+    ))]
 pub async fn daily(
     State(state): State<AdminState>,
     caller: Caller,
@@ -275,13 +295,15 @@ pub async fn daily(
     Ok(Json(daily_of(&state, caller.own_user_id()?, range).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct MonthQuery {
+    /// `YYYY-MM` (UTC); this month by default.
     month: Option<String>,
 }
 
 /// One month's usage.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct MonthlyUsage {
     pub month: String,
     #[serde(flatten)]
@@ -290,6 +312,11 @@ pub struct MonthlyUsage {
 
 /// `GET /api/usage/monthly?month=YYYY-MM`: the caller's usage over a month (this one by
 /// default), per day.
+#[utoipa::path(get, path = "/api/usage/monthly", tag = "own", params(MonthQuery),
+    responses(
+        (status = 200, description = "The caller's usage over the month, per day", body = MonthlyUsage),
+        (status = 400, description = "Bad month, or the static admin token (no user)", body = ErrorBody),
+    ))]
 pub async fn monthly(
     State(state): State<AdminState>,
     caller: Caller,
@@ -303,7 +330,7 @@ pub async fn monthly(
 }
 
 /// One of the caller's keys with its usage over the range.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct KeyUsage {
     pub api_key_id: String,
     pub name: String,
@@ -314,7 +341,7 @@ pub struct KeyUsage {
 }
 
 /// Totals over a range, and per key.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct RangeStats {
     pub from: String,
     pub to: String,
@@ -326,6 +353,11 @@ pub struct RangeStats {
 
 /// `GET /api/usage/stats?from=&to=`: the caller's totals over a range of days (the last 30 by
 /// default) and the same per key.
+#[utoipa::path(get, path = "/api/usage/stats", tag = "own", params(RangeQuery),
+    responses(
+        (status = 200, description = "The caller's totals and per-key totals", body = RangeStats),
+        (status = 400, description = "Bad range, or the static admin token (no user)", body = ErrorBody),
+    ))]
 pub async fn stats(
     State(state): State<AdminState>,
     caller: Caller,
@@ -368,7 +400,7 @@ pub async fn stats(
 }
 
 /// One model's usage.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ModelUsage {
     pub model: String,
     #[serde(flatten)]
@@ -376,7 +408,7 @@ pub struct ModelUsage {
 }
 
 /// Usage per model over a range.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ModelsUsage {
     pub from: String,
     pub to: String,
@@ -386,6 +418,11 @@ pub struct ModelsUsage {
 
 /// `GET /api/usage/models?from=&to=`: the caller's usage per model over a range of days (the
 /// last 30 by default).
+#[utoipa::path(get, path = "/api/usage/models", tag = "own", params(RangeQuery),
+    responses(
+        (status = 200, description = "The caller's usage per model", body = ModelsUsage),
+        (status = 400, description = "Bad range, or the static admin token (no user)", body = ErrorBody),
+    ))]
 pub async fn models(
     State(state): State<AdminState>,
     caller: Caller,
@@ -413,12 +450,17 @@ pub async fn models(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RecordQuery {
+    /// 1-based page number (default 1).
     page: Option<i64>,
+    /// Rows per page (default 50, at most 500).
     per_page: Option<i64>,
+    /// Admins only.
     user_id: Option<String>,
     api_key_id: Option<String>,
+    /// Admins only.
     account_id: Option<String>,
     /// Epoch ms or `YYYY-MM-DD`, inclusive.
     from: Option<String>,
@@ -478,6 +520,11 @@ async fn own_records_page(
 
 /// `GET /api/usage/records?page=&per_page=&from=&to=&api_key_id=`: the caller's records,
 /// newest first.
+#[utoipa::path(get, path = "/api/usage/records", tag = "own", params(RecordQuery),
+    responses(
+        (status = 200, description = "A page of the caller's records (`OwnRecord` items)", body = super::openapi::ListPage),
+        (status = 400, description = "Bad filter, or the static admin token (no user)", body = ErrorBody),
+    ))]
 pub async fn own_records(
     State(state): State<AdminState>,
     caller: Caller,
@@ -489,6 +536,11 @@ pub async fn own_records(
 /// `GET /api/admin/usage/records?user_id=&api_key_id=&account_id=&from=&to=&page=&per_page=`:
 /// every record with both costs, newest first. Callers that are not admins get their own
 /// records, as `/api/usage/records` gives them.
+#[utoipa::path(get, path = "/api/admin/usage/records", tag = "usage", params(RecordQuery),
+    responses(
+        (status = 200, description = "A page of records with both costs (own records for non-admins)", body = super::openapi::ListPage),
+        (status = 400, description = "Bad filter", body = ErrorBody),
+    ))]
 pub async fn records(
     State(state): State<AdminState>,
     caller: Caller,
@@ -510,6 +562,12 @@ pub async fn records(
 
 /// `GET /api/admin/api-keys/{id}/logs?from=&to=&page=&per_page=`: one key's records, newest
 /// first (the key may have been deleted since).
+#[utoipa::path(get, path = "/api/admin/api-keys/{id}/logs", tag = "api-keys",
+    params(("id" = String, Path, description = "API key id"), RecordQuery),
+    responses(
+        (status = 200, description = "A page of the key's records", body = super::openapi::ListPage),
+        (status = 400, description = "Bad filter", body = ErrorBody),
+    ))]
 pub async fn key_logs(
     State(state): State<AdminState>,
     caller: Caller,

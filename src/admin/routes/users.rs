@@ -4,10 +4,11 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
+use utoipa::ToSchema;
 
-use super::{audit, PageQuery};
+use super::{audit, Deleted, PageQuery, Updated};
 use crate::admin::auth::Caller;
-use crate::admin::error::{AppError, AppResult};
+use crate::admin::error::{AppError, AppResult, ErrorBody};
 use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
 use crate::secrets::hash_password;
@@ -45,11 +46,14 @@ async fn hash(password: String) -> AppResult<String> {
         .map_err(|e| AppError::Internal(e.to_string()))
 }
 
-#[derive(Deserialize)]
+/// A new user.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
     username: String,
+    /// At least 8 characters.
     password: String,
+    /// `admin` or `user` (default).
     #[serde(default)]
     role: Option<String>,
     /// Ten-thousandths (10000 = 1.0).
@@ -58,6 +62,12 @@ pub struct CreateUser {
 }
 
 /// `POST /api/admin/users` `{"username", "password", "role"?, "price_rate"?}`.
+#[utoipa::path(post, path = "/api/admin/users", tag = "users", request_body = CreateUser,
+    responses(
+        (status = 201, description = "The user (without its password)", body = serde_json::Value),
+        (status = 400, description = "Bad user name, password, role or rate", body = ErrorBody),
+        (status = 409, description = "User name taken", body = ErrorBody),
+    ))]
 pub async fn create(
     State(state): State<AdminState>,
     caller: Caller,
@@ -104,6 +114,11 @@ pub async fn create(
 }
 
 /// `GET /api/admin/users?page=&per_page=`: oldest first.
+#[utoipa::path(get, path = "/api/admin/users", tag = "users", params(PageQuery),
+    responses(
+        (status = 200, description = "A page of users", body = super::openapi::ListPage),
+        (status = 400, description = "Bad query", body = ErrorBody),
+    ))]
 pub async fn list(
     State(state): State<AdminState>,
     caller: Caller,
@@ -115,6 +130,11 @@ pub async fn list(
 }
 
 /// `GET /api/admin/users/{id}`.
+#[utoipa::path(get, path = "/api/admin/users/{id}", tag = "users", params(("id" = String, Path, description = "User id")),
+    responses(
+        (status = 200, description = "The user", body = serde_json::Value),
+        (status = 404, description = "No such user", body = ErrorBody),
+    ))]
 pub async fn get(
     State(state): State<AdminState>,
     caller: Caller,
@@ -130,7 +150,8 @@ pub async fn get(
     ))
 }
 
-#[derive(Deserialize)]
+/// Fields to change; absent ones stay.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateUser {
     role: Option<String>,
@@ -143,6 +164,12 @@ pub struct UpdateUser {
 /// `PATCH /api/admin/users/{id}` `{"role"?, "enabled"?, "password"?, "price_rate"?}`.
 /// Disabling a user or setting its password ends its login sessions. Admins cannot demote or
 /// disable themselves (so the last admin cannot lock everybody out by mistake).
+#[utoipa::path(patch, path = "/api/admin/users/{id}", tag = "users", params(("id" = String, Path, description = "User id")), request_body = UpdateUser,
+    responses(
+        (status = 200, description = "The user as changed", body = serde_json::Value),
+        (status = 400, description = "Bad field, or a change of oneself that is refused", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+    ))]
 pub async fn update(
     State(state): State<AdminState>,
     caller: Caller,
@@ -210,11 +237,17 @@ pub async fn update(
 }
 
 /// `DELETE /api/admin/users/{id}`: with its keys and sessions; its usage records stay.
+#[utoipa::path(delete, path = "/api/admin/users/{id}", tag = "users", params(("id" = String, Path, description = "User id")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 400, description = "Admins cannot delete themselves", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+    ))]
 pub async fn delete(
     State(state): State<AdminState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> AppResult<Json<serde_json::Value>> {
+) -> AppResult<Json<Deleted>> {
     caller.require_admin()?;
     if caller.user_id.as_deref() == Some(id.as_str()) {
         return Err(AppError::BadRequest("you cannot delete yourself".into()));
@@ -234,10 +267,11 @@ pub async fn delete(
     )
     .await;
     state.keys_changed().await;
-    Ok(Json(serde_json::json!({ "deleted": id })))
+    Ok(Json(Deleted { deleted: id }))
 }
 
-#[derive(Deserialize)]
+/// One price rate for a list of users.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchPriceRate {
     user_ids: Vec<String>,
@@ -247,11 +281,16 @@ pub struct BatchPriceRate {
 
 /// `POST /api/admin/users/batch-price-rate` `{"user_ids": [...], "price_rate": 15000}` →
 /// `{"updated": n}`. Requests priced after the answer use the new rate.
+#[utoipa::path(post, path = "/api/admin/users/batch-price-rate", tag = "users", request_body = BatchPriceRate,
+    responses(
+        (status = 200, description = "Users changed", body = Updated),
+        (status = 400, description = "Negative rate or no ids", body = ErrorBody),
+    ))]
 pub async fn batch_price_rate(
     State(state): State<AdminState>,
     caller: Caller,
     Json(body): Json<BatchPriceRate>,
-) -> AppResult<Json<serde_json::Value>> {
+) -> AppResult<Json<Updated>> {
     caller.require_admin()?;
     check_rate(body.price_rate)?;
     if body.user_ids.is_empty() {
@@ -274,10 +313,11 @@ pub async fn batch_price_rate(
     )
     .await;
     state.keys_changed().await;
-    Ok(Json(serde_json::json!({ "updated": updated })))
+    Ok(Json(Updated { updated }))
 }
 
-#[derive(Deserialize)]
+/// One price rate for every user.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AllPriceRate {
     /// Ten-thousandths (10000 = 1.0).
@@ -286,11 +326,16 @@ pub struct AllPriceRate {
 
 /// `POST /api/admin/users/all-price-rate` `{"price_rate": 10000}` → `{"updated": n}`: every
 /// user, admins included.
+#[utoipa::path(post, path = "/api/admin/users/all-price-rate", tag = "users", request_body = AllPriceRate,
+    responses(
+        (status = 200, description = "Users changed", body = Updated),
+        (status = 400, description = "Negative rate", body = ErrorBody),
+    ))]
 pub async fn all_price_rate(
     State(state): State<AdminState>,
     caller: Caller,
     Json(body): Json<AllPriceRate>,
-) -> AppResult<Json<serde_json::Value>> {
+) -> AppResult<Json<Updated>> {
     caller.require_admin()?;
     check_rate(body.price_rate)?;
     let updated = state.store.set_all_price_rates(body.price_rate).await?;
@@ -303,5 +348,5 @@ pub async fn all_price_rate(
     )
     .await;
     state.keys_changed().await;
-    Ok(Json(serde_json::json!({ "updated": updated })))
+    Ok(Json(Updated { updated }))
 }
