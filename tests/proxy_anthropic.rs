@@ -609,3 +609,83 @@ async fn failover_on_429_and_cut_streams_end_with_error_event() {
     assert_eq!(cut["input_tokens"], 77, "{cut}");
     assert_eq!(cut["error_type"], "upstream_error", "{cut}");
 }
+
+/// Reads one HTTP/1.1 response (content-length or chunked) from a blocking socket.
+fn read_response(
+    sock: &mut std::io::BufReader<std::net::TcpStream>,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    use std::io::BufRead;
+    let mut line = String::new();
+    sock.read_line(&mut line).unwrap();
+    let status: u16 = line.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        sock.read_line(&mut h).unwrap();
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let mut body = Vec::new();
+    if let Some(len) = get("content-length") {
+        body.resize(len.parse().unwrap(), 0);
+        sock.read_exact(&mut body).unwrap();
+    } else {
+        assert_eq!(
+            get("transfer-encoding").as_deref(),
+            Some("chunked"),
+            "no framing: {headers:?}"
+        );
+        loop {
+            let mut size = String::new();
+            sock.read_line(&mut size).unwrap();
+            let n = usize::from_str_radix(size.trim(), 16).unwrap();
+            let mut chunk = vec![0; n + 2];
+            sock.read_exact(&mut chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    }
+    (status, headers, body)
+}
+
+#[tokio::test]
+async fn keep_alive_connections_carry_streams_and_json_one_after_another() {
+    let s = setup().await;
+    let addr = s.relay.proxy.trim_start_matches("http://").to_string();
+    let key = s.key.clone();
+    tokio::task::spawn_blocking(move || {
+        let sock = std::net::TcpStream::connect(&addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut writer = sock.try_clone().unwrap();
+        let mut reader = std::io::BufReader::new(sock);
+        for i in 0..12 {
+            let stream = i % 3 != 0;
+            let body = serde_json::to_vec(&messages_body(MODEL, stream, conversation(&format!("ka {i}"), 1))).unwrap();
+            let head = format!(
+                "POST /v1/messages HTTP/1.1\r\nhost: {addr}\r\nx-api-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            writer.write_all(head.as_bytes()).unwrap();
+            writer.write_all(&body).unwrap();
+            let (status, _, body) = read_response(&mut reader);
+            assert_eq!(status, 200, "request {i} on the reused connection");
+            let text = String::from_utf8(body).unwrap();
+            if stream {
+                assert!(text.contains("event: message_stop"), "request {i}: {text}");
+            } else {
+                assert!(text.contains("msg_mock_1"), "request {i}: {text}");
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.mock.count(), 12);
+}

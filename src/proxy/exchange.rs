@@ -260,8 +260,7 @@ impl RelayProxy {
                 Some((status, head, err_body)) => {
                     ctx.status = status;
                     ctx.error_type = Some(ErrorKind::Upstream.type_name());
-                    let mut resp = copy_head(&head, &rctx.request_id, true);
-                    resp.insert_header(http::header::CONTENT_LENGTH, err_body.len().to_string())?;
+                    let resp = copy_head(&head, &rctx.request_id, Some(err_body.len()));
                     session.write_response_header(Box::new(resp), false).await?;
                     session.write_response_body(Some(err_body), true).await?;
                     Ok(())
@@ -314,14 +313,19 @@ impl RelayProxy {
         for f in &self.chain.response {
             f.on_response_head(rctx, status, &head.headers);
         }
-        let resp = copy_head(&head, &rctx.request_id, false);
+        let resp = copy_head(&head, &rctx.request_id, None);
+        // Only a streamed answer is long enough to watch the client during; once a response of
+        // known length is written, the client may already send its next request on this
+        // connection, and the watch must not read it.
+        let stream =
+            is_event_stream(&head) || head.headers.get(http::header::CONTENT_LENGTH).is_none();
         let mut client_gone = session
             .write_response_header(Box::new(resp), false)
             .await
             .is_err();
         let started = Instant::now();
         let mut drain_deadline: Option<Instant> = None;
-        let mut watch_client = true;
+        let mut watch_client = stream;
         let mut complete = false;
         let mut cut = false;
         loop {
@@ -340,7 +344,7 @@ impl RelayProxy {
                         break;
                     }
                 }
-            } else if watch_client {
+            } else if watch_client && !up.response_done() {
                 tokio::select! {
                     r = up.read_response_body() => r,
                     idle = session.as_downstream_mut().read_body_or_idle(true) => {
@@ -428,23 +432,34 @@ impl RelayProxy {
 }
 
 /// The client-facing copy of an upstream response head.
-fn copy_head(head: &ResponseHeader, request_id: &str, keep_length: bool) -> ResponseHeader {
+/// The client-facing copy of an upstream response head. `body_len` is the length of a body the
+/// relay writes itself; otherwise the upstream's length is kept, except on event streams (whose
+/// bytes a filter may edit). Without a length the body is sent chunked, so the connection stays
+/// reusable.
+fn copy_head(head: &ResponseHeader, request_id: &str, body_len: Option<usize>) -> ResponseHeader {
     // `build` only fails on an invalid status code, which a parsed head cannot carry.
-    let mut resp = match ResponseHeader::build(head.status, Some(head.headers.len() + 1)) {
+    let mut resp = match ResponseHeader::build(head.status, Some(head.headers.len() + 2)) {
         Ok(r) => r,
         Err(_) => head.clone(),
     };
+    let event_stream = is_event_stream(head);
     for (name, value) in head.headers.iter() {
         let n = name.as_str();
         if HOP_BY_HOP.contains(&n)
-            || (!keep_length && n == "content-length" && is_event_stream(head))
+            || (n == "content-length" && (body_len.is_some() || event_stream))
         {
             continue;
         }
-        if keep_length && n == "content-length" {
-            continue;
-        }
         let _ = resp.append_header(name.clone(), value.clone());
+    }
+    match body_len {
+        Some(n) => {
+            let _ = resp.insert_header(http::header::CONTENT_LENGTH, n.to_string());
+        }
+        None if !resp.headers.contains_key(http::header::CONTENT_LENGTH) => {
+            let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+        }
+        None => {}
     }
     let _ = resp.insert_header("x-request-id", request_id);
     resp
