@@ -611,6 +611,7 @@ async fn failover_on_429_and_cut_streams_end_with_error_event() {
 }
 
 /// Reads one HTTP/1.1 response (content-length or chunked) from a blocking socket.
+#[allow(clippy::unwrap_used)]
 fn read_response(
     sock: &mut std::io::BufReader<std::net::TcpStream>,
 ) -> (u16, Vec<(String, String)>, Vec<u8>) {
