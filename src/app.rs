@@ -237,7 +237,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     };
     let mut proxy_service =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "relay proxy");
-    proxy_service.add_tcp(&config.proxy_addr);
+    // A 16 KiB read buffer per client connection instead of 64 KiB: thousands of held streams
+    // would otherwise cost 64 KiB each.
+    proxy_service.add_listener(
+        pingora::listeners::ListenerConfig::tcp(config.proxy_addr.clone()).l4_buffer(
+            pingora::protocols::l4::stream::L4BufferSettings::new(16 << 10, 1460),
+        ),
+    );
 
     let redis = match &config.redis_url {
         Some(url) => Some(redis::Client::open(url.as_str()).context("redis_url is not valid")?),

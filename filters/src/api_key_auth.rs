@@ -163,9 +163,13 @@ impl RequestFilter for ApiKeyAuth {
     }
 
     async fn on_request(&self, ctx: &mut RequestCtx, req: &RequestView<'_>) -> Flow {
-        let entry = match self.authenticate(req.headers, req.query, ctx.started_ms) {
-            Ok(e) => e,
-            Err(r) => return Flow::Reject(r),
+        // The proxy may have authenticated from the headers already, before reading the body.
+        let entry = match ctx.auth.as_ref() {
+            Some(a) => a.key.clone(),
+            None => match self.authenticate(req.headers, req.query, ctx.started_ms) {
+                Ok(e) => e,
+                Err(r) => return Flow::Reject(r),
+            },
         };
         let platform = ctx.protocol().platform();
         if !entry.allows_platform(platform) {

@@ -147,10 +147,15 @@ impl RelayProxy {
         let protocol = route.protocol;
         let query = session.req_header().uri.query().map(str::to_string);
         // Cheap header-only check first, so unauthenticated clients never make us read a body.
+        // The filter reuses the entry found here instead of hashing the key again.
+        let mut pre_auth = None;
         if let Some(auth) = &self.chain.auth {
-            if let Err(r) = auth.authenticate(header_map(session), query.as_deref(), now_ms()) {
-                session.set_keepalive(None);
-                return Self::reject(session, ctx, protocol, &r, &request_id).await;
+            match auth.authenticate(header_map(session), query.as_deref(), now_ms()) {
+                Ok(key) => pre_auth = Some(relay_filters::context::AuthInfo { key }),
+                Err(r) => {
+                    session.set_keepalive(None);
+                    return Self::reject(session, ctx, protocol, &r, &request_id).await;
+                }
             }
         }
         let expects_continue = header_map(session)
@@ -174,6 +179,7 @@ impl RelayProxy {
         };
 
         let mut rctx = RequestCtx::new(request_id.clone(), route, now_ms());
+        rctx.auth = pre_auth;
         let parsed =
             match parse_request_body(&body).and_then(|p| validate_for(protocol, &p).map(|_| p)) {
                 Ok(p) => p,
