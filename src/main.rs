@@ -84,7 +84,16 @@ enum KeyAction {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RELAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Lines are formatted on the calling thread but written by a writer thread, so a request's
+    // log line never waits on stdout. Not lossy: under pressure callers wait rather than drop.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stdout());
+    // The server ends the process itself; the guard lives as long as it does.
+    Box::leak(Box::new(guard));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     if config.log_format == "json" {
         builder.json().init();
     } else {
