@@ -238,12 +238,31 @@ pub fn select_account(
 pub struct InflightLease(Arc<AccountState>);
 
 impl InflightLease {
-    /// Takes a slot on `account`, marking it used now.
-    pub fn acquire(account: &Account, now_ms: i64) -> Self {
-        account.state.inflight.fetch_add(1, Ordering::Relaxed);
+    /// Takes a slot on `account` if it is under its concurrency cap, atomically (two requests
+    /// racing for the last slot cannot both get it), marking it used now.
+    pub fn try_acquire(account: &Account, now_ms: i64) -> Option<Self> {
+        let inflight = &account.state.inflight;
+        match account.max_concurrency {
+            None => {
+                inflight.fetch_add(1, Ordering::AcqRel);
+            }
+            Some(cap) => {
+                inflight
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < cap).then_some(n + 1)
+                    })
+                    .ok()?;
+            }
+        }
         account.state.last_used_ms.store(now_ms, Ordering::Relaxed);
         account.state.requests.fetch_add(1, Ordering::Relaxed);
-        InflightLease(account.state.clone())
+        Some(InflightLease(account.state.clone()))
+    }
+}
+
+impl fmt::Debug for InflightLease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("InflightLease")
     }
 }
 
@@ -392,7 +411,7 @@ pub(crate) mod tests {
             &rr
         )
         .is_none());
-        let lease = InflightLease::acquire(&acc, 0);
+        let lease = InflightLease::try_acquire(&acc, 0).unwrap();
         assert!(select_account(
             &all,
             Protocol::Anthropic,
@@ -440,7 +459,7 @@ pub(crate) mod tests {
             })
             .collect();
         assert_eq!(ids, ["a", "b", "a", "b"]);
-        let _l = InflightLease::acquire(&all[0], 0);
+        let _l = InflightLease::try_acquire(&all[0], 0).unwrap();
         let s = select_account(
             &all,
             Protocol::Gemini,
@@ -451,5 +470,22 @@ pub(crate) mod tests {
             &rr,
         );
         assert_eq!(s.unwrap().id, "b");
+    }
+
+    #[test]
+    fn concurrency_cap_is_atomic_under_contention() {
+        let mut acc = Arc::try_unwrap(account("a", AccountType::Claude, 50, 1)).unwrap();
+        acc.max_concurrency = Some(5);
+        let acc = Arc::new(acc);
+        let leases: Vec<Option<InflightLease>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..32)
+                .map(|_| s.spawn(|| InflightLease::try_acquire(&acc, 0)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(leases.iter().filter(|l| l.is_some()).count(), 5);
+        assert_eq!(acc.state.inflight.load(Ordering::Relaxed), 5);
+        drop(leases);
+        assert_eq!(acc.state.inflight.load(Ordering::Relaxed), 0);
     }
 }

@@ -92,6 +92,8 @@ pub struct UpstreamInfo {
     pub failovers: u32,
     /// Model sent upstream after the account's model map.
     pub model: Option<String>,
+    /// The slot taken on `account` when it was picked (its concurrency cap holds atomically).
+    pub lease: Option<crate::accounts::InflightLease>,
 }
 
 /// Everything needed to send the request to one account.

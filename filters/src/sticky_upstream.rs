@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::accounts::{select_account, Account, AccountDirectory, PickStrategy};
+use crate::accounts::{select_account, Account, AccountDirectory, InflightLease, PickStrategy};
 use crate::chain::{Flow, RequestFilter, RequestView};
 use crate::context::{RequestCtx, StickyResult};
 use crate::error::{ErrorKind, Rejection};
@@ -69,16 +69,64 @@ impl StickyUpstream {
     }
 
     fn pick(&self, ctx: &RequestCtx) -> Option<Arc<Account>> {
+        self.pick_excluding(ctx, &[])
+    }
+
+    fn pick_excluding(&self, ctx: &RequestCtx, also: &[String]) -> Option<Arc<Account>> {
         let all = self.accounts.accounts();
+        let exclude: Vec<String>;
+        let exclude = if also.is_empty() {
+            &ctx.upstream.tried
+        } else {
+            exclude = ctx.upstream.tried.iter().chain(also).cloned().collect();
+            &exclude
+        };
         select_account(
             &all,
             ctx.protocol(),
             ctx.requested_model(),
-            &ctx.upstream.tried,
+            exclude,
             self.config.strategy,
             ctx.started_ms,
             &self.round_robin,
         )
+    }
+
+    /// Takes a slot on `account`; `false` when it filled up since it was picked.
+    fn reserve(&self, ctx: &mut RequestCtx, account: &Account) -> bool {
+        match InflightLease::try_acquire(account, ctx.started_ms) {
+            Some(lease) => {
+                ctx.upstream.lease = Some(lease);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Another account than `skipped` (full ones), reserved and bound to the session.
+    async fn reserve_another(
+        &self,
+        ctx: &mut RequestCtx,
+        mut skipped: Vec<String>,
+    ) -> Option<Arc<Account>> {
+        loop {
+            let account = self.pick_excluding(ctx, &skipped)?;
+            if self.reserve(ctx, &account) {
+                if let Some(key) = ctx.session.key.clone() {
+                    let _ = self
+                        .sessions
+                        .put(
+                            &key,
+                            &self.binding_for(ctx, &account),
+                            self.ttl(ctx.protocol()),
+                        )
+                        .await;
+                    ctx.session.sticky = Some(StickyResult::Rebind);
+                }
+                return Some(account);
+            }
+            skipped.push(account.id.clone());
+        }
     }
 
     fn binding_for(&self, ctx: &RequestCtx, account: &Account) -> Binding {
@@ -128,8 +176,20 @@ impl StickyUpstream {
             .await;
     }
 
-    /// Chooses the account of the first attempt, honouring and updating the binding.
+    /// Chooses the account of the first attempt, honouring and updating the binding, and takes
+    /// a slot on it (`ctx.upstream.lease`). An account that filled up between the pick and the
+    /// slot counts as unusable: another is picked and bound.
     pub async fn choose(&self, ctx: &mut RequestCtx) -> Result<Arc<Account>, Rejection> {
+        let account = self.choose_binding(ctx).await?;
+        if self.reserve(ctx, &account) {
+            return Ok(account);
+        }
+        self.reserve_another(ctx, vec![account.id.clone()])
+            .await
+            .ok_or_else(no_account)
+    }
+
+    async fn choose_binding(&self, ctx: &mut RequestCtx) -> Result<Arc<Account>, Rejection> {
         let ttl = self.ttl(ctx.protocol());
         // A continued response must go to the account that holds it, whatever the session says.
         if let Some(prev) = ctx.request.previous_response_id.clone() {
@@ -182,19 +242,8 @@ impl StickyUpstream {
     /// Picks another account after a failed attempt (never one already tried) and rebinds
     /// the session to it.
     pub async fn failover(&self, ctx: &mut RequestCtx) -> Option<Arc<Account>> {
-        let account = self.pick(ctx)?;
-        if let Some(key) = ctx.session.key.clone() {
-            let _ = self
-                .sessions
-                .put(
-                    &key,
-                    &self.binding_for(ctx, &account),
-                    self.ttl(ctx.protocol()),
-                )
-                .await;
-            ctx.session.sticky = Some(StickyResult::Rebind);
-        }
-        Some(account)
+        ctx.upstream.lease = None;
+        self.reserve_another(ctx, Vec::new()).await
     }
 }
 

@@ -12,7 +12,6 @@ use pingora::proxy::Session;
 use relay_filters::account_state::{
     apply_outcome, body_reset_hint, is_blocking_error, reset_hint, Outcome,
 };
-use relay_filters::accounts::InflightLease;
 use relay_filters::chain::ChunkAction;
 use relay_filters::context::UpstreamRequest;
 use relay_filters::error::{stream_error_event, ErrorKind};
@@ -155,7 +154,8 @@ impl RelayProxy {
             else {
                 break;
             };
-            ctx.lease = Some(InflightLease::acquire(&account, now_ms()));
+            // The slot taken when the account was picked.
+            ctx.lease = rctx.upstream.lease.take();
             let started = Instant::now();
             let result = self.attempt(&req, &body).await;
             ctx.upstream_time += started.elapsed();
