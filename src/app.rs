@@ -245,10 +245,6 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         ),
     );
 
-    let redis = match &config.redis_url {
-        Some(url) => Some(redis::Client::open(url.as_str()).context("redis_url is not valid")?),
-        None => None,
-    };
     let admin_addr = config.admin_addr.parse().context("admin_addr")?;
     let control = ControlPlane {
         database_url: config.database_url(),
@@ -265,7 +261,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         keys,
         accounts,
         prices,
-        redis,
+        redis: redis_link.clone(),
         writer: Mutex::new(Some(writer)),
         account_events: Mutex::new(Some(account_rx)),
         cooldowns,

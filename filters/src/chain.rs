@@ -205,17 +205,3 @@ impl Chain {
         Flow::Continue
     }
 }
-
-#[async_trait]
-impl RequestFilter for SessionHash {
-    fn name(&self) -> &'static str {
-        "session_hash"
-    }
-
-    async fn on_request(&self, ctx: &mut RequestCtx, req: &RequestView<'_>) -> Flow {
-        if let Some(auth) = &ctx.auth {
-            ctx.session.key = self.key(ctx.protocol(), &auth.key.id, req.headers, req.parsed);
-        }
-        Flow::Continue
-    }
-}

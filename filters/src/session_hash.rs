@@ -748,6 +748,24 @@ fn gemini_parts(m: &mut Material, parts: &str, text_tag: u8) {
     }
 }
 
+#[async_trait::async_trait]
+impl crate::chain::RequestFilter for SessionHash {
+    fn name(&self) -> &'static str {
+        "session_hash"
+    }
+
+    async fn on_request(
+        &self,
+        ctx: &mut crate::context::RequestCtx,
+        req: &crate::chain::RequestView<'_>,
+    ) -> crate::chain::Flow {
+        if let Some(auth) = &ctx.auth {
+            ctx.session.key = self.key(ctx.protocol(), &auth.key.id, req.headers, req.parsed);
+        }
+        crate::chain::Flow::Continue
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

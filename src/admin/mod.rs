@@ -29,7 +29,7 @@ pub struct AdminState {
     /// Failed logins per user name and address, for throttling.
     pub login_failures: moka::sync::Cache<String, u32>,
     /// Whether Redis is configured (for `/readyz`).
-    pub redis: Option<redis::Client>,
+    pub redis: Option<std::sync::Arc<crate::store::RedisLink>>,
     /// Wakes the cache refresher after a change made on this node.
     pub refresh: Arc<tokio::sync::Notify>,
 }
@@ -46,7 +46,7 @@ impl AdminState {
         keys: Arc<KeyCache>,
         accounts: Arc<AccountCache>,
         prices: Arc<PriceCache>,
-        redis: Option<redis::Client>,
+        redis: Option<std::sync::Arc<crate::store::RedisLink>>,
         refresh: Arc<tokio::sync::Notify>,
     ) -> Self {
         AdminState {

@@ -33,7 +33,7 @@ pub struct ControlPlane {
     pub keys: Arc<KeyCache>,
     pub accounts: Arc<AccountCache>,
     pub prices: Arc<PriceCache>,
-    pub redis: Option<redis::Client>,
+    pub redis: Option<std::sync::Arc<crate::store::RedisLink>>,
     pub writer: Mutex<Option<UsageWriter>>,
     pub account_events: Mutex<Option<mpsc::UnboundedReceiver<AccountEvent>>>,
     /// Cooldowns shared through Redis, when configured.

@@ -78,6 +78,14 @@ fn header_map(session: &Session) -> &http::HeaderMap {
     &session.req_header().headers
 }
 
+/// The request body length the client announced, if any.
+fn declared_length(session: &Session) -> Option<usize> {
+    header_map(session)
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+}
+
 impl RelayProxy {
     /// Writes a complete response (head + body) to the client.
     async fn respond(
@@ -120,10 +128,7 @@ impl RelayProxy {
     /// Reads the whole request body, refusing it past `max_body_bytes`.
     async fn read_body(&self, session: &mut Session) -> pingora::Result<Result<Bytes, Rejection>> {
         let max = self.settings.max_body_bytes;
-        let declared = header_map(session)
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<usize>().ok());
+        let declared = declared_length(session);
         if declared.is_some_and(|n| n > max) {
             return Ok(Err(too_large(max)));
         }
@@ -162,11 +167,8 @@ impl RelayProxy {
             .get(http::header::EXPECT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
-        let declared_too_large = header_map(session)
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .is_some_and(|n| n > self.settings.max_body_bytes);
+        let declared_too_large =
+            declared_length(session).is_some_and(|n| n > self.settings.max_body_bytes);
         if expects_continue && !declared_too_large {
             session.write_continue_response().await?;
         }

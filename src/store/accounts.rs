@@ -9,8 +9,8 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{
-    from_json, get_bool, new_id, now_ms, page_bounds, require_non_empty, to_json, Page, Param,
-    Result, SqlParts, SqlStore, StoreError,
+    from_json, get_bool, new_id, now_ms, require_non_empty, to_json, Page, Param, Result, SqlParts,
+    SqlStore, StoreError,
 };
 
 /// Columns of `accounts`, read by name in [`account_from_row`].
@@ -309,28 +309,16 @@ impl SqlStore {
 
     /// One page of accounts, by name.
     pub async fn list_accounts(&self, page: i64, per_page: i64) -> Result<Page<Account>> {
-        let (page, per_page, offset) = page_bounds(page, per_page);
-        let sql =
-            format!("SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY name LIMIT $1 OFFSET $2");
-        let rows = sqlx::query(&sql)
-            .bind(per_page)
-            .bind(offset)
-            .fetch_all(&self.pool)
-            .await?;
-        let items = rows
-            .iter()
-            .map(account_from_row)
-            .collect::<Result<Vec<_>>>()?;
-        let total: i64 = sqlx::query("SELECT COUNT(*) FROM accounts")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
-        Ok(Page {
-            items,
-            total,
+        let select = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY name");
+        self.fetch_page(
+            &select,
+            "SELECT COUNT(*) FROM accounts",
+            &SqlParts::default(),
             page,
             per_page,
-        })
+            account_from_row,
+        )
+        .await
     }
 
     /// Every account with its encrypted credentials, by priority then name (for the scheduler).

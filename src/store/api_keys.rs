@@ -6,8 +6,8 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{
-    from_json, get_bool, new_id, now_ms, page_bounds, require_non_empty, to_json, Page, Param,
-    Result, SqlParts, SqlStore, StoreError,
+    from_json, get_bool, new_id, now_ms, require_non_empty, to_json, Page, Param, Result, SqlParts,
+    SqlStore, StoreError,
 };
 
 /// Columns of `api_keys k JOIN users u`, in the order [`api_key_from_row`] reads them.
@@ -254,7 +254,6 @@ impl SqlStore {
         page: i64,
         per_page: i64,
     ) -> Result<Page<ApiKey>> {
-        let (page, per_page, offset) = page_bounds(page, per_page);
         let mut filter = SqlParts::default();
         if let Some(user_id) = user_id {
             filter.push("k.user_id = ?", vec![Param::Text(Some(user_id.to_owned()))]);
@@ -264,35 +263,13 @@ impl SqlStore {
         } else {
             format!("WHERE {}", filter.joined(" AND "))
         };
-        let n = filter.param_count();
-        let sql = format!(
+        let select = format!(
             "SELECT {KEY_COLUMNS} FROM api_keys k JOIN users u ON u.id = k.user_id {where_sql} \
-             ORDER BY k.created_at DESC, k.id DESC LIMIT ${} OFFSET ${}",
-            n + 1,
-            n + 2
+             ORDER BY k.created_at DESC, k.id DESC"
         );
-        let rows = filter
-            .bind(sqlx::query(&sql))
-            .bind(per_page)
-            .bind(offset)
-            .fetch_all(&self.pool)
-            .await?;
-        let items = rows
-            .iter()
-            .map(api_key_from_row)
-            .collect::<Result<Vec<_>>>()?;
-        let count_sql = format!("SELECT COUNT(*) FROM api_keys k {where_sql}");
-        let total: i64 = filter
-            .bind(sqlx::query(&count_sql))
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
-        Ok(Page {
-            items,
-            total,
-            page,
-            per_page,
-        })
+        let count = format!("SELECT COUNT(*) FROM api_keys k {where_sql}");
+        self.fetch_page(&select, &count, &filter, page, per_page, api_key_from_row)
+            .await
     }
 
     /// Applies a patch to a key and returns the key as it now is.

@@ -296,6 +296,42 @@ pub(crate) fn page_bounds(page: i64, per_page: i64) -> (i64, i64, i64) {
     (page, per_page, offset)
 }
 
+impl SqlStore {
+    /// One page of `select` (a query up to its ORDER BY, whose parameters are `parts`') and the
+    /// total from `count` (the matching COUNT, same parameters): the shape of every list.
+    pub(crate) async fn fetch_page<T>(
+        &self,
+        select: &str,
+        count: &str,
+        parts: &SqlParts,
+        page: i64,
+        per_page: i64,
+        map: impl Fn(&AnyRow) -> Result<T>,
+    ) -> Result<Page<T>> {
+        let (page, per_page, offset) = page_bounds(page, per_page);
+        let n = parts.param_count();
+        let sql = format!("{select} LIMIT ${} OFFSET ${}", n + 1, n + 2);
+        let rows = parts
+            .bind(sqlx::query(&sql))
+            .bind(per_page)
+            .bind(offset)
+            .fetch_all(&self.pool)
+            .await?;
+        let items = rows.iter().map(map).collect::<Result<Vec<_>>>()?;
+        let total: i64 = parts
+            .bind(sqlx::query(count))
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        Ok(Page {
+            items,
+            total,
+            page,
+            per_page,
+        })
+    }
+}
+
 /// Rejects empty (or blank) names.
 pub(crate) fn require_non_empty(what: &str, value: &str) -> Result<()> {
     if value.trim().is_empty() {

@@ -6,7 +6,7 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{from_json, new_id, now_ms, page_bounds, to_json, Page, Result, SqlStore};
+use super::{from_json, new_id, now_ms, to_json, Page, Result, SqlParts, SqlStore};
 
 /// One audit log entry.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -107,28 +107,14 @@ impl SqlStore {
 
     /// One page of the audit log, newest first.
     pub async fn list_audit(&self, page: i64, per_page: i64) -> Result<Page<AuditEntry>> {
-        let (page, per_page, offset) = page_bounds(page, per_page);
-        let rows = sqlx::query(
-            "SELECT id, at, actor, action, target, detail FROM audit_log \
-             ORDER BY at DESC, id DESC LIMIT $1 OFFSET $2",
-        )
-        .bind(per_page)
-        .bind(offset)
-        .fetch_all(&self.pool)
-        .await?;
-        let items = rows
-            .iter()
-            .map(audit_from_row)
-            .collect::<Result<Vec<_>>>()?;
-        let total: i64 = sqlx::query("SELECT COUNT(*) FROM audit_log")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
-        Ok(Page {
-            items,
-            total,
+        self.fetch_page(
+            "SELECT id, at, actor, action, target, detail FROM audit_log ORDER BY at DESC, id DESC",
+            "SELECT COUNT(*) FROM audit_log",
+            &SqlParts::default(),
             page,
             per_page,
-        })
+            audit_from_row,
+        )
+        .await
     }
 }

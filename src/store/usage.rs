@@ -8,7 +8,7 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{get_bool, page_bounds, Page, Param, Result, SqlParts, SqlStore, StoreError};
+use super::{get_bool, Page, Param, Result, SqlParts, SqlStore, StoreError};
 
 /// Columns of `request_logs`, in insert order.
 const RECORD_COLUMNS: [&str; 26] = [
@@ -551,39 +551,15 @@ impl SqlStore {
         page: i64,
         per_page: i64,
     ) -> Result<Page<UsageRow>> {
-        let (page, per_page, offset) = page_bounds(page, per_page);
         let parts = record_where(filter);
         let where_sql = where_sql(&parts);
-        let n = parts.param_count();
-        let sql = format!(
-            "SELECT {} FROM request_logs {where_sql} ORDER BY created_at DESC, id DESC \
-             LIMIT ${} OFFSET ${}",
-            RECORD_COLUMNS.join(", "),
-            n + 1,
-            n + 2
+        let select = format!(
+            "SELECT {} FROM request_logs {where_sql} ORDER BY created_at DESC, id DESC",
+            RECORD_COLUMNS.join(", ")
         );
-        let rows = parts
-            .bind(sqlx::query(&sql))
-            .bind(per_page)
-            .bind(offset)
-            .fetch_all(&self.pool)
-            .await?;
-        let items = rows
-            .iter()
-            .map(usage_from_row)
-            .collect::<Result<Vec<_>>>()?;
-        let count_sql = format!("SELECT COUNT(*) FROM request_logs {where_sql}");
-        let total: i64 = parts
-            .bind(sqlx::query(&count_sql))
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
-        Ok(Page {
-            items,
-            total,
-            page,
-            per_page,
-        })
+        let count = format!("SELECT COUNT(*) FROM request_logs {where_sql}");
+        self.fetch_page(&select, &count, &parts, page, per_page, usage_from_row)
+            .await
     }
 
     /// Number of stored records.

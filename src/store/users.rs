@@ -5,8 +5,8 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{
-    get_bool, new_id, now_ms, page_bounds, require_non_empty, Page, Param, Result, SqlParts,
-    SqlStore, StoreError,
+    get_bool, new_id, now_ms, require_non_empty, Page, Param, Result, SqlParts, SqlStore,
+    StoreError,
 };
 
 /// Columns of `users`, in the order [`user_from_row`] reads them.
@@ -164,21 +164,16 @@ impl SqlStore {
 
     /// One page of users, oldest first.
     pub async fn list_users(&self, page: i64, per_page: i64) -> Result<Page<User>> {
-        let (page, per_page, offset) = page_bounds(page, per_page);
-        let sql =
-            format!("SELECT {USER_COLUMNS} FROM users ORDER BY created_at, id LIMIT $1 OFFSET $2");
-        let rows = sqlx::query(&sql)
-            .bind(per_page)
-            .bind(offset)
-            .fetch_all(&self.pool)
-            .await?;
-        let items = rows.iter().map(user_from_row).collect::<Result<Vec<_>>>()?;
-        Ok(Page {
-            items,
-            total: self.count_users().await?,
+        let select = format!("SELECT {USER_COLUMNS} FROM users ORDER BY created_at, id");
+        self.fetch_page(
+            &select,
+            "SELECT COUNT(*) FROM users",
+            &SqlParts::default(),
             page,
             per_page,
-        })
+            user_from_row,
+        )
+        .await
     }
 
     /// Number of users.
