@@ -79,6 +79,14 @@ impl RedisLimits {
         }
     }
 
+    /// The (daily, total) cost counter keys of an API key.
+    fn cost_keys(&self, key_id: &str, day: &str) -> (String, String) {
+        (
+            format!("{}cost:apikey:daily:{key_id}:{day}", self.prefix),
+            format!("{}cost:apikey:total:{key_id}", self.prefix),
+        )
+    }
+
     fn fallback(&self, what: &str, e: &dyn std::fmt::Display) {
         metrics().session_store_fallback.inc();
         tracing::debug!(error = %e, "Redis {what} failed, counting in memory");
@@ -176,8 +184,7 @@ impl LimitStore for RedisLimits {
 
     async fn spent(&self, key_id: &str, day: &str) -> (i64, i64) {
         let (seed_day, seed_total) = self.memory.spent(key_id, day).await;
-        let daily = format!("{}cost:apikey:daily:{key_id}:{day}", self.prefix);
-        let total = format!("{}cost:apikey:total:{key_id}", self.prefix);
+        let (daily, total) = self.cost_keys(key_id, day);
         let res: Result<(i64, i64), _> = self
             .link
             .run(|mut c| async move {
@@ -203,8 +210,7 @@ impl LimitStore for RedisLimits {
     async fn add_cost(&self, key_id: &str, day: &str, micro_usd: i64) {
         let (seed_day, seed_total) = self.memory.spent(key_id, day).await;
         self.memory.add_cost(key_id, day, micro_usd).await;
-        let daily = format!("{}cost:apikey:daily:{key_id}:{day}", self.prefix);
-        let total = format!("{}cost:apikey:total:{key_id}", self.prefix);
+        let (daily, total) = self.cost_keys(key_id, day);
         let res: Result<i64, _> = self
             .link
             .run(|mut c| async move {
