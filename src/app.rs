@@ -197,6 +197,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
 
     let mut server_conf = ServerConf {
         threads: config.threads,
+        work_stealing: config.work_stealing,
         grace_period_seconds: Some(config.shutdown.grace_period_seconds),
         graceful_shutdown_timeout_seconds: Some(config.shutdown.graceful_shutdown_timeout_seconds),
         ..ServerConf::default()

@@ -103,20 +103,27 @@ impl UsageWriter {
                     if got == 0 {
                         break;
                     }
-                    // Let a batch fill a little under load, without delaying a lone record long.
+                    // Let a batch fill a little under load, without delaying a lone record
+                    // long. The writer sleeps instead of waiting on the queue, so records pushed
+                    // meanwhile wake nobody: one wake-up per batch, not one per request.
                     if batch.len() < settings.batch_size {
-                        let _ = tokio::time::timeout(flush_wait.min(Duration::from_millis(100)), async {
-                            while batch.len() < settings.batch_size {
-                                let room = settings.batch_size - batch.len();
-                                if rx.recv_many(&mut batch, room).await == 0 {
-                                    break;
-                                }
-                            }
-                        }).await;
+                        tokio::time::sleep(flush_wait.min(FILL_WAIT)).await;
                     }
-                    metrics().usage_queue_depth.sub(batch.len() as i64);
-                    write_batch(&store, &self.spool_dir, &batch).await;
-                    batch.clear();
+                    loop {
+                        while batch.len() < settings.batch_size {
+                            match rx.try_recv() {
+                                Ok(r) => batch.push(r),
+                                Err(_) => break,
+                            }
+                        }
+                        metrics().usage_queue_depth.sub(batch.len() as i64);
+                        write_batch(&store, &self.spool_dir, &batch).await;
+                        let full = batch.len() == settings.batch_size;
+                        batch.clear();
+                        if !full {
+                            break;
+                        }
+                    }
                 }
                 _ = replay_tick.tick() => {
                     replay_spool(&store, &self.spool_dir, settings.batch_size).await;
@@ -131,6 +138,9 @@ impl UsageWriter {
         self.rx = Some(rx);
     }
 }
+
+/// How long a batch may fill before it is written.
+const FILL_WAIT: Duration = Duration::from_millis(100);
 
 /// Longest wait for one batch write: an unreachable database must not hold the queue.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
