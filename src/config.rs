@@ -61,8 +61,8 @@ pub struct Config {
     pub max_keys_per_user: u32,
     /// Worker threads of the proxy service.
     pub threads: usize,
-    /// Whether idle proxy threads steal queued work from busy ones. Off, each connection runs on
-    /// one thread picked when it is accepted, which saves cross-thread wake-ups per request.
+    /// Whether idle proxy threads steal queued work from busy ones (Pingora's default). Off,
+    /// each connection runs on one thread picked when it is accepted.
     pub work_stealing: bool,
     /// `text` or `json`.
     pub log_format: String,
@@ -177,7 +177,7 @@ impl Default for Config {
             pricing_file: PathBuf::from("conf/pricing.toml"),
             max_keys_per_user: 10,
             threads: 2,
-            work_stealing: false,
+            work_stealing: true,
             log_format: "text".into(),
             concurrency_lease_ttl: Duration::from_secs(900),
             cache_refresh_interval: Duration::from_millis(500),

@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::client::HttpSession;
@@ -29,6 +30,9 @@ const HOP_BY_HOP: &[&str] = &[
     "trailer",
     "upgrade",
 ];
+
+/// Most bytes gathered from already-buffered upstream chunks into one client write.
+const COALESCE_LIMIT: usize = 64 * 1024;
 
 /// Largest error body read from an upstream answer that triggers failover.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
@@ -328,6 +332,8 @@ impl RelayProxy {
         let mut watch_client = stream;
         let mut complete = false;
         let mut cut = false;
+        // A read result taken while coalescing, handled on the next turn.
+        let mut held: Option<pingora::Result<Option<Bytes>>> = None;
         loop {
             if client_gone && drain_deadline.is_none() {
                 if !self.settings.drain_on_disconnect {
@@ -336,7 +342,9 @@ impl RelayProxy {
                 }
                 drain_deadline = Some(Instant::now() + self.settings.drain_timeout);
             }
-            let next = if let Some(deadline) = drain_deadline {
+            let next = if let Some(r) = held.take() {
+                r
+            } else if let Some(deadline) = drain_deadline {
                 match tokio::time::timeout_at(deadline.into(), up.read_response_body()).await {
                     Ok(r) => r,
                     Err(_) => {
@@ -361,10 +369,35 @@ impl RelayProxy {
             };
             match next {
                 Ok(Some(chunk)) => {
-                    let mut out = chunk;
-                    for f in &self.chain.response {
-                        if let ChunkAction::Replace(b) = f.on_body_chunk(rctx, &out) {
-                            out = b;
+                    let mut out = self.filter_chunk(rctx, chunk);
+                    // Events the upstream sent back to back are already buffered: take them
+                    // too and write them to the client at once, one write instead of one per
+                    // event. Only what is ready now is taken; nothing waits for more.
+                    if !up.response_done() {
+                        let mut batch: Option<BytesMut> = None;
+                        while batch.as_ref().map_or(out.len(), BytesMut::len) < COALESCE_LIMIT {
+                            match up.read_response_body().now_or_never() {
+                                Some(Ok(Some(more))) => {
+                                    let more = self.filter_chunk(rctx, more);
+                                    batch
+                                        .get_or_insert_with(|| {
+                                            let mut b = BytesMut::with_capacity(
+                                                (out.len() + more.len()) * 2,
+                                            );
+                                            b.extend_from_slice(&out);
+                                            b
+                                        })
+                                        .extend_from_slice(&more);
+                                }
+                                Some(other) => {
+                                    held = Some(other);
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
+                        if let Some(b) = batch {
+                            out = b.freeze();
                         }
                     }
                     if !client_gone && !out.is_empty() {
@@ -431,7 +464,19 @@ impl RelayProxy {
     }
 }
 
-/// The client-facing copy of an upstream response head.
+impl RelayProxy {
+    /// Runs one response body chunk through the response filters.
+    fn filter_chunk(&self, rctx: &mut relay_filters::context::RequestCtx, chunk: Bytes) -> Bytes {
+        let mut out = chunk;
+        for f in &self.chain.response {
+            if let ChunkAction::Replace(b) = f.on_body_chunk(rctx, &out) {
+                out = b;
+            }
+        }
+        out
+    }
+}
+
 /// The client-facing copy of an upstream response head. `body_len` is the length of a body the
 /// relay writes itself; otherwise the upstream's length is kept, except on event streams (whose
 /// bytes a filter may edit). Without a length the body is sent chunked, so the connection stays
