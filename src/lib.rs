@@ -6,6 +6,7 @@ pub mod app;
 pub mod background;
 pub mod cache;
 pub mod config;
+pub mod log_sink;
 pub mod metrics;
 pub mod proxy;
 pub mod secrets;

@@ -89,15 +89,13 @@ enum KeyAction {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RELAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Lines are formatted on the calling thread but written by a writer thread, so a request's
-    // log line never waits on stdout. Not lossy: under pressure callers wait rather than drop.
-    // The writer thread flushes after each run of queued lines, so a buffer turns a busy
-    // second's lines into a few writes instead of one per line.
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::BufWriter::with_capacity(64 << 10, std::io::stdout()));
-    // The server ends the process itself; the guard lives as long as it does.
-    Box::leak(Box::new(guard));
+    // Lines are formatted on the calling thread and written out by a writer thread every 100 ms:
+    // a request's log line never waits on stdout nor wakes another thread.
+    let sink = llm_relay::log_sink::LogSink::start(
+        Box::new(std::io::stdout()),
+        std::time::Duration::from_millis(100),
+    );
+    let writer = llm_relay::log_sink::SinkMaker(sink);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))

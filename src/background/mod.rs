@@ -119,5 +119,6 @@ impl BackgroundService for ControlPlane {
             }
         }
         while tasks.join_next().await.is_some() {}
+        crate::log_sink::flush_global();
     }
 }
