@@ -14,6 +14,40 @@ use llm_relay::store::{NewApiKey, NewUser, Role};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+extern "C" {
+    /// mimalloc's option setter (linked in by the `mimalloc` crate).
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+    fn getenv(name: *const std::ffi::c_char) -> *mut std::ffi::c_char;
+}
+
+/// Option numbers in mimalloc 3.x (the version `Cargo.lock` pins).
+const MI_OPTION_ARENA_EAGER_COMMIT: std::ffi::c_int = 4;
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+
+/// Arenas committed up front are purged with `MADV_FREE`, which leaves freed memory counted in the
+/// process's RSS until the kernel runs short; committed on demand, purges use `MADV_DONTNEED` and
+/// the RSS drops (measured: 83 instead of 153 KiB of RSS per held stream). Purging only memory
+/// unused for a second keeps the page faults of reuse off the request path. The options must be
+/// set before the first Rust allocation reserves an arena, so this runs as a constructor, before
+/// `main` and the standard library's start-up. `MIMALLOC_*` variables in the environment win.
+extern "C" fn tune_allocator() {
+    // SAFETY: plain option stores in the linked allocator and an environment read that
+    // allocates nothing; no other thread runs yet.
+    unsafe {
+        if getenv(c"MIMALLOC_ARENA_EAGER_COMMIT".as_ptr()).is_null() {
+            mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
+        }
+        if getenv(c"MIMALLOC_PURGE_DELAY".as_ptr()).is_null() {
+            mi_option_set(MI_OPTION_PURGE_DELAY, 1000);
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[used]
+#[unsafe(link_section = ".init_array")]
+static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
+
 #[derive(Parser)]
 #[command(name = "llm-relay", version, about = "Multi-tenant LLM API relay")]
 struct Cli {
