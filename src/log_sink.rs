@@ -5,6 +5,7 @@
 //! or a stalled output), the caller writes it out itself and so waits, as a plain write would.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -14,6 +15,8 @@ const LIMIT: usize = 1 << 20;
 pub struct LogSink {
     buf: Mutex<Vec<u8>>,
     out: Mutex<Box<dyn Write + Send>>,
+    /// Set when the writer thread could not start: callers then write their lines themselves.
+    direct: AtomicBool,
 }
 
 static GLOBAL: OnceLock<Arc<LogSink>> = OnceLock::new();
@@ -25,6 +28,7 @@ impl LogSink {
         let sink = Arc::new(LogSink {
             buf: Mutex::new(Vec::with_capacity(64 << 10)),
             out: Mutex::new(out),
+            direct: AtomicBool::new(false),
         });
         let _ = GLOBAL.set(sink.clone());
         let writer = sink.clone();
@@ -36,7 +40,7 @@ impl LogSink {
             });
         if spawned.is_err() {
             // No thread: every line is written by its caller instead.
-            sink.buf.lock().unwrap_or_else(|e| e.into_inner()).shrink_to(0);
+            sink.direct.store(true, Ordering::Relaxed);
         }
         sink
     }
@@ -61,7 +65,7 @@ impl LogSink {
         let full = {
             let mut buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
             buf.extend_from_slice(line);
-            buf.len() >= LIMIT
+            buf.len() >= LIMIT || self.direct.load(Ordering::Relaxed)
         };
         if full {
             self.flush();
