@@ -238,11 +238,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     };
     let mut proxy_service =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "relay proxy");
-    // A 16 KiB read buffer per client connection instead of 64 KiB: thousands of held streams
-    // would otherwise cost 64 KiB each.
+    // No read buffer on client connections: Pingora reads the request head into a 4 KiB buffer
+    // of its own and bodies in 64 KiB reads that would bypass one anyway, so a read buffer only
+    // cost memory per connection (64 KiB by default). An 8 KiB write buffer lets a response head
+    // and a typical JSON answer, or a batch of stream events, leave in one send.
     proxy_service.add_listener(
         pingora::listeners::ListenerConfig::tcp(config.proxy_addr.clone()).l4_buffer(
-            pingora::protocols::l4::stream::L4BufferSettings::new(16 << 10, 1460),
+            pingora::protocols::l4::stream::L4BufferSettings::new(0, 8 << 10),
         ),
     );
 

@@ -213,8 +213,9 @@ impl RelayProxy {
         if let Some(s) = ctx.req.as_ref().and_then(|r| r.session.sticky) {
             metrics().sticky.with_label_values(&[s.as_str()]).inc();
         }
-        self.exchange(session, ctx, &headers, query.as_deref(), body)
-            .await?;
+        // Boxed, as are the attempt and the pump inside: inline, the exchange made this future
+        // 63 KB, copied whole into its box on every request and held by every open stream.
+        Box::pin(self.exchange(session, ctx, &headers, query.as_deref(), body)).await?;
         Ok(true)
     }
 
