@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Installs what the load test runs, from Debian packages, when missing: nginx (the baseline,
-# `nginx-light`), wrk (the load generator) and curl (admin API calls). Called by `make bench`.
+# `nginx-light`), wrk (the load generator), curl (admin API calls) and strace (system calls per
+# request). Called by `make bench`.
 set -euo pipefail
 
 missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v strace >/dev/null 2>&1 || missing+=(strace)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 sudo=()
 [ "$(id -u)" -eq 0 ] || sudo=(sudo)
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "benches/load: install ${missing[*]} (Debian packages: nginx-light wrk curl)" >&2
+    echo "benches/load: install ${missing[*]} (Debian packages: nginx-light wrk curl strace)" >&2
     exit 1
 fi
 echo "benches/load: installing ${missing[*]}" >&2
@@ -31,6 +33,6 @@ status=0
     apt-get install -y -qq --no-install-recommends "${missing[@]}" || status=$?; }
 $added_policy && "${sudo[@]}" rm -f "$policy"
 if [ $status -ne 0 ]; then
-    echo "benches/load: could not install ${missing[*]} (Debian packages: nginx-light wrk curl)" >&2
+    echo "benches/load: could not install ${missing[*]} (Debian packages: nginx-light wrk curl strace)" >&2
     exit 1
 fi

@@ -4,7 +4,8 @@
 # (auth, limits, session key, sticky binding, rewrite, metering, cost, usage records on SQLite).
 # wrk drives each at 1 and 64 connections with 2 KiB non-stream requests and stream requests
 # (20 SSE events); one table gives requests/s, p50, p99, the relay/nginx ratios, CPU seconds per
-# 10 000 requests and the relay's peak RSS. Then a memory scenario holds 10 000 SSE streams open
+# 10 000 requests and the relay's peak RSS, and (with strace) the relay's system calls per
+# request, a count the noise of a shared machine does not move. Then a memory scenario holds 10 000 SSE streams open
 # through the relay against a slow mock and reports the relay's RSS.
 #
 # Everything listens on and talks to 127.0.0.1 only. Every run is bounded (BENCH_DURATION
@@ -271,6 +272,36 @@ RELAY_CPU_SPLIT=$(join -a 2 -e 0 -o 2.1,1.2,2.2 <(sort <<<"$RELAY_THREADS_BEFORE
     sed 's/, $//; s/_/ /g')
 
 # ---------------------------------------------------------------------------------------------
+# System calls per request: strace counts them while wrk runs (slowed down, but counts are
+# counts). Sends and receives on loopback carry most of the kernel's share of the relay's CPU.
+# ---------------------------------------------------------------------------------------------
+
+declare -A SYSCALLS
+if command -v strace >/dev/null 2>&1; then
+    for s in "${SCENARIOS[@]}"; do
+        scenario=${s%%:*}
+        trace="$WORK/strace-$scenario.txt"
+        strace -c -f -p "$RELAY_PID" -o "$trace" 2>/dev/null &
+        tracer=$!
+        sleep 1
+        out=$(BENCH_BODY="$WORK/${s#*:}" BENCH_KEY="$RELAY_KEY" wrk -t1 -c64 -d3s \
+            -s "$WORK/post.lua" "$(url_for relay)" 2>&1) || true
+        sleep 1.5 # the usage writer's batch and the log writer's flush belong to these requests
+        kill -INT "$tracer" 2>/dev/null || true
+        wait "$tracer" 2>/dev/null || true
+        n=$(awk '/requests in/ { print $1 }' <<<"$out")
+        SYSCALLS[$scenario]=$(awk -v n="${n:-0}" '
+            $1 ~ /^[0-9.]+$/ && NF >= 5 && $NF != "total" { c[$NF] = $4; total += $4 }
+            END {
+                if (n == 0) { print "-"; exit }
+                printf "%.1f in all: sendto %.1f, writev %.1f, recvfrom %.1f, futex %.1f, epoll_wait %.1f, write %.1f",
+                    total / n, c["sendto"] / n, c["writev"] / n, c["recvfrom"] / n, c["futex"] / n,
+                    c["epoll_wait"] / n, c["write"] / n }' "$trace")
+        log "relay $scenario: system calls per request: ${SYSCALLS[$scenario]}"
+    done
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Memory: many SSE streams held open through the relay against a slow mock
 # ---------------------------------------------------------------------------------------------
 
@@ -323,6 +354,10 @@ echo
 echo "errors: non-2xx answers and socket errors counted by wrk; cpu: utime+stime of the proxy process(es) per 10 000 requests"
 echo "relay CPU by thread over its runs: ${RELAY_CPU_SPLIT:-?}"
 echo "relay peak RSS (VmHWM) over the runs above: $((RELAY_HWM_KIB / 1024)) MiB"
+for scenario in nonstream stream; do
+    [ -n "${SYSCALLS[$scenario]:-}" ] &&
+        echo "relay system calls per $scenario request (strace -c, 64 connections): ${SYSCALLS[$scenario]}"
+done
 
 verdict() { awk -v v="$1" -v t="$2" -v op="$3" 'BEGIN { ok = (op == "<" ? v < t : v >= t); print (ok ? "ok" : "MISSED") }'; }
 echo
