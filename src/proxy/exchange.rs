@@ -463,9 +463,7 @@ impl RelayProxy {
         ctx.lease = None;
         Ok(())
     }
-}
 
-impl RelayProxy {
     /// Runs one response body chunk through the response filters.
     fn filter_chunk(&self, rctx: &mut relay_filters::context::RequestCtx, chunk: Bytes) -> Bytes {
         let mut out = chunk;
