@@ -11,6 +11,7 @@ pub mod context;
 pub mod cost;
 pub mod error;
 pub mod header_rewrite;
+mod json_scan;
 pub mod key_limits;
 pub mod request_body;
 pub mod route;

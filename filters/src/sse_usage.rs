@@ -14,6 +14,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::json_scan;
 use crate::types::{Protocol, TokenUsage};
 
 /// Default cap on what an [`SseParser`] carries between chunks (partial line + event data).
@@ -36,6 +37,10 @@ const SHRINK_TO: usize = 64 << 10;
 
 static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
 static ERROR_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
+static USAGE_METADATA_KEY: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"usageMetadata\""));
+/// The end of Gemini's `"finishReason"` and `"blockReason"` keys.
+static REASON_KEY_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"Reason\""));
 
 // ---------------------------------------------------------------------------------------------
 // SSE parser
@@ -670,7 +675,7 @@ struct ResponseEventWire<'a> {
 }
 
 /// Gemini `usageMetadata`.
-#[derive(Deserialize)]
+#[derive(Deserialize, Default, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 struct GeminiUsageWire {
     prompt_token_count: Option<u64>,
@@ -707,7 +712,7 @@ struct GeminiChunkWire<'a> {
 }
 
 /// The error object of every provider: Anthropic/OpenAI `type`, OpenAI `code`, Gemini `status`.
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug, PartialEq)]
 struct ErrorWire {
     #[serde(rename = "type")]
     kind: Option<String>,
@@ -984,28 +989,171 @@ fn responses_event(st: &mut StreamState, ev: SseEvent<'_>) {
 }
 
 fn gemini_event(st: &mut StreamState, ev: SseEvent<'_>) {
-    // Every Gemini chunk carries the cumulative usageMetadata, so every chunk is parsed; serde
-    // skips the candidates' content without allocating.
-    if let Ok(chunk) = serde_json::from_slice::<GeminiChunkWire<'_>>(ev.data) {
-        apply_gemini_chunk(&mut st.result, &mut st.gemini, chunk);
+    // Every Gemini chunk carries the cumulative usageMetadata, so every chunk is read: from its
+    // usageMetadata key to its end when that is enough, else by the structure scanner, which
+    // skips the candidates' content, else by serde when the scanner is not sure (an escaped
+    // key, a count that is not plain digits).
+    let need = GeminiNeeds {
+        model: st.result.model.is_none(),
+        response_id: st.result.response_id.is_none(),
+    };
+    let chunk = match scan_gemini_tail(ev.data, need).or_else(|| scan_gemini_chunk(ev.data)) {
+        Some(chunk) => chunk,
+        None => match serde_json::from_slice::<GeminiChunkWire<'_>>(ev.data) {
+            Ok(wire) => GeminiChunk::from(wire),
+            Err(_) => return,
+        },
+    };
+    apply_gemini_chunk(&mut st.result, &mut st.gemini, chunk);
+}
+
+/// The fields a Gemini stream has not reported yet (each is kept from its first report).
+#[derive(Clone, Copy)]
+struct GeminiNeeds {
+    model: bool,
+    response_id: bool,
+}
+
+/// The common Gemini chunk, `{"candidates": [...], "usageMetadata": {...}, "modelVersion": ..,
+/// "responseId": ..}` with no finish yet, read from its last `"usageMetadata"` key to its end
+/// without walking the candidates. `None` when that is not enough: the bytes of a finish or
+/// block reason or of an error appear before it, the key is not proven a top-level member, or
+/// a field still needed or one that marks the end is after it. (Like every byte-wise key test here, a key that spells
+/// those names with `\u` escapes is not recognised; upstreams do not escape ASCII letters.)
+#[inline]
+fn scan_gemini_tail(data: &[u8], need: GeminiNeeds) -> Option<GeminiChunk<'_>> {
+    // The last occurrence (a forward search is vectorised; a reverse one is not).
+    let at = USAGE_METADATA_KEY.find_iter(data).last()?;
+    if !json_scan::unescaped(data, at) {
+        return None;
+    }
+    // Before the key (the candidates): the bytes of those names anywhere send the chunk to the
+    // full scan. After it, the member walk below sees every top-level key.
+    let before = &data[..at];
+    if REASON_KEY_END.find(before).is_some() || ERROR_KEY.find(before).is_some() {
+        return None;
+    }
+    let mut chunk = GeminiChunk::default();
+    json_scan::for_each_member_to_end(data, at, |key, value| {
+        match key {
+            b"usageMetadata" => chunk.usage = scan_gemini_usage(value)?,
+            b"modelVersion" => chunk.model_version = non_null(value),
+            b"responseId" => chunk.response_id = non_null(value),
+            // Out of the usual order: the full scan reads it.
+            b"candidates" | b"promptFeedback" | b"error" => return None,
+            _ => {}
+        }
+        Some(())
+    })?;
+    if (need.model && chunk.model_version.is_none())
+        || (need.response_id && chunk.response_id.is_none())
+    {
+        return None;
+    }
+    Some(chunk)
+}
+
+/// What the meter takes from one Gemini GenerateContentResponse.
+#[derive(Default, Debug, PartialEq)]
+struct GeminiChunk<'a> {
+    usage: Option<GeminiUsageWire>,
+    model_version: Option<&'a [u8]>,
+    response_id: Option<&'a [u8]>,
+    finished: bool,
+    blocked: bool,
+    error: Option<ErrorWire>,
+}
+
+impl<'a> From<GeminiChunkWire<'a>> for GeminiChunk<'a> {
+    fn from(c: GeminiChunkWire<'a>) -> Self {
+        GeminiChunk {
+            usage: c.usage_metadata,
+            model_version: c.model_version.map(|raw| raw.get().as_bytes()),
+            response_id: c.response_id.map(|raw| raw.get().as_bytes()),
+            finished: c
+                .candidates
+                .iter()
+                .flatten()
+                .any(|cand| cand.finish_reason.is_some()),
+            blocked: c.prompt_feedback.is_some_and(|f| f.block_reason.is_some()),
+            error: c.error,
+        }
     }
 }
 
-fn apply_gemini_chunk(result: &mut MeterResult, counts: &mut GeminiCounts, c: GeminiChunkWire<'_>) {
-    set_once(&mut result.response_id, c.response_id);
-    set_once(&mut result.model, c.model_version);
-    if let Some(usage) = c.usage_metadata {
+/// Reads a Gemini chunk with [`json_scan`]; `None` when serde must decide.
+#[inline]
+fn scan_gemini_chunk(data: &[u8]) -> Option<GeminiChunk<'_>> {
+    let mut chunk = GeminiChunk::default();
+    json_scan::for_each_member(data, |key, value| {
+        match key {
+            b"usageMetadata" => chunk.usage = scan_gemini_usage(value)?,
+            b"modelVersion" => chunk.model_version = non_null(value),
+            b"responseId" => chunk.response_id = non_null(value),
+            b"candidates" if value != b"null" => {
+                json_scan::for_each_element(value, |candidate| {
+                    json_scan::for_each_member(candidate, |key, value| {
+                        if key == b"finishReason" && value != b"null" {
+                            chunk.finished = true;
+                        }
+                        Some(())
+                    })
+                })?;
+            }
+            b"promptFeedback" if value != b"null" => {
+                json_scan::for_each_member(value, |key, value| {
+                    if key == b"blockReason" && value != b"null" {
+                        chunk.blocked = true;
+                    }
+                    Some(())
+                })?;
+            }
+            // Rare: parsed in full.
+            b"error" => chunk.error = serde_json::from_slice::<Option<ErrorWire>>(value).ok()?,
+            _ => {}
+        }
+        Some(())
+    })?;
+    Some(chunk)
+}
+
+/// `usageMetadata` read with [`json_scan`]: `Some(None)` for `null`.
+#[inline]
+fn scan_gemini_usage(value: &[u8]) -> Option<Option<GeminiUsageWire>> {
+    if value == b"null" {
+        return Some(None);
+    }
+    let mut usage = GeminiUsageWire::default();
+    json_scan::for_each_member(value, |key, value| {
+        let slot = match key {
+            b"promptTokenCount" => &mut usage.prompt_token_count,
+            b"cachedContentTokenCount" => &mut usage.cached_content_token_count,
+            b"candidatesTokenCount" => &mut usage.candidates_token_count,
+            b"thoughtsTokenCount" => &mut usage.thoughts_token_count,
+            b"toolUsePromptTokenCount" => &mut usage.tool_use_prompt_token_count,
+            _ => return Some(()),
+        };
+        *slot = json_scan::opt_u64(value)?;
+        Some(())
+    })?;
+    Some(Some(usage))
+}
+
+/// A raw value unless it is `null` (as serde reads `Option<&RawValue>`).
+fn non_null(value: &[u8]) -> Option<&[u8]> {
+    (value != b"null").then_some(value)
+}
+
+#[inline]
+fn apply_gemini_chunk(result: &mut MeterResult, counts: &mut GeminiCounts, c: GeminiChunk<'_>) {
+    set_once_bytes(&mut result.response_id, c.response_id);
+    set_once_bytes(&mut result.model, c.model_version);
+    if let Some(usage) = c.usage {
         counts.merge(usage);
         result.usage = counts.usage();
     }
-    let finished = c
-        .candidates
-        .iter()
-        .flatten()
-        .any(|cand| cand.finish_reason.is_some());
-    let blocked = c.prompt_feedback.is_some_and(|f| f.block_reason.is_some());
     // Sticky: a chunk after the finishing one may only refine the counts.
-    if finished || blocked {
+    if c.finished || c.blocked {
         result.complete = true;
     }
     if let Some(error) = c.error {
@@ -1069,7 +1217,7 @@ fn parse_gemini_json(body: &[u8]) -> Option<MeterResult> {
     let mut result = MeterResult::default();
     let mut counts = GeminiCounts::default();
     for chunk in chunks {
-        apply_gemini_chunk(&mut result, &mut counts, chunk);
+        apply_gemini_chunk(&mut result, &mut counts, GeminiChunk::from(chunk));
     }
     result.complete = true;
     Some(result)
@@ -1137,11 +1285,16 @@ fn override_with(slot: &mut Option<u64>, value: Option<u64>) {
 
 /// Keeps the first string reported for a field (ids and models do not change mid-response).
 fn set_once(slot: &mut Option<String>, raw: Option<&RawValue>) {
+    set_once_bytes(slot, raw.map(|raw| raw.get().as_bytes()));
+}
+
+/// [`set_once`] from the raw bytes of a JSON value.
+fn set_once_bytes(slot: &mut Option<String>, raw: Option<&[u8]>) {
     if slot.is_some() {
         return;
     }
     if let Some(raw) = raw {
-        if let Ok(s) = serde_json::from_str::<String>(raw.get()) {
+        if let Ok(s) = serde_json::from_slice::<String>(raw) {
             *slot = Some(bounded(s));
         }
     }
@@ -2161,5 +2314,71 @@ data: [DONE]\n\n";
         }
         out.extend(s.finish());
         assert_eq!(out, want);
+    }
+
+    /// The scanner reads what serde reads, or leaves the chunk to serde.
+    #[test]
+    fn gemini_scanner_agrees_with_serde() {
+        let mut chunks: Vec<Vec<u8>> = GEMINI_STREAM
+            .split(|&b| b == b'\n')
+            .filter_map(|line| line.strip_prefix(b"data: "))
+            .map(<[u8]>::to_vec)
+            .collect();
+        chunks.push(GEMINI_JSON.to_vec());
+        let array: Vec<serde_json::Value> = serde_json::from_slice(GEMINI_ARRAY_JSON).unwrap();
+        chunks.extend(array.iter().map(|v| serde_json::to_vec(v).unwrap()));
+        assert!(chunks.len() >= 5);
+        let crafted: &[&str] = &[
+            r#"{"candidates":[{"content":{"parts":[{"text":"\"usageMetadata\": {\"promptTokenCount\": 9}"}]}}],"usageMetadata":{"promptTokenCount":5}}"#,
+            r#"{"candidates":[{"finishReason":null},{"finishReason":"MAX_TOKENS"}]}"#,
+            r#"{"candidates":null,"usageMetadata":null,"modelVersion":null,"responseId":"r"}"#,
+            r#"{"promptFeedback":{"blockReason":"SAFETY"},"usageMetadata":{"promptTokenCount":7,"totalTokenCount":7}}"#,
+            r#"{"promptFeedback":{"blockReason":null}}"#,
+            r#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","message":"quota"}}"#,
+            r#"{"error":null,"usageMetadata":{"thoughtsTokenCount":3,"toolUsePromptTokenCount":4}}"#,
+            r#"{ "usageMetadata" : { "candidatesTokenCount" : 12 } , "modelVersion" : "m\u00e9" }"#,
+            r#"{"usageMetadata":{"promptTokenCount":5},"candidates":[{"content":{"parts":[{"functionCall":{"name":"f","args":{"usageMetadata":{"promptTokenCount":99}}}}]}}],"modelVersion":"m","responseId":"r"}"#,
+            r#"{"candidates":[{"content":{"parts":[{"text":"a"}]}}],"usageMetadata":{"promptTokenCount":6},"modelVersion":"m","responseId":"r","x":"\"usageMetadata\":{}"}"#,
+            r#"{"modelVersion":"m","responseId":"r","usageMetadata":{"promptTokenCount":8}}"#,
+            // Left to serde: an escaped key, a count written as a float, a string count.
+            r#"{"usage\u004detadata":{"promptTokenCount":5}}"#,
+            r#"{"usageMetadata":{"promptTokenCount":5.0}}"#,
+            r#"{"usageMetadata":{"promptTokenCount":"5"}}"#,
+            // Malformed for both.
+            r#"{"usageMetadata":{"promptTokenCount":5}"#,
+            r#"{"candidates":[null]}"#,
+            r#"[]"#,
+        ];
+        chunks.extend(crafted.iter().map(|c| c.as_bytes().to_vec()));
+        let (mut scanned, mut tail) = (0, 0);
+        for data in &chunks {
+            let by_serde = serde_json::from_slice::<GeminiChunkWire<'_>>(data)
+                .ok()
+                .map(GeminiChunk::from);
+            if let Some(chunk) = scan_gemini_chunk(data) {
+                scanned += 1;
+                assert_eq!(Some(chunk), by_serde, "{}", String::from_utf8_lossy(data));
+            }
+            let need = GeminiNeeds {
+                model: true,
+                response_id: true,
+            };
+            if let Some(chunk) = scan_gemini_tail(data, need) {
+                tail += 1;
+                assert_eq!(Some(chunk), by_serde, "{}", String::from_utf8_lossy(data));
+            }
+        }
+        assert!(scanned >= chunks.len() - 6, "{scanned} of {}", chunks.len());
+        // The stream's chunks before the last are read from their tail, and the crafted one
+        // in the usual order; ids before usageMetadata send a chunk to the full scan.
+        assert!(tail >= 3, "{tail}");
+        // The text mentioning usageMetadata is not read as counts.
+        let first = scan_gemini_chunk(crafted[0].as_bytes()).unwrap();
+        assert_eq!(first.usage.unwrap().prompt_token_count, Some(5));
+        let nested_last = scan_gemini_chunk(crafted[8].as_bytes()).unwrap();
+        assert_eq!(nested_last.usage.unwrap().prompt_token_count, Some(5));
+        for left in &crafted[11..] {
+            assert!(scan_gemini_chunk(left.as_bytes()).is_none(), "{left}");
+        }
     }
 }
