@@ -149,6 +149,8 @@ pub struct UsageConfig {
     pub batch_size: usize,
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
+    /// With SQLite: its worker threads yield the CPU to the proxy (Linux `SCHED_IDLE`).
+    pub idle_priority: bool,
 }
 
 /// Graceful shutdown.
@@ -238,6 +240,7 @@ impl Default for UsageConfig {
             queue_capacity: 10_000,
             batch_size: 500,
             flush_interval: Duration::from_secs(1),
+            idle_priority: true,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod account_events;
 pub mod cache_refresh;
+pub mod priority;
 pub mod usage_writer;
 
 use std::net::SocketAddr;
@@ -73,6 +74,9 @@ impl BackgroundService for ControlPlane {
                 rx,
                 self.cooldowns.clone(),
             ));
+        }
+        if self.writer_settings.idle_priority && !store.is_postgres() {
+            tasks.spawn(priority::keep_sqlite_workers_idle(shutdown.clone()));
         }
         let refresh = Arc::new(tokio::sync::Notify::new());
         tasks.spawn(cache_refresh::run(
