@@ -418,10 +418,31 @@ impl SqlStore {
         }
 
         let mut tx = self.pool.begin().await?;
-        let mut inserted: HashSet<String> = HashSet::with_capacity(unique.len());
-        for chunk in unique.chunks(RECORDS_PER_STATEMENT) {
+        // Ids already stored (a spooled batch replayed after its first write did commit):
+        // normally none, so this costs one statement that returns no rows. (`RETURNING id` on
+        // the insert sent every id back, one message and wake-up of the writer per record
+        // across sqlx's SQLite worker thread.)
+        let mut existing: HashSet<String> = HashSet::new();
+        for chunk in unique.chunks(IDS_PER_STATEMENT) {
             let sql = format!(
-                "INSERT INTO request_logs ({}) VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id",
+                "SELECT id FROM request_logs WHERE id IN {}",
+                values_placeholders(1, chunk.len(), self.is_postgres())
+            );
+            let mut query = sqlx::query(&sql);
+            for r in chunk {
+                query = query.bind(r.id.as_str());
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                existing.insert(row.try_get(0)?);
+            }
+        }
+        let fresh: Vec<&UsageRecord> = unique
+            .into_iter()
+            .filter(|r| !existing.contains(&r.id))
+            .collect();
+        for chunk in fresh.chunks(RECORDS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO request_logs ({}) VALUES {} ON CONFLICT (id) DO NOTHING",
                 RECORD_COLUMNS.join(", "),
                 values_placeholders(chunk.len(), RECORD_COLUMNS.len(), self.is_postgres())
             );
@@ -456,8 +477,15 @@ impl SqlStore {
                     .bind(i64::from(r.unpriced))
                     .bind(i64::from(r.estimated));
             }
-            for row in query.fetch_all(&mut *tx).await? {
-                inserted.insert(row.try_get(0)?);
+            let written = query.execute(&mut *tx).await?.rows_affected();
+            // Fewer rows: another writer stored one of these ids since the check (PostgreSQL).
+            // The transaction is dropped and the batch retried, when the check finds it.
+            if written != chunk.len() as u64 {
+                return Err(StoreError::Conflict(format!(
+                    "{} of {} usage records were stored meanwhile",
+                    chunk.len() as u64 - written.min(chunk.len() as u64),
+                    chunk.len()
+                )));
             }
         }
 
@@ -467,7 +495,7 @@ impl SqlStore {
         let mut rollups: BTreeMap<(String, String, String), UsageTotals> = BTreeMap::new();
         let mut key_used: BTreeMap<&str, i64> = BTreeMap::new();
         let mut account_used: BTreeMap<&str, i64> = BTreeMap::new();
-        for r in unique.iter().filter(|r| inserted.contains(&r.id)) {
+        for r in &fresh {
             let day = utc_day(r.created_at);
             let model = r.upstream_model.as_ref().or(r.requested_model.as_ref());
             let user_model = r.user_id.as_deref().map(user_model_dim);
