@@ -89,9 +89,12 @@ impl RelayProxy {
                     head.append_header(name.clone(), value.clone())?;
                 }
                 head.insert_header(http::header::CONTENT_LENGTH, payload.len().to_string())?;
-                up.write_request_header(Box::new(head)).await?;
-                up.write_request_body(payload.clone(), true).await?;
-                up.finish_request_body().await?;
+                {
+                    let _cork = Cork::new(up.stream().map(|s| s.id()));
+                    up.write_request_header(Box::new(head)).await?;
+                    up.write_request_body(payload.clone(), true).await?;
+                    up.finish_request_body().await?;
+                }
                 loop {
                     up.read_response_header().await?;
                     match up.response_header() {
@@ -324,6 +327,16 @@ impl RelayProxy {
         // connection, and the watch must not read it.
         let stream =
             is_event_stream(&head) || head.headers.get(http::header::CONTENT_LENGTH).is_none();
+        // A streamed answer's head is flushed on its own by Pingora, and so is each body write
+        // and the last chunk. While the relay writes without waiting for the upstream (the
+        // head and what the upstream already sent, up to the end when that is known) the client
+        // socket is corked, so those writes leave together; before any wait it is uncorked.
+        let downstream_fd = session.as_downstream().stream().map(|s| s.id());
+        let mut cork = if stream {
+            Some(Cork::new(downstream_fd))
+        } else {
+            None
+        };
         let mut client_gone = session
             .write_response_header(Box::new(resp), false)
             .await
@@ -335,7 +348,14 @@ impl RelayProxy {
         let mut cut = false;
         // A read result taken while coalescing, handled on the next turn.
         let mut held: Option<pingora::Result<Option<Bytes>>> = None;
+        if cork.is_some() {
+            held = up.read_response_body().now_or_never();
+        }
         loop {
+            if held.is_none() {
+                // About to wait for the upstream: what is written so far goes out now.
+                drop(cork.take());
+            }
             if client_gone && drain_deadline.is_none() {
                 if !self.settings.drain_on_disconnect {
                     rctx.usage.estimated = true;
@@ -401,6 +421,11 @@ impl RelayProxy {
                             out = b.freeze();
                         }
                     }
+                    // The next read is already in (the end, say): this write and the next
+                    // leave together.
+                    if stream && held.is_some() && cork.is_none() {
+                        cork = Some(Cork::new(downstream_fd));
+                    }
                     if !client_gone && !out.is_empty() {
                         if ctx.ttfb.is_none() {
                             ctx.ttfb = Some(rctx.started.elapsed());
@@ -453,6 +478,7 @@ impl RelayProxy {
             let _ = session.write_response_body(None, true).await;
             let _ = session.as_downstream_mut().finish_body().await;
         }
+        drop(cork);
         if complete && up.response_done() {
             self.connector
                 .release_http_session(up, &peer, Some(self.settings.pool_idle_timeout))
@@ -530,4 +556,89 @@ async fn read_limited(up: &mut HttpSession, limit: usize) -> Bytes {
     };
     let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
     Bytes::from(buf)
+}
+
+/// Holds back partial TCP segments on a socket until dropped (Linux `TCP_CORK`), so writes made
+/// meanwhile leave as one transmission: a request head and body written one after the other by
+/// Pingora's HTTP/1 client (which flushes the head on its own) reach the upstream in one
+/// segment instead of two, one wake-up of the receiver instead of two. Full segments still leave
+/// at once, so a large body is not held. A no-op where the option does not exist or fails.
+struct Cork(Option<i32>);
+
+impl Cork {
+    fn new(fd: Option<i32>) -> Cork {
+        Cork(fd.filter(|&fd| set_cork(fd, true)))
+    }
+}
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        if let Some(fd) = self.0 {
+            set_cork(fd, false);
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn set_cork(fd: i32, on: bool) -> bool {
+    let value: libc::c_int = on.into();
+    // SAFETY: setsockopt on a descriptor the caller's session owns and keeps open for the
+    // cork's lifetime, with a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_cork(_fd: i32, _on: bool) -> bool {
+    false
+}
+
+#[cfg(all(test, target_os = "linux"))]
+#[allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn cork_of(fd: i32) -> libc::c_int {
+        let mut value: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt on an open socket with a live c_int and its size.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_CORK,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        value
+    }
+
+    #[test]
+    fn cork_holds_while_alive_and_lets_go_when_dropped() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let fd = client.as_raw_fd();
+        assert_eq!(cork_of(fd), 0);
+        let cork = Cork::new(Some(fd));
+        assert_eq!(cork.0, Some(fd));
+        assert_eq!(cork_of(fd), 1);
+        drop(cork);
+        assert_eq!(cork_of(fd), 0);
+        // No socket (an HTTP/2 session, say): nothing to do.
+        assert_eq!(Cork::new(None).0, None);
+        // Not a TCP socket: the option fails and the cork stays inert.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(Cork::new(Some(a.as_raw_fd())).0, None);
+    }
 }
