@@ -77,6 +77,9 @@ enum Command {
         /// Give up opening after this long.
         #[arg(long, default_value_t = 60)]
         secs: u64,
+        /// Request body size (Claude Code's first turn is about 20 KiB, later turns more).
+        #[arg(long, default_value_t = 2048)]
+        bytes: usize,
         /// Connections being opened at once.
         #[arg(long, default_value_t = 200)]
         parallel: usize,
@@ -117,6 +120,7 @@ fn main() -> std::io::Result<()> {
             pid,
             secs,
             parallel,
+            bytes,
         } => {
             loopback_only(addr)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -130,6 +134,7 @@ fn main() -> std::io::Result<()> {
                 pid,
                 Duration::from_secs(secs),
                 parallel,
+                bytes,
             ))
         }
         Command::FreePort => {
@@ -318,8 +323,9 @@ async fn hold(
     pid: u32,
     limit: Duration,
     parallel: usize,
+    bytes: usize,
 ) -> std::io::Result<()> {
-    let body = body(2048, true);
+    let body = body(bytes, true);
     let request = Arc::new(
         format!(
             "POST /v1/messages HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\nanthropic-version: 2023-06-01\r\nx-api-key: {key}\r\ncontent-length: {}\r\n\r\n{body}",

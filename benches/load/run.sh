@@ -12,8 +12,9 @@
 # seconds each, default 10) and all processes started here are stopped on exit.
 #
 # Environment: BENCH_DURATION (s per run), BENCH_STREAMS (memory scenario, default 10000; 0 to
-# skip), BENCH_RELAY_LOG (relay log filter, default info: one line per request, like nginx's
-# access log), BENCH_KEEP=1 keeps the work directory (logs, configs, wrk output).
+# skip), BENCH_HOLD_BYTES (request body of each held stream, default 2048), BENCH_RELAY_LOG
+# (relay log filter, default info: one line per request, like nginx's access log), BENCH_KEEP=1
+# keeps the work directory (logs, configs, wrk output).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -321,7 +322,8 @@ if [ "$STREAMS" -gt 0 ]; then
     start_relay relay-streams "$SLOW_PORT"
     log "holding $held streams (asked $STREAMS, fd limit $fd_limit)"
     HOLD_LINE=$(timeout 150 "$MOCK_BIN" hold --addr "127.0.0.1:$RELAY_PORT" --key "$RELAY_KEY" \
-        --streams "$held" --pid "$RELAY_PID" --secs 75 | tail -1) || true
+        --streams "$held" --pid "$RELAY_PID" --secs 75 --bytes "${BENCH_HOLD_BYTES:-2048}" \
+        | tail -1) || true
     log "$HOLD_LINE"
     kill "$RELAY_PID" 2>/dev/null || true
 fi

@@ -289,6 +289,10 @@ impl RelayProxy {
                 }
             };
         };
+        // No more failover: the request body (20 to 200 KiB for real clients) and the upstream
+        // request need not live as long as the stream.
+        drop(body);
+        rctx.upstream.request = None;
         let pumped = Box::pin(self.pump(session, ctx, att)).await;
         if let Some(r) = ctx.req.as_ref() {
             if r.usage.response_id.is_some() {
