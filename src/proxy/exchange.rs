@@ -66,7 +66,14 @@ impl RelayProxy {
     }
 
     /// Connects (or reuses a pooled connection), sends the request and reads the response head.
-    async fn attempt(&self, req: &UpstreamRequest, body: &Bytes) -> Result<Attempt, AttemptError> {
+    ///
+    /// The attempt is boxed: inline, its session, peer and head (1.4 KB) were copied into every
+    /// future that held one, several times over (held streams keep those futures).
+    async fn attempt(
+        &self,
+        req: &UpstreamRequest,
+        body: &Bytes,
+    ) -> Result<Box<Attempt>, AttemptError> {
         let peer = self.peer_for(req).await?;
         let payload = req.body.clone().unwrap_or_else(|| body.clone());
         // A pooled connection may have been closed by the upstream meanwhile: one fresh retry.
@@ -108,11 +115,11 @@ impl RelayProxy {
             };
             match tokio::time::timeout(self.settings.header_timeout, sent).await {
                 Ok(Ok(head)) => {
-                    return Ok(Attempt {
+                    return Ok(Box::new(Attempt {
                         upstream: up,
                         peer,
                         head,
-                    })
+                    }))
                 }
                 Ok(Err(e)) if reused && !fresh_retry => {
                     tracing::debug!(error = %e, "pooled upstream connection failed, retrying on a new one");
@@ -153,7 +160,7 @@ impl RelayProxy {
         let max_attempts = self.settings.max_attempts.max(1);
         let mut last_failure: Option<(u16, ResponseHeader, Bytes)> = None;
         let mut attempt_no = 0u32;
-        let mut established: Option<Attempt> = None;
+        let mut established: Option<Box<Attempt>> = None;
         while attempt_no < max_attempts {
             attempt_no += 1;
             let (Some(account), Some(req)) =
@@ -278,13 +285,14 @@ impl RelayProxy {
                     ctx.error_type = Some(ErrorKind::Upstream.type_name());
                     let body =
                         upstream_error_body(protocol, 502, "no upstream account could be reached");
-                    Self::respond(
+                    // Boxed: a rare path whose future (1.1 KB) would size this one.
+                    Box::pin(Self::respond(
                         session,
                         502,
                         "application/json",
                         body,
                         &[("x-request-id", rctx.request_id.clone())],
-                    )
+                    ))
                     .await
                 }
             };
@@ -307,13 +315,11 @@ impl RelayProxy {
         &self,
         session: &mut Session,
         ctx: &mut ProxyCtx,
-        att: Attempt,
+        mut att: Box<Attempt>,
     ) -> pingora::Result<()> {
         let Attempt {
-            upstream: mut up,
-            peer,
-            head,
-        } = att;
+            upstream: up, head, ..
+        } = &mut *att;
         let Some(rctx) = ctx.req.as_mut() else {
             return Ok(());
         };
@@ -325,12 +331,12 @@ impl RelayProxy {
         for f in &self.chain.response {
             f.on_response_head(rctx, status, &head.headers);
         }
-        let resp = copy_head(&head, &rctx.request_id, None);
+        let resp = copy_head(head, &rctx.request_id, None);
         // Only a streamed answer is long enough to watch the client during; once a response of
         // known length is written, the client may already send its next request on this
         // connection, and the watch must not read it.
         let stream =
-            is_event_stream(&head) || head.headers.get(http::header::CONTENT_LENGTH).is_none();
+            is_event_stream(head) || head.headers.get(http::header::CONTENT_LENGTH).is_none();
         // A streamed answer's head is flushed on its own by Pingora, and so is each body write
         // and the last chunk. While the relay writes without waiting for the upstream (the
         // head and what the upstream already sent, up to the end when that is known) the client
@@ -484,9 +490,14 @@ impl RelayProxy {
         }
         drop(cork);
         if complete && up.response_done() {
-            self.connector
-                .release_http_session(up, &peer, Some(self.settings.pool_idle_timeout))
-                .await;
+            let Attempt { upstream, peer, .. } = *att;
+            // Boxed: 3 KB that only lives for this call.
+            Box::pin(self.connector.release_http_session(
+                upstream,
+                &peer,
+                Some(self.settings.pool_idle_timeout),
+            ))
+            .await;
         } else {
             up.shutdown().await;
         }

@@ -121,7 +121,16 @@ impl RelayProxy {
             extra.push(("retry-after", s.to_string()));
         }
         let body = Bytes::from(rejection.body(protocol));
-        Self::respond(session, status, "application/json", body, &extra).await?;
+        // Boxed: inline, this rare path's 1.1 KB future sized every request's future, held as
+        // long as its stream.
+        Box::pin(Self::respond(
+            session,
+            status,
+            "application/json",
+            body,
+            &extra,
+        ))
+        .await?;
         Ok(true)
     }
 
