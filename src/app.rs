@@ -258,8 +258,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         writer_settings: WriterSettings {
             batch_size: config.usage.batch_size,
             flush_interval: config.usage.flush_interval,
-            idle_priority: config.usage.idle_priority,
         },
+        sqlite_idle_priority: config.usage.idle_priority,
         secrets: Arc::new(node.secrets),
         pepper: Arc::new(node.pepper),
         keys,

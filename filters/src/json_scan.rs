@@ -1,9 +1,10 @@
 //! A small JSON structure scanner for hot paths that need a few members of a large object.
 //!
 //! It walks objects and arrays without building anything: string contents are jumped over
-//! 16 bytes at a time, nested values by counting brackets. It checks structure only as far as it needs to
-//! find its way, so callers treat every `None` as "not sure" and fall back to a full parser;
-//! a value handed to a caller is exactly the bytes a full parser would have seen for it.
+//! 16 bytes at a time, nested values by counting brackets. It checks structure only as far as
+//! it needs to find its way, so callers treat every `None` as "not sure" and fall back to a
+//! full parser; a value handed to a caller is exactly the bytes a full parser would have seen
+//! for it.
 
 /// Index of the first byte at or after `i` that is not JSON whitespace.
 fn skip_ws(buf: &[u8], mut i: usize) -> usize {
@@ -17,7 +18,7 @@ fn skip_ws(buf: &[u8], mut i: usize) -> usize {
 fn skip_string(buf: &[u8], start: usize) -> Option<usize> {
     let mut i = start + 1;
     loop {
-        let at = find_quote_or_escape(buf, i)?;
+        let at = find(buf, i, Class::QuoteOrEscape)?;
         if buf[at] == b'"' {
             return Some(at + 1);
         }
@@ -48,7 +49,7 @@ fn skip_container(buf: &[u8], start: usize) -> Option<usize> {
 /// [`skip_container`] byte-wise from `i`, outside any string, `depth` brackets deep.
 fn skip_container_from(buf: &[u8], mut i: usize, mut depth: usize) -> Option<usize> {
     loop {
-        i = find_structural(buf, i)?;
+        i = find(buf, i, Class::Structural)?;
         match buf[i] {
             b'"' => {
                 i = skip_string(buf, i)?;
@@ -66,102 +67,67 @@ fn skip_container_from(buf: &[u8], mut i: usize, mut depth: usize) -> Option<usi
     }
 }
 
-// The two searches below run on every string and bracket. Most strings and gaps between
-// brackets are a few bytes long, where a byte loop's exit is mispredicted and a `memchr` call's
-// set-up costs more than it saves: on x86_64 they test 16 bytes at once with SSE2 (part of
-// the architecture), so the common case is one load, two or three compares and a
-// trailing-zeros count.
+/// What a search looks for.
+#[derive(Clone, Copy)]
+enum Class {
+    /// `"` or `\`: the end of a string or an escape in it.
+    QuoteOrEscape,
+    /// `"` or a bracket: what matters inside a container being skipped.
+    Structural,
+    /// `,`, `}`, `]` or a byte below `!` (whitespace and control bytes) or from 0x80: the end
+    /// of a literal or a number as far as the scanner is concerned. A byte that is neither
+    /// valid there nor a delimiter ends it too; the caller then finds no delimiter and gives up.
+    ScalarEnd,
+}
 
-/// Index of the first `"` or `\` at or after `i`.
-fn find_quote_or_escape(buf: &[u8], i: usize) -> Option<usize> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        match sse2::find(buf, i, sse2::quote_or_escape) {
-            Ok(at) => Some(at),
-            Err(rest) => scalar_quote_or_escape(buf, rest),
+impl Class {
+    /// The byte-wise test, the same set of bytes as `sse2::mask`. `[` and `]` differ from `{`
+    /// and `}` only in bit 0x20, so setting it folds them together.
+    #[inline(always)]
+    fn matches(self, b: u8) -> bool {
+        match self {
+            Class::QuoteOrEscape => b == b'"' || b == b'\\',
+            Class::Structural => b == b'"' || matches!(b | 0x20, b'{' | b'}'),
+            Class::ScalarEnd => b == b',' || b | 0x20 == b'}' || (b as i8) < b'!' as i8,
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        scalar_quote_or_escape(buf, i)
-    }
 }
 
-fn scalar_quote_or_escape(buf: &[u8], i: usize) -> Option<usize> {
-    Some(i + memchr::memchr2(b'"', b'\\', buf.get(i..)?)?)
-}
-
-/// Bytes that matter inside a container being skipped: quotes and brackets.
-static STRUCTURAL: [bool; 256] = {
-    let mut table = [false; 256];
-    table[b'"' as usize] = true;
-    table[b'{' as usize] = true;
-    table[b'[' as usize] = true;
-    table[b'}' as usize] = true;
-    table[b']' as usize] = true;
-    table
-};
-
-/// Index of the first quote or bracket at or after `i`.
-fn find_structural(buf: &[u8], i: usize) -> Option<usize> {
+/// Index of the first byte of `class` at or after `i`.
+///
+/// This search runs on every string, bracket and literal. Most are a few bytes long, where a
+/// byte loop's exit is mispredicted and a `memchr` call's set-up costs more than it saves: on
+/// x86_64 it tests 16 bytes at once with SSE2 (part of the architecture), so the common case is
+/// one load, two or three compares and a trailing-zeros count. What is left (under 16 bytes,
+/// or everything on other architectures) is tested byte by byte.
+#[inline(always)]
+fn find(buf: &[u8], i: usize, class: Class) -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
-    {
-        match sse2::find(buf, i, sse2::structural) {
-            Ok(at) => Some(at),
-            Err(rest) => scalar_structural(buf, rest),
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        scalar_structural(buf, i)
-    }
-}
-
-/// Index of the first byte at or after `i` that ends a literal or a number (`,`, a closing
-/// bracket or whitespace), or the end of `buf`.
-fn find_scalar_end(buf: &[u8], i: usize) -> usize {
-    #[cfg(target_arch = "x86_64")]
-    let i = match sse2::find(buf, i, sse2::scalar_end) {
-        Ok(at) => return at,
+    let i = match sse2::find(buf, i, class) {
+        Ok(at) => return Some(at),
         Err(rest) => rest,
     };
-    let len = buf[i..]
-        .iter()
-        .position(|b| matches!(b, b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t'))
-        .unwrap_or(buf.len() - i);
-    i + len
-}
-
-fn scalar_structural(buf: &[u8], i: usize) -> Option<usize> {
-    Some(
-        i + buf
-            .get(i..)?
-            .iter()
-            .position(|&b| STRUCTURAL[usize::from(b)])?,
-    )
+    Some(i + buf.get(i..)?.iter().position(|&b| class.matches(b))?)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod sse2 {
+    use super::Class;
     use std::arch::x86_64::{
         __m128i, _mm_cmpeq_epi8, _mm_cmplt_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128,
         _mm_set1_epi8,
     };
 
-    /// Searches `buf` from `i` in whole 16-byte blocks for a byte `classify` marks: its
-    /// index, or where the last, shorter piece begins when none is found before it (the
-    /// caller searches that piece).
+    /// Searches `buf` from `i` in whole 16-byte blocks for a byte of `class`: its index, or
+    /// where the last, shorter piece begins when none is found before it (the caller searches
+    /// that piece).
     #[inline(always)]
-    pub(super) fn find(
-        buf: &[u8],
-        mut i: usize,
-        classify: impl Fn(__m128i) -> i32,
-    ) -> Result<usize, usize> {
+    pub(super) fn find(buf: &[u8], mut i: usize, class: Class) -> Result<usize, usize> {
         while i + 16 <= buf.len() {
             // SAFETY: `i + 16 <= buf.len()`, so the unaligned load reads inside `buf`; SSE2
             // is part of every x86_64 target.
             let block = unsafe { _mm_loadu_si128(buf.as_ptr().add(i).cast()) };
-            let mask = classify(block);
+            let mask = mask(block, class);
             if mask != 0 {
                 return Ok(i + mask.trailing_zeros() as usize);
             }
@@ -170,14 +136,29 @@ mod sse2 {
         Err(i)
     }
 
-    /// Lanes holding `"` or `\\`, as a bit mask.
+    /// The lanes of `v` holding a byte of `class` ([`Class::matches`] on 16 bytes), as a bit
+    /// mask. The compare with `!` is signed, so bytes from 0x80 count as below it.
     #[inline(always)]
-    pub(super) fn quote_or_escape(v: __m128i) -> i32 {
+    pub(super) fn mask(v: __m128i, class: Class) -> i32 {
         // SAFETY: SSE2 is part of every x86_64 target.
         unsafe {
-            let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
-            let escape = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
-            _mm_movemask_epi8(_mm_or_si128(quote, escape))
+            let eq = |b: u8| _mm_cmpeq_epi8(v, _mm_set1_epi8(b as i8));
+            let folded = _mm_or_si128(v, _mm_set1_epi8(0x20));
+            let folded_eq = |b: u8| _mm_cmpeq_epi8(folded, _mm_set1_epi8(b as i8));
+            let lanes = match class {
+                Class::QuoteOrEscape => _mm_or_si128(eq(b'"'), eq(b'\\')),
+                Class::Structural => {
+                    _mm_or_si128(eq(b'"'), _mm_or_si128(folded_eq(b'{'), folded_eq(b'}')))
+                }
+                Class::ScalarEnd => _mm_or_si128(
+                    eq(b','),
+                    _mm_or_si128(
+                        folded_eq(b'}'),
+                        _mm_cmplt_epi8(v, _mm_set1_epi8(b'!' as i8)),
+                    ),
+                ),
+            };
+            _mm_movemask_epi8(lanes)
         }
     }
 
@@ -242,35 +223,6 @@ mod sse2 {
         }
         Err((i, depth, inside != 0))
     }
-
-    /// Lanes holding `,`, `}`, `]` or a byte below `!` (whitespace and control bytes, which
-    /// end a literal as far as the caller is concerned: it then finds no delimiter and gives
-    /// up), as a bit mask. Bytes from 0x80 compare as negative, so they count as below `!` too.
-    #[inline(always)]
-    pub(super) fn scalar_end(v: __m128i) -> i32 {
-        // SAFETY: SSE2 is part of every x86_64 target.
-        unsafe {
-            let comma = _mm_cmpeq_epi8(v, _mm_set1_epi8(b',' as i8));
-            let folded = _mm_or_si128(v, _mm_set1_epi8(0x20));
-            let close = _mm_cmpeq_epi8(folded, _mm_set1_epi8(b'}' as i8));
-            let low = _mm_cmplt_epi8(v, _mm_set1_epi8(b'!' as i8));
-            _mm_movemask_epi8(_mm_or_si128(comma, _mm_or_si128(close, low)))
-        }
-    }
-
-    /// Lanes holding `"` or a bracket, as a bit mask. `[` and `]` differ from `{` and `}`
-    /// only in bit 0x20, so setting it folds four compares into two.
-    #[inline(always)]
-    pub(super) fn structural(v: __m128i) -> i32 {
-        // SAFETY: SSE2 is part of every x86_64 target.
-        unsafe {
-            let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
-            let folded = _mm_or_si128(v, _mm_set1_epi8(0x20));
-            let open = _mm_cmpeq_epi8(folded, _mm_set1_epi8(b'{' as i8));
-            let close = _mm_cmpeq_epi8(folded, _mm_set1_epi8(b'}' as i8));
-            _mm_movemask_epi8(_mm_or_si128(quote, _mm_or_si128(open, close)))
-        }
-    }
 }
 
 /// End (exclusive) of the value starting at `start` (no leading whitespace).
@@ -281,7 +233,7 @@ fn skip_value(buf: &[u8], start: usize) -> Option<usize> {
         b',' | b':' | b'}' | b']' => None,
         _ => {
             // A literal or a number: up to the next delimiter.
-            Some(find_scalar_end(buf, start))
+            Some(find(buf, start, Class::ScalarEnd).unwrap_or(buf.len()))
         }
     }
 }
@@ -335,7 +287,7 @@ fn members_from<'a>(
             return None;
         }
         // Keys must hold no escape: the first quote or backslash ends the key or refuses it.
-        let key_end = find_quote_or_escape(buf, i + 1)?;
+        let key_end = find(buf, i + 1, Class::QuoteOrEscape)?;
         if buf[key_end] != b'"' {
             return None;
         }

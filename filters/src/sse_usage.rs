@@ -993,11 +993,7 @@ fn gemini_event(st: &mut StreamState, ev: SseEvent<'_>) {
     // usageMetadata key to its end when that is enough, else by the structure scanner, which
     // skips the candidates' content, else by serde when the scanner is not sure (an escaped
     // key, a count that is not plain digits).
-    let need = GeminiNeeds {
-        model: st.result.model.is_none(),
-        response_id: st.result.response_id.is_none(),
-    };
-    let chunk = match scan_gemini_tail(ev.data, need).or_else(|| scan_gemini_chunk(ev.data)) {
+    let chunk = match scan_gemini_tail(ev.data, &st.result).or_else(|| scan_gemini_chunk(ev.data)) {
         Some(chunk) => chunk,
         None => match serde_json::from_slice::<GeminiChunkWire<'_>>(ev.data) {
             Ok(wire) => GeminiChunk::from(wire),
@@ -1007,21 +1003,15 @@ fn gemini_event(st: &mut StreamState, ev: SseEvent<'_>) {
     apply_gemini_chunk(&mut st.result, &mut st.gemini, chunk);
 }
 
-/// The fields a Gemini stream has not reported yet (each is kept from its first report).
-#[derive(Clone, Copy)]
-struct GeminiNeeds {
-    model: bool,
-    response_id: bool,
-}
-
 /// The common Gemini chunk, `{"candidates": [...], "usageMetadata": {...}, "modelVersion": ..,
 /// "responseId": ..}` with no finish yet, read from its last `"usageMetadata"` key to its end
 /// without walking the candidates. `None` when that is not enough: the bytes of a finish or
-/// block reason or of an error appear before it, the key is not proven a top-level member, or
-/// a field still needed or one that marks the end is after it. (Like every byte-wise key test here, a key that spells
-/// those names with `\u` escapes is not recognised; upstreams do not escape ASCII letters.)
+/// block reason or of an error appear before it, the key is not proven a top-level member, a
+/// member after it needs the full scan, or the model or response id that `so_far` still lacks
+/// is not after it. (Like every byte-wise key test here, a key that spells those names with
+/// `\u` escapes is not recognised; upstreams do not escape ASCII letters.)
 #[inline]
-fn scan_gemini_tail(data: &[u8], need: GeminiNeeds) -> Option<GeminiChunk<'_>> {
+fn scan_gemini_tail<'a>(data: &'a [u8], so_far: &MeterResult) -> Option<GeminiChunk<'a>> {
     // The last occurrence (a forward search is vectorised; a reverse one is not).
     let at = USAGE_METADATA_KEY.find_iter(data).last()?;
     if !json_scan::unescaped(data, at) {
@@ -1036,17 +1026,13 @@ fn scan_gemini_tail(data: &[u8], need: GeminiNeeds) -> Option<GeminiChunk<'_>> {
     let mut chunk = GeminiChunk::default();
     json_scan::for_each_member_to_end(data, at, |key, value| {
         match key {
-            b"usageMetadata" => chunk.usage = scan_gemini_usage(value)?,
-            b"modelVersion" => chunk.model_version = non_null(value),
-            b"responseId" => chunk.response_id = non_null(value),
             // Out of the usual order: the full scan reads it.
-            b"candidates" | b"promptFeedback" | b"error" => return None,
-            _ => {}
+            b"candidates" | b"promptFeedback" | b"error" => None,
+            _ => chunk.read_member(key, value),
         }
-        Some(())
     })?;
-    if (need.model && chunk.model_version.is_none())
-        || (need.response_id && chunk.response_id.is_none())
+    if (so_far.model.is_none() && chunk.model_version.is_none())
+        || (so_far.response_id.is_none() && chunk.response_id.is_none())
     {
         return None;
     }
@@ -1081,20 +1067,19 @@ impl<'a> From<GeminiChunkWire<'a>> for GeminiChunk<'a> {
     }
 }
 
-/// Reads a Gemini chunk with [`json_scan`]; `None` when serde must decide.
-#[inline]
-fn scan_gemini_chunk(data: &[u8]) -> Option<GeminiChunk<'_>> {
-    let mut chunk = GeminiChunk::default();
-    json_scan::for_each_member(data, |key, value| {
+impl<'a> GeminiChunk<'a> {
+    /// Takes one top-level member of the chunk; `None` when serde must decide.
+    #[inline]
+    fn read_member(&mut self, key: &[u8], value: &'a [u8]) -> Option<()> {
         match key {
-            b"usageMetadata" => chunk.usage = scan_gemini_usage(value)?,
-            b"modelVersion" => chunk.model_version = non_null(value),
-            b"responseId" => chunk.response_id = non_null(value),
+            b"usageMetadata" => self.usage = scan_gemini_usage(value)?,
+            b"modelVersion" => self.model_version = non_null(value),
+            b"responseId" => self.response_id = non_null(value),
             b"candidates" if value != b"null" => {
                 json_scan::for_each_element(value, |candidate| {
                     json_scan::for_each_member(candidate, |key, value| {
                         if key == b"finishReason" && value != b"null" {
-                            chunk.finished = true;
+                            self.finished = true;
                         }
                         Some(())
                     })
@@ -1103,17 +1088,24 @@ fn scan_gemini_chunk(data: &[u8]) -> Option<GeminiChunk<'_>> {
             b"promptFeedback" if value != b"null" => {
                 json_scan::for_each_member(value, |key, value| {
                     if key == b"blockReason" && value != b"null" {
-                        chunk.blocked = true;
+                        self.blocked = true;
                     }
                     Some(())
                 })?;
             }
             // Rare: parsed in full.
-            b"error" => chunk.error = serde_json::from_slice::<Option<ErrorWire>>(value).ok()?,
+            b"error" => self.error = serde_json::from_slice::<Option<ErrorWire>>(value).ok()?,
             _ => {}
         }
         Some(())
-    })?;
+    }
+}
+
+/// Reads a Gemini chunk with [`json_scan`]; `None` when serde must decide.
+#[inline]
+fn scan_gemini_chunk(data: &[u8]) -> Option<GeminiChunk<'_>> {
+    let mut chunk = GeminiChunk::default();
+    json_scan::for_each_member(data, |key, value| chunk.read_member(key, value))?;
     Some(chunk)
 }
 
@@ -2359,11 +2351,7 @@ data: [DONE]\n\n";
                 scanned += 1;
                 assert_eq!(Some(chunk), by_serde, "{}", String::from_utf8_lossy(data));
             }
-            let need = GeminiNeeds {
-                model: true,
-                response_id: true,
-            };
-            if let Some(chunk) = scan_gemini_tail(data, need) {
+            if let Some(chunk) = scan_gemini_tail(data, &MeterResult::default()) {
                 tail += 1;
                 assert_eq!(Some(chunk), by_serde, "{}", String::from_utf8_lossy(data));
             }

@@ -29,6 +29,8 @@ pub struct ControlPlane {
     pub max_keys_per_user: u32,
     pub refresh_interval: std::time::Duration,
     pub writer_settings: WriterSettings,
+    /// SQLite's worker threads at idle CPU priority (see [`priority`]).
+    pub sqlite_idle_priority: bool,
     pub secrets: Arc<SecretBox>,
     pub pepper: Arc<Vec<u8>>,
     pub keys: Arc<KeyCache>,
@@ -75,7 +77,7 @@ impl BackgroundService for ControlPlane {
                 self.cooldowns.clone(),
             ));
         }
-        if self.writer_settings.idle_priority && !store.is_postgres() {
+        if self.sqlite_idle_priority && !store.is_postgres() {
             tasks.spawn(priority::keep_sqlite_workers_idle(shutdown.clone()));
         }
         let refresh = Arc::new(tokio::sync::Notify::new());

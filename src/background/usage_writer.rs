@@ -78,8 +78,6 @@ impl Drop for UsageWriter {
 pub struct WriterSettings {
     pub batch_size: usize,
     pub flush_interval: Duration,
-    /// SQLite's worker threads at idle CPU priority (see [`super::priority`]).
-    pub idle_priority: bool,
 }
 
 impl UsageWriter {

@@ -358,7 +358,7 @@ impl RelayProxy {
         let mut cut = false;
         // A read result taken while coalescing, handled on the next turn.
         let mut held: Option<pingora::Result<Option<Bytes>>> = None;
-        if cork.is_some() {
+        if stream {
             held = up.read_response_body().now_or_never();
         }
         loop {
