@@ -226,7 +226,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                 account_error_threshold: config.scheduler.account_error_threshold,
             },
         },
-        connector: pingora::connectors::http::Connector::new(None),
+        connector: pingora::connectors::TransportConnector::new(None),
         resolver: Resolver::default(),
         usage,
         account_events,

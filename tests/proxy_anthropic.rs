@@ -688,5 +688,8 @@ async fn keep_alive_connections_carry_streams_and_json_one_after_another() {
     })
     .await
     .unwrap();
+    // Each exchange read its answer to the end, so the upstream connection went back to the
+    // pool and served the next request.
+    assert_eq!(*s.mock.connections.lock().unwrap(), 1);
     assert_eq!(s.mock.count(), 12);
 }

@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::ResponseHeader;
 use pingora::prelude::HttpPeer;
-use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
+use pingora::upstreams::peer::Peer as _;
 use relay_filters::account_state::{
     apply_outcome, body_reset_hint, is_blocking_error, reset_hint, Outcome,
 };
@@ -17,6 +17,7 @@ use relay_filters::chain::ChunkAction;
 use relay_filters::context::UpstreamRequest;
 use relay_filters::error::{stream_error_event, ErrorKind};
 
+use super::upstream_h1::{H1Error, H1Upstream, UpstreamHead};
 use super::{now_ms, upstream_error_body, ProxyCtx, RelayProxy};
 use crate::metrics::metrics;
 
@@ -44,9 +45,9 @@ enum AttemptError {
 }
 
 struct Attempt {
-    upstream: HttpSession,
+    upstream: H1Upstream,
     peer: HttpPeer,
-    head: ResponseHeader,
+    head: UpstreamHead,
 }
 
 impl RelayProxy {
@@ -78,7 +79,7 @@ impl RelayProxy {
         let payload = req.body.clone().unwrap_or_else(|| body.clone());
         // A pooled connection may have been closed by the upstream meanwhile: one fresh retry.
         for fresh_retry in [false, true] {
-            let (mut up, reused) = match self.connector.get_http_session(&peer).await {
+            let (stream, reused) = match self.connector.get_stream(&peer).await {
                 Ok(s) => s,
                 Err(e) => {
                     return Err(AttemptError::Connect(format!(
@@ -86,32 +87,10 @@ impl RelayProxy {
                     )))
                 }
             };
+            let mut up = H1Upstream::new(stream, peer.options.read_timeout);
             let sent = async {
-                let mut head = RequestHeader::build(
-                    req.method,
-                    req.path_and_query.as_bytes(),
-                    Some(req.headers.len() + 1),
-                )?;
-                for (name, value) in &req.headers {
-                    head.append_header(name.clone(), value.clone())?;
-                }
-                head.insert_header(http::header::CONTENT_LENGTH, payload.len().to_string())?;
-                {
-                    let _cork = Cork::new(up.stream().map(|s| s.id()));
-                    up.write_request_header(Box::new(head)).await?;
-                    up.write_request_body(payload.clone(), true).await?;
-                    up.finish_request_body().await?;
-                }
-                loop {
-                    up.read_response_header().await?;
-                    match up.response_header() {
-                        Some(h) if h.status.as_u16() >= 200 => {
-                            return Ok::<ResponseHeader, Box<pingora::Error>>(h.clone())
-                        }
-                        // 1xx informational: keep reading for the real head.
-                        _ => continue,
-                    }
-                }
+                up.send(req, &payload).await?;
+                up.read_head().await
             };
             match tokio::time::timeout(self.settings.header_timeout, sent).await {
                 Ok(Ok(head)) => {
@@ -158,7 +137,7 @@ impl RelayProxy {
             return Ok(());
         };
         let max_attempts = self.settings.max_attempts.max(1);
-        let mut last_failure: Option<(u16, ResponseHeader, Bytes)> = None;
+        let mut last_failure: Option<(u16, UpstreamHead, Bytes)> = None;
         let mut attempt_no = 0u32;
         let mut established: Option<Box<Attempt>> = None;
         while attempt_no < max_attempts {
@@ -178,8 +157,7 @@ impl RelayProxy {
             let failure_reason: &'static str;
             match result {
                 Ok(mut att) => {
-                    let head = att.head.clone();
-                    let status = head.status.as_u16();
+                    let status = att.head.status.as_u16();
                     metrics()
                         .upstream_ttfb
                         .with_label_values(&[protocol.as_str(), &account.name])
@@ -203,6 +181,7 @@ impl RelayProxy {
                     }
                     // Read the (small) error body: it may carry a reset hint or say "disabled".
                     let err_body = read_limited(&mut att.upstream, ERROR_BODY_LIMIT).await;
+                    let Attempt { upstream, head, .. } = *att;
                     let reset =
                         reset_hint(&head.headers, now).or_else(|| body_reset_hint(&err_body, now));
                     let outcome = Outcome::Status {
@@ -212,7 +191,7 @@ impl RelayProxy {
                     };
                     let change = apply_outcome(&account, outcome, &self.settings.state_rules, now);
                     self.account_events.send(&account, change);
-                    att.upstream.shutdown().await;
+                    upstream.shutdown().await;
                     if is_auth_error {
                         // An account credential problem is not the client's: pass it on as is
                         // unless another account can serve.
@@ -357,9 +336,9 @@ impl RelayProxy {
         let mut complete = false;
         let mut cut = false;
         // A read result taken while coalescing, handled on the next turn.
-        let mut held: Option<pingora::Result<Option<Bytes>>> = None;
+        let mut held: Option<Result<Option<Bytes>, H1Error>> = None;
         if stream {
-            held = up.read_response_body().now_or_never();
+            held = up.read_body().now_or_never();
         }
         loop {
             if held.is_none() {
@@ -376,7 +355,7 @@ impl RelayProxy {
             let next = if let Some(r) = held.take() {
                 r
             } else if let Some(deadline) = drain_deadline {
-                match tokio::time::timeout_at(deadline.into(), up.read_response_body()).await {
+                match tokio::time::timeout_at(deadline.into(), up.read_body()).await {
                     Ok(r) => r,
                     Err(_) => {
                         rctx.usage.estimated = true;
@@ -385,7 +364,7 @@ impl RelayProxy {
                 }
             } else if watch_client && !up.response_done() {
                 tokio::select! {
-                    r = up.read_response_body() => r,
+                    r = up.read_body() => r,
                     idle = session.as_downstream_mut().read_body_or_idle(true) => {
                         match idle {
                             Err(_) => client_gone = true,
@@ -396,7 +375,7 @@ impl RelayProxy {
                     }
                 }
             } else {
-                up.read_response_body().await
+                up.read_body().await
             };
             match next {
                 Ok(Some(chunk)) => {
@@ -407,7 +386,7 @@ impl RelayProxy {
                     if !up.response_done() {
                         let mut batch: Option<BytesMut> = None;
                         while batch.as_ref().map_or(out.len(), BytesMut::len) < COALESCE_LIMIT {
-                            match up.read_response_body().now_or_never() {
+                            match up.read_body().now_or_never() {
                                 Some(Ok(Some(more))) => {
                                     let more = self.filter_chunk(rctx, more);
                                     batch
@@ -489,17 +468,17 @@ impl RelayProxy {
             let _ = session.as_downstream_mut().finish_body().await;
         }
         drop(cork);
-        if complete && up.response_done() {
-            let Attempt { upstream, peer, .. } = *att;
-            // Boxed: 3 KB that only lives for this call.
-            Box::pin(self.connector.release_http_session(
-                upstream,
-                &peer,
-                Some(self.settings.pool_idle_timeout),
-            ))
-            .await;
+        let Attempt { upstream, peer, .. } = *att;
+        if complete {
+            if let Some(stream) = upstream.into_reusable() {
+                self.connector.release_stream(
+                    stream,
+                    peer.reuse_hash(),
+                    Some(self.settings.pool_idle_timeout),
+                );
+            }
         } else {
-            up.shutdown().await;
+            upstream.shutdown().await;
         }
         ctx.lease = None;
         Ok(())
@@ -521,12 +500,12 @@ impl RelayProxy {
 /// relay writes itself; otherwise the upstream's length is kept, except on event streams (whose
 /// bytes a filter may edit). Without a length the body is sent chunked, so the connection stays
 /// reusable.
-fn copy_head(head: &ResponseHeader, request_id: &str, body_len: Option<usize>) -> ResponseHeader {
-    // `build` only fails on an invalid status code, which a parsed head cannot carry.
-    let mut resp = match ResponseHeader::build(head.status, Some(head.headers.len() + 2)) {
-        Ok(r) => r,
-        Err(_) => head.clone(),
-    };
+fn copy_head(head: &UpstreamHead, request_id: &str, body_len: Option<usize>) -> ResponseHeader {
+    // Without a header-case map: names go out in lower case, one allocation less per field.
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = head.status;
+    parts.headers.reserve(head.headers.len() + 2);
+    let mut resp = ResponseHeader::from(parts);
     let event_stream = is_event_stream(head);
     for (name, value) in head.headers.iter() {
         let n = name.as_str();
@@ -550,7 +529,7 @@ fn copy_head(head: &ResponseHeader, request_id: &str, body_len: Option<usize>) -
     resp
 }
 
-fn is_event_stream(head: &ResponseHeader) -> bool {
+fn is_event_stream(head: &UpstreamHead) -> bool {
     head.headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -558,10 +537,10 @@ fn is_event_stream(head: &ResponseHeader) -> bool {
 }
 
 /// Reads at most `limit` bytes of a (small) response body; the rest is left unread.
-async fn read_limited(up: &mut HttpSession, limit: usize) -> Bytes {
+async fn read_limited(up: &mut H1Upstream, limit: usize) -> Bytes {
     let mut buf = Vec::new();
     let read = async {
-        while let Ok(Some(chunk)) = up.read_response_body().await {
+        while let Ok(Some(chunk)) = up.read_body().await {
             buf.extend_from_slice(&chunk);
             if buf.len() >= limit {
                 buf.truncate(limit);

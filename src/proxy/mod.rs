@@ -3,6 +3,7 @@
 
 mod dns;
 mod exchange;
+mod upstream_h1;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +50,7 @@ pub struct ProxySettings {
 pub struct RelayProxy {
     pub chain: Chain,
     pub settings: ProxySettings,
-    pub connector: pingora::connectors::http::Connector,
+    pub connector: pingora::connectors::TransportConnector,
     pub resolver: Resolver,
     pub usage: UsageQueue,
     pub account_events: AccountEvents,

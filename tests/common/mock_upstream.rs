@@ -231,6 +231,8 @@ pub struct MockUpstream {
     pub second_event_sent: Arc<Mutex<Option<Instant>>>,
     /// When the mock finished writing a whole stream.
     pub streams_completed: Arc<Mutex<u32>>,
+    /// Connections accepted so far.
+    pub connections: Arc<Mutex<u32>>,
 }
 
 impl MockUpstream {
@@ -244,10 +246,12 @@ impl MockUpstream {
             received: Arc::new(Mutex::new(Vec::new())),
             second_event_sent: Arc::new(Mutex::new(None)),
             streams_completed: Arc::new(Mutex::new(0)),
+            connections: Arc::new(Mutex::new(0)),
         };
         let m = mock.clone();
         tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
+                *m.connections.lock().unwrap() += 1;
                 let m = m.clone();
                 tokio::spawn(async move {
                     let _ = m.serve(sock).await;

@@ -1,0 +1,757 @@
+//! The relay's HTTP/1.1 client for upstream exchanges, over the raw streams of Pingora's
+//! transport connector (its connection pool, TCP and TLS).
+//!
+//! Pingora's own HTTP/1 client flushes the request head before the body (two sends, two
+//! wake-ups of the upstream), copies every response body chunk into a new allocation, and keeps
+//! a 64 KiB body buffer per connection for as long as a stream lasts. This client writes head and
+//! body with one vectored write, hands out response body chunks as slices of its read buffer
+//! (no copy), and reads into a buffer that starts at 8 KiB and is reused once the chunks handed
+//! out are gone.
+//!
+//! Framing follows RFC 9112 §6: no body after HEAD, 1xx, 204 and 304; `Transfer-Encoding` whose
+//! last coding is `chunked`; `Content-Length`; otherwise the body ends when the connection
+//! closes (and the connection is not reused).
+
+use std::io::{IoSlice, Write as _};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use pingora::protocols::Stream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use relay_filters::context::UpstreamRequest;
+
+/// First size of the read buffer; a response head and a usual JSON answer fit.
+const INITIAL_BUFFER: usize = 8 * 1024;
+/// Free space below which the read buffer is grown (or reclaimed) before a read.
+const MIN_READ: usize = 2 * 1024;
+/// Growth of the read buffer when it is full of bytes not yet handed out.
+const GROW_BY: usize = 16 * 1024;
+/// Largest response head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in a response head (providers send 20 to 50).
+const MAX_HEADERS: usize = 160;
+/// Longest chunk-size line or trailer line accepted.
+const MAX_LINE: usize = 4 * 1024;
+
+/// Why an exchange with the upstream failed.
+#[derive(Debug)]
+pub(super) enum H1Error {
+    Io(std::io::Error),
+    /// No byte arrived within the read timeout.
+    Timeout,
+    /// The upstream closed the connection before the head or the body was complete.
+    Closed(&'static str),
+    /// What the upstream sent is not HTTP/1.x as RFC 9112 frames it.
+    Malformed(&'static str),
+    /// The request cannot be written as HTTP/1.1 (a control byte in its target, say).
+    BadRequest(&'static str),
+}
+
+impl std::fmt::Display for H1Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            H1Error::Io(e) => write!(f, "upstream i/o error: {e}"),
+            H1Error::Timeout => f.write_str("upstream read timed out"),
+            H1Error::Closed(what) => write!(f, "upstream closed the connection {what}"),
+            H1Error::Malformed(what) => write!(f, "malformed upstream response: {what}"),
+            H1Error::BadRequest(what) => write!(f, "request cannot be sent upstream: {what}"),
+        }
+    }
+}
+
+impl From<std::io::Error> for H1Error {
+    fn from(e: std::io::Error) -> Self {
+        H1Error::Io(e)
+    }
+}
+
+/// A response head: status and header fields (names lower-case, order kept).
+pub(super) struct UpstreamHead {
+    pub status: http::StatusCode,
+    pub headers: http::HeaderMap,
+}
+
+/// What the buffer held at its start.
+enum Parsed {
+    Head(UpstreamHead),
+    /// A 1xx head, now skipped.
+    Informational,
+    /// Not a whole head yet.
+    Partial,
+}
+
+/// Where the response body stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body {
+    /// No head read yet.
+    Head,
+    /// `Content-Length`: bytes still to come.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked(Chunk),
+    /// No length: the body ends when the connection closes.
+    UntilClose,
+    /// The body is complete.
+    Done,
+}
+
+/// Position inside a chunked body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Before a chunk-size line.
+    Size,
+    /// Inside a chunk's data: bytes still to come.
+    Data(u64),
+    /// After a chunk's data: its CRLF.
+    DataEnd,
+    /// After the last chunk: trailer lines up to an empty line.
+    Trailers,
+}
+
+/// One HTTP/1.1 exchange on an upstream connection.
+pub(super) struct H1Upstream {
+    stream: Stream,
+    buf: BytesMut,
+    body: Body,
+    /// The connection may serve another request once the body is complete.
+    keep_alive: bool,
+    /// The request was HEAD: the response has no body whatever its head says.
+    head_request: bool,
+    read_timeout: Option<Duration>,
+}
+
+impl H1Upstream {
+    pub(super) fn new(stream: Stream, read_timeout: Option<Duration>) -> Self {
+        H1Upstream {
+            stream,
+            buf: BytesMut::new(),
+            body: Body::Head,
+            keep_alive: true,
+            head_request: false,
+            read_timeout,
+        }
+    }
+
+    /// Writes the request head and body in one vectored write (more only if the kernel takes
+    /// part of it).
+    pub(super) async fn send(&mut self, req: &UpstreamRequest, body: &[u8]) -> Result<(), H1Error> {
+        let head = request_head(req, body.len())?;
+        self.head_request = req.method == "HEAD";
+        let mut slices = [IoSlice::new(&head), IoSlice::new(body)];
+        let mut rest: &mut [IoSlice<'_>] = &mut slices;
+        while !rest.is_empty() {
+            let n = self.stream.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(H1Error::Closed("while the request was written"));
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Reads the response head, skipping 1xx informational heads.
+    pub(super) async fn read_head(&mut self) -> Result<UpstreamHead, H1Error> {
+        loop {
+            match self.parse_head()? {
+                Parsed::Head(head) => return Ok(head),
+                Parsed::Informational => continue,
+                Parsed::Partial => {}
+            }
+            if self.read_more().await? == 0 {
+                return Err(H1Error::Closed("before its response head"));
+            }
+        }
+    }
+
+    /// Parses a head from the buffer.
+    fn parse_head(&mut self) -> Result<Parsed, H1Error> {
+        if self.buf.is_empty() {
+            return Ok(Parsed::Partial);
+        }
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut fields);
+        let len = match parsed.parse(&self.buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if self.buf.len() > MAX_HEAD => {
+                return Err(H1Error::Malformed("response head too large"))
+            }
+            Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(H1Error::Malformed("too many header fields"))
+            }
+            Err(_) => return Err(H1Error::Malformed("invalid response head")),
+        };
+        let code = parsed.code.unwrap_or(0);
+        let status =
+            http::StatusCode::from_u16(code).map_err(|_| H1Error::Malformed("invalid status"))?;
+        if code == 101 {
+            return Err(H1Error::Malformed("unexpected protocol switch"));
+        }
+        if (100..200).contains(&code) {
+            self.buf.advance(len);
+            return Ok(Parsed::Informational);
+        }
+        let mut headers = http::HeaderMap::with_capacity(parsed.headers.len());
+        let mut chunked = false;
+        let mut coded = false;
+        let mut length: Option<u64> = None;
+        let mut close = parsed.version == Some(0);
+        for field in parsed.headers.iter() {
+            let name = http::HeaderName::from_bytes(field.name.as_bytes())
+                .map_err(|_| H1Error::Malformed("invalid header name"))?;
+            let value = http::HeaderValue::from_bytes(field.value)
+                .map_err(|_| H1Error::Malformed("invalid header value"))?;
+            if name == http::header::TRANSFER_ENCODING {
+                coded = true;
+                // Only the last coding decides (RFC 9112 §6.3).
+                chunked = last_token(field.value).eq_ignore_ascii_case(b"chunked");
+            } else if name == http::header::CONTENT_LENGTH {
+                let n = parse_length(field.value)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(H1Error::Malformed("conflicting content-length"));
+                }
+                length = Some(n);
+            } else if name == http::header::CONNECTION {
+                if has_token(field.value, b"close") {
+                    close = true;
+                } else if has_token(field.value, b"keep-alive") && parsed.version == Some(0) {
+                    close = false;
+                }
+            }
+            headers.append(name, value);
+        }
+        self.buf.advance(len);
+        self.keep_alive = !close;
+        self.body = if self.head_request || code == 204 || code == 304 {
+            Body::Done
+        } else if coded {
+            if chunked {
+                Body::Chunked(Chunk::Size)
+            } else {
+                Body::UntilClose
+            }
+        } else if let Some(n) = length {
+            Body::Length(n)
+        } else {
+            Body::UntilClose
+        };
+        if self.body == Body::UntilClose {
+            self.keep_alive = false;
+        }
+        Ok(Parsed::Head(UpstreamHead { status, headers }))
+    }
+
+    /// The next piece of the response body, `None` at its end. Pieces are slices of the read
+    /// buffer; whatever is already buffered is handed out without waiting.
+    pub(super) async fn read_body(&mut self) -> Result<Option<Bytes>, H1Error> {
+        loop {
+            match self.body {
+                Body::Head | Body::Done => return Ok(None),
+                Body::Length(0) => {
+                    self.body = Body::Done;
+                    return Ok(None);
+                }
+                Body::Length(rest) => {
+                    if self.buf.is_empty() && self.read_more().await? == 0 {
+                        self.keep_alive = false;
+                        return Err(H1Error::Closed("before the body was complete"));
+                    }
+                    let n = take_len(rest, self.buf.len());
+                    self.body = Body::Length(rest - n as u64);
+                    return Ok(Some(self.buf.split_to(n).freeze()));
+                }
+                Body::UntilClose => {
+                    if self.buf.is_empty() && self.read_more().await? == 0 {
+                        self.body = Body::Done;
+                        return Ok(None);
+                    }
+                    return Ok(Some(self.buf.split().freeze()));
+                }
+                Body::Chunked(chunk) => {
+                    if let Some(piece) = self.step_chunked(chunk)? {
+                        return Ok(Some(piece));
+                    }
+                    if matches!(self.body, Body::Chunked(_))
+                        && self.needs_bytes()
+                        && self.read_more().await? == 0
+                    {
+                        self.keep_alive = false;
+                        return Err(H1Error::Closed("before the body was complete"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the chunked decoder is stuck on what is buffered.
+    fn needs_bytes(&self) -> bool {
+        match self.body {
+            Body::Chunked(Chunk::Data(_)) => self.buf.is_empty(),
+            Body::Chunked(Chunk::DataEnd) => self.buf.len() < 2,
+            Body::Chunked(Chunk::Size | Chunk::Trailers) => !self.buf.contains(&b'\n'),
+            _ => false,
+        }
+    }
+
+    /// Advances the chunked decoder over what is buffered. Returns a piece of data when one is
+    /// available; `None` when it moved on (or needs more bytes, see `needs_bytes`).
+    fn step_chunked(&mut self, chunk: Chunk) -> Result<Option<Bytes>, H1Error> {
+        match chunk {
+            Chunk::Size => {
+                let Some(line) = self.take_line()? else {
+                    return Ok(None);
+                };
+                let size = parse_chunk_size(&line)?;
+                self.body = Body::Chunked(if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                });
+                Ok(None)
+            }
+            Chunk::Data(rest) => {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = take_len(rest, self.buf.len());
+                let left = rest - n as u64;
+                self.body = Body::Chunked(if left == 0 {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left)
+                });
+                Ok(Some(self.buf.split_to(n).freeze()))
+            }
+            Chunk::DataEnd => {
+                if self.buf.len() < 2 {
+                    return Ok(None);
+                }
+                if &self.buf[..2] != b"\r\n" {
+                    return Err(H1Error::Malformed("chunk data not followed by CRLF"));
+                }
+                self.buf.advance(2);
+                self.body = Body::Chunked(Chunk::Size);
+                Ok(None)
+            }
+            Chunk::Trailers => {
+                let Some(line) = self.take_line()? else {
+                    return Ok(None);
+                };
+                if line.is_empty() {
+                    self.body = Body::Done;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Takes one line (without its line end) from the buffer, if a whole one is there.
+    fn take_line(&mut self) -> Result<Option<BytesMut>, H1Error> {
+        let Some(end) = memchr::memchr(b'\n', &self.buf) else {
+            if self.buf.len() > MAX_LINE {
+                return Err(H1Error::Malformed("line too long in chunked body"));
+            }
+            return Ok(None);
+        };
+        if end > MAX_LINE {
+            return Err(H1Error::Malformed("line too long in chunked body"));
+        }
+        let mut line = self.buf.split_to(end + 1);
+        line.truncate(end);
+        if line.last() == Some(&b'\r') {
+            line.truncate(end - 1);
+        }
+        Ok(Some(line))
+    }
+
+    /// Whether the response body has been read to its end.
+    pub(super) fn response_done(&self) -> bool {
+        matches!(self.body, Body::Done | Body::Length(0))
+    }
+
+    /// The connection, if it can serve another request: the body read to its end, nothing
+    /// unread behind it, and neither side asked to close.
+    pub(super) fn into_reusable(self) -> Option<Stream> {
+        (self.response_done() && self.keep_alive && self.buf.is_empty()).then_some(self.stream)
+    }
+
+    /// Closes the connection.
+    pub(super) async fn shutdown(mut self) {
+        let _ = self.stream.shutdown().await;
+    }
+
+    /// Reads what the socket has into the buffer; 0 at the end of the stream.
+    async fn read_more(&mut self) -> Result<usize, H1Error> {
+        if self.buf.capacity() - self.buf.len() < MIN_READ {
+            // Reclaims the buffer in place when the pieces handed out are gone.
+            let grow = if self.buf.capacity() == 0 {
+                INITIAL_BUFFER
+            } else {
+                GROW_BY
+            };
+            self.buf.reserve(grow);
+        }
+        let read = self.stream.read_buf(&mut self.buf);
+        let n = match self.read_timeout {
+            Some(t) => tokio::time::timeout(t, read)
+                .await
+                .map_err(|_| H1Error::Timeout)??,
+            None => read.await?,
+        };
+        Ok(n)
+    }
+}
+
+/// The request line and header fields, with the body's length.
+fn request_head(req: &UpstreamRequest, body_len: usize) -> Result<Vec<u8>, H1Error> {
+    let target = req.path_and_query.as_bytes();
+    if target.is_empty() || target.iter().any(|&b| b <= b' ' || b == 0x7f) {
+        return Err(H1Error::BadRequest("invalid request target"));
+    }
+    let fields: usize = req
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    let mut head = Vec::with_capacity(req.method.len() + target.len() + fields + 48);
+    head.extend_from_slice(req.method.as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(target);
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &req.headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    // Writing to a Vec cannot fail.
+    let _ = write!(head, "content-length: {body_len}\r\n\r\n");
+    Ok(head)
+}
+
+fn take_len(rest: u64, buffered: usize) -> usize {
+    usize::try_from(rest).map_or(buffered, |r| r.min(buffered))
+}
+
+fn parse_length(value: &[u8]) -> Result<u64, H1Error> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(H1Error::Malformed("invalid content-length"));
+    }
+    Ok(digits
+        .iter()
+        .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+}
+
+/// The size of a chunk from its line (`1a2b;ext=1`).
+fn parse_chunk_size(line: &[u8]) -> Result<u64, H1Error> {
+    let end = line
+        .iter()
+        .position(|&b| b == b';' || b == b' ' || b == b'\t')
+        .unwrap_or(line.len());
+    let hex = &line[..end];
+    if hex.is_empty() || hex.len() > 15 {
+        return Err(H1Error::Malformed("invalid chunk size"));
+    }
+    let mut size = 0u64;
+    for &b in hex {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return Err(H1Error::Malformed("invalid chunk size")),
+        };
+        size = size * 16 + u64::from(d);
+    }
+    Ok(size)
+}
+
+fn last_token(value: &[u8]) -> &[u8] {
+    value
+        .rsplit(|&b| b == b',')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii()
+}
+
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+mod tests {
+    use super::*;
+    use tokio_test::io::Builder;
+
+    /// An exchange whose socket hands out `reads`, one read each.
+    fn upstream(reads: &[&[u8]]) -> H1Upstream {
+        let mut mock = Builder::new();
+        for r in reads {
+            mock.read(r);
+        }
+        H1Upstream::new(Box::new(mock.build()), None)
+    }
+
+    /// Reads the head and the whole body.
+    async fn exchange(up: &mut H1Upstream) -> Result<(u16, Vec<u8>), H1Error> {
+        let head = up.read_head().await?;
+        let mut body = Vec::new();
+        while let Some(piece) = up.read_body().await? {
+            assert!(!piece.is_empty(), "empty pieces are never handed out");
+            body.extend_from_slice(&piece);
+        }
+        assert!(up.response_done());
+        Ok((head.status.as_u16(), body))
+    }
+
+    /// Every way of cutting `wire` in two reads, and one byte per read.
+    fn cuts(wire: &[u8]) -> Vec<Vec<&[u8]>> {
+        let mut all: Vec<Vec<&[u8]>> = (0..=wire.len())
+            .map(|k| vec![&wire[..k], &wire[k..]])
+            .collect();
+        all.push(wire.chunks(1).collect());
+        all
+    }
+
+    const CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+        transfer-encoding: chunked\r\n\r\n5;name=value\r\nhello\r\n1A\r\n\
+        abcdefghijklmnopqrstuvwxyz\r\n0\r\nx-trailer: 1\r\n\r\n";
+
+    #[tokio::test]
+    async fn chunked_body_decoded_however_the_bytes_arrive() {
+        for reads in cuts(CHUNKED) {
+            let mut up = upstream(&reads);
+            let (status, body) = exchange(&mut up).await.unwrap();
+            assert_eq!(status, 200);
+            assert_eq!(body, b"helloabcdefghijklmnopqrstuvwxyz");
+            assert!(up.into_reusable().is_some());
+        }
+    }
+
+    #[tokio::test]
+    async fn chunked_pieces_are_handed_out_before_the_chunk_is_complete() {
+        let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nA\r\n0123";
+        let mut mock = Builder::new();
+        mock.read(head);
+        // The rest never comes: the first piece must not wait for it.
+        mock.wait(Duration::from_secs(3600));
+        let mut up = H1Upstream::new(Box::new(mock.build()), None);
+        up.read_head().await.unwrap();
+        let first = up.read_body().await.unwrap().unwrap();
+        assert_eq!(&first[..], b"0123");
+        assert!(!up.response_done());
+    }
+
+    #[tokio::test]
+    async fn content_length_body_however_the_bytes_arrive() {
+        let wire = b"HTTP/1.1 201 Created\r\nContent-Length: 11\r\nX-A: b\r\n\r\nhello world";
+        for reads in cuts(wire) {
+            let mut up = upstream(&reads);
+            let (status, body) = exchange(&mut up).await.unwrap();
+            assert_eq!((status, &body[..]), (201, &b"hello world"[..]));
+            assert!(up.into_reusable().is_some());
+        }
+    }
+
+    #[tokio::test]
+    async fn header_fields_kept_in_order_with_repeats() {
+        let wire = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nx-a: 1\r\nx-a: 2\r\n\
+            content-length: 0\r\n\r\n";
+        let mut up = upstream(&[wire]);
+        let head = up.read_head().await.unwrap();
+        assert_eq!(head.status.as_u16(), 429);
+        assert_eq!(head.headers.get("retry-after").unwrap(), "7");
+        let a: Vec<_> = head.headers.get_all("x-a").iter().collect();
+        assert_eq!(a, ["1", "2"]);
+        assert!(up.read_body().await.unwrap().is_none());
+        assert!(up.into_reusable().is_some());
+    }
+
+    #[tokio::test]
+    async fn body_without_length_ends_with_the_connection() {
+        let wire = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{\"a\":1}";
+        for reads in cuts(wire) {
+            let mut up = upstream(&reads);
+            let (_, body) = exchange(&mut up).await.unwrap();
+            assert_eq!(body, b"{\"a\":1}");
+            assert!(up.into_reusable().is_none(), "the end was the close");
+        }
+        // A coding other than chunked last: also delimited by the close.
+        let wire = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\nraw";
+        let mut up = upstream(&[wire]);
+        assert_eq!(exchange(&mut up).await.unwrap().1, b"raw");
+        assert!(up.into_reusable().is_none());
+    }
+
+    #[tokio::test]
+    async fn chunked_wins_over_content_length_when_last() {
+        let wire =
+            b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\ntransfer-encoding: gzip, Chunked\r\n\r\n\
+            2\r\nok\r\n0\r\n\r\n";
+        let mut up = upstream(&[wire]);
+        assert_eq!(exchange(&mut up).await.unwrap().1, b"ok");
+    }
+
+    #[tokio::test]
+    async fn informational_heads_are_skipped() {
+        let wire = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n\
+            HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        for reads in cuts(wire) {
+            let mut up = upstream(&reads);
+            assert_eq!(exchange(&mut up).await.unwrap(), (200, b"ok".to_vec()));
+        }
+    }
+
+    #[tokio::test]
+    async fn no_body_after_head_204_and_304() {
+        for wire in [
+            &b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n"[..],
+            &b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+        ] {
+            let mut up = upstream(&[wire]);
+            assert!(exchange(&mut up).await.unwrap().1.is_empty());
+            assert!(up.into_reusable().is_some());
+        }
+        let mut up = upstream(&[b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"]);
+        up.head_request = true;
+        assert!(exchange(&mut up).await.unwrap().1.is_empty());
+    }
+
+    #[tokio::test]
+    async fn connection_close_and_http_1_0_are_not_reused() {
+        for wire in [
+            &b"HTTP/1.1 200 OK\r\nconnection: keep-alive, Close\r\ncontent-length: 1\r\n\r\nx"[..],
+            &b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\nx"[..],
+        ] {
+            let mut up = upstream(&[wire]);
+            exchange(&mut up).await.unwrap();
+            assert!(up.into_reusable().is_none());
+        }
+        let mut up =
+            upstream(&[b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\nx"]);
+        exchange(&mut up).await.unwrap();
+        assert!(up.into_reusable().is_some());
+    }
+
+    #[tokio::test]
+    async fn bytes_past_the_body_make_the_connection_unusable() {
+        let mut up = upstream(&[b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nxGARBAGE"]);
+        assert_eq!(exchange(&mut up).await.unwrap().1, b"x");
+        assert!(up.into_reusable().is_none());
+    }
+
+    #[tokio::test]
+    async fn early_close_is_an_error_not_an_end() {
+        let cases: [&[u8]; 4] = [
+            b"",
+            b"HTTP/1.1 200 OK\r\ncontent-le",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel",
+        ];
+        for wire in cases {
+            let mut up = upstream(&[wire]);
+            let err = exchange(&mut up).await.unwrap_err();
+            assert!(matches!(err, H1Error::Closed(_)), "{err} for {wire:?}");
+            assert!(up.into_reusable().is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_answers_are_errors() {
+        let cases: [&[u8]; 8] = [
+            b"SMTP ready\r\n\r\n",
+            b"HTTP/1.1 2000 Huh\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nokXX0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1000000000000000\r\n",
+        ];
+        for wire in cases {
+            let mut up = upstream(&[wire]);
+            let err = exchange(&mut up).await.unwrap_err();
+            assert!(matches!(err, H1Error::Malformed(_)), "{err} for {wire:?}");
+        }
+        // An endless head.
+        let big = [b'a'; 1024];
+        let mut reads: Vec<&[u8]> = vec![b"HTTP/1.1 200 OK\r\nx: "];
+        reads.extend(std::iter::repeat_n(&big[..], 64));
+        let mut up = upstream(&reads);
+        let err = up.read_head().await.err().unwrap();
+        assert!(matches!(err, H1Error::Malformed("response head too large")));
+    }
+
+    #[tokio::test]
+    async fn a_silent_upstream_times_out() {
+        let mut mock = Builder::new();
+        mock.wait(Duration::from_secs(3600));
+        let mut up = H1Upstream::new(Box::new(mock.build()), Some(Duration::from_millis(20)));
+        assert!(matches!(up.read_head().await, Err(H1Error::Timeout)));
+    }
+
+    fn request(path: &str) -> UpstreamRequest {
+        UpstreamRequest {
+            tls: false,
+            host: "127.0.0.1".into(),
+            port: 9,
+            method: "POST",
+            path_and_query: path.into(),
+            headers: vec![
+                (
+                    http::header::HOST,
+                    http::HeaderValue::from_static("up.example"),
+                ),
+                (
+                    http::HeaderName::from_static("x-api-key"),
+                    http::HeaderValue::from_static("k"),
+                ),
+            ],
+            body: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn request_goes_out_as_head_then_body() {
+        let mock = Builder::new()
+            .write(b"POST /v1/messages?beta=true HTTP/1.1\r\nhost: up.example\r\nx-api-key: k\r\ncontent-length: 4\r\n\r\n")
+            .write(b"{}{}")
+            .read(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .build();
+        let mut up = H1Upstream::new(Box::new(mock), None);
+        up.send(&request("/v1/messages?beta=true"), b"{}{}")
+            .await
+            .unwrap();
+        assert_eq!(exchange(&mut up).await.unwrap(), (200, vec![]));
+    }
+
+    #[tokio::test]
+    async fn a_target_that_would_split_the_request_line_is_refused() {
+        for path in ["", "/a b", "/a\r\nx: y", "/\u{7f}"] {
+            let mut up = upstream(&[]);
+            let err = up.send(&request(path), b"").await.unwrap_err();
+            assert!(matches!(err, H1Error::BadRequest(_)), "{path:?}");
+        }
+    }
+
+    #[test]
+    fn chunk_sizes_and_tokens() {
+        assert_eq!(parse_chunk_size(b"0").unwrap(), 0);
+        assert_eq!(parse_chunk_size(b"fF;a=b").unwrap(), 255);
+        assert_eq!(parse_chunk_size(b"10 ").unwrap(), 16);
+        assert!(parse_chunk_size(b"").is_err());
+        assert!(parse_chunk_size(b";x").is_err());
+        assert!(parse_chunk_size(b"0x10").is_err());
+        assert_eq!(parse_length(b" 42 ").unwrap(), 42);
+        assert!(parse_length(b"4 2").is_err());
+        assert!(parse_length(b"99999999999999999999").is_err());
+        assert!(has_token(b"Keep-Alive, close", b"close"));
+        assert!(!has_token(b"closed", b"close"));
+        assert_eq!(last_token(b"gzip , chunked "), b"chunked");
+    }
+}
