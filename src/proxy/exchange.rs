@@ -79,13 +79,24 @@ impl RelayProxy {
         let payload = req.body.clone().unwrap_or_else(|| body.clone());
         // A pooled connection may have been closed by the upstream meanwhile: one fresh retry.
         for fresh_retry in [false, true] {
-            let (stream, reused) = match self.connector.get_stream(&peer).await {
-                Ok(s) => s,
-                Err(e) => {
-                    return Err(AttemptError::Connect(format!(
-                        "cannot connect upstream: {e}"
-                    )))
-                }
+            let pooled = if fresh_retry {
+                None
+            } else {
+                self.connector.reused_stream(&peer).await
+            };
+            let reused = pooled.is_some();
+            let stream = match pooled {
+                Some(s) => s,
+                // Boxed: connecting (TCP and TLS) is an 8 KB future, and most exchanges find a
+                // pooled connection; inline, every attempt would carry and copy it.
+                None => match Box::pin(self.connector.new_stream(&peer)).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return Err(AttemptError::Connect(format!(
+                            "cannot connect upstream: {e}"
+                        )))
+                    }
+                },
             };
             let mut up = H1Upstream::new(stream, peer.options.read_timeout);
             let sent = async {
@@ -150,7 +161,7 @@ impl RelayProxy {
             // The slot taken when the account was picked.
             ctx.lease = rctx.upstream.lease.take();
             let started = Instant::now();
-            // Boxed: 9.6 KB that only lives until the response head is in.
+            // Boxed: the attempt only lives until the response head is in.
             let result = Box::pin(self.attempt(&req, &body)).await;
             ctx.upstream_time += started.elapsed();
             let now = now_ms();
