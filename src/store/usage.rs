@@ -54,10 +54,10 @@ const DAILY_COLUMNS: [&str; 10] = [
     "billed_cost",
 ];
 
-/// Records per INSERT statement: 26 × 200 parameters stays far under SQLite's 32 766.
-const RECORDS_PER_STATEMENT: usize = 200;
+/// Records per INSERT statement: 26 × 256 parameters stays far under SQLite's 32 766.
+const RECORDS_PER_STATEMENT: usize = 256;
 /// Rollup rows per upsert statement (10 parameters each).
-const ROLLUPS_PER_STATEMENT: usize = 500;
+const ROLLUPS_PER_STATEMENT: usize = 512;
 
 /// What a daily rollup row is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -287,7 +287,29 @@ fn user_model_dim(user_id: &str) -> String {
 }
 
 /// Ids per `IN (...)` list, far under SQLite's parameter limit.
-const IDS_PER_STATEMENT: usize = 500;
+const IDS_PER_STATEMENT: usize = 512;
+
+/// Splits a batch into runs for multi-row statements: runs of `max`, then the rest in powers of
+/// two, largest first. Run lengths come from a small fixed set (nine for 256), so each
+/// statement's text recurs and the driver reuses its prepared form from the connection's
+/// statement cache. With a run per batch remainder, a loaded relay wrote a new length nearly
+/// every batch, and parsing a multi-row statement costs SQLite about as much as running it.
+fn statement_runs<T>(items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let len = if rest.len() >= max {
+            max
+        } else {
+            1 << rest.len().ilog2()
+        };
+        let (run, tail) = rest.split_at(len);
+        rest = tail;
+        Some(run)
+    })
+}
 
 /// Builds a [`UsageRow`] from a `request_logs` row.
 fn usage_from_row(row: &AnyRow) -> Result<UsageRow> {
@@ -423,7 +445,7 @@ impl SqlStore {
         // the insert sent every id back, one message and wake-up of the writer per record
         // across sqlx's SQLite worker thread.)
         let mut existing: HashSet<String> = HashSet::new();
-        for chunk in unique.chunks(IDS_PER_STATEMENT) {
+        for chunk in statement_runs(&unique, IDS_PER_STATEMENT) {
             let sql = format!(
                 "SELECT id FROM request_logs WHERE id IN {}",
                 values_placeholders(1, chunk.len(), self.is_postgres())
@@ -440,7 +462,7 @@ impl SqlStore {
             .into_iter()
             .filter(|r| !existing.contains(&r.id))
             .collect();
-        for chunk in fresh.chunks(RECORDS_PER_STATEMENT) {
+        for chunk in statement_runs(&fresh, RECORDS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO request_logs ({}) VALUES {} ON CONFLICT (id) DO NOTHING",
                 RECORD_COLUMNS.join(", "),
@@ -524,7 +546,7 @@ impl SqlStore {
         }
 
         let rollups: Vec<_> = rollups.into_iter().collect();
-        for chunk in rollups.chunks(ROLLUPS_PER_STATEMENT) {
+        for chunk in statement_runs(&rollups, ROLLUPS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO usage_daily ({}) VALUES {} ON CONFLICT (day, dim, dim_id) DO UPDATE \
                  SET requests = usage_daily.requests + excluded.requests, \
@@ -742,5 +764,24 @@ mod tests {
             "($1, $2, $3), ($4, $5, $6)"
         );
         assert_eq!(values_placeholders(2, 2, false), "(?, ?), (?, ?)");
+    }
+
+    #[test]
+    fn statement_runs_cover_the_batch_with_few_distinct_lengths() {
+        let mut lengths = HashSet::new();
+        for n in 0..=1100usize {
+            let items: Vec<usize> = (0..n).collect();
+            let runs: Vec<&[usize]> = statement_runs(&items, 256).collect();
+            assert_eq!(runs.concat(), items, "in order, each item once ({n})");
+            // At most one run per bit of the remainder after the full runs.
+            assert!(
+                runs.len() <= n / 256 + (n % 256).count_ones() as usize,
+                "{n}"
+            );
+            lengths.extend(runs.iter().map(|r| r.len()));
+        }
+        let mut lengths: Vec<usize> = lengths.into_iter().collect();
+        lengths.sort_unstable();
+        assert_eq!(lengths, [1, 2, 4, 8, 16, 32, 64, 128, 256]);
     }
 }
