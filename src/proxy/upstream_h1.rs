@@ -5,8 +5,8 @@
 //! wake-ups of the upstream), copies every response body chunk into a new allocation, and keeps
 //! a 64 KiB body buffer per connection for as long as a stream lasts. This client writes head and
 //! body with one vectored write, hands out response body chunks as slices of its read buffer
-//! (no copy), and reads into a buffer that starts at 8 KiB and is reused once the chunks handed
-//! out are gone.
+//! (no copy), and reads into a buffer that starts at 4 KiB, grows while reads fill it, and is
+//! reused in place once the pieces handed out are gone.
 //!
 //! Framing follows RFC 9112 §6: no body after HEAD, 1xx, 204 and 304; `Transfer-Encoding` whose
 //! last coding is `chunked`; `Content-Length`; otherwise the body ends when the connection
@@ -21,12 +21,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use relay_filters::context::UpstreamRequest;
 
-/// First size of the read buffer; a response head and a usual JSON answer fit.
-const INITIAL_BUFFER: usize = 8 * 1024;
-/// Free space below which the read buffer is grown (or reclaimed) before a read.
-const MIN_READ: usize = 2 * 1024;
-/// Growth of the read buffer when it is full of bytes not yet handed out.
-const GROW_BY: usize = 16 * 1024;
+/// First read size: a response head and a usual JSON answer fit; a held stream of small
+/// events never needs more, and touches one page of it.
+const FIRST_READ: usize = 4 * 1024;
+/// Largest read size, reached by doubling while reads fill all the space offered.
+const MAX_READ: usize = 64 * 1024;
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in a response head (providers send 20 to 50).
@@ -119,6 +118,8 @@ pub(super) struct H1Upstream {
     /// The request was HEAD: the response has no body whatever its head says.
     head_request: bool,
     read_timeout: Option<Duration>,
+    /// Space offered to the next read.
+    read_size: usize,
 }
 
 impl H1Upstream {
@@ -130,6 +131,7 @@ impl H1Upstream {
             keep_alive: true,
             head_request: false,
             read_timeout,
+            read_size: FIRST_READ,
         }
     }
 
@@ -384,15 +386,11 @@ impl H1Upstream {
 
     /// Reads what the socket has into the buffer; 0 at the end of the stream.
     async fn read_more(&mut self) -> Result<usize, H1Error> {
-        if self.buf.capacity() - self.buf.len() < MIN_READ {
-            // Reclaims the buffer in place when the pieces handed out are gone.
-            let grow = if self.buf.capacity() == 0 {
-                INITIAL_BUFFER
-            } else {
-                GROW_BY
-            };
-            self.buf.reserve(grow);
+        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
+            // Reuses the buffer in place when the pieces handed out are gone.
+            self.buf.reserve(self.read_size);
         }
+        let offered = self.buf.capacity() - self.buf.len();
         let read = self.stream.read_buf(&mut self.buf);
         let n = match self.read_timeout {
             Some(t) => tokio::time::timeout(t, read)
@@ -400,6 +398,10 @@ impl H1Upstream {
                 .map_err(|_| H1Error::Timeout)??,
             None => read.await?,
         };
+        if n == offered && self.read_size < MAX_READ {
+            // More was waiting: offer more next time (large answers, fast upstreams).
+            self.read_size *= 2;
+        }
         Ok(n)
     }
 }
@@ -556,6 +558,22 @@ mod tests {
             assert_eq!((status, &body[..]), (201, &b"hello world"[..]));
             assert!(up.into_reusable().is_some());
         }
+    }
+
+    #[tokio::test]
+    async fn reads_grow_while_they_fill_the_space_offered() {
+        let body: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
+        let mut wire =
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+        wire.extend_from_slice(&body);
+        let mut up = upstream(&[&wire]);
+        assert_eq!(up.read_size, FIRST_READ);
+        assert_eq!(exchange(&mut up).await.unwrap().1, body);
+        assert_eq!(up.read_size, MAX_READ);
+        // Small answers keep the first size.
+        let mut up = upstream(&[b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]);
+        exchange(&mut up).await.unwrap();
+        assert_eq!(up.read_size, FIRST_READ);
     }
 
     #[tokio::test]
