@@ -564,10 +564,10 @@ async fn read_limited(up: &mut H1Upstream, limit: usize) -> Bytes {
 }
 
 /// Holds back partial TCP segments on a socket until dropped (Linux `TCP_CORK`), so writes made
-/// meanwhile leave as one transmission: a request head and body written one after the other by
-/// Pingora's HTTP/1 client (which flushes the head on its own) reach the upstream in one
-/// segment instead of two, one wake-up of the receiver instead of two. Full segments still leave
-/// at once, so a large body is not held. A no-op where the option does not exist or fails.
+/// meanwhile leave as one transmission: Pingora's HTTP/1 server flushes a streamed answer's
+/// head, each body write and the last chunk on their own, and corked they reach the client as
+/// one segment, one wake-up of the receiver instead of several. Full segments still leave at
+/// once, so nothing large is held. A no-op where the option does not exist or fails.
 struct Cork(Option<i32>);
 
 impl Cork {
