@@ -693,3 +693,64 @@ async fn keep_alive_connections_carry_streams_and_json_one_after_another() {
     assert_eq!(*s.mock.connections.lock().unwrap(), 1);
     assert_eq!(s.mock.count(), 12);
 }
+
+#[tokio::test]
+async fn tls_upstream_is_verified_and_its_connection_pooled() {
+    let (mock, tls) = MockUpstream::start_tls().await;
+    let relay = Relay::start_with(common::RelayOptions {
+        env: vec![(
+            "SSL_CERT_FILE".to_owned(),
+            tls.ca_file.display().to_string(),
+        )],
+        ..Default::default()
+    })
+    .await;
+    let user_id = relay.create_user("tls", 10_000).await;
+    relay
+        .create_account("claude-tls", "claude", &tls.url, "sk-ant-upstream-tls")
+        .await;
+    let (_, key) = relay.create_key(&user_id, serde_json::json!({})).await;
+    relay.wait_key_active(&key).await;
+
+    for i in 0..4 {
+        let stream = i % 2 == 1;
+        let r = relay
+            .post("/v1/messages", &key)
+            .json(&messages_body(MODEL, stream, conversation("tls", 1)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        let text = r.text().await.unwrap();
+        if stream {
+            assert!(text.contains("event: message_stop"), "request {i}: {text}");
+        } else {
+            assert!(text.contains("msg_mock_1"), "request {i}: {text}");
+        }
+    }
+    let received = mock.requests();
+    assert_eq!(received.len(), 4);
+    assert!(received.iter().all(|r| r
+        .headers
+        .iter()
+        .any(|(k, v)| k == "x-api-key" && v == "sk-ant-upstream-tls")));
+    // One TLS connection served all four exchanges.
+    assert_eq!(*mock.connections.lock().unwrap(), 1);
+
+    // A relay that does not trust the test CA refuses the upstream: no request reaches it.
+    let untrusting = Relay::start().await;
+    let user_id = untrusting.create_user("tls2", 10_000).await;
+    untrusting
+        .create_account("claude-tls", "claude", &tls.url, "sk-ant-upstream-tls")
+        .await;
+    let (_, key) = untrusting.create_key(&user_id, serde_json::json!({})).await;
+    untrusting.wait_key_active(&key).await;
+    let r = untrusting
+        .post("/v1/messages", &key)
+        .json(&messages_body(MODEL, false, conversation("tls", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(mock.requests().len(), 4);
+}

@@ -1,6 +1,6 @@
-//! A mock upstream speaking the providers' wire formats over plain HTTP/1.1 on a loopback
-//! port: JSON and SSE answers with chosen usage, delays between events, cuts, error statuses;
-//! it records every request it receives.
+//! A mock upstream speaking the providers' wire formats over HTTP/1.1 on a loopback port, plain
+//! or over TLS with a certificate from a CA made for the test: JSON and SSE answers with chosen
+//! usage, delays between events, cuts, error statuses; it records every request it receives.
 //!
 //! The request path decides the protocol of the answer, as it does at the real providers:
 //! `…/chat/completions` → OpenAI Chat, `…/responses` → OpenAI Responses,
@@ -12,8 +12,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 /// Token counts the mock reports, as each wire format's own fields (not normalised):
 ///
@@ -235,19 +235,20 @@ pub struct MockUpstream {
     pub connections: Arc<Mutex<u32>>,
 }
 
+/// What a relay needs to reach a TLS mock: its base URL and the CA to trust.
+pub struct TlsFiles {
+    pub url: String,
+    /// PEM of the CA that signed the mock's certificate (for `SSL_CERT_FILE`).
+    pub ca_file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
 impl MockUpstream {
     /// Starts a mock on a free loopback port.
     pub async fn start() -> MockUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
         let port = listener.local_addr().expect("addr").port();
-        let mock = MockUpstream {
-            port,
-            behavior: Arc::new(Mutex::new(Behavior::default())),
-            received: Arc::new(Mutex::new(Vec::new())),
-            second_event_sent: Arc::new(Mutex::new(None)),
-            streams_completed: Arc::new(Mutex::new(0)),
-            connections: Arc::new(Mutex::new(0)),
-        };
+        let mock = MockUpstream::new(port);
         let m = mock.clone();
         tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
@@ -261,9 +262,83 @@ impl MockUpstream {
         mock
     }
 
+    fn new(port: u16) -> MockUpstream {
+        MockUpstream {
+            port,
+            behavior: Arc::new(Mutex::new(Behavior::default())),
+            received: Arc::new(Mutex::new(Vec::new())),
+            second_event_sent: Arc::new(Mutex::new(None)),
+            streams_completed: Arc::new(Mutex::new(0)),
+            connections: Arc::new(Mutex::new(0)),
+        }
+    }
+
     /// Base URL for an account.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts a mock that speaks TLS (HTTP/1.1 by ALPN) with a certificate for `localhost` and
+    /// `127.0.0.1`, signed by a CA made for this mock; the CA's PEM file is in the returned
+    /// [`TlsFiles`].
+    pub async fn start_tls() -> (MockUpstream, TlsFiles) {
+        use tokio_rustls::rustls;
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "llm-relay test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .unwrap();
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
+        let port = listener.local_addr().expect("addr").port();
+        let mock = MockUpstream::new(port);
+        let m = mock.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                *m.connections.lock().unwrap() += 1;
+                let m = m.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // A client that rejects the certificate ends the handshake: nothing to serve.
+                    if let Ok(tls) = acceptor.accept(sock).await {
+                        let _ = m.serve(tls).await;
+                    }
+                });
+            }
+        });
+        let url = format!("https://127.0.0.1:{port}");
+        (
+            mock,
+            TlsFiles {
+                url,
+                ca_file,
+                _dir: dir,
+            },
+        )
     }
 
     pub fn set(&self, f: impl FnOnce(&mut Behavior)) {
@@ -278,7 +353,7 @@ impl MockUpstream {
         self.received.lock().unwrap().len()
     }
 
-    async fn serve(&self, mut sock: TcpStream) -> std::io::Result<()> {
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(&self, mut sock: S) -> std::io::Result<()> {
         let mut buf: Vec<u8> = Vec::new();
         loop {
             // Read one request head.
@@ -383,7 +458,7 @@ impl MockUpstream {
 
     async fn write_stream(
         &self,
-        sock: &mut TcpStream,
+        sock: &mut (impl AsyncWrite + Unpin),
         b: &Behavior,
         events: &[String],
     ) -> std::io::Result<()> {
