@@ -28,7 +28,7 @@ test:
 
 # Criterion micro-benchmarks, then the load test (benches/load/run.sh: mock upstream, nginx
 # baseline, relay). Installs nginx-light, wrk and curl when missing. BENCH_ARGS goes to criterion
-# (e.g. BENCH_ARGS=--quick); BENCH_DURATION, BENCH_STREAMS tune the load test.
+# (e.g. BENCH_ARGS=--quick); BENCH_DURATION, BENCH_STREAMS, BENCH_SOAK tune the load test.
 BENCH_ARGS ?=
 bench: deps
 	@benches/load/install.sh

@@ -5,14 +5,16 @@
 # wrk drives each at 1 and 64 connections with 2 KiB non-stream requests and stream requests
 # (20 SSE events); one table gives requests/s, p50, p99, the relay/nginx ratios, CPU seconds per
 # 10 000 requests and the relay's peak RSS, and (with strace) the relay's system calls per
-# request, a count the noise of a shared machine does not move. Then a memory scenario holds 10 000 SSE streams open
-# through the relay against a slow mock and reports the relay's RSS.
+# request, a count the noise of a shared machine does not move. Then a memory scenario holds
+# 10 000 SSE streams open through the relay against a slow mock and reports the relay's RSS, and
+# a soak of five minutes of mixed load watches the relay's RSS for growth per request.
 #
 # Everything listens on and talks to 127.0.0.1 only. Every run is bounded (BENCH_DURATION
 # seconds each, default 10) and all processes started here are stopped on exit.
 #
 # Environment: BENCH_DURATION (s per run), BENCH_STREAMS (memory scenario, default 10000; 0 to
-# skip), BENCH_HOLD_BYTES (request body of each held stream, default 2048), BENCH_RELAY_LOG
+# skip), BENCH_SOAK (s of mixed load watching the relay's RSS for per-request growth, default
+# 300; 0 to skip), BENCH_HOLD_BYTES (request body of each held stream, default 2048), BENCH_RELAY_LOG
 # (relay log filter, default info: one line per request, like nginx's access log), BENCH_KEEP=1
 # keeps the work directory (logs, configs, wrk output).
 set -euo pipefail
@@ -37,6 +39,7 @@ command -v wrk >/dev/null || { echo "missing wrk (benches/load/install.sh)" >&2;
 WORK=$(mktemp -d /tmp/llm-relay-bench.XXXXXX)
 chmod 755 "$WORK" # nginx workers may run as another user
 PIDS=()
+SOAK_PIDS=()
 cleanup() {
     local p
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -329,6 +332,48 @@ if [ "$STREAMS" -gt 0 ]; then
 fi
 
 # ---------------------------------------------------------------------------------------------
+# Soak: a fresh relay under non-stream and stream load for BENCH_SOAK seconds, its RSS sampled
+# every 5 s. A per-request leak grows RSS in step with the requests; bounded caches (SQLite's
+# page cache, the allocator's pages) fill early and then stay. The second half of the run is
+# the measure.
+# ---------------------------------------------------------------------------------------------
+
+SOAK=${BENCH_SOAK:-300}
+SOAK_LINE=""
+SOAK_HALF_KIB=""
+if [ "$SOAK" -gt 0 ]; then
+    start_relay relay-soak "$MOCK_PORT"
+    log "soak: ${SOAK}s of non-stream and stream requests, 32 connections each"
+    for s in "${SCENARIOS[@]}"; do
+        BENCH_BODY="$WORK/${s#*:}" BENCH_KEY="$RELAY_KEY" wrk -t1 -c32 -d"${SOAK}s" --timeout 10s \
+            -s "$WORK/post.lua" "$(url_for relay)" >"$WORK/soak-${s%%:*}.txt" 2>&1 &
+        SOAK_PIDS+=($!)
+        PIDS+=($!)
+    done
+    : >"$WORK/soak-rss.txt"
+    elapsed=0
+    while [ "$elapsed" -lt "$SOAK" ]; do
+        sleep 5
+        elapsed=$((elapsed + 5))
+        echo "$elapsed $(status_kib "$RELAY_PID" VmRSS)" >>"$WORK/soak-rss.txt"
+    done
+    for p in "${SOAK_PIDS[@]}"; do wait "$p" || true; done
+    soak_reqs=$(awk '/requests in/ { n += $1 } END { print n + 0 }' "$WORK"/soak-*stream.txt)
+    soak_errs=$(awk '/Non-2xx/ { n += $NF } /Socket errors/ { gsub(/,/, ""); n += $4 + $6 + $8 + $10 } END { print n + 0 }' "$WORK"/soak-*stream.txt)
+    half=$((SOAK / 2))
+    warm=$((SOAK / 10))
+    read -r rss_warm rss_half rss_end < <(awk -v h="$half" -v w="$warm" '
+        $1 >= w && warm == "" { warm = $2 } $1 >= h && half == "" { half = $2 } { last = $2 }
+        END { print warm + 0, half + 0, last + 0 }' "$WORK/soak-rss.txt")
+    SOAK_HALF_KIB=$((rss_end - rss_half))
+    # Requests in the second half: about half of them, the load being steady.
+    per_k=$(awk -v d="$SOAK_HALF_KIB" -v n="$soak_reqs" 'BEGIN { if (n > 0) printf "%.0f", d * 1024 / (n / 2) * 1000; else print "-" }')
+    SOAK_LINE="soak ${SOAK}s: ${soak_reqs} requests (non-stream and stream), ${soak_errs} errors; relay RSS $((rss_warm / 1024)) MiB at ${warm} s, $((rss_half / 1024)) MiB at ${half} s, $((rss_end / 1024)) MiB at the end: ${SOAK_HALF_KIB} KiB over the second half (${per_k} bytes per 1 000 requests)"
+    log "$SOAK_LINE"
+    kill "$RELAY_PID" 2>/dev/null || true
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
 
@@ -388,4 +433,9 @@ if [ -n "$HOLD_LINE" ]; then
     else
         echo "  SSE streams: none could be held open ($HOLD_LINE)"
     fi
+fi
+if [ -n "$SOAK_LINE" ]; then
+    # 4 MiB over the second half is about 1.4 bytes per request at 20 000 requests/s: a leak
+    # of a single small allocation per request would pass it.
+    echo "  $SOAK_LINE; no per-request growth (second half < 4096 KiB): $(verdict "$SOAK_HALF_KIB" 4096 '<')"
 fi
