@@ -174,7 +174,11 @@ impl H1Upstream {
         }
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut fields);
-        let len = match parsed.parse(&self.buf) {
+        // As lenient as Pingora's own client: `Name : value` and folded lines are accepted.
+        let mut config = httparse::ParserConfig::default();
+        config.allow_spaces_after_header_name_in_responses(true);
+        config.allow_obsolete_multiline_headers_in_responses(true);
+        let len = match config.parse_response(&mut parsed, &self.buf) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if self.buf.len() > MAX_HEAD => {
                 return Err(H1Error::Malformed("response head too large"))
@@ -203,8 +207,18 @@ impl H1Upstream {
         for field in parsed.headers.iter() {
             let name = http::HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| H1Error::Malformed("invalid header name"))?;
-            let value = http::HeaderValue::from_bytes(field.value)
-                .map_err(|_| H1Error::Malformed("invalid header value"))?;
+            let value = if field.value.iter().any(|&b| b == b'\r' || b == b'\n') {
+                // A folded line: each fold becomes spaces (RFC 9112 §5.2).
+                let unfolded: Vec<u8> = field
+                    .value
+                    .iter()
+                    .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b })
+                    .collect();
+                http::HeaderValue::from_bytes(&unfolded)
+            } else {
+                http::HeaderValue::from_bytes(field.value)
+            }
+            .map_err(|_| H1Error::Malformed("invalid header value"))?;
             if name == http::header::TRANSFER_ENCODING {
                 coded = true;
                 // Only the last coding decides (RFC 9112 §6.3).
@@ -588,6 +602,22 @@ mod tests {
         assert_eq!(a, ["1", "2"]);
         assert!(up.read_body().await.unwrap().is_none());
         assert!(up.into_reusable().is_some());
+    }
+
+    #[tokio::test]
+    async fn lenient_where_pingora_was_spaces_before_colon_and_folded_lines() {
+        let wire = b"HTTP/1.1 200 OK\r\nx-a : 1\r\nx-folded: first\r\n  second\r\n\
+            content-length: 2\r\n\r\nok";
+        let mut up = upstream(&[wire]);
+        let head = up.read_head().await.unwrap();
+        assert_eq!(head.headers.get("x-a").unwrap(), "1");
+        let folded = head.headers.get("x-folded").unwrap().to_str().unwrap();
+        assert!(
+            folded.starts_with("first") && folded.ends_with("second"),
+            "{folded}"
+        );
+        assert!(!folded.contains('\r') && !folded.contains('\n'));
+        assert_eq!(up.read_body().await.unwrap().unwrap(), &b"ok"[..]);
     }
 
     #[tokio::test]
