@@ -481,12 +481,9 @@ impl RelayProxy {
         drop(cork);
         let Attempt { upstream, peer, .. } = *att;
         if complete {
-            if let Some(stream) = upstream.into_reusable() {
-                self.connector.release_stream(
-                    stream,
-                    peer.reuse_hash(),
-                    Some(self.settings.pool_idle_timeout),
-                );
+            if let Some((stream, idle)) = upstream.into_reusable(self.settings.pool_idle_timeout) {
+                self.connector
+                    .release_stream(stream, peer.reuse_hash(), Some(idle));
             }
         } else {
             upstream.shutdown().await;

@@ -115,6 +115,8 @@ pub(super) struct H1Upstream {
     body: Body,
     /// The connection may serve another request once the body is complete.
     keep_alive: bool,
+    /// How long the upstream keeps an idle connection open (`Keep-Alive: timeout=N`).
+    idle_limit: Option<Duration>,
     /// The request was HEAD: the response has no body whatever its head says.
     head_request: bool,
     read_timeout: Option<Duration>,
@@ -129,6 +131,7 @@ impl H1Upstream {
             buf: BytesMut::new(),
             body: Body::Head,
             keep_alive: true,
+            idle_limit: None,
             head_request: false,
             read_timeout,
             read_size: FIRST_READ,
@@ -235,6 +238,8 @@ impl H1Upstream {
                 } else if has_token(field.value, b"keep-alive") && parsed.version == Some(0) {
                     close = false;
                 }
+            } else if name == "keep-alive" {
+                self.idle_limit = keep_alive_timeout(field.value);
             }
             headers.append(name, value);
         }
@@ -387,10 +392,20 @@ impl H1Upstream {
         matches!(self.body, Body::Done | Body::Length(0))
     }
 
-    /// The connection, if it can serve another request: the body read to its end, nothing
-    /// unread behind it, and neither side asked to close.
-    pub(super) fn into_reusable(self) -> Option<Stream> {
-        (self.response_done() && self.keep_alive && self.buf.is_empty()).then_some(self.stream)
+    /// The connection, if it can serve another request (the body read to its end, nothing
+    /// unread behind it, neither side asked to close), with how long it may idle in the pool:
+    /// `pool_idle`, or less when the upstream said it closes idle connections sooner.
+    pub(super) fn into_reusable(self, pool_idle: Duration) -> Option<(Stream, Duration)> {
+        if !(self.response_done() && self.keep_alive && self.buf.is_empty()) {
+            return None;
+        }
+        let idle = match self.idle_limit {
+            // A second of margin: a connection the upstream is closing must not be picked.
+            Some(limit) if limit <= Duration::from_secs(1) => return None,
+            Some(limit) => pool_idle.min(limit - Duration::from_secs(1)),
+            None => pool_idle,
+        };
+        Some((self.stream, idle))
     }
 
     /// Closes the connection.
@@ -484,6 +499,19 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, H1Error> {
     Ok(size)
 }
 
+/// `timeout=N` of a `Keep-Alive` header (RFC 2068 §19.7.1.1), in seconds.
+fn keep_alive_timeout(value: &[u8]) -> Option<Duration> {
+    value.split(|&b| b == b',').find_map(|param| {
+        let eq = param.iter().position(|&b| b == b'=')?;
+        let (name, secs) = (&param[..eq], &param[eq + 1..]);
+        if !name.trim_ascii().eq_ignore_ascii_case(b"timeout") {
+            return None;
+        }
+        let secs = std::str::from_utf8(secs.trim_ascii()).ok()?.parse().ok()?;
+        Some(Duration::from_secs(secs))
+    })
+}
+
 fn last_token(value: &[u8]) -> &[u8] {
     value
         .rsplit(|&b| b == b',')
@@ -503,6 +531,8 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
 mod tests {
     use super::*;
     use tokio_test::io::Builder;
+
+    const POOL_IDLE: Duration = Duration::from_secs(60);
 
     /// An exchange whose socket hands out `reads`, one read each.
     fn upstream(reads: &[&[u8]]) -> H1Upstream {
@@ -545,7 +575,7 @@ mod tests {
             let (status, body) = exchange(&mut up).await.unwrap();
             assert_eq!(status, 200);
             assert_eq!(body, b"helloabcdefghijklmnopqrstuvwxyz");
-            assert!(up.into_reusable().is_some());
+            assert!(up.into_reusable(POOL_IDLE).is_some());
         }
     }
 
@@ -570,7 +600,7 @@ mod tests {
             let mut up = upstream(&reads);
             let (status, body) = exchange(&mut up).await.unwrap();
             assert_eq!((status, &body[..]), (201, &b"hello world"[..]));
-            assert!(up.into_reusable().is_some());
+            assert!(up.into_reusable(POOL_IDLE).is_some());
         }
     }
 
@@ -601,7 +631,7 @@ mod tests {
         let a: Vec<_> = head.headers.get_all("x-a").iter().collect();
         assert_eq!(a, ["1", "2"]);
         assert!(up.read_body().await.unwrap().is_none());
-        assert!(up.into_reusable().is_some());
+        assert!(up.into_reusable(POOL_IDLE).is_some());
     }
 
     #[tokio::test]
@@ -627,13 +657,16 @@ mod tests {
             let mut up = upstream(&reads);
             let (_, body) = exchange(&mut up).await.unwrap();
             assert_eq!(body, b"{\"a\":1}");
-            assert!(up.into_reusable().is_none(), "the end was the close");
+            assert!(
+                up.into_reusable(POOL_IDLE).is_none(),
+                "the end was the close"
+            );
         }
         // A coding other than chunked last: also delimited by the close.
         let wire = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\nraw";
         let mut up = upstream(&[wire]);
         assert_eq!(exchange(&mut up).await.unwrap().1, b"raw");
-        assert!(up.into_reusable().is_none());
+        assert!(up.into_reusable(POOL_IDLE).is_none());
     }
 
     #[tokio::test]
@@ -663,7 +696,7 @@ mod tests {
         ] {
             let mut up = upstream(&[wire]);
             assert!(exchange(&mut up).await.unwrap().1.is_empty());
-            assert!(up.into_reusable().is_some());
+            assert!(up.into_reusable(POOL_IDLE).is_some());
         }
         let mut up = upstream(&[b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"]);
         up.head_request = true;
@@ -678,19 +711,44 @@ mod tests {
         ] {
             let mut up = upstream(&[wire]);
             exchange(&mut up).await.unwrap();
-            assert!(up.into_reusable().is_none());
+            assert!(up.into_reusable(POOL_IDLE).is_none());
         }
         let mut up =
             upstream(&[b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\nx"]);
         exchange(&mut up).await.unwrap();
-        assert!(up.into_reusable().is_some());
+        assert!(up.into_reusable(POOL_IDLE).is_some());
+    }
+
+    #[tokio::test]
+    async fn the_upstream_idle_limit_shortens_the_pool_stay() {
+        let cases: [(&[u8], Option<u64>); 4] = [
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", Some(60)),
+            (
+                b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=5, max=100\r\ncontent-length: 0\r\n\r\n",
+                Some(4),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nKeep-Alive: max=9, Timeout = 600\r\ncontent-length: 0\r\n\r\n",
+                Some(60),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=1\r\ncontent-length: 0\r\n\r\n",
+                None,
+            ),
+        ];
+        for (wire, idle) in cases {
+            let mut up = upstream(&[wire]);
+            exchange(&mut up).await.unwrap();
+            let got = up.into_reusable(POOL_IDLE).map(|(_, d)| d.as_secs());
+            assert_eq!(got, idle, "{:?}", String::from_utf8_lossy(wire));
+        }
     }
 
     #[tokio::test]
     async fn bytes_past_the_body_make_the_connection_unusable() {
         let mut up = upstream(&[b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nxGARBAGE"]);
         assert_eq!(exchange(&mut up).await.unwrap().1, b"x");
-        assert!(up.into_reusable().is_none());
+        assert!(up.into_reusable(POOL_IDLE).is_none());
     }
 
     #[tokio::test]
@@ -705,7 +763,7 @@ mod tests {
             let mut up = upstream(&[wire]);
             let err = exchange(&mut up).await.unwrap_err();
             assert!(matches!(err, H1Error::Closed(_)), "{err} for {wire:?}");
-            assert!(up.into_reusable().is_none());
+            assert!(up.into_reusable(POOL_IDLE).is_none());
         }
     }
 
