@@ -77,7 +77,8 @@ impl RelayProxy {
     ) -> Result<Box<Attempt>, AttemptError> {
         let peer = self.peer_for(req).await?;
         let payload = req.body.clone().unwrap_or_else(|| body.clone());
-        // A pooled connection may have been closed by the upstream meanwhile: one fresh retry.
+        // A pooled connection may have been closed by the upstream meanwhile: one fresh retry,
+        // only when it failed before any byte of an answer (the request cannot have run).
         for fresh_retry in [false, true] {
             let pooled = if fresh_retry {
                 None
@@ -111,7 +112,7 @@ impl RelayProxy {
                         head,
                     }))
                 }
-                Ok(Err(e)) if reused && !fresh_retry => {
+                Ok(Err(e)) if reused && !fresh_retry && up.may_resend(&e) => {
                     tracing::debug!(error = %e, "pooled upstream connection failed, retrying on a new one");
                     continue;
                 }

@@ -28,8 +28,8 @@ const FIRST_READ: usize = 4 * 1024;
 const MAX_READ: usize = 64 * 1024;
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
-/// Most header fields in a response head (providers send 20 to 50).
-const MAX_HEADERS: usize = 160;
+/// Most header fields in a response head (providers send 20 to 50; Pingora allows as many).
+const MAX_HEADERS: usize = 256;
 /// Longest chunk-size line or trailer line accepted.
 const MAX_LINE: usize = 4 * 1024;
 
@@ -122,6 +122,8 @@ pub(super) struct H1Upstream {
     read_timeout: Option<Duration>,
     /// Space offered to the next read.
     read_size: usize,
+    /// Some byte of an answer arrived.
+    answered: bool,
 }
 
 impl H1Upstream {
@@ -135,6 +137,7 @@ impl H1Upstream {
             head_request: false,
             read_timeout,
             read_size: FIRST_READ,
+            answered: false,
         }
     }
 
@@ -164,7 +167,9 @@ impl H1Upstream {
                 Parsed::Informational => continue,
                 Parsed::Partial => {}
             }
-            if self.read_more().await? == 0 {
+            // The head is awaited as long as the caller allows (the header timeout): a long
+            // generation answered without streaming is silent until its head.
+            if self.read_more(None).await? == 0 {
                 return Err(H1Error::Closed("before its response head"));
             }
         }
@@ -206,7 +211,8 @@ impl H1Upstream {
         let mut chunked = false;
         let mut coded = false;
         let mut length: Option<u64> = None;
-        let mut close = parsed.version == Some(0);
+        let http10 = parsed.version == Some(0);
+        let mut close = http10;
         for field in parsed.headers.iter() {
             let name = http::HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| H1Error::Malformed("invalid header name"))?;
@@ -235,7 +241,7 @@ impl H1Upstream {
             } else if name == http::header::CONNECTION {
                 if has_token(field.value, b"close") {
                     close = true;
-                } else if has_token(field.value, b"keep-alive") && parsed.version == Some(0) {
+                } else if has_token(field.value, b"keep-alive") && http10 {
                     close = false;
                 }
             } else if name == "keep-alive" {
@@ -244,6 +250,14 @@ impl H1Upstream {
             headers.append(name, value);
         }
         self.buf.advance(len);
+        if coded {
+            // The coding frames the body; a length beside it is stale and must not reach the
+            // client (RFC 9112 §6.3). Over HTTP/1.0 the framing is faulty: close afterwards.
+            headers.remove(http::header::CONTENT_LENGTH);
+            if http10 {
+                close = true;
+            }
+        }
         self.keep_alive = !close;
         self.body = if self.head_request || code == 204 || code == 304 {
             Body::Done
@@ -275,7 +289,7 @@ impl H1Upstream {
                     return Ok(None);
                 }
                 Body::Length(rest) => {
-                    if self.buf.is_empty() && self.read_more().await? == 0 {
+                    if self.buf.is_empty() && self.read_more(self.read_timeout).await? == 0 {
                         self.keep_alive = false;
                         return Err(H1Error::Closed("before the body was complete"));
                     }
@@ -284,7 +298,7 @@ impl H1Upstream {
                     return Ok(Some(self.buf.split_to(n).freeze()));
                 }
                 Body::UntilClose => {
-                    if self.buf.is_empty() && self.read_more().await? == 0 {
+                    if self.buf.is_empty() && self.read_more(self.read_timeout).await? == 0 {
                         self.body = Body::Done;
                         return Ok(None);
                     }
@@ -296,7 +310,7 @@ impl H1Upstream {
                     }
                     if matches!(self.body, Body::Chunked(_))
                         && self.needs_bytes()
-                        && self.read_more().await? == 0
+                        && self.read_more(self.read_timeout).await? == 0
                     {
                         self.keep_alive = false;
                         return Err(H1Error::Closed("before the body was complete"));
@@ -387,6 +401,15 @@ impl H1Upstream {
         Ok(Some(line))
     }
 
+    /// Whether the request may be sent again on another connection after `err`: only when the
+    /// connection failed (closed, reset, refused the write) before any byte of an answer, the
+    /// sign of a pooled connection the upstream had closed. A timeout or a broken answer means
+    /// the upstream may be working on the request, and sending it again could run (and bill)
+    /// it twice.
+    pub(super) fn may_resend(&self, err: &H1Error) -> bool {
+        !self.answered && matches!(err, H1Error::Closed(_) | H1Error::Io(_))
+    }
+
     /// Whether the response body has been read to its end.
     pub(super) fn response_done(&self) -> bool {
         matches!(self.body, Body::Done | Body::Length(0))
@@ -413,20 +436,22 @@ impl H1Upstream {
         let _ = self.stream.shutdown().await;
     }
 
-    /// Reads what the socket has into the buffer; 0 at the end of the stream.
-    async fn read_more(&mut self) -> Result<usize, H1Error> {
+    /// Reads what the socket has into the buffer, waiting at most `limit`; 0 at the end of the
+    /// stream.
+    async fn read_more(&mut self, limit: Option<Duration>) -> Result<usize, H1Error> {
         if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
             // Reuses the buffer in place when the pieces handed out are gone.
             self.buf.reserve(self.read_size);
         }
         let offered = self.buf.capacity() - self.buf.len();
         let read = self.stream.read_buf(&mut self.buf);
-        let n = match self.read_timeout {
+        let n = match limit {
             Some(t) => tokio::time::timeout(t, read)
                 .await
                 .map_err(|_| H1Error::Timeout)??,
             None => read.await?,
         };
+        self.answered |= n > 0;
         if n == offered && self.read_size < MAX_READ {
             // More was waiting: offer more next time (large answers, fast upstreams).
             self.read_size *= 2;
@@ -438,7 +463,8 @@ impl H1Upstream {
 /// The request line and header fields, with the body's length.
 fn request_head(req: &UpstreamRequest, body_len: usize) -> Result<Vec<u8>, H1Error> {
     let target = req.path_and_query.as_bytes();
-    if target.is_empty() || target.iter().any(|&b| b <= b' ' || b == 0x7f) {
+    // Visible ASCII only (RFC 9112 §3.2; other bytes arrive percent-encoded).
+    if target.is_empty() || target.iter().any(|&b| b <= b' ' || b >= 0x7f) {
         return Err(H1Error::BadRequest("invalid request target"));
     }
     let fields: usize = req
@@ -452,6 +478,11 @@ fn request_head(req: &UpstreamRequest, body_len: usize) -> Result<Vec<u8>, H1Err
     head.extend_from_slice(target);
     head.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &req.headers {
+        // The framing is this client's: a length or coding from a header rule must not go out
+        // beside the length written below.
+        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+            continue;
+        }
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());
@@ -675,7 +706,51 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\ntransfer-encoding: gzip, Chunked\r\n\r\n\
             2\r\nok\r\n0\r\n\r\n";
         let mut up = upstream(&[wire]);
+        let head = up.read_head().await.unwrap();
+        // The stale length is not passed on.
+        assert!(head.headers.get("content-length").is_none());
+        assert_eq!(up.read_body().await.unwrap().unwrap(), &b"ok"[..]);
+        assert!(up.read_body().await.unwrap().is_none());
+        assert!(up.into_reusable(POOL_IDLE).is_some());
+        // HTTP/1.0 with a transfer coding: faulty framing, the connection is not reused.
+        let wire =
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n\
+            2\r\nok\r\n0\r\n\r\n";
+        let mut up = upstream(&[wire]);
         assert_eq!(exchange(&mut up).await.unwrap().1, b"ok");
+        assert!(up.into_reusable(POOL_IDLE).is_none());
+    }
+
+    #[tokio::test]
+    async fn only_a_connection_that_failed_before_any_answer_may_resend() {
+        let mut up = upstream(&[b""]);
+        let err = up.read_head().await.err().unwrap();
+        assert!(
+            up.may_resend(&err),
+            "closed before any byte: a stale pooled connection"
+        );
+        let mut up = upstream(&[b"HTTP/1.1 200 OK\r\ncontent-le"]);
+        let err = up.read_head().await.err().unwrap();
+        assert!(!up.may_resend(&err), "part of an answer came");
+        let mut up = upstream(&[b"HTTP/1.1 2000 Huh\r\n\r\n"]);
+        let err = up.read_head().await.err().unwrap();
+        assert!(!up.may_resend(&err));
+        let up = upstream(&[]);
+        assert!(
+            !up.may_resend(&H1Error::Timeout),
+            "the upstream may be working on it"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_head_is_awaited_beyond_the_read_timeout() {
+        let mut mock = Builder::new();
+        mock.wait(Duration::from_millis(100));
+        mock.read(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        let mut up = H1Upstream::new(Box::new(mock.build()), Some(Duration::from_millis(20)));
+        // The caller bounds the head with its header timeout; the read timeout (20 ms) is for
+        // silences inside the body (`a_silent_upstream_times_out`).
+        assert_eq!(exchange(&mut up).await.unwrap(), (200, b"ok".to_vec()));
     }
 
     #[tokio::test]
@@ -796,9 +871,11 @@ mod tests {
     #[tokio::test]
     async fn a_silent_upstream_times_out() {
         let mut mock = Builder::new();
+        mock.read(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
         mock.wait(Duration::from_secs(3600));
         let mut up = H1Upstream::new(Box::new(mock.build()), Some(Duration::from_millis(20)));
-        assert!(matches!(up.read_head().await, Err(H1Error::Timeout)));
+        up.read_head().await.unwrap();
+        assert!(matches!(up.read_body().await, Err(H1Error::Timeout)));
     }
 
     fn request(path: &str) -> UpstreamRequest {
@@ -830,15 +907,23 @@ mod tests {
             .read(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
             .build();
         let mut up = H1Upstream::new(Box::new(mock), None);
-        up.send(&request("/v1/messages?beta=true"), b"{}{}")
-            .await
-            .unwrap();
+        // Framing fields a header rule may have added are not sent: the length is the body's.
+        let mut req = request("/v1/messages?beta=true");
+        req.headers.push((
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from_static("999"),
+        ));
+        req.headers.push((
+            http::header::TRANSFER_ENCODING,
+            http::HeaderValue::from_static("chunked"),
+        ));
+        up.send(&req, b"{}{}").await.unwrap();
         assert_eq!(exchange(&mut up).await.unwrap(), (200, vec![]));
     }
 
     #[tokio::test]
     async fn a_target_that_would_split_the_request_line_is_refused() {
-        for path in ["", "/a b", "/a\r\nx: y", "/\u{7f}"] {
+        for path in ["", "/a b", "/a\r\nx: y", "/\u{7f}", "/caf\u{e9}"] {
             let mut up = upstream(&[]);
             let err = up.send(&request(path), b"").await.unwrap_err();
             assert!(matches!(err, H1Error::BadRequest(_)), "{path:?}");
