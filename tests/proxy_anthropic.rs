@@ -754,3 +754,26 @@ async fn tls_upstream_is_verified_and_its_connection_pooled() {
     assert_eq!(r.status(), 502);
     assert_eq!(mock.requests().len(), 4);
 }
+
+#[tokio::test]
+async fn an_upstream_refusing_the_body_early_is_answered_with_its_own_status() {
+    let s = setup().await;
+    s.mock.set(|b| b.refuse_body_with = Some(413));
+    // Far more than the sockets buffer: the upstream closes while the relay still writes.
+    let mut body = messages_body(MODEL, false, conversation("large", 1));
+    body["metadata"] = serde_json::json!({"padding": "x".repeat(12 << 20)});
+    let r = s
+        .relay
+        .post("/v1/messages", &s.key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let v: serde_json::Value = r.json().await.unwrap();
+    // The upstream's own answer, not one of the relay's.
+    assert_eq!(
+        v["error"]["message"], "Request exceeds the maximum allowed number of bytes.",
+        "{v}"
+    );
+}

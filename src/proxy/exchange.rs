@@ -35,6 +35,9 @@ const HOP_BY_HOP: &[&str] = &[
 /// Most bytes gathered from already-buffered upstream chunks into one client write.
 const COALESCE_LIMIT: usize = 64 * 1024;
 
+/// How long an answer is awaited after the request could not be written whole.
+const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
+
 /// Largest error body read from an upstream answer that triggers failover.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
@@ -101,7 +104,14 @@ impl RelayProxy {
             };
             let mut up = H1Upstream::new(stream, peer.options.read_timeout);
             let sent = async {
-                up.send(req, &payload).await?;
+                if let Err(e) = up.send(req, &payload).await {
+                    // An upstream may answer before taking the whole body (413, say) and close:
+                    // its answer may already be in, and it is the one to pass on.
+                    return match tokio::time::timeout(EARLY_ANSWER_WAIT, up.read_head()).await {
+                        Ok(Ok(head)) => Ok(head),
+                        _ => Err(e),
+                    };
+                }
                 up.read_head().await
             };
             match tokio::time::timeout(self.settings.header_timeout, sent).await {

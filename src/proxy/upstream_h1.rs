@@ -124,6 +124,8 @@ pub(super) struct H1Upstream {
     read_size: usize,
     /// Some byte of an answer arrived.
     answered: bool,
+    /// The request was not written whole (the upstream may have answered early).
+    request_cut: bool,
 }
 
 impl H1Upstream {
@@ -138,6 +140,7 @@ impl H1Upstream {
             read_timeout,
             read_size: FIRST_READ,
             answered: false,
+            request_cut: false,
         }
     }
 
@@ -146,6 +149,8 @@ impl H1Upstream {
     pub(super) async fn send(&mut self, req: &UpstreamRequest, body: &[u8]) -> Result<(), H1Error> {
         let head = request_head(req, body.len())?;
         self.head_request = req.method == "HEAD";
+        // Until the request is out whole, the connection cannot serve another one.
+        self.request_cut = true;
         let mut slices = [IoSlice::new(&head), IoSlice::new(body)];
         let mut rest: &mut [IoSlice<'_>] = &mut slices;
         while !rest.is_empty() {
@@ -156,6 +161,7 @@ impl H1Upstream {
             IoSlice::advance_slices(&mut rest, n);
         }
         self.stream.flush().await?;
+        self.request_cut = false;
         Ok(())
     }
 
@@ -419,7 +425,7 @@ impl H1Upstream {
     /// unread behind it, neither side asked to close), with how long it may idle in the pool:
     /// `pool_idle`, or less when the upstream said it closes idle connections sooner.
     pub(super) fn into_reusable(self, pool_idle: Duration) -> Option<(Stream, Duration)> {
-        if !(self.response_done() && self.keep_alive && self.buf.is_empty()) {
+        if !(self.response_done() && self.keep_alive && self.buf.is_empty()) || self.request_cut {
             return None;
         }
         let idle = match self.idle_limit {
@@ -919,6 +925,19 @@ mod tests {
         ));
         up.send(&req, b"{}{}").await.unwrap();
         assert_eq!(exchange(&mut up).await.unwrap(), (200, vec![]));
+    }
+
+    #[tokio::test]
+    async fn an_answer_after_a_failed_write_is_read_but_never_pooled() {
+        let mock = Builder::new()
+            .write_error(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            .read(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 2\r\n\r\nno")
+            .build();
+        let mut up = H1Upstream::new(Box::new(mock), None);
+        let err = up.send(&request("/v1/messages"), b"{}").await.unwrap_err();
+        assert!(matches!(err, H1Error::Io(_)));
+        assert_eq!(exchange(&mut up).await.unwrap(), (413, b"no".to_vec()));
+        assert!(up.into_reusable(POOL_IDLE).is_none());
     }
 
     #[tokio::test]

@@ -95,6 +95,9 @@ pub struct Behavior {
     pub cut_after: Option<usize>,
     /// Wait this long before sending the response head.
     pub head_delay: Duration,
+    /// Answer with this status as soon as the request head is in, and close without reading
+    /// the body (an upstream refusing a body too large).
+    pub refuse_body_with: Option<u16>,
 }
 
 impl Default for Behavior {
@@ -118,6 +121,7 @@ impl Default for Behavior {
             event_delay: Duration::ZERO,
             cut_after: None,
             head_delay: Duration::ZERO,
+            refuse_body_with: None,
         }
     }
 }
@@ -384,6 +388,18 @@ impl MockUpstream {
                 .find(|(k, _)| k == "content-length")
                 .and_then(|(_, v)| v.parse().ok())
                 .unwrap_or(0);
+            let refuse = self.behavior.lock().unwrap().refuse_body_with;
+            if let Some(status) = refuse {
+                let body = r#"{"type":"error","error":{"type":"request_too_large","message":"Request exceeds the maximum allowed number of bytes."}}"#;
+                let resp = format!(
+                    "HTTP/1.1 {status} Payload Too Large\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                sock.write_all(resp.as_bytes()).await?;
+                sock.flush().await?;
+                // Closed with the body unread: the kernel resets the connection.
+                return Ok(());
+            }
             while buf.len() < len {
                 let mut chunk = vec![0u8; 1 << 20];
                 let n = sock.read(&mut chunk).await?;
