@@ -235,9 +235,16 @@ impl H1Upstream {
             }
             .map_err(|_| H1Error::Malformed("invalid header value"))?;
             if name == http::header::TRANSFER_ENCODING {
-                coded = true;
-                // Only the last coding decides (RFC 9112 §6.3).
-                chunked = last_token(field.value).eq_ignore_ascii_case(b"chunked");
+                // `identity` (no coding; dropped from the registry) is ignored, as Pingora did,
+                // so that a length beside it still frames the body.
+                if field.value.split(|&b| b == b',').any(|t| {
+                    let t = t.trim_ascii();
+                    !t.is_empty() && !t.eq_ignore_ascii_case(b"identity")
+                }) {
+                    coded = true;
+                    // Only the last coding decides (RFC 9112 §6.3).
+                    chunked = last_token(field.value).eq_ignore_ascii_case(b"chunked");
+                }
             } else if name == http::header::CONTENT_LENGTH {
                 let n = parse_length(field.value)?;
                 if length.is_some_and(|l| l != n) {
@@ -330,7 +337,9 @@ impl H1Upstream {
     fn needs_bytes(&self) -> bool {
         match self.body {
             Body::Chunked(Chunk::Data(_)) => self.buf.is_empty(),
-            Body::Chunked(Chunk::DataEnd) => self.buf.len() < 2,
+            Body::Chunked(Chunk::DataEnd) => {
+                self.buf.first().is_none_or(|&b| b == b'\r') && self.buf.len() < 2
+            }
             Body::Chunked(Chunk::Size | Chunk::Trailers) => !self.buf.contains(&b'\n'),
             _ => false,
         }
@@ -366,13 +375,15 @@ impl H1Upstream {
                 Ok(Some(self.buf.split_to(n).freeze()))
             }
             Chunk::DataEnd => {
-                if self.buf.len() < 2 {
-                    return Ok(None);
-                }
-                if &self.buf[..2] != b"\r\n" {
-                    return Err(H1Error::Malformed("chunk data not followed by CRLF"));
-                }
-                self.buf.advance(2);
+                // CRLF, or a bare LF as accepted after the size and trailer lines.
+                let end = match self.buf.first() {
+                    None => return Ok(None),
+                    Some(b'\n') => 1,
+                    Some(b'\r') if self.buf.len() < 2 => return Ok(None),
+                    Some(b'\r') if self.buf[1] == b'\n' => 2,
+                    Some(_) => return Err(H1Error::Malformed("chunk data not followed by CRLF")),
+                };
+                self.buf.advance(end);
                 self.body = Body::Chunked(Chunk::Size);
                 Ok(None)
             }
@@ -757,6 +768,22 @@ mod tests {
         // The caller bounds the head with its header timeout; the read timeout (20 ms) is for
         // silences inside the body (`a_silent_upstream_times_out`).
         assert_eq!(exchange(&mut up).await.unwrap(), (200, b"ok".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn identity_is_no_coding_and_bare_lf_ends_chunk_data() {
+        let wire = b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\ncontent-length: 2\r\n\r\nok";
+        let mut up = upstream(&[wire]);
+        assert_eq!(exchange(&mut up).await.unwrap().1, b"ok");
+        assert!(
+            up.into_reusable(POOL_IDLE).is_some(),
+            "framed by its length"
+        );
+        let wire = b"HTTP/1.1 200 OK\ntransfer-encoding: chunked\n\n2\nok\n1\r\n!\n0\n\n";
+        for reads in cuts(wire) {
+            let mut up = upstream(&reads);
+            assert_eq!(exchange(&mut up).await.unwrap().1, b"ok!");
+        }
     }
 
     #[tokio::test]
