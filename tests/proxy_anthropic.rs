@@ -694,6 +694,17 @@ async fn keep_alive_connections_carry_streams_and_json_one_after_another() {
     assert_eq!(s.mock.count(), 12);
 }
 
+/// A user with an active key and one account on the TLS mock at `url`; the key.
+async fn key_for_tls_account(relay: &Relay, url: &str) -> String {
+    let user_id = relay.create_user("tls", 10_000).await;
+    relay
+        .create_account("claude-tls", "claude", url, "sk-ant-upstream-tls")
+        .await;
+    let (_, key) = relay.create_key(&user_id, serde_json::json!({})).await;
+    relay.wait_key_active(&key).await;
+    key
+}
+
 #[tokio::test]
 async fn tls_upstream_is_verified_and_its_connection_pooled() {
     let (mock, tls) = MockUpstream::start_tls().await;
@@ -705,12 +716,7 @@ async fn tls_upstream_is_verified_and_its_connection_pooled() {
         ..Default::default()
     })
     .await;
-    let user_id = relay.create_user("tls", 10_000).await;
-    relay
-        .create_account("claude-tls", "claude", &tls.url, "sk-ant-upstream-tls")
-        .await;
-    let (_, key) = relay.create_key(&user_id, serde_json::json!({})).await;
-    relay.wait_key_active(&key).await;
+    let key = key_for_tls_account(&relay, &tls.url).await;
 
     for i in 0..4 {
         let stream = i % 2 == 1;
@@ -739,12 +745,7 @@ async fn tls_upstream_is_verified_and_its_connection_pooled() {
 
     // A relay that does not trust the test CA refuses the upstream: no request reaches it.
     let untrusting = Relay::start().await;
-    let user_id = untrusting.create_user("tls2", 10_000).await;
-    untrusting
-        .create_account("claude-tls", "claude", &tls.url, "sk-ant-upstream-tls")
-        .await;
-    let (_, key) = untrusting.create_key(&user_id, serde_json::json!({})).await;
-    untrusting.wait_key_active(&key).await;
+    let key = key_for_tls_account(&untrusting, &tls.url).await;
     let r = untrusting
         .post("/v1/messages", &key)
         .json(&messages_body(MODEL, false, conversation("tls", 1)))

@@ -227,6 +227,11 @@ url_for() {
     esac
 }
 
+# Non-2xx answers and socket errors in wrk outputs.
+wrk_errors() {
+    awk '/Non-2xx/ { n += $NF } /Socket errors/ { gsub(/,/, ""); n += $4 + $6 + $8 + $10 } END { print n + 0 }' "$@"
+}
+
 # run TARGET SCENARIO CONNS BODY
 run() {
     local target=$1 scenario=$2 conns=$3 body=$4 url pids=() before after out
@@ -246,7 +251,7 @@ run() {
     P50[$key]=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")
     P99[$key]=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")
     REQS[$key]=$(awk '/requests in/ { print $1 }' "$out")
-    ERRS[$key]=$(awk '/Non-2xx/ { n += $NF } /Socket errors/ { gsub(/,/, ""); n += $4 + $6 + $8 + $10 } END { print n + 0 }' "$out")
+    ERRS[$key]=$(wrk_errors "$out")
     if [ ${#pids[@]} -gt 0 ]; then
         CPU[$key]=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="${REQS[$key]:-0}" \
             'BEGIN { if (n > 0) printf "%.2f", t / hz * 10000 / n; else print "-" }')
@@ -359,7 +364,7 @@ if [ "$SOAK" -gt 0 ]; then
     done
     for p in "${SOAK_PIDS[@]}"; do wait "$p" || true; done
     soak_reqs=$(awk '/requests in/ { n += $1 } END { print n + 0 }' "$WORK"/soak-*stream.txt)
-    soak_errs=$(awk '/Non-2xx/ { n += $NF } /Socket errors/ { gsub(/,/, ""); n += $4 + $6 + $8 + $10 } END { print n + 0 }' "$WORK"/soak-*stream.txt)
+    soak_errs=$(wrk_errors "$WORK"/soak-*stream.txt)
     half=$((SOAK / 2))
     warm=$((SOAK / 10))
     read -r rss_warm rss_half rss_end < <(awk -v h="$half" -v w="$warm" '

@@ -71,8 +71,8 @@ impl RelayProxy {
 
     /// Connects (or reuses a pooled connection), sends the request and reads the response head.
     ///
-    /// The attempt is boxed: inline, its session, peer and head (1.4 KB) were copied into every
-    /// future that held one, several times over (held streams keep those futures).
+    /// The attempt is boxed: inline, its connection, peer and head were copied into every future
+    /// that held one, several times over (held streams keep those futures).
     async fn attempt(
         &self,
         req: &UpstreamRequest,

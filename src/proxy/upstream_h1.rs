@@ -71,6 +71,16 @@ pub(super) struct UpstreamHead {
     pub headers: http::HeaderMap,
 }
 
+/// What one step of the chunked decoder did.
+enum Step {
+    /// A piece of data to hand out.
+    Piece(Bytes),
+    /// The decoder moved on (a size line, a chunk's end, a trailer line).
+    Moved,
+    /// What is buffered is not enough to move on.
+    NeedMore,
+}
+
 /// What the buffer held at its start.
 enum Parsed {
     Head(UpstreamHead),
@@ -317,41 +327,26 @@ impl H1Upstream {
                     }
                     return Ok(Some(self.buf.split().freeze()));
                 }
-                Body::Chunked(chunk) => {
-                    if let Some(piece) = self.step_chunked(chunk)? {
-                        return Ok(Some(piece));
+                Body::Chunked(chunk) => match self.step_chunked(chunk)? {
+                    Step::Piece(piece) => return Ok(Some(piece)),
+                    Step::Moved => {}
+                    Step::NeedMore => {
+                        if self.read_more(self.read_timeout).await? == 0 {
+                            self.keep_alive = false;
+                            return Err(H1Error::Closed("before the body was complete"));
+                        }
                     }
-                    if matches!(self.body, Body::Chunked(_))
-                        && self.needs_bytes()
-                        && self.read_more(self.read_timeout).await? == 0
-                    {
-                        self.keep_alive = false;
-                        return Err(H1Error::Closed("before the body was complete"));
-                    }
-                }
+                },
             }
         }
     }
 
-    /// Whether the chunked decoder is stuck on what is buffered.
-    fn needs_bytes(&self) -> bool {
-        match self.body {
-            Body::Chunked(Chunk::Data(_)) => self.buf.is_empty(),
-            Body::Chunked(Chunk::DataEnd) => {
-                self.buf.first().is_none_or(|&b| b == b'\r') && self.buf.len() < 2
-            }
-            Body::Chunked(Chunk::Size | Chunk::Trailers) => !self.buf.contains(&b'\n'),
-            _ => false,
-        }
-    }
-
-    /// Advances the chunked decoder over what is buffered. Returns a piece of data when one is
-    /// available; `None` when it moved on (or needs more bytes, see `needs_bytes`).
-    fn step_chunked(&mut self, chunk: Chunk) -> Result<Option<Bytes>, H1Error> {
+    /// Advances the chunked decoder over what is buffered by one step.
+    fn step_chunked(&mut self, chunk: Chunk) -> Result<Step, H1Error> {
         match chunk {
             Chunk::Size => {
                 let Some(line) = self.take_line()? else {
-                    return Ok(None);
+                    return Ok(Step::NeedMore);
                 };
                 let size = parse_chunk_size(&line)?;
                 self.body = Body::Chunked(if size == 0 {
@@ -359,11 +354,11 @@ impl H1Upstream {
                 } else {
                     Chunk::Data(size)
                 });
-                Ok(None)
+                Ok(Step::Moved)
             }
             Chunk::Data(rest) => {
                 if self.buf.is_empty() {
-                    return Ok(None);
+                    return Ok(Step::NeedMore);
                 }
                 let n = take_len(rest, self.buf.len());
                 let left = rest - n as u64;
@@ -372,29 +367,29 @@ impl H1Upstream {
                 } else {
                     Chunk::Data(left)
                 });
-                Ok(Some(self.buf.split_to(n).freeze()))
+                Ok(Step::Piece(self.buf.split_to(n).freeze()))
             }
             Chunk::DataEnd => {
                 // CRLF, or a bare LF as accepted after the size and trailer lines.
                 let end = match self.buf.first() {
-                    None => return Ok(None),
+                    None => return Ok(Step::NeedMore),
                     Some(b'\n') => 1,
-                    Some(b'\r') if self.buf.len() < 2 => return Ok(None),
+                    Some(b'\r') if self.buf.len() < 2 => return Ok(Step::NeedMore),
                     Some(b'\r') if self.buf[1] == b'\n' => 2,
                     Some(_) => return Err(H1Error::Malformed("chunk data not followed by CRLF")),
                 };
                 self.buf.advance(end);
                 self.body = Body::Chunked(Chunk::Size);
-                Ok(None)
+                Ok(Step::Moved)
             }
             Chunk::Trailers => {
                 let Some(line) = self.take_line()? else {
-                    return Ok(None);
+                    return Ok(Step::NeedMore);
                 };
                 if line.is_empty() {
                     self.body = Body::Done;
                 }
-                Ok(None)
+                Ok(Step::Moved)
             }
         }
     }

@@ -250,31 +250,41 @@ pub struct TlsFiles {
 impl MockUpstream {
     /// Starts a mock on a free loopback port.
     pub async fn start() -> MockUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
-        let port = listener.local_addr().expect("addr").port();
-        let mock = MockUpstream::new(port);
-        let m = mock.clone();
-        tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
-                *m.connections.lock().unwrap() += 1;
-                let m = m.clone();
-                tokio::spawn(async move {
-                    let _ = m.serve(sock).await;
-                });
-            }
-        });
-        mock
+        MockUpstream::listen(None).await
     }
 
-    fn new(port: u16) -> MockUpstream {
-        MockUpstream {
+    /// Binds a free loopback port and serves each connection, over TLS when `tls` is given.
+    async fn listen(tls: Option<tokio_rustls::TlsAcceptor>) -> MockUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
+        let port = listener.local_addr().expect("addr").port();
+        let mock = MockUpstream {
             port,
             behavior: Arc::new(Mutex::new(Behavior::default())),
             received: Arc::new(Mutex::new(Vec::new())),
             second_event_sent: Arc::new(Mutex::new(None)),
             streams_completed: Arc::new(Mutex::new(0)),
             connections: Arc::new(Mutex::new(0)),
-        }
+        };
+        let m = mock.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                *m.connections.lock().unwrap() += 1;
+                let m = m.clone();
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let _ = match tls {
+                        // A client that rejects the certificate ends the handshake: nothing to
+                        // serve.
+                        Some(acceptor) => match acceptor.accept(sock).await {
+                            Ok(stream) => m.serve(stream).await,
+                            Err(_) => Ok(()),
+                        },
+                        None => m.serve(sock).await,
+                    };
+                });
+            }
+        });
+        mock
     }
 
     /// Base URL for an account.
@@ -317,24 +327,8 @@ impl MockUpstream {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
 
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
-        let port = listener.local_addr().expect("addr").port();
-        let mock = MockUpstream::new(port);
-        let m = mock.clone();
-        tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
-                *m.connections.lock().unwrap() += 1;
-                let m = m.clone();
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    // A client that rejects the certificate ends the handshake: nothing to serve.
-                    if let Ok(tls) = acceptor.accept(sock).await {
-                        let _ = m.serve(tls).await;
-                    }
-                });
-            }
-        });
-        let url = format!("https://127.0.0.1:{port}");
+        let mock = MockUpstream::listen(Some(acceptor)).await;
+        let url = format!("https://127.0.0.1:{}", mock.port);
         (
             mock,
             TlsFiles {
