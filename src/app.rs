@@ -235,9 +235,10 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         counters: redis_link
             .as_ref()
             .map(|link| Arc::new(RedisUsageCounters::new(link.clone(), ""))),
+        stopping: Default::default(),
     };
     let mut proxy_service =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "relay proxy");
+        pingora::services::listening::Service::new("relay proxy".to_string(), proxy);
     // No read buffer on client connections: Pingora reads the request head into a 4 KiB buffer
     // of its own and bodies in 64 KiB reads that would bypass one anyway, so a read buffer only
     // cost memory per connection (64 KiB by default). An 8 KiB write buffer lets a response head

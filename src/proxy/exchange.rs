@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use pingora::http::ResponseHeader;
-use pingora::prelude::HttpPeer;
-use pingora::proxy::Session;
+use pingora::protocols::http::ServerSession as Session;
+use pingora::upstreams::peer::HttpPeer;
 use pingora::upstreams::peer::Peer as _;
 use relay_filters::account_state::{
     apply_outcome, body_reset_hint, is_blocking_error, reset_hint, Outcome,
@@ -277,8 +277,8 @@ impl RelayProxy {
                     ctx.status = status;
                     ctx.error_type = Some(ErrorKind::Upstream.type_name());
                     let resp = copy_head(&head, &rctx.request_id, Some(err_body.len()));
-                    session.write_response_header(Box::new(resp), false).await?;
-                    session.write_response_body(Some(err_body), true).await?;
+                    session.write_response_header(Box::new(resp)).await?;
+                    session.write_response_body(err_body, true).await?;
                     Ok(())
                 }
                 None => {
@@ -342,16 +342,13 @@ impl RelayProxy {
         // and the last chunk. While the relay writes without waiting for the upstream (the
         // head and what the upstream already sent, up to the end when that is known) the client
         // socket is corked, so those writes leave together; before any wait it is uncorked.
-        let downstream_fd = session.as_downstream().stream().map(|s| s.id());
+        let downstream_fd = session.stream().map(|s| s.id());
         let mut cork = if stream {
             Some(Cork::new(downstream_fd))
         } else {
             None
         };
-        let mut client_gone = session
-            .write_response_header(Box::new(resp), false)
-            .await
-            .is_err();
+        let mut client_gone = session.write_response_header(Box::new(resp)).await.is_err();
         let started = Instant::now();
         let mut drain_deadline: Option<Instant> = None;
         let mut watch_client = stream;
@@ -387,7 +384,7 @@ impl RelayProxy {
             } else if watch_client && !up.response_done() {
                 tokio::select! {
                     r = up.read_body() => r,
-                    idle = session.as_downstream_mut().read_body_or_idle(true) => {
+                    idle = session.read_body_or_idle(true) => {
                         match idle {
                             Err(_) => client_gone = true,
                             // Unexpected bytes from the client: stop watching, keep serving.
@@ -441,7 +438,7 @@ impl RelayProxy {
                         if ctx.ttfb.is_none() {
                             ctx.ttfb = Some(rctx.started.elapsed());
                         }
-                        if session.write_response_body(Some(out), false).await.is_err() {
+                        if session.write_response_body(out, false).await.is_err() {
                             client_gone = true;
                         }
                     }
@@ -451,10 +448,7 @@ impl RelayProxy {
                     for f in &self.chain.response {
                         if let Some(rest) = f.on_body_end(rctx) {
                             if !client_gone
-                                && session
-                                    .write_response_body(Some(rest), false)
-                                    .await
-                                    .is_err()
+                                && session.write_response_body(rest, false).await.is_err()
                             {
                                 client_gone = true;
                             }
@@ -480,14 +474,13 @@ impl RelayProxy {
                     rctx.protocol(),
                     "the upstream ended the stream early",
                 ));
-                let _ = session.write_response_body(Some(ev), false).await;
+                let _ = session.write_response_body(ev, false).await;
             }
         } else if client_gone {
             ctx.error_type.get_or_insert("client_disconnected");
         }
         if !client_gone {
-            let _ = session.write_response_body(None, true).await;
-            let _ = session.as_downstream_mut().finish_body().await;
+            let _ = session.write_response_body(Bytes::new(), true).await;
         }
         drop(cork);
         let Attempt { upstream, peer, .. } = *att;

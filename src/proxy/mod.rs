@@ -1,18 +1,25 @@
-//! The Pingora `ProxyHttp` implementation. It stays thin: it reads the request, hands each phase
-//! to the filter chain, does the upstream exchange itself (DESIGN §5) and books the result.
+//! The relay's Pingora HTTP server application. It stays thin: it reads the request, hands each
+//! phase to the filter chain, does the upstream exchange itself (DESIGN §5) and books the result.
+//!
+//! It is a `pingora::apps::HttpServerApp` rather than a `ProxyHttp` behind Pingora's `HttpProxy`:
+//! the relay answers every request in what would be `request_filter`, so the proxy framework's
+//! other phases (cache, upstream peer, retries, downstream modules) never ran, yet its per-request
+//! future (13.7 KB) and session state were built and held for every request and open stream.
 
 mod dns;
 mod exchange;
 mod upstream_h1;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::http::ResponseHeader;
-use pingora::prelude::HttpPeer;
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::protocols::http::ServerSession as Session;
+use pingora::server::ShutdownWatch;
 use relay_filters::account_state::StateRules;
 use relay_filters::accounts::InflightLease;
 use relay_filters::chain::{Chain, Flow, RequestView};
@@ -58,6 +65,15 @@ pub struct RelayProxy {
     pub prices: Arc<PriceCache>,
     /// Usage counters in Redis, when configured.
     pub counters: Option<Arc<RedisUsageCounters>>,
+    /// Raised when the service shuts down: ends connections idle between requests.
+    pub stopping: StopSignal,
+}
+
+/// A one-way signal that the proxy service is shutting down.
+#[derive(Default)]
+pub struct StopSignal {
+    raised: AtomicBool,
+    notify: tokio::sync::Notify,
 }
 
 /// Per-request state of the proxy around the filters' context.
@@ -102,8 +118,8 @@ impl RelayProxy {
         for (k, v) in extra {
             resp.insert_header(k.to_string(), v.as_str())?;
         }
-        session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(body), true).await?;
+        session.write_response_header(Box::new(resp)).await?;
+        session.write_response_body(body, true).await?;
         Ok(())
     }
 
@@ -113,7 +129,7 @@ impl RelayProxy {
         protocol: Protocol,
         rejection: &Rejection,
         request_id: &str,
-    ) -> pingora::Result<bool> {
+    ) -> pingora::Result<()> {
         let status = rejection.kind.status();
         ctx.status = status;
         ctx.error_type = Some(rejection.kind.type_name());
@@ -132,7 +148,7 @@ impl RelayProxy {
             &extra,
         ))
         .await?;
-        Ok(true)
+        Ok(())
     }
 
     /// Reads the whole request body, refusing it past `max_body_bytes`.
@@ -158,7 +174,7 @@ impl RelayProxy {
         ctx: &mut ProxyCtx,
         route: relay_filters::route::ApiRoute,
         request_id: String,
-    ) -> pingora::Result<bool> {
+    ) -> pingora::Result<()> {
         let protocol = route.protocol;
         let query = session.req_header().uri.query().map(str::to_string);
         // Cheap header-only check first, so unauthenticated clients never make us read a body.
@@ -226,7 +242,7 @@ impl RelayProxy {
         // Boxed, as are the attempt and the pump inside: inline, the exchange made this future
         // 63 KB, copied whole into its box on every request and held by every open stream.
         Box::pin(self.exchange(session, ctx, &headers, query.as_deref(), body)).await?;
-        Ok(true)
+        Ok(())
     }
 
     fn list_models(&self, session: &Session) -> Result<Bytes, Rejection> {
@@ -385,20 +401,85 @@ fn too_large(max: usize) -> Rejection {
 }
 
 #[async_trait]
-impl ProxyHttp for RelayProxy {
-    type CTX = ProxyCtx;
-
-    fn new_ctx(&self) -> ProxyCtx {
-        ProxyCtx::default()
+impl HttpServerApp for RelayProxy {
+    /// One request of a connection: read its head, serve it, book it, and hand the connection
+    /// back for the next request when it can be reused.
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: Session,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        // An idle keep-alive connection waits here for its next request; a shutdown ends it.
+        let stop = self.stopping.notify.notified();
+        tokio::pin!(stop);
+        stop.as_mut().enable();
+        if self.stopping.raised.load(Ordering::Acquire) {
+            return None;
+        }
+        let read = tokio::select! {
+            biased;
+            r = session.read_request() => r,
+            _ = stop => return None,
+        };
+        match read {
+            Ok(true) => {}
+            // The client closed an idle connection.
+            Ok(false) => return None,
+            Err(e) => {
+                if matches!(e.etype(), pingora::ErrorType::InvalidHTTPHeader) {
+                    let _ = session.respond_error(400).await;
+                }
+                tracing::debug!(error = %e, "unreadable request head");
+                session.shutdown().await;
+                return None;
+            }
+        }
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        }
+        let mut ctx = ProxyCtx::default();
+        match self.serve(&mut session, &mut ctx).await {
+            Ok(()) => {
+                self.logging(None, &mut ctx).await;
+                let settings = HttpPersistentSettings::for_session(&session);
+                match session.finish().await {
+                    Ok(Some(s)) => Some(ReusedHttpStream::from_reusable_stream(s, settings)),
+                    _ => None,
+                }
+            }
+            Err(e) => {
+                // The client connection failed mid-request (the relay's own errors are answered
+                // in the protocol's shape where they happen). Answer if nothing was sent yet and
+                // the connection may still take it; never reuse the connection.
+                let dead = matches!(
+                    e.etype(),
+                    pingora::ErrorType::WriteError
+                        | pingora::ErrorType::ReadError
+                        | pingora::ErrorType::ConnectionClosed
+                );
+                if !dead && session.response_written().is_none() {
+                    let code = match e.etype() {
+                        pingora::ErrorType::HTTPStatus(code) => *code,
+                        _ => 400,
+                    };
+                    let _ = session.respond_error(code).await;
+                }
+                self.logging(Some(&e), &mut ctx).await;
+                None
+            }
+        }
     }
 
-    /// Runs the whole request: route, body, filters, upstream exchange. Always answers the
-    /// client itself and returns `Ok(true)`, so Pingora's own upstream phases never run.
-    async fn request_filter(
-        &self,
-        session: &mut Session,
-        ctx: &mut ProxyCtx,
-    ) -> pingora::Result<bool> {
+    async fn http_cleanup(&self) {
+        self.stopping.raised.store(true, Ordering::Release);
+        self.stopping.notify.notify_waiters();
+    }
+}
+
+impl RelayProxy {
+    /// Serves one request: route, body, filters, upstream exchange. Every answer, also every
+    /// refusal, is written here.
+    async fn serve(&self, session: &mut Session, ctx: &mut ProxyCtx) -> pingora::Result<()> {
         let request_id = header_map(session)
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
@@ -411,7 +492,7 @@ impl ProxyHttp for RelayProxy {
             Some(Route::Health) => {
                 ctx.status = 200;
                 Self::respond(session, 200, "text/plain", Bytes::from_static(b"ok"), &[]).await?;
-                Ok(true)
+                Ok(())
             }
             Some(Route::ListModels) => {
                 match self.list_models(session) {
@@ -430,7 +511,7 @@ impl ProxyHttp for RelayProxy {
                         Self::reject(session, ctx, Protocol::OpenaiChat, &r, &request_id).await?;
                     }
                 }
-                Ok(true)
+                Ok(())
             }
             Some(Route::Api(route)) => {
                 let protocol = route.protocol;
@@ -457,25 +538,9 @@ impl ProxyHttp for RelayProxy {
         }
     }
 
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut ProxyCtx,
-    ) -> pingora::Result<Box<HttpPeer>> {
-        // Never reached: request_filter answers every request itself.
-        Err(pingora::Error::explain(
-            pingora::ErrorType::InternalError,
-            "upstream_peer is not used: the relay does its own upstream exchange",
-        ))
-    }
-
-    /// Books the request: usage, cost, metrics and the usage record, for every request.
-    async fn logging(
-        &self,
-        _session: &mut Session,
-        e: Option<&pingora::Error>,
-        ctx: &mut ProxyCtx,
-    ) {
+    /// Books the request: usage, cost, metrics and the usage record, for every request that was
+    /// read, also failed and cut ones.
+    async fn logging(&self, e: Option<&pingora::Error>, ctx: &mut ProxyCtx) {
         if let Some(e) = e {
             if ctx.status == 0 {
                 ctx.status = 499;
@@ -487,9 +552,6 @@ impl ProxyHttp for RelayProxy {
         self.book(ctx).await;
         self.settle_limits(ctx).await;
     }
-}
-
-impl RelayProxy {
     /// Gives the key's concurrency slot back and books the cost against its limits.
     async fn settle_limits(&self, ctx: &mut ProxyCtx) {
         let (Some(limits), Some(r)) = (&self.chain.limits, ctx.req.as_mut()) else {

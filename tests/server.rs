@@ -1,0 +1,151 @@
+//! The relay's own HTTP server application over Pingora: request heads it cannot read, keep-alive
+//! connections between requests, and idle connections at shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Relay, RelayOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn connect(relay: &Relay) -> TcpStream {
+    let addr = relay.proxy.trim_start_matches("http://");
+    TcpStream::connect(addr)
+        .await
+        .expect("connect to the relay")
+}
+
+/// Reads one response with a `Content-Length` body; returns its head and body.
+async fn read_response(conn: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.trim()
+                        .eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .expect("a content-length");
+            while buf.len() < end + 4 + len {
+                let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk))
+                    .await
+                    .expect("body in time")
+                    .expect("read body");
+                assert!(n > 0, "connection closed inside the body");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return (head, buf[end + 4..end + 4 + len].to_vec());
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk))
+            .await
+            .expect("head in time")
+            .expect("read head");
+        assert!(n > 0, "connection closed before a response head: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Reads until the peer closes; returns what came before the close.
+async fn read_to_close(conn: &mut TcpStream, wait: Duration) -> Option<Vec<u8>> {
+    let mut rest = Vec::new();
+    tokio::time::timeout(wait, conn.read_to_end(&mut rest))
+        .await
+        .ok()
+        .map(|r| {
+            r.expect("read until close");
+            rest
+        })
+}
+
+#[tokio::test]
+async fn an_unreadable_request_head_is_answered_400_and_the_connection_closed() {
+    let relay = Relay::start().await;
+    let mut conn = connect(&relay).await;
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_close(&mut conn, Duration::from_secs(10))
+        .await
+        .expect("the relay closes the connection");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+
+    // The relay itself is unharmed.
+    let ok = relay
+        .http
+        .get(format!("{}/healthz", relay.proxy))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+}
+
+#[tokio::test]
+async fn requests_share_a_kept_alive_connection_and_a_refusal_closes_it() {
+    let relay = Relay::start().await;
+    let mut conn = connect(&relay).await;
+    for _ in 0..3 {
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut conn).await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert_eq!(body, b"ok");
+    }
+    // A key the relay does not know: refused in the protocol's shape, and the connection ends.
+    let body = br#"{"model":"claude-sonnet-4-5","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}"#;
+    let req = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: sk-unknown\r\n\
+         anthropic-version: 2023-06-01\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    conn.write_all(body).await.unwrap();
+    let (head, body) = read_response(&mut conn).await;
+    assert!(head.starts_with("HTTP/1.1 401 "), "{head}");
+    let err: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(err["error"]["type"], "authentication_error");
+    let rest = read_to_close(&mut conn, Duration::from_secs(10))
+        .await
+        .expect("closed after the refusal");
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+#[tokio::test]
+async fn a_connection_idle_between_requests_is_closed_when_shutdown_begins() {
+    // A long grace period: the relay keeps running well after SIGTERM, so a close seen during
+    // it comes from the shutdown of idle connections, not from the process exiting.
+    let mut relay = Relay::start_with(RelayOptions {
+        env: vec![("RELAY_SHUTDOWN__GRACE_PERIOD_SECONDS".into(), "60".into())],
+        ..Default::default()
+    })
+    .await;
+    let mut conn = connect(&relay).await;
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut conn).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+
+    let pid = relay.child.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let rest = read_to_close(&mut conn, Duration::from_secs(30))
+        .await
+        .expect("the idle connection is closed during the grace period");
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(
+        relay.child.try_wait().unwrap().is_none(),
+        "the relay is still in its grace period"
+    );
+}
