@@ -1,7 +1,9 @@
 //! Usage records (one per served request) and their daily rollups per user, key, account,
 //! model and user × model, written in idempotent batches by the usage writer.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use relay_filters::UsageRecord;
 use serde::Serialize;
@@ -311,6 +313,59 @@ fn statement_runs<T>(items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
     })
 }
 
+/// The multi-row statements of a usage batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum BatchStatement {
+    /// Which of the ids given are stored already.
+    ExistingIds,
+    InsertRecords,
+    AddRollups,
+}
+
+impl BatchStatement {
+    fn build(self, rows: usize, postgres: bool) -> String {
+        match self {
+            BatchStatement::ExistingIds => format!(
+                "SELECT id FROM request_logs WHERE id IN {}",
+                values_placeholders(1, rows, postgres)
+            ),
+            BatchStatement::InsertRecords => format!(
+                "INSERT INTO request_logs ({}) VALUES {} ON CONFLICT (id) DO NOTHING",
+                RECORD_COLUMNS.join(", "),
+                values_placeholders(rows, RECORD_COLUMNS.len(), postgres)
+            ),
+            BatchStatement::AddRollups => format!(
+                "INSERT INTO usage_daily ({}) VALUES {} ON CONFLICT (day, dim, dim_id) DO UPDATE \
+                 SET requests = usage_daily.requests + excluded.requests, \
+                 input_tokens = usage_daily.input_tokens + excluded.input_tokens, \
+                 output_tokens = usage_daily.output_tokens + excluded.output_tokens, \
+                 cache_write_tokens = usage_daily.cache_write_tokens + excluded.cache_write_tokens, \
+                 cache_read_tokens = usage_daily.cache_read_tokens + excluded.cache_read_tokens, \
+                 base_cost = usage_daily.base_cost + excluded.base_cost, \
+                 billed_cost = usage_daily.billed_cost + excluded.billed_cost",
+                DAILY_COLUMNS.join(", "),
+                values_placeholders(rows, DAILY_COLUMNS.len(), postgres)
+            ),
+        }
+    }
+
+    /// The statement's text for `rows` rows, built once. Runs come in a few fixed lengths
+    /// ([`statement_runs`]), so this holds a few dozen texts at most; building one anew for
+    /// every run cost about as much per row as binding the row.
+    fn text(self, rows: usize, postgres: bool) -> Arc<str> {
+        type Texts = Mutex<HashMap<(BatchStatement, usize, bool), Arc<str>>>;
+        static TEXTS: OnceLock<Texts> = OnceLock::new();
+        let mut texts = TEXTS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        texts
+            .entry((self, rows, postgres))
+            .or_insert_with(|| Arc::from(self.build(rows, postgres)))
+            .clone()
+    }
+}
+
 /// Builds a [`UsageRow`] from a `request_logs` row.
 fn usage_from_row(row: &AnyRow) -> Result<UsageRow> {
     Ok(UsageRow {
@@ -446,10 +501,7 @@ impl SqlStore {
         // across sqlx's SQLite worker thread.)
         let mut existing: HashSet<String> = HashSet::new();
         for chunk in statement_runs(&unique, IDS_PER_STATEMENT) {
-            let sql = format!(
-                "SELECT id FROM request_logs WHERE id IN {}",
-                values_placeholders(1, chunk.len(), self.is_postgres())
-            );
+            let sql = BatchStatement::ExistingIds.text(chunk.len(), self.is_postgres());
             let mut query = sqlx::query(&sql);
             for r in chunk {
                 query = query.bind(r.id.as_str());
@@ -463,11 +515,7 @@ impl SqlStore {
             .filter(|r| !existing.contains(&r.id))
             .collect();
         for chunk in statement_runs(&fresh, RECORDS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO request_logs ({}) VALUES {} ON CONFLICT (id) DO NOTHING",
-                RECORD_COLUMNS.join(", "),
-                values_placeholders(chunk.len(), RECORD_COLUMNS.len(), self.is_postgres())
-            );
+            let sql = BatchStatement::InsertRecords.text(chunk.len(), self.is_postgres());
             let mut query = sqlx::query(&sql);
             for r in chunk {
                 let u = &r.usage;
@@ -513,24 +561,44 @@ impl SqlStore {
 
         // Sorted maps: every node touches rollup and key rows in the same order, so concurrent
         // writers on PostgreSQL queue instead of deadlocking.
-        // Keyed (day, dim, dim_id).
-        let mut rollups: BTreeMap<(String, String, String), UsageTotals> = BTreeMap::new();
+        // Keyed (day, dim, dim_id), borrowing from the records: a batch's records nearly all
+        // fall on one day, whose text is made once.
+        let mut rollups: BTreeMap<(Arc<str>, Cow<'_, str>, &str), UsageTotals> = BTreeMap::new();
         let mut key_used: BTreeMap<&str, i64> = BTreeMap::new();
         let mut account_used: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut last_day: Option<(i64, Arc<str>)> = None;
         for r in &fresh {
-            let day = utc_day(r.created_at);
-            let model = r.upstream_model.as_ref().or(r.requested_model.as_ref());
+            let day = match &last_day {
+                Some((ms_day, text)) if *ms_day == r.created_at.div_euclid(86_400_000) => {
+                    text.clone()
+                }
+                _ => {
+                    let text: Arc<str> = Arc::from(utc_day(r.created_at));
+                    last_day = Some((r.created_at.div_euclid(86_400_000), text.clone()));
+                    text
+                }
+            };
+            let model = r.upstream_model.as_deref().or(r.requested_model.as_deref());
             let user_model = r.user_id.as_deref().map(user_model_dim);
             for (dim, id) in [
-                (Some(UsageDim::User.as_str()), r.user_id.as_ref()),
-                (Some(UsageDim::Key.as_str()), r.api_key_id.as_ref()),
-                (Some(UsageDim::Account.as_str()), r.account_id.as_ref()),
-                (Some(UsageDim::Model.as_str()), model),
-                (user_model.as_deref(), model),
+                (
+                    Some(Cow::Borrowed(UsageDim::User.as_str())),
+                    r.user_id.as_deref(),
+                ),
+                (
+                    Some(Cow::Borrowed(UsageDim::Key.as_str())),
+                    r.api_key_id.as_deref(),
+                ),
+                (
+                    Some(Cow::Borrowed(UsageDim::Account.as_str())),
+                    r.account_id.as_deref(),
+                ),
+                (Some(Cow::Borrowed(UsageDim::Model.as_str())), model),
+                (user_model.map(Cow::Owned), model),
             ] {
                 if let (Some(dim), Some(id)) = (dim, id) {
                     rollups
-                        .entry((day.clone(), dim.to_owned(), id.clone()))
+                        .entry((day.clone(), dim, id))
                         .or_default()
                         .add_record(r);
                 }
@@ -547,24 +615,13 @@ impl SqlStore {
 
         let rollups: Vec<_> = rollups.into_iter().collect();
         for chunk in statement_runs(&rollups, ROLLUPS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO usage_daily ({}) VALUES {} ON CONFLICT (day, dim, dim_id) DO UPDATE \
-                 SET requests = usage_daily.requests + excluded.requests, \
-                 input_tokens = usage_daily.input_tokens + excluded.input_tokens, \
-                 output_tokens = usage_daily.output_tokens + excluded.output_tokens, \
-                 cache_write_tokens = usage_daily.cache_write_tokens + excluded.cache_write_tokens, \
-                 cache_read_tokens = usage_daily.cache_read_tokens + excluded.cache_read_tokens, \
-                 base_cost = usage_daily.base_cost + excluded.base_cost, \
-                 billed_cost = usage_daily.billed_cost + excluded.billed_cost",
-                DAILY_COLUMNS.join(", "),
-                values_placeholders(chunk.len(), DAILY_COLUMNS.len(), self.is_postgres())
-            );
+            let sql = BatchStatement::AddRollups.text(chunk.len(), self.is_postgres());
             let mut query = sqlx::query(&sql);
             for ((day, dim, id), t) in chunk {
                 query = query
-                    .bind(day.as_str())
-                    .bind(dim.as_str())
-                    .bind(id.as_str())
+                    .bind(&**day)
+                    .bind(&**dim)
+                    .bind(*id)
                     .bind(t.requests)
                     .bind(t.input_tokens)
                     .bind(t.output_tokens)
