@@ -206,8 +206,7 @@ impl RelayProxy {
             }
         };
 
-        let mut rctx = RequestCtx::new(request_id.clone(), route, now_ms());
-        rctx.auth = pre_auth;
+        let started_ms = now_ms();
         let parsed =
             match parse_request_body(&body).and_then(|p| validate_for(protocol, &p).map(|_| p)) {
                 Ok(p) => p,
@@ -216,6 +215,12 @@ impl RelayProxy {
                     return Self::reject(session, ctx, protocol, &r, &request_id).await;
                 }
             };
+        // Made in its place: as a local held across the chain's await, the context (1 KB) sized
+        // this future, and so every open stream's, once more.
+        let rctx = ctx
+            .req
+            .insert(RequestCtx::new(request_id.clone(), route, started_ms));
+        rctx.auth = pre_auth;
         rctx.request.model = parsed.model.as_deref().map(str::to_string);
         rctx.request.stream = parsed.stream || rctx.route.path_stream;
         rctx.request.previous_response_id =
@@ -230,9 +235,8 @@ impl RelayProxy {
             body: &body,
             parsed: &parsed,
         };
-        let flow = self.chain.run_request(&mut rctx, &view).await;
+        let flow = self.chain.run_request(rctx, &view).await;
         drop(parsed);
-        ctx.req = Some(rctx);
         if let Flow::Reject(r) = flow {
             return Self::reject(session, ctx, protocol, &r, &request_id).await;
         }
@@ -427,7 +431,7 @@ impl HttpServerApp for RelayProxy {
             Ok(false) => return None,
             Err(e) => {
                 if matches!(e.etype(), pingora::ErrorType::InvalidHTTPHeader) {
-                    let _ = session.respond_error(400).await;
+                    let _ = Box::pin(session.respond_error(400)).await;
                 }
                 tracing::debug!(error = %e, "unreadable request head");
                 session.shutdown().await;
@@ -442,7 +446,9 @@ impl HttpServerApp for RelayProxy {
             Ok(()) => {
                 self.logging(None, &mut ctx).await;
                 let settings = HttpPersistentSettings::for_session(&session);
-                match session.finish().await {
+                // Boxed, as is the error answer: Pingora's `finish` future (3.7 KB) sized this one,
+                // held by every open stream.
+                match Box::pin(session.finish()).await {
                     Ok(Some(s)) => Some(ReusedHttpStream::from_reusable_stream(s, settings)),
                     _ => None,
                 }
@@ -462,7 +468,7 @@ impl HttpServerApp for RelayProxy {
                         pingora::ErrorType::HTTPStatus(code) => *code,
                         _ => 400,
                     };
-                    let _ = session.respond_error(code).await;
+                    let _ = Box::pin(session.respond_error(code)).await;
                 }
                 self.logging(Some(&e), &mut ctx).await;
                 None
@@ -549,7 +555,8 @@ impl RelayProxy {
             tracing::debug!(error = %e, "request ended with an error");
         }
         ctx.lease.take();
-        self.book(ctx).await;
+        // Boxed: the record and its queueing (1.6 KB) would size the connection's future.
+        Box::pin(self.book(ctx)).await;
         self.settle_limits(ctx).await;
     }
     /// Gives the key's concurrency slot back and books the cost against its limits.
