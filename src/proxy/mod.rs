@@ -1,10 +1,13 @@
 //! The relay's Pingora HTTP server application. It stays thin: it reads the request, hands each
 //! phase to the filter chain, does the upstream exchange itself (DESIGN §5) and books the result.
 //!
-//! It is a `pingora::apps::HttpServerApp` rather than a `ProxyHttp` behind Pingora's `HttpProxy`:
-//! the relay answers every request in what would be `request_filter`, so the proxy framework's
-//! other phases (cache, upstream peer, retries, downstream modules) never ran, yet its per-request
-//! future (13.7 KB) and session state were built and held for every request and open stream.
+//! It is a `pingora::apps::ServerApp` of its own rather than a `ProxyHttp` behind Pingora's
+//! `HttpProxy`: the relay answers every request in what would be `request_filter`, so the proxy
+//! framework's other phases (cache, upstream peer, retries, downstream modules) never ran, yet its
+//! per-request future (13.7 KB) and session state were built and held for every request and open
+//! stream. Nor is it an `HttpServerApp`, whose generic connection loop carries HTTP/2 acceptance
+//! (3.8 KB held by every connection) and boxes each request's future anew: the proxy listens on
+//! plain TCP without h2c, so its connections are HTTP/1.1.
 
 mod dns;
 mod exchange;
@@ -16,9 +19,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::apps::{HttpPersistentSettings, ReusedHttpStream, ServerApp};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession as Session;
+use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use relay_filters::account_state::StateRules;
 use relay_filters::accounts::InflightLease;
@@ -405,11 +409,38 @@ fn too_large(max: usize) -> Rejection {
 }
 
 #[async_trait]
-impl HttpServerApp for RelayProxy {
+impl ServerApp for RelayProxy {
+    /// A client connection: its requests one after another while it stays reusable.
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let mut session = Session::new_http1(stream);
+        // Pingora's default idle time between requests on a kept-alive connection (60 s).
+        session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        let mut reused = self.process_request(session, shutdown).await;
+        while let Some((stream, settings)) = reused.map(ReusedHttpStream::consume) {
+            let mut session = Session::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            reused = self.process_request(session, shutdown).await;
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.stopping.raised.store(true, Ordering::Release);
+        self.stopping.notify.notify_waiters();
+    }
+}
+
+impl RelayProxy {
     /// One request of a connection: read its head, serve it, book it, and hand the connection
     /// back for the next request when it can be reused.
-    async fn process_new_http(
-        self: &Arc<Self>,
+    async fn process_request(
+        &self,
         mut session: Session,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
@@ -476,13 +507,6 @@ impl HttpServerApp for RelayProxy {
         }
     }
 
-    async fn http_cleanup(&self) {
-        self.stopping.raised.store(true, Ordering::Release);
-        self.stopping.notify.notify_waiters();
-    }
-}
-
-impl RelayProxy {
     /// Serves one request: route, body, filters, upstream exchange. Every answer, also every
     /// refusal, is written here.
     async fn serve(&self, session: &mut Session, ctx: &mut ProxyCtx) -> pingora::Result<()> {
