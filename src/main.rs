@@ -130,9 +130,10 @@ fn init_logging(config: &Config) {
         std::time::Duration::from_millis(100),
     );
     let writer = llm_relay::log_sink::SinkMaker(sink);
+    // Plain text, also on a terminal: the relay is built without colouring (see Cargo.toml).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_ansi(false)
         .with_writer(writer);
     if config.log_format == "json" {
         builder.json().init();
