@@ -203,6 +203,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         ..ServerConf::default()
     };
     server_conf.upstream_keepalive_pool_size = 1024;
+    // The relay's upstream connector, with the server's pool size (1024 idle connections).
+    let connector_options = pingora::connectors::ConnectorOptions::from_server_conf(&server_conf);
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
 
@@ -210,6 +212,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         chain,
         settings: ProxySettings {
             max_body_bytes: config.max_body_bytes,
+            client_idle_timeout: config.client_idle_timeout,
             connect_timeout: config.upstream.connect_timeout,
             header_timeout: config.upstream.header_timeout,
             idle_timeout: config.upstream.idle_timeout,
@@ -226,7 +229,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                 account_error_threshold: config.scheduler.account_error_threshold,
             },
         },
-        connector: pingora::connectors::TransportConnector::new(None),
+        connector: pingora::connectors::TransportConnector::new(Some(connector_options)),
         resolver: Resolver::default(),
         usage,
         account_events,
