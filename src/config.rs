@@ -55,6 +55,10 @@ pub struct Config {
     pub key_pepper: Option<Secret>,
     /// Request bodies larger than this are refused with 413.
     pub max_body_bytes: usize,
+    /// A client connection kept alive is closed after this long without a new request (whole
+    /// seconds, at least one).
+    #[serde(with = "humantime_serde")]
+    pub client_idle_timeout: Duration,
     /// The shipped price list (admins override per model in the database).
     pub pricing_file: PathBuf,
     /// Keys one user may own.
@@ -176,6 +180,7 @@ impl Default for Config {
             encryption_key: None,
             key_pepper: None,
             max_body_bytes: 32 * 1024 * 1024,
+            client_idle_timeout: Duration::from_secs(60),
             pricing_file: PathBuf::from("conf/pricing.toml"),
             max_keys_per_user: 10,
             threads: 2,
@@ -313,6 +318,9 @@ impl Config {
             if !(r.starts_with("redis://") || r.starts_with("rediss://")) {
                 return bad("redis_url must start with redis:// or rediss://".into());
             }
+        }
+        if self.client_idle_timeout < Duration::from_secs(1) {
+            return bad("client_idle_timeout must be at least 1s".into());
         }
         if self.max_body_bytes == 0 {
             return bad("max_body_bytes must be positive".into());

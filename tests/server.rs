@@ -149,3 +149,43 @@ async fn a_connection_idle_between_requests_is_closed_when_shutdown_begins() {
         "the relay is still in its grace period"
     );
 }
+
+#[tokio::test]
+async fn a_kept_alive_connection_is_closed_after_the_idle_timeout() {
+    let relay = Relay::start_with(RelayOptions {
+        env: vec![("RELAY_CLIENT_IDLE_TIMEOUT".into(), "1s".into())],
+        ..Default::default()
+    })
+    .await;
+    let mut conn = connect(&relay).await;
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut conn).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    // Without a bound the relay would wait for a next request as long as the client stays.
+    let rest = read_to_close(&mut conn, Duration::from_secs(20))
+        .await
+        .expect("the idle connection is closed");
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+#[tokio::test]
+async fn a_request_body_the_client_cannot_frame_is_answered_400() {
+    let relay = Relay::start().await;
+    let user = relay.create_user("framing", 10_000).await;
+    let (_, key) = relay.create_key(&user, serde_json::json!({})).await;
+    relay.wait_key_active(&key).await;
+    let mut conn = connect(&relay).await;
+    let req = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: {key}\r\n\
+         anthropic-version: 2023-06-01\r\ncontent-type: application/json\r\n\
+         transfer-encoding: chunked\r\n\r\nnot-a-chunk-size\r\n{{}}\r\n0\r\n\r\n"
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let answer = read_to_close(&mut conn, Duration::from_secs(10))
+        .await
+        .expect("the relay answers and closes the connection");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+}

@@ -46,6 +46,8 @@ pub use dns::Resolver;
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
     pub max_body_bytes: usize,
+    /// Longest wait for the next request on a kept-alive client connection.
+    pub client_idle_timeout: Duration,
     pub connect_timeout: Duration,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
@@ -163,7 +165,11 @@ impl RelayProxy {
             return Ok(Err(too_large(max)));
         }
         let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(max));
-        while let Some(chunk) = session.read_request_body().await? {
+        // A body the client cannot frame is its fault: answered 400, not 500.
+        while let Some(chunk) = session.read_request_body().await.map_err(|mut e| {
+            e.as_down();
+            e
+        })? {
             if buf.len() + chunk.len() > max {
                 return Ok(Err(too_large(max)));
             }
@@ -210,7 +216,7 @@ impl RelayProxy {
             }
         };
 
-        let started_ms = now_ms();
+        let (started, started_ms) = (std::time::Instant::now(), now_ms());
         let parsed =
             match parse_request_body(&body).and_then(|p| validate_for(protocol, &p).map(|_| p)) {
                 Ok(p) => p,
@@ -224,6 +230,7 @@ impl RelayProxy {
         let rctx = ctx
             .req
             .insert(RequestCtx::new(request_id.clone(), route, started_ms));
+        rctx.started = started;
         rctx.auth = pre_auth;
         rctx.request.model = parsed.model.as_deref().map(str::to_string);
         rctx.request.stream = parsed.stream || rctx.route.path_stream;
@@ -417,8 +424,11 @@ impl ServerApp for RelayProxy {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let mut session = Session::new_http1(stream);
-        // Pingora's default idle time between requests on a kept-alive connection (60 s).
-        session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        session.set_keepalive(if *shutdown.borrow() {
+            None
+        } else {
+            Some(self.idle_secs())
+        });
         let mut reused = self.process_request(session, shutdown).await;
         while let Some((stream, settings)) = reused.map(ReusedHttpStream::consume) {
             let mut session = Session::new_http1(stream);
@@ -437,6 +447,11 @@ impl ServerApp for RelayProxy {
 }
 
 impl RelayProxy {
+    /// The idle wait between requests, in Pingora's whole seconds (0 would mean no limit).
+    fn idle_secs(&self) -> u64 {
+        self.settings.client_idle_timeout.as_secs().max(1)
+    }
+
     /// One request of a connection: read its head, serve it, book it, and hand the connection
     /// back for the next request when it can be reused.
     async fn process_request(
@@ -445,16 +460,20 @@ impl RelayProxy {
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         // An idle keep-alive connection waits here for its next request; a shutdown ends it.
-        let stop = self.stopping.notify.notified();
-        tokio::pin!(stop);
-        stop.as_mut().enable();
-        if self.stopping.raised.load(Ordering::Acquire) {
-            return None;
-        }
+        // The read goes first: a request already in is served (Pingora then closes the
+        // connection after it), and the shutdown is looked at only while the read waits.
+        let notified = self.stopping.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let stop = async {
+            if !self.stopping.raised.load(Ordering::Acquire) {
+                notified.await;
+            }
+        };
         let read = tokio::select! {
             biased;
             r = session.read_request() => r,
-            _ = stop => return None,
+            () = stop => return None,
         };
         match read {
             Ok(true) => {}
@@ -462,9 +481,11 @@ impl RelayProxy {
             Ok(false) => return None,
             Err(e) => {
                 if matches!(e.etype(), pingora::ErrorType::InvalidHTTPHeader) {
+                    tracing::warn!(error = %e, "unreadable request head, answered 400");
                     let _ = Box::pin(session.respond_error(400)).await;
+                } else {
+                    tracing::debug!(error = %e, "client connection failed before a request head");
                 }
-                tracing::debug!(error = %e, "unreadable request head");
                 session.shutdown().await;
                 return None;
             }
@@ -476,6 +497,11 @@ impl RelayProxy {
         match self.serve(&mut session, &mut ctx).await {
             Ok(()) => {
                 self.logging(None, &mut ctx).await;
+                // Pingora keeps an HTTP/1.1 connection alive with no limit on the wait for the
+                // next request (unless the client's `Keep-Alive` names one): bound it.
+                if session.get_keepalive() == Some(0) {
+                    session.set_keepalive(Some(self.idle_secs()));
+                }
                 let settings = HttpPersistentSettings::for_session(&session);
                 // Boxed, as is the error answer: Pingora's `finish` future (3.7 KB) sized this one,
                 // held by every open stream.
@@ -485,21 +511,30 @@ impl RelayProxy {
                 }
             }
             Err(e) => {
-                // The client connection failed mid-request (the relay's own errors are answered
-                // in the protocol's shape where they happen). Answer if nothing was sent yet and
-                // the connection may still take it; never reuse the connection.
+                // The relay answers its own refusals in the protocol's shape where they happen;
+                // what reaches here is a client connection that failed mid-request (a body it
+                // could not frame, a write to a gone client) or a fault of the relay's. Answered,
+                // as Pingora's proxy did, when nothing was sent yet and the connection still
+                // takes it; the connection is never reused.
                 let dead = matches!(
                     e.etype(),
                     pingora::ErrorType::WriteError
                         | pingora::ErrorType::ReadError
                         | pingora::ErrorType::ConnectionClosed
                 );
-                if !dead && session.response_written().is_none() {
-                    let code = match e.etype() {
-                        pingora::ErrorType::HTTPStatus(code) => *code,
-                        _ => 400,
-                    };
-                    let _ = Box::pin(session.respond_error(code)).await;
+                let code = match (e.etype(), e.esource()) {
+                    (pingora::ErrorType::HTTPStatus(code), _) => *code,
+                    (_, pingora::ErrorSource::Upstream) => 502,
+                    (_, pingora::ErrorSource::Downstream) => 400,
+                    _ => 500,
+                };
+                if dead {
+                    tracing::debug!(error = %e, "client connection failed mid-request");
+                } else {
+                    tracing::warn!(error = %e, status = code, "request failed");
+                    if session.response_written().is_none() {
+                        let _ = Box::pin(session.respond_error(code)).await;
+                    }
                 }
                 self.logging(Some(&e), &mut ctx).await;
                 None
