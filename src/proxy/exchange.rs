@@ -146,7 +146,6 @@ impl RelayProxy {
         &self,
         session: &mut Session,
         ctx: &mut ProxyCtx,
-        client_headers: &http::HeaderMap,
         query: Option<&str>,
         body: Bytes,
     ) -> pingora::Result<()> {
@@ -260,6 +259,9 @@ impl RelayProxy {
                 .inc();
             rctx.upstream.failovers += 1;
             rctx.upstream.tried.push(next.id.clone());
+            // The client's headers are read in place: nothing writes to the session before
+            // the attempts are over.
+            let client_headers = &session.req_header().headers;
             match rewrite.build(rctx, &next, client_headers, query, &body) {
                 Ok(r) => {
                     rctx.upstream.request = Some(r);

@@ -239,9 +239,8 @@ impl RelayProxy {
         rctx.request.include_usage_requested = parsed.stream_options_include_usage;
         rctx.request.body_len = body.len();
 
-        let headers = header_map(session).clone();
         let view = RequestView {
-            headers: &headers,
+            headers: header_map(session),
             query: query.as_deref(),
             body: &body,
             parsed: &parsed,
@@ -256,7 +255,7 @@ impl RelayProxy {
         }
         // Boxed, as are the attempt and the pump inside: inline, the exchange made this future
         // 63 KB, copied whole into its box on every request and held by every open stream.
-        Box::pin(self.exchange(session, ctx, &headers, query.as_deref(), body)).await?;
+        Box::pin(self.exchange(session, ctx, query.as_deref(), body)).await?;
         Ok(())
     }
 
