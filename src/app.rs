@@ -238,7 +238,6 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         counters: redis_link
             .as_ref()
             .map(|link| Arc::new(RedisUsageCounters::new(link.clone(), ""))),
-        stopping: Default::default(),
     };
     let mut proxy_service =
         pingora::services::listening::Service::new("relay proxy".to_string(), proxy);

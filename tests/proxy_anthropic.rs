@@ -23,17 +23,14 @@ struct Setup {
 async fn setup_with(price_rate: i64, key_extra: serde_json::Value) -> Setup {
     let mock = MockUpstream::start().await;
     let relay = Relay::start().await;
-    let user_id = relay.create_user("alice", price_rate).await;
-    relay
-        .create_account(
-            "claude-a",
-            "claude",
-            &mock.url(),
-            "sk-ant-upstream-secret-a",
-        )
-        .await;
-    let (key_id, key) = relay.create_key(&user_id, key_extra).await;
-    relay.wait_key_active(&key).await;
+    let (key_id, key, user_id) = provision(
+        &relay,
+        &mock.url(),
+        "sk-ant-upstream-secret-a",
+        price_rate,
+        key_extra,
+    )
+    .await;
     Setup {
         relay,
         mock,
@@ -41,6 +38,24 @@ async fn setup_with(price_rate: i64, key_extra: serde_json::Value) -> Setup {
         key_id,
         user_id,
     }
+}
+
+/// On `relay`: a user, one Claude account at `base_url` with `credential`, and an active key of
+/// the user. Returns (key id, key, user id).
+async fn provision(
+    relay: &Relay,
+    base_url: &str,
+    credential: &str,
+    price_rate: i64,
+    key_extra: serde_json::Value,
+) -> (String, String, String) {
+    let user_id = relay.create_user("alice", price_rate).await;
+    relay
+        .create_account("claude-a", "claude", base_url, credential)
+        .await;
+    let (key_id, key) = relay.create_key(&user_id, key_extra).await;
+    relay.wait_key_active(&key).await;
+    (key_id, key, user_id)
 }
 
 async fn setup() -> Setup {
@@ -694,15 +709,17 @@ async fn keep_alive_connections_carry_streams_and_json_one_after_another() {
     assert_eq!(s.mock.count(), 12);
 }
 
-/// A user with an active key and one account on the TLS mock at `url`; the key.
+/// A key whose one account is the TLS mock at `url`.
 async fn key_for_tls_account(relay: &Relay, url: &str) -> String {
-    let user_id = relay.create_user("tls", 10_000).await;
-    relay
-        .create_account("claude-tls", "claude", url, "sk-ant-upstream-tls")
-        .await;
-    let (_, key) = relay.create_key(&user_id, serde_json::json!({})).await;
-    relay.wait_key_active(&key).await;
-    key
+    provision(
+        relay,
+        url,
+        "sk-ant-upstream-tls",
+        10_000,
+        serde_json::json!({}),
+    )
+    .await
+    .1
 }
 
 #[tokio::test]
@@ -721,11 +738,12 @@ async fn tls_upstream_is_verified_and_its_connection_pooled() {
     for i in 0..4 {
         let stream = i % 2 == 1;
         let r = relay
-            .post("/v1/messages", &key)
-            .json(&messages_body(MODEL, stream, conversation("tls", 1)))
-            .send()
-            .await
-            .unwrap();
+            .post_json(
+                "/v1/messages",
+                &key,
+                &messages_body(MODEL, stream, conversation("tls", 1)),
+            )
+            .await;
         assert_eq!(r.status(), 200, "request {i}");
         let text = r.text().await.unwrap();
         if stream {
@@ -747,11 +765,12 @@ async fn tls_upstream_is_verified_and_its_connection_pooled() {
     let untrusting = Relay::start().await;
     let key = key_for_tls_account(&untrusting, &tls.url).await;
     let r = untrusting
-        .post("/v1/messages", &key)
-        .json(&messages_body(MODEL, false, conversation("tls", 1)))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/v1/messages",
+            &key,
+            &messages_body(MODEL, false, conversation("tls", 1)),
+        )
+        .await;
     assert_eq!(r.status(), 502);
     assert_eq!(mock.requests().len(), 4);
 }
@@ -763,13 +782,7 @@ async fn an_upstream_refusing_the_body_early_is_answered_with_its_own_status() {
     // Far more than the sockets buffer: the upstream closes while the relay still writes.
     let mut body = messages_body(MODEL, false, conversation("large", 1));
     body["metadata"] = serde_json::json!({"padding": "x".repeat(12 << 20)});
-    let r = s
-        .relay
-        .post("/v1/messages", &s.key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = s.relay.post_json("/v1/messages", &s.key, &body).await;
     assert_eq!(r.status(), 413);
     let v: serde_json::Value = r.json().await.unwrap();
     // The upstream's own answer, not one of the relay's.

@@ -16,6 +16,25 @@ async fn connect(relay: &Relay) -> TcpStream {
         .expect("connect to the relay")
 }
 
+/// A relay started with one more environment setting.
+async fn relay_with(name: &str, value: &str) -> Relay {
+    Relay::start_with(RelayOptions {
+        env: vec![(name.into(), value.into())],
+        ..Default::default()
+    })
+    .await
+}
+
+/// Asks for the health check on `conn`; asserts its 200 and returns its body.
+async fn health_on(conn: &mut TcpStream) -> Vec<u8> {
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write the request");
+    let (head, body) = read_response(conn).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    body
+}
+
 /// Reads one response with a `Content-Length` body; returns its head and body.
 async fn read_response(conn: &mut TcpStream) -> (String, Vec<u8>) {
     let mut buf = Vec::new();
@@ -91,12 +110,7 @@ async fn requests_share_a_kept_alive_connection_and_a_refusal_closes_it() {
     let relay = Relay::start().await;
     let mut conn = connect(&relay).await;
     for _ in 0..3 {
-        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let (head, body) = read_response(&mut conn).await;
-        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-        assert_eq!(body, b"ok");
+        assert_eq!(health_on(&mut conn).await, b"ok");
     }
     // A key the relay does not know: refused in the protocol's shape, and the connection ends.
     let body = br#"{"model":"claude-sonnet-4-5","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -122,17 +136,9 @@ async fn requests_share_a_kept_alive_connection_and_a_refusal_closes_it() {
 async fn a_connection_idle_between_requests_is_closed_when_shutdown_begins() {
     // A long grace period: the relay keeps running well after SIGTERM, so a close seen during
     // it comes from the shutdown of idle connections, not from the process exiting.
-    let mut relay = Relay::start_with(RelayOptions {
-        env: vec![("RELAY_SHUTDOWN__GRACE_PERIOD_SECONDS".into(), "60".into())],
-        ..Default::default()
-    })
-    .await;
+    let mut relay = relay_with("RELAY_SHUTDOWN__GRACE_PERIOD_SECONDS", "60").await;
     let mut conn = connect(&relay).await;
-    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, _) = read_response(&mut conn).await;
-    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    health_on(&mut conn).await;
 
     let pid = relay.child.id().to_string();
     let killed = std::process::Command::new("kill")
@@ -152,17 +158,9 @@ async fn a_connection_idle_between_requests_is_closed_when_shutdown_begins() {
 
 #[tokio::test]
 async fn a_kept_alive_connection_is_closed_after_the_idle_timeout() {
-    let relay = Relay::start_with(RelayOptions {
-        env: vec![("RELAY_CLIENT_IDLE_TIMEOUT".into(), "1s".into())],
-        ..Default::default()
-    })
-    .await;
+    let relay = relay_with("RELAY_CLIENT_IDLE_TIMEOUT", "1s").await;
     let mut conn = connect(&relay).await;
-    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, _) = read_response(&mut conn).await;
-    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    health_on(&mut conn).await;
     // Without a bound the relay would wait for a next request as long as the client stays.
     let rest = read_to_close(&mut conn, Duration::from_secs(20))
         .await
@@ -173,9 +171,7 @@ async fn a_kept_alive_connection_is_closed_after_the_idle_timeout() {
 #[tokio::test]
 async fn a_request_body_the_client_cannot_frame_is_answered_400() {
     let relay = Relay::start().await;
-    let user = relay.create_user("framing", 10_000).await;
-    let (_, key) = relay.create_key(&user, serde_json::json!({})).await;
-    relay.wait_key_active(&key).await;
+    let key = relay.active_key("framing").await;
     let mut conn = connect(&relay).await;
     let req = format!(
         "POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: {key}\r\n\

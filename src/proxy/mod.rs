@@ -13,7 +13,6 @@ mod dns;
 mod exchange;
 mod upstream_h1;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,15 +70,6 @@ pub struct RelayProxy {
     pub prices: Arc<PriceCache>,
     /// Usage counters in Redis, when configured.
     pub counters: Option<Arc<RedisUsageCounters>>,
-    /// Raised when the service shuts down: ends connections idle between requests.
-    pub stopping: StopSignal,
-}
-
-/// A one-way signal that the proxy service is shutting down.
-#[derive(Default)]
-pub struct StopSignal {
-    raised: AtomicBool,
-    notify: tokio::sync::Notify,
 }
 
 /// Per-request state of the proxy around the filters' context.
@@ -423,11 +413,7 @@ impl ServerApp for RelayProxy {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let mut session = Session::new_http1(stream);
-        session.set_keepalive(if *shutdown.borrow() {
-            None
-        } else {
-            Some(self.idle_secs())
-        });
+        session.set_keepalive(Some(self.idle_secs()));
         let mut reused = self.process_request(session, shutdown).await;
         while let Some((stream, settings)) = reused.map(ReusedHttpStream::consume) {
             let mut session = Session::new_http1(stream);
@@ -437,11 +423,6 @@ impl ServerApp for RelayProxy {
             reused = self.process_request(session, shutdown).await;
         }
         None
-    }
-
-    async fn cleanup(&self) {
-        self.stopping.raised.store(true, Ordering::Release);
-        self.stopping.notify.notify_waiters();
     }
 }
 
@@ -461,18 +442,12 @@ impl RelayProxy {
         // An idle keep-alive connection waits here for its next request; a shutdown ends it.
         // The read goes first: a request already in is served (Pingora then closes the
         // connection after it), and the shutdown is looked at only while the read waits.
-        let notified = self.stopping.notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let stop = async {
-            if !self.stopping.raised.load(Ordering::Acquire) {
-                notified.await;
-            }
-        };
+        let mut stopping = shutdown.clone();
+        let stop = stopping.wait_for(|down| *down);
         let read = tokio::select! {
             biased;
             r = session.read_request() => r,
-            () = stop => return None,
+            _ = stop => return None,
         };
         match read {
             Ok(true) => {}

@@ -568,13 +568,12 @@ impl SqlStore {
         let mut account_used: BTreeMap<&str, i64> = BTreeMap::new();
         let mut last_day: Option<(i64, Arc<str>)> = None;
         for r in &fresh {
+            let day_number = r.created_at.div_euclid(86_400_000);
             let day = match &last_day {
-                Some((ms_day, text)) if *ms_day == r.created_at.div_euclid(86_400_000) => {
-                    text.clone()
-                }
+                Some((n, text)) if *n == day_number => text.clone(),
                 _ => {
                     let text: Arc<str> = Arc::from(utc_day(r.created_at));
-                    last_day = Some((r.created_at.div_euclid(86_400_000), text.clone()));
+                    last_day = Some((day_number, text.clone()));
                     text
                 }
             };

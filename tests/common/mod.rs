@@ -275,6 +275,24 @@ impl Relay {
             .header("anthropic-version", "2023-06-01")
     }
 
+    /// POSTs a JSON body to the proxy with the key; the response, whatever its status.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        key: &str,
+        body: &serde_json::Value,
+    ) -> reqwest::Response {
+        self.post(path, key).json(body).send().await.expect("send")
+    }
+
+    /// A user (price rate 1.0) with an active key and no limits; the key.
+    pub async fn active_key(&self, user_name: &str) -> String {
+        let user = self.create_user(user_name, 10_000).await;
+        let (_, key) = self.create_key(&user, serde_json::json!({})).await;
+        self.wait_key_active(&key).await;
+        key
+    }
+
     /// Sends SIGTERM and waits for the process to exit.
     pub fn terminate(&mut self) {
         let _ = Command::new("kill")
