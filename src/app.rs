@@ -241,14 +241,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     };
     let mut proxy_service =
         pingora::services::listening::Service::new("relay proxy".to_string(), proxy);
-    // No read buffer on client connections: Pingora reads the request head into a 4 KiB buffer
-    // of its own and bodies in 64 KiB reads that would bypass one anyway, so a read buffer only
-    // cost memory per connection (64 KiB by default). An 8 KiB write buffer lets a response head
-    // and a typical JSON answer, or a batch of stream events, leave in one send.
+    // No buffers on client connections: the relay's client side reads heads into a buffer of
+    // its own, freed between requests, and queues an answer's pieces for one vectored write;
+    // Pingora's defaults (64 KiB to read, 1460 bytes to write) would only cost memory per
+    // connection and a copy.
     proxy_service.add_listener(
-        pingora::listeners::ListenerConfig::tcp(config.proxy_addr.clone()).l4_buffer(
-            pingora::protocols::l4::stream::L4BufferSettings::new(0, 8 << 10),
-        ),
+        pingora::listeners::ListenerConfig::tcp(config.proxy_addr.clone())
+            .l4_buffer(pingora::protocols::l4::stream::L4BufferSettings::new(0, 0)),
     );
 
     let admin_addr = config.admin_addr.parse().context("admin_addr")?;

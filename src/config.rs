@@ -55,8 +55,9 @@ pub struct Config {
     pub key_pepper: Option<Secret>,
     /// Request bodies larger than this are refused with 413.
     pub max_body_bytes: usize,
-    /// A client connection kept alive is closed after this long without a new request (whole
-    /// seconds, at least one).
+    /// A client connection kept alive is closed after this long without a new request, and a
+    /// client that sends nothing of a request head or body for this long is dropped (at least
+    /// one second).
     #[serde(with = "humantime_serde")]
     pub client_idle_timeout: Duration,
     /// The shipped price list (admins override per model in the database).

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use pingora::http::ResponseHeader;
-use pingora::protocols::http::ServerSession as Session;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::upstreams::peer::Peer as _;
 use relay_filters::account_state::{
@@ -18,7 +17,7 @@ use relay_filters::context::UpstreamRequest;
 use relay_filters::error::{stream_error_event, ErrorKind};
 
 use super::upstream_h1::{H1Error, H1Upstream, UpstreamHead};
-use super::{now_ms, upstream_error_body, ProxyCtx, RelayProxy};
+use super::{now_ms, upstream_error_body, ProxyCtx, RelayProxy, Session};
 use crate::metrics::metrics;
 
 /// Hop-by-hop headers never copied from the upstream response.
@@ -279,7 +278,7 @@ impl RelayProxy {
                     ctx.status = status;
                     ctx.error_type = Some(ErrorKind::Upstream.type_name());
                     let resp = copy_head(&head, &rctx.request_id, Some(err_body.len()));
-                    session.write_response_header(Box::new(resp)).await?;
+                    session.write_response_header(&resp)?;
                     session.write_response_body(err_body, true).await?;
                     Ok(())
                 }
@@ -340,17 +339,11 @@ impl RelayProxy {
         // connection, and the watch must not read it.
         let stream =
             is_event_stream(head) || head.headers.get(http::header::CONTENT_LENGTH).is_none();
-        // A streamed answer's head is flushed on its own by Pingora, and so is each body write
-        // and the last chunk. While the relay writes without waiting for the upstream (the
-        // head and what the upstream already sent, up to the end when that is known) the client
-        // socket is corked, so those writes leave together; before any wait it is uncorked.
-        let downstream_fd = session.stream().map(|s| s.id());
-        let mut cork = if stream {
-            Some(Cork::new(downstream_fd))
-        } else {
-            None
-        };
-        let mut client_gone = session.write_response_header(Box::new(resp)).await.is_err();
+        // The head and body writes are queued by the client side and leave together when it
+        // flushes: a streamed answer is flushed before every wait for the upstream, so nothing
+        // the upstream sent is held back, and what it sent back to back (the head, the first
+        // events, the end) goes out in one write.
+        let mut client_gone = session.write_response_header(&resp).is_err();
         let started = Instant::now();
         let mut drain_deadline: Option<Instant> = None;
         let mut watch_client = stream;
@@ -362,9 +355,9 @@ impl RelayProxy {
             held = up.read_body().now_or_never();
         }
         loop {
-            if held.is_none() {
+            if held.is_none() && stream && !client_gone {
                 // About to wait for the upstream: what is written so far goes out now.
-                drop(cork.take());
+                client_gone = session.flush().await.is_err();
             }
             if client_gone && drain_deadline.is_none() {
                 if !self.settings.drain_on_disconnect {
@@ -386,11 +379,11 @@ impl RelayProxy {
             } else if watch_client && !up.response_done() {
                 tokio::select! {
                     r = up.read_body() => r,
-                    idle = session.read_body_or_idle(true) => {
+                    idle = session.watch_client() => {
                         match idle {
-                            Err(_) => client_gone = true,
-                            // Unexpected bytes from the client: stop watching, keep serving.
-                            Ok(_) => watch_client = false,
+                            Err(()) => client_gone = true,
+                            // The client's next request, kept for its turn: stop watching.
+                            Ok(()) => watch_client = false,
                         }
                         continue;
                     }
@@ -430,11 +423,6 @@ impl RelayProxy {
                         if let Some(b) = batch {
                             out = b.freeze();
                         }
-                    }
-                    // The next read is already in (the end, say): this write and the next
-                    // leave together.
-                    if stream && held.is_some() && cork.is_none() {
-                        cork = Some(Cork::new(downstream_fd));
                     }
                     if !client_gone && !out.is_empty() {
                         if ctx.ttfb.is_none() {
@@ -484,7 +472,6 @@ impl RelayProxy {
         if !client_gone {
             let _ = session.write_response_body(Bytes::new(), true).await;
         }
-        drop(cork);
         let Attempt { upstream, peer, .. } = *att;
         if complete {
             if let Some((stream, idle)) = upstream.into_reusable(self.settings.pool_idle_timeout) {
@@ -566,89 +553,4 @@ async fn read_limited(up: &mut H1Upstream, limit: usize) -> Bytes {
     };
     let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
     Bytes::from(buf)
-}
-
-/// Holds back partial TCP segments on a socket until dropped (Linux `TCP_CORK`), so writes made
-/// meanwhile leave as one transmission: Pingora's HTTP/1 server flushes a streamed answer's
-/// head, each body write and the last chunk on their own, and corked they reach the client as
-/// one segment, one wake-up of the receiver instead of several. Full segments still leave at
-/// once, so nothing large is held. A no-op where the option does not exist or fails.
-struct Cork(Option<i32>);
-
-impl Cork {
-    fn new(fd: Option<i32>) -> Cork {
-        Cork(fd.filter(|&fd| set_cork(fd, true)))
-    }
-}
-
-impl Drop for Cork {
-    fn drop(&mut self) {
-        if let Some(fd) = self.0 {
-            set_cork(fd, false);
-        }
-    }
-}
-
-#[cfg(target_os = "linux")]
-fn set_cork(fd: i32, on: bool) -> bool {
-    let value: libc::c_int = on.into();
-    // SAFETY: setsockopt on a descriptor the caller's session owns and keeps open for the
-    // cork's lifetime, with a pointer to a live c_int and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    rc == 0
-}
-
-#[cfg(not(target_os = "linux"))]
-fn set_cork(_fd: i32, _on: bool) -> bool {
-    false
-}
-
-#[cfg(all(test, target_os = "linux"))]
-#[allow(clippy::unwrap_used)] // a failing unwrap is a failing test
-mod tests {
-    use super::*;
-    use std::os::fd::AsRawFd;
-
-    fn cork_of(fd: i32) -> libc::c_int {
-        let mut value: libc::c_int = -1;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt on an open socket with a live c_int and its size.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_CORK,
-                (&mut value as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0);
-        value
-    }
-
-    #[test]
-    fn cork_holds_while_alive_and_lets_go_when_dropped() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let fd = client.as_raw_fd();
-        assert_eq!(cork_of(fd), 0);
-        let cork = Cork::new(Some(fd));
-        assert_eq!(cork.0, Some(fd));
-        assert_eq!(cork_of(fd), 1);
-        drop(cork);
-        assert_eq!(cork_of(fd), 0);
-        // No socket (an HTTP/2 session, say): nothing to do.
-        assert_eq!(Cork::new(None).0, None);
-        // Not a TCP socket: the option fails and the cork stays inert.
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        assert_eq!(Cork::new(Some(a.as_raw_fd())).0, None);
-    }
 }

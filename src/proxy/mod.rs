@@ -10,6 +10,7 @@
 //! plain TCP without h2c, so its connections are HTTP/1.1.
 
 mod dns;
+mod downstream_h1;
 mod exchange;
 mod upstream_h1;
 
@@ -17,10 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
-use pingora::apps::{HttpPersistentSettings, ReusedHttpStream, ServerApp};
+use bytes::Bytes;
+use pingora::apps::ServerApp;
 use pingora::http::ResponseHeader;
-use pingora::protocols::http::ServerSession as Session;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use relay_filters::account_state::StateRules;
@@ -38,6 +38,7 @@ use crate::background::usage_writer::UsageQueue;
 use crate::cache::{AccountCache, PriceCache};
 use crate::metrics::{metrics, status_class};
 use crate::store::redis_counters::RedisUsageCounters;
+use downstream_h1::{Downstream as Session, HeadError};
 
 pub use dns::Resolver;
 
@@ -108,13 +109,13 @@ impl RelayProxy {
         body: Bytes,
         extra: &[(&str, String)],
     ) -> pingora::Result<()> {
-        let mut resp = ResponseHeader::build(status, Some(4))?;
+        let mut resp = ResponseHeader::build_no_case(status, Some(2 + extra.len()))?;
         resp.insert_header("content-type", content_type)?;
         resp.insert_header("content-length", body.len().to_string())?;
         for (k, v) in extra {
             resp.insert_header(k.to_string(), v.as_str())?;
         }
-        session.write_response_header(Box::new(resp)).await?;
+        session.write_response_header(&resp)?;
         session.write_response_body(body, true).await?;
         Ok(())
     }
@@ -150,22 +151,9 @@ impl RelayProxy {
     /// Reads the whole request body, refusing it past `max_body_bytes`.
     async fn read_body(&self, session: &mut Session) -> pingora::Result<Result<Bytes, Rejection>> {
         let max = self.settings.max_body_bytes;
-        let declared = declared_length(session);
-        if declared.is_some_and(|n| n > max) {
-            return Ok(Err(too_large(max)));
-        }
-        let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(max));
-        // A body the client cannot frame is its fault: answered 400, not 500.
-        while let Some(chunk) = session.read_request_body().await.map_err(|mut e| {
-            e.as_down();
-            e
-        })? {
-            if buf.len() + chunk.len() > max {
-                return Ok(Err(too_large(max)));
-            }
-            buf.extend_from_slice(&chunk);
-        }
-        Ok(Ok(buf.freeze()))
+        // A body the client cannot frame is its fault: answered 400 (the error's source is
+        // the client).
+        Ok(session.read_body(max).await?.ok_or_else(|| too_large(max)))
     }
 
     async fn handle_api(
@@ -184,7 +172,7 @@ impl RelayProxy {
             match auth.authenticate(header_map(session), query.as_deref(), now_ms()) {
                 Ok(key) => pre_auth = Some(relay_filters::context::AuthInfo { key }),
                 Err(r) => {
-                    session.set_keepalive(None);
+                    session.set_keep_alive(false);
                     return Self::reject(session, ctx, protocol, &r, &request_id).await;
                 }
             }
@@ -196,12 +184,12 @@ impl RelayProxy {
         let declared_too_large =
             declared_length(session).is_some_and(|n| n > self.settings.max_body_bytes);
         if expects_continue && !declared_too_large {
-            session.write_continue_response().await?;
+            session.write_continue().await?;
         }
         let body = match self.read_body(session).await? {
             Ok(b) => b,
             Err(r) => {
-                session.set_keepalive(None);
+                session.set_keep_alive(false);
                 return Self::reject(session, ctx, protocol, &r, &request_id).await;
             }
         };
@@ -412,84 +400,61 @@ impl ServerApp for RelayProxy {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let mut session = Session::new_http1(stream);
-        session.set_keepalive(Some(self.idle_secs()));
-        let mut reused = self.process_request(session, shutdown).await;
-        while let Some((stream, settings)) = reused.map(ReusedHttpStream::consume) {
-            let mut session = Session::new_http1(stream);
-            if let Some(settings) = settings {
-                settings.apply_to_session(&mut session);
-            }
-            reused = self.process_request(session, shutdown).await;
-        }
+        let mut session = Session::new(stream, self.settings.client_idle_timeout);
+        while self.process_request(&mut session, shutdown).await {}
+        session.shutdown().await;
         None
     }
 }
 
 impl RelayProxy {
-    /// The idle wait between requests, in Pingora's whole seconds (0 would mean no limit).
-    fn idle_secs(&self) -> u64 {
-        self.settings.client_idle_timeout.as_secs().max(1)
-    }
-
-    /// One request of a connection: read its head, serve it, book it, and hand the connection
-    /// back for the next request when it can be reused.
-    async fn process_request(
-        &self,
-        mut session: Session,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        // An idle keep-alive connection waits here for its next request; a shutdown ends it.
-        // The read goes first: a request already in is served (Pingora then closes the
-        // connection after it), and the shutdown is looked at only while the read waits.
+    /// One request of a connection: read its head, serve it, book it; `true` when the
+    /// connection can serve the next request.
+    async fn process_request(&self, session: &mut Session, shutdown: &ShutdownWatch) -> bool {
+        // An idle keep-alive connection waits here for its next request (at most
+        // `client_idle_timeout`); a shutdown ends it. The read goes first: a request already in
+        // is served (the connection then closes after it), and the shutdown is looked at only
+        // while the read waits.
         let mut stopping = shutdown.clone();
         let stop = stopping.wait_for(|down| *down);
         let read = tokio::select! {
             biased;
             r = session.read_request() => r,
-            _ = stop => return None,
+            _ = stop => return false,
         };
         match read {
             Ok(true) => {}
-            // The client closed an idle connection.
-            Ok(false) => return None,
+            // The client closed an idle connection, or let it idle too long.
+            Ok(false) => return false,
             Err(e) => {
-                if matches!(e.etype(), pingora::ErrorType::InvalidHTTPHeader) {
-                    tracing::warn!(error = %e, "unreadable request head, answered 400");
-                    let _ = Box::pin(session.respond_error(400)).await;
-                } else {
-                    tracing::debug!(error = %e, "client connection failed before a request head");
-                }
-                session.shutdown().await;
-                return None;
+                let code = match e {
+                    HeadError::Bad(_) => 400,
+                    HeadError::TooLarge => 431,
+                    HeadError::Gone(_) => {
+                        tracing::debug!(error = %e, "client connection failed before a request head");
+                        return false;
+                    }
+                };
+                tracing::warn!(error = %e, status = code, "unreadable request head");
+                Box::pin(session.respond_error(code)).await;
+                return false;
             }
         }
         if *shutdown.borrow() {
-            session.set_keepalive(None);
+            session.set_keep_alive(false);
         }
         let mut ctx = ProxyCtx::default();
-        match self.serve(&mut session, &mut ctx).await {
+        match self.serve(session, &mut ctx).await {
             Ok(()) => {
                 self.logging(None, &mut ctx).await;
-                // Pingora keeps an HTTP/1.1 connection alive with no limit on the wait for the
-                // next request (unless the client's `Keep-Alive` names one): bound it.
-                if session.get_keepalive() == Some(0) {
-                    session.set_keepalive(Some(self.idle_secs()));
-                }
-                let settings = HttpPersistentSettings::for_session(&session);
-                // Boxed, as is the error answer: Pingora's `finish` future (3.7 KB) sized this one,
-                // held by every open stream.
-                match Box::pin(session.finish()).await {
-                    Ok(Some(s)) => Some(ReusedHttpStream::from_reusable_stream(s, settings)),
-                    _ => None,
-                }
+                session.finish().await
             }
             Err(e) => {
                 // The relay answers its own refusals in the protocol's shape where they happen;
                 // what reaches here is a client connection that failed mid-request (a body it
-                // could not frame, a write to a gone client) or a fault of the relay's. Answered,
-                // as Pingora's proxy did, when nothing was sent yet and the connection still
-                // takes it; the connection is never reused.
+                // could not frame or did not send in time, a write to a gone client) or a fault
+                // of the relay's. Answered with a bare status when nothing was sent yet and the
+                // connection still takes it; the connection is never reused.
                 let dead = matches!(
                     e.etype(),
                     pingora::ErrorType::WriteError
@@ -506,12 +471,10 @@ impl RelayProxy {
                     tracing::debug!(error = %e, "client connection failed mid-request");
                 } else {
                     tracing::warn!(error = %e, status = code, "request failed");
-                    if session.response_written().is_none() {
-                        let _ = Box::pin(session.respond_error(code)).await;
-                    }
+                    Box::pin(session.respond_error(code)).await;
                 }
                 self.logging(Some(&e), &mut ctx).await;
-                None
+                false
             }
         }
     }
@@ -571,7 +534,7 @@ impl RelayProxy {
                 };
                 let r =
                     Rejection::new(ErrorKind::NotFound, format!("no route for {method} {path}"));
-                session.set_keepalive(None);
+                session.set_keep_alive(false);
                 Self::reject(session, ctx, protocol, &r, &request_id).await
             }
         }

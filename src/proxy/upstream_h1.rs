@@ -509,7 +509,7 @@ fn take_len(rest: u64, buffered: usize) -> usize {
     usize::try_from(rest).map_or(buffered, |r| r.min(buffered))
 }
 
-fn parse_length(value: &[u8]) -> Result<u64, H1Error> {
+pub(super) fn parse_length(value: &[u8]) -> Result<u64, H1Error> {
     let digits = value.trim_ascii();
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return Err(H1Error::Malformed("invalid content-length"));
@@ -520,7 +520,7 @@ fn parse_length(value: &[u8]) -> Result<u64, H1Error> {
 }
 
 /// The size of a chunk from its line (`1a2b;ext=1`).
-fn parse_chunk_size(line: &[u8]) -> Result<u64, H1Error> {
+pub(super) fn parse_chunk_size(line: &[u8]) -> Result<u64, H1Error> {
     let end = line
         .iter()
         .position(|&b| b == b';' || b == b' ' || b == b'\t')
@@ -555,7 +555,7 @@ fn keep_alive_timeout(value: &[u8]) -> Option<Duration> {
     })
 }
 
-fn last_token(value: &[u8]) -> &[u8] {
+pub(super) fn last_token(value: &[u8]) -> &[u8] {
     value
         .rsplit(|&b| b == b',')
         .next()
@@ -563,7 +563,7 @@ fn last_token(value: &[u8]) -> &[u8] {
         .trim_ascii()
 }
 
-fn has_token(value: &[u8], token: &[u8]) -> bool {
+pub(super) fn has_token(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))

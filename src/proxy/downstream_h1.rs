@@ -1,0 +1,1185 @@
+//! The relay's HTTP/1.1 server side of a client connection, over the streams Pingora's listener
+//! accepts (its listeners, TLS, runtime and shutdown are kept).
+//!
+//! Pingora's server session keeps, for as long as a request lasts, the 4 KiB buffer its request
+//! head was read into (the header values point into it), and writes through the connection's
+//! write buffer (8 KiB here) so that a head and a short answer leave together; a streamed
+//! answer's head, each body write and the last chunk are flushed on their own. Held by every open
+//! stream, those buffers were a third of its memory. This side keeps only a copy of the head's
+//! bytes (header values point into it), frees its read buffer whenever nothing is left in it,
+//! and has no write buffer: the answer's head, chunk framing and body pieces are queued as
+//! pieces and leave in one vectored write when the caller flushes (before it waits for the
+//! upstream), when an answer ends, or when 16 KiB are queued.
+//!
+//! Framing follows RFC 9112: a request body is framed by `Transfer-Encoding` (chunked must be the
+//! last coding, else 400), or `Content-Length` (differing values are 400), or has none; a request
+//! with both is read as chunked and the connection closed afterwards. An answer is framed by its
+//! `Content-Length`, or chunked to an HTTP/1.1 client, or ends with the connection for an
+//! HTTP/1.0 one; HEAD, 1xx, 204 and 304 answers have no body.
+
+use std::cell::RefCell;
+use std::io::IoSlice;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes, BytesMut};
+use pingora::http::ResponseHeader;
+use pingora::protocols::Stream;
+use pingora::{Error, ErrorType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::upstream_h1::{has_token, last_token, parse_chunk_size, parse_length};
+
+/// Space offered to a read of a request head or a chunked body.
+const READ_SIZE: usize = 4 * 1024;
+/// Largest request head accepted (real clients send 1 to 4 KiB).
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in a request head.
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size line or trailer line accepted.
+const MAX_LINE: usize = 4 * 1024;
+/// Queued answer bytes that go out without waiting for a flush.
+const WRITE_AHEAD: usize = 16 * 1024;
+/// Slices handed to one vectored write.
+const MAX_IOV: usize = 32;
+
+/// A request head: method, target, version and header fields (names lower-case, order kept).
+#[derive(Debug, Default)]
+pub(super) struct RequestHead {
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub version: http::Version,
+    pub headers: http::HeaderMap,
+}
+
+/// Why no request head could be read.
+#[derive(Debug)]
+pub(super) enum HeadError {
+    /// Not HTTP/1.x as RFC 9112 frames a request: answered 400.
+    Bad(&'static str),
+    /// Longer than the relay takes: answered 431.
+    TooLarge,
+    /// The client went away or stalled mid-head: nothing to answer.
+    Gone(String),
+}
+
+impl std::fmt::Display for HeadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeadError::Bad(what) => write!(f, "unreadable request head: {what}"),
+            HeadError::TooLarge => f.write_str("request head too large"),
+            HeadError::Gone(why) => {
+                write!(f, "client connection failed before a request head: {why}")
+            }
+        }
+    }
+}
+
+/// Where the request body stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReqBody {
+    /// Read to its end (or there is none).
+    Done,
+    /// `Content-Length`: bytes still to come.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked(Chunk),
+}
+
+/// Position inside a chunked request body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// How the answer's body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RespBody {
+    /// No head written yet.
+    NotStarted,
+    /// HEAD, 204, 304: the head is all.
+    Empty,
+    /// `Content-Length`: bytes still to go.
+    Length(u64),
+    Chunked,
+    /// Ends with the connection (HTTP/1.0 client, no length).
+    UntilClose,
+}
+
+/// A queued piece of the answer.
+enum Piece {
+    Data(Bytes),
+    /// Chunk framing: the CRLF ending the previous chunk, a size line, or the last chunk.
+    Frame([u8; 24], u8),
+}
+
+impl Piece {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Piece::Data(b) => b,
+            Piece::Frame(buf, len) => &buf[..*len as usize],
+        }
+    }
+}
+
+/// The number of bytes that can still be taken of a body with `rest` to come.
+fn take_len(rest: u64, available: usize) -> usize {
+    usize::try_from(rest).map_or(available, |r| r.min(available))
+}
+
+/// An error of the client side, for the connection loop to classify (the source is the client).
+fn down(etype: ErrorType, what: &'static str) -> Box<Error> {
+    let mut e = Error::explain(etype, what);
+    e.as_down();
+    e
+}
+
+/// One client connection, one request at a time.
+pub(super) struct Downstream {
+    stream: Stream,
+    /// Bytes read and not yet taken (a head being read, body bytes that came with it, the next
+    /// request of a pipelining client). Freed whenever it is empty.
+    buf: BytesMut,
+    req: RequestHead,
+    body: ReqBody,
+    keep_alive: bool,
+    resp: RespBody,
+    /// The answer was given whole (its end written).
+    resp_done: bool,
+    /// A chunk was written whose CRLF is still owed.
+    open_chunk: bool,
+    out: Vec<Piece>,
+    out_len: usize,
+    /// Longest wait for the next request, and for each read within one.
+    read_timeout: Duration,
+}
+
+impl Downstream {
+    pub(super) fn new(stream: Stream, read_timeout: Duration) -> Self {
+        Downstream {
+            stream,
+            buf: BytesMut::new(),
+            req: RequestHead::default(),
+            body: ReqBody::Done,
+            keep_alive: true,
+            resp: RespBody::NotStarted,
+            resp_done: false,
+            open_chunk: false,
+            out: Vec::new(),
+            out_len: 0,
+            read_timeout,
+        }
+    }
+
+    /// The request whose head was read last.
+    pub(super) fn req_header(&self) -> &RequestHead {
+        &self.req
+    }
+
+    /// Whether the connection is to serve another request after this one.
+    #[cfg(test)]
+    fn keep_alive(&self) -> bool {
+        self.keep_alive
+    }
+
+    pub(super) fn set_keep_alive(&mut self, keep: bool) {
+        self.keep_alive &= keep;
+    }
+
+    /// Whether any of the answer was written (or queued).
+    pub(super) fn response_written(&self) -> bool {
+        self.resp != RespBody::NotStarted
+    }
+
+    /// Reads the next request head. `Ok(false)`: the client closed the connection, or let it
+    /// idle past the read timeout, between requests.
+    pub(super) async fn read_request(&mut self) -> Result<bool, HeadError> {
+        self.req = RequestHead::default();
+        self.body = ReqBody::Done;
+        self.resp = RespBody::NotStarted;
+        self.resp_done = false;
+        self.open_chunk = false;
+        self.out.clear();
+        self.out_len = 0;
+        loop {
+            if !self.buf.is_empty() && self.parse_head()? {
+                return Ok(true);
+            }
+            let idle = self.buf.is_empty();
+            match self.read_more().await {
+                Ok(0) if idle => return Ok(false),
+                Ok(0) => return Err(HeadError::Gone("closed mid-head".into())),
+                Ok(_) => {}
+                Err(_) if idle => return Ok(false),
+                Err(e) => return Err(HeadError::Gone(e.to_string())),
+            }
+        }
+    }
+
+    /// Parses a head from the buffer; `false` if it is not whole yet.
+    fn parse_head(&mut self) -> Result<bool, HeadError> {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut fields);
+        let len = match parsed.parse(&self.buf) {
+            Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+                return Err(HeadError::TooLarge)
+            }
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if self.buf.len() > MAX_HEAD => {
+                return Err(HeadError::TooLarge)
+            }
+            Ok(httparse::Status::Partial) => return Ok(false),
+            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+            Err(_) => return Err(HeadError::Bad("invalid request head")),
+        };
+        // The head's own copy, of its exact size: header values and the target point into it,
+        // and the read buffer can go.
+        let raw = Bytes::copy_from_slice(&self.buf[..len]);
+        let base = self.buf.as_ptr() as usize;
+        let part = |s: &[u8]| {
+            let at = s.as_ptr() as usize - base;
+            raw.slice(at..at + s.len())
+        };
+        let method = http::Method::from_bytes(parsed.method.unwrap_or_default().as_bytes())
+            .map_err(|_| HeadError::Bad("invalid method"))?;
+        let uri = http::Uri::from_maybe_shared(part(parsed.path.unwrap_or_default().as_bytes()))
+            .map_err(|_| HeadError::Bad("invalid request target"))?;
+        let http10 = parsed.version == Some(0);
+        let mut headers = http::HeaderMap::with_capacity(parsed.headers.len());
+        let mut keep_alive = !http10;
+        let mut length: Option<u64> = None;
+        let mut coded = false;
+        for field in parsed.headers.iter() {
+            let name = http::HeaderName::from_bytes(field.name.as_bytes())
+                .map_err(|_| HeadError::Bad("invalid header name"))?;
+            let value = http::HeaderValue::from_maybe_shared(part(field.value))
+                .map_err(|_| HeadError::Bad("invalid header value"))?;
+            if name == http::header::TRANSFER_ENCODING {
+                if field.value.split(|&b| b == b',').any(|t| {
+                    let t = t.trim_ascii();
+                    !t.is_empty() && !t.eq_ignore_ascii_case(b"identity")
+                }) {
+                    // A request body must end with the chunked coding (RFC 9112 §6.3).
+                    if !last_token(field.value).eq_ignore_ascii_case(b"chunked") {
+                        return Err(HeadError::Bad("unsupported transfer coding"));
+                    }
+                    coded = true;
+                }
+            } else if name == http::header::CONTENT_LENGTH {
+                let n = parse_length(field.value)
+                    .map_err(|_| HeadError::Bad("invalid content-length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(HeadError::Bad("conflicting content-length"));
+                }
+                length = Some(n);
+            } else if name == http::header::CONNECTION {
+                if has_token(field.value, b"close") {
+                    keep_alive = false;
+                } else if http10 && has_token(field.value, b"keep-alive") {
+                    keep_alive = true;
+                }
+            }
+            headers.append(name, value);
+        }
+        self.body = if coded {
+            if length.is_some() {
+                // Both framings: the coding wins, and the connection is not trusted further.
+                headers.remove(http::header::CONTENT_LENGTH);
+                keep_alive = false;
+            }
+            ReqBody::Chunked(Chunk::Size)
+        } else {
+            match length {
+                Some(n) if n > 0 => ReqBody::Length(n),
+                _ => ReqBody::Done,
+            }
+        };
+        self.req = RequestHead {
+            method,
+            uri,
+            version: if http10 {
+                http::Version::HTTP_10
+            } else {
+                http::Version::HTTP_11
+            },
+            headers,
+        };
+        self.keep_alive = keep_alive;
+        self.buf.advance(len);
+        self.release_buf();
+        Ok(true)
+    }
+
+    /// Drops the read buffer's memory when nothing is left in it.
+    fn release_buf(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+        }
+    }
+
+    /// Reads what the socket has into the buffer, waiting at most the read timeout.
+    async fn read_more(&mut self) -> std::io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
+            self.buf.reserve(READ_SIZE);
+        }
+        match tokio::time::timeout(self.read_timeout, self.stream.read_buf(&mut self.buf)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+
+    /// Reads the whole request body; `Ok(None)` when it is larger than `max` bytes (the rest is
+    /// left unread and the connection will not be reused).
+    pub(super) async fn read_body(&mut self, max: usize) -> pingora::Result<Option<Bytes>> {
+        match self.body {
+            ReqBody::Done => Ok(Some(Bytes::new())),
+            ReqBody::Length(n) if n > max as u64 => {
+                self.keep_alive = false;
+                Ok(None)
+            }
+            ReqBody::Length(n) => {
+                let n = n as usize;
+                if self.buf.len() >= n {
+                    let body = self.buf.split_to(n).freeze();
+                    self.body = ReqBody::Done;
+                    self.release_buf();
+                    return Ok(Some(body));
+                }
+                let mut body = BytesMut::with_capacity(n);
+                body.extend_from_slice(&self.buf);
+                self.buf = BytesMut::new();
+                while body.len() < n {
+                    let rest = (n - body.len()) as u64;
+                    let mut limited = (&mut self.stream).take(rest);
+                    let read = limited.read_buf(&mut body);
+                    match tokio::time::timeout(self.read_timeout, read).await {
+                        Ok(Ok(0)) => {
+                            self.keep_alive = false;
+                            return Err(down(
+                                ErrorType::ConnectionClosed,
+                                "client closed the connection before the body was complete",
+                            ));
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            self.keep_alive = false;
+                            return Err(Error::because(
+                                ErrorType::ReadError,
+                                "reading the request body",
+                                e,
+                            ));
+                        }
+                        Err(_) => {
+                            self.keep_alive = false;
+                            return Err(down(
+                                ErrorType::HTTPStatus(408),
+                                "the request body did not arrive in time",
+                            ));
+                        }
+                    }
+                }
+                self.body = ReqBody::Done;
+                Ok(Some(body.freeze()))
+            }
+            ReqBody::Chunked(_) => {
+                let mut body = BytesMut::new();
+                let fits = self.read_chunked(&mut body, max).await.inspect_err(|_| {
+                    self.keep_alive = false;
+                })?;
+                if !fits {
+                    self.keep_alive = false;
+                    return Ok(None);
+                }
+                self.release_buf();
+                Ok(Some(body.freeze()))
+            }
+        }
+    }
+
+    /// Decodes a chunked body into `body`; `false` once it would pass `max` bytes.
+    async fn read_chunked(&mut self, body: &mut BytesMut, max: usize) -> pingora::Result<bool> {
+        loop {
+            let ReqBody::Chunked(chunk) = self.body else {
+                return Ok(true);
+            };
+            let moved = match chunk {
+                Chunk::Size => match self.take_line()? {
+                    Some(line) => {
+                        let size = parse_chunk_size(&line).map_err(|_| {
+                            down(ErrorType::InvalidHTTPHeader, "invalid chunk size")
+                        })?;
+                        if body.len() as u64 + size > max as u64 {
+                            return Ok(false);
+                        }
+                        self.body = ReqBody::Chunked(if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        });
+                        true
+                    }
+                    None => false,
+                },
+                Chunk::Data(rest) => {
+                    let n = take_len(rest, self.buf.len());
+                    body.extend_from_slice(&self.buf[..n]);
+                    self.buf.advance(n);
+                    let left = rest - n as u64;
+                    self.body = ReqBody::Chunked(if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    });
+                    left == 0
+                }
+                Chunk::DataEnd => {
+                    let end = match self.buf.first() {
+                        None => 0,
+                        Some(b'\n') => 1,
+                        Some(b'\r') if self.buf.len() < 2 => 0,
+                        Some(b'\r') if self.buf[1] == b'\n' => 2,
+                        Some(_) => {
+                            return Err(down(
+                                ErrorType::InvalidHTTPHeader,
+                                "chunk data not followed by CRLF",
+                            ))
+                        }
+                    };
+                    if end > 0 {
+                        self.buf.advance(end);
+                        self.body = ReqBody::Chunked(Chunk::Size);
+                    }
+                    end > 0
+                }
+                Chunk::Trailers => match self.take_line()? {
+                    Some(line) => {
+                        if line.is_empty() {
+                            self.body = ReqBody::Done;
+                        }
+                        true
+                    }
+                    None => false,
+                },
+            };
+            if !moved {
+                match self.read_more().await {
+                    Ok(0) => {
+                        return Err(down(
+                            ErrorType::ConnectionClosed,
+                            "client closed the connection before the body was complete",
+                        ))
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        return Err(down(
+                            ErrorType::HTTPStatus(408),
+                            "the request body did not arrive in time",
+                        ))
+                    }
+                    Err(e) => {
+                        return Err(Error::because(
+                            ErrorType::ReadError,
+                            "reading the request body",
+                            e,
+                        ))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes one line (without its line end) from the buffer, if a whole one is there.
+    fn take_line(&mut self) -> pingora::Result<Option<BytesMut>> {
+        let too_long = || {
+            down(
+                ErrorType::InvalidHTTPHeader,
+                "line too long in chunked body",
+            )
+        };
+        let Some(end) = memchr::memchr(b'\n', &self.buf) else {
+            if self.buf.len() > MAX_LINE {
+                return Err(too_long());
+            }
+            return Ok(None);
+        };
+        if end > MAX_LINE {
+            return Err(too_long());
+        }
+        let mut line = self.buf.split_to(end + 1);
+        line.truncate(end);
+        if line.last() == Some(&b'\r') {
+            line.truncate(end - 1);
+        }
+        Ok(Some(line))
+    }
+
+    /// Tells an HTTP/1.1 client waiting on `Expect: 100-continue` to send its body.
+    pub(super) async fn write_continue(&mut self) -> pingora::Result<()> {
+        if self.req.version == http::Version::HTTP_11 {
+            self.stream
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .map_err(|e| Error::because(ErrorType::WriteError, "writing 100 Continue", e))?;
+        }
+        Ok(())
+    }
+
+    /// Queues the answer's head; it leaves with what follows it, or at the next flush.
+    pub(super) fn write_response_header(&mut self, resp: &ResponseHeader) -> pingora::Result<()> {
+        if self.resp != RespBody::NotStarted {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "response head written twice",
+            ));
+        }
+        let code = resp.status.as_u16();
+        let length = resp
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| parse_length(v.as_bytes()).ok());
+        let http11 = self.req.version == http::Version::HTTP_11;
+        self.resp =
+            if self.req.method == http::Method::HEAD || code < 200 || code == 204 || code == 304 {
+                RespBody::Empty
+            } else if let Some(n) = length {
+                RespBody::Length(n)
+            } else if http11 {
+                RespBody::Chunked
+            } else {
+                self.keep_alive = false;
+                RespBody::UntilClose
+            };
+        let fields: usize = resp
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        let mut head = Vec::with_capacity(fields + 128);
+        head.extend_from_slice(b"HTTP/1.1 ");
+        head.extend_from_slice(resp.status.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(
+            resp.status
+                .canonical_reason()
+                .unwrap_or("Unknown")
+                .as_bytes(),
+        );
+        head.extend_from_slice(b"\r\n");
+        for (name, value) in resp.headers.iter() {
+            // Framing and connection fields are this side's to write.
+            if name == http::header::TRANSFER_ENCODING
+                || name == http::header::CONNECTION
+                || name == http::header::DATE
+                || name == "keep-alive"
+                || (name == http::header::CONTENT_LENGTH && length.is_none())
+            {
+                continue;
+            }
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        if self.resp == RespBody::Chunked {
+            head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        head.extend_from_slice(b"date: ");
+        with_http_date(|date| head.extend_from_slice(date));
+        head.extend_from_slice(b"\r\n");
+        if !self.keep_alive {
+            head.extend_from_slice(b"connection: close\r\n");
+        } else if !http11 {
+            head.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        self.queue(Piece::Data(Bytes::from(head)));
+        if self.resp == RespBody::Empty {
+            self.resp_done = true;
+        }
+        Ok(())
+    }
+
+    fn queue(&mut self, piece: Piece) {
+        self.out_len += piece.bytes().len();
+        self.out.push(piece);
+    }
+
+    /// Queues a piece of the answer's body, and its end with `end`. What is queued leaves at
+    /// the end, past 16 KiB, or at the next [`flush`](Self::flush).
+    pub(super) async fn write_response_body(
+        &mut self,
+        data: Bytes,
+        end: bool,
+    ) -> pingora::Result<()> {
+        if self.resp_done && !data.is_empty() {
+            return Ok(());
+        }
+        if !data.is_empty() {
+            match self.resp {
+                RespBody::NotStarted => {
+                    return Err(Error::explain(
+                        ErrorType::InternalError,
+                        "response body before its head",
+                    ))
+                }
+                RespBody::Empty => {}
+                RespBody::Length(rest) => {
+                    let n = take_len(rest, data.len());
+                    if n < data.len() {
+                        // More than announced: cut, and the connection cannot be trusted.
+                        self.keep_alive = false;
+                    }
+                    self.resp = RespBody::Length(rest - n as u64);
+                    if n > 0 {
+                        self.queue(Piece::Data(data.slice(..n)));
+                    }
+                }
+                RespBody::Chunked => {
+                    let mut frame = [0u8; 24];
+                    let mut len = 0;
+                    if self.open_chunk {
+                        frame[..2].copy_from_slice(b"\r\n");
+                        len = 2;
+                    }
+                    len += hex_size(data.len(), &mut frame[len..]);
+                    frame[len..len + 2].copy_from_slice(b"\r\n");
+                    len += 2;
+                    self.queue(Piece::Frame(frame, len as u8));
+                    self.queue(Piece::Data(data));
+                    self.open_chunk = true;
+                }
+                RespBody::UntilClose => self.queue(Piece::Data(data)),
+            }
+        }
+        if end && !self.resp_done {
+            match self.resp {
+                RespBody::Chunked => {
+                    let mut frame = [0u8; 24];
+                    let last: &[u8] = if self.open_chunk {
+                        b"\r\n0\r\n\r\n"
+                    } else {
+                        b"0\r\n\r\n"
+                    };
+                    frame[..last.len()].copy_from_slice(last);
+                    self.queue(Piece::Frame(frame, last.len() as u8));
+                    self.open_chunk = false;
+                }
+                RespBody::Length(rest) if rest > 0 => {
+                    // Shorter than announced: only closing tells the client.
+                    self.keep_alive = false;
+                }
+                _ => {}
+            }
+            self.resp_done = true;
+        }
+        if end || self.out_len >= WRITE_AHEAD {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes whatever is queued, in vectored writes.
+    pub(super) async fn flush(&mut self) -> pingora::Result<()> {
+        let mut first = 0usize;
+        let mut skip = 0usize;
+        while first < self.out.len() {
+            let written = {
+                let mut slices = [IoSlice::new(&[]); MAX_IOV];
+                let mut count = 0;
+                for (i, piece) in self.out[first..].iter().take(MAX_IOV).enumerate() {
+                    let bytes = piece.bytes();
+                    slices[i] = IoSlice::new(if i == 0 { &bytes[skip..] } else { bytes });
+                    count = i + 1;
+                }
+                self.stream.write_vectored(&slices[..count]).await
+            };
+            let mut n = match written {
+                Ok(0) => {
+                    self.drop_queue();
+                    return Err(Error::explain(
+                        ErrorType::WriteError,
+                        "client connection closed while writing",
+                    ));
+                }
+                Ok(n) => n,
+                Err(e) => {
+                    self.drop_queue();
+                    return Err(Error::because(
+                        ErrorType::WriteError,
+                        "writing to the client",
+                        e,
+                    ));
+                }
+            };
+            while n > 0 && first < self.out.len() {
+                let left = self.out[first].bytes().len() - skip;
+                if n >= left {
+                    n -= left;
+                    first += 1;
+                    skip = 0;
+                } else {
+                    skip += n;
+                    n = 0;
+                }
+            }
+        }
+        self.drop_queue();
+        self.stream
+            .flush()
+            .await
+            .map_err(|e| Error::because(ErrorType::WriteError, "writing to the client", e))
+    }
+
+    fn drop_queue(&mut self) {
+        self.out.clear();
+        self.out_len = 0;
+    }
+
+    /// Waits while the client is silent: `Err` once it closed the connection or it failed,
+    /// `Ok` when it sent bytes (a pipelined request, kept for its turn).
+    pub(super) async fn watch_client(&mut self) -> Result<(), ()> {
+        let mut some = [0u8; 64];
+        match self.stream.read(&mut some).await {
+            Ok(0) | Err(_) => Err(()),
+            Ok(n) => {
+                self.buf.extend_from_slice(&some[..n]);
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends the request: writes what is queued, and tells whether the connection can serve
+    /// the next one (the answer given whole, the request body read to its end, and neither
+    /// side asked to close).
+    pub(super) async fn finish(&mut self) -> bool {
+        if self.flush().await.is_err() {
+            return false;
+        }
+        if self.resp == RespBody::UntilClose {
+            return false;
+        }
+        self.keep_alive && self.resp_done && self.body == ReqBody::Done
+    }
+
+    /// Answers a request the relay could not serve with a bare status, when nothing of an
+    /// answer was written yet, and marks the connection for closing.
+    pub(super) async fn respond_error(&mut self, code: u16) {
+        self.keep_alive = false;
+        if self.response_written() {
+            return;
+        }
+        let Ok(mut resp) = ResponseHeader::build_no_case(code, Some(2)) else {
+            return;
+        };
+        let _ = resp.insert_header(http::header::CONTENT_LENGTH, "0");
+        let _ = resp.insert_header(http::header::CACHE_CONTROL, "private, no-store");
+        if self.write_response_header(&resp).is_ok() {
+            let _ = self.write_response_body(Bytes::new(), true).await;
+        }
+    }
+
+    /// Closes the connection, after what is queued.
+    pub(super) async fn shutdown(&mut self) {
+        let _ = self.flush().await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+/// Writes `n` in lower-case hex into `out`; the number of digits.
+fn hex_size(n: usize, out: &mut [u8]) -> usize {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let digits = ((usize::BITS - n.leading_zeros()).div_ceil(4)).max(1) as usize;
+    for i in 0..digits {
+        out[digits - 1 - i] = DIGITS[(n >> (4 * i)) & 0xf];
+    }
+    digits
+}
+
+/// Calls `f` with the current date as an HTTP date, made once per second per thread.
+fn with_http_date(f: impl FnOnce(&[u8])) {
+    thread_local! {
+        static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|cell| {
+        let mut date = cell.borrow_mut();
+        if date.0 != secs {
+            let text = httpdate::fmt_http_date(now);
+            if text.len() == 29 {
+                date.1.copy_from_slice(text.as_bytes());
+                date.0 = secs;
+            }
+        }
+        f(&date.1);
+    });
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+mod tests {
+    use super::*;
+    use tokio::io::DuplexStream;
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// A connection whose client end is returned for the test to drive.
+    fn conn() -> (Downstream, DuplexStream) {
+        let (server, client) = tokio::io::duplex(1 << 20);
+        (Downstream::new(Box::new(server), TIMEOUT), client)
+    }
+
+    /// Everything the client end receives until the server end is dropped.
+    async fn received(mut client: DuplexStream) -> String {
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    /// Serves `wire` as one or more requests, answering each with its body echoed back.
+    async fn echo(wire: &[&[u8]]) -> (Vec<String>, String) {
+        let (mut server, mut client) = conn();
+        for piece in wire {
+            client.write_all(piece).await.unwrap();
+        }
+        client.shutdown().await.unwrap();
+        let mut bodies = Vec::new();
+        while server.read_request().await.unwrap() {
+            let body = server.read_body(1 << 20).await.unwrap().unwrap();
+            bodies.push(String::from_utf8(body.to_vec()).unwrap());
+            let mut resp = ResponseHeader::build_no_case(200, None).unwrap();
+            resp.insert_header("content-length", body.len().to_string())
+                .unwrap();
+            server.write_response_header(&resp).unwrap();
+            server.write_response_body(body, true).await.unwrap();
+            if !server.finish().await {
+                break;
+            }
+        }
+        drop(server);
+        (bodies, received(client).await)
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_with_length_and_chunked_bodies() {
+        let wire: &[u8] = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+            POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nx-t: 1\r\n\r\n\
+            GET /c HTTP/1.1\r\n\r\n";
+        // However the bytes arrive.
+        for cut in 0..wire.len() {
+            let (bodies, out) = echo(&[&wire[..cut], &wire[cut..]]).await;
+            assert_eq!(bodies, ["hello", "abcde", ""], "cut at {cut}");
+            assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 3);
+            assert!(out.ends_with("\r\n\r\n"), "{out}");
+            assert!(out.contains("\r\n\r\nhello"));
+        }
+    }
+
+    #[tokio::test]
+    async fn head_fields_target_and_version() {
+        let (mut server, mut client) = conn();
+        client
+            .write_all(b"POST /v1/messages?beta=true HTTP/1.0\r\nX-Api-Key: k1\r\nAccept: a\r\nAccept: b\r\nConnection: keep-alive\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(server.read_request().await.unwrap());
+        let req = server.req_header();
+        assert_eq!(req.method, http::Method::POST);
+        assert_eq!(req.uri.path(), "/v1/messages");
+        assert_eq!(req.uri.query(), Some("beta=true"));
+        assert_eq!(req.version, http::Version::HTTP_10);
+        assert_eq!(req.headers["x-api-key"], "k1");
+        let accept: Vec<_> = req.headers.get_all("accept").iter().collect();
+        assert_eq!(accept, ["a", "b"]);
+        assert!(server.keep_alive(), "HTTP/1.0 with keep-alive");
+        // The read buffer is freed once the head is taken.
+        assert_eq!(server.buf.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn unreadable_heads_are_refused() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"GARBAGE\r\n\r\n", "bad"),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                "bad",
+            ),
+            (b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", "bad"),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                "bad",
+            ),
+            (b"POST / HTTP/1.1\r\nBad Name: v\r\n\r\n", "bad"),
+        ];
+        for (wire, _) in cases {
+            let (mut server, mut client) = conn();
+            client.write_all(wire).await.unwrap();
+            let err = server.read_request().await.unwrap_err();
+            assert!(matches!(err, HeadError::Bad(_)), "{err} for {wire:?}");
+        }
+        let (mut server, mut client) = conn();
+        let mut long = b"GET / HTTP/1.1\r\nx: ".to_vec();
+        long.resize(MAX_HEAD + 10, b'a');
+        client.write_all(&long).await.unwrap();
+        assert!(matches!(
+            server.read_request().await.unwrap_err(),
+            HeadError::TooLarge
+        ));
+        let (mut server, mut client) = conn();
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("x-{i}: 1\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        client.write_all(&many).await.unwrap();
+        assert!(matches!(
+            server.read_request().await.unwrap_err(),
+            HeadError::TooLarge
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_close_between_requests_is_not_an_error_but_mid_head_it_is() {
+        let (mut server, mut client) = conn();
+        client.shutdown().await.unwrap();
+        assert!(!server.read_request().await.unwrap());
+        let (mut server, mut client) = conn();
+        client.write_all(b"GET / HT").await.unwrap();
+        client.shutdown().await.unwrap();
+        assert!(matches!(
+            server.read_request().await.unwrap_err(),
+            HeadError::Gone(_)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_ends_after_the_read_timeout() {
+        let (mut server, _client) = conn();
+        assert!(!server.read_request().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn both_framings_read_as_chunked_and_the_connection_closed() {
+        let (bodies, out) = echo(&[b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n"]).await;
+        assert_eq!(bodies, ["ab"]);
+        assert!(out.contains("connection: close\r\n"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_limit_is_left_unread() {
+        for wire in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\nhello world"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        ] {
+            let (mut server, mut client) = conn();
+            client.write_all(wire).await.unwrap();
+            assert!(server.read_request().await.unwrap());
+            assert!(server.read_body(10).await.unwrap().is_none());
+            assert!(!server.keep_alive());
+        }
+    }
+
+    #[tokio::test]
+    async fn broken_and_cut_chunked_bodies_are_errors() {
+        for wire in [
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabX\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab",
+        ] {
+            let (mut server, mut client) = conn();
+            client.write_all(wire).await.unwrap();
+            client.shutdown().await.unwrap();
+            assert!(server.read_request().await.unwrap());
+            let err = server.read_body(100).await.unwrap_err();
+            assert_eq!(err.esource(), &pingora::ErrorSource::Downstream);
+            assert!(!server.keep_alive());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_streamed_answer_is_chunked_and_leaves_when_flushed() {
+        let (mut server, mut client) = conn();
+        client.write_all(b"POST / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(server.read_request().await.unwrap());
+        let mut resp = ResponseHeader::build_no_case(200, None).unwrap();
+        resp.insert_header("content-type", "text/event-stream")
+            .unwrap();
+        server.write_response_header(&resp).unwrap();
+        server
+            .write_response_body(Bytes::from_static(b"data: 1\n\n"), false)
+            .await
+            .unwrap();
+        // Queued, not written, until the flush.
+        let mut probe = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), client.read(&mut probe))
+                .await
+                .is_err()
+        );
+        server.flush().await.unwrap();
+        server
+            .write_response_body(Bytes::from(vec![b'x'; 300]), false)
+            .await
+            .unwrap();
+        server
+            .write_response_body(Bytes::new(), true)
+            .await
+            .unwrap();
+        assert!(server.finish().await);
+        drop(server);
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        let out = String::from_utf8(out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains("\r\ntransfer-encoding: chunked"), "{head}");
+        assert!(head.contains("\r\ndate: "), "{head}");
+        assert_eq!(
+            body,
+            format!(
+                "9\r\ndata: 1\n\n\r\n12c\r\n{}\r\n0\r\n\r\n",
+                "x".repeat(300)
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn http_1_0_answers_without_length_end_with_the_connection() {
+        let (mut server, mut client) = conn();
+        client.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        assert!(server.read_request().await.unwrap());
+        assert!(!server.keep_alive());
+        let resp = ResponseHeader::build_no_case(200, None).unwrap();
+        server.write_response_header(&resp).unwrap();
+        server
+            .write_response_body(Bytes::from_static(b"abc"), true)
+            .await
+            .unwrap();
+        assert!(!server.finish().await);
+        drop(server);
+        let out = received(client).await;
+        assert!(out.contains("connection: close\r\n"), "{out}");
+        assert!(!out.contains("chunked"), "{out}");
+        assert!(out.ends_with("\r\n\r\nabc"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn head_requests_and_no_content_answers_have_no_body() {
+        let (mut server, mut client) = conn();
+        client
+            .write_all(b"HEAD / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        for code in [200, 204] {
+            assert!(server.read_request().await.unwrap());
+            let mut resp = ResponseHeader::build_no_case(code, None).unwrap();
+            resp.insert_header("content-length", "3").unwrap();
+            server.write_response_header(&resp).unwrap();
+            server
+                .write_response_body(Bytes::from_static(b"abc"), true)
+                .await
+                .unwrap();
+            assert!(server.finish().await);
+        }
+        drop(server);
+        let out = received(client).await;
+        assert!(!out.contains("abc"), "{out}");
+        assert_eq!(out.matches("HTTP/1.1 ").count(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_past_its_length_is_cut_and_the_connection_closed() {
+        let (mut server, mut client) = conn();
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(server.read_request().await.unwrap());
+        let mut resp = ResponseHeader::build_no_case(200, None).unwrap();
+        resp.insert_header("content-length", "2").unwrap();
+        server.write_response_header(&resp).unwrap();
+        server
+            .write_response_body(Bytes::from_static(b"abc"), true)
+            .await
+            .unwrap();
+        assert!(!server.finish().await);
+        drop(server);
+        assert!(received(client).await.ends_with("\r\n\r\nab"));
+    }
+
+    #[tokio::test]
+    async fn a_large_answer_leaves_in_pieces_and_whole() {
+        // A small pipe: writes go out in several partial vectored writes.
+        let (server_end, mut client) = tokio::io::duplex(1000);
+        let mut server = Downstream::new(Box::new(server_end), TIMEOUT);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(server.read_request().await.unwrap());
+        let reader = tokio::spawn(async move {
+            let mut out = Vec::new();
+            client.read_to_end(&mut out).await.unwrap();
+            out
+        });
+        let resp = ResponseHeader::build_no_case(200, None).unwrap();
+        server.write_response_header(&resp).unwrap();
+        let mut expected = Vec::new();
+        for i in 0..100u8 {
+            let piece = vec![b'a' + i % 26; 100 + usize::from(i) * 7];
+            expected.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+            expected.extend_from_slice(&piece);
+            expected.extend_from_slice(b"\r\n");
+            server
+                .write_response_body(Bytes::from(piece), false)
+                .await
+                .unwrap();
+        }
+        expected.extend_from_slice(b"0\r\n\r\n");
+        server
+            .write_response_body(Bytes::new(), true)
+            .await
+            .unwrap();
+        assert!(server.finish().await);
+        drop(server);
+        let out = reader.await.unwrap();
+        let at = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(out[at..], expected[..]);
+    }
+
+    #[tokio::test]
+    async fn bytes_sent_during_an_answer_are_kept_for_the_next_request() {
+        let (mut server, mut client) = conn();
+        client.write_all(b"GET /1 HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(server.read_request().await.unwrap());
+        client.write_all(b"GET /2 HTTP/1.1\r\n\r\n").await.unwrap();
+        // The watch sees bytes, keeps them, and the next request is read from them.
+        while server.buf.len() < 19 {
+            server.watch_client().await.unwrap();
+        }
+        let mut resp = ResponseHeader::build_no_case(200, None).unwrap();
+        resp.insert_header("content-length", "0").unwrap();
+        server.write_response_header(&resp).unwrap();
+        server
+            .write_response_body(Bytes::new(), true)
+            .await
+            .unwrap();
+        assert!(server.finish().await);
+        assert!(server.read_request().await.unwrap());
+        assert_eq!(server.req_header().uri.path(), "/2");
+        drop(client);
+        assert!(server.watch_client().await.is_err());
+    }
+
+    #[test]
+    fn hex_sizes() {
+        let mut out = [0u8; 24];
+        for (n, hex) in [
+            (0, "0"),
+            (9, "9"),
+            (300, "12c"),
+            (0xffff, "ffff"),
+            (1 << 20, "100000"),
+        ] {
+            let len = hex_size(n, &mut out);
+            assert_eq!(&out[..len], hex.as_bytes());
+        }
+    }
+}
