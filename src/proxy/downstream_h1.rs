@@ -178,6 +178,13 @@ impl Downstream {
         &self.req
     }
 
+    /// Drops the request's header fields and target (method and version stay, for framing the
+    /// answer): an answer streamed for minutes need not hold them.
+    pub(super) fn forget_request_fields(&mut self) {
+        self.req.headers = http::HeaderMap::new();
+        self.req.uri = http::Uri::default();
+    }
+
     /// Whether the connection is to serve another request after this one.
     #[cfg(test)]
     fn keep_alive(&self) -> bool {

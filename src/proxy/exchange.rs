@@ -334,9 +334,7 @@ impl RelayProxy {
             f.on_response_head(rctx, status, &head.headers);
         }
         let resp = copy_head(head, &rctx.request_id, None);
-        // Only a streamed answer is long enough to watch the client during; once a response of
-        // known length is written, the client may already send its next request on this
-        // connection, and the watch must not read it.
+        // Only a streamed answer is long enough to watch the client during.
         let stream =
             is_event_stream(head) || head.headers.get(http::header::CONTENT_LENGTH).is_none();
         // The head and body writes are queued by the client side and leave together when it
@@ -344,6 +342,11 @@ impl RelayProxy {
         // the upstream sent is held back, and what it sent back to back (the head, the first
         // events, the end) goes out in one write.
         let mut client_gone = session.write_response_header(&resp).is_err();
+        // Both heads are done with: an open stream need not hold their fields (providers send
+        // 20 to 40).
+        drop(resp);
+        head.headers = http::HeaderMap::new();
+        session.forget_request_fields();
         let started = Instant::now();
         let mut drain_deadline: Option<Instant> = None;
         let mut watch_client = stream;
