@@ -203,7 +203,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         ..ServerConf::default()
     };
     server_conf.upstream_keepalive_pool_size = 1024;
-    // The relay's upstream connector, with the server's pool size (1024 idle connections).
+    // The relay's upstream connector, and its pool of idle connections (1024 per thread).
     let connector_options = pingora::connectors::ConnectorOptions::from_server_conf(&server_conf);
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
@@ -229,6 +229,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                 account_error_threshold: config.scheduler.account_error_threshold,
             },
         },
+        pool: crate::proxy::UpstreamPool::new(connector_options.keepalive_pool_size),
         connector: pingora::connectors::TransportConnector::new(Some(connector_options)),
         resolver: Resolver::default(),
         usage,

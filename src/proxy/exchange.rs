@@ -85,7 +85,7 @@ impl RelayProxy {
             let pooled = if fresh_retry {
                 None
             } else {
-                self.connector.reused_stream(&peer).await
+                self.pool.take(peer.reuse_hash())
             };
             let reused = pooled.is_some();
             let stream = match pooled {
@@ -478,8 +478,7 @@ impl RelayProxy {
         let Attempt { upstream, peer, .. } = *att;
         if complete {
             if let Some((stream, idle)) = upstream.into_reusable(self.settings.pool_idle_timeout) {
-                self.connector
-                    .release_stream(stream, peer.reuse_hash(), Some(idle));
+                self.pool.put(peer.reuse_hash(), stream, idle);
             }
         } else {
             upstream.shutdown().await;

@@ -12,6 +12,7 @@
 mod dns;
 mod downstream_h1;
 mod exchange;
+mod pool;
 mod upstream_h1;
 
 use std::sync::Arc;
@@ -41,6 +42,7 @@ use crate::store::redis_counters::RedisUsageCounters;
 use downstream_h1::{Downstream as Session, HeadError};
 
 pub use dns::Resolver;
+pub use pool::UpstreamPool;
 
 /// Proxy settings taken from the config.
 #[derive(Debug, Clone)]
@@ -63,7 +65,10 @@ pub struct ProxySettings {
 pub struct RelayProxy {
     pub chain: Chain,
     pub settings: ProxySettings,
+    /// Makes new upstream connections (TCP, TLS).
     pub connector: pingora::connectors::TransportConnector,
+    /// Idle upstream connections.
+    pub pool: Arc<UpstreamPool>,
     pub resolver: Resolver,
     pub usage: UsageQueue,
     pub account_events: AccountEvents,
@@ -400,6 +405,7 @@ impl ServerApp for RelayProxy {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        self.pool.start_sweeping();
         let mut session = Session::new(stream, self.settings.client_idle_timeout);
         while self.process_request(&mut session, shutdown).await {}
         session.shutdown().await;
