@@ -61,7 +61,8 @@ impl LogSink {
         let _ = out.flush();
     }
 
-    fn append(&self, line: &[u8]) {
+    /// Appends whole lines; written out within the interval.
+    pub fn append(&self, line: &[u8]) {
         let full = {
             let mut buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
             buf.extend_from_slice(line);

@@ -129,6 +129,8 @@ fn init_logging(config: &Config) {
         Box::new(std::io::stdout()),
         std::time::Duration::from_millis(100),
     );
+    // The access log writes its lines into the same sink, in the same format.
+    llm_relay::access_log::install(sink.clone(), config.log_format == "json");
     let writer = llm_relay::log_sink::SinkMaker(sink);
     // Plain text, also on a terminal: the relay is built without colouring (see Cargo.toml).
     let builder = tracing_subscriber::fmt()

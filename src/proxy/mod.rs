@@ -364,19 +364,18 @@ impl RelayProxy {
         if record.unpriced {
             m.unpriced.with_label_values(&[protocol]).inc();
         }
-        tracing::info!(
-            request_id = %record.id,
+        crate::access_log::log(&crate::access_log::AccessLine {
+            request_id: &record.id,
             protocol,
             account,
-            model = record.upstream_model.as_deref().unwrap_or("-"),
-            status = record.status,
-            input = u.input_tokens,
-            output = u.output_tokens,
-            cost = record.billed_cost,
-            latency_ms = record.latency_ms,
-            failovers = record.failover_count,
-            "request"
-        );
+            model: record.upstream_model.as_deref().unwrap_or("-"),
+            status: record.status,
+            input: u.input_tokens,
+            output: u.output_tokens,
+            cost: record.billed_cost,
+            latency_ms: record.latency_ms,
+            failovers: record.failover_count,
+        });
         if let Some(counters) = self.counters.clone() {
             let r = record.clone();
             // Counters are bookkeeping: never on the request's path.
