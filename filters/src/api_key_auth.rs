@@ -57,7 +57,15 @@ pub fn hash_api_key(pepper: &[u8], key: &str) -> String {
     let mut h = Sha256::new();
     h.update(pepper);
     h.update(key.as_bytes());
-    hex::encode(h.finalize())
+    hex_lower(&h.finalize())
+}
+
+/// Lower-case hex of `bytes`, through a table (`hex::encode` collects one char at a time).
+pub fn hex_lower(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    // The output is exactly twice the input: encoding cannot fail.
+    let _ = hex::encode_to_slice(bytes, &mut out);
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// Matches `*` (any run) and `?` (one char) globs.
@@ -195,6 +203,14 @@ impl RequestFilter for ApiKeyAuth {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn hex_is_lower_case_two_digits_per_byte() {
+        assert_eq!(hex_lower(&[]), "");
+        assert_eq!(hex_lower(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(hex_lower(&all), hex::encode(&all));
+    }
 
     struct Keys(HashMap<String, Arc<KeyEntry>>);
     impl KeyStore for Keys {

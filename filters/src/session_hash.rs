@@ -92,7 +92,7 @@ pub fn session_key(strategy: SessionStrategy, input: &SessionInput<'_>) -> Optio
                 "{}:{}:{}",
                 input.api_key_id,
                 input.protocol.as_str(),
-                hex::encode(digest.get(..8)?)
+                crate::api_key_auth::hex_lower(digest.get(..8)?)
             ))
         }
     }
