@@ -27,7 +27,7 @@ use pingora::protocols::Stream;
 use pingora::{Error, ErrorType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::upstream_h1::{has_token, last_token, parse_chunk_size, parse_length};
+use super::upstream_h1::{has_token, parse_chunk_size, parse_length};
 
 /// Space offered to a read of a request head or a chunked body.
 const READ_SIZE: usize = 4 * 1024;
@@ -39,8 +39,16 @@ const MAX_HEADERS: usize = 128;
 const MAX_LINE: usize = 4 * 1024;
 /// Queued answer bytes that go out without waiting for a flush.
 const WRITE_AHEAD: usize = 16 * 1024;
-/// Slices handed to one vectored write.
+/// Slices handed to one vectored write, and queued pieces that go out without waiting.
 const MAX_IOV: usize = 32;
+/// First space for a request body; it doubles up to the announced length.
+const BODY_FIRST: usize = 64 * 1024;
+/// Most bytes of chunked-body trailer lines accepted.
+const MAX_TRAILERS: usize = 8 * 1024;
+/// How long, and how much, a client's unread request is read and dropped before its connection
+/// is closed.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 << 20;
 
 /// A request head: method, target, version and header fields (names lower-case, order kept).
 #[derive(Debug, Default)]
@@ -58,6 +66,8 @@ pub(super) enum HeadError {
     Bad(&'static str),
     /// Longer than the relay takes: answered 431.
     TooLarge,
+    /// A transfer coding other than chunked: answered 501.
+    Unsupported,
     /// The client went away or stalled mid-head: nothing to answer.
     Gone(String),
 }
@@ -67,6 +77,7 @@ impl std::fmt::Display for HeadError {
         match self {
             HeadError::Bad(what) => write!(f, "unreadable request head: {what}"),
             HeadError::TooLarge => f.write_str("request head too large"),
+            HeadError::Unsupported => f.write_str("unsupported transfer coding"),
             HeadError::Gone(why) => {
                 write!(f, "client connection failed before a request head: {why}")
             }
@@ -208,17 +219,27 @@ impl Downstream {
         self.resp = RespBody::NotStarted;
         self.resp_done = false;
         self.open_chunk = false;
-        self.out.clear();
-        self.out_len = 0;
+        self.drop_queue();
+        // A head must be whole within the read timeout of its first byte (a client trickling
+        // one byte at a time is dropped), and is parsed again only when a line end came in.
+        let mut deadline = None;
+        let mut parse = !self.buf.is_empty();
         loop {
-            if !self.buf.is_empty() && self.parse_head()? {
+            if parse && self.parse_head()? {
                 return Ok(true);
             }
             let idle = self.buf.is_empty();
-            match self.read_more().await {
+            if !idle && deadline.is_none() {
+                deadline = Some(tokio::time::Instant::now() + self.read_timeout);
+            }
+            let before = self.buf.len();
+            match self.read_more(deadline).await {
                 Ok(0) if idle => return Ok(false),
                 Ok(0) => return Err(HeadError::Gone("closed mid-head".into())),
-                Ok(_) => {}
+                Ok(_) => {
+                    parse = self.buf.len() > MAX_HEAD
+                        || memchr::memchr(b'\n', &self.buf[before..]).is_some();
+                }
                 Err(_) if idle => return Ok(false),
                 Err(e) => return Err(HeadError::Gone(e.to_string())),
             }
@@ -257,22 +278,21 @@ impl Downstream {
         let mut headers = http::HeaderMap::with_capacity(parsed.headers.len());
         let mut keep_alive = !http10;
         let mut length: Option<u64> = None;
-        let mut coded = false;
+        // Transfer codings over all `Transfer-Encoding` lines, in order.
+        let (mut codings, mut chunked, mut chunked_last) = (0, 0, false);
         for field in parsed.headers.iter() {
             let name = http::HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| HeadError::Bad("invalid header name"))?;
             let value = http::HeaderValue::from_maybe_shared(part(field.value))
                 .map_err(|_| HeadError::Bad("invalid header value"))?;
             if name == http::header::TRANSFER_ENCODING {
-                if field.value.split(|&b| b == b',').any(|t| {
-                    let t = t.trim_ascii();
-                    !t.is_empty() && !t.eq_ignore_ascii_case(b"identity")
-                }) {
-                    // A request body must end with the chunked coding (RFC 9112 §6.3).
-                    if !last_token(field.value).eq_ignore_ascii_case(b"chunked") {
-                        return Err(HeadError::Bad("unsupported transfer coding"));
+                for t in field.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if t.is_empty() {
+                        continue;
                     }
-                    coded = true;
+                    codings += 1;
+                    chunked_last = t.eq_ignore_ascii_case(b"chunked");
+                    chunked += usize::from(chunked_last);
                 }
             } else if name == http::header::CONTENT_LENGTH {
                 let n = parse_length(field.value)
@@ -289,6 +309,16 @@ impl Downstream {
                 }
             }
             headers.append(name, value);
+        }
+        // The relay reads bodies as JSON: chunked, once and alone, is the only coding it takes
+        // (RFC 9112 §6.1: others are answered 501; chunked must come last and only once).
+        if codings > 0 && !(codings == 1 && chunked == 1 && chunked_last) {
+            return Err(HeadError::Unsupported);
+        }
+        let coded = codings > 0;
+        if coded && http10 {
+            // Faulty framing for HTTP/1.0 (RFC 9112 §6.1): read it, then close.
+            keep_alive = false;
         }
         self.body = if coded {
             if length.is_some() {
@@ -326,12 +356,17 @@ impl Downstream {
         }
     }
 
-    /// Reads what the socket has into the buffer, waiting at most the read timeout.
-    async fn read_more(&mut self) -> std::io::Result<usize> {
+    /// Reads what the socket has into the buffer, waiting at most until `deadline`, or the
+    /// read timeout without one.
+    async fn read_more(
+        &mut self,
+        deadline: Option<tokio::time::Instant>,
+    ) -> std::io::Result<usize> {
         if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
             self.buf.reserve(READ_SIZE);
         }
-        match tokio::time::timeout(self.read_timeout, self.stream.read_buf(&mut self.buf)).await {
+        let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.read_timeout);
+        match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
             Ok(r) => r,
             Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
         }
@@ -354,10 +389,14 @@ impl Downstream {
                     self.release_buf();
                     return Ok(Some(body));
                 }
-                let mut body = BytesMut::with_capacity(n);
+                // Room grows with what arrives: an announced length reserves nothing yet.
+                let mut body = BytesMut::with_capacity(n.min(BODY_FIRST.max(self.buf.len())));
                 body.extend_from_slice(&self.buf);
                 self.buf = BytesMut::new();
                 while body.len() < n {
+                    if body.len() == body.capacity() {
+                        body.reserve((n - body.len()).min(body.capacity().max(BODY_FIRST)));
+                    }
                     let rest = (n - body.len()) as u64;
                     let mut limited = (&mut self.stream).take(rest);
                     let read = limited.read_buf(&mut body);
@@ -407,6 +446,7 @@ impl Downstream {
 
     /// Decodes a chunked body into `body`; `false` once it would pass `max` bytes.
     async fn read_chunked(&mut self, body: &mut BytesMut, max: usize) -> pingora::Result<bool> {
+        let mut trailers = 0usize;
         loop {
             let ReqBody::Chunked(chunk) = self.body else {
                 return Ok(true);
@@ -462,6 +502,13 @@ impl Downstream {
                 }
                 Chunk::Trailers => match self.take_line()? {
                     Some(line) => {
+                        trailers += line.len() + 2;
+                        if trailers > MAX_TRAILERS {
+                            return Err(down(
+                                ErrorType::InvalidHTTPHeader,
+                                "chunked body trailers too large",
+                            ));
+                        }
                         if line.is_empty() {
                             self.body = ReqBody::Done;
                         }
@@ -471,7 +518,7 @@ impl Downstream {
                 },
             };
             if !moved {
-                match self.read_more().await {
+                match self.read_more(None).await {
                     Ok(0) => {
                         return Err(down(
                             ErrorType::ConnectionClosed,
@@ -547,6 +594,10 @@ impl Downstream {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| parse_length(v.as_bytes()).ok());
         let http11 = self.req.version == http::Version::HTTP_11;
+        if self.body != ReqBody::Done {
+            // Answered before its body was read (a refusal): the connection ends after it.
+            self.keep_alive = false;
+        }
         self.resp =
             if self.req.method == http::Method::HEAD || code < 200 || code == 204 || code == 304 {
                 RespBody::Empty
@@ -620,18 +671,18 @@ impl Downstream {
         data: Bytes,
         end: bool,
     ) -> pingora::Result<()> {
+        if self.resp == RespBody::NotStarted {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "response body before its head",
+            ));
+        }
         if self.resp_done && !data.is_empty() {
             return Ok(());
         }
         if !data.is_empty() {
             match self.resp {
-                RespBody::NotStarted => {
-                    return Err(Error::explain(
-                        ErrorType::InternalError,
-                        "response body before its head",
-                    ))
-                }
-                RespBody::Empty => {}
+                RespBody::NotStarted | RespBody::Empty => {}
                 RespBody::Length(rest) => {
                     let n = take_len(rest, data.len());
                     if n < data.len() {
@@ -681,7 +732,7 @@ impl Downstream {
             }
             self.resp_done = true;
         }
-        if end || self.out_len >= WRITE_AHEAD {
+        if end || self.out_len >= WRITE_AHEAD || self.out.len() >= MAX_IOV {
             self.flush().await?;
         }
         Ok(())
@@ -700,7 +751,10 @@ impl Downstream {
                     slices[i] = IoSlice::new(if i == 0 { &bytes[skip..] } else { bytes });
                     count = i + 1;
                 }
-                self.stream.write_vectored(&slices[..count]).await
+                let write = self.stream.write_vectored(&slices[..count]);
+                tokio::time::timeout(self.read_timeout, write)
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
             };
             let mut n = match written {
                 Ok(0) => {
@@ -741,6 +795,9 @@ impl Downstream {
 
     fn drop_queue(&mut self) {
         self.out.clear();
+        if self.out.capacity() > MAX_IOV {
+            self.out = Vec::new();
+        }
         self.out_len = 0;
     }
 
@@ -787,10 +844,25 @@ impl Downstream {
         }
     }
 
-    /// Closes the connection, after what is queued.
+    /// Closes the connection, after what is queued. With request bytes unread (a refusal
+    /// before the body), closing at once would make the kernel reset the connection, which can
+    /// destroy the answer before the client reads it (RFC 9112 §9.6): the relay's side is shut
+    /// first, and what the client still sends is read and dropped for a while.
     pub(super) async fn shutdown(&mut self) {
         let _ = self.flush().await;
-        let _ = self.stream.shutdown().await;
+        let _ = tokio::time::timeout(self.read_timeout, self.stream.shutdown()).await;
+        if self.body == ReqBody::Done {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + LINGER;
+        let mut scratch = vec![0u8; 16 * 1024];
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut scratch)).await {
+                Ok(Ok(n)) if n > 0 => drained += n,
+                _ => break,
+            }
+        }
     }
 }
 
@@ -914,10 +986,6 @@ mod tests {
                 "bad",
             ),
             (b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", "bad"),
-            (
-                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
-                "bad",
-            ),
             (b"POST / HTTP/1.1\r\nBad Name: v\r\n\r\n", "bad"),
         ];
         for (wire, _) in cases {
@@ -925,6 +993,18 @@ mod tests {
             client.write_all(wire).await.unwrap();
             let err = server.read_request().await.unwrap_err();
             assert!(matches!(err, HeadError::Bad(_)), "{err} for {wire:?}");
+        }
+        // Only chunked, once and last, over all the lines: anything else is not read (501).
+        for wire in [
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\nContent-Length: 2\r\n\r\n",
+        ] {
+            let (mut server, mut client) = conn();
+            client.write_all(wire).await.unwrap();
+            let err = server.read_request().await.unwrap_err();
+            assert!(matches!(err, HeadError::Unsupported), "{err} for {wire:?}");
         }
         let (mut server, mut client) = conn();
         let mut long = b"GET / HTTP/1.1\r\nx: ".to_vec();
@@ -959,6 +1039,76 @@ mod tests {
             server.read_request().await.unwrap_err(),
             HeadError::Gone(_)
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_must_be_whole_within_the_read_timeout_of_its_first_byte() {
+        let (mut server, mut client) = conn();
+        let trickle = tokio::spawn(async move {
+            // A byte a second: each read is within the timeout, the head is not.
+            for b in b"GET / HTTP/1.1\r\nx-slow: 1\r\n" {
+                client.write_all(&[*b]).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            client
+        });
+        let err = server.read_request().await.unwrap_err();
+        assert!(matches!(err, HeadError::Gone(_)), "{err}");
+        drop(trickle.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn chunked_over_http_1_0_is_read_then_the_connection_closed() {
+        let (bodies, out) = echo(&[b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\nGET / HTTP/1.0\r\n\r\n"]).await;
+        assert_eq!(bodies, ["ab"]);
+        assert!(out.contains("connection: close\r\n"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_before_the_body_closes_without_resetting_the_client() {
+        // Real sockets: closing with unread bytes would make the kernel send a reset, which
+        // can destroy the answer before the client reads it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let mut server = Downstream::new(
+            Box::new(pingora::protocols::l4::stream::Stream::from(accepted)),
+            TIMEOUT,
+        );
+        // More than the sockets' buffers take: the upload is still going when the answer is.
+        let body = vec![b'x'; 16 << 20];
+        client
+            .write_all(
+                format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
+            )
+            .await
+            .unwrap();
+        let uploader = tokio::spawn(async move {
+            client
+                .write_all(&body)
+                .await
+                .expect("the upload is not reset");
+            let mut out = Vec::new();
+            client.read_to_end(&mut out).await.map(|_| out)
+        });
+        assert!(server.read_request().await.unwrap());
+        let mut resp = ResponseHeader::build_no_case(401, None).unwrap();
+        resp.insert_header("content-length", "6").unwrap();
+        server.write_response_header(&resp).unwrap();
+        server
+            .write_response_body(Bytes::from_static(b"denied"), true)
+            .await
+            .unwrap();
+        assert!(!server.finish().await, "the body is unread: not reused");
+        server.shutdown().await;
+        drop(server);
+        let read = uploader.await.unwrap();
+        let out = String::from_utf8(read.expect("no reset")).unwrap();
+        assert!(out.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{out}");
+        assert!(out.contains("connection: close\r\n"), "{out}");
+        assert!(out.ends_with("\r\n\r\ndenied"), "{out}");
     }
 
     #[tokio::test(start_paused = true)]

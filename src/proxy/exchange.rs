@@ -154,7 +154,11 @@ impl RelayProxy {
         let protocol = rctx.protocol();
         let (Some(sticky), Some(rewrite)) = (self.chain.sticky.clone(), self.chain.rewrite.clone())
         else {
-            return Ok(());
+            // A chain without scheduling or rewriting cannot reach an upstream.
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::InternalError,
+                "the filter chain has no sticky_upstream or header_rewrite",
+            ));
         };
         let max_attempts = self.settings.max_attempts.max(1);
         let mut last_failure: Option<(u16, UpstreamHead, Bytes)> = None;
@@ -472,7 +476,11 @@ impl RelayProxy {
         } else if client_gone {
             ctx.error_type.get_or_insert("client_disconnected");
         }
-        if !client_gone {
+        if cut && !rctx.request.stream {
+            // A cut answer must not look whole: no last chunk, and the connection ends.
+            session.set_keep_alive(false);
+            let _ = session.flush().await;
+        } else if !client_gone {
             let _ = session.write_response_body(Bytes::new(), true).await;
         }
         let Attempt { upstream, peer, .. } = *att;

@@ -435,6 +435,7 @@ impl RelayProxy {
                 let code = match e {
                     HeadError::Bad(_) => 400,
                     HeadError::TooLarge => 431,
+                    HeadError::Unsupported => 501,
                     HeadError::Gone(_) => {
                         tracing::debug!(error = %e, "client connection failed before a request head");
                         return false;

@@ -88,10 +88,25 @@ impl UpstreamPool {
         {
             let mut lists = self.lists();
             if lists.count >= self.max_idle {
-                // Full: the oldest connection of this peer makes room, else this one is closed.
-                match lists.by_peer.get_mut(&key).and_then(VecDeque::pop_front) {
-                    Some(old) => evicted = Some(old),
-                    None => return,
+                // Full: the oldest connection of this peer makes room, else one of the peer
+                // with the most.
+                let victim = if lists.by_peer.contains_key(&key) {
+                    Some(key)
+                } else {
+                    lists
+                        .by_peer
+                        .iter()
+                        .max_by_key(|(_, list)| list.len())
+                        .map(|(k, _)| *k)
+                };
+                let Some(victim) = victim else { return };
+                let list = lists.by_peer.get_mut(&victim);
+                evicted = list.and_then(VecDeque::pop_front);
+                if evicted.is_none() {
+                    return;
+                }
+                if lists.by_peer.get(&victim).is_some_and(VecDeque::is_empty) {
+                    lists.by_peer.remove(&victim);
                 }
             } else {
                 lists.count += 1;
@@ -114,11 +129,16 @@ impl UpstreamPool {
             let mut lists = self.lists();
             let mut removed = 0;
             lists.by_peer.retain(|_, list| {
-                // Oldest first: the expired ones are at the front.
-                while list.front().is_some_and(|i| i.until <= now) {
-                    if let Some(old) = list.pop_front() {
-                        expired.push(old);
-                        removed += 1;
+                // Idle limits differ (an upstream's `Keep-Alive: timeout`): look at each.
+                let mut i = 0;
+                while i < list.len() {
+                    if list[i].until <= now {
+                        if let Some(old) = list.remove(i) {
+                            expired.push(old);
+                            removed += 1;
+                        }
+                    } else {
+                        i += 1;
                     }
                 }
                 !list.is_empty()
@@ -130,7 +150,7 @@ impl UpstreamPool {
 
     /// Starts the periodic sweep on the current runtime, once; it ends with the pool.
     pub fn start_sweeping(self: &Arc<Self>) {
-        if self.sweeping.swap(true, Ordering::Relaxed) {
+        if self.sweeping.load(Ordering::Relaxed) || self.sweeping.swap(true, Ordering::Relaxed) {
             return;
         }
         let pool: Weak<Self> = Arc::downgrade(self);
@@ -261,21 +281,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_pool_makes_room_with_the_peers_oldest_or_closes_the_newcomer() {
+    async fn a_full_pool_makes_room_with_the_oldest_of_the_peer_or_of_the_fullest() {
         let pool = UpstreamPool::new(2);
         let (a, _pa) = pair().await;
         let (b, _pb) = pair().await;
         let (c, _pc) = pair().await;
         let (d, _pd) = pair().await;
-        let (b_id, c_id) = (b.id(), c.id());
+        let (b_id, c_id, d_id) = (b.id(), c.id(), d.id());
         pool.put(1, a, MINUTE);
         pool.put(1, b, MINUTE);
+        // Full: peer 1's oldest (a) makes room for its newest.
         pool.put(1, c, MINUTE);
         assert_eq!(pool.len(), 2);
+        // Full, and peer 2 has none: the fullest peer's oldest (b) makes room.
         pool.put(2, d, MINUTE);
         assert_eq!(pool.len(), 2);
-        assert!(pool.take(2).is_none());
+        assert_eq!(pool.take(2).unwrap().id(), d_id);
         assert_eq!(pool.take(1).unwrap().id(), c_id);
-        assert_eq!(pool.take(1).unwrap().id(), b_id);
+        assert!(pool.take(1).is_none(), "a and b were closed, not {b_id}");
+        assert_eq!(pool.len(), 0);
     }
 }
