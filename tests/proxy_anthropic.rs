@@ -623,6 +623,31 @@ async fn failover_on_429_and_cut_streams_end_with_error_event() {
         .expect("cut record");
     assert_eq!(cut["input_tokens"], 77, "{cut}");
     assert_eq!(cut["error_type"], "upstream_error", "{cut}");
+
+    // A JSON answer cut midway must not reach the client looking whole: no last chunk, and
+    // the connection closes, so the client's read of the body fails.
+    mock_b.set(|b| {
+        b.cut_after = None;
+        b.cut_json_after = Some(40);
+    });
+    let r = relay
+        .post("/v1/messages", &key)
+        .json(&messages_body(MODEL, false, conversation("cut-json", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.bytes().await.is_err(),
+        "a cut answer was read as complete"
+    );
+    let records = relay.wait_records(6).await;
+    assert!(
+        records
+            .iter()
+            .any(|r| r["stream"] == false && r["error_type"] == "upstream_error"),
+        "{records:?}"
+    );
 }
 
 /// Reads one HTTP/1.1 response (content-length or chunked) from a blocking socket.

@@ -93,6 +93,8 @@ pub struct Behavior {
     pub event_delay: Duration,
     /// Close the connection after this many events, without finishing the stream.
     pub cut_after: Option<usize>,
+    /// Send a JSON answer chunked, and close after this many bytes of it.
+    pub cut_json_after: Option<usize>,
     /// Wait this long before sending the response head.
     pub head_delay: Duration,
     /// Answer with this status as soon as the request head is in, and close without reading
@@ -120,6 +122,7 @@ impl Default for Behavior {
             pause_after_first: Duration::ZERO,
             event_delay: Duration::ZERO,
             cut_after: None,
+            cut_json_after: None,
             head_delay: Duration::ZERO,
             refuse_body_with: None,
         }
@@ -456,6 +459,18 @@ impl MockUpstream {
                     WireProtocol::Gemini if answer.stream => (gemini_array(&b, &answer), ""),
                     WireProtocol::Gemini => (gemini_json(&b, &answer), ""),
                 };
+                if let Some(n) = b.cut_json_after {
+                    let part = &json.as_bytes()[..n.min(json.len())];
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{extra}transfer-encoding: chunked\r\n\r\n{:x}\r\n",
+                        part.len()
+                    );
+                    sock.write_all(head.as_bytes()).await?;
+                    sock.write_all(part).await?;
+                    sock.write_all(b"\r\n").await?;
+                    sock.shutdown().await?;
+                    return Ok(());
+                }
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n{}",
                     json.len(),
