@@ -32,6 +32,10 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 256;
 /// Longest chunk-size line or trailer line accepted.
 const MAX_LINE: usize = 4 * 1024;
+/// How soon after the request went out a pooled connection's close still means the upstream
+/// had closed it while idle (its close or reset arrives within a round trip). Later, it may
+/// have been working on the request, and sending it again could run and bill it twice.
+const RESEND_WINDOW: Duration = Duration::from_secs(1);
 
 /// Why an exchange with the upstream failed.
 #[derive(Debug)]
@@ -136,6 +140,8 @@ pub(super) struct H1Upstream {
     answered: bool,
     /// The request was not written whole (the upstream may have answered early).
     request_cut: bool,
+    /// When the request was written whole.
+    sent_at: Option<tokio::time::Instant>,
 }
 
 impl H1Upstream {
@@ -151,6 +157,7 @@ impl H1Upstream {
             read_size: FIRST_READ,
             answered: false,
             request_cut: false,
+            sent_at: None,
         }
     }
 
@@ -172,6 +179,7 @@ impl H1Upstream {
         }
         self.stream.flush().await?;
         self.request_cut = false;
+        self.sent_at = Some(tokio::time::Instant::now());
         Ok(())
     }
 
@@ -414,12 +422,15 @@ impl H1Upstream {
     }
 
     /// Whether the request may be sent again on another connection after `err`: only when the
-    /// connection failed (closed, reset, refused the write) before any byte of an answer, the
-    /// sign of a pooled connection the upstream had closed. A timeout or a broken answer means
-    /// the upstream may be working on the request, and sending it again could run (and bill)
-    /// it twice.
+    /// connection failed (closed, reset, refused the write) before any byte of an answer and
+    /// at once (within [`RESEND_WINDOW`] of the request going out), the sign of a pooled
+    /// connection the upstream had closed. A timeout, a broken answer or a late close means the
+    /// upstream may be working on the request, and sending it again could run (and bill) it
+    /// twice.
     pub(super) fn may_resend(&self, err: &H1Error) -> bool {
-        !self.answered && matches!(err, H1Error::Closed(_) | H1Error::Io(_))
+        !self.answered
+            && matches!(err, H1Error::Closed(_) | H1Error::Io(_))
+            && self.sent_at.is_none_or(|t| t.elapsed() < RESEND_WINDOW)
     }
 
     /// Whether the response body has been read to its end.
@@ -752,6 +763,23 @@ mod tests {
             !up.may_resend(&H1Error::Timeout),
             "the upstream may be working on it"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_close_long_after_the_request_went_out_is_not_resent() {
+        for (wait, resend) in [(Duration::ZERO, true), (Duration::from_secs(30), false)] {
+            let mock = Builder::new()
+                .write(b"POST /v1/messages HTTP/1.1\r\nhost: up.example\r\nx-api-key: k\r\ncontent-length: 2\r\n\r\n")
+                .write(b"{}")
+                .wait(wait)
+                .read(b"")
+                .build();
+            let mut up = H1Upstream::new(Box::new(mock), None);
+            up.send(&request("/v1/messages"), b"{}").await.unwrap();
+            let err = up.read_head().await.err().unwrap();
+            assert!(matches!(err, H1Error::Closed(_)));
+            assert_eq!(up.may_resend(&err), resend, "closed after {wait:?}");
+        }
     }
 
     #[tokio::test]
