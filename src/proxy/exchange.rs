@@ -515,9 +515,9 @@ fn copy_head(head: &UpstreamHead, request_id: &str, body_len: Option<usize>) -> 
     // Without a header-case map: names go out in lower case, one allocation less per field.
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = head.status;
-    // Room for what is added here (length or chunked, request id) and by Pingora's server
-    // (date, connection): growing the map would double it, for as long as the answer lasts.
-    parts.headers.reserve(head.headers.len() + 4);
+    // Room for what is added here (length or chunked, request id): growing the map would
+    // double it. (Date and connection are written by the client side into the head's bytes.)
+    parts.headers.reserve(head.headers.len() + 2);
     let mut resp = ResponseHeader::from(parts);
     let event_stream = is_event_stream(head);
     for (name, value) in head.headers.iter() {

@@ -7,7 +7,8 @@
 //! per-request future (13.7 KB) and session state were built and held for every request and open
 //! stream. Nor is it an `HttpServerApp`, whose generic connection loop carries HTTP/2 acceptance
 //! (3.8 KB held by every connection) and boxes each request's future anew: the proxy listens on
-//! plain TCP without h2c, so its connections are HTTP/1.1.
+//! plain TCP without h2c, so its connections are HTTP/1.1, spoken by the relay's own client side
+//! (`downstream_h1`).
 
 mod dns;
 mod downstream_h1;

@@ -1,5 +1,5 @@
 //! The relay's HTTP/1.1 client for upstream exchanges, over the raw streams of Pingora's
-//! transport connector (its connection pool, TCP and TLS).
+//! transport connector (TCP and TLS; idle connections are kept in the relay's own pool).
 //!
 //! Pingora's own HTTP/1 client flushes the request head before the body (two sends, two
 //! wake-ups of the upstream), copies every response body chunk into a new allocation, and keeps
