@@ -151,9 +151,12 @@ impl SqlStore {
             }
             options = options.after_connect(|conn, _meta| {
                 Box::pin(async move {
+                    // Statement journals (a multi-row insert within a transaction keeps one,
+                    // to undo just that statement) in memory: in temporary files they cost a
+                    // write of every page the statement touched.
                     conn.execute(
                         "PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON; \
-                         PRAGMA synchronous = NORMAL;",
+                         PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;",
                     )
                     .await?;
                     Ok(())
