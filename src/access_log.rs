@@ -84,25 +84,47 @@ fn emit_tracing(line: &AccessLine<'_>) {
     );
 }
 
+/// A field's value, as `tracing` records it.
+enum Value<'a> {
+    /// Recorded with `%` (Display): bare in text.
+    Shown(&'a str),
+    /// A `&str`: quoted in text.
+    Str(&'a str),
+    Num(i128),
+}
+
+/// The line's fields, in the order the event names them.
+fn fields<'a>(l: &AccessLine<'a>) -> [(&'static str, Value<'a>); 10] {
+    [
+        ("request_id", Value::Shown(l.request_id)),
+        ("protocol", Value::Str(l.protocol)),
+        ("account", Value::Str(l.account)),
+        ("model", Value::Str(l.model)),
+        ("status", Value::Num(l.status.into())),
+        ("input", Value::Num(l.input.into())),
+        ("output", Value::Num(l.output.into())),
+        ("cost", Value::Num(l.cost.into())),
+        ("latency_ms", Value::Num(l.latency_ms.into())),
+        ("failovers", Value::Num(l.failovers.into())),
+    ]
+}
+
 /// `2026-11-30T17:42:48.296750Z  INFO llm_relay::proxy: request request_id=… protocol="…" …`
 fn format_text(out: &mut String, now: SystemTime, l: &AccessLine<'_>) {
     timestamp(out, now);
     out.push_str("  INFO ");
     out.push_str(TARGET);
-    out.push_str(": request request_id=");
-    out.push_str(l.request_id);
-    out.push_str(" protocol=");
-    debug_str(out, l.protocol);
-    out.push_str(" account=");
-    debug_str(out, l.account);
-    out.push_str(" model=");
-    debug_str(out, l.model);
-    number(out, " status=", l.status);
-    number(out, " input=", l.input);
-    number(out, " output=", l.output);
-    number(out, " cost=", l.cost);
-    number(out, " latency_ms=", l.latency_ms);
-    number(out, " failovers=", l.failovers);
+    out.push_str(": request");
+    for (name, value) in fields(l) {
+        out.push(' ');
+        out.push_str(name);
+        out.push('=');
+        match value {
+            Value::Shown(s) => out.push_str(s),
+            Value::Str(s) => debug_str(out, s),
+            Value::Num(n) => out.push_str(itoa::Buffer::new().format(n)),
+        }
+    }
     out.push('\n');
 }
 
@@ -110,28 +132,19 @@ fn format_text(out: &mut String, now: SystemTime, l: &AccessLine<'_>) {
 fn format_json(out: &mut String, now: SystemTime, l: &AccessLine<'_>) {
     out.push_str("{\"timestamp\":\"");
     timestamp(out, now);
-    out.push_str("\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"request_id\":");
-    json_str(out, l.request_id);
-    out.push_str(",\"protocol\":");
-    json_str(out, l.protocol);
-    out.push_str(",\"account\":");
-    json_str(out, l.account);
-    out.push_str(",\"model\":");
-    json_str(out, l.model);
-    number(out, ",\"status\":", l.status);
-    number(out, ",\"input\":", l.input);
-    number(out, ",\"output\":", l.output);
-    number(out, ",\"cost\":", l.cost);
-    number(out, ",\"latency_ms\":", l.latency_ms);
-    number(out, ",\"failovers\":", l.failovers);
+    out.push_str("\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\"");
+    for (name, value) in fields(l) {
+        out.push_str(",\"");
+        out.push_str(name);
+        out.push_str("\":");
+        match value {
+            Value::Shown(s) | Value::Str(s) => json_str(out, s),
+            Value::Num(n) => out.push_str(itoa::Buffer::new().format(n)),
+        }
+    }
     out.push_str("},\"target\":\"");
     out.push_str(TARGET);
     out.push_str("\"}\n");
-}
-
-fn number(out: &mut String, label: &str, n: impl itoa::Integer) {
-    out.push_str(label);
-    out.push_str(itoa::Buffer::new().format(n));
 }
 
 /// A string as `{:?}` writes it: quoted, plain when nothing in it needs escaping.
@@ -219,21 +232,7 @@ fn timestamp(out: &mut String, now: SystemTime) {
 #[allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 mod tests {
     use super::*;
-    use std::io::Write;
-    use std::sync::Mutex;
-
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Capture {
-        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(data);
-            Ok(data.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::log_sink::tests::Recorder as Capture;
 
     /// What `tracing-subscriber` writes for the line, in text or JSON.
     fn through_tracing(line: &AccessLine<'_>, json: bool) -> String {

@@ -108,12 +108,12 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SinkMaker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// An output that records what reached it.
     #[derive(Clone, Default)]
-    struct Recorder(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Recorder(pub(crate) Arc<Mutex<Vec<u8>>>);
 
     impl Write for Recorder {
         fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {

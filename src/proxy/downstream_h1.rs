@@ -27,7 +27,7 @@ use pingora::protocols::Stream;
 use pingora::{Error, ErrorType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::upstream_h1::{has_token, parse_chunk_size, parse_length};
+use super::h1::{add_length, keeps_alive, parse_length, take_len, Chunk, ChunkStep};
 
 /// Space offered to a read of a request head or a chunked body.
 const READ_SIZE: usize = 4 * 1024;
@@ -35,8 +35,6 @@ const READ_SIZE: usize = 4 * 1024;
 const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in a request head.
 const MAX_HEADERS: usize = 128;
-/// Longest chunk-size line or trailer line accepted.
-const MAX_LINE: usize = 4 * 1024;
 /// Queued answer bytes that go out without waiting for a flush.
 const WRITE_AHEAD: usize = 16 * 1024;
 /// Slices handed to one vectored write, and queued pieces that go out without waiting.
@@ -96,15 +94,6 @@ enum ReqBody {
     Chunked(Chunk),
 }
 
-/// Position inside a chunked request body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    Size,
-    Data(u64),
-    DataEnd,
-    Trailers,
-}
-
 /// How the answer's body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RespBody {
@@ -135,16 +124,32 @@ impl Piece {
     }
 }
 
-/// The number of bytes that can still be taken of a body with `rest` to come.
-fn take_len(rest: u64, available: usize) -> usize {
-    usize::try_from(rest).map_or(available, |r| r.min(available))
-}
-
 /// An error of the client side, for the connection loop to classify (the source is the client).
 fn down(etype: ErrorType, what: &'static str) -> Box<Error> {
     let mut e = Error::explain(etype, what);
     e.as_down();
     e
+}
+
+/// The outcome of a read of the request body, as the connection loop answers it: a close
+/// before the end is the client's, a timeout 408.
+fn body_read(read: std::io::Result<usize>) -> pingora::Result<usize> {
+    match read {
+        Ok(0) => Err(down(
+            ErrorType::ConnectionClosed,
+            "client closed the connection before the body was complete",
+        )),
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(down(
+            ErrorType::HTTPStatus(408),
+            "the request body did not arrive in time",
+        )),
+        Err(e) => Err(Error::because(
+            ErrorType::ReadError,
+            "reading the request body",
+            e,
+        )),
+    }
 }
 
 /// One client connection, one request at a time.
@@ -295,18 +300,9 @@ impl Downstream {
                     chunked += usize::from(chunked_last);
                 }
             } else if name == http::header::CONTENT_LENGTH {
-                let n = parse_length(field.value)
-                    .map_err(|_| HeadError::Bad("invalid content-length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(HeadError::Bad("conflicting content-length"));
-                }
-                length = Some(n);
+                add_length(&mut length, field.value).map_err(HeadError::Bad)?;
             } else if name == http::header::CONNECTION {
-                if has_token(field.value, b"close") {
-                    keep_alive = false;
-                } else if http10 && has_token(field.value, b"keep-alive") {
-                    keep_alive = true;
-                }
+                keep_alive = keeps_alive(field.value, http10, keep_alive);
             }
             headers.append(name, value);
         }
@@ -375,198 +371,80 @@ impl Downstream {
     /// Reads the whole request body; `Ok(None)` when it is larger than `max` bytes (the rest is
     /// left unread and the connection will not be reused).
     pub(super) async fn read_body(&mut self, max: usize) -> pingora::Result<Option<Bytes>> {
-        match self.body {
-            ReqBody::Done => Ok(Some(Bytes::new())),
-            ReqBody::Length(n) if n > max as u64 => {
-                self.keep_alive = false;
-                Ok(None)
-            }
-            ReqBody::Length(n) => {
-                let n = n as usize;
-                if self.buf.len() >= n {
-                    let body = self.buf.split_to(n).freeze();
-                    self.body = ReqBody::Done;
-                    self.release_buf();
-                    return Ok(Some(body));
-                }
-                // Room grows with what arrives: an announced length reserves nothing yet.
-                let mut body = BytesMut::with_capacity(n.min(BODY_FIRST.max(self.buf.len())));
-                body.extend_from_slice(&self.buf);
-                self.buf = BytesMut::new();
-                while body.len() < n {
-                    if body.len() == body.capacity() {
-                        body.reserve((n - body.len()).min(body.capacity().max(BODY_FIRST)));
-                    }
-                    let rest = (n - body.len()) as u64;
-                    let mut limited = (&mut self.stream).take(rest);
-                    let read = limited.read_buf(&mut body);
-                    match tokio::time::timeout(self.read_timeout, read).await {
-                        Ok(Ok(0)) => {
-                            self.keep_alive = false;
-                            return Err(down(
-                                ErrorType::ConnectionClosed,
-                                "client closed the connection before the body was complete",
-                            ));
-                        }
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => {
-                            self.keep_alive = false;
-                            return Err(Error::because(
-                                ErrorType::ReadError,
-                                "reading the request body",
-                                e,
-                            ));
-                        }
-                        Err(_) => {
-                            self.keep_alive = false;
-                            return Err(down(
-                                ErrorType::HTTPStatus(408),
-                                "the request body did not arrive in time",
-                            ));
-                        }
-                    }
-                }
-                self.body = ReqBody::Done;
-                Ok(Some(body.freeze()))
-            }
-            ReqBody::Chunked(_) => {
-                let mut body = BytesMut::new();
-                let fits = self.read_chunked(&mut body, max).await.inspect_err(|_| {
-                    self.keep_alive = false;
-                })?;
-                if !fits {
-                    self.keep_alive = false;
-                    return Ok(None);
-                }
-                self.release_buf();
-                Ok(Some(body.freeze()))
-            }
+        let read = match self.body {
+            ReqBody::Done => return Ok(Some(Bytes::new())),
+            ReqBody::Length(n) if n > max as u64 => Ok(None),
+            ReqBody::Length(n) => self.read_sized(n as usize).await.map(Some),
+            ReqBody::Chunked(_) => self.read_chunked(max).await,
+        };
+        if matches!(read, Ok(Some(_))) {
+            self.body = ReqBody::Done;
+            self.release_buf();
+        } else {
+            self.keep_alive = false;
         }
+        read
     }
 
-    /// Decodes a chunked body into `body`; `false` once it would pass `max` bytes.
-    async fn read_chunked(&mut self, body: &mut BytesMut, max: usize) -> pingora::Result<bool> {
+    /// A body of `n` bytes: what came with the head, then reads straight into its buffer.
+    async fn read_sized(&mut self, n: usize) -> pingora::Result<Bytes> {
+        if self.buf.len() >= n {
+            return Ok(self.buf.split_to(n).freeze());
+        }
+        // Room grows with what arrives: an announced length reserves nothing yet.
+        let mut body = BytesMut::with_capacity(n.min(BODY_FIRST.max(self.buf.len())));
+        body.extend_from_slice(&self.buf);
+        self.buf = BytesMut::new();
+        while body.len() < n {
+            if body.len() == body.capacity() {
+                body.reserve((n - body.len()).min(body.capacity().max(BODY_FIRST)));
+            }
+            let mut limited = (&mut self.stream).take((n - body.len()) as u64);
+            let read = tokio::time::timeout(self.read_timeout, limited.read_buf(&mut body))
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+            body_read(read)?;
+        }
+        Ok(body.freeze())
+    }
+
+    /// A chunked body, decoded; `None` once it would pass `max` bytes.
+    async fn read_chunked(&mut self, max: usize) -> pingora::Result<Option<Bytes>> {
+        let mut body = BytesMut::new();
         let mut trailers = 0usize;
         loop {
-            let ReqBody::Chunked(chunk) = self.body else {
-                return Ok(true);
+            let ReqBody::Chunked(mut chunk) = self.body else {
+                return Ok(Some(body.freeze()));
             };
-            let moved = match chunk {
-                Chunk::Size => match self.take_line()? {
-                    Some(line) => {
-                        let size = parse_chunk_size(&line).map_err(|_| {
-                            down(ErrorType::InvalidHTTPHeader, "invalid chunk size")
-                        })?;
-                        if body.len() as u64 + size > max as u64 {
-                            return Ok(false);
-                        }
-                        self.body = ReqBody::Chunked(if size == 0 {
-                            Chunk::Trailers
-                        } else {
-                            Chunk::Data(size)
-                        });
-                        true
+            let (was, before) = (chunk, self.buf.len());
+            let step = chunk
+                .step(&mut self.buf)
+                .map_err(|what| down(ErrorType::InvalidHTTPHeader, what))?;
+            self.body = ReqBody::Chunked(chunk);
+            match step {
+                ChunkStep::Piece(piece) => body.extend_from_slice(&piece),
+                ChunkStep::Moved => match (was, chunk) {
+                    (Chunk::Size, Chunk::Data(size)) if body.len() as u64 + size > max as u64 => {
+                        return Ok(None)
                     }
-                    None => false,
-                },
-                Chunk::Data(rest) => {
-                    let n = take_len(rest, self.buf.len());
-                    body.extend_from_slice(&self.buf[..n]);
-                    self.buf.advance(n);
-                    let left = rest - n as u64;
-                    self.body = ReqBody::Chunked(if left == 0 {
-                        Chunk::DataEnd
-                    } else {
-                        Chunk::Data(left)
-                    });
-                    left == 0
-                }
-                Chunk::DataEnd => {
-                    let end = match self.buf.first() {
-                        None => 0,
-                        Some(b'\n') => 1,
-                        Some(b'\r') if self.buf.len() < 2 => 0,
-                        Some(b'\r') if self.buf[1] == b'\n' => 2,
-                        Some(_) => {
-                            return Err(down(
-                                ErrorType::InvalidHTTPHeader,
-                                "chunk data not followed by CRLF",
-                            ))
-                        }
-                    };
-                    if end > 0 {
-                        self.buf.advance(end);
-                        self.body = ReqBody::Chunked(Chunk::Size);
-                    }
-                    end > 0
-                }
-                Chunk::Trailers => match self.take_line()? {
-                    Some(line) => {
-                        trailers += line.len() + 2;
+                    (Chunk::Trailers, _) => {
+                        trailers += before - self.buf.len();
                         if trailers > MAX_TRAILERS {
                             return Err(down(
                                 ErrorType::InvalidHTTPHeader,
                                 "chunked body trailers too large",
                             ));
                         }
-                        if line.is_empty() {
-                            self.body = ReqBody::Done;
-                        }
-                        true
                     }
-                    None => false,
+                    _ => {}
                 },
-            };
-            if !moved {
-                match self.read_more(None).await {
-                    Ok(0) => {
-                        return Err(down(
-                            ErrorType::ConnectionClosed,
-                            "client closed the connection before the body was complete",
-                        ))
-                    }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                        return Err(down(
-                            ErrorType::HTTPStatus(408),
-                            "the request body did not arrive in time",
-                        ))
-                    }
-                    Err(e) => {
-                        return Err(Error::because(
-                            ErrorType::ReadError,
-                            "reading the request body",
-                            e,
-                        ))
-                    }
+                ChunkStep::End => self.body = ReqBody::Done,
+                ChunkStep::NeedMore => {
+                    let read = self.read_more(None).await;
+                    body_read(read)?;
                 }
             }
         }
-    }
-
-    /// Takes one line (without its line end) from the buffer, if a whole one is there.
-    fn take_line(&mut self) -> pingora::Result<Option<BytesMut>> {
-        let too_long = || {
-            down(
-                ErrorType::InvalidHTTPHeader,
-                "line too long in chunked body",
-            )
-        };
-        let Some(end) = memchr::memchr(b'\n', &self.buf) else {
-            if self.buf.len() > MAX_LINE {
-                return Err(too_long());
-            }
-            return Ok(None);
-        };
-        if end > MAX_LINE {
-            return Err(too_long());
-        }
-        let mut line = self.buf.split_to(end + 1);
-        line.truncate(end);
-        if line.last() == Some(&b'\r') {
-            line.truncate(end - 1);
-        }
-        Ok(Some(line))
     }
 
     /// Tells an HTTP/1.1 client waiting on `Expect: 100-continue` to send its body.
@@ -917,6 +795,15 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
+    /// Writes an answer's head with its status, and `content-length` when given.
+    fn answer_head(server: &mut Downstream, code: u16, length: Option<usize>) {
+        let mut resp = ResponseHeader::build_no_case(code, None).unwrap();
+        if let Some(n) = length {
+            resp.insert_header("content-length", n.to_string()).unwrap();
+        }
+        server.write_response_header(&resp).unwrap();
+    }
+
     /// Serves `wire` as one or more requests, answering each with its body echoed back.
     async fn echo(wire: &[&[u8]]) -> (Vec<String>, String) {
         let (mut server, mut client) = conn();
@@ -928,10 +815,7 @@ mod tests {
         while server.read_request().await.unwrap() {
             let body = server.read_body(1 << 20).await.unwrap().unwrap();
             bodies.push(String::from_utf8(body.to_vec()).unwrap());
-            let mut resp = ResponseHeader::build_no_case(200, None).unwrap();
-            resp.insert_header("content-length", body.len().to_string())
-                .unwrap();
-            server.write_response_header(&resp).unwrap();
+            answer_head(&mut server, 200, Some(body.len()));
             server.write_response_body(body, true).await.unwrap();
             if !server.finish().await {
                 break;
@@ -1058,13 +942,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn chunked_over_http_1_0_is_read_then_the_connection_closed() {
-        let (bodies, out) = echo(&[b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\nGET / HTTP/1.0\r\n\r\n"]).await;
-        assert_eq!(bodies, ["ab"]);
-        assert!(out.contains("connection: close\r\n"), "{out}");
-    }
-
-    #[tokio::test]
     async fn a_refusal_before_the_body_closes_without_resetting_the_client() {
         // Real sockets: closing with unread bytes would make the kernel send a reset, which
         // can destroy the answer before the client reads it.
@@ -1094,9 +971,7 @@ mod tests {
             client.read_to_end(&mut out).await.map(|_| out)
         });
         assert!(server.read_request().await.unwrap());
-        let mut resp = ResponseHeader::build_no_case(401, None).unwrap();
-        resp.insert_header("content-length", "6").unwrap();
-        server.write_response_header(&resp).unwrap();
+        answer_head(&mut server, 401, Some(6));
         server
             .write_response_body(Bytes::from_static(b"denied"), true)
             .await
@@ -1118,10 +993,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn both_framings_read_as_chunked_and_the_connection_closed() {
-        let (bodies, out) = echo(&[b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n"]).await;
-        assert_eq!(bodies, ["ab"]);
-        assert!(out.contains("connection: close\r\n"), "{out}");
+    async fn faulty_framings_are_read_as_chunked_then_the_connection_closed() {
+        // A length beside chunked, and chunked over HTTP/1.0 (RFC 9112 §6.1).
+        for wire in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n"[..],
+            b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\nGET / HTTP/1.0\r\n\r\n",
+        ] {
+            let (bodies, out) = echo(&[wire]).await;
+            assert_eq!(bodies, ["ab"]);
+            assert!(out.contains("connection: close\r\n"), "{out}");
+        }
     }
 
     #[tokio::test]
@@ -1209,8 +1090,7 @@ mod tests {
         client.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
         assert!(server.read_request().await.unwrap());
         assert!(!server.keep_alive());
-        let resp = ResponseHeader::build_no_case(200, None).unwrap();
-        server.write_response_header(&resp).unwrap();
+        answer_head(&mut server, 200, None);
         server
             .write_response_body(Bytes::from_static(b"abc"), true)
             .await
@@ -1232,9 +1112,7 @@ mod tests {
             .unwrap();
         for code in [200, 204] {
             assert!(server.read_request().await.unwrap());
-            let mut resp = ResponseHeader::build_no_case(code, None).unwrap();
-            resp.insert_header("content-length", "3").unwrap();
-            server.write_response_header(&resp).unwrap();
+            answer_head(&mut server, code, Some(3));
             server
                 .write_response_body(Bytes::from_static(b"abc"), true)
                 .await
@@ -1252,9 +1130,7 @@ mod tests {
         let (mut server, mut client) = conn();
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         assert!(server.read_request().await.unwrap());
-        let mut resp = ResponseHeader::build_no_case(200, None).unwrap();
-        resp.insert_header("content-length", "2").unwrap();
-        server.write_response_header(&resp).unwrap();
+        answer_head(&mut server, 200, Some(2));
         server
             .write_response_body(Bytes::from_static(b"abc"), true)
             .await
@@ -1276,8 +1152,7 @@ mod tests {
             client.read_to_end(&mut out).await.unwrap();
             out
         });
-        let resp = ResponseHeader::build_no_case(200, None).unwrap();
-        server.write_response_header(&resp).unwrap();
+        answer_head(&mut server, 200, None);
         let mut expected = Vec::new();
         for i in 0..100u8 {
             let piece = vec![b'a' + i % 26; 100 + usize::from(i) * 7];
@@ -1311,9 +1186,7 @@ mod tests {
         while server.buf.len() < 19 {
             server.watch_client().await.unwrap();
         }
-        let mut resp = ResponseHeader::build_no_case(200, None).unwrap();
-        resp.insert_header("content-length", "0").unwrap();
-        server.write_response_header(&resp).unwrap();
+        answer_head(&mut server, 200, Some(0));
         server
             .write_response_body(Bytes::new(), true)
             .await

@@ -13,6 +13,7 @@
 mod dns;
 mod downstream_h1;
 mod exchange;
+mod h1;
 mod pool;
 mod upstream_h1;
 

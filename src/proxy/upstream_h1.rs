@@ -21,6 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use relay_filters::context::UpstreamRequest;
 
+use super::h1::{add_length, keeps_alive, last_token, take_len, Chunk, ChunkStep};
+
 /// First read size: a response head and a usual JSON answer fit; a held stream of small
 /// events never needs more, and touches one page of it.
 const FIRST_READ: usize = 4 * 1024;
@@ -30,8 +32,6 @@ const MAX_READ: usize = 64 * 1024;
 const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in a response head (providers send 20 to 50; Pingora allows as many).
 const MAX_HEADERS: usize = 256;
-/// Longest chunk-size line or trailer line accepted.
-const MAX_LINE: usize = 4 * 1024;
 /// How soon after the request went out a pooled connection's close still means the upstream
 /// had closed it while idle (its close or reset arrives within a round trip). Later, it may
 /// have been working on the request, and sending it again could run and bill it twice.
@@ -75,16 +75,6 @@ pub(super) struct UpstreamHead {
     pub headers: http::HeaderMap,
 }
 
-/// What one step of the chunked decoder did.
-enum Step {
-    /// A piece of data to hand out.
-    Piece(Bytes),
-    /// The decoder moved on (a size line, a chunk's end, a trailer line).
-    Moved,
-    /// What is buffered is not enough to move on.
-    NeedMore,
-}
-
 /// What the buffer held at its start.
 enum Parsed {
     Head(UpstreamHead),
@@ -107,19 +97,6 @@ enum Body {
     UntilClose,
     /// The body is complete.
     Done,
-}
-
-/// Position inside a chunked body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// Before a chunk-size line.
-    Size,
-    /// Inside a chunk's data: bytes still to come.
-    Data(u64),
-    /// After a chunk's data: its CRLF.
-    DataEnd,
-    /// After the last chunk: trailer lines up to an empty line.
-    Trailers,
 }
 
 /// One HTTP/1.1 exchange on an upstream connection.
@@ -264,17 +241,9 @@ impl H1Upstream {
                     chunked = last_token(field.value).eq_ignore_ascii_case(b"chunked");
                 }
             } else if name == http::header::CONTENT_LENGTH {
-                let n = parse_length(field.value)?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(H1Error::Malformed("conflicting content-length"));
-                }
-                length = Some(n);
+                add_length(&mut length, field.value).map_err(H1Error::Malformed)?;
             } else if name == http::header::CONNECTION {
-                if has_token(field.value, b"close") {
-                    close = true;
-                } else if has_token(field.value, b"keep-alive") && http10 {
-                    close = false;
-                }
+                close = !keeps_alive(field.value, http10, !close);
             } else if name == "keep-alive" {
                 self.idle_limit = keep_alive_timeout(field.value);
             }
@@ -335,90 +304,23 @@ impl H1Upstream {
                     }
                     return Ok(Some(self.buf.split().freeze()));
                 }
-                Body::Chunked(chunk) => match self.step_chunked(chunk)? {
-                    Step::Piece(piece) => return Ok(Some(piece)),
-                    Step::Moved => {}
-                    Step::NeedMore => {
-                        if self.read_more(self.read_timeout).await? == 0 {
-                            self.keep_alive = false;
-                            return Err(H1Error::Closed("before the body was complete"));
+                Body::Chunked(mut chunk) => {
+                    let step = chunk.step(&mut self.buf).map_err(H1Error::Malformed)?;
+                    self.body = Body::Chunked(chunk);
+                    match step {
+                        ChunkStep::Piece(piece) => return Ok(Some(piece.freeze())),
+                        ChunkStep::Moved => {}
+                        ChunkStep::End => self.body = Body::Done,
+                        ChunkStep::NeedMore => {
+                            if self.read_more(self.read_timeout).await? == 0 {
+                                self.keep_alive = false;
+                                return Err(H1Error::Closed("before the body was complete"));
+                            }
                         }
                     }
-                },
-            }
-        }
-    }
-
-    /// Advances the chunked decoder over what is buffered by one step.
-    fn step_chunked(&mut self, chunk: Chunk) -> Result<Step, H1Error> {
-        match chunk {
-            Chunk::Size => {
-                let Some(line) = self.take_line()? else {
-                    return Ok(Step::NeedMore);
-                };
-                let size = parse_chunk_size(&line)?;
-                self.body = Body::Chunked(if size == 0 {
-                    Chunk::Trailers
-                } else {
-                    Chunk::Data(size)
-                });
-                Ok(Step::Moved)
-            }
-            Chunk::Data(rest) => {
-                if self.buf.is_empty() {
-                    return Ok(Step::NeedMore);
                 }
-                let n = take_len(rest, self.buf.len());
-                let left = rest - n as u64;
-                self.body = Body::Chunked(if left == 0 {
-                    Chunk::DataEnd
-                } else {
-                    Chunk::Data(left)
-                });
-                Ok(Step::Piece(self.buf.split_to(n).freeze()))
-            }
-            Chunk::DataEnd => {
-                // CRLF, or a bare LF as accepted after the size and trailer lines.
-                let end = match self.buf.first() {
-                    None => return Ok(Step::NeedMore),
-                    Some(b'\n') => 1,
-                    Some(b'\r') if self.buf.len() < 2 => return Ok(Step::NeedMore),
-                    Some(b'\r') if self.buf[1] == b'\n' => 2,
-                    Some(_) => return Err(H1Error::Malformed("chunk data not followed by CRLF")),
-                };
-                self.buf.advance(end);
-                self.body = Body::Chunked(Chunk::Size);
-                Ok(Step::Moved)
-            }
-            Chunk::Trailers => {
-                let Some(line) = self.take_line()? else {
-                    return Ok(Step::NeedMore);
-                };
-                if line.is_empty() {
-                    self.body = Body::Done;
-                }
-                Ok(Step::Moved)
             }
         }
-    }
-
-    /// Takes one line (without its line end) from the buffer, if a whole one is there.
-    fn take_line(&mut self) -> Result<Option<BytesMut>, H1Error> {
-        let Some(end) = memchr::memchr(b'\n', &self.buf) else {
-            if self.buf.len() > MAX_LINE {
-                return Err(H1Error::Malformed("line too long in chunked body"));
-            }
-            return Ok(None);
-        };
-        if end > MAX_LINE {
-            return Err(H1Error::Malformed("line too long in chunked body"));
-        }
-        let mut line = self.buf.split_to(end + 1);
-        line.truncate(end);
-        if line.last() == Some(&b'\r') {
-            line.truncate(end - 1);
-        }
-        Ok(Some(line))
     }
 
     /// Whether the request may be sent again on another connection after `err`: only when the
@@ -516,43 +418,6 @@ fn request_head(req: &UpstreamRequest, body_len: usize) -> Result<Vec<u8>, H1Err
     Ok(head)
 }
 
-fn take_len(rest: u64, buffered: usize) -> usize {
-    usize::try_from(rest).map_or(buffered, |r| r.min(buffered))
-}
-
-pub(super) fn parse_length(value: &[u8]) -> Result<u64, H1Error> {
-    let digits = value.trim_ascii();
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return Err(H1Error::Malformed("invalid content-length"));
-    }
-    Ok(digits
-        .iter()
-        .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
-}
-
-/// The size of a chunk from its line (`1a2b;ext=1`).
-pub(super) fn parse_chunk_size(line: &[u8]) -> Result<u64, H1Error> {
-    let end = line
-        .iter()
-        .position(|&b| b == b';' || b == b' ' || b == b'\t')
-        .unwrap_or(line.len());
-    let hex = &line[..end];
-    if hex.is_empty() || hex.len() > 15 {
-        return Err(H1Error::Malformed("invalid chunk size"));
-    }
-    let mut size = 0u64;
-    for &b in hex {
-        let d = match b {
-            b'0'..=b'9' => b - b'0',
-            b'a'..=b'f' => b - b'a' + 10,
-            b'A'..=b'F' => b - b'A' + 10,
-            _ => return Err(H1Error::Malformed("invalid chunk size")),
-        };
-        size = size * 16 + u64::from(d);
-    }
-    Ok(size)
-}
-
 /// `timeout=N` of a `Keep-Alive` header (RFC 2068 §19.7.1.1), in seconds.
 fn keep_alive_timeout(value: &[u8]) -> Option<Duration> {
     value.split(|&b| b == b',').find_map(|param| {
@@ -564,20 +429,6 @@ fn keep_alive_timeout(value: &[u8]) -> Option<Duration> {
         let secs = std::str::from_utf8(secs.trim_ascii()).ok()?.parse().ok()?;
         Some(Duration::from_secs(secs))
     })
-}
-
-pub(super) fn last_token(value: &[u8]) -> &[u8] {
-    value
-        .rsplit(|&b| b == b',')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii()
-}
-
-pub(super) fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 #[cfg(test)]
@@ -997,21 +848,5 @@ mod tests {
             let err = up.send(&request(path), b"").await.unwrap_err();
             assert!(matches!(err, H1Error::BadRequest(_)), "{path:?}");
         }
-    }
-
-    #[test]
-    fn chunk_sizes_and_tokens() {
-        assert_eq!(parse_chunk_size(b"0").unwrap(), 0);
-        assert_eq!(parse_chunk_size(b"fF;a=b").unwrap(), 255);
-        assert_eq!(parse_chunk_size(b"10 ").unwrap(), 16);
-        assert!(parse_chunk_size(b"").is_err());
-        assert!(parse_chunk_size(b";x").is_err());
-        assert!(parse_chunk_size(b"0x10").is_err());
-        assert_eq!(parse_length(b" 42 ").unwrap(), 42);
-        assert!(parse_length(b"4 2").is_err());
-        assert!(parse_length(b"99999999999999999999").is_err());
-        assert!(has_token(b"Keep-Alive, close", b"close"));
-        assert!(!has_token(b"closed", b"close"));
-        assert_eq!(last_token(b"gzip , chunked "), b"chunked");
     }
 }
