@@ -578,7 +578,7 @@ pub fn is_usage_only_chunk(data: &[u8]) -> bool {
 // ---------------------------------------------------------------------------------------------
 
 /// Anthropic `usage` (message_start.message.usage, message_delta.usage, JSON body).
-#[derive(Deserialize)]
+#[derive(Deserialize, Default, Debug, PartialEq)]
 struct AnthropicUsageWire {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
@@ -587,7 +587,7 @@ struct AnthropicUsageWire {
     cache_creation: Option<AnthropicCacheCreationWire>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default, Debug, PartialEq)]
 struct AnthropicCacheCreationWire {
     ephemeral_5m_input_tokens: Option<u64>,
     ephemeral_1h_input_tokens: Option<u64>,
@@ -881,22 +881,26 @@ fn reasoning_tokens(d: Option<&ReasoningTokensWire>) -> u64 {
 fn anthropic_event(st: &mut StreamState, ev: SseEvent<'_>) {
     match event_name(&ev) {
         "message_start" => {
-            let Ok(start) = serde_json::from_slice::<AnthropicMessageStartWire<'_>>(ev.data) else {
-                return;
-            };
-            let message = start.message;
-            set_once(&mut st.result.response_id, message.id);
-            set_once(&mut st.result.model, message.model);
+            let message = scan_anthropic_start(ev.data).or_else(|| {
+                serde_json::from_slice::<AnthropicMessageStartWire<'_>>(ev.data)
+                    .ok()
+                    .map(|start| AnthropicMessage::from(start.message))
+            });
+            let Some(message) = message else { return };
+            set_once_bytes(&mut st.result.response_id, message.id);
+            set_once_bytes(&mut st.result.model, message.model);
             if let Some(usage) = message.usage {
                 st.anthropic.merge(usage);
                 st.result.usage = st.anthropic.usage();
             }
         }
         "message_delta" => {
-            let Ok(delta) = serde_json::from_slice::<AnthropicMessageDeltaWire>(ev.data) else {
-                return;
-            };
-            if let Some(usage) = delta.usage {
+            let usage = scan_anthropic_delta(ev.data).or_else(|| {
+                serde_json::from_slice::<AnthropicMessageDeltaWire>(ev.data)
+                    .ok()
+                    .map(|delta| delta.usage)
+            });
+            if let Some(Some(usage)) = usage {
                 st.anthropic.merge(usage);
                 st.result.usage = st.anthropic.usage();
             }
@@ -1154,13 +1158,17 @@ fn apply_gemini_chunk(result: &mut MeterResult, counts: &mut GeminiCounts, c: Ge
 }
 
 fn parse_anthropic_json(body: &[u8]) -> Option<MeterResult> {
-    let message = serde_json::from_slice::<AnthropicMessageWire<'_>>(body).ok()?;
+    let message = scan_anthropic_message(body).or_else(|| {
+        serde_json::from_slice::<AnthropicMessageWire<'_>>(body)
+            .ok()
+            .map(AnthropicMessage::from)
+    })?;
     let mut result = MeterResult {
         complete: true,
         ..MeterResult::default()
     };
-    set_once(&mut result.response_id, message.id);
-    set_once(&mut result.model, message.model);
+    set_once_bytes(&mut result.response_id, message.id);
+    set_once_bytes(&mut result.model, message.model);
     if let Some(usage) = message.usage {
         let mut counts = AnthropicCounts::default();
         counts.merge(usage);
@@ -1168,6 +1176,151 @@ fn parse_anthropic_json(body: &[u8]) -> Option<MeterResult> {
     }
     result.upstream_error = message.error.map(ErrorWire::kind);
     Some(result)
+}
+
+/// What the meters take from an Anthropic message (the JSON body, or message_start's
+/// `message`).
+#[derive(Default, Debug, PartialEq)]
+struct AnthropicMessage<'a> {
+    id: Option<&'a [u8]>,
+    model: Option<&'a [u8]>,
+    usage: Option<AnthropicUsageWire>,
+    error: Option<ErrorWire>,
+}
+
+impl<'a> From<AnthropicMessageWire<'a>> for AnthropicMessage<'a> {
+    fn from(m: AnthropicMessageWire<'a>) -> Self {
+        AnthropicMessage {
+            id: m.id.map(|raw| raw.get().as_bytes()),
+            model: m.model.map(|raw| raw.get().as_bytes()),
+            usage: m.usage,
+            error: m.error,
+        }
+    }
+}
+
+/// Keys a scan has read. serde refuses an object that repeats a field it reads, so a scan
+/// leaves such an object to serde instead of picking one of the values.
+#[derive(Default)]
+struct Seen(u32);
+
+impl Seen {
+    /// `None` when key number `bit` was read before.
+    fn first(&mut self, bit: u32) -> Option<()> {
+        let mask = 1 << bit;
+        if self.0 & mask != 0 {
+            return None;
+        }
+        self.0 |= mask;
+        Some(())
+    }
+}
+
+/// An Anthropic message read with [`json_scan`] (its `content` is skipped, not parsed);
+/// `None` when serde must decide.
+fn scan_anthropic_message(data: &[u8]) -> Option<AnthropicMessage<'_>> {
+    let mut message = AnthropicMessage::default();
+    let mut seen = Seen::default();
+    json_scan::for_each_member(data, |key, value| {
+        match key {
+            b"id" => {
+                seen.first(0)?;
+                message.id = non_null(value);
+            }
+            b"model" => {
+                seen.first(1)?;
+                message.model = non_null(value);
+            }
+            b"usage" => {
+                seen.first(2)?;
+                message.usage = scan_anthropic_usage(value)?;
+            }
+            // Rare: parsed in full.
+            b"error" => {
+                seen.first(3)?;
+                message.error = serde_json::from_slice::<Option<ErrorWire>>(value).ok()?;
+            }
+            _ => {}
+        }
+        Some(())
+    })?;
+    Some(message)
+}
+
+/// The `message` of a message_start event, read with [`json_scan`].
+fn scan_anthropic_start(data: &[u8]) -> Option<AnthropicMessage<'_>> {
+    let mut message = None;
+    json_scan::for_each_member(data, |key, value| {
+        if key == b"message" {
+            if message.is_some() {
+                return None;
+            }
+            message = Some(scan_anthropic_message(value)?);
+        }
+        Some(())
+    })?;
+    message
+}
+
+/// The `usage` of a message_delta event, read with [`json_scan`]: `Some(None)` without one.
+fn scan_anthropic_delta(data: &[u8]) -> Option<Option<AnthropicUsageWire>> {
+    let mut usage = None;
+    let mut seen = Seen::default();
+    json_scan::for_each_member(data, |key, value| {
+        if key == b"usage" {
+            seen.first(0)?;
+            usage = scan_anthropic_usage(value)?;
+        }
+        Some(())
+    })?;
+    Some(usage)
+}
+
+/// Anthropic `usage` read with [`json_scan`]: `Some(None)` for `null`.
+fn scan_anthropic_usage(value: &[u8]) -> Option<Option<AnthropicUsageWire>> {
+    if value == b"null" {
+        return Some(None);
+    }
+    let mut usage = AnthropicUsageWire::default();
+    let mut seen = Seen::default();
+    json_scan::for_each_member(value, |key, value| {
+        let (bit, slot) = match key {
+            b"input_tokens" => (0, &mut usage.input_tokens),
+            b"output_tokens" => (1, &mut usage.output_tokens),
+            b"cache_creation_input_tokens" => (2, &mut usage.cache_creation_input_tokens),
+            b"cache_read_input_tokens" => (3, &mut usage.cache_read_input_tokens),
+            b"cache_creation" => {
+                seen.first(4)?;
+                usage.cache_creation = scan_anthropic_cache_creation(value)?;
+                return Some(());
+            }
+            _ => return Some(()),
+        };
+        seen.first(bit)?;
+        *slot = json_scan::opt_u64(value)?;
+        Some(())
+    })?;
+    Some(Some(usage))
+}
+
+/// Anthropic `usage.cache_creation` read with [`json_scan`]: `Some(None)` for `null`.
+fn scan_anthropic_cache_creation(value: &[u8]) -> Option<Option<AnthropicCacheCreationWire>> {
+    if value == b"null" {
+        return Some(None);
+    }
+    let mut split = AnthropicCacheCreationWire::default();
+    let mut seen = Seen::default();
+    json_scan::for_each_member(value, |key, value| {
+        let (bit, slot) = match key {
+            b"ephemeral_5m_input_tokens" => (0, &mut split.ephemeral_5m_input_tokens),
+            b"ephemeral_1h_input_tokens" => (1, &mut split.ephemeral_1h_input_tokens),
+            _ => return Some(()),
+        };
+        seen.first(bit)?;
+        *slot = json_scan::opt_u64(value)?;
+        Some(())
+    })?;
+    Some(Some(split))
 }
 
 fn parse_chat_json(body: &[u8]) -> Option<MeterResult> {
@@ -1286,10 +1439,22 @@ fn set_once_bytes(slot: &mut Option<String>, raw: Option<&[u8]>) {
         return;
     }
     if let Some(raw) = raw {
-        if let Ok(s) = serde_json::from_slice::<String>(raw) {
+        if let Some(s) = plain_string(raw) {
+            *slot = Some(bounded(s.to_owned()));
+        } else if let Ok(s) = serde_json::from_slice::<String>(raw) {
             *slot = Some(bounded(s));
         }
     }
+}
+
+/// The text of a JSON string without escapes (ids and model names always are), read without
+/// serde; `None` for anything else.
+fn plain_string(raw: &[u8]) -> Option<&str> {
+    let inner = raw.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    if inner.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+        return None;
+    }
+    std::str::from_utf8(inner).ok()
 }
 
 /// Cuts an upstream string to [`MAX_KEPT_STRING`] bytes at a character boundary.
@@ -1950,6 +2115,121 @@ mod tests {
         let mut m = UsageMeter::new(protocol, true);
         m.feed(text.as_bytes());
         m.finish()
+    }
+
+    #[test]
+    fn anthropic_scans_read_what_serde_reads_or_leave_it_to_serde() {
+        fn serde_message(b: &[u8]) -> Option<AnthropicMessage<'_>> {
+            serde_json::from_slice::<AnthropicMessageWire<'_>>(b)
+                .ok()
+                .map(AnthropicMessage::from)
+        }
+        let usage = r#"{"input_tokens":12,"cache_creation_input_tokens":7,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":3,"ephemeral_1h_input_tokens":4},"output_tokens":5,"service_tier":"standard"}"#;
+        let message = format!(
+            r#"{{"id":"msg_01","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{{"type":"text","text":"a \"usage\": {{\"input_tokens\": 999}} ]}}"}},{{"type":"tool_use","id":"t","name":"f","input":{{"usage":{{"input_tokens":888}},"id":"x"}}}}],"stop_reason":"end_turn","usage":{usage}}}"#
+        );
+        // (body, whether the scan must read it itself)
+        let bodies: Vec<(String, bool)> = vec![
+            (message.clone(), true),
+            (format!(" \n{message}\n"), true),
+            (r#"{"id":null,"model":"m","usage":null}"#.into(), true),
+            (
+                r#"{"usage":{"input_tokens":1,"cache_creation":null}}"#.into(),
+                true,
+            ),
+            (
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"x"}}"#.into(),
+                true,
+            ),
+            (
+                r#"{"id":"caf\u00e9","model":"m\"x","usage":{"output_tokens":2}}"#.into(),
+                true,
+            ),
+            ("{}".into(), true),
+            // Left to serde: repeated fields, escaped keys, numbers serde reads otherwise.
+            (r#"{"id":"a","id":"b"}"#.into(), false),
+            (
+                r#"{"usage":{"input_tokens":1,"input_tokens":2}}"#.into(),
+                false,
+            ),
+            (r#"{"usage":{"input_tokens":1},"usage":null}"#.into(), false),
+            (r#"{"us\u0061ge":{"input_tokens":1}}"#.into(), false),
+            (r#"{"usage":{"input_tokens":1.5}}"#.into(), false),
+            (r#"{"usage":{"input_tokens":-1}}"#.into(), false),
+            (r#"{"usage":{"input_tokens":"1"}}"#.into(), false),
+            (r#"{"usage":[1]}"#.into(), false),
+            ("[]".into(), false),
+            ("not json".into(), false),
+        ];
+        for (body, scanned) in &bodies {
+            let b = body.as_bytes();
+            let scan = scan_anthropic_message(b);
+            assert_eq!(scan.is_some(), *scanned, "{body}");
+            if let Some(scan) = scan {
+                assert_eq!(Some(scan), serde_message(b), "{body}");
+            }
+            // message_start carries the same object as `message`.
+            let start = format!(r#"{{"type":"message_start","message":{body}}}"#);
+            let scan = scan_anthropic_start(start.as_bytes());
+            if let Some(scan) = scan {
+                let full =
+                    serde_json::from_slice::<AnthropicMessageStartWire<'_>>(start.as_bytes())
+                        .ok()
+                        .map(|s| AnthropicMessage::from(s.message));
+                assert_eq!(Some(scan), full, "{start}");
+            } else {
+                assert!(!scanned, "{start}");
+            }
+        }
+        let read = scan_anthropic_message(message.as_bytes()).unwrap();
+        assert_eq!(read.id, Some(&b"\"msg_01\""[..]));
+        let u = read.usage.unwrap();
+        assert_eq!((u.input_tokens, u.output_tokens), (Some(12), Some(5)));
+        assert_eq!(u.cache_creation.unwrap().ephemeral_1h_input_tokens, Some(4));
+
+        // message_delta: only the top-level usage counts.
+        for (data, want) in [
+            (
+                r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","usage":{"output_tokens":1}},"usage":{"output_tokens":42}}"#,
+                Some(Some(42)),
+            ),
+            (
+                r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"}}"#,
+                Some(None),
+            ),
+            (r#"{"type":"message_delta","usage":null}"#, Some(None)),
+            (
+                r#"{"type":"message_delta","usage":{"output_tokens":1},"usage":{"output_tokens":2}}"#,
+                None,
+            ),
+        ] {
+            let scan = scan_anthropic_delta(data.as_bytes());
+            assert_eq!(
+                scan.as_ref()
+                    .map(|u| u.as_ref().and_then(|u| u.output_tokens)),
+                want,
+                "{data}"
+            );
+            if let Some(scan) = scan {
+                let full = serde_json::from_slice::<AnthropicMessageDeltaWire>(data.as_bytes())
+                    .unwrap()
+                    .usage;
+                assert_eq!(scan, full, "{data}");
+            }
+        }
+        // Strings without escapes are read without serde, with the same result.
+        for raw in [
+            &br#""claude-sonnet-4-5""#[..],
+            br#""caf\u00e9""#,
+            br#""a\"b""#,
+            b"\"\xc3\xa9\"",
+            b"\"\xff\"",
+            b"12",
+        ] {
+            let mut fast = None;
+            set_once_bytes(&mut fast, Some(raw));
+            assert_eq!(fast, serde_json::from_slice::<String>(raw).ok(), "{raw:?}");
+        }
     }
 
     #[test]
