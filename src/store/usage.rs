@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use relay_filters::UsageRecord;
 use serde::Serialize;
 use sqlx::any::AnyRow;
+use sqlx::AnyConnection;
 use sqlx::Row;
 
 use super::{get_bool, Page, Param, Result, SqlParts, SqlStore, StoreError};
@@ -398,6 +399,53 @@ fn usage_from_row(row: &AnyRow) -> Result<UsageRow> {
     })
 }
 
+/// Inserts `records` (ids not stored yet are written, others skipped) and tells whether every
+/// one was written.
+async fn insert_records(
+    conn: &mut AnyConnection,
+    records: &[&UsageRecord],
+    postgres: bool,
+) -> Result<bool> {
+    for chunk in statement_runs(records, RECORDS_PER_STATEMENT) {
+        let sql = BatchStatement::InsertRecords.text(chunk.len(), postgres);
+        let mut query = sqlx::query(&sql);
+        for r in chunk {
+            let u = &r.usage;
+            query = query
+                .bind(r.id.as_str())
+                .bind(r.created_at)
+                .bind(r.user_id.as_deref())
+                .bind(r.api_key_id.as_deref())
+                .bind(r.account_id.as_deref())
+                .bind(r.session_key.as_deref())
+                .bind(r.protocol.as_str())
+                .bind(r.requested_model.as_deref())
+                .bind(r.upstream_model.as_deref())
+                .bind(i64::from(r.stream))
+                .bind(i64::from(r.status))
+                .bind(int(u.input_tokens))
+                .bind(int(u.output_tokens))
+                .bind(int(u.cache_write_5m_tokens))
+                .bind(int(u.cache_write_1h_tokens))
+                .bind(int(u.cache_read_tokens))
+                .bind(int(u.reasoning_tokens))
+                .bind(r.base_cost)
+                .bind(r.billed_cost)
+                .bind(r.price_rate)
+                .bind(r.latency_ms)
+                .bind(r.ttfb_ms)
+                .bind(i64::from(r.failover_count))
+                .bind(r.error_type.as_deref())
+                .bind(i64::from(r.unpriced))
+                .bind(i64::from(r.estimated));
+        }
+        if query.execute(&mut *conn).await?.rows_affected() != chunk.len() as u64 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// `($n, $n+1, ...), (...)` for `rows` rows of `cols` placeholders each.
 ///
 /// SQLite gets anonymous `?` placeholders: numbered ones are bound by name there, one lookup per
@@ -494,70 +542,40 @@ impl SqlStore {
             return Ok(());
         }
 
+        let postgres = self.is_postgres();
         let mut tx = self.pool.begin().await?;
-        // Ids already stored (a spooled batch replayed after its first write did commit):
-        // normally none, so this costs one statement that returns no rows. (`RETURNING id` on
-        // the insert sent every id back, one message and wake-up of the writer per record
-        // across sqlx's SQLite worker thread.)
-        let mut existing: HashSet<String> = HashSet::new();
-        for chunk in statement_runs(&unique, IDS_PER_STATEMENT) {
-            let sql = BatchStatement::ExistingIds.text(chunk.len(), self.is_postgres());
-            let mut query = sqlx::query(&sql);
-            for r in chunk {
-                query = query.bind(r.id.as_str());
+        // Nearly always every record is new: they are inserted without looking for them first.
+        let fresh = if insert_records(&mut tx, &unique, postgres).await? {
+            unique
+        } else {
+            // Some were stored already (a spooled batch replayed after its first write did
+            // commit): start over and insert only the others, so none is counted twice.
+            tx.rollback().await?;
+            tx = self.pool.begin().await?;
+            let mut existing: HashSet<String> = HashSet::new();
+            for chunk in statement_runs(&unique, IDS_PER_STATEMENT) {
+                let sql = BatchStatement::ExistingIds.text(chunk.len(), postgres);
+                let mut query = sqlx::query(&sql);
+                for r in chunk {
+                    query = query.bind(r.id.as_str());
+                }
+                for row in query.fetch_all(&mut *tx).await? {
+                    existing.insert(row.try_get(0)?);
+                }
             }
-            for row in query.fetch_all(&mut *tx).await? {
-                existing.insert(row.try_get(0)?);
+            let fresh: Vec<&UsageRecord> = unique
+                .into_iter()
+                .filter(|r| !existing.contains(&r.id))
+                .collect();
+            // Fewer rows again: another writer stored one of these ids since the check
+            // (PostgreSQL). The transaction is dropped and the batch retried.
+            if !insert_records(&mut tx, &fresh, postgres).await? {
+                return Err(StoreError::Conflict(
+                    "usage records of this batch were stored meanwhile".into(),
+                ));
             }
-        }
-        let fresh: Vec<&UsageRecord> = unique
-            .into_iter()
-            .filter(|r| !existing.contains(&r.id))
-            .collect();
-        for chunk in statement_runs(&fresh, RECORDS_PER_STATEMENT) {
-            let sql = BatchStatement::InsertRecords.text(chunk.len(), self.is_postgres());
-            let mut query = sqlx::query(&sql);
-            for r in chunk {
-                let u = &r.usage;
-                query = query
-                    .bind(r.id.as_str())
-                    .bind(r.created_at)
-                    .bind(r.user_id.as_deref())
-                    .bind(r.api_key_id.as_deref())
-                    .bind(r.account_id.as_deref())
-                    .bind(r.session_key.as_deref())
-                    .bind(r.protocol.as_str())
-                    .bind(r.requested_model.as_deref())
-                    .bind(r.upstream_model.as_deref())
-                    .bind(i64::from(r.stream))
-                    .bind(i64::from(r.status))
-                    .bind(int(u.input_tokens))
-                    .bind(int(u.output_tokens))
-                    .bind(int(u.cache_write_5m_tokens))
-                    .bind(int(u.cache_write_1h_tokens))
-                    .bind(int(u.cache_read_tokens))
-                    .bind(int(u.reasoning_tokens))
-                    .bind(r.base_cost)
-                    .bind(r.billed_cost)
-                    .bind(r.price_rate)
-                    .bind(r.latency_ms)
-                    .bind(r.ttfb_ms)
-                    .bind(i64::from(r.failover_count))
-                    .bind(r.error_type.as_deref())
-                    .bind(i64::from(r.unpriced))
-                    .bind(i64::from(r.estimated));
-            }
-            let written = query.execute(&mut *tx).await?.rows_affected();
-            // Fewer rows: another writer stored one of these ids since the check (PostgreSQL).
-            // The transaction is dropped and the batch retried, when the check finds it.
-            if written != chunk.len() as u64 {
-                return Err(StoreError::Conflict(format!(
-                    "{} of {} usage records were stored meanwhile",
-                    chunk.len() as u64 - written.min(chunk.len() as u64),
-                    chunk.len()
-                )));
-            }
-        }
+            fresh
+        };
 
         // Sorted maps: every node touches rollup and key rows in the same order, so concurrent
         // writers on PostgreSQL queue instead of deadlocking.
