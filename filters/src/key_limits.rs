@@ -59,7 +59,17 @@ pub fn utc_day(ms: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    // Digit by digit: `format!` with widths cost several times the arithmetic above, once
+    // per request. The range check keeps `y` within 0..=9999.
+    let mut text = [b'-'; 10];
+    for (at, width, value) in [(0, 4, y), (5, 2, m), (8, 2, d)] {
+        let mut v = value;
+        for i in (at..at + width).rev() {
+            text[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    }
+    text.iter().map(|&b| char::from(b)).collect()
 }
 
 /// In-process counters: exact on one node.
