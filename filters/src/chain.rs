@@ -61,7 +61,9 @@ pub trait ResponseFilter: Send + Sync {
     fn name(&self) -> &'static str;
     /// The upstream answered with this head (after failover settled).
     fn on_response_head(&self, _ctx: &mut RequestCtx, _status: u16, _headers: &http::HeaderMap) {}
-    /// One body chunk on its way to the client.
+    /// One body chunk on its way to the client. Chunks are cut wherever the relay found the
+    /// bytes ready (several upstream chunks may come as one): a filter must treat every split
+    /// of the body alike.
     fn on_body_chunk(&self, _ctx: &mut RequestCtx, _chunk: &[u8]) -> ChunkAction {
         ChunkAction::Forward
     }

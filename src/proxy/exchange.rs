@@ -399,23 +399,22 @@ impl RelayProxy {
                 up.read_body().await
             };
             match next {
-                Ok(Some(chunk)) => {
-                    let mut out = self.filter_chunk(rctx, chunk);
+                Ok(Some(mut chunk)) => {
                     // Events the upstream sent back to back are already buffered: take them
                     // too and write them to the client at once, one write instead of one per
-                    // event. Only what is ready now is taken; nothing waits for more.
+                    // event. Only what is ready now is taken; nothing waits for more. The
+                    // filters then see them as one piece (they read any split alike).
                     if !up.response_done() {
                         let mut batch: Option<BytesMut> = None;
-                        while batch.as_ref().map_or(out.len(), BytesMut::len) < COALESCE_LIMIT {
+                        while batch.as_ref().map_or(chunk.len(), BytesMut::len) < COALESCE_LIMIT {
                             match up.read_body().now_or_never() {
                                 Some(Ok(Some(more))) => {
-                                    let more = self.filter_chunk(rctx, more);
                                     batch
                                         .get_or_insert_with(|| {
                                             let mut b = BytesMut::with_capacity(
-                                                (out.len() + more.len()) * 2,
+                                                (chunk.len() + more.len()) * 2,
                                             );
-                                            b.extend_from_slice(&out);
+                                            b.extend_from_slice(&chunk);
                                             b
                                         })
                                         .extend_from_slice(&more);
@@ -428,9 +427,10 @@ impl RelayProxy {
                             }
                         }
                         if let Some(b) = batch {
-                            out = b.freeze();
+                            chunk = b.freeze();
                         }
                     }
+                    let out = self.filter_chunk(rctx, chunk);
                     if !client_gone && !out.is_empty() {
                         if ctx.ttfb.is_none() {
                             ctx.ttfb = Some(rctx.started.elapsed());
