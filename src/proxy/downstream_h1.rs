@@ -19,13 +19,14 @@
 
 use std::cell::RefCell;
 use std::io::IoSlice;
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::protocols::Stream;
 use pingora::{Error, ErrorType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::h1::{add_length, keeps_alive, parse_length, take_len, Chunk, ChunkStep};
 
@@ -358,11 +359,35 @@ impl Downstream {
         &mut self,
         deadline: Option<tokio::time::Instant>,
     ) -> std::io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
-            self.buf.reserve(READ_SIZE);
-        }
         let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.read_timeout);
-        match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+        let read = if self.buf.is_empty() {
+            // Nothing buffered (between requests, mostly): the read lands in a buffer on the
+            // stack of the poll and is copied out when bytes come, so a connection idling in
+            // keep-alive holds no read buffer.
+            let (stream, buf) = (&mut self.stream, &mut self.buf);
+            tokio::time::timeout_at(
+                deadline,
+                std::future::poll_fn(|cx| {
+                    let mut room = [std::mem::MaybeUninit::<u8>::uninit(); READ_SIZE];
+                    let mut read = tokio::io::ReadBuf::uninit(&mut room);
+                    match std::pin::Pin::new(&mut *stream).poll_read(cx, &mut read) {
+                        Poll::Ready(Ok(())) => {
+                            buf.extend_from_slice(read.filled());
+                            Poll::Ready(Ok(read.filled().len()))
+                        }
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }),
+            )
+            .await
+        } else {
+            if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
+                self.buf.reserve(READ_SIZE);
+            }
+            tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await
+        };
+        match read {
             Ok(r) => r,
             Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
         }
@@ -859,6 +884,40 @@ mod tests {
         assert!(server.keep_alive(), "HTTP/1.0 with keep-alive");
         // The read buffer is freed once the head is taken.
         assert_eq!(server.buf.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_waiting_for_its_next_request_holds_no_read_buffer() {
+        let (mut server, mut client) = conn();
+        client
+            .write_all(b"POST /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi")
+            .await
+            .unwrap();
+        assert!(server.read_request().await.unwrap());
+        assert_eq!(&server.read_body(64).await.unwrap().unwrap()[..], b"hi");
+        answer_head(&mut server, 204, None);
+        server
+            .write_response_body(Bytes::new(), true)
+            .await
+            .unwrap();
+        assert!(server.finish().await);
+        // Idle: the wait for the next head is pending, and leaves nothing allocated behind.
+        {
+            let next = server.read_request();
+            tokio::pin!(next);
+            assert!(futures::poll!(next.as_mut()).is_pending());
+        }
+        assert_eq!(server.buf.capacity(), 0);
+        // The next request is read whole however its bytes come: the head in two pieces, the
+        // second finding a started (non-empty) buffer.
+        client
+            .write_all(b"POST /b HTTP/1.1\r\nConte")
+            .await
+            .unwrap();
+        client.write_all(b"nt-Length: 3\r\n\r\nabc").await.unwrap();
+        assert!(server.read_request().await.unwrap());
+        assert_eq!(server.req_header().uri.path(), "/b");
+        assert_eq!(&server.read_body(64).await.unwrap().unwrap()[..], b"abc");
     }
 
     #[tokio::test]
