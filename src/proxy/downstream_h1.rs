@@ -346,9 +346,11 @@ impl Downstream {
         Ok(true)
     }
 
-    /// Drops the read buffer's memory when nothing is left in it.
+    /// Lets go of the read buffer's memory when nothing is left in it. An empty buffer can
+    /// still share the allocation of a body split off it (with no room left, its capacity is
+    /// zero): it is dropped all the same, so the body's memory goes when the body does.
     fn release_buf(&mut self) {
-        if self.buf.is_empty() && self.buf.capacity() > 0 {
+        if self.buf.is_empty() {
             self.buf = BytesMut::new();
         }
     }
@@ -894,7 +896,11 @@ mod tests {
             .await
             .unwrap();
         assert!(server.read_request().await.unwrap());
-        assert_eq!(&server.read_body(64).await.unwrap().unwrap()[..], b"hi");
+        let body = server.read_body(64).await.unwrap().unwrap();
+        assert_eq!(&body[..], b"hi");
+        // The body came in the same read as the head: the connection keeps no share of it.
+        assert!(body.is_unique());
+        drop(body);
         answer_head(&mut server, 204, None);
         server
             .write_response_body(Bytes::new(), true)
