@@ -8,7 +8,9 @@
 //! - `body`: prints an Anthropic request body of about `--bytes` bytes (what wrk posts).
 //! - `hold`: opens `--streams` streamed requests at once against the relay, waits until each has
 //!   received its first event, reports the relay's RSS (`/proc/<pid>/status`) while they are
-//!   all open, then closes them. Bounded by `--secs`.
+//!   all open, then closes them. Bounded by `--secs`. With `--idle`, each connection instead
+//!   sends one non-stream request, reads its whole answer and stays open and silent: idle
+//!   keep-alive connections.
 //! - `free-port`: prints a free TCP port on 127.0.0.1.
 //!
 //! Plain tokio and hand-written HTTP/1.1: the mock must cost far less than what it measures.
@@ -83,6 +85,10 @@ enum Command {
         /// Connections being opened at once.
         #[arg(long, default_value_t = 200)]
         parallel: usize,
+        /// Idle keep-alive connections instead of streams: each sends one non-stream request,
+        /// reads its whole answer and then stays open, silent.
+        #[arg(long)]
+        idle: bool,
     },
     /// Print a free loopback port.
     FreePort,
@@ -121,6 +127,7 @@ fn main() -> std::io::Result<()> {
             secs,
             parallel,
             bytes,
+            idle,
         } => {
             loopback_only(addr)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -135,6 +142,7 @@ fn main() -> std::io::Result<()> {
                 Duration::from_secs(secs),
                 parallel,
                 bytes,
+                idle,
             ))
         }
         Command::FreePort => {
@@ -324,8 +332,9 @@ async fn hold(
     limit: Duration,
     parallel: usize,
     bytes: usize,
+    idle: bool,
 ) -> std::io::Result<()> {
-    let body = body(bytes, true);
+    let body = body(bytes, !idle);
     let request = Arc::new(
         format!(
             "POST /v1/messages HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\nanthropic-version: 2023-06-01\r\nx-api-key: {key}\r\ncontent-length: {}\r\n\r\n{body}",
@@ -349,7 +358,14 @@ async fn hold(
                 let Ok(_permit) = gate.acquire().await else {
                     return;
                 };
-                tokio::time::timeout(Duration::from_secs(30), open_stream(addr, &request)).await
+                let open = async {
+                    if idle {
+                        open_idle(addr, &request).await
+                    } else {
+                        open_stream(addr, &request).await
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(30), open).await
             };
             let mut sock = match opened {
                 Ok(Ok(s)) => s,
@@ -385,7 +401,8 @@ async fn hold(
     let rss = rss_kib(pid, "VmRSS");
     let hwm = rss_kib(pid, "VmHWM");
     println!(
-        "hold streams={streams} open={held} failed={} opened_in_s={:.1} rss_before_kib={} rss_kib={} hwm_kib={}",
+        "hold {}={streams} open={held} failed={} opened_in_s={:.1} rss_before_kib={} rss_kib={} hwm_kib={}",
+        if idle { "idle" } else { "streams" },
         failed.load(Ordering::Relaxed),
         opened_in.as_secs_f64(),
         rss_before.unwrap_or(0),
@@ -416,6 +433,36 @@ async fn open_stream(addr: SocketAddr, request: &[u8]) -> std::io::Result<TcpStr
         }
     }
     Ok(sock)
+}
+
+/// Connects, sends a non-stream request and reads its whole answer (a 200 with a length): the
+/// connection is then an idle keep-alive one.
+async fn open_idle(addr: SocketAddr, request: &[u8]) -> std::io::Result<TcpStream> {
+    let mut sock = TcpStream::connect(addr).await?;
+    sock.write_all(request).await?;
+    let mut seen = Vec::with_capacity(2048);
+    let mut tmp = [0u8; 4096];
+    loop {
+        if let Some(end) = find(&seen, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+            if !head.starts_with("http/1.1 200") {
+                return Err(std::io::Error::other("not a 200 answer"));
+            }
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| std::io::Error::other("an answer without a length"))?;
+            if seen.len() >= end + 4 + length {
+                return Ok(sock);
+            }
+        }
+        let n = sock.read(&mut tmp).await?;
+        if n == 0 {
+            return Err(std::io::Error::other("closed before the whole answer"));
+        }
+        seen.extend_from_slice(&tmp[..n]);
+    }
 }
 
 fn rss_kib(pid: u32, field: &str) -> Option<u64> {

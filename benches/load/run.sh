@@ -6,13 +6,14 @@
 # (20 SSE events); one table gives requests/s, p50, p99, the relay/nginx ratios, CPU seconds per
 # 10 000 requests and the relay's peak RSS, and (with strace) the relay's system calls per
 # request, a count the noise of a shared machine does not move. Then a memory scenario holds
-# 10 000 SSE streams open through the relay against a slow mock and reports the relay's RSS, and
-# a soak of five minutes of mixed load watches the relay's RSS for growth per request.
+# 10 000 SSE streams open through the relay against a slow mock and reports the relay's RSS, a
+# second one as many idle keep-alive connections (one request each), and a soak of five minutes
+# of mixed load watches the relay's RSS for growth per request.
 #
 # Everything listens on and talks to 127.0.0.1 only. Every run is bounded (BENCH_DURATION
 # seconds each, default 10) and all processes started here are stopped on exit.
 #
-# Environment: BENCH_DURATION (s per run), BENCH_STREAMS (memory scenario, default 10000; 0 to
+# Environment: BENCH_DURATION (s per run), BENCH_STREAMS (memory scenarios, default 10000; 0 to
 # skip), BENCH_SOAK (s of mixed load watching the relay's RSS for per-request growth, default
 # 300; 0 to skip), BENCH_HOLD_BYTES (request body of each held stream, default 2048), BENCH_RELAY_LOG
 # (relay log filter, default info: one line per request, like nginx's access log), BENCH_KEEP=1
@@ -311,10 +312,12 @@ if command -v strace >/dev/null 2>&1; then
 fi
 
 # ---------------------------------------------------------------------------------------------
-# Memory: many SSE streams held open through the relay against a slow mock
+# Memory: many SSE streams held open through the relay against a slow mock, then many idle
+# keep-alive connections
 # ---------------------------------------------------------------------------------------------
 
 HOLD_LINE=""
+IDLE_LINE=""
 if [ "$STREAMS" -gt 0 ]; then
     # Two sockets per stream in the relay (client and upstream): stay under the fd limit.
     fd_limit=$(ulimit -Hn)
@@ -333,6 +336,18 @@ if [ "$STREAMS" -gt 0 ]; then
         --streams "$held" --pid "$RELAY_PID" --secs 75 --bytes "${BENCH_HOLD_BYTES:-2048}" \
         | tail -1) || true
     log "$HOLD_LINE"
+    kill "$RELAY_PID" 2>/dev/null || true
+
+    # Idle keep-alive connections (one request each, then silent): one socket each in the
+    # relay, against a fresh relay and the fast mock.
+    idle=$STREAMS
+    [ "$idle" -gt $((fd_limit - 200)) ] && idle=$((fd_limit - 200))
+    start_relay relay-idle "$MOCK_PORT"
+    log "holding $idle idle keep-alive connections"
+    IDLE_LINE=$(timeout 150 "$MOCK_BIN" hold --idle --addr "127.0.0.1:$RELAY_PORT" \
+        --key "$RELAY_KEY" --streams "$idle" --pid "$RELAY_PID" --secs 75 \
+        --bytes "${BENCH_HOLD_BYTES:-2048}" | tail -1) || true
+    log "$IDLE_LINE"
     kill "$RELAY_PID" 2>/dev/null || true
 fi
 
@@ -437,6 +452,17 @@ if [ -n "$HOLD_LINE" ]; then
         echo "  $open SSE streams held open: relay RSS $((rss / 1024)) MiB (idle $((base / 1024)) MiB, ${per} KiB per stream; at 10 000: ${at10k} MiB) < 300 MiB: $(verdict "$at10k" 300 '<')"
     else
         echo "  SSE streams: none could be held open ($HOLD_LINE)"
+    fi
+fi
+if [ -n "$IDLE_LINE" ]; then
+    open=$(sed -n 's/.* open=\([0-9]*\).*/\1/p' <<<"$IDLE_LINE")
+    rss=$(sed -n 's/.* rss_kib=\([0-9]*\).*/\1/p' <<<"$IDLE_LINE")
+    base=$(sed -n 's/.* rss_before_kib=\([0-9]*\).*/\1/p' <<<"$IDLE_LINE")
+    if [ "${open:-0}" -gt 0 ]; then
+        per=$(awk -v r="$rss" -v b="$base" -v n="$open" 'BEGIN { printf "%.1f", (r - b) / n }')
+        echo "  $open idle keep-alive connections: relay RSS $((rss / 1024)) MiB (idle $((base / 1024)) MiB, ${per} KiB per connection)"
+    else
+        echo "  idle keep-alive connections: none could be held open ($IDLE_LINE)"
     fi
 fi
 if [ -n "$SOAK_LINE" ]; then
