@@ -406,7 +406,26 @@ impl RelayProxy {
                     // filters then see them as one piece (they read any split alike).
                     if !up.response_done() {
                         let mut batch: Option<BytesMut> = None;
-                        while batch.as_ref().map_or(chunk.len(), BytesMut::len) < COALESCE_LIMIT {
+                        while batch.as_ref().map_or(chunk.len(), BytesMut::len) < COALESCE_LIMIT
+                            && !up.response_done()
+                        {
+                            // What is buffered is taken in one go, the socket tried after.
+                            if up.buffered() > 0 {
+                                let room = (chunk.len() + up.buffered()) * 2;
+                                let b = batch.get_or_insert_with(|| {
+                                    let mut b = BytesMut::with_capacity(room);
+                                    b.extend_from_slice(&chunk);
+                                    b
+                                });
+                                match up.take_buffered(b, COALESCE_LIMIT) {
+                                    Ok(true) => continue,
+                                    Ok(false) => {}
+                                    Err(e) => {
+                                        held = Some(Err(e));
+                                        break;
+                                    }
+                                }
+                            }
                             match up.read_body().now_or_never() {
                                 Some(Ok(Some(more))) => {
                                     batch
@@ -428,6 +447,10 @@ impl RelayProxy {
                         }
                         if let Some(b) = batch {
                             chunk = b.freeze();
+                        }
+                        if held.is_none() && up.response_done() {
+                            // The end came with the batch: it goes out with the last chunk.
+                            held = Some(Ok(None));
                         }
                     }
                     let out = self.filter_chunk(rctx, chunk);

@@ -125,19 +125,10 @@ impl Chunk {
                 };
                 Ok(ChunkStep::Moved)
             }
-            Chunk::Data(rest) => {
-                if buf.is_empty() {
-                    return Ok(ChunkStep::NeedMore);
-                }
-                let n = take_len(rest, buf.len());
-                let left = rest - n as u64;
-                *self = if left == 0 {
-                    Chunk::DataEnd
-                } else {
-                    Chunk::Data(left)
-                };
-                Ok(ChunkStep::Piece(buf.split_to(n)))
-            }
+            Chunk::Data(_) => match self.take_data(buf.len()) {
+                0 => Ok(ChunkStep::NeedMore),
+                n => Ok(ChunkStep::Piece(buf.split_to(n))),
+            },
             Chunk::DataEnd => {
                 // CRLF, or a bare LF as accepted after the size and trailer lines.
                 let end = match buf.first() {
@@ -163,6 +154,46 @@ impl Chunk {
                 }
             },
         }
+    }
+}
+
+impl Chunk {
+    /// [`Chunk::step`], except that a piece of data is copied to `out` and skipped in `buf`
+    /// (then the step is `Moved`) instead of split off the buffer.
+    pub(super) fn step_copy(
+        &mut self,
+        buf: &mut BytesMut,
+        out: &mut BytesMut,
+    ) -> Result<ChunkStep, &'static str> {
+        if !matches!(self, Chunk::Data(_)) {
+            return self.step(buf);
+        }
+        match self.take_data(buf.len()) {
+            0 => Ok(ChunkStep::NeedMore),
+            n => {
+                out.extend_from_slice(&buf[..n]);
+                buf.advance(n);
+                Ok(ChunkStep::Moved)
+            }
+        }
+    }
+
+    /// Inside a chunk's data with `buffered` bytes at hand: how many of them are data (0 when
+    /// none is buffered), counted as taken.
+    fn take_data(&mut self, buffered: usize) -> usize {
+        let Chunk::Data(rest) = *self else {
+            return 0;
+        };
+        let n = take_len(rest, buffered);
+        if n > 0 {
+            let left = rest - n as u64;
+            *self = if left == 0 {
+                Chunk::DataEnd
+            } else {
+                Chunk::Data(left)
+            };
+        }
+        n
     }
 }
 

@@ -323,6 +323,60 @@ impl H1Upstream {
         }
     }
 
+    /// Bytes read from the socket and not yet handed out.
+    pub(super) fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Appends to `out` the body bytes that are already buffered (chunk framing removed) until
+    /// it holds at least `limit` bytes, without reading the socket: what [`H1Upstream::read_body`] would
+    /// hand out now, in one copy instead of one piece each. `Ok(false)` when nothing was
+    /// taken.
+    pub(super) fn take_buffered(
+        &mut self,
+        out: &mut BytesMut,
+        limit: usize,
+    ) -> Result<bool, H1Error> {
+        let start = (out.len(), self.buf.len());
+        while out.len() < limit {
+            match self.body {
+                Body::Head | Body::Done => break,
+                Body::Length(0) => {
+                    self.body = Body::Done;
+                    break;
+                }
+                Body::Length(rest) => {
+                    if self.buf.is_empty() {
+                        break;
+                    }
+                    let n = take_len(rest, self.buf.len());
+                    out.extend_from_slice(&self.buf[..n]);
+                    self.buf.advance(n);
+                    self.body = Body::Length(rest - n as u64);
+                }
+                Body::UntilClose => {
+                    if self.buf.is_empty() {
+                        break;
+                    }
+                    out.extend_from_slice(&self.buf);
+                    self.buf.clear();
+                }
+                Body::Chunked(mut chunk) => {
+                    let step = chunk
+                        .step_copy(&mut self.buf, out)
+                        .map_err(H1Error::Malformed)?;
+                    self.body = Body::Chunked(chunk);
+                    match step {
+                        ChunkStep::Moved | ChunkStep::Piece(_) => {}
+                        ChunkStep::End => self.body = Body::Done,
+                        ChunkStep::NeedMore => break,
+                    }
+                }
+            }
+        }
+        Ok((out.len(), self.buf.len()) != start)
+    }
+
     /// Whether the request may be sent again on another connection after `err`: only when the
     /// connection failed (closed, reset, refused the write) before any byte of an answer and
     /// at once (within [`RESEND_WINDOW`] of the request going out), the sign of a pooled
@@ -482,6 +536,56 @@ mod tests {
             assert_eq!(body, b"helloabcdefghijklmnopqrstuvwxyz");
             assert!(up.into_reusable(POOL_IDLE).is_some());
         }
+    }
+
+    #[tokio::test]
+    async fn buffered_body_bytes_taken_at_once_match_the_pieces() {
+        let length: &[u8] =
+            b"HTTP/1.1 200 OK\r\ncontent-length: 31\r\n\r\nhelloabcdefghijklmnopqrstuvwxyz";
+        let until_close: &[u8] = b"HTTP/1.1 200 OK\r\n\r\nhelloabcdefghijklmnopqrstuvwxyz";
+        for (wire, reusable) in [(CHUNKED, true), (length, true), (until_close, false)] {
+            for reads in cuts(wire) {
+                let mut up = upstream(&reads);
+                up.read_head().await.unwrap();
+                let mut out = BytesMut::new();
+                let mut taken = false;
+                loop {
+                    if up.buffered() > 0 && up.take_buffered(&mut out, 1 << 20).unwrap() {
+                        taken = true;
+                        continue;
+                    }
+                    if up.response_done() {
+                        break;
+                    }
+                    match up.read_body().await.unwrap() {
+                        Some(piece) => out.extend_from_slice(&piece),
+                        None => break,
+                    }
+                }
+                assert_eq!(&out[..], b"helloabcdefghijklmnopqrstuvwxyz", "{reads:?}");
+                assert!(up.response_done());
+                assert_eq!(up.into_reusable(POOL_IDLE).is_some(), reusable, "{reads:?}");
+                // Whatever came with the head is taken without a read.
+                if reads.len() == 2 && reads[0].len() > wire.len() - 20 && wire != until_close {
+                    assert!(taken, "{reads:?}");
+                }
+            }
+        }
+        // It stops once the limit is reached, a piece at a time, and goes on from there.
+        let mut up = upstream(&[CHUNKED]);
+        up.read_head().await.unwrap();
+        let mut out = BytesMut::new();
+        assert!(up.take_buffered(&mut out, 3).unwrap());
+        assert_eq!(&out[..], b"hello");
+        assert!(!up.response_done());
+        assert!(up.take_buffered(&mut out, 1 << 20).unwrap());
+        assert_eq!(&out[..], b"helloabcdefghijklmnopqrstuvwxyz");
+        assert!(up.response_done());
+        assert!(!up.take_buffered(&mut out, 1 << 20).unwrap());
+        // Broken framing is an error here as in the pieces.
+        let mut up = upstream(&[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"]);
+        up.read_head().await.unwrap();
+        assert!(up.take_buffered(&mut BytesMut::new(), 1 << 20).is_err());
     }
 
     #[tokio::test]
