@@ -62,36 +62,39 @@ enum Command {
         #[arg(long)]
         stream: bool,
     },
-    /// Hold many streams open against the relay and report its RSS.
-    Hold {
-        /// Relay proxy address.
-        #[arg(long)]
-        addr: SocketAddr,
-        /// Relay API key.
-        #[arg(long)]
-        key: String,
-        /// Streams to open.
-        #[arg(long, default_value_t = 10_000)]
-        streams: usize,
-        /// Relay pid, for its RSS.
-        #[arg(long)]
-        pid: u32,
-        /// Give up opening after this long.
-        #[arg(long, default_value_t = 60)]
-        secs: u64,
-        /// Request body size (Claude Code's first turn is about 20 KiB, later turns more).
-        #[arg(long, default_value_t = 2048)]
-        bytes: usize,
-        /// Connections being opened at once.
-        #[arg(long, default_value_t = 200)]
-        parallel: usize,
-        /// Idle keep-alive connections instead of streams: each sends one non-stream request,
-        /// reads its whole answer and then stays open, silent.
-        #[arg(long)]
-        idle: bool,
-    },
+    /// Hold many streams (or idle connections) open against the relay and report its RSS.
+    Hold(HoldArgs),
     /// Print a free loopback port.
     FreePort,
+}
+
+#[derive(clap::Args)]
+struct HoldArgs {
+    /// Relay proxy address.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Relay API key.
+    #[arg(long)]
+    key: String,
+    /// Streams to open.
+    #[arg(long, default_value_t = 10_000)]
+    streams: usize,
+    /// Relay pid, for its RSS.
+    #[arg(long)]
+    pid: u32,
+    /// Give up opening after this long.
+    #[arg(long, default_value_t = 60)]
+    secs: u64,
+    /// Request body size (Claude Code's first turn is about 20 KiB, later turns more).
+    #[arg(long, default_value_t = 2048)]
+    bytes: usize,
+    /// Connections being opened at once.
+    #[arg(long, default_value_t = 200)]
+    parallel: usize,
+    /// Idle keep-alive connections instead of streams: each sends one non-stream request,
+    /// reads its whole answer and then stays open, silent.
+    #[arg(long)]
+    idle: bool,
 }
 
 fn main() -> std::io::Result<()> {
@@ -119,31 +122,13 @@ fn main() -> std::io::Result<()> {
             println!("{}", body(bytes, stream));
             Ok(())
         }
-        Command::Hold {
-            addr,
-            key,
-            streams,
-            pid,
-            secs,
-            parallel,
-            bytes,
-            idle,
-        } => {
-            loopback_only(addr)?;
+        Command::Hold(args) => {
+            loopback_only(args.addr)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()
                 .build()?;
-            rt.block_on(hold(
-                addr,
-                &key,
-                streams,
-                pid,
-                Duration::from_secs(secs),
-                parallel,
-                bytes,
-                idle,
-            ))
+            rt.block_on(hold(args))
         }
         Command::FreePort => {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -324,16 +309,18 @@ fn is_stream(body: &[u8]) -> bool {
     find(body, b"\"stream\":true").is_some() || find(body, b"\"stream\": true").is_some()
 }
 
-async fn hold(
-    addr: SocketAddr,
-    key: &str,
-    streams: usize,
-    pid: u32,
-    limit: Duration,
-    parallel: usize,
-    bytes: usize,
-    idle: bool,
-) -> std::io::Result<()> {
+async fn hold(args: HoldArgs) -> std::io::Result<()> {
+    let HoldArgs {
+        addr,
+        key,
+        streams,
+        pid,
+        secs,
+        bytes,
+        parallel,
+        idle,
+    } = args;
+    let limit = Duration::from_secs(secs);
     let body = body(bytes, !idle);
     let request = Arc::new(
         format!(
