@@ -442,12 +442,16 @@ for scenario in nonstream stream; do
     d=$(awk -v a="${P99[relay/$scenario/1]:-0}" -v b="${P99[direct/$scenario/1]:-0}" 'BEGIN { printf "%.3f", a - b }')
     echo "  added p99 latency at c=1 over direct, $scenario < 1 ms: $d ms $(verdict "$d" 1 '<')"
 done
+# read_hold LINE: sets open, rss, base (KiB) and per (KiB per connection) from a `hold` line.
+read_hold() {
+    open=$(sed -n 's/.* open=\([0-9]*\).*/\1/p' <<<"$1")
+    rss=$(sed -n 's/.* rss_kib=\([0-9]*\).*/\1/p' <<<"$1")
+    base=$(sed -n 's/.* rss_before_kib=\([0-9]*\).*/\1/p' <<<"$1")
+    per=$(awk -v r="${rss:-0}" -v b="${base:-0}" -v n="${open:-0}" 'BEGIN { if (n > 0) printf "%.1f", (r - b) / n }')
+}
 if [ -n "$HOLD_LINE" ]; then
-    open=$(sed -n 's/.* open=\([0-9]*\).*/\1/p' <<<"$HOLD_LINE")
-    rss=$(sed -n 's/.* rss_kib=\([0-9]*\).*/\1/p' <<<"$HOLD_LINE")
-    base=$(sed -n 's/.* rss_before_kib=\([0-9]*\).*/\1/p' <<<"$HOLD_LINE")
+    read_hold "$HOLD_LINE"
     if [ "${open:-0}" -gt 0 ]; then
-        per=$(awk -v r="$rss" -v b="$base" -v n="$open" 'BEGIN { printf "%.1f", (r - b) / n }')
         at10k=$(awk -v r="$rss" -v b="$base" -v n="$open" 'BEGIN { printf "%.0f", (b + (r - b) / n * 10000) / 1024 }')
         echo "  $open SSE streams held open: relay RSS $((rss / 1024)) MiB (idle $((base / 1024)) MiB, ${per} KiB per stream; at 10 000: ${at10k} MiB) < 300 MiB: $(verdict "$at10k" 300 '<')"
     else
@@ -455,11 +459,8 @@ if [ -n "$HOLD_LINE" ]; then
     fi
 fi
 if [ -n "$IDLE_LINE" ]; then
-    open=$(sed -n 's/.* open=\([0-9]*\).*/\1/p' <<<"$IDLE_LINE")
-    rss=$(sed -n 's/.* rss_kib=\([0-9]*\).*/\1/p' <<<"$IDLE_LINE")
-    base=$(sed -n 's/.* rss_before_kib=\([0-9]*\).*/\1/p' <<<"$IDLE_LINE")
+    read_hold "$IDLE_LINE"
     if [ "${open:-0}" -gt 0 ]; then
-        per=$(awk -v r="$rss" -v b="$base" -v n="$open" 'BEGIN { printf "%.1f", (r - b) / n }')
         echo "  $open idle keep-alive connections: relay RSS $((rss / 1024)) MiB (idle $((base / 1024)) MiB, ${per} KiB per connection)"
     else
         echo "  idle keep-alive connections: none could be held open ($IDLE_LINE)"
