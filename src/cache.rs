@@ -3,7 +3,7 @@
 //! trip per request.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use relay_filters::accounts::{Account, AccountDirectory, AccountState, BaseUrl, Credential};
@@ -27,10 +27,47 @@ fn write<T>(lock: &RwLock<T>, value: T) {
     }
 }
 
+/// Orders the reloads of one cache. Two reloads can overlap (the periodic refresh and the one an
+/// admin change starts), and the one whose query began first may finish last with older rows.
+/// Each reload takes a ticket before it queries; its rows are applied only if no reload that
+/// began later has been applied already. A query sees every change committed before it began, so
+/// the cache never steps back past a change whose reload has started.
+#[derive(Default)]
+pub struct LoadOrder {
+    started: AtomicU64,
+    applied: Mutex<u64>,
+}
+
+/// Taken by [`LoadOrder::begin`] before a reload queries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadTicket(u64);
+
+impl LoadOrder {
+    /// A ticket for a reload about to query.
+    pub fn begin(&self) -> LoadTicket {
+        LoadTicket(self.started.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Runs `apply` unless a reload that began after `ticket` was applied; `true` if it ran.
+    fn apply(&self, ticket: LoadTicket, apply: impl FnOnce()) -> bool {
+        let mut applied = match self.applied.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if ticket.0 <= *applied {
+            return false;
+        }
+        apply();
+        *applied = ticket.0;
+        true
+    }
+}
+
 /// Keys by peppered hash.
 pub struct KeyCache {
     map: RwLock<Arc<HashMap<String, Arc<KeyEntry>>>>,
     pepper: Vec<u8>,
+    loads: LoadOrder,
 }
 
 impl KeyCache {
@@ -39,7 +76,19 @@ impl KeyCache {
         KeyCache {
             map: RwLock::new(Arc::new(HashMap::new())),
             pepper,
+            loads: LoadOrder::default(),
         }
+    }
+
+    /// A ticket to take before querying the keys for [`KeyCache::replace_loaded`].
+    pub fn begin_load(&self) -> LoadTicket {
+        self.loads.begin()
+    }
+
+    /// Replaces the keys with rows queried after `ticket` was taken, unless a later reload was
+    /// applied already; `true` if they were.
+    pub fn replace_loaded(&self, ticket: LoadTicket, keys: Vec<ActiveApiKey>) -> bool {
+        self.loads.apply(ticket, || self.replace(keys))
     }
 
     /// Replaces the whole set of keys.
@@ -99,9 +148,26 @@ pub struct AccountCache {
     list: RwLock<Arc<Vec<Arc<Account>>>>,
     by_id: RwLock<Arc<HashMap<String, Arc<Account>>>>,
     states: Mutex<HashMap<String, Arc<AccountState>>>,
+    loads: LoadOrder,
 }
 
 impl AccountCache {
+    /// A ticket to take before querying the accounts for [`AccountCache::replace_loaded`].
+    pub fn begin_load(&self) -> LoadTicket {
+        self.loads.begin()
+    }
+
+    /// Replaces the accounts with rows queried after `ticket` was taken, unless a later reload
+    /// was applied already; `true` if they were.
+    pub fn replace_loaded(
+        &self,
+        ticket: LoadTicket,
+        rows: Vec<AccountRow>,
+        secrets: &SecretBox,
+    ) -> bool {
+        self.loads.apply(ticket, || self.replace(rows, secrets))
+    }
+
     /// Replaces the account set from database rows. Rows whose credential cannot be decrypted
     /// or whose settings are invalid are left out (and logged), never half-used.
     pub fn replace(&self, rows: Vec<AccountRow>, secrets: &SecretBox) {
@@ -188,6 +254,7 @@ impl AccountDirectory for AccountCache {
 pub struct PriceCache {
     base: PriceTable,
     table: RwLock<Arc<PriceTable>>,
+    loads: LoadOrder,
 }
 
 impl PriceCache {
@@ -196,7 +263,19 @@ impl PriceCache {
         PriceCache {
             table: RwLock::new(Arc::new(base.clone())),
             base,
+            loads: LoadOrder::default(),
         }
+    }
+
+    /// A ticket to take before querying the overrides for [`PriceCache::replace_loaded`].
+    pub fn begin_load(&self) -> LoadTicket {
+        self.loads.begin()
+    }
+
+    /// Applies overrides queried after `ticket` was taken, unless a later reload was applied
+    /// already; `true` if they were.
+    pub fn replace_loaded(&self, ticket: LoadTicket, overrides: Vec<ModelPriceRow>) -> bool {
+        self.loads.apply(ticket, || self.replace(overrides))
     }
 
     /// Applies the database overrides.
@@ -212,5 +291,43 @@ impl PriceCache {
 impl PriceSource for PriceCache {
     fn table(&self) -> Arc<PriceTable> {
         read(&self.table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_that_began_earlier_never_undoes_a_later_one() {
+        let order = LoadOrder::default();
+        let seen = Mutex::new(Vec::new());
+        let push = |what: &'static str| {
+            let seen = &seen;
+            move || seen.lock().expect("lock").push(what)
+        };
+        // The periodic refresh queries first, then an admin change commits and reloads.
+        let periodic = order.begin();
+        let admin = order.begin();
+        assert!(order.apply(admin, push("admin")));
+        // The periodic refresh finishes last, with rows older than the admin's: dropped.
+        assert!(!order.apply(periodic, push("periodic")));
+        // The admin reload again (say, a retry with the same ticket) is not applied twice.
+        assert!(!order.apply(admin, push("admin again")));
+        // A reload that began afterwards is applied.
+        let next = order.begin();
+        assert!(order.apply(next, push("next")));
+        assert_eq!(*seen.lock().expect("lock"), vec!["admin", "next"]);
+    }
+
+    #[test]
+    fn reloads_in_order_are_all_applied() {
+        let order = LoadOrder::default();
+        let mut applied = 0;
+        for _ in 0..3 {
+            let t = order.begin();
+            assert!(order.apply(t, || applied += 1));
+        }
+        assert_eq!(applied, 3);
     }
 }

@@ -78,15 +78,21 @@ fn sse_events(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Sends `turns` 1 and 2 of twelve conversations built by `request(topic, turns)`: both turns of
-/// each conversation must reach one account, and the conversations must not all reach the same.
+/// How many conversations the spread checks send. Accounts of equal priority are picked at
+/// random by weight, so with two accounts all of them land on one with probability 2^(1-n):
+/// one in eight million at 24.
+const CONVERSATIONS: usize = 24;
+
+/// Sends `turns` 1 and 2 of [`CONVERSATIONS`] conversations built by `request(topic, turns)`:
+/// both turns of each conversation must reach one account, and the conversations must not all
+/// reach the same.
 async fn assert_conversations_stick_and_spread(
     mock_a: &MockUpstream,
     mock_b: &MockUpstream,
     request: impl Fn(&str, usize) -> reqwest::RequestBuilder,
 ) {
     let mut on_a = 0;
-    for c in 0..12 {
+    for c in 0..CONVERSATIONS {
         let topic = format!("conversation {c}");
         let before = (mock_a.count(), mock_b.count());
         for turns in [1, 2] {
@@ -104,8 +110,8 @@ async fn assert_conversations_stick_and_spread(
         }
     }
     assert!(
-        on_a > 0 && on_a < 12,
-        "12 conversations all landed on one account ({on_a} on a)"
+        on_a > 0 && on_a < CONVERSATIONS,
+        "{CONVERSATIONS} conversations all landed on one account ({on_a} on a)"
     );
 }
 
@@ -742,7 +748,7 @@ async fn codex_turns_stick_and_conversations_spread() {
     // Other Codex conversations (a new session id each; older Codex versions send the
     // header as `session_id`): turns stick, conversations spread.
     let mut on_a = 0;
-    for c in 0..12 {
+    for c in 0..CONVERSATIONS {
         let session = uuid::Uuid::now_v7().to_string();
         let before = (mock_a.count(), mock_b.count());
         for t in [&turn1, &turn2] {
@@ -772,8 +778,8 @@ async fn codex_turns_stick_and_conversations_spread() {
         }
     }
     assert!(
-        on_a > 0 && on_a < 12,
-        "12 Codex conversations all landed on one account ({on_a} on a)"
+        on_a > 0 && on_a < CONVERSATIONS,
+        "{CONVERSATIONS} Codex conversations all landed on one account ({on_a} on a)"
     );
 }
 

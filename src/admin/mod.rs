@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use axum::Router;
 
+use crate::background::cache_refresh as reload;
 use crate::cache::{AccountCache, KeyCache, PriceCache};
 use crate::secrets::SecretBox;
 use crate::store::SqlStore;
@@ -71,20 +72,16 @@ impl AdminState {
     /// change holds for the next proxied request once the admin call has answered, and wakes
     /// the refresher. Other nodes follow through the change marker they poll.
     pub async fn keys_changed(&self) {
-        match self.store.load_api_keys_with_users().await {
-            Ok(keys) => self.keys.replace(keys),
-            Err(e) => tracing::warn!(error = %e, "key cache reload after an admin change failed"),
+        if let Err(e) = reload::reload_keys(&self.store, &self.keys).await {
+            tracing::warn!(error = %e, "key cache reload after an admin change failed");
         }
         self.refresh.notify_one();
     }
 
     /// Reloads this node's account cache (live account state is kept) and wakes the refresher.
     pub async fn accounts_changed(&self) {
-        match self.store.load_accounts().await {
-            Ok(rows) => {
-                self.accounts.replace(rows, &self.secrets);
-                crate::background::cache_refresh::publish_account_states(&self.accounts);
-            }
+        match reload::reload_accounts(&self.store, &self.accounts, &self.secrets).await {
+            Ok(()) => reload::publish_account_states(&self.accounts),
             Err(e) => {
                 tracing::warn!(error = %e, "account cache reload after an admin change failed")
             }
@@ -94,9 +91,8 @@ impl AdminState {
 
     /// Reloads this node's price table (shipped prices + overrides) and wakes the refresher.
     pub async fn prices_changed(&self) {
-        match self.store.list_prices().await {
-            Ok(rows) => self.prices.replace(rows),
-            Err(e) => tracing::warn!(error = %e, "price reload after an admin change failed"),
+        if let Err(e) = reload::reload_prices(&self.store, &self.prices).await {
+            tracing::warn!(error = %e, "price reload after an admin change failed");
         }
         self.refresh.notify_one();
     }

@@ -9,6 +9,8 @@ use crate::cache::{AccountCache, KeyCache, PriceCache};
 use crate::secrets::SecretBox;
 use crate::store::{ChangeMarker, RedisCooldowns, SqlStore};
 
+use crate::store::StoreError;
+
 /// Loads everything once; used at start-up and on every change.
 pub async fn load_all(
     store: &SqlStore,
@@ -16,10 +18,38 @@ pub async fn load_all(
     accounts: &AccountCache,
     prices: &PriceCache,
     secrets: &SecretBox,
-) -> Result<(), crate::store::StoreError> {
-    keys.replace(store.load_api_keys_with_users().await?);
-    accounts.replace(store.load_accounts().await?, secrets);
-    prices.replace(store.list_prices().await?);
+) -> Result<(), StoreError> {
+    reload_keys(store, keys).await?;
+    reload_accounts(store, accounts, secrets).await?;
+    reload_prices(store, prices).await
+}
+
+/// Reloads the API keys. A reload that began before another one already applied is dropped,
+/// so an overlapping older reload never undoes a newer one.
+pub async fn reload_keys(store: &SqlStore, keys: &KeyCache) -> Result<(), StoreError> {
+    let ticket = keys.begin_load();
+    let rows = store.load_api_keys_with_users().await?;
+    keys.replace_loaded(ticket, rows);
+    Ok(())
+}
+
+/// Reloads the accounts (live state is kept), ordered like [`reload_keys`].
+pub async fn reload_accounts(
+    store: &SqlStore,
+    accounts: &AccountCache,
+    secrets: &SecretBox,
+) -> Result<(), StoreError> {
+    let ticket = accounts.begin_load();
+    let rows = store.load_accounts().await?;
+    accounts.replace_loaded(ticket, rows, secrets);
+    Ok(())
+}
+
+/// Reloads the price overrides, ordered like [`reload_keys`].
+pub async fn reload_prices(store: &SqlStore, prices: &PriceCache) -> Result<(), StoreError> {
+    let ticket = prices.begin_load();
+    let rows = store.list_prices().await?;
+    prices.replace_loaded(ticket, rows);
     Ok(())
 }
 
