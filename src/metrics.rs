@@ -6,8 +6,10 @@ use std::sync::LazyLock;
 
 use prometheus::{
     register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
-    register_int_gauge_vec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    register_int_gauge_vec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec,
 };
+use relay_filters::types::Protocol;
 
 /// All metrics, registered in the default registry on first use.
 pub struct Metrics {
@@ -137,6 +139,49 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| match build() {
 /// The process-wide metrics.
 pub fn metrics() -> &'static Metrics {
     &METRICS
+}
+
+/// The series of one protocol whose only other label is bounded and known (`stream`), resolved
+/// once: a request updates them without a label lookup. Every protocol's series is exported from
+/// the first request on, at zero until used.
+pub struct ProtocolSeries {
+    pub inflight: IntGauge,
+    pub overhead: Histogram,
+    /// `relay_request_duration_seconds` with `stream` false, then true.
+    pub duration: [Histogram; 2],
+}
+
+const PROTOCOLS: [Protocol; 4] = [
+    Protocol::Anthropic,
+    Protocol::OpenaiChat,
+    Protocol::OpenaiResponses,
+    Protocol::Gemini,
+];
+
+static PROTOCOL_SERIES: LazyLock<[ProtocolSeries; 4]> = LazyLock::new(|| {
+    let m = metrics();
+    PROTOCOLS.map(|p| {
+        let name = p.as_str();
+        ProtocolSeries {
+            inflight: m.inflight.with_label_values(&[name]),
+            overhead: m.overhead.with_label_values(&[name]),
+            duration: [
+                m.request_duration.with_label_values(&[name, "false"]),
+                m.request_duration.with_label_values(&[name, "true"]),
+            ],
+        }
+    })
+});
+
+/// The resolved series of `protocol`.
+pub fn protocol_series(protocol: Protocol) -> &'static ProtocolSeries {
+    let i = match protocol {
+        Protocol::Anthropic => 0,
+        Protocol::OpenaiChat => 1,
+        Protocol::OpenaiResponses => 2,
+        Protocol::Gemini => 3,
+    };
+    &PROTOCOL_SERIES[i]
 }
 
 /// Status class label: `2xx`, `4xx`, ...

@@ -336,11 +336,10 @@ impl RelayProxy {
         m.requests
             .with_label_values(&[protocol, account, model, status_class(ctx.status)])
             .inc();
-        m.request_duration
-            .with_label_values(&[protocol, if record.stream { "true" } else { "false" }])
-            .observe(elapsed.as_secs_f64());
-        m.overhead
-            .with_label_values(&[protocol])
+        let series = crate::metrics::protocol_series(r.route.protocol);
+        series.duration[usize::from(record.stream)].observe(elapsed.as_secs_f64());
+        series
+            .overhead
             .observe(elapsed.saturating_sub(ctx.upstream_time).as_secs_f64());
         let u = &record.usage;
         for (kind, n) in [
@@ -525,7 +524,7 @@ impl RelayProxy {
             }
             Some(Route::Api(route)) => {
                 let protocol = route.protocol;
-                let gauge = metrics().inflight.with_label_values(&[protocol.as_str()]);
+                let gauge = &crate::metrics::protocol_series(protocol).inflight;
                 gauge.inc();
                 let result = self.handle_api(session, ctx, route, request_id).await;
                 gauge.dec();
