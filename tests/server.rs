@@ -95,6 +95,20 @@ async fn an_unreadable_request_head_is_answered_400_and_the_connection_closed() 
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
 
+    // So is an HTTP/1.1 request without Host, or with two (RFC 9112 §3.2).
+    for head in [
+        &b"GET /healthz HTTP/1.1\r\n\r\n"[..],
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    ] {
+        let mut conn = connect(&relay).await;
+        conn.write_all(head).await.unwrap();
+        let answer = read_to_close(&mut conn, Duration::from_secs(10))
+            .await
+            .expect("the relay closes the connection");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    }
+
     // The relay itself is unharmed.
     let ok = relay
         .http

@@ -286,6 +286,7 @@ impl Downstream {
         let mut length: Option<u64> = None;
         // Transfer codings over all `Transfer-Encoding` lines, in order.
         let (mut codings, mut chunked, mut chunked_last) = (0, 0, false);
+        let mut hosts = 0;
         for field in parsed.headers.iter() {
             let name = http::HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| HeadError::Bad("invalid header name"))?;
@@ -304,8 +305,17 @@ impl Downstream {
                 add_length(&mut length, field.value).map_err(HeadError::Bad)?;
             } else if name == http::header::CONNECTION {
                 keep_alive = keeps_alive(field.value, http10, keep_alive);
+            } else if name == http::header::HOST {
+                hosts += 1;
+                if !valid_host(field.value) {
+                    return Err(HeadError::Bad("invalid Host"));
+                }
             }
             headers.append(name, value);
+        }
+        // RFC 9112 §3.2: an HTTP/1.1 request names its host exactly once; HTTP/1.0 may omit it.
+        if hosts > 1 || (hosts == 0 && !http10) {
+            return Err(HeadError::Bad("a request needs exactly one Host"));
         }
         // The relay reads bodies as JSON: chunked, once and alone, is the only coding it takes
         // (RFC 9112 §6.1: others are answered 501; chunked must come last and only once).
@@ -801,6 +811,28 @@ fn with_http_date(f: impl FnOnce(&[u8])) {
     });
 }
 
+/// A `Host` value as RFC 9110 §7.2 has it: `host [ ":" port ]`, no user info; empty is allowed
+/// (a target without an authority).
+fn valid_host(value: &[u8]) -> bool {
+    if value.is_empty() {
+        return true;
+    }
+    if value.contains(&b'@') {
+        return false;
+    }
+    // The parser takes any port text; RFC 3986 has digits only.
+    let host_end = match value.first() {
+        Some(b'[') => memchr::memchr(b']', value).map_or(value.len(), |i| i + 1),
+        _ => memchr::memrchr(b':', value).unwrap_or(value.len()),
+    };
+    let port_ok = match value.get(host_end..) {
+        Some([]) | None => true,
+        Some([b':', port @ ..]) => port.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    port_ok && http::uri::Authority::try_from(value).is_ok()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 mod tests {
@@ -855,8 +887,8 @@ mod tests {
     #[tokio::test]
     async fn pipelined_requests_with_length_and_chunked_bodies() {
         let wire: &[u8] = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
-            POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nx-t: 1\r\n\r\n\
-            GET /c HTTP/1.1\r\n\r\n";
+            POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nx-t: 1\r\n\r\n\
+            GET /c HTTP/1.1\r\nHost: x\r\n\r\n";
         // However the bytes arrive.
         for cut in 0..wire.len() {
             let (bodies, out) = echo(&[&wire[..cut], &wire[cut..]]).await;
@@ -892,7 +924,7 @@ mod tests {
     async fn a_connection_waiting_for_its_next_request_holds_no_read_buffer() {
         let (mut server, mut client) = conn();
         client
-            .write_all(b"POST /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi")
+            .write_all(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
             .await
             .unwrap();
         assert!(server.read_request().await.unwrap());
@@ -917,7 +949,7 @@ mod tests {
         // The next request is read whole however its bytes come: the head in two pieces, the
         // second finding a started (non-empty) buffer.
         client
-            .write_all(b"POST /b HTTP/1.1\r\nConte")
+            .write_all(b"POST /b HTTP/1.1\r\nHost: x\r\nConte")
             .await
             .unwrap();
         client.write_all(b"nt-Length: 3\r\n\r\nabc").await.unwrap();
@@ -931,24 +963,60 @@ mod tests {
         let cases: &[(&[u8], &str)] = &[
             (b"GARBAGE\r\n\r\n", "bad"),
             (
-                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
                 "bad",
             ),
-            (b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", "bad"),
-            (b"POST / HTTP/1.1\r\nBad Name: v\r\n\r\n", "bad"),
+            (
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n",
+                "bad",
+            ),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n\r\n", "bad"),
+            // RFC 9112 §3.2: HTTP/1.1 without Host, Host twice, a Host that is no authority.
+            (b"GET / HTTP/1.1\r\n\r\n", "exactly one Host"),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+                "exactly one Host",
+            ),
+            (
+                b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+                "exactly one Host",
+            ),
+            (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", "invalid Host"),
+            (b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n", "invalid Host"),
+            (b"GET / HTTP/1.1\r\nHost: a:port\r\n\r\n", "invalid Host"),
+            (b"GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n", "invalid Host"),
         ];
-        for (wire, _) in cases {
+        for (wire, why) in cases {
             let (mut server, mut client) = conn();
             client.write_all(wire).await.unwrap();
-            let err = server.read_request().await.unwrap_err();
+            let Err(err) = server.read_request().await else {
+                panic!("{:?} was read", String::from_utf8_lossy(wire));
+            };
             assert!(matches!(err, HeadError::Bad(_)), "{err} for {wire:?}");
+            if *why != "bad" {
+                assert!(err.to_string().contains(why), "{err} for {wire:?}");
+            }
+        }
+        // Hosts as clients send them, and HTTP/1.0 without one, are read.
+        for wire in [
+            &b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nhost: 127.0.0.1:8080\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a:\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost:\r\n\r\n",
+            b"GET / HTTP/1.0\r\n\r\n",
+        ] {
+            let (mut server, mut client) = conn();
+            client.write_all(wire).await.unwrap();
+            assert!(server.read_request().await.unwrap(), "{wire:?}");
         }
         // Only chunked, once and last, over all the lines: anything else is not read (501).
         for wire in [
-            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"[..],
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\nContent-Length: 2\r\n\r\n",
+            &b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\nContent-Length: 2\r\n\r\n",
         ] {
             let (mut server, mut client) = conn();
             client.write_all(wire).await.unwrap();
@@ -956,7 +1024,7 @@ mod tests {
             assert!(matches!(err, HeadError::Unsupported), "{err} for {wire:?}");
         }
         let (mut server, mut client) = conn();
-        let mut long = b"GET / HTTP/1.1\r\nx: ".to_vec();
+        let mut long = b"GET / HTTP/1.1\r\nHost: x\r\nx: ".to_vec();
         long.resize(MAX_HEAD + 10, b'a');
         client.write_all(&long).await.unwrap();
         assert!(matches!(
@@ -964,7 +1032,7 @@ mod tests {
             HeadError::TooLarge
         ));
         let (mut server, mut client) = conn();
-        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        let mut many = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
         for i in 0..=MAX_HEADERS {
             many.extend_from_slice(format!("x-{i}: 1\r\n").as_bytes());
         }
@@ -995,7 +1063,7 @@ mod tests {
         let (mut server, mut client) = conn();
         let trickle = tokio::spawn(async move {
             // A byte a second: each read is within the timeout, the head is not.
-            for b in b"GET / HTTP/1.1\r\nx-slow: 1\r\n" {
+            for b in b"GET / HTTP/1.1\r\nHost: x\r\nx-slow: 1\r\n" {
                 client.write_all(&[*b]).await.unwrap();
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -1023,7 +1091,11 @@ mod tests {
         let body = vec![b'x'; 16 << 20];
         client
             .write_all(
-                format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
+                format!(
+                    "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
             )
             .await
             .unwrap();
@@ -1061,7 +1133,7 @@ mod tests {
     async fn faulty_framings_are_read_as_chunked_then_the_connection_closed() {
         // A length beside chunked, and chunked over HTTP/1.0 (RFC 9112 §6.1).
         for wire in [
-            &b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n"[..],
+            &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
             b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\nGET / HTTP/1.0\r\n\r\n",
         ] {
             let (bodies, out) = echo(&[wire]).await;
@@ -1073,8 +1145,8 @@ mod tests {
     #[tokio::test]
     async fn a_body_past_the_limit_is_left_unread() {
         for wire in [
-            &b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\nhello world"[..],
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+            &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello world"[..],
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
         ] {
             let (mut server, mut client) = conn();
             client.write_all(wire).await.unwrap();
@@ -1087,10 +1159,10 @@ mod tests {
     #[tokio::test]
     async fn broken_and_cut_chunked_bodies_are_errors() {
         for wire in [
-            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"[..],
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabX\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab",
+            &b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabX\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab",
         ] {
             let (mut server, mut client) = conn();
             client.write_all(wire).await.unwrap();
@@ -1105,7 +1177,10 @@ mod tests {
     #[tokio::test]
     async fn a_streamed_answer_is_chunked_and_leaves_when_flushed() {
         let (mut server, mut client) = conn();
-        client.write_all(b"POST / HTTP/1.1\r\n\r\n").await.unwrap();
+        client
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         assert!(server.read_request().await.unwrap());
         let mut resp = ResponseHeader::build_no_case(200, None).unwrap();
         resp.insert_header("content-type", "text/event-stream")
@@ -1172,7 +1247,7 @@ mod tests {
     async fn head_requests_and_no_content_answers_have_no_body() {
         let (mut server, mut client) = conn();
         client
-            .write_all(b"HEAD / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+            .write_all(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
         for code in [200, 204] {
@@ -1193,7 +1268,10 @@ mod tests {
     #[tokio::test]
     async fn a_body_past_its_length_is_cut_and_the_connection_closed() {
         let (mut server, mut client) = conn();
-        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         assert!(server.read_request().await.unwrap());
         answer_head(&mut server, 200, Some(2));
         server
@@ -1210,7 +1288,10 @@ mod tests {
         // A small pipe: writes go out in several partial vectored writes.
         let (server_end, mut client) = tokio::io::duplex(1000);
         let mut server = Downstream::new(Box::new(server_end), TIMEOUT);
-        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         assert!(server.read_request().await.unwrap());
         let reader = tokio::spawn(async move {
             let mut out = Vec::new();
@@ -1244,9 +1325,15 @@ mod tests {
     #[tokio::test]
     async fn bytes_sent_during_an_answer_are_kept_for_the_next_request() {
         let (mut server, mut client) = conn();
-        client.write_all(b"GET /1 HTTP/1.1\r\n\r\n").await.unwrap();
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         assert!(server.read_request().await.unwrap());
-        client.write_all(b"GET /2 HTTP/1.1\r\n\r\n").await.unwrap();
+        client
+            .write_all(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         // The watch sees bytes, keeps them, and the next request is read from them.
         while server.buf.len() < 19 {
             server.watch_client().await.unwrap();
