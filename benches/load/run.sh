@@ -69,17 +69,18 @@ wait_http() {
     exit 1
 }
 
-# utime + stime (clock ticks) of the given pids.
+# utime + stime, then stime alone (clock ticks) of the given pids.
 cpu_ticks() {
-    local total=0 p stat rest
+    local total=0 sys=0 p stat rest
     for p in "$@"; do
         stat=$(cat "/proc/$p/stat" 2>/dev/null) || continue
         rest=${stat##*) }
         # shellcheck disable=SC2086
         set -- $rest
         total=$((total + ${12} + ${13}))
+        sys=$((sys + ${13}))
     done
-    echo "$total"
+    echo "$total $sys"
 }
 
 # A pid and its direct children (nginx master + workers).
@@ -218,7 +219,7 @@ to_ms() {
         printf "%.3f", n }'
 }
 
-declare -A RPS P50 P99 CPU REQS ERRS
+declare -A RPS P50 P99 CPU KERNEL REQS ERRS
 
 url_for() {
     case $1 in
@@ -235,18 +236,18 @@ wrk_errors() {
 
 # run TARGET SCENARIO CONNS BODY
 run() {
-    local target=$1 scenario=$2 conns=$3 body=$4 url pids=() before after out
+    local target=$1 scenario=$2 conns=$3 body=$4 url pids=() before after before_sys after_sys out
     url=$(url_for "$target")
     case $target in
         nginx) mapfile -t pids < <(with_children "$NGINX_PID") ;;
         relay) pids=("$RELAY_PID") ;;
     esac
     out="$WORK/wrk-$target-$scenario-c$conns.txt"
-    before=$(cpu_ticks "${pids[@]}")
+    read -r before before_sys < <(cpu_ticks "${pids[@]}")
     BENCH_BODY="$WORK/$body" BENCH_KEY="$RELAY_KEY" wrk -t1 -c"$conns" -d"${DURATION}s" \
         --timeout 10s --latency -s "$WORK/post.lua" "$url" >"$out" 2>&1 || true
     sleep 1 # the usage writer flushes every second: count its work too
-    after=$(cpu_ticks "${pids[@]}")
+    read -r after after_sys < <(cpu_ticks "${pids[@]}")
     local key="$target/$scenario/$conns"
     RPS[$key]=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
     P50[$key]=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")
@@ -256,8 +257,11 @@ run() {
     if [ ${#pids[@]} -gt 0 ]; then
         CPU[$key]=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="${REQS[$key]:-0}" \
             'BEGIN { if (n > 0) printf "%.2f", t / hz * 10000 / n; else print "-" }')
+        KERNEL[$key]=$(awk -v t=$((after - before)) -v k=$((after_sys - before_sys)) \
+            'BEGIN { if (t > 0) printf "%.0f", 100 * k / t; else print "-" }')
     else
         CPU[$key]="-"
+        KERNEL[$key]="-"
     fi
     log "$target $scenario c=$conns: ${RPS[$key]:-?} req/s, p50 ${P50[$key]} ms, p99 ${P99[$key]} ms, cpu/10k ${CPU[$key]} s, errors ${ERRS[$key]}"
 }
@@ -404,7 +408,7 @@ echo
 echo "llm-relay load test — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores (${cpu_model:-unknown CPU}), ${DURATION}s per run, wrk 1 thread"
 echo "mock upstream: Anthropic JSON / SSE (20 events), no delay; body 2 KiB; relay log level $RELAY_LOG_FILTER"
 echo
-printf '%-10s %-6s %-7s %10s %9s %9s %8s %12s %6s\n' scenario conns target "req/s" "p50 ms" "p99 ms" "rel/ngx" "cpu s/10k" errors
+printf '%-10s %-6s %-7s %10s %9s %9s %8s %12s %8s %6s\n' scenario conns target "req/s" "p50 ms" "p99 ms" "rel/ngx" "cpu s/10k" "kernel" errors
 for s in "${SCENARIOS[@]}"; do
     scenario=${s%%:*}
     for conns in 1 64; do
@@ -412,13 +416,16 @@ for s in "${SCENARIOS[@]}"; do
             key="$target/$scenario/$conns"
             rel=""
             [ "$target" = relay ] && rel=$(ratio "${RPS[$key]:-0}" "${RPS[nginx/$scenario/$conns]:-0}")
-            printf '%-10s %-6s %-7s %10s %9s %9s %8s %12s %6s\n' "$scenario" "$conns" "$target" \
-                "${RPS[$key]:-?}" "${P50[$key]:-?}" "${P99[$key]:-?}" "$rel" "${CPU[$key]:--}" "${ERRS[$key]:-?}"
+            kernel=${KERNEL[$key]:--}
+            [ "$kernel" != - ] && kernel="$kernel %"
+            printf '%-10s %-6s %-7s %10s %9s %9s %8s %12s %8s %6s\n' "$scenario" "$conns" "$target" \
+                "${RPS[$key]:-?}" "${P50[$key]:-?}" "${P99[$key]:-?}" "$rel" "${CPU[$key]:--}" "$kernel" "${ERRS[$key]:-?}"
         done
     done
 done
 echo
-echo "errors: non-2xx answers and socket errors counted by wrk; cpu: utime+stime of the proxy process(es) per 10 000 requests"
+echo "errors: non-2xx answers and socket errors counted by wrk; cpu: utime+stime of the proxy process(es) per 10 000 requests;"
+echo "kernel: the share of that CPU spent in the kernel (stime), which on loopback includes waking the peers a proxy writes to"
 echo "relay CPU by thread over its runs: ${RELAY_CPU_SPLIT:-?}"
 echo "relay peak RSS (VmHWM) over the runs above: $((RELAY_HWM_KIB / 1024)) MiB"
 for scenario in nonstream stream; do
@@ -436,7 +443,10 @@ done
 for scenario in nonstream stream; do
     c="${CPU[relay/$scenario/64]:-0}"
     ms=$(awk -v c="$c" 'BEGIN { printf "%.3f", c / 10 }') # s per 10k requests -> ms per request
-    echo "  relay CPU per request, $scenario c=64 <= 0.05 ms: $ms ms $(verdict "$ms" 0.0500001 '<')"
+    nginx_ms=$(awk -v c="${CPU[nginx/$scenario/64]:-0}" 'BEGIN { printf "%.3f", c / 10 }')
+    split=$(awk -v r="$ms" -v rk="${KERNEL[relay/$scenario/64]:-0}" -v n="$nginx_ms" \
+        -v nk="${KERNEL[nginx/$scenario/64]:-0}" 'BEGIN { printf "in the kernel: relay %.3f ms, nginx %.3f of its %.3f ms", r * rk / 100, n * nk / 100, n }')
+    echo "  relay CPU per request, $scenario c=64 <= 0.05 ms: $ms ms $(verdict "$ms" 0.0500001 '<') ($split)"
 done
 for scenario in nonstream stream; do
     d=$(awk -v a="${P99[relay/$scenario/1]:-0}" -v b="${P99[direct/$scenario/1]:-0}" 'BEGIN { printf "%.3f", a - b }')
