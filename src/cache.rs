@@ -176,6 +176,7 @@ impl AccountCache {
             Err(p) => p.into_inner(),
         };
         let mut list = Vec::with_capacity(rows.len());
+        let kept: std::collections::HashSet<String> = rows.iter().map(|r| r.id.clone()).collect();
         for row in rows {
             let account_type = row.account_type;
             let url = row
@@ -225,6 +226,10 @@ impl AccountCache {
                 state,
             }));
         }
+        // Deleted accounts' state goes with them (requests still in flight on one hold theirs).
+        // Kept for an account whose row is there but left out above, so that its live state
+        // survives until its settings are mended.
+        states.retain(|id, _| kept.contains(id.as_str()));
         let by_id = list.iter().map(|a| (a.id.clone(), a.clone())).collect();
         write(&self.list, Arc::new(list));
         write(&self.by_id, Arc::new(by_id));
@@ -318,6 +323,66 @@ mod tests {
         let next = order.begin();
         assert!(order.apply(next, push("next")));
         assert_eq!(*seen.lock().expect("lock"), vec!["admin", "next"]);
+    }
+
+    fn row(id: &str, secrets: &SecretBox) -> AccountRow {
+        AccountRow {
+            id: id.to_string(),
+            name: format!("account {id}"),
+            account_type: relay_filters::types::AccountType::Claude,
+            base_url: Some("http://127.0.0.1:9".into()),
+            credential_enc: secrets.encrypt("sk-ant-test"),
+            credential_key_id: "k1".into(),
+            refresh_token_enc: None,
+            has_refresh_token: false,
+            priority: 0,
+            weight: 1,
+            models: Vec::new(),
+            model_map: Default::default(),
+            max_concurrency: None,
+            enabled: true,
+            status: AccountStatus::Valid,
+            consecutive_error_count: 0,
+            cooldown_until: None,
+            last_used_at: None,
+            extra: serde_json::json!({}),
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn live_account_state_outlives_reloads_but_not_the_account() {
+        let secrets = SecretBox::new("k1".into(), [7; 32]);
+        let cache = AccountCache::default();
+        cache.replace(vec![row("a", &secrets), row("b", &secrets)], &secrets);
+        let state_of = |id: &str| {
+            cache
+                .get(id)
+                .map(|a| Arc::clone(&a.state))
+                .expect("account in the cache")
+        };
+        let a = state_of("a");
+        a.inflight.store(3, Ordering::Relaxed);
+        // A reload keeps each remaining account's live state, the very same one.
+        cache.replace(vec![row("a", &secrets), row("b", &secrets)], &secrets);
+        assert!(Arc::ptr_eq(&a, &state_of("a")));
+        assert_eq!(state_of("a").inflight.load(Ordering::Relaxed), 3);
+        // A row left out (its credential cannot be decrypted) keeps its state for later.
+        let mut broken = row("b", &secrets);
+        broken.credential_enc = "not a sealed credential".into();
+        let b = state_of("b");
+        cache.replace(vec![row("a", &secrets), broken], &secrets);
+        assert!(cache.get("b").is_none());
+        cache.replace(vec![row("a", &secrets), row("b", &secrets)], &secrets);
+        assert!(Arc::ptr_eq(&b, &state_of("b")));
+        // A deleted account's state is let go: it comes back (same id) with a fresh one.
+        cache.replace(vec![row("b", &secrets)], &secrets);
+        assert!(cache.get("a").is_none());
+        assert_eq!(cache.states.lock().expect("lock").len(), 1);
+        cache.replace(vec![row("a", &secrets), row("b", &secrets)], &secrets);
+        assert!(!Arc::ptr_eq(&a, &state_of("a")));
+        assert_eq!(state_of("a").inflight.load(Ordering::Relaxed), 0);
     }
 
     #[test]
