@@ -820,14 +820,19 @@ fn valid_host(value: &[u8]) -> bool {
     if value.contains(&b'@') {
         return false;
     }
-    // The parser takes any port text; RFC 3986 has digits only.
+    // The parser takes any port text and brackets anywhere; RFC 3986 has a port of digits
+    // (here within u16, or empty) and brackets only around an IP literal.
     let host_end = match value.first() {
         Some(b'[') => memchr::memchr(b']', value).map_or(value.len(), |i| i + 1),
+        _ if memchr::memchr2(b'[', b']', value).is_some() => return false,
         _ => memchr::memrchr(b':', value).unwrap_or(value.len()),
     };
     let port_ok = match value.get(host_end..) {
-        Some([]) | None => true,
-        Some([b':', port @ ..]) => port.iter().all(u8::is_ascii_digit),
+        Some([]) | Some([b':']) | None => true,
+        Some([b':', port @ ..]) => {
+            port.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(port).is_ok_and(|p| p.parse::<u16>().is_ok())
+        }
         Some(_) => false,
     };
     port_ok && http::uri::Authority::try_from(value).is_ok()
@@ -985,6 +990,9 @@ mod tests {
             (b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n", "invalid Host"),
             (b"GET / HTTP/1.1\r\nHost: a:port\r\n\r\n", "invalid Host"),
             (b"GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n", "invalid Host"),
+            (b"GET / HTTP/1.1\r\nHost: a[::1]:80\r\n\r\n", "invalid Host"),
+            (b"GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n", "invalid Host"),
+            (b"GET / HTTP/1.1\r\nHost: a:+80\r\n\r\n", "invalid Host"),
         ];
         for (wire, why) in cases {
             let (mut server, mut client) = conn();
@@ -1004,6 +1012,8 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a:\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: API.Example.COM.:65535\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: [fe80::1%25eth0]:80\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost:\r\n\r\n",
             b"GET / HTTP/1.0\r\n\r\n",
         ] {
