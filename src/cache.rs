@@ -175,6 +175,7 @@ impl AccountCache {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
+        let now = relay_filters::now_ms();
         let mut list = Vec::with_capacity(rows.len());
         let kept: std::collections::HashSet<String> = rows.iter().map(|r| r.id.clone()).collect();
         for row in rows {
@@ -199,10 +200,15 @@ impl AccountCache {
                 }
             };
             let state = states.entry(row.id.clone()).or_default().clone();
-            state.schedulable.store(
-                row.enabled && row.status == AccountStatus::Valid,
-                Ordering::Relaxed,
-            );
+            let row_schedulable = row.enabled && row.status == AccountStatus::Valid;
+            if !row_schedulable {
+                // Out of scheduling in the database: an automatic disable has landed there.
+                state.held_off_until_ms.store(0, Ordering::Relaxed);
+            }
+            let held_off = state.held_off_until_ms.load(Ordering::Relaxed) > now;
+            state
+                .schedulable
+                .store(row_schedulable && !held_off, Ordering::Relaxed);
             if let Some(until) = row.cooldown_until {
                 state.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
             }
@@ -233,6 +239,14 @@ impl AccountCache {
         let by_id = list.iter().map(|a| (a.id.clone(), a.clone())).collect();
         write(&self.list, Arc::new(list));
         write(&self.by_id, Arc::new(by_id));
+    }
+
+    /// Ends the hold of an automatic disable on account `id` (an admin changed the account:
+    /// its row is the operator's word now).
+    pub fn end_hold_off(&self, id: &str) {
+        if let Some(a) = self.get(id) {
+            a.state.held_off_until_ms.store(0, Ordering::Relaxed);
+        }
     }
 
     /// The current accounts.
@@ -383,6 +397,61 @@ mod tests {
         cache.replace(vec![row("a", &secrets), row("b", &secrets)], &secrets);
         assert!(!Arc::ptr_eq(&a, &state_of("a")));
         assert_eq!(state_of("a").inflight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn an_automatic_disable_holds_against_rows_read_before_it_landed() {
+        let secrets = SecretBox::new("k1".into(), [7; 32]);
+        let cache = AccountCache::default();
+        cache.replace(vec![row("a", &secrets)], &secrets);
+        let a = cache.get("a").expect("account");
+        let schedulable = || {
+            cache
+                .get("a")
+                .expect("account")
+                .state
+                .schedulable
+                .load(Ordering::Relaxed)
+        };
+        assert!(schedulable());
+        // Auth errors take it out; the database write is still on its way.
+        let auth = relay_filters::account_state::Outcome::Status {
+            status: 401,
+            reset_at_ms: None,
+            blocked: true,
+        };
+        let rules = relay_filters::account_state::StateRules::default();
+        let now = relay_filters::now_ms();
+        relay_filters::account_state::apply_outcome(&a, auth, &rules, now);
+        assert!(!schedulable());
+        // A reload whose rows were read before the write landed: still valid there.
+        cache.replace(vec![row("a", &secrets)], &secrets);
+        assert!(!schedulable(), "a stale row put the account back");
+        // The write lands and a reload sees it: the hold has done its work.
+        let mut blocked = row("a", &secrets);
+        blocked.status = AccountStatus::Blocked;
+        cache.replace(vec![blocked], &secrets);
+        assert!(!schedulable());
+        assert_eq!(a.state.held_off_until_ms.load(Ordering::Relaxed), 0);
+        // An operator sets it valid again: the row is followed.
+        cache.replace(vec![row("a", &secrets)], &secrets);
+        assert!(schedulable());
+
+        // An admin change before the write landed ends the hold on this node at once.
+        relay_filters::account_state::apply_outcome(&a, auth, &rules, now);
+        cache.end_hold_off("a");
+        cache.replace(vec![row("a", &secrets)], &secrets);
+        assert!(schedulable());
+
+        // And a hold past its time (the write never landed) no longer holds.
+        relay_filters::account_state::apply_outcome(
+            &a,
+            auth,
+            &rules,
+            now - relay_filters::account_state::DISABLE_HOLD_OFF.as_millis() as i64 - 1,
+        );
+        cache.replace(vec![row("a", &secrets)], &secrets);
+        assert!(schedulable());
     }
 
     #[test]

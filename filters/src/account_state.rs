@@ -61,6 +61,10 @@ pub enum StateChange {
     Recovered,
 }
 
+/// How long an automatic disable holds against reloads that still show the account valid;
+/// the database write it starts normally lands within milliseconds.
+pub const DISABLE_HOLD_OFF: Duration = Duration::from_secs(60);
+
 /// Applies `outcome` to the account's live state and says what changed.
 pub fn apply_outcome(
     account: &Account,
@@ -85,6 +89,8 @@ pub fn apply_outcome(
         } => {
             st.consecutive_server_errors.store(0, Ordering::Relaxed);
             if st.consecutive_errors.swap(0, Ordering::Relaxed) > 0 {
+                // The recovery is written to the database after the disable, if any.
+                st.held_off_until_ms.store(0, Ordering::Relaxed);
                 StateChange::Recovered
             } else {
                 StateChange::None
@@ -102,14 +108,17 @@ pub fn apply_outcome(
             ..
         } => {
             let n = st.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1;
+            let hold_off = now_ms.saturating_add(DISABLE_HOLD_OFF.as_millis() as i64);
             if blocked {
                 st.schedulable.store(false, Ordering::Relaxed);
+                st.held_off_until_ms.store(hold_off, Ordering::Relaxed);
                 StateChange::Disabled {
                     status: "blocked",
                     reason: "the provider reports the organization or account disabled".into(),
                 }
             } else if n >= rules.account_error_threshold {
                 st.schedulable.store(false, Ordering::Relaxed);
+                st.held_off_until_ms.store(hold_off, Ordering::Relaxed);
                 StateChange::Disabled {
                     status: "error",
                     reason: format!("{n} authentication errors in a row"),
@@ -323,6 +332,7 @@ mod tests {
             }
         ));
         assert!(!a.usable(i64::MAX));
+        assert_eq!(a.state.held_off_until_ms.load(Ordering::Relaxed), 60_000);
         let b = account("b", AccountType::Claude, 50, 1);
         apply_outcome(&b, auth, &rules, 0);
         let ok = Outcome::Status {
@@ -331,6 +341,9 @@ mod tests {
             blocked: false,
         };
         assert_eq!(apply_outcome(&b, ok, &rules, 0), StateChange::Recovered);
+        // A success ends the hold of an automatic disable: its recovery is persisted after it.
+        assert_eq!(apply_outcome(&a, ok, &rules, 0), StateChange::Recovered);
+        assert_eq!(a.state.held_off_until_ms.load(Ordering::Relaxed), 0);
         let blocked = Outcome::Status {
             status: 403,
             reset_at_ms: None,

@@ -115,6 +115,11 @@ pub struct AccountState {
     pub last_used_ms: AtomicI64,
     /// Round-robin and request counter.
     pub requests: AtomicU64,
+    /// Set when the relay takes the account out of scheduling itself (auth errors, a blocked
+    /// organization): until this epoch ms, a reload whose row still says valid (read before
+    /// the change reached the database) does not make it schedulable again. Cleared by a
+    /// reload that sees the row out of scheduling, by a success, and by an admin change.
+    pub held_off_until_ms: AtomicI64,
 }
 
 impl Account {

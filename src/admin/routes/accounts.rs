@@ -302,7 +302,12 @@ pub async fn update(
         ..Default::default()
     };
     let credential_changed = patch.credential.is_some();
+    let sets_scheduling = patch.status.is_some() || patch.enabled.is_some();
     let account = state.store.update_account(&id, &patch).await?;
+    if sets_scheduling {
+        // What the operator set holds from now on, also over this node's automatic disable.
+        state.accounts.end_hold_off(&id);
+    }
     audit(
         &state,
         &caller,
