@@ -144,7 +144,7 @@ async fn get_put_delete_round_trip() {
 
         store.put("s1", &binding("a"), ttl).await.unwrap();
         let got = store.get("s1").await.unwrap().unwrap();
-        assert_eq!(got.binding, binding("a"));
+        assert_eq!(*got.binding, binding("a"));
         assert!(got.remaining <= ttl && got.remaining > Duration::from_secs(55));
 
         // The value is the binding as JSON under the key of DESIGN §7, with a TTL.
@@ -220,7 +220,7 @@ async fn set_if_absent_race_has_one_winner() {
         assert!(winners.iter().all(|w| *w == first), "{winners:?}");
         assert!(first.account_id.starts_with("acct-"));
         let stored = env.sessions().get("race").await.unwrap().unwrap();
-        assert_eq!(stored.binding, first);
+        assert_eq!(*stored.binding, first);
 
         // A later contender gets the winner too, until the binding expires.
         let store = env.sessions();
@@ -264,7 +264,7 @@ async fn sliding_ttl_shows_in_remaining() {
         assert!(before <= Duration::from_secs(2) && before > Duration::ZERO);
 
         // What the scheduler does on a hit under the renew threshold: put with a fresh TTL.
-        let mut renewed = store.get("slide").await.unwrap().unwrap().binding;
+        let mut renewed = Binding::clone(&store.get("slide").await.unwrap().unwrap().binding);
         renewed.request_count += 1;
         store
             .put("slide", &renewed, Duration::from_secs(3600))

@@ -23,10 +23,10 @@ pub struct Binding {
     pub request_count: u64,
 }
 
-/// A binding with the time it has left.
+/// A binding with the time it has left (shared: a lookup copies no strings).
 #[derive(Debug, Clone)]
 pub struct StoredBinding {
-    pub binding: Binding,
+    pub binding: Arc<Binding>,
     pub remaining: Duration,
 }
 
@@ -63,7 +63,7 @@ pub trait SessionStore: Send + Sync {
 
 #[derive(Clone)]
 struct Entry {
-    binding: Binding,
+    binding: Arc<Binding>,
     expires: Instant,
 }
 
@@ -127,12 +127,12 @@ impl SessionStore for MemorySessionStore {
         let now = Instant::now();
         let entry = self.cache.entry(key.to_string()).or_insert_with_if(
             || Entry {
-                binding: binding.clone(),
+                binding: Arc::new(binding.clone()),
                 expires: now + ttl,
             },
             |existing| existing.expires <= now,
         );
-        Ok(entry.into_value().binding)
+        Ok(Binding::clone(&entry.into_value().binding))
     }
 
     async fn put(
@@ -144,7 +144,7 @@ impl SessionStore for MemorySessionStore {
         self.cache.insert(
             key.to_string(),
             Entry {
-                binding: binding.clone(),
+                binding: Arc::new(binding.clone()),
                 expires: Instant::now() + ttl,
             },
         );

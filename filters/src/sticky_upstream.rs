@@ -208,7 +208,7 @@ impl StickyUpstream {
         if let Some(stored) = existing {
             if let Some(account) = self.usable_for(ctx, &stored.binding.account_id) {
                 if stored.remaining < self.config.renew_threshold {
-                    let mut b = stored.binding;
+                    let mut b = Binding::clone(&stored.binding);
                     b.last_used_at = ctx.started_ms;
                     b.request_count += 1;
                     let _ = self.sessions.put(&key, &b, ttl).await;

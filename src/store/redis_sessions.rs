@@ -334,7 +334,7 @@ impl SessionStore for RedisSessionStore {
             .await?;
         Ok(found.and_then(|(json, pttl)| {
             decode(&rkey, &json).map(|binding| StoredBinding {
-                binding,
+                binding: std::sync::Arc::new(binding),
                 // PTTL -1 (no expiry, set by hand) reads as nothing left, so the scheduler
                 // renews the binding and gives it a TTL again.
                 remaining: Duration::from_millis(u64::try_from(pttl).unwrap_or(0)),
