@@ -818,3 +818,53 @@ async fn an_upstream_refusing_the_body_early_is_answered_with_its_own_status() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn a_blocked_account_stays_out_until_an_admin_puts_it_back() {
+    let mock = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    let user = relay.create_user("erin", 10_000).await;
+    let id = relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    let (_, key) = relay.create_key(&user, serde_json::json!({})).await;
+    relay.wait_key_active(&key).await;
+    let ask = |topic: &str| {
+        relay
+            .post("/v1/messages", &key)
+            .json(&messages_body(MODEL, false, conversation(topic, 1)))
+            .send()
+    };
+    assert_eq!(ask("before").await.unwrap().status(), 200);
+
+    // The provider says the organization is disabled: the answer is passed on, and the account
+    // is taken out of scheduling at once.
+    mock.set(|b| {
+        b.status = 403;
+        b.error_body = r#"{"type":"error","error":{"type":"permission_error","message":"This organization has been disabled."}}"#.into();
+    });
+    assert_eq!(ask("blocked").await.unwrap().status(), 403);
+    mock.set(|b| b.status = 200);
+    let asked = mock.count();
+    // It stays out over several of the relay's reloads (every 500 ms), stale or not.
+    let until = Instant::now() + Duration::from_millis(1_500);
+    while Instant::now() < until {
+        let r = ask("while blocked").await.unwrap();
+        assert_eq!(r.status(), 503, "{}", r.text().await.unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(mock.count(), asked, "the blocked account was asked again");
+    let v = relay.admin_get(&format!("/api/admin/accounts/{id}")).await;
+    assert_eq!(v["status"], "blocked", "{v}");
+
+    // An operator puts it back: it serves the next request.
+    let (st, v) = relay
+        .admin_patch(
+            &format!("/api/admin/accounts/{id}"),
+            serde_json::json!({"status": "valid"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(ask("after").await.unwrap().status(), 200);
+    assert_eq!(mock.count(), asked + 1);
+}

@@ -302,10 +302,11 @@ pub async fn update(
         ..Default::default()
     };
     let credential_changed = patch.credential.is_some();
-    let sets_scheduling = patch.status.is_some() || patch.enabled.is_some();
+    // Setting the account valid or switching it on is the operator's word, also over this
+    // node's automatic disable; taking it out needs no help (its row says so).
+    let puts_back = patch.status == Some(AccountStatus::Valid) || patch.enabled == Some(true);
     let account = state.store.update_account(&id, &patch).await?;
-    if sets_scheduling {
-        // What the operator set holds from now on, also over this node's automatic disable.
+    if puts_back {
         state.accounts.end_hold_off(&id);
     }
     audit(
