@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use futures::executor::block_on;
 use llm_relay::cache::{AccountCache, KeyCache, PriceCache};
 use llm_relay::secrets::SecretBox;
-use llm_relay::store::{Account as AccountRow, AccountStatus};
+use llm_relay::store::NewAccount;
 use relay_filters::chain::{Chain, ChainDeps, FilterConfig, Flow, RequestView};
 use relay_filters::context::RequestCtx;
 use relay_filters::cost::PriceTable;
@@ -47,28 +47,15 @@ fn accounts() -> Arc<AccountCache> {
     let rows = kinds
         .iter()
         .enumerate()
-        .map(|(i, kind)| AccountRow {
-            id: format!("0199a3c2-0000-7000-8000-{i:012}"),
-            name: format!("{}-{i}", kind.as_str()),
-            account_type: *kind,
-            base_url: Some("http://127.0.0.1:9".into()),
-            credential_enc: secrets.encrypt(&format!("sk-upstream-credential-{i:040}")),
-            credential_key_id: "bench".into(),
-            refresh_token_enc: None,
-            has_refresh_token: false,
-            priority: 50,
-            weight: 1,
-            models: Vec::new(),
-            model_map: Default::default(),
-            max_concurrency: None,
-            enabled: true,
-            status: AccountStatus::Valid,
-            consecutive_error_count: 0,
-            cooldown_until: None,
-            last_used_at: None,
-            extra: serde_json::json!({}),
-            created_at: 0,
-            updated_at: 0,
+        .map(|(i, kind)| {
+            let mut new = NewAccount::new(
+                format!("{}-{i}", kind.as_str()),
+                *kind,
+                secrets.encrypt(&format!("sk-upstream-credential-{i:040}")),
+                "bench".into(),
+            );
+            new.base_url = Some("http://127.0.0.1:9".into());
+            new.into_account(format!("0199a3c2-0000-7000-8000-{i:012}"), 0)
         })
         .collect();
     let cache = AccountCache::default();

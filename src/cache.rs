@@ -86,9 +86,9 @@ impl KeyCache {
     }
 
     /// Replaces the keys with rows queried after `ticket` was taken, unless a later reload was
-    /// applied already; `true` if they were.
-    pub fn replace_loaded(&self, ticket: LoadTicket, keys: Vec<ActiveApiKey>) -> bool {
-        self.loads.apply(ticket, || self.replace(keys))
+    /// applied already.
+    pub fn replace_loaded(&self, ticket: LoadTicket, keys: Vec<ActiveApiKey>) {
+        self.loads.apply(ticket, || self.replace(keys));
     }
 
     /// Replaces the whole set of keys.
@@ -158,14 +158,9 @@ impl AccountCache {
     }
 
     /// Replaces the accounts with rows queried after `ticket` was taken, unless a later reload
-    /// was applied already; `true` if they were.
-    pub fn replace_loaded(
-        &self,
-        ticket: LoadTicket,
-        rows: Vec<AccountRow>,
-        secrets: &SecretBox,
-    ) -> bool {
-        self.loads.apply(ticket, || self.replace(rows, secrets))
+    /// was applied already.
+    pub fn replace_loaded(&self, ticket: LoadTicket, rows: Vec<AccountRow>, secrets: &SecretBox) {
+        self.loads.apply(ticket, || self.replace(rows, secrets));
     }
 
     /// Replaces the account set from database rows. Rows whose credential cannot be decrypted
@@ -292,9 +287,9 @@ impl PriceCache {
     }
 
     /// Applies overrides queried after `ticket` was taken, unless a later reload was applied
-    /// already; `true` if they were.
-    pub fn replace_loaded(&self, ticket: LoadTicket, overrides: Vec<ModelPriceRow>) -> bool {
-        self.loads.apply(ticket, || self.replace(overrides))
+    /// already.
+    pub fn replace_loaded(&self, ticket: LoadTicket, overrides: Vec<ModelPriceRow>) {
+        self.loads.apply(ticket, || self.replace(overrides));
     }
 
     /// Applies the database overrides.
@@ -340,29 +335,14 @@ mod tests {
     }
 
     fn row(id: &str, secrets: &SecretBox) -> AccountRow {
-        AccountRow {
-            id: id.to_string(),
-            name: format!("account {id}"),
-            account_type: relay_filters::types::AccountType::Claude,
-            base_url: Some("http://127.0.0.1:9".into()),
-            credential_enc: secrets.encrypt("sk-ant-test"),
-            credential_key_id: "k1".into(),
-            refresh_token_enc: None,
-            has_refresh_token: false,
-            priority: 0,
-            weight: 1,
-            models: Vec::new(),
-            model_map: Default::default(),
-            max_concurrency: None,
-            enabled: true,
-            status: AccountStatus::Valid,
-            consecutive_error_count: 0,
-            cooldown_until: None,
-            last_used_at: None,
-            extra: serde_json::json!({}),
-            created_at: 0,
-            updated_at: 0,
-        }
+        let mut new = crate::store::NewAccount::new(
+            format!("account {id}"),
+            relay_filters::types::AccountType::Claude,
+            secrets.encrypt("sk-ant-test"),
+            "k1".into(),
+        );
+        new.base_url = Some("http://127.0.0.1:9".into());
+        new.into_account(id, 0)
     }
 
     #[test]

@@ -821,14 +821,14 @@ async fn an_upstream_refusing_the_body_early_is_answered_with_its_own_status() {
 
 #[tokio::test]
 async fn a_blocked_account_stays_out_until_an_admin_puts_it_back() {
-    let mock = MockUpstream::start().await;
-    let relay = Relay::start().await;
-    let user = relay.create_user("erin", 10_000).await;
-    let id = relay
-        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
-        .await;
-    let (_, key) = relay.create_key(&user, serde_json::json!({})).await;
-    relay.wait_key_active(&key).await;
+    let Setup {
+        relay, mock, key, ..
+    } = setup().await;
+    let accounts = relay.admin_get("/api/admin/accounts").await;
+    let id = accounts["items"][0]["id"]
+        .as_str()
+        .expect("the account")
+        .to_string();
     let ask = |topic: &str| {
         relay
             .post("/v1/messages", &key)

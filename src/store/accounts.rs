@@ -158,6 +158,36 @@ impl NewAccount {
     }
 }
 
+impl NewAccount {
+    /// The row this account is stored as under `id` at `at_ms`: valid, no errors, no cooldown,
+    /// never used.
+    pub fn into_account(self, id: impl Into<String>, at_ms: i64) -> Account {
+        Account {
+            id: id.into(),
+            name: self.name,
+            account_type: self.account_type,
+            base_url: self.base_url,
+            credential_enc: self.credential_enc,
+            credential_key_id: self.credential_key_id,
+            has_refresh_token: self.refresh_token_enc.is_some(),
+            refresh_token_enc: self.refresh_token_enc,
+            priority: self.priority,
+            weight: self.weight,
+            models: self.models,
+            model_map: self.model_map,
+            max_concurrency: self.max_concurrency,
+            enabled: self.enabled,
+            status: AccountStatus::Valid,
+            consecutive_error_count: 0,
+            cooldown_until: None,
+            last_used_at: None,
+            extra: self.extra,
+            created_at: at_ms,
+            updated_at: at_ms,
+        }
+    }
+}
+
 /// Changes to an account: `None` leaves a field as it is; `Some(None)` clears a nullable field.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AccountPatch {
