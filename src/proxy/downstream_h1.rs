@@ -29,6 +29,7 @@ use pingora::{Error, ErrorType};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::h1::{add_length, keeps_alive, parse_length, take_len, Chunk, ChunkStep};
+use super::header_names::header_name;
 
 /// Space offered to a read of a request head or a chunked body.
 const READ_SIZE: usize = 4 * 1024;
@@ -288,7 +289,7 @@ impl Downstream {
         let (mut codings, mut chunked, mut chunked_last) = (0, 0, false);
         let mut hosts = 0;
         for field in parsed.headers.iter() {
-            let name = http::HeaderName::from_bytes(field.name.as_bytes())
+            let name = header_name(field.name.as_bytes())
                 .map_err(|_| HeadError::Bad("invalid header name"))?;
             let value = http::HeaderValue::from_maybe_shared(part(field.value))
                 .map_err(|_| HeadError::Bad("invalid header value"))?;

@@ -535,13 +535,14 @@ impl RelayProxy {
 /// bytes a filter may edit). Without a length the body is sent chunked, so the connection stays
 /// reusable.
 fn copy_head(head: &UpstreamHead, request_id: &str, body_len: Option<usize>) -> ResponseHeader {
-    // Without a header-case map: names go out in lower case, one allocation less per field.
+    // Filled as a plain header map and wrapped afterwards: `ResponseHeader`'s own insertions take
+    // each name through a title-cased copy and parse it back, two allocations per field.
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = head.status;
     // Room for what is added here (length or chunked, request id): growing the map would
     // double it. (Date and connection are written by the client side into the head's bytes.)
-    parts.headers.reserve(head.headers.len() + 2);
-    let mut resp = ResponseHeader::from(parts);
+    let headers = &mut parts.headers;
+    headers.reserve(head.headers.len() + 2);
     let event_stream = is_event_stream(head);
     for (name, value) in head.headers.iter() {
         let n = name.as_str();
@@ -550,20 +551,29 @@ fn copy_head(head: &UpstreamHead, request_id: &str, body_len: Option<usize>) -> 
         {
             continue;
         }
-        let _ = resp.append_header(name.clone(), value.clone());
+        headers.append(name.clone(), value.clone());
     }
     match body_len {
         Some(n) => {
-            let _ = resp.insert_header(http::header::CONTENT_LENGTH, n.to_string());
+            headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(n));
         }
-        None if !resp.headers.contains_key(http::header::CONTENT_LENGTH) => {
-            let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+        None if !headers.contains_key(http::header::CONTENT_LENGTH) => {
+            headers.insert(
+                http::header::TRANSFER_ENCODING,
+                http::HeaderValue::from_static("chunked"),
+            );
         }
         None => {}
     }
-    let _ = resp.insert_header("x-request-id", request_id);
-    resp
+    // A request id is at most 128 visible characters (the client's own, or a UUID); one that is
+    // not a valid value is left out rather than failing the answer.
+    if let Ok(v) = http::HeaderValue::from_str(request_id) {
+        headers.insert(X_REQUEST_ID, v);
+    }
+    ResponseHeader::from(parts)
 }
+
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 fn is_event_stream(head: &UpstreamHead) -> bool {
     head.headers

@@ -14,6 +14,7 @@ mod dns;
 mod downstream_h1;
 mod exchange;
 mod h1;
+mod header_names;
 mod pool;
 mod upstream_h1;
 

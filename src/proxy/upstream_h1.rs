@@ -22,6 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use relay_filters::context::UpstreamRequest;
 
 use super::h1::{add_length, keeps_alive, last_token, take_len, Chunk, ChunkStep};
+use super::header_names::header_name;
 
 /// First read size: a response head and a usual JSON answer fit; a held stream of small
 /// events never needs more, and touches one page of it.
@@ -214,8 +215,12 @@ impl H1Upstream {
         let mut length: Option<u64> = None;
         let http10 = parsed.version == Some(0);
         let mut close = http10;
+        // One copy of the head, of its exact size, that the values point into (not the read
+        // buffer, which the body goes on using); the head is dropped once written to the client.
+        let raw = Bytes::copy_from_slice(&self.buf[..len]);
+        let base = self.buf.as_ptr() as usize;
         for field in parsed.headers.iter() {
-            let name = http::HeaderName::from_bytes(field.name.as_bytes())
+            let name = header_name(field.name.as_bytes())
                 .map_err(|_| H1Error::Malformed("invalid header name"))?;
             let value = if field.value.iter().any(|&b| b == b'\r' || b == b'\n') {
                 // A folded line: each fold becomes spaces (RFC 9112 §5.2).
@@ -226,7 +231,8 @@ impl H1Upstream {
                     .collect();
                 http::HeaderValue::from_bytes(&unfolded)
             } else {
-                http::HeaderValue::from_bytes(field.value)
+                let at = field.value.as_ptr() as usize - base;
+                http::HeaderValue::from_maybe_shared(raw.slice(at..at + field.value.len()))
             }
             .map_err(|_| H1Error::Malformed("invalid header value"))?;
             if name == http::header::TRANSFER_ENCODING {
