@@ -4,27 +4,63 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use http::HeaderValue;
 use rand::Rng;
 use serde::Deserialize;
 
 use crate::{AccountType, Protocol};
 
-/// An account credential: never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credential(String);
+/// An account credential: never printed. The header values that carry it upstream are made on
+/// first use and kept, marked sensitive, so a request clones them instead of building them.
+#[derive(Clone)]
+pub struct Credential {
+    secret: String,
+    /// The secret as a header value (`x-api-key`, `x-goog-api-key`); `None` if it cannot be one.
+    plain: OnceLock<Option<HeaderValue>>,
+    /// `Bearer <secret>` (`authorization`).
+    bearer: OnceLock<Option<HeaderValue>>,
+}
 
 impl Credential {
     /// Wraps a decrypted credential.
-    pub fn new(s: String) -> Self {
-        Credential(s)
+    pub fn new(secret: String) -> Self {
+        Credential {
+            secret,
+            plain: OnceLock::new(),
+            bearer: OnceLock::new(),
+        }
     }
     /// The secret itself, for the one place that sends it upstream.
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.secret
+    }
+    /// The secret as a sensitive header value; `None` if it is not a valid one.
+    pub fn header_value(&self) -> Option<HeaderValue> {
+        self.plain.get_or_init(|| sensitive(&self.secret)).clone()
+    }
+    /// `Bearer <secret>` as a sensitive header value; `None` if it is not a valid one.
+    pub fn bearer_value(&self) -> Option<HeaderValue> {
+        self.bearer
+            .get_or_init(|| sensitive(&format!("Bearer {}", self.secret)))
+            .clone()
     }
 }
+
+fn sensitive(s: &str) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_str(s).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
+impl PartialEq for Credential {
+    fn eq(&self, other: &Self) -> bool {
+        self.secret == other.secret
+    }
+}
+
+impl Eq for Credential {}
 
 impl fmt::Debug for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -36,10 +72,14 @@ impl fmt::Debug for Credential {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseUrl {
     pub tls: bool,
-    pub host: String,
+    /// Name or IP address (an IPv6 address without brackets).
+    pub host: Arc<str>,
     pub port: u16,
     /// Path prefix kept in front of every upstream path, without trailing slash.
     pub path_prefix: String,
+    /// The `Host` field for it: the host (an IPv6 address in brackets), and the port unless it
+    /// is the scheme's default.
+    pub authority: HeaderValue,
 }
 
 impl BaseUrl {
@@ -58,24 +98,48 @@ impl BaseUrl {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
-                let port = p
-                    .parse::<u16>()
-                    .map_err(|_| format!("bad port in base URL: {url}"))?;
-                (h, port)
+        let default_port = if tls { 443 } else { 80 };
+        let bad_port = || format!("bad port in base URL: {url}");
+        let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+            // An IPv6 literal: `[addr]` or `[addr]:port`.
+            let (host, after) = rest
+                .split_once(']')
+                .ok_or_else(|| format!("unclosed IPv6 address in base URL: {url}"))?;
+            let port = match after {
+                "" => default_port,
+                p => p
+                    .strip_prefix(':')
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .ok_or_else(bad_port)?,
+            };
+            (host, port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad_port())?),
+                None => (authority, default_port),
             }
-            _ => (authority, if tls { 443 } else { 80 }),
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return Err(format!("base URL has no host: {url}"));
         }
+        let bracketed = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        let authority = if port == default_port {
+            bracketed
+        } else {
+            format!("{bracketed}:{port}")
+        };
+        let authority = HeaderValue::from_str(&authority)
+            .map_err(|_| format!("base URL host is not a valid Host field: {url}"))?;
         Ok(BaseUrl {
             tls,
-            host: host.to_string(),
+            host: host.into(),
             port,
             path_prefix: path.trim_end_matches('/').to_string(),
+            authority,
         })
     }
 }
@@ -303,12 +367,27 @@ pub(crate) mod tests {
     #[test]
     fn base_urls() {
         let b = BaseUrl::parse("https://example.com/openai/").unwrap();
-        assert_eq!((b.tls, b.host.as_str(), b.port), (true, "example.com", 443));
+        assert_eq!((b.tls, &*b.host, b.port), (true, "example.com", 443));
         assert_eq!(b.path_prefix, "/openai");
+        assert_eq!(b.authority, "example.com");
         let b = BaseUrl::parse("http://127.0.0.1:8089").unwrap();
         assert_eq!((b.tls, b.port, b.path_prefix.as_str()), (false, 8089, ""));
+        assert_eq!(b.authority, "127.0.0.1:8089");
         let b = BaseUrl::parse("http://[::1]:81/x").unwrap();
-        assert_eq!((b.host.as_str(), b.port), ("::1", 81));
+        assert_eq!((&*b.host, b.port), ("::1", 81));
+        assert_eq!(b.authority, "[::1]:81");
+        let b = BaseUrl::parse("https://[2001:db8::1]/v1").unwrap();
+        assert_eq!(
+            (&*b.host, b.port, b.path_prefix.as_str()),
+            ("2001:db8::1", 443, "/v1")
+        );
+        assert_eq!(b.authority, "[2001:db8::1]");
+        assert!(BaseUrl::parse("http://[::1").is_err());
+        assert!(BaseUrl::parse("http://[::1]x").is_err());
+        assert!(BaseUrl::parse("http://[::1]:").is_err());
+        let b = BaseUrl::parse("http://example.com:443").unwrap();
+        assert_eq!(b.authority, "example.com:443");
+        assert!(BaseUrl::parse("http://exa\x01mple.com").is_err());
         assert!(BaseUrl::parse("ftp://x").is_err());
         assert!(BaseUrl::parse("http://x:notaport").is_err());
     }
@@ -317,6 +396,20 @@ pub(crate) mod tests {
     fn credential_never_prints() {
         let c = Credential::new("sk-ant-secret".into());
         assert!(!format!("{c:?}").contains("secret"));
+        let v = c.header_value().unwrap();
+        assert!(v.is_sensitive() && v == "sk-ant-secret");
+        assert!(!format!("{v:?}").contains("secret"));
+        let v = c.bearer_value().unwrap();
+        assert!(v.is_sensitive() && v == "Bearer sk-ant-secret");
+        // Made once, handed out again.
+        assert_eq!(c.header_value().unwrap(), "sk-ant-secret");
+        assert_eq!(c, Credential::new("sk-ant-secret".into()));
+        assert!(Credential::new("bad\nvalue".into())
+            .header_value()
+            .is_none());
+        assert!(Credential::new("bad\nvalue".into())
+            .bearer_value()
+            .is_none());
     }
 
     #[test]

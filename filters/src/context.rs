@@ -100,7 +100,7 @@ pub struct UpstreamInfo {
 #[derive(Debug, Clone)]
 pub struct UpstreamRequest {
     pub tls: bool,
-    pub host: String,
+    pub host: std::sync::Arc<str>,
     pub port: u16,
     pub method: &'static str,
     pub path_and_query: String,

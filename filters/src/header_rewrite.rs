@@ -101,7 +101,6 @@ impl HeaderRewrite {
             }
             out.push((name.clone(), value.clone()));
         }
-        let secret = account.credential.expose();
         let value = |s: &str| {
             HeaderValue::from_str(s).map_err(|_| {
                 Rejection::new(
@@ -110,15 +109,20 @@ impl HeaderRewrite {
                 )
             })
         };
+        let credential = &account.credential;
+        let invalid = || {
+            Rejection::new(
+                ErrorKind::Upstream,
+                "account credential is not a valid header value",
+            )
+        };
         match account.account_type {
             AccountType::Claude => {
-                let mut v = value(secret)?;
-                v.set_sensitive(true);
+                let v = credential.header_value().ok_or_else(invalid)?;
                 out.push((HeaderName::from_static("x-api-key"), v));
             }
             AccountType::ClaudeOfficial => {
-                let mut v = value(&format!("Bearer {secret}"))?;
-                v.set_sensitive(true);
+                let v = credential.bearer_value().ok_or_else(invalid)?;
                 out.push((http::header::AUTHORIZATION, v));
                 let beta = headers
                     .get("anthropic-beta")
@@ -127,29 +131,27 @@ impl HeaderRewrite {
                 if !beta.split(',').any(|b| b.trim() == OAUTH_BETA) {
                     out.retain(|(n, _)| n.as_str() != "anthropic-beta");
                     let joined = if beta.is_empty() {
-                        OAUTH_BETA.to_string()
+                        HeaderValue::from_static(OAUTH_BETA)
                     } else {
-                        format!("{beta},{OAUTH_BETA}")
+                        value(&format!("{beta},{OAUTH_BETA}"))?
                     };
-                    out.push((HeaderName::from_static("anthropic-beta"), value(&joined)?));
+                    out.push((HeaderName::from_static("anthropic-beta"), joined));
                 }
             }
             AccountType::Openai | AccountType::OpenaiResponses => {
-                let mut v = value(&format!("Bearer {secret}"))?;
-                v.set_sensitive(true);
+                let v = credential.bearer_value().ok_or_else(invalid)?;
                 out.push((http::header::AUTHORIZATION, v));
                 // Only a ChatGPT token (a JWT) goes with the account id header.
                 if let Some(id) = account
                     .chatgpt_account_id
                     .as_ref()
-                    .filter(|_| secret.starts_with("eyJ"))
+                    .filter(|_| credential.expose().starts_with("eyJ"))
                 {
                     out.push((HeaderName::from_static("chatgpt-account-id"), value(id)?));
                 }
             }
             AccountType::Gemini => {
-                let mut v = value(secret)?;
-                v.set_sensitive(true);
+                let v = credential.header_value().ok_or_else(invalid)?;
                 out.push((HeaderName::from_static("x-goog-api-key"), v));
             }
         }
@@ -169,14 +171,7 @@ impl HeaderRewrite {
                 value(&ctx.request_id)?,
             ));
         }
-        let host = if account.base_url.port == 443 && account.base_url.tls
-            || account.base_url.port == 80 && !account.base_url.tls
-        {
-            account.base_url.host.clone()
-        } else {
-            format!("{}:{}", account.base_url.host, account.base_url.port)
-        };
-        out.push((http::header::HOST, value(&host)?));
+        out.push((http::header::HOST, account.base_url.authority.clone()));
         for name in &self.remove {
             out.retain(|(n, _)| n != name);
         }

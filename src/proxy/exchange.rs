@@ -59,7 +59,7 @@ impl RelayProxy {
             .resolve(&req.host, req.port)
             .await
             .map_err(|e| AttemptError::Connect(format!("cannot resolve upstream host: {e}")))?;
-        let mut peer = HttpPeer::new(addr, req.tls, req.host.clone());
+        let mut peer = HttpPeer::new(addr, req.tls, req.host.to_string());
         peer.options.connection_timeout = Some(self.settings.connect_timeout);
         peer.options.total_connection_timeout = Some(self.settings.connect_timeout);
         peer.options.idle_timeout = Some(self.settings.pool_idle_timeout);
