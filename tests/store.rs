@@ -731,7 +731,7 @@ fn record(
         api_key_id: Some(key.to_owned()),
         account_id: Some(account.to_owned()),
         session_key: Some(format!("{key}:anthropic:0123456789abcdef")),
-        protocol: "anthropic".to_owned(),
+        protocol: "anthropic".into(),
         requested_model: Some(model.to_owned()),
         upstream_model: Some(model.to_owned()),
         stream: true,

@@ -1,5 +1,7 @@
 //! Plain data shared by every filter: protocols, account types, token usage and the usage record.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 /// Epoch milliseconds now (0 if the clock is before 1970).
@@ -148,8 +150,8 @@ pub struct UsageRecord {
     pub api_key_id: Option<String>,
     pub account_id: Option<String>,
     pub session_key: Option<String>,
-    /// `Protocol::as_str()`.
-    pub protocol: String,
+    /// `Protocol::as_str()` (borrowed when booked, owned when read back).
+    pub protocol: Cow<'static, str>,
     pub requested_model: Option<String>,
     pub upstream_model: Option<String>,
     pub stream: bool,
@@ -167,7 +169,7 @@ pub struct UsageRecord {
     pub ttfb_ms: Option<i64>,
     pub failover_count: u32,
     /// Stable error type when the request failed (`upstream_error`, `rate_limit_error`, ...).
-    pub error_type: Option<String>,
+    pub error_type: Option<Cow<'static, str>>,
     /// The model had no price: cost 0.
     pub unpriced: bool,
     /// Token counts are incomplete (client went away and the upstream was not drained).

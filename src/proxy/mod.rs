@@ -18,6 +18,7 @@ mod header_names;
 mod pool;
 mod upstream_h1;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -294,20 +295,21 @@ impl RelayProxy {
         let Some(r) = ctx.req.as_mut() else { return };
         let Some(auth) = r.auth.as_ref() else { return };
         let elapsed = r.started.elapsed();
+        // The request ends here: what only the record needs is moved into it.
         let record = UsageRecord {
-            id: r.request_id.clone(),
+            id: std::mem::take(&mut r.request_id),
             created_at: r.started_ms,
             user_id: Some(auth.key.user_id.clone()),
             api_key_id: Some(auth.key.id.clone()),
             account_id: r.upstream.account.as_ref().map(|a| a.id.clone()),
-            session_key: r.session.key.clone(),
-            protocol: r.route.protocol.as_str().to_string(),
+            session_key: r.session.key.take(),
+            protocol: r.route.protocol.as_str().into(),
             requested_model: r.requested_model().map(str::to_string),
             upstream_model: r
                 .usage
                 .upstream_model
-                .clone()
-                .or_else(|| r.upstream.model.clone()),
+                .take()
+                .or_else(|| r.upstream.model.take()),
             stream: r.request.stream,
             status: ctx.status,
             usage: r.usage.tokens,
@@ -317,7 +319,7 @@ impl RelayProxy {
             latency_ms: elapsed.as_millis() as i64,
             ttfb_ms: ctx.ttfb.map(|d| d.as_millis() as i64),
             failover_count: r.upstream.failovers,
-            error_type: ctx.error_type.map(str::to_string),
+            error_type: ctx.error_type.map(Cow::Borrowed),
             unpriced: r.usage.unpriced,
             estimated: r.usage.estimated,
         };

@@ -418,7 +418,7 @@ async fn insert_records(
                 .bind(r.api_key_id.as_deref())
                 .bind(r.account_id.as_deref())
                 .bind(r.session_key.as_deref())
-                .bind(r.protocol.as_str())
+                .bind(r.protocol.as_ref())
                 .bind(r.requested_model.as_deref())
                 .bind(r.upstream_model.as_deref())
                 .bind(i64::from(r.stream))
