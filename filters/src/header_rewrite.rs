@@ -101,21 +101,14 @@ impl HeaderRewrite {
             }
             out.push((name.clone(), value.clone()));
         }
-        let value = |s: &str| {
-            HeaderValue::from_str(s).map_err(|_| {
-                Rejection::new(
-                    ErrorKind::Upstream,
-                    "account credential is not a valid header value",
-                )
-            })
-        };
-        let credential = &account.credential;
         let invalid = || {
             Rejection::new(
                 ErrorKind::Upstream,
                 "account credential is not a valid header value",
             )
         };
+        let value = |s: &str| HeaderValue::from_str(s).map_err(|_| invalid());
+        let credential = &account.credential;
         match account.account_type {
             AccountType::Claude => {
                 let v = credential.header_value().ok_or_else(invalid)?;

@@ -28,7 +28,7 @@ use pingora::protocols::Stream;
 use pingora::{Error, ErrorType};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::h1::{add_length, keeps_alive, parse_length, take_len, Chunk, ChunkStep};
+use super::h1::{add_length, keeps_alive, parse_length, take_len, Chunk, ChunkStep, HeadCopy};
 use super::header_names::header_name;
 
 /// Space offered to a read of a request head or a chunked body.
@@ -271,12 +271,8 @@ impl Downstream {
         };
         // The head's own copy, of its exact size: header values and the target point into it,
         // and the read buffer can go.
-        let raw = Bytes::copy_from_slice(&self.buf[..len]);
-        let base = self.buf.as_ptr() as usize;
-        let part = |s: &[u8]| {
-            let at = s.as_ptr() as usize - base;
-            raw.slice(at..at + s.len())
-        };
+        let head = HeadCopy::new(&self.buf, len);
+        let part = |s: &[u8]| head.part(s);
         let method = http::Method::from_bytes(parsed.method.unwrap_or_default().as_bytes())
             .map_err(|_| HeadError::Bad("invalid method"))?;
         let uri = http::Uri::from_maybe_shared(part(parsed.path.unwrap_or_default().as_bytes()))

@@ -2,10 +2,33 @@
 //! reads answers): header field values that frame a body, and the chunked decoder (RFC 9112 §7.1).
 //! Errors name what is wrong; each side wraps them in its own error.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 /// Longest chunk-size line or trailer line accepted.
 const MAX_LINE: usize = 4 * 1024;
+
+/// A parsed head's own copy, of its exact size, that its values point into: the read buffer it
+/// was parsed from can go on (or go) without it.
+pub(super) struct HeadCopy {
+    raw: Bytes,
+    base: usize,
+}
+
+impl HeadCopy {
+    /// Copies the head, `buf[..len]`.
+    pub(super) fn new(buf: &[u8], len: usize) -> Self {
+        HeadCopy {
+            raw: Bytes::copy_from_slice(&buf[..len]),
+            base: buf.as_ptr() as usize,
+        }
+    }
+
+    /// The copy of `part`, a slice of the head in the buffer given to `new`.
+    pub(super) fn part(&self, part: &[u8]) -> Bytes {
+        let at = part.as_ptr() as usize - self.base;
+        self.raw.slice(at..at + part.len())
+    }
+}
 
 /// How many of `available` bytes belong to a body with `rest` bytes still to come.
 pub(super) fn take_len(rest: u64, available: usize) -> usize {

@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use relay_filters::context::UpstreamRequest;
 
-use super::h1::{add_length, keeps_alive, last_token, take_len, Chunk, ChunkStep};
+use super::h1::{add_length, keeps_alive, last_token, take_len, Chunk, ChunkStep, HeadCopy};
 use super::header_names::header_name;
 
 /// First read size: a response head and a usual JSON answer fit; a held stream of small
@@ -217,8 +217,7 @@ impl H1Upstream {
         let mut close = http10;
         // One copy of the head, of its exact size, that the values point into (not the read
         // buffer, which the body goes on using); the head is dropped once written to the client.
-        let raw = Bytes::copy_from_slice(&self.buf[..len]);
-        let base = self.buf.as_ptr() as usize;
+        let head = HeadCopy::new(&self.buf, len);
         for field in parsed.headers.iter() {
             let name = header_name(field.name.as_bytes())
                 .map_err(|_| H1Error::Malformed("invalid header name"))?;
@@ -231,8 +230,7 @@ impl H1Upstream {
                     .collect();
                 http::HeaderValue::from_bytes(&unfolded)
             } else {
-                let at = field.value.as_ptr() as usize - base;
-                http::HeaderValue::from_maybe_shared(raw.slice(at..at + field.value.len()))
+                http::HeaderValue::from_maybe_shared(head.part(field.value))
             }
             .map_err(|_| H1Error::Malformed("invalid header value"))?;
             if name == http::header::TRANSFER_ENCODING {
