@@ -134,6 +134,10 @@ pub fn load_prices(config: &Config) -> anyhow::Result<PriceTable> {
 
 /// Builds and runs the node; returns only on fatal start-up errors.
 pub fn serve(config: Config) -> anyhow::Result<()> {
+    // Both addresses are claimed before anything else starts: a node that cannot listen stops
+    // here with the reason, instead of running on without serving.
+    let admin_listener = claim_address(&config.admin_addr, "admin_addr")?;
+    let proxy_probe = claim_address(&config.proxy_addr, "proxy_addr")?;
     let node = load_secrets(&config)?;
     let keys = Arc::new(KeyCache::new(node.pepper.clone()));
     let accounts = Arc::new(AccountCache::default());
@@ -251,10 +255,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             .l4_buffer(pingora::protocols::l4::stream::L4BufferSettings::new(0, 0)),
     );
 
-    let admin_addr = config.admin_addr.parse().context("admin_addr")?;
+    admin_listener
+        .set_nonblocking(true)
+        .context("admin listener")?;
     let control = ControlPlane {
         database_url: config.database_url(),
-        admin_addr,
+        admin_listener: Mutex::new(Some(admin_listener)),
         admin_token: config.admin_token.as_ref().map(|t| t.expose().to_string()),
         max_keys_per_user: config.max_keys_per_user,
         refresh_interval: config.cache_refresh_interval,
@@ -279,5 +285,42 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         control,
     ));
     tracing::info!(proxy = %config.proxy_addr, admin = %config.admin_addr, "llm-relay starting");
+    // Pingora binds the proxy address itself, inside a task of its service, and a failure there
+    // is a panic that would leave the process running without a proxy. The probe above makes
+    // that unlikely; should another process take the address in between, the panic ends the node.
+    drop(proxy_probe);
+    exit_when_listeners_fail();
     server.run_forever();
+}
+
+/// Binds `addr` (a socket address from the configuration), naming the setting in the error.
+fn claim_address(addr: &str, setting: &str) -> anyhow::Result<std::net::TcpListener> {
+    let parsed: std::net::SocketAddr = addr
+        .parse()
+        .with_context(|| format!("{setting} is not an address: {addr}"))?;
+    std::net::TcpListener::bind(parsed)
+        .with_context(|| format!("cannot listen on {parsed} ({setting})"))
+}
+
+/// Message of the panic Pingora raises when a service cannot bind its listeners.
+const LISTENER_PANIC: &str = "Failed to build listeners";
+
+/// Makes a listener failure inside Pingora end the process with status 1. Any other panic keeps
+/// the default behaviour: it ends its task, and the node serves on.
+fn exit_when_listeners_fail() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with(LISTENER_PANIC) {
+            tracing::error!("the proxy cannot listen; stopping");
+            crate::log_sink::flush_global();
+            std::process::exit(1);
+        }
+    }));
 }

@@ -199,3 +199,66 @@ async fn a_request_body_the_client_cannot_frame_is_answered_400() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
 }
+
+/// Runs `llm-relay serve` with `setting` pointing at a port another socket holds; returns the
+/// exit status and standard error once it stops (at most 30 s).
+fn serve_on_a_taken_port(setting: &str) -> (std::process::ExitStatus, String, u16) {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let port = taken.local_addr().expect("its address").port();
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llm-relay"))
+        .arg("serve")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RELAY_DATA_DIR", data.path())
+        .env("RELAY_ADMIN_PASSWORD", "admin-password-1")
+        .env(
+            "RELAY_PROXY_ADDR",
+            format!("127.0.0.1:{}", common::free_port()),
+        )
+        .env(
+            "RELAY_ADMIN_ADDR",
+            format!("127.0.0.1:{}", common::free_port()),
+        )
+        .env(setting, format!("127.0.0.1:{port}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the relay");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("the relay's status") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the relay kept running without its {setting} port");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut pipe, &mut stderr).expect("the relay's stderr");
+    }
+    drop(taken);
+    (status, stderr, port)
+}
+
+#[test]
+fn a_node_that_cannot_listen_stops_and_says_where() {
+    for (setting, name) in [
+        ("RELAY_ADMIN_ADDR", "admin_addr"),
+        ("RELAY_PROXY_ADDR", "proxy_addr"),
+    ] {
+        let (status, stderr, port) = serve_on_a_taken_port(setting);
+        assert_eq!(status.code(), Some(1), "{setting}: {stderr}");
+        assert!(
+            stderr.contains(&format!("cannot listen on 127.0.0.1:{port} ({name})")),
+            "{setting}: {stderr}"
+        );
+        assert!(stderr.contains("Address already in use"), "{stderr}");
+    }
+}

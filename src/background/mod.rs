@@ -24,7 +24,8 @@ use usage_writer::{UsageWriter, WriterSettings};
 /// Everything the control plane starts with.
 pub struct ControlPlane {
     pub database_url: String,
-    pub admin_addr: SocketAddr,
+    /// The admin service's socket, bound (non-blocking) before the node starts.
+    pub admin_listener: Mutex<Option<std::net::TcpListener>>,
     pub admin_token: Option<String>,
     pub max_keys_per_user: u32,
     pub refresh_interval: std::time::Duration,
@@ -111,9 +112,11 @@ impl BackgroundService for ControlPlane {
             refresh,
         );
         let app = admin::router(state).into_make_service_with_connect_info::<SocketAddr>();
-        match tokio::net::TcpListener::bind(self.admin_addr).await {
-            Ok(listener) => {
-                tracing::info!(addr = %self.admin_addr, "admin service listening");
+        match take(&self.admin_listener).map(tokio::net::TcpListener::from_std) {
+            Some(Ok(listener)) => {
+                if let Ok(addr) = listener.local_addr() {
+                    tracing::info!(%addr, "admin service listening");
+                }
                 let mut stop = shutdown.clone();
                 tasks.spawn(async move {
                     let served = axum::serve(listener, app)
@@ -126,9 +129,8 @@ impl BackgroundService for ControlPlane {
                     }
                 });
             }
-            Err(e) => {
-                tracing::error!(addr = %self.admin_addr, error = %e, "admin service cannot listen")
-            }
+            Some(Err(e)) => tracing::error!(error = %e, "admin service cannot listen"),
+            None => tracing::error!("admin service started twice"),
         }
         while tasks.join_next().await.is_some() {}
         crate::log_sink::flush_global();

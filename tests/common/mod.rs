@@ -35,7 +35,14 @@ pub struct Relay {
     pub admin: String,
     pub data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
+    log: tempfile::NamedTempFile,
     pub http: reqwest::Client,
+}
+
+/// Why a relay did not come up.
+enum Exit {
+    Stopped(std::process::ExitStatus),
+    NotReady,
 }
 
 /// Options of a relay start.
@@ -70,9 +77,36 @@ impl Relay {
                 (Some(t), p)
             }
         };
+        let mut tmp = tmp;
+        // A port found free may be taken by another test before the relay binds it; the relay
+        // then stops at once, saying it cannot listen, and gets new ports.
+        for attempt in 1.. {
+            let mut relay = Self::spawn(&opts.db, &opts.env, data_dir.clone());
+            match relay.wait_ready().await {
+                Ok(()) => {
+                    relay._tmp = tmp.take();
+                    return relay;
+                }
+                Err(Exit::Stopped(status))
+                    if attempt < 5 && relay.log().contains("cannot listen on") =>
+                {
+                    eprintln!("relay start {attempt}: {status}, a port was taken; again");
+                }
+                Err(Exit::Stopped(status)) => {
+                    panic!("relay exited during start-up: {status}\n{}", relay.log())
+                }
+                Err(Exit::NotReady) => panic!("relay did not become ready\n{}", relay.log()),
+            }
+        }
+        unreachable!("the loop returns or panics")
+    }
+
+    fn spawn(db: &Db, env: &[(String, String)], data_dir: PathBuf) -> Relay {
         let proxy_port = free_port();
         let admin_port = free_port();
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        // The relay's own log goes to a file, shown when a test fails (see `Drop`).
+        let log = tempfile::NamedTempFile::new().expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_llm-relay"));
         cmd.arg("serve")
             .current_dir(&root)
@@ -90,30 +124,34 @@ impl Relay {
             .env("RELAY_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        if let Db::Postgres(url) = &opts.db {
+            .stderr(Stdio::from(log.reopen().expect("log file")));
+        if let Db::Postgres(url) = db {
             cmd.env("RELAY_DATABASE_URL", url);
         }
-        for (k, v) in &opts.env {
+        for (k, v) in env {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn relay");
-        let mut relay = Relay {
+        Relay {
             child,
             proxy: format!("http://127.0.0.1:{proxy_port}"),
             admin: format!("http://127.0.0.1:{admin_port}"),
             data_dir,
-            _tmp: tmp,
+            _tmp: None,
+            log,
             http: reqwest::Client::builder()
                 .no_proxy()
                 .build()
                 .expect("client"),
-        };
-        relay.wait_ready().await;
-        relay
+        }
     }
 
-    async fn wait_ready(&mut self) {
+    /// What the relay has written to its standard error so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), Exit> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let admin = self.http.get(format!("{}/readyz", self.admin)).send().await;
@@ -124,11 +162,13 @@ impl Relay {
                 .await;
             if matches!((&admin, &proxy), (Ok(a), Ok(p)) if a.status().is_success() && p.status().is_success())
             {
-                return;
+                return Ok(());
             }
-            assert!(Instant::now() < deadline, "relay did not become ready");
             if let Ok(Some(status)) = self.child_status() {
-                panic!("relay exited during start-up: {status}");
+                return Err(Exit::Stopped(status));
+            }
+            if Instant::now() >= deadline {
+                return Err(Exit::NotReady);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -315,6 +355,17 @@ impl Drop for Relay {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let mut from = log.len().saturating_sub(8192);
+            while !log.is_char_boundary(from) {
+                from += 1;
+            }
+            let tail = &log[from..];
+            if !tail.is_empty() {
+                eprintln!("--- relay log ({}) ---\n{tail}", self.proxy);
+            }
+        }
     }
 }
 
