@@ -55,7 +55,7 @@ async fn proxied_record(relay: &Relay, key: &str, topic: &str) -> Value {
             .await;
         if let Some(rec) = page["items"]
             .as_array()
-            .and_then(|items| items.iter().find(|r| r["id"] == id.as_str()))
+            .and_then(|items| items.iter().find(|r| r["request_id"] == id.as_str()))
         {
             return rec.clone();
         }
@@ -702,4 +702,61 @@ async fn price_rates_and_overrides_change_the_next_request(db: Db) {
         2,
         "the refused change is not audited: {actions:?}"
     );
+}
+
+#[tokio::test]
+async fn a_request_id_the_client_repeats_is_booked_every_time() {
+    let mock = MockUpstream::start().await;
+    mock.set(|b| {
+        b.usage = MockUsage {
+            input: 1000,
+            output: 1000,
+            ..MockUsage::default()
+        }
+    });
+    let relay = start(Db::Sqlite).await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-upstream-a")
+        .await;
+    let user = relay.create_user("hugo", 10_000).await;
+    let (key_id, key) = relay.create_key(&user, json!({})).await;
+    relay.wait_key_active(&key).await;
+    // A client (or a gateway before the relay) that sends the same x-request-id each time: every
+    // request is served upstream and must be booked, the id echoed as sent.
+    for topic in ["one", "two", "three"] {
+        let r = relay
+            .post("/v1/messages", &key)
+            .header("x-request-id", "fixed-id")
+            .json(&messages_body(MODEL, false, conversation(topic, 1)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-request-id"], "fixed-id");
+        let _ = r.bytes().await.unwrap();
+    }
+    let records = relay.wait_records(3).await;
+    assert_eq!(records.len(), 3, "{records:?}");
+    let mut ids: Vec<&str> = records.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        3,
+        "each record has an id of its own: {records:?}"
+    );
+    assert!(!ids.contains(&"fixed-id"));
+    for r in &records {
+        assert_eq!(r["request_id"], "fixed-id", "{r}");
+        assert_eq!(r["billed_cost"], 18_000, "{r}");
+    }
+    let summary = relay
+        .admin_get(&format!("/api/admin/users/{user}/usage/summary"))
+        .await;
+    assert_eq!(summary["today"]["requests"], 3, "{summary}");
+    assert_eq!(summary["today"]["billed_cost"], 54_000, "{summary}");
+    let logs = relay
+        .admin_get(&format!("/api/admin/api-keys/{key_id}/logs"))
+        .await;
+    assert_eq!(logs["total"], 3, "{logs}");
 }

@@ -5,7 +5,9 @@
 mod common;
 
 use common::mock_upstream::{ExtraUsage, MockUpstream, MockUsage, Received};
-use common::{chat_body, chat_conversation, gemini_body, record_by_id, ClientFixture, Relay};
+use common::{
+    chat_body, chat_conversation, gemini_body, record_by_request_id, ClientFixture, Relay,
+};
 
 /// Upstream credentials of the test accounts (never the relay key).
 const OPENAI_SECRET: &str = "sk-openai-upstream-secret-0123";
@@ -309,7 +311,7 @@ async fn chat_json_and_streams_swap_credentials_and_book_normalised_usage() {
         ("chat-stream-asked", true),
         ("chat-alias", false),
     ] {
-        let rec = record_by_id(&records, id);
+        let rec = record_by_request_id(&records, id);
         assert_eq!(rec["protocol"], "openai_chat", "{rec}");
         assert_eq!(rec["stream"], stream, "{rec}");
         assert_eq!(rec["status"], 200, "{rec}");
@@ -627,7 +629,7 @@ async fn responses_through_an_openai_account_with_a_path_prefix() {
         ("responses-stream", true),
         ("responses-compact", false),
     ] {
-        let rec = record_by_id(&records, id);
+        let rec = record_by_request_id(&records, id);
         assert_eq!(rec["protocol"], "openai_responses", "{rec}");
         assert_eq!(rec["stream"], stream, "{rec}");
         assert_eq!(rec["input_tokens"], 366, "{rec}");
@@ -734,7 +736,7 @@ async fn codex_turns_stick_and_conversations_spread() {
         &id_b
     };
     for id in ["codex-turn-1", "codex-turn-2"] {
-        let rec = record_by_id(&records, id);
+        let rec = record_by_request_id(&records, id);
         assert_eq!(rec["stream"], true, "{rec}");
         assert_eq!(rec["requested_model"], "gpt-5.5", "{rec}");
         assert_eq!(rec["input_tokens"], 366, "{rec}");
@@ -1047,7 +1049,7 @@ async fn gemini_keys_are_swapped_aliases_route_and_thoughts_are_billed() {
     // $0.30 in, $2.50 out, $0.03 cached per MTok: 715.2 + 2362.5 + 61.44 = 3139.14 → 3139.
     let records = relay.wait_records(cases.len()).await;
     for (id, _, _, _, shape) in &cases {
-        let rec = record_by_id(&records, id);
+        let rec = record_by_request_id(&records, id);
         assert_eq!(rec["protocol"], "gemini", "{rec}");
         assert_eq!(rec["stream"], *shape != Shape::Json, "{rec}");
         assert_eq!(rec["requested_model"], "gemini-2.5-flash", "{rec}");
@@ -1282,10 +1284,10 @@ async fn model_map_renames_the_chat_body_model_and_the_gemini_path_model() {
     assert_eq!(up.json(), gemini_body("map", 1));
 
     let records = relay.wait_records(2).await;
-    let rec = record_by_id(&records, "map-chat");
+    let rec = record_by_request_id(&records, "map-chat");
     assert_eq!(rec["requested_model"], "gpt-4.1", "{rec}");
     assert_eq!(rec["upstream_model"], "gpt-4.1-2025-04-14", "{rec}");
-    let rec = record_by_id(&records, "map-gemini");
+    let rec = record_by_request_id(&records, "map-gemini");
     assert_eq!(rec["requested_model"], "gemini-2.5-flash", "{rec}");
     assert_eq!(
         rec["upstream_model"], "gemini-2.5-flash-preview-09-2025",
@@ -1365,11 +1367,11 @@ async fn cut_streams_end_with_the_protocols_error_event_and_book_what_was_seen()
 
     let records = relay.wait_records(3).await;
     for id in ["cut-chat", "cut-responses", "cut-gemini"] {
-        let rec = record_by_id(&records, id);
+        let rec = record_by_request_id(&records, id);
         assert_eq!(rec["error_type"], "upstream_error", "{rec}");
     }
     // The third Gemini chunk reported 211 × 3 / 6 = 105 candidate tokens so far.
-    let rec = record_by_id(&records, "cut-gemini");
+    let rec = record_by_request_id(&records, "cut-gemini");
     assert_eq!(rec["input_tokens"], 2384, "{rec}");
     assert_eq!(rec["output_tokens"], 105 + 734, "{rec}");
 }

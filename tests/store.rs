@@ -726,6 +726,7 @@ fn record(
 ) -> UsageRecord {
     UsageRecord {
         id: id.to_owned(),
+        request_id: None,
         created_at: at,
         user_id: Some(user.to_owned()),
         api_key_id: Some(key.to_owned()),
@@ -807,17 +808,21 @@ async fn usage_batches_roll_up_exactly(env: Env) {
             70,
             3_000,
         ),
-        record(
-            "r3",
-            DAY0 + 25 * HOUR,
-            u,
-            kid,
-            a,
-            "claude-opus-4",
-            300,
-            90,
-            9_000,
-        ),
+        UsageRecord {
+            // The client sent an x-request-id of its own.
+            request_id: Some("client-chosen".into()),
+            ..record(
+                "r3",
+                DAY0 + 25 * HOUR,
+                u,
+                kid,
+                a,
+                "claude-opus-4",
+                300,
+                90,
+                9_000,
+            )
+        },
     ];
     let marker = store.change_marker().await.unwrap();
     store.insert_usage_batch(&batch1).await.unwrap();
@@ -961,6 +966,7 @@ async fn usage_batches_roll_up_exactly(env: Env) {
     assert_eq!(page.total, 4);
     let r = &page.items[0];
     assert_eq!(r.id, "r3");
+    assert_eq!(r.request_id, "client-chosen");
     assert_eq!(r.created_at, DAY0 + 25 * HOUR);
     assert_eq!(r.user_id.as_deref(), Some(u));
     assert_eq!(r.account_id.as_deref(), Some(a));
@@ -1033,6 +1039,8 @@ async fn usage_records_filter_and_paginate(env: Env) {
     assert_eq!((all.total, all.page, all.per_page), (30, 1, 10));
     let ids: Vec<_> = all.items.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids[0], "rec-29");
+    // Without a client id, the one the relay answered with is the record's.
+    assert_eq!(all.items[0].request_id, "rec-29");
     assert_eq!(ids[9], "rec-20");
     let last = store
         .list_usage_records(&RecordFilter::default(), 3, 10)

@@ -14,6 +14,8 @@ use crate::{Protocol, TokenUsage};
 pub struct RequestCtx {
     /// Request id: the client's `x-request-id` or a fresh uuid v7.
     pub request_id: String,
+    /// `request_id` came from the client: the usage record gets an id of its own.
+    pub request_id_from_client: bool,
     /// When the request arrived.
     pub started: Instant,
     /// Epoch milliseconds when the request arrived.
@@ -130,6 +132,7 @@ impl RequestCtx {
     pub fn new(request_id: String, route: ApiRoute, started_ms: i64) -> Self {
         RequestCtx {
             request_id,
+            request_id_from_client: false,
             started: Instant::now(),
             started_ms,
             route,

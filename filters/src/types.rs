@@ -142,8 +142,13 @@ impl TokenUsage {
 /// One served request, as booked (DESIGN §9). Money is integer micro-USD.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
-    /// Request id (uuid v7 or the client's `x-request-id`).
+    /// Record id: a uuid v7 the relay made, unique. The relay's `x-request-id` unless the
+    /// client sent its own.
     pub id: String,
+    /// The client's `x-request-id`, when it sent one (the relay answered with it). Neither
+    /// unique nor trusted: a client may send the same one twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
     /// Epoch milliseconds when the request arrived.
     pub created_at: i64,
     pub user_id: Option<String>,

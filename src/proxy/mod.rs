@@ -171,6 +171,7 @@ impl RelayProxy {
         ctx: &mut ProxyCtx,
         route: relay_filters::route::ApiRoute,
         request_id: String,
+        request_id_from_client: bool,
     ) -> pingora::Result<()> {
         let protocol = route.protocol;
         let query = session.req_header().uri.query().map(str::to_string);
@@ -217,6 +218,7 @@ impl RelayProxy {
         let rctx = ctx
             .req
             .insert(RequestCtx::new(request_id.clone(), route, started_ms));
+        rctx.request_id_from_client = request_id_from_client;
         rctx.started = started;
         rctx.auth = pre_auth;
         rctx.request.model = parsed.model.as_deref().map(str::to_string);
@@ -296,8 +298,19 @@ impl RelayProxy {
         let Some(auth) = r.auth.as_ref() else { return };
         let elapsed = r.started.elapsed();
         // The request ends here: what only the record needs is moved into it.
+        // The record's id is the relay's own: a client's x-request-id may repeat, and a record
+        // with an id already stored is taken for a replay and not counted.
+        let (id, request_id) = if r.request_id_from_client {
+            (
+                uuid::Uuid::now_v7().to_string(),
+                Some(std::mem::take(&mut r.request_id)),
+            )
+        } else {
+            (std::mem::take(&mut r.request_id), None)
+        };
         let record = UsageRecord {
-            id: std::mem::take(&mut r.request_id),
+            id,
+            request_id,
             created_at: r.started_ms,
             user_id: Some(auth.key.user_id.clone()),
             api_key_id: Some(auth.key.id.clone()),
@@ -369,7 +382,7 @@ impl RelayProxy {
             m.unpriced.with_label_values(&[protocol]).inc();
         }
         crate::access_log::log(&crate::access_log::AccessLine {
-            request_id: &record.id,
+            request_id: record.request_id.as_deref().unwrap_or(&record.id),
             protocol,
             account,
             model: record.upstream_model.as_deref().unwrap_or("-"),
@@ -492,12 +505,13 @@ impl RelayProxy {
     /// Serves one request: route, body, filters, upstream exchange. Every answer, also every
     /// refusal, is written here.
     async fn serve(&self, session: &mut Session, ctx: &mut ProxyCtx) -> pingora::Result<()> {
-        let request_id = header_map(session)
+        let client_id = header_map(session)
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128)
-            .map(str::to_string)
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+            .map(str::to_string);
+        let from_client = client_id.is_some();
+        let request_id = client_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         let method = session.req_header().method.as_str().to_string();
         let path = session.req_header().uri.path().to_string();
         match match_route(&method, &path) {
@@ -529,7 +543,9 @@ impl RelayProxy {
                 let protocol = route.protocol;
                 let gauge = &crate::metrics::protocol_series(protocol).inflight;
                 gauge.inc();
-                let result = self.handle_api(session, ctx, route, request_id).await;
+                let result = self
+                    .handle_api(session, ctx, route, request_id, from_client)
+                    .await;
                 gauge.dec();
                 result
             }

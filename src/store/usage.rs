@@ -14,8 +14,9 @@ use sqlx::Row;
 use super::{get_bool, Page, Param, Result, SqlParts, SqlStore, StoreError};
 
 /// Columns of `request_logs`, in insert order.
-const RECORD_COLUMNS: [&str; 26] = [
+const RECORD_COLUMNS: [&str; 27] = [
     "id",
+    "request_id",
     "created_at",
     "user_id",
     "api_key_id",
@@ -91,8 +92,11 @@ impl UsageDim {
 /// A row of `request_logs`, flat, booleans as bool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UsageRow {
-    /// Request id.
+    /// Record id (unique).
     pub id: String,
+    /// The `x-request-id` the relay answered with: the client's own when it sent one, the
+    /// record id otherwise.
+    pub request_id: String,
     /// Epoch ms when the request arrived.
     pub created_at: i64,
     /// User, when authenticated.
@@ -369,8 +373,11 @@ impl BatchStatement {
 
 /// Builds a [`UsageRow`] from a `request_logs` row.
 fn usage_from_row(row: &AnyRow) -> Result<UsageRow> {
+    let id: String = row.try_get("id")?;
+    let request_id: Option<String> = row.try_get("request_id")?;
     Ok(UsageRow {
-        id: row.try_get("id")?,
+        request_id: request_id.unwrap_or_else(|| id.clone()),
+        id,
         created_at: row.try_get("created_at")?,
         user_id: row.try_get("user_id")?,
         api_key_id: row.try_get("api_key_id")?,
@@ -413,6 +420,7 @@ async fn insert_records(
             let u = &r.usage;
             query = query
                 .bind(r.id.as_str())
+                .bind(r.request_id.as_deref())
                 .bind(r.created_at)
                 .bind(r.user_id.as_deref())
                 .bind(r.api_key_id.as_deref())

@@ -496,11 +496,14 @@ impl Relay {
 }
 
 /// The usage record with request id `id` (sent as `x-request-id`).
-pub fn record_by_id<'a>(records: &'a [serde_json::Value], id: &str) -> &'a serde_json::Value {
+pub fn record_by_request_id<'a>(
+    records: &'a [serde_json::Value],
+    id: &str,
+) -> &'a serde_json::Value {
     records
         .iter()
-        .find(|r| r["id"] == id)
-        .unwrap_or_else(|| panic!("no usage record {id} among {records:?}"))
+        .find(|r| r["request_id"] == id)
+        .unwrap_or_else(|| panic!("no usage record with request id {id} among {records:?}"))
 }
 
 /// An OpenAI Chat Completions request body.

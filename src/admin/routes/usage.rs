@@ -67,6 +67,8 @@ pub struct DayUsage<T> {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OwnRecord {
     pub id: String,
+    /// The `x-request-id` the relay answered with (the client's own when it sent one).
+    pub request_id: String,
     pub created_at: i64,
     pub api_key_id: Option<String>,
     pub protocol: String,
@@ -92,6 +94,7 @@ impl From<UsageRow> for OwnRecord {
     fn from(r: UsageRow) -> Self {
         OwnRecord {
             id: r.id,
+            request_id: r.request_id,
             created_at: r.created_at,
             api_key_id: r.api_key_id,
             protocol: r.protocol,
