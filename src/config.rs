@@ -244,7 +244,10 @@ impl Default for UsageConfig {
     fn default() -> Self {
         UsageConfig {
             queue_capacity: 10_000,
-            batch_size: 500,
+            // A batch fills for up to 100 ms: 2000 records hold 20 000 requests/s in one
+            // transaction. At 500, 16 000 requests/s took four, and the SQLite writer's CPU per
+            // record was 16 % higher (per-commit pages, rollup rows, checkpoints).
+            batch_size: 2000,
             flush_interval: Duration::from_secs(1),
             idle_priority: true,
         }

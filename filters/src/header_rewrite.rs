@@ -2,6 +2,8 @@
 //! client credentials and hop-by-hop / client-IP headers out, the account's credential, host,
 //! path and model in (DESIGN §8).
 
+use std::borrow::Cow;
+
 use async_trait::async_trait;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
@@ -175,25 +177,31 @@ impl HeaderRewrite {
         out.extend(self.add.iter().cloned());
 
         // Model map: rewrite the body's model (or the Gemini path's) when the account renames it.
-        let mut path = ctx.route.upstream_path.clone();
+        let mut path: Cow<'_, str> = Cow::Borrowed(&ctx.route.upstream_path);
         let mut new_body = None;
-        let requested = ctx.requested_model().map(str::to_string);
-        ctx.upstream.model = requested.clone();
+        // The fields `requested_model()` reads, borrowed apart from the ones written below.
+        let requested = ctx
+            .request
+            .model
+            .as_deref()
+            .or(ctx.route.path_model.as_deref());
+        let mut upstream_model = requested.map(str::to_string);
         if let Some(model) = requested {
-            let mapped = account.map_model(&model);
+            let mapped = account.map_model(model);
             if mapped != model {
-                if ctx.protocol() == Protocol::Gemini {
-                    path = path.replacen(
+                if ctx.route.protocol == Protocol::Gemini {
+                    path = Cow::Owned(path.replacen(
                         &format!("/models/{model}:"),
                         &format!("/models/{mapped}:"),
                         1,
-                    );
+                    ));
                 } else {
                     new_body = rewrite_model(body, mapped).map(bytes::Bytes::from);
                 }
-                ctx.upstream.model = Some(mapped.to_string());
+                upstream_model = Some(mapped.to_string());
             }
         }
+        ctx.upstream.model = upstream_model;
         // Chat streams carry usage only when asked: ask for it, and hide the extra chunk from a
         // client that did not (DESIGN §9).
         if ctx.protocol() == Protocol::OpenaiChat
@@ -260,7 +268,7 @@ mod tests {
     fn ctx(protocol: Protocol, path: &str) -> RequestCtx {
         let route = ApiRoute {
             protocol,
-            upstream_path: path.into(),
+            upstream_path: path.to_string().into(),
             path_model: None,
             path_stream: false,
             billed: true,

@@ -1,6 +1,8 @@
 //! Path → route: which protocol a request speaks and what the upstream path is (DESIGN §4).
 //! Routing looks at the method and path only, never at the body.
 
+use std::borrow::Cow;
+
 use crate::Protocol;
 
 /// What a request asks the relay to do.
@@ -18,8 +20,9 @@ pub enum Route {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiRoute {
     pub protocol: Protocol,
-    /// Path appended to the account's base URL (without query).
-    pub upstream_path: String,
+    /// Path appended to the account's base URL (without query); one of a few fixed ones except
+    /// for Gemini, whose path names the model.
+    pub upstream_path: Cow<'static, str>,
     /// Model named in the path (Gemini).
     pub path_model: Option<String>,
     /// Streaming decided by the path (Gemini `:streamGenerateContent`).
@@ -39,10 +42,10 @@ pub fn match_route(method: &str, path: &str) -> Option<Route> {
     if method != "POST" {
         return None;
     }
-    let api = |protocol, upstream_path: &str, billed| {
+    let api = |protocol, upstream_path: &'static str, billed| {
         Some(Route::Api(ApiRoute {
             protocol,
-            upstream_path: upstream_path.to_string(),
+            upstream_path: Cow::Borrowed(upstream_path),
             path_model: None,
             path_stream: false,
             billed,
@@ -81,7 +84,7 @@ fn gemini_route(path: &str) -> Option<Route> {
     };
     Some(Route::Api(ApiRoute {
         protocol: Protocol::Gemini,
-        upstream_path: format!("/v1beta/models/{model}:{method}"),
+        upstream_path: Cow::Owned(format!("/v1beta/models/{model}:{method}")),
         path_model: Some(model.to_string()),
         path_stream,
         billed: true,

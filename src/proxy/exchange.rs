@@ -166,8 +166,9 @@ impl RelayProxy {
         let mut established: Option<Box<Attempt>> = None;
         while attempt_no < max_attempts {
             attempt_no += 1;
+            // Taken, not copied: a failover builds the next account's request anew.
             let (Some(account), Some(req)) =
-                (rctx.upstream.account.clone(), rctx.upstream.request.clone())
+                (rctx.upstream.account.clone(), rctx.upstream.request.take())
             else {
                 break;
             };
@@ -303,10 +304,9 @@ impl RelayProxy {
                 }
             };
         };
-        // No more failover: the request body (20 to 200 KiB for real clients) and the upstream
-        // request need not live as long as the stream.
+        // No more failover: the request body (20 to 200 KiB for real clients) need not live as
+        // long as the stream.
         drop(body);
-        rctx.upstream.request = None;
         let pumped = Box::pin(self.pump(session, ctx, att)).await;
         if let Some(r) = ctx.req.as_ref() {
             if r.usage.response_id.is_some() {

@@ -302,7 +302,7 @@ impl RelayProxy {
         // with an id already stored is taken for a replay and not counted.
         let (id, request_id) = if r.request_id_from_client {
             (
-                uuid::Uuid::now_v7().to_string(),
+                crate::store::new_id(),
                 Some(std::mem::take(&mut r.request_id)),
             )
         } else {
@@ -404,6 +404,19 @@ impl RelayProxy {
         }
         self.usage.push(record).await;
     }
+}
+
+/// The refusal of an unknown path, in the protocol its prefix suggests.
+fn not_found(method: &str, path: &str) -> (Protocol, Rejection) {
+    let protocol = if path.contains("/messages") {
+        Protocol::Anthropic
+    } else if path.contains("models/") || path.starts_with("/gemini") {
+        Protocol::Gemini
+    } else {
+        Protocol::OpenaiChat
+    };
+    let r = Rejection::new(ErrorKind::NotFound, format!("no route for {method} {path}"));
+    (protocol, r)
 }
 
 fn too_large(max: usize) -> Rejection {
@@ -511,16 +524,19 @@ impl RelayProxy {
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map(str::to_string);
         let from_client = client_id.is_some();
-        let request_id = client_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        let method = session.req_header().method.as_str().to_string();
-        let path = session.req_header().uri.path().to_string();
-        match match_route(&method, &path) {
-            Some(Route::Health) => {
+        let request_id = client_id.unwrap_or_else(crate::store::new_id);
+        let head = session.req_header();
+        let (method, path) = (head.method.as_str(), head.uri.path());
+        // Matched on the head's own strings; an unknown path's refusal is made before the
+        // session is borrowed again.
+        let route = match_route(method, path).ok_or_else(|| not_found(method, path));
+        match route {
+            Ok(Route::Health) => {
                 ctx.status = 200;
                 Self::respond(session, 200, "text/plain", Bytes::from_static(b"ok"), &[]).await?;
                 Ok(())
             }
-            Some(Route::ListModels) => {
+            Ok(Route::ListModels) => {
                 match self.list_models(session) {
                     Ok(body) => {
                         ctx.status = 200;
@@ -539,7 +555,7 @@ impl RelayProxy {
                 }
                 Ok(())
             }
-            Some(Route::Api(route)) => {
+            Ok(Route::Api(route)) => {
                 let protocol = route.protocol;
                 let gauge = &crate::metrics::protocol_series(protocol).inflight;
                 gauge.inc();
@@ -549,17 +565,7 @@ impl RelayProxy {
                 gauge.dec();
                 result
             }
-            None => {
-                // Unknown path: answer in the shape its prefix suggests.
-                let protocol = if path.contains("/messages") {
-                    Protocol::Anthropic
-                } else if path.contains("models/") || path.starts_with("/gemini") {
-                    Protocol::Gemini
-                } else {
-                    Protocol::OpenaiChat
-                };
-                let r =
-                    Rejection::new(ErrorKind::NotFound, format!("no route for {method} {path}"));
+            Err((protocol, r)) => {
                 session.set_keep_alive(false);
                 Self::reject(session, ctx, protocol, &r, &request_id).await
             }

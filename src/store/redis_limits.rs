@@ -129,7 +129,7 @@ impl LimitStore for RedisLimits {
         lease_ttl: Duration,
     ) -> Option<SlotLease> {
         let key = format!("{}limit:slots:{key_id}", self.prefix);
-        let lease_id = uuid::Uuid::now_v7().to_string();
+        let lease_id = crate::store::new_id();
         let now = now_ms();
         let expires = now + i64::try_from(lease_ttl.as_millis()).unwrap_or(i64::MAX / 2);
         let id = lease_id.clone();
