@@ -44,27 +44,37 @@ pub fn usage_channel(capacity: usize, spool_dir: PathBuf) -> (UsageQueue, UsageW
         },
         UsageWriter {
             rx: Some(rx),
+            batch: Vec::new(),
             spool_dir,
         },
     )
 }
 
-/// The writer's end: owns the receiver and spools whatever is left when dropped.
+/// The writer's end: owns the receiver and the batch in hand, and spools whatever is left of
+/// both when dropped. A runtime shutting down drops the running writer (its future owns it), so
+/// records still queued, or in a batch whose write was cut, are spooled then; a batch that was
+/// in fact committed is skipped on replay (ids are unique).
 pub struct UsageWriter {
     rx: Option<mpsc::Receiver<UsageRecord>>,
+    batch: Vec<UsageRecord>,
     spool_dir: PathBuf,
 }
 
 impl Drop for UsageWriter {
     fn drop(&mut self) {
-        let Some(rx) = self.rx.as_mut() else { return };
-        rx.close();
-        let mut left = Vec::new();
-        while let Ok(r) = rx.try_recv() {
-            left.push(r);
+        let mut left = std::mem::take(&mut self.batch);
+        let in_batch = left.len();
+        if let Some(rx) = self.rx.as_mut() {
+            rx.close();
+            while let Ok(r) = rx.try_recv() {
+                left.push(r);
+            }
         }
         if !left.is_empty() {
-            metrics().usage_queue_depth.sub(left.len() as i64);
+            // The records drained from the queue here leave its depth.
+            metrics()
+                .usage_queue_depth
+                .sub((left.len() - in_batch) as i64);
             metrics().usage_spilled.inc_by(left.len() as u64);
             if let Err(e) = spool(&self.spool_dir, &left) {
                 tracing::error!(error = %e, count = left.len(), "usage records could not be spooled at shutdown");
@@ -81,15 +91,18 @@ pub struct WriterSettings {
 }
 
 impl UsageWriter {
-    /// Runs until `shutdown` turns true, then flushes what is queued and returns.
+    /// Writes batches until every sender is gone. After `shutdown` turns true, batches are written
+    /// without waiting to fill; when the runtime drops the writer, `Drop` spools what is left.
     pub async fn run(
         mut self,
         store: SqlStore,
         settings: WriterSettings,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
-        let Some(mut rx) = self.rx.take() else { return };
-        let mut batch: Vec<UsageRecord> = Vec::with_capacity(settings.batch_size);
+        let this = &mut self;
+        let Some(rx) = this.rx.as_mut() else { return };
+        let batch = &mut this.batch;
+        batch.reserve(settings.batch_size);
         let mut replay_tick = tokio::time::interval(Duration::from_secs(5));
         let mut stopping = false;
         loop {
@@ -99,7 +112,7 @@ impl UsageWriter {
                 settings.flush_interval
             };
             tokio::select! {
-                got = rx.recv_many(&mut batch, settings.batch_size) => {
+                got = rx.recv_many(batch, settings.batch_size) => {
                     if got == 0 {
                         break;
                     }
@@ -117,7 +130,7 @@ impl UsageWriter {
                             }
                         }
                         metrics().usage_queue_depth.sub(batch.len() as i64);
-                        write_batch(&store, &self.spool_dir, &batch).await;
+                        write_batch(&store, &this.spool_dir, batch).await;
                         let full = batch.len() == settings.batch_size;
                         batch.clear();
                         if !full {
@@ -126,7 +139,7 @@ impl UsageWriter {
                     }
                 }
                 _ = replay_tick.tick() => {
-                    replay_spool(&store, &self.spool_dir, settings.batch_size).await;
+                    replay_spool(&store, &this.spool_dir, settings.batch_size).await;
                 }
                 changed = shutdown.changed(), if !stopping => {
                     if changed.is_err() || *shutdown.borrow() {
@@ -135,7 +148,6 @@ impl UsageWriter {
                 }
             }
         }
-        self.rx = Some(rx);
     }
 }
 
@@ -264,5 +276,81 @@ mod tests {
             .collect();
         ids.sort();
         assert_eq!(ids, ["a", "b"]);
+    }
+
+    /// The ids in the spool directory's files.
+    fn spooled_ids(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flat_map(|e| {
+                    let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+                    text.lines()
+                        .map(|l| serde_json::from_str::<UsageRecord>(l).unwrap().id)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Pingora ends a service by shutting its runtime down, which drops the running writer
+    /// wherever it is: records it had taken from the queue and those still queued are spooled.
+    #[test]
+    fn a_writer_dropped_with_its_runtime_spools_what_it_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = format!("sqlite://{}", dir.path().join("relay.db").display());
+        let store = rt.block_on(async {
+            let store = SqlStore::connect(&url, 1).await.unwrap();
+            store.migrate().await.unwrap();
+            store
+        });
+        let (queue, writer) = usage_channel(100, spool_dir.clone());
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let settings = WriterSettings {
+            batch_size: 100,
+            flush_interval: Duration::from_secs(1),
+        };
+        rt.spawn(writer.run(store.clone(), settings, stopping));
+        let ids: Vec<String> = (0..5).map(|i| format!("r{i}")).collect();
+        rt.block_on(async {
+            stop.send(true).unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            for id in &ids {
+                queue
+                    .push(UsageRecord {
+                        id: id.clone(),
+                        created_at: 1_764_000_000_000,
+                        protocol: "anthropic".into(),
+                        status: 200,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        });
+        // The writer now waits for its batch to fill (50 ms once stopping): cut it there.
+        rt.shutdown_timeout(Duration::from_secs(2));
+
+        let mut kept = spooled_ids(&spool_dir);
+        let check = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let stored = check.block_on(async {
+            let page = store
+                .list_usage_records(&crate::store::RecordFilter::default(), 1, 100)
+                .await
+                .unwrap();
+            page.items.into_iter().map(|r| r.id).collect::<Vec<_>>()
+        });
+        kept.extend(stored);
+        kept.sort();
+        kept.dedup();
+        assert_eq!(kept, ids, "every queued record is stored or spooled");
     }
 }
