@@ -281,3 +281,65 @@ async fn records_made_before_sigterm_are_all_kept() {
     let records = relay.wait_records(12).await;
     assert_eq!(records.len(), 12);
 }
+
+/// A stream still running when the grace period of a SIGTERM ends was served upstream: the
+/// relay books it with what it metered so far, flagged estimated.
+#[tokio::test]
+async fn a_stream_cut_by_the_end_of_the_grace_period_is_booked() {
+    let mock = MockUpstream::start().await;
+    mock.set(|b| {
+        b.usage = MockUsage {
+            input: 100,
+            output: 10,
+            ..MockUsage::default()
+        };
+        b.deltas = 40;
+        // About ten seconds: far longer than the test relays' grace period (1 s).
+        b.event_delay = Duration::from_millis(250);
+    });
+    let data = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start_with(RelayOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await;
+    relay
+        .create_account("a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    let user = relay.create_user("cut", 10_000).await;
+    let (_, key) = relay.create_key(&user, serde_json::json!({})).await;
+    relay.wait_key_active(&key).await;
+    let mut answer = relay
+        .post("/v1/messages", &key)
+        .json(&messages_body(
+            "claude-sonnet-4-5",
+            true,
+            conversation("long", 1),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert!(
+        answer.chunk().await.unwrap().is_some(),
+        "the stream is under way"
+    );
+    let reader = tokio::spawn(async move { while let Ok(Some(_)) = answer.chunk().await {} });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.terminate();
+    let _ = reader.await;
+
+    let relay = Relay::start_with(RelayOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await;
+    let records = relay.wait_records(1).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["error_type"], "interrupted", "{r}");
+    assert_eq!(r["estimated"], true, "{r}");
+    assert_eq!(r["input_tokens"], 100, "{r}");
+    assert!(r["billed_cost"].as_i64().unwrap() > 0, "{r}");
+}

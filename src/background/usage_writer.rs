@@ -23,13 +23,49 @@ pub struct UsageQueue {
 impl UsageQueue {
     /// Queues a record; waits when the queue is full (back-pressure, never loss). If the writer
     /// is gone (shutdown), the record is spooled directly.
+    /// A push cancelled while it waits for room (its task dropped) spools the record.
     pub async fn push(&self, record: UsageRecord) {
-        metrics().usage_queue_depth.inc();
-        if let Err(mpsc::error::SendError(record)) = self.tx.send(record).await {
-            metrics().usage_queue_depth.dec();
-            if let Err(e) = spool(&self.spool_dir, std::slice::from_ref(&record)) {
-                tracing::error!(error = %e, request_id = %record.id, "usage record could not be spooled");
+        let mut held = Held {
+            queue: self,
+            record: Some(record),
+        };
+        if let Ok(permit) = self.tx.reserve().await {
+            if let Some(record) = held.record.take() {
+                metrics().usage_queue_depth.inc();
+                permit.send(record);
             }
+        }
+    }
+
+    /// Queues a record without waiting: when the queue is full or the writer gone, the record is
+    /// spooled at once.
+    pub fn push_now(&self, record: UsageRecord) {
+        match self.tx.try_send(record) {
+            Ok(()) => metrics().usage_queue_depth.inc(),
+            Err(
+                mpsc::error::TrySendError::Full(record) | mpsc::error::TrySendError::Closed(record),
+            ) => self.spool_one(&record),
+        }
+    }
+
+    fn spool_one(&self, record: &UsageRecord) {
+        metrics().usage_spilled.inc();
+        if let Err(e) = spool(&self.spool_dir, std::slice::from_ref(record)) {
+            tracing::error!(error = %e, record_id = %record.id, "usage record could not be spooled");
+        }
+    }
+}
+
+/// A record on its way into the queue; spooled if it never got there.
+struct Held<'a> {
+    queue: &'a UsageQueue,
+    record: Option<UsageRecord>,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            self.queue.spool_one(&record);
         }
     }
 }
@@ -352,5 +388,30 @@ mod tests {
         kept.sort();
         kept.dedup();
         assert_eq!(kept, ids, "every queued record is stored or spooled");
+    }
+
+    /// A push waiting for room in a full queue whose task is dropped (a request cut at
+    /// shutdown) spools its record; `push_now` spools at once when the queue is full.
+    #[tokio::test]
+    async fn records_that_cannot_wait_for_room_are_spooled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (queue, _writer) = usage_channel(1, dir.path().to_path_buf());
+        let record = |id: &str| UsageRecord {
+            id: id.into(),
+            ..Default::default()
+        };
+        queue.push(record("queued")).await;
+        let waiting = {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.push(record("waiting")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the queue is full: the push waits");
+        waiting.abort();
+        let _ = waiting.await;
+        queue.push_now(record("at-once"));
+        let mut ids = spooled_ids(dir.path());
+        ids.sort();
+        assert_eq!(ids, ["at-once", "waiting"]);
     }
 }

@@ -487,6 +487,7 @@ impl RelayProxy {
         for f in &self.chain.response {
             f.on_end(rctx);
         }
+        ctx.ended = true;
         if cut {
             ctx.error_type = Some(ErrorKind::Upstream.type_name());
             if !client_gone && rctx.request.stream {

@@ -95,6 +95,10 @@ pub struct ProxyCtx {
     /// Time spent waiting on upstreams (for the overhead metric).
     pub upstream_time: Duration,
     pub lease: Option<InflightLease>,
+    /// The response filters' `on_end` ran.
+    pub ended: bool,
+    /// The usage record was made.
+    pub booked: bool,
 }
 
 fn header_map(session: &Session) -> &http::HeaderMap {
@@ -294,8 +298,46 @@ impl RelayProxy {
 
     /// Builds and queues the usage record of a request that reached the chain.
     async fn book(&self, ctx: &mut ProxyCtx) {
-        let Some(r) = ctx.req.as_mut() else { return };
-        let Some(auth) = r.auth.as_ref() else { return };
+        if let Some(record) = self.record(ctx) {
+            self.usage.push(record).await;
+        }
+    }
+
+    /// Books a request whose task is dropped before it was booked: a runtime stopping (the
+    /// grace period of a shutdown is over) drops every request still running. What was metered
+    /// of the answer is settled and the record queued or spooled without waiting.
+    fn book_dropped(&self, ctx: &mut ProxyCtx) {
+        if ctx.booked {
+            return;
+        }
+        if let Some(r) = ctx.req.as_mut() {
+            if !ctx.ended {
+                let streamed = r.usage.meter.is_some();
+                for f in &self.chain.response {
+                    f.on_end(r);
+                }
+                // The counts are those seen until the cut.
+                r.usage.estimated |= streamed;
+            }
+        }
+        if ctx.status == 0 {
+            ctx.status = 499;
+        }
+        ctx.error_type.get_or_insert("interrupted");
+        ctx.lease.take();
+        if let Some(record) = self.record(ctx) {
+            self.usage.push_now(record);
+        }
+    }
+
+    /// The usage record of a request that reached the chain (once), counted in the metrics and
+    /// the access log.
+    fn record(&self, ctx: &mut ProxyCtx) -> Option<UsageRecord> {
+        if std::mem::replace(&mut ctx.booked, true) {
+            return None;
+        }
+        let r = ctx.req.as_mut()?;
+        let auth = r.auth.as_ref()?;
         let elapsed = r.started.elapsed();
         // The request ends here: what only the record needs is moved into it.
         // The record's id is the relay's own: a client's x-request-id may repeat, and a record
@@ -394,15 +436,31 @@ impl RelayProxy {
             failovers: record.failover_count,
         });
         if let Some(counters) = self.counters.clone() {
-            let r = record.clone();
-            // Counters are bookkeeping: never on the request's path.
-            tokio::spawn(async move {
-                if let Err(e) = counters.book(&r).await {
-                    tracing::debug!(error = %e, "usage counters not updated in Redis");
-                }
-            });
+            // Counters are bookkeeping: never on the request's path, and skipped when no
+            // runtime is left to run them (a request dropped at shutdown).
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let r = record.clone();
+                rt.spawn(async move {
+                    if let Err(e) = counters.book(&r).await {
+                        tracing::debug!(error = %e, "usage counters not updated in Redis");
+                    }
+                });
+            }
         }
-        self.usage.push(record).await;
+        Some(record)
+    }
+}
+
+/// A request's context that books the request when dropped unbooked (see
+/// [`RelayProxy::book_dropped`]).
+struct Booking<'a> {
+    proxy: &'a RelayProxy,
+    ctx: ProxyCtx,
+}
+
+impl Drop for Booking<'_> {
+    fn drop(&mut self) {
+        self.proxy.book_dropped(&mut self.ctx);
     }
 }
 
@@ -479,10 +537,15 @@ impl RelayProxy {
         if *shutdown.borrow() {
             session.set_keep_alive(false);
         }
-        let mut ctx = ProxyCtx::default();
-        match self.serve(session, &mut ctx).await {
+        // Booked when dropped unbooked: a request still running when the runtime stops.
+        let mut booking = Booking {
+            proxy: self,
+            ctx: ProxyCtx::default(),
+        };
+        let ctx = &mut booking.ctx;
+        match self.serve(session, ctx).await {
             Ok(()) => {
-                self.logging(None, &mut ctx).await;
+                self.logging(None, ctx).await;
                 session.finish().await
             }
             Err(e) => {
@@ -509,7 +572,7 @@ impl RelayProxy {
                     tracing::warn!(error = %e, status = code, "request failed");
                     Box::pin(session.respond_error(code)).await;
                 }
-                self.logging(Some(&e), &mut ctx).await;
+                self.logging(Some(&e), ctx).await;
                 false
             }
         }
