@@ -218,6 +218,25 @@ async fn bad_requests_get_clear_errors() {
         "{v}"
     );
 
+    // A model name with a NUL: no provider has it, and PostgreSQL could not store its record.
+    let r = s
+        .relay
+        .post("/v1/messages", &s.key)
+        .json(&serde_json::json!({"model": "claude\u{0}", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_anthropic_error(&v, "invalid_request_error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("model name"),
+        "{v}"
+    );
+
     let r = s
         .relay
         .post("/v1/messages", &s.key)

@@ -173,6 +173,9 @@ pub fn parse_request_body(body: &[u8]) -> Result<RequestBody<'_>, BodyError> {
     })
 }
 
+/// Longest model name taken (provider model names are far shorter).
+pub const MAX_MODEL_LEN: usize = 256;
+
 /// Checks what `protocol` requires of a parsed body. Field types were already checked by
 /// [`parse_request_body`]; this adds presence and shape rules of the protocol.
 pub fn validate_for(protocol: Protocol, body: &RequestBody<'_>) -> Result<(), BodyError> {
@@ -182,10 +185,12 @@ pub fn validate_for(protocol: Protocol, body: &RequestBody<'_>) -> Result<(), Bo
     }
     match body.model.as_deref() {
         None => return Err(BodyError::MissingField("model")),
-        Some("") => {
+        // The name is stored with the usage record: PostgreSQL refuses NUL in text, and a
+        // record its database cannot store would hold up every record of its batch.
+        Some(m) if m.is_empty() || m.len() > MAX_MODEL_LEN || m.chars().any(char::is_control) => {
             return Err(BodyError::BadField {
                 field: "model",
-                expected: "a non-empty string",
+                expected: "a model name (1 to 256 bytes, no control characters)",
             })
         }
         Some(_) => {}
@@ -730,7 +735,32 @@ mod tests {
             ),
             (Protocol::Gemini, r#"{"contents":[]}"#, Ok(())),
             (Protocol::Gemini, r#"{}"#, Ok(())),
+            // A model name no database would store, or no provider has.
+            (
+                Protocol::Anthropic,
+                r#"{"model":"x\u0000","messages":[]}"#,
+                Err("model"),
+            ),
+            (
+                Protocol::OpenaiResponses,
+                r#"{"model":"a\nb","input":"x"}"#,
+                Err("model"),
+            ),
+            (
+                Protocol::OpenaiChat,
+                r#"{"model":"","messages":[]}"#,
+                Err("model"),
+            ),
         ];
+        let long = format!(
+            r#"{{"model":"{}","input":"x"}}"#,
+            "m".repeat(MAX_MODEL_LEN + 1)
+        );
+        let longest = format!(r#"{{"model":"{}","input":"x"}}"#, "m".repeat(MAX_MODEL_LEN));
+        let parsed = parse_request_body(long.as_bytes()).expect("parses");
+        assert!(validate_for(Protocol::OpenaiResponses, &parsed).is_err());
+        let parsed = parse_request_body(longest.as_bytes()).expect("parses");
+        assert!(validate_for(Protocol::OpenaiResponses, &parsed).is_ok());
         for (protocol, body, want) in cases {
             let parsed = parse_request_body(body.as_bytes()).expect("parses");
             let got = validate_for(*protocol, &parsed);

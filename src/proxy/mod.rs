@@ -360,11 +360,13 @@ impl RelayProxy {
             session_key: r.session.key.take(),
             protocol: r.route.protocol.as_str().into(),
             requested_model: r.requested_model().map(str::to_string),
+            // The upstream's word: a NUL in it would make the record unstorable in PostgreSQL.
             upstream_model: r
                 .usage
                 .upstream_model
                 .take()
-                .or_else(|| r.upstream.model.take()),
+                .or_else(|| r.upstream.model.take())
+                .map(storable_text),
             stream: r.request.stream,
             status: ctx.status,
             usage: r.usage.tokens,
@@ -461,6 +463,15 @@ struct Booking<'a> {
 impl Drop for Booking<'_> {
     fn drop(&mut self) {
         self.proxy.book_dropped(&mut self.ctx);
+    }
+}
+
+/// `text` with any NUL replaced (PostgreSQL refuses NUL in text values).
+fn storable_text(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
     }
 }
 
@@ -673,4 +684,16 @@ impl RelayProxy {
 /// The error body for an upstream failure, in the client protocol's shape.
 pub(crate) fn upstream_error_body(protocol: Protocol, status: u16, message: &str) -> Bytes {
     Bytes::from(error_body(protocol, ErrorKind::Upstream, status, message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storable_text_replaces_nul_only() {
+        assert_eq!(storable_text("claude-x".into()), "claude-x");
+        assert_eq!(storable_text("a\0b\0".into()), "a\u{FFFD}b\u{FFFD}");
+        assert_eq!(storable_text("tab\there".into()), "tab\there");
+    }
 }
