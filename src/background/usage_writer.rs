@@ -233,6 +233,16 @@ fn spool(dir: &Path, records: &[UsageRecord]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Appends `bytes` to the file at `path` (created when missing) and syncs it.
+fn append_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
 /// Replays spooled files into the database; a file is removed only after all of it is stored.
 /// Inserts are idempotent by request id, so a replay interrupted halfway is safe to repeat.
 pub async fn replay_spool(store: &SqlStore, dir: &Path, batch_size: usize) {
@@ -249,11 +259,14 @@ pub async fn replay_spool(store: &SqlStore, dir: &Path, batch_size: usize) {
             continue;
         };
         let mut records = Vec::new();
+        let mut unreadable = String::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             match serde_json::from_str::<UsageRecord>(line) {
                 Ok(r) => records.push(r),
                 Err(e) => {
-                    tracing::error!(file = %path.display(), error = %e, "unreadable spooled record kept in place")
+                    tracing::error!(file = %path.display(), error = %e, "unreadable spooled record set aside");
+                    unreadable.push_str(line);
+                    unreadable.push('\n');
                 }
             }
         }
@@ -269,6 +282,15 @@ pub async fn replay_spool(store: &SqlStore, dir: &Path, batch_size: usize) {
         }
         if !ok {
             return;
+        }
+        // Lines this version cannot read are kept beside the file (not replayed), for a person
+        // or a later version to look at: the file itself goes once the rest is stored.
+        if !unreadable.is_empty() {
+            let aside = path.with_extension("unreadable");
+            if let Err(e) = append_synced(&aside, unreadable.as_bytes()) {
+                tracing::error!(file = %aside.display(), error = %e, "unreadable spooled records could not be set aside; the spool file stays");
+                continue;
+            }
         }
         metrics().usage_written.inc_by(records.len() as u64);
         if let Err(e) = std::fs::remove_file(&path) {
@@ -413,5 +435,39 @@ mod tests {
         let mut ids = spooled_ids(dir.path());
         ids.sort();
         assert_eq!(ids, ["at-once", "waiting"]);
+    }
+
+    /// A spool line this version cannot read is set aside in a file of its own, never deleted
+    /// with the records replayed from its file.
+    #[tokio::test]
+    async fn unreadable_spool_lines_are_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        std::fs::create_dir_all(&spool_dir).unwrap();
+        let url = format!("sqlite://{}", dir.path().join("relay.db").display());
+        let store = SqlStore::connect(&url, 1).await.unwrap();
+        store.migrate().await.unwrap();
+        let good = serde_json::to_string(&UsageRecord {
+            id: "good".into(),
+            created_at: 1_764_000_000_000,
+            protocol: "anthropic".into(),
+            status: 200,
+            ..Default::default()
+        })
+        .unwrap();
+        let file = spool_dir.join("usage-1.jsonl");
+        std::fs::write(
+            &file,
+            format!("{good}\n{{\"id\": 7, \"from\": \"elsewhere\"}}\n"),
+        )
+        .unwrap();
+        replay_spool(&store, &spool_dir, 100).await;
+        assert_eq!(store.count_records().await.unwrap(), 1);
+        assert!(!file.exists(), "the replayed file is gone");
+        let aside = std::fs::read_to_string(spool_dir.join("usage-1.unreadable")).unwrap();
+        assert_eq!(aside, "{\"id\": 7, \"from\": \"elsewhere\"}\n");
+        // Set aside, it is not replayed again.
+        replay_spool(&store, &spool_dir, 100).await;
+        assert!(spool_dir.join("usage-1.unreadable").exists());
     }
 }
