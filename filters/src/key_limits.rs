@@ -155,10 +155,14 @@ impl LimitStore for MemoryLimits {
         let e = cost
             .entry(key_id.to_string())
             .or_insert_with(|| (day.to_string(), 0, 0));
-        if e.0 != day {
-            *e = (day.to_string(), 0, e.2);
+        // Days are `YYYY-MM-DD`: their text order is their time order. A request is booked on
+        // the day it started, so a stream begun before midnight ends after today's first
+        // bookings: it counts for its own day (gone here) and the total, never resets today.
+        match day.cmp(e.0.as_str()) {
+            std::cmp::Ordering::Greater => *e = (day.to_string(), micro_usd, e.2),
+            std::cmp::Ordering::Equal => e.1 += micro_usd,
+            std::cmp::Ordering::Less => {}
         }
-        e.1 += micro_usd;
         e.2 += micro_usd;
     }
 }
@@ -276,5 +280,10 @@ mod tests {
         assert_eq!(m.spent("k", "2026-01-02").await, (0, 12));
         m.add_cost("k", "2026-01-02", 1).await;
         assert_eq!(m.spent("k", "2026-01-02").await, (1, 13));
+        // A stream begun yesterday, booked after today's first requests: today keeps its spend.
+        m.add_cost("k", "2026-01-01", 100).await;
+        assert_eq!(m.spent("k", "2026-01-02").await, (1, 113));
+        m.add_cost("k", "2026-01-02", 2).await;
+        assert_eq!(m.spent("k", "2026-01-02").await, (3, 115));
     }
 }
