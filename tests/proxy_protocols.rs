@@ -1369,6 +1369,7 @@ async fn cut_streams_end_with_the_protocols_error_event_and_book_what_was_seen()
     for id in ["cut-chat", "cut-responses", "cut-gemini"] {
         let rec = record_by_request_id(&records, id);
         assert_eq!(rec["error_type"], "upstream_error", "{rec}");
+        assert_eq!(rec["estimated"], true, "counts seen until the cut: {rec}");
     }
     // The third Gemini chunk reported 211 × 3 / 6 = 105 candidate tokens so far.
     let rec = record_by_request_id(&records, "cut-gemini");

@@ -1571,6 +1571,12 @@ impl crate::chain::ResponseFilter for SseUsage {
         let Some(meter) = ctx.usage.meter.as_mut() else {
             return;
         };
+        if meter.gave_up() {
+            // An event (or a JSON answer) past the meter's cap was skipped, and any usage in it:
+            // the record says its counts are not the upstream's.
+            ctx.usage.estimated = true;
+            tracing::warn!(request_id = %ctx.request_id, "usage not metered: an answer part past the meter's cap");
+        }
         let result = meter.finish();
         ctx.usage.tokens = result.usage;
         if result.model.is_some() {
@@ -2463,6 +2469,32 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
         let got = meter(Protocol::Gemini, false, &[array]);
         assert_eq!(got.upstream_error.as_deref(), Some("UNAVAILABLE"));
         assert_eq!(got.usage.input_tokens, 5);
+    }
+
+    #[test]
+    fn a_meter_past_its_cap_flags_the_record_estimated() {
+        use crate::chain::ResponseFilter;
+        let route = crate::route::ApiRoute {
+            protocol: Protocol::Anthropic,
+            upstream_path: "/v1/messages".into(),
+            path_model: None,
+            path_stream: false,
+            billed: true,
+        };
+        let mut ctx = crate::context::RequestCtx::new("r".into(), route, 0);
+        let mut meter = UsageMeter::with_limit(Protocol::Anthropic, false, 100);
+        meter.feed(ANTHROPIC_JSON);
+        ctx.usage.meter = Some(meter);
+        SseUsage.on_end(&mut ctx);
+        assert!(ctx.usage.estimated);
+
+        let mut meter = UsageMeter::new(Protocol::Anthropic, false);
+        meter.feed(ANTHROPIC_JSON);
+        ctx.usage.meter = Some(meter);
+        ctx.usage.estimated = false;
+        SseUsage.on_end(&mut ctx);
+        assert!(!ctx.usage.estimated);
+        assert!(ctx.usage.tokens.input_tokens > 0);
     }
 
     #[test]

@@ -490,6 +490,8 @@ impl RelayProxy {
         ctx.ended = true;
         if cut {
             ctx.error_type = Some(ErrorKind::Upstream.type_name());
+            // What was metered until the cut: the upstream may have counted more.
+            rctx.usage.estimated = true;
             if !client_gone && rctx.request.stream {
                 let ev = Bytes::from(stream_error_event(
                     rctx.protocol(),
