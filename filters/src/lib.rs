@@ -21,4 +21,4 @@ pub mod sse_usage;
 pub mod sticky_upstream;
 pub mod types;
 
-pub use types::{now_ms, AccountType, Protocol, TokenUsage, UsageRecord};
+pub use types::{now_ms, AccountType, Protocol, TokenUsage, UsageRecord, MAX_TOKENS};

@@ -1578,7 +1578,12 @@ impl crate::chain::ResponseFilter for SseUsage {
             tracing::warn!(request_id = %ctx.request_id, "usage not metered: an answer part past the meter's cap");
         }
         let result = meter.finish();
-        ctx.usage.tokens = result.usage;
+        let (tokens, absurd) = result.usage.clamped();
+        if absurd {
+            ctx.usage.estimated = true;
+            tracing::warn!(request_id = %ctx.request_id, "upstream usage past any real count, capped");
+        }
+        ctx.usage.tokens = tokens;
         if result.model.is_some() {
             ctx.usage.upstream_model = result.model;
         }
@@ -2495,6 +2500,17 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
         SseUsage.on_end(&mut ctx);
         assert!(!ctx.usage.estimated);
         assert!(ctx.usage.tokens.input_tokens > 0);
+
+        // Counts no request can have are capped, and flagged.
+        let mut meter = UsageMeter::new(Protocol::Anthropic, false);
+        meter.feed(
+            br#"{"model":"m","usage":{"input_tokens":18446744073709551615,"output_tokens":7}}"#,
+        );
+        ctx.usage.meter = Some(meter);
+        SseUsage.on_end(&mut ctx);
+        assert!(ctx.usage.estimated);
+        assert_eq!(ctx.usage.tokens.input_tokens, crate::MAX_TOKENS);
+        assert_eq!(ctx.usage.tokens.output_tokens, 7);
     }
 
     #[test]

@@ -132,7 +132,30 @@ pub struct TokenUsage {
     pub reasoning_tokens: u64,
 }
 
+/// Most tokens one field of one request may count. No request comes near it; an upstream that
+/// reports more is wrong, and sums of such counts would overflow the daily rollups (PostgreSQL
+/// then refuses the whole batch of records).
+pub const MAX_TOKENS: u64 = 1_000_000_000_000;
+
 impl TokenUsage {
+    /// The counts, each at most [`MAX_TOKENS`]; `true` when one was cut down.
+    pub fn clamped(self) -> (TokenUsage, bool) {
+        let mut cut = false;
+        let mut clamp = |n: u64| {
+            cut |= n > MAX_TOKENS;
+            n.min(MAX_TOKENS)
+        };
+        let u = TokenUsage {
+            input_tokens: clamp(self.input_tokens),
+            output_tokens: clamp(self.output_tokens),
+            cache_write_5m_tokens: clamp(self.cache_write_5m_tokens),
+            cache_write_1h_tokens: clamp(self.cache_write_1h_tokens),
+            cache_read_tokens: clamp(self.cache_read_tokens),
+            reasoning_tokens: clamp(self.reasoning_tokens),
+        };
+        (u, cut)
+    }
+
     /// Whether the upstream reported any usage at all.
     pub fn is_empty(&self) -> bool {
         *self == TokenUsage::default()
