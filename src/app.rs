@@ -287,7 +287,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(proxy = %config.proxy_addr, admin = %config.admin_addr, "llm-relay starting");
     // Pingora binds the proxy address itself, inside a task of its service, and a failure there
     // is a panic that would leave the process running without a proxy. The probe above makes
-    // that unlikely; should another process take the address in between, the panic ends the node.
+    // that unlikely; should another process take the address in between, Pingora retries the
+    // bind for about 30 s, then panics, and the panic ends the node.
     drop(proxy_probe);
     exit_when_listeners_fail();
     server.run_forever();

@@ -179,20 +179,25 @@ pub const MAX_MODEL_LEN: usize = 256;
 /// Checks what `protocol` requires of a parsed body. Field types were already checked by
 /// [`parse_request_body`]; this adds presence and shape rules of the protocol.
 pub fn validate_for(protocol: Protocol, body: &RequestBody<'_>) -> Result<(), BodyError> {
+    // The name is stored with the usage record: PostgreSQL refuses NUL in text, and a record
+    // its database cannot store would hold up every record of its batch.
+    let bad_name =
+        |m: &str| m.is_empty() || m.len() > MAX_MODEL_LEN || m.chars().any(char::is_control);
+    let bad_model = || BodyError::BadField {
+        field: "model",
+        expected: "a model name (1 to 256 bytes, no control characters)",
+    };
     if protocol == Protocol::Gemini {
-        // The model is in the path and the relay routes on nothing else of a Gemini body.
-        return Ok(());
+        // The model is in the path and the relay routes on nothing else of a Gemini body; a
+        // model the body names anyway is recorded, so it is checked.
+        return match body.model.as_deref() {
+            Some(m) if bad_name(m) => Err(bad_model()),
+            _ => Ok(()),
+        };
     }
     match body.model.as_deref() {
         None => return Err(BodyError::MissingField("model")),
-        // The name is stored with the usage record: PostgreSQL refuses NUL in text, and a
-        // record its database cannot store would hold up every record of its batch.
-        Some(m) if m.is_empty() || m.len() > MAX_MODEL_LEN || m.chars().any(char::is_control) => {
-            return Err(BodyError::BadField {
-                field: "model",
-                expected: "a model name (1 to 256 bytes, no control characters)",
-            })
-        }
+        Some(m) if bad_name(m) => return Err(bad_model()),
         Some(_) => {}
     }
     if matches!(protocol, Protocol::Anthropic | Protocol::OpenaiChat) {
@@ -735,6 +740,11 @@ mod tests {
             ),
             (Protocol::Gemini, r#"{"contents":[]}"#, Ok(())),
             (Protocol::Gemini, r#"{}"#, Ok(())),
+            (
+                Protocol::Gemini,
+                r#"{"model":"g\u0000","contents":[]}"#,
+                Err("model"),
+            ),
             // A model name no database would store, or no provider has.
             (
                 Protocol::Anthropic,

@@ -102,8 +102,19 @@ impl Drop for UsageWriter {
         let in_batch = left.len();
         if let Some(rx) = self.rx.as_mut() {
             rx.close();
-            while let Ok(r) = rx.try_recv() {
-                left.push(r);
+            // A sender that reserved room before the close may still be sending (a request
+            // booked as another runtime stops): the queue reads empty, not disconnected, until
+            // it has. Waited for briefly.
+            let mut waits = 0;
+            loop {
+                match rx.try_recv() {
+                    Ok(r) => left.push(r),
+                    Err(mpsc::error::TryRecvError::Empty) if waits < 200 => {
+                        waits += 1;
+                        std::thread::sleep(Duration::from_micros(500));
+                    }
+                    Err(_) => break,
+                }
             }
         }
         if !left.is_empty() {
@@ -128,7 +139,7 @@ pub struct WriterSettings {
 
 impl UsageWriter {
     /// Writes batches until every sender is gone. After `shutdown` turns true, batches are written
-    /// without waiting to fill; when the runtime drops the writer, `Drop` spools what is left.
+    /// after a short fill (50 ms); when the runtime drops the writer, `Drop` spools what is left.
     pub async fn run(
         mut self,
         store: SqlStore,
@@ -244,7 +255,7 @@ fn append_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Replays spooled files into the database; a file is removed only after all of it is stored.
-/// Inserts are idempotent by request id, so a replay interrupted halfway is safe to repeat.
+/// Inserts are idempotent by record id, so a replay interrupted halfway is safe to repeat.
 pub async fn replay_spool(store: &SqlStore, dir: &Path, batch_size: usize) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;

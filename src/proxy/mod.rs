@@ -311,7 +311,9 @@ impl RelayProxy {
             return;
         }
         if let Some(r) = ctx.req.as_mut() {
-            if !ctx.ended {
+            // Not while a panic unwinds: the filters' state may be what panicked, and a second
+            // panic in a drop would abort the process. The record is then booked as it stands.
+            if !ctx.ended && !std::thread::panicking() {
                 let streamed = r.usage.meter.is_some();
                 for f in &self.chain.response {
                     f.on_end(r);
@@ -359,7 +361,7 @@ impl RelayProxy {
             account_id: r.upstream.account.as_ref().map(|a| a.id.clone()),
             session_key: r.session.key.take(),
             protocol: r.route.protocol.as_str().into(),
-            requested_model: r.requested_model().map(str::to_string),
+            requested_model: r.requested_model().map(|m| storable_text(m.to_string())),
             // The upstream's word: a NUL in it would make the record unstorable in PostgreSQL.
             upstream_model: r
                 .usage
