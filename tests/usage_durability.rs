@@ -343,3 +343,50 @@ async fn a_stream_cut_by_the_end_of_the_grace_period_is_booked() {
     assert_eq!(r["input_tokens"], 100, "{r}");
     assert!(r["billed_cost"].as_i64().unwrap() > 0, "{r}");
 }
+
+/// A record the database refuses (here a NUL in a text value, which PostgreSQL rejects; written
+/// by hand, as the relay no longer books one) must not hold up its spool file and every file
+/// after it: the others are stored, it is set aside beside the file.
+#[tokio::test]
+async fn a_spooled_record_the_database_refuses_is_set_aside() {
+    use llm_relay::background::usage_writer::replay_spool;
+    use llm_relay::store::SqlStore;
+    use relay_filters::UsageRecord;
+
+    let pg = common::PgDb::create().await;
+    let store = SqlStore::connect(&pg.url, 2).await.unwrap();
+    store.migrate().await.unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let record = |id: &str, model: &str| UsageRecord {
+        id: id.into(),
+        created_at: 1_764_000_000_000,
+        protocol: "anthropic".into(),
+        requested_model: Some(model.into()),
+        status: 200,
+        ..Default::default()
+    };
+    let lines: Vec<String> = [
+        record("first", "claude-sonnet-4-5"),
+        record("refused", "x\0"),
+        record("last", "claude-sonnet-4-5"),
+    ]
+    .iter()
+    .map(|r| serde_json::to_string(r).unwrap())
+    .collect();
+    std::fs::write(spool.path().join("usage-1.jsonl"), lines.join("\n") + "\n").unwrap();
+    std::fs::write(
+        spool.path().join("usage-2.jsonl"),
+        serde_json::to_string(&record("next-file", "claude-sonnet-4-5")).unwrap() + "\n",
+    )
+    .unwrap();
+
+    replay_spool(&store, spool.path(), 100).await;
+
+    assert_eq!(store.count_records().await.unwrap(), 3);
+    assert!(!spool.path().join("usage-1.jsonl").exists());
+    assert!(!spool.path().join("usage-2.jsonl").exists());
+    let aside = std::fs::read_to_string(spool.path().join("usage-1.rejected")).unwrap();
+    let kept: UsageRecord = serde_json::from_str(aside.trim()).unwrap();
+    assert_eq!(kept.id, "refused");
+    assert_eq!(kept.requested_model.as_deref(), Some("x\0"));
+}

@@ -244,6 +244,22 @@ fn spool(dir: &Path, records: &[UsageRecord]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether `records` were stored (within the write timeout).
+async fn stored(store: &SqlStore, records: &[UsageRecord]) -> bool {
+    matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, store.insert_usage_batch(records)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Whether the database answers.
+async fn reachable(store: &SqlStore) -> bool {
+    matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, store.ping()).await,
+        Ok(Ok(()))
+    )
+}
+
 /// Appends `bytes` to the file at `path` (created when missing) and syncs it.
 fn append_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut file = std::fs::OpenOptions::new()
@@ -281,21 +297,48 @@ pub async fn replay_spool(store: &SqlStore, dir: &Path, batch_size: usize) {
                 }
             }
         }
-        let mut ok = true;
+        let mut rejected = String::new();
+        let mut refused = 0;
         for chunk in records.chunks(batch_size.max(1)) {
-            let written =
-                tokio::time::timeout(WRITE_TIMEOUT, store.insert_usage_batch(chunk)).await;
-            if !matches!(written, Ok(Ok(()))) {
+            if stored(store, chunk).await {
+                continue;
+            }
+            // An unreachable database: the replay waits for it. One that answers but refuses
+            // the batch: one record of it is the cause, and must not hold up this file and every
+            // file after it. The records go one by one; those refused twice are set aside.
+            if !reachable(store).await {
                 tracing::debug!("spool replay postponed: database still unreachable");
-                ok = false;
-                break;
+                return;
+            }
+            for r in chunk {
+                if stored(store, std::slice::from_ref(r)).await {
+                    continue;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if stored(store, std::slice::from_ref(r)).await {
+                    continue;
+                }
+                if !reachable(store).await {
+                    return;
+                }
+                tracing::error!(file = %path.display(), record_id = %r.id, "spooled record refused by the database, set aside");
+                refused += 1;
+                if let Ok(line) = serde_json::to_string(r) {
+                    rejected.push_str(&line);
+                    rejected.push('\n');
+                }
             }
         }
-        if !ok {
-            return;
+        // Lines this version cannot read, and records the database refuses, are kept beside the
+        // file (not replayed), for a person or a later version to look at: the file itself goes
+        // once the rest is stored.
+        if !rejected.is_empty() {
+            let aside = path.with_extension("rejected");
+            if let Err(e) = append_synced(&aside, rejected.as_bytes()) {
+                tracing::error!(file = %aside.display(), error = %e, "refused spooled records could not be set aside; the spool file stays");
+                continue;
+            }
         }
-        // Lines this version cannot read are kept beside the file (not replayed), for a person
-        // or a later version to look at: the file itself goes once the rest is stored.
         if !unreadable.is_empty() {
             let aside = path.with_extension("unreadable");
             if let Err(e) = append_synced(&aside, unreadable.as_bytes()) {
@@ -303,7 +346,9 @@ pub async fn replay_spool(store: &SqlStore, dir: &Path, batch_size: usize) {
                 continue;
             }
         }
-        metrics().usage_written.inc_by(records.len() as u64);
+        metrics()
+            .usage_written
+            .inc_by((records.len() - refused) as u64);
         if let Err(e) = std::fs::remove_file(&path) {
             tracing::error!(file = %path.display(), error = %e, "replayed spool file could not be removed");
         } else {
