@@ -163,6 +163,8 @@ impl UsageWriter {
                     if got == 0 {
                         break;
                     }
+                    // Records in the batch have left the queue (and its gauge) from here on.
+                    metrics().usage_queue_depth.sub(got as i64);
                     // Let a batch fill a little under load, without delaying a lone record
                     // long. The writer sleeps instead of waiting on the queue, so records pushed
                     // meanwhile wake nobody: one wake-up per batch, not one per request.
@@ -172,11 +174,13 @@ impl UsageWriter {
                     loop {
                         while batch.len() < settings.batch_size {
                             match rx.try_recv() {
-                                Ok(r) => batch.push(r),
+                                Ok(r) => {
+                                    metrics().usage_queue_depth.dec();
+                                    batch.push(r);
+                                }
                                 Err(_) => break,
                             }
                         }
-                        metrics().usage_queue_depth.sub(batch.len() as i64);
                         write_batch(&store, &this.spool_dir, batch).await;
                         let full = batch.len() == settings.batch_size;
                         batch.clear();
