@@ -154,10 +154,19 @@ impl Relay {
     async fn wait_ready(&mut self) -> Result<(), Exit> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let admin = self.http.get(format!("{}/readyz", self.admin)).send().await;
+            // Bounded: the admin socket is bound before the control plane serves it, so a probe
+            // can wait rather than be refused while the relay starts.
+            let probe = Duration::from_secs(2);
+            let admin = self
+                .http
+                .get(format!("{}/readyz", self.admin))
+                .timeout(probe)
+                .send()
+                .await;
             let proxy = self
                 .http
                 .get(format!("{}/healthz", self.proxy))
+                .timeout(probe)
                 .send()
                 .await;
             if matches!((&admin, &proxy), (Ok(a), Ok(p)) if a.status().is_success() && p.status().is_success())
