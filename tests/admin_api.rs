@@ -553,7 +553,8 @@ async fn price_rates_and_overrides_change_the_next_request_postgres() {
     price_rates_and_overrides_change_the_next_request(Db::Postgres(pg.url.clone())).await;
 }
 
-async fn price_rates_and_overrides_change_the_next_request(db: Db) {
+/// A mock answering 1000 input and 1000 output tokens, and a relay with one account on it.
+async fn priced_relay(db: Db) -> (MockUpstream, Relay) {
     let mock = MockUpstream::start().await;
     mock.set(|b| {
         b.usage = MockUsage {
@@ -566,6 +567,11 @@ async fn price_rates_and_overrides_change_the_next_request(db: Db) {
     relay
         .create_account("claude-a", "claude", &mock.url(), "sk-ant-upstream-a")
         .await;
+    (mock, relay)
+}
+
+async fn price_rates_and_overrides_change_the_next_request(db: Db) {
+    let (_mock, relay) = priced_relay(db).await;
     let user = relay.create_user("frank", 10_000).await;
     let other = relay.create_user("gina", 10_000).await;
     let (key_id, key) = relay.create_key(&user, json!({})).await;
@@ -706,18 +712,7 @@ async fn price_rates_and_overrides_change_the_next_request(db: Db) {
 
 #[tokio::test]
 async fn a_request_id_the_client_repeats_is_booked_every_time() {
-    let mock = MockUpstream::start().await;
-    mock.set(|b| {
-        b.usage = MockUsage {
-            input: 1000,
-            output: 1000,
-            ..MockUsage::default()
-        }
-    });
-    let relay = start(Db::Sqlite).await;
-    relay
-        .create_account("claude-a", "claude", &mock.url(), "sk-ant-upstream-a")
-        .await;
+    let (_mock, relay) = priced_relay(Db::Sqlite).await;
     let user = relay.create_user("hugo", 10_000).await;
     let (key_id, key) = relay.create_key(&user, json!({})).await;
     relay.wait_key_active(&key).await;

@@ -189,6 +189,26 @@ async fn keys_are_checked_and_errors_have_anthropic_shape() {
     assert_eq!(s.mock.count(), 1 + served_meanwhile);
 }
 
+/// Posts `body`; asserts a 400 `invalid_request_error` whose message names `needle`.
+async fn refused_body(s: &Setup, body: serde_json::Value, needle: &str) {
+    let r = s
+        .relay
+        .post("/v1/messages", &s.key)
+        .json(&body)
+        .send()
+        .await
+        .expect("the relay answers");
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.expect("a JSON error");
+    assert_anthropic_error(&v, "invalid_request_error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(needle)),
+        "{v}"
+    );
+}
+
 #[tokio::test]
 async fn bad_requests_get_clear_errors() {
     let s = setup().await;
@@ -203,39 +223,14 @@ async fn bad_requests_get_clear_errors() {
     assert_eq!(r.status(), 400);
     assert_anthropic_error(&r.json().await.unwrap(), "invalid_request_error");
 
-    let r = s
-        .relay
-        .post("/v1/messages", &s.key)
-        .json(&serde_json::json!({"messages": []}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_anthropic_error(&v, "invalid_request_error");
-    assert!(
-        v["error"]["message"].as_str().unwrap().contains("model"),
-        "{v}"
-    );
-
+    refused_body(&s, serde_json::json!({"messages": []}), "model").await;
     // A model name with a NUL: no provider has it, and PostgreSQL could not store its record.
-    let r = s
-        .relay
-        .post("/v1/messages", &s.key)
-        .json(&serde_json::json!({"model": "claude\u{0}", "messages": []}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_anthropic_error(&v, "invalid_request_error");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("model name"),
-        "{v}"
-    );
+    refused_body(
+        &s,
+        serde_json::json!({"model": "claude\u{0}", "messages": []}),
+        "model name",
+    )
+    .await;
 
     let r = s
         .relay

@@ -249,6 +249,15 @@ async fn records_survive_a_database_outage() {
     }
 }
 
+/// A relay on the data directory `data` (kept across restarts).
+async fn relay_on(data: &std::path::Path) -> Relay {
+    Relay::start_with(RelayOptions {
+        data_dir: Some(data.to_path_buf()),
+        ..Default::default()
+    })
+    .await
+}
+
 /// The queue-to-spool path at shutdown itself is covered by the writer's unit test
 /// (`queue_spools_when_writer_is_gone`); this checks the whole process keeps every record across
 /// a SIGTERM and a restart.
@@ -256,28 +265,18 @@ async fn records_survive_a_database_outage() {
 async fn records_made_before_sigterm_are_all_kept() {
     let mock = MockUpstream::start().await;
     let data = tempfile::tempdir().unwrap();
-    let mut relay = Relay::start_with(RelayOptions {
-        data_dir: Some(data.path().to_path_buf()),
-        ..Default::default()
-    })
-    .await;
+    let mut relay = relay_on(data.path()).await;
     relay
         .create_account("a", "claude", &mock.url(), "sk-ant-a")
         .await;
-    let user = relay.create_user("flush", 10_000).await;
-    let (_, key) = relay.create_key(&user, serde_json::json!({})).await;
-    relay.wait_key_active(&key).await;
+    let key = relay.active_key("flush").await;
     for i in 0..12 {
         assert!(send(&relay, &key, i).await);
     }
     relay.terminate();
     // Start again on the same data: every record is there (stored at shutdown, or spooled and
     // replayed now).
-    let relay = Relay::start_with(RelayOptions {
-        data_dir: Some(data.path().to_path_buf()),
-        ..Default::default()
-    })
-    .await;
+    let relay = relay_on(data.path()).await;
     let records = relay.wait_records(12).await;
     assert_eq!(records.len(), 12);
 }
@@ -298,17 +297,11 @@ async fn a_stream_cut_by_the_end_of_the_grace_period_is_booked() {
         b.event_delay = Duration::from_millis(250);
     });
     let data = tempfile::tempdir().unwrap();
-    let mut relay = Relay::start_with(RelayOptions {
-        data_dir: Some(data.path().to_path_buf()),
-        ..Default::default()
-    })
-    .await;
+    let mut relay = relay_on(data.path()).await;
     relay
         .create_account("a", "claude", &mock.url(), "sk-ant-a")
         .await;
-    let user = relay.create_user("cut", 10_000).await;
-    let (_, key) = relay.create_key(&user, serde_json::json!({})).await;
-    relay.wait_key_active(&key).await;
+    let key = relay.active_key("cut").await;
     let mut answer = relay
         .post("/v1/messages", &key)
         .json(&messages_body(
@@ -329,11 +322,7 @@ async fn a_stream_cut_by_the_end_of_the_grace_period_is_booked() {
     relay.terminate();
     let _ = reader.await;
 
-    let relay = Relay::start_with(RelayOptions {
-        data_dir: Some(data.path().to_path_buf()),
-        ..Default::default()
-    })
-    .await;
+    let relay = relay_on(data.path()).await;
     let records = relay.wait_records(1).await;
     assert_eq!(records.len(), 1, "{records:?}");
     let r = &records[0];

@@ -361,7 +361,8 @@ impl RelayProxy {
             account_id: r.upstream.account.as_ref().map(|a| a.id.clone()),
             session_key: r.session.key.take(),
             protocol: r.route.protocol.as_str().into(),
-            requested_model: r.requested_model().map(|m| storable_text(m.to_string())),
+            // Checked when the body was read (no control characters), unlike the upstream's.
+            requested_model: r.requested_model().map(str::to_string),
             // The upstream's word: a NUL in it would make the record unstorable in PostgreSQL.
             upstream_model: r
                 .usage

@@ -156,19 +156,9 @@ impl Relay {
         loop {
             // Bounded: the admin socket is bound before the control plane serves it, so a probe
             // can wait rather than be refused while the relay starts.
-            let probe = Duration::from_secs(2);
-            let admin = self
-                .http
-                .get(format!("{}/readyz", self.admin))
-                .timeout(probe)
-                .send()
-                .await;
-            let proxy = self
-                .http
-                .get(format!("{}/healthz", self.proxy))
-                .timeout(probe)
-                .send()
-                .await;
+            let probe = |url: String| self.http.get(url).timeout(Duration::from_secs(2)).send();
+            let admin = probe(format!("{}/readyz", self.admin)).await;
+            let proxy = probe(format!("{}/healthz", self.proxy)).await;
             if matches!((&admin, &proxy), (Ok(a), Ok(p)) if a.status().is_success() && p.status().is_success())
             {
                 return Ok(());
