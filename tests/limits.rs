@@ -185,3 +185,97 @@ async fn total_cost_limit_answers_402() {
     assert_eq!(v["type"], "error");
     assert_eq!(v["error"]["type"], "insufficient_quota");
 }
+
+/// A request allowing 1000 output tokens: the relay holds 1000 × 15 µUSD plus its body's
+/// share (a few hundred bytes, under 200 µUSD) while it is in flight.
+fn capped_body(i: usize) -> serde_json::Value {
+    let mut b = body(i);
+    b["max_tokens"] = serde_json::json!(1000);
+    b
+}
+
+/// Posts `body` with `key`: the status and the error message, if any.
+async fn attempt(relay: &Relay, key: &str, body: serde_json::Value) -> (u16, String) {
+    let r = relay
+        .post("/v1/messages", key)
+        .json(&body)
+        .send()
+        .await
+        .expect("the relay answers");
+    let status = r.status().as_u16();
+    let v: serde_json::Value = r.json().await.unwrap_or_default();
+    if status == 402 {
+        assert_eq!(v["error"]["type"], "insufficient_quota", "{v}");
+    }
+    (
+        status,
+        v["error"]["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+#[tokio::test]
+async fn requests_in_flight_count_against_the_daily_cost_limit() {
+    // Each request costs 18 000 µUSD (1000 input + 1000 output tokens) and holds about 15 150
+    // while in flight. Under a 50 000 limit, a burst of 10 gets at most 4 in: 3 × 15 150 is
+    // still under the limit, 4 × is not, and a finished request counts more than it held.
+    let limit = 50_000;
+    let (relay, mock, key) = setup(serde_json::json!({"daily_cost_limit": limit})).await;
+    mock.set(|b| {
+        b.usage = MockUsage {
+            input: 1000,
+            output: 1000,
+            ..Default::default()
+        };
+        b.head_delay = Duration::from_millis(800);
+    });
+    let relay = std::sync::Arc::new(relay);
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let (relay, key) = (relay.clone(), key.clone());
+            tokio::spawn(async move { attempt(&relay, &key, capped_body(i)).await })
+        })
+        .collect();
+    let mut served = 0;
+    let mut refusals = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            (200, _) => served += 1,
+            (402, message) => refusals.push(message),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert!((1..=4).contains(&served), "{served} of 10 served");
+    assert_eq!(mock.count(), served);
+    assert!(
+        refusals.iter().any(|m| m.contains("in flight")),
+        "no refusal named the requests in flight: {refusals:?}"
+    );
+    let records = relay.wait_records(10).await;
+    let booked: i64 = records
+        .iter()
+        .map(|r| r["billed_cost"].as_i64().unwrap())
+        .sum();
+    assert_eq!(booked, served as i64 * 18_000);
+    // Every hold was given back: what refuses now is the spend alone.
+    let (status, message) = attempt(&relay, &key, capped_body(10)).await;
+    assert_eq!(status, 402);
+    assert!(!message.contains("in flight"), "{message}");
+}
+
+#[tokio::test]
+async fn a_failed_request_gives_its_cost_hold_back() {
+    // A 20 000 limit has room for one hold of about 15 150 at a time.
+    let (relay, mock, key) = setup(serde_json::json!({"daily_cost_limit": 20_000})).await;
+    mock.set(|b| {
+        b.status = 400;
+        b.error_body =
+            r#"{"type":"error","error":{"type":"invalid_request_error","message":"no"}}"#.into();
+    });
+    for i in 0..3 {
+        let (status, message) = attempt(&relay, &key, capped_body(i)).await;
+        assert_eq!(status, 400, "request {i}: {message}");
+    }
+    mock.set(|b| b.status = 200);
+    let (status, message) = attempt(&relay, &key, capped_body(3)).await;
+    assert_eq!(status, 200, "{message}");
+}

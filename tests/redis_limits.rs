@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use llm_relay::store::redis_limits::RedisLimits;
 use llm_relay::store::RedisLink;
-use relay_filters::key_limits::{LimitStore, MemoryLimits};
+use relay_filters::key_limits::{CostLimitHit, CostLimits, LimitStore, MemoryLimits};
 
 fn redis_url() -> String {
     std::env::var("RELAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -158,9 +158,112 @@ async fn cost_counters_are_shared_and_seeded() {
     assert!(link.ready(Duration::from_secs(5)).await);
     let a = RedisLimits::new(link.clone(), &prefix, seeded);
     let b = RedisLimits::new(link, &prefix, Arc::new(MemoryLimits::default()));
-    a.add_cost("key", "2026-11-22", 5).await;
-    b.add_cost("key", "2026-11-22", 7).await;
+    a.settle_cost("key", "2026-11-22", None, 5).await;
+    b.settle_cost("key", "2026-11-22", None, 7).await;
     assert_eq!(a.spent("key", "2026-11-22").await, (112, 1012));
     assert_eq!(b.spent("key", "2026-11-22").await, (112, 1012));
     cleanup(&prefix).await;
+}
+
+#[tokio::test]
+async fn cost_holds_of_requests_in_flight_are_shared_and_expire() {
+    let (a, b, prefix) = two_nodes().await;
+    let day = "2026-11-22";
+    let ttl = Duration::from_secs(60);
+    let daily = CostLimits {
+        daily: Some(100),
+        total: Some(1000),
+    };
+    a.settle_cost("key", day, None, 40).await;
+    // 40 spent; node a holds 30, node b 30: the key is at its limit with what is in flight.
+    let h1 = a
+        .hold_cost("key", day, daily, 30, ttl)
+        .await
+        .expect("hold 1");
+    let h2 = b
+        .hold_cost("key", day, daily, 30, ttl)
+        .await
+        .expect("hold 2");
+    assert_eq!(
+        a.hold_cost("key", day, daily, 1, ttl).await,
+        Err(CostLimitHit::Daily { in_flight: true })
+    );
+    // Booking h1 at 10 gives its hold back and counts what it cost, on both nodes.
+    a.settle_cost("key", day, Some(&h1), 10).await;
+    assert_eq!(b.spent("key", day).await, (50, 50));
+    let h3 = b
+        .hold_cost("key", day, daily, 20, ttl)
+        .await
+        .expect("room again");
+    assert_eq!(
+        b.hold_cost("key", day, daily, 1, ttl).await,
+        Err(CostLimitHit::Daily { in_flight: true })
+    );
+    b.settle_cost("key", day, Some(&h2), 0).await;
+    b.settle_cost("key", day, Some(&h3), 0).await;
+    // Nothing in flight: spend alone decides, and says so.
+    a.settle_cost("key", day, None, 50).await;
+    assert_eq!(
+        b.hold_cost("key", day, daily, 1, ttl).await,
+        Err(CostLimitHit::Daily { in_flight: false })
+    );
+    let total = CostLimits {
+        daily: None,
+        total: Some(150),
+    };
+    let _h4 = a
+        .hold_cost("key", day, total, 50, ttl)
+        .await
+        .expect("under total");
+    assert_eq!(
+        b.hold_cost("key", day, total, 1, ttl).await,
+        Err(CostLimitHit::Total { in_flight: true })
+    );
+
+    // A node that dies holding: its hold runs out, on another key.
+    let short = Duration::from_millis(300);
+    let limit = CostLimits {
+        daily: Some(100),
+        total: None,
+    };
+    let lost = a
+        .hold_cost("other", day, limit, 100, short)
+        .await
+        .expect("hold");
+    assert!(!lost.hold_id.is_empty(), "held in Redis");
+    assert!(b.hold_cost("other", day, limit, 1, ttl).await.is_err());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let after = b.hold_cost("other", day, limit, 1, ttl).await;
+    assert!(after.is_ok(), "an expired hold still counts: {after:?}");
+    cleanup(&prefix).await;
+}
+
+#[tokio::test]
+async fn cost_holds_fall_back_to_memory_without_redis() {
+    // Nothing listens on this port: every operation falls back to the node's own counters.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let link = RedisLink::open(&format!("redis://127.0.0.1:{port}")).expect("redis url");
+    let memory = Arc::new(MemoryLimits::default());
+    let node = RedisLimits::new(link, "relaytest:down:", memory.clone());
+    let day = "2026-11-22";
+    let ttl = Duration::from_secs(60);
+    let limits = CostLimits {
+        daily: Some(100),
+        total: None,
+    };
+    let hold = node
+        .hold_cost("key", day, limits, 100, ttl)
+        .await
+        .expect("hold");
+    assert!(hold.hold_id.is_empty(), "held in memory: {hold:?}");
+    assert_eq!(
+        node.hold_cost("key", day, limits, 1, ttl).await,
+        Err(CostLimitHit::Daily { in_flight: true })
+    );
+    node.settle_cost("key", day, Some(&hold), 30).await;
+    assert_eq!(memory.spent("key", day).await, (30, 30));
+    assert!(node.hold_cost("key", day, limits, 1, ttl).await.is_ok());
 }

@@ -160,7 +160,11 @@ impl Chain {
                     chain.request.push(f);
                 }
                 FilterConfig::KeyLimits {} => {
-                    let f = Arc::new(KeyLimits::new(deps.limits.clone(), deps.lease_ttl));
+                    let f = Arc::new(KeyLimits::new(
+                        deps.limits.clone(),
+                        deps.lease_ttl,
+                        deps.prices.clone(),
+                    ));
                     chain.limits = Some(f.clone());
                     chain.request.push(f);
                 }

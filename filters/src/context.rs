@@ -38,6 +38,8 @@ pub struct RequestCtx {
 #[derive(Debug, Default)]
 pub struct LimitsInfo {
     pub slot: Option<crate::key_limits::SlotLease>,
+    /// The estimated cost held against the key's cost limits until the request is booked.
+    pub cost: Option<crate::key_limits::CostHold>,
 }
 
 /// What the body said (the few fields routing needs, owned).

@@ -273,6 +273,34 @@ pub fn compute_cost(
     }
 }
 
+/// Body bytes counted as one input token when a request's cost is estimated. JSON text runs
+/// about 3 to 5 bytes a token; the estimate is a hold, not a bill.
+const BODY_BYTES_PER_TOKEN: u64 = 4;
+
+/// Output tokens assumed for a request that sets no output cap.
+pub const DEFAULT_OUTPUT_ESTIMATE: u64 = 4096;
+
+/// What a request is expected to cost at most, before it is sent: its body as uncached input
+/// tokens (one per [`BODY_BYTES_PER_TOKEN`] bytes) and its output cap (else
+/// [`DEFAULT_OUTPUT_ESTIMATE`]) as output tokens, priced for `model` at `price_rate`. 0 when the
+/// model has no price. Held against the key's cost limits while the request is in flight.
+pub fn estimate_cost(
+    table: &PriceTable,
+    model: Option<&str>,
+    body_len: usize,
+    max_output_tokens: Option<u64>,
+    price_rate: i64,
+) -> i64 {
+    let usage = TokenUsage {
+        input_tokens: body_len as u64 / BODY_BYTES_PER_TOKEN,
+        output_tokens: max_output_tokens.unwrap_or(DEFAULT_OUTPUT_ESTIMATE),
+        ..TokenUsage::default()
+    }
+    .clamped()
+    .0;
+    compute_cost(table, model, &usage, price_rate).billed
+}
+
 /// `n / d` rounded half up (toward +∞ on a tie), for `d > 0`.
 fn div_round_half_up(n: i128, d: i128) -> i128 {
     // floor((2n + d) / 2d) = floor(n/d + 1/2), exact for any d.
@@ -510,6 +538,29 @@ mod tests {
             billed,
             unpriced: false,
         }
+    }
+
+    #[test]
+    fn estimates_price_the_body_and_the_output_cap() {
+        let t = table(&[("claude-sonnet-4-5", price(3_000_000, 15_000_000))]);
+        let sonnet = Some("claude-sonnet-4-5");
+        // 40 000 bytes = 10 000 input tokens (30 000) + 1 000 output tokens (15 000).
+        assert_eq!(
+            estimate_cost(&t, sonnet, 40_000, Some(1000), 10_000),
+            45_000
+        );
+        // No cap: 4096 output tokens (61 440); a 0.5× user rate halves it.
+        assert_eq!(estimate_cost(&t, sonnet, 0, None, 10_000), 61_440);
+        assert_eq!(estimate_cost(&t, sonnet, 0, None, 5_000), 30_720);
+        // Dated ids take their undated price; an unknown model holds nothing.
+        assert_eq!(
+            estimate_cost(&t, Some("claude-sonnet-4-5-20250929"), 0, Some(1), 10_000),
+            15
+        );
+        assert_eq!(estimate_cost(&t, Some("other"), 40_000, None, 10_000), 0);
+        assert_eq!(estimate_cost(&t, None, 40_000, None, 10_000), 0);
+        // Absurd caps saturate instead of wrapping.
+        assert!(estimate_cost(&t, sonnet, usize::MAX, Some(u64::MAX), i64::MAX) > 0);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 
 use crate::chain::{Flow, RequestFilter, RequestView};
 use crate::context::RequestCtx;
+use crate::cost::{estimate_cost, PriceSource};
 use crate::error::{ErrorKind, Rejection};
 
 /// A concurrency slot held by one request; released at the end of the request, or expiring on
@@ -17,6 +18,30 @@ use crate::error::{ErrorKind, Rejection};
 pub struct SlotLease {
     pub key_id: String,
     pub lease_id: String,
+}
+
+/// A key's cost limits in micro-USD (`None`: no such limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CostLimits {
+    pub daily: Option<i64>,
+    pub total: Option<i64>,
+}
+
+/// Which cost limit refused a request, and whether the key's requests in flight made it so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CostLimitHit {
+    Daily { in_flight: bool },
+    Total { in_flight: bool },
+}
+
+/// The estimated cost a request holds against its key's cost limits while it is in flight,
+/// given back when its real cost is booked, or expiring on its own (Redis) if the node holding
+/// it dies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CostHold {
+    /// Empty for a hold kept in this node's memory.
+    pub hold_id: String,
+    pub micro_usd: i64,
 }
 
 /// Counters behind the limits.
@@ -35,8 +60,55 @@ pub trait LimitStore: Send + Sync {
     async fn release_slot(&self, lease: &SlotLease);
     /// Billed micro-USD of the key: (on `day`, in total).
     async fn spent(&self, key_id: &str, day: &str) -> (i64, i64);
-    /// Adds a booked cost.
-    async fn add_cost(&self, key_id: &str, day: &str, micro_usd: i64);
+    /// Admits a request under its key's cost limits, atomically: refused when what the key
+    /// spent plus what its requests in flight hold reaches a limit; else `estimate` is held
+    /// until [`LimitStore::settle_cost`] (at most `ttl`).
+    async fn hold_cost(
+        &self,
+        key_id: &str,
+        day: &str,
+        limits: CostLimits,
+        estimate: i64,
+        ttl: Duration,
+    ) -> Result<CostHold, CostLimitHit>;
+    /// Books a request's cost on `day` and gives its hold back, in one step.
+    async fn settle_cost(&self, key_id: &str, day: &str, hold: Option<&CostHold>, micro_usd: i64);
+}
+
+/// The refusal of a request over a cost limit.
+fn over_cost_limit(hit: CostLimitHit) -> Rejection {
+    let (which, in_flight) = match hit {
+        CostLimitHit::Daily { in_flight } => ("daily", in_flight),
+        CostLimitHit::Total { in_flight } => ("total", in_flight),
+    };
+    let message = if in_flight {
+        format!("this API key has reached its {which} cost limit with the requests it has in flight; retry when they end")
+    } else {
+        format!("this API key has reached its {which} cost limit")
+    };
+    Rejection::new(ErrorKind::InsufficientQuota, message)
+}
+
+/// Whether `spent` plus `held` reaches a limit.
+pub fn cost_limit_hit(
+    limits: CostLimits,
+    (today, total): (i64, i64),
+    held: i64,
+) -> Option<CostLimitHit> {
+    let in_flight = held > 0;
+    if limits
+        .daily
+        .is_some_and(|l| today.saturating_add(held) >= l)
+    {
+        return Some(CostLimitHit::Daily { in_flight });
+    }
+    if limits
+        .total
+        .is_some_and(|l| total.saturating_add(held) >= l)
+    {
+        return Some(CostLimitHit::Total { in_flight });
+    }
+    None
 }
 
 /// UTC day `YYYY-MM-DD` of an epoch-ms time (civil-from-days, no calendar crate needed); a
@@ -80,6 +152,8 @@ pub struct MemoryLimits {
     slots: Mutex<HashMap<String, u32>>,
     /// (day, spent that day, spent in total) per key.
     cost: Mutex<HashMap<String, (String, i64, i64)>>,
+    /// Estimated cost held by requests in flight, per key.
+    held: Mutex<HashMap<String, i64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -143,6 +217,55 @@ impl LimitStore for MemoryLimits {
     }
 
     async fn spent(&self, key_id: &str, day: &str) -> (i64, i64) {
+        self.spent_now(key_id, day)
+    }
+
+    async fn hold_cost(
+        &self,
+        key_id: &str,
+        day: &str,
+        limits: CostLimits,
+        estimate: i64,
+        _ttl: Duration,
+    ) -> Result<CostHold, CostLimitHit> {
+        // Held while deciding: two requests of one key never both take the last room, and a
+        // settling request's cost is booked before its hold can go (it may count twice for a
+        // moment, never zero times).
+        let mut held = lock(&self.held);
+        let spent = self.spent_now(key_id, day);
+        let now_held = held.get(key_id).copied().unwrap_or(0);
+        if let Some(hit) = cost_limit_hit(limits, spent, now_held) {
+            return Err(hit);
+        }
+        let estimate = estimate.max(0);
+        if estimate > 0 {
+            held.insert(key_id.to_string(), now_held.saturating_add(estimate));
+        }
+        Ok(CostHold {
+            hold_id: String::new(),
+            micro_usd: estimate,
+        })
+    }
+
+    async fn settle_cost(&self, key_id: &str, day: &str, hold: Option<&CostHold>, micro_usd: i64) {
+        // Booked before the hold goes, so no moment counts the request as neither.
+        if micro_usd != 0 {
+            self.book_cost(key_id, day, micro_usd);
+        }
+        if let Some(h) = hold.filter(|h| h.micro_usd > 0) {
+            let mut held = lock(&self.held);
+            if let Some(n) = held.get_mut(key_id) {
+                *n = n.saturating_sub(h.micro_usd);
+                if *n <= 0 {
+                    held.remove(key_id);
+                }
+            }
+        }
+    }
+}
+
+impl MemoryLimits {
+    fn spent_now(&self, key_id: &str, day: &str) -> (i64, i64) {
         match lock(&self.cost).get(key_id) {
             Some((d, today, total)) if d == day => (*today, *total),
             Some((_, _, total)) => (0, *total),
@@ -150,7 +273,8 @@ impl LimitStore for MemoryLimits {
         }
     }
 
-    async fn add_cost(&self, key_id: &str, day: &str, micro_usd: i64) {
+    /// Adds a booked cost to the key's counters.
+    fn book_cost(&self, key_id: &str, day: &str, micro_usd: i64) {
         let mut cost = lock(&self.cost);
         let e = cost
             .entry(key_id.to_string())
@@ -170,14 +294,25 @@ impl LimitStore for MemoryLimits {
 /// The filter.
 pub struct KeyLimits {
     store: Arc<dyn LimitStore>,
-    /// Concurrency leases expire after this even if never released (a dead node).
+    /// Concurrency leases and cost holds expire after this even if never given back (a dead
+    /// node).
     lease_ttl: Duration,
+    /// Prices for the cost a request holds while in flight.
+    prices: Arc<dyn PriceSource>,
 }
 
 impl KeyLimits {
     /// A filter counting in `store`.
-    pub fn new(store: Arc<dyn LimitStore>, lease_ttl: Duration) -> Self {
-        KeyLimits { store, lease_ttl }
+    pub fn new(
+        store: Arc<dyn LimitStore>,
+        lease_ttl: Duration,
+        prices: Arc<dyn PriceSource>,
+    ) -> Self {
+        KeyLimits {
+            store,
+            lease_ttl,
+            prices,
+        }
     }
 
     /// The counters (for booking costs and releasing slots at the end of a request).
@@ -192,23 +327,37 @@ impl RequestFilter for KeyLimits {
         "key_limits"
     }
 
-    async fn on_request(&self, ctx: &mut RequestCtx, _req: &RequestView<'_>) -> Flow {
+    async fn on_request(&self, ctx: &mut RequestCtx, req: &RequestView<'_>) -> Flow {
         let Some(key) = ctx.auth.as_ref().map(|a| a.key.clone()) else {
             return Flow::Continue;
         };
-        if key.daily_cost_limit.is_some() || key.total_cost_limit.is_some() {
-            let (today, total) = self.store.spent(&key.id, &utc_day(ctx.started_ms)).await;
-            if key.daily_cost_limit.is_some_and(|l| today >= l) {
-                return Flow::Reject(Rejection::new(
-                    ErrorKind::InsufficientQuota,
-                    "this API key has reached its daily cost limit",
-                ));
-            }
-            if key.total_cost_limit.is_some_and(|l| total >= l) {
-                return Flow::Reject(Rejection::new(
-                    ErrorKind::InsufficientQuota,
-                    "this API key has reached its total cost limit",
-                ));
+        let limits = CostLimits {
+            daily: key.daily_cost_limit,
+            total: key.total_cost_limit,
+        };
+        if limits != CostLimits::default() {
+            // Requests in flight count with what they may cost: without, a key just under its
+            // limit could start any number of requests at once.
+            let estimate = if ctx.route.billed {
+                estimate_cost(
+                    &self.prices.table(),
+                    ctx.requested_model(),
+                    req.body.len(),
+                    req.parsed.max_output_tokens,
+                    key.price_rate,
+                )
+            } else {
+                0
+            };
+            let day = utc_day(ctx.started_ms);
+            // The hold is given back when the request is booked, also when a later check
+            // refuses it.
+            match (self.store)
+                .hold_cost(&key.id, &day, limits, estimate, self.lease_ttl)
+                .await
+            {
+                Ok(hold) => ctx.limits.cost = Some(hold),
+                Err(hit) => return Flow::Reject(over_cost_limit(hit)),
             }
         }
         if let Some(rpm) = key.rpm_limit.filter(|r| *r > 0) {
@@ -274,16 +423,77 @@ mod tests {
         assert!(m.acquire_slot("k", 2, ttl).await.is_none());
         m.release_slot(&a).await;
         assert!(m.acquire_slot("k", 2, ttl).await.is_some());
-        m.add_cost("k", "2026-01-01", 5).await;
-        m.add_cost("k", "2026-01-01", 7).await;
+        m.settle_cost("k", "2026-01-01", None, 5).await;
+        m.settle_cost("k", "2026-01-01", None, 7).await;
         assert_eq!(m.spent("k", "2026-01-01").await, (12, 12));
         assert_eq!(m.spent("k", "2026-01-02").await, (0, 12));
-        m.add_cost("k", "2026-01-02", 1).await;
+        m.settle_cost("k", "2026-01-02", None, 1).await;
         assert_eq!(m.spent("k", "2026-01-02").await, (1, 13));
         // A stream begun yesterday, booked after today's first requests: today keeps its spend.
-        m.add_cost("k", "2026-01-01", 100).await;
+        m.settle_cost("k", "2026-01-01", None, 100).await;
         assert_eq!(m.spent("k", "2026-01-02").await, (1, 113));
-        m.add_cost("k", "2026-01-02", 2).await;
+        m.settle_cost("k", "2026-01-02", None, 2).await;
         assert_eq!(m.spent("k", "2026-01-02").await, (3, 115));
+    }
+
+    #[tokio::test]
+    async fn requests_in_flight_count_against_cost_limits() {
+        let m = MemoryLimits::default();
+        let ttl = Duration::from_secs(60);
+        let day = "2026-01-01";
+        let daily = CostLimits {
+            daily: Some(100),
+            total: None,
+        };
+        m.settle_cost("k", day, None, 40).await;
+        // 40 spent: room for holds until spent + held reaches 100.
+        let a = m.hold_cost("k", day, daily, 30, ttl).await.expect("first");
+        let b = m.hold_cost("k", day, daily, 30, ttl).await.expect("second");
+        assert_eq!(
+            m.hold_cost("k", day, daily, 1, ttl).await,
+            Err(CostLimitHit::Daily { in_flight: true })
+        );
+        // Another key is not held up.
+        assert!(m.hold_cost("other", day, daily, 500, ttl).await.is_ok());
+        // `a` cost less than it held: its room comes back.
+        m.settle_cost("k", day, Some(&a), 10).await;
+        assert_eq!(m.spent("k", day).await, (50, 50));
+        let c = m
+            .hold_cost("k", day, daily, 0, ttl)
+            .await
+            .expect("room again");
+        assert_eq!(c.micro_usd, 0);
+        // `b` cost more than it held; with nothing in flight the spend alone decides.
+        m.settle_cost("k", day, Some(&b), 60).await;
+        assert_eq!(
+            m.hold_cost("k", day, daily, 1, ttl).await,
+            Err(CostLimitHit::Daily { in_flight: false })
+        );
+        // The total limit counts holds the same way.
+        let total = CostLimits {
+            daily: None,
+            total: Some(200),
+        };
+        let d = m
+            .hold_cost("k", day, total, 90, ttl)
+            .await
+            .expect("under total");
+        assert_eq!(
+            m.hold_cost("k", day, total, 1, ttl).await,
+            Err(CostLimitHit::Total { in_flight: true })
+        );
+        m.settle_cost("k", day, Some(&d), 0).await;
+        assert!(m.hold_cost("k", day, total, 1, ttl).await.is_ok());
+    }
+
+    #[test]
+    fn refusals_say_which_limit_and_why() {
+        let r = over_cost_limit(CostLimitHit::Daily { in_flight: true });
+        assert_eq!(r.kind, ErrorKind::InsufficientQuota);
+        assert!(r.message.contains("daily cost limit"), "{}", r.message);
+        assert!(r.message.contains("in flight"), "{}", r.message);
+        let r = over_cost_limit(CostLimitHit::Total { in_flight: false });
+        assert!(r.message.contains("total cost limit"), "{}", r.message);
+        assert!(!r.message.contains("in flight"), "{}", r.message);
     }
 }

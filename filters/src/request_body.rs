@@ -46,6 +46,11 @@ pub struct RequestBody<'a> {
     pub system_instruction: Option<&'a RawValue>,
     /// Chat `stream_options.include_usage` is `true`.
     pub stream_options_include_usage: bool,
+    /// The most output tokens the client allows: Anthropic / Chat `max_tokens`, Chat
+    /// `max_completion_tokens`, Responses `max_output_tokens`, Gemini
+    /// `generationConfig.maxOutputTokens`. Only read (the upstream judges it), so a value that is
+    /// not a whole number counts as absent.
+    pub max_output_tokens: Option<u64>,
 }
 
 /// Why a request body was refused; the message goes to the client as `invalid_request_error`.
@@ -103,6 +108,21 @@ struct RawBody<'a> {
     system_instruction: Option<&'a RawValue>,
     #[serde(borrow)]
     stream_options: Option<&'a RawValue>,
+    #[serde(borrow)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    max_output_tokens: Option<&'a RawValue>,
+    #[serde(borrow, rename = "generationConfig", alias = "generation_config")]
+    generation_config: Option<&'a RawValue>,
+}
+
+/// Gemini `generationConfig`: only the output cap matters.
+#[derive(Deserialize)]
+struct RawGenerationConfig<'a> {
+    #[serde(borrow, rename = "maxOutputTokens", alias = "max_output_tokens")]
+    max_output_tokens: Option<&'a RawValue>,
 }
 
 /// `metadata`: only `user_id` matters.
@@ -156,6 +176,16 @@ pub fn parse_request_body(body: &[u8]) -> Result<RequestBody<'_>, BodyError> {
             opt_bool(options.include_usage, "stream_options.include_usage")?;
     }
 
+    let whole = |raw: Option<&RawValue>| raw.and_then(|r| r.get().trim().parse::<u64>().ok());
+    let max_output_tokens = whole(raw.max_tokens)
+        .or_else(|| whole(raw.max_completion_tokens))
+        .or_else(|| whole(raw.max_output_tokens))
+        .or_else(|| {
+            let config = raw.generation_config?;
+            let config: RawGenerationConfig<'_> = serde_json::from_str(config.get()).ok()?;
+            whole(config.max_output_tokens)
+        });
+
     Ok(RequestBody {
         model: opt_string(raw.model, "model")?,
         stream: opt_bool(raw.stream, "stream")?,
@@ -170,6 +200,7 @@ pub fn parse_request_body(body: &[u8]) -> Result<RequestBody<'_>, BodyError> {
         contents: raw.contents,
         system_instruction: raw.system_instruction,
         stream_options_include_usage,
+        max_output_tokens,
     })
 }
 
@@ -648,6 +679,31 @@ mod tests {
             .expect("parses")
             .system_instruction
             .is_some());
+    }
+
+    #[test]
+    fn output_caps_of_every_protocol() {
+        let cap = |body: &[u8]| parse_request_body(body).expect("parses").max_output_tokens;
+        assert_eq!(cap(br#"{"model":"m","max_tokens":32000}"#), Some(32_000));
+        assert_eq!(
+            cap(br#"{"model":"m","max_completion_tokens":700}"#),
+            Some(700)
+        );
+        assert_eq!(cap(br#"{"model":"m","max_output_tokens":128}"#), Some(128));
+        assert_eq!(
+            cap(br#"{"generationConfig":{"temperature":0.2,"maxOutputTokens":64}}"#),
+            Some(64)
+        );
+        assert_eq!(
+            cap(br#"{"generation_config":{"max_output_tokens":65}}"#),
+            Some(65)
+        );
+        // Only read: what the upstream would refuse is the upstream's to say.
+        assert_eq!(cap(br#"{"model":"m"}"#), None);
+        assert_eq!(cap(br#"{"model":"m","max_tokens":-1}"#), None);
+        assert_eq!(cap(br#"{"model":"m","max_tokens":"9"}"#), None);
+        assert_eq!(cap(br#"{"model":"m","max_tokens":1.5}"#), None);
+        assert_eq!(cap(br#"{"generationConfig":[]}"#), None);
     }
 
     #[test]

@@ -307,9 +307,20 @@ impl RelayProxy {
     /// grace period of a shutdown is over) drops every request still running. What was metered
     /// of the answer is settled and the record queued or spooled without waiting.
     fn book_dropped(&self, ctx: &mut ProxyCtx) {
-        if ctx.booked {
-            return;
+        if !ctx.booked {
+            self.book_cut(ctx);
         }
+        // Also for a request dropped between its booking and its settlement. Run if the runtime
+        // still runs tasks; else a Redis hold or slot expires by itself.
+        if let Some(settle) = self.limits_settlement(ctx) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(settle);
+            }
+        }
+    }
+
+    /// Books a cut request as it stands.
+    fn book_cut(&self, ctx: &mut ProxyCtx) {
         if let Some(r) = ctx.req.as_mut() {
             // Not while a panic unwinds: the filters' state may be what panicked, and a second
             // panic in a drop would abort the process. The record is then booked as it stands.
@@ -664,23 +675,44 @@ impl RelayProxy {
         Box::pin(self.book(ctx)).await;
         self.settle_limits(ctx).await;
     }
-    /// Gives the key's concurrency slot back and books the cost against its limits.
+    /// Gives the key's concurrency slot and cost hold back and books the cost against its
+    /// limits.
     async fn settle_limits(&self, ctx: &mut ProxyCtx) {
-        let (Some(limits), Some(r)) = (&self.chain.limits, ctx.req.as_mut()) else {
-            return;
-        };
-        if let Some(lease) = r.limits.slot.take() {
-            limits.store().release_slot(&lease).await;
+        if let Some(settle) = self.limits_settlement(ctx) {
+            settle.await;
         }
-        if let Some(auth) = &r.auth {
-            if r.usage.billed_cost > 0 {
-                let day = relay_filters::key_limits::utc_day(r.started_ms);
-                limits
-                    .store()
-                    .add_cost(&auth.key.id, &day, r.usage.billed_cost)
-                    .await;
+    }
+
+    /// What ends a request's hold on its key's limits, owned, to run now or apart from the
+    /// request (once: the slot, hold and cost are taken out of the context).
+    fn limits_settlement(
+        &self,
+        ctx: &mut ProxyCtx,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let limits = self.chain.limits.as_ref()?;
+        let r = ctx.req.as_mut()?;
+        let slot = r.limits.slot.take();
+        let hold = r.limits.cost.take();
+        let cost = std::mem::take(&mut r.usage.billed_cost).max(0);
+        let key = r
+            .auth
+            .as_ref()
+            .filter(|_| hold.is_some() || cost > 0)
+            .map(|a| a.key.id.clone());
+        if slot.is_none() && key.is_none() {
+            return None;
+        }
+        let store = limits.store().clone();
+        let started_ms = r.started_ms;
+        Some(async move {
+            if let Some(lease) = slot {
+                store.release_slot(&lease).await;
             }
-        }
+            if let Some(key) = key {
+                let day = relay_filters::key_limits::utc_day(started_ms);
+                store.settle_cost(&key, &day, hold.as_ref(), cost).await;
+            }
+        })
     }
 }
 
