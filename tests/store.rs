@@ -121,6 +121,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     migrations_apply_twice,
+    a_database_a_newer_version_migrated_still_opens,
     users_crud,
     api_keys_lifecycle,
     api_key_cap_holds_under_concurrency,
@@ -191,6 +192,25 @@ async fn migrations_apply_twice(env: Env) {
             .unwrap();
         assert_eq!(fk, 1);
     }
+}
+
+async fn a_database_a_newer_version_migrated_still_opens(env: Env) {
+    let store = env.store;
+    // A newer node applied a migration this version does not know.
+    let checksum = match env.backend {
+        Backend::Sqlite => "X'00'",
+        Backend::Postgres => "'\\x00'::bytea",
+    };
+    sqlx::query(&format!(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (29991231000001, 'from a newer version', TRUE, {checksum}, 1)"
+    ))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    store.ping().await.unwrap();
+    assert_eq!(store.count_users().await.unwrap(), 0);
 }
 
 async fn users_crud(env: Env) {

@@ -177,8 +177,26 @@ impl SqlStore {
     }
 
     /// Applies the embedded migrations that are not yet applied (idempotent).
+    ///
+    /// Migrations only add (tables, nullable or defaulted columns, indexes), so a node of the
+    /// previous version still starts on a database a newer node has migrated, as a rolling
+    /// upgrade of several nodes on one PostgreSQL needs; it says so in its log.
     pub async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("./migrations").run(&self.pool).await?;
+        let mut migrator = sqlx::migrate!("./migrations");
+        migrator.set_ignore_missing(true);
+        migrator.run(&self.pool).await?;
+        let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+        let newer: i64 = sqlx::query("SELECT COUNT(*) FROM _sqlx_migrations WHERE version > $1")
+            .bind(known)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        if newer > 0 {
+            tracing::warn!(
+                newer,
+                "the database has migrations of a newer llm-relay version; running on its schema"
+            );
+        }
         Ok(())
     }
 
