@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use llm_relay::store::redis_limits::RedisLimits;
 use llm_relay::store::RedisLink;
-use relay_filters::key_limits::{CostLimitHit, CostLimits, LimitStore, MemoryLimits};
+use relay_filters::key_limits::{CostHold, CostLimitHit, CostLimits, LimitStore, MemoryLimits};
 
 fn redis_url() -> String {
     std::env::var("RELAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -165,6 +165,13 @@ async fn cost_counters_are_shared_and_seeded() {
     cleanup(&prefix).await;
 }
 
+fn limit_of(daily: i64) -> CostLimits {
+    CostLimits {
+        daily: Some(daily),
+        total: None,
+    }
+}
+
 #[tokio::test]
 async fn cost_holds_of_requests_in_flight_are_shared_and_expire() {
     let (a, b, prefix) = two_nodes().await;
@@ -201,12 +208,17 @@ async fn cost_holds_of_requests_in_flight_are_shared_and_expire() {
     );
     b.settle_cost("key", day, Some(&h2), 0).await;
     b.settle_cost("key", day, Some(&h3), 0).await;
-    // Nothing in flight: spend alone decides, and says so.
+    // Spend alone reaches the limit: a lasting refusal, also with a hold in flight.
+    let h5 = a
+        .hold_cost("key", day, daily, 5, ttl)
+        .await
+        .expect("hold 5");
     a.settle_cost("key", day, None, 50).await;
     assert_eq!(
         b.hold_cost("key", day, daily, 1, ttl).await,
         Err(CostLimitHit::Daily { in_flight: false })
     );
+    a.settle_cost("key", day, Some(&h5), 0).await;
     let total = CostLimits {
         daily: None,
         total: Some(150),
@@ -220,6 +232,27 @@ async fn cost_holds_of_requests_in_flight_are_shared_and_expire() {
         Err(CostLimitHit::Total { in_flight: true })
     );
 
+    // A hold Redis took although its answer came too late (the node then held in memory):
+    // the node gives back both.
+    let late = b
+        .hold_cost("late", day, limit_of(100), 100, ttl)
+        .await
+        .expect("hold");
+    let late = CostHold {
+        in_memory: true,
+        ..late
+    };
+    assert!(a
+        .hold_cost("late", day, limit_of(100), 1, ttl)
+        .await
+        .is_err());
+    b.settle_cost("late", day, Some(&late), 0).await;
+    let after = a.hold_cost("late", day, limit_of(100), 1, ttl).await;
+    assert!(
+        after.is_ok(),
+        "the Redis hold outlived its settlement: {after:?}"
+    );
+
     // A node that dies holding: its hold runs out, on another key.
     let short = Duration::from_millis(300);
     let limit = CostLimits {
@@ -230,7 +263,7 @@ async fn cost_holds_of_requests_in_flight_are_shared_and_expire() {
         .hold_cost("other", day, limit, 100, short)
         .await
         .expect("hold");
-    assert!(!lost.hold_id.is_empty(), "held in Redis");
+    assert!(!lost.in_memory, "held in Redis: {lost:?}");
     assert!(b.hold_cost("other", day, limit, 1, ttl).await.is_err());
     tokio::time::sleep(Duration::from_millis(400)).await;
     let after = b.hold_cost("other", day, limit, 1, ttl).await;
@@ -258,7 +291,7 @@ async fn cost_holds_fall_back_to_memory_without_redis() {
         .hold_cost("key", day, limits, 100, ttl)
         .await
         .expect("hold");
-    assert!(hold.hold_id.is_empty(), "held in memory: {hold:?}");
+    assert!(hold.in_memory, "held in memory: {hold:?}");
     assert_eq!(
         node.hold_cost("key", day, limits, 1, ttl).await,
         Err(CostLimitHit::Daily { in_flight: true })

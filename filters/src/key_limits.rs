@@ -11,6 +11,7 @@ use crate::chain::{Flow, RequestFilter, RequestView};
 use crate::context::RequestCtx;
 use crate::cost::{estimate_cost, PriceSource};
 use crate::error::{ErrorKind, Rejection};
+use crate::request_body::output_cap;
 
 /// A concurrency slot held by one request; released at the end of the request, or expiring on
 /// its own (Redis) if the node holding it dies.
@@ -37,11 +38,16 @@ pub enum CostLimitHit {
 /// The estimated cost a request holds against its key's cost limits while it is in flight,
 /// given back when its real cost is booked, or expiring on its own (Redis) if the node holding
 /// it dies.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CostHold {
-    /// Empty for a hold kept in this node's memory.
-    pub hold_id: String,
     pub micro_usd: i64,
+    /// The hold's id in a shared store (empty: none was asked for). Kept also when the store
+    /// did not answer in time, since it may have taken the hold all the same.
+    pub hold_id: String,
+    /// Held in this node's memory (there was no shared store, or it did not answer).
+    pub in_memory: bool,
+    /// When a shared store lets the hold go by itself (epoch ms).
+    pub expires_ms: i64,
 }
 
 /// Counters behind the limits.
@@ -81,32 +87,51 @@ fn over_cost_limit(hit: CostLimitHit) -> Rejection {
         CostLimitHit::Daily { in_flight } => ("daily", in_flight),
         CostLimitHit::Total { in_flight } => ("total", in_flight),
     };
-    let message = if in_flight {
-        format!("this API key has reached its {which} cost limit with the requests it has in flight; retry when they end")
+    if in_flight {
+        // Passing: the room comes back as those requests end. A rate limit, which clients
+        // retry on their own.
+        let mut r = Rejection::new(
+            ErrorKind::RateLimit,
+            format!(
+                "this API key's requests in flight may cost what is left of its {which} cost \
+                 limit; retry when they end"
+            ),
+        );
+        r.retry_after = Some(IN_FLIGHT_RETRY_SECS);
+        r
     } else {
-        format!("this API key has reached its {which} cost limit")
-    };
-    Rejection::new(ErrorKind::InsufficientQuota, message)
+        Rejection::new(
+            ErrorKind::InsufficientQuota,
+            format!("this API key has reached its {which} cost limit"),
+        )
+    }
 }
 
-/// Whether `spent` plus `held` reaches a limit.
+/// `Retry-After` of a refusal that the key's requests in flight caused.
+const IN_FLIGHT_RETRY_SECS: u64 = 5;
+
+/// Which limit `spent` alone, else `spent` plus `held`, reaches. A limit the spend alone
+/// reaches is named first: that refusal lasts, whatever ends in flight.
 pub fn cost_limit_hit(
     limits: CostLimits,
     (today, total): (i64, i64),
     held: i64,
 ) -> Option<CostLimitHit> {
-    let in_flight = held > 0;
-    if limits
-        .daily
-        .is_some_and(|l| today.saturating_add(held) >= l)
-    {
-        return Some(CostLimitHit::Daily { in_flight });
+    let held = held.max(0);
+    let reached = |limit: Option<i64>, spent: i64, held: i64| {
+        limit.is_some_and(|l| spent.saturating_add(held) >= l)
+    };
+    if reached(limits.daily, today, 0) {
+        return Some(CostLimitHit::Daily { in_flight: false });
     }
-    if limits
-        .total
-        .is_some_and(|l| total.saturating_add(held) >= l)
-    {
-        return Some(CostLimitHit::Total { in_flight });
+    if reached(limits.total, total, 0) {
+        return Some(CostLimitHit::Total { in_flight: false });
+    }
+    if reached(limits.daily, today, held) {
+        return Some(CostLimitHit::Daily { in_flight: true });
+    }
+    if reached(limits.total, total, held) {
+        return Some(CostLimitHit::Total { in_flight: true });
     }
     None
 }
@@ -242,8 +267,9 @@ impl LimitStore for MemoryLimits {
             held.insert(key_id.to_string(), now_held.saturating_add(estimate));
         }
         Ok(CostHold {
-            hold_id: String::new(),
             micro_usd: estimate,
+            in_memory: true,
+            ..CostHold::default()
         })
     }
 
@@ -252,7 +278,7 @@ impl LimitStore for MemoryLimits {
         if micro_usd != 0 {
             self.book_cost(key_id, day, micro_usd);
         }
-        if let Some(h) = hold.filter(|h| h.micro_usd > 0) {
+        if let Some(h) = hold.filter(|h| h.in_memory && h.micro_usd > 0) {
             let mut held = lock(&self.held);
             if let Some(n) = held.get_mut(key_id) {
                 *n = n.saturating_sub(h.micro_usd);
@@ -331,35 +357,6 @@ impl RequestFilter for KeyLimits {
         let Some(key) = ctx.auth.as_ref().map(|a| a.key.clone()) else {
             return Flow::Continue;
         };
-        let limits = CostLimits {
-            daily: key.daily_cost_limit,
-            total: key.total_cost_limit,
-        };
-        if limits != CostLimits::default() {
-            // Requests in flight count with what they may cost: without, a key just under its
-            // limit could start any number of requests at once.
-            let estimate = if ctx.route.billed {
-                estimate_cost(
-                    &self.prices.table(),
-                    ctx.requested_model(),
-                    req.body.len(),
-                    req.parsed.max_output_tokens,
-                    key.price_rate,
-                )
-            } else {
-                0
-            };
-            let day = utc_day(ctx.started_ms);
-            // The hold is given back when the request is booked, also when a later check
-            // refuses it.
-            match (self.store)
-                .hold_cost(&key.id, &day, limits, estimate, self.lease_ttl)
-                .await
-            {
-                Ok(hold) => ctx.limits.cost = Some(hold),
-                Err(hit) => return Flow::Reject(over_cost_limit(hit)),
-            }
-        }
         if let Some(rpm) = key.rpm_limit.filter(|r| *r > 0) {
             if let Err(wait) = self.store.hit_rpm(&key.id, rpm, ctx.started_ms).await {
                 let mut r = Rejection::new(
@@ -381,6 +378,35 @@ impl RequestFilter for KeyLimits {
                     r.retry_after = Some(1);
                     return Flow::Reject(r);
                 }
+            }
+        }
+        let limits = CostLimits {
+            daily: key.daily_cost_limit,
+            total: key.total_cost_limit,
+        };
+        if limits != CostLimits::default() {
+            // Requests in flight count with what they may cost: without, a key just under its
+            // limit could start any number of requests at once.
+            let estimate = if ctx.route.billed {
+                estimate_cost(
+                    &self.prices.table(),
+                    ctx.requested_model(),
+                    req.body.len(),
+                    output_cap(req.body),
+                    key.price_rate,
+                )
+            } else {
+                0
+            };
+            let day = utc_day(ctx.started_ms);
+            // Last: a request the checks above refuse never holds. The hold is given back when
+            // the request is booked, also when a later filter refuses it.
+            match (self.store)
+                .hold_cost(&key.id, &day, limits, estimate, self.lease_ttl)
+                .await
+            {
+                Ok(hold) => ctx.limits.cost = Some(hold),
+                Err(hit) => return Flow::Reject(over_cost_limit(hit)),
             }
         }
         Flow::Continue
@@ -488,12 +514,46 @@ mod tests {
 
     #[test]
     fn refusals_say_which_limit_and_why() {
+        // Caused by requests in flight: passing, a rate limit to retry after a while.
         let r = over_cost_limit(CostLimitHit::Daily { in_flight: true });
-        assert_eq!(r.kind, ErrorKind::InsufficientQuota);
+        assert_eq!(r.kind, ErrorKind::RateLimit);
+        assert_eq!(r.retry_after, Some(IN_FLIGHT_RETRY_SECS));
         assert!(r.message.contains("daily cost limit"), "{}", r.message);
         assert!(r.message.contains("in flight"), "{}", r.message);
+        // Reached by the spend alone: lasting, no retry helps.
         let r = over_cost_limit(CostLimitHit::Total { in_flight: false });
+        assert_eq!(r.kind, ErrorKind::InsufficientQuota);
+        assert_eq!(r.retry_after, None);
         assert!(r.message.contains("total cost limit"), "{}", r.message);
         assert!(!r.message.contains("in flight"), "{}", r.message);
+    }
+
+    #[test]
+    fn a_limit_the_spend_alone_reaches_is_named_first() {
+        let both = CostLimits {
+            daily: Some(100),
+            total: Some(1000),
+        };
+        assert_eq!(cost_limit_hit(both, (99, 500), 0), None);
+        assert_eq!(
+            cost_limit_hit(both, (99, 500), 1),
+            Some(CostLimitHit::Daily { in_flight: true })
+        );
+        // Over by spend, holds or not: lasting.
+        assert_eq!(
+            cost_limit_hit(both, (100, 500), 50),
+            Some(CostLimitHit::Daily { in_flight: false })
+        );
+        // Daily reached only with holds, total by spend alone: the total is what lasts.
+        assert_eq!(
+            cost_limit_hit(both, (90, 1000), 50),
+            Some(CostLimitHit::Total { in_flight: false })
+        );
+        assert_eq!(
+            cost_limit_hit(both, (10, 990), 20),
+            Some(CostLimitHit::Total { in_flight: true })
+        );
+        // A negative sum (counters gone apart) counts as nothing held.
+        assert_eq!(cost_limit_hit(both, (10, 10), -500), None);
     }
 }

@@ -46,11 +46,6 @@ pub struct RequestBody<'a> {
     pub system_instruction: Option<&'a RawValue>,
     /// Chat `stream_options.include_usage` is `true`.
     pub stream_options_include_usage: bool,
-    /// The most output tokens the client allows: Anthropic / Chat `max_tokens`, Chat
-    /// `max_completion_tokens`, Responses `max_output_tokens`, Gemini
-    /// `generationConfig.maxOutputTokens`. Only read (the upstream judges it), so a value that is
-    /// not a whole number counts as absent.
-    pub max_output_tokens: Option<u64>,
 }
 
 /// Why a request body was refused; the message goes to the client as `invalid_request_error`.
@@ -108,21 +103,6 @@ struct RawBody<'a> {
     system_instruction: Option<&'a RawValue>,
     #[serde(borrow)]
     stream_options: Option<&'a RawValue>,
-    #[serde(borrow)]
-    max_tokens: Option<&'a RawValue>,
-    #[serde(borrow)]
-    max_completion_tokens: Option<&'a RawValue>,
-    #[serde(borrow)]
-    max_output_tokens: Option<&'a RawValue>,
-    #[serde(borrow, rename = "generationConfig", alias = "generation_config")]
-    generation_config: Option<&'a RawValue>,
-}
-
-/// Gemini `generationConfig`: only the output cap matters.
-#[derive(Deserialize)]
-struct RawGenerationConfig<'a> {
-    #[serde(borrow, rename = "maxOutputTokens", alias = "max_output_tokens")]
-    max_output_tokens: Option<&'a RawValue>,
 }
 
 /// `metadata`: only `user_id` matters.
@@ -176,16 +156,6 @@ pub fn parse_request_body(body: &[u8]) -> Result<RequestBody<'_>, BodyError> {
             opt_bool(options.include_usage, "stream_options.include_usage")?;
     }
 
-    let whole = |raw: Option<&RawValue>| raw.and_then(|r| r.get().trim().parse::<u64>().ok());
-    let max_output_tokens = whole(raw.max_tokens)
-        .or_else(|| whole(raw.max_completion_tokens))
-        .or_else(|| whole(raw.max_output_tokens))
-        .or_else(|| {
-            let config = raw.generation_config?;
-            let config: RawGenerationConfig<'_> = serde_json::from_str(config.get()).ok()?;
-            whole(config.max_output_tokens)
-        });
-
     Ok(RequestBody {
         model: opt_string(raw.model, "model")?,
         stream: opt_bool(raw.stream, "stream")?,
@@ -200,8 +170,39 @@ pub fn parse_request_body(body: &[u8]) -> Result<RequestBody<'_>, BodyError> {
         contents: raw.contents,
         system_instruction: raw.system_instruction,
         stream_options_include_usage,
-        max_output_tokens,
     })
+}
+
+/// The most output tokens a body allows: Anthropic / Chat `max_tokens`, Chat
+/// `max_completion_tokens`, Responses `max_output_tokens`, Gemini
+/// `generationConfig.maxOutputTokens`. Only read, never judged (that is the upstream's part):
+/// a value that is not a whole number counts as absent, and of a repeated field the last one
+/// counts, as most JSON readers take it. Read on demand, apart from [`parse_request_body`].
+pub fn output_cap(body: &[u8]) -> Option<u64> {
+    let whole = |span: Range<usize>| {
+        std::str::from_utf8(body.get(span)?)
+            .ok()?
+            .parse::<u64>()
+            .ok()
+    };
+    let members = json_scan::object_members(body, json_scan::skip_ws(body, 0))?;
+    let mut cap = None;
+    for (key, value) in members {
+        let is = |name: &str| json_scan::key_is(body, key.clone(), name);
+        if is("max_tokens") || is("max_completion_tokens") || is("max_output_tokens") {
+            cap = whole(value).or(cap);
+        } else if is("generationConfig") || is("generation_config") {
+            let inner = json_scan::object_members(body, value.start).unwrap_or_default();
+            for (key, value) in inner {
+                if json_scan::key_is(body, key.clone(), "maxOutputTokens")
+                    || json_scan::key_is(body, key, "max_output_tokens")
+                {
+                    cap = whole(value).or(cap);
+                }
+            }
+        }
+    }
+    cap
 }
 
 /// Longest model name taken (provider model names are far shorter).
@@ -683,7 +684,7 @@ mod tests {
 
     #[test]
     fn output_caps_of_every_protocol() {
-        let cap = |body: &[u8]| parse_request_body(body).expect("parses").max_output_tokens;
+        let cap = output_cap;
         assert_eq!(cap(br#"{"model":"m","max_tokens":32000}"#), Some(32_000));
         assert_eq!(
             cap(br#"{"model":"m","max_completion_tokens":700}"#),
@@ -704,6 +705,18 @@ mod tests {
         assert_eq!(cap(br#"{"model":"m","max_tokens":"9"}"#), None);
         assert_eq!(cap(br#"{"model":"m","max_tokens":1.5}"#), None);
         assert_eq!(cap(br#"{"generationConfig":[]}"#), None);
+        // Repeated: the last whole number counts, and the body is still taken.
+        let twice = br#"{"model":"m","max_tokens":5,"messages":[],"max_tokens":7}"#;
+        assert_eq!(cap(twice), Some(7));
+        assert!(parse_request_body(twice).is_ok());
+        let both = br#"{"contents":[],"generationConfig":{"maxOutputTokens":3},
+            "generation_config":{"max_output_tokens":4}}"#;
+        assert_eq!(cap(both), Some(4));
+        assert!(parse_request_body(both).is_ok());
+        // Nested caps elsewhere do not count; neither do bodies that are not objects.
+        assert_eq!(cap(br#"{"model":"m","metadata":{"max_tokens":9}}"#), None);
+        assert_eq!(cap(b"[1]"), None);
+        assert_eq!(cap(b"not json"), None);
     }
 
     #[test]

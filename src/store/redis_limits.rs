@@ -49,8 +49,9 @@ return {tonumber(redis.call('GET', KEYS[1])), tonumber(redis.call('GET', KEYS[2]
     )
 });
 
-/// Holds to drop and their amounts: the holds of expired leases leave the held sum first.
-/// KEYS: daily, total, hold leases (sorted by expiry), hold amounts, held sum.
+/// Drops the holds whose leases ran out, taking their amounts off the held sum; a sum left
+/// without holds (keys evicted apart) is reset. KEYS: daily, total, hold leases (by expiry),
+/// hold amounts, held sum. ARGV[1]: now.
 const DROP_EXPIRED_HOLDS: &str = r"local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
 for _, id in ipairs(gone) do
   local amount = redis.call('HGET', KEYS[4], id)
@@ -60,31 +61,34 @@ for _, id in ipairs(gone) do
   end
   redis.call('ZREM', KEYS[3], id)
 end
+if redis.call('ZCARD', KEYS[3]) == 0 then redis.call('DEL', KEYS[4], KEYS[5]) end
 ";
 
 /// Seeds absent (daily, total) counters with this node's values (from the database).
+/// ARGV[2..4]: daily seed, total seed, daily TTL.
 const SEED_COST: &str = r"if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4]) end
 if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[3]) end
 ";
 
-/// Admits a request under the cost limits and holds its estimate: 0 held, 1 over the daily
-/// limit, 2 over the total limit (+2 when holds in flight counted). ARGV: now, daily seed,
-/// total seed, daily TTL, lease expiry, hold id, estimate, daily limit, total limit (-1: none).
+/// Admits a request under the cost limits and holds its estimate. Returns 0 held; 1 or 2 when
+/// the spend alone reaches the daily or total limit; 3 or 4 when the holds in flight make it
+/// reach one. ARGV: now, daily seed, total seed, daily TTL, lease expiry, hold id, estimate,
+/// daily limit, total limit (-1: none).
 static HOLD_COST: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
-        r"{DROP_EXPIRED_HOLDS}{SEED_COST}local held = tonumber(redis.call('GET', KEYS[5]) or '0')
-local inflight = 0
-if held > 0 then inflight = 2 end
-local daily_limit = tonumber(ARGV[8])
-local total_limit = tonumber(ARGV[9])
-if daily_limit >= 0 and tonumber(redis.call('GET', KEYS[1])) + held >= daily_limit then return 1 + inflight end
-if total_limit >= 0 and tonumber(redis.call('GET', KEYS[2])) + held >= total_limit then return 2 + inflight end
-local estimate = tonumber(ARGV[7])
-if estimate > 0 then
+        r"{DROP_EXPIRED_HOLDS}{SEED_COST}local held = math.max(0, tonumber(redis.call('GET', KEYS[5]) or '0'))
+local spent = {{tonumber(redis.call('GET', KEYS[1])), tonumber(redis.call('GET', KEYS[2]))}}
+local limits = {{tonumber(ARGV[8]), tonumber(ARGV[9])}}
+for pass = 0, 1 do
+  for i = 1, 2 do
+    if limits[i] >= 0 and spent[i] + held * pass >= limits[i] then return i + 2 * pass end
+  end
+end
+if ARGV[7] ~= '0' then
   local ttl = tonumber(ARGV[5]) - tonumber(ARGV[1]) + 1000
   redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
-  redis.call('HSET', KEYS[4], ARGV[6], estimate)
-  redis.call('INCRBY', KEYS[5], estimate)
+  redis.call('HSET', KEYS[4], ARGV[6], ARGV[7])
+  redis.call('INCRBY', KEYS[5], ARGV[7])
   for i = 3, 5 do
     if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
   end
@@ -94,24 +98,38 @@ return 0"
 });
 
 /// Books a cost and gives a hold back in one step, seeding absent counters first so no
-/// history is lost. ARGV: now, daily seed, total seed, daily TTL, cost, hold id ('' for none).
+/// history is lost. ARGV: now, daily seed, total seed, daily TTL, cost, hold id ('' for none),
+/// first attempt ('1' or '0'), hold expiry. A retry books only while the hold is still there or
+/// has run out, so a settlement that did run, its answer lost, is not booked twice.
 static SETTLE_COST: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
-        r"{SEED_COST}if tonumber(ARGV[5]) ~= 0 then
-  redis.call('INCRBY', KEYS[1], ARGV[5])
-  redis.call('INCRBY', KEYS[2], ARGV[5])
-end
+        r"local book = ARGV[7] == '1'
 if ARGV[6] ~= '' then
   local amount = redis.call('HGET', KEYS[4], ARGV[6])
   if amount then
     redis.call('DECRBY', KEYS[5], amount)
     redis.call('HDEL', KEYS[4], ARGV[6])
+    book = true
+  elseif tonumber(ARGV[1]) >= tonumber(ARGV[8]) then
+    book = true
   end
   redis.call('ZREM', KEYS[3], ARGV[6])
+end
+if book and ARGV[5] ~= '0' then
+  {SEED_COST}  redis.call('INCRBY', KEYS[1], ARGV[5])
+  redis.call('INCRBY', KEYS[2], ARGV[5])
 end
 return 1"
     ))
 });
+
+/// Waits between the retries of a settlement Redis did not take (then the hold runs out).
+const SETTLE_RETRIES: [Duration; 4] = [
+    Duration::from_secs(1),
+    Duration::from_secs(4),
+    Duration::from_secs(16),
+    Duration::from_secs(64),
+];
 
 /// Daily counters outlive their day by a day (late bookings across midnight still land).
 const DAILY_TTL_MS: i64 = 2 * 86_400_000;
@@ -279,7 +297,7 @@ impl LimitStore for RedisLimits {
         let keys = self.cost_keys(key_id, day);
         let hold_id = crate::store::new_id();
         let now = now_ms();
-        let expires = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2));
+        let expires_ms = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2));
         let estimate = estimate.max(0);
         let id = hold_id.clone();
         let res: Result<i64, _> = self
@@ -291,7 +309,7 @@ impl LimitStore for RedisLimits {
                     .arg(seed_day)
                     .arg(seed_total)
                     .arg(DAILY_TTL_MS)
-                    .arg(expires)
+                    .arg(expires_ms)
                     .arg(id)
                     .arg(estimate)
                     .arg(limits.daily.unwrap_or(-1))
@@ -300,11 +318,14 @@ impl LimitStore for RedisLimits {
                     .await
             })
             .await;
+        let hold = CostHold {
+            micro_usd: estimate,
+            hold_id,
+            in_memory: false,
+            expires_ms,
+        };
         match res {
-            Ok(0) => Ok(CostHold {
-                hold_id,
-                micro_usd: estimate,
-            }),
+            Ok(0) => Ok(hold),
             Ok(code) => {
                 let in_flight = code > 2;
                 Err(if code % 2 == 1 {
@@ -314,50 +335,152 @@ impl LimitStore for RedisLimits {
                 })
             }
             Err(e) => {
-                // This node's view: its spend and its own holds.
+                // This node's view: its spend and its own holds. Redis may have taken the hold
+                // all the same (its answer late): the id is kept to give that back as well.
                 self.fallback("cost hold", &e);
                 self.memory
                     .hold_cost(key_id, day, limits, estimate, ttl)
                     .await
+                    .map(|_| CostHold {
+                        in_memory: true,
+                        ..hold
+                    })
             }
         }
     }
 
     async fn settle_cost(&self, key_id: &str, day: &str, hold: Option<&CostHold>, micro_usd: i64) {
         let (seed_day, seed_total) = self.memory.spent(key_id, day).await;
-        // This node's counters always take the cost (they seed Redis and serve without it); a
-        // hold kept in memory (Redis was down) is given back there.
-        let memory_hold = hold.filter(|h| h.hold_id.is_empty());
-        self.memory
-            .settle_cost(key_id, day, memory_hold, micro_usd)
-            .await;
-        let redis_hold = hold
-            .filter(|h| !h.hold_id.is_empty())
-            .map(|h| h.hold_id.clone())
+        // This node's counters always take the cost (they seed Redis and serve without it);
+        // a hold kept in memory is given back there.
+        self.memory.settle_cost(key_id, day, hold, micro_usd).await;
+        let (hold_id, expires_ms) = hold
+            .map(|h| (h.hold_id.clone(), h.expires_ms))
             .unwrap_or_default();
-        if micro_usd == 0 && redis_hold.is_empty() {
+        if micro_usd == 0 && hold_id.is_empty() {
             return;
         }
-        let keys = self.cost_keys(key_id, day);
-        let res: Result<i64, _> = self
-            .link
+        let settle = Settlement {
+            link: self.link.clone(),
+            keys: self.cost_keys(key_id, day),
+            seeds: (seed_day, seed_total),
+            micro_usd,
+            hold_id,
+            expires_ms,
+        };
+        if let Err(e) = settle.run(true).await {
+            self.fallback("cost booking", &e);
+            // A hold left in Redis would count against the key on every node until it runs
+            // out: retried apart while Redis comes back. A booking without a hold is not
+            // retried: a retry could not tell whether the first one was taken.
+            if !settle.hold_id.is_empty() {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(settle.retry());
+                }
+            }
+        }
+    }
+}
+
+/// One request's booking in Redis, owned, to be retried apart from the request.
+struct Settlement {
+    link: Arc<RedisLink>,
+    keys: [String; 5],
+    seeds: (i64, i64),
+    micro_usd: i64,
+    hold_id: String,
+    expires_ms: i64,
+}
+
+impl Settlement {
+    async fn run(
+        &self,
+        first: bool,
+    ) -> Result<i64, relay_filters::session_store::StoreUnavailable> {
+        self.link
             .run(|mut c| async move {
                 SETTLE_COST
-                    .key(&keys[..])
+                    .key(&self.keys[..])
                     .arg(now_ms())
-                    .arg(seed_day)
-                    .arg(seed_total)
+                    .arg(self.seeds.0)
+                    .arg(self.seeds.1)
                     .arg(DAILY_TTL_MS)
-                    .arg(micro_usd)
-                    .arg(redis_hold)
+                    .arg(self.micro_usd)
+                    .arg(&self.hold_id)
+                    .arg(if first { "1" } else { "0" })
+                    .arg(self.expires_ms)
                     .invoke_async(&mut c)
                     .await
             })
-            .await;
-        if let Err(e) = res {
-            // The hold expires by itself; the cost reaches Redis again from the database
-            // seed only once its counters are gone.
-            self.fallback("cost booking", &e);
+            .await
+    }
+
+    async fn retry(self) {
+        for wait in SETTLE_RETRIES {
+            tokio::time::sleep(wait).await;
+            if self.run(false).await.is_ok() {
+                return;
+            }
         }
+        tracing::warn!("a cost hold could not be given back in Redis; it runs out by itself");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A retried settlement whose first run was taken (its answer lost) books nothing more;
+    /// one whose hold ran out books its cost.
+    #[tokio::test]
+    async fn a_retried_settlement_books_once() {
+        let url = std::env::var("RELAY_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let link = RedisLink::open(&url).expect("redis url");
+        assert!(link.ready(Duration::from_secs(5)).await, "Redis reachable");
+        let prefix = format!("relaytest:{}:", crate::store::new_id());
+        let node = RedisLimits::new(link.clone(), &prefix, Arc::new(MemoryLimits::default()));
+        let day = "2026-11-22";
+        let limits = CostLimits {
+            daily: Some(1000),
+            total: None,
+        };
+        let settlement = |hold: &CostHold, micro_usd| Settlement {
+            link: link.clone(),
+            keys: node.cost_keys("key", day),
+            seeds: (0, 0),
+            micro_usd,
+            hold_id: hold.hold_id.clone(),
+            expires_ms: hold.expires_ms,
+        };
+        let ttl = Duration::from_secs(60);
+        let hold = node
+            .hold_cost("key", day, limits, 500, ttl)
+            .await
+            .expect("hold");
+        let s = settlement(&hold, 10);
+        s.run(true).await.expect("settled");
+        s.run(false).await.expect("retried");
+        s.run(false).await.expect("retried");
+        assert_eq!(node.spent("key", day).await, (10, 10));
+
+        let short = node
+            .hold_cost("key", day, limits, 500, Duration::from_millis(100))
+            .await
+            .expect("hold");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        settlement(&short, 7).run(false).await.expect("retried");
+        assert_eq!(node.spent("key", day).await, (17, 17));
+
+        let mut c = link
+            .run(|c| async move { Ok(c) })
+            .await
+            .expect("connection");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut c)
+            .await
+            .unwrap_or_default();
+        let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
     }
 }
