@@ -197,6 +197,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let chain = Chain::build(&config.filter_chain(), &deps)
         .map_err(|e| anyhow::anyhow!("filter chain: {e}"))?;
     let (usage, writer) = usage_channel(config.usage.queue_capacity, config.data_dir.join("spool"));
+    let usage_backlog = usage.backlog();
     let (account_events, account_rx) = AccountEvents::channel();
 
     let mut server_conf = ServerConf {
@@ -269,6 +270,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             flush_interval: config.usage.flush_interval,
         },
         sqlite_idle_priority: config.usage.idle_priority,
+        usage_backlog,
         secrets: Arc::new(node.secrets),
         pepper: Arc::new(node.pepper),
         keys,

@@ -154,7 +154,8 @@ pub struct UsageConfig {
     pub batch_size: usize,
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
-    /// With SQLite: its worker threads yield the CPU to the proxy (Linux `SCHED_IDLE`).
+    /// With SQLite: its worker threads yield the CPU to the proxy (Linux `SCHED_IDLE`) while the
+    /// usage queue is short.
     pub idle_priority: bool,
 }
 

@@ -30,8 +30,10 @@ pub struct ControlPlane {
     pub max_keys_per_user: u32,
     pub refresh_interval: std::time::Duration,
     pub writer_settings: WriterSettings,
-    /// SQLite's worker threads at idle CPU priority (see [`priority`]).
+    /// SQLite's worker threads at idle CPU priority while the usage queue is short (see
+    /// [`priority`]).
     pub sqlite_idle_priority: bool,
+    pub usage_backlog: usage_writer::Backlog,
     pub secrets: Arc<SecretBox>,
     pub pepper: Arc<Vec<u8>>,
     pub keys: Arc<KeyCache>,
@@ -85,7 +87,10 @@ impl BackgroundService for ControlPlane {
             ));
         }
         if self.sqlite_idle_priority && !store.is_postgres() {
-            tasks.spawn(priority::keep_sqlite_workers_idle(shutdown.clone()));
+            tasks.spawn(priority::keep_sqlite_workers_idle(
+                self.usage_backlog.clone(),
+                shutdown.clone(),
+            ));
         }
         let refresh = Arc::new(tokio::sync::Notify::new());
         tasks.spawn(cache_refresh::run(

@@ -48,11 +48,28 @@ impl UsageQueue {
         }
     }
 
+    /// A view of how many records wait in the queue, which does not keep the queue open.
+    pub fn backlog(&self) -> Backlog {
+        Backlog(self.tx.downgrade())
+    }
+
     fn spool_one(&self, record: &UsageRecord) {
         metrics().usage_spilled.inc();
         if let Err(e) = spool(&self.spool_dir, std::slice::from_ref(record)) {
             tracing::error!(error = %e, record_id = %record.id, "usage record could not be spooled");
         }
+    }
+}
+
+/// How full the usage queue is (records the writer has not taken yet).
+#[derive(Clone)]
+pub struct Backlog(mpsc::WeakSender<UsageRecord>);
+
+impl Backlog {
+    /// (waiting records, capacity); `None` once the queue is closed.
+    pub fn fill(&self) -> Option<(usize, usize)> {
+        let tx = self.0.upgrade()?;
+        Some((tx.max_capacity() - tx.capacity(), tx.max_capacity()))
     }
 }
 
