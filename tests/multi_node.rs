@@ -142,3 +142,84 @@ async fn two_nodes_share_bindings_cooldowns_and_admin_changes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn requests_in_flight_on_both_nodes_count_against_one_cost_limit() {
+    let (_pg, a, b) = two_nodes().await;
+    let mock = MockUpstream::start().await;
+    // Each request costs 18 000 µUSD (1000 input + 1000 output tokens) and holds about 15 150
+    // while in flight; a 50 000 limit lets at most 4 in at once, whichever node they reach.
+    mock.set(|m| {
+        m.usage = common::mock_upstream::MockUsage {
+            input: 1000,
+            output: 1000,
+            ..Default::default()
+        };
+        m.head_delay = Duration::from_millis(800);
+    });
+    a.create_account("claude-1", "claude", &mock.url(), "sk-ant-1")
+        .await;
+    let user = a.create_user("shared-limit", 10_000).await;
+    let (_, key) = a
+        .create_key(&user, serde_json::json!({"daily_cost_limit": 50_000}))
+        .await;
+    a.wait_key_active(&key).await;
+    b.wait_key_active(&key).await;
+    let nodes = std::sync::Arc::new((a, b));
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let (nodes, key) = (nodes.clone(), key.clone());
+            tokio::spawn(async move {
+                let node = if i % 2 == 0 { &nodes.0 } else { &nodes.1 };
+                let mut body = messages_body(MODEL, false, conversation(&format!("cap {i}"), 1));
+                body["max_tokens"] = serde_json::json!(1000);
+                let r = node
+                    .post("/v1/messages", &key)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let _ = r.bytes().await;
+                status
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        statuses.iter().all(|s| [200, 402, 429].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(
+        (1..=4).contains(&served),
+        "{served} of 10 served: {statuses:?}"
+    );
+    assert!(
+        statuses.contains(&429),
+        "no refusal for what is in flight: {statuses:?}"
+    );
+    assert_eq!(mock.count(), served);
+    // Both nodes now see the spend (72 000 at 4 served, at least 18 000) and nothing held.
+    let (a, b) = (&nodes.0, &nodes.1);
+    let records = a.wait_records(10).await;
+    let booked: i64 = records
+        .iter()
+        .map(|r| r["billed_cost"].as_i64().unwrap())
+        .sum();
+    assert_eq!(booked, served as i64 * 18_000);
+    if served >= 3 {
+        for node in [a, b] {
+            let r = node
+                .post("/v1/messages", &key)
+                .json(&messages_body(MODEL, false, conversation("after", 1)))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 402);
+        }
+    }
+}
