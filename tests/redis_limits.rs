@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use llm_relay::store::redis_limits::RedisLimits;
 use llm_relay::store::RedisLink;
-use relay_filters::key_limits::{CostHold, CostLimitHit, CostLimits, LimitStore, MemoryLimits};
+use relay_filters::key_limits::{CostLimitHit, CostLimits, LimitStore, MemoryLimits};
 
 fn redis_url() -> String {
     std::env::var("RELAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -232,27 +232,6 @@ async fn cost_holds_of_requests_in_flight_are_shared_and_expire() {
         Err(CostLimitHit::Total { in_flight: true })
     );
 
-    // A hold Redis took although its answer came too late (the node then held in memory):
-    // the node gives back both.
-    let late = b
-        .hold_cost("late", day, limit_of(100), 100, ttl)
-        .await
-        .expect("hold");
-    let late = CostHold {
-        in_memory: true,
-        ..late
-    };
-    assert!(a
-        .hold_cost("late", day, limit_of(100), 1, ttl)
-        .await
-        .is_err());
-    b.settle_cost("late", day, Some(&late), 0).await;
-    let after = a.hold_cost("late", day, limit_of(100), 1, ttl).await;
-    assert!(
-        after.is_ok(),
-        "the Redis hold outlived its settlement: {after:?}"
-    );
-
     // A node that dies holding: its hold runs out, on another key.
     let short = Duration::from_millis(300);
     let limit = CostLimits {
@@ -299,4 +278,94 @@ async fn cost_holds_fall_back_to_memory_without_redis() {
     node.settle_cost("key", day, Some(&hold), 30).await;
     assert_eq!(memory.spent("key", day).await, (30, 30));
     assert!(node.hold_cost("key", day, limits, 1, ttl).await.is_ok());
+}
+
+/// A TCP relay to Redis that, while `slow` is set, holds each answer back longer than a node
+/// waits for one: the command runs, its answer comes too late.
+async fn slow_redis(slow: Arc<std::sync::atomic::AtomicBool>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = redis_url();
+    let target = url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .expect("host:port")
+        .to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                continue;
+            };
+            let slow = slow.clone();
+            let (mut client_rd, mut client_wr) = client.into_split();
+            let (mut server_rd, mut server_wr) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_rd, &mut server_wr).await;
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = server_rd.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if slow.load(std::sync::atomic::Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(600)).await;
+                    }
+                    if client_wr.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    format!("redis://{addr}")
+}
+
+#[tokio::test]
+async fn a_hold_and_a_settlement_whose_answers_came_late_count_once() {
+    let prefix = format!("relaytest:{}:", uuid::Uuid::now_v7().simple());
+    let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A short pause after a failure, so the retries are not refused by it.
+    let config = llm_relay::store::RedisLinkConfig {
+        retry_interval: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let slow_link =
+        RedisLink::open_with(&slow_redis(slow.clone()).await, config).expect("redis url");
+    assert!(
+        slow_link.ready(Duration::from_secs(5)).await,
+        "Redis reachable"
+    );
+    let node = RedisLimits::new(slow_link, &prefix, Arc::new(MemoryLimits::default()));
+    let link = RedisLink::open(&redis_url()).expect("redis url");
+    assert!(link.ready(Duration::from_secs(5)).await);
+    let other = RedisLimits::new(link, &prefix, Arc::new(MemoryLimits::default()));
+    let (day, ttl) = ("2026-11-22", Duration::from_secs(60));
+
+    // Redis takes the hold; its answer is late, so the node holds in memory as well.
+    slow.store(true, std::sync::atomic::Ordering::SeqCst);
+    let hold = node
+        .hold_cost("key", day, limit_of(100), 100, ttl)
+        .await
+        .expect("held in memory");
+    assert!(hold.in_memory, "{hold:?}");
+    assert_eq!(
+        other.hold_cost("key", day, limit_of(100), 1, ttl).await,
+        Err(CostLimitHit::Daily { in_flight: true }),
+        "Redis took the hold"
+    );
+    // After the link's pause, the settlement runs in Redis and its answer is late too; it is
+    // retried (after 1 s) once Redis answers in time again, and finds it was done.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    node.settle_cost("key", day, Some(&hold), 30).await;
+    slow.store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(other.spent("key", day).await, (30, 30));
+    let after = other.hold_cost("key", day, limit_of(100), 1, ttl).await;
+    assert!(after.is_ok(), "the hold outlived its settlement: {after:?}");
+    cleanup(&prefix).await;
 }

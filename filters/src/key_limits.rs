@@ -46,8 +46,6 @@ pub struct CostHold {
     pub hold_id: String,
     /// Held in this node's memory (there was no shared store, or it did not answer).
     pub in_memory: bool,
-    /// When a shared store lets the hold go by itself (epoch ms).
-    pub expires_ms: i64,
 }
 
 /// Counters behind the limits.
@@ -357,6 +355,36 @@ impl RequestFilter for KeyLimits {
         let Some(key) = ctx.auth.as_ref().map(|a| a.key.clone()) else {
             return Flow::Continue;
         };
+        let limits = CostLimits {
+            daily: key.daily_cost_limit,
+            total: key.total_cost_limit,
+        };
+        if limits != CostLimits::default() {
+            // Requests in flight count with what they may cost: without, a key just under its
+            // limit could start any number of requests at once.
+            let estimate = if ctx.route.billed {
+                estimate_cost(
+                    &self.prices.table(),
+                    ctx.requested_model(),
+                    req.body.len(),
+                    output_cap(req.body),
+                    key.price_rate,
+                )
+            } else {
+                0
+            };
+            let day = utc_day(ctx.started_ms);
+            // First: a key whose spend reached its limit is told so (402, lasting) rather than
+            // to slow down. The hold is given back when the request is booked, also when a
+            // later check or filter refuses it.
+            match (self.store)
+                .hold_cost(&key.id, &day, limits, estimate, self.lease_ttl)
+                .await
+            {
+                Ok(hold) => ctx.limits.cost = Some(hold),
+                Err(hit) => return Flow::Reject(over_cost_limit(hit)),
+            }
+        }
         if let Some(rpm) = key.rpm_limit.filter(|r| *r > 0) {
             if let Err(wait) = self.store.hit_rpm(&key.id, rpm, ctx.started_ms).await {
                 let mut r = Rejection::new(
@@ -378,35 +406,6 @@ impl RequestFilter for KeyLimits {
                     r.retry_after = Some(1);
                     return Flow::Reject(r);
                 }
-            }
-        }
-        let limits = CostLimits {
-            daily: key.daily_cost_limit,
-            total: key.total_cost_limit,
-        };
-        if limits != CostLimits::default() {
-            // Requests in flight count with what they may cost: without, a key just under its
-            // limit could start any number of requests at once.
-            let estimate = if ctx.route.billed {
-                estimate_cost(
-                    &self.prices.table(),
-                    ctx.requested_model(),
-                    req.body.len(),
-                    output_cap(req.body),
-                    key.price_rate,
-                )
-            } else {
-                0
-            };
-            let day = utc_day(ctx.started_ms);
-            // Last: a request the checks above refuse never holds. The hold is given back when
-            // the request is booked, also when a later filter refuses it.
-            match (self.store)
-                .hold_cost(&key.id, &day, limits, estimate, self.lease_ttl)
-                .await
-            {
-                Ok(hold) => ctx.limits.cost = Some(hold),
-                Err(hit) => return Flow::Reject(over_cost_limit(hit)),
             }
         }
         Flow::Continue

@@ -44,8 +44,18 @@ pub fn stay_idle(idle: bool, waiting: usize, capacity: usize) -> bool {
 }
 
 /// Keeps every SQLite worker thread of this process at idle priority while the usage queue is
-/// short, and at normal priority while it is long, until shutdown.
+/// short, and at normal priority while it is long, until shutdown. Does nothing where a thread
+/// could not come back from idle priority.
 pub async fn keep_sqlite_workers_idle(backlog: Backlog, mut shutdown: ShutdownWatch) {
+    if let Err(e) = can_come_back_from_idle() {
+        // Idle threads that stay idle would stall the proxy under full load.
+        tracing::warn!(
+            error = %e,
+            "SQLite worker threads keep normal CPU priority: this process may not raise a \
+             thread's priority back from idle (it needs CAP_SYS_NICE or RLIMIT_NICE of 20)"
+        );
+        return;
+    }
     let mut known = HashSet::new();
     let mut idle = true;
     let mut warned = false;
@@ -68,7 +78,7 @@ pub async fn keep_sqlite_workers_idle(backlog: Backlog, mut shutdown: ShutdownWa
         if let Err(e) = result {
             if !warned {
                 warned = true;
-                tracing::warn!(error = %e, "SQLite worker threads keep normal CPU priority");
+                tracing::warn!(error = %e, "SQLite worker threads could not change CPU priority");
             }
         }
         tick = tick.wrapping_add(1);
@@ -77,6 +87,34 @@ pub async fn keep_sqlite_workers_idle(backlog: Backlog, mut shutdown: ShutdownWa
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// Whether a thread of this process may go to idle priority and back: an unprivileged process
+/// may lower a thread's priority but, on Linux, raise it back from `SCHED_IDLE` only with
+/// `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20. Tried on a thread of its own.
+#[cfg(target_os = "linux")]
+pub fn can_come_back_from_idle() -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("priority-probe".into())
+        .spawn(|| {
+            let param = libc::sched_param { sched_priority: 0 };
+            for policy in [libc::SCHED_IDLE, libc::SCHED_OTHER] {
+                // SAFETY: plain system call on the calling thread (0) with a valid parameter.
+                if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        })?
+        .join()
+        .map_err(|_| std::io::Error::other("the priority probe panicked"))?
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn can_come_back_from_idle() -> std::io::Result<()> {
+    Err(std::io::Error::other(
+        "thread priorities are set on Linux only",
+    ))
 }
 
 /// Puts the threads of this process whose name starts with `prefix` and that are not in
@@ -205,6 +243,31 @@ mod tests {
         // Ended threads are forgotten (their ids may be reused).
         set_policy_named("prio-test-idle", true, &mut done).unwrap();
         assert!(done.is_empty());
+    }
+
+    #[test]
+    fn the_probe_tells_whether_threads_can_come_back_from_idle() {
+        // CAP_SYS_NICE (bit 23) among the effective capabilities.
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let caps = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap();
+        let sys_nice = caps & (1 << 23) != 0;
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct given.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut limit) }, 0);
+        let allowed = sys_nice || limit.rlim_cur >= 20;
+        let probe = can_come_back_from_idle();
+        if allowed {
+            probe.unwrap();
+        } else {
+            assert_eq!(probe.unwrap_err().raw_os_error(), Some(libc::EPERM));
+        }
     }
 
     #[test]

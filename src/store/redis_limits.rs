@@ -98,24 +98,24 @@ return 0"
 });
 
 /// Books a cost and gives a hold back in one step, seeding absent counters first so no
-/// history is lost. ARGV: now, daily seed, total seed, daily TTL, cost, hold id ('' for none),
-/// first attempt ('1' or '0'), hold expiry. A retry books only while the hold is still there or
-/// has run out, so a settlement that did run, its answer lost, is not booked twice.
+/// history is lost. KEYS[6]: the hold's settlement mark (with a hold). ARGV: daily seed at 2,
+/// total seed at 3, daily TTL at 4, cost at 5, hold id ('' for none) at 6, mark TTL at 7.
+/// A hold is settled once: a settlement retried after its answer was lost finds the mark and
+/// books nothing more, while one that never ran books in full, also for a hold Redis never
+/// took (it was held in a node's memory).
 static SETTLE_COST: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
-        r"local book = ARGV[7] == '1'
-if ARGV[6] ~= '' then
+        r"if ARGV[6] ~= '' then
+  if redis.call('EXISTS', KEYS[6]) == 1 then return 0 end
   local amount = redis.call('HGET', KEYS[4], ARGV[6])
   if amount then
     redis.call('DECRBY', KEYS[5], amount)
     redis.call('HDEL', KEYS[4], ARGV[6])
-    book = true
-  elseif tonumber(ARGV[1]) >= tonumber(ARGV[8]) then
-    book = true
   end
   redis.call('ZREM', KEYS[3], ARGV[6])
+  redis.call('SET', KEYS[6], 1, 'PX', ARGV[7])
 end
-if book and ARGV[5] ~= '0' then
+if ARGV[5] ~= '0' then
   {SEED_COST}  redis.call('INCRBY', KEYS[1], ARGV[5])
   redis.call('INCRBY', KEYS[2], ARGV[5])
 end
@@ -123,13 +123,22 @@ return 1"
     ))
 });
 
-/// Waits between the retries of a settlement Redis did not take (then the hold runs out).
+/// Waits between the tries of a settlement Redis did not take (then the hold runs out).
 const SETTLE_RETRIES: [Duration; 4] = [
     Duration::from_secs(1),
     Duration::from_secs(4),
     Duration::from_secs(16),
     Duration::from_secs(64),
 ];
+
+/// How long a hold's settlement mark is kept: past every retry.
+const SETTLED_MARK_TTL_MS: i64 = 10 * 60_000;
+
+/// Settlements being retried at most at once; past this a hold is left to run out.
+const MAX_RETRYING: usize = 10_000;
+
+/// Settlements being retried now.
+static RETRYING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Daily counters outlive their day by a day (late bookings across midnight still land).
 const DAILY_TTL_MS: i64 = 2 * 86_400_000;
@@ -163,6 +172,35 @@ impl RedisLimits {
             format!("{p}cost:apikey:held:{key_id}"),
             format!("{p}cost:apikey:heldsum:{key_id}"),
         ]
+    }
+
+    /// The mark a hold's settlement leaves (see [`SETTLE_COST`]).
+    fn settled_mark(&self, hold_id: &str) -> String {
+        format!("{}cost:apikey:settled:{hold_id}", self.prefix)
+    }
+
+    /// A booking (and hold release) in Redis, owned, to run now or apart.
+    fn settlement(
+        &self,
+        key_id: &str,
+        day: &str,
+        seeds: (i64, i64),
+        hold_id: String,
+        micro_usd: i64,
+    ) -> Settlement {
+        let [daily, total, holds, held, sum] = self.cost_keys(key_id, day);
+        let mark = if hold_id.is_empty() {
+            String::new()
+        } else {
+            self.settled_mark(&hold_id)
+        };
+        Settlement {
+            link: self.link.clone(),
+            keys: [daily, total, holds, held, sum, mark],
+            seeds,
+            micro_usd,
+            hold_id,
+        }
     }
 
     fn fallback(&self, what: &str, e: &dyn std::fmt::Display) {
@@ -322,7 +360,6 @@ impl LimitStore for RedisLimits {
             micro_usd: estimate,
             hold_id,
             in_memory: false,
-            expires_ms,
         };
         match res {
             Ok(0) => Ok(hold),
@@ -338,13 +375,22 @@ impl LimitStore for RedisLimits {
                 // This node's view: its spend and its own holds. Redis may have taken the hold
                 // all the same (its answer late): the id is kept to give that back as well.
                 self.fallback("cost hold", &e);
-                self.memory
+                let held = self
+                    .memory
                     .hold_cost(key_id, day, limits, estimate, ttl)
-                    .await
-                    .map(|_| CostHold {
+                    .await;
+                match held {
+                    Ok(_) => Ok(CostHold {
                         in_memory: true,
                         ..hold
-                    })
+                    }),
+                    Err(hit) => {
+                        // Refused here: a hold Redis may have taken goes back apart.
+                        self.settlement(key_id, day, (seed_day, seed_total), hold.hold_id, 0)
+                            .spawn_retries(false);
+                        Err(hit)
+                    }
+                }
             }
         }
     }
@@ -354,29 +400,19 @@ impl LimitStore for RedisLimits {
         // This node's counters always take the cost (they seed Redis and serve without it);
         // a hold kept in memory is given back there.
         self.memory.settle_cost(key_id, day, hold, micro_usd).await;
-        let (hold_id, expires_ms) = hold
-            .map(|h| (h.hold_id.clone(), h.expires_ms))
-            .unwrap_or_default();
+        let hold_id = hold.map(|h| h.hold_id.clone()).unwrap_or_default();
         if micro_usd == 0 && hold_id.is_empty() {
             return;
         }
-        let settle = Settlement {
-            link: self.link.clone(),
-            keys: self.cost_keys(key_id, day),
-            seeds: (seed_day, seed_total),
-            micro_usd,
-            hold_id,
-            expires_ms,
-        };
-        if let Err(e) = settle.run(true).await {
+        let settle = self.settlement(key_id, day, (seed_day, seed_total), hold_id, micro_usd);
+        if let Err(e) = settle.run().await {
             self.fallback("cost booking", &e);
             // A hold left in Redis would count against the key on every node until it runs
-            // out: retried apart while Redis comes back. A booking without a hold is not
-            // retried: a retry could not tell whether the first one was taken.
+            // out, and the cost would be missing there: retried apart while Redis comes back.
+            // A booking without a hold is not retried: without a mark a retry could not tell
+            // whether the first one was taken.
             if !settle.hold_id.is_empty() {
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(settle.retry());
-                }
+                settle.spawn_retries(true);
             }
         }
     }
@@ -385,18 +421,15 @@ impl LimitStore for RedisLimits {
 /// One request's booking in Redis, owned, to be retried apart from the request.
 struct Settlement {
     link: Arc<RedisLink>,
-    keys: [String; 5],
+    /// The cost keys, then the hold's settlement mark.
+    keys: [String; 6],
     seeds: (i64, i64),
     micro_usd: i64,
     hold_id: String,
-    expires_ms: i64,
 }
 
 impl Settlement {
-    async fn run(
-        &self,
-        first: bool,
-    ) -> Result<i64, relay_filters::session_store::StoreUnavailable> {
+    async fn run(&self) -> Result<i64, relay_filters::session_store::StoreUnavailable> {
         self.link
             .run(|mut c| async move {
                 SETTLE_COST
@@ -407,22 +440,38 @@ impl Settlement {
                     .arg(DAILY_TTL_MS)
                     .arg(self.micro_usd)
                     .arg(&self.hold_id)
-                    .arg(if first { "1" } else { "0" })
-                    .arg(self.expires_ms)
+                    .arg(SETTLED_MARK_TTL_MS)
                     .invoke_async(&mut c)
                     .await
             })
             .await
     }
 
-    async fn retry(self) {
-        for wait in SETTLE_RETRIES {
-            tokio::time::sleep(wait).await;
-            if self.run(false).await.is_ok() {
-                return;
-            }
+    /// Tries again apart from the request (`tried`: once already), a bounded number at once.
+    fn spawn_retries(self, tried: bool) {
+        use std::sync::atomic::Ordering;
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if RETRYING.fetch_add(1, Ordering::Relaxed) >= MAX_RETRYING {
+            RETRYING.fetch_sub(1, Ordering::Relaxed);
+            return;
         }
-        tracing::warn!("a cost hold could not be given back in Redis; it runs out by itself");
+        rt.spawn(async move {
+            let first = (!tried).then_some(Duration::ZERO);
+            let mut done = false;
+            for wait in first.into_iter().chain(SETTLE_RETRIES) {
+                tokio::time::sleep(wait).await;
+                if self.run().await.is_ok() {
+                    done = true;
+                    break;
+                }
+            }
+            RETRYING.fetch_sub(1, Ordering::Relaxed);
+            if !done {
+                tracing::warn!("a cost hold could not be settled in Redis; it runs out by itself");
+            }
+        });
     }
 }
 
@@ -430,8 +479,8 @@ impl Settlement {
 mod tests {
     use super::*;
 
-    /// A retried settlement whose first run was taken (its answer lost) books nothing more;
-    /// one whose hold ran out books its cost.
+    /// A hold is settled once, whatever is retried: after a lost answer, after the hold ran
+    /// out, and for a hold Redis never took (held in a node's memory).
     #[tokio::test]
     async fn a_retried_settlement_books_once() {
         let url = std::env::var("RELAY_TEST_REDIS_URL")
@@ -445,32 +494,47 @@ mod tests {
             daily: Some(1000),
             total: None,
         };
-        let settlement = |hold: &CostHold, micro_usd| Settlement {
-            link: link.clone(),
-            keys: node.cost_keys("key", day),
-            seeds: (0, 0),
-            micro_usd,
-            hold_id: hold.hold_id.clone(),
-            expires_ms: hold.expires_ms,
-        };
+        let settlement =
+            |hold: &CostHold, cost| node.settlement("key", day, (0, 0), hold.hold_id.clone(), cost);
         let ttl = Duration::from_secs(60);
+
+        // Taken, its answer lost, tried again twice.
         let hold = node
             .hold_cost("key", day, limits, 500, ttl)
             .await
             .expect("hold");
         let s = settlement(&hold, 10);
-        s.run(true).await.expect("settled");
-        s.run(false).await.expect("retried");
-        s.run(false).await.expect("retried");
+        for _ in 0..3 {
+            s.run().await.expect("settled");
+        }
         assert_eq!(node.spent("key", day).await, (10, 10));
+        assert!(
+            node.hold_cost("key", day, limits, 990, ttl).await.is_ok(),
+            "hold given back"
+        );
 
-        let short = node
-            .hold_cost("key", day, limits, 500, Duration::from_millis(100))
+        // The hold ran out before its request ended: booked once all the same.
+        let short = Duration::from_millis(100);
+        let expired = node
+            .hold_cost("other", day, limits, 5, short)
             .await
             .expect("hold");
         tokio::time::sleep(Duration::from_millis(200)).await;
-        settlement(&short, 7).run(false).await.expect("retried");
-        assert_eq!(node.spent("key", day).await, (17, 17));
+        let s = node.settlement("other", day, (0, 0), expired.hold_id.clone(), 7);
+        s.run().await.expect("settled");
+        s.run().await.expect("retried");
+        assert_eq!(node.spent("other", day).await, (7, 7));
+
+        // Held in memory while Redis was away: Redis books it on the first run that reaches it.
+        let in_memory = CostHold {
+            micro_usd: 5,
+            hold_id: crate::store::new_id(),
+            in_memory: true,
+        };
+        let s = node.settlement("third", day, (0, 0), in_memory.hold_id.clone(), 9);
+        s.run().await.expect("settled");
+        s.run().await.expect("retried");
+        assert_eq!(node.spent("third", day).await, (9, 9));
 
         let mut c = link
             .run(|c| async move { Ok(c) })
