@@ -392,6 +392,7 @@ async fn users_see_only_their_own_keys_and_usage(db: Db) {
     let keys = parse(&session_get(&relay, &s, "/api/keys").await);
     assert_eq!(keys["items"][0]["requests"], 2, "{keys}");
     assert_eq!(keys["items"][0]["billed_cost"], billed, "{keys}");
+    assert_eq!(keys["items"][0]["billed_cost_today"], billed, "{keys}");
     assert!(keys["items"][0].get("base_cost").is_none(), "{keys}");
     let (status, text) = relay
         .session_call(
@@ -677,6 +678,7 @@ async fn price_rates_and_overrides_change_the_next_request(db: Db) {
     assert_eq!(entry["username"], "frank", "{entry}");
     assert_eq!(entry["requests"], 5, "{entry}");
     assert_eq!(entry["billed_cost"], billed, "{entry}");
+    assert_eq!(entry["billed_cost_today"], billed, "{entry}");
     assert_eq!(entry["base_cost"], base, "{entry}");
     let logs = relay
         .admin_get(&format!("/api/admin/api-keys/{key_id}/logs?per_page=2"))

@@ -177,9 +177,13 @@ pub struct KeyWithUsage<T> {
     pub key: ApiKey,
     #[serde(flatten)]
     pub usage: T,
+    /// Micro-USD billed today (UTC): what `daily_cost_limit` is measured against, booked
+    /// requests only.
+    pub billed_cost_today: i64,
 }
 
-/// Adds each key's life-time totals, from the per-key daily rollups, in one query per page.
+/// Adds each key's life-time totals and today's billed cost, from the per-key daily rollups,
+/// in two queries per page.
 async fn with_usage(
     state: &AdminState,
     page: Page<ApiKey>,
@@ -189,12 +193,18 @@ async fn with_usage(
         .store
         .usage_totals_by_ids(UsageDim::Key, &ids, None, None)
         .await?;
+    let day = relay_filters::key_limits::utc_day(super::now_ms());
+    let today: HashMap<String, UsageTotals> = state
+        .store
+        .usage_totals_by_ids(UsageDim::Key, &ids, Some(&day), Some(&day))
+        .await?;
     Ok(Page {
         items: page
             .items
             .into_iter()
             .map(|key| KeyWithUsage {
                 usage: usage.remove(&key.id).unwrap_or_default(),
+                billed_cost_today: today.get(&key.id).map_or(0, |t| t.billed_cost),
                 key,
             })
             .collect(),
@@ -254,6 +264,7 @@ pub async fn own_list(
             .map(|k| KeyWithUsage {
                 key: k.key,
                 usage: k.usage.into(),
+                billed_cost_today: k.billed_cost_today,
             })
             .collect(),
         total: page.total,
