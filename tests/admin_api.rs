@@ -8,7 +8,7 @@ mod common;
 
 use common::mock_upstream::{MockUpstream, MockUsage};
 use common::{
-    conversation, messages_body, Db, LoginSession, PgDb, Relay, RelayOptions, ADMIN_PASSWORD,
+    conversation, messages_body, sum, Db, LoginSession, PgDb, Relay, RelayOptions, ADMIN_PASSWORD,
     ADMIN_TOKEN,
 };
 use reqwest::Method;
@@ -65,10 +65,6 @@ async fn proxied_record(relay: &Relay, key: &str, topic: &str) -> Value {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-}
-
-fn sum(records: &[Value], field: &str) -> i64 {
-    records.iter().map(|r| r[field].as_i64().unwrap()).sum()
 }
 
 fn audit_actions(audit: &Value) -> Vec<String> {
@@ -558,11 +554,7 @@ async fn price_rates_and_overrides_change_the_next_request_postgres() {
 async fn priced_relay(db: Db) -> (MockUpstream, Relay) {
     let mock = MockUpstream::start().await;
     mock.set(|b| {
-        b.usage = MockUsage {
-            input: 1000,
-            output: 1000,
-            ..MockUsage::default()
-        }
+        b.usage = MockUsage::io(1000, 1000);
     });
     let relay = start(db).await;
     relay

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::mock_upstream::{MockUpstream, MockUsage};
-use common::{conversation, messages_body, Relay};
+use common::{conversation, messages_body, sum, Relay};
 
 const MODEL: &str = "claude-sonnet-4-5";
 
@@ -115,11 +115,7 @@ async fn daily_cost_limit_is_not_overshot_by_more_than_in_flight() {
     let limit = 50_000;
     let (relay, mock, key) = setup(serde_json::json!({"daily_cost_limit": limit})).await;
     mock.set(|b| {
-        b.usage = MockUsage {
-            input: 1000,
-            output: 1000,
-            ..Default::default()
-        }
+        b.usage = MockUsage::io(1000, 1000);
     });
     let mut served = 0;
     for i in 0..10 {
@@ -149,10 +145,7 @@ async fn daily_cost_limit_is_not_overshot_by_more_than_in_flight() {
         "served {served}, spent {spent}"
     );
     let records = relay.wait_records(served as usize).await;
-    let booked: i64 = records
-        .iter()
-        .map(|r| r["billed_cost"].as_i64().unwrap())
-        .sum();
+    let booked = sum(&records, "billed_cost");
     assert_eq!(booked, spent);
 }
 
@@ -160,11 +153,7 @@ async fn daily_cost_limit_is_not_overshot_by_more_than_in_flight() {
 async fn total_cost_limit_answers_402() {
     let (relay, mock, key) = setup(serde_json::json!({"total_cost_limit": 1})).await;
     mock.set(|b| {
-        b.usage = MockUsage {
-            input: 10,
-            output: 10,
-            ..Default::default()
-        }
+        b.usage = MockUsage::io(10, 10);
     });
     let r = relay
         .post("/v1/messages", &key)
@@ -221,11 +210,7 @@ async fn requests_in_flight_count_against_the_daily_cost_limit() {
     let limit = 50_000;
     let (relay, mock, key) = setup(serde_json::json!({"daily_cost_limit": limit})).await;
     mock.set(|b| {
-        b.usage = MockUsage {
-            input: 1000,
-            output: 1000,
-            ..Default::default()
-        };
+        b.usage = MockUsage::io(1000, 1000);
         b.head_delay = Duration::from_millis(800);
     });
     let relay = std::sync::Arc::new(relay);
@@ -255,10 +240,7 @@ async fn requests_in_flight_count_against_the_daily_cost_limit() {
         "no refusal was for the requests in flight"
     );
     let records = relay.wait_records(10).await;
-    let booked: i64 = records
-        .iter()
-        .map(|r| r["billed_cost"].as_i64().unwrap())
-        .sum();
+    let booked = sum(&records, "billed_cost");
     assert_eq!(booked, served as i64 * 18_000);
     // Every hold was given back: what refuses now is the spend alone.
     let (status, message) = attempt(&relay, &key, capped_body(10)).await;

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::mock_upstream::MockUpstream;
-use common::{conversation, messages_body, Db, PgDb, Relay, RelayOptions};
+use common::{conversation, messages_body, sum, Db, PgDb, Relay, RelayOptions};
 
 const MODEL: &str = "claude-sonnet-4-5";
 
@@ -150,11 +150,7 @@ async fn requests_in_flight_on_both_nodes_count_against_one_cost_limit() {
     // Each request costs 18 000 µUSD (1000 input + 1000 output tokens) and holds about 15 150
     // while in flight; a 50 000 limit lets at most 4 in at once, whichever node they reach.
     mock.set(|m| {
-        m.usage = common::mock_upstream::MockUsage {
-            input: 1000,
-            output: 1000,
-            ..Default::default()
-        };
+        m.usage = common::mock_upstream::MockUsage::io(1000, 1000);
         m.head_delay = Duration::from_millis(800);
     });
     a.create_account("claude-1", "claude", &mock.url(), "sk-ant-1")
@@ -206,10 +202,7 @@ async fn requests_in_flight_on_both_nodes_count_against_one_cost_limit() {
     // Both nodes now see the spend (72 000 at 4 served, at least 18 000) and nothing held.
     let (a, b) = (&nodes.0, &nodes.1);
     let records = a.wait_records(10).await;
-    let booked: i64 = records
-        .iter()
-        .map(|r| r["billed_cost"].as_i64().unwrap())
-        .sum();
+    let booked = sum(&records, "billed_cost");
     assert_eq!(booked, served as i64 * 18_000);
     if served >= 3 {
         for node in [a, b] {

@@ -234,10 +234,7 @@ async fn cost_holds_of_requests_in_flight_are_shared_and_expire() {
 
     // A node that dies holding: its hold runs out, on another key.
     let short = Duration::from_millis(300);
-    let limit = CostLimits {
-        daily: Some(100),
-        total: None,
-    };
+    let limit = limit_of(100);
     let lost = a
         .hold_cost("other", day, limit, 100, short)
         .await
@@ -262,10 +259,7 @@ async fn cost_holds_fall_back_to_memory_without_redis() {
     let node = RedisLimits::new(link, "relaytest:down:", memory.clone());
     let day = "2026-11-22";
     let ttl = Duration::from_secs(60);
-    let limits = CostLimits {
-        daily: Some(100),
-        total: None,
-    };
+    let limits = limit_of(100);
     let hold = node
         .hold_cost("key", day, limits, 100, ttl)
         .await

@@ -110,7 +110,7 @@ const IN_FLIGHT_RETRY_SECS: u64 = 5;
 
 /// Which limit `spent` alone, else `spent` plus `held`, reaches. A limit the spend alone
 /// reaches is named first: that refusal lasts, whatever ends in flight.
-pub fn cost_limit_hit(
+fn cost_limit_hit(
     limits: CostLimits,
     (today, total): (i64, i64),
     held: i64,

@@ -673,11 +673,7 @@ impl RelayProxy {
         ctx.lease.take();
         // Boxed: the record and its queueing (1.6 KB) would size the connection's future.
         Box::pin(self.book(ctx)).await;
-        self.settle_limits(ctx).await;
-    }
-    /// Gives the key's concurrency slot and cost hold back and books the cost against its
-    /// limits.
-    async fn settle_limits(&self, ctx: &mut ProxyCtx) {
+        // The key's concurrency slot and cost hold go back, its cost is booked to its limits.
         if let Some(settle) = self.limits_settlement(ctx) {
             settle.await;
         }

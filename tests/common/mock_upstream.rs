@@ -34,6 +34,17 @@ pub struct MockUsage {
     pub cache_read: u64,
 }
 
+impl MockUsage {
+    /// Only input and output tokens.
+    pub fn io(input: u64, output: u64) -> Self {
+        MockUsage {
+            input,
+            output,
+            ..MockUsage::default()
+        }
+    }
+}
+
 /// Counts only some protocols report.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ExtraUsage {

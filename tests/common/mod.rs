@@ -494,6 +494,11 @@ impl Relay {
     }
 }
 
+/// The sum of an integer field over usage records.
+pub fn sum(records: &[serde_json::Value], field: &str) -> i64 {
+    records.iter().map(|r| r[field].as_i64().unwrap()).sum()
+}
+
 /// The usage record with request id `id` (sent as `x-request-id`).
 pub fn record_by_request_id<'a>(
     records: &'a [serde_json::Value],
