@@ -192,9 +192,16 @@ async fn attempt(relay: &Relay, key: &str, body: serde_json::Value) -> (u16, Str
         .await
         .expect("the relay answers");
     let status = r.status().as_u16();
+    let retry_after = r.headers().get("retry-after").is_some();
     let v: serde_json::Value = r.json().await.unwrap_or_default();
-    if status == 402 {
-        assert_eq!(v["error"]["type"], "insufficient_quota", "{v}");
+    match status {
+        402 => assert_eq!(v["error"]["type"], "insufficient_quota", "{v}"),
+        // Refused for what is in flight: passing, a rate limit to retry.
+        429 => {
+            assert_eq!(v["error"]["type"], "rate_limit_error", "{v}");
+            assert!(retry_after, "429 without Retry-After: {v}");
+        }
+        _ => {}
     }
     (
         status,
