@@ -3,12 +3,21 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/llm-relay/target
 export RELAY_TEST_PG_URL ?= postgres://postgres:postgres@127.0.0.1:5432/postgres
 export RELAY_TEST_REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: run build test lint bench deps
+.PHONY: run build test lint bench deps ui
 
 deps:
 	@scripts/install-deps.sh build
 
-build: deps
+# The admin UI (admin-ui/, Vue + Vite): dependencies from package-lock.json, then dist/, which
+# the relay embeds. Each step runs again only when its inputs changed.
+UI_SOURCES := $(shell find admin-ui/src admin-ui/index.html admin-ui/vite.config.ts admin-ui/tsconfig.json -type f 2>/dev/null)
+admin-ui/node_modules/.package-lock.json: admin-ui/package.json admin-ui/package-lock.json
+	cd admin-ui && npm ci --no-audit --no-fund
+admin-ui/dist/index.html: admin-ui/node_modules/.package-lock.json $(UI_SOURCES)
+	cd admin-ui && npm run build
+ui: deps admin-ui/dist/index.html
+
+build: deps ui
 	cargo build --release --bin llm-relay
 
 run: build
@@ -20,6 +29,7 @@ lint:
 
 test:
 	@scripts/install-deps.sh test
+	@$(MAKE) --no-print-directory admin-ui/dist/index.html
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo build --bin llm-relay

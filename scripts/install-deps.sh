@@ -29,7 +29,18 @@ have cmake || install cmake
 have cc || install build-essential
 have pkg-config || install pkg-config
 
+# The admin UI is built with Node.js (20.19 or newer, for Vite) and npm.
+node_ok() { have node && have npm && node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a===20&&b>=19)?0:1)'; }
+if ! node_ok; then
+  have node || install nodejs npm
+  have npm || install npm
+  node_ok || { echo "Node.js 20.19 or newer is needed to build the admin UI (found $(node --version 2>/dev/null || echo none))" >&2; exit 1; }
+fi
+
 [ "$mode" = "test" ] || exit 0
+
+# The admin UI's tests drive Debian's Chromium.
+[ -x /usr/bin/chromium ] || [ -n "${CHROMIUM:-}" ] || install chromium
 
 have redis-server || install redis-server
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then

@@ -99,6 +99,8 @@ async fn login_cookie_is_strict_and_changes_need_the_csrf_token() {
     // Reading needs no CSRF token.
     let me = parse(&session_get(&relay, &s, "/api/auth/me").await);
     assert_eq!(me["name"], "admin");
+    // A page reloaded in the browser gets its session's token back.
+    assert_eq!(me["csrf_token"], s.csrf.as_str());
 
     let new_user = json!({"username": "dora", "password": "password-123"});
     let (status, text) = relay

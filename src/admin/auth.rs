@@ -23,6 +23,8 @@ pub struct Caller {
     /// Name written to the audit log.
     pub name: String,
     pub role: Role,
+    /// The login session's CSRF token; `None` for the static admin token.
+    pub csrf_token: Option<String>,
 }
 
 impl Caller {
@@ -96,6 +98,7 @@ impl FromRequestParts<AdminState> for Caller {
                     user_id: None,
                     name: "admin-token".into(),
                     role: Role::Admin,
+                    csrf_token: None,
                 }),
                 _ => Err(AppError::Unauthorized),
             };
@@ -126,6 +129,7 @@ impl FromRequestParts<AdminState> for Caller {
             user_id: Some(user.id),
             name: user.username,
             role: user.role,
+            csrf_token: Some(session.csrf_token),
         })
     }
 }

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod error;
 mod extract;
 mod routes;
+mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,5 +101,5 @@ impl AdminState {
 
 /// The admin router.
 pub fn router(state: AdminState) -> Router {
-    routes::router().with_state(state)
+    routes::router().fallback(ui::serve).with_state(state)
 }

@@ -53,6 +53,9 @@ pub struct Me {
     /// `admin` or `user`.
     #[schema(value_type = String, example = "admin")]
     role: crate::store::Role,
+    /// The login session's CSRF token, as the login answered it (so a reloaded page can go
+    /// on making changes); `null` for the static admin token.
+    csrf_token: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -178,5 +181,6 @@ pub async fn me(caller: Caller) -> AppResult<Json<Me>> {
         user_id: caller.user_id,
         name: caller.name,
         role: caller.role,
+        csrf_token: caller.csrf_token,
     }))
 }

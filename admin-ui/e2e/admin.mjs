@@ -1,0 +1,205 @@
+// End-to-end run of the admin UI in headless Chromium (Playwright), against a running relay.
+// `tests/admin_ui.rs` starts the relay and a mock upstream, runs this script and then checks
+// through the API what the clicks did. Screenshots of each page go to SCREENSHOTS.
+//
+// Environment: ADMIN_URL, PROXY_URL, UPSTREAM_URL, ADMIN_PASSWORD (user `admin`), SCREENSHOTS,
+// CHROMIUM (default /usr/bin/chromium). Prints one JSON line with what the Rust side checks.
+import assert from 'node:assert/strict'
+import { mkdirSync, rmSync } from 'node:fs'
+import { join } from 'node:path'
+import { chromium } from 'playwright-core'
+
+const env = (name, fallback) => {
+  const v = process.env[name] ?? fallback
+  if (v === undefined) throw new Error(`${name} is not set`)
+  return v
+}
+const ADMIN = env('ADMIN_URL')
+const PROXY = env('PROXY_URL')
+const UPSTREAM = env('UPSTREAM_URL')
+const PASSWORD = env('ADMIN_PASSWORD')
+const SHOTS = env('SCREENSHOTS')
+const CREDENTIAL = 'sk-ant-api03-ui-test-credential-0123456789'
+rmSync(SHOTS, { recursive: true, force: true })
+mkdirSync(SHOTS, { recursive: true })
+
+const browser = await chromium.launch({
+  executablePath: env('CHROMIUM', '/usr/bin/chromium'),
+  args: ['--no-sandbox', '--disable-dev-shm-usage'],
+})
+const context = await browser.newContext({ viewport: { width: 1400, height: 900 } })
+const page = await context.newPage()
+const pageErrors = []
+page.on('pageerror', (e) => pageErrors.push(String(e)))
+page.on('console', (m) => {
+  if (m.type() === 'error' && !/status of 40[13]/.test(m.text())) pageErrors.push(m.text())
+})
+// Answers for window.prompt / confirm, taken in order; a dialog nobody expected fails the run.
+const answers = []
+page.on('dialog', async (d) => {
+  const a = answers.shift()
+  if (a === undefined) {
+    pageErrors.push(`unexpected dialog: ${d.message()}`)
+    await d.dismiss()
+  } else {
+    await d.accept(a)
+  }
+})
+const shot = (name) => page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: true })
+const row = (table, name) => page.locator(`[data-test="${table}"] tr[data-name="${name}"]`)
+const note = () => page.locator('[data-test="note"]')
+const error = () => page.locator('[data-test="error"]')
+
+async function login(user, password) {
+  await page.goto(`${ADMIN}/`)
+  await page.waitForURL(/#\/login/)
+  await page.fill('input[name="username"]', user)
+  await page.fill('input[name="password"]', password)
+  await page.click('button[type="submit"]')
+}
+
+try {
+  // The page comes with the relay, with its security headers.
+  const res = await page.goto(`${ADMIN}/`)
+  assert.equal(res.status(), 200)
+  assert.match(res.headers()['content-security-policy'], /default-src 'self'/)
+  assert.equal(res.headers()['x-frame-options'], 'DENY')
+
+  // A wrong password is refused with the API's message, and nothing else opens.
+  await login('admin', 'not-the-password')
+  await error().waitFor()
+  assert.match(await error().innerText(), /authentication required \(401\)/)
+  await shot('01-login-refused')
+
+  await login('admin', PASSWORD)
+  await page.waitForURL(/#\/accounts/)
+  assert.equal(await page.locator('[data-test="who"]').innerText(), 'admin (admin)')
+
+  // An upstream account, created and then edited in the form.
+  await page.click('[data-test="new-account"]')
+  const form = page.locator('[data-test="account-form"]')
+  await form.locator('input[name="name"]').fill('ui-claude')
+  await form.locator('select[name="account_type"]').selectOption('claude')
+  await form.locator('input[name="base_url"]').fill(UPSTREAM)
+  await form.locator('input[name="credential"]').fill(CREDENTIAL)
+  await form.locator('input[name="priority"]').fill('7')
+  await form.locator('input[name="models"]').fill('claude-sonnet-4-5, claude-haiku-4-5')
+  await page.click('[data-test="save-account"]')
+  await note().filter({ hasText: 'Account ui-claude created.' }).waitFor()
+  const account = row('accounts', 'ui-claude')
+  const masked = await account.locator('[data-test="masked"]').innerText()
+  assert.ok(!masked.includes('credential-0123'), `the credential shows: ${masked}`)
+  assert.match(masked, /…/)
+  assert.equal(await account.locator('[data-test="priority"]').innerText(), '7')
+  await account.getByRole('button', { name: 'Edit' }).click()
+  assert.equal(await form.locator('input[name="credential"]').inputValue(), '', 'a stored credential is never put back into the form')
+  await form.locator('input[name="priority"]').fill('3')
+  await page.click('[data-test="save-account"]')
+  await note().filter({ hasText: 'Account ui-claude saved.' }).waitFor()
+  await page.waitForFunction(() => document.querySelector('[data-test="accounts"] tr[data-name="ui-claude"] [data-test="priority"]')?.textContent === '3')
+  await shot('02-accounts')
+
+  // A user priced at 1.5 × list, and a key for them with a daily limit.
+  await page.click('a[href="#/users"]')
+  await page.click('[data-test="new-user"]')
+  const userForm = page.locator('[data-test="user-form"]')
+  await userForm.locator('input[name="username"]').fill('ui-tenant')
+  await userForm.locator('input[name="password"]').fill('tenant-password-1')
+  await userForm.locator('input[name="price_rate"]').fill('1.5')
+  await page.click('[data-test="create-user"]')
+  await note().filter({ hasText: 'User ui-tenant created.' }).waitFor()
+  assert.equal(await row('users', 'ui-tenant').locator('[data-test="rate"]').innerText(), '×1.5')
+  // A bad value gets a clear message, in the page.
+  answers.push('cheap')
+  await row('users', 'ui-tenant').getByRole('button', { name: 'Rate' }).click()
+  await error().filter({ hasText: 'not a price rate' }).waitFor()
+  await shot('03-users')
+
+  await page.click('a[href="#/keys"]')
+  await page.click('[data-test="new-key"]')
+  const keyForm = page.locator('[data-test="key-form"]')
+  await keyForm.locator('input[name="owner"]').fill('ui-tenant')
+  await keyForm.locator('input[name="name"]').fill('ui-key')
+  await keyForm.locator('input[name="daily_cost_limit"]').fill('5')
+  await page.click('[data-test="create-key"]')
+  const plaintext = (await page.locator('[data-test="plaintext"]').innerText()).trim()
+  assert.match(plaintext, /^sk-relay-/)
+  await shot('04-key-created')
+  assert.equal(await row('keys', 'ui-key').locator('[data-test="daily-limit"]').innerText(), '$5.00 a day')
+
+  // The key made in the browser works at the proxy, against the account made in the browser.
+  const proxied = await fetch(`${PROXY}/v1/messages`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', 'x-api-key': plaintext, 'anthropic-version': '2023-06-01' },
+    body: JSON.stringify({ model: 'claude-sonnet-4-5', max_tokens: 64, messages: [{ role: 'user', content: 'hello from the admin UI test' }] }),
+  })
+  const answerText = await proxied.text()
+  assert.equal(proxied.status, 200, answerText)
+  const answer = JSON.parse(answerText)
+
+  // Its record shows up on the records page (the writer flushes every 100 ms here).
+  await page.click('[data-test="created-key"] >> text=Done')
+  await row('keys', 'ui-key').getByRole('link', { name: 'Requests' }).click()
+  await page.waitForURL(/#\/records\?api_key_id=/)
+  for (let i = 0; ; i++) {
+    if ((await page.locator('[data-test="records"] [data-test="status"]').count()) > 0) break
+    assert.ok(i < 50, 'the usage record never showed')
+    await page.waitForTimeout(200)
+    await page.click('button:has-text("Filter")')
+  }
+  assert.equal(await page.locator('[data-test="records"] [data-test="status"]').first().innerText(), '200')
+  assert.equal(await page.locator('[data-test="records"] [data-test="input"]').first().innerText(), String(answer.usage.input_tokens))
+  await shot('05-records')
+
+  // A price override.
+  await page.click('a[href="#/pricing"]')
+  await page.click('[data-test="new-price"]')
+  const priceForm = page.locator('[data-test="price-form"]')
+  await priceForm.locator('input[name="model"]').fill('ui-model-1')
+  await priceForm.locator('input[name="input"]').fill('3')
+  await priceForm.locator('input[name="output"]').fill('15')
+  await page.click('[data-test="save-price"]')
+  await note().filter({ hasText: 'Price of ui-model-1 saved.' }).waitFor()
+  assert.equal(await row('prices', 'ui-model-1').locator('[data-test="input"]').innerText(), '$3.00')
+  await shot('06-pricing')
+
+  // After a reload the session goes on, and so do changes (the CSRF token comes back).
+  await page.click('a[href="#/accounts"]')
+  await page.reload()
+  await row('accounts', 'ui-claude').waitFor()
+  await row('accounts', 'ui-claude').getByRole('button', { name: 'Disable' }).click()
+  await note().filter({ hasText: 'Account ui-claude disabled.' }).waitFor()
+  assert.equal((await row('accounts', 'ui-claude').locator('[data-test="state"]').innerText()).trim(), 'disabled')
+
+  await page.click('a[href="#/audit"]')
+  await page.locator('[data-test="audit"] [data-test="action"]', { hasText: 'account.create' }).waitFor()
+  await shot('07-audit')
+
+  // Logged out, the pages ask for a login again.
+  await page.click('[data-test="logout"]')
+  await page.waitForURL(/#\/login/)
+  await page.goto(`${ADMIN}/#/accounts`)
+  await page.waitForURL(/#\/login/)
+
+  // A plain user sees their own keys and usage, and no admin pages.
+  await login('ui-tenant', 'tenant-password-1')
+  await page.waitForURL(/#\/keys/)
+  await row('keys', 'ui-key').waitFor()
+  assert.equal(await page.locator('a[href="#/accounts"]').count(), 0)
+  assert.equal(await row('keys', 'ui-key').locator('[data-test="requests"]').innerText(), '1')
+  await page.goto(`${ADMIN}/#/accounts`)
+  await page.waitForURL(/#\/keys/)
+  await page.click('a[href="#/overview"]')
+  await page.locator('[data-test="summary"]').waitFor()
+  await shot('08-tenant-usage')
+
+  assert.deepEqual(pageErrors, [])
+  console.log(JSON.stringify({ ok: true, key: plaintext, credential: CREDENTIAL }))
+} catch (e) {
+  await shot('failure').catch(() => {})
+  console.error(e)
+  console.error('page errors:', pageErrors)
+  process.exitCode = 1
+} finally {
+  await browser.close()
+}

@@ -1,0 +1,248 @@
+// The admin API client. The UI talks to the relay's admin service only, through these calls:
+// cookie session from `POST /api/auth/login`, and the CSRF token it answers sent on every
+// state-changing call.
+import { reactive } from 'vue'
+
+export type Role = 'admin' | 'user'
+
+export interface Me {
+  user_id: string | null
+  name: string
+  role: Role
+  csrf_token?: string | null
+}
+
+export interface Page<T> {
+  items: T[]
+  total: number
+  page: number
+  per_page: number
+}
+
+export interface Account {
+  id: string
+  name: string
+  account_type: string
+  base_url: string | null
+  credential_masked: string | null
+  has_refresh_token: boolean
+  priority: number
+  weight: number
+  models: string[]
+  model_map: Record<string, string>
+  max_concurrency: number | null
+  enabled: boolean
+  status: string
+  consecutive_error_count: number
+  cooldown_until: number | null
+  last_used_at: number | null
+  created_at?: number
+}
+
+export interface User {
+  id: string
+  username: string
+  role: Role
+  enabled: boolean
+  price_rate: number
+  created_at: number
+}
+
+export interface ApiKey {
+  id: string
+  user_id: string
+  username: string
+  name: string
+  key_prefix: string
+  enabled: boolean
+  expires_at: number | null
+  allowed_platforms: string[]
+  allowed_models: string[]
+  rpm_limit: number | null
+  max_concurrency: number | null
+  daily_cost_limit: number | null
+  total_cost_limit: number | null
+  created_at: number
+  last_used_at?: number | null
+  requests?: number
+  billed_cost?: number
+  billed_cost_today?: number
+}
+
+export interface Price {
+  model: string
+  input: number
+  output: number
+  cache_write_5m: number | null
+  cache_write_1h: number | null
+  cache_read: number | null
+  override: boolean
+  updated_at: number | null
+}
+
+export interface Totals {
+  requests: number
+  input_tokens: number
+  output_tokens: number
+  cache_write_tokens: number
+  cache_read_tokens: number
+  base_cost?: number
+  billed_cost: number
+}
+
+export interface UsageRecord {
+  id: string
+  request_id: string
+  created_at: number
+  user_id?: string | null
+  api_key_id: string | null
+  account_id?: string | null
+  protocol: string
+  requested_model: string | null
+  upstream_model: string | null
+  stream: boolean
+  status: number
+  input_tokens: number
+  output_tokens: number
+  cache_read_tokens: number
+  billed_cost: number
+  base_cost?: number
+  latency_ms: number
+  ttfb_ms: number | null
+  error_type: string | null
+  unpriced: boolean
+  estimated: boolean
+}
+
+export interface AuditEntry {
+  id: string
+  at: number
+  actor: string
+  action: string
+  target: string
+  detail: unknown
+}
+
+/** An answer that was not 2xx, with the admin API's own error message. */
+export class ApiError extends Error {
+  constructor(
+    public status: number,
+    message: string,
+  ) {
+    super(message)
+  }
+}
+
+/** Who is logged in (null: nobody); the UI's one piece of shared state. */
+export const session = reactive<{ me: Me | null; checked: boolean }>({ me: null, checked: false })
+
+async function call<T>(method: string, path: string, body?: unknown): Promise<T> {
+  const headers: Record<string, string> = { accept: 'application/json' }
+  if (body !== undefined) headers['content-type'] = 'application/json'
+  if (method !== 'GET' && session.me?.csrf_token) headers['x-csrf-token'] = session.me.csrf_token
+  const res = await fetch(path, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+    credentials: 'same-origin',
+  })
+  const text = await res.text()
+  let data: any = null
+  try {
+    data = text ? JSON.parse(text) : null
+  } catch {
+    data = null
+  }
+  if (!res.ok) {
+    if (res.status === 401 && path !== '/api/auth/login') session.me = null
+    const message = data?.error?.message ?? (text || res.statusText)
+    throw new ApiError(res.status, message)
+  }
+  return data as T
+}
+
+export const api = {
+  get: <T>(path: string) => call<T>('GET', path),
+  post: <T>(path: string, body?: unknown) => call<T>('POST', path, body ?? {}),
+  patch: <T>(path: string, body: unknown) => call<T>('PATCH', path, body),
+  del: <T>(path: string) => call<T>('DELETE', path),
+}
+
+/** A query string of the set values. */
+export function query(params: Record<string, string | number | null | undefined>): string {
+  const q = new URLSearchParams()
+  for (const [k, v] of Object.entries(params)) {
+    if (v !== null && v !== undefined && v !== '') q.set(k, String(v))
+  }
+  const s = q.toString()
+  return s ? `?${s}` : ''
+}
+
+export async function login(username: string, password: string): Promise<void> {
+  const answer = await api.post<{ user: { id: string; username: string; role: Role }; csrf_token: string }>(
+    '/api/auth/login',
+    { username, password },
+  )
+  session.me = {
+    user_id: answer.user.id,
+    name: answer.user.username,
+    role: answer.user.role,
+    csrf_token: answer.csrf_token,
+  }
+}
+
+export async function logout(): Promise<void> {
+  try {
+    await api.post('/api/auth/logout')
+  } finally {
+    session.me = null
+  }
+}
+
+/** Restores the session from the cookie after a reload. */
+export async function restore(): Promise<void> {
+  try {
+    session.me = await api.get<Me>('/api/auth/me')
+  } catch {
+    session.me = null
+  } finally {
+    session.checked = true
+  }
+}
+
+// Formatting. Money is integer micro-USD, rates are ten-thousandths, times epoch ms.
+export function usd(micro: number | null | undefined): string {
+  if (micro === null || micro === undefined) return '—'
+  const v = micro / 1_000_000
+  return `$${v.toLocaleString('en-US', { minimumFractionDigits: 2, maximumFractionDigits: v !== 0 && Math.abs(v) < 1 ? 6 : 2 })}`
+}
+
+export function rate(r: number): string {
+  return `×${(r / 10000).toFixed(4).replace(/0+$/, '').replace(/\.$/, '')}`
+}
+
+export function when(ms: number | null | undefined): string {
+  if (!ms) return '—'
+  return new Date(ms).toISOString().replace('T', ' ').slice(0, 19)
+}
+
+export function num(n: number | null | undefined): string {
+  return n === null || n === undefined ? '—' : n.toLocaleString('en-US')
+}
+
+/** Micro-USD from a dollar amount typed in a form; null for an empty field. */
+export function microFromUsd(s: string): number | null {
+  const t = s.trim()
+  if (!t) return null
+  const v = Number(t)
+  if (!Number.isFinite(v) || v < 0) throw new ApiError(0, `not an amount of dollars: ${s}`)
+  return Math.round(v * 1_000_000)
+}
+
+/** A comma- or line-separated list typed in a form. */
+export function list(s: string): string[] {
+  return s
+    .split(/[\n,]/)
+    .map((x) => x.trim())
+    .filter((x) => x)
+}

@@ -1,0 +1,33 @@
+import { ref, type Ref } from 'vue'
+import { ApiError, api, query, type Page } from './api'
+
+/** A paginated list from the admin API, with its loading error. */
+export function usePaged<T>(path: () => string, filters: () => Record<string, string | number | null | undefined> = () => ({})) {
+  const rows: Ref<T[]> = ref([])
+  const page = ref(1)
+  const perPage = ref(50)
+  const total = ref(0)
+  const error = ref<string | null>(null)
+  const loading = ref(false)
+
+  async function load(to = page.value) {
+    loading.value = true
+    try {
+      const p = await api.get<Page<T>>(path() + query({ ...filters(), page: to, per_page: perPage.value }))
+      rows.value = p.items
+      total.value = p.total
+      page.value = p.page
+      error.value = null
+    } catch (e) {
+      error.value = message(e)
+    } finally {
+      loading.value = false
+    }
+  }
+  return { rows, page, perPage, total, error, loading, load }
+}
+
+export function message(e: unknown): string {
+  if (e instanceof ApiError) return e.status ? `${e.message} (${e.status})` : e.message
+  return e instanceof Error ? e.message : String(e)
+}

@@ -1,0 +1,200 @@
+//! The admin UI in a real browser: headless Chromium driven by Playwright
+//! (`admin-ui/e2e/admin.mjs`) against the real relay and a mock upstream. The browser logs in,
+//! creates and edits an account, a user, a key and a price, sends a request with the key it
+//! made, finds its record, and logs in as the tenant; this test then checks through the API
+//! and the mock what the clicks did. Screenshots are kept in `admin-ui/test-results/`.
+//!
+//! Needs the UI built and its test dependencies installed (`make ui`, which `make test` runs)
+//! and Chromium (`/usr/bin/chromium`, or `CHROMIUM`).
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::mock_upstream::MockUpstream;
+use common::Relay;
+
+fn ui_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("admin-ui")
+}
+
+#[tokio::test]
+async fn an_admin_runs_the_relay_from_the_browser() {
+    let ui = ui_dir();
+    for (path, what) in [
+        (ui.join("dist/index.html"), "the built UI"),
+        (
+            ui.join("node_modules/playwright-core"),
+            "the UI's test dependencies",
+        ),
+    ] {
+        assert!(
+            path.exists(),
+            "{what} is missing ({}): run `make ui` (part of `make test`)",
+            path.display()
+        );
+    }
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        std::path::Path::new(&chromium).exists(),
+        "Chromium is missing at {chromium}: `make test` installs Debian's chromium"
+    );
+
+    let mock = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    let shots = ui.join("test-results");
+    let out = tokio::process::Command::new("node")
+        .arg(ui.join("e2e/admin.mjs"))
+        .env("ADMIN_URL", &relay.admin)
+        .env("PROXY_URL", &relay.proxy)
+        .env("UPSTREAM_URL", mock.url())
+        .env("ADMIN_PASSWORD", "admin-password-1")
+        .env("SCREENSHOTS", &shots)
+        .env("CHROMIUM", &chromium)
+        .output()
+        .await
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "browser run failed ({}; screenshots in {}):\n{stdout}\n{stderr}\nrelay log:\n{}",
+        out.status,
+        shots.display(),
+        relay.log()
+    );
+    let result: serde_json::Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no result line from the browser run:\n{stdout}"));
+    let credential = result["credential"].as_str().unwrap();
+
+    // The account as the form left it: edited priority, disabled at the end, credential
+    // stored encrypted and working upstream.
+    let accounts = relay.admin_get("/api/admin/accounts").await;
+    let account = accounts["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "ui-claude")
+        .unwrap_or_else(|| panic!("no ui-claude account: {accounts}"));
+    assert_eq!(account["priority"], 3);
+    assert_eq!(account["enabled"], false);
+    assert_eq!(account["base_url"], mock.url());
+    assert_eq!(
+        account["models"],
+        serde_json::json!(["claude-sonnet-4-5", "claude-haiku-4-5"])
+    );
+    let sent = mock.requests();
+    assert_eq!(sent.len(), 1, "one request went upstream");
+    assert_eq!(sent[0].header("x-api-key"), Some(credential));
+    let stored = std::fs::read(relay.data_dir.join("relay.db")).unwrap_or_default();
+    assert!(
+        !stored
+            .windows(credential.len())
+            .any(|w| w == credential.as_bytes()),
+        "the credential is in the database file in the clear"
+    );
+
+    // The user at 1.5 × list price, and the request billed at that rate.
+    let users = relay.admin_get("/api/admin/users").await;
+    let tenant = users["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["username"] == "ui-tenant")
+        .unwrap_or_else(|| panic!("no ui-tenant: {users}"));
+    assert_eq!(tenant["price_rate"], 15000);
+    let records = relay.wait_records(1).await;
+    assert_eq!(records[0]["user_id"], tenant["id"]);
+    assert_eq!(records[0]["price_rate"], 15000);
+    let base = records[0]["base_cost"].as_i64().unwrap();
+    assert!(base > 0, "{}", records[0]);
+    assert_eq!(records[0]["billed_cost"].as_i64().unwrap(), base * 3 / 2);
+
+    // The key's daily limit in micro-USD, and the price override per million tokens.
+    let keys = relay.admin_get("/api/admin/api-keys").await;
+    let key = &keys["items"][0];
+    assert_eq!(key["name"], "ui-key");
+    assert_eq!(key["daily_cost_limit"], 5_000_000);
+    let prices = relay.admin_get("/api/admin/pricing").await;
+    let price = prices["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["model"] == "ui-model-1")
+        .unwrap_or_else(|| panic!("no ui-model-1 price: {prices}"));
+    assert_eq!(
+        (price["input"].as_i64(), price["output"].as_i64()),
+        (Some(3_000_000), Some(15_000_000))
+    );
+}
+
+/// The UI's page and files come with headers that keep them in their own origin; the API's
+/// unknown paths stay JSON errors and are never answered with the page.
+#[tokio::test]
+async fn the_page_is_served_with_its_policy_and_api_paths_stay_api() {
+    let relay = Relay::start().await;
+    let page = relay
+        .http
+        .get(format!("{}/", relay.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let h = page.headers().clone();
+    assert!(h["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(h["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("frame-ancestors 'none'"));
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_eq!(h["cache-control"], "no-cache");
+    let html = page.text().await.unwrap();
+    let script = html
+        .split('"')
+        .find(|s| s.starts_with("/assets/") && s.ends_with(".js"))
+        .unwrap_or_else(|| panic!("no script in the page (is the UI built?): {html}"));
+    let asset = relay
+        .http
+        .get(format!("{}{script}", relay.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(asset.status(), 200);
+    assert!(asset.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .contains("javascript"));
+    assert_eq!(
+        asset.headers()["cache-control"],
+        "public, max-age=31536000, immutable"
+    );
+
+    let missing = relay
+        .http
+        .get(format!("{}/api/admin/no-such-thing", relay.admin))
+        .bearer_auth(common::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let body: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+
+    let post = relay
+        .http
+        .post(format!("{}/index.html", relay.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 405);
+    let nothing = relay
+        .http
+        .get(format!("{}/assets/no-such-file.js", relay.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(nothing.status(), 404);
+}
