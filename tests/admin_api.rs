@@ -421,6 +421,84 @@ async fn users_see_only_their_own_keys_and_usage(db: Db) {
         sum(&bob_records, "base_cost")
     );
 
+    // All traffic for admins: the three requests, then per user and per key, most billed
+    // first, with names; bob's two requests at 1.5 × outweigh carol's one.
+    let (status, text) = token(&relay, Method::GET, "/api/admin/usage/summary", None).await;
+    assert_eq!(status, 200, "{text}");
+    let all = parse(&text);
+    let everyone = [&bob_records[0], &bob_records[1], &carol_record].map(|r| (*r).clone());
+    for period in ["today", "this_month", "all_time"] {
+        assert_eq!(all[period]["requests"], 3, "{all}");
+        assert_eq!(
+            all[period]["billed_cost"],
+            sum(&everyone, "billed_cost"),
+            "{all}"
+        );
+        assert_eq!(
+            all[period]["base_cost"],
+            sum(&everyone, "base_cost"),
+            "{all}"
+        );
+    }
+    let (status, text) = token(
+        &relay,
+        Method::GET,
+        "/api/admin/usage/breakdown?by=user",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let per_user = parse(&text);
+    let rows = per_user["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{per_user}");
+    assert_eq!(
+        (&rows[0]["id"], &rows[0]["name"]),
+        (&json!(bob), &json!("bob"))
+    );
+    assert_eq!(rows[0]["requests"], 2);
+    assert_eq!(rows[0]["billed_cost"], billed);
+    assert_eq!(
+        (&rows[1]["name"], &rows[1]["billed_cost"]),
+        (&json!("carol"), &carol_record["billed_cost"])
+    );
+    let (_, text) = token(
+        &relay,
+        Method::GET,
+        "/api/admin/usage/breakdown?by=key&limit=1",
+        None,
+    )
+    .await;
+    let per_key = parse(&text);
+    assert_eq!(per_key["rows"].as_array().unwrap().len(), 1, "{per_key}");
+    assert_eq!(per_key["rows"][0]["id"], bob_key_id.as_str());
+    assert_eq!(per_key["rows"][0]["name"], "bob-main (bob)");
+    let (_, text) = token(
+        &relay,
+        Method::GET,
+        "/api/admin/usage/breakdown?by=account",
+        None,
+    )
+    .await;
+    assert_eq!(parse(&text)["rows"][0]["name"], "claude-a", "{text}");
+    assert_eq!(parse(&text)["rows"][0]["requests"], 3, "{text}");
+    for bad in ["by=tenant", "by=user&limit=0", "by=user&from=2024-13-01"] {
+        let (status, text) = token(
+            &relay,
+            Method::GET,
+            &format!("/api/admin/usage/breakdown?{bad}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "{bad}: {text}");
+    }
+    for path in [
+        "/api/admin/usage/summary",
+        "/api/admin/usage/breakdown?by=user",
+    ] {
+        let (status, _) = relay.session_call(&s, Method::GET, path, None, false).await;
+        assert_eq!(status, 403, "{path}");
+    }
+
     // The key cap: bob holds 1 key; 9 more pass, the 11th is refused with a clear message.
     for i in 2..=10 {
         let (status, text) = relay

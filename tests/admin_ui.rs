@@ -118,6 +118,7 @@ async fn an_admin_runs_the_relay_from_the_browser() {
     let key = &keys["items"][0];
     assert_eq!(key["name"], "ui-key");
     assert_eq!(key["daily_cost_limit"], 5_000_000);
+    assert_eq!(key["rpm_limit"], 120);
     let prices = relay.admin_get("/api/admin/pricing").await;
     let price = prices["items"]
         .as_array()

@@ -32,6 +32,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/usage/stats"),
     ("get", "/api/usage/records"),
     ("get", "/api/usage/models"),
+    ("get", "/api/admin/usage/summary"),
+    ("get", "/api/admin/usage/breakdown"),
     ("get", "/api/admin/users"),
     ("post", "/api/admin/users"),
     ("post", "/api/admin/users/batch-price-rate"),

@@ -72,8 +72,10 @@ try {
   await shot('01-login-refused')
 
   await login('admin', PASSWORD)
-  await page.waitForURL(/#\/accounts/)
+  await page.waitForURL(/#\/traffic/)
   assert.equal(await page.locator('[data-test="who"]').innerText(), 'admin (admin)')
+  await page.locator('[data-test="breakdown"]', { hasText: 'No traffic in this range.' }).waitFor()
+  await page.click('a[href="#/accounts"]')
 
   // An upstream account, created and then edited in the form.
   await page.click('[data-test="new-account"]')
@@ -121,11 +123,18 @@ try {
   await keyForm.locator('input[name="owner"]').fill('ui-tenant')
   await keyForm.locator('input[name="name"]').fill('ui-key')
   await keyForm.locator('input[name="daily_cost_limit"]').fill('5')
-  await page.click('[data-test="create-key"]')
+  await page.click('[data-test="save-key"]')
   const plaintext = (await page.locator('[data-test="plaintext"]').innerText()).trim()
   assert.match(plaintext, /^sk-relay-/)
   await shot('04-key-created')
   assert.equal(await row('keys', 'ui-key').locator('[data-test="daily-limit"]').innerText(), '$5.00 a day')
+  // Edited: a rate limit added, the other limits kept as they were.
+  await row('keys', 'ui-key').getByRole('button', { name: 'Edit' }).click()
+  assert.equal(await keyForm.locator('input[name="daily_cost_limit"]').inputValue(), '5')
+  await keyForm.locator('input[name="rpm_limit"]').fill('120')
+  await page.click('[data-test="save-key"]')
+  await note().filter({ hasText: 'Key ui-key saved.' }).waitFor()
+  await row('keys', 'ui-key').locator('td', { hasText: '120 rpm' }).waitFor()
 
   // The key made in the browser works at the proxy, against the account made in the browser.
   const proxied = await fetch(`${PROXY}/v1/messages`, {
@@ -151,6 +160,17 @@ try {
   assert.equal(await page.locator('[data-test="records"] [data-test="input"]').first().innerText(), String(answer.usage.input_tokens))
   await shot('05-records')
 
+  // The overview: the request, per account and per user.
+  await page.click('a[href="#/traffic"]')
+  await row('breakdown', 'ui-claude').waitFor()
+  assert.equal(await row('breakdown', 'ui-claude').locator('[data-test="requests"]').innerText(), '1')
+  const accountBilled = await row('breakdown', 'ui-claude').locator('[data-test="billed"]').innerText()
+  await page.selectOption('select[name="by"]', 'user')
+  await row('breakdown', 'ui-tenant').waitFor()
+  assert.equal(await row('breakdown', 'ui-tenant').locator('[data-test="billed"]').innerText(), accountBilled)
+  assert.equal(await page.locator('[data-test="traffic"] [data-test="billed"]').first().innerText(), accountBilled)
+  await shot('06-overview')
+
   // A price override.
   await page.click('a[href="#/pricing"]')
   await page.click('[data-test="new-price"]')
@@ -161,7 +181,7 @@ try {
   await page.click('[data-test="save-price"]')
   await note().filter({ hasText: 'Price of ui-model-1 saved.' }).waitFor()
   assert.equal(await row('prices', 'ui-model-1').locator('[data-test="input"]').innerText(), '$3.00')
-  await shot('06-pricing')
+  await shot('07-pricing')
 
   // After a reload the session goes on, and so do changes (the CSRF token comes back).
   await page.click('a[href="#/accounts"]')
@@ -173,7 +193,7 @@ try {
 
   await page.click('a[href="#/audit"]')
   await page.locator('[data-test="audit"] [data-test="action"]', { hasText: 'account.create' }).waitFor()
-  await shot('07-audit')
+  await shot('08-audit')
 
   // Logged out, the pages ask for a login again.
   await page.click('[data-test="logout"]')
@@ -191,7 +211,7 @@ try {
   await page.waitForURL(/#\/keys/)
   await page.click('a[href="#/overview"]')
   await page.locator('[data-test="summary"]').waitFor()
-  await shot('08-tenant-usage')
+  await shot('09-tenant-usage')
 
   assert.deepEqual(pageErrors, [])
   console.log(JSON.stringify({ ok: true, key: plaintext, credential: CREDENTIAL }))

@@ -12,6 +12,7 @@ const router = createRouter({
     { path: '/', component: { render: () => null } },
     { path: '/login', component: () => import('./views/Login.vue'), meta: { public: true } },
     { path: '/overview', component: () => import('./views/Overview.vue') },
+    { path: '/traffic', component: () => import('./views/Traffic.vue'), meta: { admin: true } },
     { path: '/accounts', component: () => import('./views/Accounts.vue'), meta: { admin: true } },
     { path: '/users', component: () => import('./views/Users.vue'), meta: { admin: true } },
     { path: '/keys', component: () => import('./views/Keys.vue') },
@@ -26,7 +27,7 @@ router.beforeEach(async (to) => {
   if (!session.checked) await restore()
   if (to.meta.public) return true
   if (!session.me) return { path: '/login', query: { next: to.fullPath } }
-  if (to.path === '/') return session.me.role === 'admin' ? '/accounts' : '/keys'
+  if (to.path === '/') return session.me.role === 'admin' ? '/traffic' : '/keys'
   if (to.meta.admin && session.me.role !== 'admin') return '/keys'
   return true
 })

@@ -804,15 +804,70 @@ impl SqlStore {
                 parts.push(bound, vec![Param::Text(Some(day.to_owned()))]);
             }
         }
+        self.totals_per_entity(&parts, None).await
+    }
+
+    /// Totals per entity of one dim (every account, user, key or model) over a day range
+    /// (either bound open with `None`), most billed first, at most `limit` of them.
+    pub async fn usage_breakdown(
+        &self,
+        dim: UsageDim,
+        from_day: Option<&str>,
+        to_day: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<(String, UsageTotals)>> {
+        let parts = daily_where(dim, None, from_day, to_day)?;
+        self.totals_per_entity(&parts, Some(limit)).await
+    }
+
+    /// `dim_id` and its sums over the rollup rows `parts` selects, most billed first.
+    async fn totals_per_entity(
+        &self,
+        parts: &SqlParts,
+        limit: Option<i64>,
+    ) -> Result<Vec<(String, UsageTotals)>> {
+        let limit = limit.map(|n| format!(" LIMIT {n}")).unwrap_or_default();
         let sql = format!(
-            "SELECT dim_id, {} FROM usage_daily {} GROUP BY dim_id ORDER BY 8 DESC, 1",
+            "SELECT dim_id, {} FROM usage_daily {} GROUP BY dim_id ORDER BY 8 DESC, 1{limit}",
             daily_sums(),
-            where_sql(&parts)
+            where_sql(parts)
         );
         let rows = parts.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
         rows.iter()
             .map(|row| Ok((row.try_get(0)?, totals_from_row(row, 1)?)))
             .collect()
+    }
+
+    /// What operators call the entities of a dim, by id: account names, user names, key names
+    /// with their owner's name. Ids no longer stored (deleted) are absent; models are their own
+    /// names.
+    pub async fn names_of(&self, dim: UsageDim, ids: &[String]) -> Result<HashMap<String, String>> {
+        let select = match dim {
+            UsageDim::Account => "SELECT id, name FROM accounts",
+            UsageDim::User => "SELECT id, username FROM users",
+            UsageDim::Key => {
+                "SELECT k.id, k.name || ' (' || COALESCE(u.username, '?') || ')' \
+                 FROM api_keys k LEFT JOIN users u ON u.id = k.user_id"
+            }
+            UsageDim::Model => return Ok(ids.iter().map(|m| (m.clone(), m.clone())).collect()),
+        };
+        let column = if dim == UsageDim::Key { "k.id" } else { "id" };
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(IDS_PER_STATEMENT) {
+            let mut parts = SqlParts::default();
+            parts.push(
+                &format!("{column} IN ({})", vec!["?"; chunk.len()].join(", ")),
+                chunk
+                    .iter()
+                    .map(|id| Param::Text(Some(id.clone())))
+                    .collect(),
+            );
+            let sql = format!("{select} {}", where_sql(&parts));
+            for row in parts.bind(sqlx::query(&sql)).fetch_all(&self.pool).await? {
+                out.insert(row.try_get(0)?, row.try_get(1)?);
+            }
+        }
+        Ok(out)
     }
 }
 

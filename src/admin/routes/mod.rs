@@ -150,6 +150,8 @@ pub fn router() -> Router<AdminState> {
             axum::routing::delete(pricing::delete),
         )
         .route("/api/admin/usage/records", get(usage::records))
+        .route("/api/admin/usage/summary", get(usage::admin_summary))
+        .route("/api/admin/usage/breakdown", get(usage::breakdown))
         .route("/api/admin/audit", get(audit::list))
 }
 

@@ -87,6 +87,8 @@ pub struct ListPage {
         pricing::upsert,
         pricing::delete,
         usage::records,
+        usage::admin_summary,
+        usage::breakdown,
         audit::list,
     ),
     components(schemas(usage::OwnRecord)),
@@ -99,7 +101,7 @@ pub struct ListPage {
         (name = "api-keys", description = "Everybody's API keys (admins)"),
         (name = "accounts", description = "Upstream accounts (admins)"),
         (name = "pricing", description = "Model prices (admins)"),
-        (name = "usage", description = "Usage records (admins)"),
+        (name = "usage", description = "Usage records and statistics of all traffic (admins)"),
         (name = "audit", description = "Audit log (admins)"),
     )
 )]

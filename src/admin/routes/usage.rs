@@ -140,18 +140,22 @@ pub struct Summary<T> {
 }
 
 async fn summary_of(state: &AdminState, user_id: &str) -> AppResult<Summary<UsageTotals>> {
+    summary_over(state, UsageDim::User, Some(user_id)).await
+}
+
+/// Today, this month and all time of one entity (or, with `None`, of all entities) of a dim.
+async fn summary_over(
+    state: &AdminState,
+    dim: UsageDim,
+    dim_id: Option<&str>,
+) -> AppResult<Summary<UsageTotals>> {
     let today = days::today();
     let day = days::format_day(today);
     let month = DayRange::month(None)?;
     let totals = |from: Option<String>, to: Option<String>| async move {
         state
             .store
-            .usage_totals(
-                UsageDim::User,
-                Some(user_id),
-                from.as_deref(),
-                to.as_deref(),
-            )
+            .usage_totals(dim, dim_id, from.as_deref(), to.as_deref())
             .await
     };
     Ok(Summary {
@@ -219,6 +223,116 @@ pub async fn user_summary(
         username: user.username,
         role: user.role,
         price_rate: user.price_rate,
+    }))
+}
+
+/// `GET /api/admin/usage/summary`: all traffic the accounts served, today, this month and over
+/// all time, with base and billed cost. Requests refused before an account was picked (wrong
+/// key, limits) cost nothing and are not counted here; the records list them.
+#[utoipa::path(get, path = "/api/admin/usage/summary", tag = "usage",
+    responses(
+        (status = 200, description = "Totals of all traffic, base and billed cost", body = serde_json::Value),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+    ))]
+pub async fn admin_summary(
+    State(state): State<AdminState>,
+    caller: Caller,
+) -> AppResult<Json<Summary<UsageTotals>>> {
+    caller.require_admin()?;
+    Ok(Json(summary_over(&state, UsageDim::Account, None).await?))
+}
+
+/// Most rows a breakdown answers.
+const MAX_BREAKDOWN: i64 = 500;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct BreakdownQuery {
+    /// `account`, `user`, `key` or `model`.
+    by: String,
+    /// First day, `YYYY-MM-DD` (UTC); default 29 days before `to`.
+    from: Option<String>,
+    /// Last day, `YYYY-MM-DD` (UTC), inclusive; default today.
+    to: Option<String>,
+    /// Rows (most billed first), default 50, at most 500.
+    limit: Option<i64>,
+}
+
+/// One entity's totals in a breakdown.
+#[derive(Debug, Serialize)]
+pub struct BreakdownRow {
+    pub id: String,
+    /// Account or user name, key name with its owner, or the model; `null` once deleted.
+    pub name: Option<String>,
+    #[serde(flatten)]
+    pub totals: UsageTotals,
+}
+
+/// Usage per account, user, key or model over a range of days.
+#[derive(Debug, Serialize)]
+pub struct Breakdown {
+    pub by: UsageDim,
+    pub from: String,
+    pub to: String,
+    /// Most billed first.
+    pub rows: Vec<BreakdownRow>,
+}
+
+/// `GET /api/admin/usage/breakdown?by=account|user|key|model&from=&to=&limit=`: who or what
+/// the traffic went to over a range of days (the last 30 by default), most billed first.
+#[utoipa::path(get, path = "/api/admin/usage/breakdown", tag = "usage", params(BreakdownQuery),
+    responses(
+        (status = 200, description = "Totals per entity, most billed first", body = serde_json::Value),
+        (status = 400, description = "Unknown `by`, bad range or limit", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+    ))]
+pub async fn breakdown(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Query(q): Query<BreakdownQuery>,
+) -> AppResult<Json<Breakdown>> {
+    caller.require_admin()?;
+    let dim = match q.by.as_str() {
+        "account" => UsageDim::Account,
+        "user" => UsageDim::User,
+        "key" => UsageDim::Key,
+        "model" => UsageDim::Model,
+        other => {
+            return Err(AppError::BadRequest(format!(
+                "unknown breakdown {other:?}: use account, user, key or model"
+            )))
+        }
+    };
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=MAX_BREAKDOWN).contains(&limit) {
+        return Err(AppError::BadRequest(format!(
+            "limit must be 1 to {MAX_BREAKDOWN}"
+        )));
+    }
+    let range = DayRange::from_query(q.from.as_deref(), q.to.as_deref(), None)?;
+    let totals = state
+        .store
+        .usage_breakdown(
+            dim,
+            Some(&range.first_day()),
+            Some(&range.last_day()),
+            limit,
+        )
+        .await?;
+    let ids: Vec<String> = totals.iter().map(|(id, _)| id.clone()).collect();
+    let mut names = state.store.names_of(dim, &ids).await?;
+    Ok(Json(Breakdown {
+        by: dim,
+        from: range.first_day(),
+        to: range.last_day(),
+        rows: totals
+            .into_iter()
+            .map(|(id, totals)| BreakdownRow {
+                name: names.remove(&id),
+                id,
+                totals,
+            })
+            .collect(),
     }))
 }
 
