@@ -200,6 +200,14 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let usage_backlog = usage.backlog();
     let (account_events, account_rx) = AccountEvents::channel();
 
+    let state_rules = StateRules {
+        cooldown_429: config.scheduler.cooldown_429,
+        cooldown_529: config.scheduler.cooldown_529,
+        cooldown_5xx: config.scheduler.cooldown_5xx,
+        server_error_threshold: config.scheduler.server_error_threshold,
+        account_error_threshold: config.scheduler.account_error_threshold,
+    };
+
     let mut server_conf = ServerConf {
         threads: config.threads,
         work_stealing: config.work_stealing,
@@ -226,13 +234,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             failover_statuses: config.upstream.failover_statuses.clone(),
             drain_on_disconnect: config.upstream.on_client_disconnect == "drain",
             drain_timeout: config.upstream.drain_timeout,
-            state_rules: StateRules {
-                cooldown_429: config.scheduler.cooldown_429,
-                cooldown_529: config.scheduler.cooldown_529,
-                cooldown_5xx: config.scheduler.cooldown_5xx,
-                server_error_threshold: config.scheduler.server_error_threshold,
-                account_error_threshold: config.scheduler.account_error_threshold,
-            },
+            state_rules: state_rules.clone(),
         },
         pool: crate::proxy::UpstreamPool::new(connector_options.keepalive_pool_size),
         connector: pingora::connectors::TransportConnector::new(Some(connector_options)),
@@ -280,6 +282,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         writer: Mutex::new(Some(writer)),
         account_events: Mutex::new(Some(account_rx)),
         cooldowns,
+        state_rules,
     };
     server.add_service(proxy_service);
     server.add_service(pingora::services::background::background_service(

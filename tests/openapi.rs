@@ -33,6 +33,10 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/usage/records"),
     ("get", "/api/usage/models"),
     ("get", "/api/admin/usage/summary"),
+    ("post", "/api/admin/accounts/{id}/health-check"),
+    ("post", "/api/admin/accounts/health-check"),
+    ("get", "/api/admin/settings"),
+    ("patch", "/api/admin/settings"),
     ("get", "/api/admin/usage/breakdown"),
     ("get", "/api/admin/users"),
     ("post", "/api/admin/users"),
@@ -60,7 +64,11 @@ const ROUTES: &[(&str, &str)] = &[
 ];
 
 /// POST/PATCH calls that take no body.
-const NO_BODY: &[(&str, &str)] = &[("post", "/api/auth/logout")];
+const NO_BODY: &[(&str, &str)] = &[
+    ("post", "/api/auth/logout"),
+    ("post", "/api/admin/accounts/{id}/health-check"),
+    ("post", "/api/admin/accounts/health-check"),
+];
 
 /// Calls that need no caller.
 const PUBLIC: &[&str] = &[

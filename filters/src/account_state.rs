@@ -144,6 +144,61 @@ pub fn apply_outcome(
     }
 }
 
+/// An account's health state after a health check (DESIGN §11), to store and publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthVerdict {
+    /// Whether the check passed (2xx or 429).
+    pub passed: bool,
+    /// Out of scheduling for errors (status `error`) after the check.
+    pub in_error: bool,
+    /// Failed checks or auth errors in a row after the check.
+    pub consecutive_errors: u32,
+    /// Whether anything of the above changed.
+    pub changed: bool,
+}
+
+/// Applies a health check's result to an enabled account's live state. A pass clears the
+/// error count and puts back an account the errors took out (`in_error`: its status is
+/// `error`); a failure adds one, and at `account_error_threshold` takes it out of scheduling.
+pub fn apply_health_check(
+    account: &Account,
+    in_error: bool,
+    passed: bool,
+    rules: &StateRules,
+    now_ms: i64,
+) -> HealthVerdict {
+    let st = &account.state;
+    if passed {
+        let before = st.consecutive_errors.swap(0, Ordering::Relaxed);
+        st.consecutive_server_errors.store(0, Ordering::Relaxed);
+        if in_error {
+            st.held_off_until_ms.store(0, Ordering::Relaxed);
+            st.schedulable.store(true, Ordering::Relaxed);
+        }
+        return HealthVerdict {
+            passed,
+            in_error: false,
+            consecutive_errors: 0,
+            changed: in_error || before > 0,
+        };
+    }
+    let n = st.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1;
+    let take_out = !in_error && n >= rules.account_error_threshold;
+    if take_out {
+        st.schedulable.store(false, Ordering::Relaxed);
+        st.held_off_until_ms.store(
+            now_ms.saturating_add(DISABLE_HOLD_OFF.as_millis() as i64),
+            Ordering::Relaxed,
+        );
+    }
+    HealthVerdict {
+        passed,
+        in_error: in_error || take_out,
+        consecutive_errors: n,
+        changed: true,
+    }
+}
+
 /// The earliest time the provider says the limit resets, from response headers
 /// (`retry-after`, `anthropic-ratelimit-unified-reset`, `x-ratelimit-reset-*`).
 pub fn reset_hint(headers: &http::HeaderMap, now_ms: i64) -> Option<i64> {
@@ -244,6 +299,52 @@ mod tests {
     use super::*;
     use crate::accounts::tests::account;
     use crate::AccountType;
+
+    #[test]
+    fn health_checks_count_failures_take_out_at_the_threshold_and_a_pass_puts_back() {
+        let rules = StateRules {
+            account_error_threshold: 3,
+            ..StateRules::default()
+        };
+        let a = account("a", AccountType::ClaudeOfficial, 50, 1);
+        a.state.schedulable.store(true, Ordering::Relaxed);
+        let pass = apply_health_check(&a, false, true, &rules, 0);
+        assert_eq!(
+            (pass.in_error, pass.changed),
+            (false, false),
+            "nothing to change"
+        );
+        for n in 1..=2 {
+            let v = apply_health_check(&a, false, false, &rules, 0);
+            assert_eq!(
+                (v.in_error, v.consecutive_errors, v.changed),
+                (false, n, true)
+            );
+            assert!(a.state.schedulable.load(Ordering::Relaxed));
+        }
+        let out = apply_health_check(&a, false, false, &rules, 1_000);
+        assert_eq!((out.in_error, out.consecutive_errors), (true, 3));
+        assert!(!a.state.schedulable.load(Ordering::Relaxed));
+        assert!(a.state.held_off_until_ms.load(Ordering::Relaxed) > 1_000);
+        // Still failing: counted on, still out.
+        let again = apply_health_check(&a, true, false, &rules, 2_000);
+        assert_eq!((again.in_error, again.consecutive_errors), (true, 4));
+        assert!(!a.state.schedulable.load(Ordering::Relaxed));
+        // A pass puts it back at once, whatever the hold.
+        let back = apply_health_check(&a, true, true, &rules, 3_000);
+        assert_eq!(
+            back,
+            HealthVerdict {
+                passed: true,
+                in_error: false,
+                consecutive_errors: 0,
+                changed: true
+            }
+        );
+        assert!(a.state.schedulable.load(Ordering::Relaxed));
+        assert_eq!(a.state.held_off_until_ms.load(Ordering::Relaxed), 0);
+        assert_eq!(a.state.consecutive_errors.load(Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn durations() {

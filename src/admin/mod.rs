@@ -34,6 +34,8 @@ pub struct AdminState {
     pub redis: Option<std::sync::Arc<crate::store::RedisLink>>,
     /// Wakes the cache refresher after a change made on this node.
     pub refresh: Arc<tokio::sync::Notify>,
+    /// Account health checks (and the periodic job's wake-up).
+    pub health: Arc<crate::background::health::Health>,
 }
 
 impl AdminState {
@@ -50,6 +52,7 @@ impl AdminState {
         prices: Arc<PriceCache>,
         redis: Option<std::sync::Arc<crate::store::RedisLink>>,
         refresh: Arc<tokio::sync::Notify>,
+        health: Arc<crate::background::health::Health>,
     ) -> Self {
         AdminState {
             store,
@@ -66,6 +69,7 @@ impl AdminState {
                 .build(),
             redis,
             refresh,
+            health,
         }
     }
 

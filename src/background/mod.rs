@@ -3,6 +3,7 @@
 
 pub mod account_events;
 pub mod cache_refresh;
+pub mod health;
 pub mod priority;
 pub mod usage_writer;
 
@@ -44,6 +45,8 @@ pub struct ControlPlane {
     pub account_events: Mutex<Option<mpsc::UnboundedReceiver<AccountEvent>>>,
     /// Cooldowns shared through Redis, when configured.
     pub cooldowns: Option<Arc<RedisCooldowns>>,
+    /// How answers and health checks change accounts (the error threshold).
+    pub state_rules: relay_filters::account_state::StateRules,
 }
 
 fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
@@ -104,6 +107,15 @@ impl BackgroundService for ControlPlane {
             self.cooldowns.clone(),
             shutdown.clone(),
         ));
+        let health = Arc::new(health::Health {
+            checker: crate::proxy::health::HealthChecker::new(health::CHECK_TIMEOUT),
+            store: store.clone(),
+            accounts: self.accounts.clone(),
+            secrets: self.secrets.clone(),
+            rules: self.state_rules.clone(),
+            wake: tokio::sync::Notify::new(),
+        });
+        tasks.spawn(health::run(health.clone(), shutdown.clone()));
         let state = AdminState::new(
             store.clone(),
             self.secrets.clone(),
@@ -115,6 +127,7 @@ impl BackgroundService for ControlPlane {
             self.prices.clone(),
             self.redis.clone(),
             refresh,
+            health,
         );
         let app = admin::router(state).into_make_service_with_connect_info::<SocketAddr>();
         match take(&self.admin_listener).map(tokio::net::TcpListener::from_std) {

@@ -15,6 +15,7 @@ mod downstream_h1;
 mod exchange;
 mod h1;
 mod header_names;
+pub mod health;
 mod pool;
 mod upstream_h1;
 

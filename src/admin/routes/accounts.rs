@@ -325,3 +325,79 @@ pub async fn update(
     state.accounts_changed().await;
     Ok(Json(view(account, &state.secrets)))
 }
+
+/// `POST /api/admin/accounts/{id}/health-check`: checks the account now, whatever its type
+/// (DESIGN §11), and applies the result: a pass clears its error count and puts it back if
+/// errors took it out; a failure counts toward the error threshold.
+#[utoipa::path(post, path = "/api/admin/accounts/{id}/health-check", tag = "accounts", params(("id" = String, Path, description = "Account id")),
+    responses(
+        (status = 200, description = "What the check found and the account's state after it", body = serde_json::Value),
+        (status = 404, description = "No such account", body = ErrorBody),
+        (status = 409, description = "The account is disabled, or its credential cannot be read on this node", body = ErrorBody),
+    ))]
+pub async fn health_check(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<Json<crate::background::health::CheckReport>> {
+    caller.require_admin()?;
+    let account = state
+        .store
+        .account_by_id(&id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    if !account.enabled {
+        return Err(AppError::Conflict(
+            "the account is disabled: enable it to check it".into(),
+        ));
+    }
+    let report = state.health.check(&account).await.ok_or_else(|| {
+        AppError::Conflict(
+            "the account is not loaded on this node (its credential cannot be decrypted here)"
+                .into(),
+        )
+    })?;
+    audit(
+        &state,
+        &caller,
+        "account.health_check",
+        &id,
+        serde_json::json!({ "name": account.name, "passed": report.passed, "http_status": report.http_status }),
+    )
+    .await;
+    Ok(Json(report))
+}
+
+/// Every enabled account's check, as `POST /api/admin/accounts/health-check` answers.
+#[derive(Debug, Serialize)]
+pub struct CheckAll {
+    pub checked: usize,
+    pub failed: usize,
+    pub accounts: Vec<crate::background::health::CheckReport>,
+}
+
+/// `POST /api/admin/accounts/health-check`: checks every enabled account now, of every type,
+/// a few at a time, and applies the results.
+#[utoipa::path(post, path = "/api/admin/accounts/health-check", tag = "accounts",
+    responses((status = 200, description = "Each account's check and state after it", body = serde_json::Value)))]
+pub async fn health_check_all(
+    State(state): State<AdminState>,
+    caller: Caller,
+) -> AppResult<Json<CheckAll>> {
+    caller.require_admin()?;
+    let accounts = state.health.check_all(true).await?;
+    let failed = accounts.iter().filter(|r| !r.passed).count();
+    audit(
+        &state,
+        &caller,
+        "account.health_check_all",
+        "",
+        serde_json::json!({ "checked": accounts.len(), "failed": failed }),
+    )
+    .await;
+    Ok(Json(CheckAll {
+        checked: accounts.len(),
+        failed,
+        accounts,
+    }))
+}

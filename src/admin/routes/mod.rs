@@ -8,6 +8,7 @@ mod days;
 mod openapi;
 mod pricing;
 mod session;
+mod settings;
 mod system;
 mod usage;
 mod users;
@@ -133,6 +134,18 @@ pub fn router() -> Router<AdminState> {
         .route(
             "/api/admin/accounts",
             get(accounts::list).post(accounts::create),
+        )
+        .route(
+            "/api/admin/accounts/health-check",
+            post(accounts::health_check_all),
+        )
+        .route(
+            "/api/admin/accounts/{id}/health-check",
+            post(accounts::health_check),
+        )
+        .route(
+            "/api/admin/settings",
+            get(settings::get).patch(settings::update),
         )
         .route(
             "/api/admin/accounts/{id}",

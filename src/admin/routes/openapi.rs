@@ -11,7 +11,7 @@ use utoipa::openapi::security::{
 use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use super::{accounts, api_keys, audit, pricing, session, system, usage, users};
+use super::{accounts, api_keys, audit, pricing, session, settings, system, usage, users};
 use crate::admin::auth::{CSRF_HEADER, SESSION_COOKIE};
 
 /// Names of the security schemes in the document.
@@ -83,6 +83,10 @@ pub struct ListPage {
         accounts::get,
         accounts::update,
         accounts::delete,
+        accounts::health_check,
+        accounts::health_check_all,
+        settings::get,
+        settings::update,
         pricing::list,
         pricing::upsert,
         pricing::delete,
@@ -100,6 +104,7 @@ pub struct ListPage {
         (name = "users", description = "Users (admins)"),
         (name = "api-keys", description = "Everybody's API keys (admins)"),
         (name = "accounts", description = "Upstream accounts (admins)"),
+        (name = "settings", description = "Runtime settings: account health checks (admins)"),
         (name = "pricing", description = "Model prices (admins)"),
         (name = "usage", description = "Usage records and statistics of all traffic (admins)"),
         (name = "audit", description = "Audit log (admins)"),

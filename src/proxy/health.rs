@@ -1,0 +1,314 @@
+//! Account health checks (DESIGN §11): one cheap authenticated `GET` per account to the
+//! provider, through the same connector, TLS and HTTP/1.1 client as proxied requests. The check
+//! passes on 2xx or 429 (the credential works; only the rate is spent).
+//!
+//! | type | check |
+//! |---|---|
+//! | `claude-official` | `GET /api/oauth/usage` (OAuth token) |
+//! | `openai-responses` | ChatGPT token: `GET /backend-api/accounts/check/v4-2023-04-27`; API key: `GET {base}/models` |
+//! | `gemini` | `GET /v1beta/models` |
+//! | `claude`, `openai` | not checked by the periodic job (the provider manages them); a manual check sends `GET /v1/models` and `GET {base}/models` |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use pingora::upstreams::peer::HttpPeer;
+use relay_filters::accounts::Account;
+use relay_filters::context::UpstreamRequest;
+use relay_filters::AccountType;
+
+use super::dns::Resolver;
+use super::upstream_h1::H1Upstream;
+
+/// Most bytes of an answer's body read for the check's detail.
+const DETAIL_BODY_LIMIT: usize = 2048;
+/// Most characters of the answer's body kept in the detail.
+const DETAIL_CHARS: usize = 200;
+
+/// The ChatGPT backend's account check, at the host's root whatever the base URL's path.
+const CHATGPT_CHECK_PATH: &str = "/backend-api/accounts/check/v4-2023-04-27";
+
+/// What one check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckOutcome {
+    pub passed: bool,
+    /// The answer's status, when one came.
+    pub status: Option<u16>,
+    /// Why it failed, or what passed, for operators: the status and the start of the answer,
+    /// or the connection error. Never holds the credential.
+    pub detail: String,
+}
+
+/// Sends health checks.
+pub struct HealthChecker {
+    connector: pingora::connectors::TransportConnector,
+    resolver: Resolver,
+    timeout: Duration,
+}
+
+/// Whether the periodic job checks accounts of this type (manual checks take every type).
+pub fn checked_by_default(t: AccountType) -> bool {
+    matches!(
+        t,
+        AccountType::ClaudeOfficial | AccountType::OpenaiResponses | AccountType::Gemini
+    )
+}
+
+/// The check request for `account`: its path and the credential's header fields.
+pub fn check_request(account: &Account) -> Result<UpstreamRequest, String> {
+    let base = &account.base_url;
+    let prefix = base.path_prefix.as_str();
+    let credential = &account.credential;
+    let invalid = || "the credential is not a valid header value".to_string();
+    let mut headers: Vec<(HeaderName, HeaderValue)> = vec![
+        (http::header::HOST, base.authority.clone()),
+        (
+            http::header::USER_AGENT,
+            HeaderValue::from_static("llm-relay-health-check"),
+        ),
+        (
+            http::header::ACCEPT,
+            HeaderValue::from_static("application/json"),
+        ),
+        (
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        ),
+    ];
+    let path = match account.account_type {
+        AccountType::Claude => {
+            let v = credential.header_value().ok_or_else(invalid)?;
+            headers.push((HeaderName::from_static("x-api-key"), v));
+            headers.push((
+                HeaderName::from_static("anthropic-version"),
+                HeaderValue::from_static("2023-06-01"),
+            ));
+            format!("{prefix}/v1/models")
+        }
+        AccountType::ClaudeOfficial => {
+            let v = credential.bearer_value().ok_or_else(invalid)?;
+            headers.push((http::header::AUTHORIZATION, v));
+            headers.push((
+                HeaderName::from_static("anthropic-beta"),
+                HeaderValue::from_static("oauth-2025-04-20"),
+            ));
+            format!("{prefix}/api/oauth/usage")
+        }
+        AccountType::Openai | AccountType::OpenaiResponses => {
+            let v = credential.bearer_value().ok_or_else(invalid)?;
+            headers.push((http::header::AUTHORIZATION, v));
+            // A ChatGPT token (a JWT) is checked at the ChatGPT backend's account check.
+            if credential.expose().starts_with("eyJ") {
+                if let Some(id) = &account.chatgpt_account_id {
+                    let id = HeaderValue::from_str(id)
+                        .map_err(|_| "the ChatGPT account id is not a valid header value")?;
+                    headers.push((HeaderName::from_static("chatgpt-account-id"), id));
+                }
+                CHATGPT_CHECK_PATH.to_string()
+            } else {
+                format!("{prefix}/models")
+            }
+        }
+        AccountType::Gemini => {
+            let v = credential.header_value().ok_or_else(invalid)?;
+            headers.push((HeaderName::from_static("x-goog-api-key"), v));
+            format!("{prefix}/v1beta/models")
+        }
+    };
+    Ok(UpstreamRequest {
+        tls: base.tls,
+        host: base.host.clone(),
+        port: base.port,
+        method: "GET",
+        path_and_query: path,
+        headers,
+        body: None,
+    })
+}
+
+impl HealthChecker {
+    /// A checker with its own connector (default TLS settings); each check waits at most
+    /// `timeout` in all.
+    pub fn new(timeout: Duration) -> Arc<Self> {
+        Arc::new(HealthChecker {
+            connector: pingora::connectors::TransportConnector::new(None),
+            resolver: Resolver::default(),
+            timeout,
+        })
+    }
+
+    /// Checks one account; the connection is closed afterwards.
+    pub async fn check(&self, account: &Account) -> CheckOutcome {
+        let req = match check_request(account) {
+            Ok(r) => r,
+            Err(detail) => {
+                return CheckOutcome {
+                    passed: false,
+                    status: None,
+                    detail,
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, self.exchange(&req)).await {
+            Ok(Ok((status, body))) => {
+                let passed = (200..300).contains(&status) || status == 429;
+                let text = String::from_utf8_lossy(&body);
+                let mut detail = format!("HTTP {status}");
+                let excerpt: String = text.trim().chars().take(DETAIL_CHARS).collect();
+                if !passed && !excerpt.is_empty() {
+                    detail.push_str(": ");
+                    detail.push_str(&excerpt);
+                }
+                CheckOutcome {
+                    passed,
+                    status: Some(status),
+                    detail,
+                }
+            }
+            Ok(Err(detail)) => CheckOutcome {
+                passed: false,
+                status: None,
+                detail,
+            },
+            Err(_) => CheckOutcome {
+                passed: false,
+                status: None,
+                detail: format!("no answer within {} s", self.timeout.as_secs_f32()),
+            },
+        }
+    }
+
+    /// Sends `req` and reads the status and the start of the body.
+    async fn exchange(&self, req: &UpstreamRequest) -> Result<(u16, Vec<u8>), String> {
+        let addr = self
+            .resolver
+            .resolve(&req.host, req.port)
+            .await
+            .map_err(|e| format!("cannot resolve {}: {e}", req.host))?;
+        let mut peer = HttpPeer::new(addr, req.tls, req.host.to_string());
+        peer.options.connection_timeout = Some(self.timeout);
+        peer.options.total_connection_timeout = Some(self.timeout);
+        peer.options.read_timeout = Some(self.timeout);
+        peer.options.write_timeout = Some(self.timeout);
+        let stream = self
+            .connector
+            .new_stream(&peer)
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        let mut up = H1Upstream::new(stream, Some(self.timeout));
+        up.send(req, &[])
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        let head = up
+            .read_head()
+            .await
+            .map_err(|e| format!("no answer: {e}"))?;
+        let mut body = Vec::new();
+        while body.len() < DETAIL_BODY_LIMIT {
+            match up.read_body().await {
+                Ok(Some(piece)) => body.extend_from_slice(&piece),
+                _ => break,
+            }
+        }
+        body.truncate(DETAIL_BODY_LIMIT);
+        up.shutdown().await;
+        Ok((head.status.as_u16(), body))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+mod tests {
+    use super::*;
+    use relay_filters::accounts::{BaseUrl, Credential};
+
+    fn account(t: AccountType, base: &str, credential: &str) -> Account {
+        Account {
+            id: "a".into(),
+            name: "a".into(),
+            account_type: t,
+            base_url: BaseUrl::parse(base).unwrap(),
+            credential: Credential::new(credential.into()),
+            priority: 50,
+            weight: 1,
+            models: Vec::new(),
+            model_map: Default::default(),
+            max_concurrency: None,
+            chatgpt_account_id: Some("acct-1".into()),
+            state: Default::default(),
+        }
+    }
+
+    fn header<'a>(r: &'a UpstreamRequest, name: &str) -> Option<&'a str> {
+        r.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.to_str().ok())
+    }
+
+    #[test]
+    fn each_type_is_checked_where_its_credential_shows_whether_it_works() {
+        let oauth = check_request(&account(
+            AccountType::ClaudeOfficial,
+            "https://api.anthropic.com",
+            "sk-ant-oat01-x",
+        ))
+        .unwrap();
+        assert_eq!(oauth.path_and_query, "/api/oauth/usage");
+        assert_eq!(
+            header(&oauth, "authorization"),
+            Some("Bearer sk-ant-oat01-x")
+        );
+        assert_eq!(header(&oauth, "anthropic-beta"), Some("oauth-2025-04-20"));
+        assert_eq!(header(&oauth, "host"), Some("api.anthropic.com"));
+        assert!(oauth.tls);
+
+        let chatgpt = check_request(&account(
+            AccountType::OpenaiResponses,
+            "https://chatgpt.com/backend-api/codex",
+            "eyJhbGciOi.x.y",
+        ))
+        .unwrap();
+        assert_eq!(chatgpt.path_and_query, CHATGPT_CHECK_PATH);
+        assert_eq!(header(&chatgpt, "chatgpt-account-id"), Some("acct-1"));
+        let api_key = check_request(&account(
+            AccountType::OpenaiResponses,
+            "https://api.openai.com/v1",
+            "sk-proj-x",
+        ))
+        .unwrap();
+        assert_eq!(api_key.path_and_query, "/v1/models");
+        assert_eq!(header(&api_key, "chatgpt-account-id"), None);
+
+        let gemini = check_request(&account(
+            AccountType::Gemini,
+            "http://127.0.0.1:9000/google",
+            "g-key",
+        ))
+        .unwrap();
+        assert_eq!(gemini.path_and_query, "/google/v1beta/models");
+        assert_eq!(header(&gemini, "x-goog-api-key"), Some("g-key"));
+        assert_eq!(header(&gemini, "host"), Some("127.0.0.1:9000"));
+        assert!(!gemini.tls);
+
+        let claude = check_request(&account(
+            AccountType::Claude,
+            "https://api.anthropic.com",
+            "sk-ant-api03-x",
+        ))
+        .unwrap();
+        assert_eq!(claude.path_and_query, "/v1/models");
+        assert_eq!(header(&claude, "x-api-key"), Some("sk-ant-api03-x"));
+
+        assert!(checked_by_default(AccountType::Gemini));
+        assert!(!checked_by_default(AccountType::Claude));
+        assert!(!checked_by_default(AccountType::Openai));
+    }
+
+    #[test]
+    fn a_credential_that_is_no_header_value_fails_without_a_request() {
+        let bad = account(AccountType::Gemini, "https://x.example", "line\nbreak");
+        assert!(check_request(&bad).is_err());
+    }
+}

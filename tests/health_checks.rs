@@ -1,0 +1,357 @@
+//! Account health checks (DESIGN §11) against a mock provider: what each check sends, how
+//! failures take an account out of scheduling at the error threshold and a pass puts it back,
+//! checks started by hand, and the periodic job switched on and off through the settings.
+
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::mock_upstream::MockUpstream;
+use common::{messages_body, Relay, RelayOptions};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const OAUTH_TOKEN: &str = "sk-ant-oat01-health-check-token";
+
+/// A relay that takes an account out after two failures in a row.
+async fn relay() -> Relay {
+    Relay::start_with(RelayOptions {
+        env: vec![(
+            "RELAY_SCHEDULER__ACCOUNT_ERROR_THRESHOLD".into(),
+            "2".into(),
+        )],
+        ..RelayOptions::default()
+    })
+    .await
+}
+
+async fn call(relay: &Relay, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let (status, text) = relay
+        .token_call(Some(common::ADMIN_TOKEN), method, path, body)
+        .await;
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| json!({ "text": text })),
+    )
+}
+
+async fn check(relay: &Relay, id: &str) -> Value {
+    let (status, v) = call(
+        relay,
+        Method::POST,
+        &format!("/api/admin/accounts/{id}/health-check"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+async fn account(relay: &Relay, id: &str) -> Value {
+    relay.admin_get(&format!("/api/admin/accounts/{id}")).await
+}
+
+async fn proxied(relay: &Relay, key: &str) -> u16 {
+    relay
+        .post_json(
+            "/v1/messages",
+            key,
+            &messages_body(
+                "claude-sonnet-4-5",
+                false,
+                common::conversation("health", 1),
+            ),
+        )
+        .await
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn failed_checks_take_an_account_out_and_a_passing_one_puts_it_back() {
+    let mock = MockUpstream::start().await;
+    let relay = relay().await;
+    let id = relay
+        .create_account_with(json!({
+            "name": "oauth-a", "type": "claude-official", "base_url": mock.url(),
+            "credential": OAUTH_TOKEN,
+        }))
+        .await;
+    let key = relay.active_key("tenant").await;
+
+    // A pass: the OAuth usage endpoint, with the token and the OAuth beta flag.
+    let v = check(&relay, &id).await;
+    assert_eq!(
+        (v["passed"].clone(), v["http_status"].clone()),
+        (json!(true), json!(200)),
+        "{v}"
+    );
+    assert_eq!(v["status"], "valid");
+    let sent = mock.requests();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        (sent[0].method.as_str(), sent[0].path.as_str()),
+        ("GET", "/api/oauth/usage")
+    );
+    assert_eq!(
+        sent[0].header("authorization"),
+        Some(format!("Bearer {OAUTH_TOKEN}").as_str())
+    );
+    assert_eq!(sent[0].header("anthropic-beta"), Some("oauth-2025-04-20"));
+
+    // The token stops working: one failure counts, the second takes the account out.
+    mock.set(|b| {
+        b.status = 401;
+        b.error_body =
+            r#"{"type":"error","error":{"type":"authentication_error","message":"invalid token"}}"#
+                .into();
+    });
+    let v = check(&relay, &id).await;
+    assert_eq!(
+        (v["passed"].clone(), v["status"].clone()),
+        (json!(false), json!("valid")),
+        "{v}"
+    );
+    assert_eq!(v["consecutive_error_count"], 1);
+    assert!(v["detail"].as_str().unwrap().contains("HTTP 401: "), "{v}");
+    assert!(!v["detail"].as_str().unwrap().contains(OAUTH_TOKEN));
+    let v = check(&relay, &id).await;
+    assert_eq!(
+        (v["status"].clone(), v["consecutive_error_count"].clone()),
+        (json!("error"), json!(2)),
+        "{v}"
+    );
+    let stored = account(&relay, &id).await;
+    assert_eq!(
+        (
+            stored["status"].clone(),
+            stored["consecutive_error_count"].clone()
+        ),
+        (json!("error"), json!(2)),
+        "{stored}"
+    );
+    let before = mock.count();
+    assert_eq!(
+        proxied(&relay, &key).await,
+        503,
+        "an account out of scheduling serves nothing"
+    );
+    assert_eq!(mock.count(), before);
+
+    // It works again: one pass puts it back, for the next request.
+    mock.set(|b| b.status = 200);
+    let v = check(&relay, &id).await;
+    assert_eq!(
+        (
+            v["passed"].clone(),
+            v["status"].clone(),
+            v["consecutive_error_count"].clone()
+        ),
+        (json!(true), json!("valid"), json!(0)),
+        "{v}"
+    );
+    let stored = account(&relay, &id).await;
+    assert_eq!(
+        (
+            stored["status"].clone(),
+            stored["consecutive_error_count"].clone()
+        ),
+        (json!("valid"), json!(0)),
+        "{stored}"
+    );
+    assert_eq!(proxied(&relay, &key).await, 200);
+
+    // A 429 is a pass: the token works, only its rate is spent.
+    mock.set(|b| b.status = 429);
+    assert_eq!(check(&relay, &id).await["passed"], true);
+    mock.set(|b| b.status = 200);
+
+    // Checking every account: each type where it belongs, a disabled one left out.
+    let gemini = relay
+        .create_account_with(json!({
+            "name": "gemini-a", "type": "gemini", "base_url": format!("{}/g", mock.url()),
+            "credential": "gemini-key-1",
+        }))
+        .await;
+    let api_key = relay
+        .create_account_with(json!({
+            "name": "claude-a", "type": "claude", "base_url": mock.url(),
+            "credential": "sk-ant-api03-key", "enabled": false,
+        }))
+        .await;
+    let before = mock.count();
+    let (status, all) = call(
+        &relay,
+        Method::POST,
+        "/api/admin/accounts/health-check",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(
+        (all["checked"].clone(), all["failed"].clone()),
+        (json!(2), json!(0)),
+        "{all}"
+    );
+    let names: Vec<&str> = all["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["gemini-a", "oauth-a"]);
+    let sent = &mock.requests()[before..];
+    let to_gemini = sent.iter().find(|r| r.path == "/g/v1beta/models").unwrap();
+    assert_eq!(to_gemini.header("x-goog-api-key"), Some("gemini-key-1"));
+    // A disabled account is not checked, not even by hand.
+    let (status, v) = call(
+        &relay,
+        Method::POST,
+        &format!("/api/admin/accounts/{api_key}/health-check"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "{v}");
+    let (status, _) = call(
+        &relay,
+        Method::POST,
+        "/api/admin/accounts/no-such-account/health-check",
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    // An unreachable provider fails with the reason, and counts.
+    let (status, _) = call(
+        &relay,
+        Method::PATCH,
+        &format!("/api/admin/accounts/{gemini}"),
+        Some(json!({ "base_url": format!("http://127.0.0.1:{}", common::free_port()) })),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let v = check(&relay, &gemini).await;
+    assert_eq!(
+        (v["passed"].clone(), v["http_status"].clone()),
+        (json!(false), Value::Null),
+        "{v}"
+    );
+    assert!(v["detail"].as_str().unwrap().contains("connect"), "{v}");
+    assert_eq!(v["consecutive_error_count"], 1);
+
+    let audit = relay.admin_get("/api/admin/audit?per_page=100").await;
+    let actions: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(actions.contains(&"account.health_check"), "{actions:?}");
+    assert!(actions.contains(&"account.health_check_all"), "{actions:?}");
+}
+
+/// Waits until the mock has seen `n` requests to `path`.
+async fn wait_checks(mock: &MockUpstream, path: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = mock.requests().iter().filter(|r| r.path == path).count();
+        if seen >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{seen} of {n} checks to {path}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_periodic_job_runs_while_the_settings_say_so() {
+    let mock = MockUpstream::start().await;
+    let relay = relay().await;
+    let (status, settings) = call(&relay, Method::GET, "/api/admin/settings", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        settings,
+        json!({
+            "account_health_check_enabled": false,
+            "account_health_check_interval": 5.0,
+            "account_error_threshold": 2,
+        })
+    );
+    let id = relay
+        .create_account_with(json!({
+            "name": "oauth-b", "type": "claude-official", "base_url": mock.url(),
+            "credential": OAUTH_TOKEN,
+        }))
+        .await;
+    // A plain API-key account is not checked by the job (its provider manages it).
+    relay
+        .create_account_with(json!({
+            "name": "claude-b", "type": "claude", "base_url": mock.url(),
+            "credential": "sk-ant-api03-key",
+        }))
+        .await;
+    mock.set(|b| b.status = 401);
+
+    for bad in [
+        json!({ "account_health_check_interval": 0 }),
+        json!({ "account_health_check_interval": 2000 }),
+        json!({ "account_health_check_enabled": "yes" }),
+        json!({ "health": true }),
+    ] {
+        let (status, v) = call(
+            &relay,
+            Method::PATCH,
+            "/api/admin/settings",
+            Some(bad.clone()),
+        )
+        .await;
+        assert_eq!(status, 400, "{bad}: {v}");
+    }
+    // Every 3 s: a round at once, the next one 3 s later takes the account out.
+    let (status, v) = call(
+        &relay,
+        Method::PATCH,
+        "/api/admin/settings",
+        Some(
+            json!({ "account_health_check_enabled": true, "account_health_check_interval": 0.05 }),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["account_health_check_enabled"], true);
+    wait_checks(&mock, "/api/oauth/usage", 2).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while account(&relay, &id).await["status"] != "error" {
+        assert!(Instant::now() < deadline, "{}", account(&relay, &id).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        mock.requests().iter().all(|r| r.path != "/v1/models"),
+        "the API-key account was checked"
+    );
+
+    // Recovered at the provider: the next round puts it back.
+    mock.set(|b| b.status = 200);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while account(&relay, &id).await["status"] != "valid" {
+        assert!(Instant::now() < deadline, "{}", account(&relay, &id).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Switched off: no more rounds.
+    let (status, _) = call(
+        &relay,
+        Method::PATCH,
+        "/api/admin/settings",
+        Some(json!({ "account_health_check_enabled": false })),
+    )
+    .await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_off = mock.count();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(mock.count(), after_off, "a round ran while switched off");
+    let (_, settings) = call(&relay, Method::GET, "/api/admin/settings", None).await;
+    assert_eq!(settings["account_health_check_interval"], 0.05);
+}
