@@ -86,9 +86,16 @@ async fn an_admin_runs_the_relay_from_the_browser() {
         account["models"],
         serde_json::json!(["claude-sonnet-4-5", "claude-haiku-4-5"])
     );
+    // The check by hand, then the request with the key, both with the credential typed in.
     let sent = mock.requests();
-    assert_eq!(sent.len(), 1, "one request went upstream");
-    assert_eq!(sent[0].header("x-api-key"), Some(credential));
+    let paths: Vec<(&str, &str)> = sent
+        .iter()
+        .map(|r| (r.method.as_str(), r.path.as_str()))
+        .collect();
+    assert_eq!(paths, [("GET", "/v1/models"), ("POST", "/v1/messages")]);
+    assert!(sent
+        .iter()
+        .all(|r| r.header("x-api-key") == Some(credential)));
     let stored = std::fs::read(relay.data_dir.join("relay.db")).unwrap_or_default();
     assert!(
         !stored
@@ -126,6 +133,12 @@ async fn an_admin_runs_the_relay_from_the_browser() {
         .iter()
         .find(|p| p["model"] == "ui-model-1")
         .unwrap_or_else(|| panic!("no ui-model-1 price: {prices}"));
+    let settings = relay.admin_get("/api/admin/settings").await;
+    assert_eq!(settings["account_health_check_enabled"], true, "{settings}");
+    assert_eq!(
+        settings["account_health_check_interval"], 10.0,
+        "{settings}"
+    );
     assert_eq!(
         (price["input"].as_i64(), price["output"].as_i64()),
         (Some(3_000_000), Some(15_000_000))
