@@ -29,12 +29,12 @@ have cmake || install cmake
 have cc || install build-essential
 have pkg-config || install pkg-config
 
-# The admin UI is built with Node.js (20.19 or newer, for Vite) and npm.
-node_ok() { have node && have npm && node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a===20&&b>=19)?0:1)'; }
+# The admin UI is built with Node.js 18 or newer (Debian 12's nodejs package) and npm.
+node_ok() { have node && have npm && node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 18 ? 0 : 1)'; }
 if ! node_ok; then
   have node || install nodejs npm
   have npm || install npm
-  node_ok || { echo "Node.js 20.19 or newer is needed to build the admin UI (found $(node --version 2>/dev/null || echo none))" >&2; exit 1; }
+  node_ok || { echo "Node.js 18 or newer is needed to build the admin UI (found $(node --version 2>/dev/null || echo none)): install a newer nodejs package" >&2; exit 1; }
 fi
 
 [ "$mode" = "test" ] || exit 0

@@ -99,8 +99,16 @@ async fn login_cookie_is_strict_and_changes_need_the_csrf_token() {
     // Reading needs no CSRF token.
     let me = parse(&session_get(&relay, &s, "/api/auth/me").await);
     assert_eq!(me["name"], "admin");
-    // A page reloaded in the browser gets its session's token back.
+    // A page reloaded in the browser gets its session's token back, never from a cache.
     assert_eq!(me["csrf_token"], s.csrf.as_str());
+    let r = relay
+        .http
+        .get(format!("{}/api/auth/me", relay.admin))
+        .header("cookie", &s.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["cache-control"], "no-store");
 
     let new_user = json!({"username": "dora", "password": "password-123"});
     let (status, text) = relay
@@ -575,6 +583,10 @@ async fn account_credentials_never_come_back() {
     let (_, text) = token(&relay, Method::GET, &path, None).await;
     assert_hidden("get after update", &text);
     assert_eq!(parse(&text)["credential_masked"], "sk-a…3210");
+    // A weight below 1 is refused on a change as on creation.
+    let (status, text) = token(&relay, Method::PATCH, &path, Some(json!({"weight": 0}))).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("weight must be at least 1"), "{text}");
     let (status, text) = token(&relay, Method::GET, "/api/admin/audit?per_page=500", None).await;
     assert_eq!(status, 200);
     assert_hidden("audit", &text);

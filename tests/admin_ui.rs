@@ -43,7 +43,7 @@ async fn an_admin_runs_the_relay_from_the_browser() {
     let mock = MockUpstream::start().await;
     let relay = Relay::start().await;
     let shots = ui.join("test-results");
-    let out = tokio::process::Command::new("node")
+    let run = tokio::process::Command::new("node")
         .arg(ui.join("e2e/admin.mjs"))
         .env("ADMIN_URL", &relay.admin)
         .env("PROXY_URL", &relay.proxy)
@@ -51,8 +51,11 @@ async fn an_admin_runs_the_relay_from_the_browser() {
         .env("ADMIN_PASSWORD", "admin-password-1")
         .env("SCREENSHOTS", &shots)
         .env("CHROMIUM", &chromium)
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(300), run)
         .await
+        .expect("the browser run took over 5 minutes")
         .expect("run node");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);

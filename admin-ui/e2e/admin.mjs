@@ -46,6 +46,12 @@ page.on('dialog', async (d) => {
     await d.accept(a)
   }
 })
+// Bodies of the changes the page sends, to check that an edit sends only what changed.
+const patches = []
+page.on('request', (r) => {
+  if (r.method() === 'PATCH') patches.push({ path: new URL(r.url()).pathname, body: r.postDataJSON() })
+})
+const lastPatch = (prefix) => patches.filter((p) => p.path.startsWith(prefix)).at(-1)?.body
 const shot = (name) => page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: true })
 const row = (table, name) => page.locator(`[data-test="${table}"] tr[data-name="${name}"]`)
 const note = () => page.locator('[data-test="note"]')
@@ -100,6 +106,13 @@ try {
   await page.click('[data-test="save-account"]')
   await note().filter({ hasText: 'Account ui-claude saved.' }).waitFor()
   await page.waitForFunction(() => document.querySelector('[data-test="accounts"] tr[data-name="ui-claude"] [data-test="priority"]')?.textContent === '3')
+  assert.deepEqual(lastPatch('/api/admin/accounts/'), { priority: 3 })
+  // A bad value is refused in the page, before any call.
+  await account.getByRole('button', { name: 'Edit' }).click()
+  await form.locator('input[name="weight"]').fill('')
+  await page.click('[data-test="save-account"]')
+  await error().filter({ hasText: 'Weight must be a whole number of at least 1' }).waitFor()
+  await form.getByRole('button', { name: 'Cancel' }).click()
   // Checked by hand: the mock upstream answers, so it passes.
   await account.getByRole('button', { name: 'Check' }).click()
   await note().filter({ hasText: 'ui-claude: check passed (HTTP 200)' }).waitFor()
@@ -139,6 +152,7 @@ try {
   await page.click('[data-test="save-key"]')
   await note().filter({ hasText: 'Key ui-key saved.' }).waitFor()
   await row('keys', 'ui-key').locator('td', { hasText: '120 rpm' }).waitFor()
+  assert.deepEqual(lastPatch('/api/admin/api-keys/'), { rpm_limit: 120 })
 
   // The key made in the browser works at the proxy, against the account made in the browser.
   const proxied = await fetch(`${PROXY}/v1/messages`, {
@@ -193,7 +207,21 @@ try {
   await row('accounts', 'ui-claude').waitFor()
   await row('accounts', 'ui-claude').getByRole('button', { name: 'Disable' }).click()
   await note().filter({ hasText: 'Account ui-claude disabled.' }).waitFor()
-  assert.equal((await row('accounts', 'ui-claude').locator('[data-test="state"]').innerText()).trim(), 'disabled')
+  await row('accounts', 'ui-claude').locator('[data-test="state"]', { hasText: 'disabled' }).waitFor()
+  // A login in another tab replaces the session both tabs share: this tab's next change
+  // still goes through, with the new session's CSRF token.
+  const other = await context.newPage()
+  await other.goto(`${ADMIN}/#/login`)
+  await other.fill('input[name="username"]', 'admin')
+  await other.fill('input[name="password"]', PASSWORD)
+  await other.click('button[type="submit"]')
+  await other.waitForURL(/#\/traffic/)
+  await other.close()
+  await row('accounts', 'ui-claude').getByRole('button', { name: 'Enable' }).click()
+  await note().filter({ hasText: 'Account ui-claude enabled.' }).waitFor()
+  await row('accounts', 'ui-claude').getByRole('button', { name: 'Disable' }).click()
+  await note().filter({ hasText: 'Account ui-claude disabled.' }).waitFor()
+  await row('accounts', 'ui-claude').locator('[data-test="state"]', { hasText: 'disabled' }).waitFor()
 
   // The health check job, switched on every 10 minutes.
   await page.click('a[href="#/settings"]')

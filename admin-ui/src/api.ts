@@ -136,7 +136,7 @@ export class ApiError extends Error {
 /** Who is logged in (null: nobody); the UI's one piece of shared state. */
 export const session = reactive<{ me: Me | null; checked: boolean }>({ me: null, checked: false })
 
-async function call<T>(method: string, path: string, body?: unknown): Promise<T> {
+async function call<T>(method: string, path: string, body?: unknown, retried = false): Promise<T> {
   const headers: Record<string, string> = { accept: 'application/json' }
   if (body !== undefined) headers['content-type'] = 'application/json'
   if (method !== 'GET' && session.me?.csrf_token) headers['x-csrf-token'] = session.me.csrf_token
@@ -156,6 +156,15 @@ async function call<T>(method: string, path: string, body?: unknown): Promise<T>
   if (!res.ok) {
     if (res.status === 401 && path !== '/api/auth/login') session.me = null
     const message = data?.error?.message ?? (text || res.statusText)
+    // A login in another tab replaced this tab's session (the cookie is shared): take the new
+    // session's CSRF token and try the change once more.
+    if (res.status === 403 && method !== 'GET' && !retried && /CSRF/.test(message)) {
+      const me = await fetch('/api/auth/me', { credentials: 'same-origin' })
+      if (me.ok) {
+        session.me = (await me.json()) as Me
+        return call<T>(method, path, body, true)
+      }
+    }
     throw new ApiError(res.status, message)
   }
   return data as T

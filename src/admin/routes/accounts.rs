@@ -271,6 +271,9 @@ pub async fn update(
     {
         return Err(AppError::BadRequest("credential must not be empty".into()));
     }
+    if body.weight.is_some_and(|w| w < 1) {
+        return Err(AppError::BadRequest("weight must be at least 1".into()));
+    }
     if let Some(Some(u)) = &body.base_url {
         check_url(&Some(u.clone()))?;
     }

@@ -126,7 +126,10 @@ pub async fn login(
         SESSION_TTL_MS / 1000
     );
     Ok((
-        [(header::SET_COOKIE, cookie)],
+        [
+            (header::SET_COOKIE, cookie),
+            (header::CACHE_CONTROL, "no-store".to_string()),
+        ],
         Json(LoginAnswer {
             user: LoggedIn {
                 id: user.id,
@@ -176,11 +179,15 @@ pub async fn logout(
 /// `GET /api/auth/me`: the caller.
 #[utoipa::path(get, path = "/api/auth/me", tag = "session",
     responses((status = 200, description = "The caller", body = Me)))]
-pub async fn me(caller: Caller) -> AppResult<Json<Me>> {
-    Ok(Json(Me {
-        user_id: caller.user_id,
-        name: caller.name,
-        role: caller.role,
-        csrf_token: caller.csrf_token,
-    }))
+pub async fn me(caller: Caller) -> AppResult<impl IntoResponse> {
+    // It carries the session's CSRF token: never kept by a cache.
+    Ok((
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(Me {
+            user_id: caller.user_id,
+            name: caller.name,
+            role: caller.role,
+            csrf_token: caller.csrf_token,
+        }),
+    ))
 }
