@@ -181,7 +181,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let deps = ChainDeps {
         keys: keys.clone(),
         accounts: accounts.clone(),
-        sessions,
+        sessions: sessions.clone(),
         prices: prices.clone(),
         limits,
         lease_ttl: config.concurrency_lease_ttl,
@@ -283,6 +283,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         account_events: Mutex::new(Some(account_rx)),
         cooldowns,
         state_rules,
+        sessions,
     };
     server.add_service(proxy_service);
     server.add_service(pingora::services::background::background_service(

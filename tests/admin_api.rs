@@ -841,3 +841,67 @@ async fn a_request_id_the_client_repeats_is_booked_every_time() {
         .await;
     assert_eq!(logs["total"], 3, "{logs}");
 }
+
+#[tokio::test]
+async fn operators_see_session_bindings_and_end_one() {
+    let mock = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    relay
+        .create_account("claude-s", "claude", &mock.url(), "sk-ant-upstream-s")
+        .await;
+    let user = relay.create_user("sam", 10_000).await;
+    let (key_id, key) = relay.create_key(&user, json!({"name": "sam-cli"})).await;
+    relay.wait_key_active(&key).await;
+    for topic in ["first", "second"] {
+        proxied_record(&relay, &key, topic).await;
+    }
+    let page = relay.admin_get("/api/admin/sessions").await;
+    assert_eq!(page["store"], "memory", "{page}");
+    assert_eq!(page["next_cursor"], Value::Null);
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{page}");
+    for s in items {
+        assert_eq!(s["account_name"], "claude-s");
+        assert_eq!(s["username"], "sam");
+        assert_eq!(s["key_name"], "sam-cli (sam)");
+        assert_eq!(s["api_key_id"], key_id.as_str());
+        assert_eq!(s["request_count"], 1);
+        assert!(s["expires_in_ms"].as_u64().unwrap() > 60_000, "{s}");
+    }
+    // Two pages of one.
+    let first = relay.admin_get("/api/admin/sessions?limit=1").await;
+    let cursor = first["next_cursor"].as_str().unwrap().to_string();
+    let second = relay
+        .admin_get(&format!("/api/admin/sessions?limit=1&cursor={cursor}"))
+        .await;
+    assert_eq!(second["next_cursor"], Value::Null);
+    assert_ne!(
+        first["items"][0]["session_key"],
+        second["items"][0]["session_key"]
+    );
+
+    // Unbound: gone from the list, audited, and the conversation is scheduled afresh.
+    let session_key = items[0]["session_key"].as_str().unwrap().to_string();
+    let (status, v) = relay
+        .admin_delete(&format!("/api/admin/sessions/{session_key}"))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, _) = relay
+        .admin_delete(&format!("/api/admin/sessions/{session_key}"))
+        .await;
+    assert_eq!(status, 404);
+    let page = relay.admin_get("/api/admin/sessions").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+    let audit = relay.admin_get("/api/admin/audit?per_page=100").await;
+    assert!(audit_actions(&audit).contains(&"session.unbind".to_string()));
+    for bad in ["limit=0", "limit=501"] {
+        let (status, text) = token(
+            &relay,
+            Method::GET,
+            &format!("/api/admin/sessions?{bad}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "{bad}: {text}");
+    }
+}

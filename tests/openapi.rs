@@ -36,6 +36,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/admin/accounts/{id}/health-check"),
     ("post", "/api/admin/accounts/health-check"),
     ("get", "/api/admin/settings"),
+    ("get", "/api/admin/sessions"),
+    ("delete", "/api/admin/sessions/{session_key}"),
     ("patch", "/api/admin/settings"),
     ("get", "/api/admin/usage/breakdown"),
     ("get", "/api/admin/users"),

@@ -646,3 +646,130 @@ async fn the_relay_binds_sessions_in_redis() {
         std::panic::resume_unwind(panic);
     }
 }
+
+#[tokio::test]
+async fn bindings_are_listed_page_by_page_under_the_stores_own_prefix() {
+    run(|env| async move {
+        let store = env.sessions();
+        let ttl = Duration::from_secs(60);
+        for i in 0..25 {
+            store
+                .put(&format!("k{i:02}"), &binding(&format!("a{i}")), ttl)
+                .await
+                .unwrap();
+        }
+        // A store whose prefix holds glob characters lists its own keys only.
+        let plain = RedisSessionStore::new(env.link.clone(), &format!("{}a:", env.prefix));
+        plain.put("other", &binding("x"), ttl).await.unwrap();
+        let globby = RedisSessionStore::new(env.link.clone(), &format!("{}[ab]:", env.prefix));
+        assert!(globby.list(None, 100).await.unwrap().items.is_empty());
+
+        let mut seen = std::collections::BTreeMap::new();
+        let mut cursor: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let page = store.list(cursor.as_deref(), 10).await.unwrap();
+            pages += 1;
+            for (key, stored) in page.items {
+                assert!(stored.remaining > Duration::from_secs(50), "{key}");
+                seen.insert(key, stored.binding.account_id.clone());
+            }
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+            assert!(pages < 50, "the pages never end");
+        }
+        assert_eq!(seen.len(), 25, "{seen:?}");
+        assert_eq!(seen["k07"], "a7");
+        assert!(!seen.contains_key("other"));
+        assert!(store.list(Some("not-a-cursor"), 10).await.is_err());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn operators_see_and_end_bindings_held_in_redis() {
+    use common::mock_upstream::MockUpstream;
+    use common::{conversation, messages_body, Relay, RelayOptions};
+
+    let mock = MockUpstream::start().await;
+    let relay = Relay::start_with(RelayOptions {
+        env: vec![("RELAY_REDIS_URL".into(), redis_url())],
+        ..RelayOptions::default()
+    })
+    .await;
+    let user_id = relay.create_user("olga", 10_000).await;
+    relay
+        .create_account("claude-r", "claude", &mock.url(), "sk-ant-upstream-secret")
+        .await;
+    let (key_id, key) = relay.create_key(&user_id, serde_json::json!({})).await;
+    relay.wait_key_active(&key).await;
+    let pattern = format!("session:binding:{key_id}:");
+    let direct = direct_connection(&redis_url()).await.unwrap();
+    let outcome = AssertUnwindSafe(async {
+        let body = messages_body("claude-sonnet-4-5", false, conversation("listed", 1));
+        let r = relay
+            .post("/v1/messages", &key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        // Other tests' bindings share this Redis: page through all of them for ours.
+        let mut ours = Vec::new();
+        let mut cursor = String::new();
+        for _ in 0..1000 {
+            let v = relay
+                .admin_get(&format!("/api/admin/sessions?limit=500&cursor={cursor}"))
+                .await;
+            assert_eq!(v["store"], "redis", "{v}");
+            ours.extend(
+                v["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|s| s["api_key_id"] == key_id.as_str())
+                    .cloned(),
+            );
+            match v["next_cursor"].as_str() {
+                Some(c) => cursor = c.to_string(),
+                None => break,
+            }
+        }
+        assert_eq!(ours.len(), 1, "{ours:?}");
+        assert_eq!(ours[0]["account_name"], "claude-r");
+        assert_eq!(ours[0]["username"], "olga");
+        let session_key = ours[0]["session_key"].as_str().unwrap().to_string();
+        assert!(
+            session_key.starts_with(&format!("{key_id}:")),
+            "{session_key}"
+        );
+        let (status, v) = relay
+            .admin_delete(&format!("/api/admin/sessions/{session_key}"))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        let mut conn = direct.clone();
+        let left: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{pattern}*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "{left:?}");
+        let (status, text) = relay
+            .token_call(
+                Some(common::ADMIN_TOKEN),
+                reqwest::Method::GET,
+                "/api/admin/sessions?cursor=x",
+                None,
+            )
+            .await;
+        assert_eq!(status, 400, "{text}");
+    })
+    .catch_unwind()
+    .await;
+    delete_prefix(direct, &pattern).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}

@@ -30,6 +30,15 @@ pub struct StoredBinding {
     pub remaining: Duration,
 }
 
+/// One page of bindings, for operators.
+#[derive(Debug, Default)]
+pub struct BindingPage {
+    /// Session keys and their bindings.
+    pub items: Vec<(String, StoredBinding)>,
+    /// Where the next page starts (opaque); `None` after the last page.
+    pub next: Option<String>,
+}
+
 /// Errors of a session store backend (the caller falls back, never fails the request).
 #[derive(Debug, thiserror::Error)]
 #[error("session store unavailable: {0}")]
@@ -57,6 +66,13 @@ pub trait SessionStore: Send + Sync {
     ) -> Result<(), StoreUnavailable>;
     /// Removes a binding.
     async fn delete(&self, key: &str) -> Result<(), StoreUnavailable>;
+    /// About `limit` bindings from `cursor` (from a previous page; `None` for the first), for
+    /// operators. Not a snapshot: bindings made or ended meanwhile may or may not show.
+    async fn list(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<BindingPage, StoreUnavailable>;
     /// Number of bindings held (approximate for Redis).
     fn len_hint(&self) -> u64;
 }
@@ -156,6 +172,44 @@ impl SessionStore for MemorySessionStore {
         Ok(())
     }
 
+    /// In session key order; the cursor is the last key of the page before.
+    async fn list(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<BindingPage, StoreUnavailable> {
+        let now = Instant::now();
+        let mut live: Vec<(String, Entry)> = self
+            .cache
+            .iter()
+            .filter(|(k, e)| e.expires > now && cursor.is_none_or(|c| k.as_str() > c))
+            .map(|(k, e)| (String::clone(&k), e))
+            .collect();
+        live.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let more = live.len() > limit;
+        live.truncate(limit);
+        let next = if more {
+            live.last().map(|(k, _)| k.clone())
+        } else {
+            None
+        };
+        Ok(BindingPage {
+            items: live
+                .into_iter()
+                .map(|(k, e)| {
+                    (
+                        k,
+                        StoredBinding {
+                            remaining: e.expires.saturating_duration_since(now),
+                            binding: e.binding,
+                        },
+                    )
+                })
+                .collect(),
+            next,
+        })
+    }
+
     fn len_hint(&self) -> u64 {
         self.cache.entry_count()
     }
@@ -177,6 +231,34 @@ mod tests {
             last_used_at: 0,
             request_count: 1,
         }
+    }
+
+    #[tokio::test]
+    async fn listed_page_by_page_in_key_order_without_expired_ones() {
+        let s = MemorySessionStore::new(100);
+        for i in 0..5 {
+            s.put(
+                &format!("k{i}"),
+                &binding(&format!("a{i}")),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        }
+        s.put("k9", &binding("gone"), Duration::from_millis(1))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let first = s.list(None, 2).await.unwrap();
+        let keys = |p: &BindingPage| p.items.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        assert_eq!(keys(&first), ["k0", "k1"]);
+        assert_eq!(first.items[1].1.binding.account_id, "a1");
+        assert!(first.items[0].1.remaining > Duration::from_secs(50));
+        let second = s.list(first.next.as_deref(), 2).await.unwrap();
+        assert_eq!(keys(&second), ["k2", "k3"]);
+        let last = s.list(second.next.as_deref(), 2).await.unwrap();
+        assert_eq!(keys(&last), ["k4"]);
+        assert_eq!(last.next, None);
     }
 
     #[tokio::test]

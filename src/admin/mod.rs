@@ -36,6 +36,8 @@ pub struct AdminState {
     pub refresh: Arc<tokio::sync::Notify>,
     /// Account health checks (and the periodic job's wake-up).
     pub health: Arc<crate::background::health::Health>,
+    /// Session bindings (Redis when configured), for the sessions view.
+    pub sessions: Arc<dyn relay_filters::session_store::SessionStore>,
 }
 
 impl AdminState {
@@ -53,6 +55,7 @@ impl AdminState {
         redis: Option<std::sync::Arc<crate::store::RedisLink>>,
         refresh: Arc<tokio::sync::Notify>,
         health: Arc<crate::background::health::Health>,
+        sessions: Arc<dyn relay_filters::session_store::SessionStore>,
     ) -> Self {
         AdminState {
             store,
@@ -70,6 +73,7 @@ impl AdminState {
             redis,
             refresh,
             health,
+            sessions,
         }
     }
 

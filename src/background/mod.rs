@@ -47,6 +47,8 @@ pub struct ControlPlane {
     pub cooldowns: Option<Arc<RedisCooldowns>>,
     /// How answers and health checks change accounts (the error threshold).
     pub state_rules: relay_filters::account_state::StateRules,
+    /// The proxy's session bindings, for the admin sessions view.
+    pub sessions: Arc<dyn relay_filters::session_store::SessionStore>,
 }
 
 fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
@@ -128,6 +130,7 @@ impl BackgroundService for ControlPlane {
             self.redis.clone(),
             refresh,
             health,
+            self.sessions.clone(),
         );
         let app = admin::router(state).into_make_service_with_connect_info::<SocketAddr>();
         match take(&self.admin_listener).map(tokio::net::TcpListener::from_std) {

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError};
 use relay_filters::session_store::{
-    Binding, MemorySessionStore, SessionStore, StoreUnavailable, StoredBinding,
+    Binding, BindingPage, MemorySessionStore, SessionStore, StoreUnavailable, StoredBinding,
 };
 use tokio::sync::Notify;
 
@@ -407,10 +407,106 @@ impl SessionStore for RedisSessionStore {
             .await
     }
 
+    /// By `SCAN`: the cursor is Redis's; pages come in no particular order, and a binding
+    /// renewed meanwhile may show twice.
+    async fn list(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<BindingPage, StoreUnavailable> {
+        let mut cursor: u64 = match cursor {
+            None => 0,
+            Some(c) => c
+                .parse()
+                .map_err(|_| StoreUnavailable(format!("not a page cursor: {c:?}")))?,
+        };
+        let pattern = format!("{}session:binding:*", glob_escape(&self.prefix));
+        let prefix_len = self.redis_key("").len();
+        let mut keys: Vec<String> = Vec::new();
+        // SCAN may answer few keys per call: a bounded number of calls fill the page.
+        for _ in 0..SCAN_CALLS_PER_PAGE {
+            let (next, found): (u64, Vec<String>) = self
+                .link
+                .run(|mut conn| {
+                    let pattern = pattern.clone();
+                    async move {
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(pattern)
+                            .arg("COUNT")
+                            .arg(limit.max(10))
+                            .query_async(&mut conn)
+                            .await
+                    }
+                })
+                .await?;
+            keys.extend(found);
+            cursor = next;
+            if cursor == 0 || keys.len() >= limit {
+                break;
+            }
+        }
+        let mut items = Vec::with_capacity(keys.len());
+        if !keys.is_empty() {
+            // GET and PTTL of each key, in one round trip.
+            let found: Vec<redis::Value> = self
+                .link
+                .run(|mut conn| {
+                    let keys = keys.clone();
+                    async move {
+                        let mut pipe = redis::pipe();
+                        for k in &keys {
+                            pipe.cmd("GET").arg(k).cmd("PTTL").arg(k);
+                        }
+                        pipe.query_async(&mut conn).await
+                    }
+                })
+                .await?;
+            for (rkey, pair) in keys.iter().zip(found.chunks(2)) {
+                let [value, pttl] = pair else { continue };
+                let (Ok(Some(json)), Ok(pttl)) = (
+                    redis::from_redis_value::<Option<String>>(value),
+                    redis::from_redis_value::<i64>(pttl),
+                ) else {
+                    continue; // ended between SCAN and GET
+                };
+                if let Some(binding) = decode(rkey, &json) {
+                    items.push((
+                        rkey[prefix_len..].to_string(),
+                        StoredBinding {
+                            binding: std::sync::Arc::new(binding),
+                            remaining: Duration::from_millis(u64::try_from(pttl).unwrap_or(0)),
+                        },
+                    ));
+                }
+            }
+        }
+        Ok(BindingPage {
+            items,
+            next: (cursor != 0).then(|| cursor.to_string()),
+        })
+    }
+
     /// Always 0: Redis holds the bindings of every node and counting them costs a round trip.
     fn len_hint(&self) -> u64 {
         0
     }
+}
+
+/// `SCAN` calls at most per page of [`RedisSessionStore::list`].
+const SCAN_CALLS_PER_PAGE: usize = 20;
+
+/// `s` with Redis glob characters escaped, for a `MATCH` pattern.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Redis first, memory when Redis fails: the relay keeps serving, says so in logs and in
@@ -523,6 +619,24 @@ impl SessionStore for FallbackSessionStore {
             self.redis_ok();
         }
         self.memory.delete(key).await
+    }
+
+    /// From Redis; from this node's memory while Redis fails.
+    async fn list(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<BindingPage, StoreUnavailable> {
+        match self.primary.list(cursor, limit).await {
+            Ok(page) => {
+                self.redis_ok();
+                Ok(page)
+            }
+            Err(e) => {
+                self.redis_failed(&e);
+                self.memory.list(None, limit).await
+            }
+        }
     }
 
     /// Bindings held in this node's memory (mirrored or made during an outage).

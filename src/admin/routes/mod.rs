@@ -8,6 +8,7 @@ mod days;
 mod openapi;
 mod pricing;
 mod session;
+mod sessions;
 mod settings;
 mod system;
 mod usage;
@@ -142,6 +143,12 @@ pub fn router() -> Router<AdminState> {
         .route(
             "/api/admin/accounts/{id}/health-check",
             post(accounts::health_check),
+        )
+        .route("/api/admin/sessions", get(sessions::list))
+        // `*`: a session key is the relay's own, but nothing promises it holds no `/`.
+        .route(
+            "/api/admin/sessions/{*session_key}",
+            axum::routing::delete(sessions::delete),
         )
         .route(
             "/api/admin/settings",

@@ -11,7 +11,9 @@ use utoipa::openapi::security::{
 use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use super::{accounts, api_keys, audit, pricing, session, settings, system, usage, users};
+use super::{
+    accounts, api_keys, audit, pricing, session, sessions, settings, system, usage, users,
+};
 use crate::admin::auth::{CSRF_HEADER, SESSION_COOKIE};
 
 /// Names of the security schemes in the document.
@@ -87,6 +89,8 @@ pub struct ListPage {
         accounts::health_check_all,
         settings::get,
         settings::update,
+        sessions::list,
+        sessions::delete,
         pricing::list,
         pricing::upsert,
         pricing::delete,
@@ -105,6 +109,7 @@ pub struct ListPage {
         (name = "api-keys", description = "Everybody's API keys (admins)"),
         (name = "accounts", description = "Upstream accounts (admins)"),
         (name = "settings", description = "Runtime settings: account health checks (admins)"),
+        (name = "sessions", description = "Active session bindings (admins)"),
         (name = "pricing", description = "Model prices (admins)"),
         (name = "usage", description = "Usage records and statistics of all traffic (admins)"),
         (name = "audit", description = "Audit log (admins)"),
