@@ -136,6 +136,21 @@ async fn an_admin_runs_the_relay_from_the_browser() {
         .iter()
         .find(|p| p["model"] == "ui-model-1")
         .unwrap_or_else(|| panic!("no ui-model-1 price: {prices}"));
+    let sessions = relay.admin_get("/api/admin/sessions").await;
+    assert_eq!(
+        sessions["items"],
+        serde_json::json!([]),
+        "the binding was ended"
+    );
+    let audit = relay.admin_get("/api/admin/audit?per_page=100").await;
+    assert!(
+        audit["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "session.unbind"),
+        "{audit}"
+    );
     let settings = relay.admin_get("/api/admin/settings").await;
     assert_eq!(settings["account_health_check_enabled"], true, "{settings}");
     assert_eq!(

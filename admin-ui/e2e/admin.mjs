@@ -189,6 +189,15 @@ try {
   assert.equal(await page.locator('[data-test="traffic"] [data-test="billed"]').first().innerText(), accountBilled)
   await shot('06-overview')
 
+  // The conversation's binding to the account, and ending it.
+  await page.click('a[href="#/sessions"]')
+  await page.locator('[data-test="sessions"] [data-test="account"]', { hasText: 'ui-claude' }).waitFor()
+  await shot('07-sessions')
+  answers.push('')
+  await page.locator('[data-test="sessions"]').getByRole('button', { name: 'Unbind' }).click()
+  await note().filter({ hasText: 'Binding ended.' }).waitFor()
+  await page.locator('[data-test="sessions"]', { hasText: 'No active sessions.' }).waitFor()
+
   // A price override.
   await page.click('a[href="#/pricing"]')
   await page.click('[data-test="new-price"]')
@@ -199,7 +208,7 @@ try {
   await page.click('[data-test="save-price"]')
   await note().filter({ hasText: 'Price of ui-model-1 saved.' }).waitFor()
   assert.equal(await row('prices', 'ui-model-1').locator('[data-test="input"]').innerText(), '$3.00')
-  await shot('07-pricing')
+  await shot('08-pricing')
 
   // After a reload the session goes on, and so do changes (the CSRF token comes back).
   await page.click('a[href="#/accounts"]')
@@ -236,7 +245,7 @@ try {
 
   await page.click('a[href="#/audit"]')
   await page.locator('[data-test="audit"] [data-test="action"]', { hasText: 'account.create' }).waitFor()
-  await shot('08-audit')
+  await shot('09-audit')
 
   // Logged out, the pages ask for a login again.
   await page.click('[data-test="logout"]')
@@ -254,7 +263,7 @@ try {
   await page.waitForURL(/#\/keys/)
   await page.click('a[href="#/overview"]')
   await page.locator('[data-test="summary"]').waitFor()
-  await shot('09-tenant-usage')
+  await shot('10-tenant-usage')
 
   assert.deepEqual(pageErrors, [])
   console.log(JSON.stringify({ ok: true, key: plaintext, credential: CREDENTIAL }))

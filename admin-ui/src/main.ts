@@ -19,6 +19,7 @@ const router = createRouter({
     { path: '/pricing', component: () => import('./views/Pricing.vue'), meta: { admin: true } },
     { path: '/records', component: () => import('./views/Records.vue') },
     { path: '/audit', component: () => import('./views/Audit.vue'), meta: { admin: true } },
+    { path: '/sessions', component: () => import('./views/Sessions.vue'), meta: { admin: true } },
     { path: '/settings', component: () => import('./views/Settings.vue'), meta: { admin: true } },
     { path: '/:rest(.*)', redirect: '/' },
   ],
