@@ -132,6 +132,11 @@ try {
   answers.push('cheap')
   await row('users', 'ui-tenant').getByRole('button', { name: 'Rate' }).click()
   await error().filter({ hasText: 'not a price rate' }).waitFor()
+  // A new password, typed in a password field.
+  await row('users', 'ui-tenant').getByRole('button', { name: 'Password' }).click()
+  await page.fill('[data-test="password-form"] input[name="new_password"]', 'tenant-password-2')
+  await page.click('[data-test="password-form"] button[type="submit"]')
+  await note().filter({ hasText: 'Password of ui-tenant changed.' }).waitFor()
   await shot('03-users')
 
   await page.click('a[href="#/keys"]')
@@ -254,7 +259,7 @@ try {
   await page.waitForURL(/#\/login/)
 
   // A plain user sees their own keys and usage, and no admin pages.
-  await login('ui-tenant', 'tenant-password-1')
+  await login('ui-tenant', 'tenant-password-2')
   await page.waitForURL(/#\/keys/)
   await row('keys', 'ui-key').waitFor()
   assert.equal(await page.locator('a[href="#/accounts"]').count(), 0)
