@@ -201,9 +201,13 @@ impl AccountCache {
                 state.held_off_until_ms.store(0, Ordering::Relaxed);
             }
             let held_off = state.held_off_until_ms.load(Ordering::Relaxed) > now;
-            state
-                .schedulable
-                .store(row_schedulable && !held_off, Ordering::Relaxed);
+            let schedulable = row_schedulable && !held_off;
+            let was_schedulable = state.schedulable.swap(schedulable, Ordering::Relaxed);
+            if schedulable && !was_schedulable && row.consecutive_error_count == 0 {
+                // Put back with its count cleared (an operator, or a passing health check on
+                // any node): this node's count of errors in a row starts again too.
+                state.consecutive_errors.store(0, Ordering::Relaxed);
+            }
             if let Some(until) = row.cooldown_until {
                 state.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
             }

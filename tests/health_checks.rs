@@ -115,6 +115,7 @@ async fn failed_checks_take_an_account_out_and_a_passing_one_puts_it_back() {
         "{v}"
     );
     assert_eq!(v["consecutive_error_count"], 1);
+    assert_eq!(v["result"], "fail");
     assert!(v["detail"].as_str().unwrap().contains("HTTP 401: "), "{v}");
     assert!(!v["detail"].as_str().unwrap().contains(OAUTH_TOKEN));
     let v = check(&relay, &id).await;
@@ -140,6 +141,22 @@ async fn failed_checks_take_an_account_out_and_a_passing_one_puts_it_back() {
     );
     assert_eq!(mock.count(), before);
 
+    // An operator clears the error: counting starts again from nothing, on every node.
+    let (status, v) = call(
+        &relay,
+        Method::PATCH,
+        &format!("/api/admin/accounts/{id}"),
+        Some(json!({ "status": "valid" })),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let v = check(&relay, &id).await;
+    assert_eq!(
+        (v["status"].clone(), v["consecutive_error_count"].clone()),
+        (json!("valid"), json!(1)),
+        "{v}"
+    );
+
     // It works again: one pass puts it back, for the next request.
     mock.set(|b| b.status = 200);
     let v = check(&relay, &id).await;
@@ -163,9 +180,23 @@ async fn failed_checks_take_an_account_out_and_a_passing_one_puts_it_back() {
     );
     assert_eq!(proxied(&relay, &key).await, 200);
 
-    // A 429 is a pass: the token works, only its rate is spent.
+    // A 429 is a pass: the token works, only its rate is spent. An overloaded provider says
+    // nothing about the token: reported, not counted.
     mock.set(|b| b.status = 429);
     assert_eq!(check(&relay, &id).await["passed"], true);
+    mock.set(|b| b.status = 529);
+    for _ in 0..3 {
+        let v = check(&relay, &id).await;
+        assert_eq!(
+            (
+                v["result"].clone(),
+                v["status"].clone(),
+                v["consecutive_error_count"].clone()
+            ),
+            (json!("inconclusive"), json!("valid"), json!(0)),
+            "{v}"
+        );
+    }
     mock.set(|b| b.status = 200);
 
     // Checking every account: each type where it belongs, a disabled one left out.
@@ -222,7 +253,7 @@ async fn failed_checks_take_an_account_out_and_a_passing_one_puts_it_back() {
     )
     .await;
     assert_eq!(status, 404);
-    // An unreachable provider fails with the reason, and counts.
+    // An unreachable provider says nothing about the credential: reported, not counted.
     let (status, _) = call(
         &relay,
         Method::PATCH,
@@ -233,12 +264,16 @@ async fn failed_checks_take_an_account_out_and_a_passing_one_puts_it_back() {
     assert_eq!(status, 200);
     let v = check(&relay, &gemini).await;
     assert_eq!(
-        (v["passed"].clone(), v["http_status"].clone()),
-        (json!(false), Value::Null),
+        (
+            v["passed"].clone(),
+            v["result"].clone(),
+            v["http_status"].clone()
+        ),
+        (json!(false), json!("inconclusive"), Value::Null),
         "{v}"
     );
     assert!(v["detail"].as_str().unwrap().contains("connect"), "{v}");
-    assert_eq!(v["consecutive_error_count"], 1);
+    assert_eq!(v["consecutive_error_count"], 0);
 
     let audit = relay.admin_get("/api/admin/audit?per_page=100").await;
     let actions: Vec<&str> = audit["items"]
@@ -354,4 +389,56 @@ async fn the_periodic_job_runs_while_the_settings_say_so() {
     assert_eq!(mock.count(), after_off, "a round ran while switched off");
     let (_, settings) = call(&relay, Method::GET, "/api/admin/settings", None).await;
     assert_eq!(settings["account_health_check_interval"], 0.05);
+}
+
+/// A check waits for the provider for a while: what an operator stores meanwhile wins over
+/// what the check decided on the state it began with.
+#[tokio::test]
+async fn a_status_set_while_a_check_runs_is_kept() {
+    let mock = MockUpstream::start().await;
+    let relay = relay().await;
+    let id = relay
+        .create_account_with(json!({
+            "name": "oauth-c", "type": "claude-official", "base_url": mock.url(),
+            "credential": OAUTH_TOKEN,
+        }))
+        .await;
+    // One refusal counted already: the next one would take the account out.
+    mock.set(|b| b.status = 401);
+    assert_eq!(check(&relay, &id).await["consecutive_error_count"], 1);
+    mock.set(|b| b.head_delay = Duration::from_millis(1500));
+    let path = format!("/api/admin/accounts/{id}/health-check");
+    let running = {
+        let http = relay.http.clone();
+        let url = format!("{}{path}", relay.admin);
+        tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(common::ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A second check of the same account meanwhile is refused, not counted twice.
+    let (status, v) = call(&relay, Method::POST, &path, None).await;
+    assert_eq!(status, 409, "{v}");
+    let (status, v) = call(
+        &relay,
+        Method::PATCH,
+        &format!("/api/admin/accounts/{id}"),
+        Some(json!({ "status": "blocked" })),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let v = running.await.unwrap();
+    assert_eq!(
+        (v["result"].clone(), v["status"].clone()),
+        (json!("fail"), json!("blocked")),
+        "{v}"
+    );
+    assert_eq!(account(&relay, &id).await["status"], "blocked");
 }

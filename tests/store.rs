@@ -723,6 +723,70 @@ async fn accounts_with_encrypted_credentials(env: Env) {
         Err(StoreError::NotFound)
     ));
 
+    // A cooldown is stored alone: a later one wins, status and count stay.
+    store
+        .record_account_state(&codex.id, AccountStatus::Error, 3, None)
+        .await
+        .unwrap();
+    let before = store.account_by_id(&codex.id).await.unwrap().unwrap();
+    store
+        .record_account_cooldown(&codex.id, 1_900_000_000_000)
+        .await
+        .unwrap();
+    store
+        .record_account_cooldown(&codex.id, 1_800_000_000_000)
+        .await
+        .unwrap();
+    let state = store.account_by_id(&codex.id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            state.status,
+            state.consecutive_error_count,
+            state.cooldown_until
+        ),
+        (AccountStatus::Error, 3, Some(1_900_000_000_000))
+    );
+    assert!(
+        state.updated_at > before.updated_at,
+        "other nodes notice it"
+    );
+    // A health check's state is stored only over the status it was decided on, never over
+    // `blocked`, and leaves the cooldown.
+    assert!(!store
+        .record_health_state(&codex.id, AccountStatus::Valid, AccountStatus::Error, 4)
+        .await
+        .unwrap());
+    assert!(store
+        .record_health_state(&codex.id, AccountStatus::Error, AccountStatus::Valid, 0)
+        .await
+        .unwrap());
+    let state = store.account_by_id(&codex.id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            state.status,
+            state.consecutive_error_count,
+            state.cooldown_until
+        ),
+        (AccountStatus::Valid, 0, Some(1_900_000_000_000))
+    );
+    store
+        .record_account_state(&codex.id, AccountStatus::Blocked, 0, None)
+        .await
+        .unwrap();
+    assert!(!store
+        .record_health_state(&codex.id, AccountStatus::Blocked, AccountStatus::Valid, 0)
+        .await
+        .unwrap());
+    assert_eq!(
+        store
+            .account_by_id(&codex.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        AccountStatus::Blocked
+    );
+
     store.delete_account(&codex.id).await.unwrap();
     assert_eq!(store.account_by_id(&codex.id).await.unwrap(), None);
     assert_eq!(store.load_accounts().await.unwrap().len(), 1);
@@ -1245,6 +1309,19 @@ async fn prices_settings_audit_and_sessions(env: Env) {
     let all = store.list_settings().await.unwrap();
     assert_eq!(all.len(), 2);
     assert_eq!(all["account_health_check_enabled"], serde_json::json!(true));
+
+    // A periodic round is claimed by one node: again only once the gap has passed.
+    let t = 1_800_000_000_000;
+    assert!(store.claim_round("round", t, 60_000).await.unwrap());
+    assert!(!store.claim_round("round", t + 1_000, 60_000).await.unwrap());
+    let racers =
+        futures::future::join_all((0..4).map(|_| store.claim_round("round", t + 60_000, 60_000)))
+            .await;
+    assert_eq!(
+        racers.iter().filter(|r| matches!(r, Ok(true))).count(),
+        1,
+        "{racers:?}"
+    );
 
     // Audit log: newest first, paginated.
     for i in 0..3 {

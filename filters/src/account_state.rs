@@ -159,10 +159,13 @@ pub struct HealthVerdict {
 
 /// Applies a health check's result to an enabled account's live state. A pass clears the
 /// error count and puts back an account the errors took out (`in_error`: its status is
-/// `error`); a failure adds one, and at `account_error_threshold` takes it out of scheduling.
+/// `error`); a refusal adds one to the larger of this node's count and the stored one
+/// (`stored_errors`, counted on another node), and at `account_error_threshold` takes the
+/// account out of scheduling.
 pub fn apply_health_check(
     account: &Account,
     in_error: bool,
+    stored_errors: u32,
     passed: bool,
     rules: &StateRules,
     now_ms: i64,
@@ -179,10 +182,15 @@ pub fn apply_health_check(
             passed,
             in_error: false,
             consecutive_errors: 0,
-            changed: in_error || before > 0,
+            changed: in_error || before > 0 || stored_errors > 0,
         };
     }
-    let n = st.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1;
+    let n = st
+        .consecutive_errors
+        .fetch_max(stored_errors, Ordering::Relaxed)
+        .max(stored_errors)
+        + 1;
+    st.consecutive_errors.store(n, Ordering::Relaxed);
     let take_out = !in_error && n >= rules.account_error_threshold;
     if take_out {
         st.schedulable.store(false, Ordering::Relaxed);
@@ -308,30 +316,30 @@ mod tests {
         };
         let a = account("a", AccountType::ClaudeOfficial, 50, 1);
         a.state.schedulable.store(true, Ordering::Relaxed);
-        let pass = apply_health_check(&a, false, true, &rules, 0);
+        let pass = apply_health_check(&a, false, 0, true, &rules, 0);
         assert_eq!(
             (pass.in_error, pass.changed),
             (false, false),
             "nothing to change"
         );
         for n in 1..=2 {
-            let v = apply_health_check(&a, false, false, &rules, 0);
+            let v = apply_health_check(&a, false, 0, false, &rules, 0);
             assert_eq!(
                 (v.in_error, v.consecutive_errors, v.changed),
                 (false, n, true)
             );
             assert!(a.state.schedulable.load(Ordering::Relaxed));
         }
-        let out = apply_health_check(&a, false, false, &rules, 1_000);
+        let out = apply_health_check(&a, false, 0, false, &rules, 1_000);
         assert_eq!((out.in_error, out.consecutive_errors), (true, 3));
         assert!(!a.state.schedulable.load(Ordering::Relaxed));
         assert!(a.state.held_off_until_ms.load(Ordering::Relaxed) > 1_000);
         // Still failing: counted on, still out.
-        let again = apply_health_check(&a, true, false, &rules, 2_000);
+        let again = apply_health_check(&a, true, 3, false, &rules, 2_000);
         assert_eq!((again.in_error, again.consecutive_errors), (true, 4));
         assert!(!a.state.schedulable.load(Ordering::Relaxed));
         // A pass puts it back at once, whatever the hold.
-        let back = apply_health_check(&a, true, true, &rules, 3_000);
+        let back = apply_health_check(&a, true, 4, true, &rules, 3_000);
         assert_eq!(
             back,
             HealthVerdict {
@@ -344,6 +352,13 @@ mod tests {
         assert!(a.state.schedulable.load(Ordering::Relaxed));
         assert_eq!(a.state.held_off_until_ms.load(Ordering::Relaxed), 0);
         assert_eq!(a.state.consecutive_errors.load(Ordering::Relaxed), 0);
+
+        // Counted on another node (stored 2): one refusal here reaches the threshold.
+        let elsewhere = apply_health_check(&a, false, 2, false, &rules, 4_000);
+        assert_eq!(
+            (elsewhere.in_error, elsewhere.consecutive_errors),
+            (true, 3)
+        );
     }
 
     #[test]

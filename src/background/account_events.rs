@@ -16,6 +16,9 @@ pub struct AccountEvent {
     pub status: AccountStatus,
     pub consecutive_errors: i64,
     pub cooldown_until: Option<i64>,
+    /// Only the cooldown changed: status and error count are left as stored (a cooldown must
+    /// not put back an account that errors or a health check took out meanwhile).
+    pub cooldown_only: bool,
 }
 
 /// The proxy's end.
@@ -33,6 +36,7 @@ impl AccountEvents {
 
     /// Counts a change and hands it to the persister; `None` changes cost nothing.
     pub fn send(&self, account: &Account, change: StateChange) {
+        let cooldown_only = matches!(change, StateChange::Cooldown { .. });
         let (status, cooldown_until) = match &change {
             StateChange::None => return,
             StateChange::Cooldown { reason, until_ms } => {
@@ -57,6 +61,7 @@ impl AccountEvents {
             status,
             consecutive_errors: i64::from(account.state.consecutive_errors.load(Ordering::Relaxed)),
             cooldown_until,
+            cooldown_only,
         });
     }
 }
@@ -72,15 +77,20 @@ pub async fn persist(
         if let (Some(c), Some(until)) = (&cooldowns, ev.cooldown_until) {
             let _ = c.publish(&ev.account_id, until).await;
         }
-        if let Err(e) = store
-            .record_account_state(
-                &ev.account_id,
-                ev.status,
-                ev.consecutive_errors,
-                ev.cooldown_until,
-            )
-            .await
-        {
+        let stored = match (ev.cooldown_only, ev.cooldown_until) {
+            (true, Some(until)) => store.record_account_cooldown(&ev.account_id, until).await,
+            _ => {
+                store
+                    .record_account_state(
+                        &ev.account_id,
+                        ev.status,
+                        ev.consecutive_errors,
+                        ev.cooldown_until,
+                    )
+                    .await
+            }
+        };
+        if let Err(e) = stored {
             tracing::warn!(error = %e, "account state could not be stored");
         }
     }

@@ -10,10 +10,13 @@
 //! minutes, default 5). The job reads them again whenever they change and at least every
 //! [`SETTINGS_POLL`].
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use relay_filters::account_state::{apply_health_check, HealthVerdict, StateRules};
+use futures::StreamExt;
+
+use relay_filters::account_state::{apply_health_check, StateRules};
 use relay_filters::accounts::AccountDirectory;
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -21,7 +24,7 @@ use tokio::sync::Notify;
 use crate::background::cache_refresh as reload;
 use crate::cache::AccountCache;
 use crate::metrics::metrics;
-use crate::proxy::health::{checked_by_default, HealthChecker};
+use crate::proxy::health::{checked_by_default, CheckKind, HealthChecker};
 use crate::secrets::SecretBox;
 use crate::store::{Account as AccountRow, AccountStatus, SqlStore, StoreError};
 
@@ -40,6 +43,8 @@ const SETTINGS_POLL: Duration = Duration::from_secs(30);
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 /// Accounts checked at once in a round.
 const PARALLEL_CHECKS: usize = 8;
+/// The setting whose `updated_at` is the last claimed round (one node runs each round).
+const ROUND_KEY: &str = "account_health_check_last_round";
 
 /// The job's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -91,6 +96,9 @@ pub struct CheckReport {
     pub account_id: String,
     pub name: String,
     pub passed: bool,
+    /// `pass`, `fail` (the provider refuses the credential: counts toward the threshold) or
+    /// `inconclusive` (the provider failed or could not be reached: does not count).
+    pub result: &'static str,
     /// The provider's answer status, when one came.
     pub http_status: Option<u16>,
     pub detail: String,
@@ -99,6 +107,15 @@ pub struct CheckReport {
     pub consecutive_error_count: i64,
     /// Epoch ms.
     pub checked_at: i64,
+}
+
+/// Why an account was not checked.
+#[derive(Debug)]
+pub enum NotChecked {
+    /// Not in this node's cache (deleted meanwhile, or its credential cannot be decrypted here).
+    NotLoaded,
+    /// A check of it is running already.
+    Busy,
 }
 
 /// Runs checks and applies their results; shared by the periodic job and the admin API.
@@ -110,87 +127,165 @@ pub struct Health {
     pub rules: StateRules,
     /// Wakes the periodic job after its settings changed.
     pub wake: Notify,
+    /// Accounts being checked: one check per account at a time, so two rounds (the job and
+    /// an admin's) never count one refusal twice.
+    pub checking: std::sync::Mutex<HashSet<String>>,
+}
+
+/// Takes an account out of [`Health::checking`] when its check ends, however it ends.
+struct Checking<'a>(&'a Health, String);
+
+impl Drop for Checking<'_> {
+    fn drop(&mut self) {
+        let mut set = match self.0.checking.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        set.remove(&self.1);
+    }
 }
 
 impl Health {
-    /// Checks one account (a stored row; its live twin must be in this node's cache) and stores
-    /// what changed. `None`: the account is not in the cache (its credential cannot be
-    /// decrypted here, or it was deleted meanwhile).
-    pub async fn check(&self, row: &AccountRow) -> Option<CheckReport> {
-        let live = self.accounts.get(&row.id)?;
+    /// A health service; its job runs once [`run`] is spawned.
+    pub fn new(
+        checker: Arc<HealthChecker>,
+        store: SqlStore,
+        accounts: Arc<AccountCache>,
+        secrets: Arc<SecretBox>,
+        rules: StateRules,
+    ) -> Self {
+        Health {
+            checker,
+            store,
+            accounts,
+            secrets,
+            rules,
+            wake: Notify::new(),
+            checking: std::sync::Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Checks one account now and stores what changed; the caches of this node follow at once.
+    pub async fn check(&self, row: &AccountRow) -> Result<CheckReport, NotChecked> {
+        let (report, changed) = self.check_one(row).await?;
+        if changed {
+            self.reload().await;
+        }
+        Ok(report)
+    }
+
+    /// Checks one account; whether its stored state changed.
+    async fn check_one(&self, row: &AccountRow) -> Result<(CheckReport, bool), NotChecked> {
+        let live = self.accounts.get(&row.id).ok_or(NotChecked::NotLoaded)?;
+        let _guard = {
+            let mut set = match self.checking.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if !set.insert(row.id.clone()) {
+                return Err(NotChecked::Busy);
+            }
+            Checking(self, row.id.clone())
+        };
         let outcome = self.checker.check(&live).await;
         let now = relay_filters::now_ms();
         metrics()
             .health_checks
-            .with_label_values(&[if outcome.passed { "pass" } else { "fail" }])
+            .with_label_values(&[outcome.kind.as_str()])
             .inc();
-        let blocked = row.status == AccountStatus::Blocked;
-        let (status, errors) = if blocked {
-            // The provider said the organization is disabled: only an operator clears that.
-            (AccountStatus::Blocked, row.consecutive_error_count)
-        } else {
-            let in_error = row.status == AccountStatus::Error;
-            let HealthVerdict {
-                in_error,
-                consecutive_errors,
-                changed,
-                ..
-            } = apply_health_check(&live, in_error, outcome.passed, &self.rules, now);
-            let status = if in_error {
-                AccountStatus::Error
-            } else {
-                AccountStatus::Valid
-            };
-            if changed {
-                if in_error != (row.status == AccountStatus::Error) {
-                    tracing::warn!(
-                        account = %row.name,
-                        passed = outcome.passed,
-                        detail = %outcome.detail,
-                        errors = consecutive_errors,
-                        "health check {}",
-                        if in_error { "took the account out of scheduling" } else { "put the account back" }
-                    );
-                }
-                let cooldown = row.cooldown_until.filter(|t| *t > now);
+        // Decided on the row as it is now, not as it was when the check began (it may have
+        // waited for the provider for seconds): an operator's or the proxy's change meanwhile
+        // wins, and the write below happens only if the status is still the one decided on.
+        let fresh = match self.store.account_by_id(&row.id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(NotChecked::NotLoaded),
+            Err(e) => {
+                tracing::warn!(account = %row.name, error = %e, "account unreadable after its health check");
+                row.clone()
+            }
+        };
+        let mut status = fresh.status;
+        let mut errors = fresh.consecutive_error_count;
+        let mut changed = false;
+        let counts = matches!(outcome.kind, CheckKind::Passed | CheckKind::Refused);
+        if fresh.enabled && fresh.status != AccountStatus::Blocked && counts {
+            let in_error = fresh.status == AccountStatus::Error;
+            let stored = u32::try_from(fresh.consecutive_error_count.max(0)).unwrap_or(u32::MAX);
+            let verdict =
+                apply_health_check(&live, in_error, stored, outcome.passed, &self.rules, now);
+            if verdict.changed {
+                let new_status = if verdict.in_error {
+                    AccountStatus::Error
+                } else {
+                    AccountStatus::Valid
+                };
                 match self
                     .store
-                    .record_account_state(&row.id, status, i64::from(consecutive_errors), cooldown)
+                    .record_health_state(
+                        &row.id,
+                        fresh.status,
+                        new_status,
+                        i64::from(verdict.consecutive_errors),
+                    )
                     .await
                 {
-                    Ok(()) => {
-                        if let Err(e) =
-                            reload::reload_accounts(&self.store, &self.accounts, &self.secrets)
-                                .await
-                        {
-                            tracing::warn!(error = %e, "account reload after a health check failed");
+                    Ok(true) => {
+                        if verdict.in_error != in_error {
+                            tracing::warn!(
+                                account = %row.name,
+                                detail = %outcome.detail,
+                                errors = verdict.consecutive_errors,
+                                "health check {}",
+                                if verdict.in_error {
+                                    "took the account out of scheduling"
+                                } else {
+                                    "put the account back"
+                                }
+                            );
                         }
-                        reload::publish_account_states(&self.accounts);
+                        status = new_status;
+                        errors = i64::from(verdict.consecutive_errors);
+                        changed = true;
                     }
+                    // Changed meanwhile: that change stands; the next reload brings this
+                    // node's live state in line with it.
+                    Ok(false) => changed = true,
                     Err(e) => {
                         tracing::warn!(account = %row.name, error = %e, "health check result could not be stored")
                     }
                 }
             }
-            (status, i64::from(consecutive_errors))
-        };
-        if !outcome.passed {
-            tracing::info!(account = %row.name, detail = %outcome.detail, "account health check failed");
         }
-        Some(CheckReport {
-            account_id: row.id.clone(),
-            name: row.name.clone(),
-            passed: outcome.passed,
-            http_status: outcome.status,
-            detail: outcome.detail,
-            status,
-            consecutive_error_count: errors,
-            checked_at: now,
-        })
+        if !outcome.passed {
+            tracing::info!(account = %row.name, result = outcome.kind.as_str(), detail = %outcome.detail, "account health check did not pass");
+        }
+        Ok((
+            CheckReport {
+                account_id: row.id.clone(),
+                name: row.name.clone(),
+                passed: outcome.passed,
+                result: outcome.kind.as_str(),
+                http_status: outcome.status,
+                detail: outcome.detail,
+                status,
+                consecutive_error_count: errors,
+                checked_at: now,
+            },
+            changed,
+        ))
     }
 
-    /// Checks every enabled account (of the types checked by default unless `every_type`), a
-    /// few at a time, in name order.
+    /// Reloads this node's accounts from the database and publishes their states.
+    async fn reload(&self) {
+        if let Err(e) = reload::reload_accounts(&self.store, &self.accounts, &self.secrets).await {
+            tracing::warn!(error = %e, "account reload after a health check failed");
+        }
+        reload::publish_account_states(&self.accounts);
+    }
+
+    /// Checks every enabled account (of the types checked by default unless `every_type`),
+    /// [`PARALLEL_CHECKS`] at a time; accounts being checked already are left to that check.
+    /// Reports in name order.
     pub async fn check_all(&self, every_type: bool) -> Result<Vec<CheckReport>, StoreError> {
         let rows: Vec<AccountRow> = self
             .store
@@ -199,38 +294,61 @@ impl Health {
             .into_iter()
             .filter(|a| a.enabled && (every_type || checked_by_default(a.account_type)))
             .collect();
-        let mut reports = Vec::with_capacity(rows.len());
-        for group in rows.chunks(PARALLEL_CHECKS) {
-            let done = futures::future::join_all(group.iter().map(|r| self.check(r))).await;
-            reports.extend(done.into_iter().flatten());
+        let done: Vec<_> = futures::stream::iter(rows)
+            .map(|r| async move { self.check_one(&r).await })
+            .buffer_unordered(PARALLEL_CHECKS)
+            .collect()
+            .await;
+        let mut reports = Vec::with_capacity(done.len());
+        let mut changed = false;
+        for (report, c) in done.into_iter().flatten() {
+            changed |= c;
+            reports.push(report);
         }
+        if changed {
+            self.reload().await;
+        }
+        reports.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(reports)
     }
 }
 
-/// The periodic job: a round of checks every interval while enabled.
+/// The periodic job: a round of checks every interval while enabled. Of several nodes on one
+/// database, the one that claims a round runs it (see [`SqlStore::claim_round`]).
 pub async fn run(health: Arc<Health>, mut shutdown: pingora::server::ShutdownWatch) {
     let mut last_round: Option<Instant> = None;
+    let mut settings = HealthSettings::default();
     loop {
-        let settings = match HealthSettings::load(&health.store).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "health check settings unreadable");
-                HealthSettings::default()
-            }
-        };
+        match HealthSettings::load(&health.store).await {
+            Ok(s) => settings = s,
+            // The last settings read stay in force.
+            Err(e) => tracing::warn!(error = %e, "health check settings unreadable"),
+        }
         let mut wait = SETTINGS_POLL;
         if settings.account_health_check_enabled {
             let due = last_round.is_none_or(|t| t.elapsed() >= settings.interval());
             if due {
                 last_round = Some(Instant::now());
-                match health.check_all(false).await {
-                    Ok(reports) => {
-                        let failed = reports.iter().filter(|r| !r.passed).count();
-                        tracing::debug!(checked = reports.len(), failed, "health check round done");
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "health check round could not list accounts")
+                let gap =
+                    i64::try_from(settings.interval().as_millis() * 9 / 10).unwrap_or(i64::MAX);
+                let claimed = health
+                    .store
+                    .claim_round(ROUND_KEY, relay_filters::now_ms(), gap)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "health check round could not be claimed");
+                        false
+                    });
+                if claimed {
+                    tokio::select! {
+                        done = health.check_all(false) => match done {
+                            Ok(reports) => {
+                                let failed = reports.iter().filter(|r| !r.passed).count();
+                                tracing::debug!(checked = reports.len(), failed, "health check round done");
+                            }
+                            Err(e) => tracing::warn!(error = %e, "health check round could not list accounts"),
+                        },
+                        _ = shutdown.changed() => return,
                     }
                 }
             }

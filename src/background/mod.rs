@@ -109,14 +109,13 @@ impl BackgroundService for ControlPlane {
             self.cooldowns.clone(),
             shutdown.clone(),
         ));
-        let health = Arc::new(health::Health {
-            checker: crate::proxy::health::HealthChecker::new(health::CHECK_TIMEOUT),
-            store: store.clone(),
-            accounts: self.accounts.clone(),
-            secrets: self.secrets.clone(),
-            rules: self.state_rules.clone(),
-            wake: tokio::sync::Notify::new(),
-        });
+        let health = Arc::new(health::Health::new(
+            crate::proxy::health::HealthChecker::new(health::CHECK_TIMEOUT),
+            store.clone(),
+            self.accounts.clone(),
+            self.secrets.clone(),
+            self.state_rules.clone(),
+        ));
         tasks.spawn(health::run(health.clone(), shutdown.clone()));
         let state = AdminState::new(
             store.clone(),

@@ -26,12 +26,49 @@ const DETAIL_BODY_LIMIT: usize = 2048;
 /// Most characters of the answer's body kept in the detail.
 const DETAIL_CHARS: usize = 200;
 
+/// How long the start of an answer's body is waited for, once its head is in.
+const BODY_WAIT: Duration = Duration::from_secs(2);
+
+/// `text` with every occurrence of `secret` masked (secrets shorter than 8 characters are
+/// left: they would mask ordinary words).
+fn without(text: &str, secret: &str) -> String {
+    if secret.len() < 8 {
+        return text.to_string();
+    }
+    text.replace(secret, "[credential]")
+}
+
 /// The ChatGPT backend's account check, at the host's root whatever the base URL's path.
 const CHATGPT_CHECK_PATH: &str = "/backend-api/accounts/check/v4-2023-04-27";
+
+/// What a check's answer says about the account's credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    /// 2xx, or 429 (the credential works; only its rate is spent).
+    Passed,
+    /// 401 or 403: the provider refuses the credential.
+    Refused,
+    /// Anything else (an overloaded or failing provider, no connection, no answer in time):
+    /// nothing about the credential, so it does not count toward the error threshold. The
+    /// proxy's own cooldowns deal with providers that fail requests.
+    Inconclusive,
+}
+
+impl CheckKind {
+    /// The metric label and API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckKind::Passed => "pass",
+            CheckKind::Refused => "fail",
+            CheckKind::Inconclusive => "inconclusive",
+        }
+    }
+}
 
 /// What one check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckOutcome {
+    pub kind: CheckKind,
     pub passed: bool,
     /// The answer's status, when one came.
     pub status: Option<u16>,
@@ -144,6 +181,7 @@ impl HealthChecker {
             Ok(r) => r,
             Err(detail) => {
                 return CheckOutcome {
+                    kind: CheckKind::Refused,
                     passed: false,
                     status: None,
                     detail,
@@ -152,7 +190,12 @@ impl HealthChecker {
         };
         match tokio::time::timeout(self.timeout, self.exchange(&req)).await {
             Ok(Ok((status, body))) => {
-                let passed = (200..300).contains(&status) || status == 429;
+                let kind = match status {
+                    200..=299 | 429 => CheckKind::Passed,
+                    401 | 403 => CheckKind::Refused,
+                    _ => CheckKind::Inconclusive,
+                };
+                let passed = kind == CheckKind::Passed;
                 let text = String::from_utf8_lossy(&body);
                 let mut detail = format!("HTTP {status}");
                 let excerpt: String = text.trim().chars().take(DETAIL_CHARS).collect();
@@ -161,17 +204,21 @@ impl HealthChecker {
                     detail.push_str(&excerpt);
                 }
                 CheckOutcome {
+                    kind,
                     passed,
                     status: Some(status),
-                    detail,
+                    // An upstream that echoes what it was sent must not show the credential.
+                    detail: without(&detail, account.credential.expose()),
                 }
             }
             Ok(Err(detail)) => CheckOutcome {
+                kind: CheckKind::Inconclusive,
                 passed: false,
                 status: None,
                 detail,
             },
             Err(_) => CheckOutcome {
+                kind: CheckKind::Inconclusive,
                 passed: false,
                 status: None,
                 detail: format!("no answer within {} s", self.timeout.as_secs_f32()),
@@ -204,13 +251,17 @@ impl HealthChecker {
             .read_head()
             .await
             .map_err(|e| format!("no answer: {e}"))?;
+        // The status decides; the body only adds detail, read for a short while at most.
         let mut body = Vec::new();
-        while body.len() < DETAIL_BODY_LIMIT {
-            match up.read_body().await {
-                Ok(Some(piece)) => body.extend_from_slice(&piece),
-                _ => break,
+        let _ = tokio::time::timeout(BODY_WAIT, async {
+            while body.len() < DETAIL_BODY_LIMIT {
+                match up.read_body().await {
+                    Ok(Some(piece)) => body.extend_from_slice(&piece),
+                    _ => break,
+                }
             }
-        }
+        })
+        .await;
         body.truncate(DETAIL_BODY_LIMIT);
         up.shutdown().await;
         Ok((head.status.as_u16(), body))
@@ -304,6 +355,18 @@ mod tests {
         assert!(checked_by_default(AccountType::Gemini));
         assert!(!checked_by_default(AccountType::Claude));
         assert!(!checked_by_default(AccountType::Openai));
+    }
+
+    #[test]
+    fn a_credential_echoed_back_is_masked_in_the_detail() {
+        assert_eq!(
+            without(
+                "HTTP 401: bad key sk-ant-api03-secret-1",
+                "sk-ant-api03-secret-1"
+            ),
+            "HTTP 401: bad key [credential]"
+        );
+        assert_eq!(without("HTTP 401: no", "no"), "HTTP 401: no");
     }
 
     #[test]

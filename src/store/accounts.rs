@@ -467,6 +467,53 @@ impl SqlStore {
         Ok(())
     }
 
+    /// Stores what a health check found, only if the account's status is still `expected`
+    /// (what the check's decision was based on) and not `blocked`: a status an operator or the
+    /// proxy set meanwhile wins. The cooldown is not touched. Whether the row was changed.
+    pub async fn record_health_state(
+        &self,
+        id: &str,
+        expected: AccountStatus,
+        status: AccountStatus,
+        consecutive_error_count: i64,
+    ) -> Result<bool> {
+        let now = super::now_ms();
+        // `updated_at` always moves: other nodes notice the change by it.
+        let done = sqlx::query(
+            "UPDATE accounts SET status = $1, consecutive_error_count = $2, \
+             updated_at = CASE WHEN updated_at < $3 THEN $4 ELSE updated_at + 1 END \
+             WHERE id = $5 AND status = $6 AND status <> 'blocked'",
+        )
+        .bind(status.as_str())
+        .bind(consecutive_error_count)
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .bind(expected.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Stores a cooldown the proxy observed, keeping a later one already stored; status and
+    /// error count stay as they are.
+    pub async fn record_account_cooldown(&self, id: &str, until: i64) -> Result<()> {
+        let now = super::now_ms();
+        sqlx::query(
+            "UPDATE accounts SET cooldown_until = $1, \
+             updated_at = CASE WHEN updated_at < $2 THEN $3 ELSE updated_at + 1 END \
+             WHERE id = $4 AND (cooldown_until IS NULL OR cooldown_until < $5)",
+        )
+        .bind(until)
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .bind(until)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Deletes an account.
     pub async fn delete_account(&self, id: &str) -> Result<()> {
         let done = sqlx::query("DELETE FROM accounts WHERE id = $1")

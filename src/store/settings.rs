@@ -69,6 +69,29 @@ impl SqlStore {
         Ok(())
     }
 
+    /// Claims the periodic job `key` for this node at `now` (epoch ms), unless a node claimed
+    /// it less than `min_gap_ms` ago: of several nodes sharing the database, one runs each
+    /// round. The claim is the setting's `updated_at`, moved by one conditional update.
+    pub async fn claim_round(&self, key: &str, now: i64, min_gap_ms: i64) -> Result<bool> {
+        sqlx::query(
+            "INSERT INTO settings (key, value, updated_at) VALUES ($1, '0', 0) \
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
+        let done = sqlx::query(
+            "UPDATE settings SET value = $1, updated_at = $2 WHERE key = $3 AND updated_at <= $4",
+        )
+        .bind(now.to_string())
+        .bind(now)
+        .bind(key)
+        .bind(now.saturating_sub(min_gap_ms))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Every setting, by key.
     pub async fn list_settings(&self) -> Result<BTreeMap<String, serde_json::Value>> {
         let rows = sqlx::query("SELECT key, value FROM settings ORDER BY key")

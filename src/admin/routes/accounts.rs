@@ -354,10 +354,16 @@ pub async fn health_check(
             "the account is disabled: enable it to check it".into(),
         ));
     }
-    let report = state.health.check(&account).await.ok_or_else(|| {
+    use crate::background::health::NotChecked;
+    let report = state.health.check(&account).await.map_err(|e| {
         AppError::Conflict(
-            "the account is not loaded on this node (its credential cannot be decrypted here)"
-                .into(),
+            match e {
+                NotChecked::NotLoaded => {
+                    "the account is not loaded on this node (its credential cannot be decrypted here)"
+                }
+                NotChecked::Busy => "a check of this account is running: try again in a moment",
+            }
+            .into(),
         )
     })?;
     audit(
