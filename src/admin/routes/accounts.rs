@@ -381,6 +381,7 @@ pub async fn health_check(
 #[derive(Debug, Serialize)]
 pub struct CheckAll {
     pub checked: usize,
+    /// Checks that did not pass: refused (`fail`) or `inconclusive`.
     pub failed: usize,
     pub accounts: Vec<crate::background::health::CheckReport>,
 }
