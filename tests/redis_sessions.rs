@@ -594,23 +594,38 @@ async fn a_silent_redis_costs_one_timeout_per_retry_interval() {
     );
 }
 
-#[tokio::test]
-async fn the_relay_binds_sessions_in_redis() {
-    use common::mock_upstream::MockUpstream;
-    use common::{conversation, messages_body, Relay, RelayOptions};
-
-    let mock = MockUpstream::start().await;
-    let relay = Relay::start_with(RelayOptions {
+/// A relay on the test Redis with one account (`account`) on a mock upstream and one user
+/// (`user`) with an active key: the mock, the relay, the account id, the key id and the key.
+async fn relay_on_redis(
+    user: &str,
+    account: &str,
+) -> (
+    common::mock_upstream::MockUpstream,
+    common::Relay,
+    String,
+    String,
+    String,
+) {
+    let mock = common::mock_upstream::MockUpstream::start().await;
+    let relay = common::Relay::start_with(common::RelayOptions {
         env: vec![("RELAY_REDIS_URL".into(), redis_url())],
-        ..RelayOptions::default()
+        ..common::RelayOptions::default()
     })
     .await;
-    let user_id = relay.create_user("alice", 10_000).await;
+    let user_id = relay.create_user(user, 10_000).await;
     let account_id = relay
-        .create_account("claude-a", "claude", &mock.url(), "sk-ant-upstream-secret")
+        .create_account(account, "claude", &mock.url(), "sk-ant-upstream-secret")
         .await;
     let (key_id, key) = relay.create_key(&user_id, serde_json::json!({})).await;
     relay.wait_key_active(&key).await;
+    (mock, relay, account_id, key_id, key)
+}
+
+#[tokio::test]
+async fn the_relay_binds_sessions_in_redis() {
+    use common::{conversation, messages_body};
+
+    let (_mock, relay, account_id, key_id, key) = relay_on_redis("alice", "claude-a").await;
 
     // The relay writes unprefixed keys; the key id (a fresh uuid) keeps them apart from others.
     let pattern = format!("session:binding:{key_id}:");
@@ -690,21 +705,9 @@ async fn bindings_are_listed_page_by_page_under_the_stores_own_prefix() {
 
 #[tokio::test]
 async fn operators_see_and_end_bindings_held_in_redis() {
-    use common::mock_upstream::MockUpstream;
-    use common::{conversation, messages_body, Relay, RelayOptions};
+    use common::{conversation, messages_body};
 
-    let mock = MockUpstream::start().await;
-    let relay = Relay::start_with(RelayOptions {
-        env: vec![("RELAY_REDIS_URL".into(), redis_url())],
-        ..RelayOptions::default()
-    })
-    .await;
-    let user_id = relay.create_user("olga", 10_000).await;
-    relay
-        .create_account("claude-r", "claude", &mock.url(), "sk-ant-upstream-secret")
-        .await;
-    let (key_id, key) = relay.create_key(&user_id, serde_json::json!({})).await;
-    relay.wait_key_active(&key).await;
+    let (_mock, relay, _, key_id, key) = relay_on_redis("olga", "claude-r").await;
     let pattern = format!("session:binding:{key_id}:");
     let direct = direct_connection(&redis_url()).await.unwrap();
     let outcome = AssertUnwindSafe(async {

@@ -90,6 +90,15 @@ export interface Totals {
   billed_cost: number
 }
 
+/** Today, this month and all time (`/api/usage/summary`, `/api/admin/usage/summary`). */
+export interface Summary {
+  day: string
+  month: string
+  today: Totals
+  this_month: Totals
+  all_time: Totals
+}
+
 export interface UsageRecord {
   id: string
   request_id: string

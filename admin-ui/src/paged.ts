@@ -31,3 +31,24 @@ export function message(e: unknown): string {
   if (e instanceof ApiError) return e.status ? `${e.message} (${e.status})` : e.message
   return e instanceof Error ? e.message : String(e)
 }
+
+/**
+ * Changes made from a page: each runs, then the page reloads, then what was done shows in
+ * `note` (the text the change returned, else `done`), or the API's error in `error`.
+ */
+export function useActions(reload: () => Promise<unknown>, error: Ref<string | null> = ref(null)) {
+  const note = ref<string | null>(null)
+  async function act(what: () => Promise<unknown>, done: string | null): Promise<boolean> {
+    try {
+      const said = await what()
+      await reload()
+      note.value = typeof said === 'string' ? said : done
+      error.value = null
+      return true
+    } catch (e) {
+      error.value = message(e)
+      return false
+    }
+  }
+  return { note, error, act }
+}
