@@ -164,12 +164,24 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let memory_sessions = MemorySessionStore::new(config.session.memory_capacity);
-    let sessions: Arc<dyn SessionStore> = match &redis_link {
-        Some(link) => Arc::new(FallbackSessionStore::new(
-            RedisSessionStore::new(link.clone(), ""),
-            memory_sessions,
-        )),
-        None => memory_sessions,
+    let (sessions, bindings_admin): (Arc<dyn SessionStore>, _) = match &redis_link {
+        Some(link) => (
+            Arc::new(FallbackSessionStore::new(
+                RedisSessionStore::new(link.clone(), ""),
+                memory_sessions.clone(),
+            )),
+            crate::admin::BindingsAdmin {
+                store: Arc::new(RedisSessionStore::new(link.clone(), "")),
+                mirror: Some(memory_sessions),
+            },
+        ),
+        None => (
+            memory_sessions.clone(),
+            crate::admin::BindingsAdmin {
+                store: memory_sessions,
+                mirror: None,
+            },
+        ),
     };
     let limits: Arc<dyn LimitStore> = match &redis_link {
         Some(link) => Arc::new(RedisLimits::new(link.clone(), "", memory_limits)),
@@ -181,7 +193,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let deps = ChainDeps {
         keys: keys.clone(),
         accounts: accounts.clone(),
-        sessions: sessions.clone(),
+        sessions,
         prices: prices.clone(),
         limits,
         lease_ttl: config.concurrency_lease_ttl,
@@ -283,7 +295,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         account_events: Mutex::new(Some(account_rx)),
         cooldowns,
         state_rules,
-        sessions,
+        sessions: Arc::new(bindings_admin),
     };
     server.add_service(proxy_service);
     server.add_service(pingora::services::background::background_service(

@@ -678,6 +678,15 @@ async fn bindings_are_listed_page_by_page_under_the_stores_own_prefix() {
         plain.put("other", &binding("x"), ttl).await.unwrap();
         let globby = RedisSessionStore::new(env.link.clone(), &format!("{}[ab]:", env.prefix));
         assert!(globby.list(None, 100).await.unwrap().items.is_empty());
+        // A key of another type under the prefix is none of the store's: left out, no error.
+        let mut direct = env.direct.clone();
+        let _: () = redis::cmd("HSET")
+            .arg(format!("{}session:binding:a-hash", env.prefix))
+            .arg("f")
+            .arg("v")
+            .query_async(&mut direct)
+            .await
+            .unwrap();
 
         let mut seen = std::collections::BTreeMap::new();
         let mut cursor: Option<String> = None;
@@ -774,5 +783,34 @@ async fn operators_see_and_end_bindings_held_in_redis() {
     delete_prefix(direct, &pattern).await;
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
+    }
+}
+
+/// With Redis configured and unreachable, the operators' view says so (503) instead of
+/// passing this node's memory off as every node's bindings, or an unbind off as done.
+#[tokio::test]
+async fn the_sessions_view_says_when_redis_is_unreachable() {
+    let port = common::free_port();
+    let mut server = PrivateRedis::start(port).await;
+    let relay = common::Relay::start_with(common::RelayOptions {
+        env: vec![(
+            "RELAY_REDIS_URL".into(),
+            format!("redis://127.0.0.1:{port}"),
+        )],
+        ..common::RelayOptions::default()
+    })
+    .await;
+    let v = relay.admin_get("/api/admin/sessions").await;
+    assert_eq!(v["store"], "redis", "{v}");
+    server.stop();
+    for (method, path) in [
+        (reqwest::Method::GET, "/api/admin/sessions"),
+        (reqwest::Method::DELETE, "/api/admin/sessions/some-key"),
+    ] {
+        let (status, text) = relay
+            .token_call(Some(common::ADMIN_TOKEN), method.clone(), path, None)
+            .await;
+        assert_eq!(status, 503, "{method} {path}: {text}");
+        assert!(text.contains("\"unavailable\""), "{text}");
     }
 }

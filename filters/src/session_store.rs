@@ -100,6 +100,26 @@ impl moka::Expiry<String, Entry> for PerEntryTtl {
     }
 }
 
+/// A cache entry ordered by its key, for listing.
+struct HeapEntry(Arc<String>, Entry);
+
+impl PartialEq for HeapEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+impl Eq for HeapEntry {}
+impl PartialOrd for HeapEntry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for HeapEntry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
+}
+
 /// Bounded in-process store: LRU eviction at `capacity`, per-entry TTL.
 pub struct MemorySessionStore {
     cache: moka::sync::Cache<String, Entry>,
@@ -178,27 +198,36 @@ impl SessionStore for MemorySessionStore {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<BindingPage, StoreUnavailable> {
+        // The `limit + 1` smallest keys after the cursor, in a max-heap: one pass over the
+        // cache, keys shared (not copied) until they make the page.
         let now = Instant::now();
-        let mut live: Vec<(String, Entry)> = self
-            .cache
-            .iter()
-            .filter(|(k, e)| e.expires > now && cursor.is_none_or(|c| k.as_str() > c))
-            .map(|(k, e)| (String::clone(&k), e))
-            .collect();
-        live.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let more = live.len() > limit;
-        live.truncate(limit);
+        let mut heap: std::collections::BinaryHeap<HeapEntry> =
+            std::collections::BinaryHeap::with_capacity(limit + 1);
+        for (k, e) in self.cache.iter() {
+            if e.expires <= now || cursor.is_some_and(|c| k.as_str() <= c) {
+                continue;
+            }
+            if heap.len() <= limit {
+                heap.push(HeapEntry(k, e));
+            } else if heap.peek().is_some_and(|top| k.as_str() < top.0.as_str()) {
+                heap.pop();
+                heap.push(HeapEntry(k, e));
+            }
+        }
+        let mut page = heap.into_sorted_vec();
+        let more = page.len() > limit;
+        page.truncate(limit);
         let next = if more {
-            live.last().map(|(k, _)| k.clone())
+            page.last().map(|h| String::clone(&h.0))
         } else {
             None
         };
         Ok(BindingPage {
-            items: live
+            items: page
                 .into_iter()
-                .map(|(k, e)| {
+                .map(|HeapEntry(k, e)| {
                     (
-                        k,
+                        String::clone(&k),
                         StoredBinding {
                             remaining: e.expires.saturating_duration_since(now),
                             binding: e.binding,

@@ -24,6 +24,8 @@ pub enum AppError {
     Conflict(String),
     #[error("too many attempts, try again later")]
     TooManyRequests,
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -37,6 +39,7 @@ impl AppError {
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::Conflict(_) => StatusCode::CONFLICT,
             AppError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -50,6 +53,7 @@ impl AppError {
             AppError::NotFound => "not_found",
             AppError::Conflict(_) => "conflict",
             AppError::TooManyRequests => "too_many_requests",
+            AppError::Unavailable(_) => "unavailable",
             AppError::Internal(_) => "internal_error",
         }
     }
@@ -111,7 +115,7 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// `bad_request`, `unauthorized`, `forbidden`, `not_found`, `conflict`,
-    /// `too_many_requests` or `internal_error`.
+    /// `too_many_requests`, `unavailable` (a backing service such as Redis) or `internal_error`.
     #[schema(example = "not_found")]
     pub code: &'static str,
     pub message: String,

@@ -36,8 +36,24 @@ pub struct AdminState {
     pub refresh: Arc<tokio::sync::Notify>,
     /// Account health checks (and the periodic job's wake-up).
     pub health: Arc<crate::background::health::Health>,
-    /// Session bindings (Redis when configured), for the sessions view.
-    pub sessions: Arc<dyn relay_filters::session_store::SessionStore>,
+    /// Session bindings, for the sessions view.
+    pub sessions: Arc<BindingsAdmin>,
+}
+
+/// Where operators see and end session bindings: Redis itself when configured (so a Redis
+/// failure is an error here, never this node's memory passed off as the whole), else this
+/// node's memory store.
+pub struct BindingsAdmin {
+    pub store: Arc<dyn relay_filters::session_store::SessionStore>,
+    /// With Redis: this node's memory copies, dropped with an ended binding.
+    pub mirror: Option<Arc<relay_filters::session_store::MemorySessionStore>>,
+}
+
+impl BindingsAdmin {
+    /// Whether the bindings are Redis's (shared by every node).
+    pub fn shared(&self) -> bool {
+        self.mirror.is_some()
+    }
 }
 
 impl AdminState {
@@ -55,7 +71,7 @@ impl AdminState {
         redis: Option<std::sync::Arc<crate::store::RedisLink>>,
         refresh: Arc<tokio::sync::Notify>,
         health: Arc<crate::background::health::Health>,
-        sessions: Arc<dyn relay_filters::session_store::SessionStore>,
+        sessions: Arc<BindingsAdmin>,
     ) -> Self {
         AdminState {
             store,

@@ -47,8 +47,8 @@ pub struct ControlPlane {
     pub cooldowns: Option<Arc<RedisCooldowns>>,
     /// How answers and health checks change accounts (the error threshold).
     pub state_rules: relay_filters::account_state::StateRules,
-    /// The proxy's session bindings, for the admin sessions view.
-    pub sessions: Arc<dyn relay_filters::session_store::SessionStore>,
+    /// The session bindings, for the admin sessions view.
+    pub sessions: Arc<crate::admin::BindingsAdmin>,
 }
 
 fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {

@@ -423,9 +423,11 @@ impl SessionStore for RedisSessionStore {
         let pattern = format!("{}session:binding:*", glob_escape(&self.prefix));
         let prefix_len = self.redis_key("").len();
         let mut keys: Vec<String> = Vec::new();
-        // SCAN may answer few keys per call: a bounded number of calls fill the page.
-        for _ in 0..SCAN_CALLS_PER_PAGE {
-            let (next, found): (u64, Vec<String>) = self
+        // The relay's other keys (limits, cost holds) share the keyspace and SCAN walks them
+        // all: it goes on until the page is full, the keyspace ends or the time is up.
+        let started = std::time::Instant::now();
+        while keys.len() < limit && started.elapsed() < SCAN_BUDGET {
+            let (next, found): (u64, Vec<Vec<u8>>) = self
                 .link
                 .run(|mut conn| {
                     let pattern = pattern.clone();
@@ -435,15 +437,18 @@ impl SessionStore for RedisSessionStore {
                             .arg("MATCH")
                             .arg(pattern)
                             .arg("COUNT")
-                            .arg(limit.max(10))
+                            .arg(SCAN_COUNT.max(limit))
+                            .arg("TYPE")
+                            .arg("string")
                             .query_async(&mut conn)
                             .await
                     }
                 })
                 .await?;
-            keys.extend(found);
+            // A key that is no UTF-8 is none of the relay's.
+            keys.extend(found.into_iter().filter_map(|k| String::from_utf8(k).ok()));
             cursor = next;
-            if cursor == 0 || keys.len() >= limit {
+            if cursor == 0 {
                 break;
             }
         }
@@ -494,8 +499,10 @@ impl SessionStore for RedisSessionStore {
     }
 }
 
-/// `SCAN` calls at most per page of [`RedisSessionStore::list`].
-const SCAN_CALLS_PER_PAGE: usize = 20;
+/// How long [`RedisSessionStore::list`] scans for one page at most.
+const SCAN_BUDGET: Duration = Duration::from_millis(250);
+/// Keys `SCAN` looks at per call.
+const SCAN_COUNT: usize = 1000;
 
 /// `s` with Redis glob characters escaped, for a `MATCH` pattern.
 fn glob_escape(s: &str) -> String {

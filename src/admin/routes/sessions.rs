@@ -3,6 +3,7 @@
 
 use axum::extract::State;
 use relay_filters::accounts::AccountDirectory;
+use relay_filters::session_store::SessionStore as _;
 use serde::{Deserialize, Serialize};
 use utoipa::IntoParams;
 
@@ -12,6 +13,15 @@ use crate::admin::error::{AppError, AppResult, ErrorBody};
 use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
 use crate::store::UsageDim;
+
+/// Redis unreachable (memory stores never fail): 503, so nobody takes this node's memory for
+/// the whole, nor an unbind for done.
+fn unavailable(e: relay_filters::session_store::StoreUnavailable) -> AppError {
+    AppError::Unavailable(format!(
+        "session bindings cannot be read or changed now: {}",
+        e.0
+    ))
+}
 
 /// Bindings per page at most.
 const MAX_PER_PAGE: usize = 500;
@@ -59,11 +69,12 @@ pub struct SessionPage {
 }
 
 /// `GET /api/admin/sessions?cursor=&limit=`: active session bindings, page by page: from Redis
-/// when configured (this node's memory while Redis is unreachable), else from this node.
+/// when configured (503 while it is unreachable), else from this node's memory.
 #[utoipa::path(get, path = "/api/admin/sessions", tag = "sessions", params(SessionQuery),
     responses(
         (status = 200, description = "A page of bindings and the cursor of the next", body = serde_json::Value),
         (status = 400, description = "Bad cursor or limit", body = ErrorBody),
+        (status = 503, description = "Redis is configured and unreachable", body = ErrorBody),
     ))]
 pub async fn list(
     State(state): State<AdminState>,
@@ -78,14 +89,15 @@ pub async fn list(
         )));
     }
     let cursor = q.cursor.as_deref().filter(|c| !c.is_empty());
-    if state.redis.is_some() && cursor.is_some_and(|c| c.parse::<u64>().is_err()) {
+    if state.sessions.shared() && cursor.is_some_and(|c| c.parse::<u64>().is_err()) {
         return Err(AppError::BadRequest("not a page cursor".into()));
     }
     let page = state
         .sessions
+        .store
         .list(cursor, limit)
         .await
-        .map_err(|e| AppError::Internal(e.0))?;
+        .map_err(unavailable)?;
     let distinct = |f: fn(&relay_filters::session_store::Binding) -> &String| {
         let mut ids: Vec<String> = page
             .items
@@ -129,7 +141,7 @@ pub async fn list(
     Ok(Json(SessionPage {
         items,
         next_cursor: page.next,
-        store: if state.redis.is_some() {
+        store: if state.sessions.shared() {
             "redis"
         } else {
             "memory"
@@ -144,6 +156,7 @@ pub async fn list(
     responses(
         (status = 200, description = "Unbound", body = Deleted),
         (status = 404, description = "No such binding", body = ErrorBody),
+        (status = 503, description = "Redis is configured and unreachable", body = ErrorBody),
     ))]
 pub async fn delete(
     State(state): State<AdminState>,
@@ -151,19 +164,15 @@ pub async fn delete(
     Path(key): Path<String>,
 ) -> AppResult<Json<Deleted>> {
     caller.require_admin()?;
-    let found = state
-        .sessions
-        .get(&key)
-        .await
-        .map_err(|e| AppError::Internal(e.0))?;
+    let bindings = &state.sessions;
+    let found = bindings.store.get(&key).await.map_err(unavailable)?;
     let Some(found) = found else {
         return Err(AppError::NotFound);
     };
-    state
-        .sessions
-        .delete(&key)
-        .await
-        .map_err(|e| AppError::Internal(e.0))?;
+    bindings.store.delete(&key).await.map_err(unavailable)?;
+    if let Some(mirror) = &bindings.mirror {
+        let _ = mirror.delete(&key).await;
+    }
     audit(
         &state,
         &caller,
