@@ -201,12 +201,19 @@ impl AccountCache {
                 state.held_off_until_ms.store(0, Ordering::Relaxed);
             }
             let held_off = state.held_off_until_ms.load(Ordering::Relaxed) > now;
-            let schedulable = row_schedulable && !held_off;
-            let was_schedulable = state.schedulable.swap(schedulable, Ordering::Relaxed);
-            if schedulable && !was_schedulable && row.consecutive_error_count == 0 {
-                // Put back with its count cleared (an operator, or a passing health check on
-                // any node): this node's count of errors in a row starts again too.
-                state.consecutive_errors.store(0, Ordering::Relaxed);
+            state
+                .schedulable
+                .store(row_schedulable && !held_off, Ordering::Relaxed);
+            let stored = row.consecutive_error_count.max(0);
+            let seen = state.stored_errors_seen.swap(stored, Ordering::Relaxed);
+            if stored < seen {
+                // The stored count was reset (a passing check or a success on any node, an
+                // operator): this node's count of errors in a row comes down with it. Errors
+                // this node counted but has not stored are kept otherwise.
+                let stored = u32::try_from(stored).unwrap_or(0);
+                state
+                    .consecutive_errors
+                    .fetch_min(stored, Ordering::Relaxed);
             }
             if let Some(until) = row.cooldown_until {
                 state.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);

@@ -442,3 +442,62 @@ async fn a_status_set_while_a_check_runs_is_kept() {
     );
     assert_eq!(account(&relay, &id).await["status"], "blocked");
 }
+
+/// Two nodes on one database: a pass on one clears the count the other had made, and that
+/// node counts again from there; a credential the provider echoes is masked even where the
+/// detail's excerpt cuts it.
+#[tokio::test]
+async fn a_pass_on_one_node_clears_the_count_made_on_another() {
+    let pg = common::PgDb::create().await;
+    let shared = vec![
+        (
+            "RELAY_SCHEDULER__ACCOUNT_ERROR_THRESHOLD".to_string(),
+            "3".to_string(),
+        ),
+        ("RELAY_ENCRYPTION_KEY".to_string(), "11".repeat(32)),
+        ("RELAY_KEY_PEPPER".to_string(), "22".repeat(32)),
+    ];
+    let node = || {
+        Relay::start_with(RelayOptions {
+            db: common::Db::Postgres(pg.url.clone()),
+            env: shared.clone(),
+            ..RelayOptions::default()
+        })
+    };
+    let (a, b) = (node().await, node().await);
+    let mock = MockUpstream::start().await;
+    let id = a
+        .create_account_with(json!({
+            "name": "oauth-d", "type": "claude-official", "base_url": mock.url(),
+            "credential": OAUTH_TOKEN,
+        }))
+        .await;
+    b.wait_accounts_loaded(1).await;
+    mock.set(|m| {
+        m.status = 401;
+        m.error_body = format!(r#"{{"error":"{}{OAUTH_TOKEN}"}}"#, "x".repeat(185));
+    });
+    for n in 1..=2 {
+        let v = check(&a, &id).await;
+        assert_eq!(v["consecutive_error_count"], n, "{v}");
+        let detail = v["detail"].as_str().unwrap();
+        assert!(!detail.contains("sk-ant-oat01"), "{detail}");
+    }
+    mock.set(|m| m.status = 200);
+    assert_eq!(check(&b, &id).await["consecutive_error_count"], 0);
+    // Node A learns of the reset with its next reload of the accounts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        mock.set(|m| m.status = 401);
+        let v = check(&a, &id).await;
+        if v["consecutive_error_count"] == 1 {
+            assert_eq!(v["status"], "valid", "{v}");
+            break;
+        }
+        // Not reloaded yet: undo this refusal on B and try again.
+        mock.set(|m| m.status = 200);
+        assert_eq!(check(&b, &id).await["consecutive_error_count"], 0);
+        assert!(Instant::now() < deadline, "node A never saw the reset: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

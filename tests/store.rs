@@ -753,11 +753,30 @@ async fn accounts_with_encrypted_credentials(env: Env) {
     // A health check's state is stored only over the status it was decided on, never over
     // `blocked`, and leaves the cooldown.
     assert!(!store
-        .record_health_state(&codex.id, AccountStatus::Valid, AccountStatus::Error, 4)
+        .record_health_state(
+            &codex.id,
+            (AccountStatus::Valid, 3),
+            AccountStatus::Error,
+            4
+        )
+        .await
+        .unwrap());
+    assert!(!store
+        .record_health_state(
+            &codex.id,
+            (AccountStatus::Error, 2),
+            AccountStatus::Valid,
+            0
+        )
         .await
         .unwrap());
     assert!(store
-        .record_health_state(&codex.id, AccountStatus::Error, AccountStatus::Valid, 0)
+        .record_health_state(
+            &codex.id,
+            (AccountStatus::Error, 3),
+            AccountStatus::Valid,
+            0
+        )
         .await
         .unwrap());
     let state = store.account_by_id(&codex.id).await.unwrap().unwrap();
@@ -774,7 +793,12 @@ async fn accounts_with_encrypted_credentials(env: Env) {
         .await
         .unwrap();
     assert!(!store
-        .record_health_state(&codex.id, AccountStatus::Blocked, AccountStatus::Valid, 0)
+        .record_health_state(
+            &codex.id,
+            (AccountStatus::Blocked, 0),
+            AccountStatus::Valid,
+            0
+        )
         .await
         .unwrap());
     assert_eq!(

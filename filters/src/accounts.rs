@@ -184,6 +184,9 @@ pub struct AccountState {
     /// the change reached the database) does not make it schedulable again. Cleared by a
     /// reload that sees the row out of scheduling, by a success, and by an admin change.
     pub held_off_until_ms: AtomicI64,
+    /// The error count of the stored row at the last reload. Stored counts only go down by a
+    /// reset (a pass, a success, an operator): a row below it means one happened elsewhere.
+    pub stored_errors_seen: AtomicI64,
 }
 
 impl Account {

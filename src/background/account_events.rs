@@ -16,9 +16,19 @@ pub struct AccountEvent {
     pub status: AccountStatus,
     pub consecutive_errors: i64,
     pub cooldown_until: Option<i64>,
-    /// Only the cooldown changed: status and error count are left as stored (a cooldown must
-    /// not put back an account that errors or a health check took out meanwhile).
-    pub cooldown_only: bool,
+    pub kind: EventKind,
+}
+
+/// What kind of change an event stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// Only the cooldown: status and error count are left as stored (a cooldown must not put
+    /// back an account that errors or a health check took out meanwhile).
+    Cooldown,
+    /// Taken out of scheduling (`error` or `blocked`).
+    Disabled,
+    /// A success after errors: `valid` again, unless it was reported blocked meanwhile.
+    Recovered,
 }
 
 /// The proxy's end.
@@ -36,7 +46,12 @@ impl AccountEvents {
 
     /// Counts a change and hands it to the persister; `None` changes cost nothing.
     pub fn send(&self, account: &Account, change: StateChange) {
-        let cooldown_only = matches!(change, StateChange::Cooldown { .. });
+        let kind = match change {
+            StateChange::None => return,
+            StateChange::Cooldown { .. } => EventKind::Cooldown,
+            StateChange::Disabled { .. } => EventKind::Disabled,
+            StateChange::Recovered => EventKind::Recovered,
+        };
         let (status, cooldown_until) = match &change {
             StateChange::None => return,
             StateChange::Cooldown { reason, until_ms } => {
@@ -61,7 +76,7 @@ impl AccountEvents {
             status,
             consecutive_errors: i64::from(account.state.consecutive_errors.load(Ordering::Relaxed)),
             cooldown_until,
-            cooldown_only,
+            kind,
         });
     }
 }
@@ -77,8 +92,11 @@ pub async fn persist(
         if let (Some(c), Some(until)) = (&cooldowns, ev.cooldown_until) {
             let _ = c.publish(&ev.account_id, until).await;
         }
-        let stored = match (ev.cooldown_only, ev.cooldown_until) {
-            (true, Some(until)) => store.record_account_cooldown(&ev.account_id, until).await,
+        let stored = match (ev.kind, ev.cooldown_until) {
+            (EventKind::Cooldown, Some(until)) => {
+                store.record_account_cooldown(&ev.account_id, until).await
+            }
+            (EventKind::Recovered, _) => store.record_account_recovered(&ev.account_id).await,
             _ => {
                 store
                     .record_account_state(

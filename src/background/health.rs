@@ -223,7 +223,7 @@ impl Health {
                     .store
                     .record_health_state(
                         &row.id,
-                        fresh.status,
+                        (fresh.status, fresh.consecutive_error_count),
                         new_status,
                         i64::from(verdict.consecutive_errors),
                     )

@@ -46,7 +46,7 @@ const CHATGPT_CHECK_PATH: &str = "/backend-api/accounts/check/v4-2023-04-27";
 pub enum CheckKind {
     /// 2xx, or 429 (the credential works; only its rate is spent).
     Passed,
-    /// 401 or 403: the provider refuses the credential.
+    /// 401 or 403: the provider refuses the credential (or it cannot be sent as a header).
     Refused,
     /// Anything else (an overloaded or failing provider, no connection, no answer in time):
     /// nothing about the credential, so it does not count toward the error threshold. The
@@ -196,7 +196,9 @@ impl HealthChecker {
                     _ => CheckKind::Inconclusive,
                 };
                 let passed = kind == CheckKind::Passed;
-                let text = String::from_utf8_lossy(&body);
+                // An upstream that echoes what it was sent must not show the credential: masked
+                // before the excerpt is cut, so a credential cut in two is masked too.
+                let text = without(&String::from_utf8_lossy(&body), account.credential.expose());
                 let mut detail = format!("HTTP {status}");
                 let excerpt: String = text.trim().chars().take(DETAIL_CHARS).collect();
                 if !passed && !excerpt.is_empty() {
@@ -207,8 +209,7 @@ impl HealthChecker {
                     kind,
                     passed,
                     status: Some(status),
-                    // An upstream that echoes what it was sent must not show the credential.
-                    detail: without(&detail, account.credential.expose()),
+                    detail,
                 }
             }
             Ok(Err(detail)) => CheckOutcome {

@@ -467,13 +467,14 @@ impl SqlStore {
         Ok(())
     }
 
-    /// Stores what a health check found, only if the account's status is still `expected`
-    /// (what the check's decision was based on) and not `blocked`: a status an operator or the
-    /// proxy set meanwhile wins. The cooldown is not touched. Whether the row was changed.
+    /// Stores what a health check found, only if the account's status and error count are still
+    /// `expected` (what the check's decision was based on) and the status is not `blocked`: a
+    /// change an operator, the proxy or another node's check made meanwhile wins. The cooldown
+    /// is not touched. Whether the row was changed.
     pub async fn record_health_state(
         &self,
         id: &str,
-        expected: AccountStatus,
+        expected: (AccountStatus, i64),
         status: AccountStatus,
         consecutive_error_count: i64,
     ) -> Result<bool> {
@@ -482,14 +483,16 @@ impl SqlStore {
         let done = sqlx::query(
             "UPDATE accounts SET status = $1, consecutive_error_count = $2, \
              updated_at = CASE WHEN updated_at < $3 THEN $4 ELSE updated_at + 1 END \
-             WHERE id = $5 AND status = $6 AND status <> 'blocked'",
+             WHERE id = $5 AND status = $6 AND consecutive_error_count = $7 \
+             AND status <> 'blocked'",
         )
         .bind(status.as_str())
         .bind(consecutive_error_count)
         .bind(now)
         .bind(now)
         .bind(id)
-        .bind(expected.as_str())
+        .bind(expected.0.as_str())
+        .bind(expected.1)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -509,6 +512,25 @@ impl SqlStore {
         .bind(now)
         .bind(id)
         .bind(until)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Stores that a request succeeded after errors: status `valid`, count and cooldown cleared,
+    /// unless the provider reported the account blocked meanwhile (only an operator clears
+    /// that).
+    pub async fn record_account_recovered(&self, id: &str) -> Result<()> {
+        let now = super::now_ms();
+        sqlx::query(
+            "UPDATE accounts SET status = 'valid', consecutive_error_count = 0, \
+             cooldown_until = NULL, \
+             updated_at = CASE WHEN updated_at < $1 THEN $2 ELSE updated_at + 1 END \
+             WHERE id = $3 AND status <> 'blocked'",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(id)
         .execute(&self.pool)
         .await?;
         Ok(())

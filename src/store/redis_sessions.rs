@@ -427,6 +427,7 @@ impl SessionStore for RedisSessionStore {
         // all: it goes on until the page is full, the keyspace ends or the time is up.
         let started = std::time::Instant::now();
         while keys.len() < limit && started.elapsed() < SCAN_BUDGET {
+            let count = (limit - keys.len()).clamp(10, SCAN_COUNT);
             let (next, found): (u64, Vec<Vec<u8>>) = self
                 .link
                 .run(|mut conn| {
@@ -437,7 +438,7 @@ impl SessionStore for RedisSessionStore {
                             .arg("MATCH")
                             .arg(pattern)
                             .arg("COUNT")
-                            .arg(SCAN_COUNT.max(limit))
+                            .arg(count)
                             .arg("TYPE")
                             .arg("string")
                             .query_async(&mut conn)

@@ -336,7 +336,7 @@ pub async fn update(
     responses(
         (status = 200, description = "What the check found and the account's state after it", body = serde_json::Value),
         (status = 404, description = "No such account", body = ErrorBody),
-        (status = 409, description = "The account is disabled, or its credential cannot be read on this node", body = ErrorBody),
+        (status = 409, description = "The account is disabled, its credential cannot be read on this node, or a check of it is running", body = ErrorBody),
     ))]
 pub async fn health_check(
     State(state): State<AdminState>,

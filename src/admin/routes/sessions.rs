@@ -17,10 +17,10 @@ use crate::store::UsageDim;
 /// Redis unreachable (memory stores never fail): 503, so nobody takes this node's memory for
 /// the whole, nor an unbind for done.
 fn unavailable(e: relay_filters::session_store::StoreUnavailable) -> AppError {
-    AppError::Unavailable(format!(
-        "session bindings cannot be read or changed now: {}",
-        e.0
-    ))
+    tracing::warn!(error = %e.0, "session bindings unavailable to the admin view");
+    AppError::Unavailable(
+        "session bindings cannot be read or changed now: Redis is unreachable".into(),
+    )
 }
 
 /// Bindings per page at most.
@@ -31,7 +31,8 @@ const MAX_PER_PAGE: usize = 500;
 pub struct SessionQuery {
     /// `next_cursor` of the page before; absent for the first page.
     cursor: Option<String>,
-    /// Bindings per page (default 100, at most 500; Redis may answer a few more or fewer).
+    /// Bindings per page (default 100, at most 500; from Redis a page may hold up to twice as
+    /// many, or fewer, even none with more to come: follow `next_cursor`).
     limit: Option<usize>,
 }
 
