@@ -166,10 +166,7 @@ impl AccountCache {
     /// Replaces the account set from database rows. Rows whose credential cannot be decrypted
     /// or whose settings are invalid are left out (and logged), never half-used.
     pub fn replace(&self, rows: Vec<AccountRow>, secrets: &SecretBox) {
-        let mut states = match self.states.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut states = relay_filters::lock(&self.states);
         let now = relay_filters::now_ms();
         let mut list = Vec::with_capacity(rows.len());
         let kept: std::collections::HashSet<String> = rows.iter().map(|r| r.id.clone()).collect();

@@ -83,14 +83,23 @@ where
         "no Redis at {url} (set RELAY_TEST_REDIS_URL)"
     );
     let direct = direct_connection(&url).await.unwrap();
-    let outcome = AssertUnwindSafe(body(Env {
-        link,
-        prefix: prefix.clone(),
-        direct: direct.clone(),
-    }))
-    .catch_unwind()
+    cleaned_up(
+        &prefix,
+        body(Env {
+            link,
+            prefix: prefix.clone(),
+            direct,
+        }),
+    )
     .await;
-    delete_prefix(direct, &prefix).await;
+}
+
+/// Runs `body`, then deletes the keys starting with `prefix` (even when the body panicked)
+/// and re-raises the body's panic.
+async fn cleaned_up(prefix: &str, body: impl Future<Output = ()>) {
+    let direct = direct_connection(&redis_url()).await.unwrap();
+    let outcome = AssertUnwindSafe(body).catch_unwind().await;
+    delete_prefix(direct, prefix).await;
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
@@ -629,8 +638,8 @@ async fn the_relay_binds_sessions_in_redis() {
 
     // The relay writes unprefixed keys; the key id (a fresh uuid) keeps them apart from others.
     let pattern = format!("session:binding:{key_id}:");
-    let mut direct = direct_connection(&redis_url()).await.unwrap();
-    let outcome = AssertUnwindSafe(async {
+    cleaned_up(&pattern, async {
+        let mut direct = direct_connection(&redis_url()).await.unwrap();
         let body = messages_body("claude-sonnet-4-5", false, conversation("redis", 1));
         let r = relay
             .post("/v1/messages", &key)
@@ -654,12 +663,7 @@ async fn the_relay_binds_sessions_in_redis() {
         assert_eq!(bound.account_id, account_id);
         assert_eq!(bound.api_key_id, key_id);
     })
-    .catch_unwind()
     .await;
-    delete_prefix(direct, &pattern).await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
 }
 
 #[tokio::test]
@@ -718,8 +722,7 @@ async fn operators_see_and_end_bindings_held_in_redis() {
 
     let (_mock, relay, _, key_id, key) = relay_on_redis("olga", "claude-r").await;
     let pattern = format!("session:binding:{key_id}:");
-    let direct = direct_connection(&redis_url()).await.unwrap();
-    let outcome = AssertUnwindSafe(async {
+    cleaned_up(&pattern, async {
         let body = messages_body("claude-sonnet-4-5", false, conversation("listed", 1));
         let r = relay
             .post("/v1/messages", &key)
@@ -761,7 +764,7 @@ async fn operators_see_and_end_bindings_held_in_redis() {
             .admin_delete(&format!("/api/admin/sessions/{session_key}"))
             .await;
         assert_eq!(status, 200, "{v}");
-        let mut conn = direct.clone();
+        let mut conn = direct_connection(&redis_url()).await.unwrap();
         let left: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{pattern}*"))
             .query_async(&mut conn)
@@ -778,12 +781,7 @@ async fn operators_see_and_end_bindings_held_in_redis() {
             .await;
         assert_eq!(status, 400, "{text}");
     })
-    .catch_unwind()
     .await;
-    delete_prefix(direct, &pattern).await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
 }
 
 /// With Redis configured and unreachable, the operators' view says so (503) instead of

@@ -257,6 +257,26 @@ export function microFromUsd(s: string): number | null {
   return Math.round(v * 1_000_000)
 }
 
+/** A whole number of at least `min` typed in a form; `null` for an empty `optional` field. */
+export function whole(v: unknown, what: string, min: number, optional = false): number | null {
+  const t = String(v ?? '').trim()
+  if (!t && optional) return null
+  const n = Number(t)
+  if (!t || !Number.isInteger(n) || n < min) {
+    throw new ApiError(0, min > 0 ? `${what} must be a whole number of at least ${min}` : `${what} must be a whole number`)
+  }
+  return n
+}
+
+/** The fields of `now` that differ from `loaded` (all of them when nothing was loaded). */
+export function changed(loaded: Record<string, unknown> | null, now: Record<string, unknown>): Record<string, unknown> {
+  const out: Record<string, unknown> = {}
+  for (const [k, v] of Object.entries(now)) {
+    if (!loaded || JSON.stringify(loaded[k]) !== JSON.stringify(v)) out[k] = v
+  }
+  return out
+}
+
 /** A comma- or line-separated list typed in a form. */
 export function list(s: string): string[] {
   return s

@@ -108,17 +108,14 @@ pub fn apply_outcome(
             ..
         } => {
             let n = st.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1;
-            let hold_off = now_ms.saturating_add(DISABLE_HOLD_OFF.as_millis() as i64);
             if blocked {
-                st.schedulable.store(false, Ordering::Relaxed);
-                st.held_off_until_ms.store(hold_off, Ordering::Relaxed);
+                take_out(account, now_ms);
                 StateChange::Disabled {
                     status: "blocked",
                     reason: "the provider reports the organization or account disabled".into(),
                 }
             } else if n >= rules.account_error_threshold {
-                st.schedulable.store(false, Ordering::Relaxed);
-                st.held_off_until_ms.store(hold_off, Ordering::Relaxed);
+                take_out(account, now_ms);
                 StateChange::Disabled {
                     status: "error",
                     reason: format!("{n} authentication errors in a row"),
@@ -142,6 +139,17 @@ pub fn apply_outcome(
         }
         Outcome::Status { .. } => StateChange::None,
     }
+}
+
+/// Takes an account out of scheduling on this node at once, held against reloads that still
+/// show it valid for [`DISABLE_HOLD_OFF`] (its database write is on its way).
+fn take_out(account: &Account, now_ms: i64) {
+    let st = &account.state;
+    st.held_off_until_ms.store(
+        now_ms.saturating_add(DISABLE_HOLD_OFF.as_millis() as i64),
+        Ordering::Relaxed,
+    );
+    st.schedulable.store(false, Ordering::Relaxed);
 }
 
 /// An account's health state after a health check (DESIGN §11), to store and publish.
@@ -193,11 +201,7 @@ pub fn apply_health_check(
     st.consecutive_errors.store(n, Ordering::Relaxed);
     let take_out = !in_error && n >= rules.account_error_threshold;
     if take_out {
-        st.schedulable.store(false, Ordering::Relaxed);
-        st.held_off_until_ms.store(
-            now_ms.saturating_add(DISABLE_HOLD_OFF.as_millis() as i64),
-            Ordering::Relaxed,
-        );
+        self::take_out(account, now_ms);
     }
     HealthVerdict {
         passed,

@@ -11,6 +11,7 @@ use crate::chain::{Flow, RequestFilter, RequestView};
 use crate::context::RequestCtx;
 use crate::cost::{estimate_cost, PriceSource};
 use crate::error::{ErrorKind, Rejection};
+use crate::lock;
 use crate::request_body::output_cap;
 
 /// A concurrency slot held by one request; released at the end of the request, or expiring on
@@ -177,13 +178,6 @@ pub struct MemoryLimits {
     cost: Mutex<HashMap<String, (String, i64, i64)>>,
     /// Estimated cost held by requests in flight, per key.
     held: Mutex<HashMap<String, i64>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 impl MemoryLimits {

@@ -22,3 +22,12 @@ pub mod sticky_upstream;
 pub mod types;
 
 pub use types::{now_ms, AccountType, Protocol, TokenUsage, UsageRecord, MAX_TOKENS};
+
+/// Locks `m`, also after a panic elsewhere poisoned it: the data behind these locks (counters,
+/// sets of ids) stays consistent through any single operation on it.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}

@@ -78,11 +78,16 @@ impl HealthSettings {
             .get_setting(INTERVAL_KEY)
             .await?
             .and_then(|v| v.as_f64())
-            .filter(|v| (MIN_INTERVAL_MINUTES..=MAX_INTERVAL_MINUTES).contains(v))
+            .filter(|v| HealthSettings::interval_ok(*v))
         {
             s.account_health_check_interval = v;
         }
         Ok(s)
+    }
+
+    /// Whether `minutes` is an interval the job takes.
+    pub fn interval_ok(minutes: f64) -> bool {
+        (MIN_INTERVAL_MINUTES..=MAX_INTERVAL_MINUTES).contains(&minutes)
     }
 
     fn interval(&self) -> Duration {
@@ -137,11 +142,7 @@ struct Checking<'a>(&'a Health, String);
 
 impl Drop for Checking<'_> {
     fn drop(&mut self) {
-        let mut set = match self.0.checking.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        set.remove(&self.1);
+        relay_filters::lock(&self.0.checking).remove(&self.1);
     }
 }
 
@@ -178,11 +179,7 @@ impl Health {
     async fn check_one(&self, row: &AccountRow) -> Result<(CheckReport, bool), NotChecked> {
         let live = self.accounts.get(&row.id).ok_or(NotChecked::NotLoaded)?;
         let _guard = {
-            let mut set = match self.checking.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            if !set.insert(row.id.clone()) {
+            if !relay_filters::lock(&self.checking).insert(row.id.clone()) {
                 return Err(NotChecked::Busy);
             }
             Checking(self, row.id.clone())
@@ -212,7 +209,7 @@ impl Health {
             let in_error = fresh.status == AccountStatus::Error;
             let stored = u32::try_from(fresh.consecutive_error_count.max(0)).unwrap_or(u32::MAX);
             let verdict =
-                apply_health_check(&live, in_error, stored, outcome.passed, &self.rules, now);
+                apply_health_check(&live, in_error, stored, outcome.passed(), &self.rules, now);
             if verdict.changed {
                 let new_status = if verdict.in_error {
                     AccountStatus::Error
@@ -256,14 +253,14 @@ impl Health {
                 }
             }
         }
-        if !outcome.passed {
+        if !outcome.passed() {
             tracing::info!(account = %row.name, result = outcome.kind.as_str(), detail = %outcome.detail, "account health check did not pass");
         }
         Ok((
             CheckReport {
                 account_id: row.id.clone(),
                 name: row.name.clone(),
-                passed: outcome.passed,
+                passed: outcome.passed(),
                 result: outcome.kind.as_str(),
                 http_status: outcome.status,
                 detail: outcome.detail,

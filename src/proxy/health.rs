@@ -69,12 +69,18 @@ impl CheckKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckOutcome {
     pub kind: CheckKind,
-    pub passed: bool,
     /// The answer's status, when one came.
     pub status: Option<u16>,
     /// Why it failed, or what passed, for operators: the status and the start of the answer,
     /// or the connection error. Never holds the credential.
     pub detail: String,
+}
+
+impl CheckOutcome {
+    /// Whether the check passed.
+    pub fn passed(&self) -> bool {
+        self.kind == CheckKind::Passed
+    }
 }
 
 /// Sends health checks.
@@ -182,7 +188,6 @@ impl HealthChecker {
             Err(detail) => {
                 return CheckOutcome {
                     kind: CheckKind::Refused,
-                    passed: false,
                     status: None,
                     detail,
                 }
@@ -207,20 +212,17 @@ impl HealthChecker {
                 }
                 CheckOutcome {
                     kind,
-                    passed,
                     status: Some(status),
                     detail,
                 }
             }
             Ok(Err(detail)) => CheckOutcome {
                 kind: CheckKind::Inconclusive,
-                passed: false,
                 status: None,
                 detail,
             },
             Err(_) => CheckOutcome {
                 kind: CheckKind::Inconclusive,
-                passed: false,
                 status: None,
                 detail: format!("no answer within {} s", self.timeout.as_secs_f32()),
             },

@@ -17,6 +17,7 @@ use crate::admin::auth::Caller;
 use crate::admin::error::{AppError, AppResult, ErrorBody};
 use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
+use crate::background::health::NotChecked;
 use crate::secrets::SecretBox;
 use crate::store::{Account, AccountPatch, AccountStatus, NewAccount, Page};
 
@@ -178,6 +179,29 @@ pub async fn list(
     }))
 }
 
+/// The stored account `id`, or 404.
+async fn stored(state: &AdminState, id: &str) -> AppResult<Account> {
+    state
+        .store
+        .account_by_id(id)
+        .await?
+        .ok_or(AppError::NotFound)
+}
+
+impl From<NotChecked> for AppError {
+    fn from(e: NotChecked) -> Self {
+        AppError::Conflict(
+            match e {
+                NotChecked::NotLoaded => {
+                    "the account is not loaded on this node (its credential cannot be decrypted here)"
+                }
+                NotChecked::Busy => "a check of this account is running: try again in a moment",
+            }
+            .into(),
+        )
+    }
+}
+
 /// `GET /api/admin/accounts/{id}`.
 #[utoipa::path(get, path = "/api/admin/accounts/{id}", tag = "accounts", params(("id" = String, Path, description = "Account id")),
     responses(
@@ -190,11 +214,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> AppResult<Json<AccountView>> {
     caller.require_admin()?;
-    let account = state
-        .store
-        .account_by_id(&id)
-        .await?
-        .ok_or(AppError::NotFound)?;
+    let account = stored(&state, &id).await?;
     Ok(Json(view(account, &state.secrets)))
 }
 
@@ -211,11 +231,7 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> AppResult<Json<Deleted>> {
     caller.require_admin()?;
-    let account = state
-        .store
-        .account_by_id(&id)
-        .await?
-        .ok_or(AppError::NotFound)?;
+    let account = stored(&state, &id).await?;
     state.store.delete_account(&id).await?;
     audit(
         &state,
@@ -344,28 +360,13 @@ pub async fn health_check(
     Path(id): Path<String>,
 ) -> AppResult<Json<crate::background::health::CheckReport>> {
     caller.require_admin()?;
-    let account = state
-        .store
-        .account_by_id(&id)
-        .await?
-        .ok_or(AppError::NotFound)?;
+    let account = stored(&state, &id).await?;
     if !account.enabled {
         return Err(AppError::Conflict(
             "the account is disabled: enable it to check it".into(),
         ));
     }
-    use crate::background::health::NotChecked;
-    let report = state.health.check(&account).await.map_err(|e| {
-        AppError::Conflict(
-            match e {
-                NotChecked::NotLoaded => {
-                    "the account is not loaded on this node (its credential cannot be decrypted here)"
-                }
-                NotChecked::Busy => "a check of this account is running: try again in a moment",
-            }
-            .into(),
-        )
-    })?;
+    let report = state.health.check(&account).await?;
     audit(
         &state,
         &caller,

@@ -65,7 +65,7 @@ pub async fn update(
 ) -> AppResult<Json<SettingsView>> {
     caller.require_admin()?;
     if let Some(m) = body.account_health_check_interval {
-        if !(MIN_INTERVAL_MINUTES..=MAX_INTERVAL_MINUTES).contains(&m) {
+        if !HealthSettings::interval_ok(m) {
             return Err(AppError::BadRequest(format!(
                 "account_health_check_interval is in minutes, {MIN_INTERVAL_MINUTES} to {MAX_INTERVAL_MINUTES}"
             )));
