@@ -296,6 +296,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         cooldowns,
         state_rules,
         sessions: Arc::new(bindings_admin),
+        oauth: crate::background::oauth_refresh::RefreshSettings::from_config(&config.oauth)
+            .map_err(|e| anyhow::anyhow!("oauth token URL: {e}"))?,
     };
     server.add_service(proxy_service);
     server.add_service(pingora::services::background::background_service(

@@ -82,6 +82,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub usage: UsageConfig,
     pub shutdown: ShutdownConfig,
+    pub oauth: OAuthConfig,
     /// The filter chain, in order; empty = the default chain.
     pub filters: Vec<FilterConfig>,
 }
@@ -159,6 +160,45 @@ pub struct UsageConfig {
     pub idle_priority: bool,
 }
 
+/// Refreshing the access tokens of OAuth accounts (`claude-official`, and `openai-responses`
+/// with a ChatGPT token) from their refresh tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OAuthConfig {
+    /// Whether the relay refreshes tokens by itself (an admin can always refresh by hand).
+    pub refresh_enabled: bool,
+    /// How often the accounts are looked at.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    /// A token is refreshed this long before it expires; one whose expiry is unknown at once.
+    #[serde(with = "humantime_serde")]
+    pub refresh_margin: Duration,
+    /// Longest wait for the provider's answer.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub claude_token_url: String,
+    pub claude_client_id: String,
+    pub openai_token_url: String,
+    pub openai_client_id: String,
+}
+
+impl Default for OAuthConfig {
+    fn default() -> Self {
+        OAuthConfig {
+            refresh_enabled: true,
+            refresh_interval: Duration::from_secs(60),
+            refresh_margin: Duration::from_secs(15 * 60),
+            timeout: Duration::from_secs(30),
+            // Claude Code's own client and endpoint.
+            claude_token_url: "https://console.anthropic.com/v1/oauth/token".into(),
+            claude_client_id: "9d1c250a-e61b-44d9-88ed-5944d1962f5e".into(),
+            // The Codex CLI's.
+            openai_token_url: "https://auth.openai.com/oauth/token".into(),
+            openai_client_id: "app_EMoamEEZ73f0CkXaXp7hrann".into(),
+        }
+    }
+}
+
 /// Graceful shutdown.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -195,6 +235,7 @@ impl Default for Config {
             scheduler: SchedulerConfig::default(),
             usage: UsageConfig::default(),
             shutdown: ShutdownConfig::default(),
+            oauth: OAuthConfig::default(),
             filters: Vec::new(),
         }
     }
@@ -346,6 +387,17 @@ impl Config {
             return bad(
                 "threads, usage.batch_size and usage.queue_capacity must be positive".into(),
             );
+        }
+        for url in [&self.oauth.claude_token_url, &self.oauth.openai_token_url] {
+            if let Err(e) = relay_filters::accounts::BaseUrl::parse(url) {
+                return bad(format!("oauth token URL: {e}"));
+            }
+        }
+        if self.oauth.refresh_interval < Duration::from_secs(1) {
+            return bad("oauth.refresh_interval must be at least 1s".into());
+        }
+        if self.oauth.timeout < Duration::from_secs(1) {
+            return bad("oauth.timeout must be at least 1s".into());
         }
         for key in [&self.encryption_key, &self.key_pepper]
             .into_iter()

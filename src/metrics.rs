@@ -29,6 +29,7 @@ pub struct Metrics {
     pub usage_written: IntCounter,
     pub unpriced: IntCounterVec,
     pub health_checks: IntCounterVec,
+    pub oauth_refreshes: IntCounterVec,
     pub session_store_fallback: IntCounter,
 }
 
@@ -121,6 +122,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
         health_checks: register_int_counter_vec!(
             "relay_health_checks_total",
             "Account health checks",
+            &["result"]
+        )?,
+        oauth_refreshes: register_int_counter_vec!(
+            "relay_oauth_refreshes_total",
+            "OAuth access token refreshes by result (refreshed, refused, failed)",
             &["result"]
         )?,
         session_store_fallback: register_int_counter!(

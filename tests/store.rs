@@ -14,7 +14,7 @@ use futures::FutureExt;
 use llm_relay::secrets::{api_key_hash, api_key_prefix, generate_api_key, SecretBox};
 use llm_relay::store::{
     AccountPatch, AccountStatus, ApiKeyPatch, ModelPrice, NewAccount, NewApiKey, NewUser,
-    RecordFilter, Role, SqlStore, StoreError, UsageDim, UsageTotals,
+    RecordFilter, RefreshedTokens, Role, SqlStore, StoreError, UsageDim, UsageTotals,
 };
 use relay_filters::{AccountType, TokenUsage, UsageRecord};
 use secrecy::ExposeSecret;
@@ -126,6 +126,7 @@ on_both_backends!(
     api_keys_lifecycle,
     api_key_cap_holds_under_concurrency,
     accounts_with_encrypted_credentials,
+    oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from,
     usage_batches_roll_up_exactly,
     usage_records_filter_and_paginate,
     prices_settings_audit_and_sessions,
@@ -814,6 +815,139 @@ async fn accounts_with_encrypted_credentials(env: Env) {
     store.delete_account(&codex.id).await.unwrap();
     assert_eq!(store.account_by_id(&codex.id).await.unwrap(), None);
     assert_eq!(store.load_accounts().await.unwrap().len(), 1);
+}
+
+async fn oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from(env: Env) {
+    let store = env.store;
+    let secrets = SecretBox::new("k1".into(), [42; 32]);
+    let mut new = NewAccount::new(
+        "claude-oauth",
+        AccountType::ClaudeOfficial,
+        secrets.encrypt("sk-ant-oat01-first"),
+        secrets.key_id().to_owned(),
+    );
+    let first_refresh = secrets.encrypt("sk-ant-ort01-first");
+    new.refresh_token_enc = Some(first_refresh.clone());
+    new.token_expires_at = Some(1_800_000_000_000);
+    let account = store.create_account(&new).await.unwrap();
+    assert_eq!(account.token_expires_at, Some(1_800_000_000_000));
+    assert_eq!(
+        (
+            account.token_refreshed_at,
+            account.token_refresh_error.as_deref(),
+            account.token_refresh_refused
+        ),
+        (None, None, false)
+    );
+
+    // A failure is stored over the refresh token it was met with, not over another.
+    assert!(!store
+        .record_token_refresh_failure(&account.id, "v1:k1:other", "HTTP 400", true)
+        .await
+        .unwrap());
+    assert!(store
+        .record_token_refresh_failure(&account.id, &first_refresh, "HTTP 400: invalid_grant", true)
+        .await
+        .unwrap());
+    let refused = store.account_by_id(&account.id).await.unwrap().unwrap();
+    assert!(refused.token_refresh_refused);
+    assert_eq!(
+        refused.token_refresh_error.as_deref(),
+        Some("HTTP 400: invalid_grant")
+    );
+    assert!(
+        refused.updated_at > account.updated_at,
+        "other nodes notice it"
+    );
+
+    // Errors took the account out; new tokens from a refresh put it back (the errors were the
+    // old token's) and clear the refusal.
+    store
+        .record_account_state(&account.id, AccountStatus::Error, 5, None)
+        .await
+        .unwrap();
+    let tokens = RefreshedTokens {
+        credential_enc: secrets.encrypt("sk-ant-oat01-second"),
+        credential_key_id: "k1".into(),
+        refresh_token_enc: secrets.encrypt("sk-ant-ort01-second"),
+        expires_at: Some(1_900_000_000_000),
+    };
+    assert!(!store
+        .store_refreshed_token(&account.id, "v1:k1:stale", &tokens)
+        .await
+        .unwrap());
+    assert!(store
+        .store_refreshed_token(&account.id, &first_refresh, &tokens)
+        .await
+        .unwrap());
+    let fresh = store.account_by_id(&account.id).await.unwrap().unwrap();
+    assert_eq!(
+        secrets
+            .decrypt(&fresh.credential_enc)
+            .unwrap()
+            .expose_secret(),
+        "sk-ant-oat01-second"
+    );
+    assert_eq!(
+        fresh.refresh_token_enc.as_deref(),
+        Some(tokens.refresh_token_enc.as_str())
+    );
+    assert_eq!(fresh.token_expires_at, Some(1_900_000_000_000));
+    assert!(fresh.token_refreshed_at.is_some());
+    assert_eq!(
+        (fresh.token_refresh_error, fresh.token_refresh_refused),
+        (None, false)
+    );
+    assert_eq!(
+        (fresh.status, fresh.consecutive_error_count),
+        (AccountStatus::Valid, 0)
+    );
+    // The refresh that started from the first token is overtaken: a second store of it fails.
+    assert!(!store
+        .store_refreshed_token(&account.id, &first_refresh, &tokens)
+        .await
+        .unwrap());
+
+    // A blocked account stays blocked; an operator's new refresh token clears a refusal.
+    store
+        .record_account_state(&account.id, AccountStatus::Blocked, 0, None)
+        .await
+        .unwrap();
+    let second = tokens.refresh_token_enc.clone();
+    let third = RefreshedTokens {
+        refresh_token_enc: secrets.encrypt("sk-ant-ort01-third"),
+        ..tokens
+    };
+    assert!(store
+        .store_refreshed_token(&account.id, &second, &third)
+        .await
+        .unwrap());
+    assert!(store
+        .record_token_refresh_failure(&account.id, &third.refresh_token_enc, "HTTP 401", true)
+        .await
+        .unwrap());
+    let blocked = store.account_by_id(&account.id).await.unwrap().unwrap();
+    assert_eq!(blocked.status, AccountStatus::Blocked);
+    assert!(blocked.token_refresh_refused);
+    let patched = store
+        .update_account(
+            &account.id,
+            &AccountPatch {
+                refresh_token_enc: Some(Some(secrets.encrypt("sk-ant-ort01-operator"))),
+                token_expires_at: Some(None),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            patched.token_refresh_refused,
+            patched.token_refresh_error,
+            patched.token_expires_at
+        ),
+        (false, None, None)
+    );
 }
 
 /// 2026-11-20T00:00:00Z in epoch ms.

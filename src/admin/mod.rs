@@ -38,6 +38,8 @@ pub struct AdminState {
     pub health: Arc<crate::background::health::Health>,
     /// Session bindings, for the sessions view.
     pub sessions: Arc<BindingsAdmin>,
+    /// OAuth token refresh by hand.
+    pub tokens: Arc<crate::background::oauth_refresh::TokenRefresh>,
 }
 
 /// Where operators see and end session bindings: Redis itself when configured (so a Redis
@@ -72,6 +74,7 @@ impl AdminState {
         refresh: Arc<tokio::sync::Notify>,
         health: Arc<crate::background::health::Health>,
         sessions: Arc<BindingsAdmin>,
+        tokens: Arc<crate::background::oauth_refresh::TokenRefresh>,
     ) -> Self {
         AdminState {
             store,
@@ -90,6 +93,7 @@ impl AdminState {
             refresh,
             health,
             sessions,
+            tokens,
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod account_events;
 pub mod cache_refresh;
 pub mod health;
+pub mod oauth_refresh;
 pub mod priority;
 pub mod usage_writer;
 
@@ -49,6 +50,8 @@ pub struct ControlPlane {
     pub state_rules: relay_filters::account_state::StateRules,
     /// The session bindings, for the admin sessions view.
     pub sessions: Arc<crate::admin::BindingsAdmin>,
+    /// OAuth token refresh.
+    pub oauth: oauth_refresh::RefreshSettings,
 }
 
 fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
@@ -117,6 +120,24 @@ impl BackgroundService for ControlPlane {
             self.state_rules.clone(),
         ));
         tasks.spawn(health::run(health.clone(), shutdown.clone()));
+        let tokens = Arc::new(oauth_refresh::TokenRefresh::new(
+            crate::proxy::oauth::TokenClient::new(
+                self.oauth.timeout,
+                self.oauth.claude.clone(),
+                self.oauth.openai.clone(),
+            ),
+            store.clone(),
+            self.accounts.clone(),
+            self.secrets.clone(),
+            self.oauth.margin,
+        ));
+        if self.oauth.enabled {
+            tasks.spawn(oauth_refresh::run(
+                tokens.clone(),
+                self.oauth.interval,
+                shutdown.clone(),
+            ));
+        }
         let state = AdminState::new(
             store.clone(),
             self.secrets.clone(),
@@ -130,6 +151,7 @@ impl BackgroundService for ControlPlane {
             refresh,
             health,
             self.sessions.clone(),
+            tokens,
         );
         let app = admin::router(state).into_make_service_with_connect_info::<SocketAddr>();
         match take(&self.admin_listener).map(tokio::net::TcpListener::from_std) {

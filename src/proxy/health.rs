@@ -13,13 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
-use pingora::upstreams::peer::HttpPeer;
 use relay_filters::accounts::Account;
 use relay_filters::context::UpstreamRequest;
 use relay_filters::AccountType;
 
-use super::dns::Resolver;
-use super::upstream_h1::H1Upstream;
+use super::oneshot::OneShot;
 
 /// Most bytes of an answer's body read for the check's detail.
 const DETAIL_BODY_LIMIT: usize = 2048;
@@ -31,7 +29,7 @@ const BODY_WAIT: Duration = Duration::from_secs(2);
 
 /// `text` with every occurrence of `secret` masked (secrets shorter than 8 characters are
 /// left: they would mask ordinary words).
-fn without(text: &str, secret: &str) -> String {
+pub(super) fn without(text: &str, secret: &str) -> String {
     if secret.len() < 8 {
         return text.to_string();
     }
@@ -85,9 +83,7 @@ impl CheckOutcome {
 
 /// Sends health checks.
 pub struct HealthChecker {
-    connector: pingora::connectors::TransportConnector,
-    resolver: Resolver,
-    timeout: Duration,
+    client: OneShot,
 }
 
 /// Whether the periodic job checks accounts of this type (manual checks take every type).
@@ -175,9 +171,7 @@ impl HealthChecker {
     /// `timeout` in all.
     pub fn new(timeout: Duration) -> Arc<Self> {
         Arc::new(HealthChecker {
-            connector: pingora::connectors::TransportConnector::new(None),
-            resolver: Resolver::default(),
-            timeout,
+            client: OneShot::new(timeout),
         })
     }
 
@@ -193,7 +187,12 @@ impl HealthChecker {
                 }
             }
         };
-        match tokio::time::timeout(self.timeout, self.exchange(&req)).await {
+        let timeout = self.client.timeout();
+        // The status decides; the body only adds detail, read for a short while at most.
+        let exchange = self
+            .client
+            .exchange(&req, &[], DETAIL_BODY_LIMIT, BODY_WAIT);
+        match tokio::time::timeout(timeout, exchange).await {
             Ok(Ok((status, body))) => {
                 let kind = match status {
                     200..=299 | 429 => CheckKind::Passed,
@@ -224,50 +223,9 @@ impl HealthChecker {
             Err(_) => CheckOutcome {
                 kind: CheckKind::Inconclusive,
                 status: None,
-                detail: format!("no answer within {} s", self.timeout.as_secs_f32()),
+                detail: format!("no answer within {} s", timeout.as_secs_f32()),
             },
         }
-    }
-
-    /// Sends `req` and reads the status and the start of the body.
-    async fn exchange(&self, req: &UpstreamRequest) -> Result<(u16, Vec<u8>), String> {
-        let addr = self
-            .resolver
-            .resolve(&req.host, req.port)
-            .await
-            .map_err(|e| format!("cannot resolve {}: {e}", req.host))?;
-        let mut peer = HttpPeer::new(addr, req.tls, req.host.to_string());
-        peer.options.connection_timeout = Some(self.timeout);
-        peer.options.total_connection_timeout = Some(self.timeout);
-        peer.options.read_timeout = Some(self.timeout);
-        peer.options.write_timeout = Some(self.timeout);
-        let stream = self
-            .connector
-            .new_stream(&peer)
-            .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
-        let mut up = H1Upstream::new(stream, Some(self.timeout));
-        up.send(req, &[])
-            .await
-            .map_err(|e| format!("request failed: {e}"))?;
-        let head = up
-            .read_head()
-            .await
-            .map_err(|e| format!("no answer: {e}"))?;
-        // The status decides; the body only adds detail, read for a short while at most.
-        let mut body = Vec::new();
-        let _ = tokio::time::timeout(BODY_WAIT, async {
-            while body.len() < DETAIL_BODY_LIMIT {
-                match up.read_body().await {
-                    Ok(Some(piece)) => body.extend_from_slice(&piece),
-                    _ => break,
-                }
-            }
-        })
-        .await;
-        body.truncate(DETAIL_BODY_LIMIT);
-        up.shutdown().await;
-        Ok((head.status.as_u16(), body))
     }
 }
 

@@ -16,6 +16,8 @@ mod exchange;
 mod h1;
 mod header_names;
 pub mod health;
+pub mod oauth;
+mod oneshot;
 mod pool;
 mod upstream_h1;
 

@@ -17,7 +17,7 @@ use super::{
 const ACCOUNT_COLUMNS: &str = "id, name, account_type, base_url, credential_enc, \
      credential_key_id, refresh_token_enc, priority, weight, models, model_map, max_concurrency, \
      enabled, status, consecutive_error_count, cooldown_until, last_used_at, extra, created_at, \
-     updated_at";
+     updated_at, token_expires_at, token_refreshed_at, token_refresh_error, token_refresh_refused";
 
 /// Health state of an account as the relay judged it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -99,6 +99,14 @@ pub struct Account {
     pub created_at: i64,
     /// Epoch ms of the last change.
     pub updated_at: i64,
+    /// OAuth accounts: when the access token expires (epoch ms), when known.
+    pub token_expires_at: Option<i64>,
+    /// When the relay last refreshed the access token (epoch ms).
+    pub token_refreshed_at: Option<i64>,
+    /// Why the last token refresh failed; `None` after a success or new tokens.
+    pub token_refresh_error: Option<String>,
+    /// The provider refused the refresh token: no automatic refresh until new tokens are set.
+    pub token_refresh_refused: bool,
 }
 
 /// Fields of an account to create; [`NewAccount::new`] fills the defaults.
@@ -130,6 +138,8 @@ pub struct NewAccount {
     pub enabled: bool,
     /// Type-specific data, a JSON object (default `{}`).
     pub extra: serde_json::Value,
+    /// OAuth accounts: when the access token expires (epoch ms), when known.
+    pub token_expires_at: Option<i64>,
 }
 
 impl NewAccount {
@@ -154,6 +164,7 @@ impl NewAccount {
             max_concurrency: None,
             enabled: true,
             extra: serde_json::Value::Object(serde_json::Map::new()),
+            token_expires_at: None,
         }
     }
 }
@@ -184,6 +195,10 @@ impl NewAccount {
             extra: self.extra,
             created_at: at_ms,
             updated_at: at_ms,
+            token_expires_at: self.token_expires_at,
+            token_refreshed_at: None,
+            token_refresh_error: None,
+            token_refresh_refused: false,
         }
     }
 }
@@ -221,6 +236,19 @@ pub struct AccountPatch {
     pub cooldown_until: Option<Option<i64>>,
     /// New type-specific data (a JSON object).
     pub extra: Option<serde_json::Value>,
+    /// New access token expiry (epoch ms), or unknown.
+    pub token_expires_at: Option<Option<i64>>,
+}
+
+/// What a token refresh stores: the new access token and refresh token (encrypted by
+/// `SecretBox::encrypt`) and the access token's expiry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefreshedTokens {
+    pub credential_enc: String,
+    pub credential_key_id: String,
+    pub refresh_token_enc: String,
+    /// Epoch ms, when known.
+    pub expires_at: Option<i64>,
 }
 
 /// Builds an [`Account`] from a row selected with [`ACCOUNT_COLUMNS`].
@@ -256,6 +284,10 @@ fn account_from_row(row: &AnyRow) -> Result<Account> {
         extra: from_json(&extra, "accounts.extra")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        token_expires_at: row.try_get("token_expires_at")?,
+        token_refreshed_at: row.try_get("token_refreshed_at")?,
+        token_refresh_error: row.try_get("token_refresh_error")?,
+        token_refresh_refused: get_bool(row, "token_refresh_refused")?,
     })
 }
 
@@ -298,8 +330,8 @@ impl SqlStore {
             "INSERT INTO accounts (id, name, account_type, base_url, credential_enc, \
              credential_key_id, refresh_token_enc, priority, weight, models, model_map, \
              max_concurrency, enabled, status, consecutive_error_count, cooldown_until, \
-             last_used_at, extra, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, \
-             $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
+             last_used_at, extra, created_at, updated_at, token_expires_at) VALUES ($1, $2, $3, \
+             $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
         )
         .bind(&id)
         .bind(&new.name)
@@ -321,6 +353,7 @@ impl SqlStore {
         .bind(to_json(&new.extra)?)
         .bind(now)
         .bind(now)
+        .bind(new.token_expires_at)
         .execute(&self.pool)
         .await
         .map_err(name_conflict(&new.name))?;
@@ -380,6 +413,14 @@ impl SqlStore {
         }
         if let Some(refresh) = &patch.refresh_token_enc {
             parts.set("refresh_token_enc", Param::Text(refresh.clone()));
+        }
+        if let Some(expires) = patch.token_expires_at {
+            parts.set("token_expires_at", Param::Int(expires));
+        }
+        // New tokens from an operator: a refusal of the old refresh token no longer holds.
+        if patch.credential.is_some() || patch.refresh_token_enc.is_some() {
+            parts.set("token_refresh_error", Param::Text(None));
+            parts.set("token_refresh_refused", Param::Int(Some(0)));
         }
         if let Some(priority) = patch.priority {
             parts.set("priority", Param::Int(Some(priority)));
@@ -534,6 +575,66 @@ impl SqlStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Stores the tokens of a refresh, only if the account's refresh token is still `expected`
+    /// (the ciphertext the refresh started from): tokens an operator or another node stored
+    /// meanwhile win. The refresh error clears; an account that authentication errors took
+    /// out of scheduling (`error`) comes back with its count cleared, as the errors were the
+    /// old token's; `blocked` stays. Whether the row was changed.
+    pub async fn store_refreshed_token(
+        &self,
+        id: &str,
+        expected: &str,
+        tokens: &RefreshedTokens,
+    ) -> Result<bool> {
+        let now = super::now_ms();
+        let done = sqlx::query(
+            "UPDATE accounts SET credential_enc = $1, credential_key_id = $2, \
+             refresh_token_enc = $3, token_expires_at = $4, token_refreshed_at = $5, \
+             token_refresh_error = NULL, token_refresh_refused = 0, consecutive_error_count = 0, \
+             status = CASE WHEN status = 'error' THEN 'valid' ELSE status END, \
+             updated_at = CASE WHEN updated_at < $6 THEN $7 ELSE updated_at + 1 END \
+             WHERE id = $8 AND refresh_token_enc = $9",
+        )
+        .bind(&tokens.credential_enc)
+        .bind(&tokens.credential_key_id)
+        .bind(&tokens.refresh_token_enc)
+        .bind(tokens.expires_at)
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .bind(expected)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Stores why a refresh failed (`refused`: the provider turned the refresh token down),
+    /// only if the refresh token is still `expected`. Whether the row was changed.
+    pub async fn record_token_refresh_failure(
+        &self,
+        id: &str,
+        expected: &str,
+        detail: &str,
+        refused: bool,
+    ) -> Result<bool> {
+        let now = super::now_ms();
+        let done = sqlx::query(
+            "UPDATE accounts SET token_refresh_error = $1, token_refresh_refused = $2, \
+             updated_at = CASE WHEN updated_at < $3 THEN $4 ELSE updated_at + 1 END \
+             WHERE id = $5 AND refresh_token_enc = $6",
+        )
+        .bind(detail)
+        .bind(i64::from(refused))
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .bind(expected)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Deletes an account.

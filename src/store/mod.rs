@@ -25,7 +25,7 @@ use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
 use sqlx::query::Query;
 use sqlx::{Any, AnyPool, Executor, Row};
 
-pub use accounts::{Account, AccountPatch, AccountStatus, NewAccount};
+pub use accounts::{Account, AccountPatch, AccountStatus, NewAccount, RefreshedTokens};
 pub use admin_sessions::AdminSession;
 pub use api_keys::{ActiveApiKey, ApiKey, ApiKeyPatch, NewApiKey};
 pub use limits::KeySpend;

@@ -417,6 +417,7 @@ impl MockUpstream {
                 buf.extend_from_slice(&chunk[..n]);
             }
             let body: Vec<u8> = buf.drain(..len).collect();
+            let token_endpoint = path.ends_with("/oauth/token");
             let answer = {
                 let mut received = self.received.lock().unwrap();
                 let answer = AnswerFor::of(&path, &body, self.port, received.len() + 1);
@@ -444,6 +445,24 @@ impl MockUpstream {
                 }
                 resp.push_str("\r\n");
                 resp.push_str(&b.error_body);
+                sock.write_all(resp.as_bytes()).await?;
+                continue;
+            }
+            // An OAuth token endpoint: new tokens numbered by the request, rotated each time.
+            if token_endpoint {
+                let seq = answer.id.rsplit('_').next().unwrap_or("0");
+                let json = serde_json::json!({
+                    "token_type": "Bearer",
+                    "access_token": format!("sk-ant-oat01-refreshed-{seq}"),
+                    "refresh_token": format!("sk-ant-ort01-rotated-{seq}"),
+                    "expires_in": 28800,
+                    "scope": "user:inference user:profile",
+                })
+                .to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{json}",
+                    json.len()
+                );
                 sock.write_all(resp.as_bytes()).await?;
                 continue;
             }

@@ -18,6 +18,7 @@ use crate::admin::error::{AppError, AppResult, ErrorBody};
 use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
 use crate::background::health::NotChecked;
+use crate::background::oauth_refresh::{NotRefreshed, RefreshReport};
 use crate::secrets::SecretBox;
 use crate::store::{Account, AccountPatch, AccountStatus, NewAccount, Page};
 
@@ -67,8 +68,13 @@ pub struct CreateAccount {
     #[serde(default)]
     base_url: Option<String>,
     credential: String,
+    /// OAuth accounts: the refresh token, with which the relay renews the access token.
     #[serde(default)]
     refresh_token: Option<String>,
+    /// OAuth accounts: when the access token expires (epoch ms; Claude Code's `expiresAt`).
+    /// Unknown, it is refreshed at once (a ChatGPT token's own expiry is read from it).
+    #[serde(default)]
+    token_expires_at: Option<i64>,
     #[serde(default)]
     priority: Option<i64>,
     #[serde(default)]
@@ -91,6 +97,21 @@ fn parse_type(t: &str) -> AppResult<AccountType> {
             "unknown account type {t}: use claude, claude-official, openai, openai-responses or gemini"
         ))
     })
+}
+
+/// A refresh token as given, trimmed; an empty one is refused.
+fn refresh_token(t: Option<String>) -> AppResult<Option<String>> {
+    match t.map(|t| t.trim().to_string()) {
+        Some(t) if t.is_empty() => Err(AppError::BadRequest(
+            "refresh_token must not be empty (null removes it)".into(),
+        )),
+        other => Ok(other),
+    }
+}
+
+/// A JWT credential's own expiry (a ChatGPT token's), in epoch ms.
+fn jwt_expiry_ms(credential: &str) -> Option<i64> {
+    crate::proxy::oauth::jwt_expiry(credential).map(|s| s.saturating_mul(1000))
 }
 
 fn check_url(url: &Option<String>) -> AppResult<()> {
@@ -130,7 +151,10 @@ pub async fn create(
         state.secrets.key_id().to_string(),
     );
     new.base_url = body.base_url.filter(|u| !u.is_empty());
-    new.refresh_token_enc = body.refresh_token.map(|t| state.secrets.encrypt(&t));
+    new.refresh_token_enc = refresh_token(body.refresh_token)?.map(|t| state.secrets.encrypt(&t));
+    new.token_expires_at = body
+        .token_expires_at
+        .or_else(|| jwt_expiry_ms(body.credential.trim()));
     new.priority = body.priority.unwrap_or(50);
     new.weight = body.weight.unwrap_or(1);
     new.models = body.models;
@@ -255,6 +279,12 @@ pub struct UpdateAccount {
     #[serde(default, deserialize_with = "super::nullable")]
     base_url: Option<Option<String>>,
     credential: Option<String>,
+    /// A new refresh token; `null` removes it.
+    #[serde(default, deserialize_with = "super::nullable")]
+    refresh_token: Option<Option<String>>,
+    /// When the access token expires (epoch ms); `null`: unknown.
+    #[serde(default, deserialize_with = "super::nullable")]
+    token_expires_at: Option<Option<i64>>,
     priority: Option<i64>,
     weight: Option<i64>,
     models: Option<Vec<String>>,
@@ -299,8 +329,19 @@ pub async fn update(
             AppError::BadRequest("status must be valid, error or blocked".into())
         })?),
     };
+    let refresh_token_enc = match body.refresh_token {
+        None => None,
+        Some(t) => Some(refresh_token(t)?.map(|t| state.secrets.encrypt(&t))),
+    };
+    // A new ChatGPT token tells its own expiry; a new credential of unknown expiry makes the
+    // old expiry wrong.
+    let token_expires_at = body
+        .token_expires_at
+        .or_else(|| body.credential.as_deref().map(|c| jwt_expiry_ms(c.trim())));
     let patch = AccountPatch {
         name: body.name,
+        refresh_token_enc,
+        token_expires_at,
         account_type: body.account_type.as_deref().map(parse_type).transpose()?,
         base_url: body.base_url,
         credential: body.credential.map(|c| {
@@ -321,6 +362,7 @@ pub async fn update(
         ..Default::default()
     };
     let credential_changed = patch.credential.is_some();
+    let refresh_token_changed = patch.refresh_token_enc.is_some();
     // Setting the account valid or switching it on is the operator's word, also over this
     // node's automatic disable; taking it out needs no help (its row says so).
     let puts_back = patch.status == Some(AccountStatus::Valid) || patch.enabled == Some(true);
@@ -338,6 +380,7 @@ pub async fn update(
             "enabled": account.enabled,
             "status": account.status,
             "credential_changed": credential_changed,
+            "refresh_token_changed": refresh_token_changed,
         }),
     )
     .await;
@@ -411,4 +454,53 @@ pub async fn health_check_all(
         failed,
         accounts,
     }))
+}
+
+impl From<NotRefreshed> for AppError {
+    fn from(e: NotRefreshed) -> Self {
+        match e {
+            NotRefreshed::NotRefreshable => AppError::BadRequest(
+                "only claude-official and openai-responses accounts with a refresh token can be refreshed"
+                    .into(),
+            ),
+            NotRefreshed::Gone => AppError::NotFound,
+            NotRefreshed::Undecryptable => AppError::Conflict(
+                "the refresh token cannot be decrypted on this node (encrypted with another key)"
+                    .into(),
+            ),
+            NotRefreshed::Busy => AppError::Conflict(
+                "a refresh of this account is running: try again in a moment".into(),
+            ),
+        }
+    }
+}
+
+/// `POST /api/admin/accounts/{id}/refresh-token`: asks the provider for a new access token
+/// now, with the account's refresh token, and stores it (with the rotated refresh token). A
+/// refusal is stored on the account (`token_refresh_refused`): the rounds leave it until new
+/// tokens are set.
+#[utoipa::path(post, path = "/api/admin/accounts/{id}/refresh-token", tag = "accounts", params(("id" = String, Path, description = "Account id")),
+    responses(
+        (status = 200, description = "What the refresh came to: `refreshed`, `refused`, `failed` or `superseded`, and the token's expiry", body = serde_json::Value),
+        (status = 400, description = "Not an OAuth account with a refresh token", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
+        (status = 409, description = "A refresh of it is running, or its refresh token cannot be decrypted on this node", body = ErrorBody),
+    ))]
+pub async fn refresh_token_now(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<Json<RefreshReport>> {
+    caller.require_admin()?;
+    let account = stored(&state, &id).await?;
+    let report = state.tokens.refresh(&id).await?;
+    audit(
+        &state,
+        &caller,
+        "account.token_refresh",
+        &id,
+        serde_json::json!({ "name": account.name, "result": report.result }),
+    )
+    .await;
+    Ok(Json(report))
 }

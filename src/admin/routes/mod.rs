@@ -144,6 +144,10 @@ pub fn router() -> Router<AdminState> {
             "/api/admin/accounts/{id}/health-check",
             post(accounts::health_check),
         )
+        .route(
+            "/api/admin/accounts/{id}/refresh-token",
+            post(accounts::refresh_token_now),
+        )
         .route("/api/admin/sessions", get(sessions::list))
         // `*`: a session key is the relay's own, but nothing promises it holds no `/`.
         .route(

@@ -87,6 +87,7 @@ pub struct ListPage {
         accounts::delete,
         accounts::health_check,
         accounts::health_check_all,
+        accounts::refresh_token_now,
         settings::get,
         settings::update,
         sessions::list,

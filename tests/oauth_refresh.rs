@@ -1,0 +1,470 @@
+//! OAuth token refresh against a mock token endpoint speaking the providers' wire format:
+//! the rounds refresh a token close to its expiry and the proxy uses the new one at once,
+//! refresh tokens rotate, a refusal stops the rounds until an operator sets new tokens, a
+//! failing endpoint is tried again and changes nothing, ChatGPT tokens go to OpenAI's endpoint,
+//! and refreshes by hand.
+
+#![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::mock_upstream::MockUpstream;
+use common::{messages_body, Relay, RelayOptions};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const CLAUDE_CLIENT: &str = "9d1c250a-e61b-44d9-88ed-5944d1962f5e";
+const OPENAI_CLIENT: &str = "app_EMoamEEZ73f0CkXaXp7hrann";
+
+/// A relay whose token endpoints are `tokens`' and whose rounds run every second.
+async fn relay(tokens: &MockUpstream) -> Relay {
+    Relay::start_with(RelayOptions {
+        env: vec![
+            (
+                "RELAY_OAUTH__CLAUDE_TOKEN_URL".into(),
+                format!("{}/v1/oauth/token", tokens.url()),
+            ),
+            (
+                "RELAY_OAUTH__OPENAI_TOKEN_URL".into(),
+                format!("{}/oauth/token", tokens.url()),
+            ),
+            ("RELAY_OAUTH__REFRESH_INTERVAL".into(), "1s".into()),
+        ],
+        ..RelayOptions::default()
+    })
+    .await
+}
+
+async fn call(relay: &Relay, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let (status, text) = relay
+        .token_call(Some(common::ADMIN_TOKEN), method, path, body)
+        .await;
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| json!({ "text": text })),
+    )
+}
+
+async fn account(relay: &Relay, id: &str) -> Value {
+    relay.admin_get(&format!("/api/admin/accounts/{id}")).await
+}
+
+/// Waits (at most 10 s) until the account satisfies `done`; returns it.
+async fn wait_account(relay: &Relay, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = account(relay, id).await;
+        if done(&a) {
+            return a;
+        }
+        assert!(Instant::now() < deadline, "{what}: {a}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn refresh_now(relay: &Relay, id: &str) -> (u16, Value) {
+    call(
+        relay,
+        Method::POST,
+        &format!("/api/admin/accounts/{id}/refresh-token"),
+        None,
+    )
+    .await
+}
+
+/// Sends a request through the proxy (waiting for the account cache to take new accounts) and
+/// returns the `authorization` the upstream got.
+async fn upstream_auth(relay: &Relay, api: &MockUpstream, key: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = api.count();
+        let r = relay
+            .post_json(
+                "/v1/messages",
+                key,
+                &messages_body(
+                    "claude-sonnet-4-5",
+                    false,
+                    json!([{"role": "user", "content": "hi"}]),
+                ),
+            )
+            .await;
+        if r.status() == 200 {
+            assert_eq!(api.count(), before + 1);
+            return api
+                .requests()
+                .last()
+                .unwrap()
+                .header("authorization")
+                .unwrap()
+                .to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "proxy never served: {}",
+            r.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn now_ms() -> i64 {
+    relay_filters::now_ms()
+}
+
+/// Every byte the relay stored on disk (the database and its write-ahead log).
+fn stored_bytes(relay: &Relay) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(&relay.data_dir).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("relay.db") {
+            all.extend(std::fs::read(entry.path()).unwrap_or_default());
+        }
+    }
+    all
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+async fn metric(relay: &Relay, line_start: &str) -> f64 {
+    let text = relay
+        .http
+        .get(format!("{}/metrics", relay.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_near_its_expiry_is_refreshed_rotated_and_used_at_once() {
+    let tokens = MockUpstream::start().await;
+    let api = MockUpstream::start().await;
+    let relay = relay(&tokens).await;
+    let key = relay.active_key("alice").await;
+    let expires_soon = now_ms() + 60_000;
+    let id = relay
+        .create_account_with(json!({
+            "name": "max-plan", "type": "claude-official", "base_url": api.url(),
+            "credential": "sk-ant-oat01-original-access-token",
+            "refresh_token": "sk-ant-ort01-original-refresh-token",
+            "token_expires_at": expires_soon,
+        }))
+        .await;
+
+    // The round finds it inside the 15-minute margin and refreshes it.
+    let a = wait_account(&relay, &id, "refreshed by a round", |a| {
+        a["token_refreshed_at"].is_i64()
+    })
+    .await;
+    let first = tokens.requests()[0].clone();
+    assert_eq!(
+        (first.method.as_str(), first.path.as_str()),
+        ("POST", "/v1/oauth/token")
+    );
+    assert_eq!(first.header("content-type"), Some("application/json"));
+    assert_eq!(
+        first.json(),
+        json!({"grant_type": "refresh_token", "refresh_token": "sk-ant-ort01-original-refresh-token", "client_id": CLAUDE_CLIENT})
+    );
+    let expires = a["token_expires_at"].as_i64().unwrap();
+    let expected = now_ms() + 28_800_000;
+    assert!((expected - 15_000..=expected).contains(&expires), "{a}");
+    assert_eq!(a["token_refresh_error"], Value::Null);
+    assert_eq!(a["token_refresh_refused"], false);
+    assert_eq!(a["has_refresh_token"], true);
+
+    // The proxy sends the new token from now on; neither token is stored in clear.
+    assert_eq!(
+        upstream_auth(&relay, &api, &key).await,
+        "Bearer sk-ant-oat01-refreshed-1"
+    );
+    let disk = stored_bytes(&relay);
+    for secret in [
+        "sk-ant-oat01-refreshed-1",
+        "sk-ant-ort01-rotated-1",
+        "original-refresh-token",
+    ] {
+        assert!(!contains(&disk, secret), "{secret} stored in clear");
+    }
+
+    // Eight hours left: the next rounds leave it alone.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(tokens.count(), 1);
+
+    // By hand: the rotated refresh token is the one sent, and its successor is used.
+    let (status, report) = refresh_now(&relay, &id).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["result"], "refreshed");
+    assert_eq!(tokens.count(), 2);
+    assert_eq!(
+        tokens.requests()[1].json()["refresh_token"],
+        "sk-ant-ort01-rotated-1"
+    );
+    assert_eq!(
+        upstream_auth(&relay, &api, &key).await,
+        "Bearer sk-ant-oat01-refreshed-2"
+    );
+
+    let audit = relay.admin_get("/api/admin/audit?per_page=100").await;
+    assert!(
+        audit["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "account.token_refresh"),
+        "{audit}"
+    );
+    assert!(metric(&relay, "relay_oauth_refreshes_total{result=\"refreshed\"}").await >= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_refresh_token_stops_the_rounds_until_an_operator_sets_new_tokens() {
+    let tokens = MockUpstream::start().await;
+    tokens.set(|b| {
+        b.status = 400;
+        b.error_body = r#"{"error":"invalid_grant","error_description":"Refresh token not found or invalid: sk-ant-ort01-dead-refresh-token"}"#.into();
+    });
+    let api = MockUpstream::start().await;
+    let relay = relay(&tokens).await;
+    let key = relay.active_key("alice").await;
+    // No expiry given: refreshed at once.
+    let id = relay
+        .create_account_with(json!({
+            "name": "max-plan", "type": "claude-official", "base_url": api.url(),
+            "credential": "sk-ant-oat01-still-working-token",
+            "refresh_token": "sk-ant-ort01-dead-refresh-token",
+        }))
+        .await;
+    let a = wait_account(&relay, &id, "refusal stored", |a| {
+        a["token_refresh_refused"] == true
+    })
+    .await;
+    let error = a["token_refresh_error"].as_str().unwrap();
+    assert!(
+        error.starts_with("HTTP 400") && error.contains("invalid_grant"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("dead-refresh-token"),
+        "the refresh token is masked: {error}"
+    );
+    // Nothing else changed: the account serves with the token it has.
+    assert_eq!(a["status"], "valid");
+    assert_eq!(
+        upstream_auth(&relay, &api, &key).await,
+        "Bearer sk-ant-oat01-still-working-token"
+    );
+
+    // The rounds do not send a refused token again.
+    let asked = tokens.count();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(tokens.count(), asked);
+    // By hand it is tried, and refused again.
+    let (status, report) = refresh_now(&relay, &id).await;
+    assert_eq!(
+        (status, report["result"].as_str()),
+        (200, Some("refused")),
+        "{report}"
+    );
+    assert!(metric(&relay, "relay_oauth_refreshes_total{result=\"refused\"}").await >= 2.0);
+
+    // The operator stores a new refresh token: the refusal clears and the rounds take it.
+    tokens.set(|b| b.status = 200);
+    let (status, v) = call(
+        &relay,
+        Method::PATCH,
+        &format!("/api/admin/accounts/{id}"),
+        Some(json!({"refresh_token": "sk-ant-ort01-operator-refresh-token"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (
+            v["token_refresh_refused"].as_bool(),
+            &v["token_refresh_error"]
+        ),
+        (Some(false), &Value::Null)
+    );
+    wait_account(&relay, &id, "refreshed after new tokens", |a| {
+        a["token_refreshed_at"].is_i64()
+    })
+    .await;
+    assert_eq!(
+        tokens.requests().last().unwrap().json()["refresh_token"],
+        "sk-ant-ort01-operator-refresh-token"
+    );
+    let auth = upstream_auth(&relay, &api, &key).await;
+    assert!(auth.starts_with("Bearer sk-ant-oat01-refreshed-"), "{auth}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_token_endpoint_is_tried_again_and_changes_nothing() {
+    let tokens = MockUpstream::start().await;
+    tokens.set(|b| {
+        b.status = 503;
+        b.error_body = r#"{"error":"temporarily_unavailable"}"#.into();
+    });
+    let api = MockUpstream::start().await;
+    let relay = relay(&tokens).await;
+    let key = relay.active_key("alice").await;
+    let id = relay
+        .create_account_with(json!({
+            "name": "max-plan", "type": "claude-official", "base_url": api.url(),
+            "credential": "sk-ant-oat01-current-access-token",
+            "refresh_token": "sk-ant-ort01-current-refresh-token",
+            "token_expires_at": now_ms() + 120_000,
+        }))
+        .await;
+    let a = wait_account(&relay, &id, "failure stored", |a| {
+        a["token_refresh_error"].is_string()
+    })
+    .await;
+    assert!(
+        a["token_refresh_error"]
+            .as_str()
+            .unwrap()
+            .starts_with("HTTP 503"),
+        "{a}"
+    );
+    assert_eq!(a["token_refresh_refused"], false);
+    assert_eq!(a["token_refreshed_at"], Value::Null);
+    // Tried again by the next rounds, with the same refresh token.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokens.count() < 2 {
+        assert!(Instant::now() < deadline, "not tried again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(tokens
+        .requests()
+        .iter()
+        .all(|r| r.json()["refresh_token"] == "sk-ant-ort01-current-refresh-token"));
+    assert_eq!(
+        upstream_auth(&relay, &api, &key).await,
+        "Bearer sk-ant-oat01-current-access-token"
+    );
+
+    // The endpoint comes back: the next round refreshes and the error clears.
+    tokens.set(|b| b.status = 200);
+    let a = wait_account(&relay, &id, "refreshed once the endpoint works", |a| {
+        a["token_refreshed_at"].is_i64()
+    })
+    .await;
+    assert_eq!(a["token_refresh_error"], Value::Null);
+    assert!(metric(&relay, "relay_oauth_refreshes_total{result=\"failed\"}").await >= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chatgpt_tokens_are_refreshed_at_openais_endpoint_by_their_own_expiry() {
+    let tokens = MockUpstream::start().await;
+    let relay = relay(&tokens).await;
+    let claims = |exp: i64| {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(json!({"exp": exp, "sub": "user-1"}).to_string());
+        format!("eyJhbGciOiJSUzI1NiJ9.{payload}.signature")
+    };
+    // A token valid for a week more is left alone; one expiring in five minutes is refreshed.
+    let far = now_ms() / 1000 + 7 * 86_400;
+    let soon = now_ms() / 1000 + 300;
+    let mut ids = Vec::new();
+    for (name, exp) in [("codex-far", far), ("codex-soon", soon)] {
+        ids.push(
+            relay
+                .create_account_with(json!({
+                    "name": name, "type": "openai-responses", "base_url": "http://127.0.0.1:9/backend-api/codex",
+                    "credential": claims(exp), "refresh_token": format!("rt-{name}"),
+                    "chatgpt_account_id": "acct-1",
+                }))
+                .await,
+        );
+    }
+    let far_account = account(&relay, &ids[0]).await;
+    assert_eq!(
+        far_account["token_expires_at"],
+        far * 1000,
+        "read from the token"
+    );
+    wait_account(&relay, &ids[1], "refreshed", |a| {
+        a["token_refreshed_at"].is_i64()
+    })
+    .await;
+    let sent = tokens.requests();
+    assert_eq!(sent.len(), 1, "only the expiring one");
+    assert_eq!(sent[0].path, "/oauth/token");
+    assert_eq!(
+        sent[0].json(),
+        json!({"grant_type": "refresh_token", "refresh_token": "rt-codex-soon", "client_id": OPENAI_CLIENT, "scope": "openid profile email"})
+    );
+    assert_eq!(
+        account(&relay, &ids[0]).await["token_refreshed_at"],
+        Value::Null
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_oauth_accounts_with_a_refresh_token_are_refreshed_by_hand() {
+    let tokens = MockUpstream::start().await;
+    let relay = relay(&tokens).await;
+    let api_key = relay
+        .create_account("api", "claude", "http://127.0.0.1:9", "sk-ant-api03-key")
+        .await;
+    let bare = relay
+        .create_account(
+            "oauth-bare",
+            "claude-official",
+            "http://127.0.0.1:9",
+            "sk-ant-oat01-x",
+        )
+        .await;
+    for id in [&api_key, &bare] {
+        let (status, v) = refresh_now(&relay, id).await;
+        assert_eq!(status, 400, "{v}");
+    }
+    let (status, _) = refresh_now(&relay, "0199aaaa-0000-7000-8000-000000000000").await;
+    assert_eq!(status, 404);
+    // An empty refresh token is refused; null removes it.
+    let (status, v) = call(
+        &relay,
+        Method::PATCH,
+        &format!("/api/admin/accounts/{bare}"),
+        Some(json!({"refresh_token": " "})),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = call(
+        &relay,
+        Method::PATCH,
+        &format!("/api/admin/accounts/{bare}"),
+        Some(json!({"refresh_token": "rt-1"})),
+    )
+    .await;
+    assert_eq!(
+        (status, &v["has_refresh_token"]),
+        (200, &json!(true)),
+        "{v}"
+    );
+    let (status, v) = call(
+        &relay,
+        Method::PATCH,
+        &format!("/api/admin/accounts/{bare}"),
+        Some(json!({"refresh_token": null})),
+    )
+    .await;
+    assert_eq!(
+        (status, &v["has_refresh_token"]),
+        (200, &json!(false)),
+        "{v}"
+    );
+    assert_eq!(tokens.count(), 0, "nothing was sent");
+}
