@@ -12,7 +12,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::mock_upstream::MockUpstream;
-use common::Relay;
+use common::{Relay, RelayOptions};
 
 fn ui_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("admin-ui")
@@ -41,7 +41,18 @@ async fn an_admin_runs_the_relay_from_the_browser() {
     );
 
     let mock = MockUpstream::start().await;
-    let relay = Relay::start().await;
+    // The mock is also the OAuth token endpoint; refreshes only by hand, as the run clicks.
+    let relay = Relay::start_with(RelayOptions {
+        env: vec![
+            (
+                "RELAY_OAUTH__CLAUDE_TOKEN_URL".into(),
+                format!("{}/v1/oauth/token", mock.url()),
+            ),
+            ("RELAY_OAUTH__REFRESH_ENABLED".into(), "false".into()),
+        ],
+        ..RelayOptions::default()
+    })
+    .await;
     let shots = ui.join("test-results");
     let run = tokio::process::Command::new("node")
         .arg(ui.join("e2e/admin.mjs"))
@@ -95,10 +106,35 @@ async fn an_admin_runs_the_relay_from_the_browser() {
         .iter()
         .map(|r| (r.method.as_str(), r.path.as_str()))
         .collect();
-    assert_eq!(paths, [("GET", "/v1/models"), ("POST", "/v1/messages")]);
-    assert!(sent
+    assert_eq!(
+        paths,
+        [
+            ("GET", "/v1/models"),
+            ("POST", "/v1/messages"),
+            ("POST", "/v1/oauth/token")
+        ]
+    );
+    assert!(sent[..2]
         .iter()
         .all(|r| r.header("x-api-key") == Some(credential)));
+    // The refresh by hand sent the refresh token typed in, and stored the new token's expiry.
+    assert_eq!(
+        sent[2].json()["refresh_token"],
+        result["refresh_token"],
+        "{:?}",
+        sent[2]
+    );
+    let oauth = accounts["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "ui-oauth")
+        .unwrap_or_else(|| panic!("no ui-oauth account: {accounts}"));
+    assert!(oauth["token_refreshed_at"].is_i64(), "{oauth}");
+    assert!(
+        oauth["token_expires_at"].as_i64().unwrap() < relay_filters::now_ms() + 8 * 3_600_000,
+        "{oauth}"
+    );
     let stored = std::fs::read(relay.data_dir.join("relay.db")).unwrap_or_default();
     assert!(
         !stored

@@ -20,6 +20,7 @@ const UPSTREAM = env('UPSTREAM_URL')
 const PASSWORD = env('ADMIN_PASSWORD')
 const SHOTS = env('SCREENSHOTS')
 const CREDENTIAL = 'sk-ant-api03-ui-test-credential-0123456789'
+const REFRESH_TOKEN = 'sk-ant-ort01-ui-refresh-token-0123456789'
 rmSync(SHOTS, { recursive: true, force: true })
 mkdirSync(SHOTS, { recursive: true })
 
@@ -237,6 +238,23 @@ try {
   await note().filter({ hasText: 'Account ui-claude disabled.' }).waitFor()
   await row('accounts', 'ui-claude').locator('[data-test="state"]', { hasText: 'disabled' }).waitFor()
 
+  // An OAuth account (kept disabled: it serves nothing here) with its refresh token, and a
+  // refresh by hand at the mock's token endpoint.
+  await page.click('[data-test="new-account"]')
+  await form.locator('input[name="name"]').fill('ui-oauth')
+  await form.locator('select[name="account_type"]').selectOption('claude-official')
+  await form.locator('input[name="credential"]').fill('sk-ant-oat01-ui-access-token-0123456789')
+  await form.locator('input[name="refresh_token"]').fill(REFRESH_TOKEN)
+  await form.locator('input[name="token_expires_at"]').fill('2030-01-01T10:00')
+  await form.locator('input[name="enabled"]').uncheck()
+  await page.click('[data-test="save-account"]')
+  await note().filter({ hasText: 'Account ui-oauth created.' }).waitFor()
+  assert.match(await row('accounts', 'ui-oauth').locator('[data-test="token"]').innerText(), /^expires in \d+ days$/)
+  await row('accounts', 'ui-oauth').getByRole('button', { name: 'Refresh token' }).click()
+  await note().filter({ hasText: 'ui-oauth: token refreshed' }).waitFor()
+  await row('accounts', 'ui-oauth').locator('[data-test="token"]', { hasText: /^expires in (7 h 5\d|8 h 0) min$/ }).waitFor()
+  await shot('02b-accounts-oauth')
+
   // The health check job, switched on every 10 minutes.
   await page.click('a[href="#/settings"]')
   const settings = page.locator('[data-test="settings"]')
@@ -249,7 +267,7 @@ try {
   await note().filter({ hasText: 'Settings saved.' }).waitFor()
 
   await page.click('a[href="#/audit"]')
-  await page.locator('[data-test="audit"] [data-test="action"]', { hasText: 'account.create' }).waitFor()
+  await page.locator('[data-test="audit"] [data-test="action"]', { hasText: 'account.token_refresh' }).waitFor()
   await shot('09-audit')
 
   // Logged out, the pages ask for a login again.
@@ -271,7 +289,7 @@ try {
   await shot('10-tenant-usage')
 
   assert.deepEqual(pageErrors, [])
-  console.log(JSON.stringify({ ok: true, key: plaintext, credential: CREDENTIAL }))
+  console.log(JSON.stringify({ ok: true, key: plaintext, credential: CREDENTIAL, refresh_token: REFRESH_TOKEN }))
 } catch (e) {
   await shot('failure').catch(() => {})
   console.error(e)

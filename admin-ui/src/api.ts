@@ -37,6 +37,13 @@ export interface Account {
   cooldown_until: number | null
   last_used_at: number | null
   created_at?: number
+  /** OAuth accounts: the access token's expiry (epoch ms), when known. */
+  token_expires_at: number | null
+  token_refreshed_at: number | null
+  /** Why the last token refresh failed. */
+  token_refresh_error: string | null
+  /** The provider refused the refresh token: new tokens are needed. */
+  token_refresh_refused: boolean
 }
 
 export interface User {
@@ -242,6 +249,15 @@ export function rate(r: number): string {
 export function when(ms: number | null | undefined): string {
   if (!ms) return '—'
   return new Date(ms).toISOString().replace('T', ' ').slice(0, 19)
+}
+
+/** How far `ms` lies from now, roughly: "in 7 h 12 min", "3 min ago". */
+export function fromNow(ms: number, now = Date.now()): string {
+  const d = Math.abs(ms - now)
+  const min = Math.round(d / 60_000)
+  const text =
+    min < 1 ? 'under a minute' : min < 60 ? `${min} min` : min < 48 * 60 ? `${Math.floor(min / 60)} h ${min % 60} min` : `${Math.round(min / 1440)} days`
+  return ms >= now ? `in ${text}` : `${text} ago`
 }
 
 export function num(n: number | null | undefined): string {
