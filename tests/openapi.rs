@@ -35,6 +35,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/admin/usage/summary"),
     ("post", "/api/admin/accounts/{id}/health-check"),
     ("post", "/api/admin/accounts/health-check"),
+    ("post", "/api/admin/accounts/{id}/refresh-token"),
     ("get", "/api/admin/settings"),
     ("get", "/api/admin/sessions"),
     ("delete", "/api/admin/sessions/{session_key}"),
@@ -70,6 +71,7 @@ const NO_BODY: &[(&str, &str)] = &[
     ("post", "/api/auth/logout"),
     ("post", "/api/admin/accounts/{id}/health-check"),
     ("post", "/api/admin/accounts/health-check"),
+    ("post", "/api/admin/accounts/{id}/refresh-token"),
 ];
 
 /// Calls that need no caller.
