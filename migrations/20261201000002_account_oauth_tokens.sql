@@ -6,3 +6,6 @@ ALTER TABLE accounts ADD COLUMN token_expires_at BIGINT;
 ALTER TABLE accounts ADD COLUMN token_refreshed_at BIGINT;
 ALTER TABLE accounts ADD COLUMN token_refresh_error TEXT;
 ALTER TABLE accounts ADD COLUMN token_refresh_refused BIGINT NOT NULL DEFAULT 0;
+-- While a node refreshes an account's tokens it holds this lease (epoch ms): a refresh token is
+-- single-use at the provider, so no other node sends it meanwhile.
+ALTER TABLE accounts ADD COLUMN token_refresh_lease_until BIGINT;

@@ -135,13 +135,24 @@ async fn an_admin_runs_the_relay_from_the_browser() {
         oauth["token_expires_at"].as_i64().unwrap() < relay_filters::now_ms() + 8 * 3_600_000,
         "{oauth}"
     );
-    let stored = std::fs::read(relay.data_dir.join("relay.db")).unwrap_or_default();
-    assert!(
-        !stored
-            .windows(credential.len())
-            .any(|w| w == credential.as_bytes()),
-        "the credential is in the database file in the clear"
-    );
+    // Neither the credential nor the OAuth tokens are on disk in the clear (database and log).
+    let mut stored = Vec::new();
+    for entry in std::fs::read_dir(&relay.data_dir).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("relay.db") {
+            stored.extend(std::fs::read(entry.path()).unwrap_or_default());
+        }
+    }
+    for secret in [
+        credential,
+        result["refresh_token"].as_str().unwrap(),
+        "sk-ant-ort01-rotated-",
+        "sk-ant-oat01-refreshed-",
+    ] {
+        assert!(
+            !stored.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{secret} is in the database files in the clear"
+        );
+    }
 
     // The user at 1.5 × list price, and the request billed at that rate.
     let users = relay.admin_get("/api/admin/users").await;

@@ -8,21 +8,29 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::mock_upstream::MockUpstream;
-use common::{messages_body, Relay, RelayOptions};
+use common::{messages_body, Db, PgDb, Relay, RelayOptions, ADMIN_TOKEN};
 use reqwest::Method;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLAUDE_CLIENT: &str = "9d1c250a-e61b-44d9-88ed-5944d1962f5e";
 const OPENAI_CLIENT: &str = "app_EMoamEEZ73f0CkXaXp7hrann";
 
 /// A relay whose token endpoints are `tokens`' and whose rounds run every second.
 async fn relay(tokens: &MockUpstream) -> Relay {
+    relay_with(tokens, true).await
+}
+
+async fn relay_with(tokens: &MockUpstream, rounds: bool) -> Relay {
     Relay::start_with(RelayOptions {
         env: vec![
+            ("RELAY_OAUTH__REFRESH_ENABLED".into(), rounds.to_string()),
             (
                 "RELAY_OAUTH__CLAUDE_TOKEN_URL".into(),
                 format!("{}/v1/oauth/token", tokens.url()),
@@ -415,7 +423,7 @@ async fn chatgpt_tokens_are_refreshed_at_openais_endpoint_by_their_own_expiry() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_oauth_accounts_with_a_refresh_token_are_refreshed_by_hand() {
     let tokens = MockUpstream::start().await;
-    let relay = relay(&tokens).await;
+    let relay = relay_with(&tokens, false).await;
     let api_key = relay
         .create_account("api", "claude", "http://127.0.0.1:9", "sk-ant-api03-key")
         .await;
@@ -467,4 +475,272 @@ async fn only_oauth_accounts_with_a_refresh_token_are_refreshed_by_hand() {
         "{v}"
     );
     assert_eq!(tokens.count(), 0, "nothing was sent");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slow token endpoints: a refresh the provider answered is never lost, one refresh token is
+// sent once.
+// ---------------------------------------------------------------------------------------------
+
+/// A token endpoint of our own: answers each request with `body(n)` (n from 1), sending the
+/// head after `head_delay` and the body `body_delay` later. Records the refresh tokens sent.
+struct TokenServer {
+    url: String,
+    count: Arc<AtomicUsize>,
+    sent: Arc<Mutex<Vec<String>>>,
+}
+
+impl TokenServer {
+    async fn start(
+        head_delay: Duration,
+        body_delay: Duration,
+        body: fn(usize) -> Value,
+    ) -> TokenServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1/oauth/token", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let (c, s) = (count.clone(), sent.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let (c, s) = (c.clone(), s.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // Head, then content-length bytes of body.
+                    let (head_end, len) = loop {
+                        let n = sock.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
+                            let len = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .map(|v| v.trim().parse::<usize>().unwrap())
+                                .unwrap_or(0);
+                            break (i + 4, len);
+                        }
+                    };
+                    while buf.len() < head_end + len {
+                        let n = sock.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    let req: Value =
+                        serde_json::from_slice(&buf[head_end..head_end + len]).unwrap();
+                    s.lock().unwrap().push(
+                        req["refresh_token"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    );
+                    let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                    let json = body(n).to_string();
+                    tokio::time::sleep(head_delay).await;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                        json.len()
+                    );
+                    if sock.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let _ = sock.flush().await;
+                    tokio::time::sleep(body_delay).await;
+                    let _ = sock.write_all(json.as_bytes()).await;
+                });
+            }
+        });
+        TokenServer { url, count, sent }
+    }
+}
+
+fn rotating(n: usize) -> Value {
+    json!({"access_token": format!("sk-ant-oat01-new-{n}"), "refresh_token": format!("sk-ant-ort01-new-{n}"), "expires_in": 28800})
+}
+
+/// Claude's real access tokens are opaque; an answer without `expires_in` leaves no expiry.
+fn no_expiry(n: usize) -> Value {
+    json!({"access_token": format!("sk-ant-oat01-new-{n}"), "refresh_token": format!("sk-ant-ort01-new-{n}")})
+}
+
+fn env(token_url: &str, rounds: bool) -> Vec<(String, String)> {
+    vec![
+        (
+            "RELAY_OAUTH__CLAUDE_TOKEN_URL".into(),
+            token_url.to_string(),
+        ),
+        ("RELAY_OAUTH__REFRESH_INTERVAL".into(), "1s".into()),
+        ("RELAY_OAUTH__REFRESH_ENABLED".into(), rounds.to_string()),
+    ]
+}
+
+async fn oauth_account(relay: &Relay, expires_at: Option<i64>) -> String {
+    let mut body = json!({
+        "name": "max-plan", "type": "claude-official", "base_url": "http://127.0.0.1:9",
+        "credential": "sk-ant-oat01-original-access-token",
+        "refresh_token": "sk-ant-ort01-original-refresh-token",
+        "enabled": true,
+    });
+    if let Some(at) = expires_at {
+        body["token_expires_at"] = at.into();
+    }
+    relay.create_account_with(body).await
+}
+
+/// An admin whose connection closes while the provider answers: the refresh goes on and is
+/// stored (the provider has rotated the refresh token by then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_refresh_whose_caller_hangs_up_keeps_the_rotated_token() {
+    let tokens = TokenServer::start(Duration::from_millis(1500), Duration::ZERO, rotating).await;
+    let relay = Relay::start_with(RelayOptions {
+        env: env(&tokens.url, false),
+        ..Default::default()
+    })
+    .await;
+    let id = oauth_account(&relay, Some(relay_filters::now_ms() + 3_600_000)).await;
+    let hung_up = relay
+        .http
+        .post(format!(
+            "{}/api/admin/accounts/{id}/refresh-token",
+            relay.admin
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(hung_up.is_err(), "the client gave up");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        tokens.count.load(Ordering::SeqCst),
+        1,
+        "the provider rotated the token"
+    );
+    let a = relay.admin_get(&format!("/api/admin/accounts/{id}")).await;
+    assert!(
+        a["token_refreshed_at"].is_i64(),
+        "the provider's answer was dropped; the stored refresh token is now burnt: {a}"
+    );
+}
+
+/// A shutdown while a round waits for the provider: the answer is stored before the node stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_cut_by_shutdown_keeps_the_rotated_token() {
+    let tokens = TokenServer::start(Duration::from_millis(600), Duration::ZERO, rotating).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start_with(RelayOptions {
+        env: env(&tokens.url, true),
+        data_dir: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await;
+    let id = oauth_account(&relay, None).await;
+    while tokens.count.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.terminate();
+    drop(relay);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let relay = Relay::start_with(RelayOptions {
+        env: env(&tokens.url, false),
+        data_dir: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await;
+    let a = relay.admin_get(&format!("/api/admin/accounts/{id}")).await;
+    assert!(
+        a["token_refreshed_at"].is_i64(),
+        "the rotated refresh token was dropped at shutdown: {a}"
+    );
+}
+
+/// An answer without `expires_in` for an opaque token: refreshed once, then hourly, not every
+/// round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_without_an_expiry_is_not_refreshed_every_round() {
+    let tokens = TokenServer::start(Duration::ZERO, Duration::ZERO, no_expiry).await;
+    let relay = Relay::start_with(RelayOptions {
+        env: env(&tokens.url, true),
+        ..Default::default()
+    })
+    .await;
+    oauth_account(&relay, None).await;
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    let n = tokens.count.load(Ordering::SeqCst);
+    assert!(n <= 1, "refreshed {n} times in 5.5 s of 1 s rounds");
+}
+
+/// Head and body each within `oauth.timeout`, but not both: the answer is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_complete_answer_is_kept() {
+    let tokens = TokenServer::start(
+        Duration::from_millis(600),
+        Duration::from_millis(600),
+        rotating,
+    )
+    .await;
+    let mut e = env(&tokens.url, false);
+    e.push(("RELAY_OAUTH__TIMEOUT".into(), "1s".into()));
+    let relay = Relay::start_with(RelayOptions {
+        env: e,
+        ..Default::default()
+    })
+    .await;
+    let id = oauth_account(&relay, None).await;
+    let (status, text) = relay
+        .token_call(
+            Some(ADMIN_TOKEN),
+            reqwest::Method::POST,
+            &format!("/api/admin/accounts/{id}/refresh-token"),
+            None,
+        )
+        .await;
+    let report: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(report["result"], "refreshed", "{report}");
+}
+
+/// Two nodes refreshing one account at once: the refresh token goes to the provider once (the
+/// database lease), the other node answers 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_never_send_one_refresh_token_twice() {
+    let pg = PgDb::create().await;
+    let tokens = TokenServer::start(Duration::from_millis(500), Duration::ZERO, rotating).await;
+    let mut shared = env(&tokens.url, false);
+    shared.push(("RELAY_ENCRYPTION_KEY".into(), "11".repeat(32)));
+    shared.push(("RELAY_KEY_PEPPER".into(), "22".repeat(32)));
+    let a = Relay::start_with(RelayOptions {
+        db: Db::Postgres(pg.url.clone()),
+        env: shared.clone(),
+        ..Default::default()
+    })
+    .await;
+    let b = Relay::start_with(RelayOptions {
+        db: Db::Postgres(pg.url.clone()),
+        env: shared,
+        ..Default::default()
+    })
+    .await;
+    let id = oauth_account(&a, Some(relay_filters::now_ms() + 3_600_000)).await;
+    let path = format!("/api/admin/accounts/{id}/refresh-token");
+    let (ra, rb) = tokio::join!(
+        a.token_call(Some(ADMIN_TOKEN), reqwest::Method::POST, &path, None),
+        b.token_call(Some(ADMIN_TOKEN), reqwest::Method::POST, &path, None),
+    );
+    let sent = tokens.sent.lock().unwrap().clone();
+    assert_eq!(
+        sent,
+        ["sk-ant-ort01-original-refresh-token"],
+        "{ra:?}\n{rb:?}"
+    );
+    let mut statuses = [ra.0, rb.0];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409], "{ra:?}\n{rb:?}");
+    let winner = if ra.0 == 200 { &ra.1 } else { &rb.1 };
+    assert!(winner.contains("\"refreshed\""), "{winner}");
 }

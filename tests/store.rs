@@ -855,10 +855,46 @@ async fn oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from(env:
         refused.token_refresh_error.as_deref(),
         Some("HTTP 400: invalid_grant")
     );
-    assert!(
-        refused.updated_at > account.updated_at,
-        "other nodes notice it"
+    assert_eq!(
+        refused.updated_at, account.updated_at,
+        "no cache reload for it"
     );
+    // A later failure of another kind keeps the refusal (a dead token stays dead).
+    assert!(store
+        .record_token_refresh_failure(&account.id, &first_refresh, "HTTP 503", false)
+        .await
+        .unwrap());
+    let still = store.account_by_id(&account.id).await.unwrap().unwrap();
+    assert!(still.token_refresh_refused);
+    assert_eq!(still.token_refresh_error.as_deref(), Some("HTTP 503"));
+
+    // One refresh at a time holds the lease, over the refresh token it starts from; it ends
+    // with the refresh's result, or expires.
+    let now = 1_800_000_000_000;
+    assert!(!store
+        .lease_token_refresh(&account.id, "v1:k1:other", now, now + 60_000)
+        .await
+        .unwrap());
+    assert!(store
+        .lease_token_refresh(&account.id, &first_refresh, now, now + 60_000)
+        .await
+        .unwrap());
+    assert!(!store
+        .lease_token_refresh(&account.id, &first_refresh, now + 59_000, now + 119_000)
+        .await
+        .unwrap());
+    assert!(store
+        .lease_token_refresh(&account.id, &first_refresh, now + 61_000, now + 121_000)
+        .await
+        .unwrap());
+    assert!(store
+        .record_token_refresh_failure(&account.id, &first_refresh, "HTTP 400: invalid_grant", true)
+        .await
+        .unwrap());
+    assert!(store
+        .lease_token_refresh(&account.id, &first_refresh, now + 62_000, now + 122_000)
+        .await
+        .unwrap());
 
     // Errors took the account out; new tokens from a refresh put it back (the errors were the
     // old token's) and clear the refusal.

@@ -2,10 +2,14 @@
 //! the enabled accounts with a refresh token whose access token expires within
 //! `oauth.refresh_margin` (or whose expiry is unknown), and an admin can refresh one by hand.
 //!
-//! Refresh tokens are single-use at the providers, so two refreshes of one account must never
-//! both be stored: one refresh per account at a time on a node, one node per round (claimed in
-//! `settings`), and every write conditional on the refresh token the refresh started from.
-//! A refresh another node or an operator overtook is dropped, its failure too.
+//! Refresh tokens are single-use at the providers, so one refresh token is sent once: one node
+//! per round (claimed in `settings`), and before any refresh a lease on the account in the
+//! database, taken only over the refresh token the refresh starts from and only while no other
+//! refresh holds one. Every write is conditional on that refresh token too: a refresh an
+//! operator overtook (new tokens meanwhile) is dropped, its failure too. Once the provider has
+//! answered, nothing cancels the refresh before its result is stored: not the admin's
+//! connection closing (the manual refresh runs as a task of its own), not a shutdown (a round
+//! finishes the refreshes it started and starts no more).
 //!
 //! A refused refresh token (400/401/403 at the token endpoint) is not tried again by the
 //! rounds until an operator stores new tokens; other failures are retried next round.
@@ -80,9 +84,18 @@ pub enum NotRefreshed {
     Gone,
     /// Its refresh token cannot be decrypted with this node's key.
     Undecryptable,
-    /// A refresh of it is running already.
+    /// A refresh of it is running already (on this node or another).
     Busy,
+    /// Not due any more (found so on the row as it is now; rounds only).
+    NotDue,
+    /// The database could not be read.
+    Unavailable(String),
 }
+
+/// A token whose expiry is unknown is refreshed this long after its last refresh.
+const UNKNOWN_LIFETIME_MS: i64 = 60 * 60 * 1000;
+/// Attempts at storing refreshed tokens (the provider has rotated the refresh token by then).
+const STORE_ATTEMPTS: u32 = 4;
 
 /// Refreshes tokens and stores them; shared by the rounds and the admin API.
 pub struct TokenRefresh {
@@ -109,15 +122,25 @@ pub fn refreshable(row: &AccountRow) -> bool {
     row.refresh_token_enc.is_some() && Provider::of(row.account_type).is_some()
 }
 
-/// Whether a round refreshes the account now.
+/// Whether a round refreshes the account now: its token expires within `margin` (within half
+/// its life, for a token that lives shorter than twice the margin: not every round), or its
+/// expiry is unknown and it was not refreshed in the last hour.
 pub fn due(row: &AccountRow, now_ms: i64, margin: Duration) -> bool {
+    if !(row.enabled && refreshable(row) && !row.token_refresh_refused) {
+        return false;
+    }
     let margin = i64::try_from(margin.as_millis()).unwrap_or(i64::MAX);
-    row.enabled
-        && refreshable(row)
-        && !row.token_refresh_refused
-        && row
-            .token_expires_at
-            .is_none_or(|at| at.saturating_sub(now_ms) <= margin)
+    match (row.token_expires_at, row.token_refreshed_at) {
+        (Some(expires), refreshed) => {
+            let margin = match refreshed {
+                Some(at) if expires > at => margin.min((expires - at) / 2),
+                _ => margin,
+            };
+            expires.saturating_sub(now_ms) <= margin
+        }
+        (None, None) => true,
+        (None, Some(at)) => now_ms.saturating_sub(at) >= UNKNOWN_LIFETIME_MS,
+    }
 }
 
 impl TokenRefresh {
@@ -138,17 +161,28 @@ impl TokenRefresh {
         }
     }
 
-    /// Refreshes one account now and reloads this node's accounts when its tokens changed.
-    pub async fn refresh(&self, id: &str) -> Result<RefreshReport, NotRefreshed> {
-        let (report, stored) = self.refresh_one(id).await?;
-        if stored {
-            self.reload().await;
-        }
-        Ok(report)
+    /// Refreshes one account now and reloads this node's accounts when its tokens changed. Runs
+    /// as a task of its own: a caller that goes away does not cut it.
+    pub async fn refresh(self: &Arc<Self>, id: &str) -> Result<RefreshReport, NotRefreshed> {
+        let this = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let (report, stored) = this.refresh_one(&id, false).await?;
+            if stored {
+                this.reload().await;
+            }
+            Ok(report)
+        })
+        .await
+        .map_err(|e| NotRefreshed::Unavailable(format!("the refresh stopped: {e}")))?
     }
 
-    /// Refreshes one account; whether new tokens were stored.
-    async fn refresh_one(&self, id: &str) -> Result<(RefreshReport, bool), NotRefreshed> {
+    /// Refreshes one account (only if still due, for a round); whether new tokens were stored.
+    async fn refresh_one(
+        &self,
+        id: &str,
+        round: bool,
+    ) -> Result<(RefreshReport, bool), NotRefreshed> {
         let _guard = {
             if !relay_filters::lock(&self.refreshing).insert(id.to_string()) {
                 return Err(NotRefreshed::Busy);
@@ -159,10 +193,7 @@ impl TokenRefresh {
         let row = match self.store.account_by_id(id).await {
             Ok(Some(r)) => r,
             Ok(None) => return Err(NotRefreshed::Gone),
-            Err(e) => {
-                tracing::warn!(account = %id, error = %e, "account unreadable before its token refresh");
-                return Err(NotRefreshed::Gone);
-            }
+            Err(e) => return Err(NotRefreshed::Unavailable(e.to_string())),
         };
         let (Some(expected), Some(provider)) = (
             row.refresh_token_enc.clone(),
@@ -170,11 +201,30 @@ impl TokenRefresh {
         ) else {
             return Err(NotRefreshed::NotRefreshable);
         };
-        let refresh_token = self
-            .secrets
-            .decrypt(&expected)
-            .map_err(|_| NotRefreshed::Undecryptable)?;
         let now = relay_filters::now_ms();
+        if round && !due(&row, now, self.margin) {
+            return Err(NotRefreshed::NotDue);
+        }
+        let refresh_token = self.secrets.decrypt(&expected).map_err(|_| {
+            tracing::warn!(account = %row.name, "refresh token cannot be decrypted with this node's key");
+            NotRefreshed::Undecryptable
+        })?;
+        // The lease outlasts the longest refresh (the client's whole budget) with room to spare.
+        let lease = i64::try_from(self.client.budget().as_millis()).unwrap_or(i64::MAX);
+        match self
+            .store
+            .lease_token_refresh(
+                id,
+                &expected,
+                now,
+                now.saturating_add(lease).saturating_add(30_000),
+            )
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return Err(NotRefreshed::Busy),
+            Err(e) => return Err(NotRefreshed::Unavailable(e.to_string())),
+        }
         let outcome = self
             .client
             .refresh(provider, refresh_token.expose_secret(), now)
@@ -203,9 +253,14 @@ impl TokenRefresh {
                     },
                     expires_at: tokens.expires_at,
                 };
-                match self.store.store_refreshed_token(id, &expected, &new).await {
+                match self
+                    .store_tokens(id, &expected, refresh_token.expose_secret(), &new)
+                    .await
+                {
                     Ok(true) => {
                         tracing::info!(account = %row.name, expires_at = ?tokens.expires_at, "access token refreshed");
+                        // Back in scheduling on this node at once, if errors held it off.
+                        self.accounts.end_hold_off(id);
                         report.detail = "new access token stored".into();
                         report.token_expires_at = tokens.expires_at;
                         true
@@ -254,6 +309,55 @@ impl TokenRefresh {
         Ok((report, stored))
     }
 
+    /// Stores refreshed tokens over the refresh token `used` (stored as `expected`), trying
+    /// again while the database fails (the provider has rotated the token: a lost answer would
+    /// leave a dead refresh token stored). An operator who saved the very same refresh token
+    /// meanwhile does not overtake the refresh (its ciphertext differs, its token does not).
+    async fn store_tokens(
+        &self,
+        id: &str,
+        expected: &str,
+        used: &str,
+        new: &RefreshedTokens,
+    ) -> Result<bool, StoreError> {
+        let mut expected = expected.to_string();
+        let mut delay = Duration::from_millis(200);
+        let mut failures = 0;
+        let mut looked_again = false;
+        loop {
+            match self.store.store_refreshed_token(id, &expected, new).await {
+                Ok(true) => return Ok(true),
+                Ok(false) if looked_again => return Ok(false),
+                Ok(false) => {
+                    looked_again = true;
+                    let current = self
+                        .store
+                        .account_by_id(id)
+                        .await?
+                        .and_then(|r| r.refresh_token_enc)
+                        .filter(|enc| {
+                            self.secrets
+                                .decrypt(enc)
+                                .is_ok_and(|t| t.expose_secret() == used)
+                        });
+                    match current {
+                        Some(enc) => expected = enc,
+                        None => return Ok(false),
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures >= STORE_ATTEMPTS {
+                        return Err(e);
+                    }
+                    tracing::warn!(account = %id, error = %e, failures, "refreshed tokens not stored yet; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay *= 3;
+                }
+            }
+        }
+    }
+
     /// Reloads this node's accounts (the new credential is used from the next request on) and
     /// publishes their states.
     async fn reload(&self) {
@@ -263,8 +367,12 @@ impl TokenRefresh {
         reload::publish_account_states(&self.accounts);
     }
 
-    /// Refreshes every account that is due, a few at a time.
-    pub async fn refresh_due(&self) -> Result<Vec<RefreshReport>, StoreError> {
+    /// Refreshes every account that is due, a few at a time; once `stop` turns true no more
+    /// refreshes start (those started finish and are stored).
+    pub async fn refresh_due(
+        &self,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Vec<RefreshReport>, StoreError> {
         let now = relay_filters::now_ms();
         let ids: Vec<String> = self
             .store
@@ -275,7 +383,12 @@ impl TokenRefresh {
             .map(|a| a.id)
             .collect();
         let done: Vec<_> = futures::stream::iter(ids)
-            .map(|id| async move { self.refresh_one(&id).await })
+            .map(|id| async move {
+                if *stop.borrow() {
+                    return Err(NotRefreshed::NotDue);
+                }
+                self.refresh_one(&id, true).await
+            })
             .buffer_unordered(PARALLEL_REFRESHES)
             .collect()
             .await;
@@ -308,18 +421,19 @@ pub async fn run(
                 tracing::warn!(error = %e, "token refresh round could not be claimed");
                 false
             });
+        // Not cut by a shutdown: a refresh the provider answered must be stored.
         if claimed {
-            tokio::select! {
-                done = tokens.refresh_due() => match done {
-                    Ok(reports) if !reports.is_empty() => {
-                        let refreshed = reports.iter().filter(|r| r.result == "refreshed").count();
-                        tracing::debug!(due = reports.len(), refreshed, "token refresh round done");
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "token refresh round could not list accounts"),
-                },
-                _ = shutdown.changed() => return,
+            match tokens.refresh_due(&shutdown).await {
+                Ok(reports) if !reports.is_empty() => {
+                    let refreshed = reports.iter().filter(|r| r.result == "refreshed").count();
+                    tracing::debug!(due = reports.len(), refreshed, "token refresh round done");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "token refresh round could not list accounts"),
             }
+        }
+        if *shutdown.borrow() {
+            return;
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -364,5 +478,18 @@ mod tests {
         let mut disabled = row(t, true, None);
         disabled.enabled = false;
         assert!(!due(&disabled, now, margin));
+        // Unknown expiry: once, then hourly, not every round.
+        let mut refreshed = row(t, true, None);
+        refreshed.token_refreshed_at = Some(now - 59 * 60_000);
+        assert!(!due(&refreshed, now, margin));
+        refreshed.token_refreshed_at = Some(now - 61 * 60_000);
+        assert!(due(&refreshed, now, margin));
+        // A 10-minute token (shorter than the margin) halfway through its life, not at once.
+        let mut short = row(t, true, Some(now + 540_000));
+        short.token_refreshed_at = Some(now - 60_000);
+        assert!(!due(&short, now, margin));
+        short.token_refreshed_at = Some(now - 301_000);
+        short.token_expires_at = Some(now + 299_000);
+        assert!(due(&short, now, margin));
     }
 }

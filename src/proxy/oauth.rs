@@ -86,8 +86,8 @@ impl std::fmt::Debug for NewTokens {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refresh {
     Refreshed(NewTokens),
-    /// The provider turned the refresh token down (400, 401, 403): trying it again will not
-    /// help; new tokens from an operator will.
+    /// The provider said the refresh token is dead (400, 401 or 403 with `invalid_grant` or
+    /// the like): trying it again will not help; new tokens from an operator will.
     Refused(String),
     /// No usable answer (an unreachable or failing provider, a timeout, an answer without a
     /// token): worth another try later.
@@ -125,7 +125,34 @@ pub fn jwt_expiry(token: &str) -> Option<i64> {
     let payload = token.split('.').nth(1)?;
     let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    claims.get("exp")?.as_i64()
+    let exp = claims.get("exp")?;
+    exp.as_i64()
+        .or_else(|| exp.as_f64().filter(|e| e.is_finite()).map(|e| e as i64))
+}
+
+/// Whether a refused refresh says the refresh token itself is dead (RFC 6749 §5.2
+/// `invalid_grant`, or OpenAI's own codes), as opposed to a refusal of something else (a wrong
+/// client id, a firewall, a region): only a dead token stops the rounds.
+#[allow(clippy::let_and_return)] // the codes borrow the parsed answer, which must outlive them
+fn token_is_dead(answer: &[u8]) -> bool {
+    const DEAD: [&str; 4] = [
+        "invalid_grant",
+        "refresh_token_expired",
+        "refresh_token_reused",
+        "refresh_token_invalidated",
+    ];
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(answer) else {
+        return false;
+    };
+    let error = v.get("error");
+    let codes = [
+        error.and_then(|e| e.as_str()),
+        error.and_then(|e| e.get("code")).and_then(|c| c.as_str()),
+        error.and_then(|e| e.get("type")).and_then(|c| c.as_str()),
+        v.get("code").and_then(|c| c.as_str()),
+    ];
+    let dead = codes.into_iter().flatten().any(|code| DEAD.contains(&code));
+    dead
 }
 
 impl TokenClient {
@@ -135,6 +162,11 @@ impl TokenClient {
             claude,
             openai,
         }
+    }
+
+    /// The longest a refresh can take, answer included.
+    pub fn budget(&self) -> Duration {
+        self.client.timeout() * 3
     }
 
     /// The refresh request of `provider` for `refresh_token`, and its JSON body.
@@ -203,13 +235,19 @@ impl TokenClient {
             Ok(r) => r,
             Err(e) => return Refresh::Failed(e),
         };
+        // `timeout` bounds each step up to the answer's head, and the body once the head is in:
+        // an answer that came whole is never thrown away (the provider has rotated the token
+        // by then).
         let timeout = self.client.timeout();
         let exchange = self.client.exchange(&req, &body, ANSWER_LIMIT, timeout);
-        let (status, answer) = match tokio::time::timeout(timeout, exchange).await {
+        let (status, answer) = match tokio::time::timeout(self.budget(), exchange).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return Refresh::Failed(e),
             Err(_) => {
-                return Refresh::Failed(format!("no answer within {} s", timeout.as_secs_f32()))
+                return Refresh::Failed(format!(
+                    "no answer within {} s",
+                    self.budget().as_secs_f32()
+                ))
             }
         };
         if (200..300).contains(&status) {
@@ -241,7 +279,7 @@ impl TokenClient {
             detail.push_str(&excerpt);
         }
         match status {
-            400 | 401 | 403 => Refresh::Refused(detail),
+            400 | 401 | 403 if token_is_dead(&answer) => Refresh::Refused(detail),
             _ => Refresh::Failed(detail),
         }
     }
@@ -290,8 +328,26 @@ mod tests {
             jwt_expiry(&format!("eyJhbGciOiJSUzI1NiJ9.{payload}.sig")),
             Some(1_764_000_000)
         );
+        let float = URL_SAFE_NO_PAD.encode(br#"{"exp":1764000000.5}"#);
+        assert_eq!(jwt_expiry(&format!("h.{float}.s")), Some(1_764_000_000));
         assert_eq!(jwt_expiry("sk-ant-oat01-opaque"), None);
         assert_eq!(jwt_expiry("a.!!!.c"), None);
+    }
+
+    #[test]
+    fn only_a_dead_refresh_token_is_a_refusal() {
+        assert!(token_is_dead(
+            br#"{"error":"invalid_grant","error_description":"x"}"#
+        ));
+        assert!(token_is_dead(
+            br#"{"error":{"code":"refresh_token_reused","message":"x"}}"#
+        ));
+        assert!(token_is_dead(br#"{"error":{"type":"invalid_grant"}}"#));
+        assert!(!token_is_dead(br#"{"error":"invalid_client"}"#));
+        assert!(!token_is_dead(b"<html>403 Forbidden</html>"));
+        assert!(!token_is_dead(
+            br#"{"error":{"type":"permission_error","message":"region"}}"#
+        ));
     }
 
     #[test]

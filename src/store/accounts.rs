@@ -417,10 +417,11 @@ impl SqlStore {
         if let Some(expires) = patch.token_expires_at {
             parts.set("token_expires_at", Param::Int(expires));
         }
-        // New tokens from an operator: a refusal of the old refresh token no longer holds.
+        // New tokens from an operator: what was said of the old ones no longer holds.
         if patch.credential.is_some() || patch.refresh_token_enc.is_some() {
             parts.set("token_refresh_error", Param::Text(None));
             parts.set("token_refresh_refused", Param::Int(Some(0)));
+            parts.set("token_refreshed_at", Param::Int(None));
         }
         if let Some(priority) = patch.priority {
             parts.set("priority", Param::Int(Some(priority)));
@@ -592,7 +593,8 @@ impl SqlStore {
         let done = sqlx::query(
             "UPDATE accounts SET credential_enc = $1, credential_key_id = $2, \
              refresh_token_enc = $3, token_expires_at = $4, token_refreshed_at = $5, \
-             token_refresh_error = NULL, token_refresh_refused = 0, consecutive_error_count = 0, \
+             token_refresh_error = NULL, token_refresh_refused = 0, \
+             token_refresh_lease_until = NULL, consecutive_error_count = 0, \
              status = CASE WHEN status = 'error' THEN 'valid' ELSE status END, \
              updated_at = CASE WHEN updated_at < $6 THEN $7 ELSE updated_at + 1 END \
              WHERE id = $8 AND refresh_token_enc = $9",
@@ -611,8 +613,10 @@ impl SqlStore {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Stores why a refresh failed (`refused`: the provider turned the refresh token down),
-    /// only if the refresh token is still `expected`. Whether the row was changed.
+    /// Stores why a refresh failed (`refused`: the provider turned the refresh token down; a
+    /// refusal stored before stays through other failures) and ends the refresh's lease, only
+    /// if the refresh token is still `expected`. `updated_at` stays: nothing the proxy uses
+    /// changed, so the nodes' caches need no reload. Whether the row was changed.
     pub async fn record_token_refresh_failure(
         &self,
         id: &str,
@@ -620,18 +624,41 @@ impl SqlStore {
         detail: &str,
         refused: bool,
     ) -> Result<bool> {
-        let now = super::now_ms();
         let done = sqlx::query(
-            "UPDATE accounts SET token_refresh_error = $1, token_refresh_refused = $2, \
-             updated_at = CASE WHEN updated_at < $3 THEN $4 ELSE updated_at + 1 END \
-             WHERE id = $5 AND refresh_token_enc = $6",
+            "UPDATE accounts SET token_refresh_error = $1, \
+             token_refresh_refused = CASE WHEN $2 = 1 THEN 1 ELSE token_refresh_refused END, \
+             token_refresh_lease_until = NULL WHERE id = $3 AND refresh_token_enc = $4",
         )
         .bind(detail)
         .bind(i64::from(refused))
-        .bind(now)
-        .bind(now)
         .bind(id)
         .bind(expected)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Takes the lease on refreshing the account's tokens until `until` (epoch ms), if its
+    /// refresh token is still `expected` and no other refresh holds an unexpired lease: the one
+    /// refresh that may send this refresh token to the provider. Ended by
+    /// [`store_refreshed_token`](Self::store_refreshed_token) or
+    /// [`record_token_refresh_failure`](Self::record_token_refresh_failure), else it expires.
+    pub async fn lease_token_refresh(
+        &self,
+        id: &str,
+        expected: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE accounts SET token_refresh_lease_until = $1 WHERE id = $2 \
+             AND refresh_token_enc = $3 \
+             AND (token_refresh_lease_until IS NULL OR token_refresh_lease_until < $4)",
+        )
+        .bind(until)
+        .bind(id)
+        .bind(expected)
+        .bind(now)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)

@@ -109,6 +109,16 @@ fn refresh_token(t: Option<String>) -> AppResult<Option<String>> {
     }
 }
 
+/// Refuses an expiry that is no epoch time in milliseconds (seconds given, or negative).
+fn check_expiry(at: Option<i64>) -> AppResult<()> {
+    if at.is_some_and(|at| at < 100_000_000_000) {
+        return Err(AppError::BadRequest(
+            "token_expires_at is in epoch milliseconds (e.g. 1764000000000)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// A JWT credential's own expiry (a ChatGPT token's), in epoch ms.
 fn jwt_expiry_ms(credential: &str) -> Option<i64> {
     crate::proxy::oauth::jwt_expiry(credential).map(|s| s.saturating_mul(1000))
@@ -151,6 +161,7 @@ pub async fn create(
         state.secrets.key_id().to_string(),
     );
     new.base_url = body.base_url.filter(|u| !u.is_empty());
+    check_expiry(body.token_expires_at)?;
     new.refresh_token_enc = refresh_token(body.refresh_token)?.map(|t| state.secrets.encrypt(&t));
     new.token_expires_at = body
         .token_expires_at
@@ -329,6 +340,7 @@ pub async fn update(
             AppError::BadRequest("status must be valid, error or blocked".into())
         })?),
     };
+    check_expiry(body.token_expires_at.flatten())?;
     let refresh_token_enc = match body.refresh_token {
         None => None,
         Some(t) => Some(refresh_token(t)?.map(|t| state.secrets.encrypt(&t))),
@@ -471,6 +483,10 @@ impl From<NotRefreshed> for AppError {
             NotRefreshed::Busy => AppError::Conflict(
                 "a refresh of this account is running: try again in a moment".into(),
             ),
+            NotRefreshed::NotDue => AppError::Conflict("the refresh was not started".into()),
+            NotRefreshed::Unavailable(e) => {
+                AppError::Unavailable(format!("the account could not be read: {e}"))
+            }
         }
     }
 }
