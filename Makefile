@@ -42,6 +42,6 @@ test:
 BENCH_ARGS ?=
 bench: deps
 	@benches/load/install.sh
-	cargo bench --bench sse_usage --bench session_key --bench api_key --bench filter_chain -- $(BENCH_ARGS)
+	cargo bench --bench sse_usage --bench session_key --bench api_key --bench filter_chain --bench usage_write -- $(BENCH_ARGS)
 	cargo build --release --bin llm-relay --example load_mock
 	benches/load/run.sh
