@@ -188,7 +188,9 @@ impl Default for OAuthConfig {
             refresh_enabled: true,
             refresh_interval: Duration::from_secs(60),
             refresh_margin: Duration::from_secs(15 * 60),
-            timeout: Duration::from_secs(30),
+            // Token endpoints answer in well under a second; a refresh may take three times
+            // this, which a shutdown's grace period should cover.
+            timeout: Duration::from_secs(10),
             // Claude Code's own client and endpoint.
             claude_token_url: "https://console.anthropic.com/v1/oauth/token".into(),
             claude_client_id: "9d1c250a-e61b-44d9-88ed-5944d1962f5e".into(),

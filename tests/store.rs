@@ -859,14 +859,18 @@ async fn oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from(env:
         refused.updated_at, account.updated_at,
         "no cache reload for it"
     );
-    // A later failure of another kind keeps the refusal (a dead token stays dead).
+    // A later failure of another kind keeps the refusal and its reason (a dead token stays
+    // dead).
     assert!(store
         .record_token_refresh_failure(&account.id, &first_refresh, "HTTP 503", false)
         .await
         .unwrap());
     let still = store.account_by_id(&account.id).await.unwrap().unwrap();
     assert!(still.token_refresh_refused);
-    assert_eq!(still.token_refresh_error.as_deref(), Some("HTTP 503"));
+    assert_eq!(
+        still.token_refresh_error.as_deref(),
+        Some("HTTP 400: invalid_grant")
+    );
 
     // One refresh at a time holds the lease, over the refresh token it starts from; it ends
     // with the refresh's result, or expires.

@@ -87,6 +87,7 @@ pub async fn persist(
     store: SqlStore,
     mut rx: mpsc::UnboundedReceiver<AccountEvent>,
     cooldowns: Option<std::sync::Arc<RedisCooldowns>>,
+    tokens: std::sync::Arc<crate::background::oauth_refresh::TokenRefresh>,
 ) {
     while let Some(ev) = rx.recv().await {
         if let (Some(c), Some(until)) = (&cooldowns, ev.cooldown_until) {
@@ -110,6 +111,11 @@ pub async fn persist(
         };
         if let Err(e) = stored {
             tracing::warn!(error = %e, "account state could not be stored");
+        }
+        // Authentication errors took an OAuth account out: its access token may have died
+        // before its time; a refresh (if it has a refresh token) brings it back.
+        if ev.kind == EventKind::Disabled && ev.status == AccountStatus::Error {
+            tokens.after_auth_errors(&ev.account_id);
         }
     }
 }

@@ -87,11 +87,23 @@ impl BackgroundService for ControlPlane {
             };
             tasks.spawn(writer.run(writer_store, self.writer_settings.clone(), shutdown.clone()));
         }
+        let tokens = Arc::new(oauth_refresh::TokenRefresh::new(
+            crate::proxy::oauth::TokenClient::new(
+                self.oauth.timeout,
+                self.oauth.claude.clone(),
+                self.oauth.openai.clone(),
+            ),
+            store.clone(),
+            self.accounts.clone(),
+            self.secrets.clone(),
+            self.oauth.margin,
+        ));
         if let Some(rx) = take(&self.account_events) {
             tasks.spawn(account_events::persist(
                 store.clone(),
                 rx,
                 self.cooldowns.clone(),
+                tokens.clone(),
             ));
         }
         if self.sqlite_idle_priority && !store.is_postgres() {
@@ -120,17 +132,6 @@ impl BackgroundService for ControlPlane {
             self.state_rules.clone(),
         ));
         tasks.spawn(health::run(health.clone(), shutdown.clone()));
-        let tokens = Arc::new(oauth_refresh::TokenRefresh::new(
-            crate::proxy::oauth::TokenClient::new(
-                self.oauth.timeout,
-                self.oauth.claude.clone(),
-                self.oauth.openai.clone(),
-            ),
-            store.clone(),
-            self.accounts.clone(),
-            self.secrets.clone(),
-            self.oauth.margin,
-        ));
         if self.oauth.enabled {
             tasks.spawn(oauth_refresh::run(
                 tokens.clone(),

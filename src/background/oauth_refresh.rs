@@ -6,13 +6,15 @@
 //! per round (claimed in `settings`), and before any refresh a lease on the account in the
 //! database, taken only over the refresh token the refresh starts from and only while no other
 //! refresh holds one. Every write is conditional on that refresh token too: a refresh an
-//! operator overtook (new tokens meanwhile) is dropped, its failure too. Once the provider has
-//! answered, nothing cancels the refresh before its result is stored: not the admin's
-//! connection closing (the manual refresh runs as a task of its own), not a shutdown (a round
-//! finishes the refreshes it started and starts no more).
+//! operator overtook (new tokens meanwhile) is dropped, its failure too. A refresh is not cut
+//! by the admin's connection closing (a manual refresh runs as a task of its own) nor by the
+//! start of a shutdown (a round finishes the refreshes it started and starts no more); a
+//! provider that answers only after the shutdown's grace period, when the runtime stops, is
+//! not waited for.
 //!
-//! A refused refresh token (400/401/403 at the token endpoint) is not tried again by the
-//! rounds until an operator stores new tokens; other failures are retried next round.
+//! A dead refresh token (`invalid_grant` and the like at the token endpoint) is not tried again
+//! by the rounds until an operator stores new tokens; other failures are retried next round.
+//! Authentication errors that take an OAuth account out of scheduling start a refresh too.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -92,6 +94,9 @@ pub enum NotRefreshed {
     Unavailable(String),
 }
 
+/// An account that authentication errors took out is refreshed at once, unless it was
+/// refreshed this recently (then the new token is not what fails).
+const AFTER_ERRORS_GAP_MS: i64 = 10 * 60 * 1000;
 /// A token whose expiry is unknown is refreshed this long after its last refresh.
 const UNKNOWN_LIFETIME_MS: i64 = 60 * 60 * 1000;
 /// Attempts at storing refreshed tokens (the provider has rotated the refresh token by then).
@@ -130,7 +135,12 @@ pub fn due(row: &AccountRow, now_ms: i64, margin: Duration) -> bool {
         return false;
     }
     let margin = i64::try_from(margin.as_millis()).unwrap_or(i64::MAX);
-    match (row.token_expires_at, row.token_refreshed_at) {
+    // An expiry at or before the last refresh says nothing (a provider's stale `exp`): as if
+    // unknown, or the account would be refreshed every round.
+    let expires_at = row
+        .token_expires_at
+        .filter(|e| row.token_refreshed_at.is_none_or(|at| *e > at));
+    match (expires_at, row.token_refreshed_at) {
         (Some(expires), refreshed) => {
             let margin = match refreshed {
                 Some(at) if expires > at => margin.min((expires - at) / 2),
@@ -163,7 +173,16 @@ impl TokenRefresh {
 
     /// Refreshes one account now and reloads this node's accounts when its tokens changed. Runs
     /// as a task of its own: a caller that goes away does not cut it.
-    pub async fn refresh(self: &Arc<Self>, id: &str) -> Result<RefreshReport, NotRefreshed> {
+    /// `done` runs in that task with the report (the audit record of a manual refresh).
+    pub async fn refresh<F, Fut>(
+        self: &Arc<Self>,
+        id: &str,
+        done: F,
+    ) -> Result<RefreshReport, NotRefreshed>
+    where
+        F: FnOnce(RefreshReport) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let this = self.clone();
         let id = id.to_string();
         tokio::spawn(async move {
@@ -171,10 +190,37 @@ impl TokenRefresh {
             if stored {
                 this.reload().await;
             }
+            done(report.clone()).await;
             Ok(report)
         })
         .await
         .map_err(|e| NotRefreshed::Unavailable(format!("the refresh stopped: {e}")))?
+    }
+
+    /// After authentication errors took the account out of scheduling: refreshes its tokens in
+    /// the background, if it is an enabled OAuth account with a refresh token not refused and
+    /// not refreshed in the last ten minutes. A new token puts it back.
+    pub fn after_auth_errors(self: &Arc<Self>, id: &str) {
+        let this = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let Ok(Some(row)) = this.store.account_by_id(&id).await else {
+                return;
+            };
+            let recent = row
+                .token_refreshed_at
+                .is_some_and(|at| relay_filters::now_ms().saturating_sub(at) < AFTER_ERRORS_GAP_MS);
+            if !row.enabled || !refreshable(&row) || row.token_refresh_refused || recent {
+                return;
+            }
+            tracing::info!(account = %row.name, "refreshing the token of an account authentication errors took out");
+            if let Ok((report, stored)) = this.refresh_one(&id, false).await {
+                if stored {
+                    this.reload().await;
+                }
+                tracing::info!(account = %row.name, result = report.result, "token refresh after authentication errors");
+            }
+        });
     }
 
     /// Refreshes one account (only if still due, for a round); whether new tokens were stored.
@@ -209,7 +255,8 @@ impl TokenRefresh {
             tracing::warn!(account = %row.name, "refresh token cannot be decrypted with this node's key");
             NotRefreshed::Undecryptable
         })?;
-        // The lease outlasts the longest refresh (the client's whole budget) with room to spare.
+        // The lease outlasts the longest refresh (the client's whole budget, then the store's
+        // attempts) with room to spare for clocks of nodes that differ a little.
         let lease = i64::try_from(self.client.budget().as_millis()).unwrap_or(i64::MAX);
         match self
             .store
@@ -217,7 +264,7 @@ impl TokenRefresh {
                 id,
                 &expected,
                 now,
-                now.saturating_add(lease).saturating_add(30_000),
+                now.saturating_add(lease).saturating_add(60_000),
             )
             .await
         {
@@ -320,31 +367,45 @@ impl TokenRefresh {
         used: &str,
         new: &RefreshedTokens,
     ) -> Result<bool, StoreError> {
+        let new_refresh = match &self.secrets.decrypt(&new.refresh_token_enc) {
+            Ok(t) => t.expose_secret().to_string(),
+            Err(_) => String::new(),
+        };
         let mut expected = expected.to_string();
         let mut delay = Duration::from_millis(200);
         let mut failures = 0;
         let mut looked_again = false;
         loop {
-            match self.store.store_refreshed_token(id, &expected, new).await {
-                Ok(true) => return Ok(true),
-                Ok(false) if looked_again => return Ok(false),
-                Ok(false) => {
-                    looked_again = true;
-                    let current = self
-                        .store
-                        .account_by_id(id)
-                        .await?
-                        .and_then(|r| r.refresh_token_enc)
-                        .filter(|enc| {
-                            self.secrets
-                                .decrypt(enc)
-                                .is_ok_and(|t| t.expose_secret() == used)
-                        });
-                    match current {
-                        Some(enc) => expected = enc,
-                        None => return Ok(false),
-                    }
+            let attempt = async {
+                if self.store.store_refreshed_token(id, &expected, new).await? {
+                    return Ok(Some(true));
                 }
+                // Not stored over `expected`: what does the row hold now?
+                let current = self
+                    .store
+                    .account_by_id(id)
+                    .await?
+                    .and_then(|r| r.refresh_token_enc);
+                let plain = current.as_deref().and_then(|enc| {
+                    self.secrets
+                        .decrypt(enc)
+                        .ok()
+                        .map(|t| t.expose_secret().to_string())
+                });
+                Ok(match (current, plain) {
+                    // A write that committed though its answer was lost.
+                    (Some(_), Some(p)) if p == new_refresh => Some(true),
+                    // The same refresh token saved again (new ciphertext): store over it.
+                    (Some(enc), Some(p)) if p == used && !looked_again => {
+                        expected = enc;
+                        None
+                    }
+                    _ => Some(false),
+                })
+            };
+            match attempt.await {
+                Ok(Some(stored)) => return Ok(stored),
+                Ok(None) => looked_again = true,
                 Err(e) => {
                     failures += 1;
                     if failures >= STORE_ATTEMPTS {

@@ -193,7 +193,7 @@ impl HealthChecker {
             .client
             .exchange(&req, &[], DETAIL_BODY_LIMIT, BODY_WAIT);
         match tokio::time::timeout(timeout, exchange).await {
-            Ok(Ok((status, body))) => {
+            Ok(Ok(super::oneshot::Answer { status, body, .. })) => {
                 let kind = match status {
                     200..=299 | 429 => CheckKind::Passed,
                     401 | 403 => CheckKind::Refused,

@@ -235,17 +235,23 @@ impl TokenClient {
             Ok(r) => r,
             Err(e) => return Refresh::Failed(e),
         };
-        // `timeout` bounds each step up to the answer's head, and the body once the head is in:
-        // an answer that came whole is never thrown away (the provider has rotated the token
-        // by then).
-        let timeout = self.client.timeout();
-        let exchange = self.client.exchange(&req, &body, ANSWER_LIMIT, timeout);
+        // `timeout` bounds each step up to the answer's head; the body may take what is left
+        // of the budget.
+        let exchange = self
+            .client
+            .exchange(&req, &body, ANSWER_LIMIT, self.budget());
         let (status, answer) = match tokio::time::timeout(self.budget(), exchange).await {
-            Ok(Ok(r)) => r,
+            Ok(Ok(a)) if a.complete || !(200..300).contains(&a.status) => (a.status, a.body),
+            Ok(Ok(a)) => {
+                return Refresh::Failed(format!(
+                    "HTTP {}, but the answer was cut: the provider may have rotated the refresh token",
+                    a.status
+                ))
+            }
             Ok(Err(e)) => return Refresh::Failed(e),
             Err(_) => {
                 return Refresh::Failed(format!(
-                    "no answer within {} s",
+                    "no whole answer within {} s (if the provider answered, it may have rotated the refresh token)",
                     self.budget().as_secs_f32()
                 ))
             }

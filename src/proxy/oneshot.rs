@@ -33,14 +33,15 @@ impl OneShot {
     }
 
     /// Sends `req` with `body`, reads the status and the body up to `limit` bytes, waiting for
-    /// the body at most `body_wait` once the head is in (what came by then is kept).
+    /// the body at most `body_wait` once the head is in (what came by then is kept; the
+    /// answer says whether the body came whole).
     pub async fn exchange(
         &self,
         req: &UpstreamRequest,
         body: &[u8],
         limit: usize,
         body_wait: Duration,
-    ) -> Result<(u16, Vec<u8>), String> {
+    ) -> Result<Answer, String> {
         let addr = self
             .resolver
             .resolve(&req.host, req.port)
@@ -56,7 +57,8 @@ impl OneShot {
             .new_stream(&peer)
             .await
             .map_err(|e| format!("cannot connect: {e}"))?;
-        let mut up = H1Upstream::new(stream, Some(self.timeout));
+        // A silence in the body may last as long as the body may take.
+        let mut up = H1Upstream::new(stream, Some(self.timeout.max(body_wait)));
         up.send(req, body)
             .await
             .map_err(|e| format!("request failed: {e}"))?;
@@ -65,17 +67,36 @@ impl OneShot {
             .await
             .map_err(|e| format!("no answer: {e}"))?;
         let mut answer = Vec::new();
+        let mut complete = false;
         let _ = tokio::time::timeout(body_wait, async {
             while answer.len() < limit {
                 match up.read_body().await {
                     Ok(Some(piece)) => answer.extend_from_slice(&piece),
-                    _ => break,
+                    Ok(None) => {
+                        complete = true;
+                        break;
+                    }
+                    Err(_) => break,
                 }
             }
         })
         .await;
+        complete &= answer.len() <= limit;
         answer.truncate(limit);
         up.shutdown().await;
-        Ok((head.status.as_u16(), answer))
+        Ok(Answer {
+            status: head.status.as_u16(),
+            body: answer,
+            complete,
+        })
     }
+}
+
+/// What came back.
+pub struct Answer {
+    pub status: u16,
+    /// The body, or its start.
+    pub body: Vec<u8>,
+    /// Whether the body came whole (within the limit and the wait).
+    pub complete: bool,
 }

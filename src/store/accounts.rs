@@ -423,6 +423,10 @@ impl SqlStore {
             parts.set("token_refresh_refused", Param::Int(Some(0)));
             parts.set("token_refreshed_at", Param::Int(None));
         }
+        // A refresh running over the old refresh token no longer holds the new one back.
+        if patch.refresh_token_enc.is_some() {
+            parts.set("token_refresh_lease_until", Param::Int(None));
+        }
         if let Some(priority) = patch.priority {
             parts.set("priority", Param::Int(Some(priority)));
         }
@@ -614,7 +618,8 @@ impl SqlStore {
     }
 
     /// Stores why a refresh failed (`refused`: the provider turned the refresh token down; a
-    /// refusal stored before stays through other failures) and ends the refresh's lease, only
+    /// refusal stored before stays, with its reason, through other failures) and ends the
+    /// refresh's lease, only
     /// if the refresh token is still `expected`. `updated_at` stays: nothing the proxy uses
     /// changed, so the nodes' caches need no reload. Whether the row was changed.
     pub async fn record_token_refresh_failure(
@@ -625,7 +630,9 @@ impl SqlStore {
         refused: bool,
     ) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE accounts SET token_refresh_error = $1, \
+            "UPDATE accounts SET \
+             token_refresh_error = CASE WHEN token_refresh_refused = 1 AND $2 = 0 \
+             THEN token_refresh_error ELSE $1 END, \
              token_refresh_refused = CASE WHEN $2 = 1 THEN 1 ELSE token_refresh_refused END, \
              token_refresh_lease_until = NULL WHERE id = $3 AND refresh_token_enc = $4",
         )

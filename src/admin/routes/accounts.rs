@@ -111,7 +111,7 @@ fn refresh_token(t: Option<String>) -> AppResult<Option<String>> {
 
 /// Refuses an expiry that is no epoch time in milliseconds (seconds given, or negative).
 fn check_expiry(at: Option<i64>) -> AppResult<()> {
-    if at.is_some_and(|at| at < 100_000_000_000) {
+    if at.is_some_and(|at| !(100_000_000_000..10_000_000_000_000).contains(&at)) {
         return Err(AppError::BadRequest(
             "token_expires_at is in epoch milliseconds (e.g. 1764000000000)".into(),
         ));
@@ -500,7 +500,8 @@ impl From<NotRefreshed> for AppError {
         (status = 200, description = "What the refresh came to: `refreshed`, `refused`, `failed` or `superseded`, and the token's expiry", body = serde_json::Value),
         (status = 400, description = "Not an OAuth account with a refresh token", body = ErrorBody),
         (status = 404, description = "No such account", body = ErrorBody),
-        (status = 409, description = "A refresh of it is running, or its refresh token cannot be decrypted on this node", body = ErrorBody),
+        (status = 409, description = "A refresh of it is running on this node or another (a refresh holds the account for at most three times `oauth.timeout` and a minute), or its refresh token cannot be decrypted on this node", body = ErrorBody),
+        (status = 503, description = "The database could not be read", body = ErrorBody),
     ))]
 pub async fn refresh_token_now(
     State(state): State<AdminState>,
@@ -509,14 +510,20 @@ pub async fn refresh_token_now(
 ) -> AppResult<Json<RefreshReport>> {
     caller.require_admin()?;
     let account = stored(&state, &id).await?;
-    let report = state.tokens.refresh(&id).await?;
-    audit(
-        &state,
-        &caller,
-        "account.token_refresh",
-        &id,
-        serde_json::json!({ "name": account.name, "result": report.result }),
-    )
-    .await;
+    // Audited in the refresh's own task: it also ends if the caller goes away.
+    let (audit_state, target) = (state.clone(), id.clone());
+    let report = state
+        .tokens
+        .refresh(&id, move |report| async move {
+            audit(
+                &audit_state,
+                &caller,
+                "account.token_refresh",
+                &target,
+                serde_json::json!({ "name": account.name, "result": report.result }),
+            )
+            .await;
+        })
+        .await?;
     Ok(Json(report))
 }
