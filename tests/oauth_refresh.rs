@@ -119,6 +119,21 @@ async fn upstream_auth(relay: &Relay, api: &MockUpstream, key: &str) -> String {
     }
 }
 
+/// Waits (at most 10 s) until the proxy sends a credential starting with `expected`: the node
+/// that stored new tokens reloads its accounts right after, and the others within the cache
+/// refresh.
+async fn wait_upstream_auth(relay: &Relay, api: &MockUpstream, key: &str, expected: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let auth = upstream_auth(relay, api, key).await;
+        if auth.starts_with(expected) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the proxy still sends {auth}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn now_ms() -> i64 {
     relay_filters::now_ms()
 }
@@ -194,10 +209,7 @@ async fn a_token_near_its_expiry_is_refreshed_rotated_and_used_at_once() {
     assert_eq!(a["has_refresh_token"], true);
 
     // The proxy sends the new token from now on; neither token is stored in clear.
-    assert_eq!(
-        upstream_auth(&relay, &api, &key).await,
-        "Bearer sk-ant-oat01-refreshed-1"
-    );
+    wait_upstream_auth(&relay, &api, &key, "Bearer sk-ant-oat01-refreshed-1").await;
     let disk = stored_bytes(&relay);
     for secret in [
         "sk-ant-oat01-refreshed-1",
@@ -220,10 +232,7 @@ async fn a_token_near_its_expiry_is_refreshed_rotated_and_used_at_once() {
         tokens.requests()[1].json()["refresh_token"],
         "sk-ant-ort01-rotated-1"
     );
-    assert_eq!(
-        upstream_auth(&relay, &api, &key).await,
-        "Bearer sk-ant-oat01-refreshed-2"
-    );
+    wait_upstream_auth(&relay, &api, &key, "Bearer sk-ant-oat01-refreshed-2").await;
 
     let audit = relay.admin_get("/api/admin/audit?per_page=100").await;
     assert!(
@@ -313,8 +322,7 @@ async fn a_refused_refresh_token_stops_the_rounds_until_an_operator_sets_new_tok
         tokens.requests().last().unwrap().json()["refresh_token"],
         "sk-ant-ort01-operator-refresh-token"
     );
-    let auth = upstream_auth(&relay, &api, &key).await;
-    assert!(auth.starts_with("Bearer sk-ant-oat01-refreshed-"), "{auth}");
+    wait_upstream_auth(&relay, &api, &key, "Bearer sk-ant-oat01-refreshed-").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,10 +436,7 @@ async fn an_account_authentication_errors_took_out_gets_a_new_token_and_comes_ba
         "sk-ant-ort01-good-refresh-token"
     );
     api.set(|b| b.status = 200);
-    assert_eq!(
-        upstream_auth(&relay, &api, &key).await,
-        "Bearer sk-ant-oat01-refreshed-1"
-    );
+    wait_upstream_auth(&relay, &api, &key, "Bearer sk-ant-oat01-refreshed-1").await;
     // The new token failing too does not refresh again at once (no loop).
     api.set(|b| b.status = 401);
     for _ in 0..2 {
@@ -690,16 +695,21 @@ async fn a_manual_refresh_whose_caller_hangs_up_keeps_the_rotated_token() {
     })
     .await;
     assert_eq!(tokens.count.load(Ordering::SeqCst), 1);
-    // The refresh is in the audit log though its caller had gone.
-    let audit = relay.admin_get("/api/admin/audit?per_page=100").await;
-    assert!(
-        audit["items"]
+    // The refresh is in the audit log though its caller had gone (written once it is stored).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let audit = relay.admin_get("/api/admin/audit?per_page=100").await;
+        let found = audit["items"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|e| e["action"] == "account.token_refresh"),
-        "{audit}"
-    );
+            .any(|e| e["action"] == "account.token_refresh");
+        if found {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no audit record: {audit}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A shutdown while a round waits for the provider: the answer is stored before the node stops.
