@@ -136,12 +136,7 @@ async fn an_admin_runs_the_relay_from_the_browser() {
         "{oauth}"
     );
     // Neither the credential nor the OAuth tokens are on disk in the clear (database and log).
-    let mut stored = Vec::new();
-    for entry in std::fs::read_dir(&relay.data_dir).unwrap().flatten() {
-        if entry.file_name().to_string_lossy().starts_with("relay.db") {
-            stored.extend(std::fs::read(entry.path()).unwrap_or_default());
-        }
-    }
+    let stored = relay.stored_bytes();
     for secret in [
         credential,
         result["refresh_token"].as_str().unwrap(),

@@ -27,24 +27,14 @@ async fn relay() -> Relay {
     .await
 }
 
-async fn call(relay: &Relay, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let (status, text) = relay
-        .token_call(Some(common::ADMIN_TOKEN), method, path, body)
-        .await;
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|_| json!({ "text": text })),
-    )
-}
-
 async fn check(relay: &Relay, id: &str) -> Value {
-    let (status, v) = call(
-        relay,
-        Method::POST,
-        &format!("/api/admin/accounts/{id}/health-check"),
-        None,
-    )
-    .await;
+    let (status, v) = relay
+        .admin_json(
+            Method::POST,
+            &format!("/api/admin/accounts/{id}/health-check"),
+            None,
+        )
+        .await;
     assert_eq!(status, 200, "{v}");
     v
 }
@@ -142,13 +132,13 @@ async fn failed_checks_take_an_account_out_and_a_passing_one_puts_it_back() {
     assert_eq!(mock.count(), before);
 
     // An operator clears the error: counting starts again from nothing, on every node.
-    let (status, v) = call(
-        &relay,
-        Method::PATCH,
-        &format!("/api/admin/accounts/{id}"),
-        Some(json!({ "status": "valid" })),
-    )
-    .await;
+    let (status, v) = relay
+        .admin_json(
+            Method::PATCH,
+            &format!("/api/admin/accounts/{id}"),
+            Some(json!({ "status": "valid" })),
+        )
+        .await;
     assert_eq!(status, 200, "{v}");
     let v = check(&relay, &id).await;
     assert_eq!(
@@ -213,13 +203,9 @@ async fn failed_checks_take_an_account_out_and_a_passing_one_puts_it_back() {
         }))
         .await;
     let before = mock.count();
-    let (status, all) = call(
-        &relay,
-        Method::POST,
-        "/api/admin/accounts/health-check",
-        None,
-    )
-    .await;
+    let (status, all) = relay
+        .admin_json(Method::POST, "/api/admin/accounts/health-check", None)
+        .await;
     assert_eq!(status, 200, "{all}");
     assert_eq!(
         (all["checked"].clone(), all["failed"].clone()),
@@ -237,30 +223,30 @@ async fn failed_checks_take_an_account_out_and_a_passing_one_puts_it_back() {
     let to_gemini = sent.iter().find(|r| r.path == "/g/v1beta/models").unwrap();
     assert_eq!(to_gemini.header("x-goog-api-key"), Some("gemini-key-1"));
     // A disabled account is not checked, not even by hand.
-    let (status, v) = call(
-        &relay,
-        Method::POST,
-        &format!("/api/admin/accounts/{api_key}/health-check"),
-        None,
-    )
-    .await;
+    let (status, v) = relay
+        .admin_json(
+            Method::POST,
+            &format!("/api/admin/accounts/{api_key}/health-check"),
+            None,
+        )
+        .await;
     assert_eq!(status, 409, "{v}");
-    let (status, _) = call(
-        &relay,
-        Method::POST,
-        "/api/admin/accounts/no-such-account/health-check",
-        None,
-    )
-    .await;
+    let (status, _) = relay
+        .admin_json(
+            Method::POST,
+            "/api/admin/accounts/no-such-account/health-check",
+            None,
+        )
+        .await;
     assert_eq!(status, 404);
     // An unreachable provider says nothing about the credential: reported, not counted.
-    let (status, _) = call(
-        &relay,
-        Method::PATCH,
-        &format!("/api/admin/accounts/{gemini}"),
-        Some(json!({ "base_url": format!("http://127.0.0.1:{}", common::free_port()) })),
-    )
-    .await;
+    let (status, _) = relay
+        .admin_json(
+            Method::PATCH,
+            &format!("/api/admin/accounts/{gemini}"),
+            Some(json!({ "base_url": format!("http://127.0.0.1:{}", common::free_port()) })),
+        )
+        .await;
     assert_eq!(status, 200);
     let v = check(&relay, &gemini).await;
     assert_eq!(
@@ -303,7 +289,9 @@ async fn wait_checks(mock: &MockUpstream, path: &str, n: usize) {
 async fn the_periodic_job_runs_while_the_settings_say_so() {
     let mock = MockUpstream::start().await;
     let relay = relay().await;
-    let (status, settings) = call(&relay, Method::GET, "/api/admin/settings", None).await;
+    let (status, settings) = relay
+        .admin_json(Method::GET, "/api/admin/settings", None)
+        .await;
     assert_eq!(status, 200);
     assert_eq!(
         settings,
@@ -334,19 +322,13 @@ async fn the_periodic_job_runs_while_the_settings_say_so() {
         json!({ "account_health_check_enabled": "yes" }),
         json!({ "health": true }),
     ] {
-        let (status, v) = call(
-            &relay,
-            Method::PATCH,
-            "/api/admin/settings",
-            Some(bad.clone()),
-        )
-        .await;
+        let (status, v) = relay
+            .admin_json(Method::PATCH, "/api/admin/settings", Some(bad.clone()))
+            .await;
         assert_eq!(status, 400, "{bad}: {v}");
     }
     // Every 3 s: a round at once, the next one 3 s later takes the account out.
-    let (status, v) = call(
-        &relay,
-        Method::PATCH,
+    let (status, v) = relay.admin_json(Method::PATCH,
         "/api/admin/settings",
         Some(
             json!({ "account_health_check_enabled": true, "account_health_check_interval": 0.05 }),
@@ -375,19 +357,21 @@ async fn the_periodic_job_runs_while_the_settings_say_so() {
     }
 
     // Switched off: no more rounds.
-    let (status, _) = call(
-        &relay,
-        Method::PATCH,
-        "/api/admin/settings",
-        Some(json!({ "account_health_check_enabled": false })),
-    )
-    .await;
+    let (status, _) = relay
+        .admin_json(
+            Method::PATCH,
+            "/api/admin/settings",
+            Some(json!({ "account_health_check_enabled": false })),
+        )
+        .await;
     assert_eq!(status, 200);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after_off = mock.count();
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(mock.count(), after_off, "a round ran while switched off");
-    let (_, settings) = call(&relay, Method::GET, "/api/admin/settings", None).await;
+    let (_, settings) = relay
+        .admin_json(Method::GET, "/api/admin/settings", None)
+        .await;
     assert_eq!(settings["account_health_check_interval"], 0.05);
 }
 
@@ -424,15 +408,15 @@ async fn a_status_set_while_a_check_runs_is_kept() {
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     // A second check of the same account meanwhile is refused, not counted twice.
-    let (status, v) = call(&relay, Method::POST, &path, None).await;
+    let (status, v) = relay.admin_json(Method::POST, &path, None).await;
     assert_eq!(status, 409, "{v}");
-    let (status, v) = call(
-        &relay,
-        Method::PATCH,
-        &format!("/api/admin/accounts/{id}"),
-        Some(json!({ "status": "blocked" })),
-    )
-    .await;
+    let (status, v) = relay
+        .admin_json(
+            Method::PATCH,
+            &format!("/api/admin/accounts/{id}"),
+            Some(json!({ "status": "blocked" })),
+        )
+        .await;
     assert_eq!(status, 200, "{v}");
     let v = running.await.unwrap();
     assert_eq!(
@@ -449,14 +433,13 @@ async fn a_status_set_while_a_check_runs_is_kept() {
 #[tokio::test]
 async fn a_pass_on_one_node_clears_the_count_made_on_another() {
     let pg = common::PgDb::create().await;
-    let shared = vec![
-        (
-            "RELAY_SCHEDULER__ACCOUNT_ERROR_THRESHOLD".to_string(),
-            "3".to_string(),
-        ),
-        ("RELAY_ENCRYPTION_KEY".to_string(), "11".repeat(32)),
-        ("RELAY_KEY_PEPPER".to_string(), "22".repeat(32)),
-    ];
+    let shared = vec![(
+        "RELAY_SCHEDULER__ACCOUNT_ERROR_THRESHOLD".to_string(),
+        "3".to_string(),
+    )]
+    .into_iter()
+    .chain(common::shared_node_secrets())
+    .collect::<Vec<_>>();
     let node = || {
         Relay::start_with(RelayOptions {
             db: common::Db::Postgres(pg.url.clone()),

@@ -14,11 +14,10 @@ async fn two_nodes() -> (PgDb, Relay, Relay) {
     let pg = PgDb::create().await;
     let redis =
         std::env::var("RELAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let shared = vec![
-        ("RELAY_REDIS_URL".to_string(), redis),
-        ("RELAY_ENCRYPTION_KEY".to_string(), "11".repeat(32)),
-        ("RELAY_KEY_PEPPER".to_string(), "22".repeat(32)),
-    ];
+    let shared = vec![("RELAY_REDIS_URL".to_string(), redis)]
+        .into_iter()
+        .chain(common::shared_node_secrets())
+        .collect::<Vec<_>>();
     let a = Relay::start_with(RelayOptions {
         db: Db::Postgres(pg.url.clone()),
         env: shared.clone(),

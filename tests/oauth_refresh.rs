@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -17,43 +15,51 @@ use common::mock_upstream::MockUpstream;
 use common::{messages_body, Db, PgDb, Relay, RelayOptions, ADMIN_TOKEN};
 use reqwest::Method;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLAUDE_CLIENT: &str = "9d1c250a-e61b-44d9-88ed-5944d1962f5e";
 const OPENAI_CLIENT: &str = "app_EMoamEEZ73f0CkXaXp7hrann";
 
-/// A relay whose token endpoints are `tokens`' and whose rounds run every second.
-async fn relay(tokens: &MockUpstream) -> Relay {
-    relay_with(tokens, true).await
+/// The relay's settings for the token endpoints of `tokens`, rounds every second (or none).
+fn oauth_env(tokens: &MockUpstream, rounds: bool) -> Vec<(String, String)> {
+    vec![
+        ("RELAY_OAUTH__REFRESH_ENABLED".into(), rounds.to_string()),
+        (
+            "RELAY_OAUTH__CLAUDE_TOKEN_URL".into(),
+            format!("{}/v1/oauth/token", tokens.url()),
+        ),
+        (
+            "RELAY_OAUTH__OPENAI_TOKEN_URL".into(),
+            format!("{}/oauth/token", tokens.url()),
+        ),
+        ("RELAY_OAUTH__REFRESH_INTERVAL".into(), "1s".into()),
+    ]
 }
 
-async fn relay_with(tokens: &MockUpstream, rounds: bool) -> Relay {
+async fn start(env: Vec<(String, String)>) -> Relay {
     Relay::start_with(RelayOptions {
-        env: vec![
-            ("RELAY_OAUTH__REFRESH_ENABLED".into(), rounds.to_string()),
-            (
-                "RELAY_OAUTH__CLAUDE_TOKEN_URL".into(),
-                format!("{}/v1/oauth/token", tokens.url()),
-            ),
-            (
-                "RELAY_OAUTH__OPENAI_TOKEN_URL".into(),
-                format!("{}/oauth/token", tokens.url()),
-            ),
-            ("RELAY_OAUTH__REFRESH_INTERVAL".into(), "1s".into()),
-        ],
+        env,
         ..RelayOptions::default()
     })
     .await
 }
 
-async fn call(relay: &Relay, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let (status, text) = relay
-        .token_call(Some(common::ADMIN_TOKEN), method, path, body)
-        .await;
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|_| json!({ "text": text })),
-    )
+/// A relay whose token endpoints are `tokens`' and whose rounds run every second.
+async fn relay(tokens: &MockUpstream) -> Relay {
+    start(oauth_env(tokens, true)).await
+}
+
+/// The refresh tokens the token endpoint received, in order.
+fn sent(tokens: &MockUpstream) -> Vec<String> {
+    tokens
+        .requests()
+        .iter()
+        .map(|r| {
+            r.json()["refresh_token"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
 }
 
 async fn account(relay: &Relay, id: &str) -> Value {
@@ -74,13 +80,13 @@ async fn wait_account(relay: &Relay, id: &str, what: &str, done: impl Fn(&Value)
 }
 
 async fn refresh_now(relay: &Relay, id: &str) -> (u16, Value) {
-    call(
-        relay,
-        Method::POST,
-        &format!("/api/admin/accounts/{id}/refresh-token"),
-        None,
-    )
-    .await
+    relay
+        .admin_json(
+            Method::POST,
+            &format!("/api/admin/accounts/{id}/refresh-token"),
+            None,
+        )
+        .await
 }
 
 /// Sends a request through the proxy (waiting for the account cache to take new accounts) and
@@ -138,32 +144,15 @@ fn now_ms() -> i64 {
     relay_filters::now_ms()
 }
 
-/// Every byte the relay stored on disk (the database and its write-ahead log).
-fn stored_bytes(relay: &Relay) -> Vec<u8> {
-    let mut all = Vec::new();
-    for entry in std::fs::read_dir(&relay.data_dir).unwrap().flatten() {
-        if entry.file_name().to_string_lossy().starts_with("relay.db") {
-            all.extend(std::fs::read(entry.path()).unwrap_or_default());
-        }
-    }
-    all
-}
-
 fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
 async fn metric(relay: &Relay, line_start: &str) -> f64 {
-    let text = relay
-        .http
-        .get(format!("{}/metrics", relay.admin))
-        .send()
+    relay
+        .metrics_text()
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
@@ -210,7 +199,7 @@ async fn a_token_near_its_expiry_is_refreshed_rotated_and_used_at_once() {
 
     // The proxy sends the new token from now on; neither token is stored in clear.
     wait_upstream_auth(&relay, &api, &key, "Bearer sk-ant-oat01-refreshed-1").await;
-    let disk = stored_bytes(&relay);
+    let disk = relay.stored_bytes();
     for secret in [
         "sk-ant-oat01-refreshed-1",
         "sk-ant-ort01-rotated-1",
@@ -299,13 +288,13 @@ async fn a_refused_refresh_token_stops_the_rounds_until_an_operator_sets_new_tok
 
     // The operator stores a new refresh token: the refusal clears and the rounds take it.
     tokens.set(|b| b.status = 200);
-    let (status, v) = call(
-        &relay,
-        Method::PATCH,
-        &format!("/api/admin/accounts/{id}"),
-        Some(json!({"refresh_token": "sk-ant-ort01-operator-refresh-token"})),
-    )
-    .await;
+    let (status, v) = relay
+        .admin_json(
+            Method::PATCH,
+            &format!("/api/admin/accounts/{id}"),
+            Some(json!({"refresh_token": "sk-ant-ort01-operator-refresh-token"})),
+        )
+        .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(
         (
@@ -386,21 +375,12 @@ async fn an_account_authentication_errors_took_out_gets_a_new_token_and_comes_ba
     let tokens = MockUpstream::start().await;
     let api = MockUpstream::start().await;
     // The rounds are off: only the errors can start this refresh.
-    let relay = Relay::start_with(RelayOptions {
-        env: vec![
-            (
-                "RELAY_OAUTH__CLAUDE_TOKEN_URL".into(),
-                format!("{}/v1/oauth/token", tokens.url()),
-            ),
-            ("RELAY_OAUTH__REFRESH_ENABLED".into(), "false".into()),
-            (
-                "RELAY_SCHEDULER__ACCOUNT_ERROR_THRESHOLD".into(),
-                "2".into(),
-            ),
-        ],
-        ..RelayOptions::default()
-    })
-    .await;
+    let mut env = oauth_env(&tokens, false);
+    env.push((
+        "RELAY_SCHEDULER__ACCOUNT_ERROR_THRESHOLD".into(),
+        "2".into(),
+    ));
+    let relay = start(env).await;
     let key = relay.active_key("alice").await;
     let id = relay
         .create_account_with(json!({
@@ -498,7 +478,7 @@ async fn chatgpt_tokens_are_refreshed_at_openais_endpoint_by_their_own_expiry() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_oauth_accounts_with_a_refresh_token_are_refreshed_by_hand() {
     let tokens = MockUpstream::start().await;
-    let relay = relay_with(&tokens, false).await;
+    let relay = start(oauth_env(&tokens, false)).await;
     let api_key = relay
         .create_account("api", "claude", "http://127.0.0.1:9", "sk-ant-api03-key")
         .await;
@@ -517,33 +497,33 @@ async fn only_oauth_accounts_with_a_refresh_token_are_refreshed_by_hand() {
     let (status, _) = refresh_now(&relay, "0199aaaa-0000-7000-8000-000000000000").await;
     assert_eq!(status, 404);
     // An empty refresh token is refused; null removes it.
-    let (status, v) = call(
-        &relay,
-        Method::PATCH,
-        &format!("/api/admin/accounts/{bare}"),
-        Some(json!({"refresh_token": " "})),
-    )
-    .await;
+    let (status, v) = relay
+        .admin_json(
+            Method::PATCH,
+            &format!("/api/admin/accounts/{bare}"),
+            Some(json!({"refresh_token": " "})),
+        )
+        .await;
     assert_eq!(status, 400, "{v}");
-    let (status, v) = call(
-        &relay,
-        Method::PATCH,
-        &format!("/api/admin/accounts/{bare}"),
-        Some(json!({"refresh_token": "rt-1"})),
-    )
-    .await;
+    let (status, v) = relay
+        .admin_json(
+            Method::PATCH,
+            &format!("/api/admin/accounts/{bare}"),
+            Some(json!({"refresh_token": "rt-1"})),
+        )
+        .await;
     assert_eq!(
         (status, &v["has_refresh_token"]),
         (200, &json!(true)),
         "{v}"
     );
-    let (status, v) = call(
-        &relay,
-        Method::PATCH,
-        &format!("/api/admin/accounts/{bare}"),
-        Some(json!({"refresh_token": null})),
-    )
-    .await;
+    let (status, v) = relay
+        .admin_json(
+            Method::PATCH,
+            &format!("/api/admin/accounts/{bare}"),
+            Some(json!({"refresh_token": null})),
+        )
+        .await;
     assert_eq!(
         (status, &v["has_refresh_token"]),
         (200, &json!(false)),
@@ -557,102 +537,14 @@ async fn only_oauth_accounts_with_a_refresh_token_are_refreshed_by_hand() {
 // sent once.
 // ---------------------------------------------------------------------------------------------
 
-/// A token endpoint of our own: answers each request with `body(n)` (n from 1), sending the
-/// head after `head_delay` and the body `body_delay` later. Records the refresh tokens sent.
-struct TokenServer {
-    url: String,
-    count: Arc<AtomicUsize>,
-    sent: Arc<Mutex<Vec<String>>>,
-}
-
-impl TokenServer {
-    async fn start(
-        head_delay: Duration,
-        body_delay: Duration,
-        body: fn(usize) -> Value,
-    ) -> TokenServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/v1/oauth/token", listener.local_addr().unwrap());
-        let count = Arc::new(AtomicUsize::new(0));
-        let sent = Arc::new(Mutex::new(Vec::new()));
-        let (c, s) = (count.clone(), sent.clone());
-        tokio::spawn(async move {
-            loop {
-                let (mut sock, _) = listener.accept().await.unwrap();
-                let (c, s) = (c.clone(), s.clone());
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    // Head, then content-length bytes of body.
-                    let (head_end, len) = loop {
-                        let n = sock.read(&mut chunk).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
-                            let len = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length:"))
-                                .map(|v| v.trim().parse::<usize>().unwrap())
-                                .unwrap_or(0);
-                            break (i + 4, len);
-                        }
-                    };
-                    while buf.len() < head_end + len {
-                        let n = sock.read(&mut chunk).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                    }
-                    let req: Value =
-                        serde_json::from_slice(&buf[head_end..head_end + len]).unwrap();
-                    s.lock().unwrap().push(
-                        req["refresh_token"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .to_string(),
-                    );
-                    let n = c.fetch_add(1, Ordering::SeqCst) + 1;
-                    let json = body(n).to_string();
-                    tokio::time::sleep(head_delay).await;
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-                        json.len()
-                    );
-                    if sock.write_all(head.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    let _ = sock.flush().await;
-                    tokio::time::sleep(body_delay).await;
-                    let _ = sock.write_all(json.as_bytes()).await;
-                });
-            }
-        });
-        TokenServer { url, count, sent }
-    }
-}
-
-fn rotating(n: usize) -> Value {
-    json!({"access_token": format!("sk-ant-oat01-new-{n}"), "refresh_token": format!("sk-ant-ort01-new-{n}"), "expires_in": 28800})
-}
-
-/// Claude's real access tokens are opaque; an answer without `expires_in` leaves no expiry.
-fn no_expiry(n: usize) -> Value {
-    json!({"access_token": format!("sk-ant-oat01-new-{n}"), "refresh_token": format!("sk-ant-ort01-new-{n}")})
-}
-
-fn env(token_url: &str, rounds: bool) -> Vec<(String, String)> {
-    vec![
-        (
-            "RELAY_OAUTH__CLAUDE_TOKEN_URL".into(),
-            token_url.to_string(),
-        ),
-        ("RELAY_OAUTH__REFRESH_INTERVAL".into(), "1s".into()),
-        ("RELAY_OAUTH__REFRESH_ENABLED".into(), rounds.to_string()),
-    ]
+/// A token endpoint that sends its answer's head after `head` and its body `body` later.
+async fn slow_tokens(head: Duration, body: Duration) -> MockUpstream {
+    let tokens = MockUpstream::start().await;
+    tokens.set(|b| {
+        b.head_delay = head;
+        b.body_delay = body;
+    });
+    tokens
 }
 
 async fn oauth_account(relay: &Relay, expires_at: Option<i64>) -> String {
@@ -672,13 +564,9 @@ async fn oauth_account(relay: &Relay, expires_at: Option<i64>) -> String {
 /// stored (the provider has rotated the refresh token by then).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manual_refresh_whose_caller_hangs_up_keeps_the_rotated_token() {
-    let tokens = TokenServer::start(Duration::from_millis(1500), Duration::ZERO, rotating).await;
-    let relay = Relay::start_with(RelayOptions {
-        env: env(&tokens.url, false),
-        ..Default::default()
-    })
-    .await;
-    let id = oauth_account(&relay, Some(relay_filters::now_ms() + 3_600_000)).await;
+    let tokens = slow_tokens(Duration::from_millis(1500), Duration::ZERO).await;
+    let relay = start(oauth_env(&tokens, false)).await;
+    let id = oauth_account(&relay, Some(now_ms() + 3_600_000)).await;
     let hung_up = relay
         .http
         .post(format!(
@@ -694,7 +582,7 @@ async fn a_manual_refresh_whose_caller_hangs_up_keeps_the_rotated_token() {
         a["token_refreshed_at"].is_i64()
     })
     .await;
-    assert_eq!(tokens.count.load(Ordering::SeqCst), 1);
+    assert_eq!(tokens.count(), 1);
     // The refresh is in the audit log though its caller had gone (written once it is stored).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -715,28 +603,28 @@ async fn a_manual_refresh_whose_caller_hangs_up_keeps_the_rotated_token() {
 /// A shutdown while a round waits for the provider: the answer is stored before the node stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_round_cut_by_shutdown_keeps_the_rotated_token() {
-    let tokens = TokenServer::start(Duration::from_millis(600), Duration::ZERO, rotating).await;
+    let tokens = slow_tokens(Duration::from_millis(600), Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let mut relay = Relay::start_with(RelayOptions {
-        env: env(&tokens.url, true),
+        env: oauth_env(&tokens, true),
         data_dir: Some(dir.path().to_path_buf()),
         ..Default::default()
     })
     .await;
     let id = oauth_account(&relay, None).await;
-    while tokens.count.load(Ordering::SeqCst) == 0 {
+    while tokens.count() == 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     relay.terminate();
     drop(relay);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let relay = Relay::start_with(RelayOptions {
-        env: env(&tokens.url, false),
+        env: oauth_env(&tokens, false),
         data_dir: Some(dir.path().to_path_buf()),
         ..Default::default()
     })
     .await;
-    let a = relay.admin_get(&format!("/api/admin/accounts/{id}")).await;
+    let a = account(&relay, &id).await;
     assert!(
         a["token_refreshed_at"].is_i64(),
         "the rotated refresh token was dropped at shutdown: {a}"
@@ -747,48 +635,28 @@ async fn a_round_cut_by_shutdown_keeps_the_rotated_token() {
 /// round.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_without_an_expiry_is_not_refreshed_every_round() {
-    let tokens = TokenServer::start(Duration::ZERO, Duration::ZERO, no_expiry).await;
-    let relay = Relay::start_with(RelayOptions {
-        env: env(&tokens.url, true),
-        ..Default::default()
-    })
-    .await;
+    let tokens = MockUpstream::start().await;
+    tokens.set(|b| b.token_expires_in = None);
+    let relay = relay(&tokens).await;
     let id = oauth_account(&relay, None).await;
     wait_account(&relay, &id, "refreshed once", |a| {
         a["token_refreshed_at"].is_i64()
     })
     .await;
     tokio::time::sleep(Duration::from_millis(4500)).await;
-    let n = tokens.count.load(Ordering::SeqCst);
+    let n = tokens.count();
     assert_eq!(n, 1, "refreshed {n} times in 4.5 s of 1 s rounds");
 }
 
 /// Head and body each within `oauth.timeout`, but not both: the answer is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_but_complete_answer_is_kept() {
-    let tokens = TokenServer::start(
-        Duration::from_millis(1200),
-        Duration::from_millis(1200),
-        rotating,
-    )
-    .await;
-    let mut e = env(&tokens.url, false);
-    e.push(("RELAY_OAUTH__TIMEOUT".into(), "2s".into()));
-    let relay = Relay::start_with(RelayOptions {
-        env: e,
-        ..Default::default()
-    })
-    .await;
+    let tokens = slow_tokens(Duration::from_millis(1200), Duration::from_millis(1200)).await;
+    let mut env = oauth_env(&tokens, false);
+    env.push(("RELAY_OAUTH__TIMEOUT".into(), "2s".into()));
+    let relay = start(env).await;
     let id = oauth_account(&relay, None).await;
-    let (status, text) = relay
-        .token_call(
-            Some(ADMIN_TOKEN),
-            reqwest::Method::POST,
-            &format!("/api/admin/accounts/{id}/refresh-token"),
-            None,
-        )
-        .await;
-    let report: Value = serde_json::from_str(&text).unwrap();
+    let (status, report) = refresh_now(&relay, &id).await;
     assert_eq!(status, 200);
     assert_eq!(report["result"], "refreshed", "{report}");
 }
@@ -798,31 +666,22 @@ async fn a_slow_but_complete_answer_is_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_never_send_one_refresh_token_twice() {
     let pg = PgDb::create().await;
-    let tokens = TokenServer::start(Duration::from_millis(2000), Duration::ZERO, rotating).await;
-    let mut shared = env(&tokens.url, false);
-    shared.push(("RELAY_ENCRYPTION_KEY".into(), "11".repeat(32)));
-    shared.push(("RELAY_KEY_PEPPER".into(), "22".repeat(32)));
-    let a = Relay::start_with(RelayOptions {
-        db: Db::Postgres(pg.url.clone()),
-        env: shared.clone(),
-        ..Default::default()
-    })
-    .await;
-    let b = Relay::start_with(RelayOptions {
-        db: Db::Postgres(pg.url.clone()),
-        env: shared,
-        ..Default::default()
-    })
-    .await;
-    let id = oauth_account(&a, Some(relay_filters::now_ms() + 3_600_000)).await;
-    let path = format!("/api/admin/accounts/{id}/refresh-token");
-    let (ra, rb) = tokio::join!(
-        a.token_call(Some(ADMIN_TOKEN), reqwest::Method::POST, &path, None),
-        b.token_call(Some(ADMIN_TOKEN), reqwest::Method::POST, &path, None),
-    );
+    let tokens = slow_tokens(Duration::from_millis(2000), Duration::ZERO).await;
+    let mut shared = oauth_env(&tokens, false);
+    shared.extend(common::shared_node_secrets());
+    let node = || {
+        Relay::start_with(RelayOptions {
+            db: Db::Postgres(pg.url.clone()),
+            env: shared.clone(),
+            ..Default::default()
+        })
+    };
+    let (a, b) = (node().await, node().await);
+    let id = oauth_account(&a, Some(now_ms() + 3_600_000)).await;
+    let (ra, rb) = tokio::join!(refresh_now(&a, &id), refresh_now(&b, &id));
     // The invariant: no refresh token went out twice (the second node either found the lease,
     // 409, or came after the first had stored and refreshed with the rotated token).
-    let sent = tokens.sent.lock().unwrap().clone();
+    let sent = sent(&tokens);
     let mut unique = sent.clone();
     unique.sort();
     unique.dedup();
@@ -831,7 +690,7 @@ async fn two_nodes_never_send_one_refresh_token_twice() {
         sent.len(),
         "one refresh token sent twice: {sent:?}\n{ra:?}\n{rb:?}"
     );
-    let refreshed = |r: &(u16, String)| r.0 == 200 && r.1.contains("\"refreshed\"");
+    let refreshed = |r: &(u16, Value)| r.0 == 200 && r.1["result"] == "refreshed";
     assert!(refreshed(&ra) || refreshed(&rb), "{ra:?}\n{rb:?}");
     assert!(
         [&ra, &rb].iter().all(|r| r.0 == 409 || refreshed(r)),
@@ -842,61 +701,42 @@ async fn two_nodes_never_send_one_refresh_token_twice() {
 /// A body that comes slowly, within the budget but after `oauth.timeout`: kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_body_within_the_budget_is_kept() {
-    let tokens = TokenServer::start(Duration::ZERO, Duration::from_millis(1300), rotating).await;
-    let mut e = env(&tokens.url, false);
-    e.push(("RELAY_OAUTH__TIMEOUT".into(), "1s".into()));
-    let relay = Relay::start_with(RelayOptions {
-        env: e,
-        ..Default::default()
-    })
-    .await;
+    let tokens = slow_tokens(Duration::ZERO, Duration::from_millis(1300)).await;
+    let mut env = oauth_env(&tokens, false);
+    env.push(("RELAY_OAUTH__TIMEOUT".into(), "1s".into()));
+    let relay = start(env).await;
     let id = oauth_account(&relay, None).await;
-    let (status, text) = relay
-        .token_call(
-            Some(ADMIN_TOKEN),
-            reqwest::Method::POST,
-            &format!("/api/admin/accounts/{id}/refresh-token"),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{text}");
-    assert!(text.contains("\"refreshed\""), "{text}");
+    let (status, report) = refresh_now(&relay, &id).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["result"], "refreshed", "{report}");
 }
 
 /// An operator who stores a new refresh token while a refresh of the old one waits: the new
 /// one can be refreshed at once (the old refresh's lease does not hold it back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_tokens_from_an_operator_are_not_held_back_by_a_refresh_of_the_old_ones() {
-    let tokens = TokenServer::start(Duration::from_millis(1500), Duration::ZERO, rotating).await;
-    let relay = Relay::start_with(RelayOptions {
-        env: env(&tokens.url, false),
-        ..Default::default()
-    })
-    .await;
-    let id = oauth_account(&relay, Some(relay_filters::now_ms() + 3_600_000)).await;
-    let path = format!("/api/admin/accounts/{id}/refresh-token");
-    let first = relay.token_call(Some(ADMIN_TOKEN), reqwest::Method::POST, &path, None);
+    let tokens = slow_tokens(Duration::from_millis(1500), Duration::ZERO).await;
+    let relay = start(oauth_env(&tokens, false)).await;
+    let id = oauth_account(&relay, Some(now_ms() + 3_600_000)).await;
     let patch = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         relay
-            .token_call(
-                Some(ADMIN_TOKEN),
-                reqwest::Method::PATCH,
+            .admin_json(
+                Method::PATCH,
                 &format!("/api/admin/accounts/{id}"),
                 Some(json!({"refresh_token": "sk-ant-ort01-operator-new-token"})),
             )
             .await
     };
-    let (first, patched) = tokio::join!(first, patch);
+    let (first, patched) = tokio::join!(refresh_now(&relay, &id), patch);
     assert_eq!(patched.0, 200, "{patched:?}");
-    assert!(first.1.contains("\"superseded\""), "{first:?}");
-    let (status, text) = relay
-        .token_call(Some(ADMIN_TOKEN), reqwest::Method::POST, &path, None)
-        .await;
-    assert_eq!(status, 200, "{text}");
-    assert!(text.contains("\"refreshed\""), "{text}");
+    assert_eq!(first.1["result"], "superseded", "{first:?}");
+    tokens.set(|b| b.head_delay = Duration::ZERO);
+    let (status, report) = refresh_now(&relay, &id).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["result"], "refreshed", "{report}");
     assert_eq!(
-        *tokens.sent.lock().unwrap(),
+        sent(&tokens),
         [
             "sk-ant-ort01-original-refresh-token",
             "sk-ant-ort01-operator-new-token"

@@ -98,15 +98,7 @@ async fn a_5_mib_request_fails_over_byte_identical() {
         "no record counts the failover"
     );
 
-    let metrics = relay
-        .http
-        .get(format!("{}/metrics", relay.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = relay.metrics_text().await;
     for needle in [
         "relay_failovers_total{reason=\"rate_limited\"} 1",
         "relay_account_cooldowns_total{reason=\"rate_limited\"} 1",

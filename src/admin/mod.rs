@@ -109,12 +109,13 @@ impl AdminState {
 
     /// Reloads this node's account cache (live account state is kept) and wakes the refresher.
     pub async fn accounts_changed(&self) {
-        match reload::reload_accounts(&self.store, &self.accounts, &self.secrets).await {
-            Ok(()) => reload::publish_account_states(&self.accounts),
-            Err(e) => {
-                tracing::warn!(error = %e, "account cache reload after an admin change failed")
-            }
-        }
+        reload::reload_and_publish_accounts(
+            &self.store,
+            &self.accounts,
+            &self.secrets,
+            "an admin change",
+        )
+        .await;
         self.refresh.notify_one();
     }
 

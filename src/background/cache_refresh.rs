@@ -108,6 +108,20 @@ async fn apply_shared_cooldowns(cooldowns: &RedisCooldowns, accounts: &AccountCa
     }
 }
 
+/// Reloads this node's accounts after a change made on it (`after`, for the log) and publishes
+/// their states; the live state of each account is kept.
+pub async fn reload_and_publish_accounts(
+    store: &SqlStore,
+    accounts: &AccountCache,
+    secrets: &SecretBox,
+    after: &str,
+) {
+    match reload_accounts(store, accounts, secrets).await {
+        Ok(()) => publish_account_states(accounts),
+        Err(e) => tracing::warn!(error = %e, "account cache reload after {after} failed"),
+    }
+}
+
 /// Sets `relay_account_state{state}` from the cache.
 pub fn publish_account_states(accounts: &AccountCache) {
     use std::sync::atomic::Ordering;

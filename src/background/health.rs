@@ -10,7 +10,6 @@
 //! minutes, default 5). The job reads them again whenever they change and at least every
 //! [`SETTINGS_POLL`].
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::background::cache_refresh as reload;
+use crate::background::InFlight;
 use crate::cache::AccountCache;
 use crate::metrics::metrics;
 use crate::proxy::health::{checked_by_default, CheckKind, HealthChecker};
@@ -134,16 +134,7 @@ pub struct Health {
     pub wake: Notify,
     /// Accounts being checked: one check per account at a time, so two rounds (the job and
     /// an admin's) never count one refusal twice.
-    pub checking: std::sync::Mutex<HashSet<String>>,
-}
-
-/// Takes an account out of [`Health::checking`] when its check ends, however it ends.
-struct Checking<'a>(&'a Health, String);
-
-impl Drop for Checking<'_> {
-    fn drop(&mut self) {
-        relay_filters::lock(&self.0.checking).remove(&self.1);
-    }
+    pub checking: InFlight,
 }
 
 impl Health {
@@ -162,7 +153,7 @@ impl Health {
             secrets,
             rules,
             wake: Notify::new(),
-            checking: std::sync::Mutex::new(HashSet::new()),
+            checking: InFlight::default(),
         }
     }
 
@@ -178,12 +169,7 @@ impl Health {
     /// Checks one account; whether its stored state changed.
     async fn check_one(&self, row: &AccountRow) -> Result<(CheckReport, bool), NotChecked> {
         let live = self.accounts.get(&row.id).ok_or(NotChecked::NotLoaded)?;
-        let _guard = {
-            if !relay_filters::lock(&self.checking).insert(row.id.clone()) {
-                return Err(NotChecked::Busy);
-            }
-            Checking(self, row.id.clone())
-        };
+        let _guard = self.checking.enter(&row.id).ok_or(NotChecked::Busy)?;
         let outcome = self.checker.check(&live).await;
         let now = relay_filters::now_ms();
         metrics()
@@ -274,10 +260,13 @@ impl Health {
 
     /// Reloads this node's accounts from the database and publishes their states.
     async fn reload(&self) {
-        if let Err(e) = reload::reload_accounts(&self.store, &self.accounts, &self.secrets).await {
-            tracing::warn!(error = %e, "account reload after a health check failed");
-        }
-        reload::publish_account_states(&self.accounts);
+        reload::reload_and_publish_accounts(
+            &self.store,
+            &self.accounts,
+            &self.secrets,
+            "a health check",
+        )
+        .await;
     }
 
     /// Checks every enabled account (of the types checked by default unless `every_type`),

@@ -54,6 +54,29 @@ pub struct ControlPlane {
     pub oauth: oauth_refresh::RefreshSettings,
 }
 
+/// Ids with work running on them on this node (a health check, a token refresh): one piece of
+/// work per id at a time.
+#[derive(Default)]
+pub struct InFlight(Mutex<std::collections::HashSet<String>>);
+
+/// An id's place in [`InFlight`], given back when dropped, however the work ends.
+pub struct InFlightGuard<'a>(&'a InFlight, String);
+
+impl InFlight {
+    /// The id's place, or `None` while other work on it runs.
+    pub fn enter(&self, id: &str) -> Option<InFlightGuard<'_>> {
+        relay_filters::lock(&self.0)
+            .insert(id.to_string())
+            .then(|| InFlightGuard(self, id.to_string()))
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        relay_filters::lock(&self.0 .0).remove(&self.1);
+    }
+}
+
 fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
     match slot.lock() {
         Ok(mut g) => g.take(),

@@ -16,7 +16,6 @@
 //! by the rounds until an operator stores new tokens; other failures are retried next round.
 //! Authentication errors that take an OAuth account out of scheduling start a refresh too.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use secrecy::ExposeSecret;
 use serde::Serialize;
 
 use crate::background::cache_refresh as reload;
+use crate::background::InFlight;
 use crate::cache::AccountCache;
 use crate::metrics::metrics;
 use crate::proxy::oauth::{Provider, Refresh, TokenClient, TokenEndpoint};
@@ -110,16 +110,7 @@ pub struct TokenRefresh {
     pub secrets: Arc<SecretBox>,
     pub margin: Duration,
     /// Accounts being refreshed on this node.
-    refreshing: std::sync::Mutex<HashSet<String>>,
-}
-
-/// Takes an account out of [`TokenRefresh::refreshing`] however its refresh ends.
-struct Refreshing<'a>(&'a TokenRefresh, String);
-
-impl Drop for Refreshing<'_> {
-    fn drop(&mut self) {
-        relay_filters::lock(&self.0.refreshing).remove(&self.1);
-    }
+    refreshing: InFlight,
 }
 
 /// Whether the account's tokens can be refreshed: an OAuth type with a refresh token.
@@ -167,7 +158,7 @@ impl TokenRefresh {
             accounts,
             secrets,
             margin,
-            refreshing: std::sync::Mutex::new(HashSet::new()),
+            refreshing: InFlight::default(),
         }
     }
 
@@ -229,12 +220,7 @@ impl TokenRefresh {
         id: &str,
         round: bool,
     ) -> Result<(RefreshReport, bool), NotRefreshed> {
-        let _guard = {
-            if !relay_filters::lock(&self.refreshing).insert(id.to_string()) {
-                return Err(NotRefreshed::Busy);
-            }
-            Refreshing(self, id.to_string())
-        };
+        let _guard = self.refreshing.enter(id).ok_or(NotRefreshed::Busy)?;
         // The row as it is now: the refresh token a moment ago may have been used already.
         let row = match self.store.account_by_id(id).await {
             Ok(Some(r)) => r,
@@ -422,10 +408,13 @@ impl TokenRefresh {
     /// Reloads this node's accounts (the new credential is used from the next request on) and
     /// publishes their states.
     async fn reload(&self) {
-        if let Err(e) = reload::reload_accounts(&self.store, &self.accounts, &self.secrets).await {
-            tracing::warn!(error = %e, "account reload after a token refresh failed");
-        }
-        reload::publish_account_states(&self.accounts);
+        reload::reload_and_publish_accounts(
+            &self.store,
+            &self.accounts,
+            &self.secrets,
+            "a token refresh",
+        )
+        .await;
     }
 
     /// Refreshes every account that is due, a few at a time; once `stop` turns true no more

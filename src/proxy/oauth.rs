@@ -133,7 +133,6 @@ pub fn jwt_expiry(token: &str) -> Option<i64> {
 /// Whether a refused refresh says the refresh token itself is dead (RFC 6749 §5.2
 /// `invalid_grant`, or OpenAI's own codes), as opposed to a refusal of something else (a wrong
 /// client id, a firewall, a region): only a dead token stops the rounds.
-#[allow(clippy::let_and_return)] // the codes borrow the parsed answer, which must outlive them
 fn token_is_dead(answer: &[u8]) -> bool {
     const DEAD: [&str; 4] = [
         "invalid_grant",
@@ -144,15 +143,10 @@ fn token_is_dead(answer: &[u8]) -> bool {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(answer) else {
         return false;
     };
-    let error = v.get("error");
-    let codes = [
-        error.and_then(|e| e.as_str()),
-        error.and_then(|e| e.get("code")).and_then(|c| c.as_str()),
-        error.and_then(|e| e.get("type")).and_then(|c| c.as_str()),
-        v.get("code").and_then(|c| c.as_str()),
-    ];
-    let dead = codes.into_iter().flatten().any(|code| DEAD.contains(&code));
-    dead
+    ["/error", "/error/code", "/error/type", "/code"]
+        .into_iter()
+        .filter_map(|at| v.pointer(at).and_then(|c| c.as_str()))
+        .any(|code| DEAD.contains(&code))
 }
 
 impl TokenClient {

@@ -108,6 +108,11 @@ pub struct Behavior {
     pub cut_json_after: Option<usize>,
     /// Wait this long before sending the response head.
     pub head_delay: Duration,
+    /// OAuth token answers: wait this long between the head and the body.
+    pub body_delay: Duration,
+    /// OAuth token answers: their `expires_in` (seconds), or none (an opaque token of unknown
+    /// expiry).
+    pub token_expires_in: Option<u64>,
     /// Answer with this status as soon as the request head is in, and close without reading
     /// the body (an upstream refusing a body too large).
     pub refuse_body_with: Option<u16>,
@@ -135,6 +140,8 @@ impl Default for Behavior {
             cut_after: None,
             cut_json_after: None,
             head_delay: Duration::ZERO,
+            body_delay: Duration::ZERO,
+            token_expires_in: Some(28800),
             refuse_body_with: None,
         }
     }
@@ -451,19 +458,26 @@ impl MockUpstream {
             // An OAuth token endpoint: new tokens numbered by the request, rotated each time.
             if token_endpoint {
                 let seq = answer.id.rsplit('_').next().unwrap_or("0");
-                let json = serde_json::json!({
+                let mut json = serde_json::json!({
                     "token_type": "Bearer",
                     "access_token": format!("sk-ant-oat01-refreshed-{seq}"),
                     "refresh_token": format!("sk-ant-ort01-rotated-{seq}"),
-                    "expires_in": 28800,
                     "scope": "user:inference user:profile",
-                })
-                .to_string();
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{json}",
+                });
+                if let Some(s) = b.token_expires_in {
+                    json["expires_in"] = s.into();
+                }
+                let json = json.to_string();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
                     json.len()
                 );
-                sock.write_all(resp.as_bytes()).await?;
+                sock.write_all(head.as_bytes()).await?;
+                sock.flush().await?;
+                if !b.body_delay.is_zero() {
+                    tokio::time::sleep(b.body_delay).await;
+                }
+                sock.write_all(json.as_bytes()).await?;
                 continue;
             }
             // Gemini streams are SSE only with `alt=sse`, a JSON array otherwise.

@@ -468,15 +468,7 @@ impl Relay {
     pub async fn wait_accounts_loaded(&self, n: i64) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let text = self
-                .http
-                .get(format!("{}/metrics", self.admin))
-                .send()
-                .await
-                .expect("metrics")
-                .text()
-                .await
-                .unwrap_or_default();
+            let text = self.metrics_text().await;
             let loaded: i64 = text
                 .lines()
                 .filter(|l| l.starts_with("relay_account_state{"))
@@ -492,6 +484,14 @@ impl Relay {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The secrets every node sharing one database must share.
+pub fn shared_node_secrets() -> Vec<(String, String)> {
+    vec![
+        ("RELAY_ENCRYPTION_KEY".to_string(), "11".repeat(32)),
+        ("RELAY_KEY_PEPPER".to_string(), "22".repeat(32)),
+    ]
 }
 
 /// The sum of an integer field over usage records.
@@ -722,6 +722,47 @@ impl Relay {
         }
         let r = req.send().await.expect("admin call");
         (r.status().as_u16(), r.text().await.unwrap_or_default())
+    }
+
+    /// An admin API call with the static token; the status and the JSON answer (a body that is
+    /// no JSON comes back as `{"text": ...}`).
+    pub async fn admin_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let (status, text) = self.token_call(Some(ADMIN_TOKEN), method, path, body).await;
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({ "text": text })),
+        )
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Every byte the relay stored on disk in its SQLite files (database and write-ahead log).
+    pub fn stored_bytes(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(&self.data_dir)
+            .expect("data dir")
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().starts_with("relay.db") {
+                all.extend(std::fs::read(entry.path()).unwrap_or_default());
+            }
+        }
+        all
     }
 
     /// `DELETE` on the admin API with the static token.
