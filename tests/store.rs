@@ -1601,6 +1601,67 @@ async fn in_memory_sqlite_keeps_its_schema() {
     store.create_user(&new_user("mem")).await.unwrap();
     assert_eq!(store.count_users().await.unwrap(), 1);
     assert!(store.user_by_username("mem").await.unwrap().is_some());
+    // Usage batches go through the pool's one connection here: a connection of their own
+    // would open another, empty database.
+    let r = record("mem-1", 1_795_132_800_000, "u", "k", "a", "m", 10, 5, 100);
+    store.insert_usage_batch(&[r.clone(), r]).await.unwrap();
+    assert_eq!(store.count_records().await.unwrap(), 1);
+}
+
+/// On a SQLite file, usage batches have a connection and a thread of their own (named, so the
+/// priority rule finds it). A batch that meets another connection's write lock waits a while,
+/// then fails whole and leaves nothing behind (the writer retries or spools it); once the lock
+/// is gone the same batch is stored and counted once.
+#[tokio::test]
+async fn sqlite_usage_batches_wait_for_a_locked_file_then_fail_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("relay.db").display());
+    let store = SqlStore::connect(&url, 2).await.unwrap();
+    store.migrate().await.unwrap();
+    let at = 1_795_132_800_000;
+    let batch: Vec<UsageRecord> = (0..300)
+        .map(|n| {
+            record(
+                &format!("lock-{n:03}"),
+                at + n,
+                "u",
+                "k",
+                "a",
+                "m",
+                10,
+                5,
+                100,
+            )
+        })
+        .collect();
+    store.insert_usage_batch(&batch[..1]).await.unwrap();
+    let threads = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .filter(|name| name.trim_end() == llm_relay::store::sqlite_usage::THREAD_NAME)
+        .count();
+    assert_eq!(threads, 1, "the usage thread runs under its name");
+
+    let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    other.execute("BEGIN IMMEDIATE").await.unwrap();
+    let started = std::time::Instant::now();
+    let locked = store.insert_usage_batch(&batch).await;
+    assert!(locked.is_err(), "a locked database is an error: {locked:?}");
+    // The wait is bounded under the usage writer's 3 s timeout.
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    other.execute("ROLLBACK").await.unwrap();
+    assert_eq!(store.count_records().await.unwrap(), 1);
+
+    store.insert_usage_batch(&batch).await.unwrap();
+    assert_eq!(store.count_records().await.unwrap(), 300);
+    let day = relay_filters::key_limits::utc_day(at);
+    let rows = store
+        .usage_daily(UsageDim::User, Some("u"), &day, &day)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].requests, 300);
+    assert_eq!((rows[0].base_cost, rows[0].billed_cost), (30_000, 60_000));
 }
 
 #[tokio::test]

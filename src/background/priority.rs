@@ -27,6 +27,9 @@ use super::usage_writer::Backlog;
 /// (15 bytes).
 const SQLITE_WORKER: &str = "sqlx-sqlite-wor";
 
+/// The SQLite threads put to idle priority: sqlx's workers and the usage batches' own thread.
+const SQLITE_THREADS: [&str; 2] = [SQLITE_WORKER, crate::store::sqlite_usage::THREAD_NAME];
+
 /// How often the queue is looked at: it fills from a quarter to full in about half a second at
 /// 13 000 requests/s with the default capacity.
 const TICK: Duration = Duration::from_millis(50);
@@ -69,9 +72,9 @@ pub async fn keep_sqlite_workers_idle(backlog: Backlog, mut shutdown: ShutdownWa
             idle = next;
             tracing::debug!(idle, "SQLite worker threads change CPU priority");
             known.clear();
-            set_policy_named(SQLITE_WORKER, idle, &mut known)
+            set_policy_named(&SQLITE_THREADS, idle, &mut known)
         } else if tick % LOOKUP_EVERY == 0 {
-            set_policy_named(SQLITE_WORKER, idle, &mut known)
+            set_policy_named(&SQLITE_THREADS, idle, &mut known)
         } else {
             Ok(0)
         };
@@ -117,12 +120,12 @@ pub fn can_come_back_from_idle() -> std::io::Result<()> {
     ))
 }
 
-/// Puts the threads of this process whose name starts with `prefix` and that are not in
+/// Puts the threads of this process whose name starts with one of `prefixes` and that are not in
 /// `known` under `SCHED_IDLE` (`idle`) or `SCHED_OTHER`; adds them to `known`. Returns how many
 /// were set.
 #[cfg(target_os = "linux")]
 pub fn set_policy_named(
-    prefix: &str,
+    prefixes: &[&str],
     idle: bool,
     known: &mut HashSet<i32>,
 ) -> std::io::Result<usize> {
@@ -146,7 +149,7 @@ pub fn set_policy_named(
         let Ok(name) = std::fs::read_to_string(entry.path().join("comm")) else {
             continue;
         };
-        if !name.starts_with(prefix) {
+        if !prefixes.iter().any(|p| name.starts_with(p)) {
             continue;
         }
         alive.insert(tid);
@@ -174,7 +177,7 @@ pub fn set_policy_named(
 
 #[cfg(not(target_os = "linux"))]
 pub fn set_policy_named(
-    _prefix: &str,
+    _prefixes: &[&str],
     _idle: bool,
     _known: &mut HashSet<i32>,
 ) -> std::io::Result<usize> {
@@ -217,7 +220,7 @@ mod tests {
 
         let mut done = HashSet::new();
         assert_eq!(
-            set_policy_named("prio-test-idle", true, &mut done).unwrap(),
+            set_policy_named(&["prio-test-idle"], true, &mut done).unwrap(),
             1
         );
         assert_eq!(policy_of(idle_tid), libc::SCHED_IDLE);
@@ -225,13 +228,13 @@ mod tests {
         assert_eq!(done, HashSet::from([idle_tid]));
         // Already moved: not again.
         assert_eq!(
-            set_policy_named("prio-test-idle", true, &mut done).unwrap(),
+            set_policy_named(&["prio-test-idle"], true, &mut done).unwrap(),
             0
         );
         // And back to normal, as a long queue asks.
         done.clear();
         assert_eq!(
-            set_policy_named("prio-test-idle", false, &mut done).unwrap(),
+            set_policy_named(&["prio-test-idle"], false, &mut done).unwrap(),
             1
         );
         assert_eq!(policy_of(idle_tid), libc::SCHED_OTHER);
@@ -241,7 +244,7 @@ mod tests {
         drop(stop_normal);
         normal.join().unwrap();
         // Ended threads are forgotten (their ids may be reused).
-        set_policy_named("prio-test-idle", true, &mut done).unwrap();
+        set_policy_named(&["prio-test-idle"], true, &mut done).unwrap();
         assert!(done.is_empty());
     }
 

@@ -13,10 +13,12 @@ pub mod redis_counters;
 pub mod redis_limits;
 pub mod redis_sessions;
 mod settings;
+pub mod sqlite_usage;
 mod usage;
 mod users;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -55,6 +57,9 @@ pub enum StoreError {
     /// The database failed or could not be reached.
     #[error("database error: {0}")]
     Db(#[source] sqlx::Error),
+    /// The usage batches' own SQLite connection failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -120,6 +125,8 @@ pub struct ChangeMarker {
 pub struct SqlStore {
     pool: AnyPool,
     postgres: bool,
+    /// On a SQLite file: the usage batches' own connection and thread.
+    sqlite_usage: Option<Arc<sqlite_usage::SqliteUsageWriter>>,
 }
 
 impl SqlStore {
@@ -136,11 +143,15 @@ impl SqlStore {
                 "database URL must start with sqlite:// or postgres://".to_owned(),
             ));
         }
+        let mut usage_file = None;
         let mut options = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(3));
         let url = if sqlite {
             let (url, in_memory) = prepare_sqlite_url(url)?;
+            if !in_memory {
+                usage_file = Some(sqlite_path(&url));
+            }
             if in_memory {
                 // Each new connection would open a new, empty in-memory database: keep one.
                 options = options
@@ -173,7 +184,16 @@ impl SqlStore {
                 .fetch_optional(&pool)
                 .await?;
         }
-        Ok(SqlStore { pool, postgres })
+        // The file exists now (sqlx created it): the usage thread opens it, never creating one,
+        // so a path read differently from sqlx fails to open instead of writing elsewhere.
+        let sqlite_usage = usage_file
+            .filter(|p: &std::path::PathBuf| p.is_file())
+            .map(|p| Arc::new(sqlite_usage::SqliteUsageWriter::new(p)));
+        Ok(SqlStore {
+            pool,
+            postgres,
+            sqlite_usage,
+        })
     }
 
     /// Applies the embedded migrations that are not yet applied (idempotent).
@@ -283,6 +303,16 @@ fn prepare_sqlite_url(url: &str) -> Result<(String, bool)> {
         (false, false) => format!("{url}&mode=rwc"),
     };
     Ok((url, false))
+}
+
+/// The file of a `sqlite:` URL made by [`prepare_sqlite_url`].
+fn sqlite_path(url: &str) -> std::path::PathBuf {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let path = rest.split_once('?').map_or(rest, |(p, _)| p);
+    std::path::PathBuf::from(path)
 }
 
 /// Milliseconds since the Unix epoch, now.

@@ -59,7 +59,7 @@ const DAILY_COLUMNS: [&str; 10] = [
 ];
 
 /// Records per INSERT statement: 26 × 256 parameters stays far under SQLite's 32 766.
-const RECORDS_PER_STATEMENT: usize = 256;
+pub(super) const RECORDS_PER_STATEMENT: usize = 256;
 /// Rollup rows per upsert statement (10 parameters each).
 const ROLLUPS_PER_STATEMENT: usize = 512;
 
@@ -227,7 +227,7 @@ impl UsageTotals {
 }
 
 /// Token counts are u64 in memory and BIGINT in the database; saturate rather than wrap.
-fn int(v: u64) -> i64 {
+pub(super) fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
@@ -294,14 +294,14 @@ fn user_model_dim(user_id: &str) -> String {
 }
 
 /// Ids per `IN (...)` list, far under SQLite's parameter limit.
-const IDS_PER_STATEMENT: usize = 512;
+pub(super) const IDS_PER_STATEMENT: usize = 512;
 
 /// Splits a batch into runs for multi-row statements: runs of `max`, then the rest in powers of
 /// two, largest first. Run lengths come from a small fixed set (nine for 256), so each
 /// statement's text recurs and the driver reuses its prepared form from the connection's
 /// statement cache. With a run per batch remainder, a loaded relay wrote a new length nearly
 /// every batch, and parsing a multi-row statement costs SQLite about as much as running it.
-fn statement_runs<T>(items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
+pub(super) fn statement_runs<T>(items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
     let mut rest = items;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -320,7 +320,7 @@ fn statement_runs<T>(items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
 
 /// The multi-row statements of a usage batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum BatchStatement {
+pub(super) enum BatchStatement {
     /// Which of the ids given are stored already.
     ExistingIds,
     InsertRecords,
@@ -357,7 +357,7 @@ impl BatchStatement {
     /// The statement's text for `rows` rows, built once. Runs come in a few fixed lengths
     /// ([`statement_runs`]), so this holds a few dozen texts at most; building one anew for
     /// every run cost about as much per row as binding the row.
-    fn text(self, rows: usize, postgres: bool) -> Arc<str> {
+    pub(super) fn text(self, rows: usize, postgres: bool) -> Arc<str> {
         type Texts = Mutex<HashMap<(BatchStatement, usize, bool), Arc<str>>>;
         static TEXTS: OnceLock<Texts> = OnceLock::new();
         let mut texts = TEXTS
@@ -533,6 +533,91 @@ fn daily_where(
     Ok(parts)
 }
 
+/// A batch's records, each id once: one id twice in a batch would be inserted once but
+/// counted twice, so the first is kept.
+pub(super) fn unique_records(records: &[UsageRecord]) -> Vec<&UsageRecord> {
+    let mut seen = HashSet::with_capacity(records.len());
+    records
+        .iter()
+        .filter(|r| seen.insert(r.id.as_str()))
+        .collect()
+}
+
+/// A daily rollup row's key: (day, dim, dim_id).
+pub(super) type RollupKey<'a> = (Arc<str>, Cow<'a, str>, &'a str);
+
+/// What a batch's new records add besides themselves.
+pub(super) struct BatchSums<'a> {
+    /// Daily rollup rows, keyed (day, dim, dim_id), sorted.
+    pub rollups: Vec<(RollupKey<'a>, UsageTotals)>,
+    /// Latest use per API key id.
+    pub key_used: BTreeMap<&'a str, i64>,
+    /// Latest use per account id.
+    pub account_used: BTreeMap<&'a str, i64>,
+}
+
+/// Sums the records stored by a batch into its rollup rows and last uses.
+pub(super) fn batch_sums<'a>(fresh: &[&'a UsageRecord]) -> BatchSums<'a> {
+    // Sorted maps: every node touches rollup and key rows in the same order, so concurrent
+    // writers on PostgreSQL queue instead of deadlocking.
+    // Keyed (day, dim, dim_id), borrowing from the records: a batch's records nearly all
+    // fall on one day, whose text is made once.
+    let mut rollups: BTreeMap<RollupKey<'a>, UsageTotals> = BTreeMap::new();
+    let mut key_used: BTreeMap<&'a str, i64> = BTreeMap::new();
+    let mut account_used: BTreeMap<&'a str, i64> = BTreeMap::new();
+    let mut last_day: Option<(i64, Arc<str>)> = None;
+    for &r in fresh {
+        let day_number = r.created_at.div_euclid(86_400_000);
+        let day = match &last_day {
+            Some((n, text)) if *n == day_number => text.clone(),
+            _ => {
+                let text: Arc<str> = Arc::from(utc_day(r.created_at));
+                last_day = Some((day_number, text.clone()));
+                text
+            }
+        };
+        let model = r.upstream_model.as_deref().or(r.requested_model.as_deref());
+        let user_model = r.user_id.as_deref().map(user_model_dim);
+        for (dim, id) in [
+            (
+                Some(Cow::Borrowed(UsageDim::User.as_str())),
+                r.user_id.as_deref(),
+            ),
+            (
+                Some(Cow::Borrowed(UsageDim::Key.as_str())),
+                r.api_key_id.as_deref(),
+            ),
+            (
+                Some(Cow::Borrowed(UsageDim::Account.as_str())),
+                r.account_id.as_deref(),
+            ),
+            (Some(Cow::Borrowed(UsageDim::Model.as_str())), model),
+            (user_model.map(Cow::Owned), model),
+        ] {
+            if let (Some(dim), Some(id)) = (dim, id) {
+                rollups
+                    .entry((day.clone(), dim, id))
+                    .or_default()
+                    .add_record(r);
+            }
+        }
+        if let Some(key) = r.api_key_id.as_deref() {
+            let at = key_used.entry(key).or_insert(r.created_at);
+            *at = (*at).max(r.created_at);
+        }
+        if let Some(account) = r.account_id.as_deref() {
+            let at = account_used.entry(account).or_insert(r.created_at);
+            *at = (*at).max(r.created_at);
+        }
+    }
+
+    BatchSums {
+        rollups: rollups.into_iter().collect(),
+        key_used,
+        account_used,
+    }
+}
+
 impl SqlStore {
     /// Stores a batch of records and adds them to the daily rollups, in one transaction.
     ///
@@ -540,12 +625,10 @@ impl SqlStore {
     /// twice) is skipped and not counted again. Also moves `last_used_at` of the keys and
     /// accounts named, without touching their `updated_at` (so caches are not invalidated).
     pub async fn insert_usage_batch(&self, records: &[UsageRecord]) -> Result<()> {
-        // One id twice in a batch would be inserted once but counted twice: keep the first.
-        let mut seen = HashSet::with_capacity(records.len());
-        let unique: Vec<&UsageRecord> = records
-            .iter()
-            .filter(|r| seen.insert(r.id.as_str()))
-            .collect();
+        if let Some(writer) = &self.sqlite_usage {
+            return writer.write(records).await;
+        }
+        let unique = unique_records(records);
         if unique.is_empty() {
             return Ok(());
         }
@@ -585,61 +668,8 @@ impl SqlStore {
             fresh
         };
 
-        // Sorted maps: every node touches rollup and key rows in the same order, so concurrent
-        // writers on PostgreSQL queue instead of deadlocking.
-        // Keyed (day, dim, dim_id), borrowing from the records: a batch's records nearly all
-        // fall on one day, whose text is made once.
-        let mut rollups: BTreeMap<(Arc<str>, Cow<'_, str>, &str), UsageTotals> = BTreeMap::new();
-        let mut key_used: BTreeMap<&str, i64> = BTreeMap::new();
-        let mut account_used: BTreeMap<&str, i64> = BTreeMap::new();
-        let mut last_day: Option<(i64, Arc<str>)> = None;
-        for r in &fresh {
-            let day_number = r.created_at.div_euclid(86_400_000);
-            let day = match &last_day {
-                Some((n, text)) if *n == day_number => text.clone(),
-                _ => {
-                    let text: Arc<str> = Arc::from(utc_day(r.created_at));
-                    last_day = Some((day_number, text.clone()));
-                    text
-                }
-            };
-            let model = r.upstream_model.as_deref().or(r.requested_model.as_deref());
-            let user_model = r.user_id.as_deref().map(user_model_dim);
-            for (dim, id) in [
-                (
-                    Some(Cow::Borrowed(UsageDim::User.as_str())),
-                    r.user_id.as_deref(),
-                ),
-                (
-                    Some(Cow::Borrowed(UsageDim::Key.as_str())),
-                    r.api_key_id.as_deref(),
-                ),
-                (
-                    Some(Cow::Borrowed(UsageDim::Account.as_str())),
-                    r.account_id.as_deref(),
-                ),
-                (Some(Cow::Borrowed(UsageDim::Model.as_str())), model),
-                (user_model.map(Cow::Owned), model),
-            ] {
-                if let (Some(dim), Some(id)) = (dim, id) {
-                    rollups
-                        .entry((day.clone(), dim, id))
-                        .or_default()
-                        .add_record(r);
-                }
-            }
-            if let Some(key) = r.api_key_id.as_deref() {
-                let at = key_used.entry(key).or_insert(r.created_at);
-                *at = (*at).max(r.created_at);
-            }
-            if let Some(account) = r.account_id.as_deref() {
-                let at = account_used.entry(account).or_insert(r.created_at);
-                *at = (*at).max(r.created_at);
-            }
-        }
-
-        let rollups: Vec<_> = rollups.into_iter().collect();
-        for chunk in statement_runs(&rollups, ROLLUPS_PER_STATEMENT) {
+        let sums = batch_sums(&fresh);
+        for chunk in statement_runs(&sums.rollups, ROLLUPS_PER_STATEMENT) {
             let sql = BatchStatement::AddRollups.text(chunk.len(), self.is_postgres());
             let mut query = sqlx::query(&sql);
             for ((day, dim, id), t) in chunk {
@@ -658,7 +688,10 @@ impl SqlStore {
             query.execute(&mut *tx).await?;
         }
 
-        for (table, used) in [("api_keys", &key_used), ("accounts", &account_used)] {
+        for (table, used) in [
+            ("api_keys", &sums.key_used),
+            ("accounts", &sums.account_used),
+        ] {
             let sql = format!(
                 "UPDATE {table} SET last_used_at = $1 WHERE id = $2 \
                  AND (last_used_at IS NULL OR last_used_at < $3)"
