@@ -1615,7 +1615,8 @@ async fn in_memory_sqlite_keeps_its_schema() {
 #[tokio::test]
 async fn sqlite_usage_batches_wait_for_a_locked_file_then_fail_whole() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("relay.db").display());
+    // A path sqlx tidies before opening: the usage thread writes to the file sqlx opened.
+    let url = format!("sqlite://{}/nested/../relay.db", dir.path().display());
     let store = SqlStore::connect(&url, 2).await.unwrap();
     store.migrate().await.unwrap();
     let at = 1_795_132_800_000;
@@ -1662,6 +1663,26 @@ async fn sqlite_usage_batches_wait_for_a_locked_file_then_fail_whole() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].requests, 300);
     assert_eq!((rows[0].base_cost, rows[0].billed_cost), (30_000, 60_000));
+
+    // A replayed batch meets the lock: it fails within the bound too, and once the lock is
+    // gone only its new record is stored and counted.
+    other.execute("BEGIN IMMEDIATE").await.unwrap();
+    let started = std::time::Instant::now();
+    assert!(store.insert_usage_batch(&batch).await.is_err());
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    other.execute("ROLLBACK").await.unwrap();
+    let mut replay = batch.clone();
+    replay.push(record("lock-new", at, "u", "k", "a", "m", 10, 5, 100));
+    store.insert_usage_batch(&replay).await.unwrap();
+    assert_eq!(store.count_records().await.unwrap(), 301);
+    let rows = store
+        .usage_daily(UsageDim::User, Some("u"), &day, &day)
+        .await
+        .unwrap();
+    assert_eq!(rows[0].requests, 301);
+
+    store.close().await;
+    assert!(store.insert_usage_batch(&batch[..1]).await.is_err());
 }
 
 #[tokio::test]

@@ -143,15 +143,13 @@ impl SqlStore {
                 "database URL must start with sqlite:// or postgres://".to_owned(),
             ));
         }
-        let mut usage_file = None;
+        let mut own_usage_connection = false;
         let mut options = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(3));
         let url = if sqlite {
             let (url, in_memory) = prepare_sqlite_url(url)?;
-            if !in_memory {
-                usage_file = Some(sqlite_path(&url));
-            }
+            own_usage_connection = !in_memory && plain_sqlite_settings(&url);
             if in_memory {
                 // Each new connection would open a new, empty in-memory database: keep one.
                 options = options
@@ -184,11 +182,26 @@ impl SqlStore {
                 .fetch_optional(&pool)
                 .await?;
         }
-        // The file exists now (sqlx created it): the usage thread opens it, never creating one,
-        // so a path read differently from sqlx fails to open instead of writing elsewhere.
-        let sqlite_usage = usage_file
-            .filter(|p: &std::path::PathBuf| p.is_file())
-            .map(|p| Arc::new(sqlite_usage::SqliteUsageWriter::new(p)));
+        // The usage thread opens the very file sqlx opened (SQLite names it, absolute), never
+        // creating one.
+        let sqlite_usage = if own_usage_connection {
+            let file: Option<String> =
+                sqlx::query("SELECT file FROM pragma_database_list WHERE name = 'main'")
+                    .fetch_optional(&pool)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|row| row.try_get(0).ok());
+            let file = file
+                .map(std::path::PathBuf::from)
+                .filter(|p| p.is_absolute() && p.is_file());
+            if file.is_none() {
+                tracing::info!("usage batches go through the database pool (no file named)");
+            }
+            file.map(|p| Arc::new(sqlite_usage::SqliteUsageWriter::new(p)))
+        } else {
+            None
+        };
         Ok(SqlStore {
             pool,
             postgres,
@@ -236,8 +249,11 @@ impl SqlStore {
         &self.pool
     }
 
-    /// Closes every connection of the pool; later calls fail.
+    /// Closes every connection of the pool (and the usage batches' own); later calls fail.
     pub async fn close(&self) {
+        if let Some(usage) = &self.sqlite_usage {
+            usage.close();
+        }
         self.pool.close().await;
     }
 
@@ -305,14 +321,14 @@ fn prepare_sqlite_url(url: &str) -> Result<(String, bool)> {
     Ok((url, false))
 }
 
-/// The file of a `sqlite:` URL made by [`prepare_sqlite_url`].
-fn sqlite_path(url: &str) -> std::path::PathBuf {
-    let rest = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-        .unwrap_or(url);
-    let path = rest.split_once('?').map_or(rest, |(p, _)| p);
-    std::path::PathBuf::from(path)
+/// Whether a file's `sqlite:` URL sets nothing but its open mode (`rw`, `rwc`): the usage
+/// thread's own connection could not honour other settings (a VFS, `immutable`, a cache mode).
+fn plain_sqlite_settings(url: &str) -> bool {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .all(|kv| kv == "mode=rw" || kv == "mode=rwc")
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -528,5 +544,14 @@ mod tests {
         let (out, _) = prepare_sqlite_url(&format!("{url}?mode=ro")).unwrap();
         assert_eq!(out, format!("{url}?mode=ro"));
         assert!(prepare_sqlite_url("sqlite::memory:").unwrap().1);
+        assert!(plain_sqlite_settings("sqlite://data/relay.db?mode=rwc"));
+        assert!(plain_sqlite_settings("sqlite:///srv/relay.db"));
+        assert!(!plain_sqlite_settings(
+            "sqlite://relay.db?mode=rwc&vfs=unix-none"
+        ));
+        assert!(!plain_sqlite_settings(
+            "sqlite://relay.db?immutable=true&mode=rw"
+        ));
+        assert!(!plain_sqlite_settings("sqlite://relay.db?mode=ro"));
     }
 }

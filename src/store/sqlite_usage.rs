@@ -16,6 +16,7 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
@@ -36,11 +37,18 @@ pub const THREAD_NAME: &str = "sqlite-usage";
 /// thread.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Batches waiting for the thread. A batch comes about once a second; a full queue means the
+/// thread is far behind, and a batch refused then is retried or spooled by the writer rather
+/// than held in memory.
+const QUEUE: usize = 4;
+
 /// Hands usage batches to the writing thread; starts it on first use.
 #[derive(Debug)]
 pub(super) struct SqliteUsageWriter {
     path: PathBuf,
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    jobs: Mutex<Option<mpsc::SyncSender<Job>>>,
+    /// Set by [`SqliteUsageWriter::close`]: no thread is started again.
+    closed: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -54,7 +62,15 @@ impl SqliteUsageWriter {
         SqliteUsageWriter {
             path,
             jobs: Mutex::new(None),
+            closed: AtomicBool::new(false),
         }
+    }
+
+    /// Ends the thread once it has finished the batch in hand (its connection closes with it);
+    /// later writes fail, as the store's other calls do once its pool is closed.
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        relay_filters::lock(&self.jobs).take();
     }
 
     /// Stores `records` (new ids written and counted, stored ones skipped) in one transaction.
@@ -74,15 +90,25 @@ impl SqliteUsageWriter {
 
     fn send(&self, job: Job) -> Result<()> {
         let mut slot = relay_filters::lock(&self.jobs);
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Invalid(
+                "usage batch not stored: the store is closed".into(),
+            ));
+        }
         let job = match slot.as_ref() {
-            Some(tx) => match tx.send(job) {
+            Some(tx) => match tx.try_send(job) {
                 Ok(()) => return Ok(()),
+                Err(mpsc::TrySendError::Full(_)) => {
+                    return Err(StoreError::Invalid(
+                        "usage batch not stored: the SQLite usage thread is behind".into(),
+                    ))
+                }
                 // The thread is gone (it never is, short of a panic): start another.
-                Err(mpsc::SendError(job)) => job,
+                Err(mpsc::TrySendError::Disconnected(job)) => job,
             },
             None => job,
         };
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE);
         let path = self.path.clone();
         std::thread::Builder::new()
             .name(THREAD_NAME.into())
@@ -90,7 +116,7 @@ impl SqliteUsageWriter {
             .map_err(|e| {
                 StoreError::Invalid(format!("cannot start the SQLite usage thread: {e}"))
             })?;
-        tx.send(job).map_err(|_| {
+        tx.try_send(job).map_err(|_| {
             StoreError::Invalid("usage batch not stored: the SQLite usage thread ended".into())
         })?;
         *slot = Some(tx);
@@ -98,11 +124,17 @@ impl SqliteUsageWriter {
     }
 }
 
-/// The thread: one connection, opened when first needed and again after it failed to open;
-/// ends when the writer is dropped.
+/// The thread: one connection, opened when first needed and again after any failure (a
+/// connection left inside a transaction by a failed rollback, a file replaced); ends when the
+/// writer is dropped or closed.
 fn serve(path: PathBuf, jobs: mpsc::Receiver<Job>) {
     let mut conn: Option<rusqlite::Connection> = None;
     for job in jobs {
+        // The caller stopped waiting (its timeout): it retries or spools the batch itself, and
+        // running this copy too would only put the next batches further behind.
+        if job.done.is_closed() {
+            continue;
+        }
         let result = match conn.as_mut() {
             Some(c) => insert_batch(c, &job.records),
             None => match open(&path) {
@@ -110,8 +142,11 @@ fn serve(path: PathBuf, jobs: mpsc::Receiver<Job>) {
                 Err(e) => Err(e.into()),
             },
         };
-        // The caller may have stopped waiting (its timeout); the batch is then retried or
-        // spooled, and inserting it again is harmless.
+        if result.is_err() {
+            conn = None;
+        }
+        // Had the caller given up meanwhile, the batch is retried or spooled, and inserting it
+        // again is harmless (ids already stored are skipped).
         let _ = job.done.send(result);
     }
 }
@@ -138,16 +173,26 @@ fn insert_batch(conn: &mut rusqlite::Connection, records: &[UsageRecord]) -> Res
     if unique.is_empty() {
         return Ok(());
     }
-    // Immediate: the write lock is taken (or waited for) up front, not at the first insert.
+    // Immediate: the write lock is taken (or waited for) up front, not at the first insert,
+    // and held to the commit.
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     // Nearly always every record is new: they are inserted without looking for them first.
-    let fresh = if insert_records(&tx, &unique)? {
+    let all_new = {
+        let mut first = tx.savepoint()?;
+        let all_new = insert_records(&first, &unique)?;
+        if all_new {
+            first.commit()?;
+        } else {
+            first.rollback()?;
+        }
+        all_new
+    };
+    let fresh = if all_new {
         unique
     } else {
         // Some were stored already (a spooled batch replayed after its first write did
-        // commit): start over and insert only the others, so none is counted twice.
-        tx.rollback()?;
-        tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // commit): back to the savepoint, still holding the lock, and insert only the others,
+        // so none is counted twice.
         let existing = existing_ids(&tx, &unique)?;
         let fresh: Vec<&UsageRecord> = unique
             .into_iter()
@@ -196,10 +241,7 @@ fn insert_batch(conn: &mut rusqlite::Connection, records: &[UsageRecord]) -> Res
 }
 
 /// Inserts `records` in multi-row statements and tells whether every one was new.
-fn insert_records(
-    tx: &rusqlite::Transaction<'_>,
-    records: &[&UsageRecord],
-) -> rusqlite::Result<bool> {
+fn insert_records(tx: &rusqlite::Connection, records: &[&UsageRecord]) -> rusqlite::Result<bool> {
     for chunk in statement_runs(records, RECORDS_PER_STATEMENT) {
         let mut insert =
             tx.prepare_cached(&BatchStatement::InsertRecords.text(chunk.len(), false))?;
