@@ -7,10 +7,9 @@
 //! and bound there, and each multi-row statement's text went to that thread and was hashed and
 //! compared there. Here the same multi-row statements (SQLite runs one statement of 256 rows
 //! for much less than 256 single-row ones: the table's and the five indexes' cursors open once)
-//! are bound straight from the records on the thread that runs them: per record 6.7 µs of CPU
-//! instead of 7.7 under load, 8.9 µs of wall time per record instead of 11.7 in
-//! `benches/usage_write.rs`, and the control plane's runtime, which also serves the admin API,
-//! is left nearly all of its time. Everything else on SQLite (migrations, admin queries, the
+//! are bound straight from the records on the thread that runs them: under load 1 to 2 µs less
+//! CPU per record (the README has the runs), and the control plane's runtime, which also serves
+//! the admin API, is left nearly all of its time. Everything else on SQLite (migrations, admin queries, the
 //! caches) stays on sqlx; this connection opens the file sqlx created and migrated, and never
 //! creates one.
 
