@@ -27,14 +27,19 @@ async fn relay() -> Relay {
     .await
 }
 
-async fn check(relay: &Relay, id: &str) -> Value {
-    let (status, v) = relay
+/// An admin's health check of one account: the status and the answer.
+async fn try_check(relay: &Relay, id: &str) -> (u16, Value) {
+    relay
         .admin_json(
             Method::POST,
             &format!("/api/admin/accounts/{id}/health-check"),
             None,
         )
-        .await;
+        .await
+}
+
+async fn check(relay: &Relay, id: &str) -> Value {
+    let (status, v) = try_check(relay, id).await;
     assert_eq!(status, 200, "{v}");
     v
 }
@@ -132,13 +137,7 @@ async fn failed_checks_take_an_account_out_and_a_passing_one_puts_it_back() {
     assert_eq!(mock.count(), before);
 
     // An operator clears the error: counting starts again from nothing, on every node.
-    let (status, v) = relay
-        .admin_json(
-            Method::PATCH,
-            &format!("/api/admin/accounts/{id}"),
-            Some(json!({ "status": "valid" })),
-        )
-        .await;
+    let (status, v) = relay.patch_account(&id, json!({ "status": "valid" })).await;
     assert_eq!(status, 200, "{v}");
     let v = check(&relay, &id).await;
     assert_eq!(
@@ -223,28 +222,15 @@ async fn failed_checks_take_an_account_out_and_a_passing_one_puts_it_back() {
     let to_gemini = sent.iter().find(|r| r.path == "/g/v1beta/models").unwrap();
     assert_eq!(to_gemini.header("x-goog-api-key"), Some("gemini-key-1"));
     // A disabled account is not checked, not even by hand.
-    let (status, v) = relay
-        .admin_json(
-            Method::POST,
-            &format!("/api/admin/accounts/{api_key}/health-check"),
-            None,
-        )
-        .await;
+    let (status, v) = try_check(&relay, &api_key).await;
     assert_eq!(status, 409, "{v}");
-    let (status, _) = relay
-        .admin_json(
-            Method::POST,
-            "/api/admin/accounts/no-such-account/health-check",
-            None,
-        )
-        .await;
+    let (status, _) = try_check(&relay, "no-such-account").await;
     assert_eq!(status, 404);
     // An unreachable provider says nothing about the credential: reported, not counted.
     let (status, _) = relay
-        .admin_json(
-            Method::PATCH,
-            &format!("/api/admin/accounts/{gemini}"),
-            Some(json!({ "base_url": format!("http://127.0.0.1:{}", common::free_port()) })),
+        .patch_account(
+            &gemini,
+            json!({ "base_url": format!("http://127.0.0.1:{}", common::free_port()) }),
         )
         .await;
     assert_eq!(status, 200);
@@ -411,11 +397,7 @@ async fn a_status_set_while_a_check_runs_is_kept() {
     let (status, v) = relay.admin_json(Method::POST, &path, None).await;
     assert_eq!(status, 409, "{v}");
     let (status, v) = relay
-        .admin_json(
-            Method::PATCH,
-            &format!("/api/admin/accounts/{id}"),
-            Some(json!({ "status": "blocked" })),
-        )
+        .patch_account(&id, json!({ "status": "blocked" }))
         .await;
     assert_eq!(status, 200, "{v}");
     let v = running.await.unwrap();

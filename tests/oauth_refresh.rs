@@ -289,10 +289,9 @@ async fn a_refused_refresh_token_stops_the_rounds_until_an_operator_sets_new_tok
     // The operator stores a new refresh token: the refusal clears and the rounds take it.
     tokens.set(|b| b.status = 200);
     let (status, v) = relay
-        .admin_json(
-            Method::PATCH,
-            &format!("/api/admin/accounts/{id}"),
-            Some(json!({"refresh_token": "sk-ant-ort01-operator-refresh-token"})),
+        .patch_account(
+            &id,
+            json!({"refresh_token": "sk-ant-ort01-operator-refresh-token"}),
         )
         .await;
     assert_eq!(status, 200, "{v}");
@@ -498,19 +497,11 @@ async fn only_oauth_accounts_with_a_refresh_token_are_refreshed_by_hand() {
     assert_eq!(status, 404);
     // An empty refresh token is refused; null removes it.
     let (status, v) = relay
-        .admin_json(
-            Method::PATCH,
-            &format!("/api/admin/accounts/{bare}"),
-            Some(json!({"refresh_token": " "})),
-        )
+        .patch_account(&bare, json!({"refresh_token": " "}))
         .await;
     assert_eq!(status, 400, "{v}");
     let (status, v) = relay
-        .admin_json(
-            Method::PATCH,
-            &format!("/api/admin/accounts/{bare}"),
-            Some(json!({"refresh_token": "rt-1"})),
-        )
+        .patch_account(&bare, json!({"refresh_token": "rt-1"}))
         .await;
     assert_eq!(
         (status, &v["has_refresh_token"]),
@@ -518,11 +509,7 @@ async fn only_oauth_accounts_with_a_refresh_token_are_refreshed_by_hand() {
         "{v}"
     );
     let (status, v) = relay
-        .admin_json(
-            Method::PATCH,
-            &format!("/api/admin/accounts/{bare}"),
-            Some(json!({"refresh_token": null})),
-        )
+        .patch_account(&bare, json!({"refresh_token": null}))
         .await;
     assert_eq!(
         (status, &v["has_refresh_token"]),
@@ -721,10 +708,9 @@ async fn new_tokens_from_an_operator_are_not_held_back_by_a_refresh_of_the_old_o
     let patch = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         relay
-            .admin_json(
-                Method::PATCH,
-                &format!("/api/admin/accounts/{id}"),
-                Some(json!({"refresh_token": "sk-ant-ort01-operator-new-token"})),
+            .patch_account(
+                &id,
+                json!({"refresh_token": "sk-ant-ort01-operator-new-token"}),
             )
             .await
     };

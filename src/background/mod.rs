@@ -98,17 +98,14 @@ impl BackgroundService for ControlPlane {
         };
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(writer) = take(&self.writer) {
-            // On SQLite the writer has a connection of its own. Through the shared pool its
-            // batches went round the connections, each of which found its page cache stale and
-            // read pages again: pread64 per request 0.35 -> 0.18 to 0.25 (strace, 3 s runs).
-            let writer_store = if store.is_postgres() {
-                store.clone()
-            } else {
-                SqlStore::connect(&self.database_url, 1)
-                    .await
-                    .unwrap_or_else(|_| store.clone())
-            };
-            tasks.spawn(writer.run(writer_store, self.writer_settings.clone(), shutdown.clone()));
+            // On a SQLite file the store writes usage batches through a connection of its own
+            // (`store::sqlite_usage`): through the shared pool they went round the connections,
+            // each of which found its page cache stale and read pages again.
+            tasks.spawn(writer.run(
+                store.clone(),
+                self.writer_settings.clone(),
+                shutdown.clone(),
+            ));
         }
         let tokens = Arc::new(oauth_refresh::TokenRefresh::new(
             crate::proxy::oauth::TokenClient::new(

@@ -15,16 +15,16 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use relay_filters::UsageRecord;
+use rusqlite::types::ToSqlOutput;
 use rusqlite::{params, OpenFlags, ToSql, TransactionBehavior};
 
 use super::usage::{
-    batch_sums, int, statement_runs, unique_records, BatchStatement, IDS_PER_STATEMENT,
-    RECORDS_PER_STATEMENT,
+    batch_sums, last_used_sql, record_values, rollup_values, statement_runs, unique_records,
+    BatchStatement, RowValue, IDS_PER_STATEMENT, RECORDS_PER_STATEMENT,
 };
 use super::{Result, StoreError};
 
@@ -45,9 +45,17 @@ const QUEUE: usize = 4;
 #[derive(Debug)]
 pub(super) struct SqliteUsageWriter {
     path: PathBuf,
-    jobs: Mutex<Option<mpsc::SyncSender<Job>>>,
-    /// Set by [`SqliteUsageWriter::close`]: no thread is started again.
-    closed: AtomicBool,
+    thread: Mutex<Thread>,
+}
+
+/// The writing thread, as the writer knows it.
+#[derive(Debug)]
+enum Thread {
+    /// Not started yet (or gone, short of a panic): started by the next batch.
+    Idle,
+    Running(mpsc::SyncSender<Job>),
+    /// [`SqliteUsageWriter::close`] ended it: no thread is started again.
+    Closed,
 }
 
 #[derive(Debug)]
@@ -56,20 +64,23 @@ struct Job {
     done: tokio::sync::oneshot::Sender<Result<()>>,
 }
 
+/// The error of a batch that was not stored, and why.
+fn not_stored(why: &str) -> StoreError {
+    StoreError::Invalid(format!("usage batch not stored: {why}"))
+}
+
 impl SqliteUsageWriter {
     pub(super) fn new(path: PathBuf) -> Self {
         SqliteUsageWriter {
             path,
-            jobs: Mutex::new(None),
-            closed: AtomicBool::new(false),
+            thread: Mutex::new(Thread::Idle),
         }
     }
 
     /// Ends the thread once it has finished the batch in hand (its connection closes with it);
     /// later writes fail, as the store's other calls do once its pool is closed.
     pub(super) fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        relay_filters::lock(&self.jobs).take();
+        *relay_filters::lock(&self.thread) = Thread::Closed;
     }
 
     /// Stores `records` (new ids written and counted, stored ones skipped) in one transaction.
@@ -80,45 +91,34 @@ impl SqliteUsageWriter {
             done,
         };
         self.send(job)?;
-        result.await.unwrap_or_else(|_| {
-            Err(StoreError::Invalid(
-                "usage batch not stored: the SQLite usage thread ended".into(),
-            ))
-        })
+        result
+            .await
+            .unwrap_or_else(|_| Err(not_stored("the SQLite usage thread ended")))
     }
 
     fn send(&self, job: Job) -> Result<()> {
-        let mut slot = relay_filters::lock(&self.jobs);
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(StoreError::Invalid(
-                "usage batch not stored: the store is closed".into(),
-            ));
-        }
-        let job = match slot.as_ref() {
-            Some(tx) => match tx.try_send(job) {
+        let mut thread = relay_filters::lock(&self.thread);
+        let job = match &*thread {
+            Thread::Closed => return Err(not_stored("the store is closed")),
+            Thread::Running(tx) => match tx.try_send(job) {
                 Ok(()) => return Ok(()),
                 Err(mpsc::TrySendError::Full(_)) => {
-                    return Err(StoreError::Invalid(
-                        "usage batch not stored: the SQLite usage thread is behind".into(),
-                    ))
+                    return Err(not_stored("the SQLite usage thread is behind"))
                 }
                 // The thread is gone (it never is, short of a panic): start another.
                 Err(mpsc::TrySendError::Disconnected(job)) => job,
             },
-            None => job,
+            Thread::Idle => job,
         };
         let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE);
         let path = self.path.clone();
         std::thread::Builder::new()
             .name(THREAD_NAME.into())
             .spawn(move || serve(path, rx))
-            .map_err(|e| {
-                StoreError::Invalid(format!("cannot start the SQLite usage thread: {e}"))
-            })?;
-        tx.try_send(job).map_err(|_| {
-            StoreError::Invalid("usage batch not stored: the SQLite usage thread ended".into())
-        })?;
-        *slot = Some(tx);
+            .map_err(|e| not_stored(&format!("cannot start the SQLite usage thread: {e}")))?;
+        tx.try_send(job)
+            .map_err(|_| not_stored("the SQLite usage thread ended"))?;
+        *thread = Thread::Running(tx);
         Ok(())
     }
 }
@@ -209,31 +209,17 @@ fn insert_batch(conn: &mut rusqlite::Connection, records: &[UsageRecord]) -> Res
     let sums = batch_sums(&fresh);
     {
         let mut upsert = tx.prepare_cached(&BatchStatement::AddRollups.text(1, false))?;
-        for ((day, dim, id), t) in &sums.rollups {
-            upsert.execute(params![
-                &**day,
-                &**dim,
-                *id,
-                t.requests,
-                t.input_tokens,
-                t.output_tokens,
-                t.cache_write_tokens,
-                t.cache_read_tokens,
-                t.base_cost,
-                t.billed_cost,
-            ])?;
+        for (key, totals) in &sums.rollups {
+            upsert.execute(rollup_values(key, totals))?;
         }
     }
     for (table, used) in [
         ("api_keys", &sums.key_used),
         ("accounts", &sums.account_used),
     ] {
-        let mut touch = tx.prepare_cached(&format!(
-            "UPDATE {table} SET last_used_at = ?1 WHERE id = ?2 \
-             AND (last_used_at IS NULL OR last_used_at < ?1)"
-        ))?;
+        let mut touch = tx.prepare_cached(&last_used_sql(table))?;
         for (id, at) in used {
-            touch.execute(params![*at, *id])?;
+            touch.execute(params![*at, *id, *at])?;
         }
     }
     Ok(tx.commit()?)
@@ -244,40 +230,9 @@ fn insert_records(tx: &rusqlite::Connection, records: &[&UsageRecord]) -> rusqli
     for chunk in statement_runs(records, RECORDS_PER_STATEMENT) {
         let mut insert =
             tx.prepare_cached(&BatchStatement::InsertRecords.text(chunk.len(), false))?;
-        let mut at = 0;
-        let mut bind = |v: &dyn ToSql| {
-            at += 1;
-            insert.raw_bind_parameter(at, v)
-        };
-        for r in chunk {
-            let u = &r.usage;
-            bind(&r.id.as_str())?;
-            bind(&r.request_id.as_deref())?;
-            bind(&r.created_at)?;
-            bind(&r.user_id.as_deref())?;
-            bind(&r.api_key_id.as_deref())?;
-            bind(&r.account_id.as_deref())?;
-            bind(&r.session_key.as_deref())?;
-            bind(&r.protocol.as_ref())?;
-            bind(&r.requested_model.as_deref())?;
-            bind(&r.upstream_model.as_deref())?;
-            bind(&i64::from(r.stream))?;
-            bind(&i64::from(r.status))?;
-            bind(&int(u.input_tokens))?;
-            bind(&int(u.output_tokens))?;
-            bind(&int(u.cache_write_5m_tokens))?;
-            bind(&int(u.cache_write_1h_tokens))?;
-            bind(&int(u.cache_read_tokens))?;
-            bind(&int(u.reasoning_tokens))?;
-            bind(&r.base_cost)?;
-            bind(&r.billed_cost)?;
-            bind(&r.price_rate)?;
-            bind(&r.latency_ms)?;
-            bind(&r.ttfb_ms)?;
-            bind(&i64::from(r.failover_count))?;
-            bind(&r.error_type.as_deref())?;
-            bind(&i64::from(r.unpriced))?;
-            bind(&i64::from(r.estimated))?;
+        let values = chunk.iter().flat_map(|r| record_values(r));
+        for (at, value) in values.enumerate() {
+            insert.raw_bind_parameter(at + 1, value)?;
         }
         // Fewer rows than records: an id was stored already.
         if insert.raw_execute()? != chunk.len() {
@@ -285,6 +240,15 @@ fn insert_records(tx: &rusqlite::Connection, records: &[&UsageRecord]) -> rusqli
         }
     }
     Ok(true)
+}
+
+impl ToSql for RowValue<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        match self {
+            RowValue::Text(t) => t.to_sql(),
+            RowValue::Int(i) => i.to_sql(),
+        }
+    }
 }
 
 /// Which of the records' ids are stored.

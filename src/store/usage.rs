@@ -227,7 +227,7 @@ impl UsageTotals {
 }
 
 /// Token counts are u64 in memory and BIGINT in the database; saturate rather than wrap.
-pub(super) fn int(v: u64) -> i64 {
+fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
@@ -406,6 +406,93 @@ fn usage_from_row(row: &AnyRow) -> Result<UsageRow> {
     })
 }
 
+/// A value of a usage batch's rows, borrowed from the batch: what both drivers bind (the
+/// borrowed sibling of [`super::Param`], which dynamic statements own).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum RowValue<'a> {
+    /// TEXT (or NULL).
+    Text(Option<&'a str>),
+    /// BIGINT (or NULL).
+    Int(Option<i64>),
+}
+
+/// A record's `request_logs` values, in [`RECORD_COLUMNS`] order.
+pub(super) fn record_values(r: &UsageRecord) -> [RowValue<'_>; RECORD_COLUMNS.len()] {
+    use RowValue::{Int, Text};
+    let u = &r.usage;
+    [
+        Text(Some(r.id.as_str())),
+        Text(r.request_id.as_deref()),
+        Int(Some(r.created_at)),
+        Text(r.user_id.as_deref()),
+        Text(r.api_key_id.as_deref()),
+        Text(r.account_id.as_deref()),
+        Text(r.session_key.as_deref()),
+        Text(Some(r.protocol.as_ref())),
+        Text(r.requested_model.as_deref()),
+        Text(r.upstream_model.as_deref()),
+        Int(Some(i64::from(r.stream))),
+        Int(Some(i64::from(r.status))),
+        Int(Some(int(u.input_tokens))),
+        Int(Some(int(u.output_tokens))),
+        Int(Some(int(u.cache_write_5m_tokens))),
+        Int(Some(int(u.cache_write_1h_tokens))),
+        Int(Some(int(u.cache_read_tokens))),
+        Int(Some(int(u.reasoning_tokens))),
+        Int(Some(r.base_cost)),
+        Int(Some(r.billed_cost)),
+        Int(Some(r.price_rate)),
+        Int(Some(r.latency_ms)),
+        Int(r.ttfb_ms),
+        Int(Some(i64::from(r.failover_count))),
+        Text(r.error_type.as_deref()),
+        Int(Some(i64::from(r.unpriced))),
+        Int(Some(i64::from(r.estimated))),
+    ]
+}
+
+/// A rollup row's `usage_daily` values, in [`DAILY_COLUMNS`] order.
+pub(super) fn rollup_values<'a>(
+    (day, dim, id): &'a RollupKey<'_>,
+    t: &UsageTotals,
+) -> [RowValue<'a>; DAILY_COLUMNS.len()] {
+    use RowValue::{Int, Text};
+    [
+        Text(Some(day)),
+        Text(Some(dim)),
+        Text(Some(id)),
+        Int(Some(t.requests)),
+        Int(Some(t.input_tokens)),
+        Int(Some(t.output_tokens)),
+        Int(Some(t.cache_write_tokens)),
+        Int(Some(t.cache_read_tokens)),
+        Int(Some(t.base_cost)),
+        Int(Some(t.billed_cost)),
+    ]
+}
+
+/// Moves the last use of a key or account (`table`) forward: `$1` and `$3` the time, `$2` the id.
+pub(super) fn last_used_sql(table: &str) -> String {
+    format!(
+        "UPDATE {table} SET last_used_at = $1 WHERE id = $2 \
+         AND (last_used_at IS NULL OR last_used_at < $3)"
+    )
+}
+
+/// Binds `values` to a sqlx query, in order.
+fn bind_values<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    values: impl IntoIterator<Item = RowValue<'q>>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for v in values {
+        query = match v {
+            RowValue::Text(t) => query.bind(t),
+            RowValue::Int(i) => query.bind(i),
+        };
+    }
+    query
+}
+
 /// Inserts `records` (ids not stored yet are written, others skipped) and tells whether every
 /// one was written.
 async fn insert_records(
@@ -417,35 +504,7 @@ async fn insert_records(
         let sql = BatchStatement::InsertRecords.text(chunk.len(), postgres);
         let mut query = sqlx::query(&sql);
         for r in chunk {
-            let u = &r.usage;
-            query = query
-                .bind(r.id.as_str())
-                .bind(r.request_id.as_deref())
-                .bind(r.created_at)
-                .bind(r.user_id.as_deref())
-                .bind(r.api_key_id.as_deref())
-                .bind(r.account_id.as_deref())
-                .bind(r.session_key.as_deref())
-                .bind(r.protocol.as_ref())
-                .bind(r.requested_model.as_deref())
-                .bind(r.upstream_model.as_deref())
-                .bind(i64::from(r.stream))
-                .bind(i64::from(r.status))
-                .bind(int(u.input_tokens))
-                .bind(int(u.output_tokens))
-                .bind(int(u.cache_write_5m_tokens))
-                .bind(int(u.cache_write_1h_tokens))
-                .bind(int(u.cache_read_tokens))
-                .bind(int(u.reasoning_tokens))
-                .bind(r.base_cost)
-                .bind(r.billed_cost)
-                .bind(r.price_rate)
-                .bind(r.latency_ms)
-                .bind(r.ttfb_ms)
-                .bind(i64::from(r.failover_count))
-                .bind(r.error_type.as_deref())
-                .bind(i64::from(r.unpriced))
-                .bind(i64::from(r.estimated));
+            query = bind_values(query, record_values(r));
         }
         if query.execute(&mut *conn).await?.rows_affected() != chunk.len() as u64 {
             return Ok(false);
@@ -672,18 +731,8 @@ impl SqlStore {
         for chunk in statement_runs(&sums.rollups, ROLLUPS_PER_STATEMENT) {
             let sql = BatchStatement::AddRollups.text(chunk.len(), self.is_postgres());
             let mut query = sqlx::query(&sql);
-            for ((day, dim, id), t) in chunk {
-                query = query
-                    .bind(&**day)
-                    .bind(&**dim)
-                    .bind(*id)
-                    .bind(t.requests)
-                    .bind(t.input_tokens)
-                    .bind(t.output_tokens)
-                    .bind(t.cache_write_tokens)
-                    .bind(t.cache_read_tokens)
-                    .bind(t.base_cost)
-                    .bind(t.billed_cost);
+            for (key, totals) in chunk {
+                query = bind_values(query, rollup_values(key, totals));
             }
             query.execute(&mut *tx).await?;
         }
@@ -692,10 +741,7 @@ impl SqlStore {
             ("api_keys", &sums.key_used),
             ("accounts", &sums.account_used),
         ] {
-            let sql = format!(
-                "UPDATE {table} SET last_used_at = $1 WHERE id = $2 \
-                 AND (last_used_at IS NULL OR last_used_at < $3)"
-            );
+            let sql = last_used_sql(table);
             for (id, at) in used {
                 sqlx::query(&sql)
                     .bind(*at)

@@ -739,6 +739,20 @@ impl Relay {
         )
     }
 
+    /// `PATCH /api/admin/accounts/{id}` with `body`, as the admin.
+    pub async fn patch_account(
+        &self,
+        id: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        self.admin_json(
+            reqwest::Method::PATCH,
+            &format!("/api/admin/accounts/{id}"),
+            Some(body),
+        )
+        .await
+    }
+
     /// The Prometheus text of `/metrics`.
     pub async fn metrics_text(&self) -> String {
         self.http
