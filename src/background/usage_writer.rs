@@ -5,6 +5,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use relay_filters::UsageRecord;
@@ -98,24 +99,31 @@ pub fn usage_channel(capacity: usize, spool_dir: PathBuf) -> (UsageQueue, UsageW
         UsageWriter {
             rx: Some(rx),
             batch: Vec::new(),
+            writing: None,
             spool_dir,
         },
     )
 }
 
-/// The writer's end: owns the receiver and the batch in hand, and spools whatever is left of
-/// both when dropped. A runtime shutting down drops the running writer (its future owns it), so
+/// The writer's end: owns the receiver, the batch filling and the batch being written, and
+/// spools whatever is left of them when dropped. A runtime shutting down drops the running writer (its future owns it), so
 /// records still queued, or in a batch whose write was cut, are spooled then; a batch that was
 /// in fact committed is skipped on replay (ids are unique).
 pub struct UsageWriter {
     rx: Option<mpsc::Receiver<UsageRecord>>,
     batch: Vec<UsageRecord>,
+    /// The batch being written, shared with the store (on a SQLite file its usage thread reads
+    /// the records without copying them).
+    writing: Option<Arc<[UsageRecord]>>,
     spool_dir: PathBuf,
 }
 
 impl Drop for UsageWriter {
     fn drop(&mut self) {
         let mut left = std::mem::take(&mut self.batch);
+        if let Some(writing) = self.writing.take() {
+            left.extend_from_slice(&writing);
+        }
         let in_batch = left.len();
         if let Some(rx) = self.rx.as_mut() {
             rx.close();
@@ -165,7 +173,7 @@ impl UsageWriter {
     ) {
         let this = &mut self;
         let Some(rx) = this.rx.as_mut() else { return };
-        let batch = &mut this.batch;
+        let (batch, writing) = (&mut this.batch, &mut this.writing);
         batch.reserve(settings.batch_size);
         let mut replay_tick = tokio::time::interval(Duration::from_secs(5));
         let mut stopping = false;
@@ -198,9 +206,11 @@ impl UsageWriter {
                                 Err(_) => break,
                             }
                         }
-                        write_batch(&store, &this.spool_dir, batch).await;
                         let full = batch.len() == settings.batch_size;
-                        batch.clear();
+                        let shared = writing.insert(Arc::from(std::mem::take(batch)));
+                        write_batch(&store, &this.spool_dir, shared).await;
+                        *writing = None;
+                        batch.reserve(settings.batch_size);
                         if !full {
                             break;
                         }
@@ -226,10 +236,10 @@ const FILL_WAIT: Duration = Duration::from_millis(100);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Writes one batch, retrying briefly, spooling it when the database stays unreachable.
-async fn write_batch(store: &SqlStore, spool_dir: &Path, batch: &[UsageRecord]) {
+async fn write_batch(store: &SqlStore, spool_dir: &Path, batch: &Arc<[UsageRecord]>) {
     let mut delay = Duration::from_millis(100);
     for attempt in 0..3 {
-        match tokio::time::timeout(WRITE_TIMEOUT, store.insert_usage_batch(batch)).await {
+        match tokio::time::timeout(WRITE_TIMEOUT, store.insert_usage_shared(batch)).await {
             Ok(Ok(())) => {
                 metrics().usage_written.inc_by(batch.len() as u64);
                 return;

@@ -224,6 +224,17 @@ impl UsageTotals {
         self.base_cost = self.base_cost.saturating_add(r.base_cost);
         self.billed_cost = self.billed_cost.saturating_add(r.billed_cost);
     }
+
+    /// Adds another sum's figures.
+    fn add(&mut self, o: &UsageTotals) {
+        self.requests = self.requests.saturating_add(o.requests);
+        self.input_tokens = self.input_tokens.saturating_add(o.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(o.output_tokens);
+        self.cache_write_tokens = self.cache_write_tokens.saturating_add(o.cache_write_tokens);
+        self.cache_read_tokens = self.cache_read_tokens.saturating_add(o.cache_read_tokens);
+        self.base_cost = self.base_cost.saturating_add(o.base_cost);
+        self.billed_cost = self.billed_cost.saturating_add(o.billed_cost);
+    }
 }
 
 /// Token counts are u64 in memory and BIGINT in the database; saturate rather than wrap.
@@ -615,8 +626,43 @@ pub(super) struct BatchSums<'a> {
     pub account_used: BTreeMap<&'a str, i64>,
 }
 
+/// What the records of one group share: the day number and the user, key, account and model
+/// they are counted under.
+type Group<'a> = (
+    i64,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+);
+
 /// Sums the records stored by a batch into its rollup rows and last uses.
 pub(super) fn batch_sums<'a>(fresh: &[&'a UsageRecord]) -> BatchSums<'a> {
+    // Records come in long runs of one user, key, account, model and day: they are summed per
+    // such group first (one map lookup per record at most, none while the group stays the
+    // same), and each group then adds to its five rollup rows.
+    let mut groups: Vec<(Group<'a>, UsageTotals, i64)> = Vec::new();
+    let mut index: BTreeMap<Group<'a>, usize> = BTreeMap::new();
+    let mut last = usize::MAX;
+    for &r in fresh {
+        let group = (
+            r.created_at.div_euclid(86_400_000),
+            r.user_id.as_deref(),
+            r.api_key_id.as_deref(),
+            r.account_id.as_deref(),
+            r.upstream_model.as_deref().or(r.requested_model.as_deref()),
+        );
+        if groups.get(last).is_none_or(|(g, ..)| *g != group) {
+            last = *index.entry(group).or_insert_with(|| {
+                groups.push((group, UsageTotals::default(), r.created_at));
+                groups.len() - 1
+            });
+        }
+        let (_, totals, latest) = &mut groups[last];
+        totals.add_record(r);
+        *latest = (*latest).max(r.created_at);
+    }
+
     // Sorted maps: every node touches rollup and key rows in the same order, so concurrent
     // writers on PostgreSQL queue instead of deadlocking.
     // Keyed (day, dim, dim_id), borrowing from the records: a batch's records nearly all
@@ -625,48 +671,35 @@ pub(super) fn batch_sums<'a>(fresh: &[&'a UsageRecord]) -> BatchSums<'a> {
     let mut key_used: BTreeMap<&'a str, i64> = BTreeMap::new();
     let mut account_used: BTreeMap<&'a str, i64> = BTreeMap::new();
     let mut last_day: Option<(i64, Arc<str>)> = None;
-    for &r in fresh {
-        let day_number = r.created_at.div_euclid(86_400_000);
+    for ((day_number, user, key, account, model), totals, latest) in &groups {
         let day = match &last_day {
-            Some((n, text)) if *n == day_number => text.clone(),
+            Some((n, text)) if n == day_number => text.clone(),
             _ => {
-                let text: Arc<str> = Arc::from(utc_day(r.created_at));
-                last_day = Some((day_number, text.clone()));
+                let text: Arc<str> = Arc::from(utc_day(*latest));
+                last_day = Some((*day_number, text.clone()));
                 text
             }
         };
-        let model = r.upstream_model.as_deref().or(r.requested_model.as_deref());
-        let user_model = r.user_id.as_deref().map(user_model_dim);
+        let user_model = user.map(user_model_dim);
         for (dim, id) in [
-            (
-                Some(Cow::Borrowed(UsageDim::User.as_str())),
-                r.user_id.as_deref(),
-            ),
-            (
-                Some(Cow::Borrowed(UsageDim::Key.as_str())),
-                r.api_key_id.as_deref(),
-            ),
-            (
-                Some(Cow::Borrowed(UsageDim::Account.as_str())),
-                r.account_id.as_deref(),
-            ),
-            (Some(Cow::Borrowed(UsageDim::Model.as_str())), model),
-            (user_model.map(Cow::Owned), model),
+            (Some(Cow::Borrowed(UsageDim::User.as_str())), *user),
+            (Some(Cow::Borrowed(UsageDim::Key.as_str())), *key),
+            (Some(Cow::Borrowed(UsageDim::Account.as_str())), *account),
+            (Some(Cow::Borrowed(UsageDim::Model.as_str())), *model),
+            (user_model.map(Cow::Owned), *model),
         ] {
             if let (Some(dim), Some(id)) = (dim, id) {
                 rollups
                     .entry((day.clone(), dim, id))
                     .or_default()
-                    .add_record(r);
+                    .add(totals);
             }
         }
-        if let Some(key) = r.api_key_id.as_deref() {
-            let at = key_used.entry(key).or_insert(r.created_at);
-            *at = (*at).max(r.created_at);
-        }
-        if let Some(account) = r.account_id.as_deref() {
-            let at = account_used.entry(account).or_insert(r.created_at);
-            *at = (*at).max(r.created_at);
+        for (used, id) in [(&mut key_used, *key), (&mut account_used, *account)] {
+            if let Some(id) = id {
+                let at = used.entry(id).or_insert(*latest);
+                *at = (*at).max(*latest);
+            }
         }
     }
 
@@ -684,9 +717,23 @@ impl SqlStore {
     /// twice) is skipped and not counted again. Also moves `last_used_at` of the keys and
     /// accounts named, without touching their `updated_at` (so caches are not invalidated).
     pub async fn insert_usage_batch(&self, records: &[UsageRecord]) -> Result<()> {
-        if let Some(writer) = &self.sqlite_usage {
-            return writer.write(records).await;
+        match &self.sqlite_usage {
+            Some(writer) => writer.write(records.into()).await,
+            None => self.insert_usage_sql(records).await,
         }
+    }
+
+    /// [`SqlStore::insert_usage_batch`] for a batch the caller shares: on a SQLite file the
+    /// usage thread reads it as it is, without a copy of every record's texts.
+    pub async fn insert_usage_shared(&self, records: &Arc<[UsageRecord]>) -> Result<()> {
+        match &self.sqlite_usage {
+            Some(writer) => writer.write(records.clone()).await,
+            None => self.insert_usage_sql(records).await,
+        }
+    }
+
+    /// A batch through sqlx (PostgreSQL, in-memory SQLite).
+    async fn insert_usage_sql(&self, records: &[UsageRecord]) -> Result<()> {
         let unique = unique_records(records);
         if unique.is_empty() {
             return Ok(());
@@ -999,5 +1046,79 @@ mod tests {
         let mut lengths: Vec<usize> = lengths.into_iter().collect();
         lengths.sort_unstable();
         assert_eq!(lengths, [1, 2, 4, 8, 16, 32, 64, 128, 256]);
+    }
+
+    /// Batch sums, grouped by records' shared fields, equal the sums of every record on its own
+    /// over a mixed batch: runs and interleaving, two days, missing user, key, account or model.
+    #[test]
+    fn batch_sums_equal_record_by_record_sums() {
+        let pick =
+            |i: usize, n: usize, of: &[&str]| of.get((i / n) % of.len()).map(|s| s.to_string());
+        let records: Vec<UsageRecord> = (0..500usize)
+            .map(|i| {
+                let mut r = UsageRecord {
+                    id: format!("r{i}"),
+                    // Around midnight of 2026-11-22: two days.
+                    created_at: 1_795_391_999_000 + (i as i64 * 7919) % 2_000,
+                    user_id: pick(i, 3, &["u1", "u2", "u3"]).filter(|_| i % 11 != 0),
+                    api_key_id: pick(i, 5, &["k1", "k2"]).filter(|_| i % 13 != 0),
+                    account_id: pick(i, 2, &["a1", "a2", "a3"]).filter(|_| i % 17 != 0),
+                    requested_model: pick(i, 7, &["m1", "m2"]).filter(|_| i % 19 != 0),
+                    upstream_model: pick(i, 4, &["m2", "m3"]).filter(|_| i % 3 == 0),
+                    base_cost: i as i64,
+                    billed_cost: 2 * i as i64,
+                    ..Default::default()
+                };
+                r.usage.input_tokens = i as u64;
+                r.usage.output_tokens = 3;
+                r.usage.cache_write_5m_tokens = (i % 4) as u64;
+                r.usage.cache_write_1h_tokens = 1;
+                r.usage.cache_read_tokens = (i % 9) as u64;
+                r
+            })
+            .collect();
+        let refs: Vec<&UsageRecord> = records.iter().collect();
+        let sums = batch_sums(&refs);
+
+        let mut rollups: BTreeMap<(String, String, String), UsageTotals> = BTreeMap::new();
+        let mut key_used: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut account_used: BTreeMap<&str, i64> = BTreeMap::new();
+        for r in &records {
+            let day = utc_day(r.created_at);
+            let model = r.upstream_model.as_deref().or(r.requested_model.as_deref());
+            let dims = [
+                ("user".to_string(), r.user_id.as_deref()),
+                ("key".to_string(), r.api_key_id.as_deref()),
+                ("account".to_string(), r.account_id.as_deref()),
+                ("model".to_string(), model),
+            ];
+            let user_model = r.user_id.as_deref().map(|u| (user_model_dim(u), model));
+            for (dim, id) in dims.into_iter().chain(user_model) {
+                if let Some(id) = id {
+                    let key = (day.clone(), dim, id.to_string());
+                    rollups.entry(key).or_default().add_record(r);
+                }
+            }
+            for (used, id) in [
+                (&mut key_used, &r.api_key_id),
+                (&mut account_used, &r.account_id),
+            ] {
+                if let Some(id) = id {
+                    let at = used.entry(id.as_str()).or_insert(r.created_at);
+                    *at = (*at).max(r.created_at);
+                }
+            }
+        }
+        let got: BTreeMap<(String, String, String), UsageTotals> = sums
+            .rollups
+            .iter()
+            .map(|((day, dim, id), t)| ((day.to_string(), dim.to_string(), id.to_string()), *t))
+            .collect();
+        assert_eq!(got.len(), sums.rollups.len(), "each rollup row once");
+        assert_eq!(got, rollups);
+        assert!(got.keys().any(|(day, ..)| day == "2026-11-22"));
+        assert!(got.keys().any(|(day, ..)| day == "2026-11-23"));
+        assert_eq!(sums.key_used, key_used);
+        assert_eq!(sums.account_used, account_used);
     }
 }
