@@ -131,7 +131,13 @@ pub fn parse_request_body(body: &[u8]) -> Result<RequestBody<'_>, BodyError> {
             },
         );
     }
-    let raw: RawBody<'_> = serde_json::from_slice(body).map_err(|e| match e.classify() {
+    // Checked as UTF-8 once, the text is parsed without serde checking each string and raw
+    // value again; bytes that are not UTF-8 go the slice's way, which tells where they are.
+    let parsed = match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str::<RawBody<'_>>(text),
+        Err(_) => serde_json::from_slice(body),
+    };
+    let raw: RawBody<'_> = parsed.map_err(|e| match e.classify() {
         serde_json::error::Category::Data => BodyError::Invalid(e),
         _ => BodyError::NotJson(e),
     })?;
@@ -739,6 +745,7 @@ mod tests {
             (b"{\"model\":\"m\",}", "not json"),
             (b"\xff\xfe{}", "not json"),
             (b"{\"model\":\"\xff\"}", "not json"),
+            (b"{\"messages\":[{\"content\":\"a\xffb\"}]}", "not json"),
             (b"[1,2]", "not object"),
             (b"\"model\"", "not object"),
             (b"null", "not object"),

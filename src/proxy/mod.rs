@@ -44,7 +44,7 @@ use relay_filters::{now_ms, Protocol, UsageRecord};
 use crate::background::account_events::AccountEvents;
 use crate::background::usage_writer::UsageQueue;
 use crate::cache::{AccountCache, PriceCache};
-use crate::metrics::{metrics, status_class};
+use crate::metrics::metrics;
 use crate::store::redis_counters::RedisUsageCounters;
 use downstream_h1::{Downstream as Session, HeadError};
 
@@ -409,38 +409,27 @@ impl RelayProxy {
             .as_deref()
             .filter(|m| self.prices.table().get(m).is_some())
             .unwrap_or("other");
-        let m = metrics();
-        m.requests
-            .with_label_values(&[protocol, account, model, status_class(ctx.status)])
-            .inc();
+        let u = &record.usage;
+        crate::metrics::count_record(
+            r.route.protocol,
+            account,
+            model,
+            ctx.status,
+            [
+                u.input_tokens,
+                u.output_tokens,
+                u.cache_write_5m_tokens + u.cache_write_1h_tokens,
+                u.cache_read_tokens,
+            ],
+            record.billed_cost,
+        );
         let series = crate::metrics::protocol_series(r.route.protocol);
         series.duration[usize::from(record.stream)].observe(elapsed.as_secs_f64());
         series
             .overhead
             .observe(elapsed.saturating_sub(ctx.upstream_time).as_secs_f64());
-        let u = &record.usage;
-        for (kind, n) in [
-            ("input", u.input_tokens),
-            ("output", u.output_tokens),
-            (
-                "cache_write",
-                u.cache_write_5m_tokens + u.cache_write_1h_tokens,
-            ),
-            ("cache_read", u.cache_read_tokens),
-        ] {
-            if n > 0 {
-                m.tokens
-                    .with_label_values(&[protocol, model, kind])
-                    .inc_by(n);
-            }
-        }
-        if record.billed_cost > 0 {
-            m.cost
-                .with_label_values(&[protocol, model])
-                .inc_by(record.billed_cost as u64);
-        }
         if record.unpriced {
-            m.unpriced.with_label_values(&[protocol]).inc();
+            metrics().unpriced.with_label_values(&[protocol]).inc();
         }
         crate::access_log::log(&crate::access_log::AccessLine {
             request_id: record.request_id.as_deref().unwrap_or(&record.id),
