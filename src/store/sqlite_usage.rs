@@ -165,8 +165,9 @@ fn open(path: &std::path::Path) -> rusqlite::Result<UsageConn> {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    // Every run length of the inserts (nine), the id lookups' and the rollups' statements.
-    conn.set_prepared_statement_cache_capacity(32);
+    // rusqlite's cache holds the rest: every run length of the id lookups (ten), the rollups'
+    // and the last uses' statements. The inserts are the thread's own (`RawInsert`).
+    conn.set_prepared_statement_cache_capacity(16);
     // As sqlx's connections have them (DESIGN: WAL, synchronous NORMAL); statement journals
     // in memory.
     conn.execute_batch(
