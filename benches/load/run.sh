@@ -297,6 +297,14 @@ RELAY_CPU_SPLIT=$(join -a 2 -e 0 -o 2.1,1.2,2.2 <(sort <<<"$RELAY_THREADS_BEFORE
 # seconds apart is steadier, and the targets are judged on it.
 # ---------------------------------------------------------------------------------------------
 
+# median_range FORMAT NUMBER...: "median min max", each printed with FORMAT.
+median_range() {
+    local format=$1
+    shift
+    printf '%s\n' "$@" | sort -g | awk -v f="$format" '{ v[NR] = $1 }
+        END { printf f " " f " " f, v[int((NR + 1) / 2)], v[1], v[NR] }'
+}
+
 declare -A PAIRED PAIRED_CPU
 if [ "$PAIRS" -gt 0 ]; then
     mapfile -t nginx_pids < <(with_children "$NGINX_PID")
@@ -322,11 +330,8 @@ if [ "$PAIRS" -gt 0 ]; then
             ratios+=("$(ratio "${pair_rps[relay]:-0}" "${pair_rps[nginx]:-0}")")
             log "pair $i $scenario: nginx ${pair_rps[nginx]:-?} req/s, relay ${pair_rps[relay]:-?} req/s"
         done
-        # median (min-max) of a list of numbers
-        PAIRED[$scenario]=$(printf '%s\n' "${ratios[@]}" | sort -g |
-            awk '{ v[NR] = $1 } END { printf "%.2f %.2f %.2f", v[int((NR + 1) / 2)], v[1], v[NR] }')
-        PAIRED_CPU[$scenario]=$(printf '%s\n' "${cpus[@]}" | sort -g |
-            awk '{ v[NR] = $1 } END { printf "%.3f %.3f %.3f", v[int((NR + 1) / 2)], v[1], v[NR] }')
+        PAIRED[$scenario]=$(median_range %.2f "${ratios[@]}")
+        PAIRED_CPU[$scenario]=$(median_range %.3f "${cpus[@]}")
     done
 fi
 

@@ -106,9 +106,9 @@ pub fn usage_channel(capacity: usize, spool_dir: PathBuf) -> (UsageQueue, UsageW
 }
 
 /// The writer's end: owns the receiver, the batch filling and the batch being written, and
-/// spools whatever is left of them when dropped. A runtime shutting down drops the running writer (its future owns it), so
-/// records still queued, or in a batch whose write was cut, are spooled then; a batch that was
-/// in fact committed is skipped on replay (ids are unique).
+/// spools whatever is left of them when dropped. A runtime shutting down drops the running
+/// writer (its future owns it), so records still queued, or in a batch whose write was cut, are
+/// spooled then; a batch that was in fact committed is skipped on replay (ids are unique).
 pub struct UsageWriter {
     rx: Option<mpsc::Receiver<UsageRecord>>,
     batch: Vec<UsageRecord>,

@@ -9,9 +9,9 @@
 //! for much less than 256 single-row ones: the table's and the five indexes' cursors open once)
 //! are bound straight from the records on the thread that runs them: under load 1 to 2 µs less
 //! CPU per record (the README has the runs), and the control plane's runtime, which also serves
-//! the admin API, is left nearly all of its time. Everything else on SQLite (migrations, admin queries, the
-//! caches) stays on sqlx; this connection opens the file sqlx created and migrated, and never
-//! creates one.
+//! the admin API, is left nearly all of its time. Everything else on SQLite (migrations, admin
+//! queries, the caches) stays on sqlx; this connection opens the file sqlx created and
+//! migrated, and never creates one.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};

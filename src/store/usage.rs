@@ -212,17 +212,17 @@ impl UsageTotals {
     /// Adds one record's figures.
     fn add_record(&mut self, r: &UsageRecord) {
         let u = &r.usage;
-        self.requests = self.requests.saturating_add(1);
-        self.input_tokens = self.input_tokens.saturating_add(int(u.input_tokens));
-        self.output_tokens = self.output_tokens.saturating_add(int(u.output_tokens));
-        self.cache_write_tokens = self.cache_write_tokens.saturating_add(int(u
-            .cache_write_5m_tokens
-            .saturating_add(u.cache_write_1h_tokens)));
-        self.cache_read_tokens = self
-            .cache_read_tokens
-            .saturating_add(int(u.cache_read_tokens));
-        self.base_cost = self.base_cost.saturating_add(r.base_cost);
-        self.billed_cost = self.billed_cost.saturating_add(r.billed_cost);
+        self.add(&UsageTotals {
+            requests: 1,
+            input_tokens: int(u.input_tokens),
+            output_tokens: int(u.output_tokens),
+            cache_write_tokens: int(u
+                .cache_write_5m_tokens
+                .saturating_add(u.cache_write_1h_tokens)),
+            cache_read_tokens: int(u.cache_read_tokens),
+            base_cost: r.base_cost,
+            billed_cost: r.billed_cost,
+        });
     }
 
     /// Adds another sum's figures.
