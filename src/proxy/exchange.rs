@@ -502,6 +502,17 @@ impl RelayProxy {
         } else if client_gone {
             ctx.error_type.get_or_insert("client_disconnected");
         }
+        // A whole answer's connection goes back to the pool before the client gets the end of
+        // the answer: the client's next request, which may follow at once, finds it there.
+        let Attempt { upstream, peer, .. } = *att;
+        let failed = if complete {
+            if let Some((stream, idle)) = upstream.into_reusable(self.settings.pool_idle_timeout) {
+                self.pool.put(peer.reuse_hash(), stream, idle);
+            }
+            None
+        } else {
+            Some(upstream)
+        };
         if cut && !rctx.request.stream {
             // A cut answer must not look whole: no last chunk, and the connection ends.
             session.set_keep_alive(false);
@@ -509,12 +520,7 @@ impl RelayProxy {
         } else if !client_gone {
             let _ = session.write_response_body(Bytes::new(), true).await;
         }
-        let Attempt { upstream, peer, .. } = *att;
-        if complete {
-            if let Some((stream, idle)) = upstream.into_reusable(self.settings.pool_idle_timeout) {
-                self.pool.put(peer.reuse_hash(), stream, idle);
-            }
-        } else {
+        if let Some(upstream) = failed {
             upstream.shutdown().await;
         }
         ctx.lease = None;
