@@ -25,7 +25,7 @@ use crate::secrets::{hash_password, load_or_create_key_file, SecretBox};
 use crate::store::redis_counters::RedisUsageCounters;
 use crate::store::redis_limits::RedisLimits;
 use crate::store::redis_sessions::{
-    FallbackSessionStore, RedisCooldowns, RedisLink, RedisSessionStore,
+    FallbackSessionStore, RedisCooldowns, RedisLink, RedisLinkConfig, RedisSessionStore,
 };
 use crate::store::{NewUser, Role, SqlStore};
 
@@ -160,7 +160,16 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     // serves while Redis is unreachable. Opening the link does no I/O: it connects in the
     // background once the services run.
     let redis_link = match &config.redis_url {
-        Some(url) => Some(RedisLink::open(url).context("redis_url is not valid")?),
+        Some(url) => Some(
+            RedisLink::open_with(
+                url,
+                RedisLinkConfig {
+                    op_timeout: config.redis_op_timeout,
+                    ..RedisLinkConfig::default()
+                },
+            )
+            .context("redis_url is not valid")?,
+        ),
         None => None,
     };
     let memory_sessions = MemorySessionStore::new(config.session.memory_capacity);

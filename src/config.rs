@@ -45,6 +45,10 @@ pub struct Config {
     pub database_url: String,
     /// Redis for sessions, cooldowns and counters across nodes; unset = in-memory.
     pub redis_url: Option<String>,
+    /// Longest one Redis operation may take; past it the node serves from memory and tries
+    /// Redis again a second later.
+    #[serde(with = "humantime_serde")]
+    pub redis_op_timeout: Duration,
     /// Password of the first admin (instead of a random one).
     pub admin_password: Option<Secret>,
     /// Static bearer token the admin API accepts (automation); unset = none.
@@ -219,6 +223,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             database_url: String::new(),
             redis_url: None,
+            redis_op_timeout: Duration::from_millis(250),
             admin_password: None,
             admin_token: None,
             encryption_key: None,
@@ -366,6 +371,9 @@ impl Config {
             if !(r.starts_with("redis://") || r.starts_with("rediss://")) {
                 return bad("redis_url must start with redis:// or rediss://".into());
             }
+        }
+        if self.redis_op_timeout.is_zero() {
+            return bad("redis_op_timeout must be positive".into());
         }
         if self.client_idle_timeout < Duration::from_secs(1) {
             return bad("client_idle_timeout must be at least 1s".into());
