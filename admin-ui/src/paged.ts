@@ -9,19 +9,23 @@ export function usePaged<T>(path: () => string, filters: () => Record<string, st
   const total = ref(0)
   const error = ref<string | null>(null)
   const loading = ref(false)
+  // Only the latest load shows: an older answer arriving late is dropped.
+  let latest = 0
 
   async function load(to = page.value) {
+    const n = ++latest
     loading.value = true
     try {
       const p = await api.get<Page<T>>(path() + query({ ...filters(), page: to, per_page: perPage.value }))
+      if (n !== latest) return
       rows.value = p.items
       total.value = p.total
       page.value = p.page
       error.value = null
     } catch (e) {
-      error.value = message(e)
+      if (n === latest) error.value = message(e)
     } finally {
-      loading.value = false
+      if (n === latest) loading.value = false
     }
   }
   return { rows, page, perPage, total, error, loading, load }
