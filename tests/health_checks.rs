@@ -228,10 +228,7 @@ async fn failed_checks_take_an_account_out_and_a_passing_one_puts_it_back() {
     assert_eq!(status, 404);
     // An unreachable provider says nothing about the credential: reported, not counted.
     let (status, _) = relay
-        .patch_account(
-            &gemini,
-            json!({ "base_url": format!("http://127.0.0.1:{}", common::free_port()) }),
-        )
+        .patch_account(&gemini, json!({ "base_url": "http://127.0.0.1:9" }))
         .await;
     assert_eq!(status, 200);
     let v = check(&relay, &gemini).await;
@@ -351,7 +348,19 @@ async fn the_periodic_job_runs_while_the_settings_say_so() {
         )
         .await;
     assert_eq!(status, 200);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A round that had begun before may still be finishing: it ends within a quiet second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = mock.count();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if mock.count() == seen {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "checks went on after switching off"
+        );
+    }
     let after_off = mock.count();
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(mock.count(), after_off, "a round ran while switched off");
@@ -378,6 +387,7 @@ async fn a_status_set_while_a_check_runs_is_kept() {
     assert_eq!(check(&relay, &id).await["consecutive_error_count"], 1);
     mock.set(|b| b.head_delay = Duration::from_millis(1500));
     let path = format!("/api/admin/accounts/{id}/health-check");
+    let checks_before = mock.count();
     let running = {
         let http = relay.http.clone();
         let url = format!("{}{path}", relay.admin);
@@ -392,8 +402,16 @@ async fn a_status_set_while_a_check_runs_is_kept() {
                 .unwrap()
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // A second check of the same account meanwhile is refused, not counted twice.
+    // Once that check waits for the provider's answer (1.5 s away),
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mock.count() == checks_before {
+        assert!(
+            Instant::now() < deadline,
+            "the check never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // a second check of the same account is refused, not counted twice.
     let (status, v) = relay.admin_json(Method::POST, &path, None).await;
     assert_eq!(status, 409, "{v}");
     let (status, v) = relay

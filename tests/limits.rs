@@ -218,7 +218,8 @@ async fn requests_in_flight_count_against_the_daily_cost_limit() {
     let (relay, mock, key) = setup(serde_json::json!({"daily_cost_limit": limit})).await;
     mock.set(|b| {
         b.usage = MockUsage::io(1000, 1000);
-        b.head_delay = Duration::from_millis(800);
+        // Long enough for the whole burst to arrive while the first ones are held.
+        b.head_delay = Duration::from_secs(2);
     });
     let relay = std::sync::Arc::new(relay);
     let tasks: Vec<_> = (0..10)

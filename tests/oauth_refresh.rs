@@ -534,6 +534,15 @@ async fn slow_tokens(head: Duration, body: Duration) -> MockUpstream {
     tokens
 }
 
+/// Waits until the token endpoint has received a request.
+async fn wait_provider_request(tokens: &MockUpstream) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokens.count() == 0 {
+        assert!(Instant::now() < deadline, "no request reached the provider");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn oauth_account(relay: &Relay, expires_at: Option<i64>) -> String {
     let mut body = json!({
         "name": "max-plan", "type": "claude-official", "base_url": "http://127.0.0.1:9",
@@ -554,17 +563,23 @@ async fn a_manual_refresh_whose_caller_hangs_up_keeps_the_rotated_token() {
     let tokens = slow_tokens(Duration::from_millis(1500), Duration::ZERO).await;
     let relay = start(oauth_env(&tokens, false)).await;
     let id = oauth_account(&relay, Some(now_ms() + 3_600_000)).await;
-    let hung_up = relay
-        .http
-        .post(format!(
-            "{}/api/admin/accounts/{id}/refresh-token",
-            relay.admin
-        ))
-        .bearer_auth(ADMIN_TOKEN)
-        .timeout(Duration::from_millis(300))
-        .send()
-        .await;
-    assert!(hung_up.is_err(), "the client gave up");
+    let call = tokio::spawn(
+        relay
+            .http
+            .post(format!(
+                "{}/api/admin/accounts/{id}/refresh-token",
+                relay.admin
+            ))
+            .bearer_auth(ADMIN_TOKEN)
+            .send(),
+    );
+    // The client gives up once the refresh is at the provider (which answers 1.5 s later).
+    wait_provider_request(&tokens).await;
+    call.abort();
+    assert!(
+        call.await.is_err_and(|e| e.is_cancelled()),
+        "the client gave up before the answer"
+    );
     wait_account(&relay, &id, "the provider's answer stored", |a| {
         a["token_refreshed_at"].is_i64()
     })
@@ -706,7 +721,8 @@ async fn new_tokens_from_an_operator_are_not_held_back_by_a_refresh_of_the_old_o
     let relay = start(oauth_env(&tokens, false)).await;
     let id = oauth_account(&relay, Some(now_ms() + 3_600_000)).await;
     let patch = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Once the old refresh token is at the provider.
+        wait_provider_request(&tokens).await;
         relay
             .patch_account(
                 &id,

@@ -313,8 +313,11 @@ async fn no_account_is_503() {
 #[tokio::test]
 async fn streaming_is_not_buffered() {
     let s = setup().await;
-    s.mock
-        .set(|b| b.pause_after_first = Duration::from_millis(500));
+    // The mock holds the second event until the client has the first: a relay that buffers
+    // delivers the first only after the gate's 10 s, when the second is sent.
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let held = gate.clone();
+    s.mock.set(move |b| b.second_event_gate = Some(held));
     let r = s
         .relay
         .post("/v1/messages", &s.key)
@@ -334,6 +337,7 @@ async fn streaming_is_not_buffered() {
             && seen.windows(2).any(|w| w == b"\n\n")
         {
             first_event_at = Some(Instant::now());
+            gate.notify_one();
         }
     }
     let first = first_event_at.expect("first event");

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::mock_upstream::MockUpstream;
-use common::{conversation, free_port, messages_body, Relay, RelayOptions};
+use common::{conversation, messages_body, Relay, RelayOptions};
 
 const MODEL: &str = "claude-sonnet-4-5";
 
@@ -98,12 +98,15 @@ async fn a_5_mib_request_fails_over_byte_identical() {
         "no record counts the failover"
     );
 
+    // The account states are published by the refresh loop, a refresh after the cooldown.
+    relay
+        .wait_metric("relay_account_state{state=\"cooling\"} 1")
+        .await;
     let metrics = relay.metrics_text().await;
     for needle in [
         "relay_failovers_total{reason=\"rate_limited\"} 1",
         "relay_account_cooldowns_total{reason=\"rate_limited\"} 1",
         "relay_sticky_total{result=\"miss\"}",
-        "relay_account_state{state=\"cooling\"} 1",
         "relay_requests_total{",
         "relay_tokens_total{",
     ] {
@@ -122,7 +125,8 @@ async fn connect_errors_and_header_timeouts_fail_over() {
         ("RELAY_UPSTREAM__MAX_ATTEMPTS", "3"),
     ])
     .await;
-    let closed = format!("http://127.0.0.1:{}", free_port());
+    // The discard port, which nothing serves on loopback.
+    let closed = "http://127.0.0.1:9";
     relay
         .create_account_with(serde_json::json!({"name": "closed", "type": "claude", "base_url": closed, "credential": "sk-1", "priority": 1}))
         .await;
@@ -148,12 +152,7 @@ async fn connect_errors_and_header_timeouts_fail_over() {
     // With every attempt failing, the client gets a 502 in its protocol's shape.
     let relay = relay_with(&[("RELAY_UPSTREAM__MAX_ATTEMPTS", "2")]).await;
     relay
-        .create_account(
-            "closed",
-            "claude",
-            &format!("http://127.0.0.1:{}", free_port()),
-            "sk-1",
-        )
+        .create_account("closed", "claude", "http://127.0.0.1:9", "sk-1")
         .await;
     let key = key_for(&relay, 1).await;
     let r = relay
@@ -223,8 +222,9 @@ async fn strategies_and_session_modes_come_from_config() {
 async fn account_concurrency_cap_moves_requests_to_another_account() {
     let capped = MockUpstream::start().await;
     let other = MockUpstream::start().await;
-    capped.set(|b| b.head_delay = Duration::from_millis(600));
-    other.set(|b| b.head_delay = Duration::from_millis(600));
+    // Held long enough for all four requests to arrive while the first is in.
+    capped.set(|b| b.head_delay = Duration::from_secs(2));
+    other.set(|b| b.head_delay = Duration::from_secs(2));
     let relay = relay_with(&[("RELAY_SESSION__STRATEGY", "none")]).await;
     relay
         .create_account_with(serde_json::json!({"name": "capped", "type": "claude", "base_url": capped.url(), "credential": "sk-c", "priority": 1, "max_concurrency": 1}))

@@ -1641,7 +1641,8 @@ async fn sqlite_usage_batches_wait_for_a_locked_file_then_fail_whole() {
         .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
         .filter(|name| name.trim_end() == llm_relay::store::sqlite_usage::THREAD_NAME)
         .count();
-    assert_eq!(threads, 1, "the usage thread runs under its name");
+    // Other tests of this binary may run usage threads of their own at the same time.
+    assert!(threads >= 1, "the usage thread runs under its name");
 
     let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
     other.execute("BEGIN IMMEDIATE").await.unwrap();

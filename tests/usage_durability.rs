@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::mock_upstream::{MockUpstream, MockUsage};
-use common::{conversation, free_port, messages_body, Db, Relay, RelayOptions};
+use common::{conversation, messages_body, restartable_port, Db, Relay, RelayOptions};
 
 const MODEL: &str = "claude-sonnet-4-5";
 
@@ -75,7 +75,7 @@ impl PrivatePg {
         let pg = PrivatePg {
             dir,
             bin,
-            port: free_port(),
+            port: restartable_port(),
         };
         pg.up();
         pg

@@ -100,6 +100,8 @@ pub struct Behavior {
     pub deltas: usize,
     /// Pause after the first SSE event.
     pub pause_after_first: Duration,
+    /// Hold the second event until this is notified (for at most 10 s).
+    pub second_event_gate: Option<Arc<tokio::sync::Notify>>,
     /// Pause between the other events.
     pub event_delay: Duration,
     /// Close the connection after this many events, without finishing the stream.
@@ -136,6 +138,7 @@ impl Default for Behavior {
             upstream_model: None,
             deltas: 3,
             pause_after_first: Duration::ZERO,
+            second_event_gate: None,
             event_delay: Duration::ZERO,
             cut_after: None,
             cut_json_after: None,
@@ -541,6 +544,9 @@ impl MockUpstream {
             if i == 1 {
                 if !b.pause_after_first.is_zero() {
                     tokio::time::sleep(b.pause_after_first).await;
+                }
+                if let Some(gate) = &b.second_event_gate {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), gate.notified()).await;
                 }
                 *self.second_event_sent.lock().unwrap() = Some(Instant::now());
             } else if i > 1 && !b.event_delay.is_zero() {

@@ -17,6 +17,22 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// A free port for a server a test stops and starts again on the same port: picked below the
+/// kernel's ephemeral range (32768 and up by default), so that no socket bound to port 0
+/// meanwhile can take it.
+pub fn restartable_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut seed = std::collections::hash_map::RandomState::new().build_hasher();
+    for _ in 0..1000 {
+        seed.write_u8(0);
+        let port = 20_000 + (seed.finish() % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    free_port()
+}
+
 /// Admin token every test relay accepts.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
@@ -763,6 +779,20 @@ impl Relay {
             .text()
             .await
             .unwrap_or_default()
+    }
+
+    /// Waits until `/metrics` holds a line starting with `line` (a gauge set by a background
+    /// loop shows up there a refresh later).
+    pub async fn wait_metric(&self, line: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.metrics_text().await;
+            if text.lines().any(|l| l.starts_with(line)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "metrics never showed {line}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Every byte the relay stored on disk in its SQLite files (database and write-ahead log).
