@@ -644,7 +644,11 @@ impl Downstream {
             }
             self.resp_done = true;
         }
-        if end || self.out_len >= WRITE_AHEAD || self.out.len() >= MAX_IOV {
+        // A body whose announced length is all queued waits for its end, which comes right
+        // after the upstream connection is given back: a client that has the whole answer sends
+        // its next request at once.
+        let all_queued = matches!(self.resp, RespBody::Length(0));
+        if end || (!all_queued && (self.out_len >= WRITE_AHEAD || self.out.len() >= MAX_IOV)) {
             self.flush().await?;
         }
         Ok(())

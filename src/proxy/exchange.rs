@@ -502,8 +502,10 @@ impl RelayProxy {
         } else if client_gone {
             ctx.error_type.get_or_insert("client_disconnected");
         }
-        // A whole answer's connection goes back to the pool before the client gets the end of
-        // the answer: the client's next request, which may follow at once, finds it there.
+        // A whole answer's connection and the account's concurrency slot are given back before
+        // the client gets the end of the answer: the client's next request, which may follow at
+        // once, finds them free.
+        ctx.lease = None;
         let Attempt { upstream, peer, .. } = *att;
         let failed = if complete {
             if let Some((stream, idle)) = upstream.into_reusable(self.settings.pool_idle_timeout) {
@@ -523,7 +525,6 @@ impl RelayProxy {
         if let Some(upstream) = failed {
             upstream.shutdown().await;
         }
-        ctx.lease = None;
         Ok(())
     }
 
