@@ -372,8 +372,10 @@ impl Config {
                 return bad("redis_url must start with redis:// or rediss://".into());
             }
         }
-        if self.redis_op_timeout.is_zero() {
-            return bad("redis_op_timeout must be positive".into());
+        // Past a few seconds a Redis that accepts connections but does not answer would hold
+        // every request that meets it that long, where memory could serve them.
+        if self.redis_op_timeout.is_zero() || self.redis_op_timeout > Duration::from_secs(10) {
+            return bad("redis_op_timeout must be more than 0 and at most 10s".into());
         }
         if self.client_idle_timeout < Duration::from_secs(1) {
             return bad("client_idle_timeout must be at least 1s".into());
@@ -492,5 +494,26 @@ mod tests {
         assert!(c.validate().is_err());
         assert!(Config::default().validate().is_ok());
         assert_eq!(Config::default().database_url(), "sqlite://./data/relay.db");
+    }
+
+    #[test]
+    fn redis_op_timeout_is_read_and_bounded() {
+        let read = |text: &str| -> Config {
+            Figment::new()
+                .merge(Toml::string(text))
+                .extract()
+                .expect("parses")
+        };
+        let c = read("redis_op_timeout = \"2s\"");
+        assert_eq!(c.redis_op_timeout, Duration::from_secs(2));
+        assert!(c.validate().is_ok());
+        assert_eq!(
+            Config::default().redis_op_timeout,
+            Duration::from_millis(250)
+        );
+        for refused in ["0s", "11s"] {
+            let c = read(&format!("redis_op_timeout = \"{refused}\""));
+            assert!(c.validate().is_err(), "{refused} was accepted");
+        }
     }
 }
