@@ -318,6 +318,7 @@ async fn streaming_is_not_buffered() {
     let gate = std::sync::Arc::new(tokio::sync::Notify::new());
     let held = gate.clone();
     s.mock.set(move |b| b.second_event_gate = Some(held));
+    let sent = Instant::now();
     let r = s
         .relay
         .post("/v1/messages", &s.key)
@@ -350,6 +351,12 @@ async fn streaming_is_not_buffered() {
     assert!(
         first < second_sent,
         "the first event reached the client only after the mock sent the second"
+    );
+    // Nor held back for a while: the mock sends it at once.
+    assert!(
+        first - sent < Duration::from_secs(3),
+        "the first event took {:?}",
+        first - sent
     );
     let text = String::from_utf8(seen).unwrap();
     assert!(text.contains("event: message_stop"), "{text}");

@@ -18,14 +18,22 @@ pub fn free_port() -> u16 {
 }
 
 /// A free port for a server a test stops and starts again on the same port: picked below the
-/// kernel's ephemeral range (32768 and up by default), so that no socket bound to port 0
-/// meanwhile can take it.
+/// kernel's ephemeral range (`ip_local_port_range`, 32768 and up by default), so that no
+/// socket bound to port 0 meanwhile can take it.
 pub fn restartable_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_from <= 11_000 {
+        return free_port();
+    }
+    let span = u64::from(ephemeral_from - 10_000);
     let mut seed = std::collections::hash_map::RandomState::new().build_hasher();
     for _ in 0..1000 {
         seed.write_u8(0);
-        let port = 20_000 + (seed.finish() % 12_000) as u16;
+        let port = 10_000 + (seed.finish() % span) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
@@ -781,13 +789,13 @@ impl Relay {
             .unwrap_or_default()
     }
 
-    /// Waits until `/metrics` holds a line starting with `line` (a gauge set by a background
-    /// loop shows up there a refresh later).
+    /// Waits until `/metrics` holds exactly this line (a gauge set by a background loop shows
+    /// up there a refresh later).
     pub async fn wait_metric(&self, line: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let text = self.metrics_text().await;
-            if text.lines().any(|l| l.starts_with(line)) {
+            if text.lines().any(|l| l == line) {
                 return;
             }
             assert!(Instant::now() < deadline, "metrics never showed {line}");
