@@ -534,15 +534,6 @@ async fn slow_tokens(head: Duration, body: Duration) -> MockUpstream {
     tokens
 }
 
-/// Waits until the token endpoint has received a request.
-async fn wait_provider_request(tokens: &MockUpstream) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokens.count() == 0 {
-        assert!(Instant::now() < deadline, "no request reached the provider");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn oauth_account(relay: &Relay, expires_at: Option<i64>) -> String {
     let mut body = json!({
         "name": "max-plan", "type": "claude-official", "base_url": "http://127.0.0.1:9",
@@ -574,7 +565,7 @@ async fn a_manual_refresh_whose_caller_hangs_up_keeps_the_rotated_token() {
             .send(),
     );
     // The client gives up once the refresh is at the provider (which answers 1.5 s later).
-    wait_provider_request(&tokens).await;
+    tokens.wait_count(1).await;
     call.abort();
     assert!(
         call.await.is_err_and(|e| e.is_cancelled()),
@@ -722,7 +713,7 @@ async fn new_tokens_from_an_operator_are_not_held_back_by_a_refresh_of_the_old_o
     let id = oauth_account(&relay, Some(now_ms() + 3_600_000)).await;
     let patch = async {
         // Once the old refresh token is at the provider.
-        wait_provider_request(&tokens).await;
+        tokens.wait_count(1).await;
         relay
             .patch_account(
                 &id,

@@ -1,6 +1,18 @@
 import { ref, type Ref } from 'vue'
 import { ApiError, api, query, type Page } from './api'
 
+/**
+ * Overlapping loads of one view: only the latest may show, so an older answer arriving late is
+ * dropped. `begin()` starts a load and returns a check that it is still the latest.
+ */
+export function latestLoad(): () => () => boolean {
+  let latest = 0
+  return () => {
+    const n = ++latest
+    return () => n === latest
+  }
+}
+
 /** A paginated list from the admin API, with its loading error. */
 export function usePaged<T>(path: () => string, filters: () => Record<string, string | number | null | undefined> = () => ({})) {
   const rows: Ref<T[]> = ref([])
@@ -9,23 +21,22 @@ export function usePaged<T>(path: () => string, filters: () => Record<string, st
   const total = ref(0)
   const error = ref<string | null>(null)
   const loading = ref(false)
-  // Only the latest load shows: an older answer arriving late is dropped.
-  let latest = 0
+  const begin = latestLoad()
 
   async function load(to = page.value) {
-    const n = ++latest
+    const current = begin()
     loading.value = true
     try {
       const p = await api.get<Page<T>>(path() + query({ ...filters(), page: to, per_page: perPage.value }))
-      if (n !== latest) return
+      if (!current()) return
       rows.value = p.items
       total.value = p.total
       page.value = p.page
       error.value = null
     } catch (e) {
-      if (n === latest) error.value = message(e)
+      if (current()) error.value = message(e)
     } finally {
-      if (n === latest) loading.value = false
+      if (current()) loading.value = false
     }
   }
   return { rows, page, perPage, total, error, loading, load }

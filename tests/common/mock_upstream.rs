@@ -375,6 +375,20 @@ impl MockUpstream {
         self.received.lock().unwrap().len()
     }
 
+    /// Waits until the mock has received `n` requests in all (each is counted as soon as it
+    /// is read, before any `head_delay`).
+    pub async fn wait_count(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "the mock received {} of {n} requests",
+                self.count()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn serve<S: AsyncRead + AsyncWrite + Unpin>(&self, mut sock: S) -> std::io::Result<()> {
         let mut buf: Vec<u8> = Vec::new();
         loop {
