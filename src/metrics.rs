@@ -28,6 +28,7 @@ pub struct Metrics {
     pub usage_spilled: IntCounter,
     pub usage_written: IntCounter,
     pub unpriced: IntCounterVec,
+    pub estimated: IntCounterVec,
     pub health_checks: IntCounterVec,
     pub oauth_refreshes: IntCounterVec,
     pub session_store_fallback: IntCounter,
@@ -117,6 +118,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
         unpriced: register_int_counter_vec!(
             "relay_unpriced_requests_total",
             "Requests for a model without a price (billed 0)",
+            &["protocol"]
+        )?,
+        estimated: register_int_counter_vec!(
+            "relay_estimated_requests_total",
+            "Requests booked with counts that may not be the upstream's (a cut or unfinished answer, one without usage, a client gone with abort)",
             &["protocol"]
         )?,
         health_checks: register_int_counter_vec!(

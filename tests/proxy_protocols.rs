@@ -6,7 +6,8 @@ mod common;
 
 use common::mock_upstream::{ExtraUsage, MockUpstream, MockUsage, Received};
 use common::{
-    chat_body, chat_conversation, gemini_body, record_by_request_id, ClientFixture, Relay,
+    chat_body, chat_conversation, conversation, gemini_body, messages_body, record_by_request_id,
+    ClientFixture, Relay,
 };
 
 /// Upstream credentials of the test accounts (never the relay key).
@@ -1118,6 +1119,45 @@ async fn gemini_errors_have_gemini_shape() {
     assert_eq!(r.status(), 403);
     assert_gemini_error(&r.json().await.unwrap(), 403, "PERMISSION_DENIED");
 
+    // The path names the model the upstream runs: an allowed model named in the body too does
+    // not let the path ask for another.
+    let (_, flash_only) = relay
+        .create_key(
+            &user_id,
+            serde_json::json!({"allowed_models": ["gemini-2.5-flash"]}),
+        )
+        .await;
+    relay.wait_key_active(&flash_only).await;
+    let mut with_model = body.clone();
+    with_model["model"] = "gemini-2.5-flash".into();
+    let r = relay
+        .post_bare("/v1beta/models/gemini-2.5-pro:generateContent")
+        .header("x-goog-api-key", &flash_only)
+        .json(&with_model)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_gemini_error(&r.json().await.unwrap(), 403, "PERMISSION_DENIED");
+
+    // A compressed body is refused before it is read, in Gemini's shape.
+    let r = relay
+        .post_bare(path)
+        .header("x-goog-api-key", &key)
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_gemini_error(&v, 415, "INVALID_ARGUMENT");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("gzip"),
+        "{v}"
+    );
+
     assert_eq!(mock.count(), 0, "a refused request reached the upstream");
 }
 
@@ -1375,4 +1415,119 @@ async fn cut_streams_end_with_the_protocols_error_event_and_book_what_was_seen()
     let rec = record_by_request_id(&records, "cut-gemini");
     assert_eq!(rec["input_tokens"], 2384, "{rec}");
     assert_eq!(rec["output_tokens"], 105 + 734, "{rec}");
+}
+
+/// Answers that end with clean framing but not as a whole answer does are booked as such: an
+/// error event inside a successful stream names the record's error and flags its counts, a
+/// stream closed before its terminal event is flagged, and a stream sent under another content
+/// type is still metered.
+#[tokio::test]
+async fn in_band_errors_and_unfinished_streams_are_flagged() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    relay
+        .create_account(
+            "claude-a",
+            "claude",
+            &mock.url(),
+            "sk-ant-upstream-secret-0123",
+        )
+        .await;
+    relay
+        .create_account(
+            "openai-a",
+            "openai",
+            &format!("{}/v1", mock.url()),
+            OPENAI_SECRET,
+        )
+        .await;
+    relay.wait_accounts_loaded(2).await;
+
+    // Anthropic: message_start, then an overloaded error event, then the last chunk.
+    mock.set(|b| {
+        b.end_after = Some(1);
+        b.in_band_error = Some(
+            "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n"
+                .into(),
+        );
+    });
+    let r = relay
+        .post("/v1/messages", &key)
+        .header("x-request-id", "in-band-anthropic")
+        .json(&messages_body(
+            "claude-sonnet-4-5",
+            true,
+            conversation("in-band", 1),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("overloaded_error"), "{text}");
+
+    // Responses: created and a delta, then the last chunk without response.completed.
+    mock.set(|b| {
+        b.end_after = Some(2);
+        b.in_band_error = None;
+    });
+    let r = relay
+        .post_bare("/v1/responses")
+        .bearer_auth(&key)
+        .header("x-request-id", "unfinished-responses")
+        .json(&serde_json::json!({"model": "gpt-5", "input": "unfinished", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(
+        !sse_events(&text).iter().any(|e| e == "response.completed"),
+        "{text}"
+    );
+
+    // Chat: a whole stream, sent as text/plain.
+    mock.set(|b| {
+        b.end_after = None;
+        b.stream_content_type = Some("text/plain; charset=utf-8".into());
+    });
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .bearer_auth(&key)
+        .header("x-request-id", "plain-chat")
+        .json(&chat_body("gpt-4.1", true, chat_conversation("plain", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(sse_data(&text).iter().any(|d| d == "[DONE]"), "{text}");
+
+    let records = relay.wait_records(3).await;
+    let rec = record_by_request_id(&records, "in-band-anthropic");
+    assert_eq!(rec["status"], 200, "{rec}");
+    assert_eq!(rec["error_type"], "overloaded_error", "{rec}");
+    assert_eq!(rec["estimated"], true, "{rec}");
+    assert_eq!(
+        rec["input_tokens"], 12,
+        "message_start's usage is booked: {rec}"
+    );
+
+    let rec = record_by_request_id(&records, "unfinished-responses");
+    assert_eq!(rec["estimated"], true, "{rec}");
+    assert!(rec["error_type"].is_null(), "{rec}");
+
+    let rec = record_by_request_id(&records, "plain-chat");
+    assert_eq!(rec["estimated"], false, "{rec}");
+    assert!(rec["error_type"].is_null(), "{rec}");
+    assert!(
+        rec["input_tokens"].as_u64().unwrap() > 0 && rec["output_tokens"].as_u64().unwrap() > 0,
+        "the stream's usage chunk was metered: {rec}"
+    );
+
+    let metrics = relay.metrics_text().await;
+    assert!(
+        metrics.contains("relay_estimated_requests_total{protocol=\"anthropic\"} 1"),
+        "{metrics}"
+    );
 }

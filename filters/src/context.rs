@@ -124,6 +124,8 @@ pub struct UsageInfo {
     pub billed_cost: i64,
     pub unpriced: bool,
     pub estimated: bool,
+    /// The kind of an error the upstream reported inside a successful answer.
+    pub upstream_error: Option<String>,
     /// Chat: the relay asked upstream for the usage chunk the client did not ask for, and
     /// removes it from the stream (DESIGN §9).
     pub strip_usage_chunk: Option<crate::sse_usage::UsageChunkStripper>,
@@ -154,9 +156,13 @@ impl RequestCtx {
 
     /// The model the client asked for (body, or path for Gemini).
     pub fn requested_model(&self) -> Option<&str> {
-        self.request
-            .model
-            .as_deref()
-            .or(self.route.path_model.as_deref())
+        requested_model(&self.route, &self.request)
     }
+}
+
+/// The model a request asks for. A Gemini request names it in its path, which is what the
+/// upstream runs: a `model` its body names too is never taken instead, or a key allowed one
+/// model could ask the path for another.
+pub fn requested_model<'a>(route: &'a ApiRoute, request: &'a RequestInfo) -> Option<&'a str> {
+    route.path_model.as_deref().or(request.model.as_deref())
 }

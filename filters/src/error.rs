@@ -13,6 +13,8 @@ pub enum ErrorKind {
     InvalidRequest,
     /// Body over `max_body_bytes` (413).
     RequestTooLarge,
+    /// A request body in a content coding the relay does not read (415).
+    UnsupportedEncoding,
     /// Rate or concurrency limit (429).
     RateLimit,
     /// Daily or total cost limit reached (402).
@@ -33,6 +35,7 @@ impl ErrorKind {
             ErrorKind::Permission => 403,
             ErrorKind::InvalidRequest => 400,
             ErrorKind::RequestTooLarge => 413,
+            ErrorKind::UnsupportedEncoding => 415,
             ErrorKind::RateLimit => 429,
             ErrorKind::InsufficientQuota => 402,
             ErrorKind::NoAvailableAccount => 503,
@@ -48,6 +51,7 @@ impl ErrorKind {
             ErrorKind::Permission => "permission_error",
             ErrorKind::InvalidRequest => "invalid_request_error",
             ErrorKind::RequestTooLarge => "request_too_large",
+            ErrorKind::UnsupportedEncoding => "invalid_request_error",
             ErrorKind::RateLimit => "rate_limit_error",
             ErrorKind::InsufficientQuota => "insufficient_quota",
             ErrorKind::NoAvailableAccount => "no_available_account",
@@ -63,6 +67,7 @@ impl ErrorKind {
             ErrorKind::Permission => "model_not_allowed",
             ErrorKind::InvalidRequest => "invalid_request",
             ErrorKind::RequestTooLarge => "request_too_large",
+            ErrorKind::UnsupportedEncoding => "unsupported_content_encoding",
             ErrorKind::RateLimit => "rate_limit_exceeded",
             ErrorKind::InsufficientQuota => "insufficient_quota",
             ErrorKind::NoAvailableAccount => "no_available_account",
@@ -76,7 +81,9 @@ impl ErrorKind {
         match self {
             ErrorKind::Authentication => "UNAUTHENTICATED",
             ErrorKind::Permission => "PERMISSION_DENIED",
-            ErrorKind::InvalidRequest | ErrorKind::RequestTooLarge => "INVALID_ARGUMENT",
+            ErrorKind::InvalidRequest
+            | ErrorKind::RequestTooLarge
+            | ErrorKind::UnsupportedEncoding => "INVALID_ARGUMENT",
             ErrorKind::RateLimit | ErrorKind::InsufficientQuota => "RESOURCE_EXHAUSTED",
             ErrorKind::NoAvailableAccount => "UNAVAILABLE",
             ErrorKind::Upstream => "UNAVAILABLE",

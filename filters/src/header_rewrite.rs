@@ -180,11 +180,7 @@ impl HeaderRewrite {
         let mut path: Cow<'_, str> = Cow::Borrowed(&ctx.route.upstream_path);
         let mut new_body = None;
         // The fields `requested_model()` reads, borrowed apart from the ones written below.
-        let requested = ctx
-            .request
-            .model
-            .as_deref()
-            .or(ctx.route.path_model.as_deref());
+        let requested = crate::context::requested_model(&ctx.route, &ctx.request);
         let mut upstream_model = requested.map(str::to_string);
         if let Some(model) = requested {
             let mapped = account.map_model(model);

@@ -462,8 +462,33 @@ impl UsageMeter {
             UsageMeter::AnthropicJson(m)
             | UsageMeter::OpenaiChatJson(m)
             | UsageMeter::OpenaiResponsesJson(m)
-            | UsageMeter::GeminiJson(m) => m.feed(chunk),
+            | UsageMeter::GeminiJson(m) => {
+                if m.undecided() && starts_event_stream(&m.body, chunk) {
+                    self.become_stream(chunk);
+                } else {
+                    m.feed(chunk);
+                }
+            }
         }
+    }
+
+    /// A JSON meter whose body turned out to be an event stream (an upstream that streams
+    /// under another content type): the same protocol's stream meter takes over, fed what was
+    /// held (blank space) and `chunk`.
+    fn become_stream(&mut self, chunk: &[u8]) {
+        let (protocol, held, limit) = match self {
+            UsageMeter::AnthropicJson(m) => (Protocol::Anthropic, &mut m.body, m.max_body),
+            UsageMeter::OpenaiChatJson(m) => (Protocol::OpenaiChat, &mut m.body, m.max_body),
+            UsageMeter::OpenaiResponsesJson(m) => {
+                (Protocol::OpenaiResponses, &mut m.body, m.max_body)
+            }
+            UsageMeter::GeminiJson(m) => (Protocol::Gemini, &mut m.body, m.max_body),
+            _ => return,
+        };
+        let held = std::mem::take(held);
+        *self = UsageMeter::with_limit(protocol, true, limit.min(DEFAULT_MAX_SSE_BUFFER));
+        self.feed(&held);
+        self.feed(chunk);
     }
 
     /// Ends the body and returns everything learnt; calling it again returns the same.
@@ -525,7 +550,21 @@ impl UsageMeter {
     }
 }
 
+/// Whether a body that starts with `held` (blank so far) and then `chunk` is an event stream
+/// rather than JSON: its first byte that is not blank opens an SSE field or comment (`data:`,
+/// `event:`, `id:`, `retry:`, `:`), where JSON would open an object or array. `false` while
+/// only blank space has come.
+fn starts_event_stream(held: &[u8], chunk: &[u8]) -> bool {
+    let first = held.iter().chain(chunk).find(|b| !b.is_ascii_whitespace());
+    matches!(first, Some(b'd' | b'e' | b'i' | b'r' | b':'))
+}
+
 impl JsonMeter {
+    /// Nothing but blank space has come yet: the body's kind is still open.
+    fn undecided(&self) -> bool {
+        !self.gave_up && self.result.is_none() && self.body.iter().all(u8::is_ascii_whitespace)
+    }
+
     fn feed(&mut self, chunk: &[u8]) {
         if self.gave_up || self.result.is_some() {
             return;
@@ -1438,11 +1477,17 @@ fn set_once_bytes(slot: &mut Option<String>, raw: Option<&[u8]>) {
     if slot.is_some() {
         return;
     }
+    // An empty id or model (some compatible upstreams open with a placeholder chunk) names
+    // nothing: a later chunk may still.
     if let Some(raw) = raw {
         if let Some(s) = plain_string(raw) {
-            *slot = Some(bounded(s.to_owned()));
+            if !s.is_empty() {
+                *slot = Some(bounded(s.to_owned()));
+            }
         } else if let Ok(s) = serde_json::from_slice::<String>(raw) {
-            *slot = Some(bounded(s));
+            if !s.is_empty() {
+                *slot = Some(bounded(s));
+            }
         }
     }
 }
@@ -1588,10 +1633,16 @@ impl crate::chain::ResponseFilter for SseUsage {
             ctx.usage.upstream_model = result.model;
         }
         ctx.usage.response_id = result.response_id;
-        if !result.complete {
-            // Counts from a stream that did not finish: what was seen is billed.
-            tracing::debug!(request_id = %ctx.request_id, "usage from an incomplete response");
+        if ctx.route.billed && (!result.complete || result.usage.is_empty()) {
+            // An answer that ended without its terminal event (a stream closed early, even
+            // with clean framing) or that reported no usage at all: what was seen is billed,
+            // and the record says its counts may not be the upstream's.
+            ctx.usage.estimated = true;
+            tracing::debug!(request_id = %ctx.request_id, complete = result.complete, "usage from an incomplete answer");
         }
+        // An error the upstream sent inside a successful answer (an SSE `error` event, a
+        // failed response): the record names it.
+        ctx.usage.upstream_error = result.upstream_error;
     }
 }
 
@@ -2511,6 +2562,102 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
         assert!(ctx.usage.estimated);
         assert_eq!(ctx.usage.tokens.input_tokens, crate::MAX_TOKENS);
         assert_eq!(ctx.usage.tokens.output_tokens, 7);
+    }
+
+    #[test]
+    fn unfinished_or_usage_less_billed_answers_are_flagged_and_in_band_errors_kept() {
+        use crate::chain::ResponseFilter;
+        let ctx_for = |billed: bool| {
+            let route = crate::route::ApiRoute {
+                protocol: Protocol::Anthropic,
+                upstream_path: "/v1/messages".into(),
+                path_model: None,
+                path_stream: false,
+                billed,
+            };
+            crate::context::RequestCtx::new("r".into(), route, 0)
+        };
+        let settle = |ctx: &mut crate::context::RequestCtx, stream: bool, body: &[u8]| {
+            let mut meter = UsageMeter::new(Protocol::Anthropic, stream);
+            meter.feed(body);
+            ctx.usage.meter = Some(meter);
+            SseUsage.on_end(ctx);
+        };
+        let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"claude-x\",\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\n";
+        let error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+
+        // A whole stream: neither.
+        let mut ctx = ctx_for(true);
+        settle(&mut ctx, true, ANTHROPIC_STREAM);
+        assert!(!ctx.usage.estimated && ctx.usage.upstream_error.is_none());
+
+        // Started, then an error event, then a clean end.
+        let mut ctx = ctx_for(true);
+        settle(&mut ctx, true, format!("{start}{error}").as_bytes());
+        assert!(ctx.usage.estimated);
+        assert_eq!(
+            ctx.usage.upstream_error.as_deref(),
+            Some("overloaded_error")
+        );
+        assert_eq!(ctx.usage.tokens.input_tokens, 12);
+
+        // Started, then a clean end without message_stop.
+        let mut ctx = ctx_for(true);
+        settle(&mut ctx, true, start.as_bytes());
+        assert!(ctx.usage.estimated && ctx.usage.upstream_error.is_none());
+
+        // A whole JSON answer without usage.
+        let mut ctx = ctx_for(true);
+        settle(
+            &mut ctx,
+            false,
+            br#"{"id":"msg_1","model":"claude-x","content":[]}"#,
+        );
+        assert!(ctx.usage.estimated);
+
+        // An unbilled call (count_tokens) answers without usage by design.
+        let mut ctx = ctx_for(false);
+        settle(&mut ctx, false, br#"{"input_tokens":12}"#);
+        assert!(!ctx.usage.estimated);
+    }
+
+    #[test]
+    fn a_json_meter_given_an_event_stream_meters_it_as_one() {
+        for (protocol, stream) in [
+            (Protocol::Anthropic, ANTHROPIC_STREAM),
+            (Protocol::OpenaiChat, CHAT_STREAM),
+            (Protocol::OpenaiResponses, RESPONSES_STREAM),
+            (Protocol::Gemini, GEMINI_STREAM),
+        ] {
+            let want = stream_result(protocol, std::str::from_utf8(stream).unwrap());
+            assert!(want.complete && !want.usage.is_empty(), "{protocol:?}");
+            // Any split, also one that leaves only blank space or one byte in the first chunk.
+            for first in [0, 1, 2, 7, stream.len() / 2] {
+                let mut m = UsageMeter::new(protocol, false);
+                m.feed(b"\r\n");
+                m.feed(&stream[..first]);
+                m.feed(&stream[first..]);
+                assert_eq!(m.finish(), want, "{protocol:?} split at {first}");
+            }
+        }
+        // JSON stays JSON, after blank space too.
+        let mut m = UsageMeter::new(Protocol::Anthropic, false);
+        m.feed(b"  \n");
+        m.feed(ANTHROPIC_JSON);
+        assert!(m.finish().complete);
+        assert!(matches!(m, UsageMeter::AnthropicJson(_)));
+    }
+
+    #[test]
+    fn an_empty_id_or_model_names_nothing() {
+        let text = "data: {\"id\":\"\",\"object\":\"\",\"created\":0,\"model\":\"\",\"choices\":[],\"prompt_filter_results\":[]}\n\n\
+            data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n\
+            data: {\"id\":\"chatcmpl-1\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n\
+            data: [DONE]\n\n";
+        let got = stream_result(Protocol::OpenaiChat, text);
+        assert_eq!(got.model.as_deref(), Some("gpt-4o-2024-08-06"));
+        assert_eq!(got.response_id.as_deref(), Some("chatcmpl-1"));
+        assert_eq!(got.usage.input_tokens, 5);
     }
 
     #[test]

@@ -194,6 +194,25 @@ impl RelayProxy {
                 }
             }
         }
+        // The body is read as JSON, for the session key, limits and metering: one the client
+        // compressed is refused (415) before it is read, saying what to do instead.
+        if let Some(coding) = header_map(session)
+            .get_all(http::header::CONTENT_ENCODING)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+            .map(str::trim)
+            .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+        {
+            let r = Rejection::new(
+                ErrorKind::UnsupportedEncoding,
+                format!(
+                    "request bodies with Content-Encoding {:?} are not accepted: send the body uncompressed",
+                    coding.chars().take(32).collect::<String>()
+                ),
+            );
+            session.set_keep_alive(false);
+            return Self::reject(session, ctx, protocol, &r, &request_id).await;
+        }
         let expects_continue = header_map(session)
             .get(http::header::EXPECT)
             .and_then(|v| v.to_str().ok())
@@ -393,7 +412,14 @@ impl RelayProxy {
             latency_ms: elapsed.as_millis() as i64,
             ttfb_ms: ctx.ttfb.map(|d| d.as_millis() as i64),
             failover_count: r.upstream.failovers,
-            error_type: ctx.error_type.map(Cow::Borrowed),
+            // The relay's own word on how the request ended, else an error the upstream sent
+            // inside its successful answer.
+            error_type: ctx.error_type.map(Cow::Borrowed).or_else(|| {
+                r.usage
+                    .upstream_error
+                    .take()
+                    .map(|e| Cow::Owned(storable_text(e)))
+            }),
             unpriced: r.usage.unpriced,
             estimated: r.usage.estimated,
         };
@@ -430,6 +456,9 @@ impl RelayProxy {
             .observe(elapsed.saturating_sub(ctx.upstream_time).as_secs_f64());
         if record.unpriced {
             metrics().unpriced.with_label_values(&[protocol]).inc();
+        }
+        if record.estimated {
+            metrics().estimated.with_label_values(&[protocol]).inc();
         }
         crate::access_log::log(&crate::access_log::AccessLine {
             request_id: record.request_id.as_deref().unwrap_or(&record.id),

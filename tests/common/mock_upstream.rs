@@ -108,6 +108,12 @@ pub struct Behavior {
     pub cut_after: Option<usize>,
     /// Send a JSON answer chunked, and close after this many bytes of it.
     pub cut_json_after: Option<usize>,
+    /// End the stream after this many events with clean framing (the last chunk), its
+    /// terminal event never sent; `in_band_error` (a whole SSE event) goes out first.
+    pub end_after: Option<usize>,
+    pub in_band_error: Option<String>,
+    /// The content type of a streamed answer (`text/event-stream` unless set).
+    pub stream_content_type: Option<String>,
     /// Wait this long before sending the response head.
     pub head_delay: Duration,
     /// OAuth token answers: wait this long between the head and the body.
@@ -142,6 +148,9 @@ impl Default for Behavior {
             event_delay: Duration::ZERO,
             cut_after: None,
             cut_json_after: None,
+            end_after: None,
+            in_band_error: None,
+            stream_content_type: None,
             head_delay: Duration::ZERO,
             body_delay: Duration::ZERO,
             token_expires_in: Some(28800),
@@ -548,12 +557,22 @@ impl MockUpstream {
         b: &Behavior,
         events: &[String],
     ) -> std::io::Result<()> {
-        sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n")
-            .await?;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: {}\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n",
+            b.stream_content_type.as_deref().unwrap_or("text/event-stream")
+        );
+        sock.write_all(head.as_bytes()).await?;
         for (i, ev) in events.iter().enumerate() {
             if b.cut_after == Some(i) {
                 sock.shutdown().await?;
                 return Ok(());
+            }
+            if b.end_after == Some(i) {
+                if let Some(err) = &b.in_band_error {
+                    let chunk = format!("{:x}\r\n{}\r\n", err.len(), err);
+                    sock.write_all(chunk.as_bytes()).await?;
+                }
+                break;
             }
             if i == 1 {
                 if !b.pause_after_first.is_zero() {
