@@ -851,6 +851,9 @@ mod tests {
             Some(75_000)
         );
         assert_eq!(t.get("gpt-5").unwrap().input, 1_250_000);
+        // A snapshot priced apart from its undated name is found as itself.
+        assert_eq!(t.get("gpt-4o-2024-05-13").unwrap().input, 5_000_000);
+        assert_eq!(t.get("gpt-4o-2024-08-06").unwrap().input, 2_500_000);
         assert_eq!(t.get("gemini-2.5-flash").unwrap().output, 2_500_000);
         for model in [
             "claude-opus-4-1",
