@@ -380,6 +380,7 @@ impl Config {
         if self.client_idle_timeout < Duration::from_secs(1) {
             return bad("client_idle_timeout must be at least 1s".into());
         }
+        FilterConfig::check_chain(&self.filter_chain()).map_err(ConfigError::Invalid)?;
         if self.max_body_bytes == 0 {
             return bad("max_body_bytes must be positive".into());
         }
@@ -474,6 +475,76 @@ mod tests {
             ))
             .extract();
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn filter_chains_that_would_book_wrong_are_refused() {
+        let chain = |kinds: &[&str]| {
+            let toml: String = kinds
+                .iter()
+                .map(|k| format!("[[filters]]\nkind = \"{k}\"\n"))
+                .collect();
+            let c: Config = Figment::new()
+                .merge(Toml::string(&toml))
+                .extract()
+                .expect("parses");
+            c.validate().map_err(|e| e.to_string())
+        };
+        let whole = [
+            "api_key_auth",
+            "key_limits",
+            "session_hash",
+            "sticky_upstream",
+            "header_rewrite",
+            "sse_usage",
+            "cost",
+        ];
+        assert_eq!(chain(&whole), Ok(()));
+        // Optional filters may go.
+        assert_eq!(
+            chain(&[
+                "api_key_auth",
+                "sticky_upstream",
+                "header_rewrite",
+                "sse_usage",
+                "cost"
+            ]),
+            Ok(())
+        );
+        let err = chain(&[
+            "api_key_auth",
+            "sticky_upstream",
+            "header_rewrite",
+            "cost",
+            "sse_usage",
+        ])
+        .unwrap_err();
+        assert!(err.contains("sse_usage must come before cost"), "{err}");
+        let err = chain(&["sticky_upstream", "header_rewrite", "sse_usage", "cost"]).unwrap_err();
+        assert!(err.contains("needs api_key_auth"), "{err}");
+        let err = chain(&[
+            "api_key_auth",
+            "sticky_upstream",
+            "header_rewrite",
+            "sse_usage",
+            "sse_usage",
+            "cost",
+        ])
+        .unwrap_err();
+        assert!(err.contains("sse_usage is listed twice"), "{err}");
+        let err = chain(&[
+            "api_key_auth",
+            "sticky_upstream",
+            "session_hash",
+            "header_rewrite",
+            "sse_usage",
+            "cost",
+        ])
+        .unwrap_err();
+        assert!(
+            err.contains("session_hash must come before sticky_upstream"),
+            "{err}"
+        );
     }
 
     #[test]

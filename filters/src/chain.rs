@@ -114,7 +114,68 @@ impl FilterConfig {
             FilterConfig::Cost {},
         ]
     }
+
+    /// The `kind` this entry is written with.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FilterConfig::ApiKeyAuth {} => "api_key_auth",
+            FilterConfig::KeyLimits {} => "key_limits",
+            FilterConfig::SessionHash { .. } => "session_hash",
+            FilterConfig::StickyUpstream {} => "sticky_upstream",
+            FilterConfig::HeaderRewrite { .. } => "header_rewrite",
+            FilterConfig::SseUsage {} => "sse_usage",
+            FilterConfig::Cost {} => "cost",
+        }
+    }
+
+    /// Checks a configured chain: every filter at most once, the ones a served request needs
+    /// present, and each after the ones it reads from. A chain that breaks these would still
+    /// serve, but book nothing (no key, so no record), cost 0 (cost before the meter), count
+    /// every chunk twice, or schedule without a session key.
+    pub fn check_chain(configs: &[FilterConfig]) -> Result<(), String> {
+        let at = |kind: &str| configs.iter().position(|c| c.kind() == kind);
+        for (i, c) in configs.iter().enumerate() {
+            if configs[..i].iter().any(|d| d.kind() == c.kind()) {
+                return Err(format!("filter {} is listed twice", c.kind()));
+            }
+        }
+        for kind in REQUIRED_FILTERS {
+            if at(kind).is_none() {
+                return Err(format!(
+                    "the filter chain needs {kind} (required: {})",
+                    REQUIRED_FILTERS.join(", ")
+                ));
+            }
+        }
+        for (first, then) in FILTER_ORDER {
+            if let (Some(a), Some(b)) = (at(first), at(then)) {
+                if a > b {
+                    return Err(format!("filter {first} must come before {then}"));
+                }
+            }
+        }
+        Ok(())
+    }
 }
+
+/// Filters every chain has: the key (whose user a record is booked to), the account choice and
+/// its credentials, the meter and the cost.
+const REQUIRED_FILTERS: [&str; 5] = [
+    "api_key_auth",
+    "sticky_upstream",
+    "header_rewrite",
+    "sse_usage",
+    "cost",
+];
+
+/// Pairs of filters of which the first must run before the second, when both are listed.
+const FILTER_ORDER: [(&str, &str); 5] = [
+    ("api_key_auth", "key_limits"),
+    ("session_hash", "sticky_upstream"),
+    ("api_key_auth", "sticky_upstream"),
+    ("sticky_upstream", "header_rewrite"),
+    ("sse_usage", "cost"),
+];
 
 /// What the filters need from the outside world.
 pub struct ChainDeps {
@@ -144,6 +205,7 @@ pub struct Chain {
 impl Chain {
     /// Builds the chain in config order. Reading this match tells the whole list of filters.
     pub fn build(configs: &[FilterConfig], deps: &ChainDeps) -> Result<Chain, String> {
+        FilterConfig::check_chain(configs)?;
         let mut chain = Chain {
             request: Vec::new(),
             response: Vec::new(),
@@ -194,9 +256,6 @@ impl Chain {
                     .response
                     .push(Arc::new(CostFilter::new(deps.prices.clone()))),
             }
-        }
-        if chain.sticky.is_none() || chain.rewrite.is_none() {
-            return Err("the filter chain needs sticky_upstream and header_rewrite".into());
         }
         Ok(chain)
     }
