@@ -15,11 +15,17 @@ use crate::error::{ErrorKind, Rejection};
 use crate::request_body::rewrite_model;
 use crate::{AccountType, Protocol};
 
-/// Headers never forwarded upstream.
+/// Headers never forwarded upstream. The account's credential replaces the client's, so what
+/// scopes the client's credential goes too: `openai-organization` and `openai-project` (the
+/// openai SDKs send them from `OPENAI_ORG_ID` / `OPENAI_PROJECT_ID`; a foreign organization
+/// makes OpenAI answer 401 to the account) and `chatgpt-account-id` (set from the account).
 const DROPPED: &[&str] = &[
     "authorization",
     "x-api-key",
     "x-goog-api-key",
+    "openai-organization",
+    "openai-project",
+    "chatgpt-account-id",
     "cookie",
     "host",
     "content-length",
@@ -257,7 +263,7 @@ impl RequestFilter for HeaderRewrite {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::accounts::{tests::account, BaseUrl};
+    use crate::accounts::{tests::account, BaseUrl, Credential};
     use crate::route::ApiRoute;
     use std::sync::Arc;
 
@@ -373,6 +379,45 @@ mod tests {
             "/v1beta/models/m:streamGenerateContent?alt=sse"
         );
         assert_eq!(get(&r, "x-goog-api-key"), ["secret-g"]);
+    }
+
+    #[test]
+    fn openai_scoping_headers_of_the_client_are_dropped() {
+        let mut h = client_headers();
+        h.insert("openai-organization", "org-client".parse().unwrap());
+        h.insert("openai-project", "proj_client".parse().unwrap());
+        h.insert("chatgpt-account-id", "client-account".parse().unwrap());
+        for t in [AccountType::Openai, AccountType::OpenaiResponses] {
+            let acc = account("x", t, 50, 1);
+            let mut c = ctx(Protocol::OpenaiResponses, "/responses");
+            let r = HeaderRewrite::default()
+                .build(&mut c, &acc, &h, None, b"{}")
+                .unwrap();
+            assert_eq!(get(&r, "authorization"), ["Bearer secret-x"]);
+            for gone in [
+                "openai-organization",
+                "openai-project",
+                "chatgpt-account-id",
+            ] {
+                assert!(get(&r, gone).is_empty(), "{gone} forwarded to {t:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn chatgpt_account_id_of_the_account_replaces_the_clients() {
+        let mut acc = Arc::try_unwrap(account("c", AccountType::OpenaiResponses, 50, 1)).unwrap();
+        acc.credential = Credential::new("eyJhbGciOi.payload.sig".into());
+        acc.chatgpt_account_id = Some("account-of-relay".into());
+        let mut h = client_headers();
+        h.append("chatgpt-account-id", "client-account".parse().unwrap());
+        h.append("chatgpt-account-id", "client-account-2".parse().unwrap());
+        let mut c = ctx(Protocol::OpenaiResponses, "/responses");
+        let r = HeaderRewrite::default()
+            .build(&mut c, &acc, &h, None, b"{}")
+            .unwrap();
+        assert_eq!(get(&r, "chatgpt-account-id"), ["account-of-relay"]);
+        assert_eq!(get(&r, "authorization"), ["Bearer eyJhbGciOi.payload.sig"]);
     }
 
     #[test]
