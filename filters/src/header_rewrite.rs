@@ -125,19 +125,9 @@ impl HeaderRewrite {
             AccountType::ClaudeOfficial => {
                 let v = credential.bearer_value().ok_or_else(invalid)?;
                 out.push((http::header::AUTHORIZATION, v));
-                let beta = headers
-                    .get("anthropic-beta")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                if !beta.split(',').any(|b| b.trim() == OAUTH_BETA) {
-                    out.retain(|(n, _)| n.as_str() != "anthropic-beta");
-                    let joined = if beta.is_empty() {
-                        HeaderValue::from_static(OAUTH_BETA)
-                    } else {
-                        value(&format!("{beta},{OAUTH_BETA}"))?
-                    };
-                    out.push((HeaderName::from_static("anthropic-beta"), joined));
-                }
+                out.retain(|(n, _)| n.as_str() != "anthropic-beta");
+                let betas = value(&merged_betas(headers))?;
+                out.push((HeaderName::from_static("anthropic-beta"), betas));
             }
             AccountType::Openai | AccountType::OpenaiResponses => {
                 let v = credential.bearer_value().ok_or_else(invalid)?;
@@ -238,6 +228,37 @@ impl HeaderRewrite {
             body: new_body,
         })
     }
+}
+
+/// One `anthropic-beta` value: every beta of the client's lines (a client may send several
+/// lines, each a comma-separated list), trimmed, each once and in order, and `OAUTH_BETA` at the
+/// end unless the client named it. Values that are not visible ASCII name no beta.
+fn merged_betas(headers: &HeaderMap) -> String {
+    let mut joined = String::new();
+    let mut has_oauth = false;
+    let lines = headers.get_all("anthropic-beta").iter();
+    for beta in lines
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|b| !b.is_empty())
+    {
+        if joined.split(',').any(|seen| seen == beta) {
+            continue;
+        }
+        has_oauth |= beta == OAUTH_BETA;
+        if !joined.is_empty() {
+            joined.push(',');
+        }
+        joined.push_str(beta);
+    }
+    if !has_oauth {
+        if !joined.is_empty() {
+            joined.push(',');
+        }
+        joined.push_str(OAUTH_BETA);
+    }
+    joined
 }
 
 #[async_trait]
@@ -350,6 +371,45 @@ mod tests {
             get(&r, "anthropic-beta"),
             ["claude-code-20250219,oauth-2025-04-20"]
         );
+    }
+
+    #[test]
+    fn oauth_account_merges_every_beta_line() {
+        let acc = account("o", AccountType::ClaudeOfficial, 50, 1);
+        // (client's anthropic-beta lines, the one line sent upstream)
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "oauth-2025-04-20"),
+            (&[""], "oauth-2025-04-20"),
+            (
+                &["claude-code-20250219", "context-1m-2025-08-07"],
+                "claude-code-20250219,context-1m-2025-08-07,oauth-2025-04-20",
+            ),
+            (
+                &[
+                    " claude-code-20250219 , interleaved-thinking-2025-05-14",
+                    "oauth-2025-04-20,claude-code-20250219",
+                    ",fine-grained-tool-streaming-2025-05-14,",
+                ],
+                "claude-code-20250219,interleaved-thinking-2025-05-14,oauth-2025-04-20,\
+                 fine-grained-tool-streaming-2025-05-14",
+            ),
+            (
+                &["oauth-2025-04-20", "context-1m-2025-08-07"],
+                "oauth-2025-04-20,context-1m-2025-08-07",
+            ),
+        ];
+        for (lines, want) in cases {
+            let mut h = client_headers();
+            h.remove("anthropic-beta");
+            for l in *lines {
+                h.append("anthropic-beta", l.parse().unwrap());
+            }
+            let mut c = ctx(Protocol::Anthropic, "/v1/messages");
+            let r = HeaderRewrite::default()
+                .build(&mut c, &acc, &h, None, b"{}")
+                .unwrap();
+            assert_eq!(get(&r, "anthropic-beta"), [*want], "{lines:?}");
+        }
     }
 
     #[test]
