@@ -94,30 +94,36 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     pi == p.len()
 }
 
-/// Extracts the client's relay key: `x-api-key`, `Authorization: Bearer`, `x-goog-api-key`,
-/// or `?key=` (Gemini).
-pub fn client_key<'a>(headers: &'a http::HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
-    let header = |name: &str| {
+/// The credentials a request carries, in the order they are tried: `x-api-key`,
+/// `Authorization: Bearer`, `x-goog-api-key`, `?key=` (Gemini). Clients may send more than one:
+/// the anthropic Python SDK sends `x-api-key` from `ANTHROPIC_API_KEY` beside the relay key as
+/// `Authorization: Bearer`. Each place is read only when the iterator gets that far.
+pub fn client_keys<'a>(
+    headers: &'a http::HeaderMap,
+    query: Option<&'a str>,
+) -> impl Iterator<Item = &'a str> + 'a {
+    let header = move |name: &str| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
             .filter(|v| !v.is_empty())
     };
-    header("x-api-key")
-        .or_else(|| {
+    std::iter::once_with(move || header("x-api-key"))
+        .chain(std::iter::once_with(move || {
             header("authorization").and_then(|v| {
                 let (scheme, rest) = v.split_once(' ')?;
                 scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
             })
-        })
-        .or_else(|| header("x-goog-api-key"))
-        .or_else(|| {
+        }))
+        .chain(std::iter::once_with(move || header("x-goog-api-key")))
+        .chain(std::iter::once_with(move || {
             query?
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("key="))
                 .filter(|v| !v.is_empty())
-        })
+        }))
+        .flatten()
 }
 
 /// The filter: authenticates the key and checks its platform and model rules.
@@ -138,29 +144,46 @@ impl ApiKeyAuth {
         query: Option<&str>,
         now_ms: i64,
     ) -> Result<Arc<KeyEntry>, Rejection> {
-        let Some(key) = client_key(headers, query) else {
-            return Err(Rejection::new(
-                ErrorKind::Authentication,
-                "missing API key: send it as x-api-key or Authorization: Bearer",
-            ));
+        // The first credential that is a usable relay key wins; the others are someone else's
+        // (a provider key left in the client's environment). Each distinct one is hashed once.
+        let mut tried: [&str; 4] = [""; 4];
+        let mut tried_count = 0;
+        let mut refused = None;
+        for key in client_keys(headers, query) {
+            if tried[..tried_count].contains(&key) {
+                continue;
+            }
+            if let Some(slot) = tried.get_mut(tried_count) {
+                *slot = key;
+                tried_count += 1;
+            }
+            let Some(entry) = self.keys.lookup(&hash_api_key(self.keys.pepper(), key)) else {
+                continue;
+            };
+            match refusal(&entry, now_ms) {
+                None => return Ok(entry),
+                Some(message) => refused = refused.or(Some(message)),
+            }
+        }
+        let message = match refused {
+            Some(message) => message,
+            None if tried_count == 0 => {
+                "missing API key: send it as x-api-key or Authorization: Bearer"
+            }
+            None => "invalid API key",
         };
-        let entry = self
-            .keys
-            .lookup(&hash_api_key(self.keys.pepper(), key))
-            .ok_or_else(|| Rejection::new(ErrorKind::Authentication, "invalid API key"))?;
-        if !entry.enabled {
-            return Err(Rejection::new(
-                ErrorKind::Authentication,
-                "API key is disabled",
-            ));
-        }
-        if entry.expires_at.is_some_and(|t| t <= now_ms) {
-            return Err(Rejection::new(
-                ErrorKind::Authentication,
-                "API key has expired",
-            ));
-        }
-        Ok(entry)
+        Err(Rejection::new(ErrorKind::Authentication, message))
+    }
+}
+
+/// Why a known key is refused, if it is.
+fn refusal(entry: &KeyEntry, now_ms: i64) -> Option<&'static str> {
+    if !entry.enabled {
+        Some("API key is disabled")
+    } else if entry.expires_at.is_some_and(|t| t <= now_ms) {
+        Some("API key has expired")
+    } else {
+        None
     }
 }
 
@@ -257,8 +280,17 @@ mod tests {
             (&[("x-api-key", "")], None, None),
         ];
         for (h, q, want) in cases {
-            assert_eq!(client_key(&headers(h), *q), *want, "{h:?} {q:?}");
+            assert_eq!(client_keys(&headers(h), *q).next(), *want, "{h:?} {q:?}");
         }
+        let all = headers(&[
+            ("x-api-key", "a"),
+            ("authorization", "Bearer b"),
+            ("x-goog-api-key", "c"),
+        ]);
+        assert_eq!(
+            client_keys(&all, Some("alt=sse&key=d")).collect::<Vec<_>>(),
+            ["a", "b", "c", "d"]
+        );
     }
 
     #[test]
@@ -303,6 +335,135 @@ mod tests {
             assert_eq!(r.message, msg);
         }
         assert!(auth.authenticate(&headers(&[]), None, 0).is_err());
+    }
+
+    /// A key store that counts its lookups, i.e. the hashes computed.
+    struct CountingKeys {
+        keys: Arc<dyn KeyStore>,
+        lookups: std::sync::atomic::AtomicUsize,
+    }
+    impl KeyStore for CountingKeys {
+        fn lookup(&self, h: &str) -> Option<Arc<KeyEntry>> {
+            self.lookups
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.keys.lookup(h)
+        }
+        fn pepper(&self) -> &[u8] {
+            self.keys.pepper()
+        }
+    }
+
+    #[test]
+    fn every_credential_is_tried_until_one_is_a_relay_key() {
+        let live = KeyEntry {
+            id: "k1".into(),
+            enabled: true,
+            ..Default::default()
+        };
+        let disabled = KeyEntry {
+            id: "k2".into(),
+            enabled: false,
+            ..Default::default()
+        };
+        let counting = Arc::new(CountingKeys {
+            keys: store(&[("live", live), ("off", disabled)]),
+            lookups: Default::default(),
+        });
+        let auth = ApiKeyAuth::new(counting.clone());
+        // (headers, query, key id or error message, lookups)
+        type Case<'a> = (
+            &'a [(&'static str, &'a str)],
+            Option<&'a str>,
+            Result<&'a str, &'a str>,
+            usize,
+        );
+        let cases: &[Case] = &[
+            // The anthropic SDK with ANTHROPIC_API_KEY set and the relay key as auth_token.
+            (
+                &[
+                    ("x-api-key", "sk-ant-api03-foreign"),
+                    ("authorization", "Bearer live"),
+                ],
+                None,
+                Ok("k1"),
+                2,
+            ),
+            (
+                &[
+                    ("x-api-key", "live"),
+                    ("authorization", "Bearer sk-proj-foreign"),
+                ],
+                None,
+                Ok("k1"),
+                1,
+            ),
+            (
+                &[("x-api-key", "foreign"), ("x-goog-api-key", "live")],
+                None,
+                Ok("k1"),
+                2,
+            ),
+            (
+                &[("x-goog-api-key", "foreign")],
+                Some("alt=sse&key=live"),
+                Ok("k1"),
+                2,
+            ),
+            // One credential in several places is hashed once.
+            (
+                &[
+                    ("x-api-key", "foreign"),
+                    ("authorization", "Bearer foreign"),
+                    ("x-goog-api-key", "foreign"),
+                ],
+                Some("key=foreign"),
+                Err("invalid API key"),
+                1,
+            ),
+            (
+                &[("x-api-key", "foreign"), ("authorization", "Bearer other")],
+                None,
+                Err("invalid API key"),
+                2,
+            ),
+            // A usable key wins over a refused one; with none, the refused key's reason.
+            (
+                &[("x-api-key", "off"), ("authorization", "Bearer live")],
+                None,
+                Ok("k1"),
+                2,
+            ),
+            (
+                &[("x-api-key", "foreign"), ("authorization", "Bearer off")],
+                None,
+                Err("API key is disabled"),
+                2,
+            ),
+            (
+                &[("authorization", "Basic live")],
+                None,
+                Err("missing API key: send it as x-api-key or Authorization: Bearer"),
+                0,
+            ),
+        ];
+        for (h, q, want, lookups) in cases {
+            counting
+                .lookups
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+            let got = auth
+                .authenticate(&headers(h), *q, 0)
+                .map(|e| e.id.clone())
+                .map_err(|r| (r.kind, r.message));
+            let want = want
+                .map(str::to_string)
+                .map_err(|m| (ErrorKind::Authentication, m.to_string()));
+            assert_eq!(got, want, "{h:?} {q:?}");
+            assert_eq!(
+                counting.lookups.load(std::sync::atomic::Ordering::Relaxed),
+                *lookups,
+                "{h:?} {q:?}"
+            );
+        }
     }
 
     #[test]
