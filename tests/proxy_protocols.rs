@@ -4,10 +4,10 @@
 
 mod common;
 
-use common::mock_upstream::{ExtraUsage, MockUpstream, MockUsage, Received};
+use common::mock_upstream::{ExtraUsage, MockUpstream, MockUsage};
 use common::{
-    chat_body, chat_conversation, conversation, gemini_body, messages_body, record_by_request_id,
-    ClientFixture, Relay,
+    assert_no_relay_key, chat_body, chat_conversation, conversation, gemini_body, messages_body,
+    record_by_request_id, ClientFixture, Relay,
 };
 
 /// Upstream credentials of the test accounts (never the relay key).
@@ -21,22 +21,6 @@ async fn relay_with_key(key_extra: serde_json::Value) -> (Relay, String, String,
     let (key_id, key) = relay.create_key(&user_id, key_extra).await;
     relay.wait_key_active(&key).await;
     (relay, user_id, key_id, key)
-}
-
-/// Neither the path, a header nor the body of an upstream request carries the relay key.
-fn assert_no_relay_key(req: &Received, key: &str) {
-    assert!(
-        !req.path.contains(key),
-        "relay key in upstream path {}",
-        req.path
-    );
-    for (k, v) in &req.headers {
-        assert!(!v.contains(key), "relay key leaked upstream in header {k}");
-    }
-    assert!(
-        !String::from_utf8_lossy(&req.body).contains(key),
-        "relay key leaked upstream in the body"
-    );
 }
 
 fn assert_openai_error(v: &serde_json::Value, kind: &str, code: &str) {

@@ -577,42 +577,106 @@ pub fn gemini_body(topic: &str, turns: usize) -> serde_json::Value {
 /// A captured client request from `tests/fixtures/client-requests/`.
 #[derive(Debug, Clone)]
 pub struct ClientFixture {
+    /// The file name (`claude-code.turn1.json`).
+    pub name: String,
     pub method: String,
     pub path: String,
+    /// Query parameters as captured (`beta=true`, `alt=sse`), by name.
+    pub query: Vec<(String, String)>,
     /// Headers as captured (lower-case names); the credential is `<KEY>`.
     pub headers: Vec<(String, String)>,
+    /// The body, parsed; what is sent is [`ClientFixture::body_bytes`].
     pub body: serde_json::Value,
+    /// Whether the client asked for a stream, as the capture records it.
+    pub stream: bool,
+    /// The body's JSON text in the client's field order, without insignificant whitespace.
+    body_text: String,
 }
 
-/// Headers a test client never copies from a capture: reqwest sets them itself.
-const TRANSPORT_HEADERS: &[&str] = &[
-    "host",
-    "content-length",
-    "connection",
-    "accept-encoding",
-    "transfer-encoding",
-];
+/// Headers a test client never copies from a capture: they describe the captured connection
+/// and body (the capture's host, its unshortened length), and reqwest sets them itself.
+const TRANSPORT_HEADERS: &[&str] = &["host", "content-length", "transfer-encoding"];
+
+/// JSON text without the whitespace between tokens, everything else (field order, escapes)
+/// kept.
+fn compact_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+        } else if !c.is_ascii_whitespace() {
+            in_string = c == '"';
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The directory of the client captures.
+fn client_fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/client-requests")
+}
 
 impl ClientFixture {
     /// Loads `tests/fixtures/client-requests/{name}`.
     pub fn load(name: &str) -> ClientFixture {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/client-requests")
-            .join(name);
+        let path = client_fixtures_dir().join(name);
         let text = std::fs::read_to_string(&path).unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        // The body once more as raw text, to send its fields in the order the client wrote them.
+        let raw: std::collections::HashMap<String, Box<serde_json::value::RawValue>> =
+            serde_json::from_str(&text).unwrap();
         let headers = v["headers"]
             .as_object()
             .unwrap()
             .iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str().unwrap().to_string()))
             .collect();
+        let query = v
+            .get("query")
+            .and_then(|q| q.as_object())
+            .map(|q| {
+                q.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
         ClientFixture {
+            name: name.to_string(),
             method: v["method"].as_str().unwrap().to_string(),
             path: v["path"].as_str().unwrap().to_string(),
+            query,
             headers,
             body: v["body"].clone(),
+            stream: v["stream"].as_bool().unwrap_or(false),
+            body_text: compact_json(raw["body"].get()),
         }
+    }
+
+    /// Every capture in `tests/fixtures/client-requests/`, sorted by file name (so each
+    /// `turn1` comes just before its `turn2`).
+    pub fn load_all() -> Vec<ClientFixture> {
+        let mut names: Vec<String> = std::fs::read_dir(client_fixtures_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".json"))
+            .collect();
+        names.sort();
+        names.iter().map(|n| ClientFixture::load(n)).collect()
+    }
+
+    /// The conversation a capture belongs to: its file name before `.turn`.
+    pub fn conversation(&self) -> &str {
+        self.name
+            .split_once(".turn")
+            .map_or(self.name.as_str(), |(c, _)| c)
     }
 
     /// First captured value of a header.
@@ -621,6 +685,25 @@ impl ClientFixture {
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// The header that carries the client's credential (`<KEY>`).
+    pub fn credential_header(&self) -> &str {
+        self.headers
+            .iter()
+            .find(|(_, v)| v.contains("<KEY>"))
+            .map(|(k, _)| k.as_str())
+            .unwrap_or_else(|| panic!("{}: no header carries <KEY>", self.name))
+    }
+
+    /// The captured query as sent: `""`, or `?` and the parameters joined by `&` (the captured
+    /// values need no escaping).
+    pub fn query_string(&self) -> String {
+        if self.query.is_empty() {
+            return String::new();
+        }
+        let pairs: Vec<String> = self.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("?{}", pairs.join("&"))
     }
 
     /// Replaces `from` by `to` in every header value and everywhere in the body (to make a
@@ -632,18 +715,21 @@ impl ClientFixture {
         }
         let body = serde_json::to_string(&self.body).unwrap().replace(from, to);
         out.body = serde_json::from_str(&body).unwrap();
+        out.body_text = self.body_text.replace(from, to);
         out
     }
 
-    /// The body bytes this fixture sends.
+    /// The body bytes this fixture sends: the captured body in the client's field order.
     pub fn body_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.body).unwrap()
+        self.body_text.clone().into_bytes()
     }
 
-    /// The captured request sent to the relay at `path`, with `key` in place of the captured
-    /// credential (`<KEY>`), in the header the client used.
+    /// The captured request sent to the relay at `path` with the captured method and query,
+    /// with `key` in place of the captured credential (`<KEY>`), in the header the client used.
     pub fn request(&self, relay: &Relay, path: &str, key: &str) -> reqwest::RequestBuilder {
-        let mut rb = relay.http.post(format!("{}{}", relay.proxy, path));
+        let method = reqwest::Method::from_bytes(self.method.as_bytes()).unwrap();
+        let url = format!("{}{}{}", relay.proxy, path, self.query_string());
+        let mut rb = relay.http.request(method, url);
         for (k, v) in &self.headers {
             if TRANSPORT_HEADERS.contains(&k.as_str()) {
                 continue;
@@ -652,6 +738,28 @@ impl ClientFixture {
         }
         rb.body(self.body_bytes())
     }
+
+    /// The captured request sent to the relay as captured: its method, path, query, headers
+    /// and body, with `key` in place of `<KEY>`.
+    pub fn request_as_captured(&self, relay: &Relay, key: &str) -> reqwest::RequestBuilder {
+        self.request(relay, &self.path, key)
+    }
+}
+
+/// Neither the path, a header nor the body of an upstream request carries the relay key.
+pub fn assert_no_relay_key(req: &mock_upstream::Received, key: &str) {
+    assert!(
+        !req.path.contains(key),
+        "relay key in upstream path {}",
+        req.path
+    );
+    for (k, v) in &req.headers {
+        assert!(!v.contains(key), "relay key leaked upstream in header {k}");
+    }
+    assert!(
+        !String::from_utf8_lossy(&req.body).contains(key),
+        "relay key leaked upstream in the body"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
