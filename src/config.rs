@@ -381,6 +381,17 @@ impl Config {
             return bad("client_idle_timeout must be at least 1s".into());
         }
         FilterConfig::check_chain(&self.filter_chain()).map_err(ConfigError::Invalid)?;
+        // A static token opens the whole admin API: an empty or short one (a placeholder left
+        // in a file) would be as good as none.
+        if self
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| t.expose().trim().len() < MIN_ADMIN_TOKEN_LEN)
+        {
+            return bad(format!(
+                "admin_token must have at least {MIN_ADMIN_TOKEN_LEN} characters (leave it unset to use logins only)"
+            ));
+        }
         if self.max_body_bytes == 0 {
             return bad("max_body_bytes must be positive".into());
         }
@@ -441,6 +452,9 @@ impl Config {
         }
     }
 }
+
+/// The shortest static admin token accepted.
+const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
 /// Parses a 32-byte key written as 64 hex characters.
 pub fn parse_hex_key(s: &str) -> Option<[u8; 32]> {
@@ -545,6 +559,22 @@ mod tests {
             err.contains("session_hash must come before sticky_upstream"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_short_admin_token_is_refused() {
+        for (token, ok) in [
+            ("", false),
+            ("   ", false),
+            ("short-token", false),
+            ("a-token-of-16-ch", true),
+        ] {
+            let c = Config {
+                admin_token: Some(Secret(token.into())),
+                ..Default::default()
+            };
+            assert_eq!(c.validate().is_ok(), ok, "{token:?}");
+        }
     }
 
     #[test]

@@ -190,6 +190,58 @@ async fn five_wrong_passwords_block_logins() {
     assert_eq!(status, 200);
 }
 
+/// Attempts made at the same time are counted as they come, not after their checks: of 30
+/// wrong passwords sent at once, at most five are checked.
+#[tokio::test]
+async fn concurrent_wrong_passwords_are_throttled_too() {
+    let relay = Relay::start().await;
+    let tries = (0..30).map(|i| {
+        let relay = &relay;
+        async move {
+            relay
+                .login_raw("admin", &format!("guess-{i}"))
+                .await
+                .status()
+                .as_u16()
+        }
+    });
+    let statuses = futures::future::join_all(tries).await;
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    assert_eq!(refused + checked, 30, "{statuses:?}");
+    assert!(
+        checked <= 5,
+        "more than five guesses were checked: {statuses:?}"
+    );
+    let r = relay.login_raw("admin", ADMIN_PASSWORD).await;
+    assert_eq!(r.status(), 429);
+
+    // A user name longer than any user's is refused without a check.
+    let r = relay.login_raw(&"a".repeat(100_000), "x").await;
+    assert_eq!(r.status(), 401);
+}
+
+/// Logout ends the session whichever `Cookie` header carries it.
+#[tokio::test]
+async fn logout_finds_the_session_in_any_cookie_header() {
+    let relay = Relay::start().await;
+    let s = relay.login("admin", ADMIN_PASSWORD).await;
+    let r = relay
+        .http
+        .post(format!("{}/api/auth/logout", relay.admin))
+        .header("cookie", "theme=dark")
+        .header("cookie", &s.cookie)
+        .header("x-csrf-token", &s.csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, _) = relay
+        .session_call(&s, Method::GET, "/api/auth/me", None, false)
+        .await;
+    assert_eq!(status, 401, "the session outlived its logout");
+}
+
 async fn start(db: Db) -> Relay {
     Relay::start_with(RelayOptions {
         db,

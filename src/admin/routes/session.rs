@@ -19,6 +19,19 @@ use crate::secrets::{random_token, verify_password};
 const SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
 /// Failed attempts per user name and address before logins are refused for a while.
 const MAX_FAILURES: u32 = 5;
+/// The longest user name a user can have.
+const MAX_USERNAME_LEN: usize = 64;
+/// How long a login waits for a password check permit before it is told to retry (429).
+const PASSWORD_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Permits for password checks at the same time: one per core, at least two.
+fn password_checks() -> &'static tokio::sync::Semaphore {
+    static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    PERMITS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        tokio::sync::Semaphore::new(cores.max(2))
+    })
+}
 
 /// Who logged in; the price rate is not shown (users never see theirs).
 #[derive(Serialize, ToSchema)]
@@ -80,10 +93,31 @@ pub async fn login(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Json(body): Json<Login>,
 ) -> AppResult<impl IntoResponse> {
+    // No user has a longer name (users are created with 1 to 64 bytes): a longer one is
+    // refused before it costs a password check or a place in the throttle's memory.
+    if body.username.is_empty() || body.username.len() > MAX_USERNAME_LEN {
+        return Err(AppError::Unauthorized);
+    }
     let throttle_key = format!("{}|{}", body.username, peer.ip());
-    if state.login_failures.get(&throttle_key).unwrap_or(0) >= MAX_FAILURES {
+    // Every attempt is counted before the password is checked, in one step: attempts made at
+    // the same time cannot all read a count under the limit. A success takes its count back.
+    let before = state
+        .login_failures
+        .entry(throttle_key.clone())
+        .and_upsert_with(|n| n.map_or(1, |n| n.into_value().saturating_add(1)))
+        .into_value()
+        - 1;
+    if before >= MAX_FAILURES {
         return Err(AppError::TooManyRequests);
     }
+    // Password checks (about 19 MiB and tens of milliseconds each) wait for one of a few
+    // permits, so a flood of logins cannot take the memory or every blocking thread.
+    let Ok(_permit) = tokio::time::timeout(PASSWORD_CHECK_WAIT, password_checks().acquire())
+        .await
+        .map_err(|_| AppError::TooManyRequests)?
+    else {
+        return Err(AppError::TooManyRequests);
+    };
     let user = state.store.user_by_username(&body.username).await?;
     let password = body.password;
     let (ok, user) = match user {
@@ -102,8 +136,6 @@ pub async fn login(
         }
     };
     let Some(user) = user.filter(|_| ok) else {
-        let n = state.login_failures.get(&throttle_key).unwrap_or(0) + 1;
-        state.login_failures.insert(throttle_key, n);
         return Err(AppError::Unauthorized);
     };
     state.login_failures.invalidate(&throttle_key);
@@ -149,14 +181,7 @@ pub async fn logout(
     headers: HeaderMap,
     caller: Caller,
 ) -> AppResult<impl IntoResponse> {
-    if let Some(token) = headers
-        .get(header::COOKIE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.split(';')
-                .find_map(|kv| kv.trim().strip_prefix(&format!("{SESSION_COOKIE}=")))
-        })
-    {
+    if let Some(token) = crate::admin::auth::request_cookie(&headers, SESSION_COOKIE) {
         state.store.delete_admin_session(&token_hash(token)).await?;
     }
     super::audit(
