@@ -190,8 +190,7 @@ impl MemoryLimits {
 /// GCRA: `limit` requests per minute with a burst of `limit`. Returns the new arrival time or
 /// the milliseconds to wait.
 pub fn gcra(tat: Option<i64>, limit: u32, now_ms: i64) -> Result<i64, i64> {
-    let interval = 60_000 / i64::from(limit.max(1));
-    let burst = interval * i64::from(limit.max(1));
+    let (interval, burst) = gcra_params(limit);
     let start = tat.unwrap_or(now_ms).max(now_ms);
     let new_tat = start + interval;
     if new_tat - now_ms > burst {
@@ -199,6 +198,15 @@ pub fn gcra(tat: Option<i64>, limit: u32, now_ms: i64) -> Result<i64, i64> {
     } else {
         Ok(new_tat)
     }
+}
+
+/// GCRA's emission interval and burst tolerance (milliseconds) for `limit` requests per
+/// minute. The interval is at least a millisecond: past 60 000 a minute it would round to 0,
+/// which lets every request through.
+pub fn gcra_params(limit: u32) -> (i64, i64) {
+    let limit = i64::from(limit.max(1));
+    let interval = (60_000 / limit).max(1);
+    (interval, interval * limit)
 }
 
 #[async_trait]
@@ -427,6 +435,13 @@ mod tests {
         let wait = gcra(tat, 60, 0).unwrap_err();
         assert_eq!(wait, 1000);
         assert!(gcra(tat, 60, 1000).is_ok());
+        // Past 60 000 a minute the limit still holds: a burst of the limit, then one a
+        // millisecond.
+        let mut tat = None;
+        for i in 0..100_000 {
+            tat = Some(gcra(tat, 100_000, 0).unwrap_or_else(|_| panic!("request {i} refused")));
+        }
+        assert!(gcra(tat, 100_000, 0).is_err());
     }
 
     #[tokio::test]

@@ -212,9 +212,7 @@ impl RedisLimits {
 #[async_trait]
 impl LimitStore for RedisLimits {
     async fn hit_rpm(&self, key_id: &str, limit: u32, now_ms: i64) -> Result<(), u64> {
-        let limit = limit.max(1);
-        let interval = 60_000 / i64::from(limit);
-        let burst = interval * i64::from(limit);
+        let (interval, burst) = relay_filters::key_limits::gcra_params(limit);
         let key = format!("{}limit:rpm:{key_id}", self.prefix);
         let res: Result<i64, _> = self
             .link
