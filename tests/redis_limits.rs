@@ -1,9 +1,11 @@
 //! Per-key limits in Redis are shared by nodes: two limit stores on one Redis (two nodes) see
 //! one rpm budget, one set of concurrency slots and one cost counter; a slot a dead node never
-//! gave back frees itself.
+//! gave back frees itself, and one Redis took while its answer came late is given back.
+
+mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use llm_relay::store::redis_limits::RedisLimits;
 use llm_relay::store::RedisLink;
@@ -362,4 +364,242 @@ async fn a_hold_and_a_settlement_whose_answers_came_late_count_once() {
     let after = other.hold_cost("key", day, limit_of(100), 1, ttl).await;
     assert!(after.is_ok(), "the hold outlived its settlement: {after:?}");
     cleanup(&prefix).await;
+}
+
+/// The lease TTL of the slot tests: a slot still taken at the end of a bounded wait was not
+/// given back, it did not run out.
+const LONG_LEASE: Duration = Duration::from_secs(900);
+
+/// A node on Redis through [`slow_redis`], and one on Redis directly, sharing `prefix`.
+async fn slow_and_fast_nodes(
+    prefix: &str,
+    slow: Arc<std::sync::atomic::AtomicBool>,
+    memory: Arc<MemoryLimits>,
+) -> (RedisLimits, RedisLimits) {
+    let slow_link = RedisLink::open(&slow_redis(slow).await).expect("redis url");
+    assert!(
+        slow_link.ready(Duration::from_secs(5)).await,
+        "Redis reachable"
+    );
+    let link = RedisLink::open(&redis_url()).expect("redis url");
+    assert!(link.ready(Duration::from_secs(5)).await, "Redis reachable");
+    (
+        RedisLimits::new(slow_link, prefix, memory),
+        RedisLimits::new(link, prefix, Arc::new(MemoryLimits::default())),
+    )
+}
+
+/// Whether `node` gets the key's one slot within a few seconds (far less than the lease TTL).
+async fn slot_comes_free(node: &RedisLimits, key_id: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if node.acquire_slot(key_id, 1, LONG_LEASE).await.is_some() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Turns the delay of a [`slow_redis`] on or off.
+fn set(flag: &std::sync::atomic::AtomicBool, on: bool) {
+    flag.store(on, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[tokio::test]
+async fn a_slot_whose_answer_came_late_is_given_back_in_redis() {
+    let prefix = format!("relaytest:{}:", uuid::Uuid::now_v7().simple());
+    let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (node, other) =
+        slow_and_fast_nodes(&prefix, slow.clone(), Arc::new(MemoryLimits::default())).await;
+
+    // Redis takes the lease; its answer is late, so the node holds the slot in memory.
+    set(&slow, true);
+    let lease = node
+        .acquire_slot("key", 1, LONG_LEASE)
+        .await
+        .expect("slot in memory");
+    assert!(
+        other.acquire_slot("key", 1, LONG_LEASE).await.is_none(),
+        "Redis took the lease"
+    );
+    set(&slow, false);
+    node.release_slot(&lease).await;
+    assert!(
+        slot_comes_free(&other, "key").await,
+        "the lease Redis took outlived its request"
+    );
+    cleanup(&prefix).await;
+}
+
+#[tokio::test]
+async fn a_lease_redis_took_for_a_slot_refused_in_memory_is_given_back() {
+    let prefix = format!("relaytest:{}:", uuid::Uuid::now_v7().simple());
+    let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let memory = Arc::new(MemoryLimits::default());
+    let (node, other) = slow_and_fast_nodes(&prefix, slow.clone(), memory.clone()).await;
+    // The node holds the key's one slot in memory, from a time Redis was away.
+    let earlier = memory
+        .acquire_slot("key", 1, LONG_LEASE)
+        .await
+        .expect("slot in memory");
+
+    // Redis, where the slot is free, takes a lease; its answer is late and memory refuses.
+    set(&slow, true);
+    assert!(node.acquire_slot("key", 1, LONG_LEASE).await.is_none());
+    assert!(
+        other.acquire_slot("key", 1, LONG_LEASE).await.is_none(),
+        "Redis took the lease"
+    );
+    set(&slow, false);
+    assert!(
+        slot_comes_free(&other, "key").await,
+        "the lease Redis took for a refused request stayed"
+    );
+    memory.release_slot(&earlier).await;
+    cleanup(&prefix).await;
+}
+
+#[tokio::test]
+async fn a_slot_released_while_redis_is_down_is_given_back_once_it_is_up() {
+    let prefix = format!("relaytest:{}:", uuid::Uuid::now_v7().simple());
+    let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (node, other) =
+        slow_and_fast_nodes(&prefix, slow.clone(), Arc::new(MemoryLimits::default())).await;
+    let lease = node
+        .acquire_slot("key", 1, LONG_LEASE)
+        .await
+        .expect("slot in Redis");
+
+    // An answer too late marks the link down (for a second): the release cannot reach Redis.
+    set(&slow, true);
+    let _ = node.hit_rpm("another key", 1000, 1_000_000).await;
+    node.release_slot(&lease).await;
+    set(&slow, false);
+    assert!(
+        slot_comes_free(&other, "key").await,
+        "the release made while Redis was down was lost"
+    );
+    cleanup(&prefix).await;
+}
+
+#[tokio::test]
+async fn a_request_whose_slot_answer_came_late_frees_its_slot_end_to_end() {
+    use common::mock_upstream::MockUpstream;
+    let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let redis = slow_redis(slow.clone()).await;
+    let mock = MockUpstream::start().await;
+    let relay = common::Relay::start_with(common::RelayOptions {
+        env: vec![
+            ("RELAY_REDIS_URL".to_string(), redis),
+            (
+                "RELAY_CONCURRENCY_LEASE_TTL".to_string(),
+                format!("{}s", LONG_LEASE.as_secs()),
+            ),
+        ],
+        ..Default::default()
+    })
+    .await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    let user = relay.create_user("one-at-a-time", 10_000).await;
+    let (key_id, key) = relay
+        .create_key(&user, serde_json::json!({"max_concurrency": 1}))
+        .await;
+    relay.wait_key_active(&key).await;
+    let send = || async {
+        let body = common::messages_body(
+            "claude-sonnet-4-5",
+            false,
+            common::conversation("one slot", 1),
+        );
+        let r = relay
+            .post("/v1/messages", &key)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        let _ = r.bytes().await;
+        status
+    };
+    let client = redis::Client::open(redis_url()).expect("client");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    // The relay's keys carry no prefix; this test's are the ones of its key and user.
+    let slots = format!("limit:slots:{key_id}");
+    let usage = format!("usage:apikey:{key_id}");
+    let exists = |k: String| {
+        let mut c = c.clone();
+        async move {
+            redis::cmd("EXISTS")
+                .arg(k)
+                .query_async::<i64>(&mut c)
+                .await
+                .expect("EXISTS")
+                == 1
+        }
+    };
+
+    // A first request connects the relay to Redis; its usage counters are booked apart, and
+    // must be in before Redis slows down (a late answer there would keep the slot off Redis).
+    assert_eq!(send().await, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !exists(usage.clone()).await {
+        assert!(Instant::now() < deadline, "usage counters never booked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The slot's lease is taken in Redis while its answer comes too late.
+    set(&slow, true);
+    assert_eq!(send().await, 200, "served while Redis answers late");
+    assert!(exists(slots.clone()).await, "Redis took the lease");
+    set(&slow, false);
+    // Until the relay finds Redis answering again, it counts slots in memory, where this one
+    // is free: wait for that first.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = relay
+            .http
+            .get(format!("{}/readyz", relay.admin))
+            .send()
+            .await
+            .expect("readyz");
+        if ready.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay never found Redis again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The next request is served at once, not after the lease's TTL.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut statuses = Vec::new();
+    loop {
+        let status = send().await;
+        statuses.push(status);
+        if status == 200 {
+            break;
+        }
+        assert!(
+            status == 429 && Instant::now() < deadline,
+            "the key's slot stayed taken: {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for pattern in [format!("*{key_id}*"), format!("*{user}*")] {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut c)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
+        }
+    }
 }

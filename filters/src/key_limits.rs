@@ -16,10 +16,16 @@ use crate::request_body::output_cap;
 
 /// A concurrency slot held by one request; released at the end of the request, or expiring on
 /// its own (Redis) if the node holding it dies.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlotLease {
     pub key_id: String,
+    /// The lease's id in a shared store (empty: none was asked for). Kept also when the store
+    /// did not answer in time, since it may have taken the lease all the same.
     pub lease_id: String,
+    /// Held in this node's memory (there was no shared store, or it did not answer).
+    pub in_memory: bool,
+    /// When the shared store lets the lease go by itself (epoch ms; 0: none was asked for).
+    pub expires_ms: i64,
 }
 
 /// A key's cost limits in micro-USD (`None`: no such limit).
@@ -231,7 +237,8 @@ impl LimitStore for MemoryLimits {
         *n += 1;
         Some(SlotLease {
             key_id: key_id.to_string(),
-            lease_id: String::new(),
+            in_memory: true,
+            ..SlotLease::default()
         })
     }
 

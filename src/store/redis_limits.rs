@@ -1,6 +1,8 @@
 //! Per-key limit counters in Redis, atomic across nodes (DESIGN §6): GCRA for rpm, a sorted set
 //! of expiring leases for concurrency (a dead node's slots free themselves), and cost counters.
-//! Every operation falls back to this node's in-process counters when Redis is unreachable.
+//! Every operation falls back to this node's in-process counters when Redis is unreachable; a
+//! lease or hold Redis may have taken all the same, or one whose release it missed, is given
+//! back apart once it answers again.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -134,11 +136,33 @@ const SETTLE_RETRIES: [Duration; 4] = [
 /// How long a hold's settlement mark is kept: past every retry.
 const SETTLED_MARK_TTL_MS: i64 = 10 * 60_000;
 
-/// Settlements being retried at most at once; past this a hold is left to run out.
+/// Waits between the tries of a slot release Redis did not take: doubling from the first to
+/// the last, until the lease runs out by itself.
+const RELEASE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const RELEASE_RETRY_LAST: Duration = Duration::from_secs(64);
+
+/// Settlements and slot releases being retried at most at once; past this a hold or lease is
+/// left to run out.
 const MAX_RETRYING: usize = 10_000;
 
-/// Settlements being retried now.
+/// Settlements and slot releases being retried now.
 static RETRYING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Runs `retries` apart from the request, unless [`MAX_RETRYING`] are running already.
+fn spawn_retrying(retries: impl std::future::Future<Output = ()> + Send + 'static) {
+    use std::sync::atomic::Ordering;
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if RETRYING.fetch_add(1, Ordering::Relaxed) >= MAX_RETRYING {
+        RETRYING.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    rt.spawn(async move {
+        retries.await;
+        RETRYING.fetch_sub(1, Ordering::Relaxed);
+    });
+}
 
 /// Daily counters outlive their day by a day (late bookings across midnight still land).
 const DAILY_TTL_MS: i64 = 2 * 86_400_000;
@@ -203,6 +227,21 @@ impl RedisLimits {
         }
     }
 
+    /// The sorted set of an API key's concurrency leases, by expiry.
+    fn slots_key(&self, key_id: &str) -> String {
+        format!("{}limit:slots:{key_id}", self.prefix)
+    }
+
+    /// A lease's release in Redis, owned, to run now or apart.
+    fn slot_release(&self, lease: &SlotLease) -> SlotRelease {
+        SlotRelease {
+            link: self.link.clone(),
+            key: self.slots_key(&lease.key_id),
+            lease_id: lease.lease_id.clone(),
+            expires_ms: lease.expires_ms,
+        }
+    }
+
     fn fallback(&self, what: &str, e: &dyn std::fmt::Display) {
         metrics().session_store_fallback.inc();
         tracing::debug!(error = %e, "Redis {what} failed, counting in memory");
@@ -242,11 +281,18 @@ impl LimitStore for RedisLimits {
         limit: u32,
         lease_ttl: Duration,
     ) -> Option<SlotLease> {
-        let key = format!("{}limit:slots:{key_id}", self.prefix);
-        let lease_id = crate::store::new_id();
+        let key = self.slots_key(key_id);
         let now = now_ms();
-        let expires = now + i64::try_from(lease_ttl.as_millis()).unwrap_or(i64::MAX / 2);
-        let id = lease_id.clone();
+        let lease = SlotLease {
+            key_id: key_id.to_string(),
+            // Made before Redis is asked, so a lease taken there is known by its id also when
+            // the answer is lost.
+            lease_id: crate::store::new_id(),
+            in_memory: false,
+            expires_ms: now
+                .saturating_add(i64::try_from(lease_ttl.as_millis()).unwrap_or(i64::MAX / 2)),
+        };
+        let (expires, id) = (lease.expires_ms, lease.lease_id.clone());
         let res: Result<i64, _> = self
             .link
             .run(|mut c| async move {
@@ -261,38 +307,41 @@ impl LimitStore for RedisLimits {
             })
             .await;
         match res {
-            Ok(1) => Some(SlotLease {
-                key_id: key_id.to_string(),
-                lease_id,
-            }),
+            Ok(1) => Some(lease),
             Ok(_) => None,
             Err(e) => {
+                // This node's slots only. Redis may have taken the lease all the same (its
+                // answer late): the id is kept to give that back as well.
                 self.fallback("concurrency slot", &e);
-                self.memory.acquire_slot(key_id, limit, lease_ttl).await
+                match self.memory.acquire_slot(key_id, limit, lease_ttl).await {
+                    Some(_) => Some(SlotLease {
+                        in_memory: true,
+                        ..lease
+                    }),
+                    None => {
+                        // Refused here: a lease Redis may have taken goes back apart.
+                        self.slot_release(&lease).spawn_retries(false);
+                        None
+                    }
+                }
             }
         }
     }
 
     async fn release_slot(&self, lease: &SlotLease) {
-        // A lease taken in memory (Redis was down) has no id.
-        if lease.lease_id.is_empty() {
-            return self.memory.release_slot(lease).await;
+        if lease.in_memory {
+            self.memory.release_slot(lease).await;
         }
-        let key = format!("{}limit:slots:{}", self.prefix, lease.key_id);
-        let id = lease.lease_id.clone();
-        let res: Result<i64, _> = self
-            .link
-            .run(|mut c| async move {
-                redis::cmd("ZREM")
-                    .arg(key)
-                    .arg(id)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await;
-        if let Err(e) = res {
-            // The lease expires by itself.
+        if lease.lease_id.is_empty() {
+            return;
+        }
+        // Also for a lease held in memory: Redis may have taken it before its answer was lost.
+        let release = self.slot_release(lease);
+        if let Err(e) = release.run().await {
             self.fallback("slot release", &e);
+            // A lease left in Redis would hold its slot on every node until it runs out
+            // (`concurrency_lease_ttl`): retried apart while Redis comes back.
+            release.spawn_retries(true);
         }
     }
 
@@ -447,27 +496,64 @@ impl Settlement {
 
     /// Tries again apart from the request (`tried`: once already), a bounded number at once.
     fn spawn_retries(self, tried: bool) {
-        use std::sync::atomic::Ordering;
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if RETRYING.fetch_add(1, Ordering::Relaxed) >= MAX_RETRYING {
-            RETRYING.fetch_sub(1, Ordering::Relaxed);
-            return;
-        }
-        rt.spawn(async move {
+        spawn_retrying(async move {
             let first = (!tried).then_some(Duration::ZERO);
-            let mut done = false;
             for wait in first.into_iter().chain(SETTLE_RETRIES) {
                 tokio::time::sleep(wait).await;
                 if self.run().await.is_ok() {
-                    done = true;
-                    break;
+                    return;
                 }
             }
-            RETRYING.fetch_sub(1, Ordering::Relaxed);
-            if !done {
-                tracing::warn!("a cost hold could not be settled in Redis; it runs out by itself");
+            tracing::warn!("a cost hold could not be settled in Redis; it runs out by itself");
+        });
+    }
+}
+
+/// One concurrency lease's release in Redis, owned, to be retried apart from the request.
+struct SlotRelease {
+    link: Arc<RedisLink>,
+    key: String,
+    lease_id: String,
+    /// When Redis lets the lease go by itself (epoch ms): no try is worth making after it.
+    expires_ms: i64,
+}
+
+impl SlotRelease {
+    /// Gives the lease back; a lease Redis never took, or already gave back, is no error.
+    async fn run(&self) -> Result<i64, relay_filters::session_store::StoreUnavailable> {
+        self.link
+            .run(|mut c| async move {
+                redis::cmd("ZREM")
+                    .arg(&self.key)
+                    .arg(&self.lease_id)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+    }
+
+    /// Tries again apart from the request (`tried`: once already) until Redis takes it or the
+    /// lease has run out, a bounded number at once.
+    fn spawn_retries(self, tried: bool) {
+        spawn_retrying(async move {
+            let mut wait = if tried {
+                RELEASE_RETRY_FIRST
+            } else {
+                Duration::ZERO
+            };
+            loop {
+                let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+                if now_ms().saturating_add(wait_ms) >= self.expires_ms {
+                    tracing::warn!(
+                        "a concurrency slot could not be released in Redis; it runs out by itself"
+                    );
+                    return;
+                }
+                tokio::time::sleep(wait).await;
+                if self.run().await.is_ok() {
+                    return;
+                }
+                wait = (wait * 2).clamp(RELEASE_RETRY_FIRST, RELEASE_RETRY_LAST);
             }
         });
     }
