@@ -223,6 +223,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
 
     let state_rules = StateRules {
         cooldown_429: config.scheduler.cooldown_429,
+        cooldown_429_max: config.scheduler.cooldown_429_max,
         cooldown_529: config.scheduler.cooldown_529,
         cooldown_5xx: config.scheduler.cooldown_5xx,
         server_error_threshold: config.scheduler.server_error_threshold,

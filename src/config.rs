@@ -139,8 +139,12 @@ pub struct SessionConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulerConfig {
     pub strategy: PickStrategy,
+    /// After a 429 without reset information.
     #[serde(with = "humantime_serde")]
     pub cooldown_429: Duration,
+    /// The longest cooldown a 429's reset information may ask for.
+    #[serde(with = "humantime_serde")]
+    pub cooldown_429_max: Duration,
     #[serde(with = "humantime_serde")]
     pub cooldown_529: Duration,
     #[serde(with = "humantime_serde")]
@@ -281,6 +285,7 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             strategy: PickStrategy::Weighted,
             cooldown_429: Duration::from_secs(60),
+            cooldown_429_max: relay_filters::account_state::DEFAULT_COOLDOWN_429_MAX,
             cooldown_529: Duration::from_secs(120),
             cooldown_5xx: Duration::from_secs(300),
             server_error_threshold: 3,
@@ -394,6 +399,9 @@ impl Config {
         }
         if self.max_body_bytes == 0 {
             return bad("max_body_bytes must be positive".into());
+        }
+        if self.scheduler.cooldown_429_max < Duration::from_secs(1) {
+            return bad("scheduler.cooldown_429_max must be at least 1s".into());
         }
         if self.upstream.max_attempts == 0 {
             return bad("upstream.max_attempts must be at least 1".into());
@@ -595,6 +603,14 @@ mod tests {
         assert!(c.validate().is_err());
         assert!(Config::default().validate().is_ok());
         assert_eq!(Config::default().database_url(), "sqlite://./data/relay.db");
+        let c = Config {
+            scheduler: SchedulerConfig {
+                cooldown_429_max: Duration::ZERO,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(c.validate().is_err(), "a zero cap on hinted cooldowns");
     }
 
     #[test]

@@ -35,11 +35,56 @@ fn rate_limited(mock: &MockUpstream) {
         b.status = 429;
         b.error_body =
             r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#.into();
-        b.extra_headers = vec![(
-            "anthropic-ratelimit-unified-reset".into(),
-            "4102444800".into(),
-        )];
+        b.extra_headers = vec![
+            (
+                "anthropic-ratelimit-unified-status".into(),
+                "rejected".into(),
+            ),
+            // An hour from now, in epoch seconds.
+            (
+                "anthropic-ratelimit-unified-reset".into(),
+                (now_ms() / 1000 + 3600).to_string(),
+            ),
+        ];
     });
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_millis() as i64
+}
+
+/// Makes `mock` answer 429 with `retry-after: {retry_after}`, as an OpenAI-compatible third
+/// party may.
+fn rate_limited_for(mock: &MockUpstream, retry_after: &str) {
+    let retry_after = retry_after.to_string();
+    mock.set(|b| {
+        b.status = 429;
+        b.error_body =
+            r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#.into();
+        b.extra_headers = vec![("retry-after".into(), retry_after)];
+    });
+}
+
+/// Waits until the account's stored cooldown is set (the proxy stores it off the request path)
+/// and returns it.
+async fn stored_cooldown(relay: &Relay, account_id: &str) -> i64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = relay
+            .admin_get(&format!("/api/admin/accounts/{account_id}"))
+            .await;
+        if let Some(until) = v["cooldown_until"].as_i64() {
+            return until;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cooldown was stored: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]
@@ -260,4 +305,44 @@ async fn account_concurrency_cap_moves_requests_to_another_account() {
     // The preferred account took one request at a time: with 4 at once, it took exactly one.
     assert_eq!(capped.count(), 1);
     assert_eq!(other.count(), 3);
+}
+
+#[tokio::test]
+async fn a_huge_retry_after_cools_for_no_longer_than_the_cap() {
+    let limited = MockUpstream::start().await;
+    let good = MockUpstream::start().await;
+    // A billion seconds: some 30 years.
+    rate_limited_for(&limited, "1000000000");
+    let relay = relay_with(&[("RELAY_SCHEDULER__COOLDOWN_429_MAX", "2h")]).await;
+    let limited_id = relay
+        .create_account_with(serde_json::json!({"name": "limited", "type": "claude", "base_url": limited.url(), "credential": "sk-l", "priority": 1}))
+        .await;
+    relay
+        .create_account("good", "claude", &good.url(), "sk-g")
+        .await;
+    let key = key_for(&relay, 2).await;
+    let before = now_ms();
+    let r = relay
+        .post("/v1/messages", &key)
+        .json(&messages_body(MODEL, false, conversation("huge", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "no failover");
+    assert_eq!((limited.count(), good.count()), (1, 1));
+    let until = stored_cooldown(&relay, &limited_id).await;
+    let two_hours = 2 * 3600 * 1000;
+    assert!(
+        until >= before + two_hours && until <= now_ms() + two_hours,
+        "cooling until {until}, not {two_hours} ms from {before}"
+    );
+    // Still cooling: the next conversation goes to the other account.
+    let r = relay
+        .post("/v1/messages", &key)
+        .json(&messages_body(MODEL, false, conversation("next", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!((limited.count(), good.count()), (1, 2));
 }

@@ -6,10 +6,18 @@ use std::time::Duration;
 
 use crate::accounts::Account;
 
+/// The default of [`StateRules::cooldown_429_max`]: past the 5 hours of Anthropic's unified
+/// window, with a margin. A reset further away (a weekly limit) costs one request every 6 hours
+/// to find out; a mistaken or hostile hint (`retry-after: 1000000000`) costs no more than that.
+pub const DEFAULT_COOLDOWN_429_MAX: Duration = Duration::from_secs(6 * 3600);
+
 /// Thresholds and default cooldowns.
 #[derive(Debug, Clone)]
 pub struct StateRules {
+    /// After a 429 without reset information.
     pub cooldown_429: Duration,
+    /// The longest cooldown a 429's reset information may ask for; a later reset is cut to it.
+    pub cooldown_429_max: Duration,
     pub cooldown_529: Duration,
     pub cooldown_5xx: Duration,
     pub server_error_threshold: u32,
@@ -20,6 +28,7 @@ impl Default for StateRules {
     fn default() -> Self {
         StateRules {
             cooldown_429: Duration::from_secs(60),
+            cooldown_429_max: DEFAULT_COOLDOWN_429_MAX,
             cooldown_529: Duration::from_secs(120),
             cooldown_5xx: Duration::from_secs(300),
             server_error_threshold: 3,
@@ -73,10 +82,13 @@ pub fn apply_outcome(
     now_ms: i64,
 ) -> StateChange {
     let st = &account.state;
+    let after =
+        |d: Duration| now_ms.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     let cooldown = |reason: &'static str, d: Duration, hint: Option<i64>| {
-        let until = hint
-            .filter(|t| *t > now_ms)
-            .unwrap_or(now_ms + d.as_millis() as i64);
+        let until = match hint.filter(|t| *t > now_ms) {
+            Some(t) => t.min(after(rules.cooldown_429_max)),
+            None => after(d),
+        };
         st.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
         StateChange::Cooldown {
             reason,
@@ -211,40 +223,48 @@ pub fn apply_health_check(
     }
 }
 
-/// The earliest time the provider says the limit resets, from response headers
-/// (`retry-after`, `anthropic-ratelimit-unified-reset`, `x-ratelimit-reset-*`).
+/// When the provider says the limit that refused a request resets (epoch ms), from the
+/// response headers: `retry-after` (delay seconds, or an HTTP date), the Anthropic unified limit's
+/// `anthropic-ratelimit-unified-reset` while `anthropic-ratelimit-unified-status` is `rejected`,
+/// and OpenAI's `x-ratelimit-reset-requests` / `x-ratelimit-reset-tokens`. Of several, the latest:
+/// the account serves again only once every limit it hit has reset. Values that are no time
+/// (negative, not finite, unparsable) are ignored; huge ones saturate, and the caller caps the
+/// cooldown they ask for ([`StateRules::cooldown_429_max`]).
 pub fn reset_hint(headers: &http::HeaderMap, now_ms: i64) -> Option<i64> {
     let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
-    let mut best: Option<i64> = None;
+    let mut latest: Option<i64> = None;
     let mut take = |t: Option<i64>| {
         if let Some(t) = t.filter(|t| *t > now_ms) {
-            best = Some(best.map_or(t, |b| b.max(t)));
+            latest = Some(latest.map_or(t, |l| l.max(t)));
         }
     };
-    // Retry-After: delta seconds (an HTTP date is rare from these providers; ignored).
-    take(
-        get("retry-after")
-            .and_then(|v| v.parse::<f64>().ok())
-            .map(|s| now_ms + (s * 1000.0) as i64),
-    );
-    // Anthropic unified limits: epoch seconds.
-    take(
-        get("anthropic-ratelimit-unified-reset")
-            .and_then(|v| v.parse::<i64>().ok())
-            .map(|s| s * 1000),
-    );
+    take(get("retry-after").and_then(|v| retry_after_at(v, now_ms)));
+    // Claude subscription (OAuth) accounts, headers outside Anthropic's public API reference:
+    // every answer carries the unified limit's status and the end of its current window (epoch
+    // seconds). Only a `rejected` status says that window is what
+    // refused; with `allowed` or `allowed_warning` the reset is merely when the 5-hour window
+    // rolls over, and a 429 then comes from elsewhere.
+    if get("anthropic-ratelimit-unified-status").is_some_and(|s| s.eq_ignore_ascii_case("rejected"))
+    {
+        take(
+            get("anthropic-ratelimit-unified-reset")
+                .and_then(|v| v.parse::<i64>().ok())
+                .map(|s| s.saturating_mul(1000)),
+        );
+    }
     // OpenAI: durations such as "1s", "6m0s", "20ms".
     for name in ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"] {
         take(
             get(name)
                 .and_then(parse_go_duration_ms)
-                .map(|ms| now_ms + ms),
+                .map(|ms| now_ms.saturating_add(ms)),
         );
     }
-    best
+    latest
 }
 
-/// `error.resets_in_seconds` from a 429 body (ChatGPT Codex backend).
+/// `error.resets_in_seconds` from a 429 body (ChatGPT Codex backend), as [`reset_hint`] takes
+/// its headers.
 pub fn body_reset_hint(body: &[u8], now_ms: i64) -> Option<i64> {
     #[derive(serde::Deserialize)]
     struct Outer {
@@ -255,9 +275,25 @@ pub fn body_reset_hint(body: &[u8], now_ms: i64) -> Option<i64> {
         resets_in_seconds: Option<f64>,
     }
     let o: Outer = serde_json::from_slice(body).ok()?;
-    o.error
-        .resets_in_seconds
-        .map(|s| now_ms + (s * 1000.0) as i64)
+    let ms = seconds_to_ms(o.error.resets_in_seconds?)?;
+    Some(now_ms.saturating_add(ms))
+}
+
+/// A `Retry-After` value (RFC 9110 §10.2.3) as epoch ms: delay seconds (fractions accepted, as
+/// some OpenAI-compatible servers send them) or an HTTP date.
+fn retry_after_at(value: &str, now_ms: i64) -> Option<i64> {
+    if let Ok(seconds) = value.parse::<f64>() {
+        return Some(now_ms.saturating_add(seconds_to_ms(seconds)?));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    let ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
+    Some(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+/// Seconds as whole ms, saturating; `None` for what is no delay (negative, NaN, infinite).
+fn seconds_to_ms(seconds: f64) -> Option<i64> {
+    // `as` saturates at the bounds of i64.
+    (seconds.is_finite() && seconds >= 0.0).then_some((seconds * 1000.0) as i64)
 }
 
 /// Whether a 401/403 body says the organization or account is disabled for good.
@@ -303,6 +339,7 @@ fn parse_go_duration_ms(s: &str) -> Option<i64> {
         total += num.parse::<f64>().ok()? * 1000.0;
         any = true;
     }
+    // `as` saturates: a duration of 400 digits is i64::MAX ms, not an overflow.
     any.then_some(total as i64)
 }
 
@@ -374,13 +411,25 @@ mod tests {
         assert_eq!(parse_go_duration_ms("x"), None);
     }
 
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (name, value) in pairs {
+            h.insert(*name, value.parse().unwrap());
+        }
+        h
+    }
+
     #[test]
     fn hints() {
         let mut h = http::HeaderMap::new();
         h.insert("retry-after", "30".parse().unwrap());
         assert_eq!(reset_hint(&h, 1000), Some(31_000));
         h.insert("anthropic-ratelimit-unified-reset", "100".parse().unwrap());
-        assert_eq!(reset_hint(&h, 1000), Some(100_000));
+        h.insert(
+            "anthropic-ratelimit-unified-status",
+            "rejected".parse().unwrap(),
+        );
+        assert_eq!(reset_hint(&h, 1000), Some(100_000), "the latest of the two");
         assert_eq!(
             body_reset_hint(
                 br#"{"error":{"type":"usage_limit_reached","resets_in_seconds":12}}"#,
@@ -390,6 +439,136 @@ mod tests {
         );
         assert!(is_blocking_error(
             br#"{"error":{"message":"This organization has been disabled."}}"#
+        ));
+    }
+
+    /// 2024-01-01T00:00:00Z in epoch ms.
+    const NOW: i64 = 1_704_067_200_000;
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates_and_ignores_what_is_no_delay() {
+        let hint = |v: &str| reset_hint(&headers(&[("retry-after", v)]), NOW);
+        let table: &[(&str, Option<i64>)] = &[
+            ("0", None),
+            ("2", Some(NOW + 2_000)),
+            (" 1.5 ", Some(NOW + 1_500)),
+            // Huge: saturates (the cooldown is capped by the caller), never overflows.
+            ("1000000000", Some(NOW + 1_000_000_000_000)),
+            ("99999999999999999999", Some(i64::MAX)),
+            ("1e300", Some(i64::MAX)),
+            // No delay at all: ignored, the default cooldown applies.
+            ("inf", None),
+            ("-inf", None),
+            ("Infinity", None),
+            ("NaN", None),
+            ("-5", None),
+            ("-0.001", None),
+            ("soon", None),
+            ("", None),
+            // HTTP dates: a future one holds, a past one says nothing.
+            ("Mon, 01 Jan 2024 00:01:00 GMT", Some(NOW + 60_000)),
+            ("Sun, 31 Dec 2023 23:00:00 GMT", None),
+            ("Fri, 31 Dec 9999 23:59:59 GMT", Some(253_402_300_799_000)),
+        ];
+        for (value, want) in table {
+            assert_eq!(hint(value), *want, "retry-after: {value:?}");
+        }
+    }
+
+    #[test]
+    fn the_unified_reset_counts_only_when_its_limit_refused() {
+        let in_an_hour = (NOW / 1000 + 3600).to_string();
+        let hint = |status: &str, reset: &str| {
+            reset_hint(
+                &headers(&[
+                    ("anthropic-ratelimit-unified-status", status),
+                    ("anthropic-ratelimit-unified-reset", reset),
+                ]),
+                NOW,
+            )
+        };
+        assert_eq!(hint("rejected", &in_an_hour), Some(NOW + 3_600_000));
+        // The 5-hour window's end, sent on every answer: not why this 429 came.
+        assert_eq!(hint("allowed", &in_an_hour), None);
+        assert_eq!(hint("allowed_warning", &in_an_hour), None);
+        let no_status = headers(&[("anthropic-ratelimit-unified-reset", in_an_hour.as_str())]);
+        assert_eq!(reset_hint(&no_status, NOW), None);
+        // 17 digits of epoch seconds, and more than i64 holds: saturate, never overflow.
+        assert_eq!(hint("rejected", "12345678901234567"), Some(i64::MAX));
+        assert_eq!(hint("rejected", "99999999999999999999"), None);
+        assert_eq!(hint("rejected", "-1700000000"), None);
+        assert_eq!(hint("rejected", "soon"), None);
+    }
+
+    #[test]
+    fn duration_and_body_hints_saturate() {
+        let h = headers(&[
+            ("x-ratelimit-reset-requests", "1s"),
+            ("x-ratelimit-reset-tokens", "6m0s"),
+        ]);
+        assert_eq!(reset_hint(&h, NOW), Some(NOW + 360_000), "the latest");
+        let huge = "9".repeat(400) + "h";
+        let h = headers(&[("x-ratelimit-reset-tokens", huge.as_str())]);
+        assert_eq!(reset_hint(&h, NOW), Some(i64::MAX));
+        let h = headers(&[("x-ratelimit-reset-tokens", "-1s")]);
+        assert_eq!(reset_hint(&h, NOW), None);
+
+        let body = |s: &str| {
+            body_reset_hint(
+                format!(r#"{{"error":{{"resets_in_seconds":{s}}}}}"#).as_bytes(),
+                NOW,
+            )
+        };
+        assert_eq!(body("12"), Some(NOW + 12_000));
+        assert_eq!(body("1e308"), Some(i64::MAX));
+        assert_eq!(body("-3"), None);
+        assert_eq!(body("null"), None);
+    }
+
+    #[test]
+    fn a_hinted_cooldown_is_capped() {
+        let rules = StateRules::default();
+        let cap = NOW + DEFAULT_COOLDOWN_429_MAX.as_millis() as i64;
+        for reset_at_ms in [NOW + 1_000_000_000_000, i64::MAX] {
+            let a = account("a", AccountType::Claude, 50, 1);
+            let hinted = Outcome::Status {
+                status: 429,
+                reset_at_ms: Some(reset_at_ms),
+                blocked: false,
+            };
+            assert_eq!(
+                apply_outcome(&a, hinted, &rules, NOW),
+                StateChange::Cooldown {
+                    reason: "rate_limited",
+                    until_ms: cap
+                }
+            );
+            assert_eq!(a.state.cooldown_until_ms.load(Ordering::Relaxed), cap);
+        }
+        // Within the cap, the provider's word holds.
+        let a = account("a", AccountType::Claude, 50, 1);
+        let soon = Outcome::Status {
+            status: 429,
+            reset_at_ms: Some(NOW + 7_200_000),
+            blocked: false,
+        };
+        assert!(matches!(
+            apply_outcome(&a, soon, &rules, NOW),
+            StateChange::Cooldown { until_ms, .. } if until_ms == NOW + 7_200_000
+        ));
+        // Near the end of time, the default cooldowns saturate too.
+        let b = account("b", AccountType::Claude, 50, 1);
+        let plain = Outcome::Status {
+            status: 429,
+            reset_at_ms: None,
+            blocked: false,
+        };
+        assert!(matches!(
+            apply_outcome(&b, plain, &rules, i64::MAX - 1),
+            StateChange::Cooldown {
+                until_ms: i64::MAX,
+                ..
+            }
         ));
     }
 
