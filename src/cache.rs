@@ -147,9 +147,17 @@ impl KeyStore for KeyCache {
 pub struct AccountCache {
     list: RwLock<Arc<Vec<Arc<Account>>>>,
     by_id: RwLock<Arc<HashMap<String, Arc<Account>>>>,
+    /// Also serializes the changes to cooldowns that must not interleave: a reload applying
+    /// an operator's clear, and cooldowns read from Redis being applied.
     states: Mutex<HashMap<String, Arc<AccountState>>>,
     loads: LoadOrder,
+    /// Operators' cooldown clears applied by reloads so far (see [`SharedCooldownsMark`]).
+    cooldown_clears: AtomicU64,
 }
+
+/// Taken by [`AccountCache::shared_cooldowns_mark`] before cooldowns are read from Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedCooldownsMark(u64);
 
 impl AccountCache {
     /// A ticket to take before querying the accounts for [`AccountCache::replace_loaded`].
@@ -169,6 +177,7 @@ impl AccountCache {
         let mut states = relay_filters::lock(&self.states);
         let now = relay_filters::now_ms();
         let mut list = Vec::with_capacity(rows.len());
+        let mut cleared_any = false;
         let kept: std::collections::HashSet<String> = rows.iter().map(|r| r.id.clone()).collect();
         for row in rows {
             let account_type = row.account_type;
@@ -212,7 +221,20 @@ impl AccountCache {
                     .consecutive_errors
                     .fetch_min(stored, Ordering::Relaxed);
             }
-            if let Some(until) = row.cooldown_until {
+            let cleared_at = row.cooldown_cleared_at.unwrap_or(0);
+            if cleared_at
+                > state
+                    .cooldown_cleared_seen
+                    .fetch_max(cleared_at, Ordering::Relaxed)
+            {
+                // An operator ended the cooldown since this node's last reload. The cooldown it
+                // holds may predate that (it only ever raises one), so the row's, stored after
+                // the clear if any, replaces it.
+                state
+                    .cooldown_until_ms
+                    .store(row.cooldown_until.unwrap_or(0), Ordering::Relaxed);
+                cleared_any = true;
+            } else if let Some(until) = row.cooldown_until {
                 state.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
             }
             use secrecy::ExposeSecret;
@@ -242,6 +264,39 @@ impl AccountCache {
         let by_id = list.iter().map(|a| (a.id.clone(), a.clone())).collect();
         write(&self.list, Arc::new(list));
         write(&self.by_id, Arc::new(by_id));
+        if cleared_any {
+            self.cooldown_clears.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A mark to take before reading the cooldowns nodes share through Redis, for
+    /// [`AccountCache::apply_shared_cooldowns`].
+    pub fn shared_cooldowns_mark(&self) -> SharedCooldownsMark {
+        let _states = relay_filters::lock(&self.states);
+        SharedCooldownsMark(self.cooldown_clears.load(Ordering::Relaxed))
+    }
+
+    /// Raises each account's cooldown to the one shared for it (`shared`, by account id, read
+    /// after `mark` was taken), unless a reload applied an operator's clear meanwhile: what was
+    /// read may be the cooldown cleared, deleted from Redis only since. The next round reads
+    /// again. Whether the cooldowns were applied.
+    pub fn apply_shared_cooldowns(
+        &self,
+        mark: SharedCooldownsMark,
+        shared: &HashMap<String, i64>,
+    ) -> bool {
+        let _states = relay_filters::lock(&self.states);
+        if self.cooldown_clears.load(Ordering::Relaxed) != mark.0 {
+            return false;
+        }
+        for a in self.snapshot().iter() {
+            if let Some(until) = shared.get(&a.id) {
+                a.state
+                    .cooldown_until_ms
+                    .fetch_max(*until, Ordering::Relaxed);
+            }
+        }
+        true
     }
 
     /// Ends the hold of an automatic disable on account `id` (an admin changed the account:
@@ -440,6 +495,69 @@ mod tests {
         );
         cache.replace(vec![row("a", &secrets)], &secrets);
         assert!(schedulable());
+    }
+
+    #[test]
+    fn an_operators_clear_ends_the_cooldown_and_nothing_read_before_it_brings_it_back() {
+        use relay_filters::account_state::{apply_outcome, Outcome, StateRules};
+        let secrets = SecretBox::new("k1".into(), [7; 32]);
+        let cache = AccountCache::default();
+        let now = relay_filters::now_ms();
+        let far = now + 3_600_000;
+        let stored = |cooldown_until: Option<i64>, cooldown_cleared_at: Option<i64>| {
+            let mut r = row("a", &secrets);
+            r.cooldown_until = cooldown_until;
+            r.cooldown_cleared_at = cooldown_cleared_at;
+            vec![r]
+        };
+        let cooldown = || {
+            cache
+                .get("a")
+                .expect("account")
+                .state
+                .cooldown_until_ms
+                .load(Ordering::Relaxed)
+        };
+        cache.replace(stored(None, None), &secrets);
+        let a = cache.get("a").expect("account");
+        let limited = Outcome::Status {
+            status: 429,
+            reset_at_ms: Some(far),
+            blocked: false,
+        };
+        apply_outcome(&a, limited, &StateRules::default(), now);
+        // The cooldown stored and shared: reloads and Redis keep it.
+        cache.replace(stored(Some(far), None), &secrets);
+        let mark = cache.shared_cooldowns_mark();
+        assert!(cache.apply_shared_cooldowns(mark, &HashMap::from([("a".into(), far)])));
+        assert_eq!(cooldown(), far);
+
+        // Rows read before the clear (periodic refresh), then the clear and its reload: only
+        // the later reload counts, and it ends the cooldown.
+        let stale = cache.begin_load();
+        let mark = cache.shared_cooldowns_mark();
+        let fresh = cache.begin_load();
+        cache.replace_loaded(fresh, stored(None, Some(now)), &secrets);
+        assert_eq!(cooldown(), 0);
+        assert!(a.usable(now));
+        cache.replace_loaded(stale, stored(Some(far), None), &secrets);
+        assert_eq!(cooldown(), 0, "rows read before the clear brought it back");
+        // Redis read before the clear (still holding the cooldown): not applied.
+        assert!(!cache.apply_shared_cooldowns(mark, &HashMap::from([("a".into(), far)])));
+        assert_eq!(cooldown(), 0, "Redis read before the clear brought it back");
+        // The same clear seen again is no new clear; cooldowns after it hold as usual.
+        let later = now + 60_000;
+        assert!(cache.apply_shared_cooldowns(
+            cache.shared_cooldowns_mark(),
+            &HashMap::from([("a".into(), later)])
+        ));
+        cache.replace(stored(None, Some(now)), &secrets);
+        assert_eq!(cooldown(), later);
+        cache.replace(stored(Some(far), Some(now)), &secrets);
+        assert_eq!(cooldown(), far);
+        // A second clear with a cooldown stored after it: the row's cooldown is the one.
+        cache.replace(stored(Some(later), Some(now + 1)), &secrets);
+        assert_eq!(cooldown(), later);
     }
 
     #[test]

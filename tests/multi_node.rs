@@ -149,6 +149,99 @@ async fn two_nodes_share_bindings_cooldowns_and_admin_changes() {
 }
 
 #[tokio::test]
+async fn an_operator_ends_a_cooldown_on_every_node() {
+    let (_pg, a, b) = two_nodes().await;
+    let limited = MockUpstream::start().await;
+    let good = MockUpstream::start().await;
+    // Some 30 years asked for; a few hours held.
+    limited.set(|b| {
+        b.status = 429;
+        b.error_body =
+            r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#.into();
+        b.extra_headers = vec![("retry-after".into(), "1000000000".into())];
+    });
+    let limited_id = a
+        .create_account_with(serde_json::json!({"name": "limited", "type": "claude", "base_url": limited.url(), "credential": "sk-ant-l", "priority": 1}))
+        .await;
+    a.create_account("good", "claude", &good.url(), "sk-ant-g")
+        .await;
+    let user = a.create_user("clear", 10_000).await;
+    let (_, key) = a.create_key(&user, serde_json::json!({})).await;
+    for node in [&a, &b] {
+        node.wait_key_active(&key).await;
+        node.wait_accounts_loaded(2).await;
+    }
+    let ask = |node: &Relay, topic: String| {
+        node.post("/v1/messages", &key)
+            .json(&messages_body(MODEL, false, conversation(&topic, 1)))
+            .send()
+    };
+
+    // A 429 on node A cools the account on both nodes, in Redis and in the database.
+    assert_eq!(ask(&a, "one".into()).await.unwrap().status(), 200);
+    assert_eq!((limited.count(), good.count()), (1, 1));
+    a.wait_stored_cooldown(&limited_id).await;
+    b.wait_metric("relay_account_state{state=\"cooling\"} 1")
+        .await;
+    let redis_url =
+        std::env::var("RELAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis = redis::Client::open(redis_url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let shared_key = format!("account:cooldown:{limited_id}");
+    let shared = || {
+        let mut redis = redis.clone();
+        let shared_key = shared_key.clone();
+        async move {
+            redis::cmd("EXISTS")
+                .arg(shared_key)
+                .query_async::<i64>(&mut redis)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(shared().await, 1, "the cooldown is not in Redis");
+    assert_eq!(ask(&b, "two".into()).await.unwrap().status(), 200);
+    assert_eq!(limited.count(), 1, "node B tried the cooling account");
+
+    // The operator puts it back through node A: node A uses it at once, node B at its next
+    // refresh (every 100 ms here; the deadline allows for a loaded machine).
+    limited.set(|b| *b = common::mock_upstream::Behavior::default());
+    let (status, v) = a
+        .patch_account(&limited_id, serde_json::json!({"status": "valid"}))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(shared().await, 0, "the cooldown is still in Redis");
+    assert_eq!(ask(&a, "three".into()).await.unwrap().status(), 200);
+    assert_eq!(limited.count(), 2, "node A still holds the cooldown");
+    let cleared = Instant::now();
+    for i in 0.. {
+        let before = limited.count();
+        assert_eq!(ask(&b, format!("b {i}")).await.unwrap().status(), 200);
+        if limited.count() > before {
+            break;
+        }
+        assert!(
+            cleared.elapsed() < Duration::from_secs(10),
+            "node B still holds the cooldown"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And keeps it ended over the refreshes that follow.
+    b.wait_metric("relay_account_state{state=\"available\"} 2")
+        .await;
+    let before = limited.count();
+    assert_eq!(ask(&b, "last".into()).await.unwrap().status(), 200);
+    assert_eq!(
+        limited.count(),
+        before + 1,
+        "node B cools the account again"
+    );
+}
+
+#[tokio::test]
 async fn requests_in_flight_on_both_nodes_count_against_one_cost_limit() {
     let (_pg, a, b) = two_nodes().await;
     let mock = MockUpstream::start().await;

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::mock_upstream::MockUpstream;
+use common::mock_upstream::{Behavior, MockUpstream};
 use common::{conversation, messages_body, Relay, RelayOptions};
 
 const MODEL: &str = "claude-sonnet-4-5";
@@ -66,25 +66,6 @@ fn rate_limited_for(mock: &MockUpstream, retry_after: &str) {
             r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#.into();
         b.extra_headers = vec![("retry-after".into(), retry_after)];
     });
-}
-
-/// Waits until the account's stored cooldown is set (the proxy stores it off the request path)
-/// and returns it.
-async fn stored_cooldown(relay: &Relay, account_id: &str) -> i64 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = relay
-            .admin_get(&format!("/api/admin/accounts/{account_id}"))
-            .await;
-        if let Some(until) = v["cooldown_until"].as_i64() {
-            return until;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no cooldown was stored: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]
@@ -330,7 +311,7 @@ async fn a_huge_retry_after_cools_for_no_longer_than_the_cap() {
         .unwrap();
     assert_eq!(r.status(), 200, "no failover");
     assert_eq!((limited.count(), good.count()), (1, 1));
-    let until = stored_cooldown(&relay, &limited_id).await;
+    let until = relay.wait_stored_cooldown(&limited_id).await;
     let two_hours = 2 * 3600 * 1000;
     assert!(
         until >= before + two_hours && until <= now_ms() + two_hours,
@@ -345,4 +326,52 @@ async fn a_huge_retry_after_cools_for_no_longer_than_the_cap() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!((limited.count(), good.count()), (1, 2));
+}
+
+#[tokio::test]
+async fn setting_a_cooling_account_valid_puts_it_back_at_once() {
+    let limited = MockUpstream::start().await;
+    let good = MockUpstream::start().await;
+    rate_limited_for(&limited, "1000000000");
+    let relay = Relay::start().await;
+    let limited_id = relay
+        .create_account_with(serde_json::json!({"name": "limited", "type": "claude", "base_url": limited.url(), "credential": "sk-l", "priority": 1}))
+        .await;
+    relay
+        .create_account("good", "claude", &good.url(), "sk-g")
+        .await;
+    let key = key_for(&relay, 2).await;
+    let ask = |topic: &'static str| {
+        relay
+            .post("/v1/messages", &key)
+            .json(&messages_body(MODEL, false, conversation(topic, 1)))
+            .send()
+    };
+    assert_eq!(ask("one").await.unwrap().status(), 200, "no failover");
+    assert_eq!((limited.count(), good.count()), (1, 1));
+    // Stored: reloads of the account now bring the cooldown with them.
+    relay.wait_stored_cooldown(&limited_id).await;
+    assert_eq!(ask("two").await.unwrap().status(), 200);
+    assert_eq!(
+        (limited.count(), good.count()),
+        (1, 2),
+        "tried while cooling"
+    );
+
+    // The provider serves again and the operator says so.
+    limited.set(|b| *b = Behavior::default());
+    let (status, v) = relay
+        .patch_account(&limited_id, serde_json::json!({"status": "valid"}))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["cooldown_until"], serde_json::Value::Null);
+    assert!(v["cooldown_cleared_at"].is_i64(), "{v}");
+    // The next request goes to it, and the ones after it too.
+    assert_eq!(ask("three").await.unwrap().status(), 200);
+    assert_eq!((limited.count(), good.count()), (2, 2), "still cooling");
+    relay
+        .wait_metric("relay_account_state{state=\"available\"} 2")
+        .await;
+    assert_eq!(ask("four").await.unwrap().status(), 200);
+    assert_eq!((limited.count(), good.count()), (3, 2), "cooling again");
 }

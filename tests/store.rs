@@ -751,6 +751,36 @@ async fn accounts_with_encrypted_credentials(env: Env) {
         state.updated_at > before.updated_at,
         "other nodes notice it"
     );
+    // An operator's clear ends the cooldown alone and moves `cooldown_cleared_at` forward,
+    // also for two clears within one millisecond; a later cooldown is stored over it as usual.
+    let clear = AccountPatch {
+        clear_cooldown: true,
+        ..AccountPatch::default()
+    };
+    let first = store.update_account(&codex.id, &clear).await.unwrap();
+    let second = store.update_account(&codex.id, &clear).await.unwrap();
+    assert_eq!(
+        (
+            first.status,
+            first.consecutive_error_count,
+            first.cooldown_until
+        ),
+        (AccountStatus::Error, 3, None)
+    );
+    let (a, b) = (
+        first.cooldown_cleared_at.unwrap(),
+        second.cooldown_cleared_at.unwrap(),
+    );
+    assert!(b > a, "the second clear at {b}, the first at {a}");
+    store
+        .record_account_cooldown(&codex.id, 1_900_000_000_000)
+        .await
+        .unwrap();
+    let state = store.account_by_id(&codex.id).await.unwrap().unwrap();
+    assert_eq!(
+        (state.cooldown_until, state.cooldown_cleared_at),
+        (Some(1_900_000_000_000), Some(b))
+    );
     // A health check's state is stored only over the status it was decided on, never over
     // `blocked`, and leaves the cooldown.
     assert!(!store

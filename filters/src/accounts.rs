@@ -187,6 +187,9 @@ pub struct AccountState {
     /// The error count of the stored row at the last reload. Stored counts only go down by a
     /// reset (a pass, a success, an operator): a row below it means one happened elsewhere.
     pub stored_errors_seen: AtomicI64,
+    /// The stored row's `cooldown_cleared_at` at the last reload: a later one means an operator
+    /// ended the cooldown since, and the cooldown this node holds gives way to the row's.
+    pub cooldown_cleared_seen: AtomicI64,
 }
 
 impl Account {

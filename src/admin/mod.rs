@@ -32,6 +32,8 @@ pub struct AdminState {
     pub login_failures: moka::sync::Cache<String, u32>,
     /// Whether Redis is configured (for `/readyz`).
     pub redis: Option<std::sync::Arc<crate::store::RedisLink>>,
+    /// Account cooldowns shared through Redis, when configured.
+    pub cooldowns: Option<Arc<crate::store::RedisCooldowns>>,
     /// Wakes the cache refresher after a change made on this node.
     pub refresh: Arc<tokio::sync::Notify>,
     /// Account health checks (and the periodic job's wake-up).
@@ -71,6 +73,7 @@ impl AdminState {
         accounts: Arc<AccountCache>,
         prices: Arc<PriceCache>,
         redis: Option<std::sync::Arc<crate::store::RedisLink>>,
+        cooldowns: Option<Arc<crate::store::RedisCooldowns>>,
         refresh: Arc<tokio::sync::Notify>,
         health: Arc<crate::background::health::Health>,
         sessions: Arc<BindingsAdmin>,
@@ -90,6 +93,7 @@ impl AdminState {
                 .time_to_live(Duration::from_secs(15 * 60))
                 .build(),
             redis,
+            cooldowns,
             refresh,
             health,
             sessions,

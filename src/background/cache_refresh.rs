@@ -93,19 +93,13 @@ pub async fn run(
     }
 }
 
-/// Takes the cooldowns other nodes published in Redis.
+/// Takes the cooldowns other nodes published in Redis, unless an operator's clear was applied
+/// while they were read (they may predate it).
 async fn apply_shared_cooldowns(cooldowns: &RedisCooldowns, accounts: &AccountCache) {
-    use std::sync::atomic::Ordering;
-    let snapshot = accounts.snapshot();
-    let ids: Vec<String> = snapshot.iter().map(|a| a.id.clone()).collect();
+    let mark = accounts.shared_cooldowns_mark();
+    let ids: Vec<String> = accounts.snapshot().iter().map(|a| a.id.clone()).collect();
     let shared = cooldowns.fetch_all(&ids).await;
-    for a in snapshot.iter() {
-        if let Some(until) = shared.get(&a.id) {
-            a.state
-                .cooldown_until_ms
-                .fetch_max(*until, Ordering::Relaxed);
-        }
-    }
+    accounts.apply_shared_cooldowns(mark, &shared);
 }
 
 /// Reloads this node's accounts after a change made on it (`after`, for the log) and publishes

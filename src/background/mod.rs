@@ -169,6 +169,7 @@ impl BackgroundService for ControlPlane {
             self.accounts.clone(),
             self.prices.clone(),
             self.redis.clone(),
+            self.cooldowns.clone(),
             refresh,
             health,
             self.sessions.clone(),

@@ -16,8 +16,9 @@ use super::{
 /// Columns of `accounts`, read by name in [`account_from_row`].
 const ACCOUNT_COLUMNS: &str = "id, name, account_type, base_url, credential_enc, \
      credential_key_id, refresh_token_enc, priority, weight, models, model_map, max_concurrency, \
-     enabled, status, consecutive_error_count, cooldown_until, last_used_at, extra, created_at, \
-     updated_at, token_expires_at, token_refreshed_at, token_refresh_error, token_refresh_refused";
+     enabled, status, consecutive_error_count, cooldown_until, cooldown_cleared_at, last_used_at, \
+     extra, created_at, updated_at, token_expires_at, token_refreshed_at, token_refresh_error, \
+     token_refresh_refused";
 
 /// Health state of an account as the relay judged it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -91,6 +92,8 @@ pub struct Account {
     pub consecutive_error_count: i64,
     /// Epoch ms until which it is not scheduled.
     pub cooldown_until: Option<i64>,
+    /// Epoch ms when an operator last ended its cooldown; it only moves forward.
+    pub cooldown_cleared_at: Option<i64>,
     /// Epoch ms of the newest recorded request.
     pub last_used_at: Option<i64>,
     /// Type-specific data (e.g. `chatgpt_account_id`), a JSON object.
@@ -191,6 +194,7 @@ impl NewAccount {
             status: AccountStatus::Valid,
             consecutive_error_count: 0,
             cooldown_until: None,
+            cooldown_cleared_at: None,
             last_used_at: None,
             extra: self.extra,
             created_at: at_ms,
@@ -234,6 +238,9 @@ pub struct AccountPatch {
     pub consecutive_error_count: Option<i64>,
     /// New cooldown end, or none.
     pub cooldown_until: Option<Option<i64>>,
+    /// Ends the cooldown on every node: `cooldown_until` cleared and `cooldown_cleared_at`
+    /// moved forward (an operator's word over the cooldowns nodes hold).
+    pub clear_cooldown: bool,
     /// New type-specific data (a JSON object).
     pub extra: Option<serde_json::Value>,
     /// New access token expiry (epoch ms), or unknown.
@@ -280,6 +287,7 @@ fn account_from_row(row: &AnyRow) -> Result<Account> {
             .ok_or_else(|| StoreError::Invalid(format!("unknown status {status:?} in accounts")))?,
         consecutive_error_count: row.try_get("consecutive_error_count")?,
         cooldown_until: row.try_get("cooldown_until")?,
+        cooldown_cleared_at: row.try_get("cooldown_cleared_at")?,
         last_used_at: row.try_get("last_used_at")?,
         extra: from_json(&extra, "accounts.extra")?,
         created_at: row.try_get("created_at")?,
@@ -455,6 +463,17 @@ impl SqlStore {
         }
         if let Some(cooldown_until) = patch.cooldown_until {
             parts.set("cooldown_until", Param::Int(cooldown_until));
+        }
+        if patch.clear_cooldown {
+            parts.set("cooldown_until", Param::Int(None));
+            // Always forward, also for two clears within one millisecond (or a clock behind
+            // another node's): each must be seen as a new one.
+            let now = now_ms();
+            parts.push(
+                "cooldown_cleared_at = CASE WHEN cooldown_cleared_at IS NULL \
+                 OR cooldown_cleared_at < ? THEN ? ELSE cooldown_cleared_at + 1 END",
+                vec![Param::Int(Some(now)), Param::Int(Some(now))],
+            );
         }
         if let Some(extra) = &patch.extra {
             check_extra(extra)?;

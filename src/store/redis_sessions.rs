@@ -696,6 +696,20 @@ impl RedisCooldowns {
         Ok(held.parse().unwrap_or(until_ms))
     }
 
+    /// Ends the cooldown published for `account_id` (an operator cleared it).
+    pub async fn clear(&self, account_id: &str) -> Result<(), StoreUnavailable> {
+        let rkey = self.redis_key(account_id);
+        self.link
+            .run(|mut conn| async move {
+                redis::cmd("DEL")
+                    .arg(rkey)
+                    .query_async::<i64>(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Cooldowns published for `ids` that have not expired, by account id; empty when Redis
     /// cannot be reached (local cooldowns still apply then).
     pub async fn fetch_all(&self, ids: &[String]) -> HashMap<String, i64> {

@@ -871,6 +871,22 @@ impl Relay {
         )
     }
 
+    /// Waits until the account's cooldown is stored (the proxy stores it off the request path)
+    /// and returns its end, epoch ms.
+    pub async fn wait_stored_cooldown(&self, account_id: &str) -> i64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self
+                .admin_get(&format!("/api/admin/accounts/{account_id}"))
+                .await;
+            if let Some(until) = v["cooldown_until"].as_i64() {
+                return until;
+            }
+            assert!(Instant::now() < deadline, "no cooldown was stored: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `PATCH /api/admin/accounts/{id}` with `body`, as the admin.
     pub async fn patch_account(
         &self,

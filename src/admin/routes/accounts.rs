@@ -303,7 +303,7 @@ pub struct UpdateAccount {
     #[serde(default, deserialize_with = "super::nullable")]
     max_concurrency: Option<Option<i64>>,
     enabled: Option<bool>,
-    /// `valid` clears an error state (and the error count).
+    /// `valid` clears an error state (and the error count) and ends a cooldown, on every node.
     status: Option<String>,
 }
 
@@ -369,7 +369,7 @@ pub async fn update(
         max_concurrency: body.max_concurrency,
         enabled: body.enabled,
         consecutive_error_count: status.filter(|s| *s == AccountStatus::Valid).map(|_| 0),
-        cooldown_until: status.filter(|s| *s == AccountStatus::Valid).map(|_| None),
+        clear_cooldown: status == Some(AccountStatus::Valid),
         status,
         ..Default::default()
     };
@@ -378,6 +378,16 @@ pub async fn update(
     // Setting the account valid or switching it on is the operator's word, also over this
     // node's automatic disable; taking it out needs no help (its row says so).
     let puts_back = patch.status == Some(AccountStatus::Valid) || patch.enabled == Some(true);
+    if patch.clear_cooldown {
+        // Redis first: what a node still reads there was read before the row changed, so the
+        // reload that finds the clear comes after it and ends the cooldown (see
+        // `AccountCache::apply_shared_cooldowns`).
+        if let Some(cooldowns) = &state.cooldowns {
+            if let Err(e) = cooldowns.clear(&id).await {
+                tracing::warn!(account = %id, error = %e.0, "the shared cooldown could not be cleared: other nodes take it again from Redis until it expires");
+            }
+        }
+    }
     let account = state.store.update_account(&id, &patch).await?;
     if puts_back {
         state.accounts.end_hold_off(&id);
