@@ -236,6 +236,8 @@ impl HeaderRewrite {
 fn merged_betas(headers: &HeaderMap) -> String {
     let mut joined = String::new();
     let mut has_oauth = false;
+    // Looked up in a set, not in `joined`: a head of thousands of tiny betas stays linear.
+    let mut seen = std::collections::HashSet::new();
     let lines = headers.get_all("anthropic-beta").iter();
     for beta in lines
         .filter_map(|v| v.to_str().ok())
@@ -243,7 +245,7 @@ fn merged_betas(headers: &HeaderMap) -> String {
         .map(str::trim)
         .filter(|b| !b.is_empty())
     {
-        if joined.split(',').any(|seen| seen == beta) {
+        if !seen.insert(beta) {
             continue;
         }
         has_oauth |= beta == OAUTH_BETA;

@@ -207,8 +207,9 @@ pub fn gcra(tat: Option<i64>, limit: u32, now_ms: i64) -> Result<i64, i64> {
 }
 
 /// GCRA's emission interval and burst tolerance (milliseconds) for `limit` requests per
-/// minute. The interval is at least a millisecond: past 60 000 a minute it would round to 0,
-/// which lets every request through.
+/// minute. The interval is at least a millisecond: past 60 000 a minute (which the admin API
+/// refuses) it would round to 0 and let every request through; such a limit is held to
+/// 60 000 a minute instead.
 pub fn gcra_params(limit: u32) -> (i64, i64) {
     let limit = i64::from(limit.max(1));
     let interval = (60_000 / limit).max(1);

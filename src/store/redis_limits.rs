@@ -4,6 +4,7 @@
 //! lease or hold Redis may have taken all the same, or one whose release it missed, is given
 //! back apart once it answers again.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -141,26 +142,33 @@ const SETTLED_MARK_TTL_MS: i64 = 10 * 60_000;
 const RELEASE_RETRY_FIRST: Duration = Duration::from_secs(1);
 const RELEASE_RETRY_LAST: Duration = Duration::from_secs(64);
 
-/// Settlements and slot releases being retried at most at once; past this a hold or lease is
-/// left to run out.
+/// Settlements, and apart from them slot releases, being retried at most at once; past this a
+/// hold or lease is left to run out. Each has its own budget: releases pile up during an
+/// outage (every request then ends with one), and must never leave a cost booking unretried.
 const MAX_RETRYING: usize = 10_000;
 
-/// Settlements and slot releases being retried now.
-static RETRYING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Settlements being retried now.
+static SETTLEMENTS_RETRYING: AtomicUsize = AtomicUsize::new(0);
+/// Slot releases being retried now.
+static RELEASES_RETRYING: AtomicUsize = AtomicUsize::new(0);
 
-/// Runs `retries` apart from the request, unless [`MAX_RETRYING`] are running already.
-fn spawn_retrying(retries: impl std::future::Future<Output = ()> + Send + 'static) {
+/// Runs `retries` apart from the request, unless [`MAX_RETRYING`] of its kind (`running`) are
+/// running already.
+fn spawn_retrying(
+    running: &'static AtomicUsize,
+    retries: impl std::future::Future<Output = ()> + Send + 'static,
+) {
     use std::sync::atomic::Ordering;
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    if RETRYING.fetch_add(1, Ordering::Relaxed) >= MAX_RETRYING {
-        RETRYING.fetch_sub(1, Ordering::Relaxed);
+    if running.fetch_add(1, Ordering::Relaxed) >= MAX_RETRYING {
+        running.fetch_sub(1, Ordering::Relaxed);
         return;
     }
     rt.spawn(async move {
         retries.await;
-        RETRYING.fetch_sub(1, Ordering::Relaxed);
+        running.fetch_sub(1, Ordering::Relaxed);
     });
 }
 
@@ -496,7 +504,7 @@ impl Settlement {
 
     /// Tries again apart from the request (`tried`: once already), a bounded number at once.
     fn spawn_retries(self, tried: bool) {
-        spawn_retrying(async move {
+        spawn_retrying(&SETTLEMENTS_RETRYING, async move {
             let first = (!tried).then_some(Duration::ZERO);
             for wait in first.into_iter().chain(SETTLE_RETRIES) {
                 tokio::time::sleep(wait).await;
@@ -535,7 +543,7 @@ impl SlotRelease {
     /// Tries again apart from the request (`tried`: once already) until Redis takes it or the
     /// lease has run out, a bounded number at once.
     fn spawn_retries(self, tried: bool) {
-        spawn_retrying(async move {
+        spawn_retrying(&RELEASES_RETRYING, async move {
             let mut wait = if tried {
                 RELEASE_RETRY_FIRST
             } else {

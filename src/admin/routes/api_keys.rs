@@ -58,6 +58,19 @@ fn check_platforms(p: &[String]) -> AppResult<()> {
     }
 }
 
+/// The highest rpm limit a key can have: the limiter paces requests a millisecond apart at
+/// most (1 000 a second); no limit at all is an empty field.
+const MAX_RPM_LIMIT: i64 = 60_000;
+
+fn check_rpm(rpm: Option<i64>) -> AppResult<()> {
+    match rpm {
+        Some(r) if r > MAX_RPM_LIMIT => Err(AppError::BadRequest(format!(
+            "rpm_limit is at most {MAX_RPM_LIMIT} (leave it empty for no limit)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Issues a key to `owner`; the answer holds the plaintext under `key`.
 async fn issue(
     state: &AdminState,
@@ -72,6 +85,7 @@ async fn issue(
         return Err(AppError::BadRequest("name is required".into()));
     }
     check_platforms(&body.allowed_platforms)?;
+    check_rpm(body.rpm_limit)?;
     let key = generate_api_key();
     // The store counts the owner's keys and inserts in one transaction: the cap holds under
     // concurrent creations, and its refusal names the cap.
@@ -309,6 +323,7 @@ pub async fn update(
     if let Some(p) = &body.allowed_platforms {
         check_platforms(p)?;
     }
+    check_rpm(body.rpm_limit.flatten())?;
     let patch = ApiKeyPatch {
         name: body.name,
         enabled: body.enabled,

@@ -14,6 +14,7 @@ use crate::admin::error::{AppError, AppResult, ErrorBody};
 use crate::admin::extract::Json;
 use crate::admin::AdminState;
 use crate::secrets::{random_token, verify_password};
+use moka::ops::compute::{CompResult, Op};
 
 /// Sessions last 12 hours.
 const SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
@@ -100,25 +101,46 @@ pub async fn login(
     }
     let throttle_key = format!("{}|{}", body.username, peer.ip());
     // Every attempt is counted before the password is checked, in one step: attempts made at
-    // the same time cannot all read a count under the limit. A success takes its count back.
-    let before = state
+    // the same time cannot all read a count under the limit. An attempt refused here changes
+    // nothing (the block ends 15 minutes after the last counted failure, however often a
+    // client retries); a success, or an attempt whose password was never checked, takes its
+    // count back.
+    let counted = state
         .login_failures
         .entry(throttle_key.clone())
-        .and_upsert_with(|n| n.map_or(1, |n| n.into_value().saturating_add(1)))
-        .into_value()
-        - 1;
-    if before >= MAX_FAILURES {
+        .and_compute_with(|n| match n.map(|n| n.into_value()) {
+            Some(n) if n >= MAX_FAILURES => Op::Nop,
+            n => Op::Put(n.unwrap_or(0) + 1),
+        });
+    if !matches!(
+        counted,
+        CompResult::Inserted(_) | CompResult::ReplacedWith(_)
+    ) {
         return Err(AppError::TooManyRequests);
     }
+    let give_back = || {
+        state
+            .login_failures
+            .entry(throttle_key.clone())
+            .and_compute_with(|n| match n.map(|n| n.into_value()) {
+                Some(n) if n > 1 => Op::Put(n - 1),
+                _ => Op::Remove,
+            });
+    };
     // Password checks (about 19 MiB and tens of milliseconds each) wait for one of a few
     // permits, so a flood of logins cannot take the memory or every blocking thread.
-    let Ok(_permit) = tokio::time::timeout(PASSWORD_CHECK_WAIT, password_checks().acquire())
-        .await
-        .map_err(|_| AppError::TooManyRequests)?
-    else {
+    let permit = tokio::time::timeout(PASSWORD_CHECK_WAIT, password_checks().acquire()).await;
+    let Ok(Ok(_permit)) = permit else {
+        give_back();
         return Err(AppError::TooManyRequests);
     };
-    let user = state.store.user_by_username(&body.username).await?;
+    let user = match state.store.user_by_username(&body.username).await {
+        Ok(user) => user,
+        Err(e) => {
+            give_back();
+            return Err(e.into());
+        }
+    };
     let password = body.password;
     let (ok, user) = match user {
         Some(u) => {
