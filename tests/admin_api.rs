@@ -957,3 +957,47 @@ async fn operators_see_session_bindings_and_end_one() {
         assert_eq!(status, 400, "{bad}: {text}");
     }
 }
+
+/// An rpm limit past what the limiter paces (one request a millisecond) is refused, when a key
+/// is created and when it is changed.
+#[tokio::test]
+async fn rpm_limits_past_the_limiters_pace_are_refused() {
+    let relay = Relay::start().await;
+    let user_id = relay.create_user("dora", 10_000).await;
+    let create = |rpm: i64| json!({"user_id": user_id, "name": "k", "rpm_limit": rpm});
+    let (status, text) = token(
+        &relay,
+        Method::POST,
+        "/api/admin/api-keys",
+        Some(create(60_001)),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("rpm_limit is at most 60000"), "{text}");
+    let (status, text) = token(
+        &relay,
+        Method::POST,
+        "/api/admin/api-keys",
+        Some(create(60_000)),
+    )
+    .await;
+    assert_eq!(status, 201, "{text}");
+    let id = parse(&text)["id"].as_str().unwrap().to_string();
+    let path = format!("/api/admin/api-keys/{id}");
+    let (status, text) = token(
+        &relay,
+        Method::PATCH,
+        &path,
+        Some(json!({"rpm_limit": 120_000})),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    let (status, text) = token(
+        &relay,
+        Method::PATCH,
+        &path,
+        Some(json!({"rpm_limit": null})),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+}
