@@ -1085,44 +1085,33 @@ async fn gemini_errors_have_gemini_shape() {
     assert_eq!(r.status(), 400);
     assert_gemini_error(&r.json().await.unwrap(), 400, "INVALID_ARGUMENT");
 
-    // A key limited to Claude models.
-    let (_, claude_only) = relay
-        .create_key(
-            &user_id,
-            serde_json::json!({"allowed_models": ["claude-*"]}),
-        )
-        .await;
-    relay.wait_key_active(&claude_only).await;
-    let r = relay
-        .post_bare(path)
-        .header("x-goog-api-key", &claude_only)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
-    assert_gemini_error(&r.json().await.unwrap(), 403, "PERMISSION_DENIED");
-
-    // The path names the model the upstream runs: an allowed model named in the body too does
-    // not let the path ask for another.
-    let (_, flash_only) = relay
-        .create_key(
-            &user_id,
-            serde_json::json!({"allowed_models": ["gemini-2.5-flash"]}),
-        )
-        .await;
-    relay.wait_key_active(&flash_only).await;
+    // A key limited to Claude models; and one limited to gemini-2.5-flash, which an allowed
+    // model named in the body does not let ask the path for another (the path names the
+    // model the upstream runs).
     let mut with_model = body.clone();
     with_model["model"] = "gemini-2.5-flash".into();
-    let r = relay
-        .post_bare("/v1beta/models/gemini-2.5-pro:generateContent")
-        .header("x-goog-api-key", &flash_only)
-        .json(&with_model)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
-    assert_gemini_error(&r.json().await.unwrap(), 403, "PERMISSION_DENIED");
+    for (allowed, path, body) in [
+        ("claude-*", path, &body),
+        (
+            "gemini-2.5-flash",
+            "/v1beta/models/gemini-2.5-pro:generateContent",
+            &with_model,
+        ),
+    ] {
+        let (_, limited) = relay
+            .create_key(&user_id, serde_json::json!({"allowed_models": [allowed]}))
+            .await;
+        relay.wait_key_active(&limited).await;
+        let r = relay
+            .post_bare(path)
+            .header("x-goog-api-key", &limited)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{allowed} {path}");
+        assert_gemini_error(&r.json().await.unwrap(), 403, "PERMISSION_DENIED");
+    }
 
     // A compressed body is refused before it is read, in Gemini's shape.
     let r = relay

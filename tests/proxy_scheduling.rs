@@ -288,20 +288,26 @@ async fn account_concurrency_cap_moves_requests_to_another_account() {
     assert_eq!(other.count(), 3);
 }
 
-#[tokio::test]
-async fn a_huge_retry_after_cools_for_no_longer_than_the_cap() {
+/// Two accounts on `relay`: "limited" (preferred, answering 429 with a retry-after of a
+/// billion seconds, some 30 years) and "good"; their mocks, the limited one's id and a key.
+async fn limited_and_good(relay: &Relay) -> (MockUpstream, MockUpstream, String, String) {
     let limited = MockUpstream::start().await;
     let good = MockUpstream::start().await;
-    // A billion seconds: some 30 years.
     rate_limited_for(&limited, "1000000000");
-    let relay = relay_with(&[("RELAY_SCHEDULER__COOLDOWN_429_MAX", "2h")]).await;
     let limited_id = relay
         .create_account_with(serde_json::json!({"name": "limited", "type": "claude", "base_url": limited.url(), "credential": "sk-l", "priority": 1}))
         .await;
     relay
         .create_account("good", "claude", &good.url(), "sk-g")
         .await;
-    let key = key_for(&relay, 2).await;
+    let key = key_for(relay, 2).await;
+    (limited, good, limited_id, key)
+}
+
+#[tokio::test]
+async fn a_huge_retry_after_cools_for_no_longer_than_the_cap() {
+    let relay = relay_with(&[("RELAY_SCHEDULER__COOLDOWN_429_MAX", "2h")]).await;
+    let (limited, good, limited_id, key) = limited_and_good(&relay).await;
     let before = now_ms();
     let r = relay
         .post("/v1/messages", &key)
@@ -330,17 +336,8 @@ async fn a_huge_retry_after_cools_for_no_longer_than_the_cap() {
 
 #[tokio::test]
 async fn setting_a_cooling_account_valid_puts_it_back_at_once() {
-    let limited = MockUpstream::start().await;
-    let good = MockUpstream::start().await;
-    rate_limited_for(&limited, "1000000000");
     let relay = Relay::start().await;
-    let limited_id = relay
-        .create_account_with(serde_json::json!({"name": "limited", "type": "claude", "base_url": limited.url(), "credential": "sk-l", "priority": 1}))
-        .await;
-    relay
-        .create_account("good", "claude", &good.url(), "sk-g")
-        .await;
-    let key = key_for(&relay, 2).await;
+    let (limited, good, limited_id, key) = limited_and_good(&relay).await;
     let ask = |topic: &'static str| {
         relay
             .post("/v1/messages", &key)
