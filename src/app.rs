@@ -288,6 +288,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         admin_listener: Mutex::new(Some(admin_listener)),
         admin_token: config.admin_token.as_ref().map(|t| t.expose().to_string()),
         max_keys_per_user: config.max_keys_per_user,
+        admin_secure_cookie: config.admin_secure_cookie,
         refresh_interval: config.cache_refresh_interval,
         writer_settings: WriterSettings {
             batch_size: config.usage.batch_size,

@@ -68,6 +68,9 @@ pub struct Config {
     pub pricing_file: PathBuf,
     /// Keys one user may own.
     pub max_keys_per_user: u32,
+    /// Marks the admin session cookie `Secure` (sent over HTTPS only): for an admin service
+    /// reached through a TLS-terminating proxy.
+    pub admin_secure_cookie: bool,
     /// Worker threads of the proxy service.
     pub threads: usize,
     /// Whether idle proxy threads steal queued work from busy ones (Pingora's default). Off,
@@ -236,6 +239,7 @@ impl Default for Config {
             client_idle_timeout: Duration::from_secs(60),
             pricing_file: PathBuf::from("conf/pricing.toml"),
             max_keys_per_user: 10,
+            admin_secure_cookie: false,
             threads: 2,
             work_stealing: true,
             log_format: "text".into(),

@@ -95,6 +95,8 @@ async fn login_cookie_is_strict_and_changes_need_the_csrf_token() {
     assert!(!s.csrf.is_empty());
     assert_eq!(s.body["user"]["role"], "admin");
     assert!(s.body["user"].get("price_rate").is_none(), "{}", s.body);
+    // Not Secure unless configured: the admin service itself speaks plain HTTP.
+    assert!(!attrs.contains(&"secure".to_string()), "{}", s.set_cookie);
 
     // Reading needs no CSRF token.
     let me = parse(&session_get(&relay, &s, "/api/auth/me").await);
@@ -1000,4 +1002,36 @@ async fn rpm_limits_past_the_limiters_pace_are_refused() {
     )
     .await;
     assert_eq!(status, 200, "{text}");
+}
+
+/// Behind a TLS-terminating proxy the session cookie can be kept to HTTPS, on login and on the
+/// logout that clears it.
+#[tokio::test]
+async fn the_session_cookie_is_secure_when_configured() {
+    let relay = Relay::start_with(RelayOptions {
+        env: vec![("RELAY_ADMIN_SECURE_COOKIE".into(), "true".into())],
+        ..RelayOptions::default()
+    })
+    .await;
+    let s = relay.login("admin", ADMIN_PASSWORD).await;
+    let secure = |set_cookie: &str| {
+        set_cookie
+            .split(';')
+            .any(|a| a.trim().eq_ignore_ascii_case("secure"))
+    };
+    assert!(secure(&s.set_cookie), "{}", s.set_cookie);
+    let r = relay
+        .http
+        .post(format!("{}/api/auth/logout", relay.admin))
+        .header("cookie", &s.cookie)
+        .header("x-csrf-token", &s.csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cleared = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cleared.contains("Max-Age=0") && secure(&cleared),
+        "{cleared}"
+    );
 }

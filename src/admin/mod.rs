@@ -42,6 +42,8 @@ pub struct AdminState {
     pub sessions: Arc<BindingsAdmin>,
     /// OAuth token refresh by hand.
     pub tokens: Arc<crate::background::oauth_refresh::TokenRefresh>,
+    /// The session cookie is marked `Secure` (config `admin_secure_cookie`).
+    pub secure_cookie: bool,
 }
 
 /// Where operators see and end session bindings: Redis itself when configured (so a Redis
@@ -98,6 +100,7 @@ impl AdminState {
             health,
             sessions,
             tokens,
+            secure_cookie: false,
         }
     }
 

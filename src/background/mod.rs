@@ -30,6 +30,7 @@ pub struct ControlPlane {
     pub admin_listener: Mutex<Option<std::net::TcpListener>>,
     pub admin_token: Option<String>,
     pub max_keys_per_user: u32,
+    pub admin_secure_cookie: bool,
     pub refresh_interval: std::time::Duration,
     pub writer_settings: WriterSettings,
     /// SQLite's worker threads at idle CPU priority while the usage queue is short (see
@@ -159,7 +160,7 @@ impl BackgroundService for ControlPlane {
                 shutdown.clone(),
             ));
         }
-        let state = AdminState::new(
+        let mut state = AdminState::new(
             store.clone(),
             self.secrets.clone(),
             self.pepper.clone(),
@@ -175,6 +176,7 @@ impl BackgroundService for ControlPlane {
             self.sessions.clone(),
             tokens,
         );
+        state.secure_cookie = self.admin_secure_cookie;
         let app = admin::router(state).into_make_service_with_connect_info::<SocketAddr>();
         match take(&self.admin_listener).map(tokio::net::TcpListener::from_std) {
             Some(Ok(listener)) => {

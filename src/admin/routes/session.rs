@@ -25,6 +25,15 @@ const MAX_USERNAME_LEN: usize = 64;
 /// How long a login waits for a password check permit before it is told to retry (429).
 const PASSWORD_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The cookie attribute that keeps the session cookie to HTTPS, when configured.
+fn secure(state: &AdminState) -> &'static str {
+    if state.secure_cookie {
+        "; Secure"
+    } else {
+        ""
+    }
+}
+
 /// Permits for password checks at the same time: one per core, at least two.
 fn password_checks() -> &'static tokio::sync::Semaphore {
     static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
@@ -176,8 +185,9 @@ pub async fn login(
         tracing::error!(error = %e, "audit log write failed");
     }
     let cookie = format!(
-        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
-        SESSION_TTL_MS / 1000
+        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+        SESSION_TTL_MS / 1000,
+        secure(&state)
     );
     Ok((
         [
@@ -217,7 +227,10 @@ pub async fn logout(
     Ok((
         [(
             header::SET_COOKIE,
-            format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
+            format!(
+                "{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{}",
+                secure(&state)
+            ),
         )],
         Json(LoggedOut { ok: true }),
     ))
