@@ -966,41 +966,28 @@ async fn operators_see_session_bindings_and_end_one() {
 async fn rpm_limits_past_the_limiters_pace_are_refused() {
     let relay = Relay::start().await;
     let user_id = relay.create_user("dora", 10_000).await;
-    let create = |rpm: i64| json!({"user_id": user_id, "name": "k", "rpm_limit": rpm});
-    let (status, text) = token(
-        &relay,
-        Method::POST,
-        "/api/admin/api-keys",
-        Some(create(60_001)),
-    )
-    .await;
+    let create = |rpm: i64| {
+        let body = json!({"user_id": user_id, "name": "k", "rpm_limit": rpm});
+        token(&relay, Method::POST, "/api/admin/api-keys", Some(body))
+    };
+    let (status, text) = create(60_001).await;
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("rpm_limit is at most 60000"), "{text}");
-    let (status, text) = token(
-        &relay,
-        Method::POST,
-        "/api/admin/api-keys",
-        Some(create(60_000)),
-    )
-    .await;
+    let (status, text) = create(60_000).await;
     assert_eq!(status, 201, "{text}");
     let id = parse(&text)["id"].as_str().unwrap().to_string();
     let path = format!("/api/admin/api-keys/{id}");
-    let (status, text) = token(
-        &relay,
-        Method::PATCH,
-        &path,
-        Some(json!({"rpm_limit": 120_000})),
-    )
-    .await;
+    let change = |rpm: Value| {
+        token(
+            &relay,
+            Method::PATCH,
+            &path,
+            Some(json!({"rpm_limit": rpm})),
+        )
+    };
+    let (status, text) = change(json!(120_000)).await;
     assert_eq!(status, 400, "{text}");
-    let (status, text) = token(
-        &relay,
-        Method::PATCH,
-        &path,
-        Some(json!({"rpm_limit": null})),
-    )
-    .await;
+    let (status, text) = change(Value::Null).await;
     assert_eq!(status, 200, "{text}");
 }
 

@@ -123,18 +123,23 @@ const CHAT_USAGE: MockUsage = MockUsage {
     cache_read: 400,
 };
 
-#[tokio::test]
-async fn chat_json_and_streams_swap_credentials_and_book_normalised_usage() {
-    let mock = MockUpstream::start().await;
-    let (relay, user_id, key_id, key) = relay_with_key(serde_json::json!({})).await;
-    let account_id = relay
+/// An `openai` account "openai-a" on `mock` (under `/v1`, as OpenAI's base URL has it); its id.
+async fn openai_account(relay: &Relay, mock: &MockUpstream) -> String {
+    relay
         .create_account(
             "openai-a",
             "openai",
             &format!("{}/v1", mock.url()),
             OPENAI_SECRET,
         )
-        .await;
+        .await
+}
+
+#[tokio::test]
+async fn chat_json_and_streams_swap_credentials_and_book_normalised_usage() {
+    let mock = MockUpstream::start().await;
+    let (relay, user_id, key_id, key) = relay_with_key(serde_json::json!({})).await;
+    let account_id = openai_account(&relay, &mock).await;
     relay.wait_accounts_loaded(1).await;
     mock.set(|b| {
         b.usage = CHAT_USAGE;
@@ -320,14 +325,7 @@ async fn chat_json_and_streams_swap_credentials_and_book_normalised_usage() {
 async fn chat_errors_have_openai_shape() {
     let mock = MockUpstream::start().await;
     let (relay, user_id, _, key) = relay_with_key(serde_json::json!({})).await;
-    relay
-        .create_account(
-            "openai-a",
-            "openai",
-            &format!("{}/v1", mock.url()),
-            OPENAI_SECRET,
-        )
-        .await;
+    openai_account(&relay, &mock).await;
     relay.wait_accounts_loaded(1).await;
     let body = chat_body("gpt-4.1", false, chat_conversation("errors", 1));
 
@@ -1312,14 +1310,7 @@ async fn model_map_renames_the_chat_body_model_and_the_gemini_path_model() {
 async fn cut_streams_end_with_the_protocols_error_event_and_book_what_was_seen() {
     let mock = MockUpstream::start().await;
     let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
-    relay
-        .create_account(
-            "openai-a",
-            "openai",
-            &format!("{}/v1", mock.url()),
-            OPENAI_SECRET,
-        )
-        .await;
+    openai_account(&relay, &mock).await;
     relay
         .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
         .await;
@@ -1406,14 +1397,7 @@ async fn in_band_errors_and_unfinished_streams_are_flagged() {
             "sk-ant-upstream-secret-0123",
         )
         .await;
-    relay
-        .create_account(
-            "openai-a",
-            "openai",
-            &format!("{}/v1", mock.url()),
-            OPENAI_SECRET,
-        )
-        .await;
+    openai_account(&relay, &mock).await;
     relay.wait_accounts_loaded(2).await;
 
     // Anthropic: message_start, then an overloaded error event, then the last chunk.

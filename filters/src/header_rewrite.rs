@@ -235,7 +235,6 @@ impl HeaderRewrite {
 /// end unless the client named it. Values that are not visible ASCII name no beta.
 fn merged_betas(headers: &HeaderMap) -> String {
     let mut joined = String::new();
-    let mut has_oauth = false;
     // Looked up in a set, not in `joined`: a head of thousands of tiny betas stays linear.
     let mut seen = std::collections::HashSet::new();
     let lines = headers.get_all("anthropic-beta").iter();
@@ -248,13 +247,12 @@ fn merged_betas(headers: &HeaderMap) -> String {
         if !seen.insert(beta) {
             continue;
         }
-        has_oauth |= beta == OAUTH_BETA;
         if !joined.is_empty() {
             joined.push(',');
         }
         joined.push_str(beta);
     }
-    if !has_oauth {
+    if !seen.contains(OAUTH_BETA) {
         if !joined.is_empty() {
             joined.push(',');
         }
