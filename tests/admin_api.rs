@@ -223,20 +223,26 @@ async fn concurrent_wrong_passwords_are_throttled_too() {
     assert_eq!(r.status(), 401);
 }
 
+/// `POST /api/auth/logout` with the session's cookie and CSRF token, after `Cookie` headers
+/// of other cookies (`before`).
+async fn logout(relay: &Relay, s: &LoginSession, before: &[&str]) -> reqwest::Response {
+    let mut req = relay.http.post(format!("{}/api/auth/logout", relay.admin));
+    for cookie in before {
+        req = req.header("cookie", *cookie);
+    }
+    req.header("cookie", &s.cookie)
+        .header("x-csrf-token", &s.csrf)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Logout ends the session whichever `Cookie` header carries it.
 #[tokio::test]
 async fn logout_finds_the_session_in_any_cookie_header() {
     let relay = Relay::start().await;
     let s = relay.login("admin", ADMIN_PASSWORD).await;
-    let r = relay
-        .http
-        .post(format!("{}/api/auth/logout", relay.admin))
-        .header("cookie", "theme=dark")
-        .header("cookie", &s.cookie)
-        .header("x-csrf-token", &s.csrf)
-        .send()
-        .await
-        .unwrap();
+    let r = logout(&relay, &s, &["theme=dark"]).await;
     assert_eq!(r.status(), 200);
     let (status, _) = relay
         .session_call(&s, Method::GET, "/api/auth/me", None, false)
@@ -1007,14 +1013,7 @@ async fn the_session_cookie_is_secure_when_configured() {
             .any(|a| a.trim().eq_ignore_ascii_case("secure"))
     };
     assert!(secure(&s.set_cookie), "{}", s.set_cookie);
-    let r = relay
-        .http
-        .post(format!("{}/api/auth/logout", relay.admin))
-        .header("cookie", &s.cookie)
-        .header("x-csrf-token", &s.csrf)
-        .send()
-        .await
-        .unwrap();
+    let r = logout(&relay, &s, &[]).await;
     assert_eq!(r.status(), 200);
     let cleared = r.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(
