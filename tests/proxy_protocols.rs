@@ -4,6 +4,9 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use common::mock_upstream::{ExtraUsage, MockUpstream, MockUsage};
 use common::{
     assert_no_relay_key, chat_body, chat_conversation, conversation, gemini_body, messages_body,
@@ -855,6 +858,105 @@ async fn previous_response_id_returns_to_its_account() {
             "round {i}: previous_response_id {response_id} went to the other account"
         );
     }
+}
+
+#[tokio::test]
+async fn a_continued_response_is_known_while_it_streams_and_never_goes_elsewhere() {
+    let mocks = [MockUpstream::start().await, MockUpstream::start().await];
+    let gate = Arc::new(tokio::sync::Notify::new());
+    for m in &mocks {
+        let gate = gate.clone();
+        m.set(|b| b.second_event_gate = Some(gate));
+    }
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    relay
+        .create_account("codex-a", "openai-responses", &mocks[0].url(), "sk-a")
+        .await;
+    relay
+        .create_account("codex-b", "openai-responses", &mocks[1].url(), "sk-b")
+        .await;
+    relay.wait_accounts_loaded(2).await;
+    let continued = |id: &str, tag: &str| {
+        relay
+            .post_bare("/v1/responses")
+            .bearer_auth(&key)
+            .json(&serde_json::json!({
+                "model": "gpt-5", "instructions": tag, "input": "more",
+                "previous_response_id": id,
+            }))
+            .send()
+    };
+
+    // A streamed answer, held after its first event (`response.created`, naming its id).
+    let mut stream = relay
+        .post_bare("/v1/responses")
+        .bearer_auth(&key)
+        .json(&serde_json::json!({
+            "model": "gpt-5", "instructions": "first", "input": "hello", "stream": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut seen = Vec::new();
+    let response_id = loop {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.chunk())
+            .await
+            .expect("the first event")
+            .unwrap()
+            .expect("more of the stream");
+        seen.extend_from_slice(&chunk);
+        let text = String::from_utf8_lossy(&seen);
+        if let Some(at) = text.find("\"id\":\"resp_") {
+            let id = &text[at + 6..];
+            break id[..id.find('"').unwrap()].to_string();
+        }
+    };
+    let producer = usize::from(mocks[1].count() == 1);
+    let other = 1 - producer;
+    // Next turns, sent while the first still streams (each of another session, so only the
+    // response id ties them to it), go to the account holding it.
+    for i in 0..8 {
+        let r = continued(&response_id, &format!("while streaming {i}"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+    assert_eq!(
+        mocks[producer].count(),
+        9,
+        "a continued turn went elsewhere"
+    );
+    assert_eq!(mocks[other].count(), 0);
+    gate.notify_one();
+    gate.notify_one();
+    let rest = stream.bytes().await.unwrap();
+    assert!(String::from_utf8_lossy(&rest).contains("response.completed"));
+
+    // The account answers 429: the client gets it, no other account is tried (none knows
+    // the response).
+    mocks[producer].set(|b| {
+        b.status = 429;
+        b.error_body = r#"{"error":{"type":"rate_limit_exceeded","message":"slow down"}}"#.into();
+        b.extra_headers = vec![("retry-after".into(), "120".into())];
+    });
+    let r = continued(&response_id, "rate limited").await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(mocks[producer].count(), 10);
+    assert_eq!(mocks[other].count(), 0, "a continued turn failed over");
+    // While the account cools down, the relay says when to come back.
+    let r = continued(&response_id, "cooling").await.unwrap();
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((100..=120).contains(&wait), "retry-after {wait}");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_openai_error(&v, "rate_limit_error", "rate_limit_exceeded");
+    assert_eq!(mocks[producer].count(), 10);
+    assert_eq!(mocks[other].count(), 0);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -187,10 +187,16 @@ async fn get_put_delete_round_trip() {
             .unwrap();
         assert_eq!(exists, 0);
 
-        // The api_key strategy's session key gives `session:binding:apikey:{id}`.
-        store.put("apikey:key-7", &binding("a"), ttl).await.unwrap();
+        // The api_key strategy's session key gives `session:binding:apikey:{id}:{protocol}`.
+        store
+            .put("apikey:key-7:anthropic", &binding("a"), ttl)
+            .await
+            .unwrap();
         let exists: i64 = redis::cmd("EXISTS")
-            .arg(format!("{}session:binding:apikey:key-7", env.prefix))
+            .arg(format!(
+                "{}session:binding:apikey:key-7:anthropic",
+                env.prefix
+            ))
             .query_async(&mut env.direct)
             .await
             .unwrap();
@@ -256,6 +262,98 @@ async fn set_if_absent_race_has_one_winner() {
                 .unwrap()
                 .account_id,
             "new"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn moving_a_conversation_has_one_winner_and_renewals_never_move_it_back() {
+    run(|mut env| async move {
+        let ttl = Duration::from_secs(60);
+        let store = env.sessions();
+        store.put("conv", &binding("failed"), ttl).await.unwrap();
+        // Twenty requests on four nodes find the conversation's account failed at once and
+        // each moves it to the account it picked: all end on the first mover's.
+        let mut stores = Vec::new();
+        for _ in 0..4 {
+            let link = RedisLink::open(&redis_url()).unwrap();
+            assert!(link.ready(Duration::from_secs(5)).await);
+            stores.push(Arc::new(RedisSessionStore::new(link, &env.prefix)));
+        }
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let store = stores[i % stores.len()].clone();
+                tokio::spawn(async move {
+                    store
+                        .replace("conv", "failed", &binding(&format!("acct-{i}")), ttl)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut held = Vec::new();
+        for t in tasks {
+            held.push(t.await.unwrap());
+        }
+        let first = held[0].clone();
+        assert!(held.iter().all(|h| *h == first), "{held:?}");
+        assert!(first.account_id.starts_with("acct-"), "{first:?}");
+        assert_eq!(*store.get("conv").await.unwrap().unwrap().binding, first);
+
+        // A renewal read before the move (still naming `failed`) does not bring it back.
+        let mut stale = binding("failed");
+        stale.request_count = 9;
+        assert_eq!(
+            store.replace("conv", "failed", &stale, ttl).await.unwrap(),
+            first
+        );
+        // A renewal on the account that holds it is stored, with its new lifetime.
+        let mut renewed = first.clone();
+        renewed.request_count = 2;
+        store
+            .replace(
+                "conv",
+                &first.account_id,
+                &renewed,
+                Duration::from_secs(600),
+            )
+            .await
+            .unwrap();
+        let got = store.get("conv").await.unwrap().unwrap();
+        assert_eq!(got.binding.request_count, 2);
+        assert!(
+            got.remaining > Duration::from_secs(500),
+            "{:?}",
+            got.remaining
+        );
+
+        // Nothing bound, or a value that is no binding: stored.
+        assert_eq!(
+            store
+                .replace("fresh", "x", &binding("n"), ttl)
+                .await
+                .unwrap()
+                .account_id,
+            "n"
+        );
+        let _: () = redis::cmd("SET")
+            .arg(format!("{}session:binding:junk", env.prefix))
+            .arg("{\"not\":\"a binding\"}")
+            .query_async(&mut env.direct)
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .replace("junk", "x", &binding("j"), ttl)
+                .await
+                .unwrap()
+                .account_id,
+            "j"
+        );
+        assert_eq!(
+            store.get("junk").await.unwrap().unwrap().binding.account_id,
+            "j"
         );
     })
     .await;
@@ -489,8 +587,22 @@ async fn falls_back_to_memory_while_redis_is_down() {
         serde_json::from_str::<Binding>(&raw).unwrap().account_id,
         "b"
     );
+    // A conversation another node bound, which this node has read since.
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}session:binding:s6"))
+        .arg(serde_json::to_string(&binding("f")).unwrap())
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut direct)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get("s6").await.unwrap().unwrap().binding.account_id,
+        "f"
+    );
 
-    // Redis dies: operations keep succeeding from memory, which mirrored the Redis writes.
+    // Redis dies: operations keep succeeding from memory, which mirrored the Redis writes
+    // and the bindings read there.
     server.stop();
     let before = fallbacks();
     let started = Instant::now();
@@ -510,6 +622,11 @@ async fn falls_back_to_memory_while_redis_is_down() {
     assert_eq!(
         store.get("s3").await.unwrap().unwrap().binding.account_id,
         "c"
+    );
+    assert_eq!(
+        store.get("s6").await.unwrap().unwrap().binding.account_id,
+        "f",
+        "a binding read from Redis before the outage stays"
     );
     store.delete("s4").await.unwrap();
     assert!(store.get("s4").await.unwrap().is_none());

@@ -208,11 +208,20 @@ impl Account {
 
     /// Whether the account can take one more request now.
     pub fn usable(&self, now_ms: i64) -> bool {
+        self.available(now_ms) && self.has_room()
+    }
+
+    /// Whether the account is in service now: enabled and valid, not cooling down. A
+    /// conversation bound to an account that is not moves to another.
+    pub fn available(&self, now_ms: i64) -> bool {
         self.state.schedulable.load(Ordering::Relaxed)
             && self.state.cooldown_until_ms.load(Ordering::Relaxed) <= now_ms
-            && self
-                .max_concurrency
-                .is_none_or(|cap| self.state.inflight.load(Ordering::Relaxed) < cap)
+    }
+
+    /// Whether the account is under its concurrency cap on this node.
+    pub fn has_room(&self) -> bool {
+        self.max_concurrency
+            .is_none_or(|cap| self.state.inflight.load(Ordering::Relaxed) < cap)
     }
 
     /// The model name sent upstream.

@@ -65,6 +65,10 @@ pub struct SessionInfo {
     /// `{api_key_id}:{protocol}:{digest}`, or none when stickiness is off.
     pub key: Option<String>,
     pub sticky: Option<StickyResult>,
+    /// The account the conversation is bound to, as this request left the binding.
+    pub bound: Option<String>,
+    /// The Responses answer's id is stored with its account.
+    pub response_remembered: bool,
 }
 
 /// How the account was found (`relay_sticky_total{result}`).
@@ -73,6 +77,11 @@ pub enum StickyResult {
     Hit,
     Miss,
     Rebind,
+    /// The conversation's account could not take this one request (another model or
+    /// protocol, or at its concurrency cap): served elsewhere, the binding kept.
+    Detour,
+    /// A continued Responses answer (`previous_response_id`), sent to the account holding it.
+    Pinned,
 }
 
 impl StickyResult {
@@ -82,6 +91,8 @@ impl StickyResult {
             StickyResult::Hit => "hit",
             StickyResult::Miss => "miss",
             StickyResult::Rebind => "rebind",
+            StickyResult::Detour => "detour",
+            StickyResult::Pinned => "pinned",
         }
     }
 }

@@ -69,12 +69,16 @@ impl<'a> SessionInput<'a> {
 }
 
 /// Session key `{api_key_id}:{protocol}:{digest}` (digest = first 16 hex chars of SHA-256 of
-/// the material), or `apikey:{api_key_id}` for the `api_key` strategy (the binding store
-/// prefixes it). `None` for strategy `none`, or when the request carries no material at all.
+/// the material), or `apikey:{api_key_id}:{protocol}` for the `api_key` strategy (the binding
+/// store prefixes it; per protocol, as no account serves two). `None` for strategy `none`, or when the request carries no material at all.
 pub fn session_key(strategy: SessionStrategy, input: &SessionInput<'_>) -> Option<String> {
     match strategy {
         SessionStrategy::None => None,
-        SessionStrategy::ApiKey => Some(format!("apikey:{}", input.api_key_id)),
+        SessionStrategy::ApiKey => Some(format!(
+            "apikey:{}:{}",
+            input.api_key_id,
+            input.protocol.as_str()
+        )),
         SessionStrategy::Content => {
             let mut material = Material::default();
             let n = input.message_count.max(1);
@@ -1221,7 +1225,13 @@ mod tests {
         assert_eq!(input.message_count, 1);
         assert_eq!(
             session_key(SessionStrategy::ApiKey, &input).as_deref(),
-            Some("apikey:key-7")
+            Some("apikey:key-7:anthropic")
+        );
+        // Per protocol: a key used by Claude Code and by Codex binds each to its own account.
+        let chat = SessionInput::new(Protocol::OpenaiChat, "key-7", &headers, &parsed);
+        assert_eq!(
+            session_key(SessionStrategy::ApiKey, &chat).as_deref(),
+            Some("apikey:key-7:openai_chat")
         );
         assert_eq!(session_key(SessionStrategy::None, &input), None);
         let content = session_key(SessionStrategy::Content, &input);

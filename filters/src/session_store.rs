@@ -57,6 +57,18 @@ pub trait SessionStore: Send + Sync {
         binding: &Binding,
         ttl: Duration,
     ) -> Result<Binding, StoreUnavailable>;
+    /// Stores `binding` unless the key holds a live binding to another account than
+    /// `replaces`; returns the binding that holds afterwards. Moving a conversation off an
+    /// account it can no longer use (and renewing one on the same account) goes through
+    /// this, so two nodes doing it at once end on one account, and a renewal read before
+    /// another node moved the conversation cannot move it back.
+    async fn replace(
+        &self,
+        key: &str,
+        replaces: &str,
+        binding: &Binding,
+        ttl: Duration,
+    ) -> Result<Binding, StoreUnavailable>;
     /// Stores `binding`, replacing any other.
     async fn put(
         &self,
@@ -136,6 +148,24 @@ impl MemorySessionStore {
         Arc::new(MemorySessionStore { cache })
     }
 
+    /// Keeps a copy of a binding read elsewhere (Redis), for the time it has left there;
+    /// nothing is written when this store already holds the same account.
+    pub fn mirror(&self, key: &str, found: &StoredBinding) {
+        let same = self
+            .cache
+            .get(key)
+            .is_some_and(|e| e.binding.account_id == found.binding.account_id);
+        if !same && !found.remaining.is_zero() {
+            self.cache.insert(
+                key.to_string(),
+                Entry {
+                    binding: found.binding.clone(),
+                    expires: Instant::now() + found.remaining,
+                },
+            );
+        }
+    }
+
     /// Drops expired entries and applies pending evictions (run periodically).
     pub fn purge(&self) {
         self.cache.run_pending_tasks();
@@ -169,6 +199,31 @@ impl SessionStore for MemorySessionStore {
             |existing| existing.expires <= now,
         );
         Ok(Binding::clone(&entry.into_value().binding))
+    }
+
+    async fn replace(
+        &self,
+        key: &str,
+        replaces: &str,
+        binding: &Binding,
+        ttl: Duration,
+    ) -> Result<Binding, StoreUnavailable> {
+        use moka::ops::compute::Op;
+        let now = Instant::now();
+        let mut kept = None;
+        self.cache
+            .entry(key.to_string())
+            .and_compute_with(|current| match current {
+                Some(e) if e.value().expires > now && e.value().binding.account_id != replaces => {
+                    kept = Some(e.value().binding.clone());
+                    Op::Nop
+                }
+                _ => Op::Put(Entry {
+                    binding: Arc::new(binding.clone()),
+                    expires: now + ttl,
+                }),
+            });
+        Ok(kept.map_or_else(|| binding.clone(), |b| Binding::clone(&b)))
     }
 
     async fn put(
@@ -312,6 +367,51 @@ mod tests {
         assert_eq!(s.get("k").await.unwrap().unwrap().binding.account_id, "c");
         s.delete("k").await.unwrap();
         assert!(s.get("k").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn replace_moves_only_off_the_account_named() {
+        let s = MemorySessionStore::new(100);
+        let ttl = Duration::from_secs(60);
+        let holder = |b: Binding| b.account_id;
+        // Nothing bound: stored.
+        assert_eq!(
+            holder(s.replace("k", "x", &binding("a"), ttl).await.unwrap()),
+            "a"
+        );
+        // Moved off `a`, once: the second mover, also leaving `a`, follows the first.
+        assert_eq!(
+            holder(s.replace("k", "a", &binding("b"), ttl).await.unwrap()),
+            "b"
+        );
+        assert_eq!(
+            holder(s.replace("k", "a", &binding("c"), ttl).await.unwrap()),
+            "b"
+        );
+        // A renewal of `a` read before the move does not move it back.
+        assert_eq!(
+            holder(s.replace("k", "a", &binding("a"), ttl).await.unwrap()),
+            "b"
+        );
+        assert_eq!(s.get("k").await.unwrap().unwrap().binding.account_id, "b");
+        // A renewal on the account that holds it is stored, with the new lifetime.
+        let mut renewed = binding("b");
+        renewed.request_count = 7;
+        s.replace("k", "b", &renewed, Duration::from_secs(600))
+            .await
+            .unwrap();
+        let got = s.get("k").await.unwrap().unwrap();
+        assert_eq!(got.binding.request_count, 7);
+        assert!(got.remaining > Duration::from_secs(500));
+        // An expired binding counts as none.
+        s.put("e", &binding("a"), Duration::from_millis(1))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            holder(s.replace("e", "x", &binding("d"), ttl).await.unwrap()),
+            "d"
+        );
     }
 
     #[tokio::test]

@@ -491,6 +491,14 @@ impl UsageMeter {
         self.feed(chunk);
     }
 
+    /// A Responses stream's response id, once its first event named it.
+    pub fn streamed_response_id(&self) -> Option<&str> {
+        match self {
+            UsageMeter::OpenaiResponsesStream(m) => m.state.result.response_id.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Ends the body and returns everything learnt; calling it again returns the same.
     pub fn finish(&mut self) -> MeterResult {
         match self {
@@ -1600,6 +1608,10 @@ impl crate::chain::ResponseFilter for SseUsage {
     ) -> crate::chain::ChunkAction {
         if let Some(m) = ctx.usage.meter.as_mut() {
             m.feed(chunk);
+            if ctx.usage.response_id.is_none() {
+                // Known early, so the account holding it can be remembered while it streams.
+                ctx.usage.response_id = m.streamed_response_id().map(str::to_owned);
+            }
         }
         match ctx.usage.strip_usage_chunk.as_mut() {
             Some(s) => crate::chain::ChunkAction::Replace(bytes::Bytes::from(s.push(chunk))),

@@ -103,24 +103,27 @@ impl StickyUpstream {
         }
     }
 
-    /// Another account than `skipped` (full ones), reserved and bound to the session.
+    /// Another account than `skipped` (full ones), reserved. With `moving_from`, the
+    /// conversation moves to it off that account (unless another request moved it first);
+    /// without, the binding stays as it is.
     async fn reserve_another(
         &self,
         ctx: &mut RequestCtx,
         mut skipped: Vec<String>,
+        moving_from: Option<String>,
     ) -> Option<Arc<Account>> {
         loop {
             let account = self.pick_excluding(ctx, &skipped)?;
             if self.reserve(ctx, &account) {
-                if let Some(key) = ctx.session.key.clone() {
-                    let _ = self
+                if let (Some(key), Some(from)) = (ctx.session.key.clone(), moving_from) {
+                    let binding = self.binding_for(ctx, &account);
+                    if let Ok(held) = self
                         .sessions
-                        .put(
-                            &key,
-                            &self.binding_for(ctx, &account),
-                            self.ttl(ctx.protocol()),
-                        )
-                        .await;
+                        .replace(&key, &from, &binding, self.ttl(ctx.protocol()))
+                        .await
+                    {
+                        ctx.session.bound = Some(held.account_id);
+                    }
                     ctx.session.sticky = Some(StickyResult::Rebind);
                 }
                 return Some(account);
@@ -148,55 +151,94 @@ impl StickyUpstream {
         }
     }
 
+    /// The account `id` when it can serve this request now.
     fn usable_for(&self, ctx: &RequestCtx, id: &str) -> Option<Arc<Account>> {
-        self.accounts.get(id).filter(|a| {
-            a.serves(ctx.protocol(), ctx.requested_model())
-                && a.usable(ctx.started_ms)
-                && !ctx.upstream.tried.iter().any(|t| t == id)
-        })
+        self.in_service(ctx, id)
+            .filter(|a| a.has_room() && a.serves(ctx.protocol(), ctx.requested_model()))
+    }
+
+    /// The account `id` when a conversation bound to it can stay: it exists, is in service
+    /// and was not tried by this request. Whether it serves this request's model and has room
+    /// for it is the request's matter, not the conversation's.
+    fn in_service(&self, ctx: &RequestCtx, id: &str) -> Option<Arc<Account>> {
+        self.accounts
+            .get(id)
+            .filter(|a| a.available(ctx.started_ms) && !ctx.upstream.tried.iter().any(|t| t == id))
     }
 
     /// Remembers which account produced a Responses answer, so a later request naming it in
-    /// `previous_response_id` goes back there (DESIGN §7).
-    pub async fn remember_response(&self, ctx: &RequestCtx) {
-        if ctx.protocol() != Protocol::OpenaiResponses {
-            return;
+    /// `previous_response_id` goes back there (DESIGN §7). Once per request, as soon as the
+    /// answer's id is known: the returned write owns what it needs, to run apart while the
+    /// answer streams on (a tool loop's next turn can follow right after the last event).
+    pub fn remember_response(
+        &self,
+        ctx: &mut RequestCtx,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        if ctx.protocol() != Protocol::OpenaiResponses || ctx.session.response_remembered {
+            return None;
         }
         let (Some(id), Some(account)) = (&ctx.usage.response_id, &ctx.upstream.account) else {
-            return;
+            return None;
         };
         let binding = self.binding_for(ctx, account);
-        let _ = self
-            .sessions
-            .put(
-                &response_key(&binding.api_key_id, id),
-                &binding,
-                self.config.responses_ttl,
-            )
-            .await;
+        let key = response_key(&binding.api_key_id, id);
+        ctx.session.response_remembered = true;
+        let (sessions, ttl) = (self.sessions.clone(), self.config.responses_ttl);
+        Some(async move {
+            let _ = sessions.put(&key, &binding, ttl).await;
+        })
     }
 
     /// Chooses the account of the first attempt, honouring and updating the binding, and takes
-    /// a slot on it (`ctx.upstream.lease`). An account that filled up between the pick and the
-    /// slot counts as unusable: another is picked and bound.
+    /// a slot on it (`ctx.upstream.lease`). When the account filled up between the pick and
+    /// the slot, another serves the request: a conversation bound to the full account stays
+    /// bound to it, one this request just bound moves with it.
     pub async fn choose(&self, ctx: &mut RequestCtx) -> Result<Arc<Account>, Rejection> {
         let account = self.choose_binding(ctx).await?;
         if self.reserve(ctx, &account) {
             return Ok(account);
         }
-        self.reserve_another(ctx, vec![account.id.clone()])
+        match ctx.session.sticky {
+            Some(StickyResult::Pinned) => return Err(pinned_busy(1)),
+            Some(StickyResult::Hit) => ctx.session.sticky = Some(StickyResult::Detour),
+            _ => {}
+        }
+        let moving_from = matches!(
+            ctx.session.sticky,
+            Some(StickyResult::Miss | StickyResult::Rebind)
+        )
+        .then(|| account.id.clone());
+        self.reserve_another(ctx, vec![account.id.clone()], moving_from)
             .await
             .ok_or_else(no_account)
     }
 
     async fn choose_binding(&self, ctx: &mut RequestCtx) -> Result<Arc<Account>, Rejection> {
         let ttl = self.ttl(ctx.protocol());
-        // A continued response must go to the account that holds it, whatever the session says.
+        // A continued response must go to the account that holds it, whatever the session
+        // says: no other account knows it. While that account cools down the client is told
+        // to come back; gone or out of service, the response went with it, and the request
+        // takes its normal course (the upstream says it does not know the id).
         if let Some(prev) = ctx.request.previous_response_id.clone() {
             let key_id = ctx.auth.as_ref().map(|a| a.key.id.as_str()).unwrap_or("");
             if let Ok(Some(stored)) = self.sessions.get(&response_key(key_id, &prev)).await {
-                if let Some(account) = self.usable_for(ctx, &stored.binding.account_id) {
-                    ctx.session.sticky = Some(StickyResult::Hit);
+                if let Some(account) = self.accounts.get(&stored.binding.account_id).filter(|a| {
+                    a.state
+                        .schedulable
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        && a.serves(ctx.protocol(), ctx.requested_model())
+                }) {
+                    let cooling_ms = account
+                        .state
+                        .cooldown_until_ms
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        .saturating_sub(ctx.started_ms);
+                    if cooling_ms > 0 {
+                        return Err(pinned_busy(
+                            u64::try_from(cooling_ms).unwrap_or(1).div_ceil(1000),
+                        ));
+                    }
+                    ctx.session.sticky = Some(StickyResult::Pinned);
                     return Ok(account);
                 }
             }
@@ -206,50 +248,90 @@ impl StickyUpstream {
         };
         let existing = self.sessions.get(&key).await.ok().flatten();
         if let Some(stored) = existing {
-            if let Some(account) = self.usable_for(ctx, &stored.binding.account_id) {
+            let bound = &stored.binding.account_id;
+            if let Some(account) = self.in_service(ctx, bound) {
+                ctx.session.bound = Some(bound.clone());
+                if !account.serves(ctx.protocol(), ctx.requested_model()) || !account.has_room() {
+                    // This request only: the conversation stays where its cache is.
+                    ctx.session.sticky = Some(StickyResult::Detour);
+                    return self
+                        .pick_excluding(ctx, std::slice::from_ref(bound))
+                        .ok_or_else(no_account);
+                }
                 if stored.remaining < self.config.renew_threshold {
                     let mut b = Binding::clone(&stored.binding);
                     b.last_used_at = ctx.started_ms;
                     b.request_count += 1;
-                    let _ = self.sessions.put(&key, &b, ttl).await;
+                    // On the same account only: one another node moved it to since stays.
+                    let _ = self.sessions.replace(&key, bound, &b, ttl).await;
                 }
                 ctx.session.sticky = Some(StickyResult::Hit);
                 return Ok(account);
             }
             let account = self.pick(ctx).ok_or_else(no_account)?;
-            let _ = self
-                .sessions
-                .put(&key, &self.binding_for(ctx, &account), ttl)
-                .await;
             ctx.session.sticky = Some(StickyResult::Rebind);
-            return Ok(account);
+            let held = self
+                .sessions
+                .replace(&key, bound, &self.binding_for(ctx, &account), ttl)
+                .await;
+            return Ok(self.follow(ctx, held, account));
         }
         let account = self.pick(ctx).ok_or_else(no_account)?;
         ctx.session.sticky = Some(StickyResult::Miss);
-        match self
+        let held = self
             .sessions
             .set_if_absent(&key, &self.binding_for(ctx, &account), ttl)
-            .await
-        {
-            // Another node bound this session first: follow it when that account can serve.
-            Ok(winner) if winner.account_id != account.id => {
-                Ok(self.usable_for(ctx, &winner.account_id).unwrap_or(account))
-            }
-            _ => Ok(account),
-        }
+            .await;
+        Ok(self.follow(ctx, held, account))
     }
 
-    /// Picks another account after a failed attempt (never one already tried) and rebinds
-    /// the session to it.
+    /// After binding `picked`: the account the binding holds when another request bound the
+    /// conversation first and that account can serve this one, else `picked`.
+    fn follow(
+        &self,
+        ctx: &mut RequestCtx,
+        held: Result<Binding, crate::session_store::StoreUnavailable>,
+        picked: Arc<Account>,
+    ) -> Arc<Account> {
+        let Ok(held) = held else {
+            return picked;
+        };
+        let chosen = if held.account_id == picked.id {
+            picked
+        } else {
+            self.usable_for(ctx, &held.account_id).unwrap_or(picked)
+        };
+        ctx.session.bound = Some(held.account_id);
+        chosen
+    }
+
+    /// Picks another account after a failed attempt (never one already tried). When the one
+    /// that failed is the conversation's, the conversation moves to the new one; a detour's
+    /// failure leaves it alone, and a continued response has nowhere else to go.
     pub async fn failover(&self, ctx: &mut RequestCtx) -> Option<Arc<Account>> {
         ctx.upstream.lease = None;
-        self.reserve_another(ctx, Vec::new()).await
+        if ctx.session.sticky == Some(StickyResult::Pinned) {
+            return None;
+        }
+        let failed = ctx.upstream.account.as_ref().map(|a| a.id.clone());
+        let moving_from = failed.filter(|f| ctx.session.bound.as_deref() == Some(f.as_str()));
+        self.reserve_another(ctx, Vec::new(), moving_from).await
     }
 }
 
 /// Scoped per API key like every binding: another tenant naming the id gets no say.
 fn response_key(api_key_id: &str, response_id: &str) -> String {
     format!("response:{api_key_id}:{response_id}")
+}
+
+/// The account holding a continued response cannot take it now.
+fn pinned_busy(retry_after_secs: u64) -> Rejection {
+    let mut r = Rejection::new(
+        ErrorKind::RateLimit,
+        "the upstream account holding previous_response_id is busy or rate limited; retry later",
+    );
+    r.retry_after = Some(retry_after_secs.max(1));
+    r
 }
 
 fn no_account() -> Rejection {
@@ -349,12 +431,111 @@ mod tests {
         let mut c = ctx(Some("s"));
         let first = s.choose(&mut c).await.unwrap();
         c.upstream.tried.push(first.id.clone());
+        c.upstream.account = Some(first.clone());
         let next = s.failover(&mut c).await.unwrap();
         assert_ne!(next.id, first.id);
+        assert_eq!(c.session.bound.as_deref(), Some(next.id.as_str()));
         c.upstream.tried.push(next.id.clone());
+        c.upstream.account = Some(next.clone());
         assert!(s.failover(&mut c).await.is_none());
         let mut again = ctx(Some("s"));
         assert_eq!(s.choose(&mut again).await.unwrap().id, next.id);
+    }
+
+    /// `a` with `f` applied (a fresh account, not shared yet).
+    fn with(a: Arc<Account>, f: impl FnOnce(&mut Account)) -> Arc<Account> {
+        let Ok(mut a) = Arc::try_unwrap(a) else {
+            panic!("not a fresh account");
+        };
+        f(&mut a);
+        Arc::new(a)
+    }
+
+    fn for_model(session: &str, model: &str) -> RequestCtx {
+        let mut c = ctx(Some(session));
+        c.request.model = Some(model.into());
+        c
+    }
+
+    #[tokio::test]
+    async fn a_request_the_bound_account_cannot_take_goes_elsewhere_and_keeps_the_binding() {
+        let opus = with(account("opus", AccountType::Claude, 10, 1), |a| {
+            a.models = vec!["claude-opus-4-1".into()];
+            a.max_concurrency = Some(1);
+        });
+        let any = account("any", AccountType::Claude, 50, 1);
+        let dir = Arc::new(Dir(Arc::new(vec![opus.clone(), any.clone()])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(100), StickyConfig::default());
+        let mut c = for_model("conv", "claude-opus-4-1");
+        assert_eq!(s.choose(&mut c).await.unwrap().id, "opus");
+        assert_eq!(c.session.sticky, Some(StickyResult::Miss));
+        drop(c);
+
+        // A side request on a model the account does not serve, same conversation.
+        let mut side = for_model("conv", "claude-haiku-4-5");
+        assert_eq!(s.choose(&mut side).await.unwrap().id, "any");
+        assert_eq!(side.session.sticky, Some(StickyResult::Detour));
+        assert_eq!(side.session.bound.as_deref(), Some("opus"));
+        // Its failure does not move the conversation either.
+        side.upstream.tried.push("any".into());
+        side.upstream.account = Some(any.clone());
+        assert!(s.failover(&mut side).await.is_none());
+        drop(side);
+
+        // The account is full: the next request goes elsewhere, the conversation stays.
+        let mut main = for_model("conv", "claude-opus-4-1");
+        assert_eq!(s.choose(&mut main).await.unwrap().id, "opus");
+        assert_eq!(main.session.sticky, Some(StickyResult::Hit));
+        let mut parallel = for_model("conv", "claude-opus-4-1");
+        assert_eq!(s.choose(&mut parallel).await.unwrap().id, "any");
+        assert_eq!(parallel.session.sticky, Some(StickyResult::Detour));
+        drop((main, parallel));
+        let mut after = for_model("conv", "claude-opus-4-1");
+        assert_eq!(s.choose(&mut after).await.unwrap().id, "opus");
+        assert_eq!(after.session.sticky, Some(StickyResult::Hit));
+    }
+
+    #[tokio::test]
+    async fn a_continued_response_waits_for_its_account() {
+        let a = account("a", AccountType::Openai, 50, 1);
+        let b = account("b", AccountType::Openai, 50, 1);
+        let dir = Arc::new(Dir(Arc::new(vec![a.clone(), b.clone()])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(100), StickyConfig::default());
+        let responses = || {
+            let mut c = ctx(Some("conv"));
+            c.route.protocol = Protocol::OpenaiResponses;
+            c
+        };
+        let mut first = responses();
+        let acc = s.choose(&mut first).await.unwrap();
+        first.upstream.account = Some(acc.clone());
+        first.usage.response_id = Some("resp_1".into());
+        s.remember_response(&mut first).unwrap().await;
+        let continued = || {
+            let mut c = responses();
+            c.request.previous_response_id = Some("resp_1".into());
+            c
+        };
+        // Served by its account, and never failed over to another.
+        let mut c = continued();
+        assert_eq!(s.choose(&mut c).await.unwrap().id, acc.id);
+        assert_eq!(c.session.sticky, Some(StickyResult::Pinned));
+        c.upstream.tried.push(acc.id.clone());
+        c.upstream.account = Some(acc.clone());
+        assert!(s.failover(&mut c).await.is_none());
+        // Cooling down for 90 s: a 429 saying when to come back, not another account.
+        acc.state
+            .cooldown_until_ms
+            .store(1_000 + 90_000, Ordering::Relaxed);
+        let err = s.choose(&mut continued()).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::RateLimit);
+        assert_eq!(err.retry_after, Some(90));
+        // Taken out of service: the response went with it, the request takes its course.
+        acc.state.cooldown_until_ms.store(0, Ordering::Relaxed);
+        acc.state.schedulable.store(false, Ordering::Relaxed);
+        let mut c = continued();
+        assert_ne!(s.choose(&mut c).await.unwrap().id, acc.id);
+        assert_ne!(c.session.sticky, Some(StickyResult::Pinned));
     }
 
     #[tokio::test]
@@ -372,7 +553,7 @@ mod tests {
         let acc = s.choose(&mut first).await.unwrap();
         first.upstream.account = Some(acc.clone());
         first.usage.response_id = Some("resp_1".into());
-        s.remember_response(&first).await;
+        s.remember_response(&mut first).unwrap().await;
         for i in 0..20 {
             // Different (or no) session keys: the response id wins.
             let key = format!("other-{i}");
@@ -405,7 +586,11 @@ mod tests {
         let acc = s.choose(&mut first).await.unwrap();
         first.upstream.account = Some(acc.clone());
         first.usage.response_id = Some("resp_x".into());
-        s.remember_response(&first).await;
+        s.remember_response(&mut first).unwrap().await;
+        assert!(
+            s.remember_response(&mut first).is_none(),
+            "once per request"
+        );
         let mut elsewhere = 0;
         for _ in 0..40 {
             let mut other = with_key("tenant-2");

@@ -308,9 +308,10 @@ impl RelayProxy {
         // long as the stream.
         drop(body);
         let pumped = Box::pin(self.pump(session, ctx, att)).await;
-        if let Some(r) = ctx.req.as_ref() {
-            if r.usage.response_id.is_some() {
-                sticky.remember_response(r).await;
+        // An id the stream did not give early (a JSON answer's, read at its end).
+        if let Some(r) = ctx.req.as_mut() {
+            if let Some(remember) = sticky.remember_response(r) {
+                remember.await;
             }
         }
         pumped
@@ -454,6 +455,16 @@ impl RelayProxy {
                         }
                     }
                     let out = self.filter_chunk(rctx, chunk);
+                    if rctx.usage.response_id.is_some() && !rctx.session.response_remembered {
+                        if let Some(remember) = self
+                            .chain
+                            .sticky
+                            .as_ref()
+                            .and_then(|s| s.remember_response(rctx))
+                        {
+                            tokio::spawn(remember);
+                        }
+                    }
                     if !client_gone && !out.is_empty() {
                         if ctx.ttfb.is_none() {
                             ctx.ttfb = Some(rctx.started.elapsed());

@@ -271,6 +271,23 @@ return redis.call('GET', KEYS[1])",
     )
 });
 
+/// Stores ARGV[1] for ARGV[2] ms unless the key holds a binding to another account than
+/// ARGV[3], atomically: nil when ours was stored, else the binding that holds. A value that
+/// is no binding is overwritten.
+static REPLACE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, b = pcall(cjson.decode, cur)
+  if ok and type(b) == 'table' and type(b.account_id) == 'string' and b.account_id ~= ARGV[3] then
+    return cur
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false",
+    )
+});
+
 /// Keeps the later of the stored and the new cooldown; returns the one that holds. Values are
 /// compared as Lua numbers (exact for epoch ms) but stored and returned as the strings given,
 /// so no float ever reaches the reply.
@@ -365,6 +382,41 @@ impl SessionStore for RedisSessionStore {
             })
             .await?;
         match winner.as_deref().map(|w| decode(&rkey, w)) {
+            None => Ok(binding.clone()),
+            Some(Some(other)) => Ok(other),
+            Some(None) => {
+                self.put(key, binding, ttl).await?;
+                Ok(binding.clone())
+            }
+        }
+    }
+
+    async fn replace(
+        &self,
+        key: &str,
+        replaces: &str,
+        binding: &Binding,
+        ttl: Duration,
+    ) -> Result<Binding, StoreUnavailable> {
+        let rkey = self.redis_key(key);
+        let json = encode(binding)?;
+        let held: Option<String> = self
+            .link
+            .run(|mut conn| {
+                let (rkey, json) = (rkey.clone(), json.clone());
+                async move {
+                    REPLACE
+                        .key(rkey)
+                        .arg(json)
+                        .arg(ttl_ms(ttl))
+                        .arg(replaces)
+                        .invoke_async(&mut conn)
+                        .await
+                }
+            })
+            .await?;
+        // A binding the script read but this version cannot: overwritten, as in `set_if_absent`.
+        match held.as_deref().map(|h| decode(&rkey, h)) {
             None => Ok(binding.clone()),
             Some(Some(other)) => Ok(other),
             Some(None) => {
@@ -520,8 +572,9 @@ fn glob_escape(s: &str) -> String {
 /// Redis first, memory when Redis fails: the relay keeps serving, says so in logs and in
 /// `relay_session_store_fallback_total`, and goes back to Redis as soon as it answers.
 ///
-/// Successful Redis writes are mirrored into memory, so during an outage the conversations
-/// this node already served stay on their accounts. Writes made in memory during an outage
+/// Bindings read from Redis and successful Redis writes are mirrored into memory, so during
+/// an outage the conversations this node already served stay on their accounts, whichever
+/// node bound them. Writes made in memory during an outage
 /// are not replayed to Redis afterwards: they are short-lived and another node may have bound
 /// the same session meanwhile, so Redis stays the authority once it is back.
 pub struct FallbackSessionStore {
@@ -578,6 +631,10 @@ impl SessionStore for FallbackSessionStore {
         match self.primary.get(key).await {
             Ok(found) => {
                 self.redis_ok();
+                // Kept here too (bound by any node), so an outage does not split it.
+                if let Some(f) = &found {
+                    self.memory.mirror(key, f);
+                }
                 Ok(found)
             }
             Err(e) => {
@@ -602,6 +659,26 @@ impl SessionStore for FallbackSessionStore {
             Err(e) => {
                 self.redis_failed(&e);
                 self.memory.set_if_absent(key, binding, ttl).await
+            }
+        }
+    }
+
+    async fn replace(
+        &self,
+        key: &str,
+        replaces: &str,
+        binding: &Binding,
+        ttl: Duration,
+    ) -> Result<Binding, StoreUnavailable> {
+        match self.primary.replace(key, replaces, binding, ttl).await {
+            Ok(held) => {
+                self.redis_ok();
+                self.memory.put(key, &held, ttl).await?;
+                Ok(held)
+            }
+            Err(e) => {
+                self.redis_failed(&e);
+                self.memory.replace(key, replaces, binding, ttl).await
             }
         }
     }
