@@ -76,6 +76,7 @@ fn relay() -> Relay {
         prices: Arc::new(PriceCache::new(prices)),
         limits: Arc::new(MemoryLimits::default()),
         lease_ttl: Duration::from_secs(600),
+        shared_account_caps: false,
         sticky: StickyConfig::default(),
         session_strategy: Default::default(),
         session_message_count: 1,

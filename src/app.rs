@@ -206,6 +206,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         prices: prices.clone(),
         limits,
         lease_ttl: config.concurrency_lease_ttl,
+        shared_account_caps: redis_link.is_some(),
         sticky: StickyConfig {
             ttl: config.session.ttl,
             responses_ttl: config.session.responses_ttl,

@@ -315,3 +315,65 @@ async fn requests_in_flight_on_both_nodes_count_against_one_cost_limit() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_accounts_concurrency_cap_holds_across_the_nodes() {
+    let (_pg, a, b) = two_nodes().await;
+    let mock = MockUpstream::start().await;
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let held = gate.clone();
+    mock.set(|m| m.second_event_gate = Some(held));
+    a.create_account_with(serde_json::json!({
+        "name": "capped", "type": "claude", "base_url": mock.url(),
+        "credential": "sk-ant-capped", "max_concurrency": 1,
+    }))
+    .await;
+    let user = a.create_user("capped", 10_000).await;
+    let (_, key) = a.create_key(&user, serde_json::json!({})).await;
+    a.wait_key_active(&key).await;
+    b.wait_key_active(&key).await;
+    b.wait_accounts_loaded(1).await;
+
+    // A stream on node a holds the account's one slot.
+    let mut stream = a
+        .post("/v1/messages", &key)
+        .json(&messages_body(MODEL, true, conversation("held", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.chunk())
+        .await
+        .expect("the first event")
+        .unwrap();
+    assert!(first.is_some());
+    // Node b has room by its own count; across the nodes the account is full.
+    let r = b
+        .post("/v1/messages", &key)
+        .json(&messages_body(MODEL, false, conversation("second", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "{}", r.text().await.unwrap_or_default());
+    assert_eq!(mock.count(), 1);
+
+    // The stream ends and its slot goes back: node b is served.
+    gate.notify_one();
+    let _ = stream.bytes().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = b
+            .post("/v1/messages", &key)
+            .json(&messages_body(MODEL, false, conversation("third", 1)))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert_eq!(r.status(), 503);
+        assert!(Instant::now() < deadline, "the slot never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(mock.count(), 2);
+}

@@ -318,8 +318,21 @@ pub fn select_account(
     chosen.cloned()
 }
 
-/// An in-flight slot on an account, released when dropped.
-pub struct InflightLease(Arc<AccountState>);
+/// An in-flight slot on an account, released when dropped: in this node's count and, for a
+/// capped account on nodes sharing a store, the store's lease (given back apart).
+pub struct InflightLease(Arc<AccountState>, Option<SharedSlot>);
+
+/// An account's slot in a store several nodes share.
+struct SharedSlot {
+    store: Arc<dyn crate::key_limits::LimitStore>,
+    lease: crate::key_limits::SlotLease,
+}
+
+/// The name an account's concurrency slots go by in a [`crate::key_limits::LimitStore`]
+/// (apart from the API keys' own).
+pub fn account_slots_name(account_id: &str) -> String {
+    format!("account:{account_id}")
+}
 
 impl InflightLease {
     /// Takes a slot on `account` if it is under its concurrency cap, atomically (two requests
@@ -340,7 +353,16 @@ impl InflightLease {
         }
         account.state.last_used_ms.store(now_ms, Ordering::Relaxed);
         account.state.requests.fetch_add(1, Ordering::Relaxed);
-        Some(InflightLease(account.state.clone()))
+        Some(InflightLease(account.state.clone(), None))
+    }
+
+    /// Also holds `lease`, the account's slot in `store` (shared by the nodes).
+    pub fn share(
+        &mut self,
+        store: Arc<dyn crate::key_limits::LimitStore>,
+        lease: crate::key_limits::SlotLease,
+    ) {
+        self.1 = Some(SharedSlot { store, lease });
     }
 }
 
@@ -353,6 +375,12 @@ impl fmt::Debug for InflightLease {
 impl Drop for InflightLease {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(SharedSlot { store, lease }) = self.1.take() {
+            // Without a runtime (shutting down) the lease runs out by itself.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { store.release_slot(&lease).await });
+            }
+        }
     }
 }
 

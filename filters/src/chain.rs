@@ -186,6 +186,9 @@ pub struct ChainDeps {
     pub limits: Arc<dyn LimitStore>,
     /// Concurrency leases expire after this when never released.
     pub lease_ttl: std::time::Duration,
+    /// `limits` is shared by several nodes (Redis): an account's concurrency cap is counted
+    /// there too, so it holds across nodes and not per node.
+    pub shared_account_caps: bool,
     pub sticky: StickyConfig,
     /// Default session strategy and message count (per-filter config overrides).
     pub session_strategy: SessionStrategy,
@@ -238,11 +241,15 @@ impl Chain {
                     message_count.unwrap_or(deps.session_message_count),
                 ))),
                 FilterConfig::StickyUpstream {} => {
-                    let f = Arc::new(StickyUpstream::new(
+                    let mut sticky = StickyUpstream::new(
                         deps.accounts.clone(),
                         deps.sessions.clone(),
                         deps.sticky.clone(),
-                    ));
+                    );
+                    if deps.shared_account_caps {
+                        sticky = sticky.with_shared_caps(deps.limits.clone(), deps.lease_ttl);
+                    }
+                    let f = Arc::new(sticky);
                     chain.sticky = Some(f.clone());
                     chain.request.push(f);
                 }

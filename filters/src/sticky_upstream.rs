@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::accounts::{select_account, Account, AccountDirectory, InflightLease, PickStrategy};
+use crate::accounts::{
+    account_slots_name, select_account, Account, AccountDirectory, InflightLease, PickStrategy,
+};
 use crate::chain::{Flow, RequestFilter, RequestView};
 use crate::context::{RequestCtx, StickyResult};
 use crate::error::{ErrorKind, Rejection};
+use crate::key_limits::LimitStore;
 use crate::session_store::{Binding, SessionStore};
 use crate::Protocol;
 
@@ -43,6 +46,8 @@ pub struct StickyUpstream {
     sessions: Arc<dyn SessionStore>,
     config: StickyConfig,
     round_robin: AtomicU64,
+    /// Where capped accounts' slots are counted across nodes, and the lease lifetime there.
+    shared_caps: Option<(Arc<dyn LimitStore>, Duration)>,
 }
 
 impl StickyUpstream {
@@ -57,7 +62,15 @@ impl StickyUpstream {
             sessions,
             config,
             round_robin: AtomicU64::new(0),
+            shared_caps: None,
         }
+    }
+
+    /// Counts the slots of accounts with a concurrency cap in `store` as well (shared by
+    /// several nodes), leases running out after `lease_ttl` if their node dies.
+    pub fn with_shared_caps(mut self, store: Arc<dyn LimitStore>, lease_ttl: Duration) -> Self {
+        self.shared_caps = Some((store, lease_ttl));
+        self
     }
 
     fn ttl(&self, protocol: Protocol) -> Duration {
@@ -92,15 +105,22 @@ impl StickyUpstream {
         )
     }
 
-    /// Takes a slot on `account`; `false` when it filled up since it was picked.
-    fn reserve(&self, ctx: &mut RequestCtx, account: &Account) -> bool {
-        match InflightLease::try_acquire(account, ctx.started_ms) {
-            Some(lease) => {
-                ctx.upstream.lease = Some(lease);
-                true
+    /// Takes a slot on `account`; `false` when it filled up since it was picked (on this node,
+    /// or on all of them together when they share the count).
+    async fn reserve(&self, ctx: &mut RequestCtx, account: &Account) -> bool {
+        let Some(mut lease) = InflightLease::try_acquire(account, ctx.started_ms) else {
+            return false;
+        };
+        if let (Some(cap), Some((store, ttl))) = (account.max_concurrency, &self.shared_caps) {
+            let name = account_slots_name(&account.id);
+            match store.acquire_slot(&name, cap, *ttl).await {
+                Some(shared) => lease.share(store.clone(), shared),
+                // Full across the nodes: this node's slot goes back with `lease`.
+                None => return false,
             }
-            None => false,
         }
+        ctx.upstream.lease = Some(lease);
+        true
     }
 
     /// Another account than `skipped` (full ones), reserved. With `moving_from`, the
@@ -114,7 +134,7 @@ impl StickyUpstream {
     ) -> Option<Arc<Account>> {
         loop {
             let account = self.pick_excluding(ctx, &skipped)?;
-            if self.reserve(ctx, &account) {
+            if self.reserve(ctx, &account).await {
                 if let (Some(key), Some(from)) = (ctx.session.key.clone(), moving_from) {
                     let binding = self.binding_for(ctx, &account);
                     if let Ok(held) = self
@@ -195,7 +215,7 @@ impl StickyUpstream {
     /// bound to it, one this request just bound moves with it.
     pub async fn choose(&self, ctx: &mut RequestCtx) -> Result<Arc<Account>, Rejection> {
         let account = self.choose_binding(ctx).await?;
-        if self.reserve(ctx, &account) {
+        if self.reserve(ctx, &account).await {
             return Ok(account);
         }
         match ctx.session.sticky {
@@ -493,6 +513,43 @@ mod tests {
         let mut after = for_model("conv", "claude-opus-4-1");
         assert_eq!(s.choose(&mut after).await.unwrap().id, "opus");
         assert_eq!(after.session.sticky, Some(StickyResult::Hit));
+    }
+
+    #[tokio::test]
+    async fn a_capped_account_is_counted_across_the_nodes_sharing_a_store() {
+        let shared: Arc<dyn LimitStore> = Arc::new(crate::key_limits::MemoryLimits::default());
+        // Two nodes: each its own copy of the accounts (own in-flight counts), one store.
+        let node = || {
+            let capped = with(account("capped", AccountType::Claude, 10, 1), |a| {
+                a.max_concurrency = Some(1);
+            });
+            let spare = account("spare", AccountType::Claude, 50, 1);
+            StickyUpstream::new(
+                Arc::new(Dir(Arc::new(vec![capped, spare]))),
+                MemorySessionStore::new(100),
+                StickyConfig::default(),
+            )
+            .with_shared_caps(shared.clone(), Duration::from_secs(60))
+        };
+        let (n1, n2) = (node(), node());
+        let mut on_n1 = ctx(None);
+        assert_eq!(n1.choose(&mut on_n1).await.unwrap().id, "capped");
+        // The other node has room by its own count, but the one slot is taken.
+        let mut on_n2 = ctx(None);
+        assert_eq!(n2.choose(&mut on_n2).await.unwrap().id, "spare");
+        drop(on_n2);
+        // The first request ends: its slot goes back (apart), and the other node gets it.
+        drop(on_n1);
+        let mut took = false;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+            let mut c = ctx(None);
+            if n2.choose(&mut c).await.unwrap().id == "capped" {
+                took = true;
+                break;
+            }
+        }
+        assert!(took, "the released slot never came back");
     }
 
     #[tokio::test]
