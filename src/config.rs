@@ -78,7 +78,8 @@ pub struct Config {
     pub work_stealing: bool,
     /// `text` or `json`.
     pub log_format: String,
-    /// A key's concurrency slot expires after this when its node never gives it back.
+    /// A concurrency slot or cost hold in Redis expires after this when its node never gives
+    /// it back (renewed while its request runs).
     #[serde(with = "humantime_serde")]
     pub concurrency_lease_ttl: Duration,
     /// How often each node polls the database for admin changes.

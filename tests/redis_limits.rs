@@ -86,6 +86,53 @@ async fn concurrency_slots_are_shared_and_expire() {
 }
 
 #[tokio::test]
+async fn slots_and_holds_of_long_requests_are_renewed_while_held() {
+    let (a, b, prefix) = two_nodes().await;
+    let day = "2026-11-22";
+    let short = Duration::from_millis(1500);
+    let limit = limit_of(100);
+    // Two requests that outlive their leases: one still running, one dropped without its
+    // release (as a panicking request would).
+    let running = a.acquire_slot("long", 1, short).await.expect("slot");
+    let dropped = a.acquire_slot("lost", 1, short).await.expect("slot");
+    let running_hold = a
+        .hold_cost("long", day, limit, 100, short)
+        .await
+        .expect("hold");
+    let dropped_hold = a
+        .hold_cost("lost", day, limit, 100, short)
+        .await
+        .expect("hold");
+    drop((dropped, dropped_hold));
+    // Renewals run by themselves (every quarter of the lifetime); three lifetimes pass.
+    tokio::time::sleep(short * 3).await;
+    assert!(
+        b.acquire_slot("long", 1, short).await.is_none(),
+        "a running request's slot ran out"
+    );
+    assert_eq!(
+        b.hold_cost("long", day, limit, 1, short).await,
+        Err(CostLimitHit::Daily { in_flight: true }),
+        "a running request's hold ran out"
+    );
+    assert!(
+        b.acquire_slot("lost", 1, short).await.is_some(),
+        "a dropped lease was kept alive"
+    );
+    assert!(
+        b.hold_cost("lost", day, limit, 1, short).await.is_ok(),
+        "a dropped hold was kept alive"
+    );
+    // Given back, they are no longer renewed: the room comes back at once.
+    a.release_slot(&running).await;
+    a.settle_cost("long", day, Some(&running_hold), 0).await;
+    assert_eq!(a.renew_due().await, 0);
+    assert!(b.acquire_slot("long", 1, short).await.is_some());
+    assert!(b.hold_cost("long", day, limit, 1, short).await.is_ok());
+    cleanup(&prefix).await;
+}
+
+#[tokio::test]
 async fn usage_counters_of_design_section_9() {
     use llm_relay::store::redis_counters::RedisUsageCounters;
     use relay_filters::{TokenUsage, UsageRecord};

@@ -26,6 +26,10 @@ pub struct SlotLease {
     pub in_memory: bool,
     /// When the shared store lets the lease go by itself (epoch ms; 0: none was asked for).
     pub expires_ms: i64,
+    /// Shared by every copy of the lease: a store renewing the leases of long requests renews
+    /// one only while something still holds it, so a lease dropped without its release runs
+    /// out as it would on a dead node.
+    pub held: std::sync::Arc<()>,
 }
 
 /// A key's cost limits in micro-USD (`None`: no such limit).
@@ -53,6 +57,8 @@ pub struct CostHold {
     pub hold_id: String,
     /// Held in this node's memory (there was no shared store, or it did not answer).
     pub in_memory: bool,
+    /// As [`SlotLease::held`].
+    pub held: std::sync::Arc<()>,
 }
 
 /// Counters behind the limits.

@@ -172,6 +172,123 @@ fn spawn_retrying(
     });
 }
 
+/// Extends a lease or hold still in KEYS[1] (a sorted set by expiry) to ARGV[2], and the
+/// lifetime of KEYS[1..] to at least ARGV[3] ms: 1 renewed, 0 gone (given back, or run out).
+static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
+for i = 1, #KEYS do
+  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+end
+return 1",
+    )
+});
+
+/// A lease or hold this node took in Redis and has not given back.
+struct Live {
+    /// Its sorted set, then the keys whose lifetime follows it.
+    keys: Vec<String>,
+    ttl_ms: i64,
+    /// When Redis lets it go unless renewed (epoch ms).
+    expires_ms: i64,
+    /// Gone when no request holds it any more (see [`SlotLease::held`]).
+    held: std::sync::Weak<()>,
+}
+
+/// The leases and holds this node took in Redis and has not given back, by id. A request
+/// running longer than `concurrency_lease_ttl` keeps its slot and its hold: each is renewed
+/// once half its life is over, while a request still holds it; one no request holds any more
+/// (dropped without its release) is left to run out, as a dead node's would.
+struct Renewals {
+    link: Arc<RedisLink>,
+    live: std::sync::Mutex<std::collections::HashMap<String, Live>>,
+    running: std::sync::atomic::AtomicBool,
+}
+
+impl Renewals {
+    fn live(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Live>> {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Renews every lease and hold still held whose first half of life is over, so a request
+    /// running longer than `concurrency_lease_ttl` keeps its slot and its hold; one no request
+    /// holds any more is left to run out. Returns how many were renewed.
+    async fn renew_due(&self) -> usize {
+        let now = now_ms();
+        let due: Vec<(String, Vec<String>, i64)> = {
+            let mut live = self.live();
+            live.retain(|_, l| l.held.strong_count() > 0 && l.expires_ms > now);
+            live.iter()
+                .filter(|(_, l)| l.expires_ms.saturating_sub(now) < l.ttl_ms / 2)
+                .map(|(id, l)| (id.clone(), l.keys.clone(), l.ttl_ms))
+                .collect()
+        };
+        let mut renewed = 0;
+        for (id, keys, ttl_ms) in due {
+            let expires = now.saturating_add(ttl_ms);
+            let res: Result<i64, _> = self
+                .link
+                .run(|mut c| {
+                    let (keys, id) = (keys.clone(), id.clone());
+                    async move {
+                        RENEW
+                            .key(&keys[..])
+                            .arg(id)
+                            .arg(expires)
+                            .arg(ttl_ms.saturating_add(1000))
+                            .invoke_async(&mut c)
+                            .await
+                    }
+                })
+                .await;
+            let mut live = self.live();
+            match res {
+                Ok(1) => {
+                    if let Some(l) = live.get_mut(&id) {
+                        l.expires_ms = expires;
+                        renewed += 1;
+                    }
+                }
+                // Given back meanwhile, or run out in Redis: nothing left to renew.
+                Ok(_) => {
+                    live.remove(&id);
+                }
+                // Tried again on the next round, while it has life left.
+                Err(e) => {
+                    drop(live);
+                    metrics().session_store_fallback.inc();
+                    tracing::debug!(error = %e, "Redis lease renewal failed, tried again");
+                }
+            }
+        }
+        renewed
+    }
+
+    /// Runs [`Renewals::renew_due`] every `every`, while the store lives.
+    fn spawn(me: &Arc<Self>, every: Duration) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            me.running
+                .store(false, std::sync::atomic::Ordering::Release);
+            return;
+        };
+        let me = Arc::downgrade(me);
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(me) = me.upgrade() else {
+                    return;
+                };
+                me.renew_due().await;
+            }
+        });
+    }
+}
+
 /// Daily counters outlive their day by a day (late bookings across midnight still land).
 const DAILY_TTL_MS: i64 = 2 * 86_400_000;
 
@@ -180,6 +297,7 @@ pub struct RedisLimits {
     link: Arc<RedisLink>,
     prefix: String,
     memory: Arc<MemoryLimits>,
+    renewals: Arc<Renewals>,
 }
 
 impl RedisLimits {
@@ -187,10 +305,49 @@ impl RedisLimits {
     /// Redis cannot be reached and seeds Redis counters that do not exist yet.
     pub fn new(link: Arc<RedisLink>, prefix: &str, memory: Arc<MemoryLimits>) -> Self {
         RedisLimits {
-            link,
+            link: link.clone(),
             prefix: prefix.to_string(),
             memory,
+            renewals: Arc::new(Renewals {
+                link,
+                live: std::sync::Mutex::new(std::collections::HashMap::new()),
+                running: std::sync::atomic::AtomicBool::new(false),
+            }),
         }
+    }
+
+    /// Notes a lease or hold Redis took, to renew while it is held; the first one starts the
+    /// renewals, every quarter of its lifetime.
+    fn track(&self, id: &str, keys: Vec<String>, ttl: Duration, expires_ms: i64, held: &Arc<()>) {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        self.renewals.live().insert(
+            id.to_string(),
+            Live {
+                keys,
+                ttl_ms,
+                expires_ms,
+                held: Arc::downgrade(held),
+            },
+        );
+        if !self
+            .renewals
+            .running
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            let every = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(60));
+            Renewals::spawn(&self.renewals, every);
+        }
+    }
+
+    /// Stops renewing `id`; when it is renewed, its expiry now.
+    fn untrack(&self, id: &str) -> Option<i64> {
+        self.renewals.live().remove(id).map(|l| l.expires_ms)
+    }
+
+    /// Renews every lease and hold still held whose first half of life is over (see
+    /// [`Renewals`]); returns how many were renewed. Runs by itself; public for tests.
+    pub async fn renew_due(&self) -> usize {
+        self.renewals.renew_due().await
     }
 
     /// The cost keys of an API key: daily and total spend, then its holds in flight (leases
@@ -299,6 +456,7 @@ impl LimitStore for RedisLimits {
             in_memory: false,
             expires_ms: now
                 .saturating_add(i64::try_from(lease_ttl.as_millis()).unwrap_or(i64::MAX / 2)),
+            held: Arc::new(()),
         };
         let (expires, id) = (lease.expires_ms, lease.lease_id.clone());
         let res: Result<i64, _> = self
@@ -315,7 +473,11 @@ impl LimitStore for RedisLimits {
             })
             .await;
         match res {
-            Ok(1) => Some(lease),
+            Ok(1) => {
+                let key = self.slots_key(key_id);
+                self.track(&lease.lease_id, vec![key], lease_ttl, expires, &lease.held);
+                Some(lease)
+            }
             Ok(_) => None,
             Err(e) => {
                 // This node's slots only. Redis may have taken the lease all the same (its
@@ -344,7 +506,10 @@ impl LimitStore for RedisLimits {
             return;
         }
         // Also for a lease held in memory: Redis may have taken it before its answer was lost.
-        let release = self.slot_release(lease);
+        let mut release = self.slot_release(lease);
+        if let Some(renewed_until) = self.untrack(&lease.lease_id) {
+            release.expires_ms = release.expires_ms.max(renewed_until);
+        }
         if let Err(e) = release.run().await {
             self.fallback("slot release", &e);
             // A lease left in Redis would hold its slot on every node until it runs out
@@ -415,9 +580,17 @@ impl LimitStore for RedisLimits {
             micro_usd: estimate,
             hold_id,
             in_memory: false,
+            held: Arc::new(()),
         };
         match res {
-            Ok(0) => Ok(hold),
+            Ok(0) => {
+                if estimate != 0 {
+                    let [_, _, holds, held, sum] = self.cost_keys(key_id, day);
+                    let keys = vec![holds, held, sum];
+                    self.track(&hold.hold_id, keys, ttl, expires_ms, &hold.held);
+                }
+                Ok(hold)
+            }
             Ok(code) => {
                 let in_flight = code > 2;
                 Err(if code % 2 == 1 {
@@ -456,6 +629,7 @@ impl LimitStore for RedisLimits {
         // a hold kept in memory is given back there.
         self.memory.settle_cost(key_id, day, hold, micro_usd).await;
         let hold_id = hold.map(|h| h.hold_id.clone()).unwrap_or_default();
+        self.untrack(&hold_id);
         if micro_usd == 0 && hold_id.is_empty() {
             return;
         }
@@ -619,6 +793,7 @@ mod tests {
 
         // Held in memory while Redis was away: Redis books it on the first run that reaches it.
         let in_memory = CostHold {
+            held: Arc::new(()),
             micro_usd: 5,
             hold_id: crate::store::new_id(),
             in_memory: true,
