@@ -254,6 +254,7 @@ impl AccountCache {
                     .get("chatgpt_account_id")
                     .and_then(|v| v.as_str())
                     .map(str::to_string),
+                token_expires_ms: row.token_expires_at,
                 state,
             }));
         }

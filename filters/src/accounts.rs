@@ -163,6 +163,9 @@ pub struct Account {
     pub max_concurrency: Option<u32>,
     /// ChatGPT account id for `openai-responses` accounts with a ChatGPT token.
     pub chatgpt_account_id: Option<String>,
+    /// When an OAuth access token expires (epoch ms), when known. Refreshed before then; past
+    /// it (its refresh failing) new conversations go to other accounts while any can serve.
+    pub token_expires_ms: Option<i64>,
     pub state: Arc<AccountState>,
 }
 
@@ -218,6 +221,11 @@ impl Account {
             && self.state.cooldown_until_ms.load(Ordering::Relaxed) <= now_ms
     }
 
+    /// Whether its access token is known to have expired.
+    pub fn token_expired(&self, now_ms: i64) -> bool {
+        self.token_expires_ms.is_some_and(|at| at <= now_ms)
+    }
+
     /// Whether the account is under its concurrency cap on this node.
     pub fn has_room(&self) -> bool {
         self.max_concurrency
@@ -265,8 +273,14 @@ pub fn select_account(
 ) -> Option<Arc<Account>> {
     let mut best: Option<i64> = None;
     let mut tier: Vec<&Arc<Account>> = Vec::new();
+    // An account whose token expired (its refresh failing) only when no other can serve.
+    let mut expired: Vec<&Arc<Account>> = Vec::new();
     for a in accounts {
         if !a.serves(protocol, model) || !a.usable(now_ms) || exclude.iter().any(|x| *x == a.id) {
+            continue;
+        }
+        if a.token_expired(now_ms) {
+            expired.push(a);
             continue;
         }
         match best {
@@ -277,6 +291,11 @@ pub fn select_account(
                 tier.clear();
                 tier.push(a);
             }
+        }
+    }
+    if tier.is_empty() {
+        if let Some(p) = expired.iter().map(|a| a.priority).min() {
+            tier = expired.into_iter().filter(|a| a.priority == p).collect();
         }
     }
     let chosen = match strategy {
@@ -403,6 +422,7 @@ pub(crate) mod tests {
             model_map: HashMap::new(),
             max_concurrency: None,
             chatgpt_account_id: None,
+            token_expires_ms: None,
             state: Arc::new(state),
         })
     }
@@ -574,6 +594,52 @@ pub(crate) mod tests {
             &rr
         )
         .is_some());
+    }
+
+    #[test]
+    fn an_account_whose_token_expired_serves_only_when_no_other_can() {
+        let with_expiry = |id: &str, priority: i64, at: Option<i64>| {
+            let a = account(id, AccountType::ClaudeOfficial, priority, 1);
+            let Ok(mut a) = Arc::try_unwrap(a) else {
+                panic!("fresh account");
+            };
+            a.token_expires_ms = at;
+            Arc::new(a)
+        };
+        let now = 1_000_000;
+        let rr = AtomicU64::new(0);
+        let pick = |all: &[Arc<Account>]| {
+            select_account(
+                all,
+                Protocol::Anthropic,
+                None,
+                &[],
+                PickStrategy::Weighted,
+                now,
+                &rr,
+            )
+            .map(|a| a.id.clone())
+        };
+        // Expired at the preferred priority: the next tier serves instead.
+        let all = [
+            with_expiry("expired", 10, Some(now - 1)),
+            with_expiry("fresh", 50, Some(now + 60_000)),
+        ];
+        for _ in 0..20 {
+            assert_eq!(pick(&all).as_deref(), Some("fresh"));
+        }
+        // Nothing else: the expired one still serves (its expiry may be wrong).
+        let only = [
+            with_expiry("old", 50, Some(now - 1)),
+            with_expiry("older", 60, Some(now - 5)),
+        ];
+        assert_eq!(pick(&only).as_deref(), Some("old"));
+        // Unknown expiry counts as not expired.
+        let unknown = [
+            with_expiry("unknown", 10, None),
+            with_expiry("fresh", 50, Some(now + 1)),
+        ];
+        assert_eq!(pick(&unknown).as_deref(), Some("unknown"));
     }
 
     #[test]

@@ -248,6 +248,7 @@ mod tests {
             model_map: Default::default(),
             max_concurrency: None,
             chatgpt_account_id: Some("acct-1".into()),
+            token_expires_ms: None,
             state: Default::default(),
         }
     }
