@@ -215,6 +215,13 @@ async fn concurrent_wrong_passwords_are_throttled_too() {
         checked <= 5,
         "more than five guesses were checked: {statuses:?}"
     );
+    // A guess that waited too long for its check (a loaded machine) gave its count back:
+    // guesses one at a time fill the window, then even the right password is refused.
+    for _ in 0..5 {
+        if relay.login_raw("admin", "one-more-guess").await.status() == 429 {
+            break;
+        }
+    }
     let r = relay.login_raw("admin", ADMIN_PASSWORD).await;
     assert_eq!(r.status(), 429);
 
