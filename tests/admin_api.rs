@@ -1021,3 +1021,120 @@ async fn the_session_cookie_is_secure_when_configured() {
         "{cleared}"
     );
 }
+
+/// An account's fields are checked alike on creation and on change; a refused change leaves
+/// the account as it was.
+#[tokio::test]
+async fn account_fields_are_checked_on_create_and_on_change() {
+    let relay = Relay::start().await;
+    let create = |extra: Value| {
+        let mut body = json!({"name": "acct", "type": "claude", "credential": "sk-ant-api03-x"});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        relay.admin_post("/api/admin/accounts", body)
+    };
+    let refused = [
+        (
+            json!({"max_concurrency": 0}),
+            "max_concurrency is 1 to 100000",
+        ),
+        (
+            json!({"max_concurrency": 4_294_967_296_i64}),
+            "max_concurrency is 1 to 100000",
+        ),
+        (
+            json!({"max_concurrency": 100_001}),
+            "max_concurrency is 1 to 100000",
+        ),
+        (
+            json!({"weight": 4_294_967_296_i64}),
+            "weight is at most 10000",
+        ),
+        (json!({"weight": 10_001}), "weight is at most 10000"),
+        (json!({"weight": 0}), "weight must be at least 1"),
+        (
+            json!({"models": ["claude-sonnet-4-5", " "]}),
+            "models must not hold an empty name",
+        ),
+        (
+            json!({"model_map": {" ": "claude-sonnet-4-5"}}),
+            "model_map keys and values must not be empty",
+        ),
+        (
+            json!({"model_map": {"sonnet": ""}}),
+            "model_map keys and values must not be empty",
+        ),
+        (
+            json!({"model_map": {"sonnet": "a", " sonnet ": "b"}}),
+            "model_map has \"sonnet\" twice",
+        ),
+        (json!({"name": "  "}), "name is required"),
+        (
+            json!({"base_url": "https://api.example.com?x"}),
+            "must not have a query",
+        ),
+        (
+            json!({"base_url": "https://api.example.com/v1#top"}),
+            "must not have a fragment",
+        ),
+        (
+            json!({"base_url": "https://user:hunter2@api.example.com"}),
+            "must not carry user info",
+        ),
+        (
+            json!({"base_url": "https://api.example .com"}),
+            "must not contain spaces",
+        ),
+    ];
+    for (extra, says) in &refused {
+        let (status, v) = create(extra.clone()).await;
+        assert_eq!(status, 400, "{extra}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(says),
+            "{extra}: {v}"
+        );
+        assert!(!v.to_string().contains("hunter2"), "{v}");
+    }
+
+    // Accepted: trimmed as stored.
+    let (status, v) = create(json!({
+        "name": " acct ", "base_url": " https://api.example.com/v1 ",
+        "models": [" claude-sonnet-4-5 "], "model_map": {" sonnet ": " claude-sonnet-4-5 "},
+        "max_concurrency": 100_000, "weight": 10_000,
+    }))
+    .await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["name"], "acct");
+    assert_eq!(v["base_url"], "https://api.example.com/v1");
+    assert_eq!(v["models"], json!(["claude-sonnet-4-5"]));
+    assert_eq!(v["model_map"], json!({"sonnet": "claude-sonnet-4-5"}));
+    let id = v["id"].as_str().unwrap().to_string();
+    let before = relay.admin_get(&format!("/api/admin/accounts/{id}")).await;
+
+    for (extra, says) in &refused {
+        let (status, v) = relay.patch_account(&id, extra.clone()).await;
+        assert_eq!(status, 400, "{extra}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(says),
+            "{extra}: {v}"
+        );
+    }
+    assert_eq!(
+        relay.admin_get(&format!("/api/admin/accounts/{id}")).await,
+        before
+    );
+
+    // A rename is trimmed; an empty base URL, like null, is the type's default.
+    let (status, v) = relay
+        .patch_account(
+            &id,
+            json!({"name": " renamed ", "base_url": " ", "max_concurrency": null}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (&v["name"], &v["base_url"], &v["max_concurrency"]),
+        (&json!("renamed"), &Value::Null, &Value::Null)
+    );
+}

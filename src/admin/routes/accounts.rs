@@ -24,6 +24,11 @@ use crate::store::{Account, AccountPatch, AccountStatus, NewAccount, Page};
 
 /// Credentials shorter than this show no character at all in the mask.
 const MASK_MIN_LEN: usize = 20;
+/// The largest weight: a share relative to the other accounts of a tier, as fine as anyone
+/// needs at this bound.
+pub const MAX_WEIGHT: i64 = 10_000;
+/// The largest `max_concurrency`: a limit far above what one upstream account takes.
+pub const MAX_ACCOUNT_CONCURRENCY: i64 = 100_000;
 
 /// An account as the API shows it.
 #[derive(Debug, Serialize)]
@@ -77,12 +82,16 @@ pub struct CreateAccount {
     token_expires_at: Option<i64>,
     #[serde(default)]
     priority: Option<i64>,
+    /// Share of the traffic inside a priority tier, 1 to 10 000 (default 1).
     #[serde(default)]
     weight: Option<i64>,
+    /// Models it serves (each non-empty); empty = all.
     #[serde(default)]
     models: Vec<String>,
+    /// Requested model → upstream model, neither empty.
     #[serde(default)]
     model_map: BTreeMap<String, String>,
+    /// Requests in flight at once, 1 to 100 000; absent = no limit.
     #[serde(default)]
     max_concurrency: Option<i64>,
     #[serde(default)]
@@ -124,18 +133,87 @@ fn jwt_expiry_ms(credential: &str) -> Option<i64> {
     crate::proxy::oauth::jwt_expiry(credential).map(|s| s.saturating_mul(1000))
 }
 
-fn check_url(url: &Option<String>) -> AppResult<()> {
-    if let Some(u) = url.as_deref().filter(|u| !u.is_empty()) {
-        BaseUrl::parse(u).map_err(AppError::BadRequest)?;
+/// A base URL as given, trimmed and checked; empty means the type's default (`None`).
+fn base_url(url: Option<String>) -> AppResult<Option<String>> {
+    match url.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(u) => {
+            BaseUrl::parse(u).map_err(AppError::BadRequest)?;
+            Ok(Some(u.to_string()))
+        }
     }
-    Ok(())
+}
+
+/// An account name, trimmed; an empty one is refused.
+fn account_name(name: &str) -> AppResult<String> {
+    match name.trim() {
+        "" => Err(AppError::BadRequest("name is required".into())),
+        n => Ok(n.to_string()),
+    }
+}
+
+/// Refuses a weight outside 1..=[`MAX_WEIGHT`].
+fn check_weight(weight: Option<i64>) -> AppResult<()> {
+    match weight {
+        Some(w) if w < 1 => Err(AppError::BadRequest("weight must be at least 1".into())),
+        Some(w) if w > MAX_WEIGHT => Err(AppError::BadRequest(format!(
+            "weight is at most {MAX_WEIGHT}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a concurrency limit outside 1..=[`MAX_ACCOUNT_CONCURRENCY`] (0 would make an
+/// account that never serves).
+fn check_max_concurrency(limit: Option<i64>) -> AppResult<()> {
+    match limit {
+        Some(c) if !(1..=MAX_ACCOUNT_CONCURRENCY).contains(&c) => {
+            Err(AppError::BadRequest(format!(
+                "max_concurrency is 1 to {MAX_ACCOUNT_CONCURRENCY} (null or absent for no limit)"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A model list, each entry trimmed; an empty entry is refused (it would match no model).
+fn model_list(models: Vec<String>) -> AppResult<Vec<String>> {
+    models
+        .into_iter()
+        .map(|m| match m.trim() {
+            "" => Err(AppError::BadRequest(
+                "models must not hold an empty name (an empty list serves all models)".into(),
+            )),
+            m => Ok(m.to_string()),
+        })
+        .collect()
+}
+
+/// A model map, keys and values trimmed; an empty one, or a key given twice once trimmed, is
+/// refused.
+fn model_map(map: BTreeMap<String, String>) -> AppResult<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for (from, to) in map {
+        let (from, to) = (from.trim(), to.trim());
+        if from.is_empty() || to.is_empty() {
+            return Err(AppError::BadRequest(
+                "model_map keys and values must not be empty".into(),
+            ));
+        }
+        if out.insert(from.to_string(), to.to_string()).is_some() {
+            return Err(AppError::BadRequest(format!(
+                "model_map has {from:?} twice"
+            )));
+        }
+    }
+    Ok(out)
 }
 
 /// `POST /api/admin/accounts`.
 #[utoipa::path(post, path = "/api/admin/accounts", tag = "accounts", request_body = CreateAccount,
     responses(
         (status = 201, description = "The account, credential masked (`credential_masked`)", body = serde_json::Value),
-        (status = 400, description = "Bad type, URL, name, credential or weight", body = ErrorBody),
+        (status = 400, description = "Bad type, URL, name, credential, weight, max_concurrency, models or model map", body = ErrorBody),
     ))]
 pub async fn create(
     State(state): State<AdminState>,
@@ -144,23 +222,22 @@ pub async fn create(
 ) -> AppResult<(StatusCode, Json<AccountView>)> {
     caller.require_admin()?;
     let account_type = parse_type(&body.account_type)?;
-    check_url(&body.base_url)?;
-    if body.name.trim().is_empty() {
-        return Err(AppError::BadRequest("name is required".into()));
-    }
+    let url = base_url(body.base_url)?;
+    let name = account_name(&body.name)?;
     if body.credential.trim().is_empty() {
         return Err(AppError::BadRequest("credential is required".into()));
     }
-    if body.weight.is_some_and(|w| w < 1) {
-        return Err(AppError::BadRequest("weight must be at least 1".into()));
-    }
+    check_weight(body.weight)?;
+    check_max_concurrency(body.max_concurrency)?;
+    let models = model_list(body.models)?;
+    let model_map = model_map(body.model_map)?;
     let mut new = NewAccount::new(
-        body.name.trim(),
+        name,
         account_type,
         state.secrets.encrypt(body.credential.trim()),
         state.secrets.key_id().to_string(),
     );
-    new.base_url = body.base_url.filter(|u| !u.is_empty());
+    new.base_url = url;
     check_expiry(body.token_expires_at)?;
     new.refresh_token_enc = refresh_token(body.refresh_token)?.map(|t| state.secrets.encrypt(&t));
     new.token_expires_at = body
@@ -168,8 +245,8 @@ pub async fn create(
         .or_else(|| jwt_expiry_ms(body.credential.trim()));
     new.priority = body.priority.unwrap_or(50);
     new.weight = body.weight.unwrap_or(1);
-    new.models = body.models;
-    new.model_map = body.model_map;
+    new.models = models;
+    new.model_map = model_map;
     new.max_concurrency = body.max_concurrency;
     new.enabled = body.enabled.unwrap_or(true);
     if let Some(id) = body.chatgpt_account_id {
@@ -280,7 +357,9 @@ pub async fn delete(
     Ok(Json(Deleted { deleted: id }))
 }
 
-/// Fields to change; absent ones stay, `null` clears `base_url` or `max_concurrency`.
+/// Fields to change; absent ones stay, `null` clears `base_url` or `max_concurrency`. The
+/// same rules as on creation hold (names and models trimmed and non-empty, weight and
+/// max_concurrency in bounds).
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateAccount {
@@ -328,12 +407,12 @@ pub async fn update(
     {
         return Err(AppError::BadRequest("credential must not be empty".into()));
     }
-    if body.weight.is_some_and(|w| w < 1) {
-        return Err(AppError::BadRequest("weight must be at least 1".into()));
-    }
-    if let Some(Some(u)) = &body.base_url {
-        check_url(&Some(u.clone()))?;
-    }
+    check_weight(body.weight)?;
+    check_max_concurrency(body.max_concurrency.flatten())?;
+    let name = body.name.as_deref().map(account_name).transpose()?;
+    let url = body.base_url.map(base_url).transpose()?;
+    let models = body.models.map(model_list).transpose()?;
+    let model_map = body.model_map.map(model_map).transpose()?;
     let status = match body.status.as_deref() {
         None => None,
         Some(s) => Some(AccountStatus::parse(s).ok_or_else(|| {
@@ -351,11 +430,11 @@ pub async fn update(
         .token_expires_at
         .or_else(|| body.credential.as_deref().map(|c| jwt_expiry_ms(c.trim())));
     let patch = AccountPatch {
-        name: body.name,
+        name,
         refresh_token_enc,
         token_expires_at,
         account_type: body.account_type.as_deref().map(parse_type).transpose()?,
-        base_url: body.base_url,
+        base_url: url,
         credential: body.credential.map(|c| {
             (
                 state.secrets.encrypt(c.trim()),
@@ -364,8 +443,8 @@ pub async fn update(
         }),
         priority: body.priority,
         weight: body.weight,
-        models: body.models,
-        model_map: body.model_map,
+        models,
+        model_map,
         max_concurrency: body.max_concurrency,
         enabled: body.enabled,
         consecutive_error_count: status.filter(|s| *s == AccountStatus::Valid).map(|_| 0),
