@@ -1138,3 +1138,56 @@ async fn account_fields_are_checked_on_create_and_on_change() {
         (&json!("renamed"), &Value::Null, &Value::Null)
     );
 }
+
+/// The ChatGPT account id of an `openai-responses` account is set on creation, changed and
+/// removed later, and checked alike.
+#[tokio::test]
+async fn the_chatgpt_account_id_can_be_changed_and_removed() {
+    let relay = Relay::start().await;
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/accounts",
+            json!({"name": "codex", "type": "openai-responses", "credential": "eyJhbGciOi.x.y", "chatgpt_account_id": " "}),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    let id = relay
+        .create_account_with(json!({
+            "name": "codex", "type": "openai-responses", "credential": "eyJhbGciOi.x.y",
+            "chatgpt_account_id": " acct-1 ",
+        }))
+        .await;
+    let path = format!("/api/admin/accounts/{id}");
+    assert_eq!(
+        relay.admin_get(&path).await["extra"],
+        json!({"chatgpt_account_id": "acct-1"})
+    );
+    for bad in [json!(""), json!("acct 2"), json!("acct-\u{e9}")] {
+        let (status, v) = relay
+            .patch_account(&id, json!({"chatgpt_account_id": bad}))
+            .await;
+        assert_eq!(status, 400, "{bad}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("chatgpt_account_id"),
+            "{v}"
+        );
+    }
+    let (status, v) = relay
+        .patch_account(&id, json!({"chatgpt_account_id": "acct-2"}))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["extra"], json!({"chatgpt_account_id": "acct-2"}));
+    // Other changes leave it; null removes it.
+    let (_, v) = relay.patch_account(&id, json!({"priority": 3})).await;
+    assert_eq!(v["extra"], json!({"chatgpt_account_id": "acct-2"}));
+    let (status, v) = relay
+        .patch_account(&id, json!({"chatgpt_account_id": null}))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["extra"], json!({}));
+    let audit = relay.admin_get("/api/admin/audit?per_page=500").await;
+    assert!(!audit.to_string().contains("eyJhbGciOi"), "{audit}");
+}

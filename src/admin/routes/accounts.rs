@@ -96,6 +96,8 @@ pub struct CreateAccount {
     max_concurrency: Option<i64>,
     #[serde(default)]
     enabled: Option<bool>,
+    /// `openai-responses` accounts with a ChatGPT token: the ChatGPT account it belongs to,
+    /// sent upstream as `chatgpt-account-id` (visible ASCII).
     #[serde(default)]
     chatgpt_account_id: Option<String>,
 }
@@ -106,6 +108,18 @@ fn parse_type(t: &str) -> AppResult<AccountType> {
             "unknown account type {t}: use claude, claude-official, openai, openai-responses or gemini"
         ))
     })
+}
+
+/// A ChatGPT account id as given, trimmed; it goes upstream as a header, so an empty one or
+/// one with other than visible ASCII is refused.
+fn chatgpt_account_id(id: &str) -> AppResult<String> {
+    let id = id.trim();
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(AppError::BadRequest(
+            "chatgpt_account_id must be visible ASCII without spaces (null removes it)".into(),
+        ));
+    }
+    Ok(id.to_string())
 }
 
 /// A refresh token as given, trimmed; an empty one is refused.
@@ -250,7 +264,7 @@ pub async fn create(
     new.max_concurrency = body.max_concurrency;
     new.enabled = body.enabled.unwrap_or(true);
     if let Some(id) = body.chatgpt_account_id {
-        new.extra = serde_json::json!({ "chatgpt_account_id": id });
+        new.extra = serde_json::json!({ "chatgpt_account_id": chatgpt_account_id(&id)? });
     }
     let account = state.store.create_account(&new).await?;
     audit(
@@ -384,6 +398,9 @@ pub struct UpdateAccount {
     enabled: Option<bool>,
     /// `valid` clears an error state (and the error count) and ends a cooldown, on every node.
     status: Option<String>,
+    /// The ChatGPT account of a ChatGPT token (`openai-responses`); `null` removes it.
+    #[serde(default, deserialize_with = "super::nullable")]
+    chatgpt_account_id: Option<Option<String>>,
 }
 
 /// `PATCH /api/admin/accounts/{id}`: a new `credential` replaces the stored one.
@@ -400,6 +417,7 @@ pub async fn update(
     Json(body): Json<UpdateAccount>,
 ) -> AppResult<Json<AccountView>> {
     caller.require_admin()?;
+    let current = stored(&state, &id).await?;
     if body
         .credential
         .as_deref()
@@ -413,6 +431,23 @@ pub async fn update(
     let url = body.base_url.map(base_url).transpose()?;
     let models = body.models.map(model_list).transpose()?;
     let model_map = body.model_map.map(model_map).transpose()?;
+    // The other keys of `extra` stay as they are.
+    let extra = match body.chatgpt_account_id {
+        None => None,
+        Some(given) => {
+            let mut extra = current.extra.as_object().cloned().unwrap_or_default();
+            match given {
+                Some(given) => {
+                    let given = chatgpt_account_id(&given)?;
+                    extra.insert("chatgpt_account_id".into(), given.into());
+                }
+                None => {
+                    extra.remove("chatgpt_account_id");
+                }
+            }
+            Some(serde_json::Value::Object(extra))
+        }
+    };
     let status = match body.status.as_deref() {
         None => None,
         Some(s) => Some(AccountStatus::parse(s).ok_or_else(|| {
@@ -450,6 +485,7 @@ pub async fn update(
         consecutive_error_count: status.filter(|s| *s == AccountStatus::Valid).map(|_| 0),
         clear_cooldown: status == Some(AccountStatus::Valid),
         status,
+        extra,
         ..Default::default()
     };
     let credential_changed = patch.credential.is_some();
