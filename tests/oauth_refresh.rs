@@ -736,3 +736,69 @@ async fn new_tokens_from_an_operator_are_not_held_back_by_a_refresh_of_the_old_o
         ]
     );
 }
+
+/// A Claude refresh token never goes to OpenAI's endpoint (nor stays on a type that is not
+/// refreshed): changing the type of an account with a refresh token needs `refresh_token`
+/// too, and a type without OAuth refresh takes none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_change_never_takes_a_refresh_token_to_another_provider() {
+    let tokens = MockUpstream::start().await;
+    let relay = start(oauth_env(&tokens, false)).await;
+    let id = oauth_account(&relay, Some(now_ms() + 3_600_000)).await;
+    let before = account(&relay, &id).await;
+    for t in ["openai-responses", "claude", "openai", "gemini"] {
+        let (status, v) = relay.patch_account(&id, json!({"type": t})).await;
+        assert_eq!(status, 400, "{t}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains("refresh_token"), "{message}");
+        assert!(!message.contains("original-refresh-token"), "{message}");
+    }
+    assert_eq!(
+        account(&relay, &id).await,
+        before,
+        "refused changes change nothing"
+    );
+
+    // With a refresh token of the new provider, it is that one the refresh sends, there.
+    let (status, v) = relay
+        .patch_account(
+            &id,
+            json!({"type": "openai-responses", "refresh_token": "rt-chatgpt-operator"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, report) = refresh_now(&relay, &id).await;
+    assert_eq!(
+        (status, &report["result"]),
+        (200, &json!("refreshed")),
+        "{report}"
+    );
+    let sent = tokens.requests();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        (sent[0].path.as_str(), &sent[0].json()["refresh_token"]),
+        ("/oauth/token", &json!("rt-chatgpt-operator"))
+    );
+
+    // To an API key type: only with the refresh token removed; none can be added there.
+    let (status, v) = relay
+        .patch_account(&id, json!({"type": "openai", "refresh_token": null}))
+        .await;
+    assert_eq!(
+        (status, &v["has_refresh_token"]),
+        (200, &json!(false)),
+        "{v}"
+    );
+    let (status, v) = relay
+        .patch_account(&id, json!({"refresh_token": "rt-other"}))
+        .await;
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/accounts",
+            json!({"name": "api", "type": "claude", "credential": "sk-ant-api03-x", "refresh_token": "rt-x"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(tokens.count(), 1);
+}

@@ -19,6 +19,7 @@ use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
 use crate::background::health::NotChecked;
 use crate::background::oauth_refresh::{NotRefreshed, RefreshReport};
+use crate::proxy::oauth::Provider;
 use crate::secrets::SecretBox;
 use crate::store::{Account, AccountPatch, AccountStatus, NewAccount, Page};
 
@@ -130,6 +131,39 @@ fn refresh_token(t: Option<String>) -> AppResult<Option<String>> {
         )),
         other => Ok(other),
     }
+}
+
+/// Refuses a change that would leave a refresh token where the relay would send it to the
+/// wrong token endpoint (the refresh picks it by the account's type, `Provider::of`): a refresh
+/// token given for a type without OAuth refresh, or a change of type that keeps the stored
+/// refresh token though the new type refreshes at another provider, or at none. With a type
+/// change, `refresh_token` (a new one, or `null` to remove it) says what becomes of it.
+/// `given`: absent (`None`), `null` (`Some(false)`) or a new token (`Some(true)`).
+fn check_refresh_token_type(
+    stored: AccountType,
+    has_refresh_token: bool,
+    new_type: Option<AccountType>,
+    given: Option<bool>,
+) -> AppResult<()> {
+    let account_type = new_type.unwrap_or(stored);
+    if given == Some(true) && Provider::of(account_type).is_none() {
+        return Err(AppError::BadRequest(format!(
+            "{} accounts have no OAuth refresh: refresh_token is for claude-official and \
+             openai-responses accounts",
+            account_type.as_str()
+        )));
+    }
+    let other_provider =
+        Provider::of(account_type).is_none() || Provider::of(account_type) != Provider::of(stored);
+    if account_type != stored && has_refresh_token && given.is_none() && other_provider {
+        return Err(AppError::BadRequest(format!(
+            "the account's refresh token is one of a {} account: changing its type to {} needs \
+             refresh_token too (a new one, or null to remove it)",
+            stored.as_str(),
+            account_type.as_str()
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses an expiry that is no epoch time in milliseconds (seconds given, or negative).
@@ -253,7 +287,9 @@ pub async fn create(
     );
     new.base_url = url;
     check_expiry(body.token_expires_at)?;
-    new.refresh_token_enc = refresh_token(body.refresh_token)?.map(|t| state.secrets.encrypt(&t));
+    let refresh = refresh_token(body.refresh_token)?;
+    check_refresh_token_type(account_type, false, None, refresh.as_ref().map(|_| true))?;
+    new.refresh_token_enc = refresh.map(|t| state.secrets.encrypt(&t));
     new.token_expires_at = body
         .token_expires_at
         .or_else(|| jwt_expiry_ms(body.credential.trim()));
@@ -455,6 +491,13 @@ pub async fn update(
         })?),
     };
     check_expiry(body.token_expires_at.flatten())?;
+    let account_type = body.account_type.as_deref().map(parse_type).transpose()?;
+    check_refresh_token_type(
+        current.account_type,
+        current.refresh_token_enc.is_some(),
+        account_type,
+        body.refresh_token.as_ref().map(Option::is_some),
+    )?;
     let refresh_token_enc = match body.refresh_token {
         None => None,
         Some(t) => Some(refresh_token(t)?.map(|t| state.secrets.encrypt(&t))),
@@ -468,7 +511,7 @@ pub async fn update(
         name,
         refresh_token_enc,
         token_expires_at,
-        account_type: body.account_type.as_deref().map(parse_type).transpose()?,
+        account_type,
         base_url: url,
         credential: body.credential.map(|c| {
             (
@@ -651,4 +694,54 @@ pub async fn refresh_token_now(
         })
         .await?;
     Ok(Json(report))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+mod tests {
+    use super::*;
+    use AccountType::{Claude, ClaudeOfficial, Gemini, Openai, OpenaiResponses};
+
+    #[test]
+    fn a_refresh_token_stays_with_its_provider() {
+        // (stored type, has a refresh token, new type, refresh_token given, allowed)
+        let cases = [
+            // A new refresh token only where the relay refreshes.
+            (ClaudeOfficial, false, None, Some(true), true),
+            (OpenaiResponses, false, None, Some(true), true),
+            (Claude, false, None, Some(true), false),
+            (Openai, true, None, Some(true), false),
+            (ClaudeOfficial, false, Some(Gemini), Some(true), false),
+            // Removing one is always allowed.
+            (Claude, true, None, Some(false), true),
+            // A type change keeps a stored refresh token only at the same provider.
+            (ClaudeOfficial, true, Some(OpenaiResponses), None, false),
+            (OpenaiResponses, true, Some(ClaudeOfficial), None, false),
+            (ClaudeOfficial, true, Some(Claude), None, false),
+            (Claude, true, Some(Openai), None, false),
+            (ClaudeOfficial, true, Some(ClaudeOfficial), None, true),
+            (
+                ClaudeOfficial,
+                true,
+                Some(OpenaiResponses),
+                Some(true),
+                true,
+            ),
+            (ClaudeOfficial, true, Some(Claude), Some(false), true),
+            // Nothing stored: nothing to send anywhere.
+            (ClaudeOfficial, false, Some(OpenaiResponses), None, true),
+            (Claude, false, Some(ClaudeOfficial), None, true),
+            // No type change: other fields may change as before.
+            (ClaudeOfficial, true, None, None, true),
+            (Claude, true, None, None, true),
+        ];
+        for (stored, has, new_type, given, allowed) in cases {
+            let r = check_refresh_token_type(stored, has, new_type, given);
+            assert_eq!(
+                r.is_ok(),
+                allowed,
+                "{stored:?} {has} {new_type:?} {given:?}: {r:?}"
+            );
+        }
+    }
 }
