@@ -802,3 +802,39 @@ async fn a_type_change_never_takes_a_refresh_token_to_another_provider() {
     assert_eq!(status, 400, "{v}");
     assert_eq!(tokens.count(), 1);
 }
+
+/// An operator who saves the refresh token the account already has, while a refresh of it is
+/// at the provider: nothing changes, so the refresh keeps its lease and no other node sends
+/// that refresh token a second time (OpenAI revokes the whole chain on reuse).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saving_the_same_refresh_token_again_keeps_a_refresh_in_flight_alone() {
+    let pg = PgDb::create().await;
+    let tokens = slow_tokens(Duration::from_millis(1500), Duration::ZERO).await;
+    let mut shared = oauth_env(&tokens, false);
+    shared.extend(common::shared_node_secrets());
+    let node = || {
+        Relay::start_with(RelayOptions {
+            db: Db::Postgres(pg.url.clone()),
+            env: shared.clone(),
+            ..Default::default()
+        })
+    };
+    let (a, b) = (node().await, node().await);
+    let id = oauth_account(&a, Some(now_ms() + 3_600_000)).await;
+    let second = async {
+        // Once the refresh token is at the provider.
+        tokens.wait_count(1).await;
+        let saved = b
+            .patch_account(
+                &id,
+                json!({"refresh_token": " sk-ant-ort01-original-refresh-token "}),
+            )
+            .await;
+        (saved, refresh_now(&b, &id).await)
+    };
+    let (first, (saved, second)) = tokio::join!(refresh_now(&a, &id), second);
+    assert_eq!(saved.0, 200, "{saved:?}");
+    assert_eq!(second.0, 409, "the lease still holds: {second:?}");
+    assert_eq!(first.1["result"], "refreshed", "{first:?}");
+    assert_eq!(sent(&tokens), ["sk-ant-ort01-original-refresh-token"]);
+}

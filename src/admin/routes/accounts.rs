@@ -419,7 +419,8 @@ pub struct UpdateAccount {
     #[serde(default, deserialize_with = "super::nullable")]
     base_url: Option<Option<String>>,
     credential: Option<String>,
-    /// A new refresh token; `null` removes it.
+    /// A new refresh token; `null` removes it. The one stored already changes nothing (a
+    /// refresh of it running keeps its hold on it).
     #[serde(default, deserialize_with = "super::nullable")]
     refresh_token: Option<Option<String>>,
     /// When the access token expires (epoch ms); `null`: unknown.
@@ -498,9 +499,24 @@ pub async fn update(
         account_type,
         body.refresh_token.as_ref().map(Option::is_some),
     )?;
-    let refresh_token_enc = match body.refresh_token {
+    // The refresh token the account has already (saved again: another ciphertext, the same
+    // token) is no change. Writing it would end the lease of a refresh running over it and let
+    // a second refresh send that token again, which a provider answers by revoking the chain.
+    let stored_refresh = current
+        .refresh_token_enc
+        .as_deref()
+        .and_then(|enc| state.secrets.decrypt(enc).ok());
+    let refresh_token_enc = match body.refresh_token.map(refresh_token).transpose()? {
         None => None,
-        Some(t) => Some(refresh_token(t)?.map(|t| state.secrets.encrypt(&t))),
+        Some(None) if current.refresh_token_enc.is_none() => None,
+        Some(Some(t))
+            if stored_refresh
+                .as_ref()
+                .is_some_and(|s| s.expose_secret() == t) =>
+        {
+            None
+        }
+        Some(t) => Some(t.map(|t| state.secrets.encrypt(&t))),
     };
     // A new ChatGPT token tells its own expiry; a new credential of unknown expiry makes the
     // old expiry wrong.
