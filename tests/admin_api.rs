@@ -1191,3 +1191,114 @@ async fn the_chatgpt_account_id_can_be_changed_and_removed() {
     let audit = relay.admin_get("/api/admin/audit?per_page=500").await;
     assert!(!audit.to_string().contains("eyJhbGciOi"), "{audit}");
 }
+
+/// The detail of the newest audit entry with `action`.
+async fn last_audit(relay: &Relay, action: &str) -> Value {
+    let audit = relay.admin_get("/api/admin/audit?per_page=500").await;
+    audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == action)
+        .unwrap_or_else(|| panic!("no {action}: {audit}"))["detail"]
+        .clone()
+}
+
+/// A change of an account is audited field by field, old → new, with its secrets only
+/// flagged as changed; saving a secret the account has already is no change.
+#[tokio::test]
+async fn account_changes_are_audited_from_old_to_new_without_secrets() {
+    let relay = Relay::start().await;
+    let (credential, refresh) = (
+        "sk-ant-oat01-first-access-token-0123456789",
+        "sk-ant-ort01-first-refresh-token-0123456789",
+    );
+    let id = relay
+        .create_account_with(json!({
+            "name": "audited", "type": "claude-official", "base_url": "https://api.example.com",
+            "credential": credential, "refresh_token": refresh,
+        }))
+        .await;
+    assert_eq!(
+        last_audit(&relay, "account.create").await,
+        json!({"name": "audited", "type": "claude-official", "base_url": "https://api.example.com"})
+    );
+
+    let (status, v) = relay
+        .patch_account(
+            &id,
+            json!({
+                "name": "audited-2", "base_url": null, "priority": 7, "weight": 3,
+                "max_concurrency": 4, "models": ["claude-sonnet-4-5"],
+                "model_map": {"sonnet": "claude-sonnet-4-5"}, "enabled": false,
+                "status": "error", "token_expires_at": 1_900_000_000_000_i64,
+                "credential": "sk-ant-oat01-second-access-token-0123456789",
+                "refresh_token": "sk-ant-ort01-second-refresh-token-0123456789",
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        last_audit(&relay, "account.update").await,
+        json!({
+            "name": "audited-2",
+            "changes": {
+                "name": {"from": "audited", "to": "audited-2"},
+                "base_url": {"from": "https://api.example.com", "to": null},
+                "priority": {"from": 50, "to": 7},
+                "weight": {"from": 1, "to": 3},
+                "max_concurrency": {"from": null, "to": 4},
+                "models": {"from": [], "to": ["claude-sonnet-4-5"]},
+                "model_map": {"from": {}, "to": {"sonnet": "claude-sonnet-4-5"}},
+                "enabled": {"from": true, "to": false},
+                "status": {"from": "valid", "to": "error"},
+                "token_expires_at": {"from": null, "to": 1_900_000_000_000_i64},
+            },
+            "credential_changed": true,
+            "refresh_token_changed": true,
+        })
+    );
+
+    // The same secrets again, and a type change that removes the refresh token.
+    let (status, v) = relay
+        .patch_account(
+            &id,
+            json!({"credential": "sk-ant-oat01-second-access-token-0123456789",
+                   "refresh_token": "sk-ant-ort01-second-refresh-token-0123456789"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        last_audit(&relay, "account.update").await,
+        json!({"name": "audited-2", "changes": {}, "credential_changed": false, "refresh_token_changed": false})
+    );
+    let (status, v) = relay
+        .patch_account(&id, json!({"type": "claude", "refresh_token": null}))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let detail = last_audit(&relay, "account.update").await;
+    assert_eq!(
+        detail["changes"],
+        json!({
+            "type": {"from": "claude-official", "to": "claude"},
+            "has_refresh_token": {"from": true, "to": false},
+        })
+    );
+    assert_eq!(detail["refresh_token_changed"], true);
+
+    let audit = relay
+        .admin_get("/api/admin/audit?per_page=500")
+        .await
+        .to_string();
+    for secret in [
+        "first-access",
+        "first-refresh",
+        "second-access",
+        "second-refresh",
+    ] {
+        assert!(
+            !audit.contains(secret),
+            "{secret} in the audit log: {audit}"
+        );
+    }
+}

@@ -63,6 +63,91 @@ fn view(account: Account, secrets: &SecretBox) -> AccountView {
     }
 }
 
+/// What a change did to an account, for the audit log: `{"from": old, "to": new}` of each
+/// setting that changed. Never a secret: the credential and refresh token are only flagged
+/// as changed beside this.
+fn changes(old: &Account, new: &Account) -> serde_json::Map<String, serde_json::Value> {
+    fn chatgpt(a: &Account) -> serde_json::Value {
+        a.extra
+            .get("chatgpt_account_id")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+    let pairs = [
+        (
+            "name",
+            serde_json::json!(old.name),
+            serde_json::json!(new.name),
+        ),
+        (
+            "type",
+            serde_json::json!(old.account_type),
+            serde_json::json!(new.account_type),
+        ),
+        (
+            "base_url",
+            serde_json::json!(old.base_url),
+            serde_json::json!(new.base_url),
+        ),
+        (
+            "priority",
+            serde_json::json!(old.priority),
+            serde_json::json!(new.priority),
+        ),
+        (
+            "weight",
+            serde_json::json!(old.weight),
+            serde_json::json!(new.weight),
+        ),
+        (
+            "max_concurrency",
+            serde_json::json!(old.max_concurrency),
+            serde_json::json!(new.max_concurrency),
+        ),
+        (
+            "models",
+            serde_json::json!(old.models),
+            serde_json::json!(new.models),
+        ),
+        (
+            "model_map",
+            serde_json::json!(old.model_map),
+            serde_json::json!(new.model_map),
+        ),
+        (
+            "enabled",
+            serde_json::json!(old.enabled),
+            serde_json::json!(new.enabled),
+        ),
+        (
+            "status",
+            serde_json::json!(old.status),
+            serde_json::json!(new.status),
+        ),
+        (
+            "token_expires_at",
+            serde_json::json!(old.token_expires_at),
+            serde_json::json!(new.token_expires_at),
+        ),
+        (
+            "has_refresh_token",
+            serde_json::json!(old.has_refresh_token),
+            serde_json::json!(new.has_refresh_token),
+        ),
+        ("chatgpt_account_id", chatgpt(old), chatgpt(new)),
+    ];
+    pairs
+        .into_iter()
+        .filter(|(_, from, to)| from != to)
+        .map(|(field, from, to)| {
+            (
+                field.to_string(),
+                serde_json::json!({ "from": from, "to": to }),
+            )
+        })
+        .collect()
+}
+
 /// A new upstream account; the credential is encrypted at rest and never returned.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -308,7 +393,11 @@ pub async fn create(
         &caller,
         "account.create",
         &account.id,
-        serde_json::json!({ "name": account.name, "type": account.account_type }),
+        serde_json::json!({
+            "name": account.name,
+            "type": account.account_type,
+            "base_url": account.base_url,
+        }),
     )
     .await;
     state.accounts_changed().await;
@@ -518,23 +607,27 @@ pub async fn update(
         }
         Some(t) => Some(t.map(|t| state.secrets.encrypt(&t))),
     };
+    // Likewise the credential the account has already: no new tokens, so its expiry and what
+    // was said of its refresh stay.
+    let credential = body.credential.as_deref().map(str::trim).filter(|c| {
+        state
+            .secrets
+            .decrypt(&current.credential_enc)
+            .map_or(true, |stored| stored.expose_secret() != *c)
+    });
     // A new ChatGPT token tells its own expiry; a new credential of unknown expiry makes the
     // old expiry wrong.
     let token_expires_at = body
         .token_expires_at
-        .or_else(|| body.credential.as_deref().map(|c| jwt_expiry_ms(c.trim())));
+        .or_else(|| credential.map(jwt_expiry_ms));
     let patch = AccountPatch {
         name,
         refresh_token_enc,
         token_expires_at,
         account_type,
         base_url: url,
-        credential: body.credential.map(|c| {
-            (
-                state.secrets.encrypt(c.trim()),
-                state.secrets.key_id().to_string(),
-            )
-        }),
+        credential: credential
+            .map(|c| (state.secrets.encrypt(c), state.secrets.key_id().to_string())),
         priority: body.priority,
         weight: body.weight,
         models,
@@ -573,8 +666,7 @@ pub async fn update(
         &id,
         serde_json::json!({
             "name": account.name,
-            "enabled": account.enabled,
-            "status": account.status,
+            "changes": changes(&current, &account),
             "credential_changed": credential_changed,
             "refresh_token_changed": refresh_token_changed,
         }),
