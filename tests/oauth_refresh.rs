@@ -838,3 +838,35 @@ async fn saving_the_same_refresh_token_again_keeps_a_refresh_in_flight_alone() {
     assert_eq!(first.1["result"], "refreshed", "{first:?}");
     assert_eq!(sent(&tokens), ["sk-ant-ort01-original-refresh-token"]);
 }
+
+/// A provider that does not rotate refresh tokens, and an operator who stores another refresh
+/// token and then the first one again while a refresh of it is at the provider: the refresh
+/// says "refreshed" only when its tokens are stored (the refresh token stored then is the one
+/// it sent, but that does not tell its own write went through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_reports_refreshed_only_when_its_tokens_are_stored() {
+    let tokens = slow_tokens(Duration::from_millis(1500), Duration::ZERO).await;
+    tokens.set(|b| b.token_rotates = false);
+    let relay = start(oauth_env(&tokens, false)).await;
+    let id = oauth_account(&relay, Some(now_ms() + 3_600_000)).await;
+    let patches = async {
+        tokens.wait_count(1).await;
+        for t in [
+            "sk-ant-ort01-operator-other-token",
+            "sk-ant-ort01-original-refresh-token",
+        ] {
+            let (status, v) = relay.patch_account(&id, json!({"refresh_token": t})).await;
+            assert_eq!(status, 200, "{v}");
+        }
+    };
+    let ((status, report), ()) = tokio::join!(refresh_now(&relay, &id), patches);
+    assert_eq!(status, 200, "{report}");
+    let a = account(&relay, &id).await;
+    assert_eq!(report["result"], "refreshed", "{report}\n{a}");
+    assert!(
+        a["token_refreshed_at"].is_i64(),
+        "reported refreshed, not stored: {a}"
+    );
+    assert_eq!(a["credential_masked"], "sk-a…ed-1", "{a}");
+    assert_eq!(a["has_refresh_token"], true);
+}

@@ -346,6 +346,11 @@ impl TokenRefresh {
     /// again while the database fails (the provider has rotated the token: a lost answer would
     /// leave a dead refresh token stored). An operator who saved the very same refresh token
     /// meanwhile does not overtake the refresh (its ciphertext differs, its token does not).
+    ///
+    /// A write whose answer was lost is known by the row: it holds this refresh's access token
+    /// ciphertext (a fresh nonce each time: no one else's), or its rotated refresh token. A
+    /// refresh token that was not rotated is the one sent, which an operator may have saved
+    /// again: finding it says nothing of this write.
     async fn store_tokens(
         &self,
         id: &str,
@@ -367,11 +372,14 @@ impl TokenRefresh {
                     return Ok(Some(true));
                 }
                 // Not stored over `expected`: what does the row hold now?
-                let current = self
-                    .store
-                    .account_by_id(id)
-                    .await?
-                    .and_then(|r| r.refresh_token_enc);
+                let Some(row) = self.store.account_by_id(id).await? else {
+                    return Ok(Some(false));
+                };
+                if row.credential_enc == new.credential_enc {
+                    // A write that committed though its answer was lost.
+                    return Ok(Some(true));
+                }
+                let current = row.refresh_token_enc;
                 let plain = current.as_deref().and_then(|enc| {
                     self.secrets
                         .decrypt(enc)
@@ -379,8 +387,9 @@ impl TokenRefresh {
                         .map(|t| t.expose_secret().to_string())
                 });
                 Ok(match (current, plain) {
-                    // A write that committed though its answer was lost.
-                    (Some(_), Some(p)) if p == new_refresh => Some(true),
+                    // Likewise: the refresh token the provider rotated to, which only this
+                    // refresh got (an operator may have replaced the access token since).
+                    (Some(_), Some(p)) if p == new_refresh && new_refresh != used => Some(true),
                     // The same refresh token saved again (new ciphertext): store over it.
                     (Some(enc), Some(p)) if p == used && !looked_again => {
                         expected = enc;
