@@ -870,3 +870,23 @@ async fn a_refresh_reports_refreshed_only_when_its_tokens_are_stored() {
     assert_eq!(a["credential_masked"], "sk-a…ed-1", "{a}");
     assert_eq!(a["has_refresh_token"], true);
 }
+
+/// An account an operator took out (`error`) stays out after a refresh by hand: only the
+/// refresh that authentication errors started puts an account back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_by_hand_leaves_an_account_an_operator_took_out_alone() {
+    let tokens = MockUpstream::start().await;
+    let relay = start(oauth_env(&tokens, false)).await;
+    let id = oauth_account(&relay, Some(now_ms() + 3_600_000)).await;
+    let (status, v) = relay.patch_account(&id, json!({"status": "error"})).await;
+    assert_eq!((status, &v["status"]), (200, &json!("error")), "{v}");
+    let (status, report) = refresh_now(&relay, &id).await;
+    assert_eq!(
+        (status, &report["result"]),
+        (200, &json!("refreshed")),
+        "{report}"
+    );
+    let a = account(&relay, &id).await;
+    assert!(a["token_refreshed_at"].is_i64(), "{a}");
+    assert_eq!(a["status"], "error", "{a}");
+}
