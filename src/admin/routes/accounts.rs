@@ -63,88 +63,107 @@ fn view(account: Account, secrets: &SecretBox) -> AccountView {
     }
 }
 
-/// What a change did to an account, for the audit log: `{"from": old, "to": new}` of each
-/// setting that changed. Never a secret: the credential and refresh token are only flagged
-/// as changed beside this.
-fn changes(old: &Account, new: &Account) -> serde_json::Map<String, serde_json::Value> {
-    fn chatgpt(a: &Account) -> serde_json::Value {
+/// What `patch` did to an account, for the audit log: `{"from": old, "to": new}` of each
+/// setting it changed (a change another writer made meanwhile, such as a token refresh, is
+/// not its). Never a secret: the credential and refresh token are only flagged as changed
+/// beside this, and whether a refresh token is stored.
+fn changes(
+    old: &Account,
+    new: &Account,
+    patch: &AccountPatch,
+) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::json;
+    let chatgpt = |a: &Account| {
         a.extra
             .get("chatgpt_account_id")
             .cloned()
-            .unwrap_or(serde_json::Value::Null)
-    }
-    let pairs = [
+            .unwrap_or_default()
+    };
+    // (field, set by the patch, old, new)
+    let fields = [
         (
             "name",
-            serde_json::json!(old.name),
-            serde_json::json!(new.name),
+            patch.name.is_some(),
+            json!(old.name),
+            json!(new.name),
         ),
         (
             "type",
-            serde_json::json!(old.account_type),
-            serde_json::json!(new.account_type),
+            patch.account_type.is_some(),
+            json!(old.account_type),
+            json!(new.account_type),
         ),
         (
             "base_url",
-            serde_json::json!(old.base_url),
-            serde_json::json!(new.base_url),
+            patch.base_url.is_some(),
+            json!(old.base_url),
+            json!(new.base_url),
         ),
         (
             "priority",
-            serde_json::json!(old.priority),
-            serde_json::json!(new.priority),
+            patch.priority.is_some(),
+            json!(old.priority),
+            json!(new.priority),
         ),
         (
             "weight",
-            serde_json::json!(old.weight),
-            serde_json::json!(new.weight),
+            patch.weight.is_some(),
+            json!(old.weight),
+            json!(new.weight),
         ),
         (
             "max_concurrency",
-            serde_json::json!(old.max_concurrency),
-            serde_json::json!(new.max_concurrency),
+            patch.max_concurrency.is_some(),
+            json!(old.max_concurrency),
+            json!(new.max_concurrency),
         ),
         (
             "models",
-            serde_json::json!(old.models),
-            serde_json::json!(new.models),
+            patch.models.is_some(),
+            json!(old.models),
+            json!(new.models),
         ),
         (
             "model_map",
-            serde_json::json!(old.model_map),
-            serde_json::json!(new.model_map),
+            patch.model_map.is_some(),
+            json!(old.model_map),
+            json!(new.model_map),
         ),
         (
             "enabled",
-            serde_json::json!(old.enabled),
-            serde_json::json!(new.enabled),
+            patch.enabled.is_some(),
+            json!(old.enabled),
+            json!(new.enabled),
         ),
         (
             "status",
-            serde_json::json!(old.status),
-            serde_json::json!(new.status),
+            patch.status.is_some(),
+            json!(old.status),
+            json!(new.status),
         ),
         (
             "token_expires_at",
-            serde_json::json!(old.token_expires_at),
-            serde_json::json!(new.token_expires_at),
+            patch.token_expires_at.is_some(),
+            json!(old.token_expires_at),
+            json!(new.token_expires_at),
         ),
         (
             "has_refresh_token",
-            serde_json::json!(old.has_refresh_token),
-            serde_json::json!(new.has_refresh_token),
+            patch.refresh_token_enc.is_some(),
+            json!(old.has_refresh_token),
+            json!(new.has_refresh_token),
         ),
-        ("chatgpt_account_id", chatgpt(old), chatgpt(new)),
+        (
+            "chatgpt_account_id",
+            patch.extra.is_some(),
+            chatgpt(old),
+            chatgpt(new),
+        ),
     ];
-    pairs
+    fields
         .into_iter()
-        .filter(|(_, from, to)| from != to)
-        .map(|(field, from, to)| {
-            (
-                field.to_string(),
-                serde_json::json!({ "from": from, "to": to }),
-            )
-        })
+        .filter(|(_, set, from, to)| *set && from != to)
+        .map(|(field, _, from, to)| (field.to_string(), json!({ "from": from, "to": to })))
         .collect()
 }
 
@@ -666,7 +685,7 @@ pub async fn update(
         &id,
         serde_json::json!({
             "name": account.name,
-            "changes": changes(&current, &account),
+            "changes": changes(&current, &account, &patch),
             "credential_changed": credential_changed,
             "refresh_token_changed": refresh_token_changed,
         }),
@@ -809,6 +828,27 @@ pub async fn refresh_token_now(
 mod tests {
     use super::*;
     use AccountType::{Claude, ClaudeOfficial, Gemini, Openai, OpenaiResponses};
+
+    #[test]
+    fn changes_are_the_patchs_own_old_to_new() {
+        let old =
+            NewAccount::new("a", ClaudeOfficial, "c1".into(), "k".into()).into_account("id", 0);
+        let mut new = old.clone();
+        new.priority = 7;
+        new.credential_enc = "c2".into();
+        // A token refresh meanwhile: not this change's.
+        new.token_expires_at = Some(1_900_000_000_000);
+        let patch = AccountPatch {
+            priority: Some(7),
+            weight: Some(1),
+            credential: Some(("c2".into(), "k".into())),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::Value::Object(changes(&old, &new, &patch)),
+            serde_json::json!({"priority": {"from": 50, "to": 7}})
+        );
+    }
 
     #[test]
     fn a_refresh_token_stays_with_its_provider() {
