@@ -2,7 +2,9 @@
 //! the rounds refresh a token close to its expiry and the proxy uses the new one at once,
 //! refresh tokens rotate, a refusal stops the rounds until an operator sets new tokens, a
 //! failing endpoint is tried again and changes nothing, ChatGPT tokens go to OpenAI's endpoint,
-//! and refreshes by hand.
+//! refreshes by hand, type changes that would take a refresh token to another provider, the
+//! same refresh token saved again while a refresh of it runs, and which refresh puts an
+//! account in error back.
 
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
