@@ -1028,3 +1028,284 @@ async fn the_session_cookie_is_secure_when_configured() {
         "{cleared}"
     );
 }
+
+/// An account's fields are checked alike on creation and on change; a refused change leaves
+/// the account as it was.
+#[tokio::test]
+async fn account_fields_are_checked_on_create_and_on_change() {
+    let relay = Relay::start().await;
+    let create = |extra: Value| {
+        let mut body = json!({"name": "acct", "type": "claude", "credential": "sk-ant-api03-x"});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        relay.admin_post("/api/admin/accounts", body)
+    };
+    let refused = [
+        (
+            json!({"max_concurrency": 0}),
+            "max_concurrency is 1 to 100000",
+        ),
+        (
+            json!({"max_concurrency": 4_294_967_296_i64}),
+            "max_concurrency is 1 to 100000",
+        ),
+        (
+            json!({"max_concurrency": 100_001}),
+            "max_concurrency is 1 to 100000",
+        ),
+        (
+            json!({"weight": 4_294_967_296_i64}),
+            "weight is at most 10000",
+        ),
+        (json!({"weight": 10_001}), "weight is at most 10000"),
+        (json!({"weight": 0}), "weight must be at least 1"),
+        (
+            json!({"models": ["claude-sonnet-4-5", " "]}),
+            "models must not hold an empty name",
+        ),
+        (
+            json!({"model_map": {" ": "claude-sonnet-4-5"}}),
+            "model_map keys and values must not be empty",
+        ),
+        (
+            json!({"model_map": {"sonnet": ""}}),
+            "model_map keys and values must not be empty",
+        ),
+        (
+            json!({"model_map": {"sonnet": "a", " sonnet ": "b"}}),
+            "model_map has \"sonnet\" twice",
+        ),
+        (json!({"name": "  "}), "name is required"),
+        (
+            json!({"base_url": "https://api.example.com?x"}),
+            "must not have a query",
+        ),
+        (
+            json!({"base_url": "https://api.example.com/v1#top"}),
+            "must not have a fragment",
+        ),
+        (
+            json!({"base_url": "https://user:hunter2@api.example.com"}),
+            "must not carry user info",
+        ),
+        (
+            json!({"base_url": "https://api.example .com"}),
+            "must not contain spaces",
+        ),
+    ];
+    for (extra, says) in &refused {
+        let (status, v) = create(extra.clone()).await;
+        assert_eq!(status, 400, "{extra}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(says),
+            "{extra}: {v}"
+        );
+        assert!(!v.to_string().contains("hunter2"), "{v}");
+    }
+
+    // Accepted: trimmed as stored.
+    let (status, v) = create(json!({
+        "name": " acct ", "base_url": " https://api.example.com/v1 ",
+        "models": [" claude-sonnet-4-5 "], "model_map": {" sonnet ": " claude-sonnet-4-5 "},
+        "max_concurrency": 100_000, "weight": 10_000,
+    }))
+    .await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["name"], "acct");
+    assert_eq!(v["base_url"], "https://api.example.com/v1");
+    assert_eq!(v["models"], json!(["claude-sonnet-4-5"]));
+    assert_eq!(v["model_map"], json!({"sonnet": "claude-sonnet-4-5"}));
+    let id = v["id"].as_str().unwrap().to_string();
+    let before = relay.admin_get(&format!("/api/admin/accounts/{id}")).await;
+
+    for (extra, says) in &refused {
+        let (status, v) = relay.patch_account(&id, extra.clone()).await;
+        assert_eq!(status, 400, "{extra}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(says),
+            "{extra}: {v}"
+        );
+    }
+    assert_eq!(
+        relay.admin_get(&format!("/api/admin/accounts/{id}")).await,
+        before
+    );
+
+    // A rename is trimmed; an empty base URL, like null, is the type's default.
+    let (status, v) = relay
+        .patch_account(
+            &id,
+            json!({"name": " renamed ", "base_url": " ", "max_concurrency": null}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (&v["name"], &v["base_url"], &v["max_concurrency"]),
+        (&json!("renamed"), &Value::Null, &Value::Null)
+    );
+}
+
+/// The ChatGPT account id of an `openai-responses` account is set on creation, changed and
+/// removed later, and checked alike.
+#[tokio::test]
+async fn the_chatgpt_account_id_can_be_changed_and_removed() {
+    let relay = Relay::start().await;
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/accounts",
+            json!({"name": "codex", "type": "openai-responses", "credential": "eyJhbGciOi.x.y", "chatgpt_account_id": " "}),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    let id = relay
+        .create_account_with(json!({
+            "name": "codex", "type": "openai-responses", "credential": "eyJhbGciOi.x.y",
+            "chatgpt_account_id": " acct-1 ",
+        }))
+        .await;
+    let path = format!("/api/admin/accounts/{id}");
+    assert_eq!(
+        relay.admin_get(&path).await["extra"],
+        json!({"chatgpt_account_id": "acct-1"})
+    );
+    for bad in [json!(""), json!("acct 2"), json!("acct-\u{e9}")] {
+        let (status, v) = relay
+            .patch_account(&id, json!({"chatgpt_account_id": bad}))
+            .await;
+        assert_eq!(status, 400, "{bad}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("chatgpt_account_id"),
+            "{v}"
+        );
+    }
+    let (status, v) = relay
+        .patch_account(&id, json!({"chatgpt_account_id": "acct-2"}))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["extra"], json!({"chatgpt_account_id": "acct-2"}));
+    // Other changes leave it; null removes it.
+    let (_, v) = relay.patch_account(&id, json!({"priority": 3})).await;
+    assert_eq!(v["extra"], json!({"chatgpt_account_id": "acct-2"}));
+    let (status, v) = relay
+        .patch_account(&id, json!({"chatgpt_account_id": null}))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["extra"], json!({}));
+    let audit = relay.admin_get("/api/admin/audit?per_page=500").await;
+    assert!(!audit.to_string().contains("eyJhbGciOi"), "{audit}");
+}
+
+/// The detail of the newest audit entry with `action`.
+async fn last_audit(relay: &Relay, action: &str) -> Value {
+    let audit = relay.admin_get("/api/admin/audit?per_page=500").await;
+    audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == action)
+        .unwrap_or_else(|| panic!("no {action}: {audit}"))["detail"]
+        .clone()
+}
+
+/// A change of an account is audited field by field, old → new, with its secrets only
+/// flagged as changed; saving a secret the account has already is no change.
+#[tokio::test]
+async fn account_changes_are_audited_from_old_to_new_without_secrets() {
+    let relay = Relay::start().await;
+    let (credential, refresh) = (
+        "sk-ant-oat01-first-access-token-0123456789",
+        "sk-ant-ort01-first-refresh-token-0123456789",
+    );
+    let id = relay
+        .create_account_with(json!({
+            "name": "audited", "type": "claude-official", "base_url": "https://api.example.com",
+            "credential": credential, "refresh_token": refresh,
+        }))
+        .await;
+    assert_eq!(
+        last_audit(&relay, "account.create").await,
+        json!({"name": "audited", "type": "claude-official", "base_url": "https://api.example.com"})
+    );
+
+    let (status, v) = relay
+        .patch_account(
+            &id,
+            json!({
+                "name": "audited-2", "base_url": null, "priority": 7, "weight": 3,
+                "max_concurrency": 4, "models": ["claude-sonnet-4-5"],
+                "model_map": {"sonnet": "claude-sonnet-4-5"}, "enabled": false,
+                "status": "error", "token_expires_at": 1_900_000_000_000_i64,
+                "credential": "sk-ant-oat01-second-access-token-0123456789",
+                "refresh_token": "sk-ant-ort01-second-refresh-token-0123456789",
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        last_audit(&relay, "account.update").await,
+        json!({
+            "name": "audited-2",
+            "changes": {
+                "name": {"from": "audited", "to": "audited-2"},
+                "base_url": {"from": "https://api.example.com", "to": null},
+                "priority": {"from": 50, "to": 7},
+                "weight": {"from": 1, "to": 3},
+                "max_concurrency": {"from": null, "to": 4},
+                "models": {"from": [], "to": ["claude-sonnet-4-5"]},
+                "model_map": {"from": {}, "to": {"sonnet": "claude-sonnet-4-5"}},
+                "enabled": {"from": true, "to": false},
+                "status": {"from": "valid", "to": "error"},
+                "token_expires_at": {"from": null, "to": 1_900_000_000_000_i64},
+            },
+            "credential_changed": true,
+            "refresh_token_changed": true,
+        })
+    );
+
+    // The same secrets again, and a type change that removes the refresh token.
+    let (status, v) = relay
+        .patch_account(
+            &id,
+            json!({"credential": "sk-ant-oat01-second-access-token-0123456789",
+                   "refresh_token": "sk-ant-ort01-second-refresh-token-0123456789"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        last_audit(&relay, "account.update").await,
+        json!({"name": "audited-2", "changes": {}, "credential_changed": false, "refresh_token_changed": false})
+    );
+    let (status, v) = relay
+        .patch_account(&id, json!({"type": "claude", "refresh_token": null}))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let detail = last_audit(&relay, "account.update").await;
+    assert_eq!(
+        detail["changes"],
+        json!({
+            "type": {"from": "claude-official", "to": "claude"},
+            "has_refresh_token": {"from": true, "to": false},
+        })
+    );
+    assert_eq!(detail["refresh_token_changed"], true);
+
+    let audit = relay
+        .admin_get("/api/admin/audit?per_page=500")
+        .await
+        .to_string();
+    for secret in [
+        "first-access",
+        "first-refresh",
+        "second-access",
+        "second-refresh",
+    ] {
+        assert!(
+            !audit.contains(secret),
+            "{secret} in the audit log: {audit}"
+        );
+    }
+}

@@ -130,7 +130,20 @@ async fn an_admin_runs_the_relay_from_the_browser() {
         .iter()
         .find(|a| a["name"] == "ui-oauth")
         .unwrap_or_else(|| panic!("no ui-oauth account: {accounts}"));
-    assert!(oauth["token_refreshed_at"].is_i64(), "{oauth}");
+    // The refreshed token stored (its mask), then the type changed with the refresh token
+    // removed.
+    assert!(
+        oauth["credential_masked"]
+            .as_str()
+            .unwrap()
+            .starts_with("sk-a…ed-"),
+        "{oauth}"
+    );
+    assert_eq!(
+        (&oauth["account_type"], &oauth["has_refresh_token"]),
+        (&serde_json::json!("claude"), &serde_json::json!(false)),
+        "{oauth}"
+    );
     assert!(
         oauth["token_expires_at"].as_i64().unwrap() < relay_filters::now_ms() + 8 * 3_600_000,
         "{oauth}"

@@ -2,7 +2,9 @@
 //! the rounds refresh a token close to its expiry and the proxy uses the new one at once,
 //! refresh tokens rotate, a refusal stops the rounds until an operator sets new tokens, a
 //! failing endpoint is tried again and changes nothing, ChatGPT tokens go to OpenAI's endpoint,
-//! and refreshes by hand.
+//! refreshes by hand, type changes that would take a refresh token to another provider, the
+//! same refresh token saved again while a refresh of it runs, and which refresh puts an
+//! account in error back.
 
 #![allow(clippy::unwrap_used)] // a failing unwrap is a failing test
 
@@ -735,4 +737,158 @@ async fn new_tokens_from_an_operator_are_not_held_back_by_a_refresh_of_the_old_o
             "sk-ant-ort01-operator-new-token"
         ]
     );
+}
+
+/// A Claude refresh token never goes to OpenAI's endpoint (nor stays on a type that is not
+/// refreshed): changing the type of an account with a refresh token needs `refresh_token`
+/// too, and a type without OAuth refresh takes none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_change_never_takes_a_refresh_token_to_another_provider() {
+    let tokens = MockUpstream::start().await;
+    let relay = start(oauth_env(&tokens, false)).await;
+    let id = oauth_account(&relay, Some(now_ms() + 3_600_000)).await;
+    let before = account(&relay, &id).await;
+    for t in ["openai-responses", "claude", "openai", "gemini"] {
+        let (status, v) = relay.patch_account(&id, json!({"type": t})).await;
+        assert_eq!(status, 400, "{t}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains("refresh_token"), "{message}");
+        assert!(!message.contains("original-refresh-token"), "{message}");
+    }
+    assert_eq!(
+        account(&relay, &id).await,
+        before,
+        "refused changes change nothing"
+    );
+
+    // With a refresh token of the new provider, it is that one the refresh sends, there.
+    let (status, v) = relay
+        .patch_account(
+            &id,
+            json!({"type": "openai-responses", "refresh_token": "rt-chatgpt-operator"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, report) = refresh_now(&relay, &id).await;
+    assert_eq!(
+        (status, &report["result"]),
+        (200, &json!("refreshed")),
+        "{report}"
+    );
+    let sent = tokens.requests();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        (sent[0].path.as_str(), &sent[0].json()["refresh_token"]),
+        ("/oauth/token", &json!("rt-chatgpt-operator"))
+    );
+
+    // To an API key type: only with the refresh token removed; none can be added there.
+    let (status, v) = relay
+        .patch_account(&id, json!({"type": "openai", "refresh_token": null}))
+        .await;
+    assert_eq!(
+        (status, &v["has_refresh_token"]),
+        (200, &json!(false)),
+        "{v}"
+    );
+    let (status, v) = relay
+        .patch_account(&id, json!({"refresh_token": "rt-other"}))
+        .await;
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/accounts",
+            json!({"name": "api", "type": "claude", "credential": "sk-ant-api03-x", "refresh_token": "rt-x"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(tokens.count(), 1);
+}
+
+/// An operator who saves the refresh token the account already has, while a refresh of it is
+/// at the provider: nothing changes, so the refresh keeps its lease and no other node sends
+/// that refresh token a second time (OpenAI revokes the whole chain on reuse).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saving_the_same_refresh_token_again_keeps_a_refresh_in_flight_alone() {
+    let pg = PgDb::create().await;
+    let tokens = slow_tokens(Duration::from_millis(1500), Duration::ZERO).await;
+    let mut shared = oauth_env(&tokens, false);
+    shared.extend(common::shared_node_secrets());
+    let node = || {
+        Relay::start_with(RelayOptions {
+            db: Db::Postgres(pg.url.clone()),
+            env: shared.clone(),
+            ..Default::default()
+        })
+    };
+    let (a, b) = (node().await, node().await);
+    let id = oauth_account(&a, Some(now_ms() + 3_600_000)).await;
+    let second = async {
+        // Once the refresh token is at the provider.
+        tokens.wait_count(1).await;
+        let saved = b
+            .patch_account(
+                &id,
+                json!({"refresh_token": " sk-ant-ort01-original-refresh-token "}),
+            )
+            .await;
+        (saved, refresh_now(&b, &id).await)
+    };
+    let (first, (saved, second)) = tokio::join!(refresh_now(&a, &id), second);
+    assert_eq!(saved.0, 200, "{saved:?}");
+    assert_eq!(second.0, 409, "the lease still holds: {second:?}");
+    assert_eq!(first.1["result"], "refreshed", "{first:?}");
+    assert_eq!(sent(&tokens), ["sk-ant-ort01-original-refresh-token"]);
+}
+
+/// A provider that does not rotate refresh tokens, and an operator who stores another refresh
+/// token and then the first one again while a refresh of it is at the provider: the refresh
+/// says "refreshed" only when its tokens are stored (the refresh token stored then is the one
+/// it sent, but that does not tell its own write went through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_reports_refreshed_only_when_its_tokens_are_stored() {
+    let tokens = slow_tokens(Duration::from_millis(1500), Duration::ZERO).await;
+    tokens.set(|b| b.token_rotates = false);
+    let relay = start(oauth_env(&tokens, false)).await;
+    let id = oauth_account(&relay, Some(now_ms() + 3_600_000)).await;
+    let patches = async {
+        tokens.wait_count(1).await;
+        for t in [
+            "sk-ant-ort01-operator-other-token",
+            "sk-ant-ort01-original-refresh-token",
+        ] {
+            let (status, v) = relay.patch_account(&id, json!({"refresh_token": t})).await;
+            assert_eq!(status, 200, "{v}");
+        }
+    };
+    let ((status, report), ()) = tokio::join!(refresh_now(&relay, &id), patches);
+    assert_eq!(status, 200, "{report}");
+    let a = account(&relay, &id).await;
+    assert_eq!(report["result"], "refreshed", "{report}\n{a}");
+    assert!(
+        a["token_refreshed_at"].is_i64(),
+        "reported refreshed, not stored: {a}"
+    );
+    assert_eq!(a["credential_masked"], "sk-a…ed-1", "{a}");
+    assert_eq!(a["has_refresh_token"], true);
+}
+
+/// An account an operator took out (`error`) stays out after a refresh by hand: only the
+/// refresh that authentication errors started puts an account back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_by_hand_leaves_an_account_an_operator_took_out_alone() {
+    let tokens = MockUpstream::start().await;
+    let relay = start(oauth_env(&tokens, false)).await;
+    let id = oauth_account(&relay, Some(now_ms() + 3_600_000)).await;
+    let (status, v) = relay.patch_account(&id, json!({"status": "error"})).await;
+    assert_eq!((status, &v["status"]), (200, &json!("error")), "{v}");
+    let (status, report) = refresh_now(&relay, &id).await;
+    assert_eq!(
+        (status, &report["result"]),
+        (200, &json!("refreshed")),
+        "{report}"
+    );
+    let a = account(&relay, &id).await;
+    assert!(a["token_refreshed_at"].is_i64(), "{a}");
+    assert_eq!(a["status"], "error", "{a}");
 }

@@ -930,8 +930,8 @@ async fn oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from(env:
         .await
         .unwrap());
 
-    // Errors took the account out; new tokens from a refresh put it back (the errors were the
-    // old token's) and clear the refusal.
+    // Errors took the account out; new tokens from the refresh they started put it back (the
+    // errors were the old token's) and clear the refusal.
     store
         .record_account_state(&account.id, AccountStatus::Error, 5, None)
         .await
@@ -943,11 +943,11 @@ async fn oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from(env:
         expires_at: Some(1_900_000_000_000),
     };
     assert!(!store
-        .store_refreshed_token(&account.id, "v1:k1:stale", &tokens)
+        .store_refreshed_token(&account.id, "v1:k1:stale", &tokens, Some(5))
         .await
         .unwrap());
     assert!(store
-        .store_refreshed_token(&account.id, &first_refresh, &tokens)
+        .store_refreshed_token(&account.id, &first_refresh, &tokens, Some(5))
         .await
         .unwrap());
     let fresh = store.account_by_id(&account.id).await.unwrap().unwrap();
@@ -974,9 +974,56 @@ async fn oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from(env:
     );
     // The refresh that started from the first token is overtaken: a second store of it fails.
     assert!(!store
-        .store_refreshed_token(&account.id, &first_refresh, &tokens)
+        .store_refreshed_token(&account.id, &first_refresh, &tokens, None)
         .await
         .unwrap());
+
+    // Any other refresh leaves an account in error as it is: put there by an operator or a
+    // health check, or by errors that went on counting since the refresh began.
+    let mut held = tokens.refresh_token_enc.clone();
+    for (errors, put_back) in [(0, None), (3, None), (6, Some(5))] {
+        store
+            .record_account_state(&account.id, AccountStatus::Error, errors, None)
+            .await
+            .unwrap();
+        let next = RefreshedTokens {
+            refresh_token_enc: secrets.encrypt("sk-ant-ort01-next"),
+            ..tokens.clone()
+        };
+        assert!(store
+            .store_refreshed_token(&account.id, &held, &next, put_back)
+            .await
+            .unwrap());
+        held = next.refresh_token_enc;
+        let after = store.account_by_id(&account.id).await.unwrap().unwrap();
+        assert_eq!(
+            (after.status, after.consecutive_error_count),
+            (AccountStatus::Error, errors),
+            "{errors} errors, put back after {put_back:?}"
+        );
+    }
+    // A valid account's errors in a row were the old token's: the count clears.
+    store
+        .record_account_state(&account.id, AccountStatus::Valid, 2, None)
+        .await
+        .unwrap();
+    let next = RefreshedTokens {
+        refresh_token_enc: secrets.encrypt("sk-ant-ort01-after-valid"),
+        ..tokens.clone()
+    };
+    assert!(store
+        .store_refreshed_token(&account.id, &held, &next, None)
+        .await
+        .unwrap());
+    let after = store.account_by_id(&account.id).await.unwrap().unwrap();
+    assert_eq!(
+        (after.status, after.consecutive_error_count),
+        (AccountStatus::Valid, 0)
+    );
+    let tokens = RefreshedTokens {
+        refresh_token_enc: next.refresh_token_enc.clone(),
+        ..tokens
+    };
 
     // A blocked account stays blocked; an operator's new refresh token clears a refusal.
     store
@@ -989,7 +1036,7 @@ async fn oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from(env:
         ..tokens
     };
     assert!(store
-        .store_refreshed_token(&account.id, &second, &third)
+        .store_refreshed_token(&account.id, &second, &third, Some(0))
         .await
         .unwrap());
     assert!(store

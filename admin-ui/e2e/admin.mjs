@@ -254,6 +254,16 @@ try {
   await note().filter({ hasText: 'ui-oauth: token refreshed' }).waitFor()
   await row('accounts', 'ui-oauth').locator('[data-test="token"]', { hasText: /^expires in (7 h 5\d|8 h 0) min$/ }).waitFor()
   await shot('02b-accounts-oauth')
+  // Its type changed: refused while its refresh token would stay, done once it is removed.
+  await row('accounts', 'ui-oauth').getByRole('button', { name: 'Edit' }).click()
+  await form.locator('select[name="account_type"]').selectOption('claude')
+  await page.click('[data-test="save-account"]')
+  await error().filter({ hasText: 'needs refresh_token too' }).waitFor()
+  await form.locator('input[name="drop_refresh_token"]').check()
+  await page.click('[data-test="save-account"]')
+  await note().filter({ hasText: 'Account ui-oauth saved.' }).waitFor()
+  assert.deepEqual(lastPatch('/api/admin/accounts/'), { account_type: 'claude', refresh_token: null })
+  await row('accounts', 'ui-oauth').locator('[data-test="token"]', { hasText: '—' }).waitFor()
 
   // The health check job, switched on every 10 minutes.
   await page.click('a[href="#/settings"]')

@@ -44,6 +44,8 @@ export interface Account {
   token_refresh_error: string | null
   /** The provider refused the refresh token: new tokens are needed. */
   token_refresh_refused: boolean
+  /** Type-specific data: `chatgpt_account_id` of an `openai-responses` account. */
+  extra: Record<string, unknown>
 }
 
 export interface User {

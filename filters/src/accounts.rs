@@ -83,8 +83,15 @@ pub struct BaseUrl {
 }
 
 impl BaseUrl {
-    /// Parses `http(s)://host[:port][/prefix]`.
+    /// Parses `http(s)://host[:port][/prefix]`. User info, a query, a fragment, spaces and
+    /// control characters are refused: the relay appends paths to the prefix and sends the
+    /// account's credential itself, so none of them could be meant (`https://host?x` would
+    /// otherwise be read as host `host?x`).
     pub fn parse(url: &str) -> Result<BaseUrl, String> {
+        // Checked before anything echoes the URL back: it may carry a password.
+        if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("base URL must not contain spaces or control characters".into());
+        }
         let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = url.strip_prefix("http://") {
@@ -94,10 +101,24 @@ impl BaseUrl {
                 "base URL must start with http:// or https://: {url}"
             ));
         };
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, ""),
-        };
+        // The authority ends at the first `/`, `?` or `#` (RFC 3986 §3.2).
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if rest[..end].contains('@') {
+            return Err(
+                "base URL must not carry user info (user:password@): the account's credential \
+                 is set apart"
+                    .into(),
+            );
+        }
+        // Not echoed either: a query may carry a key (`?key=`).
+        match rest.find(['?', '#']) {
+            Some(i) if rest[i..].starts_with('?') => {
+                return Err("base URL must not have a query (?...)".into());
+            }
+            Some(_) => return Err("base URL must not have a fragment (#...)".into()),
+            None => {}
+        }
+        let (authority, path) = rest.split_at(end);
         let default_port = if tls { 443 } else { 80 };
         let bad_port = || format!("bad port in base URL: {url}");
         let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
@@ -453,6 +474,32 @@ pub(crate) mod tests {
         assert!(BaseUrl::parse("http://exa\x01mple.com").is_err());
         assert!(BaseUrl::parse("ftp://x").is_err());
         assert!(BaseUrl::parse("http://x:notaport").is_err());
+    }
+
+    #[test]
+    fn base_urls_without_user_info_query_fragment_or_spaces() {
+        for (url, says) in [
+            ("https://host?x", "query"),
+            ("https://host/v1?key=1", "query"),
+            ("https://host#frag", "fragment"),
+            ("https://host/v1#frag", "fragment"),
+            ("https://user:secret@host", "user"),
+            ("https://host/v1?key=secret", "query"),
+            ("https://host/v1#secret", "fragment"),
+            ("https://user@host/v1", "user"),
+            ("https://ho st", "space"),
+            ("https://host/v 1", "space"),
+            (" https://host", "space"),
+            ("https://host/\tx", "space"),
+            ("https://host/x\n", "space"),
+        ] {
+            let e = BaseUrl::parse(url).unwrap_err();
+            assert!(e.contains(says), "{url:?}: {e}");
+            assert!(!e.contains("secret"), "the URL's secret is not echoed: {e}");
+        }
+        // An `@` in the path is no user info.
+        let b = BaseUrl::parse("https://host/v1/@team").unwrap();
+        assert_eq!((&*b.host, b.path_prefix.as_str()), ("host", "/v1/@team"));
     }
 
     #[test]

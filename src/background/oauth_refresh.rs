@@ -14,7 +14,8 @@
 //!
 //! A dead refresh token (`invalid_grant` and the like at the token endpoint) is not tried again
 //! by the rounds until an operator stores new tokens; other failures are retried next round.
-//! Authentication errors that take an OAuth account out of scheduling start a refresh too.
+//! Authentication errors that take an OAuth account out of scheduling start a refresh too, whose
+//! new tokens put it back; no other refresh changes an account's status.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +30,7 @@ use crate::cache::AccountCache;
 use crate::metrics::metrics;
 use crate::proxy::oauth::{Provider, Refresh, TokenClient, TokenEndpoint};
 use crate::secrets::SecretBox;
-use crate::store::{Account as AccountRow, RefreshedTokens, SqlStore, StoreError};
+use crate::store::{Account as AccountRow, AccountStatus, RefreshedTokens, SqlStore, StoreError};
 
 /// Accounts refreshed at once in a round.
 const PARALLEL_REFRESHES: usize = 4;
@@ -92,6 +93,19 @@ pub enum NotRefreshed {
     NotDue,
     /// The database could not be read.
     Unavailable(String),
+}
+
+/// What started a refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// A round: only if the account is still due.
+    Round,
+    /// An admin, through the API.
+    ByHand,
+    /// Authentication errors took the account out: its new tokens put it back, the errors
+    /// being the old token's. No other refresh does: an account in `error` for another reason
+    /// (an operator, a health check) is not made right by a new token.
+    AuthErrors,
 }
 
 /// An account that authentication errors took out is refreshed at once, unless it was
@@ -177,7 +191,7 @@ impl TokenRefresh {
         let this = self.clone();
         let id = id.to_string();
         tokio::spawn(async move {
-            let (report, stored) = this.refresh_one(&id, false).await?;
+            let (report, stored) = this.refresh_one(&id, Trigger::ByHand).await?;
             if stored {
                 this.reload().await;
             }
@@ -205,7 +219,7 @@ impl TokenRefresh {
                 return;
             }
             tracing::info!(account = %row.name, "refreshing the token of an account authentication errors took out");
-            if let Ok((report, stored)) = this.refresh_one(&id, false).await {
+            if let Ok((report, stored)) = this.refresh_one(&id, Trigger::AuthErrors).await {
                 if stored {
                     this.reload().await;
                 }
@@ -218,7 +232,7 @@ impl TokenRefresh {
     async fn refresh_one(
         &self,
         id: &str,
-        round: bool,
+        trigger: Trigger,
     ) -> Result<(RefreshReport, bool), NotRefreshed> {
         let _guard = self.refreshing.enter(id).ok_or(NotRefreshed::Busy)?;
         // The row as it is now: the refresh token a moment ago may have been used already.
@@ -234,9 +248,12 @@ impl TokenRefresh {
             return Err(NotRefreshed::NotRefreshable);
         };
         let now = relay_filters::now_ms();
-        if round && !due(&row, now, self.margin) {
+        if trigger == Trigger::Round && !due(&row, now, self.margin) {
             return Err(NotRefreshed::NotDue);
         }
+        // The state the errors left, as the refresh starts: put back only if still so.
+        let put_back = (trigger == Trigger::AuthErrors && row.status == AccountStatus::Error)
+            .then_some(row.consecutive_error_count);
         let refresh_token = self.secrets.decrypt(&expected).map_err(|_| {
             tracing::warn!(account = %row.name, "refresh token cannot be decrypted with this node's key");
             NotRefreshed::Undecryptable
@@ -287,13 +304,15 @@ impl TokenRefresh {
                     expires_at: tokens.expires_at,
                 };
                 match self
-                    .store_tokens(id, &expected, refresh_token.expose_secret(), &new)
+                    .store_tokens(id, &expected, refresh_token.expose_secret(), &new, put_back)
                     .await
                 {
                     Ok(true) => {
                         tracing::info!(account = %row.name, expires_at = ?tokens.expires_at, "access token refreshed");
-                        // Back in scheduling on this node at once, if errors held it off.
-                        self.accounts.end_hold_off(id);
+                        if put_back.is_some() {
+                            // Back in scheduling on this node at once, if errors held it off.
+                            self.accounts.end_hold_off(id);
+                        }
                         report.detail = "new access token stored".into();
                         report.token_expires_at = tokens.expires_at;
                         true
@@ -346,12 +365,18 @@ impl TokenRefresh {
     /// again while the database fails (the provider has rotated the token: a lost answer would
     /// leave a dead refresh token stored). An operator who saved the very same refresh token
     /// meanwhile does not overtake the refresh (its ciphertext differs, its token does not).
+    ///
+    /// A write whose answer was lost is known by the row: it holds this refresh's access token
+    /// ciphertext (a fresh nonce each time: no one else's), or its rotated refresh token. A
+    /// refresh token that was not rotated is the one sent, which an operator may have saved
+    /// again: finding it says nothing of this write.
     async fn store_tokens(
         &self,
         id: &str,
         expected: &str,
         used: &str,
         new: &RefreshedTokens,
+        put_back: Option<i64>,
     ) -> Result<bool, StoreError> {
         let new_refresh = match &self.secrets.decrypt(&new.refresh_token_enc) {
             Ok(t) => t.expose_secret().to_string(),
@@ -363,15 +388,22 @@ impl TokenRefresh {
         let mut looked_again = false;
         loop {
             let attempt = async {
-                if self.store.store_refreshed_token(id, &expected, new).await? {
+                if self
+                    .store
+                    .store_refreshed_token(id, &expected, new, put_back)
+                    .await?
+                {
                     return Ok(Some(true));
                 }
                 // Not stored over `expected`: what does the row hold now?
-                let current = self
-                    .store
-                    .account_by_id(id)
-                    .await?
-                    .and_then(|r| r.refresh_token_enc);
+                let Some(row) = self.store.account_by_id(id).await? else {
+                    return Ok(Some(false));
+                };
+                if row.credential_enc == new.credential_enc {
+                    // A write that committed though its answer was lost.
+                    return Ok(Some(true));
+                }
+                let current = row.refresh_token_enc;
                 let plain = current.as_deref().and_then(|enc| {
                     self.secrets
                         .decrypt(enc)
@@ -379,8 +411,9 @@ impl TokenRefresh {
                         .map(|t| t.expose_secret().to_string())
                 });
                 Ok(match (current, plain) {
-                    // A write that committed though its answer was lost.
-                    (Some(_), Some(p)) if p == new_refresh => Some(true),
+                    // Likewise: the refresh token the provider rotated to, which only this
+                    // refresh got (an operator may have replaced the access token since).
+                    (Some(_), Some(p)) if p == new_refresh && new_refresh != used => Some(true),
                     // The same refresh token saved again (new ciphertext): store over it.
                     (Some(enc), Some(p)) if p == used && !looked_again => {
                         expected = enc;
@@ -437,7 +470,7 @@ impl TokenRefresh {
                 if *stop.borrow() {
                     return Err(NotRefreshed::NotDue);
                 }
-                self.refresh_one(&id, true).await
+                self.refresh_one(&id, Trigger::Round).await
             })
             .buffer_unordered(PARALLEL_REFRESHES)
             .collect()

@@ -603,30 +603,42 @@ impl SqlStore {
 
     /// Stores the tokens of a refresh, only if the account's refresh token is still `expected`
     /// (the ciphertext the refresh started from): tokens an operator or another node stored
-    /// meanwhile win. The refresh error clears; an account that authentication errors took
-    /// out of scheduling (`error`) comes back with its count cleared, as the errors were the
-    /// old token's; `blocked` stays. Whether the row was changed.
+    /// meanwhile win. The refresh error clears. Whether the row was changed.
+    ///
+    /// `put_back`: for the refresh that authentication errors started, the error count they
+    /// left on the account they took out (`error`). If it is still so, the account comes back
+    /// (`valid`, count cleared): the errors were the old token's. Any other `error` (an
+    /// operator's, a health check's, errors that went on counting) stays, as does `blocked`;
+    /// a `valid` account's count clears (its errors in a row were the old token's too).
     pub async fn store_refreshed_token(
         &self,
         id: &str,
         expected: &str,
         tokens: &RefreshedTokens,
+        put_back: Option<i64>,
     ) -> Result<bool> {
         let now = super::now_ms();
+        // Every expression reads the row as it was before the update (SQLite and PostgreSQL).
         let done = sqlx::query(
             "UPDATE accounts SET credential_enc = $1, credential_key_id = $2, \
              refresh_token_enc = $3, token_expires_at = $4, token_refreshed_at = $5, \
              token_refresh_error = NULL, token_refresh_refused = 0, \
-             token_refresh_lease_until = NULL, consecutive_error_count = 0, \
-             status = CASE WHEN status = 'error' THEN 'valid' ELSE status END, \
-             updated_at = CASE WHEN updated_at < $6 THEN $7 ELSE updated_at + 1 END \
-             WHERE id = $8 AND refresh_token_enc = $9",
+             token_refresh_lease_until = NULL, \
+             consecutive_error_count = CASE WHEN status = 'valid' \
+             OR (status = 'error' AND consecutive_error_count = $6) THEN 0 \
+             ELSE consecutive_error_count END, \
+             status = CASE WHEN status = 'error' AND consecutive_error_count = $7 THEN 'valid' \
+             ELSE status END, \
+             updated_at = CASE WHEN updated_at < $8 THEN $9 ELSE updated_at + 1 END \
+             WHERE id = $10 AND refresh_token_enc = $11",
         )
         .bind(&tokens.credential_enc)
         .bind(&tokens.credential_key_id)
         .bind(&tokens.refresh_token_enc)
         .bind(tokens.expires_at)
         .bind(now)
+        .bind(put_back)
+        .bind(put_back)
         .bind(now)
         .bind(now)
         .bind(id)

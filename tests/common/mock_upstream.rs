@@ -121,6 +121,9 @@ pub struct Behavior {
     /// OAuth token answers: their `expires_in` (seconds), or none (an opaque token of unknown
     /// expiry).
     pub token_expires_in: Option<u64>,
+    /// OAuth token answers: whether they carry a new refresh token (a provider that rotates
+    /// them) or none (the one sent stays in force).
+    pub token_rotates: bool,
     /// Answer with this status as soon as the request head is in, and close without reading
     /// the body (an upstream refusing a body too large).
     pub refuse_body_with: Option<u16>,
@@ -154,6 +157,7 @@ impl Default for Behavior {
             head_delay: Duration::ZERO,
             body_delay: Duration::ZERO,
             token_expires_in: Some(28800),
+            token_rotates: true,
             refuse_body_with: None,
         }
     }
@@ -492,6 +496,11 @@ impl MockUpstream {
                 });
                 if let Some(s) = b.token_expires_in {
                     json["expires_in"] = s.into();
+                }
+                if !b.token_rotates {
+                    if let Some(o) = json.as_object_mut() {
+                        o.remove("refresh_token");
+                    }
                 }
                 let json = json.to_string();
                 let head = format!(
