@@ -357,23 +357,16 @@ async fn an_accounts_concurrency_cap_holds_across_the_nodes() {
     assert_eq!(r.status(), 503, "{}", r.text().await.unwrap_or_default());
     assert_eq!(mock.count(), 1);
 
-    // The stream ends and its slot goes back: node b is served.
+    // The stream ends, its slot given back before the client has the end of it: a request
+    // that follows at once, on node b, is served.
     gate.notify_one();
     let _ = stream.bytes().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = b
-            .post("/v1/messages", &key)
-            .json(&messages_body(MODEL, false, conversation("third", 1)))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            break;
-        }
-        assert_eq!(r.status(), 503);
-        assert!(Instant::now() < deadline, "the slot never came back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let r = b
+        .post("/v1/messages", &key)
+        .json(&messages_body(MODEL, false, conversation("third", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
     assert_eq!(mock.count(), 2);
 }

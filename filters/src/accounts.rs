@@ -396,6 +396,17 @@ impl InflightLease {
         Some(InflightLease(account.state.clone(), None))
     }
 
+    /// Gives the slot back now, in this node's count and in the shared store, so a request
+    /// that follows at once finds the account free on every node.
+    pub async fn release(mut self) {
+        let shared = self.1.take();
+        // This node's count.
+        drop(self);
+        if let Some(SharedSlot { store, lease }) = shared {
+            store.release_slot(&lease).await;
+        }
+    }
+
     /// Also holds `lease`, the account's slot in `store` (shared by the nodes).
     pub fn share(
         &mut self,

@@ -269,7 +269,13 @@ impl StickyUpstream {
         let existing = self.sessions.get(&key).await.ok().flatten();
         if let Some(stored) = existing {
             let bound = &stored.binding.account_id;
-            if let Some(account) = self.in_service(ctx, bound) {
+            // The conversation moves when its account left service, or no longer serves the
+            // model the conversation was bound with (the account's models changed).
+            let staying = self.in_service(ctx, bound).filter(|a| {
+                a.serves(ctx.protocol(), ctx.requested_model())
+                    || ctx.requested_model() != stored.binding.model.as_deref()
+            });
+            if let Some(account) = staying {
                 ctx.session.bound = Some(bound.clone());
                 if !account.serves(ctx.protocol(), ctx.requested_model()) || !account.has_room() {
                     // This request only: the conversation stays where its cache is.
@@ -318,8 +324,13 @@ impl StickyUpstream {
         };
         let chosen = if held.account_id == picked.id {
             picked
+        } else if let Some(theirs) = self.usable_for(ctx, &held.account_id) {
+            // Following the binding another request made: this one is a hit on it (and a
+            // detour, should that account fill up before its slot is taken).
+            ctx.session.sticky = Some(StickyResult::Hit);
+            theirs
         } else {
-            self.usable_for(ctx, &held.account_id).unwrap_or(picked)
+            picked
         };
         ctx.session.bound = Some(held.account_id);
         chosen
@@ -484,7 +495,8 @@ mod tests {
             a.max_concurrency = Some(1);
         });
         let any = account("any", AccountType::Claude, 50, 1);
-        let dir = Arc::new(Dir(Arc::new(vec![opus.clone(), any.clone()])));
+        let spare = account("spare", AccountType::Claude, 60, 1);
+        let dir = Arc::new(Dir(Arc::new(vec![opus.clone(), any.clone(), spare])));
         let s = StickyUpstream::new(dir, MemorySessionStore::new(100), StickyConfig::default());
         let mut c = for_model("conv", "claude-opus-4-1");
         assert_eq!(s.choose(&mut c).await.unwrap().id, "opus");
@@ -499,8 +511,12 @@ mod tests {
         // Its failure does not move the conversation either.
         side.upstream.tried.push("any".into());
         side.upstream.account = Some(any.clone());
-        assert!(s.failover(&mut side).await.is_none());
+        assert_eq!(s.failover(&mut side).await.unwrap().id, "spare");
+        assert_eq!(side.session.bound.as_deref(), Some("opus"));
         drop(side);
+        let mut main = for_model("conv", "claude-opus-4-1");
+        assert_eq!(s.choose(&mut main).await.unwrap().id, "opus");
+        drop(main);
 
         // The account is full: the next request goes elsewhere, the conversation stays.
         let mut main = for_model("conv", "claude-opus-4-1");
@@ -513,6 +529,41 @@ mod tests {
         let mut after = for_model("conv", "claude-opus-4-1");
         assert_eq!(s.choose(&mut after).await.unwrap().id, "opus");
         assert_eq!(after.session.sticky, Some(StickyResult::Hit));
+    }
+
+    #[tokio::test]
+    async fn a_conversation_whose_own_model_its_account_stopped_serving_moves() {
+        let narrowed = with(account("narrowed", AccountType::Claude, 10, 1), |a| {
+            a.models = vec!["claude-opus-4-1".into()];
+        });
+        let wide = account("wide", AccountType::Claude, 50, 1);
+        let dir = Arc::new(Dir(Arc::new(vec![narrowed, wide])));
+        let sessions = MemorySessionStore::new(100);
+        let s = StickyUpstream::new(dir, sessions.clone(), StickyConfig::default());
+        // Bound with sonnet to `narrowed` (before its models were narrowed).
+        let mut b = s.binding_for(
+            &for_model("conv", "claude-sonnet-4-5"),
+            &account("x", AccountType::Claude, 1, 1),
+        );
+        b.account_id = "narrowed".into();
+        b.model = Some("claude-sonnet-4-5".into());
+        sessions
+            .put("conv", &b, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let mut c = for_model("conv", "claude-sonnet-4-5");
+        assert_eq!(s.choose(&mut c).await.unwrap().id, "wide");
+        assert_eq!(c.session.sticky, Some(StickyResult::Rebind));
+        assert_eq!(
+            sessions
+                .get("conv")
+                .await
+                .unwrap()
+                .unwrap()
+                .binding
+                .account_id,
+            "wide"
+        );
     }
 
     #[tokio::test]

@@ -515,8 +515,10 @@ impl RelayProxy {
         }
         // A whole answer's connection and the account's concurrency slot are given back before
         // the client gets the end of the answer: the client's next request, which may follow at
-        // once, finds them free.
-        ctx.lease = None;
+        // once, finds them free (on every node, for a cap the nodes share).
+        if let Some(lease) = ctx.lease.take() {
+            lease.release().await;
+        }
         let Attempt { upstream, peer, .. } = *att;
         let failed = if complete {
             if let Some((stream, idle)) = upstream.into_reusable(self.settings.pool_idle_timeout) {

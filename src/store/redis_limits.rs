@@ -38,7 +38,8 @@ static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
         r"redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) - tonumber(ARGV[1]) + 1000)
+local ttl = tonumber(ARGV[2]) - tonumber(ARGV[1]) + 1000
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return 1",
     )
 });
@@ -185,6 +186,9 @@ return 1",
     )
 });
 
+/// Renewals sent to Redis at once.
+const RENEWALS_AT_ONCE: usize = 64;
+
 /// A lease or hold this node took in Redis and has not given back.
 struct Live {
     /// Its sorted set, then the keys whose lifetime follows it.
@@ -226,25 +230,35 @@ impl Renewals {
                 .map(|(id, l)| (id.clone(), l.keys.clone(), l.ttl_ms))
                 .collect()
         };
+        // Many at once on the multiplexed link: thousands of long requests renew within one
+        // round trip's time or so, well inside half a lifetime.
+        use futures::StreamExt;
+        let results: Vec<(String, i64, Result<i64, _>)> = futures::stream::iter(due)
+            .map(|(id, keys, ttl_ms)| async move {
+                let expires = now.saturating_add(ttl_ms);
+                let res: Result<i64, _> = self
+                    .link
+                    .run(|mut c| {
+                        let (keys, id) = (keys.clone(), id.clone());
+                        async move {
+                            RENEW
+                                .key(&keys[..])
+                                .arg(id)
+                                .arg(expires)
+                                .arg(ttl_ms.saturating_add(1000))
+                                .invoke_async(&mut c)
+                                .await
+                        }
+                    })
+                    .await;
+                (id, expires, res)
+            })
+            .buffer_unordered(RENEWALS_AT_ONCE)
+            .collect()
+            .await;
         let mut renewed = 0;
-        for (id, keys, ttl_ms) in due {
-            let expires = now.saturating_add(ttl_ms);
-            let res: Result<i64, _> = self
-                .link
-                .run(|mut c| {
-                    let (keys, id) = (keys.clone(), id.clone());
-                    async move {
-                        RENEW
-                            .key(&keys[..])
-                            .arg(id)
-                            .arg(expires)
-                            .arg(ttl_ms.saturating_add(1000))
-                            .invoke_async(&mut c)
-                            .await
-                    }
-                })
-                .await;
-            let mut live = self.live();
+        let mut live = self.live();
+        for (id, expires, res) in results {
             match res {
                 Ok(1) => {
                     if let Some(l) = live.get_mut(&id) {
@@ -258,7 +272,6 @@ impl Renewals {
                 }
                 // Tried again on the next round, while it has life left.
                 Err(e) => {
-                    drop(live);
                     metrics().session_store_fallback.inc();
                     tracing::debug!(error = %e, "Redis lease renewal failed, tried again");
                 }
