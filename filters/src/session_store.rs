@@ -56,7 +56,10 @@ pub trait SessionStore: Send + Sync {
         key: &str,
         binding: &Binding,
         ttl: Duration,
-    ) -> Result<Binding, StoreUnavailable>;
+    ) -> Result<Binding, StoreUnavailable> {
+        // No binding names no account: any live one stays.
+        self.replace(key, "", binding, ttl).await
+    }
     /// Stores `binding` unless the key holds a live binding to another account than
     /// `replaces`; returns the binding that holds afterwards. Moving a conversation off an
     /// account it can no longer use (and renewing one on the same account) goes through
@@ -182,23 +185,6 @@ impl SessionStore for MemorySessionStore {
                 binding: e.binding,
             })
         }))
-    }
-
-    async fn set_if_absent(
-        &self,
-        key: &str,
-        binding: &Binding,
-        ttl: Duration,
-    ) -> Result<Binding, StoreUnavailable> {
-        let now = Instant::now();
-        let entry = self.cache.entry(key.to_string()).or_insert_with_if(
-            || Entry {
-                binding: Arc::new(binding.clone()),
-                expires: now + ttl,
-            },
-            |existing| existing.expires <= now,
-        );
-        Ok(Binding::clone(&entry.into_value().binding))
     }
 
     async fn replace(

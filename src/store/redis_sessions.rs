@@ -263,14 +263,6 @@ return {v, redis.call('PTTL', KEYS[1])}",
     )
 });
 
-/// SET NX PX, and on a lost race the winner, atomically: nil when ours was stored.
-static SET_IF_ABSENT: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
-return redis.call('GET', KEYS[1])",
-    )
-});
-
 /// Stores ARGV[1] for ARGV[2] ms unless the key holds a binding to another account than
 /// ARGV[3], atomically: nil when ours was stored, else the binding that holds. A value that
 /// is no binding is overwritten.
@@ -359,38 +351,6 @@ impl SessionStore for RedisSessionStore {
         }))
     }
 
-    async fn set_if_absent(
-        &self,
-        key: &str,
-        binding: &Binding,
-        ttl: Duration,
-    ) -> Result<Binding, StoreUnavailable> {
-        let rkey = self.redis_key(key);
-        let json = encode(binding)?;
-        let winner: Option<String> = self
-            .link
-            .run(|mut conn| {
-                let (rkey, json) = (rkey.clone(), json.clone());
-                async move {
-                    SET_IF_ABSENT
-                        .key(rkey)
-                        .arg(json)
-                        .arg(ttl_ms(ttl))
-                        .invoke_async(&mut conn)
-                        .await
-                }
-            })
-            .await?;
-        match winner.as_deref().map(|w| decode(&rkey, w)) {
-            None => Ok(binding.clone()),
-            Some(Some(other)) => Ok(other),
-            Some(None) => {
-                self.put(key, binding, ttl).await?;
-                Ok(binding.clone())
-            }
-        }
-    }
-
     async fn replace(
         &self,
         key: &str,
@@ -415,7 +375,7 @@ impl SessionStore for RedisSessionStore {
                 }
             })
             .await?;
-        // A binding the script read but this version cannot: overwritten, as in `set_if_absent`.
+        // A binding the script read but this version cannot: overwritten.
         match held.as_deref().map(|h| decode(&rkey, h)) {
             None => Ok(binding.clone()),
             Some(Some(other)) => Ok(other),
@@ -640,25 +600,6 @@ impl SessionStore for FallbackSessionStore {
             Err(e) => {
                 self.redis_failed(&e);
                 self.memory.get(key).await
-            }
-        }
-    }
-
-    async fn set_if_absent(
-        &self,
-        key: &str,
-        binding: &Binding,
-        ttl: Duration,
-    ) -> Result<Binding, StoreUnavailable> {
-        match self.primary.set_if_absent(key, binding, ttl).await {
-            Ok(winner) => {
-                self.redis_ok();
-                self.memory.put(key, &winner, ttl).await?;
-                Ok(winner)
-            }
-            Err(e) => {
-                self.redis_failed(&e);
-                self.memory.set_if_absent(key, binding, ttl).await
             }
         }
     }
