@@ -656,13 +656,9 @@ async fn a_slow_but_complete_answer_is_kept() {
     assert_eq!(report["result"], "refreshed", "{report}");
 }
 
-/// Two nodes refreshing one account at once: the refresh token goes to the provider once (the
-/// database lease), the other node answers 409.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_nodes_never_send_one_refresh_token_twice() {
-    let pg = PgDb::create().await;
-    let tokens = slow_tokens(Duration::from_millis(2000), Duration::ZERO).await;
-    let mut shared = oauth_env(&tokens, false);
+/// Two nodes on `pg`, refreshing at `tokens` only when asked.
+async fn two_nodes(pg: &PgDb, tokens: &MockUpstream) -> (Relay, Relay) {
+    let mut shared = oauth_env(tokens, false);
     shared.extend(common::shared_node_secrets());
     let node = || {
         Relay::start_with(RelayOptions {
@@ -671,7 +667,16 @@ async fn two_nodes_never_send_one_refresh_token_twice() {
             ..Default::default()
         })
     };
-    let (a, b) = (node().await, node().await);
+    (node().await, node().await)
+}
+
+/// Two nodes refreshing one account at once: the refresh token goes to the provider once (the
+/// database lease), the other node answers 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_never_send_one_refresh_token_twice() {
+    let pg = PgDb::create().await;
+    let tokens = slow_tokens(Duration::from_millis(2000), Duration::ZERO).await;
+    let (a, b) = two_nodes(&pg, &tokens).await;
     let id = oauth_account(&a, Some(now_ms() + 3_600_000)).await;
     let (ra, rb) = tokio::join!(refresh_now(&a, &id), refresh_now(&b, &id));
     // The invariant: no refresh token went out twice (the second node either found the lease,
@@ -812,16 +817,7 @@ async fn a_type_change_never_takes_a_refresh_token_to_another_provider() {
 async fn saving_the_same_refresh_token_again_keeps_a_refresh_in_flight_alone() {
     let pg = PgDb::create().await;
     let tokens = slow_tokens(Duration::from_millis(1500), Duration::ZERO).await;
-    let mut shared = oauth_env(&tokens, false);
-    shared.extend(common::shared_node_secrets());
-    let node = || {
-        Relay::start_with(RelayOptions {
-            db: Db::Postgres(pg.url.clone()),
-            env: shared.clone(),
-            ..Default::default()
-        })
-    };
-    let (a, b) = (node().await, node().await);
+    let (a, b) = two_nodes(&pg, &tokens).await;
     let id = oauth_account(&a, Some(now_ms() + 3_600_000)).await;
     let second = async {
         // Once the refresh token is at the provider.
