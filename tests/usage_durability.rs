@@ -378,4 +378,59 @@ async fn a_spooled_record_the_database_refuses_is_set_aside() {
     let kept: UsageRecord = serde_json::from_str(aside.trim()).unwrap();
     assert_eq!(kept.id, "refused");
     assert_eq!(kept.requested_model.as_deref(), Some("x\0"));
+    assert!(llm_relay::metrics::metrics().usage_set_aside.get() >= 1);
+}
+
+/// A replay that waits on a lock past its write timeout (here another transaction holds the
+/// records' table) has met no bad record: the records stay spooled, none is set aside, and the
+/// next replay after the lock is gone stores them.
+#[tokio::test]
+async fn a_replay_held_up_by_a_lock_sets_nothing_aside() {
+    use llm_relay::background::usage_writer::{replay_spool, Failure, Replay};
+    use llm_relay::store::SqlStore;
+    use relay_filters::UsageRecord;
+    use sqlx::Connection;
+
+    let pg = common::PgDb::create().await;
+    // As many connections as a relay's pool: a write cut by its timeout leaves its connection
+    // waiting on the lock, and the others still answer.
+    let store = SqlStore::connect(&pg.url, 8).await.unwrap();
+    store.migrate().await.unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let lines: String = ["locked-1", "locked-2"]
+        .iter()
+        .map(|id| {
+            serde_json::to_string(&UsageRecord {
+                id: (*id).into(),
+                created_at: 1_764_000_000_000,
+                protocol: "anthropic".into(),
+                status: 200,
+                ..Default::default()
+            })
+            .unwrap()
+                + "\n"
+        })
+        .collect();
+    let file = spool.path().join("usage-1.jsonl");
+    std::fs::write(&file, lines).unwrap();
+
+    let mut locker = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    let mut lock = locker.begin().await.unwrap();
+    sqlx::query("LOCK TABLE request_logs IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let replay = replay_spool(&store, spool.path(), 100).await;
+    assert!(
+        matches!(replay, Replay::Postponed(Failure::Down | Failure::Other)),
+        "{replay:?}"
+    );
+    assert!(file.exists(), "the spool file waits for the next replay");
+    assert!(!spool.path().join("usage-1.rejected").exists());
+
+    lock.rollback().await.unwrap();
+    assert_eq!(replay_spool(&store, spool.path(), 100).await, Replay::Done);
+    assert_eq!(store.count_records().await.unwrap(), 2);
+    assert!(!file.exists());
+    assert!(!spool.path().join("usage-1.rejected").exists());
 }

@@ -12,7 +12,7 @@ use relay_filters::UsageRecord;
 use tokio::sync::mpsc;
 
 use crate::metrics::metrics;
-use crate::store::SqlStore;
+use crate::store::{SqlStore, StoreError};
 
 /// The proxy's end of the queue.
 #[derive(Clone)]
@@ -275,20 +275,43 @@ fn spool(dir: &Path, records: &[UsageRecord]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Whether `records` were stored (within the write timeout).
-async fn stored(store: &SqlStore, records: &[UsageRecord]) -> bool {
-    matches!(
-        tokio::time::timeout(WRITE_TIMEOUT, store.insert_usage_batch(records)).await,
-        Ok(Ok(()))
-    )
+/// Why a write did not store its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The database refused the records' data: the same write can never succeed.
+    Data,
+    /// The database could not be reached, or did not answer in time.
+    Down,
+    /// Anything else (a lock, a busy file, a full disk): it may pass by itself.
+    Other,
 }
 
-/// Whether the database answers.
-async fn reachable(store: &SqlStore) -> bool {
-    matches!(
-        tokio::time::timeout(WRITE_TIMEOUT, store.ping()).await,
-        Ok(Ok(()))
-    )
+impl Failure {
+    fn of(e: &StoreError) -> Failure {
+        if e.is_data_error() {
+            Failure::Data
+        } else if e.is_unreachable() {
+            Failure::Down
+        } else {
+            Failure::Other
+        }
+    }
+}
+
+/// Stores `records` in one transaction, within the write timeout.
+async fn store_records(store: &SqlStore, records: &[UsageRecord]) -> Result<(), Failure> {
+    match tokio::time::timeout(WRITE_TIMEOUT, store.insert_usage_batch(records)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            let failure = Failure::of(&e);
+            tracing::warn!(error = %e, ?failure, count = records.len(), "usage records not stored");
+            Err(failure)
+        }
+        Err(_) => {
+            tracing::warn!(count = records.len(), "usage records not stored in time");
+            Err(Failure::Down)
+        }
+    }
 }
 
 /// Appends `bytes` to the file at `path` (created when missing) and syncs it.
@@ -301,11 +324,24 @@ fn append_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// How a replay of the spool ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replay {
+    /// Every spool file was stored (or set aside in part), or there was none.
+    Done,
+    /// A write failed for a reason that may pass: the files left wait for the next replay.
+    Postponed(Failure),
+}
+
 /// Replays spooled files into the database; a file is removed only after all of it is stored.
 /// Inserts are idempotent by record id, so a replay interrupted halfway is safe to repeat.
-pub async fn replay_spool(store: &SqlStore, dir: &Path, batch_size: usize) {
+///
+/// A record is set aside (into a `.rejected` file beside its spool file, counted in
+/// `relay_usage_records_set_aside_total`) only when the database refuses its data; any other
+/// failure (the database gone, a lock wait, a busy file) postpones the replay.
+pub async fn replay_spool(store: &SqlStore, dir: &Path, batch_size: usize) -> Replay {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+        return Replay::Done;
     };
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -331,32 +367,33 @@ pub async fn replay_spool(store: &SqlStore, dir: &Path, batch_size: usize) {
         let mut rejected = String::new();
         let mut refused = 0;
         for chunk in records.chunks(batch_size.max(1)) {
-            if stored(store, chunk).await {
-                continue;
+            match store_records(store, chunk).await {
+                Ok(()) => continue,
+                Err(Failure::Data) => {}
+                Err(failure) => {
+                    tracing::debug!(?failure, "spool replay postponed");
+                    return Replay::Postponed(failure);
+                }
             }
-            // An unreachable database: the replay waits for it. One that answers but refuses
-            // the batch: one record of it is the cause, and must not hold up this file and every
-            // file after it. The records go one by one; those refused twice are set aside.
-            if !reachable(store).await {
-                tracing::debug!("spool replay postponed: database still unreachable");
-                return;
-            }
+            // The database refused the chunk's data: one record of it is the cause, and must not
+            // hold up this file and every file after it. The records go one by one; those whose
+            // data is refused are set aside. A lock wait, a busy file or a lost connection is no
+            // verdict on a record: the replay waits for the next round then.
             for r in chunk {
-                if stored(store, std::slice::from_ref(r)).await {
-                    continue;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                if stored(store, std::slice::from_ref(r)).await {
-                    continue;
-                }
-                if !reachable(store).await {
-                    return;
-                }
-                tracing::error!(file = %path.display(), record_id = %r.id, "spooled record refused by the database, set aside");
-                refused += 1;
-                if let Ok(line) = serde_json::to_string(r) {
-                    rejected.push_str(&line);
-                    rejected.push('\n');
+                match store_records(store, std::slice::from_ref(r)).await {
+                    Ok(()) => {}
+                    Err(Failure::Data) => {
+                        tracing::error!(file = %path.display(), record_id = %r.id, "spooled record refused by the database for its data, set aside");
+                        refused += 1;
+                        if let Ok(line) = serde_json::to_string(r) {
+                            rejected.push_str(&line);
+                            rejected.push('\n');
+                        }
+                    }
+                    Err(failure) => {
+                        tracing::debug!(?failure, "spool replay postponed");
+                        return Replay::Postponed(failure);
+                    }
                 }
             }
         }
@@ -377,6 +414,7 @@ pub async fn replay_spool(store: &SqlStore, dir: &Path, batch_size: usize) {
                 continue;
             }
         }
+        metrics().usage_set_aside.inc_by(refused as u64);
         metrics()
             .usage_written
             .inc_by((records.len() - refused) as u64);
@@ -386,6 +424,7 @@ pub async fn replay_spool(store: &SqlStore, dir: &Path, batch_size: usize) {
             tracing::info!(file = %path.display(), count = records.len(), "spooled usage records replayed");
         }
     }
+    Replay::Done
 }
 
 #[cfg(test)]
@@ -556,5 +595,52 @@ mod tests {
         // Set aside, it is not replayed again.
         replay_spool(&store, &spool_dir, 100).await;
         assert!(spool_dir.join("usage-1.unreadable").exists());
+    }
+
+    /// A SQLite file busy beyond the usage connection's busy timeout (another connection holds
+    /// the write lock) says nothing about the records: the replay waits for the next round and
+    /// sets none aside; once the lock is gone they are stored.
+    #[tokio::test]
+    async fn a_busy_database_postpones_the_replay_and_sets_nothing_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        std::fs::create_dir_all(&spool_dir).unwrap();
+        let db_file = dir.path().join("relay.db");
+        let store = SqlStore::connect(&format!("sqlite://{}", db_file.display()), 1)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let lines: String = ["one", "two"]
+            .iter()
+            .map(|id| {
+                serde_json::to_string(&UsageRecord {
+                    id: (*id).into(),
+                    created_at: 1_764_000_000_000,
+                    protocol: "anthropic".into(),
+                    status: 200,
+                    ..Default::default()
+                })
+                .unwrap()
+                    + "\n"
+            })
+            .collect();
+        let file = spool_dir.join("usage-1.jsonl");
+        std::fs::write(&file, lines).unwrap();
+
+        let locker = rusqlite::Connection::open(&db_file).unwrap();
+        locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let replay = replay_spool(&store, &spool_dir, 100).await;
+        assert_eq!(replay, Replay::Postponed(Failure::Other));
+        assert!(file.exists(), "the spool file waits for the next replay");
+        assert!(
+            !spool_dir.join("usage-1.rejected").exists(),
+            "nothing set aside"
+        );
+
+        locker.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(replay_spool(&store, &spool_dir, 100).await, Replay::Done);
+        assert_eq!(store.count_records().await.unwrap(), 2);
+        assert!(!file.exists());
+        assert!(!spool_dir.join("usage-1.rejected").exists());
     }
 }
