@@ -434,3 +434,132 @@ async fn a_replay_held_up_by_a_lock_sets_nothing_aside() {
     assert!(!file.exists());
     assert!(!spool.path().join("usage-1.rejected").exists());
 }
+
+/// The value of an unlabelled metric in `/metrics` (0 when it is not there yet).
+async fn metric_value(relay: &Relay, name: &str) -> f64 {
+    relay
+        .metrics_text()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until the metric `name` exceeds `above`.
+async fn wait_metric_above(relay: &Relay, name: &str, above: f64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric_value(relay, name).await <= above {
+        assert!(
+            Instant::now() < deadline,
+            "{name} stayed at {above} or below"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The ids of the records in the spool files of `dir`.
+fn spooled_ids(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+                .flat_map(|p| {
+                    std::fs::read_to_string(p)
+                        .unwrap_or_default()
+                        .lines()
+                        .map(|l| {
+                            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                                .as_str()
+                                .unwrap()
+                                .to_string()
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Usage records stored, waiting (at most a minute) until there are `n`.
+async fn wait_stored(relay: &Relay, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = relay
+            .http
+            .get(format!(
+                "{}/api/admin/usage/records?per_page=500",
+                relay.admin
+            ))
+            .bearer_auth(common::ADMIN_TOKEN)
+            .send()
+            .await;
+        if let Ok(r) = v {
+            if r.status().is_success() {
+                let v: serde_json::Value = r.json().await.unwrap();
+                let items = v["items"].as_array().cloned().unwrap_or_default();
+                if items.len() >= n {
+                    return items;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} records were stored"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// With the database down and the spool unusable (a file stands where its directory should
+/// be), the writer keeps the batch it could put nowhere and tries it again, rather than
+/// dropping it: the records land once the database comes back, or the spool does.
+#[tokio::test]
+async fn records_neither_the_database_nor_the_spool_takes_are_kept_until_one_does() {
+    let pg = PrivatePg::start();
+    let mock = MockUpstream::start().await;
+    let relay = Relay::start_with(RelayOptions {
+        db: Db::Postgres(pg.url()),
+        ..Default::default()
+    })
+    .await;
+    relay
+        .create_account("a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    let key = relay.active_key("held").await;
+    let spool = relay.data_dir.join("spool");
+    std::fs::write(&spool, b"not a directory").unwrap();
+    let failures = "relay_usage_spool_failures_total";
+
+    // The database comes back first: the held records go to it.
+    pg.down();
+    for i in 0..5 {
+        assert!(send(&relay, &key, i).await);
+    }
+    wait_metric_above(&relay, failures, 0.0).await;
+    pg.up();
+    wait_stored(&relay, 5).await;
+
+    // The spool comes back first: the held records go to it, then to the database.
+    pg.down();
+    let failed = metric_value(&relay, failures).await;
+    for i in 5..10 {
+        assert!(send(&relay, &key, i).await);
+    }
+    wait_metric_above(&relay, failures, failed).await;
+    std::fs::remove_file(&spool).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while spooled_ids(&spool).len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the held records were not spooled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pg.up();
+    let records = wait_stored(&relay, 10).await;
+    let mut ids: Vec<&str> = records.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 10, "a record was stored twice");
+    assert_eq!(metric_value(&relay, "relay_usage_records_held").await, 0.0);
+}

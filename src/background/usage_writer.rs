@@ -1,15 +1,19 @@
 //! The usage record writer: a bounded queue fed by the proxy, drained in batches (one
 //! transaction each, rollups included) into the database. When the database is unreachable,
 //! batches go to an append-only spool under `data/spool/` and are replayed later. A record, once
-//! queued, is never dropped: what is still queued when the writer stops is spooled on the spot.
+//! queued, is never dropped: what is still queued when the writer stops is spooled on the spot;
+//! records that neither the database nor the spool takes (a full disk, a spool directory that
+//! cannot be written) are kept in memory and retried, and the queue waits for them meanwhile
+//! (the proxy's requests wait for room rather than records being lost).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use relay_filters::UsageRecord;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::metrics::metrics;
 use crate::store::{SqlStore, StoreError};
@@ -18,7 +22,7 @@ use crate::store::{SqlStore, StoreError};
 #[derive(Clone)]
 pub struct UsageQueue {
     tx: mpsc::Sender<UsageRecord>,
-    spool_dir: PathBuf,
+    shared: Arc<Shared>,
 }
 
 impl UsageQueue {
@@ -45,20 +49,13 @@ impl UsageQueue {
             Ok(()) => metrics().usage_queue_depth.inc(),
             Err(
                 mpsc::error::TrySendError::Full(record) | mpsc::error::TrySendError::Closed(record),
-            ) => self.spool_one(&record),
+            ) => self.shared.spool_or_keep(vec![record]),
         }
     }
 
     /// A view of how many records wait in the queue, which does not keep the queue open.
     pub fn backlog(&self) -> Backlog {
         Backlog(self.tx.downgrade())
-    }
-
-    fn spool_one(&self, record: &UsageRecord) {
-        metrics().usage_spilled.inc();
-        if let Err(e) = spool(&self.spool_dir, std::slice::from_ref(record)) {
-            tracing::error!(error = %e, record_id = %record.id, "usage record could not be spooled");
-        }
     }
 }
 
@@ -83,48 +80,99 @@ struct Held<'a> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         if let Some(record) = self.record.take() {
-            self.queue.spool_one(&record);
+            self.queue.shared.spool_or_keep(vec![record]);
         }
     }
+}
+
+/// What both ends of the queue share.
+struct Shared {
+    spool_dir: PathBuf,
+    /// Records that neither the database nor the spool took, put down where nothing could wait
+    /// for a retry (a request cut, a push cancelled, the writer dropped): the running writer
+    /// takes them into its retries.
+    unsaved: Mutex<Vec<UsageRecord>>,
+}
+
+impl Shared {
+    /// Spools `records` at once; when the spool fails they are kept for a retry.
+    fn spool_or_keep(&self, records: Vec<UsageRecord>) {
+        match spool(&self.spool_dir, &records) {
+            Ok(()) => metrics().usage_spilled.inc_by(records.len() as u64),
+            Err(e) => {
+                spool_failed(&e, records.len());
+                metrics().usage_held.add(records.len() as i64);
+                relay_filters::lock(&self.unsaved).extend(records);
+            }
+        }
+    }
+
+    /// The records kept by [`Shared::spool_or_keep`], taken out (still counted as held).
+    fn take_unsaved(&self) -> Vec<UsageRecord> {
+        std::mem::take(&mut *relay_filters::lock(&self.unsaved))
+    }
+}
+
+/// Counts and logs a spool write that failed; its records are kept in memory and retried.
+fn spool_failed(e: &std::io::Error, count: usize) {
+    metrics().usage_spool_failures.inc();
+    tracing::error!(
+        error = %e,
+        count,
+        "usage records could not be spooled; kept in memory and retried"
+    );
 }
 
 /// Creates the queue and its writer.
 pub fn usage_channel(capacity: usize, spool_dir: PathBuf) -> (UsageQueue, UsageWriter) {
     let (tx, rx) = mpsc::channel(capacity);
+    let shared = Arc::new(Shared {
+        spool_dir,
+        unsaved: Mutex::new(Vec::new()),
+    });
     (
         UsageQueue {
             tx,
-            spool_dir: spool_dir.clone(),
+            shared: shared.clone(),
         },
         UsageWriter {
             rx: Some(rx),
             batch: Vec::new(),
             writing: None,
-            spool_dir,
+            held: Vec::new(),
+            shared,
         },
     )
 }
 
-/// The writer's end: owns the receiver, the batch filling and the batch being written, and
-/// spools whatever is left of them when dropped. A runtime shutting down drops the running
-/// writer (its future owns it), so records still queued, or in a batch whose write was cut, are
-/// spooled then; a batch that was in fact committed is skipped on replay (ids are unique).
+/// The writer's end: owns the receiver, the batch filling, the batch being written and the
+/// records held for a retry, and spools whatever is left of them when dropped. A runtime
+/// shutting down drops the running writer (its future owns it), so records still queued, or in
+/// a batch whose write was cut, are spooled then; a batch that was in fact committed is skipped
+/// on replay (ids are unique).
 pub struct UsageWriter {
     rx: Option<mpsc::Receiver<UsageRecord>>,
     batch: Vec<UsageRecord>,
     /// The batch being written, shared with the store (on a SQLite file its usage thread reads
     /// the records without copying them).
     writing: Option<Arc<[UsageRecord]>>,
-    spool_dir: PathBuf,
+    /// Records that neither the database nor the spool took: retried with backoff, and the
+    /// queue is not drained meanwhile, so requests wait for room instead of records being lost.
+    held: Vec<UsageRecord>,
+    shared: Arc<Shared>,
 }
 
 impl Drop for UsageWriter {
     fn drop(&mut self) {
-        let mut left = std::mem::take(&mut self.batch);
+        // Held records stay counted in `relay_usage_records_held` until they are spooled.
+        let mut left = std::mem::take(&mut self.held);
+        left.extend(self.shared.take_unsaved());
+        let held = left.len();
+        left.append(&mut self.batch);
         if let Some(writing) = self.writing.take() {
             left.extend_from_slice(&writing);
         }
-        let in_batch = left.len();
+        let taken = left.len();
         if let Some(rx) = self.rx.as_mut() {
             rx.close();
             // A sender that reserved room before the close may still be sending (a request
@@ -142,15 +190,11 @@ impl Drop for UsageWriter {
                 }
             }
         }
+        // The records drained from the queue here leave its depth.
+        metrics().usage_queue_depth.sub((left.len() - taken) as i64);
         if !left.is_empty() {
-            // The records drained from the queue here leave its depth.
-            metrics()
-                .usage_queue_depth
-                .sub((left.len() - in_batch) as i64);
-            metrics().usage_spilled.inc_by(left.len() as u64);
-            if let Err(e) = spool(&self.spool_dir, &left) {
-                tracing::error!(error = %e, count = left.len(), "usage records could not be spooled at shutdown");
-            }
+            metrics().usage_held.sub(held as i64);
+            self.shared.spool_or_keep(left);
         }
     }
 }
@@ -162,6 +206,19 @@ pub struct WriterSettings {
     pub flush_interval: Duration,
 }
 
+/// How often the spool is replayed.
+const REPLAY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long a batch may fill before it is written.
+const FILL_WAIT: Duration = Duration::from_millis(100);
+
+/// Longest wait for one batch write: an unreachable database must not hold the queue.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// First and longest pause between retries of held records.
+const HELD_RETRY_FIRST: Duration = Duration::from_millis(250);
+const HELD_RETRY_MAX: Duration = Duration::from_secs(5);
+
 impl UsageWriter {
     /// Writes batches until every sender is gone. After `shutdown` turns true, batches are written
     /// after a short fill (50 ms); when the runtime drops the writer, `Drop` spools what is left.
@@ -171,20 +228,20 @@ impl UsageWriter {
         settings: WriterSettings,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
-        let this = &mut self;
-        let Some(rx) = this.rx.as_mut() else { return };
-        let (batch, writing) = (&mut this.batch, &mut this.writing);
-        batch.reserve(settings.batch_size);
-        let mut replay_tick = tokio::time::interval(Duration::from_secs(5));
+        let batch_size = settings.batch_size.max(1);
+        self.batch.reserve(batch_size);
+        let mut replay_tick = tokio::time::interval(REPLAY_INTERVAL);
+        let mut retry = Backoff::new();
         let mut stopping = false;
         loop {
-            let flush_wait = if stopping {
-                Duration::from_millis(50)
-            } else {
-                settings.flush_interval
-            };
+            if self.take_unsaved() {
+                retry.start();
+            }
+            let holding = !self.held.is_empty();
+            let Some(rx) = self.rx.as_mut() else { return };
             tokio::select! {
-                got = rx.recv_many(batch, settings.batch_size) => {
+                // Held records stop the draining: the queue waits for them.
+                got = rx.recv_many(&mut self.batch, batch_size), if !holding => {
                     if got == 0 {
                         break;
                     }
@@ -193,31 +250,28 @@ impl UsageWriter {
                     // Let a batch fill a little under load, without delaying a lone record
                     // long. The writer sleeps instead of waiting on the queue, so records pushed
                     // meanwhile wake nobody: one wake-up per batch, not one per request.
-                    if batch.len() < settings.batch_size {
-                        tokio::time::sleep(flush_wait.min(FILL_WAIT)).await;
+                    if self.batch.len() < batch_size {
+                        let fill = if stopping {
+                            Duration::from_millis(50)
+                        } else {
+                            settings.flush_interval
+                        };
+                        tokio::time::sleep(fill.min(FILL_WAIT)).await;
                     }
                     loop {
-                        while batch.len() < settings.batch_size {
-                            match rx.try_recv() {
-                                Ok(r) => {
-                                    metrics().usage_queue_depth.dec();
-                                    batch.push(r);
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                        let full = batch.len() == settings.batch_size;
-                        let shared = writing.insert(Arc::from(std::mem::take(batch)));
-                        write_batch(&store, &this.spool_dir, shared).await;
-                        *writing = None;
-                        batch.reserve(settings.batch_size);
-                        if !full {
+                        let full = self.fill(batch_size);
+                        self.flush(&store, &mut retry).await;
+                        self.batch.reserve(batch_size);
+                        if !full || !self.held.is_empty() {
                             break;
                         }
                     }
                 }
-                _ = replay_tick.tick() => {
-                    replay_spool(&store, &this.spool_dir, settings.batch_size).await;
+                _ = tokio::time::sleep_until(retry.at), if holding => {
+                    self.retry_held(&store, &mut retry).await;
+                }
+                _ = replay_tick.tick(), if !holding => {
+                    replay_spool(&store, &self.shared.spool_dir, batch_size).await;
                 }
                 changed = shutdown.changed(), if !stopping => {
                     if changed.is_err() || *shutdown.borrow() {
@@ -227,23 +281,117 @@ impl UsageWriter {
             }
         }
     }
+
+    /// Tops the batch up from the queue without waiting; whether it is full.
+    fn fill(&mut self, batch_size: usize) -> bool {
+        if let Some(rx) = self.rx.as_mut() {
+            while self.batch.len() < batch_size {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        metrics().usage_queue_depth.dec();
+                        self.batch.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        self.batch.len() >= batch_size
+    }
+
+    /// Writes the batch to the database, else to the spool, else holds it for a retry.
+    async fn flush(&mut self, store: &SqlStore, retry: &mut Backoff) {
+        let records = self
+            .writing
+            .insert(Arc::from(std::mem::take(&mut self.batch)))
+            .clone();
+        let count = records.len();
+        if write_batch(store, &records).await {
+            metrics().usage_written.inc_by(count as u64);
+        } else {
+            match spool(&self.shared.spool_dir, &records) {
+                Ok(()) => metrics().usage_spilled.inc_by(count as u64),
+                Err(e) => {
+                    spool_failed(&e, count);
+                    metrics().usage_held.add(count as i64);
+                    self.held.extend(records.iter().cloned());
+                    retry.start();
+                }
+            }
+        }
+        self.writing = None;
+    }
+
+    /// Moves records the other ends could not spool into the held ones; whether there were any
+    /// while none were held.
+    fn take_unsaved(&mut self) -> bool {
+        let unsaved = self.shared.take_unsaved();
+        let new = self.held.is_empty() && !unsaved.is_empty();
+        self.held.extend(unsaved);
+        new
+    }
+
+    /// Tries the held records on the database, then on the spool.
+    async fn retry_held(&mut self, store: &SqlStore, retry: &mut Backoff) {
+        let count = self.held.len();
+        if store_records(store, &self.held).await.is_ok() {
+            metrics().usage_written.inc_by(count as u64);
+            self.release_held();
+            tracing::info!(count, "held usage records stored");
+            return;
+        }
+        match spool(&self.shared.spool_dir, &self.held) {
+            Ok(()) => {
+                metrics().usage_spilled.inc_by(count as u64);
+                self.release_held();
+                tracing::info!(count, "held usage records spooled");
+            }
+            Err(e) => {
+                spool_failed(&e, count);
+                retry.next();
+            }
+        }
+    }
+
+    /// Forgets the held records once stored or spooled.
+    fn release_held(&mut self) {
+        metrics().usage_held.sub(self.held.len() as i64);
+        self.held.clear();
+    }
 }
 
-/// How long a batch may fill before it is written.
-const FILL_WAIT: Duration = Duration::from_millis(100);
+/// When held records are tried next: the pause doubles with every failure, up to a bound.
+struct Backoff {
+    at: Instant,
+    pause: Duration,
+}
 
-/// Longest wait for one batch write: an unreachable database must not hold the queue.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
+impl Backoff {
+    fn new() -> Self {
+        Backoff {
+            at: Instant::now(),
+            pause: HELD_RETRY_FIRST,
+        }
+    }
 
-/// Writes one batch, retrying briefly, spooling it when the database stays unreachable.
-async fn write_batch(store: &SqlStore, spool_dir: &Path, batch: &Arc<[UsageRecord]>) {
+    /// The first retry, after the shortest pause.
+    fn start(&mut self) {
+        self.pause = HELD_RETRY_FIRST;
+        self.at = Instant::now() + self.pause;
+    }
+
+    /// The next retry, after twice the last pause (at most [`HELD_RETRY_MAX`]).
+    fn next(&mut self) {
+        self.pause = (self.pause * 2).min(HELD_RETRY_MAX);
+        self.at = Instant::now() + self.pause;
+    }
+}
+
+/// Writes one batch, retrying briefly; whether it was stored.
+async fn write_batch(store: &SqlStore, batch: &Arc<[UsageRecord]>) -> bool {
     let mut delay = Duration::from_millis(100);
     for attempt in 0..3 {
         match tokio::time::timeout(WRITE_TIMEOUT, store.insert_usage_shared(batch)).await {
-            Ok(Ok(())) => {
-                metrics().usage_written.inc_by(batch.len() as u64);
-                return;
-            }
+            Ok(Ok(())) => return true,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, attempt, count = batch.len(), "usage batch write failed");
             }
@@ -254,25 +402,30 @@ async fn write_batch(store: &SqlStore, spool_dir: &Path, batch: &Arc<[UsageRecor
         tokio::time::sleep(delay).await;
         delay *= 4;
     }
-    metrics().usage_spilled.inc_by(batch.len() as u64);
-    if let Err(e) = spool(spool_dir, batch) {
-        tracing::error!(error = %e, count = batch.len(), "usage batch could not be spooled");
-    }
+    false
 }
 
-/// Appends records to a new spool file (JSON lines), synced to disk.
+/// Appends records to a new spool file (JSON lines), synced to disk. A file left half written
+/// (a full disk) is removed.
 fn spool(dir: &Path, records: &[UsageRecord]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join(format!("usage-{}.jsonl", uuid::Uuid::now_v7()));
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
+    let written = write_spool_file(&tmp, records).and_then(|()| std::fs::rename(&tmp, &path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Writes `records` as JSON lines to a new file at `path` and syncs it.
+fn write_spool_file(path: &Path, records: &[UsageRecord]) -> std::io::Result<()> {
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
     for r in records {
         serde_json::to_writer(&mut file, r)?;
         file.write_all(b"\n")?;
     }
-    file.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(())
+    file.into_inner().map_err(|e| e.into_error())?.sync_all()
 }
 
 /// Why a write did not store its records.
@@ -642,5 +795,66 @@ mod tests {
         assert_eq!(store.count_records().await.unwrap(), 2);
         assert!(!file.exists());
         assert!(!spool_dir.join("usage-1.rejected").exists());
+    }
+
+    /// A batch that neither the database (closed here) nor the spool (a file stands where its
+    /// directory should be) takes is held, and tried again until the spool takes it.
+    #[tokio::test]
+    async fn a_batch_neither_the_database_nor_the_spool_takes_is_held_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        std::fs::write(&spool_dir, b"not a directory").unwrap();
+        let url = format!("sqlite://{}", dir.path().join("relay.db").display());
+        let store = SqlStore::connect(&url, 1).await.unwrap();
+        store.migrate().await.unwrap();
+        store.close().await;
+        let (queue, mut writer) = usage_channel(10, spool_dir.clone());
+        for id in ["a", "b"] {
+            queue
+                .push(UsageRecord {
+                    id: id.into(),
+                    ..Default::default()
+                })
+                .await;
+        }
+        let mut retry = Backoff::new();
+        assert!(!writer.fill(10), "two records do not fill a batch of ten");
+        writer.flush(&store, &mut retry).await;
+        let held = |w: &UsageWriter| w.held.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+        assert_eq!(held(&writer), ["a", "b"]);
+        writer.retry_held(&store, &mut retry).await;
+        assert_eq!(held(&writer), ["a", "b"], "still nowhere to go");
+
+        std::fs::remove_file(&spool_dir).unwrap();
+        writer.retry_held(&store, &mut retry).await;
+        assert!(writer.held.is_empty());
+        let mut spooled = spooled_ids(&spool_dir);
+        spooled.sort();
+        assert_eq!(spooled, ["a", "b"]);
+    }
+
+    /// Records a request could not spool where it was (the writer gone, its push cut) are kept
+    /// for the writer, and spooled by it when it is dropped.
+    #[tokio::test]
+    async fn records_a_request_could_not_spool_are_kept_for_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        std::fs::write(&spool_dir, b"not a directory").unwrap();
+        let (queue, writer) = usage_channel(1, spool_dir.clone());
+        queue.push_now(UsageRecord {
+            id: "queued".into(),
+            ..Default::default()
+        });
+        // The queue is full: this one goes to the spool at once, which fails.
+        queue.push_now(UsageRecord {
+            id: "kept".into(),
+            ..Default::default()
+        });
+        assert_eq!(relay_filters::lock(&writer.shared.unsaved).len(), 1);
+        std::fs::remove_file(&spool_dir).unwrap();
+        drop(writer);
+        let mut spooled = spooled_ids(&spool_dir);
+        spooled.sort();
+        assert_eq!(spooled, ["kept", "queued"]);
     }
 }
