@@ -6,14 +6,16 @@
 //! cannot be written) are kept in memory and retried, and the queue waits for them meanwhile
 //! (the proxy's requests wait for room rather than records being lost).
 
+use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use relay_filters::UsageRecord;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::metrics::metrics;
 use crate::store::{SqlStore, StoreError};
@@ -206,7 +208,8 @@ pub struct WriterSettings {
     pub flush_interval: Duration,
 }
 
-/// How often the spool is replayed.
+/// How often the spool is replayed (or, while the database is down, a ping tells whether it
+/// is back).
 const REPLAY_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long a batch may fill before it is written.
@@ -214,6 +217,10 @@ const FILL_WAIT: Duration = Duration::from_millis(100);
 
 /// Longest wait for one batch write: an unreachable database must not hold the queue.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Pause before the one retry of a write that failed for a reason that may pass at once (a
+/// busy SQLite file, the usage thread behind).
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// First and longest pause between retries of held records.
 const HELD_RETRY_FIRST: Duration = Duration::from_millis(250);
@@ -231,6 +238,10 @@ impl UsageWriter {
         let batch_size = settings.batch_size.max(1);
         self.batch.reserve(batch_size);
         let mut replay_tick = tokio::time::interval(REPLAY_INTERVAL);
+        // A tick missed while a batch or a replay ran is not made up for by a burst of ticks.
+        replay_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut db = Breaker::default();
+        let mut probe: Option<Probe> = None;
         let mut retry = Backoff::new();
         let mut stopping = false;
         loop {
@@ -260,7 +271,7 @@ impl UsageWriter {
                     }
                     loop {
                         let full = self.fill(batch_size);
-                        self.flush(&store, &mut retry).await;
+                        self.flush(&store, &mut db, &mut retry).await;
                         self.batch.reserve(batch_size);
                         if !full || !self.held.is_empty() {
                             break;
@@ -268,10 +279,32 @@ impl UsageWriter {
                     }
                 }
                 _ = tokio::time::sleep_until(retry.at), if holding => {
-                    self.retry_held(&store, &mut retry).await;
+                    self.retry_held(&store, &mut db, &mut retry).await;
                 }
-                _ = replay_tick.tick(), if !holding => {
-                    replay_spool(&store, &self.shared.spool_dir, batch_size).await;
+                _ = replay_tick.tick() => {
+                    if db.down {
+                        // No replay while the database is down: a ping beside the writer's work
+                        // tells when it is back.
+                        if probe.is_none() {
+                            probe = Some(Box::pin(ping(store.clone())));
+                        }
+                    } else if !holding {
+                        self.replay(&store, &mut db, batch_size).await;
+                    }
+                }
+                up = async {
+                    match probe.as_mut() {
+                        Some(p) => p.await,
+                        None => std::future::pending().await,
+                    }
+                }, if probe.is_some() => {
+                    probe = None;
+                    if up {
+                        db.mark_up();
+                        if !holding {
+                            self.replay(&store, &mut db, batch_size).await;
+                        }
+                    }
                 }
                 changed = shutdown.changed(), if !stopping => {
                     if changed.is_err() || *shutdown.borrow() {
@@ -299,13 +332,24 @@ impl UsageWriter {
     }
 
     /// Writes the batch to the database, else to the spool, else holds it for a retry.
-    async fn flush(&mut self, store: &SqlStore, retry: &mut Backoff) {
+    async fn flush(&mut self, store: &SqlStore, db: &mut Breaker, retry: &mut Backoff) {
         let records = self
             .writing
             .insert(Arc::from(std::mem::take(&mut self.batch)))
             .clone();
         let count = records.len();
-        if write_batch(store, &records).await {
+        // Known down: a write would only wait out its timeout, and the queue behind it.
+        let stored = !db.down
+            && match write_batch(store, &records).await {
+                Ok(()) => true,
+                Err(Failure::Down) => {
+                    db.mark_down();
+                    false
+                }
+                // A record refused for its data is set aside by the replay, one by one.
+                Err(Failure::Data | Failure::Other) => false,
+            };
+        if stored {
             metrics().usage_written.inc_by(count as u64);
         } else {
             match spool(&self.shared.spool_dir, &records) {
@@ -330,14 +374,20 @@ impl UsageWriter {
         new
     }
 
-    /// Tries the held records on the database, then on the spool.
-    async fn retry_held(&mut self, store: &SqlStore, retry: &mut Backoff) {
+    /// Tries the held records on the database (unless it is known down), then on the spool.
+    async fn retry_held(&mut self, store: &SqlStore, db: &mut Breaker, retry: &mut Backoff) {
         let count = self.held.len();
-        if store_records(store, &self.held).await.is_ok() {
-            metrics().usage_written.inc_by(count as u64);
-            self.release_held();
-            tracing::info!(count, "held usage records stored");
-            return;
+        if !db.down {
+            match store_records(store, &self.held).await {
+                Ok(()) => {
+                    metrics().usage_written.inc_by(count as u64);
+                    self.release_held();
+                    tracing::info!(count, "held usage records stored");
+                    return;
+                }
+                Err(Failure::Down) => db.mark_down(),
+                Err(Failure::Data | Failure::Other) => {}
+            }
         }
         match spool(&self.shared.spool_dir, &self.held) {
             Ok(()) => {
@@ -356,6 +406,56 @@ impl UsageWriter {
     fn release_held(&mut self) {
         metrics().usage_held.sub(self.held.len() as i64);
         self.held.clear();
+    }
+
+    /// Replays the spool; a failure that says the database is gone marks it down.
+    async fn replay(&mut self, store: &SqlStore, db: &mut Breaker, batch_size: usize) {
+        if replay_spool(store, &self.shared.spool_dir, batch_size).await
+            == Replay::Postponed(Failure::Down)
+        {
+            db.mark_down();
+        }
+    }
+}
+
+/// A ping of the database running beside the writer's work.
+type Probe = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// Whether the database answers.
+async fn ping(store: SqlStore) -> bool {
+    matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, store.ping()).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Whether the writer takes the database for down. While it does, batches go to the spool at
+/// once (a write would only wait out its timeout) and the spool is not replayed; a ping on
+/// each replay tick tells when it is back. Without it, an unreachable database cost every
+/// batch its write timeouts and every replay tick a write and a ping timeout, and the queue
+/// filled behind them.
+#[derive(Default)]
+struct Breaker {
+    down: bool,
+}
+
+impl Breaker {
+    fn mark_down(&mut self) {
+        if !self.down {
+            self.down = true;
+            metrics().usage_database_down.set(1);
+            tracing::warn!(
+                "usage writer: database unreachable; batches go to the spool until it answers"
+            );
+        }
+    }
+
+    fn mark_up(&mut self) {
+        if self.down {
+            self.down = false;
+            metrics().usage_database_down.set(0);
+            tracing::info!("usage writer: the database answers again; replaying the spool");
+        }
     }
 }
 
@@ -386,23 +486,23 @@ impl Backoff {
     }
 }
 
-/// Writes one batch, retrying briefly; whether it was stored.
-async fn write_batch(store: &SqlStore, batch: &Arc<[UsageRecord]>) -> bool {
-    let mut delay = Duration::from_millis(100);
-    for attempt in 0..3 {
-        match tokio::time::timeout(WRITE_TIMEOUT, store.insert_usage_shared(batch)).await {
-            Ok(Ok(())) => return true,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, attempt, count = batch.len(), "usage batch write failed");
-            }
-            Err(_) => {
-                tracing::warn!(attempt, count = batch.len(), "usage batch write timed out");
-            }
+/// Writes one batch. A failure that may pass at once (neither the data nor the database gone)
+/// is retried once; a database that does not answer is not waited for again.
+async fn write_batch(store: &SqlStore, batch: &Arc<[UsageRecord]>) -> Result<(), Failure> {
+    let mut retried = false;
+    loop {
+        let failure =
+            match tokio::time::timeout(WRITE_TIMEOUT, store.insert_usage_shared(batch)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => not_stored(&e, batch.len()),
+                Err(_) => not_in_time(batch.len()),
+            };
+        if failure != Failure::Other || retried {
+            return Err(failure);
         }
-        tokio::time::sleep(delay).await;
-        delay *= 4;
+        retried = true;
+        tokio::time::sleep(RETRY_PAUSE).await;
     }
-    false
 }
 
 /// Appends records to a new spool file (JSON lines), synced to disk. A file left half written
@@ -451,19 +551,25 @@ impl Failure {
     }
 }
 
+/// Logs a write of `count` records that failed and tells why.
+fn not_stored(e: &StoreError, count: usize) -> Failure {
+    let failure = Failure::of(e);
+    tracing::warn!(error = %e, ?failure, count, "usage records not stored");
+    failure
+}
+
+/// Logs a write of `count` records that timed out: the database is taken for down.
+fn not_in_time(count: usize) -> Failure {
+    tracing::warn!(count, "usage records not stored in time");
+    Failure::Down
+}
+
 /// Stores `records` in one transaction, within the write timeout.
 async fn store_records(store: &SqlStore, records: &[UsageRecord]) -> Result<(), Failure> {
     match tokio::time::timeout(WRITE_TIMEOUT, store.insert_usage_batch(records)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => {
-            let failure = Failure::of(&e);
-            tracing::warn!(error = %e, ?failure, count = records.len(), "usage records not stored");
-            Err(failure)
-        }
-        Err(_) => {
-            tracing::warn!(count = records.len(), "usage records not stored in time");
-            Err(Failure::Down)
-        }
+        Ok(Err(e)) => Err(not_stored(&e, records.len())),
+        Err(_) => Err(not_in_time(records.len())),
     }
 }
 
@@ -817,16 +923,16 @@ mod tests {
                 })
                 .await;
         }
-        let mut retry = Backoff::new();
+        let (mut db, mut retry) = (Breaker::default(), Backoff::new());
         assert!(!writer.fill(10), "two records do not fill a batch of ten");
-        writer.flush(&store, &mut retry).await;
+        writer.flush(&store, &mut db, &mut retry).await;
         let held = |w: &UsageWriter| w.held.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
         assert_eq!(held(&writer), ["a", "b"]);
-        writer.retry_held(&store, &mut retry).await;
+        writer.retry_held(&store, &mut db, &mut retry).await;
         assert_eq!(held(&writer), ["a", "b"], "still nowhere to go");
 
         std::fs::remove_file(&spool_dir).unwrap();
-        writer.retry_held(&store, &mut retry).await;
+        writer.retry_held(&store, &mut db, &mut retry).await;
         assert!(writer.held.is_empty());
         let mut spooled = spooled_ids(&spool_dir);
         spooled.sort();
