@@ -10,7 +10,7 @@ use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use relay_filters::UsageRecord;
@@ -208,6 +208,10 @@ pub struct WriterSettings {
     pub flush_interval: Duration,
 }
 
+/// The database as the writer reaches it: empty until the control plane has connected, and
+/// until then every batch is spooled.
+pub type StoreSlot = Arc<OnceLock<SqlStore>>;
+
 /// How often the spool is replayed (or, while the database is down, a ping tells whether it
 /// is back).
 const REPLAY_INTERVAL: Duration = Duration::from_secs(5);
@@ -231,7 +235,7 @@ impl UsageWriter {
     /// after a short fill (50 ms); when the runtime drops the writer, `Drop` spools what is left.
     pub async fn run(
         mut self,
-        store: SqlStore,
+        store: StoreSlot,
         settings: WriterSettings,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
@@ -332,15 +336,20 @@ impl UsageWriter {
     }
 
     /// Writes the batch to the database, else to the spool, else holds it for a retry.
-    async fn flush(&mut self, store: &SqlStore, db: &mut Breaker, retry: &mut Backoff) {
+    async fn flush(&mut self, store: &StoreSlot, db: &mut Breaker, retry: &mut Backoff) {
         let records = self
             .writing
             .insert(Arc::from(std::mem::take(&mut self.batch)))
             .clone();
         let count = records.len();
-        // Known down: a write would only wait out its timeout, and the queue behind it.
-        let stored = !db.down
-            && match write_batch(store, &records).await {
+        let stored = match store.get() {
+            None => {
+                db.mark_down();
+                false
+            }
+            // Known down: a write would only wait out its timeout, and the queue behind it.
+            Some(_) if db.down => false,
+            Some(s) => match write_batch(s, &records).await {
                 Ok(()) => true,
                 Err(Failure::Down) => {
                     db.mark_down();
@@ -348,7 +357,8 @@ impl UsageWriter {
                 }
                 // A record refused for its data is set aside by the replay, one by one.
                 Err(Failure::Data | Failure::Other) => false,
-            };
+            },
+        };
         if stored {
             metrics().usage_written.inc_by(count as u64);
         } else {
@@ -375,10 +385,10 @@ impl UsageWriter {
     }
 
     /// Tries the held records on the database (unless it is known down), then on the spool.
-    async fn retry_held(&mut self, store: &SqlStore, db: &mut Breaker, retry: &mut Backoff) {
+    async fn retry_held(&mut self, store: &StoreSlot, db: &mut Breaker, retry: &mut Backoff) {
         let count = self.held.len();
-        if !db.down {
-            match store_records(store, &self.held).await {
+        if let Some(s) = store.get().filter(|_| !db.down) {
+            match store_records(s, &self.held).await {
                 Ok(()) => {
                     metrics().usage_written.inc_by(count as u64);
                     self.release_held();
@@ -409,7 +419,11 @@ impl UsageWriter {
     }
 
     /// Replays the spool; a failure that says the database is gone marks it down.
-    async fn replay(&mut self, store: &SqlStore, db: &mut Breaker, batch_size: usize) {
+    async fn replay(&mut self, store: &StoreSlot, db: &mut Breaker, batch_size: usize) {
+        let Some(store) = store.get() else {
+            db.mark_down();
+            return;
+        };
         if replay_spool(store, &self.shared.spool_dir, batch_size).await
             == Replay::Postponed(Failure::Down)
         {
@@ -421,12 +435,15 @@ impl UsageWriter {
 /// A ping of the database running beside the writer's work.
 type Probe = Pin<Box<dyn Future<Output = bool> + Send>>;
 
-/// Whether the database answers.
-async fn ping(store: SqlStore) -> bool {
-    matches!(
-        tokio::time::timeout(WRITE_TIMEOUT, store.ping()).await,
-        Ok(Ok(()))
-    )
+/// Whether the database answers (once the control plane has reached it).
+async fn ping(store: StoreSlot) -> bool {
+    match store.get() {
+        Some(s) => matches!(
+            tokio::time::timeout(WRITE_TIMEOUT, s.ping()).await,
+            Ok(Ok(()))
+        ),
+        None => false,
+    }
 }
 
 /// Whether the writer takes the database for down. While it does, batches go to the spool at
@@ -725,13 +742,15 @@ mod tests {
     fn spooled_ids(dir: &Path) -> Vec<String> {
         std::fs::read_dir(dir)
             .map(|d| {
-                d.flat_map(|e| {
-                    let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
-                    text.lines()
-                        .map(|l| serde_json::from_str::<UsageRecord>(l).unwrap().id)
-                        .collect::<Vec<_>>()
-                })
-                .collect()
+                d.map(|e| e.unwrap().path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+                    .flat_map(|p| {
+                        let text = std::fs::read_to_string(p).unwrap();
+                        text.lines()
+                            .map(|l| serde_json::from_str::<UsageRecord>(l).unwrap().id)
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
             })
             .unwrap_or_default()
     }
@@ -759,7 +778,7 @@ mod tests {
             batch_size: 100,
             flush_interval: Duration::from_secs(1),
         };
-        rt.spawn(writer.run(store.clone(), settings, stopping));
+        rt.spawn(writer.run(Arc::new(OnceLock::from(store.clone())), settings, stopping));
         let ids: Vec<String> = (0..5).map(|i| format!("r{i}")).collect();
         rt.block_on(async {
             stop.send(true).unwrap();
@@ -923,6 +942,7 @@ mod tests {
                 })
                 .await;
         }
+        let store: StoreSlot = Arc::new(OnceLock::from(store));
         let (mut db, mut retry) = (Breaker::default(), Backoff::new());
         assert!(!writer.fill(10), "two records do not fill a batch of ten");
         writer.flush(&store, &mut db, &mut retry).await;
@@ -962,5 +982,48 @@ mod tests {
         let mut spooled = spooled_ids(&spool_dir);
         spooled.sort();
         assert_eq!(spooled, ["kept", "queued"]);
+    }
+
+    /// Until the control plane has reached the database, the writer spools every batch at
+    /// once; once it has, the spool is replayed into it.
+    #[tokio::test]
+    async fn without_a_database_yet_the_writer_spools_and_replays_it_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let (queue, writer) = usage_channel(10, spool_dir.clone());
+        let slot: StoreSlot = Arc::default();
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        let settings = WriterSettings {
+            batch_size: 10,
+            flush_interval: Duration::from_millis(10),
+        };
+        let running = tokio::spawn(writer.run(slot.clone(), settings, stopping));
+        queue
+            .push(UsageRecord {
+                id: "early".into(),
+                created_at: 1_764_000_000_000,
+                protocol: "anthropic".into(),
+                status: 200,
+                ..Default::default()
+            })
+            .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while spooled_ids(&spool_dir).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "nothing was spooled");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let url = format!("sqlite://{}", dir.path().join("relay.db").display());
+        let store = SqlStore::connect(&url, 1).await.unwrap();
+        store.migrate().await.unwrap();
+        assert!(slot.set(store.clone()).is_ok());
+        while store.count_records().await.unwrap() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the spool was not replayed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        running.abort();
     }
 }
