@@ -604,3 +604,136 @@ async fn an_outage_costs_one_write_timeout_not_one_per_batch() {
     assert_eq!(records.len(), 40);
     relay.wait_metric("relay_usage_database_down 0").await;
 }
+
+/// Clients sending requests without pause until the relay stops answering; the request ids
+/// (`x-request-id`) of the answers they read to the end with status 200.
+struct Load {
+    served: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// `clients` clients; request ids start with `tag`.
+    fn start(relay: &Relay, key: &str, clients: usize, tag: &str) -> Load {
+        let served = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let clients = (0..clients)
+            .map(|c| {
+                let (served, key, tag) = (served.clone(), key.to_string(), tag.to_string());
+                let (http, url) = (relay.http.clone(), format!("{}/v1/messages", relay.proxy));
+                tokio::spawn(async move {
+                    for i in 0.. {
+                        let id = format!("{tag}-{c}-{i}");
+                        let sent = http
+                            .post(&url)
+                            .header("x-api-key", &key)
+                            .header("anthropic-version", "2023-06-01")
+                            .header("x-request-id", &id)
+                            .json(&messages_body(
+                                MODEL,
+                                i % 2 == 0,
+                                conversation(&format!("load {c} {i}"), 1),
+                            ))
+                            .send()
+                            .await;
+                        let Ok(answer) = sent else { return };
+                        let ok = answer.status() == 200;
+                        if answer.bytes().await.is_ok() && ok {
+                            served.lock().unwrap().push(id);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { served, clients }
+    }
+
+    fn served(&self) -> usize {
+        self.served.lock().unwrap().len()
+    }
+
+    /// Waits for every client to stop; the ids served.
+    async fn finish(self) -> Vec<String> {
+        for c in self.clients {
+            c.await.unwrap();
+        }
+        let served = self.served.lock().unwrap().clone();
+        served
+    }
+}
+
+/// Stops a relay with `signal` while clients keep it busy, three times over on the same data
+/// (whether a record is caught in flight depends on the moment), then checks that every answer
+/// a client read in full has its usage record, once.
+async fn no_record_is_lost_when_stopped_under_load(signal: &str) {
+    let mock = MockUpstream::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut relay = relay_on(data.path()).await;
+    relay
+        .create_account("a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    let key = relay.active_key("load").await;
+    let mut served = Vec::new();
+    for round in 0..3 {
+        if round > 0 {
+            relay = relay_on(data.path()).await;
+        }
+        let load = Load::start(&relay, &key, 8, &format!("round-{round}"));
+        while load.served() < 40 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let status = relay.stop_with(signal);
+        served.extend(load.finish().await);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "SIG{signal}: the relay exited with {status:?}"
+        );
+    }
+
+    let relay = relay_on(data.path()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut booked: Vec<String> = Vec::new();
+        for page in 1.. {
+            let records = relay
+                .admin_get(&format!(
+                    "/api/admin/usage/records?per_page=500&page={page}"
+                ))
+                .await;
+            let items = records["items"].as_array().cloned().unwrap_or_default();
+            booked.extend(
+                items
+                    .iter()
+                    .filter_map(|r| Some(r["request_id"].as_str()?.to_string())),
+            );
+            if items.len() < 500 {
+                break;
+            }
+        }
+        let missing = served.iter().filter(|id| !booked.contains(id)).count();
+        if missing == 0 {
+            booked.sort();
+            let all = booked.len();
+            booked.dedup();
+            assert_eq!(booked.len(), all, "a request was booked twice");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIG{signal}: {missing} of {} answers served have no usage record",
+            served.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// SIGINT is Pingora's fast shutdown: it waits for nothing, and the process used to exit while
+/// the writer was still spooling the records it held.
+#[tokio::test]
+async fn no_record_is_lost_when_sigint_stops_a_busy_relay() {
+    no_record_is_lost_when_stopped_under_load("INT").await;
+}
+
+#[tokio::test]
+async fn no_record_is_lost_when_sigterm_stops_a_busy_relay() {
+    no_record_is_lost_when_stopped_under_load("TERM").await;
+}

@@ -219,7 +219,7 @@ mod tests {
     async fn usage_records_are_spooled_while_the_database_cannot_be_reached() {
         let dir = tempfile::tempdir().unwrap();
         let spool = dir.path().join("spool");
-        let (queue, writer) = usage_writer::usage_channel(10, spool.clone());
+        let (queue, writer, _drain) = usage_writer::usage_channel(10, spool.clone());
         // A port nothing listens on.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())

@@ -6,6 +6,7 @@
 //! cannot be written) are kept in memory and retried, and the queue waits for them meanwhile
 //! (the proxy's requests wait for room rather than records being lost).
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use crate::store::{SqlStore, StoreError};
 pub struct UsageQueue {
     tx: mpsc::Sender<UsageRecord>,
     shared: Arc<Shared>,
+    _alive: Alive,
 }
 
 impl UsageQueue {
@@ -87,12 +89,19 @@ impl Drop for Held<'_> {
     }
 }
 
-/// What both ends of the queue share.
+/// A handle that keeps its end of the queue counted as live: [`UsageDrain::finish`] waits until
+/// every one is dropped. Nothing is ever sent on the channel; its closing is the signal.
+#[derive(Clone)]
+struct Alive {
+    _sender: std::sync::mpsc::Sender<Infallible>,
+}
+
+/// What every end of the queue shares.
 struct Shared {
     spool_dir: PathBuf,
     /// Records that neither the database nor the spool took, put down where nothing could wait
     /// for a retry (a request cut, a push cancelled, the writer dropped): the running writer
-    /// takes them into its retries.
+    /// takes them into its retries; at exit [`UsageDrain::finish`] retries them.
     unsaved: Mutex<Vec<UsageRecord>>,
 }
 
@@ -125,9 +134,10 @@ fn spool_failed(e: &std::io::Error, count: usize) {
     );
 }
 
-/// Creates the queue and its writer.
-pub fn usage_channel(capacity: usize, spool_dir: PathBuf) -> (UsageQueue, UsageWriter) {
+/// Creates the queue, its writer, and the drain that waits for both at exit.
+pub fn usage_channel(capacity: usize, spool_dir: PathBuf) -> (UsageQueue, UsageWriter, UsageDrain) {
     let (tx, rx) = mpsc::channel(capacity);
+    let (alive, gone) = std::sync::mpsc::channel();
     let shared = Arc::new(Shared {
         spool_dir,
         unsaved: Mutex::new(Vec::new()),
@@ -136,14 +146,19 @@ pub fn usage_channel(capacity: usize, spool_dir: PathBuf) -> (UsageQueue, UsageW
         UsageQueue {
             tx,
             shared: shared.clone(),
+            _alive: Alive {
+                _sender: alive.clone(),
+            },
         },
         UsageWriter {
             rx: Some(rx),
             batch: Vec::new(),
             writing: None,
             held: Vec::new(),
-            shared,
+            shared: shared.clone(),
+            _alive: Alive { _sender: alive },
         },
+        UsageDrain { gone, shared },
     )
 }
 
@@ -162,6 +177,8 @@ pub struct UsageWriter {
     /// queue is not drained meanwhile, so requests wait for room instead of records being lost.
     held: Vec<UsageRecord>,
     shared: Arc<Shared>,
+    /// Dropped after `drop` has spooled what the writer held.
+    _alive: Alive,
 }
 
 impl Drop for UsageWriter {
@@ -196,6 +213,7 @@ impl Drop for UsageWriter {
         metrics().usage_queue_depth.sub((left.len() - taken) as i64);
         if !left.is_empty() {
             metrics().usage_held.sub(held as i64);
+            // What the spool does not take now is left for the exit's drain to retry.
             self.shared.spool_or_keep(left);
         }
     }
@@ -703,6 +721,79 @@ pub async fn replay_spool(store: &SqlStore, dir: &Path, batch_size: usize) -> Re
     Replay::Done
 }
 
+/// The exit's hold on the usage records. Pingora stops its runtimes without waiting for their
+/// threads to finish dropping the tasks (with SIGINT it does not wait at all), and the process
+/// would exit while the writer, or a request cut short, still spooled what it held.
+/// [`UsageDrain::finish`] waits until the writer and every queue handle are gone, each having
+/// spooled what it held on its way out, then retries the spool for records none could keep.
+pub struct UsageDrain {
+    gone: std::sync::mpsc::Receiver<Infallible>,
+    shared: Arc<Shared>,
+}
+
+/// Usage records a stopping node could not keep.
+#[derive(Debug, thiserror::Error)]
+pub enum NotKept {
+    /// The writer or a request still held records when the time was up.
+    #[error("the usage writer did not finish within {0:?}; records it held may be lost")]
+    Unfinished(Duration),
+    /// The spool refused these records to the end.
+    #[error("{0} usage records could be neither stored nor spooled and are lost")]
+    Lost(usize),
+}
+
+impl UsageDrain {
+    /// Blocks until the other ends of the queue are gone, then spools the records they left
+    /// unsaved, retrying with backoff; gives up `within` from now.
+    pub fn finish(self, within: Duration) -> Result<(), NotKept> {
+        let deadline = std::time::Instant::now() + within;
+        // Nothing is sent on the channel: it only tells when its last sender is gone.
+        let finished = !matches!(
+            self.gone.recv_timeout(within),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        );
+        let kept = self.spool_unsaved(deadline);
+        match (finished, kept) {
+            (false, _) => Err(NotKept::Unfinished(within)),
+            (true, Err(lost)) => Err(NotKept::Lost(lost)),
+            (true, Ok(())) => Ok(()),
+        }
+    }
+
+    /// Spools the records left unsaved, retrying until `deadline`; else how many are lost.
+    fn spool_unsaved(&self, deadline: std::time::Instant) -> Result<(), usize> {
+        let mut pause = HELD_RETRY_FIRST;
+        loop {
+            let left = self.shared.take_unsaved();
+            if left.is_empty() {
+                return Ok(());
+            }
+            let count = left.len();
+            match spool(&self.shared.spool_dir, &left) {
+                Ok(()) => {
+                    metrics().usage_spilled.inc_by(count as u64);
+                    metrics().usage_held.sub(count as i64);
+                    tracing::info!(count, "held usage records spooled at exit");
+                    return Ok(());
+                }
+                Err(e) => {
+                    spool_failed(&e, count);
+                    relay_filters::lock(&self.shared.unsaved).extend(left);
+                    if std::time::Instant::now() + pause > deadline {
+                        tracing::error!(
+                            count,
+                            "usage records lost: neither the database nor the spool took them"
+                        );
+                        return Err(count);
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(HELD_RETRY_MAX);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -710,7 +801,7 @@ mod tests {
     #[tokio::test]
     async fn queue_spools_when_writer_is_gone() {
         let dir = tempfile::tempdir().unwrap();
-        let (queue, writer) = usage_channel(4, dir.path().to_path_buf());
+        let (queue, writer, _drain) = usage_channel(4, dir.path().to_path_buf());
         queue
             .push(UsageRecord {
                 id: "a".into(),
@@ -772,7 +863,7 @@ mod tests {
             store.migrate().await.unwrap();
             store
         });
-        let (queue, writer) = usage_channel(100, spool_dir.clone());
+        let (queue, writer, _drain) = usage_channel(100, spool_dir.clone());
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let settings = WriterSettings {
             batch_size: 100,
@@ -821,7 +912,7 @@ mod tests {
     #[tokio::test]
     async fn records_that_cannot_wait_for_room_are_spooled() {
         let dir = tempfile::tempdir().unwrap();
-        let (queue, _writer) = usage_channel(1, dir.path().to_path_buf());
+        let (queue, _writer, _drain) = usage_channel(1, dir.path().to_path_buf());
         let record = |id: &str| UsageRecord {
             id: id.into(),
             ..Default::default()
@@ -933,7 +1024,7 @@ mod tests {
         let store = SqlStore::connect(&url, 1).await.unwrap();
         store.migrate().await.unwrap();
         store.close().await;
-        let (queue, mut writer) = usage_channel(10, spool_dir.clone());
+        let (queue, mut writer, _drain) = usage_channel(10, spool_dir.clone());
         for id in ["a", "b"] {
             queue
                 .push(UsageRecord {
@@ -966,7 +1057,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool_dir = dir.path().join("spool");
         std::fs::write(&spool_dir, b"not a directory").unwrap();
-        let (queue, writer) = usage_channel(1, spool_dir.clone());
+        let (queue, writer, _drain) = usage_channel(1, spool_dir.clone());
         queue.push_now(UsageRecord {
             id: "queued".into(),
             ..Default::default()
@@ -990,7 +1081,7 @@ mod tests {
     async fn without_a_database_yet_the_writer_spools_and_replays_it_later() {
         let dir = tempfile::tempdir().unwrap();
         let spool_dir = dir.path().join("spool");
-        let (queue, writer) = usage_channel(10, spool_dir.clone());
+        let (queue, writer, _drain) = usage_channel(10, spool_dir.clone());
         let slot: StoreSlot = Arc::default();
         let (_stop, stopping) = tokio::sync::watch::channel(false);
         let settings = WriterSettings {
@@ -1025,5 +1116,66 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         running.abort();
+    }
+
+    /// The drain returns only once every end of the queue is gone: a request dropped on another
+    /// thread after the writer (as a runtime shutting down drops it) has spooled its record by
+    /// then.
+    #[test]
+    fn the_drain_waits_for_every_end_of_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let (queue, writer, drain) = usage_channel(4, spool_dir.clone());
+        drop(writer);
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            queue.push_now(UsageRecord {
+                id: "late".into(),
+                ..Default::default()
+            });
+        });
+        drain.finish(Duration::from_secs(30)).unwrap();
+        assert_eq!(spooled_ids(&spool_dir), ["late"]);
+        late.join().unwrap();
+    }
+
+    /// Records the spool refused to the writer being dropped are spooled by the drain, which
+    /// retries until the spool takes them; or, when it never does, says how many are lost.
+    #[test]
+    fn the_drain_retries_the_spool_for_records_left_unsaved() {
+        let record = |id: &str| UsageRecord {
+            id: id.into(),
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        std::fs::write(&spool_dir, b"not a directory").unwrap();
+        let (queue, writer, drain) = usage_channel(4, spool_dir.clone());
+        queue.push_now(record("queued"));
+        drop(writer);
+        queue.push_now(record("cut"));
+        drop(queue);
+        let unblock = {
+            let spool_dir = spool_dir.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                std::fs::remove_file(&spool_dir).unwrap();
+            })
+        };
+        drain.finish(Duration::from_secs(30)).unwrap();
+        unblock.join().unwrap();
+        let mut spooled = spooled_ids(&spool_dir);
+        spooled.sort();
+        assert_eq!(spooled, ["cut", "queued"]);
+
+        let blocked = dir.path().join("blocked");
+        std::fs::write(&blocked, b"not a directory").unwrap();
+        let (queue, writer, drain) = usage_channel(4, blocked);
+        queue.push_now(record("lost"));
+        drop((queue, writer));
+        assert!(matches!(
+            drain.finish(Duration::from_millis(100)),
+            Err(NotKept::Lost(1))
+        ));
     }
 }
