@@ -32,7 +32,8 @@ pub struct UsageQueue {
 impl UsageQueue {
     /// Queues a record; waits when the queue is full (back-pressure, never loss). If the writer
     /// is gone (shutdown), the record is spooled directly.
-    /// A push cancelled while it waits for room (its task dropped) spools the record.
+    /// A push cancelled while it waits for room (its task dropped) spools the record (or keeps
+    /// it, when the spool fails, as [`UsageQueue::push_now`] does).
     pub async fn push(&self, record: UsageRecord) {
         let mut held = Held {
             queue: self,
@@ -47,7 +48,7 @@ impl UsageQueue {
     }
 
     /// Queues a record without waiting: when the queue is full or the writer gone, the record is
-    /// spooled at once.
+    /// spooled at once (and kept for the writer, or the exit, when the spool fails).
     pub fn push_now(&self, record: UsageRecord) {
         match self.tx.try_send(record) {
             Ok(()) => metrics().usage_queue_depth.inc(),
@@ -540,8 +541,9 @@ async fn write_batch(store: &SqlStore, batch: &Arc<[UsageRecord]>) -> Result<(),
     }
 }
 
-/// Appends records to a new spool file (JSON lines), synced to disk. A file left half written
-/// (a full disk) is removed.
+/// Appends records to a new spool file (JSON lines): written under a temporary name and synced,
+/// renamed, then the directory synced, so that the file's name survives a power loss as well as
+/// its lines. A file left half written (a full disk) is removed.
 fn spool(dir: &Path, records: &[UsageRecord]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join(format!("usage-{}.jsonl", uuid::Uuid::now_v7()));
@@ -550,7 +552,17 @@ fn spool(dir: &Path, records: &[UsageRecord]) -> std::io::Result<()> {
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    written
+    written?;
+    sync_dir(dir)
+}
+
+/// Syncs a directory's entries to disk. A file system that cannot sync a directory (it says
+/// so with `EINVAL`) is taken as it is: the file itself is synced.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Ok(()),
+        synced => synced,
+    }
 }
 
 /// Writes `records` as JSON lines to a new file at `path` and syncs it.
