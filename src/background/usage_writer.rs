@@ -362,10 +362,8 @@ impl UsageWriter {
             .clone();
         let count = records.len();
         let stored = match store.get() {
-            None => {
-                db.mark_down();
-                false
-            }
+            // Not connected yet: the replay brings the batch in once it is.
+            None => false,
             // Known down: a write would only wait out its timeout, and the queue behind it.
             Some(_) if db.down => false,
             Some(s) => match write_batch(s, &records).await {
@@ -437,10 +435,10 @@ impl UsageWriter {
         self.held.clear();
     }
 
-    /// Replays the spool; a failure that says the database is gone marks it down.
+    /// Replays the spool (once there is a database); a failure that says the database is gone
+    /// marks it down.
     async fn replay(&mut self, store: &StoreSlot, db: &mut Breaker, batch_size: usize) {
         let Some(store) = store.get() else {
-            db.mark_down();
             return;
         };
         if replay_spool(store, &self.shared.spool_dir, batch_size).await
@@ -1189,5 +1187,43 @@ mod tests {
             drain.finish(Duration::from_millis(100)),
             Err(NotKept::Lost(1))
         ));
+    }
+
+    /// A writer that starts before the control plane has connected (as it always does) does
+    /// not take the database for down: once connected, batches go to it, not to the spool.
+    #[tokio::test]
+    async fn a_writer_started_before_the_database_is_connected_writes_to_it_once_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let (queue, writer, _drain) = usage_channel(10, spool_dir.clone());
+        let slot: StoreSlot = Arc::default();
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        let settings = WriterSettings {
+            batch_size: 10,
+            flush_interval: Duration::from_millis(10),
+        };
+        let running = tokio::spawn(writer.run(slot.clone(), settings, stopping));
+        // The writer's first replay round comes at once, with no database yet.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let url = format!("sqlite://{}", dir.path().join("relay.db").display());
+        let store = SqlStore::connect(&url, 1).await.unwrap();
+        store.migrate().await.unwrap();
+        assert!(slot.set(store.clone()).is_ok());
+        queue
+            .push(UsageRecord {
+                id: "first".into(),
+                created_at: 1_764_000_000_000,
+                protocol: "anthropic".into(),
+                status: 200,
+                ..Default::default()
+            })
+            .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while store.count_records().await.unwrap() == 0 {
+            assert!(std::time::Instant::now() < deadline, "nothing was stored");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!spool_dir.exists(), "the record went through the spool");
+        running.abort();
     }
 }
