@@ -132,7 +132,9 @@ pub fn load_prices(config: &Config) -> anyhow::Result<PriceTable> {
     PriceTable::from_toml_str(&text).map_err(|e| anyhow::anyhow!("price list: {e}"))
 }
 
-/// Builds and runs the node; returns only on fatal start-up errors.
+/// Builds and runs the node until a signal stops it; returns once every usage record it held
+/// is stored or spooled, or with an error on fatal start-up errors and when records could not
+/// be kept.
 pub fn serve(config: Config) -> anyhow::Result<()> {
     // Both addresses are claimed before anything else starts: a node that cannot listen stops
     // here with the reason, instead of running on without serving.
@@ -218,7 +220,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     };
     let chain = Chain::build(&config.filter_chain(), &deps)
         .map_err(|e| anyhow::anyhow!("filter chain: {e}"))?;
-    let (usage, writer) = usage_channel(config.usage.queue_capacity, config.data_dir.join("spool"));
+    let (usage, writer, usage_drain) =
+        usage_channel(config.usage.queue_capacity, config.data_dir.join("spool"));
     let usage_backlog = usage.backlog();
     let (account_events, account_rx) = AccountEvents::channel();
 
@@ -323,7 +326,16 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     // bind for about 30 s, then panics, and the panic ends the node.
     drop(proxy_probe);
     exit_when_listeners_fail();
-    server.run_forever();
+    // Not `run_forever`, which exits as soon as the runtimes are told to stop: their threads
+    // may still be dropping the usage writer and requests cut short, which spool what they hold
+    // as they go (with SIGINT Pingora does not wait for its runtimes at all).
+    server.run(pingora::server::RunArgs::default());
+    let kept = usage_drain.finish(config.usage.exit_timeout);
+    if let Err(e) = &kept {
+        tracing::error!(error = %e, "stopping with usage records unsaved");
+    }
+    crate::log_sink::flush_global();
+    Ok(kept?)
 }
 
 /// Binds `addr` (a socket address from the configuration), naming the setting in the error.

@@ -170,6 +170,10 @@ pub struct UsageConfig {
     /// With SQLite: its worker threads yield the CPU to the proxy (Linux `SCHED_IDLE`) while the
     /// usage queue is short.
     pub idle_priority: bool,
+    /// How long a stopping node waits for the usage records still held to be spooled (the
+    /// spool retried while it fails) before it exits with status 1.
+    #[serde(with = "humantime_serde")]
+    pub exit_timeout: Duration,
 }
 
 /// Refreshing the access tokens of OAuth accounts (`claude-official`, and `openai-responses`
@@ -309,6 +313,7 @@ impl Default for UsageConfig {
             batch_size: 2000,
             flush_interval: Duration::from_secs(1),
             idle_priority: true,
+            exit_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub usage_queue_depth: IntGauge,
     pub usage_spilled: IntCounter,
     pub usage_written: IntCounter,
+    pub usage_spool_failures: IntCounter,
+    pub usage_held: IntGauge,
+    pub usage_set_aside: IntCounter,
+    pub usage_database_down: IntGauge,
     pub unpriced: IntCounterVec,
     pub estimated: IntCounterVec,
     pub health_checks: IntCounterVec,
@@ -114,6 +118,22 @@ fn build() -> Result<Metrics, prometheus::Error> {
         usage_written: register_int_counter!(
             "relay_usage_records_written_total",
             "Usage records committed to the database"
+        )?,
+        usage_spool_failures: register_int_counter!(
+            "relay_usage_spool_failures_total",
+            "Spool writes that failed (their records are kept in memory and retried)"
+        )?,
+        usage_held: register_int_gauge!(
+            "relay_usage_records_held",
+            "Usage records neither the database nor the spool took yet, kept in memory and retried (the queue waits meanwhile)"
+        )?,
+        usage_set_aside: register_int_counter!(
+            "relay_usage_records_set_aside_total",
+            "Spooled usage records the database refused for their data, set aside in a .rejected file"
+        )?,
+        usage_database_down: register_int_gauge!(
+            "relay_usage_database_down",
+            "1 while the usage writer takes the database for down and spools every batch at once"
         )?,
         unpriced: register_int_counter_vec!(
             "relay_unpriced_requests_total",

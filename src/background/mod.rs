@@ -21,7 +21,7 @@ use crate::cache::{AccountCache, KeyCache, PriceCache};
 use crate::secrets::SecretBox;
 use crate::store::{RedisCooldowns, SqlStore};
 use account_events::AccountEvent;
-use usage_writer::{UsageWriter, WriterSettings};
+use usage_writer::{StoreSlot, UsageWriter, WriterSettings};
 
 /// Everything the control plane starts with.
 pub struct ControlPlane {
@@ -88,6 +88,17 @@ fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
 #[async_trait]
 impl BackgroundService for ControlPlane {
     async fn start(&self, shutdown: ShutdownWatch) {
+        let mut tasks = tokio::task::JoinSet::new();
+        // The usage writer runs before the database is reached: until it is, batches go to the
+        // spool, so the queue never fills behind a database that is down as the node starts.
+        let usage_store = StoreSlot::default();
+        if let Some(writer) = take(&self.writer) {
+            tasks.spawn(writer.run(
+                usage_store.clone(),
+                self.writer_settings.clone(),
+                shutdown.clone(),
+            ));
+        }
         let store = loop {
             match SqlStore::connect(&self.database_url, 8).await {
                 Ok(s) => break s,
@@ -97,17 +108,10 @@ impl BackgroundService for ControlPlane {
                 }
             }
         };
-        let mut tasks = tokio::task::JoinSet::new();
-        if let Some(writer) = take(&self.writer) {
-            // On a SQLite file the store writes usage batches through a connection of its own
-            // (`store::sqlite_usage`): through the shared pool they went round the connections,
-            // each of which found its page cache stale and read pages again.
-            tasks.spawn(writer.run(
-                store.clone(),
-                self.writer_settings.clone(),
-                shutdown.clone(),
-            ));
-        }
+        // On a SQLite file the store writes usage batches through a connection of its own
+        // (`store::sqlite_usage`): through the shared pool they went round the connections,
+        // each of which found its page cache stale and read pages again.
+        let _ = usage_store.set(store.clone());
         let tokens = Arc::new(oauth_refresh::TokenRefresh::new(
             crate::proxy::oauth::TokenClient::new(
                 self.oauth.timeout,
@@ -200,5 +204,83 @@ impl BackgroundService for ControlPlane {
         }
         while tasks.join_next().await.is_some() {}
         crate::log_sink::flush_global();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_filters::UsageRecord;
+
+    /// The usage writer runs while the control plane still cannot reach the database: records
+    /// booked meanwhile are spooled, not left in the queue (where the queue filled up, and they
+    /// were lost had the node stopped before the database answered).
+    #[tokio::test]
+    async fn usage_records_are_spooled_while_the_database_cannot_be_reached() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        let (queue, writer, _drain) = usage_writer::usage_channel(10, spool.clone());
+        // A port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let control = ControlPlane {
+            database_url: format!("postgres://relay@127.0.0.1:{port}/relay"),
+            admin_listener: Mutex::new(None),
+            admin_token: None,
+            max_keys_per_user: 10,
+            admin_secure_cookie: false,
+            refresh_interval: std::time::Duration::from_secs(1),
+            writer_settings: WriterSettings {
+                batch_size: 10,
+                flush_interval: std::time::Duration::from_millis(10),
+            },
+            sqlite_idle_priority: false,
+            usage_backlog: queue.backlog(),
+            secrets: Arc::new(SecretBox::new("test".into(), [7; 32])),
+            pepper: Arc::new(vec![1; 32]),
+            keys: Arc::new(KeyCache::new(vec![1; 32])),
+            accounts: Arc::default(),
+            prices: Arc::new(PriceCache::new(Default::default())),
+            redis: None,
+            writer: Mutex::new(Some(writer)),
+            account_events: Mutex::new(None),
+            cooldowns: None,
+            state_rules: Default::default(),
+            sessions: Arc::new(crate::admin::BindingsAdmin {
+                store: relay_filters::session_store::MemorySessionStore::new(16),
+                mirror: None,
+            }),
+            oauth: oauth_refresh::RefreshSettings::from_config(&Default::default()).unwrap(),
+        };
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let running = tokio::spawn(async move { control.start(shutdown).await });
+        queue
+            .push(UsageRecord {
+                id: "booked".into(),
+                ..Default::default()
+            })
+            .await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let spooled: String = std::fs::read_dir(&spool)
+                .map(|d| {
+                    d.filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+                        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+                        .collect()
+                })
+                .unwrap_or_default();
+            if spooled.contains("\"booked\"") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the record was not spooled"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        running.abort();
     }
 }

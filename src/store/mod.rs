@@ -74,6 +74,81 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether the database refused the data itself, so that the same write can never succeed:
+    /// PostgreSQL SQLSTATE class 22 (data exception) or 23 (integrity constraint violation),
+    /// SQLite `CONSTRAINT`, `MISMATCH` or `TOOBIG`. A unique violation is not one: on a usage
+    /// record it is its id, stored meanwhile, which a retry skips. Everything else (a lock
+    /// wait, a busy file, a lost connection, a full disk) may pass.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            StoreError::Db(sqlx::Error::Database(db)) => {
+                if db.is_unique_violation() {
+                    return false;
+                }
+                let Some(code) = db.code() else {
+                    return false;
+                };
+                if db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some()
+                {
+                    postgres_data_error(&code)
+                } else if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                    code.parse().is_ok_and(sqlite_data_error)
+                } else {
+                    false
+                }
+            }
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                sqlite_data_error(e.extended_code)
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the database could not be reached at all: no connection (or none in time), the
+    /// pool closed, the SQLite file not openable or not readable.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            StoreError::Db(e) => matches!(
+                e,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+            ),
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::CannotOpen
+                    | rusqlite::ErrorCode::SystemIoFailure
+                    | rusqlite::ErrorCode::NotADatabase
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a PostgreSQL SQLSTATE names bad data: class 22 or 23, a unique violation aside.
+fn postgres_data_error(sqlstate: &str) -> bool {
+    (sqlstate.starts_with("22") || sqlstate.starts_with("23")) && sqlstate != "23505"
+}
+
+/// Whether a SQLite extended result code names bad data: `CONSTRAINT` (but for a primary key
+/// or unique one), `MISMATCH`, `TOOBIG`.
+fn sqlite_data_error(extended: std::ffi::c_int) -> bool {
+    use rusqlite::ffi;
+    match extended & 0xff {
+        ffi::SQLITE_CONSTRAINT => {
+            extended != ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                && extended != ffi::SQLITE_CONSTRAINT_UNIQUE
+        }
+        ffi::SQLITE_MISMATCH | ffi::SQLITE_TOOBIG => true,
+        _ => false,
+    }
+}
+
 impl From<sqlx::migrate::MigrateError> for StoreError {
     fn from(e: sqlx::migrate::MigrateError) -> Self {
         StoreError::Db(sqlx::Error::Migrate(Box::new(e)))
@@ -521,6 +596,80 @@ mod tests {
              x IS NULL OR x > $4"
         );
         assert_eq!(parts.param_count(), 4);
+    }
+
+    #[test]
+    fn only_errors_about_the_data_are_data_errors() {
+        for (sqlstate, data) in [
+            ("22021", true),  // a NUL in a text value
+            ("22003", true),  // a number out of range
+            ("23502", true),  // a NOT NULL violated
+            ("23514", true),  // a CHECK violated
+            ("23505", false), // a unique violation: the id, stored meanwhile
+            ("55P03", false), // a lock not available
+            ("57014", false), // a statement cancelled (its timeout)
+            ("40001", false), // a serialization failure
+            ("53100", false), // a full disk
+            ("08006", false), // the connection lost
+        ] {
+            assert_eq!(postgres_data_error(sqlstate), data, "{sqlstate}");
+        }
+        let sqlite = |code: std::ffi::c_int| {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        use rusqlite::ffi;
+        for (code, data) in [
+            (ffi::SQLITE_CONSTRAINT_NOTNULL, true),
+            (ffi::SQLITE_CONSTRAINT_CHECK, true),
+            (ffi::SQLITE_CONSTRAINT, true),
+            (ffi::SQLITE_MISMATCH, true),
+            (ffi::SQLITE_TOOBIG, true),
+            (ffi::SQLITE_CONSTRAINT_PRIMARYKEY, false),
+            (ffi::SQLITE_CONSTRAINT_UNIQUE, false),
+            (ffi::SQLITE_BUSY, false),
+            (ffi::SQLITE_LOCKED, false),
+            (ffi::SQLITE_FULL, false),
+            (ffi::SQLITE_IOERR, false),
+        ] {
+            assert_eq!(sqlite(code).is_data_error(), data, "{code}");
+        }
+        assert!(sqlite(ffi::SQLITE_CANTOPEN).is_unreachable());
+        assert!(!sqlite(ffi::SQLITE_BUSY).is_unreachable());
+        assert!(!sqlite(ffi::SQLITE_CONSTRAINT_NOTNULL).is_unreachable());
+        assert!(StoreError::Db(sqlx::Error::PoolTimedOut).is_unreachable());
+        assert!(!StoreError::Db(sqlx::Error::PoolTimedOut).is_data_error());
+        assert!(!StoreError::Conflict("stored meanwhile".into()).is_data_error());
+        assert!(!StoreError::Invalid("the usage thread is behind".into()).is_data_error());
+    }
+
+    /// Through sqlx, the driver's own error is read: SQLite's extended result code.
+    #[tokio::test]
+    async fn a_refused_value_through_sqlx_is_a_data_error() {
+        let store = SqlStore::connect("sqlite::memory:", 1).await.unwrap();
+        sqlx::query("CREATE TABLE t (id TEXT PRIMARY KEY, n BIGINT NOT NULL)")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let insert = |id: &'static str, n: Option<i64>| {
+            sqlx::query("INSERT INTO t (id, n) VALUES ($1, $2)")
+                .bind(id)
+                .bind(n)
+                .execute(store.pool())
+        };
+        insert("a", Some(1)).await.unwrap();
+        let null: StoreError = insert("b", None).await.unwrap_err().into();
+        assert!(null.is_data_error(), "{null:?}");
+        let again: StoreError = insert("a", Some(2)).await.unwrap_err().into();
+        assert!(!again.is_data_error(), "{again:?}");
+        store.close().await;
+        let closed: StoreError = insert("c", Some(3)).await.unwrap_err().into();
+        assert!(
+            closed.is_unreachable() && !closed.is_data_error(),
+            "{closed:?}"
+        );
     }
 
     #[test]

@@ -358,19 +358,26 @@ impl Relay {
 
     /// Sends SIGTERM and waits for the process to exit.
     pub fn terminate(&mut self) {
+        self.stop_with("TERM");
+    }
+
+    /// Sends `signal` (`TERM`, `INT`) and waits for the process to exit (killed after 20 s);
+    /// its exit status, `None` when it had to be killed.
+    pub fn stop_with(&mut self, signal: &str) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{signal}"))
             .arg(self.child.id().to_string())
             .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        None
     }
 }
 
