@@ -201,32 +201,7 @@ async fn records_survive_a_database_outage() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     pg.up();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let records = loop {
-        let v = relay
-            .http
-            .get(format!(
-                "{}/api/admin/usage/records?per_page=500",
-                relay.admin
-            ))
-            .bearer_auth(common::ADMIN_TOKEN)
-            .send()
-            .await;
-        if let Ok(r) = v {
-            if r.status().is_success() {
-                let v: serde_json::Value = r.json().await.unwrap();
-                let items = v["items"].as_array().cloned().unwrap_or_default();
-                if items.len() >= served {
-                    break items;
-                }
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "records did not all arrive after the database came back"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let records = wait_stored(&relay, served).await;
     assert_eq!(
         records.len(),
         served,
