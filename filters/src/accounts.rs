@@ -376,8 +376,9 @@ pub fn account_slots_name(account_id: &str) -> String {
 
 impl InflightLease {
     /// Takes a slot on `account` if it is under its concurrency cap, atomically (two requests
-    /// racing for the last slot cannot both get it), marking it used now.
-    pub fn try_acquire(account: &Account, now_ms: i64) -> Option<Self> {
+    /// racing for the last slot cannot both get it). [`InflightLease::mark_used`] then counts
+    /// the use, once the request is sure to go there.
+    pub fn try_acquire(account: &Account) -> Option<Self> {
         let inflight = &account.state.inflight;
         match account.max_concurrency {
             None => {
@@ -391,9 +392,13 @@ impl InflightLease {
                     .ok()?;
             }
         }
-        account.state.last_used_ms.store(now_ms, Ordering::Relaxed);
-        account.state.requests.fetch_add(1, Ordering::Relaxed);
         Some(InflightLease(account.state.clone(), None))
+    }
+
+    /// Marks the account used now (the `lru` strategy's clock, its request count).
+    pub fn mark_used(&self, now_ms: i64) {
+        self.0.last_used_ms.store(now_ms, Ordering::Relaxed);
+        self.0.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Gives the slot back now, in this node's count and in the shared store, so a request
@@ -630,7 +635,7 @@ pub(crate) mod tests {
             &rr
         )
         .is_none());
-        let lease = InflightLease::try_acquire(&acc, 0).unwrap();
+        let lease = InflightLease::try_acquire(&acc).unwrap();
         assert!(select_account(
             &all,
             Protocol::Anthropic,
@@ -724,7 +729,7 @@ pub(crate) mod tests {
             })
             .collect();
         assert_eq!(ids, ["a", "b", "a", "b"]);
-        let _l = InflightLease::try_acquire(&all[0], 0).unwrap();
+        let _l = InflightLease::try_acquire(&all[0]).unwrap();
         let s = select_account(
             &all,
             Protocol::Gemini,
@@ -744,7 +749,7 @@ pub(crate) mod tests {
         let acc = Arc::new(acc);
         let leases: Vec<Option<InflightLease>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..32)
-                .map(|_| s.spawn(|| InflightLease::try_acquire(&acc, 0)))
+                .map(|_| s.spawn(|| InflightLease::try_acquire(&acc)))
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });

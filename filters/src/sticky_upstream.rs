@@ -108,7 +108,7 @@ impl StickyUpstream {
     /// Takes a slot on `account`; `false` when it filled up since it was picked (on this node,
     /// or on all of them together when they share the count).
     async fn reserve(&self, ctx: &mut RequestCtx, account: &Account) -> bool {
-        let Some(mut lease) = InflightLease::try_acquire(account, ctx.started_ms) else {
+        let Some(mut lease) = InflightLease::try_acquire(account) else {
             return false;
         };
         if let (Some(cap), Some((store, ttl))) = (account.max_concurrency, &self.shared_caps) {
@@ -119,6 +119,7 @@ impl StickyUpstream {
                 None => return false,
             }
         }
+        lease.mark_used(ctx.started_ms);
         ctx.upstream.lease = Some(lease);
         true
     }
@@ -589,6 +590,10 @@ mod tests {
         let mut on_n2 = ctx(None);
         assert_eq!(n2.choose(&mut on_n2).await.unwrap().id, "spare");
         drop(on_n2);
+        // The refused account was not used there: `lru` and its request count say so.
+        let refused = n2.accounts.get("capped").unwrap();
+        assert_eq!(refused.state.requests.load(Ordering::Relaxed), 0);
+        assert_eq!(refused.state.last_used_ms.load(Ordering::Relaxed), 0);
         // The first request ends: its slot goes back (apart), and the other node gets it.
         drop(on_n1);
         let mut took = false;
