@@ -308,6 +308,26 @@ async fn a_stream_cut_by_the_end_of_the_grace_period_is_booked() {
     assert!(r["billed_cost"].as_i64().unwrap() > 0, "{r}");
 }
 
+/// A served request's record, for the model it asked for.
+fn booked(id: &str, model: &str) -> relay_filters::UsageRecord {
+    relay_filters::UsageRecord {
+        id: id.into(),
+        created_at: 1_764_000_000_000,
+        protocol: "anthropic".into(),
+        requested_model: Some(model.into()),
+        status: 200,
+        ..Default::default()
+    }
+}
+
+/// Records as the lines of a spool file.
+fn spool_lines(records: &[relay_filters::UsageRecord]) -> String {
+    records
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap() + "\n")
+        .collect()
+}
+
 /// A record the database refuses (here a NUL in a text value, which PostgreSQL rejects; written
 /// by hand, as the relay no longer books one) must not hold up its spool file and every file
 /// after it: the others are stored, it is set aside beside the file.
@@ -315,32 +335,20 @@ async fn a_stream_cut_by_the_end_of_the_grace_period_is_booked() {
 async fn a_spooled_record_the_database_refuses_is_set_aside() {
     use llm_relay::background::usage_writer::replay_spool;
     use llm_relay::store::SqlStore;
-    use relay_filters::UsageRecord;
 
     let pg = common::PgDb::create().await;
     let store = SqlStore::connect(&pg.url, 2).await.unwrap();
     store.migrate().await.unwrap();
     let spool = tempfile::tempdir().unwrap();
-    let record = |id: &str, model: &str| UsageRecord {
-        id: id.into(),
-        created_at: 1_764_000_000_000,
-        protocol: "anthropic".into(),
-        requested_model: Some(model.into()),
-        status: 200,
-        ..Default::default()
-    };
-    let lines: Vec<String> = [
-        record("first", "claude-sonnet-4-5"),
-        record("refused", "x\0"),
-        record("last", "claude-sonnet-4-5"),
-    ]
-    .iter()
-    .map(|r| serde_json::to_string(r).unwrap())
-    .collect();
-    std::fs::write(spool.path().join("usage-1.jsonl"), lines.join("\n") + "\n").unwrap();
+    let lines = spool_lines(&[
+        booked("first", "claude-sonnet-4-5"),
+        booked("refused", "x\0"),
+        booked("last", "claude-sonnet-4-5"),
+    ]);
+    std::fs::write(spool.path().join("usage-1.jsonl"), lines).unwrap();
     std::fs::write(
         spool.path().join("usage-2.jsonl"),
-        serde_json::to_string(&record("next-file", "claude-sonnet-4-5")).unwrap() + "\n",
+        spool_lines(&[booked("next-file", "claude-sonnet-4-5")]),
     )
     .unwrap();
 
@@ -350,7 +358,7 @@ async fn a_spooled_record_the_database_refuses_is_set_aside() {
     assert!(!spool.path().join("usage-1.jsonl").exists());
     assert!(!spool.path().join("usage-2.jsonl").exists());
     let aside = std::fs::read_to_string(spool.path().join("usage-1.rejected")).unwrap();
-    let kept: UsageRecord = serde_json::from_str(aside.trim()).unwrap();
+    let kept: relay_filters::UsageRecord = serde_json::from_str(aside.trim()).unwrap();
     assert_eq!(kept.id, "refused");
     assert_eq!(kept.requested_model.as_deref(), Some("x\0"));
     assert!(llm_relay::metrics::metrics().usage_set_aside.get() >= 1);
@@ -363,7 +371,6 @@ async fn a_spooled_record_the_database_refuses_is_set_aside() {
 async fn a_replay_held_up_by_a_lock_sets_nothing_aside() {
     use llm_relay::background::usage_writer::{replay_spool, Failure, Replay};
     use llm_relay::store::SqlStore;
-    use relay_filters::UsageRecord;
     use sqlx::Connection;
 
     let pg = common::PgDb::create().await;
@@ -372,20 +379,10 @@ async fn a_replay_held_up_by_a_lock_sets_nothing_aside() {
     let store = SqlStore::connect(&pg.url, 8).await.unwrap();
     store.migrate().await.unwrap();
     let spool = tempfile::tempdir().unwrap();
-    let lines: String = ["locked-1", "locked-2"]
-        .iter()
-        .map(|id| {
-            serde_json::to_string(&UsageRecord {
-                id: (*id).into(),
-                created_at: 1_764_000_000_000,
-                protocol: "anthropic".into(),
-                status: 200,
-                ..Default::default()
-            })
-            .unwrap()
-                + "\n"
-        })
-        .collect();
+    let lines = spool_lines(&[
+        booked("locked-1", "claude-sonnet-4-5"),
+        booked("locked-2", "claude-sonnet-4-5"),
+    ]);
     let file = spool.path().join("usage-1.jsonl");
     std::fs::write(&file, lines).unwrap();
 

@@ -238,8 +238,21 @@ impl Account {
     /// Whether the account is in service now: enabled and valid, not cooling down. A
     /// conversation bound to an account that is not moves to another.
     pub fn available(&self, now_ms: i64) -> bool {
+        self.in_operation() && self.cooldown_left_ms(now_ms) == 0
+    }
+
+    /// Enabled and status `valid` (whether cooling down or not).
+    pub fn in_operation(&self) -> bool {
         self.state.schedulable.load(Ordering::Relaxed)
-            && self.state.cooldown_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// How long the account still cools down (ms; 0 when it does not).
+    pub fn cooldown_left_ms(&self, now_ms: i64) -> i64 {
+        self.state
+            .cooldown_until_ms
+            .load(Ordering::Relaxed)
+            .saturating_sub(now_ms)
+            .max(0)
     }
 
     /// Whether its access token is known to have expired.

@@ -243,17 +243,12 @@ impl StickyUpstream {
         if let Some(prev) = ctx.request.previous_response_id.clone() {
             let key_id = ctx.auth.as_ref().map(|a| a.key.id.as_str()).unwrap_or("");
             if let Ok(Some(stored)) = self.sessions.get(&response_key(key_id, &prev)).await {
-                if let Some(account) = self.accounts.get(&stored.binding.account_id).filter(|a| {
-                    a.state
-                        .schedulable
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                        && a.serves(ctx.protocol(), ctx.requested_model())
-                }) {
-                    let cooling_ms = account
-                        .state
-                        .cooldown_until_ms
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                        .saturating_sub(ctx.started_ms);
+                if let Some(account) = self
+                    .accounts
+                    .get(&stored.binding.account_id)
+                    .filter(|a| a.in_operation() && a.serves(ctx.protocol(), ctx.requested_model()))
+                {
+                    let cooling_ms = account.cooldown_left_ms(ctx.started_ms);
                     if cooling_ms > 0 {
                         return Err(pinned_busy(
                             u64::try_from(cooling_ms).unwrap_or(1).div_ceil(1000),

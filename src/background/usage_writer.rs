@@ -361,22 +361,9 @@ impl UsageWriter {
             .insert(Arc::from(std::mem::take(&mut self.batch)))
             .clone();
         let count = records.len();
-        let stored = match store.get() {
-            // Not connected yet: the replay brings the batch in once it is.
-            None => false,
-            // Known down: a write would only wait out its timeout, and the queue behind it.
-            Some(_) if db.down => false,
-            Some(s) => match write_batch(s, &records).await {
-                Ok(()) => true,
-                Err(Failure::Down) => {
-                    db.mark_down();
-                    false
-                }
-                // A record refused for its data is set aside by the replay, one by one.
-                Err(Failure::Data | Failure::Other) => false,
-            },
-        };
-        if stored {
+        // Otherwise the replay brings the batch in; a record refused for its data is set aside
+        // there, one by one.
+        if to_database(store, db, |s| write_batch(s, &records)).await {
             metrics().usage_written.inc_by(count as u64);
         } else {
             match spool(&self.shared.spool_dir, &records) {
@@ -404,17 +391,11 @@ impl UsageWriter {
     /// Tries the held records on the database (unless it is known down), then on the spool.
     async fn retry_held(&mut self, store: &StoreSlot, db: &mut Breaker, retry: &mut Backoff) {
         let count = self.held.len();
-        if let Some(s) = store.get().filter(|_| !db.down) {
-            match store_records(s, &self.held).await {
-                Ok(()) => {
-                    metrics().usage_written.inc_by(count as u64);
-                    self.release_held();
-                    tracing::info!(count, "held usage records stored");
-                    return;
-                }
-                Err(Failure::Down) => db.mark_down(),
-                Err(Failure::Data | Failure::Other) => {}
-            }
+        if to_database(store, db, |s| store_records(s, &self.held)).await {
+            metrics().usage_written.inc_by(count as u64);
+            self.release_held();
+            tracing::info!(count, "held usage records stored");
+            return;
         }
         match spool(&self.shared.spool_dir, &self.held) {
             Ok(()) => {
@@ -520,17 +501,39 @@ impl Backoff {
     }
 }
 
+/// Runs `write` on the database, unless there is none yet or it is known down (a write would
+/// only wait out its timeout, and the queue behind it); whether it stored. A write that finds
+/// the database down marks it so.
+async fn to_database<'a, F>(
+    store: &'a StoreSlot,
+    db: &mut Breaker,
+    write: impl FnOnce(&'a SqlStore) -> F,
+) -> bool
+where
+    F: std::future::Future<Output = Result<(), Failure>> + 'a,
+{
+    let Some(s) = store.get().filter(|_| !db.down) else {
+        return false;
+    };
+    match write(s).await {
+        Ok(()) => true,
+        Err(Failure::Down) => {
+            db.mark_down();
+            false
+        }
+        Err(Failure::Data | Failure::Other) => false,
+    }
+}
+
 /// Writes one batch. A failure that may pass at once (neither the data nor the database gone)
 /// is retried once; a database that does not answer is not waited for again.
 async fn write_batch(store: &SqlStore, batch: &Arc<[UsageRecord]>) -> Result<(), Failure> {
     let mut retried = false;
     loop {
-        let failure =
-            match tokio::time::timeout(WRITE_TIMEOUT, store.insert_usage_shared(batch)).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) => not_stored(&e, batch.len()),
-                Err(_) => not_in_time(batch.len()),
-            };
+        let failure = match in_time(store.insert_usage_shared(batch), batch.len()).await {
+            Ok(()) => return Ok(()),
+            Err(f) => f,
+        };
         if failure != Failure::Other || retried {
             return Err(failure);
         }
@@ -596,26 +599,29 @@ impl Failure {
     }
 }
 
-/// Logs a write of `count` records that failed and tells why.
-fn not_stored(e: &StoreError, count: usize) -> Failure {
-    let failure = Failure::of(e);
-    tracing::warn!(error = %e, ?failure, count, "usage records not stored");
-    failure
-}
-
-/// Logs a write of `count` records that timed out: the database is taken for down.
-fn not_in_time(count: usize) -> Failure {
-    tracing::warn!(count, "usage records not stored in time");
-    Failure::Down
+/// Runs one write of `count` records within the write timeout; a failure is logged and told
+/// apart (one that timed out takes the database for down).
+async fn in_time(
+    write: impl std::future::Future<Output = Result<(), StoreError>>,
+    count: usize,
+) -> Result<(), Failure> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            let failure = Failure::of(&e);
+            tracing::warn!(error = %e, ?failure, count, "usage records not stored");
+            Err(failure)
+        }
+        Err(_) => {
+            tracing::warn!(count, "usage records not stored in time");
+            Err(Failure::Down)
+        }
+    }
 }
 
 /// Stores `records` in one transaction, within the write timeout.
 async fn store_records(store: &SqlStore, records: &[UsageRecord]) -> Result<(), Failure> {
-    match tokio::time::timeout(WRITE_TIMEOUT, store.insert_usage_batch(records)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(not_stored(&e, records.len())),
-        Err(_) => Err(not_in_time(records.len())),
-    }
+    in_time(store.insert_usage_batch(records), records.len()).await
 }
 
 /// Appends `bytes` to the file at `path` (created when missing) and syncs it.
@@ -808,6 +814,46 @@ impl UsageDrain {
 mod tests {
     use super::*;
 
+    /// A served request's record, as a booking makes one.
+    fn booked(id: &str) -> UsageRecord {
+        UsageRecord {
+            id: id.into(),
+            created_at: 1_764_000_000_000,
+            protocol: "anthropic".into(),
+            status: 200,
+            ..Default::default()
+        }
+    }
+
+    /// A migrated SQLite database in `dir`.
+    async fn sqlite_store(dir: &Path) -> SqlStore {
+        let url = format!("sqlite://{}", dir.join("relay.db").display());
+        let store = SqlStore::connect(&url, 1).await.unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+
+    /// A writer on `spool_dir` running with no database yet (its slot empty), flushing
+    /// batches of 10 every 10 ms; the task runs until aborted.
+    fn running_writer(
+        spool_dir: &Path,
+    ) -> (
+        UsageQueue,
+        StoreSlot,
+        tokio::task::JoinHandle<()>,
+        (UsageDrain, tokio::sync::watch::Sender<bool>),
+    ) {
+        let (queue, writer, drain) = usage_channel(10, spool_dir.to_path_buf());
+        let slot: StoreSlot = Arc::default();
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let settings = WriterSettings {
+            batch_size: 10,
+            flush_interval: Duration::from_millis(10),
+        };
+        let running = tokio::spawn(writer.run(slot.clone(), settings, stopping));
+        (queue, slot, running, (drain, stop))
+    }
+
     #[tokio::test]
     async fn queue_spools_when_writer_is_gone() {
         let dir = tempfile::tempdir().unwrap();
@@ -885,15 +931,7 @@ mod tests {
             stop.send(true).unwrap();
             tokio::time::sleep(Duration::from_millis(20)).await;
             for id in &ids {
-                queue
-                    .push(UsageRecord {
-                        id: id.clone(),
-                        created_at: 1_764_000_000_000,
-                        protocol: "anthropic".into(),
-                        status: 200,
-                        ..Default::default()
-                    })
-                    .await;
+                queue.push(booked(id)).await;
             }
         });
         // The writer now waits for its batch to fill (50 ms once stopping): cut it there.
@@ -949,17 +987,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool_dir = dir.path().join("spool");
         std::fs::create_dir_all(&spool_dir).unwrap();
-        let url = format!("sqlite://{}", dir.path().join("relay.db").display());
-        let store = SqlStore::connect(&url, 1).await.unwrap();
-        store.migrate().await.unwrap();
-        let good = serde_json::to_string(&UsageRecord {
-            id: "good".into(),
-            created_at: 1_764_000_000_000,
-            protocol: "anthropic".into(),
-            status: 200,
-            ..Default::default()
-        })
-        .unwrap();
+        let store = sqlite_store(dir.path()).await;
+        let good = serde_json::to_string(&booked("good")).unwrap();
         let file = spool_dir.join("usage-1.jsonl");
         std::fs::write(
             &file,
@@ -991,17 +1020,7 @@ mod tests {
         store.migrate().await.unwrap();
         let lines: String = ["one", "two"]
             .iter()
-            .map(|id| {
-                serde_json::to_string(&UsageRecord {
-                    id: (*id).into(),
-                    created_at: 1_764_000_000_000,
-                    protocol: "anthropic".into(),
-                    status: 200,
-                    ..Default::default()
-                })
-                .unwrap()
-                    + "\n"
-            })
+            .map(|id| serde_json::to_string(&booked(id)).unwrap() + "\n")
             .collect();
         let file = spool_dir.join("usage-1.jsonl");
         std::fs::write(&file, lines).unwrap();
@@ -1030,9 +1049,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool_dir = dir.path().join("spool");
         std::fs::write(&spool_dir, b"not a directory").unwrap();
-        let url = format!("sqlite://{}", dir.path().join("relay.db").display());
-        let store = SqlStore::connect(&url, 1).await.unwrap();
-        store.migrate().await.unwrap();
+        let store = sqlite_store(dir.path()).await;
         store.close().await;
         let (queue, mut writer, _drain) = usage_channel(10, spool_dir.clone());
         for id in ["a", "b"] {
@@ -1091,32 +1108,15 @@ mod tests {
     async fn without_a_database_yet_the_writer_spools_and_replays_it_later() {
         let dir = tempfile::tempdir().unwrap();
         let spool_dir = dir.path().join("spool");
-        let (queue, writer, _drain) = usage_channel(10, spool_dir.clone());
-        let slot: StoreSlot = Arc::default();
-        let (_stop, stopping) = tokio::sync::watch::channel(false);
-        let settings = WriterSettings {
-            batch_size: 10,
-            flush_interval: Duration::from_millis(10),
-        };
-        let running = tokio::spawn(writer.run(slot.clone(), settings, stopping));
-        queue
-            .push(UsageRecord {
-                id: "early".into(),
-                created_at: 1_764_000_000_000,
-                protocol: "anthropic".into(),
-                status: 200,
-                ..Default::default()
-            })
-            .await;
+        let (queue, slot, running, _ends) = running_writer(&spool_dir);
+        queue.push(booked("early")).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while spooled_ids(&spool_dir).is_empty() {
             assert!(std::time::Instant::now() < deadline, "nothing was spooled");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
 
-        let url = format!("sqlite://{}", dir.path().join("relay.db").display());
-        let store = SqlStore::connect(&url, 1).await.unwrap();
-        store.migrate().await.unwrap();
+        let store = sqlite_store(dir.path()).await;
         assert!(slot.set(store.clone()).is_ok());
         while store.count_records().await.unwrap() == 0 {
             assert!(
@@ -1195,29 +1195,12 @@ mod tests {
     async fn a_writer_started_before_the_database_is_connected_writes_to_it_once_it_is() {
         let dir = tempfile::tempdir().unwrap();
         let spool_dir = dir.path().join("spool");
-        let (queue, writer, _drain) = usage_channel(10, spool_dir.clone());
-        let slot: StoreSlot = Arc::default();
-        let (_stop, stopping) = tokio::sync::watch::channel(false);
-        let settings = WriterSettings {
-            batch_size: 10,
-            flush_interval: Duration::from_millis(10),
-        };
-        let running = tokio::spawn(writer.run(slot.clone(), settings, stopping));
+        let (queue, slot, running, _ends) = running_writer(&spool_dir);
         // The writer's first replay round comes at once, with no database yet.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let url = format!("sqlite://{}", dir.path().join("relay.db").display());
-        let store = SqlStore::connect(&url, 1).await.unwrap();
-        store.migrate().await.unwrap();
+        let store = sqlite_store(dir.path()).await;
         assert!(slot.set(store.clone()).is_ok());
-        queue
-            .push(UsageRecord {
-                id: "first".into(),
-                created_at: 1_764_000_000_000,
-                protocol: "anthropic".into(),
-                status: 200,
-                ..Default::default()
-            })
-            .await;
+        queue.push(booked("first")).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while store.count_records().await.unwrap() == 0 {
             assert!(std::time::Instant::now() < deadline, "nothing was stored");
