@@ -94,6 +94,8 @@ pub async fn bootstrap_admin(store: &SqlStore, config: &Config) -> anyhow::Resul
             password_hash: hash,
             role: Role::Admin,
             price_rate: 10_000,
+            daily_cost_limit: None,
+            total_cost_limit: None,
         })
         .await?;
     if generated {
@@ -150,8 +152,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         bootstrap_admin(&store, &config).await?;
         cache_refresh::load_all(&store, &keys, &accounts, &prices, &node.secrets).await?;
         let today = utc_day(now_ms());
-        for s in store.key_spend(&today).await? {
-            memory_limits.seed_cost(&s.key_id, &today, s.today, s.total);
+        for s in store.limit_spend(&today).await? {
+            memory_limits.seed_cost(&s.subject, &today, s.today, s.total);
         }
         store.close().await;
         anyhow::Ok(())

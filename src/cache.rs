@@ -110,6 +110,8 @@ impl KeyCache {
                     daily_cost_limit: k.key.daily_cost_limit,
                     total_cost_limit: k.key.total_cost_limit,
                     price_rate: k.user_price_rate,
+                    user_daily_cost_limit: k.user_daily_cost_limit,
+                    user_total_cost_limit: k.user_total_cost_limit,
                 };
                 (k.key.key_hash, Arc::new(entry))
             })

@@ -248,7 +248,7 @@ impl Default for Config {
             threads: 2,
             work_stealing: true,
             log_format: "text".into(),
-            concurrency_lease_ttl: Duration::from_secs(900),
+            concurrency_lease_ttl: Duration::from_secs(60),
             cache_refresh_interval: Duration::from_millis(500),
             upstream: UpstreamConfig::default(),
             session: SessionConfig::default(),

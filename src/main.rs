@@ -192,6 +192,8 @@ fn main() -> anyhow::Result<()> {
                             password_hash: hash,
                             role,
                             price_rate: 10_000,
+                            daily_cost_limit: None,
+                            total_cost_limit: None,
                         })
                         .await?;
                     println!("created {} ({})", u.username, u.id);

@@ -371,6 +371,59 @@ async fn users_see_only_their_own_keys_and_usage(db: Db) {
             .await;
         assert_eq!(status, 200, "{body}: {text}");
     }
+    // A key an admin disabled stays disabled: its owner cannot enable it, only an admin.
+    let (status, v) = relay
+        .admin_patch(
+            &format!("/api/admin/api-keys/{bob_key_id}"),
+            json!({"enabled": false}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["disabled_by_admin"], true, "{v}");
+    let (status, text) = relay
+        .session_call(
+            &s,
+            Method::PATCH,
+            &format!("/api/keys/{bob_key_id}"),
+            Some(json!({"enabled": true})),
+            true,
+        )
+        .await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("administrator"), "{text}");
+    let (status, text) = relay
+        .session_call(
+            &s,
+            Method::PATCH,
+            &format!("/api/keys/{bob_key_id}"),
+            Some(json!({"name": "bob-main"})),
+            true,
+        )
+        .await;
+    assert_eq!(status, 200, "renaming stays allowed: {text}");
+    assert_eq!(parse(&text)["enabled"], false, "{text}");
+    let (status, v) = relay
+        .admin_patch(
+            &format!("/api/admin/api-keys/{bob_key_id}"),
+            json!({"enabled": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["disabled_by_admin"], false, "{v}");
+    // The owner's own disabling leaves the owner free to enable it again.
+    for enabled in [false, true] {
+        let (status, text) = relay
+            .session_call(
+                &s,
+                Method::PATCH,
+                &format!("/api/keys/{bob_key_id}"),
+                Some(json!({"enabled": enabled})),
+                true,
+            )
+            .await;
+        assert_eq!(status, 200, "{enabled}: {text}");
+        assert_eq!(parse(&text)["disabled_by_admin"], false, "{text}");
+    }
     let keys = parse(&session_get(&relay, &s, "/api/keys").await);
     assert_eq!(keys["total"], 1, "{keys}");
     assert_eq!(keys["items"][0]["id"], bob_key_id.as_str());
@@ -1002,6 +1055,89 @@ async fn rpm_limits_past_the_limiters_pace_are_refused() {
     assert_eq!(status, 400, "{text}");
     let (status, text) = change(Value::Null).await;
     assert_eq!(status, 200, "{text}");
+    // 0 is neither "no limit" nor "blocked": refused, for the rate and the concurrency alike.
+    let (status, text) = create(0).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("rpm_limit is at least 1"), "{text}");
+    let (status, text) = change(json!(0)).await;
+    assert_eq!(status, 400, "{text}");
+    let (status, text) = token(
+        &relay,
+        Method::PATCH,
+        &path,
+        Some(json!({"max_concurrency": 0})),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("max_concurrency is at least 1"), "{text}");
+    let body = json!({"user_id": user_id, "name": "k0", "max_concurrency": 0});
+    let (status, text) = token(&relay, Method::POST, "/api/admin/api-keys", Some(body)).await;
+    assert_eq!(status, 400, "{text}");
+}
+
+/// A user's cost limits over all its keys: set at creation or later, refused negative,
+/// removed with `null`, audited.
+#[tokio::test]
+async fn user_cost_limits_are_set_checked_and_cleared() {
+    let relay = Relay::start().await;
+    let body = json!({"username": "erin", "password": "password-123", "daily_cost_limit": -1});
+    let (status, text) = token(&relay, Method::POST, "/api/admin/users", Some(body)).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("daily_cost_limit must not be negative"),
+        "{text}"
+    );
+    let body =
+        json!({"username": "erin", "password": "password-123", "daily_cost_limit": 5_000_000});
+    let (status, text) = token(&relay, Method::POST, "/api/admin/users", Some(body)).await;
+    assert_eq!(status, 201, "{text}");
+    let user = parse(&text);
+    assert_eq!(user["daily_cost_limit"], 5_000_000, "{user}");
+    assert_eq!(user["total_cost_limit"], Value::Null, "{user}");
+    let path = format!("/api/admin/users/{}", user["id"].as_str().unwrap());
+    let (status, text) = token(
+        &relay,
+        Method::PATCH,
+        &path,
+        Some(json!({"total_cost_limit": -5, "enabled": false})),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    // Nothing of a refused change was written.
+    let (_, text) = token(&relay, Method::GET, &path, None).await;
+    assert_eq!(parse(&text)["enabled"], true, "{text}");
+    let (status, text) = token(
+        &relay,
+        Method::PATCH,
+        &path,
+        Some(json!({"total_cost_limit": 20_000_000})),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let changed = parse(&text);
+    assert_eq!(
+        changed["daily_cost_limit"], 5_000_000,
+        "absent stays: {changed}"
+    );
+    assert_eq!(changed["total_cost_limit"], 20_000_000, "{changed}");
+    let (status, text) = token(
+        &relay,
+        Method::PATCH,
+        &path,
+        Some(json!({"daily_cost_limit": null})),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let changed = parse(&text);
+    assert_eq!(changed["daily_cost_limit"], Value::Null, "{changed}");
+    assert_eq!(changed["total_cost_limit"], 20_000_000, "{changed}");
+    let audit = last_audit(&relay, "user.update").await;
+    let detail = &audit;
+    assert_eq!(detail["daily_cost_limit"], Value::Null, "{audit}");
+    assert!(
+        detail.get("daily_cost_limit").is_some() && detail.get("total_cost_limit").is_none(),
+        "only the removed limit is named: {audit}"
+    );
 }
 
 /// Behind a TLS-terminating proxy the session cookie can be kept to HTTPS, on login and on the

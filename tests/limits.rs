@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::mock_upstream::{MockUpstream, MockUsage};
-use common::{conversation, messages_body, sum, Relay};
+use common::{conversation, messages_body, sum, Relay, RelayOptions};
 
 const MODEL: &str = "claude-sonnet-4-5";
 
@@ -272,4 +272,112 @@ async fn a_failed_request_gives_its_cost_hold_back() {
     mock.set(|b| b.status = 200);
     let (status, message) = attempt(&relay, &key, capped_body(3)).await;
     assert_eq!(status, 200, "{message}");
+}
+
+/// A user's cost limit counts the spend of all its keys: a key without limits of its own is
+/// refused once its user's other keys spent the limit, with a message naming the user's limit,
+/// also after a restart (the counters start from the stored spend); removing the user's limit
+/// lets it through.
+#[tokio::test]
+async fn a_user_cost_limit_holds_over_all_its_keys() {
+    let mock = MockUpstream::start().await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let options = || RelayOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        ..RelayOptions::default()
+    };
+    let relay = Relay::start_with(options()).await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    let user = relay.create_user("shared", 10_000).await;
+    // Each request costs 18 000 µUSD: two fit under 30 000, a third does not.
+    let (status, v) = relay
+        .admin_patch(
+            &format!("/api/admin/users/{user}"),
+            serde_json::json!({"total_cost_limit": 30_000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let (_, first) = relay.create_key(&user, serde_json::json!({})).await;
+    let (_, second) = relay.create_key(&user, serde_json::json!({})).await;
+    let other_user = relay.create_user("other", 10_000).await;
+    let (_, other) = relay.create_key(&other_user, serde_json::json!({})).await;
+    for key in [&first, &second, &other] {
+        relay.wait_key_active(key).await;
+    }
+    mock.set(|b| b.usage = MockUsage::io(1000, 1000));
+    for (i, key) in [&first, &second].into_iter().enumerate() {
+        let (status, message) = attempt(&relay, key, body(i)).await;
+        assert_eq!(status, 200, "request {i}: {message}");
+        relay.wait_records(i + 1).await;
+    }
+    for (i, key) in [&first, &second].into_iter().enumerate() {
+        let (status, message) = attempt(&relay, key, body(10 + i)).await;
+        assert_eq!(status, 402, "key {i}: {message}");
+        assert!(message.contains("user"), "{message}");
+        assert!(message.contains("total cost limit"), "{message}");
+    }
+    // Another user's key is not held up.
+    let (status, message) = attempt(&relay, &other, body(20)).await;
+    assert_eq!(status, 200, "{message}");
+    assert_eq!(mock.count(), 3);
+    relay.wait_records(5).await;
+    drop(relay);
+    let relay = Relay::start_with(options()).await;
+    relay.wait_key_active(&second).await;
+    let (status, message) = attempt(&relay, &second, body(21)).await;
+    assert_eq!(status, 402, "after a restart: {message}");
+    assert!(message.contains("user"), "{message}");
+    // Without the user's limit the keys serve again.
+    let (status, v) = relay
+        .admin_patch(
+            &format!("/api/admin/users/{user}"),
+            serde_json::json!({"total_cost_limit": null}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, message) = attempt(&relay, &second, body(30)).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 402, "{message}");
+        assert!(Instant::now() < deadline, "the removed limit still refuses");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A request refused for want of a concurrency slot does not use up the key's requests per
+/// minute: once the slot is free, the next requests are served.
+#[tokio::test]
+async fn concurrency_refusals_do_not_use_up_the_rpm_limit() {
+    let (relay, mock, key) = setup(serde_json::json!({"rpm_limit": 3, "max_concurrency": 1})).await;
+    mock.set(|b| b.head_delay = Duration::from_secs(3));
+    let relay = std::sync::Arc::new(relay);
+    let held = {
+        let (relay, key) = (relay.clone(), key.clone());
+        tokio::spawn(async move { attempt(&relay, &key, body(0)).await })
+    };
+    // The first request holds the slot once the upstream has it.
+    while mock.count() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 0..3 {
+        let (status, message) = attempt(&relay, &key, body(1)).await;
+        assert_eq!(status, 429, "attempt {i}: {message}");
+        assert!(message.contains("concurrent"), "attempt {i}: {message}");
+    }
+    let (status, message) = held.await.unwrap();
+    assert_eq!(status, 200, "{message}");
+    mock.set(|b| b.head_delay = Duration::ZERO);
+    // 1 served and 3 refused for concurrency: the rpm limit of 3 has room for 2 more.
+    for i in 0..2 {
+        let (status, message) = attempt(&relay, &key, body(2 + i)).await;
+        assert_eq!(
+            status, 200,
+            "request {i} after the slot came back: {message}"
+        );
+    }
 }

@@ -579,6 +579,8 @@ async fn a_request_whose_slot_answer_came_late_frees_its_slot_end_to_end() {
     // The relay's keys carry no prefix; this test's are the ones of its key and user.
     let slots = format!("limit:slots:{key_id}");
     let usage = format!("usage:apikey:{key_id}");
+    // Booked last of a request's cost (after the key's).
+    let user_cost = format!("cost:user:total:{user}");
     let exists = |k: String| {
         let mut c = c.clone();
         async move {
@@ -591,11 +593,12 @@ async fn a_request_whose_slot_answer_came_late_frees_its_slot_end_to_end() {
         }
     };
 
-    // A first request connects the relay to Redis; its usage counters are booked apart, and
-    // must be in before Redis slows down (a late answer there would keep the slot off Redis).
+    // A first request connects the relay to Redis; its usage counters and cost are booked
+    // apart, and must be in before Redis slows down (a late answer there would keep the slot
+    // off Redis).
     assert_eq!(send().await, 200);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !exists(usage.clone()).await {
+    while !exists(usage.clone()).await || !exists(user_cost.clone()).await {
         assert!(Instant::now() < deadline, "usage counters never booked");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

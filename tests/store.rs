@@ -138,6 +138,8 @@ fn new_user(name: &str) -> NewUser {
         password_hash: format!("$argon2id$fake${name}"),
         role: Role::User,
         price_rate: 10_000,
+        daily_cost_limit: None,
+        total_cost_limit: None,
     }
 }
 

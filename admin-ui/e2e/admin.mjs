@@ -138,6 +138,13 @@ try {
   await page.fill('[data-test="password-form"] input[name="new_password"]', 'tenant-password-2')
   await page.click('[data-test="password-form"] button[type="submit"]')
   await note().filter({ hasText: 'Password of ui-tenant changed.' }).waitFor()
+  // Cost limits over all of the user's keys.
+  await row('users', 'ui-tenant').getByRole('button', { name: 'Limits' }).click()
+  await page.fill('[data-test="limits-form"] input[name="user_daily_cost_limit"]', '20')
+  await page.click('[data-test="save-limits"]')
+  await note().filter({ hasText: 'Cost limits of ui-tenant set.' }).waitFor()
+  assert.equal(await row('users', 'ui-tenant').locator('[data-test="cost-limits"]').innerText(), '$20.00 a day')
+  assert.deepEqual(lastPatch('/api/admin/users/'), { daily_cost_limit: 20000000, total_cost_limit: null })
   await shot('03-users')
 
   await page.click('a[href="#/keys"]')
@@ -280,6 +287,12 @@ try {
   await page.locator('[data-test="audit"] [data-test="action"]', { hasText: 'account.token_refresh' }).waitFor()
   await shot('09-audit')
 
+  // A key an admin disabled: its owner sees why and gets no Enable button (below).
+  await page.click('a[href="#/keys"]')
+  await row('keys', 'ui-key').getByRole('button', { name: 'Disable' }).click()
+  await note().filter({ hasText: 'Key ui-key disabled.' }).waitFor()
+  await row('keys', 'ui-key').locator('[data-test="disabled-by-admin"]').waitFor()
+
   // Logged out, the pages ask for a login again.
   await page.click('[data-test="logout"]')
   await page.waitForURL(/#\/login/)
@@ -292,6 +305,8 @@ try {
   await row('keys', 'ui-key').waitFor()
   assert.equal(await page.locator('a[href="#/accounts"]').count(), 0)
   assert.equal(await row('keys', 'ui-key').locator('[data-test="requests"]').innerText(), '1')
+  await row('keys', 'ui-key').locator('[data-test="disabled-by-admin"]').waitFor()
+  assert.equal(await row('keys', 'ui-key').getByRole('button', { name: 'Enable' }).count(), 0)
   await page.goto(`${ADMIN}/#/accounts`)
   await page.waitForURL(/#\/keys/)
   await page.click('a[href="#/overview"]')

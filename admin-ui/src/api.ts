@@ -54,6 +54,8 @@ export interface User {
   role: Role
   enabled: boolean
   price_rate: number
+  daily_cost_limit: number | null
+  total_cost_limit: number | null
   created_at: number
 }
 
@@ -64,6 +66,7 @@ export interface ApiKey {
   name: string
   key_prefix: string
   enabled: boolean
+  disabled_by_admin: boolean
   expires_at: number | null
   allowed_platforms: string[]
   allowed_models: string[]

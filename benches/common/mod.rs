@@ -315,6 +315,7 @@ pub fn key_cache(n: usize) -> (std::sync::Arc<llm_relay::cache::KeyCache>, Vec<S
                 key_hash: llm_relay::secrets::api_key_hash(PEPPER, &key),
                 key_prefix: key.chars().take(12).collect(),
                 enabled: true,
+                disabled_by_admin: false,
                 expires_at: None,
                 allowed_platforms: Vec::new(),
                 allowed_models: Vec::new(),
@@ -328,6 +329,8 @@ pub fn key_cache(n: usize) -> (std::sync::Arc<llm_relay::cache::KeyCache>, Vec<S
             },
             user_enabled: true,
             user_price_rate: 10_000,
+            user_daily_cost_limit: None,
+            user_total_cost_limit: None,
         });
         plain.push(key);
     }

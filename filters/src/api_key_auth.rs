@@ -30,6 +30,9 @@ pub struct KeyEntry {
     pub total_cost_limit: Option<i64>,
     /// The owner's price rate, ten-thousandths (10000 = 1.0).
     pub price_rate: i64,
+    /// The owner's cost limits over all its keys (billed micro-USD): per UTC day, in total.
+    pub user_daily_cost_limit: Option<i64>,
+    pub user_total_cost_limit: Option<i64>,
 }
 
 impl KeyEntry {

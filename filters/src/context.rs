@@ -40,6 +40,8 @@ pub struct LimitsInfo {
     pub slot: Option<crate::key_limits::SlotLease>,
     /// The estimated cost held against the key's cost limits until the request is booked.
     pub cost: Option<crate::key_limits::CostHold>,
+    /// The same, held against the cost limits of the key's user (over all its keys).
+    pub user_cost: Option<crate::key_limits::CostHold>,
 }
 
 /// What the body said (the few fields routing needs, owned).

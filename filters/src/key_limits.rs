@@ -1,5 +1,6 @@
-//! `key_limits`: per-key request rate, concurrency and cost limits (DESIGN §6), enforced through
-//! a `LimitStore` so one node counts in process and several nodes count atomically in Redis.
+//! `key_limits`: per-key request rate, concurrency and cost limits (DESIGN §6), and the cost
+//! limits of a user over all its keys, enforced through a `LimitStore` so one node counts in
+//! process and several nodes count atomically in Redis.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -92,20 +93,43 @@ pub trait LimitStore: Send + Sync {
     async fn settle_cost(&self, key_id: &str, day: &str, hold: Option<&CostHold>, micro_usd: i64);
 }
 
+/// What a `LimitStore` counts a user's spend over all its keys under (beside its keys' ids).
+pub const USER_SUBJECT: &str = "user:";
+
+/// The `LimitStore` subject of a user's keys together.
+pub fn user_subject(user_id: &str) -> String {
+    format!("{USER_SUBJECT}{user_id}")
+}
+
+/// Whose cost limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Whose {
+    Key,
+    User,
+}
+
 /// The refusal of a request over a cost limit.
-fn over_cost_limit(hit: CostLimitHit) -> Rejection {
+fn over_cost_limit(hit: CostLimitHit, whose: Whose) -> Rejection {
     let (which, in_flight) = match hit {
         CostLimitHit::Daily { in_flight } => ("daily", in_flight),
         CostLimitHit::Total { in_flight } => ("total", in_flight),
     };
+    let (subject, its) = match whose {
+        Whose::Key => ("this API key", "its"),
+        Whose::User => ("the user of this API key", "the user's"),
+    };
     if in_flight {
         // Passing: the room comes back as those requests end. A rate limit, which clients
         // retry on their own.
+        let requests = match whose {
+            Whose::Key => "this API key's requests",
+            Whose::User => "the requests of this API key's user",
+        };
         let mut r = Rejection::new(
             ErrorKind::RateLimit,
             format!(
-                "this API key's requests in flight may cost what is left of its {which} cost \
-                 limit; retry when they end"
+                "{requests} in flight may cost what is left of {its} {which} cost limit; retry \
+                 when they end"
             ),
         );
         r.retry_after = Some(IN_FLIGHT_RETRY_SECS);
@@ -113,7 +137,7 @@ fn over_cost_limit(hit: CostLimitHit) -> Rejection {
     } else {
         Rejection::new(
             ErrorKind::InsufficientQuota,
-            format!("this API key has reached its {which} cost limit"),
+            format!("{subject} has reached {its} {which} cost limit"),
         )
     }
 }
@@ -375,7 +399,11 @@ impl RequestFilter for KeyLimits {
             daily: key.daily_cost_limit,
             total: key.total_cost_limit,
         };
-        if limits != CostLimits::default() {
+        let user_limits = CostLimits {
+            daily: key.user_daily_cost_limit,
+            total: key.user_total_cost_limit,
+        };
+        if limits != CostLimits::default() || user_limits != CostLimits::default() {
             // Requests in flight count with what they may cost: without, a key just under its
             // limit could start any number of requests at once.
             let estimate = if ctx.route.billed {
@@ -391,26 +419,30 @@ impl RequestFilter for KeyLimits {
             };
             let day = utc_day(ctx.started_ms);
             // First: a key whose spend reached its limit is told so (402, lasting) rather than
-            // to slow down. The hold is given back when the request is booked, also when a
+            // to slow down. The holds are given back when the request is booked, also when a
             // later check or filter refuses it.
-            match (self.store)
-                .hold_cost(&key.id, &day, limits, estimate, self.lease_ttl)
-                .await
-            {
-                Ok(hold) => ctx.limits.cost = Some(hold),
-                Err(hit) => return Flow::Reject(over_cost_limit(hit)),
+            if limits != CostLimits::default() {
+                match (self.store)
+                    .hold_cost(&key.id, &day, limits, estimate, self.lease_ttl)
+                    .await
+                {
+                    Ok(hold) => ctx.limits.cost = Some(hold),
+                    Err(hit) => return Flow::Reject(over_cost_limit(hit, Whose::Key)),
+                }
+            }
+            if user_limits != CostLimits::default() {
+                let subject = user_subject(&key.user_id);
+                match (self.store)
+                    .hold_cost(&subject, &day, user_limits, estimate, self.lease_ttl)
+                    .await
+                {
+                    Ok(hold) => ctx.limits.user_cost = Some(hold),
+                    Err(hit) => return Flow::Reject(over_cost_limit(hit, Whose::User)),
+                }
             }
         }
-        if let Some(rpm) = key.rpm_limit.filter(|r| *r > 0) {
-            if let Err(wait) = self.store.hit_rpm(&key.id, rpm, ctx.started_ms).await {
-                let mut r = Rejection::new(
-                    ErrorKind::RateLimit,
-                    format!("this API key allows {rpm} requests per minute"),
-                );
-                r.retry_after = Some(wait);
-                return Flow::Reject(r);
-            }
-        }
+        // The concurrency slot before the rate: a request refused for want of a slot (which
+        // clients retry within a second) does not use up the key's requests per minute.
         if let Some(max) = key.max_concurrency.filter(|m| *m > 0) {
             match self.store.acquire_slot(&key.id, max, self.lease_ttl).await {
                 Some(lease) => ctx.limits.slot = Some(lease),
@@ -422,6 +454,16 @@ impl RequestFilter for KeyLimits {
                     r.retry_after = Some(1);
                     return Flow::Reject(r);
                 }
+            }
+        }
+        if let Some(rpm) = key.rpm_limit.filter(|r| *r > 0) {
+            if let Err(wait) = self.store.hit_rpm(&key.id, rpm, ctx.started_ms).await {
+                let mut r = Rejection::new(
+                    ErrorKind::RateLimit,
+                    format!("this API key allows {rpm} requests per minute"),
+                );
+                r.retry_after = Some(wait);
+                return Flow::Reject(r);
             }
         }
         Flow::Continue
@@ -537,13 +579,13 @@ mod tests {
     #[test]
     fn refusals_say_which_limit_and_why() {
         // Caused by requests in flight: passing, a rate limit to retry after a while.
-        let r = over_cost_limit(CostLimitHit::Daily { in_flight: true });
+        let r = over_cost_limit(CostLimitHit::Daily { in_flight: true }, Whose::Key);
         assert_eq!(r.kind, ErrorKind::RateLimit);
         assert_eq!(r.retry_after, Some(IN_FLIGHT_RETRY_SECS));
         assert!(r.message.contains("daily cost limit"), "{}", r.message);
         assert!(r.message.contains("in flight"), "{}", r.message);
         // Reached by the spend alone: lasting, no retry helps.
-        let r = over_cost_limit(CostLimitHit::Total { in_flight: false });
+        let r = over_cost_limit(CostLimitHit::Total { in_flight: false }, Whose::Key);
         assert_eq!(r.kind, ErrorKind::InsufficientQuota);
         assert_eq!(r.retry_after, None);
         assert!(r.message.contains("total cost limit"), "{}", r.message);

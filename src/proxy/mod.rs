@@ -37,6 +37,7 @@ use relay_filters::chain::{Chain, Flow, RequestView};
 use relay_filters::context::RequestCtx;
 use relay_filters::cost::PriceSource;
 use relay_filters::error::{error_body, ErrorKind, Rejection};
+use relay_filters::key_limits::user_subject;
 use relay_filters::request_body::{parse_request_body, validate_for};
 use relay_filters::route::{match_route, Route};
 use relay_filters::{now_ms, Protocol, UsageRecord};
@@ -710,13 +711,16 @@ impl RelayProxy {
         let r = ctx.req.as_mut()?;
         let slot = r.limits.slot.take();
         let hold = r.limits.cost.take();
+        let user_hold = r.limits.user_cost.take();
         let cost = std::mem::take(&mut r.usage.billed_cost).max(0);
-        let key = r
+        // The cost is booked to the key and to its user, each counted whether or not it has a
+        // limit now, so a limit set later finds the spend.
+        let subjects = r
             .auth
             .as_ref()
-            .filter(|_| hold.is_some() || cost > 0)
-            .map(|a| a.key.id.clone());
-        if slot.is_none() && key.is_none() {
+            .filter(|_| hold.is_some() || user_hold.is_some() || cost > 0)
+            .map(|a| (a.key.id.clone(), user_subject(&a.key.user_id)));
+        if slot.is_none() && subjects.is_none() {
             return None;
         }
         let store = limits.store().clone();
@@ -725,9 +729,12 @@ impl RelayProxy {
             if let Some(lease) = slot {
                 store.release_slot(&lease).await;
             }
-            if let Some(key) = key {
+            if let Some((key, user)) = subjects {
                 let day = relay_filters::key_limits::utc_day(started_ms);
                 store.settle_cost(&key, &day, hold.as_ref(), cost).await;
+                store
+                    .settle_cost(&user, &day, user_hold.as_ref(), cost)
+                    .await;
             }
         })
     }

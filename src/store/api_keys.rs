@@ -12,7 +12,7 @@ use super::{
 
 /// Columns of `api_keys k JOIN users u`, in the order [`api_key_from_row`] reads them.
 const KEY_COLUMNS: &str = "k.id, k.user_id, u.username, k.name, k.key_hash, k.key_prefix, \
-     k.enabled, k.expires_at, k.allowed_platforms, k.allowed_models, k.rpm_limit, \
+     k.enabled, k.disabled_by_admin, k.expires_at, k.allowed_platforms, k.allowed_models, k.rpm_limit, \
      k.max_concurrency, k.daily_cost_limit, k.total_cost_limit, k.created_at, k.updated_at, \
      k.last_used_at";
 
@@ -34,6 +34,8 @@ pub struct ApiKey {
     pub key_prefix: String,
     /// Disabled keys are refused.
     pub enabled: bool,
+    /// An admin disabled the key: its owner cannot enable it again.
+    pub disabled_by_admin: bool,
     /// Epoch ms after which the key is refused.
     pub expires_at: Option<i64>,
     /// Platforms (`claude`, `openai`, `gemini`) the key may use; empty = all.
@@ -104,6 +106,9 @@ pub struct ApiKeyPatch {
     pub daily_cost_limit: Option<Option<i64>>,
     /// New total cost limit, or none.
     pub total_cost_limit: Option<Option<i64>>,
+    /// The change is an admin's: enabling or disabling also clears or sets
+    /// `disabled_by_admin`. The owner's enabling is refused while that is set.
+    pub by_admin: bool,
 }
 
 /// A usable key with what the in-process key cache needs about its owner.
@@ -115,6 +120,9 @@ pub struct ActiveApiKey {
     pub user_enabled: bool,
     /// The owner's price rate in ten-thousandths.
     pub user_price_rate: i64,
+    /// The owner's cost limits over all its keys (billed micro-USD): per UTC day, in total.
+    pub user_daily_cost_limit: Option<i64>,
+    pub user_total_cost_limit: Option<i64>,
 }
 
 /// Builds an [`ApiKey`] from a row selected with [`KEY_COLUMNS`].
@@ -129,6 +137,7 @@ fn api_key_from_row(row: &AnyRow) -> Result<ApiKey> {
         key_hash: row.try_get("key_hash")?,
         key_prefix: row.try_get("key_prefix")?,
         enabled: get_bool(row, "enabled")?,
+        disabled_by_admin: get_bool(row, "disabled_by_admin")?,
         expires_at: row.try_get("expires_at")?,
         allowed_platforms: from_json(&platforms, "api_keys.allowed_platforms")?,
         allowed_models: from_json(&models, "api_keys.allowed_models")?,
@@ -141,6 +150,10 @@ fn api_key_from_row(row: &AnyRow) -> Result<ApiKey> {
         last_used_at: row.try_get("last_used_at")?,
     })
 }
+
+/// Why the owner cannot enable a key.
+pub const DISABLED_BY_ADMIN: &str =
+    "an administrator disabled this key: only an administrator can enable it again";
 
 /// Rejects negative limits.
 fn check_limits(limits: &[(&str, Option<i64>)]) -> Result<()> {
@@ -287,6 +300,9 @@ impl SqlStore {
         }
         if let Some(enabled) = patch.enabled {
             parts.set("enabled", Param::Int(Some(i64::from(enabled))));
+            if patch.by_admin {
+                parts.set("disabled_by_admin", Param::Int(Some(i64::from(!enabled))));
+            }
         }
         if let Some(expires_at) = patch.expires_at {
             parts.set("expires_at", Param::Int(expires_at));
@@ -309,8 +325,15 @@ impl SqlStore {
         }
         if !parts.is_empty() {
             parts.bump_updated_at();
+            // The owner's enabling holds only while no admin has disabled the key, checked in
+            // the same statement so an admin's disabling in between is never undone.
+            let guard = if patch.enabled == Some(true) && !patch.by_admin {
+                " AND disabled_by_admin = 0"
+            } else {
+                ""
+            };
             let sql = format!(
-                "UPDATE api_keys SET {} WHERE id = ${}",
+                "UPDATE api_keys SET {} WHERE id = ${}{guard}",
                 parts.joined(", "),
                 parts.param_count() + 1
             );
@@ -320,7 +343,10 @@ impl SqlStore {
                 .execute(&self.pool)
                 .await?;
             if done.rows_affected() == 0 {
-                return Err(StoreError::NotFound);
+                return match self.api_key_by_id(id).await? {
+                    Some(_) => Err(StoreError::Invalid(DISABLED_BY_ADMIN.into())),
+                    None => Err(StoreError::NotFound),
+                };
             }
         }
         self.api_key_by_id(id).await?.ok_or(StoreError::NotFound)
@@ -342,7 +368,9 @@ impl SqlStore {
     /// keys are included so the relay can tell a client why its key is refused.
     pub async fn load_api_keys_with_users(&self) -> Result<Vec<ActiveApiKey>> {
         let sql = format!(
-            "SELECT {KEY_COLUMNS}, u.enabled AS user_enabled, u.price_rate AS user_price_rate \
+            "SELECT {KEY_COLUMNS}, u.enabled AS user_enabled, u.price_rate AS user_price_rate, \
+             u.daily_cost_limit AS user_daily_cost_limit, \
+             u.total_cost_limit AS user_total_cost_limit \
              FROM api_keys k JOIN users u ON u.id = k.user_id"
         );
         let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
@@ -352,6 +380,8 @@ impl SqlStore {
                     key: api_key_from_row(row)?,
                     user_enabled: get_bool(row, "user_enabled")?,
                     user_price_rate: row.try_get("user_price_rate")?,
+                    user_daily_cost_limit: row.try_get("user_daily_cost_limit")?,
+                    user_total_cost_limit: row.try_get("user_total_cost_limit")?,
                 })
             })
             .collect()

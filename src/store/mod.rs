@@ -29,8 +29,8 @@ use sqlx::{Any, AnyPool, Executor, Row};
 
 pub use accounts::{Account, AccountPatch, AccountStatus, NewAccount, RefreshedTokens};
 pub use admin_sessions::AdminSession;
-pub use api_keys::{ActiveApiKey, ApiKey, ApiKeyPatch, NewApiKey};
-pub use limits::KeySpend;
+pub use api_keys::{ActiveApiKey, ApiKey, ApiKeyPatch, NewApiKey, DISABLED_BY_ADMIN};
+pub use limits::Spend;
 pub use prices::{ModelPrice, ModelPriceRow};
 pub use redis_sessions::{
     FallbackSessionStore, RedisCooldowns, RedisLink, RedisLinkConfig, RedisSessionStore,

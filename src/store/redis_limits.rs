@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use relay_filters::key_limits::{
-    CostHold, CostLimitHit, CostLimits, LimitStore, MemoryLimits, SlotLease,
+    CostHold, CostLimitHit, CostLimits, LimitStore, MemoryLimits, SlotLease, USER_SUBJECT,
 };
 use relay_filters::now_ms;
 
@@ -363,16 +363,21 @@ impl RedisLimits {
         self.renewals.renew_due().await
     }
 
-    /// The cost keys of an API key: daily and total spend, then its holds in flight (leases
-    /// by expiry, amounts, their sum).
-    fn cost_keys(&self, key_id: &str, day: &str) -> [String; 5] {
+    /// The cost keys of an API key, or of a user's keys together (a subject made by
+    /// `user_subject`): daily and total spend, then its holds in flight (leases by expiry,
+    /// amounts, their sum).
+    fn cost_keys(&self, subject: &str, day: &str) -> [String; 5] {
         let p = &self.prefix;
+        let (kind, id) = match subject.strip_prefix(USER_SUBJECT) {
+            Some(user_id) => ("user", user_id),
+            None => ("apikey", subject),
+        };
         [
-            format!("{p}cost:apikey:daily:{key_id}:{day}"),
-            format!("{p}cost:apikey:total:{key_id}"),
-            format!("{p}cost:apikey:holds:{key_id}"),
-            format!("{p}cost:apikey:held:{key_id}"),
-            format!("{p}cost:apikey:heldsum:{key_id}"),
+            format!("{p}cost:{kind}:daily:{id}:{day}"),
+            format!("{p}cost:{kind}:total:{id}"),
+            format!("{p}cost:{kind}:holds:{id}"),
+            format!("{p}cost:{kind}:held:{id}"),
+            format!("{p}cost:{kind}:heldsum:{id}"),
         ]
     }
 
@@ -820,6 +825,54 @@ mod tests {
             .run(|c| async move { Ok(c) })
             .await
             .expect("connection");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut c)
+            .await
+            .unwrap_or_default();
+        let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
+    }
+
+    /// A user's spend over its keys is counted under `cost:user:`, apart from its keys' own
+    /// counters, and its limit refuses on every node.
+    #[tokio::test]
+    async fn a_users_spend_has_counters_of_its_own() {
+        let url = std::env::var("RELAY_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let link = RedisLink::open(&url).expect("redis url");
+        assert!(link.ready(Duration::from_secs(5)).await, "Redis reachable");
+        let prefix = format!("relaytest:{}:", crate::store::new_id());
+        let node = |link: &Arc<RedisLink>| {
+            RedisLimits::new(link.clone(), &prefix, Arc::new(MemoryLimits::default()))
+        };
+        let (a, b) = (node(&link), node(&link));
+        let day = "2026-11-22";
+        let user = relay_filters::key_limits::user_subject("u1");
+        let ttl = Duration::from_secs(60);
+        a.settle_cost("k1", day, None, 40).await;
+        a.settle_cost(&user, day, None, 40).await;
+        b.settle_cost(&user, day, None, 60).await;
+        assert_eq!(b.spent(&user, day).await, (100, 100));
+        assert_eq!(b.spent("k1", day).await, (40, 40));
+        assert_eq!(b.spent("u1", day).await, (0, 0), "not a key's counter");
+        let limits = CostLimits {
+            daily: None,
+            total: Some(100),
+        };
+        assert_eq!(
+            a.hold_cost(&user, day, limits, 1, ttl).await,
+            Err(CostLimitHit::Total { in_flight: false })
+        );
+        let mut c = link
+            .run(|c| async move { Ok(c) })
+            .await
+            .expect("connection");
+        let total: i64 = redis::cmd("GET")
+            .arg(format!("{prefix}cost:user:total:u1"))
+            .query_async(&mut c)
+            .await
+            .expect("the user's total");
+        assert_eq!(total, 100);
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{prefix}*"))
             .query_async(&mut c)

@@ -10,8 +10,8 @@ use super::{
 };
 
 /// Columns of `users`, in the order [`user_from_row`] reads them.
-const USER_COLUMNS: &str =
-    "id, username, password_hash, role, enabled, price_rate, created_at, updated_at";
+const USER_COLUMNS: &str = "id, username, password_hash, role, enabled, price_rate, \
+     daily_cost_limit, total_cost_limit, created_at, updated_at";
 
 /// What a user may do on the admin service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -58,6 +58,10 @@ pub struct User {
     pub enabled: bool,
     /// Price multiplier in ten-thousandths (10000 = 1.0).
     pub price_rate: i64,
+    /// Billed micro-USD per UTC day over all the user's keys (`None`: no limit).
+    pub daily_cost_limit: Option<i64>,
+    /// Billed micro-USD in total over all the user's keys (`None`: no limit).
+    pub total_cost_limit: Option<i64>,
     /// Epoch ms.
     pub created_at: i64,
     /// Epoch ms of the last change.
@@ -75,6 +79,10 @@ pub struct NewUser {
     pub role: Role,
     /// Price multiplier in ten-thousandths (10000 = 1.0).
     pub price_rate: i64,
+    /// Billed micro-USD per UTC day over all the user's keys.
+    pub daily_cost_limit: Option<i64>,
+    /// Billed micro-USD in total over all the user's keys.
+    pub total_cost_limit: Option<i64>,
 }
 
 /// Builds a [`User`] from a row selected with [`USER_COLUMNS`].
@@ -88,6 +96,8 @@ fn user_from_row(row: &AnyRow) -> Result<User> {
             .ok_or_else(|| StoreError::Invalid(format!("unknown role {role:?} in users")))?,
         enabled: get_bool(row, "enabled")?,
         price_rate: row.try_get("price_rate")?,
+        daily_cost_limit: row.try_get("daily_cost_limit")?,
+        total_cost_limit: row.try_get("total_cost_limit")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -103,11 +113,23 @@ fn check_rate(rate: i64) -> Result<()> {
     Ok(())
 }
 
+/// Rejects negative cost limits.
+fn check_cost_limits(limits: [(&str, Option<i64>); 2]) -> Result<()> {
+    match limits.iter().find(|(_, v)| v.is_some_and(|v| v < 0)) {
+        Some((what, _)) => Err(StoreError::Invalid(format!("{what} must not be negative"))),
+        None => Ok(()),
+    }
+}
+
 impl SqlStore {
     /// Creates a user; a taken username is `Conflict`.
     pub async fn create_user(&self, new: &NewUser) -> Result<User> {
         require_non_empty("username", &new.username)?;
         check_rate(new.price_rate)?;
+        check_cost_limits([
+            ("daily_cost_limit", new.daily_cost_limit),
+            ("total_cost_limit", new.total_cost_limit),
+        ])?;
         let now = now_ms();
         let user = User {
             id: new_id(),
@@ -116,12 +138,15 @@ impl SqlStore {
             role: new.role,
             enabled: true,
             price_rate: new.price_rate,
+            daily_cost_limit: new.daily_cost_limit,
+            total_cost_limit: new.total_cost_limit,
             created_at: now,
             updated_at: now,
         };
         sqlx::query(
             "INSERT INTO users (id, username, password_hash, role, enabled, price_rate, \
-             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             daily_cost_limit, total_cost_limit, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&user.id)
         .bind(&user.username)
@@ -129,6 +154,8 @@ impl SqlStore {
         .bind(user.role.as_str())
         .bind(1_i64)
         .bind(user.price_rate)
+        .bind(user.daily_cost_limit)
+        .bind(user.total_cost_limit)
         .bind(now)
         .bind(now)
         .execute(&self.pool)
@@ -202,6 +229,29 @@ impl SqlStore {
             .await
     }
 
+    /// Sets or clears (`Some(None)`) a user's cost limits; `None` leaves one as it is.
+    pub async fn set_user_cost_limits(
+        &self,
+        id: &str,
+        daily: Option<Option<i64>>,
+        total: Option<Option<i64>>,
+    ) -> Result<()> {
+        check_cost_limits([
+            ("daily_cost_limit", daily.flatten()),
+            ("total_cost_limit", total.flatten()),
+        ])?;
+        let mut parts = SqlParts::default();
+        for (column, value) in [("daily_cost_limit", daily), ("total_cost_limit", total)] {
+            if let Some(value) = value {
+                parts.set(column, Param::Int(value));
+            }
+        }
+        if parts.is_empty() {
+            return Ok(());
+        }
+        self.update_user_columns(id, parts).await
+    }
+
     /// Sets the price rate of every listed user; returns how many users were updated.
     pub async fn set_price_rate(&self, ids: &[String], rate: i64) -> Result<u64> {
         check_rate(rate)?;
@@ -255,6 +305,11 @@ impl SqlStore {
     async fn update_user_column(&self, id: &str, column: &str, value: Param) -> Result<()> {
         let mut parts = SqlParts::default();
         parts.set(column, value);
+        self.update_user_columns(id, parts).await
+    }
+
+    /// Sets the columns in `parts` of a user and bumps `updated_at`.
+    async fn update_user_columns(&self, id: &str, mut parts: SqlParts) -> Result<()> {
         parts.bump_updated_at();
         let sql = format!(
             "UPDATE users SET {} WHERE id = ${}",

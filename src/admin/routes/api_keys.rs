@@ -16,7 +16,9 @@ use crate::admin::error::{AppError, AppResult, ErrorBody};
 use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
 use crate::secrets::{api_key_hash, api_key_prefix, generate_api_key};
-use crate::store::{ApiKey, ApiKeyPatch, NewApiKey, Page, UsageDim, UsageTotals};
+use crate::store::{
+    ApiKey, ApiKeyPatch, NewApiKey, Page, UsageDim, UsageTotals, DISABLED_BY_ADMIN,
+};
 
 /// A new key; limits are optional and only restrict it. Costs in micro-USD, times in epoch ms.
 #[derive(Deserialize, ToSchema)]
@@ -62,11 +64,23 @@ fn check_platforms(p: &[String]) -> AppResult<()> {
 /// most (1 000 a second); no limit at all is an empty field.
 const MAX_RPM_LIMIT: i64 = 60_000;
 
-fn check_rpm(rpm: Option<i64>) -> AppResult<()> {
+/// Checks the request-count limits: an rpm of 1 to [`MAX_RPM_LIMIT`], a concurrency of at
+/// least 1. No limit is an empty field; 0 is refused rather than read as "none" or "blocked"
+/// (disabling the key is what blocks it).
+fn check_counts(rpm: Option<i64>, max_concurrency: Option<i64>) -> AppResult<()> {
     match rpm {
         Some(r) if r > MAX_RPM_LIMIT => Err(AppError::BadRequest(format!(
             "rpm_limit is at most {MAX_RPM_LIMIT} (leave it empty for no limit)"
         ))),
+        Some(r) if r < 1 => Err(AppError::BadRequest(
+            "rpm_limit is at least 1 (leave it empty for no limit; disable the key to block it)"
+                .into(),
+        )),
+        _ if max_concurrency.is_some_and(|c| c < 1) => Err(AppError::BadRequest(
+            "max_concurrency is at least 1 (leave it empty for no limit; disable the key to \
+             block it)"
+                .into(),
+        )),
         _ => Ok(()),
     }
 }
@@ -85,7 +99,7 @@ async fn issue(
         return Err(AppError::BadRequest("name is required".into()));
     }
     check_platforms(&body.allowed_platforms)?;
-    check_rpm(body.rpm_limit)?;
+    check_counts(body.rpm_limit, body.max_concurrency)?;
     let key = generate_api_key();
     // The store counts the owner's keys and inserts in one transaction: the cap holds under
     // concurrent creations, and its refusal names the cap.
@@ -323,7 +337,7 @@ pub async fn update(
     if let Some(p) = &body.allowed_platforms {
         check_platforms(p)?;
     }
-    check_rpm(body.rpm_limit.flatten())?;
+    check_counts(body.rpm_limit.flatten(), body.max_concurrency.flatten())?;
     let patch = ApiKeyPatch {
         name: body.name,
         enabled: body.enabled,
@@ -334,6 +348,7 @@ pub async fn update(
         max_concurrency: body.max_concurrency,
         daily_cost_limit: body.daily_cost_limit,
         total_cost_limit: body.total_cost_limit,
+        by_admin: true,
     };
     apply(&state, &caller, &id, &patch).await
 }
@@ -387,11 +402,13 @@ async fn own_key(state: &AdminState, caller: &Caller, id: &str) -> AppResult<Api
         .ok_or(AppError::NotFound)
 }
 
-/// `PATCH /api/keys/{id}` `{"name"?, "enabled"?}`: renames, enables or disables an own key.
+/// `PATCH /api/keys/{id}` `{"name"?, "enabled"?}`: renames, enables or disables an own key;
+/// a key an administrator disabled stays disabled (403).
 #[utoipa::path(patch, path = "/api/keys/{id}", tag = "own", params(("id" = String, Path, description = "API key id")), request_body = UpdateOwnKey,
     responses(
         (status = 200, description = "The key as changed", body = serde_json::Value),
         (status = 400, description = "Empty name", body = ErrorBody),
+        (status = 403, description = "Enabling a key an administrator disabled", body = ErrorBody),
         (status = 404, description = "No such key of the caller", body = ErrorBody),
     ))]
 pub async fn own_update(
@@ -400,7 +417,10 @@ pub async fn own_update(
     Path(id): Path<String>,
     Json(body): Json<UpdateOwnKey>,
 ) -> AppResult<Json<ApiKey>> {
-    own_key(&state, &caller, &id).await?;
+    let key = own_key(&state, &caller, &id).await?;
+    if key.disabled_by_admin && body.enabled == Some(true) {
+        return Err(AppError::Forbidden(DISABLED_BY_ADMIN.into()));
+    }
     if body.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
         return Err(AppError::BadRequest("name must not be empty".into()));
     }
@@ -409,7 +429,13 @@ pub async fn own_update(
         enabled: body.enabled,
         ..ApiKeyPatch::default()
     };
-    apply(&state, &caller, &id, &patch).await
+    // An admin's disabling that came after the check above is not undone by the store.
+    apply(&state, &caller, &id, &patch)
+        .await
+        .map_err(|e| match e {
+            AppError::BadRequest(m) if m == DISABLED_BY_ADMIN => AppError::Forbidden(m),
+            other => other,
+        })
 }
 
 async fn remove(state: &AdminState, caller: &Caller, key: &ApiKey) -> AppResult<()> {

@@ -35,6 +35,18 @@ fn check_rate(rate: i64) -> AppResult<()> {
     Ok(())
 }
 
+/// Refuses negative cost limits before anything is written.
+fn check_cost_limits(daily: Option<i64>, total: Option<i64>) -> AppResult<()> {
+    for (what, v) in [("daily_cost_limit", daily), ("total_cost_limit", total)] {
+        if v.is_some_and(|v| v < 0) {
+            return Err(AppError::BadRequest(format!(
+                "{what} must not be negative (micro-USD; leave it empty for no limit)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn parse_role(r: &str) -> AppResult<Role> {
     Role::parse(r).ok_or_else(|| AppError::BadRequest("role must be admin or user".into()))
 }
@@ -59,9 +71,16 @@ pub struct CreateUser {
     /// Ten-thousandths (10000 = 1.0).
     #[serde(default)]
     price_rate: Option<i64>,
+    /// Billed micro-USD per UTC day over all the user's keys (none: no limit).
+    #[serde(default)]
+    daily_cost_limit: Option<i64>,
+    /// Billed micro-USD in total over all the user's keys (none: no limit).
+    #[serde(default)]
+    total_cost_limit: Option<i64>,
 }
 
-/// `POST /api/admin/users` `{"username", "password", "role"?, "price_rate"?}`.
+/// `POST /api/admin/users` `{"username", "password", "role"?, "price_rate"?,
+/// "daily_cost_limit"?, "total_cost_limit"?}`.
 #[utoipa::path(post, path = "/api/admin/users", tag = "users", request_body = CreateUser,
     responses(
         (status = 201, description = "The user (without its password)", body = serde_json::Value),
@@ -87,6 +106,7 @@ pub async fn create(
     };
     let price_rate = body.price_rate.unwrap_or(10_000);
     check_rate(price_rate)?;
+    check_cost_limits(body.daily_cost_limit, body.total_cost_limit)?;
     let password_hash = hash(body.password).await?;
     let user = state
         .store
@@ -95,6 +115,8 @@ pub async fn create(
             password_hash,
             role,
             price_rate,
+            daily_cost_limit: body.daily_cost_limit,
+            total_cost_limit: body.total_cost_limit,
         })
         .await?;
     audit(
@@ -106,6 +128,8 @@ pub async fn create(
             "username": user.username,
             "role": user.role,
             "price_rate": user.price_rate,
+            "daily_cost_limit": user.daily_cost_limit,
+            "total_cost_limit": user.total_cost_limit,
         }),
     )
     .await;
@@ -159,9 +183,16 @@ pub struct UpdateUser {
     password: Option<String>,
     /// Ten-thousandths (10000 = 1.0).
     price_rate: Option<i64>,
+    /// Billed micro-USD per UTC day over all the user's keys; `null` removes the limit.
+    #[serde(default, deserialize_with = "super::nullable")]
+    daily_cost_limit: Option<Option<i64>>,
+    /// Billed micro-USD in total over all the user's keys; `null` removes the limit.
+    #[serde(default, deserialize_with = "super::nullable")]
+    total_cost_limit: Option<Option<i64>>,
 }
 
-/// `PATCH /api/admin/users/{id}` `{"role"?, "enabled"?, "password"?, "price_rate"?}`.
+/// `PATCH /api/admin/users/{id}` `{"role"?, "enabled"?, "password"?, "price_rate"?,
+/// "daily_cost_limit"?, "total_cost_limit"?}`.
 /// Disabling a user or setting its password ends its login sessions. Admins cannot demote or
 /// disable themselves (so the last admin cannot lock everybody out by mistake).
 #[utoipa::path(patch, path = "/api/admin/users/{id}", tag = "users", params(("id" = String, Path, description = "User id")), request_body = UpdateUser,
@@ -184,6 +215,10 @@ pub async fn update(
     if let Some(rate) = body.price_rate {
         check_rate(rate)?;
     }
+    check_cost_limits(
+        body.daily_cost_limit.flatten(),
+        body.total_cost_limit.flatten(),
+    )?;
     let is_self = caller.user_id.as_deref() == Some(id.as_str());
     if is_self && (role == Some(Role::User) || body.enabled == Some(false)) {
         return Err(AppError::BadRequest(
@@ -210,22 +245,29 @@ pub async fn update(
             .set_price_rate(std::slice::from_ref(&id), rate)
             .await?;
     }
+    state
+        .store
+        .set_user_cost_limits(&id, body.daily_cost_limit, body.total_cost_limit)
+        .await?;
     if body.enabled == Some(false) || password_changed {
         state.store.delete_admin_sessions_of_user(&id).await?;
     }
-    audit(
-        &state,
-        &caller,
-        "user.update",
-        &id,
-        serde_json::json!({
-            "role": role,
-            "enabled": body.enabled,
-            "password_changed": password_changed,
-            "price_rate": body.price_rate,
-        }),
-    )
-    .await;
+    let mut detail = serde_json::json!({
+        "role": role,
+        "enabled": body.enabled,
+        "password_changed": password_changed,
+        "price_rate": body.price_rate,
+    });
+    // A cost limit is named only when changed: `null` there means it was removed.
+    for (what, value) in [
+        ("daily_cost_limit", body.daily_cost_limit),
+        ("total_cost_limit", body.total_cost_limit),
+    ] {
+        if let Some(value) = value {
+            detail[what] = serde_json::json!(value);
+        }
+    }
+    audit(&state, &caller, "user.update", &id, detail).await;
     state.keys_changed().await;
     Ok(Json(
         state
