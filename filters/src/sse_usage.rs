@@ -376,8 +376,11 @@ pub enum UsageMeter {
     OpenaiResponsesJson(JsonMeter),
     /// Gemini `streamGenerateContent?alt=sse`.
     GeminiStream(StreamMeter),
-    /// Gemini `generateContent`, or `streamGenerateContent` without `alt=sse` (a JSON array).
+    /// Gemini `generateContent` (one JSON object); becomes [`UsageMeter::GeminiArray`] when the
+    /// body opens an array.
     GeminiJson(JsonMeter),
+    /// Gemini `streamGenerateContent` without `alt=sse` (a JSON array of chunks).
+    GeminiArray(GeminiArrayMeter),
 }
 
 /// Meter state of an SSE response: the parser and what the events said so far.
@@ -394,6 +397,44 @@ pub struct JsonMeter {
     max_body: usize,
     gave_up: bool,
     result: Option<MeterResult>,
+}
+
+/// Meter state of a Gemini `streamGenerateContent` answer without `alt=sse`: a JSON array of
+/// GenerateContentResponse objects (the SDKs' non-SSE stream form), read element by element as
+/// it arrives, so a stream cut midway books the cumulative `usageMetadata` seen so far, as with
+/// `alt=sse`. Only the bytes of an element not yet complete are kept.
+#[derive(Debug)]
+pub struct GeminiArrayMeter {
+    at: ArrayAt,
+    /// The element being read, when it began in an earlier chunk.
+    pending: Vec<u8>,
+    /// Where the element being read ends.
+    scan: json_scan::ValueEnd,
+    /// The element being read outgrew the cap: its bytes are dropped until it ends.
+    skipping: bool,
+    max_element: usize,
+    gave_up: bool,
+    result: MeterResult,
+    counts: GeminiCounts,
+}
+
+/// Where a [`GeminiArrayMeter`] stands in the array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ArrayAt {
+    /// Before `[` (blank space only so far).
+    Open,
+    /// After `[`: an element or `]`.
+    First,
+    /// After `,`: an element.
+    Next,
+    /// Inside an element.
+    Element,
+    /// After an element: `,` or `]`.
+    After,
+    /// After `]`.
+    Closed,
+    /// Not an array of objects: nothing more is read.
+    Broken,
 }
 
 #[derive(Debug, Default)]
@@ -459,6 +500,11 @@ impl UsageMeter {
                 let state = &mut m.state;
                 m.parser.feed(chunk, |ev| gemini_event(state, ev));
             }
+            UsageMeter::GeminiJson(m) if m.undecided() && opens_array(&m.body, chunk) => {
+                let mut array = GeminiArrayMeter::new(m.max_body);
+                array.feed(chunk);
+                *self = UsageMeter::GeminiArray(array);
+            }
             UsageMeter::AnthropicJson(m)
             | UsageMeter::OpenaiChatJson(m)
             | UsageMeter::OpenaiResponsesJson(m)
@@ -469,6 +515,7 @@ impl UsageMeter {
                     m.feed(chunk);
                 }
             }
+            UsageMeter::GeminiArray(m) => m.feed(chunk),
         }
     }
 
@@ -526,6 +573,7 @@ impl UsageMeter {
             UsageMeter::OpenaiChatJson(m) => m.finish(parse_chat_json),
             UsageMeter::OpenaiResponsesJson(m) => m.finish(parse_responses_json),
             UsageMeter::GeminiJson(m) => m.finish(parse_gemini_json),
+            UsageMeter::GeminiArray(m) => m.result(),
         }
     }
 
@@ -540,6 +588,7 @@ impl UsageMeter {
             | UsageMeter::OpenaiChatJson(m)
             | UsageMeter::OpenaiResponsesJson(m)
             | UsageMeter::GeminiJson(m) => m.result.clone().unwrap_or_default(),
+            UsageMeter::GeminiArray(m) => m.result(),
         }
     }
 
@@ -554,6 +603,7 @@ impl UsageMeter {
             | UsageMeter::OpenaiChatJson(m)
             | UsageMeter::OpenaiResponsesJson(m)
             | UsageMeter::GeminiJson(m) => m.gave_up,
+            UsageMeter::GeminiArray(m) => m.gave_up,
         }
     }
 }
@@ -565,6 +615,128 @@ impl UsageMeter {
 fn starts_event_stream(held: &[u8], chunk: &[u8]) -> bool {
     let first = held.iter().chain(chunk).find(|b| !b.is_ascii_whitespace());
     matches!(first, Some(b'd' | b'e' | b'i' | b'r' | b':'))
+}
+
+/// Whether a body that starts with `held` (blank so far) and then `chunk` is a JSON array.
+fn opens_array(held: &[u8], chunk: &[u8]) -> bool {
+    let first = held.iter().chain(chunk).find(|b| !b.is_ascii_whitespace());
+    first == Some(&b'[')
+}
+
+impl GeminiArrayMeter {
+    /// A meter keeping at most `max_element` bytes of one element.
+    fn new(max_element: usize) -> Self {
+        GeminiArrayMeter {
+            at: ArrayAt::Open,
+            pending: Vec::new(),
+            scan: json_scan::ValueEnd::default(),
+            skipping: false,
+            max_element,
+            gave_up: false,
+            result: MeterResult::default(),
+            counts: GeminiCounts::default(),
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) {
+        let mut i = 0;
+        // Where the element being read began, when that is in this chunk (it is then lent
+        // from the chunk, not copied).
+        let mut began = None;
+        while i < chunk.len() {
+            if self.at != ArrayAt::Element {
+                i = skip_blank(chunk, i);
+                let Some(&b) = chunk.get(i) else { break };
+                self.at = match (self.at, b) {
+                    (ArrayAt::Open, b'[') => ArrayAt::First,
+                    (ArrayAt::First | ArrayAt::Next, b'{') => {
+                        self.scan = json_scan::ValueEnd::default();
+                        began = Some(i);
+                        // The scan reads the opening brace itself.
+                        self.at = ArrayAt::Element;
+                        continue;
+                    }
+                    (ArrayAt::First | ArrayAt::After, b']') => ArrayAt::Closed,
+                    (ArrayAt::After, b',') => ArrayAt::Next,
+                    // Blank space after the array is all there should be; anything else is
+                    // not read.
+                    (ArrayAt::Closed | ArrayAt::Broken, _) => return,
+                    _ => ArrayAt::Broken,
+                };
+                i += 1;
+                continue;
+            }
+            match self.scan.scan(chunk, i) {
+                json_scan::Scanned::End(end) => {
+                    match began {
+                        Some(start) => self.element(slice(chunk, start, end)),
+                        None => {
+                            self.keep(slice(chunk, 0, end));
+                            let pending = std::mem::take(&mut self.pending);
+                            self.element(&pending);
+                            self.pending = pending;
+                        }
+                    }
+                    self.pending.clear();
+                    shrink(&mut self.pending);
+                    self.skipping = false;
+                    began = None;
+                    self.at = ArrayAt::After;
+                    i = end;
+                }
+                json_scan::Scanned::More => {
+                    self.keep(slice(chunk, began.unwrap_or(0), chunk.len()));
+                    return;
+                }
+                json_scan::Scanned::Malformed => {
+                    self.pending = Vec::new();
+                    self.at = ArrayAt::Broken;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Keeps bytes of the element being read, within the cap.
+    fn keep(&mut self, bytes: &[u8]) {
+        if self.skipping {
+            return;
+        }
+        if self.pending.len() + bytes.len() > self.max_element {
+            self.skipping = true;
+            self.gave_up = true;
+            self.pending = Vec::new();
+            return;
+        }
+        self.pending.extend_from_slice(bytes);
+    }
+
+    /// Applies one complete element (unless it was dropped for its size).
+    fn element(&mut self, data: &[u8]) {
+        if self.skipping {
+            return;
+        }
+        if let Some(chunk) = read_gemini_chunk(data, &self.result) {
+            apply_gemini_chunk(&mut self.result, &mut self.counts, chunk);
+        }
+    }
+
+    /// What the elements read so far said; a closed array is a whole answer.
+    fn result(&self) -> MeterResult {
+        let mut result = self.result.clone();
+        if self.at == ArrayAt::Closed {
+            result.complete = true;
+        }
+        result
+    }
+}
+
+/// Index of the first byte at or after `i` that is not JSON whitespace.
+fn skip_blank(buf: &[u8], mut i: usize) -> usize {
+    while let Some(b' ' | b'\n' | b'\r' | b'\t') = buf.get(i) {
+        i += 1;
+    }
+    i
 }
 
 impl JsonMeter {
@@ -1044,14 +1216,21 @@ fn gemini_event(st: &mut StreamState, ev: SseEvent<'_>) {
     // usageMetadata key to its end when that is enough, else by the structure scanner, which
     // skips the candidates' content, else by serde when the scanner is not sure (an escaped
     // key, a count that is not plain digits).
-    let chunk = match scan_gemini_tail(ev.data, &st.result).or_else(|| scan_gemini_chunk(ev.data)) {
-        Some(chunk) => chunk,
-        None => match serde_json::from_slice::<GeminiChunkWire<'_>>(ev.data) {
-            Ok(wire) => GeminiChunk::from(wire),
-            Err(_) => return,
-        },
-    };
-    apply_gemini_chunk(&mut st.result, &mut st.gemini, chunk);
+    if let Some(chunk) = read_gemini_chunk(ev.data, &st.result) {
+        apply_gemini_chunk(&mut st.result, &mut st.gemini, chunk);
+    }
+}
+
+/// One Gemini chunk (an SSE event's data or an array element), read by the cheapest reader
+/// that is sure; `None` when it is not JSON of that shape.
+#[inline]
+fn read_gemini_chunk<'a>(data: &'a [u8], so_far: &MeterResult) -> Option<GeminiChunk<'a>> {
+    match scan_gemini_tail(data, so_far).or_else(|| scan_gemini_chunk(data)) {
+        Some(chunk) => Some(chunk),
+        None => serde_json::from_slice::<GeminiChunkWire<'_>>(data)
+            .ok()
+            .map(GeminiChunk::from),
+    }
 }
 
 /// The common Gemini chunk, `{"candidates": [...], "usageMetadata": {...}, "modelVersion": ..,
@@ -1400,17 +1579,12 @@ fn parse_responses_json(body: &[u8]) -> Option<MeterResult> {
     Some(result)
 }
 
+/// A `generateContent` answer (an array goes to [`GeminiArrayMeter`] as it arrives).
 fn parse_gemini_json(body: &[u8]) -> Option<MeterResult> {
-    let chunks = if body.trim_ascii_start().first() == Some(&b'[') {
-        serde_json::from_slice::<Vec<GeminiChunkWire<'_>>>(body).ok()?
-    } else {
-        vec![serde_json::from_slice::<GeminiChunkWire<'_>>(body).ok()?]
-    };
+    let chunk = serde_json::from_slice::<GeminiChunkWire<'_>>(body).ok()?;
     let mut result = MeterResult::default();
     let mut counts = GeminiCounts::default();
-    for chunk in chunks {
-        apply_gemini_chunk(&mut result, &mut counts, GeminiChunk::from(chunk));
-    }
+    apply_gemini_chunk(&mut result, &mut counts, GeminiChunk::from(chunk));
     result.complete = true;
     Some(result)
 }
@@ -2631,6 +2805,80 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
         let mut ctx = ctx_for(false);
         settle(&mut ctx, false, br#"{"input_tokens":12}"#);
         assert!(!ctx.usage.estimated);
+    }
+
+    /// `streamGenerateContent` without `alt=sse`: every prefix of the array books what the
+    /// `alt=sse` form of its complete elements books, however the prefix is split.
+    #[test]
+    fn a_gemini_array_is_metered_element_by_element_under_any_split() {
+        let elements: Vec<&[u8]> = GEMINI_STREAM
+            .split(|&b| b == b'\n')
+            .filter_map(|line| line.strip_prefix(b"data: "))
+            .map(<[u8]>::trim_ascii_end)
+            .collect();
+        assert_eq!(elements.len(), 3);
+        let mut array = b" [".to_vec();
+        let mut ends = Vec::new();
+        for (k, element) in elements.iter().enumerate() {
+            if k > 0 {
+                array.extend_from_slice(b"\n,\r\n");
+            }
+            array.extend_from_slice(element);
+            ends.push(array.len());
+        }
+        array.extend_from_slice(b"\n]\n");
+        let sse_of = |k: usize| {
+            let text: String = elements[..k]
+                .iter()
+                .map(|e| format!("data: {}\r\n\r\n", std::str::from_utf8(e).unwrap()))
+                .collect();
+            stream_result(Protocol::Gemini, &text)
+        };
+        let whole = sse_of(elements.len());
+        assert!(whole.complete && whole.usage.output_tokens > 0);
+        for chunks in splits(&array) {
+            assert_eq!(meter(Protocol::Gemini, false, &chunks), whole);
+        }
+        for cut in 0..array.len() {
+            let prefix = &array[..cut];
+            let want = sse_of(ends.iter().filter(|&&end| end <= cut).count());
+            assert_eq!(meter(Protocol::Gemini, false, &[prefix]), want, "cut {cut}");
+            let bytes: Vec<&[u8]> = prefix.chunks(1).collect();
+            assert_eq!(meter(Protocol::Gemini, false, &bytes), want, "cut {cut}");
+        }
+        // Cut after the first element: its counts, not complete (the record is flagged).
+        let first = meter(Protocol::Gemini, false, &[&array[..ends[0] + 1]]);
+        assert!(first.usage.input_tokens > 0 && !first.complete);
+    }
+
+    /// An element larger than the cap is dropped (and the record flagged) only when it had to
+    /// be kept across chunks; the elements after it are still read.
+    #[test]
+    fn a_gemini_array_element_past_the_cap_is_skipped_not_the_rest() {
+        let text = "x".repeat(1000);
+        let array = format!(
+            r#"[{{"usageMetadata":{{"promptTokenCount":5}}}},{{"candidates":[{{"content":{{"parts":[{{"text":"{text}"}}]}}}}],"usageMetadata":{{"promptTokenCount":5,"candidatesTokenCount":9}}}},{{"usageMetadata":{{"promptTokenCount":5,"candidatesTokenCount":12}}}}]"#
+        );
+        let mut m = UsageMeter::with_limit(Protocol::Gemini, false, 200);
+        m.feed(array.as_bytes());
+        assert!(!m.gave_up(), "one chunk is read in place");
+        assert_eq!(m.finish().usage, usage(5, 12, 0, 0, 0, 0));
+        let mut m = UsageMeter::with_limit(Protocol::Gemini, false, 200);
+        for b in array.as_bytes().chunks(1) {
+            m.feed(b);
+        }
+        assert!(m.gave_up());
+        let got = m.finish();
+        assert_eq!(got.usage, usage(5, 12, 0, 0, 0, 0));
+        assert!(got.complete);
+        // Not an array of objects: what came before is kept.
+        let got = meter(
+            Protocol::Gemini,
+            false,
+            &[br#"[{"usageMetadata":{"promptTokenCount":5}}, 7, {"usageMetadata":{"promptTokenCount":9}}]"#],
+        );
+        assert_eq!(got.usage.input_tokens, 5);
+        assert!(!got.complete);
     }
 
     #[test]
