@@ -1489,6 +1489,18 @@ async fn cut_streams_end_with_the_protocols_error_event_and_book_what_was_seen()
         assert_eq!(rec["error_type"], "upstream_error", "{rec}");
         assert_eq!(rec["estimated"], true, "counts seen until the cut: {rec}");
     }
+    // OpenAI reports usage only at the end: the cut answers book the request's estimated input
+    // (and the text seen), not nothing.
+    for id in ["cut-chat", "cut-responses"] {
+        let rec = record_by_request_id(&records, id);
+        assert!(rec["input_tokens"].as_u64().unwrap() > 0, "{rec}");
+        assert!(rec["billed_cost"].as_i64().unwrap() > 0, "{rec}");
+    }
+    let rec = record_by_request_id(&records, "cut-chat");
+    assert!(
+        rec["output_tokens"].as_u64().unwrap() > 0,
+        "two deltas were seen: {rec}"
+    );
     // The third Gemini chunk reported 211 × 3 / 6 = 105 candidate tokens so far.
     let rec = record_by_request_id(&records, "cut-gemini");
     assert_eq!(rec["input_tokens"], 2384, "{rec}");

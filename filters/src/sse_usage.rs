@@ -39,6 +39,7 @@ static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"u
 static ERROR_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
 static USAGE_METADATA_KEY: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(b"\"usageMetadata\""));
+static DELTA_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"delta\""));
 /// The end of Gemini's `"finishReason"` and `"blockReason"` keys.
 static REASON_KEY_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"Reason\""));
 
@@ -444,6 +445,9 @@ struct StreamState {
     gemini: GeminiCounts,
     /// OpenAI Chat: the first chunk (which names the id and model) was parsed.
     seen_first_chunk: bool,
+    /// Bytes of answer text the delta events carried (Anthropic, OpenAI), for an estimate
+    /// should the usage never come.
+    text_bytes: u64,
 }
 
 impl UsageMeter {
@@ -536,6 +540,19 @@ impl UsageMeter {
         *self = UsageMeter::with_limit(protocol, true, limit.min(DEFAULT_MAX_SSE_BUFFER));
         self.feed(&held);
         self.feed(chunk);
+    }
+
+    /// Bytes of answer text seen in a stream's delta events (Anthropic, OpenAI Chat and
+    /// Responses; 0 for the others): what an estimate of the output starts from when the
+    /// stream ended before its usage.
+    pub fn text_bytes(&self) -> u64 {
+        match self {
+            UsageMeter::AnthropicStream(m)
+            | UsageMeter::OpenaiChatStream(m)
+            | UsageMeter::OpenaiResponsesStream(m)
+            | UsageMeter::GeminiStream(m) => m.state.text_bytes,
+            _ => 0,
+        }
     }
 
     /// A Responses stream's response id, once its first event named it.
@@ -1126,7 +1143,8 @@ fn anthropic_event(st: &mut StreamState, ev: SseEvent<'_>) {
         }
         "message_stop" => st.result.complete = true,
         "error" => st.result.upstream_error = Some(error_event_kind(ev.data)),
-        // content_block_*, ping: nothing to meter, and nothing parsed.
+        "content_block_delta" => add_text(st, ev.data),
+        // content_block_start/stop, ping: nothing to meter, and nothing parsed.
         _ => {}
     }
 }
@@ -1137,6 +1155,7 @@ fn chat_event(st: &mut StreamState, ev: SseEvent<'_>) {
         st.result.complete = true;
         return;
     }
+    add_text(st, data);
     // Only the first chunk (id, model), the usage chunk and errors are parsed; content chunks
     // cost two memmem scans.
     let worth_parsing = !st.seen_first_chunk
@@ -1206,9 +1225,67 @@ fn responses_event(st: &mut StreamState, ev: SseEvent<'_>) {
             }
         }
         "error" => st.result.upstream_error = Some(error_event_kind(ev.data)),
-        // Output deltas and item events: nothing to meter, and nothing parsed.
+        name if is_text_delta(name) => add_text(st, ev.data),
+        // Item events: nothing to meter, and nothing parsed.
         _ => {}
     }
+}
+
+/// A Responses `*.delta` event whose `delta` is text (output, reasoning summary, refusal,
+/// function call arguments, audio transcript), not base64 audio.
+fn is_text_delta(name: &str) -> bool {
+    name.ends_with(".delta") && (!name.contains("audio") || name.contains("transcript"))
+}
+
+fn add_text(st: &mut StreamState, data: &[u8]) {
+    st.text_bytes = st.text_bytes.saturating_add(delta_text_bytes(data));
+}
+
+/// Bytes of answer text in a delta event, as written (an escape counts its bytes): the first
+/// `"delta"` member when it is a string (Responses), else that object's string members but its
+/// type, role and signature (Anthropic `text`, `thinking`, `partial_json`; Chat `content`,
+/// `reasoning_content`, `refusal`) and a Chat tool call's function name and arguments. 0 for
+/// any other shape: it only serves an estimate when the usage never came.
+fn delta_text_bytes(data: &[u8]) -> u64 {
+    let Some(at) = DELTA_KEY.find(data) else {
+        return 0;
+    };
+    let rest = data[at + b"\"delta\"".len()..].trim_ascii_start();
+    let Some(value) = rest.strip_prefix(b":") else {
+        return 0;
+    };
+    let value = value.trim_ascii_start();
+    if value.first() != Some(&b'{') {
+        return string_bytes(value);
+    }
+    let mut bytes = 0u64;
+    // A walk cut short by a shape it does not know keeps what it counted.
+    let _ = json_scan::for_each_member(value, |key, value| {
+        match key {
+            b"type" | b"role" | b"signature" => {}
+            b"tool_calls" => {
+                let _ = json_scan::for_each_element(value, |call| {
+                    json_scan::for_each_member(call, |key, function| {
+                        if key == b"function" {
+                            let _ = json_scan::for_each_member(function, |_, value| {
+                                bytes = bytes.saturating_add(string_bytes(value));
+                                Some(())
+                            });
+                        }
+                        Some(())
+                    })
+                });
+            }
+            _ => bytes = bytes.saturating_add(string_bytes(value)),
+        }
+        Some(())
+    });
+    bytes
+}
+
+/// Bytes inside the JSON string `value` starts with, as written; 0 when it is no string.
+fn string_bytes(value: &[u8]) -> u64 {
+    json_scan::string_end(value, 0).map_or(0, |end| end.saturating_sub(2) as u64)
 }
 
 fn gemini_event(st: &mut StreamState, ev: SseEvent<'_>) {
@@ -1822,8 +1899,22 @@ impl crate::chain::ResponseFilter for SseUsage {
         if ctx.route.billed && (!result.complete || result.usage.is_empty()) {
             // An answer that ended without its terminal event (a stream closed early, even
             // with clean framing) or that reported no usage at all: what was seen is billed,
-            // and the record says its counts may not be the upstream's.
+            // and the record says its counts may not be the upstream's. OpenAI reports usage
+            // only at the end, so a cut answer would otherwise cost nothing: input the upstream
+            // did not report is estimated from the request as its cost hold was, and output is
+            // at least the text seen.
             ctx.usage.estimated = true;
+            let tokens = &mut ctx.usage.tokens;
+            if tokens.input_tokens == 0
+                && tokens.cache_read_tokens == 0
+                && tokens.cache_write_5m_tokens == 0
+                && tokens.cache_write_1h_tokens == 0
+            {
+                tokens.input_tokens = crate::cost::estimate_input_tokens(ctx.request.body_len);
+            }
+            let seen = crate::cost::estimate_output_tokens(meter.text_bytes());
+            tokens.output_tokens = tokens.output_tokens.max(seen);
+            ctx.usage.tokens = ctx.usage.tokens.clamped().0;
             tracing::debug!(request_id = %ctx.request_id, complete = result.complete, "usage from an incomplete answer");
         }
         // An error the upstream sent inside a successful answer (an SSE `error` event, a
@@ -2879,6 +2970,128 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
         );
         assert_eq!(got.usage.input_tokens, 5);
         assert!(!got.complete);
+    }
+
+    #[test]
+    fn delta_text_is_counted_as_written() {
+        for (data, bytes) in [
+            (
+                &br#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}"#[..],
+                5,
+            ),
+            (
+                br#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"a\":"}}"#,
+                7,
+            ),
+            (
+                br#"{"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"EqQBCgIYAhIM"}}"#,
+                0,
+            ),
+            (
+                br#"{"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null}}],"usage":null}"#,
+                0,
+            ),
+            (
+                br#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi \u00e9"}}]}"#,
+                9,
+            ),
+            (
+                br#"{"id":"c","choices":[{"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get","arguments":"{\"q\":1}"}}]}}]}"#,
+                3 + 9,
+            ),
+            (
+                br#"{"type":"response.output_text.delta","item_id":"m","output_index":0,"delta":"word ","logprobs":[]}"#,
+                5,
+            ),
+            (br#"{"choices":[{"delta":{}}]}"#, 0),
+            (br#"{"delta":"unterminated"#, 0),
+            (b"", 0),
+        ] {
+            assert_eq!(
+                delta_text_bytes(data),
+                bytes,
+                "{}",
+                String::from_utf8_lossy(data)
+            );
+        }
+        assert!(is_text_delta("response.output_text.delta"));
+        assert!(is_text_delta("response.function_call_arguments.delta"));
+        assert!(is_text_delta("response.output_audio_transcript.delta"));
+        assert!(!is_text_delta("response.output_audio.delta"));
+        assert!(!is_text_delta("response.output_text.done"));
+    }
+
+    /// OpenAI reports usage only in a stream's last event: one cut before it books the
+    /// request's estimated input and the text seen as output, flagged; Anthropic's exact input
+    /// is kept.
+    #[test]
+    fn a_billed_stream_cut_before_its_usage_books_an_estimate() {
+        use crate::chain::ResponseFilter;
+        let settle = |protocol: Protocol, body: &[u8]| {
+            let route = crate::route::ApiRoute {
+                protocol,
+                upstream_path: "/v1/x".into(),
+                path_model: None,
+                path_stream: false,
+                billed: true,
+            };
+            let mut ctx = crate::context::RequestCtx::new("r".into(), route, 0);
+            ctx.request.body_len = 4000;
+            let mut meter = UsageMeter::new(protocol, true);
+            meter.feed(body);
+            ctx.usage.meter = Some(meter);
+            SseUsage.on_end(&mut ctx);
+            assert!(ctx.usage.estimated);
+            ctx.usage.tokens
+        };
+        let before = |stream: &'static [u8], last: &str| {
+            let at = memchr::memmem::find(stream, last.as_bytes()).unwrap();
+            &stream[..at]
+        };
+
+        let responses = before(RESPONSES_STREAM, "event: response.completed");
+        let tokens = settle(Protocol::OpenaiResponses, responses);
+        assert_eq!(tokens.input_tokens, 1000);
+        assert!(tokens.output_tokens > 0, "{tokens:?}");
+        let chat = before(CHAT_STREAM, "data: [DONE]");
+        let usage_chunk = memchr::memmem::rfind(chat, b"data: {").unwrap();
+        let tokens = settle(Protocol::OpenaiChat, &chat[..usage_chunk]);
+        assert_eq!(tokens.input_tokens, 1000);
+        assert!(tokens.output_tokens > 0, "{tokens:?}");
+
+        // Nothing but the request: input only.
+        let tokens = settle(Protocol::OpenaiChat, b"");
+        assert_eq!((tokens.input_tokens, tokens.output_tokens), (1000, 0));
+
+        // Anthropic: message_start's input is exact; output at least the text seen.
+        let anthropic = before(ANTHROPIC_STREAM, "event: message_delta");
+        let tokens = settle(Protocol::Anthropic, anthropic);
+        assert_eq!(tokens.input_tokens, 12);
+        assert_eq!(tokens.cache_read_tokens, 20480);
+        assert!(tokens.output_tokens > 1, "{tokens:?}");
+
+        // Whole streams keep the upstream's counts.
+        for (protocol, stream) in [
+            (Protocol::OpenaiResponses, RESPONSES_STREAM),
+            (Protocol::OpenaiChat, CHAT_STREAM),
+        ] {
+            let route = crate::route::ApiRoute {
+                protocol,
+                upstream_path: "/v1/x".into(),
+                path_model: None,
+                path_stream: false,
+                billed: true,
+            };
+            let mut ctx = crate::context::RequestCtx::new("r".into(), route, 0);
+            ctx.request.body_len = 4000;
+            let mut meter = UsageMeter::new(protocol, true);
+            meter.feed(stream);
+            let want = meter.snapshot().usage;
+            ctx.usage.meter = Some(meter);
+            SseUsage.on_end(&mut ctx);
+            assert!(!ctx.usage.estimated);
+            assert_eq!(ctx.usage.tokens, want);
+        }
     }
 
     #[test]
