@@ -994,8 +994,8 @@ fn error_event_kind(data: &[u8]) -> String {
 // Per-protocol rules
 // ---------------------------------------------------------------------------------------------
 
-/// Anthropic counters as last reported, field by field (message_delta usage is cumulative and
-/// may carry only some fields).
+/// Anthropic counters, field by field: the highest reported (message_delta usage is cumulative
+/// and may carry only some fields; some compatible servers send `"input_tokens":0` in it).
 #[derive(Debug, Default)]
 struct AnthropicCounts {
     input: Option<u64>,
@@ -1008,13 +1008,22 @@ struct AnthropicCounts {
 
 impl AnthropicCounts {
     fn merge(&mut self, u: AnthropicUsageWire) {
-        override_with(&mut self.input, u.input_tokens);
-        override_with(&mut self.output, u.output_tokens);
-        override_with(&mut self.cache_creation, u.cache_creation_input_tokens);
-        override_with(&mut self.cache_read, u.cache_read_input_tokens);
+        raise_to(&mut self.input, u.input_tokens);
+        raise_to(&mut self.output, u.output_tokens);
+        raise_to(&mut self.cache_creation, u.cache_creation_input_tokens);
+        raise_to(&mut self.cache_read, u.cache_read_input_tokens);
         if let Some(split) = u.cache_creation {
-            override_with(&mut self.ephemeral_5m, split.ephemeral_5m_input_tokens);
-            override_with(&mut self.ephemeral_1h, split.ephemeral_1h_input_tokens);
+            // The split is one partition of the cache writes: a later one replaces it whole
+            // (for the fields it carries) unless it adds up to less. Raising each part apart
+            // could make the parts outgrow their total.
+            let w5 = split.ephemeral_5m_input_tokens.or(self.ephemeral_5m);
+            let w1 = split.ephemeral_1h_input_tokens.or(self.ephemeral_1h);
+            let sum =
+                |a: Option<u64>, b: Option<u64>| a.unwrap_or(0).saturating_add(b.unwrap_or(0));
+            if sum(w5, w1) >= sum(self.ephemeral_5m, self.ephemeral_1h) {
+                self.ephemeral_5m = w5;
+                self.ephemeral_1h = w1;
+            }
         }
     }
 
@@ -1042,7 +1051,7 @@ impl AnthropicCounts {
     }
 }
 
-/// Gemini counters as last reported, field by field (usageMetadata is cumulative).
+/// Gemini counters, field by field: the highest reported (usageMetadata is cumulative).
 #[derive(Debug, Default)]
 struct GeminiCounts {
     prompt: Option<u64>,
@@ -1054,11 +1063,11 @@ struct GeminiCounts {
 
 impl GeminiCounts {
     fn merge(&mut self, u: GeminiUsageWire) {
-        override_with(&mut self.prompt, u.prompt_token_count);
-        override_with(&mut self.cached, u.cached_content_token_count);
-        override_with(&mut self.candidates, u.candidates_token_count);
-        override_with(&mut self.thoughts, u.thoughts_token_count);
-        override_with(&mut self.tool_use, u.tool_use_prompt_token_count);
+        raise_to(&mut self.prompt, u.prompt_token_count);
+        raise_to(&mut self.cached, u.cached_content_token_count);
+        raise_to(&mut self.candidates, u.candidates_token_count);
+        raise_to(&mut self.thoughts, u.thoughts_token_count);
+        raise_to(&mut self.tool_use, u.tool_use_prompt_token_count);
     }
 
     fn usage(&self) -> TokenUsage {
@@ -1719,10 +1728,12 @@ fn is_empty_array(raw: Option<&RawValue>) -> bool {
     }
 }
 
-/// A later report overrides an earlier one only for the fields it carries.
-fn override_with(slot: &mut Option<u64>, value: Option<u64>) {
-    if value.is_some() {
-        *slot = value;
+/// A later report raises a count it carries, never lowers it: the providers' counts are
+/// cumulative (Anthropic message_delta, Gemini usageMetadata), so a smaller one is a
+/// placeholder, not a correction.
+fn raise_to(slot: &mut Option<u64>, value: Option<u64>) {
+    if let Some(v) = value {
+        *slot = Some(slot.map_or(v, |old| old.max(v)));
     }
 }
 
@@ -2572,7 +2583,7 @@ mod tests {
     }
 
     #[test]
-    fn anthropic_message_delta_overrides_only_the_fields_it_carries() {
+    fn anthropic_message_delta_raises_only_the_fields_it_carries() {
         let start = r#"event: message_start
 data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5","usage":{"input_tokens":10,"cache_creation_input_tokens":300,"cache_read_input_tokens":40,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200},"output_tokens":1}}}
 
@@ -2602,6 +2613,16 @@ data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5
                 "total outgrows a stale split",
                 r#"{"cache_creation_input_tokens":350,"output_tokens":9}"#,
                 usage(10, 9, 150, 200, 40, 0),
+            ),
+            (
+                "smaller counts are placeholders",
+                r#"{"input_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":20}"#,
+                usage(10, 20, 100, 200, 40, 0),
+            ),
+            (
+                "a split adding up to less is kept out",
+                r#"{"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":9}"#,
+                usage(10, 9, 100, 200, 40, 0),
             ),
         ];
         for (name, delta, expected) in cases {
@@ -3092,6 +3113,24 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
             assert!(!ctx.usage.estimated);
             assert_eq!(ctx.usage.tokens, want);
         }
+    }
+
+    /// Cumulative counts never go down: a compatible server's message_delta with
+    /// `"input_tokens":0` keeps message_start's input, and a Gemini chunk with smaller counts
+    /// keeps the larger ones.
+    #[test]
+    fn cumulative_counts_are_never_lowered() {
+        let text = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"m\",\"usage\":{\"input_tokens\":500,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":0,\"output_tokens\":20}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        for chunks in splits(text.as_bytes()) {
+            let got = meter(Protocol::Anthropic, true, &chunks);
+            assert_eq!(got.usage, usage(500, 20, 0, 0, 0, 0));
+        }
+        let text = concat!(
+            "data: {\"usageMetadata\":{\"promptTokenCount\":100,\"candidatesTokenCount\":30,\"thoughtsTokenCount\":8}}\r\n\r\n",
+            "data: {\"usageMetadata\":{\"promptTokenCount\":0,\"candidatesTokenCount\":12,\"thoughtsTokenCount\":0}}\r\n\r\n",
+        );
+        let got = stream_result(Protocol::Gemini, text);
+        assert_eq!(got.usage, usage(100, 38, 0, 0, 0, 8));
     }
 
     #[test]
