@@ -23,6 +23,11 @@ pub const DEFAULT_MAX_SSE_BUFFER: usize = 16 << 20;
 /// Default cap on a non-streamed body a [`UsageMeter`] accumulates before it gives up.
 pub const DEFAULT_MAX_JSON_BODY: usize = 64 << 20;
 
+/// The last bytes of an event dropped for outgrowing the cap that are still handed over (as a
+/// [`SseEvent::truncated`] event): the usage of a Responses `response.completed` or a Gemini
+/// chunk sits at the end of its event, after the output that made it huge.
+pub const DROPPED_TAIL: usize = 4 << 10;
+
 /// Longest `event:` name accepted; no provider sends more than a few dozen bytes.
 const MAX_EVENT_NAME: usize = 256;
 
@@ -54,6 +59,9 @@ pub struct SseEvent<'a> {
     pub event: &'a str,
     /// The event's `data:` lines joined with `\n` (no trailing newline).
     pub data: &'a [u8],
+    /// The event outgrew the parser's cap and was dropped: `data` is only its last bytes (at
+    /// most [`DROPPED_TAIL`]), starting anywhere, even inside a field name.
+    pub truncated: bool,
 }
 
 /// Incremental Server-Sent-Events parser (WHATWG HTML, "Interpreting an event stream").
@@ -84,6 +92,8 @@ pub struct SseParser {
     at_stream_start: bool,
     /// Cap on `tail.len() + data.len()`.
     max_buffer: usize,
+    /// The last bytes (at most [`DROPPED_TAIL`]) of the event being dropped.
+    dropped_tail: Vec<u8>,
 }
 
 impl Default for SseParser {
@@ -98,7 +108,8 @@ impl SseParser {
         Self::with_max_buffer(DEFAULT_MAX_SSE_BUFFER)
     }
 
-    /// A parser that carries at most `max_buffer` bytes (partial line + event data).
+    /// A parser that carries at most `max_buffer` bytes (partial line + event data), and
+    /// [`DROPPED_TAIL`] bytes of an event it drops for outgrowing that.
     pub fn with_max_buffer(max_buffer: usize) -> Self {
         SseParser {
             tail: Vec::new(),
@@ -111,6 +122,7 @@ impl SseParser {
             overflowed: false,
             at_stream_start: true,
             max_buffer,
+            dropped_tail: Vec::new(),
         }
     }
 
@@ -208,11 +220,16 @@ impl SseParser {
 
     /// Keeps an incomplete line for the next chunk, within the cap.
     fn carry(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() || self.discard_line {
+        if self.discard_line {
+            self.keep_dropped(bytes);
+            return;
+        }
+        if bytes.is_empty() {
             return;
         }
         if self.tail.len() + self.data.len() + bytes.len() > self.max_buffer {
             self.overflow(true);
+            self.keep_dropped(bytes);
             return;
         }
         self.tail.extend_from_slice(bytes);
@@ -222,7 +239,13 @@ impl SseParser {
     fn append_data(&mut self, parts: &[&[u8]], in_line: bool) {
         let add: usize = parts.iter().map(|p| p.len()).sum();
         if self.tail.len() + self.data.len() + add > self.max_buffer {
+            // In stream order: the data so far, these parts, then a line being carried.
+            let tail = std::mem::take(&mut self.tail);
             self.overflow(in_line);
+            for part in parts {
+                self.keep_dropped(part);
+            }
+            self.keep_dropped_line(&tail);
             return;
         }
         for part in parts {
@@ -235,11 +258,44 @@ impl SseParser {
         self.overflowed = true;
         self.discard_event = true;
         self.has_data = false;
-        self.data = Vec::new();
-        self.tail = Vec::new();
+        // What the event had so far, then what comes until its end, goes through the window
+        // (emptied when the dropped event is handed over).
+        let data = std::mem::take(&mut self.data);
+        let tail = std::mem::take(&mut self.tail);
+        self.keep_dropped(&data);
+        self.keep_dropped_line(&tail);
         if in_line {
             self.discard_line = true;
         }
+    }
+
+    /// Keeps a line of the event being dropped, from its start (when it is no data line, or
+    /// its field name is cut, it is kept as it is: only the window's end needs to be right).
+    fn keep_dropped_line(&mut self, line: &[u8]) {
+        if line.is_empty() {
+            return;
+        }
+        let value = match line.strip_prefix(b"data:") {
+            Some(value) => value.strip_prefix(b" ").unwrap_or(value),
+            None => line,
+        };
+        if !self.dropped_tail.is_empty() {
+            self.keep_dropped(b"\n");
+        }
+        self.keep_dropped(value);
+    }
+
+    /// Keeps the last [`DROPPED_TAIL`] bytes of the event being dropped.
+    fn keep_dropped(&mut self, bytes: &[u8]) {
+        if bytes.len() >= DROPPED_TAIL {
+            self.dropped_tail.clear();
+            self.dropped_tail
+                .extend_from_slice(&bytes[bytes.len() - DROPPED_TAIL..]);
+            return;
+        }
+        let excess = (self.dropped_tail.len() + bytes.len()).saturating_sub(DROPPED_TAIL);
+        self.dropped_tail.drain(..excess);
+        self.dropped_tail.extend_from_slice(bytes);
     }
 
     /// Interprets one complete line; `at` is its offset in `chunk` when it lies there.
@@ -264,7 +320,14 @@ impl SseParser {
             self.dispatch(chunk, lent, on_event);
             return;
         }
-        if self.discard_event || line[0] == b':' {
+        if self.discard_event {
+            // A data line of the event being dropped: its value goes through the window.
+            if line.starts_with(b"data:") {
+                self.keep_dropped_line(line);
+            }
+            return;
+        }
+        if line[0] == b':' {
             return;
         }
         let (field, value_start) = match memchr(b':', line) {
@@ -315,13 +378,26 @@ impl SseParser {
         let lent = lent.take();
         if self.discard_event {
             self.discard_event = false;
+            if !self.dropped_tail.is_empty() {
+                let event = std::str::from_utf8(&self.name).unwrap_or("");
+                on_event(SseEvent {
+                    event,
+                    data: &self.dropped_tail,
+                    truncated: true,
+                });
+                self.dropped_tail.clear();
+            }
         } else if self.has_data {
             let data = match lent {
                 Some((start, end)) => slice(chunk, start, end),
                 None => &self.data[..],
             };
             let event = std::str::from_utf8(&self.name).unwrap_or("");
-            on_event(SseEvent { event, data });
+            on_event(SseEvent {
+                event,
+                data,
+                truncated: false,
+            });
         }
         self.name.clear();
         self.data.clear();
@@ -1124,6 +1200,10 @@ fn reasoning_tokens(d: Option<&ReasoningTokensWire>) -> u64 {
 }
 
 fn anthropic_event(st: &mut StreamState, ev: SseEvent<'_>) {
+    // Usage events are small: a dropped one is a content block.
+    if ev.truncated {
+        return;
+    }
     match event_name(&ev) {
         "message_start" => {
             let message = scan_anthropic_start(ev.data).or_else(|| {
@@ -1159,6 +1239,10 @@ fn anthropic_event(st: &mut StreamState, ev: SseEvent<'_>) {
 }
 
 fn chat_event(st: &mut StreamState, ev: SseEvent<'_>) {
+    // The usage chunk is small: a dropped chunk is content.
+    if ev.truncated {
+        return;
+    }
     let data = ev.data.trim_ascii();
     if data == b"[DONE]" {
         st.result.complete = true;
@@ -1204,6 +1288,20 @@ fn responses_event(st: &mut StreamState, ev: SseEvent<'_>) {
         name,
         "response.completed" | "response.incomplete" | "response.failed"
     );
+    if ev.truncated {
+        // A terminal event repeating a huge output (base64 image_generation results): its usage
+        // is near its end. (A dropped event without `event:` line has no name left to go by.)
+        if terminal {
+            if let Some(usage) = responses_dropped_usage(ev.data) {
+                st.result.usage = responses_usage(&usage);
+                st.result.complete = true;
+                if name == "response.failed" {
+                    st.result.upstream_error = Some("response_failed".into());
+                }
+            }
+        }
+        return;
+    }
     match name {
         "response.created"
         | "response.in_progress"
@@ -1297,7 +1395,42 @@ fn string_bytes(value: &[u8]) -> u64 {
     json_scan::string_end(value, 0).map_or(0, |end| end.saturating_sub(2) as u64)
 }
 
+/// The response's `usage` in the last bytes of a dropped terminal event: the last `"usage"` key
+/// whose value is a whole object there.
+fn responses_dropped_usage(tail: &[u8]) -> Option<ResponsesUsageWire> {
+    let mut found = None;
+    for at in USAGE_KEY.find_iter(tail) {
+        if !json_scan::unescaped(tail, at) {
+            continue;
+        }
+        let rest = tail[at + b"\"usage\"".len()..].trim_ascii_start();
+        let Some(value) = rest.strip_prefix(b":").map(<[u8]>::trim_ascii_start) else {
+            continue;
+        };
+        if value.first() != Some(&b'{') {
+            continue;
+        }
+        if let json_scan::Scanned::End(end) = json_scan::ValueEnd::default().scan(value, 0) {
+            if let Ok(usage) = serde_json::from_slice::<ResponsesUsageWire>(&value[..end]) {
+                found = Some(usage);
+            }
+        }
+    }
+    found
+}
+
 fn gemini_event(st: &mut StreamState, ev: SseEvent<'_>) {
+    if ev.truncated {
+        // A chunk made huge by inline data: its usageMetadata follows the candidates.
+        let chunk = USAGE_METADATA_KEY
+            .find_iter(ev.data)
+            .last()
+            .and_then(|at| scan_gemini_from(ev.data, at));
+        if let Some(chunk) = chunk {
+            apply_gemini_chunk(&mut st.result, &mut st.gemini, chunk);
+        }
+        return;
+    }
     // Every Gemini chunk carries the cumulative usageMetadata, so every chunk is read: from its
     // usageMetadata key to its end when that is enough, else by the structure scanner, which
     // skips the candidates' content, else by serde when the scanner is not sure (an escaped
@@ -1330,13 +1463,27 @@ fn read_gemini_chunk<'a>(data: &'a [u8], so_far: &MeterResult) -> Option<GeminiC
 fn scan_gemini_tail<'a>(data: &'a [u8], so_far: &MeterResult) -> Option<GeminiChunk<'a>> {
     // The last occurrence (a forward search is vectorised; a reverse one is not).
     let at = USAGE_METADATA_KEY.find_iter(data).last()?;
-    if !json_scan::unescaped(data, at) {
-        return None;
-    }
     // Before the key (the candidates): the bytes of those names anywhere send the chunk to the
     // full scan. After it, the member walk below sees every top-level key.
     let before = &data[..at];
     if REASON_KEY_END.find(before).is_some() || ERROR_KEY.find(before).is_some() {
+        return None;
+    }
+    let chunk = scan_gemini_from(data, at)?;
+    if (so_far.model.is_none() && chunk.model_version.is_none())
+        || (so_far.response_id.is_none() && chunk.response_id.is_none())
+    {
+        return None;
+    }
+    Some(chunk)
+}
+
+/// The members of a Gemini chunk from its `"usageMetadata"` key at `at` to its end; `None`
+/// unless they close the chunk's object (which proves the key top-level) and hold no member
+/// that needs the full scan.
+#[inline]
+fn scan_gemini_from(data: &[u8], at: usize) -> Option<GeminiChunk<'_>> {
+    if !json_scan::unescaped(data, at) {
         return None;
     }
     let mut chunk = GeminiChunk::default();
@@ -1347,11 +1494,6 @@ fn scan_gemini_tail<'a>(data: &'a [u8], so_far: &MeterResult) -> Option<GeminiCh
             _ => chunk.read_member(key, value),
         }
     })?;
-    if (so_far.model.is_none() && chunk.model_version.is_none())
-        || (so_far.response_id.is_none() && chunk.response_id.is_none())
-    {
-        return None;
-    }
     Some(chunk)
 }
 
@@ -1891,10 +2033,11 @@ impl crate::chain::ResponseFilter for SseUsage {
             return;
         };
         if meter.gave_up() {
-            // An event (or a JSON answer) past the meter's cap was skipped, and any usage in it:
-            // the record says its counts are not the upstream's.
+            // An event (or a JSON answer) past the meter's cap was skipped, and any usage in it
+            // but what its last bytes held: the record says its counts may not be the
+            // upstream's.
             ctx.usage.estimated = true;
-            tracing::warn!(request_id = %ctx.request_id, "usage not metered: an answer part past the meter's cap");
+            tracing::warn!(request_id = %ctx.request_id, "usage maybe not metered: an answer part past the meter's cap");
         }
         let result = meter.finish();
         let (tokens, absurd) = result.usage.clamped();
@@ -1984,7 +2127,11 @@ mod tests {
         chunks: impl IntoIterator<Item = &'a [u8]>,
     ) -> Events {
         let mut events = Events::new();
-        let mut push = |ev: SseEvent<'_>| events.push((ev.event.to_owned(), ev.data.to_vec()));
+        let mut push = |ev: SseEvent<'_>| {
+            if !ev.truncated {
+                events.push((ev.event.to_owned(), ev.data.to_vec()));
+            }
+        };
         for chunk in chunks {
             parser.feed(chunk, &mut push);
         }
@@ -2175,15 +2322,26 @@ mod tests {
         ] {
             let mut parser = SseParser::with_max_buffer(64);
             let mut events = Events::new();
+            let mut dropped = Events::new();
+            let mut push = |ev: SseEvent<'_>| {
+                let to = if ev.truncated {
+                    &mut dropped
+                } else {
+                    &mut events
+                };
+                to.push((ev.event.to_owned(), ev.data.to_vec()));
+            };
             for chunk in &chunks {
-                parser.feed(chunk, |ev| {
-                    events.push((ev.event.to_owned(), ev.data.to_vec()))
-                });
+                parser.feed(chunk, &mut push);
                 assert!(parser.tail.len() + parser.data.len() <= 64);
             }
-            parser.finish(|ev| events.push((ev.event.to_owned(), ev.data.to_vec())));
+            parser.finish(&mut push);
             assert_eq!(events, owned(&[("", "ok1"), ("", "ok2")]));
             assert!(parser.overflowed());
+            // The dropped event is handed over as its last bytes, flagged.
+            assert_eq!(dropped.len(), 1);
+            assert_eq!(dropped[0].0, "huge");
+            assert!(dropped[0].1.ends_with(format!("\n{big}").as_bytes()));
         }
     }
 
@@ -2195,14 +2353,20 @@ mod tests {
         for _ in 0..10_000 {
             parser.feed(&[b'a'; 100], |_| events += 1);
             assert!(parser.tail.len() <= 1024);
+            assert!(parser.dropped_tail.len() <= DROPPED_TAIL);
         }
         assert!(parser.overflowed());
-        // The stream goes on normally after the runaway line and its event end.
+        // The stream goes on normally after the runaway line and its event end; the dropped
+        // event comes first, as its last bytes.
         parser.feed(b"\n\ndata: next\n\n", |ev| {
-            assert_eq!(ev.data, b"next");
+            if ev.truncated {
+                assert_eq!(ev.data, [b'a'; DROPPED_TAIL]);
+            } else {
+                assert_eq!(ev.data, b"next");
+            }
             events += 1;
         });
-        assert_eq!(events, 1);
+        assert_eq!(events, 2);
     }
 
     #[test]
@@ -2213,7 +2377,11 @@ mod tests {
         parser.feed(input, |ev| {
             events.push((ev.event.to_owned(), ev.data.to_vec()))
         });
-        assert_eq!(events, owned(&[("", "small")]));
+        // The dropped event's bytes are few enough to be handed over whole, flagged.
+        assert_eq!(
+            events,
+            owned(&[("", "0123456789\n0123456789"), ("", "small")])
+        );
         assert!(parser.overflowed());
 
         let mut parser = SseParser::new();
@@ -3131,6 +3299,58 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
         );
         let got = stream_result(Protocol::Gemini, text);
         assert_eq!(got.usage, usage(100, 38, 0, 0, 0, 8));
+    }
+
+    /// A terminal event past the cap (a Responses answer repeating a huge base64 image, a
+    /// Gemini chunk with inline data) is dropped, but its usage is read from its last bytes.
+    #[test]
+    fn a_dropped_event_still_gives_the_usage_at_its_end() {
+        let image = "QUJD".repeat(40 << 10);
+        let responses = String::from_utf8(RESPONSES_STREAM.to_vec()).unwrap();
+        let at = responses.find("event: response.completed").unwrap();
+        let (head, completed) = responses.split_at(at);
+        assert!(completed.contains(r#""output":["#));
+        let completed = completed.replacen(
+            r#""output":["#,
+            &format!(
+                r#""output":[{{"type":"image_generation_call","id":"ig_1","status":"completed","result":"{image}"}},"#
+            ),
+            1,
+        );
+        let stream = format!("{head}{completed}");
+        let want = usage(366, 412, 0, 0, 4864, 256);
+        for size in [1, 7, 4096, 64 << 10] {
+            let mut m = UsageMeter::with_limit(Protocol::OpenaiResponses, true, 64 << 10);
+            for chunk in stream.as_bytes().chunks(size) {
+                m.feed(chunk);
+            }
+            let got = m.finish();
+            assert!(m.gave_up(), "{size}");
+            assert_eq!(got.usage, want, "{size}");
+            assert!(got.complete, "{size}");
+        }
+
+        let gemini = format!(
+            "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"inlineData\":{{\"mimeType\":\"image/png\",\"data\":\"{image}\"}}}}]}},\"finishReason\":\"STOP\"}}],\"usageMetadata\":{{\"promptTokenCount\":40,\"candidatesTokenCount\":1290,\"totalTokenCount\":1330}},\"modelVersion\":\"gemini-2.5-flash-image\",\"responseId\":\"r\"}}\r\n\r\n"
+        );
+        let mut m = UsageMeter::with_limit(Protocol::Gemini, true, 64 << 10);
+        for chunk in gemini.as_bytes().chunks(4096) {
+            m.feed(chunk);
+        }
+        let got = m.finish();
+        assert!(m.gave_up());
+        assert_eq!(got.usage, usage(40, 1290, 0, 0, 0, 0));
+
+        // A dropped content event is no usage event.
+        let mut m = UsageMeter::with_limit(Protocol::OpenaiResponses, true, 1024);
+        m.feed(
+            format!("event: response.output_text.delta\ndata: {{\"delta\":\"{image}\",\"usage\":{{\"input_tokens\":9}}}}\n\n")
+                .as_bytes()
+                .chunks(512)
+                .next()
+                .unwrap(),
+        );
+        assert!(m.finish().usage.is_empty());
     }
 
     #[test]
