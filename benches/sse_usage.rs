@@ -72,7 +72,8 @@ fn bench_parser(c: &mut Criterion) {
     group.finish();
 }
 
-/// Non-streamed answers: the JSON meter buffers the body and parses it once at the end.
+/// Non-streamed answers: the JSON meter buffers the body and parses it once at the end; a
+/// Gemini array (`streamGenerateContent` without `alt=sse`) is read element by element.
 fn bench_json(c: &mut Criterion) {
     let mut group = c.benchmark_group("json_meter");
     for (protocol, file) in [
@@ -80,6 +81,7 @@ fn bench_json(c: &mut Criterion) {
         (Protocol::OpenaiChat, "openai-chat.json"),
         (Protocol::OpenaiResponses, "openai-responses.json"),
         (Protocol::Gemini, "gemini.json"),
+        (Protocol::Gemini, "gemini.array.json"),
     ] {
         let body = common::fixture(&format!("streams/{file}"));
         group.throughput(Throughput::Bytes(body.len() as u64));

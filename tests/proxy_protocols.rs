@@ -1471,14 +1471,43 @@ async fn cut_streams_end_with_the_protocols_error_event_and_book_what_was_seen()
     let last: serde_json::Value = serde_json::from_str(data.last().unwrap()).unwrap();
     assert_eq!(last["error"]["status"], "UNAVAILABLE", "{text}");
 
-    let records = relay.wait_records(3).await;
+    // Gemini without `alt=sse` (a JSON array): three elements, then the connection closes.
+    let r = relay
+        .post_bare("/v1beta/models/gemini-2.5-flash:streamGenerateContent")
+        .header("x-goog-api-key", &key)
+        .header("x-request-id", "cut-gemini-array")
+        .json(&gemini_body("cut", 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+
+    let records = relay.wait_records(4).await;
     for id in ["cut-chat", "cut-responses", "cut-gemini"] {
         let rec = record_by_request_id(&records, id);
         assert_eq!(rec["error_type"], "upstream_error", "{rec}");
         assert_eq!(rec["estimated"], true, "counts seen until the cut: {rec}");
     }
+    // OpenAI reports usage only at the end: the cut answers book the request's estimated input
+    // (and the text seen), not nothing.
+    for id in ["cut-chat", "cut-responses"] {
+        let rec = record_by_request_id(&records, id);
+        assert!(rec["input_tokens"].as_u64().unwrap() > 0, "{rec}");
+        assert!(rec["billed_cost"].as_i64().unwrap() > 0, "{rec}");
+    }
+    let rec = record_by_request_id(&records, "cut-chat");
+    assert!(
+        rec["output_tokens"].as_u64().unwrap() > 0,
+        "two deltas were seen: {rec}"
+    );
     // The third Gemini chunk reported 211 × 3 / 6 = 105 candidate tokens so far.
     let rec = record_by_request_id(&records, "cut-gemini");
+    assert_eq!(rec["input_tokens"], 2384, "{rec}");
+    assert_eq!(rec["output_tokens"], 105 + 734, "{rec}");
+    // The array's three elements are booked as the same three events are.
+    let rec = record_by_request_id(&records, "cut-gemini-array");
+    assert_eq!(rec["estimated"], true, "{rec}");
     assert_eq!(rec["input_tokens"], 2384, "{rec}");
     assert_eq!(rec["output_tokens"], 105 + 734, "{rec}");
 }

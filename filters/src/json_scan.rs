@@ -27,6 +27,15 @@ fn skip_string(buf: &[u8], start: usize) -> Option<usize> {
     }
 }
 
+/// End (exclusive) of the string whose opening quote is at `start` in `buf`, as a full parser
+/// would find it; `None` when it does not end in `buf`.
+pub fn string_end(buf: &[u8], start: usize) -> Option<usize> {
+    if buf.get(start) != Some(&b'"') {
+        return None;
+    }
+    skip_string(buf, start)
+}
+
 /// End (exclusive) of the object or array opening at `start`.
 fn skip_container(buf: &[u8], start: usize) -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
@@ -335,6 +344,73 @@ pub fn for_each_element<'a>(
     }
 }
 
+/// How far [`ValueEnd::scan`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scanned {
+    /// The value ends just before this index of the piece scanned.
+    End(usize),
+    /// The piece ended inside the value: scan the next one.
+    More,
+    /// A closing bracket without an opening one.
+    Malformed,
+}
+
+/// Finds the end of one object or array that arrives in pieces, without keeping them: the
+/// state between pieces is the bracket depth and whether the last piece ended inside a string
+/// or right after a backslash in one. Fed the value's bytes piece by piece from its opening
+/// bracket, it reads each byte once, whatever the split.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ValueEnd {
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl ValueEnd {
+    /// Scans `piece[from..]`, the next bytes of the value.
+    pub fn scan(&mut self, piece: &[u8], from: usize) -> Scanned {
+        let mut i = from;
+        loop {
+            if self.escaped {
+                if i >= piece.len() {
+                    return Scanned::More;
+                }
+                self.escaped = false;
+                i += 1;
+            }
+            if self.in_string {
+                let Some(at) = find(piece, i, Class::QuoteOrEscape) else {
+                    return Scanned::More;
+                };
+                if piece[at] == b'"' {
+                    self.in_string = false;
+                } else {
+                    self.escaped = true;
+                }
+                i = at + 1;
+                continue;
+            }
+            let Some(at) = find(piece, i, Class::Structural) else {
+                return Scanned::More;
+            };
+            match piece[at] {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                _ => {
+                    let Some(depth) = self.depth.checked_sub(1) else {
+                        return Scanned::Malformed;
+                    };
+                    self.depth = depth;
+                    if depth == 0 {
+                        return Scanned::End(at + 1);
+                    }
+                }
+            }
+            i = at + 1;
+        }
+    }
+}
+
 /// A raw value read as an optional unsigned integer, as serde reads `Option<u64>`: `null` is
 /// `Some(None)`; anything but plain digits that fit (a fraction, an exponent, a string) is
 /// `None`, for the caller to hand to a full parser.
@@ -426,6 +502,37 @@ mod tests {
         assert!(for_each_element(b"[]", |_| None).is_some());
         assert!(for_each_element(b"[1,", |_| Some(())).is_none());
         assert!(for_each_element(b"[1]", |_| None).is_none());
+    }
+
+    /// Any split of a document gives the same ends as one scan of it, and as the container
+    /// skip.
+    #[test]
+    fn value_end_is_the_same_under_any_split() {
+        let doc: &[u8] =
+            br#"{"a":"x\"}]\\","b":[1,{"c":"\\\"{"}],"d":{"e":"0123456789abcdef\n"}}{"n":[]}"#;
+        let first = skip_container(doc, 0).unwrap();
+        let ends = |pieces: &[&[u8]]| {
+            let mut scan = ValueEnd::default();
+            let mut offset = 0;
+            for piece in pieces {
+                if let Scanned::End(end) = scan.scan(piece, 0) {
+                    return Some(offset + end);
+                }
+                offset += piece.len();
+            }
+            None
+        };
+        assert_eq!(ends(&[doc]), Some(first));
+        for cut in 0..=doc.len() {
+            assert_eq!(ends(&[&doc[..cut], &doc[cut..]]), Some(first), "cut {cut}");
+        }
+        let bytes: Vec<&[u8]> = doc.chunks(1).collect();
+        assert_eq!(ends(&bytes), Some(first));
+        assert_eq!(ends(&[&doc[..first - 1]]), None);
+        assert_eq!(ValueEnd::default().scan(b"}", 0), Scanned::Malformed);
+        // Resumed from an offset in the same piece.
+        let mut scan = ValueEnd::default();
+        assert_eq!(scan.scan(doc, first), Scanned::End(doc.len()));
     }
 
     #[test]

@@ -23,6 +23,11 @@ pub const DEFAULT_MAX_SSE_BUFFER: usize = 16 << 20;
 /// Default cap on a non-streamed body a [`UsageMeter`] accumulates before it gives up.
 pub const DEFAULT_MAX_JSON_BODY: usize = 64 << 20;
 
+/// The last bytes of an event dropped for outgrowing the cap that are still handed over (as a
+/// [`SseEvent::truncated`] event): the usage of a Responses `response.completed` or a Gemini
+/// chunk sits at the end of its event, after the output that made it huge.
+pub const DROPPED_TAIL: usize = 4 << 10;
+
 /// Longest `event:` name accepted; no provider sends more than a few dozen bytes.
 const MAX_EVENT_NAME: usize = 256;
 
@@ -39,6 +44,7 @@ static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"u
 static ERROR_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
 static USAGE_METADATA_KEY: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(b"\"usageMetadata\""));
+static DELTA_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"delta\""));
 /// The end of Gemini's `"finishReason"` and `"blockReason"` keys.
 static REASON_KEY_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"Reason\""));
 
@@ -53,6 +59,9 @@ pub struct SseEvent<'a> {
     pub event: &'a str,
     /// The event's `data:` lines joined with `\n` (no trailing newline).
     pub data: &'a [u8],
+    /// The event outgrew the parser's cap and was dropped: `data` is only its last bytes (at
+    /// most [`DROPPED_TAIL`]), starting anywhere, even inside a field name.
+    pub truncated: bool,
 }
 
 /// Incremental Server-Sent-Events parser (WHATWG HTML, "Interpreting an event stream").
@@ -83,6 +92,8 @@ pub struct SseParser {
     at_stream_start: bool,
     /// Cap on `tail.len() + data.len()`.
     max_buffer: usize,
+    /// The last bytes (at most [`DROPPED_TAIL`]) of the event being dropped.
+    dropped_tail: Vec<u8>,
 }
 
 impl Default for SseParser {
@@ -97,7 +108,8 @@ impl SseParser {
         Self::with_max_buffer(DEFAULT_MAX_SSE_BUFFER)
     }
 
-    /// A parser that carries at most `max_buffer` bytes (partial line + event data).
+    /// A parser that carries at most `max_buffer` bytes (partial line + event data), and
+    /// [`DROPPED_TAIL`] bytes of an event it drops for outgrowing that.
     pub fn with_max_buffer(max_buffer: usize) -> Self {
         SseParser {
             tail: Vec::new(),
@@ -110,6 +122,7 @@ impl SseParser {
             overflowed: false,
             at_stream_start: true,
             max_buffer,
+            dropped_tail: Vec::new(),
         }
     }
 
@@ -207,11 +220,16 @@ impl SseParser {
 
     /// Keeps an incomplete line for the next chunk, within the cap.
     fn carry(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() || self.discard_line {
+        if self.discard_line {
+            self.keep_dropped(bytes);
+            return;
+        }
+        if bytes.is_empty() {
             return;
         }
         if self.tail.len() + self.data.len() + bytes.len() > self.max_buffer {
             self.overflow(true);
+            self.keep_dropped(bytes);
             return;
         }
         self.tail.extend_from_slice(bytes);
@@ -221,7 +239,13 @@ impl SseParser {
     fn append_data(&mut self, parts: &[&[u8]], in_line: bool) {
         let add: usize = parts.iter().map(|p| p.len()).sum();
         if self.tail.len() + self.data.len() + add > self.max_buffer {
+            // In stream order: the data so far, these parts, then a line being carried.
+            let tail = std::mem::take(&mut self.tail);
             self.overflow(in_line);
+            for part in parts {
+                self.keep_dropped(part);
+            }
+            self.keep_dropped_line(&tail);
             return;
         }
         for part in parts {
@@ -234,11 +258,44 @@ impl SseParser {
         self.overflowed = true;
         self.discard_event = true;
         self.has_data = false;
-        self.data = Vec::new();
-        self.tail = Vec::new();
+        // What the event had so far, then what comes until its end, goes through the window
+        // (emptied when the dropped event is handed over).
+        let data = std::mem::take(&mut self.data);
+        let tail = std::mem::take(&mut self.tail);
+        self.keep_dropped(&data);
+        self.keep_dropped_line(&tail);
         if in_line {
             self.discard_line = true;
         }
+    }
+
+    /// Keeps a line of the event being dropped, from its start (when it is no data line, or
+    /// its field name is cut, it is kept as it is: only the window's end needs to be right).
+    fn keep_dropped_line(&mut self, line: &[u8]) {
+        if line.is_empty() {
+            return;
+        }
+        let value = match line.strip_prefix(b"data:") {
+            Some(value) => value.strip_prefix(b" ").unwrap_or(value),
+            None => line,
+        };
+        if !self.dropped_tail.is_empty() {
+            self.keep_dropped(b"\n");
+        }
+        self.keep_dropped(value);
+    }
+
+    /// Keeps the last [`DROPPED_TAIL`] bytes of the event being dropped.
+    fn keep_dropped(&mut self, bytes: &[u8]) {
+        if bytes.len() >= DROPPED_TAIL {
+            self.dropped_tail.clear();
+            self.dropped_tail
+                .extend_from_slice(&bytes[bytes.len() - DROPPED_TAIL..]);
+            return;
+        }
+        let excess = (self.dropped_tail.len() + bytes.len()).saturating_sub(DROPPED_TAIL);
+        self.dropped_tail.drain(..excess);
+        self.dropped_tail.extend_from_slice(bytes);
     }
 
     /// Interprets one complete line; `at` is its offset in `chunk` when it lies there.
@@ -263,7 +320,14 @@ impl SseParser {
             self.dispatch(chunk, lent, on_event);
             return;
         }
-        if self.discard_event || line[0] == b':' {
+        if self.discard_event {
+            // A data line of the event being dropped: its value goes through the window.
+            if line.starts_with(b"data:") {
+                self.keep_dropped_line(line);
+            }
+            return;
+        }
+        if line[0] == b':' {
             return;
         }
         let (field, value_start) = match memchr(b':', line) {
@@ -314,13 +378,26 @@ impl SseParser {
         let lent = lent.take();
         if self.discard_event {
             self.discard_event = false;
+            if !self.dropped_tail.is_empty() {
+                let event = std::str::from_utf8(&self.name).unwrap_or("");
+                on_event(SseEvent {
+                    event,
+                    data: &self.dropped_tail,
+                    truncated: true,
+                });
+                self.dropped_tail.clear();
+            }
         } else if self.has_data {
             let data = match lent {
                 Some((start, end)) => slice(chunk, start, end),
                 None => &self.data[..],
             };
             let event = std::str::from_utf8(&self.name).unwrap_or("");
-            on_event(SseEvent { event, data });
+            on_event(SseEvent {
+                event,
+                data,
+                truncated: false,
+            });
         }
         self.name.clear();
         self.data.clear();
@@ -376,8 +453,11 @@ pub enum UsageMeter {
     OpenaiResponsesJson(JsonMeter),
     /// Gemini `streamGenerateContent?alt=sse`.
     GeminiStream(StreamMeter),
-    /// Gemini `generateContent`, or `streamGenerateContent` without `alt=sse` (a JSON array).
+    /// Gemini `generateContent` (one JSON object); becomes [`UsageMeter::GeminiArray`] when the
+    /// body opens an array.
     GeminiJson(JsonMeter),
+    /// Gemini `streamGenerateContent` without `alt=sse` (a JSON array of chunks).
+    GeminiArray(GeminiArrayMeter),
 }
 
 /// Meter state of an SSE response: the parser and what the events said so far.
@@ -396,6 +476,44 @@ pub struct JsonMeter {
     result: Option<MeterResult>,
 }
 
+/// Meter state of a Gemini `streamGenerateContent` answer without `alt=sse`: a JSON array of
+/// GenerateContentResponse objects (the SDKs' non-SSE stream form), read element by element as
+/// it arrives, so a stream cut midway books the cumulative `usageMetadata` seen so far, as with
+/// `alt=sse`. Only the bytes of an element not yet complete are kept.
+#[derive(Debug)]
+pub struct GeminiArrayMeter {
+    at: ArrayAt,
+    /// The element being read, when it began in an earlier chunk.
+    pending: Vec<u8>,
+    /// Where the element being read ends.
+    scan: json_scan::ValueEnd,
+    /// The element being read outgrew the cap: its bytes are dropped until it ends.
+    skipping: bool,
+    max_element: usize,
+    gave_up: bool,
+    result: MeterResult,
+    counts: GeminiCounts,
+}
+
+/// Where a [`GeminiArrayMeter`] stands in the array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ArrayAt {
+    /// Before `[` (blank space only so far).
+    Open,
+    /// After `[`: an element or `]`.
+    First,
+    /// After `,`: an element.
+    Next,
+    /// Inside an element.
+    Element,
+    /// After an element: `,` or `]`.
+    After,
+    /// After `]`.
+    Closed,
+    /// Not an array of objects: nothing more is read.
+    Broken,
+}
+
 #[derive(Debug, Default)]
 struct StreamState {
     result: MeterResult,
@@ -403,6 +521,9 @@ struct StreamState {
     gemini: GeminiCounts,
     /// OpenAI Chat: the first chunk (which names the id and model) was parsed.
     seen_first_chunk: bool,
+    /// Bytes of answer text the delta events carried (Anthropic, OpenAI), for an estimate
+    /// should the usage never come.
+    text_bytes: u64,
 }
 
 impl UsageMeter {
@@ -459,6 +580,11 @@ impl UsageMeter {
                 let state = &mut m.state;
                 m.parser.feed(chunk, |ev| gemini_event(state, ev));
             }
+            UsageMeter::GeminiJson(m) if m.undecided() && opens_array(&m.body, chunk) => {
+                let mut array = GeminiArrayMeter::new(m.max_body);
+                array.feed(chunk);
+                *self = UsageMeter::GeminiArray(array);
+            }
             UsageMeter::AnthropicJson(m)
             | UsageMeter::OpenaiChatJson(m)
             | UsageMeter::OpenaiResponsesJson(m)
@@ -469,6 +595,7 @@ impl UsageMeter {
                     m.feed(chunk);
                 }
             }
+            UsageMeter::GeminiArray(m) => m.feed(chunk),
         }
     }
 
@@ -489,6 +616,19 @@ impl UsageMeter {
         *self = UsageMeter::with_limit(protocol, true, limit.min(DEFAULT_MAX_SSE_BUFFER));
         self.feed(&held);
         self.feed(chunk);
+    }
+
+    /// Bytes of answer text seen in a stream's delta events (Anthropic, OpenAI Chat and
+    /// Responses; 0 for the others): what an estimate of the output starts from when the
+    /// stream ended before its usage.
+    pub fn text_bytes(&self) -> u64 {
+        match self {
+            UsageMeter::AnthropicStream(m)
+            | UsageMeter::OpenaiChatStream(m)
+            | UsageMeter::OpenaiResponsesStream(m)
+            | UsageMeter::GeminiStream(m) => m.state.text_bytes,
+            _ => 0,
+        }
     }
 
     /// A Responses stream's response id, once its first event named it.
@@ -526,6 +666,7 @@ impl UsageMeter {
             UsageMeter::OpenaiChatJson(m) => m.finish(parse_chat_json),
             UsageMeter::OpenaiResponsesJson(m) => m.finish(parse_responses_json),
             UsageMeter::GeminiJson(m) => m.finish(parse_gemini_json),
+            UsageMeter::GeminiArray(m) => m.result(),
         }
     }
 
@@ -540,6 +681,7 @@ impl UsageMeter {
             | UsageMeter::OpenaiChatJson(m)
             | UsageMeter::OpenaiResponsesJson(m)
             | UsageMeter::GeminiJson(m) => m.result.clone().unwrap_or_default(),
+            UsageMeter::GeminiArray(m) => m.result(),
         }
     }
 
@@ -554,6 +696,7 @@ impl UsageMeter {
             | UsageMeter::OpenaiChatJson(m)
             | UsageMeter::OpenaiResponsesJson(m)
             | UsageMeter::GeminiJson(m) => m.gave_up,
+            UsageMeter::GeminiArray(m) => m.gave_up,
         }
     }
 }
@@ -565,6 +708,128 @@ impl UsageMeter {
 fn starts_event_stream(held: &[u8], chunk: &[u8]) -> bool {
     let first = held.iter().chain(chunk).find(|b| !b.is_ascii_whitespace());
     matches!(first, Some(b'd' | b'e' | b'i' | b'r' | b':'))
+}
+
+/// Whether a body that starts with `held` (blank so far) and then `chunk` is a JSON array.
+fn opens_array(held: &[u8], chunk: &[u8]) -> bool {
+    let first = held.iter().chain(chunk).find(|b| !b.is_ascii_whitespace());
+    first == Some(&b'[')
+}
+
+impl GeminiArrayMeter {
+    /// A meter keeping at most `max_element` bytes of one element.
+    fn new(max_element: usize) -> Self {
+        GeminiArrayMeter {
+            at: ArrayAt::Open,
+            pending: Vec::new(),
+            scan: json_scan::ValueEnd::default(),
+            skipping: false,
+            max_element,
+            gave_up: false,
+            result: MeterResult::default(),
+            counts: GeminiCounts::default(),
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) {
+        let mut i = 0;
+        // Where the element being read began, when that is in this chunk (it is then lent
+        // from the chunk, not copied).
+        let mut began = None;
+        while i < chunk.len() {
+            if self.at != ArrayAt::Element {
+                i = skip_blank(chunk, i);
+                let Some(&b) = chunk.get(i) else { break };
+                self.at = match (self.at, b) {
+                    (ArrayAt::Open, b'[') => ArrayAt::First,
+                    (ArrayAt::First | ArrayAt::Next, b'{') => {
+                        self.scan = json_scan::ValueEnd::default();
+                        began = Some(i);
+                        // The scan reads the opening brace itself.
+                        self.at = ArrayAt::Element;
+                        continue;
+                    }
+                    (ArrayAt::First | ArrayAt::After, b']') => ArrayAt::Closed,
+                    (ArrayAt::After, b',') => ArrayAt::Next,
+                    // Blank space after the array is all there should be; anything else is
+                    // not read.
+                    (ArrayAt::Closed | ArrayAt::Broken, _) => return,
+                    _ => ArrayAt::Broken,
+                };
+                i += 1;
+                continue;
+            }
+            match self.scan.scan(chunk, i) {
+                json_scan::Scanned::End(end) => {
+                    match began {
+                        Some(start) => self.element(slice(chunk, start, end)),
+                        None => {
+                            self.keep(slice(chunk, 0, end));
+                            let pending = std::mem::take(&mut self.pending);
+                            self.element(&pending);
+                            self.pending = pending;
+                        }
+                    }
+                    self.pending.clear();
+                    shrink(&mut self.pending);
+                    self.skipping = false;
+                    began = None;
+                    self.at = ArrayAt::After;
+                    i = end;
+                }
+                json_scan::Scanned::More => {
+                    self.keep(slice(chunk, began.unwrap_or(0), chunk.len()));
+                    return;
+                }
+                json_scan::Scanned::Malformed => {
+                    self.pending = Vec::new();
+                    self.at = ArrayAt::Broken;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Keeps bytes of the element being read, within the cap.
+    fn keep(&mut self, bytes: &[u8]) {
+        if self.skipping {
+            return;
+        }
+        if self.pending.len() + bytes.len() > self.max_element {
+            self.skipping = true;
+            self.gave_up = true;
+            self.pending = Vec::new();
+            return;
+        }
+        self.pending.extend_from_slice(bytes);
+    }
+
+    /// Applies one complete element (unless it was dropped for its size).
+    fn element(&mut self, data: &[u8]) {
+        if self.skipping {
+            return;
+        }
+        if let Some(chunk) = read_gemini_chunk(data, &self.result) {
+            apply_gemini_chunk(&mut self.result, &mut self.counts, chunk);
+        }
+    }
+
+    /// What the elements read so far said; a closed array is a whole answer.
+    fn result(&self) -> MeterResult {
+        let mut result = self.result.clone();
+        if self.at == ArrayAt::Closed {
+            result.complete = true;
+        }
+        result
+    }
+}
+
+/// Index of the first byte at or after `i` that is not JSON whitespace.
+fn skip_blank(buf: &[u8], mut i: usize) -> usize {
+    while let Some(b' ' | b'\n' | b'\r' | b'\t') = buf.get(i) {
+        i += 1;
+    }
+    i
 }
 
 impl JsonMeter {
@@ -805,8 +1070,8 @@ fn error_event_kind(data: &[u8]) -> String {
 // Per-protocol rules
 // ---------------------------------------------------------------------------------------------
 
-/// Anthropic counters as last reported, field by field (message_delta usage is cumulative and
-/// may carry only some fields).
+/// Anthropic counters, field by field: the highest reported (message_delta usage is cumulative
+/// and may carry only some fields; some compatible servers send `"input_tokens":0` in it).
 #[derive(Debug, Default)]
 struct AnthropicCounts {
     input: Option<u64>,
@@ -819,13 +1084,22 @@ struct AnthropicCounts {
 
 impl AnthropicCounts {
     fn merge(&mut self, u: AnthropicUsageWire) {
-        override_with(&mut self.input, u.input_tokens);
-        override_with(&mut self.output, u.output_tokens);
-        override_with(&mut self.cache_creation, u.cache_creation_input_tokens);
-        override_with(&mut self.cache_read, u.cache_read_input_tokens);
+        raise_to(&mut self.input, u.input_tokens);
+        raise_to(&mut self.output, u.output_tokens);
+        raise_to(&mut self.cache_creation, u.cache_creation_input_tokens);
+        raise_to(&mut self.cache_read, u.cache_read_input_tokens);
         if let Some(split) = u.cache_creation {
-            override_with(&mut self.ephemeral_5m, split.ephemeral_5m_input_tokens);
-            override_with(&mut self.ephemeral_1h, split.ephemeral_1h_input_tokens);
+            // The split is one partition of the cache writes: a later one replaces it whole
+            // (for the fields it carries) unless it adds up to less. Raising each part apart
+            // could make the parts outgrow their total.
+            let w5 = split.ephemeral_5m_input_tokens.or(self.ephemeral_5m);
+            let w1 = split.ephemeral_1h_input_tokens.or(self.ephemeral_1h);
+            let sum =
+                |a: Option<u64>, b: Option<u64>| a.unwrap_or(0).saturating_add(b.unwrap_or(0));
+            if sum(w5, w1) >= sum(self.ephemeral_5m, self.ephemeral_1h) {
+                self.ephemeral_5m = w5;
+                self.ephemeral_1h = w1;
+            }
         }
     }
 
@@ -853,7 +1127,7 @@ impl AnthropicCounts {
     }
 }
 
-/// Gemini counters as last reported, field by field (usageMetadata is cumulative).
+/// Gemini counters, field by field: the highest reported (usageMetadata is cumulative).
 #[derive(Debug, Default)]
 struct GeminiCounts {
     prompt: Option<u64>,
@@ -865,11 +1139,11 @@ struct GeminiCounts {
 
 impl GeminiCounts {
     fn merge(&mut self, u: GeminiUsageWire) {
-        override_with(&mut self.prompt, u.prompt_token_count);
-        override_with(&mut self.cached, u.cached_content_token_count);
-        override_with(&mut self.candidates, u.candidates_token_count);
-        override_with(&mut self.thoughts, u.thoughts_token_count);
-        override_with(&mut self.tool_use, u.tool_use_prompt_token_count);
+        raise_to(&mut self.prompt, u.prompt_token_count);
+        raise_to(&mut self.cached, u.cached_content_token_count);
+        raise_to(&mut self.candidates, u.candidates_token_count);
+        raise_to(&mut self.thoughts, u.thoughts_token_count);
+        raise_to(&mut self.tool_use, u.tool_use_prompt_token_count);
     }
 
     fn usage(&self) -> TokenUsage {
@@ -926,6 +1200,10 @@ fn reasoning_tokens(d: Option<&ReasoningTokensWire>) -> u64 {
 }
 
 fn anthropic_event(st: &mut StreamState, ev: SseEvent<'_>) {
+    // Usage events are small: a dropped one is a content block.
+    if ev.truncated {
+        return;
+    }
     match event_name(&ev) {
         "message_start" => {
             let message = scan_anthropic_start(ev.data).or_else(|| {
@@ -954,17 +1232,23 @@ fn anthropic_event(st: &mut StreamState, ev: SseEvent<'_>) {
         }
         "message_stop" => st.result.complete = true,
         "error" => st.result.upstream_error = Some(error_event_kind(ev.data)),
-        // content_block_*, ping: nothing to meter, and nothing parsed.
+        "content_block_delta" => add_text(st, ev.data),
+        // content_block_start/stop, ping: nothing to meter, and nothing parsed.
         _ => {}
     }
 }
 
 fn chat_event(st: &mut StreamState, ev: SseEvent<'_>) {
+    // The usage chunk is small: a dropped chunk is content.
+    if ev.truncated {
+        return;
+    }
     let data = ev.data.trim_ascii();
     if data == b"[DONE]" {
         st.result.complete = true;
         return;
     }
+    add_text(st, data);
     // Only the first chunk (id, model), the usage chunk and errors are parsed; content chunks
     // cost two memmem scans.
     let worth_parsing = !st.seen_first_chunk
@@ -1004,6 +1288,20 @@ fn responses_event(st: &mut StreamState, ev: SseEvent<'_>) {
         name,
         "response.completed" | "response.incomplete" | "response.failed"
     );
+    if ev.truncated {
+        // A terminal event repeating a huge output (base64 image_generation results): its usage
+        // is near its end. (A dropped event without `event:` line has no name left to go by.)
+        if terminal {
+            if let Some(usage) = responses_dropped_usage(ev.data) {
+                st.result.usage = responses_usage(&usage);
+                st.result.complete = true;
+                if name == "response.failed" {
+                    st.result.upstream_error = Some("response_failed".into());
+                }
+            }
+        }
+        return;
+    }
     match name {
         "response.created"
         | "response.in_progress"
@@ -1034,24 +1332,124 @@ fn responses_event(st: &mut StreamState, ev: SseEvent<'_>) {
             }
         }
         "error" => st.result.upstream_error = Some(error_event_kind(ev.data)),
-        // Output deltas and item events: nothing to meter, and nothing parsed.
+        name if is_text_delta(name) => add_text(st, ev.data),
+        // Item events: nothing to meter, and nothing parsed.
         _ => {}
     }
 }
 
+/// A Responses `*.delta` event whose `delta` is text (output, reasoning summary, refusal,
+/// function call arguments, audio transcript), not base64 audio.
+fn is_text_delta(name: &str) -> bool {
+    name.ends_with(".delta") && (!name.contains("audio") || name.contains("transcript"))
+}
+
+fn add_text(st: &mut StreamState, data: &[u8]) {
+    st.text_bytes = st.text_bytes.saturating_add(delta_text_bytes(data));
+}
+
+/// Bytes of answer text in a delta event, as written (an escape counts its bytes): the first
+/// `"delta"` member when it is a string (Responses), else that object's string members but its
+/// type, role and signature (Anthropic `text`, `thinking`, `partial_json`; Chat `content`,
+/// `reasoning_content`, `refusal`) and a Chat tool call's function name and arguments. 0 for
+/// any other shape: it only serves an estimate when the usage never came.
+fn delta_text_bytes(data: &[u8]) -> u64 {
+    let Some(at) = DELTA_KEY.find(data) else {
+        return 0;
+    };
+    let rest = data[at + b"\"delta\"".len()..].trim_ascii_start();
+    let Some(value) = rest.strip_prefix(b":") else {
+        return 0;
+    };
+    let value = value.trim_ascii_start();
+    if value.first() != Some(&b'{') {
+        return string_bytes(value);
+    }
+    let mut bytes = 0u64;
+    // A walk cut short by a shape it does not know keeps what it counted.
+    let _ = json_scan::for_each_member(value, |key, value| {
+        match key {
+            b"type" | b"role" | b"signature" => {}
+            b"tool_calls" => {
+                let _ = json_scan::for_each_element(value, |call| {
+                    json_scan::for_each_member(call, |key, function| {
+                        if key == b"function" {
+                            let _ = json_scan::for_each_member(function, |_, value| {
+                                bytes = bytes.saturating_add(string_bytes(value));
+                                Some(())
+                            });
+                        }
+                        Some(())
+                    })
+                });
+            }
+            _ => bytes = bytes.saturating_add(string_bytes(value)),
+        }
+        Some(())
+    });
+    bytes
+}
+
+/// Bytes inside the JSON string `value` starts with, as written; 0 when it is no string.
+fn string_bytes(value: &[u8]) -> u64 {
+    json_scan::string_end(value, 0).map_or(0, |end| end.saturating_sub(2) as u64)
+}
+
+/// The response's `usage` in the last bytes of a dropped terminal event: the last `"usage"` key
+/// whose value is a whole object there.
+fn responses_dropped_usage(tail: &[u8]) -> Option<ResponsesUsageWire> {
+    let mut found = None;
+    for at in USAGE_KEY.find_iter(tail) {
+        if !json_scan::unescaped(tail, at) {
+            continue;
+        }
+        let rest = tail[at + b"\"usage\"".len()..].trim_ascii_start();
+        let Some(value) = rest.strip_prefix(b":").map(<[u8]>::trim_ascii_start) else {
+            continue;
+        };
+        if value.first() != Some(&b'{') {
+            continue;
+        }
+        if let json_scan::Scanned::End(end) = json_scan::ValueEnd::default().scan(value, 0) {
+            if let Ok(usage) = serde_json::from_slice::<ResponsesUsageWire>(&value[..end]) {
+                found = Some(usage);
+            }
+        }
+    }
+    found
+}
+
 fn gemini_event(st: &mut StreamState, ev: SseEvent<'_>) {
+    if ev.truncated {
+        // A chunk made huge by inline data: its usageMetadata follows the candidates.
+        let chunk = USAGE_METADATA_KEY
+            .find_iter(ev.data)
+            .last()
+            .and_then(|at| scan_gemini_from(ev.data, at));
+        if let Some(chunk) = chunk {
+            apply_gemini_chunk(&mut st.result, &mut st.gemini, chunk);
+        }
+        return;
+    }
     // Every Gemini chunk carries the cumulative usageMetadata, so every chunk is read: from its
     // usageMetadata key to its end when that is enough, else by the structure scanner, which
     // skips the candidates' content, else by serde when the scanner is not sure (an escaped
     // key, a count that is not plain digits).
-    let chunk = match scan_gemini_tail(ev.data, &st.result).or_else(|| scan_gemini_chunk(ev.data)) {
-        Some(chunk) => chunk,
-        None => match serde_json::from_slice::<GeminiChunkWire<'_>>(ev.data) {
-            Ok(wire) => GeminiChunk::from(wire),
-            Err(_) => return,
-        },
-    };
-    apply_gemini_chunk(&mut st.result, &mut st.gemini, chunk);
+    if let Some(chunk) = read_gemini_chunk(ev.data, &st.result) {
+        apply_gemini_chunk(&mut st.result, &mut st.gemini, chunk);
+    }
+}
+
+/// One Gemini chunk (an SSE event's data or an array element), read by the cheapest reader
+/// that is sure; `None` when it is not JSON of that shape.
+#[inline]
+fn read_gemini_chunk<'a>(data: &'a [u8], so_far: &MeterResult) -> Option<GeminiChunk<'a>> {
+    match scan_gemini_tail(data, so_far).or_else(|| scan_gemini_chunk(data)) {
+        Some(chunk) => Some(chunk),
+        None => serde_json::from_slice::<GeminiChunkWire<'_>>(data)
+            .ok()
+            .map(GeminiChunk::from),
+    }
 }
 
 /// The common Gemini chunk, `{"candidates": [...], "usageMetadata": {...}, "modelVersion": ..,
@@ -1065,13 +1463,27 @@ fn gemini_event(st: &mut StreamState, ev: SseEvent<'_>) {
 fn scan_gemini_tail<'a>(data: &'a [u8], so_far: &MeterResult) -> Option<GeminiChunk<'a>> {
     // The last occurrence (a forward search is vectorised; a reverse one is not).
     let at = USAGE_METADATA_KEY.find_iter(data).last()?;
-    if !json_scan::unescaped(data, at) {
-        return None;
-    }
     // Before the key (the candidates): the bytes of those names anywhere send the chunk to the
     // full scan. After it, the member walk below sees every top-level key.
     let before = &data[..at];
     if REASON_KEY_END.find(before).is_some() || ERROR_KEY.find(before).is_some() {
+        return None;
+    }
+    let chunk = scan_gemini_from(data, at)?;
+    if (so_far.model.is_none() && chunk.model_version.is_none())
+        || (so_far.response_id.is_none() && chunk.response_id.is_none())
+    {
+        return None;
+    }
+    Some(chunk)
+}
+
+/// The members of a Gemini chunk from its `"usageMetadata"` key at `at` to its end; `None`
+/// unless they close the chunk's object (which proves the key top-level) and hold no member
+/// that needs the full scan.
+#[inline]
+fn scan_gemini_from(data: &[u8], at: usize) -> Option<GeminiChunk<'_>> {
+    if !json_scan::unescaped(data, at) {
         return None;
     }
     let mut chunk = GeminiChunk::default();
@@ -1082,11 +1494,6 @@ fn scan_gemini_tail<'a>(data: &'a [u8], so_far: &MeterResult) -> Option<GeminiCh
             _ => chunk.read_member(key, value),
         }
     })?;
-    if (so_far.model.is_none() && chunk.model_version.is_none())
-        || (so_far.response_id.is_none() && chunk.response_id.is_none())
-    {
-        return None;
-    }
     Some(chunk)
 }
 
@@ -1400,17 +1807,12 @@ fn parse_responses_json(body: &[u8]) -> Option<MeterResult> {
     Some(result)
 }
 
+/// A `generateContent` answer (an array goes to [`GeminiArrayMeter`] as it arrives).
 fn parse_gemini_json(body: &[u8]) -> Option<MeterResult> {
-    let chunks = if body.trim_ascii_start().first() == Some(&b'[') {
-        serde_json::from_slice::<Vec<GeminiChunkWire<'_>>>(body).ok()?
-    } else {
-        vec![serde_json::from_slice::<GeminiChunkWire<'_>>(body).ok()?]
-    };
+    let chunk = serde_json::from_slice::<GeminiChunkWire<'_>>(body).ok()?;
     let mut result = MeterResult::default();
     let mut counts = GeminiCounts::default();
-    for chunk in chunks {
-        apply_gemini_chunk(&mut result, &mut counts, GeminiChunk::from(chunk));
-    }
+    apply_gemini_chunk(&mut result, &mut counts, GeminiChunk::from(chunk));
     result.complete = true;
     Some(result)
 }
@@ -1468,10 +1870,12 @@ fn is_empty_array(raw: Option<&RawValue>) -> bool {
     }
 }
 
-/// A later report overrides an earlier one only for the fields it carries.
-fn override_with(slot: &mut Option<u64>, value: Option<u64>) {
-    if value.is_some() {
-        *slot = value;
+/// A later report raises a count it carries, never lowers it: the providers' counts are
+/// cumulative (Anthropic message_delta, Gemini usageMetadata), so a smaller one is a
+/// placeholder, not a correction.
+fn raise_to(slot: &mut Option<u64>, value: Option<u64>) {
+    if let Some(v) = value {
+        *slot = Some(slot.map_or(v, |old| old.max(v)));
     }
 }
 
@@ -1629,10 +2033,11 @@ impl crate::chain::ResponseFilter for SseUsage {
             return;
         };
         if meter.gave_up() {
-            // An event (or a JSON answer) past the meter's cap was skipped, and any usage in it:
-            // the record says its counts are not the upstream's.
+            // An event (or a JSON answer) past the meter's cap was skipped, and any usage in it
+            // but what its last bytes held: the record says its counts may not be the
+            // upstream's.
             ctx.usage.estimated = true;
-            tracing::warn!(request_id = %ctx.request_id, "usage not metered: an answer part past the meter's cap");
+            tracing::warn!(request_id = %ctx.request_id, "usage maybe not metered: an answer part past the meter's cap");
         }
         let result = meter.finish();
         let (tokens, absurd) = result.usage.clamped();
@@ -1648,8 +2053,22 @@ impl crate::chain::ResponseFilter for SseUsage {
         if ctx.route.billed && (!result.complete || result.usage.is_empty()) {
             // An answer that ended without its terminal event (a stream closed early, even
             // with clean framing) or that reported no usage at all: what was seen is billed,
-            // and the record says its counts may not be the upstream's.
+            // and the record says its counts may not be the upstream's. OpenAI reports usage
+            // only at the end, so a cut answer would otherwise cost nothing: input the upstream
+            // did not report is estimated from the request as its cost hold was, and output is
+            // at least the text seen.
             ctx.usage.estimated = true;
+            let tokens = &mut ctx.usage.tokens;
+            if tokens.input_tokens == 0
+                && tokens.cache_read_tokens == 0
+                && tokens.cache_write_5m_tokens == 0
+                && tokens.cache_write_1h_tokens == 0
+            {
+                tokens.input_tokens = crate::cost::estimate_input_tokens(ctx.request.body_len);
+            }
+            let seen = crate::cost::estimate_output_tokens(meter.text_bytes());
+            tokens.output_tokens = tokens.output_tokens.max(seen);
+            ctx.usage.tokens = ctx.usage.tokens.clamped().0;
             tracing::debug!(request_id = %ctx.request_id, complete = result.complete, "usage from an incomplete answer");
         }
         // An error the upstream sent inside a successful answer (an SSE `error` event, a
@@ -1708,7 +2127,11 @@ mod tests {
         chunks: impl IntoIterator<Item = &'a [u8]>,
     ) -> Events {
         let mut events = Events::new();
-        let mut push = |ev: SseEvent<'_>| events.push((ev.event.to_owned(), ev.data.to_vec()));
+        let mut push = |ev: SseEvent<'_>| {
+            if !ev.truncated {
+                events.push((ev.event.to_owned(), ev.data.to_vec()));
+            }
+        };
         for chunk in chunks {
             parser.feed(chunk, &mut push);
         }
@@ -1899,15 +2322,26 @@ mod tests {
         ] {
             let mut parser = SseParser::with_max_buffer(64);
             let mut events = Events::new();
+            let mut dropped = Events::new();
+            let mut push = |ev: SseEvent<'_>| {
+                let to = if ev.truncated {
+                    &mut dropped
+                } else {
+                    &mut events
+                };
+                to.push((ev.event.to_owned(), ev.data.to_vec()));
+            };
             for chunk in &chunks {
-                parser.feed(chunk, |ev| {
-                    events.push((ev.event.to_owned(), ev.data.to_vec()))
-                });
+                parser.feed(chunk, &mut push);
                 assert!(parser.tail.len() + parser.data.len() <= 64);
             }
-            parser.finish(|ev| events.push((ev.event.to_owned(), ev.data.to_vec())));
+            parser.finish(&mut push);
             assert_eq!(events, owned(&[("", "ok1"), ("", "ok2")]));
             assert!(parser.overflowed());
+            // The dropped event is handed over as its last bytes, flagged.
+            assert_eq!(dropped.len(), 1);
+            assert_eq!(dropped[0].0, "huge");
+            assert!(dropped[0].1.ends_with(format!("\n{big}").as_bytes()));
         }
     }
 
@@ -1919,14 +2353,20 @@ mod tests {
         for _ in 0..10_000 {
             parser.feed(&[b'a'; 100], |_| events += 1);
             assert!(parser.tail.len() <= 1024);
+            assert!(parser.dropped_tail.len() <= DROPPED_TAIL);
         }
         assert!(parser.overflowed());
-        // The stream goes on normally after the runaway line and its event end.
+        // The stream goes on normally after the runaway line and its event end; the dropped
+        // event comes first, as its last bytes.
         parser.feed(b"\n\ndata: next\n\n", |ev| {
-            assert_eq!(ev.data, b"next");
+            if ev.truncated {
+                assert_eq!(ev.data, [b'a'; DROPPED_TAIL]);
+            } else {
+                assert_eq!(ev.data, b"next");
+            }
             events += 1;
         });
-        assert_eq!(events, 1);
+        assert_eq!(events, 2);
     }
 
     #[test]
@@ -1937,7 +2377,11 @@ mod tests {
         parser.feed(input, |ev| {
             events.push((ev.event.to_owned(), ev.data.to_vec()))
         });
-        assert_eq!(events, owned(&[("", "small")]));
+        // The dropped event's bytes are few enough to be handed over whole, flagged.
+        assert_eq!(
+            events,
+            owned(&[("", "0123456789\n0123456789"), ("", "small")])
+        );
         assert!(parser.overflowed());
 
         let mut parser = SseParser::new();
@@ -2307,7 +2751,7 @@ mod tests {
     }
 
     #[test]
-    fn anthropic_message_delta_overrides_only_the_fields_it_carries() {
+    fn anthropic_message_delta_raises_only_the_fields_it_carries() {
         let start = r#"event: message_start
 data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5","usage":{"input_tokens":10,"cache_creation_input_tokens":300,"cache_read_input_tokens":40,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200},"output_tokens":1}}}
 
@@ -2337,6 +2781,16 @@ data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5
                 "total outgrows a stale split",
                 r#"{"cache_creation_input_tokens":350,"output_tokens":9}"#,
                 usage(10, 9, 150, 200, 40, 0),
+            ),
+            (
+                "smaller counts are placeholders",
+                r#"{"input_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":20}"#,
+                usage(10, 20, 100, 200, 40, 0),
+            ),
+            (
+                "a split adding up to less is kept out",
+                r#"{"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":9}"#,
+                usage(10, 9, 100, 200, 40, 0),
             ),
         ];
         for (name, delta, expected) in cases {
@@ -2631,6 +3085,272 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
         let mut ctx = ctx_for(false);
         settle(&mut ctx, false, br#"{"input_tokens":12}"#);
         assert!(!ctx.usage.estimated);
+    }
+
+    /// `streamGenerateContent` without `alt=sse`: every prefix of the array books what the
+    /// `alt=sse` form of its complete elements books, however the prefix is split.
+    #[test]
+    fn a_gemini_array_is_metered_element_by_element_under_any_split() {
+        let elements: Vec<&[u8]> = GEMINI_STREAM
+            .split(|&b| b == b'\n')
+            .filter_map(|line| line.strip_prefix(b"data: "))
+            .map(<[u8]>::trim_ascii_end)
+            .collect();
+        assert_eq!(elements.len(), 3);
+        let mut array = b" [".to_vec();
+        let mut ends = Vec::new();
+        for (k, element) in elements.iter().enumerate() {
+            if k > 0 {
+                array.extend_from_slice(b"\n,\r\n");
+            }
+            array.extend_from_slice(element);
+            ends.push(array.len());
+        }
+        array.extend_from_slice(b"\n]\n");
+        let sse_of = |k: usize| {
+            let text: String = elements[..k]
+                .iter()
+                .map(|e| format!("data: {}\r\n\r\n", std::str::from_utf8(e).unwrap()))
+                .collect();
+            stream_result(Protocol::Gemini, &text)
+        };
+        let whole = sse_of(elements.len());
+        assert!(whole.complete && whole.usage.output_tokens > 0);
+        for chunks in splits(&array) {
+            assert_eq!(meter(Protocol::Gemini, false, &chunks), whole);
+        }
+        for cut in 0..array.len() {
+            let prefix = &array[..cut];
+            let want = sse_of(ends.iter().filter(|&&end| end <= cut).count());
+            assert_eq!(meter(Protocol::Gemini, false, &[prefix]), want, "cut {cut}");
+            let bytes: Vec<&[u8]> = prefix.chunks(1).collect();
+            assert_eq!(meter(Protocol::Gemini, false, &bytes), want, "cut {cut}");
+        }
+        // Cut after the first element: its counts, not complete (the record is flagged).
+        let first = meter(Protocol::Gemini, false, &[&array[..ends[0] + 1]]);
+        assert!(first.usage.input_tokens > 0 && !first.complete);
+    }
+
+    /// An element larger than the cap is dropped (and the record flagged) only when it had to
+    /// be kept across chunks; the elements after it are still read.
+    #[test]
+    fn a_gemini_array_element_past_the_cap_is_skipped_not_the_rest() {
+        let text = "x".repeat(1000);
+        let array = format!(
+            r#"[{{"usageMetadata":{{"promptTokenCount":5}}}},{{"candidates":[{{"content":{{"parts":[{{"text":"{text}"}}]}}}}],"usageMetadata":{{"promptTokenCount":5,"candidatesTokenCount":9}}}},{{"usageMetadata":{{"promptTokenCount":5,"candidatesTokenCount":12}}}}]"#
+        );
+        let mut m = UsageMeter::with_limit(Protocol::Gemini, false, 200);
+        m.feed(array.as_bytes());
+        assert!(!m.gave_up(), "one chunk is read in place");
+        assert_eq!(m.finish().usage, usage(5, 12, 0, 0, 0, 0));
+        let mut m = UsageMeter::with_limit(Protocol::Gemini, false, 200);
+        for b in array.as_bytes().chunks(1) {
+            m.feed(b);
+        }
+        assert!(m.gave_up());
+        let got = m.finish();
+        assert_eq!(got.usage, usage(5, 12, 0, 0, 0, 0));
+        assert!(got.complete);
+        // Not an array of objects: what came before is kept.
+        let got = meter(
+            Protocol::Gemini,
+            false,
+            &[br#"[{"usageMetadata":{"promptTokenCount":5}}, 7, {"usageMetadata":{"promptTokenCount":9}}]"#],
+        );
+        assert_eq!(got.usage.input_tokens, 5);
+        assert!(!got.complete);
+    }
+
+    #[test]
+    fn delta_text_is_counted_as_written() {
+        for (data, bytes) in [
+            (
+                &br#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}"#[..],
+                5,
+            ),
+            (
+                br#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"a\":"}}"#,
+                7,
+            ),
+            (
+                br#"{"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"EqQBCgIYAhIM"}}"#,
+                0,
+            ),
+            (
+                br#"{"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null}}],"usage":null}"#,
+                0,
+            ),
+            (
+                br#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi \u00e9"}}]}"#,
+                9,
+            ),
+            (
+                br#"{"id":"c","choices":[{"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get","arguments":"{\"q\":1}"}}]}}]}"#,
+                3 + 9,
+            ),
+            (
+                br#"{"type":"response.output_text.delta","item_id":"m","output_index":0,"delta":"word ","logprobs":[]}"#,
+                5,
+            ),
+            (br#"{"choices":[{"delta":{}}]}"#, 0),
+            (br#"{"delta":"unterminated"#, 0),
+            (b"", 0),
+        ] {
+            assert_eq!(
+                delta_text_bytes(data),
+                bytes,
+                "{}",
+                String::from_utf8_lossy(data)
+            );
+        }
+        assert!(is_text_delta("response.output_text.delta"));
+        assert!(is_text_delta("response.function_call_arguments.delta"));
+        assert!(is_text_delta("response.output_audio_transcript.delta"));
+        assert!(!is_text_delta("response.output_audio.delta"));
+        assert!(!is_text_delta("response.output_text.done"));
+    }
+
+    /// OpenAI reports usage only in a stream's last event: one cut before it books the
+    /// request's estimated input and the text seen as output, flagged; Anthropic's exact input
+    /// is kept.
+    #[test]
+    fn a_billed_stream_cut_before_its_usage_books_an_estimate() {
+        use crate::chain::ResponseFilter;
+        let settle = |protocol: Protocol, body: &[u8]| {
+            let route = crate::route::ApiRoute {
+                protocol,
+                upstream_path: "/v1/x".into(),
+                path_model: None,
+                path_stream: false,
+                billed: true,
+            };
+            let mut ctx = crate::context::RequestCtx::new("r".into(), route, 0);
+            ctx.request.body_len = 4000;
+            let mut meter = UsageMeter::new(protocol, true);
+            meter.feed(body);
+            ctx.usage.meter = Some(meter);
+            SseUsage.on_end(&mut ctx);
+            assert!(ctx.usage.estimated);
+            ctx.usage.tokens
+        };
+        let before = |stream: &'static [u8], last: &str| {
+            let at = memchr::memmem::find(stream, last.as_bytes()).unwrap();
+            &stream[..at]
+        };
+
+        let responses = before(RESPONSES_STREAM, "event: response.completed");
+        let tokens = settle(Protocol::OpenaiResponses, responses);
+        assert_eq!(tokens.input_tokens, 1000);
+        assert!(tokens.output_tokens > 0, "{tokens:?}");
+        let chat = before(CHAT_STREAM, "data: [DONE]");
+        let usage_chunk = memchr::memmem::rfind(chat, b"data: {").unwrap();
+        let tokens = settle(Protocol::OpenaiChat, &chat[..usage_chunk]);
+        assert_eq!(tokens.input_tokens, 1000);
+        assert!(tokens.output_tokens > 0, "{tokens:?}");
+
+        // Nothing but the request: input only.
+        let tokens = settle(Protocol::OpenaiChat, b"");
+        assert_eq!((tokens.input_tokens, tokens.output_tokens), (1000, 0));
+
+        // Anthropic: message_start's input is exact; output at least the text seen.
+        let anthropic = before(ANTHROPIC_STREAM, "event: message_delta");
+        let tokens = settle(Protocol::Anthropic, anthropic);
+        assert_eq!(tokens.input_tokens, 12);
+        assert_eq!(tokens.cache_read_tokens, 20480);
+        assert!(tokens.output_tokens > 1, "{tokens:?}");
+
+        // Whole streams keep the upstream's counts.
+        for (protocol, stream) in [
+            (Protocol::OpenaiResponses, RESPONSES_STREAM),
+            (Protocol::OpenaiChat, CHAT_STREAM),
+        ] {
+            let route = crate::route::ApiRoute {
+                protocol,
+                upstream_path: "/v1/x".into(),
+                path_model: None,
+                path_stream: false,
+                billed: true,
+            };
+            let mut ctx = crate::context::RequestCtx::new("r".into(), route, 0);
+            ctx.request.body_len = 4000;
+            let mut meter = UsageMeter::new(protocol, true);
+            meter.feed(stream);
+            let want = meter.snapshot().usage;
+            ctx.usage.meter = Some(meter);
+            SseUsage.on_end(&mut ctx);
+            assert!(!ctx.usage.estimated);
+            assert_eq!(ctx.usage.tokens, want);
+        }
+    }
+
+    /// Cumulative counts never go down: a compatible server's message_delta with
+    /// `"input_tokens":0` keeps message_start's input, and a Gemini chunk with smaller counts
+    /// keeps the larger ones.
+    #[test]
+    fn cumulative_counts_are_never_lowered() {
+        let text = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"m\",\"usage\":{\"input_tokens\":500,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":0,\"output_tokens\":20}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        for chunks in splits(text.as_bytes()) {
+            let got = meter(Protocol::Anthropic, true, &chunks);
+            assert_eq!(got.usage, usage(500, 20, 0, 0, 0, 0));
+        }
+        let text = concat!(
+            "data: {\"usageMetadata\":{\"promptTokenCount\":100,\"candidatesTokenCount\":30,\"thoughtsTokenCount\":8}}\r\n\r\n",
+            "data: {\"usageMetadata\":{\"promptTokenCount\":0,\"candidatesTokenCount\":12,\"thoughtsTokenCount\":0}}\r\n\r\n",
+        );
+        let got = stream_result(Protocol::Gemini, text);
+        assert_eq!(got.usage, usage(100, 38, 0, 0, 0, 8));
+    }
+
+    /// A terminal event past the cap (a Responses answer repeating a huge base64 image, a
+    /// Gemini chunk with inline data) is dropped, but its usage is read from its last bytes.
+    #[test]
+    fn a_dropped_event_still_gives_the_usage_at_its_end() {
+        let image = "QUJD".repeat(40 << 10);
+        let responses = String::from_utf8(RESPONSES_STREAM.to_vec()).unwrap();
+        let at = responses.find("event: response.completed").unwrap();
+        let (head, completed) = responses.split_at(at);
+        assert!(completed.contains(r#""output":["#));
+        let completed = completed.replacen(
+            r#""output":["#,
+            &format!(
+                r#""output":[{{"type":"image_generation_call","id":"ig_1","status":"completed","result":"{image}"}},"#
+            ),
+            1,
+        );
+        let stream = format!("{head}{completed}");
+        let want = usage(366, 412, 0, 0, 4864, 256);
+        for size in [1, 7, 4096, 64 << 10] {
+            let mut m = UsageMeter::with_limit(Protocol::OpenaiResponses, true, 64 << 10);
+            for chunk in stream.as_bytes().chunks(size) {
+                m.feed(chunk);
+            }
+            let got = m.finish();
+            assert!(m.gave_up(), "{size}");
+            assert_eq!(got.usage, want, "{size}");
+            assert!(got.complete, "{size}");
+        }
+
+        let gemini = format!(
+            "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"inlineData\":{{\"mimeType\":\"image/png\",\"data\":\"{image}\"}}}}]}},\"finishReason\":\"STOP\"}}],\"usageMetadata\":{{\"promptTokenCount\":40,\"candidatesTokenCount\":1290,\"totalTokenCount\":1330}},\"modelVersion\":\"gemini-2.5-flash-image\",\"responseId\":\"r\"}}\r\n\r\n"
+        );
+        let mut m = UsageMeter::with_limit(Protocol::Gemini, true, 64 << 10);
+        for chunk in gemini.as_bytes().chunks(4096) {
+            m.feed(chunk);
+        }
+        let got = m.finish();
+        assert!(m.gave_up());
+        assert_eq!(got.usage, usage(40, 1290, 0, 0, 0, 0));
+
+        // A dropped content event is no usage event.
+        let mut m = UsageMeter::with_limit(Protocol::OpenaiResponses, true, 1024);
+        m.feed(
+            format!("event: response.output_text.delta\ndata: {{\"delta\":\"{image}\",\"usage\":{{\"input_tokens\":9}}}}\n\n")
+                .as_bytes()
+                .chunks(512)
+                .next()
+                .unwrap(),
+        );
+        assert!(m.finish().usage.is_empty());
     }
 
     #[test]

@@ -538,7 +538,16 @@ impl MockUpstream {
                     WireProtocol::Gemini if answer.stream => (gemini_array(&b, &answer), ""),
                     WireProtocol::Gemini => (gemini_json(&b, &answer), ""),
                 };
-                if let Some(n) = b.cut_json_after {
+                // `cut_after` on an array stream: its first elements, then the connection closes.
+                let (json, cut_json_after) = match b.cut_after {
+                    Some(n) if answer.protocol == WireProtocol::Gemini && answer.stream => {
+                        let part = gemini_array_cut(&b, &answer, n);
+                        let len = part.len();
+                        (part, Some(len))
+                    }
+                    _ => (json, b.cut_json_after),
+                };
+                if let Some(n) = cut_json_after {
                     let part = &json.as_bytes()[..n.min(json.len())];
                     let head = format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{extra}transfer-encoding: chunked\r\n\r\n{:x}\r\n",
@@ -927,4 +936,14 @@ pub fn gemini_events(b: &Behavior, a: &AnswerFor) -> Vec<String> {
 /// A Gemini `:streamGenerateContent` answer without `alt=sse`: one JSON array.
 pub fn gemini_array(b: &Behavior, a: &AnswerFor) -> String {
     serde_json::Value::Array(gemini_chunks(b, a)).to_string()
+}
+
+/// The first `n` elements of [`gemini_array`], the array left open (a stream cut after them).
+fn gemini_array_cut(b: &Behavior, a: &AnswerFor, n: usize) -> String {
+    let elements: Vec<String> = gemini_chunks(b, a)
+        .iter()
+        .take(n)
+        .map(|c| c.to_string())
+        .collect();
+    format!("[{}", elements.join(",\r\n"))
 }
