@@ -197,8 +197,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         ),
     };
     let limits: Arc<dyn LimitStore> = match &redis_link {
-        Some(link) => Arc::new(RedisLimits::new(link.clone(), "", memory_limits)),
-        None => memory_limits,
+        Some(link) => Arc::new(RedisLimits::new(link.clone(), "", memory_limits.clone())),
+        None => memory_limits.clone(),
     };
     let cooldowns = redis_link
         .as_ref()
@@ -311,6 +311,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         writer: Mutex::new(Some(writer)),
         account_events: Mutex::new(Some(account_rx)),
         cooldowns,
+        memory_limits,
+        spend_refresh: config.spend_refresh_interval,
         state_rules,
         sessions: Arc::new(bindings_admin),
         oauth: crate::background::oauth_refresh::RefreshSettings::from_config(&config.oauth)

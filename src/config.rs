@@ -85,6 +85,9 @@ pub struct Config {
     /// How often each node polls the database for admin changes.
     #[serde(with = "humantime_serde")]
     pub cache_refresh_interval: Duration,
+    /// How often each node raises its cost-limit counters to the spend stored by all nodes.
+    #[serde(with = "humantime_serde")]
+    pub spend_refresh_interval: Duration,
     pub upstream: UpstreamConfig,
     pub session: SessionConfig,
     pub scheduler: SchedulerConfig,
@@ -250,6 +253,7 @@ impl Default for Config {
             log_format: "text".into(),
             concurrency_lease_ttl: Duration::from_secs(60),
             cache_refresh_interval: Duration::from_millis(500),
+            spend_refresh_interval: Duration::from_secs(60),
             upstream: UpstreamConfig::default(),
             session: SessionConfig::default(),
             scheduler: SchedulerConfig::default(),

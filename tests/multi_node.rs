@@ -370,3 +370,62 @@ async fn an_accounts_concurrency_cap_holds_across_the_nodes() {
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
     assert_eq!(mock.count(), 2);
 }
+
+/// Without Redis each node counts cost limits in its own memory; every `spend_refresh_interval`
+/// it raises those counters to the spend all nodes stored, so a key spent on one node is
+/// refused on the other too.
+#[tokio::test]
+async fn without_redis_a_node_learns_the_spend_of_the_others_from_the_database() {
+    let pg = PgDb::create().await;
+    let env = vec![(
+        "RELAY_SPEND_REFRESH_INTERVAL".to_string(),
+        "200ms".to_string(),
+    )]
+    .into_iter()
+    .chain(common::shared_node_secrets())
+    .collect::<Vec<_>>();
+    let node = || {
+        Relay::start_with(RelayOptions {
+            db: Db::Postgres(pg.url.clone()),
+            env: env.clone(),
+            ..Default::default()
+        })
+    };
+    let (a, b) = (node().await, node().await);
+    let mock = MockUpstream::start().await;
+    mock.set(|m| m.usage = common::mock_upstream::MockUsage::io(1000, 1000));
+    a.create_account("claude-1", "claude", &mock.url(), "sk-ant-1")
+        .await;
+    let user = a.create_user("two-nodes", 10_000).await;
+    // 18 000 µUSD a request: two reach the limit.
+    let (_, key) = a
+        .create_key(&user, serde_json::json!({"total_cost_limit": 30_000}))
+        .await;
+    a.wait_key_active(&key).await;
+    b.wait_key_active(&key).await;
+    let send = |node: &Relay, topic: &str| {
+        node.post("/v1/messages", &key)
+            .json(&messages_body(MODEL, false, conversation(topic, 1)))
+            .send()
+    };
+    for topic in ["one", "two"] {
+        assert_eq!(send(&a, topic).await.unwrap().status(), 200);
+    }
+    assert_eq!(send(&a, "three").await.unwrap().status(), 402);
+    a.wait_records(3).await;
+    // What the other node serves meanwhile costs nothing: only the stored spend can stop it.
+    mock.set(|m| m.usage = common::mock_upstream::MockUsage::io(0, 0));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = send(&b, "elsewhere").await.unwrap().status();
+        if status == 402 {
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            Instant::now() < deadline,
+            "the other node never learned the spend"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

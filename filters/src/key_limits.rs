@@ -221,6 +221,23 @@ impl MemoryLimits {
     pub fn seed_cost(&self, key_id: &str, day: &str, today: i64, total: i64) {
         lock(&self.cost).insert(key_id.to_string(), (day.to_string(), today, total));
     }
+
+    /// Raises a key's cost counters to what the database holds (booked by every node), each
+    /// kept where this node counted more (its bookings not stored yet).
+    pub fn raise_cost(&self, key_id: &str, day: &str, today: i64, total: i64) {
+        let mut cost = lock(&self.cost);
+        let e = cost
+            .entry(key_id.to_string())
+            .or_insert_with(|| (day.to_string(), 0, 0));
+        match day.cmp(e.0.as_str()) {
+            std::cmp::Ordering::Greater => *e = (day.to_string(), today, e.2.max(total)),
+            std::cmp::Ordering::Equal => {
+                e.1 = e.1.max(today);
+                e.2 = e.2.max(total);
+            }
+            std::cmp::Ordering::Less => e.2 = e.2.max(total),
+        }
+    }
 }
 
 /// GCRA: `limit` requests per minute with a burst of `limit`. Returns the new arrival time or
@@ -524,6 +541,29 @@ mod tests {
         assert_eq!(m.spent("k", "2026-01-02").await, (1, 113));
         m.settle_cost("k", "2026-01-02", None, 2).await;
         assert_eq!(m.spent("k", "2026-01-02").await, (3, 115));
+    }
+
+    #[tokio::test]
+    async fn stored_spend_raises_counters_and_never_lowers_them() {
+        let m = MemoryLimits::default();
+        let day = "2026-01-02";
+        m.settle_cost("k", day, None, 50).await;
+        // Another node's bookings, stored: this node's counters rise to them.
+        m.raise_cost("k", day, 80, 300);
+        assert_eq!(m.spent("k", day).await, (80, 300));
+        // Stored spend that lags this node's own bookings lowers nothing.
+        m.settle_cost("k", day, None, 10).await;
+        m.raise_cost("k", day, 80, 300);
+        assert_eq!(m.spent("k", day).await, (90, 310));
+        // A new day: today from the store, the total the larger.
+        m.raise_cost("k", "2026-01-03", 5, 305);
+        assert_eq!(m.spent("k", "2026-01-03").await, (5, 310));
+        // A day past: only the total may rise.
+        m.raise_cost("k", day, 500, 400);
+        assert_eq!(m.spent("k", "2026-01-03").await, (5, 400));
+        // A subject this node never counted.
+        m.raise_cost("new", day, 7, 9);
+        assert_eq!(m.spent("new", day).await, (7, 9));
     }
 
     #[tokio::test]

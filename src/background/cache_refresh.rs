@@ -93,6 +93,35 @@ pub async fn run(
     }
 }
 
+/// Every `every`, raises this node's cost-limit counters to the spend the database holds for
+/// each key and user (booked by every node). Without Redis they are what the limits count
+/// against; with Redis they seed counters Redis lost, so either way a node's limits include the
+/// other nodes' spend, up to `every` ago.
+pub async fn raise_spend(
+    store: SqlStore,
+    memory: Arc<relay_filters::key_limits::MemoryLimits>,
+    every: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() { return; }
+            }
+        }
+        let today = relay_filters::key_limits::utc_day(relay_filters::now_ms());
+        match store.limit_spend(&today).await {
+            Ok(spend) => {
+                for s in spend {
+                    memory.raise_cost(&s.subject, &today, s.today, s.total);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "reading the stored spend failed"),
+        }
+    }
+}
+
 /// Takes the cooldowns other nodes published in Redis, unless an operator's clear was applied
 /// while they were read (they may predate it).
 async fn apply_shared_cooldowns(cooldowns: &RedisCooldowns, accounts: &AccountCache) {

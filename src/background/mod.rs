@@ -47,6 +47,9 @@ pub struct ControlPlane {
     pub account_events: Mutex<Option<mpsc::UnboundedReceiver<AccountEvent>>>,
     /// Cooldowns shared through Redis, when configured.
     pub cooldowns: Option<Arc<RedisCooldowns>>,
+    /// This node's cost-limit counters, raised to the stored spend every `spend_refresh`.
+    pub memory_limits: Arc<relay_filters::key_limits::MemoryLimits>,
+    pub spend_refresh: std::time::Duration,
     /// How answers and health checks change accounts (the error threshold).
     pub state_rules: relay_filters::account_state::StateRules,
     /// The session bindings, for the admin sessions view.
@@ -138,6 +141,12 @@ impl BackgroundService for ControlPlane {
             ));
         }
         let refresh = Arc::new(tokio::sync::Notify::new());
+        tasks.spawn(cache_refresh::raise_spend(
+            store.clone(),
+            self.memory_limits.clone(),
+            self.spend_refresh,
+            shutdown.clone(),
+        ));
         tasks.spawn(cache_refresh::run(
             store.clone(),
             self.keys.clone(),
@@ -247,6 +256,8 @@ mod tests {
             writer: Mutex::new(Some(writer)),
             account_events: Mutex::new(None),
             cooldowns: None,
+            memory_limits: Arc::default(),
+            spend_refresh: std::time::Duration::from_secs(60),
             state_rules: Default::default(),
             sessions: Arc::new(crate::admin::BindingsAdmin {
                 store: relay_filters::session_store::MemorySessionStore::new(16),
