@@ -462,7 +462,7 @@ mod tests {
         let auth = relay_filters::account_state::Outcome::Status {
             status: 401,
             reset_at_ms: None,
-            blocked: true,
+            fault: relay_filters::account_state::Fault::Disabled,
         };
         let rules = relay_filters::account_state::StateRules::default();
         let now = relay_filters::now_ms();
@@ -524,7 +524,7 @@ mod tests {
         let limited = Outcome::Status {
             status: 429,
             reset_at_ms: Some(far),
-            blocked: false,
+            fault: relay_filters::account_state::Fault::ByStatus,
         };
         apply_outcome(&a, limited, &StateRules::default(), now);
         // The cooldown stored and shared: reloads and Redis keep it.
