@@ -862,13 +862,17 @@ async fn a_blocked_account_stays_out_until_an_admin_puts_it_back() {
     };
     assert_eq!(ask("before").await.unwrap().status(), 200);
 
-    // The provider says the organization is disabled: the answer is passed on, and the account
-    // is taken out of scheduling at once.
+    // The provider says the organization is disabled: the account is taken out of scheduling
+    // at once, and with no other account the client is told the upstream failed (not that it
+    // lacks a permission).
     mock.set(|b| {
         b.status = 403;
         b.error_body = r#"{"type":"error","error":{"type":"permission_error","message":"This organization has been disabled."}}"#.into();
     });
-    assert_eq!(ask("blocked").await.unwrap().status(), 403);
+    let r = ask("blocked").await.unwrap();
+    assert_eq!(r.status(), 502);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "upstream_error", "{v}");
     mock.set(|b| b.status = 200);
     let asked = mock.count();
     // It stays out over several of the relay's reloads (every 500 ms), stale or not.
