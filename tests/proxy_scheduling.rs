@@ -625,3 +625,44 @@ async fn a_used_up_quota_cools_for_long_not_as_a_rate_limit() {
     );
     assert!(metrics.contains("relay_failovers_total{reason=\"no_credit\"} 1"));
 }
+
+#[tokio::test]
+async fn an_empty_pool_says_when_to_come_back() {
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    relay.create_account("a", "claude", &a.url(), "sk-a").await;
+    relay.create_account("b", "claude", &b.url(), "sk-b").await;
+    let key = key_for(&relay, 2).await;
+    let overloaded =
+        r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+    answer(&a, 529, overloaded);
+    answer(&b, 529, overloaded);
+    let r = relay
+        .post_json(
+            "/v1/messages",
+            &key,
+            &messages_body(MODEL, false, conversation("overload", 1)),
+        )
+        .await;
+    assert_eq!(r.status(), 529);
+    assert_eq!((a.count(), b.count()), (1, 1));
+    // Both cool down (120 s by default): the next client is told when the first comes back.
+    let r = relay
+        .post_json(
+            "/v1/messages",
+            &key,
+            &messages_body(MODEL, false, conversation("overload again", 1)),
+        )
+        .await;
+    assert_eq!(r.status(), 503);
+    let retry_after: u64 = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After in seconds");
+    assert!((1..=120).contains(&retry_after), "{retry_after}");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "no_available_account", "{v}");
+}

@@ -231,7 +231,7 @@ impl StickyUpstream {
         .then(|| account.id.clone());
         self.reserve_another(ctx, vec![account.id.clone()], moving_from)
             .await
-            .ok_or_else(no_account)
+            .ok_or_else(|| self.no_account(ctx))
     }
 
     async fn choose_binding(&self, ctx: &mut RequestCtx) -> Result<Arc<Account>, Rejection> {
@@ -260,7 +260,7 @@ impl StickyUpstream {
             }
         }
         let Some(key) = ctx.session.key.clone() else {
-            return self.pick(ctx).ok_or_else(no_account);
+            return self.pick(ctx).ok_or_else(|| self.no_account(ctx));
         };
         let existing = self.sessions.get(&key).await.ok().flatten();
         if let Some(stored) = existing {
@@ -278,7 +278,7 @@ impl StickyUpstream {
                     ctx.session.sticky = Some(StickyResult::Detour);
                     return self
                         .pick_excluding(ctx, std::slice::from_ref(bound))
-                        .ok_or_else(no_account);
+                        .ok_or_else(|| self.no_account(ctx));
                 }
                 if stored.remaining < self.config.renew_threshold {
                     let mut b = Binding::clone(&stored.binding);
@@ -290,7 +290,7 @@ impl StickyUpstream {
                 ctx.session.sticky = Some(StickyResult::Hit);
                 return Ok(account);
             }
-            let account = self.pick(ctx).ok_or_else(no_account)?;
+            let account = self.pick(ctx).ok_or_else(|| self.no_account(ctx))?;
             ctx.session.sticky = Some(StickyResult::Rebind);
             let held = self
                 .sessions
@@ -298,7 +298,7 @@ impl StickyUpstream {
                 .await;
             return Ok(self.follow(ctx, held, account));
         }
-        let account = self.pick(ctx).ok_or_else(no_account)?;
+        let account = self.pick(ctx).ok_or_else(|| self.no_account(ctx))?;
         ctx.session.sticky = Some(StickyResult::Miss);
         let held = self
             .sessions
@@ -332,6 +332,25 @@ impl StickyUpstream {
         chosen
     }
 
+    /// No account can serve the request now: 503, with a `Retry-After` for when the first of
+    /// the accounts that could serve it ends its cooldown (at least 1 s; 1 s when some are
+    /// only full or tried). None when no account that serves it is in operation at all.
+    fn no_account(&self, ctx: &RequestCtx) -> Rejection {
+        let soonest_ms = self
+            .accounts
+            .accounts()
+            .iter()
+            .filter(|a| a.in_operation() && a.serves(ctx.protocol(), ctx.requested_model()))
+            .map(|a| a.cooldown_left_ms(ctx.started_ms))
+            .min();
+        let mut r = Rejection::new(
+            ErrorKind::NoAvailableAccount,
+            "no upstream account is available for this request",
+        );
+        r.retry_after = soonest_ms.map(|ms| u64::try_from(ms).unwrap_or(0).div_ceil(1000).max(1));
+        r
+    }
+
     /// Picks another account after a failed attempt (never one already tried). When the one
     /// that failed is the conversation's, the conversation moves to the new one; a detour's
     /// failure leaves it alone, and a continued response has nowhere else to go.
@@ -359,13 +378,6 @@ fn pinned_busy(retry_after_secs: u64) -> Rejection {
     );
     r.retry_after = Some(retry_after_secs.max(1));
     r
-}
-
-fn no_account() -> Rejection {
-    Rejection::new(
-        ErrorKind::NoAvailableAccount,
-        "no upstream account is available for this request",
-    )
 }
 
 #[async_trait]
@@ -724,5 +736,35 @@ mod tests {
         let s = StickyUpstream::new(dir, MemorySessionStore::new(10), StickyConfig::default());
         let err = s.choose(&mut ctx(None)).await.unwrap_err();
         assert_eq!(err.kind, ErrorKind::NoAvailableAccount);
+        // None serves the protocol: nothing to wait for.
+        assert_eq!(err.retry_after, None);
+    }
+
+    #[tokio::test]
+    async fn no_account_says_when_the_first_cooldown_ends() {
+        // ctx() starts at 1 000 ms.
+        let cooling = |id: &str, until_ms: i64| {
+            let a = account(id, AccountType::Claude, 50, 1);
+            a.state.cooldown_until_ms.store(until_ms, Ordering::Relaxed);
+            a
+        };
+        let out = account("out", AccountType::Claude, 50, 1);
+        out.state.schedulable.store(false, Ordering::Relaxed);
+        let dir = Arc::new(Dir(Arc::new(vec![
+            cooling("late", 1_000 + 300_000),
+            cooling("soon", 1_000 + 37_200),
+            out,
+        ])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(10), StickyConfig::default());
+        let err = s.choose(&mut ctx(Some("conv"))).await.unwrap_err();
+        assert_eq!(
+            (err.kind, err.retry_after),
+            (ErrorKind::NoAvailableAccount, Some(38))
+        );
+        // Ending within the second: still at least 1 s.
+        let dir = Arc::new(Dir(Arc::new(vec![cooling("now", 1_001)])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(10), StickyConfig::default());
+        let err = s.choose(&mut ctx(None)).await.unwrap_err();
+        assert_eq!(err.retry_after, Some(1));
     }
 }
