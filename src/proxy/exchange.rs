@@ -392,6 +392,8 @@ impl RelayProxy {
         let mut watch_client = stream;
         let mut complete = false;
         let mut cut = false;
+        // Where the bytes the client got end, for an error event after a cut.
+        let mut sent_tail = SentTail::default();
         // A read result taken while coalescing, handled on the next turn.
         let mut held: Option<Result<Option<Bytes>, H1Error>> = None;
         if let Some(start) = read_ahead.take() {
@@ -506,6 +508,7 @@ impl RelayProxy {
                         if ctx.ttfb.is_none() {
                             ctx.ttfb = Some(rctx.started.elapsed());
                         }
+                        sent_tail.push(&out);
                         if session.write_response_body(out, false).await.is_err() {
                             client_gone = true;
                         }
@@ -541,11 +544,18 @@ impl RelayProxy {
             // What was metered until the cut: the upstream may have counted more.
             rctx.usage.estimated = true;
             if !client_gone && rctx.request.stream {
-                let ev = Bytes::from(stream_error_event(
+                // Cut inside an event: that event is ended first, or the client's parser would
+                // read the error event as more lines of it.
+                let mut ev = if sent_tail.ends_event() {
+                    Vec::new()
+                } else {
+                    b"\n\n".to_vec()
+                };
+                ev.extend(stream_error_event(
                     rctx.protocol(),
                     "the upstream ended the stream early",
                 ));
-                let _ = session.write_response_body(ev, false).await;
+                let _ = session.write_response_body(Bytes::from(ev), false).await;
             }
         } else if client_gone {
             ctx.error_type.get_or_insert("client_disconnected");
@@ -642,6 +652,30 @@ fn is_event_stream(head: &UpstreamHead) -> bool {
         .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
+/// The last bytes written to the client, to tell whether they end an SSE event.
+#[derive(Default)]
+struct SentTail {
+    last: [u8; 4],
+    len: usize,
+}
+
+impl SentTail {
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in &bytes[bytes.len().saturating_sub(4)..] {
+            self.last.rotate_left(1);
+            self.last[3] = b;
+        }
+        self.len = (self.len + bytes.len()).min(4);
+    }
+
+    /// Whether what was written ends with a blank line (an event's end, in any of the line
+    /// ends SSE allows), or nothing was written.
+    fn ends_event(&self) -> bool {
+        let t = &self.last[4 - self.len..];
+        t.is_empty() || t.ends_with(b"\n\n") || t.ends_with(b"\r\r") || t.ends_with(b"\r\n\r\n")
+    }
+}
+
 /// The last failed attempt's answer, kept for the client should no other account serve.
 struct LastFailure {
     status: u16,
@@ -665,4 +699,30 @@ async fn read_limited(up: &mut H1Upstream, limit: usize) -> Bytes {
     };
     let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
     Bytes::from(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SentTail;
+
+    #[test]
+    fn the_sent_tail_tells_whether_an_event_ended() {
+        let ends = |pieces: &[&str]| {
+            let mut t = SentTail::default();
+            for p in pieces {
+                t.push(p.as_bytes());
+            }
+            t.ends_event()
+        };
+        assert!(ends(&[]));
+        assert!(ends(&["event: ping\ndata: {}\n\n"]));
+        assert!(ends(&["data: {}\r\n\r\n"]));
+        assert!(ends(&["data: {}\r\r"]));
+        assert!(ends(&["data: {}\n", "\n"]));
+        assert!(ends(&["data: {}\r\n\r", "", "\n"]));
+        assert!(!ends(&["data: {\"type\":\"content_bl"]));
+        assert!(!ends(&["data: {}\n"]));
+        assert!(!ends(&["data: {}\r\n"]));
+        assert!(!ends(&["\n\n", "data"]));
+    }
 }
