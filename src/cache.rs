@@ -233,9 +233,10 @@ impl AccountCache {
                 state
                     .cooldown_until_ms
                     .store(row.cooldown_until.unwrap_or(0), Ordering::Relaxed);
+                state.cooling_for_overload.store(false, Ordering::Relaxed);
                 cleared_any = true;
             } else if let Some(until) = row.cooldown_until {
-                state.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
+                raise_cooldown(&state, until);
             }
             use secrecy::ExposeSecret;
             list.push(Arc::new(Account {
@@ -292,9 +293,7 @@ impl AccountCache {
         }
         for a in self.snapshot().iter() {
             if let Some(until) = shared.get(&a.id) {
-                a.state
-                    .cooldown_until_ms
-                    .fetch_max(*until, Ordering::Relaxed);
+                raise_cooldown(&a.state, *until);
             }
         }
         true
@@ -369,6 +368,15 @@ impl PriceCache {
 impl PriceSource for PriceCache {
     fn table(&self) -> Arc<PriceTable> {
         read(&self.table)
+    }
+}
+
+/// Raises an account's cooldown to one read from the store. Why that one was set is not known
+/// (another node's rate limit, say), so a cooldown it lengthens no longer counts as one for
+/// overload alone.
+fn raise_cooldown(state: &AccountState, until: i64) {
+    if state.cooldown_until_ms.fetch_max(until, Ordering::Relaxed) < until {
+        state.cooling_for_overload.store(false, Ordering::Relaxed);
     }
 }
 

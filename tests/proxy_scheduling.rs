@@ -634,27 +634,19 @@ async fn an_empty_pool_says_when_to_come_back() {
     relay.create_account("a", "claude", &a.url(), "sk-a").await;
     relay.create_account("b", "claude", &b.url(), "sk-b").await;
     let key = key_for(&relay, 2).await;
-    let overloaded =
-        r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
-    answer(&a, 529, overloaded);
-    answer(&b, 529, overloaded);
-    let r = relay
-        .post_json(
-            "/v1/messages",
-            &key,
-            &messages_body(MODEL, false, conversation("overload", 1)),
-        )
-        .await;
-    assert_eq!(r.status(), 529);
+    let limited = r#"{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has exceeded your per-minute rate limit"}}"#;
+    answer(&a, 429, limited);
+    answer(&b, 429, limited);
+    let ask = |topic: &str| {
+        relay
+            .post("/v1/messages", &key)
+            .json(&messages_body(MODEL, false, conversation(topic, 1)))
+            .send()
+    };
+    assert_eq!(ask("limited").await.unwrap().status(), 429);
     assert_eq!((a.count(), b.count()), (1, 1));
-    // Both cool down (120 s by default): the next client is told when the first comes back.
-    let r = relay
-        .post_json(
-            "/v1/messages",
-            &key,
-            &messages_body(MODEL, false, conversation("overload again", 1)),
-        )
-        .await;
+    // Both cool down (60 s by default): the next client is told when the first comes back.
+    let r = ask("limited again").await.unwrap();
     assert_eq!(r.status(), 503);
     let retry_after: u64 = r
         .headers()
@@ -662,7 +654,43 @@ async fn an_empty_pool_says_when_to_come_back() {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .expect("a Retry-After in seconds");
-    assert!((1..=120).contains(&retry_after), "{retry_after}");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "no_available_account", "{v}");
+    assert_eq!(a.count() + b.count(), 2, "a cooling account was asked");
+}
+
+#[tokio::test]
+async fn a_pool_cooling_for_an_overload_alone_is_still_tried() {
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    relay.create_account("a", "claude", &a.url(), "sk-a").await;
+    relay.create_account("b", "claude", &b.url(), "sk-b").await;
+    let key = key_for(&relay, 2).await;
+    let overloaded =
+        r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+    answer(&a, 529, overloaded);
+    answer(&b, 529, overloaded);
+    let ask = |topic: &str| {
+        relay
+            .post("/v1/messages", &key)
+            .json(&messages_body(MODEL, false, conversation(topic, 1)))
+            .send()
+    };
+    assert_eq!(ask("overloaded").await.unwrap().status(), 529);
+    assert_eq!((a.count(), b.count()), (1, 1));
+    let first = if a.requests()[0].at < b.requests()[0].at {
+        &a
+    } else {
+        &b
+    };
+    // Both cool for 120 s; the overload is over sooner. The account that cooled first (its
+    // cooldown ends first) serves, instead of every client getting 503 for minutes.
+    a.set(|m| m.status = 200);
+    b.set(|m| m.status = 200);
+    let r = ask("after the overload").await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    assert_eq!(first.count(), 2);
+    assert_eq!(a.count() + b.count(), 3);
 }

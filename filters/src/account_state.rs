@@ -115,7 +115,13 @@ pub fn apply_outcome(
             Some(t) => t.min(after(rules.cooldown_429_max)),
             None => after(d),
         };
-        st.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
+        let before = st.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
+        if !matches!(reason, "overloaded" | "server_errors") {
+            st.cooling_for_overload.store(false, Ordering::Relaxed);
+        } else if before <= now_ms {
+            // A new cooldown, for overload alone; one running keeps what it was for.
+            st.cooling_for_overload.store(true, Ordering::Relaxed);
+        }
         StateChange::Cooldown {
             reason,
             until_ms: until,

@@ -1,7 +1,7 @@
 //! `sticky_upstream`: keeps a conversation on the account it started on, else picks one by
 //! priority and strategy and binds it (DESIGN §7, §8). Also picks the next account on failover.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,6 +83,32 @@ impl StickyUpstream {
 
     fn pick(&self, ctx: &RequestCtx) -> Option<Arc<Account>> {
         self.pick_excluding(ctx, &[])
+            .or_else(|| self.past_overload(ctx))
+    }
+
+    /// When every account that could serve the request is in operation and cooling for
+    /// overload or server errors alone, the one whose cooldown ends first (with room for the
+    /// request): a provider's overload may be over before the cooldowns it set, and the
+    /// client then gets the provider's own answer rather than a refusal for minutes. None as
+    /// soon as one of them cools for another reason (a rate limit, used-up credit, a cooldown
+    /// from another node) or is only full.
+    fn past_overload(&self, ctx: &RequestCtx) -> Option<Arc<Account>> {
+        let all = self.accounts.accounts();
+        let mut soonest: Option<&Arc<Account>> = None;
+        for a in all.iter().filter(|a| {
+            a.in_operation()
+                && a.serves(ctx.protocol(), ctx.requested_model())
+                && !ctx.upstream.tried.iter().any(|t| *t == a.id)
+        }) {
+            let left = a.cooldown_left_ms(ctx.started_ms);
+            if left == 0 || !a.state.cooling_for_overload.load(Ordering::Relaxed) {
+                return None;
+            }
+            if a.has_room() && soonest.is_none_or(|s| left < s.cooldown_left_ms(ctx.started_ms)) {
+                soonest = Some(a);
+            }
+        }
+        soonest.cloned()
     }
 
     fn pick_excluding(&self, ctx: &RequestCtx, also: &[String]) -> Option<Arc<Account>> {
@@ -405,7 +431,6 @@ mod tests {
     use crate::route::ApiRoute;
     use crate::session_store::MemorySessionStore;
     use crate::AccountType;
-    use std::sync::atomic::Ordering;
 
     struct Dir(Arc<Vec<Arc<Account>>>);
     impl AccountDirectory for Dir {
@@ -738,6 +763,47 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::NoAvailableAccount);
         // None serves the protocol: nothing to wait for.
         assert_eq!(err.retry_after, None);
+    }
+
+    #[tokio::test]
+    async fn a_pool_cooling_for_overload_alone_still_tries_the_first_to_come_back() {
+        use crate::account_state::{apply_outcome, Fault, Outcome, StateRules};
+        let rules = StateRules::default();
+        let overloaded = Outcome::Status {
+            status: 529,
+            reset_at_ms: None,
+            fault: Fault::ByStatus,
+        };
+        let (a, b) = (
+            account("a", AccountType::Claude, 50, 1),
+            account("b", AccountType::Claude, 50, 1),
+        );
+        // Overloaded at 0 and 500 ms: b comes back last. ctx() starts at 1 000 ms.
+        apply_outcome(&a, overloaded, &rules, 0);
+        apply_outcome(&b, overloaded, &rules, 500);
+        let dir = Arc::new(Dir(Arc::new(vec![b.clone(), a.clone()])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(10), StickyConfig::default());
+        for _ in 0..3 {
+            let mut c = ctx(Some("conv"));
+            assert_eq!(s.choose(&mut c).await.unwrap().id, "a");
+        }
+        // One of them rate limited: the pool is refused, as it says.
+        let limited = Outcome::Status {
+            status: 429,
+            reset_at_ms: None,
+            fault: Fault::ByStatus,
+        };
+        apply_outcome(&b, limited, &rules, 600);
+        let err = s.choose(&mut ctx(None)).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NoAvailableAccount);
+        // A cooldown raised from the store (another node's, for a reason not known) neither.
+        let c = account("c", AccountType::Claude, 50, 1);
+        apply_outcome(&c, overloaded, &rules, 0);
+        let dir = Arc::new(Dir(Arc::new(vec![c.clone()])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(10), StickyConfig::default());
+        assert_eq!(s.choose(&mut ctx(None)).await.unwrap().id, "c");
+        c.state.cooling_for_overload.store(false, Ordering::Relaxed);
+        assert!(s.choose(&mut ctx(None)).await.is_err());
     }
 
     #[tokio::test]
