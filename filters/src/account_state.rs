@@ -55,13 +55,6 @@ pub enum Fault {
     NoCredit,
 }
 
-impl Fault {
-    /// Whether the answer says the account, not the request, is what failed.
-    pub fn is_account_fault(self) -> bool {
-        matches!(self, Fault::Disabled | Fault::KeyInvalid | Fault::NoCredit)
-    }
-}
-
 /// What one attempt ended with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
