@@ -235,9 +235,10 @@ impl AccountCache {
                 state
                     .cooldown_until_ms
                     .store(row.cooldown_until.unwrap_or(0), Ordering::Relaxed);
+                state.cooling_for_overload.store(false, Ordering::Relaxed);
                 cleared_any = true;
             } else if let Some(until) = row.cooldown_until {
-                state.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
+                raise_cooldown(&state, until);
             }
             use secrecy::ExposeSecret;
             list.push(Arc::new(Account {
@@ -294,9 +295,7 @@ impl AccountCache {
         }
         for a in self.snapshot().iter() {
             if let Some(until) = shared.get(&a.id) {
-                a.state
-                    .cooldown_until_ms
-                    .fetch_max(*until, Ordering::Relaxed);
+                raise_cooldown(&a.state, *until);
             }
         }
         true
@@ -371,6 +370,15 @@ impl PriceCache {
 impl PriceSource for PriceCache {
     fn table(&self) -> Arc<PriceTable> {
         read(&self.table)
+    }
+}
+
+/// Raises an account's cooldown to one read from the store. Why that one was set is not known
+/// (another node's rate limit, say), so a cooldown it lengthens no longer counts as one for
+/// overload alone.
+fn raise_cooldown(state: &AccountState, until: i64) {
+    if state.cooldown_until_ms.fetch_max(until, Ordering::Relaxed) < until {
+        state.cooling_for_overload.store(false, Ordering::Relaxed);
     }
 }
 
@@ -464,7 +472,7 @@ mod tests {
         let auth = relay_filters::account_state::Outcome::Status {
             status: 401,
             reset_at_ms: None,
-            blocked: true,
+            fault: relay_filters::account_state::Fault::Disabled,
         };
         let rules = relay_filters::account_state::StateRules::default();
         let now = relay_filters::now_ms();
@@ -526,7 +534,7 @@ mod tests {
         let limited = Outcome::Status {
             status: 429,
             reset_at_ms: Some(far),
-            blocked: false,
+            fault: relay_filters::account_state::Fault::ByStatus,
         };
         apply_outcome(&a, limited, &StateRules::default(), now);
         // The cooldown stored and shared: reloads and Redis keep it.

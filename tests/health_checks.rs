@@ -477,3 +477,59 @@ async fn a_pass_on_one_node_clears_the_count_made_on_another() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn a_setup_token_without_the_profile_scope_stays_valid_and_a_bad_gemini_key_fails() {
+    let mock = MockUpstream::start().await;
+    let relay = relay().await;
+    let oauth = relay
+        .create_account_with(json!({
+            "name": "setup-token", "type": "claude-official", "base_url": mock.url(),
+            "credential": OAUTH_TOKEN,
+        }))
+        .await;
+    // `claude setup-token` grants user:inference only; the usage endpoint wants user:profile.
+    mock.set(|b| {
+        b.status = 403;
+        b.error_body = r#"{"type":"error","error":{"type":"permission_error","message":"OAuth token does not meet scope requirement user:profile"},"request_id":"req_011CScope"}"#.into();
+    });
+    // Past the threshold (2): never counted, never taken out.
+    for _ in 0..4 {
+        let v = check(&relay, &oauth).await;
+        assert_eq!(
+            (
+                v["result"].clone(),
+                v["status"].clone(),
+                v["consecutive_error_count"].clone()
+            ),
+            (json!("inconclusive"), json!("valid"), json!(0)),
+            "{v}"
+        );
+    }
+    assert_eq!(account(&relay, &oauth).await["status"], "valid");
+
+    // Gemini's answer to a key not valid is a 400: a failed check, not an inconclusive one.
+    let gemini = relay
+        .create_account_with(json!({
+            "name": "gemini-bad", "type": "gemini", "base_url": mock.url(),
+            "credential": "AIza-health-bad",
+        }))
+        .await;
+    mock.set(|b| {
+        b.status = 400;
+        b.error_body = r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com","metadata":{"service":"generativelanguage.googleapis.com"}}]}}"#.into();
+    });
+    let v = check(&relay, &gemini).await;
+    assert_eq!(
+        (v["result"].clone(), v["consecutive_error_count"].clone()),
+        (json!("fail"), json!(1)),
+        "{v}"
+    );
+    // Any other 400 says nothing about the key.
+    mock.set(|b| {
+        b.error_body =
+            r#"{"error":{"code":400,"message":"Bad request","status":"INVALID_ARGUMENT"}}"#.into();
+    });
+    let v = check(&relay, &gemini).await;
+    assert_eq!(v["result"], "inconclusive", "{v}");
+}

@@ -862,13 +862,17 @@ async fn a_blocked_account_stays_out_until_an_admin_puts_it_back() {
     };
     assert_eq!(ask("before").await.unwrap().status(), 200);
 
-    // The provider says the organization is disabled: the answer is passed on, and the account
-    // is taken out of scheduling at once.
+    // The provider says the organization is disabled: the account is taken out of scheduling
+    // at once, and with no other account the client is told the upstream failed (not that it
+    // lacks a permission).
     mock.set(|b| {
         b.status = 403;
         b.error_body = r#"{"type":"error","error":{"type":"permission_error","message":"This organization has been disabled."}}"#.into();
     });
-    assert_eq!(ask("blocked").await.unwrap().status(), 403);
+    let r = ask("blocked").await.unwrap();
+    assert_eq!(r.status(), 502);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "upstream_error", "{v}");
     mock.set(|b| b.status = 200);
     let asked = mock.count();
     // It stays out over several of the relay's reloads (every 500 ms), stale or not.
@@ -892,4 +896,54 @@ async fn a_blocked_account_stays_out_until_an_admin_puts_it_back() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(ask("after").await.unwrap().status(), 200);
     assert_eq!(mock.count(), asked + 1);
+}
+
+/// The events of an SSE stream as a client's parser sees them (the WHATWG event stream rules,
+/// for `\n` line ends): (event type, data) for each event a blank line dispatches.
+fn sse_events(text: &str) -> Vec<(String, String)> {
+    let mut events = Vec::new();
+    let (mut kind, mut data) = (String::new(), Vec::<&str>::new());
+    for line in text.split('\n') {
+        if line.is_empty() {
+            if !data.is_empty() {
+                let kind = if kind.is_empty() { "message" } else { &kind };
+                events.push((kind.to_string(), data.join("\n")));
+            }
+            kind.clear();
+            data.clear();
+            continue;
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "event" => kind = value.to_string(),
+            "data" => data.push(value),
+            _ => {}
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn a_stream_cut_inside_an_event_still_ends_with_an_error_event() {
+    let s = setup().await;
+    // The upstream sends half of its fifth event, then goes away.
+    s.mock.set(|b| {
+        b.cut_after = Some(4);
+        b.cut_mid_event = true;
+    });
+    let r = s
+        .relay
+        .post("/v1/messages", &s.key)
+        .json(&messages_body(MODEL, true, conversation("half", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap();
+    let events = sse_events(&text);
+    let (kind, data) = events.last().expect("events");
+    assert_eq!(kind, "error", "{text}");
+    let v: serde_json::Value = serde_json::from_str(data).unwrap();
+    assert_anthropic_error(&v, "upstream_error");
 }

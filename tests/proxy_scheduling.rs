@@ -372,3 +372,325 @@ async fn setting_a_cooling_account_valid_puts_it_back_at_once() {
     assert_eq!(ask("four").await.unwrap().status(), 200);
     assert_eq!((limited.count(), good.count()), (3, 2), "cooling again");
 }
+
+/// Makes `mock` answer every request with `status` and the error `body`.
+fn answer(mock: &MockUpstream, status: u16, body: &str) {
+    let body = body.to_string();
+    mock.set(|b| {
+        b.status = status;
+        b.error_body = body;
+        b.extra_headers = Vec::new();
+    });
+}
+
+/// The account as the admin API shows it, once `done` holds (its state is stored shortly after
+/// the answer that changed it).
+async fn wait_account(
+    relay: &Relay,
+    id: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = relay.admin_get(&format!("/api/admin/accounts/{id}")).await;
+        if done(&a) {
+            return a;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {a}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An operator puts the account back in service (ending any cooldown).
+async fn put_back(relay: &Relay, id: &str) {
+    let (status, v) = relay
+        .admin_patch(
+            &format!("/api/admin/accounts/{id}"),
+            serde_json::json!({"status": "valid"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+}
+
+const ORG_DISABLED: &str = r#"{"type":"error","error":{"type":"invalid_request_error","message":"This organization has been disabled."}}"#;
+const NO_CREDIT: &str = r#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."}}"#;
+const CLIENT_ERROR: &str = r#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: Field required"}}"#;
+
+#[tokio::test]
+async fn an_account_refused_with_a_400_is_marked_and_the_request_fails_over() {
+    let dead = MockUpstream::start().await;
+    let good = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    // Preferred: every new conversation tries it first.
+    let dead_id = relay
+        .create_account_with(serde_json::json!({"name": "dead", "type": "claude", "base_url": dead.url(), "credential": "sk-dead", "priority": 1}))
+        .await;
+    relay
+        .create_account("good", "claude", &good.url(), "sk-good")
+        .await;
+    let key = key_for(&relay, 2).await;
+    let ask = |topic: &str| {
+        relay
+            .post("/v1/messages", &key)
+            .json(&messages_body(MODEL, false, conversation(topic, 1)))
+            .send()
+    };
+
+    // A disabled organization: blocked, and the request served by the other account.
+    answer(&dead, 400, ORG_DISABLED);
+    let r = ask("disabled").await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    assert_eq!((dead.count(), good.count()), (1, 1));
+    wait_account(&relay, &dead_id, "blocked", |a| a["status"] == "blocked").await;
+    assert_eq!(ask("after disabled").await.unwrap().status(), 200);
+    assert_eq!(dead.count(), 1, "a blocked account was asked again");
+
+    // No credit left: cooling (for long), the request served elsewhere.
+    put_back(&relay, &dead_id).await;
+    answer(&dead, 400, NO_CREDIT);
+    assert_eq!(ask("no credit").await.unwrap().status(), 200);
+    assert_eq!((dead.count(), good.count()), (2, 3));
+    assert_eq!(ask("after no credit").await.unwrap().status(), 200);
+    assert_eq!(dead.count(), 2, "an account without credit was asked again");
+    relay
+        .wait_metric("relay_account_cooldowns_total{reason=\"no_credit\"} 1")
+        .await;
+
+    // The client's own mistake: passed on as it came, no failover, the account none the worse.
+    put_back(&relay, &dead_id).await;
+    answer(&dead, 400, CLIENT_ERROR);
+    for n in 1..=6 {
+        let r = ask(&format!("client error {n}")).await.unwrap();
+        assert_eq!(r.status(), 400);
+        assert_eq!(r.text().await.unwrap(), CLIENT_ERROR);
+    }
+    assert_eq!((dead.count(), good.count()), (8, 4));
+    let a = relay
+        .admin_get(&format!("/api/admin/accounts/{dead_id}"))
+        .await;
+    assert_eq!(
+        (a["status"].clone(), a["consecutive_error_count"].clone()),
+        (serde_json::json!("valid"), serde_json::json!(0)),
+        "{a}"
+    );
+}
+
+const GEMINI_PATH: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
+
+#[tokio::test]
+async fn a_gemini_key_called_invalid_is_taken_out_and_a_403_about_a_file_is_the_clients() {
+    let bad = MockUpstream::start().await;
+    let good = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    let bad_id = relay
+        .create_account_with(serde_json::json!({"name": "bad", "type": "gemini", "base_url": bad.url(), "credential": "AIza-bad", "priority": 1}))
+        .await;
+    relay
+        .create_account("good", "gemini", &good.url(), "AIza-good")
+        .await;
+    let key = key_for(&relay, 2).await;
+    let ask = |topic: &str| {
+        relay
+            .post(GEMINI_PATH, &key)
+            .json(&common::gemini_body(topic, 1))
+            .send()
+    };
+
+    answer(
+        &bad,
+        400,
+        r#"{"error":{"code":400,"message":"API key expired. Please renew the API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com","metadata":{"service":"generativelanguage.googleapis.com"}}]}}"#,
+    );
+    let r = ask("expired").await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    assert_eq!((bad.count(), good.count()), (1, 1));
+    wait_account(&relay, &bad_id, "out for errors", |a| {
+        a["status"] == "error"
+    })
+    .await;
+
+    // A file the tenant names and may not use: its 403 is passed on as it came, never counted
+    // against the account nor failed over, however often and whatever the name says.
+    put_back(&relay, &bad_id).await;
+    let file_denied = r#"{"error":{"code":403,"message":"You do not have permission to access the File deactivated or it may not exist.","status":"PERMISSION_DENIED"}}"#;
+    answer(&bad, 403, file_denied);
+    for n in 1..=6 {
+        let r = ask(&format!("file {n}")).await.unwrap();
+        assert_eq!(r.status(), 403);
+        assert_eq!(r.text().await.unwrap(), file_denied);
+    }
+    assert_eq!((bad.count(), good.count()), (7, 1), "failed over");
+    let a = relay
+        .admin_get(&format!("/api/admin/accounts/{bad_id}"))
+        .await;
+    assert_eq!(
+        (a["status"].clone(), a["consecutive_error_count"].clone()),
+        (serde_json::json!("valid"), serde_json::json!(0)),
+        "{a}"
+    );
+}
+
+#[tokio::test]
+async fn an_account_refused_on_the_last_attempt_is_an_upstream_error_to_the_client() {
+    let openai = MockUpstream::start().await;
+    let claude = MockUpstream::start().await;
+    let relay = relay_with(&[("RELAY_UPSTREAM__MAX_ATTEMPTS", "2")]).await;
+    let openai_id = relay
+        .create_account("openai", "openai", &openai.url(), "sk-openai")
+        .await;
+    relay
+        .create_account("claude", "claude", &claude.url(), "sk-claude")
+        .await;
+    let key = key_for(&relay, 2).await;
+
+    // OpenAI's deactivated account: blocked at once, by its code alone.
+    answer(
+        &openai,
+        401,
+        r#"{"error":{"message":"This key is associated with a deactivated account. If you feel this is an error, contact us through our help center at help.openai.com.","type":"invalid_request_error","param":null,"code":"account_deactivated"}}"#,
+    );
+    let r = relay
+        .post_json(
+            "/v1/chat/completions",
+            &key,
+            &common::chat_body("gpt-4o", false, common::chat_conversation("gone", 1)),
+        )
+        .await;
+    // Not the client's key that failed: no 401 (which clients take for their own key).
+    assert_eq!(r.status(), 502);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "upstream_error", "{v}");
+    assert_eq!(v["error"]["code"], "upstream_error", "{v}");
+    wait_account(&relay, &openai_id, "blocked", |a| a["status"] == "blocked").await;
+
+    // A refused credential, in the Anthropic shape.
+    answer(
+        &claude,
+        401,
+        r#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}"#,
+    );
+    let r = relay
+        .post_json(
+            "/v1/messages",
+            &key,
+            &messages_body(MODEL, false, conversation("refused", 1)),
+        )
+        .await;
+    assert_eq!(r.status(), 502);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["type"].clone(), v["error"]["type"].clone()),
+        (
+            serde_json::json!("error"),
+            serde_json::json!("upstream_error")
+        ),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn a_used_up_quota_cools_for_long_not_as_a_rate_limit() {
+    let spent = MockUpstream::start().await;
+    let good = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    relay
+        .create_account_with(serde_json::json!({"name": "spent", "type": "openai", "base_url": spent.url(), "credential": "sk-spent", "priority": 1}))
+        .await;
+    relay
+        .create_account("good", "openai", &good.url(), "sk-good")
+        .await;
+    let key = key_for(&relay, 2).await;
+    answer(
+        &spent,
+        429,
+        r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#,
+    );
+    let r = relay
+        .post_json(
+            "/v1/chat/completions",
+            &key,
+            &common::chat_body("gpt-4o", false, common::chat_conversation("quota", 1)),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!((spent.count(), good.count()), (1, 1));
+    relay
+        .wait_metric("relay_account_cooldowns_total{reason=\"no_credit\"} 1")
+        .await;
+    let metrics = relay.metrics_text().await;
+    assert!(
+        !metrics.contains("relay_account_cooldowns_total{reason=\"rate_limited\"}"),
+        "counted as a rate limit"
+    );
+    assert!(metrics.contains("relay_failovers_total{reason=\"no_credit\"} 1"));
+}
+
+#[tokio::test]
+async fn an_empty_pool_says_when_to_come_back() {
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    relay.create_account("a", "claude", &a.url(), "sk-a").await;
+    relay.create_account("b", "claude", &b.url(), "sk-b").await;
+    let key = key_for(&relay, 2).await;
+    let limited = r#"{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has exceeded your per-minute rate limit"}}"#;
+    answer(&a, 429, limited);
+    answer(&b, 429, limited);
+    let ask = |topic: &str| {
+        relay
+            .post("/v1/messages", &key)
+            .json(&messages_body(MODEL, false, conversation(topic, 1)))
+            .send()
+    };
+    assert_eq!(ask("limited").await.unwrap().status(), 429);
+    assert_eq!((a.count(), b.count()), (1, 1));
+    // Both cool down (60 s by default): the next client is told when the first comes back.
+    let r = ask("limited again").await.unwrap();
+    assert_eq!(r.status(), 503);
+    let retry_after: u64 = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After in seconds");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "no_available_account", "{v}");
+    assert_eq!(a.count() + b.count(), 2, "a cooling account was asked");
+}
+
+#[tokio::test]
+async fn a_pool_cooling_for_an_overload_alone_is_still_tried() {
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    relay.create_account("a", "claude", &a.url(), "sk-a").await;
+    relay.create_account("b", "claude", &b.url(), "sk-b").await;
+    let key = key_for(&relay, 2).await;
+    let overloaded =
+        r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+    answer(&a, 529, overloaded);
+    answer(&b, 529, overloaded);
+    let ask = |topic: &str| {
+        relay
+            .post("/v1/messages", &key)
+            .json(&messages_body(MODEL, false, conversation(topic, 1)))
+            .send()
+    };
+    assert_eq!(ask("overloaded").await.unwrap().status(), 529);
+    assert_eq!((a.count(), b.count()), (1, 1));
+    let first = if a.requests()[0].at < b.requests()[0].at {
+        &a
+    } else {
+        &b
+    };
+    // Both cool for 120 s; the overload is over sooner. The account that cooled first (its
+    // cooldown ends first) serves, instead of every client getting 503 for minutes.
+    a.set(|m| m.status = 200);
+    b.set(|m| m.status = 200);
+    let r = ask("after the overload").await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    assert_eq!(first.count(), 2);
+    assert_eq!(a.count() + b.count(), 3);
+}

@@ -37,14 +37,33 @@ impl Default for StateRules {
     }
 }
 
+/// What an upstream error answer's body says about the account that sent the request, beyond
+/// its status ([`classify_error`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fault {
+    /// Nothing more: the status decides.
+    #[default]
+    ByStatus,
+    /// The refusal is about something the request named (a file, a cached content, a tuned
+    /// model), not the account: the client's matter, passed to it as it is.
+    NotTheAccount,
+    /// The organization or account is disabled for good: blocked at once.
+    Disabled,
+    /// The API key is invalid or expired: out of scheduling (status `error`) at once.
+    KeyInvalid,
+    /// The account's credit or quota is used up: a long cooldown.
+    NoCredit,
+}
+
 /// What one attempt ended with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// A response head with this status; `reset_at_ms` from the provider's reset hints.
+    /// A response head with this status; `reset_at_ms` from the provider's reset hints, `fault`
+    /// from its error body.
     Status {
         status: u16,
         reset_at_ms: Option<i64>,
-        blocked: bool,
+        fault: Fault,
     },
     /// Connecting failed or timed out.
     ConnectError,
@@ -89,13 +108,49 @@ pub fn apply_outcome(
             Some(t) => t.min(after(rules.cooldown_429_max)),
             None => after(d),
         };
-        st.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
+        let before = st.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
+        if !matches!(reason, "overloaded" | "server_errors") {
+            st.cooling_for_overload.store(false, Ordering::Relaxed);
+        } else if before <= now_ms {
+            // A new cooldown, for overload alone; one running keeps what it was for.
+            st.cooling_for_overload.store(true, Ordering::Relaxed);
+        }
         StateChange::Cooldown {
             reason,
             until_ms: until,
         }
     };
+    let take_out_as = |status: &'static str, reason: String| {
+        st.consecutive_errors.fetch_add(1, Ordering::Relaxed);
+        take_out(account, now_ms);
+        StateChange::Disabled { status, reason }
+    };
     match outcome {
+        Outcome::Status {
+            fault: Fault::NotTheAccount,
+            ..
+        } => StateChange::None,
+        Outcome::Status {
+            fault: Fault::Disabled,
+            ..
+        } => take_out_as(
+            "blocked",
+            "the provider reports the organization or account disabled".into(),
+        ),
+        Outcome::Status {
+            fault: Fault::KeyInvalid,
+            ..
+        } => take_out_as(
+            "error",
+            "the provider reports the API key invalid or expired".into(),
+        ),
+        // Credit does not come back by itself within minutes: until the provider's reset, if
+        // it names one, else as long as the longest hinted cooldown.
+        Outcome::Status {
+            fault: Fault::NoCredit,
+            reset_at_ms,
+            ..
+        } => cooldown("no_credit", rules.cooldown_429_max, reset_at_ms),
         Outcome::Status {
             status: 200..=399, ..
         } => {
@@ -115,18 +170,10 @@ pub fn apply_outcome(
         } => cooldown("rate_limited", rules.cooldown_429, reset_at_ms),
         Outcome::Status { status: 529, .. } => cooldown("overloaded", rules.cooldown_529, None),
         Outcome::Status {
-            status: 401 | 403,
-            blocked,
-            ..
+            status: 401 | 403, ..
         } => {
             let n = st.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1;
-            if blocked {
-                take_out(account, now_ms);
-                StateChange::Disabled {
-                    status: "blocked",
-                    reason: "the provider reports the organization or account disabled".into(),
-                }
-            } else if n >= rules.account_error_threshold {
+            if n >= rules.account_error_threshold {
                 take_out(account, now_ms);
                 StateChange::Disabled {
                     status: "error",
@@ -263,20 +310,186 @@ pub fn reset_hint(headers: &http::HeaderMap, now_ms: i64) -> Option<i64> {
     latest
 }
 
-/// `error.resets_in_seconds` from a 429 body (ChatGPT Codex backend), as [`reset_hint`] takes
-/// its headers.
+/// When a 429's body says the limit resets (epoch ms), as [`reset_hint`] reads the headers: the
+/// ChatGPT Codex backend's `error.resets_at` (epoch seconds) and `error.resets_in_seconds` (the
+/// later of the two when both come), and Gemini's `google.rpc.RetryInfo` `retryDelay` in
+/// `error.details` (a protobuf duration: "37s", "1.5s").
 pub fn body_reset_hint(body: &[u8], now_ms: i64) -> Option<i64> {
-    #[derive(serde::Deserialize)]
-    struct Outer {
-        error: Inner,
+    let e = ErrorDoc::parse(body)?.error?;
+    let seconds = |v: &Option<serde_json::Value>| {
+        v.as_ref()
+            .and_then(serde_json::Value::as_f64)
+            .and_then(seconds_to_ms)
+    };
+    let at = seconds(&e.resets_at);
+    let within = seconds(&e.resets_in_seconds).map(|ms| now_ms.saturating_add(ms));
+    let retry = e
+        .detail_fields("RetryInfo", "retryDelay")
+        .filter_map(protobuf_duration_ms)
+        .map(|ms| now_ms.saturating_add(ms))
+        .max();
+    [at, within, retry]
+        .into_iter()
+        .flatten()
+        .filter(|t| *t > now_ms)
+        .max()
+}
+
+/// The fields of a provider's error body the relay reads, in the shapes of Anthropic
+/// (`{"type":"error","error":{"type","message"}}`), OpenAI (`{"error":{"message","type","code"}}`),
+/// the ChatGPT backend (also `{"detail":{"code"}}`) and Google RPC
+/// (`{"error":{"code","message","status","details"}}`). Every field optional.
+#[derive(serde::Deserialize, Default)]
+struct ErrorDoc {
+    #[serde(default)]
+    error: Option<ErrorFields>,
+    #[serde(default)]
+    detail: Option<serde_json::Value>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct ErrorFields {
+    #[serde(default, rename = "type")]
+    kind: Option<serde_json::Value>,
+    /// A string for OpenAI, a number for Google.
+    #[serde(default)]
+    code: Option<serde_json::Value>,
+    #[serde(default)]
+    status: Option<serde_json::Value>,
+    #[serde(default)]
+    message: Option<serde_json::Value>,
+    /// Google RPC's typed details (`ErrorInfo`, `RetryInfo`...); `null` for Anthropic.
+    #[serde(default)]
+    details: Option<serde_json::Value>,
+    #[serde(default)]
+    resets_at: Option<serde_json::Value>,
+    #[serde(default)]
+    resets_in_seconds: Option<serde_json::Value>,
+}
+
+impl ErrorFields {
+    /// The field `name` of each Google RPC detail of type `google.rpc.{kind}`.
+    fn detail_fields<'a>(&'a self, kind: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> {
+        self.details
+            .as_ref()
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(move |d| {
+                d.get("@type")
+                    .and_then(serde_json::Value::as_str)
+                    .and_then(|t| t.strip_suffix(kind))
+                    .is_some_and(|t| t.ends_with("google.rpc."))
+            })
+            .filter_map(move |d| d.get(name).and_then(serde_json::Value::as_str))
     }
-    #[derive(serde::Deserialize)]
-    struct Inner {
-        resets_in_seconds: Option<f64>,
+}
+
+impl ErrorDoc {
+    fn parse(body: &[u8]) -> Option<ErrorDoc> {
+        // An error body that is an array (Gemini streams answer `[{"error":...}]`): its first.
+        // (Not left to serde: a struct also reads from an array, field by position.)
+        if body.trim_ascii_start().starts_with(b"[") {
+            serde_json::from_slice::<Vec<ErrorDoc>>(body)
+                .ok()?
+                .into_iter()
+                .next()
+        } else {
+            serde_json::from_slice(body).ok()
+        }
     }
-    let o: Outer = serde_json::from_slice(body).ok()?;
-    let ms = seconds_to_ms(o.error.resets_in_seconds?)?;
-    Some(now_ms.saturating_add(ms))
+}
+
+fn as_str(v: &Option<serde_json::Value>) -> &str {
+    v.as_ref().and_then(serde_json::Value::as_str).unwrap_or("")
+}
+
+/// OpenAI error codes for an account or organization deactivated for good (401 and the ChatGPT
+/// backend's 402 `{"detail":{"code":"deactivated_workspace"}}`).
+const DEACTIVATED_CODES: &[&str] = &["account_deactivated", "deactivated_workspace"];
+
+/// Whole messages (trimmed, any case) that say the organization is disabled for good; matched
+/// whole, never as part of a longer text, which may quote the request.
+const DISABLED_MESSAGES: &[&str] = &[
+    // Anthropic, as 400 invalid_request_error and 403 permission_error.
+    "this organization has been disabled.",
+    "this organization has been disabled",
+];
+
+/// The start of Anthropic's 400 for an API account without credit: "Your credit balance is too
+/// low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase
+/// credits."
+const NO_CREDIT_PREFIX: &str = "your credit balance is too low";
+
+/// The starts of Gemini 403 PERMISSION_DENIED messages about a resource the request names (its
+/// name follows, chosen by the client): "You do not have permission to access the File abc or it
+/// may not exist.", "CachedContent not found (or permission denied)", tuned models.
+const RESOURCE_DENIED_PREFIXES: &[&str] = &[
+    "you do not have permission to access the file ",
+    "you do not have permission to access file ",
+    "you do not have permission to access the cachedcontent",
+    "you do not have permission to access cachedcontent",
+    "cachedcontent not found",
+    "you do not have permission to access tuned model",
+    "you do not have permission to access the tuned model",
+    "permission denied on tuned model",
+];
+
+/// What an upstream error answer with `status` says about the account, from the provider's
+/// error codes and types and whole known messages, never from words inside free text (which
+/// may quote what the client sent).
+pub fn classify_error(status: u16, body: &[u8]) -> Fault {
+    if !matches!(status, 400..=403 | 429) {
+        return Fault::ByStatus;
+    }
+    let Some(doc) = ErrorDoc::parse(body) else {
+        return Fault::ByStatus;
+    };
+    let detail_code = doc
+        .detail
+        .as_ref()
+        .and_then(|d| d.get("code"))
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("");
+    if DEACTIVATED_CODES.contains(&detail_code) {
+        return Fault::Disabled;
+    }
+    let Some(e) = doc.error else {
+        return Fault::ByStatus;
+    };
+    let (kind, code) = (as_str(&e.kind), as_str(&e.code));
+    let message = as_str(&e.message).trim().to_ascii_lowercase();
+    if DEACTIVATED_CODES.contains(&code) || DISABLED_MESSAGES.contains(&message.as_str()) {
+        return Fault::Disabled;
+    }
+    // OpenAI: 429 with type and code `insufficient_quota` when the credit is used up.
+    if code == "insufficient_quota"
+        || kind == "insufficient_quota"
+        || (status == 400 && message.starts_with(NO_CREDIT_PREFIX))
+    {
+        return Fault::NoCredit;
+    }
+    // Google RPC: the key itself, named in an ErrorInfo reason (a 400 INVALID_ARGUMENT, for a
+    // key not valid and for one expired alike).
+    if e.detail_fields("ErrorInfo", "reason")
+        .any(|r| r == "API_KEY_INVALID")
+    {
+        return Fault::KeyInvalid;
+    }
+    if status == 403
+        && as_str(&e.status) == "PERMISSION_DENIED"
+        && RESOURCE_DENIED_PREFIXES
+            .iter()
+            .any(|p| message.starts_with(p))
+    {
+        return Fault::NotTheAccount;
+    }
+    Fault::ByStatus
+}
+
+/// A protobuf `Duration` in JSON ("37s", "1.5s", "0.000001s") as whole ms.
+fn protobuf_duration_ms(value: &str) -> Option<i64> {
+    seconds_to_ms(value.trim().strip_suffix('s')?.parse::<f64>().ok()?)
 }
 
 /// A `Retry-After` value (RFC 9110 §10.2.3) as epoch ms: delay seconds (fractions accepted, as
@@ -294,20 +507,6 @@ fn retry_after_at(value: &str, now_ms: i64) -> Option<i64> {
 fn seconds_to_ms(seconds: f64) -> Option<i64> {
     // `as` saturates at the bounds of i64.
     (seconds.is_finite() && seconds >= 0.0).then_some((seconds * 1000.0) as i64)
-}
-
-/// Whether a 401/403 body says the organization or account is disabled for good.
-pub fn is_blocking_error(body: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(&body[..body.len().min(4096)]).to_ascii_lowercase();
-    [
-        "organization has been disabled",
-        "organization is disabled",
-        "account has been disabled",
-        "account is disabled",
-        "deactivated",
-    ]
-    .iter()
-    .any(|p| text.contains(p))
 }
 
 fn parse_go_duration_ms(s: &str) -> Option<i64> {
@@ -437,9 +636,223 @@ mod tests {
             ),
             Some(12_000)
         );
-        assert!(is_blocking_error(
-            br#"{"error":{"message":"This organization has been disabled."}}"#
+    }
+
+    #[test]
+    fn error_bodies_are_read_by_code_type_and_whole_message() {
+        let table: &[(u16, &str, Fault)] = &[
+            // Anthropic.
+            (
+                400,
+                r#"{"type":"error","error":{"type":"invalid_request_error","message":"This organization has been disabled."}}"#,
+                Fault::Disabled,
+            ),
+            (
+                403,
+                r#"{"type":"error","error":{"type":"permission_error","message":"This organization has been disabled."},"request_id":"req_1"}"#,
+                Fault::Disabled,
+            ),
+            (
+                400,
+                r#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."}}"#,
+                Fault::NoCredit,
+            ),
+            (
+                400,
+                r#"{"type":"error","error":{"type":"invalid_request_error","message":"messages.0.content: Field required"}}"#,
+                Fault::ByStatus,
+            ),
+            // A client's text that quotes the known messages is no verdict.
+            (
+                400,
+                r#"{"type":"error","error":{"type":"invalid_request_error","message":"model: this organization has been disabled. not found"}}"#,
+                Fault::ByStatus,
+            ),
+            (
+                401,
+                r#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}"#,
+                Fault::ByStatus,
+            ),
+            // OpenAI.
+            (
+                401,
+                r#"{"error":{"message":"This key is associated with a deactivated account.","type":"invalid_request_error","param":null,"code":"account_deactivated"}}"#,
+                Fault::Disabled,
+            ),
+            (
+                402,
+                r#"{"detail":{"code":"deactivated_workspace"}}"#,
+                Fault::Disabled,
+            ),
+            (
+                429,
+                r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#,
+                Fault::NoCredit,
+            ),
+            (
+                429,
+                r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
+                Fault::ByStatus,
+            ),
+            (
+                400,
+                r#"{"error":{"message":"Invalid 'input': the account is deactivated","type":"invalid_request_error","param":"input","code":null}}"#,
+                Fault::ByStatus,
+            ),
+            // Gemini.
+            (
+                400,
+                r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com","metadata":{"service":"generativelanguage.googleapis.com"}}]}}"#,
+                Fault::KeyInvalid,
+            ),
+            (
+                400,
+                r#"{"error":{"code":400,"message":"API key expired. Please renew the API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com"}]}}"#,
+                Fault::KeyInvalid,
+            ),
+            (
+                400,
+                r#"{"error":{"code":400,"message":"* GenerateContentRequest.contents: contents is not specified\n","status":"INVALID_ARGUMENT"}}"#,
+                Fault::ByStatus,
+            ),
+            (
+                403,
+                r#"{"error":{"code":403,"message":"You do not have permission to access the File deactivated or it may not exist.","status":"PERMISSION_DENIED"}}"#,
+                Fault::NotTheAccount,
+            ),
+            (
+                403,
+                r#"{"error":{"code":403,"message":"CachedContent not found (or permission denied)","status":"PERMISSION_DENIED"}}"#,
+                Fault::NotTheAccount,
+            ),
+            (
+                403,
+                r#"{"error":{"code":403,"message":"You do not have permission to access tuned model tunedModels/this-organization-has-been-disabled","status":"PERMISSION_DENIED"}}"#,
+                Fault::NotTheAccount,
+            ),
+            (
+                403,
+                r#"{"error":{"code":403,"message":"Method doesn't allow unregistered callers","status":"PERMISSION_DENIED"}}"#,
+                Fault::ByStatus,
+            ),
+            (
+                403,
+                r#"[{"error":{"code":403,"message":"You do not have permission to access the File x or it may not exist.","status":"PERMISSION_DENIED"}}]"#,
+                Fault::NotTheAccount,
+            ),
+            // Not JSON, or a status the body does not speak for.
+            (403, "deactivated", Fault::ByStatus),
+            (
+                500,
+                r#"{"error":{"code":"insufficient_quota"}}"#,
+                Fault::ByStatus,
+            ),
+        ];
+        for (status, body, want) in table {
+            assert_eq!(
+                classify_error(*status, body.as_bytes()),
+                *want,
+                "{status} {body}"
+            );
+        }
+    }
+
+    #[test]
+    fn body_hints_read_every_provider_shape() {
+        // Codex: both fields, the later wins.
+        let at = NOW / 1000 + 600;
+        let codex = format!(
+            r#"{{"error":{{"type":"usage_limit_reached","message":"The usage limit has been reached","resets_at":{at},"resets_in_seconds":30}}}}"#
+        );
+        assert_eq!(body_reset_hint(codex.as_bytes(), NOW), Some(at * 1000));
+        let only_at = format!(r#"{{"error":{{"type":"usage_limit_reached","resets_at":{at}}}}}"#);
+        assert_eq!(body_reset_hint(only_at.as_bytes(), NOW), Some(at * 1000));
+        let past = r#"{"error":{"type":"usage_limit_reached","resets_at":1}}"#;
+        assert_eq!(body_reset_hint(past.as_bytes(), NOW), None);
+        // Gemini's RetryInfo.
+        let gemini = |delay: &str| {
+            format!(
+                r#"{{"error":{{"code":429,"message":"You exceeded your current quota.","status":"RESOURCE_EXHAUSTED","details":[{{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[]}},{{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"{delay}"}}]}}}}"#
+            )
+        };
+        assert_eq!(
+            body_reset_hint(gemini("37s").as_bytes(), NOW),
+            Some(NOW + 37_000)
+        );
+        assert_eq!(
+            body_reset_hint(gemini("1.5s").as_bytes(), NOW),
+            Some(NOW + 1_500)
+        );
+        assert_eq!(body_reset_hint(gemini("soon").as_bytes(), NOW), None);
+        assert_eq!(body_reset_hint(gemini("-3s").as_bytes(), NOW), None);
+        assert_eq!(body_reset_hint(b"not json", NOW), None);
+    }
+
+    #[test]
+    fn account_faults_change_the_account_whatever_the_status() {
+        let rules = StateRules::default();
+        let with = |status: u16, fault: Fault, reset_at_ms: Option<i64>| Outcome::Status {
+            status,
+            reset_at_ms,
+            fault,
+        };
+        let a = account("a", AccountType::Claude, 50, 1);
+        a.state.schedulable.store(true, Ordering::Relaxed);
+        assert!(matches!(
+            apply_outcome(&a, with(400, Fault::Disabled, None), &rules, NOW),
+            StateChange::Disabled {
+                status: "blocked",
+                ..
+            }
         ));
+        assert!(!a.in_operation());
+        let g = account("g", AccountType::Gemini, 50, 1);
+        g.state.schedulable.store(true, Ordering::Relaxed);
+        assert!(matches!(
+            apply_outcome(&g, with(400, Fault::KeyInvalid, None), &rules, NOW),
+            StateChange::Disabled {
+                status: "error",
+                ..
+            }
+        ));
+        assert!(!g.in_operation());
+        // Out of credit: the long cooldown, or the provider's reset when it names one.
+        let c = account("c", AccountType::Claude, 50, 1);
+        let cap = NOW + DEFAULT_COOLDOWN_429_MAX.as_millis() as i64;
+        assert_eq!(
+            apply_outcome(&c, with(400, Fault::NoCredit, None), &rules, NOW),
+            StateChange::Cooldown {
+                reason: "no_credit",
+                until_ms: cap
+            }
+        );
+        let o = account("o", AccountType::Openai, 50, 1);
+        assert_eq!(
+            apply_outcome(
+                &o,
+                with(429, Fault::NoCredit, Some(NOW + 5_000)),
+                &rules,
+                NOW
+            ),
+            StateChange::Cooldown {
+                reason: "no_credit",
+                until_ms: NOW + 5_000
+            }
+        );
+        // About the request's own resource: nothing counted.
+        let r = account("r", AccountType::Gemini, 50, 1);
+        for _ in 0..10 {
+            assert_eq!(
+                apply_outcome(&r, with(403, Fault::NotTheAccount, None), &rules, NOW),
+                StateChange::None
+            );
+        }
+        assert_eq!(r.state.consecutive_errors.load(Ordering::Relaxed), 0);
+        // A client error by status alone counts nothing either.
+        assert_eq!(
+            apply_outcome(&r, with(400, Fault::ByStatus, None), &rules, NOW),
+            StateChange::None
+        );
     }
 
     /// 2024-01-01T00:00:00Z in epoch ms.
@@ -534,7 +947,7 @@ mod tests {
             let hinted = Outcome::Status {
                 status: 429,
                 reset_at_ms: Some(reset_at_ms),
-                blocked: false,
+                fault: Fault::ByStatus,
             };
             assert_eq!(
                 apply_outcome(&a, hinted, &rules, NOW),
@@ -550,7 +963,7 @@ mod tests {
         let soon = Outcome::Status {
             status: 429,
             reset_at_ms: Some(NOW + 7_200_000),
-            blocked: false,
+            fault: Fault::ByStatus,
         };
         assert!(matches!(
             apply_outcome(&a, soon, &rules, NOW),
@@ -561,7 +974,7 @@ mod tests {
         let plain = Outcome::Status {
             status: 429,
             reset_at_ms: None,
-            blocked: false,
+            fault: Fault::ByStatus,
         };
         assert!(matches!(
             apply_outcome(&b, plain, &rules, i64::MAX - 1),
@@ -579,7 +992,7 @@ mod tests {
         let s429 = Outcome::Status {
             status: 429,
             reset_at_ms: None,
-            blocked: false,
+            fault: Fault::ByStatus,
         };
         assert_eq!(
             apply_outcome(&a, s429, &rules, 0),
@@ -593,7 +1006,7 @@ mod tests {
         let hinted = Outcome::Status {
             status: 429,
             reset_at_ms: Some(90_000),
-            blocked: false,
+            fault: Fault::ByStatus,
         };
         assert_eq!(
             apply_outcome(&a, hinted, &rules, 0),
@@ -618,7 +1031,7 @@ mod tests {
         let auth = Outcome::Status {
             status: 401,
             reset_at_ms: None,
-            blocked: false,
+            fault: Fault::ByStatus,
         };
         for _ in 0..4 {
             assert_eq!(apply_outcome(&a, auth, &rules, 0), StateChange::None);
@@ -637,7 +1050,7 @@ mod tests {
         let ok = Outcome::Status {
             status: 200,
             reset_at_ms: None,
-            blocked: false,
+            fault: Fault::ByStatus,
         };
         assert_eq!(apply_outcome(&b, ok, &rules, 0), StateChange::Recovered);
         // A success ends the hold of an automatic disable: its recovery is persisted after it.
@@ -646,7 +1059,7 @@ mod tests {
         let blocked = Outcome::Status {
             status: 403,
             reset_at_ms: None,
-            blocked: true,
+            fault: Fault::Disabled,
         };
         assert!(matches!(
             apply_outcome(&b, blocked, &rules, 0),

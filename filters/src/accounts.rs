@@ -198,6 +198,10 @@ pub struct AccountState {
     pub inflight: AtomicU32,
     /// Epoch ms until which the account is cooling down.
     pub cooldown_until_ms: AtomicI64,
+    /// Whether the cooldown running, if any, was started on this node for overload or server
+    /// errors alone (not a rate limit, used-up credit, or one read from the store): such an
+    /// account may still be tried when every other one cools too.
+    pub cooling_for_overload: AtomicBool,
     pub consecutive_errors: AtomicU32,
     pub consecutive_server_errors: AtomicU32,
     pub last_used_ms: AtomicI64,

@@ -1,7 +1,7 @@
 //! `sticky_upstream`: keeps a conversation on the account it started on, else picks one by
 //! priority and strategy and binds it (DESIGN §7, §8). Also picks the next account on failover.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,6 +83,32 @@ impl StickyUpstream {
 
     fn pick(&self, ctx: &RequestCtx) -> Option<Arc<Account>> {
         self.pick_excluding(ctx, &[])
+            .or_else(|| self.past_overload(ctx))
+    }
+
+    /// When every account that could serve the request is in operation and cooling for
+    /// overload or server errors alone, the one whose cooldown ends first (with room for the
+    /// request): a provider's overload may be over before the cooldowns it set, and the
+    /// client then gets the provider's own answer rather than a refusal for minutes. None as
+    /// soon as one of them cools for another reason (a rate limit, used-up credit, a cooldown
+    /// from another node) or is only full.
+    fn past_overload(&self, ctx: &RequestCtx) -> Option<Arc<Account>> {
+        let all = self.accounts.accounts();
+        let mut soonest: Option<&Arc<Account>> = None;
+        for a in all.iter().filter(|a| {
+            a.in_operation()
+                && a.serves(ctx.protocol(), ctx.requested_model())
+                && !ctx.upstream.tried.iter().any(|t| *t == a.id)
+        }) {
+            let left = a.cooldown_left_ms(ctx.started_ms);
+            if left == 0 || !a.state.cooling_for_overload.load(Ordering::Relaxed) {
+                return None;
+            }
+            if a.has_room() && soonest.is_none_or(|s| left < s.cooldown_left_ms(ctx.started_ms)) {
+                soonest = Some(a);
+            }
+        }
+        soonest.cloned()
     }
 
     fn pick_excluding(&self, ctx: &RequestCtx, also: &[String]) -> Option<Arc<Account>> {
@@ -231,7 +257,7 @@ impl StickyUpstream {
         .then(|| account.id.clone());
         self.reserve_another(ctx, vec![account.id.clone()], moving_from)
             .await
-            .ok_or_else(no_account)
+            .ok_or_else(|| self.no_account(ctx))
     }
 
     async fn choose_binding(&self, ctx: &mut RequestCtx) -> Result<Arc<Account>, Rejection> {
@@ -260,7 +286,7 @@ impl StickyUpstream {
             }
         }
         let Some(key) = ctx.session.key.clone() else {
-            return self.pick(ctx).ok_or_else(no_account);
+            return self.pick(ctx).ok_or_else(|| self.no_account(ctx));
         };
         let existing = self.sessions.get(&key).await.ok().flatten();
         if let Some(stored) = existing {
@@ -278,7 +304,7 @@ impl StickyUpstream {
                     ctx.session.sticky = Some(StickyResult::Detour);
                     return self
                         .pick_excluding(ctx, std::slice::from_ref(bound))
-                        .ok_or_else(no_account);
+                        .ok_or_else(|| self.no_account(ctx));
                 }
                 if stored.remaining < self.config.renew_threshold {
                     let mut b = Binding::clone(&stored.binding);
@@ -290,7 +316,7 @@ impl StickyUpstream {
                 ctx.session.sticky = Some(StickyResult::Hit);
                 return Ok(account);
             }
-            let account = self.pick(ctx).ok_or_else(no_account)?;
+            let account = self.pick(ctx).ok_or_else(|| self.no_account(ctx))?;
             ctx.session.sticky = Some(StickyResult::Rebind);
             let held = self
                 .sessions
@@ -298,7 +324,7 @@ impl StickyUpstream {
                 .await;
             return Ok(self.follow(ctx, held, account));
         }
-        let account = self.pick(ctx).ok_or_else(no_account)?;
+        let account = self.pick(ctx).ok_or_else(|| self.no_account(ctx))?;
         ctx.session.sticky = Some(StickyResult::Miss);
         let held = self
             .sessions
@@ -332,6 +358,25 @@ impl StickyUpstream {
         chosen
     }
 
+    /// No account can serve the request now: 503, with a `Retry-After` for when the first of
+    /// the accounts that could serve it ends its cooldown (at least 1 s; 1 s when some are
+    /// only full or tried). None when no account that serves it is in operation at all.
+    fn no_account(&self, ctx: &RequestCtx) -> Rejection {
+        let soonest_ms = self
+            .accounts
+            .accounts()
+            .iter()
+            .filter(|a| a.in_operation() && a.serves(ctx.protocol(), ctx.requested_model()))
+            .map(|a| a.cooldown_left_ms(ctx.started_ms))
+            .min();
+        let mut r = Rejection::new(
+            ErrorKind::NoAvailableAccount,
+            "no upstream account is available for this request",
+        );
+        r.retry_after = soonest_ms.map(|ms| u64::try_from(ms).unwrap_or(0).div_ceil(1000).max(1));
+        r
+    }
+
     /// Picks another account after a failed attempt (never one already tried). When the one
     /// that failed is the conversation's, the conversation moves to the new one; a detour's
     /// failure leaves it alone, and a continued response has nowhere else to go.
@@ -361,13 +406,6 @@ fn pinned_busy(retry_after_secs: u64) -> Rejection {
     r
 }
 
-fn no_account() -> Rejection {
-    Rejection::new(
-        ErrorKind::NoAvailableAccount,
-        "no upstream account is available for this request",
-    )
-}
-
 #[async_trait]
 impl RequestFilter for StickyUpstream {
     fn name(&self) -> &'static str {
@@ -393,7 +431,6 @@ mod tests {
     use crate::route::ApiRoute;
     use crate::session_store::MemorySessionStore;
     use crate::AccountType;
-    use std::sync::atomic::Ordering;
 
     struct Dir(Arc<Vec<Arc<Account>>>);
     impl AccountDirectory for Dir {
@@ -724,5 +761,76 @@ mod tests {
         let s = StickyUpstream::new(dir, MemorySessionStore::new(10), StickyConfig::default());
         let err = s.choose(&mut ctx(None)).await.unwrap_err();
         assert_eq!(err.kind, ErrorKind::NoAvailableAccount);
+        // None serves the protocol: nothing to wait for.
+        assert_eq!(err.retry_after, None);
+    }
+
+    #[tokio::test]
+    async fn a_pool_cooling_for_overload_alone_still_tries_the_first_to_come_back() {
+        use crate::account_state::{apply_outcome, Fault, Outcome, StateRules};
+        let rules = StateRules::default();
+        let overloaded = Outcome::Status {
+            status: 529,
+            reset_at_ms: None,
+            fault: Fault::ByStatus,
+        };
+        let (a, b) = (
+            account("a", AccountType::Claude, 50, 1),
+            account("b", AccountType::Claude, 50, 1),
+        );
+        // Overloaded at 0 and 500 ms: b comes back last. ctx() starts at 1 000 ms.
+        apply_outcome(&a, overloaded, &rules, 0);
+        apply_outcome(&b, overloaded, &rules, 500);
+        let dir = Arc::new(Dir(Arc::new(vec![b.clone(), a.clone()])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(10), StickyConfig::default());
+        for _ in 0..3 {
+            let mut c = ctx(Some("conv"));
+            assert_eq!(s.choose(&mut c).await.unwrap().id, "a");
+        }
+        // One of them rate limited: the pool is refused, as it says.
+        let limited = Outcome::Status {
+            status: 429,
+            reset_at_ms: None,
+            fault: Fault::ByStatus,
+        };
+        apply_outcome(&b, limited, &rules, 600);
+        let err = s.choose(&mut ctx(None)).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NoAvailableAccount);
+        // A cooldown raised from the store (another node's, for a reason not known) neither.
+        let c = account("c", AccountType::Claude, 50, 1);
+        apply_outcome(&c, overloaded, &rules, 0);
+        let dir = Arc::new(Dir(Arc::new(vec![c.clone()])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(10), StickyConfig::default());
+        assert_eq!(s.choose(&mut ctx(None)).await.unwrap().id, "c");
+        c.state.cooling_for_overload.store(false, Ordering::Relaxed);
+        assert!(s.choose(&mut ctx(None)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn no_account_says_when_the_first_cooldown_ends() {
+        // ctx() starts at 1 000 ms.
+        let cooling = |id: &str, until_ms: i64| {
+            let a = account(id, AccountType::Claude, 50, 1);
+            a.state.cooldown_until_ms.store(until_ms, Ordering::Relaxed);
+            a
+        };
+        let out = account("out", AccountType::Claude, 50, 1);
+        out.state.schedulable.store(false, Ordering::Relaxed);
+        let dir = Arc::new(Dir(Arc::new(vec![
+            cooling("late", 1_000 + 300_000),
+            cooling("soon", 1_000 + 37_200),
+            out,
+        ])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(10), StickyConfig::default());
+        let err = s.choose(&mut ctx(Some("conv"))).await.unwrap_err();
+        assert_eq!(
+            (err.kind, err.retry_after),
+            (ErrorKind::NoAvailableAccount, Some(38))
+        );
+        // Ending within the second: still at least 1 s.
+        let dir = Arc::new(Dir(Arc::new(vec![cooling("now", 1_001)])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(10), StickyConfig::default());
+        let err = s.choose(&mut ctx(None)).await.unwrap_err();
+        assert_eq!(err.retry_after, Some(1));
     }
 }

@@ -10,7 +10,7 @@ use pingora::http::ResponseHeader;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::upstreams::peer::Peer as _;
 use relay_filters::account_state::{
-    apply_outcome, body_reset_hint, is_blocking_error, reset_hint, Outcome,
+    apply_outcome, body_reset_hint, classify_error, reset_hint, Fault, Outcome,
 };
 use relay_filters::chain::ChunkAction;
 use relay_filters::context::UpstreamRequest;
@@ -40,6 +40,13 @@ const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// Largest error body read from an upstream answer that triggers failover.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
+/// Error statuses whose (small) body is read before deciding: it may say the account, not the
+/// request, failed (a disabled organization, no credit left, a bad key) or, for a 403, that
+/// the refusal is about a resource the request named.
+fn reads_error_body(status: u16) -> bool {
+    matches!(status, 400..=403)
+}
+
 /// Why an attempt did not produce a usable response head.
 enum AttemptError {
     Connect(String),
@@ -50,6 +57,8 @@ struct Attempt {
     upstream: H1Upstream,
     peer: HttpPeer,
     head: UpstreamHead,
+    /// The start of the body, read already to classify an error answer.
+    read_ahead: Option<Bytes>,
 }
 
 impl RelayProxy {
@@ -119,6 +128,7 @@ impl RelayProxy {
                         upstream: up,
                         peer,
                         head,
+                        read_ahead: None,
                     }))
                 }
                 Ok(Err(e)) if reused && !fresh_retry && up.may_resend(&e) => {
@@ -161,7 +171,7 @@ impl RelayProxy {
             ));
         };
         let max_attempts = self.settings.max_attempts.max(1);
-        let mut last_failure: Option<(u16, UpstreamHead, Bytes)> = None;
+        let mut last_failure: Option<LastFailure> = None;
         let mut attempt_no = 0u32;
         let mut established: Option<Box<Attempt>> = None;
         while attempt_no < max_attempts {
@@ -188,14 +198,13 @@ impl RelayProxy {
                         .with_label_values(&[protocol.as_str(), &account.name])
                         .observe(started.elapsed().as_secs_f64());
                     let is_failover = self.settings.failover_statuses.contains(&status);
-                    let is_auth_error = matches!(status, 401 | 403);
-                    if !is_failover && !is_auth_error {
+                    if !is_failover && !reads_error_body(status) {
                         let change = apply_outcome(
                             &account,
                             Outcome::Status {
                                 status,
                                 reset_at_ms: None,
-                                blocked: false,
+                                fault: Fault::ByStatus,
                             },
                             &self.settings.state_rules,
                             now,
@@ -204,32 +213,48 @@ impl RelayProxy {
                         established = Some(att);
                         break;
                     }
-                    // Read the (small) error body: it may carry a reset hint or say "disabled".
+                    // Read the (small) error body: it may carry a reset hint or say what failed.
                     let err_body = read_limited(&mut att.upstream, ERROR_BODY_LIMIT).await;
+                    let fault = classify_error(status, &err_body);
+                    let is_auth_error = matches!(status, 401 | 403);
+                    let passed_on = fault == Fault::NotTheAccount
+                        || (fault == Fault::ByStatus && !is_failover && !is_auth_error);
+                    if passed_on {
+                        // The client's own error (a bad request, a file it may not use): passed
+                        // on as it came, the account none the worse for it.
+                        att.read_ahead = Some(err_body);
+                        established = Some(att);
+                        break;
+                    }
                     let Attempt { upstream, head, .. } = *att;
                     let reset =
                         reset_hint(&head.headers, now).or_else(|| body_reset_hint(&err_body, now));
                     let outcome = Outcome::Status {
                         status,
                         reset_at_ms: reset,
-                        blocked: is_auth_error && is_blocking_error(&err_body),
+                        fault,
                     };
                     let change = apply_outcome(&account, outcome, &self.settings.state_rules, now);
                     self.account_events.send(&account, change);
                     upstream.shutdown().await;
-                    if is_auth_error {
-                        // An account credential problem is not the client's: pass it on as is
-                        // unless another account can serve.
-                        last_failure = Some((status, head, err_body));
-                        failure_reason = "auth_error";
-                    } else {
-                        last_failure = Some((status, head, err_body));
-                        failure_reason = match status {
-                            429 => "rate_limited",
-                            529 => "overloaded",
-                            _ => "server_error",
-                        };
-                    }
+                    failure_reason = match (fault, status) {
+                        (Fault::NoCredit, _) => "no_credit",
+                        (Fault::Disabled | Fault::KeyInvalid, _) | (_, 401 | 403) => "auth_error",
+                        (_, 429) => "rate_limited",
+                        (_, 529) => "overloaded",
+                        _ => "server_error",
+                    };
+                    // An account's own refusal (its credential, its organization, its credit)
+                    // is not the client's: should it be the last answer, the client is told the
+                    // upstream failed, not that its request or key did.
+                    let account_refused = failure_reason == "auth_error"
+                        || (fault == Fault::NoCredit && status != 429);
+                    last_failure = Some(LastFailure {
+                        status,
+                        head,
+                        body: err_body,
+                        account_refused,
+                    });
                 }
                 Err(AttemptError::Connect(msg)) => {
                     tracing::warn!(account = %account.name, error = %msg, "upstream connect failed");
@@ -278,20 +303,27 @@ impl RelayProxy {
         let Some(att) = established else {
             // Every attempt failed: pass the last upstream answer through, or 502.
             ctx.lease = None;
+            let message = match &last_failure {
+                Some(f) if f.account_refused => format!(
+                    "the upstream provider refused the account (HTTP {}); no other account could serve",
+                    f.status
+                ),
+                Some(_) => String::new(),
+                None => "no upstream account could be reached".to_string(),
+            };
             return match last_failure {
-                Some((status, head, err_body)) => {
-                    ctx.status = status;
+                Some(f) if !f.account_refused => {
+                    ctx.status = f.status;
                     ctx.error_type = Some(ErrorKind::Upstream.type_name());
-                    let resp = copy_head(&head, &rctx.request_id, Some(err_body.len()));
+                    let resp = copy_head(&f.head, &rctx.request_id, Some(f.body.len()));
                     session.write_response_header(&resp)?;
-                    session.write_response_body(err_body, true).await?;
+                    session.write_response_body(f.body, true).await?;
                     Ok(())
                 }
-                None => {
+                _ => {
                     ctx.status = 502;
                     ctx.error_type = Some(ErrorKind::Upstream.type_name());
-                    let body =
-                        upstream_error_body(protocol, 502, "no upstream account could be reached");
+                    let body = upstream_error_body(protocol, 502, &message);
                     // Boxed: a rare path whose future (1.1 KB) would size this one.
                     Box::pin(Self::respond(
                         session,
@@ -325,7 +357,10 @@ impl RelayProxy {
         mut att: Box<Attempt>,
     ) -> pingora::Result<()> {
         let Attempt {
-            upstream: up, head, ..
+            upstream: up,
+            head,
+            read_ahead,
+            ..
         } = &mut *att;
         let Some(rctx) = ctx.req.as_mut() else {
             return Ok(());
@@ -357,9 +392,13 @@ impl RelayProxy {
         let mut watch_client = stream;
         let mut complete = false;
         let mut cut = false;
+        // Where the bytes the client got end, for an error event after a cut.
+        let mut sent_tail = SentTail::default();
         // A read result taken while coalescing, handled on the next turn.
         let mut held: Option<Result<Option<Bytes>, H1Error>> = None;
-        if stream {
+        if let Some(start) = read_ahead.take() {
+            held = Some(Ok(Some(start)));
+        } else if stream {
             held = up.read_body().now_or_never();
         }
         loop {
@@ -469,6 +508,7 @@ impl RelayProxy {
                         if ctx.ttfb.is_none() {
                             ctx.ttfb = Some(rctx.started.elapsed());
                         }
+                        sent_tail.push(&out);
                         if session.write_response_body(out, false).await.is_err() {
                             client_gone = true;
                         }
@@ -504,11 +544,18 @@ impl RelayProxy {
             // What was metered until the cut: the upstream may have counted more.
             rctx.usage.estimated = true;
             if !client_gone && rctx.request.stream {
-                let ev = Bytes::from(stream_error_event(
+                // Cut inside an event: that event is ended first, or the client's parser would
+                // read the error event as more lines of it.
+                let mut ev = if sent_tail.ends_event() {
+                    Vec::new()
+                } else {
+                    b"\n\n".to_vec()
+                };
+                ev.extend(stream_error_event(
                     rctx.protocol(),
                     "the upstream ended the stream early",
                 ));
-                let _ = session.write_response_body(ev, false).await;
+                let _ = session.write_response_body(Bytes::from(ev), false).await;
             }
         } else if client_gone {
             ctx.error_type.get_or_insert("client_disconnected");
@@ -605,18 +652,77 @@ fn is_event_stream(head: &UpstreamHead) -> bool {
         .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
-/// Reads at most `limit` bytes of a (small) response body; the rest is left unread.
+/// The last bytes written to the client, to tell whether they end an SSE event.
+#[derive(Default)]
+struct SentTail {
+    last: [u8; 4],
+    len: usize,
+}
+
+impl SentTail {
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in &bytes[bytes.len().saturating_sub(4)..] {
+            self.last.rotate_left(1);
+            self.last[3] = b;
+        }
+        self.len = (self.len + bytes.len()).min(4);
+    }
+
+    /// Whether what was written ends with a blank line (an event's end, in any of the line
+    /// ends SSE allows), or nothing was written.
+    fn ends_event(&self) -> bool {
+        let t = &self.last[4 - self.len..];
+        t.is_empty() || t.ends_with(b"\n\n") || t.ends_with(b"\r\r") || t.ends_with(b"\r\n\r\n")
+    }
+}
+
+/// The last failed attempt's answer, kept for the client should no other account serve.
+struct LastFailure {
+    status: u16,
+    head: UpstreamHead,
+    body: Bytes,
+    /// The provider refused the account itself (its credential, organization or credit).
+    account_refused: bool,
+}
+
+/// Reads a (small) response body until at least `limit` bytes are in (whole pieces, so what is
+/// read can still be passed on unchanged); the rest is left unread.
 async fn read_limited(up: &mut H1Upstream, limit: usize) -> Bytes {
     let mut buf = Vec::new();
     let read = async {
         while let Ok(Some(chunk)) = up.read_body().await {
             buf.extend_from_slice(&chunk);
             if buf.len() >= limit {
-                buf.truncate(limit);
                 break;
             }
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
     Bytes::from(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SentTail;
+
+    #[test]
+    fn the_sent_tail_tells_whether_an_event_ended() {
+        let ends = |pieces: &[&str]| {
+            let mut t = SentTail::default();
+            for p in pieces {
+                t.push(p.as_bytes());
+            }
+            t.ends_event()
+        };
+        assert!(ends(&[]));
+        assert!(ends(&["event: ping\ndata: {}\n\n"]));
+        assert!(ends(&["data: {}\r\n\r\n"]));
+        assert!(ends(&["data: {}\r\r"]));
+        assert!(ends(&["data: {}\n", "\n"]));
+        assert!(ends(&["data: {}\r\n\r", "", "\n"]));
+        assert!(!ends(&["data: {\"type\":\"content_bl"]));
+        assert!(!ends(&["data: {}\n"]));
+        assert!(!ends(&["data: {}\r\n"]));
+        assert!(!ends(&["\n\n", "data"]));
+    }
 }

@@ -1,6 +1,8 @@
 //! Account health checks (DESIGN §11): one cheap authenticated `GET` per account to the
 //! provider, through the same connector, TLS and HTTP/1.1 client as proxied requests. The check
-//! passes on 2xx or 429 (the credential works; only the rate is spent).
+//! passes on 2xx or 429 (the credential works; only the rate is spent), fails on 401 or 403 (but
+//! not on a refusal of an OAuth token's scope, which says nothing of the token) and on Gemini's
+//! 400 for a key not valid.
 //!
 //! | type | check |
 //! |---|---|
@@ -13,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
+use relay_filters::account_state::{classify_error, Fault};
 use relay_filters::accounts::Account;
 use relay_filters::context::UpstreamRequest;
 use relay_filters::AccountType;
@@ -36,6 +39,22 @@ pub(super) fn without(text: &str, secret: &str) -> String {
     text.replace(secret, "[credential]")
 }
 
+/// The start of Anthropic's 403 to an OAuth token without the scope an endpoint needs: tokens
+/// from `claude setup-token` carry only `user:inference`, and `/api/oauth/usage` asks for
+/// `user:profile` ("OAuth token does not meet scope requirement user:profile"). The token
+/// works for requests; the check just cannot tell.
+const SCOPE_REFUSAL: &str = "OAuth token does not meet scope requirement";
+
+/// Whether an answer is the refusal of a token's scope, not of the token.
+fn is_scope_refusal(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .as_ref()
+        .and_then(|v| v.pointer("/error/message"))
+        .and_then(serde_json::Value::as_str)
+        .is_some_and(|m| m.trim_start().starts_with(SCOPE_REFUSAL))
+}
+
 /// The ChatGPT backend's account check, at the host's root whatever the base URL's path.
 const CHATGPT_CHECK_PATH: &str = "/backend-api/accounts/check/v4-2023-04-27";
 
@@ -44,7 +63,8 @@ const CHATGPT_CHECK_PATH: &str = "/backend-api/accounts/check/v4-2023-04-27";
 pub enum CheckKind {
     /// 2xx, or 429 (the credential works; only its rate is spent).
     Passed,
-    /// 401 or 403: the provider refuses the credential (or it cannot be sent as a header).
+    /// 401 or 403, or a 400 naming the key invalid: the provider refuses the credential (or it
+    /// cannot be sent as a header).
     Refused,
     /// Anything else (an overloaded or failing provider, no connection, no answer in time):
     /// nothing about the credential, so it does not count toward the error threshold. The
@@ -196,7 +216,10 @@ impl HealthChecker {
             Ok(Ok(super::oneshot::Answer { status, body, .. })) => {
                 let kind = match status {
                     200..=299 | 429 => CheckKind::Passed,
+                    403 if is_scope_refusal(&body) => CheckKind::Inconclusive,
                     401 | 403 => CheckKind::Refused,
+                    // Gemini answers a key not valid or expired with 400 INVALID_ARGUMENT.
+                    400 if classify_error(status, &body) == Fault::KeyInvalid => CheckKind::Refused,
                     _ => CheckKind::Inconclusive,
                 };
                 let passed = kind == CheckKind::Passed;

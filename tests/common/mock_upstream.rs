@@ -106,6 +106,8 @@ pub struct Behavior {
     pub event_delay: Duration,
     /// Close the connection after this many events, without finishing the stream.
     pub cut_after: Option<usize>,
+    /// With `cut_after`: send the first half of the next event before closing.
+    pub cut_mid_event: bool,
     /// Send a JSON answer chunked, and close after this many bytes of it.
     pub cut_json_after: Option<usize>,
     /// End the stream after this many events with clean framing (the last chunk), its
@@ -150,6 +152,7 @@ impl Default for Behavior {
             second_event_gate: None,
             event_delay: Duration::ZERO,
             cut_after: None,
+            cut_mid_event: false,
             cut_json_after: None,
             end_after: None,
             in_band_error: None,
@@ -582,6 +585,14 @@ impl MockUpstream {
         sock.write_all(head.as_bytes()).await?;
         for (i, ev) in events.iter().enumerate() {
             if b.cut_after == Some(i) {
+                if b.cut_mid_event {
+                    let half = &ev.as_bytes()[..ev.len() / 2];
+                    sock.write_all(format!("{:x}\r\n", half.len()).as_bytes())
+                        .await?;
+                    sock.write_all(half).await?;
+                    sock.write_all(b"\r\n").await?;
+                    sock.flush().await?;
+                }
                 sock.shutdown().await?;
                 return Ok(());
             }
