@@ -381,3 +381,48 @@ async fn concurrency_refusals_do_not_use_up_the_rpm_limit() {
         );
     }
 }
+
+/// A client that leaves mid-stream gives its key's concurrency slot back at once, while the
+/// relay still drains the upstream's answer to book it: a user who stops an answer and asks
+/// again is served.
+#[tokio::test]
+async fn a_client_that_leaves_gives_its_slot_back_before_the_drain_ends() {
+    use futures::StreamExt;
+    let (relay, mock, key) = setup(serde_json::json!({"max_concurrency": 1})).await;
+    mock.set(|b| {
+        b.deltas = 60;
+        b.event_delay = Duration::from_millis(100);
+    });
+    let r = relay
+        .post("/v1/messages", &key)
+        .json(&messages_body(MODEL, true, conversation("stopped", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    stream.next().await.expect("first chunk").unwrap();
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut refused = 0;
+    loop {
+        let (status, message) = attempt(&relay, &key, body(1)).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429, "{message}");
+        refused += 1;
+        assert!(Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        *mock.streams_completed.lock().unwrap(),
+        0,
+        "served only once the first answer was drained"
+    );
+    // The drained answer is still booked, with its whole usage: every request has its record.
+    let records = relay.wait_records(refused + 2).await;
+    let streamed: Vec<_> = records.iter().filter(|r| r["stream"] == true).collect();
+    assert_eq!(streamed.len(), 1, "{records:?}");
+    assert_eq!(streamed[0]["status"], 200, "{records:?}");
+}

@@ -407,6 +407,9 @@ impl RelayProxy {
                 client_gone = session.flush().await.is_err();
             }
             if client_gone && drain_deadline.is_none() {
+                // The client has left: its key's concurrency slot goes back now, not after the
+                // drain (a user who stops an answer and asks again is not refused meanwhile).
+                self.release_key_slot(rctx).await;
                 if !self.settings.drain_on_disconnect {
                     rctx.usage.estimated = true;
                     break;

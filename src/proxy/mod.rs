@@ -693,11 +693,22 @@ impl RelayProxy {
             tracing::debug!(error = %e, "request ended with an error");
         }
         ctx.lease.take();
+        // The key's slot before the booking, which waits while the usage queue is full.
+        if let Some(r) = ctx.req.as_mut() {
+            self.release_key_slot(r).await;
+        }
         // Boxed: the record and its queueing (1.6 KB) would size the connection's future.
         Box::pin(self.book(ctx)).await;
         // The key's concurrency slot and cost hold go back, its cost is booked to its limits.
         if let Some(settle) = self.limits_settlement(ctx) {
             settle.await;
+        }
+    }
+
+    /// Gives the request's key concurrency slot back, if it holds one (once).
+    pub(super) async fn release_key_slot(&self, r: &mut RequestCtx) {
+        if let (Some(limits), Some(lease)) = (self.chain.limits.as_ref(), r.limits.slot.take()) {
+            limits.store().release_slot(&lease).await;
         }
     }
 
