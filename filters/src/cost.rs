@@ -280,21 +280,10 @@ const BODY_BYTES_PER_TOKEN: u64 = 4;
 /// Output tokens assumed for a request that sets no output cap.
 pub const DEFAULT_OUTPUT_ESTIMATE: u64 = 4096;
 
-/// Bytes of answer text counted as one output token when an answer's usage never came. English
-/// prose runs about 4 bytes a token, code and other languages fewer: the estimate stays under
-/// the real count rather than over it.
-const TEXT_BYTES_PER_TOKEN: u64 = 4;
-
 /// Input tokens a request body of `body_len` bytes is estimated to hold (one per
 /// [`BODY_BYTES_PER_TOKEN`] bytes, as cost holds count it).
 pub fn estimate_input_tokens(body_len: usize) -> u64 {
     body_len as u64 / BODY_BYTES_PER_TOKEN
-}
-
-/// Output tokens `text_bytes` bytes of streamed answer text are estimated to hold (one per
-/// [`TEXT_BYTES_PER_TOKEN`] bytes, rounded up: some text was seen).
-pub fn estimate_output_tokens(text_bytes: u64) -> u64 {
-    text_bytes.div_ceil(TEXT_BYTES_PER_TOKEN)
 }
 
 /// What a request is expected to cost at most, before it is sent: its body as uncached input
@@ -579,10 +568,6 @@ mod tests {
         // Absurd caps saturate instead of wrapping.
         assert!(estimate_cost(&t, sonnet, usize::MAX, Some(u64::MAX), i64::MAX) > 0);
         assert_eq!(estimate_input_tokens(40_000), 10_000);
-        assert_eq!(estimate_output_tokens(0), 0);
-        assert_eq!(estimate_output_tokens(1), 1);
-        assert_eq!(estimate_output_tokens(8), 2);
-        assert_eq!(estimate_output_tokens(u64::MAX), u64::MAX / 4 + 1);
     }
 
     #[test]

@@ -27,15 +27,6 @@ fn skip_string(buf: &[u8], start: usize) -> Option<usize> {
     }
 }
 
-/// End (exclusive) of the string whose opening quote is at `start` in `buf`, as a full parser
-/// would find it; `None` when it does not end in `buf`.
-pub fn string_end(buf: &[u8], start: usize) -> Option<usize> {
-    if buf.get(start) != Some(&b'"') {
-        return None;
-    }
-    skip_string(buf, start)
-}
-
 /// End (exclusive) of the object or array opening at `start`.
 fn skip_container(buf: &[u8], start: usize) -> Option<usize> {
     #[cfg(target_arch = "x86_64")]

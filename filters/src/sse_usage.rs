@@ -44,7 +44,6 @@ static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"u
 static ERROR_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
 static USAGE_METADATA_KEY: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(b"\"usageMetadata\""));
-static DELTA_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"delta\""));
 /// The end of Gemini's `"finishReason"` and `"blockReason"` keys.
 static REASON_KEY_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"Reason\""));
 
@@ -521,9 +520,9 @@ struct StreamState {
     gemini: GeminiCounts,
     /// OpenAI Chat: the first chunk (which names the id and model) was parsed.
     seen_first_chunk: bool,
-    /// Bytes of answer text the delta events carried (Anthropic, OpenAI), for an estimate
-    /// should the usage never come.
-    text_bytes: u64,
+    /// Delta events of answer text seen (Anthropic, OpenAI): each carries a token or more,
+    /// so their count is a lower bound of the output should the usage never come.
+    text_deltas: u64,
 }
 
 impl UsageMeter {
@@ -618,15 +617,15 @@ impl UsageMeter {
         self.feed(chunk);
     }
 
-    /// Bytes of answer text seen in a stream's delta events (Anthropic, OpenAI Chat and
-    /// Responses; 0 for the others): what an estimate of the output starts from when the
-    /// stream ended before its usage.
-    pub fn text_bytes(&self) -> u64 {
+    /// Delta events of answer text seen in a stream (Anthropic, OpenAI Chat and Responses;
+    /// 0 for the others): what an estimate of the output starts from when the stream ended
+    /// before its usage.
+    pub fn text_deltas(&self) -> u64 {
         match self {
             UsageMeter::AnthropicStream(m)
             | UsageMeter::OpenaiChatStream(m)
             | UsageMeter::OpenaiResponsesStream(m)
-            | UsageMeter::GeminiStream(m) => m.state.text_bytes,
+            | UsageMeter::GeminiStream(m) => m.state.text_deltas,
             _ => 0,
         }
     }
@@ -1232,7 +1231,7 @@ fn anthropic_event(st: &mut StreamState, ev: SseEvent<'_>) {
         }
         "message_stop" => st.result.complete = true,
         "error" => st.result.upstream_error = Some(error_event_kind(ev.data)),
-        "content_block_delta" => add_text(st, ev.data),
+        "content_block_delta" => count_delta(st),
         // content_block_start/stop, ping: nothing to meter, and nothing parsed.
         _ => {}
     }
@@ -1248,7 +1247,7 @@ fn chat_event(st: &mut StreamState, ev: SseEvent<'_>) {
         st.result.complete = true;
         return;
     }
-    add_text(st, data);
+    count_delta(st);
     // Only the first chunk (id, model), the usage chunk and errors are parsed; content chunks
     // cost two memmem scans.
     let worth_parsing = !st.seen_first_chunk
@@ -1332,7 +1331,7 @@ fn responses_event(st: &mut StreamState, ev: SseEvent<'_>) {
             }
         }
         "error" => st.result.upstream_error = Some(error_event_kind(ev.data)),
-        name if is_text_delta(name) => add_text(st, ev.data),
+        name if is_text_delta(name) => count_delta(st),
         // Item events: nothing to meter, and nothing parsed.
         _ => {}
     }
@@ -1341,58 +1340,15 @@ fn responses_event(st: &mut StreamState, ev: SseEvent<'_>) {
 /// A Responses `*.delta` event whose `delta` is text (output, reasoning summary, refusal,
 /// function call arguments, audio transcript), not base64 audio.
 fn is_text_delta(name: &str) -> bool {
-    name.ends_with(".delta") && (!name.contains("audio") || name.contains("transcript"))
+    // The usual one first: a comparison, where the rest is two scans of the name.
+    name == "response.output_text.delta"
+        || (name.ends_with(".delta") && (!name.contains("audio") || name.contains("transcript")))
 }
 
-fn add_text(st: &mut StreamState, data: &[u8]) {
-    st.text_bytes = st.text_bytes.saturating_add(delta_text_bytes(data));
-}
-
-/// Bytes of answer text in a delta event, as written (an escape counts its bytes): the first
-/// `"delta"` member when it is a string (Responses), else that object's string members but its
-/// type, role and signature (Anthropic `text`, `thinking`, `partial_json`; Chat `content`,
-/// `reasoning_content`, `refusal`) and a Chat tool call's function name and arguments. 0 for
-/// any other shape: it only serves an estimate when the usage never came.
-fn delta_text_bytes(data: &[u8]) -> u64 {
-    let Some(at) = DELTA_KEY.find(data) else {
-        return 0;
-    };
-    let rest = data[at + b"\"delta\"".len()..].trim_ascii_start();
-    let Some(value) = rest.strip_prefix(b":") else {
-        return 0;
-    };
-    let value = value.trim_ascii_start();
-    if value.first() != Some(&b'{') {
-        return string_bytes(value);
-    }
-    let mut bytes = 0u64;
-    // A walk cut short by a shape it does not know keeps what it counted.
-    let _ = json_scan::for_each_member(value, |key, value| {
-        match key {
-            b"type" | b"role" | b"signature" => {}
-            b"tool_calls" => {
-                let _ = json_scan::for_each_element(value, |call| {
-                    json_scan::for_each_member(call, |key, function| {
-                        if key == b"function" {
-                            let _ = json_scan::for_each_member(function, |_, value| {
-                                bytes = bytes.saturating_add(string_bytes(value));
-                                Some(())
-                            });
-                        }
-                        Some(())
-                    })
-                });
-            }
-            _ => bytes = bytes.saturating_add(string_bytes(value)),
-        }
-        Some(())
-    });
-    bytes
-}
-
-/// Bytes inside the JSON string `value` starts with, as written; 0 when it is no string.
-fn string_bytes(value: &[u8]) -> u64 {
-    json_scan::string_end(value, 0).map_or(0, |end| end.saturating_sub(2) as u64)
+/// Counts a delta event: no part of it is read (the count only serves an estimate when the
+/// usage never came, and reading each event's text would cost the meter a third of its speed).
+fn count_delta(st: &mut StreamState) {
+    st.text_deltas = st.text_deltas.saturating_add(1);
 }
 
 /// The response's `usage` in the last bytes of a dropped terminal event: the last `"usage"` key
@@ -2053,11 +2009,17 @@ impl crate::chain::ResponseFilter for SseUsage {
         if ctx.route.billed && (!result.complete || result.usage.is_empty()) {
             // An answer that ended without its terminal event (a stream closed early, even
             // with clean framing) or that reported no usage at all: what was seen is billed,
-            // and the record says its counts may not be the upstream's. OpenAI reports usage
-            // only at the end, so a cut answer would otherwise cost nothing: input the upstream
-            // did not report is estimated from the request as its cost hold was, and output is
-            // at least the text seen.
+            // and the record says its counts may not be the upstream's.
             ctx.usage.estimated = true;
+        }
+        // OpenAI reports usage only at the end, so a cut answer would otherwise cost nothing:
+        // input the upstream did not report is estimated from the request as its cost hold
+        // was, and output is at least a token per text delta seen. Only for a cut answer: one that ended as
+        // the protocol ends it is billed as it reported (a failed response without usage, a
+        // count of zero), and a cut that came as an upstream error before any text was
+        // written generated nothing.
+        let generated = result.upstream_error.is_none() || meter.text_deltas() > 0;
+        if ctx.route.billed && !result.complete && generated {
             let tokens = &mut ctx.usage.tokens;
             if tokens.input_tokens == 0
                 && tokens.cache_read_tokens == 0
@@ -2066,7 +2028,7 @@ impl crate::chain::ResponseFilter for SseUsage {
             {
                 tokens.input_tokens = crate::cost::estimate_input_tokens(ctx.request.body_len);
             }
-            let seen = crate::cost::estimate_output_tokens(meter.text_bytes());
+            let seen = meter.text_deltas();
             tokens.output_tokens = tokens.output_tokens.max(seen);
             ctx.usage.tokens = ctx.usage.tokens.clamped().0;
             tracing::debug!(request_id = %ctx.request_id, complete = result.complete, "usage from an incomplete answer");
@@ -3162,46 +3124,20 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
     }
 
     #[test]
-    fn delta_text_is_counted_as_written() {
-        for (data, bytes) in [
-            (
-                &br#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}"#[..],
-                5,
-            ),
-            (
-                br#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"a\":"}}"#,
-                7,
-            ),
-            (
-                br#"{"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"EqQBCgIYAhIM"}}"#,
-                0,
-            ),
-            (
-                br#"{"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null}}],"usage":null}"#,
-                0,
-            ),
-            (
-                br#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi \u00e9"}}]}"#,
-                9,
-            ),
-            (
-                br#"{"id":"c","choices":[{"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get","arguments":"{\"q\":1}"}}]}}]}"#,
-                3 + 9,
-            ),
-            (
-                br#"{"type":"response.output_text.delta","item_id":"m","output_index":0,"delta":"word ","logprobs":[]}"#,
-                5,
-            ),
-            (br#"{"choices":[{"delta":{}}]}"#, 0),
-            (br#"{"delta":"unterminated"#, 0),
-            (b"", 0),
+    fn text_delta_events_are_counted() {
+        let anthropic = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"x\",\"usage\":{\"input_tokens\":5,\"output_tokens\":1}}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\nevent: ping\ndata: {\"type\":\"ping\"}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\" there\"}}\n\n";
+        let responses = b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"a\"}\n\nevent: response.output_audio.delta\ndata: {\"type\":\"response.output_audio.delta\",\"delta\":\"AAAA\"}\n\nevent: response.function_call_arguments.delta\ndata: {\"type\":\"response.function_call_arguments.delta\",\"delta\":\"{\"}\n\nevent: response.output_text.done\ndata: {\"type\":\"response.output_text.done\"}\n\n";
+        for (protocol, stream, deltas) in [
+            (Protocol::Anthropic, &anthropic[..], 2),
+            (Protocol::OpenaiResponses, &responses[..], 2),
         ] {
-            assert_eq!(
-                delta_text_bytes(data),
-                bytes,
-                "{}",
-                String::from_utf8_lossy(data)
-            );
+            for chunks in splits(stream) {
+                let mut m = UsageMeter::new(protocol, true);
+                for c in &chunks {
+                    m.feed(c);
+                }
+                assert_eq!(m.text_deltas(), deltas, "{protocol:?}");
+            }
         }
         assert!(is_text_delta("response.output_text.delta"));
         assert!(is_text_delta("response.function_call_arguments.delta"));
@@ -3280,6 +3216,21 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
             SseUsage.on_end(&mut ctx);
             assert!(!ctx.usage.estimated);
             assert_eq!(ctx.usage.tokens, want);
+        }
+
+        // Answers that ended as their protocol ends one, without usage, are billed as reported:
+        // a failed response whose usage is null, a complete answer counting nothing.
+        let failed = b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"model\":\"gpt-5\"}}\n\nevent: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"id\":\"resp_1\",\"status\":\"failed\",\"error\":{\"code\":\"server_error\",\"message\":\"x\"},\"usage\":null}}\n\n";
+        let zero = b"data: {\"id\":\"c\",\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"\"}}]}\n\ndata: {\"id\":\"c\",\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":0,\"completion_tokens\":0}}\n\ndata: [DONE]\n\n";
+        // A cut that came as an error event before any text: nothing was generated.
+        let error_first = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"server_error\",\"message\":\"x\"}}\n\n";
+        for (protocol, body) in [
+            (Protocol::OpenaiResponses, &failed[..]),
+            (Protocol::OpenaiChat, &zero[..]),
+            (Protocol::OpenaiResponses, &error_first[..]),
+        ] {
+            let tokens = settle(protocol, body);
+            assert_eq!(tokens, TokenUsage::default(), "{protocol:?}");
         }
     }
 
