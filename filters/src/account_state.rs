@@ -144,13 +144,13 @@ pub fn apply_outcome(
             "error",
             "the provider reports the API key invalid or expired".into(),
         ),
-        // Credit does not come back by itself within minutes: until the provider's reset, if
-        // it names one, else as long as the longest hinted cooldown.
+        // Credit does not come back by itself within minutes: as long as the longest hinted
+        // cooldown. The answer's rate-limit headers (OpenAI sends its `x-ratelimit-reset-*`
+        // on every 429) say when a rate comes back, not credit.
         Outcome::Status {
             fault: Fault::NoCredit,
-            reset_at_ms,
             ..
-        } => cooldown("no_credit", rules.cooldown_429_max, reset_at_ms),
+        } => cooldown("no_credit", rules.cooldown_429_max, None),
         Outcome::Status {
             status: 200..=399, ..
         } => {
@@ -421,6 +421,11 @@ const DISABLED_MESSAGES: &[&str] = &[
 /// credits."
 const NO_CREDIT_PREFIX: &str = "your credit balance is too low";
 
+/// The start of Anthropic's 400 for an organization or workspace past the spend limit its
+/// owner set: "You have reached your specified API usage limits. You will regain access on
+/// 2026-12-01 at 00:00 UTC."
+const SPEND_LIMIT_PREFIX: &str = "you have reached your specified api usage limits";
+
 /// The starts of Gemini 403 PERMISSION_DENIED messages about a resource the request names (its
 /// name follows, chosen by the client): "You do not have permission to access the File abc or it
 /// may not exist.", "CachedContent not found (or permission denied)", tuned models.
@@ -465,7 +470,8 @@ pub fn classify_error(status: u16, body: &[u8]) -> Fault {
     // OpenAI: 429 with type and code `insufficient_quota` when the credit is used up.
     if code == "insufficient_quota"
         || kind == "insufficient_quota"
-        || (status == 400 && message.starts_with(NO_CREDIT_PREFIX))
+        || (status == 400
+            && (message.starts_with(NO_CREDIT_PREFIX) || message.starts_with(SPEND_LIMIT_PREFIX)))
     {
         return Fault::NoCredit;
     }
@@ -659,6 +665,11 @@ mod tests {
             ),
             (
                 400,
+                r#"{"type":"error","error":{"type":"invalid_request_error","message":"You have reached your specified API usage limits. You will regain access on 2026-12-01 at 00:00 UTC."}}"#,
+                Fault::NoCredit,
+            ),
+            (
+                400,
                 r#"{"type":"error","error":{"type":"invalid_request_error","message":"messages.0.content: Field required"}}"#,
                 Fault::ByStatus,
             ),
@@ -816,7 +827,7 @@ mod tests {
             }
         ));
         assert!(!g.in_operation());
-        // Out of credit: the long cooldown, or the provider's reset when it names one.
+        // Out of credit: the long cooldown, whatever rate-limit reset the answer carried.
         let c = account("c", AccountType::Claude, 50, 1);
         let cap = NOW + DEFAULT_COOLDOWN_429_MAX.as_millis() as i64;
         assert_eq!(
@@ -836,7 +847,7 @@ mod tests {
             ),
             StateChange::Cooldown {
                 reason: "no_credit",
-                until_ms: NOW + 5_000
+                until_ms: cap
             }
         );
         // About the request's own resource: nothing counted.

@@ -87,14 +87,14 @@ impl StickyUpstream {
     }
 
     /// When every account that could serve the request is in operation and cooling for
-    /// overload or server errors alone, the one whose cooldown ends first (with room for the
-    /// request): a provider's overload may be over before the cooldowns it set, and the
-    /// client then gets the provider's own answer rather than a refusal for minutes. None as
-    /// soon as one of them cools for another reason (a rate limit, used-up credit, a cooldown
-    /// from another node) or is only full.
+    /// overload or server errors alone, one of them with room for the request, taken in turn:
+    /// a provider's overload may be over before the cooldowns it set, and the client then gets
+    /// the provider's own answer rather than a refusal for minutes, while the pool's traffic
+    /// stays spread over its accounts. None as soon as one of them cools for another reason (a
+    /// rate limit, used-up credit, a cooldown from another node) or is only full.
     fn past_overload(&self, ctx: &RequestCtx) -> Option<Arc<Account>> {
         let all = self.accounts.accounts();
-        let mut soonest: Option<&Arc<Account>> = None;
+        let mut open: Vec<&Arc<Account>> = Vec::new();
         for a in all.iter().filter(|a| {
             a.in_operation()
                 && a.serves(ctx.protocol(), ctx.requested_model())
@@ -104,11 +104,16 @@ impl StickyUpstream {
             if left == 0 || !a.state.cooling_for_overload.load(Ordering::Relaxed) {
                 return None;
             }
-            if a.has_room() && soonest.is_none_or(|s| left < s.cooldown_left_ms(ctx.started_ms)) {
-                soonest = Some(a);
+            if a.has_room() {
+                open.push(a);
             }
         }
-        soonest.cloned()
+        if open.is_empty() {
+            return None;
+        }
+        let turn = self.round_robin.fetch_add(1, Ordering::Relaxed);
+        let at = usize::try_from(turn % open.len() as u64).unwrap_or(0);
+        open.get(at).map(|a| Arc::clone(a))
     }
 
     fn pick_excluding(&self, ctx: &RequestCtx, also: &[String]) -> Option<Arc<Account>> {
@@ -766,7 +771,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_pool_cooling_for_overload_alone_still_tries_the_first_to_come_back() {
+    async fn a_pool_cooling_for_overload_alone_is_still_tried_in_turn() {
         use crate::account_state::{apply_outcome, Fault, Outcome, StateRules};
         let rules = StateRules::default();
         let overloaded = Outcome::Status {
@@ -778,15 +783,19 @@ mod tests {
             account("a", AccountType::Claude, 50, 1),
             account("b", AccountType::Claude, 50, 1),
         );
-        // Overloaded at 0 and 500 ms: b comes back last. ctx() starts at 1 000 ms.
+        // Overloaded at 0 and 500 ms. ctx() starts at 1 000 ms.
         apply_outcome(&a, overloaded, &rules, 0);
         apply_outcome(&b, overloaded, &rules, 500);
         let dir = Arc::new(Dir(Arc::new(vec![b.clone(), a.clone()])));
         let s = StickyUpstream::new(dir, MemorySessionStore::new(10), StickyConfig::default());
-        for _ in 0..3 {
-            let mut c = ctx(Some("conv"));
-            assert_eq!(s.choose(&mut c).await.unwrap().id, "a");
+        // New conversations are spread over both, not all sent to one.
+        let mut picked = Vec::new();
+        for i in 0..4 {
+            let mut c = ctx(Some(&format!("conv {i}")));
+            picked.push(s.choose(&mut c).await.unwrap().id.clone());
         }
+        assert!(picked.iter().any(|p| p == "a"), "{picked:?}");
+        assert!(picked.iter().any(|p| p == "b"), "{picked:?}");
         // One of them rate limited: the pool is refused, as it says.
         let limited = Outcome::Status {
             status: 429,
