@@ -152,7 +152,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         bootstrap_admin(&store, &config).await?;
         cache_refresh::load_all(&store, &keys, &accounts, &prices, &node.secrets).await?;
         let today = utc_day(now_ms());
-        for s in store.limit_spend(&today).await? {
+        for s in store.limit_spend(&today, false).await? {
             memory_limits.seed_cost(&s.subject, &today, s.today, s.total);
         }
         store.close().await;

@@ -399,6 +399,9 @@ impl Config {
         if self.client_idle_timeout < Duration::from_secs(1) {
             return bad("client_idle_timeout must be at least 1s".into());
         }
+        if self.spend_refresh_interval < Duration::from_millis(100) {
+            return bad("spend_refresh_interval must be at least 100ms".into());
+        }
         FilterConfig::check_chain(&self.filter_chain()).map_err(ConfigError::Invalid)?;
         // A static token opens the whole admin API: an empty or short one (a placeholder left
         // in a file) would be as good as none.

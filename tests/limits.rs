@@ -384,7 +384,9 @@ async fn concurrency_refusals_do_not_use_up_the_rpm_limit() {
 
 /// A client that leaves mid-stream gives its key's concurrency slot back at once, while the
 /// relay still drains the upstream's answer to book it: a user who stops an answer and asks
-/// again is served.
+/// again is served. Drained answers have as many slots of their own: a second stop while the
+/// first answer still drains keeps its slot, so the key never has more than twice its cap at
+/// the upstream.
 #[tokio::test]
 async fn a_client_that_leaves_gives_its_slot_back_before_the_drain_ends() {
     use futures::StreamExt;
@@ -418,11 +420,41 @@ async fn a_client_that_leaves_gives_its_slot_back_before_the_drain_ends() {
     assert_eq!(
         *mock.streams_completed.lock().unwrap(),
         0,
-        "served only once the first answer was drained"
+        "the slot came back only once the first answer was drained"
     );
-    // The drained answer is still booked, with its whole usage: every request has its record.
-    let records = relay.wait_records(refused + 2).await;
+    // A second stop while the first answer drains: no slot for it to drain in, so it keeps
+    // the key's until the upstream is done with one of them.
+    let r = relay
+        .post("/v1/messages", &key)
+        .json(&messages_body(
+            MODEL,
+            true,
+            conversation("stopped again", 1),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    stream.next().await.expect("first chunk").unwrap();
+    drop(stream);
+    loop {
+        let (status, message) = attempt(&relay, &key, body(2)).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429, "{message}");
+        refused += 1;
+        assert!(Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        *mock.streams_completed.lock().unwrap() >= 1,
+        "served with two answers at the upstream"
+    );
+    // The drained answers are still booked: every request has its record.
+    let records = relay.wait_records(refused + 4).await;
     let streamed: Vec<_> = records.iter().filter(|r| r["stream"] == true).collect();
-    assert_eq!(streamed.len(), 1, "{records:?}");
-    assert_eq!(streamed[0]["status"], 200, "{records:?}");
+    assert_eq!(streamed.len(), 2, "{records:?}");
+    assert!(streamed.iter().all(|r| r["status"] == 200), "{records:?}");
 }

@@ -42,6 +42,9 @@ pub struct LimitsInfo {
     pub cost: Option<crate::key_limits::CostHold>,
     /// The same, held against the cost limits of the key's user (over all its keys).
     pub user_cost: Option<crate::key_limits::CostHold>,
+    /// Taken in place of `slot` when the client left and the answer is drained (see
+    /// `KeyLimits::hand_over_to_drain`).
+    pub drain_slot: Option<crate::key_limits::SlotLease>,
 }
 
 /// What the body said (the few fields routing needs, owned).

@@ -96,6 +96,9 @@ pub trait LimitStore: Send + Sync {
 /// What a `LimitStore` counts a user's spend over all its keys under (beside its keys' ids).
 pub const USER_SUBJECT: &str = "user:";
 
+/// What a `LimitStore` counts a key's drained answers under (beside its keys' ids).
+pub const DRAIN_SUBJECT: &str = "drain:";
+
 /// The `LimitStore` subject of a user's keys together.
 pub fn user_subject(user_id: &str) -> String {
     format!("{USER_SUBJECT}{user_id}")
@@ -399,6 +402,23 @@ impl KeyLimits {
     /// The counters (for booking costs and releasing slots at the end of a request).
     pub fn store(&self) -> &Arc<dyn LimitStore> {
         &self.store
+    }
+
+    /// For a request whose client left while the relay drains its answer: trades its
+    /// concurrency slot for one of as many slots for drained answers, so the client's next
+    /// request is not refused while the upstream still works on the last one, and a key keeps
+    /// at most twice its cap at the upstream. The slot is kept when those are all taken.
+    pub async fn hand_over_to_drain(&self, limits: &mut crate::context::LimitsInfo, max: u32) {
+        let Some(slot) = limits.slot.as_ref() else {
+            return;
+        };
+        let subject = format!("{DRAIN_SUBJECT}{}", slot.key_id);
+        if let Some(drain) = self.store.acquire_slot(&subject, max, self.lease_ttl).await {
+            if let Some(slot) = limits.slot.take() {
+                self.store.release_slot(&slot).await;
+            }
+            limits.drain_slot = Some(drain);
+        }
     }
 }
 

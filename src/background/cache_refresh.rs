@@ -94,7 +94,7 @@ pub async fn run(
 }
 
 /// Every `every`, raises this node's cost-limit counters to the spend the database holds for
-/// each key and user (booked by every node). Without Redis they are what the limits count
+/// each key and user with a cost limit (booked by every node). Without Redis they are what the limits count
 /// against; with Redis they seed counters Redis lost, so either way a node's limits include the
 /// other nodes' spend, up to `every` ago.
 pub async fn raise_spend(
@@ -111,7 +111,7 @@ pub async fn raise_spend(
             }
         }
         let today = relay_filters::key_limits::utc_day(relay_filters::now_ms());
-        match store.limit_spend(&today).await {
+        match store.limit_spend(&today, true).await {
             Ok(spend) => {
                 for s in spend {
                     memory.raise_cost(&s.subject, &today, s.today, s.total);

@@ -407,9 +407,15 @@ impl RelayProxy {
                 client_gone = session.flush().await.is_err();
             }
             if client_gone && drain_deadline.is_none() {
-                // The client has left: its key's concurrency slot goes back now, not after the
-                // drain (a user who stops an answer and asks again is not refused meanwhile).
-                self.release_key_slot(rctx).await;
+                // The client has left: a drained answer holds a slot for drained answers, not
+                // its key's (a user who stops an answer and asks again is not refused while the
+                // upstream finishes the last one).
+                if self.settings.drain_on_disconnect {
+                    let max = rctx.auth.as_ref().and_then(|a| a.key.max_concurrency);
+                    if let (Some(limits), Some(max)) = (self.chain.limits.as_ref(), max) {
+                        limits.hand_over_to_drain(&mut rctx.limits, max).await;
+                    }
+                }
                 if !self.settings.drain_on_disconnect {
                     rctx.usage.estimated = true;
                     break;

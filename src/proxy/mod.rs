@@ -705,9 +705,16 @@ impl RelayProxy {
         }
     }
 
-    /// Gives the request's key concurrency slot back, if it holds one (once).
-    pub(super) async fn release_key_slot(&self, r: &mut RequestCtx) {
-        if let (Some(limits), Some(lease)) = (self.chain.limits.as_ref(), r.limits.slot.take()) {
+    /// Gives the request's key concurrency slot back (or its slot for a drained answer), if
+    /// it holds one (once).
+    async fn release_key_slot(&self, r: &mut RequestCtx) {
+        let Some(limits) = self.chain.limits.as_ref() else {
+            return;
+        };
+        for lease in [r.limits.slot.take(), r.limits.drain_slot.take()]
+            .into_iter()
+            .flatten()
+        {
             limits.store().release_slot(&lease).await;
         }
     }
@@ -720,7 +727,7 @@ impl RelayProxy {
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let limits = self.chain.limits.as_ref()?;
         let r = ctx.req.as_mut()?;
-        let slot = r.limits.slot.take();
+        let slot = r.limits.slot.take().or_else(|| r.limits.drain_slot.take());
         let hold = r.limits.cost.take();
         let user_hold = r.limits.user_cost.take();
         let cost = std::mem::take(&mut r.usage.billed_cost).max(0);
@@ -742,10 +749,11 @@ impl RelayProxy {
             }
             if let Some((key, user)) = subjects {
                 let day = relay_filters::key_limits::utc_day(started_ms);
-                store.settle_cost(&key, &day, hold.as_ref(), cost).await;
-                store
-                    .settle_cost(&user, &day, user_hold.as_ref(), cost)
-                    .await;
+                // At once: with Redis, each is a round trip.
+                tokio::join!(
+                    store.settle_cost(&key, &day, hold.as_ref(), cost),
+                    store.settle_cost(&user, &day, user_hold.as_ref(), cost)
+                );
             }
         })
     }

@@ -16,18 +16,24 @@ pub struct Spend {
 }
 
 impl SqlStore {
-    /// Spend of every key and every user that has any, from the daily rollups; `day` is
-    /// `YYYY-MM-DD` (UTC).
-    pub async fn limit_spend(&self, day: &str) -> Result<Vec<Spend>> {
-        let rows = sqlx::query(
+    /// Spend of every key and every user that has any (`limited`: only of those with a cost
+    /// limit), from the daily rollups; `day` is `YYYY-MM-DD` (UTC).
+    pub async fn limit_spend(&self, day: &str, limited: bool) -> Result<Vec<Spend>> {
+        let only_limited = if limited {
+            " AND ((dim = 'key' AND dim_id IN (SELECT id FROM api_keys \
+                     WHERE daily_cost_limit IS NOT NULL OR total_cost_limit IS NOT NULL)) \
+                OR (dim = 'user' AND dim_id IN (SELECT id FROM users \
+                     WHERE daily_cost_limit IS NOT NULL OR total_cost_limit IS NOT NULL)))"
+        } else {
+            ""
+        };
+        let sql = format!(
             "SELECT dim, dim_id, \
                     CAST(COALESCE(SUM(CASE WHEN day = $1 THEN billed_cost ELSE 0 END), 0) AS BIGINT) AS today, \
                     CAST(COALESCE(SUM(billed_cost), 0) AS BIGINT) AS total \
-             FROM usage_daily WHERE dim IN ('key', 'user') GROUP BY dim, dim_id",
-        )
-        .bind(day)
-        .fetch_all(self.pool())
-        .await?;
+             FROM usage_daily WHERE dim IN ('key', 'user'){only_limited} GROUP BY dim, dim_id"
+        );
+        let rows = sqlx::query(&sql).bind(day).fetch_all(self.pool()).await?;
         rows.iter()
             .map(|r| {
                 let dim: String = r.try_get("dim")?;
