@@ -395,28 +395,41 @@ async fn a_client_that_leaves_gives_its_slot_back_before_the_drain_ends() {
         b.deltas = 60;
         b.event_delay = Duration::from_millis(100);
     });
-    let r = relay
-        .post("/v1/messages", &key)
-        .json(&messages_body(MODEL, true, conversation("stopped", 1)))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let mut stream = r.bytes_stream();
-    stream.next().await.expect("first chunk").unwrap();
-    drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut refused = 0;
-    loop {
-        let (status, message) = attempt(&relay, &key, body(1)).await;
-        if status == 200 {
-            break;
+    // A stream whose client reads its first chunk and leaves.
+    let stop = |topic: &'static str| {
+        let (relay, key) = (&relay, &key);
+        async move {
+            let r = relay
+                .post("/v1/messages", key)
+                .json(&messages_body(MODEL, true, conversation(topic, 1)))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let mut stream = r.bytes_stream();
+            stream.next().await.expect("first chunk").unwrap();
         }
-        assert_eq!(status, 429, "{message}");
-        refused += 1;
-        assert!(Instant::now() < deadline, "never served again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    // Asks until served; how many times it was refused for want of a slot.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ask_until_served = |i: usize| {
+        let (relay, key) = (&relay, &key);
+        async move {
+            let mut refused = 0;
+            loop {
+                let (status, message) = attempt(relay, key, body(i)).await;
+                if status == 200 {
+                    return refused;
+                }
+                assert_eq!(status, 429, "{message}");
+                refused += 1;
+                assert!(Instant::now() < deadline, "never served again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    stop("stopped").await;
+    let mut refused = ask_until_served(1).await;
     assert_eq!(
         *mock.streams_completed.lock().unwrap(),
         0,
@@ -424,30 +437,8 @@ async fn a_client_that_leaves_gives_its_slot_back_before_the_drain_ends() {
     );
     // A second stop while the first answer drains: no slot for it to drain in, so it keeps
     // the key's until the upstream is done with one of them.
-    let r = relay
-        .post("/v1/messages", &key)
-        .json(&messages_body(
-            MODEL,
-            true,
-            conversation("stopped again", 1),
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let mut stream = r.bytes_stream();
-    stream.next().await.expect("first chunk").unwrap();
-    drop(stream);
-    loop {
-        let (status, message) = attempt(&relay, &key, body(2)).await;
-        if status == 200 {
-            break;
-        }
-        assert_eq!(status, 429, "{message}");
-        refused += 1;
-        assert!(Instant::now() < deadline, "never served again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    stop("stopped again").await;
+    refused += ask_until_served(2).await;
     assert!(
         *mock.streams_completed.lock().unwrap() >= 1,
         "served with two answers at the upstream"

@@ -3152,7 +3152,8 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
     #[test]
     fn a_billed_stream_cut_before_its_usage_books_an_estimate() {
         use crate::chain::ResponseFilter;
-        let settle = |protocol: Protocol, body: &[u8]| {
+        // A billed request of a 4 000-byte body whose answer was `body`, ended.
+        let end = |protocol: Protocol, body: &[u8]| {
             let route = crate::route::ApiRoute {
                 protocol,
                 upstream_path: "/v1/x".into(),
@@ -3166,8 +3167,12 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
             meter.feed(body);
             ctx.usage.meter = Some(meter);
             SseUsage.on_end(&mut ctx);
-            assert!(ctx.usage.estimated);
-            ctx.usage.tokens
+            ctx.usage
+        };
+        let settle = |protocol: Protocol, body: &[u8]| {
+            let usage = end(protocol, body);
+            assert!(usage.estimated);
+            usage.tokens
         };
         let before = |stream: &'static [u8], last: &str| {
             let at = memchr::memmem::find(stream, last.as_bytes()).unwrap();
@@ -3200,22 +3205,12 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
             (Protocol::OpenaiResponses, RESPONSES_STREAM),
             (Protocol::OpenaiChat, CHAT_STREAM),
         ] {
-            let route = crate::route::ApiRoute {
-                protocol,
-                upstream_path: "/v1/x".into(),
-                path_model: None,
-                path_stream: false,
-                billed: true,
-            };
-            let mut ctx = crate::context::RequestCtx::new("r".into(), route, 0);
-            ctx.request.body_len = 4000;
             let mut meter = UsageMeter::new(protocol, true);
             meter.feed(stream);
             let want = meter.snapshot().usage;
-            ctx.usage.meter = Some(meter);
-            SseUsage.on_end(&mut ctx);
-            assert!(!ctx.usage.estimated);
-            assert_eq!(ctx.usage.tokens, want);
+            let usage = end(protocol, stream);
+            assert!(!usage.estimated);
+            assert_eq!(usage.tokens, want);
         }
 
         // Answers that ended as their protocol ends one, without usage, are billed as reported:

@@ -763,15 +763,30 @@ impl SlotRelease {
 mod tests {
     use super::*;
 
-    /// A hold is settled once, whatever is retried: after a lost answer, after the hold ran
-    /// out, and for a hold Redis never took (held in a node's memory).
-    #[tokio::test]
-    async fn a_retried_settlement_books_once() {
+    /// A link to the test Redis and a key prefix of this test's own.
+    async fn test_link() -> (Arc<RedisLink>, String) {
         let url = std::env::var("RELAY_TEST_REDIS_URL")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let link = RedisLink::open(&url).expect("redis url");
         assert!(link.ready(Duration::from_secs(5)).await, "Redis reachable");
-        let prefix = format!("relaytest:{}:", crate::store::new_id());
+        (link, format!("relaytest:{}:", crate::store::new_id()))
+    }
+
+    /// Removes the keys under a test's prefix.
+    async fn remove_keys(c: &mut redis::aio::ConnectionManager, prefix: &str) {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(c)
+            .await
+            .unwrap_or_default();
+        let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(c).await;
+    }
+
+    /// A hold is settled once, whatever is retried: after a lost answer, after the hold ran
+    /// out, and for a hold Redis never took (held in a node's memory).
+    #[tokio::test]
+    async fn a_retried_settlement_books_once() {
+        let (link, prefix) = test_link().await;
         let node = RedisLimits::new(link.clone(), &prefix, Arc::new(MemoryLimits::default()));
         let day = "2026-11-22";
         let limits = CostLimits {
@@ -825,23 +840,14 @@ mod tests {
             .run(|c| async move { Ok(c) })
             .await
             .expect("connection");
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}*"))
-            .query_async(&mut c)
-            .await
-            .unwrap_or_default();
-        let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
+        remove_keys(&mut c, &prefix).await;
     }
 
     /// A user's spend over its keys is counted under `cost:user:`, apart from its keys' own
     /// counters, and its limit refuses on every node.
     #[tokio::test]
     async fn a_users_spend_has_counters_of_its_own() {
-        let url = std::env::var("RELAY_TEST_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let link = RedisLink::open(&url).expect("redis url");
-        assert!(link.ready(Duration::from_secs(5)).await, "Redis reachable");
-        let prefix = format!("relaytest:{}:", crate::store::new_id());
+        let (link, prefix) = test_link().await;
         let node = |link: &Arc<RedisLink>| {
             RedisLimits::new(link.clone(), &prefix, Arc::new(MemoryLimits::default()))
         };
@@ -873,11 +879,6 @@ mod tests {
             .await
             .expect("the user's total");
         assert_eq!(total, 100);
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}*"))
-            .query_async(&mut c)
-            .await
-            .unwrap_or_default();
-        let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
+        remove_keys(&mut c, &prefix).await;
     }
 }
