@@ -696,3 +696,44 @@ async fn a_pool_cooling_for_an_overload_alone_is_still_tried() {
         b.count()
     );
 }
+
+/// An upstream that cuts its answers after their heads (a flaky endpoint behind a base URL)
+/// cools as one that fails them: three cut answers in a row move the conversation to another
+/// account. Whole answers in between end the row.
+#[tokio::test]
+async fn an_account_whose_answers_are_cut_cools_down() {
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    relay.create_account("a", "claude", &a.url(), "sk-a").await;
+    let key = key_for(&relay, 1).await;
+    let ask = || async {
+        let r = relay
+            .post("/v1/messages", &key)
+            .json(&messages_body(MODEL, true, conversation("cut short", 1)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await;
+    };
+    let cut = |on: bool| a.set(|m| m.cut_after = on.then_some(2));
+    // Two cuts, a whole answer, two cuts: never three in a row.
+    for on in [true, true, false, true, true] {
+        cut(on);
+        ask().await;
+    }
+    relay.create_account("b", "claude", &b.url(), "sk-b").await;
+    relay.wait_accounts_loaded(2).await;
+    cut(false);
+    ask().await;
+    assert_eq!((a.count(), b.count()), (6, 0), "the conversation left a");
+    // Three cuts in a row: a cools, and the conversation moves to b.
+    cut(true);
+    for _ in 0..3 {
+        ask().await;
+    }
+    cut(false);
+    ask().await;
+    assert_eq!((a.count(), b.count()), (9, 1));
+}

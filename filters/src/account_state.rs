@@ -69,6 +69,11 @@ pub enum Outcome {
     ConnectError,
     /// No response head in time, or the connection broke before it.
     Timeout,
+    /// The answer broke off after its head: the connection closed, was reset or stalled past
+    /// the idle timeout inside the body.
+    Cut,
+    /// The answer's body arrived whole.
+    Whole,
 }
 
 /// The state change to persist and count.
@@ -195,6 +200,21 @@ pub fn apply_outcome(
             } else {
                 StateChange::None
             }
+        }
+        // A head that came in time says nothing of the body: an upstream that cuts every
+        // answer cools as one that fails them, once as many in a row were cut.
+        Outcome::Cut => {
+            let n = st.consecutive_cuts.fetch_add(1, Ordering::Relaxed) + 1;
+            if n >= rules.server_error_threshold {
+                st.consecutive_cuts.store(0, Ordering::Relaxed);
+                cooldown("server_errors", rules.cooldown_5xx, None)
+            } else {
+                StateChange::None
+            }
+        }
+        Outcome::Whole => {
+            st.consecutive_cuts.store(0, Ordering::Relaxed);
+            StateChange::None
         }
         Outcome::Status { .. } => StateChange::None,
     }

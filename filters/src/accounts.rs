@@ -204,6 +204,9 @@ pub struct AccountState {
     pub cooling_for_overload: AtomicBool,
     pub consecutive_errors: AtomicU32,
     pub consecutive_server_errors: AtomicU32,
+    /// Answers in a row the upstream cut after their head (a reset, a close or a stall inside
+    /// the body); a whole answer sets it back to 0.
+    pub consecutive_cuts: AtomicU32,
     pub last_used_ms: AtomicI64,
     /// Round-robin and request counter.
     pub requests: AtomicU64,

@@ -548,6 +548,16 @@ impl RelayProxy {
             f.on_end(rctx);
         }
         ctx.ended = true;
+        // Cuts in a row count against the account; a whole answer ends the row.
+        let outcome = if cut {
+            Some(Outcome::Cut)
+        } else {
+            complete.then_some(Outcome::Whole)
+        };
+        if let (Some(outcome), Some(account)) = (outcome, rctx.upstream.account.as_ref()) {
+            let change = apply_outcome(account, outcome, &self.settings.state_rules, now_ms());
+            self.account_events.send(account, change);
+        }
         if cut {
             ctx.error_type = Some(ErrorKind::Upstream.type_name());
             // What was metered until the cut: the upstream may have counted more.
