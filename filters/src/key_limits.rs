@@ -140,7 +140,14 @@ fn over_cost_limit(hit: CostLimitHit, whose: Whose) -> Rejection {
     } else {
         Rejection::new(
             ErrorKind::InsufficientQuota,
-            format!("{subject} has reached {its} {which} cost limit"),
+            match hit {
+                CostLimitHit::Daily { .. } => {
+                    format!("{subject} has reached {its} daily cost limit; it resets at 00:00 UTC")
+                }
+                CostLimitHit::Total { .. } => {
+                    format!("{subject} has reached {its} total cost limit")
+                }
+            },
         )
     }
 }
@@ -644,6 +651,15 @@ mod tests {
         assert_eq!(r.retry_after, Some(IN_FLIGHT_RETRY_SECS));
         assert!(r.message.contains("daily cost limit"), "{}", r.message);
         assert!(r.message.contains("in flight"), "{}", r.message);
+        // The daily limit says when it resets.
+        let r = over_cost_limit(CostLimitHit::Daily { in_flight: false }, Whose::User);
+        assert_eq!(r.kind, ErrorKind::InsufficientQuota);
+        assert!(
+            r.message.contains("user's daily cost limit"),
+            "{}",
+            r.message
+        );
+        assert!(r.message.contains("resets at 00:00 UTC"), "{}", r.message);
         // Reached by the spend alone: lasting, no retry helps.
         let r = over_cost_limit(CostLimitHit::Total { in_flight: false }, Whose::Key);
         assert_eq!(r.kind, ErrorKind::InsufficientQuota);
