@@ -1105,6 +1105,7 @@ fn record(
             cache_write_1h_tokens: 5,
             cache_read_tokens: 100,
             reasoning_tokens: 1,
+            web_search_requests: 0,
         },
         base_cost: cost,
         billed_cost: cost * 2,

@@ -535,6 +535,7 @@ mod tests {
             cache_write_1h_tokens: w1h,
             cache_read_tokens: read,
             reasoning_tokens: 0,
+            web_search_requests: 0,
         }
     }
 
