@@ -1508,6 +1508,7 @@ async fn prices_settings_audit_and_sessions(env: Env) {
         cache_write_5m: Some(3_750_000),
         cache_write_1h: None,
         cache_read: Some(300_000),
+        web_search: Some(10_000),
     };
     store
         .upsert_price("claude-sonnet-4-5", &price)
@@ -1536,8 +1537,22 @@ async fn prices_settings_audit_and_sessions(env: Env) {
     assert_eq!(prices.len(), 2);
     assert_eq!(prices[0].model, "claude-sonnet-4-5");
     assert_eq!(prices[0].price(), changed);
+    assert_eq!(prices[0].web_search, Some(10_000));
     assert_eq!(prices[1].model, "gpt-5");
     assert_eq!(prices[1].cache_read, None);
+    assert_eq!(prices[1].web_search, None);
+    assert!(matches!(
+        store
+            .upsert_price(
+                "x",
+                &ModelPrice {
+                    web_search: Some(-1),
+                    ..ModelPrice::default()
+                }
+            )
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
     assert!(matches!(
         store
             .upsert_price(
