@@ -455,6 +455,8 @@ async fn users_see_only_their_own_keys_and_usage(db: Db) {
     for r in records["items"].as_array().unwrap() {
         assert_eq!(r["api_key_id"], bob_key_id.as_str(), "{r}");
         assert_eq!(r["billed_cost"], 17010, "{r}");
+        // Users see their web searches too (billed inside the cost).
+        assert_eq!(r["web_search_requests"], 0, "{r}");
     }
     // The admin path gives a user the same view.
     let text = session_get(&relay, &s, "/api/admin/usage/records").await;

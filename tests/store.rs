@@ -1105,7 +1105,7 @@ fn record(
             cache_write_1h_tokens: 5,
             cache_read_tokens: 100,
             reasoning_tokens: 1,
-            web_search_requests: 0,
+            web_search_requests: 3,
         },
         base_cost: cost,
         billed_cost: cost * 2,
@@ -1350,6 +1350,7 @@ async fn usage_batches_roll_up_exactly(env: Env) {
         (300, 90, 10, 5)
     );
     assert_eq!((r.cache_read_tokens, r.reasoning_tokens), (100, 1));
+    assert_eq!(r.web_search_requests, 3);
     assert_eq!(
         (r.base_cost, r.billed_cost, r.price_rate),
         (9_000, 18_000, 20_000)
