@@ -31,6 +31,7 @@ fn record(n: usize, at: i64) -> UsageRecord {
             cache_write_1h_tokens: 0,
             cache_read_tokens: 20_000,
             reasoning_tokens: 0,
+            web_search_requests: 0,
         },
         base_cost: 12_345,
         billed_cost: 12_345,

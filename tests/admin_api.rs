@@ -455,6 +455,8 @@ async fn users_see_only_their_own_keys_and_usage(db: Db) {
     for r in records["items"].as_array().unwrap() {
         assert_eq!(r["api_key_id"], bob_key_id.as_str(), "{r}");
         assert_eq!(r["billed_cost"], 17010, "{r}");
+        // Users see their web searches too (billed inside the cost).
+        assert_eq!(r["web_search_requests"], 0, "{r}");
     }
     // The admin path gives a user the same view.
     let text = session_get(&relay, &s, "/api/admin/usage/records").await;
@@ -826,11 +828,13 @@ async fn price_rates_and_overrides_change_the_next_request(db: Db) {
         .admin_post(
             "/api/admin/pricing",
             json!({"model": UPSTREAM_MODEL, "input": 1_000_000, "output": 2_000_000,
-                   "cache_write_5m": null, "cache_write_1h": null, "cache_read": 100_000}),
+                   "cache_write_5m": null, "cache_write_1h": null, "cache_read": 100_000,
+                   "web_search": 20_000}),
         )
         .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["override"], true);
+    assert_eq!(v["web_search"], 20_000, "{v}");
     let r = proxied_record(&relay, &key, "override").await;
     assert_eq!(r["base_cost"], 3_000, "{r}");
     assert_eq!(r["billed_cost"], 6_000, "{r}");
@@ -843,13 +847,24 @@ async fn price_rates_and_overrides_change_the_next_request(db: Db) {
     assert_eq!(over["override"], true, "{over}");
     assert_eq!(over["input"], 1_000_000);
     assert_eq!(over["cache_read"], 100_000);
+    assert_eq!(over["web_search"], 20_000);
     let shipped = find(MODEL).expect("shipped price listed");
     assert_eq!(shipped["override"], false, "{shipped}");
     assert_eq!(shipped["input"], 3_000_000);
+    assert_eq!(shipped["web_search"], 10_000, "{shipped}");
+    let gpt = find("gpt-5").expect("shipped price listed");
+    assert_eq!(gpt["web_search"], Value::Null, "{gpt}");
     let (status, _) = relay
         .admin_post(
             "/api/admin/pricing",
             json!({"model": "m", "input": -1, "output": 1}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    let (status, _) = relay
+        .admin_post(
+            "/api/admin/pricing",
+            json!({"model": "m", "input": 1, "output": 1, "web_search": -1}),
         )
         .await;
     assert_eq!(status, 400);

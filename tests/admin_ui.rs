@@ -216,6 +216,8 @@ async fn an_admin_runs_the_relay_from_the_browser() {
         (price["input"].as_i64(), price["output"].as_i64()),
         (Some(3_000_000), Some(15_000_000))
     );
+    // $10 per 1 000 searches is 10 000 micro-USD a search.
+    assert_eq!(price["web_search"], 10_000, "{price}");
 }
 
 /// The UI's page and files come with headers that keep them in their own origin; the API's

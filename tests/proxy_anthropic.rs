@@ -584,6 +584,46 @@ async fn usage_records_carry_exact_tokens_and_cost() {
     assert!(streams.contains(&true) && streams.contains(&false));
 }
 
+/// Claude Code's WebSearch tool: Anthropic runs the searches and reports them in
+/// `usage.server_tool_use`; each one is booked at $10 per 1 000 on top of the tokens.
+#[tokio::test]
+async fn web_searches_are_booked_and_billed() {
+    let s = setup_with(15_000, serde_json::json!({})).await;
+    s.mock.set(|b| {
+        b.usage = MockUsage::io(1000, 500);
+        b.extra_usage.web_searches = 3;
+    });
+    // base = 1000×3 + 500×15 + 3 × 10 000 = 40 500 micro-USD; billed at 1.5: 60 750.
+    for stream in [false, true] {
+        let r = s
+            .relay
+            .post("/v1/messages", &s.key)
+            .json(&messages_body(
+                MODEL,
+                stream,
+                conversation(&format!("search {stream}"), 1),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await.unwrap();
+    }
+    let records = s.relay.wait_records(2).await;
+    for rec in &records {
+        assert_eq!(rec["web_search_requests"], 3, "{rec}");
+        assert_eq!(rec["input_tokens"], 1000, "{rec}");
+        assert_eq!(rec["output_tokens"], 500, "{rec}");
+        assert_eq!(rec["base_cost"], 40_500, "{rec}");
+        assert_eq!(rec["billed_cost"], 60_750, "{rec}");
+    }
+    let streams: Vec<bool> = records
+        .iter()
+        .map(|r| r["stream"].as_bool().unwrap())
+        .collect();
+    assert!(streams.contains(&true) && streams.contains(&false));
+}
+
 #[tokio::test]
 async fn failover_on_429_and_cut_streams_end_with_error_event() {
     let mock_a = MockUpstream::start().await;

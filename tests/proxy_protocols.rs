@@ -113,6 +113,7 @@ async fn assert_conversations_stick_and_spread(
 const CHAT_EXTRA: ExtraUsage = ExtraUsage {
     reasoning: 64,
     tool_use: 0,
+    web_searches: 0,
 };
 
 /// gpt-4.1: input $2, output $8, cached input $0.50 per million tokens.
@@ -508,6 +509,7 @@ async fn chat_conversations_stick_and_spread() {
 const RESPONSES_EXTRA: ExtraUsage = ExtraUsage {
     reasoning: 256,
     tool_use: 0,
+    web_searches: 0,
 };
 
 /// The usage of `openai-responses.stream.sse`: input 5230 of which 4864 cached, output 412 of
@@ -625,6 +627,67 @@ async fn responses_through_an_openai_account_with_a_path_prefix() {
         assert_eq!(rec["upstream_model"], "gpt-5-2025-08-07", "{rec}");
         assert_eq!(rec["base_cost"], 5186, "{rec}");
         assert_eq!(rec["account_id"], account_id.as_str(), "{rec}");
+    }
+}
+
+/// OpenAI bills each web search call of a Responses answer: counted from the stream's
+/// `response.web_search_call.completed` events, or the JSON answer's `web_search_call` items,
+/// and priced by an admin's `web_search` override (the shipped list leaves it unset).
+#[tokio::test]
+async fn responses_web_searches_are_counted_and_billed_at_the_admins_price() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    relay
+        .create_account("openai-a", "openai", &mock.url(), OPENAI_SECRET)
+        .await;
+    relay.wait_accounts_loaded(1).await;
+    mock.set(|b| {
+        b.usage = MockUsage::io(1000, 100);
+        b.extra_usage.web_searches = 2;
+        b.upstream_model = Some("gpt-5-2025-08-07".into());
+    });
+    let send = |id: &'static str, stream: bool| {
+        let body = serde_json::json!({"model": "gpt-5", "stream": stream, "input": format!("search {id}")});
+        relay
+            .post_bare("/v1/responses")
+            .bearer_auth(&key)
+            .header("x-request-id", id)
+            .json(&body)
+            .send()
+    };
+    // gpt-5 at $1.25 in, $10 out per MTok: 1250 + 1000 = 2250, the searches unpriced.
+    for (id, stream) in [("unpriced-json", false), ("unpriced-stream", true)] {
+        let r = send(id, stream).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await.unwrap();
+    }
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/pricing",
+            serde_json::json!({"model": "gpt-5", "input": 1_250_000, "output": 10_000_000,
+                               "cache_read": 125_000, "web_search": 10_000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    // Two searches at 10 000 each on top: 22 250.
+    for (id, stream) in [("priced-json", false), ("priced-stream", true)] {
+        let r = send(id, stream).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await.unwrap();
+    }
+    let records = relay.wait_records(4).await;
+    for (id, stream, base) in [
+        ("unpriced-json", false, 2_250),
+        ("unpriced-stream", true, 2_250),
+        ("priced-json", false, 22_250),
+        ("priced-stream", true, 22_250),
+    ] {
+        let rec = record_by_request_id(&records, id);
+        assert_eq!(rec["stream"], stream, "{rec}");
+        assert_eq!(rec["web_search_requests"], 2, "{rec}");
+        assert_eq!(rec["input_tokens"], 1000, "{rec}");
+        assert_eq!(rec["base_cost"], base, "{rec}");
+        assert_eq!(rec["unpriced"], false, "{rec}");
     }
 }
 
@@ -978,6 +1041,7 @@ enum Shape {
 const GEMINI_EXTRA: ExtraUsage = ExtraUsage {
     reasoning: 734,
     tool_use: 312,
+    web_searches: 0,
 };
 
 /// Gemini usage as `gemini.stream.sse` reports it, plus search grounding: prompt 4120 of which

@@ -1105,6 +1105,7 @@ fn record(
             cache_write_1h_tokens: 5,
             cache_read_tokens: 100,
             reasoning_tokens: 1,
+            web_search_requests: 3,
         },
         base_cost: cost,
         billed_cost: cost * 2,
@@ -1349,6 +1350,7 @@ async fn usage_batches_roll_up_exactly(env: Env) {
         (300, 90, 10, 5)
     );
     assert_eq!((r.cache_read_tokens, r.reasoning_tokens), (100, 1));
+    assert_eq!(r.web_search_requests, 3);
     assert_eq!(
         (r.base_cost, r.billed_cost, r.price_rate),
         (9_000, 18_000, 20_000)
@@ -1507,6 +1509,7 @@ async fn prices_settings_audit_and_sessions(env: Env) {
         cache_write_5m: Some(3_750_000),
         cache_write_1h: None,
         cache_read: Some(300_000),
+        web_search: Some(10_000),
     };
     store
         .upsert_price("claude-sonnet-4-5", &price)
@@ -1535,8 +1538,22 @@ async fn prices_settings_audit_and_sessions(env: Env) {
     assert_eq!(prices.len(), 2);
     assert_eq!(prices[0].model, "claude-sonnet-4-5");
     assert_eq!(prices[0].price(), changed);
+    assert_eq!(prices[0].web_search, Some(10_000));
     assert_eq!(prices[1].model, "gpt-5");
     assert_eq!(prices[1].cache_read, None);
+    assert_eq!(prices[1].web_search, None);
+    assert!(matches!(
+        store
+            .upsert_price(
+                "x",
+                &ModelPrice {
+                    web_search: Some(-1),
+                    ..ModelPrice::default()
+                }
+            )
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
     assert!(matches!(
         store
             .upsert_price(

@@ -218,9 +218,11 @@ try {
   await priceForm.locator('input[name="model"]').fill('ui-model-1')
   await priceForm.locator('input[name="input"]').fill('3')
   await priceForm.locator('input[name="output"]').fill('15')
+  await priceForm.locator('input[name="web_search"]').fill('10')
   await page.click('[data-test="save-price"]')
   await note().filter({ hasText: 'Price of ui-model-1 saved.' }).waitFor()
   assert.equal(await row('prices', 'ui-model-1').locator('[data-test="input"]').innerText(), '$3.00')
+  assert.equal(await row('prices', 'ui-model-1').locator('[data-test="web_search"]').innerText(), '$10.00')
   await shot('08-pricing')
 
   // After a reload the session goes on, and so do changes (the CSRF token comes back).

@@ -88,6 +88,8 @@ export interface Price {
   cache_write_5m: number | null
   cache_write_1h: number | null
   cache_read: number | null
+  /** Micro-USD per web search; null: searches are not billed. */
+  web_search: number | null
   override: boolean
   updated_at: number | null
 }

@@ -1,8 +1,8 @@
 //! Model prices and the cost of one request in integer micro-USD (DESIGN §9).
 //!
-//! Prices are micro-USD per million tokens, so every amount is an integer; the cost of a
-//! request is computed once from its token totals and rounded half up, then multiplied by the
-//! user's price rate (ten-thousandths) and rounded half up again.
+//! Prices are micro-USD per million tokens (and per web search), so every amount is an integer;
+//! the cost of a request is computed once from its totals and rounded half up, then multiplied
+//! by the user's price rate (ten-thousandths) and rounded half up again.
 
 use std::collections::BTreeMap;
 
@@ -16,7 +16,7 @@ const TOKENS_PER_PRICE: i128 = 1_000_000;
 /// A price rate of this value means 1.0×.
 const RATE_ONE: i128 = 10_000;
 
-/// Prices of one model in micro-USD per million tokens.
+/// Prices of one model in micro-USD per million tokens, and per web search.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelPrice {
@@ -33,6 +33,10 @@ pub struct ModelPrice {
     /// Cache reads (cached input); unset means 0.1× input.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_read: Option<i64>,
+    /// Micro-USD per web search the provider ran (not per million); unset means searches are
+    /// not billed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_search: Option<i64>,
 }
 
 impl ModelPrice {
@@ -97,7 +101,8 @@ impl PriceTable {
     ///
     /// The accepted format is the TOML subset that file uses: comments, blank lines,
     /// `[models."<name>"]` (or `[models.<bare-name>]`) tables, and `key = integer` lines with
-    /// keys `input`, `output` (required), `cache_write_5m`, `cache_write_1h`, `cache_read`.
+    /// keys `input`, `output` (required), `cache_write_5m`, `cache_write_1h`, `cache_read`,
+    /// `web_search`.
     /// Anything else is an error, so a typo never silently prices a model at 0.
     // Hand-written because the filters crate has no TOML dependency; the binary, which has
     // one, can equally deserialize `[models]` into `ModelPrice`s and `insert` them.
@@ -140,17 +145,21 @@ impl PriceTable {
                 "cache_write_5m" => &mut partial.cache_write_5m,
                 "cache_write_1h" => &mut partial.cache_write_1h,
                 "cache_read" => &mut partial.cache_read,
+                "web_search" => &mut partial.web_search,
                 _ => return Err(syntax(line_no, format!("unknown key `{key}`"))),
             };
             if slot.is_some() {
                 return Err(syntax(line_no, format!("`{key}` is set twice")));
             }
             let price = parse_price(value.trim()).ok_or_else(|| {
+                let unit = if key == "web_search" {
+                    "micro-USD per search"
+                } else {
+                    "micro-USD per million tokens"
+                };
                 syntax(
                     line_no,
-                    format!(
-                        "`{key}` must be a non-negative integer (micro-USD per million tokens)"
-                    ),
+                    format!("`{key}` must be a non-negative integer ({unit})"),
                 )
             })?;
             *slot = Some(price);
@@ -205,6 +214,7 @@ impl PriceTable {
             cache_write_5m: p.cache_write_5m,
             cache_write_1h: p.cache_write_1h,
             cache_read: p.cache_read,
+            web_search: p.web_search,
         };
         self.models.insert(model, price);
         Ok(())
@@ -224,10 +234,12 @@ pub struct Cost {
 
 /// Prices `usage` of `model` and applies `price_rate` (ten-thousandths: 10000 = 1.0×).
 ///
-/// base = round_half_up(Σ tokens × price per million / 1 000 000), computed once from the
-/// totals (no per-category rounding); billed = round_half_up(base × price_rate / 10 000).
-/// A missing or unknown model costs 0 and is flagged `unpriced`; a request without any tokens
-/// costs 0 and is not flagged, since there was nothing to price.
+/// base = round_half_up((Σ tokens × price per million + searches × price per search × 1 000 000)
+/// / 1 000 000), computed once from the totals (no per-category rounding);
+/// billed = round_half_up(base × price_rate / 10 000). Web searches of a model without a
+/// `web_search` price cost nothing. A missing or unknown model costs 0 and is flagged
+/// `unpriced`; a request without any tokens or searches costs 0 and is not flagged, since there
+/// was nothing to price.
 pub fn compute_cost(
     table: &PriceTable,
     model: Option<&str>,
@@ -258,9 +270,13 @@ pub fn compute_cost(
         (usage.cache_read_tokens, price.cache_read_or_default()),
     ];
     // Saturating: absurd counts from a hostile upstream must not panic or wrap.
-    let micro_usd_x_million = terms.iter().fold(0i128, |sum, &(tokens, per_million)| {
+    let tokens_x_million = terms.iter().fold(0i128, |sum, &(tokens, per_million)| {
         sum.saturating_add(i128::from(tokens).saturating_mul(i128::from(per_million)))
     });
+    let searches_x_million = i128::from(usage.web_search_requests)
+        .saturating_mul(i128::from(price.web_search.unwrap_or(0)))
+        .saturating_mul(TOKENS_PER_PRICE);
+    let micro_usd_x_million = tokens_x_million.saturating_add(searches_x_million);
     let base = clamp_i64(div_round_half_up(micro_usd_x_million, TOKENS_PER_PRICE));
     let billed = clamp_i64(div_round_half_up(
         i128::from(base).saturating_mul(i128::from(price_rate)),
@@ -366,6 +382,7 @@ struct PartialPrice {
     cache_write_5m: Option<i64>,
     cache_write_1h: Option<i64>,
     cache_read: Option<i64>,
+    web_search: Option<i64>,
 }
 
 fn syntax(line: usize, message: impl Into<String>) -> PriceError {
@@ -516,6 +533,7 @@ mod tests {
             cache_write_5m: None,
             cache_write_1h: None,
             cache_read: None,
+            web_search: None,
         }
     }
 
@@ -535,6 +553,7 @@ mod tests {
             cache_write_1h_tokens: w1h,
             cache_read_tokens: read,
             reasoning_tokens: 0,
+            web_search_requests: 0,
         }
     }
 
@@ -578,6 +597,7 @@ mod tests {
             cache_write_5m: Some(3_750_000),
             cache_write_1h: Some(6_000_000),
             cache_read: Some(300_000),
+            web_search: None,
         };
         let t = table(&[
             ("claude-sonnet-4-5", sonnet),
@@ -723,6 +743,94 @@ mod tests {
         }
     }
 
+    /// Web searches are priced per search, on top of the tokens and within the one rounding;
+    /// without a `web_search` price they cost nothing.
+    #[test]
+    fn web_searches_are_priced_per_search() {
+        let searching = ModelPrice {
+            web_search: Some(10_000),
+            ..price(3_000_000, 15_000_000)
+        };
+        let t = table(&[
+            ("claude-sonnet-4-5", searching),
+            ("gpt-5", price(1_250_000, 10_000_000)),
+            (
+                "cheap",
+                ModelPrice {
+                    web_search: Some(3),
+                    ..price(500_000, 1)
+                },
+            ),
+        ]);
+        let with_searches = |n, usage: TokenUsage| TokenUsage {
+            web_search_requests: n,
+            ..usage
+        };
+        // 1000 × $3 + 500 × $15 per MTok = 10 500 µUSD, + 3 searches × $0.01 = 30 000 µUSD.
+        assert_eq!(
+            compute_cost(
+                &t,
+                Some("claude-sonnet-4-5-20250929"),
+                &with_searches(3, tokens(1000, 500, 0, 0, 0)),
+                10_000
+            ),
+            priced(40_500, 40_500)
+        );
+        // Searches alone are priced too, and the user's rate applies to them.
+        assert_eq!(
+            compute_cost(
+                &t,
+                Some("claude-sonnet-4-5"),
+                &with_searches(1, TokenUsage::default()),
+                15_000
+            ),
+            priced(10_000, 15_000)
+        );
+        // No search price: only the tokens are billed, and the model is not unpriced.
+        assert_eq!(
+            compute_cost(
+                &t,
+                Some("gpt-5"),
+                &with_searches(4, tokens(1000, 100, 0, 0, 0)),
+                10_000
+            ),
+            priced(2_250, 2_250)
+        );
+        // One rounding for the whole request: 0.5 µUSD of tokens + 2 × 3 µUSD = 6.5 → 7.
+        assert_eq!(
+            compute_cost(
+                &t,
+                Some("cheap"),
+                &with_searches(2, tokens(1, 0, 0, 0, 0)),
+                10_000
+            ),
+            priced(7, 7)
+        );
+        // An unknown model with searches is unpriced, as with tokens.
+        assert!(
+            compute_cost(
+                &t,
+                Some("gpt-9"),
+                &with_searches(1, TokenUsage::default()),
+                10_000
+            )
+            .unpriced
+        );
+        // Absurd counts saturate.
+        let huge = ModelPrice {
+            web_search: Some(i64::MAX),
+            ..price(0, 0)
+        };
+        let t = table(&[("m", huge)]);
+        let cost = compute_cost(
+            &t,
+            Some("m"),
+            &with_searches(u64::MAX, TokenUsage::default()),
+            10_000,
+        );
+        assert_eq!(cost.base, i64::MAX);
+    }
+
     #[test]
     fn default_cache_prices_round_half_up() {
         let p = price(3_000_000, 0);
@@ -842,6 +950,7 @@ mod tests {
                 cache_write_5m: Some(3_750_000),
                 cache_write_1h: Some(6_000_000),
                 cache_read: Some(300_000),
+                web_search: Some(10_000),
             }
         );
         assert_eq!(
@@ -898,7 +1007,12 @@ mod tests {
                         && p.cache_read.is_some(),
                     "{model}"
                 );
+                // $10 per 1 000 searches wherever Anthropic offers the web search tool.
+                let searches = (model != "claude-3-haiku").then_some(10_000);
+                assert_eq!(p.web_search, searches, "{model}");
             } else {
+                // OpenAI's per-call prices are left to the admins.
+                assert_eq!(p.web_search, None, "{model}");
                 // These two report no cached input.
                 assert!(
                     p.cache_read.is_some()
@@ -956,6 +1070,11 @@ mod tests {
                 "[models.m]\ninput = 1\ninput = 2\noutput = 2\n",
                 3,
             ),
+            (
+                "negative search price",
+                "[models.m]\ninput = 1\noutput = 2\nweb_search = -1\n",
+                4,
+            ),
             ("not models", "[prices.m]\ninput = 1\noutput = 2\n", 1),
             ("array of tables", "[[models]]\n", 1),
             ("unclosed header", "[models.\"m\"\n", 1),
@@ -1010,6 +1129,11 @@ mod tests {
         assert_eq!(t.get("single-quoted").unwrap().output, 15_000_000);
         assert_eq!(t.get("bare_name-1").unwrap().input, 0);
         assert_eq!(t.get("with # hash").unwrap().output, 2);
+        assert_eq!(t.get("with # hash").unwrap().web_search, None);
+        let searching =
+            PriceTable::from_toml_str("[models.s]\ninput = 1\noutput = 2\nweb_search = 10_000\n")
+                .unwrap();
+        assert_eq!(searching.get("s").unwrap().web_search, Some(10_000));
         assert_eq!(
             t.models().map(|(m, _)| m).collect::<Vec<_>>(),
             ["bare_name-1", "single-quoted", "with # hash"]
@@ -1032,6 +1156,13 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&p).unwrap(),
             r#"{"input":1,"output":2,"cache_read":3}"#
+        );
+        let p: ModelPrice =
+            serde_json::from_str(r#"{"input":1,"output":2,"web_search":10000}"#).unwrap();
+        assert_eq!(p.web_search, Some(10_000));
+        assert_eq!(
+            serde_json::to_string(&p).unwrap(),
+            r#"{"input":1,"output":2,"web_search":10000}"#
         );
     }
 

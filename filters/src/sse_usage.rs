@@ -896,12 +896,19 @@ struct AnthropicUsageWire {
     cache_creation_input_tokens: Option<u64>,
     cache_read_input_tokens: Option<u64>,
     cache_creation: Option<AnthropicCacheCreationWire>,
+    server_tool_use: Option<AnthropicServerToolUseWire>,
 }
 
 #[derive(Deserialize, Default, Debug, PartialEq)]
 struct AnthropicCacheCreationWire {
     ephemeral_5m_input_tokens: Option<u64>,
     ephemeral_1h_input_tokens: Option<u64>,
+}
+
+/// Anthropic `usage.server_tool_use`: tool calls Anthropic runs and bills apart from tokens.
+#[derive(Deserialize, Default, Debug, PartialEq)]
+struct AnthropicServerToolUseWire {
+    web_search_requests: Option<u64>,
 }
 
 /// Anthropic message (message_start.message, or the JSON body itself).
@@ -977,6 +984,10 @@ struct ResponseWire<'a> {
     usage: Option<ResponsesUsageWire>,
     /// `null` on success, `{code, message}` when the response failed.
     error: Option<ErrorWire>,
+    /// The output items; only a JSON answer's are read (a stream's searches are counted from
+    /// their own events).
+    #[serde(borrow)]
+    output: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -1079,6 +1090,7 @@ struct AnthropicCounts {
     cache_read: Option<u64>,
     ephemeral_5m: Option<u64>,
     ephemeral_1h: Option<u64>,
+    web_search: Option<u64>,
 }
 
 impl AnthropicCounts {
@@ -1087,6 +1099,10 @@ impl AnthropicCounts {
         raise_to(&mut self.output, u.output_tokens);
         raise_to(&mut self.cache_creation, u.cache_creation_input_tokens);
         raise_to(&mut self.cache_read, u.cache_read_input_tokens);
+        raise_to(
+            &mut self.web_search,
+            u.server_tool_use.and_then(|s| s.web_search_requests),
+        );
         if let Some(split) = u.cache_creation {
             // The split is one partition of the cache writes: a later one replaces it whole
             // (for the fields it carries) unless it adds up to less. Raising each part apart
@@ -1122,6 +1138,7 @@ impl AnthropicCounts {
             cache_write_1h_tokens: write_1h,
             cache_read_tokens: self.cache_read.unwrap_or(0),
             reasoning_tokens: 0,
+            web_search_requests: self.web_search.unwrap_or(0),
         }
     }
 }
@@ -1162,6 +1179,8 @@ impl GeminiCounts {
             cache_write_1h_tokens: 0,
             cache_read_tokens: cached,
             reasoning_tokens: thoughts,
+            // Grounding with Google Search is billed per prompt, and not metered here.
+            web_search_requests: 0,
         }
     }
 }
@@ -1175,6 +1194,7 @@ fn chat_usage(u: &ChatUsageWire) -> TokenUsage {
         cache_write_1h_tokens: 0,
         cache_read_tokens: cached,
         reasoning_tokens: reasoning_tokens(u.completion_tokens_details.as_ref()),
+        web_search_requests: 0,
     }
 }
 
@@ -1187,6 +1207,8 @@ fn responses_usage(u: &ResponsesUsageWire) -> TokenUsage {
         cache_write_1h_tokens: 0,
         cache_read_tokens: cached,
         reasoning_tokens: reasoning_tokens(u.output_tokens_details.as_ref()),
+        // Not in `usage`: counted from the output items or the stream's events.
+        web_search_requests: 0,
     }
 }
 
@@ -1292,7 +1314,7 @@ fn responses_event(st: &mut StreamState, ev: SseEvent<'_>) {
         // is near its end. (A dropped event without `event:` line has no name left to go by.)
         if terminal {
             if let Some(usage) = responses_dropped_usage(ev.data) {
-                st.result.usage = responses_usage(&usage);
+                set_responses_usage(st, &usage);
                 st.result.complete = true;
                 if name == "response.failed" {
                     st.result.upstream_error = Some("response_failed".into());
@@ -1322,7 +1344,7 @@ fn responses_event(st: &mut StreamState, ev: SseEvent<'_>) {
                 return;
             }
             if let Some(usage) = &response.usage {
-                st.result.usage = responses_usage(usage);
+                set_responses_usage(st, usage);
             }
             st.result.complete = true;
             if name == "response.failed" {
@@ -1331,10 +1353,24 @@ fn responses_event(st: &mut StreamState, ev: SseEvent<'_>) {
             }
         }
         "error" => st.result.upstream_error = Some(error_event_kind(ev.data)),
+        // One per search OpenAI ran (and bills), by name alone: nothing in it is read.
+        "response.web_search_call.completed" => {
+            let searches = &mut st.result.usage.web_search_requests;
+            *searches = searches.saturating_add(1);
+        }
         name if is_text_delta(name) => count_delta(st),
         // Item events: nothing to meter, and nothing parsed.
         _ => {}
     }
+}
+
+/// The usage a Responses terminal event reported, with the web searches counted so far from
+/// their own events (the usage object carries no count of them).
+fn set_responses_usage(st: &mut StreamState, u: &ResponsesUsageWire) {
+    st.result.usage = TokenUsage {
+        web_search_requests: st.result.usage.web_search_requests,
+        ..responses_usage(u)
+    };
 }
 
 /// A Responses `*.delta` event whose `delta` is text (output, reasoning summary, refusal,
@@ -1704,6 +1740,11 @@ fn scan_anthropic_usage(value: &[u8]) -> Option<Option<AnthropicUsageWire>> {
                 usage.cache_creation = scan_anthropic_cache_creation(value)?;
                 return Some(());
             }
+            b"server_tool_use" => {
+                seen.first(5)?;
+                usage.server_tool_use = scan_anthropic_server_tool_use(value)?;
+                return Some(());
+            }
             _ => return Some(()),
         };
         seen.first(bit)?;
@@ -1733,6 +1774,23 @@ fn scan_anthropic_cache_creation(value: &[u8]) -> Option<Option<AnthropicCacheCr
     Some(Some(split))
 }
 
+/// Anthropic `usage.server_tool_use` read with [`json_scan`]: `Some(None)` for `null`.
+fn scan_anthropic_server_tool_use(value: &[u8]) -> Option<Option<AnthropicServerToolUseWire>> {
+    if value == b"null" {
+        return Some(None);
+    }
+    let mut tools = AnthropicServerToolUseWire::default();
+    let mut seen = Seen::default();
+    json_scan::for_each_member(value, |key, value| {
+        if key == b"web_search_requests" {
+            seen.first(0)?;
+            tools.web_search_requests = json_scan::opt_u64(value)?;
+        }
+        Some(())
+    })?;
+    Some(Some(tools))
+}
+
 fn parse_chat_json(body: &[u8]) -> Option<MeterResult> {
     let chat = serde_json::from_slice::<ChatWire<'_>>(body).ok()?;
     let mut result = MeterResult {
@@ -1759,8 +1817,41 @@ fn parse_responses_json(body: &[u8]) -> Option<MeterResult> {
     if let Some(usage) = &response.usage {
         result.usage = responses_usage(usage);
     }
+    if let Some(output) = response.output {
+        result.usage.web_search_requests = count_web_search_calls(output.get().as_bytes());
+    }
     result.upstream_error = response.error.map(ErrorWire::kind);
     Some(result)
+}
+
+/// Output items of type `web_search_call` (one per search OpenAI ran and bills), found with
+/// [`json_scan`] in the `output` serde has already checked: each item's members are walked only
+/// up to its `type`, so the rest (a message's text) is skipped, never parsed. 0 when the output
+/// is not an array the scanner is sure of.
+fn count_web_search_calls(output: &[u8]) -> u64 {
+    let mut calls = 0u64;
+    let walked = json_scan::for_each_element(output, |item| {
+        if output_item_type(item) == Some(b"\"web_search_call\"") {
+            calls = calls.saturating_add(1);
+        }
+        Some(())
+    });
+    walked.map_or(0, |()| calls)
+}
+
+/// The raw `type` of an output item (with its quotes); `None` for an item without one, or that
+/// is not an object.
+fn output_item_type(item: &[u8]) -> Option<&[u8]> {
+    let mut kind = None;
+    // The walk stops at the `type` member (the closure's `None`), so its result says nothing.
+    let _ = json_scan::for_each_member(item, |key, value| {
+        if key == b"type" {
+            kind = Some(value);
+            return None;
+        }
+        Some(())
+    });
+    kind
 }
 
 /// A `generateContent` answer (an array goes to [`GeminiArrayMeter`] as it arrives).
@@ -2071,6 +2162,7 @@ mod tests {
             cache_write_1h_tokens: w1h,
             cache_read_tokens: read,
             reasoning_tokens: reasoning,
+            web_search_requests: 0,
         }
     }
 
@@ -2625,6 +2717,14 @@ mod tests {
                 r#"{"id":"caf\u00e9","model":"m\"x","usage":{"output_tokens":2}}"#.into(),
                 true,
             ),
+            (
+                r#"{"usage":{"output_tokens":2,"server_tool_use":{"web_fetch_requests":1,"web_search_requests":3}}}"#.into(),
+                true,
+            ),
+            (
+                r#"{"usage":{"output_tokens":2,"server_tool_use":null}}"#.into(),
+                true,
+            ),
             ("{}".into(), true),
             // Left to serde: repeated fields, escaped keys, numbers serde reads otherwise.
             (r#"{"id":"a","id":"b"}"#.into(), false),
@@ -2638,6 +2738,15 @@ mod tests {
             (r#"{"usage":{"input_tokens":-1}}"#.into(), false),
             (r#"{"usage":{"input_tokens":"1"}}"#.into(), false),
             (r#"{"usage":[1]}"#.into(), false),
+            (
+                r#"{"usage":{"server_tool_use":{"web_search_requests":1,"web_search_requests":2}}}"#
+                    .into(),
+                false,
+            ),
+            (
+                r#"{"usage":{"server_tool_use":{"web_search_requests":1.0}}}"#.into(),
+                false,
+            ),
             ("[]".into(), false),
             ("not json".into(), false),
         ];
@@ -2762,6 +2871,117 @@ data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5
             let got = stream_result(Protocol::Anthropic, &text);
             assert_eq!(got.usage, *expected, "{name}");
             assert!(got.complete, "{name}");
+        }
+    }
+
+    /// Anthropic reports its web searches in `usage.server_tool_use` (cumulative, like the
+    /// token counts): the highest count wins, whatever the split, in a stream or a JSON answer.
+    #[test]
+    fn anthropic_web_searches_are_metered_under_any_split() {
+        let stream = concat!(
+            "event: message_start\n",
+            r#"data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5","usage":{"input_tokens":10,"output_tokens":1,"server_tool_use":{"web_search_requests":0}}}}"#,
+            "\n\nevent: content_block_start\n",
+            r#"data: {"type":"content_block_start","index":0,"content_block":{"type":"server_tool_use","id":"srvtoolu_1","name":"web_search","input":{}}}"#,
+            "\n\nevent: message_delta\n",
+            r#"data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":50,"server_tool_use":{"web_search_requests":3}}}"#,
+            "\n\nevent: message_delta\n",
+            r#"data: {"type":"message_delta","delta":{},"usage":{"output_tokens":60,"server_tool_use":{"web_search_requests":2}}}"#,
+            "\n\nevent: message_stop\n",
+            r#"data: {"type":"message_stop"}"#,
+            "\n\n",
+        );
+        let want = TokenUsage {
+            web_search_requests: 3,
+            ..usage(10, 60, 0, 0, 0, 0)
+        };
+        for chunks in splits(stream.as_bytes()) {
+            let got = meter(Protocol::Anthropic, true, &chunks);
+            assert_eq!(got.usage, want, "{chunks:?}");
+            assert!(got.complete);
+        }
+        let json = r#"{"id":"msg_1","type":"message","model":"claude-sonnet-4-5","content":[{"type":"server_tool_use","id":"srvtoolu_1","name":"web_search","input":{"query":"usage"}},{"type":"text","text":"server_tool_use"}],"usage":{"input_tokens":10,"output_tokens":60,"server_tool_use":{"web_search_requests":2}}}"#;
+        for chunks in splits(json.as_bytes()) {
+            let got = meter(Protocol::Anthropic, false, &chunks);
+            assert_eq!(
+                got.usage,
+                TokenUsage {
+                    web_search_requests: 2,
+                    ..usage(10, 60, 0, 0, 0, 0)
+                }
+            );
+        }
+        // The serde fallback (an escaped key the scanner leaves to it) reads them too.
+        let escaped = r#"{"model":"m","us\u0061ge":{"output_tokens":1,"server_tool_use":{"web_search_requests":4}}}"#;
+        assert!(scan_anthropic_message(escaped.as_bytes()).is_none());
+        let got = meter(Protocol::Anthropic, false, &[escaped.as_bytes()]);
+        assert_eq!(got.usage.web_search_requests, 4);
+    }
+
+    /// OpenAI Responses: a stream's searches are its `response.web_search_call.completed`
+    /// events, counted by name under any split and kept when the terminal usage arrives; a JSON
+    /// answer's are its `web_search_call` output items.
+    #[test]
+    fn openai_responses_web_searches_are_metered() {
+        let mut stream = String::from(concat!(
+            "event: response.created\n",
+            r#"data: {"type":"response.created","response":{"id":"resp_1","model":"gpt-5","output":[],"usage":null}}"#,
+            "\n\n",
+        ));
+        for n in 0..2 {
+            for phase in ["in_progress", "searching", "completed"] {
+                stream.push_str(&format!(
+                    "event: response.web_search_call.{phase}\ndata: {{\"type\":\"response.web_search_call.{phase}\",\"output_index\":{n},\"item_id\":\"ws_{n}\"}}\n\n"
+                ));
+            }
+        }
+        stream.push_str(concat!(
+            "event: response.completed\n",
+            r#"data: {"type":"response.completed","response":{"id":"resp_1","model":"gpt-5","output":[{"type":"web_search_call","id":"ws_0","status":"completed"},{"type":"web_search_call","id":"ws_1","status":"completed"}],"usage":{"input_tokens":100,"output_tokens":20}}}"#,
+            "\n\n",
+        ));
+        let want = TokenUsage {
+            web_search_requests: 2,
+            ..usage(100, 20, 0, 0, 0, 0)
+        };
+        for chunks in splits(stream.as_bytes()) {
+            let got = meter(Protocol::OpenaiResponses, true, &chunks);
+            assert_eq!(got.usage, want, "{chunks:?}");
+            assert!(got.complete);
+        }
+        // Without `event:` lines the leading `type` names them.
+        let bare: String = stream
+            .lines()
+            .filter(|l| !l.starts_with("event:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(
+            meter(Protocol::OpenaiResponses, true, &[bare.as_bytes()]).usage,
+            want
+        );
+
+        let json = r#"{"id":"resp_1","object":"response","model":"gpt-5","output":[{"id":"ws_0","type":"web_search_call","status":"completed","action":{"type":"search","query":"q"}},{"type":"message","id":"msg_1","content":[{"type":"output_text","text":"{\"type\":\"web_search_call\"}","annotations":[]}]},{"type":"web_search_call","id":"ws_1","status":"completed"},{"type":"reasoning","summary":[]}],"usage":{"input_tokens":100,"output_tokens":20}}"#;
+        for chunks in splits(json.as_bytes()) {
+            assert_eq!(meter(Protocol::OpenaiResponses, false, &chunks).usage, want);
+        }
+        for (output, calls) in [
+            ("[]", 0),
+            ("null", 0),
+            (r#"[{"type":"web_search_call"}]"#, 1),
+            (
+                r#"[{"id":"x","type" : "web_search_call"}, {"type":"message"}]"#,
+                1,
+            ),
+            (
+                r#"[{"id":"x"},"web_search_call",{"type":"file_search_call"}]"#,
+                0,
+            ),
+        ] {
+            let body =
+                format!(r#"{{"model":"gpt-5","output":{output},"usage":{{"input_tokens":1}}}}"#);
+            let got = meter(Protocol::OpenaiResponses, false, &[body.as_bytes()]);
+            assert_eq!(got.usage.web_search_requests, calls, "{output}");
+            assert_eq!(got.usage.input_tokens, 1, "{output}");
         }
     }
 

@@ -114,10 +114,11 @@ impl AccountType {
     }
 }
 
-/// Token counts of one request, normalised across protocols.
+/// Token counts of one request, normalised across protocols, and the server-side tool calls
+/// the provider bills apart from tokens.
 ///
 /// `input_tokens` counts only uncached input (billed at the input price); cache writes and
-/// cache reads are counted apart, so that the sum of the fields is the whole prompt.
+/// cache reads are counted apart, so that the sum of the token fields is the whole prompt.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenUsage {
     pub input_tokens: u64,
@@ -130,9 +131,14 @@ pub struct TokenUsage {
     pub cache_read_tokens: u64,
     /// Reasoning tokens, already included in `output_tokens` (informational).
     pub reasoning_tokens: u64,
+    /// Web searches the provider ran for the answer, billed per search (Anthropic
+    /// `usage.server_tool_use.web_search_requests`, OpenAI Responses `web_search_call` items).
+    /// Absent from records spooled before it existed.
+    #[serde(default)]
+    pub web_search_requests: u64,
 }
 
-/// Most tokens one field of one request may count. No request comes near it; an upstream that
+/// Most tokens (or searches) one field of one request may count. No request comes near it; an upstream that
 /// reports more is wrong, and sums of such counts would overflow the daily rollups (PostgreSQL
 /// then refuses the whole batch of records).
 pub const MAX_TOKENS: u64 = 1_000_000_000_000;
@@ -152,6 +158,7 @@ impl TokenUsage {
             cache_write_1h_tokens: clamp(self.cache_write_1h_tokens),
             cache_read_tokens: clamp(self.cache_read_tokens),
             reasoning_tokens: clamp(self.reasoning_tokens),
+            web_search_requests: clamp(self.web_search_requests),
         };
         (u, cut)
     }
@@ -202,4 +209,33 @@ pub struct UsageRecord {
     pub unpriced: bool,
     /// Token counts are incomplete (client went away and the upstream was not drained).
     pub estimated: bool,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failing unwrap is a failing test
+mod tests {
+    use super::*;
+
+    /// A record spooled before web searches were counted still reads (as none).
+    #[test]
+    fn a_record_spooled_without_web_searches_reads() {
+        let line = r#"{"id":"r1","created_at":1,"user_id":null,"api_key_id":null,"account_id":null,"session_key":null,"protocol":"anthropic","requested_model":null,"upstream_model":null,"stream":false,"status":200,"usage":{"input_tokens":3,"output_tokens":4,"cache_write_5m_tokens":0,"cache_write_1h_tokens":0,"cache_read_tokens":0,"reasoning_tokens":0},"base_cost":5,"billed_cost":5,"price_rate":10000,"latency_ms":1,"ttfb_ms":null,"failover_count":0,"error_type":null,"unpriced":false,"estimated":false}"#;
+        let record: UsageRecord = serde_json::from_str(line).unwrap();
+        assert_eq!(record.usage.input_tokens, 3);
+        assert_eq!(record.usage.web_search_requests, 0);
+        let again: UsageRecord =
+            serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
+        assert_eq!(again, record);
+    }
+
+    #[test]
+    fn web_searches_are_clamped_like_tokens() {
+        let (u, cut) = TokenUsage {
+            web_search_requests: u64::MAX,
+            ..TokenUsage::default()
+        }
+        .clamped();
+        assert!(cut);
+        assert_eq!(u.web_search_requests, MAX_TOKENS);
+    }
 }

@@ -1,5 +1,5 @@
-//! Model prices (micro-USD per million tokens for each token category) and the users' price
-//! rates applied on top of them.
+//! Model prices (micro-USD per million tokens for each token category, and per web search)
+//! and the users' price rates applied on top of them.
 
 use serde::Serialize;
 use sqlx::any::AnyRow;
@@ -25,6 +25,8 @@ pub struct ModelPriceRow {
     pub cache_write_1h: Option<i64>,
     /// Cache read.
     pub cache_read: Option<i64>,
+    /// Per web search (not per million); unset: searches are not billed.
+    pub web_search: Option<i64>,
     /// Epoch ms of the last change.
     pub updated_at: i64,
 }
@@ -38,6 +40,7 @@ impl ModelPriceRow {
             cache_write_5m: self.cache_write_5m,
             cache_write_1h: self.cache_write_1h,
             cache_read: self.cache_read,
+            web_search: self.web_search,
         }
     }
 }
@@ -51,6 +54,7 @@ fn price_from_row(row: &AnyRow) -> Result<ModelPriceRow> {
         cache_write_5m: row.try_get("cache_write_5m")?,
         cache_write_1h: row.try_get("cache_write_1h")?,
         cache_read: row.try_get("cache_read")?,
+        web_search: row.try_get("web_search")?,
         updated_at: row.try_get("updated_at")?,
     })
 }
@@ -65,6 +69,7 @@ impl SqlStore {
             price.cache_write_5m,
             price.cache_write_1h,
             price.cache_read,
+            price.web_search,
         ];
         if all.iter().flatten().any(|p| *p < 0) {
             return Err(StoreError::Invalid(
@@ -74,11 +79,11 @@ impl SqlStore {
         let now = now_ms();
         sqlx::query(
             "INSERT INTO model_prices (model, input, output, cache_write_5m, cache_write_1h, \
-             cache_read, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             cache_read, web_search, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (model) DO UPDATE SET input = excluded.input, \
              output = excluded.output, cache_write_5m = excluded.cache_write_5m, \
              cache_write_1h = excluded.cache_write_1h, cache_read = excluded.cache_read, \
-             updated_at = excluded.updated_at",
+             web_search = excluded.web_search, updated_at = excluded.updated_at",
         )
         .bind(model)
         .bind(price.input)
@@ -86,6 +91,7 @@ impl SqlStore {
         .bind(price.cache_write_5m)
         .bind(price.cache_write_1h)
         .bind(price.cache_read)
+        .bind(price.web_search)
         .bind(now)
         .execute(&self.pool)
         .await?;
@@ -96,6 +102,7 @@ impl SqlStore {
             cache_write_5m: price.cache_write_5m,
             cache_write_1h: price.cache_write_1h,
             cache_read: price.cache_read,
+            web_search: price.web_search,
             updated_at: now,
         })
     }
@@ -115,8 +122,8 @@ impl SqlStore {
     /// Every model price, by model name.
     pub async fn list_prices(&self) -> Result<Vec<ModelPriceRow>> {
         let rows = sqlx::query(
-            "SELECT model, input, output, cache_write_5m, cache_write_1h, cache_read, updated_at \
-             FROM model_prices ORDER BY model",
+            "SELECT model, input, output, cache_write_5m, cache_write_1h, cache_read, \
+             web_search, updated_at FROM model_prices ORDER BY model",
         )
         .fetch_all(&self.pool)
         .await?;

@@ -14,7 +14,7 @@ use sqlx::Row;
 use super::{get_bool, Page, Param, Result, SqlParts, SqlStore, StoreError};
 
 /// Columns of `request_logs`, in insert order.
-const RECORD_COLUMNS: [&str; 27] = [
+const RECORD_COLUMNS: [&str; 28] = [
     "id",
     "request_id",
     "created_at",
@@ -33,6 +33,7 @@ const RECORD_COLUMNS: [&str; 27] = [
     "cache_write_1h_tokens",
     "cache_read_tokens",
     "reasoning_tokens",
+    "web_search_requests",
     "base_cost",
     "billed_cost",
     "price_rate",
@@ -58,7 +59,7 @@ const DAILY_COLUMNS: [&str; 10] = [
     "billed_cost",
 ];
 
-/// Records per INSERT statement: 26 × 256 parameters stays far under SQLite's 32 766.
+/// Records per INSERT statement: 28 × 256 parameters stays far under SQLite's 32 766.
 pub(super) const RECORDS_PER_STATEMENT: usize = 256;
 /// Rollup rows per upsert statement (10 parameters each).
 const ROLLUPS_PER_STATEMENT: usize = 512;
@@ -129,6 +130,8 @@ pub struct UsageRow {
     pub cache_read_tokens: i64,
     /// Reasoning tokens (already in output).
     pub reasoning_tokens: i64,
+    /// Web searches the provider ran (billed per search, in the costs).
+    pub web_search_requests: i64,
     /// Micro-USD before the price rate.
     pub base_cost: i64,
     /// Micro-USD charged to the user.
@@ -405,6 +408,7 @@ fn usage_from_row(row: &AnyRow) -> Result<UsageRow> {
         cache_write_1h_tokens: row.try_get("cache_write_1h_tokens")?,
         cache_read_tokens: row.try_get("cache_read_tokens")?,
         reasoning_tokens: row.try_get("reasoning_tokens")?,
+        web_search_requests: row.try_get("web_search_requests")?,
         base_cost: row.try_get("base_cost")?,
         billed_cost: row.try_get("billed_cost")?,
         price_rate: row.try_get("price_rate")?,
@@ -450,6 +454,7 @@ pub(super) fn record_values(r: &UsageRecord) -> [RowValue<'_>; RECORD_COLUMNS.le
         Int(Some(int(u.cache_write_1h_tokens))),
         Int(Some(int(u.cache_read_tokens))),
         Int(Some(int(u.reasoning_tokens))),
+        Int(Some(int(u.web_search_requests))),
         Int(Some(r.base_cost)),
         Int(Some(r.billed_cost)),
         Int(Some(r.price_rate)),

@@ -53,6 +53,11 @@ pub struct ExtraUsage {
     pub reasoning: u64,
     /// Gemini `toolUsePromptTokenCount`; omitted when 0.
     pub tool_use: u64,
+    /// Web searches: Anthropic `usage.server_tool_use.web_search_requests` (0 in
+    /// message_start, the count in message_delta and the JSON answer), OpenAI Responses
+    /// `web_search_call` output items and their `response.web_search_call.*` events; omitted
+    /// when 0.
+    pub web_searches: u64,
 }
 
 /// The wire protocol a request path implies.
@@ -644,6 +649,8 @@ fn usage_json(u: &MockUsage, output: u64) -> serde_json::Value {
 
 /// A non-streamed Anthropic Messages answer.
 pub fn anthropic_json(b: &Behavior) -> String {
+    let mut usage = usage_json(&b.usage, b.usage.output);
+    add_server_tool_use(&mut usage, b, b.extra_usage.web_searches);
     serde_json::json!({
         "id": "msg_mock_1",
         "type": "message",
@@ -652,20 +659,29 @@ pub fn anthropic_json(b: &Behavior) -> String {
         "content": [{"type": "text", "text": "Hello from the mock."}],
         "stop_reason": "end_turn",
         "stop_sequence": null,
-        "usage": usage_json(&b.usage, b.usage.output),
+        "usage": usage,
     })
     .to_string()
+}
+
+/// Anthropic `usage.server_tool_use` with `searches`, when the answer searched at all.
+fn add_server_tool_use(usage: &mut serde_json::Value, b: &Behavior, searches: u64) {
+    if b.extra_usage.web_searches > 0 {
+        usage["server_tool_use"] = serde_json::json!({"web_search_requests": searches});
+    }
 }
 
 /// The SSE events of a streamed Anthropic Messages answer.
 pub fn anthropic_events(b: &Behavior) -> Vec<String> {
     let ev = |name: &str, data: serde_json::Value| format!("event: {name}\ndata: {data}\n\n");
+    let mut start_usage = usage_json(&b.usage, 1);
+    add_server_tool_use(&mut start_usage, b, 0);
     let mut out = vec![ev(
         "message_start",
         serde_json::json!({"type": "message_start", "message": {
             "id": "msg_mock_1", "type": "message", "role": "assistant", "model": b.model,
             "content": [], "stop_reason": null, "stop_sequence": null,
-            "usage": usage_json(&b.usage, 1)}}),
+            "usage": start_usage}}),
     )];
     out.push(ev("content_block_start", serde_json::json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})));
     out.push(ev("ping", serde_json::json!({"type": "ping"})));
@@ -676,7 +692,9 @@ pub fn anthropic_events(b: &Behavior) -> Vec<String> {
         "content_block_stop",
         serde_json::json!({"type": "content_block_stop", "index": 0}),
     ));
-    out.push(ev("message_delta", serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": b.usage.output}})));
+    let mut delta_usage = serde_json::json!({"output_tokens": b.usage.output});
+    add_server_tool_use(&mut delta_usage, b, b.extra_usage.web_searches);
+    out.push(ev("message_delta", serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": delta_usage})));
     out.push(ev(
         "message_stop",
         serde_json::json!({"type": "message_stop"}),
@@ -784,13 +802,19 @@ fn response_object(
     text: Option<&str>,
 ) -> serde_json::Value {
     let output = match text {
-        Some(t) => serde_json::json!([{
-            "id": format!("msg_{}", a.id),
-            "type": "message",
-            "status": "completed",
-            "role": "assistant",
-            "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": t}]
-        }]),
+        Some(t) => {
+            let mut items: Vec<serde_json::Value> = (0..b.extra_usage.web_searches)
+                .map(|n| web_search_call(a, n, "completed"))
+                .collect();
+            items.push(serde_json::json!({
+                "id": format!("msg_{}", a.id),
+                "type": "message",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": t}]
+            }));
+            serde_json::Value::Array(items)
+        }
         None => serde_json::json!([]),
     };
     serde_json::json!({
@@ -808,6 +832,16 @@ fn response_object(
         "store": false,
         "usage": if status == "completed" { responses_usage_json(&b.usage, &b.extra_usage) } else { serde_json::Value::Null },
         "metadata": {}
+    })
+}
+
+/// An OpenAI Responses `web_search_call` output item, the `n`th search of the answer.
+fn web_search_call(a: &AnswerFor, n: u64, status: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": format!("ws_{}_{n}", a.id),
+        "type": "web_search_call",
+        "status": status,
+        "action": {"type": "search", "query": format!("query {n}")}
     })
 }
 
@@ -837,6 +871,25 @@ pub fn responses_events(b: &Behavior, a: &AnswerFor) -> Vec<String> {
             "response.in_progress",
             serde_json::json!({"response": response_object(b, a, "in_progress", None)}),
         ),
+    ];
+    for n in 0..b.extra_usage.web_searches {
+        let item_id = format!("ws_{}_{n}", a.id);
+        out.push(ev(
+            "response.output_item.added",
+            serde_json::json!({"output_index": n, "item": web_search_call(a, n, "in_progress")}),
+        ));
+        for phase in ["in_progress", "searching", "completed"] {
+            out.push(ev(
+                &format!("response.web_search_call.{phase}"),
+                serde_json::json!({"output_index": n, "item_id": item_id}),
+            ));
+        }
+        out.push(ev(
+            "response.output_item.done",
+            serde_json::json!({"output_index": n, "item": web_search_call(a, n, "completed")}),
+        ));
+    }
+    out.extend([
         ev(
             "response.output_item.added",
             serde_json::json!({"output_index": 0, "item": {"id": item_id, "type": "message", "status": "in_progress", "content": [], "role": "assistant"}}),
@@ -845,7 +898,7 @@ pub fn responses_events(b: &Behavior, a: &AnswerFor) -> Vec<String> {
             "response.content_part.added",
             serde_json::json!({"item_id": item_id, "output_index": 0, "content_index": 0, "part": {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}}),
         ),
-    ];
+    ]);
     for i in 0..b.deltas {
         out.push(ev(
             "response.output_text.delta",

@@ -19,8 +19,9 @@ use crate::store::{ModelPrice, ModelPriceRow};
 /// Longest model name accepted.
 const MAX_MODEL_LEN: usize = 200;
 
-/// One model's prices in micro-USD per million tokens; unset cache prices default to 1.25×,
-/// 2× and 0.1× input (DESIGN §9).
+/// One model's prices in micro-USD per million tokens, and `web_search` in micro-USD per
+/// search; unset cache prices default to 1.25×, 2× and 0.1× input (DESIGN §9), an unset search
+/// price bills searches nothing.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PriceView {
     pub model: String,
@@ -29,6 +30,7 @@ pub struct PriceView {
     pub cache_write_5m: Option<i64>,
     pub cache_write_1h: Option<i64>,
     pub cache_read: Option<i64>,
+    pub web_search: Option<i64>,
     /// Whether an admin override sets this price (else it is the shipped one).
     #[serde(rename = "override")]
     pub is_override: bool,
@@ -45,6 +47,7 @@ impl From<ModelPriceRow> for PriceView {
             cache_write_5m: r.cache_write_5m,
             cache_write_1h: r.cache_write_1h,
             cache_read: r.cache_read,
+            web_search: r.web_search,
             is_override: true,
             updated_at: Some(r.updated_at),
         }
@@ -79,6 +82,7 @@ pub async fn list(State(state): State<AdminState>, caller: Caller) -> AppResult<
                     cache_write_5m: p.cache_write_5m,
                     cache_write_1h: p.cache_write_1h,
                     cache_read: p.cache_read,
+                    web_search: p.web_search,
                     is_override: false,
                     updated_at: None,
                 },
@@ -96,7 +100,7 @@ pub async fn list(State(state): State<AdminState>, caller: Caller) -> AppResult<
     }))
 }
 
-/// A model's price override, in micro-USD per million tokens.
+/// A model's price override, in micro-USD per million tokens (`web_search`: per search).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PriceOverride {
@@ -109,11 +113,13 @@ pub struct PriceOverride {
     cache_write_1h: Option<i64>,
     #[serde(default)]
     cache_read: Option<i64>,
+    #[serde(default)]
+    web_search: Option<i64>,
 }
 
 /// `POST /api/admin/pricing` `{"model", "input", "output", "cache_write_5m"?,
-/// "cache_write_1h"?, "cache_read"?}` (micro-USD per million tokens): creates or replaces the
-/// override of a model. The model is matched as the upstream reports it; a dated id falls
+/// "cache_write_1h"?, "cache_read"?, "web_search"?}` (micro-USD per million tokens;
+/// `web_search` per search): creates or replaces the override of a model. The model is matched as the upstream reports it; a dated id falls
 /// back to its undated name.
 #[utoipa::path(post, path = "/api/admin/pricing", tag = "pricing", request_body = PriceOverride,
     responses(
@@ -138,6 +144,7 @@ pub async fn upsert(
         cache_write_5m: body.cache_write_5m,
         cache_write_1h: body.cache_write_1h,
         cache_read: body.cache_read,
+        web_search: body.web_search,
     };
     let row = state.store.upsert_price(model, &price).await?;
     audit(
