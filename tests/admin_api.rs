@@ -469,6 +469,18 @@ async fn users_see_only_their_own_keys_and_usage(db: Db) {
     let text = session_get(&relay, &s, "/api/usage/summary").await;
     assert!(!text.contains("base_cost"), "{text}");
     let summary = parse(&text);
+    assert_eq!(summary["daily_cost_limit"], Value::Null, "{summary}");
+    // The cost limits an admin sets over all of bob's keys, shown to bob beside his spend.
+    let (status, v) = relay
+        .admin_patch(
+            &format!("/api/admin/users/{bob}"),
+            json!({"daily_cost_limit": 5_000_000, "total_cost_limit": 90_000_000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let limited = parse(&session_get(&relay, &s, "/api/usage/summary").await);
+    assert_eq!(limited["daily_cost_limit"], 5_000_000, "{limited}");
+    assert_eq!(limited["total_cost_limit"], 90_000_000, "{limited}");
     for period in ["today", "this_month", "all_time"] {
         assert_eq!(summary[period]["requests"], 2, "{summary}");
         assert_eq!(summary[period]["billed_cost"], billed, "{summary}");

@@ -313,6 +313,8 @@ try {
   await page.waitForURL(/#\/keys/)
   await page.click('a[href="#/overview"]')
   await page.locator('[data-test="summary"]').waitFor()
+  // The cost limit the admin set over all of the tenant's keys, with what it measures.
+  assert.match(await page.locator('[data-test="cost-limits"]').innerText(), /of \$20\.00 today/)
   await shot('10-tenant-usage')
 
   assert.deepEqual(pageErrors, [])

@@ -111,6 +111,9 @@ export interface Summary {
   today: Totals
   this_month: Totals
   all_time: Totals
+  /** A user's own summary: the cost limits over all their keys (micro-USD; null: none). */
+  daily_cost_limit?: number | null
+  total_cost_limit?: number | null
 }
 
 export interface UsageRecord {
@@ -128,6 +131,7 @@ export interface UsageRecord {
   input_tokens: number
   output_tokens: number
   cache_read_tokens: number
+  web_search_requests: number
   billed_cost: number
   base_cost?: number
   latency_ms: number

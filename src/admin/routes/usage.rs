@@ -169,24 +169,44 @@ async fn summary_over(
     })
 }
 
+/// A user's own summary, with the cost limits an admin set over all its keys (billed
+/// micro-USD; `null`: none), measured against `today` and `all_time`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OwnSummary {
+    #[serde(flatten)]
+    pub summary: Summary<BilledTotals>,
+    pub daily_cost_limit: Option<i64>,
+    pub total_cost_limit: Option<i64>,
+}
+
 /// `GET /api/usage/summary`: the caller's requests, tokens and billed cost today, this month
-/// and over all time.
+/// and over all time, and the caller's cost limits.
 #[utoipa::path(get, path = "/api/usage/summary", tag = "own",
     responses(
-        (status = 200, description = "The caller's totals", body = Summary<BilledTotals>),
+        (status = 200, description = "The caller's totals and cost limits", body = OwnSummary),
         (status = 400, description = "The static admin token (no user)", body = ErrorBody),
     ))]
 pub async fn summary(
     State(state): State<AdminState>,
     caller: Caller,
-) -> AppResult<Json<Summary<BilledTotals>>> {
-    let s = summary_of(&state, caller.own_user_id()?).await?;
-    Ok(Json(Summary {
-        day: s.day,
-        month: s.month,
-        today: s.today.into(),
-        this_month: s.this_month.into(),
-        all_time: s.all_time.into(),
+) -> AppResult<Json<OwnSummary>> {
+    let user_id = caller.own_user_id()?;
+    let s = summary_of(&state, user_id).await?;
+    let user = state
+        .store
+        .user_by_id(user_id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    Ok(Json(OwnSummary {
+        summary: Summary {
+            day: s.day,
+            month: s.month,
+            today: s.today.into(),
+            this_month: s.this_month.into(),
+            all_time: s.all_time.into(),
+        },
+        daily_cost_limit: user.daily_cost_limit,
+        total_cost_limit: user.total_cost_limit,
     }))
 }
 
