@@ -737,3 +737,36 @@ async fn an_account_whose_answers_are_cut_cools_down() {
     ask().await;
     assert_eq!((a.count(), b.count()), (9, 1));
 }
+
+/// A client that left while an attempt failed is not served by another account: the relay
+/// does not fail over for nobody.
+#[tokio::test]
+async fn no_failover_for_a_client_that_left() {
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    relay.create_account("a", "claude", &a.url(), "sk-a").await;
+    relay.create_account("b", "claude", &b.url(), "sk-b").await;
+    let key = key_for(&relay, 2).await;
+    let overloaded =
+        r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+    for m in [&a, &b] {
+        answer(m, 529, overloaded);
+        m.set(|b| b.head_delay = Duration::from_secs(1));
+    }
+    // The client gives up before the first account answers.
+    let gave_up = relay
+        .post("/v1/messages", &key)
+        .timeout(Duration::from_millis(300))
+        .json(&messages_body(MODEL, false, conversation("impatient", 1)))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "answered before the client left");
+    let records = relay.wait_records(1).await;
+    assert_eq!(records[0]["status"], 529, "{records:?}");
+    assert_eq!(
+        a.count() + b.count(),
+        1,
+        "failed over after the client left"
+    );
+}

@@ -279,6 +279,11 @@ impl RelayProxy {
             if attempt_no >= max_attempts {
                 break;
             }
+            // A client that has left is not served by another account: the attempts end
+            // here, and the last failure is its answer (written to nobody).
+            if matches!(session.watch_client().now_or_never(), Some(Err(()))) {
+                break;
+            }
             let Some(next) = sticky.failover(rctx).await else {
                 break;
             };
