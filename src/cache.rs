@@ -361,9 +361,20 @@ impl PriceCache {
     pub fn replace(&self, overrides: Vec<ModelPriceRow>) {
         let mut table = self.base.clone();
         for row in overrides {
-            table.insert(&row.model, row.price());
+            let mut price = row.price();
+            price.web_search = price
+                .web_search
+                .or_else(|| self.shipped_web_search(&row.model));
+            table.insert(&row.model, price);
         }
         write(&self.table, Arc::new(table));
+    }
+
+    /// The shipped per-search price of a model. An override that names none keeps it (one
+    /// made before searches were priced, or that sets token prices only, must not make the
+    /// searches free; `0` does).
+    pub fn shipped_web_search(&self, model: &str) -> Option<i64> {
+        self.base.get(model).and_then(|p| p.web_search)
     }
 }
 
@@ -385,6 +396,34 @@ fn raise_cooldown(state: &AccountState, until: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_override_without_a_search_price_keeps_the_shipped_one() {
+        let base = PriceTable::from_toml_str(
+            "[models.m]\ninput = 1\noutput = 2\nweb_search = 10000\n[models.n]\ninput = 1\noutput = 2\n",
+        )
+        .expect("prices");
+        let cache = PriceCache::new(base);
+        let row = |model: &str, web_search| ModelPriceRow {
+            model: model.into(),
+            input: 5,
+            output: 6,
+            cache_write_5m: None,
+            cache_write_1h: None,
+            cache_read: None,
+            web_search,
+            updated_at: 0,
+        };
+        let search_price = |model: &str| cache.table().get(model).and_then(|p| p.web_search);
+        cache.replace(vec![row("m", None), row("n", None), row("o", Some(7))]);
+        assert_eq!(search_price("m"), Some(10_000));
+        assert_eq!(cache.table().get("m").map(|p| p.input), Some(5));
+        assert_eq!(search_price("n"), None);
+        assert_eq!(search_price("o"), Some(7));
+        // 0 makes the searches free.
+        cache.replace(vec![row("m", Some(0))]);
+        assert_eq!(search_price("m"), Some(0));
+    }
 
     #[test]
     fn a_reload_that_began_earlier_never_undoes_a_later_one() {

@@ -866,6 +866,35 @@ async fn price_rates_and_overrides_change_the_next_request(db: Db) {
     assert_eq!(shipped["web_search"], 10_000, "{shipped}");
     let gpt = find("gpt-5").expect("shipped price listed");
     assert_eq!(gpt["web_search"], Value::Null, "{gpt}");
+    // An override naming token prices only keeps the model's shipped search price; 0 makes
+    // the searches free.
+    for (body, searches) in [
+        (
+            json!({"model": MODEL, "input": 3_000_000, "output": 15_000_000}),
+            10_000,
+        ),
+        (
+            json!({"model": MODEL, "input": 3_000_000, "output": 15_000_000, "web_search": 0}),
+            0,
+        ),
+    ] {
+        let (status, v) = relay.admin_post("/api/admin/pricing", body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["web_search"], searches, "{v}");
+        let prices = relay.admin_get("/api/admin/pricing").await;
+        let listed = prices["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["model"] == MODEL)
+            .cloned()
+            .expect("listed");
+        assert_eq!(listed["web_search"], searches, "{listed}");
+    }
+    let (status, v) = relay
+        .admin_delete(&format!("/api/admin/pricing/{MODEL}"))
+        .await;
+    assert_eq!(status, 200, "{v}");
     let (status, _) = relay
         .admin_post(
             "/api/admin/pricing",

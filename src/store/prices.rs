@@ -25,7 +25,7 @@ pub struct ModelPriceRow {
     pub cache_write_1h: Option<i64>,
     /// Cache read.
     pub cache_read: Option<i64>,
-    /// Per web search (not per million); unset: searches are not billed.
+    /// Per web search (not per million); unset: the model's shipped price, if any.
     pub web_search: Option<i64>,
     /// Epoch ms of the last change.
     pub updated_at: i64,

@@ -91,7 +91,11 @@ pub async fn list(State(state): State<AdminState>, caller: Caller) -> AppResult<
         .collect();
     // The database is the truth about overrides; the cache may trail it by a reload.
     for row in overrides {
-        merged.insert(row.model.clone(), row.into());
+        let mut view: PriceView = row.into();
+        view.web_search = view
+            .web_search
+            .or_else(|| state.prices.shipped_web_search(&view.model));
+        merged.insert(view.model.clone(), view);
     }
     let items: Vec<PriceView> = merged.into_values().collect();
     Ok(Json(PriceList {
@@ -119,8 +123,9 @@ pub struct PriceOverride {
 
 /// `POST /api/admin/pricing` `{"model", "input", "output", "cache_write_5m"?,
 /// "cache_write_1h"?, "cache_read"?, "web_search"?}` (micro-USD per million tokens;
-/// `web_search` per search): creates or replaces the override of a model. The model is matched as the upstream reports it; a dated id falls
-/// back to its undated name.
+/// `web_search` per search): creates or replaces the override of a model. The model is matched
+/// as the upstream reports it; a dated id falls back to its undated name. Without `web_search`
+/// the model's shipped search price, if any, still applies (`0` makes searches free).
 #[utoipa::path(post, path = "/api/admin/pricing", tag = "pricing", request_body = PriceOverride,
     responses(
         (status = 200, description = "The override as stored", body = PriceView),
@@ -156,7 +161,11 @@ pub async fn upsert(
     )
     .await;
     state.prices_changed().await;
-    Ok(Json(row.into()))
+    let mut view: PriceView = row.into();
+    view.web_search = view
+        .web_search
+        .or_else(|| state.prices.shipped_web_search(&view.model));
+    Ok(Json(view))
 }
 
 /// `DELETE /api/admin/pricing/{model}`: removes an override; the shipped price (if any)
