@@ -421,10 +421,13 @@ impl KeyLimits {
         };
         let subject = format!("{DRAIN_SUBJECT}{}", slot.key_id);
         if let Some(drain) = self.store.acquire_slot(&subject, max, self.lease_ttl).await {
-            if let Some(slot) = limits.slot.take() {
+            // Held by the request before the key's slot goes, so a request dropped at the
+            // await still gives back whichever it holds.
+            let slot = limits.slot.take();
+            limits.drain_slot = Some(drain);
+            if let Some(slot) = slot {
                 self.store.release_slot(&slot).await;
             }
-            limits.drain_slot = Some(drain);
         }
     }
 }
