@@ -42,6 +42,9 @@ const SHRINK_TO: usize = 64 << 10;
 
 static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
 static ERROR_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
+static SERVER_TOOL_USE: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"server_tool_use\""));
+static WEB_SEARCH: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"web_search\""));
 static USAGE_METADATA_KEY: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(b"\"usageMetadata\""));
 /// The end of Gemini's `"finishReason"` and `"blockReason"` keys.
@@ -517,6 +520,9 @@ enum ArrayAt {
 struct StreamState {
     result: MeterResult,
     anthropic: AnthropicCounts,
+    /// Anthropic: the web searches whose blocks started, a lower bound of the count
+    /// `message_delta` reports, for a stream cut before it.
+    searches_started: u64,
     gemini: GeminiCounts,
     /// OpenAI Chat: the first chunk (which names the id and model) was parsed.
     seen_first_chunk: bool,
@@ -1254,7 +1260,16 @@ fn anthropic_event(st: &mut StreamState, ev: SseEvent<'_>) {
         "message_stop" => st.result.complete = true,
         "error" => st.result.upstream_error = Some(error_event_kind(ev.data)),
         "content_block_delta" => count_delta(st),
-        // content_block_start/stop, ping: nothing to meter, and nothing parsed.
+        // A search Anthropic runs opens a block of its own (a few blocks a message: two
+        // searches of the event, nothing parsed).
+        "content_block_start"
+            if SERVER_TOOL_USE.find(ev.data).is_some() && WEB_SEARCH.find(ev.data).is_some() =>
+        {
+            st.searches_started = st.searches_started.saturating_add(1);
+            raise_to(&mut st.anthropic.web_search, Some(st.searches_started));
+            st.result.usage = st.anthropic.usage();
+        }
+        // content_block_stop, ping: nothing to meter, and nothing parsed.
         _ => {}
     }
 }
@@ -2910,6 +2925,24 @@ data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5
                     ..usage(10, 60, 0, 0, 0, 0)
                 }
             );
+        }
+        // A stream cut before message_delta: the searches whose blocks started (not a client
+        // tool that happens to be called web_search).
+        let cut = concat!(
+            "event: message_start\n",
+            r#"data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5","usage":{"input_tokens":10,"output_tokens":1}}}"#,
+            "\n\nevent: content_block_start\n",
+            r#"data: {"type":"content_block_start","index":0,"content_block":{"type":"server_tool_use","id":"srvtoolu_1","name":"web_search","input":{}}}"#,
+            "\n\nevent: content_block_start\n",
+            r#"data: {"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_1","name":"web_search","input":{}}}"#,
+            "\n\nevent: content_block_start\n",
+            r#"data: {"type":"content_block_start","index":2,"content_block":{"type":"server_tool_use","id":"srvtoolu_2","name":"web_search","input":{}}}"#,
+            "\n\n",
+        );
+        for chunks in splits(cut.as_bytes()) {
+            let got = meter(Protocol::Anthropic, true, &chunks);
+            assert_eq!(got.usage.web_search_requests, 2, "{chunks:?}");
+            assert!(!got.complete);
         }
         // The serde fallback (an escaped key the scanner leaves to it) reads them too.
         let escaped = r#"{"model":"m","us\u0061ge":{"output_tokens":1,"server_tool_use":{"web_search_requests":4}}}"#;
