@@ -449,3 +449,53 @@ async fn a_client_that_leaves_gives_its_slot_back_before_the_drain_ends() {
     assert_eq!(streamed.len(), 2, "{records:?}");
     assert!(streamed.iter().all(|r| r["status"] == 200), "{records:?}");
 }
+
+/// A model with no price of its own (an alias an account maps to a priced model) holds what
+/// the mapped model may cost: under a daily limit, a burst of alias requests is held back as
+/// one of the priced model is.
+#[tokio::test]
+async fn an_alias_holds_the_cost_of_the_model_it_is_mapped_to() {
+    let mock = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    let account = relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    let (status, v) = relay
+        .patch_account(
+            &account,
+            serde_json::json!({"model_map": {"house-model": MODEL}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let user = relay.create_user("alias", 10_000).await;
+    let (_, key) = relay
+        .create_key(&user, serde_json::json!({"daily_cost_limit": 50_000}))
+        .await;
+    relay.wait_key_active(&key).await;
+    mock.set(|b| {
+        b.usage = MockUsage::io(1000, 1000);
+        b.head_delay = Duration::from_secs(2);
+    });
+    let relay = std::sync::Arc::new(relay);
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let (relay, key) = (relay.clone(), key.clone());
+            tokio::spawn(async move {
+                let mut b = capped_body(i);
+                b["model"] = serde_json::json!("house-model");
+                attempt(&relay, &key, b).await
+            })
+        })
+        .collect();
+    let mut served = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            (200, _) => served += 1,
+            (429, message) => assert!(message.contains("in flight"), "{message}"),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    // As for the priced model itself: about 15 150 held each, so at most 4 under 50 000.
+    assert!((1..=4).contains(&served), "{served} of 10 served");
+    assert_eq!(mock.count(), served);
+}

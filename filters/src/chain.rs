@@ -225,11 +225,10 @@ impl Chain {
                     chain.request.push(f);
                 }
                 FilterConfig::KeyLimits {} => {
-                    let f = Arc::new(KeyLimits::new(
-                        deps.limits.clone(),
-                        deps.lease_ttl,
-                        deps.prices.clone(),
-                    ));
+                    let f = Arc::new(
+                        KeyLimits::new(deps.limits.clone(), deps.lease_ttl, deps.prices.clone())
+                            .with_accounts(deps.accounts.clone()),
+                    );
                     chain.limits = Some(f.clone());
                     chain.request.push(f);
                 }

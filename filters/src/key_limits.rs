@@ -390,6 +390,8 @@ pub struct KeyLimits {
     lease_ttl: Duration,
     /// Prices for the cost a request holds while in flight.
     prices: Arc<dyn PriceSource>,
+    /// The accounts, whose model maps price a hold for a model with no price of its own.
+    accounts: Option<Arc<dyn crate::accounts::AccountDirectory>>,
 }
 
 impl KeyLimits {
@@ -403,6 +405,35 @@ impl KeyLimits {
             store,
             lease_ttl,
             prices,
+            accounts: None,
+        }
+    }
+
+    /// Prices holds for a model with no price of its own (an alias) at the models the
+    /// accounts map it to, the dearest of them: the upstream bills those.
+    pub fn with_accounts(mut self, accounts: Arc<dyn crate::accounts::AccountDirectory>) -> Self {
+        self.accounts = Some(accounts);
+        self
+    }
+
+    /// What a request may cost at most, as its hold: at its model's price, else at the
+    /// dearest model an account maps it to.
+    fn estimate(&self, ctx: &RequestCtx, req: &RequestView<'_>, price_rate: i64) -> i64 {
+        let table = self.prices.table();
+        let cap = output_cap(req.body);
+        let at =
+            |model: Option<&str>| estimate_cost(&table, model, req.body.len(), cap, price_rate);
+        let requested = ctx.requested_model();
+        let own = at(requested);
+        match (requested, &self.accounts) {
+            (Some(model), Some(accounts)) if own == 0 && table.get(model).is_none() => accounts
+                .accounts()
+                .iter()
+                .filter_map(|a| a.model_map.get(model))
+                .map(|mapped| at(Some(mapped)))
+                .max()
+                .unwrap_or(0),
+            _ => own,
         }
     }
 
@@ -454,13 +485,7 @@ impl RequestFilter for KeyLimits {
             // Requests in flight count with what they may cost: without, a key just under its
             // limit could start any number of requests at once.
             let estimate = if ctx.route.billed {
-                estimate_cost(
-                    &self.prices.table(),
-                    ctx.requested_model(),
-                    req.body.len(),
-                    output_cap(req.body),
-                    key.price_rate,
-                )
+                self.estimate(ctx, req, key.price_rate)
             } else {
                 0
             };
