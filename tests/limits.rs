@@ -209,6 +209,35 @@ async fn attempt(relay: &Relay, key: &str, body: serde_json::Value) -> (u16, Str
     )
 }
 
+/// Ten capped requests for `model` at once: how many were served, and how many refused for
+/// what the requests in flight hold (402s for the spend alone are let be; any other answer
+/// fails).
+async fn burst(relay: &std::sync::Arc<Relay>, key: &str, model: &str) -> (usize, usize) {
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let (relay, key, model) = (relay.clone(), key.to_string(), model.to_string());
+            tokio::spawn(async move {
+                let mut b = capped_body(i);
+                b["model"] = serde_json::json!(model);
+                attempt(&relay, &key, b).await
+            })
+        })
+        .collect();
+    let (mut served, mut in_flight) = (0, 0);
+    for t in tasks {
+        match t.await.expect("a request of the burst") {
+            (200, _) => served += 1,
+            (429, message) => {
+                assert!(message.contains("in flight"), "{message}");
+                in_flight += 1;
+            }
+            (402, _) => {}
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    (served, in_flight)
+}
+
 #[tokio::test]
 async fn requests_in_flight_count_against_the_daily_cost_limit() {
     // Each request costs 18 000 µUSD (1000 input + 1000 output tokens) and holds about 15 150
@@ -222,25 +251,7 @@ async fn requests_in_flight_count_against_the_daily_cost_limit() {
         b.head_delay = Duration::from_secs(2);
     });
     let relay = std::sync::Arc::new(relay);
-    let tasks: Vec<_> = (0..10)
-        .map(|i| {
-            let (relay, key) = (relay.clone(), key.clone());
-            tokio::spawn(async move { attempt(&relay, &key, capped_body(i)).await })
-        })
-        .collect();
-    let mut served = 0;
-    let mut in_flight_refusals = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            (200, _) => served += 1,
-            (429, message) => {
-                assert!(message.contains("in flight"), "{message}");
-                in_flight_refusals += 1;
-            }
-            (402, _) => {}
-            other => panic!("unexpected answer {other:?}"),
-        }
-    }
+    let (served, in_flight_refusals) = burst(&relay, &key, MODEL).await;
     assert!((1..=4).contains(&served), "{served} of 10 served");
     assert_eq!(mock.count(), served);
     assert!(
@@ -477,24 +488,7 @@ async fn an_alias_holds_the_cost_of_the_model_it_is_mapped_to() {
         b.head_delay = Duration::from_secs(2);
     });
     let relay = std::sync::Arc::new(relay);
-    let tasks: Vec<_> = (0..10)
-        .map(|i| {
-            let (relay, key) = (relay.clone(), key.clone());
-            tokio::spawn(async move {
-                let mut b = capped_body(i);
-                b["model"] = serde_json::json!("house-model");
-                attempt(&relay, &key, b).await
-            })
-        })
-        .collect();
-    let mut served = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            (200, _) => served += 1,
-            (429, message) => assert!(message.contains("in flight"), "{message}"),
-            other => panic!("unexpected answer {other:?}"),
-        }
-    }
+    let (served, _) = burst(&relay, &key, "house-model").await;
     // As for the priced model itself: about 15 150 held each, so at most 4 under 50 000.
     assert!((1..=4).contains(&served), "{served} of 10 served");
     assert_eq!(mock.count(), served);

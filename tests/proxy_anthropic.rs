@@ -58,6 +58,33 @@ async fn provision(
     (key_id, key, user_id)
 }
 
+/// One JSON and one streamed request of a conversation on `topic`, both answered 200: their
+/// records, one of each.
+async fn json_and_stream(s: &Setup, topic: &str) -> Vec<serde_json::Value> {
+    for stream in [false, true] {
+        let r = s
+            .relay
+            .post("/v1/messages", &s.key)
+            .json(&messages_body(
+                MODEL,
+                stream,
+                conversation(&format!("{topic} {stream}"), 1),
+            ))
+            .send()
+            .await
+            .expect("the relay answers");
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("the whole answer");
+    }
+    let records = s.relay.wait_records(2).await;
+    let streams: Vec<Option<bool>> = records.iter().map(|r| r["stream"].as_bool()).collect();
+    assert!(
+        streams.contains(&Some(true)) && streams.contains(&Some(false)),
+        "{records:?}"
+    );
+    records
+}
+
 async fn setup() -> Setup {
     setup_with(10_000, serde_json::json!({})).await
 }
@@ -548,22 +575,7 @@ async fn usage_records_carry_exact_tokens_and_cost() {
     });
     // base = 1234*3 + 567*15 + 2000*3.75 + 1000*6 + 4321*0.3 = 27003.3 -> 27003 micro-USD
     // billed = 27003 * 1.5 = 40504.5 -> 40505 (half up)
-    for stream in [false, true] {
-        let r = s
-            .relay
-            .post("/v1/messages", &s.key)
-            .json(&messages_body(
-                MODEL,
-                stream,
-                conversation(&format!("cost {stream}"), 1),
-            ))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let _ = r.bytes().await.unwrap();
-    }
-    let records = s.relay.wait_records(2).await;
+    let records = json_and_stream(&s, "cost").await;
     for rec in &records {
         assert_eq!(rec["input_tokens"], 1234, "{rec}");
         assert_eq!(rec["output_tokens"], 567, "{rec}");
@@ -577,11 +589,6 @@ async fn usage_records_carry_exact_tokens_and_cost() {
         assert_eq!(rec["api_key_id"], s.key_id.as_str(), "{rec}");
         assert_eq!(rec["upstream_model"], "claude-sonnet-4-5-20250929", "{rec}");
     }
-    let streams: Vec<bool> = records
-        .iter()
-        .map(|r| r["stream"].as_bool().unwrap())
-        .collect();
-    assert!(streams.contains(&true) && streams.contains(&false));
 }
 
 /// Claude Code's WebSearch tool: Anthropic runs the searches and reports them in
@@ -594,22 +601,7 @@ async fn web_searches_are_booked_and_billed() {
         b.extra_usage.web_searches = 3;
     });
     // base = 1000×3 + 500×15 + 3 × 10 000 = 40 500 micro-USD; billed at 1.5: 60 750.
-    for stream in [false, true] {
-        let r = s
-            .relay
-            .post("/v1/messages", &s.key)
-            .json(&messages_body(
-                MODEL,
-                stream,
-                conversation(&format!("search {stream}"), 1),
-            ))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let _ = r.bytes().await.unwrap();
-    }
-    let records = s.relay.wait_records(2).await;
+    let records = json_and_stream(&s, "search").await;
     for rec in &records {
         assert_eq!(rec["web_search_requests"], 3, "{rec}");
         assert_eq!(rec["input_tokens"], 1000, "{rec}");
@@ -617,11 +609,6 @@ async fn web_searches_are_booked_and_billed() {
         assert_eq!(rec["base_cost"], 40_500, "{rec}");
         assert_eq!(rec["billed_cost"], 60_750, "{rec}");
     }
-    let streams: Vec<bool> = records
-        .iter()
-        .map(|r| r["stream"].as_bool().unwrap())
-        .collect();
-    assert!(streams.contains(&true) && streams.contains(&false));
 }
 
 #[tokio::test]
