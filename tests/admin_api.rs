@@ -1129,6 +1129,11 @@ async fn rpm_limits_past_the_limiters_pace_are_refused() {
     let body = json!({"user_id": user_id, "name": "k0", "max_concurrency": 0});
     let (status, text) = token(&relay, Method::POST, "/api/admin/api-keys", Some(body)).await;
     assert_eq!(status, 400, "{text}");
+    // A key that expired before it was made could never be used.
+    let body = json!({"user_id": user_id, "name": "old", "expires_at": 1_577_836_800_000_i64});
+    let (status, text) = token(&relay, Method::POST, "/api/admin/api-keys", Some(body)).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("expires_at is in the past"), "{text}");
 }
 
 /// A user's cost limits over all its keys: set at creation or later, refused negative,

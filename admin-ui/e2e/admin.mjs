@@ -144,7 +144,7 @@ try {
   await page.click('[data-test="save-limits"]')
   await note().filter({ hasText: 'Cost limits of ui-tenant set.' }).waitFor()
   assert.equal(await row('users', 'ui-tenant').locator('[data-test="cost-limits"]').innerText(), '$20.00 a day')
-  assert.deepEqual(lastPatch('/api/admin/users/'), { daily_cost_limit: 20000000, total_cost_limit: null })
+  assert.deepEqual(lastPatch('/api/admin/users/'), { daily_cost_limit: 20000000 })
   await shot('03-users')
 
   await page.click('a[href="#/keys"]')
@@ -199,6 +199,12 @@ try {
   await page.selectOption('select[name="by"]', 'user')
   await row('breakdown', 'ui-tenant').waitFor()
   assert.equal(await row('breakdown', 'ui-tenant').locator('[data-test="billed"]').innerText(), accountBilled)
+  // A range the API refuses: its message, and no table of the range before it.
+  await page.fill('input[name="from"]', '2026-02-10')
+  await page.fill('input[name="to"]', '2026-02-01')
+  await page.click('button:has-text("Show")')
+  await error().filter({ hasText: 'from must not be after to' }).waitFor()
+  assert.equal(await page.locator('[data-test="breakdown"]').count(), 0)
   assert.equal(await page.locator('[data-test="traffic"] [data-test="billed"]').first().innerText(), accountBilled)
   await shot('06-overview')
 
@@ -223,6 +229,8 @@ try {
   await note().filter({ hasText: 'Price of ui-model-1 saved.' }).waitFor()
   assert.equal(await row('prices', 'ui-model-1').locator('[data-test="input"]').innerText(), '$3.00')
   assert.equal(await row('prices', 'ui-model-1').locator('[data-test="web_search"]').innerText(), '$10.00')
+  // A cache price left unset shows what is billed: 1.25 × the input price.
+  assert.equal(await row('prices', 'ui-model-1').locator('[data-test="cache_write_5m"]').innerText(), '$3.75 1.25 × input')
   await shot('08-pricing')
 
   // After a reload the session goes on, and so do changes (the CSRF token comes back).

@@ -29,6 +29,11 @@ export function usePaged<T>(path: () => string, filters: () => Record<string, st
     try {
       const p = await api.get<Page<T>>(path() + query({ ...filters(), page: to, per_page: perPage.value }))
       if (!current()) return
+      const last = Math.max(1, Math.ceil(p.total / perPage.value))
+      if (!p.items.length && p.page > last) {
+        // The rows of this page went (deleted here or elsewhere): the new last page instead.
+        return load(last)
+      }
       rows.value = p.items
       total.value = p.total
       page.value = p.page

@@ -100,6 +100,11 @@ async fn issue(
     }
     check_platforms(&body.allowed_platforms)?;
     check_counts(body.rpm_limit, body.max_concurrency)?;
+    if body.expires_at.is_some_and(|at| at <= super::now_ms()) {
+        return Err(AppError::BadRequest(
+            "expires_at is in the past: the key could never be used".into(),
+        ));
+    }
     let key = generate_api_key();
     // The store counts the owner's keys and inserts in one transaction: the cap holds under
     // concurrent creations, and its refusal names the cap.
