@@ -159,11 +159,16 @@ async fn keys_are_checked_and_errors_have_anthropic_shape() {
     assert_eq!(r.status(), 403);
     assert_anthropic_error(&r.json().await.unwrap(), "permission_error");
 
-    // An expired key.
-    let (_, expired) = s
+    // An expired key (one is not made expired: its expiry passes, here set to the past).
+    let (expired_id, expired) = s.relay.create_key(&s.user_id, serde_json::json!({})).await;
+    let (st, v) = s
         .relay
-        .create_key(&s.user_id, serde_json::json!({"expires_at": 1000}))
+        .admin_patch(
+            &format!("/api/admin/api-keys/{expired_id}"),
+            serde_json::json!({"expires_at": 1000}),
+        )
         .await;
+    assert_eq!(st, 200, "{v}");
     tokio::time::sleep(Duration::from_millis(400)).await;
     let r = s
         .relay
