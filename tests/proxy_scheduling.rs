@@ -363,6 +363,16 @@ async fn setting_a_cooling_account_valid_puts_it_back_at_once() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["cooldown_until"], serde_json::Value::Null);
     assert!(v["cooldown_cleared_at"].is_i64(), "{v}");
+    // The audit says a cooldown was ended, and which.
+    let audit = relay.admin_get("/api/admin/audit?per_page=50").await;
+    let update = audit["items"]
+        .as_array()
+        .expect("audit items")
+        .iter()
+        .find(|e| e["action"] == "account.update")
+        .cloned()
+        .expect("the update audited");
+    assert!(update["detail"]["cooldown_ended"].is_i64(), "{update}");
     // The next request goes to it, and the ones after it too.
     assert_eq!(ask("three").await.unwrap().status(), 200);
     assert_eq!((limited.count(), good.count()), (2, 2), "still cooling");

@@ -678,19 +678,20 @@ pub async fn update(
     if puts_back {
         state.accounts.end_hold_off(&id);
     }
-    audit(
-        &state,
-        &caller,
-        "account.update",
-        &id,
-        serde_json::json!({
-            "name": account.name,
-            "changes": changes(&current, &account, &patch),
-            "credential_changed": credential_changed,
-            "refresh_token_changed": refresh_token_changed,
-        }),
-    )
-    .await;
+    let mut detail = serde_json::json!({
+        "name": account.name,
+        "changes": changes(&current, &account, &patch),
+        "credential_changed": credential_changed,
+        "refresh_token_changed": refresh_token_changed,
+    });
+    // The cooldown an operator ended, when one was running (its end, epoch ms).
+    if let Some(until) = current
+        .cooldown_until
+        .filter(|until| patch.clear_cooldown && *until > super::now_ms())
+    {
+        detail["cooldown_ended"] = serde_json::json!(until);
+    }
+    audit(&state, &caller, "account.update", &id, detail).await;
     state.accounts_changed().await;
     Ok(Json(view(account, &state.secrets)))
 }
