@@ -64,16 +64,21 @@ async fn proxied(relay: &Relay, key: &str) -> u16 {
         .as_u16()
 }
 
+/// A `claude-official` account named `name` with the test's OAuth token, on `mock`; its id.
+async fn oauth_account(relay: &Relay, mock: &MockUpstream, name: &str) -> String {
+    relay
+        .create_account_with(json!({
+            "name": name, "type": "claude-official", "base_url": mock.url(),
+            "credential": OAUTH_TOKEN,
+        }))
+        .await
+}
+
 #[tokio::test]
 async fn failed_checks_take_an_account_out_and_a_passing_one_puts_it_back() {
     let mock = MockUpstream::start().await;
     let relay = relay().await;
-    let id = relay
-        .create_account_with(json!({
-            "name": "oauth-a", "type": "claude-official", "base_url": mock.url(),
-            "credential": OAUTH_TOKEN,
-        }))
-        .await;
+    let id = oauth_account(&relay, &mock, "oauth-a").await;
     let key = relay.active_key("tenant").await;
 
     // A pass: the OAuth usage endpoint, with the token and the OAuth beta flag.
@@ -284,12 +289,7 @@ async fn the_periodic_job_runs_while_the_settings_say_so() {
             "account_error_threshold": 2,
         })
     );
-    let id = relay
-        .create_account_with(json!({
-            "name": "oauth-b", "type": "claude-official", "base_url": mock.url(),
-            "credential": OAUTH_TOKEN,
-        }))
-        .await;
+    let id = oauth_account(&relay, &mock, "oauth-b").await;
     // A plain API-key account is not checked by the job (its provider manages it).
     relay
         .create_account_with(json!({
@@ -376,12 +376,7 @@ async fn the_periodic_job_runs_while_the_settings_say_so() {
 async fn a_status_set_while_a_check_runs_is_kept() {
     let mock = MockUpstream::start().await;
     let relay = relay().await;
-    let id = relay
-        .create_account_with(json!({
-            "name": "oauth-c", "type": "claude-official", "base_url": mock.url(),
-            "credential": OAUTH_TOKEN,
-        }))
-        .await;
+    let id = oauth_account(&relay, &mock, "oauth-c").await;
     // One refusal counted already: the next one would take the account out.
     mock.set(|b| b.status = 401);
     assert_eq!(check(&relay, &id).await["consecutive_error_count"], 1);
@@ -442,12 +437,7 @@ async fn a_pass_on_one_node_clears_the_count_made_on_another() {
     };
     let (a, b) = (node().await, node().await);
     let mock = MockUpstream::start().await;
-    let id = a
-        .create_account_with(json!({
-            "name": "oauth-d", "type": "claude-official", "base_url": mock.url(),
-            "credential": OAUTH_TOKEN,
-        }))
-        .await;
+    let id = oauth_account(&a, &mock, "oauth-d").await;
     b.wait_accounts_loaded(1).await;
     mock.set(|m| {
         m.status = 401;
@@ -482,12 +472,7 @@ async fn a_pass_on_one_node_clears_the_count_made_on_another() {
 async fn a_setup_token_without_the_profile_scope_stays_valid_and_a_bad_gemini_key_fails() {
     let mock = MockUpstream::start().await;
     let relay = relay().await;
-    let oauth = relay
-        .create_account_with(json!({
-            "name": "setup-token", "type": "claude-official", "base_url": mock.url(),
-            "credential": OAUTH_TOKEN,
-        }))
-        .await;
+    let oauth = oauth_account(&relay, &mock, "setup-token").await;
     // `claude setup-token` grants user:inference only; the usage endpoint wants user:profile.
     mock.set(|b| {
         b.status = 403;

@@ -70,18 +70,10 @@ fn rate_limited_for(mock: &MockUpstream, retry_after: &str) {
 
 #[tokio::test]
 async fn a_5_mib_request_fails_over_byte_identical() {
-    let bad = MockUpstream::start().await;
-    let good = MockUpstream::start().await;
-    rate_limited(&bad);
     let relay = Relay::start().await;
-    // The 429-ing account is preferred (lower priority number): every request tries it first.
-    relay
-        .create_account_with(serde_json::json!({"name": "bad", "type": "claude", "base_url": bad.url(), "credential": "sk-bad", "priority": 1}))
-        .await;
-    relay
-        .create_account("good", "claude", &good.url(), "sk-good")
-        .await;
-    let key = key_for(&relay, 2).await;
+    // The 429-ing account is preferred: every request tries it first.
+    let (bad, good, _, key) = preferred_and_good(&relay, "claude").await;
+    rate_limited(&bad);
     let filler: String = (0u64..5 * 1024 * 1024 / 16)
         .map(|i| format!("{:015x}.", i * 31))
         .collect();
@@ -291,17 +283,31 @@ async fn account_concurrency_cap_moves_requests_to_another_account() {
 /// Two accounts on `relay`: "limited" (preferred, answering 429 with a retry-after of a
 /// billion seconds, some 30 years) and "good"; their mocks, the limited one's id and a key.
 async fn limited_and_good(relay: &Relay) -> (MockUpstream, MockUpstream, String, String) {
-    let limited = MockUpstream::start().await;
-    let good = MockUpstream::start().await;
+    let (limited, good, limited_id, key) = preferred_and_good(relay, "claude").await;
     rate_limited_for(&limited, "1000000000");
-    let limited_id = relay
-        .create_account_with(serde_json::json!({"name": "limited", "type": "claude", "base_url": limited.url(), "credential": "sk-l", "priority": 1}))
+    (limited, good, limited_id, key)
+}
+
+/// Two accounts of `kind` on `relay`: a preferred one (priority 1, which every new
+/// conversation tries first) and "good"; their mocks, the preferred one's id and a key.
+async fn preferred_and_good(
+    relay: &Relay,
+    kind: &str,
+) -> (MockUpstream, MockUpstream, String, String) {
+    let preferred = MockUpstream::start().await;
+    let good = MockUpstream::start().await;
+    let credential = |who: &str| match kind {
+        "gemini" => format!("AIza-{who}"),
+        _ => format!("sk-{who}"),
+    };
+    let preferred_id = relay
+        .create_account_with(serde_json::json!({"name": "preferred", "type": kind, "base_url": preferred.url(), "credential": credential("preferred"), "priority": 1}))
         .await;
     relay
-        .create_account("good", "claude", &good.url(), "sk-g")
+        .create_account("good", kind, &good.url(), &credential("good"))
         .await;
     let key = key_for(relay, 2).await;
-    (limited, good, limited_id, key)
+    (preferred, good, preferred_id, key)
 }
 
 #[tokio::test]
@@ -429,17 +435,8 @@ const CLIENT_ERROR: &str = r#"{"type":"error","error":{"type":"invalid_request_e
 
 #[tokio::test]
 async fn an_account_refused_with_a_400_is_marked_and_the_request_fails_over() {
-    let dead = MockUpstream::start().await;
-    let good = MockUpstream::start().await;
     let relay = Relay::start().await;
-    // Preferred: every new conversation tries it first.
-    let dead_id = relay
-        .create_account_with(serde_json::json!({"name": "dead", "type": "claude", "base_url": dead.url(), "credential": "sk-dead", "priority": 1}))
-        .await;
-    relay
-        .create_account("good", "claude", &good.url(), "sk-good")
-        .await;
-    let key = key_for(&relay, 2).await;
+    let (dead, good, dead_id, key) = preferred_and_good(&relay, "claude").await;
     let ask = |topic: &str| {
         relay
             .post("/v1/messages", &key)
@@ -490,16 +487,8 @@ const GEMINI_PATH: &str = "/v1beta/models/gemini-2.5-flash:generateContent";
 
 #[tokio::test]
 async fn a_gemini_key_called_invalid_is_taken_out_and_a_403_about_a_file_is_the_clients() {
-    let bad = MockUpstream::start().await;
-    let good = MockUpstream::start().await;
     let relay = Relay::start().await;
-    let bad_id = relay
-        .create_account_with(serde_json::json!({"name": "bad", "type": "gemini", "base_url": bad.url(), "credential": "AIza-bad", "priority": 1}))
-        .await;
-    relay
-        .create_account("good", "gemini", &good.url(), "AIza-good")
-        .await;
-    let key = key_for(&relay, 2).await;
+    let (bad, good, bad_id, key) = preferred_and_good(&relay, "gemini").await;
     let ask = |topic: &str| {
         relay
             .post(GEMINI_PATH, &key)
@@ -601,16 +590,8 @@ async fn an_account_refused_on_the_last_attempt_is_an_upstream_error_to_the_clie
 
 #[tokio::test]
 async fn a_used_up_quota_cools_for_long_not_as_a_rate_limit() {
-    let spent = MockUpstream::start().await;
-    let good = MockUpstream::start().await;
     let relay = Relay::start().await;
-    relay
-        .create_account_with(serde_json::json!({"name": "spent", "type": "openai", "base_url": spent.url(), "credential": "sk-spent", "priority": 1}))
-        .await;
-    relay
-        .create_account("good", "openai", &good.url(), "sk-good")
-        .await;
-    let key = key_for(&relay, 2).await;
+    let (spent, good, _, key) = preferred_and_good(&relay, "openai").await;
     answer(
         &spent,
         429,

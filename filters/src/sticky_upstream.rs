@@ -95,11 +95,10 @@ impl StickyUpstream {
     fn past_overload(&self, ctx: &RequestCtx) -> Option<Arc<Account>> {
         let all = self.accounts.accounts();
         let mut open: Vec<&Arc<Account>> = Vec::new();
-        for a in all.iter().filter(|a| {
-            a.in_operation()
-                && a.serves(ctx.protocol(), ctx.requested_model())
-                && !ctx.upstream.tried.iter().any(|t| *t == a.id)
-        }) {
+        for a in all
+            .iter()
+            .filter(|a| could_serve(a, ctx) && !ctx.upstream.tried.iter().any(|t| *t == a.id))
+        {
             let left = a.cooldown_left_ms(ctx.started_ms);
             if left == 0 || !a.state.cooling_for_overload.load(Ordering::Relaxed) {
                 return None;
@@ -277,7 +276,7 @@ impl StickyUpstream {
                 if let Some(account) = self
                     .accounts
                     .get(&stored.binding.account_id)
-                    .filter(|a| a.in_operation() && a.serves(ctx.protocol(), ctx.requested_model()))
+                    .filter(|a| could_serve(a, ctx))
                 {
                     let cooling_ms = account.cooldown_left_ms(ctx.started_ms);
                     if cooling_ms > 0 {
@@ -371,7 +370,7 @@ impl StickyUpstream {
             .accounts
             .accounts()
             .iter()
-            .filter(|a| a.in_operation() && a.serves(ctx.protocol(), ctx.requested_model()))
+            .filter(|a| could_serve(a, ctx))
             .map(|a| a.cooldown_left_ms(ctx.started_ms))
             .min();
         let mut r = Rejection::new(
@@ -427,6 +426,12 @@ impl RequestFilter for StickyUpstream {
             Err(r) => Flow::Reject(r),
         }
     }
+}
+
+/// Whether an account is in operation (cooling or not) and serves the request's protocol and
+/// model.
+fn could_serve(a: &Account, ctx: &RequestCtx) -> bool {
+    a.in_operation() && a.serves(ctx.protocol(), ctx.requested_model())
 }
 
 #[cfg(test)]
