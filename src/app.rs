@@ -1,7 +1,7 @@
 //! Assembles a relay node from its configuration: secrets, database, caches, the filter chain,
 //! the Pingora server with the proxy service and the control-plane background service.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -123,15 +123,29 @@ pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads the shipped price list.
+/// The price list shipped with the relay, built into the binary so that a relay started from
+/// any directory has prices.
+pub const SHIPPED_PRICES: &str = include_str!("../conf/pricing.toml");
+
+/// Where the default price list is looked for before the built-in one.
+const DEFAULT_PRICING_FILE: &str = "conf/pricing.toml";
+
+/// Loads the price list: the configured file (which must exist), else `conf/pricing.toml` in
+/// the working directory when there is one, else the built-in list.
 pub fn load_prices(config: &Config) -> anyhow::Result<PriceTable> {
-    let text = std::fs::read_to_string(&config.pricing_file).with_context(|| {
-        format!(
-            "cannot read the price list {}",
-            config.pricing_file.display()
-        )
-    })?;
-    PriceTable::from_toml_str(&text).map_err(|e| anyhow::anyhow!("price list: {e}"))
+    let file = match &config.pricing_file {
+        Some(path) => Some(path.clone()),
+        None => Some(PathBuf::from(DEFAULT_PRICING_FILE)).filter(|p| p.is_file()),
+    };
+    let (text, source) = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read the price list {}", path.display()))?;
+            (text, path.display().to_string())
+        }
+        None => (SHIPPED_PRICES.to_owned(), "the built-in list".to_owned()),
+    };
+    PriceTable::from_toml_str(&text).map_err(|e| anyhow::anyhow!("price list ({source}): {e}"))
 }
 
 /// Builds and runs the node until a signal stops it; returns once every usage record it held

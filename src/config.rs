@@ -64,8 +64,10 @@ pub struct Config {
     /// one second).
     #[serde(with = "humantime_serde")]
     pub client_idle_timeout: Duration,
-    /// The shipped price list (admins override per model in the database).
-    pub pricing_file: PathBuf,
+    /// A price list to use instead of the shipped one (admins override per model in the
+    /// database). Unset: `conf/pricing.toml` when the working directory has one, else the list
+    /// built into the binary.
+    pub pricing_file: Option<PathBuf>,
     /// Keys one user may own.
     pub max_keys_per_user: u32,
     /// Marks the admin session cookie `Secure` (sent over HTTPS only): for an admin service
@@ -245,7 +247,7 @@ impl Default for Config {
             key_pepper: None,
             max_body_bytes: 32 * 1024 * 1024,
             client_idle_timeout: Duration::from_secs(60),
-            pricing_file: PathBuf::from("conf/pricing.toml"),
+            pricing_file: None,
             max_keys_per_user: 10,
             admin_secure_cookie: false,
             threads: 2,

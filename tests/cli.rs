@@ -8,10 +8,16 @@ use std::process::{Command, Output};
 use common::{Relay, RelayOptions};
 
 fn relay_cmd(data: &Path, args: &[&str]) -> Output {
+    relay_cmd_in(Path::new(env!("CARGO_MANIFEST_DIR")), data, &[], args)
+}
+
+/// Runs the command line in `dir` with `env` on top of the test's own variables.
+fn relay_cmd_in(dir: &Path, data: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_llm-relay"))
         .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(dir)
         .env_clear()
+        .envs(env.iter().copied())
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("RELAY_DATA_DIR", data)
         .env("RELAY_ADMIN_PASSWORD", "admin-password-1")
@@ -110,4 +116,30 @@ fn check_config_validates_files() {
     let out = relay_cmd(data.path(), &["check-config", typo.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(text(&out).contains("max_attempt"), "{}", text(&out));
+}
+
+#[test]
+fn the_price_list_is_found_from_any_directory() {
+    let data = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    // No conf/ here: the list built into the binary is used.
+    let out = relay_cmd_in(elsewhere.path(), data.path(), &[], &["--check-config"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // A conf/pricing.toml in the working directory is read before the built-in list.
+    std::fs::create_dir(elsewhere.path().join("conf")).unwrap();
+    std::fs::write(elsewhere.path().join("conf/pricing.toml"), "not toml [").unwrap();
+    let out = relay_cmd_in(elsewhere.path(), data.path(), &[], &["--check-config"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("conf/pricing.toml"), "{}", text(&out));
+    // A file named in the configuration must exist.
+    let missing = data.path().join("prices.toml");
+    let missing = missing.to_str().unwrap();
+    let out = relay_cmd_in(
+        data.path(),
+        data.path(),
+        &[("RELAY_PRICING_FILE", missing)],
+        &["--check-config"],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains(missing), "{}", text(&out));
 }
