@@ -312,33 +312,7 @@ pub fn select_account(
     now_ms: i64,
     rr_counter: &AtomicU64,
 ) -> Option<Arc<Account>> {
-    let mut best: Option<i64> = None;
-    let mut tier: Vec<&Arc<Account>> = Vec::new();
-    // An account whose token expired (its refresh failing) only when no other can serve.
-    let mut expired: Vec<&Arc<Account>> = Vec::new();
-    for a in accounts {
-        if !a.serves(protocol, model) || !a.usable(now_ms) || exclude.iter().any(|x| *x == a.id) {
-            continue;
-        }
-        if a.token_expired(now_ms) {
-            expired.push(a);
-            continue;
-        }
-        match best {
-            Some(p) if a.priority > p => continue,
-            Some(p) if a.priority == p => tier.push(a),
-            _ => {
-                best = Some(a.priority);
-                tier.clear();
-                tier.push(a);
-            }
-        }
-    }
-    if tier.is_empty() {
-        if let Some(p) = expired.iter().map(|a| a.priority).min() {
-            tier = expired.into_iter().filter(|a| a.priority == p).collect();
-        }
-    }
+    let tier = best_tier(accounts, protocol, model, exclude, now_ms);
     let chosen = match strategy {
         PickStrategy::Weighted => {
             let total: u64 = tier.iter().map(|a| u64::from(a.weight.max(1))).sum();
@@ -376,6 +350,87 @@ pub fn select_account(
         }
     };
     chosen.cloned()
+}
+
+/// Picks as [`select_account`] does, but inside the tier always the same account for the same
+/// `key` while the tier is the same, each account as often as its weight says over many keys
+/// (weighted rendezvous hashing). An account leaving the tier moves only the keys it had; one
+/// joining takes its share from every other. Every node picks alike.
+pub fn select_account_for_key(
+    accounts: &[Arc<Account>],
+    protocol: Protocol,
+    model: Option<&str>,
+    exclude: &[String],
+    now_ms: i64,
+    key: &str,
+) -> Option<Arc<Account>> {
+    let key_hash = fnv1a64(key.as_bytes());
+    best_tier(accounts, protocol, model, exclude, now_ms)
+        .into_iter()
+        .map(|a| (rendezvous_score(key_hash, a), a))
+        .max_by(|x, y| x.0.total_cmp(&y.0).then_with(|| y.1.id.cmp(&x.1.id)))
+        .map(|(_, a)| Arc::clone(a))
+}
+
+/// `ln(u) / weight` for `u` in (0, 1] drawn from `key` and the account's id: the account with
+/// the highest score wins, with the chance `weight / total` for a random key.
+fn rendezvous_score(key_hash: u64, account: &Account) -> f64 {
+    let mixed = mix64(key_hash ^ mix64(fnv1a64(account.id.as_bytes())));
+    // 53 bits of the hash, shifted off zero: u in (0, 1].
+    let u = ((mixed >> 11) + 1) as f64 / (1u64 << 53) as f64;
+    u.ln() / f64::from(account.weight.max(1))
+}
+
+/// FNV-1a, 64 bits: the same on every node and build (unlike std's hasher).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// SplitMix64's finaliser: spreads every input bit over the output.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The usable accounts that serve the request, not excluded, of the lowest priority number;
+/// accounts whose token expired (their refresh failing) only when no other can serve.
+fn best_tier<'a>(
+    accounts: &'a [Arc<Account>],
+    protocol: Protocol,
+    model: Option<&str>,
+    exclude: &[String],
+    now_ms: i64,
+) -> Vec<&'a Arc<Account>> {
+    let mut best: Option<i64> = None;
+    let mut tier: Vec<&Arc<Account>> = Vec::new();
+    let mut expired: Vec<&Arc<Account>> = Vec::new();
+    for a in accounts {
+        if !a.serves(protocol, model) || !a.usable(now_ms) || exclude.iter().any(|x| *x == a.id) {
+            continue;
+        }
+        if a.token_expired(now_ms) {
+            expired.push(a);
+            continue;
+        }
+        match best {
+            Some(p) if a.priority > p => continue,
+            Some(p) if a.priority == p => tier.push(a),
+            _ => {
+                best = Some(a.priority);
+                tier.clear();
+                tier.push(a);
+            }
+        }
+    }
+    if tier.is_empty() {
+        if let Some(p) = expired.iter().map(|a| a.priority).min() {
+            tier = expired.into_iter().filter(|a| a.priority == p).collect();
+        }
+    }
+    tier
 }
 
 /// An in-flight slot on an account, released when dropped: in this node's count and, for a
@@ -608,6 +663,50 @@ pub(crate) mod tests {
             &rr,
         );
         assert!(s.is_none());
+    }
+
+    #[test]
+    fn a_keyed_pick_is_stable_spread_by_weight_and_moves_only_a_leaving_accounts_keys() {
+        let all = vec![
+            account("a", AccountType::Claude, 50, 3),
+            account("b", AccountType::Claude, 50, 1),
+            account("c", AccountType::Claude, 50, 4),
+            account("low", AccountType::Claude, 60, 100),
+        ];
+        let pick = |all: &[Arc<Account>], key: &str| {
+            select_account_for_key(all, Protocol::Anthropic, None, &[], 0, key)
+                .unwrap()
+                .id
+                .clone()
+        };
+        let keys: Vec<String> = (0..8000)
+            .map(|i| format!("k1:anthropic:{i:016x}"))
+            .collect();
+        let first: Vec<String> = keys.iter().map(|k| pick(&all, k)).collect();
+        // The same key, the same account, every time.
+        for (k, p) in keys.iter().zip(&first).take(200) {
+            assert_eq!(&pick(&all, k), p);
+        }
+        // As often as the weights say (3 : 1 : 4 of 8000), never below the best tier.
+        let count = |id: &str| first.iter().filter(|p| *p == id).count();
+        assert!((2700..3300).contains(&count("a")), "a: {}", count("a"));
+        assert!((800..1200).contains(&count("b")), "b: {}", count("b"));
+        assert!((3700..4300).contains(&count("c")), "c: {}", count("c"));
+        assert_eq!(count("low"), 0);
+        // Without `b`, only b's keys move.
+        let without_b = [all[0].clone(), all[2].clone(), all[3].clone()];
+        for (k, p) in keys.iter().zip(&first) {
+            let now = pick(&without_b, k);
+            if p != "b" {
+                assert_eq!(&now, p, "{k} moved off {p}");
+            }
+        }
+        // Excluded accounts are skipped, as with every pick.
+        let k = &keys[0];
+        let excluded = [first[0].clone()];
+        let other =
+            select_account_for_key(&all, Protocol::Anthropic, None, &excluded, 0, k).unwrap();
+        assert_ne!(other.id, first[0]);
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct RequestInfo {
     pub previous_response_id: Option<String>,
     /// Chat: the client asked for the usage chunk itself.
     pub include_usage_requested: bool,
+    /// Responses: `store: false`, the answer cannot be continued by `previous_response_id`.
+    pub store_off: bool,
     pub body_len: usize,
 }
 

@@ -46,6 +46,9 @@ pub struct RequestBody<'a> {
     pub system_instruction: Option<&'a RawValue>,
     /// Chat `stream_options.include_usage` is `true`.
     pub stream_options_include_usage: bool,
+    /// Responses `store` is `false`: the answer is not kept upstream, so no later request
+    /// can continue it (read only, never judged: another value counts as absent).
+    pub store_off: bool,
 }
 
 /// Why a request body was refused; the message goes to the client as `invalid_request_error`.
@@ -103,6 +106,8 @@ struct RawBody<'a> {
     system_instruction: Option<&'a RawValue>,
     #[serde(borrow)]
     stream_options: Option<&'a RawValue>,
+    #[serde(borrow)]
+    store: Option<&'a RawValue>,
 }
 
 /// `metadata`: only `user_id` matters.
@@ -176,6 +181,7 @@ pub fn parse_request_body(body: &[u8]) -> Result<RequestBody<'_>, BodyError> {
         contents: raw.contents,
         system_instruction: raw.system_instruction,
         stream_options_include_usage,
+        store_off: raw.store.is_some_and(|r| r.get().trim() == "false"),
     })
 }
 
@@ -673,6 +679,17 @@ mod tests {
         assert_eq!(parsed.input.map(RawValue::get), Some(r#""hello""#));
         assert!(parsed.stream_options_include_usage);
         assert!(!parsed.stream);
+        assert!(!parsed.store_off, "store absent");
+        for (body, off) in [
+            (&br#"{"model":"m","store":false}"#[..], true),
+            (br#"{"model":"m","store": false }"#, true),
+            (br#"{"model":"m","store":true}"#, false),
+            (br#"{"model":"m","store":null}"#, false),
+            (br#"{"model":"m","store":"no"}"#, false),
+        ] {
+            let parsed = parse_request_body(body).expect("parses");
+            assert_eq!(parsed.store_off, off, "{}", String::from_utf8_lossy(body));
+        }
 
         let gemini = br#"{"contents":[{"role":"user","parts":[{"text":"x"}]}],
             "system_instruction":{"parts":[{"text":"s"}]}}"#;

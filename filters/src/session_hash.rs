@@ -676,7 +676,9 @@ fn chat(m: &mut Material, input: &SessionInput<'_>, n: usize) -> bool {
             leading = false;
             taken += 1;
         }
-        m.role(role);
+        // `developer` is what newer models call `system`; clients switch between them with the
+        // model, so the conversation keeps its key whichever the turn says.
+        m.role(if system { Some("\"system\"") } else { role });
         if let Some(content) = content {
             openai_content(m, content);
         }
@@ -1102,6 +1104,24 @@ mod tests {
         assert_eq!(key_of(Protocol::Anthropic, &[], &b), key);
         b["system"][1]["text"] = json!("You are another agent.");
         assert_ne!(key_of(Protocol::Anthropic, &[], &b), key);
+
+        // Chat: a client that calls its system message `developer` for a reasoning model keeps
+        // the conversation's key; the text still counts.
+        let chat = |role: &str, text: &str| {
+            json!({"model": "gpt-5", "messages": [
+                {"role": role, "content": text},
+                {"role": "user", "content": "hello"},
+            ]})
+        };
+        let key = key_of(Protocol::OpenaiChat, &[], &chat("system", "Be brief."));
+        assert_eq!(
+            key_of(Protocol::OpenaiChat, &[], &chat("developer", "Be brief.")),
+            key
+        );
+        assert_ne!(
+            key_of(Protocol::OpenaiChat, &[], &chat("developer", "Be long.")),
+            key
+        );
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::accounts::{
-    account_slots_name, select_account, Account, AccountDirectory, InflightLease, PickStrategy,
+    account_slots_name, select_account, select_account_for_key, Account, AccountDirectory,
+    InflightLease, PickStrategy,
 };
 use crate::chain::{Flow, RequestFilter, RequestView};
 use crate::context::{RequestCtx, StickyResult};
@@ -24,7 +25,9 @@ pub struct StickyConfig {
     pub ttl: Duration,
     /// Binding TTL for OpenAI Responses.
     pub responses_ttl: Duration,
-    /// A hit renews the binding when less than this is left.
+    /// A hit renews the binding once this long has passed since it was last written, so a
+    /// binding lasts its TTL after the last renewal (at most this much less than after the last
+    /// request) and costs a store write at most this often.
     pub renew_threshold: Duration,
     pub strategy: PickStrategy,
 }
@@ -83,7 +86,7 @@ impl StickyUpstream {
 
     fn pick(&self, ctx: &RequestCtx) -> Option<Arc<Account>> {
         self.pick_excluding(ctx, &[])
-            .or_else(|| self.past_overload(ctx))
+            .or_else(|| self.past_overload(ctx, None))
     }
 
     /// When every account that could serve the request is in operation and cooling for
@@ -91,8 +94,9 @@ impl StickyUpstream {
     /// a provider's overload may be over before the cooldowns it set, and the client then gets
     /// the provider's own answer rather than a refusal for minutes, while the pool's traffic
     /// stays spread over its accounts. None as soon as one of them cools for another reason (a
-    /// rate limit, used-up credit, a cooldown from another node) or is only full.
-    fn past_overload(&self, ctx: &RequestCtx) -> Option<Arc<Account>> {
+    /// rate limit, used-up credit, a cooldown from another node) or is only full. `bound`, the
+    /// conversation's account, when it is one of them: its cache is there.
+    fn past_overload(&self, ctx: &RequestCtx, bound: Option<&str>) -> Option<Arc<Account>> {
         let all = self.accounts.accounts();
         let mut open: Vec<&Arc<Account>> = Vec::new();
         for a in all
@@ -107,6 +111,9 @@ impl StickyUpstream {
                 open.push(a);
             }
         }
+        if let Some(own) = open.iter().find(|a| Some(a.id.as_str()) == bound) {
+            return Some(Arc::clone(own));
+        }
         if open.is_empty() {
             return None;
         }
@@ -115,7 +122,21 @@ impl StickyUpstream {
         open.get(at).map(|a| Arc::clone(a))
     }
 
+    /// A new account for the request, none of `also` nor those it tried. With the `weighted`
+    /// strategy a conversation's picks are keyed by it and its model (see [`Self::pick_key`]);
+    /// the other strategies pick by their own measure.
     fn pick_excluding(&self, ctx: &RequestCtx, also: &[String]) -> Option<Arc<Account>> {
+        self.pick_among(ctx, also, self.config.strategy == PickStrategy::Weighted)
+    }
+
+    /// Another account for one request of a conversation whose own account cannot take it:
+    /// always keyed, so that the conversation's requests of this model keep going to one
+    /// account (and its prompt cache) while its own account cannot take them.
+    fn detour(&self, ctx: &RequestCtx, bound: &str) -> Option<Arc<Account>> {
+        self.pick_among(ctx, &[bound.to_owned()], true)
+    }
+
+    fn pick_among(&self, ctx: &RequestCtx, also: &[String], keyed: bool) -> Option<Arc<Account>> {
         let all = self.accounts.accounts();
         let exclude: Vec<String>;
         let exclude = if also.is_empty() {
@@ -124,15 +145,37 @@ impl StickyUpstream {
             exclude = ctx.upstream.tried.iter().chain(also).cloned().collect();
             &exclude
         };
-        select_account(
-            &all,
-            ctx.protocol(),
-            ctx.requested_model(),
-            exclude,
-            self.config.strategy,
-            ctx.started_ms,
-            &self.round_robin,
-        )
+        match Self::pick_key(ctx).filter(|_| keyed) {
+            Some(key) => select_account_for_key(
+                &all,
+                ctx.protocol(),
+                ctx.requested_model(),
+                exclude,
+                ctx.started_ms,
+                &key,
+            ),
+            None => select_account(
+                &all,
+                ctx.protocol(),
+                ctx.requested_model(),
+                exclude,
+                self.config.strategy,
+                ctx.started_ms,
+                &self.round_robin,
+            ),
+        }
+    }
+
+    /// What keyed picks are keyed by: the conversation and the model asked for. The same
+    /// conversation and model get the same account as long as the accounts that could take it
+    /// stay the same: on every node (two nodes binding a new conversation at once agree), after
+    /// its binding was lost (a store restarted empty), and for each detour of one model.
+    fn pick_key(ctx: &RequestCtx) -> Option<String> {
+        let session = ctx.session.key.as_deref()?;
+        Some(format!(
+            "{session}\n{}",
+            ctx.requested_model().unwrap_or_default()
+        ))
     }
 
     /// Takes a slot on `account`; `false` when it filled up since it was picked (on this node,
@@ -163,8 +206,10 @@ impl StickyUpstream {
         mut skipped: Vec<String>,
         moving_from: Option<String>,
     ) -> Option<Arc<Account>> {
+        // A request that leaves the binding alone is a detour, keyed as detours are.
+        let keyed = moving_from.is_none() || self.config.strategy == PickStrategy::Weighted;
         loop {
-            let account = self.pick_excluding(ctx, &skipped)?;
+            let account = self.pick_among(ctx, &skipped, keyed)?;
             if self.reserve(ctx, &account).await {
                 if let (Some(key), Some(from)) = (ctx.session.key.clone(), moving_from) {
                     let binding = self.binding_for(ctx, &account);
@@ -221,11 +266,16 @@ impl StickyUpstream {
     /// `previous_response_id` goes back there (DESIGN §7). Once per request, as soon as the
     /// answer's id is known: the returned write owns what it needs, to run apart while the
     /// answer streams on (a tool loop's next turn can follow right after the last event).
+    /// Not for an answer the request asked not to store (`store: false`, as Codex sends):
+    /// nothing can continue it, and its entry would only crowd the session store.
     pub fn remember_response(
         &self,
         ctx: &mut RequestCtx,
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
-        if ctx.protocol() != Protocol::OpenaiResponses || ctx.session.response_remembered {
+        if ctx.protocol() != Protocol::OpenaiResponses
+            || ctx.session.response_remembered
+            || ctx.request.store_off
+        {
             return None;
         }
         let (Some(id), Some(account)) = (&ctx.usage.response_id, &ctx.upstream.account) else {
@@ -306,11 +356,9 @@ impl StickyUpstream {
                 if !account.serves(ctx.protocol(), ctx.requested_model()) || !account.has_room() {
                     // This request only: the conversation stays where its cache is.
                     ctx.session.sticky = Some(StickyResult::Detour);
-                    return self
-                        .pick_excluding(ctx, std::slice::from_ref(bound))
-                        .ok_or_else(|| self.no_account(ctx));
+                    return self.detour(ctx, bound).ok_or_else(|| self.no_account(ctx));
                 }
-                if stored.remaining < self.config.renew_threshold {
+                if ttl.saturating_sub(stored.remaining) >= self.config.renew_threshold {
                     let mut b = Binding::clone(&stored.binding);
                     b.last_used_at = ctx.started_ms;
                     b.request_count += 1;
@@ -320,7 +368,22 @@ impl StickyUpstream {
                 ctx.session.sticky = Some(StickyResult::Hit);
                 return Ok(account);
             }
-            let account = self.pick(ctx).ok_or_else(|| self.no_account(ctx))?;
+            let account = match self.pick_excluding(ctx, &[]) {
+                Some(account) => account,
+                None => {
+                    let account = self
+                        .past_overload(ctx, Some(bound))
+                        .ok_or_else(|| self.no_account(ctx))?;
+                    if account.id == *bound {
+                        // Every account cools for overload alone: the conversation's own is
+                        // tried, and it stays bound there.
+                        ctx.session.bound = Some(bound.clone());
+                        ctx.session.sticky = Some(StickyResult::Hit);
+                        return Ok(account);
+                    }
+                    account
+                }
+            };
             ctx.session.sticky = Some(StickyResult::Rebind);
             let held = self
                 .sessions
@@ -382,15 +445,31 @@ impl StickyUpstream {
     }
 
     /// Picks another account after a failed attempt (never one already tried). When the one
-    /// that failed is the conversation's, the conversation moves to the new one; a detour's
-    /// failure leaves it alone, and a continued response has nowhere else to go.
+    /// that failed is the conversation's and is out of service since (its failure started a
+    /// cooldown or put it in error), or this request only just bound it there, the
+    /// conversation moves to the new one. A single failure that left the account in service
+    /// (one server error, a timeout) makes this request a detour and the conversation stays
+    /// with its cache; a detour's failure leaves it alone, and a continued response has
+    /// nowhere else to go.
     pub async fn failover(&self, ctx: &mut RequestCtx) -> Option<Arc<Account>> {
         ctx.upstream.lease = None;
         if ctx.session.sticky == Some(StickyResult::Pinned) {
             return None;
         }
-        let failed = ctx.upstream.account.as_ref().map(|a| a.id.clone());
-        let moving_from = failed.filter(|f| ctx.session.bound.as_deref() == Some(f.as_str()));
+        let failed = ctx.upstream.account.clone();
+        let own = failed
+            .as_ref()
+            .filter(|f| ctx.session.bound.as_deref() == Some(f.id.as_str()));
+        let just_bound = matches!(
+            ctx.session.sticky,
+            Some(StickyResult::Miss | StickyResult::Rebind)
+        );
+        let moving_from = own
+            .filter(|f| just_bound || !f.available(ctx.started_ms))
+            .map(|f| f.id.clone());
+        if own.is_some() && moving_from.is_none() {
+            ctx.session.sticky = Some(StickyResult::Detour);
+        }
         self.reserve_another(ctx, Vec::new(), moving_from).await
     }
 }
@@ -716,6 +795,23 @@ mod tests {
             next.request.previous_response_id = Some("resp_1".into());
             assert_eq!(s.choose(&mut next).await.unwrap().id, acc.id);
         }
+        // An answer not stored upstream takes no place in the session store.
+        let sessions = MemorySessionStore::new(100);
+        let s = StickyUpstream::new(
+            Arc::new(Dir(Arc::new(vec![acc.clone()]))),
+            sessions.clone(),
+            StickyConfig::default(),
+        );
+        let mut unstored = responses(None);
+        unstored.request.store_off = true;
+        unstored.upstream.account = Some(acc.clone());
+        unstored.usage.response_id = Some("resp_2".into());
+        assert!(s.remember_response(&mut unstored).is_none());
+        assert!(sessions
+            .get(&response_key("", "resp_2"))
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]
@@ -818,6 +914,171 @@ mod tests {
         assert_eq!(s.choose(&mut ctx(None)).await.unwrap().id, "c");
         c.state.cooling_for_overload.store(false, Ordering::Relaxed);
         assert!(s.choose(&mut ctx(None)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_conversations_detours_of_one_model_all_go_to_one_account() {
+        // The conversation was bound by a side request on the one model `small` serves.
+        let small = with(account("small", AccountType::Claude, 10, 1), |a| {
+            a.models = vec!["claude-haiku-4-5".into()];
+        });
+        let accounts: Vec<_> = std::iter::once(small)
+            .chain((0..4).map(|i| account(&format!("big{i}"), AccountType::Claude, 50, 1)))
+            .collect();
+        let dir = Arc::new(Dir(Arc::new(accounts)));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(100), StickyConfig::default());
+        let mut side = for_model("conv", "claude-haiku-4-5");
+        assert_eq!(s.choose(&mut side).await.unwrap().id, "small");
+        drop(side);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let mut main = for_model("conv", "claude-opus-4-1");
+            seen.insert(s.choose(&mut main).await.unwrap().id.clone());
+            assert_eq!(main.session.sticky, Some(StickyResult::Detour));
+            assert_eq!(main.session.bound.as_deref(), Some("small"));
+        }
+        assert_eq!(seen.len(), 1, "detours went to {seen:?}");
+        // Other conversations' detours spread over the accounts.
+        let mut others = std::collections::HashSet::new();
+        for i in 0..40 {
+            let conv = format!("conv {i}");
+            let mut side = for_model(&conv, "claude-haiku-4-5");
+            s.choose(&mut side).await.unwrap();
+            drop(side);
+            let mut main = for_model(&conv, "claude-opus-4-1");
+            others.insert(s.choose(&mut main).await.unwrap().id.clone());
+        }
+        assert!(others.len() >= 3, "{others:?}");
+    }
+
+    #[tokio::test]
+    async fn a_lost_binding_and_another_nodes_first_pick_find_the_same_account() {
+        let accounts: Vec<_> = (0..6)
+            .map(|i| account(&format!("acc{i}"), AccountType::Claude, 50, 1))
+            .collect();
+        let dir = Arc::new(Dir(Arc::new(accounts)));
+        let sessions = MemorySessionStore::new(100);
+        let node1 = StickyUpstream::new(dir.clone(), sessions.clone(), StickyConfig::default());
+        // Another node with a store of its own (as while Redis was out of reach).
+        let node2 = StickyUpstream::new(dir, MemorySessionStore::new(100), StickyConfig::default());
+        for i in 0..20 {
+            let conv = format!("conv {i}");
+            let mut c = for_model(&conv, "claude-opus-4-1");
+            let first = node1.choose(&mut c).await.unwrap().id.clone();
+            assert_eq!(c.session.sticky, Some(StickyResult::Miss));
+            drop(c);
+            let mut c = for_model(&conv, "claude-opus-4-1");
+            assert_eq!(node2.choose(&mut c).await.unwrap().id, first, "{conv}");
+            // The binding lost (a store restarted empty): bound where it was.
+            sessions.delete(&conv).await.unwrap();
+            let mut c = for_model(&conv, "claude-opus-4-1");
+            assert_eq!(node1.choose(&mut c).await.unwrap().id, first, "{conv}");
+            assert_eq!(c.session.sticky, Some(StickyResult::Miss));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_binding_is_renewed_once_the_threshold_has_passed_since_its_last_write() {
+        let a = account("a", AccountType::Claude, 50, 1);
+        let dir = Arc::new(Dir(Arc::new(vec![a.clone()])));
+        let sessions = MemorySessionStore::new(100);
+        let config = StickyConfig::default();
+        let (ttl, threshold) = (config.ttl, config.renew_threshold);
+        let s = StickyUpstream::new(dir, sessions.clone(), config);
+        let binding = s.binding_for(&ctx(Some("conv")), &a);
+        let remaining = |sessions: Arc<MemorySessionStore>| async move {
+            sessions.get("conv").await.unwrap().unwrap().remaining
+        };
+        // Written less than the threshold ago: the hit writes nothing.
+        let recent = ttl - threshold / 2;
+        sessions.put("conv", &binding, recent).await.unwrap();
+        let mut c = ctx(Some("conv"));
+        assert_eq!(s.choose(&mut c).await.unwrap().id, "a");
+        assert_eq!(c.session.sticky, Some(StickyResult::Hit));
+        assert!(remaining(sessions.clone()).await <= recent);
+        // Written twice the threshold ago, far from expiring: the hit renews it to the TTL.
+        sessions
+            .put("conv", &binding, ttl - 2 * threshold)
+            .await
+            .unwrap();
+        let mut c = ctx(Some("conv"));
+        assert_eq!(s.choose(&mut c).await.unwrap().id, "a");
+        assert_eq!(c.session.sticky, Some(StickyResult::Hit));
+        assert!(remaining(sessions.clone()).await > ttl - threshold);
+    }
+
+    #[tokio::test]
+    async fn a_conversation_stays_on_its_account_while_the_whole_pool_cools_for_overload() {
+        use crate::account_state::{apply_outcome, Fault, Outcome, StateRules};
+        let rules = StateRules::default();
+        let overloaded = Outcome::Status {
+            status: 529,
+            reset_at_ms: None,
+            fault: Fault::ByStatus,
+        };
+        let (a, b) = (
+            account("a", AccountType::Claude, 50, 1),
+            account("b", AccountType::Claude, 50, 1),
+        );
+        let dir = Arc::new(Dir(Arc::new(vec![a.clone(), b.clone()])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(10), StickyConfig::default());
+        let mut first = ctx(Some("conv"));
+        let bound = s.choose(&mut first).await.unwrap().id.clone();
+        drop(first);
+        apply_outcome(&a, overloaded, &rules, 0);
+        apply_outcome(&b, overloaded, &rules, 0);
+        for _ in 0..4 {
+            let mut c = ctx(Some("conv"));
+            assert_eq!(s.choose(&mut c).await.unwrap().id, bound);
+            assert_eq!(c.session.sticky, Some(StickyResult::Hit));
+            assert_eq!(c.session.bound.as_deref(), Some(bound.as_str()));
+        }
+    }
+
+    #[tokio::test]
+    async fn one_failure_that_leaves_the_account_in_service_does_not_move_the_conversation() {
+        use crate::account_state::{apply_outcome, Fault, Outcome, StateRules};
+        let rules = StateRules::default();
+        let status = |status| Outcome::Status {
+            status,
+            reset_at_ms: None,
+            fault: Fault::ByStatus,
+        };
+        let (a, b) = (
+            account("a", AccountType::Claude, 50, 1),
+            account("b", AccountType::Claude, 50, 1),
+        );
+        let dir = Arc::new(Dir(Arc::new(vec![a.clone(), b.clone()])));
+        let s = StickyUpstream::new(
+            dir.clone(),
+            MemorySessionStore::new(10),
+            StickyConfig::default(),
+        );
+        let mut first = ctx(Some("conv"));
+        let bound = s.choose(&mut first).await.unwrap();
+        drop(first);
+        let other = dir.get(if bound.id == "a" { "b" } else { "a" }).unwrap();
+        // A server error: still in service, so this request is a detour.
+        let mut c = ctx(Some("conv"));
+        assert_eq!(s.choose(&mut c).await.unwrap().id, bound.id);
+        c.upstream.tried.push(bound.id.clone());
+        c.upstream.account = Some(bound.clone());
+        apply_outcome(&bound, status(500), &rules, 1_000);
+        assert!(bound.available(1_000));
+        assert_eq!(s.failover(&mut c).await.unwrap().id, other.id);
+        assert_eq!(c.session.sticky, Some(StickyResult::Detour));
+        assert_eq!(c.session.bound.as_deref(), Some(bound.id.as_str()));
+        drop(c);
+        let mut next = ctx(Some("conv"));
+        assert_eq!(s.choose(&mut next).await.unwrap().id, bound.id);
+        assert_eq!(next.session.sticky, Some(StickyResult::Hit));
+        // A rate limit takes it out of service: the conversation moves.
+        next.upstream.tried.push(bound.id.clone());
+        next.upstream.account = Some(bound.clone());
+        apply_outcome(&bound, status(429), &rules, 1_000);
+        assert_eq!(s.failover(&mut next).await.unwrap().id, other.id);
+        assert_eq!(next.session.sticky, Some(StickyResult::Rebind));
+        assert_eq!(next.session.bound.as_deref(), Some(other.id.as_str()));
     }
 
     #[tokio::test]

@@ -253,6 +253,7 @@ impl RelayProxy {
         rctx.request.previous_response_id =
             parsed.previous_response_id.as_deref().map(str::to_string);
         rctx.request.include_usage_requested = parsed.stream_options_include_usage;
+        rctx.request.store_off = parsed.store_off;
         rctx.request.body_len = body.len();
 
         let view = RequestView {
