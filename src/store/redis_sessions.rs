@@ -536,7 +536,9 @@ fn glob_escape(s: &str) -> String {
 /// an outage the conversations this node already served stay on their accounts, whichever
 /// node bound them. Writes made in memory during an outage
 /// are not replayed to Redis afterwards: they are short-lived and another node may have bound
-/// the same session meanwhile, so Redis stays the authority once it is back.
+/// the same session meanwhile, so Redis stays the authority once it is back. A conversation
+/// bound in memory then finds no binding in Redis and is bound afresh; the scheduler's keyed
+/// pick (`weighted`) gives it the same account as long as the pool is the same.
 pub struct FallbackSessionStore {
     primary: RedisSessionStore,
     memory: Arc<MemorySessionStore>,
