@@ -148,6 +148,34 @@ pub fn load_prices(config: &Config) -> anyhow::Result<PriceTable> {
     PriceTable::from_toml_str(&text).map_err(|e| anyhow::anyhow!("price list ({source}): {e}"))
 }
 
+/// TLS for the proxy listener when a certificate is configured, its files checked here: Pingora
+/// loads them only once the listener starts, and stops the process on a bad file there.
+/// HTTP/1.1 is the only protocol offered (ALPN), as the relay speaks no other.
+pub fn proxy_tls(config: &Config) -> anyhow::Result<Option<pingora::listeners::tls::TlsSettings>> {
+    let (Some(cert), Some(key)) = (&config.proxy_tls_cert, &config.proxy_tls_key) else {
+        return Ok(None);
+    };
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let loaded = pingora::tls::load_certs_and_key_files(&cert, &key)
+        .map_err(|e| anyhow::anyhow!("proxy_tls_cert / proxy_tls_key: {e}"))?;
+    let Some((certs, private_key)) = loaded else {
+        anyhow::bail!(
+            "proxy_tls_cert {cert} holds no certificate, or proxy_tls_key {key} no private key"
+        );
+    };
+    pingora::tls::install_default_crypto_provider();
+    pingora::tls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, private_key)
+        .map_err(|e| {
+            anyhow::anyhow!("proxy_tls_key {key} does not fit proxy_tls_cert {cert}: {e}")
+        })?;
+    let mut settings = pingora::listeners::tls::TlsSettings::intermediate(&cert, &key)
+        .map_err(|e| anyhow::anyhow!("proxy TLS: {e}"))?;
+    settings.set_alpn(pingora::listeners::ALPN::H1);
+    Ok(Some(settings))
+}
+
 /// Builds and runs the node until a signal stops it; returns once every usage record it held
 /// is stored or spooled, or with an error on fatal start-up errors and when records could not
 /// be kept.
@@ -295,10 +323,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     // its own, freed between requests, and queues an answer's pieces for one vectored write;
     // Pingora's defaults (64 KiB to read, 1460 bytes to write) would only cost memory per
     // connection and a copy.
-    proxy_service.add_listener(
-        pingora::listeners::ListenerConfig::tcp(config.proxy_addr.clone())
-            .l4_buffer(pingora::protocols::l4::stream::L4BufferSettings::new(0, 0)),
-    );
+    let mut listener = pingora::listeners::ListenerConfig::tcp(config.proxy_addr.clone())
+        .l4_buffer(pingora::protocols::l4::stream::L4BufferSettings::new(0, 0));
+    if let Some(tls) = proxy_tls(&config)? {
+        listener = listener.tls(tls);
+    }
+    proxy_service.add_listener(listener);
 
     admin_listener
         .set_nonblocking(true)

@@ -70,6 +70,11 @@ pub struct Config {
     pub pricing_file: Option<PathBuf>,
     /// Keys one user may own.
     pub max_keys_per_user: u32,
+    /// PEM certificate chain for TLS on the proxy listener (with `proxy_tls_key`); unset: the
+    /// proxy speaks plain HTTP, for a TLS-terminating load balancer in front.
+    pub proxy_tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `proxy_tls_cert`.
+    pub proxy_tls_key: Option<PathBuf>,
     /// Marks the admin session cookie `Secure` (sent over HTTPS only): for an admin service
     /// reached through a TLS-terminating proxy.
     pub admin_secure_cookie: bool,
@@ -249,6 +254,8 @@ impl Default for Config {
             client_idle_timeout: Duration::from_secs(60),
             pricing_file: None,
             max_keys_per_user: 10,
+            proxy_tls_cert: None,
+            proxy_tls_key: None,
             admin_secure_cookie: false,
             threads: 2,
             work_stealing: true,
@@ -380,6 +387,9 @@ impl Config {
         }
         if self.admin_addr.parse::<SocketAddr>().is_err() {
             return bad(format!("admin_addr is not an address: {}", self.admin_addr));
+        }
+        if self.proxy_tls_cert.is_some() != self.proxy_tls_key.is_some() {
+            return bad("proxy_tls_cert and proxy_tls_key are set together or not at all".into());
         }
         let url = self.database_url();
         if !(url.starts_with("sqlite:")

@@ -152,6 +152,7 @@ fn main() -> anyhow::Result<()> {
         for p in paths {
             let c = Config::load(p.as_deref())?;
             llm_relay::app::load_prices(&c)?;
+            llm_relay::app::proxy_tls(&c)?;
             println!(
                 "{}: ok",
                 p.map(|p| p.display().to_string())
@@ -163,6 +164,7 @@ fn main() -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     if cli.check_config {
         llm_relay::app::load_prices(&config)?;
+        llm_relay::app::proxy_tls(&config)?;
         println!("configuration: ok");
         return Ok(());
     }

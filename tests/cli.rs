@@ -143,3 +143,48 @@ fn the_price_list_is_found_from_any_directory() {
     assert!(!out.status.success());
     assert!(text(&out).contains(missing), "{}", text(&out));
 }
+
+#[test]
+fn proxy_tls_files_are_checked_before_the_relay_starts() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (cert, key, other_key, junk) = (
+        write("cert.pem", &cert.pem()),
+        write("key.pem", &key.serialize_pem()),
+        write("other.pem", &other_key.serialize_pem()),
+        write("junk.pem", "not a PEM file\n"),
+    );
+    let check = |cert: &str, key: Option<&str>| {
+        let mut env = vec![("RELAY_PROXY_TLS_CERT", cert)];
+        if let Some(key) = key {
+            env.push(("RELAY_PROXY_TLS_KEY", key));
+        }
+        relay_cmd_in(dir, dir, &env, &["--check-config"])
+    };
+    let out = check(&cert, Some(&key));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = check(&cert, None);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("set together"), "{}", text(&out));
+    let out = check(&cert, Some(&other_key));
+    assert!(!out.status.success());
+    assert!(text(&out).contains("does not fit"), "{}", text(&out));
+    let out = check(&junk, Some(&key));
+    assert!(!out.status.success());
+    assert!(text(&out).contains("proxy_tls_cert"), "{}", text(&out));
+    let missing = dir.join("missing.pem").display().to_string();
+    let out = check(&missing, Some(&key));
+    assert!(!out.status.success());
+    assert!(text(&out).contains("proxy_tls"), "{}", text(&out));
+}

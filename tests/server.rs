@@ -262,3 +262,117 @@ fn a_node_that_cannot_listen_stops_and_says_where() {
         assert!(stderr.contains("Address already in use"), "{stderr}");
     }
 }
+
+/// A certificate for `localhost` and `127.0.0.1` signed by a CA made here: (CA PEM, chain PEM
+/// file, key PEM file) in `dir`.
+fn proxy_certificate(dir: &std::path::Path) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let params = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("params");
+    let cert = params.signed_by(&key, &ca, &ca_key).expect("certificate");
+    let (cert_file, key_file) = (dir.join("proxy.pem"), dir.join("proxy.key"));
+    std::fs::write(&cert_file, cert.pem()).expect("write certificate");
+    std::fs::write(&key_file, key.serialize_pem()).expect("write key");
+    (ca.pem(), cert_file, key_file)
+}
+
+/// A TLS connection to the relay trusting `ca_pem`, offering HTTP/2 and HTTP/1.1.
+async fn tls_connect(
+    relay: &Relay,
+    ca_pem: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .expect("CA certificate");
+    roots.add(ca).expect("CA trusted");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = connect(relay).await;
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+#[tokio::test]
+async fn the_proxy_serves_over_tls_when_a_certificate_is_configured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca_pem, cert_file, key_file) = proxy_certificate(dir.path());
+    let mock = common::mock_upstream::MockUpstream::start().await;
+    let relay = Relay::start_with(RelayOptions {
+        env: vec![
+            (
+                "RELAY_PROXY_TLS_CERT".into(),
+                cert_file.display().to_string(),
+            ),
+            ("RELAY_PROXY_TLS_KEY".into(), key_file.display().to_string()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    relay
+        .create_account("tls", "claude", &mock.url(), "sk-ant-upstream")
+        .await;
+    let user = relay.create_user("tls-user", 10_000).await;
+    let (_, key) = relay.create_key(&user, serde_json::json!({})).await;
+    let body = serde_json::to_vec(&common::messages_body(
+        "claude-sonnet-4-5",
+        false,
+        serde_json::json!([{"role": "user", "content": "hello over TLS"}]),
+    ))
+    .expect("body");
+    let request = |key: &str| {
+        let mut r = format!(
+            "POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nx-api-key: {key}\r\n\
+             anthropic-version: 2023-06-01\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(&body);
+        r
+    };
+    // The key reaches the proxy's cache within moments; until then it is refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        let mut tls = tls_connect(&relay, &ca_pem).await.expect("TLS handshake");
+        // HTTP/1.1 is the only protocol offered, whatever the client prefers.
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+        tls.write_all(&request(&key)).await.expect("send");
+        let mut answer = Vec::new();
+        tls.read_to_end(&mut answer).await.expect("read");
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        if answer.starts_with("HTTP/1.1 200") || std::time::Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"usage\""), "{answer}");
+    let received = mock.requests();
+    let last = received.last().expect("the upstream was asked");
+    assert!(
+        String::from_utf8_lossy(&last.body).contains("hello over TLS"),
+        "the request went through"
+    );
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let mut plain = connect(&relay).await;
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut got)).await;
+    assert!(!got.starts_with(b"HTTP/1.1 200"), "plain HTTP was served");
+}

@@ -61,6 +61,8 @@ pub struct Relay {
     _tmp: Option<tempfile::TempDir>,
     log: tempfile::NamedTempFile,
     pub http: reqwest::Client,
+    /// The proxy speaks TLS (`RELAY_PROXY_TLS_CERT` set): readiness is its port accepting.
+    proxy_tls: bool,
 }
 
 /// Why a relay did not come up.
@@ -157,6 +159,7 @@ impl Relay {
         }
         let child = cmd.spawn().expect("spawn relay");
         Relay {
+            proxy_tls: env.iter().any(|(k, _)| k == "RELAY_PROXY_TLS_CERT"),
             child,
             proxy: format!("http://127.0.0.1:{proxy_port}"),
             admin: format!("http://127.0.0.1:{admin_port}"),
@@ -182,9 +185,14 @@ impl Relay {
             // can wait rather than be refused while the relay starts.
             let probe = |url: String| self.http.get(url).timeout(Duration::from_secs(2)).send();
             let admin = probe(format!("{}/readyz", self.admin)).await;
-            let proxy = probe(format!("{}/healthz", self.proxy)).await;
-            if matches!((&admin, &proxy), (Ok(a), Ok(p)) if a.status().is_success() && p.status().is_success())
-            {
+            let proxy_ok = if self.proxy_tls {
+                let addr = self.proxy.trim_start_matches("http://");
+                tokio::net::TcpStream::connect(addr).await.is_ok()
+            } else {
+                let proxy = probe(format!("{}/healthz", self.proxy)).await;
+                proxy.is_ok_and(|p| p.status().is_success())
+            };
+            if proxy_ok && admin.is_ok_and(|a| a.status().is_success()) {
                 return Ok(());
             }
             if let Ok(Some(status)) = self.child_status() {
