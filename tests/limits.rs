@@ -493,3 +493,64 @@ async fn an_alias_holds_the_cost_of_the_model_it_is_mapped_to() {
     assert!((1..=4).contains(&served), "{served} of 10 served");
     assert_eq!(mock.count(), served);
 }
+
+/// A model without a price is billed nothing, so a cost limit could not hold it: refused for a
+/// key or a user with a cost limit, served (and flagged unpriced) for the others.
+#[tokio::test]
+async fn a_model_without_a_price_is_refused_under_a_cost_limit() {
+    let mock = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    let body = |model: &str| {
+        messages_body(
+            model,
+            false,
+            serde_json::json!([{"role": "user", "content": "hi"}]),
+        )
+    };
+    let limited = relay.create_user("limited-key", 10_000).await;
+    let (_, limited_key) = relay
+        .create_key(&limited, serde_json::json!({"total_cost_limit": 1_000_000}))
+        .await;
+    let capped_user = relay.create_user("limited-user", 10_000).await;
+    let (status, v) = relay
+        .admin_patch(
+            &format!("/api/admin/users/{capped_user}"),
+            serde_json::json!({"daily_cost_limit": 1_000_000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let (_, capped_user_key) = relay.create_key(&capped_user, serde_json::json!({})).await;
+    let free = relay.active_key("unlimited").await;
+    relay.wait_key_active(&limited_key).await;
+    relay.wait_key_active(&capped_user_key).await;
+
+    for (key, whose) in [
+        (&limited_key, "this API key has"),
+        (&capped_user_key, "this API key's user has"),
+    ] {
+        let r = relay
+            .post_json("/v1/messages", key, &body("house-unpriced"))
+            .await;
+        assert_eq!(r.status(), 403);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "permission_error", "{v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("house-unpriced"), "{message}");
+        assert!(message.contains(whose), "{message}");
+        // A priced model is served.
+        let r = relay.post_json("/v1/messages", key, &body(MODEL)).await;
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(mock.count(), 2, "the refused requests never went upstream");
+    mock.set(|b| b.model = "house-unpriced".into());
+    let r = relay
+        .post_json("/v1/messages", &free, &body("house-unpriced"))
+        .await;
+    assert_eq!(r.status(), 200);
+    let records = relay.wait_records(5).await;
+    let unpriced: Vec<_> = records.iter().filter(|r| r["unpriced"] == true).collect();
+    assert_eq!(unpriced.len(), 1, "{records:?}");
+}

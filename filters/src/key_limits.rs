@@ -416,6 +416,23 @@ impl KeyLimits {
         self
     }
 
+    /// Whether the request's model has a price, of its own or at a model an account maps it
+    /// to: a model without one is billed nothing, so a cost limit could not hold it.
+    fn priced(&self, ctx: &RequestCtx) -> bool {
+        let Some(model) = ctx.requested_model() else {
+            return true;
+        };
+        let table = self.prices.table();
+        table.get(model).is_some()
+            || self.accounts.as_ref().is_some_and(|accounts| {
+                accounts
+                    .accounts()
+                    .iter()
+                    .filter_map(|a| a.model_map.get(model))
+                    .any(|mapped| table.get(mapped).is_some())
+            })
+    }
+
     /// What a request may cost at most, as its hold: at its model's price, else at the
     /// dearest model an account maps it to.
     fn estimate(&self, ctx: &RequestCtx, req: &RequestView<'_>, price_rate: i64) -> i64 {
@@ -482,6 +499,23 @@ impl RequestFilter for KeyLimits {
             total: key.user_total_cost_limit,
         };
         if limits != CostLimits::default() || user_limits != CostLimits::default() {
+            // A model without a price would be served free of any cost limit: refused for keys
+            // and users that have one (others are served and their records flagged unpriced).
+            if ctx.route.billed && !self.priced(ctx) {
+                let whose = if limits != CostLimits::default() {
+                    "this API key"
+                } else {
+                    "this API key's user"
+                };
+                return Flow::Reject(Rejection::new(
+                    ErrorKind::Permission,
+                    format!(
+                        "model {} has no price on this relay and {whose} has a cost limit; \
+                         an administrator can price it",
+                        ctx.requested_model().unwrap_or_default()
+                    ),
+                ));
+            }
             // Requests in flight count with what they may cost: without, a key just under its
             // limit could start any number of requests at once.
             let estimate = if ctx.route.billed {
