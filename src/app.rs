@@ -108,17 +108,21 @@ pub async fn bootstrap_admin(store: &SqlStore, config: &Config) -> anyhow::Resul
     Ok(())
 }
 
-/// Writes a file readable by its owner only.
+/// Writes a file readable by its owner only: a file already there is made so too, and a
+/// symbolic link in its place is refused rather than followed.
 pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot make {} private", path.display()))?;
     f.write_all(text.as_bytes())?;
     Ok(())
 }

@@ -145,6 +145,13 @@ fn init_logging(config: &Config) {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Everything the relay creates (the data directory, the SQLite database and its journal,
+    // usage spool files, generated secrets) holds secrets or tenants' usage: readable by the
+    // relay's own user only.
+    // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { files }) = &cli.command {
         let mut paths: Vec<Option<PathBuf>> = vec![cli.config.clone()];

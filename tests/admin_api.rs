@@ -1016,6 +1016,23 @@ async fn a_request_id_the_client_repeats_is_booked_every_time() {
         .admin_get(&format!("/api/admin/api-keys/{key_id}/logs"))
         .await;
     assert_eq!(logs["total"], 3, "{logs}");
+    // An id that is not a plain token (it would forge fields of the access log line) is not
+    // taken: the relay uses its own.
+    let forged = r#"a account="other" status=200 cost=0"#;
+    let r = relay
+        .post("/v1/messages", &key)
+        .header("x-request-id", forged)
+        .json(&messages_body(MODEL, false, conversation("four", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let own = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_ne!(own, forged);
+    assert!(
+        own.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+        "{own}"
+    );
 }
 
 #[tokio::test]
@@ -1134,6 +1151,67 @@ async fn rpm_limits_past_the_limiters_pace_are_refused() {
     let (status, text) = token(&relay, Method::POST, "/api/admin/api-keys", Some(body)).await;
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("expires_at is in the past"), "{text}");
+}
+
+/// A key's name and model patterns are bounded: every request is matched against the patterns
+/// before any limit applies, and a tenant makes keys of its own.
+#[tokio::test]
+async fn key_names_and_model_patterns_are_bounded() {
+    let relay = Relay::start().await;
+    let user_id = relay.create_user("fay", 10_000).await;
+    let create = |extra: Value| {
+        let mut body = json!({"user_id": user_id, "name": "k"});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        token(&relay, Method::POST, "/api/admin/api-keys", Some(body))
+    };
+    let many: Vec<String> = (0..65).map(|i| format!("model-{i}-*")).collect();
+    let (status, text) = create(json!({"allowed_models": many})).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("at most 64"), "{text}");
+    let (status, text) =
+        create(json!({"allowed_models": [format!("*{}b", "a".repeat(128))]})).await;
+    assert_eq!(status, 400, "{text}");
+    let (status, text) = create(json!({"allowed_models": [" "]})).await;
+    assert_eq!(status, 400, "{text}");
+    let (status, text) = create(json!({"name": "n".repeat(129)})).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("at most 128 characters"), "{text}");
+    let fits: Vec<String> = (0..64).map(|i| format!("claude-{i}-*")).collect();
+    let (status, text) = create(json!({"name": "é".repeat(128), "allowed_models": fits})).await;
+    assert_eq!(status, 201, "{text}");
+    let id = parse(&text)["id"].as_str().unwrap().to_string();
+    let (status, text) = token(
+        &relay,
+        Method::PATCH,
+        &format!("/api/admin/api-keys/{id}"),
+        Some(json!({"allowed_models": many})),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    // A tenant's own keys alike.
+    let session = relay.login("fay", "password-123").await;
+    let (status, text) = relay
+        .session_call(
+            &session,
+            Method::POST,
+            "/api/keys",
+            Some(json!({"name": "mine", "allowed_models": many})),
+            true,
+        )
+        .await;
+    assert_eq!(status, 400, "{text}");
+    let (status, text) = relay
+        .session_call(
+            &session,
+            Method::PATCH,
+            &format!("/api/keys/{id}"),
+            Some(json!({"name": "x".repeat(200)})),
+            true,
+        )
+        .await;
+    assert_eq!(status, 400, "{text}");
 }
 
 /// A user's cost limits over all its keys: set at creation or later, refused negative,

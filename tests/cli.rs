@@ -188,3 +188,31 @@ fn proxy_tls_files_are_checked_before_the_relay_starts() {
     assert!(!out.status.success());
     assert!(text(&out).contains("proxy_tls"), "{}", text(&out));
 }
+
+#[test]
+fn what_the_relay_creates_is_readable_by_its_own_user_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    let out = relay_cmd(&data, &["migrate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = relay_cmd(&data, &["keys", "create", "--user", "admin"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "the data directory");
+    let mut files = 0;
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            files += 1;
+            assert_eq!(
+                mode(&path) & 0o077,
+                0,
+                "{} is {:o}",
+                path.display(),
+                mode(&path)
+            );
+        }
+    }
+    assert!(files >= 3, "the database and the two key files");
+}

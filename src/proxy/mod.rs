@@ -532,6 +532,11 @@ fn too_large(max: usize) -> Rejection {
     )
 }
 
+/// A byte of a request id taken from the client: letters, digits and `-_.:/+@`.
+fn is_id_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-_.:/+@".contains(&b)
+}
+
 #[async_trait]
 impl ServerApp for RelayProxy {
     /// A client connection: its requests one after another while it stays reusable.
@@ -629,10 +634,12 @@ impl RelayProxy {
     /// Serves one request: route, body, filters, upstream exchange. Every answer, also every
     /// refusal, is written here.
     async fn serve(&self, session: &mut Session, ctx: &mut ProxyCtx) -> pingora::Result<()> {
+        // Taken when it is a plain token: it goes into the access log and the record as it is,
+        // so spaces, quotes or `=` there could forge a log line's fields.
         let client_id = header_map(session)
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(is_id_byte))
             .map(str::to_string);
         let from_client = client_id.is_some();
         let request_id = client_id.unwrap_or_else(crate::store::new_id);

@@ -60,6 +60,43 @@ fn check_platforms(p: &[String]) -> AppResult<()> {
     }
 }
 
+/// The longest key name, in characters.
+const MAX_KEY_NAME_CHARS: usize = 128;
+/// The most model patterns a key may list, and the longest of them in bytes: every request is
+/// matched against them before any limit applies, so they are kept small.
+const MAX_MODEL_PATTERNS: usize = 64;
+const MAX_MODEL_PATTERN_LEN: usize = 128;
+
+/// Checks a key's name (when given) and model patterns (when given).
+fn check_key_text(name: Option<&str>, models: Option<&[String]>) -> AppResult<()> {
+    if let Some(name) = name {
+        if name.trim().is_empty() {
+            return Err(AppError::BadRequest("name must not be empty".into()));
+        }
+        if name.trim().chars().count() > MAX_KEY_NAME_CHARS {
+            return Err(AppError::BadRequest(format!(
+                "name is at most {MAX_KEY_NAME_CHARS} characters"
+            )));
+        }
+    }
+    let models = models.unwrap_or_default();
+    if models.len() > MAX_MODEL_PATTERNS {
+        return Err(AppError::BadRequest(format!(
+            "allowed_models lists at most {MAX_MODEL_PATTERNS} models or patterns"
+        )));
+    }
+    if let Some(bad) = models
+        .iter()
+        .find(|m| m.trim().is_empty() || m.len() > MAX_MODEL_PATTERN_LEN)
+    {
+        return Err(AppError::BadRequest(format!(
+            "allowed_models entries are 1 to {MAX_MODEL_PATTERN_LEN} bytes: {:?} is not",
+            bad.chars().take(40).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
 /// The highest rpm limit a key can have: the limiter paces requests a millisecond apart at
 /// most (1 000 a second); no limit at all is an empty field.
 const MAX_RPM_LIMIT: i64 = 60_000;
@@ -98,6 +135,7 @@ async fn issue(
     if body.name.trim().is_empty() {
         return Err(AppError::BadRequest("name is required".into()));
     }
+    check_key_text(Some(&body.name), Some(&body.allowed_models))?;
     check_platforms(&body.allowed_platforms)?;
     check_counts(body.rpm_limit, body.max_concurrency)?;
     if body.expires_at.is_some_and(|at| at <= super::now_ms()) {
@@ -339,6 +377,7 @@ pub async fn update(
     Json(body): Json<UpdateKey>,
 ) -> AppResult<Json<ApiKey>> {
     caller.require_admin()?;
+    check_key_text(body.name.as_deref(), body.allowed_models.as_deref())?;
     if let Some(p) = &body.allowed_platforms {
         check_platforms(p)?;
     }
@@ -426,9 +465,7 @@ pub async fn own_update(
     if key.disabled_by_admin && body.enabled == Some(true) {
         return Err(AppError::Forbidden(DISABLED_BY_ADMIN.into()));
     }
-    if body.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
-        return Err(AppError::BadRequest("name must not be empty".into()));
-    }
+    check_key_text(body.name.as_deref(), None)?;
     let patch = ApiKeyPatch {
         name: body.name.map(|n| n.trim().to_string()),
         enabled: body.enabled,
