@@ -96,6 +96,8 @@ pub async fn bootstrap_admin(store: &SqlStore, config: &Config) -> anyhow::Resul
             price_rate: 10_000,
             daily_cost_limit: None,
             total_cost_limit: None,
+            allowed_platforms: Vec::new(),
+            allowed_models: Vec::new(),
         })
         .await?;
     if generated {

@@ -112,6 +112,8 @@ impl KeyCache {
                     price_rate: k.user_price_rate,
                     user_daily_cost_limit: k.user_daily_cost_limit,
                     user_total_cost_limit: k.user_total_cost_limit,
+                    user_allowed_platforms: k.user_allowed_platforms,
+                    user_allowed_models: k.user_allowed_models,
                 };
                 (k.key.key_hash, Arc::new(entry))
             })

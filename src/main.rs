@@ -203,6 +203,8 @@ fn main() -> anyhow::Result<()> {
                             price_rate: 10_000,
                             daily_cost_limit: None,
                             total_cost_limit: None,
+                            allowed_platforms: Vec::new(),
+                            allowed_models: Vec::new(),
                         })
                         .await?;
                     println!("created {} ({})", u.username, u.id);

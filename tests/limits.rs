@@ -554,3 +554,113 @@ async fn a_model_without_a_price_is_refused_under_a_cost_limit() {
     let unpriced: Vec<_> = records.iter().filter(|r| r["unpriced"] == true).collect();
     assert_eq!(unpriced.len(), 1, "{records:?}");
 }
+
+/// A user's platforms and models hold for every key of the user, also the keys the user makes
+/// itself: an admin's restriction is not undone by a new key.
+#[tokio::test]
+async fn a_users_allow_lists_hold_for_keys_it_makes_itself() {
+    let mock = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    relay
+        .create_account("openai-a", "openai", &mock.url(), "sk-openai-a")
+        .await;
+    let user = relay.create_user("ivy", 10_000).await;
+    let user_path = format!("/api/admin/users/{user}");
+    let (status, v) = relay
+        .admin_patch(
+            &user_path,
+            serde_json::json!({"allowed_platforms": ["claude"], "allowed_models": ["claude-haiku-*"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["allowed_models"],
+        serde_json::json!(["claude-haiku-*"]),
+        "{v}"
+    );
+    let (status, v) = relay
+        .admin_patch(
+            &user_path,
+            serde_json::json!({"allowed_platforms": ["mars"]}),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+
+    // The tenant makes a key of its own, with no lists.
+    let session = relay.login("ivy", "password-123").await;
+    let (status, text) = relay
+        .session_call(
+            &session,
+            reqwest::Method::POST,
+            "/api/keys",
+            Some(serde_json::json!({"name": "mine"})),
+            true,
+        )
+        .await;
+    assert_eq!(status, 201, "{text}");
+    let created: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+    relay.wait_key_active(&key).await;
+    let ask = |model: &'static str| {
+        let key = key.clone();
+        let relay = &relay;
+        async move {
+            let body = messages_body(
+                model,
+                false,
+                serde_json::json!([{"role": "user", "content": "hi"}]),
+            );
+            relay
+                .post_json("/v1/messages", &key, &body)
+                .await
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(ask(MODEL).await, 403);
+    assert_eq!(ask("claude-haiku-4-5").await, 200);
+    let chat = serde_json::json!({"model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "hi"}]});
+    let r = relay.post_json("/v1/chat/completions", &key, &chat).await;
+    assert_eq!(r.status(), 403, "the openai platform is not the user's");
+    let listed: serde_json::Value = relay
+        .http
+        .get(format!("{}/v1/models", relay.proxy))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert!(!ids.is_empty(), "{listed}");
+    assert!(
+        ids.iter().all(|id| id.starts_with("claude-haiku-")),
+        "{ids:?}"
+    );
+
+    // Lifted: the key is served every model again (once the proxy's cache has it).
+    let (status, v) = relay
+        .admin_patch(
+            &user_path,
+            serde_json::json!({"allowed_platforms": [], "allowed_models": []}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ask(MODEL).await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the lifted lists never reached the proxy"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -140,6 +140,8 @@ fn new_user(name: &str) -> NewUser {
         price_rate: 10_000,
         daily_cost_limit: None,
         total_cost_limit: None,
+        allowed_platforms: Vec::new(),
+        allowed_models: Vec::new(),
     }
 }
 

@@ -331,6 +331,8 @@ pub fn key_cache(n: usize) -> (std::sync::Arc<llm_relay::cache::KeyCache>, Vec<S
             user_price_rate: 10_000,
             user_daily_cost_limit: None,
             user_total_cost_limit: None,
+            user_allowed_platforms: Vec::new(),
+            user_allowed_models: Vec::new(),
         });
         plain.push(key);
     }

@@ -33,17 +33,23 @@ pub struct KeyEntry {
     /// The owner's cost limits over all its keys (billed micro-USD): per UTC day, in total.
     pub user_daily_cost_limit: Option<i64>,
     pub user_total_cost_limit: Option<i64>,
+    /// The owner's platforms and models, which hold for every key of the owner (a key's own
+    /// lists only restrict it further); empty = all.
+    pub user_allowed_platforms: Vec<String>,
+    pub user_allowed_models: Vec<String>,
 }
 
 impl KeyEntry {
-    /// Whether the key may call `model`.
+    /// Whether the key, and its owner, may call `model`.
     pub fn allows_model(&self, model: &str) -> bool {
-        self.allowed_models.is_empty() || self.allowed_models.iter().any(|p| glob_match(p, model))
+        let allows = |list: &[String]| list.is_empty() || list.iter().any(|p| glob_match(p, model));
+        allows(&self.allowed_models) && allows(&self.user_allowed_models)
     }
 
-    /// Whether the key may use `platform`.
+    /// Whether the key, and its owner, may use `platform`.
     pub fn allows_platform(&self, platform: &str) -> bool {
-        self.allowed_platforms.is_empty() || self.allowed_platforms.iter().any(|p| p == platform)
+        let allows = |list: &[String]| list.is_empty() || list.iter().any(|p| p == platform);
+        allows(&self.allowed_platforms) && allows(&self.user_allowed_platforms)
     }
 }
 

@@ -123,6 +123,9 @@ pub struct ActiveApiKey {
     /// The owner's cost limits over all its keys (billed micro-USD): per UTC day, in total.
     pub user_daily_cost_limit: Option<i64>,
     pub user_total_cost_limit: Option<i64>,
+    /// The owner's platform and model allow-lists, which hold for all its keys.
+    pub user_allowed_platforms: Vec<String>,
+    pub user_allowed_models: Vec<String>,
 }
 
 /// Builds an [`ApiKey`] from a row selected with [`KEY_COLUMNS`].
@@ -370,7 +373,9 @@ impl SqlStore {
         let sql = format!(
             "SELECT {KEY_COLUMNS}, u.enabled AS user_enabled, u.price_rate AS user_price_rate, \
              u.daily_cost_limit AS user_daily_cost_limit, \
-             u.total_cost_limit AS user_total_cost_limit \
+             u.total_cost_limit AS user_total_cost_limit, \
+             u.allowed_platforms AS user_allowed_platforms, \
+             u.allowed_models AS user_allowed_models \
              FROM api_keys k JOIN users u ON u.id = k.user_id"
         );
         let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
@@ -382,6 +387,14 @@ impl SqlStore {
                     user_price_rate: row.try_get("user_price_rate")?,
                     user_daily_cost_limit: row.try_get("user_daily_cost_limit")?,
                     user_total_cost_limit: row.try_get("user_total_cost_limit")?,
+                    user_allowed_platforms: super::from_json(
+                        &row.try_get::<String, _>("user_allowed_platforms")?,
+                        "users.allowed_platforms",
+                    )?,
+                    user_allowed_models: super::from_json(
+                        &row.try_get::<String, _>("user_allowed_models")?,
+                        "users.allowed_models",
+                    )?,
                 })
             })
             .collect()

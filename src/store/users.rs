@@ -5,13 +5,13 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{
-    get_bool, new_id, now_ms, require_non_empty, Page, Param, Result, SqlParts, SqlStore,
-    StoreError,
+    from_json, get_bool, new_id, now_ms, require_non_empty, to_json, Page, Param, Result, SqlParts,
+    SqlStore, StoreError,
 };
 
 /// Columns of `users`, in the order [`user_from_row`] reads them.
 const USER_COLUMNS: &str = "id, username, password_hash, role, enabled, price_rate, \
-     daily_cost_limit, total_cost_limit, created_at, updated_at";
+     daily_cost_limit, total_cost_limit, allowed_platforms, allowed_models, created_at, updated_at";
 
 /// What a user may do on the admin service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -62,6 +62,10 @@ pub struct User {
     pub daily_cost_limit: Option<i64>,
     /// Billed micro-USD in total over all the user's keys (`None`: no limit).
     pub total_cost_limit: Option<i64>,
+    /// Platforms every key of the user may use (`claude`, `openai`, `gemini`); empty: all.
+    pub allowed_platforms: Vec<String>,
+    /// Models (exact or `*` / `?` globs) every key of the user may use; empty: all.
+    pub allowed_models: Vec<String>,
     /// Epoch ms.
     pub created_at: i64,
     /// Epoch ms of the last change.
@@ -83,6 +87,10 @@ pub struct NewUser {
     pub daily_cost_limit: Option<i64>,
     /// Billed micro-USD in total over all the user's keys.
     pub total_cost_limit: Option<i64>,
+    /// Platforms the user's keys may use; empty: all.
+    pub allowed_platforms: Vec<String>,
+    /// Models the user's keys may use; empty: all.
+    pub allowed_models: Vec<String>,
 }
 
 /// Builds a [`User`] from a row selected with [`USER_COLUMNS`].
@@ -98,6 +106,14 @@ fn user_from_row(row: &AnyRow) -> Result<User> {
         price_rate: row.try_get("price_rate")?,
         daily_cost_limit: row.try_get("daily_cost_limit")?,
         total_cost_limit: row.try_get("total_cost_limit")?,
+        allowed_platforms: from_json(
+            &row.try_get::<String, _>("allowed_platforms")?,
+            "users.allowed_platforms",
+        )?,
+        allowed_models: from_json(
+            &row.try_get::<String, _>("allowed_models")?,
+            "users.allowed_models",
+        )?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -140,13 +156,15 @@ impl SqlStore {
             price_rate: new.price_rate,
             daily_cost_limit: new.daily_cost_limit,
             total_cost_limit: new.total_cost_limit,
+            allowed_platforms: new.allowed_platforms.clone(),
+            allowed_models: new.allowed_models.clone(),
             created_at: now,
             updated_at: now,
         };
         sqlx::query(
             "INSERT INTO users (id, username, password_hash, role, enabled, price_rate, \
-             daily_cost_limit, total_cost_limit, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             daily_cost_limit, total_cost_limit, allowed_platforms, allowed_models, created_at, \
+             updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(&user.id)
         .bind(&user.username)
@@ -156,6 +174,8 @@ impl SqlStore {
         .bind(user.price_rate)
         .bind(user.daily_cost_limit)
         .bind(user.total_cost_limit)
+        .bind(to_json(&user.allowed_platforms)?)
+        .bind(to_json(&user.allowed_models)?)
         .bind(now)
         .bind(now)
         .execute(&self.pool)
@@ -245,6 +265,26 @@ impl SqlStore {
             if let Some(value) = value {
                 parts.set(column, Param::Int(value));
             }
+        }
+        if parts.is_empty() {
+            return Ok(());
+        }
+        self.update_user_columns(id, parts).await
+    }
+
+    /// Replaces a user's platform or model allow-list (`None` leaves one as it is).
+    pub async fn set_user_allow_lists(
+        &self,
+        id: &str,
+        platforms: Option<&[String]>,
+        models: Option<&[String]>,
+    ) -> Result<()> {
+        let mut parts = SqlParts::default();
+        if let Some(platforms) = platforms {
+            parts.set("allowed_platforms", Param::Text(Some(to_json(platforms)?)));
+        }
+        if let Some(models) = models {
+            parts.set("allowed_models", Param::Text(Some(to_json(models)?)));
         }
         if parts.is_empty() {
             return Ok(());

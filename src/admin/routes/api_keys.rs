@@ -51,7 +51,8 @@ pub struct CreateKey {
 
 const PLATFORMS: &[&str] = &["claude", "openai", "gemini"];
 
-fn check_platforms(p: &[String]) -> AppResult<()> {
+/// Checks a list of platforms (of a key or a user).
+pub(super) fn check_platforms(p: &[String]) -> AppResult<()> {
     match p.iter().find(|x| !PLATFORMS.contains(&x.as_str())) {
         Some(bad) => Err(AppError::BadRequest(format!(
             "unknown platform {bad}: use claude, openai or gemini"
@@ -69,6 +70,7 @@ const MAX_MODEL_PATTERN_LEN: usize = 128;
 
 /// Checks a key's name (when given) and model patterns (when given).
 fn check_key_text(name: Option<&str>, models: Option<&[String]>) -> AppResult<()> {
+    check_model_patterns(models.unwrap_or_default())?;
     if let Some(name) = name {
         if name.trim().is_empty() {
             return Err(AppError::BadRequest("name must not be empty".into()));
@@ -79,7 +81,11 @@ fn check_key_text(name: Option<&str>, models: Option<&[String]>) -> AppResult<()
             )));
         }
     }
-    let models = models.unwrap_or_default();
+    Ok(())
+}
+
+/// Checks a list of models and patterns (of a key or a user).
+pub(super) fn check_model_patterns(models: &[String]) -> AppResult<()> {
     if models.len() > MAX_MODEL_PATTERNS {
         return Err(AppError::BadRequest(format!(
             "allowed_models lists at most {MAX_MODEL_PATTERNS} models or patterns"

@@ -58,6 +58,22 @@ async fn hash(password: String) -> AppResult<String> {
         .map_err(|e| AppError::Internal(e.to_string()))
 }
 
+/// A list's entries trimmed.
+fn trimmed(list: Vec<String>) -> Vec<String> {
+    list.into_iter().map(|s| s.trim().to_string()).collect()
+}
+
+/// A user's allow-lists, trimmed and checked as a key's are.
+fn allow_lists(
+    platforms: Vec<String>,
+    models: Vec<String>,
+) -> AppResult<(Vec<String>, Vec<String>)> {
+    let (platforms, models) = (trimmed(platforms), trimmed(models));
+    super::api_keys::check_platforms(&platforms)?;
+    super::api_keys::check_model_patterns(&models)?;
+    Ok((platforms, models))
+}
+
 /// A new user.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -77,10 +93,16 @@ pub struct CreateUser {
     /// Billed micro-USD in total over all the user's keys (none: no limit).
     #[serde(default)]
     total_cost_limit: Option<i64>,
+    /// Platforms every key of the user may use (`claude`, `openai`, `gemini`); empty: all.
+    #[serde(default)]
+    allowed_platforms: Vec<String>,
+    /// Models (exact or `*` / `?` globs) every key of the user may use; empty: all.
+    #[serde(default)]
+    allowed_models: Vec<String>,
 }
 
 /// `POST /api/admin/users` `{"username", "password", "role"?, "price_rate"?,
-/// "daily_cost_limit"?, "total_cost_limit"?}`.
+/// "daily_cost_limit"?, "total_cost_limit"?, "allowed_platforms"?, "allowed_models"?}`.
 #[utoipa::path(post, path = "/api/admin/users", tag = "users", request_body = CreateUser,
     responses(
         (status = 201, description = "The user (without its password)", body = serde_json::Value),
@@ -107,6 +129,7 @@ pub async fn create(
     let price_rate = body.price_rate.unwrap_or(10_000);
     check_rate(price_rate)?;
     check_cost_limits(body.daily_cost_limit, body.total_cost_limit)?;
+    let (platforms, models) = allow_lists(body.allowed_platforms, body.allowed_models)?;
     let password_hash = hash(body.password).await?;
     let user = state
         .store
@@ -117,22 +140,26 @@ pub async fn create(
             price_rate,
             daily_cost_limit: body.daily_cost_limit,
             total_cost_limit: body.total_cost_limit,
+            allowed_platforms: platforms,
+            allowed_models: models,
         })
         .await?;
-    audit(
-        &state,
-        &caller,
-        "user.create",
-        &user.id,
-        serde_json::json!({
-            "username": user.username,
-            "role": user.role,
-            "price_rate": user.price_rate,
-            "daily_cost_limit": user.daily_cost_limit,
-            "total_cost_limit": user.total_cost_limit,
-        }),
-    )
-    .await;
+    let mut detail = serde_json::json!({
+        "username": user.username,
+        "role": user.role,
+        "price_rate": user.price_rate,
+        "daily_cost_limit": user.daily_cost_limit,
+        "total_cost_limit": user.total_cost_limit,
+    });
+    for (what, list) in [
+        ("allowed_platforms", &user.allowed_platforms),
+        ("allowed_models", &user.allowed_models),
+    ] {
+        if !list.is_empty() {
+            detail[what] = serde_json::json!(list);
+        }
+    }
+    audit(&state, &caller, "user.create", &user.id, detail).await;
     state.keys_changed().await;
     Ok((StatusCode::CREATED, Json(user)))
 }
@@ -189,10 +216,14 @@ pub struct UpdateUser {
     /// Billed micro-USD in total over all the user's keys; `null` removes the limit.
     #[serde(default, deserialize_with = "super::nullable")]
     total_cost_limit: Option<Option<i64>>,
+    /// Platforms every key of the user may use; `[]`: all.
+    allowed_platforms: Option<Vec<String>>,
+    /// Models (exact or `*` / `?` globs) every key of the user may use; `[]`: all.
+    allowed_models: Option<Vec<String>>,
 }
 
 /// `PATCH /api/admin/users/{id}` `{"role"?, "enabled"?, "password"?, "price_rate"?,
-/// "daily_cost_limit"?, "total_cost_limit"?}`.
+/// "daily_cost_limit"?, "total_cost_limit"?, "allowed_platforms"?, "allowed_models"?}`.
 /// Disabling a user or setting its password ends its login sessions. Admins cannot demote or
 /// disable themselves (so the last admin cannot lock everybody out by mistake).
 #[utoipa::path(patch, path = "/api/admin/users/{id}", tag = "users", params(("id" = String, Path, description = "User id")), request_body = UpdateUser,
@@ -219,6 +250,14 @@ pub async fn update(
         body.daily_cost_limit.flatten(),
         body.total_cost_limit.flatten(),
     )?;
+    let platforms = body.allowed_platforms.map(trimmed);
+    let models = body.allowed_models.map(trimmed);
+    if let Some(p) = &platforms {
+        super::api_keys::check_platforms(p)?;
+    }
+    if let Some(m) = &models {
+        super::api_keys::check_model_patterns(m)?;
+    }
     let is_self = caller.user_id.as_deref() == Some(id.as_str());
     if is_self && (role == Some(Role::User) || body.enabled == Some(false)) {
         return Err(AppError::BadRequest(
@@ -249,6 +288,10 @@ pub async fn update(
         .store
         .set_user_cost_limits(&id, body.daily_cost_limit, body.total_cost_limit)
         .await?;
+    state
+        .store
+        .set_user_allow_lists(&id, platforms.as_deref(), models.as_deref())
+        .await?;
     if body.enabled == Some(false) || password_changed {
         state.store.delete_admin_sessions_of_user(&id).await?;
     }
@@ -265,6 +308,14 @@ pub async fn update(
     ] {
         if let Some(value) = value {
             detail[what] = serde_json::json!(value);
+        }
+    }
+    for (what, list) in [
+        ("allowed_platforms", &platforms),
+        ("allowed_models", &models),
+    ] {
+        if let Some(list) = list {
+            detail[what] = serde_json::json!(list);
         }
     }
     audit(&state, &caller, "user.update", &id, detail).await;
