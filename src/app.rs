@@ -343,6 +343,10 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         database_url: config.database_url(),
         admin_listener: Mutex::new(Some(admin_listener)),
         admin_token: config.admin_token.as_ref().map(|t| t.expose().to_string()),
+        metrics_token: config
+            .metrics_token
+            .as_ref()
+            .map(|t| t.expose().trim().to_string()),
         max_keys_per_user: config.max_keys_per_user,
         admin_secure_cookie: config.admin_secure_cookie,
         refresh_interval: config.cache_refresh_interval,

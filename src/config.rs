@@ -53,6 +53,9 @@ pub struct Config {
     pub admin_password: Option<Secret>,
     /// Static bearer token the admin API accepts (automation); unset = none.
     pub admin_token: Option<Secret>,
+    /// Bearer token `/metrics` asks for (the admin token is taken too); unset: `/metrics` is
+    /// open to whoever reaches the admin address.
+    pub metrics_token: Option<Secret>,
     /// AES-256-GCM key for credentials at rest, 64 hex chars; unset = generated file in data_dir.
     pub encryption_key: Option<Secret>,
     /// Server secret mixed into API key hashes, 64 hex chars; unset = generated file in data_dir.
@@ -248,6 +251,7 @@ impl Default for Config {
             redis_op_timeout: Duration::from_millis(250),
             admin_password: None,
             admin_token: None,
+            metrics_token: None,
             encryption_key: None,
             key_pepper: None,
             max_body_bytes: 32 * 1024 * 1024,
@@ -424,6 +428,15 @@ impl Config {
         {
             return bad(format!(
                 "admin_token must have at least {MIN_ADMIN_TOKEN_LEN} characters (leave it unset to use logins only)"
+            ));
+        }
+        if self
+            .metrics_token
+            .as_ref()
+            .is_some_and(|t| t.expose().trim().len() < MIN_ADMIN_TOKEN_LEN)
+        {
+            return bad(format!(
+                "metrics_token must have at least {MIN_ADMIN_TOKEN_LEN} characters (leave it unset for open metrics)"
             ));
         }
         if self.max_body_bytes == 0 {

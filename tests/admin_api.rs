@@ -1584,3 +1584,33 @@ async fn account_changes_are_audited_from_old_to_new_without_secrets() {
         );
     }
 }
+
+/// With `metrics_token` set, `/metrics` (which names accounts and shows all traffic) answers
+/// only a bearer of it or of the admin token.
+#[tokio::test]
+async fn metrics_can_ask_for_a_token() {
+    let relay = Relay::start_with(RelayOptions {
+        env: vec![(
+            "RELAY_METRICS_TOKEN".into(),
+            "metrics-token-0123456789".into(),
+        )],
+        ..Default::default()
+    })
+    .await;
+    let scrape = |token: Option<&'static str>| {
+        let mut r = relay.http.get(format!("{}/metrics", relay.admin));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move { r.send().await.unwrap() }
+    };
+    let r = scrape(None).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    assert!(!r.text().await.unwrap().contains("relay_"));
+    assert_eq!(scrape(Some("metrics-token-wrong-012")).await.status(), 401);
+    let r = scrape(Some("metrics-token-0123456789")).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("relay_usage_queue_depth"));
+    assert_eq!(scrape(Some(ADMIN_TOKEN)).await.status(), 200);
+}

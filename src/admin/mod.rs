@@ -44,6 +44,8 @@ pub struct AdminState {
     pub tokens: Arc<crate::background::oauth_refresh::TokenRefresh>,
     /// The session cookie is marked `Secure` (config `admin_secure_cookie`).
     pub secure_cookie: bool,
+    /// The bearer token `/metrics` asks for (config `metrics_token`); none: open.
+    pub metrics_token: Option<String>,
 }
 
 /// Where operators see and end session bindings: Redis itself when configured (so a Redis
@@ -101,6 +103,7 @@ impl AdminState {
             sessions,
             tokens,
             secure_cookie: false,
+            metrics_token: None,
         }
     }
 

@@ -29,6 +29,8 @@ pub struct ControlPlane {
     /// The admin service's socket, bound (non-blocking) before the node starts.
     pub admin_listener: Mutex<Option<std::net::TcpListener>>,
     pub admin_token: Option<String>,
+    /// What `/metrics` asks for, when set.
+    pub metrics_token: Option<String>,
     pub max_keys_per_user: u32,
     pub admin_secure_cookie: bool,
     pub refresh_interval: std::time::Duration,
@@ -190,6 +192,7 @@ impl BackgroundService for ControlPlane {
             tokens,
         );
         state.secure_cookie = self.admin_secure_cookie;
+        state.metrics_token = self.metrics_token.clone();
         let app = admin::router(state).into_make_service_with_connect_info::<SocketAddr>();
         match take(&self.admin_listener).map(tokio::net::TcpListener::from_std) {
             Some(Ok(listener)) => {
@@ -238,6 +241,7 @@ mod tests {
             database_url: format!("postgres://relay@127.0.0.1:{port}/relay"),
             admin_listener: Mutex::new(None),
             admin_token: None,
+            metrics_token: None,
             max_keys_per_user: 10,
             admin_secure_cookie: false,
             refresh_interval: std::time::Duration::from_secs(1),

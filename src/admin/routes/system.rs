@@ -43,12 +43,39 @@ pub async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     )
 }
 
-/// Prometheus metrics in the text exposition format.
+/// Prometheus metrics in the text exposition format. With `metrics_token` set, only for a
+/// bearer of it (or of the admin token): the metrics name accounts and show all traffic and
+/// revenue, which tenants reaching the admin address for the UI must not see.
 #[utoipa::path(get, path = "/metrics", tag = "system",
-    responses((status = 200, description = "Metrics", body = String, content_type = "text/plain; version=0.0.4")))]
-pub async fn metrics() -> impl IntoResponse {
+    responses(
+        (status = 200, description = "Metrics", body = String, content_type = "text/plain; version=0.0.4"),
+        (status = 401, description = "`metrics_token` is set and was not sent"),
+    ))]
+pub async fn metrics(
+    State(state): State<AdminState>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    if let Some(wanted) = &state.metrics_token {
+        let sent = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("");
+        let fits =
+            |token: &str| crate::admin::auth::constant_time_eq(token.as_bytes(), sent.as_bytes());
+        if !(fits(wanted) || state.admin_token.as_deref().is_some_and(fits)) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "metrics need the metrics token\n",
+            )
+                .into_response();
+        }
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::metrics::render(),
     )
+        .into_response()
 }
