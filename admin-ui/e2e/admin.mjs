@@ -2,8 +2,9 @@
 // `tests/admin_ui.rs` starts the relay and a mock upstream, runs this script and then checks
 // through the API what the clicks did. Screenshots of each page go to SCREENSHOTS.
 //
-// Environment: ADMIN_URL, PROXY_URL, UPSTREAM_URL, ADMIN_PASSWORD (user `admin`), SCREENSHOTS,
-// CHROMIUM (default /usr/bin/chromium). Prints one JSON line with what the Rust side checks.
+// Environment: ADMIN_URL, PROXY_URL, UPSTREAM_URL, ADMIN_PASSWORD (user `admin`), ADMIN_TOKEN
+// (the static token, for set-ups the clicks do not cover), SCREENSHOTS, CHROMIUM (default
+// /usr/bin/chromium). Prints one JSON line with what the Rust side checks.
 import assert from 'node:assert/strict'
 import { mkdirSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
@@ -18,6 +19,7 @@ const ADMIN = env('ADMIN_URL')
 const PROXY = env('PROXY_URL')
 const UPSTREAM = env('UPSTREAM_URL')
 const PASSWORD = env('ADMIN_PASSWORD')
+const TOKEN = env('ADMIN_TOKEN')
 const SHOTS = env('SCREENSHOTS')
 const CREDENTIAL = 'sk-ant-api03-ui-test-credential-0123456789'
 const REFRESH_TOKEN = 'sk-ant-ort01-ui-refresh-token-0123456789'
@@ -57,6 +59,37 @@ const shot = (name) => page.screenshot({ path: join(SHOTS, `${name}.png`), fullP
 const row = (table, name) => page.locator(`[data-test="${table}"] tr[data-name="${name}"]`)
 const note = () => page.locator('[data-test="note"]')
 const error = () => page.locator('[data-test="error"]')
+
+/** A call to the admin API with the static token, outside the browser; the answer's JSON. */
+async function adminApi(method, path, body) {
+  const r = await fetch(`${ADMIN}${path}`, {
+    method,
+    headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  })
+  const text = await r.text()
+  assert.ok(r.ok, `${method} ${path}: ${r.status} ${text}`)
+  return text ? JSON.parse(text) : null
+}
+
+/** Clicks Filter until the records table has `n` rows (the writer flushes every 100 ms here). */
+async function waitRecords(n) {
+  for (let i = 0; ; i++) {
+    if ((await page.locator('[data-test="records"] [data-test="status"]').count()) >= n) return
+    assert.ok(i < 50, `only ${await page.locator('[data-test="records"] [data-test="status"]').count()} of ${n} records showed`)
+    await page.waitForTimeout(200)
+    await page.click('button:has-text("Filter")')
+  }
+}
+
+/** The page fits the test's 1400 px window: nothing to scroll sideways. */
+async function fitsWidth(what) {
+  const over = await page.evaluate(() => {
+    const content = document.querySelector('.content')
+    return Math.max(content.scrollWidth - content.clientWidth, document.documentElement.scrollWidth - window.innerWidth)
+  })
+  assert.ok(over <= 0, `${what} needs ${over} px more than the 1400 px window`)
+}
 
 async function login(user, password) {
   await page.goto(`${ADMIN}/`)
@@ -181,15 +214,43 @@ try {
   await page.click('[data-test="created-key"] >> text=Done')
   await row('keys', 'ui-key').getByRole('link', { name: 'Requests' }).click()
   await page.waitForURL(/#\/records\?api_key_id=/)
-  for (let i = 0; ; i++) {
-    if ((await page.locator('[data-test="records"] [data-test="status"]').count()) > 0) break
-    assert.ok(i < 50, 'the usage record never showed')
-    await page.waitForTimeout(200)
-    await page.click('button:has-text("Filter")')
-  }
+  await waitRecords(1)
   assert.equal(await page.locator('[data-test="records"] [data-test="status"]').first().innerText(), '200')
   assert.equal(await page.locator('[data-test="records"] [data-test="input"]').first().innerText(), String(answer.usage.input_tokens))
+  // The record names its user, key and account; the page says whose requests it shows.
+  const served = page.locator('[data-test="records"] tbody tr').first()
+  assert.equal(await served.locator('[data-test="user"]').innerText(), 'ui-tenant')
+  assert.equal(await served.locator('[data-test="key"]').innerText(), 'ui-key')
+  assert.equal(await served.locator('[data-test="account"]').innerText(), 'ui-claude')
+  assert.equal((await page.locator('[data-test="scope"]').innerText()).trim(), 'of key ui-key')
   await shot('05-records')
+
+  // A key deleted since its request: the record shows the start of its id, marked deleted.
+  const tenantId = (await adminApi('GET', '/api/admin/users?per_page=500')).items.find((u) => u.username === 'ui-tenant').id
+  const gone = await adminApi('POST', '/api/admin/api-keys', { user_id: tenantId, name: 'ui-gone', allowed_models: ['no-such-model'] })
+  const refused = await fetch(`${PROXY}/v1/messages`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', 'x-api-key': gone.key, 'anthropic-version': '2023-06-01' },
+    body: JSON.stringify({ model: 'claude-sonnet-4-5', max_tokens: 64, messages: [{ role: 'user', content: 'refused' }] }),
+  })
+  assert.equal(refused.status, 403, await refused.text())
+  await adminApi('DELETE', `/api/admin/api-keys/${gone.id}`)
+  await page.click('a[href="#/records"]')
+  await page.waitForURL(/#\/records$/)
+  await waitRecords(2)
+  const refusedRow = page.locator('[data-test="records"] tbody tr', { has: page.locator('[data-test="key"] [data-test="deleted"]') })
+  assert.equal(await refusedRow.count(), 1)
+  assert.equal(await refusedRow.locator('[data-test="key"]').innerText(), `${gone.id.slice(0, 8)}… deleted`)
+  assert.equal(await refusedRow.locator('[data-test="user"]').innerText(), 'ui-tenant')
+  assert.equal(await refusedRow.locator('[data-test="account"]').innerText(), '—')
+  // A name leads to that entity's records, filtered by its id.
+  await refusedRow.locator('[data-test="user"] a').click()
+  await page.waitForURL(new RegExp(`#/records\\?user_id=${tenantId}$`))
+  assert.equal(await page.inputValue('input[name="user_id"]'), tenantId)
+  await page.locator('[data-test="scope"]', { hasText: 'of user ui-tenant' }).waitFor()
+  assert.equal(await page.locator('[data-test="records"] [data-test="status"]').count(), 2)
+  await fitsWidth('the records page')
+  await shot('05b-records-named')
 
   // The overview: the request, per account and per user.
   await page.click('a[href="#/traffic"]')
@@ -319,6 +380,11 @@ try {
   assert.equal(await row('keys', 'ui-key').getByRole('button', { name: 'Enable' }).count(), 0)
   await page.goto(`${ADMIN}/#/accounts`)
   await page.waitForURL(/#\/keys/)
+  // Their requests name the key, the deleted one by the start of its id.
+  await page.click('a[href="#/records"]')
+  await page.locator('[data-test="records"] [data-test="key"]', { hasText: 'ui-key' }).waitFor()
+  assert.equal(await page.locator('[data-test="records"] [data-test="key"] [data-test="deleted"]').count(), 1)
+  assert.equal(await page.locator('[data-test="records"] [data-test="user"]').count(), 0)
   await page.click('a[href="#/overview"]')
   await page.locator('[data-test="summary"]').waitFor()
   // The cost limit the admin set over all of the tenant's keys, with what it measures.
