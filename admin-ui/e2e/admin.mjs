@@ -7,6 +7,7 @@
 // /usr/bin/chromium). Prints one JSON line with what the Rust side checks.
 import assert from 'node:assert/strict'
 import { mkdirSync, rmSync } from 'node:fs'
+import { createServer } from 'node:http'
 import { join } from 'node:path'
 import { chromium } from 'playwright-core'
 
@@ -150,6 +151,7 @@ try {
   // Checked by hand: the mock upstream answers, so it passes.
   await account.getByRole('button', { name: 'Check' }).click()
   await note().filter({ hasText: 'ui-claude: check passed (HTTP 200)' }).waitFor()
+  await fitsWidth('the accounts page')
   await shot('02-accounts')
 
   // A user priced at 1.5 × list, and a key for them with a daily limit.
@@ -342,6 +344,44 @@ try {
   await note().filter({ hasText: 'Account ui-oauth saved.' }).waitFor()
   assert.deepEqual(lastPatch('/api/admin/accounts/'), { account_type: 'claude', refresh_token: null })
   await row('accounts', 'ui-oauth').locator('[data-test="token"]', { hasText: '—' }).waitFor()
+
+  // The widest row an account makes: a long name and address, many models, a concurrency
+  // limit, an OAuth token, errors from a failed check and every action. It still fits, with
+  // what scheduling reads in its own columns. Its upstream refuses every credential.
+  const refusing = createServer((_, res) => {
+    res.writeHead(401, { 'content-type': 'application/json' })
+    res.end(JSON.stringify({ type: 'error', error: { type: 'authentication_error', message: 'invalid x-api-key' } }))
+  })
+  await new Promise((done) => refusing.listen(0, '127.0.0.1', done))
+  refusing.unref() // the relay's pooled connections to it must not keep the run alive
+  const wide = await adminApi('POST', '/api/admin/accounts', {
+    name: 'ui-wide-account-with-a-rather-long-name',
+    type: 'claude-official',
+    base_url: `http://127.0.0.1:${refusing.address().port}/a/rather/long/prefix/for/the/upstream`,
+    credential: 'sk-ant-oat01-ui-wide-access-token-0123456789',
+    refresh_token: 'sk-ant-ort01-ui-wide-refresh-token-0123456789',
+    token_expires_at: Date.now() + 30 * 86_400_000,
+    models: ['claude-opus-4-1', 'claude-opus-4-5', 'claude-sonnet-4', 'claude-sonnet-4-5', 'claude-haiku-4-5', 'claude-3-5-haiku-latest'],
+    max_concurrency: 100000,
+    weight: 10000,
+    priority: 1000,
+  })
+  await page.reload()
+  const widest = row('accounts', 'ui-wide-account-with-a-rather-long-name')
+  // Checks that fail in a row put it in error (at the account error threshold, 5 here).
+  for (let i = 1; !(await widest.getByRole('button', { name: 'Clear error' }).count()); i++) {
+    assert.ok(i <= 5, 'five failed checks left the account valid')
+    await widest.getByRole('button', { name: 'Check' }).click()
+    await widest.locator('[data-test="state"]', { hasText: `${i} error` }).waitFor()
+  }
+  await fitsWidth('the accounts page with its widest row')
+  assert.equal(await widest.locator('[data-test="concurrency"]').innerText(), '100000')
+  assert.equal(await widest.locator('[data-test="weight"]').innerText(), '10000')
+  assert.match(await widest.locator('[data-test="state"]').innerText(), /^error\s+5 errors$/)
+  await shot('02c-accounts-wide')
+  await adminApi('DELETE', `/api/admin/accounts/${wide.id}`)
+  refusing.closeAllConnections()
+  refusing.close()
 
   // The health check job, switched on every 10 minutes.
   await page.click('a[href="#/settings"]')
