@@ -298,6 +298,7 @@ try {
 
   // After a reload the session goes on, and so do changes (the CSRF token comes back).
   await page.click('a[href="#/accounts"]')
+  await page.waitForURL(/#\/accounts$/) // the router's move, before the reload
   await page.reload()
   await row('accounts', 'ui-claude').waitFor()
   await row('accounts', 'ui-claude').getByRole('button', { name: 'Disable' }).click()
