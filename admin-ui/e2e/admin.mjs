@@ -192,7 +192,7 @@ try {
   await note().filter({ hasText: 'Price rate of all 2 users set to ×1.' }).waitFor()
   assert.equal(await row('users', 'ui-tenant').locator('[data-test="rate"]').innerText(), '×1')
   await row('users', 'ui-tenant').locator('input[type="checkbox"]').check()
-  assert.equal(await page.locator('[data-test="selected-count"]').innerText(), '1 selected')
+  assert.equal(await page.locator('[data-test="selected-count"]').innerText(), '1 selected on this page')
   await page.click('[data-test="batch-rate"]')
   assert.match(await rateForm.innerText(), /Price rate of the 1 selected user /)
   await rateForm.locator('input[name="rate"]').fill('1.5')
@@ -213,6 +213,40 @@ try {
   assert.equal(await row('users', 'ui-tenant').locator('[data-test="cost-limits"]').innerText(), '$20.00 a day')
   assert.deepEqual(lastPatch('/api/admin/users/'), { daily_cost_limit: 20000000 })
   await shot('03-users')
+
+  // Ticks belong to the page shown: another page starts with none, so a batch never changes
+  // users out of sight. A second page: the list answers as if 50 more users existed (made up in
+  // the browser; real ones would take a minute to hash their passwords).
+  const usersList = (url) => url.pathname === '/api/admin/users'
+  let template = null
+  await page.route(usersList, async (route) => {
+    const real = await route.fetch()
+    const body = await real.json()
+    const asked = Number(new URL(route.request().url()).searchParams.get('page') ?? '1')
+    template = body.items[0] ?? template
+    body.total += 50
+    if (asked > 1) {
+      body.page = asked
+      body.items = Array.from({ length: 50 }, (_, i) => ({ ...template, id: `ghost-${i}`, username: `ui-ghost-${i}` }))
+    }
+    await route.fulfill({ response: real, json: body })
+  })
+  await page.reload()
+  await row('users', 'ui-tenant').locator('input[type="checkbox"]').check()
+  await page.click('[data-test="select-page"]')
+  assert.equal(await page.locator('[data-test="selected-count"]').innerText(), '2 selected on this page')
+  await page.click('[data-test="batch-rate"]')
+  await page.getByRole('button', { name: 'Next ›' }).click()
+  await row('users', 'ui-ghost-49').waitFor()
+  assert.equal(await page.locator('[data-test="selection"]').count(), 0)
+  assert.equal(await rateForm.count(), 0, 'the batch form stays open for users no longer shown')
+  await row('users', 'ui-ghost-7').locator('input[type="checkbox"]').check()
+  await page.getByRole('button', { name: '‹ Previous' }).click()
+  await row('users', 'ui-tenant').waitFor()
+  assert.equal(await page.locator('[data-test="selection"]').count(), 0)
+  assert.equal(await page.locator('[data-test="users"] input[type="checkbox"]:checked').count(), 0)
+  await shot('03b-users-pages')
+  await page.unroute(usersList)
 
   await page.click('a[href="#/keys"]')
   await page.click('[data-test="new-key"]')
