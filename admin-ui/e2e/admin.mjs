@@ -361,6 +361,14 @@ try {
   // A cache price left unset shows what is billed: 1.25 × the input price.
   assert.equal(await row('prices', 'ui-model-1').locator('[data-test="cache_write_5m"]').innerText(), '$3.75 1.25 × input')
   await shot('08-pricing')
+  // The model filter ignores case.
+  await page.fill('input[name="model_filter"]', 'UI-Model')
+  await page.waitForFunction(() => document.querySelectorAll('[data-test="prices"] tbody tr').length === 1)
+  await row('prices', 'ui-model-1').waitFor()
+  await page.fill('input[name="model_filter"]', 'SONNET-4-5')
+  await row('prices', 'claude-sonnet-4-5').waitFor()
+  assert.equal(await row('prices', 'ui-model-1').count(), 0)
+  await page.fill('input[name="model_filter"]', '')
 
   // After a reload the session goes on, and so do changes (the CSRF token comes back).
   await page.click('a[href="#/accounts"]')
