@@ -293,7 +293,7 @@ async fn users_see_only_their_own_keys_and_usage(db: Db) {
         .await;
     let bob = relay.create_user("bob", 15_000).await;
     let carol = relay.create_user("carol", 10_000).await;
-    let (carol_key_id, carol_key) = relay.create_key(&carol, json!({})).await;
+    let (carol_key_id, carol_key) = relay.create_key(&carol, json!({"name": "key-carol"})).await;
     let s = relay.login("bob", "password-123").await;
     assert_eq!(s.body["user"]["role"], "user");
     assert!(!s.body.to_string().contains("price_rate"), "{}", s.body);
@@ -444,6 +444,18 @@ async fn users_see_only_their_own_keys_and_usage(db: Db) {
         assert_eq!(r["billed_cost"], 17010, "{r}");
     }
     assert_eq!(carol_record["billed_cost"], 11340);
+    // Admins see each record's user, key and account by name beside its ids.
+    for (r, user, key) in [
+        (&bob_records[0], "bob", "bob-main"),
+        (&bob_records[1], "bob", "bob-main"),
+        (&carol_record, "carol", "key-carol"),
+    ] {
+        assert_eq!(
+            (&r["user_name"], &r["api_key_name"], &r["account_name"]),
+            (&json!(user), &json!(key), &json!("claude-a")),
+            "{r}"
+        );
+    }
 
     // Records: only bob's, without base cost, price rate or account.
     let text = session_get(&relay, &s, "/api/usage/records").await;
@@ -454,6 +466,11 @@ async fn users_see_only_their_own_keys_and_usage(db: Db) {
     assert_eq!(records["total"], 2, "{records}");
     for r in records["items"].as_array().unwrap() {
         assert_eq!(r["api_key_id"], bob_key_id.as_str(), "{r}");
+        assert_eq!(r["api_key_name"], "bob-main", "{r}");
+        assert!(
+            r.get("user_name").is_none() && r.get("account_name").is_none(),
+            "{r}"
+        );
         assert_eq!(r["billed_cost"], 17010, "{r}");
         // Users see their web searches too (billed inside the cost).
         assert_eq!(r["web_search_requests"], 0, "{r}");
@@ -671,6 +688,46 @@ async fn users_see_only_their_own_keys_and_usage(db: Db) {
     assert!(message.contains("maximum is 10"), "{message}");
     let keys = parse(&session_get(&relay, &s, "/api/keys?per_page=100").await);
     assert_eq!(keys["total"], 10);
+
+    // Once carol (with her key) and the account are deleted, the records keep their ids and
+    // show no names for them.
+    for path in [
+        format!("/api/admin/users/{carol}"),
+        format!(
+            "/api/admin/accounts/{}",
+            carol_record["account_id"].as_str().unwrap()
+        ),
+    ] {
+        let (status, v) = relay.admin_delete(&path).await;
+        assert_eq!(status, 200, "{path}: {v}");
+    }
+    let records = relay
+        .admin_get("/api/admin/usage/records?per_page=500")
+        .await;
+    let items = records["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3, "{records}");
+    for r in items {
+        assert_eq!(r["account_name"], Value::Null, "{r}");
+        assert!(r["account_id"].is_string(), "{r}");
+        if r["id"] == carol_record["id"] {
+            assert_eq!(
+                (&r["user_id"], &r["api_key_id"]),
+                (&json!(carol), &json!(carol_key_id)),
+                "{r}"
+            );
+            assert_eq!(
+                (&r["user_name"], &r["api_key_name"]),
+                (&Value::Null, &Value::Null),
+                "{r}"
+            );
+        } else {
+            assert_eq!(
+                (&r["user_name"], &r["api_key_name"]),
+                (&json!("bob"), &json!("bob-main")),
+                "{r}"
+            );
+        }
+    }
 }
 
 #[tokio::test]
@@ -949,6 +1006,14 @@ async fn price_rates_and_overrides_change_the_next_request(db: Db) {
         logs["items"][0].get("base_cost").is_some(),
         "admins see base cost"
     );
+    for r in logs["items"].as_array().unwrap() {
+        assert_eq!(
+            (&r["user_name"], &r["api_key_name"]),
+            (&json!("frank"), &entry["name"]),
+            "{r}"
+        );
+        assert!(r["account_name"].is_string(), "{r}");
+    }
     let summary = relay
         .admin_get(&format!("/api/admin/users/{user}/usage/summary"))
         .await;

@@ -60,6 +60,7 @@ async fn an_admin_runs_the_relay_from_the_browser() {
         .env("PROXY_URL", &relay.proxy)
         .env("UPSTREAM_URL", mock.url())
         .env("ADMIN_PASSWORD", "admin-password-1")
+        .env("ADMIN_TOKEN", common::ADMIN_TOKEN)
         .env("SCREENSHOTS", &shots)
         .env("CHROMIUM", &chromium)
         .kill_on_drop(true)
@@ -171,12 +172,17 @@ async fn an_admin_runs_the_relay_from_the_browser() {
         .find(|u| u["username"] == "ui-tenant")
         .unwrap_or_else(|| panic!("no ui-tenant: {users}"));
     assert_eq!(tenant["price_rate"], 15000);
-    let records = relay.wait_records(1).await;
-    assert_eq!(records[0]["user_id"], tenant["id"]);
-    assert_eq!(records[0]["price_rate"], 15000);
-    let base = records[0]["base_cost"].as_i64().unwrap();
-    assert!(base > 0, "{}", records[0]);
-    assert_eq!(records[0]["billed_cost"].as_i64().unwrap(), base * 3 / 2);
+    // The request the key served (beside the one a key deleted since was refused).
+    let records = relay.wait_records(2).await;
+    let served = records
+        .iter()
+        .find(|r| r["status"] == 200)
+        .unwrap_or_else(|| panic!("no served record: {records:?}"));
+    assert_eq!(served["user_id"], tenant["id"]);
+    assert_eq!(served["price_rate"], 15000);
+    let base = served["base_cost"].as_i64().unwrap();
+    assert!(base > 0, "{served}");
+    assert_eq!(served["billed_cost"].as_i64().unwrap(), base * 3 / 2);
 
     // The key's daily limit in micro-USD, and the price override per million tokens.
     let keys = relay.admin_get("/api/admin/api-keys").await;

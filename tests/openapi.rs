@@ -252,6 +252,49 @@ async fn openapi_document_describes_every_route() {
     }
     assert_eq!(params("get", "/api/usage/monthly"), ["month"]);
 
+    // Records come with names beside their ids: the item schemas the list pages name.
+    let properties = |schema: &Value| -> BTreeSet<String> {
+        let own = schema["properties"].as_object().into_iter().flatten();
+        let parts = schema["allOf"].as_array().into_iter().flatten();
+        own.map(|(k, _)| k.clone())
+            .chain(parts.flat_map(|p| {
+                resolve(&doc, p)["properties"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, _)| k.clone())
+            }))
+            .collect()
+    };
+    let admin_record = properties(&doc["components"]["schemas"]["AdminRecord"]);
+    for field in [
+        "user_id",
+        "user_name",
+        "api_key_id",
+        "api_key_name",
+        "account_id",
+        "account_name",
+        "base_cost",
+    ] {
+        assert!(
+            admin_record.contains(field),
+            "AdminRecord lacks {field}: {admin_record:?}"
+        );
+    }
+    let own_record = properties(&doc["components"]["schemas"]["OwnRecord"]);
+    assert!(own_record.contains("api_key_name"), "{own_record:?}");
+    assert!(!own_record.contains("account_name"), "{own_record:?}");
+    for (path, item) in [
+        ("/api/admin/usage/records", "AdminRecord"),
+        ("/api/admin/api-keys/{id}/logs", "AdminRecord"),
+        ("/api/usage/records", "OwnRecord"),
+    ] {
+        let said = doc["paths"][path]["get"]["responses"]["200"]["description"]
+            .as_str()
+            .unwrap();
+        assert!(said.contains(&format!("`{item}` items")), "{path}: {said}");
+    }
+
     // A request body as the handler reads it: required fields and renamed ones.
     let create_user = resolve(&doc, &doc["components"]["schemas"]["CreateUser"]);
     let required: BTreeSet<&str> = create_user["required"]

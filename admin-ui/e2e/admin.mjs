@@ -2,10 +2,12 @@
 // `tests/admin_ui.rs` starts the relay and a mock upstream, runs this script and then checks
 // through the API what the clicks did. Screenshots of each page go to SCREENSHOTS.
 //
-// Environment: ADMIN_URL, PROXY_URL, UPSTREAM_URL, ADMIN_PASSWORD (user `admin`), SCREENSHOTS,
-// CHROMIUM (default /usr/bin/chromium). Prints one JSON line with what the Rust side checks.
+// Environment: ADMIN_URL, PROXY_URL, UPSTREAM_URL, ADMIN_PASSWORD (user `admin`), ADMIN_TOKEN
+// (the static token, for set-ups the clicks do not cover), SCREENSHOTS, CHROMIUM (default
+// /usr/bin/chromium). Prints one JSON line with what the Rust side checks.
 import assert from 'node:assert/strict'
 import { mkdirSync, rmSync } from 'node:fs'
+import { createServer } from 'node:http'
 import { join } from 'node:path'
 import { chromium } from 'playwright-core'
 
@@ -18,6 +20,7 @@ const ADMIN = env('ADMIN_URL')
 const PROXY = env('PROXY_URL')
 const UPSTREAM = env('UPSTREAM_URL')
 const PASSWORD = env('ADMIN_PASSWORD')
+const TOKEN = env('ADMIN_TOKEN')
 const SHOTS = env('SCREENSHOTS')
 const CREDENTIAL = 'sk-ant-api03-ui-test-credential-0123456789'
 const REFRESH_TOKEN = 'sk-ant-ort01-ui-refresh-token-0123456789'
@@ -57,6 +60,37 @@ const shot = (name) => page.screenshot({ path: join(SHOTS, `${name}.png`), fullP
 const row = (table, name) => page.locator(`[data-test="${table}"] tr[data-name="${name}"]`)
 const note = () => page.locator('[data-test="note"]')
 const error = () => page.locator('[data-test="error"]')
+
+/** A call to the admin API with the static token, outside the browser; the answer's JSON. */
+async function adminApi(method, path, body) {
+  const r = await fetch(`${ADMIN}${path}`, {
+    method,
+    headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  })
+  const text = await r.text()
+  assert.ok(r.ok, `${method} ${path}: ${r.status} ${text}`)
+  return text ? JSON.parse(text) : null
+}
+
+/** Clicks Filter until the records table has `n` rows (the writer flushes every 100 ms here). */
+async function waitRecords(n) {
+  for (let i = 0; ; i++) {
+    if ((await page.locator('[data-test="records"] [data-test="status"]').count()) >= n) return
+    assert.ok(i < 50, `only ${await page.locator('[data-test="records"] [data-test="status"]').count()} of ${n} records showed`)
+    await page.waitForTimeout(200)
+    await page.click('button:has-text("Filter")')
+  }
+}
+
+/** The page fits the test's 1400 px window: nothing to scroll sideways. */
+async function fitsWidth(what) {
+  const over = await page.evaluate(() => {
+    const content = document.querySelector('.content')
+    return Math.max(content.scrollWidth - content.clientWidth, document.documentElement.scrollWidth - window.innerWidth)
+  })
+  assert.ok(over <= 0, `${what} needs ${over} px more than the 1400 px window`)
+}
 
 async function login(user, password) {
   await page.goto(`${ADMIN}/`)
@@ -117,6 +151,7 @@ try {
   // Checked by hand: the mock upstream answers, so it passes.
   await account.getByRole('button', { name: 'Check' }).click()
   await note().filter({ hasText: 'ui-claude: check passed (HTTP 200)' }).waitFor()
+  await fitsWidth('the accounts page')
   await shot('02-accounts')
 
   // A user priced at 1.5 × list, and a key for them with a daily limit.
@@ -129,10 +164,42 @@ try {
   await page.click('[data-test="create-user"]')
   await note().filter({ hasText: 'User ui-tenant created.' }).waitFor()
   assert.equal(await row('users', 'ui-tenant').locator('[data-test="rate"]').innerText(), '×1.5')
-  // A bad value gets a clear message, in the page.
-  answers.push('cheap')
+  // A price rate in a form of the page (no browser prompt), checked as typed by the API's
+  // rules: a multiplier of at least 0 in ten-thousandths, so at most four decimals.
+  const rateForm = page.locator('[data-test="rate-form"]')
+  const rateHint = rateForm.locator('[data-test="rate-hint"]')
+  const saveRate = rateForm.locator('[data-test="save-rate"]')
   await row('users', 'ui-tenant').getByRole('button', { name: 'Rate' }).click()
-  await error().filter({ hasText: 'not a price rate' }).waitFor()
+  assert.equal(await rateForm.locator('input[name="rate"]').inputValue(), '1.5')
+  assert.match(await rateForm.innerText(), /Price rate of ui-tenant/)
+  for (const [typed, said] of [['cheap', 'not a price rate'], ['-1', 'not a price rate'], ['1.23456', 'more than 4 decimals'], ['', 'not a price rate']]) {
+    await rateForm.locator('input[name="rate"]').fill(typed)
+    await rateHint.filter({ hasText: said }).waitFor()
+    assert.ok(await saveRate.isDisabled(), `${typed} can be sent`)
+  }
+  await rateForm.locator('input[name="rate"]').fill('2.0001')
+  await rateHint.filter({ hasText: '200.01% of list price' }).waitFor()
+  await shot('03a-users-rate')
+  await saveRate.click()
+  await note().filter({ hasText: 'Price rate of ui-tenant set to ×2.0001.' }).waitFor()
+  assert.equal(await rateForm.count(), 0)
+  assert.equal(await row('users', 'ui-tenant').locator('[data-test="rate"]').innerText(), '×2.0001')
+  // Every user's rate at once, then the ticked users'.
+  await page.click('[data-test="all-rate"]')
+  assert.match(await rateForm.innerText(), /Price rate of every user \(2\)/)
+  await rateForm.locator('input[name="rate"]').fill('1')
+  await saveRate.click()
+  await note().filter({ hasText: 'Price rate of all 2 users set to ×1.' }).waitFor()
+  assert.equal(await row('users', 'ui-tenant').locator('[data-test="rate"]').innerText(), '×1')
+  await row('users', 'ui-tenant').locator('input[type="checkbox"]').check()
+  assert.equal(await page.locator('[data-test="selected-count"]').innerText(), '1 selected on this page')
+  await page.click('[data-test="batch-rate"]')
+  assert.match(await rateForm.innerText(), /Price rate of the 1 selected user /)
+  await rateForm.locator('input[name="rate"]').fill('1.5')
+  await saveRate.click()
+  await note().filter({ hasText: '1 price rate set to ×1.5.' }).waitFor()
+  assert.equal(await row('users', 'ui-tenant').locator('[data-test="rate"]').innerText(), '×1.5')
+  assert.equal(await page.locator('[data-test="selection"]').count(), 0)
   // A new password, typed in a password field.
   await row('users', 'ui-tenant').getByRole('button', { name: 'Password' }).click()
   await page.fill('[data-test="password-form"] input[name="new_password"]', 'tenant-password-2')
@@ -146,6 +213,40 @@ try {
   assert.equal(await row('users', 'ui-tenant').locator('[data-test="cost-limits"]').innerText(), '$20.00 a day')
   assert.deepEqual(lastPatch('/api/admin/users/'), { daily_cost_limit: 20000000 })
   await shot('03-users')
+
+  // Ticks belong to the page shown: another page starts with none, so a batch never changes
+  // users out of sight. A second page: the list answers as if 50 more users existed (made up in
+  // the browser; real ones would take a minute to hash their passwords).
+  const usersList = (url) => url.pathname === '/api/admin/users'
+  let template = null
+  await page.route(usersList, async (route) => {
+    const real = await route.fetch()
+    const body = await real.json()
+    const asked = Number(new URL(route.request().url()).searchParams.get('page') ?? '1')
+    template = body.items[0] ?? template
+    body.total += 50
+    if (asked > 1) {
+      body.page = asked
+      body.items = Array.from({ length: 50 }, (_, i) => ({ ...template, id: `ghost-${i}`, username: `ui-ghost-${i}` }))
+    }
+    await route.fulfill({ response: real, json: body })
+  })
+  await page.reload()
+  await row('users', 'ui-tenant').locator('input[type="checkbox"]').check()
+  await page.click('[data-test="select-page"]')
+  assert.equal(await page.locator('[data-test="selected-count"]').innerText(), '2 selected on this page')
+  await page.click('[data-test="batch-rate"]')
+  await page.getByRole('button', { name: 'Next ›' }).click()
+  await row('users', 'ui-ghost-49').waitFor()
+  assert.equal(await page.locator('[data-test="selection"]').count(), 0)
+  assert.equal(await rateForm.count(), 0, 'the batch form stays open for users no longer shown')
+  await row('users', 'ui-ghost-7').locator('input[type="checkbox"]').check()
+  await page.getByRole('button', { name: '‹ Previous' }).click()
+  await row('users', 'ui-tenant').waitFor()
+  assert.equal(await page.locator('[data-test="selection"]').count(), 0)
+  assert.equal(await page.locator('[data-test="users"] input[type="checkbox"]:checked').count(), 0)
+  await shot('03b-users-pages')
+  await page.unroute(usersList)
 
   await page.click('a[href="#/keys"]')
   await page.click('[data-test="new-key"]')
@@ -181,15 +282,43 @@ try {
   await page.click('[data-test="created-key"] >> text=Done')
   await row('keys', 'ui-key').getByRole('link', { name: 'Requests' }).click()
   await page.waitForURL(/#\/records\?api_key_id=/)
-  for (let i = 0; ; i++) {
-    if ((await page.locator('[data-test="records"] [data-test="status"]').count()) > 0) break
-    assert.ok(i < 50, 'the usage record never showed')
-    await page.waitForTimeout(200)
-    await page.click('button:has-text("Filter")')
-  }
+  await waitRecords(1)
   assert.equal(await page.locator('[data-test="records"] [data-test="status"]').first().innerText(), '200')
   assert.equal(await page.locator('[data-test="records"] [data-test="input"]').first().innerText(), String(answer.usage.input_tokens))
+  // The record names its user, key and account; the page says whose requests it shows.
+  const served = page.locator('[data-test="records"] tbody tr').first()
+  assert.equal(await served.locator('[data-test="user"]').innerText(), 'ui-tenant')
+  assert.equal(await served.locator('[data-test="key"]').innerText(), 'ui-key')
+  assert.equal(await served.locator('[data-test="account"]').innerText(), 'ui-claude')
+  assert.equal((await page.locator('[data-test="scope"]').innerText()).trim(), 'of key ui-key')
   await shot('05-records')
+
+  // A key deleted since its request: the record shows the start of its id, marked deleted.
+  const tenantId = (await adminApi('GET', '/api/admin/users?per_page=500')).items.find((u) => u.username === 'ui-tenant').id
+  const gone = await adminApi('POST', '/api/admin/api-keys', { user_id: tenantId, name: 'ui-gone', allowed_models: ['no-such-model'] })
+  const refused = await fetch(`${PROXY}/v1/messages`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', 'x-api-key': gone.key, 'anthropic-version': '2023-06-01' },
+    body: JSON.stringify({ model: 'claude-sonnet-4-5', max_tokens: 64, messages: [{ role: 'user', content: 'refused' }] }),
+  })
+  assert.equal(refused.status, 403, await refused.text())
+  await adminApi('DELETE', `/api/admin/api-keys/${gone.id}`)
+  await page.click('a[href="#/records"]')
+  await page.waitForURL(/#\/records$/)
+  await waitRecords(2)
+  const refusedRow = page.locator('[data-test="records"] tbody tr', { has: page.locator('[data-test="key"] [data-test="deleted"]') })
+  assert.equal(await refusedRow.count(), 1)
+  assert.equal(await refusedRow.locator('[data-test="key"]').innerText(), `${gone.id.slice(0, 8)}… deleted`)
+  assert.equal(await refusedRow.locator('[data-test="user"]').innerText(), 'ui-tenant')
+  assert.equal(await refusedRow.locator('[data-test="account"]').innerText(), '—')
+  // A name leads to that entity's records, filtered by its id.
+  await refusedRow.locator('[data-test="user"] a').click()
+  await page.waitForURL(new RegExp(`#/records\\?user_id=${tenantId}$`))
+  assert.equal(await page.inputValue('input[name="user_id"]'), tenantId)
+  await page.locator('[data-test="scope"]', { hasText: 'of user ui-tenant' }).waitFor()
+  assert.equal(await page.locator('[data-test="records"] [data-test="status"]').count(), 2)
+  await fitsWidth('the records page')
+  await shot('05b-records-named')
 
   // The overview: the request, per account and per user.
   await page.click('a[href="#/traffic"]')
@@ -232,9 +361,18 @@ try {
   // A cache price left unset shows what is billed: 1.25 × the input price.
   assert.equal(await row('prices', 'ui-model-1').locator('[data-test="cache_write_5m"]').innerText(), '$3.75 1.25 × input')
   await shot('08-pricing')
+  // The model filter ignores case.
+  await page.fill('input[name="model_filter"]', 'UI-Model')
+  await page.waitForFunction(() => document.querySelectorAll('[data-test="prices"] tbody tr').length === 1)
+  await row('prices', 'ui-model-1').waitFor()
+  await page.fill('input[name="model_filter"]', 'SONNET-4-5')
+  await row('prices', 'claude-sonnet-4-5').waitFor()
+  assert.equal(await row('prices', 'ui-model-1').count(), 0)
+  await page.fill('input[name="model_filter"]', '')
 
   // After a reload the session goes on, and so do changes (the CSRF token comes back).
   await page.click('a[href="#/accounts"]')
+  await page.waitForURL(/#\/accounts$/) // the router's move, before the reload
   await page.reload()
   await row('accounts', 'ui-claude').waitFor()
   await row('accounts', 'ui-claude').getByRole('button', { name: 'Disable' }).click()
@@ -282,6 +420,44 @@ try {
   assert.deepEqual(lastPatch('/api/admin/accounts/'), { account_type: 'claude', refresh_token: null })
   await row('accounts', 'ui-oauth').locator('[data-test="token"]', { hasText: '—' }).waitFor()
 
+  // The widest row an account makes: a long name and address, many models, a concurrency
+  // limit, an OAuth token, errors from a failed check and every action. It still fits, with
+  // what scheduling reads in its own columns. Its upstream refuses every credential.
+  const refusing = createServer((_, res) => {
+    res.writeHead(401, { 'content-type': 'application/json' })
+    res.end(JSON.stringify({ type: 'error', error: { type: 'authentication_error', message: 'invalid x-api-key' } }))
+  })
+  await new Promise((done) => refusing.listen(0, '127.0.0.1', done))
+  refusing.unref() // the relay's pooled connections to it must not keep the run alive
+  const wide = await adminApi('POST', '/api/admin/accounts', {
+    name: 'ui-wide-account-with-a-rather-long-name',
+    type: 'claude-official',
+    base_url: `http://127.0.0.1:${refusing.address().port}/a/rather/long/prefix/for/the/upstream`,
+    credential: 'sk-ant-oat01-ui-wide-access-token-0123456789',
+    refresh_token: 'sk-ant-ort01-ui-wide-refresh-token-0123456789',
+    token_expires_at: Date.now() + 30 * 86_400_000,
+    models: ['claude-opus-4-1', 'claude-opus-4-5', 'claude-sonnet-4', 'claude-sonnet-4-5', 'claude-haiku-4-5', 'claude-3-5-haiku-latest'],
+    max_concurrency: 100000,
+    weight: 10000,
+    priority: 1000,
+  })
+  await page.reload()
+  const widest = row('accounts', 'ui-wide-account-with-a-rather-long-name')
+  // Checks that fail in a row put it in error (at the account error threshold, 5 here).
+  for (let i = 1; !(await widest.getByRole('button', { name: 'Clear error' }).count()); i++) {
+    assert.ok(i <= 5, 'five failed checks left the account valid')
+    await widest.getByRole('button', { name: 'Check' }).click()
+    await widest.locator('[data-test="state"]', { hasText: `${i} error` }).waitFor()
+  }
+  await fitsWidth('the accounts page with its widest row')
+  assert.equal(await widest.locator('[data-test="concurrency"]').innerText(), '100000')
+  assert.equal(await widest.locator('[data-test="weight"]').innerText(), '10000')
+  assert.match(await widest.locator('[data-test="state"]').innerText(), /^error\s+5 errors$/)
+  await shot('02c-accounts-wide')
+  await adminApi('DELETE', `/api/admin/accounts/${wide.id}`)
+  refusing.closeAllConnections()
+  refusing.close()
+
   // The health check job, switched on every 10 minutes.
   await page.click('a[href="#/settings"]')
   const settings = page.locator('[data-test="settings"]')
@@ -319,6 +495,11 @@ try {
   assert.equal(await row('keys', 'ui-key').getByRole('button', { name: 'Enable' }).count(), 0)
   await page.goto(`${ADMIN}/#/accounts`)
   await page.waitForURL(/#\/keys/)
+  // Their requests name the key, the deleted one by the start of its id.
+  await page.click('a[href="#/records"]')
+  await page.locator('[data-test="records"] [data-test="key"]', { hasText: 'ui-key' }).waitFor()
+  assert.equal(await page.locator('[data-test="records"] [data-test="key"] [data-test="deleted"]').count(), 1)
+  assert.equal(await page.locator('[data-test="records"] [data-test="user"]').count(), 0)
   await page.click('a[href="#/overview"]')
   await page.locator('[data-test="summary"]').waitFor()
   // The cost limit the admin set over all of the tenant's keys, with what it measures.

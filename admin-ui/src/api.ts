@@ -123,6 +123,10 @@ export interface UsageRecord {
   user_id?: string | null
   api_key_id: string | null
   account_id?: string | null
+  /** What the user, key and account are called now; null once deleted (admins see all three). */
+  user_name?: string | null
+  api_key_name: string | null
+  account_name?: string | null
   protocol: string
   requested_model: string | null
   upstream_model: string | null

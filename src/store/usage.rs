@@ -91,7 +91,7 @@ impl UsageDim {
 }
 
 /// A row of `request_logs`, flat, booleans as bool.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct UsageRow {
     /// Record id (unique).
     pub id: String,
@@ -973,16 +973,34 @@ impl SqlStore {
     /// with their owner's name. Ids no longer stored (deleted) are absent; models are their own
     /// names.
     pub async fn names_of(&self, dim: UsageDim, ids: &[String]) -> Result<HashMap<String, String>> {
-        let select = match dim {
-            UsageDim::Account => "SELECT id, name FROM accounts",
-            UsageDim::User => "SELECT id, username FROM users",
-            UsageDim::Key => {
+        let (select, column) = match dim {
+            UsageDim::Account => ("SELECT id, name FROM accounts", "id"),
+            UsageDim::User => ("SELECT id, username FROM users", "id"),
+            UsageDim::Key => (
                 "SELECT k.id, k.name || ' (' || COALESCE(u.username, '?') || ')' \
-                 FROM api_keys k LEFT JOIN users u ON u.id = k.user_id"
-            }
+                 FROM api_keys k LEFT JOIN users u ON u.id = k.user_id",
+                "k.id",
+            ),
             UsageDim::Model => return Ok(ids.iter().map(|m| (m.clone(), m.clone())).collect()),
         };
-        let column = if dim == UsageDim::Key { "k.id" } else { "id" };
+        self.names_by_id(select, column, ids).await
+    }
+
+    /// Keys' own names by id, without their owner's (a record shows its user apart). Ids no
+    /// longer stored (deleted) are absent.
+    pub async fn key_names(&self, ids: &[String]) -> Result<HashMap<String, String>> {
+        self.names_by_id("SELECT id, name FROM api_keys", "id", ids)
+            .await
+    }
+
+    /// The second column of `select` by its first, for the rows whose `column` is one of `ids`,
+    /// in one statement per 512 ids (none for no ids).
+    async fn names_by_id(
+        &self,
+        select: &str,
+        column: &str,
+        ids: &[String],
+    ) -> Result<HashMap<String, String>> {
         let mut out = HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(IDS_PER_STATEMENT) {
             let mut parts = SqlParts::default();

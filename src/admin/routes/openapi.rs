@@ -100,7 +100,7 @@ pub struct ListPage {
         usage::breakdown,
         audit::list,
     ),
-    components(schemas(usage::OwnRecord)),
+    components(schemas(usage::OwnRecord, usage::AdminRecord)),
     modifiers(&Security, &OperationIds),
     tags(
         (name = "system", description = "Liveness, readiness, metrics and this document"),

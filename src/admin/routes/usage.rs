@@ -71,6 +71,8 @@ pub struct OwnRecord {
     pub request_id: String,
     pub created_at: i64,
     pub api_key_id: Option<String>,
+    /// The key's name now; `null` once the key is deleted.
+    pub api_key_name: Option<String>,
     pub protocol: String,
     pub requested_model: Option<String>,
     pub upstream_model: Option<String>,
@@ -91,13 +93,15 @@ pub struct OwnRecord {
     pub estimated: bool,
 }
 
-impl From<UsageRow> for OwnRecord {
-    fn from(r: UsageRow) -> Self {
+impl OwnRecord {
+    /// The record as its user sees it, with its key's name (`None`: deleted or no key).
+    fn new(r: UsageRow, api_key_name: Option<String>) -> Self {
         OwnRecord {
             id: r.id,
             request_id: r.request_id,
             created_at: r.created_at,
             api_key_id: r.api_key_id,
+            api_key_name,
             protocol: r.protocol,
             requested_model: r.requested_model,
             upstream_model: r.upstream_model,
@@ -118,6 +122,96 @@ impl From<UsageRow> for OwnRecord {
             estimated: r.estimated,
         }
     }
+}
+
+/// A usage record as admins see it: every stored field, and what its user, key and account
+/// are called now (`null` once deleted, or where the record has no such id: a request refused
+/// before it had a key or an account).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AdminRecord {
+    #[serde(flatten)]
+    pub record: UsageRow,
+    pub user_name: Option<String>,
+    pub api_key_name: Option<String>,
+    pub account_name: Option<String>,
+}
+
+/// The names of a page of records' users, keys and accounts: looked up for that page's ids
+/// only, one query per kind of entity (a page holds at most 500 records).
+#[derive(Default)]
+struct RecordNames {
+    users: HashMap<String, String>,
+    keys: HashMap<String, String>,
+    accounts: HashMap<String, String>,
+}
+
+impl RecordNames {
+    /// Key names only: what a user's own records show.
+    async fn keys_of(state: &AdminState, rows: &[UsageRow]) -> AppResult<Self> {
+        Ok(RecordNames {
+            keys: state
+                .store
+                .key_names(&distinct(rows, |r| &r.api_key_id))
+                .await?,
+            ..RecordNames::default()
+        })
+    }
+
+    /// User, key and account names: what admins see.
+    async fn all_of(state: &AdminState, rows: &[UsageRow]) -> AppResult<Self> {
+        Ok(RecordNames {
+            users: state
+                .store
+                .names_of(UsageDim::User, &distinct(rows, |r| &r.user_id))
+                .await?,
+            accounts: state
+                .store
+                .names_of(UsageDim::Account, &distinct(rows, |r| &r.account_id))
+                .await?,
+            ..RecordNames::keys_of(state, rows).await?
+        })
+    }
+
+    fn name(names: &HashMap<String, String>, id: &Option<String>) -> Option<String> {
+        id.as_ref().and_then(|id| names.get(id).cloned())
+    }
+
+    fn own(&self, r: UsageRow) -> OwnRecord {
+        let key = Self::name(&self.keys, &r.api_key_id);
+        OwnRecord::new(r, key)
+    }
+
+    fn admin(&self, r: UsageRow) -> AdminRecord {
+        AdminRecord {
+            user_name: Self::name(&self.users, &r.user_id),
+            api_key_name: Self::name(&self.keys, &r.api_key_id),
+            account_name: Self::name(&self.accounts, &r.account_id),
+            record: r,
+        }
+    }
+}
+
+/// The distinct ids one column of `rows` holds.
+fn distinct(rows: &[UsageRow], id: fn(&UsageRow) -> &Option<String>) -> Vec<String> {
+    let mut ids: Vec<String> = rows.iter().filter_map(|r| id(r).clone()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// One page of records with the names admins see.
+async fn admin_records_page(
+    state: &AdminState,
+    filter: &RecordFilter,
+    page: i64,
+    per_page: i64,
+) -> AppResult<Page<AdminRecord>> {
+    let rows = state
+        .store
+        .list_usage_records(filter, page, per_page)
+        .await?;
+    let names = RecordNames::all_of(state, &rows.items).await?;
+    Ok(page_map(rows, |r| names.admin(r)))
 }
 
 fn page_map<T, U>(page: Page<T>, f: impl FnMut(T) -> U) -> Page<U> {
@@ -654,14 +748,15 @@ async fn own_records_page(
         .store
         .list_usage_records(&filter, page, per_page)
         .await?;
-    Ok(page_map(rows, OwnRecord::from))
+    let names = RecordNames::keys_of(state, &rows.items).await?;
+    Ok(page_map(rows, |r| names.own(r)))
 }
 
 /// `GET /api/usage/records?page=&per_page=&from=&to=&api_key_id=`: the caller's records,
-/// newest first.
+/// newest first, each with its key's name.
 #[utoipa::path(get, path = "/api/usage/records", tag = "own", params(RecordQuery),
     responses(
-        (status = 200, description = "A page of the caller's records (`OwnRecord` items)", body = super::openapi::ListPage),
+        (status = 200, description = "A page of the caller's records with their key's name (`OwnRecord` items)", body = super::openapi::ListPage),
         (status = 400, description = "Bad filter, or the static admin token (no user)", body = ErrorBody),
     ))]
 pub async fn own_records(
@@ -673,11 +768,12 @@ pub async fn own_records(
 }
 
 /// `GET /api/admin/usage/records?user_id=&api_key_id=&account_id=&from=&to=&page=&per_page=`:
-/// every record with both costs, newest first. Callers that are not admins get their own
-/// records, as `/api/usage/records` gives them.
+/// every record with both costs and the names of its user, key and account, newest first;
+/// filters are by id. Callers that are not admins get their own records, as
+/// `/api/usage/records` gives them.
 #[utoipa::path(get, path = "/api/admin/usage/records", tag = "usage", params(RecordQuery),
     responses(
-        (status = 200, description = "A page of records with both costs (own records for non-admins)", body = super::openapi::ListPage),
+        (status = 200, description = "A page of records with both costs and the names of their user, key and account (`AdminRecord` items); own records (`OwnRecord` items) for non-admins", body = super::openapi::ListPage),
         (status = 400, description = "Bad filter", body = ErrorBody),
     ))]
 pub async fn records(
@@ -687,12 +783,7 @@ pub async fn records(
 ) -> AppResult<Json<serde_json::Value>> {
     let value = if caller.is_admin() {
         let (page, per_page) = q.page();
-        serde_json::to_value(
-            state
-                .store
-                .list_usage_records(&q.filter()?, page, per_page)
-                .await?,
-        )
+        serde_json::to_value(admin_records_page(&state, &q.filter()?, page, per_page).await?)
     } else {
         serde_json::to_value(own_records_page(&state, &caller, &q).await?)
     };
@@ -700,11 +791,12 @@ pub async fn records(
 }
 
 /// `GET /api/admin/api-keys/{id}/logs?from=&to=&page=&per_page=`: one key's records, newest
-/// first (the key may have been deleted since).
+/// first, with names as `/api/admin/usage/records` gives them (the key may have been deleted
+/// since).
 #[utoipa::path(get, path = "/api/admin/api-keys/{id}/logs", tag = "api-keys",
     params(("id" = String, Path, description = "API key id"), RecordQuery),
     responses(
-        (status = 200, description = "A page of the key's records", body = super::openapi::ListPage),
+        (status = 200, description = "A page of the key's records with the names of their user, key and account (`AdminRecord` items)", body = super::openapi::ListPage),
         (status = 400, description = "Bad filter", body = ErrorBody),
     ))]
 pub async fn key_logs(
@@ -712,7 +804,7 @@ pub async fn key_logs(
     caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<RecordQuery>,
-) -> AppResult<Json<Page<UsageRow>>> {
+) -> AppResult<Json<Page<AdminRecord>>> {
     caller.require_admin()?;
     let filter = RecordFilter {
         api_key_id: Some(id),
@@ -722,9 +814,6 @@ pub async fn key_logs(
     };
     let (page, per_page) = q.page();
     Ok(Json(
-        state
-            .store
-            .list_usage_records(&filter, page, per_page)
-            .await?,
+        admin_records_page(&state, &filter, page, per_page).await?,
     ))
 }
