@@ -209,9 +209,28 @@ try {
   await row('users', 'ui-tenant').getByRole('button', { name: 'Limits' }).click()
   await page.fill('[data-test="limits-form"] input[name="user_daily_cost_limit"]', '20')
   await page.click('[data-test="save-limits"]')
-  await note().filter({ hasText: 'Cost limits of ui-tenant set.' }).waitFor()
+  await note().filter({ hasText: 'Limits of ui-tenant set.' }).waitFor()
   assert.equal(await row('users', 'ui-tenant').locator('[data-test="cost-limits"]').innerText(), '$20.00 a day')
   assert.deepEqual(lastPatch('/api/admin/users/'), { daily_cost_limit: 20000000 })
+  // The platforms and models of all the user's keys: only what changed is sent.
+  await row('users', 'ui-tenant').getByRole('button', { name: 'Limits' }).click()
+  await page.check('[data-test="limits-form"] input[name="user_platform_claude"]')
+  await page.fill('[data-test="limits-form"] input[name="user_allowed_models"]', 'claude-*, ui-model')
+  await page.click('[data-test="save-limits"]')
+  await note().filter({ hasText: 'Limits of ui-tenant set.' }).waitFor()
+  assert.deepEqual(lastPatch('/api/admin/users/'), { allowed_platforms: ['claude'], allowed_models: ['claude-*', 'ui-model'] })
+  await row('users', 'ui-tenant').locator('[data-test="user-models"]').waitFor()
+  assert.equal(
+    await row('users', 'ui-tenant').locator('[data-test="cost-limits"]').innerText(),
+    '$20.00 a day\nplatforms: claude\nmodels: claude-*, ui-model',
+  )
+  // Lifted again, so the tenant's requests below are not held to them.
+  await row('users', 'ui-tenant').getByRole('button', { name: 'Limits' }).click()
+  await page.uncheck('[data-test="limits-form"] input[name="user_platform_claude"]')
+  await page.fill('[data-test="limits-form"] input[name="user_allowed_models"]', '')
+  await page.click('[data-test="save-limits"]')
+  await row('users', 'ui-tenant').locator('[data-test="user-models"]').waitFor({ state: 'detached' })
+  assert.deepEqual(lastPatch('/api/admin/users/'), { allowed_platforms: [], allowed_models: [] })
   await shot('03-users')
 
   // Ticks belong to the page shown: another page starts with none, so a batch never changes

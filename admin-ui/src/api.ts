@@ -56,6 +56,9 @@ export interface User {
   price_rate: number
   daily_cost_limit: number | null
   total_cost_limit: number | null
+  /** Platforms and models every key of the user may use; empty: all. */
+  allowed_platforms: string[]
+  allowed_models: string[]
   created_at: number
 }
 
