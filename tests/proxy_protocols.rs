@@ -873,6 +873,93 @@ async fn chatgpt_token_sends_chatgpt_account_id() {
     assert_no_relay_key(up, &key);
 }
 
+/// The ChatGPT Codex backend answers streamed Responses calls only (`400 {"detail":"Stream
+/// must be set to true"}` otherwise): a call without a stream goes to an API-key account for
+/// that one request, and the conversation stays on its ChatGPT account.
+#[tokio::test]
+async fn a_responses_call_without_a_stream_never_reaches_a_chatgpt_account() {
+    let chatgpt_mock = MockUpstream::start().await;
+    let api_mock = MockUpstream::start().await;
+    chatgpt_mock.set(|b| b.streams_only = true);
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    let token = "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ0ZXN0In0.c2lnbmF0dXJl";
+    relay
+        .create_account_with(serde_json::json!({
+            "name": "chatgpt", "type": "openai-responses", "priority": 10,
+            "base_url": format!("{}/backend-api/codex", chatgpt_mock.url()),
+            "credential": token, "chatgpt_account_id": "9f8e7d6c-chatgpt-account",
+        }))
+        .await;
+    relay.wait_accounts_loaded(1).await;
+    let turn1 = ClientFixture::load("sdk-openai-responses.turn1.json");
+    let turn2 = ClientFixture::load("sdk-openai-responses.turn2.json");
+    assert!(turn1.stream && !turn2.stream);
+    assert_eq!(
+        turn1.body["prompt_cache_key"],
+        turn2.body["prompt_cache_key"]
+    );
+
+    // Only the ChatGPT account: the client is told why nothing serves it.
+    let r = turn2
+        .request_as_captured(&relay, &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_openai_error(&v, "no_available_account", "no_available_account");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("\"stream\": true"), "{message}");
+    assert_eq!(chatgpt_mock.count(), 0);
+
+    relay
+        .create_account_with(serde_json::json!({
+            "name": "api", "type": "openai", "priority": 50,
+            "base_url": format!("{}/v1", api_mock.url()), "credential": OPENAI_SECRET,
+        }))
+        .await;
+    relay.wait_accounts_loaded(2).await;
+    let send = |fx: &ClientFixture| {
+        let r = fx.request_as_captured(&relay, &key).send();
+        async move {
+            let r = r.await.unwrap();
+            let status = r.status();
+            let text = r.text().await.unwrap();
+            assert_eq!(status, 200, "{text}");
+            text
+        }
+    };
+    // Turn 1 streams: the preferred ChatGPT account, which the conversation is bound to.
+    let text = send(&turn1).await;
+    assert!(text.contains("response.completed"), "{text}");
+    assert_eq!((chatgpt_mock.count(), api_mock.count()), (1, 0));
+    // Turn 2 wants one JSON answer: the API-key account serves it.
+    let text = send(&turn2).await;
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["object"], "response", "{v}");
+    assert_eq!((chatgpt_mock.count(), api_mock.count()), (1, 1));
+    let up = &api_mock.requests()[0];
+    assert_eq!(up.path, "/v1/responses");
+    assert_eq!(up.header("chatgpt-account-id"), None);
+    // The conversation is still the ChatGPT account's: a streamed turn goes back there, and
+    // so does a compaction, which that backend answers as JSON.
+    let _ = send(&turn1).await;
+    assert_eq!((chatgpt_mock.count(), api_mock.count()), (2, 1));
+    let r = relay
+        .post_bare("/v1/responses/compact")
+        .bearer_auth(&key)
+        .json(&turn2.body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    assert_eq!((chatgpt_mock.count(), api_mock.count()), (3, 1));
+    assert!(chatgpt_mock
+        .requests()
+        .iter()
+        .all(|q| q.path.ends_with("/compact") || q.json()["stream"] == true));
+}
+
 #[tokio::test]
 async fn previous_response_id_returns_to_its_account() {
     let mock_a = MockUpstream::start().await;

@@ -223,9 +223,32 @@ pub struct AccountState {
     pub cooldown_cleared_seen: AtomicI64,
 }
 
+/// What a request needs of an account, as the scheduler matches them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Demand<'a> {
+    pub protocol: Protocol,
+    pub model: Option<&'a str>,
+    /// A Responses call (`/responses`) that does not ask for a stream: the ChatGPT Codex
+    /// backend refuses it (`400 {"detail":"Stream must be set to true"}`). Its
+    /// `/responses/compact` answers JSON and is no such call.
+    pub unstreamed_response: bool,
+}
+
+impl<'a> Demand<'a> {
+    /// A request of `protocol` for `model` that any account serving both can take.
+    pub fn new(protocol: Protocol, model: Option<&'a str>) -> Self {
+        Demand {
+            protocol,
+            model,
+            unstreamed_response: false,
+        }
+    }
+}
+
 impl Account {
-    /// Whether this account serves `protocol` and `model` at all (ignoring live state).
-    pub fn serves(&self, protocol: Protocol, model: Option<&str>) -> bool {
+    /// Whether this account serves `protocol` and `model` at all (ignoring live state): what
+    /// a conversation needs of its account, whatever the form of one of its requests.
+    pub fn serves_model(&self, protocol: Protocol, model: Option<&str>) -> bool {
         if !self.account_type.serves(protocol) {
             return false;
         }
@@ -235,6 +258,19 @@ impl Account {
             }
             _ => true,
         }
+    }
+
+    /// Whether this account can take a request that needs `demand` (ignoring live state).
+    pub fn serves(&self, demand: &Demand<'_>) -> bool {
+        self.serves_model(demand.protocol, demand.model)
+            && !(demand.unstreamed_response && self.has_chatgpt_token())
+    }
+
+    /// Whether this is an `openai-responses` account holding a ChatGPT token (a JWT, `eyJ...`):
+    /// its upstream is the ChatGPT Codex backend, which answers streamed Responses calls only.
+    pub fn has_chatgpt_token(&self) -> bool {
+        self.account_type == AccountType::OpenaiResponses
+            && self.credential.expose().starts_with("eyJ")
     }
 
     /// Whether the account can take one more request now.
@@ -301,12 +337,11 @@ pub enum PickStrategy {
     RoundRobin,
 }
 
-/// Picks an account for a request: usable, serving the protocol and model, not in `exclude`,
-/// lowest priority number first, then `strategy` inside that tier.
+/// Picks an account for a request: usable, serving what it needs, not in `exclude`, lowest
+/// priority number first, then `strategy` inside that tier.
 pub fn select_account(
     accounts: &[Arc<Account>],
-    protocol: Protocol,
-    model: Option<&str>,
+    demand: &Demand<'_>,
     exclude: &[String],
     strategy: PickStrategy,
     now_ms: i64,
@@ -317,7 +352,7 @@ pub fn select_account(
     // An account whose token expired (its refresh failing) only when no other can serve.
     let mut expired: Vec<&Arc<Account>> = Vec::new();
     for a in accounts {
-        if !a.serves(protocol, model) || !a.usable(now_ms) || exclude.iter().any(|x| *x == a.id) {
+        if !a.serves(demand) || !a.usable(now_ms) || exclude.iter().any(|x| *x == a.id) {
             continue;
         }
         if a.token_expired(now_ms) {
@@ -568,8 +603,7 @@ pub(crate) mod tests {
         for _ in 0..20 {
             let s = select_account(
                 &all,
-                Protocol::Anthropic,
-                None,
+                &Demand::new(Protocol::Anthropic, None),
                 &[],
                 PickStrategy::Weighted,
                 0,
@@ -579,8 +613,7 @@ pub(crate) mod tests {
         }
         let s = select_account(
             &all,
-            Protocol::Anthropic,
-            None,
+            &Demand::new(Protocol::Anthropic, None),
             &["a".into()],
             PickStrategy::Weighted,
             0,
@@ -590,8 +623,7 @@ pub(crate) mod tests {
         a.state.cooldown_until_ms.store(100, Ordering::Relaxed);
         let s = select_account(
             &all,
-            Protocol::Anthropic,
-            None,
+            &Demand::new(Protocol::Anthropic, None),
             &[],
             PickStrategy::Lru,
             50,
@@ -600,8 +632,7 @@ pub(crate) mod tests {
         assert_eq!(s.unwrap().id, "b");
         let s = select_account(
             &all,
-            Protocol::Anthropic,
-            None,
+            &Demand::new(Protocol::Anthropic, None),
             &["b".into()],
             PickStrategy::Lru,
             50,
@@ -621,8 +652,7 @@ pub(crate) mod tests {
         for _ in 0..4000 {
             if select_account(
                 &all,
-                Protocol::Anthropic,
-                None,
+                &Demand::new(Protocol::Anthropic, None),
                 &[],
                 PickStrategy::Weighted,
                 0,
@@ -647,8 +677,7 @@ pub(crate) mod tests {
         let all = vec![acc.clone()];
         assert!(select_account(
             &all,
-            Protocol::Anthropic,
-            Some("claude-opus-4-1"),
+            &Demand::new(Protocol::Anthropic, Some("claude-opus-4-1")),
             &[],
             PickStrategy::Weighted,
             0,
@@ -658,8 +687,7 @@ pub(crate) mod tests {
         let lease = InflightLease::try_acquire(&acc).unwrap();
         assert!(select_account(
             &all,
-            Protocol::Anthropic,
-            Some("claude-sonnet-4-5"),
+            &Demand::new(Protocol::Anthropic, Some("claude-sonnet-4-5")),
             &[],
             PickStrategy::Weighted,
             0,
@@ -669,8 +697,7 @@ pub(crate) mod tests {
         drop(lease);
         assert!(select_account(
             &all,
-            Protocol::Anthropic,
-            Some("claude-sonnet-4-5"),
+            &Demand::new(Protocol::Anthropic, Some("claude-sonnet-4-5")),
             &[],
             PickStrategy::Weighted,
             0,
@@ -694,8 +721,7 @@ pub(crate) mod tests {
         let pick = |all: &[Arc<Account>]| {
             select_account(
                 all,
-                Protocol::Anthropic,
-                None,
+                &Demand::new(Protocol::Anthropic, None),
                 &[],
                 PickStrategy::Weighted,
                 now,
@@ -726,6 +752,42 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_chatgpt_token_account_takes_streamed_responses_calls_only() {
+        let with_credential = |id: &str, t: AccountType, secret: &str| {
+            let Ok(mut a) = Arc::try_unwrap(account(id, t, 50, 1)) else {
+                panic!("fresh account");
+            };
+            a.credential = Credential::new(secret.into());
+            Arc::new(a)
+        };
+        let chatgpt = with_credential("chatgpt", AccountType::OpenaiResponses, "eyJhbGciOi.x.y");
+        let api_key = with_credential("api", AccountType::OpenaiResponses, "sk-proj-1");
+        // A JWT on an `openai` account is some compatible provider's key, not ChatGPT's.
+        let compatible = with_credential("compat", AccountType::Openai, "eyJhbGciOi.x.y");
+        assert!(chatgpt.has_chatgpt_token());
+        assert!(!api_key.has_chatgpt_token() && !compatible.has_chatgpt_token());
+        let streamed = Demand::new(Protocol::OpenaiResponses, Some("gpt-5"));
+        let unstreamed = Demand {
+            unstreamed_response: true,
+            ..streamed
+        };
+        for a in [&chatgpt, &api_key, &compatible] {
+            assert!(a.serves(&streamed), "{}", a.id);
+            assert!(a.serves_model(Protocol::OpenaiResponses, Some("gpt-5")));
+        }
+        assert!(!chatgpt.serves(&unstreamed));
+        assert!(api_key.serves(&unstreamed) && compatible.serves(&unstreamed));
+        let rr = AtomicU64::new(0);
+        for _ in 0..20 {
+            let all = [chatgpt.clone(), api_key.clone()];
+            let s = select_account(&all, &unstreamed, &[], PickStrategy::Weighted, 0, &rr);
+            assert_eq!(s.unwrap().id, "api");
+        }
+        let only = [chatgpt.clone()];
+        assert!(select_account(&only, &unstreamed, &[], PickStrategy::Weighted, 0, &rr).is_none());
+    }
+
+    #[test]
     fn round_robin_and_least_inflight() {
         let rr = AtomicU64::new(0);
         let all = vec![
@@ -736,8 +798,7 @@ pub(crate) mod tests {
             .map(|_| {
                 select_account(
                     &all,
-                    Protocol::Gemini,
-                    None,
+                    &Demand::new(Protocol::Gemini, None),
                     &[],
                     PickStrategy::RoundRobin,
                     0,
@@ -752,8 +813,7 @@ pub(crate) mod tests {
         let _l = InflightLease::try_acquire(&all[0]).unwrap();
         let s = select_account(
             &all,
-            Protocol::Gemini,
-            None,
+            &Demand::new(Protocol::Gemini, None),
             &[],
             PickStrategy::LeastInflight,
             0,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::accounts::Account;
+use crate::accounts::{Account, Demand};
 use crate::api_key_auth::KeyEntry;
 use crate::route::ApiRoute;
 use crate::sse_usage::UsageMeter;
@@ -173,6 +173,17 @@ impl RequestCtx {
     /// The model the client asked for (body, or path for Gemini).
     pub fn requested_model(&self) -> Option<&str> {
         requested_model(&self.route, &self.request)
+    }
+
+    /// What this request needs of the account that serves it.
+    pub fn demand(&self) -> Demand<'_> {
+        Demand {
+            protocol: self.route.protocol,
+            model: self.requested_model(),
+            unstreamed_response: self.route.protocol == Protocol::OpenaiResponses
+                && self.route.upstream_path == crate::route::RESPONSES_PATH
+                && !self.request.stream,
+        }
     }
 }
 

@@ -31,6 +31,9 @@ pub struct ApiRoute {
     pub billed: bool,
 }
 
+/// The upstream path of a Responses call (`POST /v1/responses`, `/responses`).
+pub const RESPONSES_PATH: &str = "/responses";
+
 /// Matches a request line to a route; `None` is a 404.
 pub fn match_route(method: &str, path: &str) -> Option<Route> {
     let path = path.split('?').next().unwrap_or(path);
@@ -59,7 +62,7 @@ pub fn match_route(method: &str, path: &str) -> Option<Route> {
         "/v1/chat/completions" | "/chat/completions" => {
             api(Protocol::OpenaiChat, "/chat/completions", true)
         }
-        "/v1/responses" | "/responses" => api(Protocol::OpenaiResponses, "/responses", true),
+        "/v1/responses" | "/responses" => api(Protocol::OpenaiResponses, RESPONSES_PATH, true),
         "/v1/responses/compact" | "/responses/compact" => {
             api(Protocol::OpenaiResponses, "/responses/compact", true)
         }

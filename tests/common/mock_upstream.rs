@@ -134,6 +134,9 @@ pub struct Behavior {
     /// Answer with this status as soon as the request head is in, and close without reading
     /// the body (an upstream refusing a body too large).
     pub refuse_body_with: Option<u16>,
+    /// Refuse a `/responses` call that does not ask for a stream, as the ChatGPT Codex backend
+    /// does: `400 {"detail":"Stream must be set to true"}` (`/responses/compact` is answered).
+    pub streams_only: bool,
 }
 
 impl Default for Behavior {
@@ -167,6 +170,7 @@ impl Default for Behavior {
             token_expires_in: Some(28800),
             token_rotates: true,
             refuse_body_with: None,
+            streams_only: false,
         }
     }
 }
@@ -463,6 +467,7 @@ impl MockUpstream {
             }
             let body: Vec<u8> = buf.drain(..len).collect();
             let token_endpoint = path.ends_with("/oauth/token");
+            let compact = path.split('?').next().unwrap_or("").ends_with("/compact");
             let answer = {
                 let mut received = self.received.lock().unwrap();
                 let answer = AnswerFor::of(&path, &body, self.port, received.len() + 1);
@@ -475,9 +480,14 @@ impl MockUpstream {
                 });
                 answer
             };
-            let b = self.behavior.lock().unwrap().clone();
+            let mut b = self.behavior.lock().unwrap().clone();
             if !b.head_delay.is_zero() {
                 tokio::time::sleep(b.head_delay).await;
+            }
+            let responses_call = answer.protocol == WireProtocol::OpenaiResponses && !compact;
+            if b.streams_only && responses_call && !answer.stream {
+                b.status = 400;
+                b.error_body = r#"{"detail":"Stream must be set to true"}"#.into();
             }
             if b.status != 200 {
                 let mut resp = format!(
