@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::mock_upstream::{ExtraUsage, MockUpstream, MockUsage};
 use common::{
     assert_no_relay_key, chat_body, chat_conversation, conversation, gemini_body, messages_body,
-    record_by_request_id, ClientFixture, Relay,
+    record_by_id, record_by_request_id, ClientFixture, Relay,
 };
 
 /// Upstream credentials of the test accounts (never the relay key).
@@ -168,7 +168,11 @@ async fn chat_json_and_streams_swap_credentials_and_book_normalised_usage() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["x-request-id"], "chat-json");
+    // OpenAI's own id of the request reaches the client (the client's went upstream).
+    assert_eq!(
+        r.headers()["x-request-id"],
+        format!("req_mock_{}_1", mock.port).as_str()
+    );
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["object"], "chat.completion", "{v}");
     assert_eq!(
@@ -188,6 +192,7 @@ async fn chat_json_and_streams_swap_credentials_and_book_normalised_usage() {
     assert_eq!(up.header("x-api-key"), None);
     assert_eq!(up.header("x-stainless-lang"), Some("python"));
     assert_eq!(up.header("accept-encoding"), Some("identity"));
+    assert_eq!(up.header("x-request-id"), Some("chat-json"));
     assert!(up.body == sent, "a non-stream Chat body was changed");
     assert_no_relay_key(up, &key);
 
@@ -1484,6 +1489,105 @@ async fn model_list_follows_the_key_allow_list() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+}
+
+/// The upstream's `x-request-id` (what the openai SDK reports as `_request_id` and Codex in its
+/// errors, the id OpenAI's logs know) reaches the client; the relay's own id, which names the
+/// usage record, comes in `x-relay-request-id`, on its own refusals too.
+#[tokio::test]
+async fn the_upstreams_request_id_is_kept_and_the_relays_comes_apart() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    openai_account(&relay, &mock).await;
+    relay
+        .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
+        .await;
+    relay.wait_accounts_loaded(2).await;
+    let ids = |r: &reqwest::Response| {
+        let get = |h: &str| r.headers().get(h).map(|v| v.to_str().unwrap().to_string());
+        (
+            get("x-request-id"),
+            get("x-relay-request-id").expect("x-relay-request-id"),
+        )
+    };
+
+    // A Responses stream, no id from the client: OpenAI's id back, the relay's went upstream.
+    let r = relay
+        .post_bare("/v1/responses")
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"model": "gpt-5", "input": "hi", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (answered, streamed_relay_id) = ids(&r);
+    let _ = r.text().await.unwrap();
+    let up = mock.requests().pop().unwrap();
+    assert_eq!(
+        answered.as_deref(),
+        Some(format!("req_mock_{}_1", mock.port).as_str())
+    );
+    assert_eq!(up.header("x-request-id"), Some(streamed_relay_id.as_str()));
+
+    // An upstream error answer keeps the upstream's id too.
+    mock.set(|b| {
+        b.status = 400;
+        b.error_body = r#"{"error":{"message":"Unknown parameter: 'x'.","type":"invalid_request_error","param":"x","code":"unknown_parameter"}}"#.into();
+    });
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .bearer_auth(&key)
+        .header("x-request-id", "client-7")
+        .json(&chat_body("gpt-4.1", false, chat_conversation("bad", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let (answered, failed_relay_id) = ids(&r);
+    assert_eq!(
+        answered.as_deref(),
+        Some(format!("req_mock_{}_2", mock.port).as_str())
+    );
+    assert_eq!(mock.requests()[1].header("x-request-id"), Some("client-7"));
+    mock.set(|b| b.status = 200);
+
+    // Gemini names no request: the client's own id is echoed, else the relay's.
+    for client_id in [Some("client-8"), None] {
+        let mut rb = relay
+            .post_bare("/v1beta/models/gemini-2.5-flash:generateContent")
+            .header("x-goog-api-key", &key)
+            .json(&gemini_body("ids", 1));
+        if let Some(id) = client_id {
+            rb = rb.header("x-request-id", id);
+        }
+        let r = rb.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let (answered, relay_id) = ids(&r);
+        assert_eq!(answered.unwrap(), client_id.unwrap_or(&relay_id));
+        let _ = r.bytes().await.unwrap();
+    }
+
+    // The relay's own refusal: the client's id echoed, the relay's beside it.
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .bearer_auth("sk-relay-unknown")
+        .header("x-request-id", "client-9")
+        .json(&chat_body("gpt-4.1", false, chat_conversation("no key", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let (answered, relay_id) = ids(&r);
+    assert_eq!(answered.as_deref(), Some("client-9"));
+    assert_ne!(relay_id, "client-9");
+
+    // The relay's id names the record; the client's is kept in it.
+    let records = relay.wait_records(4).await;
+    let rec = record_by_id(&records, &streamed_relay_id);
+    assert_eq!(rec["protocol"], "openai_responses", "{rec}");
+    let rec = record_by_id(&records, &failed_relay_id);
+    assert_eq!(rec["request_id"], "client-7", "{rec}");
+    assert_eq!(rec["status"], 400, "{rec}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -172,11 +172,12 @@ impl TokenUsage {
 /// One served request, as booked (DESIGN §9). Money is integer micro-USD.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
-    /// Record id: a uuid v7 the relay made, unique. The relay's `x-request-id` unless the
-    /// client sent its own.
+    /// Record id: a uuid v7 the relay made, unique; the client got it as
+    /// `x-relay-request-id`.
     pub id: String,
-    /// The client's `x-request-id`, when it sent one (the relay answered with it). Neither
-    /// unique nor trusted: a client may send the same one twice.
+    /// The client's `x-request-id`, when it sent one (passed upstream, and echoed unless the
+    /// upstream answered with its own). Neither unique nor trusted: a client may send the same
+    /// one twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
     /// Epoch milliseconds when the request arrived.

@@ -142,12 +142,12 @@ impl RelayProxy {
         ctx: &mut ProxyCtx,
         protocol: Protocol,
         rejection: &Rejection,
-        request_id: &str,
+        ids: &RequestIds,
     ) -> pingora::Result<()> {
         let status = rejection.kind.status();
         ctx.status = status;
         ctx.error_type = Some(rejection.kind.type_name());
-        let mut extra = vec![("x-request-id", request_id.to_string())];
+        let mut extra = ids.headers().to_vec();
         if let Some(s) = rejection.retry_after {
             extra.push(("retry-after", s.to_string()));
         }
@@ -178,8 +178,7 @@ impl RelayProxy {
         session: &mut Session,
         ctx: &mut ProxyCtx,
         route: relay_filters::route::ApiRoute,
-        request_id: String,
-        request_id_from_client: bool,
+        ids: RequestIds,
     ) -> pingora::Result<()> {
         let protocol = route.protocol;
         let query = session.req_header().uri.query().map(str::to_string);
@@ -191,7 +190,7 @@ impl RelayProxy {
                 Ok(key) => pre_auth = Some(relay_filters::context::AuthInfo { key }),
                 Err(r) => {
                     session.set_keep_alive(false);
-                    return Self::reject(session, ctx, protocol, &r, &request_id).await;
+                    return Self::reject(session, ctx, protocol, &r, &ids).await;
                 }
             }
         }
@@ -212,7 +211,7 @@ impl RelayProxy {
                 ),
             );
             session.set_keep_alive(false);
-            return Self::reject(session, ctx, protocol, &r, &request_id).await;
+            return Self::reject(session, ctx, protocol, &r, &ids).await;
         }
         let expects_continue = header_map(session)
             .get(http::header::EXPECT)
@@ -227,7 +226,7 @@ impl RelayProxy {
             Ok(b) => b,
             Err(r) => {
                 session.set_keep_alive(false);
-                return Self::reject(session, ctx, protocol, &r, &request_id).await;
+                return Self::reject(session, ctx, protocol, &r, &ids).await;
             }
         };
 
@@ -237,15 +236,14 @@ impl RelayProxy {
                 Ok(p) => p,
                 Err(e) => {
                     let r = Rejection::new(ErrorKind::InvalidRequest, e.to_string());
-                    return Self::reject(session, ctx, protocol, &r, &request_id).await;
+                    return Self::reject(session, ctx, protocol, &r, &ids).await;
                 }
             };
         // Made in its place: as a local held across the chain's await, the context (1 KB) sized
         // this future, and so every open stream's, once more.
-        let rctx = ctx
-            .req
-            .insert(RequestCtx::new(request_id.clone(), route, started_ms));
-        rctx.request_id_from_client = request_id_from_client;
+        let RequestIds { relay, client } = ids;
+        let rctx = ctx.req.insert(RequestCtx::new(relay, route, started_ms));
+        rctx.client_request_id = client;
         rctx.started = started;
         rctx.auth = pre_auth;
         rctx.request.model = parsed.model.as_deref().map(str::to_string);
@@ -264,7 +262,11 @@ impl RelayProxy {
         let flow = self.chain.run_request(rctx, &view).await;
         drop(parsed);
         if let Flow::Reject(r) = flow {
-            return Self::reject(session, ctx, protocol, &r, &request_id).await;
+            let ids = RequestIds {
+                relay: rctx.request_id.clone(),
+                client: rctx.client_request_id.clone(),
+            };
+            return Self::reject(session, ctx, protocol, &r, &ids).await;
         }
         if let Some(s) = ctx.req.as_ref().and_then(|r| r.session.sticky) {
             metrics().sticky.with_label_values(&[s.as_str()]).inc();
@@ -378,17 +380,9 @@ impl RelayProxy {
         // The request ends here: what only the record needs is moved into it.
         // The record's id is the relay's own: a client's x-request-id may repeat, and a record
         // with an id already stored is taken for a replay and not counted.
-        let (id, request_id) = if r.request_id_from_client {
-            (
-                crate::store::new_id(),
-                Some(std::mem::take(&mut r.request_id)),
-            )
-        } else {
-            (std::mem::take(&mut r.request_id), None)
-        };
         let record = UsageRecord {
-            id,
-            request_id,
+            id: std::mem::take(&mut r.request_id),
+            request_id: r.client_request_id.take(),
             created_at: r.started_ms,
             user_id: Some(auth.key.user_id.clone()),
             api_key_id: Some(auth.key.id.clone()),
@@ -462,7 +456,8 @@ impl RelayProxy {
             metrics().estimated.with_label_values(&[protocol]).inc();
         }
         crate::access_log::log(&crate::access_log::AccessLine {
-            request_id: record.request_id.as_deref().unwrap_or(&record.id),
+            request_id: &record.id,
+            client_request_id: record.request_id.as_deref().unwrap_or("-"),
             protocol,
             account,
             model: record.upstream_model.as_deref().unwrap_or("-"),
@@ -510,6 +505,32 @@ fn storable_text(text: String) -> String {
         text
     }
 }
+
+/// A request's ids as the client sees them.
+struct RequestIds {
+    /// The relay's own (the usage record's id).
+    relay: String,
+    /// The client's `x-request-id`, when it sent a usable one.
+    client: Option<String>,
+}
+
+impl RequestIds {
+    /// The id fields of an answer the relay writes itself: `x-request-id` (the client's own,
+    /// else the relay's) and `x-relay-request-id` (the relay's).
+    fn headers(&self) -> [(&'static str, String); 2] {
+        [
+            (
+                "x-request-id",
+                self.client.clone().unwrap_or_else(|| self.relay.clone()),
+            ),
+            (X_RELAY_REQUEST_ID, self.relay.clone()),
+        ]
+    }
+}
+
+/// Where every answer carries the relay's own id of the request: the usage record's id (an
+/// upstream's answer keeps the upstream's `x-request-id`).
+pub(crate) const X_RELAY_REQUEST_ID: &str = "x-relay-request-id";
 
 /// The refusal of an unknown path, in the protocol its prefix suggests.
 fn not_found(method: &str, path: &str) -> (Protocol, Rejection) {
@@ -628,13 +649,14 @@ impl RelayProxy {
     /// Serves one request: route, body, filters, upstream exchange. Every answer, also every
     /// refusal, is written here.
     async fn serve(&self, session: &mut Session, ctx: &mut ProxyCtx) -> pingora::Result<()> {
-        let client_id = header_map(session)
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 128)
-            .map(str::to_string);
-        let from_client = client_id.is_some();
-        let request_id = client_id.unwrap_or_else(crate::store::new_id);
+        let ids = RequestIds {
+            relay: crate::store::new_id(),
+            client: header_map(session)
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty() && v.len() <= 128)
+                .map(str::to_string),
+        };
         let head = session.req_header();
         let (method, path) = (head.method.as_str(), head.uri.path());
         // Matched on the head's own strings; an unknown path's refusal is made before the
@@ -650,17 +672,11 @@ impl RelayProxy {
                 match self.list_models(session) {
                     Ok(body) => {
                         ctx.status = 200;
-                        Self::respond(
-                            session,
-                            200,
-                            "application/json",
-                            body,
-                            &[("x-request-id", request_id)],
-                        )
-                        .await?;
+                        Self::respond(session, 200, "application/json", body, &ids.headers())
+                            .await?;
                     }
                     Err(r) => {
-                        Self::reject(session, ctx, Protocol::OpenaiChat, &r, &request_id).await?;
+                        Self::reject(session, ctx, Protocol::OpenaiChat, &r, &ids).await?;
                     }
                 }
                 Ok(())
@@ -669,15 +685,13 @@ impl RelayProxy {
                 let protocol = route.protocol;
                 let gauge = &crate::metrics::protocol_series(protocol).inflight;
                 gauge.inc();
-                let result = self
-                    .handle_api(session, ctx, route, request_id, from_client)
-                    .await;
+                let result = self.handle_api(session, ctx, route, ids).await;
                 gauge.dec();
                 result
             }
             Err((protocol, r)) => {
                 session.set_keep_alive(false);
-                Self::reject(session, ctx, protocol, &r, &request_id).await
+                Self::reject(session, ctx, protocol, &r, &ids).await
             }
         }
     }

@@ -266,6 +266,11 @@ impl AnswerFor {
         }
     }
 
+    /// The id the upstream gives the request in `x-request-id` (OpenAI's `req_...`).
+    pub fn upstream_request_id(&self) -> String {
+        format!("req_{}", self.id)
+    }
+
     fn model(&self, b: &Behavior) -> String {
         b.upstream_model
             .clone()
@@ -489,9 +494,18 @@ impl MockUpstream {
                 b.status = 400;
                 b.error_body = r#"{"detail":"Stream must be set to true"}"#.into();
             }
+            // OpenAI names every answer, errors too, by its own request id; Anthropic's is
+            // `request-id`, Gemini sends none.
+            let upstream_id = match answer.protocol {
+                WireProtocol::OpenaiChat | WireProtocol::OpenaiResponses => {
+                    format!("x-request-id: {}\r\n", answer.upstream_request_id())
+                }
+                WireProtocol::Anthropic => "request-id: req_mock\r\n".to_string(),
+                WireProtocol::Gemini => String::new(),
+            };
             if b.status != 200 {
                 let mut resp = format!(
-                    "HTTP/1.1 {} Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+                    "HTTP/1.1 {} Error\r\ncontent-type: application/json\r\n{upstream_id}content-length: {}\r\n",
                     b.status,
                     b.error_body.len()
                 );
@@ -543,18 +557,20 @@ impl MockUpstream {
                     WireProtocol::OpenaiResponses => responses_events(&b, &answer),
                     WireProtocol::Gemini => gemini_events(&b, &answer),
                 };
-                self.write_stream(&mut sock, &b, &events).await?;
+                self.write_stream(&mut sock, &b, &events, &upstream_id)
+                    .await?;
                 if b.cut_after.is_some() {
                     return Ok(());
                 }
             } else {
-                let (json, extra) = match answer.protocol {
-                    WireProtocol::Anthropic => (anthropic_json(&b), "request-id: req_mock\r\n"),
-                    WireProtocol::OpenaiChat => (chat_json(&b, &answer), ""),
-                    WireProtocol::OpenaiResponses => (responses_json(&b, &answer), ""),
+                let extra = &upstream_id;
+                let json = match answer.protocol {
+                    WireProtocol::Anthropic => anthropic_json(&b),
+                    WireProtocol::OpenaiChat => chat_json(&b, &answer),
+                    WireProtocol::OpenaiResponses => responses_json(&b, &answer),
                     // `:streamGenerateContent` without `alt=sse` answers one JSON array.
-                    WireProtocol::Gemini if answer.stream => (gemini_array(&b, &answer), ""),
-                    WireProtocol::Gemini => (gemini_json(&b, &answer), ""),
+                    WireProtocol::Gemini if answer.stream => gemini_array(&b, &answer),
+                    WireProtocol::Gemini => gemini_json(&b, &answer),
                 };
                 // `cut_after` on an array stream: its first elements, then the connection closes.
                 let (json, cut_json_after) = match b.cut_after {
@@ -592,9 +608,10 @@ impl MockUpstream {
         sock: &mut (impl AsyncWrite + Unpin),
         b: &Behavior,
         events: &[String],
+        extra_head: &str,
     ) -> std::io::Result<()> {
         let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: {}\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-type: {}\r\ncache-control: no-cache\r\n{extra_head}transfer-encoding: chunked\r\n\r\n",
             b.stream_content_type.as_deref().unwrap_or("text/event-stream")
         );
         sock.write_all(head.as_bytes()).await?;
