@@ -839,6 +839,109 @@ async fn codex_turns_stick_and_conversations_spread() {
     );
 }
 
+/// One request written as is on a fresh connection, and the whole answer up to the end of the
+/// connection (which the relay must close), as text.
+async fn raw_exchange(relay: &Relay, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = relay.proxy.trim_start_matches("http://");
+    let mut sock = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the relay");
+    sock.write_all(request.as_bytes())
+        .await
+        .expect("write the request");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut out))
+        .await
+        .expect("the relay closes the connection after its answer")
+        .expect("read the answer");
+    String::from_utf8(out).expect("a text answer")
+}
+
+/// An answer's status, header fields (lower-case names) and body; its length checked.
+fn parse_answer(text: &str) -> (u16, Vec<(String, String)>, serde_json::Value) {
+    let (head, body) = text.split_once("\r\n\r\n").expect("a whole head");
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1)?.parse().ok())
+        .expect("a status line");
+    let fields: Vec<(String, String)> = lines
+        .map(|l| {
+            let (k, v) = l.split_once(':').expect("a header field");
+            (k.trim().to_ascii_lowercase(), v.trim().to_string())
+        })
+        .collect();
+    let length = fields
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok());
+    assert_eq!(length, Some(body.len()), "{text}");
+    let body = serde_json::from_str(body).expect("a JSON body");
+    (status, fields, body)
+}
+
+/// Codex's built-in `openai` provider opens a Responses WebSocket first. A 426 makes it fall
+/// back to HTTP at once (any other refusal it retries with backoff, seconds per session); a
+/// client without a good key gets its 401 as on HTTP. The connection then closes.
+#[tokio::test]
+async fn a_responses_websocket_handshake_is_told_to_use_http() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    openai_account(&relay, &mock).await;
+    relay.wait_accounts_loaded(1).await;
+    let handshake = |path: &str, credential: Option<&str>| {
+        let auth = credential
+            .map(|k| format!("authorization: Bearer {k}\r\n"))
+            .unwrap_or_default();
+        format!(
+            "GET {path} HTTP/1.1\r\nhost: relay.example\r\nconnection: Upgrade\r\n\
+             upgrade: websocket\r\nsec-websocket-version: 13\r\n\
+             sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             openai-beta: responses_websockets=2026-02-06\r\n{auth}\r\n"
+        )
+    };
+    for path in ["/v1/responses", "/responses"] {
+        let text = raw_exchange(&relay, &handshake(path, Some(&key))).await;
+        let (status, fields, body) = parse_answer(&text);
+        assert_eq!(status, 426, "{text}");
+        assert_openai_error(&body, "invalid_request_error", "websocket_not_supported");
+        let field = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(field("connection"), Some("close"), "{text}");
+        assert_eq!(field("upgrade"), None, "{text}");
+        assert!(field("x-relay-request-id").is_some(), "{text}");
+    }
+    for credential in [None, Some("sk-relay-unknown")] {
+        let text = raw_exchange(&relay, &handshake("/v1/responses", credential)).await;
+        let (status, _, body) = parse_answer(&text);
+        assert_eq!(status, 401, "{text}");
+        assert_openai_error(&body, "authentication_error", "invalid_api_key");
+    }
+    // A GET of the path without the upgrade is no route.
+    let plain = format!(
+        "GET /v1/responses HTTP/1.1\r\nhost: relay.example\r\nauthorization: Bearer {key}\r\n\r\n"
+    );
+    let text = raw_exchange(&relay, &plain).await;
+    assert_eq!(parse_answer(&text).0, 404, "{text}");
+    assert_eq!(mock.count(), 0, "a handshake reached the upstream");
+
+    // Codex's fallback: the same turn over HTTP.
+    let turn1 = ClientFixture::load("codex-cli.turn1.json");
+    let r = turn1
+        .request_as_captured(&relay, &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    let _ = r.bytes().await.unwrap();
+    assert_eq!(mock.count(), 1);
+}
+
 #[tokio::test]
 async fn chatgpt_token_sends_chatgpt_account_id() {
     let mock = MockUpstream::start().await;

@@ -12,6 +12,11 @@ pub enum Route {
     Api(ApiRoute),
     /// `GET /v1/models`: the models the key may use.
     ListModels,
+    /// `GET /v1/responses`, `/responses`: a client opening a Responses WebSocket (Codex tries
+    /// one first). The relay serves Responses over HTTP only and answers 426, which Codex
+    /// takes as its cue to fall back to HTTP at once; a `GET` without a WebSocket upgrade is
+    /// no route.
+    ResponsesWebsocket,
     /// `GET /healthz` and Claude Code's `HEAD /` probe: answered at once, no auth.
     Health,
 }
@@ -40,6 +45,7 @@ pub fn match_route(method: &str, path: &str) -> Option<Route> {
     match (method, path) {
         ("GET", "/healthz") | ("HEAD", "/healthz") | ("HEAD", "/") => return Some(Route::Health),
         ("GET", "/v1/models") | ("GET", "/models") => return Some(Route::ListModels),
+        ("GET", "/v1/responses") | ("GET", "/responses") => return Some(Route::ResponsesWebsocket),
         _ => {}
     }
     if method != "POST" {
@@ -68,6 +74,20 @@ pub fn match_route(method: &str, path: &str) -> Option<Route> {
         }
         _ => gemini_route(path),
     }
+}
+
+/// Whether a request asks to switch its connection to WebSocket (`Upgrade: websocket`, RFC 6455
+/// §4.1; the field is a list of protocols, each maybe with a version).
+pub fn asks_websocket(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| {
+            let name = p.trim().split('/').next().unwrap_or("");
+            name.eq_ignore_ascii_case("websocket")
+        })
 }
 
 /// Gemini: `/v1beta/models/{model}:{method}`, also under `/v1/models/` and the `/gemini` prefix.
@@ -153,11 +173,33 @@ mod tests {
     }
 
     #[test]
+    fn websocket_upgrades() {
+        let asks = |values: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for v in values {
+                h.append(http::header::UPGRADE, v.parse().unwrap());
+            }
+            asks_websocket(&h)
+        };
+        assert!(asks(&["websocket"]));
+        assert!(asks(&["WebSocket"]));
+        assert!(asks(&["h2c, websocket/13"]));
+        assert!(asks(&["h2c", "websocket"]));
+        assert!(!asks(&[]));
+        assert!(!asks(&["h2c"]));
+        assert!(!asks(&["websockets"]));
+    }
+
+    #[test]
     fn others() {
         assert_eq!(match_route("HEAD", "/"), Some(Route::Health));
         assert_eq!(match_route("GET", "/healthz"), Some(Route::Health));
         assert_eq!(match_route("GET", "/v1/models"), Some(Route::ListModels));
         assert_eq!(match_route("GET", "/v1/messages"), None);
+        for p in ["/v1/responses", "/responses"] {
+            assert_eq!(match_route("GET", p), Some(Route::ResponsesWebsocket));
+        }
+        assert_eq!(match_route("GET", "/v1/responses/compact"), None);
         assert_eq!(match_route("POST", "/nope"), None);
     }
 }

@@ -681,6 +681,9 @@ impl RelayProxy {
                 }
                 Ok(())
             }
+            Ok(Route::ResponsesWebsocket) => {
+                Box::pin(self.refuse_websocket(session, ctx, &ids)).await
+            }
             Ok(Route::Api(route)) => {
                 let protocol = route.protocol;
                 let gauge = &crate::metrics::protocol_series(protocol).inflight;
@@ -694,6 +697,39 @@ impl RelayProxy {
                 Self::reject(session, ctx, protocol, &r, &ids).await
             }
         }
+    }
+
+    /// A `GET` of the Responses path. A WebSocket handshake (Codex's first try) is answered 426
+    /// once its key is good: Codex falls back to HTTP at once on a 426 (any other refusal it
+    /// retries with backoff, seconds per session). A bad key gets its 401 as on HTTP. No
+    /// `Upgrade` field is sent back: the answer asks the client to stay on the HTTP/1.1 it
+    /// speaks, and the connection is closed after it, as a client that asked to switch
+    /// protocols expects either the switch or the end. A plain `GET` is an unknown route.
+    async fn refuse_websocket(
+        &self,
+        session: &mut Session,
+        ctx: &mut ProxyCtx,
+        ids: &RequestIds,
+    ) -> pingora::Result<()> {
+        let protocol = Protocol::OpenaiResponses;
+        session.set_keep_alive(false);
+        let head = session.req_header();
+        if !relay_filters::route::asks_websocket(&head.headers) {
+            let (_, r) = not_found(head.method.as_str(), head.uri.path());
+            return Self::reject(session, ctx, protocol, &r, ids).await;
+        }
+        let query = head.uri.query();
+        let r = match &self.chain.auth {
+            Some(auth) => match auth.authenticate(header_map(session), query, now_ms()) {
+                Ok(_) => Rejection::new(
+                    ErrorKind::UpgradeRequired,
+                    "the Responses API is served over HTTP here, not WebSocket: POST the request",
+                ),
+                Err(r) => r,
+            },
+            None => Rejection::new(ErrorKind::Authentication, "no authentication configured"),
+        };
+        Self::reject(session, ctx, protocol, &r, ids).await
     }
 
     /// Books the request: usage, cost, metrics and the usage record, for every request that was
