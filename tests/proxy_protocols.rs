@@ -1406,6 +1406,72 @@ async fn gemini_keys_are_swapped_aliases_route_and_thoughts_are_billed() {
     }
 }
 
+/// google-genai's `models.count_tokens`: routed to a gemini account like a generation, the
+/// upstream's count passed through, and booked without cost, as Anthropic's `count_tokens`.
+#[tokio::test]
+async fn gemini_count_tokens_reaches_a_gemini_account_and_is_not_billed() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    let account_id = relay
+        .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
+        .await;
+    relay.wait_accounts_loaded(1).await;
+    mock.set(|b| b.usage = MockUsage::io(31, 0));
+    let sdk = ClientFixture::load("sdk-gemini.turn1.json");
+    let body = serde_json::json!({"contents": sdk.body["contents"]});
+    // (request id, client path, key in the header or the query)
+    let cases = [
+        (
+            "count-v1beta",
+            "/v1beta/models/gemini-2.5-flash:countTokens".to_string(),
+            true,
+        ),
+        (
+            "count-v1",
+            "/v1/models/gemini-2.5-flash:countTokens".to_string(),
+            true,
+        ),
+        (
+            "count-prefix",
+            format!("/gemini/v1beta/models/gemini-2.5-flash:countTokens?key={key}"),
+            false,
+        ),
+    ];
+    for (id, path, in_header) in &cases {
+        let mut rb = relay
+            .post_bare(path)
+            .header("x-request-id", *id)
+            .json(&body);
+        if *in_header {
+            rb = rb.header("x-goog-api-key", &key);
+        }
+        let r = rb.send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["totalTokens"], 31, "{path}: {v}");
+    }
+    let got = mock.requests();
+    assert_eq!(got.len(), cases.len());
+    for up in &got {
+        assert_eq!(up.path, "/v1beta/models/gemini-2.5-flash:countTokens");
+        assert_eq!(up.header("x-goog-api-key"), Some(GEMINI_SECRET));
+        assert_eq!(up.json(), body);
+        assert_no_relay_key(up, &key);
+    }
+    let records = relay.wait_records(cases.len()).await;
+    for (id, _, _) in &cases {
+        let rec = record_by_request_id(&records, id);
+        assert_eq!(rec["protocol"], "gemini", "{rec}");
+        assert_eq!(rec["status"], 200, "{rec}");
+        assert_eq!(rec["account_id"], account_id.as_str(), "{rec}");
+        assert_eq!(rec["requested_model"], "gemini-2.5-flash", "{rec}");
+        assert_eq!(rec["input_tokens"], 0, "{rec}");
+        assert_eq!(rec["base_cost"], 0, "{rec}");
+        assert_eq!(rec["billed_cost"], 0, "{rec}");
+        assert_eq!(rec["estimated"], false, "{rec}");
+    }
+}
+
 #[tokio::test]
 async fn gemini_errors_have_gemini_shape() {
     let mock = MockUpstream::start().await;

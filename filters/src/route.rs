@@ -32,7 +32,8 @@ pub struct ApiRoute {
     pub path_model: Option<String>,
     /// Streaming decided by the path (Gemini `:streamGenerateContent`).
     pub path_stream: bool,
-    /// Whether the call is billed (`count_tokens` is not).
+    /// Whether the call is billed (Anthropic's `count_tokens` and Gemini's `countTokens` are
+    /// not).
     pub billed: bool,
 }
 
@@ -90,7 +91,8 @@ pub fn asks_websocket(headers: &http::HeaderMap) -> bool {
         })
 }
 
-/// Gemini: `/v1beta/models/{model}:{method}`, also under `/v1/models/` and the `/gemini` prefix.
+/// Gemini: `/v1beta/models/{model}:{method}` (`generateContent`, `streamGenerateContent`,
+/// `countTokens`), also under `/v1/models/` and the `/gemini` prefix.
 fn gemini_route(path: &str) -> Option<Route> {
     let path = path.strip_prefix("/gemini").unwrap_or(path);
     let rest = path
@@ -100,9 +102,12 @@ fn gemini_route(path: &str) -> Option<Route> {
     if model.is_empty() || model.contains('/') {
         return None;
     }
-    let path_stream = match method {
-        "generateContent" => false,
-        "streamGenerateContent" => true,
+    // `countTokens` (google-genai's `models.count_tokens`) is not billed, as Anthropic's
+    // `count_tokens` is not.
+    let (path_stream, billed) = match method {
+        "generateContent" => (false, true),
+        "streamGenerateContent" => (true, true),
+        "countTokens" => (false, false),
         _ => return None,
     };
     Some(Route::Api(ApiRoute {
@@ -110,7 +115,7 @@ fn gemini_route(path: &str) -> Option<Route> {
         upstream_path: Cow::Owned(format!("/v1beta/models/{model}:{method}")),
         path_model: Some(model.to_string()),
         path_stream,
-        billed: true,
+        billed,
     }))
 }
 
@@ -169,6 +174,20 @@ mod tests {
             r.upstream_path,
             "/v1beta/models/gemini-2.5-flash:generateContent"
         );
+        assert!(r.billed);
+        for p in [
+            "/v1beta/models/gemini-2.5-flash:countTokens",
+            "/v1/models/gemini-2.5-flash:countTokens",
+            "/gemini/v1beta/models/gemini-2.5-flash:countTokens?key=k",
+        ] {
+            let r = api("POST", p);
+            assert_eq!(r.protocol, Protocol::Gemini);
+            assert!(!r.billed && !r.path_stream, "{p}");
+            assert_eq!(
+                r.upstream_path,
+                "/v1beta/models/gemini-2.5-flash:countTokens"
+            );
+        }
         assert!(match_route("POST", "/v1beta/models/x:deleteEverything").is_none());
     }
 

@@ -4,8 +4,8 @@
 //!
 //! The request path decides the protocol of the answer, as it does at the real providers:
 //! `…/chat/completions` → OpenAI Chat, `…/responses` → OpenAI Responses,
-//! `…/models/{m}:generateContent` / `:streamGenerateContent` → Gemini, anything else →
-//! Anthropic Messages. Any prefix before those (an account's base-URL path) is ignored.
+//! `…/models/{m}:generateContent` / `:streamGenerateContent` / `:countTokens` → Gemini, anything
+//! else → Anthropic Messages. Any prefix before those (an account's base-URL path) is ignored.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -78,7 +78,9 @@ impl WireProtocol {
         } else if path.ends_with("/responses") || path.ends_with("/responses/compact") {
             WireProtocol::OpenaiResponses
         } else if path.contains("/models/")
-            && (path.ends_with(":generateContent") || path.ends_with(":streamGenerateContent"))
+            && (path.ends_with(":generateContent")
+                || path.ends_with(":streamGenerateContent")
+                || path.ends_with(":countTokens"))
         {
             WireProtocol::Gemini
         } else {
@@ -220,6 +222,8 @@ pub struct AnswerFor {
     pub stream: bool,
     /// Gemini `:streamGenerateContent` with `alt=sse` (else a JSON array).
     pub gemini_sse: bool,
+    /// Gemini `:countTokens`: answered with a token count, no content.
+    pub count_tokens: bool,
     /// Chat `stream_options.include_usage` is `true`.
     pub include_usage: bool,
     /// Response / completion id, unique per mock and request.
@@ -258,6 +262,7 @@ impl AnswerFor {
             requested_model,
             stream,
             gemini_sse: query.split('&').any(|kv| kv == "alt=sse"),
+            count_tokens: protocol == WireProtocol::Gemini && gemini_method == "countTokens",
             include_usage: json
                 .pointer("/stream_options/include_usage")
                 .and_then(|v| v.as_bool())
@@ -569,6 +574,7 @@ impl MockUpstream {
                     WireProtocol::OpenaiChat => chat_json(&b, &answer),
                     WireProtocol::OpenaiResponses => responses_json(&b, &answer),
                     // `:streamGenerateContent` without `alt=sse` answers one JSON array.
+                    WireProtocol::Gemini if answer.count_tokens => gemini_count(&b),
                     WireProtocol::Gemini if answer.stream => gemini_array(&b, &answer),
                     WireProtocol::Gemini => gemini_json(&b, &answer),
                 };
@@ -995,6 +1001,15 @@ fn gemini_chunk(
         "modelVersion": a.model(b),
         "responseId": a.id,
     })
+}
+
+/// A Gemini `countTokens` answer: the prompt's size, `usage.input` tokens.
+pub fn gemini_count(b: &Behavior) -> String {
+    serde_json::json!({
+        "totalTokens": b.usage.input,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": b.usage.input}],
+    })
+    .to_string()
 }
 
 /// A non-streamed Gemini `generateContent` answer.
