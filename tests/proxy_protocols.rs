@@ -1590,8 +1590,12 @@ async fn gemini_conversations_stick_and_spread() {
 // Model listing
 // ---------------------------------------------------------------------------------------------
 
+/// `GET /v1/models` names what a key can be served: models of accounts in operation (an
+/// account that serves every model serves the price table's models of its platform), on
+/// platforms the key may use, that the key may call; in the OpenAI shape, or Anthropic's when
+/// `anthropic-version` is sent (its Messages API serves Claude models only).
 #[tokio::test]
-async fn model_list_follows_the_key_allow_list() {
+async fn model_list_names_what_the_key_can_be_served() {
     let mock = MockUpstream::start().await;
     let (relay, user_id, _, open_key) = relay_with_key(serde_json::json!({})).await;
     relay
@@ -1600,64 +1604,199 @@ async fn model_list_follows_the_key_allow_list() {
             "credential": OPENAI_SECRET, "models": ["gpt-custom-1"],
         }))
         .await;
-    relay.wait_accounts_loaded(1).await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-upstream")
+        .await;
+    relay
+        .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
+        .await;
+    relay.wait_accounts_loaded(3).await;
     let (_, claude_key) = relay
         .create_key(
             &user_id,
             serde_json::json!({"allowed_models": ["claude-*"]}),
         )
         .await;
+    let (_, no_claude_key) = relay
+        .create_key(
+            &user_id,
+            serde_json::json!({"allowed_platforms": ["openai", "gemini"]}),
+        )
+        .await;
     relay.wait_key_active(&claude_key).await;
+    relay.wait_key_active(&no_claude_key).await;
 
-    let list = |key: String| {
-        let relay = &relay;
+    let get = |path: &str, headers: &[(&str, &str)]| {
+        let mut rb = relay.http.get(format!("{}{path}", relay.proxy));
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
         async move {
-            let r = relay
-                .http
-                .get(format!("{}/v1/models", relay.proxy))
-                .bearer_auth(key)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            let v: serde_json::Value = r.json().await.unwrap();
-            assert_eq!(v["object"], "list", "{v}");
-            v["data"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m["id"].as_str().unwrap().to_string())
-                .collect::<Vec<_>>()
+            let r = rb.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
         }
     };
+    let ids = |v: &serde_json::Value| {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let bearer = |key: &str| format!("Bearer {key}");
 
-    let claude = list(claude_key).await;
-    assert!(
-        claude.iter().any(|m| m == "claude-sonnet-4-5"),
-        "{claude:?}"
-    );
-    assert!(
-        claude.iter().all(|m| m.starts_with("claude-")),
-        "a claude-* key sees other models: {claude:?}"
-    );
-
-    let all = list(open_key).await;
-    for m in [
-        "claude-sonnet-4-5",
-        "gpt-4.1",
-        "gemini-2.5-flash",
-        "gpt-custom-1",
-    ] {
+    let (status, v) = get("/v1/models", &[("authorization", &bearer(&open_key))]).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "list", "{v}");
+    let all = ids(&v);
+    for m in ["claude-sonnet-4-5", "gemini-2.5-flash", "gpt-custom-1"] {
         assert!(all.iter().any(|x| x == m), "{m} missing from {all:?}");
     }
-
-    let r = relay
-        .http
-        .get(format!("{}/v1/models", relay.proxy))
-        .send()
-        .await
+    // Priced, but the only openai account serves its own model alone.
+    assert!(!all.iter().any(|x| x == "gpt-4.1"), "{all:?}");
+    let sonnet = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "claude-sonnet-4-5")
         .unwrap();
-    assert_eq!(r.status(), 401);
+    assert_eq!(sonnet["object"], "model");
+    assert_eq!(sonnet["owned_by"], "anthropic");
+
+    let (_, v) = get("/v1/models", &[("authorization", &bearer(&claude_key))]).await;
+    let claude = ids(&v);
+    assert!(
+        !claude.is_empty() && claude.iter().all(|m| m.starts_with("claude-")),
+        "{claude:?}"
+    );
+    let (_, v) = get("/v1/models", &[("authorization", &bearer(&no_claude_key))]).await;
+    let no_claude = ids(&v);
+    assert!(
+        no_claude.iter().any(|m| m == "gpt-custom-1"),
+        "{no_claude:?}"
+    );
+    assert!(
+        !no_claude.iter().any(|m| m.starts_with("claude-")),
+        "{no_claude:?}"
+    );
+
+    // The anthropic SDK's `models.list()` / `retrieve()`.
+    let anthropic = [
+        ("x-api-key", open_key.as_str()),
+        ("anthropic-version", "2023-06-01"),
+    ];
+    let (status, v) = get("/v1/models", &anthropic).await;
+    assert_eq!(status, 200, "{v}");
+    let listed = ids(&v);
+    assert!(listed.iter().any(|m| m == "claude-sonnet-4-5"), "{v}");
+    assert!(listed.iter().all(|m| m.starts_with("claude-")), "{v}");
+    assert_eq!(v["has_more"], false, "{v}");
+    assert_eq!(v["first_id"], v["data"][0]["id"], "{v}");
+    assert_eq!(v["last_id"], listed.last().unwrap().as_str(), "{v}");
+    for m in v["data"].as_array().unwrap() {
+        assert_eq!(m["type"], "model", "{m}");
+        assert_eq!(m["display_name"], m["id"], "{m}");
+        assert_eq!(m["created_at"], "1970-01-01T00:00:00Z", "{m}");
+    }
+    let (status, v) = get("/v1/models/claude-sonnet-4-5", &anthropic).await;
+    assert_eq!(
+        (status, &v["id"], &v["type"]),
+        (200, &"claude-sonnet-4-5".into(), &"model".into())
+    );
+    let (status, v) = get("/v1/models/gpt-custom-1", &anthropic).await;
+    assert_eq!(status, 404, "{v}");
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], "not_found_error", "{v}");
+
+    let (status, v) = get("/v1/models", &[]).await;
+    assert_eq!(status, 401);
+    assert_openai_error(&v, "authentication_error", "invalid_api_key");
+    let (status, v) = get("/v1/models", &[("anthropic-version", "2023-06-01")]).await;
+    assert_eq!(status, 401);
+    assert_eq!(v["error"]["type"], "authentication_error", "{v}");
+    assert_eq!(v["type"], "error", "{v}");
+}
+
+/// google-genai's `models.list()` and `models.get()`: the Gemini models the key can be served,
+/// in Gemini's shape, with Gemini's ways of sending the key.
+#[tokio::test]
+async fn gemini_model_list_and_lookup() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    relay
+        .create_account_with(serde_json::json!({
+            "name": "gemini-a", "type": "gemini", "base_url": mock.url(),
+            "credential": GEMINI_SECRET, "models": ["gemini-2.5-flash", "gemini-2.5-pro"],
+        }))
+        .await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-upstream")
+        .await;
+    relay.wait_accounts_loaded(2).await;
+    let get = |path: String, goog_header: Option<&str>| {
+        let mut rb = relay.http.get(format!("{}{path}", relay.proxy));
+        if let Some(k) = goog_header {
+            rb = rb.header("x-goog-api-key", k);
+        }
+        async move {
+            let r = rb.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    for (path, header) in [
+        ("/v1beta/models".to_string(), Some(key.as_str())),
+        (format!("/v1beta/models?key={key}&pageSize=50"), None),
+        ("/gemini/v1beta/models".to_string(), Some(key.as_str())),
+        // google-genai with API version v1.
+        ("/v1/models".to_string(), Some(key.as_str())),
+    ] {
+        let (status, v) = get(path.clone(), header).await;
+        assert_eq!(status, 200, "{path}: {v}");
+        let names: Vec<&str> = v["models"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{path}: {v}"))
+            .iter()
+            .map(|m| m["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["models/gemini-2.5-flash", "models/gemini-2.5-pro"],
+            "{path}"
+        );
+        let flash = &v["models"][0];
+        assert_eq!(flash["displayName"], "gemini-2.5-flash");
+        for method in ["generateContent", "countTokens"] {
+            assert!(
+                flash["supportedGenerationMethods"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&method.into()),
+                "{flash}"
+            );
+        }
+    }
+    let (status, v) = get("/v1beta/models/gemini-2.5-pro".into(), Some(&key)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["name"], "models/gemini-2.5-pro");
+    let (status, v) = get(format!("/v1beta/models/gemini-2.5-flash?key={key}"), None).await;
+    assert_eq!(
+        (status, &v["name"]),
+        (200, &"models/gemini-2.5-flash".into())
+    );
+    for unknown in ["gemini-1.0-pro", "claude-sonnet-4-5"] {
+        let (status, v) = get(format!("/v1beta/models/{unknown}"), Some(&key)).await;
+        assert_eq!(status, 404, "{v}");
+        assert_gemini_error(&v, 404, "NOT_FOUND");
+    }
+    let (status, v) = get("/v1beta/models".into(), None).await;
+    assert_eq!(status, 401);
+    assert_gemini_error(&v, 401, "UNAUTHENTICATED");
+    let (status, v) = get("/v1beta/models".into(), Some("sk-relay-unknown")).await;
+    assert_eq!(status, 401);
+    assert_gemini_error(&v, 401, "UNAUTHENTICATED");
 }
 
 /// The upstream's `x-request-id` (what the openai SDK reports as `_request_id` and Codex in its

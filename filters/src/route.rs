@@ -10,8 +10,10 @@ use crate::Protocol;
 pub enum Route {
     /// Proxied to an upstream account.
     Api(ApiRoute),
-    /// `GET /v1/models`: the models the key may use.
-    ListModels,
+    /// The models the key may use, or one of them: `GET /v1/models[/{model}]`,
+    /// `/models[/{model}]`, and Gemini's `GET /v1beta/models[/{model}]` (also under the
+    /// `/gemini` prefix).
+    Models(ModelsRoute),
     /// `GET /v1/responses`, `/responses`: a client opening a Responses WebSocket (Codex tries
     /// one first). The relay serves Responses over HTTP only and answers 426, which Codex
     /// takes as its cue to fall back to HTTP at once; a `GET` without a WebSocket upgrade is
@@ -19,6 +21,16 @@ pub enum Route {
     ResponsesWebsocket,
     /// `GET /healthz` and Claude Code's `HEAD /` probe: answered at once, no auth.
     Health,
+}
+
+/// A model list or lookup, answered by the relay itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelsRoute {
+    /// The one model asked for (`.../models/{model}`); `None` lists them.
+    pub model: Option<String>,
+    /// Asked under Gemini's own paths (`/v1beta/models`, `/gemini/...`): answered in
+    /// Gemini's shape whatever the headers.
+    pub gemini: bool,
 }
 
 /// A proxied API call.
@@ -45,9 +57,13 @@ pub fn match_route(method: &str, path: &str) -> Option<Route> {
     let path = path.split('?').next().unwrap_or(path);
     match (method, path) {
         ("GET", "/healthz") | ("HEAD", "/healthz") | ("HEAD", "/") => return Some(Route::Health),
-        ("GET", "/v1/models") | ("GET", "/models") => return Some(Route::ListModels),
         ("GET", "/v1/responses") | ("GET", "/responses") => return Some(Route::ResponsesWebsocket),
         _ => {}
+    }
+    if method == "GET" {
+        if let Some(r) = models_route(path) {
+            return Some(Route::Models(r));
+        }
     }
     if method != "POST" {
         return None;
@@ -75,6 +91,36 @@ pub fn match_route(method: &str, path: &str) -> Option<Route> {
         }
         _ => gemini_route(path),
     }
+}
+
+/// `GET` of a model list or of one model: `/v1/models`, `/models` and, Gemini's,
+/// `/v1beta/models`, each maybe followed by `/{model}`; Gemini's also under `/gemini` (with
+/// `/v1/models` as well).
+fn models_route(path: &str) -> Option<ModelsRoute> {
+    let (path, prefixed) = match path.strip_prefix("/gemini") {
+        Some(rest) => (rest, true),
+        None => (path, false),
+    };
+    let (rest, gemini) = if let Some(rest) = path.strip_prefix("/v1beta/models") {
+        (rest, true)
+    } else if let Some(rest) = path.strip_prefix("/v1/models") {
+        (rest, prefixed)
+    } else if !prefixed {
+        (path.strip_prefix("/models")?, false)
+    } else {
+        return None;
+    };
+    let model = match rest {
+        "" | "/" => None,
+        rest => {
+            let model = rest.strip_prefix('/')?;
+            if model.contains('/') {
+                return None;
+            }
+            Some(model.to_string())
+        }
+    };
+    Some(ModelsRoute { model, gemini })
 }
 
 /// Whether a request asks to switch its connection to WebSocket (`Upgrade: websocket`, RFC 6455
@@ -213,7 +259,32 @@ mod tests {
     fn others() {
         assert_eq!(match_route("HEAD", "/"), Some(Route::Health));
         assert_eq!(match_route("GET", "/healthz"), Some(Route::Health));
-        assert_eq!(match_route("GET", "/v1/models"), Some(Route::ListModels));
+        let models = |model: Option<&str>, gemini| {
+            Some(Route::Models(ModelsRoute {
+                model: model.map(str::to_string),
+                gemini,
+            }))
+        };
+        assert_eq!(match_route("GET", "/v1/models"), models(None, false));
+        assert_eq!(match_route("GET", "/models?limit=20"), models(None, false));
+        assert_eq!(
+            match_route("GET", "/v1/models/claude-sonnet-4-5"),
+            models(Some("claude-sonnet-4-5"), false)
+        );
+        assert_eq!(match_route("GET", "/v1beta/models"), models(None, true));
+        assert_eq!(
+            match_route("GET", "/v1beta/models/gemini-2.5-flash?key=k"),
+            models(Some("gemini-2.5-flash"), true)
+        );
+        assert_eq!(match_route("GET", "/gemini/v1/models/"), models(None, true));
+        assert_eq!(
+            match_route("GET", "/gemini/v1beta/models/gemini-2.5-pro"),
+            models(Some("gemini-2.5-pro"), true)
+        );
+        assert_eq!(match_route("GET", "/gemini/models"), None);
+        assert_eq!(match_route("GET", "/v1/models/a/b"), None);
+        assert_eq!(match_route("GET", "/v1/modelsx"), None);
+        assert_eq!(match_route("POST", "/v1/models"), None);
         assert_eq!(match_route("GET", "/v1/messages"), None);
         for p in ["/v1/responses", "/responses"] {
             assert_eq!(match_route("GET", p), Some(Route::ResponsesWebsocket));

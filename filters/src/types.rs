@@ -103,6 +103,15 @@ impl AccountType {
         )
     }
 
+    /// The platform (a key's allowed-platform name) its accounts serve.
+    pub fn platform(self) -> &'static str {
+        match self {
+            AccountType::Claude | AccountType::ClaudeOfficial => Protocol::Anthropic.platform(),
+            AccountType::Openai | AccountType::OpenaiResponses => Protocol::OpenaiChat.platform(),
+            AccountType::Gemini => Protocol::Gemini.platform(),
+        }
+    }
+
     /// Default upstream base URL of this account type.
     pub fn default_base_url(self) -> &'static str {
         match self {

@@ -38,8 +38,9 @@ use relay_filters::context::RequestCtx;
 use relay_filters::cost::PriceSource;
 use relay_filters::error::{error_body, ErrorKind, Rejection};
 use relay_filters::key_limits::user_subject;
+use relay_filters::model_list::{render, servable_models, Dialect};
 use relay_filters::request_body::{parse_request_body, validate_for};
-use relay_filters::route::{match_route, Route};
+use relay_filters::route::{match_route, ModelsRoute, Route};
 use relay_filters::{now_ms, Protocol, UsageRecord};
 
 use crate::background::account_events::AccountEvents;
@@ -277,48 +278,31 @@ impl RelayProxy {
         Ok(())
     }
 
-    fn list_models(&self, session: &Session) -> Result<Bytes, Rejection> {
+    /// The answer to a model list or lookup: the models the key can be served, in the shape
+    /// the client expects (DESIGN §4), or the refusal in that shape's protocol.
+    fn models(
+        &self,
+        session: &Session,
+        route: &ModelsRoute,
+    ) -> Result<Bytes, (Protocol, Rejection)> {
         let query = session.req_header().uri.query();
+        let dialect = Dialect::of(route, header_map(session), query);
+        let refused = |r| (dialect.protocol(), r);
         let Some(auth) = &self.chain.auth else {
-            return Err(Rejection::new(
+            return Err(refused(Rejection::new(
                 ErrorKind::Authentication,
                 "no authentication configured",
-            ));
+            )));
         };
-        let key = auth.authenticate(header_map(session), query, now_ms())?;
-        let mut models: Vec<(String, &'static str)> = Vec::new();
+        let key = auth
+            .authenticate(header_map(session), query, now_ms())
+            .map_err(refused)?;
         let accounts = self.accounts.snapshot();
-        for a in accounts.iter() {
-            let owner = a.account_type.as_str();
-            for m in a.models.iter().chain(a.model_map.keys()) {
-                models.push((m.clone(), owner));
-            }
-        }
-        for m in self.prices.table().models().map(|(m, _)| m.to_string()) {
-            let owner = if m.starts_with("claude") {
-                "anthropic"
-            } else if m.starts_with("gemini") {
-                "google"
-            } else {
-                "openai"
-            };
-            models.push((m, owner));
-        }
-        models.sort();
-        models.dedup_by(|a, b| a.0 == b.0);
-        let data: Vec<serde_json::Value> = models
-            .into_iter()
-            .filter(|(m, _)| key.allows_model(m))
-            .map(|(id, owner)| {
-                serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": owner, "type": "model", "display_name": id})
-            })
-            .collect();
-        Ok(Bytes::from(
-            serde_json::to_vec(
-                &serde_json::json!({"object": "list", "data": data, "has_more": false}),
-            )
-            .unwrap_or_default(),
-        ))
+        let prices = self.prices.table();
+        let priced: Vec<&str> = prices.models().map(|(m, _)| m).collect();
+        let models = servable_models(&accounts, &priced, &key, dialect);
+        let body = render(route, dialect, &models).map_err(refused)?;
+        Ok(Bytes::from(serde_json::to_vec(&body).unwrap_or_default()))
     }
 
     /// Builds and queues the usage record of a request that reached the chain.
@@ -668,15 +652,15 @@ impl RelayProxy {
                 Self::respond(session, 200, "text/plain", Bytes::from_static(b"ok"), &[]).await?;
                 Ok(())
             }
-            Ok(Route::ListModels) => {
-                match self.list_models(session) {
+            Ok(Route::Models(route)) => {
+                match self.models(session, &route) {
                     Ok(body) => {
                         ctx.status = 200;
                         Self::respond(session, 200, "application/json", body, &ids.headers())
                             .await?;
                     }
-                    Err(r) => {
-                        Self::reject(session, ctx, Protocol::OpenaiChat, &r, &ids).await?;
+                    Err((protocol, r)) => {
+                        Self::reject(session, ctx, protocol, &r, &ids).await?;
                     }
                 }
                 Ok(())
