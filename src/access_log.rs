@@ -26,7 +26,10 @@ pub fn install(sink: Arc<LogSink>, json: bool) {
 
 /// One request's access line.
 pub struct AccessLine<'a> {
+    /// The relay's id of the request (the usage record's, `x-relay-request-id`).
     pub request_id: &'a str,
+    /// The client's own `x-request-id`, or `-`.
+    pub client_request_id: &'a str,
     pub protocol: &'a str,
     pub account: &'a str,
     pub model: &'a str,
@@ -71,6 +74,7 @@ fn emit_tracing(line: &AccessLine<'_>) {
     tracing::info!(
         target: "llm_relay::proxy",
         request_id = %line.request_id,
+        client_request_id = line.client_request_id,
         protocol = line.protocol,
         account = line.account,
         model = line.model,
@@ -94,9 +98,11 @@ enum Value<'a> {
 }
 
 /// The line's fields, in the order the event names them.
-fn fields<'a>(l: &AccessLine<'a>) -> [(&'static str, Value<'a>); 10] {
+fn fields<'a>(l: &AccessLine<'a>) -> [(&'static str, Value<'a>); 11] {
     [
         ("request_id", Value::Shown(l.request_id)),
+        // The client's words: quoted, as whatever it sent (spaces included) stays one field.
+        ("client_request_id", Value::Str(l.client_request_id)),
         ("protocol", Value::Str(l.protocol)),
         ("account", Value::Str(l.account)),
         ("model", Value::Str(l.model)),
@@ -269,6 +275,7 @@ mod tests {
         let lines = [
             AccessLine {
                 request_id: "01a22d8d-5ae8-75cd-9c5f-316d40638d98",
+                client_request_id: "-",
                 protocol: "anthropic",
                 account: "mock",
                 model: "claude-sonnet-4-5-20250929",
@@ -280,7 +287,8 @@ mod tests {
                 failovers: 0,
             },
             AccessLine {
-                request_id: "req-7",
+                request_id: "01a22d8d-5ae8-75cd-9c5f-316d40638d99",
+                client_request_id: "req 7 \"quoted\"",
                 protocol: "openai_chat",
                 account: "acc \"quoted\" \\ back\tslash ü",
                 model: "-",

@@ -37,7 +37,7 @@ async fn token(relay: &Relay, method: Method, path: &str, body: Option<Value>) -
 }
 
 /// Sends one non-streaming request through the proxy and returns its usage record (found by
-/// the `x-request-id` the relay answers with) once the usage writer has stored it.
+/// the `x-relay-request-id` the relay answers with) once the usage writer has stored it.
 async fn proxied_record(relay: &Relay, key: &str, topic: &str) -> Value {
     let r = relay
         .post("/v1/messages", key)
@@ -46,7 +46,10 @@ async fn proxied_record(relay: &Relay, key: &str, topic: &str) -> Value {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let id = r.headers()["x-relay-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let _ = r.bytes().await.unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
@@ -55,7 +58,7 @@ async fn proxied_record(relay: &Relay, key: &str, topic: &str) -> Value {
             .await;
         if let Some(rec) = page["items"]
             .as_array()
-            .and_then(|items| items.iter().find(|r| r["request_id"] == id.as_str()))
+            .and_then(|items| items.iter().find(|r| r["id"] == id.as_str()))
         {
             return rec.clone();
         }
@@ -1044,7 +1047,9 @@ async fn a_request_id_the_client_repeats_is_booked_every_time() {
     let (key_id, key) = relay.create_key(&user, json!({})).await;
     relay.wait_key_active(&key).await;
     // A client (or a gateway before the relay) that sends the same x-request-id each time: every
-    // request is served upstream and must be booked, the id echoed as sent.
+    // request is served upstream and must be booked, the id echoed as sent, and each answer
+    // names its own record.
+    let mut relay_ids = Vec::new();
     for topic in ["one", "two", "three"] {
         let r = relay
             .post("/v1/messages", &key)
@@ -1055,6 +1060,12 @@ async fn a_request_id_the_client_repeats_is_booked_every_time() {
             .unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-request-id"], "fixed-id");
+        relay_ids.push(
+            r.headers()["x-relay-request-id"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
         let _ = r.bytes().await.unwrap();
     }
     let records = relay.wait_records(3).await;
@@ -1068,6 +1079,8 @@ async fn a_request_id_the_client_repeats_is_booked_every_time() {
         "each record has an id of its own: {records:?}"
     );
     assert!(!ids.contains(&"fixed-id"));
+    relay_ids.sort_unstable();
+    assert_eq!(ids, relay_ids);
     for r in &records {
         assert_eq!(r["request_id"], "fixed-id", "{r}");
         assert_eq!(r["billed_cost"], 18_000, "{r}");

@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::mock_upstream::{MockUpstream, Received};
-use common::{assert_no_relay_key, record_by_request_id, ClientFixture, Relay};
+use common::{assert_no_relay_key, record_by_id, ClientFixture, Relay};
 
 /// Usage every mock reports (`MockUsage` default): the same normalised counts on every
 /// protocol, as nothing is cached and nothing is reasoning.
@@ -371,10 +371,11 @@ async fn every_client_capture_is_relayed_as_sent_sticks_and_is_booked() {
                 .unwrap_or_default()
                 .to_string()
         };
-        let (content_type, request_id) = (header("content-type"), header("x-request-id"));
+        let content_type = header("content-type");
+        let (answered_id, relay_id) = (header("x-request-id"), header("x-relay-request-id"));
         let text = r.text().await.unwrap();
         assert!(status.is_success(), "{name}: {status} {text}");
-        assert!(!request_id.is_empty(), "{name}: no x-request-id echoed");
+        assert!(!relay_id.is_empty(), "{name}: no x-relay-request-id");
         assert_client_reads(fx, protocol, &content_type, &text);
 
         // Exactly one account got exactly this one request.
@@ -394,7 +395,16 @@ async fn every_client_capture_is_relayed_as_sent_sticks_and_is_booked() {
             );
         };
         let up = account.mock.requests().pop().unwrap();
-        assert_upstream_got(fx, protocol, account, &up, &key, &request_id);
+        assert_upstream_got(fx, protocol, account, &up, &key, &relay_id);
+        // The answer's x-request-id is the upstream's own where it sent one (OpenAI), else the
+        // relay's: the client's SDK reports the id the provider knows.
+        let expected_id = match protocol {
+            Protocol::Chat | Protocol::Responses => {
+                format!("req_mock_{}_{}", account.mock.port, account.mock.count())
+            }
+            Protocol::Anthropic | Protocol::Gemini => relay_id.clone(),
+        };
+        assert_eq!(answered_id, expected_id, "{name}");
 
         // Turn 2 follows turn 1 (the client's own session identity, DESIGN §7).
         let first = *bound
@@ -407,7 +417,7 @@ async fn every_client_capture_is_relayed_as_sent_sticks_and_is_booked() {
             fx.conversation(),
             account.name
         );
-        sent.push((fx, request_id, account));
+        sent.push((fx, relay_id, account));
     }
     assert_eq!(bound.len(), 7, "conversations: {:?}", bound.keys());
     // Every account type served some client (Codex on `openai-responses`, the SDKs on `openai`).
@@ -419,9 +429,9 @@ async fn every_client_capture_is_relayed_as_sent_sticks_and_is_booked() {
     }
 
     let records = relay.wait_records(sent.len()).await;
-    for (fx, request_id, account) in &sent {
+    for (fx, relay_id, account) in &sent {
         let name = &fx.name;
-        let rec = record_by_request_id(&records, request_id);
+        let rec = record_by_id(&records, relay_id);
         assert_eq!(rec["status"], 200, "{name}: {rec}");
         assert_eq!(
             rec["protocol"],

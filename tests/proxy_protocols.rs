@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::mock_upstream::{ExtraUsage, MockUpstream, MockUsage};
 use common::{
     assert_no_relay_key, chat_body, chat_conversation, conversation, gemini_body, messages_body,
-    record_by_request_id, ClientFixture, Relay,
+    record_by_id, record_by_request_id, ClientFixture, Relay,
 };
 
 /// Upstream credentials of the test accounts (never the relay key).
@@ -168,7 +168,11 @@ async fn chat_json_and_streams_swap_credentials_and_book_normalised_usage() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["x-request-id"], "chat-json");
+    // OpenAI's own id of the request reaches the client (the client's went upstream).
+    assert_eq!(
+        r.headers()["x-request-id"],
+        format!("req_mock_{}_1", mock.port).as_str()
+    );
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["object"], "chat.completion", "{v}");
     assert_eq!(
@@ -188,6 +192,7 @@ async fn chat_json_and_streams_swap_credentials_and_book_normalised_usage() {
     assert_eq!(up.header("x-api-key"), None);
     assert_eq!(up.header("x-stainless-lang"), Some("python"));
     assert_eq!(up.header("accept-encoding"), Some("identity"));
+    assert_eq!(up.header("x-request-id"), Some("chat-json"));
     assert!(up.body == sent, "a non-stream Chat body was changed");
     assert_no_relay_key(up, &key);
 
@@ -834,6 +839,109 @@ async fn codex_turns_stick_and_conversations_spread() {
     );
 }
 
+/// One request written as is on a fresh connection, and the whole answer up to the end of the
+/// connection (which the relay must close), as text.
+async fn raw_exchange(relay: &Relay, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = relay.proxy.trim_start_matches("http://");
+    let mut sock = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the relay");
+    sock.write_all(request.as_bytes())
+        .await
+        .expect("write the request");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut out))
+        .await
+        .expect("the relay closes the connection after its answer")
+        .expect("read the answer");
+    String::from_utf8(out).expect("a text answer")
+}
+
+/// An answer's status, header fields (lower-case names) and body; its length checked.
+fn parse_answer(text: &str) -> (u16, Vec<(String, String)>, serde_json::Value) {
+    let (head, body) = text.split_once("\r\n\r\n").expect("a whole head");
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1)?.parse().ok())
+        .expect("a status line");
+    let fields: Vec<(String, String)> = lines
+        .map(|l| {
+            let (k, v) = l.split_once(':').expect("a header field");
+            (k.trim().to_ascii_lowercase(), v.trim().to_string())
+        })
+        .collect();
+    let length = fields
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok());
+    assert_eq!(length, Some(body.len()), "{text}");
+    let body = serde_json::from_str(body).expect("a JSON body");
+    (status, fields, body)
+}
+
+/// Codex's built-in `openai` provider opens a Responses WebSocket first. A 426 makes it fall
+/// back to HTTP at once (any other refusal it retries with backoff, seconds per session); a
+/// client without a good key gets its 401 as on HTTP. The connection then closes.
+#[tokio::test]
+async fn a_responses_websocket_handshake_is_told_to_use_http() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    openai_account(&relay, &mock).await;
+    relay.wait_accounts_loaded(1).await;
+    let handshake = |path: &str, credential: Option<&str>| {
+        let auth = credential
+            .map(|k| format!("authorization: Bearer {k}\r\n"))
+            .unwrap_or_default();
+        format!(
+            "GET {path} HTTP/1.1\r\nhost: relay.example\r\nconnection: Upgrade\r\n\
+             upgrade: websocket\r\nsec-websocket-version: 13\r\n\
+             sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             openai-beta: responses_websockets=2026-02-06\r\n{auth}\r\n"
+        )
+    };
+    for path in ["/v1/responses", "/responses"] {
+        let text = raw_exchange(&relay, &handshake(path, Some(&key))).await;
+        let (status, fields, body) = parse_answer(&text);
+        assert_eq!(status, 426, "{text}");
+        assert_openai_error(&body, "invalid_request_error", "websocket_not_supported");
+        let field = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(field("connection"), Some("close"), "{text}");
+        assert_eq!(field("upgrade"), None, "{text}");
+        assert!(field("x-relay-request-id").is_some(), "{text}");
+    }
+    for credential in [None, Some("sk-relay-unknown")] {
+        let text = raw_exchange(&relay, &handshake("/v1/responses", credential)).await;
+        let (status, _, body) = parse_answer(&text);
+        assert_eq!(status, 401, "{text}");
+        assert_openai_error(&body, "authentication_error", "invalid_api_key");
+    }
+    // A GET of the path without the upgrade is no route.
+    let plain = format!(
+        "GET /v1/responses HTTP/1.1\r\nhost: relay.example\r\nauthorization: Bearer {key}\r\n\r\n"
+    );
+    let text = raw_exchange(&relay, &plain).await;
+    assert_eq!(parse_answer(&text).0, 404, "{text}");
+    assert_eq!(mock.count(), 0, "a handshake reached the upstream");
+
+    // Codex's fallback: the same turn over HTTP.
+    let turn1 = ClientFixture::load("codex-cli.turn1.json");
+    let r = turn1
+        .request_as_captured(&relay, &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    let _ = r.bytes().await.unwrap();
+    assert_eq!(mock.count(), 1);
+}
+
 #[tokio::test]
 async fn chatgpt_token_sends_chatgpt_account_id() {
     let mock = MockUpstream::start().await;
@@ -871,6 +979,93 @@ async fn chatgpt_token_sends_chatgpt_account_id() {
         Some("9f8e7d6c-chatgpt-account")
     );
     assert_no_relay_key(up, &key);
+}
+
+/// The ChatGPT Codex backend answers streamed Responses calls only (`400 {"detail":"Stream
+/// must be set to true"}` otherwise): a call without a stream goes to an API-key account for
+/// that one request, and the conversation stays on its ChatGPT account.
+#[tokio::test]
+async fn a_responses_call_without_a_stream_never_reaches_a_chatgpt_account() {
+    let chatgpt_mock = MockUpstream::start().await;
+    let api_mock = MockUpstream::start().await;
+    chatgpt_mock.set(|b| b.streams_only = true);
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    let token = "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ0ZXN0In0.c2lnbmF0dXJl";
+    relay
+        .create_account_with(serde_json::json!({
+            "name": "chatgpt", "type": "openai-responses", "priority": 10,
+            "base_url": format!("{}/backend-api/codex", chatgpt_mock.url()),
+            "credential": token, "chatgpt_account_id": "9f8e7d6c-chatgpt-account",
+        }))
+        .await;
+    relay.wait_accounts_loaded(1).await;
+    let turn1 = ClientFixture::load("sdk-openai-responses.turn1.json");
+    let turn2 = ClientFixture::load("sdk-openai-responses.turn2.json");
+    assert!(turn1.stream && !turn2.stream);
+    assert_eq!(
+        turn1.body["prompt_cache_key"],
+        turn2.body["prompt_cache_key"]
+    );
+
+    // Only the ChatGPT account: the client is told why nothing serves it.
+    let r = turn2
+        .request_as_captured(&relay, &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_openai_error(&v, "no_available_account", "no_available_account");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("\"stream\": true"), "{message}");
+    assert_eq!(chatgpt_mock.count(), 0);
+
+    relay
+        .create_account_with(serde_json::json!({
+            "name": "api", "type": "openai", "priority": 50,
+            "base_url": format!("{}/v1", api_mock.url()), "credential": OPENAI_SECRET,
+        }))
+        .await;
+    relay.wait_accounts_loaded(2).await;
+    let send = |fx: &ClientFixture| {
+        let r = fx.request_as_captured(&relay, &key).send();
+        async move {
+            let r = r.await.unwrap();
+            let status = r.status();
+            let text = r.text().await.unwrap();
+            assert_eq!(status, 200, "{text}");
+            text
+        }
+    };
+    // Turn 1 streams: the preferred ChatGPT account, which the conversation is bound to.
+    let text = send(&turn1).await;
+    assert!(text.contains("response.completed"), "{text}");
+    assert_eq!((chatgpt_mock.count(), api_mock.count()), (1, 0));
+    // Turn 2 wants one JSON answer: the API-key account serves it.
+    let text = send(&turn2).await;
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["object"], "response", "{v}");
+    assert_eq!((chatgpt_mock.count(), api_mock.count()), (1, 1));
+    let up = &api_mock.requests()[0];
+    assert_eq!(up.path, "/v1/responses");
+    assert_eq!(up.header("chatgpt-account-id"), None);
+    // The conversation is still the ChatGPT account's: a streamed turn goes back there, and
+    // so does a compaction, which that backend answers as JSON.
+    let _ = send(&turn1).await;
+    assert_eq!((chatgpt_mock.count(), api_mock.count()), (2, 1));
+    let r = relay
+        .post_bare("/v1/responses/compact")
+        .bearer_auth(&key)
+        .json(&turn2.body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    assert_eq!((chatgpt_mock.count(), api_mock.count()), (3, 1));
+    assert!(chatgpt_mock
+        .requests()
+        .iter()
+        .all(|q| q.path.ends_with("/compact") || q.json()["stream"] == true));
 }
 
 #[tokio::test]
@@ -1211,6 +1406,72 @@ async fn gemini_keys_are_swapped_aliases_route_and_thoughts_are_billed() {
     }
 }
 
+/// google-genai's `models.count_tokens`: routed to a gemini account like a generation, the
+/// upstream's count passed through, and booked without cost, as Anthropic's `count_tokens`.
+#[tokio::test]
+async fn gemini_count_tokens_reaches_a_gemini_account_and_is_not_billed() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    let account_id = relay
+        .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
+        .await;
+    relay.wait_accounts_loaded(1).await;
+    mock.set(|b| b.usage = MockUsage::io(31, 0));
+    let sdk = ClientFixture::load("sdk-gemini.turn1.json");
+    let body = serde_json::json!({"contents": sdk.body["contents"]});
+    // (request id, client path, key in the header or the query)
+    let cases = [
+        (
+            "count-v1beta",
+            "/v1beta/models/gemini-2.5-flash:countTokens".to_string(),
+            true,
+        ),
+        (
+            "count-v1",
+            "/v1/models/gemini-2.5-flash:countTokens".to_string(),
+            true,
+        ),
+        (
+            "count-prefix",
+            format!("/gemini/v1beta/models/gemini-2.5-flash:countTokens?key={key}"),
+            false,
+        ),
+    ];
+    for (id, path, in_header) in &cases {
+        let mut rb = relay
+            .post_bare(path)
+            .header("x-request-id", *id)
+            .json(&body);
+        if *in_header {
+            rb = rb.header("x-goog-api-key", &key);
+        }
+        let r = rb.send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["totalTokens"], 31, "{path}: {v}");
+    }
+    let got = mock.requests();
+    assert_eq!(got.len(), cases.len());
+    for up in &got {
+        assert_eq!(up.path, "/v1beta/models/gemini-2.5-flash:countTokens");
+        assert_eq!(up.header("x-goog-api-key"), Some(GEMINI_SECRET));
+        assert_eq!(up.json(), body);
+        assert_no_relay_key(up, &key);
+    }
+    let records = relay.wait_records(cases.len()).await;
+    for (id, _, _) in &cases {
+        let rec = record_by_request_id(&records, id);
+        assert_eq!(rec["protocol"], "gemini", "{rec}");
+        assert_eq!(rec["status"], 200, "{rec}");
+        assert_eq!(rec["account_id"], account_id.as_str(), "{rec}");
+        assert_eq!(rec["requested_model"], "gemini-2.5-flash", "{rec}");
+        assert_eq!(rec["input_tokens"], 0, "{rec}");
+        assert_eq!(rec["base_cost"], 0, "{rec}");
+        assert_eq!(rec["billed_cost"], 0, "{rec}");
+        assert_eq!(rec["estimated"], false, "{rec}");
+    }
+}
+
 #[tokio::test]
 async fn gemini_errors_have_gemini_shape() {
     let mock = MockUpstream::start().await;
@@ -1329,8 +1590,12 @@ async fn gemini_conversations_stick_and_spread() {
 // Model listing
 // ---------------------------------------------------------------------------------------------
 
+/// `GET /v1/models` names what a key can be served: models of accounts in operation (an
+/// account that serves every model serves the price table's models of its platform), on
+/// platforms the key may use, that the key may call; in the OpenAI shape, or Anthropic's when
+/// `anthropic-version` is sent (its Messages API serves Claude models only).
 #[tokio::test]
-async fn model_list_follows_the_key_allow_list() {
+async fn model_list_names_what_the_key_can_be_served() {
     let mock = MockUpstream::start().await;
     let (relay, user_id, _, open_key) = relay_with_key(serde_json::json!({})).await;
     relay
@@ -1339,64 +1604,298 @@ async fn model_list_follows_the_key_allow_list() {
             "credential": OPENAI_SECRET, "models": ["gpt-custom-1"],
         }))
         .await;
-    relay.wait_accounts_loaded(1).await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-upstream")
+        .await;
+    relay
+        .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
+        .await;
+    relay.wait_accounts_loaded(3).await;
     let (_, claude_key) = relay
         .create_key(
             &user_id,
             serde_json::json!({"allowed_models": ["claude-*"]}),
         )
         .await;
+    let (_, no_claude_key) = relay
+        .create_key(
+            &user_id,
+            serde_json::json!({"allowed_platforms": ["openai", "gemini"]}),
+        )
+        .await;
     relay.wait_key_active(&claude_key).await;
+    relay.wait_key_active(&no_claude_key).await;
 
-    let list = |key: String| {
-        let relay = &relay;
+    let get = |path: &str, headers: &[(&str, &str)]| {
+        let mut rb = relay.http.get(format!("{}{path}", relay.proxy));
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
         async move {
-            let r = relay
-                .http
-                .get(format!("{}/v1/models", relay.proxy))
-                .bearer_auth(key)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            let v: serde_json::Value = r.json().await.unwrap();
-            assert_eq!(v["object"], "list", "{v}");
-            v["data"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m["id"].as_str().unwrap().to_string())
-                .collect::<Vec<_>>()
+            let r = rb.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
         }
     };
+    let ids = |v: &serde_json::Value| {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let bearer = |key: &str| format!("Bearer {key}");
 
-    let claude = list(claude_key).await;
-    assert!(
-        claude.iter().any(|m| m == "claude-sonnet-4-5"),
-        "{claude:?}"
-    );
-    assert!(
-        claude.iter().all(|m| m.starts_with("claude-")),
-        "a claude-* key sees other models: {claude:?}"
-    );
-
-    let all = list(open_key).await;
-    for m in [
-        "claude-sonnet-4-5",
-        "gpt-4.1",
-        "gemini-2.5-flash",
-        "gpt-custom-1",
-    ] {
+    let (status, v) = get("/v1/models", &[("authorization", &bearer(&open_key))]).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "list", "{v}");
+    let all = ids(&v);
+    for m in ["claude-sonnet-4-5", "gemini-2.5-flash", "gpt-custom-1"] {
         assert!(all.iter().any(|x| x == m), "{m} missing from {all:?}");
     }
+    // Priced, but the only openai account serves its own model alone.
+    assert!(!all.iter().any(|x| x == "gpt-4.1"), "{all:?}");
+    let sonnet = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "claude-sonnet-4-5")
+        .unwrap();
+    assert_eq!(sonnet["object"], "model");
+    assert_eq!(sonnet["owned_by"], "anthropic");
 
+    let (_, v) = get("/v1/models", &[("authorization", &bearer(&claude_key))]).await;
+    let claude = ids(&v);
+    assert!(
+        !claude.is_empty() && claude.iter().all(|m| m.starts_with("claude-")),
+        "{claude:?}"
+    );
+    let (_, v) = get("/v1/models", &[("authorization", &bearer(&no_claude_key))]).await;
+    let no_claude = ids(&v);
+    assert!(
+        no_claude.iter().any(|m| m == "gpt-custom-1"),
+        "{no_claude:?}"
+    );
+    assert!(
+        !no_claude.iter().any(|m| m.starts_with("claude-")),
+        "{no_claude:?}"
+    );
+
+    // The anthropic SDK's `models.list()` / `retrieve()`.
+    let anthropic = [
+        ("x-api-key", open_key.as_str()),
+        ("anthropic-version", "2023-06-01"),
+    ];
+    let (status, v) = get("/v1/models", &anthropic).await;
+    assert_eq!(status, 200, "{v}");
+    let listed = ids(&v);
+    assert!(listed.iter().any(|m| m == "claude-sonnet-4-5"), "{v}");
+    assert!(listed.iter().all(|m| m.starts_with("claude-")), "{v}");
+    assert_eq!(v["has_more"], false, "{v}");
+    assert_eq!(v["first_id"], v["data"][0]["id"], "{v}");
+    assert_eq!(v["last_id"], listed.last().unwrap().as_str(), "{v}");
+    for m in v["data"].as_array().unwrap() {
+        assert_eq!(m["type"], "model", "{m}");
+        assert_eq!(m["display_name"], m["id"], "{m}");
+        assert_eq!(m["created_at"], "1970-01-01T00:00:00Z", "{m}");
+    }
+    let (status, v) = get("/v1/models/claude-sonnet-4-5", &anthropic).await;
+    assert_eq!(
+        (status, &v["id"], &v["type"]),
+        (200, &"claude-sonnet-4-5".into(), &"model".into())
+    );
+    let (status, v) = get("/v1/models/gpt-custom-1", &anthropic).await;
+    assert_eq!(status, 404, "{v}");
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], "not_found_error", "{v}");
+
+    let (status, v) = get("/v1/models", &[]).await;
+    assert_eq!(status, 401);
+    assert_openai_error(&v, "authentication_error", "invalid_api_key");
+    let (status, v) = get("/v1/models", &[("anthropic-version", "2023-06-01")]).await;
+    assert_eq!(status, 401);
+    assert_eq!(v["error"]["type"], "authentication_error", "{v}");
+    assert_eq!(v["type"], "error", "{v}");
+}
+
+/// google-genai's `models.list()` and `models.get()`: the Gemini models the key can be served,
+/// in Gemini's shape, with Gemini's ways of sending the key.
+#[tokio::test]
+async fn gemini_model_list_and_lookup() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    relay
+        .create_account_with(serde_json::json!({
+            "name": "gemini-a", "type": "gemini", "base_url": mock.url(),
+            "credential": GEMINI_SECRET, "models": ["gemini-2.5-flash", "gemini-2.5-pro"],
+        }))
+        .await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-upstream")
+        .await;
+    relay.wait_accounts_loaded(2).await;
+    let get = |path: String, goog_header: Option<&str>| {
+        let mut rb = relay.http.get(format!("{}{path}", relay.proxy));
+        if let Some(k) = goog_header {
+            rb = rb.header("x-goog-api-key", k);
+        }
+        async move {
+            let r = rb.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    for (path, header) in [
+        ("/v1beta/models".to_string(), Some(key.as_str())),
+        (format!("/v1beta/models?key={key}&pageSize=50"), None),
+        ("/gemini/v1beta/models".to_string(), Some(key.as_str())),
+        // google-genai with API version v1.
+        ("/v1/models".to_string(), Some(key.as_str())),
+    ] {
+        let (status, v) = get(path.clone(), header).await;
+        assert_eq!(status, 200, "{path}: {v}");
+        let names: Vec<&str> = v["models"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{path}: {v}"))
+            .iter()
+            .map(|m| m["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["models/gemini-2.5-flash", "models/gemini-2.5-pro"],
+            "{path}"
+        );
+        let flash = &v["models"][0];
+        assert_eq!(flash["displayName"], "gemini-2.5-flash");
+        for method in ["generateContent", "countTokens"] {
+            assert!(
+                flash["supportedGenerationMethods"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&method.into()),
+                "{flash}"
+            );
+        }
+    }
+    let (status, v) = get("/v1beta/models/gemini-2.5-pro".into(), Some(&key)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["name"], "models/gemini-2.5-pro");
+    let (status, v) = get(format!("/v1beta/models/gemini-2.5-flash?key={key}"), None).await;
+    assert_eq!(
+        (status, &v["name"]),
+        (200, &"models/gemini-2.5-flash".into())
+    );
+    for unknown in ["gemini-1.0-pro", "claude-sonnet-4-5"] {
+        let (status, v) = get(format!("/v1beta/models/{unknown}"), Some(&key)).await;
+        assert_eq!(status, 404, "{v}");
+        assert_gemini_error(&v, 404, "NOT_FOUND");
+    }
+    let (status, v) = get("/v1beta/models".into(), None).await;
+    assert_eq!(status, 401);
+    assert_gemini_error(&v, 401, "UNAUTHENTICATED");
+    let (status, v) = get("/v1beta/models".into(), Some("sk-relay-unknown")).await;
+    assert_eq!(status, 401);
+    assert_gemini_error(&v, 401, "UNAUTHENTICATED");
+}
+
+/// The upstream's `x-request-id` (what the openai SDK reports as `_request_id` and Codex in its
+/// errors, the id OpenAI's logs know) reaches the client; the relay's own id, which names the
+/// usage record, comes in `x-relay-request-id`, on its own refusals too.
+#[tokio::test]
+async fn the_upstreams_request_id_is_kept_and_the_relays_comes_apart() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    openai_account(&relay, &mock).await;
+    relay
+        .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
+        .await;
+    relay.wait_accounts_loaded(2).await;
+    let ids = |r: &reqwest::Response| {
+        let get = |h: &str| r.headers().get(h).map(|v| v.to_str().unwrap().to_string());
+        (
+            get("x-request-id"),
+            get("x-relay-request-id").expect("x-relay-request-id"),
+        )
+    };
+
+    // A Responses stream, no id from the client: OpenAI's id back, the relay's went upstream.
     let r = relay
-        .http
-        .get(format!("{}/v1/models", relay.proxy))
+        .post_bare("/v1/responses")
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"model": "gpt-5", "input": "hi", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (answered, streamed_relay_id) = ids(&r);
+    let _ = r.text().await.unwrap();
+    let up = mock.requests().pop().unwrap();
+    assert_eq!(
+        answered.as_deref(),
+        Some(format!("req_mock_{}_1", mock.port).as_str())
+    );
+    assert_eq!(up.header("x-request-id"), Some(streamed_relay_id.as_str()));
+
+    // An upstream error answer keeps the upstream's id too.
+    mock.set(|b| {
+        b.status = 400;
+        b.error_body = r#"{"error":{"message":"Unknown parameter: 'x'.","type":"invalid_request_error","param":"x","code":"unknown_parameter"}}"#.into();
+    });
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .bearer_auth(&key)
+        .header("x-request-id", "client-7")
+        .json(&chat_body("gpt-4.1", false, chat_conversation("bad", 1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let (answered, failed_relay_id) = ids(&r);
+    assert_eq!(
+        answered.as_deref(),
+        Some(format!("req_mock_{}_2", mock.port).as_str())
+    );
+    assert_eq!(mock.requests()[1].header("x-request-id"), Some("client-7"));
+    mock.set(|b| b.status = 200);
+
+    // Gemini names no request: the client's own id is echoed, else the relay's.
+    for client_id in [Some("client-8"), None] {
+        let mut rb = relay
+            .post_bare("/v1beta/models/gemini-2.5-flash:generateContent")
+            .header("x-goog-api-key", &key)
+            .json(&gemini_body("ids", 1));
+        if let Some(id) = client_id {
+            rb = rb.header("x-request-id", id);
+        }
+        let r = rb.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let (answered, relay_id) = ids(&r);
+        assert_eq!(answered.unwrap(), client_id.unwrap_or(&relay_id));
+        let _ = r.bytes().await.unwrap();
+    }
+
+    // The relay's own refusal: the client's id echoed, the relay's beside it.
+    let r = relay
+        .post_bare("/v1/chat/completions")
+        .bearer_auth("sk-relay-unknown")
+        .header("x-request-id", "client-9")
+        .json(&chat_body("gpt-4.1", false, chat_conversation("no key", 1)))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    let (answered, relay_id) = ids(&r);
+    assert_eq!(answered.as_deref(), Some("client-9"));
+    assert_ne!(relay_id, "client-9");
+
+    // The relay's id names the record; the client's is kept in it.
+    let records = relay.wait_records(4).await;
+    let rec = record_by_id(&records, &streamed_relay_id);
+    assert_eq!(rec["protocol"], "openai_responses", "{rec}");
+    let rec = record_by_id(&records, &failed_relay_id);
+    assert_eq!(rec["request_id"], "client-7", "{rec}");
+    assert_eq!(rec["status"], 400, "{rec}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -223,9 +223,32 @@ pub struct AccountState {
     pub cooldown_cleared_seen: AtomicI64,
 }
 
+/// What a request needs of an account, as the scheduler matches them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Demand<'a> {
+    pub protocol: Protocol,
+    pub model: Option<&'a str>,
+    /// A Responses call (`/responses`) that does not ask for a stream: the ChatGPT Codex
+    /// backend refuses it (`400 {"detail":"Stream must be set to true"}`). Its
+    /// `/responses/compact` answers JSON and is no such call.
+    pub unstreamed_response: bool,
+}
+
+impl<'a> Demand<'a> {
+    /// A request of `protocol` for `model` that any account serving both can take.
+    pub fn new(protocol: Protocol, model: Option<&'a str>) -> Self {
+        Demand {
+            protocol,
+            model,
+            unstreamed_response: false,
+        }
+    }
+}
+
 impl Account {
-    /// Whether this account serves `protocol` and `model` at all (ignoring live state).
-    pub fn serves(&self, protocol: Protocol, model: Option<&str>) -> bool {
+    /// Whether this account serves `protocol` and `model` at all (ignoring live state): what
+    /// a conversation needs of its account, whatever the form of one of its requests.
+    pub fn serves_model(&self, protocol: Protocol, model: Option<&str>) -> bool {
         if !self.account_type.serves(protocol) {
             return false;
         }
@@ -235,6 +258,19 @@ impl Account {
             }
             _ => true,
         }
+    }
+
+    /// Whether this account can take a request that needs `demand` (ignoring live state).
+    pub fn serves(&self, demand: &Demand<'_>) -> bool {
+        self.serves_model(demand.protocol, demand.model)
+            && !(demand.unstreamed_response && self.has_chatgpt_token())
+    }
+
+    /// Whether this is an `openai-responses` account holding a ChatGPT token (a JWT, `eyJ...`):
+    /// its upstream is the ChatGPT Codex backend, which answers streamed Responses calls only.
+    pub fn has_chatgpt_token(&self) -> bool {
+        self.account_type == AccountType::OpenaiResponses
+            && self.credential.expose().starts_with("eyJ")
     }
 
     /// Whether the account can take one more request now.
@@ -301,18 +337,17 @@ pub enum PickStrategy {
     RoundRobin,
 }
 
-/// Picks an account for a request: usable, serving the protocol and model, not in `exclude`,
-/// lowest priority number first, then `strategy` inside that tier.
+/// Picks an account for a request: usable, serving what it needs, not in `exclude`, lowest
+/// priority number first, then `strategy` inside that tier.
 pub fn select_account(
     accounts: &[Arc<Account>],
-    protocol: Protocol,
-    model: Option<&str>,
+    demand: &Demand<'_>,
     exclude: &[String],
     strategy: PickStrategy,
     now_ms: i64,
     rr_counter: &AtomicU64,
 ) -> Option<Arc<Account>> {
-    let tier = best_tier(accounts, protocol, model, exclude, now_ms);
+    let tier = best_tier(accounts, demand, exclude, now_ms);
     let chosen = match strategy {
         PickStrategy::Weighted => {
             let total: u64 = tier.iter().map(|a| u64::from(a.weight.max(1))).sum();
@@ -358,14 +393,13 @@ pub fn select_account(
 /// joining takes its share from every other. Every node picks alike.
 pub fn select_account_for_key(
     accounts: &[Arc<Account>],
-    protocol: Protocol,
-    model: Option<&str>,
+    demand: &Demand<'_>,
     exclude: &[String],
     now_ms: i64,
     key: &str,
 ) -> Option<Arc<Account>> {
     let key_hash = fnv1a64(key.as_bytes());
-    best_tier(accounts, protocol, model, exclude, now_ms)
+    best_tier(accounts, demand, exclude, now_ms)
         .into_iter()
         .map(|a| (rendezvous_score(key_hash, a), a))
         .max_by(|x, y| x.0.total_cmp(&y.0).then_with(|| y.1.id.cmp(&x.1.id)))
@@ -399,8 +433,7 @@ fn mix64(mut z: u64) -> u64 {
 /// accounts whose token expired (their refresh failing) only when no other can serve.
 fn best_tier<'a>(
     accounts: &'a [Arc<Account>],
-    protocol: Protocol,
-    model: Option<&str>,
+    demand: &Demand<'_>,
     exclude: &[String],
     now_ms: i64,
 ) -> Vec<&'a Arc<Account>> {
@@ -408,7 +441,7 @@ fn best_tier<'a>(
     let mut tier: Vec<&Arc<Account>> = Vec::new();
     let mut expired: Vec<&Arc<Account>> = Vec::new();
     for a in accounts {
-        if !a.serves(protocol, model) || !a.usable(now_ms) || exclude.iter().any(|x| *x == a.id) {
+        if !a.serves(demand) || !a.usable(now_ms) || exclude.iter().any(|x| *x == a.id) {
             continue;
         }
         if a.token_expired(now_ms) {
@@ -623,8 +656,7 @@ pub(crate) mod tests {
         for _ in 0..20 {
             let s = select_account(
                 &all,
-                Protocol::Anthropic,
-                None,
+                &Demand::new(Protocol::Anthropic, None),
                 &[],
                 PickStrategy::Weighted,
                 0,
@@ -634,8 +666,7 @@ pub(crate) mod tests {
         }
         let s = select_account(
             &all,
-            Protocol::Anthropic,
-            None,
+            &Demand::new(Protocol::Anthropic, None),
             &["a".into()],
             PickStrategy::Weighted,
             0,
@@ -645,8 +676,7 @@ pub(crate) mod tests {
         a.state.cooldown_until_ms.store(100, Ordering::Relaxed);
         let s = select_account(
             &all,
-            Protocol::Anthropic,
-            None,
+            &Demand::new(Protocol::Anthropic, None),
             &[],
             PickStrategy::Lru,
             50,
@@ -655,8 +685,7 @@ pub(crate) mod tests {
         assert_eq!(s.unwrap().id, "b");
         let s = select_account(
             &all,
-            Protocol::Anthropic,
-            None,
+            &Demand::new(Protocol::Anthropic, None),
             &["b".into()],
             PickStrategy::Lru,
             50,
@@ -674,7 +703,7 @@ pub(crate) mod tests {
             account("low", AccountType::Claude, 60, 100),
         ];
         let pick = |all: &[Arc<Account>], key: &str| {
-            select_account_for_key(all, Protocol::Anthropic, None, &[], 0, key)
+            select_account_for_key(all, &Demand::new(Protocol::Anthropic, None), &[], 0, key)
                 .unwrap()
                 .id
                 .clone()
@@ -704,8 +733,14 @@ pub(crate) mod tests {
         // Excluded accounts are skipped, as with every pick.
         let k = &keys[0];
         let excluded = [first[0].clone()];
-        let other =
-            select_account_for_key(&all, Protocol::Anthropic, None, &excluded, 0, k).unwrap();
+        let other = select_account_for_key(
+            &all,
+            &Demand::new(Protocol::Anthropic, None),
+            &excluded,
+            0,
+            k,
+        )
+        .unwrap();
         assert_ne!(other.id, first[0]);
     }
 
@@ -720,8 +755,7 @@ pub(crate) mod tests {
         for _ in 0..4000 {
             if select_account(
                 &all,
-                Protocol::Anthropic,
-                None,
+                &Demand::new(Protocol::Anthropic, None),
                 &[],
                 PickStrategy::Weighted,
                 0,
@@ -746,8 +780,7 @@ pub(crate) mod tests {
         let all = vec![acc.clone()];
         assert!(select_account(
             &all,
-            Protocol::Anthropic,
-            Some("claude-opus-4-1"),
+            &Demand::new(Protocol::Anthropic, Some("claude-opus-4-1")),
             &[],
             PickStrategy::Weighted,
             0,
@@ -757,8 +790,7 @@ pub(crate) mod tests {
         let lease = InflightLease::try_acquire(&acc).unwrap();
         assert!(select_account(
             &all,
-            Protocol::Anthropic,
-            Some("claude-sonnet-4-5"),
+            &Demand::new(Protocol::Anthropic, Some("claude-sonnet-4-5")),
             &[],
             PickStrategy::Weighted,
             0,
@@ -768,8 +800,7 @@ pub(crate) mod tests {
         drop(lease);
         assert!(select_account(
             &all,
-            Protocol::Anthropic,
-            Some("claude-sonnet-4-5"),
+            &Demand::new(Protocol::Anthropic, Some("claude-sonnet-4-5")),
             &[],
             PickStrategy::Weighted,
             0,
@@ -793,8 +824,7 @@ pub(crate) mod tests {
         let pick = |all: &[Arc<Account>]| {
             select_account(
                 all,
-                Protocol::Anthropic,
-                None,
+                &Demand::new(Protocol::Anthropic, None),
                 &[],
                 PickStrategy::Weighted,
                 now,
@@ -825,6 +855,42 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_chatgpt_token_account_takes_streamed_responses_calls_only() {
+        let with_credential = |id: &str, t: AccountType, secret: &str| {
+            let Ok(mut a) = Arc::try_unwrap(account(id, t, 50, 1)) else {
+                panic!("fresh account");
+            };
+            a.credential = Credential::new(secret.into());
+            Arc::new(a)
+        };
+        let chatgpt = with_credential("chatgpt", AccountType::OpenaiResponses, "eyJhbGciOi.x.y");
+        let api_key = with_credential("api", AccountType::OpenaiResponses, "sk-proj-1");
+        // A JWT on an `openai` account is some compatible provider's key, not ChatGPT's.
+        let compatible = with_credential("compat", AccountType::Openai, "eyJhbGciOi.x.y");
+        assert!(chatgpt.has_chatgpt_token());
+        assert!(!api_key.has_chatgpt_token() && !compatible.has_chatgpt_token());
+        let streamed = Demand::new(Protocol::OpenaiResponses, Some("gpt-5"));
+        let unstreamed = Demand {
+            unstreamed_response: true,
+            ..streamed
+        };
+        for a in [&chatgpt, &api_key, &compatible] {
+            assert!(a.serves(&streamed), "{}", a.id);
+            assert!(a.serves_model(Protocol::OpenaiResponses, Some("gpt-5")));
+        }
+        assert!(!chatgpt.serves(&unstreamed));
+        assert!(api_key.serves(&unstreamed) && compatible.serves(&unstreamed));
+        let rr = AtomicU64::new(0);
+        for _ in 0..20 {
+            let all = [chatgpt.clone(), api_key.clone()];
+            let s = select_account(&all, &unstreamed, &[], PickStrategy::Weighted, 0, &rr);
+            assert_eq!(s.unwrap().id, "api");
+        }
+        let only = [chatgpt.clone()];
+        assert!(select_account(&only, &unstreamed, &[], PickStrategy::Weighted, 0, &rr).is_none());
+    }
+
+    #[test]
     fn round_robin_and_least_inflight() {
         let rr = AtomicU64::new(0);
         let all = vec![
@@ -835,8 +901,7 @@ pub(crate) mod tests {
             .map(|_| {
                 select_account(
                     &all,
-                    Protocol::Gemini,
-                    None,
+                    &Demand::new(Protocol::Gemini, None),
                     &[],
                     PickStrategy::RoundRobin,
                     0,
@@ -851,8 +916,7 @@ pub(crate) mod tests {
         let _l = InflightLease::try_acquire(&all[0]).unwrap();
         let s = select_account(
             &all,
-            Protocol::Gemini,
-            None,
+            &Demand::new(Protocol::Gemini, None),
             &[],
             PickStrategy::LeastInflight,
             0,

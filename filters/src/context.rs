@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::accounts::Account;
+use crate::accounts::{Account, Demand};
 use crate::api_key_auth::KeyEntry;
 use crate::route::ApiRoute;
 use crate::sse_usage::UsageMeter;
@@ -12,10 +12,12 @@ use crate::{Protocol, TokenUsage};
 
 /// Everything the chain learns about one request, grouped by the phase that fills it.
 pub struct RequestCtx {
-    /// Request id: the client's `x-request-id` or a fresh uuid v7.
+    /// The relay's own id of the request, a uuid v7: the usage record's id, answered as
+    /// `x-relay-request-id`, and sent upstream as `x-request-id` when the client sent none.
     pub request_id: String,
-    /// `request_id` came from the client: the usage record gets an id of its own.
-    pub request_id_from_client: bool,
+    /// The client's own `x-request-id`, when it sent a usable one: sent upstream as it came,
+    /// kept in the usage record, and echoed to the client when the upstream answers none.
+    pub client_request_id: Option<String>,
     /// When the request arrived.
     pub started: Instant,
     /// Epoch milliseconds when the request arrived.
@@ -154,7 +156,7 @@ impl RequestCtx {
     pub fn new(request_id: String, route: ApiRoute, started_ms: i64) -> Self {
         RequestCtx {
             request_id,
-            request_id_from_client: false,
+            client_request_id: None,
             started: Instant::now(),
             started_ms,
             route,
@@ -167,6 +169,14 @@ impl RequestCtx {
         }
     }
 
+    /// The `x-request-id` the relay answers with when the upstream gave none: the client's
+    /// own, else the relay's.
+    pub fn echoed_request_id(&self) -> &str {
+        self.client_request_id
+            .as_deref()
+            .unwrap_or(&self.request_id)
+    }
+
     /// The client protocol.
     pub fn protocol(&self) -> Protocol {
         self.route.protocol
@@ -175,6 +185,17 @@ impl RequestCtx {
     /// The model the client asked for (body, or path for Gemini).
     pub fn requested_model(&self) -> Option<&str> {
         requested_model(&self.route, &self.request)
+    }
+
+    /// What this request needs of the account that serves it.
+    pub fn demand(&self) -> Demand<'_> {
+        Demand {
+            protocol: self.route.protocol,
+            model: self.requested_model(),
+            unstreamed_response: self.route.protocol == Protocol::OpenaiResponses
+                && self.route.upstream_path == crate::route::RESPONSES_PATH
+                && !self.request.stream,
+        }
     }
 }
 

@@ -25,6 +25,8 @@ pub enum ErrorKind {
     Upstream,
     /// Unknown route (404).
     NotFound,
+    /// A WebSocket asked for where the relay speaks plain HTTP (426).
+    UpgradeRequired,
 }
 
 impl ErrorKind {
@@ -41,6 +43,7 @@ impl ErrorKind {
             ErrorKind::NoAvailableAccount => 503,
             ErrorKind::Upstream => 502,
             ErrorKind::NotFound => 404,
+            ErrorKind::UpgradeRequired => 426,
         }
     }
 
@@ -57,6 +60,7 @@ impl ErrorKind {
             ErrorKind::NoAvailableAccount => "no_available_account",
             ErrorKind::Upstream => "upstream_error",
             ErrorKind::NotFound => "not_found_error",
+            ErrorKind::UpgradeRequired => "invalid_request_error",
         }
     }
 
@@ -73,6 +77,7 @@ impl ErrorKind {
             ErrorKind::NoAvailableAccount => "no_available_account",
             ErrorKind::Upstream => "upstream_error",
             ErrorKind::NotFound => "not_found",
+            ErrorKind::UpgradeRequired => "websocket_not_supported",
         }
     }
 
@@ -88,6 +93,7 @@ impl ErrorKind {
             ErrorKind::NoAvailableAccount => "UNAVAILABLE",
             ErrorKind::Upstream => "UNAVAILABLE",
             ErrorKind::NotFound => "NOT_FOUND",
+            ErrorKind::UpgradeRequired => "FAILED_PRECONDITION",
         }
     }
 }
@@ -201,6 +207,7 @@ mod tests {
             (ErrorKind::InsufficientQuota, 402),
             (ErrorKind::NoAvailableAccount, 503),
             (ErrorKind::Upstream, 502),
+            (ErrorKind::UpgradeRequired, 426),
         ];
         for (kind, status) in table {
             assert_eq!(kind.status(), status, "{kind:?}");

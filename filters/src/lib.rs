@@ -13,6 +13,7 @@ pub mod error;
 pub mod header_rewrite;
 mod json_scan;
 pub mod key_limits;
+pub mod model_list;
 pub mod request_body;
 pub mod route;
 pub mod session_hash;

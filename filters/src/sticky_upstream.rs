@@ -146,18 +146,10 @@ impl StickyUpstream {
             &exclude
         };
         match Self::pick_key(ctx).filter(|_| keyed) {
-            Some(key) => select_account_for_key(
-                &all,
-                ctx.protocol(),
-                ctx.requested_model(),
-                exclude,
-                ctx.started_ms,
-                &key,
-            ),
+            Some(key) => select_account_for_key(&all, &ctx.demand(), exclude, ctx.started_ms, &key),
             None => select_account(
                 &all,
-                ctx.protocol(),
-                ctx.requested_model(),
+                &ctx.demand(),
                 exclude,
                 self.config.strategy,
                 ctx.started_ms,
@@ -250,7 +242,7 @@ impl StickyUpstream {
     /// The account `id` when it can serve this request now.
     fn usable_for(&self, ctx: &RequestCtx, id: &str) -> Option<Arc<Account>> {
         self.in_service(ctx, id)
-            .filter(|a| a.has_room() && a.serves(ctx.protocol(), ctx.requested_model()))
+            .filter(|a| a.has_room() && a.serves(&ctx.demand()))
     }
 
     /// The account `id` when a conversation bound to it can stay: it exists, is in service
@@ -346,14 +338,16 @@ impl StickyUpstream {
         if let Some(stored) = existing {
             let bound = &stored.binding.account_id;
             // The conversation moves when its account left service, or no longer serves the
-            // model the conversation was bound with (the account's models changed).
+            // model the conversation was bound with (the account's models changed). A request
+            // its account cannot take in the form it comes (a Responses call without a stream
+            // to a ChatGPT account) leaves the conversation where it is.
             let staying = self.in_service(ctx, bound).filter(|a| {
-                a.serves(ctx.protocol(), ctx.requested_model())
+                a.serves_model(ctx.protocol(), ctx.requested_model())
                     || ctx.requested_model() != stored.binding.model.as_deref()
             });
             if let Some(account) = staying {
                 ctx.session.bound = Some(bound.clone());
-                if !account.serves(ctx.protocol(), ctx.requested_model()) || !account.has_room() {
+                if !account.serves(&ctx.demand()) || !account.has_room() {
                     // This request only: the conversation stays where its cache is.
                     ctx.session.sticky = Some(StickyResult::Detour);
                     return self.detour(ctx, bound).ok_or_else(|| self.no_account(ctx));
@@ -427,19 +421,31 @@ impl StickyUpstream {
 
     /// No account can serve the request now: 503, with a `Retry-After` for when the first of
     /// the accounts that could serve it ends its cooldown (at least 1 s; 1 s when some are
-    /// only full or tried). None when no account that serves it is in operation at all.
+    /// only full or tried). None when no account that serves it is in operation at all; the
+    /// message then says when only ChatGPT accounts serve the model and the request asks for
+    /// no stream, which those never take.
     fn no_account(&self, ctx: &RequestCtx) -> Rejection {
-        let soonest_ms = self
-            .accounts
-            .accounts()
+        let all = self.accounts.accounts();
+        let soonest_ms = all
             .iter()
             .filter(|a| could_serve(a, ctx))
             .map(|a| a.cooldown_left_ms(ctx.started_ms))
             .min();
-        let mut r = Rejection::new(
-            ErrorKind::NoAvailableAccount,
-            "no upstream account is available for this request",
-        );
+        let demand = ctx.demand();
+        let streams_only = soonest_ms.is_none()
+            && demand.unstreamed_response
+            && all.iter().any(|a| {
+                a.in_operation()
+                    && a.has_chatgpt_token()
+                    && a.serves_model(demand.protocol, demand.model)
+            });
+        let message = if streams_only {
+            "no upstream account is available for this request: the accounts serving this \
+             model are ChatGPT accounts, which answer streamed requests only; send \"stream\": true"
+        } else {
+            "no upstream account is available for this request"
+        };
+        let mut r = Rejection::new(ErrorKind::NoAvailableAccount, message);
         r.retry_after = soonest_ms.map(|ms| u64::try_from(ms).unwrap_or(0).div_ceil(1000).max(1));
         r
     }
@@ -507,10 +513,9 @@ impl RequestFilter for StickyUpstream {
     }
 }
 
-/// Whether an account is in operation (cooling or not) and serves the request's protocol and
-/// model.
+/// Whether an account is in operation (cooling or not) and can take the request.
 fn could_serve(a: &Account, ctx: &RequestCtx) -> bool {
-    a.in_operation() && a.serves(ctx.protocol(), ctx.requested_model())
+    a.in_operation() && a.serves(&ctx.demand())
 }
 
 #[cfg(test)]
@@ -651,6 +656,67 @@ mod tests {
         let mut after = for_model("conv", "claude-opus-4-1");
         assert_eq!(s.choose(&mut after).await.unwrap().id, "opus");
         assert_eq!(after.session.sticky, Some(StickyResult::Hit));
+    }
+
+    #[tokio::test]
+    async fn a_responses_call_without_a_stream_detours_off_a_chatgpt_account() {
+        use crate::accounts::Credential;
+        let chatgpt = with(
+            account("chatgpt", AccountType::OpenaiResponses, 10, 1),
+            |a| {
+                a.credential = Credential::new("eyJhbGciOi.payload.sig".into());
+            },
+        );
+        let api = account("api", AccountType::Openai, 50, 1);
+        let dir = Arc::new(Dir(Arc::new(vec![chatgpt, api])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(100), StickyConfig::default());
+        let responses = |stream: bool| {
+            let mut c = for_model("conv", "gpt-5");
+            c.route.protocol = Protocol::OpenaiResponses;
+            c.route.upstream_path = crate::route::RESPONSES_PATH.into();
+            c.request.stream = stream;
+            c
+        };
+        let mut first = responses(true);
+        assert_eq!(s.choose(&mut first).await.unwrap().id, "chatgpt");
+        drop(first);
+        // The next turn asks for one JSON answer: served by the API-key account, once.
+        let mut json = responses(false);
+        assert_eq!(s.choose(&mut json).await.unwrap().id, "api");
+        assert_eq!(json.session.sticky, Some(StickyResult::Detour));
+        assert_eq!(json.session.bound.as_deref(), Some("chatgpt"));
+        drop(json);
+        let mut streamed = responses(true);
+        assert_eq!(s.choose(&mut streamed).await.unwrap().id, "chatgpt");
+        assert_eq!(streamed.session.sticky, Some(StickyResult::Hit));
+        drop(streamed);
+        // Compaction answers JSON on the ChatGPT backend too: it stays.
+        let mut compact = responses(false);
+        compact.route.upstream_path = "/responses/compact".into();
+        assert_eq!(s.choose(&mut compact).await.unwrap().id, "chatgpt");
+    }
+
+    #[tokio::test]
+    async fn no_account_says_a_chatgpt_account_wants_a_stream() {
+        use crate::accounts::Credential;
+        let chatgpt = with(
+            account("chatgpt", AccountType::OpenaiResponses, 10, 1),
+            |a| {
+                a.credential = Credential::new("eyJhbGciOi.payload.sig".into());
+            },
+        );
+        let dir = Arc::new(Dir(Arc::new(vec![chatgpt])));
+        let s = StickyUpstream::new(dir, MemorySessionStore::new(100), StickyConfig::default());
+        let mut c = for_model("conv", "gpt-5");
+        c.route.protocol = Protocol::OpenaiResponses;
+        c.route.upstream_path = crate::route::RESPONSES_PATH.into();
+        let err = s.choose(&mut c).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NoAvailableAccount);
+        assert_eq!(err.retry_after, None);
+        assert!(err.message.contains("\"stream\": true"), "{}", err.message);
+        // Nothing to do with streams: the plain message.
+        let err = s.choose(&mut ctx(None)).await.unwrap_err();
+        assert!(!err.message.contains("ChatGPT"), "{}", err.message);
     }
 
     #[tokio::test]

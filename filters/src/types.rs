@@ -103,6 +103,15 @@ impl AccountType {
         )
     }
 
+    /// The platform (a key's allowed-platform name) its accounts serve.
+    pub fn platform(self) -> &'static str {
+        match self {
+            AccountType::Claude | AccountType::ClaudeOfficial => Protocol::Anthropic.platform(),
+            AccountType::Openai | AccountType::OpenaiResponses => Protocol::OpenaiChat.platform(),
+            AccountType::Gemini => Protocol::Gemini.platform(),
+        }
+    }
+
     /// Default upstream base URL of this account type.
     pub fn default_base_url(self) -> &'static str {
         match self {
@@ -172,11 +181,12 @@ impl TokenUsage {
 /// One served request, as booked (DESIGN §9). Money is integer micro-USD.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
-    /// Record id: a uuid v7 the relay made, unique. The relay's `x-request-id` unless the
-    /// client sent its own.
+    /// Record id: a uuid v7 the relay made, unique; the client got it as
+    /// `x-relay-request-id`.
     pub id: String,
-    /// The client's `x-request-id`, when it sent one (the relay answered with it). Neither
-    /// unique nor trusted: a client may send the same one twice.
+    /// The client's `x-request-id`, when it sent one (passed upstream, and echoed unless the
+    /// upstream answered with its own). Neither unique nor trusted: a client may send the same
+    /// one twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
     /// Epoch milliseconds when the request arrived.

@@ -320,7 +320,7 @@ impl RelayProxy {
                 Some(f) if !f.account_refused => {
                     ctx.status = f.status;
                     ctx.error_type = Some(ErrorKind::Upstream.type_name());
-                    let resp = copy_head(&f.head, &rctx.request_id, Some(f.body.len()));
+                    let resp = copy_head(&f.head, rctx, Some(f.body.len()));
                     session.write_response_header(&resp)?;
                     session.write_response_body(f.body, true).await?;
                     Ok(())
@@ -335,7 +335,10 @@ impl RelayProxy {
                         502,
                         "application/json",
                         body,
-                        &[("x-request-id", rctx.request_id.clone())],
+                        &[
+                            ("x-request-id", rctx.echoed_request_id().to_string()),
+                            (super::X_RELAY_REQUEST_ID, rctx.request_id.clone()),
+                        ],
                     ))
                     .await
                 }
@@ -378,7 +381,7 @@ impl RelayProxy {
         for f in &self.chain.response {
             f.on_response_head(rctx, status, &head.headers);
         }
-        let resp = copy_head(head, &rctx.request_id, None);
+        let resp = copy_head(head, rctx, None);
         // Only a streamed answer is long enough to watch the client during.
         let stream =
             is_event_stream(head) || head.headers.get(http::header::CONTENT_LENGTH).is_none();
@@ -627,8 +630,14 @@ impl RelayProxy {
 /// The client-facing copy of an upstream response head. `body_len` is the length of a body the
 /// relay writes itself; otherwise the upstream's length is kept, except on event streams (whose
 /// bytes a filter may edit). Without a length the body is sent chunked, so the connection stays
-/// reusable.
-fn copy_head(head: &UpstreamHead, request_id: &str, body_len: Option<usize>) -> ResponseHeader {
+/// reusable. The upstream's `x-request-id` is kept (the id its provider knows the request by,
+/// which SDKs report); the request's own id goes in `x-request-id` only when the upstream sent
+/// none, and always in `x-relay-request-id`.
+fn copy_head(
+    head: &UpstreamHead,
+    rctx: &relay_filters::context::RequestCtx,
+    body_len: Option<usize>,
+) -> ResponseHeader {
     // Filled as a plain header map and wrapped afterwards: `ResponseHeader`'s own insertions take
     // each name through a title-cased copy and parse it back, two allocations per field.
     let (mut parts, ()) = http::Response::new(()).into_parts();
@@ -636,7 +645,7 @@ fn copy_head(head: &UpstreamHead, request_id: &str, body_len: Option<usize>) -> 
     // Room for what is added here (length or chunked, request id): growing the map would
     // double it. (Date and connection are written by the client side into the head's bytes.)
     let headers = &mut parts.headers;
-    headers.reserve(head.headers.len() + 2);
+    headers.reserve(head.headers.len() + 3);
     let event_stream = is_event_stream(head);
     for (name, value) in head.headers.iter() {
         let n = name.as_str();
@@ -661,13 +670,20 @@ fn copy_head(head: &UpstreamHead, request_id: &str, body_len: Option<usize>) -> 
     }
     // A request id is at most 128 visible characters (the client's own, or a UUID); one that is
     // not a valid value is left out rather than failing the answer.
-    if let Ok(v) = http::HeaderValue::from_str(request_id) {
-        headers.insert(X_REQUEST_ID, v);
+    if !headers.contains_key(X_REQUEST_ID) {
+        if let Ok(v) = http::HeaderValue::from_str(rctx.echoed_request_id()) {
+            headers.insert(X_REQUEST_ID, v);
+        }
+    }
+    if let Ok(v) = http::HeaderValue::from_str(&rctx.request_id) {
+        headers.insert(X_RELAY_REQUEST_ID, v);
     }
     ResponseHeader::from(parts)
 }
 
 const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+const X_RELAY_REQUEST_ID: http::HeaderName =
+    http::HeaderName::from_static(super::X_RELAY_REQUEST_ID);
 
 fn is_event_stream(head: &UpstreamHead) -> bool {
     head.headers

@@ -38,8 +38,9 @@ use relay_filters::context::RequestCtx;
 use relay_filters::cost::PriceSource;
 use relay_filters::error::{error_body, ErrorKind, Rejection};
 use relay_filters::key_limits::user_subject;
+use relay_filters::model_list::{render, servable_models, Dialect};
 use relay_filters::request_body::{parse_request_body, validate_for};
-use relay_filters::route::{match_route, Route};
+use relay_filters::route::{match_route, ModelsRoute, Route};
 use relay_filters::{now_ms, Protocol, UsageRecord};
 
 use crate::background::account_events::AccountEvents;
@@ -142,12 +143,12 @@ impl RelayProxy {
         ctx: &mut ProxyCtx,
         protocol: Protocol,
         rejection: &Rejection,
-        request_id: &str,
+        ids: &RequestIds,
     ) -> pingora::Result<()> {
         let status = rejection.kind.status();
         ctx.status = status;
         ctx.error_type = Some(rejection.kind.type_name());
-        let mut extra = vec![("x-request-id", request_id.to_string())];
+        let mut extra = ids.headers().to_vec();
         if let Some(s) = rejection.retry_after {
             extra.push(("retry-after", s.to_string()));
         }
@@ -178,8 +179,7 @@ impl RelayProxy {
         session: &mut Session,
         ctx: &mut ProxyCtx,
         route: relay_filters::route::ApiRoute,
-        request_id: String,
-        request_id_from_client: bool,
+        ids: RequestIds,
     ) -> pingora::Result<()> {
         let protocol = route.protocol;
         let query = session.req_header().uri.query().map(str::to_string);
@@ -191,7 +191,7 @@ impl RelayProxy {
                 Ok(key) => pre_auth = Some(relay_filters::context::AuthInfo { key }),
                 Err(r) => {
                     session.set_keep_alive(false);
-                    return Self::reject(session, ctx, protocol, &r, &request_id).await;
+                    return Self::reject(session, ctx, protocol, &r, &ids).await;
                 }
             }
         }
@@ -212,7 +212,7 @@ impl RelayProxy {
                 ),
             );
             session.set_keep_alive(false);
-            return Self::reject(session, ctx, protocol, &r, &request_id).await;
+            return Self::reject(session, ctx, protocol, &r, &ids).await;
         }
         let expects_continue = header_map(session)
             .get(http::header::EXPECT)
@@ -227,7 +227,7 @@ impl RelayProxy {
             Ok(b) => b,
             Err(r) => {
                 session.set_keep_alive(false);
-                return Self::reject(session, ctx, protocol, &r, &request_id).await;
+                return Self::reject(session, ctx, protocol, &r, &ids).await;
             }
         };
 
@@ -237,15 +237,14 @@ impl RelayProxy {
                 Ok(p) => p,
                 Err(e) => {
                     let r = Rejection::new(ErrorKind::InvalidRequest, e.to_string());
-                    return Self::reject(session, ctx, protocol, &r, &request_id).await;
+                    return Self::reject(session, ctx, protocol, &r, &ids).await;
                 }
             };
         // Made in its place: as a local held across the chain's await, the context (1 KB) sized
         // this future, and so every open stream's, once more.
-        let rctx = ctx
-            .req
-            .insert(RequestCtx::new(request_id.clone(), route, started_ms));
-        rctx.request_id_from_client = request_id_from_client;
+        let RequestIds { relay, client } = ids;
+        let rctx = ctx.req.insert(RequestCtx::new(relay, route, started_ms));
+        rctx.client_request_id = client;
         rctx.started = started;
         rctx.auth = pre_auth;
         rctx.request.model = parsed.model.as_deref().map(str::to_string);
@@ -265,7 +264,11 @@ impl RelayProxy {
         let flow = self.chain.run_request(rctx, &view).await;
         drop(parsed);
         if let Flow::Reject(r) = flow {
-            return Self::reject(session, ctx, protocol, &r, &request_id).await;
+            let ids = RequestIds {
+                relay: rctx.request_id.clone(),
+                client: rctx.client_request_id.clone(),
+            };
+            return Self::reject(session, ctx, protocol, &r, &ids).await;
         }
         if let Some(s) = ctx.req.as_ref().and_then(|r| r.session.sticky) {
             metrics().sticky.with_label_values(&[s.as_str()]).inc();
@@ -276,48 +279,31 @@ impl RelayProxy {
         Ok(())
     }
 
-    fn list_models(&self, session: &Session) -> Result<Bytes, Rejection> {
+    /// The answer to a model list or lookup: the models the key can be served, in the shape
+    /// the client expects (DESIGN §4), or the refusal in that shape's protocol.
+    fn models(
+        &self,
+        session: &Session,
+        route: &ModelsRoute,
+    ) -> Result<Bytes, (Protocol, Rejection)> {
         let query = session.req_header().uri.query();
+        let dialect = Dialect::of(route, header_map(session), query);
+        let refused = |r| (dialect.protocol(), r);
         let Some(auth) = &self.chain.auth else {
-            return Err(Rejection::new(
+            return Err(refused(Rejection::new(
                 ErrorKind::Authentication,
                 "no authentication configured",
-            ));
+            )));
         };
-        let key = auth.authenticate(header_map(session), query, now_ms())?;
-        let mut models: Vec<(String, &'static str)> = Vec::new();
+        let key = auth
+            .authenticate(header_map(session), query, now_ms())
+            .map_err(refused)?;
         let accounts = self.accounts.snapshot();
-        for a in accounts.iter() {
-            let owner = a.account_type.as_str();
-            for m in a.models.iter().chain(a.model_map.keys()) {
-                models.push((m.clone(), owner));
-            }
-        }
-        for m in self.prices.table().models().map(|(m, _)| m.to_string()) {
-            let owner = if m.starts_with("claude") {
-                "anthropic"
-            } else if m.starts_with("gemini") {
-                "google"
-            } else {
-                "openai"
-            };
-            models.push((m, owner));
-        }
-        models.sort();
-        models.dedup_by(|a, b| a.0 == b.0);
-        let data: Vec<serde_json::Value> = models
-            .into_iter()
-            .filter(|(m, _)| key.allows_model(m))
-            .map(|(id, owner)| {
-                serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": owner, "type": "model", "display_name": id})
-            })
-            .collect();
-        Ok(Bytes::from(
-            serde_json::to_vec(
-                &serde_json::json!({"object": "list", "data": data, "has_more": false}),
-            )
-            .unwrap_or_default(),
-        ))
+        let prices = self.prices.table();
+        let priced: Vec<&str> = prices.models().map(|(m, _)| m).collect();
+        let models = servable_models(&accounts, &priced, &key, dialect);
+        let body = render(route, dialect, &models).map_err(refused)?;
+        Ok(Bytes::from(serde_json::to_vec(&body).unwrap_or_default()))
     }
 
     /// Builds and queues the usage record of a request that reached the chain.
@@ -379,17 +365,9 @@ impl RelayProxy {
         // The request ends here: what only the record needs is moved into it.
         // The record's id is the relay's own: a client's x-request-id may repeat, and a record
         // with an id already stored is taken for a replay and not counted.
-        let (id, request_id) = if r.request_id_from_client {
-            (
-                crate::store::new_id(),
-                Some(std::mem::take(&mut r.request_id)),
-            )
-        } else {
-            (std::mem::take(&mut r.request_id), None)
-        };
         let record = UsageRecord {
-            id,
-            request_id,
+            id: std::mem::take(&mut r.request_id),
+            request_id: r.client_request_id.take(),
             created_at: r.started_ms,
             user_id: Some(auth.key.user_id.clone()),
             api_key_id: Some(auth.key.id.clone()),
@@ -463,7 +441,8 @@ impl RelayProxy {
             metrics().estimated.with_label_values(&[protocol]).inc();
         }
         crate::access_log::log(&crate::access_log::AccessLine {
-            request_id: record.request_id.as_deref().unwrap_or(&record.id),
+            request_id: &record.id,
+            client_request_id: record.request_id.as_deref().unwrap_or("-"),
             protocol,
             account,
             model: record.upstream_model.as_deref().unwrap_or("-"),
@@ -511,6 +490,32 @@ fn storable_text(text: String) -> String {
         text
     }
 }
+
+/// A request's ids as the client sees them.
+struct RequestIds {
+    /// The relay's own (the usage record's id).
+    relay: String,
+    /// The client's `x-request-id`, when it sent a usable one.
+    client: Option<String>,
+}
+
+impl RequestIds {
+    /// The id fields of an answer the relay writes itself: `x-request-id` (the client's own,
+    /// else the relay's) and `x-relay-request-id` (the relay's).
+    fn headers(&self) -> [(&'static str, String); 2] {
+        [
+            (
+                "x-request-id",
+                self.client.clone().unwrap_or_else(|| self.relay.clone()),
+            ),
+            (X_RELAY_REQUEST_ID, self.relay.clone()),
+        ]
+    }
+}
+
+/// Where every answer carries the relay's own id of the request: the usage record's id (an
+/// upstream's answer keeps the upstream's `x-request-id`).
+pub(crate) const X_RELAY_REQUEST_ID: &str = "x-relay-request-id";
 
 /// The refusal of an unknown path, in the protocol its prefix suggests.
 fn not_found(method: &str, path: &str) -> (Protocol, Rejection) {
@@ -634,15 +639,16 @@ impl RelayProxy {
     /// Serves one request: route, body, filters, upstream exchange. Every answer, also every
     /// refusal, is written here.
     async fn serve(&self, session: &mut Session, ctx: &mut ProxyCtx) -> pingora::Result<()> {
-        // Taken when it is a plain token: it goes into the access log and the record as it is,
-        // so spaces, quotes or `=` there could forge a log line's fields.
-        let client_id = header_map(session)
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(is_id_byte))
-            .map(str::to_string);
-        let from_client = client_id.is_some();
-        let request_id = client_id.unwrap_or_else(crate::store::new_id);
+        // The client's id is taken when it is a plain token: it goes into the access log and
+        // the record as it is, so spaces, quotes or `=` there could forge a log line's fields.
+        let ids = RequestIds {
+            relay: crate::store::new_id(),
+            client: header_map(session)
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(is_id_byte))
+                .map(str::to_string),
+        };
         let head = session.req_header();
         let (method, path) = (head.method.as_str(), head.uri.path());
         // Matched on the head's own strings; an unknown path's refusal is made before the
@@ -654,40 +660,68 @@ impl RelayProxy {
                 Self::respond(session, 200, "text/plain", Bytes::from_static(b"ok"), &[]).await?;
                 Ok(())
             }
-            Ok(Route::ListModels) => {
-                match self.list_models(session) {
+            Ok(Route::Models(route)) => {
+                match self.models(session, &route) {
                     Ok(body) => {
                         ctx.status = 200;
-                        Self::respond(
-                            session,
-                            200,
-                            "application/json",
-                            body,
-                            &[("x-request-id", request_id)],
-                        )
-                        .await?;
+                        Self::respond(session, 200, "application/json", body, &ids.headers())
+                            .await?;
                     }
-                    Err(r) => {
-                        Self::reject(session, ctx, Protocol::OpenaiChat, &r, &request_id).await?;
+                    Err((protocol, r)) => {
+                        Self::reject(session, ctx, protocol, &r, &ids).await?;
                     }
                 }
                 Ok(())
+            }
+            Ok(Route::ResponsesWebsocket) => {
+                Box::pin(self.refuse_websocket(session, ctx, &ids)).await
             }
             Ok(Route::Api(route)) => {
                 let protocol = route.protocol;
                 let gauge = &crate::metrics::protocol_series(protocol).inflight;
                 gauge.inc();
-                let result = self
-                    .handle_api(session, ctx, route, request_id, from_client)
-                    .await;
+                let result = self.handle_api(session, ctx, route, ids).await;
                 gauge.dec();
                 result
             }
             Err((protocol, r)) => {
                 session.set_keep_alive(false);
-                Self::reject(session, ctx, protocol, &r, &request_id).await
+                Self::reject(session, ctx, protocol, &r, &ids).await
             }
         }
+    }
+
+    /// A `GET` of the Responses path. A WebSocket handshake (Codex's first try) is answered 426
+    /// once its key is good: Codex falls back to HTTP at once on a 426 (any other refusal it
+    /// retries with backoff, seconds per session). A bad key gets its 401 as on HTTP. No
+    /// `Upgrade` field is sent back: the answer asks the client to stay on the HTTP/1.1 it
+    /// speaks, and the connection is closed after it, as a client that asked to switch
+    /// protocols expects either the switch or the end. A plain `GET` is an unknown route.
+    async fn refuse_websocket(
+        &self,
+        session: &mut Session,
+        ctx: &mut ProxyCtx,
+        ids: &RequestIds,
+    ) -> pingora::Result<()> {
+        let protocol = Protocol::OpenaiResponses;
+        session.set_keep_alive(false);
+        let head = session.req_header();
+        if !relay_filters::route::asks_websocket(&head.headers) {
+            let (_, r) = not_found(head.method.as_str(), head.uri.path());
+            return Self::reject(session, ctx, protocol, &r, ids).await;
+        }
+        let query = head.uri.query();
+        let r = match &self.chain.auth {
+            Some(auth) => match auth.authenticate(header_map(session), query, now_ms()) {
+                Ok(_) => Rejection::new(
+                    ErrorKind::UpgradeRequired,
+                    "the Responses API is served over HTTP here, not WebSocket: POST the request",
+                ),
+                Err(r) => r,
+            },
+            None => Rejection::new(ErrorKind::Authentication, "no authentication configured"),
+        };
+        Self::reject(session, ctx, protocol, &r, ids).await
     }
 
     /// Books the request: usage, cost, metrics and the usage record, for every request that was

@@ -95,8 +95,7 @@ impl UsageDim {
 pub struct UsageRow {
     /// Record id (unique).
     pub id: String,
-    /// The `x-request-id` the relay answered with: the client's own when it sent one, the
-    /// record id otherwise.
+    /// The client's own `x-request-id` when it sent one, the record id otherwise.
     pub request_id: String,
     /// Epoch ms when the request arrived.
     pub created_at: i64,

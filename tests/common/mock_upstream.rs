@@ -4,8 +4,8 @@
 //!
 //! The request path decides the protocol of the answer, as it does at the real providers:
 //! `…/chat/completions` → OpenAI Chat, `…/responses` → OpenAI Responses,
-//! `…/models/{m}:generateContent` / `:streamGenerateContent` → Gemini, anything else →
-//! Anthropic Messages. Any prefix before those (an account's base-URL path) is ignored.
+//! `…/models/{m}:generateContent` / `:streamGenerateContent` / `:countTokens` → Gemini, anything
+//! else → Anthropic Messages. Any prefix before those (an account's base-URL path) is ignored.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -78,7 +78,9 @@ impl WireProtocol {
         } else if path.ends_with("/responses") || path.ends_with("/responses/compact") {
             WireProtocol::OpenaiResponses
         } else if path.contains("/models/")
-            && (path.ends_with(":generateContent") || path.ends_with(":streamGenerateContent"))
+            && (path.ends_with(":generateContent")
+                || path.ends_with(":streamGenerateContent")
+                || path.ends_with(":countTokens"))
         {
             WireProtocol::Gemini
         } else {
@@ -134,6 +136,9 @@ pub struct Behavior {
     /// Answer with this status as soon as the request head is in, and close without reading
     /// the body (an upstream refusing a body too large).
     pub refuse_body_with: Option<u16>,
+    /// Refuse a `/responses` call that does not ask for a stream, as the ChatGPT Codex backend
+    /// does: `400 {"detail":"Stream must be set to true"}` (`/responses/compact` is answered).
+    pub streams_only: bool,
 }
 
 impl Default for Behavior {
@@ -167,6 +172,7 @@ impl Default for Behavior {
             token_expires_in: Some(28800),
             token_rotates: true,
             refuse_body_with: None,
+            streams_only: false,
         }
     }
 }
@@ -216,6 +222,8 @@ pub struct AnswerFor {
     pub stream: bool,
     /// Gemini `:streamGenerateContent` with `alt=sse` (else a JSON array).
     pub gemini_sse: bool,
+    /// Gemini `:countTokens`: answered with a token count, no content.
+    pub count_tokens: bool,
     /// Chat `stream_options.include_usage` is `true`.
     pub include_usage: bool,
     /// Response / completion id, unique per mock and request.
@@ -254,12 +262,18 @@ impl AnswerFor {
             requested_model,
             stream,
             gemini_sse: query.split('&').any(|kv| kv == "alt=sse"),
+            count_tokens: protocol == WireProtocol::Gemini && gemini_method == "countTokens",
             include_usage: json
                 .pointer("/stream_options/include_usage")
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false),
             id: format!("mock_{port}_{seq}"),
         }
+    }
+
+    /// The id the upstream gives the request in `x-request-id` (OpenAI's `req_...`).
+    pub fn upstream_request_id(&self) -> String {
+        format!("req_{}", self.id)
     }
 
     fn model(&self, b: &Behavior) -> String {
@@ -463,6 +477,7 @@ impl MockUpstream {
             }
             let body: Vec<u8> = buf.drain(..len).collect();
             let token_endpoint = path.ends_with("/oauth/token");
+            let compact = path.split('?').next().unwrap_or("").ends_with("/compact");
             let answer = {
                 let mut received = self.received.lock().unwrap();
                 let answer = AnswerFor::of(&path, &body, self.port, received.len() + 1);
@@ -475,13 +490,27 @@ impl MockUpstream {
                 });
                 answer
             };
-            let b = self.behavior.lock().unwrap().clone();
+            let mut b = self.behavior.lock().unwrap().clone();
             if !b.head_delay.is_zero() {
                 tokio::time::sleep(b.head_delay).await;
             }
+            let responses_call = answer.protocol == WireProtocol::OpenaiResponses && !compact;
+            if b.streams_only && responses_call && !answer.stream {
+                b.status = 400;
+                b.error_body = r#"{"detail":"Stream must be set to true"}"#.into();
+            }
+            // OpenAI names every answer, errors too, by its own request id; Anthropic's is
+            // `request-id`, Gemini sends none.
+            let upstream_id = match answer.protocol {
+                WireProtocol::OpenaiChat | WireProtocol::OpenaiResponses => {
+                    format!("x-request-id: {}\r\n", answer.upstream_request_id())
+                }
+                WireProtocol::Anthropic => "request-id: req_mock\r\n".to_string(),
+                WireProtocol::Gemini => String::new(),
+            };
             if b.status != 200 {
                 let mut resp = format!(
-                    "HTTP/1.1 {} Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+                    "HTTP/1.1 {} Error\r\ncontent-type: application/json\r\n{upstream_id}content-length: {}\r\n",
                     b.status,
                     b.error_body.len()
                 );
@@ -533,18 +562,21 @@ impl MockUpstream {
                     WireProtocol::OpenaiResponses => responses_events(&b, &answer),
                     WireProtocol::Gemini => gemini_events(&b, &answer),
                 };
-                self.write_stream(&mut sock, &b, &events).await?;
+                self.write_stream(&mut sock, &b, &events, &upstream_id)
+                    .await?;
                 if b.cut_after.is_some() {
                     return Ok(());
                 }
             } else {
-                let (json, extra) = match answer.protocol {
-                    WireProtocol::Anthropic => (anthropic_json(&b), "request-id: req_mock\r\n"),
-                    WireProtocol::OpenaiChat => (chat_json(&b, &answer), ""),
-                    WireProtocol::OpenaiResponses => (responses_json(&b, &answer), ""),
+                let extra = &upstream_id;
+                let json = match answer.protocol {
+                    WireProtocol::Anthropic => anthropic_json(&b),
+                    WireProtocol::OpenaiChat => chat_json(&b, &answer),
+                    WireProtocol::OpenaiResponses => responses_json(&b, &answer),
                     // `:streamGenerateContent` without `alt=sse` answers one JSON array.
-                    WireProtocol::Gemini if answer.stream => (gemini_array(&b, &answer), ""),
-                    WireProtocol::Gemini => (gemini_json(&b, &answer), ""),
+                    WireProtocol::Gemini if answer.count_tokens => gemini_count(&b),
+                    WireProtocol::Gemini if answer.stream => gemini_array(&b, &answer),
+                    WireProtocol::Gemini => gemini_json(&b, &answer),
                 };
                 // `cut_after` on an array stream: its first elements, then the connection closes.
                 let (json, cut_json_after) = match b.cut_after {
@@ -582,9 +614,10 @@ impl MockUpstream {
         sock: &mut (impl AsyncWrite + Unpin),
         b: &Behavior,
         events: &[String],
+        extra_head: &str,
     ) -> std::io::Result<()> {
         let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: {}\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-type: {}\r\ncache-control: no-cache\r\n{extra_head}transfer-encoding: chunked\r\n\r\n",
             b.stream_content_type.as_deref().unwrap_or("text/event-stream")
         );
         sock.write_all(head.as_bytes()).await?;
@@ -968,6 +1001,15 @@ fn gemini_chunk(
         "modelVersion": a.model(b),
         "responseId": a.id,
     })
+}
+
+/// A Gemini `countTokens` answer: the prompt's size, `usage.input` tokens.
+pub fn gemini_count(b: &Behavior) -> String {
+    serde_json::json!({
+        "totalTokens": b.usage.input,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": b.usage.input}],
+    })
+    .to_string()
 }
 
 /// A non-streamed Gemini `generateContent` answer.

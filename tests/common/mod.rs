@@ -549,6 +549,14 @@ pub fn record_by_request_id<'a>(
         .unwrap_or_else(|| panic!("no usage record with request id {id} among {records:?}"))
 }
 
+/// The usage record whose id is `id` (the relay's own, answered as `x-relay-request-id`).
+pub fn record_by_id<'a>(records: &'a [serde_json::Value], id: &str) -> &'a serde_json::Value {
+    records
+        .iter()
+        .find(|r| r["id"] == id)
+        .unwrap_or_else(|| panic!("no usage record {id} among {records:?}"))
+}
+
 /// An OpenAI Chat Completions request body.
 pub fn chat_body(model: &str, stream: bool, messages: serde_json::Value) -> serde_json::Value {
     serde_json::json!({

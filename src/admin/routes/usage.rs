@@ -67,7 +67,7 @@ pub struct DayUsage<T> {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OwnRecord {
     pub id: String,
-    /// The `x-request-id` the relay answered with (the client's own when it sent one).
+    /// The client's own `x-request-id` when it sent one, else the record id.
     pub request_id: String,
     pub created_at: i64,
     pub api_key_id: Option<String>,
