@@ -979,3 +979,41 @@ async fn a_stream_cut_inside_an_event_still_ends_with_an_error_event() {
     let v: serde_json::Value = serde_json::from_str(data).unwrap();
     assert_anthropic_error(&v, "upstream_error");
 }
+
+/// What names the operator's provider account (its organization and project, its cookies) does
+/// not reach the tenant: not in the answer's headers, not in an error body passed through.
+#[tokio::test]
+async fn the_provider_accounts_organization_does_not_reach_the_tenant() {
+    let s = setup_with(10_000, serde_json::json!({})).await;
+    // A client error, passed through as it came but for what names the account.
+    s.mock.set(|b| {
+        b.status = 400;
+        b.error_body = r#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens too large for organization org-OperatorOrg12345"}}"#.into();
+        b.extra_headers = vec![
+            ("anthropic-organization-id".into(), "4f1c2a9e-org-of-the-operator".into()),
+            ("openai-organization".into(), "org-OperatorOrg12345".into()),
+            ("openai-project".into(), "proj_OperatorProject1".into()),
+            ("set-cookie".into(), "__cf_bm=operator-cookie; path=/".into()),
+            ("anthropic-ratelimit-requests-remaining".into(), "99".into()),
+        ];
+    });
+    let body = messages_body(MODEL, false, conversation("org", 1));
+    let r = s.relay.post_json("/v1/messages", &s.key, &body).await;
+    assert_eq!(r.status(), 400);
+    for name in [
+        "anthropic-organization-id",
+        "openai-organization",
+        "openai-project",
+        "set-cookie",
+    ] {
+        assert!(!r.headers().contains_key(name), "{name} reached the tenant");
+    }
+    assert_eq!(r.headers()["anthropic-ratelimit-requests-remaining"], "99");
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("OperatorOrg"), "{text}");
+    assert!(
+        text.contains("organization org-****************"),
+        "{text}"
+    );
+    assert_eq!(s.mock.count(), 1, "a client error is not failed over");
+}

@@ -31,6 +31,15 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// Upstream answer headers that name the operator's provider account (its organization, its
+/// project) or carry its cookies: not passed to tenants.
+const ACCOUNT_HEADERS: &[&str] = &[
+    "anthropic-organization-id",
+    "openai-organization",
+    "openai-project",
+    "set-cookie",
+];
+
 /// Most bytes gathered from already-buffered upstream chunks into one client write.
 const COALESCE_LIMIT: usize = 64 * 1024;
 
@@ -214,7 +223,8 @@ impl RelayProxy {
                         break;
                     }
                     // Read the (small) error body: it may carry a reset hint or say what failed.
-                    let err_body = read_limited(&mut att.upstream, ERROR_BODY_LIMIT).await;
+                    let err_body =
+                        mask_account_ids(read_limited(&mut att.upstream, ERROR_BODY_LIMIT).await);
                     let fault = classify_error(status, &err_body);
                     let is_auth_error = matches!(status, 401 | 403);
                     let passed_on = fault == Fault::NotTheAccount
@@ -650,6 +660,7 @@ fn copy_head(
     for (name, value) in head.headers.iter() {
         let n = name.as_str();
         if HOP_BY_HOP.contains(&n)
+            || ACCOUNT_HEADERS.contains(&n)
             || (n == "content-length" && (body_len.is_some() || event_stream))
         {
             continue;
@@ -727,6 +738,35 @@ struct LastFailure {
 
 /// Reads a (small) response body until at least `limit` bytes are in (whole pieces, so what is
 /// read can still be passed on unchanged); the rest is left unread.
+/// An upstream error body with the provider account's organization and project ids (OpenAI's
+/// `org-…` and `proj_…`, as in "Rate limit reached … in organization org-…") masked with `*`,
+/// byte for byte, so the body keeps its length: the tenant learns nothing of the account.
+fn mask_account_ids(body: Bytes) -> Bytes {
+    const PREFIXES: [&[u8]; 2] = [b"org-", b"proj_"];
+    /// Shorter runs are words ("org-wide"), not ids.
+    const MIN_ID: usize = 8;
+    let id_byte = |b: &u8| b.is_ascii_alphanumeric();
+    let mut masked: Option<Vec<u8>> = None;
+    let mut at = 0;
+    while at < body.len() {
+        let starts = PREFIXES
+            .iter()
+            .find(|p| body[at..].starts_with(p) && (at == 0 || !id_byte(&body[at - 1])));
+        let Some(prefix) = starts else {
+            at += 1;
+            continue;
+        };
+        let from = at + prefix.len();
+        let run = body[from..].iter().take_while(|b| id_byte(b)).count();
+        if run >= MIN_ID {
+            let out = masked.get_or_insert_with(|| body.to_vec());
+            out[from..from + run].fill(b'*');
+        }
+        at = from + run;
+    }
+    masked.map_or(body, Bytes::from)
+}
+
 async fn read_limited(up: &mut H1Upstream, limit: usize) -> Bytes {
     let mut buf = Vec::new();
     let read = async {
@@ -744,6 +784,35 @@ async fn read_limited(up: &mut H1Upstream, limit: usize) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::SentTail;
+
+    #[test]
+    fn account_ids_in_error_bodies_are_masked_in_place() {
+        let mask = |s: &str| {
+            let out = super::mask_account_ids(bytes::Bytes::copy_from_slice(s.as_bytes()));
+            assert_eq!(out.len(), s.len(), "{s}");
+            String::from_utf8(out.to_vec()).expect("text")
+        };
+        assert_eq!(
+            mask(
+                r#"{"error":{"message":"Rate limit reached for gpt-4o in organization org-AbC123xyz789 on tokens per min"}}"#
+            ),
+            r#"{"error":{"message":"Rate limit reached for gpt-4o in organization org-************ on tokens per min"}}"#
+        );
+        assert_eq!(
+            mask("project proj_0123456789abcdef, org-ABCDEFGH."),
+            "project proj_****************, org-********."
+        );
+        // Words and ids of other things stay.
+        for same in [
+            "an org-wide limit",
+            "sorg-ABCDEFGHIJ",
+            "no ids here",
+            "org-",
+            "",
+        ] {
+            assert_eq!(mask(same), same);
+        }
+    }
 
     #[test]
     fn the_sent_tail_tells_whether_an_event_ended() {
