@@ -1011,9 +1011,6 @@ async fn the_provider_accounts_organization_does_not_reach_the_tenant() {
     assert_eq!(r.headers()["anthropic-ratelimit-requests-remaining"], "99");
     let text = r.text().await.unwrap();
     assert!(!text.contains("OperatorOrg"), "{text}");
-    assert!(
-        text.contains("organization org-****************"),
-        "{text}"
-    );
+    assert!(text.contains("organization org-****************"), "{text}");
     assert_eq!(s.mock.count(), 1, "a client error is not failed over");
 }

@@ -139,6 +139,12 @@ async fn openai_account(relay: &Relay, mock: &MockUpstream) -> String {
         .await
 }
 
+async fn gemini_account(relay: &Relay, mock: &MockUpstream) -> String {
+    relay
+        .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
+        .await
+}
+
 #[tokio::test]
 async fn chat_json_and_streams_swap_credentials_and_book_normalised_usage() {
     let mock = MockUpstream::start().await;
@@ -1253,9 +1259,7 @@ const GEMINI_USAGE: MockUsage = MockUsage {
 async fn gemini_keys_are_swapped_aliases_route_and_thoughts_are_billed() {
     let mock = MockUpstream::start().await;
     let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
-    let account_id = relay
-        .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
-        .await;
+    let account_id = gemini_account(&relay, &mock).await;
     relay.wait_accounts_loaded(1).await;
     mock.set(|b| {
         b.usage = GEMINI_USAGE;
@@ -1412,9 +1416,7 @@ async fn gemini_keys_are_swapped_aliases_route_and_thoughts_are_billed() {
 async fn gemini_count_tokens_reaches_a_gemini_account_and_is_not_billed() {
     let mock = MockUpstream::start().await;
     let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
-    let account_id = relay
-        .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
-        .await;
+    let account_id = gemini_account(&relay, &mock).await;
     relay.wait_accounts_loaded(1).await;
     mock.set(|b| b.usage = MockUsage::io(31, 0));
     let sdk = ClientFixture::load("sdk-gemini.turn1.json");
@@ -1476,9 +1478,7 @@ async fn gemini_count_tokens_reaches_a_gemini_account_and_is_not_billed() {
 async fn gemini_errors_have_gemini_shape() {
     let mock = MockUpstream::start().await;
     let (relay, user_id, _, key) = relay_with_key(serde_json::json!({})).await;
-    relay
-        .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
-        .await;
+    gemini_account(&relay, &mock).await;
     relay.wait_accounts_loaded(1).await;
     let path = "/v1beta/models/gemini-2.5-flash:generateContent";
     let body = gemini_body("errors", 1);
@@ -1607,9 +1607,7 @@ async fn model_list_names_what_the_key_can_be_served() {
     relay
         .create_account("claude-a", "claude", &mock.url(), "sk-ant-upstream")
         .await;
-    relay
-        .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
-        .await;
+    gemini_account(&relay, &mock).await;
     relay.wait_accounts_loaded(3).await;
     let (_, claude_key) = relay
         .create_key(
@@ -1807,9 +1805,7 @@ async fn the_upstreams_request_id_is_kept_and_the_relays_comes_apart() {
     let mock = MockUpstream::start().await;
     let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
     openai_account(&relay, &mock).await;
-    relay
-        .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
-        .await;
+    gemini_account(&relay, &mock).await;
     relay.wait_accounts_loaded(2).await;
     let ids = |r: &reqwest::Response| {
         let get = |h: &str| r.headers().get(h).map(|v| v.to_str().unwrap().to_string());
@@ -1976,9 +1972,7 @@ async fn cut_streams_end_with_the_protocols_error_event_and_book_what_was_seen()
     let mock = MockUpstream::start().await;
     let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
     openai_account(&relay, &mock).await;
-    relay
-        .create_account("gemini-a", "gemini", &mock.url(), GEMINI_SECRET)
-        .await;
+    gemini_account(&relay, &mock).await;
     relay.wait_accounts_loaded(2).await;
     mock.set(|b| {
         b.usage = GEMINI_USAGE;

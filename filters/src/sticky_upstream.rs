@@ -549,6 +549,25 @@ mod tests {
         c
     }
 
+    /// An upstream answer of `status` that says nothing more.
+    fn answered(status: u16) -> crate::account_state::Outcome {
+        crate::account_state::Outcome::Status {
+            status,
+            reset_at_ms: None,
+            fault: crate::account_state::Fault::ByStatus,
+        }
+    }
+
+    /// Two accounts alike, `a` and `b`, in one directory.
+    fn pair() -> (Arc<Account>, Arc<Account>, Arc<Dir>) {
+        let (a, b) = (
+            account("a", AccountType::Claude, 50, 1),
+            account("b", AccountType::Claude, 50, 1),
+        );
+        let dir = Arc::new(Dir(Arc::new(vec![a.clone(), b.clone()])));
+        (a, b, dir)
+    }
+
     #[tokio::test]
     async fn sticky_then_rebind_when_unusable() {
         let a = account("a", AccountType::Claude, 50, 1);
@@ -939,17 +958,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_pool_cooling_for_overload_alone_is_still_tried_in_turn() {
-        use crate::account_state::{apply_outcome, Fault, Outcome, StateRules};
+        use crate::account_state::{apply_outcome, StateRules};
         let rules = StateRules::default();
-        let overloaded = Outcome::Status {
-            status: 529,
-            reset_at_ms: None,
-            fault: Fault::ByStatus,
-        };
-        let (a, b) = (
-            account("a", AccountType::Claude, 50, 1),
-            account("b", AccountType::Claude, 50, 1),
-        );
+        let overloaded = answered(529);
+        let (a, b, _) = pair();
         // Overloaded at 0 and 500 ms. ctx() starts at 1 000 ms.
         apply_outcome(&a, overloaded, &rules, 0);
         apply_outcome(&b, overloaded, &rules, 500);
@@ -964,12 +976,7 @@ mod tests {
         assert!(picked.iter().any(|p| p == "a"), "{picked:?}");
         assert!(picked.iter().any(|p| p == "b"), "{picked:?}");
         // One of them rate limited: the pool is refused, as it says.
-        let limited = Outcome::Status {
-            status: 429,
-            reset_at_ms: None,
-            fault: Fault::ByStatus,
-        };
-        apply_outcome(&b, limited, &rules, 600);
+        apply_outcome(&b, answered(429), &rules, 600);
         let err = s.choose(&mut ctx(None)).await.unwrap_err();
         assert_eq!(err.kind, ErrorKind::NoAvailableAccount);
         // A cooldown raised from the store (another node's, for a reason not known) neither.
@@ -1075,24 +1082,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_conversation_stays_on_its_account_while_the_whole_pool_cools_for_overload() {
-        use crate::account_state::{apply_outcome, Fault, Outcome, StateRules};
+        use crate::account_state::{apply_outcome, StateRules};
         let rules = StateRules::default();
-        let overloaded = Outcome::Status {
-            status: 529,
-            reset_at_ms: None,
-            fault: Fault::ByStatus,
-        };
-        let (a, b) = (
-            account("a", AccountType::Claude, 50, 1),
-            account("b", AccountType::Claude, 50, 1),
-        );
-        let dir = Arc::new(Dir(Arc::new(vec![a.clone(), b.clone()])));
+        let (a, b, dir) = pair();
         let s = StickyUpstream::new(dir, MemorySessionStore::new(10), StickyConfig::default());
         let mut first = ctx(Some("conv"));
         let bound = s.choose(&mut first).await.unwrap().id.clone();
         drop(first);
-        apply_outcome(&a, overloaded, &rules, 0);
-        apply_outcome(&b, overloaded, &rules, 0);
+        apply_outcome(&a, answered(529), &rules, 0);
+        apply_outcome(&b, answered(529), &rules, 0);
         for _ in 0..4 {
             let mut c = ctx(Some("conv"));
             assert_eq!(s.choose(&mut c).await.unwrap().id, bound);
@@ -1103,18 +1101,9 @@ mod tests {
 
     #[tokio::test]
     async fn one_failure_that_leaves_the_account_in_service_does_not_move_the_conversation() {
-        use crate::account_state::{apply_outcome, Fault, Outcome, StateRules};
+        use crate::account_state::{apply_outcome, StateRules};
         let rules = StateRules::default();
-        let status = |status| Outcome::Status {
-            status,
-            reset_at_ms: None,
-            fault: Fault::ByStatus,
-        };
-        let (a, b) = (
-            account("a", AccountType::Claude, 50, 1),
-            account("b", AccountType::Claude, 50, 1),
-        );
-        let dir = Arc::new(Dir(Arc::new(vec![a.clone(), b.clone()])));
+        let (_, _, dir) = pair();
         let s = StickyUpstream::new(
             dir.clone(),
             MemorySessionStore::new(10),
@@ -1129,7 +1118,7 @@ mod tests {
         assert_eq!(s.choose(&mut c).await.unwrap().id, bound.id);
         c.upstream.tried.push(bound.id.clone());
         c.upstream.account = Some(bound.clone());
-        apply_outcome(&bound, status(500), &rules, 1_000);
+        apply_outcome(&bound, answered(500), &rules, 1_000);
         assert!(bound.available(1_000));
         assert_eq!(s.failover(&mut c).await.unwrap().id, other.id);
         assert_eq!(c.session.sticky, Some(StickyResult::Detour));
@@ -1141,7 +1130,7 @@ mod tests {
         // A rate limit takes it out of service: the conversation moves.
         next.upstream.tried.push(bound.id.clone());
         next.upstream.account = Some(bound.clone());
-        apply_outcome(&bound, status(429), &rules, 1_000);
+        apply_outcome(&bound, answered(429), &rules, 1_000);
         assert_eq!(s.failover(&mut next).await.unwrap().id, other.id);
         assert_eq!(next.session.sticky, Some(StickyResult::Rebind));
         assert_eq!(next.session.bound.as_deref(), Some(other.id.as_str()));
