@@ -99,8 +99,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
         )?,
         account_state: register_int_gauge_vec!(
             "relay_account_state",
-            "Accounts by state",
-            &["state"]
+            "Accounts by platform and state",
+            &["platform", "state"]
         )?,
         account_cooldowns: register_int_counter_vec!(
             "relay_account_cooldowns_total",

@@ -99,7 +99,7 @@ async fn two_nodes_share_bindings_cooldowns_and_admin_changes() {
     }
     let hits_1 = mock_1.count();
     // The cooldown reaches node B (its refresh loop shows it in B's account states).
-    b.wait_metric("relay_account_state{state=\"cooling\"} 1")
+    b.wait_metric("relay_account_state{platform=\"claude\",state=\"cooling\"} 1")
         .await;
     for i in 0..10 {
         let r = b
@@ -181,7 +181,7 @@ async fn an_operator_ends_a_cooldown_on_every_node() {
     assert_eq!(ask(&a, "one".into()).await.unwrap().status(), 200);
     assert_eq!((limited.count(), good.count()), (1, 1));
     a.wait_stored_cooldown(&limited_id).await;
-    b.wait_metric("relay_account_state{state=\"cooling\"} 1")
+    b.wait_metric("relay_account_state{platform=\"claude\",state=\"cooling\"} 1")
         .await;
     let redis_url =
         std::env::var("RELAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
@@ -230,7 +230,7 @@ async fn an_operator_ends_a_cooldown_on_every_node() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // And keeps it ended over the refreshes that follow.
-    b.wait_metric("relay_account_state{state=\"available\"} 2")
+    b.wait_metric("relay_account_state{platform=\"claude\",state=\"available\"} 2")
         .await;
     let before = limited.count();
     assert_eq!(ask(&b, "last".into()).await.unwrap().status(), 200);

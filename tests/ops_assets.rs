@@ -584,7 +584,7 @@ relay_overhead_seconds_bucket{protocol="anthropic",le="+Inf"} 1
 relay_overhead_seconds_sum{protocol="anthropic"} 0.0002
 relay_overhead_seconds_count{protocol="anthropic"} 1
 # TYPE relay_account_state gauge
-relay_account_state{state="available"} 2
+relay_account_state{platform="claude",state="available"} 2
 # TYPE relay_sticky_total counter
 relay_sticky_total{result="hit"} 1
 "#;
@@ -612,7 +612,7 @@ fn the_checker_refuses_what_the_relay_does_not_export() {
     let refused = [
         ("sum(rate(relay_request_total[5m]))", "relay_request_total"),
         ("rate(relay_overhead_seconds[5m])", "histogram"),
-        ("sum by (platform) (relay_account_state)", "platform"),
+        ("sum by (provider) (relay_account_state)", "provider"),
         ("sum(relay_requests_total)", "without rate"),
         ("rate(relay_account_state[5m])", "gauge"),
         ("rate(relay_requests_total)", "lacks a range"),

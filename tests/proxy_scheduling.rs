@@ -118,7 +118,7 @@ async fn a_5_mib_request_fails_over_byte_identical() {
 
     // The account states are published by the refresh loop, a refresh after the cooldown.
     relay
-        .wait_metric("relay_account_state{state=\"cooling\"} 1")
+        .wait_metric("relay_account_state{platform=\"claude\",state=\"cooling\"} 1")
         .await;
     let metrics = relay.metrics_text().await;
     for needle in [
@@ -383,8 +383,14 @@ async fn setting_a_cooling_account_valid_puts_it_back_at_once() {
     assert_eq!(ask("three").await.unwrap().status(), 200);
     assert_eq!((limited.count(), good.count()), (2, 2), "still cooling");
     relay
-        .wait_metric("relay_account_state{state=\"available\"} 2")
+        .wait_metric("relay_account_state{platform=\"claude\",state=\"available\"} 2")
         .await;
+    // Counted per platform; one without accounts has none available.
+    let metrics = relay.metrics_text().await;
+    assert!(
+        metrics.contains("relay_account_state{platform=\"gemini\",state=\"available\"} 0"),
+        "{metrics}"
+    );
     assert_eq!(ask("four").await.unwrap().status(), 200);
     assert_eq!((limited.count(), good.count()), (3, 2), "cooling again");
 }

@@ -148,19 +148,29 @@ pub async fn reload_and_publish_accounts(
 /// Sets `relay_account_state{state}` from the cache.
 pub fn publish_account_states(accounts: &AccountCache) {
     use std::sync::atomic::Ordering;
+    const PLATFORMS: [&str; 3] = ["claude", "openai", "gemini"];
     let now = relay_filters::now_ms();
-    let (mut ok, mut cooling, mut off) = (0, 0, 0);
+    // Per platform: available, cooling, disabled. Every platform is published, 0 when it has
+    // no account, so a platform whose accounts all left shows as such.
+    let mut counts = [[0_i64; 3]; 3];
     for a in accounts.snapshot().iter() {
-        if !a.state.schedulable.load(Ordering::Relaxed) {
-            off += 1;
+        let platform = a.account_type.platform();
+        let Some(row) = PLATFORMS.iter().position(|p| *p == platform) else {
+            continue;
+        };
+        let state = if !a.state.schedulable.load(Ordering::Relaxed) {
+            2
         } else if a.state.cooldown_until_ms.load(Ordering::Relaxed) > now {
-            cooling += 1;
+            1
         } else {
-            ok += 1;
-        }
+            0
+        };
+        counts[row][state] += 1;
     }
     let g = &crate::metrics::metrics().account_state;
-    g.with_label_values(&["available"]).set(ok);
-    g.with_label_values(&["cooling"]).set(cooling);
-    g.with_label_values(&["disabled"]).set(off);
+    for (platform, row) in PLATFORMS.iter().zip(counts) {
+        for (state, n) in ["available", "cooling", "disabled"].iter().zip(row) {
+            g.with_label_values(&[platform, state]).set(n);
+        }
+    }
 }
