@@ -504,14 +504,19 @@ impl crate::chain::ResponseFilter for CostFilter {
         }
         let rate = ctx.auth.as_ref().map_or(10_000, |a| a.key.price_rate);
         let table = self.prices.table();
-        // The model the upstream says it ran, else the one sent to it.
-        let model = ctx
-            .usage
-            .upstream_model
-            .as_deref()
-            .filter(|m| table.get(m).is_some())
-            .or(ctx.upstream.model.as_deref())
-            .or(ctx.usage.upstream_model.as_deref());
+        // The model the upstream says it ran, else the one sent to it, else the one asked for
+        // (an account may map a priced name to a deployment name of its own), whichever has a
+        // price; without one, the record names the model as unpriced.
+        let model = [
+            &ctx.usage.upstream_model,
+            &ctx.upstream.model,
+            &ctx.request.model,
+        ]
+        .into_iter()
+        .filter_map(Option::as_deref)
+        .find(|m| table.get(m).is_some())
+        .or(ctx.upstream.model.as_deref())
+        .or(ctx.usage.upstream_model.as_deref());
         let cost = compute_cost(&table, model, &ctx.usage.tokens, rate);
         ctx.usage.base_cost = cost.base;
         ctx.usage.billed_cost = cost.billed;
@@ -543,6 +548,45 @@ mod tests {
             t.insert(name, *p);
         }
         t
+    }
+
+    #[test]
+    fn the_filter_prices_the_first_model_with_a_price() {
+        use crate::chain::ResponseFilter as _;
+        struct Fixed(std::sync::Arc<PriceTable>);
+        impl PriceSource for Fixed {
+            fn table(&self) -> std::sync::Arc<PriceTable> {
+                self.0.clone()
+            }
+        }
+        let prices = table(&[("gpt-5", price(1_250_000, 10_000_000))]);
+        let filter = CostFilter::new(std::sync::Arc::new(Fixed(std::sync::Arc::new(prices))));
+        let route = crate::route::ApiRoute {
+            protocol: crate::Protocol::OpenaiResponses,
+            upstream_path: "/responses".into(),
+            path_model: None,
+            path_stream: false,
+            billed: true,
+        };
+        let run = |requested: &str, sent: &str, reported: &str| {
+            let mut ctx = crate::context::RequestCtx::new("r".into(), route.clone(), 0);
+            ctx.request.model = Some(requested.into());
+            ctx.upstream.model = Some(sent.into());
+            ctx.usage.upstream_model = Some(reported.into());
+            ctx.usage.tokens = tokens(1000, 100, 0, 0, 0);
+            filter.on_end(&mut ctx);
+            (ctx.usage.billed_cost, ctx.usage.unpriced)
+        };
+        // An account mapped the priced name to a deployment of its own, which reports that
+        // name: billed at the name asked for, not free.
+        assert_eq!(
+            run("gpt-5", "my-deployment", "my-deployment"),
+            (2_250, false)
+        );
+        // The upstream's own priced name comes first.
+        assert_eq!(run("house", "house", "gpt-5"), (2_250, false));
+        // Nothing priced: nothing billed, and the record says why.
+        assert_eq!(run("house", "house", "house-2025"), (0, true));
     }
 
     fn tokens(input: u64, output: u64, w5m: u64, w1h: u64, read: u64) -> TokenUsage {

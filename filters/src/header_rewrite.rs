@@ -107,6 +107,11 @@ impl HeaderRewrite {
             if DROPPED.contains(&n) || n.starts_with("x-forwarded-") {
                 continue;
             }
+            // A client id the relay did not take (not a plain token) does not go upstream
+            // either: the relay's own goes in its place, so upstream logs match the record.
+            if n == "x-request-id" && ctx.client_request_id.is_none() {
+                continue;
+            }
             out.push((name.clone(), value.clone()));
         }
         let invalid = || {
@@ -156,7 +161,7 @@ impl HeaderRewrite {
             http::header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
         ));
-        if !headers.contains_key("x-request-id") {
+        if ctx.client_request_id.is_none() {
             out.push((
                 HeaderName::from_static("x-request-id"),
                 value(&ctx.request_id)?,
@@ -353,6 +358,21 @@ mod tests {
         assert_eq!(get(&r, "anthropic-version"), ["2023-06-01"]);
         assert_eq!(get(&r, "x-request-id"), ["req-1"]);
         assert_eq!(get(&r, "host"), ["127.0.0.1:9"]);
+        // The client's id goes upstream as it came when the proxy took it; one it did not take
+        // (not a plain token) is replaced by the relay's own.
+        let mut with_id = client_headers();
+        with_id.insert("x-request-id", "client-1".parse().unwrap());
+        c.client_request_id = Some("client-1".into());
+        let sent = HeaderRewrite::default()
+            .build(&mut c, &acc, &with_id, None, b"{}")
+            .unwrap();
+        assert_eq!(get(&sent, "x-request-id"), ["client-1"]);
+        with_id.insert("x-request-id", "a b=c".parse().unwrap());
+        c.client_request_id = None;
+        let sent = HeaderRewrite::default()
+            .build(&mut c, &acc, &with_id, None, b"{}")
+            .unwrap();
+        assert_eq!(get(&sent, "x-request-id"), ["req-1"]);
         assert_eq!(get(&r, "x-claude-code-session-id"), ["abc"]);
         assert_eq!(r.path_and_query, "/v1/messages?beta=true");
         assert!(r.body.is_none());

@@ -416,8 +416,9 @@ impl KeyLimits {
         self
     }
 
-    /// Whether the request's model has a price, of its own or at a model an account maps it
-    /// to: a model without one is billed nothing, so a cost limit could not hold it.
+    /// Whether the request's model has a price, of its own or at a model an account that could
+    /// serve the request maps it to: a model without one is billed nothing, so a cost limit
+    /// could not hold it.
     fn priced(&self, ctx: &RequestCtx) -> bool {
         let Some(model) = ctx.requested_model() else {
             return true;
@@ -428,6 +429,7 @@ impl KeyLimits {
                 accounts
                     .accounts()
                     .iter()
+                    .filter(|a| a.in_operation() && a.serves(&ctx.demand()))
                     .filter_map(|a| a.model_map.get(model))
                     .any(|mapped| table.get(mapped).is_some())
             })

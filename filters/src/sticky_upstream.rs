@@ -352,7 +352,9 @@ impl StickyUpstream {
                     ctx.session.sticky = Some(StickyResult::Detour);
                     return self.detour(ctx, bound).ok_or_else(|| self.no_account(ctx));
                 }
-                if ttl.saturating_sub(stored.remaining) >= self.config.renew_threshold {
+                // At most half the TTL: a threshold as long as the TTL would never renew.
+                let threshold = self.config.renew_threshold.min(ttl / 2);
+                if ttl.saturating_sub(stored.remaining) >= threshold {
                     let mut b = Binding::clone(&stored.binding);
                     b.last_used_at = ctx.started_ms;
                     b.request_count += 1;
@@ -1078,6 +1080,26 @@ mod tests {
         assert_eq!(s.choose(&mut c).await.unwrap().id, "a");
         assert_eq!(c.session.sticky, Some(StickyResult::Hit));
         assert!(remaining(sessions.clone()).await > ttl - threshold);
+
+        // A threshold as long as the TTL (a 5-minute TTL with the default threshold) still
+        // renews: at half the TTL.
+        let short = Duration::from_secs(300);
+        let s = StickyUpstream::new(
+            Arc::new(Dir(Arc::new(vec![a.clone()]))),
+            sessions.clone(),
+            StickyConfig {
+                ttl: short,
+                renew_threshold: short,
+                ..StickyConfig::default()
+            },
+        );
+        sessions
+            .put("conv", &binding, Duration::from_secs(120))
+            .await
+            .unwrap();
+        let mut c = ctx(Some("conv"));
+        assert_eq!(s.choose(&mut c).await.unwrap().id, "a");
+        assert!(remaining(sessions.clone()).await > Duration::from_secs(240));
     }
 
     #[tokio::test]
