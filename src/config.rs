@@ -419,25 +419,20 @@ impl Config {
             return bad("spend_refresh_interval must be at least 100ms".into());
         }
         FilterConfig::check_chain(&self.filter_chain()).map_err(ConfigError::Invalid)?;
-        // A static token opens the whole admin API: an empty or short one (a placeholder left
-        // in a file) would be as good as none.
-        if self
-            .admin_token
-            .as_ref()
-            .is_some_and(|t| t.expose().trim().len() < MIN_ADMIN_TOKEN_LEN)
-        {
-            return bad(format!(
-                "admin_token must have at least {MIN_ADMIN_TOKEN_LEN} characters (leave it unset to use logins only)"
-            ));
-        }
-        if self
-            .metrics_token
-            .as_ref()
-            .is_some_and(|t| t.expose().trim().len() < MIN_ADMIN_TOKEN_LEN)
-        {
-            return bad(format!(
-                "metrics_token must have at least {MIN_ADMIN_TOKEN_LEN} characters (leave it unset for open metrics)"
-            ));
+        // A static token opens the whole admin API (or the metrics): an empty or short one (a
+        // placeholder left in a file) would be as good as none.
+        for (name, token, unset) in [
+            ("admin_token", &self.admin_token, "to use logins only"),
+            ("metrics_token", &self.metrics_token, "for open metrics"),
+        ] {
+            if token
+                .as_ref()
+                .is_some_and(|t| t.expose().trim().len() < MIN_ADMIN_TOKEN_LEN)
+            {
+                return bad(format!(
+                    "{name} must have at least {MIN_ADMIN_TOKEN_LEN} characters (leave it unset {unset})"
+                ));
+            }
         }
         if self.max_body_bytes == 0 {
             return bad("max_body_bytes must be positive".into());

@@ -492,8 +492,8 @@ async fn users_see_only_their_own_keys_and_usage(db: Db) {
     assert_eq!(summary["daily_cost_limit"], Value::Null, "{summary}");
     // The cost limits an admin sets over all of bob's keys, shown to bob beside his spend.
     let (status, v) = relay
-        .admin_patch(
-            &format!("/api/admin/users/{bob}"),
+        .patch_user(
+            &bob,
             json!({"daily_cost_limit": 5_000_000, "total_cost_limit": 90_000_000}),
         )
         .await;

@@ -304,10 +304,7 @@ async fn a_user_cost_limit_holds_over_all_its_keys() {
     let user = relay.create_user("shared", 10_000).await;
     // Each request costs 18 000 µUSD: two fit under 30 000, a third does not.
     let (status, v) = relay
-        .admin_patch(
-            &format!("/api/admin/users/{user}"),
-            serde_json::json!({"total_cost_limit": 30_000}),
-        )
+        .patch_user(&user, serde_json::json!({"total_cost_limit": 30_000}))
         .await;
     assert_eq!(status, 200, "{v}");
     let (_, first) = relay.create_key(&user, serde_json::json!({})).await;
@@ -342,10 +339,7 @@ async fn a_user_cost_limit_holds_over_all_its_keys() {
     assert!(message.contains("user"), "{message}");
     // Without the user's limit the keys serve again.
     let (status, v) = relay
-        .admin_patch(
-            &format!("/api/admin/users/{user}"),
-            serde_json::json!({"total_cost_limit": null}),
-        )
+        .patch_user(&user, serde_json::json!({"total_cost_limit": null}))
         .await;
     assert_eq!(status, 200, "{v}");
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -516,8 +510,8 @@ async fn a_model_without_a_price_is_refused_under_a_cost_limit() {
         .await;
     let capped_user = relay.create_user("limited-user", 10_000).await;
     let (status, v) = relay
-        .admin_patch(
-            &format!("/api/admin/users/{capped_user}"),
+        .patch_user(
+            &capped_user,
             serde_json::json!({"daily_cost_limit": 1_000_000}),
         )
         .await;
@@ -568,10 +562,9 @@ async fn a_users_allow_lists_hold_for_keys_it_makes_itself() {
         .create_account("openai-a", "openai", &mock.url(), "sk-openai-a")
         .await;
     let user = relay.create_user("ivy", 10_000).await;
-    let user_path = format!("/api/admin/users/{user}");
     let (status, v) = relay
-        .admin_patch(
-            &user_path,
+        .patch_user(
+            &user,
             serde_json::json!({"allowed_platforms": ["claude"], "allowed_models": ["claude-haiku-*"]}),
         )
         .await;
@@ -582,10 +575,7 @@ async fn a_users_allow_lists_hold_for_keys_it_makes_itself() {
         "{v}"
     );
     let (status, v) = relay
-        .admin_patch(
-            &user_path,
-            serde_json::json!({"allowed_platforms": ["mars"]}),
-        )
+        .patch_user(&user, serde_json::json!({"allowed_platforms": ["mars"]}))
         .await;
     assert_eq!(status, 400, "{v}");
 
@@ -649,8 +639,8 @@ async fn a_users_allow_lists_hold_for_keys_it_makes_itself() {
 
     // Lifted: the key is served every model again (once the proxy's cache has it).
     let (status, v) = relay
-        .admin_patch(
-            &user_path,
+        .patch_user(
+            &user,
             serde_json::json!({"allowed_platforms": [], "allowed_models": []}),
         )
         .await;

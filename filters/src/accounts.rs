@@ -46,6 +46,11 @@ impl Credential {
             .get_or_init(|| sensitive(&format!("Bearer {}", self.secret)))
             .clone()
     }
+    /// Whether the secret is a JWT (`eyJ...`), as ChatGPT tokens are, rather than an API key:
+    /// such an OpenAI credential goes to the ChatGPT backend with its account id.
+    pub fn is_jwt(&self) -> bool {
+        self.secret.starts_with("eyJ")
+    }
 }
 
 fn sensitive(s: &str) -> Option<HeaderValue> {
@@ -266,11 +271,16 @@ impl Account {
             && !(demand.unstreamed_response && self.has_chatgpt_token())
     }
 
+    /// Whether the account is in operation (cooling down or not) and can take a request that
+    /// needs `demand`.
+    pub fn could_serve(&self, demand: &Demand<'_>) -> bool {
+        self.in_operation() && self.serves(demand)
+    }
+
     /// Whether this is an `openai-responses` account holding a ChatGPT token (a JWT, `eyJ...`):
     /// its upstream is the ChatGPT Codex backend, which answers streamed Responses calls only.
     pub fn has_chatgpt_token(&self) -> bool {
-        self.account_type == AccountType::OpenaiResponses
-            && self.credential.expose().starts_with("eyJ")
+        self.account_type == AccountType::OpenaiResponses && self.credential.is_jwt()
     }
 
     /// Whether the account can take one more request now.

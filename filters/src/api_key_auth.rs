@@ -127,12 +127,14 @@ pub fn client_keys<'a>(
         }))
         .chain(std::iter::once_with(move || header("x-goog-api-key")))
         .chain(std::iter::once_with(move || {
-            query?
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("key="))
-                .filter(|v| !v.is_empty())
+            query_key(query).filter(|v| !v.is_empty())
         }))
         .flatten()
+}
+
+/// The value of a query's `key=` parameter (Gemini's way to send its API key), empty or not.
+pub fn query_key(query: Option<&str>) -> Option<&str> {
+    query?.split('&').find_map(|kv| kv.strip_prefix("key="))
 }
 
 /// The filter: authenticates the key and checks its platform and model rules.

@@ -141,7 +141,7 @@ impl HeaderRewrite {
                 if let Some(id) = account
                     .chatgpt_account_id
                     .as_ref()
-                    .filter(|_| credential.expose().starts_with("eyJ"))
+                    .filter(|_| credential.is_jwt())
                 {
                     out.push((HeaderName::from_static("chatgpt-account-id"), value(id)?));
                 }

@@ -429,7 +429,7 @@ impl KeyLimits {
                 accounts
                     .accounts()
                     .iter()
-                    .filter(|a| a.in_operation() && a.serves(&ctx.demand()))
+                    .filter(|a| a.could_serve(&ctx.demand()))
                     .filter_map(|a| a.model_map.get(model))
                     .any(|mapped| table.get(mapped).is_some())
             })

@@ -33,7 +33,7 @@ impl Dialect {
     /// `/v1/models`); else OpenAI's.
     pub fn of(route: &ModelsRoute, headers: &http::HeaderMap, query: Option<&str>) -> Dialect {
         let gemini_key = headers.contains_key("x-goog-api-key")
-            || query.is_some_and(|q| q.split('&').any(|kv| kv.starts_with("key=")));
+            || crate::api_key_auth::query_key(query).is_some();
         if route.gemini {
             Dialect::Gemini
         } else if headers.contains_key("anthropic-version") {

@@ -99,10 +99,9 @@ impl StickyUpstream {
     fn past_overload(&self, ctx: &RequestCtx, bound: Option<&str>) -> Option<Arc<Account>> {
         let all = self.accounts.accounts();
         let mut open: Vec<&Arc<Account>> = Vec::new();
-        for a in all
-            .iter()
-            .filter(|a| could_serve(a, ctx) && !ctx.upstream.tried.iter().any(|t| *t == a.id))
-        {
+        for a in all.iter().filter(|a| {
+            a.could_serve(&ctx.demand()) && !ctx.upstream.tried.iter().any(|t| *t == a.id)
+        }) {
             let left = a.cooldown_left_ms(ctx.started_ms);
             if left == 0 || !a.state.cooling_for_overload.load(Ordering::Relaxed) {
                 return None;
@@ -318,7 +317,7 @@ impl StickyUpstream {
                 if let Some(account) = self
                     .accounts
                     .get(&stored.binding.account_id)
-                    .filter(|a| could_serve(a, ctx))
+                    .filter(|a| a.could_serve(&ctx.demand()))
                 {
                     let cooling_ms = account.cooldown_left_ms(ctx.started_ms);
                     if cooling_ms > 0 {
@@ -430,7 +429,7 @@ impl StickyUpstream {
         let all = self.accounts.accounts();
         let soonest_ms = all
             .iter()
-            .filter(|a| could_serve(a, ctx))
+            .filter(|a| a.could_serve(&ctx.demand()))
             .map(|a| a.cooldown_left_ms(ctx.started_ms))
             .min();
         let demand = ctx.demand();
@@ -513,11 +512,6 @@ impl RequestFilter for StickyUpstream {
             Err(r) => Flow::Reject(r),
         }
     }
-}
-
-/// Whether an account is in operation (cooling or not) and can take the request.
-fn could_serve(a: &Account, ctx: &RequestCtx) -> bool {
-    a.in_operation() && a.serves(&ctx.demand())
 }
 
 #[cfg(test)]

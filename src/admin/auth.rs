@@ -67,6 +67,15 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The token of an `Authorization: Bearer` header, trimmed.
+pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
     request_cookie(&parts.headers, name)
 }
@@ -94,14 +103,9 @@ impl FromRequestParts<AdminState> for Caller {
         parts: &mut Parts,
         state: &AdminState,
     ) -> Result<Self, Self::Rejection> {
-        if let Some(bearer) = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-        {
+        if let Some(bearer) = bearer(&parts.headers) {
             return match &state.admin_token {
-                Some(t) if constant_time_eq(t.as_bytes(), bearer.trim().as_bytes()) => Ok(Caller {
+                Some(t) if constant_time_eq(t.as_bytes(), bearer.as_bytes()) => Ok(Caller {
                     user_id: None,
                     name: "admin-token".into(),
                     role: Role::Admin,

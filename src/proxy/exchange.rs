@@ -345,10 +345,7 @@ impl RelayProxy {
                         502,
                         "application/json",
                         body,
-                        &[
-                            ("x-request-id", rctx.echoed_request_id().to_string()),
-                            (super::X_RELAY_REQUEST_ID, rctx.request_id.clone()),
-                        ],
+                        &super::id_headers(rctx.echoed_request_id(), &rctx.request_id),
                     ))
                     .await
                 }

@@ -158,7 +158,7 @@ pub fn check_request(account: &Account) -> Result<UpstreamRequest, String> {
             let v = credential.bearer_value().ok_or_else(invalid)?;
             headers.push((http::header::AUTHORIZATION, v));
             // A ChatGPT token (a JWT) is checked at the ChatGPT backend's account check.
-            if credential.expose().starts_with("eyJ") {
+            if credential.is_jwt() {
                 if let Some(id) = &account.chatgpt_account_id {
                     let id = HeaderValue::from_str(id)
                         .map_err(|_| "the ChatGPT account id is not a valid header value")?;

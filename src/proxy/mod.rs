@@ -264,10 +264,7 @@ impl RelayProxy {
         let flow = self.chain.run_request(rctx, &view).await;
         drop(parsed);
         if let Flow::Reject(r) = flow {
-            let ids = RequestIds {
-                relay: rctx.request_id.clone(),
-                client: rctx.client_request_id.clone(),
-            };
+            let ids = RequestIds::of(rctx);
             return Self::reject(session, ctx, protocol, &r, &ids).await;
         }
         if let Some(s) = ctx.req.as_ref().and_then(|r| r.session.sticky) {
@@ -277,6 +274,22 @@ impl RelayProxy {
         // 63 KB, copied whole into its box on every request and held by every open stream.
         Box::pin(self.exchange(session, ctx, query.as_deref(), body)).await?;
         Ok(())
+    }
+
+    /// The key a request the relay answers itself carries (a model list, a WebSocket handshake):
+    /// refused without one, also when no authentication is configured.
+    fn key_of(
+        &self,
+        session: &Session,
+    ) -> Result<Arc<relay_filters::api_key_auth::KeyEntry>, Rejection> {
+        let Some(auth) = &self.chain.auth else {
+            return Err(Rejection::new(
+                ErrorKind::Authentication,
+                "no authentication configured",
+            ));
+        };
+        let query = session.req_header().uri.query();
+        auth.authenticate(header_map(session), query, now_ms())
     }
 
     /// The answer to a model list or lookup: the models the key can be served, in the shape
@@ -289,15 +302,7 @@ impl RelayProxy {
         let query = session.req_header().uri.query();
         let dialect = Dialect::of(route, header_map(session), query);
         let refused = |r| (dialect.protocol(), r);
-        let Some(auth) = &self.chain.auth else {
-            return Err(refused(Rejection::new(
-                ErrorKind::Authentication,
-                "no authentication configured",
-            )));
-        };
-        let key = auth
-            .authenticate(header_map(session), query, now_ms())
-            .map_err(refused)?;
+        let key = self.key_of(session).map_err(refused)?;
         let accounts = self.accounts.snapshot();
         let prices = self.prices.table();
         let priced: Vec<&str> = prices.models().map(|(m, _)| m).collect();
@@ -500,17 +505,27 @@ struct RequestIds {
 }
 
 impl RequestIds {
-    /// The id fields of an answer the relay writes itself: `x-request-id` (the client's own,
-    /// else the relay's) and `x-relay-request-id` (the relay's).
-    fn headers(&self) -> [(&'static str, String); 2] {
-        [
-            (
-                "x-request-id",
-                self.client.clone().unwrap_or_else(|| self.relay.clone()),
-            ),
-            (X_RELAY_REQUEST_ID, self.relay.clone()),
-        ]
+    /// The ids of a request that reached the chain.
+    fn of(rctx: &RequestCtx) -> Self {
+        RequestIds {
+            relay: rctx.request_id.clone(),
+            client: rctx.client_request_id.clone(),
+        }
     }
+
+    /// The id fields of an answer the relay writes itself.
+    fn headers(&self) -> [(&'static str, String); 2] {
+        id_headers(self.client.as_deref().unwrap_or(&self.relay), &self.relay)
+    }
+}
+
+/// The id fields of an answer the relay writes itself: `x-request-id` (`echoed`: the client's
+/// own, else the relay's) and `x-relay-request-id` (the relay's).
+pub(crate) fn id_headers(echoed: &str, relay: &str) -> [(&'static str, String); 2] {
+    [
+        ("x-request-id", echoed.to_string()),
+        (X_RELAY_REQUEST_ID, relay.to_string()),
+    ]
 }
 
 /// Where every answer carries the relay's own id of the request: the usage record's id (an
@@ -710,16 +725,12 @@ impl RelayProxy {
             let (_, r) = not_found(head.method.as_str(), head.uri.path());
             return Self::reject(session, ctx, protocol, &r, ids).await;
         }
-        let query = head.uri.query();
-        let r = match &self.chain.auth {
-            Some(auth) => match auth.authenticate(header_map(session), query, now_ms()) {
-                Ok(_) => Rejection::new(
-                    ErrorKind::UpgradeRequired,
-                    "the Responses API is served over HTTP here, not WebSocket: POST the request",
-                ),
-                Err(r) => r,
-            },
-            None => Rejection::new(ErrorKind::Authentication, "no authentication configured"),
+        let r = match self.key_of(session) {
+            Ok(_) => Rejection::new(
+                ErrorKind::UpgradeRequired,
+                "the Responses API is served over HTTP here, not WebSocket: POST the request",
+            ),
+            Err(r) => r,
         };
         Self::reject(session, ctx, protocol, &r, ids).await
     }

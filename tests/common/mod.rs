@@ -244,6 +244,12 @@ impl Relay {
         (status, r.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// `PATCH /api/admin/users/{id}` with the static token: (status, answer).
+    pub async fn patch_user(&self, id: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        self.admin_patch(&format!("/api/admin/users/{id}"), body)
+            .await
+    }
+
     pub async fn admin_get(&self, path: &str) -> serde_json::Value {
         self.http
             .get(format!("{}{}", self.admin, path))

@@ -56,12 +56,7 @@ pub async fn metrics(
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
     if let Some(wanted) = &state.metrics_token {
-        let sent = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .unwrap_or("");
+        let sent = crate::admin::auth::bearer(&headers).unwrap_or("");
         let fits =
             |token: &str| crate::admin::auth::constant_time_eq(token.as_bytes(), sent.as_bytes());
         if !(fits(wanted) || state.admin_token.as_deref().is_some_and(fits)) {
