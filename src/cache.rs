@@ -11,7 +11,9 @@ use relay_filters::api_key_auth::{KeyEntry, KeyStore};
 use relay_filters::cost::{PriceSource, PriceTable};
 
 use crate::secrets::SecretBox;
-use crate::store::{Account as AccountRow, AccountStatus, ActiveApiKey, ModelPriceRow};
+use crate::store::{
+    Account as AccountRow, AccountStatus, ActiveApiKey, LongContextPrice, ModelPriceRow,
+};
 
 fn read<T: Clone>(lock: &RwLock<T>) -> T {
     match lock.read() {
@@ -367,6 +369,9 @@ impl PriceCache {
             price.web_search = price
                 .web_search
                 .or_else(|| self.shipped_web_search(&row.model));
+            price.long_context = row
+                .long_context
+                .resolve(self.shipped_long_context(&row.model));
             table.insert(&row.model, price);
         }
         write(&self.table, Arc::new(table));
@@ -377,6 +382,12 @@ impl PriceCache {
     /// searches free; `0` does).
     pub fn shipped_web_search(&self, model: &str) -> Option<i64> {
         self.base.get(model).and_then(|p| p.web_search)
+    }
+
+    /// The shipped long-context card of a model, which an override keeps unless it sets its
+    /// own or none ([`crate::store::LongContextChoice`]).
+    pub fn shipped_long_context(&self, model: &str) -> Option<LongContextPrice> {
+        self.base.get(model).and_then(|p| p.long_context)
     }
 }
 
@@ -398,6 +409,7 @@ fn raise_cooldown(state: &AccountState, until: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::LongContextChoice;
 
     #[test]
     fn an_override_without_a_search_price_keeps_the_shipped_one() {
@@ -414,6 +426,7 @@ mod tests {
             cache_write_1h: None,
             cache_read: None,
             web_search,
+            long_context: LongContextChoice::Shipped,
             updated_at: 0,
         };
         let search_price = |model: &str| cache.table().get(model).and_then(|p| p.web_search);
@@ -425,6 +438,46 @@ mod tests {
         // 0 makes the searches free.
         cache.replace(vec![row("m", Some(0))]);
         assert_eq!(search_price("m"), Some(0));
+    }
+
+    #[test]
+    fn an_override_keeps_the_shipped_long_context_card_unless_it_says_otherwise() {
+        let base = PriceTable::from_toml_str(
+            "[models.m]\ninput = 1\noutput = 2\n[models.m.long_context]\nabove_tokens = 10\ninput = 3\noutput = 4\n",
+        )
+        .expect("prices");
+        let shipped = base.get("m").and_then(|p| p.long_context);
+        assert!(shipped.is_some());
+        let cache = PriceCache::new(base);
+        let own = LongContextPrice {
+            above_tokens: 20,
+            input: 7,
+            output: 8,
+            ..LongContextPrice::default()
+        };
+        let row = |model: &str, long_context| ModelPriceRow {
+            model: model.into(),
+            input: 5,
+            output: 6,
+            cache_write_5m: None,
+            cache_write_1h: None,
+            cache_read: None,
+            web_search: None,
+            long_context,
+            updated_at: 0,
+        };
+        let card = |model: &str| cache.table().get(model).and_then(|p| p.long_context);
+        cache.replace(vec![row("m", LongContextChoice::Shipped)]);
+        assert_eq!(card("m"), shipped);
+        assert_eq!(cache.table().get("m").map(|p| p.input), Some(5));
+        cache.replace(vec![row("m", LongContextChoice::None)]);
+        assert_eq!(card("m"), None);
+        cache.replace(vec![
+            row("m", LongContextChoice::Card(own)),
+            row("n", LongContextChoice::Shipped),
+        ]);
+        assert_eq!(card("m"), Some(own));
+        assert_eq!(card("n"), None);
     }
 
     #[test]

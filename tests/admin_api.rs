@@ -1553,6 +1553,90 @@ async fn the_chatgpt_account_id_can_be_changed_and_removed() {
 }
 
 /// The detail of the newest audit entry with `action`.
+/// A price override keeps the shipped long-prompt card when it names none, drops it with
+/// `null`, sets its own otherwise; each as listed, answered and audited. Bad cards are refused.
+#[tokio::test]
+async fn price_overrides_keep_set_or_drop_the_long_context_card() {
+    let relay = Relay::start().await;
+    const HAIKU: &str = "claude-haiku-5-5";
+    let shipped = json!({"above_tokens": 100_000, "input": 500_000, "output": 2_500_000,
+                         "cache_write_5m": 625_000, "cache_write_1h": 1_000_000,
+                         "cache_read": 50_000});
+    let listed = |prices: &Value| {
+        prices["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["model"] == HAIKU)
+            .cloned()
+            .expect("listed")
+    };
+    let view = listed(&relay.admin_get("/api/admin/pricing").await);
+    assert_eq!(view["override"], false, "{view}");
+    assert_eq!(view["long_context"], shipped, "{view}");
+    assert_eq!(view["shipped_long_context"], shipped, "{view}");
+    let own = json!({"above_tokens": 50_000, "input": 400_000, "output": 2_000_000});
+    // (body's long_context, as sent; the card that applies; the audit's long_context)
+    let cases = [
+        (None, shipped.clone(), None),
+        (Some(Value::Null), Value::Null, Some(Value::Null)),
+        (Some(own.clone()), own.clone(), Some(own.clone())),
+    ];
+    for (sent, applies, audited) in cases {
+        let mut body = json!({"model": HAIKU, "input": 80_000, "output": 400_000});
+        if let Some(card) = &sent {
+            body["long_context"] = card.clone();
+        }
+        let (status, v) = relay.admin_post("/api/admin/pricing", body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["long_context"], applies, "{sent:?}: {v}");
+        assert_eq!(v["shipped_long_context"], shipped, "{v}");
+        let view = listed(&relay.admin_get("/api/admin/pricing").await);
+        assert_eq!(view["override"], true, "{view}");
+        assert_eq!(view["input"], 80_000, "{view}");
+        assert_eq!(view["long_context"], applies, "{sent:?}: {view}");
+        let detail = last_audit(&relay, "price.upsert").await;
+        assert_eq!(detail.get("long_context"), audited.as_ref(), "{detail}");
+    }
+    for (card, why) in [
+        (
+            json!({"above_tokens": 0, "input": 1, "output": 1}),
+            "threshold 0",
+        ),
+        (
+            json!({"above_tokens": 1_000_000_000_001u64, "input": 1, "output": 1}),
+            "threshold over the token cap",
+        ),
+        (
+            json!({"above_tokens": 10, "input": -1, "output": 1}),
+            "negative price",
+        ),
+        (json!({"above_tokens": 10, "input": 1}), "no output price"),
+        (
+            json!({"above_tokens": 10, "input": 1, "output": 1, "web_search": 1}),
+            "unknown field",
+        ),
+    ] {
+        let (status, v) = relay
+            .admin_post(
+                "/api/admin/pricing",
+                json!({"model": HAIKU, "input": 1, "output": 1, "long_context": card}),
+            )
+            .await;
+        assert_eq!(status, 400, "{why}: {v}");
+    }
+    // The refused cards changed nothing.
+    let view = listed(&relay.admin_get("/api/admin/pricing").await);
+    assert_eq!(view["long_context"], own, "{view}");
+    // Without the override, the shipped card again.
+    let (status, v) = relay
+        .admin_delete(&format!("/api/admin/pricing/{HAIKU}"))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let view = listed(&relay.admin_get("/api/admin/pricing").await);
+    assert_eq!(view["long_context"], shipped, "{view}");
+}
+
 async fn last_audit(relay: &Relay, action: &str) -> Value {
     let audit = relay.admin_get("/api/admin/audit?per_page=500").await;
     audit["items"]

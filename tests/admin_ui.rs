@@ -224,6 +224,12 @@ async fn an_admin_runs_the_relay_from_the_browser() {
     );
     // $10 per 1 000 searches is 10 000 micro-USD a search.
     assert_eq!(price["web_search"], 10_000, "{price}");
+    // Prompts over 200 000 tokens at $6 / $22.50, the cache prices left to their defaults.
+    assert_eq!(
+        price["long_context"],
+        serde_json::json!({"above_tokens": 200_000, "input": 6_000_000, "output": 22_500_000}),
+        "{price}"
+    );
 }
 
 /// The UI's page and files come with headers that keep them in their own origin; the API's

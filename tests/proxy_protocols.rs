@@ -702,6 +702,108 @@ async fn responses_web_searches_are_counted_and_billed_at_the_admins_price() {
     }
 }
 
+/// A prompt over a model's long-context threshold (cache reads and writes counted) is billed
+/// at the long card, output included; one at the threshold at the standard prices. Streamed
+/// and whole answers alike, for the shipped cards of Claude Haiku 5.5 (over 100 000) and
+/// Gemini 2.5 Pro (over 200 000, cached content inside the prompt count).
+#[tokio::test]
+async fn long_prompts_are_billed_at_the_long_context_card() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    gemini_account(&relay, &mock).await;
+    relay.wait_accounts_loaded(2).await;
+    // (request id, stream, usage as the wire reports it, expected base cost)
+    let haiku = [
+        // 100 000 uncached: $0.10 / $0.50 per MTok: 10 000 + 1 000 × 0.5 = 10 500.
+        ("haiku-at", false, MockUsage::io(100_000, 1_000), 10_500),
+        // 1 000 uncached + 99 001 read = 100 001: all five times dearer. 1 000 × 0.5
+        // + 99 001 × 0.05 + 1 000 × 2.5 = 500 + 4 950.05 + 2 500 → 7 950.
+        (
+            "haiku-over-stream",
+            true,
+            MockUsage {
+                cache_read: 99_001,
+                ..MockUsage::io(1_000, 1_000)
+            },
+            7_950,
+        ),
+        // The same prompt as a 5-minute cache write: 500 + 99 001 × 0.625 + 2 500
+        // = 64 875.625 → 64 876.
+        (
+            "haiku-over-write",
+            false,
+            MockUsage {
+                cache_write_5m: 99_001,
+                ..MockUsage::io(1_000, 1_000)
+            },
+            64_876,
+        ),
+    ];
+    for (id, stream, usage, _) in haiku {
+        mock.set(|b| {
+            b.usage = usage;
+            b.model = "claude-haiku-5-5-20261007".into();
+        });
+        let r = relay
+            .post("/v1/messages", &key)
+            .header("x-request-id", id)
+            .json(&messages_body(
+                "claude-haiku-5-5",
+                stream,
+                conversation(id, 1),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{id}");
+        let _ = r.bytes().await.unwrap();
+    }
+    // Gemini reports the prompt with its cached part inside: 250 000 of which 50 000 cached
+    // is over 200 000. 200 000 × 2.5 + 50 000 × 0.25 + 1 000 × 15 = 527 500. At 200 000 of
+    // which 50 000 cached: 150 000 × 1.25 + 50 000 × 0.125 + 1 000 × 10 = 203 750.
+    let gemini = [
+        ("pro-over", true, 250_000, 527_500),
+        ("pro-at", false, 200_000, 203_750),
+    ];
+    for (id, stream, prompt, _) in gemini {
+        mock.set(|b| {
+            b.usage = MockUsage {
+                cache_read: 50_000,
+                ..MockUsage::io(prompt, 1_000)
+            };
+        });
+        let method = if stream {
+            "streamGenerateContent?alt=sse"
+        } else {
+            "generateContent"
+        };
+        let r = relay
+            .post_bare(&format!("/v1beta/models/gemini-2.5-pro:{method}"))
+            .header("x-goog-api-key", &key)
+            .header("x-request-id", id)
+            .json(&serde_json::json!({"contents": [{"role": "user", "parts": [{"text": id}]}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{id}");
+        let _ = r.bytes().await.unwrap();
+    }
+    let records = relay.wait_records(5).await;
+    let expected = haiku
+        .iter()
+        .map(|(id, _, _, cost)| (*id, *cost))
+        .chain(gemini.iter().map(|(id, _, _, cost)| (*id, *cost)));
+    for (id, cost) in expected {
+        let rec = record_by_request_id(&records, id);
+        assert_eq!(rec["base_cost"], cost, "{id}: {rec}");
+        assert_eq!(rec["billed_cost"], cost, "{id}: {rec}");
+        assert_eq!(rec["unpriced"], false, "{id}: {rec}");
+    }
+}
+
 /// The session id Codex put in `codex-cli.turn{1,2}.json` (headers and body).
 const CODEX_SESSION: &str = "01a20188-841c-7b93-8f2e-518885e65f8d";
 

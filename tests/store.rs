@@ -13,8 +13,9 @@ use std::panic::AssertUnwindSafe;
 use futures::FutureExt;
 use llm_relay::secrets::{api_key_hash, api_key_prefix, generate_api_key, SecretBox};
 use llm_relay::store::{
-    AccountPatch, AccountStatus, ApiKeyPatch, ModelPrice, NewAccount, NewApiKey, NewUser,
-    RecordFilter, RefreshedTokens, Role, SqlStore, StoreError, UsageDim, UsageTotals,
+    AccountPatch, AccountStatus, ApiKeyPatch, LongContextChoice, LongContextPrice, ModelPrice,
+    NewAccount, NewApiKey, NewUser, RecordFilter, RefreshedTokens, Role, SqlStore, StoreError,
+    UsageDim, UsageTotals,
 };
 use relay_filters::{AccountType, TokenUsage, UsageRecord};
 use secrecy::ExposeSecret;
@@ -1512,11 +1513,20 @@ async fn prices_settings_audit_and_sessions(env: Env) {
         cache_write_1h: None,
         cache_read: Some(300_000),
         web_search: Some(10_000),
+        long_context: None,
     };
     store
-        .upsert_price("claude-sonnet-4-5", &price)
+        .upsert_price("claude-sonnet-4-5", &price, LongContextChoice::Shipped)
         .await
         .unwrap();
+    let card = LongContextPrice {
+        above_tokens: 272_000,
+        input: 2_500_000,
+        output: 15_000_000,
+        cache_write_5m: None,
+        cache_write_1h: None,
+        cache_read: Some(250_000),
+    };
     store
         .upsert_price(
             "gpt-5",
@@ -1525,7 +1535,12 @@ async fn prices_settings_audit_and_sessions(env: Env) {
                 output: 10_000_000,
                 ..ModelPrice::default()
             },
+            LongContextChoice::Card(card),
         )
+        .await
+        .unwrap();
+    store
+        .upsert_price("gemini-2.5-pro", &price, LongContextChoice::None)
         .await
         .unwrap();
     let changed = ModelPrice {
@@ -1533,17 +1548,33 @@ async fn prices_settings_audit_and_sessions(env: Env) {
         ..price
     };
     store
-        .upsert_price("claude-sonnet-4-5", &changed)
+        .upsert_price("claude-sonnet-4-5", &changed, LongContextChoice::Shipped)
         .await
         .unwrap();
     let prices = store.list_prices().await.unwrap();
-    assert_eq!(prices.len(), 2);
+    assert_eq!(prices.len(), 3);
     assert_eq!(prices[0].model, "claude-sonnet-4-5");
     assert_eq!(prices[0].price(), changed);
     assert_eq!(prices[0].web_search, Some(10_000));
-    assert_eq!(prices[1].model, "gpt-5");
-    assert_eq!(prices[1].cache_read, None);
-    assert_eq!(prices[1].web_search, None);
+    assert_eq!(prices[0].long_context, LongContextChoice::Shipped);
+    // The three long-context choices come back as they were stored.
+    assert_eq!(prices[1].model, "gemini-2.5-pro");
+    assert_eq!(prices[1].long_context, LongContextChoice::None);
+    assert_eq!(prices[2].model, "gpt-5");
+    assert_eq!(prices[2].cache_read, None);
+    assert_eq!(prices[2].web_search, None);
+    assert_eq!(prices[2].long_context, LongContextChoice::Card(card));
+    assert_eq!(prices[2].price().long_context, Some(card));
+    // A card replaced by none and back.
+    store
+        .upsert_price("gpt-5", &prices[2].price(), LongContextChoice::None)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_prices().await.unwrap()[2].long_context,
+        LongContextChoice::None
+    );
+    store.delete_price("gemini-2.5-pro").await.unwrap();
     assert!(matches!(
         store
             .upsert_price(
@@ -1551,7 +1582,8 @@ async fn prices_settings_audit_and_sessions(env: Env) {
                 &ModelPrice {
                     web_search: Some(-1),
                     ..ModelPrice::default()
-                }
+                },
+                LongContextChoice::Shipped,
             )
             .await,
         Err(StoreError::Invalid(_))
@@ -1563,7 +1595,21 @@ async fn prices_settings_audit_and_sessions(env: Env) {
                 &ModelPrice {
                     input: -1,
                     ..ModelPrice::default()
-                }
+                },
+                LongContextChoice::Shipped,
+            )
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        store
+            .upsert_price(
+                "x",
+                &ModelPrice::default(),
+                LongContextChoice::Card(LongContextPrice {
+                    cache_read: Some(-1),
+                    ..card
+                }),
             )
             .await,
         Err(StoreError::Invalid(_))

@@ -379,6 +379,18 @@ try {
   assert.equal(await row('prices', 'ui-model-1').locator('[data-test="web_search"]').innerText(), '$10.00')
   // A cache price left unset shows what is billed: 1.25 × the input price.
   assert.equal(await row('prices', 'ui-model-1').locator('[data-test="cache_write_5m"]').innerText(), '$3.75 1.25 × input')
+  // Long prompts at prices of their own, then the shipped card of a model priced by length.
+  await row('prices', 'ui-model-1').getByRole('button', { name: 'Override', exact: true }).click()
+  assert.equal(await priceForm.locator('input[name="input"]').inputValue(), '3')
+  await priceForm.locator('select[name="long"]').selectOption('own')
+  await priceForm.locator('input[name="above_tokens"]').fill('200000')
+  await priceForm.locator('input[name="long_input"]').fill('6')
+  await priceForm.locator('input[name="long_output"]').fill('22.5')
+  await page.click('[data-test="save-price"]')
+  await note().filter({ hasText: 'Price of ui-model-1 saved.' }).waitFor()
+  await row('prices', 'ui-model-1').locator('[data-test="long_context"]', { hasText: 'over 200,000: $6.00 / $22.50' }).waitFor()
+  assert.equal(await row('prices', 'ui-model-1').locator('[data-test="long_source"]').innerText(), 'override')
+  assert.equal(await row('prices', 'claude-haiku-5-5').locator('[data-test="long_context"]').innerText(), 'over 100,000: $0.50 / $2.50')
   await shot('08-pricing')
   // The model filter ignores case.
   await page.fill('input[name="model_filter"]', 'UI-Model')

@@ -93,8 +93,21 @@ export interface Price {
   cache_read: number | null
   /** Micro-USD per web search; null: searches are not billed. */
   web_search: number | null
+  /** The prices of prompts longer than `above_tokens`; null: one price at every length. */
+  long_context: LongContextPrice | null
+  /** The shipped price list's long-prompt card, which an override keeps unless it sets one. */
+  shipped_long_context: LongContextPrice | null
   override: boolean
   updated_at: number | null
+}
+
+export interface LongContextPrice {
+  above_tokens: number
+  input: number
+  output: number
+  cache_write_5m?: number | null
+  cache_write_1h?: number | null
+  cache_read?: number | null
 }
 
 export interface Totals {

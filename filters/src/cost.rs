@@ -37,24 +37,112 @@ pub struct ModelPrice {
     /// not billed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub web_search: Option<i64>,
+    /// The rate card for long prompts, for a model whose price depends on the prompt's length;
+    /// unset means one price at every length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub long_context: Option<LongContextPrice>,
+}
+
+/// A model's second rate card: a request whose prompt holds more than `above_tokens` tokens
+/// (uncached input, cache reads and cache writes together) has every token billed at these
+/// prices, output included, as the providers bill long prompts (Gemini Pro above 200K, Claude
+/// Haiku 5.5 above 100K). Web searches keep the model's per-search price.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LongContextPrice {
+    /// Prompts longer than this many tokens take these prices.
+    pub above_tokens: u64,
+    /// Uncached input tokens.
+    pub input: i64,
+    /// Output tokens (reasoning included).
+    pub output: i64,
+    /// Cache writes with the 5-minute TTL; unset means 1.25× this card's input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_5m: Option<i64>,
+    /// Cache writes with the 1-hour TTL; unset means 2× this card's input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_1h: Option<i64>,
+    /// Cache reads; unset means 0.1× this card's input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_read: Option<i64>,
+}
+
+/// The per-million prices one request is billed at, defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rates {
+    /// Uncached input.
+    pub input: i64,
+    /// Output.
+    pub output: i64,
+    /// 5-minute cache writes.
+    pub cache_write_5m: i64,
+    /// 1-hour cache writes.
+    pub cache_write_1h: i64,
+    /// Cache reads.
+    pub cache_read: i64,
+}
+
+impl Rates {
+    /// A rate card's prices with unset cache prices at 1.25×, 2× and 0.1× its input.
+    fn filled(
+        input: i64,
+        output: i64,
+        cache_write_5m: Option<i64>,
+        cache_write_1h: Option<i64>,
+        cache_read: Option<i64>,
+    ) -> Rates {
+        Rates {
+            input,
+            output,
+            cache_write_5m: cache_write_5m.unwrap_or_else(|| scale(input, 5, 4)),
+            cache_write_1h: cache_write_1h.unwrap_or_else(|| scale(input, 2, 1)),
+            cache_read: cache_read.unwrap_or_else(|| scale(input, 1, 10)),
+        }
+    }
 }
 
 impl ModelPrice {
-    /// The 5-minute cache write price, 1.25× input (rounded half up) when unset.
-    pub fn cache_write_5m_or_default(&self) -> i64 {
-        self.cache_write_5m
-            .unwrap_or_else(|| scale(self.input, 5, 4))
+    /// The prices a request whose prompt holds `prompt_tokens` tokens is billed at: the long
+    /// context card's when the prompt is longer than its threshold, else the standard ones;
+    /// unset cache prices at 1.25× (5-minute writes), 2× (1-hour writes) and 0.1× (reads) of
+    /// that card's input, rounded half up.
+    pub fn rates(&self, prompt_tokens: u64) -> Rates {
+        match self.long_context {
+            Some(long) if prompt_tokens > long.above_tokens => Rates::filled(
+                long.input,
+                long.output,
+                long.cache_write_5m,
+                long.cache_write_1h,
+                long.cache_read,
+            ),
+            _ => Rates::filled(
+                self.input,
+                self.output,
+                self.cache_write_5m,
+                self.cache_write_1h,
+                self.cache_read,
+            ),
+        }
     }
 
-    /// The 1-hour cache write price, 2× input when unset.
-    pub fn cache_write_1h_or_default(&self) -> i64 {
-        self.cache_write_1h
-            .unwrap_or_else(|| scale(self.input, 2, 1))
-    }
-
-    /// The cache read price, 0.1× input (rounded half up) when unset.
-    pub fn cache_read_or_default(&self) -> i64 {
-        self.cache_read.unwrap_or_else(|| scale(self.input, 1, 10))
+    /// Every price of the model, both cards: what must not be negative.
+    pub fn all_prices(&self) -> impl Iterator<Item = i64> {
+        let long = self.long_context;
+        [
+            Some(self.input),
+            Some(self.output),
+            self.cache_write_5m,
+            self.cache_write_1h,
+            self.cache_read,
+            self.web_search,
+            long.map(|l| l.input),
+            long.map(|l| l.output),
+            long.and_then(|l| l.cache_write_5m),
+            long.and_then(|l| l.cache_write_1h),
+            long.and_then(|l| l.cache_read),
+        ]
+        .into_iter()
+        .flatten()
     }
 }
 
@@ -102,13 +190,14 @@ impl PriceTable {
     /// The accepted format is the TOML subset that file uses: comments, blank lines,
     /// `[models."<name>"]` (or `[models.<bare-name>]`) tables, and `key = integer` lines with
     /// keys `input`, `output` (required), `cache_write_5m`, `cache_write_1h`, `cache_read`,
-    /// `web_search`.
+    /// `web_search`; right after a model's table, an optional `[models."<name>".long_context]`
+    /// with `above_tokens`, `input`, `output` (required) and the three cache prices.
     /// Anything else is an error, so a typo never silently prices a model at 0.
     // Hand-written because the filters crate has no TOML dependency; the binary, which has
     // one, can equally deserialize `[models]` into `ModelPrice`s and `insert` them.
     pub fn from_toml_str(s: &str) -> Result<PriceTable, PriceError> {
         let mut table = PriceTable::new();
-        let mut current: Option<(String, PartialPrice)> = None;
+        let mut current: Option<ParsedModel> = None;
         for (index, raw) in s.lines().enumerate() {
             let line_no = index + 1;
             let line = strip_comment(raw).trim();
@@ -116,14 +205,38 @@ impl PriceTable {
                 continue;
             }
             if line.starts_with('[') {
-                let name = parse_table_header(line).map_err(|m| syntax(line_no, m))?;
-                if let Some((model, partial)) = current.take() {
-                    table.add_parsed(model, partial)?;
+                let (name, section) = parse_table_header(line).map_err(|m| syntax(line_no, m))?;
+                if section == Section::LongContext {
+                    match current.as_mut() {
+                        Some(model) if model.name == name && model.long.is_none() => {
+                            model.long = Some(PartialPrice::default());
+                            continue;
+                        }
+                        Some(model) if model.name == name => {
+                            return Err(syntax(line_no, "`long_context` is defined twice"));
+                        }
+                        _ => {
+                            return Err(syntax(
+                                line_no,
+                                format!(
+                                    "`[models.\"{name}\".long_context]` must follow \
+                                     `[models.\"{name}\"]`"
+                                ),
+                            ))
+                        }
+                    }
+                }
+                if let Some(model) = current.take() {
+                    table.add_parsed(model)?;
                 }
                 if table.models.contains_key(&name) {
                     return Err(PriceError::DuplicateModel { model: name });
                 }
-                current = Some((name, PartialPrice::default()));
+                current = Some(ParsedModel {
+                    name,
+                    base: PartialPrice::default(),
+                    long: None,
+                });
                 continue;
             }
             let Some((key, value)) = line.split_once('=') else {
@@ -133,29 +246,41 @@ impl PriceTable {
                 ));
             };
             let key = key.trim();
-            let Some((_, partial)) = current.as_mut() else {
+            let Some(model) = current.as_mut() else {
                 return Err(syntax(
                     line_no,
                     format!("`{key}` outside a [models.\"<name>\"] table"),
                 ));
             };
-            let slot = match key {
-                "input" => &mut partial.input,
-                "output" => &mut partial.output,
-                "cache_write_5m" => &mut partial.cache_write_5m,
-                "cache_write_1h" => &mut partial.cache_write_1h,
-                "cache_read" => &mut partial.cache_read,
-                "web_search" => &mut partial.web_search,
-                _ => return Err(syntax(line_no, format!("unknown key `{key}`"))),
+            let slot = match (model.long.as_mut(), key) {
+                (Some(long), "above_tokens") => Some(&mut long.above_tokens),
+                (Some(_), "web_search") => {
+                    return Err(syntax(
+                        line_no,
+                        "`web_search` belongs to the model's table: searches cost the same \
+                         at every prompt length",
+                    ))
+                }
+                (None, "above_tokens") => {
+                    return Err(syntax(
+                        line_no,
+                        "`above_tokens` belongs in a `long_context` table",
+                    ))
+                }
+                (Some(p), _) => p.slot(key),
+                (None, _) => model.base.slot(key),
+            };
+            let Some(slot) = slot else {
+                return Err(syntax(line_no, format!("unknown key `{key}`")));
             };
             if slot.is_some() {
                 return Err(syntax(line_no, format!("`{key}` is set twice")));
             }
             let price = parse_price(value.trim()).ok_or_else(|| {
-                let unit = if key == "web_search" {
-                    "micro-USD per search"
-                } else {
-                    "micro-USD per million tokens"
+                let unit = match key {
+                    "web_search" => "micro-USD per search",
+                    "above_tokens" => "tokens",
+                    _ => "micro-USD per million tokens",
                 };
                 syntax(
                     line_no,
@@ -164,8 +289,8 @@ impl PriceTable {
             })?;
             *slot = Some(price);
         }
-        if let Some((model, partial)) = current {
-            table.add_parsed(model, partial)?;
+        if let Some(model) = current {
+            table.add_parsed(model)?;
         }
         Ok(table)
     }
@@ -203,20 +328,36 @@ impl PriceTable {
         self.models.is_empty()
     }
 
-    fn add_parsed(&mut self, model: String, p: PartialPrice) -> Result<(), PriceError> {
+    fn add_parsed(&mut self, parsed: ParsedModel) -> Result<(), PriceError> {
+        let ParsedModel { name, base, long } = parsed;
         let missing = |field| PriceError::MissingField {
-            model: model.clone(),
+            model: name.clone(),
             field,
         };
-        let price = ModelPrice {
-            input: p.input.ok_or_else(|| missing("input"))?,
-            output: p.output.ok_or_else(|| missing("output"))?,
-            cache_write_5m: p.cache_write_5m,
-            cache_write_1h: p.cache_write_1h,
-            cache_read: p.cache_read,
-            web_search: p.web_search,
+        let long_context = match long {
+            None => None,
+            Some(l) => Some(LongContextPrice {
+                above_tokens: l
+                    .above_tokens
+                    .ok_or_else(|| missing("long_context.above_tokens"))?
+                    .unsigned_abs(),
+                input: l.input.ok_or_else(|| missing("long_context.input"))?,
+                output: l.output.ok_or_else(|| missing("long_context.output"))?,
+                cache_write_5m: l.cache_write_5m,
+                cache_write_1h: l.cache_write_1h,
+                cache_read: l.cache_read,
+            }),
         };
-        self.models.insert(model, price);
+        let price = ModelPrice {
+            input: base.input.ok_or_else(|| missing("input"))?,
+            output: base.output.ok_or_else(|| missing("output"))?,
+            cache_write_5m: base.cache_write_5m,
+            cache_write_1h: base.cache_write_1h,
+            cache_read: base.cache_read,
+            web_search: base.web_search,
+            long_context,
+        };
+        self.models.insert(name, price);
         Ok(())
     }
 }
@@ -256,18 +397,13 @@ pub fn compute_cost(
             unpriced: true,
         };
     };
+    let rates = price.rates(usage.prompt_tokens());
     let terms = [
-        (usage.input_tokens, price.input),
-        (usage.output_tokens, price.output),
-        (
-            usage.cache_write_5m_tokens,
-            price.cache_write_5m_or_default(),
-        ),
-        (
-            usage.cache_write_1h_tokens,
-            price.cache_write_1h_or_default(),
-        ),
-        (usage.cache_read_tokens, price.cache_read_or_default()),
+        (usage.input_tokens, rates.input),
+        (usage.output_tokens, rates.output),
+        (usage.cache_write_5m_tokens, rates.cache_write_5m),
+        (usage.cache_write_1h_tokens, rates.cache_write_1h),
+        (usage.cache_read_tokens, rates.cache_read),
     ];
     // Saturating: absurd counts from a hostile upstream must not panic or wrap.
     let tokens_x_million = terms.iter().fold(0i128, |sum, &(tokens, per_million)| {
@@ -375,6 +511,7 @@ fn strip_date_suffix(model: &str) -> Option<&str> {
     None
 }
 
+/// The prices of one card read so far.
 #[derive(Default)]
 struct PartialPrice {
     input: Option<i64>,
@@ -383,6 +520,38 @@ struct PartialPrice {
     cache_write_1h: Option<i64>,
     cache_read: Option<i64>,
     web_search: Option<i64>,
+    above_tokens: Option<i64>,
+}
+
+impl PartialPrice {
+    /// Where the price named `key` goes (`above_tokens` is matched by the caller).
+    fn slot(&mut self, key: &str) -> Option<&mut Option<i64>> {
+        Some(match key {
+            "input" => &mut self.input,
+            "output" => &mut self.output,
+            "cache_write_5m" => &mut self.cache_write_5m,
+            "cache_write_1h" => &mut self.cache_write_1h,
+            "cache_read" => &mut self.cache_read,
+            "web_search" => &mut self.web_search,
+            _ => return None,
+        })
+    }
+}
+
+/// A model's tables read so far: its own and its `long_context` one.
+struct ParsedModel {
+    name: String,
+    base: PartialPrice,
+    long: Option<PartialPrice>,
+}
+
+/// Which table of a model a header opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Section {
+    /// `[models."<name>"]`
+    Model,
+    /// `[models."<name>".long_context]`
+    LongContext,
 }
 
 fn syntax(line: usize, message: impl Into<String>) -> PriceError {
@@ -407,7 +576,7 @@ fn strip_comment(line: &str) -> &str {
 }
 
 /// The model name of a `[models."<name>"]` / `[models.<name>]` header.
-fn parse_table_header(line: &str) -> Result<String, String> {
+fn parse_table_header(line: &str) -> Result<(String, Section), String> {
     let bad = || format!("expected `[models.\"<name>\"]`, found `{line}`");
     let inner = line
         .strip_prefix('[')
@@ -423,32 +592,45 @@ fn parse_table_header(line: &str) -> Result<String, String> {
         .and_then(|k| k.strip_prefix('.'))
         .map(str::trim_start)
         .ok_or_else(bad)?;
-    let name = match key.chars().next() {
+    let (name, rest) = match key.chars().next() {
         Some(q @ ('"' | '\'')) => {
             let body = &key[1..];
             let end = body.find(q).ok_or_else(bad)?;
-            if !body[end + 1..].trim().is_empty() {
-                return Err(bad());
-            }
             let name = &body[..end];
             if q == '"' && name.contains('\\') {
                 return Err("escapes in model names are not supported".into());
             }
-            name
+            (name, body[end + 1..].trim())
         }
-        _ if !key.is_empty()
-            && key
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_') =>
-        {
-            key
+        _ => {
+            let end = key.find(['.', ' ', '\t']).unwrap_or(key.len());
+            let name = &key[..end];
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+            {
+                return Err(bad());
+            }
+            (name, key[end..].trim())
         }
-        _ => return Err(bad()),
     };
     if name.is_empty() {
         return Err("empty model name".into());
     }
-    Ok(name.to_owned())
+    let section = match rest {
+        "" => Section::Model,
+        _ => match rest.strip_prefix('.').map(str::trim) {
+            Some("long_context") => Section::LongContext,
+            Some(other) => {
+                return Err(format!(
+                    "unknown table `{other}` of model {name:?} (only `long_context`)"
+                ))
+            }
+            None => return Err(bad()),
+        },
+    };
+    Ok((name.to_owned(), section))
 }
 
 /// A TOML decimal integer (`3000000`, `3_000_000`) that is not negative.
@@ -539,6 +721,7 @@ mod tests {
             cache_write_1h: None,
             cache_read: None,
             web_search: None,
+            long_context: None,
         }
     }
 
@@ -642,6 +825,7 @@ mod tests {
             cache_write_1h: Some(6_000_000),
             cache_read: Some(300_000),
             web_search: None,
+            long_context: None,
         };
         let t = table(&[
             ("claude-sonnet-4-5", sonnet),
@@ -878,15 +1062,15 @@ mod tests {
     #[test]
     fn default_cache_prices_round_half_up() {
         let p = price(3_000_000, 0);
-        assert_eq!(p.cache_write_5m_or_default(), 3_750_000);
-        assert_eq!(p.cache_write_1h_or_default(), 6_000_000);
-        assert_eq!(p.cache_read_or_default(), 300_000);
+        assert_eq!(p.rates(0).cache_write_5m, 3_750_000);
+        assert_eq!(p.rates(0).cache_write_1h, 6_000_000);
+        assert_eq!(p.rates(0).cache_read, 300_000);
         let p = price(3, 0);
-        assert_eq!(p.cache_write_5m_or_default(), 4); // 3.75
-        assert_eq!(p.cache_read_or_default(), 0); // 0.3
+        assert_eq!(p.rates(0).cache_write_5m, 4); // 3.75
+        assert_eq!(p.rates(0).cache_read, 0); // 0.3
         let p = price(5, 0);
-        assert_eq!(p.cache_read_or_default(), 1); // 0.5
-        assert_eq!(p.cache_write_5m_or_default(), 6); // 6.25
+        assert_eq!(p.rates(0).cache_read, 1); // 0.5
+        assert_eq!(p.rates(0).cache_write_5m, 6); // 6.25
         let explicit = ModelPrice {
             cache_write_5m: Some(1),
             cache_write_1h: Some(2),
@@ -895,9 +1079,9 @@ mod tests {
         };
         assert_eq!(
             (
-                explicit.cache_write_5m_or_default(),
-                explicit.cache_write_1h_or_default(),
-                explicit.cache_read_or_default()
+                explicit.rates(0).cache_write_5m,
+                explicit.rates(0).cache_write_1h,
+                explicit.rates(0).cache_read
             ),
             (1, 2, 3)
         );
@@ -995,6 +1179,7 @@ mod tests {
                 cache_write_1h: Some(6_000_000),
                 cache_read: Some(300_000),
                 web_search: Some(10_000),
+                long_context: None,
             }
         );
         assert_eq!(
@@ -1043,7 +1228,7 @@ mod tests {
         }
         for (model, p) in t.models() {
             assert!(p.input > 0 && p.output > p.input, "{model}");
-            assert!(p.cache_read_or_default() < p.input, "{model}");
+            assert!(p.rates(0).cache_read < p.input, "{model}");
             if model.starts_with("claude-") {
                 assert!(
                     p.cache_write_5m.is_some()
@@ -1065,6 +1250,58 @@ mod tests {
                 );
             }
         }
+        // The models priced by prompt length, and where their long card starts.
+        let tiers: Vec<(&str, u64)> = t
+            .models()
+            .filter_map(|(m, p)| Some((m, p.long_context?.above_tokens)))
+            .collect();
+        assert_eq!(
+            tiers,
+            [
+                ("claude-haiku-5-5", 100_000),
+                ("gemini-2.5-pro", 200_000),
+                ("gemini-3-pro-preview", 200_000),
+                ("gemini-3.1-pro-preview", 200_000),
+                ("gpt-5.4", 272_000),
+                ("gpt-5.5", 272_000),
+            ]
+        );
+        for (model, p) in t.models() {
+            if let Some(long) = p.long_context {
+                assert!(long.input > p.input && long.output > p.output, "{model}");
+            }
+        }
+        // Haiku 5.5 over 100K: every field five times the first card's.
+        let haiku = t.get("claude-haiku-5-5").unwrap();
+        let (short, long) = (haiku.rates(100_000), haiku.rates(100_001));
+        assert_eq!(
+            [
+                long.input,
+                long.output,
+                long.cache_write_5m,
+                long.cache_write_1h,
+                long.cache_read
+            ],
+            [
+                short.input,
+                short.output,
+                short.cache_write_5m,
+                short.cache_write_1h,
+                short.cache_read
+            ]
+            .map(|p| p * 5)
+        );
+        // gemini-2.5-pro, 250 000 prompt tokens of which 50 000 cached, 1 000 out:
+        // 200 000 × 2.5 + 50 000 × 0.25 + 1 000 × 15 = 500 000 + 12 500 + 15 000.
+        assert_eq!(
+            compute_cost(
+                &t,
+                Some("gemini-2.5-pro"),
+                &tokens(200_000, 1_000, 0, 0, 50_000),
+                10_000
+            ),
+            priced(527_500, 527_500)
+        );
         // The fixtures' costs, as the relay will book them.
         let cost = compute_cost(
             &t,
@@ -1210,6 +1447,202 @@ mod tests {
         );
     }
 
+    /// A card like Claude Haiku 5.5's: $0.10 / $0.50 up to 100 000 prompt tokens, five times
+    /// that above.
+    fn tiered() -> ModelPrice {
+        ModelPrice {
+            cache_read: Some(10_000),
+            web_search: Some(10_000),
+            long_context: Some(LongContextPrice {
+                above_tokens: 100_000,
+                input: 500_000,
+                output: 2_500_000,
+                cache_write_5m: None,
+                cache_write_1h: Some(1_000_000),
+                cache_read: Some(50_000),
+            }),
+            ..price(100_000, 500_000)
+        }
+    }
+
+    #[test]
+    fn long_prompts_take_the_long_context_card() {
+        let t = table(&[("haiku", tiered())]);
+        let cost = |usage: TokenUsage| compute_cost(&t, Some("haiku"), &usage, 10_000);
+        // 100 000 prompt tokens: the standard card. 100 000 × 0.1 + 1 000 × 0.5 = 10 500.
+        assert_eq!(
+            cost(tokens(100_000, 1_000, 0, 0, 0)),
+            priced(10_500, 10_500)
+        );
+        // One more: every token at the long card, output too. 100 001 × 0.5 + 1 000 × 2.5
+        // = 50 000.5 + 2 500 → 52 501 (half up).
+        assert_eq!(
+            cost(tokens(100_001, 1_000, 0, 0, 0)),
+            priced(52_501, 52_501)
+        );
+        // Cache reads and writes count toward the prompt's length: 1 000 uncached + 99 001
+        // read is over the threshold. 1 000 × 0.5 + 99 001 × 0.05 = 500 + 4 950.05 → 5 450.
+        assert_eq!(cost(tokens(1_000, 0, 0, 0, 99_001)), priced(5_450, 5_450));
+        // The same under the threshold: 1 000 × 0.1 + 98 999 × 0.01 = 100 + 989.99 → 1 090.
+        assert_eq!(cost(tokens(1_000, 0, 0, 0, 98_999)), priced(1_090, 1_090));
+        // Writes: an unset 5-minute price is 1.25× the long card's input (0.625), the 1-hour
+        // one as set (1.0). 60 000 × 0.625 + 50 000 × 1.0 = 37 500 + 50 000.
+        assert_eq!(
+            cost(tokens(0, 0, 60_000, 50_000, 0)),
+            priced(87_500, 87_500)
+        );
+        // Searches keep their price at every length: 200 001 × 0.5 + 2 × 10 000 = 120 000.5.
+        let mut usage = tokens(200_001, 0, 0, 0, 0);
+        usage.web_search_requests = 2;
+        assert_eq!(cost(usage), priced(120_001, 120_001));
+        // The user's rate applies on top.
+        assert_eq!(
+            compute_cost(&t, Some("haiku"), &tokens(100_001, 1_000, 0, 0, 0), 5_000),
+            priced(52_501, 26_251)
+        );
+        // The card's rates, defaults filled in from its own input.
+        let p = tiered();
+        assert_eq!(
+            p.rates(100_001),
+            Rates {
+                input: 500_000,
+                output: 2_500_000,
+                cache_write_5m: 625_000,
+                cache_write_1h: 1_000_000,
+                cache_read: 50_000,
+            }
+        );
+        assert_eq!(p.rates(100_000).input, 100_000);
+        assert_eq!(p.rates(u64::MAX).input, 500_000);
+    }
+
+    #[test]
+    fn estimates_of_long_prompts_take_the_long_context_card() {
+        let t = table(&[("haiku", tiered())]);
+        let haiku = Some("haiku");
+        // 400 000 bytes: 100 000 tokens, the standard card: 10 000 + 1 000 × 0.5.
+        assert_eq!(
+            estimate_cost(&t, haiku, 400_000, Some(1_000), 10_000),
+            10_500
+        );
+        // 400 004 bytes: 100 001 tokens, the long card: 50 000.5 + 2 500 → 52 501.
+        assert_eq!(
+            estimate_cost(&t, haiku, 400_004, Some(1_000), 10_000),
+            52_501
+        );
+    }
+
+    #[test]
+    fn price_list_reads_long_context_tables() {
+        let text = "
+[models.\"claude-haiku-5-5\"]
+input = 100000
+output = 500000
+cache_read = 10000
+web_search = 10000
+
+[models.\"claude-haiku-5-5\".long_context]   # prompts over 100K tokens
+above_tokens = 100_000
+input = 500000
+output = 2500000
+cache_write_1h = 1000000
+cache_read = 50000
+
+[models.flat]
+input = 1
+output = 2
+
+[models.bare.long_context]
+";
+        let err = PriceTable::from_toml_str(text).unwrap_err();
+        // A long_context table needs its model's table right before it.
+        assert!(
+            matches!(err, PriceError::Syntax { line: 19, ref message } if message.contains("must follow")),
+            "{err:?}"
+        );
+        let t =
+            PriceTable::from_toml_str(&text.replace("[models.bare.long_context]\n", "")).unwrap();
+        assert_eq!(*t.get("claude-haiku-5-5-20261007").unwrap(), tiered());
+        assert_eq!(t.get("flat").unwrap().long_context, None);
+        // Bare names take a long_context table too.
+        let t = PriceTable::from_toml_str(
+            "[models.m]\ninput = 1\noutput = 2\n[models.m.long_context]\nabove_tokens = 5\ninput = 3\noutput = 4\n",
+        )
+        .unwrap();
+        assert_eq!(
+            t.get("m").unwrap().long_context,
+            Some(LongContextPrice {
+                above_tokens: 5,
+                input: 3,
+                output: 4,
+                ..LongContextPrice::default()
+            })
+        );
+        let head = "[models.m]\ninput = 1\noutput = 2\n";
+        let syntax_cases: &[(&str, &str, usize)] = &[
+            (
+                "twice",
+                "[models.m.long_context]\nabove_tokens = 1\ninput = 1\noutput = 1\n[models.m.long_context]\n",
+                8,
+            ),
+            ("another model's", "[models.n.long_context]\n", 4),
+            ("searches", "[models.m.long_context]\nweb_search = 1\n", 5),
+            ("threshold outside", "above_tokens = 1\n", 4),
+            ("negative threshold", "[models.m.long_context]\nabove_tokens = -1\n", 5),
+            ("unknown key", "[models.m.long_context]\ncache = 1\n", 5),
+            ("unknown table", "[models.m.tiers]\n", 4),
+            ("quoted unknown table", "[models.\"m\".tiers]\n", 4),
+        ];
+        for (name, tail, line) in syntax_cases {
+            match PriceTable::from_toml_str(&format!("{head}{tail}")) {
+                Err(PriceError::Syntax { line: got, .. }) => assert_eq!(got, *line, "{name}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        for (tail, field) in [
+            ("input = 1\noutput = 1\n", "long_context.above_tokens"),
+            ("above_tokens = 1\noutput = 1\n", "long_context.input"),
+            ("above_tokens = 1\ninput = 1\n", "long_context.output"),
+        ] {
+            assert_eq!(
+                PriceTable::from_toml_str(&format!("{head}[models.m.long_context]\n{tail}")),
+                Err(PriceError::MissingField {
+                    model: "m".into(),
+                    field
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn long_context_serde_nests_the_card() {
+        let json = r#"{"input":1,"output":2,"long_context":{"above_tokens":200000,"input":3,"output":4,"cache_read":1}}"#;
+        let p: ModelPrice = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            p.long_context,
+            Some(LongContextPrice {
+                above_tokens: 200_000,
+                input: 3,
+                output: 4,
+                cache_read: Some(1),
+                ..LongContextPrice::default()
+            })
+        );
+        assert_eq!(serde_json::to_string(&p).unwrap(), json);
+        assert!(serde_json::from_str::<ModelPrice>(
+            r#"{"input":1,"output":2,"long_context":{"above_tokens":1,"input":3,"output":4,"web_search":1}}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<ModelPrice>(
+            r#"{"input":1,"output":2,"long_context":{"input":3,"output":4}}"#
+        )
+        .is_err());
+        assert_eq!(
+            tiered().all_prices().collect::<Vec<_>>(),
+            [100_000, 500_000, 10_000, 10_000, 500_000, 2_500_000, 1_000_000, 50_000]
+        );
+    }
+
     #[test]
     fn absurd_numbers_saturate_instead_of_panicking() {
         let t = table(&[
@@ -1225,6 +1658,6 @@ mod tests {
         // A negative admin price (a credit) rounds half up too: -4.5 → -4.
         let cost = compute_cost(&t, Some("neg"), &tokens(1, 0, 0, 0, 0), 15_000);
         assert_eq!(cost, priced(-3, -4));
-        assert_eq!(price(i64::MAX, 0).cache_write_1h_or_default(), i64::MAX);
+        assert_eq!(price(i64::MAX, 0).rates(0).cache_write_1h, i64::MAX);
     }
 }

@@ -153,6 +153,15 @@ pub struct TokenUsage {
 pub const MAX_TOKENS: u64 = 1_000_000_000_000;
 
 impl TokenUsage {
+    /// The prompt's length in tokens: uncached input, cache reads and cache writes (what a
+    /// long-context price tier is chosen by).
+    pub fn prompt_tokens(&self) -> u64 {
+        self.input_tokens
+            .saturating_add(self.cache_read_tokens)
+            .saturating_add(self.cache_write_5m_tokens)
+            .saturating_add(self.cache_write_1h_tokens)
+    }
+
     /// The counts, each at most [`MAX_TOKENS`]; `true` when one was cut down.
     pub fn clamped(self) -> (TokenUsage, bool) {
         let mut cut = false;

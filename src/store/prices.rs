@@ -8,7 +8,53 @@ use sqlx::Row;
 use super::{now_ms, require_non_empty, Param, Result, SqlParts, SqlStore, StoreError};
 
 /// Prices of one model (micro-USD per million tokens): the same type the cost filter prices with.
-pub use relay_filters::cost::ModelPrice;
+pub use relay_filters::cost::{LongContextPrice, ModelPrice};
+
+/// What a price override says of the model's long-context rate card.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LongContextChoice {
+    /// The shipped price list's card, if the model has one (an override that names none, or
+    /// one made before long prompts were priced apart, must not make them cheap).
+    #[default]
+    Shipped,
+    /// One price at every prompt length.
+    None,
+    /// This card.
+    Card(LongContextPrice),
+}
+
+impl LongContextChoice {
+    /// The column's text: NULL, `none` or the card as JSON.
+    fn to_column(self) -> Result<Option<String>> {
+        Ok(match self {
+            LongContextChoice::Shipped => None,
+            LongContextChoice::None => Some("none".to_owned()),
+            LongContextChoice::Card(card) => Some(
+                serde_json::to_string(&card)
+                    .map_err(|e| StoreError::Invalid(format!("long_context: {e}")))?,
+            ),
+        })
+    }
+
+    fn from_column(text: Option<String>) -> Result<LongContextChoice> {
+        Ok(match text.as_deref() {
+            None => LongContextChoice::Shipped,
+            Some("none") => LongContextChoice::None,
+            Some(json) => LongContextChoice::Card(serde_json::from_str(json).map_err(|e| {
+                StoreError::Invalid(format!("stored long_context is not a rate card: {e}"))
+            })?),
+        })
+    }
+
+    /// The card that applies, given the shipped one.
+    pub fn resolve(self, shipped: Option<LongContextPrice>) -> Option<LongContextPrice> {
+        match self {
+            LongContextChoice::Shipped => shipped,
+            LongContextChoice::None => None,
+            LongContextChoice::Card(card) => Some(card),
+        }
+    }
+}
 
 /// A row of `model_prices`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -27,12 +73,16 @@ pub struct ModelPriceRow {
     pub cache_read: Option<i64>,
     /// Per web search (not per million); unset: the model's shipped price, if any.
     pub web_search: Option<i64>,
+    /// The rate card for long prompts.
+    #[serde(skip)]
+    pub long_context: LongContextChoice,
     /// Epoch ms of the last change.
     pub updated_at: i64,
 }
 
 impl ModelPriceRow {
-    /// The prices without the model name and timestamp.
+    /// The prices without the model name and timestamp; the long-context card only when the
+    /// override sets one (see [`LongContextChoice::resolve`] for the shipped one).
     pub fn price(&self) -> ModelPrice {
         ModelPrice {
             input: self.input,
@@ -41,6 +91,7 @@ impl ModelPriceRow {
             cache_write_1h: self.cache_write_1h,
             cache_read: self.cache_read,
             web_search: self.web_search,
+            long_context: self.long_context.resolve(None),
         }
     }
 }
@@ -55,23 +106,26 @@ fn price_from_row(row: &AnyRow) -> Result<ModelPriceRow> {
         cache_write_1h: row.try_get("cache_write_1h")?,
         cache_read: row.try_get("cache_read")?,
         web_search: row.try_get("web_search")?,
+        long_context: LongContextChoice::from_column(row.try_get("long_context")?)?,
         updated_at: row.try_get("updated_at")?,
     })
 }
 
 impl SqlStore {
-    /// Sets the prices of a model, creating or replacing its row.
-    pub async fn upsert_price(&self, model: &str, price: &ModelPrice) -> Result<ModelPriceRow> {
+    /// Sets the prices of a model, creating or replacing its row. `price.long_context` is not
+    /// read: `long_context` says what the override does with the long-prompt card.
+    pub async fn upsert_price(
+        &self,
+        model: &str,
+        price: &ModelPrice,
+        long_context: LongContextChoice,
+    ) -> Result<ModelPriceRow> {
         require_non_empty("model", model)?;
-        let all = [
-            Some(price.input),
-            Some(price.output),
-            price.cache_write_5m,
-            price.cache_write_1h,
-            price.cache_read,
-            price.web_search,
-        ];
-        if all.iter().flatten().any(|p| *p < 0) {
+        let card = ModelPrice {
+            long_context: long_context.resolve(None),
+            ..*price
+        };
+        if card.all_prices().any(|p| p < 0) {
             return Err(StoreError::Invalid(
                 "prices must not be negative".to_owned(),
             ));
@@ -79,11 +133,13 @@ impl SqlStore {
         let now = now_ms();
         sqlx::query(
             "INSERT INTO model_prices (model, input, output, cache_write_5m, cache_write_1h, \
-             cache_read, web_search, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             cache_read, web_search, long_context, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (model) DO UPDATE SET input = excluded.input, \
              output = excluded.output, cache_write_5m = excluded.cache_write_5m, \
              cache_write_1h = excluded.cache_write_1h, cache_read = excluded.cache_read, \
-             web_search = excluded.web_search, updated_at = excluded.updated_at",
+             web_search = excluded.web_search, long_context = excluded.long_context, \
+             updated_at = excluded.updated_at",
         )
         .bind(model)
         .bind(price.input)
@@ -92,6 +148,7 @@ impl SqlStore {
         .bind(price.cache_write_1h)
         .bind(price.cache_read)
         .bind(price.web_search)
+        .bind(long_context.to_column()?)
         .bind(now)
         .execute(&self.pool)
         .await?;
@@ -103,6 +160,7 @@ impl SqlStore {
             cache_write_1h: price.cache_write_1h,
             cache_read: price.cache_read,
             web_search: price.web_search,
+            long_context,
             updated_at: now,
         })
     }
@@ -123,7 +181,7 @@ impl SqlStore {
     pub async fn list_prices(&self) -> Result<Vec<ModelPriceRow>> {
         let rows = sqlx::query(
             "SELECT model, input, output, cache_write_5m, cache_write_1h, cache_read, \
-             web_search, updated_at FROM model_prices ORDER BY model",
+             web_search, long_context, updated_at FROM model_prices ORDER BY model",
         )
         .fetch_all(&self.pool)
         .await?;

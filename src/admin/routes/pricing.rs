@@ -14,7 +14,7 @@ use crate::admin::auth::Caller;
 use crate::admin::error::{AppError, AppResult, ErrorBody};
 use crate::admin::extract::{Json, Path};
 use crate::admin::AdminState;
-use crate::store::{ModelPrice, ModelPriceRow};
+use crate::store::{LongContextChoice, LongContextPrice, ModelPrice, ModelPriceRow};
 
 /// Longest model name accepted.
 const MAX_MODEL_LEN: usize = 200;
@@ -31,6 +31,16 @@ pub struct PriceView {
     pub cache_write_1h: Option<i64>,
     pub cache_read: Option<i64>,
     pub web_search: Option<i64>,
+    /// The rate card of prompts longer than its `above_tokens` (uncached input, cache reads and
+    /// writes together): `{"above_tokens", "input", "output", "cache_write_5m"?,
+    /// "cache_write_1h"?, "cache_read"?}`, its unset cache prices derived from its own input;
+    /// `null`: one price at every length.
+    #[schema(value_type = Option<Object>)]
+    pub long_context: Option<LongContextPrice>,
+    /// The shipped price list's long-context card of this model, which an override keeps
+    /// unless it sets `long_context`.
+    #[schema(value_type = Option<Object>)]
+    pub shipped_long_context: Option<LongContextPrice>,
     /// Whether an admin override sets this price (else it is the shipped one).
     #[serde(rename = "override")]
     pub is_override: bool,
@@ -38,18 +48,23 @@ pub struct PriceView {
     pub updated_at: Option<i64>,
 }
 
-impl From<ModelPriceRow> for PriceView {
-    fn from(r: ModelPriceRow) -> Self {
+impl PriceView {
+    /// An override as the relay applies it: the shipped search price and long-context card
+    /// where the override names none.
+    fn of_override(r: ModelPriceRow, prices: &crate::cache::PriceCache) -> PriceView {
+        let shipped_long_context = prices.shipped_long_context(&r.model);
         PriceView {
-            model: r.model,
+            web_search: r.web_search.or_else(|| prices.shipped_web_search(&r.model)),
+            long_context: r.long_context.resolve(shipped_long_context),
+            shipped_long_context,
             input: r.input,
             output: r.output,
             cache_write_5m: r.cache_write_5m,
             cache_write_1h: r.cache_write_1h,
             cache_read: r.cache_read,
-            web_search: r.web_search,
             is_override: true,
             updated_at: Some(r.updated_at),
+            model: r.model,
         }
     }
 }
@@ -83,6 +98,8 @@ pub async fn list(State(state): State<AdminState>, caller: Caller) -> AppResult<
                     cache_write_1h: p.cache_write_1h,
                     cache_read: p.cache_read,
                     web_search: p.web_search,
+                    long_context: p.long_context,
+                    shipped_long_context: state.prices.shipped_long_context(model),
                     is_override: false,
                     updated_at: None,
                 },
@@ -91,10 +108,7 @@ pub async fn list(State(state): State<AdminState>, caller: Caller) -> AppResult<
         .collect();
     // The database is the truth about overrides; the cache may trail it by a reload.
     for row in overrides {
-        let mut view: PriceView = row.into();
-        view.web_search = view
-            .web_search
-            .or_else(|| state.prices.shipped_web_search(&view.model));
+        let view = PriceView::of_override(row, &state.prices);
         merged.insert(view.model.clone(), view);
     }
     let items: Vec<PriceView> = merged.into_values().collect();
@@ -119,13 +133,23 @@ pub struct PriceOverride {
     cache_read: Option<i64>,
     #[serde(default)]
     web_search: Option<i64>,
+    /// The rate card of long prompts: absent keeps the shipped one, `null` prices every length
+    /// alike.
+    #[serde(default, deserialize_with = "super::nullable")]
+    #[schema(value_type = Option<Object>)]
+    long_context: Option<Option<LongContextPrice>>,
 }
 
+/// Highest `above_tokens` a long-context card may name (no prompt comes near it).
+const MAX_LONG_CONTEXT_THRESHOLD: u64 = relay_filters::types::MAX_TOKENS;
+
 /// `POST /api/admin/pricing` `{"model", "input", "output", "cache_write_5m"?,
-/// "cache_write_1h"?, "cache_read"?, "web_search"?}` (micro-USD per million tokens;
-/// `web_search` per search): creates or replaces the override of a model. The model is matched
-/// as the upstream reports it; a dated id falls back to its undated name. Without `web_search`
-/// the model's shipped search price, if any, still applies (`0` makes searches free).
+/// "cache_write_1h"?, "cache_read"?, "web_search"?, "long_context"?}` (micro-USD per million
+/// tokens; `web_search` per search): creates or replaces the override of a model. The model is
+/// matched as the upstream reports it; a dated id falls back to its undated name. Without
+/// `web_search` the model's shipped search price, if any, still applies (`0` makes searches
+/// free); without `long_context` the shipped long-prompt card, if any, still applies (`null`
+/// prices every prompt length alike).
 #[utoipa::path(post, path = "/api/admin/pricing", tag = "pricing", request_body = PriceOverride,
     responses(
         (status = 200, description = "The override as stored", body = PriceView),
@@ -143,6 +167,18 @@ pub async fn upsert(
             "model must be 1 to {MAX_MODEL_LEN} characters"
         )));
     }
+    let long_context = match body.long_context {
+        None => LongContextChoice::Shipped,
+        Some(None) => LongContextChoice::None,
+        Some(Some(card)) => {
+            if card.above_tokens == 0 || card.above_tokens > MAX_LONG_CONTEXT_THRESHOLD {
+                return Err(AppError::BadRequest(format!(
+                    "long_context.above_tokens must be 1 to {MAX_LONG_CONTEXT_THRESHOLD}"
+                )));
+            }
+            LongContextChoice::Card(card)
+        }
+    };
     let price = ModelPrice {
         input: body.input,
         output: body.output,
@@ -150,22 +186,19 @@ pub async fn upsert(
         cache_write_1h: body.cache_write_1h,
         cache_read: body.cache_read,
         web_search: body.web_search,
+        long_context: long_context.resolve(None),
     };
-    let row = state.store.upsert_price(model, &price).await?;
-    audit(
-        &state,
-        &caller,
-        "price.upsert",
-        model,
-        serde_json::to_value(price).map_err(|e| AppError::Internal(e.to_string()))?,
-    )
-    .await;
+    let row = state
+        .store
+        .upsert_price(model, &price, long_context)
+        .await?;
+    let mut detail = serde_json::to_value(price).map_err(|e| AppError::Internal(e.to_string()))?;
+    if long_context == LongContextChoice::None {
+        detail["long_context"] = serde_json::Value::Null;
+    }
+    audit(&state, &caller, "price.upsert", model, detail).await;
     state.prices_changed().await;
-    let mut view: PriceView = row.into();
-    view.web_search = view
-        .web_search
-        .or_else(|| state.prices.shipped_web_search(&view.model));
-    Ok(Json(view))
+    Ok(Json(PriceView::of_override(row, &state.prices)))
 }
 
 /// `DELETE /api/admin/pricing/{model}`: removes an override; the shipped price (if any)
