@@ -903,6 +903,29 @@ struct AnthropicUsageWire {
     cache_read_input_tokens: Option<u64>,
     cache_creation: Option<AnthropicCacheCreationWire>,
     server_tool_use: Option<AnthropicServerToolUseWire>,
+    /// The sampling passes of a request that took more than one (server-side compaction):
+    /// the top-level counts are the answer's pass alone, a `compaction` pass's tokens are
+    /// billed on top of them.
+    iterations: Option<Vec<AnthropicIterationWire>>,
+}
+
+/// One entry of Anthropic `usage.iterations`.
+#[derive(Deserialize, Default, Debug, PartialEq)]
+struct AnthropicIterationWire {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+}
+
+impl AnthropicIterationWire {
+    /// Whether the pass is one the top-level counts leave out and the relay must add:
+    /// the summary a compaction wrote, with the model the request named.
+    fn is_compaction(&self) -> bool {
+        self.kind.as_deref() == Some("compaction")
+    }
 }
 
 #[derive(Deserialize, Default, Debug, PartialEq)]
@@ -1097,10 +1120,29 @@ struct AnthropicCounts {
     ephemeral_5m: Option<u64>,
     ephemeral_1h: Option<u64>,
     web_search: Option<u64>,
+    /// The compaction passes' counts (input, output, cache writes, cache reads), summed.
+    compaction: [Option<u64>; 4],
 }
 
 impl AnthropicCounts {
     fn merge(&mut self, u: AnthropicUsageWire) {
+        if let Some(iterations) = &u.iterations {
+            let mut sums = [0u64; 4];
+            for pass in iterations.iter().filter(|p| p.is_compaction()) {
+                let counts = [
+                    pass.input_tokens,
+                    pass.output_tokens,
+                    pass.cache_creation_input_tokens,
+                    pass.cache_read_input_tokens,
+                ];
+                for (sum, n) in sums.iter_mut().zip(counts) {
+                    *sum = sum.saturating_add(n.unwrap_or(0));
+                }
+            }
+            for (slot, sum) in self.compaction.iter_mut().zip(sums) {
+                raise_to(slot, Some(sum));
+            }
+        }
         raise_to(&mut self.input, u.input_tokens);
         raise_to(&mut self.output, u.output_tokens);
         raise_to(&mut self.cache_creation, u.cache_creation_input_tokens);
@@ -1137,12 +1179,14 @@ impl AnthropicCounts {
             let rest = total.saturating_sub(w5.saturating_add(w1));
             (w5.saturating_add(rest), w1)
         };
+        // A compaction pass's cache writes have no TTL split: 5-minute ones, as above.
+        let [c_input, c_output, c_writes, c_reads] = self.compaction.map(|n| n.unwrap_or(0));
         TokenUsage {
-            input_tokens: self.input.unwrap_or(0),
-            output_tokens: self.output.unwrap_or(0),
-            cache_write_5m_tokens: write_5m,
+            input_tokens: self.input.unwrap_or(0).saturating_add(c_input),
+            output_tokens: self.output.unwrap_or(0).saturating_add(c_output),
+            cache_write_5m_tokens: write_5m.saturating_add(c_writes),
             cache_write_1h_tokens: write_1h,
-            cache_read_tokens: self.cache_read.unwrap_or(0),
+            cache_read_tokens: self.cache_read.unwrap_or(0).saturating_add(c_reads),
             reasoning_tokens: 0,
             web_search_requests: self.web_search.unwrap_or(0),
         }
@@ -1760,6 +1804,11 @@ fn scan_anthropic_usage(value: &[u8]) -> Option<Option<AnthropicUsageWire>> {
                 usage.server_tool_use = scan_anthropic_server_tool_use(value)?;
                 return Some(());
             }
+            b"iterations" => {
+                seen.first(6)?;
+                usage.iterations = scan_anthropic_iterations(value)?;
+                return Some(());
+            }
             _ => return Some(()),
         };
         seen.first(bit)?;
@@ -1767,6 +1816,39 @@ fn scan_anthropic_usage(value: &[u8]) -> Option<Option<AnthropicUsageWire>> {
         Some(())
     })?;
     Some(Some(usage))
+}
+
+/// Anthropic `usage.iterations` read with [`json_scan`]: `Some(None)` for `null`.
+fn scan_anthropic_iterations(value: &[u8]) -> Option<Option<Vec<AnthropicIterationWire>>> {
+    if value == b"null" {
+        return Some(None);
+    }
+    let mut passes = Vec::new();
+    json_scan::for_each_element(value, |element| {
+        let mut pass = AnthropicIterationWire::default();
+        let mut seen = Seen::default();
+        json_scan::for_each_member(element, |key, value| {
+            let (bit, slot) = match key {
+                b"type" => {
+                    seen.first(0)?;
+                    // Rare and short: serde reads the string, escapes and all.
+                    pass.kind = serde_json::from_slice::<Option<String>>(value).ok()?;
+                    return Some(());
+                }
+                b"input_tokens" => (1, &mut pass.input_tokens),
+                b"output_tokens" => (2, &mut pass.output_tokens),
+                b"cache_creation_input_tokens" => (3, &mut pass.cache_creation_input_tokens),
+                b"cache_read_input_tokens" => (4, &mut pass.cache_read_input_tokens),
+                _ => return Some(()),
+            };
+            seen.first(bit)?;
+            *slot = json_scan::opt_u64(value)?;
+            Some(())
+        })?;
+        passes.push(pass);
+        Some(())
+    })?;
+    Some(Some(passes))
 }
 
 /// Anthropic `usage.cache_creation` read with [`json_scan`]: `Some(None)` for `null`.
@@ -2740,6 +2822,15 @@ mod tests {
                 r#"{"usage":{"output_tokens":2,"server_tool_use":null}}"#.into(),
                 true,
             ),
+            (
+                r#"{"usage":{"input_tokens":5,"iterations":[{"type":"compaction","input_tokens":180000,"output_tokens":3500,"cache_read_input_tokens":null},{"type":"message","input_tokens":5,"output_tokens":1,"extra":[1,{"a":2}]}]}}"#.into(),
+                true,
+            ),
+            (
+                r#"{"usage":{"iterations":null}}"#.into(),
+                true,
+            ),
+            (r#"{"usage":{"iterations":[]}}"#.into(), true),
             ("{}".into(), true),
             // Left to serde: repeated fields, escaped keys, numbers serde reads otherwise.
             (r#"{"id":"a","id":"b"}"#.into(), false),
@@ -2949,6 +3040,48 @@ data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5
         assert!(scan_anthropic_message(escaped.as_bytes()).is_none());
         let got = meter(Protocol::Anthropic, false, &[escaped.as_bytes()]);
         assert_eq!(got.usage.web_search_requests, 4);
+    }
+
+    /// A request that compacted its context ran a summary pass the top-level counts leave
+    /// out: its `usage.iterations` entry of type `compaction` is billed on top, streamed or
+    /// whole; the answer's own pass (type `message`) is not counted twice, and other passes
+    /// are not added.
+    #[test]
+    fn anthropic_compaction_passes_are_billed_on_top() {
+        let usage_json = r#"{"input_tokens":23000,"output_tokens":1000,"cache_read_input_tokens":100,"iterations":[{"type":"compaction","input_tokens":180000,"output_tokens":3500,"cache_creation_input_tokens":40,"cache_read_input_tokens":60},{"type":"message","input_tokens":23000,"output_tokens":1000}]}"#;
+        let want = usage(203_000, 4_500, 40, 0, 160, 0);
+        let json = format!(
+            r#"{{"id":"msg_1","type":"message","model":"claude-opus-4-6","content":[{{"type":"compaction","content":"Summary"}},{{"type":"text","text":"ok"}}],"usage":{usage_json}}}"#
+        );
+        for chunks in splits(json.as_bytes()) {
+            let got = meter(Protocol::Anthropic, false, &chunks);
+            assert_eq!(got.usage, want, "{chunks:?}");
+        }
+        // The serde fallback adds them alike.
+        let escaped = format!(r#"{{"model":"m","us\u0061ge":{usage_json}}}"#);
+        assert!(scan_anthropic_message(escaped.as_bytes()).is_none());
+        assert_eq!(
+            meter(Protocol::Anthropic, false, &[escaped.as_bytes()]).usage,
+            want
+        );
+        // Streamed: the passes come with message_delta's cumulative usage, once or again.
+        let stream = format!(
+            "event: message_start\ndata: {}\n\nevent: message_delta\ndata: {}\n\nevent: message_delta\ndata: {}\n\nevent: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n",
+            r#"{"type":"message_start","message":{"id":"msg_1","model":"claude-opus-4-6","usage":{"input_tokens":23000,"output_tokens":1,"cache_read_input_tokens":100}}}"#,
+            format_args!(r#"{{"type":"message_delta","delta":{{"stop_reason":"end_turn"}},"usage":{usage_json}}}"#),
+            format_args!(r#"{{"type":"message_delta","delta":{{}},"usage":{usage_json}}}"#),
+        );
+        for chunks in splits(stream.as_bytes()) {
+            let got = meter(Protocol::Anthropic, true, &chunks);
+            assert_eq!(got.usage, want, "{chunks:?}");
+            assert!(got.complete);
+        }
+        // Passes of other kinds are not the relay's to add.
+        let other = r#"{"model":"m","usage":{"input_tokens":10,"output_tokens":2,"iterations":[{"type":"message","input_tokens":10,"output_tokens":2},{"type":"advisor_message","input_tokens":5,"output_tokens":5}]}}"#;
+        assert_eq!(
+            meter(Protocol::Anthropic, false, &[other.as_bytes()]).usage,
+            usage(10, 2, 0, 0, 0, 0)
+        );
     }
 
     /// OpenAI Responses: a stream's searches are its `response.web_search_call.completed`
