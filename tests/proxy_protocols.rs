@@ -702,6 +702,44 @@ async fn responses_web_searches_are_counted_and_billed_at_the_admins_price() {
     }
 }
 
+/// A background response would run on after the relay's exchange, out of its sight and
+/// unbilled: refused with an OpenAI-shaped 400 before it reaches an account.
+#[tokio::test]
+async fn a_background_response_is_refused() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    openai_account(&relay, &mock).await;
+    relay.wait_accounts_loaded(1).await;
+    let r = relay
+        .post_bare("/v1/responses")
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"model": "gpt-5", "input": "x", "background": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_openai_error(&v, "invalid_request_error", "invalid_request");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("background")),
+        "{v}"
+    );
+    assert_eq!(mock.count(), 0, "the upstream never saw it");
+    // In the foreground it is served.
+    let r = relay
+        .post_bare("/v1/responses")
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"model": "gpt-5", "input": "x", "background": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await.unwrap();
+    assert_eq!(mock.count(), 1);
+}
+
 /// A prompt over a model's long-context threshold (cache reads and writes counted) is billed
 /// at the long card, output included; one at the threshold at the standard prices. Streamed
 /// and whole answers alike, for the shipped cards of Claude Haiku 5.5 (over 100 000) and

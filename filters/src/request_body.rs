@@ -49,6 +49,9 @@ pub struct RequestBody<'a> {
     /// Responses `store` is `false`: the answer is not kept upstream, so no later request
     /// can continue it (read only, never judged: another value counts as absent).
     pub store_off: bool,
+    /// Responses `background` is `true` (read as `store` is: another value counts as absent,
+    /// for the upstream to judge).
+    pub background: bool,
 }
 
 /// Why a request body was refused; the message goes to the client as `invalid_request_error`.
@@ -74,6 +77,9 @@ pub enum BodyError {
         /// What was expected, phrased for the message (`a string`, `an array`).
         expected: &'static str,
     },
+    /// A request the relay does not take, with why.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// Top level of a body, every known field kept raw so that a wrong type becomes a `BadField`
@@ -108,6 +114,8 @@ struct RawBody<'a> {
     stream_options: Option<&'a RawValue>,
     #[serde(borrow)]
     store: Option<&'a RawValue>,
+    #[serde(borrow)]
+    background: Option<&'a RawValue>,
 }
 
 /// `metadata`: only `user_id` matters.
@@ -182,6 +190,7 @@ pub fn parse_request_body(body: &[u8]) -> Result<RequestBody<'_>, BodyError> {
         system_instruction: raw.system_instruction,
         stream_options_include_usage,
         store_off: raw.store.is_some_and(|r| r.get().trim() == "false"),
+        background: raw.background.is_some_and(|r| r.get().trim() == "true"),
     })
 }
 
@@ -243,6 +252,15 @@ pub fn validate_for(protocol: Protocol, body: &RequestBody<'_>) -> Result<(), Bo
         None => return Err(BodyError::MissingField("model")),
         Some(m) if bad_name(m) => return Err(bad_model()),
         Some(_) => {}
+    }
+    if protocol == Protocol::OpenaiResponses && body.background {
+        // The answer to a background request is the queued response, without usage: the
+        // model then runs on, its tokens out of the relay's sight and never billed.
+        return Err(BodyError::Unsupported(
+            "`background: true` is not supported through this relay: a background response \
+             is generated after the answer, where the relay cannot meter it; send the request \
+             without it (with `stream: true` for a long one)",
+        ));
     }
     if matches!(protocol, Protocol::Anthropic | Protocol::OpenaiChat) {
         match body.messages {
@@ -690,6 +708,29 @@ mod tests {
             let parsed = parse_request_body(body).expect("parses");
             assert_eq!(parsed.store_off, off, "{}", String::from_utf8_lossy(body));
         }
+        // A background response is refused on the Responses route only (other protocols have
+        // no such field; the relay leaves what they make of it to them).
+        for (body, refused) in [
+            (&br#"{"model":"m","input":"x","background":true}"#[..], true),
+            (br#"{"model":"m","input":"x","background": true }"#, true),
+            (br#"{"model":"m","input":"x","background":false}"#, false),
+            (br#"{"model":"m","input":"x","background":null}"#, false),
+            (br#"{"model":"m","input":"x","background":"yes"}"#, false),
+            (br#"{"model":"m","input":"x"}"#, false),
+        ] {
+            let parsed = parse_request_body(body).expect("parses");
+            let verdict = validate_for(Protocol::OpenaiResponses, &parsed);
+            assert_eq!(
+                matches!(verdict, Err(BodyError::Unsupported(m)) if m.contains("background")),
+                refused,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            assert_eq!(verdict.is_ok(), !refused);
+        }
+        let chat = br#"{"model":"m","messages":[],"background":true}"#;
+        let parsed = parse_request_body(chat).expect("parses");
+        assert!(validate_for(Protocol::OpenaiChat, &parsed).is_ok());
 
         let gemini = br#"{"contents":[{"role":"user","parts":[{"text":"x"}]}],
             "system_instruction":{"parts":[{"text":"s"}]}}"#;
