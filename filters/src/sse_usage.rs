@@ -495,6 +495,8 @@ pub struct GeminiArrayMeter {
     gave_up: bool,
     result: MeterResult,
     counts: GeminiCounts,
+    /// Chunks of the answer seen (each a piece of generated output).
+    chunks: u64,
 }
 
 /// Where a [`GeminiArrayMeter`] stands in the array.
@@ -526,6 +528,8 @@ struct StreamState {
     gemini: GeminiCounts,
     /// OpenAI Chat: the first chunk (which names the id and model) was parsed.
     seen_first_chunk: bool,
+    /// OpenAI Chat: a chunk carried usage.
+    seen_usage: bool,
     /// Delta events of answer text seen (Anthropic, OpenAI): each carries a token or more,
     /// so their count is a lower bound of the output should the usage never come.
     text_deltas: u64,
@@ -624,16 +628,24 @@ impl UsageMeter {
     }
 
     /// Delta events of answer text seen in a stream (Anthropic, OpenAI Chat and Responses;
-    /// 0 for the others): what an estimate of the output starts from when the stream ended
-    /// before its usage.
+    /// for Gemini, the chunks of the answer, in SSE or as array elements; 0 for whole JSON
+    /// answers): what an estimate of the output starts from when the stream ended before its
+    /// usage.
     pub fn text_deltas(&self) -> u64 {
         match self {
             UsageMeter::AnthropicStream(m)
             | UsageMeter::OpenaiChatStream(m)
             | UsageMeter::OpenaiResponsesStream(m)
             | UsageMeter::GeminiStream(m) => m.state.text_deltas,
+            UsageMeter::GeminiArray(m) => m.chunks,
             _ => 0,
         }
+    }
+
+    /// An OpenAI Chat stream whose chunks never carried usage: a compatible upstream that
+    /// ignores `stream_options.include_usage` reports none, even at `[DONE]`.
+    pub fn usage_never_reported(&self) -> bool {
+        matches!(self, UsageMeter::OpenaiChatStream(m) if !m.state.seen_usage)
     }
 
     /// A Responses stream's response id, once its first event named it.
@@ -733,6 +745,7 @@ impl GeminiArrayMeter {
             gave_up: false,
             result: MeterResult::default(),
             counts: GeminiCounts::default(),
+            chunks: 0,
         }
     }
 
@@ -812,9 +825,13 @@ impl GeminiArrayMeter {
     /// Applies one complete element (unless it was dropped for its size).
     fn element(&mut self, data: &[u8]) {
         if self.skipping {
+            self.chunks = self.chunks.saturating_add(1);
             return;
         }
         if let Some(chunk) = read_gemini_chunk(data, &self.result) {
+            if chunk.error.is_none() {
+                self.chunks = self.chunks.saturating_add(1);
+            }
             apply_gemini_chunk(&mut self.result, &mut self.counts, chunk);
         }
     }
@@ -1348,6 +1365,7 @@ fn chat_event(st: &mut StreamState, ev: SseEvent<'_>) {
     set_once(&mut st.result.response_id, chunk.id);
     set_once(&mut st.result.model, chunk.model);
     if let Some(usage) = &chunk.usage {
+        st.seen_usage = true;
         st.result.usage = chat_usage(usage);
         // Some compatible upstreams repeat usage on every chunk; only the usage-only chunk
         // that OpenAI sends last ends the stream.
@@ -1471,7 +1489,10 @@ fn responses_dropped_usage(tail: &[u8]) -> Option<ResponsesUsageWire> {
 }
 
 fn gemini_event(st: &mut StreamState, ev: SseEvent<'_>) {
+    // Each chunk carries a piece of the answer (Gemini 3 reports the usage in the last one
+    // only): a cut stream is billed at least a token a chunk.
     if ev.truncated {
+        count_delta(st);
         // A chunk made huge by inline data: its usageMetadata follows the candidates.
         let chunk = USAGE_METADATA_KEY
             .find_iter(ev.data)
@@ -1487,6 +1508,9 @@ fn gemini_event(st: &mut StreamState, ev: SseEvent<'_>) {
     // skips the candidates' content, else by serde when the scanner is not sure (an escaped
     // key, a count that is not plain digits).
     if let Some(chunk) = read_gemini_chunk(ev.data, &st.result) {
+        if chunk.error.is_none() {
+            count_delta(st);
+        }
         apply_gemini_chunk(&mut st.result, &mut st.gemini, chunk);
     }
 }
@@ -2202,12 +2226,16 @@ impl crate::chain::ResponseFilter for SseUsage {
         }
         // OpenAI reports usage only at the end, so a cut answer would otherwise cost nothing:
         // input the upstream did not report is estimated from the request as its cost hold
-        // was, and output is at least a token per text delta seen. Only for a cut answer: one that ended as
-        // the protocol ends it is billed as it reported (a failed response without usage, a
+        // was, and output is at least a token per text delta seen (a Gemini chunk counts as
+        // one). Only for a cut answer, or a Chat stream that never reported usage: one that
+        // ended as the protocol ends it is billed as it reported (a failed response without usage, a
         // count of zero), and a cut that came as an upstream error before any text was
         // written generated nothing.
         let generated = result.upstream_error.is_none() || meter.text_deltas() > 0;
-        if ctx.route.billed && !result.complete && generated {
+        // A Chat stream that ended without ever reporting usage, though it wrote text, is
+        // estimated alike: its upstream does not report usage in streams.
+        let unreported = meter.usage_never_reported() && meter.text_deltas() > 0;
+        if ctx.route.billed && ((!result.complete && generated) || unreported) {
             let tokens = &mut ctx.usage.tokens;
             if tokens.input_tokens == 0
                 && tokens.cache_read_tokens == 0
@@ -3574,6 +3602,32 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
         let tokens = settle(Protocol::OpenaiChat, &chat[..usage_chunk]);
         assert_eq!(tokens.input_tokens, 1000);
         assert!(tokens.output_tokens > 0, "{tokens:?}");
+
+        // Gemini 3 reports its usage in the last chunk only: a stream cut before it books
+        // the estimated input and a token a chunk seen, in SSE or as a JSON array.
+        let chunk = r#"{"candidates":[{"content":{"parts":[{"text":"Voici"}],"role":"model"},"index":0}],"modelVersion":"gemini-3-pro-preview"}"#;
+        let sse = format!("data: {chunk}\r\n\r\ndata: {chunk}\r\n\r\n");
+        let tokens = settle(Protocol::Gemini, sse.as_bytes());
+        assert_eq!((tokens.input_tokens, tokens.output_tokens), (1000, 2));
+        let array = format!("[{chunk},\n{chunk},\n{chunk}");
+        for chunks in splits(array.as_bytes()) {
+            let mut m = UsageMeter::new(Protocol::Gemini, false);
+            for c in &chunks {
+                m.feed(c);
+            }
+            // The third element is not known to be whole until what follows it.
+            assert!(m.text_deltas() >= 2, "{chunks:?}");
+            assert!(!m.snapshot().complete);
+        }
+        let error = r#"data: {"error":{"code":500,"message":"x","status":"INTERNAL"}}"#;
+        let tokens = settle(Protocol::Gemini, format!("{error}\n\n").as_bytes());
+        assert_eq!(tokens, TokenUsage::default(), "an error before any chunk");
+
+        // A Chat stream that ended at [DONE] without a usage chunk (an upstream ignoring
+        // include_usage): estimated alike.
+        let no_usage = b"data: {\"id\":\"c\",\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"id\":\"c\",\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\" there\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+        let tokens = settle(Protocol::OpenaiChat, no_usage);
+        assert_eq!((tokens.input_tokens, tokens.output_tokens), (1000, 2));
 
         // Nothing but the request: input only.
         let tokens = settle(Protocol::OpenaiChat, b"");
