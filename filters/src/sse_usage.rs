@@ -988,9 +988,12 @@ struct ChatUsageWire {
     completion_tokens_details: Option<ReasoningTokensWire>,
 }
 
+/// OpenAI `prompt_tokens_details` / `input_tokens_details`: of the input count, the part read
+/// from the cache and (GPT-5.6 and later) the part written to it.
 #[derive(Deserialize)]
 struct CachedTokensWire {
     cached_tokens: Option<u64>,
+    cache_write_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -1253,34 +1256,50 @@ impl GeminiCounts {
 }
 
 fn chat_usage(u: &ChatUsageWire) -> TokenUsage {
-    let cached = cached_tokens(u.prompt_tokens_details.as_ref());
+    let (input, read, written) =
+        split_openai_input(u.prompt_tokens, u.prompt_tokens_details.as_ref());
     TokenUsage {
-        input_tokens: u.prompt_tokens.unwrap_or(0).saturating_sub(cached),
+        input_tokens: input,
         output_tokens: u.completion_tokens.unwrap_or(0),
-        cache_write_5m_tokens: 0,
+        cache_write_5m_tokens: written,
         cache_write_1h_tokens: 0,
-        cache_read_tokens: cached,
+        cache_read_tokens: read,
         reasoning_tokens: reasoning_tokens(u.completion_tokens_details.as_ref()),
         web_search_requests: 0,
     }
 }
 
 fn responses_usage(u: &ResponsesUsageWire) -> TokenUsage {
-    let cached = cached_tokens(u.input_tokens_details.as_ref());
+    let (input, read, written) =
+        split_openai_input(u.input_tokens, u.input_tokens_details.as_ref());
     TokenUsage {
-        input_tokens: u.input_tokens.unwrap_or(0).saturating_sub(cached),
+        input_tokens: input,
         output_tokens: u.output_tokens.unwrap_or(0),
-        cache_write_5m_tokens: 0,
+        cache_write_5m_tokens: written,
         cache_write_1h_tokens: 0,
-        cache_read_tokens: cached,
+        cache_read_tokens: read,
         reasoning_tokens: reasoning_tokens(u.output_tokens_details.as_ref()),
         // Not in `usage`: counted from the output items or the stream's events.
         web_search_requests: 0,
     }
 }
 
-fn cached_tokens(d: Option<&CachedTokensWire>) -> u64 {
-    d.and_then(|d| d.cached_tokens).unwrap_or(0)
+/// An OpenAI input count split into (uncached, cache reads, cache writes): the count includes
+/// both cached parts. Writes, which GPT-5.6 and later bill at 1.25× input, take the cache
+/// write slot whose default price that is (`cache_write_5m`, whatever the cache's lifetime).
+fn split_openai_input(total: Option<u64>, details: Option<&CachedTokensWire>) -> (u64, u64, u64) {
+    let total = total.unwrap_or(0);
+    let read = details.and_then(|d| d.cached_tokens).unwrap_or(0);
+    // Never more than the count leaves: a malformed detail must not bill tokens twice.
+    let written = details
+        .and_then(|d| d.cache_write_tokens)
+        .unwrap_or(0)
+        .min(total.saturating_sub(read));
+    (
+        total.saturating_sub(read).saturating_sub(written),
+        read,
+        written,
+    )
 }
 
 fn reasoning_tokens(d: Option<&ReasoningTokensWire>) -> u64 {
@@ -3109,6 +3128,47 @@ data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5
         assert_eq!(
             meter(Protocol::Anthropic, false, &[other.as_bytes()]).usage,
             usage(10, 2, 0, 0, 0, 0)
+        );
+    }
+
+    /// OpenAI (GPT-5.6 and later) reports the input written to the cache inside the input
+    /// count, as it does the cached part: writes are taken out of the uncached input and
+    /// billed as cache writes, in Chat and Responses, whole and streamed.
+    #[test]
+    fn openai_cache_writes_are_split_from_the_input() {
+        let want = usage(1_000, 50, 7_000, 0, 2_000, 0);
+        let responses = r#"{"id":"resp_1","object":"response","model":"gpt-5.6-sol","status":"completed","output":[],"usage":{"input_tokens":10000,"input_tokens_details":{"cached_tokens":2000,"cache_write_tokens":7000},"output_tokens":50,"output_tokens_details":{"reasoning_tokens":0}}}"#;
+        assert_eq!(
+            meter(Protocol::OpenaiResponses, false, &[responses.as_bytes()]).usage,
+            want
+        );
+        let completed = format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{responses}}}\n\n"
+        );
+        for chunks in splits(completed.as_bytes()) {
+            assert_eq!(
+                meter(Protocol::OpenaiResponses, true, &chunks).usage,
+                want,
+                "{chunks:?}"
+            );
+        }
+        let chat_usage = r#"{"prompt_tokens":10000,"completion_tokens":50,"prompt_tokens_details":{"cached_tokens":2000,"cache_write_tokens":7000}}"#;
+        let chat = format!(
+            r#"{{"id":"c","object":"chat.completion","model":"gpt-5.6-sol","choices":[],"usage":{chat_usage}}}"#
+        );
+        assert_eq!(
+            meter(Protocol::OpenaiChat, false, &[chat.as_bytes()]).usage,
+            want
+        );
+        let stream = format!(
+            "data: {{\"id\":\"c\",\"model\":\"gpt-5.6-sol\",\"choices\":[{{\"delta\":{{\"content\":\"hi\"}}}}]}}\n\ndata: {{\"id\":\"c\",\"model\":\"gpt-5.6-sol\",\"choices\":[],\"usage\":{chat_usage}}}\n\ndata: [DONE]\n\n"
+        );
+        assert_eq!(stream_result(Protocol::OpenaiChat, &stream).usage, want);
+        // A write count past what the input leaves is cut to it: nothing billed twice.
+        let odd = r#"{"model":"m","usage":{"input_tokens":100,"input_tokens_details":{"cached_tokens":60,"cache_write_tokens":70},"output_tokens":1}}"#;
+        assert_eq!(
+            meter(Protocol::OpenaiResponses, false, &[odd.as_bytes()]).usage,
+            usage(0, 1, 40, 0, 60, 0)
         );
     }
 
