@@ -42,6 +42,7 @@ fn record(n: usize, at: i64) -> UsageRecord {
         error_type: None,
         unpriced: false,
         estimated: false,
+        service_tier: None,
     }
 }
 

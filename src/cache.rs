@@ -11,9 +11,7 @@ use relay_filters::api_key_auth::{KeyEntry, KeyStore};
 use relay_filters::cost::{PriceSource, PriceTable};
 
 use crate::secrets::SecretBox;
-use crate::store::{
-    Account as AccountRow, AccountStatus, ActiveApiKey, LongContextPrice, ModelPriceRow,
-};
+use crate::store::{Account as AccountRow, AccountStatus, ActiveApiKey, ModelPrice, ModelPriceRow};
 
 fn read<T: Clone>(lock: &RwLock<T>) -> T {
     match lock.read() {
@@ -369,9 +367,13 @@ impl PriceCache {
             price.web_search = price
                 .web_search
                 .or_else(|| self.shipped_web_search(&row.model));
+            let shipped = self.base.get(&row.model);
             price.long_context = row
+                .cards
                 .long_context
-                .resolve(self.shipped_long_context(&row.model));
+                .resolve(shipped.and_then(|p| p.long_context));
+            price.priority = row.cards.priority.resolve(shipped.and_then(|p| p.priority));
+            price.flex = row.cards.flex.resolve(shipped.and_then(|p| p.flex));
             table.insert(&row.model, price);
         }
         write(&self.table, Arc::new(table));
@@ -384,10 +386,10 @@ impl PriceCache {
         self.base.get(model).and_then(|p| p.web_search)
     }
 
-    /// The shipped long-context card of a model, which an override keeps unless it sets its
-    /// own or none ([`crate::store::LongContextChoice`]).
-    pub fn shipped_long_context(&self, model: &str) -> Option<LongContextPrice> {
-        self.base.get(model).and_then(|p| p.long_context)
+    /// The shipped price of a model: the cards an override keeps unless it sets its own or
+    /// none ([`crate::store::CardChoice`]).
+    pub fn shipped(&self, model: &str) -> Option<&ModelPrice> {
+        self.base.get(model)
     }
 }
 
@@ -409,7 +411,7 @@ fn raise_cooldown(state: &AccountState, until: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::LongContextChoice;
+    use crate::store::{CardChoice, CardChoices, LongContextPrice, TierPrice};
 
     #[test]
     fn an_override_without_a_search_price_keeps_the_shipped_one() {
@@ -426,7 +428,7 @@ mod tests {
             cache_write_1h: None,
             cache_read: None,
             web_search,
-            long_context: LongContextChoice::Shipped,
+            cards: CardChoices::default(),
             updated_at: 0,
         };
         let search_price = |model: &str| cache.table().get(model).and_then(|p| p.web_search);
@@ -441,9 +443,9 @@ mod tests {
     }
 
     #[test]
-    fn an_override_keeps_the_shipped_long_context_card_unless_it_says_otherwise() {
+    fn an_override_keeps_the_shipped_cards_unless_it_says_otherwise() {
         let base = PriceTable::from_toml_str(
-            "[models.m]\ninput = 1\noutput = 2\n[models.m.long_context]\nabove_tokens = 10\ninput = 3\noutput = 4\n",
+            "[models.m]\ninput = 1\noutput = 2\n[models.m.long_context]\nabove_tokens = 10\ninput = 3\noutput = 4\n[models.m.priority]\ninput = 9\noutput = 10\n",
         )
         .expect("prices");
         let shipped = base.get("m").and_then(|p| p.long_context);
@@ -463,18 +465,36 @@ mod tests {
             cache_write_1h: None,
             cache_read: None,
             web_search: None,
-            long_context,
+            cards: CardChoices {
+                long_context,
+                ..CardChoices::default()
+            },
             updated_at: 0,
         };
         let card = |model: &str| cache.table().get(model).and_then(|p| p.long_context);
-        cache.replace(vec![row("m", LongContextChoice::Shipped)]);
+        cache.replace(vec![row("m", CardChoice::Shipped)]);
         assert_eq!(card("m"), shipped);
+        // The tier cards alike: the shipped one kept, none, or the override's own.
+        let priority = |model: &str| cache.table().get(model).and_then(|p| p.priority);
+        assert_eq!(priority("m").map(|p| p.input), Some(9));
+        let mut none = row("m", CardChoice::Shipped);
+        none.cards.priority = CardChoice::None;
+        cache.replace(vec![none]);
+        assert_eq!(priority("m"), None);
+        let mut own_tier = row("m", CardChoice::Shipped);
+        own_tier.cards.priority = CardChoice::Card(TierPrice {
+            input: 11,
+            output: 12,
+            ..TierPrice::default()
+        });
+        cache.replace(vec![own_tier]);
+        assert_eq!(priority("m").map(|p| p.input), Some(11));
         assert_eq!(cache.table().get("m").map(|p| p.input), Some(5));
-        cache.replace(vec![row("m", LongContextChoice::None)]);
+        cache.replace(vec![row("m", CardChoice::None)]);
         assert_eq!(card("m"), None);
         cache.replace(vec![
-            row("m", LongContextChoice::Card(own)),
-            row("n", LongContextChoice::Shipped),
+            row("m", CardChoice::Card(own)),
+            row("n", CardChoice::Shipped),
         ]);
         assert_eq!(card("m"), Some(own));
         assert_eq!(card("n"), None);

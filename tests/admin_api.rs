@@ -1554,7 +1554,8 @@ async fn the_chatgpt_account_id_can_be_changed_and_removed() {
 
 /// The detail of the newest audit entry with `action`.
 /// A price override keeps the shipped long-prompt card when it names none, drops it with
-/// `null`, sets its own otherwise; each as listed, answered and audited. Bad cards are refused.
+/// `null`, sets its own otherwise; each as listed, answered and audited; the service tiers'
+/// cards alike. Bad cards are refused.
 #[tokio::test]
 async fn price_overrides_keep_set_or_drop_the_long_context_card() {
     let relay = Relay::start().await;
@@ -1628,6 +1629,40 @@ async fn price_overrides_keep_set_or_drop_the_long_context_card() {
     // The refused cards changed nothing.
     let view = listed(&relay.admin_get("/api/admin/pricing").await);
     assert_eq!(view["long_context"], own, "{view}");
+    // The service tiers' cards take the same three forms; a card with an unknown field or no
+    // output price is refused.
+    let priority = json!({"input": 200_000, "output": 1_000_000, "cache_read": 20_000});
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/pricing",
+            json!({"model": HAIKU, "input": 80_000, "output": 400_000,
+                   "long_context": own, "priority": priority, "flex": null}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (&v["priority"], &v["flex"]),
+        (&priority, &Value::Null),
+        "{v}"
+    );
+    let detail = last_audit(&relay, "price.upsert").await;
+    assert_eq!(detail["priority"], priority, "{detail}");
+    assert_eq!(detail.get("flex"), Some(&Value::Null), "{detail}");
+    for card in [
+        json!({"input": 1}),
+        json!({"input": 1, "output": 1, "above_tokens": 5}),
+        json!({"input": 1, "output": -1}),
+    ] {
+        let (status, v) = relay
+            .admin_post(
+                "/api/admin/pricing",
+                json!({"model": HAIKU, "input": 1, "output": 1, "flex": card}),
+            )
+            .await;
+        assert_eq!(status, 400, "{card}: {v}");
+    }
+    let view = listed(&relay.admin_get("/api/admin/pricing").await);
+    assert_eq!(view["priority"], priority, "{view}");
     // Without the override, the shipped card again.
     let (status, v) = relay
         .admin_delete(&format!("/api/admin/pricing/{HAIKU}"))

@@ -702,6 +702,81 @@ async fn responses_web_searches_are_counted_and_billed_at_the_admins_price() {
     }
 }
 
+/// A request the provider served at its priority or flex tier is billed at the model's card
+/// for that tier, and its record names the tier; an answer naming none is standard.
+#[tokio::test]
+async fn service_tiers_are_billed_at_their_card_and_recorded() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    openai_account(&relay, &mock).await;
+    relay.wait_accounts_loaded(1).await;
+    // $5 / $30, priority $12.50 / $75, flex $2.50 / $15 per MTok.
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/pricing",
+            serde_json::json!({"model": "tiered", "input": 5_000_000, "output": 30_000_000,
+                "priority": {"input": 12_500_000, "output": 75_000_000},
+                "flex": {"input": 2_500_000, "output": 15_000_000}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["priority"]["input"], 12_500_000, "{v}");
+    // (request id, path, stream, the tier the answer names, base cost of 1 000 in, 100 out)
+    let cases = [
+        (
+            "r-priority",
+            "/v1/responses",
+            true,
+            Some("priority"),
+            20_000,
+        ),
+        ("r-flex", "/v1/responses", false, Some("flex"), 4_000),
+        (
+            "c-priority",
+            "/v1/chat/completions",
+            false,
+            Some("priority"),
+            20_000,
+        ),
+        (
+            "c-default",
+            "/v1/chat/completions",
+            true,
+            Some("default"),
+            8_000,
+        ),
+        ("r-unnamed", "/v1/responses", false, None, 8_000),
+    ];
+    for (id, path, stream, tier, _) in cases {
+        mock.set(|b| {
+            b.usage = MockUsage::io(1_000, 100);
+            b.service_tier = tier.map(str::to_string);
+        });
+        let body = if path == "/v1/responses" {
+            serde_json::json!({"model": "tiered", "stream": stream, "input": id})
+        } else {
+            chat_body("tiered", stream, chat_conversation(id, 1))
+        };
+        let r = relay
+            .post_bare(path)
+            .bearer_auth(&key)
+            .header("x-request-id", id)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{id}");
+        let _ = r.bytes().await.unwrap();
+    }
+    let records = relay.wait_records(cases.len()).await;
+    for (id, _, _, tier, cost) in cases {
+        let rec = record_by_request_id(&records, id);
+        assert_eq!(rec["base_cost"], cost, "{id}: {rec}");
+        let recorded = tier.map(|t| if t == "default" { "standard" } else { t });
+        assert_eq!(rec["service_tier"].as_str(), recorded, "{id}: {rec}");
+    }
+}
+
 /// A background response would run on after the relay's exchange, out of its sight and
 /// unbilled: refused with an OpenAI-shaped 400 before it reaches an account.
 #[tokio::test]

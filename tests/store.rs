@@ -13,10 +13,11 @@ use std::panic::AssertUnwindSafe;
 use futures::FutureExt;
 use llm_relay::secrets::{api_key_hash, api_key_prefix, generate_api_key, SecretBox};
 use llm_relay::store::{
-    AccountPatch, AccountStatus, ApiKeyPatch, LongContextChoice, LongContextPrice, ModelPrice,
-    NewAccount, NewApiKey, NewUser, RecordFilter, RefreshedTokens, Role, SqlStore, StoreError,
-    UsageDim, UsageTotals,
+    AccountPatch, AccountStatus, ApiKeyPatch, CardChoice, CardChoices, LongContextPrice,
+    ModelPrice, NewAccount, NewApiKey, NewUser, RecordFilter, RefreshedTokens, Role, SqlStore,
+    StoreError, TierPrice, UsageDim, UsageTotals,
 };
+use relay_filters::cost::ServiceTier;
 use relay_filters::{AccountType, TokenUsage, UsageRecord};
 use secrecy::ExposeSecret;
 use sqlx::{Connection, Executor, Row};
@@ -1119,6 +1120,7 @@ fn record(
         error_type: None,
         unpriced: false,
         estimated: false,
+        service_tier: Some(ServiceTier::Priority),
     }
 }
 
@@ -1354,6 +1356,7 @@ async fn usage_batches_roll_up_exactly(env: Env) {
     );
     assert_eq!((r.cache_read_tokens, r.reasoning_tokens), (100, 1));
     assert_eq!(r.web_search_requests, 3);
+    assert_eq!(r.service_tier.as_deref(), Some("priority"));
     assert_eq!(
         (r.base_cost, r.billed_cost, r.price_rate),
         (9_000, 18_000, 20_000)
@@ -1514,9 +1517,11 @@ async fn prices_settings_audit_and_sessions(env: Env) {
         cache_read: Some(300_000),
         web_search: Some(10_000),
         long_context: None,
+        priority: None,
+        flex: None,
     };
     store
-        .upsert_price("claude-sonnet-4-5", &price, LongContextChoice::Shipped)
+        .upsert_price("claude-sonnet-4-5", &price, CardChoices::default())
         .await
         .unwrap();
     let card = LongContextPrice {
@@ -1535,12 +1540,28 @@ async fn prices_settings_audit_and_sessions(env: Env) {
                 output: 10_000_000,
                 ..ModelPrice::default()
             },
-            LongContextChoice::Card(card),
+            CardChoices {
+                long_context: CardChoice::Card(card),
+                flex: CardChoice::Card(TierPrice {
+                    input: 625_000,
+                    output: 5_000_000,
+                    ..TierPrice::default()
+                }),
+                ..CardChoices::default()
+            },
         )
         .await
         .unwrap();
     store
-        .upsert_price("gemini-2.5-pro", &price, LongContextChoice::None)
+        .upsert_price(
+            "gemini-2.5-pro",
+            &price,
+            CardChoices {
+                long_context: CardChoice::None,
+                priority: CardChoice::None,
+                ..CardChoices::default()
+            },
+        )
         .await
         .unwrap();
     let changed = ModelPrice {
@@ -1548,7 +1569,7 @@ async fn prices_settings_audit_and_sessions(env: Env) {
         ..price
     };
     store
-        .upsert_price("claude-sonnet-4-5", &changed, LongContextChoice::Shipped)
+        .upsert_price("claude-sonnet-4-5", &changed, CardChoices::default())
         .await
         .unwrap();
     let prices = store.list_prices().await.unwrap();
@@ -1556,23 +1577,37 @@ async fn prices_settings_audit_and_sessions(env: Env) {
     assert_eq!(prices[0].model, "claude-sonnet-4-5");
     assert_eq!(prices[0].price(), changed);
     assert_eq!(prices[0].web_search, Some(10_000));
-    assert_eq!(prices[0].long_context, LongContextChoice::Shipped);
+    assert_eq!(prices[0].cards, CardChoices::default());
     // The three long-context choices come back as they were stored.
     assert_eq!(prices[1].model, "gemini-2.5-pro");
-    assert_eq!(prices[1].long_context, LongContextChoice::None);
+    assert_eq!(prices[1].cards.long_context, CardChoice::None);
+    assert_eq!(prices[1].cards.priority, CardChoice::None);
+    assert_eq!(prices[1].cards.flex, CardChoice::Shipped);
     assert_eq!(prices[2].model, "gpt-5");
     assert_eq!(prices[2].cache_read, None);
     assert_eq!(prices[2].web_search, None);
-    assert_eq!(prices[2].long_context, LongContextChoice::Card(card));
+    assert_eq!(prices[2].cards.long_context, CardChoice::Card(card));
     assert_eq!(prices[2].price().long_context, Some(card));
+    assert_eq!(prices[2].price().flex.map(|f| f.input), Some(625_000));
+    assert_eq!(prices[2].cards.priority, CardChoice::Shipped);
     // A card replaced by none and back.
     store
-        .upsert_price("gpt-5", &prices[2].price(), LongContextChoice::None)
+        .upsert_price(
+            "gpt-5",
+            &prices[2].price(),
+            CardChoices {
+                long_context: CardChoice::None,
+                ..CardChoices::default()
+            },
+        )
         .await
         .unwrap();
     assert_eq!(
-        store.list_prices().await.unwrap()[2].long_context,
-        LongContextChoice::None
+        store.list_prices().await.unwrap()[2].cards,
+        CardChoices {
+            long_context: CardChoice::None,
+            ..CardChoices::default()
+        }
     );
     store.delete_price("gemini-2.5-pro").await.unwrap();
     assert!(matches!(
@@ -1583,7 +1618,7 @@ async fn prices_settings_audit_and_sessions(env: Env) {
                     web_search: Some(-1),
                     ..ModelPrice::default()
                 },
-                LongContextChoice::Shipped,
+                CardChoices::default(),
             )
             .await,
         Err(StoreError::Invalid(_))
@@ -1596,7 +1631,7 @@ async fn prices_settings_audit_and_sessions(env: Env) {
                     input: -1,
                     ..ModelPrice::default()
                 },
-                LongContextChoice::Shipped,
+                CardChoices::default(),
             )
             .await,
         Err(StoreError::Invalid(_))
@@ -1606,10 +1641,13 @@ async fn prices_settings_audit_and_sessions(env: Env) {
             .upsert_price(
                 "x",
                 &ModelPrice::default(),
-                LongContextChoice::Card(LongContextPrice {
-                    cache_read: Some(-1),
-                    ..card
-                }),
+                CardChoices {
+                    priority: CardChoice::Card(TierPrice {
+                        cache_read: Some(-1),
+                        ..TierPrice::default()
+                    }),
+                    ..CardChoices::default()
+                },
             )
             .await,
         Err(StoreError::Invalid(_))

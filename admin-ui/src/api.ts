@@ -97,8 +97,19 @@ export interface Price {
   long_context: LongContextPrice | null
   /** The shipped price list's long-prompt card, which an override keeps unless it sets one. */
   shipped_long_context: LongContextPrice | null
+  /** The prices of requests served at the priority / flex tier; null: the standard prices. */
+  priority: TierPrice | null
+  flex: TierPrice | null
   override: boolean
   updated_at: number | null
+}
+
+export interface TierPrice {
+  input: number
+  output: number
+  cache_write_5m?: number | null
+  cache_write_1h?: number | null
+  cache_read?: number | null
 }
 
 export interface LongContextPrice {
@@ -159,6 +170,8 @@ export interface UsageRecord {
   error_type: string | null
   unpriced: boolean
   estimated: boolean
+  /** The provider's service tier for the request (priority, flex, standard); null: not named. */
+  service_tier: string | null
 }
 
 export interface AuditEntry {

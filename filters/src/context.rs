@@ -146,6 +146,8 @@ pub struct UsageInfo {
     pub estimated: bool,
     /// The kind of an error the upstream reported inside a successful answer.
     pub upstream_error: Option<String>,
+    /// The service tier the upstream says it served the request at, when it named one.
+    pub service_tier: Option<crate::cost::ServiceTier>,
     /// Chat: the relay asked upstream for the usage chunk the client did not ask for, and
     /// removes it from the stream (DESIGN §9).
     pub strip_usage_chunk: Option<crate::sse_usage::UsageChunkStripper>,

@@ -41,6 +41,69 @@ pub struct ModelPrice {
     /// unset means one price at every length.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub long_context: Option<LongContextPrice>,
+    /// The rate card of requests the provider served at its priority tier (OpenAI
+    /// `service_tier: "priority"`); unset: such requests at the standard prices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<TierPrice>,
+    /// The rate card of requests served at the flex tier (OpenAI `service_tier: "flex"`);
+    /// unset: the standard prices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flex: Option<TierPrice>,
+}
+
+/// The service tier a provider says it served a request at (OpenAI `service_tier` in the
+/// answer), which picks the model's rate card.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceTier {
+    /// Standard processing (`default`, or no tier named).
+    #[default]
+    Standard,
+    /// Priority processing, billed above standard.
+    Priority,
+    /// Flex processing, billed below standard.
+    Flex,
+}
+
+impl ServiceTier {
+    /// The tier an answer's `service_tier` names: `priority` and `flex` (also Google's
+    /// spelling), anything else standard.
+    pub fn from_wire(name: &str) -> ServiceTier {
+        match name {
+            "priority" => ServiceTier::Priority,
+            "flex" => ServiceTier::Flex,
+            _ => ServiceTier::Standard,
+        }
+    }
+
+    /// The name records and metrics carry.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceTier::Standard => "standard",
+            ServiceTier::Priority => "priority",
+            ServiceTier::Flex => "flex",
+        }
+    }
+}
+
+/// A model's rate card at a service tier, in micro-USD per million tokens; unset cache prices
+/// are derived from this card's input as the standard ones are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierPrice {
+    /// Uncached input tokens.
+    pub input: i64,
+    /// Output tokens (reasoning included).
+    pub output: i64,
+    /// Cache writes with the 5-minute TTL; unset means 1.25× this card's input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_5m: Option<i64>,
+    /// Cache writes with the 1-hour TTL; unset means 2× this card's input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_1h: Option<i64>,
+    /// Cache reads; unset means 0.1× this card's input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_read: Option<i64>,
 }
 
 /// A model's second rate card: a request whose prompt holds more than `above_tokens` tokens
@@ -106,16 +169,36 @@ impl ModelPrice {
     /// context card's when the prompt is longer than its threshold, else the standard ones;
     /// unset cache prices at 1.25× (5-minute writes), 2× (1-hour writes) and 0.1× (reads) of
     /// that card's input, rounded half up.
-    pub fn rates(&self, prompt_tokens: u64) -> Rates {
-        match self.long_context {
-            Some(long) if prompt_tokens > long.above_tokens => Rates::filled(
-                long.input,
-                long.output,
-                long.cache_write_5m,
-                long.cache_write_1h,
-                long.cache_read,
+    ///
+    /// A request served at the priority or flex tier takes that tier's card where the model
+    /// has one, except over the long-context threshold, where the long card applies (the
+    /// providers' tier prices exclude long prompts).
+    pub fn rates(&self, prompt_tokens: u64, tier: ServiceTier) -> Rates {
+        if let Some(long) = self.long_context {
+            if prompt_tokens > long.above_tokens {
+                return Rates::filled(
+                    long.input,
+                    long.output,
+                    long.cache_write_5m,
+                    long.cache_write_1h,
+                    long.cache_read,
+                );
+            }
+        }
+        let card = match tier {
+            ServiceTier::Priority => self.priority,
+            ServiceTier::Flex => self.flex,
+            ServiceTier::Standard => None,
+        };
+        match card {
+            Some(c) => Rates::filled(
+                c.input,
+                c.output,
+                c.cache_write_5m,
+                c.cache_write_1h,
+                c.cache_read,
             ),
-            _ => Rates::filled(
+            None => Rates::filled(
                 self.input,
                 self.output,
                 self.cache_write_5m,
@@ -125,9 +208,10 @@ impl ModelPrice {
         }
     }
 
-    /// Every price of the model, both cards: what must not be negative.
+    /// Every price of the model, all its cards: what must not be negative.
     pub fn all_prices(&self) -> impl Iterator<Item = i64> {
         let long = self.long_context;
+        let tiers = [self.priority, self.flex].into_iter().flatten();
         [
             Some(self.input),
             Some(self.output),
@@ -143,6 +227,17 @@ impl ModelPrice {
         ]
         .into_iter()
         .flatten()
+        .chain(tiers.flat_map(|t| {
+            [
+                Some(t.input),
+                Some(t.output),
+                t.cache_write_5m,
+                t.cache_write_1h,
+                t.cache_read,
+            ]
+            .into_iter()
+            .flatten()
+        }))
     }
 }
 
@@ -206,21 +301,27 @@ impl PriceTable {
             }
             if line.starts_with('[') {
                 let (name, section) = parse_table_header(line).map_err(|m| syntax(line_no, m))?;
-                if section == Section::LongContext {
+                if section != Section::Model {
+                    let table_name = section.table_name();
                     match current.as_mut() {
-                        Some(model) if model.name == name && model.long.is_none() => {
-                            model.long = Some(PartialPrice::default());
-                            continue;
-                        }
                         Some(model) if model.name == name => {
-                            return Err(syntax(line_no, "`long_context` is defined twice"));
+                            let card = model.card_mut(section);
+                            if card.is_some() {
+                                return Err(syntax(
+                                    line_no,
+                                    format!("`{table_name}` is defined twice"),
+                                ));
+                            }
+                            *card = Some(PartialPrice::default());
+                            model.section = section;
+                            continue;
                         }
                         _ => {
                             return Err(syntax(
                                 line_no,
                                 format!(
-                                    "`[models.\"{name}\".long_context]` must follow \
-                                     `[models.\"{name}\"]`"
+                                    "`[models.\"{name}\".{table_name}]` must follow \
+                                     `[models.\"{name}\"]` (or its other tables)"
                                 ),
                             ))
                         }
@@ -234,8 +335,11 @@ impl PriceTable {
                 }
                 current = Some(ParsedModel {
                     name,
+                    section: Section::Model,
                     base: PartialPrice::default(),
                     long: None,
+                    priority: None,
+                    flex: None,
                 });
                 continue;
             }
@@ -252,23 +356,29 @@ impl PriceTable {
                     format!("`{key}` outside a [models.\"<name>\"] table"),
                 ));
             };
-            let slot = match (model.long.as_mut(), key) {
-                (Some(long), "above_tokens") => Some(&mut long.above_tokens),
-                (Some(_), "web_search") => {
+            let section = model.section;
+            let slot = match (section, key) {
+                (Section::LongContext, "above_tokens") => {
+                    model.long.as_mut().map(|long| &mut long.above_tokens)
+                }
+                (Section::Model, _) => model.base.slot(key),
+                (_, "web_search") => {
                     return Err(syntax(
                         line_no,
-                        "`web_search` belongs to the model's table: searches cost the same \
-                         at every prompt length",
+                        format!(
+                            "`web_search` belongs to the model's table, not `{}`: searches \
+                             cost the same whatever the prompt or the service tier",
+                            section.table_name()
+                        ),
                     ))
                 }
-                (None, "above_tokens") => {
+                (_, "above_tokens") => {
                     return Err(syntax(
                         line_no,
                         "`above_tokens` belongs in a `long_context` table",
                     ))
                 }
-                (Some(p), _) => p.slot(key),
-                (None, _) => model.base.slot(key),
+                (_, _) => model.card_mut(section).as_mut().and_then(|p| p.slot(key)),
             };
             let Some(slot) = slot else {
                 return Err(syntax(line_no, format!("unknown key `{key}`")));
@@ -329,7 +439,14 @@ impl PriceTable {
     }
 
     fn add_parsed(&mut self, parsed: ParsedModel) -> Result<(), PriceError> {
-        let ParsedModel { name, base, long } = parsed;
+        let ParsedModel {
+            name,
+            base,
+            long,
+            priority,
+            flex,
+            ..
+        } = parsed;
         let missing = |field| PriceError::MissingField {
             model: name.clone(),
             field,
@@ -348,6 +465,20 @@ impl PriceTable {
                 cache_read: l.cache_read,
             }),
         };
+        let tier = |card: Option<PartialPrice>, input_field, output_field| {
+            card.map(|c| {
+                Ok(TierPrice {
+                    input: c.input.ok_or_else(|| missing(input_field))?,
+                    output: c.output.ok_or_else(|| missing(output_field))?,
+                    cache_write_5m: c.cache_write_5m,
+                    cache_write_1h: c.cache_write_1h,
+                    cache_read: c.cache_read,
+                })
+            })
+            .transpose()
+        };
+        let priority = tier(priority, "priority.input", "priority.output")?;
+        let flex = tier(flex, "flex.input", "flex.output")?;
         let price = ModelPrice {
             input: base.input.ok_or_else(|| missing("input"))?,
             output: base.output.ok_or_else(|| missing("output"))?,
@@ -356,6 +487,8 @@ impl PriceTable {
             cache_read: base.cache_read,
             web_search: base.web_search,
             long_context,
+            priority,
+            flex,
         };
         self.models.insert(name, price);
         Ok(())
@@ -387,6 +520,18 @@ pub fn compute_cost(
     usage: &TokenUsage,
     price_rate: i64,
 ) -> Cost {
+    compute_cost_at(table, model, usage, ServiceTier::Standard, price_rate)
+}
+
+/// [`compute_cost`] of a request the provider served at `tier`: at the model's card for that
+/// tier where it has one ([`ModelPrice::rates`]).
+pub fn compute_cost_at(
+    table: &PriceTable,
+    model: Option<&str>,
+    usage: &TokenUsage,
+    tier: ServiceTier,
+    price_rate: i64,
+) -> Cost {
     if usage.is_empty() {
         return Cost::default();
     }
@@ -397,7 +542,7 @@ pub fn compute_cost(
             unpriced: true,
         };
     };
-    let rates = price.rates(usage.prompt_tokens());
+    let rates = price.rates(usage.prompt_tokens(), tier);
     let terms = [
         (usage.input_tokens, rates.input),
         (usage.output_tokens, rates.output),
@@ -538,11 +683,27 @@ impl PartialPrice {
     }
 }
 
-/// A model's tables read so far: its own and its `long_context` one.
+/// A model's tables read so far: its own and its rate cards'.
 struct ParsedModel {
     name: String,
+    /// The table the lines go to.
+    section: Section,
     base: PartialPrice,
     long: Option<PartialPrice>,
+    priority: Option<PartialPrice>,
+    flex: Option<PartialPrice>,
+}
+
+impl ParsedModel {
+    /// The card a sub-table fills (the model's own table has none: `long`'s slot is
+    /// returned for it, never used).
+    fn card_mut(&mut self, section: Section) -> &mut Option<PartialPrice> {
+        match section {
+            Section::Priority => &mut self.priority,
+            Section::Flex => &mut self.flex,
+            Section::LongContext | Section::Model => &mut self.long,
+        }
+    }
 }
 
 /// Which table of a model a header opens.
@@ -552,6 +713,22 @@ enum Section {
     Model,
     /// `[models."<name>".long_context]`
     LongContext,
+    /// `[models."<name>".priority]`
+    Priority,
+    /// `[models."<name>".flex]`
+    Flex,
+}
+
+impl Section {
+    /// The sub-table's name.
+    fn table_name(self) -> &'static str {
+        match self {
+            Section::Model => "models",
+            Section::LongContext => "long_context",
+            Section::Priority => "priority",
+            Section::Flex => "flex",
+        }
+    }
 }
 
 fn syntax(line: usize, message: impl Into<String>) -> PriceError {
@@ -622,9 +799,12 @@ fn parse_table_header(line: &str) -> Result<(String, Section), String> {
         "" => Section::Model,
         _ => match rest.strip_prefix('.').map(str::trim) {
             Some("long_context") => Section::LongContext,
+            Some("priority") => Section::Priority,
+            Some("flex") => Section::Flex,
             Some(other) => {
                 return Err(format!(
-                    "unknown table `{other}` of model {name:?} (only `long_context`)"
+                    "unknown table `{other}` of model {name:?} (`long_context`, `priority` \
+                     or `flex`)"
                 ))
             }
             None => return Err(bad()),
@@ -699,7 +879,13 @@ impl crate::chain::ResponseFilter for CostFilter {
         .find(|m| table.get(m).is_some())
         .or(ctx.upstream.model.as_deref())
         .or(ctx.usage.upstream_model.as_deref());
-        let cost = compute_cost(&table, model, &ctx.usage.tokens, rate);
+        let cost = compute_cost_at(
+            &table,
+            model,
+            &ctx.usage.tokens,
+            ctx.usage.service_tier.unwrap_or_default(),
+            rate,
+        );
         ctx.usage.base_cost = cost.base;
         ctx.usage.billed_cost = cost.billed;
         ctx.usage.unpriced = cost.unpriced;
@@ -722,6 +908,8 @@ mod tests {
             cache_read: None,
             web_search: None,
             long_context: None,
+            priority: None,
+            flex: None,
         }
     }
 
@@ -826,6 +1014,8 @@ mod tests {
             cache_read: Some(300_000),
             web_search: None,
             long_context: None,
+            priority: None,
+            flex: None,
         };
         let t = table(&[
             ("claude-sonnet-4-5", sonnet),
@@ -1062,15 +1252,15 @@ mod tests {
     #[test]
     fn default_cache_prices_round_half_up() {
         let p = price(3_000_000, 0);
-        assert_eq!(p.rates(0).cache_write_5m, 3_750_000);
-        assert_eq!(p.rates(0).cache_write_1h, 6_000_000);
-        assert_eq!(p.rates(0).cache_read, 300_000);
+        assert_eq!(p.rates(0, ServiceTier::Standard).cache_write_5m, 3_750_000);
+        assert_eq!(p.rates(0, ServiceTier::Standard).cache_write_1h, 6_000_000);
+        assert_eq!(p.rates(0, ServiceTier::Standard).cache_read, 300_000);
         let p = price(3, 0);
-        assert_eq!(p.rates(0).cache_write_5m, 4); // 3.75
-        assert_eq!(p.rates(0).cache_read, 0); // 0.3
+        assert_eq!(p.rates(0, ServiceTier::Standard).cache_write_5m, 4); // 3.75
+        assert_eq!(p.rates(0, ServiceTier::Standard).cache_read, 0); // 0.3
         let p = price(5, 0);
-        assert_eq!(p.rates(0).cache_read, 1); // 0.5
-        assert_eq!(p.rates(0).cache_write_5m, 6); // 6.25
+        assert_eq!(p.rates(0, ServiceTier::Standard).cache_read, 1); // 0.5
+        assert_eq!(p.rates(0, ServiceTier::Standard).cache_write_5m, 6); // 6.25
         let explicit = ModelPrice {
             cache_write_5m: Some(1),
             cache_write_1h: Some(2),
@@ -1079,9 +1269,9 @@ mod tests {
         };
         assert_eq!(
             (
-                explicit.rates(0).cache_write_5m,
-                explicit.rates(0).cache_write_1h,
-                explicit.rates(0).cache_read
+                explicit.rates(0, ServiceTier::Standard).cache_write_5m,
+                explicit.rates(0, ServiceTier::Standard).cache_write_1h,
+                explicit.rates(0, ServiceTier::Standard).cache_read
             ),
             (1, 2, 3)
         );
@@ -1180,6 +1370,8 @@ mod tests {
                 cache_read: Some(300_000),
                 web_search: Some(10_000),
                 long_context: None,
+                priority: None,
+                flex: None,
             }
         );
         assert_eq!(
@@ -1228,7 +1420,10 @@ mod tests {
         }
         for (model, p) in t.models() {
             assert!(p.input > 0 && p.output > p.input, "{model}");
-            assert!(p.rates(0).cache_read < p.input, "{model}");
+            assert!(
+                p.rates(0, ServiceTier::Standard).cache_read < p.input,
+                "{model}"
+            );
             if model.starts_with("claude-") {
                 assert!(
                     p.cache_write_5m.is_some()
@@ -1273,7 +1468,10 @@ mod tests {
         }
         // Haiku 5.5 over 100K: every field five times the first card's.
         let haiku = t.get("claude-haiku-5-5").unwrap();
-        let (short, long) = (haiku.rates(100_000), haiku.rates(100_001));
+        let (short, long) = (
+            haiku.rates(100_000, ServiceTier::Standard),
+            haiku.rates(100_001, ServiceTier::Standard),
+        );
         assert_eq!(
             [
                 long.input,
@@ -1503,7 +1701,7 @@ mod tests {
         // The card's rates, defaults filled in from its own input.
         let p = tiered();
         assert_eq!(
-            p.rates(100_001),
+            p.rates(100_001, ServiceTier::Standard),
             Rates {
                 input: 500_000,
                 output: 2_500_000,
@@ -1512,8 +1710,8 @@ mod tests {
                 cache_read: 50_000,
             }
         );
-        assert_eq!(p.rates(100_000).input, 100_000);
-        assert_eq!(p.rates(u64::MAX).input, 500_000);
+        assert_eq!(p.rates(100_000, ServiceTier::Standard).input, 100_000);
+        assert_eq!(p.rates(u64::MAX, ServiceTier::Standard).input, 500_000);
     }
 
     #[test]
@@ -1615,6 +1813,159 @@ output = 2
     }
 
     #[test]
+    fn service_tiers_take_their_own_card() {
+        // GPT-5.5-like: $5 / $30, priority $12.50 / $75 (cached $1.25), flex half price, long
+        // prompts over 272 000 at $10 / $45.
+        let p = ModelPrice {
+            cache_read: Some(500_000),
+            long_context: Some(LongContextPrice {
+                above_tokens: 272_000,
+                input: 10_000_000,
+                output: 45_000_000,
+                cache_read: Some(1_000_000),
+                ..LongContextPrice::default()
+            }),
+            priority: Some(TierPrice {
+                input: 12_500_000,
+                output: 75_000_000,
+                cache_read: Some(1_250_000),
+                ..TierPrice::default()
+            }),
+            flex: Some(TierPrice {
+                input: 2_500_000,
+                output: 15_000_000,
+                ..TierPrice::default()
+            }),
+            ..price(5_000_000, 30_000_000)
+        };
+        let t = table(&[("gpt", p), ("plain", price(1_000_000, 2_000_000))]);
+        let usage = tokens(1_000, 100, 0, 0, 10_000);
+        let cost = |model, tier| compute_cost_at(&t, Some(model), &usage, tier, 10_000);
+        // 1 000 × 5 + 10 000 × 0.5 + 100 × 30 = 13 000.
+        assert_eq!(cost("gpt", ServiceTier::Standard), priced(13_000, 13_000));
+        assert_eq!(
+            compute_cost(&t, Some("gpt"), &usage, 10_000),
+            priced(13_000, 13_000)
+        );
+        // 1 000 × 12.5 + 10 000 × 1.25 + 100 × 75 = 32 500.
+        assert_eq!(cost("gpt", ServiceTier::Priority), priced(32_500, 32_500));
+        // Flex: 1 000 × 2.5 + 10 000 × 0.25 (0.1 × its input) + 100 × 15 = 6 500.
+        assert_eq!(cost("gpt", ServiceTier::Flex), priced(6_500, 6_500));
+        // A model without a card for the tier: the standard prices.
+        assert_eq!(
+            cost("plain", ServiceTier::Priority),
+            cost("plain", ServiceTier::Standard)
+        );
+        // Over the long-context threshold the long card applies whatever the tier.
+        let long = tokens(300_000, 0, 0, 0, 0);
+        for tier in [
+            ServiceTier::Standard,
+            ServiceTier::Priority,
+            ServiceTier::Flex,
+        ] {
+            assert_eq!(
+                compute_cost_at(&t, Some("gpt"), &long, tier, 10_000),
+                priced(3_000_000, 3_000_000),
+                "{tier:?}"
+            );
+        }
+        // The answer's names for the tiers.
+        assert_eq!(ServiceTier::from_wire("priority"), ServiceTier::Priority);
+        assert_eq!(ServiceTier::from_wire("flex"), ServiceTier::Flex);
+        for other in ["default", "auto", "standard", "scale", ""] {
+            assert_eq!(
+                ServiceTier::from_wire(other),
+                ServiceTier::Standard,
+                "{other}"
+            );
+        }
+    }
+
+    #[test]
+    fn price_list_reads_service_tier_tables() {
+        let text = "
+[models.\"gpt-5.5\"]
+input = 5000000
+output = 30000000
+cache_read = 500000
+
+[models.\"gpt-5.5\".long_context]
+above_tokens = 272000
+input = 10000000
+output = 45000000
+
+[models.\"gpt-5.5\".priority]
+input = 12500000
+output = 75000000
+cache_read = 1250000
+
+[models.\"gpt-5.5\".flex]     # half price
+input = 2500000
+output = 15000000
+
+[models.next]
+input = 1
+output = 2
+";
+        let t = PriceTable::from_toml_str(text).unwrap();
+        let p = t.get("gpt-5.5").unwrap();
+        assert_eq!(p.long_context.map(|l| l.above_tokens), Some(272_000));
+        assert_eq!(
+            p.priority,
+            Some(TierPrice {
+                input: 12_500_000,
+                output: 75_000_000,
+                cache_read: Some(1_250_000),
+                ..TierPrice::default()
+            })
+        );
+        assert_eq!(
+            p.flex.map(|f| (f.input, f.output)),
+            Some((2_500_000, 15_000_000))
+        );
+        assert_eq!(t.get("next").unwrap().priority, None);
+        let head = "[models.m]\ninput = 1\noutput = 2\n";
+        let syntax_cases: &[(&str, &str, usize)] = &[
+            (
+                "twice",
+                "[models.m.flex]\ninput = 1\noutput = 1\n[models.m.flex]\n",
+                7,
+            ),
+            ("another model's", "[models.n.priority]\n", 4),
+            ("searches", "[models.m.priority]\nweb_search = 1\n", 5),
+            ("threshold", "[models.m.flex]\nabove_tokens = 1\n", 5),
+            (
+                "after another model",
+                "[models.n]\ninput = 1\noutput = 1\n[models.m.flex]\n",
+                7,
+            ),
+        ];
+        for (name, tail, line) in syntax_cases {
+            match PriceTable::from_toml_str(&format!("{head}{tail}")) {
+                Err(PriceError::Syntax { line: got, .. }) => assert_eq!(got, *line, "{name}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            PriceTable::from_toml_str(&format!("{head}[models.m.priority]\ninput = 1\n")),
+            Err(PriceError::MissingField {
+                model: "m".into(),
+                field: "priority.output"
+            })
+        );
+        // Keys after a sub-table go to it, not to the model's own table.
+        let t = PriceTable::from_toml_str(&format!(
+            "{head}[models.m.flex]\ninput = 3\noutput = 4\ncache_read = 5\n"
+        ))
+        .unwrap();
+        let m = t.get("m").unwrap();
+        assert_eq!(
+            (m.cache_read, m.flex.and_then(|f| f.cache_read)),
+            (None, Some(5))
+        );
+    }
+
+    #[test]
     fn long_context_serde_nests_the_card() {
         let json = r#"{"input":1,"output":2,"long_context":{"above_tokens":200000,"input":3,"output":4,"cache_read":1}}"#;
         let p: ModelPrice = serde_json::from_str(json).unwrap();
@@ -1658,6 +2009,11 @@ output = 2
         // A negative admin price (a credit) rounds half up too: -4.5 → -4.
         let cost = compute_cost(&t, Some("neg"), &tokens(1, 0, 0, 0, 0), 15_000);
         assert_eq!(cost, priced(-3, -4));
-        assert_eq!(price(i64::MAX, 0).rates(0).cache_write_1h, i64::MAX);
+        assert_eq!(
+            price(i64::MAX, 0)
+                .rates(0, ServiceTier::Standard)
+                .cache_write_1h,
+            i64::MAX
+        );
     }
 }

@@ -14,6 +14,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::cost::ServiceTier;
 use crate::json_scan;
 use crate::types::{Protocol, TokenUsage};
 
@@ -436,6 +437,8 @@ pub struct MeterResult {
     pub complete: bool,
     /// Type of an upstream `error` event or error JSON, if any.
     pub upstream_error: Option<String>,
+    /// The service tier the upstream says it served the request at (OpenAI `service_tier`).
+    pub service_tier: Option<ServiceTier>,
 }
 
 /// Reads token usage from an upstream response body as it streams past.
@@ -1012,6 +1015,8 @@ struct ChatWire<'a> {
     choices: Option<&'a RawValue>,
     usage: Option<ChatUsageWire>,
     error: Option<ErrorWire>,
+    #[serde(borrow)]
+    service_tier: Option<&'a RawValue>,
 }
 
 /// OpenAI Responses `usage`.
@@ -1037,6 +1042,10 @@ struct ResponseWire<'a> {
     /// their own events).
     #[serde(borrow)]
     output: Option<&'a RawValue>,
+    /// The tier it was served at (`default`, `priority`, `flex`); the created event names
+    /// the one asked for (`auto`), the terminal one the one served.
+    #[serde(borrow)]
+    service_tier: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -1383,6 +1392,7 @@ fn chat_event(st: &mut StreamState, ev: SseEvent<'_>) {
     };
     set_once(&mut st.result.response_id, chunk.id);
     set_once(&mut st.result.model, chunk.model);
+    set_tier(&mut st.result.service_tier, chunk.service_tier);
     if let Some(usage) = &chunk.usage {
         st.seen_usage = true;
         st.result.usage = chat_usage(usage);
@@ -1439,6 +1449,7 @@ fn responses_event(st: &mut StreamState, ev: SseEvent<'_>) {
             if !terminal {
                 return;
             }
+            set_tier(&mut st.result.service_tier, response.service_tier);
             if let Some(usage) = &response.usage {
                 set_responses_usage(st, usage);
             }
@@ -1939,6 +1950,7 @@ fn parse_chat_json(body: &[u8]) -> Option<MeterResult> {
     };
     set_once(&mut result.response_id, chat.id);
     set_once(&mut result.model, chat.model);
+    set_tier(&mut result.service_tier, chat.service_tier);
     if let Some(usage) = &chat.usage {
         result.usage = chat_usage(usage);
     }
@@ -1954,6 +1966,7 @@ fn parse_responses_json(body: &[u8]) -> Option<MeterResult> {
     };
     set_once(&mut result.response_id, response.id);
     set_once(&mut result.model, response.model);
+    set_tier(&mut result.service_tier, response.service_tier);
     if let Some(usage) = &response.usage {
         result.usage = responses_usage(usage);
     }
@@ -2060,6 +2073,17 @@ fn is_empty_array(raw: Option<&RawValue>) -> bool {
 /// A later report raises a count it carries, never lowers it: the providers' counts are
 /// cumulative (Anthropic message_delta, Gemini usageMetadata), so a smaller one is a
 /// placeholder, not a correction.
+/// The tier a `service_tier` string names; a later one replaces an earlier one (the answer's
+/// last word on it is the tier served). Anything but a string leaves it as it was.
+fn set_tier(slot: &mut Option<ServiceTier>, raw: Option<&RawValue>) {
+    let name = raw
+        .map(|r| r.get().trim())
+        .and_then(|t| t.strip_prefix('"')?.strip_suffix('"'));
+    if let Some(name) = name {
+        *slot = Some(ServiceTier::from_wire(name));
+    }
+}
+
 fn raise_to(slot: &mut Option<u64>, value: Option<u64>) {
     if let Some(v) = value {
         *slot = Some(slot.map_or(v, |old| old.max(v)));
@@ -2237,6 +2261,7 @@ impl crate::chain::ResponseFilter for SseUsage {
             ctx.usage.upstream_model = result.model;
         }
         ctx.usage.response_id = result.response_id;
+        ctx.usage.service_tier = result.service_tier;
         if ctx.route.billed && (!result.complete || result.usage.is_empty()) {
             // An answer that ended without its terminal event (a stream closed early, even
             // with clean framing) or that reported no usage at all: what was seen is billed,
@@ -2310,6 +2335,16 @@ mod tests {
         }
     }
 
+    impl MeterResult {
+        /// The result with the tier the answer named.
+        fn at(self, tier: ServiceTier) -> MeterResult {
+            MeterResult {
+                service_tier: Some(tier),
+                ..self
+            }
+        }
+    }
+
     fn done(usage: TokenUsage, model: &str, id: &str) -> MeterResult {
         MeterResult {
             usage,
@@ -2317,6 +2352,7 @@ mod tests {
             response_id: Some(id.to_owned()),
             complete: true,
             upstream_error: None,
+            service_tier: None,
         }
     }
 
@@ -2645,7 +2681,8 @@ mod tests {
                     usage(307, 352, 0, 0, 1536, 256),
                     "gpt-5-mini-2025-08-07",
                     "chatcmpl-CKz1xSWs7bD2lOAcPX4TcbNqC9vfz",
-                ),
+                )
+                .at(ServiceTier::Standard),
             ),
             (
                 "openai-chat.json",
@@ -2656,7 +2693,8 @@ mod tests {
                     usage(1476, 350, 0, 0, 1024, 0),
                     "gpt-4.1-2025-04-14",
                     "chatcmpl-CKz4mW0y2WcXLkqDFbI5Sg2uQ8r1H",
-                ),
+                )
+                .at(ServiceTier::Standard),
             ),
             (
                 "openai-responses.stream.sse",
@@ -2667,7 +2705,8 @@ mod tests {
                     usage(366, 412, 0, 0, 4864, 256),
                     "gpt-5-2025-08-07",
                     "resp_68dd3c5f0a1c8190b2f3a0c1d4e5f6a70e2b9c8d7f6a5b4c",
-                ),
+                )
+                .at(ServiceTier::Standard),
             ),
             (
                 "openai-responses.json",
@@ -2678,7 +2717,8 @@ mod tests {
                     usage(1278, 1180, 0, 0, 8064, 896),
                     "gpt-5-codex",
                     "resp_68dd40a0b9c481909f8e7d6c5b4a39280e2b9c8d7f6a5b4c",
-                ),
+                )
+                .at(ServiceTier::Standard),
             ),
             (
                 "gemini.stream.sse",
@@ -3169,6 +3209,51 @@ data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5
         assert_eq!(
             meter(Protocol::OpenaiResponses, false, &[odd.as_bytes()]).usage,
             usage(0, 1, 40, 0, 60, 0)
+        );
+    }
+
+    /// The tier an OpenAI answer says it was served at: the last one named (Chat: the usage
+    /// chunk; Responses: the terminal event, not the created event's `auto`), whole or
+    /// streamed; none named, none recorded.
+    #[test]
+    fn openai_service_tiers_are_read_from_the_answer() {
+        let chat_stream = "data: {\"id\":\"c\",\"model\":\"gpt-5.5\",\"service_tier\":\"priority\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"id\":\"c\",\"model\":\"gpt-5.5\",\"service_tier\":\"priority\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n";
+        assert_eq!(
+            stream_result(Protocol::OpenaiChat, chat_stream).service_tier,
+            Some(ServiceTier::Priority)
+        );
+        let responses_stream = concat!(
+            "event: response.created\n",
+            r#"data: {"type":"response.created","response":{"id":"resp_1","model":"gpt-5.5","service_tier":"auto","usage":null}}"#,
+            "\n\nevent: response.completed\n",
+            r#"data: {"type":"response.completed","response":{"id":"resp_1","model":"gpt-5.5","service_tier":"flex","usage":{"input_tokens":3,"output_tokens":1}}}"#,
+            "\n\n",
+        );
+        for chunks in splits(responses_stream.as_bytes()) {
+            assert_eq!(
+                meter(Protocol::OpenaiResponses, true, &chunks).service_tier,
+                Some(ServiceTier::Flex)
+            );
+        }
+        let json = br#"{"id":"resp_1","model":"gpt-5.5","service_tier":"priority","usage":{"input_tokens":3,"output_tokens":1}}"#;
+        assert_eq!(
+            meter(Protocol::OpenaiResponses, false, &[json]).service_tier,
+            Some(ServiceTier::Priority)
+        );
+        let chat_json = br#"{"id":"c","model":"gpt-5.5","service_tier":"default","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#;
+        assert_eq!(
+            meter(Protocol::OpenaiChat, false, &[chat_json]).service_tier,
+            Some(ServiceTier::Standard)
+        );
+        let unnamed = br#"{"id":"c","model":"m","service_tier":null,"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#;
+        assert_eq!(
+            meter(Protocol::OpenaiChat, false, &[unnamed]).service_tier,
+            None
+        );
+        // Anthropic's usage.service_tier is not a price tier the relay knows: not read.
+        assert_eq!(
+            meter(Protocol::Anthropic, false, &[ANTHROPIC_JSON]).service_tier,
+            None
         );
     }
 

@@ -228,6 +228,10 @@ pub struct UsageRecord {
     pub unpriced: bool,
     /// Token counts are incomplete (client went away and the upstream was not drained).
     pub estimated: bool,
+    /// The service tier the provider says it served the request at (`priority`, `flex`,
+    /// `standard`), which priced it; absent when the answer named none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_tier: Option<crate::cost::ServiceTier>,
 }
 
 #[cfg(test)]

@@ -407,6 +407,7 @@ impl RelayProxy {
             }),
             unpriced: r.usage.unpriced,
             estimated: r.usage.estimated,
+            service_tier: r.usage.service_tier,
         };
         let protocol = r.route.protocol.as_str();
         let account = r

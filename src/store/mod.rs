@@ -31,7 +31,10 @@ pub use accounts::{Account, AccountPatch, AccountStatus, NewAccount, RefreshedTo
 pub use admin_sessions::AdminSession;
 pub use api_keys::{ActiveApiKey, ApiKey, ApiKeyPatch, NewApiKey, DISABLED_BY_ADMIN};
 pub use limits::Spend;
-pub use prices::{LongContextChoice, LongContextPrice, ModelPrice, ModelPriceRow};
+pub use prices::{
+    CardChoice, CardChoices, LongContextChoice, LongContextPrice, ModelPrice, ModelPriceRow,
+    TierChoice, TierPrice,
+};
 pub use redis_sessions::{
     FallbackSessionStore, RedisCooldowns, RedisLink, RedisLinkConfig, RedisSessionStore,
 };

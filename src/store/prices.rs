@@ -8,52 +8,72 @@ use sqlx::Row;
 use super::{now_ms, require_non_empty, Param, Result, SqlParts, SqlStore, StoreError};
 
 /// Prices of one model (micro-USD per million tokens): the same type the cost filter prices with.
-pub use relay_filters::cost::{LongContextPrice, ModelPrice};
+pub use relay_filters::cost::{LongContextPrice, ModelPrice, TierPrice};
 
-/// What a price override says of the model's long-context rate card.
+/// What a price override says of one of the model's extra rate cards (long prompts, a
+/// service tier).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum LongContextChoice {
+pub enum CardChoice<T> {
     /// The shipped price list's card, if the model has one (an override that names none, or
-    /// one made before long prompts were priced apart, must not make them cheap).
+    /// one made before such prices were known, must not make those requests cheap).
     #[default]
     Shipped,
-    /// One price at every prompt length.
+    /// No such card: those requests at the override's own prices.
     None,
     /// This card.
-    Card(LongContextPrice),
+    Card(T),
 }
 
-impl LongContextChoice {
+/// What an override says of the long-prompt card.
+pub type LongContextChoice = CardChoice<LongContextPrice>;
+
+/// What an override says of a service tier's card.
+pub type TierChoice = CardChoice<TierPrice>;
+
+impl<T: Copy + serde::Serialize + serde::de::DeserializeOwned> CardChoice<T> {
     /// The column's text: NULL, `none` or the card as JSON.
     fn to_column(self) -> Result<Option<String>> {
         Ok(match self {
-            LongContextChoice::Shipped => None,
-            LongContextChoice::None => Some("none".to_owned()),
-            LongContextChoice::Card(card) => Some(
+            CardChoice::Shipped => None,
+            CardChoice::None => Some("none".to_owned()),
+            CardChoice::Card(card) => Some(
                 serde_json::to_string(&card)
-                    .map_err(|e| StoreError::Invalid(format!("long_context: {e}")))?,
+                    .map_err(|e| StoreError::Invalid(format!("rate card: {e}")))?,
             ),
         })
     }
 
-    fn from_column(text: Option<String>) -> Result<LongContextChoice> {
+    fn from_column(text: Option<String>) -> Result<CardChoice<T>> {
         Ok(match text.as_deref() {
-            None => LongContextChoice::Shipped,
-            Some("none") => LongContextChoice::None,
-            Some(json) => LongContextChoice::Card(serde_json::from_str(json).map_err(|e| {
-                StoreError::Invalid(format!("stored long_context is not a rate card: {e}"))
-            })?),
+            None => CardChoice::Shipped,
+            Some("none") => CardChoice::None,
+            Some(json) => {
+                CardChoice::Card(serde_json::from_str(json).map_err(|e| {
+                    StoreError::Invalid(format!("stored rate card is not one: {e}"))
+                })?)
+            }
         })
     }
 
     /// The card that applies, given the shipped one.
-    pub fn resolve(self, shipped: Option<LongContextPrice>) -> Option<LongContextPrice> {
+    pub fn resolve(self, shipped: Option<T>) -> Option<T> {
         match self {
-            LongContextChoice::Shipped => shipped,
-            LongContextChoice::None => None,
-            LongContextChoice::Card(card) => Some(card),
+            CardChoice::Shipped => shipped,
+            CardChoice::None => None,
+            CardChoice::Card(card) => Some(card),
         }
     }
+}
+
+/// What an override says of the model's extra rate cards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CardChoices {
+    /// Prompts over a length.
+    pub long_context: LongContextChoice,
+    /// The priority service tier.
+    pub priority: TierChoice,
+    /// The flex service tier.
+    pub flex: TierChoice,
 }
 
 /// A row of `model_prices`.
@@ -73,16 +93,16 @@ pub struct ModelPriceRow {
     pub cache_read: Option<i64>,
     /// Per web search (not per million); unset: the model's shipped price, if any.
     pub web_search: Option<i64>,
-    /// The rate card for long prompts.
+    /// The rate cards for long prompts and the service tiers.
     #[serde(skip)]
-    pub long_context: LongContextChoice,
+    pub cards: CardChoices,
     /// Epoch ms of the last change.
     pub updated_at: i64,
 }
 
 impl ModelPriceRow {
-    /// The prices without the model name and timestamp; the long-context card only when the
-    /// override sets one (see [`LongContextChoice::resolve`] for the shipped one).
+    /// The prices without the model name and timestamp; the extra cards only where the
+    /// override sets them (see [`CardChoice::resolve`] for the shipped ones).
     pub fn price(&self) -> ModelPrice {
         ModelPrice {
             input: self.input,
@@ -91,7 +111,9 @@ impl ModelPriceRow {
             cache_write_1h: self.cache_write_1h,
             cache_read: self.cache_read,
             web_search: self.web_search,
-            long_context: self.long_context.resolve(None),
+            long_context: self.cards.long_context.resolve(None),
+            priority: self.cards.priority.resolve(None),
+            flex: self.cards.flex.resolve(None),
         }
     }
 }
@@ -106,23 +128,29 @@ fn price_from_row(row: &AnyRow) -> Result<ModelPriceRow> {
         cache_write_1h: row.try_get("cache_write_1h")?,
         cache_read: row.try_get("cache_read")?,
         web_search: row.try_get("web_search")?,
-        long_context: LongContextChoice::from_column(row.try_get("long_context")?)?,
+        cards: CardChoices {
+            long_context: CardChoice::from_column(row.try_get("long_context")?)?,
+            priority: CardChoice::from_column(row.try_get("priority")?)?,
+            flex: CardChoice::from_column(row.try_get("flex")?)?,
+        },
         updated_at: row.try_get("updated_at")?,
     })
 }
 
 impl SqlStore {
-    /// Sets the prices of a model, creating or replacing its row. `price.long_context` is not
-    /// read: `long_context` says what the override does with the long-prompt card.
+    /// Sets the prices of a model, creating or replacing its row. The extra cards of `price`
+    /// are not read: `cards` says what the override does with each.
     pub async fn upsert_price(
         &self,
         model: &str,
         price: &ModelPrice,
-        long_context: LongContextChoice,
+        cards: CardChoices,
     ) -> Result<ModelPriceRow> {
         require_non_empty("model", model)?;
         let card = ModelPrice {
-            long_context: long_context.resolve(None),
+            long_context: cards.long_context.resolve(None),
+            priority: cards.priority.resolve(None),
+            flex: cards.flex.resolve(None),
             ..*price
         };
         if card.all_prices().any(|p| p < 0) {
@@ -133,12 +161,13 @@ impl SqlStore {
         let now = now_ms();
         sqlx::query(
             "INSERT INTO model_prices (model, input, output, cache_write_5m, cache_write_1h, \
-             cache_read, web_search, long_context, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             cache_read, web_search, long_context, priority, flex, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (model) DO UPDATE SET input = excluded.input, \
              output = excluded.output, cache_write_5m = excluded.cache_write_5m, \
              cache_write_1h = excluded.cache_write_1h, cache_read = excluded.cache_read, \
              web_search = excluded.web_search, long_context = excluded.long_context, \
+             priority = excluded.priority, flex = excluded.flex, \
              updated_at = excluded.updated_at",
         )
         .bind(model)
@@ -148,7 +177,9 @@ impl SqlStore {
         .bind(price.cache_write_1h)
         .bind(price.cache_read)
         .bind(price.web_search)
-        .bind(long_context.to_column()?)
+        .bind(cards.long_context.to_column()?)
+        .bind(cards.priority.to_column()?)
+        .bind(cards.flex.to_column()?)
         .bind(now)
         .execute(&self.pool)
         .await?;
@@ -160,7 +191,7 @@ impl SqlStore {
             cache_write_1h: price.cache_write_1h,
             cache_read: price.cache_read,
             web_search: price.web_search,
-            long_context,
+            cards,
             updated_at: now,
         })
     }
@@ -181,7 +212,8 @@ impl SqlStore {
     pub async fn list_prices(&self) -> Result<Vec<ModelPriceRow>> {
         let rows = sqlx::query(
             "SELECT model, input, output, cache_write_5m, cache_write_1h, cache_read, \
-             web_search, long_context, updated_at FROM model_prices ORDER BY model",
+             web_search, long_context, priority, flex, updated_at FROM model_prices \
+             ORDER BY model",
         )
         .fetch_all(&self.pool)
         .await?;

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use relay_filters::cost::ServiceTier;
 use relay_filters::UsageRecord;
 use serde::Serialize;
 use sqlx::any::AnyRow;
@@ -14,7 +15,7 @@ use sqlx::Row;
 use super::{get_bool, Page, Param, Result, SqlParts, SqlStore, StoreError};
 
 /// Columns of `request_logs`, in insert order.
-const RECORD_COLUMNS: [&str; 28] = [
+const RECORD_COLUMNS: [&str; 29] = [
     "id",
     "request_id",
     "created_at",
@@ -43,6 +44,7 @@ const RECORD_COLUMNS: [&str; 28] = [
     "error_type",
     "unpriced",
     "estimated",
+    "service_tier",
 ];
 
 /// Columns of `usage_daily`, in insert order.
@@ -149,6 +151,9 @@ pub struct UsageRow {
     pub unpriced: bool,
     /// Token counts incomplete.
     pub estimated: bool,
+    /// The service tier the provider served it at (`priority`, `flex`, `standard`); `null`
+    /// when the answer named none.
+    pub service_tier: Option<String>,
 }
 
 /// Which records to list; every set field narrows the list. Times are epoch ms.
@@ -417,6 +422,7 @@ fn usage_from_row(row: &AnyRow) -> Result<UsageRow> {
         error_type: row.try_get("error_type")?,
         unpriced: get_bool(row, "unpriced")?,
         estimated: get_bool(row, "estimated")?,
+        service_tier: row.try_get("service_tier")?,
     })
 }
 
@@ -463,6 +469,7 @@ pub(super) fn record_values(r: &UsageRecord) -> [RowValue<'_>; RECORD_COLUMNS.le
         Text(r.error_type.as_deref()),
         Int(Some(i64::from(r.unpriced))),
         Int(Some(i64::from(r.estimated))),
+        Text(r.service_tier.map(ServiceTier::as_str)),
     ]
 }
 

@@ -139,6 +139,9 @@ pub struct Behavior {
     /// Refuse a `/responses` call that does not ask for a stream, as the ChatGPT Codex backend
     /// does: `400 {"detail":"Stream must be set to true"}` (`/responses/compact` is answered).
     pub streams_only: bool,
+    /// OpenAI answers: the `service_tier` they name (Chat chunks and Responses objects only
+    /// when set; a whole Chat answer says `default` when unset).
+    pub service_tier: Option<String>,
 }
 
 impl Default for Behavior {
@@ -173,6 +176,7 @@ impl Default for Behavior {
             token_rotates: true,
             refuse_body_with: None,
             streams_only: false,
+            service_tier: None,
         }
     }
 }
@@ -766,7 +770,7 @@ pub fn chat_json(b: &Behavior, a: &AnswerFor) -> String {
             "finish_reason": "stop"
         }],
         "usage": chat_usage_json(&b.usage, &b.extra_usage),
-        "service_tier": "default",
+        "service_tier": b.service_tier.as_deref().unwrap_or("default"),
         "system_fingerprint": null
     })
     .to_string()
@@ -789,6 +793,9 @@ pub fn chat_events(b: &Behavior, a: &AnswerFor) -> Vec<String> {
         // With include_usage every chunk carries `"usage": null` until the last one.
         if a.include_usage {
             v["usage"] = usage;
+        }
+        if let Some(tier) = &b.service_tier {
+            v["service_tier"] = tier.as_str().into();
         }
         format!("data: {v}\n\n")
     };
@@ -864,7 +871,8 @@ fn response_object(
         "previous_response_id": null,
         "store": false,
         "usage": if status == "completed" { responses_usage_json(&b.usage, &b.extra_usage) } else { serde_json::Value::Null },
-        "metadata": {}
+        "metadata": {},
+        "service_tier": b.service_tier,
     })
 }
 

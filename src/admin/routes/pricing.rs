@@ -14,7 +14,9 @@ use crate::admin::auth::Caller;
 use crate::admin::error::{AppError, AppResult, ErrorBody};
 use crate::admin::extract::{Json, Path};
 use crate::admin::AdminState;
-use crate::store::{LongContextChoice, LongContextPrice, ModelPrice, ModelPriceRow};
+use crate::store::{
+    CardChoice, CardChoices, LongContextPrice, ModelPrice, ModelPriceRow, TierPrice,
+};
 
 /// Longest model name accepted.
 const MAX_MODEL_LEN: usize = 200;
@@ -41,6 +43,14 @@ pub struct PriceView {
     /// unless it sets `long_context`.
     #[schema(value_type = Option<Object>)]
     pub shipped_long_context: Option<LongContextPrice>,
+    /// The rate card of requests the provider served at its priority tier (OpenAI
+    /// `service_tier: "priority"`): `{"input", "output", "cache_write_5m"?, "cache_write_1h"?,
+    /// "cache_read"?}`; `null`: those at the standard prices.
+    #[schema(value_type = Option<Object>)]
+    pub priority: Option<TierPrice>,
+    /// The rate card of requests served at the flex tier; `null`: the standard prices.
+    #[schema(value_type = Option<Object>)]
+    pub flex: Option<TierPrice>,
     /// Whether an admin override sets this price (else it is the shipped one).
     #[serde(rename = "override")]
     pub is_override: bool,
@@ -52,11 +62,14 @@ impl PriceView {
     /// An override as the relay applies it: the shipped search price and long-context card
     /// where the override names none.
     fn of_override(r: ModelPriceRow, prices: &crate::cache::PriceCache) -> PriceView {
-        let shipped_long_context = prices.shipped_long_context(&r.model);
+        let shipped = prices.shipped(&r.model);
+        let shipped_long_context = shipped.and_then(|p| p.long_context);
         PriceView {
             web_search: r.web_search.or_else(|| prices.shipped_web_search(&r.model)),
-            long_context: r.long_context.resolve(shipped_long_context),
+            long_context: r.cards.long_context.resolve(shipped_long_context),
             shipped_long_context,
+            priority: r.cards.priority.resolve(shipped.and_then(|p| p.priority)),
+            flex: r.cards.flex.resolve(shipped.and_then(|p| p.flex)),
             input: r.input,
             output: r.output,
             cache_write_5m: r.cache_write_5m,
@@ -99,7 +112,9 @@ pub async fn list(State(state): State<AdminState>, caller: Caller) -> AppResult<
                     cache_read: p.cache_read,
                     web_search: p.web_search,
                     long_context: p.long_context,
-                    shipped_long_context: state.prices.shipped_long_context(model),
+                    shipped_long_context: state.prices.shipped(model).and_then(|s| s.long_context),
+                    priority: p.priority,
+                    flex: p.flex,
                     is_override: false,
                     updated_at: None,
                 },
@@ -138,18 +153,38 @@ pub struct PriceOverride {
     #[serde(default, deserialize_with = "super::nullable")]
     #[schema(value_type = Option<Object>)]
     long_context: Option<Option<LongContextPrice>>,
+    /// The priority tier's card: absent keeps the shipped one, `null` bills that tier at the
+    /// standard prices.
+    #[serde(default, deserialize_with = "super::nullable")]
+    #[schema(value_type = Option<Object>)]
+    priority: Option<Option<TierPrice>>,
+    /// The flex tier's card, likewise.
+    #[serde(default, deserialize_with = "super::nullable")]
+    #[schema(value_type = Option<Object>)]
+    flex: Option<Option<TierPrice>>,
+}
+
+/// What a body's optional card says: absent (the shipped card), `null` (none), a card.
+fn choice<T>(sent: Option<Option<T>>) -> CardChoice<T> {
+    match sent {
+        None => CardChoice::Shipped,
+        Some(None) => CardChoice::None,
+        Some(Some(card)) => CardChoice::Card(card),
+    }
 }
 
 /// Highest `above_tokens` a long-context card may name (no prompt comes near it).
 const MAX_LONG_CONTEXT_THRESHOLD: u64 = relay_filters::types::MAX_TOKENS;
 
 /// `POST /api/admin/pricing` `{"model", "input", "output", "cache_write_5m"?,
-/// "cache_write_1h"?, "cache_read"?, "web_search"?, "long_context"?}` (micro-USD per million
+/// "cache_write_1h"?, "cache_read"?, "web_search"?, "long_context"?, "priority"?, "flex"?}`
+/// (micro-USD per million
 /// tokens; `web_search` per search): creates or replaces the override of a model. The model is
 /// matched as the upstream reports it; a dated id falls back to its undated name. Without
 /// `web_search` the model's shipped search price, if any, still applies (`0` makes searches
 /// free); without `long_context` the shipped long-prompt card, if any, still applies (`null`
-/// prices every prompt length alike).
+/// prices every prompt length alike), and so for the `priority` and `flex` tiers' cards
+/// (`null`: those tiers at the override's standard prices).
 #[utoipa::path(post, path = "/api/admin/pricing", tag = "pricing", request_body = PriceOverride,
     responses(
         (status = 200, description = "The override as stored", body = PriceView),
@@ -167,17 +202,17 @@ pub async fn upsert(
             "model must be 1 to {MAX_MODEL_LEN} characters"
         )));
     }
-    let long_context = match body.long_context {
-        None => LongContextChoice::Shipped,
-        Some(None) => LongContextChoice::None,
-        Some(Some(card)) => {
-            if card.above_tokens == 0 || card.above_tokens > MAX_LONG_CONTEXT_THRESHOLD {
-                return Err(AppError::BadRequest(format!(
-                    "long_context.above_tokens must be 1 to {MAX_LONG_CONTEXT_THRESHOLD}"
-                )));
-            }
-            LongContextChoice::Card(card)
+    if let Some(Some(card)) = &body.long_context {
+        if card.above_tokens == 0 || card.above_tokens > MAX_LONG_CONTEXT_THRESHOLD {
+            return Err(AppError::BadRequest(format!(
+                "long_context.above_tokens must be 1 to {MAX_LONG_CONTEXT_THRESHOLD}"
+            )));
         }
+    }
+    let cards = CardChoices {
+        long_context: choice(body.long_context),
+        priority: choice(body.priority),
+        flex: choice(body.flex),
     };
     let price = ModelPrice {
         input: body.input,
@@ -186,15 +221,22 @@ pub async fn upsert(
         cache_write_1h: body.cache_write_1h,
         cache_read: body.cache_read,
         web_search: body.web_search,
-        long_context: long_context.resolve(None),
+        long_context: cards.long_context.resolve(None),
+        priority: cards.priority.resolve(None),
+        flex: cards.flex.resolve(None),
     };
-    let row = state
-        .store
-        .upsert_price(model, &price, long_context)
-        .await?;
+    let row = state.store.upsert_price(model, &price, cards).await?;
+    // The audit names each card the override sets, and `null` for one it drops; a card it
+    // leaves to the shipped list is not named.
     let mut detail = serde_json::to_value(price).map_err(|e| AppError::Internal(e.to_string()))?;
-    if long_context == LongContextChoice::None {
-        detail["long_context"] = serde_json::Value::Null;
+    for (name, dropped) in [
+        ("long_context", cards.long_context == CardChoice::None),
+        ("priority", cards.priority == CardChoice::None),
+        ("flex", cards.flex == CardChoice::None),
+    ] {
+        if dropped {
+            detail[name] = serde_json::Value::Null;
+        }
     }
     audit(&state, &caller, "price.upsert", model, detail).await;
     state.prices_changed().await;

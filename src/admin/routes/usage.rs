@@ -91,6 +91,8 @@ pub struct OwnRecord {
     pub error_type: Option<String>,
     pub unpriced: bool,
     pub estimated: bool,
+    /// The service tier the provider served it at; `null` when the answer named none.
+    pub service_tier: Option<String>,
 }
 
 impl OwnRecord {
@@ -120,6 +122,7 @@ impl OwnRecord {
             error_type: r.error_type,
             unpriced: r.unpriced,
             estimated: r.estimated,
+            service_tier: r.service_tier,
         }
     }
 }
