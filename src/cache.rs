@@ -413,6 +413,21 @@ mod tests {
     use super::*;
     use crate::store::{CardChoice, CardChoices, LongContextPrice, TierPrice};
 
+    /// An override of `model` at $5 / $6 naming nothing else.
+    fn override_row(model: &str) -> ModelPriceRow {
+        ModelPriceRow {
+            model: model.into(),
+            input: 5,
+            output: 6,
+            cache_write_5m: None,
+            cache_write_1h: None,
+            cache_read: None,
+            web_search: None,
+            cards: CardChoices::default(),
+            updated_at: 0,
+        }
+    }
+
     #[test]
     fn an_override_without_a_search_price_keeps_the_shipped_one() {
         let base = PriceTable::from_toml_str(
@@ -421,15 +436,8 @@ mod tests {
         .expect("prices");
         let cache = PriceCache::new(base);
         let row = |model: &str, web_search| ModelPriceRow {
-            model: model.into(),
-            input: 5,
-            output: 6,
-            cache_write_5m: None,
-            cache_write_1h: None,
-            cache_read: None,
             web_search,
-            cards: CardChoices::default(),
-            updated_at: 0,
+            ..override_row(model)
         };
         let search_price = |model: &str| cache.table().get(model).and_then(|p| p.web_search);
         cache.replace(vec![row("m", None), row("n", None), row("o", Some(7))]);
@@ -457,19 +465,10 @@ mod tests {
             output: 8,
             ..LongContextPrice::default()
         };
-        let row = |model: &str, long_context| ModelPriceRow {
-            model: model.into(),
-            input: 5,
-            output: 6,
-            cache_write_5m: None,
-            cache_write_1h: None,
-            cache_read: None,
-            web_search: None,
-            cards: CardChoices {
-                long_context,
-                ..CardChoices::default()
-            },
-            updated_at: 0,
+        let row = |model: &str, long_context| {
+            let mut r = override_row(model);
+            r.cards.long_context = long_context;
+            r
         };
         let card = |model: &str| cache.table().get(model).and_then(|p| p.long_context);
         cache.replace(vec![row("m", CardChoice::Shipped)]);

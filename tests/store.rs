@@ -1610,48 +1610,36 @@ async fn prices_settings_audit_and_sessions(env: Env) {
         }
     );
     store.delete_price("gemini-2.5-pro").await.unwrap();
-    assert!(matches!(
-        store
-            .upsert_price(
-                "x",
-                &ModelPrice {
-                    web_search: Some(-1),
-                    ..ModelPrice::default()
-                },
-                CardChoices::default(),
-            )
-            .await,
-        Err(StoreError::Invalid(_))
-    ));
-    assert!(matches!(
-        store
-            .upsert_price(
-                "x",
-                &ModelPrice {
-                    input: -1,
-                    ..ModelPrice::default()
-                },
-                CardChoices::default(),
-            )
-            .await,
-        Err(StoreError::Invalid(_))
-    ));
-    assert!(matches!(
-        store
-            .upsert_price(
-                "x",
-                &ModelPrice::default(),
-                CardChoices {
-                    priority: CardChoice::Card(TierPrice {
-                        cache_read: Some(-1),
-                        ..TierPrice::default()
-                    }),
-                    ..CardChoices::default()
-                },
-            )
-            .await,
-        Err(StoreError::Invalid(_))
-    ));
+    // A negative price anywhere, its own or a card's, is refused.
+    let negative_card = CardChoices {
+        priority: CardChoice::Card(TierPrice {
+            cache_read: Some(-1),
+            ..TierPrice::default()
+        }),
+        ..CardChoices::default()
+    };
+    for (price, cards) in [
+        (
+            ModelPrice {
+                web_search: Some(-1),
+                ..ModelPrice::default()
+            },
+            CardChoices::default(),
+        ),
+        (
+            ModelPrice {
+                input: -1,
+                ..ModelPrice::default()
+            },
+            CardChoices::default(),
+        ),
+        (ModelPrice::default(), negative_card),
+    ] {
+        assert!(matches!(
+            store.upsert_price("x", &price, cards).await,
+            Err(StoreError::Invalid(_))
+        ));
+    }
     store.delete_price("gpt-5").await.unwrap();
     assert!(matches!(
         store.delete_price("gpt-5").await,

@@ -145,21 +145,29 @@ pub struct Rates {
     pub cache_read: i64,
 }
 
-impl Rates {
-    /// A rate card's prices with unset cache prices at 1.25×, 2× and 0.1× its input.
-    fn filled(
-        input: i64,
-        output: i64,
-        cache_write_5m: Option<i64>,
-        cache_write_1h: Option<i64>,
-        cache_read: Option<i64>,
-    ) -> Rates {
+impl TierPrice {
+    /// The card's prices with unset cache prices at 1.25×, 2× and 0.1× its input.
+    fn rates(&self) -> Rates {
+        let input = self.input;
         Rates {
             input,
-            output,
-            cache_write_5m: cache_write_5m.unwrap_or_else(|| scale(input, 5, 4)),
-            cache_write_1h: cache_write_1h.unwrap_or_else(|| scale(input, 2, 1)),
-            cache_read: cache_read.unwrap_or_else(|| scale(input, 1, 10)),
+            output: self.output,
+            cache_write_5m: self.cache_write_5m.unwrap_or_else(|| scale(input, 5, 4)),
+            cache_write_1h: self.cache_write_1h.unwrap_or_else(|| scale(input, 2, 1)),
+            cache_read: self.cache_read.unwrap_or_else(|| scale(input, 1, 10)),
+        }
+    }
+}
+
+impl LongContextPrice {
+    /// The card's prices, its threshold aside.
+    fn card(&self) -> TierPrice {
+        TierPrice {
+            input: self.input,
+            output: self.output,
+            cache_write_5m: self.cache_write_5m,
+            cache_write_1h: self.cache_write_1h,
+            cache_read: self.cache_read,
         }
     }
 }
@@ -174,70 +182,51 @@ impl ModelPrice {
     /// has one, except over the long-context threshold, where the long card applies (the
     /// providers' tier prices exclude long prompts).
     pub fn rates(&self, prompt_tokens: u64, tier: ServiceTier) -> Rates {
-        if let Some(long) = self.long_context {
-            if prompt_tokens > long.above_tokens {
-                return Rates::filled(
-                    long.input,
-                    long.output,
-                    long.cache_write_5m,
-                    long.cache_write_1h,
-                    long.cache_read,
-                );
-            }
-        }
-        let card = match tier {
+        let long = self
+            .long_context
+            .filter(|long| prompt_tokens > long.above_tokens)
+            .map(|long| long.card());
+        let tier = match tier {
             ServiceTier::Priority => self.priority,
             ServiceTier::Flex => self.flex,
             ServiceTier::Standard => None,
         };
-        match card {
-            Some(c) => Rates::filled(
-                c.input,
-                c.output,
-                c.cache_write_5m,
-                c.cache_write_1h,
-                c.cache_read,
-            ),
-            None => Rates::filled(
-                self.input,
-                self.output,
-                self.cache_write_5m,
-                self.cache_write_1h,
-                self.cache_read,
-            ),
+        long.or(tier).unwrap_or_else(|| self.standard()).rates()
+    }
+
+    /// The standard card: the model's own prices.
+    fn standard(&self) -> TierPrice {
+        TierPrice {
+            input: self.input,
+            output: self.output,
+            cache_write_5m: self.cache_write_5m,
+            cache_write_1h: self.cache_write_1h,
+            cache_read: self.cache_read,
         }
     }
 
     /// Every price of the model, all its cards: what must not be negative.
     pub fn all_prices(&self) -> impl Iterator<Item = i64> {
-        let long = self.long_context;
-        let tiers = [self.priority, self.flex].into_iter().flatten();
-        [
-            Some(self.input),
-            Some(self.output),
-            self.cache_write_5m,
-            self.cache_write_1h,
-            self.cache_read,
-            self.web_search,
-            long.map(|l| l.input),
-            long.map(|l| l.output),
-            long.and_then(|l| l.cache_write_5m),
-            long.and_then(|l| l.cache_write_1h),
-            long.and_then(|l| l.cache_read),
-        ]
-        .into_iter()
-        .flatten()
-        .chain(tiers.flat_map(|t| {
-            [
-                Some(t.input),
-                Some(t.output),
-                t.cache_write_5m,
-                t.cache_write_1h,
-                t.cache_read,
-            ]
+        let cards = [
+            Some(self.standard()),
+            self.long_context.map(|l| l.card()),
+            self.priority,
+            self.flex,
+        ];
+        cards
             .into_iter()
             .flatten()
-        }))
+            .flat_map(|c| {
+                [
+                    Some(c.input),
+                    Some(c.output),
+                    c.cache_write_5m,
+                    c.cache_write_1h,
+                    c.cache_read,
+                ]
+            })
+            .chain([self.web_search])
+            .flatten()
     }
 }
 
@@ -2001,7 +1990,7 @@ output = 2
         .is_err());
         assert_eq!(
             tiered().all_prices().collect::<Vec<_>>(),
-            [100_000, 500_000, 10_000, 10_000, 500_000, 2_500_000, 1_000_000, 50_000]
+            [100_000, 500_000, 10_000, 500_000, 2_500_000, 1_000_000, 50_000, 10_000]
         );
     }
 
