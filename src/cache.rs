@@ -374,6 +374,7 @@ impl PriceCache {
                 .resolve(shipped.and_then(|p| p.long_context));
             price.priority = row.cards.priority.resolve(shipped.and_then(|p| p.priority));
             price.flex = row.cards.flex.resolve(shipped.and_then(|p| p.flex));
+            price.fast = row.cards.fast.resolve(shipped.and_then(|p| p.fast));
             table.insert(&row.model, price);
         }
         write(&self.table, Arc::new(table));

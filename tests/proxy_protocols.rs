@@ -702,8 +702,9 @@ async fn responses_web_searches_are_counted_and_billed_at_the_admins_price() {
     }
 }
 
-/// A request the provider served at its priority or flex tier is billed at the model's card
-/// for that tier, and its record names the tier; an answer naming none is standard.
+/// A request the provider served at its priority or flex tier, or Anthropic ran in fast mode,
+/// is billed at the model's card for it, and its record names it; an answer naming none is
+/// standard.
 #[tokio::test]
 async fn service_tiers_are_billed_at_their_card_and_recorded() {
     let mock = MockUpstream::start().await;
@@ -768,8 +769,47 @@ async fn service_tiers_are_billed_at_their_card_and_recorded() {
         assert_eq!(r.status(), 200, "{id}");
         let _ = r.bytes().await.unwrap();
     }
-    let records = relay.wait_records(cases.len()).await;
-    for (id, _, _, tier, cost) in cases {
+    // Anthropic's fast mode: claude-opus-5-5's shipped fast card is twice its $4 / $20.
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    relay.wait_accounts_loaded(2).await;
+    // 1 000 × 4 + 100 × 20 = 6 000 at standard speed, twice that fast.
+    let anthropic = [
+        ("a-fast", true, Some("fast"), 12_000),
+        ("a-fast-json", false, Some("fast"), 12_000),
+        ("a-standard", true, None, 6_000),
+    ];
+    for (id, stream, speed, _) in anthropic {
+        mock.set(|b| {
+            b.usage = MockUsage::io(1_000, 100);
+            b.service_tier = speed.map(str::to_string);
+            b.model = "claude-opus-5-5".into();
+        });
+        let r = relay
+            .post("/v1/messages", &key)
+            .header("x-request-id", id)
+            .json(&messages_body(
+                "claude-opus-5-5",
+                stream,
+                conversation(id, 1),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{id}");
+        let _ = r.bytes().await.unwrap();
+    }
+    let records = relay.wait_records(cases.len() + anthropic.len()).await;
+    let expected = cases
+        .iter()
+        .map(|(id, _, _, tier, cost)| (*id, *tier, *cost))
+        .chain(
+            anthropic
+                .iter()
+                .map(|(id, _, tier, cost)| (*id, *tier, *cost)),
+        );
+    for (id, tier, cost) in expected {
         let rec = record_by_request_id(&records, id);
         assert_eq!(rec["base_cost"], cost, "{id}: {rec}");
         let recorded = tier.map(|t| if t == "default" { "standard" } else { t });

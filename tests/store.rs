@@ -1519,6 +1519,7 @@ async fn prices_settings_audit_and_sessions(env: Env) {
         long_context: None,
         priority: None,
         flex: None,
+        fast: None,
     };
     store
         .upsert_price("claude-sonnet-4-5", &price, CardChoices::default())

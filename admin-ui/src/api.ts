@@ -100,6 +100,8 @@ export interface Price {
   /** The prices of requests served at the priority / flex tier; null: the standard prices. */
   priority: TierPrice | null
   flex: TierPrice | null
+  /** Anthropic fast mode's prices; null: the standard prices. */
+  fast: TierPrice | null
   override: boolean
   updated_at: number | null
 }

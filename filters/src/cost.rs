@@ -49,6 +49,10 @@ pub struct ModelPrice {
     /// unset: the standard prices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flex: Option<TierPrice>,
+    /// The rate card of requests run in Anthropic's fast mode (`usage.speed: "fast"`); unset:
+    /// the standard prices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fast: Option<TierPrice>,
 }
 
 /// The service tier a provider says it served a request at (OpenAI `service_tier` in the
@@ -63,14 +67,17 @@ pub enum ServiceTier {
     Priority,
     /// Flex processing, billed below standard.
     Flex,
+    /// Anthropic fast mode (`usage.speed: "fast"`), billed above standard.
+    Fast,
 }
 
 impl ServiceTier {
-    /// The tier an answer's `service_tier` names: `priority` and `flex` (also Google's
-    /// spelling), anything else standard.
+    /// The tier an OpenAI answer's `service_tier` names: `priority` (`fast` since OpenAI
+    /// renamed it, as GPT-6 models answer) and `flex`, anything else standard. (Anthropic's
+    /// fast mode is named apart, by `usage.speed`.)
     pub fn from_wire(name: &str) -> ServiceTier {
         match name {
-            "priority" => ServiceTier::Priority,
+            "priority" | "fast" => ServiceTier::Priority,
             "flex" => ServiceTier::Flex,
             _ => ServiceTier::Standard,
         }
@@ -82,6 +89,7 @@ impl ServiceTier {
             ServiceTier::Standard => "standard",
             ServiceTier::Priority => "priority",
             ServiceTier::Flex => "flex",
+            ServiceTier::Fast => "fast",
         }
     }
 }
@@ -189,6 +197,7 @@ impl ModelPrice {
         let tier = match tier {
             ServiceTier::Priority => self.priority,
             ServiceTier::Flex => self.flex,
+            ServiceTier::Fast => self.fast,
             ServiceTier::Standard => None,
         };
         long.or(tier).unwrap_or_else(|| self.standard()).rates()
@@ -212,6 +221,7 @@ impl ModelPrice {
             self.long_context.map(|l| l.card()),
             self.priority,
             self.flex,
+            self.fast,
         ];
         cards
             .into_iter()
@@ -329,6 +339,7 @@ impl PriceTable {
                     long: None,
                     priority: None,
                     flex: None,
+                    fast: None,
                 });
                 continue;
             }
@@ -434,6 +445,7 @@ impl PriceTable {
             long,
             priority,
             flex,
+            fast,
             ..
         } = parsed;
         let missing = |field| PriceError::MissingField {
@@ -468,6 +480,7 @@ impl PriceTable {
         };
         let priority = tier(priority, "priority.input", "priority.output")?;
         let flex = tier(flex, "flex.input", "flex.output")?;
+        let fast = tier(fast, "fast.input", "fast.output")?;
         let price = ModelPrice {
             input: base.input.ok_or_else(|| missing("input"))?,
             output: base.output.ok_or_else(|| missing("output"))?,
@@ -478,6 +491,7 @@ impl PriceTable {
             long_context,
             priority,
             flex,
+            fast,
         };
         self.models.insert(name, price);
         Ok(())
@@ -681,6 +695,7 @@ struct ParsedModel {
     long: Option<PartialPrice>,
     priority: Option<PartialPrice>,
     flex: Option<PartialPrice>,
+    fast: Option<PartialPrice>,
 }
 
 impl ParsedModel {
@@ -690,6 +705,7 @@ impl ParsedModel {
         match section {
             Section::Priority => &mut self.priority,
             Section::Flex => &mut self.flex,
+            Section::Fast => &mut self.fast,
             Section::LongContext | Section::Model => &mut self.long,
         }
     }
@@ -706,6 +722,8 @@ enum Section {
     Priority,
     /// `[models."<name>".flex]`
     Flex,
+    /// `[models."<name>".fast]`
+    Fast,
 }
 
 impl Section {
@@ -716,6 +734,7 @@ impl Section {
             Section::LongContext => "long_context",
             Section::Priority => "priority",
             Section::Flex => "flex",
+            Section::Fast => "fast",
         }
     }
 }
@@ -790,10 +809,11 @@ fn parse_table_header(line: &str) -> Result<(String, Section), String> {
             Some("long_context") => Section::LongContext,
             Some("priority") => Section::Priority,
             Some("flex") => Section::Flex,
+            Some("fast") => Section::Fast,
             Some(other) => {
                 return Err(format!(
-                    "unknown table `{other}` of model {name:?} (`long_context`, `priority` \
-                     or `flex`)"
+                    "unknown table `{other}` of model {name:?} (`long_context`, `priority`, \
+                     `flex` or `fast`)"
                 ))
             }
             None => return Err(bad()),
@@ -899,6 +919,7 @@ mod tests {
             long_context: None,
             priority: None,
             flex: None,
+            fast: None,
         }
     }
 
@@ -1005,6 +1026,7 @@ mod tests {
             long_context: None,
             priority: None,
             flex: None,
+            fast: None,
         };
         let t = table(&[
             ("claude-sonnet-4-5", sonnet),
@@ -1361,6 +1383,7 @@ mod tests {
                 long_context: None,
                 priority: None,
                 flex: None,
+                fast: None,
             }
         );
         assert_eq!(
@@ -1466,6 +1489,44 @@ mod tests {
                 assert!(long.input > p.input && long.output > p.output, "{model}");
             }
         }
+        // Service tiers: priority dearer and flex cheaper than standard, fast mode twice it.
+        let mut tiers = (0, 0, 0);
+        for (model, p) in t.models() {
+            if let Some(c) = p.priority {
+                assert!(c.input > p.input && c.output > p.output, "{model}");
+                tiers.0 += 1;
+            }
+            if let Some(c) = p.flex {
+                assert!(c.input < p.input && c.output < p.output, "{model}");
+                tiers.1 += 1;
+            }
+            if let Some(c) = p.fast {
+                assert!(model.starts_with("claude-"), "{model}");
+                let (fast, standard) = (c.rates(), p.standard().rates());
+                assert_eq!(
+                    [
+                        fast.input,
+                        fast.output,
+                        fast.cache_write_5m,
+                        fast.cache_write_1h,
+                        fast.cache_read
+                    ],
+                    [
+                        standard.input,
+                        standard.output,
+                        standard.cache_write_5m,
+                        standard.cache_write_1h,
+                        standard.cache_read
+                    ]
+                    .map(|v| v * 2),
+                    "{model}"
+                );
+                tiers.2 += 1;
+            }
+        }
+        assert!(tiers.0 >= 20 && tiers.1 >= 10 && tiers.2 >= 3, "{tiers:?}");
+        let gpt55 = t.get("gpt-5.5").unwrap().priority.unwrap();
+        assert_eq!((gpt55.input, gpt55.output), (12_500_000, 75_000_000));
         // Haiku 5.5 over 100K: every field five times the first card's.
         let haiku = t.get("claude-haiku-5-5").unwrap();
         let (short, long) = (
@@ -1852,9 +1913,33 @@ output = 2
         // Flex: 1 000 × 2.5 + 10 000 × 0.25 (0.1 × its input) + 100 × 15 = 6 500.
         assert_eq!(cost("gpt", ServiceTier::Flex), priced(6_500, 6_500));
         // A model without a card for the tier: the standard prices.
+        for tier in [ServiceTier::Priority, ServiceTier::Fast] {
+            assert_eq!(cost("plain", tier), cost("plain", ServiceTier::Standard));
+            assert_eq!(
+                cost("gpt", ServiceTier::Fast),
+                cost("gpt", ServiceTier::Standard)
+            );
+        }
+        // Anthropic's fast mode: its own card, its cache prices as set.
+        let opus = ModelPrice {
+            cache_read: Some(200_000),
+            fast: Some(TierPrice {
+                input: 8_000_000,
+                output: 40_000_000,
+                cache_read: Some(400_000),
+                ..TierPrice::default()
+            }),
+            ..price(4_000_000, 20_000_000)
+        };
+        let anthropic = table(&[("opus", opus)]);
+        // 1 000 × 8 + 10 000 × 0.4 + 100 × 40 = 16 000; standard 4 000 + 2 000 + 2 000.
         assert_eq!(
-            cost("plain", ServiceTier::Priority),
-            cost("plain", ServiceTier::Standard)
+            compute_cost_at(&anthropic, Some("opus"), &usage, ServiceTier::Fast, 10_000),
+            priced(16_000, 16_000)
+        );
+        assert_eq!(
+            compute_cost(&anthropic, Some("opus"), &usage, 10_000),
+            priced(8_000, 8_000)
         );
         // Over the long-context threshold the long card applies whatever the tier.
         let long = tokens(300_000, 0, 0, 0, 0);
@@ -1872,6 +1957,7 @@ output = 2
         // The answer's names for the tiers.
         assert_eq!(ServiceTier::from_wire("priority"), ServiceTier::Priority);
         assert_eq!(ServiceTier::from_wire("flex"), ServiceTier::Flex);
+        assert_eq!(ServiceTier::from_wire("fast"), ServiceTier::Priority);
         for other in ["default", "auto", "standard", "scale", ""] {
             assert_eq!(
                 ServiceTier::from_wire(other),
@@ -1906,6 +1992,15 @@ output = 15000000
 [models.next]
 input = 1
 output = 2
+
+[models.\"claude-opus-5-5\"]
+input = 4000000
+output = 20000000
+
+[models.\"claude-opus-5-5\".fast]
+input = 8000000
+output = 40000000
+cache_read = 400000
 ";
         let t = PriceTable::from_toml_str(text).unwrap();
         let p = t.get("gpt-5.5").unwrap();
@@ -1924,6 +2019,13 @@ output = 2
             Some((2_500_000, 15_000_000))
         );
         assert_eq!(t.get("next").unwrap().priority, None);
+        assert_eq!(
+            t.get("claude-opus-5-5")
+                .unwrap()
+                .fast
+                .map(|f| (f.input, f.cache_read)),
+            Some((8_000_000, Some(400_000)))
+        );
         let head = "[models.m]\ninput = 1\noutput = 2\n";
         let syntax_cases: &[(&str, &str, usize)] = &[
             (

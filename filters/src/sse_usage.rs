@@ -923,6 +923,8 @@ struct AnthropicUsageWire {
     cache_read_input_tokens: Option<u64>,
     cache_creation: Option<AnthropicCacheCreationWire>,
     server_tool_use: Option<AnthropicServerToolUseWire>,
+    /// `fast` when the request ran in fast mode (billed at the model's fast card).
+    speed: Option<String>,
     /// The sampling passes of a request that took more than one (server-side compaction):
     /// the top-level counts are the answer's pass alone, a `compaction` pass's tokens are
     /// billed on top of them.
@@ -1151,10 +1153,18 @@ struct AnthropicCounts {
     web_search: Option<u64>,
     /// The compaction passes' counts (input, output, cache writes, cache reads), summed.
     compaction: [Option<u64>; 4],
+    /// The speed the usage named (`fast` mode, else standard), when it named one.
+    speed: Option<ServiceTier>,
 }
 
 impl AnthropicCounts {
     fn merge(&mut self, u: AnthropicUsageWire) {
+        if let Some(speed) = &u.speed {
+            self.speed = Some(match speed.as_str() {
+                "fast" => ServiceTier::Fast,
+                _ => ServiceTier::Standard,
+            });
+        }
         if let Some(iterations) = &u.iterations {
             let mut sums = [0u64; 4];
             for pass in iterations.iter().filter(|p| p.is_compaction()) {
@@ -1193,6 +1203,12 @@ impl AnthropicCounts {
                 self.ephemeral_1h = w1;
             }
         }
+    }
+
+    /// Puts the counts, and the speed they were served at, in `result`.
+    fn settle(&self, result: &mut MeterResult) {
+        result.usage = self.usage();
+        result.service_tier = self.speed;
     }
 
     fn usage(&self) -> TokenUsage {
@@ -1332,7 +1348,7 @@ fn anthropic_event(st: &mut StreamState, ev: SseEvent<'_>) {
             set_once_bytes(&mut st.result.model, message.model);
             if let Some(usage) = message.usage {
                 st.anthropic.merge(usage);
-                st.result.usage = st.anthropic.usage();
+                st.anthropic.settle(&mut st.result);
             }
         }
         "message_delta" => {
@@ -1343,7 +1359,7 @@ fn anthropic_event(st: &mut StreamState, ev: SseEvent<'_>) {
             });
             if let Some(Some(usage)) = usage {
                 st.anthropic.merge(usage);
-                st.result.usage = st.anthropic.usage();
+                st.anthropic.settle(&mut st.result);
             }
         }
         "message_stop" => st.result.complete = true,
@@ -1356,7 +1372,7 @@ fn anthropic_event(st: &mut StreamState, ev: SseEvent<'_>) {
         {
             st.searches_started = st.searches_started.saturating_add(1);
             raise_to(&mut st.anthropic.web_search, Some(st.searches_started));
-            st.result.usage = st.anthropic.usage();
+            st.anthropic.settle(&mut st.result);
         }
         // content_block_stop, ping: nothing to meter, and nothing parsed.
         _ => {}
@@ -1731,7 +1747,7 @@ fn parse_anthropic_json(body: &[u8]) -> Option<MeterResult> {
     if let Some(usage) = message.usage {
         let mut counts = AnthropicCounts::default();
         counts.merge(usage);
-        result.usage = counts.usage();
+        counts.settle(&mut result);
     }
     result.upstream_error = message.error.map(ErrorWire::kind);
     Some(result)
@@ -1861,6 +1877,12 @@ fn scan_anthropic_usage(value: &[u8]) -> Option<Option<AnthropicUsageWire>> {
             b"iterations" => {
                 seen.first(6)?;
                 usage.iterations = scan_anthropic_iterations(value)?;
+                return Some(());
+            }
+            b"speed" => {
+                seen.first(7)?;
+                // Rare and short: serde reads the string, escapes and all.
+                usage.speed = serde_json::from_slice::<Option<String>>(value).ok()?;
                 return Some(());
             }
             _ => return Some(()),
@@ -3255,6 +3277,40 @@ data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5
             meter(Protocol::Anthropic, false, &[ANTHROPIC_JSON]).service_tier,
             None
         );
+    }
+
+    /// Anthropic fast mode: `usage.speed` names it, in a whole answer and in a stream's
+    /// message_start or message_delta; the serde fallback reads it too.
+    #[test]
+    fn anthropic_fast_mode_is_read_from_the_usage() {
+        let json = br#"{"id":"msg_1","type":"message","model":"claude-opus-5-5","content":[],"usage":{"input_tokens":10,"output_tokens":2,"service_tier":"standard","speed":"fast"}}"#;
+        assert_eq!(
+            meter(Protocol::Anthropic, false, &[json]).service_tier,
+            Some(ServiceTier::Fast)
+        );
+        let escaped =
+            br#"{"model":"m","us\u0061ge":{"input_tokens":10,"output_tokens":2,"speed":"fast"}}"#;
+        assert!(scan_anthropic_message(escaped).is_none());
+        assert_eq!(
+            meter(Protocol::Anthropic, false, &[escaped]).service_tier,
+            Some(ServiceTier::Fast)
+        );
+        let standard =
+            br#"{"model":"m","usage":{"input_tokens":10,"output_tokens":2,"speed":"standard"}}"#;
+        assert_eq!(
+            meter(Protocol::Anthropic, false, &[standard]).service_tier,
+            Some(ServiceTier::Standard)
+        );
+        for (start, delta) in [(r#","speed":"fast""#, ""), ("", r#","speed":"fast""#)] {
+            let stream = format!(
+                "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":\"msg_1\",\"model\":\"claude-opus-5-5\",\"usage\":{{\"input_tokens\":10,\"output_tokens\":1{start}}}}}}}\n\nevent: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"end_turn\"}},\"usage\":{{\"output_tokens\":20{delta}}}}}\n\nevent: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n"
+            );
+            for chunks in splits(stream.as_bytes()) {
+                let got = meter(Protocol::Anthropic, true, &chunks);
+                assert_eq!(got.service_tier, Some(ServiceTier::Fast), "{chunks:?}");
+                assert_eq!(got.usage, usage(10, 20, 0, 0, 0, 0));
+            }
+        }
     }
 
     /// OpenAI Responses: a stream's searches are its `response.web_search_call.completed`

@@ -74,6 +74,8 @@ pub struct CardChoices {
     pub priority: TierChoice,
     /// The flex service tier.
     pub flex: TierChoice,
+    /// Anthropic's fast mode.
+    pub fast: TierChoice,
 }
 
 /// A row of `model_prices`.
@@ -114,6 +116,7 @@ impl ModelPriceRow {
             long_context: self.cards.long_context.resolve(None),
             priority: self.cards.priority.resolve(None),
             flex: self.cards.flex.resolve(None),
+            fast: self.cards.fast.resolve(None),
         }
     }
 }
@@ -132,6 +135,7 @@ fn price_from_row(row: &AnyRow) -> Result<ModelPriceRow> {
             long_context: CardChoice::from_column(row.try_get("long_context")?)?,
             priority: CardChoice::from_column(row.try_get("priority")?)?,
             flex: CardChoice::from_column(row.try_get("flex")?)?,
+            fast: CardChoice::from_column(row.try_get("fast")?)?,
         },
         updated_at: row.try_get("updated_at")?,
     })
@@ -151,6 +155,7 @@ impl SqlStore {
             long_context: cards.long_context.resolve(None),
             priority: cards.priority.resolve(None),
             flex: cards.flex.resolve(None),
+            fast: cards.fast.resolve(None),
             ..*price
         };
         if card.all_prices().any(|p| p < 0) {
@@ -161,13 +166,13 @@ impl SqlStore {
         let now = now_ms();
         sqlx::query(
             "INSERT INTO model_prices (model, input, output, cache_write_5m, cache_write_1h, \
-             cache_read, web_search, long_context, priority, flex, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             cache_read, web_search, long_context, priority, flex, fast, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
              ON CONFLICT (model) DO UPDATE SET input = excluded.input, \
              output = excluded.output, cache_write_5m = excluded.cache_write_5m, \
              cache_write_1h = excluded.cache_write_1h, cache_read = excluded.cache_read, \
              web_search = excluded.web_search, long_context = excluded.long_context, \
-             priority = excluded.priority, flex = excluded.flex, \
+             priority = excluded.priority, flex = excluded.flex, fast = excluded.fast, \
              updated_at = excluded.updated_at",
         )
         .bind(model)
@@ -180,6 +185,7 @@ impl SqlStore {
         .bind(cards.long_context.to_column()?)
         .bind(cards.priority.to_column()?)
         .bind(cards.flex.to_column()?)
+        .bind(cards.fast.to_column()?)
         .bind(now)
         .execute(&self.pool)
         .await?;
@@ -212,7 +218,7 @@ impl SqlStore {
     pub async fn list_prices(&self) -> Result<Vec<ModelPriceRow>> {
         let rows = sqlx::query(
             "SELECT model, input, output, cache_write_5m, cache_write_1h, cache_read, \
-             web_search, long_context, priority, flex, updated_at FROM model_prices \
+             web_search, long_context, priority, flex, fast, updated_at FROM model_prices \
              ORDER BY model",
         )
         .fetch_all(&self.pool)

@@ -140,7 +140,8 @@ pub struct Behavior {
     /// does: `400 {"detail":"Stream must be set to true"}` (`/responses/compact` is answered).
     pub streams_only: bool,
     /// OpenAI answers: the `service_tier` they name (Chat chunks and Responses objects only
-    /// when set; a whole Chat answer says `default` when unset).
+    /// when set; a whole Chat answer says `default` when unset); Anthropic answers: the
+    /// `usage.speed` they name (only when set).
     pub service_tier: Option<String>,
 }
 
@@ -705,6 +706,10 @@ pub fn anthropic_json(b: &Behavior) -> String {
 fn add_server_tool_use(usage: &mut serde_json::Value, b: &Behavior, searches: u64) {
     if b.extra_usage.web_searches > 0 {
         usage["server_tool_use"] = serde_json::json!({"web_search_requests": searches});
+    }
+    // Anthropic names the speed a request ran at in its usage.
+    if let Some(speed) = &b.service_tier {
+        usage["speed"] = speed.as_str().into();
     }
 }
 

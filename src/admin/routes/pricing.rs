@@ -51,6 +51,10 @@ pub struct PriceView {
     /// The rate card of requests served at the flex tier; `null`: the standard prices.
     #[schema(value_type = Option<Object>)]
     pub flex: Option<TierPrice>,
+    /// The rate card of requests run in Anthropic's fast mode (`usage.speed: "fast"`);
+    /// `null`: the standard prices.
+    #[schema(value_type = Option<Object>)]
+    pub fast: Option<TierPrice>,
     /// Whether an admin override sets this price (else it is the shipped one).
     #[serde(rename = "override")]
     pub is_override: bool,
@@ -70,6 +74,7 @@ impl PriceView {
             shipped_long_context,
             priority: r.cards.priority.resolve(shipped.and_then(|p| p.priority)),
             flex: r.cards.flex.resolve(shipped.and_then(|p| p.flex)),
+            fast: r.cards.fast.resolve(shipped.and_then(|p| p.fast)),
             input: r.input,
             output: r.output,
             cache_write_5m: r.cache_write_5m,
@@ -115,6 +120,7 @@ pub async fn list(State(state): State<AdminState>, caller: Caller) -> AppResult<
                     shipped_long_context: state.prices.shipped(model).and_then(|s| s.long_context),
                     priority: p.priority,
                     flex: p.flex,
+                    fast: p.fast,
                     is_override: false,
                     updated_at: None,
                 },
@@ -162,6 +168,10 @@ pub struct PriceOverride {
     #[serde(default, deserialize_with = "super::nullable")]
     #[schema(value_type = Option<Object>)]
     flex: Option<Option<TierPrice>>,
+    /// The fast mode's card, likewise.
+    #[serde(default, deserialize_with = "super::nullable")]
+    #[schema(value_type = Option<Object>)]
+    fast: Option<Option<TierPrice>>,
 }
 
 /// What a body's optional card says: absent (the shipped card), `null` (none), a card.
@@ -177,14 +187,15 @@ fn choice<T>(sent: Option<Option<T>>) -> CardChoice<T> {
 const MAX_LONG_CONTEXT_THRESHOLD: u64 = relay_filters::types::MAX_TOKENS;
 
 /// `POST /api/admin/pricing` `{"model", "input", "output", "cache_write_5m"?,
-/// "cache_write_1h"?, "cache_read"?, "web_search"?, "long_context"?, "priority"?, "flex"?}`
+/// "cache_write_1h"?, "cache_read"?, "web_search"?, "long_context"?, "priority"?, "flex"?,
+/// "fast"?}`
 /// (micro-USD per million
 /// tokens; `web_search` per search): creates or replaces the override of a model. The model is
 /// matched as the upstream reports it; a dated id falls back to its undated name. Without
 /// `web_search` the model's shipped search price, if any, still applies (`0` makes searches
 /// free); without `long_context` the shipped long-prompt card, if any, still applies (`null`
-/// prices every prompt length alike), and so for the `priority` and `flex` tiers' cards
-/// (`null`: those tiers at the override's standard prices).
+/// prices every prompt length alike), and so for the `priority` and `flex` tiers' and the
+/// `fast` mode's cards (`null`: those requests at the override's standard prices).
 #[utoipa::path(post, path = "/api/admin/pricing", tag = "pricing", request_body = PriceOverride,
     responses(
         (status = 200, description = "The override as stored", body = PriceView),
@@ -213,6 +224,7 @@ pub async fn upsert(
         long_context: choice(body.long_context),
         priority: choice(body.priority),
         flex: choice(body.flex),
+        fast: choice(body.fast),
     };
     let price = ModelPrice {
         input: body.input,
@@ -224,6 +236,7 @@ pub async fn upsert(
         long_context: cards.long_context.resolve(None),
         priority: cards.priority.resolve(None),
         flex: cards.flex.resolve(None),
+        fast: cards.fast.resolve(None),
     };
     let row = state.store.upsert_price(model, &price, cards).await?;
     // The audit names each card the override sets, and `null` for one it drops; a card it
@@ -233,6 +246,7 @@ pub async fn upsert(
         ("long_context", cards.long_context == CardChoice::None),
         ("priority", cards.priority == CardChoice::None),
         ("flex", cards.flex == CardChoice::None),
+        ("fast", cards.fast == CardChoice::None),
     ] {
         if dropped {
             detail[name] = serde_json::Value::Null;
