@@ -817,6 +817,54 @@ async fn service_tiers_are_billed_at_their_card_and_recorded() {
     }
 }
 
+/// Claude Code with its advisor: the executor's tokens at its model's prices, the advisor's
+/// passes (usage.iterations) at the advisor's, and a compaction pass on top of the answer's
+/// counts; streamed and whole.
+#[tokio::test]
+async fn advisor_and_compaction_passes_are_billed() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    relay.wait_accounts_loaded(1).await;
+    mock.set(|b| {
+        b.usage = MockUsage::io(1_000, 100);
+        b.model = "claude-sonnet-5-5".into();
+        b.iterations = Some(serde_json::json!([
+            {"type": "compaction", "input_tokens": 50_000, "output_tokens": 500},
+            {"type": "message", "input_tokens": 1_000, "output_tokens": 100},
+            {"type": "advisor_message", "model": "claude-opus-5-5",
+             "input_tokens": 5_000, "output_tokens": 1_500},
+        ]));
+    });
+    for (id, stream) in [("advised-stream", true), ("advised-json", false)] {
+        let r = relay
+            .post("/v1/messages", &key)
+            .header("x-request-id", id)
+            .json(&messages_body(
+                "claude-sonnet-5-5",
+                stream,
+                conversation(id, 1),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{id}");
+        let _ = r.bytes().await.unwrap();
+    }
+    let records = relay.wait_records(2).await;
+    for id in ["advised-stream", "advised-json"] {
+        let rec = record_by_request_id(&records, id);
+        // Sonnet 5.5 at $2 / $10: (1 000 + 50 000) × 2 + (100 + 500) × 10 = 108 000;
+        // the advisor, Opus 5.5 at $4 / $20: 5 000 × 4 + 1 500 × 20 = 50 000.
+        assert_eq!(rec["input_tokens"], 51_000, "{id}: {rec}");
+        assert_eq!(rec["output_tokens"], 600, "{id}: {rec}");
+        assert_eq!(rec["base_cost"], 158_000, "{id}: {rec}");
+        assert_eq!(rec["unpriced"], false, "{id}: {rec}");
+    }
+}
+
 /// A background response would run on after the relay's exchange, out of its sight and
 /// unbilled: refused with an OpenAI-shaped 400 before it reaches an account.
 #[tokio::test]

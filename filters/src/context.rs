@@ -148,6 +148,8 @@ pub struct UsageInfo {
     pub upstream_error: Option<String>,
     /// The service tier the upstream says it served the request at, when it named one.
     pub service_tier: Option<crate::cost::ServiceTier>,
+    /// Tokens spent on other models than the request's (an advisor's), priced at theirs.
+    pub sub_usage: Vec<crate::types::SubUsage>,
     /// Chat: the relay asked upstream for the usage chunk the client did not ask for, and
     /// removes it from the stream (DESIGN §9).
     pub strip_usage_chunk: Option<crate::sse_usage::UsageChunkStripper>,

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::TokenUsage;
+use crate::types::{SubUsage, TokenUsage};
 
 /// Prices are per this many tokens.
 const TOKENS_PER_PRICE: i128 = 1_000_000;
@@ -573,6 +573,35 @@ pub fn compute_cost_at(
     }
 }
 
+/// [`compute_cost_at`] of a request that also spent tokens on other models (an advisor's
+/// passes), each part priced at its own model: the base costs are summed, then the rate is
+/// applied once. Any part with tokens and no price flags the whole `unpriced` (that part
+/// costing 0).
+pub fn compute_cost_with_subs(
+    table: &PriceTable,
+    model: Option<&str>,
+    usage: &TokenUsage,
+    tier: ServiceTier,
+    subs: &[SubUsage],
+    price_rate: i64,
+) -> Cost {
+    let main = compute_cost_at(table, model, usage, tier, RATE_ONE as i64);
+    let (base, unpriced) = subs
+        .iter()
+        .fold((main.base, main.unpriced), |(base, unpriced), sub| {
+            let part = compute_cost(table, Some(&sub.model), &sub.tokens, RATE_ONE as i64);
+            (base.saturating_add(part.base), unpriced || part.unpriced)
+        });
+    Cost {
+        base,
+        billed: clamp_i64(div_round_half_up(
+            i128::from(base).saturating_mul(i128::from(price_rate)),
+            RATE_ONE,
+        )),
+        unpriced,
+    }
+}
+
 /// Body bytes counted as one input token when a request's cost is estimated. JSON text runs
 /// about 3 to 5 bytes a token; the estimate is a hold, not a bill.
 const BODY_BYTES_PER_TOKEN: u64 = 4;
@@ -888,11 +917,12 @@ impl crate::chain::ResponseFilter for CostFilter {
         .find(|m| table.get(m).is_some())
         .or(ctx.upstream.model.as_deref())
         .or(ctx.usage.upstream_model.as_deref());
-        let cost = compute_cost_at(
+        let cost = compute_cost_with_subs(
             &table,
             model,
             &ctx.usage.tokens,
             ctx.usage.service_tier.unwrap_or_default(),
+            &ctx.usage.sub_usage,
             rate,
         );
         ctx.usage.base_cost = cost.base;
@@ -1965,6 +1995,66 @@ output = 2
                 "{other}"
             );
         }
+    }
+
+    /// An advisor's passes are priced at the advisor's model, added to the request's cost
+    /// before the user's rate; an advisor model without a price flags the record.
+    #[test]
+    fn advisor_passes_are_priced_at_their_own_model() {
+        let t = table(&[
+            ("sonnet", price(2_000_000, 10_000_000)),
+            ("opus", price(4_000_000, 20_000_000)),
+        ]);
+        let usage = tokens(1_000, 100, 0, 0, 0);
+        let advisor = |model: &str| SubUsage {
+            model: model.into(),
+            tokens: tokens(5_000, 1_500, 0, 0, 0),
+        };
+        // 2 000 + 1 000 for the executor; 20 000 + 30 000 for the advisor; × 1.5 = 79 500.
+        let cost = compute_cost_with_subs(
+            &t,
+            Some("sonnet"),
+            &usage,
+            ServiceTier::Standard,
+            &[advisor("opus")],
+            15_000,
+        );
+        assert_eq!(cost, priced(53_000, 79_500));
+        // Two passes, each counted.
+        let two = [advisor("opus"), advisor("opus")];
+        assert_eq!(
+            compute_cost_with_subs(
+                &t,
+                Some("sonnet"),
+                &usage,
+                ServiceTier::Standard,
+                &two,
+                10_000
+            ),
+            priced(103_000, 103_000)
+        );
+        // No passes: the request alone, as compute_cost prices it.
+        assert_eq!(
+            compute_cost_with_subs(
+                &t,
+                Some("sonnet"),
+                &usage,
+                ServiceTier::Standard,
+                &[],
+                15_000
+            ),
+            compute_cost(&t, Some("sonnet"), &usage, 15_000)
+        );
+        // An unpriced advisor: the executor billed, the record flagged.
+        let cost = compute_cost_with_subs(
+            &t,
+            Some("sonnet"),
+            &usage,
+            ServiceTier::Standard,
+            &[advisor("mystery")],
+            10_000,
+        );
+        assert_eq!((cost.base, cost.unpriced), (3_000, true));
     }
 
     #[test]

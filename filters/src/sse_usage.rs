@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 
 use crate::cost::ServiceTier;
 use crate::json_scan;
-use crate::types::{Protocol, TokenUsage};
+use crate::types::{Protocol, SubUsage, TokenUsage};
 
 /// Default cap on what an [`SseParser`] carries between chunks (partial line + event data).
 pub const DEFAULT_MAX_SSE_BUFFER: usize = 16 << 20;
@@ -439,6 +439,8 @@ pub struct MeterResult {
     pub upstream_error: Option<String>,
     /// The service tier the upstream says it served the request at (OpenAI `service_tier`).
     pub service_tier: Option<ServiceTier>,
+    /// Tokens spent on other models (an Anthropic advisor's passes), billed at their prices.
+    pub sub_usage: Vec<SubUsage>,
 }
 
 /// Reads token usage from an upstream response body as it streams past.
@@ -936,6 +938,8 @@ struct AnthropicUsageWire {
 struct AnthropicIterationWire {
     #[serde(rename = "type")]
     kind: Option<String>,
+    /// The model of an advisor's pass.
+    model: Option<String>,
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     cache_creation_input_tokens: Option<u64>,
@@ -947,6 +951,25 @@ impl AnthropicIterationWire {
     /// the summary a compaction wrote, with the model the request named.
     fn is_compaction(&self) -> bool {
         self.kind.as_deref() == Some("compaction")
+    }
+
+    /// The pass of an advisor the answer's model consulted, billed at the advisor's prices
+    /// (left out of the top-level counts too).
+    fn advisor(&self) -> Option<SubUsage> {
+        if self.kind.as_deref() != Some("advisor_message") {
+            return None;
+        }
+        Some(SubUsage {
+            // An advisor pass that names no model is billed as unpriced, never as another.
+            model: self.model.clone().unwrap_or_default(),
+            tokens: TokenUsage {
+                input_tokens: self.input_tokens.unwrap_or(0),
+                output_tokens: self.output_tokens.unwrap_or(0),
+                cache_write_5m_tokens: self.cache_creation_input_tokens.unwrap_or(0),
+                cache_read_tokens: self.cache_read_input_tokens.unwrap_or(0),
+                ..TokenUsage::default()
+            },
+        })
     }
 }
 
@@ -1155,6 +1178,8 @@ struct AnthropicCounts {
     compaction: [Option<u64>; 4],
     /// The speed the usage named (`fast` mode, else standard), when it named one.
     speed: Option<ServiceTier>,
+    /// The advisor passes, billed at their own model's prices.
+    advisors: Vec<SubUsage>,
 }
 
 impl AnthropicCounts {
@@ -1180,6 +1205,12 @@ impl AnthropicCounts {
             }
             for (slot, sum) in self.compaction.iter_mut().zip(sums) {
                 raise_to(slot, Some(sum));
+            }
+            // Cumulative like the rest: a later list replaces an earlier one it does not
+            // fall short of.
+            let advisors: Vec<SubUsage> = iterations.iter().filter_map(|p| p.advisor()).collect();
+            if advisors.len() >= self.advisors.len() {
+                self.advisors = advisors;
             }
         }
         raise_to(&mut self.input, u.input_tokens);
@@ -1209,6 +1240,7 @@ impl AnthropicCounts {
     fn settle(&self, result: &mut MeterResult) {
         result.usage = self.usage();
         result.service_tier = self.speed;
+        result.sub_usage.clone_from(&self.advisors);
     }
 
     fn usage(&self) -> TokenUsage {
@@ -1911,6 +1943,11 @@ fn scan_anthropic_iterations(value: &[u8]) -> Option<Option<Vec<AnthropicIterati
                     pass.kind = serde_json::from_slice::<Option<String>>(value).ok()?;
                     return Some(());
                 }
+                b"model" => {
+                    seen.first(5)?;
+                    pass.model = serde_json::from_slice::<Option<String>>(value).ok()?;
+                    return Some(());
+                }
                 b"input_tokens" => (1, &mut pass.input_tokens),
                 b"output_tokens" => (2, &mut pass.output_tokens),
                 b"cache_creation_input_tokens" => (3, &mut pass.cache_creation_input_tokens),
@@ -2284,6 +2321,7 @@ impl crate::chain::ResponseFilter for SseUsage {
         }
         ctx.usage.response_id = result.response_id;
         ctx.usage.service_tier = result.service_tier;
+        ctx.usage.sub_usage = result.sub_usage;
         if ctx.route.billed && (!result.complete || result.usage.is_empty()) {
             // An answer that ended without its terminal event (a stream closed early, even
             // with clean framing) or that reported no usage at all: what was seen is billed,
@@ -2375,6 +2413,7 @@ mod tests {
             complete: true,
             upstream_error: None,
             service_tier: None,
+            sub_usage: Vec::new(),
         }
     }
 
@@ -3153,8 +3192,8 @@ data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5
 
     /// A request that compacted its context ran a summary pass the top-level counts leave
     /// out: its `usage.iterations` entry of type `compaction` is billed on top, streamed or
-    /// whole; the answer's own pass (type `message`) is not counted twice, and other passes
-    /// are not added.
+    /// whole; the answer's own pass (type `message`) is not counted twice; an advisor's passes
+    /// come apart, with their model.
     #[test]
     fn anthropic_compaction_passes_are_billed_on_top() {
         let usage_json = r#"{"input_tokens":23000,"output_tokens":1000,"cache_read_input_tokens":100,"iterations":[{"type":"compaction","input_tokens":180000,"output_tokens":3500,"cache_creation_input_tokens":40,"cache_read_input_tokens":60},{"type":"message","input_tokens":23000,"output_tokens":1000}]}"#;
@@ -3185,12 +3224,36 @@ data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5
             assert_eq!(got.usage, want, "{chunks:?}");
             assert!(got.complete);
         }
-        // Passes of other kinds are not the relay's to add.
-        let other = r#"{"model":"m","usage":{"input_tokens":10,"output_tokens":2,"iterations":[{"type":"message","input_tokens":10,"output_tokens":2},{"type":"advisor_message","input_tokens":5,"output_tokens":5}]}}"#;
+        // An advisor's passes are not the request's model's tokens: they come apart, with
+        // their model, to be priced at it; the answer's own pass is not counted twice.
+        let advised = r#"{"model":"claude-sonnet-5-5","usage":{"input_tokens":10,"output_tokens":2,"iterations":[{"type":"message","input_tokens":10,"output_tokens":2},{"type":"advisor_message","model":"claude-opus-5-5","input_tokens":5,"output_tokens":7,"cache_read_input_tokens":3},{"type":"advisor_message","input_tokens":1,"output_tokens":1}]}}"#;
+        let got = meter(Protocol::Anthropic, false, &[advised.as_bytes()]);
+        assert_eq!(got.usage, usage(10, 2, 0, 0, 0, 0));
         assert_eq!(
-            meter(Protocol::Anthropic, false, &[other.as_bytes()]).usage,
-            usage(10, 2, 0, 0, 0, 0)
+            got.sub_usage,
+            [
+                SubUsage {
+                    model: "claude-opus-5-5".into(),
+                    tokens: usage(5, 7, 0, 0, 3, 0),
+                },
+                // No model named: priced as none, never as another.
+                SubUsage {
+                    model: String::new(),
+                    tokens: usage(1, 1, 0, 0, 0, 0),
+                },
+            ]
         );
+        // Streamed: message_delta's cumulative list, repeated, is taken once.
+        let delta = format!(
+            "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":\"m\",\"model\":\"claude-sonnet-5-5\",\"usage\":{{\"input_tokens\":10,\"output_tokens\":1}}}}}}\n\nevent: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{}},\"usage\":{}}}\n\nevent: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{}},\"usage\":{}}}\n\n",
+            &advised[advised.find(r#"{"input_tokens":10"#).unwrap()..advised.len() - 1],
+            &advised[advised.find(r#"{"input_tokens":10"#).unwrap()..advised.len() - 1],
+        );
+        for chunks in splits(delta.as_bytes()) {
+            let got = meter(Protocol::Anthropic, true, &chunks);
+            assert_eq!(got.sub_usage.len(), 2, "{chunks:?}");
+            assert_eq!(got.usage, usage(10, 2, 0, 0, 0, 0));
+        }
     }
 
     /// OpenAI (GPT-5.6 and later) reports the input written to the cache inside the input

@@ -147,6 +147,16 @@ pub struct TokenUsage {
     pub web_search_requests: u64,
 }
 
+/// Tokens a request spent on another model than its own, which the provider bills at that
+/// model's prices: an Anthropic advisor's sub-inference (`usage.iterations` entries of type
+/// `advisor_message`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubUsage {
+    /// The model that ran it.
+    pub model: String,
+    pub tokens: TokenUsage,
+}
+
 /// Most tokens (or searches) one field of one request may count. No request comes near it; an upstream that
 /// reports more is wrong, and sums of such counts would overflow the daily rollups (PostgreSQL
 /// then refuses the whole batch of records).

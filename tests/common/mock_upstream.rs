@@ -143,6 +143,8 @@ pub struct Behavior {
     /// when set; a whole Chat answer says `default` when unset); Anthropic answers: the
     /// `usage.speed` they name (only when set).
     pub service_tier: Option<String>,
+    /// Anthropic answers: the `usage.iterations` of the whole answer and of message_delta.
+    pub iterations: Option<serde_json::Value>,
 }
 
 impl Default for Behavior {
@@ -178,6 +180,7 @@ impl Default for Behavior {
             refuse_body_with: None,
             streams_only: false,
             service_tier: None,
+            iterations: None,
         }
     }
 }
@@ -689,6 +692,9 @@ fn usage_json(u: &MockUsage, output: u64) -> serde_json::Value {
 pub fn anthropic_json(b: &Behavior) -> String {
     let mut usage = usage_json(&b.usage, b.usage.output);
     add_server_tool_use(&mut usage, b, b.extra_usage.web_searches);
+    if let Some(passes) = &b.iterations {
+        usage["iterations"] = passes.clone();
+    }
     serde_json::json!({
         "id": "msg_mock_1",
         "type": "message",
@@ -736,6 +742,9 @@ pub fn anthropic_events(b: &Behavior) -> Vec<String> {
     ));
     let mut delta_usage = serde_json::json!({"output_tokens": b.usage.output});
     add_server_tool_use(&mut delta_usage, b, b.extra_usage.web_searches);
+    if let Some(passes) = &b.iterations {
+        delta_usage["iterations"] = passes.clone();
+    }
     out.push(ev("message_delta", serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": delta_usage})));
     out.push(ev(
         "message_stop",
