@@ -626,6 +626,26 @@ pub fn estimate_cost(
     max_output_tokens: Option<u64>,
     price_rate: i64,
 ) -> i64 {
+    estimate_cost_at(
+        table,
+        model,
+        body_len,
+        max_output_tokens,
+        ServiceTier::Standard,
+        price_rate,
+    )
+}
+
+/// [`estimate_cost`] of a request that asks for a service tier: at that tier's card, where
+/// the model has one.
+pub fn estimate_cost_at(
+    table: &PriceTable,
+    model: Option<&str>,
+    body_len: usize,
+    max_output_tokens: Option<u64>,
+    tier: ServiceTier,
+    price_rate: i64,
+) -> i64 {
     let usage = TokenUsage {
         input_tokens: estimate_input_tokens(body_len),
         output_tokens: max_output_tokens.unwrap_or(DEFAULT_OUTPUT_ESTIMATE),
@@ -633,7 +653,7 @@ pub fn estimate_cost(
     }
     .clamped()
     .0;
-    compute_cost(table, model, &usage, price_rate).billed
+    compute_cost_at(table, model, &usage, tier, price_rate).billed
 }
 
 /// `n / d` rounded half up (toward +∞ on a tie), for `d > 0`.
@@ -1819,6 +1839,24 @@ mod tests {
             estimate_cost(&t, haiku, 400_004, Some(1_000), 10_000),
             52_501
         );
+    }
+
+    #[test]
+    fn estimates_take_the_card_of_the_tier_asked_for() {
+        let p = ModelPrice {
+            fast: Some(TierPrice {
+                input: 8_000_000,
+                output: 40_000_000,
+                ..TierPrice::default()
+            }),
+            ..price(4_000_000, 20_000_000)
+        };
+        let t = table(&[("opus", p)]);
+        let at = |tier| estimate_cost_at(&t, Some("opus"), 4_000, Some(100), tier, 10_000);
+        // 1 000 in, 100 out: 4 000 + 2 000 standard, twice that fast; no priority card.
+        assert_eq!(at(ServiceTier::Standard), 6_000);
+        assert_eq!(at(ServiceTier::Fast), 12_000);
+        assert_eq!(at(ServiceTier::Priority), 6_000);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use crate::chain::{Flow, RequestFilter, RequestView};
 use crate::context::RequestCtx;
-use crate::cost::{estimate_cost, PriceSource};
+use crate::cost::{estimate_cost_at, PriceSource};
 use crate::error::{ErrorKind, Rejection};
 use crate::lock;
 use crate::request_body::output_cap;
@@ -440,8 +440,10 @@ impl KeyLimits {
     fn estimate(&self, ctx: &RequestCtx, req: &RequestView<'_>, price_rate: i64) -> i64 {
         let table = self.prices.table();
         let cap = output_cap(req.body);
-        let at =
-            |model: Option<&str>| estimate_cost(&table, model, req.body.len(), cap, price_rate);
+        let tier = req.parsed.service_tier;
+        let at = |model: Option<&str>| {
+            estimate_cost_at(&table, model, req.body.len(), cap, tier, price_rate)
+        };
         let requested = ctx.requested_model();
         let own = at(requested);
         match (requested, &self.accounts) {

@@ -11,6 +11,7 @@ use std::ops::Range;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::cost::ServiceTier;
 use crate::Protocol;
 
 /// The fields of a request body the relay reads, borrowed from the client's bytes.
@@ -52,6 +53,10 @@ pub struct RequestBody<'a> {
     /// Responses `background` is `true` (read as `store` is: another value counts as absent,
     /// for the upstream to judge).
     pub background: bool,
+    /// The service tier the request asks for: OpenAI `service_tier` (`priority`, `fast`,
+    /// `flex`), Anthropic `speed: "fast"`; what its cost hold is estimated at (the answer
+    /// says what it is billed at). Read only, never judged.
+    pub service_tier: ServiceTier,
 }
 
 /// Why a request body was refused; the message goes to the client as `invalid_request_error`.
@@ -116,6 +121,10 @@ struct RawBody<'a> {
     store: Option<&'a RawValue>,
     #[serde(borrow)]
     background: Option<&'a RawValue>,
+    #[serde(borrow)]
+    service_tier: Option<&'a RawValue>,
+    #[serde(borrow)]
+    speed: Option<&'a RawValue>,
 }
 
 /// `metadata`: only `user_id` matters.
@@ -191,7 +200,22 @@ pub fn parse_request_body(body: &[u8]) -> Result<RequestBody<'_>, BodyError> {
         stream_options_include_usage,
         store_off: raw.store.is_some_and(|r| r.get().trim() == "false"),
         background: raw.background.is_some_and(|r| r.get().trim() == "true"),
+        service_tier: requested_tier(raw.service_tier, raw.speed),
     })
+}
+
+/// The tier a body asks for: Anthropic's `speed: "fast"`, else OpenAI's `service_tier`; a
+/// value that is not a plain string counts as none.
+fn requested_tier(service_tier: Option<&RawValue>, speed: Option<&RawValue>) -> ServiceTier {
+    fn plain(raw: Option<&RawValue>) -> Option<&str> {
+        raw.map(|r| r.get().trim())
+            .and_then(|t| t.strip_prefix('"')?.strip_suffix('"'))
+    }
+    match (plain(speed), plain(service_tier)) {
+        (Some("fast"), _) => ServiceTier::Fast,
+        (_, Some(tier)) => ServiceTier::from_wire(tier),
+        _ => ServiceTier::Standard,
+    }
 }
 
 /// The most output tokens a body allows: Anthropic / Chat `max_tokens`, Chat
@@ -727,6 +751,37 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
             assert_eq!(verdict.is_ok(), !refused);
+        }
+        // The tier a request asks for.
+        for (body, tier) in [
+            (
+                &br#"{"model":"m","service_tier":"priority"}"#[..],
+                ServiceTier::Priority,
+            ),
+            (
+                br#"{"model":"m","service_tier":"fast"}"#,
+                ServiceTier::Priority,
+            ),
+            (br#"{"model":"m","service_tier":"flex"}"#, ServiceTier::Flex),
+            (
+                br#"{"model":"m","service_tier":"auto"}"#,
+                ServiceTier::Standard,
+            ),
+            (br#"{"model":"m","service_tier":7}"#, ServiceTier::Standard),
+            (br#"{"model":"m","speed":"fast"}"#, ServiceTier::Fast),
+            (
+                br#"{"model":"m","speed":"standard"}"#,
+                ServiceTier::Standard,
+            ),
+            (br#"{"model":"m"}"#, ServiceTier::Standard),
+        ] {
+            let parsed = parse_request_body(body).expect("parses");
+            assert_eq!(
+                parsed.service_tier,
+                tier,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
         let chat = br#"{"model":"m","messages":[],"background":true}"#;
         let parsed = parse_request_body(chat).expect("parses");
