@@ -230,6 +230,12 @@ async fn an_admin_runs_the_relay_from_the_browser() {
         serde_json::json!({"above_tokens": 200_000, "input": 6_000_000, "output": 22_500_000}),
         "{price}"
     );
+    // The flex card set through the API outlived the form's save.
+    assert_eq!(
+        price["flex"],
+        serde_json::json!({"input": 1_500_000, "output": 7_500_000}),
+        "{price}"
+    );
 }
 
 /// The UI's page and files come with headers that keep them in their own origin; the API's

@@ -379,6 +379,19 @@ try {
   assert.equal(await row('prices', 'ui-model-1').locator('[data-test="web_search"]').innerText(), '$10.00')
   // A cache price left unset shows what is billed: 1.25 × the input price.
   assert.equal(await row('prices', 'ui-model-1').locator('[data-test="cache_write_5m"]').innerText(), '$3.75 1.25 × input')
+  // A flex card set through the API, which the form's next save must keep.
+  const setFlex = await page.evaluate(async () => {
+    const me = await (await fetch('/api/auth/me')).json()
+    const res = await fetch('/api/admin/pricing', {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', 'x-csrf-token': me.csrf_token },
+      body: JSON.stringify({ model: 'ui-model-1', input: 3000000, output: 15000000, web_search: 10000, flex: { input: 1500000, output: 7500000 } }),
+    })
+    return res.status
+  })
+  assert.equal(setFlex, 200)
+  await page.reload()
+  await row('prices', 'ui-model-1').locator('[data-test="tiers"]', { hasText: 'flex $1.50 / $7.50' }).waitFor()
   // Long prompts at prices of their own, then the shipped card of a model priced by length.
   await row('prices', 'ui-model-1').getByRole('button', { name: 'Override', exact: true }).click()
   assert.equal(await priceForm.locator('input[name="input"]').inputValue(), '3')

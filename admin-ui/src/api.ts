@@ -102,6 +102,10 @@ export interface Price {
   flex: TierPrice | null
   /** Anthropic fast mode's prices; null: the standard prices. */
   fast: TierPrice | null
+  /** The shipped tier cards, which an override keeps unless it sets its own. */
+  shipped_priority: TierPrice | null
+  shipped_flex: TierPrice | null
+  shipped_fast: TierPrice | null
   override: boolean
   updated_at: number | null
 }

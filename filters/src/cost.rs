@@ -284,8 +284,10 @@ impl PriceTable {
     /// The accepted format is the TOML subset that file uses: comments, blank lines,
     /// `[models."<name>"]` (or `[models.<bare-name>]`) tables, and `key = integer` lines with
     /// keys `input`, `output` (required), `cache_write_5m`, `cache_write_1h`, `cache_read`,
-    /// `web_search`; right after a model's table, an optional `[models."<name>".long_context]`
-    /// with `above_tokens`, `input`, `output` (required) and the three cache prices.
+    /// `web_search`; right after a model's table, optional sub-tables:
+    /// `[models."<name>".long_context]` with `above_tokens` (1 or more), `input`, `output`
+    /// (required) and the three cache prices, and `.priority`, `.flex`, `.fast` with `input`,
+    /// `output` (required) and the three cache prices.
     /// Anything else is an error, so a typo never silently prices a model at 0.
     // Hand-written because the filters crate has no TOML dependency; the binary, which has
     // one, can equally deserialize `[models]` into `ModelPrice`s and `insert` them.
@@ -397,6 +399,10 @@ impl PriceTable {
                     format!("`{key}` must be a non-negative integer ({unit})"),
                 )
             })?;
+            if key == "above_tokens" && price == 0 {
+                // A card for every prompt is no long-context card: set the model's prices.
+                return Err(syntax(line_no, "`above_tokens` must be 1 or more"));
+            }
             *slot = Some(price);
         }
         if let Some(model) = current {
@@ -573,10 +579,11 @@ pub fn compute_cost_at(
     }
 }
 
-/// [`compute_cost_at`] of a request that also spent tokens on other models (an advisor's
-/// passes), each part priced at its own model: the base costs are summed, then the rate is
-/// applied once. Any part with tokens and no price flags the whole `unpriced` (that part
-/// costing 0).
+/// [`compute_cost_at`] of a request that ran other passes besides its answer (a compaction's
+/// summary on its own model, an advisor's on the advisor's), each priced on its own at its
+/// model (its own prompt against the long-context threshold): the base costs are summed, then
+/// the rate is applied once. Any part with tokens and no price flags the whole `unpriced`
+/// (that part costing 0).
 pub fn compute_cost_with_subs(
     table: &PriceTable,
     model: Option<&str>,
@@ -589,7 +596,10 @@ pub fn compute_cost_with_subs(
     let (base, unpriced) = subs
         .iter()
         .fold((main.base, main.unpriced), |(base, unpriced), sub| {
-            let part = compute_cost(table, Some(&sub.model), &sub.tokens, RATE_ONE as i64);
+            let part = match &sub.model {
+                None => compute_cost_at(table, model, &sub.tokens, tier, RATE_ONE as i64),
+                Some(other) => compute_cost(table, Some(other), &sub.tokens, RATE_ONE as i64),
+            };
             (base.saturating_add(part.base), unpriced || part.unpriced)
         });
     Cost {
@@ -948,6 +958,11 @@ impl crate::chain::ResponseFilter for CostFilter {
         ctx.usage.base_cost = cost.base;
         ctx.usage.billed_cost = cost.billed;
         ctx.usage.unpriced = cost.unpriced;
+        // Priced apart, counted together: the record's tokens are all its model's passes
+        // (an advisor's are in its cost only).
+        for pass in ctx.usage.sub_usage.iter().filter(|p| p.model.is_none()) {
+            ctx.usage.tokens = ctx.usage.tokens.plus(&pass.tokens);
+        }
     }
 }
 
@@ -1926,6 +1941,12 @@ output = 2
                 other => panic!("{name}: {other:?}"),
             }
         }
+        assert!(matches!(
+            PriceTable::from_toml_str(&format!(
+                "{head}[models.m.long_context]\nabove_tokens = 0\ninput = 1\noutput = 1\n"
+            )),
+            Err(PriceError::Syntax { line: 5, ref message }) if message.contains("1 or more")
+        ));
         for (tail, field) in [
             ("input = 1\noutput = 1\n", "long_context.above_tokens"),
             ("above_tokens = 1\noutput = 1\n", "long_context.input"),
@@ -2045,7 +2066,7 @@ output = 2
         ]);
         let usage = tokens(1_000, 100, 0, 0, 0);
         let advisor = |model: &str| SubUsage {
-            model: model.into(),
+            model: Some(model.into()),
             tokens: tokens(5_000, 1_500, 0, 0, 0),
         };
         // 2 000 + 1 000 for the executor; 20 000 + 30 000 for the advisor; × 1.5 = 79 500.
@@ -2093,6 +2114,34 @@ output = 2
             10_000,
         );
         assert_eq!((cost.base, cost.unpriced), (3_000, true));
+    }
+
+    /// A compaction's summary pass is priced on the request's model, on its own: its prompt
+    /// and the answer's are measured against the long-context threshold apart.
+    #[test]
+    fn compaction_passes_are_priced_on_their_own_prompt() {
+        let t = table(&[("haiku", tiered())]);
+        // Summary 95 000 in / 3 500 out, answer 8 000 in / 1 000 out: neither is over
+        // 100 000, so both at the first card: 9 500 + 1 750 + 800 + 500 = 12 550.
+        let summary = SubUsage {
+            model: None,
+            tokens: tokens(95_000, 3_500, 0, 0, 0),
+        };
+        let answer = tokens(8_000, 1_000, 0, 0, 0);
+        let cost = |subs: &[SubUsage], tier| {
+            compute_cost_with_subs(&t, Some("haiku"), &answer, tier, subs, 10_000)
+        };
+        assert_eq!(
+            cost(&[summary], ServiceTier::Standard),
+            priced(12_550, 12_550)
+        );
+        // A summary over the threshold is priced at the long card alone: 150 000 × 0.5 +
+        // 3 500 × 2.5 = 83 750, plus the answer's 1 300.
+        let long = SubUsage {
+            model: None,
+            tokens: tokens(150_000, 3_500, 0, 0, 0),
+        };
+        assert_eq!(cost(&[long], ServiceTier::Standard), priced(85_050, 85_050));
     }
 
     #[test]

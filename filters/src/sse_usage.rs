@@ -42,6 +42,8 @@ const SHRINK_ABOVE: usize = 1 << 20;
 const SHRINK_TO: usize = 64 << 10;
 
 static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+static SERVICE_TIER_KEY: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"service_tier\""));
 static ERROR_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
 static SERVER_TOOL_USE: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(b"\"server_tool_use\""));
@@ -927,9 +929,9 @@ struct AnthropicUsageWire {
     server_tool_use: Option<AnthropicServerToolUseWire>,
     /// `fast` when the request ran in fast mode (billed at the model's fast card).
     speed: Option<String>,
-    /// The sampling passes of a request that took more than one (server-side compaction):
-    /// the top-level counts are the answer's pass alone, a `compaction` pass's tokens are
-    /// billed on top of them.
+    /// The sampling passes of a request that took more than one (server-side compaction, an
+    /// advisor): the top-level counts are the answer's pass alone, the others are billed on
+    /// top of them.
     iterations: Option<Vec<AnthropicIterationWire>>,
 }
 
@@ -944,28 +946,35 @@ struct AnthropicIterationWire {
     output_tokens: Option<u64>,
     cache_creation_input_tokens: Option<u64>,
     cache_read_input_tokens: Option<u64>,
+    cache_creation: Option<AnthropicCacheCreationWire>,
 }
 
 impl AnthropicIterationWire {
-    /// Whether the pass is one the top-level counts leave out and the relay must add:
-    /// the summary a compaction wrote, with the model the request named.
-    fn is_compaction(&self) -> bool {
-        self.kind.as_deref() == Some("compaction")
-    }
-
-    /// The pass of an advisor the answer's model consulted, billed at the advisor's prices
-    /// (left out of the top-level counts too).
-    fn advisor(&self) -> Option<SubUsage> {
-        if self.kind.as_deref() != Some("advisor_message") {
-            return None;
-        }
+    /// A pass the top-level counts leave out and the relay must bill: the summary a
+    /// compaction wrote (on the request's model), or an advisor's sub-inference (on the
+    /// advisor's; one that names no model is billed as unpriced, never as another). The
+    /// answer's own pass (`message`) is the top-level counts.
+    fn pass(&self) -> Option<SubUsage> {
+        let model = match self.kind.as_deref()? {
+            "compaction" => None,
+            "advisor_message" => Some(self.model.clone().unwrap_or_default()),
+            _ => return None,
+        };
+        let total = self.cache_creation_input_tokens.unwrap_or(0);
+        let (w5, w1) = match &self.cache_creation {
+            Some(split) => {
+                let w1 = split.ephemeral_1h_input_tokens.unwrap_or(0).min(total);
+                (total - w1, w1)
+            }
+            None => (total, 0),
+        };
         Some(SubUsage {
-            // An advisor pass that names no model is billed as unpriced, never as another.
-            model: self.model.clone().unwrap_or_default(),
+            model,
             tokens: TokenUsage {
                 input_tokens: self.input_tokens.unwrap_or(0),
                 output_tokens: self.output_tokens.unwrap_or(0),
-                cache_write_5m_tokens: self.cache_creation_input_tokens.unwrap_or(0),
+                cache_write_5m_tokens: w5,
+                cache_write_1h_tokens: w1,
                 cache_read_tokens: self.cache_read_input_tokens.unwrap_or(0),
                 ..TokenUsage::default()
             },
@@ -1174,12 +1183,10 @@ struct AnthropicCounts {
     ephemeral_5m: Option<u64>,
     ephemeral_1h: Option<u64>,
     web_search: Option<u64>,
-    /// The compaction passes' counts (input, output, cache writes, cache reads), summed.
-    compaction: [Option<u64>; 4],
     /// The speed the usage named (`fast` mode, else standard), when it named one.
     speed: Option<ServiceTier>,
-    /// The advisor passes, billed at their own model's prices.
-    advisors: Vec<SubUsage>,
+    /// The compaction and advisor passes, billed each on its own.
+    passes: Vec<SubUsage>,
 }
 
 impl AnthropicCounts {
@@ -1191,26 +1198,11 @@ impl AnthropicCounts {
             });
         }
         if let Some(iterations) = &u.iterations {
-            let mut sums = [0u64; 4];
-            for pass in iterations.iter().filter(|p| p.is_compaction()) {
-                let counts = [
-                    pass.input_tokens,
-                    pass.output_tokens,
-                    pass.cache_creation_input_tokens,
-                    pass.cache_read_input_tokens,
-                ];
-                for (sum, n) in sums.iter_mut().zip(counts) {
-                    *sum = sum.saturating_add(n.unwrap_or(0));
-                }
-            }
-            for (slot, sum) in self.compaction.iter_mut().zip(sums) {
-                raise_to(slot, Some(sum));
-            }
-            // Cumulative like the rest: a later list replaces an earlier one it does not
-            // fall short of.
-            let advisors: Vec<SubUsage> = iterations.iter().filter_map(|p| p.advisor()).collect();
-            if advisors.len() >= self.advisors.len() {
-                self.advisors = advisors;
+            // Cumulative like the rest: a later list replaces an earlier one it does not fall
+            // short of.
+            let passes: Vec<SubUsage> = iterations.iter().filter_map(|p| p.pass()).collect();
+            if passes.len() >= self.passes.len() {
+                self.passes = passes;
             }
         }
         raise_to(&mut self.input, u.input_tokens);
@@ -1240,7 +1232,7 @@ impl AnthropicCounts {
     fn settle(&self, result: &mut MeterResult) {
         result.usage = self.usage();
         result.service_tier = self.speed;
-        result.sub_usage.clone_from(&self.advisors);
+        result.sub_usage.clone_from(&self.passes);
     }
 
     fn usage(&self) -> TokenUsage {
@@ -1256,14 +1248,12 @@ impl AnthropicCounts {
             let rest = total.saturating_sub(w5.saturating_add(w1));
             (w5.saturating_add(rest), w1)
         };
-        // A compaction pass's cache writes have no TTL split: 5-minute ones, as above.
-        let [c_input, c_output, c_writes, c_reads] = self.compaction.map(|n| n.unwrap_or(0));
         TokenUsage {
-            input_tokens: self.input.unwrap_or(0).saturating_add(c_input),
-            output_tokens: self.output.unwrap_or(0).saturating_add(c_output),
-            cache_write_5m_tokens: write_5m.saturating_add(c_writes),
+            input_tokens: self.input.unwrap_or(0),
+            output_tokens: self.output.unwrap_or(0),
+            cache_write_5m_tokens: write_5m,
             cache_write_1h_tokens: write_1h,
-            cache_read_tokens: self.cache_read.unwrap_or(0).saturating_add(c_reads),
+            cache_read_tokens: self.cache_read.unwrap_or(0),
             reasoning_tokens: 0,
             web_search_requests: self.web_search.unwrap_or(0),
         }
@@ -1421,13 +1411,14 @@ fn chat_event(st: &mut StreamState, ev: SseEvent<'_>) {
         st.result.complete = true;
         return;
     }
-    count_delta(st);
+    // An error chunk is no piece of the answer: it is not counted as output.
+    let error = ev.event == "error" || ERROR_KEY.find(data).is_some();
+    if !error {
+        count_delta(st);
+    }
     // Only the first chunk (id, model), the usage chunk and errors are parsed; content chunks
     // cost two memmem scans.
-    let worth_parsing = !st.seen_first_chunk
-        || ev.event == "error"
-        || has_non_null_usage(data)
-        || ERROR_KEY.find(data).is_some();
+    let worth_parsing = !st.seen_first_chunk || error || has_non_null_usage(data);
     if !worth_parsing {
         return;
     }
@@ -1470,6 +1461,10 @@ fn responses_event(st: &mut StreamState, ev: SseEvent<'_>) {
             if let Some(usage) = responses_dropped_usage(ev.data) {
                 set_responses_usage(st, &usage);
                 st.result.complete = true;
+                // The tier follows the output in the response object: in the kept tail too.
+                if let Some(tier) = dropped_service_tier(ev.data) {
+                    st.result.service_tier = Some(tier);
+                }
                 if name == "response.failed" {
                     st.result.upstream_error = Some("response_failed".into());
                 }
@@ -1540,6 +1535,25 @@ fn is_text_delta(name: &str) -> bool {
 /// usage never came, and reading each event's text would cost the meter a third of its speed).
 fn count_delta(st: &mut StreamState) {
     st.text_deltas = st.text_deltas.saturating_add(1);
+}
+
+/// The response's `service_tier` in the last bytes of a dropped terminal event: the last
+/// `"service_tier"` key followed by a plain string.
+fn dropped_service_tier(tail: &[u8]) -> Option<ServiceTier> {
+    SERVICE_TIER_KEY
+        .find_iter(tail)
+        .filter(|&at| json_scan::unescaped(tail, at))
+        .filter_map(|at| {
+            let rest = tail[at + b"\"service_tier\"".len()..].trim_ascii_start();
+            let value = rest
+                .strip_prefix(b":")?
+                .trim_ascii_start()
+                .strip_prefix(b"\"")?;
+            let end = memchr(b'"', value)?;
+            let name = std::str::from_utf8(&value[..end]).ok()?;
+            Some(ServiceTier::from_wire(name))
+        })
+        .last()
 }
 
 /// The response's `usage` in the last bytes of a dropped terminal event: the last `"usage"` key
@@ -1952,6 +1966,11 @@ fn scan_anthropic_iterations(value: &[u8]) -> Option<Option<Vec<AnthropicIterati
                 b"output_tokens" => (2, &mut pass.output_tokens),
                 b"cache_creation_input_tokens" => (3, &mut pass.cache_creation_input_tokens),
                 b"cache_read_input_tokens" => (4, &mut pass.cache_read_input_tokens),
+                b"cache_creation" => {
+                    seen.first(6)?;
+                    pass.cache_creation = scan_anthropic_cache_creation(value)?;
+                    return Some(());
+                }
                 _ => return Some(()),
             };
             seen.first(bit)?;
@@ -2322,6 +2341,14 @@ impl crate::chain::ResponseFilter for SseUsage {
         ctx.usage.response_id = result.response_id;
         ctx.usage.service_tier = result.service_tier;
         ctx.usage.sub_usage = result.sub_usage;
+        for pass in &mut ctx.usage.sub_usage {
+            let (tokens, absurd) = pass.tokens.clamped();
+            pass.tokens = tokens;
+            if absurd {
+                ctx.usage.estimated = true;
+                tracing::warn!(request_id = %ctx.request_id, "upstream pass usage past any real count, capped");
+            }
+        }
         if ctx.route.billed && (!result.complete || result.usage.is_empty()) {
             // An answer that ended without its terminal event (a stream closed early, even
             // with clean framing) or that reported no usage at all: what was seen is billed,
@@ -2338,7 +2365,9 @@ impl crate::chain::ResponseFilter for SseUsage {
         let generated = result.upstream_error.is_none() || meter.text_deltas() > 0;
         // A Chat stream that ended without ever reporting usage, though it wrote text, is
         // estimated alike: its upstream does not report usage in streams.
-        let unreported = meter.usage_never_reported() && meter.text_deltas() > 0;
+        let unreported = meter.usage_never_reported()
+            && meter.text_deltas() > 0
+            && result.upstream_error.is_none();
         if ctx.route.billed && ((!result.complete && generated) || unreported) {
             let tokens = &mut ctx.usage.tokens;
             if tokens.input_tokens == 0
@@ -3197,13 +3226,20 @@ data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5
     #[test]
     fn anthropic_compaction_passes_are_billed_on_top() {
         let usage_json = r#"{"input_tokens":23000,"output_tokens":1000,"cache_read_input_tokens":100,"iterations":[{"type":"compaction","input_tokens":180000,"output_tokens":3500,"cache_creation_input_tokens":40,"cache_read_input_tokens":60},{"type":"message","input_tokens":23000,"output_tokens":1000}]}"#;
-        let want = usage(203_000, 4_500, 40, 0, 160, 0);
+        // The answer's pass is the top-level counts; the summary pass comes apart, on the
+        // request's model (priced on its own prompt).
+        let want = usage(23_000, 1_000, 0, 0, 100, 0);
+        let summary = vec![SubUsage {
+            model: None,
+            tokens: usage(180_000, 3_500, 40, 0, 60, 0),
+        }];
         let json = format!(
             r#"{{"id":"msg_1","type":"message","model":"claude-opus-4-6","content":[{{"type":"compaction","content":"Summary"}},{{"type":"text","text":"ok"}}],"usage":{usage_json}}}"#
         );
         for chunks in splits(json.as_bytes()) {
             let got = meter(Protocol::Anthropic, false, &chunks);
             assert_eq!(got.usage, want, "{chunks:?}");
+            assert_eq!(got.sub_usage, summary, "{chunks:?}");
         }
         // The serde fallback adds them alike.
         let escaped = format!(r#"{{"model":"m","us\u0061ge":{usage_json}}}"#);
@@ -3222,23 +3258,25 @@ data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5
         for chunks in splits(stream.as_bytes()) {
             let got = meter(Protocol::Anthropic, true, &chunks);
             assert_eq!(got.usage, want, "{chunks:?}");
+            assert_eq!(got.sub_usage, summary, "{chunks:?}");
             assert!(got.complete);
         }
         // An advisor's passes are not the request's model's tokens: they come apart, with
         // their model, to be priced at it; the answer's own pass is not counted twice.
-        let advised = r#"{"model":"claude-sonnet-5-5","usage":{"input_tokens":10,"output_tokens":2,"iterations":[{"type":"message","input_tokens":10,"output_tokens":2},{"type":"advisor_message","model":"claude-opus-5-5","input_tokens":5,"output_tokens":7,"cache_read_input_tokens":3},{"type":"advisor_message","input_tokens":1,"output_tokens":1}]}}"#;
+        let advised = r#"{"model":"claude-sonnet-5-5","usage":{"input_tokens":10,"output_tokens":2,"iterations":[{"type":"message","input_tokens":10,"output_tokens":2},{"type":"advisor_message","model":"claude-opus-5-5","input_tokens":5,"output_tokens":7,"cache_read_input_tokens":3,"cache_creation_input_tokens":9,"cache_creation":{"ephemeral_5m_input_tokens":4,"ephemeral_1h_input_tokens":5}},{"type":"advisor_message","input_tokens":1,"output_tokens":1}]}}"#;
         let got = meter(Protocol::Anthropic, false, &[advised.as_bytes()]);
         assert_eq!(got.usage, usage(10, 2, 0, 0, 0, 0));
         assert_eq!(
             got.sub_usage,
             [
                 SubUsage {
-                    model: "claude-opus-5-5".into(),
-                    tokens: usage(5, 7, 0, 0, 3, 0),
+                    model: Some("claude-opus-5-5".into()),
+                    // Its cache writes by TTL, as the pass reports them.
+                    tokens: usage(5, 7, 4, 5, 3, 0),
                 },
                 // No model named: priced as none, never as another.
                 SubUsage {
-                    model: String::new(),
+                    model: Some(String::new()),
                     tokens: usage(1, 1, 0, 0, 0, 0),
                 },
             ]
@@ -3893,6 +3931,21 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
         let tokens = settle(Protocol::OpenaiChat, no_usage);
         assert_eq!((tokens.input_tokens, tokens.output_tokens), (1000, 2));
 
+        // A Chat upstream's error, then [DONE] or not: nothing generated, nothing billed.
+        let chat_error = b"data: {\"error\":{\"message\":\"x\",\"type\":\"server_error\"}}\n\n";
+        for body in [
+            &chat_error[..],
+            &[&chat_error[..], b"data: [DONE]\n\n"].concat(),
+        ] {
+            let usage = end(Protocol::OpenaiChat, body);
+            assert_eq!(
+                usage.tokens,
+                TokenUsage::default(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+
         // Nothing but the request: input only.
         let tokens = settle(Protocol::OpenaiChat, b"");
         assert_eq!((tokens.input_tokens, tokens.output_tokens), (1000, 0));
@@ -3967,6 +4020,13 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
             ),
             1,
         );
+        // Served at priority: the tier follows the output, in the kept tail.
+        assert!(completed.contains(r#""service_tier":"default""#));
+        let completed = completed.replacen(
+            r#""service_tier":"default""#,
+            r#""service_tier":"priority""#,
+            1,
+        );
         let stream = format!("{head}{completed}");
         let want = usage(366, 412, 0, 0, 4864, 256);
         for size in [1, 7, 4096, 64 << 10] {
@@ -3978,6 +4038,7 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
             assert!(m.gave_up(), "{size}");
             assert_eq!(got.usage, want, "{size}");
             assert!(got.complete, "{size}");
+            assert_eq!(got.service_tier, Some(ServiceTier::Priority), "{size}");
         }
 
         let gemini = format!(

@@ -147,13 +147,14 @@ pub struct TokenUsage {
     pub web_search_requests: u64,
 }
 
-/// Tokens a request spent on another model than its own, which the provider bills at that
-/// model's prices: an Anthropic advisor's sub-inference (`usage.iterations` entries of type
-/// `advisor_message`).
+/// A sampling pass a request ran besides its answer, which the provider reports and bills
+/// apart (Anthropic `usage.iterations`): a compaction's summary, on the request's own model, or
+/// an advisor's sub-inference, on the advisor's. Each is priced on its own (its own prompt
+/// against a long-context threshold).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SubUsage {
-    /// The model that ran it.
-    pub model: String,
+    /// The model that ran it; `None`: the request's own.
+    pub model: Option<String>,
     pub tokens: TokenUsage,
 }
 
@@ -170,6 +171,29 @@ impl TokenUsage {
             .saturating_add(self.cache_read_tokens)
             .saturating_add(self.cache_write_5m_tokens)
             .saturating_add(self.cache_write_1h_tokens)
+    }
+
+    /// Both counts added, field by field (saturating).
+    pub fn plus(&self, other: &TokenUsage) -> TokenUsage {
+        TokenUsage {
+            input_tokens: self.input_tokens.saturating_add(other.input_tokens),
+            output_tokens: self.output_tokens.saturating_add(other.output_tokens),
+            cache_write_5m_tokens: self
+                .cache_write_5m_tokens
+                .saturating_add(other.cache_write_5m_tokens),
+            cache_write_1h_tokens: self
+                .cache_write_1h_tokens
+                .saturating_add(other.cache_write_1h_tokens),
+            cache_read_tokens: self
+                .cache_read_tokens
+                .saturating_add(other.cache_read_tokens),
+            reasoning_tokens: self.reasoning_tokens.saturating_add(other.reasoning_tokens),
+            web_search_requests: self
+                .web_search_requests
+                .saturating_add(other.web_search_requests),
+        }
+        .clamped()
+        .0
     }
 
     /// The counts, each at most [`MAX_TOKENS`]; `true` when one was cut down.

@@ -55,6 +55,14 @@ pub struct PriceView {
     /// `null`: the standard prices.
     #[schema(value_type = Option<Object>)]
     pub fast: Option<TierPrice>,
+    /// The shipped price list's cards of the three tiers, which an override keeps unless it
+    /// sets `priority`, `flex` or `fast`.
+    #[schema(value_type = Option<Object>)]
+    pub shipped_priority: Option<TierPrice>,
+    #[schema(value_type = Option<Object>)]
+    pub shipped_flex: Option<TierPrice>,
+    #[schema(value_type = Option<Object>)]
+    pub shipped_fast: Option<TierPrice>,
     /// Whether an admin override sets this price (else it is the shipped one).
     #[serde(rename = "override")]
     pub is_override: bool,
@@ -75,6 +83,9 @@ impl PriceView {
             priority: r.cards.priority.resolve(shipped.and_then(|p| p.priority)),
             flex: r.cards.flex.resolve(shipped.and_then(|p| p.flex)),
             fast: r.cards.fast.resolve(shipped.and_then(|p| p.fast)),
+            shipped_priority: shipped.and_then(|p| p.priority),
+            shipped_flex: shipped.and_then(|p| p.flex),
+            shipped_fast: shipped.and_then(|p| p.fast),
             input: r.input,
             output: r.output,
             cache_write_5m: r.cache_write_5m,
@@ -121,6 +132,9 @@ pub async fn list(State(state): State<AdminState>, caller: Caller) -> AppResult<
                     priority: p.priority,
                     flex: p.flex,
                     fast: p.fast,
+                    shipped_priority: state.prices.shipped(model).and_then(|s| s.priority),
+                    shipped_flex: state.prices.shipped(model).and_then(|s| s.flex),
+                    shipped_fast: state.prices.shipped(model).and_then(|s| s.fast),
                     is_override: false,
                     updated_at: None,
                 },
