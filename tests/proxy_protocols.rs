@@ -786,19 +786,7 @@ async fn service_tiers_are_billed_at_their_card_and_recorded() {
             b.service_tier = speed.map(str::to_string);
             b.model = "claude-opus-5-5".into();
         });
-        let r = relay
-            .post("/v1/messages", &key)
-            .header("x-request-id", id)
-            .json(&messages_body(
-                "claude-opus-5-5",
-                stream,
-                conversation(id, 1),
-            ))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{id}");
-        let _ = r.bytes().await.unwrap();
+        send_message(&relay, &key, id, "claude-opus-5-5", stream).await;
     }
     let records = relay.wait_records(cases.len() + anthropic.len()).await;
     let expected = cases
@@ -839,19 +827,7 @@ async fn advisor_and_compaction_passes_are_billed() {
         ]));
     });
     for (id, stream) in [("advised-stream", true), ("advised-json", false)] {
-        let r = relay
-            .post("/v1/messages", &key)
-            .header("x-request-id", id)
-            .json(&messages_body(
-                "claude-sonnet-5-5",
-                stream,
-                conversation(id, 1),
-            ))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{id}");
-        let _ = r.bytes().await.unwrap();
+        send_message(&relay, &key, id, "claude-sonnet-5-5", stream).await;
     }
     let records = relay.wait_records(2).await;
     for id in ["advised-stream", "advised-json"] {
@@ -903,6 +879,20 @@ async fn a_background_response_is_refused() {
     assert_eq!(mock.count(), 1);
 }
 
+/// Sends a one-turn Anthropic Messages request with `x-request-id: id` and reads its answer
+/// whole, which must be a 200.
+async fn send_message(relay: &Relay, key: &str, id: &str, model: &str, stream: bool) {
+    let r = relay
+        .post("/v1/messages", key)
+        .header("x-request-id", id)
+        .json(&messages_body(model, stream, conversation(id, 1)))
+        .send()
+        .await
+        .expect("the relay answers");
+    assert_eq!(r.status(), 200, "{id}");
+    r.bytes().await.expect("the answer reads whole");
+}
+
 /// A prompt over a model's long-context threshold (cache reads and writes counted) is billed
 /// at the long card, output included; one at the threshold at the standard prices. Streamed
 /// and whole answers alike, for the shipped cards of Claude Haiku 5.5 (over 100 000) and
@@ -948,19 +938,7 @@ async fn long_prompts_are_billed_at_the_long_context_card() {
             b.usage = usage;
             b.model = "claude-haiku-5-5-20261007".into();
         });
-        let r = relay
-            .post("/v1/messages", &key)
-            .header("x-request-id", id)
-            .json(&messages_body(
-                "claude-haiku-5-5",
-                stream,
-                conversation(id, 1),
-            ))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{id}");
-        let _ = r.bytes().await.unwrap();
+        send_message(&relay, &key, id, "claude-haiku-5-5", stream).await;
     }
     // Gemini reports the prompt with its cached part inside: 250 000 of which 50 000 cached
     // is over 200 000. 200 000 × 2.5 + 50 000 × 0.25 + 1 000 × 15 = 527 500. At 200 000 of
