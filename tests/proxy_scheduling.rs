@@ -469,6 +469,12 @@ async fn an_account_refused_with_a_400_is_marked_and_the_request_fails_over() {
     relay
         .wait_metric("relay_account_cooldowns_total{reason=\"no_credit\"} 1")
         .await;
+    // The cooldown is stored after the answer: put back only once it is, or the store's
+    // write lands after the operator's and the account cools again.
+    wait_account(&relay, &dead_id, "no-credit cooldown stored", |a| {
+        !a["cooldown_until"].is_null()
+    })
+    .await;
 
     // The client's own mistake: passed on as it came, no failover, the account none the worse.
     put_back(&relay, &dead_id).await;
