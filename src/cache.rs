@@ -363,18 +363,10 @@ impl PriceCache {
     pub fn replace(&self, overrides: Vec<ModelPriceRow>) {
         let mut table = self.base.clone();
         for row in overrides {
-            let mut price = row.price();
+            let mut price = row.cards.apply(row.price(), self.base.get(&row.model));
             price.web_search = price
                 .web_search
                 .or_else(|| self.shipped_web_search(&row.model));
-            let shipped = self.base.get(&row.model);
-            price.long_context = row
-                .cards
-                .long_context
-                .resolve(shipped.and_then(|p| p.long_context));
-            price.priority = row.cards.priority.resolve(shipped.and_then(|p| p.priority));
-            price.flex = row.cards.flex.resolve(shipped.and_then(|p| p.flex));
-            price.fast = row.cards.fast.resolve(shipped.and_then(|p| p.fast));
             table.insert(&row.model, price);
         }
         write(&self.table, Arc::new(table));

@@ -78,6 +78,21 @@ pub struct CardChoices {
     pub fast: TierChoice,
 }
 
+impl CardChoices {
+    /// `price` with these cards in place of its own, each resolved against `shipped`'s.
+    pub fn apply(&self, price: ModelPrice, shipped: Option<&ModelPrice>) -> ModelPrice {
+        ModelPrice {
+            long_context: self
+                .long_context
+                .resolve(shipped.and_then(|p| p.long_context)),
+            priority: self.priority.resolve(shipped.and_then(|p| p.priority)),
+            flex: self.flex.resolve(shipped.and_then(|p| p.flex)),
+            fast: self.fast.resolve(shipped.and_then(|p| p.fast)),
+            ..price
+        }
+    }
+}
+
 /// A row of `model_prices`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ModelPriceRow {
@@ -106,18 +121,16 @@ impl ModelPriceRow {
     /// The prices without the model name and timestamp; the extra cards only where the
     /// override sets them (see [`CardChoice::resolve`] for the shipped ones).
     pub fn price(&self) -> ModelPrice {
-        ModelPrice {
+        let own = ModelPrice {
             input: self.input,
             output: self.output,
             cache_write_5m: self.cache_write_5m,
             cache_write_1h: self.cache_write_1h,
             cache_read: self.cache_read,
             web_search: self.web_search,
-            long_context: self.cards.long_context.resolve(None),
-            priority: self.cards.priority.resolve(None),
-            flex: self.cards.flex.resolve(None),
-            fast: self.cards.fast.resolve(None),
-        }
+            ..ModelPrice::default()
+        };
+        self.cards.apply(own, None)
     }
 }
 
@@ -151,13 +164,7 @@ impl SqlStore {
         cards: CardChoices,
     ) -> Result<ModelPriceRow> {
         require_non_empty("model", model)?;
-        let card = ModelPrice {
-            long_context: cards.long_context.resolve(None),
-            priority: cards.priority.resolve(None),
-            flex: cards.flex.resolve(None),
-            fast: cards.fast.resolve(None),
-            ..*price
-        };
+        let card = cards.apply(*price, None);
         if card.all_prices().any(|p| p < 0) {
             return Err(StoreError::Invalid(
                 "prices must not be negative".to_owned(),

@@ -75,14 +75,14 @@ impl PriceView {
     /// where the override names none.
     fn of_override(r: ModelPriceRow, prices: &crate::cache::PriceCache) -> PriceView {
         let shipped = prices.shipped(&r.model);
-        let shipped_long_context = shipped.and_then(|p| p.long_context);
+        let applied = r.cards.apply(r.price(), shipped);
         PriceView {
             web_search: r.web_search.or_else(|| prices.shipped_web_search(&r.model)),
-            long_context: r.cards.long_context.resolve(shipped_long_context),
-            shipped_long_context,
-            priority: r.cards.priority.resolve(shipped.and_then(|p| p.priority)),
-            flex: r.cards.flex.resolve(shipped.and_then(|p| p.flex)),
-            fast: r.cards.fast.resolve(shipped.and_then(|p| p.fast)),
+            long_context: applied.long_context,
+            shipped_long_context: shipped.and_then(|p| p.long_context),
+            priority: applied.priority,
+            flex: applied.flex,
+            fast: applied.fast,
             shipped_priority: shipped.and_then(|p| p.priority),
             shipped_flex: shipped.and_then(|p| p.flex),
             shipped_fast: shipped.and_then(|p| p.fast),
@@ -247,11 +247,9 @@ pub async fn upsert(
         cache_write_1h: body.cache_write_1h,
         cache_read: body.cache_read,
         web_search: body.web_search,
-        long_context: cards.long_context.resolve(None),
-        priority: cards.priority.resolve(None),
-        flex: cards.flex.resolve(None),
-        fast: cards.fast.resolve(None),
+        ..ModelPrice::default()
     };
+    let price = cards.apply(price, None);
     let row = state.store.upsert_price(model, &price, cards).await?;
     // The audit names each card the override sets, and `null` for one it drops; a card it
     // leaves to the shipped list is not named.
