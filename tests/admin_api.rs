@@ -1617,6 +1617,16 @@ async fn price_overrides_keep_set_or_drop_the_long_context_card() {
             json!({"above_tokens": 10, "input": 1, "output": 1, "web_search": 1}),
             "unknown field",
         ),
+        (
+            json!({"above_tokens": 10, "input": 1, "output": 1,
+                   "priority": {"input": 1, "output": -1}}),
+            "negative price in its priority card",
+        ),
+        (
+            json!({"above_tokens": 10, "input": 1, "output": 1,
+                   "flex": {"input": 1, "output": 1, "above_tokens": 5}}),
+            "a threshold in its flex card",
+        ),
     ] {
         let (status, v) = relay
             .admin_post(
@@ -1663,6 +1673,25 @@ async fn price_overrides_keep_set_or_drop_the_long_context_card() {
     }
     let view = listed(&relay.admin_get("/api/admin/pricing").await);
     assert_eq!(view["priority"], priority, "{view}");
+    // A long card may carry its own cards for long prompts at a tier; they are kept as sent.
+    let long_tiers = json!({"above_tokens": 50_000, "input": 400_000, "output": 2_000_000,
+        "priority": {"input": 800_000, "output": 4_000_000},
+        "flex": {"input": 200_000, "output": 1_000_000, "cache_read": 20_000}});
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/pricing",
+            json!({"model": HAIKU, "input": 80_000, "output": 400_000,
+                   "long_context": long_tiers, "priority": priority}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["long_context"], long_tiers, "{v}");
+    let view = listed(&relay.admin_get("/api/admin/pricing").await);
+    assert_eq!(view["long_context"], long_tiers, "{view}");
+    assert_eq!(
+        last_audit(&relay, "price.upsert").await["long_context"],
+        long_tiers
+    );
     // Without the override, the shipped card again.
     let (status, v) = relay
         .admin_delete(&format!("/api/admin/pricing/{HAIKU}"))

@@ -769,6 +769,43 @@ async fn service_tiers_are_billed_at_their_card_and_recorded() {
         assert_eq!(r.status(), 200, "{id}");
         let _ = r.bytes().await.unwrap();
     }
+    // A long prompt at priority on GPT-5.6: the shipped long card's own priority card, 2× the
+    // long card ($20 / $90): 300 000 × 20 + 100 × 90 = 6 009 000.
+    mock.set(|b| {
+        b.usage = MockUsage::io(300_000, 100);
+        b.service_tier = Some("priority".into());
+    });
+    let r = relay
+        .post_bare("/v1/responses")
+        .bearer_auth(&key)
+        .header("x-request-id", "r-long-priority")
+        .json(&serde_json::json!({"model": "gpt-5.6", "input": "long"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await.unwrap();
+    // A Responses stream asking for priority, cut before its terminal event (the only one
+    // naming the tier): estimated, at the tier it asked for, as its cost was held.
+    mock.set(|b| {
+        b.usage = MockUsage::io(1_000, 100);
+        b.service_tier = None;
+        b.cut_after = Some(6);
+    });
+    let r = relay
+        .post_bare("/v1/responses")
+        .bearer_auth(&key)
+        .header("x-request-id", "r-cut-priority")
+        .json(
+            &serde_json::json!({"model": "tiered", "stream": true, "input": "cut",
+            "service_tier": "priority"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    mock.set(|b| b.cut_after = None);
     // Anthropic's fast mode: claude-opus-5-5's shipped fast card is twice its $4 / $20.
     relay
         .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
@@ -788,7 +825,27 @@ async fn service_tiers_are_billed_at_their_card_and_recorded() {
         });
         send_message(&relay, &key, id, "claude-opus-5-5", stream).await;
     }
-    let records = relay.wait_records(cases.len() + anthropic.len()).await;
+    let records = relay.wait_records(cases.len() + anthropic.len() + 2).await;
+    let long = record_by_request_id(&records, "r-long-priority");
+    assert_eq!(
+        (&long["base_cost"], &long["service_tier"]),
+        (
+            &serde_json::json!(6_009_000),
+            &serde_json::json!("priority")
+        ),
+        "{long}"
+    );
+    let cut = record_by_request_id(&records, "r-cut-priority");
+    assert_eq!(cut["estimated"], true, "{cut}");
+    assert_eq!(cut["service_tier"], "priority", "{cut}");
+    let (input, output) = (
+        cut["input_tokens"].as_i64().unwrap(),
+        cut["output_tokens"].as_i64().unwrap(),
+    );
+    assert!(input > 0 && output > 0, "{cut}");
+    // At the priority card: $12.50 / $75 per MTok, rounded half up.
+    let priority_cost = (input * 12_500_000 + output * 75_000_000 + 500_000) / 1_000_000;
+    assert_eq!(cut["base_cost"], priority_cost, "{cut}");
     let expected = cases
         .iter()
         .map(|(id, _, _, tier, cost)| (*id, *tier, *cost))

@@ -1532,6 +1532,15 @@ async fn prices_settings_audit_and_sessions(env: Env) {
         cache_write_5m: None,
         cache_write_1h: None,
         cache_read: Some(250_000),
+        // Long prompts at priority: a card of their own, kept with the long card.
+        priority: Some(TierPrice {
+            input: 5_000_000,
+            output: 30_000_000,
+            cache_read: Some(500_000),
+            ..TierPrice::default()
+        }),
+        flex: None,
+        fast: None,
     };
     store
         .upsert_price(

@@ -60,6 +60,9 @@ pub struct RequestInfo {
     /// Responses: `store: false`, the answer cannot be continued by `previous_response_id`.
     pub store_off: bool,
     pub body_len: usize,
+    /// The service tier the body asks for (OpenAI `service_tier`, Anthropic `speed`): what a
+    /// cut answer that never said which tier it ran at is billed at, as its cost was held.
+    pub service_tier: crate::cost::ServiceTier,
 }
 
 /// The authenticated key and its owner.

@@ -117,7 +117,8 @@ pub struct TierPrice {
 /// A model's second rate card: a request whose prompt holds more than `above_tokens` tokens
 /// (uncached input, cache reads and cache writes together) has every token billed at these
 /// prices, output included, as the providers bill long prompts (Gemini Pro above 200K, Claude
-/// Haiku 5.5 above 100K). Web searches keep the model's per-search price.
+/// Haiku 5.5 above 100K). Web searches keep the model's per-search price. At a service tier,
+/// its own card for that tier applies where it has one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LongContextPrice {
@@ -136,6 +137,16 @@ pub struct LongContextPrice {
     /// Cache reads; unset means 0.1× this card's input.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_read: Option<i64>,
+    /// The card of long prompts served at the priority tier (GPT-5.6 and later: 2× this
+    /// card); unset: long prompts take this card at that tier too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<TierPrice>,
+    /// The card of long prompts served at the flex tier; unset: this card.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flex: Option<TierPrice>,
+    /// The card of long prompts run in fast mode; unset: this card.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fast: Option<TierPrice>,
 }
 
 /// The per-million prices one request is billed at, defaults filled in.
@@ -186,21 +197,26 @@ impl ModelPrice {
     /// unset cache prices at 1.25× (5-minute writes), 2× (1-hour writes) and 0.1× (reads) of
     /// that card's input, rounded half up.
     ///
-    /// A request served at the priority or flex tier takes that tier's card where the model
-    /// has one, except over the long-context threshold, where the long card applies (the
-    /// providers' tier prices exclude long prompts).
+    /// A request served at a service tier (priority, flex, fast mode) takes that tier's card
+    /// where the model has one. Over the long-context threshold, the long card's own card for
+    /// that tier applies where it has one (GPT-5.6 and later bill long prompts at 2× or 0.5×
+    /// the long card), else the long card itself (earlier models' tier prices exclude long
+    /// prompts).
     pub fn rates(&self, prompt_tokens: u64, tier: ServiceTier) -> Rates {
-        let long = self
-            .long_context
-            .filter(|long| prompt_tokens > long.above_tokens)
-            .map(|long| long.card());
-        let tier = match tier {
-            ServiceTier::Priority => self.priority,
-            ServiceTier::Flex => self.flex,
-            ServiceTier::Fast => self.fast,
+        let pick = |priority, flex, fast| match tier {
+            ServiceTier::Priority => priority,
+            ServiceTier::Flex => flex,
+            ServiceTier::Fast => fast,
             ServiceTier::Standard => None,
         };
-        long.or(tier).unwrap_or_else(|| self.standard()).rates()
+        let card = match self
+            .long_context
+            .filter(|long| prompt_tokens > long.above_tokens)
+        {
+            Some(long) => pick(long.priority, long.flex, long.fast).unwrap_or_else(|| long.card()),
+            None => pick(self.priority, self.flex, self.fast).unwrap_or_else(|| self.standard()),
+        };
+        card.rates()
     }
 
     /// The standard card: the model's own prices.
@@ -216,9 +232,13 @@ impl ModelPrice {
 
     /// Every price of the model, all its cards: what must not be negative.
     pub fn all_prices(&self) -> impl Iterator<Item = i64> {
+        let long = self.long_context.unwrap_or_default();
         let cards = [
             Some(self.standard()),
             self.long_context.map(|l| l.card()),
+            long.priority,
+            long.flex,
+            long.fast,
             self.priority,
             self.flex,
             self.fast,
@@ -286,8 +306,9 @@ impl PriceTable {
     /// keys `input`, `output` (required), `cache_write_5m`, `cache_write_1h`, `cache_read`,
     /// `web_search`; right after a model's table, optional sub-tables:
     /// `[models."<name>".long_context]` with `above_tokens` (1 or more), `input`, `output`
-    /// (required) and the three cache prices, and `.priority`, `.flex`, `.fast` with `input`,
-    /// `output` (required) and the three cache prices.
+    /// (required) and the three cache prices, `.priority`, `.flex`, `.fast` with `input`,
+    /// `output` (required) and the three cache prices, and `.long_context.priority` (`.flex`,
+    /// `.fast`) alike, for long prompts at that tier, where the model has a long card.
     /// Anything else is an error, so a typo never silently prices a model at 0.
     // Hand-written because the filters crate has no TOML dependency; the binary, which has
     // one, can equally deserialize `[models]` into `ModelPrice`s and `insert` them.
@@ -342,6 +363,9 @@ impl PriceTable {
                     priority: None,
                     flex: None,
                     fast: None,
+                    long_priority: None,
+                    long_flex: None,
+                    long_fast: None,
                 });
                 continue;
             }
@@ -452,25 +476,14 @@ impl PriceTable {
             priority,
             flex,
             fast,
+            long_priority,
+            long_flex,
+            long_fast,
             ..
         } = parsed;
         let missing = |field| PriceError::MissingField {
             model: name.clone(),
             field,
-        };
-        let long_context = match long {
-            None => None,
-            Some(l) => Some(LongContextPrice {
-                above_tokens: l
-                    .above_tokens
-                    .ok_or_else(|| missing("long_context.above_tokens"))?
-                    .unsigned_abs(),
-                input: l.input.ok_or_else(|| missing("long_context.input"))?,
-                output: l.output.ok_or_else(|| missing("long_context.output"))?,
-                cache_write_5m: l.cache_write_5m,
-                cache_write_1h: l.cache_write_1h,
-                cache_read: l.cache_read,
-            }),
         };
         let tier = |card: Option<PartialPrice>, input_field, output_field| {
             card.map(|c| {
@@ -483,6 +496,43 @@ impl PriceTable {
                 })
             })
             .transpose()
+        };
+        let long_tiers = [
+            tier(
+                long_priority,
+                "long_context.priority.input",
+                "long_context.priority.output",
+            )?,
+            tier(
+                long_flex,
+                "long_context.flex.input",
+                "long_context.flex.output",
+            )?,
+            tier(
+                long_fast,
+                "long_context.fast.input",
+                "long_context.fast.output",
+            )?,
+        ];
+        if long.is_none() && long_tiers.iter().any(Option::is_some) {
+            return Err(missing("long_context"));
+        }
+        let long_context = match long {
+            None => None,
+            Some(l) => Some(LongContextPrice {
+                above_tokens: l
+                    .above_tokens
+                    .ok_or_else(|| missing("long_context.above_tokens"))?
+                    .unsigned_abs(),
+                input: l.input.ok_or_else(|| missing("long_context.input"))?,
+                output: l.output.ok_or_else(|| missing("long_context.output"))?,
+                cache_write_5m: l.cache_write_5m,
+                cache_write_1h: l.cache_write_1h,
+                cache_read: l.cache_read,
+                priority: long_tiers[0],
+                flex: long_tiers[1],
+                fast: long_tiers[2],
+            }),
         };
         let priority = tier(priority, "priority.input", "priority.output")?;
         let flex = tier(flex, "flex.input", "flex.output")?;
@@ -755,6 +805,9 @@ struct ParsedModel {
     priority: Option<PartialPrice>,
     flex: Option<PartialPrice>,
     fast: Option<PartialPrice>,
+    long_priority: Option<PartialPrice>,
+    long_flex: Option<PartialPrice>,
+    long_fast: Option<PartialPrice>,
 }
 
 impl ParsedModel {
@@ -765,6 +818,9 @@ impl ParsedModel {
             Section::Priority => &mut self.priority,
             Section::Flex => &mut self.flex,
             Section::Fast => &mut self.fast,
+            Section::LongPriority => &mut self.long_priority,
+            Section::LongFlex => &mut self.long_flex,
+            Section::LongFast => &mut self.long_fast,
             Section::LongContext | Section::Model => &mut self.long,
         }
     }
@@ -783,6 +839,12 @@ enum Section {
     Flex,
     /// `[models."<name>".fast]`
     Fast,
+    /// `[models."<name>".long_context.priority]`
+    LongPriority,
+    /// `[models."<name>".long_context.flex]`
+    LongFlex,
+    /// `[models."<name>".long_context.fast]`
+    LongFast,
 }
 
 impl Section {
@@ -794,6 +856,9 @@ impl Section {
             Section::Priority => "priority",
             Section::Flex => "flex",
             Section::Fast => "fast",
+            Section::LongPriority => "long_context.priority",
+            Section::LongFlex => "long_context.flex",
+            Section::LongFast => "long_context.fast",
         }
     }
 }
@@ -864,19 +929,28 @@ fn parse_table_header(line: &str) -> Result<(String, Section), String> {
     }
     let section = match rest {
         "" => Section::Model,
-        _ => match rest.strip_prefix('.').map(str::trim) {
-            Some("long_context") => Section::LongContext,
-            Some("priority") => Section::Priority,
-            Some("flex") => Section::Flex,
-            Some("fast") => Section::Fast,
-            Some(other) => {
-                return Err(format!(
-                    "unknown table `{other}` of model {name:?} (`long_context`, `priority`, \
-                     `flex` or `fast`)"
-                ))
+        _ => {
+            let Some(path) = rest.strip_prefix('.') else {
+                return Err(bad());
+            };
+            let parts: Vec<&str> = path.split('.').map(str::trim).collect();
+            match parts.as_slice() {
+                ["long_context"] => Section::LongContext,
+                ["priority"] => Section::Priority,
+                ["flex"] => Section::Flex,
+                ["fast"] => Section::Fast,
+                ["long_context", "priority"] => Section::LongPriority,
+                ["long_context", "flex"] => Section::LongFlex,
+                ["long_context", "fast"] => Section::LongFast,
+                _ => {
+                    return Err(format!(
+                        "unknown table `{}` of model {name:?} (`long_context`, `priority`, \
+                         `flex`, `fast`, or `long_context.` and a tier)",
+                        path.trim()
+                    ))
+                }
             }
-            None => return Err(bad()),
-        },
+        }
     };
     Ok((name.to_owned(), section))
 }
@@ -1784,6 +1858,7 @@ mod tests {
                 cache_write_5m: None,
                 cache_write_1h: Some(1_000_000),
                 cache_read: Some(50_000),
+                ..LongContextPrice::default()
             }),
             ..price(100_000, 500_000)
         }
@@ -2043,6 +2118,38 @@ output = 2
                 "{tier:?}"
             );
         }
+        // GPT-5.6-like: long prompts have their own card at each tier (2× and 0.5× the long
+        // card); a tier without one (fast) keeps the long card.
+        let mut later = p;
+        if let Some(long) = later.long_context.as_mut() {
+            long.priority = Some(TierPrice {
+                input: 20_000_000,
+                output: 90_000_000,
+                cache_read: Some(2_000_000),
+                ..TierPrice::default()
+            });
+            long.flex = Some(TierPrice {
+                input: 5_000_000,
+                output: 22_500_000,
+                ..TierPrice::default()
+            });
+        }
+        let t = table(&[("gpt", later)]);
+        let long = tokens(272_000, 100, 0, 0, 1);
+        let at = |tier| compute_cost_at(&t, Some("gpt"), &long, tier, 10_000);
+        // 272 000 × 10 + 1 × 1 + 100 × 45 = 2 724 501.
+        assert_eq!(at(ServiceTier::Standard), priced(2_724_501, 2_724_501));
+        // 272 000 × 20 + 1 × 2 + 100 × 90 = 5 449 002.
+        assert_eq!(at(ServiceTier::Priority), priced(5_449_002, 5_449_002));
+        // 272 000 × 5 + 1 × 0.5 (0.1 × the card's input) + 100 × 22.5 = 1 362 250.5 → 251.
+        assert_eq!(at(ServiceTier::Flex), priced(1_362_251, 1_362_251));
+        assert_eq!(at(ServiceTier::Fast), at(ServiceTier::Standard));
+        // Under the threshold the model's own tier cards still apply.
+        let short = tokens(1_000, 100, 0, 0, 10_000);
+        assert_eq!(
+            compute_cost_at(&t, Some("gpt"), &short, ServiceTier::Priority, 10_000),
+            priced(32_500, 32_500)
+        );
         // The answer's names for the tiers.
         assert_eq!(ServiceTier::from_wire("priority"), ServiceTier::Priority);
         assert_eq!(ServiceTier::from_wire("flex"), ServiceTier::Flex);
@@ -2178,6 +2285,24 @@ output = 20000000
 input = 8000000
 output = 40000000
 cache_read = 400000
+
+[models.\"gpt-5.6\"]
+input = 5000000
+output = 30000000
+
+[models.\"gpt-5.6\".long_context]
+above_tokens = 272000
+input = 10000000
+output = 45000000
+
+[ models . \"gpt-5.6\" . long_context . priority ]
+input = 20000000
+output = 90000000
+cache_read = 2000000
+
+[models.\"gpt-5.6\".long_context.flex]
+input = 5000000
+output = 22500000
 ";
         let t = PriceTable::from_toml_str(text).unwrap();
         let p = t.get("gpt-5.5").unwrap();
@@ -2203,6 +2328,29 @@ cache_read = 400000
                 .map(|f| (f.input, f.cache_read)),
             Some((8_000_000, Some(400_000)))
         );
+        let long = t.get("gpt-5.6").unwrap().long_context.unwrap();
+        assert_eq!(
+            (long.input, long.cache_read),
+            (10_000_000, None),
+            "the long card keeps its own keys"
+        );
+        assert_eq!(
+            long.priority,
+            Some(TierPrice {
+                input: 20_000_000,
+                output: 90_000_000,
+                cache_read: Some(2_000_000),
+                ..TierPrice::default()
+            })
+        );
+        assert_eq!(
+            long.flex.map(|f| (f.input, f.output)),
+            Some((5_000_000, 22_500_000))
+        );
+        assert_eq!(
+            (long.fast, t.get("gpt-5.6").unwrap().priority),
+            (None, None)
+        );
         let head = "[models.m]\ninput = 1\noutput = 2\n";
         let syntax_cases: &[(&str, &str, usize)] = &[
             (
@@ -2218,6 +2366,18 @@ cache_read = 400000
                 "[models.n]\ninput = 1\noutput = 1\n[models.m.flex]\n",
                 7,
             ),
+            ("an unknown tier", "[models.m.long_context.batch]\n", 4),
+            ("too deep", "[models.m.long_context.flex.x]\n", 4),
+            (
+                "a threshold in a long tier",
+                "[models.m.long_context.flex]\nabove_tokens = 1\n",
+                5,
+            ),
+            (
+                "a long tier twice",
+                "[models.m.long_context.flex]\ninput = 1\noutput = 1\n[models.m.long_context.flex]\n",
+                7,
+            ),
         ];
         for (name, tail, line) in syntax_cases {
             match PriceTable::from_toml_str(&format!("{head}{tail}")) {
@@ -2230,6 +2390,26 @@ cache_read = 400000
             Err(PriceError::MissingField {
                 model: "m".into(),
                 field: "priority.output"
+            })
+        );
+        // A long prompt's tier card needs the long card it belongs to.
+        assert_eq!(
+            PriceTable::from_toml_str(&format!(
+                "{head}[models.m.long_context.priority]\ninput = 1\noutput = 1\n"
+            )),
+            Err(PriceError::MissingField {
+                model: "m".into(),
+                field: "long_context"
+            })
+        );
+        assert_eq!(
+            PriceTable::from_toml_str(&format!(
+                "{head}[models.m.long_context]\nabove_tokens = 9\ninput = 1\noutput = 1\n\
+                 [models.m.long_context.fast]\noutput = 1\n"
+            )),
+            Err(PriceError::MissingField {
+                model: "m".into(),
+                field: "long_context.fast.input"
             })
         );
         // Keys after a sub-table go to it, not to the model's own table.

@@ -2369,6 +2369,13 @@ impl crate::chain::ResponseFilter for SseUsage {
             && meter.text_deltas() > 0
             && result.upstream_error.is_none();
         if ctx.route.billed && ((!result.complete && generated) || unreported) {
+            // The tier it asked for, as its cost was held, when it was cut before saying
+            // which it ran at (a Responses stream names it only in its terminal event).
+            if ctx.usage.service_tier.is_none()
+                && ctx.request.service_tier != crate::cost::ServiceTier::Standard
+            {
+                ctx.usage.service_tier = Some(ctx.request.service_tier);
+            }
             let tokens = &mut ctx.usage.tokens;
             if tokens.input_tokens == 0
                 && tokens.cache_read_tokens == 0

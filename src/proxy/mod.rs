@@ -253,6 +253,7 @@ impl RelayProxy {
             parsed.previous_response_id.as_deref().map(str::to_string);
         rctx.request.include_usage_requested = parsed.stream_options_include_usage;
         rctx.request.store_off = parsed.store_off;
+        rctx.request.service_tier = parsed.service_tier;
         rctx.request.body_len = body.len();
 
         let view = RequestView {

@@ -35,8 +35,10 @@ pub struct PriceView {
     pub web_search: Option<i64>,
     /// The rate card of prompts longer than its `above_tokens` (uncached input, cache reads and
     /// writes together): `{"above_tokens", "input", "output", "cache_write_5m"?,
-    /// "cache_write_1h"?, "cache_read"?}`, its unset cache prices derived from its own input;
-    /// `null`: one price at every length.
+    /// "cache_write_1h"?, "cache_read"?, "priority"?, "flex"?, "fast"?}`, its unset cache
+    /// prices derived from its own input, and its own cards for long prompts served at a tier
+    /// (each like `priority` below; absent: the long card at that tier too); `null`: one price
+    /// at every length.
     #[schema(value_type = Option<Object>)]
     pub long_context: Option<LongContextPrice>,
     /// The shipped price list's long-context card of this model, which an override keeps
