@@ -224,16 +224,23 @@ async fn an_admin_runs_the_relay_from_the_browser() {
     );
     // $10 per 1 000 searches is 10 000 micro-USD a search.
     assert_eq!(price["web_search"], 10_000, "{price}");
-    // Prompts over 200 000 tokens at $6 / $22.50, the cache prices left to their defaults.
+    // Prompts over 200 000 tokens at $6 / $22.50, the cache prices left to their defaults,
+    // and at $12 / $45 when served at priority.
     assert_eq!(
         price["long_context"],
-        serde_json::json!({"above_tokens": 200_000, "input": 6_000_000, "output": 22_500_000}),
+        serde_json::json!({"above_tokens": 200_000, "input": 6_000_000, "output": 22_500_000,
+            "priority": {"input": 12_000_000, "output": 45_000_000}}),
         "{price}"
     );
-    // The flex card set through the API outlived the form's save.
+    // The tier cards as the form left them: priority its own, flex (set through the API and
+    // kept by the first save) dropped by the second, fast never set.
     assert_eq!(
-        price["flex"],
-        serde_json::json!({"input": 1_500_000, "output": 7_500_000}),
+        (&price["priority"], &price["flex"], &price["fast"]),
+        (
+            &serde_json::json!({"input": 6_000_000, "output": 30_000_000}),
+            &serde_json::Value::Null,
+            &serde_json::Value::Null
+        ),
         "{price}"
     );
 }

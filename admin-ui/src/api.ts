@@ -125,6 +125,10 @@ export interface LongContextPrice {
   cache_write_5m?: number | null
   cache_write_1h?: number | null
   cache_read?: number | null
+  /** Long prompts served at a tier: their own card; absent: this card at that tier too. */
+  priority?: TierPrice | null
+  flex?: TierPrice | null
+  fast?: TierPrice | null
 }
 
 export interface Totals {
