@@ -43,6 +43,9 @@ fn record(n: usize, at: i64) -> UsageRecord {
         unpriced: false,
         estimated: false,
         service_tier: None,
+        // Anthropic's ids run about 30 characters.
+        upstream_request_id: Some(format!("req_011C{n:022}")),
+        response_id: Some(format!("msg_01{n:024}")),
     }
 }
 

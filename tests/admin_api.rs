@@ -477,6 +477,14 @@ async fn users_see_only_their_own_keys_and_usage(db: Db) {
         assert_eq!(r["billed_cost"], 17010, "{r}");
         // Users see their web searches too (billed inside the cost).
         assert_eq!(r["web_search_requests"], 0, "{r}");
+        // And the provider's ids of the request and its answer, which its support asks for.
+        assert!(
+            r["upstream_request_id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("req_mock_")),
+            "{r}"
+        );
+        assert_eq!(r["response_id"], "msg_mock_1", "{r}");
     }
     // The admin path gives a user the same view.
     let text = session_get(&relay, &s, "/api/admin/usage/records").await;

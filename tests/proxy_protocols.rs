@@ -2223,13 +2223,57 @@ async fn the_upstreams_request_id_is_kept_and_the_relays_comes_apart() {
     assert_eq!(answered.as_deref(), Some("client-9"));
     assert_ne!(relay_id, "client-9");
 
-    // The relay's id names the record; the client's is kept in it.
+    // The relay's id names the record; the client's is kept in it, and so are the provider's
+    // id of the request and of its answer.
     let records = relay.wait_records(4).await;
     let rec = record_by_id(&records, &streamed_relay_id);
     assert_eq!(rec["protocol"], "openai_responses", "{rec}");
+    let port = mock.port;
+    assert_eq!(
+        (&rec["upstream_request_id"], &rec["response_id"]),
+        (
+            &serde_json::json!(format!("req_mock_{port}_1")),
+            &serde_json::json!(format!("resp_mock_{port}_1"))
+        ),
+        "{rec}"
+    );
     let rec = record_by_id(&records, &failed_relay_id);
     assert_eq!(rec["request_id"], "client-7", "{rec}");
     assert_eq!(rec["status"], 400, "{rec}");
+    assert_eq!(
+        (&rec["upstream_request_id"], &rec["response_id"]),
+        (
+            &serde_json::json!(format!("req_mock_{port}_2")),
+            &serde_json::Value::Null
+        ),
+        "{rec}"
+    );
+    // Gemini names no request, only its answer (`responseId`).
+    let rec = record_by_request_id(&records, "client-8");
+    assert_eq!(
+        (&rec["upstream_request_id"], &rec["response_id"]),
+        (
+            &serde_json::Value::Null,
+            &serde_json::json!(format!("mock_{port}_3"))
+        ),
+        "{rec}"
+    );
+    // A Messages answer: Anthropic's `request-id` and the message's id.
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    relay.wait_accounts_loaded(3).await;
+    send_message(&relay, &key, "ids-claude", "claude-sonnet-4-5", false).await;
+    let records = relay.wait_records(5).await;
+    let rec = record_by_request_id(&records, "ids-claude");
+    assert_eq!(
+        (&rec["upstream_request_id"], &rec["response_id"]),
+        (
+            &serde_json::json!(format!("req_mock_{port}_5")),
+            &serde_json::json!("msg_mock_1")
+        ),
+        "{rec}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

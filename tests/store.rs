@@ -1121,6 +1121,8 @@ fn record(
         unpriced: false,
         estimated: false,
         service_tier: Some(ServiceTier::Priority),
+        upstream_request_id: Some(format!("req_{id}")),
+        response_id: Some(format!("msg_{id}")),
     }
 }
 
@@ -1357,6 +1359,13 @@ async fn usage_batches_roll_up_exactly(env: Env) {
     assert_eq!((r.cache_read_tokens, r.reasoning_tokens), (100, 1));
     assert_eq!(r.web_search_requests, 3);
     assert_eq!(r.service_tier.as_deref(), Some("priority"));
+    assert_eq!(
+        (r.upstream_request_id.as_deref(), r.response_id.as_deref()),
+        (
+            Some(format!("req_{}", r.id).as_str()),
+            Some(format!("msg_{}", r.id).as_str())
+        )
+    );
     assert_eq!(
         (r.base_cost, r.billed_cost, r.price_rate),
         (9_000, 18_000, 20_000)

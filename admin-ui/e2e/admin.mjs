@@ -309,6 +309,9 @@ try {
   assert.equal(await served.locator('[data-test="user"]').innerText(), 'ui-tenant')
   assert.equal(await served.locator('[data-test="key"]').innerText(), 'ui-key')
   assert.equal(await served.locator('[data-test="account"]').innerText(), 'ui-claude')
+  // And the provider's ids: of the request, as its answer's head gave it, and of the answer.
+  assert.equal(await served.locator('[data-test="upstream-request-id"]').innerText(), proxied.headers.get('request-id'))
+  assert.equal(await served.locator('[data-test="response-id"]').innerText(), answer.id)
   assert.equal((await page.locator('[data-test="scope"]').innerText()).trim(), 'of key ui-key')
   await shot('05-records')
 

@@ -182,6 +182,10 @@ export interface UsageRecord {
   estimated: boolean
   /** The provider's service tier for the request (priority, flex, standard); null: not named. */
   service_tier: string | null
+  /** The provider's id of the request (Anthropic request-id, OpenAI x-request-id). */
+  upstream_request_id: string | null
+  /** The id of the answer (msg_…, chatcmpl-…, resp_…, Gemini's responseId). */
+  response_id: string | null
 }
 
 export interface AuditEntry {

@@ -143,6 +143,8 @@ pub struct UsageInfo {
     pub tokens: TokenUsage,
     pub upstream_model: Option<String>,
     pub response_id: Option<String>,
+    /// The provider's id of the request, from the head of the answer passed on.
+    pub upstream_request_id: Option<String>,
     pub base_cost: i64,
     pub billed_cost: i64,
     pub unpriced: bool,

@@ -266,6 +266,14 @@ pub struct UsageRecord {
     /// `standard`), which priced it; absent when the answer named none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_tier: Option<crate::cost::ServiceTier>,
+    /// The id the provider knows the request by, from its answer's head (Anthropic
+    /// `request-id`, OpenAI `x-request-id`): what its support asks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_request_id: Option<String>,
+    /// The id of the answer itself, from its body (`msg_…`, `chatcmpl-…`, `resp_…`, Gemini's
+    /// `responseId`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_id: Option<String>,
 }
 
 #[cfg(test)]

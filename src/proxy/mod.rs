@@ -409,6 +409,8 @@ impl RelayProxy {
             unpriced: r.usage.unpriced,
             estimated: r.usage.estimated,
             service_tier: r.usage.service_tier,
+            upstream_request_id: r.usage.upstream_request_id.take(),
+            response_id: r.usage.response_id.take().and_then(provider_id),
         };
         let protocol = r.route.protocol.as_str();
         let account = r
@@ -496,6 +498,25 @@ fn storable_text(text: String) -> String {
     } else {
         text
     }
+}
+
+/// Longest provider id kept in a record (theirs run 30 to 60 characters).
+const MAX_PROVIDER_ID: usize = 128;
+
+/// An id a provider gave, as a record keeps it: visible ASCII of at most [`MAX_PROVIDER_ID`]
+/// characters, else none (an upstream's word, not trusted to be short or printable).
+pub(crate) fn provider_id(id: String) -> Option<String> {
+    (!id.is_empty() && id.len() <= MAX_PROVIDER_ID && id.bytes().all(|b| b.is_ascii_graphic()))
+        .then_some(id)
+}
+
+/// The id the provider knows a request by, from its answer's head: Anthropic's `request-id`,
+/// else OpenAI's `x-request-id`.
+pub(crate) fn provider_request_id(headers: &http::HeaderMap) -> Option<String> {
+    let value = headers
+        .get("request-id")
+        .or_else(|| headers.get("x-request-id"))?;
+    provider_id(value.to_str().ok()?.to_owned())
 }
 
 /// A request's ids as the client sees them.
@@ -822,6 +843,27 @@ pub(crate) fn upstream_error_body(protocol: Protocol, status: u16, message: &str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn provider_ids_are_short_and_printable() {
+        assert_eq!(provider_id("req_011C".into()).as_deref(), Some("req_011C"));
+        for bad in ["", "a b", "a\tb", "é", &"x".repeat(129)] {
+            assert_eq!(provider_id(bad.to_string()), None, "{bad:?}");
+        }
+        assert_eq!(provider_id("x".repeat(128)).map(|s| s.len()), Some(128));
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(provider_request_id(&headers), None);
+        headers.insert("x-request-id", http::HeaderValue::from_static("req_openai"));
+        assert_eq!(provider_request_id(&headers).as_deref(), Some("req_openai"));
+        headers.insert(
+            "request-id",
+            http::HeaderValue::from_static("req_anthropic"),
+        );
+        assert_eq!(
+            provider_request_id(&headers).as_deref(),
+            Some("req_anthropic")
+        );
+    }
 
     #[test]
     fn storable_text_replaces_nul_only() {

@@ -15,7 +15,7 @@ use sqlx::Row;
 use super::{get_bool, Page, Param, Result, SqlParts, SqlStore, StoreError};
 
 /// Columns of `request_logs`, in insert order.
-const RECORD_COLUMNS: [&str; 29] = [
+const RECORD_COLUMNS: [&str; 31] = [
     "id",
     "request_id",
     "created_at",
@@ -45,6 +45,8 @@ const RECORD_COLUMNS: [&str; 29] = [
     "unpriced",
     "estimated",
     "service_tier",
+    "upstream_request_id",
+    "response_id",
 ];
 
 /// Columns of `usage_daily`, in insert order.
@@ -61,7 +63,7 @@ const DAILY_COLUMNS: [&str; 10] = [
     "billed_cost",
 ];
 
-/// Records per INSERT statement: 28 × 256 parameters stays far under SQLite's 32 766.
+/// Records per INSERT statement: 31 × 256 parameters stays far under SQLite's 32 766.
 pub(super) const RECORDS_PER_STATEMENT: usize = 256;
 /// Rollup rows per upsert statement (10 parameters each).
 const ROLLUPS_PER_STATEMENT: usize = 512;
@@ -154,6 +156,12 @@ pub struct UsageRow {
     /// The service tier the provider served it at (`priority`, `flex`, `standard`); `null`
     /// when the answer named none.
     pub service_tier: Option<String>,
+    /// The provider's id of the request, from its answer's head (Anthropic `request-id`,
+    /// OpenAI `x-request-id`).
+    pub upstream_request_id: Option<String>,
+    /// The id of the answer, from its body (`msg_…`, `chatcmpl-…`, `resp_…`, Gemini's
+    /// `responseId`).
+    pub response_id: Option<String>,
 }
 
 /// Which records to list; every set field narrows the list. Times are epoch ms.
@@ -423,6 +431,8 @@ fn usage_from_row(row: &AnyRow) -> Result<UsageRow> {
         unpriced: get_bool(row, "unpriced")?,
         estimated: get_bool(row, "estimated")?,
         service_tier: row.try_get("service_tier")?,
+        upstream_request_id: row.try_get("upstream_request_id")?,
+        response_id: row.try_get("response_id")?,
     })
 }
 
@@ -470,6 +480,8 @@ pub(super) fn record_values(r: &UsageRecord) -> [RowValue<'_>; RECORD_COLUMNS.le
         Int(Some(i64::from(r.unpriced))),
         Int(Some(i64::from(r.estimated))),
         Text(r.service_tier.map(ServiceTier::as_str)),
+        Text(r.upstream_request_id.as_deref()),
+        Text(r.response_id.as_deref()),
     ]
 }
 

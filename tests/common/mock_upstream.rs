@@ -513,7 +513,9 @@ impl MockUpstream {
                 WireProtocol::OpenaiChat | WireProtocol::OpenaiResponses => {
                     format!("x-request-id: {}\r\n", answer.upstream_request_id())
                 }
-                WireProtocol::Anthropic => "request-id: req_mock\r\n".to_string(),
+                WireProtocol::Anthropic => {
+                    format!("request-id: {}\r\n", answer.upstream_request_id())
+                }
                 WireProtocol::Gemini => String::new(),
             };
             if b.status != 200 {

@@ -93,6 +93,11 @@ pub struct OwnRecord {
     pub estimated: bool,
     /// The service tier the provider served it at; `null` when the answer named none.
     pub service_tier: Option<String>,
+    /// The provider's id of the request (Anthropic `request-id`, OpenAI `x-request-id`), as
+    /// the answer's head gave it to the client too.
+    pub upstream_request_id: Option<String>,
+    /// The id of the answer (`msg_…`, `chatcmpl-…`, `resp_…`, Gemini's `responseId`).
+    pub response_id: Option<String>,
 }
 
 impl OwnRecord {
@@ -123,6 +128,8 @@ impl OwnRecord {
             unpriced: r.unpriced,
             estimated: r.estimated,
             service_tier: r.service_tier,
+            upstream_request_id: r.upstream_request_id,
+            response_id: r.response_id,
         }
     }
 }
