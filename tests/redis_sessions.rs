@@ -409,12 +409,12 @@ async fn cooldowns_keep_the_later_value_and_expire() {
         let ids = vec!["a1".to_string(), "a2".to_string(), "none".to_string()];
 
         assert_eq!(
-            cooldowns.publish("a1", now + 60_000).await.unwrap(),
+            cooldowns.publish("a1", now + 60_000, now).await.unwrap(),
             now + 60_000
         );
         // An earlier cooldown does not shorten the one in force.
         assert_eq!(
-            cooldowns.publish("a1", now + 5_000).await.unwrap(),
+            cooldowns.publish("a1", now + 5_000, now).await.unwrap(),
             now + 60_000
         );
         let all = cooldowns.fetch_all(&ids).await;
@@ -422,7 +422,7 @@ async fn cooldowns_keep_the_later_value_and_expire() {
         assert!(!all.contains_key("none"));
         // A later one replaces it, and the key lives until it ends.
         assert_eq!(
-            cooldowns.publish("a1", now + 90_000).await.unwrap(),
+            cooldowns.publish("a1", now + 90_000, now).await.unwrap(),
             now + 90_000
         );
         let pttl: i64 = redis::cmd("PTTL")
@@ -433,11 +433,14 @@ async fn cooldowns_keep_the_later_value_and_expire() {
         assert!(pttl > 80_000 && pttl <= 90_000, "{pttl}");
 
         // A cooldown already over is not published.
-        cooldowns.publish("a2", now - 1).await.unwrap();
+        cooldowns.publish("a2", now - 1, now).await.unwrap();
         assert!(!cooldowns.fetch_all(&ids).await.contains_key("a2"));
 
         // A short one disappears when it ends.
-        cooldowns.publish("a2", now_ms() + 2000).await.unwrap();
+        cooldowns
+            .publish("a2", now_ms() + 2000, now_ms())
+            .await
+            .unwrap();
         assert!(cooldowns.fetch_all(&ids).await.contains_key("a2"));
         eventually(Duration::from_secs(10), "the cooldown to expire", || {
             let (cooldowns, ids) = (&cooldowns, &ids);
@@ -445,6 +448,21 @@ async fn cooldowns_keep_the_later_value_and_expire() {
         })
         .await;
         assert!(cooldowns.fetch_all(&[]).await.is_empty());
+
+        // An operator's clear ends the cooldown; one observed before it (its publish late)
+        // does not come back, one observed after it does.
+        cooldowns.clear("a1").await.unwrap();
+        assert!(!cooldowns.fetch_all(&ids).await.contains_key("a1"));
+        let late = cooldowns
+            .publish("a1", now_ms() + 60_000, now)
+            .await
+            .unwrap();
+        assert_eq!(late, 0, "nothing in force");
+        assert!(!cooldowns.fetch_all(&ids).await.contains_key("a1"));
+        let later = now_ms() + 1;
+        let until = now_ms() + 60_000;
+        assert_eq!(cooldowns.publish("a1", until, later).await.unwrap(), until);
+        assert_eq!(cooldowns.fetch_all(&ids).await.get("a1"), Some(&until));
     })
     .await;
 }

@@ -736,12 +736,13 @@ async fn accounts_with_encrypted_credentials(env: Env) {
         .await
         .unwrap();
     let before = store.account_by_id(&codex.id).await.unwrap().unwrap();
+    let seen = relay_filters::now_ms();
     store
-        .record_account_cooldown(&codex.id, 1_900_000_000_000)
+        .record_account_cooldown(&codex.id, 1_900_000_000_000, seen)
         .await
         .unwrap();
     store
-        .record_account_cooldown(&codex.id, 1_800_000_000_000)
+        .record_account_cooldown(&codex.id, 1_800_000_000_000, seen)
         .await
         .unwrap();
     let state = store.account_by_id(&codex.id).await.unwrap().unwrap();
@@ -778,8 +779,18 @@ async fn accounts_with_encrypted_credentials(env: Env) {
         second.cooldown_cleared_at.unwrap(),
     );
     assert!(b > a, "the second clear at {b}, the first at {a}");
+    // A cooldown the proxy saw before the clear, whose write comes after it, is not stored:
+    // the operator's word was the later one.
+    for seen_before in [a, b] {
+        store
+            .record_account_cooldown(&codex.id, 1_900_000_000_000, seen_before)
+            .await
+            .unwrap();
+        let state = store.account_by_id(&codex.id).await.unwrap().unwrap();
+        assert_eq!(state.cooldown_until, None, "seen at {seen_before}");
+    }
     store
-        .record_account_cooldown(&codex.id, 1_900_000_000_000)
+        .record_account_cooldown(&codex.id, 1_900_000_000_000, b + 1)
         .await
         .unwrap();
     let state = store.account_by_id(&codex.id).await.unwrap().unwrap();

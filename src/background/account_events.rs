@@ -17,6 +17,9 @@ pub struct AccountEvent {
     pub consecutive_errors: i64,
     pub cooldown_until: Option<i64>,
     pub kind: EventKind,
+    /// Epoch ms when the proxy saw it: a cooldown seen before an operator ended the account's
+    /// cooldown is not stored after that.
+    pub observed_at: i64,
 }
 
 /// What kind of change an event stores.
@@ -77,6 +80,7 @@ impl AccountEvents {
             consecutive_errors: i64::from(account.state.consecutive_errors.load(Ordering::Relaxed)),
             cooldown_until,
             kind,
+            observed_at: crate::store::now_ms(),
         });
     }
 }
@@ -91,11 +95,13 @@ pub async fn persist(
 ) {
     while let Some(ev) = rx.recv().await {
         if let (Some(c), Some(until)) = (&cooldowns, ev.cooldown_until) {
-            let _ = c.publish(&ev.account_id, until).await;
+            let _ = c.publish(&ev.account_id, until, ev.observed_at).await;
         }
         let stored = match (ev.kind, ev.cooldown_until) {
             (EventKind::Cooldown, Some(until)) => {
-                store.record_account_cooldown(&ev.account_id, until).await
+                store
+                    .record_account_cooldown(&ev.account_id, until, ev.observed_at)
+                    .await
             }
             (EventKind::Recovered, _) => store.record_account_recovered(&ev.account_id).await,
             _ => {

@@ -563,20 +563,29 @@ impl SqlStore {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Stores a cooldown the proxy observed, keeping a later one already stored; status and
-    /// error count stay as they are.
-    pub async fn record_account_cooldown(&self, id: &str, until: i64) -> Result<()> {
+    /// Stores a cooldown the proxy observed at `observed_at` (epoch ms), keeping a later one
+    /// already stored; status and error count stay as they are. A cooldown observed before an
+    /// operator last ended the account's cooldown is not stored: the operator's word came
+    /// after it, though the write comes later.
+    pub async fn record_account_cooldown(
+        &self,
+        id: &str,
+        until: i64,
+        observed_at: i64,
+    ) -> Result<()> {
         let now = super::now_ms();
         sqlx::query(
             "UPDATE accounts SET cooldown_until = $1, \
              updated_at = CASE WHEN updated_at < $2 THEN $3 ELSE updated_at + 1 END \
-             WHERE id = $4 AND (cooldown_until IS NULL OR cooldown_until < $5)",
+             WHERE id = $4 AND (cooldown_until IS NULL OR cooldown_until < $5) \
+             AND (cooldown_cleared_at IS NULL OR cooldown_cleared_at < $6)",
         )
         .bind(until)
         .bind(now)
         .bind(now)
         .bind(id)
         .bind(until)
+        .bind(observed_at)
         .execute(&self.pool)
         .await?;
         Ok(())

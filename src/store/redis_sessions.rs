@@ -283,14 +283,24 @@ return false",
 /// Keeps the later of the stored and the new cooldown; returns the one that holds. Values are
 /// compared as Lua numbers (exact for epoch ms) but stored and returned as the strings given,
 /// so no float ever reaches the reply.
+/// A cooldown observed (ARGV[3]) no later than an operator's last clear (KEYS[2]) is not
+/// published: `'0'`, no cooldown, comes back.
 static PUBLISH_COOLDOWN: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
-        r"local cur = redis.call('GET', KEYS[1])
+        r"local cleared = redis.call('GET', KEYS[2])
+if cleared and tonumber(cleared) and tonumber(cleared) >= tonumber(ARGV[3]) then
+  return redis.call('GET', KEYS[1]) or '0'
+end
+local cur = redis.call('GET', KEYS[1])
 if cur and tonumber(cur) and tonumber(cur) >= tonumber(ARGV[1]) then return cur end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return ARGV[1]",
     )
 });
+
+/// How long an operator's clear of a cooldown is remembered in Redis: far longer than a
+/// cooldown observed before it takes to be published.
+const COOLDOWN_CLEAR_MEMORY_MS: i64 = 15 * 60 * 1000;
 
 /// Session bindings in Redis under `{prefix}session:binding:{session_key}`.
 pub struct RedisSessionStore {
@@ -693,22 +703,34 @@ impl RedisCooldowns {
         format!("{}account:cooldown:{account_id}", self.prefix)
     }
 
+    /// The Redis key of when an operator last ended an account's cooldown (epoch ms).
+    fn cleared_key(&self, account_id: &str) -> String {
+        format!("{}account:cooldown-cleared:{account_id}", self.prefix)
+    }
+
     /// Publishes that `account_id` cools down until `until_ms` (epoch ms), keeping a later
     /// cooldown already published; returns the cooldown in force afterwards. The key expires
     /// when the cooldown ends. A cooldown already over is not published.
-    pub async fn publish(&self, account_id: &str, until_ms: i64) -> Result<i64, StoreUnavailable> {
+    pub async fn publish(
+        &self,
+        account_id: &str,
+        until_ms: i64,
+        observed_at: i64,
+    ) -> Result<i64, StoreUnavailable> {
         let ttl = until_ms.saturating_sub(now_ms());
         if ttl <= 0 {
             return Ok(until_ms);
         }
-        let rkey = self.redis_key(account_id);
+        let (rkey, cleared) = (self.redis_key(account_id), self.cleared_key(account_id));
         let held: String = self
             .link
             .run(|mut conn| async move {
                 PUBLISH_COOLDOWN
                     .key(rkey)
+                    .key(cleared)
                     .arg(until_ms)
                     .arg(ttl)
+                    .arg(observed_at)
                     .invoke_async(&mut conn)
                     .await
             })
@@ -716,14 +738,25 @@ impl RedisCooldowns {
         Ok(held.parse().unwrap_or(until_ms))
     }
 
-    /// Ends the cooldown published for `account_id` (an operator cleared it).
+    /// Ends the cooldown published for `account_id` (an operator cleared it), and remembers
+    /// when, so that a cooldown observed before is not published after.
     pub async fn clear(&self, account_id: &str) -> Result<(), StoreUnavailable> {
-        let rkey = self.redis_key(account_id);
+        let (rkey, cleared) = (self.redis_key(account_id), self.cleared_key(account_id));
+        let now = now_ms();
         self.link
             .run(|mut conn| async move {
-                redis::cmd("DEL")
+                redis::pipe()
+                    .atomic()
+                    .cmd("SET")
+                    .arg(cleared)
+                    .arg(now)
+                    .arg("PX")
+                    .arg(COOLDOWN_CLEAR_MEMORY_MS)
+                    .ignore()
+                    .cmd("DEL")
                     .arg(rkey)
-                    .query_async::<i64>(&mut conn)
+                    .ignore()
+                    .query_async::<()>(&mut conn)
                     .await
             })
             .await?;
