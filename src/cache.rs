@@ -363,20 +363,24 @@ impl PriceCache {
     pub fn replace(&self, overrides: Vec<ModelPriceRow>) {
         let mut table = self.base.clone();
         for row in overrides {
-            let mut price = row.cards.apply(row.price(), self.base.get(&row.model));
-            price.web_search = price
-                .web_search
-                .or_else(|| self.shipped_web_search(&row.model));
-            table.insert(&row.model, price);
+            let price = row.cards.apply(row.price(), self.base.get(&row.model));
+            table.insert(&row.model, self.with_shipped_searches(&row.model, price));
         }
         write(&self.table, Arc::new(table));
     }
 
-    /// The shipped per-search price of a model. An override that names none keeps it (one
-    /// made before searches were priced, or that sets token prices only, must not make the
-    /// searches free; `0` does).
-    pub fn shipped_web_search(&self, model: &str) -> Option<i64> {
-        self.base.get(model).and_then(|p| p.web_search)
+    /// An override's `price` with the model's shipped search prices (per search and per
+    /// request that searched) where it names no `web_search`: one made before searches were
+    /// priced, or that sets token prices only, must not make the searches free (`0` does). An
+    /// override naming `web_search` prices searches by it alone.
+    pub fn with_shipped_searches(&self, model: &str, mut price: ModelPrice) -> ModelPrice {
+        if price.web_search.is_none() {
+            if let Some(shipped) = self.base.get(model) {
+                price.web_search = shipped.web_search;
+                price.web_search_request = shipped.web_search_request;
+            }
+        }
+        price
     }
 
     /// The shipped price of a model: the cards an override keeps unless it sets its own or

@@ -963,6 +963,52 @@ async fn price_rates_and_overrides_change_the_next_request(db: Db) {
         .admin_delete(&format!("/api/admin/pricing/{MODEL}"))
         .await;
     assert_eq!(status, 200, "{v}");
+    // Gemini 2.5 bills grounding once per grounded prompt: an override keeps that price unless
+    // it names `web_search`, which then prices the searches alone.
+    const GEMINI: &str = "gemini-2.5-pro";
+    let listed_gemini = |prices: &Value| {
+        prices["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["model"] == GEMINI)
+            .cloned()
+            .expect("listed")
+    };
+    let shipped = listed_gemini(&relay.admin_get("/api/admin/pricing").await);
+    assert_eq!(
+        (&shipped["web_search"], &shipped["web_search_request"]),
+        (&Value::Null, &json!(35_000)),
+        "{shipped}"
+    );
+    for (body, searches) in [
+        (
+            json!({"model": GEMINI, "input": 1_250_000, "output": 10_000_000}),
+            (Value::Null, json!(35_000)),
+        ),
+        (
+            json!({"model": GEMINI, "input": 1_250_000, "output": 10_000_000, "web_search": 14_000}),
+            (json!(14_000), Value::Null),
+        ),
+    ] {
+        let (status, v) = relay.admin_post("/api/admin/pricing", body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            (&v["web_search"], &v["web_search_request"]),
+            (&searches.0, &searches.1),
+            "{v}"
+        );
+        let listed = listed_gemini(&relay.admin_get("/api/admin/pricing").await);
+        assert_eq!(
+            (&listed["web_search"], &listed["web_search_request"]),
+            (&searches.0, &searches.1),
+            "{listed}"
+        );
+    }
+    let (status, v) = relay
+        .admin_delete(&format!("/api/admin/pricing/{GEMINI}"))
+        .await;
+    assert_eq!(status, 200, "{v}");
     let (status, _) = relay
         .admin_post(
             "/api/admin/pricing",

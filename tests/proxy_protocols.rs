@@ -702,6 +702,53 @@ async fn responses_web_searches_are_counted_and_billed_at_the_admins_price() {
     }
 }
 
+/// Gemini's Google Search grounding: the distinct queries an answer lists are its searches,
+/// billed per query on Gemini 3 and once per grounded prompt on Gemini 2.5 (shipped prices),
+/// streamed and whole.
+#[tokio::test]
+async fn gemini_grounding_searches_are_counted_and_billed() {
+    let mock = MockUpstream::start().await;
+    let (relay, _, _, key) = relay_with_key(serde_json::json!({})).await;
+    gemini_account(&relay, &mock).await;
+    relay.wait_accounts_loaded(1).await;
+    mock.set(|b| {
+        b.usage = MockUsage::io(1000, 100);
+        b.extra_usage.web_searches = 3;
+    });
+    // (request id, model, stream, base cost)
+    let cases = [
+        // $2 / $12 per MTok: 2 000 + 1 200, + 3 queries × $0.014.
+        ("g3-stream", "gemini-3-pro-preview", true, 45_200),
+        ("g3-json", "gemini-3-pro-preview", false, 45_200),
+        // $1.25 / $10: 1 250 + 1 000, + one grounded prompt at $0.035.
+        ("g25-stream", "gemini-2.5-pro", true, 37_250),
+        ("g25-json", "gemini-2.5-pro", false, 37_250),
+    ];
+    for (id, model, stream, _) in cases {
+        let method = if stream {
+            "streamGenerateContent?alt=sse"
+        } else {
+            "generateContent"
+        };
+        let r = relay
+            .post_bare(&format!("/v1beta/models/{model}:{method}"))
+            .header("x-goog-api-key", &key)
+            .header("x-request-id", id)
+            .json(&gemini_body(id, 1))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{id}");
+        let _ = r.bytes().await.unwrap();
+    }
+    let records = relay.wait_records(cases.len()).await;
+    for (id, _, _, base) in cases {
+        let rec = record_by_request_id(&records, id);
+        assert_eq!(rec["web_search_requests"], 3, "{id}: {rec}");
+        assert_eq!(rec["base_cost"], base, "{id}: {rec}");
+    }
+}
+
 /// A request the provider served at its priority or flex tier, or Anthropic ran in fast mode,
 /// is billed at the model's card for it, and its record names it; an answer naming none is
 /// standard.

@@ -1536,6 +1536,7 @@ async fn prices_settings_audit_and_sessions(env: Env) {
         cache_write_1h: None,
         cache_read: Some(300_000),
         web_search: Some(10_000),
+        web_search_request: None,
         long_context: None,
         priority: None,
         flex: None,

@@ -407,6 +407,9 @@ try {
   await row('prices', 'ui-model-1').locator('[data-test="long_context"]', { hasText: 'over 200,000: $6.00 / $22.50' }).waitFor()
   assert.equal(await row('prices', 'ui-model-1').locator('[data-test="long_source"]').innerText(), 'override')
   assert.equal(await row('prices', 'claude-haiku-5-5').locator('[data-test="long_context"]').innerText(), 'over 100,000: $0.50 / $2.50')
+  // Gemini 2.5 bills grounding per request that searched, Gemini 3 per search.
+  assert.equal(await row('prices', 'gemini-2.5-pro').locator('[data-test="web_search"]').innerText(), '$35.00 per 1 000 requests that search')
+  assert.equal(await row('prices', 'gemini-3-pro-preview').locator('[data-test="web_search"]').innerText(), '$14.00')
   // The flex card set through the API came back into the form, and the save kept it.
   assert.match(await row('prices', 'ui-model-1').locator('[data-test="tiers"]').innerText(), /flex \$1\.50 \/ \$7\.50/)
   // The tiers' cards in the form: a priority card of its own, the flex card dropped, and the

@@ -93,6 +93,8 @@ export interface Price {
   cache_read: number | null
   /** Micro-USD per web search; null: searches are not billed. */
   web_search: number | null
+  /** Micro-USD once per request that searched (Gemini 2.5's grounded prompts), from the price list. */
+  web_search_request: number | null
   /** The prices of prompts longer than `above_tokens`; null: one price at every length. */
   long_context: LongContextPrice | null
   /** The shipped price list's long-prompt card, which an override keeps unless it sets one. */

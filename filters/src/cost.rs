@@ -37,6 +37,10 @@ pub struct ModelPrice {
     /// not billed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub web_search: Option<i64>,
+    /// Micro-USD per request that ran any web search, however many (Gemini 2.5 bills Google
+    /// Search grounding per grounded prompt); unset: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_search_request: Option<i64>,
     /// The rate card for long prompts, for a model whose price depends on the prompt's length;
     /// unset means one price at every length.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -255,7 +259,7 @@ impl ModelPrice {
                     c.cache_read,
                 ]
             })
-            .chain([self.web_search])
+            .chain([self.web_search, self.web_search_request])
             .flatten()
     }
 }
@@ -304,7 +308,7 @@ impl PriceTable {
     /// The accepted format is the TOML subset that file uses: comments, blank lines,
     /// `[models."<name>"]` (or `[models.<bare-name>]`) tables, and `key = integer` lines with
     /// keys `input`, `output` (required), `cache_write_5m`, `cache_write_1h`, `cache_read`,
-    /// `web_search`; right after a model's table, optional sub-tables:
+    /// `web_search`, `web_search_request`; right after a model's table, optional sub-tables:
     /// `[models."<name>".long_context]` with `above_tokens` (1 or more), `input`, `output`
     /// (required) and the three cache prices, `.priority`, `.flex`, `.fast` with `input`,
     /// `output` (required) and the three cache prices, and `.long_context.priority` (`.flex`,
@@ -388,11 +392,11 @@ impl PriceTable {
                     model.long.as_mut().map(|long| &mut long.above_tokens)
                 }
                 (Section::Model, _) => model.base.slot(key),
-                (_, "web_search") => {
+                (_, "web_search" | "web_search_request") => {
                     return Err(syntax(
                         line_no,
                         format!(
-                            "`web_search` belongs to the model's table, not `{}`: searches \
+                            "`{key}` belongs to the model's table, not `{}`: searches \
                              cost the same whatever the prompt or the service tier",
                             section.table_name()
                         ),
@@ -415,6 +419,7 @@ impl PriceTable {
             let price = parse_price(value.trim()).ok_or_else(|| {
                 let unit = match key {
                     "web_search" => "micro-USD per search",
+                    "web_search_request" => "micro-USD per request that searched",
                     "above_tokens" => "tokens",
                     _ => "micro-USD per million tokens",
                 };
@@ -544,6 +549,7 @@ impl PriceTable {
             cache_write_1h: base.cache_write_1h,
             cache_read: base.cache_read,
             web_search: base.web_search,
+            web_search_request: base.web_search_request,
             long_context,
             priority,
             flex,
@@ -613,8 +619,15 @@ pub fn compute_cost_at(
     let tokens_x_million = terms.iter().fold(0i128, |sum, &(tokens, per_million)| {
         sum.saturating_add(i128::from(tokens).saturating_mul(i128::from(per_million)))
     });
+    // Per search, and once for a request that searched at all where the model bills so.
+    let searched = if usage.web_search_requests > 0 {
+        price.web_search_request.unwrap_or(0)
+    } else {
+        0
+    };
     let searches_x_million = i128::from(usage.web_search_requests)
         .saturating_mul(i128::from(price.web_search.unwrap_or(0)))
+        .saturating_add(i128::from(searched))
         .saturating_mul(TOKENS_PER_PRICE);
     let micro_usd_x_million = tokens_x_million.saturating_add(searches_x_million);
     let base = clamp_i64(div_round_half_up(micro_usd_x_million, TOKENS_PER_PRICE));
@@ -777,6 +790,7 @@ struct PartialPrice {
     cache_write_1h: Option<i64>,
     cache_read: Option<i64>,
     web_search: Option<i64>,
+    web_search_request: Option<i64>,
     above_tokens: Option<i64>,
 }
 
@@ -790,6 +804,7 @@ impl PartialPrice {
             "cache_write_1h" => &mut self.cache_write_1h,
             "cache_read" => &mut self.cache_read,
             "web_search" => &mut self.web_search,
+            "web_search_request" => &mut self.web_search_request,
             _ => return None,
         })
     }
@@ -1055,6 +1070,7 @@ mod tests {
             cache_write_1h: None,
             cache_read: None,
             web_search: None,
+            web_search_request: None,
             long_context: None,
             priority: None,
             flex: None,
@@ -1162,6 +1178,7 @@ mod tests {
             cache_write_1h: Some(6_000_000),
             cache_read: Some(300_000),
             web_search: None,
+            web_search_request: None,
             long_context: None,
             priority: None,
             flex: None,
@@ -1329,7 +1346,41 @@ mod tests {
                     ..price(500_000, 1)
                 },
             ),
+            (
+                "gemini-2.5-pro",
+                ModelPrice {
+                    web_search_request: Some(35_000),
+                    ..price(1_250_000, 10_000_000)
+                },
+            ),
         ]);
+        // Billed per request that searched ($35 per 1 000 grounded prompts), however many
+        // searches it ran: 1 000 × $1.25 + 100 × $10 = 2 250, + 35 000.
+        for n in [1, 4] {
+            assert_eq!(
+                compute_cost(
+                    &t,
+                    Some("gemini-2.5-pro"),
+                    &TokenUsage {
+                        web_search_requests: n,
+                        ..tokens(1000, 100, 0, 0, 0)
+                    },
+                    10_000
+                ),
+                priced(37_250, 37_250),
+                "{n} searches"
+            );
+        }
+        assert_eq!(
+            compute_cost(
+                &t,
+                Some("gemini-2.5-pro"),
+                &tokens(1000, 100, 0, 0, 0),
+                10_000
+            ),
+            priced(2_250, 2_250),
+            "no search, no grounding fee"
+        );
         let with_searches = |n, usage: TokenUsage| TokenUsage {
             web_search_requests: n,
             ..usage
@@ -1519,6 +1570,7 @@ mod tests {
                 cache_write_1h: Some(6_000_000),
                 cache_read: Some(300_000),
                 web_search: Some(10_000),
+                web_search_request: None,
                 long_context: None,
                 priority: None,
                 flex: None,
@@ -1585,6 +1637,17 @@ mod tests {
                 // $10 per 1 000 searches wherever Anthropic offers the web search tool.
                 let searches = (model != "claude-3-haiku").then_some(10_000);
                 assert_eq!(p.web_search, searches, "{model}");
+            } else if model.starts_with("gemini-") {
+                // Gemini 3 per search query, 2.5 and 2.0 Flash per grounded prompt.
+                let per_query =
+                    model.starts_with("gemini-3-") || model.starts_with("gemini-3.1-pro");
+                let per_prompt = model.starts_with("gemini-2.5") || model == "gemini-2.0-flash";
+                assert_eq!(p.web_search, per_query.then_some(14_000), "{model}");
+                assert_eq!(
+                    p.web_search_request,
+                    per_prompt.then_some(35_000),
+                    "{model}"
+                );
             } else {
                 // OpenAI's per-call prices are left to the admins.
                 assert_eq!(p.web_search, None, "{model}");

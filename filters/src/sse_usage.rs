@@ -52,6 +52,9 @@ static USAGE_METADATA_KEY: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(b"\"usageMetadata\""));
 /// The end of Gemini's `"finishReason"` and `"blockReason"` keys.
 static REASON_KEY_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"Reason\""));
+/// The Google Search queries a grounded Gemini answer ran (in a candidate's groundingMetadata).
+static WEB_SEARCH_QUERIES_KEY: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"webSearchQueries\""));
 
 // ---------------------------------------------------------------------------------------------
 // SSE parser
@@ -1101,8 +1104,35 @@ struct GeminiUsageWire {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct GeminiCandidateWire {
+struct GeminiCandidateWire<'a> {
     finish_reason: Option<IgnoredAny>,
+    #[serde(borrow)]
+    grounding_metadata: Option<GeminiGroundingWire<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GeminiGroundingWire<'a> {
+    #[serde(borrow)]
+    web_search_queries: Option<Vec<&'a RawValue>>,
+}
+
+/// Google Search queries a grounded answer ran, as Gemini bills them: each distinct query
+/// once, empty ones not at all.
+#[derive(Default)]
+struct SearchQueries<'a>(Vec<&'a [u8]>);
+
+impl<'a> SearchQueries<'a> {
+    /// One element of a `webSearchQueries` array (a JSON string, as sent).
+    fn add(&mut self, query: &'a [u8]) {
+        if query != b"\"\"" && query != b"null" && !self.0.contains(&query) {
+            self.0.push(query);
+        }
+    }
+
+    fn count(&self) -> Option<u64> {
+        (!self.0.is_empty()).then_some(self.0.len() as u64)
+    }
 }
 
 #[derive(Deserialize)]
@@ -1115,7 +1145,8 @@ struct GeminiPromptFeedbackWire {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct GeminiChunkWire<'a> {
-    candidates: Option<Vec<GeminiCandidateWire>>,
+    #[serde(borrow)]
+    candidates: Option<Vec<GeminiCandidateWire<'a>>>,
     prompt_feedback: Option<GeminiPromptFeedbackWire>,
     usage_metadata: Option<GeminiUsageWire>,
     #[serde(borrow)]
@@ -1268,6 +1299,8 @@ struct GeminiCounts {
     candidates: Option<u64>,
     thoughts: Option<u64>,
     tool_use: Option<u64>,
+    /// Distinct Google Search queries grounding ran (the most any chunk listed).
+    searches: Option<u64>,
 }
 
 impl GeminiCounts {
@@ -1296,8 +1329,9 @@ impl GeminiCounts {
             cache_write_1h_tokens: 0,
             cache_read_tokens: cached,
             reasoning_tokens: thoughts,
-            // Grounding with Google Search is billed per prompt, and not metered here.
-            web_search_requests: 0,
+            // Grounding with Google Search: the distinct queries it ran (Gemini 3 bills each;
+            // Gemini 2.5 bills the prompt, once, when it ran any).
+            web_search_requests: self.searches.unwrap_or(0),
         }
     }
 }
@@ -1633,7 +1667,10 @@ fn scan_gemini_tail<'a>(data: &'a [u8], so_far: &MeterResult) -> Option<GeminiCh
     // Before the key (the candidates): the bytes of those names anywhere send the chunk to the
     // full scan. After it, the member walk below sees every top-level key.
     let before = &data[..at];
-    if REASON_KEY_END.find(before).is_some() || ERROR_KEY.find(before).is_some() {
+    if REASON_KEY_END.find(before).is_some()
+        || ERROR_KEY.find(before).is_some()
+        || WEB_SEARCH_QUERIES_KEY.find(before).is_some()
+    {
         return None;
     }
     let chunk = scan_gemini_from(data, at)?;
@@ -1673,14 +1710,27 @@ struct GeminiChunk<'a> {
     finished: bool,
     blocked: bool,
     error: Option<ErrorWire>,
+    /// Distinct Google Search queries the chunk's candidates list.
+    web_searches: Option<u64>,
 }
 
 impl<'a> From<GeminiChunkWire<'a>> for GeminiChunk<'a> {
     fn from(c: GeminiChunkWire<'a>) -> Self {
+        let mut queries = SearchQueries::default();
+        let grounded = c.candidates.iter().flatten().filter_map(|cand| {
+            cand.grounding_metadata
+                .as_ref()?
+                .web_search_queries
+                .as_ref()
+        });
+        for query in grounded.flatten() {
+            queries.add(query.get().as_bytes());
+        }
         GeminiChunk {
             usage: c.usage_metadata,
             model_version: c.model_version.map(|raw| raw.get().as_bytes()),
             response_id: c.response_id.map(|raw| raw.get().as_bytes()),
+            web_searches: queries.count(),
             finished: c
                 .candidates
                 .iter()
@@ -1701,14 +1751,28 @@ impl<'a> GeminiChunk<'a> {
             b"modelVersion" => self.model_version = non_null(value),
             b"responseId" => self.response_id = non_null(value),
             b"candidates" if value != b"null" => {
+                let mut queries = SearchQueries::default();
                 json_scan::for_each_element(value, |candidate| {
                     json_scan::for_each_member(candidate, |key, value| {
-                        if key == b"finishReason" && value != b"null" {
-                            self.finished = true;
+                        match key {
+                            b"finishReason" if value != b"null" => self.finished = true,
+                            b"groundingMetadata" if value != b"null" => {
+                                json_scan::for_each_member(value, |key, value| {
+                                    if key == b"webSearchQueries" && value != b"null" {
+                                        json_scan::for_each_element(value, |query| {
+                                            queries.add(query);
+                                            Some(())
+                                        })?;
+                                    }
+                                    Some(())
+                                })?;
+                            }
+                            _ => {}
                         }
                         Some(())
                     })
                 })?;
+                self.web_searches = queries.count();
             }
             b"promptFeedback" if value != b"null" => {
                 json_scan::for_each_member(value, |key, value| {
@@ -1765,8 +1829,12 @@ fn non_null(value: &[u8]) -> Option<&[u8]> {
 fn apply_gemini_chunk(result: &mut MeterResult, counts: &mut GeminiCounts, c: GeminiChunk<'_>) {
     set_once_bytes(&mut result.response_id, c.response_id);
     set_once_bytes(&mut result.model, c.model_version);
+    raise_to(&mut counts.searches, c.web_searches);
+    let counted = c.usage.is_some() || c.web_searches.is_some();
     if let Some(usage) = c.usage {
         counts.merge(usage);
+    }
+    if counted {
         result.usage = counts.usage();
     }
     // Sticky: a chunk after the finishing one may only refine the counts.
@@ -2834,7 +2902,11 @@ mod tests {
                 false,
                 GEMINI_JSON,
                 done(
-                    usage(1336, 1590, 0, 0, 0, 1210),
+                    // Grounded: one Google Search query.
+                    TokenUsage {
+                        web_search_requests: 1,
+                        ..usage(1336, 1590, 0, 0, 0, 1210)
+                    },
                     "gemini-2.5-pro",
                     "3MvdaJ2xBJ6mz7IP8u2SgQs",
                 ),
@@ -3676,6 +3748,40 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
         let got = meter(Protocol::Gemini, false, &[array]);
         assert_eq!(got.upstream_error.as_deref(), Some("UNAVAILABLE"));
         assert_eq!(got.usage.input_tokens, 5);
+
+        // Grounding with Google Search: each distinct query the answer lists counts once, an
+        // empty one not at all (as Gemini bills them); a chunk repeating the list adds none.
+        let grounding = r#","groundingMetadata": {"webSearchQueries": ["weather", "", "news", "weather"], "groundingChunks": [{"web": {"uri": "https://example.com"}}]}"#;
+        let text = chunk(r#"{"promptTokenCount": 10}"#, "")
+            + &chunk(
+                r#"{"promptTokenCount": 10, "candidatesTokenCount": 4}"#,
+                &format!("{grounding},\"finishReason\": \"STOP\""),
+            )
+            + &chunk(
+                r#"{"promptTokenCount": 10, "candidatesTokenCount": 4}"#,
+                grounding,
+            );
+        let got = stream_result(Protocol::Gemini, &text);
+        assert_eq!(got.usage.web_search_requests, 2, "{got:?}");
+        assert_eq!((got.usage.input_tokens, got.usage.output_tokens), (10, 4));
+        // A grounding chunk with no usage of its own still counts; so does a whole answer.
+        let text = chunk(r#"{"promptTokenCount": 10}"#, "")
+            + &format!(
+                "data: {{\"candidates\": [{{\"finishReason\": \"STOP\"{grounding}}}]}}\r\n\r\n"
+            );
+        let got = stream_result(Protocol::Gemini, &text);
+        assert_eq!(
+            (got.usage.web_search_requests, got.usage.input_tokens),
+            (2, 10)
+        );
+        let body = format!(
+            "{{\"candidates\": [{{\"content\": {{\"parts\": [{{\"text\": \"x\"}}]}}{grounding}}}], \"usageMetadata\": {{\"promptTokenCount\": 3}}}}"
+        );
+        let got = meter(Protocol::Gemini, false, &[body.as_bytes()]);
+        assert_eq!(got.usage.web_search_requests, 2, "{got:?}");
+        let array = format!("[{body}]");
+        let got = meter(Protocol::Gemini, false, &[array.as_bytes()]);
+        assert_eq!(got.usage.web_search_requests, 2, "{got:?}");
     }
 
     #[test]
@@ -4257,6 +4363,11 @@ data: [DONE]\n\n";
             r#"{"usageMetadata":{"promptTokenCount":5},"candidates":[{"content":{"parts":[{"functionCall":{"name":"f","args":{"usageMetadata":{"promptTokenCount":99}}}}]}}],"modelVersion":"m","responseId":"r"}"#,
             r#"{"candidates":[{"content":{"parts":[{"text":"a"}]}}],"usageMetadata":{"promptTokenCount":6},"modelVersion":"m","responseId":"r","x":"\"usageMetadata\":{}"}"#,
             r#"{"modelVersion":"m","responseId":"r","usageMetadata":{"promptTokenCount":8}}"#,
+            // Grounded: distinct non-empty queries, over every candidate.
+            r#"{"candidates":[{"content":{"parts":[{"text":"a"}]},"groundingMetadata":{"webSearchQueries":["q1","","q2","q1"],"groundingChunks":[]}}],"usageMetadata":{"promptTokenCount":6},"modelVersion":"m","responseId":"r"}"#,
+            r#"{"candidates":[{"groundingMetadata":{"webSearchQueries":[""]}},{"groundingMetadata":{"webSearchQueries":["q3","q\u0031"]}},{"groundingMetadata":null}]}"#,
+            r#"{"candidates":[{"groundingMetadata":{"webSearchQueries":null,"searchEntryPoint":{}}}]}"#,
+            r#"{"candidates":[{"groundingMetadata":{"webSearchQueries":[]}}],"usageMetadata":{"promptTokenCount":1}}"#,
             // Left to serde: an escaped key, a count written as a float, a string count.
             r#"{"usage\u004detadata":{"promptTokenCount":5}}"#,
             r#"{"usageMetadata":{"promptTokenCount":5.0}}"#,
@@ -4290,7 +4401,7 @@ data: [DONE]\n\n";
         assert_eq!(first.usage.unwrap().prompt_token_count, Some(5));
         let nested_last = scan_gemini_chunk(crafted[8].as_bytes()).unwrap();
         assert_eq!(nested_last.usage.unwrap().prompt_token_count, Some(5));
-        for left in &crafted[11..] {
+        for left in &crafted[15..] {
             assert!(scan_gemini_chunk(left.as_bytes()).is_none(), "{left}");
         }
     }

@@ -55,8 +55,9 @@ pub struct ExtraUsage {
     pub tool_use: u64,
     /// Web searches: Anthropic `usage.server_tool_use.web_search_requests` (0 in
     /// message_start, the count in message_delta and the JSON answer), OpenAI Responses
-    /// `web_search_call` output items and their `response.web_search_call.*` events; omitted
-    /// when 0.
+    /// `web_search_call` output items and their `response.web_search_call.*` events, Gemini
+    /// `groundingMetadata.webSearchQueries` in the finishing chunk (with an empty query and a
+    /// repeated one, which Gemini does not bill); omitted when 0.
     pub web_searches: u64,
 }
 
@@ -1018,6 +1019,17 @@ fn gemini_chunk(
     });
     if finished {
         candidate["finishReason"] = "STOP".into();
+        let searches = b.extra_usage.web_searches;
+        if searches > 0 {
+            let mut queries: Vec<String> = (0..searches).map(|n| format!("query {n}")).collect();
+            queries.push(String::new());
+            queries.push("query 0".into());
+            candidate["groundingMetadata"] = serde_json::json!({
+                "webSearchQueries": queries,
+                "groundingChunks": [{"web": {"uri": "https://vertexaisearch.cloud.google.com/grounding-api-redirect/x", "title": "example.com"}}],
+                "searchEntryPoint": {"renderedContent": "<div></div>"},
+            });
+        }
     }
     serde_json::json!({
         "candidates": [candidate],

@@ -33,6 +33,9 @@ pub struct PriceView {
     pub cache_write_1h: Option<i64>,
     pub cache_read: Option<i64>,
     pub web_search: Option<i64>,
+    /// Micro-USD once per request that ran any search (Gemini 2.5's per grounded prompt),
+    /// from the shipped price list; an override naming `web_search` drops it.
+    pub web_search_request: Option<i64>,
     /// The rate card of prompts longer than its `above_tokens` (uncached input, cache reads and
     /// writes together): `{"above_tokens", "input", "output", "cache_write_5m"?,
     /// "cache_write_1h"?, "cache_read"?, "priority"?, "flex"?, "fast"?}`, its unset cache
@@ -77,9 +80,10 @@ impl PriceView {
     /// where the override names none.
     fn of_override(r: ModelPriceRow, prices: &crate::cache::PriceCache) -> PriceView {
         let shipped = prices.shipped(&r.model);
-        let applied = r.cards.apply(r.price(), shipped);
+        let applied = prices.with_shipped_searches(&r.model, r.cards.apply(r.price(), shipped));
         PriceView {
-            web_search: r.web_search.or_else(|| prices.shipped_web_search(&r.model)),
+            web_search: applied.web_search,
+            web_search_request: applied.web_search_request,
             long_context: applied.long_context,
             shipped_long_context: shipped.and_then(|p| p.long_context),
             priority: applied.priority,
@@ -129,6 +133,7 @@ pub async fn list(State(state): State<AdminState>, caller: Caller) -> AppResult<
                     cache_write_1h: p.cache_write_1h,
                     cache_read: p.cache_read,
                     web_search: p.web_search,
+                    web_search_request: p.web_search_request,
                     long_context: p.long_context,
                     shipped_long_context: state.prices.shipped(model).and_then(|s| s.long_context),
                     priority: p.priority,
