@@ -1746,6 +1746,24 @@ async fn price_overrides_keep_set_or_drop_the_long_context_card() {
         last_audit(&relay, "price.upsert").await["long_context"],
         long_tiers
     );
+    // A tier an override drops is dropped for long prompts too: GPT-5.6's shipped long card
+    // keeps its flex card, not its priority one.
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/pricing",
+            json!({"model": "gpt-5.6", "input": 5_000_000, "output": 30_000_000,
+                   "priority": null}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["priority"], Value::Null, "{v}");
+    assert_eq!(v["long_context"]["above_tokens"], 272_000, "{v}");
+    assert_eq!(v["long_context"].get("priority"), None, "{v}");
+    assert_eq!(v["long_context"]["flex"]["input"], 5_000_000, "{v}");
+    assert_eq!(
+        v["shipped_long_context"]["priority"]["input"], 20_000_000,
+        "{v}"
+    );
     // Without the override, the shipped card again.
     let (status, v) = relay
         .admin_delete(&format!("/api/admin/pricing/{HAIKU}"))

@@ -435,6 +435,12 @@ try {
   assert.deepEqual([stored.priority.input, stored.flex, stored.long_context.priority.output], [6000000, null, 45000000])
   // The shipped long card's own tier cards show too (GPT-5.6: 2× its long card at priority).
   assert.equal(await row('prices', 'gpt-5.6').locator('[data-test="long_priority"]').innerText(), 'priority $20.00 / $90.00')
+  // Renamed in the form, the override is another model's: the tier choices go back to the price list's.
+  await row('prices', 'ui-model-1').getByRole('button', { name: 'Override', exact: true }).click()
+  assert.equal(await priceForm.locator('select[name="priority"]').inputValue(), 'own')
+  await priceForm.locator('input[name="model"]').fill('ui-model-2')
+  await page.waitForFunction(() => document.querySelector('select[name="priority"]').value === 'shipped')
+  await priceForm.getByRole('button', { name: 'Cancel' }).click()
   // A tier card without its output price is refused in the form, before any request.
   await row('prices', 'ui-model-1').getByRole('button', { name: 'Override', exact: true }).click()
   await priceForm.locator('select[name="fast"]').selectOption('own')

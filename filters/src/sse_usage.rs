@@ -1106,27 +1106,46 @@ struct GeminiUsageWire {
 #[serde(rename_all = "camelCase")]
 struct GeminiCandidateWire<'a> {
     finish_reason: Option<IgnoredAny>,
+    /// Read apart, leniently: grounding of another shape costs its searches, not the chunk's
+    /// tokens.
     #[serde(borrow)]
-    grounding_metadata: Option<GeminiGroundingWire<'a>>,
+    grounding_metadata: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct GeminiGroundingWire<'a> {
     #[serde(borrow)]
-    web_search_queries: Option<Vec<&'a RawValue>>,
+    web_search_queries: Option<&'a RawValue>,
 }
 
 /// Google Search queries a grounded answer ran, as Gemini bills them: each distinct query
-/// once, empty ones not at all.
+/// once, empty ones not at all; at most [`MAX_SEARCH_QUERIES`] (an answer runs a handful, and
+/// an upstream's list is not trusted to be short).
 #[derive(Default)]
 struct SearchQueries<'a>(Vec<&'a [u8]>);
+
+/// Most distinct search queries one Gemini chunk is counted for.
+const MAX_SEARCH_QUERIES: usize = 256;
 
 impl<'a> SearchQueries<'a> {
     /// One element of a `webSearchQueries` array (a JSON string, as sent).
     fn add(&mut self, query: &'a [u8]) {
-        if query != b"\"\"" && query != b"null" && !self.0.contains(&query) {
+        if self.0.len() < MAX_SEARCH_QUERIES
+            && query != b"\"\""
+            && query != b"null"
+            && !self.0.contains(&query)
+        {
             self.0.push(query);
+        }
+    }
+
+    /// The queries of a `webSearchQueries` value; anything but an array of them is none.
+    fn add_list(&mut self, list: &'a [u8]) {
+        if let Ok(list) = serde_json::from_slice::<Vec<&RawValue>>(list) {
+            for query in list {
+                self.add(query.get().as_bytes());
+            }
         }
     }
 
@@ -1718,13 +1737,12 @@ impl<'a> From<GeminiChunkWire<'a>> for GeminiChunk<'a> {
     fn from(c: GeminiChunkWire<'a>) -> Self {
         let mut queries = SearchQueries::default();
         let grounded = c.candidates.iter().flatten().filter_map(|cand| {
-            cand.grounding_metadata
-                .as_ref()?
+            serde_json::from_str::<GeminiGroundingWire<'_>>(cand.grounding_metadata?.get())
+                .ok()?
                 .web_search_queries
-                .as_ref()
         });
-        for query in grounded.flatten() {
-            queries.add(query.get().as_bytes());
+        for list in grounded {
+            queries.add_list(list.get().as_bytes());
         }
         GeminiChunk {
             usage: c.usage_metadata,
@@ -1756,16 +1774,16 @@ impl<'a> GeminiChunk<'a> {
                     json_scan::for_each_member(candidate, |key, value| {
                         match key {
                             b"finishReason" if value != b"null" => self.finished = true,
-                            b"groundingMetadata" if value != b"null" => {
-                                json_scan::for_each_member(value, |key, value| {
-                                    if key == b"webSearchQueries" && value != b"null" {
-                                        json_scan::for_each_element(value, |query| {
-                                            queries.add(query);
-                                            Some(())
-                                        })?;
+                            // Rare, and its shape not trusted: read by serde, leniently
+                            // (as the serde path reads it).
+                            b"groundingMetadata" => {
+                                if let Ok(g) =
+                                    serde_json::from_slice::<GeminiGroundingWire<'_>>(value)
+                                {
+                                    if let Some(list) = g.web_search_queries {
+                                        queries.add_list(list.get().as_bytes());
                                     }
-                                    Some(())
-                                })?;
+                                }
                             }
                             _ => {}
                         }
@@ -2436,10 +2454,12 @@ impl crate::chain::ResponseFilter for SseUsage {
         let unreported = meter.usage_never_reported()
             && meter.text_deltas() > 0
             && result.upstream_error.is_none();
-        if ctx.route.billed && ((!result.complete && generated) || unreported) {
+        let cut = !result.complete && generated;
+        if ctx.route.billed && (cut || unreported) {
             // The tier it asked for, as its cost was held, when it was cut before saying
             // which it ran at (a Responses stream names it only in its terminal event).
-            if ctx.usage.service_tier.is_none()
+            if cut
+                && ctx.usage.service_tier.is_none()
                 && ctx.request.service_tier != crate::cost::ServiceTier::Standard
             {
                 ctx.usage.service_tier = Some(ctx.request.service_tier);
@@ -3782,6 +3802,50 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
         let array = format!("[{body}]");
         let got = meter(Protocol::Gemini, false, &[array.as_bytes()]);
         assert_eq!(got.usage.web_search_requests, 2, "{got:?}");
+        // Grounding of another shape: the answer's tokens are still counted.
+        let odd = br#"{"candidates": [{"groundingMetadata": {"webSearchQueries": "q"}}], "usageMetadata": {"promptTokenCount": 3}}"#;
+        let got = meter(Protocol::Gemini, false, &[odd]);
+        assert_eq!(
+            (got.usage.input_tokens, got.usage.web_search_requests),
+            (3, 0)
+        );
+        // An answer listing more queries than any runs is counted up to the cap.
+        let many: Vec<String> = (0..1_000).map(|n| format!("q{n}")).collect();
+        let body = serde_json::json!({"candidates": [{"groundingMetadata": {"webSearchQueries": many}}], "usageMetadata": {"promptTokenCount": 3}}).to_string();
+        let got = meter(Protocol::Gemini, false, &[body.as_bytes()]);
+        assert_eq!(got.usage.web_search_requests, MAX_SEARCH_QUERIES as u64);
+    }
+
+    /// A stream cut before it named its tier is billed at the tier it asked for; one that ended
+    /// as its protocol ends it without naming one (an upstream that reports no usage) is not.
+    #[test]
+    fn only_a_cut_answer_takes_the_tier_it_asked_for() {
+        use crate::chain::ResponseFilter;
+        let route = crate::route::ApiRoute {
+            protocol: Protocol::OpenaiChat,
+            upstream_path: "/v1/chat/completions".into(),
+            path_model: None,
+            path_stream: false,
+            billed: true,
+        };
+        let chunk = r#"data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}"#;
+        for (stream, tier) in [
+            (
+                format!("{chunk}\n\n"),
+                Some(crate::cost::ServiceTier::Priority),
+            ),
+            (format!("{chunk}\n\ndata: [DONE]\n\n"), None),
+        ] {
+            let mut ctx = crate::context::RequestCtx::new("r".into(), route.clone(), 0);
+            ctx.request.service_tier = crate::cost::ServiceTier::Priority;
+            ctx.request.body_len = 400;
+            let mut meter = UsageMeter::new(Protocol::OpenaiChat, true);
+            meter.feed(stream.as_bytes());
+            ctx.usage.meter = Some(meter);
+            SseUsage.on_end(&mut ctx);
+            assert!(ctx.usage.estimated, "{stream}");
+            assert_eq!(ctx.usage.service_tier, tier, "{stream}");
+        }
     }
 
     #[test]
@@ -4368,6 +4432,8 @@ data: [DONE]\n\n";
             r#"{"candidates":[{"groundingMetadata":{"webSearchQueries":[""]}},{"groundingMetadata":{"webSearchQueries":["q3","q\u0031"]}},{"groundingMetadata":null}]}"#,
             r#"{"candidates":[{"groundingMetadata":{"webSearchQueries":null,"searchEntryPoint":{}}}]}"#,
             r#"{"candidates":[{"groundingMetadata":{"webSearchQueries":[]}}],"usageMetadata":{"promptTokenCount":1}}"#,
+            // Grounding of another shape costs its searches only, never the chunk's tokens.
+            r#"{"candidates":[{"groundingMetadata":"x"},{"groundingMetadata":{"webSearchQueries":{"q":1}}}],"usageMetadata":{"promptTokenCount":2}}"#,
             // Left to serde: an escaped key, a count written as a float, a string count.
             r#"{"usage\u004detadata":{"promptTokenCount":5}}"#,
             r#"{"usageMetadata":{"promptTokenCount":5.0}}"#,
@@ -4401,7 +4467,7 @@ data: [DONE]\n\n";
         assert_eq!(first.usage.unwrap().prompt_token_count, Some(5));
         let nested_last = scan_gemini_chunk(crafted[8].as_bytes()).unwrap();
         assert_eq!(nested_last.usage.unwrap().prompt_token_count, Some(5));
-        for left in &crafted[15..] {
+        for left in &crafted[16..] {
             assert!(scan_gemini_chunk(left.as_bytes()).is_none(), "{left}");
         }
     }

@@ -263,7 +263,8 @@ pub struct UsageRecord {
     /// Token counts are incomplete (client went away and the upstream was not drained).
     pub estimated: bool,
     /// The service tier the provider says it served the request at (`priority`, `flex`,
-    /// `standard`), which priced it; absent when the answer named none.
+    /// `standard`), which priced it; for an answer cut before it named one, the tier the
+    /// request asked for (as its cost was held); absent when neither.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_tier: Option<crate::cost::ServiceTier>,
     /// The id the provider knows the request by, from its answer's head (Anthropic

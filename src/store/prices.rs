@@ -79,12 +79,26 @@ pub struct CardChoices {
 }
 
 impl CardChoices {
-    /// `price` with these cards in place of its own, each resolved against `shipped`'s.
+    /// `price` with these cards in place of its own, each resolved against `shipped`'s. A
+    /// tier dropped (`None`) is dropped for long prompts too: the shipped long card, when
+    /// kept, loses its own card for that tier.
     pub fn apply(&self, price: ModelPrice, shipped: Option<&ModelPrice>) -> ModelPrice {
+        let mut long_context = self
+            .long_context
+            .resolve(shipped.and_then(|p| p.long_context));
+        if let (CardChoice::Shipped, Some(long)) = (self.long_context, long_context.as_mut()) {
+            for (choice, card) in [
+                (self.priority, &mut long.priority),
+                (self.flex, &mut long.flex),
+                (self.fast, &mut long.fast),
+            ] {
+                if choice == CardChoice::None {
+                    *card = None;
+                }
+            }
+        }
         ModelPrice {
-            long_context: self
-                .long_context
-                .resolve(shipped.and_then(|p| p.long_context)),
+            long_context,
             priority: self.priority.resolve(shipped.and_then(|p| p.priority)),
             flex: self.flex.resolve(shipped.and_then(|p| p.flex)),
             fast: self.fast.resolve(shipped.and_then(|p| p.fast)),

@@ -153,8 +153,8 @@ pub struct UsageRow {
     pub unpriced: bool,
     /// Token counts incomplete.
     pub estimated: bool,
-    /// The service tier the provider served it at (`priority`, `flex`, `standard`); `null`
-    /// when the answer named none.
+    /// The service tier the provider served it at (`priority`, `flex`, `standard`), or for an
+    /// answer cut before it named one, the tier the request asked for; `null` when neither.
     pub service_tier: Option<String>,
     /// The provider's id of the request, from its answer's head (Anthropic `request-id`,
     /// OpenAI `x-request-id`).

@@ -91,7 +91,8 @@ pub struct OwnRecord {
     pub error_type: Option<String>,
     pub unpriced: bool,
     pub estimated: bool,
-    /// The service tier the provider served it at; `null` when the answer named none.
+    /// The service tier the provider served it at (for an answer cut before it named one, the
+    /// tier asked for); `null` when neither.
     pub service_tier: Option<String>,
     /// The provider's id of the request (Anthropic `request-id`, OpenAI `x-request-id`), as
     /// the answer's head gave it to the client too.
