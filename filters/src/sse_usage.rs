@@ -1116,7 +1116,7 @@ struct GeminiCandidateWire<'a> {
 #[serde(rename_all = "camelCase")]
 struct GeminiGroundingWire<'a> {
     #[serde(borrow)]
-    web_search_queries: Option<&'a RawValue>,
+    web_search_queries: Option<Vec<&'a RawValue>>,
 }
 
 /// Google Search queries a grounded answer ran, as Gemini bills them: each distinct query
@@ -1140,9 +1140,14 @@ impl<'a> SearchQueries<'a> {
         }
     }
 
-    /// The queries of a `webSearchQueries` value; anything but an array of them is none.
-    fn add_list(&mut self, list: &'a [u8]) {
-        if let Ok(list) = serde_json::from_slice::<Vec<&RawValue>>(list) {
+    /// The queries of a candidate's `groundingMetadata` value, read leniently: grounding of
+    /// another shape (not an object, queries not an array) adds none, and never fails the
+    /// chunk it came in.
+    fn add_grounding(&mut self, grounding: &'a [u8]) {
+        if let Ok(GeminiGroundingWire {
+            web_search_queries: Some(list),
+        }) = serde_json::from_slice(grounding)
+        {
             for query in list {
                 self.add(query.get().as_bytes());
             }
@@ -1736,13 +1741,13 @@ struct GeminiChunk<'a> {
 impl<'a> From<GeminiChunkWire<'a>> for GeminiChunk<'a> {
     fn from(c: GeminiChunkWire<'a>) -> Self {
         let mut queries = SearchQueries::default();
-        let grounded = c.candidates.iter().flatten().filter_map(|cand| {
-            serde_json::from_str::<GeminiGroundingWire<'_>>(cand.grounding_metadata?.get())
-                .ok()?
-                .web_search_queries
-        });
-        for list in grounded {
-            queries.add_list(list.get().as_bytes());
+        let grounded = c
+            .candidates
+            .iter()
+            .flatten()
+            .filter_map(|cand| cand.grounding_metadata);
+        for grounding in grounded {
+            queries.add_grounding(grounding.get().as_bytes());
         }
         GeminiChunk {
             usage: c.usage_metadata,
@@ -1774,17 +1779,8 @@ impl<'a> GeminiChunk<'a> {
                     json_scan::for_each_member(candidate, |key, value| {
                         match key {
                             b"finishReason" if value != b"null" => self.finished = true,
-                            // Rare, and its shape not trusted: read by serde, leniently
-                            // (as the serde path reads it).
-                            b"groundingMetadata" => {
-                                if let Ok(g) =
-                                    serde_json::from_slice::<GeminiGroundingWire<'_>>(value)
-                                {
-                                    if let Some(list) = g.web_search_queries {
-                                        queries.add_list(list.get().as_bytes());
-                                    }
-                                }
-                            }
+                            // Rare, and its shape not trusted: read as the serde path reads it.
+                            b"groundingMetadata" => queries.add_grounding(value),
                             _ => {}
                         }
                         Some(())

@@ -691,7 +691,9 @@ fn copy_head(
     ResponseHeader::from(parts)
 }
 
-const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+pub(super) const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+/// Anthropic's id of a request, in its answers' heads.
+pub(super) const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("request-id");
 const X_RELAY_REQUEST_ID: http::HeaderName =
     http::HeaderName::from_static(super::X_RELAY_REQUEST_ID);
 

@@ -514,8 +514,8 @@ pub(crate) fn provider_id(id: String) -> Option<String> {
 /// else OpenAI's `x-request-id`.
 pub(crate) fn provider_request_id(headers: &http::HeaderMap) -> Option<String> {
     let value = headers
-        .get("request-id")
-        .or_else(|| headers.get("x-request-id"))?;
+        .get(exchange::REQUEST_ID)
+        .or_else(|| headers.get(exchange::X_REQUEST_ID))?;
     provider_id(value.to_str().ok()?.to_owned())
 }
 
