@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use relay_filters::accounts::{Account, AccountDirectory, AccountState, BaseUrl, Credential};
 use relay_filters::api_key_auth::{KeyEntry, KeyStore};
-use relay_filters::cost::{PriceSource, PriceTable};
+use relay_filters::cost::{PriceSchedule, PriceSource, PriceTable};
 
 use crate::secrets::SecretBox;
 use crate::store::{Account as AccountRow, AccountStatus, ActiveApiKey, ModelPrice, ModelPriceRow};
@@ -363,31 +363,41 @@ impl PriceCache {
     pub fn replace(&self, overrides: Vec<ModelPriceRow>) {
         let mut table = self.base.clone();
         for row in overrides {
-            let price = row.cards.apply(row.price(), self.base.get(&row.model));
-            table.insert(&row.model, self.with_shipped_searches(&row.model, price));
+            table.insert_schedule(&row.model, self.applied(&row));
         }
         write(&self.table, Arc::new(table));
     }
 
-    /// An override's `price` with the model's shipped search prices (per search and per
-    /// request that searched) where it names no `web_search`: one made before searches were
-    /// priced, or that sets token prices only, must not make the searches free (`0` does). An
-    /// override naming `web_search` prices searches by it alone.
-    pub fn with_shipped_searches(&self, model: &str, mut price: ModelPrice) -> ModelPrice {
-        if price.web_search.is_none() {
-            if let Some(shipped) = self.base.get(model) {
-                price.web_search = shipped.web_search;
-                price.web_search_request = shipped.web_search_request;
+    /// An override as the relay applies it over time: laid over each of the model's shipped
+    /// prices (the cards it keeps, and its search prices, change when the shipped ones do), or
+    /// alone for a model the price list does not have.
+    pub fn applied(&self, row: &ModelPriceRow) -> PriceSchedule {
+        let own = row.price();
+        match self.base.schedule(&row.model) {
+            Some(shipped) => {
+                shipped.map(|p| with_shipped_searches(row.cards.apply(own, Some(p)), p))
             }
+            None => PriceSchedule::new(row.cards.apply(own, None)),
         }
-        price
     }
 
-    /// The shipped price of a model: the cards an override keeps unless it sets its own or
-    /// none ([`crate::store::CardChoice`]).
+    /// The shipped price of a model now: the cards an override keeps unless it sets its own
+    /// or none ([`crate::store::CardChoice`]).
     pub fn shipped(&self, model: &str) -> Option<&ModelPrice> {
         self.base.get(model)
     }
+}
+
+/// An override's `price` with the shipped search prices (per search and per request that
+/// searched) where it names no `web_search`: one made before searches were priced, or that
+/// sets token prices only, must not make the searches free (`0` does). An override naming
+/// `web_search` prices searches by it alone.
+fn with_shipped_searches(mut price: ModelPrice, shipped: &ModelPrice) -> ModelPrice {
+    if price.web_search.is_none() {
+        price.web_search = shipped.web_search;
+        price.web_search_request = shipped.web_search_request;
+    }
+    price
 }
 
 impl PriceSource for PriceCache {

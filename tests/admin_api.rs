@@ -844,6 +844,98 @@ async fn price_rates_and_overrides_change_the_next_request_postgres() {
     price_rates_and_overrides_change_the_next_request(Db::Postgres(pg.url.clone())).await;
 }
 
+/// A price list that schedules changes: the one in effect bills, the admin list shows what is
+/// coming, and an override keeps its own prices through them.
+#[tokio::test]
+async fn scheduled_price_changes_bill_from_their_date_and_are_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pricing.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[models.\"{MODEL}\"]\ninput = 1000000\noutput = 2000000\n\n\
+             [models.\"{MODEL}\".from.\"2020-01-01\"]\ninput = 3000000\noutput = 15000000\n\
+             web_search = 10000\n\n\
+             [models.\"{MODEL}\".from.\"2100-01-01\"]\ninput = 5000000\noutput = 25000000\n\
+             web_search = 10000\n\
+             [models.\"{MODEL}\".from.\"2100-01-01\".priority]\ninput = 10000000\n\
+             output = 50000000\n"
+        ),
+    )
+    .unwrap();
+    let mock = MockUpstream::start().await;
+    mock.set(|b| b.usage = MockUsage::io(1000, 1000));
+    let relay = Relay::start_with(RelayOptions {
+        env: vec![("RELAY_PRICING_FILE".into(), file.display().to_string())],
+        ..RelayOptions::default()
+    })
+    .await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-upstream-a")
+        .await;
+    let user = relay.create_user("sam", 10_000).await;
+    let (_, key) = relay.create_key(&user, json!({})).await;
+    relay.wait_key_active(&key).await;
+
+    // The 2020 prices: 1000×3 + 1000×15 = 18 000 (the dated id the mock reports finds them).
+    let r = proxied_record(&relay, &key, "scheduled").await;
+    assert_eq!(r["base_cost"], 18_000, "{r}");
+    let listed = |prices: &Value| {
+        prices["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["model"] == MODEL)
+            .cloned()
+            .unwrap()
+    };
+    let view = listed(&relay.admin_get("/api/admin/pricing").await);
+    assert_eq!(
+        (&view["input"], &view["output"]),
+        (&json!(3_000_000), &json!(15_000_000)),
+        "{view}"
+    );
+    assert_eq!(view["priority"], Value::Null, "{view}");
+    // Only the change still to come, with the whole prices it brings.
+    let changes = view["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{view}");
+    assert_eq!(changes[0]["from_ms"], 4_102_444_800_000_i64, "{view}");
+    assert_eq!(changes[0]["price"]["input"], 5_000_000, "{view}");
+    assert_eq!(
+        changes[0]["price"]["priority"]["input"], 10_000_000,
+        "{view}"
+    );
+
+    // An override: its own prices hold through the change; the priority card it keeps from
+    // the list still arrives with it.
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/pricing",
+            json!({"model": MODEL, "input": 1_000_000, "output": 2_000_000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["changes"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["changes"][0]["price"]["input"], 1_000_000, "{v}");
+    assert_eq!(
+        v["changes"][0]["price"]["priority"]["input"], 10_000_000,
+        "{v}"
+    );
+    let r = proxied_record(&relay, &key, "overridden").await;
+    assert_eq!(r["base_cost"], 3_000, "{r}");
+    // Dropping the priority card leaves the change nothing to change: not listed.
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/pricing",
+            json!({"model": MODEL, "input": 1_000_000, "output": 2_000_000, "priority": null}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["changes"], json!([]), "{v}");
+    let view = listed(&relay.admin_get("/api/admin/pricing").await);
+    assert_eq!(view["changes"], json!([]), "{view}");
+}
+
 /// A mock answering 1000 input and 1000 output tokens, and a relay with one account on it.
 async fn priced_relay(db: Db) -> (MockUpstream, Relay) {
     let mock = MockUpstream::start().await;

@@ -433,6 +433,16 @@ try {
   assert.equal(await row('prices', 'ui-model-1').locator('[data-test="long_priority"]').innerText(), 'priority $12.00 / $45.00')
   const stored = await page.evaluate(async () => (await (await fetch('/api/admin/pricing')).json()).items.find((p) => p.model === 'ui-model-1'))
   assert.deepEqual([stored.priority.input, stored.flex, stored.long_context.priority.output], [6000000, null, 45000000])
+  // A price change the list schedules shows under the model until it takes effect: Gemini
+  // 3.8 Flash's introductory price ends on 2027-01-01.
+  const changeShown = await row('prices', 'gemini-3.8-flash').locator('[data-test="change"]').allInnerTexts()
+  if (Date.now() < Date.UTC(2027, 0, 1)) {
+    assert.deepEqual(changeShown, ['from 2027-01-01: $1.50 / $7.50, cache read $0.15'])
+    assert.equal(await row('prices', 'gemini-3.8-flash').locator('[data-test="input"]').innerText(), '$0.75')
+  } else {
+    assert.deepEqual(changeShown, [])
+    assert.equal(await row('prices', 'gemini-3.8-flash').locator('[data-test="input"]').innerText(), '$1.50')
+  }
   // The shipped long card's own tier cards show too (GPT-5.6: 2× its long card at priority).
   assert.equal(await row('prices', 'gpt-5.6').locator('[data-test="long_priority"]').innerText(), 'priority $20.00 / $90.00')
   // Renamed in the form, the override is another model's: the tier choices go back to the price list's.

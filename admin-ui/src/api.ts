@@ -108,8 +108,27 @@ export interface Price {
   shipped_priority: TierPrice | null
   shipped_flex: TierPrice | null
   shipped_fast: TierPrice | null
+  /** Price changes scheduled after now, in date order: the model's whole prices from `from_ms` on. */
+  changes: PriceChange[]
   override: boolean
   updated_at: number | null
+}
+
+export interface PriceChange {
+  from_ms: number
+  price: {
+    input: number
+    output: number
+    cache_write_5m?: number
+    cache_write_1h?: number
+    cache_read?: number
+    web_search?: number
+    web_search_request?: number
+    long_context?: LongContextPrice
+    priority?: TierPrice
+    flex?: TierPrice
+    fast?: TierPrice
+  }
 }
 
 export interface TierPrice {

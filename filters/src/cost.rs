@@ -291,10 +291,89 @@ pub enum PriceError {
     },
 }
 
-/// Model name → price, with a fallback from dated model ids to their undated name.
+/// A model's prices from a time on: a price change the list announces ahead (an
+/// introductory price that ends, a list price that moves on a date).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PriceChange {
+    /// Epoch ms from which `price` applies (a request received at or after it).
+    pub from_ms: i64,
+    /// The model's prices from then on, all its cards.
+    pub price: ModelPrice,
+}
+
+/// A model's prices over time: one price, and the changes that replace it on their dates, in
+/// date order. A request is priced at the one in effect when the relay received it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PriceSchedule {
+    first: ModelPrice,
+    changes: Vec<PriceChange>,
+}
+
+impl PriceSchedule {
+    /// One price at every time.
+    pub fn new(price: ModelPrice) -> Self {
+        PriceSchedule {
+            first: price,
+            changes: Vec::new(),
+        }
+    }
+
+    /// The prices in effect at `at_ms` (epoch ms).
+    pub fn at(&self, at_ms: i64) -> &ModelPrice {
+        self.changes
+            .iter()
+            .rev()
+            .find(|c| c.from_ms <= at_ms)
+            .map_or(&self.first, |c| &c.price)
+    }
+
+    /// The changes that take effect after `now_ms`, in date order.
+    pub fn upcoming(&self, now_ms: i64) -> &[PriceChange] {
+        let past = self.changes.partition_point(|c| c.from_ms <= now_ms);
+        &self.changes[past..]
+    }
+
+    /// The schedule with `f` applied to each of its prices (an override laid over the
+    /// shipped prices of each period), dates unchanged; a change that no longer changes
+    /// anything is dropped.
+    pub fn map(&self, mut f: impl FnMut(&ModelPrice) -> ModelPrice) -> PriceSchedule {
+        let mut mapped = PriceSchedule::new(f(&self.first));
+        for change in &self.changes {
+            let price = f(&change.price);
+            let last = mapped.changes.last().map_or(&mapped.first, |c| &c.price);
+            if *last != price {
+                mapped.changes.push(PriceChange {
+                    from_ms: change.from_ms,
+                    price,
+                });
+            }
+        }
+        mapped
+    }
+
+    /// Every price of the schedule, the first one first.
+    pub fn prices(&self) -> impl Iterator<Item = &ModelPrice> {
+        std::iter::once(&self.first).chain(self.changes.iter().map(|c| &c.price))
+    }
+
+    /// Adds a change after the last one; `false` (and nothing added) when it is not later.
+    fn push(&mut self, change: PriceChange) -> bool {
+        if self
+            .changes
+            .last()
+            .is_some_and(|c| c.from_ms >= change.from_ms)
+        {
+            return false;
+        }
+        self.changes.push(change);
+        true
+    }
+}
+
+/// Model name → price schedule, with a fallback from dated model ids to their undated name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PriceTable {
-    models: BTreeMap<String, ModelPrice>,
+    models: BTreeMap<String, PriceSchedule>,
 }
 
 impl PriceTable {
@@ -326,11 +405,13 @@ impl PriceTable {
                 continue;
             }
             if line.starts_with('[') {
-                let (name, section) = parse_table_header(line).map_err(|m| syntax(line_no, m))?;
+                let (name, from, section) =
+                    parse_table_header(line).map_err(|m| syntax(line_no, m))?;
+                let from_ms = from.as_ref().map(|f| f.0);
                 if section != Section::Model {
                     let table_name = section.table_name();
                     match current.as_mut() {
-                        Some(model) if model.name == name => {
+                        Some(model) if model.name == name && model.starts_ms() == from_ms => {
                             let card = model.card_mut(section);
                             if card.is_some() {
                                 return Err(syntax(
@@ -343,24 +424,41 @@ impl PriceTable {
                             continue;
                         }
                         _ => {
+                            let version = version_path(from.as_ref());
                             return Err(syntax(
                                 line_no,
                                 format!(
-                                    "`[models.\"{name}\".{table_name}]` must follow \
-                                     `[models.\"{name}\"]` (or its other tables)"
+                                    "`[models.\"{name}\"{version}.{table_name}]` must follow \
+                                     `[models.\"{name}\"{version}]` (or its other tables)"
                                 ),
-                            ))
+                            ));
                         }
+                    }
+                }
+                if let Some((from_ms, text)) = &from {
+                    // A change continues its model's tables, later than the one before.
+                    let follows = current.as_ref().is_some_and(|m| {
+                        m.name == name && m.starts_ms().is_none_or(|earlier| earlier < *from_ms)
+                    });
+                    if !follows {
+                        return Err(syntax(
+                            line_no,
+                            format!(
+                                "`[models.\"{name}\".from.\"{text}\"]` must follow \
+                                 `[models.\"{name}\"]` and its earlier changes, in date order"
+                            ),
+                        ));
                     }
                 }
                 if let Some(model) = current.take() {
                     table.add_parsed(model)?;
                 }
-                if table.models.contains_key(&name) {
+                if from.is_none() && table.models.contains_key(&name) {
                     return Err(PriceError::DuplicateModel { model: name });
                 }
                 current = Some(ParsedModel {
                     name,
+                    from,
                     section: Section::Model,
                     base: PartialPrice::default(),
                     long: None,
@@ -440,27 +538,49 @@ impl PriceTable {
         Ok(table)
     }
 
-    /// Sets the price of `model`, replacing any earlier one (admin overrides go on top).
+    /// Sets the price of `model` at every time, replacing any earlier one.
     pub fn insert(&mut self, model: &str, price: ModelPrice) {
-        self.models.insert(model.to_owned(), price);
+        self.insert_schedule(model, PriceSchedule::new(price));
     }
 
-    /// The price of `model`: its exact name, else its name without a trailing `-YYYYMMDD` or
-    /// `-YYYY-MM-DD` (so `claude-sonnet-4-5-20250929` finds `claude-sonnet-4-5`).
+    /// Sets the prices of `model` over time, replacing any earlier ones (admin overrides go
+    /// on top).
+    pub fn insert_schedule(&mut self, model: &str, schedule: PriceSchedule) {
+        self.models.insert(model.to_owned(), schedule);
+    }
+
+    /// The price schedule of `model`: its exact name, else its name without a trailing
+    /// `-YYYYMMDD` or `-YYYY-MM-DD` (so `claude-sonnet-4-5-20250929` finds
+    /// `claude-sonnet-4-5`).
     ///
     /// Nothing else is stripped, so a model is never priced as another one
     /// (`claude-opus-4-1` does not find `claude-opus-4`).
-    pub fn get(&self, model: &str) -> Option<&ModelPrice> {
+    pub fn schedule(&self, model: &str) -> Option<&PriceSchedule> {
         self.models
             .get(model)
             .or_else(|| self.models.get(strip_date_suffix(model)?))
     }
 
-    /// Every priced model, by name.
-    pub fn models(&self) -> impl Iterator<Item = (&str, &ModelPrice)> {
+    /// The price of `model` (found as [`PriceTable::schedule`] finds it) in effect at `at_ms`.
+    pub fn get_at(&self, model: &str, at_ms: i64) -> Option<&ModelPrice> {
+        self.schedule(model).map(|s| s.at(at_ms))
+    }
+
+    /// The price of `model` in effect now.
+    pub fn get(&self, model: &str) -> Option<&ModelPrice> {
+        self.get_at(model, crate::types::now_ms())
+    }
+
+    /// Whether `model` has a price (at any time).
+    pub fn contains(&self, model: &str) -> bool {
+        self.schedule(model).is_some()
+    }
+
+    /// Every priced model, by name, with its prices over time.
+    pub fn schedules(&self) -> impl Iterator<Item = (&str, &PriceSchedule)> {
         self.models
             .iter()
-            .map(|(name, price)| (name.as_str(), price))
+            .map(|(name, schedule)| (name.as_str(), schedule))
     }
 
     /// Number of priced models.
@@ -476,6 +596,7 @@ impl PriceTable {
     fn add_parsed(&mut self, parsed: ParsedModel) -> Result<(), PriceError> {
         let ParsedModel {
             name,
+            from,
             base,
             long,
             priority,
@@ -486,8 +607,12 @@ impl PriceTable {
             long_fast,
             ..
         } = parsed;
+        let label = match &from {
+            Some((_, text)) => format!("{name} from {text}"),
+            None => name.clone(),
+        };
         let missing = |field| PriceError::MissingField {
-            model: name.clone(),
+            model: label.clone(),
             field,
         };
         let tier = |card: Option<PartialPrice>, input_field, output_field| {
@@ -555,7 +680,24 @@ impl PriceTable {
             flex,
             fast,
         };
-        self.models.insert(name, price);
+        match from {
+            None => {
+                self.models.insert(name, PriceSchedule::new(price));
+            }
+            Some((from_ms, _)) => {
+                // The header's checks made this the model's latest change.
+                let added = self
+                    .models
+                    .get_mut(&name)
+                    .is_some_and(|schedule| schedule.push(PriceChange { from_ms, price }));
+                if !added {
+                    return Err(PriceError::MissingField {
+                        model: label,
+                        field: "an earlier table of the model",
+                    });
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -585,22 +727,31 @@ pub fn compute_cost(
     usage: &TokenUsage,
     price_rate: i64,
 ) -> Cost {
-    compute_cost_at(table, model, usage, ServiceTier::Standard, price_rate)
+    compute_cost_at(
+        table,
+        model,
+        usage,
+        ServiceTier::Standard,
+        crate::types::now_ms(),
+        price_rate,
+    )
 }
 
-/// [`compute_cost`] of a request the provider served at `tier`: at the model's card for that
+/// [`compute_cost`] of a request received at `at_ms` (epoch ms: the prices then in effect,
+/// [`PriceSchedule::at`]) that the provider served at `tier`: at the model's card for that
 /// tier where it has one ([`ModelPrice::rates`]).
 pub fn compute_cost_at(
     table: &PriceTable,
     model: Option<&str>,
     usage: &TokenUsage,
     tier: ServiceTier,
+    at_ms: i64,
     price_rate: i64,
 ) -> Cost {
     if usage.is_empty() {
         return Cost::default();
     }
-    let Some(price) = model.and_then(|m| table.get(m)) else {
+    let Some(price) = model.and_then(|m| table.get_at(m, at_ms)) else {
         return Cost {
             base: 0,
             billed: 0,
@@ -653,15 +804,24 @@ pub fn compute_cost_with_subs(
     usage: &TokenUsage,
     tier: ServiceTier,
     subs: &[SubUsage],
+    at_ms: i64,
     price_rate: i64,
 ) -> Cost {
-    let main = compute_cost_at(table, model, usage, tier, RATE_ONE as i64);
+    let one = RATE_ONE as i64;
+    let main = compute_cost_at(table, model, usage, tier, at_ms, one);
     let (base, unpriced) = subs
         .iter()
         .fold((main.base, main.unpriced), |(base, unpriced), sub| {
             let part = match &sub.model {
-                None => compute_cost_at(table, model, &sub.tokens, tier, RATE_ONE as i64),
-                Some(other) => compute_cost(table, Some(other), &sub.tokens, RATE_ONE as i64),
+                None => compute_cost_at(table, model, &sub.tokens, tier, at_ms, one),
+                Some(other) => compute_cost_at(
+                    table,
+                    Some(other),
+                    &sub.tokens,
+                    ServiceTier::Standard,
+                    at_ms,
+                    one,
+                ),
             };
             (base.saturating_add(part.base), unpriced || part.unpriced)
         });
@@ -705,18 +865,20 @@ pub fn estimate_cost(
         body_len,
         max_output_tokens,
         ServiceTier::Standard,
+        crate::types::now_ms(),
         price_rate,
     )
 }
 
-/// [`estimate_cost`] of a request that asks for a service tier: at that tier's card, where
-/// the model has one.
+/// [`estimate_cost`] of a request received at `at_ms` (epoch ms) that asks for a service
+/// tier: at that tier's card, where the model has one.
 pub fn estimate_cost_at(
     table: &PriceTable,
     model: Option<&str>,
     body_len: usize,
     max_output_tokens: Option<u64>,
     tier: ServiceTier,
+    at_ms: i64,
     price_rate: i64,
 ) -> i64 {
     let usage = TokenUsage {
@@ -726,7 +888,7 @@ pub fn estimate_cost_at(
     }
     .clamped()
     .0;
-    compute_cost_at(table, model, &usage, tier, price_rate).billed
+    compute_cost_at(table, model, &usage, tier, at_ms, price_rate).billed
 }
 
 /// `n / d` rounded half up (toward +∞ on a tie), for `d > 0`.
@@ -810,9 +972,12 @@ impl PartialPrice {
     }
 }
 
-/// A model's tables read so far: its own and its rate cards'.
+/// A model's tables read so far: its own and its rate cards', for its first price or for a
+/// change from a date.
 struct ParsedModel {
     name: String,
+    /// The change's start (epoch ms) and its text; `None` for the model's first price.
+    from: Option<(i64, String)>,
     /// The table the lines go to.
     section: Section,
     base: PartialPrice,
@@ -826,6 +991,11 @@ struct ParsedModel {
 }
 
 impl ParsedModel {
+    /// When these tables take effect; `None` for the model's first price.
+    fn starts_ms(&self) -> Option<i64> {
+        self.from.as_ref().map(|f| f.0)
+    }
+
     /// The card a sub-table fills (the model's own table has none: `long`'s slot is
     /// returned for it, never used).
     fn card_mut(&mut self, section: Section) -> &mut Option<PartialPrice> {
@@ -899,8 +1069,73 @@ fn strip_comment(line: &str) -> &str {
     line
 }
 
-/// The model name of a `[models."<name>"]` / `[models.<name>]` header.
-fn parse_table_header(line: &str) -> Result<(String, Section), String> {
+/// `.from."<date>"` of a change's tables, nothing for the model's first price.
+fn version_path(from: Option<&(i64, String)>) -> String {
+    from.map(|(_, text)| format!(".from.\"{text}\""))
+        .unwrap_or_default()
+}
+
+/// Epoch ms of `YYYY-MM-DD` (midnight UTC) or `YYYY-MM-DDTHH:MM:SSZ`.
+fn parse_from(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    let num = |range: std::ops::Range<usize>| -> Option<i64> {
+        let digits = b.get(range)?;
+        digits.iter().try_fold(0i64, |acc, &c| {
+            c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0'))
+        })
+    };
+    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    let days_in_month = *month_days.get(usize::try_from(month.checked_sub(1)?).ok()?)?;
+    if year < 1970 || day < 1 || day > days_in_month {
+        return None;
+    }
+    let seconds = match &b[10..] {
+        [] => 0,
+        [b'T', _, _, b':', _, _, b':', _, _, b'Z'] => {
+            let (h, m, s) = (num(11..13)?, num(14..16)?, num(17..19)?);
+            if h > 23 || m > 59 || s > 59 {
+                return None;
+            }
+            h * 3600 + m * 60 + s
+        }
+        _ => return None,
+    };
+    // Days since 1970-01-01 of a date in the proleptic Gregorian calendar.
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y / 400;
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * m + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    Some((days * 86_400 + seconds) * 1000)
+}
+
+/// The model name of a `[models."<name>"]` / `[models.<name>]` header, the change it belongs
+/// to (`.from."<date>"`: its epoch ms and text) and the table it opens.
+#[allow(clippy::type_complexity)]
+fn parse_table_header(line: &str) -> Result<(String, Option<(i64, String)>, Section), String> {
     let bad = || format!("expected `[models.\"<name>\"]`, found `{line}`");
     let inner = line
         .strip_prefix('[')
@@ -942,14 +1177,41 @@ fn parse_table_header(line: &str) -> Result<(String, Section), String> {
     if name.is_empty() {
         return Err("empty model name".into());
     }
+    let mut from = None;
     let section = match rest {
         "" => Section::Model,
         _ => {
             let Some(path) = rest.strip_prefix('.') else {
                 return Err(bad());
             };
-            let parts: Vec<&str> = path.split('.').map(str::trim).collect();
+            let mut parts: Vec<&str> = path.split('.').map(str::trim).collect();
+            if parts.first() == Some(&"from") {
+                let Some(&date) = parts.get(1) else {
+                    return Err(format!(
+                        "`from` of model {name:?} needs a date: `from.\"YYYY-MM-DD\"`"
+                    ));
+                };
+                // Quoted, or a TOML bare key (a date without its time).
+                let text = date
+                    .strip_prefix('"')
+                    .and_then(|d| d.strip_suffix('"'))
+                    .or_else(|| {
+                        date.bytes()
+                            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+                            .then_some(date)
+                    })
+                    .unwrap_or_default();
+                let from_ms = parse_from(text).ok_or_else(|| {
+                    format!(
+                        "`from.{date}` of model {name:?}: the date must be `YYYY-MM-DD` (midnight \
+                         UTC) or `YYYY-MM-DDTHH:MM:SSZ`, a real date from 1970 on"
+                    )
+                })?;
+                from = Some((from_ms, text.to_owned()));
+                parts.drain(..2);
+            }
             match parts.as_slice() {
+                [] => Section::Model,
                 ["long_context"] => Section::LongContext,
                 ["priority"] => Section::Priority,
                 ["flex"] => Section::Flex,
@@ -960,14 +1222,15 @@ fn parse_table_header(line: &str) -> Result<(String, Section), String> {
                 _ => {
                     return Err(format!(
                         "unknown table `{}` of model {name:?} (`long_context`, `priority`, \
-                         `flex`, `fast`, or `long_context.` and a tier)",
+                         `flex`, `fast`, `long_context.` and a tier, or `from.\"<date>\"` and \
+                         any of them)",
                         path.trim()
                     ))
                 }
             }
         }
     };
-    Ok((name.to_owned(), section))
+    Ok((name.to_owned(), from, section))
 }
 
 /// A TOML decimal integer (`3000000`, `3_000_000`) that is not negative.
@@ -1033,7 +1296,7 @@ impl crate::chain::ResponseFilter for CostFilter {
         ]
         .into_iter()
         .filter_map(Option::as_deref)
-        .find(|m| table.get(m).is_some())
+        .find(|m| table.contains(m))
         .or(ctx.upstream.model.as_deref())
         .or(ctx.usage.upstream_model.as_deref());
         let cost = compute_cost_with_subs(
@@ -1042,6 +1305,7 @@ impl crate::chain::ResponseFilter for CostFilter {
             &ctx.usage.tokens,
             ctx.usage.service_tier.unwrap_or_default(),
             &ctx.usage.sub_usage,
+            ctx.started_ms,
             rate,
         );
         ctx.usage.base_cost = cost.base;
@@ -1095,7 +1359,14 @@ mod tests {
                 self.0.clone()
             }
         }
-        let prices = table(&[("gpt-5", price(1_250_000, 10_000_000))]);
+        let mut prices = table(&[("gpt-5", price(1_250_000, 10_000_000))]);
+        // A model whose price doubles from 2027 on.
+        let scheduled = PriceTable::from_toml_str(
+            "[models.s]\ninput = 1000000\noutput = 10000000\n\
+             [models.s.from.2027-01-01]\ninput = 2000000\noutput = 20000000\n",
+        )
+        .unwrap();
+        prices.insert_schedule("s", scheduled.schedule("s").unwrap().clone());
         let filter = CostFilter::new(std::sync::Arc::new(Fixed(std::sync::Arc::new(prices))));
         let route = crate::route::ApiRoute {
             protocol: crate::Protocol::OpenaiResponses,
@@ -1123,6 +1394,16 @@ mod tests {
         assert_eq!(run("house", "house", "gpt-5"), (2_250, false));
         // Nothing priced: nothing billed, and the record says why.
         assert_eq!(run("house", "house", "house-2025"), (0, true));
+        // At the prices in effect when the request arrived, however late it ends.
+        let arrived = |started_ms| {
+            let mut ctx = crate::context::RequestCtx::new("r".into(), route.clone(), started_ms);
+            ctx.request.model = Some("s".into());
+            ctx.usage.tokens = tokens(1000, 100, 0, 0, 0);
+            filter.on_end(&mut ctx);
+            ctx.usage.billed_cost
+        };
+        assert_eq!(arrived(NEW_YEAR_2027 - 1), 2_000);
+        assert_eq!(arrived(NEW_YEAR_2027), 4_000);
     }
 
     fn tokens(input: u64, output: u64, w5m: u64, w1h: u64, read: u64) -> TokenUsage {
@@ -1595,6 +1876,21 @@ mod tests {
         assert_eq!(t.get("gpt-4o-2024-05-13").unwrap().input, 5_000_000);
         assert_eq!(t.get("gpt-4o-2024-08-06").unwrap().input, 2_500_000);
         assert_eq!(t.get("gemini-2.5-flash").unwrap().output, 2_500_000);
+        // Introductory prices that end on a date the list names.
+        for model in ["gemini-3.7-flash", "gemini-3.8-flash"] {
+            let before = t.get_at(model, NEW_YEAR_2027 - 1).unwrap();
+            let after = t.get_at(model, NEW_YEAR_2027).unwrap();
+            assert_eq!(
+                (before.input, before.output, before.cache_read),
+                (750_000, 3_750_000, Some(75_000)),
+                "{model}"
+            );
+            assert_eq!(
+                (after.input, after.output, after.cache_read),
+                (1_500_000, 7_500_000, Some(150_000)),
+                "{model}"
+            );
+        }
         for model in [
             "claude-opus-4-1",
             "claude-opus-4",
@@ -1621,7 +1917,10 @@ mod tests {
         ] {
             assert!(t.get(model).is_some(), "{model} has no price");
         }
-        for (model, p) in t.models() {
+        for (model, p) in t
+            .schedules()
+            .flat_map(|(m, s)| s.prices().map(move |p| (m, p)))
+        {
             assert!(p.input > 0 && p.output > p.input, "{model}");
             assert!(
                 p.rates(0, ServiceTier::Standard).cache_read < p.input,
@@ -1661,7 +1960,8 @@ mod tests {
         }
         // The models priced by prompt length, and where their long card starts.
         let tiers: Vec<(&str, u64)> = t
-            .models()
+            .schedules()
+            .flat_map(|(m, s)| s.prices().map(move |p| (m, p)))
             .filter_map(|(m, p)| Some((m, p.long_context?.above_tokens)))
             .collect();
         assert_eq!(
@@ -1686,14 +1986,20 @@ mod tests {
                 ("gpt-6.2-sol", 272_000),
             ]
         );
-        for (model, p) in t.models() {
+        for (model, p) in t
+            .schedules()
+            .flat_map(|(m, s)| s.prices().map(move |p| (m, p)))
+        {
             if let Some(long) = p.long_context {
                 assert!(long.input > p.input && long.output > p.output, "{model}");
             }
         }
         // Service tiers: priority dearer and flex cheaper than standard, fast mode twice it.
         let mut tiers = (0, 0, 0);
-        for (model, p) in t.models() {
+        for (model, p) in t
+            .schedules()
+            .flat_map(|(m, s)| s.prices().map(move |p| (m, p)))
+        {
             if let Some(c) = p.priority {
                 assert!(c.input > p.input && c.output > p.output, "{model}");
                 tiers.0 += 1;
@@ -1779,6 +2085,215 @@ mod tests {
             15_000,
         );
         assert_eq!(cost, priced(819, 1_229));
+    }
+
+    /// Midnight UTC of 2027-01-01 in epoch ms.
+    const NEW_YEAR_2027: i64 = 1_798_761_600_000;
+
+    #[test]
+    fn change_dates_read_as_utc() {
+        assert_eq!(parse_from("1970-01-01"), Some(0));
+        assert_eq!(parse_from("2027-01-01"), Some(NEW_YEAR_2027));
+        assert_eq!(
+            parse_from("2026-12-31T23:59:59Z"),
+            Some(NEW_YEAR_2027 - 1_000)
+        );
+        // 2028 is a leap year, 2100 is not, 2000 was.
+        assert_eq!(
+            parse_from("2028-03-01").unwrap() - parse_from("2028-02-28").unwrap(),
+            2 * 86_400_000
+        );
+        assert_eq!(parse_from("2000-02-29"), Some(951_782_400_000));
+        for bad in [
+            "2100-02-29",
+            "2027-02-29",
+            "2027-13-01",
+            "2027-00-10",
+            "2027-04-31",
+            "2027-1-01",
+            "27-01-01",
+            "1969-12-31",
+            "2027-01-01T24:00:00Z",
+            "2027-01-01T08:00:00",
+            "2027-01-01T08:00:00+01:00",
+            "2027-01-01 08:00:00Z",
+            "2027-01-0a",
+            "",
+        ] {
+            assert_eq!(parse_from(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_price_change_applies_from_its_date() {
+        let t = PriceTable::from_toml_str(
+            "[models.m]\ninput = 1000000\noutput = 2000000\nweb_search = 10000\n\
+             [models.m.priority]\ninput = 3000000\noutput = 4000000\n\
+             [models.m.from.\"2027-01-01\"]\ninput = 5000000\noutput = 6000000\n\
+             [models.m.from.2027-01-01.priority]\ninput = 7000000\noutput = 8000000\n\
+             [models.m.from.\"2027-03-01T12:00:00Z\"]\ninput = 9000000\noutput = 10000000\n\
+             [models.n]\ninput = 1\noutput = 2\n",
+        )
+        .unwrap();
+        let march = parse_from("2027-03-01T12:00:00Z").unwrap();
+        let usage = tokens(1_000_000, 1_000_000, 0, 0, 0);
+        let cost = |at, tier| compute_cost_at(&t, Some("m"), &usage, tier, at, 10_000).base;
+        // Before the first change: the first prices, the last millisecond included.
+        assert_eq!(cost(0, ServiceTier::Standard), 3_000_000);
+        assert_eq!(cost(NEW_YEAR_2027 - 1, ServiceTier::Standard), 3_000_000);
+        assert_eq!(cost(NEW_YEAR_2027 - 1, ServiceTier::Priority), 7_000_000);
+        // From the date on, the change's prices, its own cards with them.
+        assert_eq!(cost(NEW_YEAR_2027, ServiceTier::Standard), 11_000_000);
+        assert_eq!(cost(NEW_YEAR_2027, ServiceTier::Priority), 15_000_000);
+        // A change is the whole price: the later one has no priority card and no search
+        // price, so neither carries over.
+        assert_eq!(cost(march, ServiceTier::Standard), 19_000_000);
+        assert_eq!(cost(march, ServiceTier::Priority), 19_000_000);
+        let searched = TokenUsage {
+            web_search_requests: 1,
+            ..TokenUsage::default()
+        };
+        let search =
+            |at| compute_cost_at(&t, Some("m"), &searched, ServiceTier::Standard, at, 10_000);
+        assert_eq!(search(NEW_YEAR_2027).base, 0);
+        assert_eq!(search(0).base, 10_000);
+        // A dated id finds the schedule; estimates and passes take the request's time too.
+        assert_eq!(
+            t.get_at("m-20270105", NEW_YEAR_2027).unwrap().input,
+            5_000_000
+        );
+        assert_eq!(
+            estimate_cost_at(
+                &t,
+                Some("m"),
+                4_000_000,
+                Some(0),
+                ServiceTier::Standard,
+                march,
+                10_000
+            ),
+            9_000_000
+        );
+        let pass = SubUsage {
+            model: Some("m".into()),
+            tokens: tokens(1_000_000, 0, 0, 0, 0),
+        };
+        let with_pass = |at| {
+            compute_cost_with_subs(
+                &t,
+                Some("n"),
+                &TokenUsage::default(),
+                ServiceTier::Standard,
+                std::slice::from_ref(&pass),
+                at,
+                10_000,
+            )
+            .base
+        };
+        assert_eq!((with_pass(0), with_pass(march)), (1_000_000, 9_000_000));
+        // The schedule's view: what comes after a time.
+        let schedule = t.schedule("m").unwrap();
+        assert_eq!(schedule.upcoming(0).len(), 2);
+        assert_eq!(schedule.upcoming(NEW_YEAR_2027).len(), 1);
+        assert_eq!(schedule.upcoming(march).len(), 0);
+        assert_eq!(schedule.prices().count(), 3);
+        assert!(t.schedule("n").unwrap().upcoming(0).is_empty());
+        // An override laid over each period keeps the dates.
+        let doubled = schedule.map(|p| ModelPrice {
+            input: p.input * 2,
+            ..*p
+        });
+        assert_eq!(doubled.at(march).input, 18_000_000);
+        assert_eq!(doubled.upcoming(0)[0].from_ms, NEW_YEAR_2027);
+        // One that sets every price alike changes nothing on any date.
+        let flat = schedule.map(|_| ModelPrice::default());
+        assert!(flat.upcoming(0).is_empty());
+        assert_eq!(flat.prices().count(), 1);
+    }
+
+    #[test]
+    fn price_changes_must_follow_their_model_in_date_order() {
+        let cases: &[(&str, &str, usize)] = &[
+            (
+                "change before the model",
+                "[models.m.from.\"2027-01-01\"]\ninput = 1\noutput = 2\n",
+                1,
+            ),
+            (
+                "change after another model",
+                "[models.m]\ninput = 1\noutput = 2\n[models.n]\ninput = 1\noutput = 2\n\
+                 [models.m.from.\"2027-01-01\"]\ninput = 1\noutput = 2\n",
+                7,
+            ),
+            (
+                "dates out of order",
+                "[models.m]\ninput = 1\noutput = 2\n[models.m.from.\"2027-02-01\"]\n\
+                 input = 1\noutput = 2\n[models.m.from.\"2027-01-01\"]\ninput = 1\noutput = 2\n",
+                7,
+            ),
+            (
+                "the same date twice",
+                "[models.m]\ninput = 1\noutput = 2\n[models.m.from.\"2027-02-01\"]\n\
+                 input = 1\noutput = 2\n[models.m.from.\"2027-02-01\"]\ninput = 1\noutput = 2\n",
+                7,
+            ),
+            (
+                "card of a change not open",
+                "[models.m]\ninput = 1\noutput = 2\n\
+                 [models.m.from.\"2027-01-01\".priority]\ninput = 1\noutput = 2\n",
+                4,
+            ),
+            (
+                "card of the first price after a change",
+                "[models.m]\ninput = 1\noutput = 2\n[models.m.from.\"2027-01-01\"]\n\
+                 input = 1\noutput = 2\n[models.m.priority]\ninput = 1\noutput = 2\n",
+                7,
+            ),
+            (
+                "not a date",
+                "[models.m]\ninput = 1\noutput = 2\n[models.m.from.\"next year\"]\n",
+                4,
+            ),
+            (
+                "no date",
+                "[models.m]\ninput = 1\noutput = 2\n[models.m.from]\n",
+                4,
+            ),
+            (
+                "a time in a bare key",
+                "[models.m]\ninput = 1\noutput = 2\n[models.m.from.2027-02-01T10:00:00Z]\n",
+                4,
+            ),
+            (
+                "impossible date",
+                "[models.m]\ninput = 1\noutput = 2\n[models.m.from.\"2027-02-30\"]\n",
+                4,
+            ),
+        ];
+        for (name, text, line) in cases {
+            match PriceTable::from_toml_str(text) {
+                Err(PriceError::Syntax { line: got, .. }) => assert_eq!(got, *line, "{name}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        // A change lacking a required price names its date.
+        assert_eq!(
+            PriceTable::from_toml_str(
+                "[models.m]\ninput = 1\noutput = 2\n[models.m.from.\"2027-01-01\"]\ninput = 1\n"
+            ),
+            Err(PriceError::MissingField {
+                model: "m from 2027-01-01".into(),
+                field: "output"
+            })
+        );
+        // The model's first table again, after its changes, is a duplicate.
+        assert_eq!(
+            PriceTable::from_toml_str(
+                "[models.m]\ninput = 1\noutput = 2\n[models.m.from.\"2027-01-01\"]\n\
+                 input = 1\noutput = 2\n[models.m]\ninput = 1\noutput = 2\n"
+            ),
+            Err(PriceError::DuplicateModel { model: "m".into() })
+        );
     }
 
     #[test]
@@ -1877,7 +2392,10 @@ mod tests {
                 .unwrap();
         assert_eq!(searching.get("s").unwrap().web_search, Some(10_000));
         assert_eq!(
-            t.models().map(|(m, _)| m).collect::<Vec<_>>(),
+            t.schedules()
+                .flat_map(|(m, s)| s.prices().map(move |p| (m, p)))
+                .map(|(m, _)| m)
+                .collect::<Vec<_>>(),
             ["bare_name-1", "single-quoted", "with # hash"]
         );
         assert!(PriceTable::from_toml_str("").unwrap().is_empty());
@@ -2005,7 +2523,7 @@ mod tests {
             ..price(4_000_000, 20_000_000)
         };
         let t = table(&[("opus", p)]);
-        let at = |tier| estimate_cost_at(&t, Some("opus"), 4_000, Some(100), tier, 10_000);
+        let at = |tier| estimate_cost_at(&t, Some("opus"), 4_000, Some(100), tier, 0, 10_000);
         // 1 000 in, 100 out: 4 000 + 2 000 standard, twice that fast; no priority card.
         assert_eq!(at(ServiceTier::Standard), 6_000);
         assert_eq!(at(ServiceTier::Fast), 12_000);
@@ -2128,7 +2646,7 @@ output = 2
         };
         let t = table(&[("gpt", p), ("plain", price(1_000_000, 2_000_000))]);
         let usage = tokens(1_000, 100, 0, 0, 10_000);
-        let cost = |model, tier| compute_cost_at(&t, Some(model), &usage, tier, 10_000);
+        let cost = |model, tier| compute_cost_at(&t, Some(model), &usage, tier, 0, 10_000);
         // 1 000 × 5 + 10 000 × 0.5 + 100 × 30 = 13 000.
         assert_eq!(cost("gpt", ServiceTier::Standard), priced(13_000, 13_000));
         assert_eq!(
@@ -2161,7 +2679,14 @@ output = 2
         let anthropic = table(&[("opus", opus)]);
         // 1 000 × 8 + 10 000 × 0.4 + 100 × 40 = 16 000; standard 4 000 + 2 000 + 2 000.
         assert_eq!(
-            compute_cost_at(&anthropic, Some("opus"), &usage, ServiceTier::Fast, 10_000),
+            compute_cost_at(
+                &anthropic,
+                Some("opus"),
+                &usage,
+                ServiceTier::Fast,
+                0,
+                10_000
+            ),
             priced(16_000, 16_000)
         );
         assert_eq!(
@@ -2176,7 +2701,7 @@ output = 2
             ServiceTier::Flex,
         ] {
             assert_eq!(
-                compute_cost_at(&t, Some("gpt"), &long, tier, 10_000),
+                compute_cost_at(&t, Some("gpt"), &long, tier, 0, 10_000),
                 priced(3_000_000, 3_000_000),
                 "{tier:?}"
             );
@@ -2199,7 +2724,7 @@ output = 2
         }
         let t = table(&[("gpt", later)]);
         let long = tokens(272_000, 100, 0, 0, 1);
-        let at = |tier| compute_cost_at(&t, Some("gpt"), &long, tier, 10_000);
+        let at = |tier| compute_cost_at(&t, Some("gpt"), &long, tier, 0, 10_000);
         // 272 000 × 10 + 1 × 1 + 100 × 45 = 2 724 501.
         assert_eq!(at(ServiceTier::Standard), priced(2_724_501, 2_724_501));
         // 272 000 × 20 + 1 × 2 + 100 × 90 = 5 449 002.
@@ -2210,7 +2735,7 @@ output = 2
         // Under the threshold the model's own tier cards still apply.
         let short = tokens(1_000, 100, 0, 0, 10_000);
         assert_eq!(
-            compute_cost_at(&t, Some("gpt"), &short, ServiceTier::Priority, 10_000),
+            compute_cost_at(&t, Some("gpt"), &short, ServiceTier::Priority, 0, 10_000),
             priced(32_500, 32_500)
         );
         // The answer's names for the tiers.
@@ -2246,6 +2771,7 @@ output = 2
             &usage,
             ServiceTier::Standard,
             &[advisor("opus")],
+            0,
             15_000,
         );
         assert_eq!(cost, priced(53_000, 79_500));
@@ -2258,6 +2784,7 @@ output = 2
                 &usage,
                 ServiceTier::Standard,
                 &two,
+                0,
                 10_000
             ),
             priced(103_000, 103_000)
@@ -2270,6 +2797,7 @@ output = 2
                 &usage,
                 ServiceTier::Standard,
                 &[],
+                0,
                 15_000
             ),
             compute_cost(&t, Some("sonnet"), &usage, 15_000)
@@ -2281,6 +2809,7 @@ output = 2
             &usage,
             ServiceTier::Standard,
             &[advisor("mystery")],
+            0,
             10_000,
         );
         assert_eq!((cost.base, cost.unpriced), (3_000, true));
@@ -2299,7 +2828,7 @@ output = 2
         };
         let answer = tokens(8_000, 1_000, 0, 0, 0);
         let cost = |subs: &[SubUsage], tier| {
-            compute_cost_with_subs(&t, Some("haiku"), &answer, tier, subs, 10_000)
+            compute_cost_with_subs(&t, Some("haiku"), &answer, tier, subs, 0, 10_000)
         };
         assert_eq!(
             cost(&[summary], ServiceTier::Standard),

@@ -424,14 +424,14 @@ impl KeyLimits {
             return true;
         };
         let table = self.prices.table();
-        table.get(model).is_some()
+        table.contains(model)
             || self.accounts.as_ref().is_some_and(|accounts| {
                 accounts
                     .accounts()
                     .iter()
                     .filter(|a| a.could_serve(&ctx.demand()))
                     .filter_map(|a| a.model_map.get(model))
-                    .any(|mapped| table.get(mapped).is_some())
+                    .any(|mapped| table.contains(mapped))
             })
     }
 
@@ -442,12 +442,20 @@ impl KeyLimits {
         let cap = output_cap(req.body);
         let tier = req.parsed.service_tier;
         let at = |model: Option<&str>| {
-            estimate_cost_at(&table, model, req.body.len(), cap, tier, price_rate)
+            estimate_cost_at(
+                &table,
+                model,
+                req.body.len(),
+                cap,
+                tier,
+                ctx.started_ms,
+                price_rate,
+            )
         };
         let requested = ctx.requested_model();
         let own = at(requested);
         match (requested, &self.accounts) {
-            (Some(model), Some(accounts)) if own == 0 && table.get(model).is_none() => accounts
+            (Some(model), Some(accounts)) if own == 0 && !table.contains(model) => accounts
                 .accounts()
                 .iter()
                 .filter_map(|a| a.model_map.get(model))

@@ -306,7 +306,7 @@ impl RelayProxy {
         let key = self.key_of(session).map_err(refused)?;
         let accounts = self.accounts.snapshot();
         let prices = self.prices.table();
-        let priced: Vec<&str> = prices.models().map(|(m, _)| m).collect();
+        let priced: Vec<&str> = prices.schedules().map(|(m, _)| m).collect();
         let models = servable_models(&accounts, &priced, &key, dialect);
         let body = render(route, dialect, &models).map_err(refused)?;
         Ok(Bytes::from(serde_json::to_vec(&body).unwrap_or_default()))
@@ -422,7 +422,7 @@ impl RelayProxy {
         let model = record
             .upstream_model
             .as_deref()
-            .filter(|m| self.prices.table().get(m).is_some())
+            .filter(|m| self.prices.table().contains(m))
             .unwrap_or("other");
         let u = &record.usage;
         crate::metrics::count_record(

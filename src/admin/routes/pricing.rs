@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use axum::extract::State;
-use relay_filters::cost::PriceSource;
+use relay_filters::cost::{PriceChange, PriceSchedule, PriceSource};
+use relay_filters::types::now_ms;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -68,6 +69,12 @@ pub struct PriceView {
     pub shipped_flex: Option<TierPrice>,
     #[schema(value_type = Option<Object>)]
     pub shipped_fast: Option<TierPrice>,
+    /// Price changes scheduled after now, in date order: `[{"from_ms", "price": {...}}]`,
+    /// each the model's whole prices (as `input`, `output`, ... above) from `from_ms` (epoch
+    /// ms) on. The shipped list announces them; an override's own prices do not change, the
+    /// shipped cards and search prices it keeps do.
+    #[schema(value_type = Vec<Object>)]
+    pub changes: Vec<PriceChange>,
     /// Whether an admin override sets this price (else it is the shipped one).
     #[serde(rename = "override")]
     pub is_override: bool,
@@ -76,31 +83,45 @@ pub struct PriceView {
 }
 
 impl PriceView {
-    /// An override as the relay applies it: the shipped search price and long-context card
-    /// where the override names none.
-    fn of_override(r: ModelPriceRow, prices: &crate::cache::PriceCache) -> PriceView {
-        let shipped = prices.shipped(&r.model);
-        let applied = prices.with_shipped_searches(&r.model, r.cards.apply(r.price(), shipped));
+    /// The prices of `model` in effect at `now` (epoch ms), with the changes its schedule
+    /// holds after then; `row` is its override, if it has one.
+    fn new(
+        model: &str,
+        schedule: &PriceSchedule,
+        prices: &crate::cache::PriceCache,
+        row: Option<&ModelPriceRow>,
+        now: i64,
+    ) -> PriceView {
+        let p = schedule.at(now);
+        let shipped = prices.shipped(model);
         PriceView {
-            web_search: applied.web_search,
-            web_search_request: applied.web_search_request,
-            long_context: applied.long_context,
-            shipped_long_context: shipped.and_then(|p| p.long_context),
-            priority: applied.priority,
-            flex: applied.flex,
-            fast: applied.fast,
-            shipped_priority: shipped.and_then(|p| p.priority),
-            shipped_flex: shipped.and_then(|p| p.flex),
-            shipped_fast: shipped.and_then(|p| p.fast),
-            input: r.input,
-            output: r.output,
-            cache_write_5m: r.cache_write_5m,
-            cache_write_1h: r.cache_write_1h,
-            cache_read: r.cache_read,
-            is_override: true,
-            updated_at: Some(r.updated_at),
-            model: r.model,
+            model: model.to_owned(),
+            input: p.input,
+            output: p.output,
+            cache_write_5m: p.cache_write_5m,
+            cache_write_1h: p.cache_write_1h,
+            cache_read: p.cache_read,
+            web_search: p.web_search,
+            web_search_request: p.web_search_request,
+            long_context: p.long_context,
+            shipped_long_context: shipped.and_then(|s| s.long_context),
+            priority: p.priority,
+            flex: p.flex,
+            fast: p.fast,
+            shipped_priority: shipped.and_then(|s| s.priority),
+            shipped_flex: shipped.and_then(|s| s.flex),
+            shipped_fast: shipped.and_then(|s| s.fast),
+            changes: schedule.upcoming(now).to_vec(),
+            is_override: row.is_some(),
+            updated_at: row.map(|r| r.updated_at),
         }
+    }
+
+    /// An override as the relay applies it: over the shipped search prices and cards where
+    /// the override names none, and their scheduled changes.
+    fn of_override(row: &ModelPriceRow, prices: &crate::cache::PriceCache) -> PriceView {
+        let schedule = prices.applied(row);
+        PriceView::new(&row.model, &schedule, prices, Some(row), now_ms())
     }
 }
 
@@ -120,37 +141,17 @@ pub async fn list(State(state): State<AdminState>, caller: Caller) -> AppResult<
     caller.require_admin()?;
     let overrides = state.store.list_prices().await?;
     let table = state.prices.table();
+    let now = now_ms();
     let mut merged: BTreeMap<String, PriceView> = table
-        .models()
-        .map(|(model, p)| {
-            (
-                model.to_string(),
-                PriceView {
-                    model: model.to_string(),
-                    input: p.input,
-                    output: p.output,
-                    cache_write_5m: p.cache_write_5m,
-                    cache_write_1h: p.cache_write_1h,
-                    cache_read: p.cache_read,
-                    web_search: p.web_search,
-                    web_search_request: p.web_search_request,
-                    long_context: p.long_context,
-                    shipped_long_context: state.prices.shipped(model).and_then(|s| s.long_context),
-                    priority: p.priority,
-                    flex: p.flex,
-                    fast: p.fast,
-                    shipped_priority: state.prices.shipped(model).and_then(|s| s.priority),
-                    shipped_flex: state.prices.shipped(model).and_then(|s| s.flex),
-                    shipped_fast: state.prices.shipped(model).and_then(|s| s.fast),
-                    is_override: false,
-                    updated_at: None,
-                },
-            )
+        .schedules()
+        .map(|(model, schedule)| {
+            let view = PriceView::new(model, schedule, &state.prices, None, now);
+            (model.to_owned(), view)
         })
         .collect();
     // The database is the truth about overrides; the cache may trail it by a reload.
     for row in overrides {
-        let view = PriceView::of_override(row, &state.prices);
+        let view = PriceView::of_override(&row, &state.prices);
         merged.insert(view.model.clone(), view);
     }
     let items: Vec<PriceView> = merged.into_values().collect();
@@ -273,7 +274,7 @@ pub async fn upsert(
     }
     audit(&state, &caller, "price.upsert", model, detail).await;
     state.prices_changed().await;
-    Ok(Json(PriceView::of_override(row, &state.prices)))
+    Ok(Json(PriceView::of_override(&row, &state.prices)))
 }
 
 /// `DELETE /api/admin/pricing/{model}`: removes an override; the shipped price (if any)
