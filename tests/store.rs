@@ -709,7 +709,13 @@ async fn accounts_with_encrypted_credentials(env: Env) {
 
     // Health state.
     store
-        .record_account_state(&codex.id, AccountStatus::Error, 5, Some(1_900_000_000_000))
+        .record_account_state(
+            &codex.id,
+            AccountStatus::Error,
+            5,
+            Some(1_900_000_000_000),
+            relay_filters::now_ms(),
+        )
         .await
         .unwrap();
     let state = store.account_by_id(&codex.id).await.unwrap().unwrap();
@@ -717,7 +723,13 @@ async fn accounts_with_encrypted_credentials(env: Env) {
     assert_eq!(state.consecutive_error_count, 5);
     assert_eq!(state.cooldown_until, Some(1_900_000_000_000));
     store
-        .record_account_state(&codex.id, AccountStatus::Valid, 0, None)
+        .record_account_state(
+            &codex.id,
+            AccountStatus::Valid,
+            0,
+            None,
+            relay_filters::now_ms(),
+        )
         .await
         .unwrap();
     let state = store.account_by_id(&codex.id).await.unwrap().unwrap();
@@ -725,14 +737,26 @@ async fn accounts_with_encrypted_credentials(env: Env) {
     assert_eq!(state.cooldown_until, None);
     assert!(matches!(
         store
-            .record_account_state("missing", AccountStatus::Valid, 0, None)
+            .record_account_state(
+                "missing",
+                AccountStatus::Valid,
+                0,
+                None,
+                relay_filters::now_ms()
+            )
             .await,
         Err(StoreError::NotFound)
     ));
 
     // A cooldown is stored alone: a later one wins, status and count stay.
     store
-        .record_account_state(&codex.id, AccountStatus::Error, 3, None)
+        .record_account_state(
+            &codex.id,
+            AccountStatus::Error,
+            3,
+            None,
+            relay_filters::now_ms(),
+        )
         .await
         .unwrap();
     let before = store.account_by_id(&codex.id).await.unwrap().unwrap();
@@ -798,6 +822,92 @@ async fn accounts_with_encrypted_credentials(env: Env) {
         (state.cooldown_until, state.cooldown_cleared_at),
         (Some(1_900_000_000_000), Some(b))
     );
+    // Likewise a status the proxy saw before an operator set the status or replaced the
+    // credential: auth errors seen before the operator put the account back do not take it
+    // out again, a success seen before does not undo the operator's status.
+    let set_valid = store
+        .update_account(
+            &codex.id,
+            &AccountPatch {
+                status: Some(AccountStatus::Valid),
+                ..AccountPatch::default()
+            },
+        )
+        .await
+        .unwrap();
+    let set_at = set_valid.status_set_at.unwrap();
+    for seen_before in [set_at - 5, set_at] {
+        assert!(!store
+            .record_account_state(&codex.id, AccountStatus::Error, 5, None, seen_before)
+            .await
+            .unwrap());
+    }
+    let state = store.account_by_id(&codex.id).await.unwrap().unwrap();
+    assert_eq!(
+        (state.status, state.cooldown_until),
+        (AccountStatus::Valid, Some(1_900_000_000_000)),
+        "nothing of the refused write"
+    );
+    let new_key = store
+        .update_account(
+            &codex.id,
+            &AccountPatch {
+                credential: Some(("ciphertext-2".into(), "key-1".into())),
+                ..AccountPatch::default()
+            },
+        )
+        .await
+        .unwrap();
+    let replaced_at = new_key.status_set_at.unwrap();
+    assert!(replaced_at > set_at, "{replaced_at} after {set_at}");
+    assert!(!store
+        .record_account_state(&codex.id, AccountStatus::Error, 5, None, replaced_at)
+        .await
+        .unwrap());
+    assert!(store
+        .record_account_state(&codex.id, AccountStatus::Error, 5, None, replaced_at + 1)
+        .await
+        .unwrap());
+    let error_patch = AccountPatch {
+        status: Some(AccountStatus::Error),
+        ..AccountPatch::default()
+    };
+    let set_error = store.update_account(&codex.id, &error_patch).await.unwrap();
+    store
+        .record_account_recovered(&codex.id, set_error.status_set_at.unwrap())
+        .await
+        .unwrap();
+    let state = store.account_by_id(&codex.id).await.unwrap().unwrap();
+    assert_eq!(
+        state.status,
+        AccountStatus::Error,
+        "the operator's status stands"
+    );
+    store
+        .record_account_recovered(&codex.id, set_error.status_set_at.unwrap() + 1)
+        .await
+        .unwrap();
+    let state = store.account_by_id(&codex.id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            state.status,
+            state.consecutive_error_count,
+            state.cooldown_until
+        ),
+        (AccountStatus::Valid, 0, None)
+    );
+    // Back to the state below, seen after the operator's changes (whose marks may run a
+    // millisecond or two ahead of the clock, each moving forward).
+    let after = set_error.status_set_at.unwrap() + 1;
+    store
+        .record_account_state(&codex.id, AccountStatus::Error, 3, None, after)
+        .await
+        .unwrap();
+    store
+        .record_account_cooldown(&codex.id, 1_900_000_000_000, after)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     // A health check's state is stored only over the status it was decided on, never over
     // `blocked`, and leaves the cooldown.
     assert!(!store
@@ -837,7 +947,13 @@ async fn accounts_with_encrypted_credentials(env: Env) {
         (AccountStatus::Valid, 0, Some(1_900_000_000_000))
     );
     store
-        .record_account_state(&codex.id, AccountStatus::Blocked, 0, None)
+        .record_account_state(
+            &codex.id,
+            AccountStatus::Blocked,
+            0,
+            None,
+            relay_filters::now_ms(),
+        )
         .await
         .unwrap();
     assert!(!store
@@ -950,7 +1066,13 @@ async fn oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from(env:
     // Errors took the account out; new tokens from the refresh they started put it back (the
     // errors were the old token's) and clear the refusal.
     store
-        .record_account_state(&account.id, AccountStatus::Error, 5, None)
+        .record_account_state(
+            &account.id,
+            AccountStatus::Error,
+            5,
+            None,
+            relay_filters::now_ms(),
+        )
         .await
         .unwrap();
     let tokens = RefreshedTokens {
@@ -1000,7 +1122,13 @@ async fn oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from(env:
     let mut held = tokens.refresh_token_enc.clone();
     for (errors, put_back) in [(0, None), (3, None), (6, Some(5))] {
         store
-            .record_account_state(&account.id, AccountStatus::Error, errors, None)
+            .record_account_state(
+                &account.id,
+                AccountStatus::Error,
+                errors,
+                None,
+                relay_filters::now_ms(),
+            )
             .await
             .unwrap();
         let next = RefreshedTokens {
@@ -1021,7 +1149,13 @@ async fn oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from(env:
     }
     // A valid account's errors in a row were the old token's: the count clears.
     store
-        .record_account_state(&account.id, AccountStatus::Valid, 2, None)
+        .record_account_state(
+            &account.id,
+            AccountStatus::Valid,
+            2,
+            None,
+            relay_filters::now_ms(),
+        )
         .await
         .unwrap();
     let next = RefreshedTokens {
@@ -1044,7 +1178,13 @@ async fn oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from(env:
 
     // A blocked account stays blocked; an operator's new refresh token clears a refusal.
     store
-        .record_account_state(&account.id, AccountStatus::Blocked, 0, None)
+        .record_account_state(
+            &account.id,
+            AccountStatus::Blocked,
+            0,
+            None,
+            relay_filters::now_ms(),
+        )
         .await
         .unwrap();
     let second = tokens.refresh_token_enc.clone();

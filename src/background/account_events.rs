@@ -18,7 +18,8 @@ pub struct AccountEvent {
     pub cooldown_until: Option<i64>,
     pub kind: EventKind,
     /// Epoch ms when the proxy saw it: a cooldown seen before an operator ended the account's
-    /// cooldown is not stored after that.
+    /// cooldown, or a status seen before an operator set the status or the credential, is not
+    /// stored after that.
     pub observed_at: i64,
 }
 
@@ -97,13 +98,16 @@ pub async fn persist(
         if let (Some(c), Some(until)) = (&cooldowns, ev.cooldown_until) {
             let _ = c.publish(&ev.account_id, until, ev.observed_at).await;
         }
+        // Whether the event's status was stored (an operator's later word wins).
         let stored = match (ev.kind, ev.cooldown_until) {
-            (EventKind::Cooldown, Some(until)) => {
-                store
-                    .record_account_cooldown(&ev.account_id, until, ev.observed_at)
-                    .await
-            }
-            (EventKind::Recovered, _) => store.record_account_recovered(&ev.account_id).await,
+            (EventKind::Cooldown, Some(until)) => store
+                .record_account_cooldown(&ev.account_id, until, ev.observed_at)
+                .await
+                .map(|()| true),
+            (EventKind::Recovered, _) => store
+                .record_account_recovered(&ev.account_id, ev.observed_at)
+                .await
+                .map(|()| true),
             _ => {
                 store
                     .record_account_state(
@@ -111,12 +115,18 @@ pub async fn persist(
                         ev.status,
                         ev.consecutive_errors,
                         ev.cooldown_until,
+                        ev.observed_at,
                     )
                     .await
             }
         };
-        if let Err(e) = stored {
-            tracing::warn!(error = %e, "account state could not be stored");
+        match stored {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(account = %ev.account_id, "an operator set the account's status or credential after this node saw it change; the operator's word stands");
+                continue;
+            }
+            Err(e) => tracing::warn!(error = %e, "account state could not be stored"),
         }
         // Authentication errors took an OAuth account out: its access token may have died
         // before its time; a refresh (if it has a refresh token) brings it back.

@@ -16,9 +16,9 @@ use super::{
 /// Columns of `accounts`, read by name in [`account_from_row`].
 const ACCOUNT_COLUMNS: &str = "id, name, account_type, base_url, credential_enc, \
      credential_key_id, refresh_token_enc, priority, weight, models, model_map, max_concurrency, \
-     enabled, status, consecutive_error_count, cooldown_until, cooldown_cleared_at, last_used_at, \
-     extra, created_at, updated_at, token_expires_at, token_refreshed_at, token_refresh_error, \
-     token_refresh_refused";
+     enabled, status, consecutive_error_count, cooldown_until, cooldown_cleared_at, status_set_at, \
+     last_used_at, extra, created_at, updated_at, token_expires_at, token_refreshed_at, \
+     token_refresh_error, token_refresh_refused";
 
 /// Health state of an account as the relay judged it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -94,6 +94,9 @@ pub struct Account {
     pub cooldown_until: Option<i64>,
     /// Epoch ms when an operator last ended its cooldown; it only moves forward.
     pub cooldown_cleared_at: Option<i64>,
+    /// Epoch ms when an operator last set its status or replaced its credential; it only moves
+    /// forward.
+    pub status_set_at: Option<i64>,
     /// Epoch ms of the newest recorded request.
     pub last_used_at: Option<i64>,
     /// Type-specific data (e.g. `chatgpt_account_id`), a JSON object.
@@ -195,6 +198,7 @@ impl NewAccount {
             consecutive_error_count: 0,
             cooldown_until: None,
             cooldown_cleared_at: None,
+            status_set_at: None,
             last_used_at: None,
             extra: self.extra,
             created_at: at_ms,
@@ -288,6 +292,7 @@ fn account_from_row(row: &AnyRow) -> Result<Account> {
         consecutive_error_count: row.try_get("consecutive_error_count")?,
         cooldown_until: row.try_get("cooldown_until")?,
         cooldown_cleared_at: row.try_get("cooldown_cleared_at")?,
+        status_set_at: row.try_get("status_set_at")?,
         last_used_at: row.try_get("last_used_at")?,
         extra: from_json(&extra, "accounts.extra")?,
         created_at: row.try_get("created_at")?,
@@ -475,6 +480,16 @@ impl SqlStore {
                 vec![Param::Int(Some(now)), Param::Int(Some(now))],
             );
         }
+        if patch.status.is_some() || patch.credential.is_some() {
+            // Forward always, as for a clear: a status the proxy observed before this change
+            // and stores after it must lose to it.
+            let now = now_ms();
+            parts.push(
+                "status_set_at = CASE WHEN status_set_at IS NULL \
+                 OR status_set_at < ? THEN ? ELSE status_set_at + 1 END",
+                vec![Param::Int(Some(now)), Param::Int(Some(now))],
+            );
+        }
         if let Some(extra) = &patch.extra {
             check_extra(extra)?;
             parts.set("extra", Param::Text(Some(to_json(extra)?)));
@@ -500,36 +515,40 @@ impl SqlStore {
         self.account_by_id(id).await?.ok_or(StoreError::NotFound)
     }
 
-    /// Records the health state the relay observed (status, auth errors in a row, cooldown).
+    /// Records the health state the proxy observed at `observed_at` (epoch ms): status, auth
+    /// errors in a row, cooldown. Not stored if an operator set the account's status or
+    /// replaced its credential since (`false`): the operator's word came after what the proxy
+    /// saw, though the write comes later.
     pub async fn record_account_state(
         &self,
         id: &str,
         status: AccountStatus,
         consecutive_error_count: i64,
         cooldown_until: Option<i64>,
-    ) -> Result<()> {
-        let mut parts = SqlParts::default();
-        parts.set("status", Param::Text(Some(status.as_str().to_owned())));
-        parts.set(
-            "consecutive_error_count",
-            Param::Int(Some(consecutive_error_count)),
-        );
-        parts.set("cooldown_until", Param::Int(cooldown_until));
-        parts.bump_updated_at();
-        let sql = format!(
-            "UPDATE accounts SET {} WHERE id = ${}",
-            parts.joined(", "),
-            parts.param_count() + 1
-        );
-        let done = parts
-            .bind(sqlx::query(&sql))
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
+        observed_at: i64,
+    ) -> Result<bool> {
+        let now = super::now_ms();
+        let done = sqlx::query(
+            "UPDATE accounts SET status = $1, consecutive_error_count = $2, cooldown_until = $3, \
+             updated_at = CASE WHEN updated_at < $4 THEN $5 ELSE updated_at + 1 END \
+             WHERE id = $6 AND (status_set_at IS NULL OR status_set_at < $7)",
+        )
+        .bind(status.as_str())
+        .bind(consecutive_error_count)
+        .bind(cooldown_until)
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .bind(observed_at)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(true);
         }
-        Ok(())
+        match self.account_by_id(id).await? {
+            Some(_) => Ok(false),
+            None => Err(StoreError::NotFound),
+        }
     }
 
     /// Stores what a health check found, only if the account's status and error count are still
@@ -591,20 +610,22 @@ impl SqlStore {
         Ok(())
     }
 
-    /// Stores that a request succeeded after errors: status `valid`, count and cooldown cleared,
-    /// unless the provider reported the account blocked meanwhile (only an operator clears
-    /// that).
-    pub async fn record_account_recovered(&self, id: &str) -> Result<()> {
+    /// Stores that a request succeeded after errors, seen at `observed_at` (epoch ms): status
+    /// `valid`, count and cooldown cleared, unless the provider reported the account blocked
+    /// meanwhile (only an operator clears that) or an operator set its status since.
+    pub async fn record_account_recovered(&self, id: &str, observed_at: i64) -> Result<()> {
         let now = super::now_ms();
         sqlx::query(
             "UPDATE accounts SET status = 'valid', consecutive_error_count = 0, \
              cooldown_until = NULL, \
              updated_at = CASE WHEN updated_at < $1 THEN $2 ELSE updated_at + 1 END \
-             WHERE id = $3 AND status <> 'blocked'",
+             WHERE id = $3 AND status <> 'blocked' \
+             AND (status_set_at IS NULL OR status_set_at < $4)",
         )
         .bind(now)
         .bind(now)
         .bind(id)
+        .bind(observed_at)
         .execute(&self.pool)
         .await?;
         Ok(())
