@@ -381,10 +381,10 @@ impl PriceCache {
         }
     }
 
-    /// The shipped price of a model now: the cards an override keeps unless it sets its own
-    /// or none ([`crate::store::CardChoice`]).
-    pub fn shipped(&self, model: &str) -> Option<&ModelPrice> {
-        self.base.get(model)
+    /// The shipped price of a model at `at_ms` (epoch ms): the cards an override keeps unless
+    /// it sets its own or none ([`crate::store::CardChoice`]).
+    pub fn shipped_at(&self, model: &str, at_ms: i64) -> Option<&ModelPrice> {
+        self.base.get_at(model, at_ms)
     }
 }
 
@@ -504,6 +504,46 @@ mod tests {
         ]);
         assert_eq!(card("m"), Some(own));
         assert_eq!(card("n"), None);
+    }
+
+    #[test]
+    fn an_override_follows_the_shipped_changes_of_what_it_keeps() {
+        // 2027-01-01, midnight UTC.
+        let change = 1_798_761_600_000;
+        let base = PriceTable::from_toml_str(
+            "[models.m]\ninput = 1\noutput = 2\nweb_search = 10000\n\
+             [models.m.long_context]\nabove_tokens = 10\ninput = 3\noutput = 4\n\
+             [models.m.from.\"2027-01-01\"]\ninput = 5\noutput = 6\nweb_search = 20000\n\
+             [models.m.from.\"2027-01-01\".long_context]\nabove_tokens = 10\ninput = 7\n\
+             output = 8\n",
+        )
+        .expect("prices");
+        let cache = PriceCache::new(base);
+        let at = |row: &ModelPriceRow, at_ms| {
+            let p = *cache.applied(row).at(at_ms);
+            (p.input, p.web_search, p.long_context.map(|l| l.input))
+        };
+        // Keeping the shipped card and search price: both change on the date, its own
+        // prices do not.
+        let kept = override_row("m");
+        assert_eq!(at(&kept, change - 1), (5, Some(10_000), Some(3)));
+        assert_eq!(at(&kept, change), (5, Some(20_000), Some(7)));
+        assert_eq!(cache.applied(&kept).upcoming(0).len(), 1);
+        // Dropping the card: only the search price changes.
+        let mut dropped = override_row("m");
+        dropped.cards.long_context = CardChoice::None;
+        assert_eq!(at(&dropped, change - 1), (5, Some(10_000), None));
+        assert_eq!(at(&dropped, change), (5, Some(20_000), None));
+        // Setting the search price too: nothing left to change.
+        dropped.web_search = Some(0);
+        assert!(cache.applied(&dropped).upcoming(0).is_empty());
+        assert_eq!(at(&dropped, change), (5, Some(0), None));
+        // What the relay prices with is the same schedule.
+        cache.replace(vec![override_row("m")]);
+        assert_eq!(
+            cache.table().get_at("m", change).and_then(|p| p.web_search),
+            Some(20_000)
+        );
     }
 
     #[test]

@@ -439,10 +439,18 @@ try {
   if (Date.now() < Date.UTC(2027, 0, 1)) {
     assert.deepEqual(changeShown, ['from 2027-01-01: $1.50 / $7.50, cache read $0.15'])
     assert.equal(await row('prices', 'gemini-3.8-flash').locator('[data-test="input"]').innerText(), '$0.75')
+    // An override opened on it says what it does to the change.
+    await row('prices', 'gemini-3.8-flash').getByRole('button', { name: 'Override', exact: true }).click()
+    await priceForm.locator('[data-test="schedule-warning"]', { hasText: 'from 2027-01-01' }).waitFor()
+    await priceForm.getByRole('button', { name: 'Cancel' }).click()
   } else {
     assert.deepEqual(changeShown, [])
     assert.equal(await row('prices', 'gemini-3.8-flash').locator('[data-test="input"]').innerText(), '$1.50')
   }
+  // A shipped row's search price is left to the price list in the form ($10 / 1 000 here).
+  await row('prices', 'claude-haiku-5-5').getByRole('button', { name: 'Override', exact: true }).click()
+  assert.equal(await priceForm.locator('input[name="web_search"]').inputValue(), '')
+  await priceForm.getByRole('button', { name: 'Cancel' }).click()
   // The shipped long card's own tier cards show too (GPT-5.6: 2× its long card at priority).
   assert.equal(await row('prices', 'gpt-5.6').locator('[data-test="long_priority"]').innerText(), 'priority $20.00 / $90.00')
   // Renamed in the form, the override is another model's: the tier choices go back to the price list's.

@@ -391,10 +391,13 @@ impl PriceTable {
     /// `[models."<name>".long_context]` with `above_tokens` (1 or more), `input`, `output`
     /// (required) and the three cache prices, `.priority`, `.flex`, `.fast` with `input`,
     /// `output` (required) and the three cache prices, and `.long_context.priority` (`.flex`,
-    /// `.fast`) alike, for long prompts at that tier, where the model has a long card.
+    /// `.fast`) alike, for long prompts at that tier, where the model has a long card; and
+    /// after them, in date order, `[models."<name>".from."<date>"]` with the same keys and
+    /// sub-tables (`.from."<date>".priority`, ...), the model's whole prices from `<date>`
+    /// (`YYYY-MM-DD`, midnight UTC, or `YYYY-MM-DDTHH:MM:SSZ`) on, each sub-table spelling
+    /// its date as its change's table does.
     /// Anything else is an error, so a typo never silently prices a model at 0.
-    // Hand-written because the filters crate has no TOML dependency; the binary, which has
-    // one, can equally deserialize `[models]` into `ModelPrice`s and `insert` them.
+    // Hand-written because the filters crate has no TOML dependency.
     pub fn from_toml_str(s: &str) -> Result<PriceTable, PriceError> {
         let mut table = PriceTable::new();
         let mut current: Option<ParsedModel> = None;
@@ -407,11 +410,10 @@ impl PriceTable {
             if line.starts_with('[') {
                 let (name, from, section) =
                     parse_table_header(line).map_err(|m| syntax(line_no, m))?;
-                let from_ms = from.as_ref().map(|f| f.0);
                 if section != Section::Model {
                     let table_name = section.table_name();
                     match current.as_mut() {
-                        Some(model) if model.name == name && model.starts_ms() == from_ms => {
+                        Some(model) if model.name == name && model.from == from => {
                             let card = model.card_mut(section);
                             if card.is_some() {
                                 return Err(syntax(
@@ -691,9 +693,10 @@ impl PriceTable {
                     .get_mut(&name)
                     .is_some_and(|schedule| schedule.push(PriceChange { from_ms, price }));
                 if !added {
-                    return Err(PriceError::MissingField {
-                        model: label,
-                        field: "an earlier table of the model",
+                    // The header's checks rule this out; should they not, nothing is dropped.
+                    return Err(PriceError::Syntax {
+                        line: 0,
+                        message: format!("{label}: not after the model's earlier prices"),
                     });
                 }
             }
@@ -720,7 +723,8 @@ pub struct Cost {
 /// billed = round_half_up(base × price_rate / 10 000). Web searches of a model without a
 /// `web_search` price cost nothing. A missing or unknown model costs 0 and is flagged
 /// `unpriced`; a request without any tokens or searches costs 0 and is not flagged, since there
-/// was nothing to price.
+/// was nothing to price. At the prices in effect now; [`compute_cost_at`] prices a request at
+/// those of the time it arrived.
 pub fn compute_cost(
     table: &PriceTable,
     model: Option<&str>,
@@ -851,7 +855,8 @@ pub fn estimate_input_tokens(body_len: usize) -> u64 {
 /// What a request is expected to cost at most, before it is sent: its body as uncached input
 /// tokens (one per [`BODY_BYTES_PER_TOKEN`] bytes) and its output cap (else
 /// [`DEFAULT_OUTPUT_ESTIMATE`]) as output tokens, priced for `model` at `price_rate`. 0 when the
-/// model has no price. Held against the key's cost limits while the request is in flight.
+/// model has no price; at the prices in effect now. What is held against the key's cost limits
+/// while the request is in flight ([`estimate_cost_at`], at the request's arrival and tier).
 pub fn estimate_cost(
     table: &PriceTable,
     model: Option<&str>,
@@ -1195,6 +1200,7 @@ fn parse_table_header(line: &str) -> Result<(String, Option<(i64, String)>, Sect
                 let text = date
                     .strip_prefix('"')
                     .and_then(|d| d.strip_suffix('"'))
+                    .or_else(|| date.strip_prefix('\'')?.strip_suffix('\''))
                     .or_else(|| {
                         date.bytes()
                             .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
@@ -1961,7 +1967,7 @@ mod tests {
         // The models priced by prompt length, and where their long card starts.
         let tiers: Vec<(&str, u64)> = t
             .schedules()
-            .flat_map(|(m, s)| s.prices().map(move |p| (m, p)))
+            .map(|(m, s)| (m, s.prices().next().unwrap()))
             .filter_map(|(m, p)| Some((m, p.long_context?.above_tokens)))
             .collect();
         assert_eq!(
@@ -2260,6 +2266,12 @@ mod tests {
                 4,
             ),
             (
+                "a change's card spelling its time otherwise",
+                "[models.m]\ninput = 1\noutput = 2\n[models.m.from.\"2027-01-01T00:00:00Z\"]\n\
+                 input = 1\noutput = 2\n[models.m.from.\"2027-01-01\".priority]\n",
+                7,
+            ),
+            (
                 "a time in a bare key",
                 "[models.m]\ninput = 1\noutput = 2\n[models.m.from.2027-02-01T10:00:00Z]\n",
                 4,
@@ -2276,6 +2288,20 @@ mod tests {
                 other => panic!("{name}: {other:?}"),
             }
         }
+        // Every TOML spelling of the key: bare, double- or single-quoted.
+        let spelled = PriceTable::from_toml_str(
+            "[models.m]\ninput = 1\noutput = 2\n[models.m.from.'2027-01-01']\ninput = 3\n\
+             output = 4\n[models.m.from.'2027-01-01'.flex]\ninput = 1\noutput = 2\n",
+        )
+        .unwrap();
+        assert_eq!(
+            spelled
+                .get_at("m", NEW_YEAR_2027)
+                .unwrap()
+                .flex
+                .map(|f| f.input),
+            Some(1)
+        );
         // A change lacking a required price names its date.
         assert_eq!(
             PriceTable::from_toml_str(
@@ -2392,10 +2418,7 @@ mod tests {
                 .unwrap();
         assert_eq!(searching.get("s").unwrap().web_search, Some(10_000));
         assert_eq!(
-            t.schedules()
-                .flat_map(|(m, s)| s.prices().map(move |p| (m, p)))
-                .map(|(m, _)| m)
-                .collect::<Vec<_>>(),
+            t.schedules().map(|(m, _)| m).collect::<Vec<_>>(),
             ["bare_name-1", "single-quoted", "with # hash"]
         );
         assert!(PriceTable::from_toml_str("").unwrap().is_empty());

@@ -45,8 +45,8 @@ pub struct PriceView {
     /// at every length.
     #[schema(value_type = Option<Object>)]
     pub long_context: Option<LongContextPrice>,
-    /// The shipped price list's long-context card of this model, which an override keeps
-    /// unless it sets `long_context`.
+    /// The shipped price list's long-context card of this model in effect now, which an
+    /// override keeps unless it sets `long_context`.
     #[schema(value_type = Option<Object>)]
     pub shipped_long_context: Option<LongContextPrice>,
     /// The rate card of requests the provider served at its priority tier (OpenAI
@@ -61,8 +61,8 @@ pub struct PriceView {
     /// `null`: the standard prices.
     #[schema(value_type = Option<Object>)]
     pub fast: Option<TierPrice>,
-    /// The shipped price list's cards of the three tiers, which an override keeps unless it
-    /// sets `priority`, `flex` or `fast`.
+    /// The shipped price list's cards of the three tiers in effect now, which an override
+    /// keeps unless it sets `priority`, `flex` or `fast`.
     #[schema(value_type = Option<Object>)]
     pub shipped_priority: Option<TierPrice>,
     #[schema(value_type = Option<Object>)]
@@ -93,7 +93,7 @@ impl PriceView {
         now: i64,
     ) -> PriceView {
         let p = schedule.at(now);
-        let shipped = prices.shipped(model);
+        let shipped = prices.shipped_at(model, now);
         PriceView {
             model: model.to_owned(),
             input: p.input,
@@ -119,9 +119,9 @@ impl PriceView {
 
     /// An override as the relay applies it: over the shipped search prices and cards where
     /// the override names none, and their scheduled changes.
-    fn of_override(row: &ModelPriceRow, prices: &crate::cache::PriceCache) -> PriceView {
+    fn of_override(row: &ModelPriceRow, prices: &crate::cache::PriceCache, now: i64) -> PriceView {
         let schedule = prices.applied(row);
-        PriceView::new(&row.model, &schedule, prices, Some(row), now_ms())
+        PriceView::new(&row.model, &schedule, prices, Some(row), now)
     }
 }
 
@@ -151,7 +151,7 @@ pub async fn list(State(state): State<AdminState>, caller: Caller) -> AppResult<
         .collect();
     // The database is the truth about overrides; the cache may trail it by a reload.
     for row in overrides {
-        let view = PriceView::of_override(&row, &state.prices);
+        let view = PriceView::of_override(&row, &state.prices, now);
         merged.insert(view.model.clone(), view);
     }
     let items: Vec<PriceView> = merged.into_values().collect();
@@ -274,7 +274,7 @@ pub async fn upsert(
     }
     audit(&state, &caller, "price.upsert", model, detail).await;
     state.prices_changed().await;
-    Ok(Json(PriceView::of_override(&row, &state.prices)))
+    Ok(Json(PriceView::of_override(&row, &state.prices, now_ms())))
 }
 
 /// `DELETE /api/admin/pricing/{model}`: removes an override; the shipped price (if any)
