@@ -2241,6 +2241,7 @@ async fn the_upstreams_request_id_is_kept_and_the_relays_comes_apart() {
     mock.set(|b| b.status = 200);
 
     // Gemini names no request: the client's own id is echoed, else the relay's.
+    let mut echoed = Vec::new();
     for client_id in [Some("client-8"), None] {
         let mut rb = relay
             .post_bare("/v1beta/models/gemini-2.5-flash:generateContent")
@@ -2255,6 +2256,26 @@ async fn the_upstreams_request_id_is_kept_and_the_relays_comes_apart() {
         assert_eq!(answered.unwrap(), client_id.unwrap_or(&relay_id));
         let _ = r.bytes().await.unwrap();
     }
+
+    // An upstream that only echoes the id it was sent names no request of its own: the record
+    // keeps no provider id (the client's and the relay's are there already).
+    mock.set(|b| b.echo_request_id = true);
+    for client_id in [Some("client-echo"), None] {
+        let mut rb = relay
+            .post_bare("/v1/chat/completions")
+            .bearer_auth(&key)
+            .json(&chat_body("gpt-4.1", false, chat_conversation("echo", 1)));
+        if let Some(id) = client_id {
+            rb = rb.header("x-request-id", id);
+        }
+        let r = rb.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let (answered, relay_id) = ids(&r);
+        assert_eq!(answered.unwrap(), client_id.unwrap_or(&relay_id));
+        let _ = r.bytes().await.unwrap();
+        echoed.push(relay_id);
+    }
+    mock.set(|b| b.echo_request_id = false);
 
     // The relay's own refusal: the client's id echoed, the relay's beside it.
     let r = relay
@@ -2305,18 +2326,24 @@ async fn the_upstreams_request_id_is_kept_and_the_relays_comes_apart() {
         ),
         "{rec}"
     );
+    let records = relay.wait_records(6).await;
+    for id in &echoed {
+        let rec = record_by_id(&records, id);
+        assert_eq!(rec["status"], 200, "{rec}");
+        assert_eq!(rec["upstream_request_id"], serde_json::Value::Null, "{rec}");
+    }
     // A Messages answer: Anthropic's `request-id` and the message's id.
     relay
         .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
         .await;
     relay.wait_accounts_loaded(3).await;
     send_message(&relay, &key, "ids-claude", "claude-sonnet-4-5", false).await;
-    let records = relay.wait_records(5).await;
+    let records = relay.wait_records(7).await;
     let rec = record_by_request_id(&records, "ids-claude");
     assert_eq!(
         (&rec["upstream_request_id"], &rec["response_id"]),
         (
-            &serde_json::json!(format!("req_mock_{port}_5")),
+            &serde_json::json!(format!("req_mock_{port}_7")),
             &serde_json::json!("msg_mock_1")
         ),
         "{rec}"

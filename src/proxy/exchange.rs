@@ -330,7 +330,8 @@ impl RelayProxy {
                 Some(f) if !f.account_refused => {
                     ctx.status = f.status;
                     ctx.error_type = Some(ErrorKind::Upstream.type_name());
-                    rctx.usage.upstream_request_id = super::provider_request_id(&f.head.headers);
+                    rctx.usage.upstream_request_id =
+                        super::provider_request_id(&f.head.headers, super::sent_request_id(rctx));
                     let resp = copy_head(&f.head, rctx, Some(f.body.len()));
                     session.write_response_header(&resp)?;
                     session.write_response_body(f.body, true).await?;
@@ -386,7 +387,8 @@ impl RelayProxy {
         if status >= 400 {
             ctx.error_type = Some(ErrorKind::Upstream.type_name());
         }
-        rctx.usage.upstream_request_id = super::provider_request_id(&head.headers);
+        rctx.usage.upstream_request_id =
+            super::provider_request_id(&head.headers, super::sent_request_id(rctx));
         for f in &self.chain.response {
             f.on_response_head(rctx, status, &head.headers);
         }

@@ -511,12 +511,24 @@ pub(crate) fn provider_id(id: String) -> Option<String> {
 }
 
 /// The id the provider knows a request by, from its answer's head: Anthropic's `request-id`,
-/// else OpenAI's `x-request-id`.
-pub(crate) fn provider_request_id(headers: &http::HeaderMap) -> Option<String> {
+/// else OpenAI's `x-request-id`. Not the id the relay sent in `x-request-id` (`sent`: the
+/// client's, else the relay's own), which an upstream that echoes it gives back: that id is
+/// in the record already.
+pub(crate) fn provider_request_id(headers: &http::HeaderMap, sent: &str) -> Option<String> {
     let value = headers
         .get(exchange::REQUEST_ID)
-        .or_else(|| headers.get(exchange::X_REQUEST_ID))?;
-    provider_id(value.to_str().ok()?.to_owned())
+        .or_else(|| headers.get(exchange::X_REQUEST_ID))?
+        .to_str()
+        .ok()
+        .filter(|v| *v != sent)?;
+    provider_id(value.to_owned())
+}
+
+/// The id the relay sent upstream in `x-request-id`: the client's, else its own.
+pub(crate) fn sent_request_id(rctx: &RequestCtx) -> &str {
+    rctx.client_request_id
+        .as_deref()
+        .unwrap_or(&rctx.request_id)
 }
 
 /// A request's ids as the client sees them.
@@ -852,15 +864,20 @@ mod tests {
         }
         assert_eq!(provider_id("x".repeat(128)).map(|s| s.len()), Some(128));
         let mut headers = http::HeaderMap::new();
-        assert_eq!(provider_request_id(&headers), None);
+        assert_eq!(provider_request_id(&headers, "sent"), None);
         headers.insert("x-request-id", http::HeaderValue::from_static("req_openai"));
-        assert_eq!(provider_request_id(&headers).as_deref(), Some("req_openai"));
+        assert_eq!(
+            provider_request_id(&headers, "sent").as_deref(),
+            Some("req_openai")
+        );
+        // An upstream echoing the id the relay sent names no provider id.
+        assert_eq!(provider_request_id(&headers, "req_openai"), None);
         headers.insert(
             "request-id",
             http::HeaderValue::from_static("req_anthropic"),
         );
         assert_eq!(
-            provider_request_id(&headers).as_deref(),
+            provider_request_id(&headers, "sent").as_deref(),
             Some("req_anthropic")
         );
     }

@@ -126,6 +126,9 @@ pub struct Behavior {
     pub stream_content_type: Option<String>,
     /// Wait this long before sending the response head.
     pub head_delay: Duration,
+    /// Answer with the request's own `x-request-id` (a gateway echoing it) instead of an id
+    /// of the upstream's.
+    pub echo_request_id: bool,
     /// OAuth token answers: wait this long between the head and the body.
     pub body_delay: Duration,
     /// OAuth token answers: their `expires_in` (seconds), or none (an opaque token of unknown
@@ -175,6 +178,7 @@ impl Default for Behavior {
             in_band_error: None,
             stream_content_type: None,
             head_delay: Duration::ZERO,
+            echo_request_id: false,
             body_delay: Duration::ZERO,
             token_expires_in: Some(28800),
             token_rotates: true,
@@ -485,6 +489,10 @@ impl MockUpstream {
                 buf.extend_from_slice(&chunk[..n]);
             }
             let body: Vec<u8> = buf.drain(..len).collect();
+            let sent_request_id = headers
+                .iter()
+                .find(|(k, _)| k == "x-request-id")
+                .map(|(_, v)| v.clone());
             let token_endpoint = path.ends_with("/oauth/token");
             let compact = path.split('?').next().unwrap_or("").ends_with("/compact");
             let answer = {
@@ -511,6 +519,10 @@ impl MockUpstream {
             // OpenAI names every answer, errors too, by its own request id; Anthropic's is
             // `request-id`, Gemini sends none.
             let upstream_id = match answer.protocol {
+                // A gateway that echoes the request's `x-request-id` and names none of its own.
+                _ if b.echo_request_id => sent_request_id
+                    .map(|id| format!("x-request-id: {id}\r\n"))
+                    .unwrap_or_default(),
                 WireProtocol::OpenaiChat | WireProtocol::OpenaiResponses => {
                     format!("x-request-id: {}\r\n", answer.upstream_request_id())
                 }
