@@ -936,6 +936,182 @@ async fn scheduled_price_changes_bill_from_their_date_and_are_listed() {
     assert_eq!(view["changes"], json!([]), "{view}");
 }
 
+/// A CSV text's rows, its quoted fields unquoted (RFC 4180).
+fn csv_rows(text: &str) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let (mut row, mut field) = (Vec::new(), String::new());
+    let mut chars = text.chars().peekable();
+    let mut quoted = false;
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                chars.next();
+                field.push('"');
+            }
+            (true, '"') => quoted = false,
+            (true, c) => field.push(c),
+            (false, '"') => quoted = true,
+            (false, ',') => row.push(std::mem::take(&mut field)),
+            (false, '\r') => {}
+            (false, '\n') => {
+                row.push(std::mem::take(&mut field));
+                rows.push(std::mem::take(&mut row));
+            }
+            (false, c) => field.push(c),
+        }
+    }
+    assert!(field.is_empty() && row.is_empty(), "the last line is ended");
+    rows
+}
+
+/// Records exported as CSV: oldest first, every column an admin needs for a statement, names
+/// made safe for a spreadsheet, filters applied; a user's own export without what only admins
+/// see.
+#[tokio::test]
+async fn usage_records_export_as_csv() {
+    let (_mock, relay) = priced_relay(Db::Sqlite).await;
+    let frank = relay.create_user("frank", 15_000).await;
+    let gina = relay.create_user("gina", 10_000).await;
+    let (frank_key_id, frank_key) = relay
+        .create_key(&frank, json!({"name": "=HYPERLINK(\"x\"), \"ops\""}))
+        .await;
+    let (_, gina_key) = relay.create_key(&gina, json!({})).await;
+    relay.wait_key_active(&frank_key).await;
+    relay.wait_key_active(&gina_key).await;
+    let mut ids = Vec::new();
+    for (key, topic) in [
+        (&frank_key, "one"),
+        (&gina_key, "two"),
+        (&frank_key, "three"),
+    ] {
+        ids.push(
+            proxied_record(&relay, key, topic).await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+
+    let r = relay
+        .http
+        .get(format!("{}/api/admin/usage/records.csv", relay.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/csv; charset=utf-8");
+    assert!(r.headers()["content-disposition"]
+        .to_str()
+        .unwrap()
+        .starts_with("attachment"));
+    let rows = csv_rows(&r.text().await.unwrap());
+    let header = &rows[0];
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .unwrap_or_else(|| panic!("{name}"))
+    };
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    // Oldest first, every line as long as the header.
+    let exported: Vec<&str> = rows[1..].iter().map(|r| r[col("id")].as_str()).collect();
+    assert_eq!(exported, ids);
+    assert!(rows.iter().all(|r| r.len() == header.len()));
+    let first = &rows[1];
+    assert_eq!(first[col("user_name")], "frank");
+    assert_eq!(first[col("api_key_id")], frank_key_id);
+    // The key's name, a formula once unquoted, is text for a spreadsheet.
+    assert_eq!(first[col("api_key_name")], "'=HYPERLINK(\"x\"), \"ops\"");
+    assert_eq!(first[col("account_name")], "claude-a");
+    assert_eq!(first[col("upstream_model")], UPSTREAM_MODEL);
+    // $3 / $15 on 1 000 in and out: 18 000 micro-USD, billed at frank's 1.5.
+    assert_eq!(first[col("base_cost_micro_usd")], "18000");
+    assert_eq!(first[col("price_rate")], "15000");
+    assert_eq!(first[col("billed_cost_micro_usd")], "27000");
+    assert_eq!(first[col("billed_cost_usd")], "0.027000");
+    assert_eq!(first[col("input_tokens")], "1000");
+    assert_eq!(first[col("stream")], "false");
+    assert_eq!(first[col("status")], "200");
+    let created = &first[col("created_at")];
+    assert!(created.len() == 24 && created.ends_with('Z'), "{created}");
+    assert_eq!(rows[2][col("user_name")], "gina");
+
+    // Filters as the JSON list takes them.
+    let (status, text) = relay
+        .token_call(
+            Some(ADMIN_TOKEN),
+            Method::GET,
+            &format!("/api/admin/usage/records.csv?user_id={gina}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let gina_rows = csv_rows(&text);
+    assert_eq!(gina_rows.len(), 2);
+    assert_eq!(gina_rows[1][col("id")], ids[1]);
+    let (status, text) = relay
+        .token_call(
+            Some(ADMIN_TOKEN),
+            Method::GET,
+            "/api/admin/usage/records.csv?from=2100-01-01",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, csv_rows(&text).len()),
+        (200, 1),
+        "the header alone"
+    );
+    let (status, text) = relay
+        .token_call(
+            Some(ADMIN_TOKEN),
+            Method::GET,
+            "/api/admin/usage/records.csv?from=soon",
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "{text}");
+
+    // A user's own export: their records, without the admins' columns.
+    let session = relay.login("frank", "password-123").await;
+    for path in ["/api/usage/records.csv", "/api/admin/usage/records.csv"] {
+        let (status, text) = relay
+            .session_call(&session, Method::GET, path, None, false)
+            .await;
+        assert_eq!(status, 200, "{path}: {text}");
+        let own = csv_rows(&text);
+        let own_col = |name: &str| own[0].iter().position(|h| h == name);
+        for hidden in [
+            "user_id",
+            "account_name",
+            "base_cost_micro_usd",
+            "price_rate",
+        ] {
+            assert_eq!(own_col(hidden), None, "{path}: {hidden}");
+        }
+        let exported: Vec<&str> = own[1..]
+            .iter()
+            .map(|r| r[own_col("id").unwrap()].as_str())
+            .collect();
+        assert_eq!(exported, [ids[0].as_str(), ids[2].as_str()], "{path}");
+        assert_eq!(own[1][own_col("billed_cost_usd").unwrap()], "0.027000");
+    }
+    let (status, _) = relay
+        .session_call(
+            &session,
+            Method::GET,
+            &format!("/api/usage/records.csv?user_id={gina}"),
+            None,
+            false,
+        )
+        .await;
+    assert_eq!(
+        status, 400,
+        "another user's records are no filter of one's own"
+    );
+}
+
 /// A mock answering 1000 input and 1000 output tokens, and a relay with one account on it.
 async fn priced_relay(db: Db) -> (MockUpstream, Relay) {
     let mock = MockUpstream::start().await;

@@ -31,6 +31,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/usage/monthly"),
     ("get", "/api/usage/stats"),
     ("get", "/api/usage/records"),
+    ("get", "/api/usage/records.csv"),
     ("get", "/api/usage/models"),
     ("get", "/api/admin/usage/summary"),
     ("post", "/api/admin/accounts/{id}/health-check"),
@@ -63,6 +64,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/admin/pricing"),
     ("delete", "/api/admin/pricing/{model}"),
     ("get", "/api/admin/usage/records"),
+    ("get", "/api/admin/usage/records.csv"),
     ("get", "/api/admin/audit"),
 ];
 

@@ -1654,6 +1654,61 @@ async fn usage_records_filter_and_paginate(env: Env) {
     assert_eq!(json["unpriced"], true);
     assert_eq!(json["ttfb_ms"], serde_json::Value::Null);
 
+    // An export's batches: oldest first, each record once, ties on the arrival time broken by
+    // id, the filter kept across batches.
+    let mut same_ms: Vec<_> = (0..4)
+        .map(|i| {
+            record(
+                &format!("tie-{i}"),
+                DAY0 + 10 * 60_000,
+                "u0",
+                "k0",
+                "a0",
+                "m",
+                1,
+                1,
+                0,
+            )
+        })
+        .collect();
+    same_ms.reverse();
+    store.insert_usage_batch(&same_ms).await.unwrap();
+    let mut exported = Vec::new();
+    let mut after: Option<(i64, String)> = None;
+    loop {
+        let batch = store
+            .usage_records_after(
+                &RecordFilter::default(),
+                after.as_ref().map(|(at, id)| (*at, id.as_str())),
+                3,
+            )
+            .await
+            .unwrap();
+        let Some(last) = batch.last() else { break };
+        after = Some((last.created_at, last.id.clone()));
+        exported.extend(batch.into_iter().map(|r| r.id));
+    }
+    let mut expected: Vec<String> = (0..30).map(|i| format!("rec-{i:02}")).collect();
+    let ties = (0..4).map(|i| format!("tie-{i}"));
+    expected.splice(11..11, ties);
+    assert_eq!(exported, expected);
+    let u1_exported: Vec<_> = store
+        .usage_records_after(
+            &RecordFilter {
+                user_id: Some("u1".into()),
+                from: Some(DAY0 + 20 * 60_000),
+                ..RecordFilter::default()
+            },
+            Some((DAY0 + 23 * 60_000, "rec-23")),
+            100,
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(u1_exported, ["rec-25", "rec-27", "rec-29"]);
+
     // Clamped page sizes.
     let clamped = store
         .list_usage_records(&RecordFilter::default(), 0, 0)

@@ -7,6 +7,7 @@
 // /usr/bin/chromium). Prints one JSON line with what the Rust side checks.
 import assert from 'node:assert/strict'
 import { mkdirSync, rmSync } from 'node:fs'
+import { readFile } from 'node:fs/promises'
 import { createServer } from 'node:http'
 import { join } from 'node:path'
 import { chromium } from 'playwright-core'
@@ -339,6 +340,14 @@ try {
   assert.equal(await page.inputValue('input[name="user_id"]'), tenantId)
   await page.locator('[data-test="scope"]', { hasText: 'of user ui-tenant' }).waitFor()
   assert.equal(await page.locator('[data-test="records"] [data-test="status"]').count(), 2)
+  // The same records as CSV, through the browser's download, with the filter the page shows.
+  const [download] = await Promise.all([page.waitForEvent('download'), page.click('[data-test="export"]')])
+  assert.equal(download.suggestedFilename(), 'usage-records.csv')
+  const csv = (await readFile(await download.path(), 'utf8')).trim().split('\r\n')
+  assert.equal(csv.length, 3, csv.join('\n'))
+  const csvHeader = csv[0].split(',')
+  assert.ok(csvHeader.includes('billed_cost_usd') && csvHeader.includes('account_name'), csv[0])
+  assert.ok(csv.slice(1).every((line) => line.split(',')[csvHeader.indexOf('user_name')] === 'ui-tenant'), csv.join('\n'))
   await fitsWidth('the records page')
   await shot('05b-records-named')
 

@@ -843,6 +843,41 @@ impl SqlStore {
             .await
     }
 
+    /// Up to `limit` records matching `filter`, oldest first (by arrival, then id), after the
+    /// record `after` (its `created_at` and id) when given: an export's next batch, however
+    /// many records there are, each read once.
+    pub async fn usage_records_after(
+        &self,
+        filter: &RecordFilter,
+        after: Option<(i64, &str)>,
+        limit: i64,
+    ) -> Result<Vec<UsageRow>> {
+        let mut parts = record_where(filter);
+        if let Some((created_at, id)) = after {
+            parts.push(
+                // A range on the indexed arrival time, the tie broken by id.
+                "created_at >= ? AND (created_at > ? OR id > ?)",
+                vec![
+                    Param::Int(Some(created_at)),
+                    Param::Int(Some(created_at)),
+                    Param::Text(Some(id.to_owned())),
+                ],
+            );
+        }
+        let sql = format!(
+            "SELECT {} FROM request_logs {} ORDER BY created_at, id LIMIT ${}",
+            RECORD_COLUMNS.join(", "),
+            where_sql(&parts),
+            parts.param_count() + 1
+        );
+        let rows = parts
+            .bind(sqlx::query(&sql))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(usage_from_row).collect()
+    }
+
     /// Number of stored records.
     pub async fn count_records(&self) -> Result<i64> {
         let row = sqlx::query("SELECT COUNT(*) FROM request_logs")

@@ -7,6 +7,7 @@ mod audit;
 mod days;
 mod openapi;
 mod pricing;
+mod records_csv;
 mod session;
 mod sessions;
 mod settings;
@@ -104,6 +105,7 @@ pub fn router() -> Router<AdminState> {
         .route("/api/usage/monthly", get(usage::monthly))
         .route("/api/usage/stats", get(usage::stats))
         .route("/api/usage/records", get(usage::own_records))
+        .route("/api/usage/records.csv", get(records_csv::own_records_csv))
         .route("/api/usage/models", get(usage::models))
         // Admins.
         .route("/api/admin/users", get(users::list).post(users::create))
@@ -174,6 +176,10 @@ pub fn router() -> Router<AdminState> {
             axum::routing::delete(pricing::delete),
         )
         .route("/api/admin/usage/records", get(usage::records))
+        .route(
+            "/api/admin/usage/records.csv",
+            get(records_csv::records_csv),
+        )
         .route("/api/admin/usage/summary", get(usage::admin_summary))
         .route("/api/admin/usage/breakdown", get(usage::breakdown))
         .route("/api/admin/audit", get(audit::list))

@@ -12,7 +12,8 @@ use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::{
-    accounts, api_keys, audit, pricing, session, sessions, settings, system, usage, users,
+    accounts, api_keys, audit, pricing, records_csv, session, sessions, settings, system, usage,
+    users,
 };
 use crate::admin::auth::{CSRF_HEADER, SESSION_COOKIE};
 
@@ -66,6 +67,7 @@ pub struct ListPage {
         usage::monthly,
         usage::stats,
         usage::own_records,
+        records_csv::own_records_csv,
         usage::models,
         users::list,
         users::create,
@@ -96,6 +98,7 @@ pub struct ListPage {
         pricing::upsert,
         pricing::delete,
         usage::records,
+        records_csv::records_csv,
         usage::admin_summary,
         usage::breakdown,
         audit::list,

@@ -150,7 +150,7 @@ pub struct AdminRecord {
 /// The names of a page of records' users, keys and accounts: looked up for that page's ids
 /// only, one query per kind of entity (a page holds at most 500 records).
 #[derive(Default)]
-struct RecordNames {
+pub(super) struct RecordNames {
     users: HashMap<String, String>,
     keys: HashMap<String, String>,
     accounts: HashMap<String, String>,
@@ -158,7 +158,7 @@ struct RecordNames {
 
 impl RecordNames {
     /// Key names only: what a user's own records show.
-    async fn keys_of(state: &AdminState, rows: &[UsageRow]) -> AppResult<Self> {
+    pub(super) async fn keys_of(state: &AdminState, rows: &[UsageRow]) -> AppResult<Self> {
         Ok(RecordNames {
             keys: state
                 .store
@@ -169,7 +169,7 @@ impl RecordNames {
     }
 
     /// User, key and account names: what admins see.
-    async fn all_of(state: &AdminState, rows: &[UsageRow]) -> AppResult<Self> {
+    pub(super) async fn all_of(state: &AdminState, rows: &[UsageRow]) -> AppResult<Self> {
         Ok(RecordNames {
             users: state
                 .store
@@ -185,6 +185,21 @@ impl RecordNames {
 
     fn name(names: &HashMap<String, String>, id: &Option<String>) -> Option<String> {
         id.as_ref().and_then(|id| names.get(id).cloned())
+    }
+
+    /// The names of a record's user, key and account (`None` where unknown or not looked up).
+    pub(super) fn of<'a>(
+        &'a self,
+        r: &UsageRow,
+    ) -> (Option<&'a str>, Option<&'a str>, Option<&'a str>) {
+        let get = |names: &'a HashMap<String, String>, id: &Option<String>| {
+            id.as_ref().and_then(|id| names.get(id)).map(String::as_str)
+        };
+        (
+            get(&self.users, &r.user_id),
+            get(&self.keys, &r.api_key_id),
+            get(&self.accounts, &r.account_id),
+        )
     }
 
     fn own(&self, r: UsageRow) -> OwnRecord {
@@ -721,7 +736,7 @@ impl RecordQuery {
         .get()
     }
 
-    fn filter(&self) -> AppResult<RecordFilter> {
+    pub(super) fn filter(&self) -> AppResult<RecordFilter> {
         Ok(RecordFilter {
             user_id: self.user_id.clone(),
             api_key_id: self.api_key_id.clone(),
@@ -740,20 +755,25 @@ impl RecordQuery {
     }
 }
 
-async fn own_records_page(
-    state: &AdminState,
-    caller: &Caller,
-    q: &RecordQuery,
-) -> AppResult<Page<OwnRecord>> {
+/// The filter of the caller's own records: the query's, on the caller's user.
+pub(super) fn own_filter(caller: &Caller, q: &RecordQuery) -> AppResult<RecordFilter> {
     if q.user_id.is_some() || q.account_id.is_some() {
         return Err(AppError::BadRequest(
             "user_id and account_id are not filters of your own records".into(),
         ));
     }
-    let filter = RecordFilter {
+    Ok(RecordFilter {
         user_id: Some(caller.own_user_id()?.to_string()),
         ..q.filter()?
-    };
+    })
+}
+
+async fn own_records_page(
+    state: &AdminState,
+    caller: &Caller,
+    q: &RecordQuery,
+) -> AppResult<Page<OwnRecord>> {
+    let filter = own_filter(caller, q)?;
     let (page, per_page) = q.page();
     let rows = state
         .store
