@@ -371,6 +371,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         sessions: Arc::new(bindings_admin),
         oauth: crate::background::oauth_refresh::RefreshSettings::from_config(&config.oauth)
             .map_err(|e| anyhow::anyhow!("oauth token URL: {e}"))?,
+        retention_days: config.usage.retention_days,
+        retention_interval: config.usage.retention_interval,
     };
     server.add_service(proxy_service);
     server.add_service(pingora::services::background::background_service(

@@ -172,6 +172,12 @@ pub struct SchedulerConfig {
     pub account_error_threshold: u32,
 }
 
+/// Shortest usage record retention accepted, in days.
+pub const MIN_RETENTION_DAYS: u32 = 7;
+
+/// Longest usage record retention accepted, in days (a hundred years).
+pub const MAX_RETENTION_DAYS: u32 = 36_500;
+
 /// The usage record writer.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -187,6 +193,12 @@ pub struct UsageConfig {
     /// spool retried while it fails) before it exits with status 1.
     #[serde(with = "humantime_serde")]
     pub exit_timeout: Duration,
+    /// Usage records older than this many days are removed (their daily totals, which the
+    /// summaries, key costs and cost limits read, are kept); unset keeps every record.
+    pub retention_days: Option<u32>,
+    /// How often records past the retention period are looked for.
+    #[serde(with = "humantime_serde")]
+    pub retention_interval: Duration,
 }
 
 /// Refreshing the access tokens of OAuth accounts (`claude-official`, and `openai-responses`
@@ -331,6 +343,8 @@ impl Default for UsageConfig {
             flush_interval: Duration::from_secs(1),
             idle_priority: true,
             exit_timeout: Duration::from_secs(30),
+            retention_days: None,
+            retention_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -451,6 +465,19 @@ impl Config {
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad("log_format must be text or json".into());
+        }
+        if let Some(days) = self.usage.retention_days {
+            // A week at least: a record replayed from the spool after a long outage must find
+            // its first copy still there, or its daily totals would count it twice.
+            if !(MIN_RETENTION_DAYS..=MAX_RETENTION_DAYS).contains(&days) {
+                return bad(format!(
+                    "usage.retention_days must be {MIN_RETENTION_DAYS} to {MAX_RETENTION_DAYS} \
+                     (unset: keep every record)"
+                ));
+            }
+        }
+        if self.usage.retention_interval < Duration::from_millis(100) {
+            return bad("usage.retention_interval must be at least 100ms".into());
         }
         if self.threads == 0 || self.usage.batch_size == 0 || self.usage.queue_capacity == 0 {
             return bad(

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub usage_held: IntGauge,
     pub usage_set_aside: IntCounter,
     pub usage_database_down: IntGauge,
+    pub usage_pruned: IntCounter,
     pub unpriced: IntCounterVec,
     pub estimated: IntCounterVec,
     pub health_checks: IntCounterVec,
@@ -126,6 +127,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
         usage_held: register_int_gauge!(
             "relay_usage_records_held",
             "Usage records neither the database nor the spool took yet, kept in memory and retried (the queue waits meanwhile)"
+        )?,
+        usage_pruned: register_int_counter!(
+            "relay_usage_records_pruned_total",
+            "Usage records removed past the retention period (their daily totals are kept)"
         )?,
         usage_set_aside: register_int_counter!(
             "relay_usage_records_set_aside_total",

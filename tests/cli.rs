@@ -145,6 +145,34 @@ fn the_price_list_is_found_from_any_directory() {
 }
 
 #[test]
+fn usage_retention_is_checked_before_the_relay_starts() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path();
+    for (days, ok) in [
+        ("7", true),
+        ("400", true),
+        ("6", false),
+        ("0", false),
+        ("soon", false),
+    ] {
+        let out = relay_cmd_in(
+            dir,
+            dir,
+            &[("RELAY_USAGE__RETENTION_DAYS", days)],
+            &["--check-config"],
+        );
+        assert_eq!(out.status.success(), ok, "{days}: {}", text(&out));
+        if !ok {
+            assert!(
+                text(&out).to_lowercase().contains("retention_days"),
+                "{days}: {}",
+                text(&out)
+            );
+        }
+    }
+}
+
+#[test]
 fn proxy_tls_files_are_checked_before_the_relay_starts() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path();

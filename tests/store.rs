@@ -131,6 +131,7 @@ on_both_backends!(
     oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from,
     usage_batches_roll_up_exactly,
     usage_records_filter_and_paginate,
+    old_usage_records_are_pruned_and_their_totals_kept,
     prices_settings_audit_and_sessions,
 );
 
@@ -1717,6 +1718,60 @@ async fn usage_records_filter_and_paginate(env: Env) {
     assert_eq!(
         (clamped.page, clamped.per_page, clamped.items.len()),
         (1, 1, 1)
+    );
+}
+
+async fn old_usage_records_are_pruned_and_their_totals_kept(env: Env) {
+    let store = env.store;
+    // Ten records an hour apart from DAY0, all on one user.
+    let records: Vec<_> = (0..10)
+        .map(|i: i64| {
+            record(
+                &format!("old-{i}"),
+                DAY0 + i * HOUR,
+                "u0",
+                "k0",
+                "a0",
+                "m",
+                10,
+                5,
+                7,
+            )
+        })
+        .collect();
+    store.insert_usage_batch(&records).await.unwrap();
+    let day = "2026-11-20";
+    let before = store
+        .usage_totals(UsageDim::User, Some("u0"), Some(day), Some(day))
+        .await
+        .unwrap();
+    assert_eq!(before, totals(10, 100, 50, 70));
+    // Those that arrived before hour 7, three at a time, the oldest first.
+    let cutoff = DAY0 + 7 * HOUR;
+    assert_eq!(store.prune_usage_records(cutoff, 3).await.unwrap(), 3);
+    let left = store
+        .usage_records_after(&RecordFilter::default(), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(left.first().map(|r| r.id.as_str()), Some("old-3"));
+    assert_eq!(store.prune_usage_records(cutoff, 3).await.unwrap(), 3);
+    assert_eq!(store.prune_usage_records(cutoff, 3).await.unwrap(), 1);
+    assert_eq!(store.prune_usage_records(cutoff, 3).await.unwrap(), 0);
+    let ids: Vec<_> = store
+        .usage_records_after(&RecordFilter::default(), None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids, ["old-7", "old-8", "old-9"]);
+    // The daily totals still count every record.
+    assert_eq!(
+        store
+            .usage_totals(UsageDim::User, Some("u0"), Some(day), Some(day))
+            .await
+            .unwrap(),
+        before
     );
 }
 

@@ -709,3 +709,72 @@ async fn no_record_is_lost_when_sigint_stops_a_busy_relay() {
 async fn no_record_is_lost_when_sigterm_stops_a_busy_relay() {
     no_record_is_lost_when_stopped_under_load("TERM").await;
 }
+
+/// A relay keeping records a week removes older ones as it runs, batch by batch, and counts
+/// them; their daily totals, which summaries and cost limits read, stay whole.
+#[tokio::test]
+async fn records_past_their_retention_are_removed_and_their_totals_kept() {
+    let relay = Relay::start_with(RelayOptions {
+        env: vec![
+            ("RELAY_USAGE__RETENTION_DAYS".into(), "7".into()),
+            ("RELAY_USAGE__RETENTION_INTERVAL".into(), "200ms".into()),
+        ],
+        ..RelayOptions::default()
+    })
+    .await;
+    let url = format!("sqlite://{}", relay.data_dir.join("relay.db").display());
+    let store = llm_relay::store::SqlStore::connect(&url, 2).await.unwrap();
+    let day = 86_400_000;
+    let now = relay_filters::now_ms();
+    let record = |id: &str, at: i64| relay_filters::UsageRecord {
+        id: id.into(),
+        created_at: at,
+        user_id: Some("u-retained".into()),
+        protocol: "anthropic".into(),
+        status: 200,
+        usage: relay_filters::types::TokenUsage {
+            input_tokens: 100,
+            output_tokens: 10,
+            ..Default::default()
+        },
+        base_cost: 50,
+        billed_cost: 50,
+        ..Default::default()
+    };
+    // Two from 30 days ago, one from yesterday (kept: 7 days).
+    let old_at = now - 30 * day;
+    store
+        .insert_usage_batch(&[
+            record("old-a", old_at),
+            record("old-b", old_at + 1),
+            record("recent", now - day),
+        ])
+        .await
+        .unwrap();
+    let old_day = llm_relay::store::utc_day(old_at);
+    let totals = || {
+        store.usage_totals(
+            llm_relay::store::UsageDim::User,
+            Some("u-retained"),
+            Some(&old_day),
+            Some(&old_day),
+        )
+    };
+    let before = totals().await.unwrap();
+    assert_eq!((before.requests, before.billed_cost), (2, 100));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.count_records().await.unwrap() > 1 {
+        assert!(Instant::now() < deadline, "the old records are still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = store
+        .usage_records_after(&Default::default(), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].id, "recent");
+    assert_eq!(totals().await.unwrap(), before);
+    relay
+        .wait_metric("relay_usage_records_pruned_total 2")
+        .await;
+}

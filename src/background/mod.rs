@@ -6,6 +6,7 @@ pub mod cache_refresh;
 pub mod health;
 pub mod oauth_refresh;
 pub mod priority;
+pub mod retention;
 pub mod usage_writer;
 
 use std::net::SocketAddr;
@@ -58,6 +59,9 @@ pub struct ControlPlane {
     pub sessions: Arc<crate::admin::BindingsAdmin>,
     /// OAuth token refresh.
     pub oauth: oauth_refresh::RefreshSettings,
+    /// Usage records kept this many days (`None`: all), looked at every `retention_interval`.
+    pub retention_days: Option<u32>,
+    pub retention_interval: std::time::Duration,
 }
 
 /// Ids with work running on them on this node (a health check, a token refresh): one piece of
@@ -160,6 +164,14 @@ impl BackgroundService for ControlPlane {
             self.cooldowns.clone(),
             shutdown.clone(),
         ));
+        if let Some(days) = self.retention_days {
+            tasks.spawn(retention::run(
+                store.clone(),
+                days,
+                self.retention_interval,
+                shutdown.clone(),
+            ));
+        }
         let health = Arc::new(health::Health::new(
             crate::proxy::health::HealthChecker::new(health::CHECK_TIMEOUT),
             store.clone(),
@@ -268,6 +280,8 @@ mod tests {
                 mirror: None,
             }),
             oauth: oauth_refresh::RefreshSettings::from_config(&Default::default()).unwrap(),
+            retention_days: None,
+            retention_interval: std::time::Duration::from_secs(3600),
         };
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
         let running = tokio::spawn(async move { control.start(shutdown).await });

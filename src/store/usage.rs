@@ -878,6 +878,21 @@ impl SqlStore {
         rows.iter().map(usage_from_row).collect()
     }
 
+    /// Removes up to `limit` records that arrived before `before_ms` (epoch ms), the oldest
+    /// first; their daily totals stay. The number removed: fewer than `limit` when no older
+    /// ones are left.
+    pub async fn prune_usage_records(&self, before_ms: i64, limit: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM request_logs WHERE id IN (SELECT id FROM request_logs \
+             WHERE created_at < $1 ORDER BY created_at LIMIT $2)",
+        )
+        .bind(before_ms)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Number of stored records.
     pub async fn count_records(&self) -> Result<i64> {
         let row = sqlx::query("SELECT COUNT(*) FROM request_logs")
