@@ -260,6 +260,7 @@ impl AccountCache {
                     .and_then(|v| v.as_str())
                     .map(str::to_string),
                 token_expires_ms: row.token_expires_at,
+                status_set_at: row.status_set_at,
                 state,
             }));
         }

@@ -1110,6 +1110,39 @@ async fn usage_records_export_as_csv() {
         status, 400,
         "another user's records are no filter of one's own"
     );
+
+    // Past one batch (1 000 records): 2 400 records of one user, 1 200 at a time arriving in
+    // the same millisecond, each exported once, in order.
+    let url = format!("sqlite://{}", relay.data_dir.join("relay.db").display());
+    let store = llm_relay::store::SqlStore::connect(&url, 2).await.unwrap();
+    let bulk: Vec<_> = (0..2_400_i64)
+        .map(|i| relay_filters::UsageRecord {
+            id: format!("bulk-{i:05}"),
+            created_at: 1_790_000_000_000 + (i / 1_200) * 60_000,
+            user_id: Some("bulk-user".into()),
+            protocol: "anthropic".into(),
+            status: 200,
+            billed_cost: i,
+            ..Default::default()
+        })
+        .collect();
+    for chunk in bulk.chunks(500) {
+        store.insert_usage_batch(chunk).await.unwrap();
+    }
+    let (status, text) = relay
+        .token_call(
+            Some(ADMIN_TOKEN),
+            Method::GET,
+            "/api/admin/usage/records.csv?user_id=bulk-user",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let rows = csv_rows(&text);
+    let exported: Vec<&str> = rows[1..].iter().map(|r| r[col("id")].as_str()).collect();
+    let expected: Vec<String> = (0..2_400).map(|i| format!("bulk-{i:05}")).collect();
+    assert_eq!(exported, expected);
+    assert_eq!(rows[2_400][col("billed_cost_micro_usd")], "2399");
 }
 
 /// A mock answering 1000 input and 1000 output tokens, and a relay with one account on it.

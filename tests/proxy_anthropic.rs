@@ -928,6 +928,88 @@ async fn a_blocked_account_stays_out_until_an_admin_puts_it_back() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(ask("after").await.unwrap().status(), 200);
     assert_eq!(mock.count(), asked + 1);
+
+    // Blocked again on the account the operator put back: taken out again (what its requests
+    // saw is stored over the operator's word they were sent after).
+    let blocked_body = r#"{"type":"error","error":{"type":"permission_error","message":"This organization has been disabled."}}"#;
+    mock.set(|b| {
+        b.status = 403;
+        b.error_body = blocked_body.into();
+    });
+    assert_eq!(ask("blocked again").await.unwrap().status(), 502);
+    let stored = |want: &'static str| {
+        let relay = &relay;
+        let id = id.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let v = relay.admin_get(&format!("/api/admin/accounts/{id}")).await;
+                if v["status"] == want {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "status {} not {want}",
+                    v["status"]
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    stored("blocked").await;
+
+    // A block answered to a request sent before the operator replaced the credential (and
+    // put the account back) is not stored: that request ran on the old key.
+    let (st, v) = relay
+        .admin_patch(
+            &format!("/api/admin/accounts/{id}"),
+            serde_json::json!({"status": "valid"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    mock.set(|b| b.head_delay = Duration::from_millis(1_500));
+    let late = tokio::spawn(
+        relay
+            .post("/v1/messages", &key)
+            .json(&messages_body(
+                MODEL,
+                false,
+                conversation("on the old key", 1),
+            ))
+            .send(),
+    );
+    while mock.count() < asked + 3 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (st, v) = relay
+        .admin_patch(
+            &format!("/api/admin/accounts/{id}"),
+            serde_json::json!({"credential": "sk-ant-replaced-key"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(late.await.unwrap().unwrap().status(), 502);
+    mock.set(|b| {
+        b.status = 200;
+        b.head_delay = Duration::ZERO;
+    });
+    // The node took the account out when the block came; once the refused write and a reload
+    // have gone by (well under a second here), it serves again on the new key, its stored
+    // status never having turned.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = ask("new key").await.unwrap().status();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(Instant::now() < deadline, "the account stays out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v = relay.admin_get(&format!("/api/admin/accounts/{id}")).await;
+    assert_eq!(v["status"], "valid", "{v}");
+    let last = mock.requests().pop().unwrap();
+    assert_eq!(last.header("x-api-key"), Some("sk-ant-replaced-key"));
 }
 
 /// The events of an SSE stream as a client's parser sees them (the WHATWG event stream rules,

@@ -192,6 +192,10 @@ pub struct Account {
     /// When an OAuth access token expires (epoch ms), when known. Refreshed before then; past
     /// it (its refresh failing) new conversations go to other accounts while any can serve.
     pub token_expires_ms: Option<i64>,
+    /// When an operator last set the account's status or credential (epoch ms), as this
+    /// snapshot was loaded: a status its requests observe is stored only while it is still
+    /// so, never over a change the requests did not see.
+    pub status_set_at: Option<i64>,
     pub state: Arc<AccountState>,
 }
 
@@ -578,6 +582,7 @@ pub(crate) mod tests {
             max_concurrency: None,
             chatgpt_account_id: None,
             token_expires_ms: None,
+            status_set_at: None,
             state: Arc::new(state),
         })
     }

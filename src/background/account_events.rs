@@ -18,9 +18,12 @@ pub struct AccountEvent {
     pub cooldown_until: Option<i64>,
     pub kind: EventKind,
     /// Epoch ms when the proxy saw it: a cooldown seen before an operator ended the account's
-    /// cooldown, or a status seen before an operator set the status or the credential, is not
-    /// stored after that.
+    /// cooldown is not stored after that.
     pub observed_at: i64,
+    /// The account's `status_set_at` as the request that saw the change had it: a status is
+    /// stored only while it is still so (the operator set neither status nor credential since
+    /// the request's account was loaded).
+    pub status_set_at: Option<i64>,
 }
 
 /// What kind of change an event stores.
@@ -82,6 +85,7 @@ impl AccountEvents {
             cooldown_until,
             kind,
             observed_at: crate::store::now_ms(),
+            status_set_at: account.status_set_at,
         });
     }
 }
@@ -93,6 +97,8 @@ pub async fn persist(
     mut rx: mpsc::UnboundedReceiver<AccountEvent>,
     cooldowns: Option<std::sync::Arc<RedisCooldowns>>,
     tokens: std::sync::Arc<crate::background::oauth_refresh::TokenRefresh>,
+    accounts: std::sync::Arc<crate::cache::AccountCache>,
+    reload: std::sync::Arc<tokio::sync::Notify>,
 ) {
     while let Some(ev) = rx.recv().await {
         if let (Some(c), Some(until)) = (&cooldowns, ev.cooldown_until) {
@@ -105,7 +111,7 @@ pub async fn persist(
                 .await
                 .map(|()| true),
             (EventKind::Recovered, _) => store
-                .record_account_recovered(&ev.account_id, ev.observed_at)
+                .record_account_recovered(&ev.account_id, ev.status_set_at)
                 .await
                 .map(|()| true),
             _ => {
@@ -115,7 +121,7 @@ pub async fn persist(
                         ev.status,
                         ev.consecutive_errors,
                         ev.cooldown_until,
-                        ev.observed_at,
+                        ev.status_set_at,
                     )
                     .await
             }
@@ -123,7 +129,11 @@ pub async fn persist(
         match stored {
             Ok(true) => {}
             Ok(false) => {
-                tracing::info!(account = %ev.account_id, "an operator set the account's status or credential after this node saw it change; the operator's word stands");
+                tracing::info!(account = %ev.account_id, "an operator set the account's status or credential after the requests that changed it were sent; the operator's word stands");
+                // This node took the account out at once; the stored row is the word now, read
+                // again by a reload (the refused write changed nothing a poll would notice).
+                accounts.end_hold_off(&ev.account_id);
+                reload.notify_one();
                 continue;
             }
             Err(e) => tracing::warn!(error = %e, "account state could not be stored"),

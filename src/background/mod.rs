@@ -132,12 +132,15 @@ impl BackgroundService for ControlPlane {
             self.secrets.clone(),
             self.oauth.margin,
         ));
+        let refresh = Arc::new(tokio::sync::Notify::new());
         if let Some(rx) = take(&self.account_events) {
             tasks.spawn(account_events::persist(
                 store.clone(),
                 rx,
                 self.cooldowns.clone(),
                 tokens.clone(),
+                self.accounts.clone(),
+                refresh.clone(),
             ));
         }
         if self.sqlite_idle_priority && !store.is_postgres() {
@@ -146,7 +149,6 @@ impl BackgroundService for ControlPlane {
                 shutdown.clone(),
             ));
         }
-        let refresh = Arc::new(tokio::sync::Notify::new());
         tasks.spawn(cache_refresh::raise_spend(
             store.clone(),
             self.memory_limits.clone(),

@@ -272,6 +272,7 @@ mod tests {
             max_concurrency: None,
             chatgpt_account_id: Some("acct-1".into()),
             token_expires_ms: None,
+            status_set_at: None,
             state: Default::default(),
         }
     }

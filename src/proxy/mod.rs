@@ -515,12 +515,10 @@ pub(crate) fn provider_id(id: String) -> Option<String> {
 /// client's, else the relay's own), which an upstream that echoes it gives back: that id is
 /// in the record already.
 pub(crate) fn provider_request_id(headers: &http::HeaderMap, sent: &str) -> Option<String> {
-    let value = headers
-        .get(exchange::REQUEST_ID)
-        .or_else(|| headers.get(exchange::X_REQUEST_ID))?
-        .to_str()
-        .ok()
-        .filter(|v| *v != sent)?;
+    let value = [exchange::REQUEST_ID, exchange::X_REQUEST_ID]
+        .iter()
+        .filter_map(|name| headers.get(name)?.to_str().ok())
+        .find(|v| *v != sent)?;
     provider_id(value.to_owned())
 }
 
@@ -872,6 +870,13 @@ mod tests {
         );
         // An upstream echoing the id the relay sent names no provider id.
         assert_eq!(provider_request_id(&headers, "req_openai"), None);
+        // Nor does an echo in `request-id` hide an id of the provider's own.
+        let mut echoed = headers.clone();
+        echoed.insert("request-id", http::HeaderValue::from_static("sent"));
+        assert_eq!(
+            provider_request_id(&echoed, "sent").as_deref(),
+            Some("req_openai")
+        );
         headers.insert(
             "request-id",
             http::HeaderValue::from_static("req_anthropic"),

@@ -481,8 +481,8 @@ impl SqlStore {
             );
         }
         if patch.status.is_some() || patch.credential.is_some() {
-            // Forward always, as for a clear: a status the proxy observed before this change
-            // and stores after it must lose to it.
+            // A new generation always, as for a clear: a status observed by requests that ran
+            // before this change must lose to it.
             let now = now_ms();
             parts.push(
                 "status_set_at = CASE WHEN status_set_at IS NULL \
@@ -515,23 +515,24 @@ impl SqlStore {
         self.account_by_id(id).await?.ok_or(StoreError::NotFound)
     }
 
-    /// Records the health state the proxy observed at `observed_at` (epoch ms): status, auth
-    /// errors in a row, cooldown. Not stored if an operator set the account's status or
-    /// replaced its credential since (`false`): the operator's word came after what the proxy
-    /// saw, though the write comes later.
+    /// Records the health state the proxy observed: status, auth errors in a row, cooldown.
+    /// `seen_status_set_at` is the account's `status_set_at` as the requests that observed it
+    /// had the account: if an operator set the status or replaced the credential since, it is
+    /// not stored (`false`). Those requests ran on what the operator replaced (a revoked key's
+    /// 401s, say), however late they answered; a generation, so no clock is compared.
     pub async fn record_account_state(
         &self,
         id: &str,
         status: AccountStatus,
         consecutive_error_count: i64,
         cooldown_until: Option<i64>,
-        observed_at: i64,
+        seen_status_set_at: Option<i64>,
     ) -> Result<bool> {
         let now = super::now_ms();
         let done = sqlx::query(
             "UPDATE accounts SET status = $1, consecutive_error_count = $2, cooldown_until = $3, \
              updated_at = CASE WHEN updated_at < $4 THEN $5 ELSE updated_at + 1 END \
-             WHERE id = $6 AND (status_set_at IS NULL OR status_set_at < $7)",
+             WHERE id = $6 AND status_set_at IS NOT DISTINCT FROM $7",
         )
         .bind(status.as_str())
         .bind(consecutive_error_count)
@@ -539,7 +540,7 @@ impl SqlStore {
         .bind(now)
         .bind(now)
         .bind(id)
-        .bind(observed_at)
+        .bind(seen_status_set_at)
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 1 {
@@ -610,22 +611,27 @@ impl SqlStore {
         Ok(())
     }
 
-    /// Stores that a request succeeded after errors, seen at `observed_at` (epoch ms): status
-    /// `valid`, count and cooldown cleared, unless the provider reported the account blocked
-    /// meanwhile (only an operator clears that) or an operator set its status since.
-    pub async fn record_account_recovered(&self, id: &str, observed_at: i64) -> Result<()> {
+    /// Stores that a request succeeded after errors: status `valid`, count and cooldown
+    /// cleared, unless the provider reported the account blocked meanwhile (only an operator
+    /// clears that) or an operator set its status or credential since the request's account
+    /// was loaded (`seen_status_set_at`, as for [`SqlStore::record_account_state`]).
+    pub async fn record_account_recovered(
+        &self,
+        id: &str,
+        seen_status_set_at: Option<i64>,
+    ) -> Result<()> {
         let now = super::now_ms();
         sqlx::query(
             "UPDATE accounts SET status = 'valid', consecutive_error_count = 0, \
              cooldown_until = NULL, \
              updated_at = CASE WHEN updated_at < $1 THEN $2 ELSE updated_at + 1 END \
              WHERE id = $3 AND status <> 'blocked' \
-             AND (status_set_at IS NULL OR status_set_at < $4)",
+             AND status_set_at IS NOT DISTINCT FROM $4",
         )
         .bind(now)
         .bind(now)
         .bind(id)
-        .bind(observed_at)
+        .bind(seen_status_set_at)
         .execute(&self.pool)
         .await?;
         Ok(())

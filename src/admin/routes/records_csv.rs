@@ -226,20 +226,25 @@ impl Cursor {
     }
 }
 
-/// The CSV answer: the header line, then the records batch by batch. A failure after the first
-/// byte ends the transfer unfinished (the client sees a broken download, never a short file
-/// that looks whole).
-fn csv_response(state: AdminState, filter: RecordFilter, admin: bool) -> Response {
-    let first = Cursor {
+/// The CSV answer: the header line and the first batch, read before answering (a failure
+/// there is an error answer), then the other batches as they are read. A failure after that
+/// ends the transfer unfinished: the client sees a broken download, never a short file that
+/// looks whole.
+async fn csv_response(state: AdminState, filter: RecordFilter, admin: bool) -> AppResult<Response> {
+    let (first, rest) = Cursor {
         state,
         filter,
         admin,
         after: None,
-    };
+    }
+    .next()
+    .await?;
+    let mut head = header_line(admin).into_bytes();
+    head.extend_from_slice(&first);
     let head = futures::stream::once(std::future::ready(Ok::<_, std::io::Error>(Bytes::from(
-        header_line(admin),
+        head,
     ))));
-    let rows = futures::stream::unfold(Some(first), |cursor| async move {
+    let rows = futures::stream::unfold(rest, |cursor| async move {
         match cursor?.next().await {
             Ok((bytes, next)) => Some((Ok(bytes), next)),
             Err(e) => {
@@ -262,7 +267,7 @@ fn csv_response(state: AdminState, filter: RecordFilter, admin: bool) -> Respons
         HeaderValue::from_static("attachment; filename=\"usage-records.csv\""),
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    Ok(response)
 }
 
 /// `GET /api/admin/usage/records.csv?user_id=&api_key_id=&account_id=&from=&to=`: every record
@@ -282,7 +287,7 @@ pub async fn records_csv(
 ) -> AppResult<Response> {
     if caller.is_admin() {
         let filter = q.filter()?;
-        Ok(csv_response(state, filter, true))
+        csv_response(state, filter, true).await
     } else {
         own_records_csv(State(state), caller, Query(q)).await
     }
@@ -301,7 +306,7 @@ pub async fn own_records_csv(
     Query(q): Query<RecordQuery>,
 ) -> AppResult<Response> {
     let filter = own_filter(&caller, &q)?;
-    Ok(csv_response(state, filter, false))
+    csv_response(state, filter, false).await
 }
 
 #[cfg(test)]
