@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use relay_filters::accounts::{Account, AccountDirectory, AccountState, BaseUrl, Credential};
 use relay_filters::api_key_auth::{KeyEntry, KeyStore};
-use relay_filters::cost::{PriceSchedule, PriceSource, PriceTable};
+use relay_filters::cost::{PriceChange, PriceSchedule, PriceSource, PriceTable};
 
 use crate::secrets::SecretBox;
 use crate::store::{Account as AccountRow, AccountStatus, ActiveApiKey, ModelPrice, ModelPriceRow};
@@ -360,26 +360,70 @@ impl PriceCache {
         self.loads.apply(ticket, || self.replace(overrides));
     }
 
-    /// Applies the database overrides.
+    /// Applies the database overrides: each model's standing override and those scheduled
+    /// for it (`from_ms` set).
     pub fn replace(&self, overrides: Vec<ModelPriceRow>) {
         let mut table = self.base.clone();
-        for row in overrides {
-            table.insert_schedule(&row.model, self.applied(&row));
+        let mut by_model: HashMap<&str, Vec<&ModelPriceRow>> = HashMap::new();
+        for row in &overrides {
+            by_model.entry(row.model.as_str()).or_default().push(row);
+        }
+        for (model, rows) in by_model {
+            if let Some(schedule) = self.schedule_with(model, &rows) {
+                table.insert_schedule(model, schedule);
+            }
         }
         write(&self.table, Arc::new(table));
     }
 
-    /// An override as the relay applies it over time: laid over each of the model's shipped
-    /// prices (the cards it keeps, and its search prices, change when the shipped ones do), or
-    /// alone for a model the price list does not have.
+    /// A standing override as the relay applies it over time (see
+    /// [`PriceCache::schedule_with`]).
     pub fn applied(&self, row: &ModelPriceRow) -> PriceSchedule {
-        let own = row.price();
-        match self.base.schedule(&row.model) {
-            Some(shipped) => {
-                shipped.map(|p| with_shipped_searches(row.cards.apply(own, Some(p)), p))
+        self.schedule_with(&row.model, &[row])
+            .unwrap_or_else(|| PriceSchedule::new(row.price()))
+    }
+
+    /// The prices of `model` over time, its overrides `rows` (its standing one, and those
+    /// scheduled, `from_ms` set) laid over the shipped prices: at any time the latest
+    /// override that has begun (the standing one from the start), over the shipped prices
+    /// then in effect (the cards and search prices it keeps follow them), else the shipped
+    /// prices. A model with neither before its first scheduled override takes that one from
+    /// the start (the admin API schedules none without a price before it). `None`: no
+    /// price at all.
+    pub fn schedule_with(&self, model: &str, rows: &[&ModelPriceRow]) -> Option<PriceSchedule> {
+        let shipped = self.base.schedule(model);
+        let mut rows = rows.to_vec();
+        rows.sort_by_key(|r| r.from_ms.unwrap_or(i64::MIN));
+        let over = |row: &ModelPriceRow, shipped: Option<&ModelPrice>| match shipped {
+            Some(p) => with_shipped_searches(row.cards.apply(row.price(), Some(p)), p),
+            None => row.price(),
+        };
+        let price_at = |at: i64| {
+            let shipped_then = shipped.map(|s| s.at(at));
+            match rows
+                .iter()
+                .rev()
+                .find(|r| r.from_ms.unwrap_or(i64::MIN) <= at)
+            {
+                Some(row) => Some(over(row, shipped_then)),
+                None => shipped_then.copied(),
             }
-            None => PriceSchedule::new(row.cards.apply(own, None)),
-        }
+        };
+        let first = price_at(i64::MIN).or_else(|| rows.first().map(|r| over(r, None)))?;
+        let mut times: Vec<i64> = shipped
+            .into_iter()
+            .flat_map(PriceSchedule::change_times)
+            .chain(rows.iter().filter_map(|r| r.from_ms))
+            .collect();
+        times.sort_unstable();
+        times.dedup();
+        let changes = times.into_iter().filter_map(|from_ms| {
+            Some(PriceChange {
+                from_ms,
+                price: price_at(from_ms)?,
+            })
+        });
+        Some(PriceSchedule::with_changes(first, changes))
     }
 
     /// The shipped price of a model at `at_ms` (epoch ms): the cards an override keeps unless
@@ -433,6 +477,7 @@ mod tests {
             web_search: None,
             cards: CardChoices::default(),
             updated_at: 0,
+            from_ms: None,
         }
     }
 
@@ -545,6 +590,67 @@ mod tests {
             cache.table().get_at("m", change).and_then(|p| p.web_search),
             Some(20_000)
         );
+    }
+
+    #[test]
+    fn scheduled_overrides_take_over_at_their_time() {
+        // 2027-01-01 and 2027-02-01, midnight UTC.
+        let (january, february) = (1_798_761_600_000, 1_801_440_000_000);
+        let base = PriceTable::from_toml_str(
+            "[models.m]\ninput = 1\noutput = 2\nweb_search = 10000\n\
+             [models.m.from.\"2027-01-01\"]\ninput = 3\noutput = 4\nweb_search = 20000\n",
+        )
+        .expect("prices");
+        let cache = PriceCache::new(base);
+        let scheduled = |from_ms, input| ModelPriceRow {
+            input,
+            from_ms: Some(from_ms),
+            ..override_row("m")
+        };
+        let standing = override_row("m");
+        let at = |rows: &[&ModelPriceRow], at_ms| {
+            let schedule = cache.schedule_with("m", rows).expect("priced");
+            let p = *schedule.at(at_ms);
+            (p.input, p.web_search)
+        };
+        // Scheduled alone: the shipped prices until its time, its own after (the shipped
+        // search price it keeps following the list).
+        let feb = scheduled(february, 9);
+        assert_eq!(at(&[&feb], 0), (1, Some(10_000)));
+        assert_eq!(at(&[&feb], january), (3, Some(20_000)));
+        assert_eq!(at(&[&feb], february - 1), (3, Some(20_000)));
+        assert_eq!(at(&[&feb], february), (9, Some(20_000)));
+        // Over a standing override: the standing one until then.
+        assert_eq!(at(&[&standing, &feb], january), (5, Some(20_000)));
+        assert_eq!(at(&[&feb, &standing], february), (9, Some(20_000)));
+        // Two scheduled: each from its time.
+        let jan = scheduled(january, 7);
+        let schedule = cache.schedule_with("m", &[&feb, &jan]).expect("priced");
+        assert_eq!(
+            schedule
+                .upcoming(0)
+                .iter()
+                .map(|c| (c.from_ms, c.price.input))
+                .collect::<Vec<_>>(),
+            [(january, 7), (february, 9)]
+        );
+        // A model the list does not price, scheduled only: its override from the start.
+        let other = ModelPriceRow {
+            model: "other".into(),
+            ..scheduled(february, 11)
+        };
+        assert_eq!(
+            cache
+                .schedule_with("other", &[&other])
+                .map(|s| s.at(0).input),
+            Some(11)
+        );
+        assert!(cache.schedule_with("nothing", &[]).is_none());
+        // What the relay prices with.
+        cache.replace(vec![standing.clone(), feb.clone()]);
+        let table = cache.table();
+        assert_eq!(table.get_at("m", february - 1).map(|p| p.input), Some(5));
+        assert_eq!(table.get_at("m", february).map(|p| p.input), Some(9));
     }
 
     #[test]

@@ -936,6 +936,138 @@ async fn scheduled_price_changes_bill_from_their_date_and_are_listed() {
     assert_eq!(view["changes"], json!([]), "{view}");
 }
 
+#[tokio::test]
+async fn scheduled_price_overrides_take_over_at_their_time_sqlite() {
+    scheduled_price_overrides_take_over_at_their_time(Db::Sqlite).await;
+}
+
+#[tokio::test]
+async fn scheduled_price_overrides_take_over_at_their_time_postgres() {
+    let pg = PgDb::create().await;
+    scheduled_price_overrides_take_over_at_their_time(Db::Postgres(pg.url.clone())).await;
+}
+
+/// An admin schedules an override ahead: the model keeps its price until then, the list shows
+/// what is coming, a request after the time is billed at it; scheduled changes are cancelled
+/// one by one, and refused without a future time or a price to change from.
+async fn scheduled_price_overrides_take_over_at_their_time(db: Db) {
+    let (_mock, relay) = priced_relay(db).await;
+    let user = relay.create_user("sched", 10_000).await;
+    let (_, key) = relay.create_key(&user, json!({})).await;
+    relay.wait_key_active(&key).await;
+    let view = |prices: &Value, model: &str| {
+        prices["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["model"] == model)
+            .cloned()
+            .unwrap()
+    };
+    // A far one and a near one (whole seconds, a few ahead).
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/pricing",
+            json!({"model": MODEL, "input": 9_000_000, "output": 9_000_000, "from": "2100-01-01"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["input"], 3_000_000, "the shipped price until then: {v}");
+    assert_eq!(v["override"], false, "{v}");
+    assert_eq!(v["scheduled"][0]["from_ms"], 4_102_444_800_000_i64, "{v}");
+    assert_eq!(v["changes"][0]["price"]["input"], 9_000_000, "{v}");
+    let near_s = relay_filters::now_ms() / 1_000 + 3;
+    let near = time::OffsetDateTime::from_unix_timestamp(near_s)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/pricing",
+            json!({"model": MODEL, "input": 1_000_000, "output": 2_000_000, "from": near}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let scheduled: Vec<i64> = v["scheduled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["from_ms"].as_i64().unwrap())
+        .collect();
+    assert_eq!(scheduled, [near_s * 1_000, 4_102_444_800_000]);
+    // Before the near time: the shipped $3 / $15.
+    let r = proxied_record(&relay, &key, "before").await;
+    assert!(r["created_at"].as_i64().unwrap() < near_s * 1_000, "{r}");
+    assert_eq!(r["base_cost"], 18_000, "{r}");
+    // After it: $1 / $2, with no reload needed.
+    while relay_filters::now_ms() < near_s * 1_000 + 100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let r = proxied_record(&relay, &key, "after").await;
+    assert_eq!(r["base_cost"], 3_000, "{r}");
+    let listed = view(&relay.admin_get("/api/admin/pricing").await, MODEL);
+    assert_eq!(
+        (&listed["input"], &listed["override"]),
+        (&json!(1_000_000), &json!(true)),
+        "{listed}"
+    );
+    assert_eq!(
+        listed["scheduled"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+
+    // Cancelling the far one; a time with nothing scheduled is not found.
+    let path = format!("/api/admin/pricing/{MODEL}?from=4102444800000");
+    let (status, v) = relay.admin_delete(&path).await;
+    assert_eq!(status, 200, "{v}");
+    let (status, _) = relay.admin_delete(&path).await;
+    assert_eq!(status, 404);
+    let listed = view(&relay.admin_get("/api/admin/pricing").await, MODEL);
+    assert_eq!(listed["scheduled"], json!([]), "{listed}");
+    assert_eq!(listed["changes"], json!([]), "{listed}");
+
+    // Setting the override now folds the scheduled one that has begun: the new one holds.
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/pricing",
+            json!({"model": MODEL, "input": 2_000_000, "output": 2_000_000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["input"], 2_000_000, "{v}");
+    let r = proxied_record(&relay, &key, "standing").await;
+    assert_eq!(r["base_cost"], 4_000, "{r}");
+
+    // Refused: a time gone by, not a time, and a model without a price to change from.
+    for (body, why) in [
+        (
+            json!({"model": MODEL, "input": 1, "output": 1, "from": "2020-01-01"}),
+            "past",
+        ),
+        (
+            json!({"model": MODEL, "input": 1, "output": 1, "from": "next week"}),
+            "format",
+        ),
+        (
+            json!({"model": "no-such-model", "input": 1, "output": 1, "from": "2100-01-01"}),
+            "unpriced",
+        ),
+    ] {
+        let (status, v) = relay.admin_post("/api/admin/pricing", body).await;
+        assert_eq!(status, 400, "{why}: {v}");
+    }
+    let audit = relay.admin_get("/api/admin/audit?per_page=100").await;
+    assert!(
+        audit["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "price.schedule"),
+        "{audit}"
+    );
+}
+
 /// A CSV text's rows, its quoted fields unquoted (RFC 4180).
 fn csv_rows(text: &str) -> Vec<Vec<String>> {
     let mut rows = Vec::new();

@@ -460,6 +460,20 @@ try {
   await row('prices', 'claude-haiku-5-5').getByRole('button', { name: 'Override', exact: true }).click()
   assert.equal(await priceForm.locator('input[name="web_search"]').inputValue(), '')
   await priceForm.getByRole('button', { name: 'Cancel' }).click()
+  // An override scheduled ahead: listed under the model until its time, cancelled there.
+  await row('prices', 'ui-model-1').getByRole('button', { name: 'Override', exact: true }).click()
+  await priceForm.locator('input[name="input"]').fill('4')
+  await priceForm.locator('input[name="output"]').fill('20')
+  await priceForm.locator('input[name="from"]').fill('2100-01-01')
+  await page.click('[data-test="save-price"]')
+  await note().filter({ hasText: 'Price of ui-model-1 scheduled from 2100-01-01.' }).waitFor()
+  const scheduledLine = row('prices', 'ui-model-1').locator('[data-test="scheduled-override"]')
+  assert.match(await scheduledLine.innerText(), /^override from 2100-01-01: \$4\.00 \/ \$20\.00/)
+  assert.equal(await row('prices', 'ui-model-1').locator('[data-test="input"]').innerText(), '$3.00', 'the price in effect is unchanged')
+  answers.push('')
+  await scheduledLine.getByRole('button', { name: 'cancel' }).click()
+  await note().filter({ hasText: 'Scheduled override of ui-model-1 cancelled.' }).waitFor()
+  assert.equal(await row('prices', 'ui-model-1').locator('[data-test="scheduled-override"]').count(), 0)
   // The shipped long card's own tier cards show too (GPT-5.6: 2× its long card at priority).
   assert.equal(await row('prices', 'gpt-5.6').locator('[data-test="long_priority"]').innerText(), 'priority $20.00 / $90.00')
   // Renamed in the form, the override is another model's: the tier choices go back to the price list's.

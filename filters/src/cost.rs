@@ -337,18 +337,37 @@ impl PriceSchedule {
     /// shipped prices of each period), dates unchanged; a change that no longer changes
     /// anything is dropped.
     pub fn map(&self, mut f: impl FnMut(&ModelPrice) -> ModelPrice) -> PriceSchedule {
-        let mut mapped = PriceSchedule::new(f(&self.first));
-        for change in &self.changes {
-            let price = f(&change.price);
-            let last = mapped.changes.last().map_or(&mapped.first, |c| &c.price);
-            if *last != price {
-                mapped.changes.push(PriceChange {
-                    from_ms: change.from_ms,
-                    price,
-                });
+        PriceSchedule::with_changes(
+            f(&self.first),
+            self.changes.iter().map(|c| PriceChange {
+                from_ms: c.from_ms,
+                price: f(&c.price),
+            }),
+        )
+    }
+
+    /// `first`, then `changes` in date order; a change that changes nothing, or not later than
+    /// the one before it, is dropped.
+    pub fn with_changes(
+        first: ModelPrice,
+        changes: impl IntoIterator<Item = PriceChange>,
+    ) -> PriceSchedule {
+        let mut schedule = PriceSchedule::new(first);
+        for change in changes {
+            let last = schedule
+                .changes
+                .last()
+                .map_or(&schedule.first, |c| &c.price);
+            if *last != change.price {
+                schedule.push(change);
             }
         }
-        mapped
+        schedule
+    }
+
+    /// When the changes take effect, in order.
+    pub fn change_times(&self) -> impl Iterator<Item = i64> + '_ {
+        self.changes.iter().map(|c| c.from_ms)
     }
 
     /// Every price of the schedule, the first one first.
@@ -1080,8 +1099,9 @@ fn version_path(from: Option<&(i64, String)>) -> String {
         .unwrap_or_default()
 }
 
-/// Epoch ms of `YYYY-MM-DD` (midnight UTC) or `YYYY-MM-DDTHH:MM:SSZ`.
-fn parse_from(text: &str) -> Option<i64> {
+/// Epoch ms of `YYYY-MM-DD` (midnight UTC) or `YYYY-MM-DDTHH:MM:SSZ`: when a price change takes
+/// effect.
+pub fn parse_from(text: &str) -> Option<i64> {
     let b = text.as_bytes();
     let num = |range: std::ops::Range<usize>| -> Option<i64> {
         let digits = b.get(range)?;

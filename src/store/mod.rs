@@ -196,6 +196,8 @@ pub struct ChangeMarker {
     pub accounts: TableMarker,
     /// Fingerprint of `model_prices` (price overrides).
     pub prices: TableMarker,
+    /// Fingerprint of `model_price_changes` (scheduled price overrides).
+    pub price_changes: TableMarker,
 }
 
 /// Handle on the relay database; cheap to clone (the pool is shared).
@@ -344,11 +346,12 @@ impl SqlStore {
             )
         };
         let sql = format!(
-            "SELECT {}, {}, {}, {}",
+            "SELECT {}, {}, {}, {}, {}",
             part("users"),
             part("api_keys"),
             part("accounts"),
-            part("model_prices")
+            part("model_prices"),
+            part("model_price_changes")
         );
         let row = sqlx::query(&sql).fetch_one(&self.pool).await?;
         let table = |base: usize| -> Result<TableMarker> {
@@ -363,6 +366,7 @@ impl SqlStore {
             api_keys: table(3)?,
             accounts: table(6)?,
             prices: table(9)?,
+            price_changes: table(12)?,
         })
     }
 }

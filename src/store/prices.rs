@@ -129,6 +129,9 @@ pub struct ModelPriceRow {
     pub cards: CardChoices,
     /// Epoch ms of the last change.
     pub updated_at: i64,
+    /// A scheduled override: the epoch ms it takes effect at (`None`: the override in effect
+    /// until then, or always).
+    pub from_ms: Option<i64>,
 }
 
 impl ModelPriceRow {
@@ -165,8 +168,13 @@ fn price_from_row(row: &AnyRow) -> Result<ModelPriceRow> {
             fast: CardChoice::from_column(row.try_get("fast")?)?,
         },
         updated_at: row.try_get("updated_at")?,
+        from_ms: None,
     })
 }
+
+/// The columns of `model_prices`, also those of `model_price_changes` but `from_ms`.
+const PRICE_COLUMNS: &str = "model, input, output, cache_write_5m, cache_write_1h, cache_read, \
+     web_search, long_context, priority, flex, fast, updated_at";
 
 impl SqlStore {
     /// Sets the prices of a model, creating or replacing its row. The extra cards of `price`
@@ -185,6 +193,12 @@ impl SqlStore {
             ));
         }
         let now = now_ms();
+        // Scheduled overrides that have begun are this one's past: it replaces them.
+        sqlx::query("DELETE FROM model_price_changes WHERE model = $1 AND from_ms <= $2")
+            .bind(model)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
         sqlx::query(
             "INSERT INTO model_prices (model, input, output, cache_write_5m, cache_write_1h, \
              cache_read, web_search, long_context, priority, flex, fast, updated_at) \
@@ -220,7 +234,94 @@ impl SqlStore {
             web_search: price.web_search,
             cards,
             updated_at: now,
+            from_ms: None,
         })
+    }
+
+    /// Schedules a model's override from `from_ms` (epoch ms) on, creating or replacing the
+    /// one scheduled for that time. As [`SqlStore::upsert_price`] otherwise.
+    pub async fn upsert_price_change(
+        &self,
+        model: &str,
+        from_ms: i64,
+        price: &ModelPrice,
+        cards: CardChoices,
+    ) -> Result<ModelPriceRow> {
+        require_non_empty("model", model)?;
+        if cards.apply(*price, None).all_prices().any(|p| p < 0) {
+            return Err(StoreError::Invalid(
+                "prices must not be negative".to_owned(),
+            ));
+        }
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO model_price_changes (model, from_ms, input, output, cache_write_5m, \
+             cache_write_1h, cache_read, web_search, long_context, priority, flex, fast, \
+             updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             ON CONFLICT (model, from_ms) DO UPDATE SET input = excluded.input, \
+             output = excluded.output, cache_write_5m = excluded.cache_write_5m, \
+             cache_write_1h = excluded.cache_write_1h, cache_read = excluded.cache_read, \
+             web_search = excluded.web_search, long_context = excluded.long_context, \
+             priority = excluded.priority, flex = excluded.flex, fast = excluded.fast, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(model)
+        .bind(from_ms)
+        .bind(price.input)
+        .bind(price.output)
+        .bind(price.cache_write_5m)
+        .bind(price.cache_write_1h)
+        .bind(price.cache_read)
+        .bind(price.web_search)
+        .bind(cards.long_context.to_column()?)
+        .bind(cards.priority.to_column()?)
+        .bind(cards.flex.to_column()?)
+        .bind(cards.fast.to_column()?)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(ModelPriceRow {
+            model: model.to_owned(),
+            input: price.input,
+            output: price.output,
+            cache_write_5m: price.cache_write_5m,
+            cache_write_1h: price.cache_write_1h,
+            cache_read: price.cache_read,
+            web_search: price.web_search,
+            cards,
+            updated_at: now,
+            from_ms: Some(from_ms),
+        })
+    }
+
+    /// Cancels the override scheduled for `model` at `from_ms`.
+    pub async fn delete_price_change(&self, model: &str, from_ms: i64) -> Result<()> {
+        let done = sqlx::query("DELETE FROM model_price_changes WHERE model = $1 AND from_ms = $2")
+            .bind(model)
+            .bind(from_ms)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// Every scheduled override, by model and time.
+    pub async fn list_price_changes(&self) -> Result<Vec<ModelPriceRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {PRICE_COLUMNS}, from_ms FROM model_price_changes ORDER BY model, from_ms"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ModelPriceRow {
+                    from_ms: Some(row.try_get("from_ms")?),
+                    ..price_from_row(row)?
+                })
+            })
+            .collect()
     }
 
     /// Removes a model's prices (its requests are then `unpriced`).
@@ -237,11 +338,9 @@ impl SqlStore {
 
     /// Every model price, by model name.
     pub async fn list_prices(&self) -> Result<Vec<ModelPriceRow>> {
-        let rows = sqlx::query(
-            "SELECT model, input, output, cache_write_5m, cache_write_1h, cache_read, \
-             web_search, long_context, priority, flex, fast, updated_at FROM model_prices \
-             ORDER BY model",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {PRICE_COLUMNS} FROM model_prices ORDER BY model"
+        ))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(price_from_row).collect()

@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use super::{audit, Deleted};
 use crate::admin::auth::Caller;
 use crate::admin::error::{AppError, AppResult, ErrorBody};
-use crate::admin::extract::{Json, Path};
+use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
 use crate::store::{
     CardChoice, CardChoices, LongContextPrice, ModelPrice, ModelPriceRow, TierPrice,
@@ -75,6 +75,9 @@ pub struct PriceView {
     /// shipped cards and search prices it keeps do.
     #[schema(value_type = Vec<Object>)]
     pub changes: Vec<PriceChange>,
+    /// Overrides an admin scheduled that have not begun, in date order (each also in
+    /// `changes`, as it applies); cancelled with `DELETE /api/admin/pricing/{model}?from=`.
+    pub scheduled: Vec<ScheduledOverride>,
     /// Whether an admin override sets this price (else it is the shipped one).
     #[serde(rename = "override")]
     pub is_override: bool,
@@ -82,18 +85,45 @@ pub struct PriceView {
     pub updated_at: Option<i64>,
 }
 
+/// An override scheduled ahead, as the list shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScheduledOverride {
+    /// When it takes effect, epoch ms.
+    pub from_ms: i64,
+    pub input: i64,
+    pub output: i64,
+    /// Epoch ms of its last change.
+    pub updated_at: i64,
+}
+
 impl PriceView {
     /// The prices of `model` in effect at `now` (epoch ms), with the changes its schedule
-    /// holds after then; `row` is its override, if it has one.
+    /// holds after then; `rows` are its overrides (standing and scheduled).
     fn new(
         model: &str,
         schedule: &PriceSchedule,
         prices: &crate::cache::PriceCache,
-        row: Option<&ModelPriceRow>,
+        rows: &[&ModelPriceRow],
         now: i64,
     ) -> PriceView {
         let p = schedule.at(now);
         let shipped = prices.shipped_at(model, now);
+        // The override in effect: the latest that has begun (a standing one from the start).
+        let current = rows
+            .iter()
+            .filter(|r| r.from_ms.is_none_or(|from| from <= now))
+            .max_by_key(|r| r.from_ms.unwrap_or(i64::MIN));
+        let mut scheduled: Vec<ScheduledOverride> = rows
+            .iter()
+            .filter(|r| r.from_ms.is_some_and(|from| from > now))
+            .map(|r| ScheduledOverride {
+                from_ms: r.from_ms.unwrap_or_default(),
+                input: r.input,
+                output: r.output,
+                updated_at: r.updated_at,
+            })
+            .collect();
+        scheduled.sort_by_key(|o| o.from_ms);
         PriceView {
             model: model.to_owned(),
             input: p.input,
@@ -112,17 +142,38 @@ impl PriceView {
             shipped_flex: shipped.and_then(|s| s.flex),
             shipped_fast: shipped.and_then(|s| s.fast),
             changes: schedule.upcoming(now).to_vec(),
-            is_override: row.is_some(),
-            updated_at: row.map(|r| r.updated_at),
+            scheduled,
+            is_override: current.is_some(),
+            updated_at: current.map(|r| r.updated_at),
         }
     }
 
-    /// An override as the relay applies it: over the shipped search prices and cards where
-    /// the override names none, and their scheduled changes.
-    fn of_override(row: &ModelPriceRow, prices: &crate::cache::PriceCache, now: i64) -> PriceView {
-        let schedule = prices.applied(row);
-        PriceView::new(&row.model, &schedule, prices, Some(row), now)
+    /// A model with overrides (`rows`: standing and scheduled) as the relay applies them;
+    /// `None` when it has no price at all.
+    fn of_overrides(
+        model: &str,
+        rows: &[&ModelPriceRow],
+        prices: &crate::cache::PriceCache,
+        now: i64,
+    ) -> Option<PriceView> {
+        let schedule = prices.schedule_with(model, rows)?;
+        Some(PriceView::new(model, &schedule, prices, rows, now))
     }
+}
+
+/// Each model's overrides, standing and scheduled, as the database holds them.
+async fn override_rows(state: &AdminState) -> AppResult<Vec<ModelPriceRow>> {
+    let mut rows = state.store.list_prices().await?;
+    rows.extend(state.store.list_price_changes().await?);
+    Ok(rows)
+}
+
+/// The view of one model after a change: from the database's overrides.
+async fn view_of(state: &AdminState, model: &str) -> AppResult<PriceView> {
+    let rows = override_rows(state).await?;
+    let mine: Vec<&ModelPriceRow> = rows.iter().filter(|r| r.model == model).collect();
+    PriceView::of_overrides(model, &mine, &state.prices, now_ms())
+        .ok_or_else(|| AppError::Internal(format!("{model} has no price after its change")))
 }
 
 /// The merged table.
@@ -139,20 +190,25 @@ pub struct PriceList {
     responses((status = 200, description = "Every priced model", body = PriceList)))]
 pub async fn list(State(state): State<AdminState>, caller: Caller) -> AppResult<Json<PriceList>> {
     caller.require_admin()?;
-    let overrides = state.store.list_prices().await?;
+    let rows = override_rows(&state).await?;
     let table = state.prices.table();
     let now = now_ms();
     let mut merged: BTreeMap<String, PriceView> = table
         .schedules()
         .map(|(model, schedule)| {
-            let view = PriceView::new(model, schedule, &state.prices, None, now);
+            let view = PriceView::new(model, schedule, &state.prices, &[], now);
             (model.to_owned(), view)
         })
         .collect();
     // The database is the truth about overrides; the cache may trail it by a reload.
-    for row in overrides {
-        let view = PriceView::of_override(&row, &state.prices, now);
-        merged.insert(view.model.clone(), view);
+    let mut by_model: BTreeMap<&str, Vec<&ModelPriceRow>> = BTreeMap::new();
+    for row in &rows {
+        by_model.entry(row.model.as_str()).or_default().push(row);
+    }
+    for (model, mine) in by_model {
+        if let Some(view) = PriceView::of_overrides(model, &mine, &state.prices, now) {
+            merged.insert(model.to_owned(), view);
+        }
     }
     let items: Vec<PriceView> = merged.into_values().collect();
     Ok(Json(PriceList {
@@ -194,6 +250,11 @@ pub struct PriceOverride {
     #[serde(default, deserialize_with = "super::nullable")]
     #[schema(value_type = Option<Object>)]
     fast: Option<Option<TierPrice>>,
+    /// Schedules the override ahead instead of setting it now: `YYYY-MM-DD` (midnight UTC) or
+    /// `YYYY-MM-DDTHH:MM:SSZ`, in the future. Until then the model keeps the price it has;
+    /// from then on this override applies (a later one scheduled takes over at its time).
+    #[serde(default)]
+    from: Option<String>,
 }
 
 /// What a body's optional card says: absent (the shipped card), `null` (none), a card.
@@ -258,7 +319,19 @@ pub async fn upsert(
         ..ModelPrice::default()
     };
     let price = cards.apply(price, None);
-    let row = state.store.upsert_price(model, &price, cards).await?;
+    let from_ms = match body.from.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => Some(scheduled_time(&state, model, text).await?),
+    };
+    match from_ms {
+        None => state.store.upsert_price(model, &price, cards).await?,
+        Some(from_ms) => {
+            state
+                .store
+                .upsert_price_change(model, from_ms, &price, cards)
+                .await?
+        }
+    };
     // The audit names each card the override sets, and `null` for one it drops; a card it
     // leaves to the shipped list is not named.
     let mut detail = serde_json::to_value(price).map_err(|e| AppError::Internal(e.to_string()))?;
@@ -272,34 +345,96 @@ pub async fn upsert(
             detail[name] = serde_json::Value::Null;
         }
     }
-    audit(&state, &caller, "price.upsert", model, detail).await;
+    if let Some(from_ms) = from_ms {
+        detail["from_ms"] = serde_json::json!(from_ms);
+    }
+    let action = if from_ms.is_some() {
+        "price.schedule"
+    } else {
+        "price.upsert"
+    };
+    audit(&state, &caller, action, model, detail).await;
     state.prices_changed().await;
-    Ok(Json(PriceView::of_override(&row, &state.prices, now_ms())))
+    Ok(Json(view_of(&state, model).await?))
 }
 
-/// `DELETE /api/admin/pricing/{model}`: removes an override; the shipped price (if any)
-/// applies again.
+/// When a scheduled override takes effect: `text` read as the price list reads dates, in the
+/// future, for a model that has a price until then (shipped, or an override of its own).
+async fn scheduled_time(state: &AdminState, model: &str, text: &str) -> AppResult<i64> {
+    let from_ms = relay_filters::cost::parse_from(text).ok_or_else(|| {
+        AppError::BadRequest(
+            "from must be YYYY-MM-DD (midnight UTC) or YYYY-MM-DDTHH:MM:SSZ".into(),
+        )
+    })?;
+    if from_ms <= now_ms() {
+        return Err(AppError::BadRequest(
+            "from must be in the future; without it the override applies at once".into(),
+        ));
+    }
+    let priced_before = state.prices.shipped_at(model, from_ms - 1).is_some()
+        || state
+            .store
+            .list_prices()
+            .await?
+            .iter()
+            .any(|r| r.model == model);
+    if !priced_before {
+        return Err(AppError::BadRequest(format!(
+            "{model} has no price before {text}: set its override now, then schedule the change"
+        )));
+    }
+    Ok(from_ms)
+}
+
+/// Which scheduled override `DELETE` cancels.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// The scheduled override's time (epoch ms, as the list gives it, or a date as it was
+    /// set); absent: the standing override.
+    from: Option<String>,
+}
+
+/// `DELETE /api/admin/pricing/{model}?from=`: removes the standing override (the shipped price,
+/// if any, applies again), or with `from` cancels the override scheduled at that time.
 #[utoipa::path(delete, path = "/api/admin/pricing/{model}", tag = "pricing",
-    params(("model" = String, Path, description = "Model name; may contain `/`")),
+    params(("model" = String, Path, description = "Model name; may contain `/`"), DeleteQuery),
     responses(
         (status = 200, description = "Override removed", body = Deleted),
-        (status = 404, description = "No override for this model", body = ErrorBody),
+        (status = 400, description = "Bad time", body = ErrorBody),
+        (status = 404, description = "No such override of this model", body = ErrorBody),
     ))]
 pub async fn delete(
     State(state): State<AdminState>,
     caller: Caller,
     Path(model): Path<String>,
+    Query(q): Query<DeleteQuery>,
 ) -> AppResult<Json<Deleted>> {
     caller.require_admin()?;
-    state.store.delete_price(&model).await?;
-    audit(
-        &state,
-        &caller,
-        "price.delete",
-        &model,
-        serde_json::json!({}),
-    )
-    .await;
+    let from_ms = match q.from.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => Some(
+            text.parse::<i64>()
+                .ok()
+                .or_else(|| relay_filters::cost::parse_from(text))
+                .ok_or_else(|| {
+                    AppError::BadRequest(
+                        "from must be epoch ms, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ".into(),
+                    )
+                })?,
+        ),
+    };
+    let detail = match from_ms {
+        None => {
+            state.store.delete_price(&model).await?;
+            serde_json::json!({})
+        }
+        Some(from_ms) => {
+            state.store.delete_price_change(&model, from_ms).await?;
+            serde_json::json!({ "from_ms": from_ms })
+        }
+    };
+    audit(&state, &caller, "price.delete", &model, detail).await;
     state.prices_changed().await;
     Ok(Json(Deleted { deleted: model }))
 }
