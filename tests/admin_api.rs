@@ -195,6 +195,35 @@ async fn five_wrong_passwords_block_logins() {
     assert_eq!(status, 200);
 }
 
+/// Guessing across user names from one address meets a limit of its own: after 30 failures,
+/// whatever the names, the address is refused, the right password included; the token is not.
+#[tokio::test]
+async fn wrong_guesses_across_names_block_the_address() {
+    let relay = Relay::start().await;
+    // Eight names, each tried fewer than five times: under the limit per name.
+    for i in 0..30 {
+        let r = relay
+            .login_raw(&format!("user-{}", i % 8), "not-the-password")
+            .await;
+        assert_eq!(r.status(), 401, "guess {i}");
+    }
+    let r = relay.login_raw("admin", ADMIN_PASSWORD).await;
+    assert_eq!(r.status(), 429);
+    let (status, _) = token(&relay, Method::GET, "/api/auth/me", None).await;
+    assert_eq!(status, 200);
+}
+
+/// A right password takes its own attempt back from the address's count: logins that succeed
+/// never block the address, however many.
+#[tokio::test]
+async fn logins_that_succeed_do_not_count_against_the_address() {
+    let relay = Relay::start().await;
+    for i in 0..32 {
+        let r = relay.login_raw("admin", ADMIN_PASSWORD).await;
+        assert_eq!(r.status(), 200, "login {i}");
+    }
+}
+
 /// Attempts made at the same time are counted as they come, not after their checks: of 30
 /// wrong passwords sent at once, at most five are checked.
 #[tokio::test]

@@ -20,6 +20,9 @@ use moka::ops::compute::{CompResult, Op};
 const SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
 /// Failed attempts per user name and address before logins are refused for a while.
 const MAX_FAILURES: u32 = 5;
+/// Failed attempts from one address, whatever the user names, before its logins are refused
+/// for a while: guessing across many names (credential stuffing) meets a limit too.
+const MAX_ADDRESS_FAILURES: u32 = 30;
 /// The longest user name a user can have.
 const MAX_USERNAME_LEN: usize = 64;
 /// How long a login waits for a password check permit before it is told to retry (429).
@@ -109,32 +112,45 @@ pub async fn login(
         return Err(AppError::Unauthorized);
     }
     let throttle_key = format!("{}|{}", body.username, peer.ip());
+    let address_key = format!("|{}", peer.ip());
     // Every attempt is counted before the password is checked, in one step: attempts made at
     // the same time cannot all read a count under the limit. An attempt refused here changes
     // nothing (the block ends 15 minutes after the last counted failure, however often a
     // client retries); a success, or an attempt whose password was never checked, takes its
-    // count back.
-    let counted = state
-        .login_failures
-        .entry(throttle_key.clone())
-        .and_compute_with(|n| match n.map(|n| n.into_value()) {
-            Some(n) if n >= MAX_FAILURES => Op::Nop,
-            n => Op::Put(n.unwrap_or(0) + 1),
-        });
-    if !matches!(
-        counted,
-        CompResult::Inserted(_) | CompResult::ReplacedWith(_)
-    ) {
-        return Err(AppError::TooManyRequests);
-    }
-    let give_back = || {
+    // count back. It counts for the name at the address, and for the address (a user name
+    // holds no `|` at its start, so the keys cannot meet).
+    let count = |key: &str, max: u32| {
+        let counted = state
+            .login_failures
+            .entry(key.to_owned())
+            .and_compute_with(|n| match n.map(|n| n.into_value()) {
+                Some(n) if n >= max => Op::Nop,
+                n => Op::Put(n.unwrap_or(0) + 1),
+            });
+        matches!(
+            counted,
+            CompResult::Inserted(_) | CompResult::ReplacedWith(_)
+        )
+    };
+    let uncount = |key: &str| {
         state
             .login_failures
-            .entry(throttle_key.clone())
+            .entry(key.to_owned())
             .and_compute_with(|n| match n.map(|n| n.into_value()) {
                 Some(n) if n > 1 => Op::Put(n - 1),
                 _ => Op::Remove,
             });
+    };
+    if !count(&address_key, MAX_ADDRESS_FAILURES) {
+        return Err(AppError::TooManyRequests);
+    }
+    if !count(&throttle_key, MAX_FAILURES) {
+        uncount(&address_key);
+        return Err(AppError::TooManyRequests);
+    }
+    let give_back = || {
+        uncount(&throttle_key);
+        uncount(&address_key);
     };
     // Password checks (about 19 MiB and tens of milliseconds each) wait for one of a few
     // permits, so a flood of logins cannot take the memory or every blocking thread.
@@ -169,7 +185,10 @@ pub async fn login(
     let Some(user) = user.filter(|_| ok) else {
         return Err(AppError::Unauthorized);
     };
+    // The name's failures at this address are forgiven; the address keeps the others it
+    // counted (this attempt is taken back).
     state.login_failures.invalidate(&throttle_key);
+    uncount(&address_key);
     let token = random_token();
     let csrf = random_token();
     let now = now_ms();
