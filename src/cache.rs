@@ -387,9 +387,8 @@ impl PriceCache {
     /// scheduled, `from_ms` set) laid over the shipped prices: at any time the latest
     /// override that has begun (the standing one from the start), over the shipped prices
     /// then in effect (the cards and search prices it keeps follow them), else the shipped
-    /// prices. A model with neither before its first scheduled override takes that one from
-    /// the start (the admin API schedules none without a price before it). `None`: no
-    /// price at all.
+    /// prices. A model with neither before its first scheduled override is not priced until
+    /// then. `None`: no price at any time.
     pub fn schedule_with(&self, model: &str, rows: &[&ModelPriceRow]) -> Option<PriceSchedule> {
         let shipped = self.base.schedule(model);
         let mut rows = rows.to_vec();
@@ -399,7 +398,7 @@ impl PriceCache {
             None => row.price(),
         };
         let price_at = |at: i64| {
-            let shipped_then = shipped.map(|s| s.at(at));
+            let shipped_then = shipped.and_then(|s| s.at(at));
             match rows
                 .iter()
                 .rev()
@@ -409,7 +408,10 @@ impl PriceCache {
                 None => shipped_then.copied(),
             }
         };
-        let first = price_at(i64::MIN).or_else(|| rows.first().map(|r| over(r, None)))?;
+        if shipped.is_none() && rows.is_empty() {
+            return None;
+        }
+        let first = price_at(i64::MIN);
         let mut times: Vec<i64> = shipped
             .into_iter()
             .flat_map(PriceSchedule::change_times)
@@ -566,7 +568,7 @@ mod tests {
         .expect("prices");
         let cache = PriceCache::new(base);
         let at = |row: &ModelPriceRow, at_ms| {
-            let p = *cache.applied(row).at(at_ms);
+            let p = *cache.applied(row).at(at_ms).expect("priced");
             (p.input, p.web_search, p.long_context.map(|l| l.input))
         };
         // Keeping the shipped card and search price: both change on the date, its own
@@ -610,7 +612,7 @@ mod tests {
         let standing = override_row("m");
         let at = |rows: &[&ModelPriceRow], at_ms| {
             let schedule = cache.schedule_with("m", rows).expect("priced");
-            let p = *schedule.at(at_ms);
+            let p = *schedule.at(at_ms).expect("priced then");
             (p.input, p.web_search)
         };
         // Scheduled alone: the shipped prices until its time, its own after (the shipped
@@ -634,17 +636,16 @@ mod tests {
                 .collect::<Vec<_>>(),
             [(january, 7), (february, 9)]
         );
-        // A model the list does not price, scheduled only: its override from the start.
+        // A model the list does not price, scheduled only: unpriced until its time.
         let other = ModelPriceRow {
             model: "other".into(),
             ..scheduled(february, 11)
         };
-        assert_eq!(
-            cache
-                .schedule_with("other", &[&other])
-                .map(|s| s.at(0).input),
-            Some(11)
-        );
+        let only = cache
+            .schedule_with("other", &[&other])
+            .expect("priced later");
+        assert_eq!(only.at(february - 1), None);
+        assert_eq!(only.at(february).map(|p| p.input), Some(11));
         assert!(cache.schedule_with("nothing", &[]).is_none());
         // What the relay prices with.
         cache.replace(vec![standing.clone(), feb.clone()]);

@@ -1005,11 +1005,16 @@ async fn scheduled_price_overrides_take_over_at_their_time(db: Db) {
     assert_eq!(v["override"], false, "{v}");
     assert_eq!(v["scheduled"][0]["from_ms"], 4_102_444_800_000_i64, "{v}");
     assert_eq!(v["changes"][0]["price"]["input"], 9_000_000, "{v}");
-    let near_s = relay_filters::now_ms() / 1_000 + 3;
-    let near = time::OffsetDateTime::from_unix_timestamp(near_s)
-        .unwrap()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap();
+    // Whole seconds a few ahead: (epoch s, as the API takes it).
+    let near_time = |ahead_s: i64| {
+        let at = relay_filters::now_ms() / 1_000 + ahead_s;
+        let text = time::OffsetDateTime::from_unix_timestamp(at)
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        (at, text)
+    };
+    let (near_s, near) = near_time(3);
     let (status, v) = relay
         .admin_post(
             "/api/admin/pricing",
@@ -1024,10 +1029,15 @@ async fn scheduled_price_overrides_take_over_at_their_time(db: Db) {
         .map(|o| o["from_ms"].as_i64().unwrap())
         .collect();
     assert_eq!(scheduled, [near_s * 1_000, 4_102_444_800_000]);
-    // Before the near time: the shipped $3 / $15.
+    // Before the near time: the shipped $3 / $15 (on a machine so slow that the request came
+    // after it, the override's $1 / $2: the price of its time all the same).
     let r = proxied_record(&relay, &key, "before").await;
-    assert!(r["created_at"].as_i64().unwrap() < near_s * 1_000, "{r}");
-    assert_eq!(r["base_cost"], 18_000, "{r}");
+    let expected = if r["created_at"].as_i64().unwrap() < near_s * 1_000 {
+        18_000
+    } else {
+        3_000
+    };
+    assert_eq!(r["base_cost"], expected, "{r}");
     // After it: $1 / $2, with no reload needed.
     while relay_filters::now_ms() < near_s * 1_000 + 100 {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -1068,7 +1078,50 @@ async fn scheduled_price_overrides_take_over_at_their_time(db: Db) {
     let r = proxied_record(&relay, &key, "standing").await;
     assert_eq!(r["base_cost"], 4_000, "{r}");
 
-    // Refused: a time gone by, not a time, and a model without a price to change from.
+    // Removing the override in effect removes the scheduled one that has begun with it: the
+    // shipped price applies again.
+    let (begun_s, begun) = near_time(2);
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/pricing",
+            json!({"model": MODEL, "input": 5_000_000, "output": 5_000_000, "from": begun}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    while relay_filters::now_ms() < begun_s * 1_000 + 100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let listed = view(&relay.admin_get("/api/admin/pricing").await, MODEL);
+    assert_eq!(listed["input"], 5_000_000, "{listed}");
+    let (status, v) = relay
+        .admin_delete(&format!("/api/admin/pricing/{MODEL}"))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let listed = view(&relay.admin_get("/api/admin/pricing").await, MODEL);
+    assert_eq!(
+        (&listed["input"], &listed["override"]),
+        (&json!(3_000_000), &json!(false)),
+        "{listed}"
+    );
+    let r = proxied_record(&relay, &key, "removed").await;
+    assert_eq!(r["base_cost"], 18_000, "{r}");
+
+    // A model the list does not price, scheduled: unpriced until its time.
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/pricing",
+            json!({"model": "announced-model", "input": 1, "output": 1, "from": "2100-01-01"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (&v["unpriced"], &v["input"]),
+        (&json!(true), &json!(0)),
+        "{v}"
+    );
+    assert_eq!(v["changes"][0]["price"]["input"], 1, "{v}");
+
+    // Refused: a time gone by, and not a time.
     for (body, why) in [
         (
             json!({"model": MODEL, "input": 1, "output": 1, "from": "2020-01-01"}),
@@ -1077,10 +1130,6 @@ async fn scheduled_price_overrides_take_over_at_their_time(db: Db) {
         (
             json!({"model": MODEL, "input": 1, "output": 1, "from": "next week"}),
             "format",
-        ),
-        (
-            json!({"model": "no-such-model", "input": 1, "output": 1, "from": "2100-01-01"}),
-            "unpriced",
         ),
     ] {
         let (status, v) = relay.admin_post("/api/admin/pricing", body).await;

@@ -110,6 +110,8 @@ export interface Price {
   shipped_fast: TierPrice | null
   /** Price changes scheduled after now, in date order: the model's whole prices from `from_ms` on. */
   changes: PriceChange[]
+  /** No price in effect now: priced only from its first change (its prices here are 0). */
+  unpriced: boolean
   /** Overrides an admin scheduled that have not begun (each also in `changes`). */
   scheduled: { from_ms: number; input: number; output: number; updated_at: number }[]
   override: boolean

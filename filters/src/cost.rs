@@ -301,11 +301,12 @@ pub struct PriceChange {
     pub price: ModelPrice,
 }
 
-/// A model's prices over time: one price, and the changes that replace it on their dates, in
-/// date order. A request is priced at the one in effect when the relay received it.
+/// A model's prices over time: one price (or none: the model is not priced until its first
+/// change), and the changes that replace it on their dates, in date order. A request is
+/// priced at the one in effect when the relay received it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PriceSchedule {
-    first: ModelPrice,
+    first: Option<ModelPrice>,
     changes: Vec<PriceChange>,
 }
 
@@ -313,18 +314,18 @@ impl PriceSchedule {
     /// One price at every time.
     pub fn new(price: ModelPrice) -> Self {
         PriceSchedule {
-            first: price,
+            first: Some(price),
             changes: Vec::new(),
         }
     }
 
-    /// The prices in effect at `at_ms` (epoch ms).
-    pub fn at(&self, at_ms: i64) -> &ModelPrice {
-        self.changes
-            .iter()
-            .rev()
-            .find(|c| c.from_ms <= at_ms)
-            .map_or(&self.first, |c| &c.price)
+    /// The prices in effect at `at_ms` (epoch ms); `None` before the first change of a model
+    /// priced only from then.
+    pub fn at(&self, at_ms: i64) -> Option<&ModelPrice> {
+        match self.changes.iter().rev().find(|c| c.from_ms <= at_ms) {
+            Some(c) => Some(&c.price),
+            None => self.first.as_ref(),
+        }
     }
 
     /// The changes that take effect after `now_ms`, in date order.
@@ -338,7 +339,7 @@ impl PriceSchedule {
     /// anything is dropped.
     pub fn map(&self, mut f: impl FnMut(&ModelPrice) -> ModelPrice) -> PriceSchedule {
         PriceSchedule::with_changes(
-            f(&self.first),
+            self.first.as_ref().map(&mut f),
             self.changes.iter().map(|c| PriceChange {
                 from_ms: c.from_ms,
                 price: f(&c.price),
@@ -346,19 +347,22 @@ impl PriceSchedule {
         )
     }
 
-    /// `first`, then `changes` in date order; a change that changes nothing, or not later than
-    /// the one before it, is dropped.
+    /// `first` (`None`: not priced until the first change), then `changes` in date order; a
+    /// change that changes nothing, or not later than the one before it, is dropped.
     pub fn with_changes(
-        first: ModelPrice,
+        first: Option<ModelPrice>,
         changes: impl IntoIterator<Item = PriceChange>,
     ) -> PriceSchedule {
-        let mut schedule = PriceSchedule::new(first);
+        let mut schedule = PriceSchedule {
+            first,
+            changes: Vec::new(),
+        };
         for change in changes {
-            let last = schedule
-                .changes
-                .last()
-                .map_or(&schedule.first, |c| &c.price);
-            if *last != change.price {
+            let last = match schedule.changes.last() {
+                Some(c) => Some(&c.price),
+                None => schedule.first.as_ref(),
+            };
+            if last != Some(&change.price) {
                 schedule.push(change);
             }
         }
@@ -372,7 +376,9 @@ impl PriceSchedule {
 
     /// Every price of the schedule, the first one first.
     pub fn prices(&self) -> impl Iterator<Item = &ModelPrice> {
-        std::iter::once(&self.first).chain(self.changes.iter().map(|c| &c.price))
+        self.first
+            .iter()
+            .chain(self.changes.iter().map(|c| &c.price))
     }
 
     /// Adds a change after the last one; `false` (and nothing added) when it is not later.
@@ -584,7 +590,7 @@ impl PriceTable {
 
     /// The price of `model` (found as [`PriceTable::schedule`] finds it) in effect at `at_ms`.
     pub fn get_at(&self, model: &str, at_ms: i64) -> Option<&ModelPrice> {
-        self.schedule(model).map(|s| s.at(at_ms))
+        self.schedule(model).and_then(|s| s.at(at_ms))
     }
 
     /// The price of `model` in effect now.
@@ -592,7 +598,7 @@ impl PriceTable {
         self.get_at(model, crate::types::now_ms())
     }
 
-    /// Whether `model` has a price (at any time).
+    /// Whether `model` has a price at some time (maybe not now: [`PriceTable::get_at`]).
     pub fn contains(&self, model: &str) -> bool {
         self.schedule(model).is_some()
     }
@@ -1322,7 +1328,7 @@ impl crate::chain::ResponseFilter for CostFilter {
         ]
         .into_iter()
         .filter_map(Option::as_deref)
-        .find(|m| table.contains(m))
+        .find(|m| table.get_at(m, ctx.started_ms).is_some())
         .or(ctx.upstream.model.as_deref())
         .or(ctx.usage.upstream_model.as_deref());
         let cost = compute_cost_with_subs(
@@ -2229,8 +2235,33 @@ mod tests {
             input: p.input * 2,
             ..*p
         });
-        assert_eq!(doubled.at(march).input, 18_000_000);
+        assert_eq!(doubled.at(march).unwrap().input, 18_000_000);
         assert_eq!(doubled.upcoming(0)[0].from_ms, NEW_YEAR_2027);
+        // A model priced only from a date is unpriced before it.
+        let mut later = PriceTable::new();
+        later.insert_schedule(
+            "later",
+            PriceSchedule::with_changes(
+                None,
+                [PriceChange {
+                    from_ms: NEW_YEAR_2027,
+                    price: price(1_000_000, 1_000_000),
+                }],
+            ),
+        );
+        let cost = |at| {
+            compute_cost_at(
+                &later,
+                Some("later"),
+                &usage,
+                ServiceTier::Standard,
+                at,
+                10_000,
+            )
+        };
+        assert!(cost(NEW_YEAR_2027 - 1).unpriced);
+        assert_eq!(cost(NEW_YEAR_2027).base, 2_000_000);
+        assert!(later.contains("later") && later.get_at("later", 0).is_none());
         // One that sets every price alike changes nothing on any date.
         let flat = schedule.map(|_| ModelPrice::default());
         assert!(flat.upcoming(0).is_empty());

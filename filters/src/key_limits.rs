@@ -424,14 +424,15 @@ impl KeyLimits {
             return true;
         };
         let table = self.prices.table();
-        table.contains(model)
+        let at = ctx.started_ms;
+        table.get_at(model, at).is_some()
             || self.accounts.as_ref().is_some_and(|accounts| {
                 accounts
                     .accounts()
                     .iter()
                     .filter(|a| a.could_serve(&ctx.demand()))
                     .filter_map(|a| a.model_map.get(model))
-                    .any(|mapped| table.contains(mapped))
+                    .any(|mapped| table.get_at(mapped, at).is_some())
             })
     }
 
@@ -455,13 +456,17 @@ impl KeyLimits {
         let requested = ctx.requested_model();
         let own = at(requested);
         match (requested, &self.accounts) {
-            (Some(model), Some(accounts)) if own == 0 && !table.contains(model) => accounts
-                .accounts()
-                .iter()
-                .filter_map(|a| a.model_map.get(model))
-                .map(|mapped| at(Some(mapped)))
-                .max()
-                .unwrap_or(0),
+            (Some(model), Some(accounts))
+                if own == 0 && table.get_at(model, ctx.started_ms).is_none() =>
+            {
+                accounts
+                    .accounts()
+                    .iter()
+                    .filter_map(|a| a.model_map.get(model))
+                    .map(|mapped| at(Some(mapped)))
+                    .max()
+                    .unwrap_or(0)
+            }
             _ => own,
         }
     }

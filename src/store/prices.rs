@@ -193,11 +193,19 @@ impl SqlStore {
             ));
         }
         let now = now_ms();
-        // Scheduled overrides that have begun are this one's past: it replaces them.
+        let columns = [
+            cards.long_context.to_column()?,
+            cards.priority.to_column()?,
+            cards.flex.to_column()?,
+            cards.fast.to_column()?,
+        ];
+        let mut tx = self.pool.begin().await?;
+        // Scheduled overrides that have begun are this one's past: it replaces them, in the
+        // same transaction (never one without the other).
         sqlx::query("DELETE FROM model_price_changes WHERE model = $1 AND from_ms <= $2")
             .bind(model)
             .bind(now)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         sqlx::query(
             "INSERT INTO model_prices (model, input, output, cache_write_5m, cache_write_1h, \
@@ -217,13 +225,14 @@ impl SqlStore {
         .bind(price.cache_write_1h)
         .bind(price.cache_read)
         .bind(price.web_search)
-        .bind(cards.long_context.to_column()?)
-        .bind(cards.priority.to_column()?)
-        .bind(cards.flex.to_column()?)
-        .bind(cards.fast.to_column()?)
+        .bind(columns[0].clone())
+        .bind(columns[1].clone())
+        .bind(columns[2].clone())
+        .bind(columns[3].clone())
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(ModelPriceRow {
             model: model.to_owned(),
             input: price.input,
@@ -324,16 +333,28 @@ impl SqlStore {
             .collect()
     }
 
-    /// Removes a model's prices (its requests are then `unpriced`).
-    pub async fn delete_price(&self, model: &str) -> Result<()> {
-        let done = sqlx::query("DELETE FROM model_prices WHERE model = $1")
+    /// Removes a model's override in effect now: its standing one and the scheduled ones that
+    /// have begun, in one transaction (the shipped price, if any, applies again until a
+    /// scheduled one still to come). How many scheduled ones went with it.
+    pub async fn delete_price(&self, model: &str) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let standing = sqlx::query("DELETE FROM model_prices WHERE model = $1")
             .bind(model)
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 0 {
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let begun =
+            sqlx::query("DELETE FROM model_price_changes WHERE model = $1 AND from_ms <= $2")
+                .bind(model)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        if standing + begun == 0 {
             return Err(StoreError::NotFound);
         }
-        Ok(())
+        tx.commit().await?;
+        Ok(begun)
     }
 
     /// Every model price, by model name.

@@ -75,6 +75,9 @@ pub struct PriceView {
     /// shipped cards and search prices it keeps do.
     #[schema(value_type = Vec<Object>)]
     pub changes: Vec<PriceChange>,
+    /// No price in effect now: the model is priced only from its first change (its prices
+    /// above are 0).
+    pub unpriced: bool,
     /// Overrides an admin scheduled that have not begun, in date order (each also in
     /// `changes`, as it applies); cancelled with `DELETE /api/admin/pricing/{model}?from=`.
     pub scheduled: Vec<ScheduledOverride>,
@@ -106,7 +109,7 @@ impl PriceView {
         rows: &[&ModelPriceRow],
         now: i64,
     ) -> PriceView {
-        let p = schedule.at(now);
+        let p = schedule.at(now).copied().unwrap_or_default();
         let shipped = prices.shipped_at(model, now);
         // The override in effect: the latest that has begun (a standing one from the start).
         let current = rows
@@ -142,6 +145,7 @@ impl PriceView {
             shipped_flex: shipped.and_then(|s| s.flex),
             shipped_fast: shipped.and_then(|s| s.fast),
             changes: schedule.upcoming(now).to_vec(),
+            unpriced: schedule.at(now).is_none(),
             scheduled,
             is_override: current.is_some(),
             updated_at: current.map(|r| r.updated_at),
@@ -251,8 +255,9 @@ pub struct PriceOverride {
     #[schema(value_type = Option<Object>)]
     fast: Option<Option<TierPrice>>,
     /// Schedules the override ahead instead of setting it now: `YYYY-MM-DD` (midnight UTC) or
-    /// `YYYY-MM-DDTHH:MM:SSZ`, in the future. Until then the model keeps the price it has;
-    /// from then on this override applies (a later one scheduled takes over at its time).
+    /// `YYYY-MM-DDTHH:MM:SSZ`, in the future. Until then the model keeps the price it has (a
+    /// model without one stays unpriced); from then on this override applies (a later one
+    /// scheduled takes over at its time).
     #[serde(default)]
     from: Option<String>,
 }
@@ -321,7 +326,7 @@ pub async fn upsert(
     let price = cards.apply(price, None);
     let from_ms = match body.from.as_deref().map(str::trim) {
         None | Some("") => None,
-        Some(text) => Some(scheduled_time(&state, model, text).await?),
+        Some(text) => Some(scheduled_time(text)?),
     };
     match from_ms {
         None => state.store.upsert_price(model, &price, cards).await?,
@@ -359,8 +364,8 @@ pub async fn upsert(
 }
 
 /// When a scheduled override takes effect: `text` read as the price list reads dates, in the
-/// future, for a model that has a price until then (shipped, or an override of its own).
-async fn scheduled_time(state: &AdminState, model: &str, text: &str) -> AppResult<i64> {
+/// future. A model without a price until then is not priced until then.
+fn scheduled_time(text: &str) -> AppResult<i64> {
     let from_ms = relay_filters::cost::parse_from(text).ok_or_else(|| {
         AppError::BadRequest(
             "from must be YYYY-MM-DD (midnight UTC) or YYYY-MM-DDTHH:MM:SSZ".into(),
@@ -370,18 +375,6 @@ async fn scheduled_time(state: &AdminState, model: &str, text: &str) -> AppResul
         return Err(AppError::BadRequest(
             "from must be in the future; without it the override applies at once".into(),
         ));
-    }
-    let priced_before = state.prices.shipped_at(model, from_ms - 1).is_some()
-        || state
-            .store
-            .list_prices()
-            .await?
-            .iter()
-            .any(|r| r.model == model);
-    if !priced_before {
-        return Err(AppError::BadRequest(format!(
-            "{model} has no price before {text}: set its override now, then schedule the change"
-        )));
     }
     Ok(from_ms)
 }
@@ -426,8 +419,12 @@ pub async fn delete(
     };
     let detail = match from_ms {
         None => {
-            state.store.delete_price(&model).await?;
-            serde_json::json!({})
+            let begun = state.store.delete_price(&model).await?;
+            if begun > 0 {
+                serde_json::json!({ "scheduled_removed": begun })
+            } else {
+                serde_json::json!({})
+            }
         }
         Some(from_ms) => {
             state.store.delete_price_change(&model, from_ms).await?;
