@@ -176,63 +176,29 @@ fn price_from_row(row: &AnyRow) -> Result<ModelPriceRow> {
 const PRICE_COLUMNS: &str = "model, input, output, cache_write_5m, cache_write_1h, cache_read, \
      web_search, long_context, priority, flex, fast, updated_at";
 
-impl SqlStore {
-    /// Sets the prices of a model, creating or replacing its row. The extra cards of `price`
-    /// are not read: `cards` says what the override does with each.
-    pub async fn upsert_price(
-        &self,
+/// What an upsert of an override sets on a conflict: every column but the key.
+const PRICE_UPDATES: &str = "input = excluded.input, output = excluded.output, \
+     cache_write_5m = excluded.cache_write_5m, cache_write_1h = excluded.cache_write_1h, \
+     cache_read = excluded.cache_read, web_search = excluded.web_search, \
+     long_context = excluded.long_context, priority = excluded.priority, flex = excluded.flex, \
+     fast = excluded.fast, updated_at = excluded.updated_at";
+
+impl ModelPriceRow {
+    /// The row an upsert of `model`'s override stores (`from_ms`: scheduled then): checked
+    /// for a name and for prices that are not negative. The extra cards of `price` are not
+    /// read: `cards` says what the override does with each.
+    fn new_override(
         model: &str,
         price: &ModelPrice,
         cards: CardChoices,
+        from_ms: Option<i64>,
     ) -> Result<ModelPriceRow> {
         require_non_empty("model", model)?;
-        let card = cards.apply(*price, None);
-        if card.all_prices().any(|p| p < 0) {
+        if cards.apply(*price, None).all_prices().any(|p| p < 0) {
             return Err(StoreError::Invalid(
                 "prices must not be negative".to_owned(),
             ));
         }
-        let now = now_ms();
-        let columns = [
-            cards.long_context.to_column()?,
-            cards.priority.to_column()?,
-            cards.flex.to_column()?,
-            cards.fast.to_column()?,
-        ];
-        let mut tx = self.pool.begin().await?;
-        // Scheduled overrides that have begun are this one's past: it replaces them, in the
-        // same transaction (never one without the other).
-        sqlx::query("DELETE FROM model_price_changes WHERE model = $1 AND from_ms <= $2")
-            .bind(model)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO model_prices (model, input, output, cache_write_5m, cache_write_1h, \
-             cache_read, web_search, long_context, priority, flex, fast, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-             ON CONFLICT (model) DO UPDATE SET input = excluded.input, \
-             output = excluded.output, cache_write_5m = excluded.cache_write_5m, \
-             cache_write_1h = excluded.cache_write_1h, cache_read = excluded.cache_read, \
-             web_search = excluded.web_search, long_context = excluded.long_context, \
-             priority = excluded.priority, flex = excluded.flex, fast = excluded.fast, \
-             updated_at = excluded.updated_at",
-        )
-        .bind(model)
-        .bind(price.input)
-        .bind(price.output)
-        .bind(price.cache_write_5m)
-        .bind(price.cache_write_1h)
-        .bind(price.cache_read)
-        .bind(price.web_search)
-        .bind(columns[0].clone())
-        .bind(columns[1].clone())
-        .bind(columns[2].clone())
-        .bind(columns[3].clone())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
         Ok(ModelPriceRow {
             model: model.to_owned(),
             input: price.input,
@@ -242,9 +208,59 @@ impl SqlStore {
             cache_read: price.cache_read,
             web_search: price.web_search,
             cards,
-            updated_at: now,
-            from_ms: None,
+            updated_at: now_ms(),
+            from_ms,
         })
+    }
+
+    /// Binds the columns after the key (`model`, and `from_ms` of a scheduled one), in
+    /// [`PRICE_COLUMNS`] order.
+    fn bind_values<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    ) -> Result<sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>> {
+        Ok(query
+            .bind(self.input)
+            .bind(self.output)
+            .bind(self.cache_write_5m)
+            .bind(self.cache_write_1h)
+            .bind(self.cache_read)
+            .bind(self.web_search)
+            .bind(self.cards.long_context.to_column()?)
+            .bind(self.cards.priority.to_column()?)
+            .bind(self.cards.flex.to_column()?)
+            .bind(self.cards.fast.to_column()?)
+            .bind(self.updated_at))
+    }
+}
+
+impl SqlStore {
+    /// Sets the prices of a model, creating or replacing its row. The extra cards of `price`
+    /// are not read: `cards` says what the override does with each.
+    pub async fn upsert_price(
+        &self,
+        model: &str,
+        price: &ModelPrice,
+        cards: CardChoices,
+    ) -> Result<ModelPriceRow> {
+        let row = ModelPriceRow::new_override(model, price, cards, None)?;
+        let sql = format!(
+            "INSERT INTO model_prices ({PRICE_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (model) DO UPDATE SET {PRICE_UPDATES}"
+        );
+        let insert = row.bind_values(sqlx::query(&sql).bind(model))?;
+        let mut tx = self.pool.begin().await?;
+        // Scheduled overrides that have begun are this one's past: it replaces them, in the
+        // same transaction (never one without the other).
+        sqlx::query("DELETE FROM model_price_changes WHERE model = $1 AND from_ms <= $2")
+            .bind(model)
+            .bind(row.updated_at)
+            .execute(&mut *tx)
+            .await?;
+        insert.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(row)
     }
 
     /// Schedules a model's override from `from_ms` (epoch ms) on, creating or replacing the
@@ -256,51 +272,17 @@ impl SqlStore {
         price: &ModelPrice,
         cards: CardChoices,
     ) -> Result<ModelPriceRow> {
-        require_non_empty("model", model)?;
-        if cards.apply(*price, None).all_prices().any(|p| p < 0) {
-            return Err(StoreError::Invalid(
-                "prices must not be negative".to_owned(),
-            ));
-        }
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO model_price_changes (model, from_ms, input, output, cache_write_5m, \
-             cache_write_1h, cache_read, web_search, long_context, priority, flex, fast, \
-             updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
-             ON CONFLICT (model, from_ms) DO UPDATE SET input = excluded.input, \
-             output = excluded.output, cache_write_5m = excluded.cache_write_5m, \
-             cache_write_1h = excluded.cache_write_1h, cache_read = excluded.cache_read, \
-             web_search = excluded.web_search, long_context = excluded.long_context, \
-             priority = excluded.priority, flex = excluded.flex, fast = excluded.fast, \
-             updated_at = excluded.updated_at",
-        )
-        .bind(model)
-        .bind(from_ms)
-        .bind(price.input)
-        .bind(price.output)
-        .bind(price.cache_write_5m)
-        .bind(price.cache_write_1h)
-        .bind(price.cache_read)
-        .bind(price.web_search)
-        .bind(cards.long_context.to_column()?)
-        .bind(cards.priority.to_column()?)
-        .bind(cards.flex.to_column()?)
-        .bind(cards.fast.to_column()?)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(ModelPriceRow {
-            model: model.to_owned(),
-            input: price.input,
-            output: price.output,
-            cache_write_5m: price.cache_write_5m,
-            cache_write_1h: price.cache_write_1h,
-            cache_read: price.cache_read,
-            web_search: price.web_search,
-            cards,
-            updated_at: now,
-            from_ms: Some(from_ms),
-        })
+        let row = ModelPriceRow::new_override(model, price, cards, Some(from_ms))?;
+        let sql = format!(
+            "INSERT INTO model_price_changes (model, from_ms, {}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             ON CONFLICT (model, from_ms) DO UPDATE SET {PRICE_UPDATES}",
+            PRICE_COLUMNS.trim_start_matches("model, ")
+        );
+        row.bind_values(sqlx::query(&sql).bind(model).bind(from_ms))?
+            .execute(&self.pool)
+            .await?;
+        Ok(row)
     }
 
     /// Cancels the override scheduled for `model` at `from_ms`.
