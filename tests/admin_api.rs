@@ -213,8 +213,7 @@ async fn wrong_guesses_across_names_block_the_address() {
     assert_eq!(status, 200);
 }
 
-/// A right password takes its own attempt back from the address's count: logins that succeed
-/// never block the address, however many.
+/// Only failures count against the address: logins that succeed never block it, however many.
 #[tokio::test]
 async fn logins_that_succeed_do_not_count_against_the_address() {
     let relay = Relay::start().await;
@@ -1080,7 +1079,7 @@ async fn scheduled_price_overrides_take_over_at_their_time(db: Db) {
 
     // Removing the override in effect removes the scheduled one that has begun with it: the
     // shipped price applies again.
-    let (begun_s, begun) = near_time(2);
+    let (begun_s, begun) = near_time(3);
     let (status, v) = relay
         .admin_post(
             "/api/admin/pricing",
@@ -1120,6 +1119,33 @@ async fn scheduled_price_overrides_take_over_at_their_time(db: Db) {
         "{v}"
     );
     assert_eq!(v["changes"][0]["price"]["input"], 1, "{v}");
+    // Nor is such a model offered in the model list until then, as priced ones are.
+    let (status, v) = relay
+        .admin_post(
+            "/api/admin/pricing",
+            json!({"model": "claude-announced-9", "input": 1, "output": 1, "from": "2100-01-01"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let listed: Value = relay
+        .http
+        .get(format!("{}/v1/models?limit=1000", relay.proxy))
+        .header("x-api-key", &key)
+        .header("anthropic-version", "2023-06-01")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert!(ids.contains(&MODEL), "{ids:?}");
+    assert!(!ids.contains(&"claude-announced-9"), "{ids:?}");
 
     // Refused: a time gone by, and not a time.
     for (body, why) in [

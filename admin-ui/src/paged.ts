@@ -21,13 +21,16 @@ export function usePaged<T>(path: () => string, filters: () => Record<string, st
   const total = ref(0)
   const error = ref<string | null>(null)
   const loading = ref(false)
+  // The filters of the rows shown (set once their answer is in).
+  const applied: Ref<Record<string, string | number | null | undefined>> = ref({})
   const begin = latestLoad()
 
   async function load(to = page.value) {
     const current = begin()
     loading.value = true
     try {
-      const p = await api.get<Page<T>>(path() + query({ ...filters(), page: to, per_page: perPage.value }))
+      const wanted = filters()
+      const p = await api.get<Page<T>>(path() + query({ ...wanted, page: to, per_page: perPage.value }))
       if (!current()) return
       const last = Math.max(1, Math.ceil(p.total / perPage.value))
       if (!p.items.length && p.page > last) {
@@ -37,6 +40,7 @@ export function usePaged<T>(path: () => string, filters: () => Record<string, st
       rows.value = p.items
       total.value = p.total
       page.value = p.page
+      applied.value = wanted
       error.value = null
     } catch (e) {
       if (current()) error.value = message(e)
@@ -44,7 +48,7 @@ export function usePaged<T>(path: () => string, filters: () => Record<string, st
       if (current()) loading.value = false
     }
   }
-  return { rows, page, perPage, total, error, loading, load }
+  return { rows, page, perPage, total, error, loading, load, applied }
 }
 
 export function message(e: unknown): string {

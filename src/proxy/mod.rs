@@ -306,7 +306,13 @@ impl RelayProxy {
         let key = self.key_of(session).map_err(refused)?;
         let accounts = self.accounts.snapshot();
         let prices = self.prices.table();
-        let priced: Vec<&str> = prices.schedules().map(|(m, _)| m).collect();
+        // Models priced now (not one priced only from a scheduled time).
+        let now = relay_filters::now_ms();
+        let priced: Vec<&str> = prices
+            .schedules()
+            .filter(|(_, s)| s.at(now).is_some())
+            .map(|(m, _)| m)
+            .collect();
         let models = servable_models(&accounts, &priced, &key, dialect);
         let body = render(route, dialect, &models).map_err(refused)?;
         Ok(Bytes::from(serde_json::to_vec(&body).unwrap_or_default()))

@@ -92,8 +92,9 @@ pub struct Login {
 
 /// `POST /api/auth/login` `{"username", "password"}`: sets the session cookie (HttpOnly,
 /// SameSite=Strict) and answers `{"user", "csrf_token"}`; state-changing calls made with the
-/// cookie must send the token in `x-csrf-token`. Five failures per user name and address
-/// block logins there for 15 minutes (429).
+/// cookie must send the token in `x-csrf-token`. Five failures of a user name from an address
+/// refuse that name there, thirty from an address refuse the address, for 15 minutes after the
+/// last (429).
 #[utoipa::path(post, path = "/api/auth/login", tag = "session", request_body = Login,
     responses(
         (status = 200, description = "Logged in; sets the `relay_session` cookie", body = LoginAnswer),
@@ -112,45 +113,44 @@ pub async fn login(
         return Err(AppError::Unauthorized);
     }
     let throttle_key = format!("{}|{}", body.username, peer.ip());
+    // An address's failures, whatever the names (a user name holds no `|` at its start, so
+    // the keys cannot meet). Only failed checks count here, and nothing is taken back: the
+    // block ends 15 minutes after the address's last failure. Attempts checked at the same
+    // time may pass it by the few password checks that run at once.
     let address_key = format!("|{}", peer.ip());
-    // Every attempt is counted before the password is checked, in one step: attempts made at
-    // the same time cannot all read a count under the limit. An attempt refused here changes
-    // nothing (the block ends 15 minutes after the last counted failure, however often a
-    // client retries); a success, or an attempt whose password was never checked, takes its
-    // count back. It counts for the name at the address, and for the address (a user name
-    // holds no `|` at its start, so the keys cannot meet).
-    let count = |key: &str, max: u32| {
-        let counted = state
-            .login_failures
-            .entry(key.to_owned())
-            .and_compute_with(|n| match n.map(|n| n.into_value()) {
-                Some(n) if n >= max => Op::Nop,
-                n => Op::Put(n.unwrap_or(0) + 1),
-            });
-        matches!(
-            counted,
-            CompResult::Inserted(_) | CompResult::ReplacedWith(_)
-        )
-    };
-    let uncount = |key: &str| {
+    if state
+        .login_failures
+        .get(&address_key)
+        .is_some_and(|n| n >= MAX_ADDRESS_FAILURES)
+    {
+        return Err(AppError::TooManyRequests);
+    }
+    // Every attempt is counted for its name at the address before the password is checked,
+    // in one step: attempts made at the same time cannot all read a count under the limit.
+    // An attempt refused here changes nothing (the block ends 15 minutes after the last
+    // counted failure, however often a client retries); a success, or an attempt whose
+    // password was never checked, takes its count back.
+    let counted = state
+        .login_failures
+        .entry(throttle_key.clone())
+        .and_compute_with(|n| match n.map(|n| n.into_value()) {
+            Some(n) if n >= MAX_FAILURES => Op::Nop,
+            n => Op::Put(n.unwrap_or(0) + 1),
+        });
+    if !matches!(
+        counted,
+        CompResult::Inserted(_) | CompResult::ReplacedWith(_)
+    ) {
+        return Err(AppError::TooManyRequests);
+    }
+    let give_back = || {
         state
             .login_failures
-            .entry(key.to_owned())
+            .entry(throttle_key.clone())
             .and_compute_with(|n| match n.map(|n| n.into_value()) {
                 Some(n) if n > 1 => Op::Put(n - 1),
                 _ => Op::Remove,
             });
-    };
-    if !count(&address_key, MAX_ADDRESS_FAILURES) {
-        return Err(AppError::TooManyRequests);
-    }
-    if !count(&throttle_key, MAX_FAILURES) {
-        uncount(&address_key);
-        return Err(AppError::TooManyRequests);
-    }
-    let give_back = || {
-        uncount(&throttle_key);
-        uncount(&address_key);
     };
     // Password checks (about 19 MiB and tens of milliseconds each) wait for one of a few
     // permits, so a flood of logins cannot take the memory or every blocking thread.
@@ -183,12 +183,13 @@ pub async fn login(
         }
     };
     let Some(user) = user.filter(|_| ok) else {
+        state
+            .login_failures
+            .entry(address_key)
+            .and_upsert_with(|n| n.map_or(1, |n| n.into_value().saturating_add(1)));
         return Err(AppError::Unauthorized);
     };
-    // The name's failures at this address are forgiven; the address keeps the others it
-    // counted (this attempt is taken back).
     state.login_failures.invalidate(&throttle_key);
-    uncount(&address_key);
     let token = random_token();
     let csrf = random_token();
     let now = now_ms();
