@@ -912,7 +912,7 @@ async fn accounts_with_encrypted_credentials(env: Env) {
     assert!(!store
         .record_health_state(
             &codex.id,
-            (AccountStatus::Valid, 3),
+            (AccountStatus::Valid, 3, set_error.status_set_at),
             AccountStatus::Error,
             4
         )
@@ -921,7 +921,17 @@ async fn accounts_with_encrypted_credentials(env: Env) {
     assert!(!store
         .record_health_state(
             &codex.id,
-            (AccountStatus::Error, 2),
+            (AccountStatus::Error, 2, set_error.status_set_at),
+            AccountStatus::Valid,
+            0
+        )
+        .await
+        .unwrap());
+    // Nor by a check that ran on the account before the operator's last change.
+    assert!(!store
+        .record_health_state(
+            &codex.id,
+            (AccountStatus::Error, 3, replaced_at),
             AccountStatus::Valid,
             0
         )
@@ -930,7 +940,7 @@ async fn accounts_with_encrypted_credentials(env: Env) {
     assert!(store
         .record_health_state(
             &codex.id,
-            (AccountStatus::Error, 3),
+            (AccountStatus::Error, 3, set_error.status_set_at),
             AccountStatus::Valid,
             0
         )
@@ -958,7 +968,7 @@ async fn accounts_with_encrypted_credentials(env: Env) {
     assert!(!store
         .record_health_state(
             &codex.id,
-            (AccountStatus::Blocked, 0),
+            (AccountStatus::Blocked, 0, set_error.status_set_at),
             AccountStatus::Valid,
             0
         )
@@ -1075,11 +1085,11 @@ async fn oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from(env:
         expires_at: Some(1_900_000_000_000),
     };
     assert!(!store
-        .store_refreshed_token(&account.id, "v1:k1:stale", &tokens, Some(5))
+        .store_refreshed_token(&account.id, "v1:k1:stale", &tokens, Some((5, None)))
         .await
         .unwrap());
     assert!(store
-        .store_refreshed_token(&account.id, &first_refresh, &tokens, Some(5))
+        .store_refreshed_token(&account.id, &first_refresh, &tokens, Some((5, None)))
         .await
         .unwrap());
     let fresh = store.account_by_id(&account.id).await.unwrap().unwrap();
@@ -1113,7 +1123,7 @@ async fn oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from(env:
     // Any other refresh leaves an account in error as it is: put there by an operator or a
     // health check, or by errors that went on counting since the refresh began.
     let mut held = tokens.refresh_token_enc.clone();
-    for (errors, put_back) in [(0, None), (3, None), (6, Some(5))] {
+    for (errors, put_back) in [(0, None), (3, None), (6, Some((5, None)))] {
         store
             .record_account_state(&account.id, AccountStatus::Error, errors, None, None)
             .await
@@ -1168,7 +1178,7 @@ async fn oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from(env:
         ..tokens
     };
     assert!(store
-        .store_refreshed_token(&account.id, &second, &third, Some(0))
+        .store_refreshed_token(&account.id, &second, &third, Some((0, None)))
         .await
         .unwrap());
     assert!(store
@@ -1196,6 +1206,64 @@ async fn oauth_tokens_are_stored_only_over_the_refresh_token_they_came_from(env:
             patched.token_expires_at
         ),
         (false, None, None)
+    );
+
+    // A refresh that auth errors started puts the account back only if no operator set its
+    // status since: one who set it in error (with the very count the errors left) keeps it so.
+    let set_error = store
+        .update_account(
+            &account.id,
+            &AccountPatch {
+                status: Some(AccountStatus::Error),
+                consecutive_error_count: Some(4),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let held = store
+        .account_by_id(&account.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .refresh_token_enc
+        .unwrap();
+    let next = RefreshedTokens {
+        refresh_token_enc: secrets.encrypt("sk-ant-ort01-after-operator"),
+        credential_enc: secrets.encrypt("sk-ant-oat01-after-operator"),
+        credential_key_id: "k1".into(),
+        expires_at: None,
+    };
+    assert!(store
+        .store_refreshed_token(&account.id, &held, &next, Some((4, patched.status_set_at)))
+        .await
+        .unwrap());
+    let after = store.account_by_id(&account.id).await.unwrap().unwrap();
+    assert_eq!(
+        (after.status, after.consecutive_error_count),
+        (AccountStatus::Error, 4),
+        "set at {:?}, the refresh began at {:?}",
+        set_error.status_set_at,
+        patched.status_set_at
+    );
+    // Begun after the operator's word: put back.
+    let last = RefreshedTokens {
+        refresh_token_enc: secrets.encrypt("sk-ant-ort01-last"),
+        ..next.clone()
+    };
+    assert!(store
+        .store_refreshed_token(
+            &account.id,
+            &next.refresh_token_enc,
+            &last,
+            Some((4, set_error.status_set_at))
+        )
+        .await
+        .unwrap());
+    let after = store.account_by_id(&account.id).await.unwrap().unwrap();
+    assert_eq!(
+        (after.status, after.consecutive_error_count),
+        (AccountStatus::Valid, 0)
     );
 }
 

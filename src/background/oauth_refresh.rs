@@ -253,7 +253,7 @@ impl TokenRefresh {
         }
         // The state the errors left, as the refresh starts: put back only if still so.
         let put_back = (trigger == Trigger::AuthErrors && row.status == AccountStatus::Error)
-            .then_some(row.consecutive_error_count);
+            .then_some((row.consecutive_error_count, row.status_set_at));
         let refresh_token = self.secrets.decrypt(&expected).map_err(|_| {
             tracing::warn!(account = %row.name, "refresh token cannot be decrypted with this node's key");
             NotRefreshed::Undecryptable
@@ -376,7 +376,7 @@ impl TokenRefresh {
         expected: &str,
         used: &str,
         new: &RefreshedTokens,
-        put_back: Option<i64>,
+        put_back: Option<(i64, Option<i64>)>,
     ) -> Result<bool, StoreError> {
         let new_refresh = match &self.secrets.decrypt(&new.refresh_token_enc) {
             Ok(t) => t.expose_secret().to_string(),

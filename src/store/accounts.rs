@@ -553,13 +553,15 @@ impl SqlStore {
     }
 
     /// Stores what a health check found, only if the account's status and error count are still
-    /// `expected` (what the check's decision was based on) and the status is not `blocked`: a
-    /// change an operator, the proxy or another node's check made meanwhile wins. The cooldown
-    /// is not touched. Whether the row was changed.
+    /// `expected` (what the check's decision was based on), its `status_set_at` still the one
+    /// of the account the check ran on (an operator who set the status or replaced the
+    /// credential since has the last word), and the status is not `blocked`: a change an
+    /// operator, the proxy or another node's check made meanwhile wins. The cooldown is not
+    /// touched. Whether the row was changed.
     pub async fn record_health_state(
         &self,
         id: &str,
-        expected: (AccountStatus, i64),
+        expected: (AccountStatus, i64, Option<i64>),
         status: AccountStatus,
         consecutive_error_count: i64,
     ) -> Result<bool> {
@@ -569,7 +571,7 @@ impl SqlStore {
             "UPDATE accounts SET status = $1, consecutive_error_count = $2, \
              updated_at = CASE WHEN updated_at < $3 THEN $4 ELSE updated_at + 1 END \
              WHERE id = $5 AND status = $6 AND consecutive_error_count = $7 \
-             AND status <> 'blocked'",
+             AND status <> 'blocked' AND status_set_at IS NOT DISTINCT FROM $8",
         )
         .bind(status.as_str())
         .bind(consecutive_error_count)
@@ -578,6 +580,7 @@ impl SqlStore {
         .bind(id)
         .bind(expected.0.as_str())
         .bind(expected.1)
+        .bind(expected.2)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -642,16 +645,17 @@ impl SqlStore {
     /// meanwhile win. The refresh error clears. Whether the row was changed.
     ///
     /// `put_back`: for the refresh that authentication errors started, the error count they
-    /// left on the account they took out (`error`). If it is still so, the account comes back
-    /// (`valid`, count cleared): the errors were the old token's. Any other `error` (an
-    /// operator's, a health check's, errors that went on counting) stays, as does `blocked`;
-    /// a `valid` account's count clears (its errors in a row were the old token's too).
+    /// left on the account they took out (`error`), and its `status_set_at` then. If both are
+    /// still so, the account comes back (`valid`, count cleared): the errors were the old
+    /// token's. Any other `error` (an operator's, a health check's, errors that went on
+    /// counting) stays, as does `blocked`; a `valid` account's count clears (its errors in a
+    /// row were the old token's too).
     pub async fn store_refreshed_token(
         &self,
         id: &str,
         expected: &str,
         tokens: &RefreshedTokens,
-        put_back: Option<i64>,
+        put_back: Option<(i64, Option<i64>)>,
     ) -> Result<bool> {
         let now = super::now_ms();
         // Every expression reads the row as it was before the update (SQLite and PostgreSQL).
@@ -661,10 +665,11 @@ impl SqlStore {
              token_refresh_error = NULL, token_refresh_refused = 0, \
              token_refresh_lease_until = NULL, \
              consecutive_error_count = CASE WHEN status = 'valid' \
-             OR (status = 'error' AND consecutive_error_count = $6) THEN 0 \
+             OR (status = 'error' AND consecutive_error_count = $6 \
+             AND status_set_at IS NOT DISTINCT FROM $12) THEN 0 \
              ELSE consecutive_error_count END, \
-             status = CASE WHEN status = 'error' AND consecutive_error_count = $7 THEN 'valid' \
-             ELSE status END, \
+             status = CASE WHEN status = 'error' AND consecutive_error_count = $7 \
+             AND status_set_at IS NOT DISTINCT FROM $13 THEN 'valid' ELSE status END, \
              updated_at = CASE WHEN updated_at < $8 THEN $9 ELSE updated_at + 1 END \
              WHERE id = $10 AND refresh_token_enc = $11",
         )
@@ -673,12 +678,14 @@ impl SqlStore {
         .bind(&tokens.refresh_token_enc)
         .bind(tokens.expires_at)
         .bind(now)
-        .bind(put_back)
-        .bind(put_back)
+        .bind(put_back.map(|p| p.0))
+        .bind(put_back.map(|p| p.0))
         .bind(now)
         .bind(now)
         .bind(id)
         .bind(expected)
+        .bind(put_back.and_then(|p| p.1))
+        .bind(put_back.and_then(|p| p.1))
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
