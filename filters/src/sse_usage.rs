@@ -1120,30 +1120,60 @@ struct GeminiGroundingWire<'a> {
 }
 
 /// Google Search queries a grounded answer ran, as Gemini bills them: each distinct query
-/// once, empty ones not at all; at most [`MAX_SEARCH_QUERIES`] (an answer runs a handful, and
-/// an upstream's list is not trusted to be short).
-#[derive(Default)]
-struct SearchQueries<'a>(Vec<&'a [u8]>);
+/// once (however its text is escaped, in whichever chunks it is listed), empty ones not at
+/// all; at most [`MAX_SEARCH_QUERIES`] (an answer runs a handful, and an upstream's list is
+/// not trusted to be short). Kept as hashes of the queries' text, so a stream's list outlives
+/// the chunk it came in.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct SearchQueries(Vec<u64>);
 
-/// Most distinct search queries one Gemini chunk is counted for.
+/// Most distinct search queries one Gemini answer is counted for.
 const MAX_SEARCH_QUERIES: usize = 256;
 
-impl<'a> SearchQueries<'a> {
+impl SearchQueries {
     /// One element of a `webSearchQueries` array (a JSON string, as sent).
-    fn add(&mut self, query: &'a [u8]) {
-        if self.0.len() < MAX_SEARCH_QUERIES
-            && query != b"\"\""
-            && query != b"null"
-            && !self.0.contains(&query)
-        {
-            self.0.push(query);
+    fn add(&mut self, query: &[u8]) {
+        if self.0.len() >= MAX_SEARCH_QUERIES || query == b"\"\"" || query == b"null" {
+            return;
+        }
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        if query.contains(&b'\\') {
+            // Escaped (`\u0041`, `\"`): the text it stands for, as a plain one is hashed.
+            match serde_json::from_slice::<String>(query) {
+                Ok(text) if text.is_empty() => return,
+                Ok(text) => text.as_bytes().hash(&mut hasher),
+                Err(_) => query.hash(&mut hasher),
+            }
+        } else {
+            query
+                .strip_prefix(b"\"")
+                .and_then(|q| q.strip_suffix(b"\""))
+                .unwrap_or(query)
+                .hash(&mut hasher);
+        }
+        let key = hasher.finish();
+        if !self.0.contains(&key) {
+            self.0.push(key);
+        }
+    }
+
+    /// Adds the queries of `other` (another chunk's).
+    fn union(&mut self, other: &SearchQueries) {
+        for &key in &other.0 {
+            if self.0.len() >= MAX_SEARCH_QUERIES {
+                return;
+            }
+            if !self.0.contains(&key) {
+                self.0.push(key);
+            }
         }
     }
 
     /// The queries of a candidate's `groundingMetadata` value, read leniently: grounding of
     /// another shape (not an object, queries not an array) adds none, and never fails the
     /// chunk it came in.
-    fn add_grounding(&mut self, grounding: &'a [u8]) {
+    fn add_grounding(&mut self, grounding: &[u8]) {
         if let Ok(GeminiGroundingWire {
             web_search_queries: Some(list),
         }) = serde_json::from_slice(grounding)
@@ -1323,8 +1353,8 @@ struct GeminiCounts {
     candidates: Option<u64>,
     thoughts: Option<u64>,
     tool_use: Option<u64>,
-    /// Distinct Google Search queries grounding ran (the most any chunk listed).
-    searches: Option<u64>,
+    /// Distinct Google Search queries grounding ran, over every chunk that listed any.
+    searches: SearchQueries,
 }
 
 impl GeminiCounts {
@@ -1355,7 +1385,7 @@ impl GeminiCounts {
             reasoning_tokens: thoughts,
             // Grounding with Google Search: the distinct queries it ran (Gemini 3 bills each;
             // Gemini 2.5 bills the prompt, once, when it ran any).
-            web_search_requests: self.searches.unwrap_or(0),
+            web_search_requests: self.searches.count().unwrap_or(0),
         }
     }
 }
@@ -1735,7 +1765,7 @@ struct GeminiChunk<'a> {
     blocked: bool,
     error: Option<ErrorWire>,
     /// Distinct Google Search queries the chunk's candidates list.
-    web_searches: Option<u64>,
+    web_searches: SearchQueries,
 }
 
 impl<'a> From<GeminiChunkWire<'a>> for GeminiChunk<'a> {
@@ -1753,7 +1783,7 @@ impl<'a> From<GeminiChunkWire<'a>> for GeminiChunk<'a> {
             usage: c.usage_metadata,
             model_version: c.model_version.map(|raw| raw.get().as_bytes()),
             response_id: c.response_id.map(|raw| raw.get().as_bytes()),
-            web_searches: queries.count(),
+            web_searches: queries,
             finished: c
                 .candidates
                 .iter()
@@ -1786,7 +1816,7 @@ impl<'a> GeminiChunk<'a> {
                         Some(())
                     })
                 })?;
-                self.web_searches = queries.count();
+                self.web_searches = queries;
             }
             b"promptFeedback" if value != b"null" => {
                 json_scan::for_each_member(value, |key, value| {
@@ -1843,8 +1873,8 @@ fn non_null(value: &[u8]) -> Option<&[u8]> {
 fn apply_gemini_chunk(result: &mut MeterResult, counts: &mut GeminiCounts, c: GeminiChunk<'_>) {
     set_once_bytes(&mut result.response_id, c.response_id);
     set_once_bytes(&mut result.model, c.model_version);
-    raise_to(&mut counts.searches, c.web_searches);
-    let counted = c.usage.is_some() || c.web_searches.is_some();
+    counts.searches.union(&c.web_searches);
+    let counted = c.usage.is_some() || c.web_searches.count().is_some();
     if let Some(usage) = c.usage {
         counts.merge(usage);
     }
@@ -3810,6 +3840,18 @@ data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","
         let body = serde_json::json!({"candidates": [{"groundingMetadata": {"webSearchQueries": many}}], "usageMetadata": {"promptTokenCount": 3}}).to_string();
         let got = meter(Protocol::Gemini, false, &[body.as_bytes()]);
         assert_eq!(got.usage.web_search_requests, MAX_SEARCH_QUERIES as u64);
+        // Lists split over chunks count together, each query once, however its text is
+        // escaped: weather, news (twice: plain and as \u escapes), maps.
+        let listing = |queries: &str| {
+            format!(
+                "data: {{\"candidates\": [{{\"groundingMetadata\": {{\"webSearchQueries\": {queries}}}}}], \"usageMetadata\": {{\"promptTokenCount\": 10}}}}\r\n\r\n"
+            )
+        };
+        let text = listing(r#"["weather", "news"]"#)
+            + &listing(r#"["\u006eews", "maps", ""]"#)
+            + &listing(r#"["weather"]"#);
+        let got = stream_result(Protocol::Gemini, &text);
+        assert_eq!(got.usage.web_search_requests, 3, "{got:?}");
     }
 
     /// A stream cut before it named its tier is billed at the tier it asked for; one that ended
