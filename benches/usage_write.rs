@@ -46,6 +46,7 @@ fn record(n: usize, at: i64) -> UsageRecord {
         // Anthropic's ids run about 30 characters.
         upstream_request_id: Some(format!("req_011C{n:022}")),
         response_id: Some(format!("msg_01{n:024}")),
+        passes: None,
     }
 }
 

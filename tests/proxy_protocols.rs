@@ -942,6 +942,14 @@ async fn advisor_and_compaction_passes_are_billed() {
         assert_eq!(rec["output_tokens"], 600, "{id}: {rec}");
         assert_eq!(rec["base_cost"], 158_000, "{id}: {rec}");
         assert_eq!(rec["unpriced"], false, "{id}: {rec}");
+        // The advisor's tokens, apart: the pass on another model the cost holds.
+        assert_eq!(
+            rec["passes"],
+            serde_json::json!([{"model": "claude-opus-5-5", "input_tokens": 5_000,
+                "output_tokens": 1_500, "cache_write_5m_tokens": 0, "cache_write_1h_tokens": 0,
+                "cache_read_tokens": 0}]),
+            "{id}: {rec}"
+        );
     }
 }
 

@@ -1317,6 +1317,9 @@ fn record(
         service_tier: Some(ServiceTier::Priority),
         upstream_request_id: Some(format!("req_{id}")),
         response_id: Some(format!("msg_{id}")),
+        passes: Some(format!(
+            r#"[{{"model":"advisor-{id}","input_tokens":5,"output_tokens":2,"cache_write_5m_tokens":0,"cache_write_1h_tokens":0,"cache_read_tokens":0}}]"#
+        )),
     }
 }
 
@@ -1559,6 +1562,12 @@ async fn usage_batches_roll_up_exactly(env: Env) {
             Some(format!("req_{}", r.id).as_str()),
             Some(format!("msg_{}", r.id).as_str())
         )
+    );
+    let passes = r.passes.as_ref().expect("the advisor's pass");
+    assert_eq!(passes[0]["model"], format!("advisor-{}", r.id));
+    assert_eq!(
+        (&passes[0]["input_tokens"], &passes[0]["output_tokens"]),
+        (&serde_json::json!(5), &serde_json::json!(2))
     );
     assert_eq!(
         (r.base_cost, r.billed_cost, r.price_rate),

@@ -211,6 +211,8 @@ export interface UsageRecord {
   upstream_request_id: string | null
   /** The id of the answer (msg_…, chatcmpl-…, resp_…, Gemini's responseId). */
   response_id: string | null
+  /** Passes on other models (an advisor's): in the cost, not in the token counts. */
+  passes: { model: string; input_tokens: number; output_tokens: number; cache_write_5m_tokens: number; cache_write_1h_tokens: number; cache_read_tokens: number }[] | null
 }
 
 export interface AuditEntry {

@@ -275,6 +275,33 @@ pub struct UsageRecord {
     /// `responseId`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_id: Option<String>,
+    /// The passes it ran on other models than its own (an advisor's), as a JSON array of
+    /// `{"model", "input_tokens", "output_tokens", "cache_write_5m_tokens",
+    /// "cache_write_1h_tokens", "cache_read_tokens"}` ([`passes_json`]): their tokens are in
+    /// the costs, not in `usage` (its own model's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passes: Option<String>,
+}
+
+/// The passes of `subs` on other models, as [`UsageRecord::passes`] holds them; `None` when
+/// there are none.
+pub fn passes_json(subs: &[SubUsage]) -> Option<String> {
+    let passes: Vec<serde_json::Value> = subs
+        .iter()
+        .filter_map(|p| {
+            let model = p.model.as_deref()?;
+            let t = &p.tokens;
+            Some(serde_json::json!({
+                "model": model,
+                "input_tokens": t.input_tokens,
+                "output_tokens": t.output_tokens,
+                "cache_write_5m_tokens": t.cache_write_5m_tokens,
+                "cache_write_1h_tokens": t.cache_write_1h_tokens,
+                "cache_read_tokens": t.cache_read_tokens,
+            }))
+        })
+        .collect();
+    (!passes.is_empty()).then(|| serde_json::Value::Array(passes).to_string())
 }
 
 #[cfg(test)]

@@ -417,6 +417,7 @@ impl RelayProxy {
             service_tier: r.usage.service_tier,
             upstream_request_id: r.usage.upstream_request_id.take(),
             response_id: r.usage.response_id.take().and_then(provider_id),
+            passes: relay_filters::types::passes_json(&r.usage.sub_usage),
         };
         let protocol = r.route.protocol.as_str();
         let account = r

@@ -15,7 +15,7 @@ use sqlx::Row;
 use super::{get_bool, Page, Param, Result, SqlParts, SqlStore, StoreError};
 
 /// Columns of `request_logs`, in insert order.
-const RECORD_COLUMNS: [&str; 31] = [
+const RECORD_COLUMNS: [&str; 32] = [
     "id",
     "request_id",
     "created_at",
@@ -47,6 +47,7 @@ const RECORD_COLUMNS: [&str; 31] = [
     "service_tier",
     "upstream_request_id",
     "response_id",
+    "passes",
 ];
 
 /// Columns of `usage_daily`, in insert order.
@@ -162,6 +163,12 @@ pub struct UsageRow {
     /// The id of the answer, from its body (`msg_…`, `chatcmpl-…`, `resp_…`, Gemini's
     /// `responseId`).
     pub response_id: Option<String>,
+    /// The passes it ran on other models (an advisor's): `[{"model", "input_tokens",
+    /// "output_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
+    /// "cache_read_tokens"}]`, their tokens in the costs, not in the token columns; `null`:
+    /// none.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub passes: Option<serde_json::Value>,
 }
 
 /// Which records to list; every set field narrows the list. Times are epoch ms.
@@ -433,6 +440,10 @@ fn usage_from_row(row: &AnyRow) -> Result<UsageRow> {
         service_tier: row.try_get("service_tier")?,
         upstream_request_id: row.try_get("upstream_request_id")?,
         response_id: row.try_get("response_id")?,
+        // Written by the relay as JSON; anything else reads as none.
+        passes: row
+            .try_get::<Option<String>, _>("passes")?
+            .and_then(|text| serde_json::from_str(&text).ok()),
     })
 }
 
@@ -482,6 +493,7 @@ pub(super) fn record_values(r: &UsageRecord) -> [RowValue<'_>; RECORD_COLUMNS.le
         Text(r.service_tier.map(ServiceTier::as_str)),
         Text(r.upstream_request_id.as_deref()),
         Text(r.response_id.as_deref()),
+        Text(r.passes.as_deref()),
     ]
 }
 

@@ -37,6 +37,8 @@ enum Cell<'a> {
     Time(i64),
     /// Micro-USD, written as exact USD with six decimals.
     Usd(i64),
+    /// JSON, written compact as text.
+    Json(Option<&'a serde_json::Value>),
 }
 
 /// A column: its name, whether only admins see it, and its field.
@@ -106,6 +108,7 @@ const COLUMNS: &[Column] = &[
     ("response_id", false, |n| {
         Cell::Text(n.r.response_id.as_deref())
     }),
+    ("passes", false, |n| Cell::Json(n.r.passes.as_ref())),
 ];
 
 /// The columns one kind of caller sees.
@@ -172,7 +175,8 @@ fn push_row(out: &mut String, admin: bool, n: &Named<'_>) {
             out.push(',');
         }
         match field(n) {
-            Cell::Text(None) | Cell::OptInt(None) => {}
+            Cell::Text(None) | Cell::OptInt(None) | Cell::Json(None) => {}
+            Cell::Json(Some(v)) => push_text(out, &v.to_string()),
             Cell::Text(Some(t)) => push_text(out, t),
             Cell::Int(v) | Cell::OptInt(Some(v)) => out.push_str(&v.to_string()),
             Cell::Bool(b) => out.push_str(if b { "true" } else { "false" }),
@@ -364,6 +368,6 @@ mod tests {
             assert!(header_line(true).split(',').any(|c| c.trim() == hidden));
         }
         assert!(own.starts_with("created_at,id,request_id,api_key_id,api_key_name,"));
-        assert!(own.ends_with("upstream_request_id,response_id\r\n"));
+        assert!(own.ends_with("upstream_request_id,response_id,passes\r\n"));
     }
 }

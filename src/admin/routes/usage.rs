@@ -99,6 +99,10 @@ pub struct OwnRecord {
     pub upstream_request_id: Option<String>,
     /// The id of the answer (`msg_…`, `chatcmpl-…`, `resp_…`, Gemini's `responseId`).
     pub response_id: Option<String>,
+    /// The passes it ran on other models (an advisor's), whose tokens are in the billed cost
+    /// and not in the token counts above; `null`: none.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub passes: Option<serde_json::Value>,
 }
 
 impl OwnRecord {
@@ -131,6 +135,7 @@ impl OwnRecord {
             service_tier: r.service_tier,
             upstream_request_id: r.upstream_request_id,
             response_id: r.response_id,
+            passes: r.passes,
         }
     }
 }
