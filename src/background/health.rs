@@ -206,12 +206,13 @@ impl Health {
                     .store
                     .record_health_state(
                         &row.id,
-                        // The generation of the account the check ran on: an operator's
-                        // status or credential set since is not overwritten by it.
+                        // The generation of the account the check ran on (this node's
+                        // snapshot, whose credential it used): an operator's status or
+                        // credential set since is not overwritten by it.
                         (
                             fresh.status,
                             fresh.consecutive_error_count,
-                            row.status_set_at,
+                            live.status_set_at,
                         ),
                         new_status,
                         i64::from(verdict.consecutive_errors),

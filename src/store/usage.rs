@@ -64,7 +64,7 @@ const DAILY_COLUMNS: [&str; 10] = [
     "billed_cost",
 ];
 
-/// Records per INSERT statement: 31 × 256 parameters stays far under SQLite's 32 766.
+/// Records per INSERT statement: 32 × 256 parameters stays far under SQLite's 32 766.
 pub(super) const RECORDS_PER_STATEMENT: usize = 256;
 /// Rollup rows per upsert statement (10 parameters each).
 const ROLLUPS_PER_STATEMENT: usize = 512;
@@ -443,7 +443,8 @@ fn usage_from_row(row: &AnyRow) -> Result<UsageRow> {
         // Written by the relay as JSON; anything else reads as none.
         passes: row
             .try_get::<Option<String>, _>("passes")?
-            .and_then(|text| serde_json::from_str(&text).ok()),
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .filter(serde_json::Value::is_array),
     })
 }
 
