@@ -364,23 +364,12 @@ impl PriceCache {
     /// for it (`from_ms` set).
     pub fn replace(&self, overrides: Vec<ModelPriceRow>) {
         let mut table = self.base.clone();
-        let mut by_model: HashMap<&str, Vec<&ModelPriceRow>> = HashMap::new();
-        for row in &overrides {
-            by_model.entry(row.model.as_str()).or_default().push(row);
-        }
-        for (model, rows) in by_model {
+        for (model, rows) in crate::store::overrides_by_model(&overrides) {
             if let Some(schedule) = self.schedule_with(model, &rows) {
                 table.insert_schedule(model, schedule);
             }
         }
         write(&self.table, Arc::new(table));
-    }
-
-    /// A standing override as the relay applies it over time (see
-    /// [`PriceCache::schedule_with`]).
-    pub fn applied(&self, row: &ModelPriceRow) -> PriceSchedule {
-        self.schedule_with(&row.model, &[row])
-            .unwrap_or_else(|| PriceSchedule::new(row.price()))
     }
 
     /// The prices of `model` over time, its overrides `rows` (its standing one, and those
@@ -391,19 +380,13 @@ impl PriceCache {
     /// then. `None`: no price at any time.
     pub fn schedule_with(&self, model: &str, rows: &[&ModelPriceRow]) -> Option<PriceSchedule> {
         let shipped = self.base.schedule(model);
-        let mut rows = rows.to_vec();
-        rows.sort_by_key(|r| r.from_ms.unwrap_or(i64::MIN));
         let over = |row: &ModelPriceRow, shipped: Option<&ModelPrice>| match shipped {
             Some(p) => with_shipped_searches(row.cards.apply(row.price(), Some(p)), p),
             None => row.price(),
         };
         let price_at = |at: i64| {
             let shipped_then = shipped.and_then(|s| s.at(at));
-            match rows
-                .iter()
-                .rev()
-                .find(|r| r.from_ms.unwrap_or(i64::MIN) <= at)
-            {
+            match crate::store::override_at(rows, at) {
                 Some(row) => Some(over(row, shipped_then)),
                 None => shipped_then.copied(),
             }
@@ -568,7 +551,8 @@ mod tests {
         .expect("prices");
         let cache = PriceCache::new(base);
         let at = |row: &ModelPriceRow, at_ms| {
-            let p = *cache.applied(row).at(at_ms).expect("priced");
+            let schedule = cache.schedule_with("m", &[row]).expect("priced");
+            let p = *schedule.at(at_ms).expect("priced");
             (p.input, p.web_search, p.long_context.map(|l| l.input))
         };
         // Keeping the shipped card and search price: both change on the date, its own
@@ -576,7 +560,8 @@ mod tests {
         let kept = override_row("m");
         assert_eq!(at(&kept, change - 1), (5, Some(10_000), Some(3)));
         assert_eq!(at(&kept, change), (5, Some(20_000), Some(7)));
-        assert_eq!(cache.applied(&kept).upcoming(0).len(), 1);
+        let applied = |row: &ModelPriceRow| cache.schedule_with("m", &[row]).expect("priced");
+        assert_eq!(applied(&kept).upcoming(0).len(), 1);
         // Dropping the card: only the search price changes.
         let mut dropped = override_row("m");
         dropped.cards.long_context = CardChoice::None;
@@ -584,7 +569,7 @@ mod tests {
         assert_eq!(at(&dropped, change), (5, Some(20_000), None));
         // Setting the search price too: nothing left to change.
         dropped.web_search = Some(0);
-        assert!(cache.applied(&dropped).upcoming(0).is_empty());
+        assert!(applied(&dropped).upcoming(0).is_empty());
         assert_eq!(at(&dropped, change), (5, Some(0), None));
         // What the relay prices with is the same schedule.
         cache.replace(vec![override_row("m")]);

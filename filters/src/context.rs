@@ -161,6 +161,14 @@ pub struct UsageInfo {
 }
 
 impl RequestCtx {
+    /// The id that goes upstream in `x-request-id` (see `header_rewrite`): the client's, else
+    /// the relay's own.
+    pub fn sent_request_id(&self) -> &str {
+        self.client_request_id
+            .as_deref()
+            .unwrap_or(&self.request_id)
+    }
+
     /// A fresh context for a proxied route.
     pub fn new(request_id: String, route: ApiRoute, started_ms: i64) -> Self {
         RequestCtx {

@@ -334,19 +334,6 @@ impl PriceSchedule {
         &self.changes[past..]
     }
 
-    /// The schedule with `f` applied to each of its prices (an override laid over the
-    /// shipped prices of each period), dates unchanged; a change that no longer changes
-    /// anything is dropped.
-    pub fn map(&self, mut f: impl FnMut(&ModelPrice) -> ModelPrice) -> PriceSchedule {
-        PriceSchedule::with_changes(
-            self.first.as_ref().map(&mut f),
-            self.changes.iter().map(|c| PriceChange {
-                from_ms: c.from_ms,
-                price: f(&c.price),
-            }),
-        )
-    }
-
     /// `first` (`None`: not priced until the first change), then `changes` in date order; a
     /// change that changes nothing, or not later than the one before it, is dropped.
     pub fn with_changes(
@@ -2230,8 +2217,17 @@ mod tests {
         assert_eq!(schedule.upcoming(march).len(), 0);
         assert_eq!(schedule.prices().count(), 3);
         assert!(t.schedule("n").unwrap().upcoming(0).is_empty());
-        // An override laid over each period keeps the dates.
-        let doubled = schedule.map(|p| ModelPrice {
+        // An override laid over each period keeps the dates (as the price cache lays one).
+        let laid_over = |f: &dyn Fn(&ModelPrice) -> ModelPrice| {
+            PriceSchedule::with_changes(
+                schedule.at(i64::MIN).map(f),
+                schedule.upcoming(i64::MIN).iter().map(|c| PriceChange {
+                    from_ms: c.from_ms,
+                    price: f(&c.price),
+                }),
+            )
+        };
+        let doubled = laid_over(&|p| ModelPrice {
             input: p.input * 2,
             ..*p
         });
@@ -2263,7 +2259,7 @@ mod tests {
         assert_eq!(cost(NEW_YEAR_2027).base, 2_000_000);
         assert!(later.contains("later") && later.get_at("later", 0).is_none());
         // One that sets every price alike changes nothing on any date.
-        let flat = schedule.map(|_| ModelPrice::default());
+        let flat = laid_over(&|_| ModelPrice::default());
         assert!(flat.upcoming(0).is_empty());
         assert_eq!(flat.prices().count(), 1);
     }

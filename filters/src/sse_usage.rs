@@ -1152,8 +1152,12 @@ impl SearchQueries {
                 .unwrap_or(query)
                 .hash(&mut hasher);
         }
-        let key = hasher.finish();
-        if !self.0.contains(&key) {
+        self.insert(hasher.finish());
+    }
+
+    /// A query's hash, unless it is counted already or the list is full.
+    fn insert(&mut self, key: u64) {
+        if self.0.len() < MAX_SEARCH_QUERIES && !self.0.contains(&key) {
             self.0.push(key);
         }
     }
@@ -1161,12 +1165,7 @@ impl SearchQueries {
     /// Adds the queries of `other` (another chunk's).
     fn union(&mut self, other: &SearchQueries) {
         for &key in &other.0 {
-            if self.0.len() >= MAX_SEARCH_QUERIES {
-                return;
-            }
-            if !self.0.contains(&key) {
-                self.0.push(key);
-            }
+            self.insert(key);
         }
     }
 

@@ -48,8 +48,7 @@ pub async fn reload_accounts(
 /// Reloads the price overrides, ordered like [`reload_keys`].
 pub async fn reload_prices(store: &SqlStore, prices: &PriceCache) -> Result<(), StoreError> {
     let ticket = prices.begin_load();
-    let mut rows = store.list_prices().await?;
-    rows.extend(store.list_price_changes().await?);
+    let rows = store.list_price_overrides().await?;
     prices.replace_loaded(ticket, rows);
     Ok(())
 }

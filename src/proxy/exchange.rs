@@ -331,7 +331,7 @@ impl RelayProxy {
                     ctx.status = f.status;
                     ctx.error_type = Some(ErrorKind::Upstream.type_name());
                     rctx.usage.upstream_request_id =
-                        super::provider_request_id(&f.head.headers, super::sent_request_id(rctx));
+                        super::provider_request_id(&f.head.headers, rctx.sent_request_id());
                     let resp = copy_head(&f.head, rctx, Some(f.body.len()));
                     session.write_response_header(&resp)?;
                     session.write_response_body(f.body, true).await?;
@@ -388,7 +388,7 @@ impl RelayProxy {
             ctx.error_type = Some(ErrorKind::Upstream.type_name());
         }
         rctx.usage.upstream_request_id =
-            super::provider_request_id(&head.headers, super::sent_request_id(rctx));
+            super::provider_request_id(&head.headers, rctx.sent_request_id());
         for f in &self.chain.response {
             f.on_response_head(rctx, status, &head.headers);
         }

@@ -529,13 +529,6 @@ pub(crate) fn provider_request_id(headers: &http::HeaderMap, sent: &str) -> Opti
     provider_id(value.to_owned())
 }
 
-/// The id the relay sent upstream in `x-request-id`: the client's, else its own.
-pub(crate) fn sent_request_id(rctx: &RequestCtx) -> &str {
-    rctx.client_request_id
-        .as_deref()
-        .unwrap_or(&rctx.request_id)
-}
-
 /// A request's ids as the client sees them.
 struct RequestIds {
     /// The relay's own (the usage record's id).

@@ -32,8 +32,8 @@ pub use admin_sessions::AdminSession;
 pub use api_keys::{ActiveApiKey, ApiKey, ApiKeyPatch, NewApiKey, DISABLED_BY_ADMIN};
 pub use limits::Spend;
 pub use prices::{
-    CardChoice, CardChoices, LongContextChoice, LongContextPrice, ModelPrice, ModelPriceRow,
-    TierChoice, TierPrice,
+    override_at, overrides_by_model, CardChoice, CardChoices, LongContextChoice, LongContextPrice,
+    ModelPrice, ModelPriceRow, TierChoice, TierPrice,
 };
 pub use redis_sessions::{
     FallbackSessionStore, RedisCooldowns, RedisLink, RedisLinkConfig, RedisSessionStore,

@@ -1,6 +1,8 @@
 //! Model prices (micro-USD per million tokens for each token category, and per web search)
 //! and the users' price rates applied on top of them.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -132,6 +134,24 @@ pub struct ModelPriceRow {
     /// A scheduled override: the epoch ms it takes effect at (`None`: the override in effect
     /// until then, or always).
     pub from_ms: Option<i64>,
+}
+
+/// `rows` by model (each model's standing override and those scheduled for it).
+pub fn overrides_by_model(rows: &[ModelPriceRow]) -> BTreeMap<&str, Vec<&ModelPriceRow>> {
+    let mut by_model: BTreeMap<&str, Vec<&ModelPriceRow>> = BTreeMap::new();
+    for row in rows {
+        by_model.entry(row.model.as_str()).or_default().push(row);
+    }
+    by_model
+}
+
+/// Of one model's overrides, the one in effect at `at_ms`: the latest that has begun, a
+/// standing one (no `from_ms`) from the start.
+pub fn override_at<'a>(rows: &[&'a ModelPriceRow], at_ms: i64) -> Option<&'a ModelPriceRow> {
+    rows.iter()
+        .copied()
+        .filter(|r| r.from_ms.is_none_or(|from| from <= at_ms))
+        .max_by_key(|r| r.from_ms.unwrap_or(i64::MIN))
 }
 
 impl ModelPriceRow {
@@ -296,6 +316,13 @@ impl SqlStore {
             return Err(StoreError::NotFound);
         }
         Ok(())
+    }
+
+    /// Every override: the standing ones, then those scheduled (by model and time).
+    pub async fn list_price_overrides(&self) -> Result<Vec<ModelPriceRow>> {
+        let mut rows = self.list_prices().await?;
+        rows.extend(self.list_price_changes().await?);
+        Ok(rows)
     }
 
     /// Every scheduled override, by model and time.

@@ -16,7 +16,8 @@ use crate::admin::error::{AppError, AppResult, ErrorBody};
 use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
 use crate::store::{
-    CardChoice, CardChoices, LongContextPrice, ModelPrice, ModelPriceRow, TierPrice,
+    override_at, overrides_by_model, CardChoice, CardChoices, LongContextPrice, ModelPrice,
+    ModelPriceRow, TierPrice,
 };
 
 /// Longest model name accepted.
@@ -111,11 +112,7 @@ impl PriceView {
     ) -> PriceView {
         let p = schedule.at(now).copied().unwrap_or_default();
         let shipped = prices.shipped_at(model, now);
-        // The override in effect: the latest that has begun (a standing one from the start).
-        let current = rows
-            .iter()
-            .filter(|r| r.from_ms.is_none_or(|from| from <= now))
-            .max_by_key(|r| r.from_ms.unwrap_or(i64::MIN));
+        let current = override_at(rows, now);
         let mut scheduled: Vec<ScheduledOverride> = rows
             .iter()
             .filter(|r| r.from_ms.is_some_and(|from| from > now))
@@ -165,16 +162,9 @@ impl PriceView {
     }
 }
 
-/// Each model's overrides, standing and scheduled, as the database holds them.
-async fn override_rows(state: &AdminState) -> AppResult<Vec<ModelPriceRow>> {
-    let mut rows = state.store.list_prices().await?;
-    rows.extend(state.store.list_price_changes().await?);
-    Ok(rows)
-}
-
 /// The view of one model after a change: from the database's overrides.
 async fn view_of(state: &AdminState, model: &str) -> AppResult<PriceView> {
-    let rows = override_rows(state).await?;
+    let rows = state.store.list_price_overrides().await?;
     let mine: Vec<&ModelPriceRow> = rows.iter().filter(|r| r.model == model).collect();
     PriceView::of_overrides(model, &mine, &state.prices, now_ms())
         .ok_or_else(|| AppError::Internal(format!("{model} has no price after its change")))
@@ -194,7 +184,7 @@ pub struct PriceList {
     responses((status = 200, description = "Every priced model", body = PriceList)))]
 pub async fn list(State(state): State<AdminState>, caller: Caller) -> AppResult<Json<PriceList>> {
     caller.require_admin()?;
-    let rows = override_rows(&state).await?;
+    let rows = state.store.list_price_overrides().await?;
     let table = state.prices.table();
     let now = now_ms();
     let mut merged: BTreeMap<String, PriceView> = table
@@ -205,11 +195,7 @@ pub async fn list(State(state): State<AdminState>, caller: Caller) -> AppResult<
         })
         .collect();
     // The database is the truth about overrides; the cache may trail it by a reload.
-    let mut by_model: BTreeMap<&str, Vec<&ModelPriceRow>> = BTreeMap::new();
-    for row in &rows {
-        by_model.entry(row.model.as_str()).or_default().push(row);
-    }
-    for (model, mine) in by_model {
+    for (model, mine) in overrides_by_model(&rows) {
         if let Some(view) = PriceView::of_overrides(model, &mine, &state.prices, now) {
             merged.insert(model.to_owned(), view);
         }
