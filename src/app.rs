@@ -95,6 +95,7 @@ pub async fn bootstrap_admin(store: &SqlStore, config: &Config) -> anyhow::Resul
             role: Role::Admin,
             price_rate: 10_000,
             daily_cost_limit: None,
+            monthly_cost_limit: None,
             total_cost_limit: None,
             allowed_platforms: Vec::new(),
             allowed_models: Vec::new(),
@@ -201,7 +202,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         cache_refresh::load_all(&store, &keys, &accounts, &prices, &node.secrets).await?;
         let today = utc_day(now_ms());
         for s in store.limit_spend(&today, false).await? {
-            memory_limits.seed_cost(&s.subject, &today, s.today, s.total);
+            memory_limits.seed_cost(&s.subject, &today, s.spent);
         }
         store.close().await;
         anyhow::Ok(())

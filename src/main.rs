@@ -202,6 +202,7 @@ fn main() -> anyhow::Result<()> {
                             role,
                             price_rate: 10_000,
                             daily_cost_limit: None,
+                            monthly_cost_limit: None,
                             total_cost_limit: None,
                             allowed_platforms: Vec::new(),
                             allowed_models: Vec::new(),

@@ -172,6 +172,7 @@ async fn an_admin_runs_the_relay_from_the_browser() {
         .find(|u| u["username"] == "ui-tenant")
         .unwrap_or_else(|| panic!("no ui-tenant: {users}"));
     assert_eq!(tenant["price_rate"], 15000);
+    assert_eq!(tenant["monthly_cost_limit"], 300_000_000);
     // The request the key served (beside the one a key deleted since was refused).
     let records = relay.wait_records(2).await;
     let served = records
@@ -189,6 +190,7 @@ async fn an_admin_runs_the_relay_from_the_browser() {
     let key = &keys["items"][0];
     assert_eq!(key["name"], "ui-key");
     assert_eq!(key["daily_cost_limit"], 5_000_000);
+    assert_eq!(key["monthly_cost_limit"], 50_000_000);
     assert_eq!(key["rpm_limit"], 120);
     let prices = relay.admin_get("/api/admin/pricing").await;
     let price = prices["items"]

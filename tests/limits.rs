@@ -354,6 +354,91 @@ async fn a_user_cost_limit_holds_over_all_its_keys() {
     }
 }
 
+/// Monthly cost limits, of a key and of a user over all its keys: the month's spend refuses
+/// with 402 and says when it resets; the key list shows what the month has billed.
+#[tokio::test]
+async fn monthly_cost_limits_refuse_keys_and_users() {
+    let mock = MockUpstream::start().await;
+    let relay = Relay::start().await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    mock.set(|b| b.usage = MockUsage::io(1000, 1000));
+    // Each request costs 18 000 µUSD: two fit under 30 000, a third does not.
+    let owner = relay.create_user("monthly-key", 10_000).await;
+    let (key_id, key) = relay
+        .create_key(&owner, serde_json::json!({"monthly_cost_limit": 30_000}))
+        .await;
+    let user = relay.create_user("monthly-user", 10_000).await;
+    let (status, v) = relay
+        .patch_user(&user, serde_json::json!({"monthly_cost_limit": 30_000}))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["monthly_cost_limit"], 30_000);
+    let (_, first) = relay.create_key(&user, serde_json::json!({})).await;
+    let (_, second) = relay.create_key(&user, serde_json::json!({})).await;
+    for k in [&key, &first, &second] {
+        relay.wait_key_active(k).await;
+    }
+    let mut served = 0;
+    for (i, k) in [&key, &key, &first, &second].into_iter().enumerate() {
+        let (status, message) = attempt(&relay, k, body(i)).await;
+        assert_eq!(status, 200, "request {i}: {message}");
+        served += 1;
+        relay.wait_records(served).await;
+    }
+    let (status, message) = attempt(&relay, &key, body(10)).await;
+    assert_eq!(status, 402, "{message}");
+    assert!(
+        message.contains("this API key has reached its monthly cost limit"),
+        "{message}"
+    );
+    assert!(message.contains("first of the month"), "{message}");
+    for k in [&first, &second] {
+        let (status, message) = attempt(&relay, k, body(11)).await;
+        assert_eq!(status, 402, "{message}");
+        assert!(message.contains("user's monthly cost limit"), "{message}");
+    }
+    assert_eq!(mock.count(), 4);
+
+    let keys = relay
+        .admin_get(&format!("/api/admin/api-keys?user_id={owner}"))
+        .await;
+    let listed = keys["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|k| k["id"] == key_id.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(listed["monthly_cost_limit"], 30_000, "{keys}");
+    assert_eq!(listed["billed_cost_month"], 36_000, "{keys}");
+    assert_eq!(listed["billed_cost_today"], 36_000, "{keys}");
+
+    // Raised, the key serves again.
+    let (status, v) = relay
+        .admin_patch(
+            &format!("/api/admin/api-keys/{key_id}"),
+            serde_json::json!({"monthly_cost_limit": 100_000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, message) = attempt(&relay, &key, body(20)).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 402, "{message}");
+        assert!(Instant::now() < deadline, "the raised limit still refuses");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A negative limit is refused.
+    let (status, v) = relay
+        .patch_user(&user, serde_json::json!({"monthly_cost_limit": -1}))
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("monthly_cost_limit"), "{v}");
+}
+
 /// A request refused for want of a concurrency slot does not use up the key's requests per
 /// minute: once the slot is free, the next requests are served.
 #[tokio::test]

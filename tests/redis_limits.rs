@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use llm_relay::store::redis_limits::RedisLimits;
 use llm_relay::store::RedisLink;
-use relay_filters::key_limits::{CostLimitHit, CostLimits, LimitStore, MemoryLimits};
+use relay_filters::key_limits::{CostLimitHit, CostLimits, LimitStore, MemoryLimits, Spent};
 
 fn redis_url() -> String {
     std::env::var("RELAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -201,23 +201,30 @@ async fn usage_counters_of_design_section_9() {
 async fn cost_counters_are_shared_and_seeded() {
     let prefix = format!("relaytest:{}:", uuid::Uuid::now_v7().simple());
     let seeded = Arc::new(MemoryLimits::default());
-    // This node knows (from the database) that the key already spent 100 today, 1000 in all.
-    seeded.seed_cost("key", "2026-11-22", 100, 1000);
+    // This node knows (from the database) that the key already spent 100 today, 400 this
+    // month, 1000 in all.
+    seeded.seed_cost("key", "2026-11-22", Spent::new(100, 400, 1000));
     let link = RedisLink::open(&redis_url()).expect("redis url");
     assert!(link.ready(Duration::from_secs(5)).await);
     let a = RedisLimits::new(link.clone(), &prefix, seeded);
     let b = RedisLimits::new(link, &prefix, Arc::new(MemoryLimits::default()));
     a.settle_cost("key", "2026-11-22", None, 5).await;
     b.settle_cost("key", "2026-11-22", None, 7).await;
-    assert_eq!(a.spent("key", "2026-11-22").await, (112, 1012));
-    assert_eq!(b.spent("key", "2026-11-22").await, (112, 1012));
+    assert_eq!(
+        a.spent("key", "2026-11-22").await,
+        Spent::new(112, 412, 1012)
+    );
+    assert_eq!(
+        b.spent("key", "2026-11-22").await,
+        Spent::new(112, 412, 1012)
+    );
     cleanup(&prefix).await;
 }
 
 fn limit_of(daily: i64) -> CostLimits {
     CostLimits {
         daily: Some(daily),
-        total: None,
+        ..CostLimits::default()
     }
 }
 
@@ -228,6 +235,7 @@ async fn cost_holds_of_requests_in_flight_are_shared_and_expire() {
     let ttl = Duration::from_secs(60);
     let daily = CostLimits {
         daily: Some(100),
+        monthly: None,
         total: Some(1000),
     };
     a.settle_cost("key", day, None, 40).await;
@@ -246,7 +254,7 @@ async fn cost_holds_of_requests_in_flight_are_shared_and_expire() {
     );
     // Booking h1 at 10 gives its hold back and counts what it cost, on both nodes.
     a.settle_cost("key", day, Some(&h1), 10).await;
-    assert_eq!(b.spent("key", day).await, (50, 50));
+    assert_eq!(b.spent("key", day).await, Spent::new(50, 50, 50));
     let h3 = b
         .hold_cost("key", day, daily, 20, ttl)
         .await
@@ -269,8 +277,8 @@ async fn cost_holds_of_requests_in_flight_are_shared_and_expire() {
     );
     a.settle_cost("key", day, Some(&h5), 0).await;
     let total = CostLimits {
-        daily: None,
         total: Some(150),
+        ..CostLimits::default()
     };
     let _h4 = a
         .hold_cost("key", day, total, 50, ttl)
@@ -319,7 +327,7 @@ async fn cost_holds_fall_back_to_memory_without_redis() {
         Err(CostLimitHit::Daily { in_flight: true })
     );
     node.settle_cost("key", day, Some(&hold), 30).await;
-    assert_eq!(memory.spent("key", day).await, (30, 30));
+    assert_eq!(memory.spent("key", day).await, Spent::new(30, 30, 30));
     assert!(node.hold_cost("key", day, limits, 1, ttl).await.is_ok());
 }
 
@@ -407,7 +415,7 @@ async fn a_hold_and_a_settlement_whose_answers_came_late_count_once() {
     node.settle_cost("key", day, Some(&hold), 30).await;
     slow.store(false, std::sync::atomic::Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    assert_eq!(other.spent("key", day).await, (30, 30));
+    assert_eq!(other.spent("key", day).await, Spent::new(30, 30, 30));
     let after = other.hold_cost("key", day, limit_of(100), 1, ttl).await;
     assert!(after.is_ok(), "the hold outlived its settlement: {after:?}");
     cleanup(&prefix).await;

@@ -14,10 +14,11 @@ use futures::FutureExt;
 use llm_relay::secrets::{api_key_hash, api_key_prefix, generate_api_key, SecretBox};
 use llm_relay::store::{
     AccountPatch, AccountStatus, ApiKeyPatch, CardChoice, CardChoices, LongContextPrice,
-    ModelPrice, NewAccount, NewApiKey, NewUser, RecordFilter, RefreshedTokens, Role, SqlStore,
-    StoreError, TierPrice, UsageDim, UsageTotals,
+    ModelPrice, NewAccount, NewApiKey, NewUser, RecordFilter, RefreshedTokens, Role, Spend,
+    SqlStore, StoreError, TierPrice, UsageDim, UsageTotals,
 };
 use relay_filters::cost::ServiceTier;
+use relay_filters::key_limits::Spent;
 use relay_filters::{AccountType, TokenUsage, UsageRecord};
 use secrecy::ExposeSecret;
 use sqlx::{Connection, Executor, Row};
@@ -132,6 +133,7 @@ on_both_backends!(
     usage_batches_roll_up_exactly,
     usage_records_filter_and_paginate,
     old_usage_records_are_pruned_and_their_totals_kept,
+    limit_spend_counts_the_day_its_month_and_all_time,
     prices_settings_audit_and_sessions,
 );
 
@@ -142,6 +144,7 @@ fn new_user(name: &str) -> NewUser {
         role: Role::User,
         price_rate: 10_000,
         daily_cost_limit: None,
+        monthly_cost_limit: None,
         total_cost_limit: None,
         allowed_platforms: Vec::new(),
         allowed_models: Vec::new(),
@@ -1824,6 +1827,129 @@ async fn old_usage_records_are_pruned_and_their_totals_kept(env: Env) {
             .unwrap(),
         before
     );
+}
+
+async fn limit_spend_counts_the_day_its_month_and_all_time(env: Env) {
+    let store = env.store;
+    let user = store
+        .create_user(&NewUser {
+            monthly_cost_limit: Some(1_000),
+            ..new_user("spender")
+        })
+        .await
+        .unwrap();
+    let (_, limited) = new_key(&user.id, "limited");
+    let limited = store
+        .create_api_key(
+            &NewApiKey {
+                monthly_cost_limit: Some(500),
+                ..limited
+            },
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(limited.monthly_cost_limit, Some(500));
+    let (_, free) = new_key(&user.id, "free");
+    let free = store.create_api_key(&free, 10).await.unwrap();
+    // On the limited key: 2026-10-31, 11-01, 11-20 (the day asked) and 11-21 (a request
+    // begun after it); billed twice the cost. On the other key: one on 11-20.
+    let day = |d: i64| DAY0 + d * 24 * HOUR + HOUR;
+    let mut batch: Vec<_> = [(-20, 1), (-19, 10), (0, 100), (1, 1_000)]
+        .into_iter()
+        .map(|(d, cost)| {
+            record(
+                &format!("spend{d}"),
+                day(d),
+                &user.id,
+                &limited.id,
+                "a",
+                "m",
+                1,
+                1,
+                cost,
+            )
+        })
+        .collect();
+    batch.push(record(
+        "free",
+        day(0),
+        &user.id,
+        &free.id,
+        "a",
+        "m",
+        1,
+        1,
+        5,
+    ));
+    store.insert_usage_batch(&batch).await.unwrap();
+
+    let spend = |all: Vec<Spend>| -> BTreeMap<String, Spent> {
+        all.into_iter().map(|s| (s.subject, s.spent)).collect()
+    };
+    let user_subject = relay_filters::key_limits::user_subject(&user.id);
+    let all = spend(store.limit_spend("2026-11-20", false).await.unwrap());
+    assert_eq!(all[&limited.id], Spent::new(200, 220, 2_222));
+    assert_eq!(all[&free.id], Spent::new(10, 10, 10));
+    assert_eq!(all[&user_subject], Spent::new(210, 230, 2_232));
+    // Only subjects with a cost limit: the user and the limited key (monthly limits only).
+    let limited_only = spend(store.limit_spend("2026-11-20", true).await.unwrap());
+    assert_eq!(limited_only.keys().collect::<Vec<_>>(), {
+        let mut want = vec![&limited.id, &user_subject];
+        want.sort();
+        want
+    });
+    // In December the month starts over.
+    let december = spend(store.limit_spend("2026-12-01", false).await.unwrap());
+    assert_eq!(december[&limited.id], Spent::new(0, 0, 2_222));
+
+    // A user's monthly limit is changed and cleared on its own.
+    let limits = llm_relay::store::UserCostLimits {
+        monthly: Some(Some(2_000)),
+        ..Default::default()
+    };
+    store.set_user_cost_limits(&user.id, &limits).await.unwrap();
+    let changed = store.user_by_id(&user.id).await.unwrap().unwrap();
+    assert_eq!(
+        (changed.daily_cost_limit, changed.monthly_cost_limit),
+        (None, Some(2_000))
+    );
+    let cleared = llm_relay::store::UserCostLimits {
+        monthly: Some(None),
+        ..Default::default()
+    };
+    store
+        .set_user_cost_limits(&user.id, &cleared)
+        .await
+        .unwrap();
+    let refused = llm_relay::store::UserCostLimits {
+        monthly: Some(Some(-1)),
+        ..Default::default()
+    };
+    assert!(store
+        .set_user_cost_limits(&user.id, &refused)
+        .await
+        .is_err());
+    assert_eq!(
+        store
+            .user_by_id(&user.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .monthly_cost_limit,
+        None
+    );
+    let patched = store
+        .update_api_key(
+            &limited.id,
+            &ApiKeyPatch {
+                monthly_cost_limit: Some(None),
+                ..ApiKeyPatch::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.monthly_cost_limit, None);
 }
 
 async fn prices_settings_audit_and_sessions(env: Env) {

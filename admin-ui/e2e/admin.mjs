@@ -209,10 +209,11 @@ try {
   // Cost limits over all of the user's keys.
   await row('users', 'ui-tenant').getByRole('button', { name: 'Limits' }).click()
   await page.fill('[data-test="limits-form"] input[name="user_daily_cost_limit"]', '20')
+  await page.fill('[data-test="limits-form"] input[name="user_monthly_cost_limit"]', '300')
   await page.click('[data-test="save-limits"]')
   await note().filter({ hasText: 'Limits of ui-tenant set.' }).waitFor()
-  assert.equal(await row('users', 'ui-tenant').locator('[data-test="cost-limits"]').innerText(), '$20.00 a day')
-  assert.deepEqual(lastPatch('/api/admin/users/'), { daily_cost_limit: 20000000 })
+  assert.equal(await row('users', 'ui-tenant').locator('[data-test="cost-limits"]').innerText(), '$20.00 a day\n$300.00 a month')
+  assert.deepEqual(lastPatch('/api/admin/users/'), { daily_cost_limit: 20000000, monthly_cost_limit: 300000000 })
   // The platforms and models of all the user's keys: only what changed is sent.
   await row('users', 'ui-tenant').getByRole('button', { name: 'Limits' }).click()
   await page.check('[data-test="limits-form"] input[name="user_platform_claude"]')
@@ -223,7 +224,7 @@ try {
   await row('users', 'ui-tenant').locator('[data-test="user-models"]').waitFor()
   assert.equal(
     await row('users', 'ui-tenant').locator('[data-test="cost-limits"]').innerText(),
-    '$20.00 a day\nplatforms: claude\nmodels: claude-*, ui-model',
+    '$20.00 a day\n$300.00 a month\nplatforms: claude\nmodels: claude-*, ui-model',
   )
   // Lifted again, so the tenant's requests below are not held to them.
   await row('users', 'ui-tenant').getByRole('button', { name: 'Limits' }).click()
@@ -274,14 +275,17 @@ try {
   await keyForm.locator('input[name="owner"]').fill('ui-tenant')
   await keyForm.locator('input[name="name"]').fill('ui-key')
   await keyForm.locator('input[name="daily_cost_limit"]').fill('5')
+  await keyForm.locator('input[name="monthly_cost_limit"]').fill('50')
   await page.click('[data-test="save-key"]')
   const plaintext = (await page.locator('[data-test="plaintext"]').innerText()).trim()
   assert.match(plaintext, /^sk-relay-/)
   await shot('04-key-created')
   assert.equal(await row('keys', 'ui-key').locator('[data-test="daily-limit"]').innerText(), '$5.00 a day')
+  assert.equal(await row('keys', 'ui-key').locator('[data-test="monthly-limit"]').innerText(), '$50.00 a month')
   // Edited: a rate limit added, the other limits kept as they were.
   await row('keys', 'ui-key').getByRole('button', { name: 'Edit' }).click()
   assert.equal(await keyForm.locator('input[name="daily_cost_limit"]').inputValue(), '5')
+  assert.equal(await keyForm.locator('input[name="monthly_cost_limit"]').inputValue(), '50')
   await keyForm.locator('input[name="rpm_limit"]').fill('120')
   await page.click('[data-test="save-key"]')
   await note().filter({ hasText: 'Key ui-key saved.' }).waitFor()
@@ -622,6 +626,8 @@ try {
   await row('keys', 'ui-key').waitFor()
   assert.equal(await page.locator('a[href="#/accounts"]').count(), 0)
   assert.equal(await row('keys', 'ui-key').locator('[data-test="requests"]').innerText(), '1')
+  // What the month billed, which its monthly limit is measured against.
+  assert.match(await row('keys', 'ui-key').locator('[data-test="billed-month"]').innerText(), /^\$0\.\d+$/)
   await row('keys', 'ui-key').locator('[data-test="disabled-by-admin"]').waitFor()
   assert.equal(await row('keys', 'ui-key').getByRole('button', { name: 'Enable' }).count(), 0)
   await page.goto(`${ADMIN}/#/accounts`)
@@ -635,6 +641,7 @@ try {
   await page.locator('[data-test="summary"]').waitFor()
   // The cost limit the admin set over all of the tenant's keys, with what it measures.
   assert.match(await page.locator('[data-test="cost-limits"]').innerText(), /of \$20\.00 today/)
+  assert.match(await page.locator('[data-test="monthly-limit"]').innerText(), /^\$0\.\d+ of \$300\.00 in \d{4}-\d{2} \(resets on the first at 00:00 UTC\)$/)
   await shot('10-tenant-usage')
 
   assert.deepEqual(pageErrors, [])

@@ -55,6 +55,7 @@ export interface User {
   enabled: boolean
   price_rate: number
   daily_cost_limit: number | null
+  monthly_cost_limit: number | null
   total_cost_limit: number | null
   /** Platforms and models every key of the user may use; empty: all. */
   allowed_platforms: string[]
@@ -76,12 +77,14 @@ export interface ApiKey {
   rpm_limit: number | null
   max_concurrency: number | null
   daily_cost_limit: number | null
+  monthly_cost_limit: number | null
   total_cost_limit: number | null
   created_at: number
   last_used_at?: number | null
   requests?: number
   billed_cost?: number
   billed_cost_today?: number
+  billed_cost_month?: number
 }
 
 export interface Price {
@@ -175,6 +178,7 @@ export interface Summary {
   all_time: Totals
   /** A user's own summary: the cost limits over all their keys (micro-USD; null: none). */
   daily_cost_limit?: number | null
+  monthly_cost_limit?: number | null
   total_cost_limit?: number | null
 }
 

@@ -27,11 +27,15 @@ pub struct KeyEntry {
     pub rpm_limit: Option<u32>,
     pub max_concurrency: Option<u32>,
     pub daily_cost_limit: Option<i64>,
+    /// Per UTC calendar month.
+    pub monthly_cost_limit: Option<i64>,
     pub total_cost_limit: Option<i64>,
     /// The owner's price rate, ten-thousandths (10000 = 1.0).
     pub price_rate: i64,
-    /// The owner's cost limits over all its keys (billed micro-USD): per UTC day, in total.
+    /// The owner's cost limits over all its keys (billed micro-USD): per UTC day, per UTC
+    /// calendar month, in total.
     pub user_daily_cost_limit: Option<i64>,
+    pub user_monthly_cost_limit: Option<i64>,
     pub user_total_cost_limit: Option<i64>,
     /// The owner's platforms and models, which hold for every key of the owner (a key's own
     /// lists only restrict it further); empty = all.

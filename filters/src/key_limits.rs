@@ -33,10 +33,12 @@ pub struct SlotLease {
     pub held: std::sync::Arc<()>,
 }
 
-/// A key's cost limits in micro-USD (`None`: no such limit).
+/// A key's cost limits in micro-USD (`None`: no such limit): per UTC day, per UTC calendar
+/// month, in total.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CostLimits {
     pub daily: Option<i64>,
+    pub monthly: Option<i64>,
     pub total: Option<i64>,
 }
 
@@ -44,7 +46,36 @@ pub struct CostLimits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CostLimitHit {
     Daily { in_flight: bool },
+    Monthly { in_flight: bool },
     Total { in_flight: bool },
+}
+
+/// Billed micro-USD of a limit subject: on one UTC day, in that day's month, in total.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spent {
+    pub today: i64,
+    pub month: i64,
+    pub total: i64,
+}
+
+impl Spent {
+    pub const fn new(today: i64, month: i64, total: i64) -> Self {
+        Spent {
+            today,
+            month,
+            total,
+        }
+    }
+}
+
+/// The month `YYYY-MM` of a day `YYYY-MM-DD`.
+pub fn month_of(day: &str) -> &str {
+    day.get(..7).unwrap_or(day)
+}
+
+/// The first day `YYYY-MM-01` of a day's month.
+pub fn month_start(day: &str) -> String {
+    format!("{}-01", month_of(day))
 }
 
 /// The estimated cost a request holds against its key's cost limits while it is in flight,
@@ -76,8 +107,8 @@ pub trait LimitStore: Send + Sync {
     ) -> Option<SlotLease>;
     /// Gives a slot back.
     async fn release_slot(&self, lease: &SlotLease);
-    /// Billed micro-USD of the key: (on `day`, in total).
-    async fn spent(&self, key_id: &str, day: &str) -> (i64, i64);
+    /// Billed micro-USD of the key: on `day`, in its month, in total.
+    async fn spent(&self, key_id: &str, day: &str) -> Spent;
     /// Admits a request under its key's cost limits, atomically: refused when what the key
     /// spent plus what its requests in flight hold reaches a limit; else `estimate` is held
     /// until [`LimitStore::settle_cost`] (at most `ttl`).
@@ -115,6 +146,7 @@ enum Whose {
 fn over_cost_limit(hit: CostLimitHit, whose: Whose) -> Rejection {
     let (which, in_flight) = match hit {
         CostLimitHit::Daily { in_flight } => ("daily", in_flight),
+        CostLimitHit::Monthly { in_flight } => ("monthly", in_flight),
         CostLimitHit::Total { in_flight } => ("total", in_flight),
     };
     let (subject, its) = match whose {
@@ -144,6 +176,10 @@ fn over_cost_limit(hit: CostLimitHit, whose: Whose) -> Rejection {
                 CostLimitHit::Daily { .. } => {
                     format!("{subject} has reached {its} daily cost limit; it resets at 00:00 UTC")
                 }
+                CostLimitHit::Monthly { .. } => format!(
+                    "{subject} has reached {its} monthly cost limit; it resets on the first of \
+                     the month at 00:00 UTC"
+                ),
                 CostLimitHit::Total { .. } => {
                     format!("{subject} has reached {its} total cost limit")
                 }
@@ -157,28 +193,29 @@ const IN_FLIGHT_RETRY_SECS: u64 = 5;
 
 /// Which limit `spent` alone, else `spent` plus `held`, reaches. A limit the spend alone
 /// reaches is named first: that refusal lasts, whatever ends in flight.
-fn cost_limit_hit(
-    limits: CostLimits,
-    (today, total): (i64, i64),
-    held: i64,
-) -> Option<CostLimitHit> {
+fn cost_limit_hit(limits: CostLimits, spent: Spent, held: i64) -> Option<CostLimitHit> {
     let held = held.max(0);
-    let reached = |limit: Option<i64>, spent: i64, held: i64| {
-        limit.is_some_and(|l| spent.saturating_add(held) >= l)
-    };
-    if reached(limits.daily, today, 0) {
-        return Some(CostLimitHit::Daily { in_flight: false });
-    }
-    if reached(limits.total, total, 0) {
-        return Some(CostLimitHit::Total { in_flight: false });
-    }
-    if reached(limits.daily, today, held) {
-        return Some(CostLimitHit::Daily { in_flight: true });
-    }
-    if reached(limits.total, total, held) {
-        return Some(CostLimitHit::Total { in_flight: true });
-    }
-    None
+    type Check = (Option<i64>, i64, fn(bool) -> CostLimitHit);
+    let checks: [Check; 3] = [
+        (limits.daily, spent.today, |in_flight| CostLimitHit::Daily {
+            in_flight,
+        }),
+        (limits.monthly, spent.month, |in_flight| {
+            CostLimitHit::Monthly { in_flight }
+        }),
+        (limits.total, spent.total, |in_flight| CostLimitHit::Total {
+            in_flight,
+        }),
+    ];
+    [(0, false), (held, true)]
+        .into_iter()
+        .find_map(|(held, in_flight)| {
+            checks.iter().find_map(|&(limit, spent, hit)| {
+                limit
+                    .is_some_and(|l| spent.saturating_add(held) >= l)
+                    .then(|| hit(in_flight))
+            })
+        })
 }
 
 /// UTC day `YYYY-MM-DD` of an epoch-ms time (civil-from-days, no calendar crate needed); a
@@ -214,38 +251,80 @@ pub fn utc_day(ms: i64) -> String {
     text.iter().map(|&b| char::from(b)).collect()
 }
 
+/// A subject's spend as of the latest day it was counted on.
+#[derive(Debug, Clone, Default)]
+struct Counted {
+    day: String,
+    spent: Spent,
+}
+
+impl Counted {
+    fn new(day: &str) -> Self {
+        Counted {
+            day: day.to_string(),
+            spent: Spent::default(),
+        }
+    }
+}
+
 /// In-process counters: exact on one node.
 #[derive(Default)]
 pub struct MemoryLimits {
     /// GCRA theoretical arrival time per key (epoch ms).
     tat: Mutex<HashMap<String, i64>>,
     slots: Mutex<HashMap<String, u32>>,
-    /// (day, spent that day, spent in total) per key.
-    cost: Mutex<HashMap<String, (String, i64, i64)>>,
+    /// The latest day counted, and the spend then, per key.
+    cost: Mutex<HashMap<String, Counted>>,
     /// Estimated cost held by requests in flight, per key.
     held: Mutex<HashMap<String, i64>>,
 }
 
 impl MemoryLimits {
     /// Seeds a key's cost counters (from the database at start-up).
-    pub fn seed_cost(&self, key_id: &str, day: &str, today: i64, total: i64) {
-        lock(&self.cost).insert(key_id.to_string(), (day.to_string(), today, total));
+    pub fn seed_cost(&self, key_id: &str, day: &str, spent: Spent) {
+        lock(&self.cost).insert(
+            key_id.to_string(),
+            Counted {
+                day: day.to_string(),
+                spent,
+            },
+        );
     }
 
     /// Raises a key's cost counters to what the database holds (booked by every node), each
     /// kept where this node counted more (its bookings not stored yet).
-    pub fn raise_cost(&self, key_id: &str, day: &str, today: i64, total: i64) {
+    pub fn raise_cost(&self, key_id: &str, day: &str, stored: Spent) {
         let mut cost = lock(&self.cost);
         let e = cost
             .entry(key_id.to_string())
-            .or_insert_with(|| (day.to_string(), 0, 0));
-        match day.cmp(e.0.as_str()) {
-            std::cmp::Ordering::Greater => *e = (day.to_string(), today, e.2.max(total)),
-            std::cmp::Ordering::Equal => {
-                e.1 = e.1.max(today);
-                e.2 = e.2.max(total);
+            .or_insert_with(|| Counted::new(day));
+        let same_month = month_of(day) == month_of(&e.day);
+        let total = e.spent.total.max(stored.total);
+        match day.cmp(e.day.as_str()) {
+            std::cmp::Ordering::Greater => {
+                let month = if same_month {
+                    e.spent.month.max(stored.month)
+                } else {
+                    stored.month
+                };
+                *e = Counted {
+                    day: day.to_string(),
+                    spent: Spent::new(stored.today, month, total),
+                };
             }
-            std::cmp::Ordering::Less => e.2 = e.2.max(total),
+            std::cmp::Ordering::Equal => {
+                e.spent = Spent::new(
+                    e.spent.today.max(stored.today),
+                    e.spent.month.max(stored.month),
+                    total,
+                );
+            }
+            std::cmp::Ordering::Less => {
+                if same_month {
+                    e.spent.month = e.spent.month.max(stored.month);
+                }
+                e.spent.total = total;
+            }
         }
     }
 }
@@ -306,7 +385,7 @@ impl LimitStore for MemoryLimits {
         }
     }
 
-    async fn spent(&self, key_id: &str, day: &str) -> (i64, i64) {
+    async fn spent(&self, key_id: &str, day: &str) -> Spent {
         self.spent_now(key_id, day)
     }
 
@@ -356,11 +435,14 @@ impl LimitStore for MemoryLimits {
 }
 
 impl MemoryLimits {
-    fn spent_now(&self, key_id: &str, day: &str) -> (i64, i64) {
+    fn spent_now(&self, key_id: &str, day: &str) -> Spent {
         match lock(&self.cost).get(key_id) {
-            Some((d, today, total)) if d == day => (*today, *total),
-            Some((_, _, total)) => (0, *total),
-            None => (0, 0),
+            Some(c) if c.day == day => c.spent,
+            Some(c) if month_of(&c.day) == month_of(day) => {
+                Spent::new(0, c.spent.month, c.spent.total)
+            }
+            Some(c) => Spent::new(0, 0, c.spent.total),
+            None => Spent::default(),
         }
     }
 
@@ -369,16 +451,30 @@ impl MemoryLimits {
         let mut cost = lock(&self.cost);
         let e = cost
             .entry(key_id.to_string())
-            .or_insert_with(|| (day.to_string(), 0, 0));
+            .or_insert_with(|| Counted::new(day));
         // Days are `YYYY-MM-DD`: their text order is their time order. A request is booked on
         // the day it started, so a stream begun before midnight ends after today's first
-        // bookings: it counts for its own day (gone here) and the total, never resets today.
-        match day.cmp(e.0.as_str()) {
-            std::cmp::Ordering::Greater => *e = (day.to_string(), micro_usd, e.2),
-            std::cmp::Ordering::Equal => e.1 += micro_usd,
+        // bookings: it counts for its own day (gone here), its month while that is the one
+        // counted, and the total; it never resets today.
+        let same_month = month_of(day) == month_of(&e.day);
+        match day.cmp(e.day.as_str()) {
+            std::cmp::Ordering::Greater => {
+                e.day = day.to_string();
+                e.spent.today = micro_usd;
+                e.spent.month = if same_month {
+                    e.spent.month + micro_usd
+                } else {
+                    micro_usd
+                };
+            }
+            std::cmp::Ordering::Equal => {
+                e.spent.today += micro_usd;
+                e.spent.month += micro_usd;
+            }
+            std::cmp::Ordering::Less if same_month => e.spent.month += micro_usd,
             std::cmp::Ordering::Less => {}
         }
-        e.2 += micro_usd;
+        e.spent.total += micro_usd;
     }
 }
 
@@ -509,10 +605,12 @@ impl RequestFilter for KeyLimits {
         };
         let limits = CostLimits {
             daily: key.daily_cost_limit,
+            monthly: key.monthly_cost_limit,
             total: key.total_cost_limit,
         };
         let user_limits = CostLimits {
             daily: key.user_daily_cost_limit,
+            monthly: key.user_monthly_cost_limit,
             total: key.user_total_cost_limit,
         };
         if limits != CostLimits::default() || user_limits != CostLimits::default() {
@@ -638,15 +736,24 @@ mod tests {
         assert!(m.acquire_slot("k", 2, ttl).await.is_some());
         m.settle_cost("k", "2026-01-01", None, 5).await;
         m.settle_cost("k", "2026-01-01", None, 7).await;
-        assert_eq!(m.spent("k", "2026-01-01").await, (12, 12));
-        assert_eq!(m.spent("k", "2026-01-02").await, (0, 12));
+        assert_eq!(m.spent("k", "2026-01-01").await, Spent::new(12, 12, 12));
+        assert_eq!(m.spent("k", "2026-01-02").await, Spent::new(0, 12, 12));
         m.settle_cost("k", "2026-01-02", None, 1).await;
-        assert_eq!(m.spent("k", "2026-01-02").await, (1, 13));
+        assert_eq!(m.spent("k", "2026-01-02").await, Spent::new(1, 13, 13));
         // A stream begun yesterday, booked after today's first requests: today keeps its spend.
         m.settle_cost("k", "2026-01-01", None, 100).await;
-        assert_eq!(m.spent("k", "2026-01-02").await, (1, 113));
+        assert_eq!(m.spent("k", "2026-01-02").await, Spent::new(1, 113, 113));
         m.settle_cost("k", "2026-01-02", None, 2).await;
-        assert_eq!(m.spent("k", "2026-01-02").await, (3, 115));
+        assert_eq!(m.spent("k", "2026-01-02").await, Spent::new(3, 115, 115));
+        // A new month starts from nothing; the total goes on.
+        assert_eq!(m.spent("k", "2026-02-01").await, Spent::new(0, 0, 115));
+        m.settle_cost("k", "2026-02-01", None, 4).await;
+        assert_eq!(m.spent("k", "2026-02-01").await, Spent::new(4, 4, 115 + 4));
+        // A stream begun on the last day of January, booked in February: January's only.
+        m.settle_cost("k", "2026-01-31", None, 50).await;
+        assert_eq!(m.spent("k", "2026-02-01").await, Spent::new(4, 4, 169));
+        m.settle_cost("k", "2026-02-02", None, 1).await;
+        assert_eq!(m.spent("k", "2026-02-02").await, Spent::new(1, 5, 170));
     }
 
     #[tokio::test]
@@ -655,21 +762,27 @@ mod tests {
         let day = "2026-01-02";
         m.settle_cost("k", day, None, 50).await;
         // Another node's bookings, stored: this node's counters rise to them.
-        m.raise_cost("k", day, 80, 300);
-        assert_eq!(m.spent("k", day).await, (80, 300));
+        m.raise_cost("k", day, Spent::new(80, 120, 300));
+        assert_eq!(m.spent("k", day).await, Spent::new(80, 120, 300));
         // Stored spend that lags this node's own bookings lowers nothing.
         m.settle_cost("k", day, None, 10).await;
-        m.raise_cost("k", day, 80, 300);
-        assert_eq!(m.spent("k", day).await, (90, 310));
-        // A new day: today from the store, the total the larger.
-        m.raise_cost("k", "2026-01-03", 5, 305);
-        assert_eq!(m.spent("k", "2026-01-03").await, (5, 310));
-        // A day past: only the total may rise.
-        m.raise_cost("k", day, 500, 400);
-        assert_eq!(m.spent("k", "2026-01-03").await, (5, 400));
+        m.raise_cost("k", day, Spent::new(80, 120, 300));
+        assert_eq!(m.spent("k", day).await, Spent::new(90, 130, 310));
+        // A new day: today from the store, the month and the total the larger.
+        m.raise_cost("k", "2026-01-03", Spent::new(5, 125, 305));
+        assert_eq!(m.spent("k", "2026-01-03").await, Spent::new(5, 130, 310));
+        // A day past in this month: the month and the total may rise.
+        m.raise_cost("k", day, Spent::new(500, 600, 700));
+        assert_eq!(m.spent("k", "2026-01-03").await, Spent::new(5, 600, 700));
+        // A new month: its spend from the store.
+        m.raise_cost("k", "2026-02-01", Spent::new(3, 3, 703));
+        assert_eq!(m.spent("k", "2026-02-01").await, Spent::new(3, 3, 703));
+        // A day of the month past: only the total may rise.
+        m.raise_cost("k", "2026-01-31", Spent::new(9, 900, 800));
+        assert_eq!(m.spent("k", "2026-02-01").await, Spent::new(3, 3, 800));
         // A subject this node never counted.
-        m.raise_cost("new", day, 7, 9);
-        assert_eq!(m.spent("new", day).await, (7, 9));
+        m.raise_cost("new", day, Spent::new(7, 8, 9));
+        assert_eq!(m.spent("new", day).await, Spent::new(7, 8, 9));
     }
 
     #[tokio::test]
@@ -679,7 +792,7 @@ mod tests {
         let day = "2026-01-01";
         let daily = CostLimits {
             daily: Some(100),
-            total: None,
+            ..CostLimits::default()
         };
         m.settle_cost("k", day, None, 40).await;
         // 40 spent: room for holds until spent + held reaches 100.
@@ -693,7 +806,7 @@ mod tests {
         assert!(m.hold_cost("other", day, daily, 500, ttl).await.is_ok());
         // `a` cost less than it held: its room comes back.
         m.settle_cost("k", day, Some(&a), 10).await;
-        assert_eq!(m.spent("k", day).await, (50, 50));
+        assert_eq!(m.spent("k", day).await, Spent::new(50, 50, 50));
         let c = m
             .hold_cost("k", day, daily, 0, ttl)
             .await
@@ -707,8 +820,8 @@ mod tests {
         );
         // The total limit counts holds the same way.
         let total = CostLimits {
-            daily: None,
             total: Some(200),
+            ..CostLimits::default()
         };
         let d = m
             .hold_cost("k", day, total, 90, ttl)
@@ -720,6 +833,30 @@ mod tests {
         );
         m.settle_cost("k", day, Some(&d), 0).await;
         assert!(m.hold_cost("k", day, total, 1, ttl).await.is_ok());
+        // And the monthly limit: this month's spend is 110, over the days before today too.
+        let monthly = CostLimits {
+            monthly: Some(150),
+            ..CostLimits::default()
+        };
+        let next_day = "2026-01-02";
+        let e = m
+            .hold_cost("k", next_day, monthly, 39, ttl)
+            .await
+            .expect("under the month's limit");
+        assert_eq!(
+            m.hold_cost("k", next_day, monthly, 1, ttl).await,
+            Err(CostLimitHit::Monthly { in_flight: true })
+        );
+        m.settle_cost("k", next_day, Some(&e), 40).await;
+        assert_eq!(
+            m.hold_cost("k", next_day, monthly, 0, ttl).await,
+            Err(CostLimitHit::Monthly { in_flight: false })
+        );
+        // Next month it starts again.
+        assert!(m
+            .hold_cost("k", "2026-02-01", monthly, 1, ttl)
+            .await
+            .is_ok());
     }
 
     #[test]
@@ -745,34 +882,67 @@ mod tests {
         assert_eq!(r.retry_after, None);
         assert!(r.message.contains("total cost limit"), "{}", r.message);
         assert!(!r.message.contains("in flight"), "{}", r.message);
+        let r = over_cost_limit(CostLimitHit::Monthly { in_flight: false }, Whose::Key);
+        assert_eq!(r.kind, ErrorKind::InsufficientQuota);
+        assert!(
+            r.message.contains("its monthly cost limit"),
+            "{}",
+            r.message
+        );
+        assert!(r.message.contains("first of the month"), "{}", r.message);
+        let r = over_cost_limit(CostLimitHit::Monthly { in_flight: true }, Whose::User);
+        assert_eq!(r.kind, ErrorKind::RateLimit);
+        assert!(
+            r.message.contains("user's monthly cost limit"),
+            "{}",
+            r.message
+        );
     }
 
     #[test]
     fn a_limit_the_spend_alone_reaches_is_named_first() {
-        let both = CostLimits {
+        let all = CostLimits {
             daily: Some(100),
+            monthly: Some(500),
             total: Some(1000),
         };
-        assert_eq!(cost_limit_hit(both, (99, 500), 0), None);
+        let s = |today, month, total| Spent::new(today, month, total);
+        assert_eq!(cost_limit_hit(all, s(99, 400, 500), 0), None);
         assert_eq!(
-            cost_limit_hit(both, (99, 500), 1),
+            cost_limit_hit(all, s(99, 400, 500), 1),
             Some(CostLimitHit::Daily { in_flight: true })
         );
         // Over by spend, holds or not: lasting.
         assert_eq!(
-            cost_limit_hit(both, (100, 500), 50),
+            cost_limit_hit(all, s(100, 400, 500), 50),
             Some(CostLimitHit::Daily { in_flight: false })
         );
         // Daily reached only with holds, total by spend alone: the total is what lasts.
         assert_eq!(
-            cost_limit_hit(both, (90, 1000), 50),
+            cost_limit_hit(all, s(90, 400, 1000), 50),
             Some(CostLimitHit::Total { in_flight: false })
         );
         assert_eq!(
-            cost_limit_hit(both, (10, 990), 20),
+            cost_limit_hit(all, s(10, 400, 990), 20),
             Some(CostLimitHit::Total { in_flight: true })
         );
+        // The month, by spend alone and with holds; before the total in each pass.
+        assert_eq!(
+            cost_limit_hit(all, s(90, 500, 1000), 50),
+            Some(CostLimitHit::Monthly { in_flight: false })
+        );
+        assert_eq!(
+            cost_limit_hit(all, s(10, 490, 995), 10),
+            Some(CostLimitHit::Monthly { in_flight: true })
+        );
         // A negative sum (counters gone apart) counts as nothing held.
-        assert_eq!(cost_limit_hit(both, (10, 10), -500), None);
+        assert_eq!(cost_limit_hit(all, s(10, 10, 10), -500), None);
+    }
+
+    #[test]
+    fn months_of_days() {
+        assert_eq!(month_of("2026-12-03"), "2026-12");
+        assert_eq!(month_start("2026-12-03"), "2026-12-01");
+        assert_eq!(month_of("bad"), "bad");
     }
 }

@@ -114,7 +114,7 @@ pub async fn raise_spend(
         match store.limit_spend(&today, true).await {
             Ok(spend) => {
                 for s in spend {
-                    memory.raise_cost(&s.subject, &today, s.today, s.total);
+                    memory.raise_cost(&s.subject, &today, s.spent);
                 }
             }
             Err(e) => tracing::debug!(error = %e, "reading the stored spend failed"),

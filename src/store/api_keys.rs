@@ -13,8 +13,8 @@ use super::{
 /// Columns of `api_keys k JOIN users u`, in the order [`api_key_from_row`] reads them.
 const KEY_COLUMNS: &str = "k.id, k.user_id, u.username, k.name, k.key_hash, k.key_prefix, \
      k.enabled, k.disabled_by_admin, k.expires_at, k.allowed_platforms, k.allowed_models, k.rpm_limit, \
-     k.max_concurrency, k.daily_cost_limit, k.total_cost_limit, k.created_at, k.updated_at, \
-     k.last_used_at";
+     k.max_concurrency, k.daily_cost_limit, k.monthly_cost_limit, k.total_cost_limit, k.created_at, \
+     k.updated_at, k.last_used_at";
 
 /// A row of `api_keys` with its owner's username; the hash is never serialized.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -48,6 +48,8 @@ pub struct ApiKey {
     pub max_concurrency: Option<i64>,
     /// Billed micro-USD per UTC day.
     pub daily_cost_limit: Option<i64>,
+    /// Billed micro-USD per UTC calendar month.
+    pub monthly_cost_limit: Option<i64>,
     /// Billed micro-USD over the key's life.
     pub total_cost_limit: Option<i64>,
     /// Epoch ms.
@@ -81,6 +83,8 @@ pub struct NewApiKey {
     pub max_concurrency: Option<i64>,
     /// Billed micro-USD per UTC day.
     pub daily_cost_limit: Option<i64>,
+    /// Billed micro-USD per UTC calendar month.
+    pub monthly_cost_limit: Option<i64>,
     /// Billed micro-USD over the key's life.
     pub total_cost_limit: Option<i64>,
 }
@@ -104,6 +108,8 @@ pub struct ApiKeyPatch {
     pub max_concurrency: Option<Option<i64>>,
     /// New daily cost limit, or none.
     pub daily_cost_limit: Option<Option<i64>>,
+    /// New monthly cost limit, or none.
+    pub monthly_cost_limit: Option<Option<i64>>,
     /// New total cost limit, or none.
     pub total_cost_limit: Option<Option<i64>>,
     /// The change is an admin's: enabling or disabling also clears or sets
@@ -120,8 +126,10 @@ pub struct ActiveApiKey {
     pub user_enabled: bool,
     /// The owner's price rate in ten-thousandths.
     pub user_price_rate: i64,
-    /// The owner's cost limits over all its keys (billed micro-USD): per UTC day, in total.
+    /// The owner's cost limits over all its keys (billed micro-USD): per UTC day, per UTC
+    /// calendar month, in total.
     pub user_daily_cost_limit: Option<i64>,
+    pub user_monthly_cost_limit: Option<i64>,
     pub user_total_cost_limit: Option<i64>,
     /// The owner's platform and model allow-lists, which hold for all its keys.
     pub user_allowed_platforms: Vec<String>,
@@ -147,6 +155,7 @@ fn api_key_from_row(row: &AnyRow) -> Result<ApiKey> {
         rpm_limit: row.try_get("rpm_limit")?,
         max_concurrency: row.try_get("max_concurrency")?,
         daily_cost_limit: row.try_get("daily_cost_limit")?,
+        monthly_cost_limit: row.try_get("monthly_cost_limit")?,
         total_cost_limit: row.try_get("total_cost_limit")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
@@ -178,6 +187,7 @@ impl SqlStore {
             ("rpm_limit", new.rpm_limit),
             ("max_concurrency", new.max_concurrency),
             ("daily_cost_limit", new.daily_cost_limit),
+            ("monthly_cost_limit", new.monthly_cost_limit),
             ("total_cost_limit", new.total_cost_limit),
         ])?;
         let platforms = to_json(&new.allowed_platforms)?;
@@ -208,8 +218,8 @@ impl SqlStore {
         sqlx::query(
             "INSERT INTO api_keys (id, user_id, name, key_hash, key_prefix, enabled, expires_at, \
              allowed_platforms, allowed_models, rpm_limit, max_concurrency, daily_cost_limit, \
-             total_cost_limit, created_at, updated_at, last_used_at) VALUES ($1, $2, $3, $4, $5, \
-             $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+             monthly_cost_limit, total_cost_limit, created_at, updated_at, last_used_at) VALUES \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
         )
         .bind(&id)
         .bind(&new.user_id)
@@ -223,6 +233,7 @@ impl SqlStore {
         .bind(new.rpm_limit)
         .bind(new.max_concurrency)
         .bind(new.daily_cost_limit)
+        .bind(new.monthly_cost_limit)
         .bind(new.total_cost_limit)
         .bind(now)
         .bind(now)
@@ -294,6 +305,7 @@ impl SqlStore {
             ("rpm_limit", patch.rpm_limit.flatten()),
             ("max_concurrency", patch.max_concurrency.flatten()),
             ("daily_cost_limit", patch.daily_cost_limit.flatten()),
+            ("monthly_cost_limit", patch.monthly_cost_limit.flatten()),
             ("total_cost_limit", patch.total_cost_limit.flatten()),
         ])?;
         let mut parts = SqlParts::default();
@@ -320,6 +332,7 @@ impl SqlStore {
             ("rpm_limit", patch.rpm_limit),
             ("max_concurrency", patch.max_concurrency),
             ("daily_cost_limit", patch.daily_cost_limit),
+            ("monthly_cost_limit", patch.monthly_cost_limit),
             ("total_cost_limit", patch.total_cost_limit),
         ] {
             if let Some(value) = value {
@@ -373,6 +386,7 @@ impl SqlStore {
         let sql = format!(
             "SELECT {KEY_COLUMNS}, u.enabled AS user_enabled, u.price_rate AS user_price_rate, \
              u.daily_cost_limit AS user_daily_cost_limit, \
+             u.monthly_cost_limit AS user_monthly_cost_limit, \
              u.total_cost_limit AS user_total_cost_limit, \
              u.allowed_platforms AS user_allowed_platforms, \
              u.allowed_models AS user_allowed_models \
@@ -386,6 +400,7 @@ impl SqlStore {
                     user_enabled: get_bool(row, "user_enabled")?,
                     user_price_rate: row.try_get("user_price_rate")?,
                     user_daily_cost_limit: row.try_get("user_daily_cost_limit")?,
+                    user_monthly_cost_limit: row.try_get("user_monthly_cost_limit")?,
                     user_total_cost_limit: row.try_get("user_total_cost_limit")?,
                     user_allowed_platforms: super::from_json(
                         &row.try_get::<String, _>("user_allowed_platforms")?,

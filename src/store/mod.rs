@@ -40,7 +40,7 @@ pub use redis_sessions::{
 };
 pub use settings::AuditEntry;
 pub use usage::{utc_day, RecordFilter, UsageDailyRow, UsageDim, UsageRow, UsageTotals};
-pub use users::{NewUser, Role, User};
+pub use users::{NewUser, Role, User, UserCostLimits};
 
 /// Largest page size a list call returns; larger requests are clamped.
 pub const MAX_PER_PAGE: i64 = 500;

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use relay_filters::key_limits::{
-    CostHold, CostLimitHit, CostLimits, LimitStore, MemoryLimits, SlotLease, USER_SUBJECT,
+    month_of, CostHold, CostLimitHit, CostLimits, LimitStore, MemoryLimits, SlotLease, Spent,
+    USER_SUBJECT,
 };
 use relay_filters::now_ms;
 
@@ -44,56 +45,57 @@ return 1",
     )
 });
 
-/// Reads (daily, total), seeding absent counters with this node's values (from the database).
+/// Reads (daily, monthly, total), seeding absent counters with this node's values (from the
+/// database). ARGV: as [`SEED_COST`]'s.
 static SPENT: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end
-if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[2]) end
-return {tonumber(redis.call('GET', KEYS[1])), tonumber(redis.call('GET', KEYS[2]))}",
-    )
+    redis::Script::new(&format!(
+        r"{SEED_COST}return {{tonumber(redis.call('GET', KEYS[1])), tonumber(redis.call('GET', KEYS[2])), tonumber(redis.call('GET', KEYS[3]))}}"
+    ))
 });
 
 /// Drops the holds whose leases ran out, taking their amounts off the held sum; a sum left
 /// without holds (keys evicted apart) is reset. KEYS: daily, total, hold leases (by expiry),
 /// hold amounts, held sum. ARGV[1]: now.
-const DROP_EXPIRED_HOLDS: &str = r"local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
+const DROP_EXPIRED_HOLDS: &str = r"local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
 for _, id in ipairs(gone) do
-  local amount = redis.call('HGET', KEYS[4], id)
+  local amount = redis.call('HGET', KEYS[5], id)
   if amount then
-    redis.call('DECRBY', KEYS[5], amount)
-    redis.call('HDEL', KEYS[4], id)
+    redis.call('DECRBY', KEYS[6], amount)
+    redis.call('HDEL', KEYS[5], id)
   end
-  redis.call('ZREM', KEYS[3], id)
+  redis.call('ZREM', KEYS[4], id)
 end
-if redis.call('ZCARD', KEYS[3]) == 0 then redis.call('DEL', KEYS[4], KEYS[5]) end
+if redis.call('ZCARD', KEYS[4]) == 0 then redis.call('DEL', KEYS[5], KEYS[6]) end
 ";
 
-/// Seeds absent (daily, total) counters with this node's values (from the database).
-/// ARGV[2..4]: daily seed, total seed, daily TTL.
-const SEED_COST: &str = r"if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4]) end
-if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[3]) end
+/// Seeds absent (daily, monthly, total) counters with this node's values (from the database).
+/// KEYS[1..3]: the counters. ARGV[2..6]: daily, monthly and total seeds, daily and monthly TTL.
+const SEED_COST: &str = r"if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[5]) end
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[6]) end
+if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], ARGV[4]) end
 ";
 
-/// Admits a request under the cost limits and holds its estimate. Returns 0 held; 1 or 2 when
-/// the spend alone reaches the daily or total limit; 3 or 4 when the holds in flight make it
-/// reach one. ARGV: now, daily seed, total seed, daily TTL, lease expiry, hold id, estimate,
-/// daily limit, total limit (-1: none).
+/// Admits a request under the cost limits and holds its estimate. Returns 0 held; 1, 2 or 3
+/// when the spend alone reaches the daily, monthly or total limit; 4, 5 or 6 when the holds in
+/// flight make it reach one. KEYS: the cost keys ([`RedisLimits::cost_keys`]). ARGV: now,
+/// daily, monthly and total seeds, daily and monthly TTL, lease expiry, hold id, estimate,
+/// daily, monthly and total limits (-1: none).
 static HOLD_COST: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
-        r"{DROP_EXPIRED_HOLDS}{SEED_COST}local held = math.max(0, tonumber(redis.call('GET', KEYS[5]) or '0'))
-local spent = {{tonumber(redis.call('GET', KEYS[1])), tonumber(redis.call('GET', KEYS[2]))}}
-local limits = {{tonumber(ARGV[8]), tonumber(ARGV[9])}}
+        r"{DROP_EXPIRED_HOLDS}{SEED_COST}local held = math.max(0, tonumber(redis.call('GET', KEYS[6]) or '0'))
+local spent = {{tonumber(redis.call('GET', KEYS[1])), tonumber(redis.call('GET', KEYS[2])), tonumber(redis.call('GET', KEYS[3]))}}
+local limits = {{tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])}}
 for pass = 0, 1 do
-  for i = 1, 2 do
-    if limits[i] >= 0 and spent[i] + held * pass >= limits[i] then return i + 2 * pass end
+  for i = 1, 3 do
+    if limits[i] >= 0 and spent[i] + held * pass >= limits[i] then return i + 3 * pass end
   end
 end
-if ARGV[7] ~= '0' then
-  local ttl = tonumber(ARGV[5]) - tonumber(ARGV[1]) + 1000
-  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
-  redis.call('HSET', KEYS[4], ARGV[6], ARGV[7])
-  redis.call('INCRBY', KEYS[5], ARGV[7])
-  for i = 3, 5 do
+if ARGV[9] ~= '0' then
+  local ttl = tonumber(ARGV[7]) - tonumber(ARGV[1]) + 1000
+  redis.call('ZADD', KEYS[4], ARGV[7], ARGV[8])
+  redis.call('HSET', KEYS[5], ARGV[8], ARGV[9])
+  redis.call('INCRBY', KEYS[6], ARGV[9])
+  for i = 4, 6 do
     if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
   end
 end
@@ -102,26 +104,26 @@ return 0"
 });
 
 /// Books a cost and gives a hold back in one step, seeding absent counters first so no
-/// history is lost. KEYS[6]: the hold's settlement mark (with a hold). ARGV: daily seed at 2,
-/// total seed at 3, daily TTL at 4, cost at 5, hold id ('' for none) at 6, mark TTL at 7.
+/// history is lost. KEYS: the cost keys, then the hold's settlement mark (with a hold). ARGV:
+/// now, the seeds and TTLs at 2 to 6 (as [`SEED_COST`]'s), cost at 7, hold id ('' for none)
+/// at 8, mark TTL at 9.
 /// A hold is settled once: a settlement retried after its answer was lost finds the mark and
 /// books nothing more, while one that never ran books in full, also for a hold Redis never
 /// took (it was held in a node's memory).
 static SETTLE_COST: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
-        r"if ARGV[6] ~= '' then
-  if redis.call('EXISTS', KEYS[6]) == 1 then return 0 end
-  local amount = redis.call('HGET', KEYS[4], ARGV[6])
+        r"if ARGV[8] ~= '' then
+  if redis.call('EXISTS', KEYS[7]) == 1 then return 0 end
+  local amount = redis.call('HGET', KEYS[5], ARGV[8])
   if amount then
-    redis.call('DECRBY', KEYS[5], amount)
-    redis.call('HDEL', KEYS[4], ARGV[6])
+    redis.call('DECRBY', KEYS[6], amount)
+    redis.call('HDEL', KEYS[5], ARGV[8])
   end
-  redis.call('ZREM', KEYS[3], ARGV[6])
-  redis.call('SET', KEYS[6], 1, 'PX', ARGV[7])
+  redis.call('ZREM', KEYS[4], ARGV[8])
+  redis.call('SET', KEYS[7], 1, 'PX', ARGV[9])
 end
-if ARGV[5] ~= '0' then
-  {SEED_COST}  redis.call('INCRBY', KEYS[1], ARGV[5])
-  redis.call('INCRBY', KEYS[2], ARGV[5])
+if ARGV[7] ~= '0' then
+  {SEED_COST}  for i = 1, 3 do redis.call('INCRBY', KEYS[i], ARGV[7]) end
 end
 return 1"
     ))
@@ -305,6 +307,10 @@ impl Renewals {
 /// Daily counters outlive their day by a day (late bookings across midnight still land).
 const DAILY_TTL_MS: i64 = 2 * 86_400_000;
 
+/// Monthly counters, made at the earliest on their month's first day, outlive its last by a
+/// day and more.
+const MONTHLY_TTL_MS: i64 = 33 * 86_400_000;
+
 /// Limit counters shared by every node through Redis.
 pub struct RedisLimits {
     link: Arc<RedisLink>,
@@ -364,9 +370,9 @@ impl RedisLimits {
     }
 
     /// The cost keys of an API key, or of a user's keys together (a subject made by
-    /// `user_subject`): daily and total spend, then its holds in flight (leases by expiry,
-    /// amounts, their sum).
-    fn cost_keys(&self, subject: &str, day: &str) -> [String; 5] {
+    /// `user_subject`): daily, monthly and total spend, then its holds in flight (leases by
+    /// expiry, amounts, their sum).
+    fn cost_keys(&self, subject: &str, day: &str) -> [String; 6] {
         let p = &self.prefix;
         let (kind, id) = match subject.strip_prefix(USER_SUBJECT) {
             Some(user_id) => ("user", user_id),
@@ -374,6 +380,7 @@ impl RedisLimits {
         };
         [
             format!("{p}cost:{kind}:daily:{id}:{day}"),
+            format!("{p}cost:{kind}:monthly:{id}:{}", month_of(day)),
             format!("{p}cost:{kind}:total:{id}"),
             format!("{p}cost:{kind}:holds:{id}"),
             format!("{p}cost:{kind}:held:{id}"),
@@ -391,11 +398,11 @@ impl RedisLimits {
         &self,
         key_id: &str,
         day: &str,
-        seeds: (i64, i64),
+        seeds: Spent,
         hold_id: String,
         micro_usd: i64,
     ) -> Settlement {
-        let [daily, total, holds, held, sum] = self.cost_keys(key_id, day);
+        let [daily, monthly, total, holds, held, sum] = self.cost_keys(key_id, day);
         let mark = if hold_id.is_empty() {
             String::new()
         } else {
@@ -403,7 +410,7 @@ impl RedisLimits {
         };
         Settlement {
             link: self.link.clone(),
-            keys: [daily, total, holds, held, sum, mark],
+            keys: [daily, monthly, total, holds, held, sum, mark],
             seeds,
             micro_usd,
             hold_id,
@@ -536,27 +543,23 @@ impl LimitStore for RedisLimits {
         }
     }
 
-    async fn spent(&self, key_id: &str, day: &str) -> (i64, i64) {
-        let (seed_day, seed_total) = self.memory.spent(key_id, day).await;
-        let [daily, total, ..] = self.cost_keys(key_id, day);
-        let res: Result<(i64, i64), _> = self
+    async fn spent(&self, key_id: &str, day: &str) -> Spent {
+        let seeds = self.memory.spent(key_id, day).await;
+        let keys = self.cost_keys(key_id, day);
+        let res: Result<(i64, i64, i64), _> = self
             .link
             .run(|mut c| async move {
-                SPENT
-                    .key(daily)
-                    .key(total)
-                    .arg(seed_day)
-                    .arg(seed_total)
-                    .arg(DAILY_TTL_MS)
-                    .invoke_async(&mut c)
-                    .await
+                let mut script = SPENT.key(&keys[..3]);
+                script.arg(now_ms());
+                with_seeds(&mut script, seeds);
+                script.invoke_async(&mut c).await
             })
             .await;
         match res {
-            Ok(v) => v,
+            Ok((today, month, total)) => Spent::new(today, month, total),
             Err(e) => {
                 self.fallback("cost read", &e);
-                (seed_day, seed_total)
+                seeds
             }
         }
     }
@@ -569,7 +572,7 @@ impl LimitStore for RedisLimits {
         estimate: i64,
         ttl: Duration,
     ) -> Result<CostHold, CostLimitHit> {
-        let (seed_day, seed_total) = self.memory.spent(key_id, day).await;
+        let seeds = self.memory.spent(key_id, day).await;
         let keys = self.cost_keys(key_id, day);
         let hold_id = crate::store::new_id();
         let now = now_ms();
@@ -579,16 +582,15 @@ impl LimitStore for RedisLimits {
         let res: Result<i64, _> = self
             .link
             .run(|mut c| async move {
-                HOLD_COST
-                    .key(&keys[..])
-                    .arg(now)
-                    .arg(seed_day)
-                    .arg(seed_total)
-                    .arg(DAILY_TTL_MS)
+                let mut script = HOLD_COST.key(&keys[..]);
+                script.arg(now);
+                with_seeds(&mut script, seeds);
+                script
                     .arg(expires_ms)
                     .arg(id)
                     .arg(estimate)
                     .arg(limits.daily.unwrap_or(-1))
+                    .arg(limits.monthly.unwrap_or(-1))
                     .arg(limits.total.unwrap_or(-1))
                     .invoke_async(&mut c)
                     .await
@@ -603,18 +605,18 @@ impl LimitStore for RedisLimits {
         match res {
             Ok(0) => {
                 if estimate != 0 {
-                    let [_, _, holds, held, sum] = self.cost_keys(key_id, day);
+                    let [_, _, _, holds, held, sum] = self.cost_keys(key_id, day);
                     let keys = vec![holds, held, sum];
                     self.track(&hold.hold_id, keys, ttl, expires_ms, &hold.held);
                 }
                 Ok(hold)
             }
             Ok(code) => {
-                let in_flight = code > 2;
-                Err(if code % 2 == 1 {
-                    CostLimitHit::Daily { in_flight }
-                } else {
-                    CostLimitHit::Total { in_flight }
+                let in_flight = code > 3;
+                Err(match (code - 1) % 3 {
+                    0 => CostLimitHit::Daily { in_flight },
+                    1 => CostLimitHit::Monthly { in_flight },
+                    _ => CostLimitHit::Total { in_flight },
                 })
             }
             Err(e) => {
@@ -632,7 +634,7 @@ impl LimitStore for RedisLimits {
                     }),
                     Err(hit) => {
                         // Refused here: a hold Redis may have taken goes back apart.
-                        self.settlement(key_id, day, (seed_day, seed_total), hold.hold_id, 0)
+                        self.settlement(key_id, day, seeds, hold.hold_id, 0)
                             .spawn_retries(false);
                         Err(hit)
                     }
@@ -642,7 +644,7 @@ impl LimitStore for RedisLimits {
     }
 
     async fn settle_cost(&self, key_id: &str, day: &str, hold: Option<&CostHold>, micro_usd: i64) {
-        let (seed_day, seed_total) = self.memory.spent(key_id, day).await;
+        let seeds = self.memory.spent(key_id, day).await;
         // This node's counters always take the cost (they seed Redis and serve without it);
         // a hold kept in memory is given back there.
         self.memory.settle_cost(key_id, day, hold, micro_usd).await;
@@ -651,7 +653,7 @@ impl LimitStore for RedisLimits {
         if micro_usd == 0 && hold_id.is_empty() {
             return;
         }
-        let settle = self.settlement(key_id, day, (seed_day, seed_total), hold_id, micro_usd);
+        let settle = self.settlement(key_id, day, seeds, hold_id, micro_usd);
         if let Err(e) = settle.run().await {
             self.fallback("cost booking", &e);
             // A hold left in Redis would count against the key on every node until it runs
@@ -665,12 +667,22 @@ impl LimitStore for RedisLimits {
     }
 }
 
+/// Adds [`SEED_COST`]'s arguments from its second on: the seeds and the counters' TTLs.
+fn with_seeds(script: &mut redis::ScriptInvocation<'_>, seeds: Spent) {
+    script
+        .arg(seeds.today)
+        .arg(seeds.month)
+        .arg(seeds.total)
+        .arg(DAILY_TTL_MS)
+        .arg(MONTHLY_TTL_MS);
+}
+
 /// One request's booking in Redis, owned, to be retried apart from the request.
 struct Settlement {
     link: Arc<RedisLink>,
     /// The cost keys, then the hold's settlement mark.
-    keys: [String; 6],
-    seeds: (i64, i64),
+    keys: [String; 7],
+    seeds: Spent,
     micro_usd: i64,
     hold_id: String,
 }
@@ -679,12 +691,10 @@ impl Settlement {
     async fn run(&self) -> Result<i64, relay_filters::session_store::StoreUnavailable> {
         self.link
             .run(|mut c| async move {
-                SETTLE_COST
-                    .key(&self.keys[..])
-                    .arg(now_ms())
-                    .arg(self.seeds.0)
-                    .arg(self.seeds.1)
-                    .arg(DAILY_TTL_MS)
+                let mut script = SETTLE_COST.key(&self.keys[..]);
+                script.arg(now_ms());
+                with_seeds(&mut script, self.seeds);
+                script
                     .arg(self.micro_usd)
                     .arg(&self.hold_id)
                     .arg(SETTLED_MARK_TTL_MS)
@@ -791,10 +801,11 @@ mod tests {
         let day = "2026-11-22";
         let limits = CostLimits {
             daily: Some(1000),
-            total: None,
+            ..CostLimits::default()
         };
-        let settlement =
-            |hold: &CostHold, cost| node.settlement("key", day, (0, 0), hold.hold_id.clone(), cost);
+        let settlement = |hold: &CostHold, cost| {
+            node.settlement("key", day, Spent::default(), hold.hold_id.clone(), cost)
+        };
         let ttl = Duration::from_secs(60);
 
         // Taken, its answer lost, tried again twice.
@@ -806,7 +817,7 @@ mod tests {
         for _ in 0..3 {
             s.run().await.expect("settled");
         }
-        assert_eq!(node.spent("key", day).await, (10, 10));
+        assert_eq!(node.spent("key", day).await, Spent::new(10, 10, 10));
         assert!(
             node.hold_cost("key", day, limits, 990, ttl).await.is_ok(),
             "hold given back"
@@ -819,10 +830,10 @@ mod tests {
             .await
             .expect("hold");
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let s = node.settlement("other", day, (0, 0), expired.hold_id.clone(), 7);
+        let s = node.settlement("other", day, Spent::default(), expired.hold_id.clone(), 7);
         s.run().await.expect("settled");
         s.run().await.expect("retried");
-        assert_eq!(node.spent("other", day).await, (7, 7));
+        assert_eq!(node.spent("other", day).await, Spent::new(7, 7, 7));
 
         // Held in memory while Redis was away: Redis books it on the first run that reaches it.
         let in_memory = CostHold {
@@ -831,10 +842,10 @@ mod tests {
             hold_id: crate::store::new_id(),
             in_memory: true,
         };
-        let s = node.settlement("third", day, (0, 0), in_memory.hold_id.clone(), 9);
+        let s = node.settlement("third", day, Spent::default(), in_memory.hold_id.clone(), 9);
         s.run().await.expect("settled");
         s.run().await.expect("retried");
-        assert_eq!(node.spent("third", day).await, (9, 9));
+        assert_eq!(node.spent("third", day).await, Spent::new(9, 9, 9));
 
         let mut c = link
             .run(|c| async move { Ok(c) })
@@ -858,12 +869,16 @@ mod tests {
         a.settle_cost("k1", day, None, 40).await;
         a.settle_cost(&user, day, None, 40).await;
         b.settle_cost(&user, day, None, 60).await;
-        assert_eq!(b.spent(&user, day).await, (100, 100));
-        assert_eq!(b.spent("k1", day).await, (40, 40));
-        assert_eq!(b.spent("u1", day).await, (0, 0), "not a key's counter");
+        assert_eq!(b.spent(&user, day).await, Spent::new(100, 100, 100));
+        assert_eq!(b.spent("k1", day).await, Spent::new(40, 40, 40));
+        assert_eq!(
+            b.spent("u1", day).await,
+            Spent::default(),
+            "not a key's counter"
+        );
         let limits = CostLimits {
-            daily: None,
             total: Some(100),
+            ..CostLimits::default()
         };
         assert_eq!(
             a.hold_cost(&user, day, limits, 1, ttl).await,
@@ -879,6 +894,59 @@ mod tests {
             .await
             .expect("the user's total");
         assert_eq!(total, 100);
+        remove_keys(&mut c, &prefix).await;
+    }
+
+    /// A month's counter spans its days on every node, its limit refuses on every node, and a
+    /// new month starts from nothing.
+    #[tokio::test]
+    async fn a_month_counts_its_days_on_every_node() {
+        let (link, prefix) = test_link().await;
+        let node = |link: &Arc<RedisLink>| {
+            RedisLimits::new(link.clone(), &prefix, Arc::new(MemoryLimits::default()))
+        };
+        let (a, b) = (node(&link), node(&link));
+        let ttl = Duration::from_secs(60);
+        let (day, next) = ("2026-11-29", "2026-11-30");
+        a.settle_cost("k", day, None, 30).await;
+        b.settle_cost("k", next, None, 50).await;
+        assert_eq!(a.spent("k", next).await, Spent::new(50, 80, 80));
+        let limits = CostLimits {
+            monthly: Some(100),
+            ..CostLimits::default()
+        };
+        let hold = b
+            .hold_cost("k", next, limits, 20, ttl)
+            .await
+            .expect("under the limit");
+        assert_eq!(
+            a.hold_cost("k", next, limits, 5, ttl).await,
+            Err(CostLimitHit::Monthly { in_flight: true })
+        );
+        b.settle_cost("k", next, Some(&hold), 20).await;
+        assert_eq!(
+            a.hold_cost("k", next, limits, 0, ttl).await,
+            Err(CostLimitHit::Monthly { in_flight: false })
+        );
+        // December.
+        let december = "2026-12-01";
+        let hold = a
+            .hold_cost("k", december, limits, 5, ttl)
+            .await
+            .expect("a new month");
+        a.settle_cost("k", december, Some(&hold), 5).await;
+        assert_eq!(b.spent("k", december).await, Spent::new(5, 5, 105));
+
+        let mut c = link
+            .run(|c| async move { Ok(c) })
+            .await
+            .expect("connection");
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(format!("{prefix}cost:apikey:monthly:k:2026-12"))
+            .query_async(&mut c)
+            .await
+            .expect("the month's counter");
+        assert!(pttl > 32 * 86_400_000, "kept past its month: {pttl} ms");
         remove_keys(&mut c, &prefix).await;
     }
 }

@@ -11,7 +11,8 @@ use super::{
 
 /// Columns of `users`, in the order [`user_from_row`] reads them.
 const USER_COLUMNS: &str = "id, username, password_hash, role, enabled, price_rate, \
-     daily_cost_limit, total_cost_limit, allowed_platforms, allowed_models, created_at, updated_at";
+     daily_cost_limit, monthly_cost_limit, total_cost_limit, allowed_platforms, allowed_models, \
+     created_at, updated_at";
 
 /// What a user may do on the admin service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -60,6 +61,8 @@ pub struct User {
     pub price_rate: i64,
     /// Billed micro-USD per UTC day over all the user's keys (`None`: no limit).
     pub daily_cost_limit: Option<i64>,
+    /// Billed micro-USD per UTC calendar month over all the user's keys (`None`: no limit).
+    pub monthly_cost_limit: Option<i64>,
     /// Billed micro-USD in total over all the user's keys (`None`: no limit).
     pub total_cost_limit: Option<i64>,
     /// Platforms every key of the user may use (`claude`, `openai`, `gemini`); empty: all.
@@ -85,12 +88,22 @@ pub struct NewUser {
     pub price_rate: i64,
     /// Billed micro-USD per UTC day over all the user's keys.
     pub daily_cost_limit: Option<i64>,
+    /// Billed micro-USD per UTC calendar month over all the user's keys.
+    pub monthly_cost_limit: Option<i64>,
     /// Billed micro-USD in total over all the user's keys.
     pub total_cost_limit: Option<i64>,
     /// Platforms the user's keys may use; empty: all.
     pub allowed_platforms: Vec<String>,
     /// Models the user's keys may use; empty: all.
     pub allowed_models: Vec<String>,
+}
+
+/// Changes to a user's cost limits: `None` leaves one as it is, `Some(None)` clears it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserCostLimits {
+    pub daily: Option<Option<i64>>,
+    pub monthly: Option<Option<i64>>,
+    pub total: Option<Option<i64>>,
 }
 
 /// Builds a [`User`] from a row selected with [`USER_COLUMNS`].
@@ -105,6 +118,7 @@ fn user_from_row(row: &AnyRow) -> Result<User> {
         enabled: get_bool(row, "enabled")?,
         price_rate: row.try_get("price_rate")?,
         daily_cost_limit: row.try_get("daily_cost_limit")?,
+        monthly_cost_limit: row.try_get("monthly_cost_limit")?,
         total_cost_limit: row.try_get("total_cost_limit")?,
         allowed_platforms: from_json(
             &row.try_get::<String, _>("allowed_platforms")?,
@@ -130,7 +144,7 @@ fn check_rate(rate: i64) -> Result<()> {
 }
 
 /// Rejects negative cost limits.
-fn check_cost_limits(limits: [(&str, Option<i64>); 2]) -> Result<()> {
+fn check_cost_limits(limits: [(&str, Option<i64>); 3]) -> Result<()> {
     match limits.iter().find(|(_, v)| v.is_some_and(|v| v < 0)) {
         Some((what, _)) => Err(StoreError::Invalid(format!("{what} must not be negative"))),
         None => Ok(()),
@@ -144,6 +158,7 @@ impl SqlStore {
         check_rate(new.price_rate)?;
         check_cost_limits([
             ("daily_cost_limit", new.daily_cost_limit),
+            ("monthly_cost_limit", new.monthly_cost_limit),
             ("total_cost_limit", new.total_cost_limit),
         ])?;
         let now = now_ms();
@@ -155,6 +170,7 @@ impl SqlStore {
             enabled: true,
             price_rate: new.price_rate,
             daily_cost_limit: new.daily_cost_limit,
+            monthly_cost_limit: new.monthly_cost_limit,
             total_cost_limit: new.total_cost_limit,
             allowed_platforms: new.allowed_platforms.clone(),
             allowed_models: new.allowed_models.clone(),
@@ -163,8 +179,9 @@ impl SqlStore {
         };
         sqlx::query(
             "INSERT INTO users (id, username, password_hash, role, enabled, price_rate, \
-             daily_cost_limit, total_cost_limit, allowed_platforms, allowed_models, created_at, \
-             updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+             daily_cost_limit, monthly_cost_limit, total_cost_limit, allowed_platforms, \
+             allowed_models, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+             $10, $11, $12, $13)",
         )
         .bind(&user.id)
         .bind(&user.username)
@@ -173,6 +190,7 @@ impl SqlStore {
         .bind(1_i64)
         .bind(user.price_rate)
         .bind(user.daily_cost_limit)
+        .bind(user.monthly_cost_limit)
         .bind(user.total_cost_limit)
         .bind(to_json(&user.allowed_platforms)?)
         .bind(to_json(&user.allowed_models)?)
@@ -250,18 +268,15 @@ impl SqlStore {
     }
 
     /// Sets or clears (`Some(None)`) a user's cost limits; `None` leaves one as it is.
-    pub async fn set_user_cost_limits(
-        &self,
-        id: &str,
-        daily: Option<Option<i64>>,
-        total: Option<Option<i64>>,
-    ) -> Result<()> {
-        check_cost_limits([
-            ("daily_cost_limit", daily.flatten()),
-            ("total_cost_limit", total.flatten()),
-        ])?;
+    pub async fn set_user_cost_limits(&self, id: &str, limits: &UserCostLimits) -> Result<()> {
+        let columns = [
+            ("daily_cost_limit", limits.daily),
+            ("monthly_cost_limit", limits.monthly),
+            ("total_cost_limit", limits.total),
+        ];
+        check_cost_limits(columns.map(|(column, value)| (column, value.flatten())))?;
         let mut parts = SqlParts::default();
-        for (column, value) in [("daily_cost_limit", daily), ("total_cost_limit", total)] {
+        for (column, value) in columns {
             if let Some(value) = value {
                 parts.set(column, Param::Int(value));
             }

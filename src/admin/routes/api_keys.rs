@@ -45,6 +45,9 @@ pub struct CreateKey {
     max_concurrency: Option<i64>,
     #[serde(default)]
     daily_cost_limit: Option<i64>,
+    /// Billed micro-USD per UTC calendar month.
+    #[serde(default)]
+    monthly_cost_limit: Option<i64>,
     #[serde(default)]
     total_cost_limit: Option<i64>,
 }
@@ -166,6 +169,7 @@ async fn issue(
                 rpm_limit: body.rpm_limit,
                 max_concurrency: body.max_concurrency,
                 daily_cost_limit: body.daily_cost_limit,
+                monthly_cost_limit: body.monthly_cost_limit,
                 total_cost_limit: body.total_cost_limit,
             },
             i64::from(state.max_keys_per_user),
@@ -257,10 +261,12 @@ pub struct KeyWithUsage<T> {
     /// Micro-USD billed today (UTC): what `daily_cost_limit` is measured against, booked
     /// requests only.
     pub billed_cost_today: i64,
+    /// Micro-USD billed this month (UTC): what `monthly_cost_limit` is measured against.
+    pub billed_cost_month: i64,
 }
 
-/// Adds each key's life-time totals and today's billed cost, from the per-key daily rollups,
-/// in two queries per page.
+/// Adds each key's life-time totals and the billed cost of today and of this month, from the
+/// per-key daily rollups, in three queries per page.
 async fn with_usage(
     state: &AdminState,
     page: Page<ApiKey>,
@@ -275,6 +281,11 @@ async fn with_usage(
         .store
         .usage_totals_by_ids(UsageDim::Key, &ids, Some(&day), Some(&day))
         .await?;
+    let month_start = relay_filters::key_limits::month_start(&day);
+    let month: HashMap<String, UsageTotals> = state
+        .store
+        .usage_totals_by_ids(UsageDim::Key, &ids, Some(&month_start), Some(&day))
+        .await?;
     Ok(Page {
         items: page
             .items
@@ -282,6 +293,7 @@ async fn with_usage(
             .map(|key| KeyWithUsage {
                 usage: usage.remove(&key.id).unwrap_or_default(),
                 billed_cost_today: today.get(&key.id).map_or(0, |t| t.billed_cost),
+                billed_cost_month: month.get(&key.id).map_or(0, |t| t.billed_cost),
                 key,
             })
             .collect(),
@@ -342,6 +354,7 @@ pub async fn own_list(
                 key: k.key,
                 usage: k.usage.into(),
                 billed_cost_today: k.billed_cost_today,
+                billed_cost_month: k.billed_cost_month,
             })
             .collect(),
         total: page.total,
@@ -365,6 +378,8 @@ pub struct UpdateKey {
     max_concurrency: Option<Option<i64>>,
     #[serde(default, deserialize_with = "super::nullable")]
     daily_cost_limit: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "super::nullable")]
+    monthly_cost_limit: Option<Option<i64>>,
     #[serde(default, deserialize_with = "super::nullable")]
     total_cost_limit: Option<Option<i64>>,
 }
@@ -397,6 +412,7 @@ pub async fn update(
         rpm_limit: body.rpm_limit,
         max_concurrency: body.max_concurrency,
         daily_cost_limit: body.daily_cost_limit,
+        monthly_cost_limit: body.monthly_cost_limit,
         total_cost_limit: body.total_cost_limit,
         by_admin: true,
     };
@@ -425,6 +441,7 @@ async fn apply(
                 || patch.rpm_limit.is_some()
                 || patch.max_concurrency.is_some()
                 || patch.daily_cost_limit.is_some()
+                || patch.monthly_cost_limit.is_some()
                 || patch.total_cost_limit.is_some(),
         }),
     )

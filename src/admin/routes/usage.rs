@@ -295,12 +295,13 @@ async fn summary_over(
 }
 
 /// A user's own summary, with the cost limits an admin set over all its keys (billed
-/// micro-USD; `null`: none), measured against `today` and `all_time`.
+/// micro-USD; `null`: none), measured against `today`, `this_month` and `all_time`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OwnSummary {
     #[serde(flatten)]
     pub summary: Summary<BilledTotals>,
     pub daily_cost_limit: Option<i64>,
+    pub monthly_cost_limit: Option<i64>,
     pub total_cost_limit: Option<i64>,
 }
 
@@ -331,6 +332,7 @@ pub async fn summary(
             all_time: s.all_time.into(),
         },
         daily_cost_limit: user.daily_cost_limit,
+        monthly_cost_limit: user.monthly_cost_limit,
         total_cost_limit: user.total_cost_limit,
     }))
 }

@@ -12,7 +12,7 @@ use crate::admin::error::{AppError, AppResult, ErrorBody};
 use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
 use crate::secrets::hash_password;
-use crate::store::{NewUser, Page, Role, User};
+use crate::store::{NewUser, Page, Role, User, UserCostLimits};
 
 /// Ids per `UPDATE ... WHERE id IN (...)`.
 const IDS_PER_UPDATE: usize = 500;
@@ -36,8 +36,8 @@ fn check_rate(rate: i64) -> AppResult<()> {
 }
 
 /// Refuses negative cost limits before anything is written.
-fn check_cost_limits(daily: Option<i64>, total: Option<i64>) -> AppResult<()> {
-    for (what, v) in [("daily_cost_limit", daily), ("total_cost_limit", total)] {
+fn check_cost_limits(limits: [(&str, Option<i64>); 3]) -> AppResult<()> {
+    for (what, v) in limits {
         if v.is_some_and(|v| v < 0) {
             return Err(AppError::BadRequest(format!(
                 "{what} must not be negative (micro-USD; leave it empty for no limit)"
@@ -90,6 +90,9 @@ pub struct CreateUser {
     /// Billed micro-USD per UTC day over all the user's keys (none: no limit).
     #[serde(default)]
     daily_cost_limit: Option<i64>,
+    /// Billed micro-USD per UTC calendar month over all the user's keys (none: no limit).
+    #[serde(default)]
+    monthly_cost_limit: Option<i64>,
     /// Billed micro-USD in total over all the user's keys (none: no limit).
     #[serde(default)]
     total_cost_limit: Option<i64>,
@@ -102,7 +105,8 @@ pub struct CreateUser {
 }
 
 /// `POST /api/admin/users` `{"username", "password", "role"?, "price_rate"?,
-/// "daily_cost_limit"?, "total_cost_limit"?, "allowed_platforms"?, "allowed_models"?}`.
+/// "daily_cost_limit"?, "monthly_cost_limit"?, "total_cost_limit"?, "allowed_platforms"?,
+/// "allowed_models"?}`.
 #[utoipa::path(post, path = "/api/admin/users", tag = "users", request_body = CreateUser,
     responses(
         (status = 201, description = "The user (without its password)", body = serde_json::Value),
@@ -128,7 +132,11 @@ pub async fn create(
     };
     let price_rate = body.price_rate.unwrap_or(10_000);
     check_rate(price_rate)?;
-    check_cost_limits(body.daily_cost_limit, body.total_cost_limit)?;
+    check_cost_limits([
+        ("daily_cost_limit", body.daily_cost_limit),
+        ("monthly_cost_limit", body.monthly_cost_limit),
+        ("total_cost_limit", body.total_cost_limit),
+    ])?;
     let (platforms, models) = allow_lists(body.allowed_platforms, body.allowed_models)?;
     let password_hash = hash(body.password).await?;
     let user = state
@@ -139,6 +147,7 @@ pub async fn create(
             role,
             price_rate,
             daily_cost_limit: body.daily_cost_limit,
+            monthly_cost_limit: body.monthly_cost_limit,
             total_cost_limit: body.total_cost_limit,
             allowed_platforms: platforms,
             allowed_models: models,
@@ -149,6 +158,7 @@ pub async fn create(
         "role": user.role,
         "price_rate": user.price_rate,
         "daily_cost_limit": user.daily_cost_limit,
+        "monthly_cost_limit": user.monthly_cost_limit,
         "total_cost_limit": user.total_cost_limit,
     });
     for (what, list) in [
@@ -213,6 +223,10 @@ pub struct UpdateUser {
     /// Billed micro-USD per UTC day over all the user's keys; `null` removes the limit.
     #[serde(default, deserialize_with = "super::nullable")]
     daily_cost_limit: Option<Option<i64>>,
+    /// Billed micro-USD per UTC calendar month over all the user's keys; `null` removes the
+    /// limit.
+    #[serde(default, deserialize_with = "super::nullable")]
+    monthly_cost_limit: Option<Option<i64>>,
     /// Billed micro-USD in total over all the user's keys; `null` removes the limit.
     #[serde(default, deserialize_with = "super::nullable")]
     total_cost_limit: Option<Option<i64>>,
@@ -223,7 +237,8 @@ pub struct UpdateUser {
 }
 
 /// `PATCH /api/admin/users/{id}` `{"role"?, "enabled"?, "password"?, "price_rate"?,
-/// "daily_cost_limit"?, "total_cost_limit"?, "allowed_platforms"?, "allowed_models"?}`.
+/// "daily_cost_limit"?, "monthly_cost_limit"?, "total_cost_limit"?, "allowed_platforms"?,
+/// "allowed_models"?}`.
 /// Disabling a user or setting its password ends its login sessions. Admins cannot demote or
 /// disable themselves (so the last admin cannot lock everybody out by mistake).
 #[utoipa::path(patch, path = "/api/admin/users/{id}", tag = "users", params(("id" = String, Path, description = "User id")), request_body = UpdateUser,
@@ -246,10 +261,17 @@ pub async fn update(
     if let Some(rate) = body.price_rate {
         check_rate(rate)?;
     }
-    check_cost_limits(
-        body.daily_cost_limit.flatten(),
-        body.total_cost_limit.flatten(),
-    )?;
+    let cost_limits = UserCostLimits {
+        daily: body.daily_cost_limit,
+        monthly: body.monthly_cost_limit,
+        total: body.total_cost_limit,
+    };
+    let named_limits = [
+        ("daily_cost_limit", cost_limits.daily),
+        ("monthly_cost_limit", cost_limits.monthly),
+        ("total_cost_limit", cost_limits.total),
+    ];
+    check_cost_limits(named_limits.map(|(what, v)| (what, v.flatten())))?;
     let platforms = body.allowed_platforms.map(trimmed);
     let models = body.allowed_models.map(trimmed);
     if let Some(p) = &platforms {
@@ -284,10 +306,7 @@ pub async fn update(
             .set_price_rate(std::slice::from_ref(&id), rate)
             .await?;
     }
-    state
-        .store
-        .set_user_cost_limits(&id, body.daily_cost_limit, body.total_cost_limit)
-        .await?;
+    state.store.set_user_cost_limits(&id, &cost_limits).await?;
     state
         .store
         .set_user_allow_lists(&id, platforms.as_deref(), models.as_deref())
@@ -302,10 +321,7 @@ pub async fn update(
         "price_rate": body.price_rate,
     });
     // A cost limit is named only when changed: `null` there means it was removed.
-    for (what, value) in [
-        ("daily_cost_limit", body.daily_cost_limit),
-        ("total_cost_limit", body.total_cost_limit),
-    ] {
+    for (what, value) in named_limits {
         if let Some(value) = value {
             detail[what] = serde_json::json!(value);
         }
