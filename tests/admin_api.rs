@@ -530,12 +530,13 @@ async fn users_see_only_their_own_keys_and_usage(db: Db) {
     let (status, v) = relay
         .patch_user(
             &bob,
-            json!({"daily_cost_limit": 5_000_000, "total_cost_limit": 90_000_000}),
+            json!({"daily_cost_limit": 5_000_000, "monthly_cost_limit": 40_000_000, "total_cost_limit": 90_000_000}),
         )
         .await;
     assert_eq!(status, 200, "{v}");
     let limited = parse(&session_get(&relay, &s, "/api/usage/summary").await);
     assert_eq!(limited["daily_cost_limit"], 5_000_000, "{limited}");
+    assert_eq!(limited["monthly_cost_limit"], 40_000_000, "{limited}");
     assert_eq!(limited["total_cost_limit"], 90_000_000, "{limited}");
     for period in ["today", "this_month", "all_time"] {
         assert_eq!(summary[period]["requests"], 2, "{summary}");
@@ -1946,6 +1947,37 @@ async fn user_cost_limits_are_set_checked_and_cleared() {
         detail.get("daily_cost_limit").is_some() && detail.get("total_cost_limit").is_none(),
         "only the removed limit is named: {audit}"
     );
+    // The monthly limit alike: refused negative, set, audited alone.
+    let (status, text) = token(
+        &relay,
+        Method::PATCH,
+        &path,
+        Some(json!({"monthly_cost_limit": -1})),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("monthly_cost_limit must not be negative"),
+        "{text}"
+    );
+    let (status, text) = token(
+        &relay,
+        Method::PATCH,
+        &path,
+        Some(json!({"monthly_cost_limit": 7_000_000})),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let changed = parse(&text);
+    assert_eq!(changed["monthly_cost_limit"], 7_000_000, "{changed}");
+    assert_eq!(changed["total_cost_limit"], 20_000_000, "{changed}");
+    let audit = last_audit(&relay, "user.update").await;
+    assert_eq!(audit["monthly_cost_limit"], 7_000_000, "{audit}");
+    assert!(audit.get("total_cost_limit").is_none(), "{audit}");
+    let body = json!({"username": "fay", "password": "password-123", "monthly_cost_limit": 3});
+    let (status, text) = token(&relay, Method::POST, "/api/admin/users", Some(body)).await;
+    assert_eq!(status, 201, "{text}");
+    assert_eq!(parse(&text)["monthly_cost_limit"], 3, "{text}");
 }
 
 /// Behind a TLS-terminating proxy the session cookie can be kept to HTTPS, on login and on the

@@ -393,7 +393,7 @@ async fn monthly_cost_limits_refuse_keys_and_users() {
         message.contains("this API key has reached its monthly cost limit"),
         "{message}"
     );
-    assert!(message.contains("first of the month"), "{message}");
+    assert!(message.contains("first of next month"), "{message}");
     for k in [&first, &second] {
         let (status, message) = attempt(&relay, k, body(11)).await;
         assert_eq!(status, 402, "{message}");
@@ -437,6 +437,70 @@ async fn monthly_cost_limits_refuse_keys_and_users() {
         .await;
     assert_eq!(status, 400, "{v}");
     assert!(v.to_string().contains("monthly_cost_limit"), "{v}");
+}
+
+/// A relay started mid-month counts what the month's earlier days billed (from the stored
+/// daily rollups), not what the month before billed.
+#[tokio::test]
+async fn a_restarted_relay_counts_the_months_earlier_days() {
+    let mock = MockUpstream::start().await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let options = || RelayOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        ..RelayOptions::default()
+    };
+    let relay = Relay::start_with(options()).await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    let user = relay.create_user("month-start", 10_000).await;
+    let (key_id, key) = relay
+        .create_key(&user, serde_json::json!({"monthly_cost_limit": 30_000}))
+        .await;
+    drop(relay);
+
+    // Billed before: 20 000 on the month's first day, 50 000 on the last day of the month
+    // before. Each request costs 18 000: with this month's 20 000 one fits, a second does not;
+    // with last month's counted too, none would.
+    const DAY: i64 = 86_400_000;
+    let now = relay_filters::now_ms();
+    let mut first = now - now.rem_euclid(DAY);
+    while !relay_filters::key_limits::utc_day(first).ends_with("-01") {
+        first -= DAY;
+    }
+    let earlier = |id: &str, at: i64, billed: i64| relay_filters::UsageRecord {
+        id: id.into(),
+        created_at: at,
+        user_id: Some(user.clone()),
+        api_key_id: Some(key_id.clone()),
+        protocol: "anthropic".into(),
+        status: 200,
+        billed_cost: billed,
+        ..Default::default()
+    };
+    let url = format!("sqlite://{}", data.path().join("relay.db").display());
+    let store = llm_relay::store::SqlStore::connect(&url, 1)
+        .await
+        .expect("the relay's database");
+    store
+        .insert_usage_batch(&[
+            earlier("this-month", first + 3_600_000, 20_000),
+            earlier("last-month", first - DAY + 3_600_000, 50_000),
+        ])
+        .await
+        .expect("earlier records");
+    store.close().await;
+
+    let relay = Relay::start_with(options()).await;
+    relay.wait_key_active(&key).await;
+    mock.set(|b| b.usage = MockUsage::io(1000, 1000));
+    let (status, message) = attempt(&relay, &key, body(0)).await;
+    assert_eq!(status, 200, "{message}");
+    relay.wait_records(3).await;
+    let (status, message) = attempt(&relay, &key, body(1)).await;
+    assert_eq!(status, 402, "{message}");
+    assert!(message.contains("monthly cost limit"), "{message}");
+    assert_eq!(mock.count(), 1);
 }
 
 /// A request refused for want of a concurrency slot does not use up the key's requests per

@@ -178,7 +178,7 @@ fn over_cost_limit(hit: CostLimitHit, whose: Whose) -> Rejection {
                 }
                 CostLimitHit::Monthly { .. } => format!(
                     "{subject} has reached {its} monthly cost limit; it resets on the first of \
-                     the month at 00:00 UTC"
+                     next month at 00:00 UTC"
                 ),
                 CostLimitHit::Total { .. } => {
                     format!("{subject} has reached {its} total cost limit")
@@ -889,7 +889,7 @@ mod tests {
             "{}",
             r.message
         );
-        assert!(r.message.contains("first of the month"), "{}", r.message);
+        assert!(r.message.contains("first of next month"), "{}", r.message);
         let r = over_cost_limit(CostLimitHit::Monthly { in_flight: true }, Whose::User);
         assert_eq!(r.kind, ErrorKind::RateLimit);
         assert!(

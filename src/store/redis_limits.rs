@@ -54,8 +54,8 @@ static SPENT: LazyLock<redis::Script> = LazyLock::new(|| {
 });
 
 /// Drops the holds whose leases ran out, taking their amounts off the held sum; a sum left
-/// without holds (keys evicted apart) is reset. KEYS: daily, total, hold leases (by expiry),
-/// hold amounts, held sum. ARGV[1]: now.
+/// without holds (keys evicted apart) is reset. KEYS: the cost keys (daily, monthly and total
+/// spend, then hold leases by expiry, hold amounts, held sum). ARGV[1]: now.
 const DROP_EXPIRED_HOLDS: &str = r"local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
 for _, id in ipairs(gone) do
   local amount = redis.call('HGET', KEYS[5], id)
