@@ -22,6 +22,25 @@ async fn setup(key_extra: serde_json::Value) -> (Relay, MockUpstream, String) {
     (relay, mock, key)
 }
 
+/// A relay's options on a data directory of its own, to start it again on the same data.
+fn on_disk(data: &tempfile::TempDir) -> RelayOptions {
+    RelayOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        ..RelayOptions::default()
+    }
+}
+
+/// A relay on a fresh data directory (kept while the directory lives), with one account on
+/// `mock`.
+async fn relay_on_disk(mock: &MockUpstream) -> (tempfile::TempDir, Relay) {
+    let data = tempfile::tempdir().expect("tempdir");
+    let relay = Relay::start_with(on_disk(&data)).await;
+    relay
+        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
+        .await;
+    (data, relay)
+}
+
 fn body(i: usize) -> serde_json::Value {
     messages_body(MODEL, false, conversation(&format!("limits {i}"), 1))
 }
@@ -292,15 +311,7 @@ async fn a_failed_request_gives_its_cost_hold_back() {
 #[tokio::test]
 async fn a_user_cost_limit_holds_over_all_its_keys() {
     let mock = MockUpstream::start().await;
-    let data = tempfile::tempdir().expect("tempdir");
-    let options = || RelayOptions {
-        data_dir: Some(data.path().to_path_buf()),
-        ..RelayOptions::default()
-    };
-    let relay = Relay::start_with(options()).await;
-    relay
-        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
-        .await;
+    let (data, relay) = relay_on_disk(&mock).await;
     let user = relay.create_user("shared", 10_000).await;
     // Each request costs 18 000 µUSD: two fit under 30 000, a third does not.
     let (status, v) = relay
@@ -332,7 +343,7 @@ async fn a_user_cost_limit_holds_over_all_its_keys() {
     assert_eq!(mock.count(), 3);
     relay.wait_records(5).await;
     drop(relay);
-    let relay = Relay::start_with(options()).await;
+    let relay = Relay::start_with(on_disk(&data)).await;
     relay.wait_key_active(&second).await;
     let (status, message) = attempt(&relay, &second, body(21)).await;
     assert_eq!(status, 402, "after a restart: {message}");
@@ -444,15 +455,7 @@ async fn monthly_cost_limits_refuse_keys_and_users() {
 #[tokio::test]
 async fn a_restarted_relay_counts_the_months_earlier_days() {
     let mock = MockUpstream::start().await;
-    let data = tempfile::tempdir().expect("tempdir");
-    let options = || RelayOptions {
-        data_dir: Some(data.path().to_path_buf()),
-        ..RelayOptions::default()
-    };
-    let relay = Relay::start_with(options()).await;
-    relay
-        .create_account("claude-a", "claude", &mock.url(), "sk-ant-a")
-        .await;
+    let (data, relay) = relay_on_disk(&mock).await;
     let user = relay.create_user("month-start", 10_000).await;
     let (key_id, key) = relay
         .create_key(&user, serde_json::json!({"monthly_cost_limit": 30_000}))
@@ -491,7 +494,7 @@ async fn a_restarted_relay_counts_the_months_earlier_days() {
         .expect("earlier records");
     store.close().await;
 
-    let relay = Relay::start_with(options()).await;
+    let relay = Relay::start_with(on_disk(&data)).await;
     relay.wait_key_active(&key).await;
     mock.set(|b| b.usage = MockUsage::io(1000, 1000));
     let (status, message) = attempt(&relay, &key, body(0)).await;

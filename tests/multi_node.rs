@@ -316,6 +316,49 @@ async fn requests_in_flight_on_both_nodes_count_against_one_cost_limit() {
     }
 }
 
+/// A key's monthly limit counts what every node booked (through Redis): a node that served
+/// none of the key's requests refuses the next one too.
+#[tokio::test]
+async fn a_monthly_cost_limit_counts_the_spend_of_both_nodes() {
+    let (_pg, a, b) = two_nodes().await;
+    let mock = MockUpstream::start().await;
+    mock.set(|m| m.usage = common::mock_upstream::MockUsage::io(1000, 1000));
+    a.create_account("claude-1", "claude", &mock.url(), "sk-ant-1")
+        .await;
+    let user = a.create_user("monthly-shared", 10_000).await;
+    // Each request costs 18 000 µUSD: one on each node, then the month's 36 000 is over.
+    let (_, key) = a
+        .create_key(&user, serde_json::json!({"monthly_cost_limit": 30_000}))
+        .await;
+    a.wait_key_active(&key).await;
+    b.wait_key_active(&key).await;
+    let ask = |node: &Relay, i: usize| {
+        node.post("/v1/messages", &key)
+            .json(&messages_body(
+                MODEL,
+                false,
+                conversation(&format!("month {i}"), 1),
+            ))
+            .send()
+    };
+    let r = ask(&a, 0).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    a.wait_records(1).await;
+    let r = ask(&b, 1).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    b.wait_records(2).await;
+    for (i, node) in [&a, &b].into_iter().enumerate() {
+        let r = ask(node, 10 + i).await.unwrap();
+        assert_eq!(r.status(), 402, "node {i}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("monthly cost limit"), "node {i}: {v}");
+    }
+    assert_eq!(mock.count(), 2);
+}
+
 #[tokio::test]
 async fn an_accounts_concurrency_cap_holds_across_the_nodes() {
     let (_pg, a, b) = two_nodes().await;
