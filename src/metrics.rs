@@ -37,6 +37,7 @@ pub struct Metrics {
     pub health_checks: IntCounterVec,
     pub oauth_refreshes: IntCounterVec,
     pub session_store_fallback: IntCounter,
+    pub limit_refusals: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -163,6 +164,13 @@ fn build() -> Result<Metrics, prometheus::Error> {
         session_store_fallback: register_int_counter!(
             "relay_session_store_fallback_total",
             "Session store operations served from memory because Redis failed"
+        )?,
+        limit_refusals: register_int_counter_vec!(
+            "relay_limit_refusals_total",
+            "Requests refused by a limit of their API key or its user: limit (rpm, concurrency, \
+             daily_cost, monthly_cost, total_cost), whose (key, user), status (402: spent; 429: \
+             rate, slots or cost held by requests in flight)",
+            &["limit", "whose", "status"]
         )?,
     })
 }

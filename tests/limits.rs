@@ -411,6 +411,21 @@ async fn monthly_cost_limits_refuse_keys_and_users() {
         assert!(message.contains("user's monthly cost limit"), "{message}");
     }
     assert_eq!(mock.count(), 4);
+    // Counted by limit, whose and status.
+    let text = relay.metrics_text().await;
+    let refusals = |whose: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("relay_limit_refusals_total{")
+                    && l.contains(r#"limit="monthly_cost""#)
+                    && l.contains(&format!(r#"whose="{whose}""#))
+                    && l.contains(r#"status="402""#)
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+    };
+    assert_eq!(refusals("key").as_deref(), Some("1"), "{text}");
+    assert_eq!(refusals("user").as_deref(), Some("2"), "{text}");
 
     let keys = relay
         .admin_get(&format!("/api/admin/api-keys?user_id={owner}"))

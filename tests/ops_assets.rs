@@ -169,7 +169,7 @@ fn check_rules(checker: &mut Checker, file: &RuleFile) {
 
 /// Series that exist only once something used them (labelled vectors): the traffic of
 /// [`relay_with_traffic`] makes every one.
-const LABELLED_SERIES: [&str; 15] = [
+const LABELLED_SERIES: [&str; 16] = [
     "relay_requests_total",
     "relay_request_duration_seconds_bucket",
     "relay_upstream_ttfb_seconds_bucket",
@@ -185,6 +185,7 @@ const LABELLED_SERIES: [&str; 15] = [
     "relay_estimated_requests_total",
     "relay_health_checks_total",
     "relay_oauth_refreshes_total",
+    "relay_limit_refusals_total",
 ];
 
 /// A model no price table holds.
@@ -323,6 +324,29 @@ async fn relay_with_traffic() -> Relay {
         .unwrap();
     assert!(r.status().is_server_error(), "{}", r.status());
 
+    // A key allowing one request a minute: its second is refused.
+    let limited_user = relay.create_user("ops-limited", 10_000).await;
+    let (_, limited) = relay
+        .create_key(&limited_user, json!({"rpm_limit": 1}))
+        .await;
+    relay.wait_key_active(&limited).await;
+    let mut statuses = Vec::new();
+    for i in 0..2 {
+        let r = relay
+            .post_json(
+                "/v1/messages",
+                &limited,
+                &messages_body(
+                    "claude-sonnet-4-5",
+                    false,
+                    conversation(&format!("rpm {i}"), 1),
+                ),
+            )
+            .await;
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 429]);
+
     // A health check and a token refresh, by hand.
     let (status, v) = relay
         .admin_json(
@@ -356,12 +380,12 @@ async fn relay_with_traffic() -> Relay {
             .copied()
             .filter(|f| catalog.series.get(*f).is_none_or(|s| s.labels.is_empty()))
             .collect();
-        if missing.is_empty() && requests >= 7 {
+        if missing.is_empty() && requests >= 9 {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "series never exported: {missing:?}, {requests} of 7 requests counted"
+            "series never exported: {missing:?}, {requests} of 9 requests counted"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -105,6 +105,16 @@ pub struct Rejection {
     pub message: String,
     /// Seconds for a `Retry-After` header (rate limits).
     pub retry_after: Option<u64>,
+    /// The limit of a key or its user that refused the request, for the refusal metric.
+    pub limit: Option<LimitRefusal>,
+}
+
+/// Which limit refused a request: `limit` is `rpm`, `concurrency`, `daily_cost`,
+/// `monthly_cost` or `total_cost`, `whose` is `key` or `user`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitRefusal {
+    pub limit: &'static str,
+    pub whose: &'static str,
 }
 
 impl Rejection {
@@ -114,7 +124,14 @@ impl Rejection {
             kind,
             message: message.into(),
             retry_after: None,
+            limit: None,
         }
+    }
+
+    /// The same rejection, named as the refusal of a key's or user's limit.
+    pub fn of_limit(mut self, limit: &'static str, whose: &'static str) -> Self {
+        self.limit = Some(LimitRefusal { limit, whose });
+        self
     }
 
     /// The JSON body in `protocol`'s own error shape.

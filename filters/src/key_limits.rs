@@ -144,6 +144,22 @@ enum Whose {
 
 /// The refusal of a request over a cost limit.
 fn over_cost_limit(hit: CostLimitHit, whose: Whose) -> Rejection {
+    let (limit, owner) = (
+        match hit {
+            CostLimitHit::Daily { .. } => "daily_cost",
+            CostLimitHit::Monthly { .. } => "monthly_cost",
+            CostLimitHit::Total { .. } => "total_cost",
+        },
+        match whose {
+            Whose::Key => "key",
+            Whose::User => "user",
+        },
+    );
+    cost_refusal(hit, whose).of_limit(limit, owner)
+}
+
+/// [`over_cost_limit`]'s answer.
+fn cost_refusal(hit: CostLimitHit, whose: Whose) -> Rejection {
     let (which, in_flight) = match hit {
         CostLimitHit::Daily { in_flight } => ("daily", in_flight),
         CostLimitHit::Monthly { in_flight } => ("monthly", in_flight),
@@ -671,7 +687,8 @@ impl RequestFilter for KeyLimits {
                     let mut r = Rejection::new(
                         ErrorKind::RateLimit,
                         format!("this API key allows {max} concurrent requests"),
-                    );
+                    )
+                    .of_limit("concurrency", "key");
                     r.retry_after = Some(1);
                     return Flow::Reject(r);
                 }
@@ -682,7 +699,8 @@ impl RequestFilter for KeyLimits {
                 let mut r = Rejection::new(
                     ErrorKind::RateLimit,
                     format!("this API key allows {rpm} requests per minute"),
-                );
+                )
+                .of_limit("rpm", "key");
                 r.retry_after = Some(wait);
                 return Flow::Reject(r);
             }
@@ -892,6 +910,13 @@ mod tests {
         assert!(r.message.contains("first of next month"), "{}", r.message);
         let r = over_cost_limit(CostLimitHit::Monthly { in_flight: true }, Whose::User);
         assert_eq!(r.kind, ErrorKind::RateLimit);
+        assert_eq!(
+            r.limit,
+            Some(crate::error::LimitRefusal {
+                limit: "monthly_cost",
+                whose: "user"
+            })
+        );
         assert!(
             r.message.contains("user's monthly cost limit"),
             "{}",

@@ -148,6 +148,13 @@ impl RelayProxy {
         let status = rejection.kind.status();
         ctx.status = status;
         ctx.error_type = Some(rejection.kind.type_name());
+        if let Some(hit) = rejection.limit {
+            let status = if status == 402 { "402" } else { "429" };
+            crate::metrics::metrics()
+                .limit_refusals
+                .with_label_values(&[hit.limit, hit.whose, status])
+                .inc();
+        }
         let mut extra = ids.headers().to_vec();
         if let Some(s) = rejection.retry_after {
             extra.push(("retry-after", s.to_string()));
