@@ -73,6 +73,21 @@ async fn rpm_limit_answers_429_with_retry_after() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "rate_limit_error");
     assert_eq!(mock.count(), 3);
+    assert_eq!(refusals(&relay, "rpm", "key", 429).await, 1);
+}
+
+/// `relay_limit_refusals_total` of one limit, whose and status (0 when never counted).
+async fn refusals(relay: &Relay, limit: &str, whose: &str, status: u16) -> u64 {
+    let text = relay.metrics_text().await;
+    text.lines()
+        .find(|l| {
+            l.starts_with("relay_limit_refusals_total{")
+                && l.contains(&format!(r#"limit="{limit}""#))
+                && l.contains(&format!(r#"whose="{whose}""#))
+                && l.contains(&format!(r#"status="{status}""#))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -412,20 +427,8 @@ async fn monthly_cost_limits_refuse_keys_and_users() {
     }
     assert_eq!(mock.count(), 4);
     // Counted by limit, whose and status.
-    let text = relay.metrics_text().await;
-    let refusals = |whose: &str| {
-        text.lines()
-            .find(|l| {
-                l.starts_with("relay_limit_refusals_total{")
-                    && l.contains(r#"limit="monthly_cost""#)
-                    && l.contains(&format!(r#"whose="{whose}""#))
-                    && l.contains(r#"status="402""#)
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .map(str::to_owned)
-    };
-    assert_eq!(refusals("key").as_deref(), Some("1"), "{text}");
-    assert_eq!(refusals("user").as_deref(), Some("2"), "{text}");
+    assert_eq!(refusals(&relay, "monthly_cost", "key", 402).await, 1);
+    assert_eq!(refusals(&relay, "monthly_cost", "user", 402).await, 2);
 
     let keys = relay
         .admin_get(&format!("/api/admin/api-keys?user_id={owner}"))

@@ -316,8 +316,8 @@ async fn requests_in_flight_on_both_nodes_count_against_one_cost_limit() {
     }
 }
 
-/// A key's monthly limit counts what every node booked (through Redis): a node that served
-/// none of the key's requests refuses the next one too.
+/// A key's monthly limit counts what every node booked (through Redis): each node booked one
+/// request, under the limit alone, and both refuse once the two together are over it.
 #[tokio::test]
 async fn a_monthly_cost_limit_counts_the_spend_of_both_nodes() {
     let (_pg, a, b) = two_nodes().await;
@@ -327,11 +327,43 @@ async fn a_monthly_cost_limit_counts_the_spend_of_both_nodes() {
         .await;
     let user = a.create_user("monthly-shared", 10_000).await;
     // Each request costs 18 000 µUSD: one on each node, then the month's 36 000 is over.
-    let (_, key) = a
+    let (key_id, key) = a
         .create_key(&user, serde_json::json!({"monthly_cost_limit": 30_000}))
         .await;
     a.wait_key_active(&key).await;
     b.wait_key_active(&key).await;
+    // The month's counter in Redis (the relays' key prefix is empty), read until it holds a
+    // request's booking: the record can be stored a moment before its cost is.
+    let redis_url =
+        std::env::var("RELAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis = redis::Client::open(redis_url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let month = relay_filters::key_limits::utc_day(relay_filters::now_ms())[..7].to_string();
+    let counter = format!("cost:apikey:monthly:{key_id}:{month}");
+    let booked = |want: i64| {
+        let (mut redis, counter) = (redis.clone(), counter.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let got: Option<i64> = redis::cmd("GET")
+                    .arg(&counter)
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap();
+                if got == Some(want) {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{counter} is {got:?}, not {want}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
     let ask = |node: &Relay, i: usize| {
         node.post("/v1/messages", &key)
             .json(&messages_body(
@@ -344,11 +376,11 @@ async fn a_monthly_cost_limit_counts_the_spend_of_both_nodes() {
     let r = ask(&a, 0).await.unwrap();
     assert_eq!(r.status(), 200);
     let _ = r.bytes().await;
-    a.wait_records(1).await;
+    booked(18_000).await;
     let r = ask(&b, 1).await.unwrap();
     assert_eq!(r.status(), 200);
     let _ = r.bytes().await;
-    b.wait_records(2).await;
+    booked(36_000).await;
     for (i, node) in [&a, &b].into_iter().enumerate() {
         let r = ask(node, 10 + i).await.unwrap();
         assert_eq!(r.status(), 402, "node {i}");

@@ -149,7 +149,11 @@ impl RelayProxy {
         ctx.status = status;
         ctx.error_type = Some(rejection.kind.type_name());
         if let Some(hit) = rejection.limit {
-            let status = if status == 402 { "402" } else { "429" };
+            let status = match status {
+                402 => "402",
+                429 => "429",
+                _ => "other",
+            };
             crate::metrics::metrics()
                 .limit_refusals
                 .with_label_values(&[hit.limit, hit.whose, status])
