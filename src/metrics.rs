@@ -168,7 +168,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
         limit_refusals: register_int_counter_vec!(
             "relay_limit_refusals_total",
             "Requests refused by a limit of their API key or its user: limit (rpm, concurrency, \
-             daily_cost, monthly_cost, total_cost), whose (key, user), status (402: spent; 429: \
+             daily_cost, monthly_cost, total_cost; unpriced_model: a model without a price under \
+             a cost limit), whose (key, user), status (402: spent; 403: unpriced model; 429: \
              rate, slots or cost held by requests in flight)",
             &["limit", "whose", "status"]
         )?,

@@ -709,6 +709,13 @@ async fn a_model_without_a_price_is_refused_under_a_cost_limit() {
         assert_eq!(r.status(), 200);
     }
     assert_eq!(mock.count(), 2, "the refused requests never went upstream");
+    for whose in ["key", "user"] {
+        assert_eq!(
+            refusals(&relay, "unpriced_model", whose, 403).await,
+            1,
+            "{whose}"
+        );
+    }
     mock.set(|b| b.model = "house-unpriced".into());
     let r = relay
         .post_json("/v1/messages", &free, &body("house-unpriced"))

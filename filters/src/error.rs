@@ -110,7 +110,8 @@ pub struct Rejection {
 }
 
 /// Which limit refused a request: `limit` is `rpm`, `concurrency`, `daily_cost`,
-/// `monthly_cost` or `total_cost`, `whose` is `key` or `user`.
+/// `monthly_cost`, `total_cost` or `unpriced_model` (a model without a price, refused under a
+/// cost limit), `whose` is `key` or `user`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimitRefusal {
     pub limit: &'static str,

@@ -633,19 +633,22 @@ impl RequestFilter for KeyLimits {
             // A model without a price would be served free of any cost limit: refused for keys
             // and users that have one (others are served and their records flagged unpriced).
             if ctx.route.billed && !self.priced(ctx) {
-                let whose = if limits != CostLimits::default() {
-                    "this API key"
+                let (whose, owner) = if limits != CostLimits::default() {
+                    ("this API key", "key")
                 } else {
-                    "this API key's user"
+                    ("this API key's user", "user")
                 };
-                return Flow::Reject(Rejection::new(
-                    ErrorKind::Permission,
-                    format!(
-                        "model {} has no price on this relay and {whose} has a cost limit; \
-                         an administrator can price it",
-                        ctx.requested_model().unwrap_or_default()
-                    ),
-                ));
+                return Flow::Reject(
+                    Rejection::new(
+                        ErrorKind::Permission,
+                        format!(
+                            "model {} has no price on this relay and {whose} has a cost \
+                             limit; an administrator can price it",
+                            ctx.requested_model().unwrap_or_default()
+                        ),
+                    )
+                    .of_limit("unpriced_model", owner),
+                );
             }
             // Requests in flight count with what they may cost: without, a key just under its
             // limit could start any number of requests at once.

@@ -151,6 +151,7 @@ impl RelayProxy {
         if let Some(hit) = rejection.limit {
             let status = match status {
                 402 => "402",
+                403 => "403",
                 429 => "429",
                 _ => "other",
             };
