@@ -522,6 +522,17 @@ async fn users_see_only_their_own_keys_and_usage(db: Db) {
     // Summary, daily, monthly, stats and models add up to bob's records.
     let billed = sum(&bob_records, "billed_cost");
     let input = sum(&bob_records, "input_tokens");
+    // The admin's user list: what bob was billed today, this month and in all.
+    let users = relay.admin_get("/api/admin/users").await;
+    let listed = users["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|u| u["id"] == bob.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    for field in ["billed_cost_today", "billed_cost_month", "billed_cost"] {
+        assert_eq!(listed[field], billed, "{field}: {users}");
+    }
+    assert!(listed.get("password_hash").is_none(), "{listed}");
     let text = session_get(&relay, &s, "/api/usage/summary").await;
     assert!(!text.contains("base_cost"), "{text}");
     let summary = parse(&text);

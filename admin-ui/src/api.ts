@@ -61,6 +61,10 @@ export interface User {
   allowed_platforms: string[]
   allowed_models: string[]
   created_at: number
+  /** In the admin list: billed micro-USD over all the user's keys, what its limits measure. */
+  billed_cost_today?: number
+  billed_cost_month?: number
+  billed_cost?: number
 }
 
 export interface ApiKey {

@@ -276,24 +276,15 @@ async fn with_usage(
         .store
         .usage_totals_by_ids(UsageDim::Key, &ids, None, None)
         .await?;
-    let day = relay_filters::key_limits::utc_day(super::now_ms());
-    let today: HashMap<String, UsageTotals> = state
-        .store
-        .usage_totals_by_ids(UsageDim::Key, &ids, Some(&day), Some(&day))
-        .await?;
-    let month_start = relay_filters::key_limits::month_start(&day);
-    let month: HashMap<String, UsageTotals> = state
-        .store
-        .usage_totals_by_ids(UsageDim::Key, &ids, Some(&month_start), Some(&day))
-        .await?;
+    let recent = super::usage::billed_recently(state, UsageDim::Key, &ids).await?;
     Ok(Page {
         items: page
             .items
             .into_iter()
             .map(|key| KeyWithUsage {
                 usage: usage.remove(&key.id).unwrap_or_default(),
-                billed_cost_today: today.get(&key.id).map_or(0, |t| t.billed_cost),
-                billed_cost_month: month.get(&key.id).map_or(0, |t| t.billed_cost),
+                billed_cost_today: recent.today(&key.id),
+                billed_cost_month: recent.month(&key.id),
                 key,
             })
             .collect(),

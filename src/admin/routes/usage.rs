@@ -254,6 +254,43 @@ fn page_map<T, U>(page: Page<T>, f: impl FnMut(T) -> U) -> Page<U> {
     }
 }
 
+/// Billed micro-USD of some ids of a dim today and this month (UTC), from the daily rollups:
+/// what their daily and monthly cost limits are measured against.
+pub struct BilledRecently {
+    today: HashMap<String, UsageTotals>,
+    month: HashMap<String, UsageTotals>,
+}
+
+impl BilledRecently {
+    pub fn today(&self, id: &str) -> i64 {
+        self.today.get(id).map_or(0, |t| t.billed_cost)
+    }
+
+    pub fn month(&self, id: &str) -> i64 {
+        self.month.get(id).map_or(0, |t| t.billed_cost)
+    }
+}
+
+/// [`BilledRecently`] of `ids`, in two queries.
+pub async fn billed_recently(
+    state: &AdminState,
+    dim: UsageDim,
+    ids: &[String],
+) -> AppResult<BilledRecently> {
+    let day = relay_filters::key_limits::utc_day(super::now_ms());
+    let month_start = relay_filters::key_limits::month_start(&day);
+    Ok(BilledRecently {
+        today: state
+            .store
+            .usage_totals_by_ids(dim, ids, Some(&day), Some(&day))
+            .await?,
+        month: state
+            .store
+            .usage_totals_by_ids(dim, ids, Some(&month_start), Some(&day))
+            .await?,
+    })
+}
+
 /// Today, this month and all time.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Summary<T> {

@@ -3,7 +3,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{audit, Deleted, PageQuery, Updated};
@@ -12,7 +12,7 @@ use crate::admin::error::{AppError, AppResult, ErrorBody};
 use crate::admin::extract::{Json, Path, Query};
 use crate::admin::AdminState;
 use crate::secrets::hash_password;
-use crate::store::{NewUser, Page, Role, User, UserCostLimits};
+use crate::store::{NewUser, Page, Role, UsageDim, User, UserCostLimits};
 
 /// Ids per `UPDATE ... WHERE id IN (...)`.
 const IDS_PER_UPDATE: usize = 500;
@@ -174,7 +174,19 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(user)))
 }
 
-/// `GET /api/admin/users?page=&per_page=`: oldest first.
+/// A user with what it was billed today, this month and in all (micro-USD, over all its keys):
+/// what its cost limits are measured against.
+#[derive(Debug, Serialize)]
+pub struct UserWithSpend {
+    #[serde(flatten)]
+    pub user: User,
+    pub billed_cost_today: i64,
+    pub billed_cost_month: i64,
+    pub billed_cost: i64,
+}
+
+/// `GET /api/admin/users?page=&per_page=`: oldest first, each with what it was billed today,
+/// this month and in all.
 #[utoipa::path(get, path = "/api/admin/users", tag = "users", params(PageQuery),
     responses(
         (status = 200, description = "A page of users", body = super::openapi::ListPage),
@@ -184,10 +196,31 @@ pub async fn list(
     State(state): State<AdminState>,
     caller: Caller,
     Query(q): Query<PageQuery>,
-) -> AppResult<Json<Page<User>>> {
+) -> AppResult<Json<Page<UserWithSpend>>> {
     caller.require_admin()?;
     let (page, per_page) = q.get();
-    Ok(Json(state.store.list_users(page, per_page).await?))
+    let users = state.store.list_users(page, per_page).await?;
+    let ids: Vec<String> = users.items.iter().map(|u| u.id.clone()).collect();
+    let recent = super::usage::billed_recently(&state, UsageDim::User, &ids).await?;
+    let all = state
+        .store
+        .usage_totals_by_ids(UsageDim::User, &ids, None, None)
+        .await?;
+    Ok(Json(Page {
+        items: users
+            .items
+            .into_iter()
+            .map(|user| UserWithSpend {
+                billed_cost_today: recent.today(&user.id),
+                billed_cost_month: recent.month(&user.id),
+                billed_cost: all.get(&user.id).map_or(0, |t| t.billed_cost),
+                user,
+            })
+            .collect(),
+        total: users.total,
+        page: users.page,
+        per_page: users.per_page,
+    }))
 }
 
 /// `GET /api/admin/users/{id}`.
