@@ -316,22 +316,39 @@ async fn requests_in_flight_on_both_nodes_count_against_one_cost_limit() {
     }
 }
 
+/// `{limit: 30 000}`: with [`limited_key_on_both`]'s requests, the second reaches it.
+fn json_limit(limit: &str) -> serde_json::Value {
+    serde_json::json!({ limit: 30_000 })
+}
+
+/// An account on a mock answering 1000 input and 1000 output tokens (18 000 µUSD a request),
+/// made through `a`, and a new user's key with `limits`, active on both nodes: (mock, key id,
+/// key).
+async fn limited_key_on_both(
+    a: &Relay,
+    b: &Relay,
+    user: &str,
+    limits: serde_json::Value,
+) -> (MockUpstream, String, String) {
+    let mock = MockUpstream::start().await;
+    mock.set(|m| m.usage = common::mock_upstream::MockUsage::io(1000, 1000));
+    a.create_account("claude-1", "claude", &mock.url(), "sk-ant-1")
+        .await;
+    let user = a.create_user(user, 10_000).await;
+    let (key_id, key) = a.create_key(&user, limits).await;
+    a.wait_key_active(&key).await;
+    b.wait_key_active(&key).await;
+    (mock, key_id, key)
+}
+
 /// A key's monthly limit counts what every node booked (through Redis): each node booked one
 /// request, under the limit alone, and both refuse once the two together are over it.
 #[tokio::test]
 async fn a_monthly_cost_limit_counts_the_spend_of_both_nodes() {
     let (_pg, a, b) = two_nodes().await;
-    let mock = MockUpstream::start().await;
-    mock.set(|m| m.usage = common::mock_upstream::MockUsage::io(1000, 1000));
-    a.create_account("claude-1", "claude", &mock.url(), "sk-ant-1")
-        .await;
-    let user = a.create_user("monthly-shared", 10_000).await;
     // Each request costs 18 000 µUSD: one on each node, then the month's 36 000 is over.
-    let (key_id, key) = a
-        .create_key(&user, serde_json::json!({"monthly_cost_limit": 30_000}))
-        .await;
-    a.wait_key_active(&key).await;
-    b.wait_key_active(&key).await;
+    let (mock, key_id, key) =
+        limited_key_on_both(&a, &b, "monthly-shared", json_limit("monthly_cost_limit")).await;
     // The month's counter in Redis (the relays' key prefix is empty), read until it holds a
     // request's booking: the record can be stored a moment before its cost is.
     let redis_url =
@@ -467,17 +484,9 @@ async fn without_redis_a_node_learns_the_spend_of_the_others_from_the_database()
         })
     };
     let (a, b) = (node().await, node().await);
-    let mock = MockUpstream::start().await;
-    mock.set(|m| m.usage = common::mock_upstream::MockUsage::io(1000, 1000));
-    a.create_account("claude-1", "claude", &mock.url(), "sk-ant-1")
-        .await;
-    let user = a.create_user("two-nodes", 10_000).await;
     // 18 000 µUSD a request: two reach the limit.
-    let (_, key) = a
-        .create_key(&user, serde_json::json!({"total_cost_limit": 30_000}))
-        .await;
-    a.wait_key_active(&key).await;
-    b.wait_key_active(&key).await;
+    let (mock, _, key) =
+        limited_key_on_both(&a, &b, "two-nodes", json_limit("total_cost_limit")).await;
     let send = |node: &Relay, topic: &str| {
         node.post("/v1/messages", &key)
             .json(&messages_body(MODEL, false, conversation(topic, 1)))
