@@ -10,10 +10,23 @@ use common::{conversation, messages_body, sum, Db, PgDb, Relay, RelayOptions};
 
 const MODEL: &str = "claude-sonnet-4-5";
 
+/// The Redis the nodes share (`RELAY_TEST_REDIS_URL`, else the standard local port).
+fn redis_url() -> String {
+    std::env::var("RELAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A connection to [`redis_url`], to read what the nodes stored there.
+async fn test_redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .expect("the Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis reachable")
+}
+
 async fn two_nodes() -> (PgDb, Relay, Relay) {
     let pg = PgDb::create().await;
-    let redis =
-        std::env::var("RELAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis = redis_url();
     // A loaded machine must not pass for an unreachable Redis.
     let shared = vec![
         ("RELAY_REDIS_URL".to_string(), redis),
@@ -183,13 +196,7 @@ async fn an_operator_ends_a_cooldown_on_every_node() {
     a.wait_stored_cooldown(&limited_id).await;
     b.wait_metric("relay_account_state{platform=\"claude\",state=\"cooling\"} 1")
         .await;
-    let redis_url =
-        std::env::var("RELAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let redis = redis::Client::open(redis_url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let redis = test_redis().await;
     let shared_key = format!("account:cooldown:{limited_id}");
     let shared = || {
         let mut redis = redis.clone();
@@ -351,13 +358,7 @@ async fn a_monthly_cost_limit_counts_the_spend_of_both_nodes() {
         limited_key_on_both(&a, &b, "monthly-shared", json_limit("monthly_cost_limit")).await;
     // The month's counter in Redis (the relays' key prefix is empty), read until it holds a
     // request's booking: the record can be stored a moment before its cost is.
-    let redis_url =
-        std::env::var("RELAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let redis = redis::Client::open(redis_url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let redis = test_redis().await;
     let month = relay_filters::key_limits::utc_day(relay_filters::now_ms())[..7].to_string();
     let counter = format!("cost:apikey:monthly:{key_id}:{month}");
     let booked = |want: i64| {
