@@ -1253,7 +1253,35 @@ async fn usage_records_export_as_csv() {
         .to_str()
         .unwrap()
         .starts_with("attachment"));
-    let rows = csv_rows(&r.text().await.unwrap());
+    let text = r.text().await.unwrap();
+    assert!(text.starts_with("created_at,"), "no byte order mark unless asked");
+    // For Excel: the same file after a UTF-8 byte order mark; a bad value is a 400.
+    let bom = relay
+        .http
+        .get(format!(
+            "{}/api/admin/usage/records.csv?bom=true",
+            relay.admin
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bom.status(), 200);
+    let with_bom = bom.bytes().await.unwrap();
+    assert_eq!(&with_bom[..3], b"\xEF\xBB\xBF");
+    assert_eq!(&with_bom[3..], text.as_bytes());
+    let bad = relay
+        .http
+        .get(format!(
+            "{}/api/admin/usage/records.csv?bom=yes",
+            relay.admin
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let rows = csv_rows(&text);
     let header = &rows[0];
     let col = |name: &str| {
         header

@@ -352,6 +352,11 @@ try {
   const csvHeader = csv[0].split(',')
   assert.ok(csvHeader.includes('billed_cost_usd') && csvHeader.includes('account_name'), csv[0])
   assert.ok(csv.slice(1).every((line) => line.split(',')[csvHeader.indexOf('user_name')] === 'ui-tenant'), csv.join('\n'))
+  // For Excel: the same file behind a UTF-8 byte order mark.
+  const [excel] = await Promise.all([page.waitForEvent('download'), page.click('[data-test="export-excel"]')])
+  const excelBytes = await readFile(await excel.path())
+  assert.deepEqual([...excelBytes.subarray(0, 3)], [0xef, 0xbb, 0xbf])
+  assert.equal(excelBytes.subarray(3).toString('utf8').trim().split('\r\n').join('\n'), csv.join('\n'))
   await fitsWidth('the records page')
   await shot('05b-records-named')
 

@@ -8,6 +8,8 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::Response;
 use bytes::Bytes;
+use serde::Deserialize;
+use utoipa::IntoParams;
 
 use super::usage::{own_filter, RecordNames, RecordQuery};
 use crate::admin::auth::Caller;
@@ -230,11 +232,28 @@ impl Cursor {
     }
 }
 
+/// How the CSV is written, beside the record filters.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CsvOptions {
+    /// `true`: the file starts with a UTF-8 byte order mark, for spreadsheets (Excel) that
+    /// otherwise read it in a legacy code page and garble names outside ASCII.
+    bom: Option<bool>,
+}
+
+/// The UTF-8 byte order mark.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// The CSV answer: the header line and the first batch, read before answering (a failure
 /// there is an error answer), then the other batches as they are read. A failure after that
 /// ends the transfer unfinished: the client sees a broken download, never a short file that
 /// looks whole.
-async fn csv_response(state: AdminState, filter: RecordFilter, admin: bool) -> AppResult<Response> {
+async fn csv_response(
+    state: AdminState,
+    filter: RecordFilter,
+    admin: bool,
+    options: CsvOptions,
+) -> AppResult<Response> {
     let (first, rest) = Cursor {
         state,
         filter,
@@ -243,7 +262,11 @@ async fn csv_response(state: AdminState, filter: RecordFilter, admin: bool) -> A
     }
     .next()
     .await?;
-    let mut head = header_line(admin).into_bytes();
+    let mut head = Vec::new();
+    if options.bom == Some(true) {
+        head.extend_from_slice(UTF8_BOM);
+    }
+    head.extend_from_slice(header_line(admin).as_bytes());
     head.extend_from_slice(&first);
     let head = futures::stream::once(std::future::ready(Ok::<_, std::io::Error>(Bytes::from(
         head,
@@ -279,7 +302,7 @@ async fn csv_response(state: AdminState, filter: RecordFilter, admin: bool) -> A
 /// costs (micro-USD, and the billed cost in USD). Callers that are not admins get their own
 /// records, as `/api/usage/records.csv` gives them. Records of requests still running, or not
 /// yet written, are not in it: export a period that has ended.
-#[utoipa::path(get, path = "/api/admin/usage/records.csv", tag = "usage", params(RecordQuery),
+#[utoipa::path(get, path = "/api/admin/usage/records.csv", tag = "usage", params(RecordQuery, CsvOptions),
     responses(
         (status = 200, description = "CSV (`text/csv`), a header line then one line per record", content_type = "text/csv", body = String),
         (status = 400, description = "Bad filter", body = ErrorBody),
@@ -288,18 +311,19 @@ pub async fn records_csv(
     State(state): State<AdminState>,
     caller: Caller,
     Query(q): Query<RecordQuery>,
+    Query(options): Query<CsvOptions>,
 ) -> AppResult<Response> {
     if caller.is_admin() {
         let filter = q.filter()?;
-        csv_response(state, filter, true).await
+        csv_response(state, filter, true, options).await
     } else {
-        own_records_csv(State(state), caller, Query(q)).await
+        own_records_csv(State(state), caller, Query(q), Query(options)).await
     }
 }
 
 /// `GET /api/usage/records.csv?api_key_id=&from=&to=`: the caller's records, oldest first, as
 /// CSV with each key's name and the billed cost (micro-USD and USD).
-#[utoipa::path(get, path = "/api/usage/records.csv", tag = "own", params(RecordQuery),
+#[utoipa::path(get, path = "/api/usage/records.csv", tag = "own", params(RecordQuery, CsvOptions),
     responses(
         (status = 200, description = "CSV (`text/csv`), a header line then one line per record", content_type = "text/csv", body = String),
         (status = 400, description = "Bad filter, or the static admin token (no user)", body = ErrorBody),
@@ -308,9 +332,10 @@ pub async fn own_records_csv(
     State(state): State<AdminState>,
     caller: Caller,
     Query(q): Query<RecordQuery>,
+    Query(options): Query<CsvOptions>,
 ) -> AppResult<Response> {
     let filter = own_filter(&caller, &q)?;
-    csv_response(state, filter, false).await
+    csv_response(state, filter, false, options).await
 }
 
 #[cfg(test)]
