@@ -529,9 +529,26 @@ async fn users_see_only_their_own_keys_and_usage(db: Db) {
         .and_then(|items| items.iter().find(|u| u["id"] == bob.as_str()))
         .cloned()
         .unwrap_or_default();
-    for field in ["billed_cost_today", "billed_cost_month", "billed_cost"] {
-        assert_eq!(listed[field], billed, "{field}: {users}");
-    }
+    // Today and this month as the list saw them: the records of the day (and month) it ran on.
+    let day = relay_filters::key_limits::utc_day(relay_filters::now_ms());
+    let billed_since = |from: &str| -> i64 {
+        bob_records
+            .iter()
+            .filter(|r| {
+                let created = relay_filters::key_limits::utc_day(r["created_at"].as_i64().unwrap());
+                created.as_str() >= from && created <= day
+            })
+            .map(|r| r["billed_cost"].as_i64().unwrap())
+            .sum()
+    };
+    let month_start = relay_filters::key_limits::month_start(&day);
+    assert_eq!(listed["billed_cost"], billed, "{users}");
+    assert_eq!(listed["billed_cost_today"], billed_since(&day), "{users}");
+    assert_eq!(
+        listed["billed_cost_month"],
+        billed_since(&month_start),
+        "{users}"
+    );
     assert!(listed.get("password_hash").is_none(), "{listed}");
     let text = session_get(&relay, &s, "/api/usage/summary").await;
     assert!(!text.contains("base_cost"), "{text}");
@@ -1254,7 +1271,10 @@ async fn usage_records_export_as_csv() {
         .unwrap()
         .starts_with("attachment"));
     let text = r.text().await.unwrap();
-    assert!(text.starts_with("created_at,"), "no byte order mark unless asked");
+    assert!(
+        text.starts_with("created_at,"),
+        "no byte order mark unless asked"
+    );
     // For Excel: the same file after a UTF-8 byte order mark; a bad value is a 400.
     let bom = relay
         .http
@@ -1281,6 +1301,8 @@ async fn usage_records_export_as_csv() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    let refusal = bad.text().await.unwrap();
+    assert!(refusal.contains("bom"), "{refusal}");
     let rows = csv_rows(&text);
     let header = &rows[0];
     let col = |name: &str| {

@@ -233,6 +233,9 @@ try {
   await page.click('[data-test="save-limits"]')
   await row('users', 'ui-tenant').locator('[data-test="user-models"]').waitFor({ state: 'detached' })
   assert.deepEqual(lastPatch('/api/admin/users/'), { allowed_platforms: [], allowed_models: [] })
+  // What the tenant was billed this month, beside its limits: nothing yet.
+  assert.equal(await row('users', 'ui-tenant').locator('[data-test="user-billed-month"]').innerText(), '$0.00')
+  await fitsWidth('the users page')
   await shot('03-users')
 
   // Ticks belong to the page shown: another page starts with none, so a batch never changes
