@@ -19,13 +19,14 @@
 # median ratio the throughput targets are judged on, default 5; 0 to judge the table's runs),
 # BENCH_HOLD_BYTES (request body of each held stream, default 2048), BENCH_RELAY_LOG
 # (relay log filter, default info: one line per request, like nginx's access log), BENCH_KEEP=1
-# keeps the work directory (logs, configs, wrk output).
+# keeps the work directory (logs, configs, wrk output), BENCH_RELAY_BIN runs another relay
+# binary (an older build, to compare).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/llm-relay/target}
-RELAY_BIN=$TARGET_DIR/release/llm-relay
+RELAY_BIN=${BENCH_RELAY_BIN:-$TARGET_DIR/release/llm-relay}
 MOCK_BIN=$TARGET_DIR/release/examples/load_mock
 NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
 DURATION=${BENCH_DURATION:-10}
