@@ -277,8 +277,9 @@ pub async fn billed_recently(
     dim: UsageDim,
     ids: &[String],
 ) -> AppResult<BilledRecently> {
-    let day = relay_filters::key_limits::utc_day(super::now_ms());
-    let month_start = relay_filters::key_limits::month_start(&day);
+    // The day and month as the summaries name them (`summary_over`).
+    let day = days::format_day(days::today());
+    let month_start = DayRange::month(None)?.first_day();
     Ok(BilledRecently {
         today: state
             .store
