@@ -190,7 +190,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     // Both addresses are claimed before anything else starts: a node that cannot listen stops
     // here with the reason, instead of running on without serving.
     let admin_listener = claim_address(&config.admin_addr, "admin_addr")?;
-    let proxy_probe = claim_address(&config.proxy_addr, "proxy_addr")?;
+    let proxy_listener = claim_address(&config.proxy_addr, "proxy_addr")?;
     let node = load_secrets(&config)?;
     let keys = Arc::new(KeyCache::new(node.pepper.clone()));
     let accounts = Arc::new(AccountCache::default());
@@ -324,18 +324,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             .as_ref()
             .map(|link| Arc::new(RedisUsageCounters::new(link.clone(), ""))),
     };
-    let mut proxy_service =
-        pingora::services::listening::Service::new("relay proxy".to_string(), proxy);
-    // No buffers on client connections: the relay's client side reads heads into a buffer of
-    // its own, freed between requests, and queues an answer's pieces for one vectored write;
-    // Pingora's defaults (64 KiB to read, 1460 bytes to write) would only cost memory per
-    // connection and a copy.
-    let mut listener = pingora::listeners::ListenerConfig::tcp(config.proxy_addr.clone())
-        .l4_buffer(pingora::protocols::l4::stream::L4BufferSettings::new(0, 0));
-    if let Some(tls) = proxy_tls(&config)? {
-        listener = listener.tls(tls);
-    }
-    proxy_service.add_listener(listener);
+    // The proxy serves on the socket bound above, which it never lets go of. Client
+    // connections have no buffers of Pingora's: the relay's client side reads heads into a
+    // buffer of its own, freed between requests, and queues an answer's pieces for one vectored
+    // write.
+    let proxy_service =
+        crate::proxy::ProxyService::new("relay proxy", proxy_listener, proxy_tls(&config)?, proxy)
+            .context("proxy listener")?;
 
     admin_listener
         .set_nonblocking(true)
@@ -381,12 +376,6 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         control,
     ));
     tracing::info!(proxy = %config.proxy_addr, admin = %config.admin_addr, "llm-relay starting");
-    // Pingora binds the proxy address itself, inside a task of its service, and a failure there
-    // is a panic that would leave the process running without a proxy. The probe above makes
-    // that unlikely; should another process take the address in between, Pingora retries the
-    // bind for about 30 s, then panics, and the panic ends the node.
-    drop(proxy_probe);
-    exit_when_listeners_fail();
     // Not `run_forever`, which exits as soon as the runtimes are told to stop: their threads
     // may still be dropping the usage writer and requests cut short, which spool what they hold
     // as they go (with SIGINT Pingora does not wait for its runtimes at all).
@@ -406,27 +395,4 @@ fn claim_address(addr: &str, setting: &str) -> anyhow::Result<std::net::TcpListe
         .with_context(|| format!("{setting} is not an address: {addr}"))?;
     std::net::TcpListener::bind(parsed)
         .with_context(|| format!("cannot listen on {parsed} ({setting})"))
-}
-
-/// Message of the panic Pingora raises when a service cannot bind its listeners.
-const LISTENER_PANIC: &str = "Failed to build listeners";
-
-/// Makes a listener failure inside Pingora end the process with status 1. Any other panic keeps
-/// the default behaviour: it ends its task, and the node serves on.
-fn exit_when_listeners_fail() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default(info);
-        let payload = info.payload();
-        let message = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("");
-        if message.starts_with(LISTENER_PANIC) {
-            tracing::error!("the proxy cannot listen; stopping");
-            crate::log_sink::flush_global();
-            std::process::exit(1);
-        }
-    }));
 }

@@ -375,4 +375,19 @@ async fn the_proxy_serves_over_tls_when_a_certificate_is_configured() {
     let mut got = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut got)).await;
     assert!(!got.starts_with(b"HTTP/1.1 200"), "plain HTTP was served");
+    // Neither that failed handshake nor a client that connects and stays silent holds up the
+    // next client: each handshake runs in its connection's own task.
+    let _silent = connect(&relay).await;
+    let mut tls = tokio::time::timeout(Duration::from_secs(5), tls_connect(&relay, &ca_pem))
+        .await
+        .expect("a handshake beside a silent connection")
+        .expect("TLS handshake");
+    tls.write_all(&request(&key)).await.expect("send");
+    let mut answer = Vec::new();
+    tls.read_to_end(&mut answer).await.expect("read");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
 }

@@ -1,14 +1,14 @@
-//! The relay's Pingora HTTP server application. It stays thin: it reads the request, hands each
-//! phase to the filter chain, does the upstream exchange itself (DESIGN §5) and books the result.
+//! The relay's proxy: it reads the request, hands each phase to the filter chain, does the
+//! upstream exchange itself (DESIGN §5) and books the result.
 //!
-//! It is a `pingora::apps::ServerApp` of its own rather than a `ProxyHttp` behind Pingora's
-//! `HttpProxy`: the relay answers every request in what would be `request_filter`, so the proxy
-//! framework's other phases (cache, upstream peer, retries, downstream modules) never ran, yet its
-//! per-request future (13.7 KB) and session state were built and held for every request and open
-//! stream. Nor is it an `HttpServerApp`, whose generic connection loop carries HTTP/2 acceptance
-//! (3.8 KB held by every connection) and boxes each request's future anew: the proxy listens on
-//! plain TCP without h2c, so its connections are HTTP/1.1, spoken by the relay's own client side
-//! (`downstream_h1`).
+//! It is not a `ProxyHttp` behind Pingora's `HttpProxy`: the relay answers every request in what
+//! would be `request_filter`, so the proxy framework's other phases (cache, upstream peer,
+//! retries, downstream modules) never ran, yet its per-request future (13.7 KB) and session state
+//! were built and held for every request and open stream. Nor is it an `HttpServerApp`, whose
+//! generic connection loop carries HTTP/2 acceptance (3.8 KB held by every connection) and boxes
+//! each request's future anew, nor a `ServerApp` behind Pingora's listening service (see
+//! `service`): the proxy listens on plain TCP or TLS without h2c, so its connections are
+//! HTTP/1.1, spoken by the relay's own client side (`downstream_h1`).
 
 mod dns;
 mod downstream_h1;
@@ -19,15 +19,14 @@ pub mod health;
 pub mod oauth;
 mod oneshot;
 mod pool;
+mod service;
 mod upstream_h1;
 
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use pingora::apps::ServerApp;
 use pingora::http::ResponseHeader;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
@@ -52,6 +51,7 @@ use downstream_h1::{Downstream as Session, HeadError};
 
 pub use dns::Resolver;
 pub use pool::UpstreamPool;
+pub use service::ProxyService;
 
 /// Proxy settings taken from the config.
 #[derive(Debug, Clone)]
@@ -602,23 +602,14 @@ fn is_id_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-_.:/+@".contains(&b)
 }
 
-#[async_trait]
-impl ServerApp for RelayProxy {
+impl RelayProxy {
     /// A client connection: its requests one after another while it stays reusable.
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        self.pool.start_sweeping();
+    pub(crate) async fn serve_connection(&self, stream: Stream, shutdown: &ShutdownWatch) {
         let mut session = Session::new(stream, self.settings.client_idle_timeout);
         while self.process_request(&mut session, shutdown).await {}
         session.shutdown().await;
-        None
     }
-}
 
-impl RelayProxy {
     /// One request of a connection: read its head, serve it, book it; `true` when the
     /// connection can serve the next request.
     async fn process_request(&self, session: &mut Session, shutdown: &ShutdownWatch) -> bool {
