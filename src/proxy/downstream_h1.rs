@@ -26,7 +26,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::protocols::Stream;
 use pingora::{Error, ErrorType};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::h1::{add_length, keeps_alive, parse_length, take_len, Chunk, ChunkStep, HeadCopy};
 use super::header_names::header_name;
@@ -659,19 +659,22 @@ impl Downstream {
         let mut first = 0usize;
         let mut skip = 0usize;
         while first < self.out.len() {
-            let written = {
+            // The slices are made on each poll, not kept across the wait: 32 of them would
+            // add half a kilobyte to every future that awaits a write (an open stream's).
+            let (out, stream) = (&self.out[first..], &mut self.stream);
+            let write = std::future::poll_fn(|cx| {
                 let mut slices = [IoSlice::new(&[]); MAX_IOV];
                 let mut count = 0;
-                for (i, piece) in self.out[first..].iter().take(MAX_IOV).enumerate() {
+                for (i, piece) in out.iter().take(MAX_IOV).enumerate() {
                     let bytes = piece.bytes();
                     slices[i] = IoSlice::new(if i == 0 { &bytes[skip..] } else { bytes });
                     count = i + 1;
                 }
-                let write = self.stream.write_vectored(&slices[..count]);
-                tokio::time::timeout(self.read_timeout, write)
-                    .await
-                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-            };
+                std::pin::Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..count])
+            });
+            let written = tokio::time::timeout(self.read_timeout, write)
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
             let mut n = match written {
                 Ok(0) => {
                     self.drop_queue();

@@ -604,14 +604,21 @@ impl RelayProxy {
         if let Some(lease) = ctx.lease.take() {
             lease.release().await;
         }
-        let Attempt { upstream, peer, .. } = *att;
-        let failed = if complete {
-            if let Some((stream, idle)) = upstream.into_reusable(self.settings.pool_idle_timeout) {
-                self.pool.put(peer.reuse_hash(), stream, idle);
+        // The attempt is taken apart in a block of its own: its peer (672 bytes) must not live
+        // on across the writes below, which would make room for it in the state of every
+        // open stream.
+        let failed = {
+            let Attempt { upstream, peer, .. } = *att;
+            if complete {
+                if let Some((stream, idle)) =
+                    upstream.into_reusable(self.settings.pool_idle_timeout)
+                {
+                    self.pool.put(peer.reuse_hash(), stream, idle);
+                }
+                None
+            } else {
+                Some(upstream)
             }
-            None
-        } else {
-            Some(upstream)
         };
         if cut && !rctx.request.stream {
             // A cut answer must not look whole: no last chunk, and the connection ends.
