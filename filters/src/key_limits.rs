@@ -283,16 +283,20 @@ impl Counted {
     }
 }
 
+/// Counters by subject (a key's id, or a user's behind its prefix: the relay's own ids), hashed
+/// fast.
+type BySubject<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
 /// In-process counters: exact on one node.
 #[derive(Default)]
 pub struct MemoryLimits {
     /// GCRA theoretical arrival time per key (epoch ms).
-    tat: Mutex<HashMap<String, i64>>,
-    slots: Mutex<HashMap<String, u32>>,
+    tat: Mutex<BySubject<i64>>,
+    slots: Mutex<BySubject<u32>>,
     /// The latest day counted, and the spend then, per key.
-    cost: Mutex<HashMap<String, Counted>>,
+    cost: Mutex<BySubject<Counted>>,
     /// Estimated cost held by requests in flight, per key.
-    held: Mutex<HashMap<String, i64>>,
+    held: Mutex<BySubject<i64>>,
 }
 
 impl MemoryLimits {
