@@ -155,8 +155,9 @@ pub fn load_prices(config: &Config) -> anyhow::Result<PriceTable> {
     PriceTable::from_toml_str(&text).map_err(|e| anyhow::anyhow!("price list ({source}): {e}"))
 }
 
-/// TLS for the proxy listener when a certificate is configured, its files checked here: Pingora
-/// loads them only once the listener starts, and stops the process on a bad file there.
+/// TLS for the proxy listener when a certificate is configured, its files checked here with a
+/// clear error: Pingora's loader, which reads them again when the proxy service is made, panics
+/// on a bad file.
 /// HTTP/1.1 is the only protocol offered (ALPN), as the relay speaks no other.
 pub fn proxy_tls(config: &Config) -> anyhow::Result<Option<pingora::listeners::tls::TlsSettings>> {
     let (Some(cert), Some(key)) = (&config.proxy_tls_cert, &config.proxy_tls_key) else {

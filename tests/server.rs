@@ -146,6 +146,29 @@ async fn requests_share_a_kept_alive_connection_and_a_refusal_closes_it() {
     assert!(rest.is_empty(), "{rest:?}");
 }
 
+/// With work stealing off, Pingora runs the proxy on single-threaded runtimes, one per thread;
+/// connections accepted by the proxy's own service are served on them like any others.
+#[tokio::test]
+async fn connections_are_served_with_work_stealing_off() {
+    let relay = Relay::start_with(RelayOptions {
+        env: vec![
+            ("RELAY_WORK_STEALING".into(), "false".into()),
+            ("RELAY_THREADS".into(), "4".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let mut conns = Vec::new();
+    for _ in 0..8 {
+        conns.push(connect(&relay).await);
+    }
+    for _ in 0..3 {
+        for conn in &mut conns {
+            assert_eq!(health_on(conn).await, b"ok");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_connection_idle_between_requests_is_closed_when_shutdown_begins() {
     // A long grace period: the relay keeps running well after SIGTERM, so a close seen during

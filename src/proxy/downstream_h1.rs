@@ -1,5 +1,6 @@
-//! The relay's HTTP/1.1 server side of a client connection, over the streams Pingora's listener
-//! accepts (its listeners, TLS, runtime and shutdown are kept).
+//! The relay's HTTP/1.1 server side of a client connection, over the streams the proxy's
+//! listening service accepts (Pingora's stream types, TLS acceptor, runtime and shutdown are
+//! kept).
 //!
 //! Pingora's server session keeps, for as long as a request lasts, the 4 KiB buffer its request
 //! head was read into (the header values point into it), and writes through the connection's

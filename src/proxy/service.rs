@@ -1,7 +1,7 @@
 //! The proxy's listening service: its accept loop and the task of each client connection.
 //!
 //! Pingora's listening service spawns, for every accepted connection, a task whose future holds
-//! the listener's handshake (TLS included, also on plain TCP: 8.1 KB) beside the application's
+//! the listener's handshake (its TLS path included, also on plain TCP: 8.1 KB) beside the application's
 //! own connection future, which `ServerApp` boxes apart (3.7 KB). Both lived as long as the
 //! connection: about 14 KiB of allocator blocks per open stream or idle keep-alive connection,
 //! most of it never used after the first poll. Here a connection is one task whose future is
@@ -28,8 +28,7 @@ use super::RelayProxy;
 const BACKLOG: i32 = 65535;
 /// Longest time a client may take to finish a TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Pause of the accept loop when the process is out of file descriptors: `accept` would fail
-/// again at once until connections close.
+/// Pause of the accept loop when the process is out of file descriptors or kernel memory.
 const NO_FDS_PAUSE: Duration = Duration::from_secs(1);
 
 /// The proxy's Pingora service: accepts client connections on the node's proxy socket and
@@ -80,16 +79,24 @@ impl ProxyService {
                     let app = self.app.clone();
                     let tls = self.tls.clone();
                     let shutdown = shutdown.clone();
-                    tokio::spawn(connection(app, tcp, tls, shutdown));
+                    // Pingora's handle: with work stealing off it names one of the service's
+                    // single-threaded runtimes at random, so connections spread over the threads
+                    // (`tokio::spawn` would keep them all on the accepting one).
+                    pingora_runtime::current_handle().spawn(connection(app, tcp, tls, shutdown));
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "accepting a client connection failed");
-                    if e.raw_os_error() == Some(libc::EMFILE)
-                        || e.raw_os_error() == Some(libc::ENFILE)
-                    {
+                Err(e) => match e.raw_os_error() {
+                    // A client gone before its connection was taken: routine.
+                    Some(libc::ECONNABORTED | libc::ECONNRESET | libc::EPROTO) => {
+                        tracing::debug!(error = %e, "a client left before its connection was accepted");
+                    }
+                    // Out of descriptors or kernel memory: `accept` would fail again at once
+                    // until connections close.
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                        tracing::error!(error = %e, "accepting a client connection failed; pausing a second");
                         tokio::time::sleep(NO_FDS_PAUSE).await;
                     }
-                }
+                    _ => tracing::error!(error = %e, "accepting a client connection failed"),
+                },
             }
         }
     }
@@ -116,11 +123,11 @@ async fn connection(
             match handshake.await {
                 Ok(Ok(tls)) => Box::new(tls),
                 Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "client TLS handshake failed");
+                    tracing::info!(error = %e, "client TLS handshake failed");
                     return;
                 }
                 Err(_) => {
-                    tracing::debug!("client TLS handshake timed out");
+                    tracing::info!("client TLS handshake timed out");
                     return;
                 }
             }
@@ -143,7 +150,7 @@ impl pingora::services::Service for ProxyService {
         let listener = match TcpListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => {
-                // Only without a reactor, which Pingora's service runtimes always have.
+                // E.g. a socket the reactor cannot register: nothing is served without it.
                 tracing::error!(error = %e, "the proxy cannot listen; stopping");
                 crate::log_sink::flush_global();
                 std::process::exit(1);
