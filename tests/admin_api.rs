@@ -1257,13 +1257,17 @@ async fn usage_records_export_as_csv() {
         );
     }
 
-    let r = relay
-        .http
-        .get(format!("{}/api/admin/usage/records.csv", relay.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let export = |query: &str| {
+        relay
+            .http
+            .get(format!(
+                "{}/api/admin/usage/records.csv{query}",
+                relay.admin
+            ))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+    };
+    let r = export("").await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "text/csv; charset=utf-8");
     assert!(r.headers()["content-disposition"]
@@ -1276,30 +1280,12 @@ async fn usage_records_export_as_csv() {
         "no byte order mark unless asked"
     );
     // For Excel: the same file after a UTF-8 byte order mark; a bad value is a 400.
-    let bom = relay
-        .http
-        .get(format!(
-            "{}/api/admin/usage/records.csv?bom=true",
-            relay.admin
-        ))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let bom = export("?bom=true").await.unwrap();
     assert_eq!(bom.status(), 200);
     let with_bom = bom.bytes().await.unwrap();
     assert_eq!(&with_bom[..3], b"\xEF\xBB\xBF");
     assert_eq!(&with_bom[3..], text.as_bytes());
-    let bad = relay
-        .http
-        .get(format!(
-            "{}/api/admin/usage/records.csv?bom=yes",
-            relay.admin
-        ))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let bad = export("?bom=yes").await.unwrap();
     assert_eq!(bad.status(), 400);
     let refusal = bad.text().await.unwrap();
     assert!(refusal.contains("bom"), "{refusal}");

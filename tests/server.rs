@@ -17,9 +17,12 @@ async fn connect(relay: &Relay) -> TcpStream {
 }
 
 /// A relay started with one more environment setting.
-async fn relay_with(name: &str, value: &str) -> Relay {
+async fn relay_with(env: &[(&str, &str)]) -> Relay {
     Relay::start_with(RelayOptions {
-        env: vec![(name.into(), value.into())],
+        env: env
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect(),
         ..Default::default()
     })
     .await
@@ -150,14 +153,7 @@ async fn requests_share_a_kept_alive_connection_and_a_refusal_closes_it() {
 /// connections accepted by the proxy's own service are served on them like any others.
 #[tokio::test]
 async fn connections_are_served_with_work_stealing_off() {
-    let relay = Relay::start_with(RelayOptions {
-        env: vec![
-            ("RELAY_WORK_STEALING".into(), "false".into()),
-            ("RELAY_THREADS".into(), "4".into()),
-        ],
-        ..Default::default()
-    })
-    .await;
+    let relay = relay_with(&[("RELAY_WORK_STEALING", "false"), ("RELAY_THREADS", "4")]).await;
     let mut conns = Vec::new();
     for _ in 0..8 {
         conns.push(connect(&relay).await);
@@ -173,7 +169,7 @@ async fn connections_are_served_with_work_stealing_off() {
 async fn a_connection_idle_between_requests_is_closed_when_shutdown_begins() {
     // A long grace period: the relay keeps running well after SIGTERM, so a close seen during
     // it comes from the shutdown of idle connections, not from the process exiting.
-    let mut relay = relay_with("RELAY_SHUTDOWN__GRACE_PERIOD_SECONDS", "60").await;
+    let mut relay = relay_with(&[("RELAY_SHUTDOWN__GRACE_PERIOD_SECONDS", "60")]).await;
     let mut conn = connect(&relay).await;
     health_on(&mut conn).await;
 
@@ -195,7 +191,7 @@ async fn a_connection_idle_between_requests_is_closed_when_shutdown_begins() {
 
 #[tokio::test]
 async fn a_kept_alive_connection_is_closed_after_the_idle_timeout() {
-    let relay = relay_with("RELAY_CLIENT_IDLE_TIMEOUT", "1s").await;
+    let relay = relay_with(&[("RELAY_CLIENT_IDLE_TIMEOUT", "1s")]).await;
     let mut conn = connect(&relay).await;
     health_on(&mut conn).await;
     // Without a bound the relay would wait for a next request as long as the client stays.

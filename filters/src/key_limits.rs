@@ -142,32 +142,16 @@ enum Whose {
     User,
 }
 
-/// The refusal of a request over a cost limit.
+/// The refusal of a request over a cost limit, named for the refusal metric.
 fn over_cost_limit(hit: CostLimitHit, whose: Whose) -> Rejection {
-    let (limit, owner) = (
-        match hit {
-            CostLimitHit::Daily { .. } => "daily_cost",
-            CostLimitHit::Monthly { .. } => "monthly_cost",
-            CostLimitHit::Total { .. } => "total_cost",
-        },
-        match whose {
-            Whose::Key => "key",
-            Whose::User => "user",
-        },
-    );
-    cost_refusal(hit, whose).of_limit(limit, owner)
-}
-
-/// [`over_cost_limit`]'s answer.
-fn cost_refusal(hit: CostLimitHit, whose: Whose) -> Rejection {
-    let (which, in_flight) = match hit {
-        CostLimitHit::Daily { in_flight } => ("daily", in_flight),
-        CostLimitHit::Monthly { in_flight } => ("monthly", in_flight),
-        CostLimitHit::Total { in_flight } => ("total", in_flight),
+    let (which, limit, in_flight) = match hit {
+        CostLimitHit::Daily { in_flight } => ("daily", "daily_cost", in_flight),
+        CostLimitHit::Monthly { in_flight } => ("monthly", "monthly_cost", in_flight),
+        CostLimitHit::Total { in_flight } => ("total", "total_cost", in_flight),
     };
-    let (subject, its) = match whose {
-        Whose::Key => ("this API key", "its"),
-        Whose::User => ("the user of this API key", "the user's"),
+    let (subject, its, owner) = match whose {
+        Whose::Key => ("this API key", "its", "key"),
+        Whose::User => ("the user of this API key", "the user's", "user"),
     };
     if in_flight {
         // Passing: the room comes back as those requests end. A rate limit, which clients
@@ -184,7 +168,7 @@ fn cost_refusal(hit: CostLimitHit, whose: Whose) -> Rejection {
             ),
         );
         r.retry_after = Some(IN_FLIGHT_RETRY_SECS);
-        r
+        r.of_limit(limit, owner)
     } else {
         Rejection::new(
             ErrorKind::InsufficientQuota,
@@ -201,6 +185,7 @@ fn cost_refusal(hit: CostLimitHit, whose: Whose) -> Rejection {
                 }
             },
         )
+        .of_limit(limit, owner)
     }
 }
 
