@@ -45,7 +45,7 @@ impl ProxyService {
     pub fn new(
         name: &str,
         listener: std::net::TcpListener,
-        tls: Option<pingora::listeners::tls::TlsSettings>,
+        tls: Option<Arc<pingora::tls::ServerConfig>>,
         app: RelayProxy,
     ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
@@ -57,7 +57,7 @@ impl ProxyService {
         Ok(Self {
             name: name.to_string(),
             listener: Some(listener),
-            tls: tls.map(|t| Arc::new(t.build())),
+            tls: tls.map(|config| Arc::new(Acceptor::from_server_config(config))),
             app: Arc::new(app),
         })
     }
