@@ -154,7 +154,7 @@ impl KeyStore for KeyCache {
 #[derive(Default)]
 pub struct AccountCache {
     list: RwLock<Arc<Vec<Arc<Account>>>>,
-    by_id: RwLock<Arc<HashMap<String, Arc<Account>>>>,
+    by_id: RwLock<Arc<HashMap<String, Arc<Account>, foldhash::fast::RandomState>>>,
     /// Also serializes the changes to cooldowns that must not interleave: a reload applying
     /// an operator's clear, and cooldowns read from Redis being applied.
     states: Mutex<HashMap<String, Arc<AccountState>>>,

@@ -67,17 +67,35 @@ pub trait KeyStore: Send + Sync {
 
 /// Hex SHA-256 of `pepper || key`: what is stored instead of the key.
 pub fn hash_api_key(pepper: &[u8], key: &str) -> String {
+    String::from_utf8(hash_api_key_hex(pepper, key).to_vec()).unwrap_or_default()
+}
+
+/// [`hash_api_key`] on the stack, for a lookup on every request.
+pub fn hash_api_key_hex(pepper: &[u8], key: &str) -> [u8; 64] {
     let mut h = Sha256::new();
     h.update(pepper);
     h.update(key.as_bytes());
-    hex_lower(&h.finalize())
+    let mut hex = [0u8; 64];
+    hex_into(&h.finalize(), &mut hex);
+    hex
+}
+
+/// Lower-case hex digits.
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Lower-case hex of `bytes` into `out`, which holds two bytes for each (what is beyond is left
+/// as it is).
+pub(crate) fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 15)];
+    }
 }
 
 /// Lower-case hex of `bytes`, through a table (`hex::encode` collects one char at a time).
 pub fn hex_lower(bytes: &[u8]) -> String {
     let mut out = vec![0u8; bytes.len() * 2];
-    // The output is exactly twice the input: encoding cannot fail.
-    let _ = hex::encode_to_slice(bytes, &mut out);
+    hex_into(bytes, &mut out);
     String::from_utf8(out).unwrap_or_default()
 }
 
@@ -172,7 +190,11 @@ impl ApiKeyAuth {
                 *slot = key;
                 tried_count += 1;
             }
-            let Some(entry) = self.keys.lookup(&hash_api_key(self.keys.pepper(), key)) else {
+            let hash = hash_api_key_hex(self.keys.pepper(), key);
+            let Some(entry) = std::str::from_utf8(&hash)
+                .ok()
+                .and_then(|hash| self.keys.lookup(hash))
+            else {
                 continue;
             };
             match refusal(&entry, now_ms) {
@@ -248,6 +270,21 @@ mod tests {
         assert_eq!(hex_lower(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
         let all: Vec<u8> = (0..=255).collect();
         assert_eq!(hex_lower(&all), hex::encode(&all));
+    }
+
+    #[test]
+    fn stored_key_hashes_stay_the_hex_sha256_of_pepper_and_key() {
+        // Keys stored by any earlier version are found by this hash: it must never change.
+        let expected = hex::encode(Sha256::digest(b"pepperrk-some-key"));
+        assert_eq!(hash_api_key(b"pepper", "rk-some-key"), expected);
+        assert_eq!(
+            &hash_api_key_hex(b"pepper", "rk-some-key")[..],
+            expected.as_bytes()
+        );
+        assert_eq!(
+            hash_api_key(b"", ""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
     }
 
     struct Keys(HashMap<String, Arc<KeyEntry>>);

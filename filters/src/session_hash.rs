@@ -92,12 +92,18 @@ pub fn session_key(strategy: SessionStrategy, input: &SessionInput<'_>) -> Optio
                 return None;
             }
             let digest = material.hasher.finalize();
-            Some(format!(
-                "{}:{}:{}",
-                input.api_key_id,
-                input.protocol.as_str(),
-                crate::api_key_auth::hex_lower(digest.get(..8)?)
-            ))
+            // Pushed into one allocation of the right size, once per request: `format!` over
+            // a hex string made apart was two allocations and the formatter's machinery.
+            let (id, protocol) = (input.api_key_id, input.protocol.as_str());
+            let mut key = String::with_capacity(id.len() + protocol.len() + 18);
+            key.push_str(id);
+            key.push(':');
+            key.push_str(protocol);
+            key.push(':');
+            let mut hex = [0u8; 16];
+            crate::api_key_auth::hex_into(digest.get(..8)?, &mut hex);
+            key.push_str(std::str::from_utf8(&hex).ok()?);
+            Some(key)
         }
     }
 }

@@ -137,7 +137,7 @@ impl Ord for HeapEntry {
 
 /// Bounded in-process store: LRU eviction at `capacity`, per-entry TTL.
 pub struct MemorySessionStore {
-    cache: moka::sync::Cache<String, Entry>,
+    cache: moka::sync::Cache<String, Entry, foldhash::fast::RandomState>,
 }
 
 impl MemorySessionStore {
@@ -147,7 +147,7 @@ impl MemorySessionStore {
             .max_capacity(capacity)
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .expire_after(PerEntryTtl)
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Arc::new(MemorySessionStore { cache })
     }
 

@@ -31,7 +31,7 @@ struct Idle {
 
 #[derive(Default)]
 struct Lists {
-    by_peer: HashMap<u64, VecDeque<Idle>>,
+    by_peer: HashMap<u64, VecDeque<Idle>, foldhash::fast::RandomState>,
     count: usize,
 }
 
