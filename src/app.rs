@@ -173,7 +173,8 @@ pub fn proxy_tls(config: &Config) -> anyhow::Result<Option<Arc<pingora::tls::Ser
     pingora::tls::install_default_crypto_provider();
     // The listener is built from this configuration, not from the paths: Pingora's own
     // builder reads the files again and panics on one that changed in between.
-    let mut tls = pingora::tls::ServerConfig::builder()
+    let versions = [&pingora::tls::version::TLS12, &pingora::tls::version::TLS13];
+    let mut tls = pingora::tls::ServerConfig::builder_with_protocol_versions(&versions)
         .with_no_client_auth()
         .with_single_cert(certs, private_key)
         .map_err(|e| {

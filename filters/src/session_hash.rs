@@ -903,6 +903,15 @@ mod tests {
     }
 
     #[test]
+    fn a_content_key_is_the_same_text_in_every_version() {
+        // Bindings stored in Redis outlive an upgrade: the key of a request must not change.
+        let body =
+            br#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":"hello"}]}"#;
+        let key = key_raw(Protocol::Anthropic, "key-1", &[], body, 1).expect("a key");
+        assert_eq!(key, "key-1:anthropic:26c9f7988588d42d");
+    }
+
+    #[test]
     fn content_key_is_turn_stable_and_scoped() {
         for protocol in ALL {
             let turn1 = key_n(protocol, "key-1", &conversation(protocol, 0, 1), 1);
