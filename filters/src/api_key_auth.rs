@@ -67,36 +67,35 @@ pub trait KeyStore: Send + Sync {
 
 /// Hex SHA-256 of `pepper || key`: what is stored instead of the key.
 pub fn hash_api_key(pepper: &[u8], key: &str) -> String {
-    String::from_utf8(hash_api_key_hex(pepper, key).to_vec()).unwrap_or_default()
+    hash_api_key_into(pepper, key, &mut [0u8; 64]).to_owned()
 }
 
-/// [`hash_api_key`] on the stack, for a lookup on every request.
-pub fn hash_api_key_hex(pepper: &[u8], key: &str) -> [u8; 64] {
+/// [`hash_api_key`] written into `out` on the caller's stack, for a lookup on every request.
+pub fn hash_api_key_into<'o>(pepper: &[u8], key: &str, out: &'o mut [u8; 64]) -> &'o str {
     let mut h = Sha256::new();
     h.update(pepper);
     h.update(key.as_bytes());
-    let mut hex = [0u8; 64];
-    hex_into(&h.finalize(), &mut hex);
-    hex
+    hex_into(&h.finalize(), out)
 }
 
 /// Lower-case hex digits.
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Lower-case hex of `bytes` into `out`, which holds two bytes for each (what is beyond is left
-/// as it is).
-pub(crate) fn hex_into(bytes: &[u8], out: &mut [u8]) {
+/// Lower-case hex of as much of `bytes` as `out` holds (two bytes of it for each), as text.
+pub(crate) fn hex_into<'o>(bytes: &[u8], out: &'o mut [u8]) -> &'o str {
+    let mut len = 0;
     for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
         pair[0] = HEX[usize::from(b >> 4)];
         pair[1] = HEX[usize::from(b & 15)];
+        len += 2;
     }
+    // Hex digits only: always UTF-8.
+    std::str::from_utf8(&out[..len]).unwrap_or_default()
 }
 
 /// Lower-case hex of `bytes`, through a table (`hex::encode` collects one char at a time).
 pub fn hex_lower(bytes: &[u8]) -> String {
-    let mut out = vec![0u8; bytes.len() * 2];
-    hex_into(bytes, &mut out);
-    String::from_utf8(out).unwrap_or_default()
+    hex_into(bytes, &mut vec![0u8; bytes.len() * 2]).to_owned()
 }
 
 /// Matches `*` (any run) and `?` (one char) globs.
@@ -190,11 +189,9 @@ impl ApiKeyAuth {
                 *slot = key;
                 tried_count += 1;
             }
-            let hash = hash_api_key_hex(self.keys.pepper(), key);
-            let Some(entry) = std::str::from_utf8(&hash)
-                .ok()
-                .and_then(|hash| self.keys.lookup(hash))
-            else {
+            let mut hash = [0u8; 64];
+            let hash = hash_api_key_into(self.keys.pepper(), key, &mut hash);
+            let Some(entry) = self.keys.lookup(hash) else {
                 continue;
             };
             match refusal(&entry, now_ms) {
@@ -278,8 +275,8 @@ mod tests {
         let expected = hex::encode(Sha256::digest(b"pepperrk-some-key"));
         assert_eq!(hash_api_key(b"pepper", "rk-some-key"), expected);
         assert_eq!(
-            &hash_api_key_hex(b"pepper", "rk-some-key")[..],
-            expected.as_bytes()
+            hash_api_key_into(b"pepper", "rk-some-key", &mut [0u8; 64]),
+            expected
         );
         assert_eq!(
             hash_api_key(b"", ""),

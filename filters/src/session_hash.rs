@@ -100,9 +100,10 @@ pub fn session_key(strategy: SessionStrategy, input: &SessionInput<'_>) -> Optio
             key.push(':');
             key.push_str(protocol);
             key.push(':');
-            let mut hex = [0u8; 16];
-            crate::api_key_auth::hex_into(digest.get(..8)?, &mut hex);
-            key.push_str(std::str::from_utf8(&hex).ok()?);
+            key.push_str(crate::api_key_auth::hex_into(
+                digest.get(..8)?,
+                &mut [0u8; 16],
+            ));
             Some(key)
         }
     }
