@@ -93,11 +93,6 @@ pub(crate) fn hex_into<'o>(bytes: &[u8], out: &'o mut [u8]) -> &'o str {
     std::str::from_utf8(&out[..len]).unwrap_or_default()
 }
 
-/// Lower-case hex of `bytes`, through a table (`hex::encode` collects one char at a time).
-pub fn hex_lower(bytes: &[u8]) -> String {
-    hex_into(bytes, &mut vec![0u8; bytes.len() * 2]).to_owned()
-}
-
 /// Matches `*` (any run) and `?` (one char) globs.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
     let (p, t) = (pattern.as_bytes(), text.as_bytes());
@@ -263,10 +258,13 @@ mod tests {
 
     #[test]
     fn hex_is_lower_case_two_digits_per_byte() {
-        assert_eq!(hex_lower(&[]), "");
-        assert_eq!(hex_lower(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(hex_into(&[], &mut []), "");
+        assert_eq!(
+            hex_into(&[0x00, 0x0f, 0xa5, 0xff], &mut [0u8; 8]),
+            "000fa5ff"
+        );
         let all: Vec<u8> = (0..=255).collect();
-        assert_eq!(hex_lower(&all), hex::encode(&all));
+        assert_eq!(hex_into(&all, &mut [0u8; 512]), hex::encode(&all));
     }
 
     #[test]
